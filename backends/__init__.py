@@ -1,0 +1,1 @@
+"""Engine adapters (vLLM, vLLM-Omni), simulated engines, and node-side tooling."""

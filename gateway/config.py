@@ -1,0 +1,375 @@
+"""Gateway configuration: one YAML file, validated into frozen dataclasses.
+
+Why a hand-rolled validator instead of pydantic: the config is small, and the contract we promise operators
+is "an invalid config exits with status 2 and one message naming the field" — easiest to guarantee when every
+check names its dotted path explicitly (``clusters[0].pools[1].engines[0].url``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+
+ENGINE_KINDS = ("vllm", "vllm-omni")
+STATE_BACKENDS = ("memory", "redis")
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; ``field`` is the dotted path of the offending key."""
+
+    def __init__(self, field_path: str, message: str) -> None:
+        super().__init__(f"config error at {field_path}: {message}")
+        self.field_path = field_path
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    max_model_len: int = 4096
+    kv_bytes_per_token: int = 131072
+
+
+@dataclass(frozen=True)
+class SimulatedEngines:
+    """Start ``count`` simulated engines in-process for this pool (the embedded default)."""
+
+    count: int = 2
+    time_scale: float = 1.0
+    max_num_seqs: int = 128
+    kv_blocks: int = 8192
+    block_size: int = 16
+    scheduling_policy: str = "fcfs"
+    mean_output_tokens: int = 128
+    wake_delay_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    url: str
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    name: str
+    kind: str
+    models: tuple[str, ...]
+    engines: tuple[EngineConfig, ...] = ()
+    simulated: SimulatedEngines | None = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    pools: tuple[PoolConfig, ...]
+    rtt_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_inflight: int = 4096
+    gateway_id: str = ""
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    backend: str = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "maestro"
+    engine_ttl_s: float = 10.0
+    heartbeat_interval_s: float = 2.0
+    redis_timeout_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class TimeoutConfig:
+    connect_s: float = 3.0
+    first_byte_s: float = 120.0
+    stream_idle_s: float = 120.0
+    total_s: float = 900.0
+    scrape_s: float = 2.0
+    admin_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    interval_s: float = 0.25
+    down_after_failures: int = 3
+    up_after_successes: int = 1
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    policy: str = "least_loaded"
+    max_retries: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    clusters: tuple[ClusterConfig, ...]
+    models: tuple[ModelConfig, ...] = ()
+    server: ServerConfig = field(default_factory=ServerConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    def model(self, name: str) -> ModelConfig | None:
+        for model in self.models:
+            if model.name == name:
+                return model
+        return None
+
+    def pools(self) -> list[tuple[ClusterConfig, PoolConfig]]:
+        return [(cluster, pool) for cluster in self.clusters for pool in cluster.pools]
+
+
+# --------------------------------------------------------------------------------------------------------
+# validation helpers: each takes the dotted path so errors name the field
+
+
+def _mapping(value: Any, path: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(path, f"expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _reject_unknown(section: dict[str, Any], allowed: set[str], path: str) -> None:
+    for key in section:
+        if key not in allowed:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(where, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _get(section: dict[str, Any], key: str, kind: type | tuple[type, ...], path: str, default: Any) -> Any:
+    where = f"{path}.{key}" if path else key
+    if key not in section or section[key] is None:
+        if default is _REQUIRED:
+            raise ConfigError(where, "is required")
+        return default
+    value = section[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int subclass; never accept it where a number is meant
+    if isinstance(value, bool) and bool not in kinds:
+        raise ConfigError(where, f"expected {_kind_name(kinds)}, got a boolean")
+    if float in kinds and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kinds):
+        raise ConfigError(where, f"expected {_kind_name(kinds)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kinds: tuple[type, ...]) -> str:
+    return " or ".join({int: "an integer", float: "a number", str: "a string", bool: "a boolean",
+                        list: "a list", dict: "a mapping"}.get(k, k.__name__) for k in kinds)
+
+
+def _positive(value: float, path: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(path, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+_REQUIRED = object()
+
+
+def _parse_url(value: str, path: str) -> str:
+    parsed = urlparse(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(path, f"must be an http(s) URL with a host, got {value!r}")
+    if parsed.path not in ("", "/"):
+        raise ConfigError(path, f"give the engine's base URL without a path (no /v1), got {value!r}")
+    return value.rstrip("/")
+
+
+def _section(raw: dict[str, Any], cls: type, path: str, checks: dict[str, str]) -> Any:
+    """Build a flat dataclass section; ``checks`` maps field -> 'positive' | 'nonneg' | ''."""
+    section = _mapping(raw.get(path), path)
+    defaults = cls()
+    allowed = set(cls.__dataclass_fields__)
+    _reject_unknown(section, allowed, path)
+    values: dict[str, Any] = {}
+    for name in allowed:
+        default = getattr(defaults, name)
+        kind: type | tuple[type, ...] = type(default)
+        if isinstance(default, tuple):
+            kind = list
+        value = _get(section, name, kind, path, default)
+        if isinstance(value, list):
+            value = tuple(value)
+        rule = checks.get(name, "")
+        if rule:
+            _positive(value, f"{path}.{name}", allow_zero=(rule == "nonneg"))
+        values[name] = value
+    return cls(**values)
+
+
+def _parse_simulated(raw: Any, path: str) -> SimulatedEngines:
+    section = _mapping(raw, path)
+    defaults = SimulatedEngines()
+    _reject_unknown(section, set(SimulatedEngines.__dataclass_fields__), path)
+    values = {}
+    for name in SimulatedEngines.__dataclass_fields__:
+        default = getattr(defaults, name)
+        values[name] = _get(section, name, type(default), path, default)
+        if isinstance(default, (int, float)) and name != "wake_delay_s":
+            _positive(values[name], f"{path}.{name}")
+    if values["scheduling_policy"] not in ("fcfs", "priority"):
+        raise ConfigError(f"{path}.scheduling_policy", "must be 'fcfs' or 'priority'")
+    _positive(values["wake_delay_s"], f"{path}.wake_delay_s", allow_zero=True)
+    return SimulatedEngines(**values)
+
+
+def _parse_pool(raw: Any, path: str, model_names: set[str]) -> PoolConfig:
+    section = _mapping(raw, path)
+    _reject_unknown(section, {"name", "kind", "models", "engines", "simulated"}, path)
+    name = _get(section, "name", str, path, _REQUIRED)
+    kind = _get(section, "kind", str, path, "vllm")
+    if kind not in ENGINE_KINDS:
+        raise ConfigError(f"{path}.kind", f"must be one of {', '.join(ENGINE_KINDS)}, got {kind!r}")
+    models = _get(section, "models", list, path, _REQUIRED)
+    if not models:
+        raise ConfigError(f"{path}.models", "must name at least one model")
+    for i, model in enumerate(models):
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"{path}.models[{i}]", "must be a non-empty string")
+        if model_names and model not in model_names:
+            raise ConfigError(f"{path}.models[{i}]", f"model {model!r} is not declared under models")
+    engines = []
+    for i, engine in enumerate(_get(section, "engines", list, path, [])):
+        epath = f"{path}.engines[{i}]"
+        if isinstance(engine, str):
+            engine = {"url": engine}
+        engine = _mapping(engine, epath)
+        _reject_unknown(engine, {"url", "id"}, epath)
+        url = _parse_url(_get(engine, "url", str, epath, _REQUIRED), f"{epath}.url")
+        engines.append(EngineConfig(url=url, id=_get(engine, "id", str, epath, "")))
+    simulated = None
+    if section.get("simulated") is not None:
+        if kind != "vllm":
+            raise ConfigError(f"{path}.simulated", "simulated engines are only available for kind 'vllm'")
+        simulated = _parse_simulated(section["simulated"], f"{path}.simulated")
+    if not engines and simulated is None:
+        raise ConfigError(f"{path}.engines", "a pool needs at least one engine (or a 'simulated' block)")
+    return PoolConfig(name=name, kind=kind, models=tuple(models), engines=tuple(engines), simulated=simulated)
+
+
+def parse_config(raw: Any) -> Config:
+    """Validate a parsed YAML document and build a :class:`Config`; raise :class:`ConfigError`."""
+    root = _mapping(raw, "<root>")
+    _reject_unknown(root, {"clusters", "models", "server", "state", "timeouts", "monitor", "routing"}, "")
+
+    models = []
+    for i, model in enumerate(_get(root, "models", list, "", [])):
+        path = f"models[{i}]"
+        model = _mapping(model, path)
+        _reject_unknown(model, {"name", "max_model_len", "kv_bytes_per_token"}, path)
+        parsed = ModelConfig(
+            name=_get(model, "name", str, path, _REQUIRED),
+            max_model_len=_get(model, "max_model_len", int, path, 4096),
+            kv_bytes_per_token=_get(model, "kv_bytes_per_token", int, path, 131072),
+        )
+        _positive(parsed.max_model_len, f"{path}.max_model_len")
+        _positive(parsed.kv_bytes_per_token, f"{path}.kv_bytes_per_token")
+        if any(m.name == parsed.name for m in models):
+            raise ConfigError(f"{path}.name", f"model {parsed.name!r} is declared twice")
+        models.append(parsed)
+    model_names = {m.name for m in models}
+
+    clusters = []
+    raw_clusters = _get(root, "clusters", list, "", _REQUIRED)
+    if not raw_clusters:
+        raise ConfigError("clusters", "must hold at least one cluster")
+    seen_pools: set[str] = set()
+    seen_urls: set[str] = set()
+    for i, cluster in enumerate(raw_clusters):
+        path = f"clusters[{i}]"
+        cluster = _mapping(cluster, path)
+        _reject_unknown(cluster, {"name", "pools", "rtt_ms"}, path)
+        name = _get(cluster, "name", str, path, _REQUIRED)
+        rtt_ms = _get(cluster, "rtt_ms", float, path, 0.0)
+        _positive(rtt_ms, f"{path}.rtt_ms", allow_zero=True)
+        raw_pools = _get(cluster, "pools", list, path, _REQUIRED)
+        if not raw_pools:
+            raise ConfigError(f"{path}.pools", "must hold at least one pool")
+        pools = []
+        for j, pool in enumerate(raw_pools):
+            ppath = f"{path}.pools[{j}]"
+            parsed_pool = _parse_pool(pool, ppath, model_names)
+            key = f"{name}/{parsed_pool.name}"
+            if key in seen_pools:
+                raise ConfigError(f"{ppath}.name", f"pool {parsed_pool.name!r} appears twice in cluster {name!r}")
+            seen_pools.add(key)
+            for k, engine in enumerate(parsed_pool.engines):
+                if engine.url in seen_urls:
+                    raise ConfigError(f"{ppath}.engines[{k}].url", f"engine {engine.url} is listed twice")
+                seen_urls.add(engine.url)
+            pools.append(parsed_pool)
+        clusters.append(ClusterConfig(name=name, pools=tuple(pools), rtt_ms=rtt_ms))
+
+    server = _section(root, ServerConfig, "server", {"port": "nonneg", "max_body_bytes": "positive",
+                                                     "max_inflight": "positive"})
+    if server.port > 65535:
+        raise ConfigError("server.port", f"must be <= 65535, got {server.port}")
+    for i, key in enumerate(server.api_keys):
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"server.api_keys[{i}]", "must be a non-empty string")
+    state = _section(root, StateConfig, "state", {"engine_ttl_s": "positive", "heartbeat_interval_s": "positive",
+                                                  "redis_timeout_s": "positive"})
+    if state.backend not in STATE_BACKENDS:
+        raise ConfigError("state.backend", f"must be one of {', '.join(STATE_BACKENDS)}, got {state.backend!r}")
+    if urlparse(state.redis_url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("state.redis_url", f"must be a redis:// URL, got {state.redis_url!r}")
+    timeouts = _section(root, TimeoutConfig, "timeouts", {k: "positive" for k in TimeoutConfig.__dataclass_fields__})
+    monitor = _section(root, MonitorConfig, "monitor", {k: "positive" for k in MonitorConfig.__dataclass_fields__})
+    routing = _section(root, RoutingConfig, "routing", {"max_retries": "nonneg"})
+    from gateway.core.routing import ROUTING_POLICIES  # local import: config must not pull the core at import
+
+    if routing.policy not in ROUTING_POLICIES:
+        raise ConfigError("routing.policy", f"must be one of {', '.join(sorted(ROUTING_POLICIES))}")
+
+    if not models:
+        # Models may be left implicit: every model a pool names gets defaults.
+        names = sorted({m for c in clusters for p in c.pools for m in p.models})
+        models = [ModelConfig(name=n) for n in names]
+    return Config(clusters=tuple(clusters), models=tuple(models), server=server, state=state,
+                  timeouts=timeouts, monitor=monitor, routing=routing)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("<file>", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "<file>"
+        raise ConfigError(where, f"invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(raw)
+
+
+DEFAULT_MODEL = "maestro-sim-llama-8b"
+
+
+def default_config() -> Config:
+    """The embedded default: one cluster, one pool of simulated engines, in-memory state."""
+    return parse_config({
+        "models": [{"name": DEFAULT_MODEL, "max_model_len": 8192, "kv_bytes_per_token": 131072}],
+        "clusters": [{
+            "name": "local",
+            "pools": [{"name": "sim", "kind": "vllm", "models": [DEFAULT_MODEL],
+                       "simulated": {"count": 4}}],
+        }],
+    })

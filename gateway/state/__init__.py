@@ -1,0 +1,16 @@
+"""Shared state behind one interface: in-memory (embedded default) or Redis (several gateways/clusters)."""
+
+from gateway.state.base import StateStore, StateUnavailable
+
+__all__ = ["StateStore", "StateUnavailable", "make_state_store"]
+
+
+def make_state_store(config) -> StateStore:  # config: gateway.config.StateConfig
+    """Build the store the config names. Imports lazily so the memory default never loads redis."""
+    if config.backend == "redis":
+        from gateway.state.redis import RedisStateStore
+
+        return RedisStateStore(config.redis_url, key_prefix=config.key_prefix, timeout_s=config.redis_timeout_s)
+    from gateway.state.memory import MemoryStateStore
+
+    return MemoryStateStore()

@@ -1,0 +1,1 @@
+"""loadgen package (see ../shared/DESIGN.md); filled in by its own issue."""

@@ -1,0 +1,1 @@
+"""predictor package (see ../shared/DESIGN.md); filled in by its own issue."""
