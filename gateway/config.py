@@ -91,12 +91,11 @@ class StateConfig:
 
 @dataclass(frozen=True)
 class TimeoutConfig:
-    connect_s: float = 3.0
-    first_byte_s: float = 120.0
-    stream_idle_s: float = 120.0
-    total_s: float = 900.0
-    scrape_s: float = 2.0
-    admin_s: float = 30.0
+    connect_s: float = 3.0  # TCP connect to an engine; a failure here is retried on another engine
+    stream_idle_s: float = 120.0  # longest silence allowed inside a stream before it is cut (504 if no byte yet)
+    total_s: float = 900.0  # whole request, non-streaming generation included
+    scrape_s: float = 2.0  # one /metrics scrape of an engine
+    admin_s: float = 30.0  # sleep / wake_up and other admin calls to engines
 
 
 @dataclass(frozen=True)
@@ -258,6 +257,8 @@ def _parse_pool(raw: Any, path: str, model_names: set[str]) -> PoolConfig:
         if kind != "vllm":
             raise ConfigError(f"{path}.simulated", "simulated engines are only available for kind 'vllm'")
         simulated = _parse_simulated(section["simulated"], f"{path}.simulated")
+        if len(models) != 1:
+            raise ConfigError(f"{path}.models", "a simulated pool serves exactly one model")
     if not engines and simulated is None:
         raise ConfigError(f"{path}.engines", "a pool needs at least one engine (or a 'simulated' block)")
     return PoolConfig(name=name, kind=kind, models=tuple(models), engines=tuple(engines), simulated=simulated)

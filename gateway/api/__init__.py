@@ -1,0 +1,1 @@
+"""HTTP shell only: parse, validate, call the core, relay bytes, shape errors."""

@@ -1,0 +1,93 @@
+"""Operational routes: liveness, Prometheus metrics, engine view and engine sleep/wake.
+
+``/health`` and ``/metrics`` are open (probes and scrapers rarely carry keys); ``/admin/*`` needs an API key
+whenever keys are configured, because it can put engines to sleep.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import web
+
+from backends.vllm import EngineUnreachable
+from gateway.api.errors import SERVER_ERROR, APIError, error_response
+from gateway.api.openai_routes import GATEWAY_KEY, check_api_key
+from gateway.metrics import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+async def health(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
+    registry = gateway.registry
+    body = {"status": "ok", "gateway_id": gateway.gateway_id, "engines_up": registry.up_count(),
+            "engines_total": len(registry.states), "state_store": gateway.store_status}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
+    return web.Response(body=gateway.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _admin(request: web.Request) -> "Gateway":
+    gateway = request.app[GATEWAY_KEY]
+    check_api_key(request, gateway.api_keys)
+    return gateway
+
+
+async def list_engines(request: web.Request) -> web.Response:
+    try:
+        gateway = _admin(request)
+    except APIError as error:
+        return error.response()
+    data = [dict(state.to_dict(), inflight=gateway.registry.inflight.get(engine_id, 0))
+            for engine_id, state in sorted(gateway.registry.states.items())]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+
+
+async def _engine_action(request: web.Request, action: str) -> web.Response:
+    try:
+        gateway = _admin(request)
+        engine_id = request.match_info["engine_id"]
+        client = gateway.registry.clients.get(engine_id)
+        if client is None:
+            raise APIError(404, f"No engine with id {engine_id!r}.", param="engine_id", code="engine_not_found")
+        if action == "sleep":
+            level_text = request.query.get("level", "1")
+            if level_text not in ("1", "2"):
+                raise APIError(400, "'level' must be 1 or 2.", param="level")
+            result = await client.sleep(int(level_text))
+        else:
+            result = await client.wake_up()
+    except APIError as error:
+        return error.response()
+    except EngineUnreachable as exc:
+        return error_response(502, f"Engine {engine_id} refused {action}: {exc}", SERVER_ERROR,
+                              code="engine_admin_failed")
+    await gateway.monitor.probe_now(engine_id)
+    return web.Response(body=orjson.dumps({"engine_id": engine_id, "result": result}),
+                        content_type="application/json")
+
+
+async def sleep_engine(request: web.Request) -> web.Response:
+    return await _engine_action(request, "sleep")
+
+
+async def wake_engine(request: web.Request) -> web.Response:
+    return await _engine_action(request, "wake_up")
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return error_response(404, f"Unknown route {request.method} {request.path}.", code="unknown_route")
+
+
+def add_admin_routes(app: web.Application) -> None:
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/admin/engines", list_engines)
+    app.router.add_post("/admin/engines/{engine_id}/sleep", sleep_engine)
+    app.router.add_post("/admin/engines/{engine_id}/wake_up", wake_engine)

@@ -1,0 +1,177 @@
+"""OpenAI-compatible routes: chat/completions, completions, models, images/generations.
+
+Each handler parses and validates the body, builds a :class:`~gateway.proxy.RelayJob` and hands it to the
+proxy. Everything the handlers share (request id, auth, size limit, queue limit, error shaping, metrics) lives
+in :func:`openai_endpoint` so the handlers stay a few lines each.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import web
+
+from gateway.api.errors import AUTHENTICATION, RATE_LIMIT, APIError, model_not_found
+from gateway.api.validation import parse_json_object, validate_chat, validate_completion, validate_image
+from gateway.proxy import RelayJob
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+GATEWAY_KEY: web.AppKey["Gateway"] = web.AppKey("gateway")
+_REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# Headers the gateway consumes or must not leak upstream; other X-* headers (request id, workflow context,
+# the simulated engines' load-generator hints) are forwarded untouched.
+_NOT_FORWARDED = frozenset({"x-api-key", "x-forwarded-for", "x-real-ip"})
+
+Handler = Callable[[web.Request, "Gateway", str], Awaitable[tuple[web.StreamResponse, str, RelayJob | None]]]
+
+
+def request_id_of(request: web.Request) -> str:
+    """The client's ``X-Request-Id`` when it is a sane token, else a fresh one."""
+    given = request.headers.get("X-Request-Id")
+    if given and _REQUEST_ID_OK.fullmatch(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def check_api_key(request: web.Request, keys: frozenset[str]) -> None:
+    if not keys:
+        return
+    header = request.headers.get("Authorization", "")
+    if not header:
+        raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                       AUTHENTICATION, code="missing_api_key")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or key.strip() not in keys:
+        raise APIError(401, "Incorrect API key provided.", AUTHENTICATION, code="invalid_api_key")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise APIError(413, f"The request body is {request.content_length} bytes; the limit is {limit}.",
+                       code="request_too_large")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise APIError(413, f"The request body is larger than the limit of {limit} bytes.",
+                       code="request_too_large") from None
+
+
+def forwarded_headers(request: web.Request, request_id: str) -> dict[str, str]:
+    headers = {"Content-Type": "application/json"}
+    for name, value in request.headers.items():
+        lower = name.lower()
+        if lower.startswith("x-") and lower not in _NOT_FORWARDED:
+            headers[name] = value
+    headers["X-Request-Id"] = request_id
+    return headers
+
+
+def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap a handler with what every OpenAI route shares, and record the request's metrics."""
+
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        gateway = request.app[GATEWAY_KEY]
+        request_id = request_id_of(request)
+        model = "-"
+        job: RelayJob | None = None
+        admitted = False
+        try:
+            check_api_key(request, gateway.api_keys)
+            if gateway.inflight >= gateway.config.server.max_inflight:
+                raise APIError(429, "The gateway's queue is full; retry shortly.", RATE_LIMIT,
+                               code="queue_full", headers={"Retry-After": "1"})
+            gateway.inflight += 1
+            admitted = True
+            response, model, job = await handler(request, gateway, request_id)
+        except APIError as error:
+            response = error.response(request_id)
+        finally:
+            if admitted:
+                gateway.inflight -= 1
+        duration = time.perf_counter() - started
+        overhead = duration - job.upstream_s if job is not None and job.upstream_s >= 0 else -1.0
+        gateway.metrics.request_done(route, model, response.status, duration, overhead)
+        return response
+
+    return endpoint
+
+
+def _model_config_len(gateway: "Gateway", model: str) -> int:
+    model_config = gateway.config.model(model)
+    return model_config.max_model_len if model_config else None  # type: ignore[return-value]
+
+
+async def _text_generation(request: web.Request, gateway: "Gateway", request_id: str, *, route: str, path: str,
+                           validate: Callable) -> tuple[web.StreamResponse, str, RelayJob]:
+    raw = await read_body(request, gateway.config.server.max_body_bytes)
+    body = parse_json_object(raw)
+    model = body.get("model")
+    if isinstance(model, str) and model and not gateway.registry.serves(model, "vllm"):
+        raise model_not_found(model)
+    validate(body, _model_config_len(gateway, model) if isinstance(model, str) else None)
+    stream = bool(body.get("stream"))
+    strip_usage = False
+    if stream:
+        options = body.get("stream_options") or {}
+        if not options.get("include_usage"):
+            strip_usage = True
+            body["stream_options"] = {**options, "include_usage": True}
+            raw = orjson.dumps(body)
+    job = RelayJob(route=route, path=path, kind="vllm", model=model, body=raw, stream=stream,
+                   strip_usage=strip_usage, request_id=request_id,
+                   headers=forwarded_headers(request, request_id), started=time.perf_counter())
+    return await gateway.proxy.serve(request, job), model, job
+
+
+async def chat_completions(request: web.Request, gateway: "Gateway", request_id: str):
+    return await _text_generation(request, gateway, request_id, route="chat", path="/v1/chat/completions",
+                                  validate=validate_chat)
+
+
+async def completions(request: web.Request, gateway: "Gateway", request_id: str):
+    return await _text_generation(request, gateway, request_id, route="completions", path="/v1/completions",
+                                  validate=validate_completion)
+
+
+async def image_generations(request: web.Request, gateway: "Gateway", request_id: str):
+    raw = await read_body(request, gateway.config.server.max_body_bytes)
+    body = parse_json_object(raw)
+    validate_image(body)
+    model = body.get("model")
+    dit_models = gateway.registry.models("vllm-omni")
+    if model is None and len(dit_models) == 1:
+        model = body["model"] = dit_models[0]  # OpenAI's model field is optional; one DiT model is unambiguous
+        raw = orjson.dumps(body)
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "'model' is required (this gateway serves several image models: "
+                            f"{', '.join(dit_models) or 'none'}).", param="model")
+    if not gateway.registry.serves(model, "vllm-omni"):
+        raise model_not_found(model)
+    job = RelayJob(route="images", path="/v1/images/generations", kind="vllm-omni", model=model, body=raw,
+                   stream=False, strip_usage=False, request_id=request_id,
+                   headers=forwarded_headers(request, request_id), started=time.perf_counter())
+    return await gateway.proxy.serve(request, job), model, job
+
+
+async def list_models(request: web.Request, gateway: "Gateway", request_id: str):
+    created = int(gateway.started_at)
+    data = [{"id": name, "object": "model", "created": created, "owned_by": "maestro"}
+            for name in gateway.registry.models()]
+    response = web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json",
+                            headers={"X-Request-Id": request_id})
+    return response, "-", None
+
+
+def add_openai_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", openai_endpoint("chat", chat_completions))
+    app.router.add_post("/v1/completions", openai_endpoint("completions", completions))
+    app.router.add_post("/v1/images/generations", openai_endpoint("images", image_generations))
+    app.router.add_get("/v1/models", openai_endpoint("models", list_models))

@@ -1,0 +1,136 @@
+"""Request-body validation for the OpenAI routes.
+
+We check what would otherwise reach an engine as garbage or make the gateway misbehave (types, emptiness,
+token limits) and pass every other field through untouched, so vLLM extras (``priority``, ``ignore_eos``,
+``min_tokens``…) keep working. Messages name the offending parameter, as OpenAI's do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.api.errors import APIError, bad_request
+
+_NUMBER = (int, float)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise bad_request("The request body is empty; send a JSON object.")
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(obj, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return obj
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, _NUMBER) and not isinstance(value, bool)
+
+
+def _check_common(body: dict[str, Any], max_model_len: int | None) -> None:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' is required and must be a non-empty string.", "model")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise bad_request("'stream' must be a boolean.", "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise bad_request("'stream_options' must be an object.", "stream_options")
+        if not stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+        include = options.get("include_usage")
+        if include is not None and not isinstance(include, bool):
+            raise bad_request("'stream_options.include_usage' must be a boolean.", "stream_options.include_usage")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_int(value):
+            raise bad_request(f"'{name}' must be an integer.", name)
+        if value < 1:
+            raise bad_request(f"'{name}' must be at least 1, got {value}.", name)
+        if max_model_len is not None and value > max_model_len:
+            raise bad_request(f"'{name}' is {value}, more than the model's context length of {max_model_len} "
+                              "tokens.", name)
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or not 1 <= n <= 128):
+        raise bad_request("'n' must be an integer between 1 and 128.", "n")
+    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0),
+                            ("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0)):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_number(value) or not low <= value <= high:
+            raise bad_request(f"'{name}' must be a number between {low:g} and {high:g}.", name)
+
+
+def validate_chat(body: dict[str, Any], max_model_len: int | None) -> None:
+    """Raise :class:`APIError` (400) when a chat-completion body is malformed."""
+    _check_common(body, max_model_len)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise bad_request("'messages' is required and must be a list of messages.", "messages")
+    if not messages:
+        raise bad_request("'messages' must contain at least one message.", "messages")
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"'{param}' must be an object with 'role' and 'content'.", param)
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise bad_request(f"'{param}.role' is required and must be a string.", f"{param}.role")
+        content = message.get("content")
+        if content is None:
+            if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+                continue
+            raise bad_request(f"'{param}.content' is required.", f"{param}.content")
+        if not isinstance(content, (str, list)):
+            raise bad_request(f"'{param}.content' must be a string or a list of content parts.",
+                              f"{param}.content")
+
+
+def validate_completion(body: dict[str, Any], max_model_len: int | None) -> None:
+    """Raise :class:`APIError` (400) when a legacy completion body is malformed."""
+    _check_common(body, max_model_len)
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad_request("'prompt' is required.", "prompt")
+    if isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list) or not prompt:
+        raise bad_request("'prompt' must be a string, a list of strings or a list of token ids.", "prompt")
+    if not (all(isinstance(p, str) for p in prompt) or all(_is_int(p) for p in prompt)
+            or all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt)):
+        raise bad_request("'prompt' must be a string, a list of strings or a list of token ids.", "prompt")
+
+
+def validate_image(body: dict[str, Any]) -> None:
+    """Raise :class:`APIError` (400) when an image-generation body is malformed."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise bad_request("'prompt' is required and must be a non-empty string.", "prompt")
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or not 1 <= n <= 10):
+        raise bad_request("'n' must be an integer between 1 and 10.", "n")
+    size = body.get("size")
+    if size is not None:
+        parts = size.split("x") if isinstance(size, str) else []
+        if len(parts) != 2 or not all(p.isdigit() and 64 <= int(p) <= 4096 for p in parts):
+            raise bad_request("'size' must look like '1024x1024' (each side 64..4096).", "size")
+    steps = body.get("num_inference_steps")
+    if steps is not None and (not _is_int(steps) or not 1 <= steps <= 1000):
+        raise bad_request("'num_inference_steps' must be an integer between 1 and 1000.", "num_inference_steps")
+
+
+__all__ = ["APIError", "parse_json_object", "validate_chat", "validate_completion", "validate_image"]

@@ -1,0 +1,122 @@
+"""Assemble and run one gateway: config -> (simulated engines) -> registry, store, monitor, proxy, HTTP app.
+
+``Gateway`` is usable in-process (tests, the overhead benchmark) and from ``maestro serve``. Startup order
+matters: simulated engines first (their URLs become engine specs), then one probe round so the gateway does
+not answer 503 for its first quarter second, then the HTTP listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+from aiohttp import web
+
+from gateway.api.admin_routes import add_admin_routes, not_found
+from gateway.api.openai_routes import GATEWAY_KEY, add_openai_routes
+from gateway.config import Config
+from gateway.control.monitor import EngineMonitor
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Proxy
+from gateway.registry import EngineRegistry, EngineSpec
+from gateway.state import StateUnavailable, make_state_store
+
+log = logging.getLogger("maestro.gateway")
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.gateway_id = config.server.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.api_keys = frozenset(config.server.api_keys)
+        self.metrics = GatewayMetrics()
+        self.store = make_state_store(config.state)
+        self.inflight = 0
+        self.started_at = time.time()
+        self.registry: EngineRegistry | None = None
+        self.proxy: Proxy | None = None
+        self.monitor: EngineMonitor | None = None
+        self._sim_handles: list = []
+        self._runner: web.AppRunner | None = None
+        self._heartbeat_task: asyncio.Task | None = None
+        self.base_url = ""
+
+    @property
+    def store_status(self) -> str:
+        return "ok" if self.monitor is None or self.monitor.store_ok else "unavailable"
+
+    async def _engine_specs(self) -> list[EngineSpec]:
+        specs: list[EngineSpec] = []
+        for cluster, pool in self.config.pools():
+            urls = [(engine.id, engine.url) for engine in pool.engines]
+            if pool.simulated is not None:
+                from backends.sim import start_sim_engines
+                from gateway.simulated import sim_options_for
+
+                handles = await start_sim_engines(pool.simulated.count, sim_options_for(self.config, pool))
+                self._sim_handles.extend(handles)
+                urls.extend(("", handle.url) for handle in handles)
+            for index, (engine_id, url) in enumerate(urls):
+                specs.append(EngineSpec(engine_id=engine_id or f"{cluster.name}/{pool.name}/{index}", url=url,
+                                        cluster=cluster.name, pool=pool.name, kind=pool.kind, models=pool.models))
+        return specs
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.config.server.max_body_bytes)
+        app[GATEWAY_KEY] = self
+        add_openai_routes(app)
+        add_admin_routes(app)
+        app.router.add_route("*", "/{tail:.*}", not_found)
+        return app
+
+    async def start(self, host: str | None = None, port: int | None = None) -> str:
+        """Start engines, monitor and listener; return the base URL (``http://host:port``)."""
+        self.registry = EngineRegistry(self.config, await self._engine_specs())
+        self.proxy = Proxy(self.config, self.registry, self.metrics)
+        self.monitor = EngineMonitor(self.config, self.registry, self.store, self.metrics)
+        await self.monitor.probe_all()
+        self.metrics.engines_up.set(self.registry.up_count())
+        self.monitor.start()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+
+        # handler_cancellation: a client that disconnects cancels its handler, which closes the upstream
+        # request, so the engine aborts generation within a scheduler step.
+        self._runner = web.AppRunner(self.build_app(), access_log=None, handler_cancellation=True,
+                                     shutdown_timeout=5.0)
+        await self._runner.setup()
+        host = host or self.config.server.host
+        port = self.config.server.port if port is None else port
+        site = web.TCPSite(self._runner, host, port, backlog=4096, reuse_address=True)
+        await site.start()
+        bound_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.base_url = f"http://{host}:{bound_port}"
+        return self.base_url
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.config.state.heartbeat_interval_s
+        while True:
+            info = {"base_url": self.base_url, "started_at": self.started_at, "inflight": self.inflight,
+                    "engines_up": self.registry.up_count() if self.registry else 0}
+            try:
+                await self.store.heartbeat(self.gateway_id, info, ttl_s=interval * 3)
+            except StateUnavailable:
+                pass  # the monitor logs store outages once; serving does not depend on the store
+            await asyncio.sleep(interval)
+
+    async def stop(self) -> None:
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.monitor is not None:
+            await self.monitor.stop()
+        if self.registry is not None:
+            await self.registry.close()
+        for handle in self._sim_handles:
+            await handle.stop()
+        self._sim_handles.clear()
+        await self.store.close()

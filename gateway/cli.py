@@ -1,0 +1,147 @@
+"""``maestro`` command line: serve, sim-engines, check-config, bench.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error (one message naming the field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from gateway.config import Config, ConfigError, default_config, load_config
+
+EXIT_CONFIG = 2
+
+
+def _load(path: str | None) -> Config:
+    return load_config(path) if path else default_config()
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # uvloop is a hard dependency, but the gateway still works on asyncio's loop
+        pass
+
+
+async def _run_until_signal(start, stop) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await start()
+        await stopping.wait()
+    finally:
+        await stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    from gateway.app import Gateway
+
+    gateway = Gateway(config)
+
+    async def start() -> None:
+        base_url = await gateway.start(args.host, args.port)
+        up = gateway.registry.up_count()
+        print(f"Maestro gateway listening on {base_url}  ({up}/{len(gateway.registry.states)} engines up, "
+              f"state: {config.state.backend})", flush=True)
+        print(f"OpenAI SDK: OpenAI(base_url=\"{base_url}/v1\", api_key=\"{(config.server.api_keys or ('any',))[0]}\")",
+              flush=True)
+        print(f"Models: {', '.join(gateway.registry.models())}", flush=True)
+
+    _install_uvloop()
+    asyncio.run(_run_until_signal(start, gateway.stop))
+    return 0
+
+
+def cmd_sim_engines(args: argparse.Namespace) -> int:
+    from backends.sim import SimEngineOptions, serve_sim_engines_forever
+
+    options = SimEngineOptions(model=args.model, max_model_len=args.max_model_len, time_scale=args.time_scale,
+                               scheduling_policy=args.scheduling_policy, max_num_seqs=args.max_num_seqs,
+                               kv_blocks=args.kv_blocks, mean_output_tokens=args.mean_output_tokens)
+    _install_uvloop()
+    try:
+        asyncio.run(serve_sim_engines_forever(args.count, options, args.host, args.base_port,
+                                              dit_count=args.dit_count))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    engines = sum(len(p.engines) + (p.simulated.count if p.simulated else 0) for _, p in config.pools())
+    print(f"config OK: {len(config.clusters)} cluster(s), {len(config.pools())} pool(s), {engines} engine(s), "
+          f"models: {', '.join(m.name for m in config.models)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maestro", description="Maestro: an OpenAI-compatible gateway that "
+                                     "schedules multi-agent LLM and DiT workloads across engine pools.")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway (default: simulated engines, in-memory state)")
+    serve.add_argument("--config", help="YAML config file (default: the embedded simulated setup)")
+    serve.add_argument("--host", help="listen address (overrides server.host)")
+    serve.add_argument("--port", type=int, help="listen port (overrides server.port; 0 = any free port)")
+    serve.set_defaults(func=cmd_serve)
+
+    sim = sub.add_parser("sim-engines", help="run simulated vLLM engines that speak vLLM's HTTP surface")
+    sim.add_argument("--count", type=int, default=2, help="number of LLM engines (default 2)")
+    sim.add_argument("--dit-count", type=int, default=0, help="number of simulated DiT (vLLM-Omni) engines")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--base-port", type=int, default=8100, help="first port; engine i listens on base+i")
+    sim.add_argument("--model", default="maestro-sim-llama-8b", help="served model name")
+    sim.add_argument("--max-model-len", type=int, default=8192)
+    sim.add_argument("--time-scale", type=float, default=1.0, help="run this many times faster than real time")
+    sim.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs")
+    sim.add_argument("--max-num-seqs", type=int, default=128)
+    sim.add_argument("--kv-blocks", type=int, default=8192)
+    sim.add_argument("--mean-output-tokens", type=int, default=128)
+    sim.set_defaults(func=cmd_sim_engines)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("config")
+    check.set_defaults(func=cmd_check_config)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures for docs/benchmarks.md")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    overhead = bench_sub.add_parser("overhead", help="latency and throughput the gateway adds over a direct call")
+    try:
+        from loadgen.bench import overhead as overhead_bench
+
+        overhead_bench.add_arguments(overhead)
+        overhead.set_defaults(func=overhead_bench.main)
+    except ImportError as exc:  # pragma: no cover - only while the benchmark module is missing
+        overhead.set_defaults(func=lambda _args, exc=exc: _unavailable(exc))
+    return parser
+
+
+def _unavailable(exc: Exception) -> int:
+    print(f"maestro: this command is unavailable: {exc}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"maestro: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

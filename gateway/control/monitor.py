@@ -1,0 +1,95 @@
+"""Engine monitor: probe every engine on a fixed period, mark it down/up, publish to the state store.
+
+One task per engine so a slow engine never delays the others. The up/down rule is the pure
+``gateway.core.engines.apply_probe_*``; this loop only does the I/O and the clock. A state store that is
+down never stops monitoring: the local view (what serving reads) is always updated first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from backends.vllm import EngineUnreachable
+from gateway.config import Config
+from gateway.core.engines import apply_probe_failure, apply_probe_success
+from gateway.metrics import GatewayMetrics
+from gateway.registry import EngineRegistry
+from gateway.state import StateStore, StateUnavailable
+
+log = logging.getLogger("maestro.monitor")
+
+
+class EngineMonitor:
+    def __init__(self, config: Config, registry: EngineRegistry, store: StateStore, metrics: GatewayMetrics) -> None:
+        self.config = config
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+        self._tasks: list[asyncio.Task] = []
+        self._store_ok = True
+        self.store_failures = 0
+
+    @property
+    def store_ok(self) -> bool:
+        return self._store_ok
+
+    def start(self) -> None:
+        for engine_id in self.registry.states:
+            self._tasks.append(asyncio.create_task(self._run(engine_id), name=f"monitor:{engine_id}"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+
+    async def probe_now(self, engine_id: str) -> None:
+        """Probe one engine at once (after an admin action), outside the periodic schedule."""
+        await self._probe(engine_id)
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(engine_id) for engine_id in self.registry.states))
+
+    async def _run(self, engine_id: str) -> None:
+        interval = self.config.monitor.interval_s
+        while True:
+            started = time.monotonic()
+            try:
+                await self._probe(engine_id)
+            except Exception:  # never let one bad probe kill the loop
+                log.exception("monitor probe of %s crashed", engine_id)
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    async def _probe(self, engine_id: str) -> None:
+        monitor = self.config.monitor
+        client = self.registry.clients[engine_id]
+        before = self.registry.states[engine_id]
+        now = time.time()
+        try:
+            metrics = await client.probe()
+        except EngineUnreachable as exc:
+            state = apply_probe_failure(before, str(exc), now, monitor.down_after_failures)
+        else:
+            state = apply_probe_success(before, metrics, now, monitor.up_after_successes)
+        self.registry.states[engine_id] = state
+        if state.up != before.up:
+            log.warning("engine %s is now %s%s", engine_id, "UP" if state.up else "DOWN",
+                        f" ({state.last_error})" if state.last_error else "")
+            self.metrics.engines_up.set(self.registry.up_count())
+        self.metrics.engine_up(engine_id, state.up)
+        await self._publish(engine_id, state.to_dict())
+
+    async def _publish(self, engine_id: str, record: dict) -> None:
+        try:
+            await self.store.put_engine(engine_id, record, self.config.state.engine_ttl_s)
+        except StateUnavailable as exc:
+            self.store_failures += 1
+            if self._store_ok:
+                log.warning("state store unavailable, serving from local state: %s", exc)
+            self._store_ok = False
+            return
+        if not self._store_ok:
+            log.warning("state store reachable again; engine state re-published")
+        self._store_ok = True

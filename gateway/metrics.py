@@ -1,0 +1,74 @@
+"""The gateway's own Prometheus metrics (one registry per gateway instance, so tests can run several).
+
+``labels()`` on prometheus_client takes a lock and builds tuples; on the hot path we cache the labelled
+children in plain dicts keyed by the label tuple.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the /metrics route)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.1)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self._requests = Counter("maestro_requests", "Requests answered, by route, model and HTTP status",
+                                 ("route", "model", "status"), registry=r)
+        self._latency = Histogram("maestro_request_duration_seconds",
+                                  "End-to-end request time seen by the gateway", ("route",),
+                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self._overhead = Histogram("maestro_gateway_overhead_seconds",
+                                   "Time the gateway itself added (request handling outside the upstream call)",
+                                   ("route",), buckets=_OVERHEAD_BUCKETS, registry=r)
+        self._ttfb = Histogram("maestro_time_to_first_byte_seconds",
+                               "Streaming: time from request arrival to the first byte relayed to the client",
+                               ("route",), buckets=_LATENCY_BUCKETS, registry=r)
+        self._upstream_errors = Counter("maestro_upstream_errors", "Failed upstream attempts by engine and reason",
+                                        ("engine", "reason"), registry=r)
+        self._retries = Counter("maestro_retries", "Requests retried on another engine before the first byte",
+                                registry=r)
+        self._tokens = Counter("maestro_tokens", "Tokens reported by engines' usage, by model and kind",
+                               ("model", "kind"), registry=r)
+        self.engines_up = Gauge("maestro_engines_up", "Engines currently marked up", registry=r)
+        self._engine_up = Gauge("maestro_engine_up", "1 when the engine is up", ("engine",), registry=r)
+        self.inflight = Gauge("maestro_inflight_requests", "Requests inside the gateway now", registry=r)
+        self._children: dict[tuple, object] = {}
+
+    def _child(self, metric, *labels: str):
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def request_done(self, route: str, model: str, status: int, duration_s: float, overhead_s: float) -> None:
+        self._child(self._requests, route, model, str(status)).inc()
+        self._child(self._latency, route).observe(duration_s)
+        if overhead_s >= 0:
+            self._child(self._overhead, route).observe(overhead_s)
+
+    def first_byte(self, route: str, seconds: float) -> None:
+        self._child(self._ttfb, route).observe(seconds)
+
+    def upstream_error(self, engine_id: str, reason: str) -> None:
+        self._child(self._upstream_errors, engine_id, reason).inc()
+
+    def retried(self) -> None:
+        self._retries.inc()
+
+    def tokens(self, model: str, prompt: int, completion: int) -> None:
+        if prompt:
+            self._child(self._tokens, model, "prompt").inc(prompt)
+        if completion:
+            self._child(self._tokens, model, "completion").inc(completion)
+
+    def engine_up(self, engine_id: str, up: bool) -> None:
+        self._child(self._engine_up, engine_id).set(1 if up else 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

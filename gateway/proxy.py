@@ -1,0 +1,265 @@
+"""Relay one request to an engine: pick, send, retry before the first byte, relay bytes, account.
+
+Retry rule (why it is safe): a request is tried on another engine only when nothing has reached the client
+yet and the engine either could not be reached (connect failure, connection dropped before any answer) or
+refused with 503 (vLLM's back-pressure: queue full or paused). Once a byte is relayed, a failure ends the
+stream with an OpenAI-style error event, never a silent retry that would duplicate text.
+
+Streams: the gateway always asks the engine for ``stream_options.include_usage`` (it needs the actual token
+counts) and removes the usage-only chunk again when the client did not ask for it, so the client sees what
+OpenAI would send. Events are relayed as the engine's bytes, never re-encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway.api.errors import SERVER_ERROR, APIError, error_body
+from gateway.config import Config
+from gateway.metrics import GatewayMetrics
+from gateway.registry import EngineRegistry
+
+_RETRYABLE_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
+                             aiohttp.ClientOSError)
+_STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class RelayJob:
+    """What the route handler decided; everything the proxy needs to serve one request."""
+
+    route: str  # metric label, e.g. "chat"
+    path: str  # upstream path, e.g. "/v1/chat/completions"
+    kind: str  # engine kind: "vllm" or "vllm-omni"
+    model: str
+    body: bytes
+    stream: bool
+    strip_usage: bool
+    request_id: str
+    headers: dict[str, str]
+    started: float  # perf_counter() when the request arrived
+    upstream_s: float = -1.0  # time spent waiting on the engine (non-streaming), for the overhead metric
+
+
+class SSEUsageFilter:
+    """Split an SSE byte stream into whole events; capture the final usage and optionally drop its chunk.
+
+    Only complete events are passed on (a partial event is useless to a client anyway), so a usage chunk split
+    across TCP reads is still recognised. The common chunk carries no ``"usage"`` and costs one ``in`` test.
+    """
+
+    __slots__ = ("strip", "usage", "_buffer", "_sep")
+
+    def __init__(self, strip: bool) -> None:
+        self.strip = strip
+        self.usage: dict[str, Any] | None = None
+        self._buffer = b""
+        self._sep = b"\n\n"
+
+    def feed(self, data: bytes) -> bytes:
+        buffer = self._buffer + data if self._buffer else data
+        end = buffer.rfind(self._sep)
+        if end < 0 and self._sep == b"\n\n" and b"\r\n\r\n" in buffer:
+            self._sep = b"\r\n\r\n"
+            end = buffer.rfind(self._sep)
+        if end < 0:
+            self._buffer = buffer
+            return b""
+        end += len(self._sep)
+        complete, self._buffer = buffer[:end], buffer[end:]
+        if b'"usage"' not in complete:
+            return complete
+        return self._filter_usage(complete)
+
+    def _filter_usage(self, complete: bytes) -> bytes:
+        kept = []
+        for event in complete.split(self._sep)[:-1]:
+            if b'"usage"' in event and event.startswith(b"data:"):
+                try:
+                    payload = orjson.loads(event[5:])
+                except orjson.JSONDecodeError:
+                    payload = None
+                if isinstance(payload, dict) and payload.get("usage") and not payload.get("choices"):
+                    self.usage = payload["usage"]
+                    if self.strip:
+                        continue
+            kept.append(event + self._sep)
+        return b"".join(kept)
+
+    def flush(self) -> bytes:
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+
+def _engine_message(data: bytes) -> str:
+    """The ``error.message`` of an engine's error body, or a readable slice of it."""
+    try:
+        payload = orjson.loads(data)
+        message = payload.get("error", {}).get("message") if isinstance(payload, dict) else None
+        if isinstance(message, str):
+            return message
+        if isinstance(payload, dict) and isinstance(payload.get("detail"), str):
+            return payload["detail"]
+    except (orjson.JSONDecodeError, AttributeError):
+        pass
+    return data[:300].decode("utf-8", "replace") or "(empty body)"
+
+
+class Proxy:
+    def __init__(self, config: Config, registry: EngineRegistry, metrics: GatewayMetrics) -> None:
+        timeouts = config.timeouts
+        self.registry = registry
+        self.metrics = metrics
+        self.max_retries = config.routing.max_retries
+        self.total_timeout_s = timeouts.total_s
+        self.stream_idle_s = timeouts.stream_idle_s
+        self._json_timeout = aiohttp.ClientTimeout(total=timeouts.total_s, sock_connect=timeouts.connect_s)
+        self._stream_timeout = aiohttp.ClientTimeout(total=timeouts.total_s, sock_connect=timeouts.connect_s,
+                                                     sock_read=timeouts.stream_idle_s)
+
+    async def serve(self, request: web.Request, job: RelayJob) -> web.StreamResponse:
+        """Send ``job`` to an engine (retrying before the first byte) and relay its answer."""
+        registry = self.registry
+        tried: set[str] = set()
+        busy_seen = False
+        last_problem = ""
+        timeout = self._stream_timeout if job.stream else self._json_timeout
+        for attempt in range(self.max_retries + 1):
+            engine = registry.pick(job.model, job.kind, tried)
+            if engine is None:
+                break
+            if attempt:
+                self.metrics.retried()
+            engine_id = engine.engine_id
+            tried.add(engine_id)
+            client = registry.clients[engine_id]
+            registry.inflight[engine_id] += 1
+            try:
+                sent_at = time.perf_counter()
+                try:
+                    upstream = await client.session.post(client.url(job.path), data=job.body, headers=job.headers,
+                                                         timeout=timeout)
+                except _RETRYABLE_CONNECT_ERRORS as exc:
+                    self.metrics.upstream_error(engine_id, "connect")
+                    last_problem = f"engine {engine_id} could not be reached ({exc.__class__.__name__})"
+                    continue
+                except asyncio.TimeoutError:
+                    self.metrics.upstream_error(engine_id, "timeout")
+                    limit = self.stream_idle_s if job.stream else self.total_timeout_s
+                    raise APIError(504, f"Engine {engine_id} did not answer model {job.model!r} within "
+                                        f"{limit:g} s.", SERVER_ERROR, code="upstream_timeout") from None
+                if upstream.status == 503:
+                    data = await self._read_small(upstream)
+                    self.metrics.upstream_error(engine_id, "busy")
+                    busy_seen = True
+                    last_problem = f"engine {engine_id} is busy: {_engine_message(data)}"
+                    continue
+                if job.stream and upstream.status == 200:
+                    return await self._relay_stream(request, job, upstream, engine_id, sent_at)
+                return await self._relay_whole(job, upstream, engine_id, sent_at)
+            finally:
+                registry.inflight[engine_id] -= 1
+        if busy_seen:
+            raise APIError(503, f"All engines for model {job.model!r} are busy; retry shortly. Last: {last_problem}.",
+                           SERVER_ERROR, code="engines_busy", headers={"Retry-After": "1"})
+        if last_problem:
+            raise APIError(502, f"No engine for model {job.model!r} could be reached: {last_problem}.",
+                           SERVER_ERROR, code="upstream_unreachable")
+        raise APIError(503, f"No engine is available for model {job.model!r} right now (all are down or asleep).",
+                       SERVER_ERROR, code="no_engine_available", headers={"Retry-After": "1"})
+
+    async def _read_small(self, upstream: aiohttp.ClientResponse) -> bytes:
+        try:
+            return await upstream.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return b""
+        finally:
+            upstream.release()
+
+    async def _relay_whole(self, job: RelayJob, upstream: aiohttp.ClientResponse, engine_id: str,
+                           sent_at: float) -> web.Response:
+        """Relay a complete (non-streamed) answer, or an engine error before any byte was sent."""
+        try:
+            data = await upstream.read()
+        except asyncio.TimeoutError:
+            self.metrics.upstream_error(engine_id, "timeout")
+            raise APIError(504, f"Engine {engine_id} did not finish within {self.total_timeout_s:g} s.",
+                           SERVER_ERROR, code="upstream_timeout") from None
+        except aiohttp.ClientError as exc:
+            self.metrics.upstream_error(engine_id, "disconnect")
+            raise APIError(502, f"Engine {engine_id} dropped the connection mid-answer "
+                                f"({exc.__class__.__name__}).", SERVER_ERROR, code="upstream_disconnected") from None
+        finally:
+            upstream.release()
+        status = upstream.status
+        received_at = time.perf_counter()
+        if status >= 500:
+            self.metrics.upstream_error(engine_id, f"http_{status}")
+            raise APIError(502, f"Engine {engine_id} failed (HTTP {status}): {_engine_message(data)}",
+                           SERVER_ERROR, code="upstream_error")
+        if status == 200 and job.kind == "vllm":
+            self._count_usage(job.model, data)
+        job.upstream_s = received_at - sent_at
+        return web.Response(body=data, status=status, headers={
+            "Content-Type": upstream.headers.get("Content-Type", "application/json"),
+            "X-Request-Id": job.request_id})
+
+    def _count_usage(self, model: str, data: bytes) -> None:
+        try:
+            usage = orjson.loads(data).get("usage")
+        except (orjson.JSONDecodeError, AttributeError):
+            return
+        if isinstance(usage, dict):
+            self.metrics.tokens(model, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+
+    async def _relay_stream(self, request: web.Request, job: RelayJob, upstream: aiohttp.ClientResponse,
+                            engine_id: str, sent_at: float) -> web.StreamResponse:
+        """Relay SSE bytes as they come. The client's disconnect cancels this handler (handler_cancellation)
+        or fails a write; either way the upstream connection is closed so the engine aborts the request."""
+        response = web.StreamResponse(status=200, headers={**_STREAM_HEADERS, "X-Request-Id": job.request_id})
+        usage_filter = SSEUsageFilter(strip=job.strip_usage)
+        completed = False
+        try:
+            await response.prepare(request)
+            first = True
+            try:
+                async for chunk in upstream.content.iter_any():
+                    out = usage_filter.feed(chunk)
+                    if out:
+                        await response.write(out)
+                        if first:
+                            first = False
+                            self.metrics.first_byte(job.route, time.perf_counter() - job.started)
+                tail = usage_filter.flush()
+                if tail:
+                    await response.write(tail)
+                completed = True
+            except asyncio.TimeoutError:
+                self.metrics.upstream_error(engine_id, "stream_idle")
+                await self._end_stream_with_error(response, f"Engine {engine_id} sent nothing for "
+                                                            f"{self.stream_idle_s:g} s; the stream was cut.")
+            except aiohttp.ClientPayloadError:
+                self.metrics.upstream_error(engine_id, "disconnect")
+                await self._end_stream_with_error(response, f"Engine {engine_id} dropped the stream.")
+            if usage_filter.usage:
+                self.metrics.tokens(job.model, usage_filter.usage.get("prompt_tokens") or 0,
+                                    usage_filter.usage.get("completion_tokens") or 0)
+            await response.write_eof()
+            return response
+        finally:
+            if completed:
+                upstream.release()
+            else:
+                upstream.close()  # client gone or engine failed: drop the connection so the engine aborts
+
+    async def _end_stream_with_error(self, response: web.StreamResponse, message: str) -> None:
+        event = b"data: " + error_body(message, SERVER_ERROR, None, "upstream_stream_error") + b"\n\n"
+        await response.write(event + _DONE)

@@ -1,0 +1,67 @@
+"""The gateway's live view of its engines: state per engine, one client per engine, in-flight counts.
+
+The monitor writes states here (and to the shared store); the request path reads only this local view, so
+serving never waits on Redis. Choosing among eligible engines is delegated to a routing plugin from
+``gateway.core.routing``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from backends.vllm import EngineClient
+from gateway.config import Config
+from gateway.core.engines import EngineState
+from gateway.core.routing import RoutingPolicy, eligible, make_routing_policy
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """A configured engine after simulated engines got their URLs."""
+
+    engine_id: str
+    url: str
+    cluster: str
+    pool: str
+    kind: str
+    models: tuple[str, ...]
+
+
+class EngineRegistry:
+    def __init__(self, config: Config, specs: list[EngineSpec]) -> None:
+        self.config = config
+        self.states: dict[str, EngineState] = {}
+        self.clients: dict[str, EngineClient] = {}
+        self.inflight: dict[str, int] = defaultdict(int)
+        self._by_model: dict[tuple[str, str], list[str]] = defaultdict(list)  # (kind, model) -> engine ids
+        self._policy: RoutingPolicy = make_routing_policy(config.routing.policy)
+        timeouts = config.timeouts
+        for spec in specs:
+            self.states[spec.engine_id] = EngineState(engine_id=spec.engine_id, url=spec.url, cluster=spec.cluster,
+                                                      pool=spec.pool, kind=spec.kind, models=spec.models)
+            self.clients[spec.engine_id] = EngineClient(spec.url, spec.kind, connect_timeout_s=timeouts.connect_s,
+                                                        scrape_timeout_s=timeouts.scrape_s,
+                                                        admin_timeout_s=timeouts.admin_s)
+            for model in spec.models:
+                self._by_model[(spec.kind, model)].append(spec.engine_id)
+
+    def serves(self, model: str, kind: str) -> bool:
+        return (kind, model) in self._by_model
+
+    def models(self, kind: str | None = None) -> list[str]:
+        return sorted({m for (k, m) in self._by_model if kind is None or k == kind})
+
+    def pick(self, model: str, kind: str, exclude: set[str]) -> EngineState | None:
+        """An engine for ``model`` that is up, awake and not in ``exclude``, or None."""
+        candidates = eligible([self.states[i] for i in self._by_model.get((kind, model), ())], model, exclude)
+        if not candidates:
+            return None
+        return self._policy.choose(candidates, self.inflight)
+
+    def up_count(self) -> int:
+        return sum(1 for s in self.states.values() if s.up)
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.close()

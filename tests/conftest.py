@@ -1,0 +1,40 @@
+"""Shared fixtures: an in-process gateway built from a config dict."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+
+from gateway.app import Gateway
+from gateway.config import parse_config
+
+
+def gateway_config(engine_urls: list[str], model: str = "fault-model", **overrides: Any) -> dict:
+    """A one-pool config over the given engine URLs, with fast monitoring for tests."""
+    raw: dict[str, Any] = {
+        "models": [{"name": model, "max_model_len": 2048}],
+        "clusters": [{"name": "local", "pools": [{"name": "p", "kind": "vllm", "models": [model],
+                                                   "engines": [{"url": u} for u in engine_urls]}]}],
+        "monitor": {"interval_s": 0.1, "down_after_failures": 2},
+        "routing": {"policy": "round_robin", "max_retries": 2},
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(raw_config: dict):
+    gateway = Gateway(parse_config(raw_config))
+    await gateway.start("127.0.0.1", 0)
+    try:
+        yield gateway
+    finally:
+        await gateway.stop()
+
+
+@pytest.fixture
+def make_gateway():
+    return running_gateway

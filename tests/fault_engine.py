@@ -1,0 +1,118 @@
+"""A fault-injecting upstream for the gateway's failure-mode tests.
+
+It answers like vLLM (same JSON and SSE shapes) but can be told to refuse with 503, drop the connection
+before or after the first byte, or stall — failures the simulated engines do not produce on demand.
+It is a test tool, not a stand-in for an engine: behaviour under normal operation is tested against the
+simulated engines and a real vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+
+VLLM_BUSY = {"error": {"message": "The engine is currently busy and cannot accept new requests. Please try again "
+                                  "later or on a different instance.", "type": "Service Unavailable",
+                       "param": None, "code": 503}}
+
+
+@dataclass
+class FaultEngine:
+    model: str = "fault-model"
+    mode: str = "ok"  # ok | busy | drop_before | drop_after_first | stall | error_500 | slow
+    delay_s: float = 0.0
+    hits: int = 0
+    seen_bodies: list = field(default_factory=list)
+    seen_headers: list = field(default_factory=list)
+    aborted: int = 0
+    runner: web.AppRunner | None = None
+    url: str = ""
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.chat)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/health", self.health)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        text = (f'vllm:num_requests_running{{engine="0",model_name="{self.model}"}} 0.0\n'
+                f'vllm:num_requests_waiting{{engine="0",model_name="{self.model}"}} 0.0\n'
+                f'vllm:kv_cache_usage_perc{{engine="0",model_name="{self.model}"}} 0.0\n')
+        return web.Response(text=text, content_type="text/plain")
+
+    def _completion(self) -> dict:
+        return {"id": "chatcmpl-fault", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello world"},
+                             "logprobs": None, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        body = orjson.loads(await request.read())
+        self.seen_bodies.append(body)
+        self.seen_headers.append(dict(request.headers))
+        if self.mode == "busy":
+            return web.Response(status=503, body=orjson.dumps(VLLM_BUSY), content_type="application/json")
+        if self.mode == "error_500":
+            return web.Response(status=500, body=orjson.dumps({"error": {"message": "engine exploded",
+                                "type": "InternalServerError", "param": None, "code": 500}}),
+                                content_type="application/json")
+        if self.mode == "drop_before":
+            request.transport.close()  # type: ignore[union-attr]
+            await asyncio.sleep(1)
+            return web.Response()
+        if self.mode == "stall":
+            try:
+                await asyncio.sleep(self.delay_s)
+            except asyncio.CancelledError:
+                self.aborted += 1
+                raise
+        if not body.get("stream"):
+            return web.Response(body=orjson.dumps(self._completion()), content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {"id": "chatcmpl-fault", "object": "chat.completion.chunk", "created": 1, "model": self.model,
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]}
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        if self.mode == "drop_after_first":
+            await asyncio.sleep(0.05)
+            request.transport.close()  # type: ignore[union-attr]
+            return response
+        try:
+            for word in ("hello", " world"):
+                chunk["choices"][0]["delta"] = {"content": word}
+                await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+                await asyncio.sleep(self.delay_s if self.mode == "slow" else 0)
+        except asyncio.CancelledError:
+            self.aborted += 1
+            raise
+        chunk["choices"][0]["delta"] = {}
+        chunk["choices"][0]["finish_reason"] = "stop"
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {**chunk, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,
+                                                      "total_tokens": 5}}
+            await response.write(b"data: " + orjson.dumps(usage) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response

@@ -1,0 +1,166 @@
+"""Failure modes through the gateway: retry before the first byte, never after; errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import gateway_config, running_gateway
+from tests.fault_engine import FaultEngine
+
+
+@pytest.fixture
+async def engines():
+    started = [FaultEngine(), FaultEngine()]
+    for engine in started:
+        await engine.start()
+    yield started
+    for engine in started:
+        await engine.stop()
+
+
+_clients: list[openai.AsyncOpenAI] = []
+
+
+def client_for(base_url: str, **kwargs) -> openai.AsyncOpenAI:
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, **kwargs)
+    _clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+async def close_clients():
+    yield
+    while _clients:
+        await _clients.pop().close()
+
+
+async def test_busy_engine_is_retried_on_another(engines):
+    busy, ok = engines
+    busy.mode = "busy"
+    async with running_gateway(gateway_config([busy.url, ok.url])) as gw:
+        client = client_for(gw.base_url)
+        for _ in range(4):
+            reply = await client.chat.completions.create(model="fault-model",
+                                                         messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content == "hello world"
+        assert ok.hits == 4
+        assert busy.hits >= 1  # round robin sent some first attempts to the busy engine
+        async with aiohttp.ClientSession() as session:
+            async with session.get(gw.base_url + "/metrics") as r:
+                text = await r.text()
+        assert 'maestro_upstream_errors_total{engine="local/p/0",reason="busy"}' in text
+        assert "maestro_retries_total" in text
+
+
+async def test_all_busy_gives_503_with_retry_after(engines):
+    for engine in engines:
+        engine.mode = "busy"
+    async with running_gateway(gateway_config([e.url for e in engines])) as gw:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(gw.base_url + "/v1/chat/completions",
+                                    json={"model": "fault-model", "messages": [{"role": "user", "content": "x"}]}) as r:
+                body = await r.json()
+                assert r.status == 503
+                assert r.headers["Retry-After"] == "1"
+                assert body["error"]["code"] == "engines_busy"
+                assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert sum(e.hits for e in engines) == 2  # one attempt each, no engine tried twice
+
+
+async def test_connection_refused_is_retried(engines):
+    dead_url = "http://127.0.0.1:9"  # discard port: nothing listens
+    ok = engines[0]
+    raw = gateway_config([dead_url, ok.url], monitor={"interval_s": 30})  # monitor will not take it down
+    async with running_gateway(raw) as gw:
+        # force the dead engine to look up so the proxy tries it
+        from dataclasses import replace
+        gw.registry.states["local/p/0"] = replace(gw.registry.states["local/p/0"], up=True)
+        client = client_for(gw.base_url)
+        for _ in range(3):
+            reply = await client.chat.completions.create(model="fault-model",
+                                                         messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content == "hello world"
+        assert ok.hits == 3
+
+
+async def test_no_retry_after_first_byte(engines):
+    broken, other = engines
+    broken.mode = "drop_after_first"
+    async with running_gateway(gateway_config([broken.url, other.url], routing={"policy": "least_loaded"})) as gw:
+        # least_loaded with equal load picks by id: local/p/0 == broken
+        client = client_for(gw.base_url)
+        stream = await client.chat.completions.create(model="fault-model", stream=True,
+                                                      messages=[{"role": "user", "content": "hi"}])
+        events = []
+        with pytest.raises(openai.APIError) as caught:
+            async for chunk in stream:
+                events.append(chunk)
+        assert "dropped the stream" in str(caught.value)
+        assert broken.hits == 1 and other.hits == 0  # the stream was not replayed elsewhere
+
+
+async def test_engine_500_becomes_502(engines):
+    for engine in engines:
+        engine.mode = "error_500"
+    async with running_gateway(gateway_config([e.url for e in engines])) as gw:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client_for(gw.base_url).chat.completions.create(
+                model="fault-model", messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 502
+        assert "engine exploded" in caught.value.message
+
+
+async def test_timeout_gives_504(engines):
+    for engine in engines:
+        engine.mode, engine.delay_s = "stall", 5
+    async with running_gateway(gateway_config([e.url for e in engines], timeouts={"total_s": 0.5})) as gw:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client_for(gw.base_url).chat.completions.create(
+                model="fault-model", messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 504
+
+
+async def test_stream_idle_timeout_ends_stream_with_error_event(engines):
+    for engine in engines:
+        engine.mode, engine.delay_s = "slow", 2
+    async with running_gateway(gateway_config([e.url for e in engines], timeouts={"stream_idle_s": 0.3})) as gw:
+        stream = await client_for(gw.base_url).chat.completions.create(
+            model="fault-model", stream=True, messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.APIError) as caught:
+            async for _ in stream:
+                pass
+        assert "sent nothing" in str(caught.value)
+
+
+async def test_all_engines_down_gives_503(engines):
+    async with running_gateway(gateway_config([e.url for e in engines])) as gw:
+        for engine in engines:
+            await engine.stop()
+        await asyncio.sleep(0.6)  # two failed probes at 0.1 s each mark them down
+        assert gw.registry.up_count() == 0
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client_for(gw.base_url).chat.completions.create(
+                model="fault-model", messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 503
+        assert "No engine is available" in caught.value.message
+
+
+async def test_client_disconnect_cancels_upstream(engines):
+    for engine in engines:
+        engine.mode, engine.delay_s = "stall", 10
+    async with running_gateway(gateway_config([e.url for e in engines])) as gw:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(asyncio.TimeoutError):
+                await session.post(gw.base_url + "/v1/chat/completions",
+                                   json={"model": "fault-model", "messages": [{"role": "user", "content": "x"}]},
+                                   timeout=aiohttp.ClientTimeout(total=0.3))
+        for _ in range(20):
+            if sum(e.aborted for e in engines) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert sum(e.aborted for e in engines) == 1
+        assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())

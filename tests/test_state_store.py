@@ -1,0 +1,381 @@
+"""One StateStore suite, run against the memory store and a real Redis (DESIGN: "One state interface, two stores").
+
+Time is abstracted by ``Harness.elapse``: the memory store runs on a fake clock (instant, exact), the Redis store
+on real short TTLs and sleeps. Redis cases use a unique key prefix per test and delete their keys afterwards.
+Without Redis they skip locally, but fail under CI (``CI`` set), where the pipeline must start a Redis service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gateway.state import StateStore, StateUnavailable, make_state_store
+from gateway.state.memory import MemoryStateStore
+from gateway.state.redis import RedisStateStore
+
+REDIS_URL = os.environ.get("MAESTRO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+CLOSED_PORT_URL = "redis://127.0.0.1:1/0"
+
+# Short TTLs so the Redis cases stay fast; margins are >= 0.2 s so a loaded machine does not flake.
+SHORT_TTL = 0.3
+LONG_TTL = 30.0
+
+
+class FakeClock:
+    """Monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Harness:
+    store: StateStore
+    elapse: Callable[[float], Awaitable[None]]
+    kind: str
+
+
+_redis_reachable: dict[str, bool] = {}
+
+
+def _redis_up(url: str) -> bool:
+    """Probe once per session with a plain sync client (no event loop involved)."""
+    if url not in _redis_reachable:
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+        try:
+            _redis_reachable[url] = bool(client.ping())
+        except (redis.RedisError, OSError):
+            _redis_reachable[url] = False
+        finally:
+            client.close()
+    return _redis_reachable[url]
+
+
+def _require_redis() -> None:
+    if _redis_up(REDIS_URL):
+        return
+    if os.environ.get("CI"):
+        pytest.fail(
+            f"no Redis at {REDIS_URL}: CI must start a Redis service (or set MAESTRO_TEST_REDIS_URL)",
+            pytrace=False,
+        )
+    pytest.skip(f"no Redis at {REDIS_URL}")
+
+
+def _delete_prefix(prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2.0, socket_connect_timeout=2.0)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=500))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def redis_prefix() -> Any:
+    """A fresh key namespace on the test Redis, wiped afterwards."""
+    _require_redis()
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+    yield prefix
+    _delete_prefix(prefix)
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    if request.param == "memory":
+        clock = FakeClock()
+
+        async def advance(seconds: float) -> None:
+            clock.advance(seconds)
+
+        store: StateStore = MemoryStateStore(clock=clock)
+        yield Harness(store, advance, "memory")
+        await store.close()
+        return
+
+    prefix = request.getfixturevalue("redis_prefix")
+    store = RedisStateStore(REDIS_URL, key_prefix=prefix, timeout_s=2.0)
+    yield Harness(store, asyncio.sleep, "redis")
+    await store.close()
+
+
+# ---------------------------------------------------------------------------------------------- engines
+
+
+async def test_put_then_get_engine(harness: Harness) -> None:
+    record = {"url": "http://e1:8000", "load": 0.5, "models": ["llama", "qwen"], "healthy": True, "note": None}
+    await harness.store.put_engine("e1", record, LONG_TTL)
+    assert await harness.store.get_engine("e1") == record
+
+
+async def test_get_missing_engine_is_none(harness: Harness) -> None:
+    assert await harness.store.get_engine("nope") is None
+    assert await harness.store.get_engines() == {}
+
+
+async def test_put_replaces_record(harness: Harness) -> None:
+    await harness.store.put_engine("e1", {"load": 1, "old_field": "x"}, LONG_TTL)
+    await harness.store.put_engine("e1", {"load": 2}, LONG_TTL)
+    assert await harness.store.get_engine("e1") == {"load": 2}
+    assert await harness.store.get_engines() == {"e1": {"load": 2}}
+
+
+async def test_delete_engine(harness: Harness) -> None:
+    await harness.store.put_engine("e1", {"n": 1}, LONG_TTL)
+    await harness.store.put_engine("e2", {"n": 2}, LONG_TTL)
+    await harness.store.delete_engine("e1")
+    assert await harness.store.get_engine("e1") is None
+    assert await harness.store.get_engines() == {"e2": {"n": 2}}
+    await harness.store.delete_engine("e1")  # absent: no error
+    await harness.store.delete_engine("never-existed")
+
+
+async def test_get_engines_lists_all(harness: Harness) -> None:
+    records = {f"engine:{i}": {"i": i, "tags": {"gpu": "h100"}} for i in range(5)}
+    for engine_id, record in records.items():
+        await harness.store.put_engine(engine_id, record, LONG_TTL)
+    assert await harness.store.get_engines() == records
+
+
+async def test_records_are_copies(harness: Harness) -> None:
+    record = {"load": 1, "nested": {"queue": [1, 2]}}
+    await harness.store.put_engine("e1", record, LONG_TTL)
+    record["load"] = 99
+    record["nested"]["queue"].append(3)
+
+    got = await harness.store.get_engine("e1")
+    assert got == {"load": 1, "nested": {"queue": [1, 2]}}
+    got["nested"]["queue"].clear()
+    listed = await harness.store.get_engines()
+    listed["e1"]["load"] = -1
+
+    assert await harness.store.get_engine("e1") == {"load": 1, "nested": {"queue": [1, 2]}}
+    assert await harness.store.get_engines() == {"e1": {"load": 1, "nested": {"queue": [1, 2]}}}
+
+
+async def test_records_roundtrip_as_json(harness: Harness) -> None:
+    """Both stores serialise with orjson, so tuples come back as lists in both."""
+    await harness.store.put_engine("e1", {"shape": (1, 2), "pi": 3.25, "name": "é✓"}, LONG_TTL)
+    assert await harness.store.get_engine("e1") == {"shape": [1, 2], "pi": 3.25, "name": "é✓"}
+
+
+async def test_non_json_record_rejected(harness: Harness) -> None:
+    with pytest.raises(TypeError):
+        await harness.store.put_engine("e1", {"bad": object()}, LONG_TTL)
+    assert await harness.store.get_engine("e1") is None
+
+
+@pytest.mark.parametrize("ttl", [0, -1.0])
+async def test_non_positive_ttl_rejected(harness: Harness, ttl: float) -> None:
+    with pytest.raises(ValueError):
+        await harness.store.put_engine("e1", {}, ttl)
+    with pytest.raises(ValueError):
+        await harness.store.heartbeat("g1", {}, ttl)
+
+
+async def test_engine_ttl_expiry(harness: Harness) -> None:
+    await harness.store.put_engine("short", {"n": 1}, SHORT_TTL)
+    await harness.store.put_engine("long", {"n": 2}, LONG_TTL)
+    assert set(await harness.store.get_engines()) == {"short", "long"}
+    await harness.elapse(SHORT_TTL + 0.2)
+    assert await harness.store.get_engine("short") is None
+    assert await harness.store.get_engines() == {"long": {"n": 2}}
+
+
+async def test_put_refreshes_ttl(harness: Harness) -> None:
+    ttl = 0.6
+    await harness.store.put_engine("e1", {"v": 1}, ttl)
+    await harness.elapse(0.4)
+    await harness.store.put_engine("e1", {"v": 2}, ttl)
+    await harness.elapse(0.4)  # 0.8 s after the first write, 0.4 s after the second
+    assert await harness.store.get_engine("e1") == {"v": 2}
+    await harness.elapse(0.4)
+    assert await harness.store.get_engine("e1") is None
+    assert await harness.store.get_engines() == {}
+
+
+async def test_expired_engine_can_be_written_again(harness: Harness) -> None:
+    await harness.store.put_engine("e1", {"v": 1}, SHORT_TTL)
+    await harness.elapse(SHORT_TTL + 0.2)
+    assert await harness.store.get_engines() == {}
+    await harness.store.put_engine("e1", {"v": 2}, LONG_TTL)
+    assert await harness.store.get_engines() == {"e1": {"v": 2}}
+
+
+# ---------------------------------------------------------------------------------------------- gateways
+
+
+async def test_heartbeat_and_gateways(harness: Harness) -> None:
+    assert await harness.store.gateways() == {}
+    await harness.store.heartbeat("gw-a", {"host": "a", "port": 8080}, LONG_TTL)
+    await harness.store.heartbeat("gw-b", {"host": "b", "port": 8080}, LONG_TTL)
+    await harness.store.heartbeat("gw-a", {"host": "a", "port": 9090}, LONG_TTL)  # replaces
+    assert await harness.store.gateways() == {
+        "gw-a": {"host": "a", "port": 9090},
+        "gw-b": {"host": "b", "port": 8080},
+    }
+
+
+async def test_gateways_expire(harness: Harness) -> None:
+    await harness.store.heartbeat("dead", {"host": "d"}, SHORT_TTL)
+    await harness.store.heartbeat("alive", {"host": "a"}, LONG_TTL)
+    await harness.elapse(SHORT_TTL + 0.2)
+    assert await harness.store.gateways() == {"alive": {"host": "a"}}
+
+
+async def test_gateways_and_engines_are_separate(harness: Harness) -> None:
+    await harness.store.heartbeat("x", {"kind": "gateway"}, LONG_TTL)
+    await harness.store.put_engine("x", {"kind": "engine"}, LONG_TTL)
+    assert await harness.store.gateways() == {"x": {"kind": "gateway"}}
+    assert await harness.store.get_engines() == {"x": {"kind": "engine"}}
+    await harness.store.delete_engine("x")
+    assert await harness.store.gateways() == {"x": {"kind": "gateway"}}
+
+
+async def test_gateway_info_is_a_copy(harness: Harness) -> None:
+    info = {"models": ["a"]}
+    await harness.store.heartbeat("g", info, LONG_TTL)
+    info["models"].append("b")
+    listed = await harness.store.gateways()
+    listed["g"]["models"].append("c")
+    assert await harness.store.gateways() == {"g": {"models": ["a"]}}
+
+
+# ---------------------------------------------------------------------------------------------- lifecycle
+
+
+async def test_ping(harness: Harness) -> None:
+    assert await harness.store.ping() is True
+
+
+async def test_close_is_idempotent(harness: Harness) -> None:
+    await harness.store.put_engine("e1", {}, LONG_TTL)
+    await harness.store.close()
+    await harness.store.close()
+
+
+# ---------------------------------------------------------------------------------------------- Redis only
+
+
+@pytest.mark.redis
+async def test_redis_stores_sharing_a_prefix_share_state(redis_prefix: str) -> None:
+    """The point of Redis: two gateways see each other's engines and heartbeats."""
+    a = RedisStateStore(REDIS_URL, key_prefix=redis_prefix)
+    b = RedisStateStore(REDIS_URL, key_prefix=redis_prefix)
+    other = RedisStateStore(REDIS_URL, key_prefix=redis_prefix + "-other")
+    try:
+        await a.put_engine("e1", {"by": "a"}, LONG_TTL)
+        await a.heartbeat("gw-a", {"n": 1}, LONG_TTL)
+        assert await b.get_engines() == {"e1": {"by": "a"}}
+        assert await b.gateways() == {"gw-a": {"n": 1}}
+        assert await other.get_engines() == {}
+        await b.delete_engine("e1")
+        assert await a.get_engine("e1") is None
+    finally:
+        for store in (a, b, other):
+            await store.close()
+        _delete_prefix(redis_prefix + "-other")
+
+
+@pytest.mark.redis
+async def test_redis_keys_carry_ttls_and_index_is_pruned(redis_prefix: str) -> None:
+    """Keys expire server-side and listing prunes long-dead index entries (no KEYS scan needed)."""
+    import redis.asyncio as aioredis
+
+    store = RedisStateStore(REDIS_URL, key_prefix=redis_prefix)
+    raw = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await store.put_engine("e1", {}, LONG_TTL)
+        await store.heartbeat("g1", {}, LONG_TTL)
+        assert 0 < await raw.pttl(f"{redis_prefix}:engine:e1") <= LONG_TTL * 1000
+        assert 0 < await raw.pttl(f"{redis_prefix}:gateway:g1") <= LONG_TTL * 1000
+        # An index entry long past its expiry (e.g. a writer that died an hour ago) is pruned on listing.
+        stale_ms = int(time.time() * 1000) - 3_600_000
+        await raw.zadd(f"{redis_prefix}:engines", {"ghost": stale_ms})
+        assert await store.get_engines() == {"e1": {}}
+        assert await raw.zscore(f"{redis_prefix}:engines", "ghost") is None
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+def test_redis_store_construction_does_no_io() -> None:
+    """Building the store (at config load) must not connect, even to a dead address."""
+    RedisStateStore(CLOSED_PORT_URL, timeout_s=0.5)
+
+
+async def test_redis_store_unreachable_raises_state_unavailable() -> None:
+    store = RedisStateStore(CLOSED_PORT_URL, key_prefix="maestro-test-closed", timeout_s=0.5)
+    calls: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        ("put_engine", lambda: store.put_engine("e1", {"a": 1}, 5.0)),
+        ("get_engine", lambda: store.get_engine("e1")),
+        ("get_engines", store.get_engines),
+        ("delete_engine", lambda: store.delete_engine("e1")),
+        ("heartbeat", lambda: store.heartbeat("g1", {}, 5.0)),
+        ("gateways", store.gateways),
+    ]
+    try:
+        for name, call in calls:
+            started = time.monotonic()
+            with pytest.raises(StateUnavailable, match=name):
+                await call()
+            assert time.monotonic() - started < 1.5, f"{name} took too long to fail"
+        started = time.monotonic()
+        assert await store.ping() is False
+        assert time.monotonic() - started < 1.5
+    finally:
+        await store.close()
+        await store.close()
+
+
+async def test_redis_store_unresponsive_server_bounded_by_timeout() -> None:
+    """A server that accepts but never answers (hung Redis) must not hang callers past timeout_s."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # keep the socket open, never reply
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStateStore(f"redis://127.0.0.1:{port}/0", key_prefix="maestro-test-hung", timeout_s=0.3)
+    try:
+        for call in (lambda: store.put_engine("e1", {}, 5.0), store.get_engines, lambda: store.get_engine("e1")):
+            started = time.monotonic()
+            with pytest.raises(StateUnavailable, match="timed out|Timeout"):
+                await call()
+            assert time.monotonic() - started < 1.0
+        started = time.monotonic()
+        assert await store.ping() is False
+        assert time.monotonic() - started < 1.0
+    finally:
+        await store.close()
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_make_state_store_picks_backend() -> None:
+    assert isinstance(make_state_store(SimpleNamespace(backend="memory")), MemoryStateStore)
+    config = SimpleNamespace(backend="redis", redis_url=CLOSED_PORT_URL, key_prefix="p", redis_timeout_s=0.5)
+    assert isinstance(make_state_store(config), RedisStateStore)
