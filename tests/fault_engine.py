@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 VLLM_BUSY = {"error": {"message": "The engine is currently busy and cannot accept new requests. Please try again "
                                   "later or on a different instance.", "type": "Service Unavailable",
@@ -69,7 +70,7 @@ class FaultEngine:
         self.hits += 1
         body = orjson.loads(await request.read())
         self.seen_bodies.append(body)
-        self.seen_headers.append(dict(request.headers))
+        self.seen_headers.append(CIMultiDict(request.headers))
         if self.mode == "busy":
             return web.Response(status=503, body=orjson.dumps(VLLM_BUSY), content_type="application/json")
         if self.mode == "error_500":

@@ -27,7 +27,7 @@ GATEWAY_KEY: web.AppKey["Gateway"] = web.AppKey("gateway")
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Headers the gateway consumes or must not leak upstream; other X-* headers (request id, workflow context,
 # the simulated engines' load-generator hints) are forwarded untouched.
-_NOT_FORWARDED = frozenset({"x-api-key", "x-forwarded-for", "x-real-ip"})
+_NOT_FORWARDED = frozenset({"x-api-key", "x-forwarded-for", "x-real-ip", "x-request-id"})  # id set below
 
 Handler = Callable[[web.Request, "Gateway", str], Awaitable[tuple[web.StreamResponse, str, RelayJob | None]]]
 

@@ -75,8 +75,8 @@ class EngineMonitor:
             state = apply_probe_success(before, metrics, now, monitor.up_after_successes)
         self.registry.states[engine_id] = state
         if state.up != before.up:
-            log.warning("engine %s is now %s%s", engine_id, "UP" if state.up else "DOWN",
-                        f" ({state.last_error})" if state.last_error else "")
+            log.log(logging.INFO if state.up else logging.WARNING, "engine %s is now %s%s", engine_id,
+                    "UP" if state.up else "DOWN", f" ({state.last_error})" if state.last_error else "")
             self.metrics.engines_up.set(self.registry.up_count())
         self.metrics.engine_up(engine_id, state.up)
         await self._publish(engine_id, state.to_dict())

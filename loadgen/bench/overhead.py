@@ -1,0 +1,507 @@
+"""``maestro bench overhead``: the latency and throughput the gateway adds over a direct call to the engine.
+
+One run, one process tree:
+- a near-zero-cost vLLM-shaped upstream (:mod:`loadgen.bench.fake_upstream`), pinned to the client CPU;
+- the gateway (``python -m gateway.cli serve``) pinned to its own CPU;
+- the load client (:mod:`loadgen.bench.loadclient`) in this process, pinned to the client CPU.
+
+Phases (each at the same fixed rate, open loop, after a warm-up): non-streaming direct, non-streaming through the
+gateway, streaming direct, streaming through the gateway; then the gateway's maximum non-streaming throughput on
+one core (closed loop), and a short closed-loop run direct, to show the client and upstream were not the limit.
+
+Figures: added latency p50/p99 (gateway minus direct), added time to the first SSE ``data:`` byte p50/p99, and
+max req/s through the gateway, each marked PASS/FAIL against the targets. Exit status: 0 all PASS, 1 some FAIL,
+2 the run could not be set up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import os
+import platform
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import orjson
+
+from loadgen.bench import loadclient as lc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+TARGETS = {
+    "added_p50_ms": ("<=", 0.8),
+    "added_p99_ms": ("<=", 3.0),
+    "added_ttfb_p50_ms": ("<=", 0.8),
+    "max_rps": (">=", 5000.0),
+}
+REFERENCE = "bare aiohttp+uvloop+orjson pass-through: +0.65 ms p50, ~8,700 req/s on one core"
+
+CONFIG_TEMPLATE = """\
+models: [{{name: bench, max_model_len: 4096}}]
+clusters: [{{name: local, pools: [{{name: p, kind: vllm, models: [bench], engines: [{{url: "http://127.0.0.1:{port}"}}]}}]}}]
+monitor: {{interval_s: 0.25}}
+"""
+
+
+class SetupError(RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rate", type=float, default=500.0, help="fixed request rate for latency phases (default 500)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds measured per phase (default 10)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each phase (default 2)")
+    parser.add_argument("--connections", type=int, default=64,
+                        help="connections for the max-throughput phase (default 64)")
+    parser.add_argument("--json", metavar="FILE", help="also write the JSON result to FILE")
+    parser.add_argument("--arrival", choices=("uniform", "poisson"), default="uniform",
+                        help="spacing of fixed-rate requests (default uniform)")
+    parser.add_argument("--target", choices=("gateway", "bare"), default="gateway",
+                        help="what sits in the middle: the Maestro gateway (default) or the bare aiohttp "
+                             "pass-through reference (loadgen.bench.bare_proxy)")
+    parser.add_argument("--gateway-cmd", metavar="TEMPLATE",
+                        help="custom gateway command; {python} {config} {host} {port} {upstream} are filled in")
+    parser.add_argument("--gateway-cpu", type=int, default=None, help="CPU for the gateway (default: first allowed)")
+    parser.add_argument("--client-cpu", type=int, default=None,
+                        help="CPU for the load client and the upstream (default: second allowed)")
+    parser.add_argument("--max-duration", type=float, default=None,
+                        help="seconds for the max-throughput phase (default: --duration)")
+    parser.add_argument("--skip-stream", action="store_true", help="skip the streaming phases")
+    parser.add_argument("--skip-max", action="store_true", help="skip the max-throughput phase")
+    parser.add_argument("--gateway-log", metavar="FILE", help="keep the gateway's output in FILE")
+    parser.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to wait for the gateway")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _log(msg: str) -> None:
+    print(f"[overhead {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_setup(cpu: int | None) -> Callable[[], None]:
+    """preexec_fn: pin the child before exec (so every thread it starts inherits it) and make it die with us."""
+
+    def setup() -> None:
+        if cpu is not None and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {cpu})
+        try:  # PR_SET_PDEATHSIG: SIGTERM when this process dies, even by SIGKILL
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)
+        except Exception:
+            pass
+
+    return setup
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _read_listening(proc: subprocess.Popen, timeout: float, what: str) -> int:
+    """Wait for the child's ``LISTENING <port>`` line."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
+    buf = b""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SetupError(f"{what} exited with status {proc.returncode}: {buf.decode(errors='replace')[-2000:]}")
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if ready:
+            chunk = os.read(fd, 4096)
+            buf += chunk
+            for line in buf.splitlines():
+                if line.startswith(b"LISTENING "):
+                    return int(line.split()[1])
+    raise SetupError(f"{what} did not report its port within {timeout:.0f} s")
+
+
+def _http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (127.0.0.1 only)
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _any_up(obj: object) -> bool:
+    if isinstance(obj, dict):
+        if obj.get("up") is True:
+            return True
+        return any(_any_up(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_any_up(v) for v in obj)
+    return False
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+class Children:
+    """Subprocesses of this run; :meth:`close` terminates every one still running (then kills)."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def spawn(self, what: str, cmd: list[str], cpu: int | None, **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, cwd=str(ROOT), env=_child_env(), preexec_fn=_child_setup(cpu),
+                                stdin=subprocess.DEVNULL, **kw)
+        self.procs.append((what, proc))
+        return proc
+
+    def close(self) -> None:
+        for _, proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    proc.terminate()
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 5.0
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self.procs.clear()
+
+
+def _wait_gateway(base: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    stage = "health"
+    last = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SetupError(f"gateway exited with status {proc.returncode}; its log:\n{_tail(log_path)}")
+        try:
+            if stage == "health":
+                status, _ = _http_get(base + "/health", 1.0)
+                last = f"/health -> {status}"
+                if status == 200:
+                    stage = "engines"
+                    continue
+            else:
+                status, body = _http_get(base + "/admin/engines", 1.0)
+                last = f"/admin/engines -> {status} {body[:300]!r}"
+                if status == 200 and _any_up(orjson.loads(body)):
+                    return
+        except (OSError, ValueError) as exc:
+            last = f"{stage}: {exc}"
+        time.sleep(0.1)
+    raise SetupError(f"gateway not ready within {timeout:.0f} s (last: {last}); its log:\n{_tail(log_path)}")
+
+
+def _pick_cpus(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    if not hasattr(os, "sched_getaffinity"):
+        return None, None
+    allowed = sorted(os.sched_getaffinity(0))
+    gw = args.gateway_cpu if args.gateway_cpu is not None else allowed[0]
+    cl = args.client_cpu
+    if cl is None:
+        others = [c for c in allowed if c != gw]
+        cl = others[0] if others else None
+    if cl is None:
+        _log(f"warning: only CPU {allowed} allowed; the client and upstream share the gateway's CPU")
+    return gw, cl
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None or v != v:
+        return "-"
+    return f"{v:,.{digits}f}"
+
+
+def _judge(name: str, value: float | None, errors_ok: bool) -> str:
+    if value is None or value != value:
+        return "n/a"
+    op, limit = TARGETS[name]
+    ok = value <= limit if op == "<=" else value >= limit
+    return "PASS" if ok and errors_ok else "FAIL"
+
+
+def _check_sample(status: int, body: bytes, stream: bool, where: str) -> str | None:
+    """A warning when a sample response does not look like the fake upstream's, None when it does."""
+    if status != 200:
+        return f"{where}: status {status}: {body[:300]!r}"
+    if b"Hello" not in body:
+        return f"{where}: body does not carry the upstream's content: {body[:300]!r}"
+    if stream and b"[DONE]" not in body:
+        return f"{where}: stream has no data: [DONE]"
+    return None
+
+
+async def _measure(args: argparse.Namespace, up_port: int, gw_port: int, progress) -> dict:
+    host = "127.0.0.1"
+    out: dict = {}
+    for where, port in (("direct", up_port), ("gateway", gw_port)):
+        for stream in (False, True):
+            status, body, _ = await lc.request_once(
+                host, port, lc.build_request(host, port, body=lc.chat_body(stream=stream)), stream=stream)
+            warning = _check_sample(status, body, stream, f"{where} {'stream' if stream else 'non-stream'}")
+            if warning:
+                raise SetupError(f"sanity request failed: {warning}")
+
+    phases = [("nonstream", False)] + ([] if args.skip_stream else [("stream", True)])
+    for name, stream in phases:
+        for where, port in (("direct", up_port), ("gateway", gw_port)):
+            label = f"{where} {name} @ {args.rate:g}/s"
+            _log(f"{label}: {args.warmup:g} s warm-up + {args.duration:g} s")
+            r = await lc.run_fixed_rate(host, port, rate=args.rate, duration=args.duration, warmup=args.warmup,
+                                        stream=stream, arrival=args.arrival, progress=progress, label=label)
+            s = r.summary()
+            out[f"{where}_{name}"] = s
+            lat = s["latency_ms"]
+            extra = f", TTFB p50 {_fmt(s['ttfb_ms'].get('p50'))} ms" if stream else ""
+            _log(f"{label}: {r.completed} ok, {r.errors} errors; p50 {_fmt(lat.get('p50'))} ms, "
+                 f"p99 {_fmt(lat.get('p99'))} ms{extra}")
+
+    if not args.skip_max:
+        dur = args.max_duration or args.duration
+        for where, port, d in (("gateway", gw_port, dur), ("direct", up_port, min(dur, 3.0))):
+            label = f"{where} max ({args.connections} conns)"
+            _log(f"{label}: {min(args.warmup, 2.0):g} s warm-up + {d:g} s closed loop")
+            r = await lc.run_closed_loop(host, port, connections=args.connections, duration=d,
+                                         warmup=min(args.warmup, 2.0), progress=progress, label=label)
+            out[f"{where}_max"] = r.summary()
+            _log(f"{label}: {r.rps:,.0f} req/s ({r.errors} errors)")
+    return out
+
+
+def _figures(phases: dict) -> dict:
+    def lat(phase: str, key: str, q: str) -> float | None:
+        p = phases.get(phase)
+        return p[key].get(q) if p else None
+
+    def diff(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a - b
+
+    fig = {
+        "direct_p50_ms": lat("direct_nonstream", "latency_ms", "p50"),
+        "gateway_p50_ms": lat("gateway_nonstream", "latency_ms", "p50"),
+        "direct_p99_ms": lat("direct_nonstream", "latency_ms", "p99"),
+        "gateway_p99_ms": lat("gateway_nonstream", "latency_ms", "p99"),
+    }
+    fig["added_p50_ms"] = diff(fig["gateway_p50_ms"], fig["direct_p50_ms"])
+    fig["added_p99_ms"] = diff(fig["gateway_p99_ms"], fig["direct_p99_ms"])
+    if "gateway_stream" in phases:
+        for q in ("p50", "p99"):
+            fig[f"direct_ttfb_{q}_ms"] = lat("direct_stream", "ttfb_ms", q)
+            fig[f"gateway_ttfb_{q}_ms"] = lat("gateway_stream", "ttfb_ms", q)
+            fig[f"added_ttfb_{q}_ms"] = diff(fig[f"gateway_ttfb_{q}_ms"], fig[f"direct_ttfb_{q}_ms"])
+            fig[f"added_stream_total_{q}_ms"] = diff(lat("gateway_stream", "latency_ms", q),
+                                                     lat("direct_stream", "latency_ms", q))
+    if "gateway_max" in phases:
+        fig["max_rps"] = phases["gateway_max"]["rps"]
+        fig["max_p50_ms"] = phases["gateway_max"]["latency_ms"].get("p50")
+        fig["client_upstream_capacity_rps"] = phases["direct_max"]["rps"]
+    return fig
+
+
+def _verdicts(fig: dict, phases: dict) -> dict:
+    def clean(*names: str) -> bool:
+        return all(phases[n]["errors"] == 0 for n in names if n in phases)
+
+    ns_ok = clean("direct_nonstream", "gateway_nonstream")
+    return {
+        "added_p50_ms": _judge("added_p50_ms", fig.get("added_p50_ms"), ns_ok),
+        "added_p99_ms": _judge("added_p99_ms", fig.get("added_p99_ms"), ns_ok),
+        "added_ttfb_p50_ms": _judge("added_ttfb_p50_ms", fig.get("added_ttfb_p50_ms"),
+                                    clean("direct_stream", "gateway_stream")),
+        "max_rps": _judge("max_rps", fig.get("max_rps"), clean("gateway_max")),
+    }
+
+
+def _table(result: dict) -> str:
+    fig, ver, cfg = result["figures"], result["verdicts"], result["setup"]
+    mid = result["target"]
+    lines = [
+        f"Maestro overhead benchmark: {mid} on CPU {cfg['gateway_cpu']}, upstream + load client on CPU "
+        f"{cfg['client_cpu']}; {cfg['rate']:g} req/s {cfg['arrival']}, {cfg['duration']:g} s after "
+        f"{cfg['warmup']:g} s warm-up",
+        "",
+        f"{'figure':<34}{'direct':>10}{mid:>10}{'added':>10}   {'target':<10}{'result':<6}",
+        "-" * 84,
+    ]
+
+    def row(title: str, d: float | None, g: float | None, a: float | None, key: str | None) -> None:
+        tgt = f"{TARGETS[key][0]} {TARGETS[key][1]:g}" if key else "(info)"
+        lines.append(f"{title:<34}{_fmt(d):>10}{_fmt(g):>10}{_fmt(a):>10}   {tgt:<10}{ver.get(key, '') if key else '':<6}")
+
+    row("non-stream latency p50 (ms)", fig["direct_p50_ms"], fig["gateway_p50_ms"], fig["added_p50_ms"], "added_p50_ms")
+    row("non-stream latency p99 (ms)", fig["direct_p99_ms"], fig["gateway_p99_ms"], fig["added_p99_ms"], "added_p99_ms")
+    if "added_ttfb_p50_ms" in fig:
+        row("stream TTFB p50 (ms)", fig["direct_ttfb_p50_ms"], fig["gateway_ttfb_p50_ms"], fig["added_ttfb_p50_ms"],
+            "added_ttfb_p50_ms")
+        row("stream TTFB p99 (ms)", fig["direct_ttfb_p99_ms"], fig["gateway_ttfb_p99_ms"], fig["added_ttfb_p99_ms"],
+            None)
+    if "max_rps" in fig:
+        tgt = f">= {TARGETS['max_rps'][1]:,.0f}"
+        lines.append(f"{'max non-stream req/s (one core)':<34}{_fmt(fig['client_upstream_capacity_rps'], 0):>10}"
+                     f"{_fmt(fig['max_rps'], 0):>10}{'':>10}   {tgt:<10}{ver['max_rps']:<6}")
+    errs = {k: v["errors"] for k, v in result["phases"].items() if v.get("errors")}
+    lines.append("-" * 84)
+    if "max_rps" in fig:
+        lines.append("max req/s 'direct' column: client + upstream alone on their CPU (must stay well above the "
+                     "gateway's)")
+    lines.append(f"reference: {REFERENCE}")
+    if errs:
+        lines.append(f"ERRORS in phases: {errs}")
+    lines.append(f"overall: {'PASS' if result['all_pass'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def _gateway_cmd(args: argparse.Namespace, config: Path, port: int, up_port: int) -> list[str]:
+    upstream = f"http://127.0.0.1:{up_port}"
+    if args.gateway_cmd:
+        return args.gateway_cmd.format(python=sys.executable, config=config, host="127.0.0.1", port=port,
+                                       upstream=upstream).split()
+    if args.target == "bare":
+        return [sys.executable, "-m", "loadgen.bench.bare_proxy", "--upstream", upstream, "--host", "127.0.0.1",
+                "--port", str(port)]
+    return [sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "serve", "--config", str(config),
+            "--host", "127.0.0.1", "--port", str(port)]
+
+
+def run(args: argparse.Namespace) -> dict:
+    gw_cpu, cl_cpu = _pick_cpus(args)
+    progress = None if args.quiet else _log
+    children = Children()
+    old_affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    old_term = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):  # turn SIGTERM into an exception so the finally below cleans up
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    tmp = tempfile.TemporaryDirectory(prefix="maestro-bench-")
+    log_path = Path(args.gateway_log) if args.gateway_log else Path(tmp.name) / "gateway.log"
+    try:
+        up = children.spawn("upstream", [sys.executable, "-m", "loadgen.bench.fake_upstream", "--port", "0"],
+                            cl_cpu, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        up_port = _read_listening(up, 15.0, "fake upstream")
+        _log(f"fake upstream on 127.0.0.1:{up_port} (CPU {cl_cpu})")
+
+        config = Path(tmp.name) / "bench.yaml"
+        config.write_text(CONFIG_TEMPLATE.format(port=up_port))
+        gw_port = _free_port()
+        cmd = _gateway_cmd(args, config, gw_port, up_port)
+        with open(log_path, "wb") as log_file:
+            gw = children.spawn(args.target, cmd, gw_cpu, stdout=log_file, stderr=subprocess.STDOUT)
+        _log(f"{args.target}: {' '.join(cmd)} (CPU {gw_cpu})")
+        if args.target == "gateway":
+            _wait_gateway(f"http://127.0.0.1:{gw_port}", gw, args.startup_timeout, log_path)
+        else:
+            _wait_health(f"http://127.0.0.1:{gw_port}", gw, args.startup_timeout, log_path)
+        _log(f"{args.target} ready on 127.0.0.1:{gw_port}")
+
+        if cl_cpu is not None:
+            os.sched_setaffinity(0, {cl_cpu})
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            phases = runner.run(_measure(args, up_port, gw_port, progress))
+        if gw.poll() is not None:
+            raise SetupError(f"gateway exited during the run (status {gw.returncode}):\n{_tail(log_path)}")
+    finally:
+        children.close()
+        if old_affinity is not None:
+            os.sched_setaffinity(0, old_affinity)
+        signal.signal(signal.SIGTERM, old_term)
+        tmp.cleanup()
+
+    fig = _figures(phases)
+    ver = _verdicts(fig, phases)
+    return {
+        "bench": "overhead",
+        "target": args.target,
+        "figures": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in fig.items()},
+        "verdicts": ver,
+        "all_pass": all(v == "PASS" for v in ver.values() if v != "n/a"),
+        "targets": {k: f"{op} {lim:g}" for k, (op, lim) in TARGETS.items()},
+        "setup": {"rate": args.rate, "duration": args.duration, "warmup": args.warmup, "arrival": args.arrival,
+                  "connections": args.connections, "gateway_cpu": gw_cpu, "client_cpu": cl_cpu,
+                  "cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        "phases": {k: {kk: vv for kk, vv in v.items()} for k, v in phases.items()},
+    }
+
+
+def _wait_health(base: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SetupError(f"process exited with status {proc.returncode}:\n{_tail(log_path)}")
+        try:
+            if _http_get(base + "/health", 1.0)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise SetupError(f"no /health 200 within {timeout:.0f} s:\n{_tail(log_path)}")
+
+
+def _loop_factory():
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop
+    except ImportError:  # pragma: no cover
+        return asyncio.new_event_loop
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.rate <= 0 or args.duration <= 0 or args.warmup < 0 or args.connections <= 0:
+        print("maestro bench overhead: --rate, --duration and --connections must be > 0, --warmup >= 0",
+              file=sys.stderr)
+        return 2
+    try:
+        result = run(args)
+    except SetupError as exc:
+        print(f"maestro bench overhead: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("maestro bench overhead: interrupted", file=sys.stderr)
+        return 130
+    print(_table(result))
+    line = json.dumps(result, separators=(",", ":"))
+    print(line)
+    if args.json:
+        Path(args.json).write_text(line + "\n")
+    return 0 if result["all_pass"] else 1
+
+
+def _standalone(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadgen.bench.overhead", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(_standalone())

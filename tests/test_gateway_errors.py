@@ -1,0 +1,173 @@
+"""Every client error the gateway answers itself: status, OpenAI error shape, and nothing reaching an engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from multidict import CIMultiDict
+
+from tests.conftest import gateway_config, running_gateway
+from tests.fault_engine import FaultEngine
+
+CHAT = "/v1/chat/completions"
+GOOD = {"model": "fault-model", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+async def engine():
+    e = FaultEngine()
+    await e.start()
+    yield e
+    await e.stop()
+
+
+@pytest.fixture
+async def gw(engine):
+    async with running_gateway(gateway_config([engine.url], server={"max_body_bytes": 4096})) as gateway:
+        yield gateway
+
+
+async def post(url: str, data: bytes | None = None, headers: dict | None = None) -> tuple[int, dict, dict]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=data, headers=headers or {"Content-Type": "application/json"}) as r:
+            return r.status, orjson.loads(await r.read()), CIMultiDict(r.headers)
+
+
+def assert_openai_error(body: dict, param: str | None = None) -> None:
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    if param is not None:
+        assert body["error"]["param"] == param
+
+
+@pytest.mark.parametrize("payload, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (b"", None),
+    (orjson.dumps({"messages": [{"role": "user", "content": "x"}]}), "model"),
+    (orjson.dumps({"model": 7, "messages": [{"role": "user", "content": "x"}]}), "model"),
+    (orjson.dumps({"model": "fault-model", "messages": []}), "messages"),
+    (orjson.dumps({"model": "fault-model", "messages": "hi"}), "messages"),
+    (orjson.dumps({"model": "fault-model", "messages": [{"content": "x"}]}), "messages[0].role"),
+    (orjson.dumps({"model": "fault-model", "messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
+    (orjson.dumps({**GOOD, "max_tokens": -1}), "max_tokens"),
+    (orjson.dumps({**GOOD, "max_tokens": 0}), "max_tokens"),
+    (orjson.dumps({**GOOD, "max_tokens": "ten"}), "max_tokens"),
+    (orjson.dumps({**GOOD, "max_tokens": 10**12}), "max_tokens"),
+    (orjson.dumps({**GOOD, "max_tokens": 2049}), "max_tokens"),  # beyond max_model_len 2048
+    (orjson.dumps({**GOOD, "max_completion_tokens": True}), "max_completion_tokens"),
+    (orjson.dumps({**GOOD, "stream": "yes"}), "stream"),
+    (orjson.dumps({**GOOD, "stream_options": {"include_usage": True}}), "stream_options"),
+    (orjson.dumps({**GOOD, "temperature": 9}), "temperature"),
+    (orjson.dumps({**GOOD, "n": 0}), "n"),
+])
+async def test_bad_chat_bodies_get_400_and_reach_no_engine(gw, engine, payload, param):
+    status, body, headers = await post(gw.base_url + CHAT, payload)
+    assert status == 400, body
+    assert_openai_error(body, param)
+    assert body["error"]["type"] == "invalid_request_error"
+    assert headers.get("X-Request-Id")
+    assert engine.hits == 0
+    assert gw.inflight == 0
+
+
+async def test_bad_completion_prompt(gw, engine):
+    status, body, _ = await post(gw.base_url + "/v1/completions", orjson.dumps({"model": "fault-model",
+                                                                                "prompt": [1, "a"]}))
+    assert status == 400 and body["error"]["param"] == "prompt"
+    status, body, _ = await post(gw.base_url + "/v1/completions", orjson.dumps({"model": "fault-model"}))
+    assert status == 400 and body["error"]["param"] == "prompt"
+    assert engine.hits == 0
+
+
+async def test_unknown_model_is_404_via_sdk(gw, engine):
+    async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.body["code"] == "model_not_found"
+    assert engine.hits == 0
+
+
+async def test_body_over_limit_is_413(gw, engine):
+    big = orjson.dumps({**GOOD, "messages": [{"role": "user", "content": "x" * 10000}]})
+    status, body, _ = await post(gw.base_url + CHAT, big)
+    assert status == 413
+    assert_openai_error(body)
+    assert engine.hits == 0
+
+
+async def test_unknown_route_is_openai_404(gw):
+    status, body, _ = await post(gw.base_url + "/v1/nothing-here", b"{}")
+    assert status == 404
+    assert_openai_error(body)
+
+
+async def test_api_keys(engine):
+    raw = gateway_config([engine.url], server={"api_keys": ["sekret"]})
+    async with running_gateway(raw) as gw:
+        async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="wrong", max_retries=0) as bad:
+            with pytest.raises(openai.AuthenticationError):
+                await bad.chat.completions.create(**GOOD)
+            with pytest.raises(openai.AuthenticationError):
+                await bad.models.list()
+        status, body, _ = await post(gw.base_url + CHAT, orjson.dumps(GOOD))  # no Authorization header
+        assert status == 401 and body["error"]["code"] == "missing_api_key"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(gw.base_url + "/admin/engines") as r:
+                assert r.status == 401
+        async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="sekret", max_retries=0) as good:
+            reply = await good.chat.completions.create(**GOOD)
+            assert reply.choices[0].message.content == "hello world"
+        assert engine.hits == 1
+
+
+async def test_full_queue_is_429_with_retry_after(engine):
+    engine.mode, engine.delay_s = "stall", 1.0
+    async with running_gateway(gateway_config([engine.url], server={"max_inflight": 1})) as gw:
+        async with aiohttp.ClientSession() as session:
+            first = asyncio.create_task(session.post(gw.base_url + CHAT, json=GOOD))
+            while gw.inflight == 0:
+                await asyncio.sleep(0.01)
+            async with session.post(gw.base_url + CHAT, json=GOOD) as r:
+                assert r.status == 429
+                assert r.headers["Retry-After"] == "1"
+                assert_openai_error(await r.json())
+            (await first).release()
+        assert engine.hits == 1
+
+
+async def test_request_id_is_taken_forwarded_and_returned(gw, engine):
+    status, _, headers = await post(gw.base_url + CHAT, orjson.dumps(GOOD),
+                                    {"Content-Type": "application/json", "X-Request-Id": "abc-123",
+                                     "X-Sim-Output-Tokens": "7"})
+    assert status == 200
+    assert headers["X-Request-Id"] == "abc-123"
+    assert engine.seen_headers[-1]["X-Request-Id"] == "abc-123"
+    assert engine.seen_headers[-1]["X-Sim-Output-Tokens"] == "7"  # load-generator hints pass through
+    status, _, headers = await post(gw.base_url + CHAT, orjson.dumps(GOOD))
+    assert len(headers["X-Request-Id"]) == 32
+    assert engine.seen_headers[-1]["X-Request-Id"] == headers["X-Request-Id"]
+
+
+async def test_unknown_fields_pass_through(gw, engine):
+    body = {**GOOD, "priority": -3, "ignore_eos": True, "min_tokens": 4, "some_future_field": {"a": 1}}
+    status, _, _ = await post(gw.base_url + CHAT, orjson.dumps(body))
+    assert status == 200
+    assert engine.seen_bodies[-1] == body  # non-streaming bodies are forwarded byte for byte
+
+
+async def test_stream_usage_chunk_stripped_unless_asked(gw, engine):
+    async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+        stream = await client.chat.completions.create(**GOOD, stream=True)
+        chunks = [c async for c in stream]
+        assert all(c.choices for c in chunks)  # no usage-only chunk reached the client
+        assert engine.seen_bodies[-1]["stream_options"] == {"include_usage": True}  # but the engine was asked
+        stream = await client.chat.completions.create(**GOOD, stream=True, stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello world"
