@@ -1,0 +1,87 @@
+"""Config validation: good files load; bad ones exit 2 with one message naming the field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.config import ConfigError, default_config, load_config, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def base() -> dict:
+    return {"models": [{"name": "m", "max_model_len": 2048}],
+            "clusters": [{"name": "c", "pools": [{"name": "p", "kind": "vllm", "models": ["m"],
+                                                  "engines": [{"url": "http://127.0.0.1:8100"}]}]}]}
+
+
+def test_examples_and_default_load():
+    for path in sorted((REPO / "examples").glob("*.yaml")):
+        config = load_config(path)
+        assert config.clusters, path
+    config = default_config()
+    assert config.pools()[0][1].simulated is not None
+    assert config.state.backend == "memory"
+
+
+def test_defaults_fill_in():
+    config = parse_config(base())
+    assert config.monitor.interval_s == 0.25
+    assert config.routing.policy == "least_loaded"
+    assert config.model("m").max_model_len == 2048
+
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda c: c.pop("clusters"), "clusters"),
+    (lambda c: c.update(clusters=[]), "clusters"),
+    (lambda c: c["clusters"][0]["pools"][0].update(kind="tgi"), "clusters[0].pools[0].kind"),
+    (lambda c: c["clusters"][0]["pools"][0]["engines"][0].update(url="ftp://x"),
+     "clusters[0].pools[0].engines[0].url"),
+    (lambda c: c["clusters"][0]["pools"][0]["engines"][0].update(url="http://h:1/v1"),
+     "clusters[0].pools[0].engines[0].url"),
+    (lambda c: c["clusters"][0]["pools"][0].update(models=["unknown"]), "clusters[0].pools[0].models[0]"),
+    (lambda c: c["clusters"][0]["pools"][0].update(engines=[]), "clusters[0].pools[0].engines"),
+    (lambda c: c["models"][0].update(max_model_len=-5), "models[0].max_model_len"),
+    (lambda c: c["models"][0].update(max_model_len="big"), "models[0].max_model_len"),
+    (lambda c: c.update(server={"port": 70000}), "server.port"),
+    (lambda c: c.update(server={"prot": 1}), "server.prot"),
+    (lambda c: c.update(state={"backend": "etcd"}), "state.backend"),
+    (lambda c: c.update(state={"redis_url": "http://x"}), "state.redis_url"),
+    (lambda c: c.update(timeouts={"connect_s": 0}), "timeouts.connect_s"),
+    (lambda c: c.update(monitor={"interval_s": True}), "monitor.interval_s"),
+    (lambda c: c.update(routing={"policy": "magic"}), "routing.policy"),
+    (lambda c: c.update(bogus=1), "bogus"),
+    (lambda c: c["clusters"][0]["pools"].append(dict(c["clusters"][0]["pools"][0])), "clusters[0].pools[1].name"),
+])
+def test_invalid_configs_name_the_field(mutate, field):
+    raw = base()
+    mutate(raw)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    assert caught.value.field_path == field
+    assert field in str(caught.value)
+
+
+def test_cli_exits_2_with_one_message(tmp_path):
+    raw = base()
+    raw["clusters"][0]["pools"][0]["kind"] = "tgi"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    for command in (["serve", "--config", str(path)], ["check-config", str(path)]):
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", *command], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and "clusters[0].pools[0].kind" in lines[0]
+    path.write_text("clusters: [unclosed")
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "invalid YAML" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", str(tmp_path / "missing.yaml")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "cannot read" in done.stderr
