@@ -33,7 +33,7 @@ class FaultEngine:
     runner: web.AppRunner | None = None
     url: str = ""
 
-    async def start(self) -> str:
+    async def start(self, port: int = 0) -> str:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.chat)
@@ -41,7 +41,7 @@ class FaultEngine:
         app.router.add_get("/health", self.health)
         self.runner = web.AppRunner(app, handler_cancellation=True)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, "127.0.0.1", port, reuse_address=True)
         await site.start()
         self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
         return self.url
@@ -49,6 +49,7 @@ class FaultEngine:
     async def stop(self) -> None:
         if self.runner:
             await self.runner.cleanup()
+            self.runner = None
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response()

@@ -220,7 +220,7 @@ class SimEngine:
     def abort(self, req: SimRequest) -> None:
         """Client went away: drop the request now and free its KV. Not counted as a finished request."""
         if req.state != DONE:
-            self._finish(req, "abort", req._loop_time(self) if False else self._now(), count=False)
+            self._finish(req, "abort", self._now(), count=False)
 
     # ------------------------------------------------------------------ sleep / wake
 

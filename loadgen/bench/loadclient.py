@@ -527,10 +527,10 @@ async def run_closed_loop(host: str, port: int, *, connections: int, duration: f
     end = t0 + duration
     while True:
         left = end - perf_counter()
-        if left <= 0:
+        if left <= 0.001:
             break
         await asyncio.sleep(min(left, 2.0))
-        if progress is not None and perf_counter() < end:
+        if progress is not None and end - perf_counter() > 0.5:
             el = perf_counter() - t0
             progress(f"  {label} {el:4.1f}s/{duration:g}s: {count - c0} ok ({(count - c0) / el:,.0f} req/s), "
                      f"errors {errors - e0}")

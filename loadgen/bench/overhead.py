@@ -46,6 +46,7 @@ TARGETS = {
     "added_ttfb_p50_ms": ("<=", 0.8),
     "max_rps": (">=", 5000.0),
 }
+NOISE_WARN = 0.05  # warn when others took more than 5 % of a pinned CPU during a phase
 REFERENCE = "bare aiohttp+uvloop+orjson pass-through: +0.65 ms p50, ~8,700 req/s on one core"
 
 CONFIG_TEMPLATE = """\
@@ -232,6 +233,66 @@ def _pick_cpus(args: argparse.Namespace) -> tuple[int | None, int | None]:
     return gw, cl
 
 
+class CpuNoise:
+    """CPU time used on our CPUs by processes outside this benchmark (and hypervisor steal), per phase.
+
+    The benchmark's processes are pinned, so on each pinned CPU ``busy - ours`` is what others took from us.
+    Read from ``/proc`` (Linux); a figure taken while another process used a large share of a CPU is suspect.
+    """
+
+    def __init__(self, pids_by_cpu: dict[int, list[int]]) -> None:
+        self.pids_by_cpu = {c: p for c, p in pids_by_cpu.items() if c is not None}
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.ok = os.path.exists("/proc/stat")
+        self._start = self._snap() if self.ok else None
+
+    @staticmethod
+    def _proc_ticks(pid: int) -> int:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime + stime (all threads)
+
+    def _snap(self) -> tuple[float, dict[int, tuple[int, int]], dict[int, int]]:
+        per: dict[int, tuple[int, int]] = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("cpu") and line[3:4].isdigit():
+                    name, *vals = line.split()
+                    v = [int(x) for x in vals]
+                    per[int(name[3:])] = (v[0] + v[1] + v[2], v[7] if len(v) > 7 else 0)
+        ours = {}
+        for cpu, pids in self.pids_by_cpu.items():
+            total = 0
+            for pid in pids:
+                try:
+                    total += self._proc_ticks(pid)
+                except (OSError, IndexError, ValueError):
+                    pass
+            ours[cpu] = total
+        return time.monotonic(), per, ours
+
+    def start(self) -> None:
+        if self.ok:
+            self._start = self._snap()
+
+    def stop(self) -> dict[str, float]:
+        """Fractions of one CPU: ``foreign_cpuN`` (others' user+system time) and ``steal_cpuN``."""
+        if not self.ok or self._start is None:
+            return {}
+        t0, per0, ours0 = self._start
+        t1, per1, ours1 = self._snap()
+        wall = max(1e-3, (t1 - t0) * self.hz)
+        out = {}
+        for cpu in self.pids_by_cpu:
+            if cpu not in per0 or cpu not in per1:
+                continue
+            busy = per1[cpu][0] - per0[cpu][0]
+            mine = ours1.get(cpu, 0) - ours0.get(cpu, 0)
+            out[f"foreign_cpu{cpu}"] = round(max(0.0, (busy - mine) / wall), 3)
+            out[f"steal_cpu{cpu}"] = round((per1[cpu][1] - per0[cpu][1]) / wall, 3)
+        return out
+
+
 # ------------------------------------------------------------------------------------------------ figures
 def _fmt(v: float | None, digits: int = 3) -> str:
     if v is None or v != v:
@@ -258,7 +319,7 @@ def _check_sample(status: int, body: bytes, stream: bool, where: str) -> str | N
     return None
 
 
-async def _measure(args: argparse.Namespace, up_port: int, gw_port: int, progress) -> dict:
+async def _measure(args: argparse.Namespace, up_port: int, gw_port: int, progress, noise: CpuNoise) -> dict:
     host = "127.0.0.1"
     out: dict = {}
     for where, port in (("direct", up_port), ("gateway", gw_port)):
@@ -274,9 +335,11 @@ async def _measure(args: argparse.Namespace, up_port: int, gw_port: int, progres
         for where, port in (("direct", up_port), ("gateway", gw_port)):
             label = f"{where} {name} @ {args.rate:g}/s"
             _log(f"{label}: {args.warmup:g} s warm-up + {args.duration:g} s")
+            noise.start()
             r = await lc.run_fixed_rate(host, port, rate=args.rate, duration=args.duration, warmup=args.warmup,
                                         stream=stream, arrival=args.arrival, progress=progress, label=label)
             s = r.summary()
+            s["noise"] = noise.stop()
             out[f"{where}_{name}"] = s
             lat = s["latency_ms"]
             extra = f", TTFB p50 {_fmt(s['ttfb_ms'].get('p50'))} ms" if stream else ""
@@ -288,9 +351,11 @@ async def _measure(args: argparse.Namespace, up_port: int, gw_port: int, progres
         for where, port, d in (("gateway", gw_port, dur), ("direct", up_port, min(dur, 3.0))):
             label = f"{where} max ({args.connections} conns)"
             _log(f"{label}: {min(args.warmup, 2.0):g} s warm-up + {d:g} s closed loop")
+            noise.start()
             r = await lc.run_closed_loop(host, port, connections=args.connections, duration=d,
                                          warmup=min(args.warmup, 2.0), progress=progress, label=label)
             out[f"{where}_max"] = r.summary()
+            out[f"{where}_max"]["noise"] = noise.stop()
             _log(f"{label}: {r.rps:,.0f} req/s ({r.errors} errors)")
     return out
 
@@ -368,6 +433,17 @@ def _table(result: dict) -> str:
                      f"{_fmt(fig['max_rps'], 0):>10}{'':>10}   {tgt:<10}{ver['max_rps']:<6}")
     errs = {k: v["errors"] for k, v in result["phases"].items() if v.get("errors")}
     lines.append("-" * 84)
+    worst: dict[str, tuple[float, str]] = {}
+    for phase, v in result["phases"].items():
+        for key, frac in v.get("noise", {}).items():
+            if frac > worst.get(key, (-1.0, ""))[0]:
+                worst[key] = (frac, phase)
+    if worst:
+        lines.append("noise (share of a CPU taken by other processes / steal, worst phase): " + ", ".join(
+            f"{k} {f:.0%}" for k, (f, _) in sorted(worst.items())))
+        noisy = [f"{k} {f:.0%} in {ph}" for k, (f, ph) in sorted(worst.items()) if f > NOISE_WARN]
+        if noisy:
+            lines.append(f"WARNING: figures may be skewed, other load on the benchmark's CPUs: {'; '.join(noisy)}")
     if "max_rps" in fig:
         lines.append("max req/s 'direct' column: client + upstream alone on their CPU (must stay well above the "
                      "gateway's)")
@@ -426,7 +502,8 @@ def run(args: argparse.Namespace) -> dict:
         if cl_cpu is not None:
             os.sched_setaffinity(0, {cl_cpu})
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            phases = runner.run(_measure(args, up_port, gw_port, progress))
+            noise = CpuNoise({gw_cpu: [gw.pid], cl_cpu: [up.pid, os.getpid()]} if gw_cpu != cl_cpu else {})
+            phases = runner.run(_measure(args, up_port, gw_port, progress, noise))
         if gw.poll() is not None:
             raise SetupError(f"gateway exited during the run (status {gw.returncode}):\n{_tail(log_path)}")
     finally:
