@@ -229,36 +229,44 @@ class Proxy:
         completed = False
         try:
             await response.prepare(request)
-            first = True
-            try:
-                async for chunk in upstream.content.iter_any():
-                    out = usage_filter.feed(chunk)
-                    if out:
-                        await response.write(out)
-                        if first:
-                            first = False
-                            self.metrics.first_byte(job.route, time.perf_counter() - job.started)
-                tail = usage_filter.flush()
-                if tail:
-                    await response.write(tail)
-                completed = True
-            except asyncio.TimeoutError:
-                self.metrics.upstream_error(engine_id, "stream_idle")
-                await self._end_stream_with_error(response, f"Engine {engine_id} sent nothing for "
-                                                            f"{self.stream_idle_s:g} s; the stream was cut.")
-            except aiohttp.ClientPayloadError:
-                self.metrics.upstream_error(engine_id, "disconnect")
-                await self._end_stream_with_error(response, f"Engine {engine_id} dropped the stream.")
+            completed = await self._pump(job, upstream, engine_id, response, usage_filter)
             if usage_filter.usage:
                 self.metrics.tokens(job.model, usage_filter.usage.get("prompt_tokens") or 0,
                                     usage_filter.usage.get("completion_tokens") or 0)
             await response.write_eof()
-            return response
+        except ConnectionResetError:
+            pass  # the client went away mid-stream; the finally below makes the engine abort
         finally:
             if completed:
                 upstream.release()
             else:
                 upstream.close()  # client gone or engine failed: drop the connection so the engine aborts
+        return response
+
+    async def _pump(self, job: RelayJob, upstream: aiohttp.ClientResponse, engine_id: str,
+                    response: web.StreamResponse, usage_filter: SSEUsageFilter) -> bool:
+        """Copy events until the engine ends the stream (True) or fails mid-stream (False, error event sent)."""
+        first = True
+        try:
+            async for chunk in upstream.content.iter_any():
+                out = usage_filter.feed(chunk)
+                if out:
+                    await response.write(out)
+                    if first:
+                        first = False
+                        self.metrics.first_byte(job.route, time.perf_counter() - job.started)
+            tail = usage_filter.flush()
+            if tail:
+                await response.write(tail)
+            return True
+        except asyncio.TimeoutError:
+            self.metrics.upstream_error(engine_id, "stream_idle")
+            await self._end_stream_with_error(response, f"Engine {engine_id} sent nothing for "
+                                                        f"{self.stream_idle_s:g} s; the stream was cut.")
+        except aiohttp.ClientPayloadError:
+            self.metrics.upstream_error(engine_id, "disconnect")
+            await self._end_stream_with_error(response, f"Engine {engine_id} dropped the stream.")
+        return False
 
     async def _end_stream_with_error(self, response: web.StreamResponse, message: str) -> None:
         event = b"data: " + error_body(message, SERVER_ERROR, None, "upstream_stream_error") + b"\n\n"

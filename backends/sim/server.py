@@ -1,0 +1,589 @@
+"""HTTP surface of a simulated vLLM engine (aiohttp), as close to ``vllm serve`` as the gateway can tell.
+
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (stream and non-stream), ``GET /v1/models``,
+``GET /health``, ``GET /version``, ``GET /metrics``, and the dev-mode sleep endpoints ``POST /sleep?level=1|2``,
+``POST /wake_up``, ``GET /is_sleeping``. Shapes were copied from vLLM's source
+(``entrypoints/openai/engine/serving.py``, ``chat_completion/protocol.py`` and ``serving.py``,
+``renderers/params.py``, ``exceptions.py``, ``serve/exception_handling/handlers/validation.py``,
+``serve/dev/sleep/api_router.py``) and from ``../shared/vllm-observed.md`` where they differ.
+
+Request handling
+----------------
+* **Validation** (HTTP 400, pydantic style: ``"1 validation error:\\n  {'type': 'int_parsing', 'loc':
+  'body.priority', ...}"``, ``type`` "Bad Request", ``param`` the dotted field): ints (``max_tokens``,
+  ``max_completion_tokens``, ``min_tokens``, ``priority``, ``n``), bools (``stream``, ``ignore_eos``,
+  ``stream_options.*``), required ``messages`` / ``prompt``. ``priority`` must be an int; under the ``fcfs``
+  policy it is accepted and ignored (as observed on a real server).
+* **Unknown model**: 404 ``The model `x` does not exist.`` (``NotFoundError``, ``param`` "model").
+* **Lengths**: ``max_tokens > max_model_len`` -> 400 ``max_tokens=N cannot be greater than max_model_len=L.
+  Please request fewer output tokens. (parameter=max_tokens, value=N)``; prompt too long for the context ->
+  400 ``This model's maximum context length is ...`` (``param`` "input_tokens").
+* **Prompt tokens** are a deterministic estimate, no tokenizer: chat = for every message 4 tokens of template
+  plus ``ceil(len(text) / 4)`` where text is the string content or the concatenated ``text`` parts of a
+  content list (other parts count 0), plus 2 for the generation prompt; completions = ``ceil(len(prompt)/4) + 1``
+  (BOS), or the length of a token-id list. At least 1.
+* **Output length**: ``max_tokens`` (chat: ``max_completion_tokens`` first) caps it, default
+  ``max_model_len - prompt``; ``ignore_eos`` makes it exactly the cap; ``min_tokens`` is a lower bound;
+  otherwise it is the integer in the request header ``X-Sim-Output-Tokens`` -- the **load-generator hint**,
+  which only the load generator sends and the gateway never reads or forwards on its own -- or a seeded
+  lognormal draw with mean ``mean_output_tokens``. ``finish_reason`` is "length" when the cap cut it,
+  else "stop". ``stop`` strings and sampling parameters are accepted and ignored.
+* **Text** is filler: one ASCII word with a leading space per token (" lorem", " ipsum", ...), so
+  ``len(text.split()) == usage.completion_tokens`` and every delta is valid UTF-8.
+* **Streams** follow vLLM: ``data: {json}\\n\\n`` events, a first chat chunk with ``delta.role`` and empty
+  content, one event per engine iteration per request (several tokens in one event only when this client
+  reads slower than the engine produces, as in vLLM), ``finish_reason`` on the last token's event, then with
+  ``stream_options.include_usage`` a chunk with ``"choices": []`` and ``usage``, then ``data: [DONE]``.
+* **Ids**: ``chatcmpl-<X-Request-Id>`` / ``cmpl-<X-Request-Id>`` when the header is given, else a random
+  hex uuid; the header is echoed back.
+* **Disconnect**: the runner uses ``handler_cancellation=True``; a cancelled handler or a failed write aborts
+  the request in the engine at once (its KV is freed and ``vllm:num_requests_running`` drops).
+* **Back-pressure**: beyond ``max_num_queued_reqs`` unfinished requests, 503 with vLLM's "busy" body.
+
+Deviations from a real vLLM (on purpose)
+----------------------------------------
+* While the engine sleeps (or is waking), new generation requests get **503** with a "sleeping" message;
+  a real vLLM *holds* them until ``/wake_up`` (and does not count them as waiting).
+* Putting the engine to sleep aborts in-flight requests (vLLM's default ``mode=abort``); they end with
+  ``finish_reason`` "abort". ``/sleep?mode=wait`` lets them finish first.
+* ``n > 1``, ``best_of``, beam search, logprobs and multi-prompt completions are not simulated (``n > 1`` and
+  multi-prompt answer 400; logprobs come back null).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from backends.sim.engine import EngineBusy, EngineSleeping, SimEngine, SimRequest
+
+HINT_HEADER = "X-Sim-Output-Tokens"
+REQUEST_ID_HEADER = "X-Request-Id"
+SIM_VERSION = "0.32.0+maestro.sim"
+
+BUSY_MESSAGE = ("The engine is currently busy and cannot accept new requests. Please try again later or on a "
+                "different instance.")
+SLEEPING_MESSAGE = ("The engine is sleeping and cannot accept new requests. Please try again after "
+                    "POST /wake_up or on a different instance.")
+
+# ---------------------------------------------------------------------------------------------- filler text
+
+WORDS = (" lorem", " ipsum", " dolor", " sit", " amet", " consectetur", " adipiscing", " elit", " sed", " do",
+         " eiusmod", " tempor", " incididunt", " ut", " labore", " et", " dolore", " magna", " aliqua",
+         " enim")
+_NW = len(WORDS)
+_ROT = tuple("".join(WORDS[(s + k) % _NW] for k in range(_NW)) for s in range(_NW))
+_ROT_OFF = tuple(tuple(sum(len(WORDS[(s + k) % _NW]) for k in range(j)) for j in range(_NW + 1))
+                 for s in range(_NW))
+
+
+def filler_text(start: int, count: int) -> str:
+    """Words ``start .. start+count-1`` of the endless filler sequence (one word per token)."""
+    if count <= 0:
+        return ""
+    s = start % _NW
+    full, rest = divmod(count, _NW)
+    text = _ROT[s][:_ROT_OFF[s][rest]]
+    return _ROT[s] * full + text if full else text
+
+
+# ---------------------------------------------------------------------------------------------- prompt tokens
+
+
+def _text_len(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        total = 0
+        for part in content:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                total += len(part["text"])
+        return total
+    return 0
+
+
+def estimate_chat_prompt_tokens(messages: list) -> int:
+    """4 per message + ceil(chars/4) of its text + 2 for the generation prompt (see module docstring)."""
+    total = 2
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        total += 4 + math.ceil(_text_len(content) / 4)
+    return max(1, total)
+
+
+def estimate_completion_prompt_tokens(prompt: Any) -> int:
+    if isinstance(prompt, list):
+        if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            return estimate_completion_prompt_tokens(prompt[0])
+        return max(1, len(prompt))  # token ids
+    return max(1, math.ceil(len(prompt) / 4) + 1)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def error_response(message: str, err_type: str, status: int, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
+
+
+def bad_request(message: str, param: str | None = None) -> web.Response:
+    return error_response(message, "BadRequestError", 400, param)
+
+
+def validation_message(message: str, parameter: str | None, value: Any) -> str:
+    """``str(VLLMValidationError)``: the message plus ``(parameter=..., value=...)``."""
+    extras = []
+    if parameter is not None:
+        extras.append(f"parameter={parameter}")
+    if value is not None:
+        extras.append(f"value={value}")
+    return f"{message} ({', '.join(extras)})" if extras else message
+
+
+def _summarize_input(value: Any) -> str:
+    if isinstance(value, (list, tuple, dict)):
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = str(value)
+    return text if len(text) <= 200 else text[:200] + "...[truncated]"
+
+
+def pydantic_error_response(errors: list[dict]) -> web.Response:
+    """vLLM's RequestValidationError handler: 400, type "Bad Request", param = first error's loc."""
+    count = len(errors)
+    label = "error" if count == 1 else "errors"
+    lines = [f"{count} validation {label}:"]
+    for err in errors[:10]:
+        shown = dict(err)
+        if "input" in shown:
+            shown["input"] = _summarize_input(shown["input"])
+        lines.append(f"  {shown}")
+    if count > 10:
+        lines.append(f"  ...and {count - 10} more {label}")
+    return error_response("\n".join(lines), "Bad Request", 400, errors[0]["loc"] if errors else None)
+
+
+_MISSING = object()
+
+
+def _err(kind: str, loc: str, msg: str, value: Any) -> dict:
+    err = {"type": kind, "loc": loc, "msg": msg}
+    if value is not _MISSING:
+        err["input"] = value
+    return err
+
+
+def check_int(body: dict, key: str, errors: list[dict], *, optional: bool, default: int | None,
+              loc_prefix: str = "body") -> int | None:
+    """Pydantic-v2 lax int: ints, bools, integral floats and numeric strings pass; the rest is an error."""
+    value = body.get(key, _MISSING)
+    loc = f"{loc_prefix}.{key}"
+    if value is _MISSING:
+        return default
+    if value is None:
+        if optional:
+            return None
+        errors.append(_err("int_type", loc, "Input should be a valid integer", value))
+        return default
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if value.is_integer():
+            return int(value)
+        errors.append(_err("int_from_float", loc, "Input should be a valid integer, got a number with a "
+                                                  "fractional part", value))
+        return default
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            errors.append(_err("int_parsing", loc, "Input should be a valid integer, unable to parse string as "
+                                                   "an integer", value))
+            return default
+    errors.append(_err("int_type", loc, "Input should be a valid integer", value))
+    return default
+
+
+_TRUE = {"1", "on", "t", "true", "y", "yes"}
+_FALSE = {"0", "off", "f", "false", "n", "no"}
+
+
+def check_bool(body: dict, key: str, errors: list[dict], *, optional: bool, default: bool | None,
+               loc_prefix: str = "body") -> bool | None:
+    value = body.get(key, _MISSING)
+    loc = f"{loc_prefix}.{key}"
+    if value is _MISSING:
+        return default
+    if value is None:
+        if optional:
+            return None
+        errors.append(_err("bool_type", loc, "Input should be a valid boolean", value))
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    kind = "bool_parsing" if isinstance(value, (str, int, float)) else "bool_type"
+    msg = ("Input should be a valid boolean, unable to interpret input" if kind == "bool_parsing"
+           else "Input should be a valid boolean")
+    errors.append(_err(kind, loc, msg, value))
+    return default
+
+
+# ---------------------------------------------------------------------------------------------- parsed request
+
+
+class Parsed:
+    __slots__ = ("chat", "model", "stream", "include_usage", "continuous_usage", "max_tokens", "max_tokens_param",
+                 "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n")
+
+
+def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
+    if not isinstance(body, dict):
+        return pydantic_error_response([_err("model_attributes_type", "body",
+                                             "Input should be a valid dictionary or object to extract fields "
+                                             "from", body)])
+    errors: list[dict] = []
+    p = Parsed()
+    p.chat = chat
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        errors.append(_err("string_type", "body.model", "Input should be a valid string", model))
+        model = None
+    p.model = model
+    if chat:
+        messages = body.get("messages", _MISSING)
+        if messages is _MISSING:
+            errors.append(_err("missing", "body.messages", "Field required", body))
+        elif not isinstance(messages, list):
+            errors.append(_err("list_type", "body.messages", "Input should be a valid list", messages))
+        else:
+            for i, message in enumerate(messages):
+                if not isinstance(message, dict):
+                    errors.append(_err("dict_type", f"body.messages.{i}", "Input should be a valid dictionary",
+                                       message))
+    p.stream = bool(check_bool(body, "stream", errors, optional=True, default=False))
+    p.ignore_eos = bool(check_bool(body, "ignore_eos", errors, optional=False, default=False))
+    p.include_usage = False
+    p.continuous_usage = False
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not isinstance(stream_options, dict):
+            errors.append(_err("model_type", "body.stream_options", "Input should be a valid dictionary or "
+                                                                    "instance of StreamOptions", stream_options))
+        else:
+            include = check_bool(stream_options, "include_usage", errors, optional=True, default=True,
+                                 loc_prefix="body.stream_options")
+            cont = check_bool(stream_options, "continuous_usage_stats", errors, optional=True, default=False,
+                              loc_prefix="body.stream_options")
+            p.include_usage = bool(include)
+            p.continuous_usage = bool(include) and bool(cont)
+    max_tokens = check_int(body, "max_tokens", errors, optional=True, default=None)
+    p.max_tokens_param = "max_tokens"
+    if chat:
+        max_completion = check_int(body, "max_completion_tokens", errors, optional=True, default=None)
+        if max_completion is not None:
+            max_tokens = max_completion
+            p.max_tokens_param = "max_completion_tokens"
+    p.max_tokens = max_tokens
+    p.min_tokens = check_int(body, "min_tokens", errors, optional=False, default=0) or 0
+    p.priority = check_int(body, "priority", errors, optional=False, default=0) or 0
+    n = check_int(body, "n", errors, optional=True, default=1)
+    p.n = 1 if n is None else n
+    if errors:
+        return pydantic_error_response(errors)
+    if chat:
+        p.prompt_tokens = estimate_chat_prompt_tokens(body["messages"])
+    else:
+        prompt = body.get("prompt")
+        if prompt is None or prompt == "" or prompt == []:
+            return bad_request("Either prompt or prompt_embeds must be provided and non-empty.")
+        if not isinstance(prompt, (str, list)):
+            return pydantic_error_response([_err("string_type", "body.prompt", "Input should be a valid string",
+                                                 prompt)])
+        if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt) and len(prompt) > 1:
+            return bad_request("Multiple prompts in one request are not supported by the simulated engine.",
+                               "prompt")
+        p.prompt_tokens = estimate_completion_prompt_tokens(prompt)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+class SimServer:
+    """Request handlers bound to one :class:`SimEngine`."""
+
+    def __init__(self, engine: SimEngine) -> None:
+        self.engine = engine
+        self.options = engine.options
+        self.model = engine.options.model
+        self.created = int(time.time())
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_json_not_found])
+        app["sim_server"] = self
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/version", self.version)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/sleep", self.sleep)
+        app.router.add_post("/wake_up", self.wake_up)
+        app.router.add_get("/is_sleeping", self.is_sleeping)
+        return app
+
+    # ------------------------------------------------------------------ small endpoints
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": SIM_VERSION}, dumps=_dumps)
+
+    async def models(self, request: web.Request) -> web.Response:
+        card = {
+            "id": self.model, "object": "model", "created": self.created, "owned_by": "vllm", "root": self.model,
+            "parent": None, "max_model_len": self.options.max_model_len,
+            "permission": [{
+                "id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": self.created,
+                "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                "organization": "*", "group": None, "is_blocking": False,
+            }],
+        }
+        return web.json_response({"object": "list", "data": [card]}, dumps=_dumps)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def sleep(self, request: web.Request) -> web.Response:
+        try:
+            level = int(request.query.get("level", "1"))
+        except ValueError:
+            return bad_request("level must be an integer", "level")
+        mode = request.query.get("mode", "abort")
+        await self.engine.sleep(level, mode)
+        return web.json_response({"status": "sleeping", "level": level}, dumps=_dumps)
+
+    async def wake_up(self, request: web.Request) -> web.Response:
+        tags = request.query.getall("tags", []) or None
+        await self.engine.wake_up()
+        return web.json_response({"status": "awake", "tags": tags}, dumps=_dumps)
+
+    async def is_sleeping(self, request: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": self.engine.is_sleeping or self.engine._waking is not None},
+                                 dumps=_dumps)
+
+    # ------------------------------------------------------------------ generation
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            return pydantic_error_response([{"type": "json_invalid", "loc": "body." + str(exc.pos),
+                                             "msg": "JSON decode error", "input": {},
+                                             "ctx": {"error": exc.msg}}])
+        parsed = parse_body(body, chat)
+        if isinstance(parsed, web.Response):
+            return parsed
+        if parsed.model and parsed.model != self.model:
+            return error_response(f"The model `{parsed.model}` does not exist.", "NotFoundError", 404, "model")
+        if parsed.n != 1:
+            return bad_request("n != 1 is not supported by the simulated engine.", "n")
+        checked = self._check_lengths(parsed)
+        if isinstance(checked, web.Response):
+            return checked
+        cap = checked
+        hint = _hint(request)
+        engine = self.engine
+        target, reason = engine.output_length(cap, ignore_eos=parsed.ignore_eos, min_tokens=parsed.min_tokens,
+                                              hint=hint)
+        header_id = request.headers.get(REQUEST_ID_HEADER)
+        base_id = header_id if header_id is not None else uuid.uuid4().hex
+        response_id = ("chatcmpl-" if chat else "cmpl-") + base_id
+        try:
+            req = engine.add_request(response_id, parsed.prompt_tokens, target, reason, parsed.priority)
+        except EngineSleeping:
+            return error_response(SLEEPING_MESSAGE, "Service Unavailable", 503)
+        except EngineBusy:
+            return error_response(BUSY_MESSAGE, "Service Unavailable", 503)
+        extra_headers = {REQUEST_ID_HEADER: header_id} if header_id is not None else None
+        try:
+            if parsed.stream:
+                return await self._stream(request, req, parsed, response_id, extra_headers)
+            return await self._full(req, parsed, response_id, extra_headers)
+        finally:
+            if not req.finished:
+                engine.abort(req)  # client disconnected (handler cancelled) or the write failed
+
+    def _check_lengths(self, p: Parsed) -> int | web.Response:
+        """vLLM's TokenizeParams / SamplingParams checks; returns the output-token cap."""
+        max_len = self.options.max_model_len
+        max_tokens = p.max_tokens
+        param = p.max_tokens_param
+        if max_tokens is not None and max_tokens > max_len:
+            return bad_request(validation_message(
+                f"{param}={max_tokens} cannot be greater than max_model_len={max_len}. "
+                "Please request fewer output tokens.", param, max_tokens), param)
+        requested = max_tokens or 0
+        max_input = max_len - requested
+        if p.prompt_tokens > max_input:
+            shown = max_input + 1  # vLLM truncates at max_input + 1 while tokenizing
+            total = shown + requested
+            return bad_request(validation_message(
+                f"This model's maximum context length is {max_len} tokens. However, you requested {requested} "
+                f"output tokens and your prompt contains at least {shown} input tokens, for a total of at least "
+                f"{total} tokens. Please reduce the length of the input prompt or the number of requested "
+                "output tokens.", "input_tokens", shown), "input_tokens")
+        cap = max_tokens if max_tokens is not None else max_len - p.prompt_tokens
+        if cap < 1:
+            return bad_request(validation_message(f"max_tokens must be at least 1, got {cap}.", "max_tokens", cap),
+                               "max_tokens")
+        if p.min_tokens < 0:
+            return bad_request(validation_message(
+                f"min_tokens must be greater than or equal to 0, got {p.min_tokens}.", "min_tokens",
+                p.min_tokens), "min_tokens")
+        if p.min_tokens > cap:
+            return bad_request(validation_message(
+                f"min_tokens must be less than or equal to max_tokens={cap}, got {p.min_tokens}.", "min_tokens",
+                p.min_tokens), "min_tokens")
+        return cap
+
+    async def _full(self, req: SimRequest, p: Parsed, response_id: str,
+                    extra_headers: dict[str, str] | None) -> web.Response:
+        while not req.finished:
+            await req.next_tokens()
+        created = int(time.time())
+        text = filler_text(0, req.generated)
+        usage = {"prompt_tokens": req.prompt_tokens, "total_tokens": req.prompt_tokens + req.generated,
+                 "completion_tokens": req.generated, "prompt_tokens_details": None}
+        if p.chat:
+            body = {
+                "id": response_id, "object": "chat.completion", "created": created, "model": self.model,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None, "annotations": None,
+                                "audio": None, "function_call": None, "reasoning": None},
+                    "logprobs": None, "finish_reason": req.finish_reason, "stop_reason": None,
+                    "token_ids": None,
+                }],
+                "service_tier": None, "system_fingerprint": None, "usage": usage, "prompt_logprobs": None,
+                "prompt_token_ids": None, "kv_transfer_params": None,
+            }
+        else:
+            body = {
+                "id": response_id, "object": "text_completion", "created": created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason,
+                             "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
+                             "prompt_token_ids": None}],
+                "service_tier": None, "system_fingerprint": None, "usage": usage, "kv_transfer_params": None,
+            }
+        return web.Response(body=orjson.dumps(body), content_type="application/json", headers=extra_headers)
+
+    async def _stream(self, request: web.Request, req: SimRequest, p: Parsed, response_id: str,
+                      extra_headers: dict[str, str] | None) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                                       **(extra_headers or {})})
+        await resp.prepare(request)
+        created = int(time.time())
+        head = orjson.dumps({"id": response_id})[:-1] + (
+            b',"object":"chat.completion.chunk"' if p.chat else b',"object":"text_completion"'
+        ) + b',"created":' + str(created).encode() + b',"model":' + orjson.dumps(self.model)
+        if p.chat:
+            open_choice = b',"choices":[{"index":0,"delta":{"content":'
+            close_running = b'},"logprobs":null,"finish_reason":null}]'
+        else:
+            open_choice = b',"choices":[{"index":0,"text":'
+            close_running = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]'
+        try:
+            await self._stream_events(resp, req, p, head, open_choice, close_running)
+        except ConnectionResetError:
+            pass  # the client went away; _generate's finally aborts the request
+        return resp
+
+    async def _stream_events(self, resp: web.StreamResponse, req: SimRequest, p: Parsed, head: bytes,
+                             open_choice: bytes, close_running: bytes) -> None:
+        prompt = req.prompt_tokens
+        sent = 0
+        first = p.chat
+        while True:
+            count, finished = await req.next_tokens()
+            parts: list[bytes] = []
+            if first:
+                first = False
+                role = head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},' \
+                              b'"logprobs":null,"finish_reason":null}]'
+                if p.continuous_usage:
+                    role += b',"usage":' + _usage(prompt, 0)
+                parts.append(b"data: " + role + b"}\n\n")
+            text = orjson.dumps(filler_text(sent, count))
+            sent += count
+            if finished:
+                close = (b'},"logprobs":null,"finish_reason":' if p.chat else b',"logprobs":null,"finish_reason":') \
+                    + orjson.dumps(req.finish_reason) + b',"stop_reason":null}]'
+            else:
+                close = close_running
+            if count or finished:
+                chunk = head + open_choice + text + close
+                if p.continuous_usage:
+                    chunk += b',"usage":' + _usage(prompt, sent)
+                parts.append(b"data: " + chunk + b"}\n\n")
+            if finished:
+                if p.include_usage:
+                    parts.append(b"data: " + head + b',"choices":[],"usage":' + _usage(prompt, sent) + b"}\n\n")
+                parts.append(b"data: [DONE]\n\n")
+                await resp.write(b"".join(parts))
+                break
+            await resp.write(b"".join(parts) if len(parts) > 1 else parts[0])
+        await resp.write_eof()
+
+
+def _usage(prompt: int, completion: int) -> bytes:
+    return (b'{"prompt_tokens":' + str(prompt).encode() + b',"total_tokens":' + str(prompt + completion).encode()
+            + b',"completion_tokens":' + str(completion).encode() + b"}")
+
+
+def _hint(request: web.Request) -> int | None:
+    raw = request.headers.get(HINT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()
+
+
+@web.middleware
+async def _json_not_found(request: web.Request, handler):
+    """FastAPI's bodies for unknown routes and wrong methods."""
+    try:
+        return await handler(request)
+    except web.HTTPNotFound:
+        return web.Response(body=b'{"detail":"Not Found"}', status=404, content_type="application/json")
+    except web.HTTPMethodNotAllowed:
+        return web.Response(body=b'{"detail":"Method Not Allowed"}', status=405, content_type="application/json")
