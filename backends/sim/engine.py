@@ -247,7 +247,14 @@ class SimEngine:
             return
         if self._waking is None:
             self._waking = asyncio.get_running_loop().create_task(self._do_wake())
-        await asyncio.shield(self._waking)
+        task = self._waking
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                return  # a new sleep() superseded this wake-up
+            raise
 
     async def _do_wake(self) -> None:
         try:

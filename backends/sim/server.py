@@ -52,7 +52,6 @@ Deviations from a real vLLM (on purpose)
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 import uuid
@@ -289,6 +288,9 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
                               loc_prefix="body.stream_options")
             p.include_usage = bool(include)
             p.continuous_usage = bool(include) and bool(cont)
+    if stream_options is not None and not p.stream and not errors:
+        errors.append(_err("value_error", "body", "Value error, Stream options can only be defined when "
+                                                  "`stream=True`.", body))
     max_tokens = check_int(body, "max_tokens", errors, optional=True, default=None)
     p.max_tokens_param = "max_tokens"
     if chat:
@@ -333,7 +335,6 @@ class SimServer:
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_json_not_found])
-        app["sim_server"] = self
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
@@ -384,8 +385,7 @@ class SimServer:
         return web.json_response({"status": "awake", "tags": tags}, dumps=_dumps)
 
     async def is_sleeping(self, request: web.Request) -> web.Response:
-        return web.json_response({"is_sleeping": self.engine.is_sleeping or self.engine._waking is not None},
-                                 dumps=_dumps)
+        return web.json_response({"is_sleeping": self.engine.is_sleeping}, dumps=_dumps)
 
     # ------------------------------------------------------------------ generation
 

@@ -89,5 +89,5 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/engines", list_engines)
-    app.router.add_post("/admin/engines/{engine_id}/sleep", sleep_engine)
-    app.router.add_post("/admin/engines/{engine_id}/wake_up", wake_engine)
+    app.router.add_post("/admin/engines/{engine_id:.+}/sleep", sleep_engine)
+    app.router.add_post("/admin/engines/{engine_id:.+}/wake_up", wake_engine)

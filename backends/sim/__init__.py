@@ -1,0 +1,44 @@
+"""Simulated engines that speak vLLM's (and vLLM-Omni's) HTTP surface, driven by a calibrated cost model.
+
+* :mod:`backends.sim.cost_model` -- :class:`EngineCostModel`, pure functions fitted on
+  ``../shared/data/calibration`` at construction (shared with the discrete-event simulator).
+* :mod:`backends.sim.engine` -- the continuous-batching scheduler (KV blocks, fcfs/priority, preemption, sleep).
+* :mod:`backends.sim.server` -- the aiohttp app (routes, SSE, error JSON, metrics, sleep endpoints); its module
+  docstring lists the behaviours and the documented deviations, including the load-generator hint header
+  ``X-Sim-Output-Tokens``.
+* :mod:`backends.sim.dit` -- a simulated vLLM-Omni image engine (``/v1/images/generations``).
+* :mod:`backends.sim.runner` -- start many engines in one process.
+"""
+
+from backends.sim.cost_model import EngineCostModel, default_calibration_dir
+from backends.sim.dit import SimDiTEngine, make_png
+from backends.sim.engine import EngineBusy, EngineSleeping, SimEngine, SimRequest
+from backends.sim.options import SimDiTOptions, SimEngineOptions
+from backends.sim.runner import (
+    SimDiTHandle,
+    SimEngineHandle,
+    serve_sim_engines_forever,
+    start_sim_dit_engines,
+    start_sim_engines,
+)
+from backends.sim.server import HINT_HEADER, filler_text
+
+__all__ = [
+    "EngineBusy",
+    "EngineCostModel",
+    "EngineSleeping",
+    "HINT_HEADER",
+    "SimDiTEngine",
+    "SimDiTHandle",
+    "SimDiTOptions",
+    "SimEngine",
+    "SimEngineHandle",
+    "SimEngineOptions",
+    "SimRequest",
+    "default_calibration_dir",
+    "filler_text",
+    "make_png",
+    "serve_sim_engines_forever",
+    "start_sim_dit_engines",
+    "start_sim_engines",
+]

@@ -1,0 +1,204 @@
+"""A simulated vLLM-Omni DiT (diffusion) engine: ``POST /v1/images/generations`` with calibrated step times.
+
+Request and response follow vLLM-Omni's ``entrypoints/openai/protocol/images.py``: the body has ``prompt``
+(required), ``model``, ``n`` (1..10), ``size`` ("WIDTHxHEIGHT"), ``response_format`` ("b64_json" or "file"),
+``num_inference_steps`` (1..200), ``seed`` and further diffusion knobs (accepted, ignored). The answer is
+``{"created", "data": [{"b64_json", "url": null, "revised_prompt": null}], "output_format": "png", "size"}``,
+or the PNG bytes for ``response_format="file"`` (one image).
+
+Requests run one at a time in arrival order (``n`` images as one batch). Each takes
+``num_inference_steps * cost_model.dit_step_s(W, H, n, parallel_degree=..., profile=...) / time_scale``
+seconds. The images are valid PNGs of the requested size, a single flat colour picked from the prompt, built
+with ``zlib`` + ``struct`` (no PIL) in an executor and cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import struct
+import time
+import zlib
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from backends.sim.cost_model import EngineCostModel
+from backends.sim.metrics import ENGINE_INDEX, REQUEST_LATENCY_BUCKETS
+from backends.sim.options import SimDiTOptions
+from backends.sim.server import _err, _json_not_found, check_int, error_response, pydantic_error_response
+from backends.vllm_names import (
+    COUNTER_REQUEST_SUCCESS,
+    GAUGE_REQUESTS_RUNNING,
+    GAUGE_REQUESTS_WAITING,
+    HIST_E2E,
+    LABEL_ENGINE,
+    LABEL_MODEL,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PALETTE = ((70, 130, 180), (205, 92, 92), (60, 179, 113), (238, 232, 170), (147, 112, 219), (244, 164, 96),
+            (72, 209, 204), (188, 143, 143))
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+@functools.lru_cache(maxsize=32)
+def make_png(width: int, height: int, rgb: tuple[int, int, int] = _PALETTE[0]) -> bytes:
+    """A valid 8-bit RGB PNG of one flat colour (filter type 0 on every row)."""
+    row = b"\x00" + bytes(rgb) * width
+    idat = zlib.compress(row * height, 6)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+class SimDiTEngine:
+    """FIFO, one request at a time; counts and metrics for the gateway's monitor."""
+
+    def __init__(self, options: SimDiTOptions, cost_model: EngineCostModel | None = None) -> None:
+        options.validate()
+        self.options = options
+        self.cost = cost_model or EngineCostModel(options.calibration_dir, scale=options.cost_scale)
+        self.num_running = 0
+        self.num_waiting = 0
+        self.completed = 0
+        self._lock = asyncio.Lock()
+        self.registry = CollectorRegistry(auto_describe=True)
+        names = (LABEL_ENGINE, LABEL_MODEL)
+        values = (ENGINE_INDEX, options.model)
+        Gauge(GAUGE_REQUESTS_RUNNING, "Number of requests in model execution batches.", names,
+              registry=self.registry).labels(*values).set_function(lambda: float(self.num_running))
+        Gauge(GAUGE_REQUESTS_WAITING, "Number of requests waiting to be processed.", names,
+              registry=self.registry).labels(*values).set_function(lambda: float(self.num_waiting))
+        self._success = Counter(COUNTER_REQUEST_SUCCESS, "Count of successfully processed requests.",
+                                names + ("finished_reason",), registry=self.registry).labels(*values, "stop")
+        self._e2e = Histogram(HIST_E2E, "Histogram of e2e request latency in seconds.", names,
+                              buckets=REQUEST_LATENCY_BUCKETS, registry=self.registry).labels(*values)
+
+    def request_seconds(self, width: int, height: int, n: int, steps: int) -> float:
+        """Engine seconds for one request (all steps), before ``time_scale``."""
+        o = self.options
+        return steps * self.cost.dit_step_s(width, height, n, parallel_degree=o.parallel_degree,
+                                            scaling_efficiency=o.scaling_efficiency, profile=o.dit_profile)
+
+    async def generate(self, width: int, height: int, n: int, steps: int) -> float:
+        """Wait for the engine, then for the denoising time; returns engine seconds spent computing."""
+        start = time.monotonic()
+        self.num_waiting += 1
+        waiting = True
+        try:
+            async with self._lock:
+                self.num_waiting -= 1
+                waiting = False
+                self.num_running += 1
+                try:
+                    seconds = self.request_seconds(width, height, n, steps)
+                    await asyncio.sleep(seconds / self.options.time_scale)
+                finally:
+                    self.num_running -= 1
+        finally:
+            if waiting:
+                self.num_waiting -= 1
+        self.completed += 1
+        self._success.inc()
+        self._e2e.observe(time.monotonic() - start)
+        return seconds
+
+
+def _parse_size(size: Any, default: str, max_size: int) -> tuple[int, int] | None:
+    text = default if size is None else size
+    if not isinstance(text, str) or "x" not in text:
+        return None
+    w_text, _, h_text = text.lower().partition("x")
+    try:
+        width, height = int(w_text), int(h_text)
+    except ValueError:
+        return None
+    if not (0 < width <= max_size and 0 < height <= max_size):
+        return None
+    return width, height
+
+
+class SimDiTServer:
+    def __init__(self, engine: SimDiTEngine) -> None:
+        self.engine = engine
+        self.options = engine.options
+        self.created = int(time.time())
+
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[_json_not_found])
+        app.router.add_post("/v1/images/generations", self.images_generations)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def models(self, request: web.Request) -> web.Response:
+        model = self.options.model
+        card = {"id": model, "object": "model", "created": self.created, "owned_by": "vllm-omni", "root": model,
+                "parent": None, "max_model_len": None, "permission": []}
+        return web.Response(body=orjson.dumps({"object": "list", "data": [card]}), content_type="application/json")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.engine.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def images_generations(self, request: web.Request) -> web.Response:
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            return pydantic_error_response([{"type": "json_invalid", "loc": "body." + str(exc.pos),
+                                             "msg": "JSON decode error", "input": {}, "ctx": {"error": exc.msg}}])
+        if not isinstance(body, dict):
+            return pydantic_error_response([_err("model_attributes_type", "body", "Input should be a valid "
+                                                 "dictionary or object to extract fields from", body)])
+        o = self.options
+        errors: list[dict] = []
+        prompt = body.get("prompt")
+        if "prompt" not in body:
+            errors.append(_err("missing", "body.prompt", "Field required", body))
+        elif not isinstance(prompt, str):
+            errors.append(_err("string_type", "body.prompt", "Input should be a valid string", prompt))
+        n = check_int(body, "n", errors, optional=False, default=1)
+        steps = check_int(body, "num_inference_steps", errors, optional=True, default=None)
+        for key, value, low, high in (("n", n, 1, 10), ("num_inference_steps", steps, 1, 200)):
+            if value is not None and value < low:
+                errors.append({"type": "greater_than_equal", "loc": f"body.{key}",
+                               "msg": f"Input should be greater than or equal to {low}", "input": value,
+                               "ctx": {"ge": low}})
+            elif value is not None and value > high:
+                errors.append({"type": "less_than_equal", "loc": f"body.{key}",
+                               "msg": f"Input should be less than or equal to {high}", "input": value,
+                               "ctx": {"le": high}})
+        size = _parse_size(body.get("size"), o.default_size, o.max_size)
+        if size is None:
+            errors.append(_err("value_error", "body.size", "Value error, size must be in format 'WIDTHxHEIGHT' "
+                               "(e.g., '1024x1024')", body.get("size")))
+        response_format = body.get("response_format") or "b64_json"
+        if response_format not in ("b64_json", "file"):
+            errors.append(_err("value_error", "body.response_format", "Value error, Only 'b64_json' or 'file' "
+                               f"response format is supported, got: {response_format}", response_format))
+        if errors:
+            return pydantic_error_response(errors)
+        model = body.get("model")
+        if model and model != o.model:
+            return error_response(f"The model `{model}` does not exist.", "NotFoundError", 404, "model")
+        width, height = size
+        n = n or 1
+        await self.engine.generate(width, height, n, steps or o.default_steps)
+        rgb = _PALETTE[zlib.crc32(prompt.encode("utf-8", "replace")) % len(_PALETTE)]
+        png = await asyncio.get_running_loop().run_in_executor(None, make_png, width, height, rgb)
+        if response_format == "file":
+            return web.Response(body=png, content_type="image/png")
+        b64 = base64.b64encode(png).decode("ascii")
+        payload = {"created": int(time.time()),
+                   "data": [{"b64_json": b64, "url": None, "revised_prompt": None} for _ in range(n)],
+                   "output_format": "png", "size": f"{width}x{height}"}
+        return web.Response(body=orjson.dumps(payload), content_type="application/json")

@@ -1,0 +1,144 @@
+"""The official openai SDK (sync, async, streaming) through the gateway to simulated vLLM engines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import running_gateway
+
+MODEL = "sim-model"
+
+
+def sim_config(count: int = 2, **sim) -> dict:
+    return {
+        "models": [{"name": MODEL, "max_model_len": 4096}],
+        "clusters": [{"name": "local", "pools": [{"name": "sim", "kind": "vllm", "models": [MODEL],
+                                                   "simulated": {"count": count, "time_scale": 50.0, **sim}}]}],
+        "monitor": {"interval_s": 0.05},
+    }
+
+
+@pytest.fixture
+async def gw():
+    async with running_gateway(sim_config()) as gateway:
+        yield gateway
+
+
+async def test_async_sdk_chat_completions_and_models(gw):
+    async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+        models = await client.models.list()
+        assert [m.id for m in models.data] == [MODEL]
+        reply = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "plan the work"}], max_tokens=12,
+            extra_body={"ignore_eos": True})
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.usage.completion_tokens == 12
+        assert len(reply.choices[0].message.content.split()) == 12
+        completion = await client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=5,
+                                                     extra_body={"ignore_eos": True})
+        assert completion.usage.completion_tokens == 5
+
+
+async def test_async_sdk_streaming_with_and_without_usage(gw):
+    async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
+            extra_body={"ignore_eos": True})
+        chunks = [c async for c in stream]
+        assert all(c.choices for c in chunks)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert len(text.split()) == 8
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        chunks = [c async for c in stream]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+
+
+def test_sync_sdk_in_a_thread():
+    """The sync client needs its own thread here because the gateway runs on this test's event loop."""
+
+    async def main():
+        async with running_gateway(sim_config(count=1)) as gateway:
+            result: dict = {}
+
+            def call():
+                with openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="x", max_retries=0) as client:
+                    reply = client.chat.completions.create(model=MODEL, max_tokens=4,
+                                                           messages=[{"role": "user", "content": "hi"}],
+                                                           extra_body={"ignore_eos": True})
+                    result["tokens"] = reply.usage.completion_tokens
+                    stream = client.chat.completions.create(model=MODEL, max_tokens=3, stream=True,
+                                                            messages=[{"role": "user", "content": "hi"}],
+                                                            extra_body={"ignore_eos": True})
+                    result["chunks"] = sum(1 for c in stream if c.choices and c.choices[0].delta.content)
+
+            thread = threading.Thread(target=call)
+            thread.start()
+            while thread.is_alive():
+                await asyncio.sleep(0.01)
+            return result
+
+    assert asyncio.run(main()) == {"tokens": 4, "chunks": 3}
+
+
+async def test_disconnect_mid_stream_aborts_engine_request():
+    async with running_gateway(sim_config(count=1, time_scale=1.0)) as gw:
+        engine = gw._sim_handles[0].engine
+        async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "write a novel"}], max_tokens=3000,
+                stream=True, extra_body={"ignore_eos": True})
+            received = 0
+            async for chunk in stream:
+                received += 1
+                if received == 5:
+                    break
+            assert engine.num_running == 1
+            await stream.close()
+        for _ in range(100):  # the issue asks for "within a second"
+            if engine.num_running == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.num_running == 0
+        assert gw.inflight == 0
+
+
+async def test_engine_metrics_flow_into_admin_view(gw):
+    async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+        await asyncio.gather(*(client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4) for _ in range(6)))
+    await asyncio.sleep(0.15)  # a few probe periods
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw.base_url + "/admin/engines") as r:
+            engines = (await r.json())["data"]
+        async with session.get(gw.base_url + "/metrics") as r:
+            metrics = await r.text()
+    assert len(engines) == 2 and all(e["up"] for e in engines)
+    assert sum(e["metrics"]["generation_tokens_total"] for e in engines) > 0
+    assert "maestro_engines_up 2.0" in metrics
+    assert 'maestro_requests_total{model="sim-model",route="chat",status="200"} 6.0' in metrics
+
+
+async def test_sleeping_engine_is_avoided_and_woken(gw):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base_url + "/admin/engines/local/sim/0/sleep?level=1") as r:
+            assert r.status == 200, await r.text()
+        assert gw.registry.states["local/sim/0"].sleeping
+        async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+            for _ in range(4):
+                await client.chat.completions.create(model=MODEL, max_tokens=2,
+                                                     messages=[{"role": "user", "content": "hi"}])
+        assert gw._sim_handles[0].engine.is_sleeping
+        async with session.post(gw.base_url + "/admin/engines/local/sim/0/wake_up") as r:
+            assert r.status == 200
+        assert not gw.registry.states["local/sim/0"].sleeping
+        async with session.post(gw.base_url + "/admin/engines/nope/sleep") as r:
+            assert r.status == 404

@@ -1,0 +1,587 @@
+"""Simulated vLLM / vLLM-Omni engines: HTTP surface (through the official openai client), scheduler, cost model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+import time
+import zlib
+
+import aiohttp
+import openai
+import pytest
+from openai import AsyncOpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from backends import vllm_names as names
+from backends.sim import (
+    EngineCostModel,
+    SimDiTOptions,
+    SimEngineOptions,
+    default_calibration_dir,
+    filler_text,
+    make_png,
+    start_sim_dit_engines,
+    start_sim_engines,
+)
+
+MODEL = "sim-test"
+BASE = dict(model=MODEL, time_scale=200.0, max_model_len=1024, kv_blocks=4096, block_size=16)
+HAS_CALIBRATION = default_calibration_dir().is_dir()
+
+
+@pytest.fixture
+async def start():
+    handles = []
+    clients = []
+
+    async def _start(**overrides):
+        options = SimEngineOptions(**{**BASE, **overrides})
+        (handle,) = await start_sim_engines(1, options)
+        handles.append(handle)
+        client = AsyncOpenAI(base_url=handle.url + "/v1", api_key="unused", max_retries=0, timeout=20)
+        clients.append(client)
+        return handle, client
+
+    yield _start
+    for client in clients:
+        await client.close()
+    for handle in handles:
+        await handle.stop()
+
+
+async def _post(url: str, body: dict | bytes, headers: dict | None = None) -> tuple[int, dict, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=data, headers={"Content-Type": "application/json", **(headers or {})}) as r:
+            return r.status, json.loads(await r.read() or b"null"), dict(r.headers)
+
+
+async def _get(url: str) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as r:
+            return r.status, await r.read()
+
+
+def _chat(content: str = "hello there") -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+async def _wait_for(predicate, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+# ---------------------------------------------------------------------------------------------- cost model
+
+
+def test_cost_model_monotone_in_batch_and_context():
+    cost = EngineCostModel()
+    for ctx in (128, 1024, 4096):
+        times = [cost.decode_s(b, b * ctx) for b in (1, 2, 8, 32, 64, 128, 256)]
+        assert all(a <= b for a, b in zip(times, times[1:])), times
+    for b in (1, 16, 128):
+        times = [cost.decode_s(b, b * c) for c in (64, 512, 2048, 8192)]
+        assert all(a <= b for a, b in zip(times, times[1:])), times
+    prefill = [cost.prefill_s([t]) for t in (16, 256, 1024, 4096, 8192)]
+    assert all(a <= b for a, b in zip(prefill, prefill[1:]))
+    assert cost.step_s(32, 32 * 2048, 512, 512 * 512) > cost.decode_s(32, 32 * 2048)
+    assert cost.step_s(0, 0, 0, 0) == 0.0
+    dit = [cost.dit_step_s(px, px, 4) for px in (256, 512, 1024)]
+    assert all(a <= b for a, b in zip(dit, dit[1:]))
+    assert cost.dit_step_s(1024, 1024, 8) >= cost.dit_step_s(1024, 1024, 1)
+    assert cost.dit_step_s(1024, 1024, 1, parallel_degree=4) < cost.dit_step_s(1024, 1024, 1)
+    assert cost.dit_step_s(1024, 1024, 1, parallel_degree=4, scaling_efficiency=1.0) == pytest.approx(
+        cost.dit_step_s(1024, 1024, 1) / 4)
+
+
+@pytest.mark.skipif(not HAS_CALIBRATION, reason="calibration data not present")
+def test_cost_model_reproduces_calibration_points():
+    """The fit is made at load time from the data; check it against the points (read here, never copied)."""
+    cost = EngineCostModel()
+    assert cost.source.startswith("calibration:")
+    folder = default_calibration_dir()
+    graphs = json.loads((folder / "h200-llama8b-graphs-mixed.json").read_text())
+    for key, ms in graphs["decode_graph_ms"].items():
+        b, c = (int(part[1:]) for part in key.split("_"))
+        assert cost.decode_s(b, b * c) * 1000 == pytest.approx(ms, rel=0.15), key
+    for key, ms in graphs["mixed_ms"].items():  # not fitted on: a check of the additive mixed-step form
+        b, p = (int(part[1:]) for part in key.split("_"))
+        assert cost.step_s(b, b * 2048, p, p * p) * 1000 == pytest.approx(ms, rel=0.2), key
+    dit = json.loads((folder / "h200-llama8b-dit.json").read_text())
+    for key, ms in dit["llm"]["prefill_ms"].items():
+        if int(key) >= 1024:
+            assert cost.prefill_s([int(key)]) * 1000 == pytest.approx(ms, rel=0.1), key
+    for key, ms in dit["dit_step_ms"]["dit_xl_2"].items():
+        px, b = key.split("_")
+        assert cost.dit_step_s(int(px[:-2]), int(px[:-2]), int(b[1:])) * 1000 == pytest.approx(ms, rel=0.15), key
+    assert cost.kv_bytes_per_token == dit["llm"]["kv_bytes_per_token"]
+
+
+def test_cost_model_defaults_without_data(tmp_path):
+    cost = EngineCostModel(tmp_path / "absent")
+    assert cost.source.startswith("defaults")
+    assert 0 < cost.decode_s(1, 100) < cost.decode_s(64, 64 * 1000)
+    assert cost.dit_step_s(512, 512) > 0
+
+
+# ---------------------------------------------------------------------------------------------- HTTP: happy paths
+
+
+async def test_chat_and_completion_non_stream(start):
+    handle, client = await start()
+    chat = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=12,
+                                                extra_body={"ignore_eos": True})
+    assert chat.id.startswith("chatcmpl-") and chat.object == "chat.completion" and chat.model == MODEL
+    choice = chat.choices[0]
+    assert choice.finish_reason == "length" and choice.message.role == "assistant"
+    assert len(choice.message.content.split()) == chat.usage.completion_tokens == 12
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + 12
+    comp = await client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=7,
+                                           extra_body={"ignore_eos": True})
+    assert comp.id.startswith("cmpl-") and comp.object == "text_completion"
+    assert comp.choices[0].finish_reason == "length"
+    assert len(comp.choices[0].text.split()) == comp.usage.completion_tokens == 7
+    models = await client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    status, _ = await _get(handle.url + "/health")
+    assert status == 200
+
+
+async def test_chat_stream_usage_chunk_only_with_include_usage(start):
+    handle, client = await start()
+    stream = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=9, stream=True,
+                                                  stream_options={"include_usage": True},
+                                                  extra_body={"ignore_eos": True})
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert all(c.usage is None for c in chunks[:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    assert len(text.split()) == usage_chunk.usage.completion_tokens == 9
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert text.encode("utf-8").decode("utf-8") == text
+
+    stream = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=4, stream=True,
+                                                  extra_body={"ignore_eos": True})
+    chunks = [chunk async for chunk in stream]
+    assert all(c.usage is None and c.choices for c in chunks)
+    assert len("".join(c.choices[0].delta.content or "" for c in chunks).split()) == 4
+
+
+async def test_completion_stream_and_raw_sse_framing(start):
+    handle, client = await start()
+    stream = await client.completions.create(model=MODEL, prompt="abc", max_tokens=6, stream=True,
+                                             stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True})
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert len("".join(c.choices[0].text for c in chunks[:-1]).split()) == 6
+    # raw framing: data: {json}\n\n events, one per token, [DONE] last
+    body = {"model": MODEL, "prompt": "abc", "max_tokens": 3, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(handle.url + "/v1/completions", json=body) as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            raw = (await r.read()).decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert [p["choices"][0]["finish_reason"] for p in payloads] == [None, None, "length"]
+
+
+async def test_output_length_rules(start):
+    handle, client = await start(mean_output_tokens=3, output_tokens_sigma=0.0)
+    # ignore_eos: exactly max_tokens
+    r = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=21,
+                                             extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 21 and r.choices[0].finish_reason == "length"
+    # natural length (sigma 0 -> exactly the mean) below the cap: "stop"
+    r = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=50)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "stop"
+    # min_tokens raises it
+    r = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=50,
+                                             extra_body={"min_tokens": 30})
+    assert r.usage.completion_tokens == 30 and r.choices[0].finish_reason == "stop"
+    # max_tokens caps it
+    r = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=2)
+    assert r.usage.completion_tokens == 2 and r.choices[0].finish_reason == "length"
+    # load-generator hint header
+    r = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=100,
+                                             extra_headers={"X-Sim-Output-Tokens": "23"})
+    assert r.usage.completion_tokens == 23 and r.choices[0].finish_reason == "stop"
+    assert len(r.choices[0].message.content.split()) == 23
+    r = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=40,
+                                             extra_headers={"X-Sim-Output-Tokens": "500"})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
+    # no max_tokens: bounded by max_model_len - prompt
+    r = await client.chat.completions.create(model=MODEL, messages=_chat(), extra_headers={
+        "X-Sim-Output-Tokens": "100000"})
+    assert r.usage.completion_tokens + r.usage.prompt_tokens == BASE["max_model_len"]
+
+
+def test_filler_text_word_count():
+    for start_at in (0, 3, 19, 20, 57):
+        for count in (0, 1, 5, 20, 21, 77):
+            text = filler_text(start_at, count)
+            assert len(text.split()) == count
+            assert text == "".join(filler_text(start_at + i, 1) for i in range(count))
+
+
+async def test_request_id_header_becomes_response_id(start):
+    handle, client = await start()
+    raw = await client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=_chat(), max_tokens=2, extra_headers={"X-Request-Id": "abc123"})
+    assert raw.headers["x-request-id"] == "abc123"
+    assert raw.parse().id == "chatcmpl-abc123"
+    comp = await client.completions.create(model=MODEL, prompt="x", max_tokens=2,
+                                           extra_headers={"X-Request-Id": "zz9"})
+    assert comp.id == "cmpl-zz9"
+
+
+# ---------------------------------------------------------------------------------------------- HTTP: errors
+
+
+async def test_error_shapes(start):
+    handle, client = await start()
+    url = handle.url + "/v1/chat/completions"
+    status, body, _ = await _post(url, {"model": "nope", "messages": _chat()})
+    assert status == 404
+    assert body == {"error": {"message": "The model `nope` does not exist.", "type": "NotFoundError",
+                              "param": "model", "code": 404}}
+
+    status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "max_tokens": 4000})
+    assert status == 400
+    assert body == {"error": {
+        "message": "max_tokens=4000 cannot be greater than max_model_len=1024. Please request fewer output "
+                   "tokens. (parameter=max_tokens, value=4000)",
+        "type": "BadRequestError", "param": "max_tokens", "code": 400}}
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=5000)
+    assert info.value.status_code == 400
+
+    status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "priority": "high"})
+    assert status == 400
+    error = body["error"]
+    assert error["type"] == "Bad Request" and error["code"] == 400 and error["param"] == "body.priority"
+    assert error["message"].startswith("1 validation error:\n") and "'int_parsing'" in error["message"]
+
+    status, body, _ = await _post(url, {"model": MODEL, "messages": _chat("word " * 4000), "max_tokens": 10})
+    assert status == 400 and body["error"]["param"] == "input_tokens"
+    assert body["error"]["message"].startswith("This model's maximum context length is 1024 tokens.")
+
+    status, body, _ = await _post(url, {"model": MODEL})
+    assert status == 400 and body["error"]["param"] == "body.messages" and "'missing'" in body["error"]["message"]
+    status, body, _ = await _post(url, b"{not json")
+    assert status == 400 and "json_invalid" in body["error"]["message"]
+    status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "max_tokens": 5, "min_tokens": 9})
+    assert status == 400 and body["error"]["param"] == "min_tokens"
+    status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "stream_options": {}})
+    assert status == 400 and "Stream options can only be defined when `stream=True`." in body["error"]["message"]
+
+    # an integer priority under fcfs is accepted and ignored
+    r = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=2,
+                                             extra_body={"priority": 5})
+    assert r.usage.completion_tokens <= 2
+    status, _ = await _get(handle.url + "/no/such/route")
+    assert status == 404
+
+
+async def test_busy_503_beyond_max_num_queued_reqs(start):
+    handle, client = await start(max_num_seqs=1, max_num_queued_reqs=2, time_scale=20.0)
+    long = [asyncio.create_task(client.chat.completions.create(
+        model=MODEL, messages=_chat(), max_tokens=200, extra_body={"ignore_eos": True})) for _ in range(2)]
+    await _wait_for(lambda: handle.engine.num_running + handle.engine.num_waiting == 2)
+    status, body, _ = await _post(handle.url + "/v1/chat/completions", {"model": MODEL, "messages": _chat()})
+    assert status == 503
+    assert body == {"error": {"message": "The engine is currently busy and cannot accept new requests. Please "
+                                         "try again later or on a different instance.",
+                              "type": "Service Unavailable", "param": None, "code": 503}}
+    for task in long:
+        task.cancel()
+    await asyncio.gather(*long, return_exceptions=True)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+async def test_metrics_use_vllm_names_and_labels(start):
+    handle, client = await start()
+    await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=5,
+                                         extra_body={"ignore_eos": True})
+    status, raw = await _get(handle.url + "/metrics")
+    assert status == 200
+    text = raw.decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:"):
+                samples.setdefault(sample.name, []).append(sample)
+    expected = [names.GAUGE_REQUESTS_RUNNING, names.GAUGE_REQUESTS_WAITING, names.GAUGE_KV_CACHE_USAGE,
+                names.GAUGE_SLEEP_STATE, names.COUNTER_PREEMPTIONS + "_total",
+                names.COUNTER_PROMPT_TOKENS + "_total", names.COUNTER_GENERATION_TOKENS + "_total",
+                names.COUNTER_REQUEST_SUCCESS + "_total", *names.SCRAPED_SAMPLE_NAMES]
+    for hist in (names.HIST_TTFT, names.HIST_INTER_TOKEN, names.HIST_E2E, names.HIST_QUEUE_TIME,
+                 names.HIST_PREFILL_TIME, names.HIST_DECODE_TIME, names.HIST_PROMPT_TOKENS,
+                 names.HIST_GENERATION_TOKENS):
+        expected += [hist + "_bucket", hist + "_sum", hist + "_count"]
+    for name in expected:
+        assert name in samples, name
+        for sample in samples[name]:
+            assert sample.labels[names.LABEL_ENGINE] == "0"
+            assert sample.labels[names.LABEL_MODEL] == MODEL
+    value = {s.name: s.value for group in samples.values() for s in group if "finished_reason" not in s.labels
+             and "sleep_state" not in s.labels and "le" not in s.labels}
+    assert value[names.COUNTER_GENERATION_TOKENS + "_total"] == 5
+    assert value[names.GAUGE_KV_CACHE_USAGE] == 0.0
+    assert value[names.HIST_TTFT + "_count"] == 1
+    reasons = {s.labels["finished_reason"]: s.value for s in samples[names.COUNTER_REQUEST_SUCCESS + "_total"]}
+    assert reasons["length"] == 1 and reasons["stop"] == 0
+    states = {s.labels["sleep_state"]: s.value for s in samples[names.GAUGE_SLEEP_STATE]}
+    assert states == {"awake": 1.0, "weights_offloaded": 0.0, "discard_all": 0.0}
+    # the gateway's own scraper understands it
+    from backends.vllm_metrics import parse_vllm_metrics
+
+    parsed = parse_vllm_metrics(text)
+    assert parsed.generation_tokens_total == 5 and not parsed.sleeping
+
+
+# ---------------------------------------------------------------------------------------------- scheduler behaviour
+
+
+async def test_disconnect_mid_stream_aborts_request(start):
+    handle, client = await start(time_scale=20.0)
+    engine = handle.engine
+    stream = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=900, stream=True,
+                                                  extra_body={"ignore_eos": True})
+    received = 0
+    async for _ in stream:
+        received += 1
+        if received == 5:
+            break
+    assert engine.num_running == 1
+    await stream.close()
+    await _wait_for(lambda: engine.num_running == 0, timeout=2.0)
+    assert engine.generation_tokens_total < 900
+    assert engine.kv_usage() == 0.0
+    assert engine.finished_by_reason.get("abort", 0) == 0  # client aborts are not counted as finished
+
+
+async def test_non_stream_client_timeout_aborts_request(start):
+    handle, _ = await start(time_scale=10.0)
+    client = AsyncOpenAI(base_url=handle.url + "/v1", api_key="x", max_retries=0, timeout=0.3)
+    with pytest.raises(openai.APITimeoutError):
+        await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=900,
+                                             extra_body={"ignore_eos": True})
+    await client.close()
+    await _wait_for(lambda: handle.engine.num_running == 0, timeout=2.0)
+
+
+async def test_sleep_503_wake_up_serves_again(start):
+    handle, client = await start(wake_delay_s=2.0, time_scale=20.0)  # wake-up takes 0.1 s of wall time
+    status, body, _ = await _post(handle.url + "/sleep?level=1", b"")
+    assert status == 200 and body == {"status": "sleeping", "level": 1}
+    status, raw = await _get(handle.url + "/is_sleeping")
+    assert json.loads(raw) == {"is_sleeping": True}
+    _, metrics = await _get(handle.url + "/metrics")
+    assert f'{names.GAUGE_SLEEP_STATE}{{engine="0",model_name="{MODEL}",sleep_state="weights_offloaded"}} 1.0' \
+        in metrics.decode()
+    with pytest.raises(openai.APIStatusError) as info:
+        await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=3)
+    assert info.value.status_code == 503
+    error = info.value.response.json()["error"]
+    assert error["type"] == "Service Unavailable" and error["code"] == 503 and error["param"] is None
+    t0 = time.monotonic()
+    status, body, _ = await _post(handle.url + "/wake_up", b"")
+    assert time.monotonic() - t0 >= 0.09
+    assert status == 200 and body == {"status": "awake", "tags": None}
+    status, raw = await _get(handle.url + "/is_sleeping")
+    assert json.loads(raw) == {"is_sleeping": False}
+    r = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=3,
+                                             extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+    # level 2, with a request in flight: it is aborted and the KV is freed
+    task = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=900,
+                                                              extra_body={"ignore_eos": True}))
+    await _wait_for(lambda: handle.engine.num_running == 1)
+    status, body, _ = await _post(handle.url + "/sleep?level=2", b"")
+    assert body == {"status": "sleeping", "level": 2}
+    result = await task
+    assert result.choices[0].finish_reason == "abort"
+    assert handle.engine.kv_usage() == 0.0 and handle.engine.num_running == 0
+
+
+async def test_sleep_mode_wait_lets_in_flight_requests_finish(start):
+    handle, client = await start(time_scale=20.0)
+    task = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=40,
+                                                              extra_body={"ignore_eos": True}))
+    await _wait_for(lambda: handle.engine.num_running == 1)
+    status, body, _ = await _post(handle.url + "/sleep?level=1&mode=wait", b"")
+    assert status == 200 and body == {"status": "sleeping", "level": 1}
+    result = await task
+    assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 40
+    assert handle.engine.is_sleeping
+
+
+async def test_priority_scheduling_orders_waiting_requests(start):
+    handle, client = await start(max_num_seqs=1, scheduling_policy="priority", time_scale=4.0)
+    engine = handle.engine
+    order: list[int] = []
+    blocker = asyncio.create_task(client.chat.completions.create(
+        model=MODEL, messages=_chat(), max_tokens=250, extra_body={"ignore_eos": True, "priority": 5}))
+    await _wait_for(lambda: engine.num_running == 1)
+
+    async def one(priority: int) -> None:
+        await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=2,
+                                             extra_body={"ignore_eos": True, "priority": priority})
+        order.append(priority)
+
+    tasks = []
+    for priority in (10, 3, 7, 0, -5):
+        tasks.append(asyncio.create_task(one(priority)))
+        await _wait_for(lambda n=len(tasks): engine.num_waiting == n)
+    assert not blocker.done(), "the blocker finished before all requests queued; lower time_scale"
+    await asyncio.gather(blocker, *tasks)
+    assert order == [-5, 0, 3, 7, 10]
+    assert engine.num_preemptions == 0  # priority never preempts a running request
+
+
+async def test_fcfs_ignores_priority(start):
+    handle, client = await start(max_num_seqs=1, time_scale=4.0)
+    engine = handle.engine
+    order: list[int] = []
+    blocker = asyncio.create_task(client.chat.completions.create(
+        model=MODEL, messages=_chat(), max_tokens=150, extra_body={"ignore_eos": True}))
+    await _wait_for(lambda: engine.num_running == 1)
+
+    async def one(priority: int) -> None:
+        await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=2,
+                                             extra_body={"ignore_eos": True, "priority": priority})
+        order.append(priority)
+
+    tasks = []
+    for priority in (10, 3, -5):
+        tasks.append(asyncio.create_task(one(priority)))
+        await _wait_for(lambda n=len(tasks): engine.num_waiting == n)
+    await asyncio.gather(blocker, *tasks)
+    assert order == [10, 3, -5]
+
+
+async def test_kv_pressure_preempts_and_recomputes(start):
+    handle, client = await start(kv_blocks=8, block_size=16, max_model_len=128, max_num_seqs=8)
+    engine = handle.engine
+    results = await asyncio.gather(*[
+        client.chat.completions.create(model=MODEL, messages=_chat("x" * 40), max_tokens=80,
+                                       extra_body={"ignore_eos": True}) for _ in range(4)])
+    for r in results:
+        assert r.usage.completion_tokens == 80 and len(r.choices[0].message.content.split()) == 80
+        assert r.choices[0].finish_reason == "length"
+    assert engine.num_preemptions > 0
+    assert engine.kv_usage() == 0.0 and engine.free_blocks == 8
+    _, raw = await _get(handle.url + "/metrics")
+    line = f'{names.COUNTER_PREEMPTIONS}_total{{engine="0",model_name="{MODEL}"}} {float(engine.num_preemptions)}'
+    assert line in raw.decode()
+    # recompute-style: the engine prefilled more prompt tokens than the requests carried... but counts each once
+    assert engine.prompt_tokens_total == sum(r.usage.prompt_tokens for r in results)
+
+
+async def test_many_concurrent_streams_respect_max_num_seqs(start):
+    handle, client = await start(max_num_seqs=64, time_scale=100.0)
+    engine = handle.engine
+    peak = {"running": 0, "waiting": 0}
+
+    async def watch():
+        while True:
+            peak["running"] = max(peak["running"], engine.num_running)
+            peak["waiting"] = max(peak["waiting"], engine.num_waiting)
+            await asyncio.sleep(0.001)
+
+    async def one() -> int:
+        stream = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=40, stream=True,
+                                                      stream_options={"include_usage": True},
+                                                      extra_body={"ignore_eos": True})
+        words = 0
+        usage = None
+        async for chunk in stream:
+            if chunk.choices:
+                words += len((chunk.choices[0].delta.content or "").split())
+            usage = chunk.usage or usage
+        assert usage.completion_tokens == words
+        return words
+
+    watcher = asyncio.create_task(watch())
+    counts = await asyncio.gather(*[one() for _ in range(200)])
+    watcher.cancel()
+    assert counts == [40] * 200
+    assert peak["running"] <= 64 and peak["waiting"] > 0
+    assert engine.num_running == 0 and engine.num_waiting == 0 and engine.kv_usage() == 0.0
+
+
+async def test_time_scale_makes_runs_faster():
+    options = SimEngineOptions(**{**BASE, "time_scale": 5.0})
+    (handle,) = await start_sim_engines(1, options)
+    client = AsyncOpenAI(base_url=handle.url + "/v1", api_key="x", max_retries=0)
+    try:
+        t0 = time.monotonic()
+        await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=100,
+                                             extra_body={"ignore_eos": True})
+        wall = time.monotonic() - t0
+        engine_seconds = handle.engine.cost.prefill_s([10]) + 99 * handle.engine.cost.decode_s(1, 60)
+        assert engine_seconds / 5.0 * 0.8 <= wall <= engine_seconds / 5.0 * 2 + 0.1
+    finally:
+        await client.close()
+        await handle.stop()
+
+
+# ---------------------------------------------------------------------------------------------- DiT
+
+
+def _read_png(data: bytes) -> tuple[int, int, bytes]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos = 8
+    chunks = {}
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        tag = data[pos + 4:pos + 8]
+        payload = data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(tag + payload) & 0xFFFFFFFF
+        chunks.setdefault(tag, b"")
+        chunks[tag] += payload
+        pos += 12 + length
+    assert b"IEND" in chunks
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert depth == 8 and colour == 2
+    return width, height, zlib.decompress(chunks[b"IDAT"])
+
+
+async def test_dit_engine_returns_decodable_png():
+    (handle,) = await start_sim_dit_engines(1, SimDiTOptions(time_scale=100.0))
+    try:
+        client = AsyncOpenAI(base_url=handle.url + "/v1", api_key="x", max_retries=0)
+        t0 = time.monotonic()
+        result = await client.images.generate(model="maestro-sim-dit", prompt="a red fox", n=2, size="512x256",
+                                              response_format="b64_json",
+                                              extra_body={"num_inference_steps": 20})
+        wall = time.monotonic() - t0
+        assert len(result.data) == 2
+        width, height, pixels = _read_png(base64.b64decode(result.data[0].b64_json))
+        assert (width, height) == (512, 256) and len(pixels) == height * (1 + 3 * width)
+        expected = handle.engine.request_seconds(512, 256, 2, 20) / 100.0
+        assert wall >= expected * 0.9
+        status, body, _ = await _post(handle.url + "/v1/images/generations", {"prompt": "x", "size": "big"})
+        assert status == 400 and body["error"]["param"] == "body.size"
+        status, body, _ = await _post(handle.url + "/v1/images/generations", {"size": "64x64"})
+        assert status == 400 and body["error"]["param"] == "body.prompt"
+        status, raw = await _get(handle.url + "/metrics")
+        assert status == 200 and names.GAUGE_REQUESTS_RUNNING in raw.decode()
+        await client.close()
+    finally:
+        await handle.stop()
+    assert _read_png(make_png(3, 2))[:2] == (3, 2)
