@@ -53,10 +53,10 @@ class Gateway:
         for cluster, pool in self.config.pools():
             urls = [(engine.id, engine.url) for engine in pool.engines]
             if pool.simulated is not None:
-                from backends.sim import start_sim_engines
-                from gateway.simulated import sim_options_for
+                from gateway.simulated import start_simulated_pool
 
-                handles = await start_sim_engines(pool.simulated.count, sim_options_for(self.config, pool))
+                model = self.config.model(pool.models[0])
+                handles = await start_simulated_pool(pool, model.max_model_len if model else 4096)
                 self._sim_handles.extend(handles)
                 urls.extend(("", handle.url) for handle in handles)
             for index, (engine_id, url) in enumerate(urls):

@@ -228,6 +228,17 @@ def _parse_simulated(raw: Any, path: str) -> SimulatedEngines:
     return SimulatedEngines(**values)
 
 
+def _check_simulated(pool: PoolConfig, models: list[ModelConfig], path: str) -> None:
+    """Build the simulated engines' options now, so a bad combination exits 2 at load, not at start-up."""
+    from gateway.simulated import sim_options_for  # local import: keeps config free of engine code at import
+
+    max_model_len = next((m.max_model_len for m in models if m.name == pool.models[0]), 4096)
+    try:
+        sim_options_for(pool, max_model_len).validate()
+    except ValueError as exc:
+        raise ConfigError(path, str(exc)) from None
+
+
 def _parse_pool(raw: Any, path: str, model_names: set[str]) -> PoolConfig:
     section = _mapping(raw, path)
     _reject_unknown(section, {"name", "kind", "models", "engines", "simulated"}, path)
@@ -254,8 +265,6 @@ def _parse_pool(raw: Any, path: str, model_names: set[str]) -> PoolConfig:
         engines.append(EngineConfig(url=url, id=_get(engine, "id", str, epath, "")))
     simulated = None
     if section.get("simulated") is not None:
-        if kind != "vllm":
-            raise ConfigError(f"{path}.simulated", "simulated engines are only available for kind 'vllm'")
         simulated = _parse_simulated(section["simulated"], f"{path}.simulated")
         if len(models) != 1:
             raise ConfigError(f"{path}.models", "a simulated pool serves exactly one model")
@@ -338,6 +347,10 @@ def parse_config(raw: Any) -> Config:
     if routing.policy not in ROUTING_POLICIES:
         raise ConfigError("routing.policy", f"must be one of {', '.join(sorted(ROUTING_POLICIES))}")
 
+    for i, cluster in enumerate(clusters):
+        for j, pool in enumerate(cluster.pools):
+            if pool.simulated is not None:
+                _check_simulated(pool, models, f"clusters[{i}].pools[{j}].simulated")
     if not models:
         # Models may be left implicit: every model a pool names gets defaults.
         names = sorted({m for c in clusters for p in c.pools for m in p.models})
@@ -362,15 +375,19 @@ def load_config(path: str | Path) -> Config:
 
 
 DEFAULT_MODEL = "maestro-sim-llama-8b"
+DEFAULT_IMAGE_MODEL = "maestro-sim-dit"
 
 
 def default_config() -> Config:
-    """The embedded default: one cluster, one pool of simulated engines, in-memory state."""
+    """The embedded default: one cluster with a pool of four simulated vLLM engines and one simulated DiT
+    (vLLM-Omni) engine, in-memory state."""
     return parse_config({
-        "models": [{"name": DEFAULT_MODEL, "max_model_len": 8192, "kv_bytes_per_token": 131072}],
+        "models": [{"name": DEFAULT_MODEL, "max_model_len": 8192, "kv_bytes_per_token": 131072},
+                   {"name": DEFAULT_IMAGE_MODEL}],
         "clusters": [{
             "name": "local",
-            "pools": [{"name": "sim", "kind": "vllm", "models": [DEFAULT_MODEL],
-                       "simulated": {"count": 4}}],
+            "pools": [{"name": "sim", "kind": "vllm", "models": [DEFAULT_MODEL], "simulated": {"count": 4}},
+                      {"name": "sim-dit", "kind": "vllm-omni", "models": [DEFAULT_IMAGE_MODEL],
+                       "simulated": {"count": 1}}],
         }],
     })

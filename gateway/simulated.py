@@ -1,4 +1,4 @@
-"""Map a pool's ``simulated:`` config block onto the simulated engines' options.
+"""Map a pool's ``simulated:`` config block onto the simulated engines' options, and start them.
 
 Kept apart from ``gateway.config`` so the config stays free of engine internals, and from ``backends.sim``
 so the simulator does not import gateway config types.
@@ -6,19 +6,20 @@ so the simulator does not import gateway config types.
 
 from __future__ import annotations
 
-from gateway.config import Config, PoolConfig
+from gateway.config import PoolConfig
 
 
-def sim_options_for(config: Config, pool: PoolConfig):
-    from backends.sim import SimEngineOptions
+def sim_options_for(pool: PoolConfig, max_model_len: int):
+    """``SimEngineOptions`` for a ``vllm`` pool, ``SimDiTOptions`` for a ``vllm-omni`` pool."""
+    from backends.sim import SimDiTOptions, SimEngineOptions
 
     sim = pool.simulated
     assert sim is not None
-    model = pool.models[0]
-    model_config = config.model(model)
+    if pool.kind == "vllm-omni":
+        return SimDiTOptions(model=pool.models[0], time_scale=sim.time_scale)
     return SimEngineOptions(
-        model=model,
-        max_model_len=model_config.max_model_len if model_config else 4096,
+        model=pool.models[0],
+        max_model_len=max_model_len,
         time_scale=sim.time_scale,
         max_num_seqs=sim.max_num_seqs,
         kv_blocks=sim.kv_blocks,
@@ -27,3 +28,14 @@ def sim_options_for(config: Config, pool: PoolConfig):
         mean_output_tokens=sim.mean_output_tokens,
         wake_delay_s=sim.wake_delay_s,
     )
+
+
+async def start_simulated_pool(pool: PoolConfig, max_model_len: int) -> list:
+    """Start the pool's simulated engines in this process; return their handles (``.url``, ``.stop()``)."""
+    from backends.sim import start_sim_dit_engines, start_sim_engines
+
+    assert pool.simulated is not None
+    options = sim_options_for(pool, max_model_len)
+    if pool.kind == "vllm-omni":
+        return await start_sim_dit_engines(pool.simulated.count, options)
+    return await start_sim_engines(pool.simulated.count, options)

@@ -174,10 +174,25 @@ def test_overhead_end_to_end_with_bare_proxy(tmp_path, capsys):
     assert os.sched_getaffinity(0) == affinity  # restored
     result = json.loads(out.read_text())
     assert result["bench"] == "overhead"
-    for phase in ("direct_nonstream", "gateway_nonstream", "direct_stream", "gateway_stream", "gateway_max"):
+    assert result["target"] == "bare"
+    for phase in ("direct_nonstream", "bare_nonstream", "direct_stream", "bare_stream", "bare_max", "direct_max"):
         assert result["phases"][phase]["errors"] == 0, phase
     fig = result["figures"]
     assert fig["gateway_p50_ms"] > 0 and fig["max_rps"] > 0 and "added_ttfb_p50_ms" in fig
     assert set(result["verdicts"]) == {"added_p50_ms", "added_p99_ms", "added_ttfb_p50_ms", "max_rps"}
     printed = capsys.readouterr().out
     assert "non-stream latency p50" in printed and printed.strip().splitlines()[-1].startswith('{"bench"')
+
+
+def test_overhead_through_the_gateway_smoke(tmp_path):
+    """``maestro bench overhead`` against the real gateway (and the bare reference) runs and reports figures."""
+    pytest.importorskip("gateway.app")
+    out = tmp_path / "result.json"
+    code = overhead.main(_args("--rate", "200", "--duration", "0.3", "--warmup", "0.1", "--connections", "4",
+                               "--max-duration", "0.3", "--with-bare", "--json", str(out), "--quiet"))
+    assert code in (0, 1)
+    result = json.loads(out.read_text())
+    for phase in ("gateway_nonstream", "gateway_stream", "gateway_max", "bare_nonstream", "bare_max"):
+        assert result["phases"][phase]["errors"] == 0, phase
+    assert result["figures"]["max_rps"] > 0
+    assert result["reference_bare"]["figures"]["bare_max_rps"] > 0

@@ -85,3 +85,14 @@ def test_cli_exits_2_with_one_message(tmp_path):
     done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "cannot read" in done.stderr
+
+
+def test_simulated_pool_options_are_checked_at_load():
+    raw = base()
+    raw["models"][0]["max_model_len"] = 100000
+    raw["clusters"][0]["pools"][0] = {"name": "p", "kind": "vllm", "models": ["m"],
+                                      "simulated": {"count": 1, "kv_blocks": 16}}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    assert caught.value.field_path == "clusters[0].pools[0].simulated"
+    assert "max_model_len" in str(caught.value)

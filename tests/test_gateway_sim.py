@@ -142,3 +142,23 @@ async def test_sleeping_engine_is_avoided_and_woken(gw):
         assert not gw.registry.states["local/sim/0"].sleeping
         async with session.post(gw.base_url + "/admin/engines/nope/sleep") as r:
             assert r.status == 404
+
+
+async def test_images_through_gateway_to_simulated_dit():
+    raw = sim_config(count=1)
+    raw["models"].append({"name": "sim-dit"})
+    raw["clusters"][0]["pools"].append({"name": "dit", "kind": "vllm-omni", "models": ["sim-dit"],
+                                         "simulated": {"count": 1, "time_scale": 1000.0}})
+    async with running_gateway(raw) as gw:
+        async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+            image = await client.images.generate(model="sim-dit", prompt="a lighthouse", size="256x256",
+                                                 response_format="b64_json")
+            import base64
+
+            png = base64.b64decode(image.data[0].b64_json)
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+            with pytest.raises(openai.NotFoundError):
+                await client.images.generate(model=MODEL, prompt="text models do not draw")
+            with pytest.raises(openai.BadRequestError):
+                await client.images.generate(model="sim-dit", prompt="")
+            assert sorted(m.id for m in (await client.models.list()).data) == ["sim-dit", MODEL]

@@ -10,8 +10,14 @@ gateway, streaming direct, streaming through the gateway; then the gateway's max
 one core (closed loop), and a short closed-loop run direct, to show the client and upstream were not the limit.
 
 Figures: added latency p50/p99 (gateway minus direct), added time to the first SSE ``data:`` byte p50/p99, and
-max req/s through the gateway, each marked PASS/FAIL against the targets. Exit status: 0 all PASS, 1 some FAIL,
-2 the run could not be set up.
+max req/s through the gateway, each marked PASS/FAIL against the targets. ``--with-bare`` measures the bare
+aiohttp pass-through (:mod:`loadgen.bench.bare_proxy`) in the same run, as the framework's floor.
+
+Noise: the benchmark's processes are pinned, so CPU time that others spend on those CPUs (read from ``/proc``)
+is reported per phase; above 5 % of a CPU the report warns that its figures are skewed. On a shared 2-core box
+that is the usual cause of a bad p99.
+
+Exit status: 0 all PASS, 1 some FAIL, 2 the run could not be set up, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import json
 import os
 import platform
 import select
+import shlex
 import signal
 import socket
 import subprocess
@@ -47,6 +54,7 @@ TARGETS = {
     "max_rps": (">=", 5000.0),
 }
 NOISE_WARN = 0.05  # warn when others took more than 5 % of a pinned CPU during a phase
+BARE_NOTE = "the bare aiohttp+uvloop+orjson pass-through (loadgen.bench.bare_proxy)"
 REFERENCE = "bare aiohttp+uvloop+orjson pass-through: +0.65 ms p50, ~8,700 req/s on one core"
 
 CONFIG_TEMPLATE = """\
@@ -73,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=("gateway", "bare"), default="gateway",
                         help="what sits in the middle: the Maestro gateway (default) or the bare aiohttp "
                              "pass-through reference (loadgen.bench.bare_proxy)")
+    parser.add_argument("--with-bare", action="store_true",
+                        help="also measure the bare aiohttp pass-through in the same run, for comparison "
+                             "(adds its columns; the verdicts still judge --target)")
     parser.add_argument("--gateway-cmd", metavar="TEMPLATE",
                         help="custom gateway command; {python} {config} {host} {port} {upstream} are filled in")
     parser.add_argument("--gateway-cpu", type=int, default=None, help="CPU for the gateway (default: first allowed)")
@@ -84,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-max", action="store_true", help="skip the max-throughput phase")
     parser.add_argument("--gateway-log", metavar="FILE", help="keep the gateway's output in FILE")
     parser.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to wait for the gateway")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines within a phase")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -240,8 +251,9 @@ class CpuNoise:
     Read from ``/proc`` (Linux); a figure taken while another process used a large share of a CPU is suspect.
     """
 
-    def __init__(self, pids_by_cpu: dict[int, list[int]]) -> None:
+    def __init__(self, pids_by_cpu: dict[int, list[int]], client_cpu: int | None = None) -> None:
         self.pids_by_cpu = {c: p for c, p in pids_by_cpu.items() if c is not None}
+        self.client_cpu = client_cpu
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.ok = os.path.exists("/proc/stat")
         self._start = self._snap() if self.ok else None
@@ -275,8 +287,11 @@ class CpuNoise:
         if self.ok:
             self._start = self._snap()
 
-    def stop(self) -> dict[str, float]:
-        """Fractions of one CPU: ``foreign_cpuN`` (others' user+system time) and ``steal_cpuN``."""
+    def stop(self, client_only: bool = False) -> dict[str, float]:
+        """Fractions of one CPU: ``foreign_cpuN`` (others' user+system time) and ``steal_cpuN``.
+
+        ``client_only``: report the client's CPU only (a direct phase does not touch the gateway's CPU).
+        """
         if not self.ok or self._start is None:
             return {}
         t0, per0, ours0 = self._start
@@ -284,6 +299,8 @@ class CpuNoise:
         wall = max(1e-3, (t1 - t0) * self.hz)
         out = {}
         for cpu in self.pids_by_cpu:
+            if client_only and cpu != self.client_cpu:
+                continue
             if cpu not in per0 or cpu not in per1:
                 continue
             busy = per1[cpu][0] - per0[cpu][0]
@@ -291,6 +308,15 @@ class CpuNoise:
             out[f"foreign_cpu{cpu}"] = round(max(0.0, (busy - mine) / wall), 3)
             out[f"steal_cpu{cpu}"] = round((per1[cpu][1] - per0[cpu][1]) / wall, 3)
         return out
+
+
+def _busy_before(cpus: list[int], seconds: float = 0.5) -> dict[int, float]:
+    """Share of each CPU used (by anyone) over ``seconds`` before the run starts; empty without /proc."""
+    if not os.path.exists("/proc/stat") or not cpus:
+        return {}
+    probe = CpuNoise({c: [] for c in cpus})
+    time.sleep(seconds)
+    return {int(k[len("foreign_cpu"):]): v for k, v in probe.stop().items() if k.startswith("foreign_cpu")}
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -319,10 +345,13 @@ def _check_sample(status: int, body: bytes, stream: bool, where: str) -> str | N
     return None
 
 
-async def _measure(args: argparse.Namespace, up_port: int, gw_port: int, progress, noise: CpuNoise) -> dict:
+async def _measure(args: argparse.Namespace, up_port: int, middles: list[tuple[str, int]], progress,
+                   noise: CpuNoise) -> dict:
+    """Run every phase; ``middles`` is [(name, port)] of what sits between client and upstream."""
     host = "127.0.0.1"
     out: dict = {}
-    for where, port in (("direct", up_port), ("gateway", gw_port)):
+    targets = [("direct", up_port)] + middles
+    for where, port in targets:
         for stream in (False, True):
             status, body, _ = await lc.request_once(
                 host, port, lc.build_request(host, port, body=lc.chat_body(stream=stream)), stream=stream)
@@ -332,14 +361,14 @@ async def _measure(args: argparse.Namespace, up_port: int, gw_port: int, progres
 
     phases = [("nonstream", False)] + ([] if args.skip_stream else [("stream", True)])
     for name, stream in phases:
-        for where, port in (("direct", up_port), ("gateway", gw_port)):
+        for where, port in targets:
             label = f"{where} {name} @ {args.rate:g}/s"
             _log(f"{label}: {args.warmup:g} s warm-up + {args.duration:g} s")
             noise.start()
             r = await lc.run_fixed_rate(host, port, rate=args.rate, duration=args.duration, warmup=args.warmup,
                                         stream=stream, arrival=args.arrival, progress=progress, label=label)
             s = r.summary()
-            s["noise"] = noise.stop()
+            s["noise"] = noise.stop(client_only=where == "direct")
             out[f"{where}_{name}"] = s
             lat = s["latency_ms"]
             extra = f", TTFB p50 {_fmt(s['ttfb_ms'].get('p50'))} ms" if stream else ""
@@ -348,19 +377,22 @@ async def _measure(args: argparse.Namespace, up_port: int, gw_port: int, progres
 
     if not args.skip_max:
         dur = args.max_duration or args.duration
-        for where, port, d in (("gateway", gw_port, dur), ("direct", up_port, min(dur, 3.0))):
+        warm = min(args.warmup, 2.0)
+        for where, port, d in [(w, p, dur) for w, p in middles] + [("direct", up_port, min(dur, 3.0))]:
             label = f"{where} max ({args.connections} conns)"
-            _log(f"{label}: {min(args.warmup, 2.0):g} s warm-up + {d:g} s closed loop")
+            _log(f"{label}: {warm:g} s warm-up + {d:g} s closed loop")
             noise.start()
-            r = await lc.run_closed_loop(host, port, connections=args.connections, duration=d,
-                                         warmup=min(args.warmup, 2.0), progress=progress, label=label)
+            r = await lc.run_closed_loop(host, port, connections=args.connections, duration=d, warmup=warm,
+                                         progress=progress, label=label)
             out[f"{where}_max"] = r.summary()
-            out[f"{where}_max"]["noise"] = noise.stop()
+            out[f"{where}_max"]["noise"] = noise.stop(client_only=where == "direct")
             _log(f"{label}: {r.rps:,.0f} req/s ({r.errors} errors)")
     return out
 
 
-def _figures(phases: dict) -> dict:
+def _figures(phases: dict, middle: str = "gateway", prefix: str = "") -> dict:
+    """Figures for ``middle`` (a phase-name prefix) against direct; keys get ``prefix`` (e.g. ``bare_``)."""
+
     def lat(phase: str, key: str, q: str) -> float | None:
         p = phases.get(phase)
         return p[key].get(q) if p else None
@@ -368,71 +400,84 @@ def _figures(phases: dict) -> dict:
     def diff(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else a - b
 
-    fig = {
-        "direct_p50_ms": lat("direct_nonstream", "latency_ms", "p50"),
-        "gateway_p50_ms": lat("gateway_nonstream", "latency_ms", "p50"),
-        "direct_p99_ms": lat("direct_nonstream", "latency_ms", "p99"),
-        "gateway_p99_ms": lat("gateway_nonstream", "latency_ms", "p99"),
-    }
-    fig["added_p50_ms"] = diff(fig["gateway_p50_ms"], fig["direct_p50_ms"])
-    fig["added_p99_ms"] = diff(fig["gateway_p99_ms"], fig["direct_p99_ms"])
-    if "gateway_stream" in phases:
+    fig: dict = {}
+    if not prefix:
+        fig["direct_p50_ms"] = lat("direct_nonstream", "latency_ms", "p50")
+        fig["direct_p99_ms"] = lat("direct_nonstream", "latency_ms", "p99")
+    fig[prefix + "gateway_p50_ms"] = lat(f"{middle}_nonstream", "latency_ms", "p50")
+    fig[prefix + "gateway_p99_ms"] = lat(f"{middle}_nonstream", "latency_ms", "p99")
+    fig[prefix + "added_p50_ms"] = diff(fig[prefix + "gateway_p50_ms"], lat("direct_nonstream", "latency_ms", "p50"))
+    fig[prefix + "added_p99_ms"] = diff(fig[prefix + "gateway_p99_ms"], lat("direct_nonstream", "latency_ms", "p99"))
+    if f"{middle}_stream" in phases:
         for q in ("p50", "p99"):
-            fig[f"direct_ttfb_{q}_ms"] = lat("direct_stream", "ttfb_ms", q)
-            fig[f"gateway_ttfb_{q}_ms"] = lat("gateway_stream", "ttfb_ms", q)
-            fig[f"added_ttfb_{q}_ms"] = diff(fig[f"gateway_ttfb_{q}_ms"], fig[f"direct_ttfb_{q}_ms"])
-            fig[f"added_stream_total_{q}_ms"] = diff(lat("gateway_stream", "latency_ms", q),
-                                                     lat("direct_stream", "latency_ms", q))
-    if "gateway_max" in phases:
-        fig["max_rps"] = phases["gateway_max"]["rps"]
-        fig["max_p50_ms"] = phases["gateway_max"]["latency_ms"].get("p50")
-        fig["client_upstream_capacity_rps"] = phases["direct_max"]["rps"]
+            if not prefix:
+                fig[f"direct_ttfb_{q}_ms"] = lat("direct_stream", "ttfb_ms", q)
+            g = fig[f"{prefix}gateway_ttfb_{q}_ms"] = lat(f"{middle}_stream", "ttfb_ms", q)
+            fig[f"{prefix}added_ttfb_{q}_ms"] = diff(g, lat("direct_stream", "ttfb_ms", q))
+            fig[f"{prefix}added_stream_total_{q}_ms"] = diff(lat(f"{middle}_stream", "latency_ms", q),
+                                                             lat("direct_stream", "latency_ms", q))
+    if f"{middle}_max" in phases:
+        fig[prefix + "max_rps"] = phases[f"{middle}_max"]["rps"]
+        fig[prefix + "max_p50_ms"] = phases[f"{middle}_max"]["latency_ms"].get("p50")
+        if not prefix and "direct_max" in phases:
+            fig["client_upstream_capacity_rps"] = phases["direct_max"]["rps"]
     return fig
 
 
-def _verdicts(fig: dict, phases: dict) -> dict:
+def _verdicts(fig: dict, phases: dict, middle: str = "gateway", prefix: str = "") -> dict:
     def clean(*names: str) -> bool:
         return all(phases[n]["errors"] == 0 for n in names if n in phases)
 
-    ns_ok = clean("direct_nonstream", "gateway_nonstream")
+    ns_ok = clean("direct_nonstream", f"{middle}_nonstream")
     return {
-        "added_p50_ms": _judge("added_p50_ms", fig.get("added_p50_ms"), ns_ok),
-        "added_p99_ms": _judge("added_p99_ms", fig.get("added_p99_ms"), ns_ok),
-        "added_ttfb_p50_ms": _judge("added_ttfb_p50_ms", fig.get("added_ttfb_p50_ms"),
-                                    clean("direct_stream", "gateway_stream")),
-        "max_rps": _judge("max_rps", fig.get("max_rps"), clean("gateway_max")),
+        "added_p50_ms": _judge("added_p50_ms", fig.get(prefix + "added_p50_ms"), ns_ok),
+        "added_p99_ms": _judge("added_p99_ms", fig.get(prefix + "added_p99_ms"), ns_ok),
+        "added_ttfb_p50_ms": _judge("added_ttfb_p50_ms", fig.get(prefix + "added_ttfb_p50_ms"),
+                                    clean("direct_stream", f"{middle}_stream")),
+        "max_rps": _judge("max_rps", fig.get(prefix + "max_rps"), clean(f"{middle}_max")),
     }
 
 
 def _table(result: dict) -> str:
     fig, ver, cfg = result["figures"], result["verdicts"], result["setup"]
     mid = result["target"]
+    bare = result.get("reference_bare")
+    bfig = bare["figures"] if bare else {}
+    width = 84 + (20 if bare else 0)
+    head = f"{'figure':<34}{'direct':>10}{mid:>10}{'added':>10}"
+    if bare:
+        head += f"{'bare':>10}{'added':>10}"
     lines = [
         f"Maestro overhead benchmark: {mid} on CPU {cfg['gateway_cpu']}, upstream + load client on CPU "
         f"{cfg['client_cpu']}; {cfg['rate']:g} req/s {cfg['arrival']}, {cfg['duration']:g} s after "
         f"{cfg['warmup']:g} s warm-up",
         "",
-        f"{'figure':<34}{'direct':>10}{mid:>10}{'added':>10}   {'target':<10}{'result':<6}",
-        "-" * 84,
+        head + f"   {'target':<10}{'result':<6}",
+        "-" * width,
     ]
 
-    def row(title: str, d: float | None, g: float | None, a: float | None, key: str | None) -> None:
-        tgt = f"{TARGETS[key][0]} {TARGETS[key][1]:g}" if key else "(info)"
-        lines.append(f"{title:<34}{_fmt(d):>10}{_fmt(g):>10}{_fmt(a):>10}   {tgt:<10}{ver.get(key, '') if key else '':<6}")
+    def row(title: str, d, g, a, key: str | None, bkey: str | None = None, digits: int = 3) -> None:
+        tgt = f"{TARGETS[key][0]} {TARGETS[key][1]:,g}" if key else "(info)"
+        line = f"{title:<34}{_fmt(d, digits):>10}{_fmt(g, digits):>10}{_fmt(a, digits):>10}"
+        if bare:
+            line += f"{_fmt(bfig.get('bare_' + bkey) if bkey else None, digits):>10}"
+            line += f"{_fmt(bfig.get('bare_' + bkey.replace('gateway', 'added')) if bkey and 'gateway' in bkey else None, digits):>10}"
+        lines.append(line + f"   {tgt:<10}{ver.get(key, '') if key else '':<6}")
 
-    row("non-stream latency p50 (ms)", fig["direct_p50_ms"], fig["gateway_p50_ms"], fig["added_p50_ms"], "added_p50_ms")
-    row("non-stream latency p99 (ms)", fig["direct_p99_ms"], fig["gateway_p99_ms"], fig["added_p99_ms"], "added_p99_ms")
+    row("non-stream latency p50 (ms)", fig["direct_p50_ms"], fig["gateway_p50_ms"], fig["added_p50_ms"],
+        "added_p50_ms", "gateway_p50_ms")
+    row("non-stream latency p99 (ms)", fig["direct_p99_ms"], fig["gateway_p99_ms"], fig["added_p99_ms"],
+        "added_p99_ms", "gateway_p99_ms")
     if "added_ttfb_p50_ms" in fig:
         row("stream TTFB p50 (ms)", fig["direct_ttfb_p50_ms"], fig["gateway_ttfb_p50_ms"], fig["added_ttfb_p50_ms"],
-            "added_ttfb_p50_ms")
+            "added_ttfb_p50_ms", "gateway_ttfb_p50_ms")
         row("stream TTFB p99 (ms)", fig["direct_ttfb_p99_ms"], fig["gateway_ttfb_p99_ms"], fig["added_ttfb_p99_ms"],
-            None)
+            None, "gateway_ttfb_p99_ms")
     if "max_rps" in fig:
-        tgt = f">= {TARGETS['max_rps'][1]:,.0f}"
-        lines.append(f"{'max non-stream req/s (one core)':<34}{_fmt(fig['client_upstream_capacity_rps'], 0):>10}"
-                     f"{_fmt(fig['max_rps'], 0):>10}{'':>10}   {tgt:<10}{ver['max_rps']:<6}")
+        row("max non-stream req/s (one core)", fig.get("client_upstream_capacity_rps"), fig["max_rps"], None,
+            "max_rps", "max_rps", digits=0)
     errs = {k: v["errors"] for k, v in result["phases"].items() if v.get("errors")}
-    lines.append("-" * 84)
+    lines.append("-" * width)
     worst: dict[str, tuple[float, str]] = {}
     for phase, v in result["phases"].items():
         for key, frac in v.get("noise", {}).items():
@@ -447,7 +492,10 @@ def _table(result: dict) -> str:
     if "max_rps" in fig:
         lines.append("max req/s 'direct' column: client + upstream alone on their CPU (must stay well above the "
                      "gateway's)")
-    lines.append(f"reference: {REFERENCE}")
+    if bare:
+        lines.append(f"bare columns: {BARE_NOTE}, measured in this run; results judge '{mid}' only")
+    else:
+        lines.append(f"reference: {REFERENCE}")
     if errs:
         lines.append(f"ERRORS in phases: {errs}")
     lines.append(f"overall: {'PASS' if result['all_pass'] else 'FAIL'}")
@@ -455,12 +503,12 @@ def _table(result: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def _gateway_cmd(args: argparse.Namespace, config: Path, port: int, up_port: int) -> list[str]:
+def _gateway_cmd(args: argparse.Namespace, config: Path, port: int, up_port: int, bare: bool = False) -> list[str]:
     upstream = f"http://127.0.0.1:{up_port}"
-    if args.gateway_cmd:
-        return args.gateway_cmd.format(python=sys.executable, config=config, host="127.0.0.1", port=port,
-                                       upstream=upstream).split()
-    if args.target == "bare":
+    if args.gateway_cmd and not bare:
+        return shlex.split(args.gateway_cmd.format(python=sys.executable, config=config, host="127.0.0.1",
+                                                   port=port, upstream=upstream))
+    if bare or args.target == "bare":
         return [sys.executable, "-m", "loadgen.bench.bare_proxy", "--upstream", upstream, "--host", "127.0.0.1",
                 "--port", str(port)]
     return [sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "serve", "--config", str(config),
@@ -478,6 +526,11 @@ def run(args: argparse.Namespace) -> dict:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    busy = _busy_before([c for c in {gw_cpu, cl_cpu} if c is not None])
+    for cpu, frac in sorted(busy.items()):
+        if frac > NOISE_WARN:
+            _log(f"warning: CPU {cpu} is already {frac:.0%} busy with other processes; figures will be skewed "
+                 f"(see the noise line; pick other CPUs with --gateway-cpu/--client-cpu or rerun when quiet)")
     tmp = tempfile.TemporaryDirectory(prefix="maestro-bench-")
     log_path = Path(args.gateway_log) if args.gateway_log else Path(tmp.name) / "gateway.log"
     try:
@@ -498,12 +551,25 @@ def run(args: argparse.Namespace) -> dict:
         else:
             _wait_health(f"http://127.0.0.1:{gw_port}", gw, args.startup_timeout, log_path)
         _log(f"{args.target} ready on 127.0.0.1:{gw_port}")
+        middles = [(args.target, gw_port)]
+        pids_gw_cpu = [gw.pid]
+        if args.with_bare and args.target != "bare":
+            bare_port = _free_port()
+            bare_log = Path(tmp.name) / "bare.log"
+            bare_cmd = _gateway_cmd(args, config, bare_port, up_port, bare=True)
+            with open(bare_log, "wb") as log_file:
+                bare = children.spawn("bare", bare_cmd, gw_cpu, stdout=log_file, stderr=subprocess.STDOUT)
+            _wait_health(f"http://127.0.0.1:{bare_port}", bare, args.startup_timeout, bare_log)
+            _log(f"bare pass-through reference ready on 127.0.0.1:{bare_port} (CPU {gw_cpu})")
+            middles.append(("bare", bare_port))
+            pids_gw_cpu.append(bare.pid)
 
         if cl_cpu is not None:
             os.sched_setaffinity(0, {cl_cpu})
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            noise = CpuNoise({gw_cpu: [gw.pid], cl_cpu: [up.pid, os.getpid()]} if gw_cpu != cl_cpu else {})
-            phases = runner.run(_measure(args, up_port, gw_port, progress, noise))
+            noise = CpuNoise({gw_cpu: pids_gw_cpu, cl_cpu: [up.pid, os.getpid()]} if gw_cpu != cl_cpu else {},
+                             client_cpu=cl_cpu)
+            phases = runner.run(_measure(args, up_port, middles, progress, noise))
         if gw.poll() is not None:
             raise SetupError(f"gateway exited during the run (status {gw.returncode}):\n{_tail(log_path)}")
     finally:
@@ -513,21 +579,31 @@ def run(args: argparse.Namespace) -> dict:
         signal.signal(signal.SIGTERM, old_term)
         tmp.cleanup()
 
-    fig = _figures(phases)
-    ver = _verdicts(fig, phases)
-    return {
+    def rounded(d: dict) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
+
+    fig = _figures(phases, args.target)
+    ver = _verdicts(fig, phases, args.target)
+    noise_max = max((f for v in phases.values() for f in v.get("noise", {}).values()), default=0.0)
+    result = {
         "bench": "overhead",
         "target": args.target,
-        "figures": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in fig.items()},
+        "figures": rounded(fig),
         "verdicts": ver,
         "all_pass": all(v == "PASS" for v in ver.values() if v != "n/a"),
+        "noisy": noise_max > NOISE_WARN,
+        "busy_before": {f"cpu{c}": f for c, f in busy.items()},
         "targets": {k: f"{op} {lim:g}" for k, (op, lim) in TARGETS.items()},
         "setup": {"rate": args.rate, "duration": args.duration, "warmup": args.warmup, "arrival": args.arrival,
                   "connections": args.connections, "gateway_cpu": gw_cpu, "client_cpu": cl_cpu,
                   "cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-        "phases": {k: {kk: vv for kk, vv in v.items()} for k, v in phases.items()},
+        "phases": phases,
     }
+    if any(m == "bare" for m, _ in middles) and args.target != "bare":
+        bfig = _figures(phases, "bare", prefix="bare_")
+        result["reference_bare"] = {"figures": rounded(bfig), "verdicts": _verdicts(bfig, phases, "bare", "bare_")}
+    return result
 
 
 def _wait_health(base: str, proc: subprocess.Popen, timeout: float, log_path: Path) -> None:

@@ -1,0 +1,288 @@
+"""The gateway in front of a REAL vLLM engine (CPU build), driven by the official ``openai`` SDK.
+
+One engine per model per test run: the tests of a model live in one class and share its class-scoped stack
+(see conftest.py). tiny-llama has random weights, so its tests control lengths with ``ignore_eos`` and
+``max_tokens`` instead of looking at text; SmolLM2-135M-Instruct checks that real answers come through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import openai
+import pytest
+
+pytestmark = pytest.mark.real_vllm
+
+MESSAGES = [{"role": "user", "content": "Write a long story about a gateway that schedules requests."}]
+EXACT = {"ignore_eos": True}
+
+
+def _poll(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+async def _apoll(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await asyncio.to_thread(predicate)
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class TestTinyLlama:
+    """tiny-llama: engine started with ``--scheduling-policy priority --max-num-seqs 4``."""
+
+    def test_models_list(self, tiny_stack) -> None:
+        ids = [model.id for model in tiny_stack.client().models.list()]
+        assert tiny_stack.model in ids
+
+    def test_chat_exact_usage(self, tiny_stack) -> None:
+        client = tiny_stack.client()
+        response = client.chat.completions.create(
+            model=tiny_stack.model, messages=MESSAGES, max_tokens=32,
+            extra_body={"ignore_eos": True, "min_tokens": 8})
+        assert response.model == tiny_stack.model
+        assert response.choices[0].finish_reason == "length"
+        assert isinstance(response.choices[0].message.content, str)
+        usage = response.usage
+        assert usage is not None
+        assert usage.completion_tokens == 32
+        assert usage.prompt_tokens > 0
+        assert usage.total_tokens == usage.prompt_tokens + 32
+
+    def test_min_tokens_respected(self, tiny_stack) -> None:
+        # min_tokens makes vLLM ignore EOS and stop strings until that many tokens exist.
+        response = tiny_stack.client().chat.completions.create(
+            model=tiny_stack.model, messages=MESSAGES, max_tokens=40, extra_body={"min_tokens": 24})
+        assert response.usage is not None
+        assert 24 <= response.usage.completion_tokens <= 40
+
+    def test_stream_with_include_usage(self, tiny_stack) -> None:
+        stream = tiny_stack.client().chat.completions.create(
+            model=tiny_stack.model, messages=MESSAGES, max_tokens=24, stream=True,
+            stream_options={"include_usage": True}, extra_body=EXACT)
+        chunks = list(stream)
+        assert len(chunks) >= 2
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finish == ["length"]
+        final = chunks[-1]
+        assert final.choices == [], "the usage chunk must come last and carry no choices"
+        assert final.usage is not None and final.usage.completion_tokens == 24
+        assert final.usage.total_tokens == final.usage.prompt_tokens + 24
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text, "streamed no content"
+
+    def test_stream_without_include_usage_has_no_usage_chunk(self, tiny_stack) -> None:
+        stream = tiny_stack.client().chat.completions.create(
+            model=tiny_stack.model, messages=MESSAGES, max_tokens=16, stream=True, extra_body=EXACT)
+        chunks = list(stream)
+        assert chunks
+        for chunk in chunks:
+            assert chunk.usage is None, f"usage leaked to a client that did not ask for it: {chunk}"
+            assert chunk.choices, f"usage-only (empty choices) chunk reached the client: {chunk}"
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+    async def test_async_concurrent_streams(self, tiny_stack) -> None:
+        client = tiny_stack.async_client()
+
+        async def one(n: int) -> int:
+            stream = await client.chat.completions.create(
+                model=tiny_stack.model, messages=MESSAGES, max_tokens=n, stream=True,
+                stream_options={"include_usage": True}, extra_body=EXACT)
+            usage = None
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+            assert usage is not None
+            return usage.completion_tokens
+
+        try:
+            assert await asyncio.gather(*(one(8 + i) for i in range(6))) == [8 + i for i in range(6)]
+        finally:
+            await client.close()
+
+    def test_completions_endpoint(self, tiny_stack) -> None:
+        response = tiny_stack.client().completions.create(
+            model=tiny_stack.model, prompt="def schedule(requests):", max_tokens=16, extra_body=EXACT)
+        assert response.choices[0].finish_reason == "length"
+        assert isinstance(response.choices[0].text, str) and response.choices[0].text
+        assert response.usage is not None and response.usage.completion_tokens == 16
+
+    def test_completions_stream(self, tiny_stack) -> None:
+        stream = tiny_stack.client().completions.create(
+            model=tiny_stack.model, prompt="import asyncio\n", max_tokens=12, stream=True,
+            stream_options={"include_usage": True}, extra_body=EXACT)
+        chunks = list(stream)
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+
+    def test_unknown_model_is_404(self, tiny_stack) -> None:
+        with pytest.raises(openai.NotFoundError):
+            tiny_stack.client().chat.completions.create(
+                model="no-such-model", messages=MESSAGES, max_tokens=4)
+
+    def test_max_tokens_too_big_is_400(self, tiny_stack) -> None:
+        with pytest.raises(openai.BadRequestError) as excinfo:
+            tiny_stack.client().chat.completions.create(
+                model=tiny_stack.model, messages=MESSAGES, max_tokens=2 * tiny_stack.max_model_len)
+        assert "max_tokens" in str(excinfo.value) or "max_model_len" in str(excinfo.value) or \
+            "context" in str(excinfo.value).lower()
+
+    def test_client_disconnect_aborts_engine_request(self, tiny_stack) -> None:
+        before = tiny_stack.wait_engine_idle()
+        tokens_before = before.get("vllm:generation_tokens_total", 0.0)
+        stream = tiny_stack.client().chat.completions.create(
+            model=tiny_stack.model, messages=MESSAGES, max_tokens=1500, stream=True, extra_body=EXACT)
+        received = 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received += 1
+            if received >= 5:
+                break
+        assert received >= 5
+        running = tiny_stack.engine.metrics().get("vllm:num_requests_running", 0)
+        stream.close()
+        closed_at = time.monotonic()
+        _poll(lambda: tiny_stack.engine.metrics().get("vllm:num_requests_running", 0) == 0, timeout=2.0,
+              what="vllm:num_requests_running to return to 0 after the client disconnected "
+                   f"(it was {running} while streaming)")
+        released_in = time.monotonic() - closed_at
+        time.sleep(0.3)  # let the counter settle: an aborted request adds no more tokens
+        generated = tiny_stack.engine.metrics().get("vllm:generation_tokens_total", 0.0) - tokens_before
+        assert generated < 750, (f"engine generated {generated:.0f} of 1500 tokens after the client went away "
+                                 f"(slot released after {released_in:.2f} s): the abort did not reach vLLM")
+
+    async def test_priority_lower_value_first(self, tiny_stack) -> None:
+        """Fill every sequence slot, queue requests with priorities, check they finish lowest value first.
+
+        The engine has ``--max-num-seqs 4``. Three long requests and one shorter "slot freer" occupy the
+        four slots; the five prioritised requests queue behind them. When the freer finishes, its slot is
+        the only free one, so the queued requests run one after another through it, in the order the
+        priority scheduler picks them. Running requests are never preempted by priority (only under KV
+        pressure), so the long ones keep their slots until the test cancels them.
+        """
+        engine = tiny_stack.engine
+        tiny_stack.wait_engine_idle()
+        client = tiny_stack.async_client(timeout=120)
+        long_tasks: list[asyncio.Task] = []
+        short_tasks: list[asyncio.Task] = []
+        finished: list[int] = []
+
+        async def request(max_tokens: int, priority: int | None = None) -> int:
+            body = dict(EXACT)
+            if priority is not None:
+                body["priority"] = priority
+            response = await client.chat.completions.create(
+                model=tiny_stack.model, messages=MESSAGES, max_tokens=max_tokens, extra_body=body)
+            return response.usage.completion_tokens
+
+        async def short(priority: int) -> None:
+            assert await request(6, priority) == 6
+            finished.append(priority)
+
+        try:
+            long_tasks.append(asyncio.create_task(request(900)))  # the slot freer
+            for _ in range(tiny_stack.max_num_seqs - 1):
+                long_tasks.append(asyncio.create_task(request(tiny_stack.max_model_len - 200)))
+            await _apoll(lambda: engine.metrics().get("vllm:num_requests_running", 0) == tiny_stack.max_num_seqs,
+                         timeout=15, what=f"{tiny_stack.max_num_seqs} long requests running")
+            priorities = [10, 3, 7, 0, -5]
+            for priority in priorities:
+                short_tasks.append(asyncio.create_task(short(priority)))
+            await _apoll(lambda: engine.metrics().get("vllm:num_requests_waiting", 0) == len(priorities),
+                         timeout=10, what="the prioritised requests to queue in the engine")
+            assert not long_tasks[0].done(), "the slot freer finished before all requests were queued; " \
+                                             "the engine is faster than this test assumes"
+            await asyncio.wait_for(asyncio.gather(*short_tasks), timeout=90)
+            assert finished == sorted(priorities), f"finish order {finished}, expected lowest value first"
+        finally:
+            for task in long_tasks + short_tasks:
+                task.cancel()
+            await asyncio.gather(*long_tasks, *short_tasks, return_exceptions=True)
+            await client.close()
+        tiny_stack.wait_engine_idle(timeout=5)
+
+    def test_admin_engines_reports_scraped_metrics(self, tiny_stack) -> None:
+        gateway = tiny_stack.require_gateway()
+        tiny_stack.wait_engine_idle()
+        client = tiny_stack.client(timeout=120)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def long_stream() -> None:
+            try:
+                stream = client.chat.completions.create(
+                    model=tiny_stack.model, messages=MESSAGES, max_tokens=tiny_stack.max_model_len - 200, stream=True,
+                    extra_body=EXACT)
+                for _ in stream:
+                    if stop.is_set():
+                        break
+                stream.close()
+            except BaseException as error:  # surfaced below
+                errors.append(error)
+
+        worker = threading.Thread(target=long_stream, daemon=True)
+        worker.start()
+        try:
+            def busy_engine():
+                for engine in gateway.engines():
+                    if engine.get("up") and (engine.get("metrics") or {}).get("running", 0) > 0:
+                        return engine
+                return None
+
+            engine = _poll(busy_engine, timeout=5.0, what="GET /admin/engines to show running > 0")
+            assert engine["url"].rstrip("/") == tiny_stack.engine.url
+            assert engine.get("sleeping") in (False, None)
+            assert "engine_id" in engine
+            metrics = gateway.metrics()
+            assert metrics.get("maestro_engines_up", 0) >= 1, "maestro_engines_up missing or 0"
+        finally:
+            stop.set()
+            worker.join(timeout=10)
+        assert not errors, errors
+        tiny_stack.wait_engine_idle(timeout=5)
+        # After the request ends the monitor sees the engine idle again and the token counter moved.
+        engine = _poll(lambda: next((e for e in gateway.engines()
+                                     if (e.get("metrics") or {}).get("running", 1) == 0), None),
+                       timeout=3.0, what="GET /admin/engines to show running == 0 again")
+        total = (engine.get("metrics") or {}).get("generation_tokens_total")
+        if total is not None:
+            assert total > 0
+
+
+class TestSmolLM2:
+    """SmolLM2-135M-Instruct: a real (tiny) instruction-tuned model."""
+
+    def test_models_list(self, smol_stack) -> None:
+        assert [model.id for model in smol_stack.client().models.list()] == [smol_stack.model]
+
+    def test_capital_of_france(self, smol_stack) -> None:
+        response = smol_stack.client().chat.completions.create(
+            model=smol_stack.model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=64, temperature=0)
+        choice = response.choices[0]
+        assert "Paris" in (choice.message.content or ""), choice.message.content
+        assert choice.finish_reason == "stop"
+        assert response.usage is not None and response.usage.completion_tokens < 64
+
+    def test_capital_of_france_streamed(self, smol_stack) -> None:
+        stream = smol_stack.client().chat.completions.create(
+            model=smol_stack.model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=64, temperature=0, stream=True)
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert "Paris" in text, text
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
