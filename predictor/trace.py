@@ -1,0 +1,87 @@
+"""The trace record: the one format every importer writes, training reads, and the gateway logs.
+
+One JSON object per line, ``.jsonl`` or ``.jsonl.gz``::
+
+    {"request": {OpenAI chat-completion body: "model", "messages", optional "max_tokens", any other fields},
+     "usage": {"prompt_tokens": int, "completion_tokens": int},
+     "agent_role": "planner|coder|reviewer|tester|tool_caller|researcher|writer|assistant|other" or null,
+     "workflow": {"id": str, "step": int} or null,
+     "source": str}
+
+Optional extra keys: ``"estimated": true`` when token counts were estimated from characters (the source had
+none), and ``"meta": {...}`` for source-specific provenance (never used as a feature).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROLES = ("planner", "coder", "reviewer", "tester", "tool_caller", "researcher", "writer", "assistant", "other")
+
+
+class TraceFormatError(ValueError):
+    """A line is not a valid trace record; the message names the file and line."""
+
+
+def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
+    if not isinstance(record, dict):
+        raise TraceFormatError(f"{where}: not a JSON object")
+    request = record.get("request")
+    if not isinstance(request, dict) or not isinstance(request.get("messages"), list):
+        raise TraceFormatError(f"{where}: 'request.messages' must be a list")
+    usage = record.get("usage")
+    if not isinstance(usage, dict):
+        raise TraceFormatError(f"{where}: 'usage' must be an object")
+    for key in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise TraceFormatError(f"{where}: 'usage.{key}' must be a non-negative integer")
+    role = record.get("agent_role")
+    if role is not None and role not in ROLES:
+        raise TraceFormatError(f"{where}: 'agent_role' {role!r} is not one of {', '.join(ROLES)}")
+    workflow = record.get("workflow")
+    if workflow is not None and (not isinstance(workflow, dict) or not isinstance(workflow.get("id"), str)
+                                 or not isinstance(workflow.get("step"), int)):
+        raise TraceFormatError(f"{where}: 'workflow' must be null or {{'id': str, 'step': int}}")
+    if not isinstance(record.get("source"), str):
+        raise TraceFormatError(f"{where}: 'source' must be a string")
+    return record
+
+
+def _open(path: Path, mode: str):
+    if path.suffix == ".gz":
+        return gzip.open(path, mode + "b")
+    return open(path, mode + "b")
+
+
+def read_records(path: str | Path, validate: bool = True) -> Iterator[dict[str, Any]]:
+    """Yield the records of one ``.jsonl`` / ``.jsonl.gz`` file."""
+    path = Path(path)
+    with _open(path, "r") as handle:
+        for number, line in enumerate(io.BufferedReader(handle), start=1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise TraceFormatError(f"{path}:{number}: invalid JSON ({exc})") from None
+            yield validate_record(record, f"{path}:{number}") if validate else record
+
+
+def write_records(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
+    """Write records (validated) to ``path``; return how many were written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = 0
+    with _open(path, "w") as handle:
+        for record in records:
+            handle.write(orjson.dumps(validate_record(record, f"record {count}")) + b"\n")
+            count += 1
+    return count
