@@ -184,6 +184,8 @@ class VllmEngine:
             "VLLM_NO_USAGE_STATS": "1",
             "DO_NOT_TRACK": "1",
             "PYTHONUNBUFFERED": "1",
+            # vLLM leaves its gloo rendezvous file (vllm_dist_*) in TMPDIR; keep it in the test's directory.
+            "TMPDIR": str(self.log_path.parent),
         })
         log = self.log_path.open("wb")
         log.write(("$ " + " ".join(cmd) + "\n").encode())
