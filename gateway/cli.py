@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.set_defaults(func=cmd_check_config)
 
+    from predictor.cli import add_predictor_commands
+
+    add_predictor_commands(sub)
+
     bench = sub.add_parser("bench", help="benchmarks that print figures for docs/benchmarks.md")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     overhead = bench_sub.add_parser("overhead", help="latency and throughput the gateway adds over a direct call")

@@ -1,0 +1,146 @@
+"""``maestro predictor ...``: import third-party traces, train, evaluate.
+
+``gateway/cli.py`` calls :func:`add_predictor_commands` with its subparsers; every subcommand sets ``func`` to a
+function of ``args`` that returns the exit code (0 success, 1 runtime failure, 2 usage error: unknown source,
+missing input, a module that is not there yet).
+
+    maestro predictor import --source chatdev ../shared/data/chatdev-warehouse-llm-calls traces/chatdev.jsonl.gz
+    maestro predictor train --data traces/*.jsonl.gz --out model.skops      (predictor.train)
+    maestro predictor evaluate ...                                          (predictor.evaluate)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def add_predictor_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``predictor`` command group (``import``, ``train``, ``evaluate``) to ``subparsers``."""
+    from predictor.importers import SOURCES
+
+    predictor = subparsers.add_parser("predictor", help="trace import, training and evaluation of the predictor")
+    sub = predictor.add_subparsers(dest="predictor_command", required=True)
+
+    imp = sub.add_parser("import", help="convert a third-party trace into trace records (.jsonl / .jsonl.gz)",
+                         description="Read a third-party agent trace in place and write Maestro trace records. "
+                                     f"Sources: {', '.join(SOURCES)}.")
+    imp.add_argument("--source", required=True, metavar="NAME", help=f"one of: {', '.join(SOURCES)}")
+    imp.add_argument("input", metavar="IN", help="the source file, or the folder that holds it")
+    imp.add_argument("output", metavar="OUT", help="output file, .jsonl or .jsonl.gz")
+    imp.add_argument("--limit", type=int, default=None, help="stop after this many records")
+    imp.add_argument("--quiet", action="store_true", help="print only the summary")
+    imp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    imp.set_defaults(func=cmd_import)
+
+    train = sub.add_parser("train", help="train the role classifier and output-length model (predictor.train)")
+    _attach(train, "predictor.train", cmd_train)
+    evaluate = sub.add_parser("evaluate", help="evaluate a trained predictor on held-out traces "
+                              "(predictor.evaluate)")
+    _attach(evaluate, "predictor.evaluate", cmd_evaluate)
+    return predictor
+
+
+# ---------------------------------------------------------------------------------------------- import
+
+def _err(message: str) -> None:
+    print(f"maestro predictor: {message}", file=sys.stderr)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from predictor.importers import SOURCES, InputNotFoundError, UnknownSourceError, import_source
+    from predictor.trace import TraceFormatError
+
+    if args.source not in SOURCES:
+        _err(f"unknown source {args.source!r}; known sources: {', '.join(SOURCES)}")
+        return EXIT_USAGE
+    output = str(args.output)
+    if not (output.endswith(".jsonl") or output.endswith(".jsonl.gz")):
+        _err(f"OUT must end in .jsonl or .jsonl.gz: {output}")
+        return EXIT_USAGE
+    if args.limit is not None and args.limit < 0:
+        _err("--limit must be >= 0")
+        return EXIT_USAGE
+
+    def progress(stats) -> None:
+        print(f"  {stats.source}: {stats.written} records written, {stats.read} rows read, "
+              f"{sum(stats.skipped.values())} skipped", file=sys.stderr, flush=True)
+
+    if not args.quiet:
+        print(f"importing {args.source} from {args.input} -> {output}", file=sys.stderr, flush=True)
+    try:
+        summary = import_source(args.source, args.input, output, limit=args.limit,
+                                progress=None if args.quiet else progress)
+    except (UnknownSourceError, InputNotFoundError) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except (ValueError, TraceFormatError, OSError) as exc:
+        _err(f"import failed: {exc}")
+        return EXIT_FAILURE
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary), flush=True)
+    return EXIT_OK
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"{summary['source']}: {summary['written']} records -> {summary['output']} "
+             f"({summary['read']} rows read"
+             + (f", {summary['messages']} messages" if summary.get("messages") else "")
+             + f", {summary['seconds']} s)"]
+    if summary["skipped"]:
+        lines.append("  skipped: " + ", ".join(f"{reason} {n}" for reason, n in summary["skipped"].items()))
+    lines.append("  roles:   " + ", ".join(f"{role} {n}" for role, n in summary["roles"].items()))
+    if summary["estimated"]:
+        lines.append(f"  estimated token counts: {summary['estimated']} records")
+    if summary.get("tool_rendered"):
+        lines.append(f"  tool-rendered outputs (meta.tool_rendered_output): {summary['tool_rendered']} records")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- train / evaluate
+# The training and evaluation commands live in predictor/train.py and predictor/evaluate.py, each with
+# ``add_arguments(parser)`` and ``main(args: argparse.Namespace) -> int`` (the convention of loadgen.bench).
+# When a module is missing or fails to import, its subcommand still exists and exits 2 saying why.
+
+def _attach(parser: argparse.ArgumentParser, module_name: str, fallback) -> None:
+    try:
+        module = importlib.import_module(module_name)
+        module.add_arguments(parser)
+        parser.set_defaults(func=module.main)
+    except (ImportError, AttributeError) as exc:
+        parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        parser.set_defaults(func=fallback, unavailable=f"{type(exc).__name__}: {exc}")
+
+
+def _unavailable(module_name: str, args: argparse.Namespace) -> int:
+    reason = getattr(args, "unavailable", None) or "not loaded"
+    _err(f"'{module_name}' is not available yet ({reason})")
+    return EXIT_USAGE
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Stand-in for ``predictor.train.main`` while that module cannot be imported."""
+    return _unavailable("predictor.train", args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Stand-in for ``predictor.evaluate.main`` while that module cannot be imported."""
+    return _unavailable("predictor.evaluate", args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m predictor.cli ...`` (the same commands without the ``maestro predictor`` prefix)."""
+    parser = argparse.ArgumentParser(prog="maestro")
+    add_predictor_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["predictor", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

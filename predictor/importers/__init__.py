@@ -1,0 +1,362 @@
+"""Importers: third-party agent logs -> trace records (:mod:`predictor.trace`).
+
+``import_source(name, in_path, out_path)`` streams one source into a ``.jsonl`` / ``.jsonl.gz`` file and returns
+a summary (rows read, records written, skips by reason, role counts). ``iter_source(name, in_path)`` yields the
+records without writing. Sources (``SOURCES``):
+
+==============  ==========================================  ====================================================
+name            input (file, or the folder holding it)       one record per
+==============  ==========================================  ====================================================
+chatdev         chatdev_llm_calls.jsonl.gz                   logged ChatDev call (real token counts)
+who-and-when    who_and_when_tasks.jsonl.gz                  agent message that is an LLM call, both subsets
+ag2             the same file, Algorithm-Generated only      AG2 CaptainAgent expert message
+magentic-one    the same file, Hand-Crafted only             Magentic-One agent / orchestrator call
+tau-bench       gpt-4o-airline.json(.gz)                     assistant message (prompt = the messages before it)
+toolbench       toolbench_dfs_llm_calls.jsonl.gz             logged ToolBench call
+alpaca-eval     selected_models_outputs.jsonl.gz             (instruction, model) output; needs instructions.jsonl.gz
+==============  ==========================================  ====================================================
+
+Agent roles come from ``predictor/roles.yaml`` (:class:`RoleMap`), never from code. Where a source has no token
+counts they are estimated with :func:`predictor.tokens.estimate_tokens` and the record carries ``"estimated": true``.
+Malformed input rows are skipped and counted, never fatal. The third-party data is read in place; nothing of it
+is copied into the repository.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+import importlib
+import io
+import itertools
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from predictor.trace import ROLES, write_records
+
+ROLES_YAML = Path(__file__).resolve().parent.parent / "roles.yaml"
+
+# name -> (module, generator function, keyword arguments). Modules are imported on first use.
+_REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "chatdev": ("predictor.importers.chatdev", "iter_records", {}),
+    "who-and-when": ("predictor.importers.who_and_when", "iter_records", {}),
+    "ag2": ("predictor.importers.who_and_when", "iter_records", {"subset": "ag2"}),
+    "magentic-one": ("predictor.importers.who_and_when", "iter_records", {"subset": "magentic-one"}),
+    "tau-bench": ("predictor.importers.tau_bench", "iter_records", {}),
+    "toolbench": ("predictor.importers.toolbench", "iter_records", {}),
+    "alpaca-eval": ("predictor.importers.alpaca_eval", "iter_records", {}),
+}
+SOURCES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+class UnknownSourceError(KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "unknown source"
+
+
+class InputNotFoundError(FileNotFoundError):
+    """The input file (or the expected file inside the given folder) does not exist."""
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+@dataclass
+class ImportStats:
+    """Counts an importer keeps while it streams; ``summary()`` is what ``import_source`` returns."""
+
+    source: str
+    read: int = 0                    # input rows (lines, tasks, trajectories) read
+    messages: int = 0                # candidate messages looked at (multi-call rows)
+    written: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    roles: Counter = field(default_factory=Counter)
+    estimated: int = 0
+    tool_rendered: int = 0
+
+    def skip(self, reason: str, count: int = 1) -> None:
+        self.skipped[reason] += count
+
+    def emit(self, record: dict[str, Any]) -> dict[str, Any]:
+        self.written += 1
+        self.roles[record.get("agent_role")] += 1
+        if record.get("estimated"):
+            self.estimated += 1
+        if (record.get("meta") or {}).get("tool_rendered_output"):
+            self.tool_rendered += 1
+        return record
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "read": self.read, "messages": self.messages, "written": self.written,
+            "skipped": dict(sorted(self.skipped.items())), "skipped_total": sum(self.skipped.values()),
+            "roles": {str(role): count for role, count in self.roles.most_common()},
+            "estimated": self.estimated, "tool_rendered": self.tool_rendered,
+        }
+
+
+# ---------------------------------------------------------------------------------------------- input helpers
+
+def resolve_input(in_path: str | Path, candidates: tuple[str, ...]) -> Path:
+    """``in_path`` itself when it is a file, else the first of ``candidates`` inside that folder."""
+    path = Path(in_path)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for name in candidates:
+            if (path / name).is_file():
+                return path / name
+        raise InputNotFoundError(f"{path}: none of {', '.join(candidates)} in this folder")
+    raise InputNotFoundError(f"{path}: no such file or folder")
+
+
+def open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def iter_jsonl(path: Path, stats: ImportStats) -> Iterator[dict[str, Any]]:
+    """Objects of a ``.jsonl(.gz)`` file; a line that is not a JSON object is counted in ``malformed_json``."""
+    with open_binary(path) as handle:
+        for line in io.BufferedReader(handle) if isinstance(handle, gzip.GzipFile) else handle:
+            line = line.strip()
+            if not line:
+                continue
+            stats.read += 1
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                stats.skip("malformed_json")
+                continue
+            if not isinstance(obj, dict):
+                stats.skip("malformed_json")
+                continue
+            yield obj
+
+
+def load_json(path: Path) -> Any:
+    with open_binary(path) as handle:
+        return orjson.loads(handle.read())
+
+
+def text_of(value: Any) -> str | None:
+    """A message text as a string (None stays None; lists of parts are joined)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = [p.get("text", "") if isinstance(p, dict) else str(p) for p in value]
+        return "".join(p for p in parts if isinstance(p, str))
+    return str(value)
+
+
+_NAME_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def openai_name(name: str) -> str:
+    """An agent name made valid for OpenAI's message ``name`` (``^[A-Za-z0-9_-]{1,64}$``)."""
+    return _NAME_CHARS.sub("_", name).strip("_")[:64] or "agent"
+
+
+def nonneg_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return int(value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- role map
+
+@dataclass(frozen=True)
+class RoleDecision:
+    """What roles.yaml says about one message: a role, or a skip reason (not an LLM call)."""
+
+    role: str | None
+    skip: str | None = None
+    rule: str = "default"
+    tool_rendered: bool = False
+
+
+@dataclass(frozen=True)
+class _Rule:
+    kind: str                        # name | glob | regex | any
+    pattern: str
+    matcher: Callable[[str], bool]
+    content: re.Pattern | None
+    role: str | None
+    skip: str | None
+
+    def matches(self, name: str, text: str | None) -> bool:
+        if not self.matcher(name):
+            return False
+        return self.content is None or (text is not None and self.content.search(text) is not None)
+
+    def label(self) -> str:
+        parts = [f"{self.kind}:{self.pattern}"] if self.kind != "any" else []
+        if self.content is not None:
+            parts.append(f"content:{self.content.pattern}")
+        return " ".join(parts)
+
+
+def _selector(spec: dict[str, Any], where: str) -> tuple[str, str, Callable[[str], bool], re.Pattern | None]:
+    content = spec.get("content")
+    content_re = re.compile(content) if isinstance(content, str) else None
+    if "name" in spec:
+        exact = str(spec["name"])
+        return "name", exact, (lambda n, e=exact: n == e), content_re
+    if "glob" in spec:
+        pattern = str(spec["glob"]).lower()
+        return "glob", pattern, (lambda n, p=pattern: fnmatch.fnmatchcase(n.lower(), p)), content_re
+    if "regex" in spec:
+        compiled = re.compile(str(spec["regex"]))
+        return "regex", compiled.pattern, (lambda n, c=compiled: c.search(n) is not None), content_re
+    if content_re is not None:
+        return "any", "", (lambda n: True), content_re
+    raise ValueError(f"{where}: a rule needs one of name, glob, regex or content")
+
+
+class RoleMap:
+    """The persona -> role mapping of one source, as written in ``roles.yaml``."""
+
+    def __init__(self, source: str, spec: dict[str, Any]):
+        self.source = source
+        self.spec = spec
+        where = f"roles.yaml sources.{source}"
+        self.phases: dict[str, str] = {str(k): self._role(v, where) for k, v in (spec.get("phases") or {}).items()}
+        self.names: dict[str, str] = {str(k): self._role(v, where) for k, v in (spec.get("names") or {}).items()}
+        self.default: str | None = self._role(spec.get("default", "other"), where) if spec.get("default") else None
+        self.rules: list[_Rule] = []
+        for index, rule in enumerate(spec.get("rules") or ()):
+            kind, pattern, matcher, content = _selector(rule, f"{where}.rules[{index}]")
+            role = self._role(rule["role"], where) if "role" in rule else None
+            skip = str(rule["skip"]) if "skip" in rule else None
+            if (role is None) == (skip is None):
+                raise ValueError(f"{where}.rules[{index}]: give exactly one of role or skip")
+            self.rules.append(_Rule(kind, pattern, matcher, content, role, skip))
+        self.tool_rendered = [_selector(s, f"{where}.tool_rendered") for s in (spec.get("tool_rendered") or ())]
+        self.private = frozenset(str(x) for x in (spec.get("private") or ()))
+        self.model: str | None = spec.get("model")
+
+    @staticmethod
+    def _role(value: Any, where: str) -> str:
+        if value not in ROLES:
+            raise ValueError(f"{where}: {value!r} is not a role ({', '.join(ROLES)})")
+        return value
+
+    def resolve(self, name: str | None, text: str | None = None, phase: str | None = None) -> RoleDecision:
+        """The role of a call by agent ``name`` (``text``: the message, for content rules; ``phase``: ChatDev)."""
+        name = name or ""
+        rendered = any(m(name) and (c is None or (text is not None and c.search(text) is not None))
+                       for _, _, m, c in self.tool_rendered)
+        if phase is not None and phase in self.phases:
+            return RoleDecision(self.phases[phase], rule=f"phase:{phase}", tool_rendered=rendered)
+        for rule in self.rules:
+            if rule.matches(name, text):
+                return RoleDecision(rule.role, rule.skip, rule.label(), rendered and rule.skip is None)
+        if name in self.names:
+            return RoleDecision(self.names[name], rule=f"name:{name}", tool_rendered=rendered)
+        return RoleDecision(self.default, rule="default", tool_rendered=rendered)
+
+    def role_of(self, name: str | None, phase: str | None = None) -> str | None:
+        """Just the role (skips resolve to None): for callers that only have a persona label."""
+        return self.resolve(name, None, phase).role
+
+
+@lru_cache(maxsize=8)
+def _load_roles_yaml(path: str) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data.get("sources"), dict):
+        raise ValueError(f"{path}: expected a top-level 'sources' mapping")
+    return data
+
+
+def load_role_map(source: str, path: str | Path | None = None) -> RoleMap:
+    """The :class:`RoleMap` of ``source`` from ``roles.yaml`` (or ``path``)."""
+    data = _load_roles_yaml(str(path or ROLES_YAML))
+    spec = data["sources"].get(source)
+    if spec is None:
+        raise KeyError(f"roles.yaml has no entry for source {source!r}")
+    return RoleMap(source, spec)
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+def make_record(*, source: str, model: str, messages: list[dict[str, Any]], prompt_tokens: int,
+                completion_tokens: int, role: str | None, workflow: dict[str, Any] | None,
+                estimated: bool, meta: dict[str, Any], max_tokens: int | None = None,
+                tools: list[Any] | None = None) -> dict[str, Any]:
+    request: dict[str, Any] = {"model": model, "messages": messages}
+    if max_tokens is not None:
+        request["max_tokens"] = max_tokens
+    if tools:
+        request["tools"] = tools
+    record: dict[str, Any] = {
+        "request": request,
+        "usage": {"prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens)},
+        "agent_role": role,
+        "workflow": workflow,
+        "source": source,
+    }
+    if estimated:
+        record["estimated"] = True
+    record["meta"] = meta
+    return record
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+def _importer(name: str) -> tuple[Callable[..., Iterator[dict[str, Any]]], dict[str, Any]]:
+    if name not in _REGISTRY:
+        raise UnknownSourceError(f"unknown source {name!r}; known sources: {', '.join(SOURCES)}")
+    module_name, function, kwargs = _REGISTRY[name]
+    return getattr(importlib.import_module(module_name), function), kwargs
+
+
+def iter_source(name: str, in_path: str | Path, stats: ImportStats | None = None,
+                limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """Stream the records of source ``name`` read from ``in_path`` (at most ``limit``)."""
+    function, kwargs = _importer(name)
+    stats = stats if stats is not None else ImportStats(name)
+    records = function(in_path, stats, **kwargs)
+    return itertools.islice(records, limit) if limit is not None else records
+
+
+def import_source(name: str, in_path: str | Path, out_path: str | Path, limit: int | None = None,
+                  progress: Callable[[ImportStats], None] | None = None,
+                  progress_every: int = 1000) -> dict[str, Any]:
+    """Import ``in_path`` as source ``name`` into ``out_path`` (``.jsonl`` or ``.jsonl.gz``); return the summary.
+
+    Raises :class:`UnknownSourceError` for an unknown name and :class:`InputNotFoundError` for a missing input,
+    both before anything is written.
+    """
+    function, kwargs = _importer(name)
+    stats = ImportStats(name)
+    started = time.perf_counter()
+    records = function(in_path, stats, **kwargs)
+    first = next(records, None)  # opens the input: a missing file fails here, before OUT is created
+    stream = itertools.chain([] if first is None else [first], records)
+    if limit is not None:
+        stream = itertools.islice(stream, limit)
+    if progress is not None:
+        stream = _with_progress(stream, stats, progress, progress_every)
+    write_records(out_path, stream)
+    summary = stats.summary()
+    summary.update(input=str(in_path), output=str(out_path), seconds=round(time.perf_counter() - started, 2))
+    return summary
+
+
+def _with_progress(stream, stats: ImportStats, progress, every: int):
+    for index, record in enumerate(stream, start=1):
+        yield record
+        if index % every == 0:
+            progress(stats)

@@ -1,0 +1,145 @@
+"""The one character-based token estimator: importers use it where a source has no counts, and the gateway's
+predictor uses it at serving time on every request, so both sides see the same numbers.
+
+No tokenizer is loaded (none is needed, nothing is downloaded, and it is the same for every model). The
+estimate is a small linear model over four counts that C-level ``bytes`` operations give in one pass each::
+
+    tokens ~= 0.069 * chars + 0.865 * ascii_punctuation + 0.627 * words + 0.45 * extra_utf8_bytes
+    then at least chars / 6
+
+- ``chars``: ``len(text)``; ``words``: runs of non-whitespace (``len(b.split())``);
+- ``ascii_punctuation``: ASCII bytes that are not letters, digits, ``_`` or whitespace (BPE vocabularies
+  split these off, so punctuation-dense text such as code, JSON and URLs has fewer characters per token);
+- ``extra_utf8_bytes``: UTF-8 bytes beyond one per character, the CJK / non-Latin correction: a CJK character
+  (3 bytes) adds ~0.9 token, a Cyrillic or accented one (2 bytes) ~0.45;
+- the ``chars / 6`` floor keeps long unbroken identifiers, hashes and base64 from being estimated at one token.
+
+Calibration (``tests/test_importers.py`` re-checks it on the data when present): fitted by least squares on
+relative error to the 1,025 ChatDev calls of ``chatdev-warehouse-llm-calls`` that have both an output text and
+the ``completion_tokens`` the OpenAI API returned (GPT-3.5/4, cl100k_base). Their output runs 4.58 characters
+per token (median; README: p5 3.97, p95 5.24), mostly code plus prose manuals and reviews. Results on those calls:
+
+=====================================  ==========  =============  =========
+estimator                              mean |err|  median |err|   p95 |err|
+=====================================  ==========  =============  =========
+``chars / 4.0`` (the usual rule)          14.9 %        14.7 %          -
+``chars / 4.58`` (median ratio)            8.7 %         5.2 %        29 %
+this estimator                             2.5 %         1.5 %         8 %
+=====================================  ==========  =============  =========
+
+(5 random 500/525 splits: held-out mean error 2.9-3.1 %, coefficients stable to +-0.01.) The median ratio
+estimate/real is ~1.0 in every ChatDev phase, 1.00 on the prose ``Manual`` phase, except ``LanguageChoose``
+(one-line replies like ``<INFO> Python``, 0.85). Prompt side: on the 714 ChatDev calls whose API prompt was just
+system message + input message (first turn of a phase), ``estimate_message_tokens`` is off by 2.5 % on average
+against the real ``prompt_tokens``. Speed: ~0.25 ms per 100 kB of text, ~0.6 us for a short string.
+It is a cl100k-style estimate; other BPE vocabularies of similar size (Llama-3, Qwen) should be close, but that
+is not checked here (no tokenizer is available offline).
+
+Messages follow OpenAI's accounting (``num_tokens_from_messages``): ~4 tokens per message (role and framing),
+1 more for a ``name``, 3 to prime the reply; tool calls count their function name and JSON arguments plus 3.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+# Fitted coefficients (see the module docstring).
+CHAR_WEIGHT = 0.069
+PUNCT_WEIGHT = 0.865
+WORD_WEIGHT = 0.627
+EXTRA_BYTE_WEIGHT = 0.45
+MIN_CHARS_PER_TOKEN = 6.0
+
+# OpenAI chat framing.
+MESSAGE_OVERHEAD = 4     # <|start|>{role}\n ... <|end|>
+NAME_OVERHEAD = 1
+REPLY_PRIMING = 3        # <|start|>assistant<|message|>
+TOOL_CALL_OVERHEAD = 3   # per function call: framing around name and arguments
+IMAGE_PART_TOKENS = 85   # an image part counts as a low-detail image (OpenAI's base cost)
+
+_NOT_PUNCT = (string.ascii_letters + string.digits + "_" + string.whitespace).encode("ascii")
+_HIGH_BYTES = bytes(range(128, 256))
+
+
+def estimate_tokens(text: str) -> int:
+    """Estimated token count of ``text`` (0 for the empty string, at least 1 otherwise)."""
+    if not text:
+        return 0
+    if not isinstance(text, str):
+        text = str(text)
+    chars = len(text)
+    data = text.encode("utf-8", "surrogatepass")
+    extra = len(data) - chars
+    ascii_only = data.translate(None, _HIGH_BYTES) if extra else data
+    punct = len(ascii_only.translate(None, _NOT_PUNCT))
+    words = len(data.split())
+    estimate = CHAR_WEIGHT * chars + PUNCT_WEIGHT * punct + WORD_WEIGHT * words + EXTRA_BYTE_WEIGHT * extra
+    estimate = max(estimate, chars / MIN_CHARS_PER_TOKEN)
+    return max(1, int(estimate + 0.5))
+
+
+def content_tokens(content: Any) -> int:
+    """Tokens of a message ``content``: a string, or a list of parts (text parts counted, images flat)."""
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return estimate_tokens(content)
+    if isinstance(content, list):
+        total = 0
+        for part in content:
+            if isinstance(part, str):
+                total += estimate_tokens(part)
+            elif isinstance(part, Mapping):
+                kind = part.get("type")
+                if kind in ("image_url", "image", "input_image"):
+                    total += IMAGE_PART_TOKENS
+                elif isinstance(part.get("text"), str):
+                    total += estimate_tokens(part["text"])
+                elif isinstance(part.get("content"), str):
+                    total += estimate_tokens(part["content"])
+        return total
+    return estimate_tokens(str(content))
+
+
+def _function_tokens(function: Any) -> int:
+    if not isinstance(function, Mapping):
+        return 0
+    arguments = function.get("arguments")
+    if arguments is not None and not isinstance(arguments, str):
+        arguments = str(arguments)
+    return TOOL_CALL_OVERHEAD + estimate_tokens(function.get("name") or "") + estimate_tokens(arguments or "")
+
+
+def tool_call_tokens(message: Mapping[str, Any]) -> int:
+    """Tokens of a message's ``tool_calls`` (and the legacy ``function_call``)."""
+    total = 0
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            if isinstance(call, Mapping):
+                total += _function_tokens(call.get("function"))
+    total += _function_tokens(message.get("function_call"))
+    return total
+
+
+def estimate_single_message_tokens(message: Mapping[str, Any]) -> int:
+    """One message inside a prompt: framing + content + name + tool calls (no reply priming)."""
+    if not isinstance(message, Mapping):
+        return MESSAGE_OVERHEAD + estimate_tokens(str(message))
+    total = MESSAGE_OVERHEAD + content_tokens(message.get("content")) + tool_call_tokens(message)
+    name = message.get("name")
+    if isinstance(name, str) and name:
+        total += NAME_OVERHEAD + estimate_tokens(name)
+    return total
+
+
+def estimate_message_tokens(messages: Iterable[Mapping[str, Any]]) -> int:
+    """Estimated ``prompt_tokens`` of a chat request's ``messages`` (tool definitions not included)."""
+    return REPLY_PRIMING + sum(estimate_single_message_tokens(message) for message in messages)
+
+
+def estimate_completion_tokens(message: Mapping[str, Any]) -> int:
+    """Estimated ``completion_tokens`` of an assistant output message (text and/or tool calls, no framing)."""
+    return content_tokens(message.get("content")) + tool_call_tokens(message)
