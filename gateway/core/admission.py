@@ -1,0 +1,44 @@
+"""Admission policies as named plugins: how many KV tokens a request reserves before it may start.
+
+``none``        reserve nothing: every request goes straight to an engine, which queues and preempts itself.
+``max_tokens``  worst case: prompt + max_tokens (what engines assume; the baseline the paper compares with).
+``predicted``   prompt + predicted p90 output; the reservation grows while tokens stream if the request
+                outlives it, and is settled on the actual count when it ends.
+Reservations are rounded up to whole KV blocks, as the engine allocates them.
+"""
+
+from __future__ import annotations
+
+from gateway.core.request import SchedRequest
+
+ADMISSION_POLICIES = ("none", "max_tokens", "predicted")
+
+
+def round_to_blocks(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size) * block_size if tokens > 0 else 0
+
+
+def reservation_tokens(policy: str, request: SchedRequest, block_size: int = 16) -> int:
+    """Tokens to reserve for ``request`` under ``policy`` (0 for ``none``)."""
+    if policy == "none":
+        return 0
+    if policy == "max_tokens":
+        output = request.max_tokens
+    elif policy == "predicted":
+        output = min(request.pred_p90, request.max_tokens)
+    else:
+        raise ValueError(f"unknown admission policy {policy!r}; known: {', '.join(ADMISSION_POLICIES)}")
+    return round_to_blocks(request.prompt_tokens + max(1, output), block_size)
+
+
+def grown_reservation(request: SchedRequest, generated_tokens: int, block_size: int = 16,
+                      step_tokens: int = 256) -> int | None:
+    """The new reservation once a streaming request has outgrown its own (None while it still fits).
+
+    Grows in chunks of ``step_tokens`` (not per token) so a long overrun costs a few ledger calls, not
+    thousands; never beyond prompt + max_tokens."""
+    needed = request.prompt_tokens + generated_tokens
+    if needed <= request.reserved_tokens:
+        return None
+    cap = round_to_blocks(request.prompt_tokens + request.max_tokens, block_size)
+    return min(cap, round_to_blocks(needed + step_tokens, block_size))
