@@ -1,0 +1,114 @@
+"""Per-request and per-workflow results: one schema for the live runner and the simulator.
+
+Both modes emit these records, so the same report code (tables, plots, SLO attainment) reads either, and the
+fidelity experiment compares like with like. Times are seconds from the start of the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class RequestResult:
+    request_id: str
+    workflow_id: str | None  # None for interactive calls
+    step_id: str
+    role: str
+    slo_class: str
+    arrival: float  # when the client sent it
+    prompt_tokens: int
+    output_tokens: int  # tokens actually received
+    first_token: float | None = None  # None: failed before any token
+    finish: float | None = None  # None: failed
+    ttft_target_s: float | None = None
+    tpot_target_s: float | None = None
+    status: str = "ok"  # ok | error:<reason>
+    preemptions: int = 0
+    reserved_tokens: int = 0  # KV tokens the gateway reserved for it (0 under admission 'none')
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.finish is None else self.finish - self.arrival
+
+    @property
+    def tpot(self) -> float | None:
+        if self.finish is None or self.first_token is None or self.output_tokens <= 1:
+            return None
+        return (self.finish - self.first_token) / (self.output_tokens - 1)
+
+    def slo_met(self) -> bool:
+        """A request meets its SLO when it succeeded within its TTFT and TPOT targets (absent target = met)."""
+        if self.status != "ok" or self.ttft is None:
+            return False
+        if self.ttft_target_s is not None and self.ttft > self.ttft_target_s:
+            return False
+        tpot = self.tpot
+        return not (self.tpot_target_s is not None and tpot is not None and tpot > self.tpot_target_s)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class WorkflowResult:
+    workflow_id: str
+    kind: str  # workflow | interactive
+    slo_class: str
+    arrival: float
+    deadline_s: float | None  # relative to arrival
+    finish: float | None = None  # None: some step failed or never ran
+    steps: int = 0
+    steps_ok: int = 0
+
+    def met(self) -> bool:
+        if self.finish is None or self.steps_ok != self.steps:
+            return False
+        return self.deadline_s is None or self.finish - self.arrival <= self.deadline_s
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunResult:
+    """Everything one run produced; ``series`` holds time series such as reserved vs used KV tokens."""
+
+    mode: str  # live | simulate
+    policy: dict[str, str]  # queue / admission / routing names
+    requests: list[RequestResult] = field(default_factory=list)
+    workflows: list[WorkflowResult] = field(default_factory=list)
+    series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        requests = self.requests
+        workflows = [w for w in self.workflows if w.kind == "workflow"]
+        ok = [r for r in requests if r.status == "ok"]
+        e2e = sorted(r.e2e for r in ok if r.e2e is not None)
+        ttft = sorted(r.ttft for r in ok if r.ttft is not None)
+
+        def pct(values: list[float], q: float) -> float | None:
+            return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+        return {
+            "requests": len(requests),
+            "requests_ok": len(ok),
+            "request_slo_attainment": (sum(r.slo_met() for r in requests) / len(requests)) if requests else None,
+            "workflows": len(workflows),
+            "workflow_deadline_attainment": (sum(w.met() for w in workflows) / len(workflows)) if workflows else None,
+            "mean_e2e_s": (sum(e2e) / len(e2e)) if e2e else None,
+            "p50_ttft_s": pct(ttft, 0.5),
+            "p99_ttft_s": pct(ttft, 0.99),
+            "preempted_requests": sum(1 for r in requests if r.preemptions > 0),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "policy": self.policy, "summary": self.summary(), "meta": self.meta,
+                "series": self.series, "requests": [r.to_json() for r in self.requests],
+                "workflows": [w.to_json() for w in self.workflows]}
