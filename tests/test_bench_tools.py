@@ -169,14 +169,16 @@ def test_overhead_end_to_end_with_bare_proxy(tmp_path, capsys):
     out = tmp_path / "result.json"
     affinity = os.sched_getaffinity(0)
     code = overhead.main(_args("--target", "bare", "--rate", "200", "--duration", "0.4", "--warmup", "0.1",
-                               "--connections", "4", "--max-duration", "0.4", "--json", str(out), "--quiet"))
+                               "--connections", "4", "--max-duration", "0.4", "--noise-retries", "0",
+                               "--json", str(out), "--quiet"))
     assert code in (0, 1)
     assert os.sched_getaffinity(0) == affinity  # restored
     result = json.loads(out.read_text())
     assert result["bench"] == "overhead"
     assert result["target"] == "bare"
     for phase in ("direct_nonstream", "bare_nonstream", "direct_stream", "bare_stream", "bare_max", "direct_max"):
-        assert result["phases"][phase]["errors"] == 0, phase
+        summary = result["phases"][phase]
+        assert summary["completed"] > 0 and summary["errors"] == 0, (phase, summary["status_counts"])
     fig = result["figures"]
     assert fig["gateway_p50_ms"] > 0 and fig["max_rps"] > 0 and "added_ttfb_p50_ms" in fig
     assert set(result["verdicts"]) == {"added_p50_ms", "added_p99_ms", "added_ttfb_p50_ms", "max_rps"}
@@ -189,10 +191,16 @@ def test_overhead_through_the_gateway_smoke(tmp_path):
     pytest.importorskip("gateway.app")
     out = tmp_path / "result.json"
     code = overhead.main(_args("--rate", "200", "--duration", "0.3", "--warmup", "0.1", "--connections", "4",
-                               "--max-duration", "0.3", "--with-bare", "--json", str(out), "--quiet"))
+                               "--max-duration", "0.3", "--with-bare", "--noise-retries", "0",
+                               "--json", str(out), "--quiet"))
     assert code in (0, 1)
     result = json.loads(out.read_text())
     for phase in ("gateway_nonstream", "gateway_stream", "gateway_max", "bare_nonstream", "bare_max"):
-        assert result["phases"][phase]["errors"] == 0, phase
+        summary = result["phases"][phase]
+        # a smoke test on a possibly busy machine: the gateway answers, nearly always with 200
+        assert summary["completed"] > 0, (phase, summary)
+        assert summary["errors"] <= 0.05 * summary["completed"], (phase, summary["status_counts"])
     assert result["figures"]["max_rps"] > 0
     assert result["reference_bare"]["figures"]["bare_max_rps"] > 0
+    if os.path.exists("/proc/self/task"):
+        assert result["figures"]["cpu_us_per_request_at_max"] > 0

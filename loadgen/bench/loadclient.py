@@ -285,6 +285,7 @@ class RateResult:
     completed: int = 0
     errors: int = 0
     timeouts: int = 0
+    total_sent: int = 0  # warm-up included
     status_counts: dict[int, int] = field(default_factory=dict)
     latency_ns: list[int] = field(default_factory=list)
     first_byte_ns: list[int] = field(default_factory=list)
@@ -296,6 +297,7 @@ class RateResult:
     def summary(self) -> dict:
         out = {
             "rate": self.rate, "duration_s": self.duration_s, "stream": self.stream, "sent": self.sent,
+            "total_sent": self.total_sent,
             "completed": self.completed, "errors": self.errors, "timeouts": self.timeouts,
             "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
             "achieved_rate": round(self.achieved_rate, 1), "connections_opened": self.connections_opened,
@@ -393,6 +395,7 @@ async def run_fixed_rate(host: str, port: int, *, rate: float, duration: float, 
             sched = int(next_t)
             measured = sched >= t_measure
             inflight += 1
+            res.total_sent += 1
             if measured:
                 res.sent += 1
             if idle:
@@ -439,6 +442,7 @@ class LoopResult:
     stream: bool
     completed: int = 0
     errors: int = 0
+    total_completed: int = 0  # warm-up and drain included
     elapsed_s: float = 0.0
     rps: float = 0.0
     latency_ns: list[int] = field(default_factory=list)
@@ -447,7 +451,8 @@ class LoopResult:
     def summary(self) -> dict:
         return {
             "connections": self.connections, "duration_s": self.duration_s, "stream": self.stream,
-            "completed": self.completed, "errors": self.errors, "elapsed_s": round(self.elapsed_s, 3),
+            "completed": self.completed, "total_completed": self.total_completed, "errors": self.errors,
+            "elapsed_s": round(self.elapsed_s, 3),
             "rps": round(self.rps, 1), "latency_ms": summarize_ns(self.latency_ns),
             "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
         }
@@ -546,6 +551,7 @@ async def run_closed_loop(host: str, port: int, *, connections: int, duration: f
     for c in conns:
         c.close()
     res.completed = c1 - c0
+    res.total_completed = count
     res.errors = e1 - e0
     res.elapsed_s = t1 - t0
     res.rps = res.completed / res.elapsed_s if res.elapsed_s > 0 else 0.0

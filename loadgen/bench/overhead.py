@@ -59,7 +59,8 @@ REFERENCE = "bare aiohttp+uvloop+orjson pass-through: +0.65 ms p50, ~8,700 req/s
 
 CONFIG_TEMPLATE = """\
 models: [{{name: bench, max_model_len: 4096}}]
-clusters: [{{name: local, pools: [{{name: p, kind: vllm, models: [bench], engines: [{{url: "http://127.0.0.1:{port}"}}]}}]}}]
+clusters:
+  [{{name: local, pools: [{{name: p, kind: vllm, models: [bench], engines: [{{url: "http://127.0.0.1:{port}"}}]}}]}}]
 monitor: {{interval_s: 0.25}}
 """
 
@@ -91,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU for the load client and the upstream (default: second allowed)")
     parser.add_argument("--max-duration", type=float, default=None,
                         help="seconds for the max-throughput phase (default: --duration)")
+    parser.add_argument("--noise-retries", type=int, default=2,
+                        help="repeat a phase up to N times while other processes take more than 5%% of a "
+                             "benchmark CPU, keeping the quietest attempt (default 2; 0 = never)")
     parser.add_argument("--skip-stream", action="store_true", help="skip the streaming phases")
     parser.add_argument("--skip-max", action="store_true", help="skip the max-throughput phase")
     parser.add_argument("--gateway-log", metavar="FILE", help="keep the gateway's output in FILE")
@@ -310,6 +314,22 @@ class CpuNoise:
         return out
 
 
+def _cpu_ns(pid: int) -> int | None:
+    """On-CPU nanoseconds of all threads of ``pid`` (``/proc/PID/task/*/schedstat``), None when unreadable."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that just ended
+    return total
+
+
 def _busy_before(cpus: list[int], seconds: float = 0.5) -> dict[int, float]:
     """Share of each CPU used (by anyone) over ``seconds`` before the run starts; empty without /proc."""
     if not os.path.exists("/proc/stat") or not cpus:
@@ -346,11 +366,19 @@ def _check_sample(status: int, body: bytes, stream: bool, where: str) -> str | N
 
 
 async def _measure(args: argparse.Namespace, up_port: int, middles: list[tuple[str, int]], progress,
-                   noise: CpuNoise) -> dict:
-    """Run every phase; ``middles`` is [(name, port)] of what sits between client and upstream."""
+                   noise: CpuNoise, pids: dict[str, int]) -> dict:
+    """Run every phase; ``middles`` is [(name, port)] of what sits between client and upstream; ``pids`` maps a
+    middle's name to its process, whose CPU time per request is recorded (a figure that noise barely moves)."""
     host = "127.0.0.1"
     out: dict = {}
     targets = [("direct", up_port)] + middles
+
+    def cpu_per_request(where: str, before: int | None, requests: int) -> float | None:
+        after = _cpu_ns(pids[where]) if where in pids else None
+        if before is None or after is None or requests <= 0:
+            return None
+        return round((after - before) / requests / 1000.0, 2)
+
     for where, port in targets:
         for stream in (False, True):
             status, body, _ = await lc.request_once(
@@ -359,16 +387,39 @@ async def _measure(args: argparse.Namespace, up_port: int, middles: list[tuple[s
             if warning:
                 raise SetupError(f"sanity request failed: {warning}")
 
+    async def phase(where: str, label: str, run) -> tuple[object, dict]:
+        """Run one phase; while others take more than NOISE_WARN of a pinned CPU, repeat it (``--noise-retries``)
+        and keep the quietest attempt."""
+        best: tuple[float, object, dict] | None = None
+        for attempt in range(args.noise_retries + 1):
+            noise.start()
+            cpu0 = _cpu_ns(pids[where]) if where in pids else None
+            r = await run()
+            s = r.summary()
+            s["noise"] = noise.stop(client_only=where == "direct")
+            if where in pids:
+                total = r.total_sent if isinstance(r, lc.RateResult) else r.total_completed
+                s["cpu_us_per_request"] = cpu_per_request(where, cpu0, total)
+            worst = max(s["noise"].values(), default=0.0)
+            s["attempts"] = attempt + 1
+            if best is None or worst < best[0]:
+                best = (worst, r, s)
+            if worst <= NOISE_WARN:
+                break
+            if attempt < args.noise_retries:
+                _log(f"{label}: other processes took {worst:.0%} of a benchmark CPU; repeating the phase "
+                     f"({attempt + 1}/{args.noise_retries})")
+        assert best is not None
+        return best[1], best[2]
+
     phases = [("nonstream", False)] + ([] if args.skip_stream else [("stream", True)])
     for name, stream in phases:
         for where, port in targets:
             label = f"{where} {name} @ {args.rate:g}/s"
             _log(f"{label}: {args.warmup:g} s warm-up + {args.duration:g} s")
-            noise.start()
-            r = await lc.run_fixed_rate(host, port, rate=args.rate, duration=args.duration, warmup=args.warmup,
-                                        stream=stream, arrival=args.arrival, progress=progress, label=label)
-            s = r.summary()
-            s["noise"] = noise.stop(client_only=where == "direct")
+            r, s = await phase(where, label, lambda port=port, stream=stream, label=label: lc.run_fixed_rate(
+                host, port, rate=args.rate, duration=args.duration, warmup=args.warmup, stream=stream,
+                arrival=args.arrival, progress=progress, label=label))
             out[f"{where}_{name}"] = s
             lat = s["latency_ms"]
             extra = f", TTFB p50 {_fmt(s['ttfb_ms'].get('p50'))} ms" if stream else ""
@@ -381,12 +432,12 @@ async def _measure(args: argparse.Namespace, up_port: int, middles: list[tuple[s
         for where, port, d in [(w, p, dur) for w, p in middles] + [("direct", up_port, min(dur, 3.0))]:
             label = f"{where} max ({args.connections} conns)"
             _log(f"{label}: {warm:g} s warm-up + {d:g} s closed loop")
-            noise.start()
-            r = await lc.run_closed_loop(host, port, connections=args.connections, duration=d, warmup=warm,
-                                         progress=progress, label=label)
-            out[f"{where}_max"] = r.summary()
-            out[f"{where}_max"]["noise"] = noise.stop(client_only=where == "direct")
-            _log(f"{label}: {r.rps:,.0f} req/s ({r.errors} errors)")
+            r, s = await phase(where, label, lambda port=port, d=d, label=label: lc.run_closed_loop(
+                host, port, connections=args.connections, duration=d, warmup=warm, progress=progress, label=label))
+            out[f"{where}_max"] = s
+            us = s.get("cpu_us_per_request")
+            extra = f"; {us:.0f} us CPU per request, i.e. at most {1e6 / us:,.0f} req/s on one core" if us else ""
+            _log(f"{label}: {r.rps:,.0f} req/s ({r.errors} errors){extra}")
     return out
 
 
@@ -416,9 +467,17 @@ def _figures(phases: dict, middle: str = "gateway", prefix: str = "") -> dict:
             fig[f"{prefix}added_ttfb_{q}_ms"] = diff(g, lat("direct_stream", "ttfb_ms", q))
             fig[f"{prefix}added_stream_total_{q}_ms"] = diff(lat(f"{middle}_stream", "latency_ms", q),
                                                              lat("direct_stream", "latency_ms", q))
+    for phase, key in (("nonstream", "cpu_us_per_request"), ("stream", "cpu_us_per_stream"),
+                       ("max", "cpu_us_per_request_at_max")):
+        us = phases.get(f"{middle}_{phase}", {}).get("cpu_us_per_request")
+        if us:
+            fig[prefix + key] = us
     if f"{middle}_max" in phases:
         fig[prefix + "max_rps"] = phases[f"{middle}_max"]["rps"]
         fig[prefix + "max_p50_ms"] = phases[f"{middle}_max"]["latency_ms"].get("p50")
+        us = phases[f"{middle}_max"].get("cpu_us_per_request")
+        if us:
+            fig[prefix + "cpu_bound_rps"] = round(1e6 / us, 1)
         if not prefix and "direct_max" in phases:
             fig["client_upstream_capacity_rps"] = phases["direct_max"]["rps"]
     return fig
@@ -460,8 +519,9 @@ def _table(result: dict) -> str:
         tgt = f"{TARGETS[key][0]} {TARGETS[key][1]:,g}" if key else "(info)"
         line = f"{title:<34}{_fmt(d, digits):>10}{_fmt(g, digits):>10}{_fmt(a, digits):>10}"
         if bare:
+            added_key = "bare_" + bkey.replace("gateway", "added") if bkey and "gateway" in bkey else ""
             line += f"{_fmt(bfig.get('bare_' + bkey) if bkey else None, digits):>10}"
-            line += f"{_fmt(bfig.get('bare_' + bkey.replace('gateway', 'added')) if bkey and 'gateway' in bkey else None, digits):>10}"
+            line += f"{_fmt(bfig.get(added_key), digits):>10}"
         lines.append(line + f"   {tgt:<10}{ver.get(key, '') if key else '':<6}")
 
     row("non-stream latency p50 (ms)", fig["direct_p50_ms"], fig["gateway_p50_ms"], fig["added_p50_ms"],
@@ -476,6 +536,14 @@ def _table(result: dict) -> str:
     if "max_rps" in fig:
         row("max non-stream req/s (one core)", fig.get("client_upstream_capacity_rps"), fig["max_rps"], None,
             "max_rps", "max_rps", digits=0)
+    if "cpu_us_per_request" in fig:
+        row("CPU per request @ rate (us)", None, fig.get("cpu_us_per_request"), None, None, "cpu_us_per_request", 1)
+    if "cpu_us_per_stream" in fig:
+        row("CPU per stream @ rate (us)", None, fig.get("cpu_us_per_stream"), None, None, "cpu_us_per_stream", 1)
+    if "cpu_us_per_request_at_max" in fig:
+        row("CPU per request @ max (us)", None, fig.get("cpu_us_per_request_at_max"), None, None,
+            "cpu_us_per_request_at_max", 1)
+        row("= CPU-bound req/s (1e6 / that)", None, fig.get("cpu_bound_rps"), None, None, "cpu_bound_rps", 0)
     errs = {k: v["errors"] for k, v in result["phases"].items() if v.get("errors")}
     lines.append("-" * width)
     worst: dict[str, tuple[float, str]] = {}
@@ -492,6 +560,9 @@ def _table(result: dict) -> str:
     if "max_rps" in fig:
         lines.append("max req/s 'direct' column: client + upstream alone on their CPU (must stay well above the "
                      "gateway's)")
+    if "cpu_us_per_request" in fig:
+        lines.append(f"CPU per request: the {mid} process's on-CPU time / requests it served in the phase; other "
+                     "load barely moves it, so it is the figure to compare on a busy machine")
     if bare:
         lines.append(f"bare columns: {BARE_NOTE}, measured in this run; results judge '{mid}' only")
     else:
@@ -569,7 +640,8 @@ def run(args: argparse.Namespace) -> dict:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             noise = CpuNoise({gw_cpu: pids_gw_cpu, cl_cpu: [up.pid, os.getpid()]} if gw_cpu != cl_cpu else {},
                              client_cpu=cl_cpu)
-            phases = runner.run(_measure(args, up_port, middles, progress, noise))
+            pids = {args.target: gw.pid, **({"bare": pids_gw_cpu[1]} if len(pids_gw_cpu) > 1 else {})}
+            phases = runner.run(_measure(args, up_port, middles, progress, noise, pids))
         if gw.poll() is not None:
             raise SetupError(f"gateway exited during the run (status {gw.returncode}):\n{_tail(log_path)}")
     finally:
