@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predictor_commands(sub)
 
+    _add_loadgen_commands(sub)
+
     bench = sub.add_parser("bench", help="benchmarks that print figures for docs/benchmarks.md")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     overhead = bench_sub.add_parser("overhead", help="latency and throughput the gateway adds over a direct call")
@@ -129,6 +131,33 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError as exc:  # pragma: no cover - only while the benchmark module is missing
         overhead.set_defaults(func=lambda _args, exc=exc: _unavailable(exc))
     return parser
+
+
+def _add_loadgen_commands(sub) -> None:
+    """``maestro loadgen workload|live|report|simulate|experiment``; each module owns its arguments."""
+    loadgen = sub.add_parser("loadgen", help="multi-agent workloads: generate, run live, simulate, report")
+    commands = loadgen.add_subparsers(dest="loadgen", required=True)
+    entries = [
+        ("workload", "write a maestro-workload file from templates, traces and arrival processes",
+         "loadgen.workloads", "add_workload_arguments", "workload_main"),
+        ("live", "run a workload against an OpenAI-compatible endpoint over HTTP",
+         "loadgen.live", "add_live_arguments", "live_main"),
+        ("report", "tables and plots from result files", "loadgen.report", "add_report_arguments", "report_main"),
+        ("simulate", "run a workload in the discrete-event simulator (same scheduling code, virtual clock)",
+         "loadgen.experiments", "add_simulate_arguments", "simulate_main"),
+        ("experiment", "run a named experiment (E1..E4) and print its table",
+         "loadgen.experiments", "add_experiment_arguments", "experiment_main"),
+    ]
+    import importlib
+
+    for name, help_text, module_name, add_name, main_name in entries:
+        parser = commands.add_parser(name, help=help_text)
+        try:
+            module = importlib.import_module(module_name)
+            getattr(module, add_name)(parser)
+            parser.set_defaults(func=getattr(module, main_name))
+        except (ImportError, AttributeError) as exc:  # pragma: no cover - only while a module is missing
+            parser.set_defaults(func=lambda _args, exc=exc: _unavailable(exc))
 
 
 def _unavailable(exc: Exception) -> int:

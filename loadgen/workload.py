@@ -24,7 +24,8 @@ estimated the same way the predictor does); ``output_tokens`` (how many the engi
 ``max_tokens``+``ignore_eos`` on real engines or the ``X-Sim-Output-Tokens`` hint on simulated ones);
 ``depends_on`` (ids of steps that must finish first; default: none); ``think_time_s`` (pause after the last
 dependency finishes, e.g. tool execution); ``max_tokens`` (what the client declares; default 4096).
-``deadline_s`` is relative to the workflow's arrival; omitted = the SLO class's default.
+``deadline_s`` is relative to the workflow's arrival; omitted = the SLO class's default. Optional per workflow:
+``template`` (the name of the generator template that produced it; informational, e.g. for per-template reports).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class Workflow:
     kind: str = "workflow"  # "workflow" | "interactive"
     deadline_s: float | None = None
     slo_class: str = "batch"
+    template: str | None = None  # which generator template produced it (optional, informational)
 
     @property
     def interactive(self) -> bool:
@@ -102,10 +104,15 @@ class Workload:
                 out["max_tokens"] = s.max_tokens
             return out
 
+        def workflow(w: Workflow) -> dict[str, Any]:
+            out: dict[str, Any] = {"id": w.id, "kind": w.kind, "arrival_s": w.arrival_s, "deadline_s": w.deadline_s,
+                                   "slo_class": w.slo_class, "steps": [step(s) for s in w.steps]}
+            if w.template is not None:
+                out["template"] = w.template
+            return out
+
         return {"format": FORMAT, "name": self.name, "model": self.model, "seed": self.seed, "meta": self.meta,
-                "workflows": [{"id": w.id, "kind": w.kind, "arrival_s": w.arrival_s, "deadline_s": w.deadline_s,
-                               "slo_class": w.slo_class, "steps": [step(s) for s in w.steps]}
-                              for w in self.workflows]}
+                "workflows": [workflow(w) for w in self.workflows]}
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
@@ -179,11 +186,15 @@ def parse_workload(data: Any) -> Workload:
             if steps[-1].output_tokens > steps[-1].max_tokens:
                 raise WorkloadError(f"{sw}.output_tokens exceeds its max_tokens")
         deadline = raw.get("deadline_s")
+        template = raw.get("template")
+        if template is not None and not isinstance(template, str):
+            raise WorkloadError(f"{where}.template must be a string")
         workflows.append(Workflow(
             id=wf_id, kind=kind, steps=steps,
             arrival_s=_number(raw.get("arrival_s", 0.0), f"{where}.arrival_s"),
             deadline_s=None if deadline is None else _number(deadline, f"{where}.deadline_s"),
             slo_class=str(raw.get("slo_class", "interactive" if kind == "interactive" else "batch")),
+            template=template,
         ))
     workflows.sort(key=lambda w: (w.arrival_s, w.id))
     return Workload(workflows=workflows, name=str(data.get("name", "workload")),

@@ -1,0 +1,608 @@
+"""``live`` mode: send a workload through any OpenAI-compatible endpoint over real HTTP and measure it.
+
+For every workflow the runner starts at its arrival time (divided by ``time_scale``), then sends each step as
+soon as all its dependencies finished plus its ``think_time_s`` (also divided by ``time_scale``). A step whose
+dependency failed is not sent and its workflow fails. Every request is a streamed
+``POST {url}/chat/completions`` with ``stream_options.include_usage``; per request it records the send time,
+the first content token (TTFT), the end of the stream and ``usage`` into :class:`~loadgen.results.RequestResult`,
+and per workflow its arrival, finish and deadline into :class:`~loadgen.results.WorkflowResult`.
+
+Workflow context (steps of ``kind: workflow`` only; an interactive call goes out as a plain application call):
+headers ``X-Workflow-Id``, ``X-Agent-Role``, ``X-Workflow-Step`` (0-based position of the step in the
+workflow), ``X-Workflow-Deadline-Ms`` (absolute epoch milliseconds: arrival + deadline), ``X-SLO-Class``, and
+with ``steps_hint`` ``X-Workflow-Steps`` (the total). ``context="metadata"`` sends the same facts in the body's
+``metadata`` instead (``workflow_id``, ``agent_role``, ``workflow_step``, ``workflow_deadline_ms``,
+``slo_class``, ``workflow_steps``; string values, as OpenAI requires); ``"both"`` sends both, ``"none"`` neither.
+An interactive call whose SLO class is not ``interactive`` carries ``X-SLO-Class``.
+
+Output length (``output_control``): ``hint`` sends ``X-Sim-Output-Tokens: N`` (the simulated engines' load
+generator hint; the body declares the step's ``max_tokens``); ``ignore-eos`` sends ``max_tokens=N`` and
+``ignore_eos: true`` (real vLLM; the gateway then sees the exact length as the declared cap, which a length
+predictor should not be credited for); ``both``; ``none`` (the engine decides).
+
+Prompts: a step with ``prompt_text`` sends it as the user message; otherwise a system message naming the role
+and a user message of common three-letter English words (one token each in cl100k / Llama-3 style BPE
+vocabularies, 4 characters each, so the simulated engines' ``chars / 4`` count agrees) sized to the step's
+``prompt_tokens``. The words are drawn from a seed of (workload seed, workflow id, step id): prompts never share
+a prefix, so engine prefix caches do not flatter the run.
+
+Client: aiohttp with a small SSE parser (default), or the official ``openai`` SDK (``client="openai"``).
+aiohttp is the default because the SDK costs about ten times more client CPU per streamed token, enough to make
+the client the bottleneck: measured on 2 cores against one simulated engine in another process (256 streamed
+requests of 200 tokens, 64 in flight), aiohttp used 1.9 ms of client CPU per request (9 us per token) and ended
+in 1.4 s, the SDK (openai 3.57, httpx2) 18.7 ms per request (93 us per token) and needed 8 s. aiohttp is
+also already a core dependency; the SDK is only in the ``test`` extra.
+
+Bounded concurrency (``max_concurrency`` requests in flight; a step waits for a slot, and the wait is reported in
+``meta.client_wait_s``), a hard ``time_limit_s`` (requests still in flight then end as ``error:time_limit``;
+workflows not yet arrived are left out and counted in ``meta.not_started``), and clean cancellation (``stop()``,
+SIGINT/SIGTERM in the CLI: in-flight requests are closed, so the engines abort them, and the partial result is
+still written).
+
+Times in the result are seconds from the start of the run, wall clock (``time_base="wall"``; SLO targets and
+deadlines are divided by ``time_scale`` so attainment is judged on the compressed clock), or multiplied back by
+``time_scale`` (``time_base="workload"``: comparable with a simulator run of the uncompressed workload; use it
+when the engines are sped up by the same factor, e.g. simulated engines with the same ``time_scale``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import random
+import re
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from loadgen.results import RequestResult, RunResult, WorkflowResult
+from loadgen.workload import Step, Workflow, Workload, WorkloadError, load_workload
+
+HINT_HEADER = "X-Sim-Output-Tokens"
+CONTEXTS = ("headers", "metadata", "both", "none")
+OUTPUT_CONTROLS = ("hint", "ignore-eos", "both", "none")
+CLIENTS = ("aiohttp", "openai")
+TIME_BASES = ("wall", "workload")
+MAX_ERRORS_KEPT = 20
+
+# SLO targets when the gateway's defaults cannot be imported: (ttft_s, tpot_s, workflow deadline_s)
+_FALLBACK_SLO = {"interactive": (2.0, 0.1, None), "batch": (30.0, 0.2, 600.0)}
+
+# Common three-letter English words: one BPE token each (with the leading space) in cl100k and Llama-3.
+WORDS = tuple("""the and for are but not you all any can had her was one our out day get has him his how man new now
+old see two way who boy did its let put say she too use act add age ago aid aim air art ask bad bag bar bed big bit
+box bus buy car cat cup cut dog dry due ear eat egg end eye far fat few fit fly fun gas god gun guy hat hit hot ice
+job key kid lab law lay leg lie lot low map mix mom net nor odd off oil own pay pen per pet pop raw red rid row run
+sad sea set sex shy sir sit six sky son sun tax tea ten tie tip top toy try van war wet win yes yet zoo""".split())
+_REQUEST_ID_BAD = re.compile(r"[^A-Za-z0-9._:\-]")
+
+
+def _slo_targets() -> dict[str, tuple[float | None, float | None, float | None]]:
+    try:
+        from gateway.core.request import DEFAULT_SLO_CLASSES
+    except Exception:  # pragma: no cover - the gateway package is part of this distribution
+        return dict(_FALLBACK_SLO)
+    return {name: (c.ttft_s, c.tpot_s, c.workflow_deadline_s) for name, c in DEFAULT_SLO_CLASSES.items()}
+
+
+def synth_prompt(tokens: int, key: str) -> str:
+    """``tokens`` words of filler (about ``tokens`` tokens), deterministic for ``key``."""
+    seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return " ".join(random.Random(seed).choices(WORDS, k=max(1, tokens)))
+
+
+def build_messages(step: Step, key: str) -> list[dict[str, str]]:
+    if step.prompt_text is not None:
+        return [{"role": "user", "content": step.prompt_text}]
+    system = f"You are the {step.role} agent."
+    # chat framing: 3 (reply priming) + 4 per message + the system text (~7 tokens)
+    words = (step.prompt_tokens or 1) - 18
+    return [{"role": "system", "content": system}, {"role": "user", "content": synth_prompt(words, key)}]
+
+
+@dataclass
+class LiveOptions:
+    url: str  # base URL ending in /v1 (as given to the OpenAI SDK)
+    api_key: str | None = None
+    model: str | None = None  # None: the workload's model
+    time_scale: float = 1.0
+    max_concurrency: int = 256
+    time_limit_s: float | None = None  # wall seconds; None: until every workflow ends
+    context: str = "headers"
+    output_control: str = "hint"
+    declare_max_tokens: bool = True
+    steps_hint: bool = False
+    client: str = "aiohttp"
+    request_timeout_s: float = 600.0
+    time_base: str = "wall"
+    progress: bool = True
+    policy: dict[str, str] = field(default_factory=dict)
+    slo_targets: dict[str, tuple[float | None, float | None, float | None]] | None = None
+
+    def validate(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        if not self.time_scale > 0:
+            raise ValueError("time_scale must be > 0")
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise ValueError("time_limit_s must be > 0")
+        for name, allowed in (("context", CONTEXTS), ("output_control", OUTPUT_CONTROLS), ("client", CLIENTS),
+                              ("time_base", TIME_BASES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+
+
+class _Progress:
+    """tqdm when installed, else one status line on stderr about once a second."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total = total
+        self.done = 0
+        self.failed = 0
+        self.enabled = enabled
+        self._bar = None
+        self._last = 0.0
+        self._started = time.perf_counter()
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=total, unit="req", desc="live", dynamic_ncols=True)
+
+    def update(self, ok: bool, inflight: int) -> None:
+        self.done += 1
+        self.failed += 0 if ok else 1
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(failed=self.failed, inflight=inflight, refresh=False)
+            return
+        now = time.perf_counter()
+        if now - self._last >= 1.0 or self.done == self.total:
+            self._last = now
+            end = "\n" if not sys.stderr.isatty() else ""
+            print(f"\r[live] {self.done}/{self.total} requests, {self.failed} failed, {inflight} in flight, "
+                  f"{now - self._started:.1f} s", end=end, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled and sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+class LiveRunner:
+    """One live run of one workload. ``await run()`` once; ``stop()`` ends it early (results are kept)."""
+
+    def __init__(self, workload: Workload, options: LiveOptions):
+        options.validate()
+        self.workload = workload
+        self.options = options
+        self.model = options.model or workload.model
+        self.targets = options.slo_targets or _slo_targets()
+        self.scale = options.time_scale
+        self._time_factor = self.scale if options.time_base == "workload" else 1.0
+        self._target_factor = 1.0 if options.time_base == "workload" else 1.0 / self.scale
+        self.requests: list[RequestResult] = []
+        self.workflows: list[WorkflowResult] = []
+        self.errors: list[str] = []
+        self.status = Counter()
+        self.output_mismatches = 0
+        self.inflight = 0
+        self.peak_inflight = 0
+        self.client_waits: list[float] = []
+        self.not_started = 0
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._run_tag = hashlib.blake2b(f"{time.time_ns()}".encode(), digest_size=3).hexdigest()
+        self._t0 = 0.0
+        self._t0_epoch = 0.0
+        self._progress: _Progress | None = None
+
+    # ------------------------------------------------------------------------------------------ clock
+
+    def _now(self) -> float:
+        """Seconds since the run started, in the result's time base."""
+        return (time.perf_counter() - self._t0) * self._time_factor
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------------------------------ run
+
+    async def run(self) -> RunResult:
+        opts = self.options
+        total = sum(len(w.steps) for w in self.workload.workflows)
+        self._progress = _Progress(total, opts.progress)
+        self._semaphore = asyncio.Semaphore(opts.max_concurrency)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=opts.request_timeout_s)
+        connector = aiohttp.TCPConnector(limit=opts.max_concurrency, limit_per_host=0, force_close=False)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        self._openai = None
+        if opts.client == "openai":
+            import openai
+
+            self._openai = openai.AsyncOpenAI(base_url=opts.url, api_key=opts.api_key or "none", max_retries=0,
+                                              timeout=opts.request_timeout_s)
+        self._t0 = time.perf_counter()
+        self._t0_epoch = time.time()
+        reason = "completed"
+        dispatcher = asyncio.create_task(self._dispatch())
+        finished = asyncio.create_task(self._all_done(dispatcher))
+        stopper = asyncio.create_task(self._stop.wait())
+        try:
+            done, _ = await asyncio.wait({finished, stopper}, timeout=opts.time_limit_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if finished not in done:
+                reason = "stopped" if stopper in done else "time_limit"
+            elif finished.exception() is not None:
+                raise finished.exception()
+        finally:
+            wall = time.perf_counter() - self._t0
+            self._cancel_reason = reason if reason != "completed" else "cancelled"
+            for task in (dispatcher, finished, stopper, *self._tasks):
+                task.cancel()
+            await asyncio.gather(dispatcher, finished, stopper, *self._tasks, return_exceptions=True)
+            await self._session.close()
+            if self._openai is not None:
+                await self._openai.close()
+            self._progress.close()
+        return self._result(reason, wall)
+
+    async def _all_done(self, dispatcher: asyncio.Task) -> None:
+        await dispatcher
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def _dispatch(self) -> None:
+        workflows = self.workload.workflows
+        try:
+            for index, workflow in enumerate(workflows):
+                delay = self._t0 + workflow.arrival_s / self.scale - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(self._workflow(workflow))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except asyncio.CancelledError:
+            self.not_started = len(workflows) - index
+            raise
+
+    # ------------------------------------------------------------------------------------------ workflows
+
+    def _deadline_s(self, workflow: Workflow) -> float | None:
+        """Relative deadline in workload seconds (the class default when the workflow has none)."""
+        if workflow.interactive:
+            return workflow.deadline_s
+        if workflow.deadline_s is not None:
+            return workflow.deadline_s
+        return self.targets.get(workflow.slo_class, (None, None, None))[2]
+
+    async def _workflow(self, workflow: Workflow) -> None:
+        arrival = self._now()
+        deadline = self._deadline_s(workflow)
+        result = WorkflowResult(workflow_id=workflow.id, kind=workflow.kind, slo_class=workflow.slo_class,
+                                arrival=arrival, steps=len(workflow.steps),
+                                deadline_s=None if deadline is None else deadline * self._target_factor)
+        self.workflows.append(result)
+        deadline_epoch_ms = None
+        if deadline is not None:
+            deadline_epoch_ms = int((time.time() + deadline / self.scale) * 1000)
+        loop = asyncio.get_running_loop()
+        done: dict[str, asyncio.Future] = {s.id: loop.create_future() for s in workflow.steps}
+        steps = [asyncio.create_task(self._step(workflow, index, step, done, deadline_epoch_ms, result))
+                 for index, step in enumerate(workflow.steps)]
+        try:
+            await asyncio.gather(*steps)
+        finally:
+            for task in steps:
+                task.cancel()
+            await asyncio.gather(*steps, return_exceptions=True)
+            for future in done.values():
+                if not future.done():
+                    future.cancel()
+        if result.steps_ok == result.steps:
+            result.finish = max(f.result() for f in done.values())
+
+    async def _step(self, workflow: Workflow, index: int, step: Step, done: dict[str, asyncio.Future],
+                    deadline_epoch_ms: int | None, result: WorkflowResult) -> None:
+        future = done[step.id]
+        try:
+            for dep in step.depends_on:
+                if await asyncio.shield(done[dep]) is None:  # shield: a cancelled waiter must not cancel it
+                    future.set_result(None)  # a dependency failed: not sent
+                    return
+            if step.think_time_s > 0:
+                await asyncio.sleep(step.think_time_s / self.scale)
+            waited = time.perf_counter()
+            async with self._semaphore:
+                self.client_waits.append(time.perf_counter() - waited)
+                request = await self._send(workflow, index, step, deadline_epoch_ms)
+            ok = request.status == "ok"
+            if ok:
+                result.steps_ok += 1
+            future.set_result(request.finish if ok else None)
+        finally:
+            if not future.done():
+                future.set_result(None)
+
+    # ------------------------------------------------------------------------------------------ one request
+
+    def _request(self, workflow: Workflow, index: int, step: Step,
+                 deadline_epoch_ms: int | None) -> tuple[str, dict[str, Any], dict[str, str]]:
+        opts = self.options
+        request_id = _REQUEST_ID_BAD.sub("_", f"lg{self._run_tag}-{workflow.id}-{step.id}")[:128]
+        body: dict[str, Any] = {"model": self.model,
+                                "messages": build_messages(step, f"{self.workload.seed}/{workflow.id}/{step.id}"),
+                                "stream": True, "stream_options": {"include_usage": True}}
+        headers: dict[str, str] = {"X-Request-Id": request_id}
+        if opts.output_control in ("hint", "both"):
+            headers[HINT_HEADER] = str(step.output_tokens)
+        if opts.output_control in ("ignore-eos", "both"):
+            body["max_tokens"] = step.output_tokens
+            body["ignore_eos"] = True
+        elif opts.declare_max_tokens:
+            body["max_tokens"] = step.max_tokens
+        context: dict[str, str] = {}
+        if not workflow.interactive:
+            context = {"X-Workflow-Id": workflow.id, "X-Agent-Role": step.role, "X-Workflow-Step": str(index),
+                       "X-SLO-Class": workflow.slo_class}
+            if deadline_epoch_ms is not None:
+                context["X-Workflow-Deadline-Ms"] = str(deadline_epoch_ms)
+            if opts.steps_hint:
+                context["X-Workflow-Steps"] = str(len(workflow.steps))
+        elif workflow.slo_class != "interactive":
+            context = {"X-SLO-Class": workflow.slo_class}
+        if context and opts.context in ("headers", "both"):
+            headers.update(context)
+        if context and opts.context in ("metadata", "both"):
+            names = {"X-Workflow-Id": "workflow_id", "X-Agent-Role": "agent_role", "X-Workflow-Step": "workflow_step",
+                     "X-Workflow-Deadline-Ms": "workflow_deadline_ms", "X-SLO-Class": "slo_class",
+                     "X-Workflow-Steps": "workflow_steps"}
+            body["metadata"] = {names[k]: v for k, v in context.items()}
+        return request_id, body, headers
+
+    async def _send(self, workflow: Workflow, index: int, step: Step,
+                    deadline_epoch_ms: int | None) -> RequestResult:
+        request_id, body, headers = self._request(workflow, index, step, deadline_epoch_ms)
+        ttft_t, tpot_t, _ = self.targets.get(workflow.slo_class, (None, None, None))
+        factor = self._target_factor
+        result = RequestResult(
+            request_id=request_id, workflow_id=None if workflow.interactive else workflow.id, step_id=step.id,
+            role=step.role, slo_class=workflow.slo_class, arrival=self._now(),
+            prompt_tokens=step.prompt_token_count(), output_tokens=0,
+            ttft_target_s=None if ttft_t is None else ttft_t * factor,
+            tpot_target_s=None if tpot_t is None else tpot_t * factor)
+        self.inflight += 1
+        self.peak_inflight = max(self.peak_inflight, self.inflight)
+        try:
+            if self._openai is not None:
+                await self._stream_openai(body, headers, result)
+            else:
+                await self._stream_aiohttp(body, headers, result)
+        except asyncio.CancelledError:
+            result.status = f"error:{getattr(self, '_cancel_reason', 'cancelled')}"
+            self._record(result, step)
+            raise
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            result.status = "error:connection"
+            self._error(f"{request_id}: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # the SDK's own errors (openai.APIError...), malformed streams
+            status = getattr(exc, "status_code", None)
+            result.status = f"error:http_{status}" if status else "error:client"
+            self._error(f"{request_id}: {type(exc).__name__}: {exc}")
+        self._record(result, step)
+        return result
+
+    def _record(self, result: RequestResult, step: Step) -> None:
+        self.inflight -= 1
+        if result.status == "ok" and self.options.output_control != "none" \
+                and result.output_tokens != step.output_tokens:
+            self.output_mismatches += 1
+        self.requests.append(result)
+        self.status[result.status] += 1
+        if self._progress is not None:
+            self._progress.update(result.status == "ok", self.inflight)
+
+    def _error(self, message: str) -> None:
+        if len(self.errors) < MAX_ERRORS_KEPT:
+            self.errors.append(message[:500])
+
+    async def _stream_aiohttp(self, body: dict[str, Any], headers: dict[str, str], result: RequestResult) -> None:
+        headers = {**headers, "Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self.options.api_key:
+            headers["Authorization"] = f"Bearer {self.options.api_key}"
+        url = self.options.url.rstrip("/") + "/chat/completions"
+        chunks = 0
+        usage = None
+        async with self._session.post(url, data=orjson.dumps(body), headers=headers) as response:
+            if response.status != 200:
+                text = (await response.read())[:400].decode("utf-8", "replace")
+                result.status = f"error:http_{response.status}"
+                self._error(f"{result.request_id}: HTTP {response.status}: {text}")
+                return
+            async for line in response.content:
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, ": keep-alive" comments, event: lines
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    break
+                try:
+                    event = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    result.status = "error:bad_stream"
+                    self._error(f"{result.request_id}: unparseable SSE data {payload[:200]!r}")
+                    return
+                if event.get("error") is not None:
+                    result.status = "error:stream"
+                    self._error(f"{result.request_id}: stream error {orjson.dumps(event['error'])[:300]!r}")
+                    return
+                for choice in event.get("choices") or ():
+                    delta = choice.get("delta") or {}
+                    if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+                        if result.first_token is None:
+                            result.first_token = self._now()
+                        chunks += 1
+                if event.get("usage"):
+                    usage = event["usage"]
+        self._finish(result, usage, chunks)
+
+    async def _stream_openai(self, body: dict[str, Any], headers: dict[str, str], result: RequestResult) -> None:
+        extra = {k: body[k] for k in ("ignore_eos", "metadata") if k in body}
+        kwargs: dict[str, Any] = {}
+        if "max_tokens" in body:
+            kwargs["max_tokens"] = body["max_tokens"]
+        stream = await self._openai.chat.completions.create(
+            model=body["model"], messages=body["messages"], stream=True, stream_options={"include_usage": True},
+            extra_headers=headers, extra_body=extra or None, **kwargs)
+        chunks = 0
+        usage = None
+        async for chunk in stream:
+            for choice in chunk.choices or ():
+                delta = choice.delta
+                if delta is not None and (delta.content or getattr(delta, "tool_calls", None)
+                                          or getattr(delta, "reasoning_content", None)):
+                    if result.first_token is None:
+                        result.first_token = self._now()
+                    chunks += 1
+            if chunk.usage is not None:
+                usage = {"prompt_tokens": chunk.usage.prompt_tokens,
+                         "completion_tokens": chunk.usage.completion_tokens}
+        self._finish(result, usage, chunks)
+
+    def _finish(self, result: RequestResult, usage: dict[str, Any] | None, chunks: int) -> None:
+        result.finish = self._now()
+        if usage and isinstance(usage.get("completion_tokens"), int):
+            result.output_tokens = usage["completion_tokens"]
+            if isinstance(usage.get("prompt_tokens"), int):
+                result.prompt_tokens = usage["prompt_tokens"]
+        else:
+            result.output_tokens = chunks  # no usage chunk: content events (>= 1 token each) as a lower bound
+        if result.first_token is None:
+            if result.output_tokens > 0:
+                result.first_token = result.finish
+            else:
+                result.status = "error:no_output"
+
+    # ------------------------------------------------------------------------------------------ result
+
+    def _result(self, reason: str, wall: float) -> RunResult:
+        waits = self.client_waits
+        spec = (self.workload.meta or {}).get("spec") or {}
+        duration = self.workload.duration_s()
+        offered = spec.get("rate") if isinstance(spec.get("rate"), (int, float)) and spec.get("rate") else (
+            len(self.workload.workflows) / duration if duration > 0 else None)
+        meta = {
+            "url": self.options.url, "client": self.options.client, "workload": self.workload.name,
+            "workload_seed": self.workload.seed, "model": self.model, "time_scale": self.scale,
+            "time_base": self.options.time_base, "load": offered, "context": self.options.context,
+            "output_control": self.options.output_control, "max_concurrency": self.options.max_concurrency,
+            "started_at_epoch": self._t0_epoch, "wall_s": round(wall, 3), "end": reason,
+            "not_started": self.not_started, "status_counts": dict(self.status),
+            "output_mismatches": self.output_mismatches, "peak_inflight": self.peak_inflight,
+            "client_wait_s": {"mean": sum(waits) / len(waits) if waits else 0.0, "max": max(waits, default=0.0)},
+            "errors": self.errors,
+        }
+        self.requests.sort(key=lambda r: r.arrival)
+        self.workflows.sort(key=lambda w: w.arrival)
+        return RunResult(mode="live", policy=dict(self.options.policy), requests=self.requests,
+                         workflows=self.workflows, meta=meta)
+
+
+async def run_live(workload: Workload, options: LiveOptions) -> RunResult:
+    """Run ``workload`` against ``options.url``; see the module docstring."""
+    return await LiveRunner(workload, options).run()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def add_live_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    add("--workload", "-w", required=True, help="a maestro-workload/1 file (maestro loadgen workload --out ...)")
+    add("--out", "-o", required=True, help="write the RunResult JSON here")
+    add("--api-key", help="sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY if set)")
+    add("--model", help="override the workload's model name")
+    add("--time-scale", type=float, default=1.0,
+        help="divide arrivals, pauses and deadlines by this (compress the run), default 1")
+    add("--time-base", choices=TIME_BASES, default="wall",
+        help="result times in wall seconds (default) or multiplied back by --time-scale (workload seconds)")
+    add("--max-concurrency", type=int, default=256, help="requests in flight at most (default 256)")
+    add("--time-limit", type=float, help="hard limit in wall seconds; what is in flight then is cancelled")
+    add("--context", choices=CONTEXTS, default="headers",
+        help="how workflow context is sent: headers (default), body metadata, both, none")
+    add("--output-control", choices=OUTPUT_CONTROLS, default="hint",
+        help="output length: X-Sim-Output-Tokens hint (default, simulated engines), ignore-eos "
+             "(max_tokens=N + ignore_eos, real vLLM), both, none")
+    add("--no-max-tokens", action="store_true", help="do not declare the step's max_tokens in the body")
+    add("--steps-hint", action="store_true", help="also send X-Workflow-Steps (the workflow's step count)")
+    add("--client", choices=CLIENTS, default="aiohttp", help="HTTP client: aiohttp (default) or the openai SDK")
+    add("--request-timeout", type=float, default=600.0, help="seconds without a byte before a request fails")
+    add("--policy", action="append", type=_key_value, metavar="KEY=VALUE",
+        help="label the result with the gateway's policy (repeatable, e.g. queue=edf admission=predicted)")
+    add("--no-progress", action="store_true", help="no progress bar")
+
+
+def options_from_args(args: argparse.Namespace) -> LiveOptions:
+    import os
+
+    return LiveOptions(url=args.url, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"), model=args.model,
+                       time_scale=args.time_scale, max_concurrency=args.max_concurrency,
+                       time_limit_s=args.time_limit, context=args.context, output_control=args.output_control,
+                       declare_max_tokens=not args.no_max_tokens, steps_hint=args.steps_hint, client=args.client,
+                       request_timeout_s=args.request_timeout, time_base=args.time_base,
+                       progress=not args.no_progress, policy=dict(args.policy or ()))
+
+
+def live_main(args: argparse.Namespace) -> int:
+    """``maestro loadgen live``: 0 when every request succeeded, 1 when some failed, 2 on bad input."""
+    try:
+        workload = load_workload(args.workload)
+        options = options_from_args(args)
+        options.validate()
+    except (WorkloadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> RunResult:
+        runner = LiveRunner(workload, options)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, runner.stop)
+            except (NotImplementedError, RuntimeError, ValueError):  # non-Unix loops, not the main thread
+                pass
+        return await runner.run()
+
+    result = asyncio.run(main())
+    with open(args.out, "wb") as handle:
+        handle.write(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2))
+    summary = result.summary()
+    print(f"wrote {args.out}: {summary['requests_ok']}/{summary['requests']} requests ok, "
+          f"request SLO attainment {_pct(summary['request_slo_attainment'])}, workflow deadline attainment "
+          f"{_pct(summary['workflow_deadline_attainment'])} ({result.meta['end']}, {result.meta['wall_s']:.1f} s)",
+          file=sys.stderr)
+    return 0 if summary["requests_ok"] == summary["requests"] and result.meta["end"] == "completed" else 1
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
