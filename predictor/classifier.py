@@ -1,0 +1,271 @@
+"""Role classifier (and the text length score) over the system prompt and the latest user turn.
+
+An explicit role always wins (header ``X-Agent-Role`` or ``metadata.agent_role``, see
+:func:`predictor.features.explicit_role_of`). Otherwise a multinomial logistic regression over TF-IDF blocks
+(word 1-2-grams and character 3-4-grams, separately for the system prompt and the user turn) returns a role
+and its probability; below ``threshold`` the role is ``other``.
+
+The same TF-IDF features also feed a ridge regression of log output length (the *text length score*), which
+the length model takes as one feature: one sparse product serves both heads.
+
+Training fits scikit-learn's ``TfidfVectorizer`` (with our analyzers), ``LogisticRegression`` and ``Ridge``;
+serving only keeps their vocabularies, idf weights and coefficients and computes the same numbers with a few
+numpy operations (a test checks the equivalence), which is what keeps one prediction well under a millisecond.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from predictor.features import ANALYZERS, TEXT_BLOCKS, RequestView
+
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass
+class TextParams:
+    max_features: int = 20000   # per text block
+    min_df: int = 2
+    C: float = 4.0              # logistic regression
+    alpha: float = 3.0          # ridge
+    threshold: float = DEFAULT_THRESHOLD
+    folds: int = 5
+
+
+class _Block:
+    __slots__ = ("name", "field", "analyzer_name", "analyzer", "terms", "vocab", "keys", "idf", "offset")
+
+    def __init__(self, name: str, field: str, analyzer: str, terms: list[str], idf: np.ndarray, offset: int) -> None:
+        self.name, self.field, self.analyzer_name = name, field, analyzer
+        self.analyzer = ANALYZERS[analyzer]
+        self.terms = terms
+        self.vocab = {term: i for i, term in enumerate(terms)}
+        self.keys = self.vocab.keys()
+        self.idf = np.asarray(idf, dtype=np.float64)
+        self.offset = offset
+
+
+class TextEncoder:
+    """Binary TF-IDF (term present or not, times idf; l2 per block) over the text fields of a view."""
+
+    def __init__(self, blocks: list[_Block], cache_size: int = 1024) -> None:
+        self.blocks = blocks
+        self.width = sum(len(b.terms) for b in blocks)
+        self._fields: list[str] = []
+        self._by_field: dict[str, list[_Block]] = {}
+        for block in blocks:
+            if block.terms:
+                if block.field not in self._by_field:
+                    self._fields.append(block.field)
+                self._by_field.setdefault(block.field, []).append(block)
+        self.cache_size = cache_size
+        self._cache: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+
+    @classmethod
+    def fit(cls, views: Sequence[RequestView], params: TextParams) -> "TextEncoder":
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        blocks, offset = [], 0
+        for name, field, analyzer in TEXT_BLOCKS:
+            texts = [getattr(view, field) for view in views]
+            vectorizer = TfidfVectorizer(analyzer=ANALYZERS[analyzer], min_df=min(params.min_df, len(texts)),
+                                         max_features=params.max_features, binary=True)
+            try:
+                vectorizer.fit(texts)
+            except ValueError:  # empty vocabulary (e.g. no request has a system prompt)
+                blocks.append(_Block(name, field, analyzer, [], np.zeros(0), offset))
+                continue
+            terms = [""] * len(vectorizer.vocabulary_)
+            for term, index in vectorizer.vocabulary_.items():
+                terms[index] = term
+            blocks.append(_Block(name, field, analyzer, terms, vectorizer.idf_, offset))
+            offset += len(terms)
+        return cls(blocks)
+
+    def _encode_field(self, field: str, text: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        all_idx, all_val = [], []
+        for block in self._by_field[field]:
+            hits = block.keys & set(block.analyzer(text))
+            if not hits:
+                continue
+            idx = np.fromiter(map(block.vocab.__getitem__, hits), dtype=np.intp, count=len(hits))
+            idx.sort()  # set order varies between processes (string hashing); sorted rows are reproducible
+            values = block.idf[idx]
+            values /= math.sqrt(values @ values)
+            all_idx.append(idx + block.offset if block.offset else idx)
+            all_val.append(values)
+        return all_idx, all_val
+
+    def encode(self, view: RequestView) -> tuple[np.ndarray, np.ndarray]:
+        """Sparse TF-IDF row of one view: (column indices, values).
+
+        The system-prompt part is memoised by its text (agents resend the same system prompt on every call);
+        the memo is bounded and simply emptied when full.
+        """
+        all_idx: list[np.ndarray] = []
+        all_val: list[np.ndarray] = []
+        for field in self._fields:
+            text = getattr(view, field)
+            if field == "system" and self.cache_size:
+                cached = self._cache.get(text)
+                if cached is None:
+                    cached = self._encode_field(field, text)
+                    if len(self._cache) >= self.cache_size:
+                        self._cache.clear()
+                    self._cache[text] = cached
+                all_idx.extend(cached[0])
+                all_val.extend(cached[1])
+            else:
+                idx, val = self._encode_field(field, text)
+                all_idx.extend(idx)
+                all_val.extend(val)
+        if not all_idx:
+            return np.zeros(0, dtype=np.intp), np.zeros(0)
+        if len(all_idx) == 1:
+            return all_idx[0], all_val[0]
+        return np.concatenate(all_idx), np.concatenate(all_val)
+
+    def matrix(self, views: Sequence[RequestView]):
+        """CSR matrix of many views, computed through :meth:`encode` (the serving path)."""
+        from scipy.sparse import csr_matrix
+
+        indptr, indices, data = [0], [], []
+        for view in views:
+            idx, val = self.encode(view)
+            indices.append(idx)
+            data.append(val)
+            indptr.append(indptr[-1] + len(idx))
+        indices_arr = np.concatenate(indices) if indices else np.zeros(0, dtype=np.intp)
+        data_arr = np.concatenate(data) if data else np.zeros(0)
+        return csr_matrix((data_arr, indices_arr, np.array(indptr)), shape=(len(views), self.width))
+
+    def to_state(self) -> list[dict[str, Any]]:
+        return [{"name": b.name, "field": b.field, "analyzer": b.analyzer_name, "terms": "\n".join(b.terms),
+                 "n_terms": len(b.terms), "idf": b.idf} for b in self.blocks]
+
+    @classmethod
+    def from_state(cls, state: list[dict[str, Any]]) -> "TextEncoder":
+        blocks, offset = [], 0
+        for item in state:
+            terms = item["terms"].split("\n") if item["n_terms"] else []
+            if len(terms) != item["n_terms"]:
+                raise ValueError(f"text block {item['name']!r}: {len(terms)} terms, expected {item['n_terms']}")
+            blocks.append(_Block(item["name"], item["field"], item["analyzer"], terms, item["idf"], offset))
+            offset += len(terms)
+        return cls(blocks)
+
+
+class TextModel:
+    """Two linear heads over one TF-IDF encoding: role logits and the log-length score."""
+
+    def __init__(self, encoder: TextEncoder, classes: Sequence[str], weights: np.ndarray, bias: np.ndarray,
+                 threshold: float = DEFAULT_THRESHOLD) -> None:
+        self.encoder = encoder
+        self.classes = list(classes)
+        self.weights = np.ascontiguousarray(weights, dtype=np.float64)  # (n_features, n_classes + 1)
+        self.bias = np.asarray(bias, dtype=np.float64)                  # (n_classes + 1,)
+        self.threshold = float(threshold)
+        self._n_classes = len(self.classes)
+
+    def scores(self, view: RequestView) -> tuple[np.ndarray, float]:
+        """(role probabilities in ``classes`` order, text length score)."""
+        idx, val = self.encoder.encode(view)
+        raw = self.bias + val @ self.weights[idx] if len(idx) else self.bias.copy()
+        logits = raw[:self._n_classes]
+        if self._n_classes:
+            logits = np.exp(logits - logits.max())
+            logits /= logits.sum()
+        return logits, float(raw[self._n_classes])
+
+    def classify(self, view: RequestView) -> tuple[str, float, float]:
+        """(role, confidence, text length score); the role is ``other`` below the threshold."""
+        probs, length_score = self.scores(view)
+        if not self._n_classes:
+            return "other", 0.0, length_score
+        best = int(probs.argmax())
+        confidence = float(probs[best])
+        return (self.classes[best] if confidence >= self.threshold else "other"), confidence, length_score
+
+    def to_state(self) -> dict[str, Any]:
+        return {"encoder": self.encoder.to_state(), "classes": list(self.classes),
+                "weights": self.weights.astype(np.float32), "bias": self.bias, "threshold": self.threshold}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "TextModel":
+        return cls(TextEncoder.from_state(state["encoder"]), state["classes"], state["weights"], state["bias"],
+                   state["threshold"])
+
+
+def fit_role_head(X, labels: Sequence[str | None], params: TextParams,
+                  classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression on the labeled rows: (coef (n_features, n_classes), intercepts)."""
+    from sklearn.linear_model import LogisticRegression
+
+    coef = np.zeros((X.shape[1], len(classes)))
+    bias = np.zeros(len(classes))
+    if len(classes) >= 2:
+        labeled = np.array([label is not None for label in labels])
+        y_role = np.array([label for label in labels if label is not None])
+        clf = LogisticRegression(C=params.C, class_weight="balanced", max_iter=3000)
+        clf.fit(X[labeled], y_role)
+        order = [list(clf.classes_).index(c) for c in classes]
+        coef[:] = clf.coef_[order].T
+        bias[:] = clf.intercept_[order]
+    return coef, bias
+
+
+def fit_length_head(X, log_y: np.ndarray, weights: np.ndarray | None,
+                    params: TextParams) -> tuple[np.ndarray, float]:
+    """Ridge regression of log1p(output tokens) on the rows where ``log_y`` is finite."""
+    from sklearn.linear_model import Ridge
+
+    rows = np.flatnonzero(np.isfinite(log_y))
+    ridge = Ridge(alpha=params.alpha)
+    ridge.fit(X[rows], log_y[rows], sample_weight=None if weights is None else weights[rows])
+    return np.asarray(ridge.coef_, dtype=np.float64), float(ridge.intercept_)
+
+
+def oof_length_scores(X, log_y: np.ndarray, weights: np.ndarray | None, groups: np.ndarray,
+                      params: TextParams, coef: np.ndarray, bias: float) -> np.ndarray:
+    """Out-of-fold (group k-fold) length scores for the rows with a finite ``log_y``; the other rows get the
+    full head's score."""
+    scores = X @ coef + bias
+    rows = np.flatnonzero(np.isfinite(log_y))
+    n_groups = len(np.unique(groups[rows]))
+    if n_groups >= 3:
+        from sklearn.model_selection import GroupKFold
+
+        for train_pos, test_pos in GroupKFold(n_splits=min(params.folds, n_groups)).split(rows, groups=groups[rows]):
+            train_idx, test_idx = rows[train_pos], rows[test_pos]
+            fold_coef, fold_bias = fit_length_head(X[train_idx], log_y[train_idx],
+                                                   None if weights is None else weights[train_idx], params)
+            scores[test_idx] = X[test_idx] @ fold_coef + fold_bias
+    return scores
+
+
+def fit_text_model(views: Sequence[RequestView], labels: Sequence[str | None], log_y: np.ndarray,
+                   weights: np.ndarray | None, groups: np.ndarray,
+                   params: TextParams | None = None) -> tuple[TextModel, np.ndarray, Any]:
+    """Fit the encoder and both heads.
+
+    ``log_y`` is NaN for records whose output length is not usable (the length head ignores them).
+    Returns the model, the out-of-fold text length scores (group k-fold, so the length model trains on
+    scores it could not have memorised) and the TF-IDF matrix of ``views``.
+    """
+    params = params or TextParams()
+    labels = list(labels)
+    encoder = TextEncoder.fit(views, params)
+    X = encoder.matrix(views)
+    classes = sorted({label for label in labels if label is not None})
+    role_coef, role_bias = fit_role_head(X, labels, params, classes)
+    length_coef, length_bias = fit_length_head(X, log_y, weights, params)
+    weights_all = np.column_stack([role_coef, length_coef])
+    bias_all = np.append(role_bias, length_bias)
+    model = TextModel(encoder, classes, weights_all, bias_all, params.threshold)
+    oof_score = oof_length_scores(X, log_y, weights, groups, params, length_coef, length_bias)
+    return model, oof_score, X

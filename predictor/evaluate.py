@@ -1,0 +1,333 @@
+"""``maestro predictor evaluate``: score a model on held-out trace records, per source, as JSON.
+
+Metrics are pure functions over arrays (tested on hand-checkable sets):
+
+- role: accuracy, macro-F1 over the labels present in the truth, and macro-F1 over truth ∪ predictions
+  (scikit-learn's default), on records that carry a role label; the model sees the request without the
+  label, as a gateway would;
+- output length: MAE of p50; the same MAE for three baselines fitted on the model's own training records
+  (global mean, per-role mean, and a per-role histogram in the style of AIBrix's output predictor: log2
+  buckets of output tokens per role and log2 input bucket, predicting the bucket median); p90 coverage
+  (share of requests whose actual output ≤ p90); Kendall's tau-b between p50 and the actual length;
+- KV reservation: saving = 1 − Σ(prompt + reserved output) / Σ(prompt + max_tokens), where reserved output is
+  p90 capped by max_tokens and a record without max_tokens takes ``--default-max-tokens``; the
+  under-reservation rate (share of requests whose actual output exceeded the reservation); and, as the
+  bound no predictor can beat, the saving of an oracle that reserves exactly each actual output.
+
+``--cv K`` replaces ``--model``: group k-fold by workflow over the given files, one model per fold trained
+with the default options, every record scored once by a model that never saw its run.
+
+Baselines get the true role of each test record (an advantage the model does not have).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MAX_TOKENS = 4096
+HIST_INPUT_BUCKETS = 20   # log2 buckets: up to ~1M prompt tokens
+HIST_OUTPUT_BUCKETS = 18  # up to ~256k output tokens
+
+
+# -------------------------------------------------------------------------------------------- metrics
+def role_metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and per-label F1.
+
+    ``macro_f1`` averages the F1 of the labels present in the truth (a wrong prediction still costs the true
+    label's recall and the predicted label's precision); ``macro_f1_all_labels`` averages over the union of
+    true and predicted labels (scikit-learn's default), which also counts a label that only ever appears as
+    a mistake as F1 = 0 — harsh on a test set with a single true class.
+    """
+    n = len(y_true)
+    if n == 0:
+        return {"n": 0, "accuracy": None, "macro_f1": None, "macro_f1_all_labels": None, "f1": {}}
+    correct = sum(1 for t, p in zip(y_true, y_pred) if t == p)
+    f1 = {}
+    for label in sorted(set(y_true) | set(y_pred)):
+        tp = sum(1 for t, p in zip(y_true, y_pred) if t == label and p == label)
+        fp = sum(1 for t, p in zip(y_true, y_pred) if t != label and p == label)
+        fn = sum(1 for t, p in zip(y_true, y_pred) if t == label and p != label)
+        f1[label] = 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+    true_labels = set(y_true)
+    return {"n": n, "accuracy": correct / n,
+            "macro_f1": sum(f1[label] for label in true_labels) / len(true_labels),
+            "macro_f1_all_labels": sum(f1.values()) / len(f1), "f1": f1}
+
+
+def mae(predicted: Sequence[float], actual: Sequence[float]) -> float:
+    predicted, actual = np.asarray(predicted, dtype=float), np.asarray(actual, dtype=float)
+    return float(np.mean(np.abs(predicted - actual))) if len(actual) else math.nan
+
+
+def coverage(upper: Sequence[float], actual: Sequence[float]) -> float:
+    """Share of requests whose actual value is at most the predicted upper quantile."""
+    upper, actual = np.asarray(upper, dtype=float), np.asarray(actual, dtype=float)
+    return float(np.mean(actual <= upper)) if len(actual) else math.nan
+
+
+def kendall_tau(predicted: Sequence[float], actual: Sequence[float]) -> float:
+    """Kendall's tau-b (ties handled); nan when either side is constant."""
+    from scipy.stats import kendalltau
+
+    if len(actual) < 2:
+        return math.nan
+    tau = kendalltau(predicted, actual).statistic
+    return float(tau) if tau == tau else math.nan
+
+
+def kv_saving(prompt: Sequence[float], reserved: Sequence[float], max_tokens: Sequence[float]) -> float:
+    """1 − Σ(prompt + reserved output) / Σ(prompt + max_tokens)."""
+    prompt = np.asarray(prompt, dtype=float)
+    denominator = float(np.sum(prompt + np.asarray(max_tokens, dtype=float)))
+    if denominator <= 0:
+        return math.nan
+    return 1.0 - float(np.sum(prompt + np.asarray(reserved, dtype=float))) / denominator
+
+
+def under_reservation(actual: Sequence[float], reserved: Sequence[float]) -> float:
+    """Share of requests whose actual output exceeded the reserved output."""
+    actual, reserved = np.asarray(actual, dtype=float), np.asarray(reserved, dtype=float)
+    return float(np.mean(actual > reserved)) if len(actual) else math.nan
+
+
+# ------------------------------------------------------------------------------------------- baselines
+def _bucket(tokens: float, limit: int) -> int:
+    return min(limit - 1, int(round(math.log2(tokens)))) if tokens > 0 else 0
+
+
+def _role(record: Mapping[str, Any]) -> str:
+    return record.get("agent_role") or "other"
+
+
+def fit_baselines(records: Sequence[Mapping[str, Any]], roles: Sequence[str | None] | None = None) -> dict[str, Any]:
+    """Training-set statistics of the three baselines (stored in the model file)."""
+    roles = [r or "other" for r in roles] if roles is not None else [_role(r) for r in records]
+    y = [float(r["usage"]["completion_tokens"]) for r in records]
+    by_role: dict[str, list[float]] = defaultdict(list)
+    cells: dict[str, list[int]] = {}
+    for record, role, value in zip(records, roles, y):
+        by_role[role].append(value)
+        out_bucket = _bucket(value, HIST_OUTPUT_BUCKETS)
+        in_bucket = _bucket(record["usage"]["prompt_tokens"], HIST_INPUT_BUCKETS)
+        for key in (f"{role}|{in_bucket}", f"{role}|*", "*|*"):
+            cells.setdefault(key, [0] * HIST_OUTPUT_BUCKETS)[out_bucket] += 1
+    return {"global_mean": float(np.mean(y)) if y else 0.0,
+            "role_mean": {role: float(np.mean(values)) for role, values in by_role.items()},
+            "role_histogram": cells}
+
+
+def _hist_quantile(counts: Sequence[int], q: float) -> float:
+    total = sum(counts)
+    running = 0
+    for bucket, count in enumerate(counts):
+        running += count
+        if running >= q * total:
+            return float(2 ** bucket)
+    return float(2 ** (len(counts) - 1))
+
+
+def baseline_predictions(baselines: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """p50 per baseline (and p90 for the histogram) for each record, using its true role."""
+    global_mean = baselines["global_mean"]
+    role_mean = baselines["role_mean"]
+    cells = baselines["role_histogram"]
+    out: dict[str, list[float]] = {"global_mean": [], "role_mean": [], "role_histogram": [],
+                                   "role_histogram_p90": []}
+    for record in records:
+        role = _role(record)
+        out["global_mean"].append(global_mean)
+        out["role_mean"].append(role_mean.get(role, global_mean))
+        in_bucket = _bucket(record["usage"]["prompt_tokens"], HIST_INPUT_BUCKETS)
+        counts = cells.get(f"{role}|{in_bucket}") or cells.get(f"{role}|*") or cells.get("*|*")
+        if counts:
+            out["role_histogram"].append(_hist_quantile(counts, 0.5))
+            out["role_histogram_p90"].append(_hist_quantile(counts, 0.9))
+        else:
+            out["role_histogram"].append(global_mean)
+            out["role_histogram_p90"].append(global_mean)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def _r(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None or value != value else round(float(value), digits)
+
+
+def collect(predictor, records: Sequence[Mapping[str, Any]],
+            default_max_tokens: int = DEFAULT_MAX_TOKENS) -> list[dict[str, Any]]:
+    """One row per record: the prediction (the predictor sees the request as a gateway would, without its
+    role) and the baselines' predictions from the predictor's own training statistics."""
+    from predictor.features import max_tokens_of
+    from predictor.train import length_usable, request_of
+
+    baselines = (getattr(predictor, "state", None) or {}).get("baselines")
+    rows = []
+    for record in records:
+        body, headers = request_of(record)
+        prediction = predictor.predict(body, headers)
+        cap = max_tokens_of(body) or default_max_tokens
+        row = {"source": record.get("source", ""), "role_true": record.get("agent_role"),
+               "role_pred": prediction.role, "usable": length_usable(record),
+               "actual": record["usage"]["completion_tokens"], "prompt": record["usage"]["prompt_tokens"],
+               "cap": cap, "p50": min(prediction.p50, cap), "p90": min(prediction.p90, cap)}
+        if baselines and row["usable"]:
+            base = baseline_predictions(baselines, [record])
+            row["base"] = {name: min(values[0], cap) for name, values in base.items()}
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], default_max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, Any]:
+    """All metrics over collected rows."""
+    labeled = [r for r in rows if r["role_true"] is not None]
+    roles = role_metrics([r["role_true"] for r in labeled], [r["role_pred"] for r in labeled])
+    usable = [r for r in rows if r["usable"]]
+    result: dict[str, Any] = {"n": len(rows), "n_length": len(usable)}
+    result["role"] = {"n": roles["n"], "accuracy": _r(roles["accuracy"]), "macro_f1": _r(roles["macro_f1"]),
+                      "macro_f1_all_labels": _r(roles["macro_f1_all_labels"]),
+                      "f1": {k: _r(v) for k, v in roles["f1"].items()}}
+    if not usable:
+        return result
+    actual = np.array([r["actual"] for r in usable], dtype=float)
+    p50 = np.array([r["p50"] for r in usable], dtype=float)
+    p90 = np.array([r["p90"] for r in usable], dtype=float)
+    prompt = np.array([r["prompt"] for r in usable], dtype=float)
+    caps = np.array([r["cap"] for r in usable], dtype=float)
+    model_mae = mae(p50, actual)
+    length: dict[str, Any] = {"mae_p50": _r(model_mae, 2), "actual_mean": _r(float(np.mean(actual)), 2),
+                              "actual_median": _r(float(np.median(actual)), 2),
+                              "p90_coverage": _r(coverage(p90, actual)), "kendall_tau": _r(kendall_tau(p50, actual))}
+    kv: dict[str, Any] = {"default_max_tokens": default_max_tokens,
+                          "saving": _r(kv_saving(prompt, p90, caps)),
+                          "under_reservation_rate": _r(under_reservation(actual, p90)),
+                          # the bound: reserving exactly the actual output of every request
+                          "oracle_saving": _r(kv_saving(prompt, np.minimum(actual, caps), caps))}
+    if all("base" in r for r in usable):
+        base = {name: np.array([r["base"][name] for r in usable], dtype=float) for name in usable[0]["base"]}
+        length["baselines_mae"] = {name: _r(mae(base[name], actual), 2)
+                                   for name in ("global_mean", "role_mean", "role_histogram")}
+        role_mean_mae = length["baselines_mae"]["role_mean"]
+        length["mae_reduction_vs_role_mean"] = _r(1 - model_mae / role_mean_mae) if role_mean_mae else None
+        hist_p90 = base["role_histogram_p90"]
+        length["role_histogram_p90_coverage"] = _r(coverage(hist_p90, actual))
+        kv["role_histogram"] = {"saving": _r(kv_saving(prompt, hist_p90, caps)),
+                                "under_reservation_rate": _r(under_reservation(actual, hist_p90))}
+    result["length"] = length
+    result["kv"] = kv
+    return result
+
+
+def evaluate_records(predictor, records: Sequence[Mapping[str, Any]],
+                     default_max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, Any]:
+    """All metrics for ``records``."""
+    return summarize(collect(predictor, records, default_max_tokens), default_max_tokens)
+
+
+def summarize_by_source(rows: Sequence[Mapping[str, Any]],
+                        default_max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, Any]:
+    by_source: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_source[row["source"]].append(row)
+    return {"all": summarize(rows, default_max_tokens),
+            "by_source": {source: summarize(items, default_max_tokens) for source, items in sorted(by_source.items())}}
+
+
+def evaluate_by_source(predictor, records: Sequence[Mapping[str, Any]],
+                       default_max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, Any]:
+    return summarize_by_source(collect(predictor, records, default_max_tokens), default_max_tokens)
+
+
+def cross_validate(records: Sequence[dict[str, Any]], folds: int = 5, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                   options=None, log=None) -> dict[str, Any]:
+    """Group k-fold by workflow over ``records``: train on k-1 folds (default options), predict the held-out
+    fold, and report the pooled metrics (every record is scored once, by a model that never saw its run)."""
+    from sklearn.model_selection import GroupKFold
+
+    from predictor.predictor import Predictor
+    from predictor.train import fit_state, group_of
+
+    groups = [group_of(record, i) for i, record in enumerate(records)]
+    rows: list[dict[str, Any]] = []
+    for fold, (train_idx, test_idx) in enumerate(GroupKFold(n_splits=folds).split(records, groups=groups)):
+        state = fit_state([records[i] for i in train_idx], options)
+        predictor = Predictor.from_state(state, default_max_tokens=default_max_tokens)
+        rows.extend(collect(predictor, [records[i] for i in test_idx], default_max_tokens))
+        if log:
+            log(f"fold {fold + 1}/{folds}: trained on {len(train_idx)}, scored {len(test_idx)}")
+    return summarize_by_source(rows, default_max_tokens)
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model file written by `maestro predictor train`")
+    parser.add_argument("--cv", type=int, metavar="K",
+                        help="instead of --model: group k-fold by workflow (train k models with default "
+                             "options, score each held-out fold, pool the metrics)")
+    parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="trace files")
+    parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help="max_tokens of a request that sets none (default 4096)")
+    parser.add_argument("--split", choices=("test", "all"), default="test",
+                        help="score the held-out part of the by-workflow split (default; same seed and size as "
+                             "training) or every record (data the model never saw)")
+    parser.add_argument("--test-size", type=float, help="override the model's split size")
+    parser.add_argument("--seed", type=int, help="override the model's split seed")
+
+
+def main(args: argparse.Namespace) -> int:
+    import orjson
+
+    from predictor.model_file import ModelFileError
+    from predictor.predictor import Predictor
+    from predictor.train import DEFAULT_SEED, DEFAULT_TEST_SIZE, load_records, split_records
+
+    if (args.model is None) == (args.cv is None):
+        print("maestro predictor evaluate: give either --model MODEL or --cv K", file=sys.stderr)
+        return 2
+    records = load_records(args.data)
+    if args.cv is not None:
+        if args.cv < 2:
+            print("maestro predictor evaluate: --cv needs K >= 2", file=sys.stderr)
+            return 2
+        started = time.perf_counter()
+        report = cross_validate(records, args.cv, args.default_max_tokens,
+                                log=lambda message: print(f"[evaluate] {message}", file=sys.stderr, flush=True))
+        report["meta"] = {"cv_folds": args.cv, "data": [str(p) for p in args.data],
+                          "seconds": round(time.perf_counter() - started, 1)}
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+
+    started = time.perf_counter()
+    try:
+        predictor = Predictor.load(args.model, default_max_tokens=args.default_max_tokens)
+    except ModelFileError as exc:
+        print(f"maestro predictor evaluate: {exc}", file=sys.stderr)
+        return 2
+    load_s = time.perf_counter() - started
+    split = (predictor.state or {}).get("training", {}).get("split") or {}
+    test_size = args.test_size if args.test_size is not None else split.get("test_size", DEFAULT_TEST_SIZE)
+    seed = args.seed if args.seed is not None else split.get("seed", DEFAULT_SEED)
+    if args.split == "test":
+        _, records = split_records(records, test_size, seed)
+    started = time.perf_counter()
+    report = evaluate_by_source(predictor, records, args.default_max_tokens)
+    report["meta"] = {"model": str(args.model), "data": [str(p) for p in args.data], "split": args.split,
+                      "test_size": test_size if args.split == "test" else None,
+                      "seed": seed if args.split == "test" else None,
+                      "load_s": round(load_s, 3), "evaluate_s": round(time.perf_counter() - started, 2),
+                      "trained_on": (predictor.state or {}).get("training", {}).get("sources")}
+    sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="python -m predictor.evaluate")
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

@@ -1,0 +1,356 @@
+"""Request features: what a gateway knows about a chat request before it runs.
+
+One function, :func:`parse_request`, reads an OpenAI chat-completion body (plus the request headers) into a
+:class:`RequestView`; everything downstream (role classifier, length model, training, evaluation, online
+records) reads features from that view, so training and serving cannot drift apart. Token counts come from
+:mod:`predictor.tokens`, the one character-based estimator used everywhere.
+
+The text the models see is cut the same way at training and serving time (:data:`SYSTEM_CHARS` of the system
+prompt, the head and tail of the latest user turn), which also bounds the cost of one prediction.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from predictor.tokens import (REPLY_PRIMING, estimate_completion_tokens, estimate_single_message_tokens,
+                              estimate_tokens)
+from predictor.trace import ROLES
+
+# Explicit workflow context: headers first, then the OpenAI ``metadata`` object of the body.
+ROLE_HEADER = "X-Agent-Role"
+WORKFLOW_ID_HEADER = "X-Workflow-Id"
+WORKFLOW_STEP_HEADER = "X-Workflow-Step"
+ROLE_METADATA = "agent_role"
+WORKFLOW_ID_METADATA = "workflow_id"
+WORKFLOW_STEP_METADATA = "workflow_step"
+
+# Text windows the text models see (characters).
+SYSTEM_CHARS = 2000
+USER_HEAD_CHARS = 1200
+USER_TAIL_CHARS = 800
+CHAR_NGRAM_CHARS = 240  # character n-grams only look at the start of each field
+
+# Common labels an operator may send for a role; anything else unknown maps to "other".
+ROLE_SYNONYMS = {
+    "orchestrator": "planner", "manager": "planner", "decider": "planner", "ceo": "planner", "cto": "planner",
+    "cpo": "planner", "programmer": "coder", "developer": "coder", "engineer": "coder", "code": "coder",
+    "critic": "reviewer", "verifier": "reviewer", "review": "reviewer", "validator": "reviewer",
+    "qa": "tester", "test": "tester", "tool": "tool_caller", "tools": "tool_caller", "function_caller": "tool_caller",
+    "tool-caller": "tool_caller", "toolcaller": "tool_caller", "retriever": "researcher", "search": "researcher",
+    "websurfer": "researcher", "web_surfer": "researcher", "summarizer": "writer", "documenter": "writer",
+    "doc": "writer", "chat": "assistant", "general": "assistant",
+}
+
+_LAST_ROLE = {"user": 0.0, "assistant": 1.0, "tool": 2.0, "function": 2.0, "system": 3.0, "developer": 3.0}
+_RESPONSE_FORMAT = {"text": 0.0, "json_object": 1.0, "json_schema": 2.0}
+
+# Numeric features of the length model, in order; the model-name one-hot columns follow them
+# (``model=<name>`` for each name in the model file's vocabulary, then ``model=<other>``).
+BASE_FEATURES = (
+    *(f"role={r}" for r in ROLES),
+    "prompt_tokens", "system_tokens", "last_user_tokens", "tools_tokens",
+    "max_tokens", "n_messages", "n_user", "n_assistant", "n_tool", "workflow_step",
+    "has_tools", "n_tools", "tool_choice", "response_format", "temperature",
+    "last_role", "prev_assistant_tokens", "prev_assistant_tool_call",
+    "user_code_fences", "user_code_chars", "user_questions", "user_lines", "system_code_fences",
+    "text_length_score",
+)
+MODEL_OTHER = "<other>"
+
+
+def normalize_role(value: Any) -> str | None:
+    """An explicit role label as one of :data:`ROLES` (synonyms mapped, unknown → ``other``); None if empty."""
+    if not isinstance(value, str):
+        return None
+    key = value.strip().lower().replace(" ", "_")
+    if not key:
+        return None
+    if key in ROLES:
+        return key
+    return ROLE_SYNONYMS.get(key, ROLE_SYNONYMS.get(key.replace("_", ""), "other"))
+
+
+def header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """Case-insensitive header lookup that works for plain dicts and aiohttp's CIMultiDict alike."""
+    if not headers:
+        return None
+    value = headers.get(name)
+    if value is None:
+        lower = name.lower()
+        for key, item in headers.items():
+            if key.lower() == lower:
+                return item
+    return value
+
+
+def content_text(content: Any) -> str:
+    """The text of one message ``content`` (string, or a list of parts of which the text parts count)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict):
+                text = part.get("text")
+                if isinstance(text, str):
+                    parts.append(text)
+            elif isinstance(part, str):
+                parts.append(part)
+        return "\n".join(parts)
+    return ""
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    return float(value)
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+def max_tokens_of(body: Mapping[str, Any]) -> int | None:
+    """The request's output cap (``max_completion_tokens`` wins over ``max_tokens``), None when absent."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+@dataclass(slots=True)
+class RequestView:
+    """A chat request reduced to what the predictor uses."""
+
+    model: str
+    system: str              # system / developer messages, joined, cut to SYSTEM_CHARS
+    user: str                # latest user turn, head + tail
+    context: str             # structure tokens: speaker names of recent messages, last role, tools, no system
+    explicit_role: str | None
+    workflow_id: str | None
+    workflow_step: int | None
+    max_tokens: int | None
+    prompt_tokens: int       # estimated from the text (messages + tool definitions)
+    numeric: list[float]     # BASE_FEATURES minus the role one-hot and the text score (filled in later)
+
+
+def explicit_role_of(body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> str | None:
+    """The caller's own role label: header ``X-Agent-Role`` first, then ``metadata.agent_role``."""
+    role = normalize_role(header(headers, ROLE_HEADER))
+    if role is None:
+        metadata = body.get("metadata")
+        if isinstance(metadata, dict):
+            role = normalize_role(metadata.get(ROLE_METADATA))
+    return role
+
+
+def _fenced_chars(text: str) -> int:
+    """Characters inside Markdown code fences (the code a reviser is likely to echo back)."""
+    if "```" not in text:
+        return 0
+    parts = text.split("```")
+    return sum(len(part) for part in parts[1::2])
+
+
+_NAME_CHARS = re.compile(r"\W+")
+_PREFIX = {"assistant": "a_", "user": "u_", "tool": "t_", "function": "t_", "system": "s_", "developer": "s_"}
+CONTEXT_MESSAGES = 8  # speaker names are read from this many latest messages
+
+
+def _context_tokens(messages: list[Any], has_system: bool, n_tool: int, body: Mapping[str, Any]) -> str:
+    """Words that describe the conversation's shape rather than its text: who spoke recently (the OpenAI
+    ``name`` of each message, prefixed by its role: ``a_`` for the calling agent's own earlier turns, ``u_``
+    for peers, ``t_`` for tools), the last message's role, and whether tools or a system prompt are present."""
+    words = []
+    for message in messages[-CONTEXT_MESSAGES:]:
+        if isinstance(message, dict):
+            name = message.get("name")
+            if isinstance(name, str) and name:
+                prefix = _PREFIX.get(message.get("role"), "x_")
+                words.append(prefix + _NAME_CHARS.sub("_", name.lower()).strip("_")[:40])
+    last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+    words.append(f"last_{last.get('role')}")
+    if not has_system:
+        words.append("no_system")
+    if n_tool:
+        words.append("tool_results")
+    if body.get("tools") or body.get("functions"):
+        words.append("tools_offered")
+    if any(isinstance(m, dict) and m.get("tool_calls") for m in messages[-CONTEXT_MESSAGES:]):
+        words.append("tool_calls_made")
+    return " ".join(words)
+
+
+def parse_request(body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> RequestView:
+    """Read one OpenAI chat-completion body (and headers) into a :class:`RequestView`."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        messages = []
+    metadata = body.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {}
+
+    # One pass: per-message token estimates (their sum is estimate_message_tokens(messages)) and the texts.
+    system_parts: list[str] = []
+    system_tokens = 0
+    last_user = ""
+    last_user_tokens = 0
+    last_assistant = None
+    last_role = math.nan
+    n_user = n_assistant = n_tool = 0
+    message_tokens = REPLY_PRIMING
+    for message in messages:
+        if not isinstance(message, dict):
+            message_tokens += estimate_single_message_tokens(message)
+            continue
+        tokens = estimate_single_message_tokens(message)
+        message_tokens += tokens
+        role = message.get("role")
+        if role in ("system", "developer"):
+            system_parts.append(content_text(message.get("content")))
+            system_tokens += tokens
+        elif role == "user":
+            n_user += 1
+            last_user = content_text(message.get("content"))
+            last_user_tokens = tokens
+        elif role == "assistant":
+            n_assistant += 1
+            last_assistant = message
+        elif role in ("tool", "function"):
+            n_tool += 1
+        last_role = _LAST_ROLE.get(role, math.nan) if isinstance(role, str) else math.nan
+    context = _context_tokens(messages, bool(system_parts), n_tool, body)
+    if last_assistant is None:
+        prev_assistant_tokens = prev_assistant_tool_call = math.nan
+    else:
+        prev_assistant_tokens = float(estimate_completion_tokens(last_assistant))
+        called = last_assistant.get("tool_calls") or last_assistant.get("function_call")
+        prev_assistant_tool_call = 1.0 if called else 0.0
+    system_full = "\n".join(system_parts)
+    system = system_full[:SYSTEM_CHARS]
+    if len(last_user) > USER_HEAD_CHARS + USER_TAIL_CHARS:
+        user = last_user[:USER_HEAD_CHARS] + "\n" + last_user[-USER_TAIL_CHARS:]
+    else:
+        user = last_user
+
+    tools = body.get("tools") or body.get("functions")
+    n_tools = len(tools) if isinstance(tools, list) else 0
+    tools_tokens = 0
+    if n_tools:
+        try:
+            tools_tokens = estimate_tokens(orjson.dumps(tools).decode())
+        except TypeError:  # not JSON (only possible for bodies built in code)
+            tools_tokens = estimate_tokens(str(tools))
+    tool_choice = body.get("tool_choice")
+    if tool_choice is None or tool_choice == "none":
+        tool_choice_code = 0.0
+    elif tool_choice == "auto":
+        tool_choice_code = 1.0
+    else:
+        tool_choice_code = 2.0
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict):
+        response_format_code = _RESPONSE_FORMAT.get(response_format.get("type"), 3.0)
+    else:
+        response_format_code = 0.0
+
+    prompt_tokens = message_tokens + tools_tokens
+    max_tokens = max_tokens_of(body)
+    step = _int_or_none(header(headers, WORKFLOW_STEP_HEADER))
+    if step is None:
+        step = _int_or_none(metadata.get(WORKFLOW_STEP_METADATA))
+    workflow_id = header(headers, WORKFLOW_ID_HEADER) or metadata.get(WORKFLOW_ID_METADATA)
+    model = body.get("model")
+
+    numeric = [
+        float(prompt_tokens), float(system_tokens), float(last_user_tokens),
+        float(tools_tokens),
+        math.nan if max_tokens is None else float(max_tokens),
+        float(len(messages)), float(n_user), float(n_assistant), float(n_tool),
+        math.nan if step is None else float(step),
+        1.0 if n_tools else 0.0, float(n_tools), tool_choice_code, response_format_code,
+        _number(body.get("temperature")),
+        last_role, prev_assistant_tokens, prev_assistant_tool_call,
+        float(last_user.count("```")), float(_fenced_chars(last_user)), float(last_user.count("?")),
+        float(last_user.count("\n") + 1 if last_user else 0),
+        float(system_full.count("```")),
+    ]
+    return RequestView(
+        model=model if isinstance(model, str) else "",
+        system=system, user=user, context=context,
+        explicit_role=explicit_role_of(body, headers),
+        workflow_id=workflow_id if isinstance(workflow_id, str) else None,
+        workflow_step=step, max_tokens=max_tokens, prompt_tokens=prompt_tokens, numeric=numeric,
+    )
+
+
+def feature_names(model_vocab: list[str] | tuple[str, ...]) -> list[str]:
+    """The full, ordered feature list of a length model with this model-name vocabulary."""
+    return [*BASE_FEATURES, *(f"model={name}" for name in model_vocab), f"model={MODEL_OTHER}"]
+
+
+class FeatureAssembler:
+    """Builds the length model's numeric row from a view, the chosen role and the text score."""
+
+    def __init__(self, model_vocab: list[str] | tuple[str, ...]) -> None:
+        self.model_vocab = list(model_vocab)
+        self.names = feature_names(self.model_vocab)
+        self._role_index = {role: i for i, role in enumerate(ROLES)}
+        self._model_index = {name: i for i, name in enumerate(self.model_vocab)}
+        self._n_roles = len(ROLES)
+        self._n_base = len(BASE_FEATURES)
+        self.width = len(self.names)
+
+    def row(self, view: RequestView, role: str, text_score: float, out: np.ndarray | None = None) -> np.ndarray:
+        row = np.zeros(self.width) if out is None else out
+        row[self._role_index.get(role, self._n_roles - 1)] = 1.0
+        row[self._n_roles:self._n_base - 1] = view.numeric
+        row[self._n_base - 1] = text_score
+        row[self._n_base + self._model_index.get(view.model, len(self.model_vocab))] = 1.0
+        return row
+
+
+# ---------------------------------------------------------------------------------------------- text analysis
+
+_WORD = re.compile(r"(?u)\b\w\w+\b")
+
+
+def word_ngrams(text: str) -> list[str]:
+    """Lower-cased word unigrams and bigrams (the analyzer of the word TF-IDF blocks)."""
+    tokens = _WORD.findall(text.lower())
+    if len(tokens) > 1:
+        tokens.extend(map(" ".join, zip(tokens, tokens[1:])))
+    return tokens
+
+
+def char_ngrams(text: str) -> list[str]:
+    """Character 3- and 4-grams of the first CHAR_NGRAM_CHARS characters, whitespace collapsed to one space
+    and the text padded with a space on each side."""
+    padded = " " + " ".join(text[:CHAR_NGRAM_CHARS].lower().split()) + " "
+    size = len(padded)
+    if size < 3:
+        return []
+    grams = [padded[i:i + 3] for i in range(size - 2)]
+    grams.extend(padded[i:i + 4] for i in range(size - 3))
+    return grams
+
+
+ANALYZERS = {"word": word_ngrams, "char": char_ngrams}
+# The text blocks: (name, field of RequestView, analyzer). Each block is l2-normalised on its own.
+TEXT_BLOCKS = (("system_word", "system", "word"), ("user_word", "user", "word"),
+               ("system_char", "system", "char"), ("context_word", "context", "word"))

@@ -1,0 +1,130 @@
+"""KV-cache memory model: bytes per token from a model's architecture, reservations in engine blocks.
+
+bytes/token = 2 (K and V) × layers × KV heads × head dim × bytes per element. A reservation for a request is
+(prompt + reserved output) tokens rounded up to the engine's block size (vLLM allocates KV in blocks of
+``block_size`` tokens, 16 by default), times bytes/token.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2, "auto": 2,
+               "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "float8": 1, "int8": 1}
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_BYTES_PER_TOKEN = 131072  # Llama-3-8B in bf16: 2 × 32 layers × 8 KV heads × 128 × 2 bytes
+
+
+def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: str | int = "bfloat16") -> int:
+    """KV bytes one token occupies (all layers, K and V)."""
+    element = dtype if isinstance(dtype, int) else DTYPE_BYTES.get(str(dtype).lower().replace("torch.", ""))
+    if element is None:
+        raise ValueError(f"unknown KV dtype {dtype!r}; use one of {', '.join(sorted(DTYPE_BYTES))}")
+    for name, value in (("layers", layers), ("kv_heads", kv_heads), ("head_dim", head_dim), ("dtype bytes", element)):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return 2 * layers * kv_heads * head_dim * element
+
+
+# (layers, KV heads, head dim) of common open models, matched by a pattern on the served model name.
+KNOWN_ARCHITECTURES: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    (r"llama-?3(\.\d)?-?70b", (80, 8, 128)),
+    (r"llama-?3(\.\d)?-?405b", (126, 8, 128)),
+    (r"llama-?3(\.\d)?-?8b", (32, 8, 128)),
+    (r"llama-?3\.2-?3b", (28, 8, 128)),
+    (r"llama-?3\.2-?1b", (16, 8, 64)),
+    (r"llama-?2-?70b", (80, 8, 128)),
+    (r"llama-?2-?13b", (40, 40, 128)),
+    (r"llama-?2-?7b", (32, 32, 128)),
+    (r"mistral-?7b", (32, 8, 128)),
+    (r"mixtral-?8x7b", (32, 8, 128)),
+    (r"qwen2(\.5)?-?72b", (80, 8, 128)),
+    (r"qwen2(\.5)?-?32b", (64, 8, 128)),
+    (r"qwen2(\.5)?-?14b", (48, 8, 128)),
+    (r"qwen2(\.5)?-?7b", (28, 4, 128)),
+    (r"qwen3-?8b", (36, 8, 128)),
+    (r"qwen3-?32b", (64, 8, 128)),
+    (r"gemma-?2-?9b", (42, 8, 256)),
+    (r"gemma-?2-?27b", (46, 16, 128)),
+)
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """KV geometry of one served model."""
+
+    bytes_per_token: int = DEFAULT_BYTES_PER_TOKEN
+    block_size: int = DEFAULT_BLOCK_SIZE
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bytes_per_token <= 0 or self.block_size <= 0:
+            raise ValueError("bytes_per_token and block_size must be positive")
+
+    @classmethod
+    def from_architecture(cls, layers: int, kv_heads: int, head_dim: int, dtype: str | int = "bfloat16",
+                          block_size: int = DEFAULT_BLOCK_SIZE, max_model_len: int | None = None) -> "KVSpec":
+        return cls(bytes_per_token(layers, kv_heads, head_dim, dtype), block_size, max_model_len)
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], dtype: str | None = None,
+                       block_size: int = DEFAULT_BLOCK_SIZE) -> "KVSpec":
+        """From a Hugging Face ``config.json`` dict (num_hidden_layers, num_key_value_heads, head_dim…)."""
+        layers = config["num_hidden_layers"]
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads") or heads
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        return cls.from_architecture(layers, kv_heads, head_dim, dtype or config.get("torch_dtype") or "bfloat16",
+                                     block_size, config.get("max_position_embeddings"))
+
+    def tokens(self, prompt_tokens: int, output_tokens: int) -> int:
+        """Reserved tokens: prompt + output rounded up to whole blocks."""
+        total = max(0, int(prompt_tokens)) + max(0, int(math.ceil(output_tokens)))
+        return -(-total // self.block_size) * self.block_size
+
+    def reservation_bytes(self, prompt_tokens: int, output_tokens: int) -> int:
+        return self.tokens(prompt_tokens, output_tokens) * self.bytes_per_token
+
+
+def spec_for_name(model: str, dtype: str = "bfloat16", block_size: int = DEFAULT_BLOCK_SIZE) -> KVSpec | None:
+    """A spec from :data:`KNOWN_ARCHITECTURES` when the model name matches one, else None."""
+    name = model.lower()
+    for pattern, (layers, kv_heads, head_dim) in KNOWN_ARCHITECTURES:
+        if re.search(pattern, name):
+            return KVSpec.from_architecture(layers, kv_heads, head_dim, dtype, block_size)
+    return None
+
+
+class KVModel:
+    """Per-model KV specs: configured figures first, then known architectures by name, then a default."""
+
+    def __init__(self, specs: Mapping[str, KVSpec] | None = None, default: KVSpec | None = None) -> None:
+        self.specs = dict(specs or {})
+        self.default = default or KVSpec()
+        self._cache: dict[str, KVSpec] = {}
+
+    @classmethod
+    def from_models(cls, models: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> "KVModel":
+        """From objects or dicts with ``name``, ``kv_bytes_per_token`` and ``max_model_len`` (the gateway's
+        ``config.models``)."""
+        specs = {}
+        for model in models:
+            get = model.get if isinstance(model, Mapping) else (lambda key, m=model: getattr(m, key, None))
+            specs[get("name")] = KVSpec(get("kv_bytes_per_token") or DEFAULT_BYTES_PER_TOKEN, block_size,
+                                        get("max_model_len"))
+        return cls(specs, KVSpec(DEFAULT_BYTES_PER_TOKEN, block_size))
+
+    def spec(self, model: str) -> KVSpec:
+        spec = self._cache.get(model)
+        if spec is None:
+            spec = self.specs.get(model) or spec_for_name(model, block_size=self.default.block_size) or self.default
+            if len(self._cache) < 4096:
+                self._cache[model] = spec
+        return spec
+
+    def context(self, model: str) -> int | None:
+        return self.spec(model).max_model_len

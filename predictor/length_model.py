@@ -1,0 +1,236 @@
+"""Output-length model: one quantile ``HistGradientBoostingRegressor`` per quantile (p50, p90).
+
+Targets are ``log1p(completion_tokens)``: a quantile of the log is the log of the quantile, and trees fit the
+multiplicative spread of output lengths better in log space. Each quantile is then shifted by a conformal
+offset per role, measured on out-of-fold predictions (split by workflow, see :func:`predictor.train.fit_state`),
+so p90 covers about 90% of unseen requests rather than the (optimistic) in-sample 90%.
+
+Serving does not call scikit-learn: the fitted trees of all quantiles are compiled into flat numpy arrays
+(:class:`FlatForest`) and walked level by level for every tree at once, which on one row is several times
+faster than ``HistGradientBoostingRegressor.predict`` and gives the same numbers (a test checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+QUANTILES = (0.5, 0.9)
+
+
+@dataclass
+class LengthParams:
+    max_iter: int = 150
+    learning_rate: float = 0.06
+    max_depth: int = 5
+    max_leaf_nodes: int = 15
+    min_samples_leaf: int = 20
+    l2_regularization: float = 1.0
+    max_features: float = 1.0
+    seed: int = 0
+    threads: int = 1  # OpenMP threads per fit: small fits gain nothing from more, and a refit must not starve
+                      # the gateway's event loop (or spin on a busy machine)
+
+
+class FlatForest:
+    """The trees of several HistGradientBoostingRegressors as flat arrays, walked all at once."""
+
+    def __init__(self, feature: np.ndarray, threshold: np.ndarray, missing_left: np.ndarray, left: np.ndarray,
+                 right: np.ndarray, value: np.ndarray, roots: np.ndarray, tree_model: np.ndarray,
+                 baselines: np.ndarray, depth: int) -> None:
+        self.feature = np.ascontiguousarray(feature, dtype=np.intp)
+        self.threshold = np.ascontiguousarray(threshold, dtype=np.float64)
+        self.missing_left = np.ascontiguousarray(missing_left, dtype=bool)
+        self.left = np.ascontiguousarray(left, dtype=np.intp)
+        self.right = np.ascontiguousarray(right, dtype=np.intp)
+        self.value = np.ascontiguousarray(value, dtype=np.float64)
+        self.roots = np.ascontiguousarray(roots, dtype=np.intp)
+        self.tree_model = np.ascontiguousarray(tree_model, dtype=np.intp)
+        self.baselines = np.ascontiguousarray(baselines, dtype=np.float64)
+        self.depth = int(depth)
+        self.n_models = len(self.baselines)
+        # Trees are stored model after model: the sum of one model's trees is a reduceat over these starts.
+        starts = np.searchsorted(self.tree_model, np.arange(self.n_models))
+        self._starts = starts.astype(np.intp)
+        self._has_trees = np.bincount(self.tree_model, minlength=self.n_models) > 0
+
+    @classmethod
+    def from_estimators(cls, estimators: Sequence[Any]) -> "FlatForest":
+        feature, threshold, missing_left, left, right, value, roots, tree_model = [], [], [], [], [], [], [], []
+        baselines, depth, offset = [], 0, 0
+        for model_index, estimator in enumerate(estimators):
+            baselines.append(float(np.ravel(estimator._baseline_prediction)[0]))
+            for iteration in estimator._predictors:
+                for predictor in iteration:
+                    nodes = predictor.nodes
+                    if np.any(nodes["is_categorical"]):
+                        raise ValueError("categorical splits are not supported by FlatForest")
+                    is_leaf = nodes["is_leaf"].astype(bool)
+                    index = np.arange(len(nodes)) + offset
+                    feature.append(np.where(is_leaf, 0, nodes["feature_idx"]))
+                    threshold.append(np.where(is_leaf, 0.0, nodes["num_threshold"]))
+                    missing_left.append(nodes["missing_go_to_left"].astype(bool))
+                    left.append(np.where(is_leaf, index, nodes["left"].astype(np.int64) + offset))
+                    right.append(np.where(is_leaf, index, nodes["right"].astype(np.int64) + offset))
+                    value.append(np.where(is_leaf, nodes["value"], 0.0))
+                    roots.append(offset)
+                    tree_model.append(model_index)
+                    depth = max(depth, int(nodes["depth"].max()))
+                    offset += len(nodes)
+        if not roots:
+            empty_i, empty_f = np.zeros(0, np.intp), np.zeros(0)
+            return cls(empty_i, empty_f, np.zeros(0, bool), empty_i, empty_i, empty_f, empty_i, empty_i,
+                       np.array(baselines), 0)
+        return cls(np.concatenate(feature), np.concatenate(threshold), np.concatenate(missing_left),
+                   np.concatenate(left), np.concatenate(right), np.concatenate(value), np.array(roots),
+                   np.array(tree_model), np.array(baselines), depth)
+
+    def predict_row(self, x: np.ndarray) -> np.ndarray:
+        """Raw predictions of every model for one feature row."""
+        if not len(self.roots):
+            return self.baselines.copy()
+        node = self.roots
+        feature, threshold, missing_left, left, right = (self.feature, self.threshold, self.missing_left,
+                                                         self.left, self.right)
+        for _ in range(self.depth):
+            xv = x[feature[node]]
+            go_left = xv <= threshold[node]
+            nan = xv != xv
+            if nan.any():
+                go_left = np.where(nan, missing_left[node], go_left)
+            node = np.where(go_left, left[node], right[node])
+        sums = np.add.reduceat(self.value[node], self._starts) if self._has_trees.all() else self._sums(node)
+        return self.baselines + sums
+
+    def _sums(self, node: np.ndarray) -> np.ndarray:
+        return np.bincount(self.tree_model, weights=self.value[node], minlength=self.n_models)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Raw predictions for many rows, shape (n_rows, n_models)."""
+        X = np.asarray(X, dtype=np.float64)
+        n = X.shape[0]
+        if not len(self.roots):
+            return np.tile(self.baselines, (n, 1))
+        node = np.broadcast_to(self.roots, (n, len(self.roots))).copy()
+        rows = np.arange(n)[:, None]
+        for _ in range(self.depth):
+            xv = X[rows, self.feature[node]]
+            go_left = np.where(np.isnan(xv), self.missing_left[node], xv <= self.threshold[node])
+            node = np.where(go_left, self.left[node], self.right[node])
+        values = self.value[node]
+        out = np.zeros((n, self.n_models))
+        for model in range(self.n_models):
+            out[:, model] = values[:, self.tree_model == model].sum(axis=1)
+        return out + self.baselines
+
+    def to_state(self) -> dict[str, Any]:
+        return {"feature": self.feature.astype(np.int32), "threshold": self.threshold,
+                "missing_left": self.missing_left.astype(np.uint8), "left": self.left.astype(np.int32),
+                "right": self.right.astype(np.int32), "value": self.value, "roots": self.roots.astype(np.int32),
+                "tree_model": self.tree_model.astype(np.int32), "baselines": self.baselines, "depth": self.depth}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "FlatForest":
+        return cls(state["feature"], state["threshold"], state["missing_left"], state["left"], state["right"],
+                   state["value"], state["roots"], state["tree_model"], state["baselines"], state["depth"])
+
+
+def _estimator(quantile: float, params: LengthParams):
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    return HistGradientBoostingRegressor(
+        loss="quantile", quantile=quantile, max_iter=params.max_iter, learning_rate=params.learning_rate,
+        max_depth=params.max_depth, max_leaf_nodes=params.max_leaf_nodes, min_samples_leaf=params.min_samples_leaf,
+        l2_regularization=params.l2_regularization, max_features=params.max_features, early_stopping=False,
+        random_state=params.seed)
+
+
+def fit_quantile_estimators(X: np.ndarray, log_y: np.ndarray, weights: np.ndarray | None,
+                            quantiles: Sequence[float], params: LengthParams) -> list[Any]:
+    all_nan = np.isnan(X).all(axis=0)
+    if all_nan.any():  # scikit-learn cannot bin an all-missing column; a constant one is never split on
+        X = X.copy()
+        X[:, all_nan] = 0.0
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=params.threads, user_api="openmp"):
+        return [_estimator(q, params).fit(X, log_y, sample_weight=weights) for q in quantiles]
+
+
+def weighted_quantile(values: np.ndarray, q: float, weights: np.ndarray | None = None) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    if weights is None:
+        return float(np.quantile(values, q))
+    order = np.argsort(values)
+    cumulative = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
+    position = np.searchsorted(cumulative, q * cumulative[-1], side="left")
+    return float(values[order][min(position, len(values) - 1)])
+
+
+@dataclass
+class LengthModel:
+    """Quantile predictions of log1p(output tokens): flat forest + conformal offsets.
+
+    ``offsets`` has one row per stratum (the role index of :data:`predictor.trace.ROLES`) and one column per
+    quantile: split-conformal shifts measured per role, shrunk towards the global shift where a role has few
+    out-of-fold samples, so that p90 covers about 90% within each role rather than only on average.
+    """
+
+    forest: FlatForest
+    quantiles: tuple[float, ...] = QUANTILES
+    offsets: np.ndarray = field(default_factory=lambda: np.zeros((1, len(QUANTILES))))
+
+    def predict_log(self, row: np.ndarray, stratum: int = 0) -> np.ndarray:
+        return self.forest.predict_row(row) + self.offsets[min(stratum, len(self.offsets) - 1)]
+
+    def predict_log_many(self, X: np.ndarray, strata: np.ndarray | None = None) -> np.ndarray:
+        strata = np.zeros(len(X), dtype=np.intp) if strata is None else np.minimum(strata, len(self.offsets) - 1)
+        return self.forest.predict(X) + self.offsets[strata]
+
+    def to_state(self) -> dict[str, Any]:
+        return {"forest": self.forest.to_state(), "quantiles": [float(q) for q in self.quantiles],
+                "offsets": np.asarray(self.offsets, dtype=np.float64)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "LengthModel":
+        offsets = np.asarray(state["offsets"], dtype=np.float64)
+        return cls(FlatForest.from_state(state["forest"]), tuple(state["quantiles"]), np.atleast_2d(offsets))
+
+
+def conformal_offsets(log_y: np.ndarray, oof_log_pred: np.ndarray, quantiles: Sequence[float],
+                      weights: np.ndarray | None = None) -> np.ndarray:
+    """Per-quantile shift so that out-of-fold predictions reach their nominal level (split conformal)."""
+    offsets = []
+    for column, q in enumerate(quantiles):
+        offsets.append(weighted_quantile(log_y - oof_log_pred[:, column], q, weights))
+    return np.array(offsets)
+
+
+def stratified_offsets(log_y: np.ndarray, oof_log_pred: np.ndarray, quantiles: Sequence[float],
+                       strata: np.ndarray, n_strata: int, shrink: float = 50.0) -> np.ndarray:
+    """Conformal offsets per stratum, each pulled towards the global one by ``shrink`` pseudo-samples."""
+    overall = conformal_offsets(log_y, oof_log_pred, quantiles)
+    offsets = np.tile(overall, (n_strata, 1))
+    for stratum in range(n_strata):
+        mask = strata == stratum
+        n = int(mask.sum())
+        if n >= 10:
+            own = conformal_offsets(log_y[mask], oof_log_pred[mask], quantiles)
+            offsets[stratum] = (n * own + shrink * overall) / (n + shrink)
+    return offsets
+
+
+def fit_length_model(X: np.ndarray, log_y: np.ndarray, weights: np.ndarray | None,
+                     quantiles: Sequence[float] = QUANTILES, params: LengthParams | None = None,
+                     offsets: np.ndarray | None = None) -> LengthModel:
+    """Fit one quantile GBM per quantile and compile them; ``offsets`` (strata × quantiles) default to zero.
+    Calibration (the offsets) is done by the caller through the whole serving path, see
+    :func:`predictor.train.fit_state`."""
+    params = params or LengthParams()
+    estimators = fit_quantile_estimators(X, log_y, weights, quantiles, params)
+    if offsets is None:
+        offsets = np.zeros((1, len(quantiles)))
+    return LengthModel(FlatForest.from_estimators(estimators), tuple(quantiles), np.atleast_2d(offsets))

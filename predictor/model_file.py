@@ -1,0 +1,178 @@
+"""Model files: skops archives (no pickle) of plain dicts, lists, strings, numbers and numpy arrays.
+
+A file carries its format version and the *feature specification* of the code that wrote it (feature names,
+text blocks and windows, and a fingerprint of the token estimator). Loading refuses a file whose version or
+specification differs from the running code's, with a message saying what differs, instead of silently
+predicting from features computed another way.
+
+Reading does not need skops itself: for files made only of those plain types (all files this code writes),
+:func:`read_plain` walks the archive's ``schema.json`` and loads the ``.npy`` members with
+``allow_pickle=False``, constructing nothing but dicts, lists, JSON scalars and arrays. That keeps a model
+load in a few milliseconds instead of the ~1 s that importing skops (and scikit-learn) costs a fresh
+process. Any other file goes through ``skops.io.load`` with no extra trusted types.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from predictor import features
+from predictor.tokens import estimate_message_tokens, estimate_tokens
+
+FORMAT = "maestro-predictor"
+FORMAT_VERSION = 1
+
+# Fixed probes of the token estimator: if it changes, prompt-token features change meaning.
+_TOKEN_PROBES = ("", "hello", "The quick brown fox jumps over the lazy dog. " * 7, "def f(x):\n    return x ** 2\n",
+                 "数据 " * 11)
+
+
+class ModelFileError(ValueError):
+    """The file is not a usable predictor model for this code (wrong format, version or features)."""
+
+
+def feature_spec() -> dict[str, Any]:
+    """What the running code computes as features; must equal the spec stored in a model file."""
+    return {
+        "base_features": list(features.BASE_FEATURES),
+        "text_blocks": [list(block) for block in features.TEXT_BLOCKS],
+        "windows": {"system_chars": features.SYSTEM_CHARS, "user_head_chars": features.USER_HEAD_CHARS,
+                    "user_tail_chars": features.USER_TAIL_CHARS, "char_ngram_chars": features.CHAR_NGRAM_CHARS},
+        "token_probes": [estimate_tokens(text) for text in _TOKEN_PROBES]
+                        + [estimate_message_tokens([{"role": "user", "content": _TOKEN_PROBES[2]}])],
+    }
+
+
+def _diff(expected: Any, found: Any, path: str = "") -> str | None:
+    if isinstance(expected, dict) and isinstance(found, dict):
+        for key in sorted(set(expected) | set(found)):
+            if key not in found:
+                return f"{path}{key}: missing in the file"
+            if key not in expected:
+                return f"{path}{key}: unknown to this code"
+            difference = _diff(expected[key], found[key], f"{path}{key}.")
+            if difference:
+                return difference
+        return None
+    if isinstance(expected, (list, tuple)) and isinstance(found, (list, tuple)):
+        if len(expected) != len(found):
+            return f"{path.rstrip('.')}: {len(found)} entries in the file, {len(expected)} in this code"
+        for index, (a, b) in enumerate(zip(expected, found)):
+            difference = _diff(a, b, f"{path}{index}.")
+            if difference:
+                return difference
+        return None
+    if expected != found:
+        return f"{path.rstrip('.')}: file has {found!r}, this code has {expected!r}"
+    return None
+
+
+def check_state(state: Any, source: str = "model") -> dict[str, Any]:
+    """Raise :class:`ModelFileError` unless ``state`` is a predictor model this code can use."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ModelFileError(f"{source}: not a Maestro predictor model file")
+    version = state.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFileError(f"{source}: model format version {version!r}, this code reads version "
+                             f"{FORMAT_VERSION}; retrain with `maestro predictor train`")
+    difference = _diff(feature_spec(), state.get("feature_spec"))
+    if difference:
+        raise ModelFileError(f"{source}: the model's features do not match this code ({difference}); "
+                             "retrain with `maestro predictor train`")
+    vocab = state.get("model_vocab") or []
+    if state.get("length_model") is not None:
+        expected = features.feature_names(vocab)
+        if state.get("features") != expected:
+            raise ModelFileError(f"{source}: the model's feature list does not match this code "
+                                 f"({_diff(expected, state.get('features'))}); retrain the model")
+    return state
+
+
+def save_state(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` with skops, atomically (a temporary file renamed over the target)."""
+    import skops.io as sio
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        sio.dump(state, tmp, compression=zipfile.ZIP_DEFLATED, compresslevel=6)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+SKOPS_PROTOCOL = 2  # the skops archive protocol read_plain understands
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def read_plain(path: str | Path) -> Any:
+    """Read a skops archive made only of dicts (str keys), lists, JSON scalars and numpy arrays.
+
+    Raises ``_NotPlain`` for anything else (another protocol, other node types), so the caller can fall back
+    to ``skops.io.load``; raises ``zipfile.BadZipFile`` / ``KeyError`` for files that are not skops archives.
+    """
+    import numpy as np
+
+    with zipfile.ZipFile(path) as archive:
+        schema = json.loads(archive.read("schema.json"))
+        if schema.get("protocol") != SKOPS_PROTOCOL:
+            raise _NotPlain(f"skops protocol {schema.get('protocol')!r}")
+
+        def build(node: Any) -> Any:
+            loader = node.get("__loader__") if isinstance(node, dict) else None
+            if loader == "JsonNode" and node.get("is_json", True):
+                return json.loads(node["content"])
+            if loader == "ListNode" and node.get("__class__") == "list":
+                return [build(child) for child in node["content"]]
+            if loader == "DictNode" and node.get("__class__") == "dict":
+                key_types = node["key_types"]["content"]
+                if any(t.get("__loader__") != "TypeNode" or t.get("__class__") != "str" for t in key_types):
+                    raise _NotPlain("dict with non-string keys")
+                return {key: build(child) for key, child in node["content"].items()}
+            if loader == "NdArrayNode" and node.get("type") == "numpy":
+                return np.load(io.BytesIO(archive.read(node["file"])), allow_pickle=False)
+            raise _NotPlain(f"node {loader!r} ({node.get('__module__') if isinstance(node, dict) else node!r})")
+
+        return build(schema)
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read and check a model file; only plain types and numpy arrays are trusted."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    try:
+        state = read_plain(path)
+    except _NotPlain:
+        state = _skops_load(path)
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+        raise ModelFileError(f"{path}: not a skops model file ({exc})") from None
+    return check_state(state, str(path))
+
+
+def _skops_load(path: Path) -> Any:
+    import skops.io as sio
+
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+    except Exception as exc:  # not a skops archive
+        raise ModelFileError(f"{path}: not a skops model file ({exc})") from None
+    if untrusted:
+        raise ModelFileError(f"{path}: refusing to load untrusted types {untrusted}")
+    try:
+        return sio.load(path, trusted=[])
+    except Exception as exc:
+        raise ModelFileError(f"{path}: cannot read the model file ({exc})") from None

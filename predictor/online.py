@@ -1,0 +1,302 @@
+"""Online learning: completed requests become trace records; the model is refit in the background.
+
+- :func:`make_record` turns a finished request (body, headers, usage) into a trace record. Only an explicit
+  role (header or metadata) becomes a label: the classifier's own guess is never fed back as truth.
+- A bounded buffer keeps the latest records: :class:`MemoryBuffer`, :class:`FileTraceBuffer` (a JSONL file
+  that survives restarts; writes happen in an executor) or :class:`RedisStreamBuffer` (``XADD … MAXLEN ~``,
+  shared by several gateways).
+- :class:`OnlineLearner` serves predictions from the current model and starts a refit every
+  ``refit_every`` records or ``refit_interval_s`` seconds (whichever comes first, one refit at a time). The
+  fit runs in an executor, never on the event loop, and the new :class:`~predictor.predictor.Predictor`
+  replaces the old one by a single reference assignment, so a request sees either the old model or the new
+  one, never a mix. Until the first model exists, per-role priors (from config) answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from predictor.features import WORKFLOW_ID_HEADER, WORKFLOW_STEP_HEADER, explicit_role_of, header
+from predictor.predictor import Prediction, Predictor
+from predictor.trace import TraceFormatError, validate_record
+
+log = logging.getLogger(__name__)
+
+
+def make_record(body: Mapping[str, Any], usage: Mapping[str, Any], headers: Mapping[str, str] | None = None,
+                source: str = "gateway") -> dict[str, Any] | None:
+    """A trace record for one completed request, or None when ``usage`` lacks token counts."""
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (prompt, completion)):
+        return None
+    metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    workflow_id = header(headers, WORKFLOW_ID_HEADER) or metadata.get("workflow_id")
+    step_text = header(headers, WORKFLOW_STEP_HEADER) or metadata.get("workflow_step")
+    try:
+        step = int(step_text) if step_text is not None else 0
+    except (TypeError, ValueError):
+        step = 0
+    record = {
+        "request": dict(body),
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
+        "agent_role": explicit_role_of(body, headers),
+        "workflow": {"id": workflow_id, "step": step} if isinstance(workflow_id, str) and workflow_id else None,
+        "source": source,
+    }
+    try:
+        return validate_record(record)
+    except TraceFormatError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ buffers
+class TraceBuffer(Protocol):
+    async def append(self, record: dict[str, Any]) -> None: ...
+    async def snapshot(self) -> list[dict[str, Any]]: ...
+    async def close(self) -> None: ...
+
+
+class MemoryBuffer:
+    """The latest ``maxlen`` records, in memory."""
+
+    def __init__(self, maxlen: int = 50_000) -> None:
+        self.records: deque[dict[str, Any]] = deque(maxlen=maxlen)
+
+    async def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    async def snapshot(self) -> list[dict[str, Any]]:
+        return list(self.records)
+
+    async def close(self) -> None:
+        return None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+class FileTraceBuffer(MemoryBuffer):
+    """A bounded JSONL file: new records are appended in batches from an executor; when the file holds
+    twice ``maxlen`` lines it is rewritten with the latest ``maxlen`` (atomically, also in an executor).
+    The file's latest records are read back at construction (before serving starts)."""
+
+    def __init__(self, path: str | Path, maxlen: int = 50_000, flush_every: int = 64,
+                 executor: Executor | None = None) -> None:
+        super().__init__(maxlen)
+        self.path = Path(path)
+        self.flush_every = flush_every
+        self.executor = executor
+        self._pending: list[bytes] = []
+        self._lines_on_disk = 0
+        self._lock = asyncio.Lock()
+        if self.path.exists():
+            with open(self.path, "rb") as handle:
+                for line in handle:
+                    self._lines_on_disk += 1
+                    try:
+                        self.records.append(orjson.loads(line))
+                    except orjson.JSONDecodeError:
+                        continue
+
+    async def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self._pending.append(orjson.dumps(record) + b"\n")
+        if len(self._pending) >= self.flush_every:
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            if not self._pending:
+                return
+            lines, self._pending = self._pending, []
+            loop = asyncio.get_running_loop()
+            if self._lines_on_disk + len(lines) > 2 * self.records.maxlen:
+                snapshot = [orjson.dumps(r) + b"\n" for r in self.records]
+                await loop.run_in_executor(self.executor, self._rewrite, snapshot)
+                self._lines_on_disk = len(snapshot)
+            else:
+                await loop.run_in_executor(self.executor, self._append, lines)
+                self._lines_on_disk += len(lines)
+
+    def _append(self, lines: list[bytes]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "ab") as handle:
+            handle.write(b"".join(lines))
+
+    def _rewrite(self, lines: list[bytes]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(b"".join(lines))
+        os.replace(tmp, self.path)
+
+    async def snapshot(self) -> list[dict[str, Any]]:
+        await self.flush()
+        return list(self.records)
+
+    async def close(self) -> None:
+        await self.flush()
+
+
+class RedisStreamBuffer:
+    """A Redis stream capped at about ``maxlen`` entries (``XADD MAXLEN ~``), shared by several gateways.
+    ``client`` is a ``redis.asyncio.Redis``."""
+
+    def __init__(self, client: Any, key: str = "maestro:predictor:traces", maxlen: int = 50_000) -> None:
+        self.client = client
+        self.key = key
+        self.maxlen = maxlen
+
+    async def append(self, record: dict[str, Any]) -> None:
+        await self.client.xadd(self.key, {"r": orjson.dumps(record)}, maxlen=self.maxlen, approximate=True)
+
+    async def snapshot(self) -> list[dict[str, Any]]:
+        records, start = [], "-"
+        while True:
+            batch = await self.client.xrange(self.key, min=start, max="+", count=5000)
+            if not batch:
+                break
+            for entry_id, fields in batch:
+                raw = fields.get(b"r", fields.get("r"))
+                if raw is not None:
+                    try:
+                        records.append(orjson.loads(raw))
+                    except orjson.JSONDecodeError:
+                        pass
+            last = batch[-1][0]
+            start = "(" + (last.decode() if isinstance(last, bytes) else last)
+            if len(batch) < 5000:
+                break
+        return records[-self.maxlen:]
+
+    async def close(self) -> None:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ learner
+class OnlineLearner:
+    """Serves predictions and refits the model from recent traffic in the background."""
+
+    def __init__(self, predictor: Predictor | None = None, buffer: TraceBuffer | None = None, *,
+                 refit_every: int = 1000, refit_interval_s: float = 600.0, min_records: int = 200,
+                 base_records: Iterable[dict[str, Any]] = (), fit: Callable[[list[dict[str, Any]]], Predictor]
+                 | None = None, executor: Executor | None = None, save_path: str | Path | None = None,
+                 priors: Mapping[str, Any] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._predictor = predictor or Predictor.from_priors(priors)
+        self.buffer = buffer if buffer is not None else MemoryBuffer()
+        self.refit_every = refit_every
+        self.refit_interval_s = refit_interval_s
+        self.min_records = min_records
+        self.base_records = list(base_records)
+        self._fit = fit or self._default_fit
+        self.executor = executor
+        self.save_path = Path(save_path) if save_path else None
+        self.clock = clock
+        self._since_refit = 0
+        self._last_refit = clock()
+        self._task: asyncio.Task | None = None
+        self._ticker: asyncio.Task | None = None
+        self.refits = 0
+        self.last_error: BaseException | None = None
+
+    @property
+    def predictor(self) -> Predictor:
+        return self._predictor
+
+    def predict(self, body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> Prediction:
+        return self._predictor.predict(body, headers)
+
+    def _default_fit(self, records: list[dict[str, Any]]) -> Predictor:
+        from predictor.train import fit_predictor
+
+        current = self._predictor
+        return fit_predictor(records, kv=current.kv, default_max_tokens=current.default_max_tokens)
+
+    async def observe(self, body: Mapping[str, Any], usage: Mapping[str, Any],
+                      headers: Mapping[str, str] | None = None) -> bool:
+        """Record one completed request; returns True when it was usable."""
+        record = make_record(body, usage, headers)
+        if record is None:
+            return False
+        await self.add(record)
+        return True
+
+    async def add(self, record: dict[str, Any]) -> None:
+        await self.buffer.append(record)
+        self._since_refit += 1
+        if self._since_refit >= self.refit_every or self.clock() - self._last_refit >= self.refit_interval_s:
+            self.trigger()
+
+    @property
+    def refitting(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def trigger(self) -> asyncio.Task | None:
+        """Start a refit now unless one is running; returns its task."""
+        if self.refitting:
+            return self._task
+        self._since_refit = 0
+        self._last_refit = self.clock()
+        self._task = asyncio.get_running_loop().create_task(self._refit())
+        return self._task
+
+    async def _refit(self) -> None:
+        records = self.base_records + await self.buffer.snapshot()
+        if len(records) < self.min_records:
+            log.info("predictor refit skipped: %d records (< %d)", len(records), self.min_records)
+            return
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            new = await loop.run_in_executor(self.executor, self._fit_and_save, records)
+        except Exception as exc:  # keep serving the old model
+            self.last_error = exc
+            log.warning("predictor refit failed, keeping the current model: %s", exc)
+            return
+        self._predictor = new  # one reference assignment: the swap is atomic for readers
+        self.refits += 1
+        log.info("predictor refit on %d records in %.1fs", len(records), time.perf_counter() - started)
+
+    def _fit_and_save(self, records: list[dict[str, Any]]) -> Predictor:
+        new = self._fit(records)
+        if self.save_path is not None and new.state is not None:
+            new.save(self.save_path)
+        return new
+
+    async def wait_refit(self) -> None:
+        """Wait for the running refit, if any (tests, shutdown)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    def start(self) -> None:
+        """Also refit on the clock when traffic is too light to reach ``refit_every``."""
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, self.refit_interval_s / 10))
+            if self._since_refit and self.clock() - self._last_refit >= self.refit_interval_s:
+                self.trigger()
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            try:
+                await self._ticker
+            except asyncio.CancelledError:
+                pass
+            self._ticker = None
+        if self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+        await self.buffer.close()

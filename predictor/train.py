@@ -1,0 +1,300 @@
+"""``maestro predictor train``: fit the role classifier and the output-length model from trace records.
+
+Records are split by workflow (no run is both in train and test): per source, a seeded
+``GroupShuffleSplit`` over workflow ids; records without a workflow are their own group. ``--split train``
+(the default) trains on the train part only so that ``maestro predictor evaluate`` can score the held-out
+part of the same files; ``--split all`` trains on everything (for a model to deploy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from predictor.classifier import TextParams, fit_text_model
+from predictor.features import (WORKFLOW_ID_HEADER, WORKFLOW_STEP_HEADER, FeatureAssembler, content_text,
+                                parse_request)
+from predictor.length_model import QUANTILES, LengthParams, fit_length_model
+from predictor.trace import ROLES, read_records
+
+DEFAULT_TEST_SIZE = 0.2
+DEFAULT_SEED = 0
+
+
+@dataclass
+class TrainOptions:
+    text: TextParams = field(default_factory=TextParams)
+    length: LengthParams = field(default_factory=LengthParams)
+    quantiles: tuple[float, ...] = QUANTILES
+    model_min_count: int = 20        # a model name gets its own feature column from this many records
+    model_vocab_max: int = 32
+    source_balance: float = 0.5      # 0: every record weighs the same; 1: every source weighs the same
+    calibrate: bool = True           # conformal offsets from out-of-fold predictions
+    calibration_folds: int = 5       # group k-fold folds of those predictions
+
+
+# ------------------------------------------------------------------------------------------------ records
+def load_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    for path in paths:
+        records.extend(read_records(path))
+    return records
+
+
+def group_of(record: Mapping[str, Any], index: int = 0) -> str:
+    """The split group of a record: its workflow id; without one, its prompt text (so the same prompt
+    answered by several models, or sent twice, never lands on both sides of a split)."""
+    workflow = record.get("workflow")
+    source = record.get("source", "")
+    if isinstance(workflow, Mapping) and isinstance(workflow.get("id"), str):
+        return f"{source}\x00{workflow['id']}"
+    messages = record.get("request", {}).get("messages") or []
+    digest = hashlib.blake2b(digest_size=12)
+    for message in messages:
+        if isinstance(message, Mapping):
+            digest.update(str(message.get("role")).encode() + b"\x00")
+            digest.update(content_text(message.get("content")).encode("utf-8", "surrogatepass") + b"\x01")
+    return f"{source}\x00prompt:{digest.hexdigest()}"
+
+
+def split_records(records: Sequence[dict[str, Any]], test_size: float = DEFAULT_TEST_SIZE,
+                  seed: int = DEFAULT_SEED) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, test): per source, a seeded GroupShuffleSplit over workflow ids."""
+    from sklearn.model_selection import GroupShuffleSplit
+
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for index, record in enumerate(records):
+        by_source[record.get("source", "")].append(index)
+    train_idx: list[int] = []
+    test_idx: list[int] = []
+    for source in sorted(by_source):
+        indices = by_source[source]
+        groups = [group_of(records[i], i) for i in indices]
+        if len(set(groups)) < 2 or test_size <= 0:
+            train_idx.extend(indices)
+            continue
+        splitter = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
+        tr, te = next(splitter.split(indices, groups=groups))
+        train_idx.extend(indices[i] for i in tr)
+        test_idx.extend(indices[i] for i in te)
+    return [records[i] for i in sorted(train_idx)], [records[i] for i in sorted(test_idx)]
+
+
+def request_of(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The (body, headers) a gateway would have seen for this record: workflow context, never the role."""
+    headers: dict[str, str] = {}
+    workflow = record.get("workflow")
+    if isinstance(workflow, Mapping):
+        if isinstance(workflow.get("id"), str):
+            headers[WORKFLOW_ID_HEADER] = workflow["id"]
+        if isinstance(workflow.get("step"), int):
+            headers[WORKFLOW_STEP_HEADER] = str(workflow["step"])
+    return record["request"], headers
+
+
+def length_usable(record: Mapping[str, Any]) -> bool:
+    """False for records whose logged output length is not the LLM's (e.g. a tool-rendered page dump)."""
+    meta = record.get("meta")
+    return not (isinstance(meta, Mapping) and meta.get("tool_rendered_output"))
+
+
+def source_weights(records: Sequence[Mapping[str, Any]], balance: float) -> np.ndarray:
+    counts = Counter(record.get("source", "") for record in records)
+    n, k = len(records), len(counts)
+    weights = np.array([(n / (k * counts[record.get("source", "")])) ** balance for record in records])
+    return weights / weights.mean()
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+def fit_state(records: Sequence[dict[str, Any]], options: TrainOptions | None = None,
+              meta: Mapping[str, Any] | None = None, log=None) -> dict[str, Any]:
+    """Fit everything from ``records`` and return the model-file state (see :mod:`predictor.model_file`)."""
+    import sklearn
+
+    from predictor.evaluate import fit_baselines
+    from predictor.model_file import FORMAT, FORMAT_VERSION, feature_spec
+
+    options = options or TrainOptions()
+    log = log or (lambda message: None)
+    records = list(records)
+    if not records:
+        raise ValueError("no training records")
+    started = time.perf_counter()
+    views = [parse_request(*request_of(r)) for r in records]
+    labels = [r.get("agent_role") for r in records]
+    usable = np.array([length_usable(r) for r in records])
+    if not usable.any():
+        raise ValueError("no training record has a usable output length")
+    y = np.array([r["usage"]["completion_tokens"] for r in records], dtype=np.float64)
+    log_y = np.where(usable, np.log1p(y), np.nan)
+    groups = np.array([group_of(r, i) for i, r in enumerate(records)])
+    weights = source_weights(records, options.source_balance)
+    log(f"parsed {len(records)} records ({int(usable.sum())} with a usable output length) "
+        f"in {time.perf_counter() - started:.1f}s")
+
+    started = time.perf_counter()
+    text_model, oof_score, X_text = fit_text_model(views, labels, log_y, weights, groups, options.text)
+    log(f"text model: {text_model.encoder.width} features, classes {text_model.classes} "
+        f"({time.perf_counter() - started:.1f}s)")
+
+    # Role feature: the label where there is one, else what the classifier says.
+    roles = [label if label is not None else text_model.classify(view)[0] for label, view in zip(labels, views)]
+    model_counts = Counter(view.model for view, ok in zip(views, usable) if ok)
+    vocab = sorted(name for name, count in model_counts.most_common(options.model_vocab_max)
+                   if count >= options.model_min_count and name)
+    assembler = FeatureAssembler(vocab)
+    index = np.flatnonzero(usable)
+    X = np.vstack([assembler.row(views[i], roles[i], oof_score[i]) for i in index])
+
+    started = time.perf_counter()
+    strata = np.array([ROLES.index(roles[i]) if roles[i] in ROLES else ROLES.index("other") for i in index])
+    offsets = None
+    if options.calibrate:
+        offsets = cross_conformal_offsets(X_text, views, roles, assembler, index, log_y, weights, groups, strata,
+                                          options)
+    length_model = fit_length_model(X, log_y[index], weights[index], options.quantiles, options.length, offsets)
+    log(f"length model: {len(length_model.forest.roots)} trees, p90 offsets by role "
+        f"{dict(zip(ROLES, np.round(length_model.offsets[:, -1], 3)))} "
+        f"({time.perf_counter() - started:.1f}s)")
+
+    priors = {}
+    by_role: dict[str, list[float]] = defaultdict(list)
+    for i in index:
+        by_role[roles[i]].append(y[i])
+    for role, values in by_role.items():
+        if len(values) >= 5:
+            p50, p90 = np.quantile(values, 0.5), np.quantile(values, 0.9)
+            priors[role] = [max(1, int(p50)), max(1, int(p50), int(np.ceil(p90)))]
+
+    try:
+        import skops
+
+        skops_version = skops.__version__
+    except ImportError:  # pragma: no cover
+        skops_version = None
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "feature_spec": feature_spec(),
+        "features": assembler.names,
+        "model_vocab": vocab,
+        "text_model": text_model.to_state(),
+        "length_model": length_model.to_state(),
+        "priors": priors,
+        "baselines": fit_baselines([records[i] for i in index], roles=[labels[i] for i in index]),
+        "training": {
+            "n_records": len(records), "n_length_records": int(usable.sum()),
+            "sources": dict(Counter(r.get("source", "") for r in records)),
+            "roles": dict(Counter(label or "null" for label in labels)),
+            "text_params": asdict(options.text), "length_params": asdict(options.length),
+            "quantiles": list(options.quantiles), "source_balance": options.source_balance,
+            "sklearn_version": sklearn.__version__, "skops_version": skops_version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **dict(meta or {}),
+        },
+    }
+
+
+def cross_conformal_offsets(X_text, views, roles, assembler: FeatureAssembler, index: np.ndarray,
+                            log_y: np.ndarray, weights: np.ndarray, groups: np.ndarray, strata: np.ndarray,
+                            options: TrainOptions) -> np.ndarray | None:
+    """Per-role conformal offsets (log space) from group-k-fold predictions made the way serving makes them.
+
+    For each fold, the length head (ridge) and the quantile GBMs are refit on the other folds (the GBMs on
+    out-of-fold ridge scores, as in the final fit), and the held-out rows are scored with that fold's ridge
+    fitted on all its training rows, which is what a request sees at serving time. Calibrating on the GBM's
+    own out-of-fold rows instead would pair a model trained on noisy out-of-fold scores with those same noisy
+    scores, and over-cover at serving time. The TF-IDF vocabulary is shared (fit without labels).
+    """
+    from sklearn.model_selection import GroupKFold
+
+    from predictor.classifier import fit_length_head, oof_length_scores
+    from predictor.length_model import FlatForest, fit_quantile_estimators, stratified_offsets
+
+    group_index = groups[index]
+    n_groups = len(np.unique(group_index))
+    if n_groups < 3 or len(index) < 30:
+        return None
+    predictions = np.zeros((len(index), len(options.quantiles)))
+    for train_pos, test_pos in GroupKFold(n_splits=min(options.calibration_folds, n_groups)).split(
+            index, groups=group_index):
+        train_idx, test_idx = index[train_pos], index[test_pos]
+        fold_weights = weights[train_idx]
+        coef, bias = fit_length_head(X_text[train_idx], log_y[train_idx], fold_weights, options.text)
+        fold_scores = oof_length_scores(X_text[train_idx], log_y[train_idx], fold_weights, groups[train_idx],
+                                        options.text, coef, bias)
+        X_train = np.vstack([assembler.row(views[i], roles[i], score) for i, score in zip(train_idx, fold_scores)])
+        forest = FlatForest.from_estimators(fit_quantile_estimators(
+            X_train, log_y[train_idx], fold_weights, options.quantiles, options.length))
+        test_scores = X_text[test_idx] @ coef + bias
+        X_test = np.vstack([assembler.row(views[i], roles[i], score) for i, score in zip(test_idx, test_scores)])
+        predictions[test_pos] = forest.predict(X_test)
+    return stratified_offsets(log_y[index], predictions, options.quantiles, strata, len(ROLES))
+
+
+def fit_predictor(records: Sequence[dict[str, Any]], options: TrainOptions | None = None, **predictor_kwargs):
+    """Fit and return a ready :class:`~predictor.predictor.Predictor` (used by the online learner too)."""
+    from predictor.predictor import Predictor
+
+    return Predictor.from_state(fit_state(records, options), **predictor_kwargs)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                        help="trace files (.jsonl / .jsonl.gz), see predictor/trace.py")
+    parser.add_argument("--out", required=True, metavar="MODEL", help="model file to write (skops)")
+    parser.add_argument("--split", choices=("train", "all"), default="train",
+                        help="train on the train part of a by-workflow split (default) or on all records")
+    parser.add_argument("--test-size", type=float, default=DEFAULT_TEST_SIZE,
+                        help="share of workflows held out per source (default 0.2)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="split seed (default 0)")
+    parser.add_argument("--max-iter", type=int, default=LengthParams.max_iter, help="boosting iterations")
+    parser.add_argument("--max-depth", type=int, default=LengthParams.max_depth, help="tree depth")
+    parser.add_argument("--threads", type=int, default=LengthParams.threads,
+                        help="OpenMP threads per boosting fit (default 1)")
+    parser.add_argument("--source-balance", type=float, default=TrainOptions.source_balance,
+                        help="0 = weigh records equally, 1 = weigh sources equally (default 0.5)")
+    parser.add_argument("--threshold", type=float, default=TextParams.threshold,
+                        help="classifier confidence below which the role is 'other'")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    from predictor.model_file import save_state
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(f"[train] {message}", file=sys.stderr, flush=True)
+
+    records = load_records(args.data)
+    if args.split == "train":
+        train, test = split_records(records, args.test_size, args.seed)
+        log(f"{len(records)} records: {len(train)} train, {len(test)} held out (by workflow)")
+    else:
+        train = records
+    options = TrainOptions(length=LengthParams(max_iter=args.max_iter, max_depth=args.max_depth,
+                                               threads=args.threads),
+                           text=TextParams(threshold=args.threshold), source_balance=args.source_balance)
+    meta = {"data": [str(p) for p in args.data],
+            "split": {"method": "group_shuffle_by_source_workflow", "part": args.split,
+                      "test_size": args.test_size, "seed": args.seed}}
+    state = fit_state(train, options, meta, log)
+    path = save_state(state, args.out)
+    log(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="python -m predictor.train")
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

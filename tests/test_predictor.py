@@ -1,0 +1,516 @@
+"""Predictor: role classifier, output-length quantiles, KV model, model files, metrics, online refits.
+
+Fast tests run on synthetic, hand-written records (no third-party data). One test at the end trains and
+evaluates on ``../shared/data`` (ChatDev) and is skipped when that folder is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from predictor import Prediction, Predictor
+from predictor.classifier import TextParams
+from predictor.evaluate import (baseline_predictions, coverage, evaluate_records, fit_baselines, kendall_tau,
+                                kv_saving, mae, role_metrics, under_reservation)
+from predictor.features import explicit_role_of, normalize_role, parse_request
+from predictor.kv import KVModel, KVSpec, bytes_per_token
+from predictor.length_model import FlatForest, LengthParams, fit_quantile_estimators
+from predictor.model_file import ModelFileError, load_state, read_plain, save_state
+from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, make_record
+from predictor.trace import write_records
+from predictor.train import TrainOptions, fit_state, group_of, split_records
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# ------------------------------------------------------------------------------------------ synthetic data
+# Four made-up agents: each has its own system prompt, user phrasing and output-length distribution
+# (log-normal around a median that also grows with one visible cue, the requested item count).
+AGENTS = {
+    "planner": ("You are the planning lead of a small team. Break the goal into ordered steps and assign owners.",
+                ["Plan the next milestone for {t}.", "Split {t} into {n} steps and name an owner for each."], 60),
+    "coder": ("You are a careful software engineer. Reply with complete, runnable Python code in one block.",
+              ["Implement {t} in Python with {n} functions.", "Write the module for {t}; include {n} unit tests."],
+              500),
+    "reviewer": ("You are a strict code reviewer. List defects with line references and a severity.",
+                 ["Review this patch for {t}:\n```python\ndef f(x):\n    return x\n```",
+                  "Find up to {n} problems in the code for {t}."], 150),
+    "tool_caller": ("You can call functions. Decide which tool to call next and produce only the call.",
+                    ["Look up {t} using the search tool.", "Fetch the record for {t} and update {n} fields."], 30),
+}
+TOPICS = ["an inventory tracker", "a chess clock", "a weather dashboard", "a budget planner", "a quiz game",
+          "a markdown editor", "a habit tracker", "a recipe scaler", "a photo resizer", "a todo app"]
+
+
+def synthetic_records(n_workflows: int = 40, seed: int = 0, source: str = "synthetic") -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for w in range(n_workflows):
+        topic = rng.choice(TOPICS)
+        for step, role in enumerate(["planner", "coder", "reviewer", "coder", "tool_caller", "tool_caller"]):
+            system, templates, median = AGENTS[role]
+            count = rng.randint(1, 6)
+            user = rng.choice(templates).format(t=topic, n=count)
+            body = {"model": rng.choice(["model-a", "model-b"]),
+                    "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
+            if role == "tool_caller":
+                body["tools"] = [{"type": "function", "function": {"name": "search", "parameters": {}}}]
+            if rng.random() < 0.5:
+                body["max_tokens"] = rng.choice([256, 1024, 2048])
+            output = int(median * (1 + count / 3) * math.exp(rng.gauss(0, 0.35)))
+            output = max(1, min(output, body.get("max_tokens", 10**6)))
+            records.append({"request": body, "usage": {"prompt_tokens": 40 + len(user) // 4,
+                                                       "completion_tokens": output},
+                            "agent_role": role, "workflow": {"id": f"wf-{seed}-{w}", "step": step},
+                            "source": source})
+    return records
+
+
+FAST = TrainOptions(text=TextParams(folds=3), length=LengthParams(max_iter=40, min_samples_leaf=10),
+                    calibration_folds=3)
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict]:
+    return synthetic_records()
+
+
+@pytest.fixture(scope="module")
+def state(records) -> dict:
+    return fit_state(records, FAST)
+
+
+@pytest.fixture(scope="module")
+def predictor(state) -> Predictor:
+    return Predictor.from_state(state)
+
+
+def chat(system: str, user: str, **extra) -> dict:
+    return {"model": "model-a", "messages": [{"role": "system", "content": system},
+                                             {"role": "user", "content": user}], **extra}
+
+
+# ------------------------------------------------------------------------------------------------ roles
+def test_classifier_learns_the_roles(predictor):
+    held_out = synthetic_records(n_workflows=5, seed=99)
+    correct = sum(predictor.predict(r["request"]).role == r["agent_role"] for r in held_out)
+    assert correct / len(held_out) >= 0.9
+
+
+def test_explicit_role_wins_over_classifier(predictor):
+    coder_body = chat(AGENTS["coder"][0], "Implement a chess clock in Python with 3 functions.")
+    assert predictor.predict(coder_body).role == "coder"
+    assert predictor.predict(coder_body).role_source == "classifier"
+
+    by_header = predictor.predict(coder_body, {"X-Agent-Role": "reviewer"})
+    assert (by_header.role, by_header.confidence, by_header.role_source) == ("reviewer", 1.0, "explicit")
+    assert predictor.predict(coder_body, {"x-agent-role": "Reviewer"}).role == "reviewer"  # any case
+
+    with_metadata = dict(coder_body, metadata={"agent_role": "planner"})
+    assert predictor.predict(with_metadata).role == "planner"
+    # the header beats metadata
+    assert predictor.predict(with_metadata, {"X-Agent-Role": "tester"}).role == "tester"
+
+
+def test_role_labels_are_normalised():
+    assert normalize_role("Tool Caller") == "tool_caller"
+    assert normalize_role("critic") == "reviewer"
+    assert normalize_role("something-new") == "other"
+    assert normalize_role("  ") is None and normalize_role(None) is None
+    assert explicit_role_of({"metadata": {"agent_role": "Coder"}}) == "coder"
+
+
+def test_low_confidence_gives_other(predictor):
+    strict = Predictor.from_state(predictor.state)
+    strict.text_model.threshold = 1.01  # nothing is ever that sure
+    prediction = strict.predict(chat(AGENTS["coder"][0], "Implement a quiz game in Python with 2 functions."))
+    assert prediction.role == "other" and prediction.role_source == "classifier"
+    assert 0 < prediction.confidence <= 1
+
+
+# ------------------------------------------------------------------------------------------------ lengths
+def test_quantiles_are_ordered_and_capped(predictor, records):
+    kv = KVModel({"model-a": KVSpec(131072, 16, max_model_len=2048)})
+    capped = predictor.with_kv(kv)
+    for record in records[:60]:
+        body = record["request"]
+        for p in (predictor.predict(body), capped.predict(body)):
+            assert 1 <= p.p50 <= p.p90
+            if "max_tokens" in body:
+                assert p.p90 <= body["max_tokens"]
+    tiny = chat(AGENTS["coder"][0], "Implement a todo app in Python with 6 functions.", max_tokens=7)
+    p = predictor.predict(tiny)
+    assert p.p50 <= p.p90 <= 7
+    # the model's context bounds the output too: 2048 - prompt tokens
+    long_prompt = chat(AGENTS["coder"][0], "word " * 1900 + "Implement a todo app.")
+    p = capped.predict(long_prompt)
+    assert p.p90 <= 2048 - p.prompt_tokens and p.p50 <= p.p90
+
+
+def test_length_model_tracks_the_signal(predictor):
+    planner = predictor.predict(chat(AGENTS["planner"][0], "Plan the next milestone for a chess clock."))
+    coder = predictor.predict(chat(AGENTS["coder"][0], "Implement a chess clock in Python with 6 functions."))
+    assert planner.p50 < coder.p50
+
+
+def test_flat_forest_matches_scikit_learn():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 6))
+    X[rng.random(X.shape) < 0.15] = np.nan  # missing values take the learned side
+    y = np.nan_to_num(X[:, 0]) * 2 + np.nan_to_num(X[:, 1]) ** 2 + rng.normal(size=600)
+    estimators = fit_quantile_estimators(X, y, None, (0.5, 0.9), LengthParams(max_iter=30))
+    forest = FlatForest.from_estimators(estimators)
+    expected = np.column_stack([e.predict(X) for e in estimators])
+    np.testing.assert_allclose(forest.predict(X), expected, rtol=1e-10, atol=1e-10)
+    for row, want in zip(X[:20], expected[:20]):
+        np.testing.assert_allclose(forest.predict_row(row), want, rtol=1e-10, atol=1e-10)
+
+
+def test_text_encoder_matches_scikit_learn(predictor, records):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    encoder = predictor.text_model.encoder
+    views = [parse_request(r["request"]) for r in records]
+    matrix = encoder.matrix(views).toarray()
+    for block in encoder.blocks:
+        if not block.terms:
+            continue
+        vectorizer = TfidfVectorizer(analyzer=block.analyzer, vocabulary=block.vocab, binary=True)
+        vectorizer.idf_ = block.idf
+        expected = vectorizer.transform([getattr(v, block.field) for v in views]).toarray()
+        np.testing.assert_allclose(matrix[:, block.offset:block.offset + len(block.terms)], expected, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ KV
+def test_kv_bytes_and_reservation():
+    assert bytes_per_token(32, 8, 128, "bfloat16") == 131072  # Llama-3-8B
+    assert bytes_per_token(80, 8, 128, "fp8") == 163840
+    spec = KVSpec.from_hf_config({"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                  "hidden_size": 4096, "torch_dtype": "bfloat16"}, block_size=16)
+    assert spec.bytes_per_token == 131072
+    assert spec.tokens(100, 20) == 128 and spec.tokens(96, 0) == 96
+    assert spec.reservation_bytes(100, 20) == 128 * 131072
+    with pytest.raises(ValueError):
+        bytes_per_token(32, 8, 128, "float13")
+    kv = KVModel.from_models([{"name": "m", "kv_bytes_per_token": 1000, "max_model_len": 4096}], block_size=32)
+    assert kv.spec("m").bytes_per_token == 1000 and kv.context("m") == 4096
+    assert kv.spec("meta-llama/Llama-3.1-70B-Instruct").bytes_per_token == bytes_per_token(80, 8, 128)
+
+
+def test_prediction_reserves_prompt_plus_p90(predictor):
+    kv = KVModel({"model-a": KVSpec(1000, 16)})
+    p = predictor.with_kv(kv).predict(chat(AGENTS["planner"][0], "Plan the next milestone for a quiz game."))
+    assert p.kv_tokens == -(-(p.prompt_tokens + p.p90) // 16) * 16
+    assert p.kv_bytes == p.kv_tokens * 1000
+
+
+def test_priors_until_a_model_exists():
+    predictor = Predictor.from_priors({"coder": {"p50": 100, "p90": 300}}, kv=KVModel(default=KVSpec(10, 16)))
+    p = predictor.predict(chat("anything", "hello"), {"X-Agent-Role": "coder"})
+    assert (p.role, p.p50, p.p90, p.role_source) == ("coder", 100, 300, "explicit")
+    assert p.kv_bytes == -(-(p.prompt_tokens + 300) // 16) * 16 * 10
+    p = predictor.predict(chat("anything", "hello", max_tokens=50))
+    assert p.role == "other" and p.p90 == 50 and p.p50 <= 50
+    with pytest.raises(ValueError):
+        Predictor.from_priors({"coder": {"p50": 300, "p90": 100}})
+
+
+# ------------------------------------------------------------------------------------------------ files
+def test_save_load_round_trip(predictor, records, tmp_path):
+    path = predictor.save(tmp_path / "model.skops")
+    assert zipfile.is_zipfile(path) and "schema.json" in zipfile.ZipFile(path).namelist()
+    loaded = Predictor.load(path)
+    for record in records[:40]:
+        assert loaded.predict(record["request"]) == predictor.predict(record["request"])
+    assert loaded.state["features"] == loaded.assembler.names
+    assert loaded.state["training"]["skops_version"]
+    # the plain reader and skops itself read the same thing
+    import skops.io as sio
+
+    via_skops = sio.load(path, trusted=[])
+    assert json.dumps(_listify(via_skops), sort_keys=True) == json.dumps(_listify(read_plain(path)), sort_keys=True)
+
+
+def _listify(value):
+    if isinstance(value, dict):
+        return {k: _listify(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_listify(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [str(value.dtype), value.tolist()]
+    return value
+
+
+def test_mismatched_model_file_is_refused(state, tmp_path):
+    wrong_windows = json.loads(json.dumps(state["feature_spec"]))
+    wrong_windows["windows"]["system_chars"] += 1
+    cases = {
+        "version": dict(state, format_version=state["format_version"] + 1),
+        "features": dict(state, feature_spec=wrong_windows),
+        "feature list": dict(state, features=state["features"][:-1] + ["model=elsewhere"]),
+        "format": dict(state, format="something-else"),
+    }
+    for name, bad in cases.items():
+        path = save_state(bad, tmp_path / f"{name}.skops")
+        with pytest.raises(ModelFileError) as error:
+            Predictor.load(path)
+        assert str(path) in str(error.value)
+    assert "system_chars" in _load_error(save_state(cases["features"], tmp_path / "again.skops"))
+    assert "version" in _load_error(save_state(cases["version"], tmp_path / "v.skops"))
+    junk = tmp_path / "junk.skops"
+    junk.write_bytes(b"\x80\x04 definitely not a model")
+    assert "not a skops model file" in _load_error(junk)
+    assert "no such model file" in _load_error(tmp_path / "missing.skops")
+
+
+def _load_error(path) -> str:
+    with pytest.raises(ModelFileError) as error:
+        load_state(path)
+    return str(error.value)
+
+
+class Gadget:  # not a plain type: skops saves it as an object, which the loader must refuse
+    def __init__(self) -> None:
+        self.x = 1
+
+
+def test_untrusted_objects_are_refused(state, tmp_path):
+    import skops.io as sio
+
+    path = tmp_path / "gadget.skops"
+    sio.dump(dict(state, extra=Gadget()), path)
+    assert "untrusted" in _load_error(path)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_metrics_on_a_hand_checkable_set():
+    roles = role_metrics(["coder", "coder", "planner"], ["coder", "planner", "planner"])
+    assert roles["accuracy"] == pytest.approx(2 / 3)
+    assert roles["f1"] == {"coder": pytest.approx(2 / 3), "planner": pytest.approx(2 / 3)}
+    assert roles["macro_f1"] == pytest.approx(2 / 3)
+    one_class = role_metrics(["coder"] * 4, ["coder", "coder", "coder", "other"])
+    assert one_class["macro_f1"] == pytest.approx(6 / 7)           # coder: 2*3 / (2*3 + 0 + 1)
+    assert one_class["macro_f1_all_labels"] == pytest.approx(3 / 7)  # + other: F1 = 0
+    assert mae([1, 2, 3], [2, 2, 5]) == pytest.approx(1.0)
+    assert coverage([10, 10, 10, 10], [5, 10, 11, 30]) == pytest.approx(0.5)
+    assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    # prompts 100+100, reserved 50+150, max 400+400: 1 - 400/1000
+    assert kv_saving([100, 100], [50, 150], [400, 400]) == pytest.approx(0.6)
+    assert under_reservation([60, 100], [50, 150]) == pytest.approx(0.5)
+
+
+class FixedPredictor:
+    """Predicts the same thing for every request (to check evaluate_records' arithmetic by hand)."""
+
+    def __init__(self, p50: int, p90: int, role: str, baselines: dict) -> None:
+        self.p50, self.p90, self.role = p50, p90, role
+        self.state = {"baselines": baselines}
+
+    def predict(self, body, headers=None) -> Prediction:
+        return Prediction(self.role, 0.9, self.p50, self.p90, 0)
+
+
+def test_evaluation_report_by_hand():
+    def record(role, prompt, output, max_tokens=None):
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        if max_tokens:
+            body["max_tokens"] = max_tokens
+        return {"request": body, "usage": {"prompt_tokens": prompt, "completion_tokens": output},
+                "agent_role": role, "workflow": None, "source": "t"}
+
+    train = [record("coder", 100, 100), record("coder", 100, 300), record("planner", 100, 20)]
+    baselines = fit_baselines(train)
+    assert baselines["global_mean"] == pytest.approx(140)
+    assert baselines["role_mean"] == {"coder": 200, "planner": 20}
+    test = [record("coder", 100, 150), record("planner", 300, 400, max_tokens=500)]
+    base = baseline_predictions(baselines, test)
+    assert base["role_mean"] == [200, 20]
+    # AIBrix-style histogram: coder at 128 input tokens saw outputs 100 (bucket 2^7) and 300 (2^8)
+    assert base["role_histogram"] == [128, 16.0] and base["role_histogram_p90"] == [256, 16.0]
+
+    report = evaluate_records(FixedPredictor(200, 600, "coder", baselines), test, default_max_tokens=1000)
+    assert report["role"]["accuracy"] == 0.5
+    length, kv = report["length"], report["kv"]
+    assert length["mae_p50"] == pytest.approx((50 + 200) / 2)                # p50 200 vs 150 and 400
+    assert length["baselines_mae"]["role_mean"] == pytest.approx((50 + 380) / 2)
+    assert length["p90_coverage"] == 1.0                                     # 600 and min(600, 500)
+    # reserved: 600 (cap 1000) and 500 (cap max_tokens 500): 1 - (100+600 + 300+500) / (100+1000 + 300+500)
+    assert kv["saving"] == pytest.approx(1 - 1500 / 1900, abs=1e-4)
+    assert kv["under_reservation_rate"] == 0.0
+
+
+def test_split_keeps_workflows_whole():
+    records = synthetic_records(n_workflows=30, seed=3)
+    train, test = split_records(records, 0.2, seed=0)
+    assert len(train) + len(test) == len(records) and test
+    assert not {r["workflow"]["id"] for r in train} & {r["workflow"]["id"] for r in test}
+    assert split_records(records, 0.2, seed=0) == (train, test)  # seeded
+    # without a workflow, the prompt text is the group: the same prompt never lands on both sides
+    prompt = {"request": {"messages": [{"role": "user", "content": "same"}]}, "source": "s"}
+    assert group_of(prompt, 1) == group_of(dict(prompt), 2)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_train_and_evaluate_commands(tmp_path, capsys):
+    from predictor import evaluate, train
+
+    data = tmp_path / "synthetic.jsonl.gz"
+    write_records(data, synthetic_records(n_workflows=30, seed=5))
+    model = tmp_path / "model.skops"
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    assert train.main(parser.parse_args(["--data", str(data), "--out", str(model), "--max-iter", "30",
+                                         "--quiet"])) == 0
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    assert evaluate.main(parser.parse_args(["--model", str(model), "--data", str(data)])) == 0
+    report = json.loads(capsys.readouterr().out)
+    result = report["all"]
+    assert result["role"]["macro_f1"] >= 0.9
+    assert set(result["length"]["baselines_mae"]) == {"global_mean", "role_mean", "role_histogram"}
+    assert 0 <= result["kv"]["saving"] <= 1 and 0 <= result["kv"]["under_reservation_rate"] <= 1
+    assert report["meta"]["split"] == "test" and report["by_source"]["synthetic"]["n"] == result["n"]
+    assert 0 < result["kv"]["oracle_saving"] <= 1
+
+    # --cv K: every record scored once by a model trained without its workflow
+    assert evaluate.main(parser.parse_args(["--cv", "3", "--data", str(data)])) == 0
+    cv = json.loads(capsys.readouterr().out)
+    assert cv["all"]["n"] == 30 * 6 and cv["meta"]["cv_folds"] == 3
+    # neither or both of --model / --cv is a usage error
+    assert evaluate.main(parser.parse_args(["--data", str(data)])) == 2
+
+
+def test_bench_runs(predictor, tmp_path):
+    from predictor.bench import run
+
+    data = tmp_path / "requests.jsonl"
+    write_records(data, synthetic_records(n_workflows=3, seed=7))
+    model = predictor.save(tmp_path / "model.skops")
+    result = run(str(model), [str(data)], requests=50, warmup=5)
+    assert result["requests"] == 50 and result["model_bytes"] > 0
+    assert result["predict_us"]["p50"] > 0 and result["load_s"] >= 0
+
+
+# ------------------------------------------------------------------------------------------------ online
+def test_make_record_labels_only_explicit_roles():
+    body = chat("sys", "hi", metadata={"workflow_id": "w1", "workflow_step": 3})
+    record = make_record(body, {"prompt_tokens": 10, "completion_tokens": 5})
+    assert record["agent_role"] is None and record["workflow"] == {"id": "w1", "step": 3}
+    record = make_record(body, {"prompt_tokens": 10, "completion_tokens": 5}, {"X-Agent-Role": "coder"})
+    assert record["agent_role"] == "coder"
+    assert make_record(body, {"prompt_tokens": 10}) is None
+
+
+async def test_refit_runs_off_the_event_loop_and_swaps_atomically():
+    from concurrent.futures import ThreadPoolExecutor
+
+    fitted = Predictor.from_priors({"coder": {"p50": 7, "p90": 9}})
+
+    def slow_fit(records):
+        time.sleep(0.6)  # a blocking fit: must not stall the loop
+        return fitted
+
+    learner = OnlineLearner(buffer=MemoryBuffer(maxlen=100), refit_every=5, min_records=5, fit=slow_fit,
+                            executor=ThreadPoolExecutor(1))
+    before = learner.predictor
+    lags = []
+
+    async def heartbeat():
+        for _ in range(40):
+            started = time.perf_counter()
+            await asyncio.sleep(0.01)
+            lags.append(time.perf_counter() - started - 0.01)
+
+    beat = asyncio.create_task(heartbeat())
+    for i in range(5):
+        assert await learner.observe(chat("s", f"q{i}"), {"prompt_tokens": 5, "completion_tokens": 3})
+    assert learner.refitting and learner.predictor is before  # the old model serves during the refit
+    await learner.wait_refit()
+    await beat
+    assert learner.predictor is fitted and learner.refits == 1
+    assert max(lags) < 0.2  # the loop kept ticking (a blocked loop would show a ~0.6 s gap)
+    assert learner.predict(chat("s", "q"), {"X-Agent-Role": "coder"}).p50 == 7
+    await learner.stop()
+
+
+async def test_online_refit_trains_a_real_model(records):
+    learner = OnlineLearner(buffer=MemoryBuffer(), refit_every=10_000, min_records=50)
+    assert not learner.predictor.trained
+    for record in records[:150]:
+        await learner.add(record)
+    learner.trigger()
+    await learner.wait_refit()
+    assert learner.predictor.trained and learner.last_error is None
+    p = learner.predict(chat(AGENTS["coder"][0], "Implement a habit tracker in Python with 2 functions."))
+    assert p.role == "coder" and p.p50 <= p.p90
+
+
+async def test_file_buffer_is_bounded_and_survives_restart(tmp_path):
+    path = tmp_path / "traces.jsonl"
+    buffer = FileTraceBuffer(path, maxlen=10, flush_every=3)
+    for i in range(35):
+        await buffer.append({"i": i})
+    snapshot = await buffer.snapshot()
+    assert [r["i"] for r in snapshot] == list(range(25, 35))
+    assert len(path.read_bytes().splitlines()) <= 20  # compacted to at most twice the bound
+    await buffer.close()
+    again = FileTraceBuffer(path, maxlen=10)
+    assert [r["i"] for r in await again.snapshot()] == list(range(25, 35))
+
+
+# ------------------------------------------------------------------------------------------------ real data
+@pytest.mark.skipif(not (SHARED_DATA / "chatdev-warehouse-llm-calls").exists(),
+                    reason="../shared/data/chatdev-warehouse-llm-calls is not present")
+def test_chatdev_held_out_by_run(tmp_path):
+    """Train on ChatDev runs, evaluate on held-out runs (reads ../shared/data; skipped when absent)."""
+    from predictor.importers import iter_source
+    from predictor.predictor import Predictor as P
+
+    records = list(iter_source("chatdev", SHARED_DATA / "chatdev-warehouse-llm-calls"))
+    train, test = split_records(records, 0.2, seed=0)
+    predictor = P.from_state(fit_state(train), default_max_tokens=4096)
+    report = evaluate_records(predictor, test)
+    assert report["role"]["macro_f1"] >= 0.9
+    assert report["length"]["mae_reduction_vs_role_mean"] >= 0.3
+    assert 0.8 <= report["length"]["p90_coverage"] <= 0.99
+    assert report["kv"]["under_reservation_rate"] <= 0.15
+
+
+@pytest.mark.redis
+async def test_redis_stream_buffer_is_bounded_and_shared():
+    from tests.test_state_store import REDIS_URL, _require_redis
+
+    _require_redis()
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from predictor.online import RedisStreamBuffer
+
+    client = aioredis.Redis.from_url(REDIS_URL)
+    key = f"maestro-test-{uuid.uuid4().hex}:traces"
+    try:
+        writer, reader = RedisStreamBuffer(client, key, maxlen=50), RedisStreamBuffer(client, key, maxlen=50)
+        for i in range(300):
+            await writer.append({"i": i})
+        seen = [r["i"] for r in await reader.snapshot()]
+        assert seen == list(range(250, 300))  # the latest maxlen, in order, from another buffer object
+        assert await client.xlen(key) < 300     # MAXLEN ~ trims the stream itself
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
+def test_predict_many_matches_predict(predictor, records):
+    bodies = [r["request"] for r in records[:30]]
+    headers = [{"X-Agent-Role": "planner"} if i % 5 == 0 else None for i in range(30)]
+    assert predictor.predict_many(bodies, headers) == [predictor.predict(b, h) for b, h in zip(bodies, headers)]
