@@ -16,6 +16,9 @@ from backends.vllm_names import (  # noqa: F401  (re-exported: one place for nam
     GAUGE_REQUESTS_RUNNING,
     GAUGE_REQUESTS_WAITING,
     GAUGE_SLEEP_STATE,
+    INFO_CACHE_CONFIG,
+    LABEL_BLOCK_SIZE,
+    LABEL_NUM_GPU_BLOCKS,
     COUNTER_GENERATION_TOKENS,
     COUNTER_PREEMPTIONS,
     COUNTER_PROMPT_TOKENS,
@@ -31,16 +34,38 @@ _FIELD_BY_NAME = {
     COUNTER_PROMPT_TOKENS + "_total": "prompt_tokens_total",
     COUNTER_GENERATION_TOKENS + "_total": "generation_tokens_total",
 }
-_PREFIXES = tuple(_FIELD_BY_NAME) + (GAUGE_SLEEP_STATE,)
+_PREFIXES = tuple(_FIELD_BY_NAME) + (GAUGE_SLEEP_STATE, INFO_CACHE_CONFIG)
+_BLOCKS_LABEL = f'{LABEL_NUM_GPU_BLOCKS}="'
+_BLOCK_SIZE_LABEL = f'{LABEL_BLOCK_SIZE}="'
+
+
+def _label(line: str, prefix: str) -> int:
+    """An integer label value (``name="123"``) from one sample line; 0 when absent or not a number."""
+    start = line.find(prefix)
+    while start > 0 and line[start - 1] not in "{,":  # e.g. ``cpu_block_size=`` is another label
+        start = line.find(prefix, start + 1)
+    if start < 0:
+        return 0
+    start += len(prefix)
+    end = line.find('"', start)
+    value = line[start:end] if end > 0 else ""
+    return int(value) if value.isdigit() else 0
+
+
+def kv_capacity_of(line: str) -> int:
+    """KV capacity in tokens from one ``vllm:cache_config_info`` sample (0 when not known yet)."""
+    return _label(line, _BLOCKS_LABEL) * _label(line, _BLOCK_SIZE_LABEL)
 
 
 def parse_vllm_metrics(text: str) -> EngineMetrics:
     """Sum the scraped samples over all label sets (i.e. over the ``engine`` label).
 
     ``sleeping`` is True when any ``vllm:engine_sleep_state`` series other than ``sleep_state="awake"`` is 1.
+    ``kv_capacity_tokens`` sums ``num_gpu_blocks x block_size`` of the ``vllm:cache_config_info`` series.
     """
     sums = dict.fromkeys(_FIELD_BY_NAME.values(), 0.0)
     sleeping = False
+    kv_capacity = 0
     for line in text.splitlines():
         if not line.startswith(_PREFIXES):
             continue
@@ -57,7 +82,10 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
             if value >= 1.0 and 'sleep_state="awake"' not in line:
                 sleeping = True
             continue
+        if name == INFO_CACHE_CONFIG:
+            kv_capacity += kv_capacity_of(line)
+            continue
         field_name = _FIELD_BY_NAME.get(name)
         if field_name is not None:
             sums[field_name] += value
-    return EngineMetrics(sleeping=sleeping, **sums)
+    return EngineMetrics(sleeping=sleeping, kv_capacity_tokens=kv_capacity, **sums)

@@ -8,6 +8,11 @@ GAUGE_REQUESTS_RUNNING = "vllm:num_requests_running"
 GAUGE_REQUESTS_WAITING = "vllm:num_requests_waiting"
 GAUGE_KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"  # a fraction 0..1 despite the name
 GAUGE_SLEEP_STATE = "vllm:engine_sleep_state"  # label sleep_state = awake | weights_offloaded | discard_all
+# Info-style gauge (value 1) whose labels are the engine's CacheConfig; the gateway reads num_gpu_blocks and
+# block_size from it (KV capacity in tokens = their product). num_gpu_blocks is "None" until profiling ends.
+INFO_CACHE_CONFIG = "vllm:cache_config_info"
+LABEL_NUM_GPU_BLOCKS = "num_gpu_blocks"
+LABEL_BLOCK_SIZE = "block_size"
 COUNTER_PREEMPTIONS = "vllm:num_preemptions"
 COUNTER_PROMPT_TOKENS = "vllm:prompt_tokens"
 COUNTER_GENERATION_TOKENS = "vllm:generation_tokens"

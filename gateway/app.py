@@ -22,6 +22,7 @@ from gateway.control.monitor import EngineMonitor
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.registry import EngineRegistry, EngineSpec
+from gateway.scheduling import Scheduling
 from gateway.state import StateUnavailable, make_state_store
 
 log = logging.getLogger("maestro.gateway")
@@ -39,6 +40,7 @@ class Gateway:
         self.registry: EngineRegistry | None = None
         self.proxy: Proxy | None = None
         self.monitor: EngineMonitor | None = None
+        self.scheduling = Scheduling(config, self.store, self.metrics)
         self._sim_handles: list = []
         self._runner: web.AppRunner | None = None
         self._heartbeat_task: asyncio.Task | None = None
@@ -79,6 +81,7 @@ class Gateway:
         self.monitor = EngineMonitor(self.config, self.registry, self.store, self.metrics)
         await self.monitor.probe_all()
         self.metrics.engines_up.set(self.registry.up_count())
+        await self.scheduling.start(self.registry, self.proxy)  # after the first probes: capacities are known
         self.monitor.start()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
 
@@ -112,6 +115,7 @@ class Gateway:
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.scheduling.stop()
         if self.monitor is not None:
             await self.monitor.stop()
         if self.registry is not None:

@@ -60,6 +60,9 @@ class PoolConfig:
     models: tuple[str, ...]
     engines: tuple[EngineConfig, ...] = ()
     simulated: SimulatedEngines | None = None
+    # KV-cache capacity of each engine in tokens; 0 = take it from the engine's ``vllm:cache_config_info``
+    # (num_gpu_blocks x block_size), or from ``simulated`` (kv_blocks x block_size)
+    kv_capacity_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,57 @@ class MonitorConfig:
 class RoutingConfig:
     policy: str = "least_loaded"
     max_retries: int = 2
+    # how a request picks among clusters that serve its model: latency_aware | least_loaded | round_robin
+    cluster_policy: str = "latency_aware"
+    spill_margin_s: float = 0.0  # latency_aware: a farther cluster must be estimated faster by this much
+
+
+@dataclass(frozen=True)
+class SLOClassConfig:
+    """Targets for one class of traffic: first token within ``ttft_s``, then ``tpot_s`` per output token;
+    a workflow of this class that names no deadline gets ``workflow_deadline_s`` from its first request."""
+
+    name: str
+    ttft_s: float
+    tpot_s: float
+    workflow_deadline_s: float | None = None
+
+
+DEFAULT_SLO_CLASSES = (
+    SLOClassConfig("interactive", ttft_s=2.0, tpot_s=0.1),
+    SLOClassConfig("batch", ttft_s=30.0, tpot_s=0.2, workflow_deadline_s=600.0),
+)
+QUEUE_POLICY_NAMES = ("fcfs", "edf", "maestro")
+ADMISSION_NAMES = ("none", "max_tokens", "predicted")
+
+
+@dataclass(frozen=True)
+class SchedulingConfig:
+    """The pool queues (gateway.scheduling) and the pure core they drive (gateway.core.scheduler)."""
+
+    queue_policy: str = "fcfs"  # fcfs | edf | maestro
+    admission: str = "none"  # none | max_tokens | predicted (KV reservation before dispatch)
+    default_slo_class: str = "interactive"  # requests without workflow context
+    workflow_slo_class: str = "batch"  # workflow requests that name no class
+    max_outstanding_per_engine: int = 0  # dispatched and unfinished requests per engine; 0 = no cap
+    max_wait_s: float = 120.0  # maestro: a request waiting longer is served oldest first (no starvation)
+    short_s: float = 2.0  # maestro: interactive calls predicted to take at most this are protected
+    mean_step_s: float = 5.0  # initial mean service time of one workflow step (then learned online)
+    default_steps: int = 0  # remaining steps assumed for a workflow that gives no X-Workflow-Steps hint
+    token_time_s: float = 0.02  # predicted service seconds per output token (service-time estimate)
+    prefill_token_time_s: float = 0.0002  # ... and per prompt token
+    block_size: int = 16  # KV block size reservations are rounded to
+    grow_step_tokens: int = 256  # a streaming reservation grows in chunks of this many tokens
+    engine_priority: bool = True  # edf/maestro: send vLLM's ``priority`` (lower first) when the client set none
+    tick_s: float = 0.05  # re-plan period while requests wait (aging, releases by other gateways)
+    ledger_lease_s: float = 30.0  # a reservation expires this long after its last refresh (dead gateways)
+    workflow_ttl_s: float = 3600.0  # a workflow record expires this long after its last activity
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    model_path: str = ""  # a model file from ``maestro predictor train``; empty = per-role priors
+    priors: tuple[tuple[str, int, int], ...] = ()  # (role, p50, p90) overrides of the built-in priors
 
 
 @dataclass(frozen=True)
@@ -120,6 +174,15 @@ class Config:
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    slo_classes: tuple[SLOClassConfig, ...] = DEFAULT_SLO_CLASSES
+    scheduling: SchedulingConfig = field(default_factory=SchedulingConfig)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+
+    def slo_class(self, name: str) -> SLOClassConfig | None:
+        for slo in self.slo_classes:
+            if slo.name == name:
+                return slo
+        return None
 
     def model(self, name: str) -> ModelConfig | None:
         for model in self.models:
@@ -241,7 +304,7 @@ def _check_simulated(pool: PoolConfig, models: list[ModelConfig], path: str) -> 
 
 def _parse_pool(raw: Any, path: str, model_names: set[str]) -> PoolConfig:
     section = _mapping(raw, path)
-    _reject_unknown(section, {"name", "kind", "models", "engines", "simulated"}, path)
+    _reject_unknown(section, {"name", "kind", "models", "engines", "simulated", "kv_capacity_tokens"}, path)
     name = _get(section, "name", str, path, _REQUIRED)
     kind = _get(section, "kind", str, path, "vllm")
     if kind not in ENGINE_KINDS:
@@ -270,13 +333,86 @@ def _parse_pool(raw: Any, path: str, model_names: set[str]) -> PoolConfig:
             raise ConfigError(f"{path}.models", "a simulated pool serves exactly one model")
     if not engines and simulated is None:
         raise ConfigError(f"{path}.engines", "a pool needs at least one engine (or a 'simulated' block)")
-    return PoolConfig(name=name, kind=kind, models=tuple(models), engines=tuple(engines), simulated=simulated)
+    kv_capacity = _get(section, "kv_capacity_tokens", int, path, 0)
+    _positive(kv_capacity, f"{path}.kv_capacity_tokens", allow_zero=True)
+    return PoolConfig(name=name, kind=kind, models=tuple(models), engines=tuple(engines), simulated=simulated,
+                      kv_capacity_tokens=kv_capacity)
+
+
+def _parse_slo_classes(raw: Any) -> tuple[SLOClassConfig, ...]:
+    """``slo_classes: {name: {ttft_s, tpot_s, workflow_deadline_s}}``; merged over the built-in classes."""
+    section = _mapping(raw, "slo_classes")
+    classes = {slo.name: slo for slo in DEFAULT_SLO_CLASSES}
+    for name, body in section.items():
+        path = f"slo_classes.{name}"
+        if not isinstance(name, str) or not name or len(name) > 64:
+            raise ConfigError(path, "a class name must be a non-empty string of at most 64 characters")
+        body = _mapping(body, path)
+        _reject_unknown(body, {"ttft_s", "tpot_s", "workflow_deadline_s"}, path)
+        base = classes.get(name)
+        ttft_s = _get(body, "ttft_s", float, path, base.ttft_s if base else _REQUIRED)
+        tpot_s = _get(body, "tpot_s", float, path, base.tpot_s if base else _REQUIRED)
+        deadline = _get(body, "workflow_deadline_s", float, path, base.workflow_deadline_s if base else None)
+        _positive(ttft_s, f"{path}.ttft_s")
+        _positive(tpot_s, f"{path}.tpot_s")
+        if deadline is not None:
+            _positive(deadline, f"{path}.workflow_deadline_s")
+        classes[name] = SLOClassConfig(name, ttft_s, tpot_s, deadline)
+    return tuple(classes.values())
+
+
+def _parse_scheduling(root: dict[str, Any], slo_classes: tuple[SLOClassConfig, ...]) -> SchedulingConfig:
+    checks = {name: "positive" for name in ("max_wait_s", "short_s", "mean_step_s", "token_time_s", "block_size",
+                                            "grow_step_tokens", "tick_s", "ledger_lease_s", "workflow_ttl_s")}
+    checks.update(max_outstanding_per_engine="nonneg", default_steps="nonneg", prefill_token_time_s="nonneg")
+    scheduling = _section(root, SchedulingConfig, "scheduling", checks)
+    if scheduling.queue_policy not in QUEUE_POLICY_NAMES:
+        raise ConfigError("scheduling.queue_policy",
+                          f"must be one of {', '.join(QUEUE_POLICY_NAMES)}, got {scheduling.queue_policy!r}")
+    if scheduling.admission not in ADMISSION_NAMES:
+        raise ConfigError("scheduling.admission",
+                          f"must be one of {', '.join(ADMISSION_NAMES)}, got {scheduling.admission!r}")
+    names = {slo.name for slo in slo_classes}
+    for key in ("default_slo_class", "workflow_slo_class"):
+        if getattr(scheduling, key) not in names:
+            raise ConfigError(f"scheduling.{key}", f"names no class under slo_classes "
+                                                   f"(known: {', '.join(sorted(names))})")
+    return scheduling
+
+
+def _parse_predictor(raw: Any) -> PredictorConfig:
+    section = _mapping(raw, "predictor")
+    _reject_unknown(section, {"model_path", "priors"}, "predictor")
+    model_path = _get(section, "model_path", str, "predictor", "")
+    priors = []
+    for role, value in _mapping(section.get("priors"), "predictor.priors").items():
+        path = f"predictor.priors.{role}"
+        value = _mapping(value, path)
+        _reject_unknown(value, {"p50", "p90"}, path)
+        p50 = _get(value, "p50", int, path, _REQUIRED)
+        p90 = _get(value, "p90", int, path, _REQUIRED)
+        _positive(p50, f"{path}.p50")
+        if p90 < p50:
+            raise ConfigError(f"{path}.p90", f"must be >= p50 ({p50}), got {p90}")
+        priors.append((str(role), p50, p90))
+    if priors:
+        try:
+            from predictor.predictor import normalize_priors  # local import: numpy only when priors are given
+        except ImportError:  # pragma: no cover - the predictor package is part of this repository
+            normalize_priors = None
+        if normalize_priors is not None:
+            try:
+                normalize_priors({role: {"p50": p50, "p90": p90} for role, p50, p90 in priors})
+            except ValueError as exc:
+                raise ConfigError("predictor.priors", str(exc)) from None
+    return PredictorConfig(model_path=model_path, priors=tuple(priors))
 
 
 def parse_config(raw: Any) -> Config:
     """Validate a parsed YAML document and build a :class:`Config`; raise :class:`ConfigError`."""
     root = _mapping(raw, "<root>")
-    _reject_unknown(root, {"clusters", "models", "server", "state", "timeouts", "monitor", "routing"}, "")
+    _reject_unknown(root, {"clusters", "models", "server", "state", "timeouts", "monitor", "routing", "slo_classes",
+                           "scheduling", "predictor"}, "")
 
     models = []
     for i, model in enumerate(_get(root, "models", list, "", [])):
@@ -341,11 +477,18 @@ def parse_config(raw: Any) -> Config:
         raise ConfigError("state.redis_url", f"must be a redis:// URL, got {state.redis_url!r}")
     timeouts = _section(root, TimeoutConfig, "timeouts", {k: "positive" for k in TimeoutConfig.__dataclass_fields__})
     monitor = _section(root, MonitorConfig, "monitor", {k: "positive" for k in MonitorConfig.__dataclass_fields__})
-    routing = _section(root, RoutingConfig, "routing", {"max_retries": "nonneg"})
-    from gateway.core.routing import ROUTING_POLICIES  # local import: config must not pull the core at import
+    routing = _section(root, RoutingConfig, "routing", {"max_retries": "nonneg", "spill_margin_s": "nonneg"})
+    from gateway.core.cluster_routing import CLUSTER_ROUTING_POLICIES  # local imports: config must not pull
+    from gateway.core.routing import ROUTING_POLICIES  # the core at import
 
     if routing.policy not in ROUTING_POLICIES:
         raise ConfigError("routing.policy", f"must be one of {', '.join(sorted(ROUTING_POLICIES))}")
+    if routing.cluster_policy not in CLUSTER_ROUTING_POLICIES:
+        raise ConfigError("routing.cluster_policy",
+                          f"must be one of {', '.join(sorted(CLUSTER_ROUTING_POLICIES))}")
+    slo_classes = _parse_slo_classes(root.get("slo_classes"))
+    scheduling = _parse_scheduling(root, slo_classes)
+    predictor = _parse_predictor(root.get("predictor"))
 
     for i, cluster in enumerate(clusters):
         for j, pool in enumerate(cluster.pools):
@@ -356,7 +499,8 @@ def parse_config(raw: Any) -> Config:
         names = sorted({m for c in clusters for p in c.pools for m in p.models})
         models = [ModelConfig(name=n) for n in names]
     return Config(clusters=tuple(clusters), models=tuple(models), server=server, state=state,
-                  timeouts=timeouts, monitor=monitor, routing=routing)
+                  timeouts=timeouts, monitor=monitor, routing=routing, slo_classes=slo_classes,
+                  scheduling=scheduling, predictor=predictor)
 
 
 def load_config(path: str | Path) -> Config:

@@ -37,6 +37,18 @@ class GatewayMetrics:
         self.engines_up = Gauge("maestro_engines_up", "Engines currently marked up", registry=r)
         self._engine_up = Gauge("maestro_engine_up", "1 when the engine is up", ("engine",), registry=r)
         self.inflight = Gauge("maestro_inflight_requests", "Requests inside the gateway now", registry=r)
+        self._queue_wait = Histogram("maestro_queue_wait_seconds", "Time a request waited in its pool queue "
+                                     "before admission", ("pool",), buckets=_LATENCY_BUCKETS, registry=r)
+        self._queued = Gauge("maestro_queued_requests", "Requests waiting in a pool queue now", ("pool",),
+                             registry=r)
+        self._kv_reserved = Gauge("maestro_kv_reserved_tokens", "KV tokens reserved on an engine (shared ledger)",
+                                  ("engine",), registry=r)
+        self._kv_capacity = Gauge("maestro_kv_capacity_tokens", "KV capacity of an engine in tokens", ("engine",),
+                                  registry=r)
+        self.ledger_degraded = Gauge("maestro_ledger_degraded", "1 while the shared ledger is unreachable and "
+                                     "a local share of each engine is used", registry=r)
+        self._cluster_choice = Counter("maestro_cluster_choices", "Pool chosen for requests by cluster routing",
+                                       ("cluster", "pool"), registry=r)
         self._children: dict[tuple, object] = {}
 
     def _child(self, metric, *labels: str):
@@ -69,6 +81,19 @@ class GatewayMetrics:
 
     def engine_up(self, engine_id: str, up: bool) -> None:
         self._child(self._engine_up, engine_id).set(1 if up else 0)
+
+    def queue_wait(self, pool: str, seconds: float) -> None:
+        self._child(self._queue_wait, pool).observe(seconds)
+
+    def queued(self, pool: str, count: int) -> None:
+        self._child(self._queued, pool).set(count)
+
+    def kv(self, engine_id: str, reserved: int, capacity: int) -> None:
+        self._child(self._kv_reserved, engine_id).set(reserved)
+        self._child(self._kv_capacity, engine_id).set(capacity)
+
+    def cluster_choice(self, cluster: str, pool: str) -> None:
+        self._child(self._cluster_choice, cluster, pool).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

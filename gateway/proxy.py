@@ -47,6 +47,10 @@ class RelayJob:
     headers: dict[str, str]
     started: float  # perf_counter() when the request arrived
     upstream_s: float = -1.0  # time spent waiting on the engine (non-streaming), for the overhead metric
+    engine_id: str | None = None  # the engine the scheduler admitted it to (first attempt), None: route here
+    pool_engines: frozenset[str] | None = None  # first attempt only among these (the pool cluster routing chose)
+    ticket: Any = None  # gateway.scheduling.Ticket while a KV reservation is held (grown while streaming)
+    usage: dict[str, Any] | None = None  # the engine's usage once known
 
 
 class SSEUsageFilter:
@@ -133,13 +137,19 @@ class Proxy:
         last_problem = ""
         timeout = self._stream_timeout if job.stream else self._json_timeout
         for attempt in range(self.max_retries + 1):
-            engine = registry.pick(job.model, job.kind, tried)
+            engine = None
+            if attempt == 0 and (job.engine_id is not None or job.pool_engines is not None):
+                engine = registry.pick_first(job.model, job.kind, job.engine_id, job.pool_engines)
+            if engine is None:
+                engine = registry.pick(job.model, job.kind, tried)
             if engine is None:
                 break
             if attempt:
                 self.metrics.retried()
             engine_id = engine.engine_id
             tried.add(engine_id)
+            if job.ticket is not None and job.ticket.engine_id != engine_id:
+                await job.ticket.move(engine_id)  # the reservation follows the request to its engine
             client = registry.clients[engine_id]
             registry.inflight[engine_id] += 1
             try:
@@ -206,19 +216,21 @@ class Proxy:
             raise APIError(502, f"Engine {engine_id} failed (HTTP {status}): {_engine_message(data)}",
                            SERVER_ERROR, code="upstream_error")
         if status == 200 and job.kind == "vllm":
-            self._count_usage(job.model, data)
+            job.usage = self._count_usage(job.model, data)
         job.upstream_s = received_at - sent_at
         return web.Response(body=data, status=status, headers={
             "Content-Type": upstream.headers.get("Content-Type", "application/json"),
             "X-Request-Id": job.request_id})
 
-    def _count_usage(self, model: str, data: bytes) -> None:
+    def _count_usage(self, model: str, data: bytes) -> dict[str, Any] | None:
         try:
             usage = orjson.loads(data).get("usage")
         except (orjson.JSONDecodeError, AttributeError):
-            return
+            return None
         if isinstance(usage, dict):
             self.metrics.tokens(model, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+            return usage
+        return None
 
     async def _relay_stream(self, request: web.Request, job: RelayJob, upstream: aiohttp.ClientResponse,
                             engine_id: str, sent_at: float) -> web.StreamResponse:
@@ -230,6 +242,7 @@ class Proxy:
         try:
             await response.prepare(request)
             completed = await self._pump(job, upstream, engine_id, response, usage_filter)
+            job.usage = usage_filter.usage
             if usage_filter.usage:
                 self.metrics.tokens(job.model, usage_filter.usage.get("prompt_tokens") or 0,
                                     usage_filter.usage.get("completion_tokens") or 0)
@@ -247,10 +260,13 @@ class Proxy:
                     response: web.StreamResponse, usage_filter: SSEUsageFilter) -> bool:
         """Copy events until the engine ends the stream (True) or fails mid-stream (False, error event sent)."""
         first = True
+        ticket = job.ticket
         try:
             async for chunk in upstream.content.iter_any():
                 out = usage_filter.feed(chunk)
                 if out:
+                    if ticket is not None:
+                        ticket.on_stream(out)  # counts events; grows the KV reservation when outgrown
                     await response.write(out)
                     if first:
                         first = False

@@ -59,6 +59,21 @@ class EngineRegistry:
             return None
         return self._policy.choose(candidates, self.inflight)
 
+    def pick_first(self, model: str, kind: str, engine_id: str | None,
+                   pool_engines: frozenset[str] | None) -> EngineState | None:
+        """First attempt of a scheduled request: the admitted engine if it can still take it, else the routing
+        policy's choice within the chosen pool; None to fall back to :meth:`pick`."""
+        if engine_id is not None:
+            state = self.states.get(engine_id)
+            if state is not None and state.up and not state.sleeping and model in state.models:
+                return state
+        if pool_engines is not None:
+            candidates = eligible([self.states[i] for i in self._by_model.get((kind, model), ())
+                                   if i in pool_engines], model, set())
+            if candidates:
+                return self._policy.choose(candidates, self.inflight)
+        return None
+
     def up_count(self) -> int:
         return sum(1 for s in self.states.values() if s.up)
 

@@ -72,17 +72,21 @@ class FaultEngine:
         body = orjson.loads(await request.read())
         self.seen_bodies.append(body)
         self.seen_headers.append(CIMultiDict(request.headers))
-        if self.mode == "busy":
+        mode = request.headers.get("X-Fault-Mode", self.mode)  # one request can fail differently
+        return await self._answer(request, body, mode)
+
+    async def _answer(self, request: web.Request, body: dict, mode: str) -> web.StreamResponse:
+        if mode == "busy":
             return web.Response(status=503, body=orjson.dumps(VLLM_BUSY), content_type="application/json")
-        if self.mode == "error_500":
+        if mode == "error_500":
             return web.Response(status=500, body=orjson.dumps({"error": {"message": "engine exploded",
                                 "type": "InternalServerError", "param": None, "code": 500}}),
                                 content_type="application/json")
-        if self.mode == "drop_before":
+        if mode == "drop_before":
             request.transport.close()  # type: ignore[union-attr]
             await asyncio.sleep(1)
             return web.Response()
-        if self.mode == "stall":
+        if mode == "stall":
             try:
                 await asyncio.sleep(self.delay_s)
             except asyncio.CancelledError:
@@ -96,7 +100,7 @@ class FaultEngine:
                  "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}]}
         await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        if self.mode == "drop_after_first":
+        if mode == "drop_after_first":
             await asyncio.sleep(0.05)
             request.transport.close()  # type: ignore[union-attr]
             return response
@@ -104,7 +108,7 @@ class FaultEngine:
             for word in ("hello", " world"):
                 chunk["choices"][0]["delta"] = {"content": word}
                 await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-                await asyncio.sleep(self.delay_s if self.mode == "slow" else 0)
+                await asyncio.sleep(self.delay_s if mode == "slow" else 0)
         except asyncio.CancelledError:
             self.aborted += 1
             raise

@@ -379,3 +379,166 @@ def test_make_state_store_picks_backend() -> None:
     assert isinstance(make_state_store(SimpleNamespace(backend="memory")), MemoryStateStore)
     config = SimpleNamespace(backend="redis", redis_url=CLOSED_PORT_URL, key_prefix="p", redis_timeout_s=0.5)
     assert isinstance(make_state_store(config), RedisStateStore)
+
+
+# ---------------------------------------------------------------------------------------------- workflows
+
+
+async def test_workflow_begin_creates_and_end_counts_once(harness: Harness) -> None:
+    store = harness.store
+    assert await store.get_workflow("wf") is None
+    record = await store.workflow_begin("wf", "r1", now=100.0, ttl_s=LONG_TTL, step=0, deadline=160.5,
+                                        slo_class="batch", expected_steps=4, predicted_remaining_s=12.5)
+    assert record == {"workflow_id": "wf", "arrival": 100.0, "deadline": 160.5, "slo_class": "batch",
+                      "steps_done": 0, "tokens_used": 0, "expected_steps": 4, "last_step": 0,
+                      "predicted_remaining_s": 12.5, "inflight": ["r1"], "last_activity": 100.0}
+    # a second step: arrival kept, given fields overwritten, absent ones kept, last_step only rises
+    record = await store.workflow_begin("wf", "r2", now=101.0, ttl_s=LONG_TTL, step=2, predicted_remaining_s=9.0)
+    assert record["arrival"] == 100.0 and record["deadline"] == 160.5 and record["slo_class"] == "batch"
+    assert record["last_step"] == 2 and record["inflight"] == ["r1", "r2"] and record["predicted_remaining_s"] == 9.0
+    record = await store.workflow_begin("wf", "r3", now=101.5, ttl_s=LONG_TTL, step=1)
+    assert record["last_step"] == 2
+    # begin is idempotent by request id
+    again = await store.workflow_begin("wf", "r1", now=102.0, ttl_s=LONG_TTL)
+    assert again["inflight"] == ["r1", "r2", "r3"]
+    done = await store.workflow_end("wf", "r1", now=103.0, ttl_s=LONG_TTL, tokens=120)
+    assert done["steps_done"] == 1 and done["tokens_used"] == 120 and done["inflight"] == ["r2", "r3"]
+    assert done["last_activity"] == 103.0
+    # ending the same request again changes nothing (exactly once)
+    assert await store.workflow_end("wf", "r1", now=104.0, ttl_s=LONG_TTL, tokens=120) == done
+    failed = await store.workflow_end("wf", "r2", now=105.0, ttl_s=LONG_TTL, tokens=7, completed=False)
+    assert failed["steps_done"] == 1 and failed["tokens_used"] == 127 and failed["inflight"] == ["r3"]
+    assert await store.get_workflow("wf") == failed
+    assert await store.workflow_end("nope", "r1", now=1.0, ttl_s=LONG_TTL) is None
+
+
+async def test_workflow_records_expire_and_activity_refreshes(harness: Harness) -> None:
+    store = harness.store
+    await store.workflow_begin("wf", "r1", now=1.0, ttl_s=0.6)
+    await harness.elapse(0.4)
+    await store.workflow_end("wf", "r1", now=2.0, ttl_s=0.6, tokens=5)  # activity: TTL starts again
+    await harness.elapse(0.4)
+    assert (await store.get_workflow("wf"))["steps_done"] == 1
+    await harness.elapse(0.4)
+    assert await store.get_workflow("wf") is None
+    record = await store.workflow_begin("wf", "r9", now=3.0, ttl_s=LONG_TTL)
+    assert record["arrival"] == 3.0 and record["steps_done"] == 0  # a new workflow under the old id
+
+
+async def test_workflow_ttl_rejected_when_not_positive(harness: Harness) -> None:
+    with pytest.raises(ValueError):
+        await harness.store.workflow_begin("wf", "r1", now=1.0, ttl_s=0)
+    assert await harness.store.get_workflow("wf") is None
+
+
+# ---------------------------------------------------------------------------------------------- KV ledger
+
+
+async def test_ledger_reserve_grow_release(harness: Harness) -> None:
+    store = harness.store
+    await store.ledger_set_capacity("e1", 100)
+    assert await store.ledger_reserve("a", "e1", 60, LONG_TTL)
+    assert not await store.ledger_reserve("b", "e1", 50, LONG_TTL)  # does not fit
+    assert await store.ledger_reserve("b", "e1", 40, LONG_TTL)
+    assert await store.ledger_reserve("a", "e1", 999, LONG_TTL)  # idempotent: already held, nothing changes
+    assert await store.ledger_usage(["e1"]) == {"e1": (100, 100)}
+    assert not await store.ledger_grow("a", 70, LONG_TTL)  # full
+    assert await store.ledger_grow("a", 30, LONG_TTL)  # never lowers
+    assert await store.ledger_reserved("e1") == 100
+    assert await store.ledger_grow("a", 80, LONG_TTL, force=True)  # overshoot recorded (engine uses it)
+    assert await store.ledger_reserved("e1") == 120 and await store.ledger_capacity("e1") == 100
+    assert not await store.ledger_grow("zzz", 10, LONG_TTL)
+    assert await store.ledger_release("a") == 80
+    assert await store.ledger_release("a") == 0  # exactly once
+    assert await store.ledger_release("never") == 0
+    assert await store.ledger_usage(["e1", "unknown"]) == {"e1": (40, 100), "unknown": (0, 0)}
+    assert not await store.ledger_reserve("c", "unknown", 1, LONG_TTL)  # capacity unknown: refused
+    assert not await store.ledger_reserve("c", "unknown", 1, LONG_TTL, force=True)
+    assert await store.ledger_reserve("c", "e1", 90, LONG_TTL, force=True)  # re-adoption over capacity
+    assert await store.ledger_reserved("e1") == 130
+
+
+async def test_ledger_capacity_change_and_zero_token_reservations(harness: Harness) -> None:
+    store = harness.store
+    await store.ledger_set_capacity("e1", 10)
+    assert await store.ledger_reserve("a", "e1", 0, LONG_TTL)
+    assert await store.ledger_reserve("b", "e1", 10, LONG_TTL)
+    await store.ledger_set_capacity("e1", 5)  # shrinks below what is reserved: nothing new fits
+    assert not await store.ledger_reserve("c", "e1", 1, LONG_TTL)
+    assert await store.ledger_usage(["e1"]) == {"e1": (10, 5)}
+    assert await store.ledger_release("a") == 0 and await store.ledger_release("b") == 10
+    assert await store.ledger_reserve("c", "e1", 5, LONG_TTL)
+
+
+async def test_ledger_lease_expiry_and_refresh(harness: Harness) -> None:
+    """A reservation whose lease is not refreshed disappears (a dead gateway's do); refreshed ones stay."""
+    store = harness.store
+    await store.ledger_set_capacity("e1", 100)
+    assert await store.ledger_reserve("dead", "e1", 50, 0.6)
+    assert await store.ledger_reserve("alive", "e1", 30, 0.6)
+    await harness.elapse(0.4)
+    assert await store.ledger_refresh(["alive", "unknown"], 0.6) == 1
+    await harness.elapse(0.4)  # 'dead' is past its lease, 'alive' was refreshed 0.4 s ago
+    assert await store.ledger_usage(["e1"]) == {"e1": (30, 100)}
+    assert await store.ledger_release("dead") == 0
+    assert await store.ledger_reserve("new", "e1", 70, 0.6)
+    assert await store.ledger_grow("alive", 30, 0.6)  # a grow refreshes the lease too
+    await harness.elapse(0.4)
+    assert await store.ledger_reserved("e1") == 100
+    await harness.elapse(0.4)
+    assert await store.ledger_usage(["e1"]) == {"e1": (0, 100)}
+    assert await store.ledger_release("alive") == 0 and await store.ledger_release("new") == 0
+
+
+async def test_ledger_non_positive_lease_rejected(harness: Harness) -> None:
+    await harness.store.ledger_set_capacity("e1", 100)
+    with pytest.raises(ValueError):
+        await harness.store.ledger_reserve("a", "e1", 1, 0)
+    assert await harness.store.ledger_reserved("e1") == 0
+
+
+@pytest.mark.redis
+async def test_redis_ledger_is_shared_and_keys_carry_ttls(redis_prefix: str) -> None:
+    """Two gateways' stores on one Redis see one ledger; every ledger key expires on its own."""
+    import redis.asyncio as aioredis
+
+    a = RedisStateStore(REDIS_URL, key_prefix=redis_prefix)
+    b = RedisStateStore(REDIS_URL, key_prefix=redis_prefix)
+    raw = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await a.ledger_set_capacity("e1", 100)
+        assert await a.ledger_reserve("r1", "e1", 70, LONG_TTL)
+        assert not await b.ledger_reserve("r2", "e1", 40, LONG_TTL)
+        assert await b.ledger_reserve_detail("r2", "e1", 30, LONG_TTL) == (True, 100, 100)
+        assert await b.ledger_release("r1") == 70  # by request id, from any gateway
+        assert await a.ledger_usage(["e1"]) == {"e1": (30, 100)}
+        for key in ("kv:cap:e1", "kv:res:e1", "kv:exp:e1", "kv:sum:e1", "kv:req:r2"):
+            assert await raw.pttl(f"{redis_prefix}:{key}") > 0, key
+        await a.workflow_begin("wf", "r", now=1.0, ttl_s=LONG_TTL)
+        for key in ("wf:wf", "wf:wf:inflight"):
+            assert 0 < await raw.pttl(f"{redis_prefix}:{key}") <= LONG_TTL * 1000
+    finally:
+        await raw.aclose()
+        await a.close()
+        await b.close()
+
+
+async def test_redis_ledger_and_workflows_unreachable_raise_state_unavailable() -> None:
+    store = RedisStateStore(CLOSED_PORT_URL, key_prefix="maestro-test-closed", timeout_s=0.5)
+    calls = [
+        ("ledger_set_capacity", lambda: store.ledger_set_capacity("e1", 5)),
+        ("ledger_reserve", lambda: store.ledger_reserve("r", "e1", 1, 5.0)),
+        ("ledger_grow", lambda: store.ledger_grow("r", 2, 5.0)),
+        ("ledger_release", lambda: store.ledger_release("r")),
+        ("ledger_refresh", lambda: store.ledger_refresh(["r"], 5.0)),
+        ("ledger_usage", lambda: store.ledger_usage(["e1"])),
+        ("workflow_begin", lambda: store.workflow_begin("w", "r", now=1.0, ttl_s=5.0)),
+        ("workflow_end", lambda: store.workflow_end("w", "r", now=1.0, ttl_s=5.0)),
+        ("get_workflow", lambda: store.get_workflow("w")),
+    ]
+    try:
+        for name, call in calls:
+            with pytest.raises(StateUnavailable, match=name):
+                await call()
+    finally:
+        await store.close()

@@ -141,7 +141,8 @@ class SimEngine:
         self.metrics = SimEngineMetrics(options.model, options.max_model_len,
                                         running=lambda: float(len(self.running)),
                                         waiting=lambda: float(self.num_waiting),
-                                        kv_usage=self.kv_usage)
+                                        kv_usage=self.kv_usage, kv_blocks=options.kv_blocks,
+                                        block_size=options.block_size)
         mu_sigma = options.output_tokens_sigma
         self._ln_mu = math.log(options.mean_output_tokens) - mu_sigma * mu_sigma / 2.0
         self._ln_sigma = mu_sigma

@@ -23,6 +23,7 @@ from backends.vllm_names import (
     GAUGE_REQUESTS_RUNNING,
     GAUGE_REQUESTS_WAITING,
     GAUGE_SLEEP_STATE,
+    INFO_CACHE_CONFIG,
     HIST_DECODE_TIME,
     HIST_E2E,
     HIST_GENERATION_TOKENS,
@@ -65,7 +66,8 @@ class SimEngineMetrics:
     """The registry and pre-labelled children the engine updates."""
 
     def __init__(self, model_name: str, max_model_len: int, *, running: Callable[[], float],
-                 waiting: Callable[[], float], kv_usage: Callable[[], float]) -> None:
+                 waiting: Callable[[], float], kv_usage: Callable[[], float], kv_blocks: int | None = None,
+                 block_size: int = 16) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         names = (LABEL_ENGINE, LABEL_MODEL)
         values = (ENGINE_INDEX, model_name)
@@ -77,6 +79,12 @@ class SimEngineMetrics:
         gauge(GAUGE_REQUESTS_RUNNING, "Number of requests in model execution batches.", running)
         gauge(GAUGE_REQUESTS_WAITING, "Number of requests waiting to be processed.", waiting)
         gauge(GAUGE_KV_CACHE_USAGE, "KV-cache usage. 1 means 100 percent usage.", kv_usage)
+        if kv_blocks is not None:
+            # vLLM exports its CacheConfig as labels of an info gauge (value 1), without model_name
+            info = {LABEL_ENGINE: ENGINE_INDEX, "block_size": str(block_size), "cache_dtype": "auto",
+                    "enable_prefix_caching": "True", "num_cpu_blocks": "None", "num_gpu_blocks": str(kv_blocks)}
+            Gauge(INFO_CACHE_CONFIG, "Information of the LLMEngine CacheConfig", tuple(info),
+                  registry=reg).labels(**info).set(1.0)
         sleep = Gauge(GAUGE_SLEEP_STATE, "Engine sleep state; awake = 0 means engine is sleeping; "
                       "awake = 1 means engine is awake; weights_offloaded = 1 means sleep level 1; "
                       "discard_all = 1 means sleep level 2.", names + ("sleep_state",), registry=reg)

@@ -49,6 +49,33 @@ async def list_engines(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 
 
+async def scheduling_state(request: web.Request) -> web.Response:
+    try:
+        gateway = _admin(request)
+    except APIError as error:
+        return error.response()
+    return web.Response(body=orjson.dumps(gateway.scheduling.snapshot()), content_type="application/json")
+
+
+async def get_workflow(request: web.Request) -> web.Response:
+    from gateway.state import StateUnavailable
+
+    try:
+        gateway = _admin(request)
+        workflow_id = request.match_info["workflow_id"]
+        try:
+            record = await gateway.store.get_workflow(workflow_id)
+        except StateUnavailable as exc:
+            raise APIError(503, f"The state store is unavailable: {exc}", SERVER_ERROR,
+                           code="state_unavailable") from None
+        if record is None:
+            raise APIError(404, f"No workflow with id {workflow_id!r} (unknown or expired).", param="workflow_id",
+                           code="workflow_not_found")
+    except APIError as error:
+        return error.response()
+    return web.Response(body=orjson.dumps(record), content_type="application/json")
+
+
 async def _engine_action(request: web.Request, action: str) -> web.Response:
     try:
         gateway = _admin(request)
@@ -89,5 +116,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/engines", list_engines)
+    app.router.add_get("/admin/scheduling", scheduling_state)
+    app.router.add_get("/admin/workflows/{workflow_id}", get_workflow)
     app.router.add_post("/admin/engines/{engine_id:.+}/sleep", sleep_engine)
     app.router.add_post("/admin/engines/{engine_id:.+}/wake_up", wake_engine)

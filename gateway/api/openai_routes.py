@@ -18,6 +18,8 @@ from aiohttp import web
 
 from gateway.api.errors import AUTHENTICATION, RATE_LIMIT, APIError, model_not_found
 from gateway.api.validation import parse_json_object, validate_chat, validate_completion, validate_image
+from gateway.api.workflow import HEADER_NAMES as _CONTEXT_HEADERS
+from gateway.api.workflow import parse_workflow_context
 from gateway.proxy import RelayJob
 
 if TYPE_CHECKING:
@@ -117,6 +119,10 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
     if isinstance(model, str) and model and not gateway.registry.serves(model, "vllm"):
         raise model_not_found(model)
     validate(body, _model_config_len(gateway, model) if isinstance(model, str) else None)
+    scheduling = gateway.scheduling
+    context = None
+    if "metadata" in body or _has_context_header(request.headers):
+        context = parse_workflow_context(request.headers, body, scheduling.slo_names)
     stream = bool(body.get("stream"))
     strip_usage = False
     if stream:
@@ -128,7 +134,16 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
     job = RelayJob(route=route, path=path, kind="vllm", model=model, body=raw, stream=stream,
                    strip_usage=strip_usage, request_id=request_id,
                    headers=forwarded_headers(request, request_id), started=time.perf_counter())
-    return await gateway.proxy.serve(request, job), model, job
+    if context is None and model in scheduling.direct_models:
+        return await gateway.proxy.serve(request, job), model, job  # nothing to schedule: route as it comes
+    return await scheduling.serve(request, job, body, context), model, job
+
+
+def _has_context_header(headers) -> bool:
+    for name in _CONTEXT_HEADERS:
+        if name in headers:
+            return True
+    return False
 
 
 async def chat_completions(request: web.Request, gateway: "Gateway", request_id: str):

@@ -21,6 +21,7 @@ class EngineMetrics:
     prompt_tokens_total: float = 0.0
     generation_tokens_total: float = 0.0
     sleeping: bool = False
+    kv_capacity_tokens: int = 0  # num_gpu_blocks x block_size from ``vllm:cache_config_info`` (0: not exported)
 
 
 @dataclass(frozen=True)

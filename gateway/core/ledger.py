@@ -54,16 +54,18 @@ class KVLedger:
         return len(self._by_request)
 
     # ---- operations -----------------------------------------------------------------------------------
-    def reserve(self, request_id: str, engine_id: str, tokens: int) -> bool:
+    def reserve(self, request_id: str, engine_id: str, tokens: int, force: bool = False) -> bool:
         """Reserve ``tokens`` on ``engine_id`` if it fits. Idempotent: a request that already holds a
-        reservation gets True and nothing changes (even if the arguments differ)."""
+        reservation gets True and nothing changes (even if the arguments differ). ``force`` records it even
+        when it does not fit (re-adopting a request that already runs there, e.g. after a store outage);
+        an engine of unknown capacity is refused either way."""
         if tokens < 0:
             raise ValueError("tokens must be >= 0")
         if request_id in self._by_request:
             return True
         if engine_id not in self._capacity:
             return False
-        if self._reserved[engine_id] + tokens > self._capacity[engine_id]:
+        if not force and self._reserved[engine_id] + tokens > self._capacity[engine_id]:
             return False
         self._reserved[engine_id] += tokens
         self._by_request[request_id] = Reservation(engine_id, tokens)

@@ -16,7 +16,22 @@ class StateUnavailable(RuntimeError):
 
 
 class StateStore(ABC):
-    """Engine state and gateway heartbeats, each with a TTL so dead writers disappear."""
+    """Engine state, gateway heartbeats, workflow records and the shared KV ledger, each with a TTL so dead
+    writers disappear.
+
+    Workflow records (``workflow_*``) are plain dicts::
+
+        {"workflow_id", "arrival", "deadline", "slo_class", "steps_done", "tokens_used", "expected_steps",
+         "last_step", "predicted_remaining_s", "inflight": [request ids, sorted], "last_activity"}
+
+    Times are whatever clock the caller passes as ``now`` (the gateway uses epoch seconds, so deadlines in
+    epoch ms from clients compare directly); the store only uses its own clock for TTLs. ``begin``/``end`` are
+    idempotent by request id, so a step counts once even when a call is retried.
+
+    The ledger (``ledger_*``) has the semantics of :class:`gateway.core.ledger.KVLedger` (reserve only if it
+    fits, grow never lowers, release exactly once, all idempotent by request id) plus a *lease*: a reservation
+    not refreshed within ``lease_s`` disappears, so a dead gateway's reservations free themselves.
+    """
 
     @abstractmethod
     async def put_engine(self, engine_id: str, record: dict[str, Any], ttl_s: float) -> None:
@@ -41,6 +56,59 @@ class StateStore(ABC):
     @abstractmethod
     async def gateways(self) -> dict[str, dict[str, Any]]:
         """All gateways whose heartbeat has not expired, by gateway id."""
+
+    # ---- workflows --------------------------------------------------------------------------------------
+    @abstractmethod
+    async def workflow_begin(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float,
+                             step: int | None = None, deadline: float | None = None, slo_class: str | None = None,
+                             expected_steps: int | None = None,
+                             predicted_remaining_s: float | None = None) -> dict[str, Any]:
+        """A step of ``workflow_id`` starts: create the record on first sight (``arrival = now``), add
+        ``request_id`` to ``inflight`` (once), overwrite the fields given (not None; ``last_step`` only
+        rises), refresh the TTL; return the record."""
+
+    @abstractmethod
+    async def workflow_end(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float, tokens: int = 0,
+                           completed: bool = True) -> dict[str, Any] | None:
+        """A step ends: if ``request_id`` is in flight, remove it, add ``tokens`` to ``tokens_used`` and, when
+        ``completed``, count a step done (a repeated call changes nothing). None if the record is gone."""
+
+    @abstractmethod
+    async def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
+        """One workflow's record, or None if absent or expired."""
+
+    # ---- shared KV ledger -------------------------------------------------------------------------------
+    @abstractmethod
+    async def ledger_set_capacity(self, engine_id: str, tokens: int) -> None:
+        """An engine's KV capacity in tokens (re-set periodically by every gateway that serves it)."""
+
+    @abstractmethod
+    async def ledger_reserve(self, request_id: str, engine_id: str, tokens: int, lease_s: float,
+                             force: bool = False) -> bool:
+        """Reserve atomically if it fits (``force``: even if not); True if held afterwards (idempotent)."""
+
+    @abstractmethod
+    async def ledger_grow(self, request_id: str, tokens: int, lease_s: float, force: bool = False) -> bool:
+        """Raise a held reservation to ``tokens`` (never lowers) and refresh its lease; False if not held, or
+        (without ``force``) if the engine is full."""
+
+    @abstractmethod
+    async def ledger_release(self, request_id: str) -> int:
+        """Free a reservation; the tokens freed, 0 when not held (already released or expired)."""
+
+    @abstractmethod
+    async def ledger_refresh(self, request_ids: list[str], lease_s: float) -> int:
+        """Extend the leases of the reservations still held; return how many were."""
+
+    @abstractmethod
+    async def ledger_usage(self, engine_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """``{engine: (reserved, capacity)}`` (capacity 0 when unknown), expired leases dropped first."""
+
+    async def ledger_reserved(self, engine_id: str) -> int:
+        return (await self.ledger_usage([engine_id]))[engine_id][0]
+
+    async def ledger_capacity(self, engine_id: str) -> int:
+        return (await self.ledger_usage([engine_id]))[engine_id][1]
 
     @abstractmethod
     async def ping(self) -> bool:

@@ -7,11 +7,13 @@ callers get fresh copies and can never mutate stored state or rely on object ide
 
 from __future__ import annotations
 
+import heapq
 import time
 from typing import Any, Callable
 
 import orjson
 
+from gateway.core.ledger import KVLedger
 from gateway.state.base import StateStore
 
 Clock = Callable[[], float]
@@ -60,12 +62,96 @@ class _TTLMap:
         self._items.pop(key, None)
 
 
+def new_workflow(workflow_id: str, now: float) -> dict[str, Any]:
+    return {"workflow_id": workflow_id, "arrival": now, "deadline": None, "slo_class": None, "steps_done": 0,
+            "tokens_used": 0, "expected_steps": None, "last_step": None, "predicted_remaining_s": None,
+            "inflight": [], "last_activity": now}
+
+
+class LeasedLedger:
+    """:class:`KVLedger` plus leases on the store's clock: a reservation not refreshed in time is released.
+
+    Expiry is lazy (checked at the start of every operation) through a heap of (expiry, request id); a refresh
+    pushes a new entry and the stale one is skipped when it surfaces, so each operation costs O(log n).
+    The methods are synchronous: the gateway calls them directly on its fast path when the store is local.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self.ledger = KVLedger()
+        self._clock = clock
+        self._expiry: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def _purge(self) -> None:
+        heap = self._heap
+        if not heap:
+            return
+        now = self._clock()
+        while heap and heap[0][0] <= now:
+            expiry, request_id = heapq.heappop(heap)
+            if self._expiry.get(request_id) == expiry:
+                del self._expiry[request_id]
+                self.ledger.release(request_id)
+
+    def _lease(self, request_id: str, lease_s: float) -> None:
+        _check_ttl(lease_s)
+        expiry = self._clock() + lease_s
+        self._expiry[request_id] = expiry
+        heapq.heappush(self._heap, (expiry, request_id))
+
+    def set_capacity(self, engine_id: str, tokens: int) -> None:
+        self.ledger.set_capacity(engine_id, tokens)
+
+    def reserve(self, request_id: str, engine_id: str, tokens: int, lease_s: float, force: bool = False) -> bool:
+        _check_ttl(lease_s)
+        self._purge()
+        held = self.ledger.reservation(request_id) is not None
+        if not self.ledger.reserve(request_id, engine_id, tokens, force=force):
+            return False
+        if not held:
+            self._lease(request_id, lease_s)
+        return True
+
+    def grow(self, request_id: str, tokens: int, lease_s: float, force: bool = False) -> bool:
+        _check_ttl(lease_s)
+        self._purge()
+        if not self.ledger.grow(request_id, tokens, force=force):
+            return False
+        self._lease(request_id, lease_s)
+        return True
+
+    def release(self, request_id: str) -> int:
+        self._purge()
+        self._expiry.pop(request_id, None)  # its heap entry becomes stale and is skipped
+        return self.ledger.release(request_id)
+
+    def refresh(self, request_ids: list[str], lease_s: float) -> int:
+        _check_ttl(lease_s)
+        self._purge()
+        held = 0
+        for request_id in request_ids:
+            if self.ledger.reservation(request_id) is not None:
+                self._lease(request_id, lease_s)
+                held += 1
+        if len(self._heap) > 4 * len(self._expiry) + 64:  # drop stale entries now and then
+            self._heap = [(e, r) for r, e in self._expiry.items()]
+            heapq.heapify(self._heap)
+        return held
+
+    def usage(self, engine_ids: list[str]) -> dict[str, tuple[int, int]]:
+        self._purge()
+        return {e: (self.ledger.reserved(e), self.ledger.capacity(e)) for e in engine_ids}
+
+
 class MemoryStateStore(StateStore):
     """Single-process store. ``clock`` is injectable so tests can expire entries without sleeping."""
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
         self._engines = _TTLMap(clock)
         self._gateways = _TTLMap(clock)
+        self._workflows = _TTLMap(clock)
+        self.ledger = LeasedLedger(clock)  # public: the gateway's synchronous fast path uses it directly
 
     async def put_engine(self, engine_id: str, record: dict[str, Any], ttl_s: float) -> None:
         self._engines.put(engine_id, record, ttl_s)
@@ -84,6 +170,65 @@ class MemoryStateStore(StateStore):
 
     async def gateways(self) -> dict[str, dict[str, Any]]:
         return self._gateways.all()
+
+    # ---- workflows ---------------------------------------------------------------------------------------
+    async def workflow_begin(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float,
+                             step: int | None = None, deadline: float | None = None, slo_class: str | None = None,
+                             expected_steps: int | None = None,
+                             predicted_remaining_s: float | None = None) -> dict[str, Any]:
+        _check_ttl(ttl_s)
+        now = float(now)
+        record = self._workflows.get(workflow_id) or new_workflow(workflow_id, now)
+        if request_id not in record["inflight"]:
+            record["inflight"] = sorted([*record["inflight"], request_id])
+        if step is not None and (record["last_step"] is None or step > record["last_step"]):
+            record["last_step"] = int(step)
+        for key, value in (("deadline", deadline), ("slo_class", slo_class), ("expected_steps", expected_steps),
+                           ("predicted_remaining_s", predicted_remaining_s)):
+            if value is not None:
+                record[key] = value if key == "slo_class" else (int(value) if key == "expected_steps"
+                                                                 else float(value))
+        record["last_activity"] = now
+        self._workflows.put(workflow_id, record, ttl_s)
+        return record
+
+    async def workflow_end(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float, tokens: int = 0,
+                           completed: bool = True) -> dict[str, Any] | None:
+        _check_ttl(ttl_s)
+        record = self._workflows.get(workflow_id)
+        if record is None:
+            return None
+        if request_id in record["inflight"]:
+            record["inflight"].remove(request_id)
+            record["tokens_used"] += int(tokens)
+            if completed:
+                record["steps_done"] += 1
+            record["last_activity"] = float(now)
+            self._workflows.put(workflow_id, record, ttl_s)
+        return record
+
+    async def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
+        return self._workflows.get(workflow_id)
+
+    # ---- shared KV ledger (here: this process only) ------------------------------------------------------
+    async def ledger_set_capacity(self, engine_id: str, tokens: int) -> None:
+        self.ledger.set_capacity(engine_id, tokens)
+
+    async def ledger_reserve(self, request_id: str, engine_id: str, tokens: int, lease_s: float,
+                             force: bool = False) -> bool:
+        return self.ledger.reserve(request_id, engine_id, tokens, lease_s, force)
+
+    async def ledger_grow(self, request_id: str, tokens: int, lease_s: float, force: bool = False) -> bool:
+        return self.ledger.grow(request_id, tokens, lease_s, force)
+
+    async def ledger_release(self, request_id: str) -> int:
+        return self.ledger.release(request_id)
+
+    async def ledger_refresh(self, request_ids: list[str], lease_s: float) -> int:
+        return self.ledger.refresh(request_ids, lease_s)
+
+    async def ledger_usage(self, engine_ids: list[str]) -> dict[str, tuple[int, int]]:
+        return self.ledger.usage(engine_ids)
 
     async def ping(self) -> bool:
         return True

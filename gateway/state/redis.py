@@ -5,10 +5,25 @@ Layout under ``key_prefix`` (default ``maestro``):
 * ``{prefix}:engine:{engine_id}``   orjson record, with a PX TTL (the authority on liveness)
 * ``{prefix}:engines``              sorted set of engine ids scored by expiry (epoch ms)
 * ``{prefix}:gateway:{gateway_id}`` / ``{prefix}:gateways``  the same for heartbeats
+* ``{prefix}:wf:{workflow_id}`` hash of a workflow's fields, ``{prefix}:wf:{workflow_id}:inflight`` set of its
+  request ids in flight; both carry the workflow TTL, refreshed by every step
+* the shared KV ledger, per engine ``e`` and request ``r`` (all changed only by the Lua scripts below):
+  ``{prefix}:kv:cap:{e}`` capacity in tokens (24 h TTL, re-set by every gateway's sync loop),
+  ``{prefix}:kv:res:{e}`` hash r -> tokens, ``{prefix}:kv:exp:{e}`` sorted set r -> lease expiry (ms, Redis
+  ``TIME``), ``{prefix}:kv:sum:{e}`` reserved total, ``{prefix}:kv:req:{r}`` -> e (PX lease)
 
 Why a sorted-set index: listing must not use KEYS/SCAN (O(keyspace), blocks a shared Redis). The key's own TTL
 decides liveness; the index only has to be a superset, so listing reads ids scored a little in the past (to
 tolerate clock skew between writers and readers), MGETs them, and drops ids whose key has already expired.
+
+Why Lua for the ledger: check-and-reserve must be one atomic step or two gateways can both see room and both
+take it. Each script runs atomically in Redis; expired leases are purged at the start of every operation on an
+engine (so a dead gateway's reservations vanish within one lease), and expiry uses Redis' own clock (``TIME``),
+so gateways with skewed clocks agree. Scripts are sent once and then called by SHA (EVALSHA; redis-py re-sends
+a script the server forgot, e.g. after a restart). The scripts build key names from the prefix, which is fine
+for a standalone or replicated Redis; a Redis Cluster would need the keys under one hash tag.
+Why the per-engine keys also carry a TTL (twice the longest lease used on them, renewed by every write): an
+engine nobody reserves on any more leaves nothing behind.
 
 Why the hard timeouts and zero retries: callers keep serving from local state when Redis is slow or down, so
 every call is bounded by ``timeout_s`` in total and failures surface at once as :class:`StateUnavailable`.
@@ -41,6 +56,213 @@ def _check_ttl(ttl_s: float) -> int:
     return max(1, round(ttl_s * 1000))
 
 
+_CAPACITY_TTL_MS = 24 * 3600 * 1000
+
+_LEDGER_PRELUDE = """
+local P = ARGV[1]
+local t = redis.call('TIME')
+local NOW = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function S(n) return string.format('%d', n) end
+local function K(kind, id) return P .. ':kv:' .. kind .. ':' .. id end
+local purged = {}
+local function purge(e)
+  if purged[e] then return end
+  purged[e] = true
+  local expk = K('exp', e)
+  local dead = redis.call('ZRANGEBYSCORE', expk, '-inf', S(NOW))
+  if #dead == 0 then return end
+  local resk = K('res', e)
+  local freed = 0
+  for _, r in ipairs(dead) do
+    local v = redis.call('HGET', resk, r)
+    if v then
+      freed = freed + tonumber(v)
+      redis.call('HDEL', resk, r)
+    end
+    local rk = K('req', r)
+    if redis.call('GET', rk) == e then redis.call('DEL', rk) end
+  end
+  redis.call('ZREMRANGEBYSCORE', expk, '-inf', S(NOW))
+  if freed > 0 then redis.call('DECRBY', K('sum', e), S(freed)) end
+end
+local function touch(e, lease)
+  local keep = lease * 2
+  local expk = K('exp', e)
+  if redis.call('PTTL', expk) < keep then
+    redis.call('PEXPIRE', expk, S(keep))
+    redis.call('PEXPIRE', K('res', e), S(keep))
+    redis.call('PEXPIRE', K('sum', e), S(keep))
+  end
+end
+"""
+
+# ARGV: prefix, request id, engine, tokens, lease ms, force -> {ok, reserved after, capacity}
+_LEDGER_RESERVE = _LEDGER_PRELUDE + """
+local rid, e, tokens, lease = ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+purge(e)
+local rk = K('req', rid)
+local held = redis.call('GET', rk)
+if held then purge(held) end
+local cap = redis.call('GET', K('cap', e))
+local sum = tonumber(redis.call('GET', K('sum', e)) or '0')
+if redis.call('EXISTS', rk) == 1 then return {1, sum, tonumber(cap or '0')} end
+if not cap then return {0, sum, 0} end
+cap = tonumber(cap)
+if ARGV[6] ~= '1' and sum + tokens > cap then return {0, sum, cap} end
+redis.call('HSET', K('res', e), rid, S(tokens))
+redis.call('ZADD', K('exp', e), S(NOW + lease), rid)
+redis.call('INCRBY', K('sum', e), S(tokens))
+redis.call('SET', rk, e, 'PX', S(lease))
+touch(e, lease)
+return {1, sum + tokens, cap}
+"""
+
+# ARGV: prefix, request id, tokens, lease ms, force -> 1 | 0
+_LEDGER_GROW = _LEDGER_PRELUDE + """
+local rid, tokens, lease = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local rk = K('req', rid)
+local e = redis.call('GET', rk)
+if not e then return 0 end
+purge(e)
+local resk = K('res', e)
+local held = redis.call('HGET', resk, rid)
+if not held then return 0 end
+local extra = tokens - tonumber(held)
+if extra > 0 then
+  local cap = tonumber(redis.call('GET', K('cap', e)) or '0')
+  local sum = tonumber(redis.call('GET', K('sum', e)) or '0')
+  if ARGV[5] ~= '1' and sum + extra > cap then return 0 end
+  redis.call('HSET', resk, rid, S(tokens))
+  redis.call('INCRBY', K('sum', e), S(extra))
+end
+redis.call('ZADD', K('exp', e), S(NOW + lease), rid)
+redis.call('PEXPIRE', rk, S(lease))
+touch(e, lease)
+return 1
+"""
+
+# ARGV: prefix, request id -> tokens freed
+_LEDGER_RELEASE = _LEDGER_PRELUDE + """
+local rid = ARGV[2]
+local rk = K('req', rid)
+local e = redis.call('GET', rk)
+if not e then return 0 end
+purge(e)
+redis.call('DEL', rk)
+local resk = K('res', e)
+local held = redis.call('HGET', resk, rid)
+if not held then return 0 end
+redis.call('HDEL', resk, rid)
+redis.call('ZREM', K('exp', e), rid)
+redis.call('DECRBY', K('sum', e), held)
+return tonumber(held)
+"""
+
+# ARGV: prefix, lease ms, request ids... -> how many were still held
+_LEDGER_REFRESH = _LEDGER_PRELUDE + """
+local lease = tonumber(ARGV[2])
+local n = 0
+for i = 3, #ARGV do
+  local rid = ARGV[i]
+  local rk = K('req', rid)
+  local e = redis.call('GET', rk)
+  if e then
+    purge(e)
+    local expk = K('exp', e)
+    if redis.call('ZSCORE', expk, rid) then
+      redis.call('ZADD', expk, S(NOW + lease), rid)
+      redis.call('PEXPIRE', rk, S(lease))
+      touch(e, lease)
+      n = n + 1
+    end
+  end
+end
+return n
+"""
+
+# ARGV: prefix, engines... -> {reserved, capacity, reserved, capacity, ...}
+_LEDGER_USAGE = _LEDGER_PRELUDE + """
+local out = {}
+for i = 2, #ARGV do
+  local e = ARGV[i]
+  purge(e)
+  out[#out + 1] = tonumber(redis.call('GET', K('sum', e)) or '0')
+  out[#out + 1] = tonumber(redis.call('GET', K('cap', e)) or '0')
+end
+return out
+"""
+
+# KEYS: record hash, in-flight set. ARGV: workflow id, request id, now, ttl ms, step, deadline, slo class,
+# expected steps, predicted remaining s ('' = not given) -> {hash fields, in-flight ids}
+_WORKFLOW_BEGIN = """
+local wf, wfi = KEYS[1], KEYS[2]
+local now, ttl = ARGV[3], ARGV[4]
+if redis.call('EXISTS', wf) == 0 then
+  redis.call('HSET', wf, 'workflow_id', ARGV[1], 'arrival', now, 'steps_done', '0', 'tokens_used', '0')
+end
+if ARGV[5] ~= '' then
+  local last = redis.call('HGET', wf, 'last_step')
+  if not last or tonumber(ARGV[5]) > tonumber(last) then redis.call('HSET', wf, 'last_step', ARGV[5]) end
+end
+local names = {'deadline', 'slo_class', 'expected_steps', 'predicted_remaining_s'}
+for i, name in ipairs(names) do
+  if ARGV[5 + i] ~= '' then redis.call('HSET', wf, name, ARGV[5 + i]) end
+end
+redis.call('HSET', wf, 'last_activity', now)
+redis.call('SADD', wfi, ARGV[2])
+redis.call('PEXPIRE', wf, ttl)
+redis.call('PEXPIRE', wfi, ttl)
+return {redis.call('HGETALL', wf), redis.call('SMEMBERS', wfi)}
+"""
+
+# KEYS: record hash, in-flight set. ARGV: request id, now, ttl ms, tokens, completed ('1'/'0')
+_WORKFLOW_END = """
+local wf, wfi = KEYS[1], KEYS[2]
+if redis.call('EXISTS', wf) == 0 then return false end
+if redis.call('SREM', wfi, ARGV[1]) == 1 then
+  redis.call('HINCRBY', wf, 'tokens_used', ARGV[4])
+  if ARGV[5] == '1' then redis.call('HINCRBY', wf, 'steps_done', 1) end
+  redis.call('HSET', wf, 'last_activity', ARGV[2])
+  redis.call('PEXPIRE', wf, ARGV[3])
+  redis.call('PEXPIRE', wfi, ARGV[3])
+end
+return {redis.call('HGETALL', wf), redis.call('SMEMBERS', wfi)}
+"""
+
+_WF_FLOATS = ("arrival", "deadline", "predicted_remaining_s", "last_activity")
+_WF_INTS = ("steps_done", "tokens_used", "expected_steps", "last_step")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _workflow_record(reply: Any) -> dict[str, Any] | None:
+    """The Lua reply {HGETALL, SMEMBERS} as the same dict the memory store returns."""
+    if not reply:
+        return None
+    flat, members = reply
+    fields = {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+    record: dict[str, Any] = {"workflow_id": fields.get("workflow_id", ""), "slo_class": fields.get("slo_class")}
+    for name in _WF_FLOATS:
+        record[name] = float(fields[name]) if name in fields else None
+    for name in _WF_INTS:
+        record[name] = int(fields[name]) if name in fields else None
+    record["inflight"] = sorted(_text(m) for m in members)
+    return {key: record[key] for key in ("workflow_id", "arrival", "deadline", "slo_class", "steps_done",
+                                         "tokens_used", "expected_steps", "last_step", "predicted_remaining_s",
+                                         "inflight", "last_activity")}
+
+
+def _arg(value: Any) -> str:
+    """A Lua argument: '' for None, repr for floats (exact round trip), str otherwise."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
 def _redact(url: str) -> str:
     """The URL for error messages, without any password."""
     try:
@@ -68,6 +290,7 @@ class RedisStateStore(StateStore):
         self._client: aioredis.Redis | None = None
         self._engines_idx = f"{key_prefix}:engines"
         self._gateways_idx = f"{key_prefix}:gateways"
+        self._scripts: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -82,6 +305,21 @@ class RedisStateStore(StateStore):
                 retry=Retry(NoBackoff(), 0),
             )
         return self._client
+
+    def _script(self, source: str) -> Any:
+        """A registered script for the current client (EVALSHA, re-sent automatically after NOSCRIPT)."""
+        client = self._redis()
+        script = self._scripts.get(source)
+        if script is None or script.registered_client is not client:
+            script = self._scripts[source] = client.register_script(source)
+        return script
+
+    async def _run(self, op: str, source: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                return await self._script(source)(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(op, exc) from exc
 
     def _unavailable(self, op: str, exc: BaseException) -> StateUnavailable:
         detail = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
@@ -160,6 +398,96 @@ class RedisStateStore(StateStore):
     async def gateways(self) -> dict[str, dict[str, Any]]:
         return await self._list("gateways", self._gateways_idx, self._gateway_key)
 
+    # ------------------------------------------------------------------ workflows
+
+    def _workflow_keys(self, workflow_id: str) -> list[str]:
+        key = f"{self._prefix}:wf:{workflow_id}"
+        return [key, key + ":inflight"]
+
+    async def workflow_begin(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float,
+                             step: int | None = None, deadline: float | None = None, slo_class: str | None = None,
+                             expected_steps: int | None = None,
+                             predicted_remaining_s: float | None = None) -> dict[str, Any]:
+        ttl_ms = _check_ttl(ttl_s)
+        args = [workflow_id, request_id, _arg(float(now)), ttl_ms, _arg(None if step is None else int(step)),
+                _arg(None if deadline is None else float(deadline)), _arg(slo_class),
+                _arg(None if expected_steps is None else int(expected_steps)),
+                _arg(None if predicted_remaining_s is None else float(predicted_remaining_s))]
+        reply = await self._run("workflow_begin", _WORKFLOW_BEGIN, self._workflow_keys(workflow_id), args)
+        return _workflow_record(reply)  # type: ignore[return-value]
+
+    async def workflow_end(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float, tokens: int = 0,
+                           completed: bool = True) -> dict[str, Any] | None:
+        ttl_ms = _check_ttl(ttl_s)
+        args = [request_id, _arg(float(now)), ttl_ms, int(tokens), "1" if completed else "0"]
+        reply = await self._run("workflow_end", _WORKFLOW_END, self._workflow_keys(workflow_id), args)
+        return _workflow_record(reply)
+
+    async def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
+        keys = self._workflow_keys(workflow_id)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                async with self._redis().pipeline(transaction=True) as pipe:
+                    pipe.hgetall(keys[0])
+                    pipe.smembers(keys[1])
+                    fields, members = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("get_workflow", exc) from exc
+        if not fields:
+            return None
+        flat = [item for pair in fields.items() for item in pair]
+        return _workflow_record([flat, list(members)])
+
+    # ------------------------------------------------------------------ shared KV ledger
+
+    async def ledger_set_capacity(self, engine_id: str, tokens: int) -> None:
+        if tokens < 0:
+            raise ValueError("capacity must be >= 0")
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._redis().set(f"{self._prefix}:kv:cap:{engine_id}", int(tokens), px=_CAPACITY_TTL_MS)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable("ledger_set_capacity", exc) from exc
+
+    async def ledger_reserve(self, request_id: str, engine_id: str, tokens: int, lease_s: float,
+                             force: bool = False) -> bool:
+        return (await self.ledger_reserve_detail(request_id, engine_id, tokens, lease_s, force))[0]
+
+    async def ledger_reserve_detail(self, request_id: str, engine_id: str, tokens: int, lease_s: float,
+                                    force: bool = False) -> tuple[bool, int, int]:
+        """:meth:`ledger_reserve` plus the engine's reserved total and capacity after it (one round trip), so
+        the caller's view of the engine stays fresh even when the reservation lost a race."""
+        if tokens < 0:
+            raise ValueError("tokens must be >= 0")
+        lease_ms = _check_ttl(lease_s)
+        ok, reserved, capacity = await self._run(
+            "ledger_reserve", _LEDGER_RESERVE, [],
+            [self._prefix, request_id, engine_id, int(tokens), lease_ms, "1" if force else "0"])
+        return bool(ok), int(reserved), int(capacity)
+
+    async def ledger_grow(self, request_id: str, tokens: int, lease_s: float, force: bool = False) -> bool:
+        lease_ms = _check_ttl(lease_s)
+        reply = await self._run("ledger_grow", _LEDGER_GROW, [],
+                                [self._prefix, request_id, int(tokens), lease_ms, "1" if force else "0"])
+        return bool(reply)
+
+    async def ledger_release(self, request_id: str) -> int:
+        return int(await self._run("ledger_release", _LEDGER_RELEASE, [], [self._prefix, request_id]))
+
+    async def ledger_refresh(self, request_ids: list[str], lease_s: float) -> int:
+        lease_ms = _check_ttl(lease_s)
+        if not request_ids:
+            return 0
+        return int(await self._run("ledger_refresh", _LEDGER_REFRESH, [], [self._prefix, lease_ms, *request_ids]))
+
+    async def ledger_usage(self, engine_ids: list[str]) -> dict[str, tuple[int, int]]:
+        if not engine_ids:
+            return {}
+        flat = await self._run("ledger_usage", _LEDGER_USAGE, [], [self._prefix, *engine_ids])
+        return {e: (int(flat[2 * i]), int(flat[2 * i + 1])) for i, e in enumerate(engine_ids)}
+
+    # ------------------------------------------------------------------ lifecycle
+
     async def ping(self) -> bool:
         """Health probe: never raises, False on any failure within ``timeout_s``."""
         try:
@@ -171,6 +499,7 @@ class RedisStateStore(StateStore):
     async def close(self) -> None:
         """Drop the client and its pool. Idempotent; a later call reconnects lazily."""
         client, self._client = self._client, None
+        self._scripts.clear()
         if client is None:
             return
         closer = getattr(client, "aclose", None) or client.close

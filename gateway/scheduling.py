@@ -1,0 +1,984 @@
+"""Live scheduling: the asyncio shell around the pure core (``gateway.core``) on the request path.
+
+Per pool a :class:`PoolQueue` drives :class:`gateway.core.scheduler.PoolScheduler` with the configured queue
+policy (``scheduling.queue_policy``) and admission (``scheduling.admission``). A request handler awaits its
+admission, then the proxy relays it to the admitted engine; when it ends (success, error or client cancel,
+including a client that leaves while still queued) its KV reservation is released exactly once.
+
+Fast paths, because most deployments start with the defaults:
+
+* ``fcfs`` + ``none`` without a per-engine cap and one pool per model: the handler never comes here unless the
+  request carries workflow context (then only the workflow record is written, in the background).
+* Nothing waiting in the pool: the request is planned and admitted synchronously when the ledger is local (the
+  memory store), or with one inline Redis call when it is shared; no queue, no future, no dispatcher hop.
+* Something waiting: the request joins the queue and a per-pool dispatcher task admits in policy order,
+  re-planning on every release and every ``scheduling.tick_s`` (aging, space freed by other gateways).
+
+The KV ledger (:class:`SharedLedger`) is the state store's: in-process for the memory store, shared and atomic
+(Lua) in Redis, so two gateways never over-commit one engine. While Redis is unreachable a gateway keeps
+serving from a **local ledger holding a conservative share of each engine: capacity / (gateways alive at the
+last heartbeat listing)**, pre-loaded with its own reservations; when Redis answers again it re-sets
+capacities, replays the releases it could not send, re-adopts (force) the reservations it holds, and switches
+back. Reservations carry a lease (``scheduling.ledger_lease_s``, 30 s by default): each gateway refreshes the
+leases of its running requests every lease/3, so a long request keeps its reservation and a dead gateway's
+reservations disappear within one lease. 30 s is long enough that a Redis blip or a GC pause never drops a live
+reservation, and short enough that a crashed gateway blocks an engine's KV only briefly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from gateway.api.errors import SERVER_ERROR, APIError
+from gateway.api.workflow import WorkflowContext
+from gateway.config import ClusterConfig, Config, PoolConfig
+from gateway.core.admission import grown_reservation, reservation_tokens
+from gateway.core.cluster_routing import ClusterLoad, ClusterRequest, make_cluster_routing
+from gateway.core.ledger import KVLedger
+from gateway.core.queue_policy import PolicyContext, make_queue_policy
+from gateway.core.request import SchedRequest, WorkflowState
+from gateway.core.scheduler import EngineSlot, PoolScheduler
+from gateway.metrics import GatewayMetrics
+from gateway.prediction import RequestPredictor
+from gateway.state import StateStore, StateUnavailable
+from gateway.state.memory import MemoryStateStore
+
+if TYPE_CHECKING:
+    from gateway.proxy import RelayJob
+    from gateway.registry import EngineRegistry
+
+log = logging.getLogger("maestro.scheduling")
+
+UNLIMITED_KV = 1 << 40  # capacity of an engine whose KV size is neither configured nor exported
+DEFAULT_ENGINE_SEQS = 256  # sequences an engine runs at once when its max_num_seqs is unknown
+PRIORITY_LIMIT = 1_000_000  # |vLLM priority| sent to engines
+STORE_RETRY_S = 2.0  # workflow records: after a store failure, use the local store this long before retrying
+
+NEW, WAITING, RESERVING, ADMITTED, DONE = range(5)
+
+
+def _spawn(tasks: set[asyncio.Task], coro: Coroutine) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+
+
+# ---------------------------------------------------------------------------------------------------- ledger
+class SharedLedger:
+    """The KV ledger as the gateway uses it (see the module docstring for the outage rule).
+
+    ``held`` is this gateway's own reservations (request id -> [engine, tokens]); it is the source for lease
+    refreshes, the local ledger during an outage and re-adoption afterwards. ``free()`` is a cached view for
+    planning (the store's answer is the authority: a proposal that loses a race simply stays queued).
+    """
+
+    def __init__(self, store: StateStore, lease_s: float, metrics: GatewayMetrics) -> None:
+        self.store = store
+        self.lease_s = lease_s
+        self.metrics = metrics
+        self.sync = store.ledger if isinstance(store, MemoryStateStore) else None  # synchronous, in-process
+        self.capacity: dict[str, int] = {}
+        self.held: dict[str, list] = {}
+        self.local: KVLedger | None = None  # set while the store is unreachable
+        self.gateways_seen = 1
+        self.on_free: Any = None  # callback: space was freed (kick the dispatchers)
+        self._server_reserved: dict[str, int] = defaultdict(int)
+        self._pending: dict[str, int] = defaultdict(int)
+        self._to_release: set[str] = set()
+        self._adopt: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._ops: dict[str, asyncio.Future] = {}  # request id -> its last remote grow/release in flight
+
+    @property
+    def degraded(self) -> bool:
+        return self.local is not None
+
+    # ---- views ------------------------------------------------------------------------------------------
+    def reserved(self, engine_id: str) -> int:
+        if self.sync is not None:
+            return self.sync.ledger.reserved(engine_id)
+        if self.local is not None:
+            return self.local.reserved(engine_id)
+        return self._server_reserved[engine_id] + self._pending[engine_id]
+
+    def free(self, engine_id: str) -> int:
+        if self.sync is not None:
+            return self.sync.ledger.free(engine_id)
+        if self.local is not None:
+            return self.local.free(engine_id)
+        return self.capacity.get(engine_id, 0) - self._server_reserved[engine_id] - self._pending[engine_id]
+
+    # ---- capacity ---------------------------------------------------------------------------------------
+    async def set_capacities(self, capacities: dict[str, int], push_all: bool = False) -> None:
+        changed = {e: c for e, c in capacities.items() if self.capacity.get(e) != c}
+        self.capacity.update(capacities)
+        if self.sync is not None:
+            for engine_id, tokens in changed.items():
+                self.sync.set_capacity(engine_id, tokens)
+            return
+        if self.local is not None:
+            share = self._share()
+            for engine_id, tokens in changed.items():
+                self.local.set_capacity(engine_id, int(tokens * share))
+            return
+        for engine_id, tokens in (capacities if push_all else changed).items():
+            try:
+                await self.store.ledger_set_capacity(engine_id, tokens)
+            except StateUnavailable as exc:
+                self._degrade(exc)
+                return
+
+    def _share(self) -> float:
+        return 1.0 / max(1, self.gateways_seen)
+
+    # ---- operations -------------------------------------------------------------------------------------
+    def reserve_now(self, request_id: str, engine_id: str, tokens: int) -> bool:
+        """Synchronous reserve (the in-process store, or the local ledger during an outage)."""
+        if self.sync is not None:
+            ok = self.sync.reserve(request_id, engine_id, tokens, self.lease_s)
+        else:
+            assert self.local is not None
+            ok = self.local.reserve(request_id, engine_id, tokens)
+            if ok:
+                self._adopt.add(request_id)
+        if ok:
+            self.held[request_id] = [engine_id, tokens]
+        return ok
+
+    @property
+    def synchronous(self) -> bool:
+        return self.sync is not None or self.local is not None
+
+    async def reserve(self, request_id: str, engine_id: str, tokens: int) -> bool:
+        if self.synchronous:
+            return self.reserve_now(request_id, engine_id, tokens)
+        self._pending[engine_id] += tokens
+        try:
+            ok, reserved, capacity = await self._reserve_remote(request_id, engine_id, tokens)
+            if not ok and capacity == 0 and self.capacity.get(engine_id):
+                # the store forgot the capacity (e.g. Redis restarted empty): set it again and retry once
+                await self.store.ledger_set_capacity(engine_id, self.capacity[engine_id])
+                ok, reserved, capacity = await self._reserve_remote(request_id, engine_id, tokens)
+        except StateUnavailable as exc:
+            self._degrade(exc)
+        else:
+            self._server_reserved[engine_id] = reserved
+            if ok:
+                self.held[request_id] = [engine_id, tokens]
+                if self.local is not None:  # the store went away while this call was in flight
+                    self.local.reserve(request_id, engine_id, tokens, force=True)
+            return ok
+        finally:
+            self._pending[engine_id] -= tokens
+        return self.reserve_now(request_id, engine_id, tokens)
+
+    async def _reserve_remote(self, request_id: str, engine_id: str, tokens: int,
+                              force: bool = False) -> tuple[bool, int, int]:
+        detail = getattr(self.store, "ledger_reserve_detail", None)
+        if detail is not None:
+            return await detail(request_id, engine_id, tokens, self.lease_s, force)
+        ok = await self.store.ledger_reserve(request_id, engine_id, tokens, self.lease_s, force)
+        reserved, capacity = (await self.store.ledger_usage([engine_id]))[engine_id]
+        return ok, reserved, capacity
+
+    def grow(self, request_id: str, tokens: int) -> None:
+        """Raise a running request's reservation (force: the engine already holds that memory)."""
+        held = self.held.get(request_id)
+        if held is None or tokens <= held[1]:
+            return
+        held[1] = tokens
+        if self.sync is not None:
+            self.sync.grow(request_id, tokens, self.lease_s, force=True)
+        elif self.local is not None:
+            self.local.grow(request_id, tokens, force=True)
+        else:
+            self._chain(request_id, self._grow_remote(request_id, tokens))
+
+    async def _grow_remote(self, request_id: str, tokens: int) -> None:
+        try:
+            await self.store.ledger_grow(request_id, tokens, self.lease_s, force=True)
+        except StateUnavailable as exc:
+            self._degrade(exc)
+
+    def release(self, request_id: str) -> None:
+        """Free a reservation, exactly once (a second call, or one for a request never held, does nothing)."""
+        held = self.held.pop(request_id, None)
+        if held is None:
+            return
+        self._adopt.discard(request_id)
+        if self.sync is not None:
+            self.sync.release(request_id)
+        elif self.local is not None:
+            self.local.release(request_id)
+            self._to_release.add(request_id)  # it may also be held in the store from before the outage
+        else:
+            self._server_reserved[held[0]] -= held[1]
+            self._chain(request_id, self._release_remote(request_id))
+            return  # on_free fires when the store has it
+        if self.on_free is not None:
+            self.on_free()
+
+    async def _release_remote(self, request_id: str) -> None:
+        try:
+            await self.store.ledger_release(request_id)
+        except StateUnavailable as exc:
+            self._to_release.add(request_id)
+            self._degrade(exc)
+        if self.on_free is not None:
+            self.on_free()
+
+    def _chain(self, request_id: str, coro: Coroutine) -> None:
+        """Run remote grow/release of one request in order (a release must not overtake a grow)."""
+        before = self._ops.get(request_id)
+
+        async def run() -> None:
+            if before is not None and not before.done():
+                await asyncio.wait([before])
+            await coro
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        self._ops[request_id] = task
+
+        def done(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            if self._ops.get(request_id) is t:
+                del self._ops[request_id]
+
+        task.add_done_callback(done)
+
+    async def move(self, request_id: str, engine_id: str) -> None:
+        """The request is retried on another engine: its reservation follows it (force: it will run there)."""
+        held = self.held.get(request_id)
+        if held is None or held[0] == engine_id:
+            return
+        tokens = held[1]
+        self.release(request_id)
+        if request_id in self._ops:
+            await asyncio.wait([self._ops[request_id]])
+        if self.synchronous:
+            ok = (self.sync.reserve(request_id, engine_id, tokens, self.lease_s, force=True) if self.sync
+                  else self.local.reserve(request_id, engine_id, tokens, force=True))  # type: ignore[union-attr]
+            if self.local is not None:
+                self._adopt.add(request_id)
+        else:
+            try:
+                ok = (await self._reserve_remote(request_id, engine_id, tokens, force=True))[0]
+            except StateUnavailable as exc:
+                self._degrade(exc)
+                ok = self.local.reserve(request_id, engine_id, tokens, force=True)  # type: ignore[union-attr]
+                self._adopt.add(request_id)
+        if ok:
+            self.held[request_id] = [engine_id, tokens]
+
+    # ---- outage and re-sync -----------------------------------------------------------------------------
+    def _degrade(self, exc: BaseException) -> None:
+        if self.local is not None or self.sync is not None:
+            return
+        share = self._share()
+        log.warning("shared KV ledger unavailable (%s); admitting from a local ledger with %.0f%% of each "
+                    "engine's capacity until it returns", exc, share * 100)
+        local = KVLedger()
+        for engine_id, tokens in self.capacity.items():
+            local.set_capacity(engine_id, int(tokens * share))
+        for request_id, (engine_id, tokens) in self.held.items():
+            local.reserve(request_id, engine_id, tokens, force=True)
+        self._adopt.update(self.held)
+        self.local = local
+        self.metrics.ledger_degraded.set(1)
+
+    async def resync(self) -> bool:
+        """Try to return to the shared ledger; True when done."""
+        if self.local is None:
+            return True
+        if not await self.store.ping():
+            return False
+        try:
+            for engine_id, tokens in list(self.capacity.items()):
+                await self.store.ledger_set_capacity(engine_id, tokens)
+            while self._to_release:
+                request_id = next(iter(self._to_release))
+                await self.store.ledger_release(request_id)
+                self._to_release.discard(request_id)
+            while self._adopt:
+                request_id = next(iter(self._adopt))
+                held = self.held.get(request_id)
+                if held is not None:
+                    await self.store.ledger_reserve(request_id, held[0], held[1], self.lease_s, force=True)
+                    await self.store.ledger_grow(request_id, held[1], self.lease_s, force=True)
+                self._adopt.discard(request_id)
+            usage = await self.store.ledger_usage(list(self.capacity))
+        except StateUnavailable:
+            return False
+        if self._to_release or self._adopt:  # more arrived during the last await: next round
+            return False
+        for engine_id, (reserved, _) in usage.items():
+            self._server_reserved[engine_id] = reserved
+        self.local = None
+        self.metrics.ledger_degraded.set(0)
+        log.warning("shared KV ledger reachable again; %d reservations re-adopted", len(self.held))
+        if self.on_free is not None:
+            self.on_free()
+        return True
+
+    async def refresh_leases(self) -> None:
+        """Extend the leases of this gateway's reservations (long requests keep theirs)."""
+        ids = list(self.held)
+        if not ids or self.local is not None:
+            return
+        if self.sync is not None:
+            self.sync.refresh(ids, self.lease_s)
+            return
+        still = 0
+        try:
+            for start in range(0, len(ids), 500):
+                still += await self.store.ledger_refresh(ids[start:start + 500], self.lease_s)
+        except StateUnavailable as exc:
+            self._degrade(exc)
+            return
+        if still < len(ids):  # some lapsed (an outage longer than a lease, a stalled loop): take them back
+            for request_id in ids:
+                if request_id in self.held:
+                    self._chain(request_id, self._adopt_remote(request_id))
+
+    async def _adopt_remote(self, request_id: str) -> None:
+        """Re-take a reservation this gateway still holds (ordered with its grow/release by :meth:`_chain`)."""
+        held = self.held.get(request_id)
+        if held is None:
+            return
+        try:
+            await self.store.ledger_reserve(request_id, held[0], held[1], self.lease_s, force=True)
+            await self.store.ledger_grow(request_id, held[1], self.lease_s, force=True)
+        except StateUnavailable as exc:
+            self._degrade(exc)
+
+    async def refresh_view(self, engine_ids: list[str]) -> None:
+        if self.sync is not None or self.local is not None or not engine_ids:
+            return
+        try:
+            usage = await self.store.ledger_usage(engine_ids)
+        except StateUnavailable as exc:
+            self._degrade(exc)
+            return
+        for engine_id, (reserved, capacity) in usage.items():
+            self._server_reserved[engine_id] = reserved
+
+    def publish(self) -> None:
+        for engine_id, capacity in self.capacity.items():
+            self.metrics.kv(engine_id, self.reserved(engine_id), capacity)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+
+
+# ---------------------------------------------------------------------------------------------------- tickets
+class Ticket:
+    """One request inside the scheduler, from submission to release."""
+
+    __slots__ = ("request", "pool", "state", "future", "engine_id", "tokens", "cancelled", "generated",
+                 "enqueued", "admitted_mono", "ledger", "block_size", "step_tokens")
+
+    def __init__(self, request: SchedRequest, pool: "PoolQueue | None", ledger: SharedLedger | None,
+                 block_size: int, step_tokens: int) -> None:
+        self.request = request
+        self.pool = pool
+        self.state = NEW
+        self.future: asyncio.Future | None = None
+        self.engine_id: str | None = None
+        self.tokens = 0
+        self.cancelled = False
+        self.generated = 0
+        self.enqueued = time.monotonic()
+        self.admitted_mono = 0.0
+        self.ledger = ledger
+        self.block_size = block_size
+        self.step_tokens = step_tokens
+
+    def on_stream(self, data: bytes) -> None:
+        """Count SSE events relayed (about one token each) and grow the reservation once it is outgrown."""
+        self.generated += data.count(b"data:")
+        request = self.request
+        if request.prompt_tokens + self.generated > request.reserved_tokens and self.ledger is not None:
+            new = grown_reservation(request, self.generated, self.block_size, self.step_tokens)
+            if new is not None and new > request.reserved_tokens:
+                request.reserved_tokens = new
+                self.tokens = new
+                self.ledger.grow(request.request_id, new)
+
+    async def move(self, engine_id: str) -> None:
+        old = self.engine_id
+        if self.pool is not None and old is not None:
+            self.pool.outstanding[old] -= 1
+            self.pool.outstanding[engine_id] += 1
+        self.engine_id = engine_id
+        if self.ledger is not None:
+            await self.ledger.move(self.request.request_id, engine_id)
+
+
+# ---------------------------------------------------------------------------------------------------- pools
+class PoolQueue:
+    def __init__(self, scheduling: "Scheduling", cluster: ClusterConfig, pool: PoolConfig,
+                 engine_ids: list[str]) -> None:
+        cfg = scheduling.cfg
+        self.sched = scheduling
+        self.name = f"{cluster.name}/{pool.name}"
+        self.cluster = cluster.name
+        self.rtt_s = cluster.rtt_ms / 1000.0
+        self.pool = pool
+        self.engine_ids = engine_ids
+        self.engine_set = frozenset(engine_ids)
+        self.scheduler = PoolScheduler(scheduling.policy, cfg.admission, cfg.block_size)
+        self.check_kv = cfg.admission != "none"
+        self.max_outstanding = cfg.max_outstanding_per_engine or (1 << 30)
+        self.seqs_per_engine = pool.simulated.max_num_seqs if pool.simulated is not None else DEFAULT_ENGINE_SEQS
+        self.tickets: dict[str, Ticket] = {}
+        self.outstanding: dict[str, int] = defaultdict(int)
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+
+    # ---- views ------------------------------------------------------------------------------------------
+    def _live(self) -> list[str]:
+        states = self.sched.registry.states
+        return [e for e in self.engine_ids if states[e].up and not states[e].sleeping]
+
+    def slots(self) -> list[EngineSlot]:
+        ledger = self.sched.ledger
+        check = self.check_kv
+        return [EngineSlot(e, ledger.free(e) if check else 0, self.outstanding[e], self.max_outstanding)
+                for e in self._live()]
+
+    def load(self, request: ClusterRequest) -> ClusterLoad:
+        """This pool as cluster routing sees it: local queue, engines' scraped load (all gateways), free KV."""
+        sched = self.sched
+        states = sched.registry.states
+        live = self._live()
+        local = self.outstanding if sched.active else sched.registry.inflight
+        outstanding = 0
+        for e in live:
+            metrics = states[e].metrics
+            outstanding += max(local.get(e, 0), int(metrics.running + metrics.waiting))
+        service = sched.service_time
+        free_kv = max((sched.ledger.free(e) for e in live), default=0) if self.check_kv else None
+        per_engine = min(self.max_outstanding, self.seqs_per_engine)
+        return ClusterLoad(name=self.name, rtt_s=self.rtt_s, slots=len(live) * per_engine, outstanding=outstanding,
+                           queued=len(self.scheduler.waiting),
+                           queued_work_s=sum(service(r) for r in self.scheduler.waiting.values()),
+                           concurrency=len(live) * per_engine, free_kv_tokens=free_kv,
+                           tpot_s=sched.cfg.token_time_s,
+                           prefill_tps=1.0 / sched.cfg.prefill_token_time_s if sched.cfg.prefill_token_time_s
+                           else 1e12)
+
+    # ---- admission --------------------------------------------------------------------------------------
+    async def admit(self, ticket: Ticket) -> None:
+        """Return once ``ticket`` is admitted (state ADMITTED), or at once with state DONE when no engine of the
+        pool is up (the proxy then answers as it always did)."""
+        request = ticket.request
+        scheduler = self.scheduler
+        scheduler.submit(request)
+        rid = request.request_id
+        live = self._live()
+        if not live:
+            scheduler.cancel(rid)
+            ticket.state = DONE
+            return
+        if self.check_kv:  # a request larger than any engine runs alone rather than never
+            largest = max(self.sched.ledger.capacity.get(e, UNLIMITED_KV) for e in live)
+            if request.reserved_tokens > largest:
+                request.reserved_tokens = largest
+        ticket.state = WAITING
+        self.tickets[rid] = ticket
+        if len(scheduler.waiting) == 1 and await self._try_now(ticket):
+            return
+        ticket.future = asyncio.get_running_loop().create_future()
+        self.sched.metrics.queued(self.name, len(scheduler.waiting))
+        self.kick()
+        await ticket.future
+
+    async def _try_now(self, ticket: Ticket) -> bool:
+        """Nothing else waits: plan this request alone and admit it now if an engine has room."""
+        now = time.time()
+        proposals = self.scheduler.plan(now, self.slots(), self.sched.ctx)
+        if not proposals:
+            return False
+        request, engine_id, tokens = proposals[0]
+        ledger = self.sched.ledger
+        if not self.check_kv:
+            self._admitted(ticket, engine_id, tokens, now)
+            return True
+        if ledger.synchronous:
+            if not ledger.reserve_now(request.request_id, engine_id, tokens):
+                return False
+            self._admitted(ticket, engine_id, tokens, now)
+            return True
+        return await self._reserve_remote(ticket, engine_id, tokens, now)
+
+    async def _reserve_remote(self, ticket: Ticket, engine_id: str, tokens: int, now: float) -> bool:
+        """One shared-ledger reservation; the request leaves the queue while it is in flight. The call is
+        shielded from the handler's cancellation so a reservation that lands after the client left is freed."""
+        request = ticket.request
+        rid = request.request_id
+        ticket.state = RESERVING
+        self.scheduler.waiting.pop(rid, None)
+        ledger = self.sched.ledger
+        task = asyncio.ensure_future(ledger.reserve(rid, engine_id, tokens))
+        try:
+            ok = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            ticket.cancelled = True
+            task.add_done_callback(
+                lambda t: ledger.release(rid) if not t.cancelled() and t.exception() is None and t.result() else None)
+            raise
+        if ticket.cancelled:
+            if ok:
+                ledger.release(rid)
+            ticket.state = DONE
+            return False
+        if not ok:
+            ticket.state = WAITING
+            self.scheduler.waiting[rid] = request
+            return False
+        self._admitted(ticket, engine_id, tokens, now)
+        return True
+
+    def _admitted(self, ticket: Ticket, engine_id: str, tokens: int, now: float) -> None:
+        self.scheduler.admitted(ticket.request, engine_id, now)
+        ticket.state = ADMITTED
+        ticket.engine_id = engine_id
+        ticket.tokens = tokens
+        ticket.admitted_mono = time.monotonic()
+        self.outstanding[engine_id] += 1
+        if ticket.future is not None:
+            self.sched.metrics.queue_wait(self.name, ticket.admitted_mono - ticket.enqueued)
+            self.sched.metrics.queued(self.name, len(self.scheduler.waiting))
+            if not ticket.future.done():
+                ticket.future.set_result(None)
+
+    def done(self, ticket: Ticket) -> None:
+        """The request is over (answered, failed or cancelled, queued or not): release what it holds, once."""
+        state = ticket.state
+        rid = ticket.request.request_id
+        if state == WAITING:
+            self.scheduler.cancel(rid)
+            self.sched.metrics.queued(self.name, len(self.scheduler.waiting))
+        elif state == RESERVING:
+            ticket.cancelled = True  # whoever holds the reservation call frees it when it returns
+        elif state == ADMITTED:
+            self.outstanding[ticket.engine_id] -= 1  # type: ignore[index]
+            if self.check_kv:
+                self.sched.ledger.release(rid)
+            if self.scheduler.waiting:
+                self.kick()
+        if state != RESERVING:
+            ticket.state = DONE
+        self.tickets.pop(rid, None)
+
+    # ---- dispatcher -------------------------------------------------------------------------------------
+    def kick(self) -> None:
+        if self._task is None:
+            if self.scheduler.waiting:
+                self._task = asyncio.get_running_loop().create_task(self._run(), name=f"dispatch:{self.name}")
+        else:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        tick = self.sched.cfg.tick_s
+        try:
+            while self.scheduler.waiting:
+                self._wake.clear()
+                if await self._dispatch_once():
+                    continue
+                try:
+                    async with asyncio.timeout(tick):
+                        await self._wake.wait()
+                except TimeoutError:
+                    if self.check_kv:  # other gateways may have freed space: refresh the shared view
+                        await self.sched.ledger.refresh_view(self.engine_ids)
+        except Exception:  # never leave waiters stranded by a bug: log and let the next kick restart
+            log.exception("dispatcher of pool %s crashed", self.name)
+        finally:
+            self._task = None
+            if self.scheduler.waiting:
+                self.kick()
+
+    async def _dispatch_once(self) -> bool:
+        now = time.time()
+        proposals = self.scheduler.plan(now, self.slots(), self.sched.ctx)
+        ledger = self.sched.ledger
+        progressed = False
+        for request, engine_id, tokens in proposals:
+            ticket = self.tickets.get(request.request_id)
+            if ticket is None or ticket.state != WAITING:
+                self.scheduler.waiting.pop(request.request_id, None)
+                continue
+            if not self.check_kv:
+                ok = True
+            elif ledger.synchronous:
+                ok = ledger.reserve_now(request.request_id, engine_id, tokens)
+            else:
+                ok = await self._reserve_remote(ticket, engine_id, tokens, now)
+                progressed = progressed or ok
+                continue
+            if ok:
+                self._admitted(ticket, engine_id, tokens, now)
+                progressed = True
+        return progressed
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
+# ---------------------------------------------------------------------------------------------------- workflows
+class WorkflowTracker:
+    """Workflow records in the state store (a local memory store while it is unreachable), and a local cache
+    of them as :class:`WorkflowState` for the queue policies (pure lookups on the hot path)."""
+
+    def __init__(self, store: StateStore, config: Config) -> None:
+        self.store = store
+        self.local = MemoryStateStore()
+        self.ttl_s = config.scheduling.workflow_ttl_s
+        self.classes = {c.name: c for c in config.slo_classes}
+        self.default_class = config.scheduling.workflow_slo_class
+        self.cache: dict[str, WorkflowState] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._store_down_until = 0.0  # after a failure, go straight to the local store for a moment
+
+    def _use_store(self) -> bool:
+        return time.monotonic() >= self._store_down_until
+
+    def _store_failed(self) -> None:
+        self._store_down_until = time.monotonic() + STORE_RETRY_S
+
+    async def begin(self, context: WorkflowContext, request_id: str, now: float,
+                    predicted_remaining_s: float | None) -> WorkflowState:
+        kwargs = dict(now=now, ttl_s=self.ttl_s, step=context.step, deadline=context.deadline,
+                      slo_class=context.slo_class, expected_steps=context.expected_steps,
+                      predicted_remaining_s=predicted_remaining_s)
+        record = None
+        if self._use_store():
+            try:
+                record = await self.store.workflow_begin(context.workflow_id, request_id, **kwargs)
+            except StateUnavailable:
+                self._store_failed()
+        if record is None:
+            record = await self.local.workflow_begin(context.workflow_id, request_id, **kwargs)
+        return self._remember(record)
+
+    def begin_soon(self, context: WorkflowContext, request_id: str, now: float,
+                   predicted_remaining_s: float | None) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(self.begin(context, request_id, now, predicted_remaining_s))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def end_soon(self, workflow_id: str, request_id: str, tokens: int, completed: bool,
+                 after: asyncio.Task | None) -> None:
+        _spawn(self._tasks, self._end(workflow_id, request_id, tokens, completed, after))
+
+    async def _end(self, workflow_id: str, request_id: str, tokens: int, completed: bool,
+                   after: asyncio.Task | None) -> None:
+        if after is not None:
+            await asyncio.wait([after])
+        kwargs = dict(now=time.time(), ttl_s=self.ttl_s, tokens=tokens, completed=completed)
+        record = None
+        if self._use_store():
+            try:
+                record = await self.store.workflow_end(workflow_id, request_id, **kwargs)
+            except StateUnavailable:
+                self._store_failed()
+        if record is None:  # not in the store (begun locally during an outage) or store down
+            record = await self.local.workflow_end(workflow_id, request_id, **kwargs)
+        if record is not None:
+            self._remember(record)
+
+    def _remember(self, record: dict[str, Any]) -> WorkflowState:
+        slo = record.get("slo_class") or self.default_class
+        deadline = record.get("deadline")
+        if deadline is None:
+            slo_class = self.classes.get(slo)
+            if slo_class is not None and slo_class.workflow_deadline_s is not None:
+                deadline = record["arrival"] + slo_class.workflow_deadline_s
+        state = WorkflowState(workflow_id=record["workflow_id"], arrival=record["arrival"], deadline=deadline,
+                              slo_class=slo, steps_done=record["steps_done"], tokens_used=record["tokens_used"],
+                              expected_steps=record.get("expected_steps"), inflight=set(record["inflight"]),
+                              last_activity=record["last_activity"])
+        self.cache[state.workflow_id] = state
+        return state
+
+    def prune(self, now: float) -> None:
+        stale = [w for w, s in self.cache.items() if not s.inflight and now - s.last_activity > self.ttl_s]
+        for workflow_id in stale:
+            del self.cache[workflow_id]
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+
+
+# ---------------------------------------------------------------------------------------------------- gateway
+class Scheduling:
+    """Everything between a validated request and the proxy: prediction, workflow, pool choice, admission."""
+
+    def __init__(self, config: Config, store: StateStore, metrics: GatewayMetrics) -> None:
+        self.config = config
+        self.cfg = cfg = config.scheduling
+        self.metrics = metrics
+        self.slo = {c.name: c for c in config.slo_classes}
+        self.slo_names = frozenset(self.slo)
+        options = {"max_wait_s": cfg.max_wait_s, "short_s": cfg.short_s} if cfg.queue_policy == "maestro" else {}
+        self.policy = make_queue_policy(cfg.queue_policy, **options)
+        self.check_kv = cfg.admission != "none"
+        # scheduling is active when it can change anything: order, admission or a cap (else: plain routing)
+        self.active = cfg.queue_policy != "fcfs" or self.check_kv or cfg.max_outstanding_per_engine > 0
+        self.ledger = SharedLedger(store, cfg.ledger_lease_s, metrics)
+        self.workflows = WorkflowTracker(store, config)
+        self.predictor = RequestPredictor(config)
+        self.ctx = PolicyContext(service_time=self.service_time, workflows=self.workflows.cache,
+                                 mean_step_s=cfg.mean_step_s, default_steps=cfg.default_steps)
+        self.cluster_policy = make_cluster_routing(
+            config.routing.cluster_policy,
+            **({"spill_margin_s": config.routing.spill_margin_s} if config.routing.cluster_policy == "latency_aware"
+               else {}))
+        self.store = store
+        self.registry: EngineRegistry | None = None
+        self.proxy: Any = None
+        self.pools: list[PoolQueue] = []
+        self._by_model: dict[str, list[PoolQueue]] = {}
+        self.direct_models: frozenset[str] = frozenset()  # models served exactly as before (no scheduling)
+        self._task: asyncio.Task | None = None
+        self._warned_capacity: set[str] = set()
+        self._ttft = {name: c.ttft_s for name, c in self.slo.items()}
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+    async def start(self, registry: "EngineRegistry", proxy: Any) -> None:
+        self.registry = registry
+        self.proxy = proxy
+        by_pool: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for engine_id, state in registry.states.items():
+            by_pool[(state.cluster, state.pool)].append(engine_id)
+        for cluster, pool in self.config.pools():
+            if pool.kind != "vllm":
+                continue
+            queue = PoolQueue(self, cluster, pool, by_pool[(cluster.name, pool.name)])
+            self.pools.append(queue)
+            for model in pool.models:
+                self._by_model.setdefault(model, []).append(queue)
+        self.direct_models = frozenset() if self.active else frozenset(
+            m for m, pools in self._by_model.items() if len(pools) == 1)
+        await self.predictor.load()
+        self.ledger.on_free = self._kick_all
+        if self.check_kv:
+            await self.ledger.set_capacities(self._capacities(), push_all=True)
+        self._task = asyncio.get_running_loop().create_task(self._sync_loop(), name="scheduling-sync")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for pool in self.pools:
+            await pool.stop()
+        await self.workflows.close()
+        await self.ledger.close()
+
+    def _kick_all(self) -> None:
+        for pool in self.pools:
+            if pool.scheduler.waiting:
+                pool.kick()
+
+    def _capacities(self) -> dict[str, int]:
+        """KV capacity per engine: the pool's ``kv_capacity_tokens``, else what the engine exports
+        (``vllm:cache_config_info``), else a simulated pool's blocks, else unlimited (with one warning)."""
+        assert self.registry is not None
+        states = self.registry.states
+        capacities = {}
+        for queue in self.pools:
+            pool = queue.pool
+            for engine_id in queue.engine_ids:
+                capacity = pool.kv_capacity_tokens or states[engine_id].metrics.kv_capacity_tokens
+                if not capacity and pool.simulated is not None:
+                    capacity = pool.simulated.kv_blocks * pool.simulated.block_size
+                if not capacity:
+                    capacity = UNLIMITED_KV
+                    if engine_id not in self._warned_capacity:
+                        self._warned_capacity.add(engine_id)
+                        log.warning("KV capacity of engine %s is unknown (set kv_capacity_tokens on its pool); "
+                                    "its KV is not limited by admission", engine_id)
+                capacities[engine_id] = capacity
+        return capacities
+
+    async def _sync_loop(self) -> None:
+        """Capacities, lease refreshes, the shared view, gateway count, outage recovery, workflow cache."""
+        refresh_every = self.cfg.ledger_lease_s / 3.0
+        tick = min(1.0, refresh_every)
+        last_refresh = time.monotonic()
+        ledger = self.ledger
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                if self.check_kv:
+                    capacities = self._capacities()
+                    if ledger.degraded:
+                        await ledger.set_capacities(capacities)
+                        await ledger.resync()
+                    elif time.monotonic() - last_refresh >= refresh_every:
+                        last_refresh = time.monotonic()
+                        await ledger.set_capacities(capacities, push_all=True)
+                        await ledger.refresh_leases()
+                        try:
+                            ledger.gateways_seen = max(1, len(await self.store.gateways()))
+                        except StateUnavailable:
+                            pass
+                    else:
+                        await ledger.set_capacities(capacities)
+                    await ledger.refresh_view(list(ledger.capacity))
+                    ledger.publish()
+                self.workflows.prune(time.time())
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("scheduling sync failed")
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``GET /admin/scheduling`` shows."""
+        ledger = self.ledger
+        return {
+            "queue_policy": self.policy.name, "admission": self.cfg.admission, "active": self.active,
+            "mean_step_s": round(self.ctx.mean_step_s, 3), "workflows_cached": len(self.workflows.cache),
+            "pools": {p.name: {"waiting": len(p.scheduler.waiting), "in_gateway": len(p.tickets),
+                               "outstanding": {e: n for e, n in p.outstanding.items() if n}} for p in self.pools},
+            "ledger": {"shared": ledger.sync is None, "degraded": ledger.degraded, "held": len(ledger.held),
+                       "lease_s": ledger.lease_s,
+                       "engines": {e: {"capacity": c, "reserved": ledger.reserved(e), "free": ledger.free(e)}
+                                   for e, c in sorted(ledger.capacity.items())}},
+        }
+
+    # ---- per request ------------------------------------------------------------------------------------
+    def service_time(self, request: SchedRequest) -> float:
+        cfg = self.cfg
+        return request.prompt_tokens * cfg.prefill_token_time_s + request.pred_p50 * cfg.token_time_s
+
+    def choose_pool(self, pools: list[PoolQueue], request: SchedRequest) -> PoolQueue:
+        if len(pools) == 1:
+            return pools[0]
+        creq = ClusterRequest(prompt_tokens=request.prompt_tokens, pred_p50=request.pred_p50,
+                              reservation_tokens=reservation_tokens(self.cfg.admission, request,
+                                                                    self.cfg.block_size))
+        loads = [pool.load(creq) for pool in pools]
+        name = self.cluster_policy.choose(creq, loads)
+        chosen = next((p for p in pools if p.name == name), pools[0])
+        self.metrics.cluster_choice(chosen.cluster, chosen.pool.name)
+        return chosen
+
+    def engine_priority(self, request: SchedRequest) -> int | None:
+        """The order to pass to vLLM (``priority``, lower first): maestro's tier, or EDF's seconds to due."""
+        if not self.cfg.engine_priority or self.policy.name == "fcfs":
+            return None
+        now = time.time()
+        key = self.policy.key(request, now, self.ctx)
+        if self.policy.name == "maestro":
+            return int(key[0])
+        due = key[0]
+        if due == float("inf"):
+            return PRIORITY_LIMIT
+        return max(-PRIORITY_LIMIT, min(PRIORITY_LIMIT, int(due - now)))
+
+    async def serve(self, request: web.Request, job: "RelayJob", body: dict[str, Any],
+                    context: WorkflowContext | None) -> web.StreamResponse:
+        cfg = self.cfg
+        now = time.time()
+        model_config = self.config.model(job.model)
+        context_len = model_config.max_model_len if model_config else None
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        estimate = self.predictor.predict(body, request.headers, len(job.body), max_tokens, context_len)
+        prompt = estimate.prompt_tokens
+        if not max_tokens:
+            max_tokens = max(1, context_len - prompt) if context_len else 4096
+        n = body.get("n") or 1
+        p50 = min(estimate.p50, max_tokens)
+        p90 = min(max(estimate.p90, p50), max_tokens)
+        workflow_id = context.workflow_id if context is not None else None
+        state: WorkflowState | None = None
+        begin_task: asyncio.Task | None = None
+        if workflow_id is not None:
+            remaining = self._predicted_remaining(context, prompt, p50)  # type: ignore[arg-type]
+            if self.policy.name == "fcfs":  # nothing waits on the record: write it in the background
+                begin_task = self.workflows.begin_soon(context, job.request_id, now, remaining)  # type: ignore
+            else:
+                state = await self.workflows.begin(context, job.request_id, now, remaining)  # type: ignore
+        slo_name = context.slo_class if context is not None else None
+        if slo_name is None:
+            slo_name = state.slo_class if state is not None else (
+                cfg.workflow_slo_class if workflow_id is not None else cfg.default_slo_class)
+        deadline = context.deadline if context is not None else None
+        if deadline is None and state is not None:
+            deadline = state.deadline
+        client_priority = body.get("priority")
+        sched_request = SchedRequest(
+            request_id=job.request_id, model=job.model, arrival=now, prompt_tokens=prompt,
+            max_tokens=max_tokens * n, pred_p50=p50 * n, pred_p90=p90 * n,
+            role=(context.role if context is not None and context.role else estimate.role), slo_class=slo_name,
+            workflow_id=workflow_id, step=(context.step or 0) if context is not None else 0, deadline=deadline,
+            ttft_deadline=now + self._ttft.get(slo_name, 2.0),
+            client_priority=client_priority if isinstance(client_priority, int) else 0)
+        pools = self._by_model.get(job.model) or []
+        pool = self.choose_pool(pools, sched_request) if pools else None
+        ticket = Ticket(sched_request, pool, self.ledger if self.check_kv else None, cfg.block_size,
+                        cfg.grow_step_tokens)
+        completed = False
+        try:
+            if pool is not None and self.active:
+                try:
+                    async with asyncio.timeout(self.config.timeouts.total_s):
+                        await pool.admit(ticket)
+                except TimeoutError:
+                    raise APIError(503, f"The request waited {self.config.timeouts.total_s:g} s in the queue of "
+                                        f"pool {pool.name} without an engine becoming free; retry later.",
+                                   SERVER_ERROR, code="queue_timeout", headers={"Retry-After": "1"}) from None
+                if ticket.state == ADMITTED:
+                    job.engine_id = ticket.engine_id
+                    if self.check_kv:
+                        job.ticket = ticket
+                    if client_priority is None:
+                        priority = self.engine_priority(sched_request)
+                        if priority is not None:
+                            body["priority"] = priority
+                            job.body = orjson.dumps(body)
+            elif pool is not None and len(pools) > 1:
+                job.pool_engines = pool.engine_set
+            response = await self.proxy.serve(request, job)
+            completed = response.status == 200
+            return response
+        finally:
+            if pool is not None and ticket.state != NEW:
+                pool.done(ticket)
+            if workflow_id is not None:
+                usage = job.usage or {}
+                tokens = int(usage.get("total_tokens") or (prompt + ticket.generated))
+                self.workflows.end_soon(workflow_id, job.request_id, tokens, completed, begin_task)
+                if completed and ticket.admitted_mono:
+                    took = time.monotonic() - ticket.admitted_mono
+                    self.ctx.mean_step_s += 0.05 * (took - self.ctx.mean_step_s)  # learned online (EWMA)
+
+    def _predicted_remaining(self, context: WorkflowContext, prompt: int, p50: int) -> float:
+        """Predicted seconds of work left on the workflow's critical path: this step plus the steps after it."""
+        cfg = self.cfg
+        this_step = prompt * cfg.prefill_token_time_s + p50 * cfg.token_time_s
+        remaining_steps = 0
+        if context.expected_steps is not None and context.step is not None:
+            remaining_steps = max(0, context.expected_steps - context.step - 1)
+        else:
+            cached = self.workflows.cache.get(context.workflow_id or "")
+            if cached is not None:
+                remaining_steps = cached.remaining_steps(cfg.default_steps)
+            else:
+                remaining_steps = cfg.default_steps
+        return this_step + remaining_steps * self.ctx.mean_step_s

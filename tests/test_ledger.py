@@ -1,0 +1,282 @@
+"""The KV ledger, property-based: never over capacity through admission, every reservation released exactly once.
+
+One random program of operations (reserve, grow, forced grow while streaming, and the three ways a request
+ends: success, engine error, client cancel) runs against a plain model; the pure ``KVLedger``, the memory
+store's leased ledger and — with fewer examples — the Redis Lua implementation must all agree with the model
+step by step. The three endings are the same ledger operation (a release); the point of naming them is that the
+program releases each request once on whichever path it ends, retries the release (a cancelled task re-running
+its cleanup), and the ledger must count it once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.core.admission import grown_reservation, reservation_tokens, round_to_blocks
+from gateway.core.ledger import KVLedger
+from gateway.core.request import SchedRequest
+from gateway.state.memory import LeasedLedger, MemoryStateStore
+
+ENGINES = ("e0", "e1", "e2")
+LEASE = 60.0
+
+request_ids = st.sampled_from([f"r{i}" for i in range(8)])
+engines = st.sampled_from(ENGINES)
+tokens = st.integers(min_value=0, max_value=120)
+operation = st.one_of(
+    st.tuples(st.just("reserve"), request_ids, engines, tokens),
+    st.tuples(st.just("grow"), request_ids, tokens),
+    st.tuples(st.just("grow_force"), request_ids, tokens),  # a stream outgrew its reservation
+    st.tuples(st.sampled_from(["success", "error", "cancel"]), request_ids),
+    st.tuples(st.just("capacity"), engines, st.integers(min_value=0, max_value=300)),
+)
+programs = st.lists(operation, min_size=1, max_size=60)
+capacities = st.fixed_dictionaries({e: st.integers(min_value=0, max_value=300) for e in ENGINES})
+
+
+class Model:
+    """The specification, as plainly as possible."""
+
+    def __init__(self, caps: dict[str, int]) -> None:
+        self.cap = dict(caps)
+        self.held: dict[str, tuple[str, int]] = {}
+
+    def reserved(self, engine: str) -> int:
+        return sum(t for e, t in self.held.values() if e == engine)
+
+    def apply(self, op: tuple) -> object:
+        kind = op[0]
+        if kind == "reserve":
+            _, rid, engine, n = op
+            if rid in self.held:
+                return True
+            if engine not in self.cap or self.reserved(engine) + n > self.cap[engine]:
+                return False
+            self.held[rid] = (engine, n)
+            return True
+        if kind in ("grow", "grow_force"):
+            _, rid, n = op
+            if rid not in self.held:
+                return False
+            engine, old = self.held[rid]
+            if n <= old:
+                return True
+            if kind == "grow" and self.reserved(engine) + n - old > self.cap[engine]:
+                return False
+            self.held[rid] = (engine, n)
+            return True
+        if kind == "capacity":
+            _, engine, n = op
+            self.cap[engine] = n
+            return None
+        _, rid = op  # success / error / cancel: the request ends, its reservation is freed once
+        engine_tokens = self.held.pop(rid, None)
+        return 0 if engine_tokens is None else engine_tokens[1]
+
+
+def _check_invariants(model: Model, reserved_of, before: dict[str, int], op: tuple) -> None:
+    for engine in ENGINES:
+        assert reserved_of(engine) == model.reserved(engine)
+        # admission (reserve, non-forced grow) never pushes an engine over capacity; only a forced grow
+        # (the engine already uses that memory) or a capacity cut may leave it above
+        if op[0] in ("reserve", "grow") and before[engine] <= model.cap.get(engine, 0):
+            assert model.reserved(engine) <= model.cap.get(engine, 0)
+
+
+def _sync_run(ledger_ops, reserved_of, caps: dict[str, int], program: list[tuple]) -> None:
+    model = Model(caps)
+    for engine, cap in caps.items():
+        ledger_ops("capacity", engine, cap)
+    released: dict[str, int] = {}
+    for op in program:
+        before = {e: model.reserved(e) for e in ENGINES}
+        expected = model.apply(op)
+        got = ledger_ops(*op)
+        if op[0] != "capacity":
+            assert got == expected, op
+        if op[0] in ("success", "error", "cancel") and got:
+            released[op[1]] = released.get(op[1], 0) + 1
+            assert ledger_ops(op[0], op[1]) == 0  # the retried cleanup frees nothing more
+        _check_invariants(model, reserved_of, before, op)
+    for rid in list(model.held):
+        assert ledger_ops("success", rid) == model.held.pop(rid)[1]
+    for engine in ENGINES:
+        assert reserved_of(engine) == 0
+
+
+def _kv_ops(ledger: KVLedger):
+    def ops(kind, *args):
+        if kind == "reserve":
+            return ledger.reserve(*args)
+        if kind == "grow":
+            return ledger.grow(*args)
+        if kind == "grow_force":
+            return ledger.grow(*args, force=True)
+        if kind == "capacity":
+            return ledger.set_capacity(*args)
+        return ledger.release(*args)
+
+    return ops
+
+
+@settings(max_examples=300, deadline=None)
+@given(capacities, programs)
+def test_kvledger_matches_model(caps, program):
+    ledger = KVLedger()
+    _sync_run(_kv_ops(ledger), ledger.reserved, caps, program)
+    assert len(ledger) == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(capacities, programs)
+def test_leased_ledger_matches_model(caps, program):
+    ledger = LeasedLedger(clock=lambda: 0.0)
+
+    def ops(kind, *args):
+        if kind == "reserve":
+            return ledger.reserve(*args, LEASE)
+        if kind == "grow":
+            return ledger.grow(*args, LEASE)
+        if kind == "grow_force":
+            return ledger.grow(*args, LEASE, force=True)
+        if kind == "capacity":
+            return ledger.set_capacity(*args)
+        return ledger.release(*args)
+
+    _sync_run(ops, lambda e: ledger.usage([e])[e][0], caps, program)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(request_ids, st.floats(min_value=0.0, max_value=5.0), st.booleans()), max_size=30))
+def test_leases_expire_exactly_when_not_refreshed(events):
+    """Each reservation disappears at its last lease expiry, never earlier, and is never freed twice."""
+    now = [0.0]
+    ledger = LeasedLedger(clock=lambda: now[0])
+    ledger.set_capacity("e", 10_000)
+    expiry: dict[str, float] = {}
+    for rid, advance, refresh in events:
+        now[0] += advance
+        expiry = {r: t for r, t in expiry.items() if t > now[0]}
+        if refresh:
+            assert ledger.refresh([rid], 1.0) == (rid in expiry)
+            if rid in expiry:
+                expiry[rid] = now[0] + 1.0
+        else:
+            ledger.reserve(rid, "e", 10, 1.0)
+            expiry.setdefault(rid, now[0] + 1.0)
+        assert ledger.usage(["e"])["e"][0] == 10 * len(expiry)
+
+
+def test_grown_reservation_steps_and_cap():
+    request = SchedRequest("r", "m", 0.0, prompt_tokens=100, max_tokens=1000, pred_p50=50, pred_p90=200)
+    request.reserved_tokens = reservation_tokens("predicted", request)
+    assert request.reserved_tokens == round_to_blocks(300, 16)
+    assert grown_reservation(request, 150) is None  # still fits
+    grown = grown_reservation(request, 250)
+    assert grown == round_to_blocks(100 + 250 + 256, 16)
+    assert grown_reservation(request, 5000) == round_to_blocks(1100, 16)  # never beyond prompt + max_tokens
+
+
+# ---------------------------------------------------------------------------------------------- Redis (Lua)
+
+REDIS_URL = os.environ.get("MAESTRO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def _redis_or_skip() -> None:
+    from tests.test_state_store import _require_redis
+
+    _require_redis()
+
+
+@pytest.mark.redis
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(capacities, programs)
+def test_redis_lua_ledger_matches_model(caps, program):
+    """The same programs against the Lua scripts (one fresh key prefix per example)."""
+    _redis_or_skip()
+    from gateway.state.redis import RedisStateStore
+    from tests.test_state_store import _delete_prefix
+
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+
+    async def run() -> None:
+        store = RedisStateStore(REDIS_URL, key_prefix=prefix, timeout_s=5.0)
+        model = Model(caps)
+        try:
+            for engine, cap in caps.items():
+                await store.ledger_set_capacity(engine, cap)
+            for op in program:
+                before = {e: model.reserved(e) for e in ENGINES}
+                expected = model.apply(op)
+                kind = op[0]
+                if kind == "reserve":
+                    got = await store.ledger_reserve(op[1], op[2], op[3], LEASE)
+                elif kind in ("grow", "grow_force"):
+                    got = await store.ledger_grow(op[1], op[2], LEASE, force=kind == "grow_force")
+                elif kind == "capacity":
+                    got = await store.ledger_set_capacity(op[1], op[2])
+                else:
+                    got = await store.ledger_release(op[1])
+                    assert await store.ledger_release(op[1]) == 0
+                if kind != "capacity":
+                    assert got == expected, op
+                usage = await store.ledger_usage(list(ENGINES))
+                _check_invariants(model, lambda e: usage[e][0], before, op)
+            for rid, (_, n) in list(model.held.items()):
+                assert await store.ledger_release(rid) == n
+            assert all(r == 0 for r, _ in (await store.ledger_usage(list(ENGINES))).values())
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        _delete_prefix(prefix)
+
+
+@pytest.mark.redis
+def test_redis_lua_concurrent_reservations_never_over_commit():
+    """Many clients race for one engine: the sum of what they got never exceeds its capacity."""
+    _redis_or_skip()
+    from gateway.state.redis import RedisStateStore
+    from tests.test_state_store import _delete_prefix
+
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+
+    async def run() -> None:
+        stores = [RedisStateStore(REDIS_URL, key_prefix=prefix, timeout_s=5.0) for _ in range(4)]
+        try:
+            await stores[0].ledger_set_capacity("e", 1000)
+
+            async def client(i: int) -> int:
+                got = 0
+                for j in range(50):
+                    if await stores[i % 4].ledger_reserve(f"c{i}-{j}", "e", 37, LEASE):
+                        got += 37
+                return got
+
+            totals = await asyncio.gather(*(client(i) for i in range(16)))
+            reserved = await stores[0].ledger_reserved("e")
+            assert sum(totals) == reserved <= 1000
+            assert reserved > 1000 - 37  # and it did fill up
+        finally:
+            for store in stores:
+                await store.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        _delete_prefix(prefix)
+
+
+async def test_memory_store_wraps_the_leased_ledger():
+    store = MemoryStateStore()
+    await store.ledger_set_capacity("e", 50)
+    assert await store.ledger_reserve("r", "e", 40, LEASE)
+    assert store.ledger.ledger.reserved("e") == 40  # the same KVLedger the gateway's fast path reads

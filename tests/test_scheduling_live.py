@@ -1,0 +1,720 @@
+"""Scheduling on the live request path: policies, admission under the KV ledger, workflows, shared ledger, spill.
+
+Pure cases first (policy order on hand-built requests, no starvation under ``maestro`` as a property), then the
+gateway in-process against fault-injecting and simulated engines, then two gateways on one Redis and a Redis
+that goes away and comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+import uuid
+
+import aiohttp
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.config import ConfigError, parse_config
+from gateway.core.queue_policy import EDF, FCFS, Maestro, PolicyContext
+from gateway.core.request import SchedRequest, WorkflowState
+from gateway.core.scheduler import EngineSlot, PoolScheduler
+from gateway.scheduling import UNLIMITED_KV
+from tests.conftest import gateway_config, running_gateway
+from tests.fault_engine import FaultEngine
+from tests.test_monitor import free_port, start_redis, wait_for, wait_for_async
+
+MODEL = "fault-model"
+
+
+# ------------------------------------------------------------------------------------------- pure: policies
+
+def req(rid: str, arrival: float, *, deadline: float | None = None, ttft: float | None = None, p50: int = 10,
+        workflow: str | None = None, prompt: int = 10) -> SchedRequest:
+    return SchedRequest(request_id=rid, model="m", arrival=arrival, prompt_tokens=prompt, max_tokens=4096,
+                        pred_p50=p50, pred_p90=p50, workflow_id=workflow, deadline=deadline,
+                        ttft_deadline=ttft, slo_class="interactive" if workflow is None else "batch")
+
+
+def order(policy, requests: list[SchedRequest], now: float, ctx: PolicyContext | None = None) -> list[str]:
+    """Dispatch order of the pure scheduler with one roomy engine: exactly the policy's order."""
+    scheduler = PoolScheduler(policy, admission="none")
+    for request in requests:
+        scheduler.submit(request)
+    ctx = ctx or PolicyContext(service_time=lambda r: r.pred_p50 * 0.1)
+    return [r.request_id for r, _, _ in scheduler.plan(now, [EngineSlot("e", 0, 0)], ctx)]
+
+
+def test_fcfs_orders_by_arrival_only():
+    requests = [req("late-urgent", 3.0, deadline=4.0), req("first", 1.0, deadline=100.0), req("second", 2.0)]
+    assert order(FCFS(), requests, now=5.0) == ["first", "second", "late-urgent"]
+
+
+def test_edf_orders_by_deadline_then_first_token_due():
+    requests = [req("no-due", 0.0), req("wf-late", 1.0, deadline=50.0, workflow="w1"),
+                req("call", 2.0, ttft=4.0), req("wf-soon", 3.0, deadline=10.0, workflow="w2")]
+    assert order(EDF(), requests, now=3.0) == ["call", "wf-soon", "wf-late", "no-due"]
+
+
+def test_maestro_tiers():
+    ctx = PolicyContext(service_time=lambda r: r.pred_p50 * 0.1)
+    requests = [
+        req("hopeless", 0.5, deadline=6.0, p50=200, workflow="a"),  # 20 s of work, 1 s left: cannot make it
+        req("feasible-tight", 1.0, deadline=40.0, p50=100, workflow="b"),  # slack 40-5-10 = 25
+        req("feasible-loose", 1.5, deadline=500.0, p50=100, workflow="c"),  # slack 485
+        req("short-call", 4.0, ttft=6.0, p50=5),  # interactive, 0.5 s: protected
+        req("aged", -200.0, deadline=10_000.0, p50=100, workflow="d"),  # waited > max_wait_s
+    ]
+    assert order(Maestro(max_wait_s=120.0), requests, now=5.0, ctx=ctx) == [
+        "aged", "short-call", "feasible-tight", "feasible-loose", "hopeless"]
+    # EDF spends the engine on the hopeless request first (the weakness maestro avoids) and lets the aged wait
+    assert order(EDF(), requests, now=5.0) == ["hopeless", "short-call", "feasible-tight", "feasible-loose", "aged"]
+
+
+def test_maestro_counts_remaining_workflow_steps():
+    """Same deadline and step size: the workflow with more steps still to come has less slack and goes first."""
+    workflows = {"long": WorkflowState("long", 0.0, 100.0, expected_steps=8, steps_done=1),
+                 "short": WorkflowState("short", 0.0, 100.0, expected_steps=2, steps_done=1)}
+    ctx = PolicyContext(service_time=lambda r: 1.0, workflows=workflows, mean_step_s=5.0)
+    requests = [req("s", 1.0, deadline=100.0, workflow="short"), req("l", 2.0, deadline=100.0, workflow="long")]
+    assert order(Maestro(), requests, now=3.0, ctx=ctx) == ["l", "s"]
+    assert order(EDF(), requests, now=3.0, ctx=ctx) == ["s", "l"]
+
+
+def test_aged_request_that_does_not_fit_blocks_backfill():
+    """An aged request is never overtaken: if it does not fit, nothing behind it is dispatched."""
+    scheduler = PoolScheduler(Maestro(max_wait_s=10.0), admission="max_tokens", block_size=1)
+    big = req("big", 0.0, deadline=1e6, workflow="w")
+    big.max_tokens = 900
+    small = req("small", 19.0, ttft=21.0)
+    small.max_tokens = 10
+    scheduler.submit(big)
+    scheduler.submit(small)
+    ctx = PolicyContext(service_time=lambda r: 1.0)
+    assert scheduler.plan(20.0, [EngineSlot("e", free_tokens=500, outstanding=0)], ctx) == []
+    assert [r.request_id for r, _, _ in scheduler.plan(5.0, [EngineSlot("e", 500, 0)], ctx)] == ["small"]
+
+
+# ------------------------------------------------------------------------------------------- pure: starvation
+
+def simulate_batch_wait(max_wait_s: float, engines: int, gap: float, interactive_s: float, batch_s: float,
+                        horizon: float) -> float | None:
+    """A discrete-event run of the pure scheduler: one long batch request at t=0, then short interactive calls
+    every ``gap`` seconds, more than the engines can serve. Returns when the batch request was dispatched."""
+    scheduler = PoolScheduler(Maestro(max_wait_s=max_wait_s, short_s=2.0), admission="none")
+    tpot = 0.01
+    ctx = PolicyContext(service_time=lambda r: r.pred_p50 * tpot)
+    scheduler.submit(req("batch", 0.0, deadline=1e9, p50=int(batch_s / tpot), workflow="w"))
+    outstanding = {f"e{i}": 0 for i in range(engines)}
+    running: list[tuple[float, str]] = []
+    next_arrival, count = 0.0, 0
+    now = 0.0
+    while now <= horizon:
+        now = min(next_arrival, running[0][0]) if running else next_arrival
+        while running and running[0][0] <= now:
+            _, engine = heapq.heappop(running)
+            outstanding[engine] -= 1
+        while next_arrival <= now:
+            scheduler.submit(req(f"call{count}", next_arrival, ttft=next_arrival + 2.0, p50=int(interactive_s / tpot)))
+            count += 1
+            next_arrival += gap
+        slots = [EngineSlot(e, 0, n, max_outstanding=1) for e, n in outstanding.items()]
+        for request, engine, _ in scheduler.plan(now, slots, ctx):
+            scheduler.admitted(request, engine, now)
+            outstanding[engine] += 1
+            heapq.heappush(running, (now + ctx.service_time(request), engine))
+            if request.request_id == "batch":
+                return now
+    return None
+
+
+@settings(max_examples=60, deadline=None)
+@given(max_wait_s=st.floats(min_value=1.0, max_value=30.0), engines=st.integers(min_value=1, max_value=3),
+       interactive_s=st.floats(min_value=0.1, max_value=1.5), overload=st.floats(min_value=1.2, max_value=4.0),
+       batch_s=st.floats(min_value=5.0, max_value=60.0))
+def test_no_starvation_under_maestro(max_wait_s, engines, interactive_s, overload, batch_s):
+    """However fast short calls keep arriving, an aged batch request is dispatched within max_wait_s plus one
+    interactive service time (the time until an engine frees up once it is first in line)."""
+    gap = interactive_s / (engines * overload)  # arrivals outpace service: the queue of calls never empties
+    dispatched = simulate_batch_wait(max_wait_s, engines, gap, interactive_s, batch_s, horizon=max_wait_s + 60)
+    assert dispatched is not None
+    assert dispatched <= max_wait_s + interactive_s + 1e-6
+
+
+def test_without_aging_the_same_load_starves_the_batch_request():
+    """The property above is not vacuous: with aging effectively off, the batch request never runs."""
+    assert simulate_batch_wait(1e9, 1, 0.1, 0.3, 20.0, horizon=120.0) is None
+
+
+# ------------------------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("mutate, field", [
+    (lambda c: c.update(scheduling={"queue_policy": "lifo"}), "scheduling.queue_policy"),
+    (lambda c: c.update(scheduling={"admission": "all"}), "scheduling.admission"),
+    (lambda c: c.update(scheduling={"tick_s": 0}), "scheduling.tick_s"),
+    (lambda c: c.update(scheduling={"default_slo_class": "gold"}), "scheduling.default_slo_class"),
+    (lambda c: c.update(scheduling={"bogus": 1}), "scheduling.bogus"),
+    (lambda c: c.update(slo_classes={"gold": {"ttft_s": 1.0}}), "slo_classes.gold.tpot_s"),
+    (lambda c: c.update(slo_classes={"gold": {"ttft_s": -1, "tpot_s": 0.1}}), "slo_classes.gold.ttft_s"),
+    (lambda c: c.update(slo_classes={"gold": {"ttft_s": 1, "tpot_s": 0.1, "x": 1}}), "slo_classes.gold.x"),
+    (lambda c: c.update(predictor={"priors": {"coder": {"p50": 10, "p90": 5}}}), "predictor.priors.coder.p90"),
+    (lambda c: c.update(predictor={"priors": {"wizard": {"p50": 10, "p90": 50}}}), "predictor.priors"),
+    (lambda c: c.update(routing={"cluster_policy": "nearest"}), "routing.cluster_policy"),
+    (lambda c: c["clusters"][0]["pools"][0].update(kv_capacity_tokens=-1), "clusters[0].pools[0].kv_capacity_tokens"),
+])
+def test_scheduling_config_errors_name_the_field(mutate, field):
+    raw = gateway_config(["http://127.0.0.1:1"])
+    mutate(raw)
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert info.value.field_path == field
+
+
+def test_scheduling_config_defaults_and_classes():
+    config = parse_config(gateway_config(["http://127.0.0.1:1"], slo_classes={"gold": {"ttft_s": 0.5, "tpot_s": 0.02}},
+                                         scheduling={"queue_policy": "maestro", "admission": "predicted",
+                                                     "default_slo_class": "gold"}))
+    assert config.slo_class("gold").ttft_s == 0.5 and config.slo_class("batch").workflow_deadline_s == 600.0
+    assert config.scheduling.queue_policy == "maestro" and config.scheduling.ledger_lease_s == 30.0
+    assert parse_config(gateway_config(["http://127.0.0.1:1"])).scheduling.admission == "none"
+
+
+# ------------------------------------------------------------------------------------------- live helpers
+
+def chat(content: str = "hi", **extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def post(session: aiohttp.ClientSession, gateway, body: dict, headers: dict | None = None,
+               timeout: float = 10.0) -> tuple[int, dict | bytes]:
+    async with session.post(gateway.base_url + "/v1/chat/completions", data=orjson.dumps(body),
+                            headers={"Content-Type": "application/json", **(headers or {})},
+                            timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        data = await response.read()
+        try:
+            return response.status, orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return response.status, data
+
+
+class LedgerSpy:
+    """Counts what the in-process ledger did, per request id: reservations taken and tokens freed."""
+
+    def __init__(self, gateway) -> None:
+        self.leased = gateway.store.ledger
+        self.reserved: dict[str, int] = {}
+        self.freed: dict[str, list[int]] = {}
+        self.grown: list[tuple[str, int]] = []
+        self.max_reserved: dict[str, int] = {}
+        reserve, release, grow = self.leased.reserve, self.leased.release, self.leased.grow
+
+        def spy_reserve(rid, engine, tokens, lease_s, force=False):
+            ok = reserve(rid, engine, tokens, lease_s, force)
+            if ok:
+                self.reserved.setdefault(rid, tokens)
+            used = self.leased.ledger.reserved(engine)
+            self.max_reserved[engine] = max(self.max_reserved.get(engine, 0), used)
+            return ok
+
+        def spy_release(rid):
+            tokens = release(rid)
+            self.freed.setdefault(rid, []).append(tokens)
+            return tokens
+
+        def spy_grow(rid, tokens, lease_s, force=False):
+            self.grown.append((rid, tokens))
+            return grow(rid, tokens, lease_s, force)
+
+        self.leased.reserve, self.leased.release, self.leased.grow = spy_reserve, spy_release, spy_grow
+
+    def assert_each_released_once(self) -> None:
+        assert self.reserved, "nothing was reserved"
+        for rid in self.reserved:
+            freed = [t for t in self.freed.get(rid, []) if t]
+            assert len(freed) == 1, (rid, self.freed.get(rid))
+        assert len(self.leased.ledger) == 0
+
+
+def sched_config(urls: list[str], **scheduling) -> dict:
+    return gateway_config(urls, scheduling=scheduling)
+
+
+# ------------------------------------------------------------------------------------------- live: order
+
+async def test_queued_requests_dispatch_in_deadline_order_and_carry_priority():
+    engine = FaultEngine(mode="stall", delay_s=0.4)
+    url = await engine.start()
+    raw = sched_config([url], queue_policy="edf", max_outstanding_per_engine=1)
+    try:
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            first = asyncio.create_task(post(session, gw, chat("occupy")))
+            await wait_for(lambda: engine.hits == 1)
+            engine.mode = "ok"
+            now_ms = time.time() * 1000
+            tasks = []
+            for name, due_s in (("late", 300), ("soon", 60), ("mid", 120)):
+                headers = {"X-Workflow-Id": f"wf-{name}", "X-Workflow-Deadline-Ms": str(now_ms + due_s * 1000)}
+                tasks.append(asyncio.create_task(post(session, gw, chat(name), headers)))
+                await asyncio.sleep(0.02)
+            own = asyncio.create_task(post(session, gw, chat("own", priority=7),
+                                           {"X-Workflow-Id": "wf-own",
+                                            "X-Workflow-Deadline-Ms": str(now_ms + 900_000)}))
+            await wait_for(lambda: len(gw.scheduling.pools[0].scheduler.waiting) == 4)
+            results = await asyncio.gather(first, *tasks, own)
+            assert [status for status, _ in results] == [200] * 5
+            seen = [b["messages"][0]["content"] for b in engine.seen_bodies]
+            assert seen == ["occupy", "soon", "mid", "late", "own"]
+            priorities = [b.get("priority") for b in engine.seen_bodies]
+            assert priorities[0] is not None  # ours: seconds to the due time (EDF)
+            assert priorities[1] < priorities[2] < priorities[3]
+            assert priorities[4] == 7  # the client's own priority is never overwritten
+    finally:
+        await engine.stop()
+
+
+async def test_fcfs_without_admission_is_plain_routing():
+    """The default: no queue, no ledger, no body rewrite; requests go straight to the proxy."""
+    engine = FaultEngine()
+    url = await engine.start()
+    try:
+        async with running_gateway(gateway_config([url])) as gw, aiohttp.ClientSession() as session:
+            assert not gw.scheduling.active and MODEL in gw.scheduling.direct_models
+            status, _ = await post(session, gw, chat())
+            assert status == 200 and "priority" not in engine.seen_bodies[0]
+            assert gw.scheduling.pools[0].tickets == {} and not gw.scheduling.ledger.held
+    finally:
+        await engine.stop()
+
+
+# ------------------------------------------------------------------------------------------- live: release
+
+async def test_reservation_released_once_on_success_error_and_cancel():
+    engine = FaultEngine()
+    url = await engine.start()
+    raw = sched_config([url], queue_policy="maestro", admission="max_tokens")
+    raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 1000
+    try:
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            spy = LedgerSpy(gw)
+            ledger = gw.scheduling.ledger
+            # success, non-streaming and streaming
+            assert (await post(session, gw, chat(max_tokens=100)))[0] == 200
+            assert (await post(session, gw, chat(max_tokens=100, stream=True)))[0] == 200
+            # engine error -> 502
+            engine.mode = "error_500"
+            assert (await post(session, gw, chat(max_tokens=100)))[0] == 502
+            # client cancel mid-stream
+            engine.mode, engine.delay_s = "slow", 2.0
+            async with session.post(gw.base_url + "/v1/chat/completions",
+                                    json=chat(max_tokens=100, stream=True)) as response:
+                await response.content.readany()
+                assert ledger.held  # held while it streams
+            await wait_for(lambda: not ledger.held)
+            # client cancel while queued: fill the engine's KV, queue one more, leave
+            engine.mode, engine.delay_s = "stall", 1.0
+            blockers = [asyncio.create_task(post(session, gw, chat(max_tokens=400))) for _ in range(2)]
+            await wait_for(lambda: engine.hits >= 6)
+            with pytest.raises(asyncio.TimeoutError):
+                await post(session, gw, chat("queued", max_tokens=400), timeout=0.2)
+            await wait_for(lambda: not gw.scheduling.pools[0].scheduler.waiting)
+            assert all(status == 200 for status, _ in await asyncio.gather(*blockers))
+            await wait_for(lambda: not ledger.held)
+            assert "queued" not in [b["messages"][0]["content"] for b in engine.seen_bodies]
+            spy.assert_each_released_once()
+            assert spy.max_reserved["local/p/0"] <= 1000
+    finally:
+        await engine.stop()
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.sampled_from(["ok", "stream", "error", "cancel_stream", "cancel_queued"]), min_size=3,
+                max_size=10))
+def test_release_exactly_once_property(outcomes):
+    """Any mix of successes, errors and cancellations (queued or streaming) leaves nothing reserved, and each
+    reservation was freed exactly once."""
+
+    async def run() -> None:
+        engine = FaultEngine(mode="slow", delay_s=0.05)
+        url = await engine.start()
+        raw = sched_config([url], queue_policy="maestro", admission="max_tokens")
+        raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 600
+        try:
+            async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+                spy = LedgerSpy(gw)
+
+                async def one(kind: str) -> None:
+                    if kind in ("ok", "stream"):
+                        status, _ = await post(session, gw, chat(max_tokens=200, stream=kind == "stream"))
+                        assert status == 200
+                    elif kind == "error":
+                        status, _ = await post(session, gw, chat(max_tokens=200), {"X-Fault-Mode": "error_500"})
+                        assert status == 502
+                    elif kind == "cancel_stream":
+                        async with session.post(gw.base_url + "/v1/chat/completions",
+                                                json=chat(max_tokens=200, stream=True)) as response:
+                            await response.content.readany()
+                    else:
+                        try:
+                            await post(session, gw, chat(max_tokens=200), timeout=0.03)
+                        except asyncio.TimeoutError:
+                            pass
+
+                await asyncio.gather(*(one(kind) for kind in outcomes))
+                await wait_for(lambda: not gw.scheduling.ledger.held and not gw.scheduling.pools[0].tickets)
+                if spy.reserved:
+                    spy.assert_each_released_once()
+                assert max(spy.max_reserved.values(), default=0) <= 600
+        finally:
+            await engine.stop()
+
+    asyncio.run(run())
+
+
+async def test_streaming_reservation_grows_when_outgrown():
+    from backends.sim import SimEngineOptions, start_sim_engines
+
+    engines = await start_sim_engines(1, SimEngineOptions(model=MODEL, time_scale=200.0, max_model_len=2048,
+                                                          kv_blocks=256, block_size=16))
+    raw = sched_config([engines[0].url], admission="predicted", grow_step_tokens=64)
+    raw["predictor"] = {"priors": {"other": {"p50": 10, "p90": 20}, "coder": {"p50": 10, "p90": 20}}}
+    try:
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            assert gw.scheduling.ledger.capacity == {"local/p/0": 256 * 16}  # scraped: vllm:cache_config_info
+            spy = LedgerSpy(gw)
+            status, data = await post(session, gw, chat(max_tokens=600, stream=True),
+                                      {"X-Sim-Output-Tokens": "500"})
+            assert status == 200 and b"[DONE]" in data
+            rid = next(iter(spy.reserved))
+            assert spy.reserved[rid] < 100  # prompt + p90 prior, rounded to blocks
+            grown = [t for r, t in spy.grown if r == rid]
+            assert len(grown) >= 3 and grown == sorted(grown) and grown[-1] >= 500
+            spy.assert_each_released_once()
+    finally:
+        for engine in engines:
+            await engine.stop()
+
+
+async def test_kv_admission_never_over_commits_under_load():
+    from backends.sim import SimEngineOptions, start_sim_engines
+
+    engines = await start_sim_engines(2, SimEngineOptions(model=MODEL, time_scale=100.0, max_model_len=1024,
+                                                          kv_blocks=64, block_size=16))
+    raw = sched_config([e.url for e in engines], queue_policy="maestro", admission="max_tokens")
+    try:
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            spy = LedgerSpy(gw)
+            results = await asyncio.gather(*(
+                post(session, gw, chat("x " * 20, max_tokens=200, stream=i % 2 == 0), {"X-Sim-Output-Tokens": "50"})
+                for i in range(40)))
+            assert [s for s, _ in results] == [200] * 40
+            assert max(spy.max_reserved.values()) <= 1024
+            spy.assert_each_released_once()
+            assert gw.metrics.render().count(b"maestro_queue_wait_seconds_count") >= 1
+    finally:
+        for engine in engines:
+            await engine.stop()
+
+
+async def test_no_engine_up_answers_503_without_queueing():
+    raw = sched_config(["http://127.0.0.1:1"], admission="max_tokens")
+    raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 1000
+    async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+        status, body = await post(session, gw, chat())
+        assert status == 503 and body["error"]["code"] == "no_engine_available"
+        assert not gw.scheduling.pools[0].scheduler.waiting and not gw.scheduling.ledger.held
+
+
+async def test_capacity_from_config_wins_and_unknown_is_unlimited():
+    engine = FaultEngine()  # exports no vllm:cache_config_info
+    url = await engine.start()
+    try:
+        async with running_gateway(sched_config([url], admission="max_tokens")) as gw:
+            assert gw.scheduling.ledger.capacity == {"local/p/0": UNLIMITED_KV}
+        raw = sched_config([url], admission="max_tokens")
+        raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 4096
+        async with running_gateway(raw) as gw:
+            assert gw.scheduling.ledger.capacity == {"local/p/0": 4096}
+    finally:
+        await engine.stop()
+
+
+# ------------------------------------------------------------------------------------------- live: workflows
+
+async def test_workflow_context_from_headers_and_metadata():
+    engine = FaultEngine()
+    url = await engine.start()
+    raw = sched_config([url], queue_policy="maestro")
+    try:
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            deadline_ms = int(time.time() * 1000) + 60_000
+            status, _ = await post(session, gw, chat(), {"X-Workflow-Id": "wf-h", "X-Workflow-Step": "0",
+                                                         "X-Agent-Role": "planner", "X-SLO-Class": "interactive",
+                                                         "X-Workflow-Deadline-Ms": str(deadline_ms),
+                                                         "X-Workflow-Steps": "3"})
+            assert status == 200
+            body = chat(metadata={"workflow_id": "wf-m", "workflow_step": 4, "agent_role": "coder",
+                                  "workflow_deadline_ms": str(deadline_ms), "slo_class": "batch"})
+            assert (await post(session, gw, body))[0] == 200
+            # header wins over metadata, key by key
+            body = chat(metadata={"workflow_id": "wf-m", "workflow_step": "9", "slo_class": "interactive"})
+            assert (await post(session, gw, body, {"X-Workflow-Step": "5", "X-SLO-Class": "batch"}))[0] == 200
+
+            async def record_of(workflow_id: str, steps: int):
+                await wait_for_async(lambda: _steps(gw, workflow_id, steps))
+                return await gw.store.get_workflow(workflow_id)
+
+            header_record = await record_of("wf-h", 1)
+            assert header_record["deadline"] == pytest.approx(deadline_ms / 1000)
+            assert header_record["slo_class"] == "interactive" and header_record["expected_steps"] == 3
+            assert header_record["last_step"] == 0 and header_record["inflight"] == []
+            assert header_record["tokens_used"] == 5  # the engine's usage
+            assert header_record["predicted_remaining_s"] > 0
+            meta_record = await record_of("wf-m", 2)
+            assert meta_record["last_step"] == 5 and meta_record["slo_class"] == "batch"
+            assert meta_record["tokens_used"] == 10
+            assert gw.scheduling.workflows.cache["wf-m"].steps_done == 2
+    finally:
+        await engine.stop()
+
+
+async def _steps(gw, workflow_id: str, steps: int) -> bool:
+    record = await gw.store.get_workflow(workflow_id)
+    return record is not None and record["steps_done"] >= steps
+
+
+@pytest.mark.parametrize("headers, metadata, param", [
+    ({"X-Workflow-Id": "wf-bad", "X-Workflow-Step": "two"}, None, "X-Workflow-Step"),
+    ({"X-Workflow-Id": "wf-bad", "X-Workflow-Step": "-1"}, None, "X-Workflow-Step"),
+    ({"X-Workflow-Id": "wf-bad", "X-Workflow-Deadline-Ms": "tomorrow"}, None, "X-Workflow-Deadline-Ms"),
+    ({"X-Workflow-Id": "wf-bad", "X-Workflow-Deadline-Ms": "nan"}, None, "X-Workflow-Deadline-Ms"),
+    ({"X-Workflow-Id": "wf-bad", "X-SLO-Class": "platinum"}, None, "X-SLO-Class"),
+    ({"X-Workflow-Id": "bad id with spaces"}, None, "X-Workflow-Id"),
+    ({"X-Workflow-Id": "wf-bad", "X-Workflow-Steps": "0"}, None, "X-Workflow-Steps"),
+    ({}, {"workflow_id": "wf-bad", "workflow_step": 1.5}, "metadata.workflow_step"),
+    ({}, {"workflow_id": "wf-bad", "workflow_step": True}, "metadata.workflow_step"),
+    ({}, {"workflow_id": "wf-bad", "workflow_deadline_ms": [1]}, "metadata.workflow_deadline_ms"),
+    ({"X-Workflow-Id": "wf-bad"}, {"slo_class": "platinum"}, "metadata.slo_class"),
+    ({}, {"workflow_id": 12}, "metadata.workflow_id"),
+    ({"X-Workflow-Id": "wf-bad"}, "not-an-object", "metadata"),
+])
+async def test_bad_workflow_context_is_a_400_and_leaves_nothing(headers, metadata, param):
+    engine = FaultEngine()
+    url = await engine.start()
+    raw = sched_config([url], queue_policy="maestro", admission="max_tokens")
+    raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 1000
+    try:
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            body = chat() if metadata is None else chat(metadata=metadata)
+            status, answer = await post(session, gw, body, headers)
+            assert status == 400
+            assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == param
+            assert engine.hits == 0 and not gw.scheduling.ledger.held and len(gw.store.ledger.ledger) == 0
+            await asyncio.sleep(0.05)
+            assert await gw.store.get_workflow("wf-bad") is None and not gw.scheduling.workflows.cache
+    finally:
+        await engine.stop()
+
+
+# ------------------------------------------------------------------------------------------- live: clusters
+
+async def test_cross_cluster_stays_near_and_spills_when_saturated():
+    near, far = FaultEngine(mode="stall", delay_s=0.5), FaultEngine()
+    near_url, far_url = await near.start(), await far.start()
+    raw = gateway_config([], scheduling={"max_outstanding_per_engine": 1})
+    raw["clusters"] = [
+        {"name": "near", "rtt_ms": 1, "pools": [{"name": "p", "models": [MODEL], "engines": [near_url]}]},
+        {"name": "far", "rtt_ms": 50, "pools": [{"name": "p", "models": [MODEL], "engines": [far_url]}]}]
+    try:
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            first = asyncio.create_task(post(session, gw, chat("one")))
+            await wait_for(lambda: near.hits == 1)
+            status, _ = await post(session, gw, chat("two"))  # near is saturated: spills to far
+            assert status == 200 and far.hits == 1
+            assert (await first)[0] == 200
+            near.mode = "ok"
+            assert (await post(session, gw, chat("three")))[0] == 200
+            assert near.hits == 2 and far.hits == 1  # room near again: stays near
+            assert b'maestro_cluster_choices_total{cluster="far",pool="p"} 1.0' in gw.metrics.render()
+    finally:
+        await near.stop()
+        await far.stop()
+
+
+async def test_cross_cluster_without_scheduling_prefers_the_nearer_cluster():
+    near, far = FaultEngine(), FaultEngine()
+    near_url, far_url = await near.start(), await far.start()
+    raw = gateway_config([])
+    raw["clusters"] = [
+        {"name": "far", "rtt_ms": 80, "pools": [{"name": "p", "models": [MODEL], "engines": [far_url]}]},
+        {"name": "near", "rtt_ms": 2, "pools": [{"name": "p", "models": [MODEL], "engines": [near_url]}]}]
+    try:
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            assert MODEL not in gw.scheduling.direct_models  # two pools serve it: cluster routing decides
+            for _ in range(4):
+                assert (await post(session, gw, chat()))[0] == 200
+            assert near.hits == 4 and far.hits == 0
+    finally:
+        await near.stop()
+        await far.stop()
+
+
+# ------------------------------------------------------------------------------------------- Redis: shared
+
+def _redis_url_or_skip() -> str:
+    from tests.test_state_store import REDIS_URL, _require_redis
+
+    _require_redis()
+    return REDIS_URL
+
+
+@pytest.mark.redis
+async def test_two_gateways_share_one_engine_without_over_committing():
+    from backends.sim import SimEngineOptions, start_sim_engines
+    from gateway.state.redis import RedisStateStore
+    from tests.test_state_store import _delete_prefix
+
+    redis_url = _redis_url_or_skip()
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+    engines = await start_sim_engines(1, SimEngineOptions(model=MODEL, time_scale=100.0, max_model_len=1024,
+                                                          kv_blocks=64, block_size=16))
+    capacity = 64 * 16
+    state = {"backend": "redis", "redis_url": redis_url, "key_prefix": prefix, "heartbeat_interval_s": 0.2}
+    raw = gateway_config([engines[0].url], state=state,
+                         scheduling={"queue_policy": "maestro", "admission": "max_tokens", "tick_s": 0.01})
+    raw_b = {**raw, "server": {"gateway_id": "gateway-b"}}
+    raw = {**raw, "server": {"gateway_id": "gateway-a"}}
+    reader = RedisStateStore(redis_url, key_prefix=prefix)
+    samples: list[int] = []
+    try:
+        async with running_gateway(raw) as a, running_gateway(raw_b) as b, aiohttp.ClientSession() as session:
+            assert a.scheduling.ledger.sync is None  # Redis: the Lua ledger, not an in-process one
+            stop = asyncio.Event()
+
+            async def sample() -> None:
+                while not stop.is_set():
+                    samples.append((await reader.ledger_usage(["local/p/0"]))["local/p/0"][0])
+                    await asyncio.sleep(0.002)
+
+            sampler = asyncio.create_task(sample())
+            results = await asyncio.gather(*(
+                post(session, (a, b)[i % 2], chat("y " * 30, max_tokens=200 + (i % 3) * 50, stream=i % 3 == 0),
+                     {"X-Sim-Output-Tokens": "40"}, timeout=30)
+                for i in range(48)))
+            stop.set()
+            await sampler
+            assert [s for s, _ in results] == [200] * 48
+            assert samples and max(samples) <= capacity
+            assert max(samples) > capacity // 2  # it was actually contended
+            await wait_for(lambda: not a.scheduling.ledger.held and not b.scheduling.ledger.held)
+            await wait_for_async(lambda: _reserved_is(reader, 0))
+    finally:
+        await reader.close()
+        for engine in engines:
+            await engine.stop()
+        _delete_prefix(prefix)
+
+
+async def _reserved_is(store, value: int) -> bool:
+    return (await store.ledger_usage(["local/p/0"]))["local/p/0"][0] == value
+
+
+@pytest.mark.redis
+async def test_redis_going_away_keeps_serving_from_a_local_share_and_resyncs():
+    from backends.sim import SimEngineOptions, start_sim_engines
+    from gateway.state.redis import RedisStateStore
+
+    port = free_port()
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    server = start_redis(port)
+    engines = await start_sim_engines(1, SimEngineOptions(model=MODEL, time_scale=1.0, max_model_len=1024,
+                                                          kv_blocks=128, block_size=16))
+    state = {"backend": "redis", "redis_url": redis_url, "redis_timeout_s": 0.3, "heartbeat_interval_s": 0.1}
+    raw = gateway_config([engines[0].url], state=state,
+                         scheduling={"queue_policy": "maestro", "admission": "max_tokens",
+                                     "ledger_lease_s": 1.5})
+    reader = RedisStateStore(redis_url, timeout_s=0.5)
+    short = {"X-Sim-Output-Tokens": "3"}
+    try:
+        await wait_for_async(reader.ping)
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            ledger = gw.scheduling.ledger
+            assert (await post(session, gw, chat(max_tokens=100), short))[0] == 200
+            await wait_for_async(lambda: _reserved_is(reader, 0))  # released (in the background) once done
+            assert (await reader.ledger_usage(["local/p/0"]))["local/p/0"] == (0, 128 * 16)
+            # a long stream (seconds) holds a reservation across the outage
+            long = asyncio.create_task(post(session, gw, chat(max_tokens=700, stream=True),
+                                            {"X-Sim-Output-Tokens": "650"}, timeout=60))
+            await wait_for(lambda: len(ledger.held) == 1)
+            long_rid, (_, long_tokens) = next(iter(ledger.held.items()))
+            server.kill()
+            server.wait(timeout=10)
+            results = await asyncio.gather(*(post(session, gw, chat(max_tokens=100), short) for _ in range(5)),
+                                           post(session, gw, chat(max_tokens=100), {"X-Workflow-Id": "wf-out", **short}))
+            assert [s for s, _ in results] == [200] * 6
+            assert ledger.degraded and gw.metrics.ledger_degraded._value.get() == 1
+            assert ledger.local.capacity("local/p/0") == 128 * 16  # one gateway alive: its share is all of it
+            assert ledger.local.reserved("local/p/0") == long_tokens  # its own running request is counted
+            assert not long.done()
+            await wait_for(lambda: gw.scheduling.workflows.cache.get("wf-out") is not None
+                           and gw.scheduling.workflows.cache["wf-out"].steps_done == 1)  # kept locally
+            server = start_redis(port)  # empty: capacities and reservations must be written again
+            await wait_for(lambda: not ledger.degraded, timeout_s=10)
+            await wait_for_async(reader.ping)
+            usage = await reader.ledger_usage(["local/p/0"])
+            assert usage["local/p/0"][1] == 128 * 16
+            assert long_rid in ledger.held and not long.done(), "the long stream ended too early for this test"
+            assert usage["local/p/0"][0] == long_tokens  # re-adopted in the shared ledger
+            assert (await long)[0] == 200
+            assert (await post(session, gw, chat(max_tokens=100), short))[0] == 200
+            await wait_for(lambda: not ledger.held)
+            await wait_for_async(lambda: _reserved_is(reader, 0))
+    finally:
+        await reader.close()
+        for engine in engines:
+            await engine.stop()
+        server.kill()
+        server.wait(timeout=10)
+
+
+@pytest.mark.redis
+async def test_dead_gateways_reservations_expire_with_their_lease():
+    from gateway.state.redis import RedisStateStore
+    from tests.test_state_store import _delete_prefix
+
+    redis_url = _redis_url_or_skip()
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+    store = RedisStateStore(redis_url, key_prefix=prefix)
+    try:
+        await store.ledger_set_capacity("e", 100)
+        assert await store.ledger_reserve("crashed-gateway-request", "e", 100, 0.3)
+        assert not await store.ledger_reserve("other", "e", 10, 5.0)
+        await asyncio.sleep(0.4)
+        assert await store.ledger_reserve("other", "e", 10, 5.0)
+    finally:
+        await store.close()
+        _delete_prefix(prefix)
+
+
+async def test_admin_views_of_scheduling_and_workflows():
+    engine = FaultEngine()
+    url = await engine.start()
+    raw = sched_config([url], queue_policy="maestro", admission="max_tokens")
+    raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 1000
+    try:
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            assert (await post(session, gw, chat(), {"X-Workflow-Id": "wf-admin"}))[0] == 200
+            async with session.get(gw.base_url + "/admin/scheduling") as response:
+                view = await response.json()
+            assert view["queue_policy"] == "maestro" and view["admission"] == "max_tokens"
+            assert view["ledger"]["engines"]["local/p/0"]["capacity"] == 1000
+            assert view["pools"]["local/p"]["waiting"] == 0
+            await wait_for_async(lambda: _steps(gw, "wf-admin", 1))
+            async with session.get(gw.base_url + "/admin/workflows/wf-admin") as response:
+                assert response.status == 200 and (await response.json())["steps_done"] == 1
+            async with session.get(gw.base_url + "/admin/workflows/nope") as response:
+                assert response.status == 404 and (await response.json())["error"]["code"] == "workflow_not_found"
+    finally:
+        await engine.stop()
