@@ -51,7 +51,20 @@ every dispatch: the fcfs and edf keys never change, and maestro's order within a
 not either; tiers change at times it computes (and re-checks with the policy's own ``key``). ``reference=True``
 uses the plain :class:`PoolScheduler` instead (slower; for tests and for policies FastPool does not know).
 
-Results use :mod:`loadgen.results` (the schema the live runner writes), with series of reserved vs used KV tokens.
+Cluster choice (``latency_aware``) gets, per cluster, the queued work its queue policy would serve before this
+request (:meth:`FastPool.work_ahead`) and the time per output token at the pool's current batch, so it sees that
+an interactive call jumps maestro2's queue and that a busier cluster decodes slower.
+
+Predictions are made once per step before the run (they depend on the request only); without a prompt text the
+predictor sees a filler text of the step's prompt length, and its role and workflow headers.
+
+Results use :mod:`loadgen.results` (the schema the live runner writes), with series of reserved vs used KV tokens
+(``reserved_kv_tokens``, ``used_kv_tokens``: all engines, every ``sample_interval_s``) and ``meta["kv"]`` with
+the exact time average (over the arrival window and over the whole run) and peak of the reserved tokens.
+
+Speed: one simulated hour of 2 clusters x 16 engines at E1's high-contention load (134,000 requests, 700,000
+events) takes about 9 s of CPU (the plain PoolScheduler: about 140 s, same results). Not modelled: engine
+sleep/wake, DiT engines, engine failures, network jitter.
 """
 
 from __future__ import annotations
@@ -526,9 +539,6 @@ class SimReq:
         self.release = 0.0
         self.service = 0.0
 
-    def generated_at(self, k: int) -> int:
-        return self.g + k - self.k0 if self.state == R_DECODE else self.g
-
 
 class EngineHooks:
     """What an engine tells its owner. The simulator implements these; tests may use this no-op default."""
@@ -974,7 +984,6 @@ class Simulator(EngineHooks):
         self.events: list[tuple] = []
         self._seq = 0
         self.now = 0.0
-        self.queue_policy_name = config.queue_policy
         self.router = make_cluster_routing(config.cluster_routing, **config.routing_options)
         self.workflows_state: dict[str, WorkflowState] = {}
         self.grow = config.admission == "predicted"
@@ -1493,6 +1502,7 @@ class Simulator(EngineHooks):
             "engines": len(engines),
             "iterations": sum(e.iterations for e in engines),
             "engine_preemptions": sum(e.preemptions for e in engines),
+            "engine_busy_share": (sum(e.busy_s for e in engines) / (len(engines) * end)) if engines and end > 0 else 0.0,
             "mean_step_s": self.mean_step_s,
             "kv": kv,
             "config": _config_json(cfg),

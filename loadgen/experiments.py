@@ -10,8 +10,8 @@ Llama-70B-shaped decode step (``llama70b_shape_decode_ms_single_gpu_equiv``: 37.
 8B one the cost model is fitted on (4.47 ms at batch 1), so the engines use ``EngineCostModel(scale=8.4)``
 (the ratio), 327,680 KV bytes per token (the calibration's ``llama70b_kv_bytes_per_token``), 8,192 KV blocks of
 16 tokens (the simulated engines' default, 40 GiB of KV), ``max_num_seqs`` 128, ``max_num_batched_tokens`` 8,192
-and a 16,384-token context. Profile ``llama8b-h200`` is the cost model unscaled (about 8x more requests per
-engine, so about 8x slower to simulate).
+and a 16,384-token context. Profile ``llama8b-h200`` is the cost model unscaled (each engine then serves several
+times more requests at the same contention, so a simulation takes correspondingly longer).
 
 *Clusters*: E1/E2 two clusters of 16 engines, 2 ms away; E3 one local cluster of 16 engines (1 ms) and a remote
 one of 8 engines 40 ms away.
@@ -28,13 +28,15 @@ default does), so ``max_tokens`` admission reserves the context window; ``--decl
 
 The experiments
 ---------------
-E1  SLO attainment under contention: the load is swept; "high contention" is the swept load where EDF meets
-    40-60% of workflow deadlines (closest to 50%). Reported per policy: workflow deadline attainment, request SLO
-    attainment (all requests, and interactive calls alone), p50/p99 TTFT. Target: maestro >= EDF + 25 points.
-E2  KV reservation: ``max_tokens`` vs ``predicted`` admission on the same workload at several loads:
-    time-averaged and peak reserved KV bytes, the saving, preemptions, attainment. Target: >= 67% less reserved
-    KV at equal or better attainment, preemptions on <= 1% of requests.
-E3  Cross-cluster routing: ``round_robin`` vs ``least_loaded`` vs ``latency_aware`` on two unequal clusters.
+E1  SLO attainment under contention (predicted admission, latency_aware routing): the load is swept; "high
+    contention" is the swept load where EDF meets 40-60% of workflow deadlines (closest to 50%). Reported per
+    queue policy (fcfs, edf, maestro, maestro2): workflow deadline attainment, request SLO attainment (all
+    requests, and interactive calls alone), p50/p99 TTFT. Target: maestro >= EDF + 25 points.
+E2  KV reservation: ``max_tokens`` vs ``predicted`` admission (queue maestro2) on the same workload at several
+    loads: time-averaged and peak reserved KV bytes, the saving, preemptions, attainment. Target: >= 67% less
+    reserved KV at equal (within half a point) or better attainment, preemptions on <= 1% of requests.
+E3  Cross-cluster routing: ``round_robin`` vs ``least_loaded`` vs ``latency_aware`` on two unequal clusters
+    (queue maestro2, predicted admission).
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
