@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         overhead.set_defaults(func=overhead_bench.main)
     except ImportError as exc:  # pragma: no cover - only while the benchmark module is missing
         overhead.set_defaults(func=lambda _args, exc=exc: _unavailable(exc))
+    predictor_parser = bench_sub.add_parser("predictor", help="time Predictor.predict() on real requests")
+    from predictor import bench as predictor_bench
+
+    predictor_bench.add_arguments(predictor_parser)
+    predictor_parser.set_defaults(func=predictor_bench.main)
     return parser
 
 
