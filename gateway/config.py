@@ -132,7 +132,7 @@ DEFAULT_SLO_CLASSES = (
     SLOClassConfig("interactive", ttft_s=2.0, tpot_s=0.1),
     SLOClassConfig("batch", ttft_s=30.0, tpot_s=0.2, workflow_deadline_s=600.0),
 )
-QUEUE_POLICY_NAMES = ("fcfs", "edf", "maestro")
+QUEUE_POLICY_NAMES = ("fcfs", "edf", "maestro", "maestro2")
 ADMISSION_NAMES = ("none", "max_tokens", "predicted")
 
 

@@ -105,3 +105,8 @@ def make_queue_policy(name: str, **options) -> QueuePolicy:
     except KeyError:
         raise ValueError(f"unknown queue policy {name!r}; known: {', '.join(sorted(QUEUE_POLICIES))}") from None
     return cls(**options) if options else cls()
+
+
+# ``maestro2`` lives in its own module (it imports this one); importing it here registers it wherever the
+# queue policies are used, live or simulated.
+from gateway.core import workflow_policy as _workflow_policy  # noqa: E402,F401
