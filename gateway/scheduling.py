@@ -60,6 +60,7 @@ log = logging.getLogger("maestro.scheduling")
 UNLIMITED_KV = 1 << 40  # capacity of an engine whose KV size is neither configured nor exported
 DEFAULT_ENGINE_SEQS = 256  # sequences an engine runs at once when its max_num_seqs is unknown
 PRIORITY_LIMIT = 1_000_000  # |vLLM priority| sent to engines
+LEGACY_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI's and vLLM's default)
 STORE_RETRY_S = 2.0  # workflow records: after a store failure, use the local store this long before retrying
 
 NEW, WAITING, RESERVING, ADMITTED, DONE = range(5)
@@ -444,6 +445,7 @@ class PoolQueue:
         self.outstanding: dict[str, int] = defaultdict(int)
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._stopped = False
 
     # ---- views ------------------------------------------------------------------------------------------
     def _live(self) -> list[str]:
@@ -583,6 +585,8 @@ class PoolQueue:
 
     # ---- dispatcher -------------------------------------------------------------------------------------
     def kick(self) -> None:
+        if self._stopped:
+            return
         if self._task is None:
             if self.scheduler.waiting:
                 self._task = asyncio.get_running_loop().create_task(self._run(), name=f"dispatch:{self.name}")
@@ -606,7 +610,7 @@ class PoolQueue:
             log.exception("dispatcher of pool %s crashed", self.name)
         finally:
             self._task = None
-            if self.scheduler.waiting:
+            if self.scheduler.waiting and not self._stopped:
                 self.kick()
 
     async def _dispatch_once(self) -> bool:
@@ -633,6 +637,7 @@ class PoolQueue:
         return progressed
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -736,7 +741,11 @@ class Scheduling:
         self.metrics = metrics
         self.slo = {c.name: c for c in config.slo_classes}
         self.slo_names = frozenset(self.slo)
-        options = {"max_wait_s": cfg.max_wait_s, "short_s": cfg.short_s} if cfg.queue_policy == "maestro" else {}
+        options: dict[str, Any] = {}
+        if cfg.queue_policy == "maestro":
+            options = {"max_wait_s": cfg.max_wait_s, "short_s": cfg.short_s}
+        elif cfg.queue_policy == "maestro2":  # aging is optional there; live, it stays on (no starvation)
+            options = {"max_wait_s": cfg.max_wait_s}
         self.policy = make_queue_policy(cfg.queue_policy, **options)
         self.check_kv = cfg.admission != "none"
         # scheduling is active when it can change anything: order, admission or a cap (else: plain routing)
@@ -879,12 +888,13 @@ class Scheduling:
         return chosen
 
     def engine_priority(self, request: SchedRequest) -> int | None:
-        """The order to pass to vLLM (``priority``, lower first): maestro's tier, or EDF's seconds to due."""
+        """The order to pass to vLLM (``priority``, lower first): EDF's seconds to the due time, or the tier of a
+        tiered policy (maestro, maestro2: the first element of their sort key)."""
         if not self.cfg.engine_priority or self.policy.name == "fcfs":
             return None
         now = time.time()
         key = self.policy.key(request, now, self.ctx)
-        if self.policy.name == "maestro":
+        if self.policy.name != "edf":
             return int(key[0])
         due = key[0]
         if due == float("inf"):
@@ -898,9 +908,11 @@ class Scheduling:
         model_config = self.config.model(job.model)
         context_len = model_config.max_model_len if model_config else None
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not max_tokens and job.route == "completions":
+            max_tokens = LEGACY_COMPLETION_MAX_TOKENS
         estimate = self.predictor.predict(body, request.headers, len(job.body), max_tokens, context_len)
         prompt = estimate.prompt_tokens
-        if not max_tokens:
+        if not max_tokens:  # chat: vLLM lets the answer run to the end of the context
             max_tokens = max(1, context_len - prompt) if context_len else 4096
         n = body.get("n") or 1
         p50 = min(estimate.p50, max_tokens)
