@@ -140,12 +140,12 @@ ADMISSION_NAMES = ("none", "max_tokens", "predicted")
 class SchedulingConfig:
     """The pool queues (gateway.scheduling) and the pure core they drive (gateway.core.scheduler)."""
 
-    queue_policy: str = "fcfs"  # fcfs | edf | maestro
+    queue_policy: str = "fcfs"  # fcfs | edf | maestro | maestro2
     admission: str = "none"  # none | max_tokens | predicted (KV reservation before dispatch)
     default_slo_class: str = "interactive"  # requests without workflow context
     workflow_slo_class: str = "batch"  # workflow requests that name no class
     max_outstanding_per_engine: int = 0  # dispatched and unfinished requests per engine; 0 = no cap
-    max_wait_s: float = 120.0  # maestro: a request waiting longer is served oldest first (no starvation)
+    max_wait_s: float = 120.0  # maestro, maestro2: a request waiting longer is served oldest first (no starvation)
     short_s: float = 2.0  # maestro: interactive calls predicted to take at most this are protected
     mean_step_s: float = 5.0  # initial mean service time of one workflow step (then learned online)
     default_steps: int = 0  # remaining steps assumed for a workflow that gives no X-Workflow-Steps hint
@@ -153,7 +153,7 @@ class SchedulingConfig:
     prefill_token_time_s: float = 0.0002  # ... and per prompt token
     block_size: int = 16  # KV block size reservations are rounded to
     grow_step_tokens: int = 256  # a streaming reservation grows in chunks of this many tokens
-    engine_priority: bool = True  # edf/maestro: send vLLM's ``priority`` (lower first) when the client set none
+    engine_priority: bool = True  # edf/maestro*: send vLLM's ``priority`` (lower first) when the client set none
     tick_s: float = 0.05  # re-plan period while requests wait (aging, releases by other gateways)
     ledger_lease_s: float = 30.0  # a reservation expires this long after its last refresh (dead gateways)
     workflow_ttl_s: float = 3600.0  # a workflow record expires this long after its last activity

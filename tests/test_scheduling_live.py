@@ -8,6 +8,7 @@ that goes away and comes back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import time
 import uuid
@@ -19,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import ConfigError, parse_config
-from gateway.core.queue_policy import EDF, FCFS, Maestro, PolicyContext
+from gateway.core.queue_policy import EDF, FCFS, Maestro, PolicyContext, make_queue_policy
 from gateway.core.request import SchedRequest, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from gateway.scheduling import UNLIMITED_KV
@@ -28,6 +29,20 @@ from tests.fault_engine import FaultEngine
 from tests.test_monitor import free_port, start_redis, wait_for, wait_for_async
 
 MODEL = "fault-model"
+
+
+def bounded(seconds: float = 90.0):
+    """Fail a live test that stalls (with the stack of where it waited) instead of hanging the suite."""
+
+    def wrap(test):
+        @functools.wraps(test)
+        async def run(*args, **kwargs):
+            async with asyncio.timeout(seconds):
+                return await test(*args, **kwargs)
+
+        return run
+
+    return wrap
 
 
 # ------------------------------------------------------------------------------------------- pure: policies
@@ -101,10 +116,14 @@ def test_aged_request_that_does_not_fit_blocks_backfill():
 # ------------------------------------------------------------------------------------------- pure: starvation
 
 def simulate_batch_wait(max_wait_s: float, engines: int, gap: float, interactive_s: float, batch_s: float,
-                        horizon: float) -> float | None:
+                        horizon: float, policy: str = "maestro") -> float | None:
     """A discrete-event run of the pure scheduler: one long batch request at t=0, then short interactive calls
     every ``gap`` seconds, more than the engines can serve. Returns when the batch request was dispatched."""
-    scheduler = PoolScheduler(Maestro(max_wait_s=max_wait_s, short_s=2.0), admission="none")
+    if policy == "maestro":
+        queue_policy = Maestro(max_wait_s=max_wait_s, short_s=2.0)
+    else:
+        queue_policy = make_queue_policy(policy, max_wait_s=max_wait_s)
+    scheduler = PoolScheduler(queue_policy, admission="none")
     tpot = 0.01
     ctx = PolicyContext(service_time=lambda r: r.pred_p50 * tpot)
     scheduler.submit(req("batch", 0.0, deadline=1e9, p50=int(batch_s / tpot), workflow="w"))
@@ -142,6 +161,17 @@ def test_no_starvation_under_maestro(max_wait_s, engines, interactive_s, overloa
     dispatched = simulate_batch_wait(max_wait_s, engines, gap, interactive_s, batch_s, horizon=max_wait_s + 60)
     assert dispatched is not None
     assert dispatched <= max_wait_s + interactive_s + 1e-6
+
+
+@settings(max_examples=30, deadline=None)
+@given(max_wait_s=st.floats(min_value=1.0, max_value=30.0), engines=st.integers(min_value=1, max_value=3),
+       interactive_s=st.floats(min_value=0.1, max_value=1.5), overload=st.floats(min_value=1.2, max_value=4.0))
+def test_no_starvation_under_maestro2_with_aging(max_wait_s, engines, interactive_s, overload):
+    """The live gateway always runs maestro2 with aging on (``scheduling.max_wait_s``): the same bound holds."""
+    gap = interactive_s / (engines * overload)
+    dispatched = simulate_batch_wait(max_wait_s, engines, gap, interactive_s, 20.0, horizon=max_wait_s + 60,
+                                     policy="maestro2")
+    assert dispatched is not None and dispatched <= max_wait_s + interactive_s + 1e-6
 
 
 def test_without_aging_the_same_load_starves_the_batch_request():
@@ -244,6 +274,7 @@ def sched_config(urls: list[str], **scheduling) -> dict:
 
 # ------------------------------------------------------------------------------------------- live: order
 
+@bounded()
 async def test_queued_requests_dispatch_in_deadline_order_and_carry_priority():
     engine = FaultEngine(mode="stall", delay_s=0.4)
     url = await engine.start()
@@ -275,6 +306,25 @@ async def test_queued_requests_dispatch_in_deadline_order_and_carry_priority():
         await engine.stop()
 
 
+@bounded()
+async def test_maestro2_live_admits_and_passes_its_tier_as_priority():
+    engine = FaultEngine()
+    url = await engine.start()
+    raw = sched_config([url], queue_policy="maestro2", admission="max_tokens")
+    raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 1000
+    try:
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            assert gw.scheduling.policy.name == "maestro2" and gw.scheduling.policy.max_wait_s == 120.0
+            results = await asyncio.gather(*(post(session, gw, chat(max_tokens=300), {"X-Workflow-Id": f"w{i}"})
+                                             for i in range(6)))
+            assert [s for s, _ in results] == [200] * 6
+            assert all(isinstance(b.get("priority"), int) for b in engine.seen_bodies)
+            await wait_for(lambda: not gw.scheduling.ledger.held)
+    finally:
+        await engine.stop()
+
+
+@bounded()
 async def test_fcfs_without_admission_is_plain_routing():
     """The default: no queue, no ledger, no body rewrite; requests go straight to the proxy."""
     engine = FaultEngine()
@@ -291,6 +341,7 @@ async def test_fcfs_without_admission_is_plain_routing():
 
 # ------------------------------------------------------------------------------------------- live: release
 
+@bounded()
 async def test_reservation_released_once_on_success_error_and_cancel():
     engine = FaultEngine()
     url = await engine.start()
@@ -373,6 +424,7 @@ def test_release_exactly_once_property(outcomes):
     asyncio.run(run())
 
 
+@bounded()
 async def test_streaming_reservation_grows_when_outgrown():
     from backends.sim import SimEngineOptions, start_sim_engines
 
@@ -397,6 +449,7 @@ async def test_streaming_reservation_grows_when_outgrown():
             await engine.stop()
 
 
+@bounded()
 async def test_kv_admission_never_over_commits_under_load():
     from backends.sim import SimEngineOptions, start_sim_engines
 
@@ -418,6 +471,7 @@ async def test_kv_admission_never_over_commits_under_load():
             await engine.stop()
 
 
+@bounded()
 async def test_no_engine_up_answers_503_without_queueing():
     raw = sched_config(["http://127.0.0.1:1"], admission="max_tokens")
     raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 1000
@@ -427,6 +481,7 @@ async def test_no_engine_up_answers_503_without_queueing():
         assert not gw.scheduling.pools[0].scheduler.waiting and not gw.scheduling.ledger.held
 
 
+@bounded()
 async def test_capacity_from_config_wins_and_unknown_is_unlimited():
     engine = FaultEngine()  # exports no vllm:cache_config_info
     url = await engine.start()
@@ -443,6 +498,7 @@ async def test_capacity_from_config_wins_and_unknown_is_unlimited():
 
 # ------------------------------------------------------------------------------------------- live: workflows
 
+@bounded()
 async def test_workflow_context_from_headers_and_metadata():
     engine = FaultEngine()
     url = await engine.start()
@@ -500,6 +556,7 @@ async def _steps(gw, workflow_id: str, steps: int) -> bool:
     ({}, {"workflow_id": 12}, "metadata.workflow_id"),
     ({"X-Workflow-Id": "wf-bad"}, "not-an-object", "metadata"),
 ])
+@bounded()
 async def test_bad_workflow_context_is_a_400_and_leaves_nothing(headers, metadata, param):
     engine = FaultEngine()
     url = await engine.start()
@@ -520,6 +577,7 @@ async def test_bad_workflow_context_is_a_400_and_leaves_nothing(headers, metadat
 
 # ------------------------------------------------------------------------------------------- live: clusters
 
+@bounded()
 async def test_cross_cluster_stays_near_and_spills_when_saturated():
     near, far = FaultEngine(mode="stall", delay_s=0.5), FaultEngine()
     near_url, far_url = await near.start(), await far.start()
@@ -543,6 +601,7 @@ async def test_cross_cluster_stays_near_and_spills_when_saturated():
         await far.stop()
 
 
+@bounded()
 async def test_cross_cluster_without_scheduling_prefers_the_nearer_cluster():
     near, far = FaultEngine(), FaultEngine()
     near_url, far_url = await near.start(), await far.start()
@@ -571,6 +630,7 @@ def _redis_url_or_skip() -> str:
 
 
 @pytest.mark.redis
+@bounded()
 async def test_two_gateways_share_one_engine_without_over_committing():
     from backends.sim import SimEngineOptions, start_sim_engines
     from gateway.state.redis import RedisStateStore
@@ -622,6 +682,7 @@ async def _reserved_is(store, value: int) -> bool:
 
 
 @pytest.mark.redis
+@bounded()
 async def test_redis_going_away_keeps_serving_from_a_local_share_and_resyncs():
     from backends.sim import SimEngineOptions, start_sim_engines
     from gateway.state.redis import RedisStateStore
@@ -680,6 +741,7 @@ async def test_redis_going_away_keeps_serving_from_a_local_share_and_resyncs():
 
 
 @pytest.mark.redis
+@bounded()
 async def test_dead_gateways_reservations_expire_with_their_lease():
     from gateway.state.redis import RedisStateStore
     from tests.test_state_store import _delete_prefix
@@ -698,6 +760,7 @@ async def test_dead_gateways_reservations_expire_with_their_lease():
         _delete_prefix(prefix)
 
 
+@bounded()
 async def test_admin_views_of_scheduling_and_workflows():
     engine = FaultEngine()
     url = await engine.start()

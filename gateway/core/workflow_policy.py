@@ -48,18 +48,10 @@ from __future__ import annotations
 
 import math
 
-from gateway.core.queue_policy import QUEUE_POLICIES, PolicyContext
+from gateway.core.queue_policy import QUEUE_POLICIES, Maestro, PolicyContext, _due
 from gateway.core.request import SchedRequest
 
 ORDERS = ("work", "slack", "due")
-
-
-def _due(request: SchedRequest) -> float:
-    if request.deadline is not None:
-        return request.deadline
-    if request.ttft_deadline is not None:
-        return request.ttft_deadline
-    return math.inf
 
 
 class Maestro2:
@@ -73,13 +65,7 @@ class Maestro2:
         self.max_wait_s = max_wait_s
         self.order_by = order_by
 
-    def remaining_work(self, request: SchedRequest, ctx: PolicyContext) -> float:
-        work = ctx.service_time(request)
-        if request.workflow_id is not None:
-            workflow = ctx.workflows.get(request.workflow_id)
-            if workflow is not None:
-                work += workflow.remaining_steps(ctx.default_steps) * ctx.mean_step_s
-        return work
+    remaining_work = Maestro.remaining_work  # the same critical-path estimate as maestro
 
     def order(self, request: SchedRequest, now: float, ctx: PolicyContext) -> tuple[tuple, float]:
         """``(key, valid_until)``: the sort key, and the time after which its tier may change (``inf``: never,

@@ -497,13 +497,15 @@ class RedisStateStore(StateStore):
             return False
 
     async def close(self) -> None:
-        """Drop the client and its pool. Idempotent; a later call reconnects lazily."""
+        """Drop the client and its pool. Idempotent; a later call reconnects lazily. Bounded by ``timeout_s``
+        like every other call: closing connections to a server that died or restarted must not hang shutdown."""
         client, self._client = self._client, None
         self._scripts.clear()
         if client is None:
             return
         closer = getattr(client, "aclose", None) or client.close
         try:
-            await closer()
-        except (RedisError, OSError):
+            async with asyncio.timeout(self._timeout_s):
+                await closer()
+        except (RedisError, OSError):  # builtin TimeoutError is an OSError
             pass  # closing a connection to a dead server is not an error worth surfacing
