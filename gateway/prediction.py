@@ -22,6 +22,12 @@ log = logging.getLogger("maestro.prediction")
 FALLBACK_OUTPUT = 256  # output tokens assumed when nothing better is known
 
 
+def _import_predictor() -> None:
+    import predictor.kv  # noqa: F401
+    import predictor.predictor  # noqa: F401
+    import predictor.tokens  # noqa: F401
+
+
 @dataclass(frozen=True, slots=True)
 class Estimate:
     role: str
@@ -36,9 +42,18 @@ class RequestPredictor:
         self._predictor: Any = None
         self._estimate_tokens: Any = None
         self._failures = 0
+        self._loading: asyncio.Task | None = None
+
+    def load_soon(self) -> None:
+        """Load in the background (first use on a gateway that did not need a predictor at start-up): requests
+        use the plain estimate until it is there, and the event loop never waits for the imports."""
+        if self._predictor is None and self._loading is None:
+            self._loading = asyncio.get_running_loop().create_task(self.load())
 
     async def load(self) -> None:
-        """Build the predictor (a model file is read in an executor: it is file I/O plus unpickling)."""
+        """Build the predictor. Imports (numpy) and a model file (file I/O plus unpickling) run in an executor."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, _import_predictor)
         from predictor.kv import KVModel
         from predictor.predictor import Predictor
         from predictor.tokens import estimate_tokens
@@ -48,7 +63,6 @@ class RequestPredictor:
         priors = {role: {"p50": p50, "p90": p90} for role, p50, p90 in self.config.predictor.priors}
         path = self.config.predictor.model_path
         if path:
-            loop = asyncio.get_running_loop()
             model = await loop.run_in_executor(None, lambda: Predictor.load(path, kv=kv))
             if priors:
                 from predictor.predictor import normalize_priors
@@ -58,6 +72,11 @@ class RequestPredictor:
             log.info("predictor model loaded from %s", path)
         else:
             self._predictor = Predictor.from_priors(priors or None, kv=kv)
+
+    async def close(self) -> None:
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+            await asyncio.gather(self._loading, return_exceptions=True)
 
     @property
     def loaded(self) -> bool:

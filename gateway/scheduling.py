@@ -785,7 +785,9 @@ class Scheduling:
                 self._by_model.setdefault(model, []).append(queue)
         self.direct_models = frozenset() if self.active else frozenset(
             m for m, pools in self._by_model.items() if len(pools) == 1)
-        await self.predictor.load()
+        if self.active or self.config.predictor.model_path or len(self.direct_models) < len(self._by_model):
+            await self.predictor.load()
+        # else: nothing needs a prediction until a request carries workflow context (then: load_soon)
         self.ledger.on_free = self._kick_all
         if self.check_kv:
             await self.ledger.set_capacities(self._capacities(), push_all=True)
@@ -799,6 +801,7 @@ class Scheduling:
             await pool.stop()
         await self.workflows.close()
         await self.ledger.close()
+        await self.predictor.close()
 
     def _kick_all(self) -> None:
         for pool in self.pools:
@@ -905,6 +908,8 @@ class Scheduling:
                     context: WorkflowContext | None) -> web.StreamResponse:
         cfg = self.cfg
         now = time.time()
+        if not self.predictor.loaded:
+            self.predictor.load_soon()
         model_config = self.config.model(job.model)
         context_len = model_config.max_model_len if model_config else None
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")

@@ -332,9 +332,15 @@ async def test_fcfs_without_admission_is_plain_routing():
     try:
         async with running_gateway(gateway_config([url])) as gw, aiohttp.ClientSession() as session:
             assert not gw.scheduling.active and MODEL in gw.scheduling.direct_models
+            assert not gw.scheduling.predictor.loaded  # nothing needs it (no numpy on the plain path)
             status, _ = await post(session, gw, chat())
             assert status == 200 and "priority" not in engine.seen_bodies[0]
             assert gw.scheduling.pools[0].tickets == {} and not gw.scheduling.ledger.held
+            # workflow context still gets its record; the predictor loads in the background on first need
+            assert (await post(session, gw, chat(), {"X-Workflow-Id": "wf-plain"}))[0] == 200
+            await wait_for_async(lambda: _steps(gw, "wf-plain", 1))
+            await wait_for(lambda: gw.scheduling.predictor.loaded)
+            assert "priority" not in engine.seen_bodies[1]
     finally:
         await engine.stop()
 
