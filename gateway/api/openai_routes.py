@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
+from multidict import istr
 
 from gateway.api.errors import AUTHENTICATION, RATE_LIMIT, APIError, model_not_found
 from gateway.api.validation import parse_json_object, validate_chat, validate_completion, validate_image
@@ -139,8 +140,11 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
     return await scheduling.serve(request, job, body, context), model, job
 
 
+_CONTEXT_HEADER_KEYS = tuple(istr(name) for name in _CONTEXT_HEADERS)  # istr: no case-folding per lookup
+
+
 def _has_context_header(headers) -> bool:
-    for name in _CONTEXT_HEADERS:
+    for name in _CONTEXT_HEADER_KEYS:
         if name in headers:
             return True
     return False
