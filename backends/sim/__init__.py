@@ -17,6 +17,7 @@ from backends.sim.options import SimDiTOptions, SimEngineOptions
 from backends.sim.runner import (
     SimDiTHandle,
     SimEngineHandle,
+    SimHandle,
     serve_sim_engines_forever,
     start_sim_dit_engines,
     start_sim_engines,
@@ -34,6 +35,7 @@ __all__ = [
     "SimEngine",
     "SimEngineHandle",
     "SimEngineOptions",
+    "SimHandle",
     "SimRequest",
     "default_calibration_dir",
     "filler_text",

@@ -29,7 +29,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from backends.sim.cost_model import EngineCostModel
 from backends.sim.metrics import ENGINE_INDEX, REQUEST_LATENCY_BUCKETS
 from backends.sim.options import SimDiTOptions
-from backends.sim.server import _err, _json_not_found, check_int, error_response, pydantic_error_response
+from backends.sim.server import (
+    _err,
+    _json_not_found,
+    check_int,
+    error_response,
+    invalid_json_response,
+    not_an_object_response,
+    pydantic_error_response,
+)
 from backends.vllm_names import (
     COUNTER_REQUEST_SUCCESS,
     GAUGE_REQUESTS_RUNNING,
@@ -154,11 +162,9 @@ class SimDiTServer:
         try:
             body = orjson.loads(await request.read())
         except orjson.JSONDecodeError as exc:
-            return pydantic_error_response([{"type": "json_invalid", "loc": "body." + str(exc.pos),
-                                             "msg": "JSON decode error", "input": {}, "ctx": {"error": exc.msg}}])
+            return invalid_json_response(exc)
         if not isinstance(body, dict):
-            return pydantic_error_response([_err("model_attributes_type", "body", "Input should be a valid "
-                                                 "dictionary or object to extract fields from", body)])
+            return not_an_object_response(body)
         o = self.options
         errors: list[dict] = []
         prompt = body.get("prompt")

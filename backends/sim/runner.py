@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
 
 from aiohttp import web
 
@@ -14,38 +16,50 @@ from backends.sim.engine import SimEngine
 from backends.sim.options import SimDiTOptions, SimEngineOptions
 from backends.sim.server import SimServer
 
+EngineT = TypeVar("EngineT", SimEngine, SimDiTEngine)
+HandleT = TypeVar("HandleT", bound="SimHandle")
+
 
 @dataclass
-class SimEngineHandle:
-    """A running simulated engine: ``url`` is the base URL without ``/v1``; ``engine`` is the scheduler."""
+class SimHandle(Generic[EngineT]):
+    """A running simulated engine of either kind: ``url`` is the base URL without ``/v1``.
+
+    One base for both kinds so that callers (the gateway's in-process pools, the CLI) can hold, print and stop
+    a mixed list without caring which engine is behind each URL; the subclasses only fix ``kind`` and add what
+    stopping their engine needs.
+    """
 
     url: str
-    engine: SimEngine
+    engine: EngineT
     runner: web.AppRunner
+    kind: str
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    async def stop(self) -> None:
+        """Close the HTTP server (its open connections included)."""
+        await self.runner.cleanup()
+
+
+@dataclass
+class SimEngineHandle(SimHandle[SimEngine]):
+    """A running simulated vLLM engine; ``engine`` is the scheduler."""
+
     kind: str = "vllm"
 
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
     async def stop(self) -> None:
+        """Stop the scheduler's loop first, so no request is still stepping when the server goes away."""
         await self.engine.stop()
-        await self.runner.cleanup()
+        await super().stop()
 
 
 @dataclass
-class SimDiTHandle:
-    url: str
-    engine: SimDiTEngine
-    runner: web.AppRunner
+class SimDiTHandle(SimHandle[SimDiTEngine]):
+    """A running simulated vLLM-Omni image engine; its engine has no loop of its own to stop."""
+
     kind: str = "vllm-omni"
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
 
 
 async def _serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
@@ -64,6 +78,24 @@ async def _serve(app: web.Application, host: str, port: int) -> tuple[web.AppRun
     return runner, f"http://{shown}:{bound_port}"
 
 
+async def _start_each(count: int, start_one: Callable[[int], Awaitable[HandleT]]) -> list[HandleT]:
+    """Start engines ``0 .. count-1`` in turn; if one fails, stop the ones already up so no port or task leaks."""
+    handles: list[HandleT] = []
+    try:
+        for i in range(count):
+            handles.append(await start_one(i))
+    except BaseException:
+        for handle in handles:
+            await handle.stop()
+        raise
+    return handles
+
+
+def _port(base_port: int, i: int) -> int:
+    """Engine ``i``'s port: ``base_port + i``, or 0 (ephemeral) for every engine when ``base_port`` is 0."""
+    return base_port + i if base_port else 0
+
+
 async def start_sim_engines(count: int, options: SimEngineOptions, host: str = "127.0.0.1",
                             base_port: int = 0) -> list[SimEngineHandle]:
     """Start ``count`` simulated vLLM engines on ``base_port + i`` (``base_port=0``: ephemeral ports).
@@ -72,22 +104,18 @@ async def start_sim_engines(count: int, options: SimEngineOptions, host: str = "
     """
     options.validate()
     cost = EngineCostModel(options.calibration_dir, scale=options.cost_scale)
-    handles: list[SimEngineHandle] = []
-    try:
-        for i in range(count):
-            engine = SimEngine(replace(options, seed=options.seed + i), cost)
-            engine.start()
-            try:
-                runner, url = await _serve(SimServer(engine).build_app(), host, base_port + i if base_port else 0)
-            except BaseException:
-                await engine.stop()
-                raise
-            handles.append(SimEngineHandle(url, engine, runner))
-    except BaseException:
-        for handle in handles:
-            await handle.stop()
-        raise
-    return handles
+
+    async def start_one(i: int) -> SimEngineHandle:
+        engine = SimEngine(replace(options, seed=options.seed + i), cost)
+        engine.start()
+        try:
+            runner, url = await _serve(SimServer(engine).build_app(), host, _port(base_port, i))
+        except BaseException:
+            await engine.stop()
+            raise
+        return SimEngineHandle(url, engine, runner)
+
+    return await _start_each(count, start_one)
 
 
 async def start_sim_dit_engines(count: int, options: SimDiTOptions | None = None, host: str = "127.0.0.1",
@@ -96,17 +124,13 @@ async def start_sim_dit_engines(count: int, options: SimDiTOptions | None = None
     options = options or SimDiTOptions()
     options.validate()
     cost = EngineCostModel(options.calibration_dir, scale=options.cost_scale)
-    handles: list[SimDiTHandle] = []
-    try:
-        for i in range(count):
-            engine = SimDiTEngine(replace(options, seed=options.seed + i), cost)
-            runner, url = await _serve(SimDiTServer(engine).build_app(), host, base_port + i if base_port else 0)
-            handles.append(SimDiTHandle(url, engine, runner))
-    except BaseException:
-        for handle in handles:
-            await handle.stop()
-        raise
-    return handles
+
+    async def start_one(i: int) -> SimDiTHandle:
+        engine = SimDiTEngine(replace(options, seed=options.seed + i), cost)
+        runner, url = await _serve(SimDiTServer(engine).build_app(), host, _port(base_port, i))
+        return SimDiTHandle(url, engine, runner)
+
+    return await _start_each(count, start_one)
 
 
 async def serve_sim_engines_forever(count: int, options: SimEngineOptions, host: str = "127.0.0.1",
@@ -116,7 +140,7 @@ async def serve_sim_engines_forever(count: int, options: SimEngineOptions, host:
 
     DiT engines take the ports after the LLM engines when ``base_port`` is given.
     """
-    handles: list[SimEngineHandle | SimDiTHandle] = []
+    handles: list[SimHandle] = []
     try:
         handles.extend(await start_sim_engines(count, options, host, base_port))
         dit_base = base_port + count if base_port else 0

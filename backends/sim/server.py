@@ -55,6 +55,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -179,6 +180,18 @@ def _err(kind: str, loc: str, msg: str, value: Any) -> dict:
     return err
 
 
+def invalid_json_response(exc: orjson.JSONDecodeError) -> web.Response:
+    """FastAPI's 400 for a body that is not JSON; one builder because the LLM and DiT servers both mimic it."""
+    return pydantic_error_response([{"type": "json_invalid", "loc": "body." + str(exc.pos), "msg": "JSON decode error",
+                                     "input": {}, "ctx": {"error": exc.msg}}])
+
+
+def not_an_object_response(body: Any) -> web.Response:
+    """Pydantic's 400 for a JSON body that is not an object (shared with the DiT server, like the one above)."""
+    return pydantic_error_response([_err("model_attributes_type", "body", "Input should be a valid dictionary or "
+                                         "object to extract fields from", body)])
+
+
 def check_int(body: dict, key: str, errors: list[dict], *, optional: bool, default: int | None,
               loc_prefix: str = "body") -> int | None:
     """Pydantic-v2 lax int: ints, bools, integral floats and numeric strings pass; the rest is an error."""
@@ -250,9 +263,7 @@ class Parsed:
 
 def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     if not isinstance(body, dict):
-        return pydantic_error_response([_err("model_attributes_type", "body",
-                                             "Input should be a valid dictionary or object to extract fields "
-                                             "from", body)])
+        return not_an_object_response(body)
     errors: list[dict] = []
     p = Parsed()
     p.chat = chat
@@ -400,9 +411,7 @@ class SimServer:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            return pydantic_error_response([{"type": "json_invalid", "loc": "body." + str(exc.pos),
-                                             "msg": "JSON decode error", "input": {},
-                                             "ctx": {"error": exc.msg}}])
+            return invalid_json_response(exc)
         parsed = parse_body(body, chat)
         if isinstance(parsed, web.Response):
             return parsed
@@ -505,46 +514,38 @@ class SimServer:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                        **(extra_headers or {})})
         await resp.prepare(request)
-        created = int(time.time())
-        head = orjson.dumps({"id": response_id})[:-1] + (
-            b',"object":"chat.completion.chunk"' if p.chat else b',"object":"text_completion"'
-        ) + b',"created":' + str(created).encode() + b',"model":' + orjson.dumps(self.model)
-        if p.chat:
-            open_choice = b',"choices":[{"index":0,"delta":{"content":'
-            close_running = b'},"logprobs":null,"finish_reason":null}]'
-        else:
-            open_choice = b',"choices":[{"index":0,"text":'
-            close_running = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]'
+        shape = _CHAT_SSE if p.chat else _COMPLETION_SSE
+        head = (orjson.dumps({"id": response_id})[:-1] + shape.object_field + b',"created":'
+                + str(int(time.time())).encode() + b',"model":' + orjson.dumps(self.model))
         try:
-            await self._stream_events(resp, req, p, head, open_choice, close_running)
+            await self._stream_events(resp, req, p, head, shape)
         except ConnectionResetError:
             pass  # the client went away; _generate's finally aborts the request
         return resp
 
     async def _stream_events(self, resp: web.StreamResponse, req: SimRequest, p: Parsed, head: bytes,
-                             open_choice: bytes, close_running: bytes) -> None:
+                             shape: _SseShape) -> None:
+        """The one SSE writer for both endpoints; ``shape`` carries the only bytes that differ between them."""
         prompt = req.prompt_tokens
         sent = 0
-        first = p.chat
+        role_choice = shape.role_choice
         while True:
             count, finished = await req.next_tokens()
             parts: list[bytes] = []
-            if first:
-                first = False
-                role = head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},' \
-                              b'"logprobs":null,"finish_reason":null}]'
+            if role_choice is not None:
+                role = head + role_choice
+                role_choice = None
                 if p.continuous_usage:
                     role += b',"usage":' + _usage(prompt, 0)
                 parts.append(b"data: " + role + b"}\n\n")
             text = orjson.dumps(filler_text(sent, count))
             sent += count
             if finished:
-                close = (b'},"logprobs":null,"finish_reason":' if p.chat else b',"logprobs":null,"finish_reason":') \
-                    + orjson.dumps(req.finish_reason) + b',"stop_reason":null}]'
+                close = shape.close_finished + orjson.dumps(req.finish_reason) + b',"stop_reason":null}]'
             else:
-                close = close_running
+                close = shape.close_running
             if count or finished:
-                chunk = head + open_choice + text + close
+                chunk = head + shape.open_choice + text + close
                 if p.continuous_usage:
                     chunk += b',"usage":' + _usage(prompt, sent)
                 parts.append(b"data: " + chunk + b"}\n\n")
@@ -556,6 +557,39 @@ class SimServer:
                 break
             await resp.write(b"".join(parts) if len(parts) > 1 else parts[0])
         await resp.write_eof()
+
+
+@dataclass(frozen=True)
+class _SseShape:
+    """The byte fragments in which vLLM's chat and completions stream chunks differ; everything else is shared.
+
+    Kept as pre-encoded bytes because the writer builds every event by concatenation on the hot path (no dict,
+    no JSON encoder per token). The fragments are vLLM's exactly, including its quirk that a running chat chunk
+    has no ``stop_reason`` while a running completions chunk has one.
+    """
+
+    object_field: bytes  # ``,"object":...`` after the id
+    open_choice: bytes  # up to the JSON string of new text
+    close_running: bytes  # after the text while more tokens follow
+    close_finished: bytes  # after the text on the last chunk, up to the finish_reason value
+    role_choice: bytes | None  # chat's first chunk (role, empty content); completions have none
+
+
+_CHAT_SSE = _SseShape(
+    object_field=b',"object":"chat.completion.chunk"',
+    open_choice=b',"choices":[{"index":0,"delta":{"content":',
+    close_running=b'},"logprobs":null,"finish_reason":null}]',
+    close_finished=b'},"logprobs":null,"finish_reason":',
+    role_choice=b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
+                b'"finish_reason":null}]',
+)
+_COMPLETION_SSE = _SseShape(
+    object_field=b',"object":"text_completion"',
+    open_choice=b',"choices":[{"index":0,"text":',
+    close_running=b',"logprobs":null,"finish_reason":null,"stop_reason":null}]',
+    close_finished=b',"logprobs":null,"finish_reason":',
+    role_choice=None,
+)
 
 
 def _usage(prompt: int, completion: int) -> bytes:
