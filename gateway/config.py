@@ -132,28 +132,30 @@ DEFAULT_SLO_CLASSES = (
     SLOClassConfig("interactive", ttft_s=2.0, tpot_s=0.1),
     SLOClassConfig("batch", ttft_s=30.0, tpot_s=0.2, workflow_deadline_s=600.0),
 )
-QUEUE_POLICY_NAMES = ("fcfs", "edf", "maestro", "maestro2")
+QUEUE_POLICY_NAMES = ("fcfs", "edf", "maestro", "lsf")
 ADMISSION_NAMES = ("none", "max_tokens", "predicted")
+MAESTRO_ORDERS = ("work", "slack", "due")  # gateway.core.queue_policy.ORDERS
 
 
 @dataclass(frozen=True)
 class SchedulingConfig:
     """The pool queues (gateway.scheduling) and the pure core they drive (gateway.core.scheduler)."""
 
-    queue_policy: str = "fcfs"  # fcfs | edf | maestro | maestro2
+    queue_policy: str = "fcfs"  # fcfs | edf | maestro | lsf (see gateway/core/queue_policy.py)
     admission: str = "none"  # none | max_tokens | predicted (KV reservation before dispatch)
     default_slo_class: str = "interactive"  # requests without workflow context
     workflow_slo_class: str = "batch"  # workflow requests that name no class
     max_outstanding_per_engine: int = 0  # dispatched and unfinished requests per engine; 0 = no cap
-    max_wait_s: float = 120.0  # maestro, maestro2: a request waiting longer is served oldest first (no starvation)
-    short_s: float = 2.0  # maestro: interactive calls predicted to take at most this are protected
+    max_wait_s: float = 600.0  # maestro, lsf: a request waiting longer is served oldest first (no starvation)
+    maestro_order: str = "work"  # maestro's order among feasible workflow steps: work | slack | due
+    short_s: float = 2.0  # lsf: interactive calls predicted to take at most this are protected
     mean_step_s: float = 5.0  # initial mean service time of one workflow step (then learned online)
     default_steps: int = 0  # remaining steps assumed for a workflow that gives no X-Workflow-Steps hint
     token_time_s: float = 0.02  # predicted service seconds per output token (service-time estimate)
     prefill_token_time_s: float = 0.0002  # ... and per prompt token
     block_size: int = 16  # KV block size reservations are rounded to
     grow_step_tokens: int = 256  # a streaming reservation grows in chunks of this many tokens
-    engine_priority: bool = True  # edf/maestro*: send vLLM's ``priority`` (lower first) when the client set none
+    engine_priority: bool = True  # edf/maestro/lsf: send vLLM's ``priority`` (lower first) when the client set none
     tick_s: float = 0.05  # re-plan period while requests wait (aging, releases by other gateways)
     ledger_lease_s: float = 30.0  # a reservation expires this long after its last refresh (dead gateways)
     workflow_ttl_s: float = 3600.0  # a workflow record expires this long after its last activity
@@ -369,6 +371,9 @@ def _parse_scheduling(root: dict[str, Any], slo_classes: tuple[SLOClassConfig, .
     if scheduling.queue_policy not in QUEUE_POLICY_NAMES:
         raise ConfigError("scheduling.queue_policy",
                           f"must be one of {', '.join(QUEUE_POLICY_NAMES)}, got {scheduling.queue_policy!r}")
+    if scheduling.maestro_order not in MAESTRO_ORDERS:
+        raise ConfigError("scheduling.maestro_order",
+                          f"must be one of {', '.join(MAESTRO_ORDERS)}, got {scheduling.maestro_order!r}")
     if scheduling.admission not in ADMISSION_NAMES:
         raise ConfigError("scheduling.admission",
                           f"must be one of {', '.join(ADMISSION_NAMES)}, got {scheduling.admission!r}")

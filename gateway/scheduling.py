@@ -742,10 +742,10 @@ class Scheduling:
         self.slo = {c.name: c for c in config.slo_classes}
         self.slo_names = frozenset(self.slo)
         options: dict[str, Any] = {}
-        if cfg.queue_policy == "maestro":
+        if cfg.queue_policy == "maestro":  # live, aging is always on: no request waits forever
+            options = {"max_wait_s": cfg.max_wait_s, "order_by": cfg.maestro_order}
+        elif cfg.queue_policy == "lsf":
             options = {"max_wait_s": cfg.max_wait_s, "short_s": cfg.short_s}
-        elif cfg.queue_policy == "maestro2":  # aging is optional there; live, it stays on (no starvation)
-            options = {"max_wait_s": cfg.max_wait_s}
         self.policy = make_queue_policy(cfg.queue_policy, **options)
         self.check_kv = cfg.admission != "none"
         # scheduling is active when it can change anything: order, admission or a cap (else: plain routing)
@@ -892,7 +892,7 @@ class Scheduling:
 
     def engine_priority(self, request: SchedRequest) -> int | None:
         """The order to pass to vLLM (``priority``, lower first): EDF's seconds to the due time, or the tier of a
-        tiered policy (maestro, maestro2: the first element of their sort key)."""
+        tiered policy (maestro, lsf: the first element of their sort key)."""
         if not self.cfg.engine_priority or self.policy.name == "fcfs":
             return None
         now = time.time()

@@ -47,13 +47,13 @@ engine already uses that memory); the reservation is released exactly once when 
 
 By default the pool queue is :class:`FastPool`, which keeps :class:`~gateway.core.scheduler.PoolScheduler`'s
 semantics (same proposals, same order; checked against it on random cases) but does not re-sort the whole queue at
-every dispatch: the fcfs and edf keys never change, and maestro's order within a tier (due - remaining work) does
-not either; tiers change at times it computes (and re-checks with the policy's own ``key``). ``reference=True``
+every dispatch: the fcfs and edf keys never change, and the maestro and lsf orders within a tier do not either;
+tiers change at times it computes (and re-checks with the policy's own ``key``). ``reference=True``
 uses the plain :class:`PoolScheduler` instead (slower; for tests and for policies FastPool does not know).
 
 Cluster choice (``latency_aware``) gets, per cluster, the queued work its queue policy would serve before this
 request (:meth:`FastPool.work_ahead`) and the time per output token at the pool's current batch, so it sees that
-an interactive call jumps maestro2's queue and that a busier cluster decodes slower.
+an interactive call jumps maestro's queue and that a busier cluster decodes slower.
 
 Predictions are made once per step before the run (they depend on the request only); without a prompt text the
 predictor sees a filler text of the step's prompt length, and its role and workflow headers.
@@ -82,8 +82,7 @@ from backends.sim.cost_model import EngineCostModel
 from gateway.core.admission import ADMISSION_POLICIES, grown_reservation, reservation_tokens
 from gateway.core.cluster_routing import ClusterLoad, ClusterRequest, make_cluster_routing
 from gateway.core.ledger import KVLedger
-from gateway.core.queue_policy import EDF, FCFS, Maestro, PolicyContext, make_queue_policy
-from gateway.core.workflow_policy import Maestro2  # noqa: F401  (registers "maestro2")
+from gateway.core.queue_policy import EDF, FCFS, LeastSlackFirst, PolicyContext, make_queue_policy
 from gateway.core.request import DEFAULT_SLO_CLASSES, INTERACTIVE, SchedRequest, SLOClass, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from loadgen.results import RequestResult, RunResult, WorkflowResult
@@ -150,6 +149,9 @@ class SimConfig:
     mean_step_s: float | None = None  # maestro's mean step time; None: mean predicted step service of the workload
     nominal_batch: int | None = None  # batch at which service times are predicted (None: max_num_seqs // 2)
     nominal_context: int = 2048  # context per sequence at which service times are predicted
+    # the gateway's estimate of a prompt is round(ratio x the engine's count): its character-based estimator
+    # (predictor.tokens) is not the engine's tokenizer. 1.0: exact. E4 measures it on the live runner's prompts.
+    prompt_estimate_ratio: float = 1.0
     reference: bool = False  # use the plain PoolScheduler (slow) instead of FastPool
     calibration_dir: str | None = None
     max_events: int | None = None  # safety valve for tests
@@ -173,6 +175,8 @@ class SimConfig:
             raise ValueError(f"unknown admission policy {self.admission!r}")
         if self.queue_per_engine < 0:
             raise ValueError("queue_per_engine must be >= 0")
+        if not self.prompt_estimate_ratio > 0:
+            raise ValueError("prompt_estimate_ratio must be > 0")
 
 
 def two_cluster_config(engines: int = 16, engine: EngineSpec | None = None, rtt_s: tuple[float, float] = (0.002, 0.002),
@@ -266,15 +270,15 @@ def _due(request: SchedRequest) -> float:
 def supports_fast(policy: Any) -> bool:
     """FastPool can order this policy: a built-in one, or one with ``order(request, now, ctx) -> (key,
     valid_until)`` whose key does not change before ``valid_until`` unless the workflow's state changes."""
-    return type(policy) in (FCFS, EDF, Maestro) or callable(getattr(policy, "order", None))
+    return type(policy) in (FCFS, EDF, LeastSlackFirst) or callable(getattr(policy, "order", None))
 
 
 class FastPool:
-    """:class:`PoolScheduler`'s ``plan``/``admitted`` semantics for ``fcfs``, ``edf`` and ``maestro``, with
-    incrementally ordered queues instead of a full sort per dispatch.
+    """:class:`PoolScheduler`'s ``plan``/``admitted`` semantics for ``fcfs``, ``edf``, ``lsf`` and any policy with
+    an ``order`` method (``maestro``), with incrementally ordered queues instead of a full sort per dispatch.
 
     Order: a sorted list per tier of static keys. fcfs ``(arrival, id)`` and edf ``(due, arrival, id)`` never
-    change. maestro: tier -1 ``(arrival, id)``; tier 0 ``(due, arrival, id)``; tier 1 by slack
+    change. ``order`` policies give their key and the time it stays valid. lsf: tier -1 ``(arrival, id)``; tier 0 ``(due, arrival, id)``; tier 1 by slack
     ``due - now - work``, i.e. by ``due - work`` (``now`` is common to all); tier 2 by ``-slack``, i.e. by
     ``-(due - work)``. A request changes tier only at computable times (aging at ``arrival + max_wait_s``,
     infeasibility at ``due - work``): a timer re-classifies it with the policy's own ``key`` then. A workflow's
@@ -287,7 +291,7 @@ class FastPool:
         if not supports_fast(policy):
             raise TypeError(f"FastPool does not know policy {getattr(policy, 'name', policy)!r}")
         self.policy = policy
-        self.kind = policy.name if type(policy) in (FCFS, EDF, Maestro) else "order"
+        self.kind = policy.name if type(policy) in (FCFS, EDF, LeastSlackFirst) else "order"
         self.admission = admission
         self.block_size = block_size
         self.ctx = ctx
@@ -510,11 +514,12 @@ class SimReq:
 
     __slots__ = ("rid", "prompt", "target", "g", "k0", "base", "res", "computed", "blocks", "state", "kdone",
                  "kgrow", "preemptions", "first_token", "finish", "seq", "sched", "reserved", "max_reserved",
-                 "engine", "pool", "run", "step_index", "release", "service")
+                 "engine", "pool", "run", "step_index", "release", "service", "gw_prompt")
 
     def __init__(self, rid: str, prompt: int, target: int, seq: int) -> None:
         self.rid = rid
         self.prompt = max(1, prompt)
+        self.gw_prompt = self.prompt  # the gateway's estimate of the prompt (its reservation grows against it)
         self.target = max(1, target)
         self.g = 0  # generated tokens (for a decoding request: at iteration k0)
         self.k0 = 0
@@ -685,10 +690,11 @@ class DESEngine:
         self._push_grow(req, k)
 
     def _push_grow(self, req: SimReq, k: int) -> None:
-        if not self.grow or req.reserved >= req.prompt + req.target:
+        # the gateway grows a reservation once its own prompt estimate plus the tokens streamed outgrow it
+        if not self.grow or req.reserved >= req.gw_prompt + req.target:
             req.kgrow = -1
             return
-        kg = max(k, req.reserved - req.prompt - req.g + req.k0 + 1)
+        kg = max(k, req.reserved - req.gw_prompt - req.g + req.k0 + 1)
         if kg >= req.kdone:
             req.kgrow = -1
             return
@@ -1269,12 +1275,15 @@ class Simulator(EngineHooks):
         self._reqseq += 1
         rid = f"{wf.id}/{step.id}"
         cls = self.cfg.slo_classes.get(wf.slo_class) or self.cfg.slo_classes.get(INTERACTIVE)
+        ratio = self.cfg.prompt_estimate_ratio  # what the gateway believes (reservation, service estimate)
+        estimated = prompt if ratio == 1.0 else max(1, round(prompt * ratio))
         sched = SchedRequest(
-            request_id=rid, model=self.workload.model, arrival=t, prompt_tokens=prompt,
+            request_id=rid, model=self.workload.model, arrival=t, prompt_tokens=estimated,
             max_tokens=max_tokens, pred_p50=p50, pred_p90=p90, role=role, slo_class=wf.slo_class,
             workflow_id=None if wf.interactive else wf.id, step=si, deadline=run.deadline,
             ttft_deadline=(t + cls.ttft_s) if (wf.interactive and cls is not None) else None)
         req = SimReq(rid, prompt, output, self._reqseq)
+        req.gw_prompt = estimated
         req.sched = sched
         req.run = run
         req.step_index = si
@@ -1283,7 +1292,7 @@ class Simulator(EngineHooks):
         # cluster choice
         pool = self._choose_pool(sched)
         req.pool = pool
-        svc = self.service_estimate(pool, prompt, p50)
+        svc = self.service_estimate(pool, estimated, p50)
         req.service = svc
         self.service[rid] = svc
         pool.queued += 1

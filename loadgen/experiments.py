@@ -30,13 +30,13 @@ The experiments
 ---------------
 E1  SLO attainment under contention (predicted admission, latency_aware routing): the load is swept; "high
     contention" is the swept load where EDF meets 40-60% of workflow deadlines (closest to 50%). Reported per
-    queue policy (fcfs, edf, maestro, maestro2): workflow deadline attainment, request SLO attainment (all
+    queue policy (fcfs, edf, lsf, maestro): workflow deadline attainment, request SLO attainment (all
     requests, and interactive calls alone), p50/p99 TTFT. Target: maestro >= EDF + 25 points.
-E2  KV reservation: ``max_tokens`` vs ``predicted`` admission (queue maestro2) on the same workload at several
+E2  KV reservation: ``max_tokens`` vs ``predicted`` admission (queue maestro) on the same workload at several
     loads: time-averaged and peak reserved KV bytes, the saving, preemptions, attainment. Target: >= 67% less
     reserved KV at equal (within half a point) or better attainment, preemptions on <= 1% of requests.
 E3  Cross-cluster routing: ``round_robin`` vs ``least_loaded`` vs ``latency_aware`` on two unequal clusters
-    (queue maestro2, predicted admission).
+    (queue maestro, predicted admission).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ ENGINE_PROFILES: dict[str, EngineSpec] = {
 DEFAULT_PROFILE = "llama70b-h200"
 DEFAULT_TEMPLATES = ("chatdev", "metagpt", "autogen-groupchat", "magentic-one", "react-tools", "map-reduce",
                      "debate")
-POLICIES_E1 = ("fcfs", "edf", "maestro", "maestro2")
+POLICIES_E1 = ("fcfs", "edf", "lsf", "maestro")
 ATTAINMENT_TOLERANCE = 0.005  # E2: attainments within half a point count as equal
 
 
@@ -159,7 +159,7 @@ class RunSpec:
 
     label: str
     workload: WorkloadParams
-    queue: str = "maestro2"
+    queue: str = "maestro"
     admission: str = "predicted"
     routing: str = "latency_aware"
     clusters: str = "e1"
@@ -339,7 +339,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     """``maestro loadgen simulate``: one discrete-event simulation of a workload file or a generated one."""
     parser.add_argument("--workload", help="workload file (maestro-workload/1); default: generate one (--rate)")
     parser.add_argument("--rate", type=float, default=8.0, help="arrivals per second of the generated workload")
-    parser.add_argument("--queue", default="maestro2", help="queue policy: fcfs | edf | maestro | maestro2")
+    parser.add_argument("--queue", default="maestro", help="queue policy: fcfs | edf | maestro | lsf")
     parser.add_argument("--queue-options", default="{}", help="JSON options of the queue policy")
     parser.add_argument("--admission", default="predicted", choices=("none", "max_tokens", "predicted"))
     parser.add_argument("--routing", default="latency_aware", help="round_robin | least_loaded | latency_aware")
@@ -396,8 +396,8 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     """``maestro loadgen experiment E1|E2|E3``."""
     parser.add_argument("experiment", choices=("E1", "E2", "E3", "e1", "e2", "e3"))
     parser.add_argument("--rates", help="loads to sweep, arrivals/s, comma-separated (default per experiment)")
-    parser.add_argument("--policies", help="E1: queue policies (default fcfs,edf,maestro,maestro2)")
-    parser.add_argument("--queue", default="maestro2", help="E2/E3: queue policy")
+    parser.add_argument("--policies", help="E1: queue policies (default fcfs,edf,lsf,maestro)")
+    parser.add_argument("--queue", default="maestro", help="E2/E3: queue policy")
     parser.add_argument("--out", "-o", help="JSON result file (default: results/<experiment>.json)")
     _add_common(parser)
 

@@ -14,10 +14,9 @@ from backends.sim.engine import SimEngine
 from backends.sim.options import SimEngineOptions
 from gateway.core.cluster_routing import (ClusterLoad, ClusterRequest, estimated_completion_s,
                                           make_cluster_routing)
-from gateway.core.queue_policy import PolicyContext, make_queue_policy
+from gateway.core.queue_policy import Maestro, PolicyContext, make_queue_policy
 from gateway.core.request import SchedRequest, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
-from gateway.core.workflow_policy import Maestro2
 from loadgen.des import (ClusterSpec, DESEngine, EngineHooks, EngineSpec, FastPool, PoolSpec, PriorPredictor,
                          SimConfig, SimReq, simulate)
 from loadgen.workload import Step, Workflow, Workload
@@ -171,7 +170,7 @@ def _random_requests(rng: random.Random, n: int, now: float, workflows: dict) ->
     return out
 
 
-@pytest.mark.parametrize("policy_name", ["fcfs", "edf", "maestro", "maestro2"])
+@pytest.mark.parametrize("policy_name", ["fcfs", "edf", "lsf", "maestro"])
 @pytest.mark.parametrize("admission", ["none", "max_tokens", "predicted"])
 def test_fastpool_plans_exactly_like_pool_scheduler(policy_name, admission):
     rng = random.Random(hash((policy_name, admission)) & 0xFFFF)
@@ -180,7 +179,7 @@ def test_fastpool_plans_exactly_like_pool_scheduler(policy_name, admission):
         service: dict[str, float] = {}
         ctx = PolicyContext(service_time=lambda r: service[r.request_id], workflows=workflows,
                             mean_step_s=rng.uniform(1, 20), default_steps=2)
-        options = {"max_wait_s": rng.choice([30.0, 120.0])} if policy_name in ("maestro", "maestro2") else {}
+        options = {"max_wait_s": rng.choice([30.0, 120.0])} if policy_name in ("lsf", "maestro") else {}
         ref = PoolScheduler(make_queue_policy(policy_name, **options), admission)
         fast = FastPool(make_queue_policy(policy_name, **options), admission, 16, ctx)
         now = 1000.0
@@ -246,15 +245,15 @@ def _comparable(run) -> dict:
 
 
 def test_same_seed_same_result():
-    a = simulate(_small_workload(4), _config(queue_policy="maestro2"))
-    b = simulate(_small_workload(4), _config(queue_policy="maestro2"))
+    a = simulate(_small_workload(4), _config(queue_policy="maestro"))
+    b = simulate(_small_workload(4), _config(queue_policy="maestro"))
     assert json.dumps(_comparable(a), default=str) == json.dumps(_comparable(b), default=str)
 
 
-@pytest.mark.parametrize("policy", ["fcfs", "edf", "maestro", "maestro2"])
+@pytest.mark.parametrize("policy", ["fcfs", "edf", "lsf", "maestro"])
 def test_fastpool_simulation_equals_reference_scheduler(policy):
     workload = _small_workload(2, n=50, rate=3.0)
-    options = {"max_wait_s": 20.0} if policy.startswith("maestro") else {}
+    options = {"max_wait_s": 20.0} if policy in ("lsf", "maestro") else {}
     fast = simulate(workload, _config(queue_policy=policy, queue_options=options))
     slow = simulate(workload, _config(queue_policy=policy, queue_options=options, reference=True))
     assert [r.to_json() for r in fast.requests] == [r.to_json() for r in slow.requests]
@@ -324,30 +323,30 @@ def test_edf_serves_the_earlier_deadline_first_and_fcfs_the_earlier_arrival():
     assert order["edf"] == ["first", "early-deadline", "late-deadline"]
 
 
-def test_maestro2_puts_hopeless_work_last_where_edf_serves_it_first():
+def test_maestro_puts_hopeless_work_last_where_edf_serves_it_first():
     # "doomed" cannot make its deadline (its service alone is longer); EDF still serves it first and makes
-    # "feasible" late too; maestro2 serves "feasible" first, so one deadline is met instead of none
+    # "feasible" late too; maestro serves "feasible" first, so one deadline is met instead of none
     workload = Workload([_single("busy", 0.0, 100, 300, 1000.0), _single("doomed", 0.1, 100, 2000, 2.0),
                          _single("feasible", 0.2, 100, 300, 8.0)])
     met = {}
-    for policy in ("edf", "maestro2"):
+    for policy in ("edf", "maestro"):
         run = simulate(workload, _one_engine(queue_policy=policy, sample_interval_s=0))
         met[policy] = sorted(w.workflow_id for w in run.workflows if w.met())
     assert met["edf"] == ["busy"]
-    assert met["maestro2"] == ["busy", "feasible"]
+    assert met["maestro"] == ["busy", "feasible"]
 
 
-def test_maestro2_key_tiers():
+def test_maestro_key_tiers():
     ctx = PolicyContext(service_time=lambda r: 10.0, workflows={"w": WorkflowState("w", 0.0, 100.0, expected_steps=3)},
                         mean_step_s=5.0)
-    policy = Maestro2()
+    policy = Maestro(max_wait_s=None)
     chat = SchedRequest("c", "m", 0.0, 10, 100, 50, 80, ttft_deadline=2.0)
     step = SchedRequest("s", "m", 0.0, 10, 100, 50, 80, workflow_id="w", deadline=100.0)
     assert policy.key(chat, 1.0, ctx)[0] == 0 and policy.key(chat, 3.0, ctx)[0] == 2
     # remaining work 10 + 3 * 5 = 25 -> feasible until 75
     assert policy.order(step, 10.0, ctx) == ((1, 25.0, 0.0, "s"), 75.0)
     assert policy.key(step, 76.0, ctx)[0] == 2
-    assert Maestro2(max_wait_s=30.0).key(step, 31.0, ctx)[0] == -1
+    assert Maestro(max_wait_s=30.0).key(step, 31.0, ctx)[0] == -1
 
 
 def test_prior_predictor_uses_the_explicit_role_and_caps_by_max_tokens():
@@ -410,7 +409,7 @@ def test_tiny_experiment_writes_json(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_experiment_arguments(parser)
     out = tmp_path / "e1.json"
-    args = parser.parse_args(["E1", "--duration", "40", "--rates", "2", "--policies", "edf,maestro2",
+    args = parser.parse_args(["E1", "--duration", "40", "--rates", "2", "--policies", "edf,maestro",
                               "--out", str(out)])
     assert experiment_main(args) == 0
     data = json.loads(out.read_text())

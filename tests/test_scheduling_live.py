@@ -8,10 +8,13 @@ that goes away and comes back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import heapq
 import time
 import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -20,13 +23,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config import ConfigError, parse_config
-from gateway.core.queue_policy import EDF, FCFS, Maestro, PolicyContext, make_queue_policy
+from gateway.core.queue_policy import EDF, FCFS, LeastSlackFirst, Maestro, PolicyContext
 from gateway.core.request import SchedRequest, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from gateway.scheduling import UNLIMITED_KV
 from tests.conftest import gateway_config, running_gateway
 from tests.fault_engine import FaultEngine
 from tests.test_monitor import free_port, start_redis, wait_for, wait_for_async
+
+if TYPE_CHECKING:
+    from backends.sim import SimEngineHandle
+    from gateway.app import Gateway
 
 MODEL = "fault-model"
 
@@ -85,18 +92,30 @@ def test_maestro_tiers():
     ]
     assert order(Maestro(max_wait_s=120.0), requests, now=5.0, ctx=ctx) == [
         "aged", "short-call", "feasible-tight", "feasible-loose", "hopeless"]
+    assert order(LeastSlackFirst(max_wait_s=120.0), requests, now=5.0, ctx=ctx) == [
+        "aged", "short-call", "feasible-tight", "feasible-loose", "hopeless"]
     # EDF spends the engine on the hopeless request first (the weakness maestro avoids) and lets the aged wait
     assert order(EDF(), requests, now=5.0) == ["hopeless", "short-call", "feasible-tight", "feasible-loose", "aged"]
 
 
 def test_maestro_counts_remaining_workflow_steps():
-    """Same deadline and step size: the workflow with more steps still to come has less slack and goes first."""
+    """Same deadline and step size, both feasible: maestro serves the workflow closest to done first (shortest
+    remaining work); least slack first (lsf, or maestro ordered by slack) serves the one with more steps to come.
+    Once the remaining steps no longer fit before the deadline, maestro puts that workflow last."""
     workflows = {"long": WorkflowState("long", 0.0, 100.0, expected_steps=8, steps_done=1),
                  "short": WorkflowState("short", 0.0, 100.0, expected_steps=2, steps_done=1)}
     ctx = PolicyContext(service_time=lambda r: 1.0, workflows=workflows, mean_step_s=5.0)
-    requests = [req("s", 1.0, deadline=100.0, workflow="short"), req("l", 2.0, deadline=100.0, workflow="long")]
-    assert order(Maestro(), requests, now=3.0, ctx=ctx) == ["l", "s"]
-    assert order(EDF(), requests, now=3.0, ctx=ctx) == ["s", "l"]
+    requests = [req("l", 1.0, deadline=100.0, workflow="long"), req("s", 2.0, deadline=100.0, workflow="short")]
+    assert order(Maestro(), requests, now=3.0, ctx=ctx) == ["s", "l"]
+    assert order(Maestro(order_by="slack"), requests, now=3.0, ctx=ctx) == ["l", "s"]
+    assert order(LeastSlackFirst(), requests, now=3.0, ctx=ctx) == ["l", "s"]
+    assert order(EDF(), requests, now=3.0, ctx=ctx) == ["l", "s"]  # same deadline: arrival order
+    tight = [req("l", 1.0, deadline=30.0, workflow="long"), req("s", 2.0, deadline=200.0, workflow="short")]
+    long_work = Maestro.remaining_work(tight[0], ctx)
+    assert long_work > 30.0 - 3.0  # cannot make it any more
+    assert Maestro().key(tight[0], 3.0, ctx)[0] == 2 and Maestro().key(tight[1], 3.0, ctx)[0] == 1
+    assert order(Maestro(), tight, now=3.0, ctx=ctx) == ["s", "l"]
+    assert order(EDF(), tight, now=3.0, ctx=ctx) == ["l", "s"]
 
 
 def test_aged_request_that_does_not_fit_blocks_backfill():
@@ -120,9 +139,9 @@ def simulate_batch_wait(max_wait_s: float, engines: int, gap: float, interactive
     """A discrete-event run of the pure scheduler: one long batch request at t=0, then short interactive calls
     every ``gap`` seconds, more than the engines can serve. Returns when the batch request was dispatched."""
     if policy == "maestro":
-        queue_policy = Maestro(max_wait_s=max_wait_s, short_s=2.0)
+        queue_policy = Maestro(max_wait_s=max_wait_s)
     else:
-        queue_policy = make_queue_policy(policy, max_wait_s=max_wait_s)
+        queue_policy = LeastSlackFirst(max_wait_s=max_wait_s, short_s=2.0)
     scheduler = PoolScheduler(queue_policy, admission="none")
     tpot = 0.01
     ctx = PolicyContext(service_time=lambda r: r.pred_p50 * tpot)
@@ -166,17 +185,19 @@ def test_no_starvation_under_maestro(max_wait_s, engines, interactive_s, overloa
 @settings(max_examples=30, deadline=None)
 @given(max_wait_s=st.floats(min_value=1.0, max_value=30.0), engines=st.integers(min_value=1, max_value=3),
        interactive_s=st.floats(min_value=0.1, max_value=1.5), overload=st.floats(min_value=1.2, max_value=4.0))
-def test_no_starvation_under_maestro2_with_aging(max_wait_s, engines, interactive_s, overload):
-    """The live gateway always runs maestro2 with aging on (``scheduling.max_wait_s``): the same bound holds."""
+def test_no_starvation_under_lsf(max_wait_s, engines, interactive_s, overload):
+    """The comparison policy ``lsf`` ages the same way: the same bound holds."""
     gap = interactive_s / (engines * overload)
     dispatched = simulate_batch_wait(max_wait_s, engines, gap, interactive_s, 20.0, horizon=max_wait_s + 60,
-                                     policy="maestro2")
+                                     policy="lsf")
     assert dispatched is not None and dispatched <= max_wait_s + interactive_s + 1e-6
 
 
 def test_without_aging_the_same_load_starves_the_batch_request():
-    """The property above is not vacuous: with aging effectively off, the batch request never runs."""
+    """The property above is not vacuous: with aging effectively off, the batch request never runs (on-time
+    interactive calls always come first). Aging is on by default, live and in the simulator."""
     assert simulate_batch_wait(1e9, 1, 0.1, 0.3, 20.0, horizon=120.0) is None
+    assert Maestro().max_wait_s == 600.0
 
 
 # ------------------------------------------------------------------------------------------- config
@@ -268,122 +289,156 @@ class LedgerSpy:
         assert len(self.leased.ledger) == 0
 
 
-def sched_config(urls: list[str], **scheduling) -> dict:
-    return gateway_config(urls, scheduling=scheduling)
+def sched_config(urls: list[str], *, kv_capacity_tokens: int | None = None, **scheduling: Any) -> dict:
+    """A one-pool config with these ``scheduling`` settings. ``kv_capacity_tokens`` pins the pool's KV capacity,
+    which admission tests need because the fault engine exports none (the ledger would see it as unlimited)."""
+    raw = gateway_config(urls, scheduling=scheduling)
+    if kv_capacity_tokens is not None:
+        raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = kv_capacity_tokens
+    return raw
+
+
+def cluster(name: str, rtt_ms: int, url: str) -> dict:
+    """A cluster entry with one pool ``p`` serving MODEL from one engine, for the cross-cluster tests."""
+    return {"name": name, "rtt_ms": rtt_ms, "pools": [{"name": "p", "models": [MODEL], "engines": [url]}]}
+
+
+@contextlib.asynccontextmanager
+async def fault_engine(**settings: Any) -> AsyncIterator[FaultEngine]:
+    """A started :class:`FaultEngine` (``mode``, ``delay_s``, ...), stopped however the test ends."""
+    engine = FaultEngine(**settings)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop()
+
+
+@contextlib.asynccontextmanager
+async def sim_engines(count: int, **options: Any) -> AsyncIterator[list[SimEngineHandle]]:
+    """``count`` simulated engines serving MODEL with these ``SimEngineOptions``, stopped however the test ends.
+
+    For tests that need real KV accounting (``vllm:cache_config_info``) or output-length hints, which the fault
+    engine does not model."""
+    from backends.sim import SimEngineOptions, start_sim_engines
+
+    engines = await start_sim_engines(count, SimEngineOptions(model=MODEL, **options))
+    try:
+        yield engines
+    finally:
+        for engine in engines:
+            await engine.stop()
+
+
+@contextlib.asynccontextmanager
+async def live(raw: dict) -> AsyncIterator[tuple[Gateway, aiohttp.ClientSession]]:
+    """The gateway for ``raw`` running in this process and a client session to it, both closed on the way out."""
+    async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+        yield gw, session
+
+
+@contextlib.asynccontextmanager
+async def gateway_on_fault_engine(
+        *, mode: str = "ok", delay_s: float = 0.0, kv_capacity_tokens: int | None = None, **scheduling: Any,
+) -> AsyncIterator[tuple[FaultEngine, Gateway, aiohttp.ClientSession]]:
+    """The usual live setup: one fault engine (``mode``, ``delay_s``) behind a one-pool gateway configured by
+    :func:`sched_config`; yields the engine (to steer it and read what it saw), the gateway and a session."""
+    async with fault_engine(mode=mode, delay_s=delay_s) as engine:
+        raw = sched_config([engine.url], kv_capacity_tokens=kv_capacity_tokens, **scheduling)
+        async with live(raw) as (gw, session):
+            yield engine, gw, session
 
 
 # ------------------------------------------------------------------------------------------- live: order
 
 @bounded()
 async def test_queued_requests_dispatch_in_deadline_order_and_carry_priority():
-    engine = FaultEngine(mode="stall", delay_s=0.4)
-    url = await engine.start()
-    raw = sched_config([url], queue_policy="edf", max_outstanding_per_engine=1)
-    try:
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
-            first = asyncio.create_task(post(session, gw, chat("occupy")))
-            await wait_for(lambda: engine.hits == 1)
-            engine.mode = "ok"
-            now_ms = time.time() * 1000
-            tasks = []
-            for name, due_s in (("late", 300), ("soon", 60), ("mid", 120)):
-                headers = {"X-Workflow-Id": f"wf-{name}", "X-Workflow-Deadline-Ms": str(now_ms + due_s * 1000)}
-                tasks.append(asyncio.create_task(post(session, gw, chat(name), headers)))
-                await asyncio.sleep(0.02)
-            own = asyncio.create_task(post(session, gw, chat("own", priority=7),
-                                           {"X-Workflow-Id": "wf-own",
-                                            "X-Workflow-Deadline-Ms": str(now_ms + 900_000)}))
-            await wait_for(lambda: len(gw.scheduling.pools[0].scheduler.waiting) == 4)
-            results = await asyncio.gather(first, *tasks, own)
-            assert [status for status, _ in results] == [200] * 5
-            seen = [b["messages"][0]["content"] for b in engine.seen_bodies]
-            assert seen == ["occupy", "soon", "mid", "late", "own"]
-            priorities = [b.get("priority") for b in engine.seen_bodies]
-            assert priorities[0] is not None  # ours: seconds to the due time (EDF)
-            assert priorities[1] < priorities[2] < priorities[3]
-            assert priorities[4] == 7  # the client's own priority is never overwritten
-    finally:
-        await engine.stop()
+    async with gateway_on_fault_engine(mode="stall", delay_s=0.4, queue_policy="edf",
+                                       max_outstanding_per_engine=1) as (engine, gw, session):
+        first = asyncio.create_task(post(session, gw, chat("occupy")))
+        await wait_for(lambda: engine.hits == 1)
+        engine.mode = "ok"
+        now_ms = time.time() * 1000
+        tasks = []
+        for name, due_s in (("late", 300), ("soon", 60), ("mid", 120)):
+            headers = {"X-Workflow-Id": f"wf-{name}", "X-Workflow-Deadline-Ms": str(now_ms + due_s * 1000)}
+            tasks.append(asyncio.create_task(post(session, gw, chat(name), headers)))
+            await asyncio.sleep(0.02)
+        own = asyncio.create_task(post(session, gw, chat("own", priority=7),
+                                       {"X-Workflow-Id": "wf-own",
+                                        "X-Workflow-Deadline-Ms": str(now_ms + 900_000)}))
+        await wait_for(lambda: len(gw.scheduling.pools[0].scheduler.waiting) == 4)
+        results = await asyncio.gather(first, *tasks, own)
+        assert [status for status, _ in results] == [200] * 5
+        seen = [b["messages"][0]["content"] for b in engine.seen_bodies]
+        assert seen == ["occupy", "soon", "mid", "late", "own"]
+        priorities = [b.get("priority") for b in engine.seen_bodies]
+        assert priorities[0] is not None  # ours: seconds to the due time (EDF)
+        assert priorities[1] < priorities[2] < priorities[3]
+        assert priorities[4] == 7  # the client's own priority is never overwritten
 
 
 @bounded()
-async def test_maestro2_live_admits_and_passes_its_tier_as_priority():
-    engine = FaultEngine()
-    url = await engine.start()
-    raw = sched_config([url], queue_policy="maestro2", admission="max_tokens")
-    raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 1000
-    try:
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
-            assert gw.scheduling.policy.name == "maestro2" and gw.scheduling.policy.max_wait_s == 120.0
-            results = await asyncio.gather(*(post(session, gw, chat(max_tokens=300), {"X-Workflow-Id": f"w{i}"})
-                                             for i in range(6)))
-            assert [s for s, _ in results] == [200] * 6
-            assert all(isinstance(b.get("priority"), int) for b in engine.seen_bodies)
-            await wait_for(lambda: not gw.scheduling.ledger.held)
-    finally:
-        await engine.stop()
+async def test_maestro_live_admits_and_passes_its_tier_as_priority():
+    async with gateway_on_fault_engine(queue_policy="maestro", admission="max_tokens",
+                                       kv_capacity_tokens=1000) as (engine, gw, session):
+        assert gw.scheduling.policy.name == "maestro" and gw.scheduling.policy.max_wait_s == 600.0
+        results = await asyncio.gather(*(post(session, gw, chat(max_tokens=300), {"X-Workflow-Id": f"w{i}"})
+                                         for i in range(6)))
+        assert [s for s, _ in results] == [200] * 6
+        assert all(isinstance(b.get("priority"), int) for b in engine.seen_bodies)
+        await wait_for(lambda: not gw.scheduling.ledger.held)
 
 
 @bounded()
 async def test_fcfs_without_admission_is_plain_routing():
     """The default: no queue, no ledger, no body rewrite; requests go straight to the proxy."""
-    engine = FaultEngine()
-    url = await engine.start()
-    try:
-        async with running_gateway(gateway_config([url])) as gw, aiohttp.ClientSession() as session:
-            assert not gw.scheduling.active and MODEL in gw.scheduling.direct_models
-            assert not gw.scheduling.predictor.loaded  # nothing needs it (no numpy on the plain path)
-            status, _ = await post(session, gw, chat())
-            assert status == 200 and "priority" not in engine.seen_bodies[0]
-            assert gw.scheduling.pools[0].tickets == {} and not gw.scheduling.ledger.held
-            # workflow context still gets its record; the predictor loads in the background on first need
-            assert (await post(session, gw, chat(), {"X-Workflow-Id": "wf-plain"}))[0] == 200
-            await wait_for_async(lambda: _steps(gw, "wf-plain", 1))
-            await wait_for(lambda: gw.scheduling.predictor.loaded)
-            assert "priority" not in engine.seen_bodies[1]
-    finally:
-        await engine.stop()
+    async with gateway_on_fault_engine() as (engine, gw, session):  # no scheduling settings: the defaults
+        assert not gw.scheduling.active and MODEL in gw.scheduling.direct_models
+        assert not gw.scheduling.predictor.loaded  # nothing needs it (no numpy on the plain path)
+        status, _ = await post(session, gw, chat())
+        assert status == 200 and "priority" not in engine.seen_bodies[0]
+        assert gw.scheduling.pools[0].tickets == {} and not gw.scheduling.ledger.held
+        # workflow context still gets its record; the predictor loads in the background on first need
+        assert (await post(session, gw, chat(), {"X-Workflow-Id": "wf-plain"}))[0] == 200
+        await wait_for_async(lambda: _steps(gw, "wf-plain", 1))
+        await wait_for(lambda: gw.scheduling.predictor.loaded)
+        assert "priority" not in engine.seen_bodies[1]
 
 
 # ------------------------------------------------------------------------------------------- live: release
 
 @bounded()
 async def test_reservation_released_once_on_success_error_and_cancel():
-    engine = FaultEngine()
-    url = await engine.start()
-    raw = sched_config([url], queue_policy="maestro", admission="max_tokens")
-    raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 1000
-    try:
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
-            spy = LedgerSpy(gw)
-            ledger = gw.scheduling.ledger
-            # success, non-streaming and streaming
-            assert (await post(session, gw, chat(max_tokens=100)))[0] == 200
-            assert (await post(session, gw, chat(max_tokens=100, stream=True)))[0] == 200
-            # engine error -> 502
-            engine.mode = "error_500"
-            assert (await post(session, gw, chat(max_tokens=100)))[0] == 502
-            # client cancel mid-stream
-            engine.mode, engine.delay_s = "slow", 2.0
-            async with session.post(gw.base_url + "/v1/chat/completions",
-                                    json=chat(max_tokens=100, stream=True)) as response:
-                await response.content.readany()
-                assert ledger.held  # held while it streams
-            await wait_for(lambda: not ledger.held)
-            # client cancel while queued: fill the engine's KV, queue one more, leave
-            engine.mode, engine.delay_s = "stall", 1.0
-            blockers = [asyncio.create_task(post(session, gw, chat(max_tokens=400))) for _ in range(2)]
-            await wait_for(lambda: engine.hits >= 6)
-            with pytest.raises(asyncio.TimeoutError):
-                await post(session, gw, chat("queued", max_tokens=400), timeout=0.2)
-            await wait_for(lambda: not gw.scheduling.pools[0].scheduler.waiting)
-            assert all(status == 200 for status, _ in await asyncio.gather(*blockers))
-            await wait_for(lambda: not ledger.held)
-            assert "queued" not in [b["messages"][0]["content"] for b in engine.seen_bodies]
-            spy.assert_each_released_once()
-            assert spy.max_reserved["local/p/0"] <= 1000
-    finally:
-        await engine.stop()
+    async with gateway_on_fault_engine(queue_policy="maestro", admission="max_tokens",
+                                       kv_capacity_tokens=1000) as (engine, gw, session):
+        spy = LedgerSpy(gw)
+        ledger = gw.scheduling.ledger
+        # success, non-streaming and streaming
+        assert (await post(session, gw, chat(max_tokens=100)))[0] == 200
+        assert (await post(session, gw, chat(max_tokens=100, stream=True)))[0] == 200
+        # engine error -> 502
+        engine.mode = "error_500"
+        assert (await post(session, gw, chat(max_tokens=100)))[0] == 502
+        # client cancel mid-stream
+        engine.mode, engine.delay_s = "slow", 2.0
+        async with session.post(gw.base_url + "/v1/chat/completions",
+                                json=chat(max_tokens=100, stream=True)) as response:
+            await response.content.readany()
+            assert ledger.held  # held while it streams
+        await wait_for(lambda: not ledger.held)
+        # client cancel while queued: fill the engine's KV, queue one more, leave
+        engine.mode, engine.delay_s = "stall", 1.0
+        blockers = [asyncio.create_task(post(session, gw, chat(max_tokens=400))) for _ in range(2)]
+        await wait_for(lambda: engine.hits >= 6)
+        with pytest.raises(asyncio.TimeoutError):
+            await post(session, gw, chat("queued", max_tokens=400), timeout=0.2)
+        await wait_for(lambda: not gw.scheduling.pools[0].scheduler.waiting)
+        assert all(status == 200 for status, _ in await asyncio.gather(*blockers))
+        await wait_for(lambda: not ledger.held)
+        assert "queued" not in [b["messages"][0]["content"] for b in engine.seen_bodies]
+        spy.assert_each_released_once()
+        assert spy.max_reserved["local/p/0"] <= 1000
 
 
 @settings(max_examples=8, deadline=None)
@@ -394,52 +449,42 @@ def test_release_exactly_once_property(outcomes):
     reservation was freed exactly once."""
 
     async def run() -> None:
-        engine = FaultEngine(mode="slow", delay_s=0.05)
-        url = await engine.start()
-        raw = sched_config([url], queue_policy="maestro", admission="max_tokens")
-        raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 600
-        try:
-            async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
-                spy = LedgerSpy(gw)
+        async with gateway_on_fault_engine(mode="slow", delay_s=0.05, queue_policy="maestro",
+                                           admission="max_tokens", kv_capacity_tokens=600) as (_, gw, session):
+            spy = LedgerSpy(gw)
 
-                async def one(kind: str) -> None:
-                    if kind in ("ok", "stream"):
-                        status, _ = await post(session, gw, chat(max_tokens=200, stream=kind == "stream"))
-                        assert status == 200
-                    elif kind == "error":
-                        status, _ = await post(session, gw, chat(max_tokens=200), {"X-Fault-Mode": "error_500"})
-                        assert status == 502
-                    elif kind == "cancel_stream":
-                        async with session.post(gw.base_url + "/v1/chat/completions",
-                                                json=chat(max_tokens=200, stream=True)) as response:
-                            await response.content.readany()
-                    else:
-                        try:
-                            await post(session, gw, chat(max_tokens=200), timeout=0.03)
-                        except asyncio.TimeoutError:
-                            pass
+            async def one(kind: str) -> None:
+                if kind in ("ok", "stream"):
+                    status, _ = await post(session, gw, chat(max_tokens=200, stream=kind == "stream"))
+                    assert status == 200
+                elif kind == "error":
+                    status, _ = await post(session, gw, chat(max_tokens=200), {"X-Fault-Mode": "error_500"})
+                    assert status == 502
+                elif kind == "cancel_stream":
+                    async with session.post(gw.base_url + "/v1/chat/completions",
+                                            json=chat(max_tokens=200, stream=True)) as response:
+                        await response.content.readany()
+                else:
+                    try:
+                        await post(session, gw, chat(max_tokens=200), timeout=0.03)
+                    except asyncio.TimeoutError:
+                        pass
 
-                await asyncio.gather(*(one(kind) for kind in outcomes))
-                await wait_for(lambda: not gw.scheduling.ledger.held and not gw.scheduling.pools[0].tickets)
-                if spy.reserved:
-                    spy.assert_each_released_once()
-                assert max(spy.max_reserved.values(), default=0) <= 600
-        finally:
-            await engine.stop()
+            await asyncio.gather(*(one(kind) for kind in outcomes))
+            await wait_for(lambda: not gw.scheduling.ledger.held and not gw.scheduling.pools[0].tickets)
+            if spy.reserved:
+                spy.assert_each_released_once()
+            assert max(spy.max_reserved.values(), default=0) <= 600
 
     asyncio.run(run())
 
 
 @bounded()
 async def test_streaming_reservation_grows_when_outgrown():
-    from backends.sim import SimEngineOptions, start_sim_engines
-
-    engines = await start_sim_engines(1, SimEngineOptions(model=MODEL, time_scale=200.0, max_model_len=2048,
-                                                          kv_blocks=256, block_size=16))
-    raw = sched_config([engines[0].url], admission="predicted", grow_step_tokens=64)
-    raw["predictor"] = {"priors": {"other": {"p50": 10, "p90": 20}, "coder": {"p50": 10, "p90": 20}}}
-    try:
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+    async with sim_engines(1, time_scale=200.0, max_model_len=2048, kv_blocks=256, block_size=16) as engines:
+        raw = sched_config([engines[0].url], admission="predicted", grow_step_tokens=64)
+        raw["predictor"] = {"priors": {"other": {"p50": 10, "p90": 20}, "coder": {"p50": 10, "p90": 20}}}
+        async with live(raw) as (gw, session):
             assert gw.scheduling.ledger.capacity == {"local/p/0": 256 * 16}  # scraped: vllm:cache_config_info
             spy = LedgerSpy(gw)
             status, data = await post(session, gw, chat(max_tokens=600, stream=True),
@@ -450,20 +495,13 @@ async def test_streaming_reservation_grows_when_outgrown():
             grown = [t for r, t in spy.grown if r == rid]
             assert len(grown) >= 3 and grown == sorted(grown) and grown[-1] >= 500
             spy.assert_each_released_once()
-    finally:
-        for engine in engines:
-            await engine.stop()
 
 
 @bounded()
 async def test_kv_admission_never_over_commits_under_load():
-    from backends.sim import SimEngineOptions, start_sim_engines
-
-    engines = await start_sim_engines(2, SimEngineOptions(model=MODEL, time_scale=100.0, max_model_len=1024,
-                                                          kv_blocks=64, block_size=16))
-    raw = sched_config([e.url for e in engines], queue_policy="maestro", admission="max_tokens")
-    try:
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+    async with sim_engines(2, time_scale=100.0, max_model_len=1024, kv_blocks=64, block_size=16) as engines:
+        raw = sched_config([e.url for e in engines], queue_policy="maestro", admission="max_tokens")
+        async with live(raw) as (gw, session):
             spy = LedgerSpy(gw)
             results = await asyncio.gather(*(
                 post(session, gw, chat("x " * 20, max_tokens=200, stream=i % 2 == 0), {"X-Sim-Output-Tokens": "50"})
@@ -472,16 +510,12 @@ async def test_kv_admission_never_over_commits_under_load():
             assert max(spy.max_reserved.values()) <= 1024
             spy.assert_each_released_once()
             assert gw.metrics.render().count(b"maestro_queue_wait_seconds_count") >= 1
-    finally:
-        for engine in engines:
-            await engine.stop()
 
 
 @bounded()
 async def test_no_engine_up_answers_503_without_queueing():
-    raw = sched_config(["http://127.0.0.1:1"], admission="max_tokens")
-    raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 1000
-    async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+    raw = sched_config(["http://127.0.0.1:1"], admission="max_tokens", kv_capacity_tokens=1000)
+    async with live(raw) as (gw, session):
         status, body = await post(session, gw, chat())
         assert status == 503 and body["error"]["code"] == "no_engine_available"
         assert not gw.scheduling.pools[0].scheduler.waiting and not gw.scheduling.ledger.held
@@ -489,57 +523,46 @@ async def test_no_engine_up_answers_503_without_queueing():
 
 @bounded()
 async def test_capacity_from_config_wins_and_unknown_is_unlimited():
-    engine = FaultEngine()  # exports no vllm:cache_config_info
-    url = await engine.start()
-    try:
-        async with running_gateway(sched_config([url], admission="max_tokens")) as gw:
+    async with fault_engine() as engine:  # exports no vllm:cache_config_info
+        async with running_gateway(sched_config([engine.url], admission="max_tokens")) as gw:
             assert gw.scheduling.ledger.capacity == {"local/p/0": UNLIMITED_KV}
-        raw = sched_config([url], admission="max_tokens")
-        raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 4096
+        raw = sched_config([engine.url], admission="max_tokens", kv_capacity_tokens=4096)
         async with running_gateway(raw) as gw:
             assert gw.scheduling.ledger.capacity == {"local/p/0": 4096}
-    finally:
-        await engine.stop()
 
 
 # ------------------------------------------------------------------------------------------- live: workflows
 
 @bounded()
 async def test_workflow_context_from_headers_and_metadata():
-    engine = FaultEngine()
-    url = await engine.start()
-    raw = sched_config([url], queue_policy="maestro")
-    try:
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
-            deadline_ms = int(time.time() * 1000) + 60_000
-            status, _ = await post(session, gw, chat(), {"X-Workflow-Id": "wf-h", "X-Workflow-Step": "0",
-                                                         "X-Agent-Role": "planner", "X-SLO-Class": "interactive",
-                                                         "X-Workflow-Deadline-Ms": str(deadline_ms),
-                                                         "X-Workflow-Steps": "3"})
-            assert status == 200
-            body = chat(metadata={"workflow_id": "wf-m", "workflow_step": 4, "agent_role": "coder",
-                                  "workflow_deadline_ms": str(deadline_ms), "slo_class": "batch"})
-            assert (await post(session, gw, body))[0] == 200
-            # header wins over metadata, key by key
-            body = chat(metadata={"workflow_id": "wf-m", "workflow_step": "9", "slo_class": "interactive"})
-            assert (await post(session, gw, body, {"X-Workflow-Step": "5", "X-SLO-Class": "batch"}))[0] == 200
+    async with gateway_on_fault_engine(queue_policy="maestro") as (_, gw, session):
+        deadline_ms = int(time.time() * 1000) + 60_000
+        status, _ = await post(session, gw, chat(), {"X-Workflow-Id": "wf-h", "X-Workflow-Step": "0",
+                                                     "X-Agent-Role": "planner", "X-SLO-Class": "interactive",
+                                                     "X-Workflow-Deadline-Ms": str(deadline_ms),
+                                                     "X-Workflow-Steps": "3"})
+        assert status == 200
+        body = chat(metadata={"workflow_id": "wf-m", "workflow_step": 4, "agent_role": "coder",
+                              "workflow_deadline_ms": str(deadline_ms), "slo_class": "batch"})
+        assert (await post(session, gw, body))[0] == 200
+        # header wins over metadata, key by key
+        body = chat(metadata={"workflow_id": "wf-m", "workflow_step": "9", "slo_class": "interactive"})
+        assert (await post(session, gw, body, {"X-Workflow-Step": "5", "X-SLO-Class": "batch"}))[0] == 200
 
-            async def record_of(workflow_id: str, steps: int):
-                await wait_for_async(lambda: _steps(gw, workflow_id, steps))
-                return await gw.store.get_workflow(workflow_id)
+        async def record_of(workflow_id: str, steps: int):
+            await wait_for_async(lambda: _steps(gw, workflow_id, steps))
+            return await gw.store.get_workflow(workflow_id)
 
-            header_record = await record_of("wf-h", 1)
-            assert header_record["deadline"] == pytest.approx(deadline_ms / 1000)
-            assert header_record["slo_class"] == "interactive" and header_record["expected_steps"] == 3
-            assert header_record["last_step"] == 0 and header_record["inflight"] == []
-            assert header_record["tokens_used"] == 5  # the engine's usage
-            assert header_record["predicted_remaining_s"] > 0
-            meta_record = await record_of("wf-m", 2)
-            assert meta_record["last_step"] == 5 and meta_record["slo_class"] == "batch"
-            assert meta_record["tokens_used"] == 10
-            assert gw.scheduling.workflows.cache["wf-m"].steps_done == 2
-    finally:
-        await engine.stop()
+        header_record = await record_of("wf-h", 1)
+        assert header_record["deadline"] == pytest.approx(deadline_ms / 1000)
+        assert header_record["slo_class"] == "interactive" and header_record["expected_steps"] == 3
+        assert header_record["last_step"] == 0 and header_record["inflight"] == []
+        assert header_record["tokens_used"] == 5  # the engine's usage
+        assert header_record["predicted_remaining_s"] > 0
+        meta_record = await record_of("wf-m", 2)
+        assert meta_record["last_step"] == 5 and meta_record["slo_class"] == "batch"
+        assert meta_record["tokens_used"] == 10
+        assert gw.scheduling.workflows.cache["wf-m"].steps_done == 2
 
 
 async def _steps(gw, workflow_id: str, steps: int) -> bool:
@@ -564,35 +587,25 @@ async def _steps(gw, workflow_id: str, steps: int) -> bool:
 ])
 @bounded()
 async def test_bad_workflow_context_is_a_400_and_leaves_nothing(headers, metadata, param):
-    engine = FaultEngine()
-    url = await engine.start()
-    raw = sched_config([url], queue_policy="maestro", admission="max_tokens")
-    raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 1000
-    try:
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
-            body = chat() if metadata is None else chat(metadata=metadata)
-            status, answer = await post(session, gw, body, headers)
-            assert status == 400
-            assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == param
-            assert engine.hits == 0 and not gw.scheduling.ledger.held and len(gw.store.ledger.ledger) == 0
-            await asyncio.sleep(0.05)
-            assert await gw.store.get_workflow("wf-bad") is None and not gw.scheduling.workflows.cache
-    finally:
-        await engine.stop()
+    async with gateway_on_fault_engine(queue_policy="maestro", admission="max_tokens",
+                                       kv_capacity_tokens=1000) as (engine, gw, session):
+        body = chat() if metadata is None else chat(metadata=metadata)
+        status, answer = await post(session, gw, body, headers)
+        assert status == 400
+        assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == param
+        assert engine.hits == 0 and not gw.scheduling.ledger.held and len(gw.store.ledger.ledger) == 0
+        await asyncio.sleep(0.05)
+        assert await gw.store.get_workflow("wf-bad") is None and not gw.scheduling.workflows.cache
 
 
 # ------------------------------------------------------------------------------------------- live: clusters
 
 @bounded()
 async def test_cross_cluster_stays_near_and_spills_when_saturated():
-    near, far = FaultEngine(mode="stall", delay_s=0.5), FaultEngine()
-    near_url, far_url = await near.start(), await far.start()
-    raw = gateway_config([], scheduling={"max_outstanding_per_engine": 1})
-    raw["clusters"] = [
-        {"name": "near", "rtt_ms": 1, "pools": [{"name": "p", "models": [MODEL], "engines": [near_url]}]},
-        {"name": "far", "rtt_ms": 50, "pools": [{"name": "p", "models": [MODEL], "engines": [far_url]}]}]
-    try:
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+    async with fault_engine(mode="stall", delay_s=0.5) as near, fault_engine() as far:
+        raw = gateway_config([], scheduling={"max_outstanding_per_engine": 1})
+        raw["clusters"] = [cluster("near", 1, near.url), cluster("far", 50, far.url)]
+        async with live(raw) as (gw, session):
             first = asyncio.create_task(post(session, gw, chat("one")))
             await wait_for(lambda: near.hits == 1)
             status, _ = await post(session, gw, chat("two"))  # near is saturated: spills to far
@@ -602,28 +615,18 @@ async def test_cross_cluster_stays_near_and_spills_when_saturated():
             assert (await post(session, gw, chat("three")))[0] == 200
             assert near.hits == 2 and far.hits == 1  # room near again: stays near
             assert b'maestro_cluster_choices_total{cluster="far",pool="p"} 1.0' in gw.metrics.render()
-    finally:
-        await near.stop()
-        await far.stop()
 
 
 @bounded()
 async def test_cross_cluster_without_scheduling_prefers_the_nearer_cluster():
-    near, far = FaultEngine(), FaultEngine()
-    near_url, far_url = await near.start(), await far.start()
-    raw = gateway_config([])
-    raw["clusters"] = [
-        {"name": "far", "rtt_ms": 80, "pools": [{"name": "p", "models": [MODEL], "engines": [far_url]}]},
-        {"name": "near", "rtt_ms": 2, "pools": [{"name": "p", "models": [MODEL], "engines": [near_url]}]}]
-    try:
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+    async with fault_engine() as near, fault_engine() as far:
+        raw = gateway_config([])
+        raw["clusters"] = [cluster("far", 80, far.url), cluster("near", 2, near.url)]
+        async with live(raw) as (gw, session):
             assert MODEL not in gw.scheduling.direct_models  # two pools serve it: cluster routing decides
             for _ in range(4):
                 assert (await post(session, gw, chat()))[0] == 200
             assert near.hits == 4 and far.hits == 0
-    finally:
-        await near.stop()
-        await far.stop()
 
 
 # ------------------------------------------------------------------------------------------- Redis: shared
@@ -638,48 +641,44 @@ def _redis_url_or_skip() -> str:
 @pytest.mark.redis
 @bounded()
 async def test_two_gateways_share_one_engine_without_over_committing():
-    from backends.sim import SimEngineOptions, start_sim_engines
     from gateway.state.redis import RedisStateStore
     from tests.test_state_store import _delete_prefix
 
     redis_url = _redis_url_or_skip()
     prefix = f"maestro-test-{uuid.uuid4().hex}"
-    engines = await start_sim_engines(1, SimEngineOptions(model=MODEL, time_scale=100.0, max_model_len=1024,
-                                                          kv_blocks=64, block_size=16))
     capacity = 64 * 16
     state = {"backend": "redis", "redis_url": redis_url, "key_prefix": prefix, "heartbeat_interval_s": 0.2}
-    raw = gateway_config([engines[0].url], state=state,
-                         scheduling={"queue_policy": "maestro", "admission": "max_tokens", "tick_s": 0.01})
-    raw_b = {**raw, "server": {"gateway_id": "gateway-b"}}
-    raw = {**raw, "server": {"gateway_id": "gateway-a"}}
     reader = RedisStateStore(redis_url, key_prefix=prefix)
     samples: list[int] = []
     try:
-        async with running_gateway(raw) as a, running_gateway(raw_b) as b, aiohttp.ClientSession() as session:
-            assert a.scheduling.ledger.sync is None  # Redis: the Lua ledger, not an in-process one
-            stop = asyncio.Event()
+        async with sim_engines(1, time_scale=100.0, max_model_len=1024, kv_blocks=64, block_size=16) as engines:
+            raw = gateway_config([engines[0].url], state=state,
+                                 scheduling={"queue_policy": "maestro", "admission": "max_tokens", "tick_s": 0.01})
+            raw_b = {**raw, "server": {"gateway_id": "gateway-b"}}
+            raw = {**raw, "server": {"gateway_id": "gateway-a"}}
+            async with running_gateway(raw) as a, running_gateway(raw_b) as b, aiohttp.ClientSession() as session:
+                assert a.scheduling.ledger.sync is None  # Redis: the Lua ledger, not an in-process one
+                stop = asyncio.Event()
 
-            async def sample() -> None:
-                while not stop.is_set():
-                    samples.append((await reader.ledger_usage(["local/p/0"]))["local/p/0"][0])
-                    await asyncio.sleep(0.002)
+                async def sample() -> None:
+                    while not stop.is_set():
+                        samples.append((await reader.ledger_usage(["local/p/0"]))["local/p/0"][0])
+                        await asyncio.sleep(0.002)
 
-            sampler = asyncio.create_task(sample())
-            results = await asyncio.gather(*(
-                post(session, (a, b)[i % 2], chat("y " * 30, max_tokens=200 + (i % 3) * 50, stream=i % 3 == 0),
-                     {"X-Sim-Output-Tokens": "40"}, timeout=30)
-                for i in range(48)))
-            stop.set()
-            await sampler
-            assert [s for s, _ in results] == [200] * 48
-            assert samples and max(samples) <= capacity
-            assert max(samples) > capacity // 2  # it was actually contended
-            await wait_for(lambda: not a.scheduling.ledger.held and not b.scheduling.ledger.held)
-            await wait_for_async(lambda: _reserved_is(reader, 0))
+                sampler = asyncio.create_task(sample())
+                results = await asyncio.gather(*(
+                    post(session, (a, b)[i % 2], chat("y " * 30, max_tokens=200 + (i % 3) * 50, stream=i % 3 == 0),
+                         {"X-Sim-Output-Tokens": "40"}, timeout=30)
+                    for i in range(48)))
+                stop.set()
+                await sampler
+                assert [s for s, _ in results] == [200] * 48
+                assert samples and max(samples) <= capacity
+                assert max(samples) > capacity // 2  # it was actually contended
+                await wait_for(lambda: not a.scheduling.ledger.held and not b.scheduling.ledger.held)
+                await wait_for_async(lambda: _reserved_is(reader, 0))
     finally:
         await reader.close()
-        for engine in engines:
-            await engine.stop()
         _delete_prefix(prefix)
 
 
@@ -690,58 +689,55 @@ async def _reserved_is(store, value: int) -> bool:
 @pytest.mark.redis
 @bounded()
 async def test_redis_going_away_keeps_serving_from_a_local_share_and_resyncs():
-    from backends.sim import SimEngineOptions, start_sim_engines
     from gateway.state.redis import RedisStateStore
 
     port = free_port()
     redis_url = f"redis://127.0.0.1:{port}/0"
     server = start_redis(port)
-    engines = await start_sim_engines(1, SimEngineOptions(model=MODEL, time_scale=1.0, max_model_len=1024,
-                                                          kv_blocks=128, block_size=16))
     state = {"backend": "redis", "redis_url": redis_url, "redis_timeout_s": 0.3, "heartbeat_interval_s": 0.1}
-    raw = gateway_config([engines[0].url], state=state,
-                         scheduling={"queue_policy": "maestro", "admission": "max_tokens",
-                                     "ledger_lease_s": 1.5})
     reader = RedisStateStore(redis_url, timeout_s=0.5)
     short = {"X-Sim-Output-Tokens": "3"}
     try:
-        await wait_for_async(reader.ping)
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
-            ledger = gw.scheduling.ledger
-            assert (await post(session, gw, chat(max_tokens=100), short))[0] == 200
-            await wait_for_async(lambda: _reserved_is(reader, 0))  # released (in the background) once done
-            assert (await reader.ledger_usage(["local/p/0"]))["local/p/0"] == (0, 128 * 16)
-            # a long stream (seconds) holds a reservation across the outage
-            long = asyncio.create_task(post(session, gw, chat(max_tokens=700, stream=True),
-                                            {"X-Sim-Output-Tokens": "650"}, timeout=60))
-            await wait_for(lambda: len(ledger.held) == 1)
-            long_rid, (_, long_tokens) = next(iter(ledger.held.items()))
-            server.kill()
-            server.wait(timeout=10)
-            results = await asyncio.gather(*(post(session, gw, chat(max_tokens=100), short) for _ in range(5)),
-                                           post(session, gw, chat(max_tokens=100), {"X-Workflow-Id": "wf-out", **short}))
-            assert [s for s, _ in results] == [200] * 6
-            assert ledger.degraded and gw.metrics.ledger_degraded._value.get() == 1
-            assert ledger.local.capacity("local/p/0") == 128 * 16  # one gateway alive: its share is all of it
-            assert ledger.local.reserved("local/p/0") == long_tokens  # its own running request is counted
-            assert not long.done()
-            await wait_for(lambda: gw.scheduling.workflows.cache.get("wf-out") is not None
-                           and gw.scheduling.workflows.cache["wf-out"].steps_done == 1)  # kept locally
-            server = start_redis(port)  # empty: capacities and reservations must be written again
-            await wait_for(lambda: not ledger.degraded, timeout_s=10)
+        async with sim_engines(1, time_scale=1.0, max_model_len=1024, kv_blocks=128, block_size=16) as engines:
+            raw = gateway_config([engines[0].url], state=state,
+                                 scheduling={"queue_policy": "maestro", "admission": "max_tokens",
+                                             "ledger_lease_s": 1.5})
             await wait_for_async(reader.ping)
-            usage = await reader.ledger_usage(["local/p/0"])
-            assert usage["local/p/0"][1] == 128 * 16
-            assert long_rid in ledger.held and not long.done(), "the long stream ended too early for this test"
-            assert usage["local/p/0"][0] == long_tokens  # re-adopted in the shared ledger
-            assert (await long)[0] == 200
-            assert (await post(session, gw, chat(max_tokens=100), short))[0] == 200
-            await wait_for(lambda: not ledger.held)
-            await wait_for_async(lambda: _reserved_is(reader, 0))
+            async with live(raw) as (gw, session):
+                ledger = gw.scheduling.ledger
+                assert (await post(session, gw, chat(max_tokens=100), short))[0] == 200
+                await wait_for_async(lambda: _reserved_is(reader, 0))  # released (in the background) once done
+                assert (await reader.ledger_usage(["local/p/0"]))["local/p/0"] == (0, 128 * 16)
+                # a long stream (seconds) holds a reservation across the outage
+                long = asyncio.create_task(post(session, gw, chat(max_tokens=700, stream=True),
+                                                {"X-Sim-Output-Tokens": "650"}, timeout=60))
+                await wait_for(lambda: len(ledger.held) == 1)
+                long_rid, (_, long_tokens) = next(iter(ledger.held.items()))
+                server.kill()
+                server.wait(timeout=10)
+                results = await asyncio.gather(
+                    *(post(session, gw, chat(max_tokens=100), short) for _ in range(5)),
+                    post(session, gw, chat(max_tokens=100), {"X-Workflow-Id": "wf-out", **short}))
+                assert [s for s, _ in results] == [200] * 6
+                assert ledger.degraded and gw.metrics.ledger_degraded._value.get() == 1
+                assert ledger.local.capacity("local/p/0") == 128 * 16  # one gateway alive: its share is all of it
+                assert ledger.local.reserved("local/p/0") == long_tokens  # its own running request is counted
+                assert not long.done()
+                await wait_for(lambda: gw.scheduling.workflows.cache.get("wf-out") is not None
+                               and gw.scheduling.workflows.cache["wf-out"].steps_done == 1)  # kept locally
+                server = start_redis(port)  # empty: capacities and reservations must be written again
+                await wait_for(lambda: not ledger.degraded, timeout_s=10)
+                await wait_for_async(reader.ping)
+                usage = await reader.ledger_usage(["local/p/0"])
+                assert usage["local/p/0"][1] == 128 * 16
+                assert long_rid in ledger.held and not long.done(), "the long stream ended too early for this test"
+                assert usage["local/p/0"][0] == long_tokens  # re-adopted in the shared ledger
+                assert (await long)[0] == 200
+                assert (await post(session, gw, chat(max_tokens=100), short))[0] == 200
+                await wait_for(lambda: not ledger.held)
+                await wait_for_async(lambda: _reserved_is(reader, 0))
     finally:
         await reader.close()
-        for engine in engines:
-            await engine.stop()
         server.kill()
         server.wait(timeout=10)
 
@@ -768,22 +764,16 @@ async def test_dead_gateways_reservations_expire_with_their_lease():
 
 @bounded()
 async def test_admin_views_of_scheduling_and_workflows():
-    engine = FaultEngine()
-    url = await engine.start()
-    raw = sched_config([url], queue_policy="maestro", admission="max_tokens")
-    raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 1000
-    try:
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
-            assert (await post(session, gw, chat(), {"X-Workflow-Id": "wf-admin"}))[0] == 200
-            async with session.get(gw.base_url + "/admin/scheduling") as response:
-                view = await response.json()
-            assert view["queue_policy"] == "maestro" and view["admission"] == "max_tokens"
-            assert view["ledger"]["engines"]["local/p/0"]["capacity"] == 1000
-            assert view["pools"]["local/p"]["waiting"] == 0
-            await wait_for_async(lambda: _steps(gw, "wf-admin", 1))
-            async with session.get(gw.base_url + "/admin/workflows/wf-admin") as response:
-                assert response.status == 200 and (await response.json())["steps_done"] == 1
-            async with session.get(gw.base_url + "/admin/workflows/nope") as response:
-                assert response.status == 404 and (await response.json())["error"]["code"] == "workflow_not_found"
-    finally:
-        await engine.stop()
+    async with gateway_on_fault_engine(queue_policy="maestro", admission="max_tokens",
+                                       kv_capacity_tokens=1000) as (_, gw, session):
+        assert (await post(session, gw, chat(), {"X-Workflow-Id": "wf-admin"}))[0] == 200
+        async with session.get(gw.base_url + "/admin/scheduling") as response:
+            view = await response.json()
+        assert view["queue_policy"] == "maestro" and view["admission"] == "max_tokens"
+        assert view["ledger"]["engines"]["local/p/0"]["capacity"] == 1000
+        assert view["pools"]["local/p"]["waiting"] == 0
+        await wait_for_async(lambda: _steps(gw, "wf-admin", 1))
+        async with session.get(gw.base_url + "/admin/workflows/wf-admin") as response:
+            assert response.status == 200 and (await response.json())["steps_done"] == 1
+        async with session.get(gw.base_url + "/admin/workflows/nope") as response:
+            assert response.status == 404 and (await response.json())["error"]["code"] == "workflow_not_found"

@@ -1,19 +1,41 @@
-"""Queue-order policies as named plugins: ``fcfs``, ``edf``, ``maestro``.
+"""Queue-order policies as named plugins: ``fcfs``, ``edf``, ``maestro`` and ``lsf``.
 
 A policy maps a waiting request to a sort key at time ``now``; the scheduler dispatches the smallest key first.
 Keys are tuples so ties break deterministically (arrival, then request id).
 
-``maestro`` (workflow-aware least slack first):
-    slack = due − now − predicted remaining work on the workflow's critical path
-where ``due`` is the workflow's deadline (or, for an interactive call, its first-token deadline) and the
-remaining work is this step's predicted service time plus the workflow's remaining steps at the mean step time
-(steps of one agent pipeline run one after another, so they add up). Tiers, best first:
-    -1  aged: waited longer than ``max_wait_s`` — oldest first. This bounds every wait: no starvation.
-     0  short interactive calls (predicted service ≤ ``short_s``), by due time — protected from long batch work.
-     1  feasible work (slack ≥ 0), least slack first.
-     2  hopeless work (slack < 0, its deadline cannot be met any more), least-late first: it still runs,
-        but never ahead of work that can still make its deadline. EDF's weakness under contention is exactly
-        that it spends capacity on such requests and makes the feasible ones late too.
+``maestro`` (workflow-aware; the default for contention)
+-------------------------------------------------------
+``slack = due - now - remaining work``, where ``due`` is the workflow's deadline (for an interactive call, its
+first-token deadline) and the remaining work is this step's predicted service time plus the workflow's
+remaining steps at the mean step time (the steps of one agent pipeline run one after another, so they add up).
+Tiers, best first (ties: arrival, then request id):
+
+    -1  aged: waited longer than ``max_wait_s`` — oldest first, and the dispatch walk waits for its head.
+        This bounds every wait: no starvation (on by default; ``max_wait_s=None`` turns it off).
+     0  interactive calls whose first token is still due in the future, earliest first-token deadline first:
+        short interactive calls are never stuck behind long batch work.
+     1  workflow steps whose workflow can still meet its deadline (slack >= 0), shortest remaining work first
+        (``order_by="work"``; ``"slack"`` is least slack first, ``"due"`` EDF inside the tier).
+     2  hopeless work (the deadline, or the first-token deadline, has become unreachable), least late first:
+        it still runs, but never ahead of work that can still make its deadline.
+
+Why this shape (measured with ``maestro loadgen experiment E1``, see docs/benchmarks.md): EDF's weakness under
+contention is that it spends capacity on requests that will miss anyway and makes the feasible ones late too
+(a domino effect); separating hopeless work from feasible work fixes that. Inside the feasible tier, shortest
+remaining work first (SRPT among the feasible) maximises the number of workflows finishing on time when not all
+can: a workflow close to done frees its capacity soon. An interactive call is compared by its first-token
+deadline, not its whole service time (which would make most answers "hopeless" at once).
+
+The key inside a tier never changes while a request waits (``due - work``, ``work`` and ``due`` are fixed until
+the workflow's state changes); only the tier does, at times :meth:`Maestro.order` returns, so a scheduler may
+keep the queue sorted instead of re-sorting it (``loadgen.des.FastPool`` does).
+
+``lsf`` (least slack first, the first specification of maestro; kept for comparison)
+-------------------------------------------------------------------------------------
+Tiers: -1 aged (as above); 0 interactive calls predicted to take at most ``short_s``, by due time; 1 feasible
+work, least slack first, with an interactive call's slack counted against its whole service time; 2 hopeless
+work, least late first. Under sustained overload its aging turns into FCFS with head-of-line blocking and it
+falls below EDF (E1).
 """
 
 from __future__ import annotations
@@ -24,6 +46,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.core.request import SchedRequest, WorkflowState
+
+# maestro's aging bound. Below the gateway's default 900 s request timeout, so aging acts before a queued request
+# would time out. A bound on every wait costs some attainment under sustained overload (E1 at high contention:
+# 79.2 % of workflow deadlines with 600 s, 82.1 % with 900 s, 85.3 % without aging; EDF 48.0 %).
+DEFAULT_MAX_WAIT_S = 600.0
+ORDERS = ("work", "slack", "due")
 
 
 @dataclass
@@ -50,6 +78,17 @@ def _due(request: SchedRequest) -> float:
     return math.inf
 
 
+def remaining_work(request: SchedRequest, ctx: PolicyContext) -> float:
+    """Predicted seconds of work left on the request's critical path: this step plus the workflow's remaining
+    steps (``remaining_steps()`` excludes steps in flight, this one included: they are counted once)."""
+    work = ctx.service_time(request)
+    if request.workflow_id is not None:
+        workflow = ctx.workflows.get(request.workflow_id)
+        if workflow is not None:
+            work += workflow.remaining_steps(ctx.default_steps) * ctx.mean_step_s
+    return work
+
+
 class FCFS:
     name = "fcfs"
 
@@ -67,23 +106,62 @@ class EDF:
 
 
 class Maestro:
+    """Workflow-aware tiers: aged, on-time interactive, feasible workflow steps, hopeless (module docstring)."""
+
     name = "maestro"
+
+    def __init__(self, max_wait_s: float | None = DEFAULT_MAX_WAIT_S, order_by: str = "work") -> None:
+        if max_wait_s is not None and not max_wait_s > 0:
+            raise ValueError("max_wait_s must be > 0 (or None: no aging)")
+        if order_by not in ORDERS:
+            raise ValueError(f"order_by must be one of {', '.join(ORDERS)}")
+        self.max_wait_s = max_wait_s
+        self.order_by = order_by
+
+    @staticmethod
+    def remaining_work(request: SchedRequest, ctx: PolicyContext) -> float:
+        return remaining_work(request, ctx)
+
+    def slack(self, request: SchedRequest, now: float, ctx: PolicyContext) -> float:
+        return _due(request) - now - remaining_work(request, ctx)
+
+    def order(self, request: SchedRequest, now: float, ctx: PolicyContext) -> tuple[tuple, float]:
+        """``(key, valid_until)``: the sort key, and the time after which its tier may change (``inf``: never,
+        unless the workflow's state changes first)."""
+        aging = math.inf if self.max_wait_s is None else request.arrival + self.max_wait_s
+        if now > aging:
+            return (-1, request.arrival, request.request_id), math.inf
+        due = _due(request)
+        if request.workflow_id is None:
+            if now <= due:
+                return (0, due, request.arrival, request.request_id), min(aging, due)
+            return (2, -due, request.arrival, request.request_id), aging
+        work = remaining_work(request, ctx)
+        x = due - work  # slack = x - now
+        if now <= x:
+            sort = work if self.order_by == "work" else (x if self.order_by == "slack" else due)
+            return (1, sort, request.arrival, request.request_id), min(aging, x)
+        return (2, -x, request.arrival, request.request_id), aging
+
+    def key(self, request: SchedRequest, now: float, ctx: PolicyContext) -> tuple:
+        return self.order(request, now, ctx)[0]
+
+
+class LeastSlackFirst:
+    """``lsf``: least slack first with protected short interactive calls (module docstring)."""
+
+    name = "lsf"
 
     def __init__(self, max_wait_s: float = 120.0, short_s: float = 2.0) -> None:
         self.max_wait_s = max_wait_s
         self.short_s = short_s
 
-    def remaining_work(self, request: SchedRequest, ctx: PolicyContext) -> float:
-        work = ctx.service_time(request)
-        if request.workflow_id is not None:
-            workflow = ctx.workflows.get(request.workflow_id)
-            if workflow is not None:
-                # remaining_steps() excludes steps in flight, this one included: they are counted once
-                work += workflow.remaining_steps(ctx.default_steps) * ctx.mean_step_s
-        return work
+    @staticmethod
+    def remaining_work(request: SchedRequest, ctx: PolicyContext) -> float:
+        return remaining_work(request, ctx)
 
     def slack(self, request: SchedRequest, now: float, ctx: PolicyContext) -> float:
-        return _due(request) - now - self.remaining_work(request, ctx)
+        return _due(request) - now - remaining_work(request, ctx)
 
     def key(self, request: SchedRequest, now: float, ctx: PolicyContext) -> tuple:
         if now - request.arrival > self.max_wait_s:
@@ -96,7 +174,7 @@ class Maestro:
         return (2, -slack, request.arrival, request.request_id)
 
 
-QUEUE_POLICIES: dict[str, type] = {FCFS.name: FCFS, EDF.name: EDF, Maestro.name: Maestro}
+QUEUE_POLICIES: dict[str, type] = {cls.name: cls for cls in (FCFS, EDF, Maestro, LeastSlackFirst)}
 
 
 def make_queue_policy(name: str, **options) -> QueuePolicy:
@@ -105,8 +183,3 @@ def make_queue_policy(name: str, **options) -> QueuePolicy:
     except KeyError:
         raise ValueError(f"unknown queue policy {name!r}; known: {', '.join(sorted(QUEUE_POLICIES))}") from None
     return cls(**options) if options else cls()
-
-
-# ``maestro2`` lives in its own module (it imports this one); importing it here registers it wherever the
-# queue policies are used, live or simulated.
-from gateway.core import workflow_policy as _workflow_policy  # noqa: E402,F401
