@@ -316,6 +316,14 @@ class FeatureAssembler:
         self._n_base = len(BASE_FEATURES)
         self.width = len(self.names)
 
+    @property
+    def model_slots(self) -> int:
+        """Model names with a column of their own, plus one for every other name."""
+        return len(self.model_vocab) + 1
+
+    def model_slot(self, model: str) -> int:
+        return self._model_index.get(model, len(self.model_vocab))
+
     def row(self, view: RequestView, role: str, text_score: float, out: np.ndarray | None = None) -> np.ndarray:
         row = np.zeros(self.width) if out is None else out
         row[self._role_index.get(role, self._n_roles - 1)] = 1.0

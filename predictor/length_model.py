@@ -23,10 +23,12 @@ QUANTILES = (0.5, 0.9)
 
 @dataclass
 class LengthParams:
-    max_iter: int = 150
+    # 300 trees of up to 31 leaves: on the six trace sources (three seeded splits by run) this made p90 sharper
+    # than 150 trees of 15 leaves (ChatDev p50 MAE -1.5 points, coverage closer to 90 %) at < 0.5 ms a predict
+    max_iter: int = 300
     learning_rate: float = 0.06
-    max_depth: int = 5
-    max_leaf_nodes: int = 15
+    max_depth: int = 6
+    max_leaf_nodes: int = 31
     min_samples_leaf: int = 20
     l2_regularization: float = 1.0
     max_features: float = 1.0
@@ -174,14 +176,21 @@ def weighted_quantile(values: np.ndarray, q: float, weights: np.ndarray | None =
 class LengthModel:
     """Quantile predictions of log1p(output tokens): flat forest + conformal offsets.
 
-    ``offsets`` has one row per stratum (the role index of :data:`predictor.trace.ROLES`) and one column per
-    quantile: split-conformal shifts measured per role, shrunk towards the global shift where a role has few
-    out-of-fold samples, so that p90 covers about 90% within each role rather than only on average.
+    ``offsets`` has one row per stratum and one column per quantile: split-conformal shifts measured per
+    (role, served model) — Mondrian conformal prediction — each shrunk towards its role's shift, and that
+    towards the global shift, where a cell has few out-of-fold samples. Calibrating per cell is what makes p90
+    cover about 90% for every kind of traffic rather than only on average: different frameworks use one role
+    name for different work, and different models are differently verbose. A stratum is
+    ``role_index * model_slots + model_slot`` (:meth:`stratum`); ``model_slots == 1`` is per role only.
     """
 
     forest: FlatForest
     quantiles: tuple[float, ...] = QUANTILES
     offsets: np.ndarray = field(default_factory=lambda: np.zeros((1, len(QUANTILES))))
+    model_slots: int = 1
+
+    def stratum(self, role_index: int, model_slot: int) -> int:
+        return role_index * self.model_slots + (model_slot if self.model_slots > 1 else 0)
 
     def predict_log(self, row: np.ndarray, stratum: int = 0) -> np.ndarray:
         return self.forest.predict_row(row) + self.offsets[min(stratum, len(self.offsets) - 1)]
@@ -192,12 +201,13 @@ class LengthModel:
 
     def to_state(self) -> dict[str, Any]:
         return {"forest": self.forest.to_state(), "quantiles": [float(q) for q in self.quantiles],
-                "offsets": np.asarray(self.offsets, dtype=np.float64)}
+                "offsets": np.asarray(self.offsets, dtype=np.float64), "model_slots": int(self.model_slots)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "LengthModel":
         offsets = np.asarray(state["offsets"], dtype=np.float64)
-        return cls(FlatForest.from_state(state["forest"]), tuple(state["quantiles"]), np.atleast_2d(offsets))
+        return cls(FlatForest.from_state(state["forest"]), tuple(state["quantiles"]), np.atleast_2d(offsets),
+                   int(state.get("model_slots", 1)))
 
 
 def conformal_offsets(log_y: np.ndarray, oof_log_pred: np.ndarray, quantiles: Sequence[float],
@@ -210,27 +220,45 @@ def conformal_offsets(log_y: np.ndarray, oof_log_pred: np.ndarray, quantiles: Se
 
 
 def stratified_offsets(log_y: np.ndarray, oof_log_pred: np.ndarray, quantiles: Sequence[float],
-                       strata: np.ndarray, n_strata: int, shrink: float = 50.0) -> np.ndarray:
-    """Conformal offsets per stratum, each pulled towards the global one by ``shrink`` pseudo-samples."""
+                       strata: np.ndarray, n_strata: int, shrink: float = 50.0,
+                       parent: np.ndarray | None = None) -> np.ndarray:
+    """Conformal offsets per stratum, each pulled towards its parent's by ``shrink`` pseudo-samples.
+
+    ``parent`` (one row per stratum) is the shift to shrink towards; by default the global shift."""
     overall = conformal_offsets(log_y, oof_log_pred, quantiles)
-    offsets = np.tile(overall, (n_strata, 1))
+    parent = np.tile(overall, (n_strata, 1)) if parent is None else np.asarray(parent, dtype=np.float64)
+    offsets = parent.copy()
     for stratum in range(n_strata):
         mask = strata == stratum
         n = int(mask.sum())
         if n >= 10:
             own = conformal_offsets(log_y[mask], oof_log_pred[mask], quantiles)
-            offsets[stratum] = (n * own + shrink * overall) / (n + shrink)
+            offsets[stratum] = (n * own + shrink * parent[stratum]) / (n + shrink)
     return offsets
+
+
+def mondrian_offsets(log_y: np.ndarray, oof_log_pred: np.ndarray, quantiles: Sequence[float],
+                     roles: np.ndarray, n_roles: int, models: np.ndarray, model_slots: int,
+                     shrink: float = 50.0) -> np.ndarray:
+    """Offsets per (role, model slot): per-role offsets (shrunk to the global one), then per cell (shrunk to
+    its role's). Rows are ordered as :meth:`LengthModel.stratum` indexes them."""
+    by_role = stratified_offsets(log_y, oof_log_pred, quantiles, roles, n_roles, shrink)
+    if model_slots <= 1:
+        return by_role
+    cells = roles * model_slots + models
+    parent = np.repeat(by_role, model_slots, axis=0)
+    return stratified_offsets(log_y, oof_log_pred, quantiles, cells, n_roles * model_slots, shrink, parent)
 
 
 def fit_length_model(X: np.ndarray, log_y: np.ndarray, weights: np.ndarray | None,
                      quantiles: Sequence[float] = QUANTILES, params: LengthParams | None = None,
-                     offsets: np.ndarray | None = None) -> LengthModel:
+                     offsets: np.ndarray | None = None, model_slots: int = 1) -> LengthModel:
     """Fit one quantile GBM per quantile and compile them; ``offsets`` (strata × quantiles) default to zero.
     Calibration (the offsets) is done by the caller through the whole serving path, see
     :func:`predictor.train.fit_state`."""
     params = params or LengthParams()
     estimators = fit_quantile_estimators(X, log_y, weights, quantiles, params)
     if offsets is None:
-        offsets = np.zeros((1, len(quantiles)))
-    return LengthModel(FlatForest.from_estimators(estimators), tuple(quantiles), np.atleast_2d(offsets))
+        offsets, model_slots = np.zeros((1, len(quantiles))), 1
+    return LengthModel(FlatForest.from_estimators(estimators), tuple(quantiles), np.atleast_2d(offsets),
+                       model_slots)

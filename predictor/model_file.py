@@ -28,6 +28,16 @@ from predictor.tokens import estimate_message_tokens, estimate_tokens
 FORMAT = "maestro-predictor"
 FORMAT_VERSION = 1
 
+
+def _plain_file_mode() -> int:
+    """0666 less the process umask (read once at import: os.umask is process-wide and not thread-safe)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _plain_file_mode()
+
 # Fixed probes of the token estimator: if it changes, prompt-token features change meaning.
 _TOKEN_PROBES = ("", "hello", "The quick brown fox jumps over the lazy dog. " * 7, "def f(x):\n    return x ** 2\n",
                  "数据 " * 11)
@@ -91,7 +101,21 @@ def check_state(state: Any, source: str = "model") -> dict[str, Any]:
         if state.get("features") != expected:
             raise ModelFileError(f"{source}: the model's feature list does not match this code "
                                  f"({_diff(expected, state.get('features'))}); retrain the model")
+        _check_offsets(state["length_model"], len(vocab) + 1, source)
     return state
+
+
+def _check_offsets(length_state: Any, model_slots: int, source: str) -> None:
+    """Calibration cells must be one per role (older files) or one per (role, model slot)."""
+    import numpy as np
+
+    from predictor.trace import ROLES
+
+    slots = length_state.get("model_slots", 1) if isinstance(length_state, dict) else None
+    offsets = np.atleast_2d(length_state.get("offsets")) if isinstance(length_state, dict) else None
+    if slots not in (1, model_slots) or offsets is None or offsets.shape[0] not in (1, len(ROLES) * slots):
+        raise ModelFileError(f"{source}: the length model's calibration cells do not match its roles and model "
+                             "names; retrain with `maestro predictor train`")
 
 
 def save_state(state: dict[str, Any], path: str | Path) -> Path:
@@ -103,6 +127,9 @@ def save_state(state: dict[str, Any], path: str | Path) -> Path:
     handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
+        # mkstemp creates the file 0600; a model file is read by other users (a gateway container, CI), so give
+        # it the mode a plain open() would have
+        os.chmod(tmp, _FILE_MODE)
         sio.dump(state, tmp, compression=zipfile.ZIP_DEFLATED, compresslevel=6)
         os.replace(tmp, path)
     except BaseException:

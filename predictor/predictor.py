@@ -144,7 +144,9 @@ class Predictor:
         role, confidence, source, length_score = self.role_of(view)
         if self.length_model is not None:
             row = self.assembler.row(view, role, length_score)
-            log_q = self.length_model.predict_log(row, self._role_index.get(role, self._other))
+            stratum = self.length_model.stratum(self._role_index.get(role, self._other),
+                                                self.assembler.model_slot(view.model))
+            log_q = self.length_model.predict_log(row, stratum)
             p50, p90 = math.expm1(log_q[0]), math.expm1(log_q[-1])
         else:
             p50, p90 = self.priors.get(role, self.priors["other"])
@@ -173,7 +175,9 @@ class Predictor:
         roles = [self.role_of(view) for view in views]
         if self.length_model is not None and views:
             X = np.vstack([self.assembler.row(view, r[0], r[3]) for view, r in zip(views, roles)])
-            strata = np.array([self._role_index.get(r[0], self._other) for r in roles], dtype=np.intp)
+            strata = np.array([self.length_model.stratum(self._role_index.get(r[0], self._other),
+                                                         self.assembler.model_slot(view.model))
+                               for view, r in zip(views, roles)], dtype=np.intp)
             log_q = self.length_model.predict_log_many(X, strata)
             quantiles = np.expm1(log_q[:, [0, -1]])
         else:

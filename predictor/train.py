@@ -40,6 +40,7 @@ class TrainOptions:
     source_balance: float = 0.5      # 0: every record weighs the same; 1: every source weighs the same
     calibrate: bool = True           # conformal offsets from out-of-fold predictions
     calibration_folds: int = 5       # group k-fold folds of those predictions
+    calibrate_by_model: bool = True  # offsets per (role, model) cell, not only per role (Mondrian conformal)
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -157,13 +158,17 @@ def fit_state(records: Sequence[dict[str, Any]], options: TrainOptions | None = 
 
     started = time.perf_counter()
     strata = np.array([ROLES.index(roles[i]) if roles[i] in ROLES else ROLES.index("other") for i in index])
+    model_slots = assembler.model_slots if options.calibrate_by_model else 1
+    models = np.array([assembler.model_slot(views[i].model) for i in index]) if model_slots > 1 else None
     offsets = None
     if options.calibrate:
         offsets = cross_conformal_offsets(X_text, views, roles, assembler, index, log_y, weights, groups, strata,
-                                          options)
-    length_model = fit_length_model(X, log_y[index], weights[index], options.quantiles, options.length, offsets)
-    log(f"length model: {len(length_model.forest.roots)} trees, p90 offsets by role "
-        f"{dict(zip(ROLES, np.round(length_model.offsets[:, -1], 3)))} "
+                                          options, models, model_slots)
+    length_model = fit_length_model(X, log_y[index], weights[index], options.quantiles, options.length, offsets,
+                                    model_slots)
+    role_offsets = length_model.offsets[[length_model.stratum(r, 0) for r in range(len(ROLES))], -1]
+    log(f"length model: {len(length_model.forest.roots)} trees, {len(length_model.offsets)} calibration cells, "
+        f"p90 offsets by role (first model) {dict(zip(ROLES, np.round(role_offsets, 3)))} "
         f"({time.perf_counter() - started:.1f}s)")
 
     priors = {}
@@ -206,8 +211,9 @@ def fit_state(records: Sequence[dict[str, Any]], options: TrainOptions | None = 
 
 def cross_conformal_offsets(X_text, views, roles, assembler: FeatureAssembler, index: np.ndarray,
                             log_y: np.ndarray, weights: np.ndarray, groups: np.ndarray, strata: np.ndarray,
-                            options: TrainOptions) -> np.ndarray | None:
-    """Per-role conformal offsets (log space) from group-k-fold predictions made the way serving makes them.
+                            options: TrainOptions, models: np.ndarray | None = None,
+                            model_slots: int = 1) -> np.ndarray | None:
+    """Per-(role, model) conformal offsets (log space) from group-k-fold predictions made the way serving makes them.
 
     For each fold, the length head (ridge) and the quantile GBMs are refit on the other folds (the GBMs on
     out-of-fold ridge scores, as in the final fit), and the held-out rows are scored with that fold's ridge
@@ -218,7 +224,7 @@ def cross_conformal_offsets(X_text, views, roles, assembler: FeatureAssembler, i
     from sklearn.model_selection import GroupKFold
 
     from predictor.classifier import fit_length_head, oof_length_scores
-    from predictor.length_model import FlatForest, fit_quantile_estimators, stratified_offsets
+    from predictor.length_model import FlatForest, fit_quantile_estimators, mondrian_offsets
 
     group_index = groups[index]
     n_groups = len(np.unique(group_index))
@@ -238,7 +244,9 @@ def cross_conformal_offsets(X_text, views, roles, assembler: FeatureAssembler, i
         test_scores = X_text[test_idx] @ coef + bias
         X_test = np.vstack([assembler.row(views[i], roles[i], score) for i, score in zip(test_idx, test_scores)])
         predictions[test_pos] = forest.predict(X_test)
-    return stratified_offsets(log_y[index], predictions, options.quantiles, strata, len(ROLES))
+    if models is None:
+        models, model_slots = np.zeros(len(index), dtype=np.intp), 1
+    return mondrian_offsets(log_y[index], predictions, options.quantiles, strata, len(ROLES), models, model_slots)
 
 
 def fit_predictor(records: Sequence[dict[str, Any]], options: TrainOptions | None = None, **predictor_kwargs):

@@ -24,10 +24,10 @@ from predictor.evaluate import (baseline_predictions, coverage, evaluate_records
                                 kv_saving, mae, role_metrics, under_reservation)
 from predictor.features import explicit_role_of, normalize_role, parse_request
 from predictor.kv import KVModel, KVSpec, bytes_per_token
-from predictor.length_model import FlatForest, LengthParams, fit_quantile_estimators
-from predictor.model_file import ModelFileError, load_state, read_plain, save_state
+from predictor.length_model import FlatForest, LengthParams, fit_quantile_estimators, mondrian_offsets
+from predictor.model_file import _FILE_MODE, ModelFileError, load_state, read_plain, save_state
 from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, make_record
-from predictor.trace import write_records
+from predictor.trace import ROLES, write_records
 from predictor.train import TrainOptions, fit_state, group_of, split_records
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -227,6 +227,7 @@ def test_priors_until_a_model_exists():
 # ------------------------------------------------------------------------------------------------ files
 def test_save_load_round_trip(predictor, records, tmp_path):
     path = predictor.save(tmp_path / "model.skops")
+    assert path.stat().st_mode & 0o777 == _FILE_MODE  # as open() would make it, not mkstemp's 0600
     assert zipfile.is_zipfile(path) and "schema.json" in zipfile.ZipFile(path).namelist()
     loaded = Predictor.load(path)
     for record in records[:40]:
@@ -258,6 +259,7 @@ def test_mismatched_model_file_is_refused(state, tmp_path):
         "features": dict(state, feature_spec=wrong_windows),
         "feature list": dict(state, features=state["features"][:-1] + ["model=elsewhere"]),
         "format": dict(state, format="something-else"),
+        "calibration cells": dict(state, length_model=dict(state["length_model"], offsets=np.zeros((5, 2)))),
     }
     for name, bad in cases.items():
         path = save_state(bad, tmp_path / f"{name}.skops")
@@ -270,6 +272,42 @@ def test_mismatched_model_file_is_refused(state, tmp_path):
     junk.write_bytes(b"\x80\x04 definitely not a model")
     assert "not a skops model file" in _load_error(junk)
     assert "no such model file" in _load_error(tmp_path / "missing.skops")
+
+
+def test_offsets_are_calibrated_per_role_and_model():
+    """Mondrian conformal: a (role, model) cell with enough samples gets its own shift; a thin cell keeps its
+    role's; serving picks the cell from the request's role and model."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    roles = rng.integers(0, 2, n)
+    models = rng.integers(0, 2, n)
+    spread = np.where((roles == 1) & (models == 1), 1.0, 0.2)  # one cell is far noisier than the rest
+    log_y = rng.normal(0.0, spread)
+    keep = ~((roles == 0) & (models == 1) & (np.arange(n) % 100 != 0))  # cell (0, 1): a handful of samples
+    log_y, roles, models = log_y[keep], roles[keep], models[keep]
+    offsets = mondrian_offsets(log_y, np.zeros((len(log_y), 2)), (0.5, 0.9), roles, 2, models, 2, shrink=50.0)
+    assert offsets.shape == (4, 2)
+    p90 = offsets[:, 1]
+    assert p90[3] > 1.0 > 0.5 > p90[2] > 0.2  # (1,1) wide; (1,0) narrow, pulled a little towards role 1
+    assert abs(p90[1] - p90[0]) < 0.1  # the thin cell (0,1) stays near its role's shift
+    for cell in (0, 2, 3):
+        mask = roles * 2 + models == cell
+        assert 0.85 <= np.mean(log_y[mask] <= p90[cell]) <= 0.97
+
+
+def test_predictor_uses_the_model_cell(state):
+    cells = np.atleast_2d(state["length_model"]["offsets"])
+    slots = state["length_model"]["model_slots"]
+    assert slots == len(state["model_vocab"]) + 1 and cells.shape[0] == len(ROLES) * slots
+    p = Predictor.from_state(state)
+    body = chat(AGENTS["coder"][0], "Implement a chess clock in Python with 3 functions.")
+    base = p.predict(body).p90
+    shifted = np.array(cells)
+    slot = p.assembler.model_slot("model-a")
+    shifted[p.length_model.stratum(p._role_index["coder"], slot), 1] += math.log(2.0)
+    p2 = Predictor.from_state(dict(state, length_model=dict(state["length_model"], offsets=shifted)))
+    assert p2.predict(body).p90 >= 1.8 * base  # log1p space: about twice the tokens
+    assert p2.predict(dict(body, model="model-b")).p90 == p.predict(dict(body, model="model-b")).p90
 
 
 def _load_error(path) -> str:
