@@ -24,6 +24,7 @@ from gateway.proxy import Proxy
 from gateway.registry import EngineRegistry, EngineSpec
 from gateway.scheduling import Scheduling
 from gateway.state import StateUnavailable, make_state_store
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("maestro.gateway")
 
@@ -44,6 +45,7 @@ class Gateway:
         self._sim_handles: list = []
         self._runner: web.AppRunner | None = None
         self._heartbeat_task: asyncio.Task | None = None
+        self._stopping = False
         self.base_url = ""
 
     @property
@@ -100,7 +102,7 @@ class Gateway:
 
     async def _heartbeat_loop(self) -> None:
         interval = self.config.state.heartbeat_interval_s
-        while True:
+        while not self._stopping:
             info = {"base_url": self.base_url, "started_at": self.started_at, "inflight": self.inflight,
                     "engines_up": self.registry.up_count() if self.registry else 0}
             try:
@@ -110,9 +112,8 @@ class Gateway:
             await asyncio.sleep(interval)
 
     async def stop(self) -> None:
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        self._stopping = True
+        await cancel_and_wait(self._heartbeat_task)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.scheduling.stop()

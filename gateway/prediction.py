@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.tasks import cancel_and_wait
+
 from gateway.config import Config
 
 log = logging.getLogger("maestro.prediction")
@@ -74,9 +76,7 @@ class RequestPredictor:
             self._predictor = Predictor.from_priors(priors or None, kv=kv)
 
     async def close(self) -> None:
-        if self._loading is not None and not self._loading.done():
-            self._loading.cancel()
-            await asyncio.gather(self._loading, return_exceptions=True)
+        await cancel_and_wait(self._loading)
 
     @property
     def loaded(self) -> bool:

@@ -50,6 +50,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.prediction import RequestPredictor
 from gateway.state import StateStore, StateUnavailable
 from gateway.state.memory import MemoryStateStore
+from gateway.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from gateway.proxy import RelayJob
@@ -638,10 +639,8 @@ class PoolQueue:
 
     async def stop(self) -> None:
         self._stopped = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
 
 # ---------------------------------------------------------------------------------------------------- workflows
@@ -766,6 +765,7 @@ class Scheduling:
         self._by_model: dict[str, list[PoolQueue]] = {}
         self.direct_models: frozenset[str] = frozenset()  # models served exactly as before (no scheduling)
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self._warned_capacity: set[str] = set()
         self._ttft = {name: c.ttft_s for name, c in self.slo.items()}
 
@@ -794,9 +794,9 @@ class Scheduling:
         self._task = asyncio.get_running_loop().create_task(self._sync_loop(), name="scheduling-sync")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        self._stopping = True
+        await cancel_and_wait(self._task)
+        self._task = None
         for pool in self.pools:
             await pool.stop()
         await self.workflows.close()
@@ -835,7 +835,7 @@ class Scheduling:
         tick = min(1.0, refresh_every)
         last_refresh = time.monotonic()
         ledger = self.ledger
-        while True:
+        while not self._stopping:  # a flag as well as the cancel: see gateway/tasks.py
             await asyncio.sleep(tick)
             try:
                 if self.check_kv:

@@ -17,6 +17,7 @@ from gateway.core.engines import apply_probe_failure, apply_probe_success
 from gateway.metrics import GatewayMetrics
 from gateway.registry import EngineRegistry
 from gateway.state import StateStore, StateUnavailable
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("maestro.monitor")
 
@@ -28,6 +29,7 @@ class EngineMonitor:
         self.store = store
         self.metrics = metrics
         self._tasks: list[asyncio.Task] = []
+        self._stopping = False
         self._store_ok = True
         self.store_failures = 0
 
@@ -36,13 +38,13 @@ class EngineMonitor:
         return self._store_ok
 
     def start(self) -> None:
+        self._stopping = False
         for engine_id in self.registry.states:
             self._tasks.append(asyncio.create_task(self._run(engine_id), name=f"monitor:{engine_id}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping = True
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
 
     async def probe_now(self, engine_id: str) -> None:
@@ -54,7 +56,7 @@ class EngineMonitor:
 
     async def _run(self, engine_id: str) -> None:
         interval = self.config.monitor.interval_s
-        while True:
+        while not self._stopping:
             started = time.monotonic()
             try:
                 await self._probe(engine_id)
