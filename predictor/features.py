@@ -353,9 +353,7 @@ def char_ngrams(text: str) -> list[str]:
     size = len(padded)
     if size < 3:
         return []
-    grams = [padded[i:i + 3] for i in range(size - 2)]
-    grams.extend(padded[i:i + 4] for i in range(size - 3))
-    return grams
+    return [padded[i:i + 3] for i in range(size - 2)] + [padded[i:i + 4] for i in range(size - 3)]
 
 
 ANALYZERS = {"word": word_ngrams, "char": char_ngrams}

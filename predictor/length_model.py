@@ -58,6 +58,13 @@ class FlatForest:
         starts = np.searchsorted(self.tree_model, np.arange(self.n_models))
         self._starts = starts.astype(np.intp)
         self._has_trees = np.bincount(self.tree_model, minlength=self.n_models) > 0
+        # One-row walk with fewer numpy calls per level: a row is widened to [x0, x0, x1, x1, ...] with a missing
+        # value as -inf in the first copy (-inf <= threshold: left) and NaN in the second (NaN <= threshold is
+        # false: right), and each node reads the copy that sends a missing value its way, so there is no separate
+        # missing-value step. (NaN rather than +inf: a split of missing values alone has threshold +inf.) The
+        # children are interleaved so that the next node is children[2 * node + went_left].
+        self._split_column = self.feature * 2 + (~self.missing_left).astype(np.intp)
+        self._children = np.ascontiguousarray(np.stack([self.right, self.left], axis=1).ravel())
 
     @classmethod
     def from_estimators(cls, estimators: Sequence[Any]) -> "FlatForest":
@@ -94,16 +101,13 @@ class FlatForest:
         """Raw predictions of every model for one feature row."""
         if not len(self.roots):
             return self.baselines.copy()
+        wide = np.repeat(np.asarray(x, dtype=np.float64), 2)
+        left_copy = wide[0::2]
+        left_copy[left_copy != left_copy] = -np.inf  # a view: writes into wide
         node = self.roots
-        feature, threshold, missing_left, left, right = (self.feature, self.threshold, self.missing_left,
-                                                         self.left, self.right)
+        split_column, threshold, children = self._split_column, self.threshold, self._children
         for _ in range(self.depth):
-            xv = x[feature[node]]
-            go_left = xv <= threshold[node]
-            nan = xv != xv
-            if nan.any():
-                go_left = np.where(nan, missing_left[node], go_left)
-            node = np.where(go_left, left[node], right[node])
+            node = children[(node << 1) + (wide[split_column[node]] <= threshold[node])]
         sums = np.add.reduceat(self.value[node], self._starts) if self._has_trees.all() else self._sums(node)
         return self.baselines + sums
 

@@ -166,12 +166,15 @@ def test_flat_forest_matches_scikit_learn():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(600, 6))
     X[rng.random(X.shape) < 0.15] = np.nan  # missing values take the learned side
-    y = np.nan_to_num(X[:, 0]) * 2 + np.nan_to_num(X[:, 1]) ** 2 + rng.normal(size=600)
+    X[:, 5] = np.where(rng.random(600) < 0.5, np.nan, 1.0)  # only missing or not: splits with threshold +inf
+    y = (np.nan_to_num(X[:, 0]) * 2 + np.nan_to_num(X[:, 1]) ** 2 + 3 * np.isnan(X[:, 5])
+         + rng.normal(size=600))
     estimators = fit_quantile_estimators(X, y, None, (0.5, 0.9), LengthParams(max_iter=30))
     forest = FlatForest.from_estimators(estimators)
     expected = np.column_stack([e.predict(X) for e in estimators])
     np.testing.assert_allclose(forest.predict(X), expected, rtol=1e-10, atol=1e-10)
-    for row, want in zip(X[:20], expected[:20]):
+    assert np.isinf(forest.threshold).any()
+    for row, want in zip(X, expected):
         np.testing.assert_allclose(forest.predict_row(row), want, rtol=1e-10, atol=1e-10)
 
 
