@@ -394,12 +394,15 @@ def simulate_main(args: argparse.Namespace) -> int:
 
 def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     """``maestro loadgen experiment E1|E2|E3``."""
-    parser.add_argument("experiment", choices=("E1", "E2", "E3", "e1", "e2", "e3"))
+    parser.add_argument("experiment", choices=("E1", "E2", "E3", "E4", "e1", "e2", "e3", "e4"))
     parser.add_argument("--rates", help="loads to sweep, arrivals/s, comma-separated (default per experiment)")
     parser.add_argument("--policies", help="E1: queue policies (default fcfs,edf,lsf,maestro)")
     parser.add_argument("--queue", default="maestro", help="E2/E3: queue policy")
     parser.add_argument("--out", "-o", help="JSON result file (default: results/<experiment>.json)")
     _add_common(parser)
+    from loadgen.fidelity import add_e4_arguments  # E4 (simulator fidelity, live vs simulated) is loadgen.fidelity
+
+    add_e4_arguments(parser)
 
 
 def experiment_main(args: argparse.Namespace) -> int:
@@ -411,8 +414,12 @@ def experiment_main(args: argparse.Namespace) -> int:
             data = experiment_e1(args)
         elif name == "E2":
             data = experiment_e2(args)
-        else:
+        elif name == "E3":
             data = experiment_e3(args)
+        else:
+            from loadgen.fidelity import experiment_e4
+
+            data = experiment_e4(args)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
