@@ -105,7 +105,18 @@ class EDF:
         return (_due(request), request.arrival, request.request_id)
 
 
-class Maestro:
+class _SlackAware:
+    """What the workflow-aware policies share: the critical-path work estimate and the slack it leaves."""
+
+    @staticmethod
+    def remaining_work(request: SchedRequest, ctx: PolicyContext) -> float:
+        return remaining_work(request, ctx)
+
+    def slack(self, request: SchedRequest, now: float, ctx: PolicyContext) -> float:
+        return _due(request) - now - remaining_work(request, ctx)
+
+
+class Maestro(_SlackAware):
     """Workflow-aware tiers: aged, on-time interactive, feasible workflow steps, hopeless (module docstring)."""
 
     name = "maestro"
@@ -117,13 +128,6 @@ class Maestro:
             raise ValueError(f"order_by must be one of {', '.join(ORDERS)}")
         self.max_wait_s = max_wait_s
         self.order_by = order_by
-
-    @staticmethod
-    def remaining_work(request: SchedRequest, ctx: PolicyContext) -> float:
-        return remaining_work(request, ctx)
-
-    def slack(self, request: SchedRequest, now: float, ctx: PolicyContext) -> float:
-        return _due(request) - now - remaining_work(request, ctx)
 
     def order(self, request: SchedRequest, now: float, ctx: PolicyContext) -> tuple[tuple, float]:
         """``(key, valid_until)``: the sort key, and the time after which its tier may change (``inf``: never,
@@ -147,7 +151,7 @@ class Maestro:
         return self.order(request, now, ctx)[0]
 
 
-class LeastSlackFirst:
+class LeastSlackFirst(_SlackAware):
     """``lsf``: least slack first with protected short interactive calls (module docstring)."""
 
     name = "lsf"
@@ -155,13 +159,6 @@ class LeastSlackFirst:
     def __init__(self, max_wait_s: float = 120.0, short_s: float = 2.0) -> None:
         self.max_wait_s = max_wait_s
         self.short_s = short_s
-
-    @staticmethod
-    def remaining_work(request: SchedRequest, ctx: PolicyContext) -> float:
-        return remaining_work(request, ctx)
-
-    def slack(self, request: SchedRequest, now: float, ctx: PolicyContext) -> float:
-        return _due(request) - now - remaining_work(request, ctx)
 
     def key(self, request: SchedRequest, now: float, ctx: PolicyContext) -> tuple:
         if now - request.arrival > self.max_wait_s:
