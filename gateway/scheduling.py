@@ -43,7 +43,7 @@ from gateway.config import ClusterConfig, Config, PoolConfig
 from gateway.core.admission import grown_reservation, reservation_tokens
 from gateway.core.cluster_routing import ClusterLoad, ClusterRequest, make_cluster_routing
 from gateway.core.ledger import KVLedger
-from gateway.core.queue_policy import PolicyContext, make_queue_policy
+from gateway.core.queue_policy import PolicyContext, learn_step_time, make_queue_policy
 from gateway.core.request import SchedRequest, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from gateway.metrics import GatewayMetrics
@@ -983,7 +983,7 @@ class Scheduling:
                 self.workflows.end_soon(workflow_id, job.request_id, tokens, completed, begin_task)
                 if completed and ticket.admitted_mono:
                     took = time.monotonic() - ticket.admitted_mono
-                    self.ctx.mean_step_s += 0.05 * (took - self.ctx.mean_step_s)  # learned online (EWMA)
+                    self.ctx.mean_step_s = learn_step_time(self.ctx.mean_step_s, took)
 
     def _predicted_remaining(self, context: WorkflowContext, prompt: int, p50: int) -> float:
         """Predicted seconds of work left on the workflow's critical path: this step plus the steps after it."""
