@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 
 import yaml
 
+from gateway.core.queue_policy import ORDERS
+
 ENGINE_KINDS = ("vllm", "vllm-omni")
 STATE_BACKENDS = ("memory", "redis")
 
@@ -134,7 +136,7 @@ DEFAULT_SLO_CLASSES = (
 )
 QUEUE_POLICY_NAMES = ("fcfs", "edf", "maestro", "lsf")
 ADMISSION_NAMES = ("none", "max_tokens", "predicted")
-MAESTRO_ORDERS = ("work", "slack", "due")  # gateway.core.queue_policy.ORDERS
+MAESTRO_ORDERS = ORDERS  # the one list, kept by the policy that reads it
 
 
 @dataclass(frozen=True)
