@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from predictor.features import ANALYZERS, TEXT_BLOCKS, RequestView
+from predictor.ngram_index import ngram_index
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -38,16 +39,19 @@ class TextParams:
 
 
 class _Block:
-    __slots__ = ("name", "field", "analyzer_name", "analyzer", "terms", "vocab", "keys", "idf", "offset")
+    __slots__ = ("name", "field", "analyzer_name", "analyzer", "terms", "index", "idf", "offset")
 
     def __init__(self, name: str, field: str, analyzer: str, terms: list[str], idf: np.ndarray, offset: int) -> None:
         self.name, self.field, self.analyzer_name = name, field, analyzer
         self.analyzer = ANALYZERS[analyzer]
         self.terms = terms
-        self.vocab = {term: i for i, term in enumerate(terms)}
-        self.keys = self.vocab.keys()
+        self.index = ngram_index(analyzer, terms)
         self.idf = np.asarray(idf, dtype=np.float64)
         self.offset = offset
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return {term: i for i, term in enumerate(self.terms)}
 
 
 class TextEncoder:
@@ -90,11 +94,9 @@ class TextEncoder:
     def _encode_field(self, field: str, text: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
         all_idx, all_val = [], []
         for block in self._by_field[field]:
-            hits = block.keys & block.analyzer(text)  # a list: no set of all n-grams is built (3x faster)
-            if not hits:
+            idx = block.index.columns(text)  # sorted: rows are reproducible
+            if not idx.size:
                 continue
-            idx = np.fromiter(map(block.vocab.__getitem__, hits), dtype=np.intp, count=len(hits))
-            idx.sort()  # set order varies between processes (string hashing); sorted rows are reproducible
             values = block.idf[idx]
             values /= math.sqrt(values @ values)
             all_idx.append(idx + block.offset if block.offset else idx)
@@ -175,7 +177,8 @@ class TextModel:
     def scores(self, view: RequestView) -> tuple[np.ndarray, float]:
         """(role probabilities in ``classes`` order, text length score)."""
         idx, val = self.encoder.encode(view)
-        raw = self.bias + val @ self.weights[idx] if len(idx) else self.bias.copy()
+        # np.take gathers rows about three times faster than fancy indexing
+        raw = self.bias + val @ np.take(self.weights, idx, axis=0) if len(idx) else self.bias.copy()
         logits = raw[:self._n_classes]
         if self._n_classes:
             logits = np.exp(logits - logits.max())

@@ -335,21 +335,38 @@ class FeatureAssembler:
 
 # ---------------------------------------------------------------------------------------------- text analysis
 
-_WORD = re.compile(r"(?u)\b\w\w+\b")
+# scikit-learn's default token pattern is (?u)\b\w\w+\b; without the \b it finds the same tokens (a greedy run
+# of word characters always ends at a boundary, and a scan only stops inside a run after a one-character word)
+# and runs a third faster.
+_WORD = re.compile(r"\w\w+")
 
 
-def word_ngrams(text: str) -> list[str]:
-    """Lower-cased word unigrams and bigrams (the analyzer of the word TF-IDF blocks)."""
-    tokens = _WORD.findall(text.lower())
+def word_tokens(text: str) -> list[str]:
+    """Lower-cased words of two or more word characters (scikit-learn's default token pattern)."""
+    return _WORD.findall(text.lower())
+
+
+def add_bigrams(tokens: list[str]) -> list[str]:
+    """``tokens`` followed by their bigrams (in place)."""
     if len(tokens) > 1:
         tokens.extend(map(" ".join, zip(tokens, tokens[1:])))
     return tokens
 
 
+def word_ngrams(text: str) -> list[str]:
+    """Lower-cased word unigrams and bigrams (the analyzer of the word TF-IDF blocks)."""
+    return add_bigrams(word_tokens(text))
+
+
+def char_window(text: str) -> str:
+    """The text character n-grams are read from: the first CHAR_NGRAM_CHARS characters, lower-cased,
+    whitespace collapsed to one space, padded with a space on each side."""
+    return " " + " ".join(text[:CHAR_NGRAM_CHARS].lower().split()) + " "
+
+
 def char_ngrams(text: str) -> list[str]:
-    """Character 3- and 4-grams of the first CHAR_NGRAM_CHARS characters, whitespace collapsed to one space
-    and the text padded with a space on each side."""
-    padded = " " + " ".join(text[:CHAR_NGRAM_CHARS].lower().split()) + " "
+    """Character 3- and 4-grams of :func:`char_window`."""
+    padded = char_window(text)
     size = len(padded)
     if size < 3:
         return []

@@ -59,8 +59,12 @@ REPLY_PRIMING = 3        # <|start|>assistant<|message|>
 TOOL_CALL_OVERHEAD = 3   # per function call: framing around name and arguments
 IMAGE_PART_TOKENS = 85   # an image part counts as a low-detail image (OpenAI's base cost)
 
-_NOT_PUNCT = (string.ascii_letters + string.digits + "_" + string.whitespace).encode("ascii")
-_HIGH_BYTES = bytes(range(128, 256))
+# One translate gives all counts: ASCII whitespace (what ``bytes.split()`` splits on) becomes b" ", ASCII
+# punctuation b"p", and everything else (letters, digits, "_", bytes of non-ASCII characters) b"x". A word is a
+# run of non-space, so the words are the non-space bytes that follow a space, plus one if the text starts with one.
+_WHITESPACE = b" \t\n\r\x0b\x0c"
+_WORD_BYTES = (string.ascii_letters + string.digits + "_").encode("ascii")
+_CLASSES = bytes(32 if i in _WHITESPACE else 120 if i in _WORD_BYTES or i >= 128 else 112 for i in range(256))
 
 
 def estimate_tokens(text: str) -> int:
@@ -72,9 +76,9 @@ def estimate_tokens(text: str) -> int:
     chars = len(text)
     data = text.encode("utf-8", "surrogatepass")
     extra = len(data) - chars
-    ascii_only = data.translate(None, _HIGH_BYTES) if extra else data
-    punct = len(ascii_only.translate(None, _NOT_PUNCT))
-    words = len(data.split())
+    classes = data.translate(_CLASSES)
+    punct = classes.count(b"p")
+    words = classes.count(b" x") + classes.count(b" p") + (classes[0] != 32)
     estimate = CHAR_WEIGHT * chars + PUNCT_WEIGHT * punct + WORD_WEIGHT * words + EXTRA_BYTE_WEIGHT * extra
     estimate = max(estimate, chars / MIN_CHARS_PER_TOKEN)
     return max(1, int(estimate + 0.5))

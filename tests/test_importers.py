@@ -15,6 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from predictor.importers import (SOURCES, ImportStats, InputNotFoundError, RoleMap, UnknownSourceError,
                                  import_source, iter_source, load_role_map)
@@ -79,6 +81,27 @@ def test_estimate_tokens_basics():
     assert estimate_tokens(cjk) >= len(cjk) * 0.8
     # An unbroken identifier is not one token.
     assert estimate_tokens("x" * 600) >= 100
+
+
+def _counts_the_plain_way(text: str) -> tuple[int, int]:
+    """(ASCII punctuation, words) as the estimator's docstring defines them, computed with str methods."""
+    punct = sum(1 for c in text if ord(c) < 128 and not (c.isalnum() or c == "_" or c in " \t\n\r\x0b\x0c"))
+    return punct, len(text.encode("utf-8", "surrogatepass").split())
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(" \t\n\r\x0b\x0c\x1c\x85\xa0,.{}_"),
+               max_size=60))
+@settings(max_examples=300, deadline=None)
+def test_estimate_tokens_counts_match_their_definition(text):
+    from predictor.tokens import CHAR_WEIGHT, EXTRA_BYTE_WEIGHT, MIN_CHARS_PER_TOKEN, PUNCT_WEIGHT, WORD_WEIGHT
+
+    if not text:
+        return
+    punct, words = _counts_the_plain_way(text)
+    extra = len(text.encode("utf-8", "surrogatepass")) - len(text)
+    expected = max(CHAR_WEIGHT * len(text) + PUNCT_WEIGHT * punct + WORD_WEIGHT * words + EXTRA_BYTE_WEIGHT * extra,
+                   len(text) / MIN_CHARS_PER_TOKEN)
+    assert estimate_tokens(text) == max(1, int(expected + 0.5))
 
 
 def test_estimate_message_tokens_counts_parts_names_and_tool_calls():

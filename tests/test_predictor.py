@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from predictor import Prediction, Predictor
 from predictor.classifier import TextParams
@@ -191,6 +193,34 @@ def test_text_encoder_matches_scikit_learn(predictor, records):
         vectorizer.idf_ = block.idf
         expected = vectorizer.transform([getattr(v, block.field) for v in views]).toarray()
         np.testing.assert_allclose(matrix[:, block.offset:block.offset + len(block.terms)], expected, atol=1e-12)
+
+
+_NGRAM_TEXTS = ["Review the code below and fix the bug.", "def main():\n    print('hello, world')  # greet",
+                "Écris un résumé: naïve café, 東京タワー, Ünïcödé_words and snake_case_names", "a b c", "x",
+                "You are a Programmer. Write main.py with a GUI. Use ```python fences```!"]
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(list(" \t\nabcéè_東京'.py")), max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_ngram_indexes_find_what_the_analyzers_find(text):
+    """The integer-keyed indexes return exactly the vocabulary columns the string analyzers hit."""
+    import re
+
+    import predictor.ngram_index as ngram_index
+    from predictor.features import ANALYZERS, word_tokens
+
+    assert word_tokens(text) == re.findall(r"(?u)\b\w\w+\b", text.lower())  # scikit-learn's default pattern
+    corpus = _NGRAM_TEXTS + [text[: len(text) // 2]]
+    short_text_tokens = ngram_index.SHORT_TEXT_TOKENS
+    try:
+        for ngram_index.SHORT_TEXT_TOKENS in (0, short_text_tokens):  # the numpy path, then the usual split
+            for name, index_class in (("word", ngram_index.WordNgramIndex), ("char", ngram_index.CharNgramIndex)):
+                analyzer = ANALYZERS[name]
+                terms = sorted({gram for doc in corpus for gram in analyzer(doc)})[::2]  # some grams left out
+                expected = ngram_index.AnalyzerIndex(terms, analyzer).columns(text)
+                assert index_class(terms).columns(text).tolist() == expected.tolist()
+    finally:
+        ngram_index.SHORT_TEXT_TOKENS = short_text_tokens
 
 
 # ------------------------------------------------------------------------------------------------ KV

@@ -1,0 +1,167 @@
+"""Vocabulary lookup of a text's n-grams with integer keys instead of n-gram strings.
+
+The TF-IDF blocks are binary: what one prediction needs from a text is the set of vocabulary columns whose
+n-gram occurs in it. Building every n-gram as a Python string and hashing it was half the time of a prediction
+on a long prompt. These indexes give the same set of columns (a test checks it against the analyzers of
+:mod:`predictor.features` and scikit-learn) while most of the work runs in numpy:
+
+- words: each token is mapped to a small integer once (one dict lookup per token, no bigram strings; 0 when no
+  term has it), and a bigram is the pair of its tokens' integers read as one number, looked up by binary search
+  in the sorted keys of the vocabulary's bigrams;
+- characters: each character is mapped to its index in the vocabulary's alphabet (0 when no term has it), and
+  a 3- or 4-gram is that sequence of digits read as one base-(alphabet + 1) number; a window with an unknown
+  character has a zero digit, which no vocabulary key has, so it cannot match.
+
+The analyzers themselves (:func:`predictor.features.word_ngrams`, :func:`~predictor.features.char_ngrams`)
+stay the definition: scikit-learn fits the vocabulary with them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import repeat
+
+import numpy as np
+
+from predictor.features import ANALYZERS, add_bigrams, char_window, word_ngrams, word_tokens
+
+_NO_COLUMNS = np.zeros(0, dtype=np.intp)
+# Below this many words, building the n-gram strings and looking them up costs less than the numpy calls.
+SHORT_TEXT_TOKENS = 48
+
+
+def _sorted_keys(keys: list[int], columns: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    keys_arr = np.array(keys, dtype=np.int64)
+    order = np.argsort(keys_arr, kind="stable")
+    return keys_arr[order], np.array(columns, dtype=np.intp)[order]
+
+
+def _distinct(columns: np.ndarray) -> np.ndarray:
+    """Sorted distinct values (``np.unique`` is several times slower on a few hundred values)."""
+    columns.sort()
+    if len(columns) < 2:
+        return columns
+    keep = np.empty(len(columns), dtype=bool)
+    keep[0] = True
+    np.not_equal(columns[1:], columns[:-1], out=keep[1:])
+    return columns[keep]
+
+
+def _lookup(sorted_keys: np.ndarray, columns: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """The columns of those ``keys`` that are in ``sorted_keys``."""
+    if not keys.size or not sorted_keys.size:
+        return _NO_COLUMNS
+    position = np.searchsorted(sorted_keys, keys)
+    np.minimum(position, len(sorted_keys) - 1, out=position)
+    return columns[position[sorted_keys[position] == keys]]
+
+
+class WordNgramIndex:
+    """Columns of the word unigrams and bigrams (:func:`predictor.features.word_ngrams`) of a text."""
+
+    def __init__(self, terms: Sequence[str]) -> None:
+        self._token_id: dict[str, int] = {}  # from 1: 0 is a token no term has
+        unigram_columns: list[int] = [-1]
+        pairs: list[tuple[int, int, int]] = []
+
+        def token_id(token: str) -> int:
+            index = self._token_id.get(token)
+            if index is None:
+                index = self._token_id[token] = len(unigram_columns)
+                unigram_columns.append(-1)
+            return index
+
+        for column, term in enumerate(terms):
+            first, space, second = term.partition(" ")
+            if space:
+                pairs.append((token_id(first), token_id(second), column))
+            else:
+                unigram_columns[token_id(term)] = column
+        # A bigram is its two ids as the digits of a base-(tokens + 1) number; with an unknown token (digit 0)
+        # it cannot equal a vocabulary key, whose digits are all >= 1.
+        self._base = len(unigram_columns)
+        self._unigram_columns = np.array(unigram_columns, dtype=np.intp)
+        self._bigram_keys, self._bigram_columns = _sorted_keys(
+            [a * self._base + b for a, b, _ in pairs], [column for _, _, column in pairs])
+        self._get = self._token_id.get
+        self._plain = AnalyzerIndex(terms, word_ngrams)
+
+    def columns(self, text: str) -> np.ndarray:
+        """Sorted, distinct vocabulary columns of the n-grams of ``text``."""
+        tokens = word_tokens(text)
+        if len(tokens) < SHORT_TEXT_TOKENS:
+            return self._plain.lookup(add_bigrams(tokens)) if tokens else _NO_COLUMNS
+        ids = np.fromiter(map(self._get, tokens, repeat(0)), dtype=np.int64, count=len(tokens))
+        found = self._unigram_columns[ids]
+        found = found[found >= 0]
+        if len(ids) > 1 and self._bigram_keys.size:
+            keys = ids[:-1] * self._base + ids[1:]
+            found = np.concatenate((found, _lookup(self._bigram_keys, self._bigram_columns, keys)))
+        return _distinct(found)
+
+
+class CharNgramIndex:
+    """Columns of the character 3- and 4-grams (:func:`predictor.features.char_ngrams`) of a text."""
+
+    def __init__(self, terms: Sequence[str]) -> None:
+        alphabet = sorted({char for term in terms for char in term})
+        digit = {char: i + 1 for i, char in enumerate(alphabet)}  # 0: a character no term has
+        self._codes = np.array([ord(char) for char in alphabet], dtype=np.uint32)
+        self._base = len(alphabet) + 1
+        keys: dict[int, tuple[list[int], list[int]]] = {3: ([], []), 4: ([], [])}
+        for column, term in enumerate(terms):
+            if len(term) not in keys:
+                raise ValueError(f"character n-gram {term!r} is not 3 or 4 characters long")
+            key = 0
+            for char in term:
+                key = key * self._base + digit[char]
+            keys[len(term)][0].append(key)
+            keys[len(term)][1].append(column)
+        self._keys3, self._columns3 = _sorted_keys(*keys[3])
+        self._keys4, self._columns4 = _sorted_keys(*keys[4])
+
+    def columns(self, text: str) -> np.ndarray:
+        """Sorted, distinct vocabulary columns of the n-grams of ``text``."""
+        window = char_window(text)
+        if len(window) < 3 or not self._codes.size:
+            return _NO_COLUMNS
+        codes = np.frombuffer(window.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        position = np.searchsorted(self._codes, codes)
+        np.minimum(position, len(self._codes) - 1, out=position)
+        digits = np.where(self._codes[position] == codes, position + 1, 0).astype(np.int64)
+        base = self._base
+        keys3 = (digits[:-2] * base + digits[1:-1]) * base + digits[2:]
+        found = _lookup(self._keys3, self._columns3, keys3)
+        if len(digits) > 3:
+            keys4 = keys3[:-1] * base + digits[3:]
+            found = np.concatenate((found, _lookup(self._keys4, self._columns4, keys4)))
+        return _distinct(found)
+
+
+class AnalyzerIndex:
+    """Any analyzer, the plain way: build its n-gram strings and look them up (the fallback)."""
+
+    def __init__(self, terms: Sequence[str], analyzer) -> None:
+        self._vocab = {term: i for i, term in enumerate(terms)}
+        self._keys = self._vocab.keys()
+        self._analyzer = analyzer
+
+    def columns(self, text: str) -> np.ndarray:
+        return self.lookup(self._analyzer(text))
+
+    def lookup(self, grams: list[str]) -> np.ndarray:
+        hits = self._keys & grams  # a list: no set of all n-grams is built
+        if not hits:
+            return _NO_COLUMNS
+        found = np.fromiter(map(self._vocab.__getitem__, hits), dtype=np.intp, count=len(hits))
+        found.sort()
+        return found
+
+
+def ngram_index(analyzer: str, terms: Sequence[str]) -> WordNgramIndex | CharNgramIndex | AnalyzerIndex:
+    """The fastest exact index for a block's analyzer and vocabulary."""
+    if analyzer == "word":
+        return WordNgramIndex(terms)
+    if analyzer == "char" and (len({char for term in terms for char in term}) + 1) ** 4 < 2 ** 63:
+        return CharNgramIndex(terms)
+    return AnalyzerIndex(terms, ANALYZERS[analyzer])  # e.g. an alphabet too large for 64-bit 4-gram keys
