@@ -55,6 +55,10 @@ Cluster choice (``latency_aware``) gets, per cluster, the queued work its queue 
 request (:meth:`FastPool.work_ahead`) and the time per output token at the pool's current batch, so it sees that
 an interactive call jumps maestro's queue and that a busier cluster decodes slower.
 
+maestro and lsf estimate a workflow's remaining work with a mean step time; like the live gateway, the simulator
+learns it online from completed steps (``SimConfig.learn_step_time``, :func:`~gateway.core.queue_policy.
+learn_step_time`) and re-keys the queues when it has moved by :data:`STEP_TIME_REKEY_DRIFT`.
+
 Predictions are made once per step before the run (they depend on the request only); without a prompt text the
 predictor sees a filler text of the step's prompt length, and its role and workflow headers.
 
@@ -82,13 +86,14 @@ from backends.sim.cost_model import EngineCostModel
 from gateway.core.admission import ADMISSION_POLICIES, grown_reservation, reservation_tokens
 from gateway.core.cluster_routing import ClusterLoad, ClusterRequest, make_cluster_routing
 from gateway.core.ledger import KVLedger
-from gateway.core.queue_policy import EDF, FCFS, LeastSlackFirst, PolicyContext, make_queue_policy
+from gateway.core.queue_policy import EDF, FCFS, LeastSlackFirst, PolicyContext, learn_step_time, make_queue_policy
 from gateway.core.request import DEFAULT_SLO_CLASSES, INTERACTIVE, SchedRequest, SLOClass, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from loadgen.results import RequestResult, RunResult, WorkflowResult
 from loadgen.workload import Workload
 
 INF = math.inf
+STEP_TIME_REKEY_DRIFT = 0.02  # re-key the queues when the learned mean step time moved 2 % from the one in use
 
 # --------------------------------------------------------------------------------------------------- configuration
 
@@ -147,6 +152,9 @@ class SimConfig:
     slo_classes: dict[str, SLOClass] = field(default_factory=lambda: dict(DEFAULT_SLO_CLASSES))
     step_hint: bool = True  # the client tells the gateway how many steps a workflow has (X-Workflow-Steps)
     mean_step_s: float | None = None  # maestro's mean step time; None: mean predicted step service of the workload
+    # learn the mean step time online from completed workflow steps, as the live gateway does (queue_policy.
+    # learn_step_time); the queues are re-keyed when it has drifted STEP_TIME_REKEY_DRIFT from the value in use
+    learn_step_time: bool = True
     nominal_batch: int | None = None  # batch at which service times are predicted (None: max_num_seqs // 2)
     nominal_context: int = 2048  # context per sequence at which service times are predicted
     # the gateway's estimate of a prompt is round(ratio x the engine's count): its character-based estimator
@@ -311,6 +319,7 @@ class FastPool:
         """Predicted service seconds queued in ``r``'s tier and the better ones (what it would wait behind)."""
         if self.kind in ("fcfs", "edf"):
             return sum(self.tier_work.values())
+        self._fire_timers(now)  # queued requests whose tier changed by now count in their new tier
         tier = self._classify(r, now)[0]
         return sum(w for t, w in self.tier_work.items() if t <= tier)
 
@@ -491,8 +500,12 @@ class ReferencePool:
         pass
 
     def work_ahead(self, r: SchedRequest, now: float) -> float:
-        service = self.ctx.service_time
-        return sum(service(q) for q in self.scheduler.waiting.values())
+        """:meth:`FastPool.work_ahead` the plain way: the work of the queued requests in ``r``'s tier or better."""
+        service, policy, waiting = self.ctx.service_time, self.scheduler.policy, self.scheduler.waiting.values()
+        if isinstance(policy, (FCFS, EDF)):
+            return sum(service(q) for q in waiting)
+        tier = policy.key(r, now, self.ctx)[0]
+        return sum(service(q) for q in waiting if policy.key(q, now, self.ctx)[0] <= tier)
 
     def admitted(self, r: SchedRequest, engine_id: str, now: float) -> None:
         self.scheduler.admitted(r, engine_id, now)
@@ -1175,7 +1188,8 @@ class Simulator(EngineHooks):
             mean_step = sum(values) / len(values) if values else 5.0
         for pool in self.pools:
             pool.ctx.mean_step_s = mean_step
-        self.mean_step_s = mean_step
+        self.mean_step_s = mean_step  # the starting value (reported)
+        self._step_mean = self._step_applied = mean_step
         self.runs: list[_WorkflowRun] = []
         for wi, wf in enumerate(wl.workflows):
             run = _WorkflowRun()
@@ -1313,6 +1327,18 @@ class Simulator(EngineHooks):
             if workflow_id in getattr(p.queue, "by_workflow", ()):
                 p.queue.rekey_workflow(workflow_id, t)
 
+    def _learn_step_time(self, took_s: float, t: float) -> None:
+        """Update the mean step time as the live gateway does after a workflow step ends; queue keys hold the
+        value in use, so it is applied (and every queued workflow step re-keyed) only once it has drifted."""
+        self._step_mean = learn_step_time(self._step_mean, took_s)
+        if abs(self._step_mean - self._step_applied) <= STEP_TIME_REKEY_DRIFT * self._step_applied:
+            return
+        self._step_applied = self._step_mean
+        for pool in self.pools:
+            pool.ctx.mean_step_s = self._step_applied
+            for workflow_id in list(getattr(pool.queue, "by_workflow", ())):
+                pool.queue.rekey_workflow(workflow_id, t)
+
     def _choose_pool(self, sched: SchedRequest) -> _Pool:
         model = sched.model
         candidates: list[_Pool] = []
@@ -1445,6 +1471,8 @@ class Simulator(EngineHooks):
             state.tokens_used += req.prompt + req.target
             state.last_activity = t
             self._rekey(wf.id, t)
+            if self.cfg.learn_step_time and req.sched is not None and req.sched.admitted_at is not None:
+                self._learn_step_time(t + half - req.sched.admitted_at, t)
         client_t = t + half
         if client_t > self.last_finish:
             self.last_finish = client_t
@@ -1513,6 +1541,7 @@ class Simulator(EngineHooks):
             "engine_preemptions": sum(e.preemptions for e in engines),
             "engine_busy_share": (sum(e.busy_s for e in engines) / (len(engines) * end)) if engines and end > 0 else 0.0,
             "mean_step_s": self.mean_step_s,
+            "mean_step_s_learned": self._step_mean,
             "kv": kv,
             "config": _config_json(cfg),
             "workload": {"name": self.workload.name, "seed": self.workload.seed,

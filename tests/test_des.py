@@ -252,12 +252,28 @@ def test_same_seed_same_result():
 
 @pytest.mark.parametrize("policy", ["fcfs", "edf", "lsf", "maestro"])
 def test_fastpool_simulation_equals_reference_scheduler(policy):
-    workload = _small_workload(2, n=50, rate=3.0)
-    options = {"max_wait_s": 20.0} if policy in ("lsf", "maestro") else {}
-    fast = simulate(workload, _config(queue_policy=policy, queue_options=options))
-    slow = simulate(workload, _config(queue_policy=policy, queue_options=options, reference=True))
+    # light load, and a load with deep queues (where cluster routing reads the work queued ahead in tier order)
+    for workload in (_small_workload(2, n=50, rate=3.0), _small_workload(2, n=120, rate=10.0)):
+        options = {"max_wait_s": 20.0} if policy in ("lsf", "maestro") else {}
+        fast = simulate(workload, _config(queue_policy=policy, queue_options=options))
+        slow = simulate(workload, _config(queue_policy=policy, queue_options=options, reference=True))
+        assert [r.to_json() for r in fast.requests] == [r.to_json() for r in slow.requests]
+        assert fast.meta["dispatches"] == slow.meta["dispatches"]
+
+
+def test_mean_step_time_is_learned_online_like_the_gateway():
+    """Under load steps take longer than predicted: the simulator learns the mean step time from completed steps
+    (as the live gateway does), re-keys the queues on the way, and still schedules exactly as the reference."""
+    workload = _small_workload(2, n=120, rate=10.0)  # busy enough for the learned value to change the order
+    options = {"max_wait_s": 20.0}
+    fast = simulate(workload, _config(queue_policy="maestro", queue_options=options))
+    start, learned = fast.meta["mean_step_s"], fast.meta["mean_step_s_learned"]
+    assert abs(learned - start) > 0.02 * start  # drifted past the re-key threshold at least once
+    slow = simulate(workload, _config(queue_policy="maestro", queue_options=options, reference=True))
     assert [r.to_json() for r in fast.requests] == [r.to_json() for r in slow.requests]
-    assert fast.meta["dispatches"] == slow.meta["dispatches"]
+    fixed = simulate(workload, _config(queue_policy="maestro", queue_options=options, learn_step_time=False))
+    assert fixed.meta["mean_step_s_learned"] == fixed.meta["mean_step_s"] == start
+    assert [r.to_json() for r in fixed.requests] != [r.to_json() for r in fast.requests]
 
 
 @pytest.mark.parametrize("admission", ["none", "max_tokens", "predicted"])

@@ -59,9 +59,8 @@ def learn_step_time(mean_s: float, took_s: float, weight: float = STEP_TIME_WEIG
     """The mean service time of one workflow step after a step took ``took_s`` from admission to its end.
 
     The remaining-work estimate multiplies it by the steps still to come, so under load (bigger batches, slower
-    steps) the policies see workflows as further from done. The live gateway learns it with this function; the
-    simulator does not yet (it keeps the starting value), which is the likely cause of maestro's small live-vs-
-    simulated difference in E4 under overload."""
+    steps) the policies see workflows as further from done. The live gateway and the simulator (``SimConfig.
+    learn_step_time``) both learn it with this function, from admission to the end of each workflow step."""
     return mean_s + weight * (took_s - mean_s)
 
 
