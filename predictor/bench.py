@@ -3,7 +3,8 @@
 Loads a model (timing the load in this process), takes requests from trace files (sources in turn, random
 records within each), and times ``predict()`` on each, one at a time, after a short warm-up. Prints JSON:
 p50/p90/p99/mean µs per call (wall clock, and the calling thread's CPU time, which other processes on a busy
-machine do not inflate), the model file size and load time. By default the system-prompt memo of the
+machine do not inflate), the model file size and load time, and a machine yardstick (a fixed pure-Python loop
+timed the same way, with the p50 expressed in it) to compare runs on a shared VM whose speed varies by day. By default the system-prompt memo of the
 text encoder is on (agents resend the same system prompt, so this is the steady state); ``--no-cache``
 measures every request as if it were the first of its agent.
 """
@@ -33,6 +34,18 @@ def _percentile(sorted_values: list[float], q: float) -> float:
         return float("nan")
     index = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
     return sorted_values[index]
+
+
+def machine_reference_us(repeats: int = 200) -> float:
+    """Median µs of a fixed pure-Python loop, timed like ``predict()``: a yardstick for the machine's speed at the
+    time of the run, so readings taken on a shared VM on different days can be compared (predict / reference)."""
+    timings = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        sum(i * i for i in range(2000))
+        timings.append((time.perf_counter_ns() - t0) / 1000.0)
+    timings.sort()
+    return round(_percentile(timings, 0.5), 1)
 
 
 def run(model: str, data: list[str], requests: int = 3000, warmup: int = 200, cache: bool = True,
@@ -74,6 +87,7 @@ def run(model: str, data: list[str], requests: int = 3000, warmup: int = 200, ca
         cpu.append((c1 - c0) / 1000.0)
     timings.sort()
     cpu.sort()
+    reference = machine_reference_us()
     return {
         "model": model,
         "model_bytes": os.path.getsize(model),
@@ -87,6 +101,8 @@ def run(model: str, data: list[str], requests: int = 3000, warmup: int = 200, ca
         # CPU time of this thread per call: what the call costs, unaffected by other processes on the machine
         "predict_cpu_us": {"p50": round(_percentile(cpu, 0.5), 1), "p90": round(_percentile(cpu, 0.9), 1),
                            "p99": round(_percentile(cpu, 0.99), 1), "mean": round(sum(cpu) / len(cpu), 1)},
+        "machine_reference_us": reference,
+        "p50_in_references": round(_percentile(timings, 0.5) / reference, 2),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],

@@ -469,6 +469,7 @@ def test_bench_runs(predictor, tmp_path):
     result = run(str(model), [str(data)], requests=50, warmup=5)
     assert result["requests"] == 50 and result["model_bytes"] > 0
     assert result["predict_us"]["p50"] > 0 and result["load_s"] >= 0
+    assert result["machine_reference_us"] > 0 and result["p50_in_references"] > 0
 
 
 # ------------------------------------------------------------------------------------------------ online
