@@ -264,7 +264,7 @@ def test_fastpool_simulation_equals_reference_scheduler(policy):
 def test_mean_step_time_is_learned_online_like_the_gateway():
     """Under load steps take longer than predicted: the simulator learns the mean step time from completed steps
     (as the live gateway does), re-keys the queues on the way, and still schedules exactly as the reference."""
-    workload = _small_workload(2, n=120, rate=10.0)  # busy enough for the learned value to change the order
+    workload = _small_workload(3, n=150, rate=12.0)  # busy enough for the learned value to change the order
     options = {"max_wait_s": 20.0}
     fast = simulate(workload, _config(queue_policy="maestro", queue_options=options))
     start, learned = fast.meta["mean_step_s"], fast.meta["mean_step_s_learned"]
