@@ -152,6 +152,7 @@ class SchedulingConfig:
     maestro_order: str = "work"  # maestro's order among feasible workflow steps: work | slack | due
     short_s: float = 2.0  # lsf: interactive calls predicted to take at most this are protected
     mean_step_s: float = 5.0  # initial mean service time of one workflow step (then learned online)
+    step_time_window_s: float = 60.0  # the learned mean is over about this many seconds of completed steps
     default_steps: int = 0  # remaining steps assumed for a workflow that gives no X-Workflow-Steps hint
     token_time_s: float = 0.02  # predicted service seconds per output token (service-time estimate)
     prefill_token_time_s: float = 0.0002  # ... and per prompt token
@@ -366,7 +367,8 @@ def _parse_slo_classes(raw: Any) -> tuple[SLOClassConfig, ...]:
 
 
 def _parse_scheduling(root: dict[str, Any], slo_classes: tuple[SLOClassConfig, ...]) -> SchedulingConfig:
-    checks = {name: "positive" for name in ("max_wait_s", "short_s", "mean_step_s", "token_time_s", "block_size",
+    checks = {name: "positive" for name in ("max_wait_s", "short_s", "mean_step_s", "step_time_window_s", "token_time_s",
+                                            "block_size",
                                             "grow_step_tokens", "tick_s", "ledger_lease_s", "workflow_ttl_s")}
     checks.update(max_outstanding_per_engine="nonneg", default_steps="nonneg", prefill_token_time_s="nonneg")
     scheduling = _section(root, SchedulingConfig, "scheduling", checks)

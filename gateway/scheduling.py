@@ -43,7 +43,7 @@ from gateway.config import ClusterConfig, Config, PoolConfig
 from gateway.core.admission import grown_reservation, reservation_tokens
 from gateway.core.cluster_routing import ClusterLoad, ClusterRequest, make_cluster_routing
 from gateway.core.ledger import KVLedger
-from gateway.core.queue_policy import PolicyContext, learn_step_time, make_queue_policy
+from gateway.core.queue_policy import PolicyContext, StepTimeMean, make_queue_policy
 from gateway.core.request import SchedRequest, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from gateway.metrics import GatewayMetrics
@@ -754,6 +754,7 @@ class Scheduling:
         self.predictor = RequestPredictor(config)
         self.ctx = PolicyContext(service_time=self.service_time, workflows=self.workflows.cache,
                                  mean_step_s=cfg.mean_step_s, default_steps=cfg.default_steps)
+        self.step_time = StepTimeMean(cfg.mean_step_s, cfg.step_time_window_s)
         self.cluster_policy = make_cluster_routing(
             config.routing.cluster_policy,
             **({"spill_margin_s": config.routing.spill_margin_s} if config.routing.cluster_policy == "latency_aware"
@@ -982,8 +983,8 @@ class Scheduling:
                 tokens = int(usage.get("total_tokens") or (prompt + ticket.generated))
                 self.workflows.end_soon(workflow_id, job.request_id, tokens, completed, begin_task)
                 if completed and ticket.admitted_mono:
-                    took = time.monotonic() - ticket.admitted_mono
-                    self.ctx.mean_step_s = learn_step_time(self.ctx.mean_step_s, took)
+                    now = time.monotonic()
+                    self.ctx.mean_step_s = self.step_time.add(now - ticket.admitted_mono, now)
 
     def _predicted_remaining(self, context: WorkflowContext, prompt: int, p50: int) -> float:
         """Predicted seconds of work left on the workflow's critical path: this step plus the steps after it."""

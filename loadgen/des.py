@@ -56,8 +56,8 @@ request (:meth:`FastPool.work_ahead`) and the time per output token at the pool'
 an interactive call jumps maestro's queue and that a busier cluster decodes slower.
 
 maestro and lsf estimate a workflow's remaining work with a mean step time; like the live gateway, the simulator
-learns it online from completed steps (``SimConfig.learn_step_time``, :func:`~gateway.core.queue_policy.
-learn_step_time`) and re-keys the queues when it has moved by :data:`STEP_TIME_REKEY_DRIFT` (5 %).
+learns it online from completed steps (``SimConfig.learn_step_time``, :class:`~gateway.core.queue_policy.
+StepTimeMean`) and re-keys the queues when it has moved by :data:`STEP_TIME_REKEY_DRIFT` (5 %).
 
 Predictions are made once per step before the run (they depend on the request only); without a prompt text the
 predictor sees a filler text of the step's prompt length, and its role and workflow headers.
@@ -86,15 +86,16 @@ from backends.sim.cost_model import EngineCostModel
 from gateway.core.admission import ADMISSION_POLICIES, grown_reservation, reservation_tokens
 from gateway.core.cluster_routing import ClusterLoad, ClusterRequest, make_cluster_routing
 from gateway.core.ledger import KVLedger
-from gateway.core.queue_policy import EDF, FCFS, LeastSlackFirst, PolicyContext, learn_step_time, make_queue_policy
+from gateway.core.queue_policy import (EDF, FCFS, STEP_TIME_WINDOW_S, LeastSlackFirst, PolicyContext, StepTimeMean,
+                                      make_queue_policy)
 from gateway.core.request import DEFAULT_SLO_CLASSES, INTERACTIVE, SchedRequest, SLOClass, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from loadgen.results import RequestResult, RunResult, WorkflowResult
 from loadgen.workload import Workload
 
 INF = math.inf
-# Re-key the queues when the learned mean step time moved 5 % from the one in use (about the estimate's own noise:
-# re-keying on smaller moves would chase noise at the cost of re-sorting every queue).
+# Re-key the queues when the learned mean step time moved 5 % from the one in use (smaller moves reorder little
+# and would cost a re-sort of every queue each time).
 STEP_TIME_REKEY_DRIFT = 0.05
 
 # --------------------------------------------------------------------------------------------------- configuration
@@ -155,8 +156,9 @@ class SimConfig:
     step_hint: bool = True  # the client tells the gateway how many steps a workflow has (X-Workflow-Steps)
     mean_step_s: float | None = None  # maestro's mean step time; None: mean predicted step service of the workload
     # learn the mean step time online from completed workflow steps, as the live gateway does (queue_policy.
-    # learn_step_time); the queues are re-keyed when it has drifted STEP_TIME_REKEY_DRIFT from the value in use
+    # StepTimeMean over step_time_window_s); the queues are re-keyed when it has drifted STEP_TIME_REKEY_DRIFT
     learn_step_time: bool = True
+    step_time_window_s: float = STEP_TIME_WINDOW_S
     nominal_batch: int | None = None  # batch at which service times are predicted (None: max_num_seqs // 2)
     nominal_context: int = 2048  # context per sequence at which service times are predicted
     # the gateway's estimate of a prompt is round(ratio x the engine's count): its character-based estimator
@@ -408,31 +410,47 @@ class FastPool:
             self._insert(r, now)
 
     def rekey_all(self, now: float) -> None:
-        """Re-classify every queued request at once (the mean step time changed): one sort per tier instead of
-        a removal and an insertion per request."""
+        """The mean step time changed: re-classify the queued workflow steps whose key depends on it (not aged
+        ones: aging is for good). Many at once are taken out and sorted back per tier in one pass."""
         if self.kind in ("fcfs", "edf"):
             return
-        tiers: dict[int, list[tuple]] = {}
-        where: dict[str, tuple[int, tuple]] = {}
-        tier_work: dict[int, float] = {}
-        timers: list[tuple[float, int, str, int]] = []
-        after_now = math.nextafter(now, INF)
+        where = self.where
+        affected = [rid for ids in self.by_workflow.values() for rid in ids if where[rid][0] != -1]
+        if len(affected) < 64:
+            for rid in affected:
+                r = self.waiting[rid]
+                self._remove(r)
+                self._insert(r, now)
+            return
+        moving = set(affected)
         service = self.ctx.service_time
-        for rid, r in self.waiting.items():
+        for tier in {where[rid][0] for rid in affected}:
+            self.tiers[tier] = [item for item in self.tiers[tier] if item[1].request_id not in moving]
+        touched = set()
+        after_now = math.nextafter(now, INF)
+        for rid in affected:
+            r = self.waiting[rid]
+            old_tier = where[rid][0]
+            work = service(r)
+            self.tier_work[old_tier] -= work
             tier, key, nxt = self._classify(r, now)
-            tiers.setdefault(tier, []).append((key, r))
+            lst = self.tiers.get(tier)
+            if lst is None:
+                lst = self.tiers[tier] = []
+            lst.append((key, r))
+            touched.add(tier)
             where[rid] = (tier, key)
-            tier_work[tier] = tier_work.get(tier, 0.0) + service(r)
-            if nxt < INF:
+            self.tier_work[tier] = self.tier_work.get(tier, 0.0) + work
+            if nxt < INF:  # a fresh timer; the old one is stale by its version
                 v = self.version.get(rid, 0) + 1
                 self.version[rid] = v
                 self._seq += 1
-                timers.append((max(nxt, after_now), self._seq, rid, v))
-        for items in tiers.values():
-            items.sort()
-        heapq.heapify(timers)
-        self.tiers, self.where, self.tier_work, self.timers = tiers, where, tier_work, timers
-        self._tier_order = sorted(tiers)
+                heapq.heappush(self.timers, (max(nxt, after_now), self._seq, rid, v))
+            else:
+                self.version[rid] = self.version.get(rid, 0) + 1
+        for tier in touched:
+            self.tiers[tier].sort()
+        self._tier_order = sorted(self.tiers)
 
     def admitted(self, r: SchedRequest, engine_id: str, now: float) -> None:
         self.waiting.pop(r.request_id)
@@ -1221,7 +1239,8 @@ class Simulator(EngineHooks):
         for pool in self.pools:
             pool.ctx.mean_step_s = mean_step
         self.mean_step_s = mean_step  # the starting value (reported)
-        self._step_mean = self._step_applied = mean_step
+        self._step_time = StepTimeMean(mean_step, cfg.step_time_window_s)
+        self._step_applied = mean_step
         self.runs: list[_WorkflowRun] = []
         for wi, wf in enumerate(wl.workflows):
             run = _WorkflowRun()
@@ -1359,13 +1378,13 @@ class Simulator(EngineHooks):
             if workflow_id in getattr(p.queue, "by_workflow", ()):
                 p.queue.rekey_workflow(workflow_id, t)
 
-    def _learn_step_time(self, took_s: float, t: float) -> None:
-        """Update the mean step time as the live gateway does after a workflow step ends; queue keys hold the
-        value in use, so it is applied (and every queued workflow step re-keyed) only once it has drifted."""
-        self._step_mean = learn_step_time(self._step_mean, took_s)
-        if abs(self._step_mean - self._step_applied) <= STEP_TIME_REKEY_DRIFT * self._step_applied:
+    def _learn_step_time(self, took_s: float, ended: float, t: float) -> None:
+        """Update the mean step time as the live gateway does when a workflow step ends (at the gateway: ``ended``);
+        queue keys hold the value in use, so it is applied (and queued workflow steps re-keyed) once it drifted."""
+        mean = self._step_time.add(took_s, ended)
+        if abs(mean - self._step_applied) <= STEP_TIME_REKEY_DRIFT * self._step_applied:
             return
-        self._step_applied = self._step_mean
+        self._step_applied = mean
         for pool in self.pools:
             pool.ctx.mean_step_s = self._step_applied
             pool.queue.rekey_all(t)
@@ -1503,7 +1522,7 @@ class Simulator(EngineHooks):
             state.last_activity = t
             self._rekey(wf.id, t)
             if self.cfg.learn_step_time and req.sched is not None and req.sched.admitted_at is not None:
-                self._learn_step_time(t + half - req.sched.admitted_at, t)
+                self._learn_step_time(t + half - req.sched.admitted_at, t + half, t)
         client_t = t + half
         if client_t > self.last_finish:
             self.last_finish = client_t
@@ -1572,7 +1591,7 @@ class Simulator(EngineHooks):
             "engine_preemptions": sum(e.preemptions for e in engines),
             "engine_busy_share": (sum(e.busy_s for e in engines) / (len(engines) * end)) if engines and end > 0 else 0.0,
             "mean_step_s": self.mean_step_s,
-            "mean_step_s_learned": self._step_mean,
+            "mean_step_s_learned": self._step_time.mean_s,
             "kv": kv,
             "config": _config_json(cfg),
             "workload": {"name": self.workload.name, "seed": self.workload.seed,

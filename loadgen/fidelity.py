@@ -182,6 +182,7 @@ class FidelitySetup:
                 "block_size": spec.block_size, "grow_step_tokens": SimConfig.growth_step_tokens,
                 "token_time_s": token_time / ts, "prefill_token_time_s": cost.prefill_coef[1] / ts,
                 "mean_step_s": max(mean_step_s, 1e-3) / ts, "max_wait_s": AGING_S / ts, "short_s": SHORT_S / ts,
+                "step_time_window_s": SimConfig.step_time_window_s / ts,
             },
             "server": {"max_inflight": 1 << 16},
             "state": {"backend": "memory"},

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import functools
 import heapq
+import math
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -116,6 +118,33 @@ def test_maestro_counts_remaining_workflow_steps():
     assert Maestro().key(tight[0], 3.0, ctx)[0] == 2 and Maestro().key(tight[1], 3.0, ctx)[0] == 1
     assert order(Maestro(), tight, now=3.0, ctx=ctx) == ["s", "l"]
     assert order(EDF(), tight, now=3.0, ctx=ctx) == ["l", "s"]
+
+
+def test_step_time_mean_is_over_a_time_window():
+    """The learned mean step time follows the load within about a window, whatever the traffic rate, and its noise
+    shrinks as traffic grows; the configured start counts as a couple of steps."""
+    from gateway.core.queue_policy import StepTimeMean
+
+    mean = StepTimeMean(5.0, window_s=60.0, prior_steps=2.0)
+    assert mean.mean_s == 5.0
+    assert mean.add(20.0, 0.0) == pytest.approx((20.0 + 2 * 5.0) / 3)
+    rng = random.Random(3)
+    for rate in (1.0, 40.0):  # steps per second
+        mean = StepTimeMean(5.0, window_s=60.0)
+        t = 0.0
+        for _ in range(int(300 * rate)):  # five minutes at 10 s per step (noisy), then the load doubles
+            t += 1.0 / rate
+            mean.add(rng.expovariate(1 / 10.0), t)
+        assert mean.mean_s == pytest.approx(10.0, rel=0.35 if rate == 1.0 else 0.08)
+        for _ in range(int(120 * rate)):  # two windows at 20 s per step
+            t += 1.0 / rate
+            mean.add(rng.expovariate(1 / 20.0), t)
+        assert mean.mean_s == pytest.approx(20.0 * (1 - math.exp(-2)) + 10.0 * math.exp(-2),
+                                            rel=0.35 if rate == 1.0 else 0.08)
+    mean.add(1.0, t - 5.0)  # a step reported out of order (another cluster's round trip) does not rewind time
+    assert mean.add(1.0, t) < 20.0
+    with pytest.raises(ValueError):
+        StepTimeMean(0.0)
 
 
 def test_aged_request_that_does_not_fit_blocks_backfill():

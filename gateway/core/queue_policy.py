@@ -52,20 +52,49 @@ from gateway.core.request import SchedRequest, WorkflowState
 # 79.2 % of workflow deadlines with 600 s, 82.1 % with 900 s, 85.3 % without aging; EDF 48.0 %).
 DEFAULT_MAX_WAIT_S = 600.0
 ORDERS = ("work", "slack", "due")
-# Weight of the newest step in the mean step time: an EWMA over about 100 steps (seconds of traffic under load).
-# Step times spread widely (coefficient of variation about 0.9 in E2's workload), so a shorter memory mostly
-# follows noise: at 0.05 the estimate's own noise is about 14 % and it moves the slack tiers back and forth; at
-# 0.01 about 6 %, while it still follows the load (E2 at load 4: from 12 s to 31 s over the run).
-STEP_TIME_WEIGHT = 0.01
+STEP_TIME_WINDOW_S = 60.0  # the mean step time is over about the last minute of completed workflow steps
+STEP_TIME_PRIOR_STEPS = 2.0  # the configured starting value counts as this many steps, always
 
 
-def learn_step_time(mean_s: float, took_s: float, weight: float = STEP_TIME_WEIGHT) -> float:
-    """The mean service time of one workflow step after a step took ``took_s`` from admission to its end.
+class StepTimeMean:
+    """The mean service time of one workflow step (admission to end), over about the last ``window_s`` seconds.
 
-    The remaining-work estimate multiplies it by the steps still to come, so under load (bigger batches, slower
-    steps) the policies see workflows as further from done. The live gateway and the simulator (``SimConfig.
-    learn_step_time``) both learn it with this function, from admission to the end of each workflow step."""
-    return mean_s + weight * (took_s - mean_s)
+    maestro and lsf estimate a workflow's remaining work as this step's service plus the steps still to come at
+    this mean, so under load (bigger batches, slower steps) they see workflows as further from done. Step times
+    spread widely (a coefficient of variation of about 0.9 in E2's workload) while the load level they reflect
+    moves over tens of seconds, so the mean is over time rather than over a count of steps: every step in the
+    window weighs the same (exponentially decayed by age), its noise shrinks as traffic grows, and it still
+    follows the load within about a window. A count-based EWMA over 20 steps was 14 % noise and, at 40 steps a
+    second, forgot everything older than half a second. The configured starting value stays in as
+    ``prior_steps`` steps, which only matters when the window holds few steps. The live gateway and the
+    simulator (``SimConfig.learn_step_time``) both use this."""
+
+    __slots__ = ("initial_s", "window_s", "prior_steps", "_sum", "_weight", "_last")
+
+    def __init__(self, initial_s: float, window_s: float = STEP_TIME_WINDOW_S,
+                 prior_steps: float = STEP_TIME_PRIOR_STEPS) -> None:
+        if initial_s <= 0 or window_s <= 0 or prior_steps <= 0:
+            raise ValueError("initial_s, window_s and prior_steps must be positive")
+        self.initial_s, self.window_s, self.prior_steps = float(initial_s), float(window_s), float(prior_steps)
+        self._sum = 0.0  # decayed sum of step times in the window
+        self._weight = 0.0  # decayed count of steps in the window
+        self._last: float | None = None
+
+    @property
+    def mean_s(self) -> float:
+        return (self._sum + self.prior_steps * self.initial_s) / (self._weight + self.prior_steps)
+
+    def add(self, took_s: float, now: float) -> float:
+        """Count one step that took ``took_s`` and ended at ``now`` (a monotonic clock); returns the new mean."""
+        if self._last is not None and now > self._last:
+            decay = math.exp((self._last - now) / self.window_s)
+            self._sum *= decay
+            self._weight *= decay
+        if self._last is None or now > self._last:
+            self._last = now
+        self._sum += max(0.0, took_s)
+        self._weight += 1.0
+        return self.mean_s
 
 
 @dataclass
