@@ -982,9 +982,8 @@ class Scheduling:
                 usage = job.usage or {}
                 tokens = int(usage.get("total_tokens") or (prompt + ticket.generated))
                 self.workflows.end_soon(workflow_id, job.request_id, tokens, completed, begin_task)
-                if completed and ticket.admitted_mono:
-                    now = time.monotonic()
-                    self.ctx.mean_step_s = self.step_time.add(now - ticket.admitted_mono, now)
+                if completed:
+                    self.ctx.mean_step_s = self.step_time.add(self.service_time(sched_request), time.monotonic())
 
     def _predicted_remaining(self, context: WorkflowContext, prompt: int, p50: int) -> float:
         """Predicted seconds of work left on the workflow's critical path: this step plus the steps after it."""

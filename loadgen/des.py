@@ -1378,10 +1378,10 @@ class Simulator(EngineHooks):
             if workflow_id in getattr(p.queue, "by_workflow", ()):
                 p.queue.rekey_workflow(workflow_id, t)
 
-    def _learn_step_time(self, took_s: float, ended: float, t: float) -> None:
+    def _learn_step_time(self, service_s: float, ended: float, t: float) -> None:
         """Update the mean step time as the live gateway does when a workflow step ends (at the gateway: ``ended``);
         queue keys hold the value in use, so it is applied (and queued workflow steps re-keyed) once it drifted."""
-        mean = self._step_time.add(took_s, ended)
+        mean = self._step_time.add(service_s, ended)
         if abs(mean - self._step_applied) <= STEP_TIME_REKEY_DRIFT * self._step_applied:
             return
         self._step_applied = mean
@@ -1521,8 +1521,8 @@ class Simulator(EngineHooks):
             state.tokens_used += req.prompt + req.target
             state.last_activity = t
             self._rekey(wf.id, t)
-            if self.cfg.learn_step_time and req.sched is not None and req.sched.admitted_at is not None:
-                self._learn_step_time(t + half - req.sched.admitted_at, t + half, t)
+            if self.cfg.learn_step_time:
+                self._learn_step_time(req.service, t + half, t)
         client_t = t + half
         if client_t > self.last_finish:
             self.last_finish = client_t
