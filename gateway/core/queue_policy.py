@@ -49,7 +49,7 @@ from gateway.core.request import SchedRequest, WorkflowState
 
 # maestro's aging bound. Below the gateway's default 900 s request timeout, so aging acts before a queued request
 # would time out. A bound on every wait costs some attainment under sustained overload (E1 at high contention:
-# 74.8 % of workflow deadlines with 600 s, 77.8 % with 900 s, 83.2 % without aging; EDF 47.6 %).
+# 79.3 % of workflow deadlines with 600 s, 81.9 % with 900 s, 85.8 % without aging; EDF 47.6 %).
 DEFAULT_MAX_WAIT_S = 600.0
 ORDERS = ("work", "slack", "due")
 STEP_TIME_WINDOW_S = 60.0  # the mean step time is over about the last minute of completed workflow steps
