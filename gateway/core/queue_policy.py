@@ -81,7 +81,7 @@ class StepTimeMean:
         if initial_s <= 0 or window_s <= 0 or prior_steps <= 0:
             raise ValueError("initial_s, window_s and prior_steps must be positive")
         self.initial_s, self.window_s, self.prior_steps = float(initial_s), float(window_s), float(prior_steps)
-        self._sum = 0.0  # decayed sum of step times in the window
+        self._sum = 0.0  # decayed sum of the steps' service times in the window
         self._weight = 0.0  # decayed count of steps in the window
         self._last: float | None = None
 
@@ -89,15 +89,15 @@ class StepTimeMean:
     def mean_s(self) -> float:
         return (self._sum + self.prior_steps * self.initial_s) / (self._weight + self.prior_steps)
 
-    def add(self, took_s: float, now: float) -> float:
-        """Count one step whose service was ``took_s``, ended at ``now`` (a monotonic clock); returns the new mean."""
+    def add(self, service_s: float, now: float) -> float:
+        """Count one step of ``service_s`` that ended at ``now`` (a monotonic clock); returns the new mean."""
         if self._last is not None and now > self._last:
             decay = math.exp((self._last - now) / self.window_s)
             self._sum *= decay
             self._weight *= decay
         if self._last is None or now > self._last:
             self._last = now
-        self._sum += max(0.0, took_s)
+        self._sum += max(0.0, service_s)
         self._weight += 1.0
         return self.mean_s
 
