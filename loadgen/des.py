@@ -56,8 +56,9 @@ request (:meth:`FastPool.work_ahead`) and the time per output token at the pool'
 an interactive call jumps maestro's queue and that a busier cluster decodes slower.
 
 maestro and lsf estimate a workflow's remaining work with a mean step time; like the live gateway, the simulator
-learns it online from completed steps (``SimConfig.learn_step_time``, :class:`~gateway.core.queue_policy.
-StepTimeMean`) and re-keys the queues when it has moved by :data:`STEP_TIME_REKEY_DRIFT` (5 %).
+learns it online as the mean predicted service of the workflow steps completed lately (``SimConfig.
+learn_step_time``, :class:`~gateway.core.queue_policy.StepTimeMean`) and re-keys the queues when it has moved by
+:data:`STEP_TIME_REKEY_DRIFT` (5 %).
 
 Predictions are made once per step before the run (they depend on the request only); without a prompt text the
 predictor sees a filler text of the step's prompt length, and its role and workflow headers.
@@ -155,8 +156,8 @@ class SimConfig:
     slo_classes: dict[str, SLOClass] = field(default_factory=lambda: dict(DEFAULT_SLO_CLASSES))
     step_hint: bool = True  # the client tells the gateway how many steps a workflow has (X-Workflow-Steps)
     mean_step_s: float | None = None  # maestro's mean step time; None: mean predicted step service of the workload
-    # learn the mean step time online from completed workflow steps, as the live gateway does (queue_policy.
-    # StepTimeMean over step_time_window_s); the queues are re-keyed when it has drifted STEP_TIME_REKEY_DRIFT
+    # learn the mean step time online from the predicted service of completed workflow steps, as the live gateway
+    # does (queue_policy.StepTimeMean over step_time_window_s); queues are re-keyed once it drifted 5 %
     learn_step_time: bool = True
     step_time_window_s: float = STEP_TIME_WINDOW_S
     nominal_batch: int | None = None  # batch at which service times are predicted (None: max_num_seqs // 2)

@@ -4,9 +4,9 @@ Loads a model (timing the load in this process), takes requests from trace files
 records within each), and times ``predict()`` on each, one at a time, after a short warm-up. Prints JSON:
 p50/p90/p99/mean µs per call (wall clock, and the calling thread's CPU time, which other processes on a busy
 machine do not inflate), the model file size and load time, and a machine yardstick (a fixed pure-Python loop
-timed the same way, with the p50 expressed in it) to compare runs on a shared VM whose speed varies by day. By default the system-prompt memo of the
-text encoder is on (agents resend the same system prompt, so this is the steady state); ``--no-cache``
-measures every request as if it were the first of its agent.
+timed the same way, with the p50 expressed in it) to compare runs on a shared VM whose speed varies by day.
+By default the system-prompt memo of the text encoder is on (agents resend the same system prompt, so this is
+the steady state); ``--no-cache`` measures every request as if it were the first of its agent.
 """
 
 from __future__ import annotations
