@@ -157,8 +157,13 @@ async def test_images_through_gateway_to_simulated_dit():
 
             png = base64.b64decode(image.data[0].b64_json)
             assert png[:8] == b"\x89PNG\r\n\x1a\n"
-            with pytest.raises(openai.NotFoundError):
+            with pytest.raises(openai.NotFoundError) as caught:
                 await client.images.generate(model=MODEL, prompt="text models do not draw")
+            assert "/v1/chat/completions" in caught.value.body["message"]  # where that model is served
+            with pytest.raises(openai.NotFoundError) as caught:
+                await client.chat.completions.create(model="sim-dit", messages=[{"role": "user", "content": "x"}])
+            assert caught.value.body["code"] == "model_not_found"
+            assert "/v1/images/generations" in caught.value.body["message"]
             with pytest.raises(openai.BadRequestError):
                 await client.images.generate(model="sim-dit", prompt="")
             assert sorted(m.id for m in (await client.models.list()).data) == ["sim-dit", MODEL]

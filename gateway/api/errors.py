@@ -52,6 +52,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, INVALID_REQUEST, param, code)
 
 
-def model_not_found(model: str) -> APIError:
-    return APIError(404, f"The model `{model}` does not exist or is not served by this gateway.",
-                    INVALID_REQUEST, "model", "model_not_found")
+def model_not_found(model: str, served_by: str | None = None) -> APIError:
+    """404 for a model this endpoint cannot serve; ``served_by`` names the endpoint that does serve it, if any
+    (an image model sent to chat, a text model sent to images), so the caller learns what to change."""
+    if served_by:
+        message = f"The model `{model}` is not served by this endpoint; use {served_by}."
+    else:
+        message = f"The model `{model}` does not exist or is not served by this gateway."
+    return APIError(404, message, INVALID_REQUEST, "model", "model_not_found")

@@ -118,7 +118,7 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
     body = parse_json_object(raw)
     model = body.get("model")
     if isinstance(model, str) and model and not gateway.registry.serves(model, "vllm"):
-        raise model_not_found(model)
+        raise model_not_found(model, "/v1/images/generations" if gateway.registry.serves(model, "vllm-omni") else None)
     validate(body, _model_config_len(gateway, model) if isinstance(model, str) else None)
     scheduling = gateway.scheduling
     context = None
@@ -173,7 +173,8 @@ async def image_generations(request: web.Request, gateway: "Gateway", request_id
         raise APIError(400, "'model' is required (this gateway serves several image models: "
                             f"{', '.join(dit_models) or 'none'}).", param="model")
     if not gateway.registry.serves(model, "vllm-omni"):
-        raise model_not_found(model)
+        raise model_not_found(model, "/v1/chat/completions or /v1/completions"
+                              if gateway.registry.serves(model, "vllm") else None)
     job = RelayJob(route="images", path="/v1/images/generations", kind="vllm-omni", model=model, body=raw,
                    stream=False, strip_usage=False, request_id=request_id,
                    headers=forwarded_headers(request, request_id), started=time.perf_counter())
