@@ -105,9 +105,11 @@ class CharNgramIndex:
 
     def __init__(self, terms: Sequence[str]) -> None:
         alphabet = sorted({char for term in terms for char in term})
+        self._base = len(alphabet) + 1
+        if self._base ** 4 >= 2 ** 63:
+            raise OverflowError(f"an alphabet of {len(alphabet)} characters is too large for 64-bit 4-gram keys")
         digit = {char: i + 1 for i, char in enumerate(alphabet)}  # 0: a character no term has
         self._codes = np.array([ord(char) for char in alphabet], dtype=np.uint32)
-        self._base = len(alphabet) + 1
         keys: dict[int, tuple[list[int], list[int]]] = {3: ([], []), 4: ([], [])}
         for column, term in enumerate(terms):
             if len(term) not in keys:
@@ -162,6 +164,9 @@ def ngram_index(analyzer: str, terms: Sequence[str]) -> WordNgramIndex | CharNgr
     """The fastest exact index for a block's analyzer and vocabulary."""
     if analyzer == "word":
         return WordNgramIndex(terms)
-    if analyzer == "char" and (len({char for term in terms for char in term}) + 1) ** 4 < 2 ** 63:
-        return CharNgramIndex(terms)
-    return AnalyzerIndex(terms, ANALYZERS[analyzer])  # e.g. an alphabet too large for 64-bit 4-gram keys
+    if analyzer == "char":
+        try:
+            return CharNgramIndex(terms)
+        except OverflowError:  # an alphabet too large for 64-bit 4-gram keys
+            pass
+    return AnalyzerIndex(terms, ANALYZERS[analyzer])
