@@ -11,6 +11,7 @@ import asyncio
 import json
 import math
 import random
+import string
 import time
 import zipfile
 from pathlib import Path
@@ -200,8 +201,9 @@ _NGRAM_TEXTS = ["Review the code below and fix the bug.", "def main():\n    prin
                 "You are a Programmer. Write main.py with a GUI. Use ```python fences```!"]
 
 
-@given(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(list(" \t\nabcéè_東京'.py")), max_size=300))
-@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(list(" \t\nabcéè_東京'.py")), max_size=300)
+       | st.text(alphabet=string.printable, max_size=300))  # ASCII has a path of its own
+@settings(max_examples=400, deadline=None)
 def test_ngram_indexes_find_what_the_analyzers_find(text):
     """The integer-keyed indexes return exactly the vocabulary columns the string analyzers hit."""
     import re
