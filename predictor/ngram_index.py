@@ -9,8 +9,8 @@ on a long prompt. These indexes give the same set of columns (a test checks it a
   term has it), and a bigram is the pair of its tokens' integers read as one number, looked up by binary search
   in the sorted keys of the vocabulary's bigrams. An ASCII text (most prompts) is split without the regular
   expression: one ``bytes.translate`` lower-cases it and blanks every byte that is not a word character, and
-  ``bytes.split`` cuts it (a quarter to a third of the regex's time); single-character words, which the token pattern skips,
-  map to -1 and are dropped;
+  ``bytes.split`` cuts it (a quarter to a third of the regex's time); single-character words, which the token
+  pattern skips, map to -1 and are dropped;
 - characters: each character is mapped to its index in the vocabulary's alphabet (0 when no term has it; one
   table lookup by code point), and a 3- or 4-gram is that sequence of digits read as one base-(alphabet + 1)
   number; a window with an unknown character has a zero digit, which no vocabulary key has, so it cannot match.
