@@ -120,19 +120,23 @@ def tool_call_tokens(message: Mapping[str, Any]) -> int:
     """Tokens of a message's ``tool_calls`` (and the legacy ``function_call``)."""
     total = 0
     calls = message.get("tool_calls")
-    if isinstance(calls, list):
+    if calls and isinstance(calls, list):
         for call in calls:
             if isinstance(call, Mapping):
                 total += _function_tokens(call.get("function"))
-    total += _function_tokens(message.get("function_call"))
+    function_call = message.get("function_call")
+    if function_call is not None:
+        total += _function_tokens(function_call)
     return total
 
 
 def estimate_single_message_tokens(message: Mapping[str, Any]) -> int:
     """One message inside a prompt: framing + content + name + tool calls (no reply priming)."""
-    if not isinstance(message, Mapping):
+    if not isinstance(message, dict) and not isinstance(message, Mapping):  # dict first: an ABC check is slower
         return MESSAGE_OVERHEAD + estimate_tokens(str(message))
-    total = MESSAGE_OVERHEAD + content_tokens(message.get("content")) + tool_call_tokens(message)
+    content = message.get("content")
+    total = MESSAGE_OVERHEAD + (estimate_tokens(content) if type(content) is str else content_tokens(content))
+    total += tool_call_tokens(message)
     name = message.get("name")
     if isinstance(name, str) and name:
         total += NAME_OVERHEAD + estimate_tokens(name)
