@@ -43,13 +43,21 @@ class FlatForest:
     def __init__(self, feature: np.ndarray, threshold: np.ndarray, missing_left: np.ndarray, left: np.ndarray,
                  right: np.ndarray, value: np.ndarray, roots: np.ndarray, tree_model: np.ndarray,
                  baselines: np.ndarray, depth: int) -> None:
-        self.feature = np.ascontiguousarray(feature, dtype=np.intp)
-        self.threshold = np.ascontiguousarray(threshold, dtype=np.float64)
-        self.missing_left = np.ascontiguousarray(missing_left, dtype=bool)
-        self.left = np.ascontiguousarray(left, dtype=np.intp)
-        self.right = np.ascontiguousarray(right, dtype=np.intp)
-        self.value = np.ascontiguousarray(value, dtype=np.float64)
-        self.roots = np.ascontiguousarray(roots, dtype=np.intp)
+        left, right, roots = (np.asarray(a, dtype=np.intp) for a in (left, right, roots))
+        # Nodes are stored level by level (all roots, then every tree's depth-1 nodes, ...) rather than tree by
+        # tree: the walk reads one node per tree per level, and this way each level's reads fall in one compact
+        # block of memory. Measured on whole cold predict() calls (paired, alternating with the tree-by-tree
+        # layout): 25-35 us less per call, the forest's reads having been cache misses after the text stage.
+        order = _level_major_order(left, right, roots)
+        new_index = np.empty_like(order)
+        new_index[order] = np.arange(len(order))
+        self.feature = np.ascontiguousarray(np.asarray(feature, dtype=np.intp)[order])
+        self.threshold = np.ascontiguousarray(np.asarray(threshold, dtype=np.float64)[order])
+        self.missing_left = np.ascontiguousarray(np.asarray(missing_left, dtype=bool)[order])
+        self.left = np.ascontiguousarray(new_index[left[order]])
+        self.right = np.ascontiguousarray(new_index[right[order]])
+        self.value = np.ascontiguousarray(np.asarray(value, dtype=np.float64)[order])
+        self.roots = np.ascontiguousarray(new_index[roots])
         self.tree_model = np.ascontiguousarray(tree_model, dtype=np.intp)
         self.baselines = np.ascontiguousarray(baselines, dtype=np.float64)
         self.depth = int(depth)
@@ -142,6 +150,23 @@ class FlatForest:
     def from_state(cls, state: dict[str, Any]) -> "FlatForest":
         return cls(state["feature"], state["threshold"], state["missing_left"], state["left"], state["right"],
                    state["value"], state["roots"], state["tree_model"], state["baselines"], state["depth"])
+
+
+def _level_major_order(left: np.ndarray, right: np.ndarray, roots: np.ndarray) -> np.ndarray:
+    """Node indices ordered by depth, then by tree (a leaf is its own child, and is placed once, at its depth)."""
+    placed = np.zeros(len(left), dtype=bool)
+    levels = []
+    frontier = roots
+    while frontier.size:
+        frontier = frontier[~placed[frontier]]
+        placed[frontier] = True
+        levels.append(frontier)
+        internal = frontier[left[frontier] != frontier]
+        frontier = np.stack([left[internal], right[internal]], axis=1).ravel()  # tree order kept
+    order = np.concatenate(levels) if levels else np.zeros(0, dtype=np.intp)
+    if len(order) != len(left):  # nodes no root reaches (not written by from_estimators): keep them at the end
+        order = np.concatenate([order, np.flatnonzero(~placed)])
+    return order
 
 
 def _estimator(quantile: float, params: LengthParams):
