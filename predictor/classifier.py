@@ -146,6 +146,22 @@ class TextEncoder:
         data_arr = np.concatenate(data) if data else np.zeros(0)
         return csr_matrix((data_arr, indices_arr, np.array(indptr)), shape=(len(views), self.width))
 
+    def by_frequency(self) -> tuple["TextEncoder", np.ndarray | None]:
+        """This encoder with every block's terms in increasing idf order (the most common terms first), and the
+        permutation of feature rows (new row ``i`` is old row ``perm[i]``); ``(self, None)`` if already so.
+
+        Why: a prediction gathers one weight row per term found, and most found terms are common ones; with
+        those rows next to each other the gather stays in cache (measured, paired: ~16 us less per cold call)."""
+        if all(np.all(b.idf[1:] >= b.idf[:-1]) for b in self.blocks):
+            return self, None
+        blocks, rows, offset = [], [], 0
+        for b in self.blocks:
+            order = np.argsort(b.idf, kind="stable")
+            blocks.append(_Block(b.name, b.field, b.analyzer_name, [b.terms[i] for i in order], b.idf[order], offset))
+            rows.append(b.offset + order)
+            offset += len(order)
+        return TextEncoder(blocks, self.cache_size), np.concatenate(rows)
+
     def to_state(self) -> list[dict[str, Any]]:
         return [{"name": b.name, "field": b.field, "analyzer": b.analyzer_name, "terms": "\n".join(b.terms),
                  "n_terms": len(b.terms), "idf": b.idf} for b in self.blocks]
@@ -167,8 +183,9 @@ class TextModel:
 
     def __init__(self, encoder: TextEncoder, classes: Sequence[str], weights: np.ndarray, bias: np.ndarray,
                  threshold: float = DEFAULT_THRESHOLD) -> None:
-        self.encoder = encoder
+        self.encoder, rows = encoder.by_frequency()
         self.classes = list(classes)
+        weights = np.asarray(weights, dtype=np.float64) if rows is None else np.asarray(weights)[rows]
         self.weights = np.ascontiguousarray(weights, dtype=np.float64)  # (n_features, n_classes + 1)
         self.bias = np.asarray(bias, dtype=np.float64)                  # (n_classes + 1,)
         self.threshold = float(threshold)
