@@ -2,7 +2,7 @@
 predictor uses it at serving time on every request, so both sides see the same numbers.
 
 No tokenizer is loaded (none is needed, nothing is downloaded, and it is the same for every model). The
-estimate is a small linear model over four counts that C-level ``bytes`` operations give in one pass each::
+estimate is a small linear model over four counts that C-level ``bytes`` operations give without a Python loop::
 
     tokens ~= 0.069 * chars + 0.865 * ascii_punctuation + 0.627 * words + 0.45 * extra_utf8_bytes
     then at least chars / 6
@@ -59,12 +59,15 @@ REPLY_PRIMING = 3        # <|start|>assistant<|message|>
 TOOL_CALL_OVERHEAD = 3   # per function call: framing around name and arguments
 IMAGE_PART_TOKENS = 85   # an image part counts as a low-detail image (OpenAI's base cost)
 
-# One translate gives all counts: ASCII whitespace (what ``bytes.split()`` splits on) becomes b" ", ASCII
+# One translate gives the byte classes: ASCII whitespace (what ``bytes.split()`` splits on) becomes b" ", ASCII
 # punctuation b"p", and everything else (letters, digits, "_", bytes of non-ASCII characters) b"x". A word is a
 # run of non-space, so the words are the non-space bytes that follow a space, plus one if the text starts with one.
 _WHITESPACE = b" \t\n\r\x0b\x0c"
 _WORD_BYTES = (string.ascii_letters + string.digits + "_").encode("ascii")
 _CLASSES = bytes(32 if i in _WHITESPACE else 120 if i in _WORD_BYTES or i >= 128 else 112 for i in range(256))
+# ... and a second translate of those classes to b" " / b"x", so that a word start is one two-byte pattern: one
+# more pass over the bytes, but one count of b" x" instead of counting b" x" and b" p" (a fifth less time).
+_SPACE_OR_NOT = bytes(32 if i == 32 else 120 for i in range(256))
 
 
 def estimate_tokens(text: str) -> int:
@@ -78,7 +81,7 @@ def estimate_tokens(text: str) -> int:
     extra = len(data) - chars
     classes = data.translate(_CLASSES)
     punct = classes.count(b"p")
-    words = classes.count(b" x") + classes.count(b" p") + (classes[0] != 32)
+    words = classes.translate(_SPACE_OR_NOT).count(b" x") + (classes[0] != 32)
     estimate = CHAR_WEIGHT * chars + PUNCT_WEIGHT * punct + WORD_WEIGHT * words + EXTRA_BYTE_WEIGHT * extra
     estimate = max(estimate, chars / MIN_CHARS_PER_TOKEN)
     return max(1, int(estimate + 0.5))
