@@ -275,7 +275,9 @@ def fit_text_model(views: Sequence[RequestView], labels: Sequence[str | None], l
 
     ``log_y`` is NaN for records whose output length is not usable (the length head ignores them).
     Returns the model, the out-of-fold text length scores (group k-fold, so the length model trains on
-    scores it could not have memorised) and the TF-IDF matrix of ``views``.
+    scores it could not have memorised) and the TF-IDF matrix of ``views``. The matrix's columns are in the
+    fitted vocabulary's order, not the model's (``TextModel`` reorders its copy by idf): use it only with heads
+    fitted on it, as the out-of-fold scores and the conformal calibration do.
     """
     params = params or TextParams()
     labels = list(labels)
