@@ -585,3 +585,32 @@ async def test_dit_engine_returns_decodable_png():
     finally:
         await handle.stop()
     assert _read_png(make_png(3, 2))[:2] == (3, 2)
+
+
+@pytest.mark.parametrize("value, optional, expected, error", [
+    (None, True, None, None), (None, False, 7, "int_type"), (3, False, 3, None), (True, False, 1, None),
+    (4.0, False, 4, None), (4.5, False, 7, "int_from_float"), (" 12 ", False, 12, None),
+    ("x", False, 7, "int_parsing"), ([1], False, 7, "int_type"),
+])
+def test_lax_int_check_follows_pydantic(value, optional, expected, error):
+    """The simulated server's field checks give vLLM's (pydantic-v2 lax mode) results and error types."""
+    from backends.sim.server import check_int
+
+    errors: list[dict] = []
+    assert check_int({"n": value}, "n", errors, optional=optional, default=7) == expected
+    assert [e["type"] for e in errors] == ([error] if error else [])
+    assert check_int({}, "n", errors, optional=optional, default=7) == 7  # absent: the default, no error
+    assert len(errors) == (1 if error else 0)
+
+
+@pytest.mark.parametrize("value, optional, expected, error", [
+    (None, True, None, None), (None, False, False, "bool_type"), (True, False, True, None), (0, False, False, None),
+    ("yes", False, True, None), ("Off", False, False, None), ("maybe", False, False, "bool_parsing"),
+    (2, False, False, "bool_parsing"), ([True], False, False, "bool_type"),
+])
+def test_lax_bool_check_follows_pydantic(value, optional, expected, error):
+    from backends.sim.server import check_bool
+
+    errors: list[dict] = []
+    assert check_bool({"s": value}, "s", errors, optional=optional, default=False) == expected
+    assert [e["type"] for e in errors] == ([error] if error else [])

@@ -192,18 +192,30 @@ def not_an_object_response(body: Any) -> web.Response:
                                          "object to extract fields from", body)])
 
 
+def _absent_or_null(body: dict, key: str, loc: str, errors: list[dict], *, optional: bool, default: Any,
+                    error_type: str, message: str) -> tuple[bool, Any]:
+    """The start every lax field check shares: (True, result) where the field is absent (its default) or null
+    (None where the field is optional, else an error and the default); (False, value) where there is a value
+    left to check."""
+    value = body.get(key, _MISSING)
+    if value is _MISSING:
+        return True, default
+    if value is None:
+        if optional:
+            return True, None
+        errors.append(_err(error_type, loc, message, value))
+        return True, default
+    return False, value
+
+
 def check_int(body: dict, key: str, errors: list[dict], *, optional: bool, default: int | None,
               loc_prefix: str = "body") -> int | None:
     """Pydantic-v2 lax int: ints, bools, integral floats and numeric strings pass; the rest is an error."""
-    value = body.get(key, _MISSING)
     loc = f"{loc_prefix}.{key}"
-    if value is _MISSING:
-        return default
-    if value is None:
-        if optional:
-            return None
-        errors.append(_err("int_type", loc, "Input should be a valid integer", value))
-        return default
+    settled, value = _absent_or_null(body, key, loc, errors, optional=optional, default=default,
+                                     error_type="int_type", message="Input should be a valid integer")
+    if settled:
+        return value
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
@@ -231,15 +243,12 @@ _FALSE = {"0", "off", "f", "false", "n", "no"}
 
 def check_bool(body: dict, key: str, errors: list[dict], *, optional: bool, default: bool | None,
                loc_prefix: str = "body") -> bool | None:
-    value = body.get(key, _MISSING)
+    """Pydantic-v2 lax bool: bools, 0/1 and the usual yes/no strings pass; the rest is an error."""
     loc = f"{loc_prefix}.{key}"
-    if value is _MISSING:
-        return default
-    if value is None:
-        if optional:
-            return None
-        errors.append(_err("bool_type", loc, "Input should be a valid boolean", value))
-        return default
+    settled, value = _absent_or_null(body, key, loc, errors, optional=optional, default=default,
+                                     error_type="bool_type", message="Input should be a valid boolean")
+    if settled:
+        return value
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
