@@ -21,10 +21,11 @@ import asyncio
 import os
 import re
 import signal
-import socket
 import sys
 
 import orjson
+
+from loadgen.bench.sockets import disable_nagle
 
 MODEL = "bench"
 CREATED = 1764300000
@@ -195,12 +196,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        disable_nagle(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 from dataclasses import dataclass, field
 from time import perf_counter, perf_counter_ns
 from typing import Callable
 
 import orjson
+
+from loadgen.bench.sockets import disable_nagle
 
 ProgressFn = Callable[[str], None]
 
@@ -97,12 +98,7 @@ class ClientConn(asyncio.Protocol):
     # -- asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        disable_nagle(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
