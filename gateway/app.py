@@ -19,9 +19,10 @@ from gateway.api.admin_routes import add_admin_routes, not_found
 from gateway.api.openai_routes import GATEWAY_KEY, add_openai_routes
 from gateway.config import Config
 from gateway.control.monitor import EngineMonitor
+from gateway.core.engines import EngineSpec
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
-from gateway.registry import EngineRegistry, EngineSpec
+from gateway.registry import EngineRegistry
 from gateway.scheduling import Scheduling
 from gateway.state import StateUnavailable, make_state_store
 from gateway.tasks import cancel_and_wait

@@ -8,24 +8,11 @@ serving never waits on Redis. Choosing among eligible engines is delegated to a 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 from backends.vllm import EngineClient
 from gateway.config import Config
-from gateway.core.engines import EngineState
+from gateway.core.engines import EngineSpec, EngineState
 from gateway.core.routing import RoutingPolicy, eligible, make_routing_policy
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """A configured engine after simulated engines got their URLs."""
-
-    engine_id: str
-    url: str
-    cluster: str
-    pool: str
-    kind: str
-    models: tuple[str, ...]
 
 
 class EngineRegistry:
@@ -38,8 +25,7 @@ class EngineRegistry:
         self._policy: RoutingPolicy = make_routing_policy(config.routing.policy)
         timeouts = config.timeouts
         for spec in specs:
-            self.states[spec.engine_id] = EngineState(engine_id=spec.engine_id, url=spec.url, cluster=spec.cluster,
-                                                      pool=spec.pool, kind=spec.kind, models=spec.models)
+            self.states[spec.engine_id] = EngineState.of(spec)
             self.clients[spec.engine_id] = EngineClient(spec.url, spec.kind, connect_timeout_s=timeouts.connect_s,
                                                         scrape_timeout_s=timeouts.scrape_s,
                                                         admin_timeout_s=timeouts.admin_s)

@@ -25,8 +25,8 @@ class EngineMetrics:
 
 
 @dataclass(frozen=True)
-class EngineState:
-    """One engine as the gateway sees it. ``up`` starts False until the first successful probe."""
+class EngineSpec:
+    """A configured engine: what the config says (with simulated engines' URLs filled in), fixed for its life."""
 
     engine_id: str
     url: str
@@ -34,6 +34,13 @@ class EngineState:
     pool: str
     kind: str
     models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EngineState(EngineSpec):
+    """One engine as the gateway sees it: its spec plus what probing has learned. ``up`` starts False until the
+    first successful probe."""
+
     up: bool = False
     sleeping: bool = False
     metrics: EngineMetrics = field(default_factory=EngineMetrics)
@@ -48,6 +55,11 @@ class EngineState:
         data["models"] = list(self.models)
         data["metrics"] = {k: getattr(self.metrics, k) for k in EngineMetrics.__dataclass_fields__}
         return data
+
+    @classmethod
+    def of(cls, spec: EngineSpec) -> "EngineState":
+        """The state of a just-configured engine (not yet probed)."""
+        return cls(**{name: getattr(spec, name) for name in EngineSpec.__dataclass_fields__})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EngineState":
