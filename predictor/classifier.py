@@ -34,6 +34,13 @@ class TextParams:
     min_df: int = 2
     C: float = 4.0              # logistic regression
     alpha: float = 3.0          # ridge
+    # Ridge on the sparse TF-IDF matrix is solved by conjugate gradients, which stop at this relative residual.
+    # At scikit-learn's default (1e-4) the solution depends on the CPU: OpenBLAS picks its kernels by CPU, the
+    # iterations differ in their last bits and stop at different points, and the text length scores of two
+    # machines differed by up to 7e-4, enough to move the trees' splits (ChatDev's held-out MAE reduction
+    # ranged 53.6-55.8 % over three OpenBLAS kernels on one machine). Solved to 1e-10 they agree to 1e-9 and
+    # the trees are the same; training takes a few seconds longer.
+    ridge_tol: float = 1e-10
     threshold: float = DEFAULT_THRESHOLD
     folds: int = 5
 
@@ -245,7 +252,7 @@ def fit_length_head(X, log_y: np.ndarray, weights: np.ndarray | None,
     from sklearn.linear_model import Ridge
 
     rows = np.flatnonzero(np.isfinite(log_y))
-    ridge = Ridge(alpha=params.alpha)
+    ridge = Ridge(alpha=params.alpha, tol=params.ridge_tol)
     ridge.fit(X[rows], log_y[rows], sample_weight=None if weights is None else weights[rows])
     return np.asarray(ridge.coef_, dtype=np.float64), float(ridge.intercept_)
 

@@ -588,3 +588,25 @@ def test_predict_many_matches_predict(predictor, records):
     bodies = [r["request"] for r in records[:30]]
     headers = [{"X-Agent-Role": "planner"} if i % 5 == 0 else None for i in range(30)]
     assert predictor.predict_many(bodies, headers) == [predictor.predict(b, h) for b, h in zip(bodies, headers)]
+
+
+@pytest.mark.parametrize("tol, solved", [(TextParams().ridge_tol, True), (1e-4, False)])
+def test_length_head_is_solved_exactly(tol, solved):
+    """The ridge length head must be the ridge solution, not wherever conjugate gradients stopped: at a loose
+    tolerance the stopping point depends on the CPU's BLAS kernels, and so did the trained trees."""
+    import scipy.sparse as sp
+
+    from predictor.classifier import fit_length_head
+
+    rng = np.random.default_rng(0)
+    X = sp.random(400, 300, density=0.05, random_state=1, format="csr")
+    log_y = X @ rng.normal(size=300) + rng.normal(scale=0.5, size=400) + 4.0
+    weights = rng.uniform(0.5, 2.0, size=400)
+    params = TextParams(ridge_tol=tol)
+    coef, bias = fit_length_head(X, log_y, weights, params)
+    residual = log_y - (X @ coef + bias)
+    # gradient of sum w (y - X b - c)^2 + alpha |b|^2 over (b, c), relative to the gradient at zero
+    gradient = np.append(X.T @ (weights * residual) - params.alpha * coef, np.sum(weights * residual))
+    at_zero = np.append(X.T @ (weights * log_y), np.sum(weights * log_y))
+    relative = np.abs(gradient).max() / np.abs(at_zero).max()
+    assert (relative < 1e-8) == solved, relative
