@@ -36,8 +36,8 @@ class TextParams:
     alpha: float = 3.0          # ridge
     # Ridge on the sparse TF-IDF matrix is solved by conjugate gradients, which stop at this relative residual.
     # At scikit-learn's default (1e-4) the solution depends on the CPU: OpenBLAS picks its kernels by CPU, the
-    # iterations differ in their last bits and stop at different points, and the text length scores of two
-    # machines differed by up to 7e-4, enough to move the trees' splits (ChatDev's held-out MAE reduction
+    # iterations differ in their last bits and stop at different points: the text length scores under two
+    # kernel sets differed by up to 7e-4, enough to move the trees' splits (ChatDev's held-out MAE reduction
     # ranged 53.6-55.8 % over three OpenBLAS kernels on one machine). Solved to 1e-10 they agree to 1e-9 and
     # the trees are the same; training takes about 10 s longer (52 s for the six sources).
     ridge_tol: float = 1e-10
