@@ -30,6 +30,8 @@ GATEWAY_KEY: web.AppKey["Gateway"] = web.AppKey("gateway")
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Headers the gateway consumes or must not leak upstream; other X-* headers (request id, workflow context,
 # the simulated engines' load-generator hints) are forwarded untouched.
+# The endpoints that serve each engine kind, named in a 404 for a model sent to the other kind's endpoint.
+_ENDPOINTS_OF_KIND = {"vllm": "/v1/chat/completions or /v1/completions", "vllm-omni": "/v1/images/generations"}
 _NOT_FORWARDED = frozenset({"x-api-key", "x-forwarded-for", "x-real-ip", "x-request-id"})  # id set below
 
 Handler = Callable[[web.Request, "Gateway", str], Awaitable[tuple[web.StreamResponse, str, RelayJob | None]]]
@@ -107,6 +109,13 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
     return endpoint
 
 
+def _not_served(gateway: "Gateway", model: str, kind: str) -> APIError:
+    """404 for a model this endpoint's engine ``kind`` does not serve, naming the endpoint that does if any."""
+    served_by = next((endpoint for other, endpoint in _ENDPOINTS_OF_KIND.items()
+                      if other != kind and gateway.registry.serves(model, other)), None)
+    return model_not_found(model, served_by)
+
+
 def _model_config_len(gateway: "Gateway", model: str) -> int:
     model_config = gateway.config.model(model)
     return model_config.max_model_len if model_config else None  # type: ignore[return-value]
@@ -118,7 +127,7 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
     body = parse_json_object(raw)
     model = body.get("model")
     if isinstance(model, str) and model and not gateway.registry.serves(model, "vllm"):
-        raise model_not_found(model, "/v1/images/generations" if gateway.registry.serves(model, "vllm-omni") else None)
+        raise _not_served(gateway, model, "vllm")
     validate(body, _model_config_len(gateway, model) if isinstance(model, str) else None)
     scheduling = gateway.scheduling
     context = None
@@ -173,8 +182,7 @@ async def image_generations(request: web.Request, gateway: "Gateway", request_id
         raise APIError(400, "'model' is required (this gateway serves several image models: "
                             f"{', '.join(dit_models) or 'none'}).", param="model")
     if not gateway.registry.serves(model, "vllm-omni"):
-        raise model_not_found(model, "/v1/chat/completions or /v1/completions"
-                              if gateway.registry.serves(model, "vllm") else None)
+        raise _not_served(gateway, model, "vllm-omni")
     job = RelayJob(route="images", path="/v1/images/generations", kind="vllm-omni", model=model, body=raw,
                    stream=False, strip_usage=False, request_id=request_id,
                    headers=forwarded_headers(request, request_id), started=time.perf_counter())
