@@ -2,8 +2,12 @@
 
 Targets are ``log1p(completion_tokens)``: a quantile of the log is the log of the quantile, and trees fit the
 multiplicative spread of output lengths better in log space. Each quantile is then shifted by a conformal
-offset per role, measured on out-of-fold predictions (split by workflow, see :func:`predictor.train.fit_state`),
-so p90 covers about 90% of unseen requests rather than the (optimistic) in-sample 90%.
+offset per (role, model), measured on out-of-fold predictions (split by workflow, see
+:func:`predictor.train.fit_state`), so p90 covers about 90% of unseen requests rather than the (optimistic)
+in-sample 90%. The offsets are in tokens, not in log space: a reservation is paid in tokens, and at the same
+coverage a shift in tokens reserves less than a multiplicative one, because a log-space shift gives the
+longest predictions, which dominate the memory, the largest slack (ChatDev's KV saving +0.4 points on average
+over eight held-out splits, every other source unchanged; docs/benchmarks.md).
 
 Serving does not call scikit-learn: the fitted trees of all quantiles are compiled into flat numpy arrays
 (:class:`FlatForest`) and walked level by level for every tree at once, which on one row is several times
@@ -203,9 +207,9 @@ def weighted_quantile(values: np.ndarray, q: float, weights: np.ndarray | None =
 
 @dataclass
 class LengthModel:
-    """Quantile predictions of log1p(output tokens): flat forest + conformal offsets.
+    """Quantile predictions of output tokens: the flat forest's log1p quantiles, back in tokens, + conformal offsets.
 
-    ``offsets`` has one row per stratum and one column per quantile: split-conformal shifts measured per
+    ``offsets`` has one row per stratum and one column per quantile: split-conformal shifts in tokens, measured per
     (role, served model) — Mondrian conformal prediction — each shrunk towards its role's shift, and that
     towards the global shift, where a cell has few out-of-fold samples. Calibrating per cell is what makes p90
     cover about 90% for every kind of traffic rather than only on average: different frameworks use one role
@@ -221,12 +225,13 @@ class LengthModel:
     def stratum(self, role_index: int, model_slot: int) -> int:
         return role_index * self.model_slots + (model_slot if self.model_slots > 1 else 0)
 
-    def predict_log(self, row: np.ndarray, stratum: int = 0) -> np.ndarray:
-        return self.forest.predict_row(row) + self.offsets[min(stratum, len(self.offsets) - 1)]
+    def predict_tokens(self, row: np.ndarray, stratum: int = 0) -> np.ndarray:
+        """The quantiles (in output tokens, not yet capped or rounded) for one feature row."""
+        return np.expm1(self.forest.predict_row(row)) + self.offsets[min(stratum, len(self.offsets) - 1)]
 
-    def predict_log_many(self, X: np.ndarray, strata: np.ndarray | None = None) -> np.ndarray:
+    def predict_tokens_many(self, X: np.ndarray, strata: np.ndarray | None = None) -> np.ndarray:
         strata = np.zeros(len(X), dtype=np.intp) if strata is None else np.minimum(strata, len(self.offsets) - 1)
-        return self.forest.predict(X) + self.offsets[strata]
+        return np.expm1(self.forest.predict(X)) + self.offsets[strata]
 
     def to_state(self) -> dict[str, Any]:
         return {"forest": self.forest.to_state(), "quantiles": [float(q) for q in self.quantiles],
@@ -239,44 +244,45 @@ class LengthModel:
                    int(state.get("model_slots", 1)))
 
 
-def conformal_offsets(log_y: np.ndarray, oof_log_pred: np.ndarray, quantiles: Sequence[float],
+def conformal_offsets(actual: np.ndarray, oof_pred: np.ndarray, quantiles: Sequence[float],
                       weights: np.ndarray | None = None) -> np.ndarray:
-    """Per-quantile shift so that out-of-fold predictions reach their nominal level (split conformal)."""
+    """Per-quantile shift so that out-of-fold predictions reach their nominal level (split conformal), in the
+    units of ``actual`` and ``oof_pred`` (tokens, for :class:`LengthModel`)."""
     offsets = []
     for column, q in enumerate(quantiles):
-        offsets.append(weighted_quantile(log_y - oof_log_pred[:, column], q, weights))
+        offsets.append(weighted_quantile(actual - oof_pred[:, column], q, weights))
     return np.array(offsets)
 
 
-def stratified_offsets(log_y: np.ndarray, oof_log_pred: np.ndarray, quantiles: Sequence[float],
+def stratified_offsets(actual: np.ndarray, oof_pred: np.ndarray, quantiles: Sequence[float],
                        strata: np.ndarray, n_strata: int, shrink: float = 50.0,
                        parent: np.ndarray | None = None) -> np.ndarray:
     """Conformal offsets per stratum, each pulled towards its parent's by ``shrink`` pseudo-samples.
 
     ``parent`` (one row per stratum) is the shift to shrink towards; by default the global shift."""
-    overall = conformal_offsets(log_y, oof_log_pred, quantiles)
+    overall = conformal_offsets(actual, oof_pred, quantiles)
     parent = np.tile(overall, (n_strata, 1)) if parent is None else np.asarray(parent, dtype=np.float64)
     offsets = parent.copy()
     for stratum in range(n_strata):
         mask = strata == stratum
         n = int(mask.sum())
         if n >= 10:
-            own = conformal_offsets(log_y[mask], oof_log_pred[mask], quantiles)
+            own = conformal_offsets(actual[mask], oof_pred[mask], quantiles)
             offsets[stratum] = (n * own + shrink * parent[stratum]) / (n + shrink)
     return offsets
 
 
-def mondrian_offsets(log_y: np.ndarray, oof_log_pred: np.ndarray, quantiles: Sequence[float],
+def mondrian_offsets(actual: np.ndarray, oof_pred: np.ndarray, quantiles: Sequence[float],
                      roles: np.ndarray, n_roles: int, models: np.ndarray, model_slots: int,
                      shrink: float = 50.0) -> np.ndarray:
     """Offsets per (role, model slot): per-role offsets (shrunk to the global one), then per cell (shrunk to
     its role's). Rows are ordered as :meth:`LengthModel.stratum` indexes them."""
-    by_role = stratified_offsets(log_y, oof_log_pred, quantiles, roles, n_roles, shrink)
+    by_role = stratified_offsets(actual, oof_pred, quantiles, roles, n_roles, shrink)
     if model_slots <= 1:
         return by_role
     cells = roles * model_slots + models
     parent = np.repeat(by_role, model_slots, axis=0)
-    return stratified_offsets(log_y, oof_log_pred, quantiles, cells, n_roles * model_slots, shrink, parent)
+    return stratified_offsets(actual, oof_pred, quantiles, cells, n_roles * model_slots, shrink, parent)
 
 
 def fit_length_model(X: np.ndarray, log_y: np.ndarray, weights: np.ndarray | None,

@@ -26,7 +26,7 @@ from predictor import features
 from predictor.tokens import estimate_message_tokens, estimate_tokens
 
 FORMAT = "maestro-predictor"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: conformal offsets in tokens (1: in log1p space; same arrays, other meaning)
 
 
 def _plain_file_mode() -> int:

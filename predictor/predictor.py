@@ -146,8 +146,8 @@ class Predictor:
             row = self.assembler.row(view, role, length_score)
             stratum = self.length_model.stratum(self._role_index.get(role, self._other),
                                                 self.assembler.model_slot(view.model))
-            log_q = self.length_model.predict_log(row, stratum)
-            p50, p90 = math.expm1(log_q[0]), math.expm1(log_q[-1])
+            quantiles = self.length_model.predict_tokens(row, stratum)
+            p50, p90 = float(quantiles[0]), float(quantiles[-1])
         else:
             p50, p90 = self.priors.get(role, self.priors["other"])
         return self._finish(view, role, confidence, source, p50, p90)
@@ -178,8 +178,7 @@ class Predictor:
             strata = np.array([self.length_model.stratum(self._role_index.get(r[0], self._other),
                                                          self.assembler.model_slot(view.model))
                                for view, r in zip(views, roles)], dtype=np.intp)
-            log_q = self.length_model.predict_log_many(X, strata)
-            quantiles = np.expm1(log_q[:, [0, -1]])
+            quantiles = self.length_model.predict_tokens_many(X, strata)[:, [0, -1]]
         else:
             quantiles = [self.priors.get(r[0], self.priors["other"]) for r in roles]
         return [self._finish(view, r[0], r[1], r[2], float(q[0]), float(q[1]))

@@ -182,9 +182,9 @@ def _fit_state(records: Sequence[dict[str, Any]], options: TrainOptions | None,
     length_model = fit_length_model(X, log_y[index], weights[index], options.quantiles, options.length, offsets,
                                     model_slots)
     role_offsets = length_model.offsets[[length_model.stratum(r, 0) for r in range(len(ROLES))], -1]
+    p90_offsets = {role: round(float(offset), 1) for role, offset in zip(ROLES, role_offsets)}
     log(f"length model: {len(length_model.forest.roots)} trees, {len(length_model.offsets)} calibration cells, "
-        f"p90 offsets by role (first model) {dict(zip(ROLES, np.round(role_offsets, 3)))} "
-        f"({time.perf_counter() - started:.1f}s)")
+        f"p90 offsets in tokens by role (first model) {p90_offsets} ({time.perf_counter() - started:.1f}s)")
 
     priors = {}
     by_role: dict[str, list[float]] = defaultdict(list)
@@ -228,7 +228,7 @@ def cross_conformal_offsets(X_text, views, roles, assembler: FeatureAssembler, i
                             log_y: np.ndarray, weights: np.ndarray, groups: np.ndarray, strata: np.ndarray,
                             options: TrainOptions, models: np.ndarray | None = None,
                             model_slots: int = 1) -> np.ndarray | None:
-    """Per-(role, model) conformal offsets (log space) from group-k-fold predictions made the way serving makes them.
+    """Per-(role, model) conformal offsets (tokens) from group-k-fold predictions made the way serving makes them.
 
     For each fold, the length head (ridge) and the quantile GBMs are refit on the other folds (the GBMs on
     out-of-fold ridge scores, as in the final fit), and the held-out rows are scored with that fold's ridge
@@ -261,7 +261,9 @@ def cross_conformal_offsets(X_text, views, roles, assembler: FeatureAssembler, i
         predictions[test_pos] = forest.predict(X_test)
     if models is None:
         models, model_slots = np.zeros(len(index), dtype=np.intp), 1
-    return mondrian_offsets(log_y[index], predictions, options.quantiles, strata, len(ROLES), models, model_slots)
+    # in tokens, the unit a reservation is paid in (see predictor.length_model)
+    return mondrian_offsets(np.expm1(log_y[index]), np.expm1(predictions), options.quantiles, strata, len(ROLES),
+                            models, model_slots)
 
 
 def fit_predictor(records: Sequence[dict[str, Any]], options: TrainOptions | None = None, **predictor_kwargs):
