@@ -67,6 +67,18 @@ def group_of(record: Mapping[str, Any], index: int = 0) -> str:
     return f"{source}\x00prompt:{digest.hexdigest()}"
 
 
+def canonical_order(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records sorted by (source, split group), each group's records in their given order.
+
+    Fitting sums over rows in order, and 600 boosted trees amplify last-bit differences in those sums into
+    different splits: the same six trace files listed in another order gave a model whose ChatDev held-out
+    p90 coverage differed by 1.4 points. In this order the model depends on which records it is given, not on
+    the order of the files (or of an online buffer) they came from."""
+    records = list(records)
+    keys = [(str(record.get("source") or ""), group_of(record, i)) for i, record in enumerate(records)]
+    return [records[i] for i in sorted(range(len(records)), key=keys.__getitem__)]
+
+
 def split_records(records: Sequence[dict[str, Any]], test_size: float = DEFAULT_TEST_SIZE,
                   seed: int = DEFAULT_SEED) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(train, test): per source, a seeded GroupShuffleSplit over workflow ids."""
@@ -141,7 +153,7 @@ def _fit_state(records: Sequence[dict[str, Any]], options: TrainOptions | None,
 
     options = options or TrainOptions()
     log = log or (lambda message: None)
-    records = list(records)
+    records = canonical_order(records)
     if not records:
         raise ValueError("no training records")
     started = time.perf_counter()

@@ -611,3 +611,22 @@ def test_length_head_is_solved_exactly(tol, solved):
     relative = np.abs(gradient).max() / np.abs(at_zero).max()
     assert (relative < 1e-8) == solved, relative
 
+
+def _reorder_runs(records: list[dict]) -> list[dict]:
+    """The same records with the runs (and the sources) in reverse order, each run's calls in their own order."""
+    runs: dict[tuple, list[dict]] = {}
+    for record in records:
+        runs.setdefault((record["source"], record["workflow"]["id"]), []).append(record)
+    return [record for key in reversed(list(runs)) for record in runs[key]]
+
+
+def test_training_does_not_depend_on_record_order(records):
+    """Boosting sums over rows in order, so without a canonical order the files' order leaks into the model
+    (on the real traces it moved ChatDev's held-out coverage by 1.4 points); same records, same model."""
+    mixed = records + synthetic_records(12, seed=1, source="other")
+    forward = fit_state(mixed, FAST)
+    backward = fit_state(_reorder_runs(mixed), FAST)
+    assert np.array_equal(forward["length_model"]["offsets"], backward["length_model"]["offsets"])
+    for key in ("value", "threshold", "feature"):
+        assert np.array_equal(forward["length_model"]["forest"][key], backward["length_model"]["forest"][key])
+    assert forward["priors"] == backward["priors"] and forward["baselines"] == backward["baselines"]
