@@ -11,14 +11,17 @@ tests of one model are grouped in one class and the engine starts once per test 
 
 vLLM is started the way vllm-observed.md found to work on a 2-core CPU box: ``python -m
 vllm.entrypoints.openai.api_server`` pinned to one core with ``taskset`` and matching OMP binding, so that the
-gateway and the test client keep the other core. ``--enforce-eager`` is deliberate: with torch.compile (the
-default) the bf16 SmolLM2 checkpoint produces wrong text on this CPU build ("L'Étoile, la Marseillaise, ..."
-instead of "The capital of France is Paris."), and eager mode also starts in ~20 s instead of ~60 s.
+gateway and the test client keep the other core. The engine computes in float32 (``--dtype float32``; the
+checkpoints on disk are bf16): vLLM's CPU bf16 path gives SmolLM2 wrong text ("L'Étoile, la Marseillaise, ..."
+instead of "The capital of France is Paris.") on some CPUs. It did so under torch.compile on an AMD EPYC VM,
+and on an Intel Xeon with AMX-BF16 also in eager mode. Both CPUs answer correctly in float32, which for
+models this small costs little. ``--enforce-eager`` stays: eager mode starts in ~20 s instead of ~60 s.
 
 Debugging knobs (environment):
   MAESTRO_REAL_VLLM_DIRECT=1   point the OpenAI client straight at vLLM (no gateway); gateway-only tests skip
   MAESTRO_VLLM_CPU=N           the core vLLM is pinned to (default 0)
   MAESTRO_VLLM_START_TIMEOUT   seconds to wait for vLLM /health (default 240)
+  MAESTRO_VLLM_DTYPE           the engine's --dtype (default float32; bfloat16 reproduces the CPU bf16 problem)
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ MAX_MODEL_LEN = 2048
 TINY_MAX_NUM_SEQS = 4
 
 ENGINE_START_TIMEOUT_S = float(os.environ.get("MAESTRO_VLLM_START_TIMEOUT", "240"))
+ENGINE_DTYPE = os.environ.get("MAESTRO_VLLM_DTYPE", "float32")
 GATEWAY_START_TIMEOUT_S = 30.0
 DIRECT = os.environ.get("MAESTRO_REAL_VLLM_DIRECT") == "1"
 
@@ -166,7 +170,7 @@ class VllmEngine:
     def start(self, python: Path) -> None:
         cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server",
                "--model", str(MODEL_DIR / self.model), "--served-model-name", self.model,
-               "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+               "--dtype", ENGINE_DTYPE, "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
                "--host", "127.0.0.1", "--port", str(self.port), *self.args]
         core = os.environ.get("MAESTRO_VLLM_CPU", "0")
         taskset = shutil.which("taskset")
