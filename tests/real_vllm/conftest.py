@@ -14,8 +14,9 @@ vllm.entrypoints.openai.api_server`` pinned to one core with ``taskset`` and mat
 gateway and the test client keep the other core. The engine computes in float32 (``--dtype float32``; the
 checkpoints on disk are bf16): vLLM's CPU bf16 path gives SmolLM2 wrong text ("L'Étoile, la Marseillaise, ..."
 instead of "The capital of France is Paris.") on some CPUs. It did so under torch.compile on an AMD EPYC VM,
-and on an Intel Xeon with AMX-BF16 also in eager mode. Both CPUs answer correctly in float32, which for
-models this small costs little. ``--enforce-eager`` stays: eager mode starts in ~20 s instead of ~60 s.
+and on an Intel Xeon with AMX-BF16 also in eager mode, where float32 answers correctly. float32 keeps the
+engine off the bf16 kernels on every CPU, and for models this small it costs little. ``--enforce-eager``
+stays: eager mode starts in ~20 s instead of ~60 s.
 
 Debugging knobs (environment):
   MAESTRO_REAL_VLLM_DIRECT=1   point the OpenAI client straight at vLLM (no gateway); gateway-only tests skip
