@@ -12,7 +12,10 @@ Metrics are pure functions over arrays (tested on hand-checkable sets):
 - KV reservation: saving = 1 − Σ(prompt + reserved output) / Σ(prompt + max_tokens), where reserved output is
   p90 capped by max_tokens and a record without max_tokens takes ``--default-max-tokens``; the
   under-reservation rate (share of requests whose actual output exceeded the reservation); and, as the
-  bound no predictor can beat, the saving of an oracle that reserves exactly each actual output.
+  bound no predictor can beat, the saving of an oracle that reserves exactly each actual output;
+- how far those figures could move with another sample of runs: 95% percentile-bootstrap intervals that
+  resample whole runs (workflow ids; a record without one is its own run), because the calls of one run are
+  alike and a held-out set of a few dozen runs is a small sample even when it holds hundreds of calls.
 
 ``--cv K`` replaces ``--model``: group k-fold by workflow over the given files, one model per fold trained
 with the default options, every record scored once by a model that never saw its run.
@@ -33,6 +36,9 @@ from typing import Any
 import numpy as np
 
 DEFAULT_MAX_TOKENS = 4096
+BOOTSTRAP_REPS = 2000     # resamples of the runs behind each interval
+BOOTSTRAP_SEED = 0        # fixed: the same rows always give the same intervals
+BOOTSTRAP_CHUNK = 100     # resamples drawn at once (bounds memory on sources with many thousand runs)
 HIST_INPUT_BUCKETS = 20   # log2 buckets: up to ~1M prompt tokens
 HIST_OUTPUT_BUCKETS = 18  # up to ~256k output tokens
 
@@ -96,6 +102,43 @@ def under_reservation(actual: Sequence[float], reserved: Sequence[float]) -> flo
     """Share of requests whose actual output exceeded the reserved output."""
     actual, reserved = np.asarray(actual, dtype=float), np.asarray(reserved, dtype=float)
     return float(np.mean(actual > reserved)) if len(actual) else math.nan
+
+
+def run_bootstrap_intervals(groups: Sequence[str], sums: Mapping[str, Sequence[float]],
+                            ratios: Mapping[str, tuple[str, str, bool]], reps: int = BOOTSTRAP_REPS,
+                            level: float = 0.95, seed: int = BOOTSTRAP_SEED) -> dict[str, list[float]]:
+    """Percentile-bootstrap intervals of ratio statistics, resampling whole runs.
+
+    ``sums`` holds one value per record for each named column; each statistic in ``ratios`` is
+    ``name: (numerator column, denominator column, one_minus)``, i.e. Σnum/Σden (or 1 − Σnum/Σden) over the
+    resampled records. Runs are drawn with replacement, as many as there are, ``reps`` times; every metric of
+    :func:`summarize` that has a target band is such a ratio, so each resample costs one matrix product.
+    """
+    names, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    n_runs = len(names)
+    if n_runs < 2:
+        return {}
+    per_run = {column: np.bincount(inverse, weights=np.asarray(values, dtype=float), minlength=n_runs)
+               for column, values in sums.items()}
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[np.ndarray]] = {name: [] for name in ratios}
+    uniform = np.full(n_runs, 1.0 / n_runs)
+    for start in range(0, reps, BOOTSTRAP_CHUNK):
+        counts = rng.multinomial(n_runs, uniform, size=min(BOOTSTRAP_CHUNK, reps - start)).astype(float)
+        totals = {column: counts @ values for column, values in per_run.items()}
+        for name, (numerator, denominator, one_minus) in ratios.items():
+            with np.errstate(divide="ignore", invalid="ignore"):
+                value = totals[numerator] / totals[denominator]
+            draws[name].append(1.0 - value if one_minus else value)
+    tail = (1.0 - level) / 2 * 100
+    out = {}
+    for name, chunks in draws.items():
+        values = np.concatenate(chunks)
+        values = values[np.isfinite(values)]
+        if len(values):
+            low, high = np.percentile(values, [tail, 100 - tail])
+            out[name] = [float(low), float(high)]
+    return out
 
 
 # ------------------------------------------------------------------------------------------- baselines
@@ -166,7 +209,7 @@ def collect(predictor, records: Sequence[Mapping[str, Any]],
     """One row per record: the prediction (the predictor sees the request as a gateway would, without its
     role) and the baselines' predictions from the predictor's own training statistics."""
     from predictor.features import max_tokens_of
-    from predictor.train import length_usable, request_of
+    from predictor.train import group_of, length_usable, request_of
 
     baselines = (getattr(predictor, "state", None) or {}).get("baselines")
     rows = []
@@ -174,7 +217,7 @@ def collect(predictor, records: Sequence[Mapping[str, Any]],
         body, headers = request_of(record)
         prediction = predictor.predict(body, headers)
         cap = max_tokens_of(body) or default_max_tokens
-        row = {"source": record.get("source", ""), "role_true": record.get("agent_role"),
+        row = {"source": record.get("source", ""), "run": group_of(record), "role_true": record.get("agent_role"),
                "role_pred": prediction.role, "usable": length_usable(record),
                "actual": record["usage"]["completion_tokens"], "prompt": record["usage"]["prompt_tokens"],
                "cap": cap, "p50": min(prediction.p50, cap), "p90": min(prediction.p90, cap)}
@@ -210,19 +253,45 @@ def summarize(rows: Sequence[Mapping[str, Any]], default_max_tokens: int = DEFAU
                           "under_reservation_rate": _r(under_reservation(actual, p90)),
                           # the bound: reserving exactly the actual output of every request
                           "oracle_saving": _r(kv_saving(prompt, np.minimum(actual, caps), caps))}
+    role_mean_pred = None
     if all("base" in r for r in usable):
         base = {name: np.array([r["base"][name] for r in usable], dtype=float) for name in usable[0]["base"]}
         length["baselines_mae"] = {name: _r(mae(base[name], actual), 2)
                                    for name in ("global_mean", "role_mean", "role_histogram")}
         role_mean_mae = length["baselines_mae"]["role_mean"]
         length["mae_reduction_vs_role_mean"] = _r(1 - model_mae / role_mean_mae) if role_mean_mae else None
+        role_mean_pred = base["role_mean"]
         hist_p90 = base["role_histogram_p90"]
         length["role_histogram_p90_coverage"] = _r(coverage(hist_p90, actual))
         kv["role_histogram"] = {"saving": _r(kv_saving(prompt, hist_p90, caps)),
                                 "under_reservation_rate": _r(under_reservation(actual, hist_p90))}
     result["length"] = length
     result["kv"] = kv
+    intervals = _intervals(usable, actual, p50, p90, prompt, caps, role_mean_pred)
+    if intervals:
+        result["intervals_95"] = intervals
     return result
+
+
+def _intervals(usable: Sequence[Mapping[str, Any]], actual: np.ndarray, p50: np.ndarray, p90: np.ndarray,
+               prompt: np.ndarray, caps: np.ndarray, role_mean: np.ndarray | None) -> dict[str, Any]:
+    """Run-level bootstrap intervals of the figures that have targets (see :func:`run_bootstrap_intervals`)."""
+    if any("run" not in r for r in usable):
+        return {}
+    sums = {"reserved": prompt + p90, "worst": prompt + caps, "covered": (actual <= p90).astype(float),
+            "under": (actual > p90).astype(float), "calls": np.ones(len(actual)),
+            "exact": prompt + np.minimum(actual, caps)}
+    ratios = {"kv_saving": ("reserved", "worst", True), "p90_coverage": ("covered", "calls", False),
+              "under_reservation_rate": ("under", "calls", False), "oracle_saving": ("exact", "worst", True)}
+    if role_mean is not None:
+        sums.update(model_error=np.abs(p50 - actual), role_mean_error=np.abs(role_mean - actual))
+        ratios["mae_reduction_vs_role_mean"] = ("model_error", "role_mean_error", True)
+    runs = [r["run"] for r in usable]
+    bounds = run_bootstrap_intervals(runs, sums, ratios)
+    if not bounds:
+        return {}
+    return {"method": "percentile bootstrap over runs", "runs": len(set(runs)), "resamples": BOOTSTRAP_REPS,
+            **{name: [_r(low), _r(high)] for name, (low, high) in bounds.items()}}
 
 
 def evaluate_records(predictor, records: Sequence[Mapping[str, Any]],

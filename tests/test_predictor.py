@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from predictor import Prediction, Predictor
 from predictor.classifier import TextParams
 from predictor.evaluate import (baseline_predictions, coverage, evaluate_records, fit_baselines, kendall_tau,
-                                kv_saving, mae, role_metrics, under_reservation)
+                                kv_saving, mae, role_metrics, run_bootstrap_intervals, under_reservation)
 from predictor.features import explicit_role_of, normalize_role, parse_request
 from predictor.kv import KVModel, KVSpec, bytes_per_token
 from predictor.length_model import FlatForest, LengthParams, fit_quantile_estimators, mondrian_offsets
@@ -381,6 +381,24 @@ def test_metrics_on_a_hand_checkable_set():
     assert under_reservation([60, 100], [50, 150]) == pytest.approx(0.5)
 
 
+def test_bootstrap_intervals_resample_whole_runs():
+    # Run "x": 50 calls reserving 10 of a worst case of 100 each (saving 0.9); run "y": one call reserving 50
+    # of 100 (saving 0.5). Drawing two runs with replacement gives xx (0.9, p 1/4), xy (1 - 550/5100, p 1/2)
+    # and yy (0.5, p 1/4): the 95% interval is [0.5, 0.9]. Resampling calls instead would give about
+    # [0.88, 0.9], as if 51 independent calls had been seen rather than two runs.
+    runs = ["x"] * 50 + ["y"]
+    sums = {"reserved": [10.0] * 50 + [50.0], "worst": [100.0] * 51}
+    ratios = {"saving": ("reserved", "worst", True)}
+    bounds = run_bootstrap_intervals(runs, sums, ratios)
+    assert bounds["saving"] == [pytest.approx(0.5), pytest.approx(0.9)]
+    assert run_bootstrap_intervals(runs, sums, ratios) == bounds   # seeded: the same rows, the same interval
+    assert run_bootstrap_intervals(["x"] * 51, sums, ratios) == {}  # one run: nothing to resample
+    # a plain ratio (not 1 - ratio): share covered, 0.5 in run "a" and 1.0 in run "b"
+    covered = run_bootstrap_intervals(["a", "a", "b", "b"], {"covered": [1, 0, 1, 1], "calls": [1, 1, 1, 1]},
+                                      {"coverage": ("covered", "calls", False)})
+    assert covered["coverage"] == [pytest.approx(0.5), pytest.approx(1.0)]
+
+
 class FixedPredictor:
     """Predicts the same thing for every request (to check evaluate_records' arithmetic by hand)."""
 
@@ -419,6 +437,7 @@ def test_evaluation_report_by_hand():
     # reserved: 600 (cap 1000) and 500 (cap max_tokens 500): 1 - (100+600 + 300+500) / (100+1000 + 300+500)
     assert kv["saving"] == pytest.approx(1 - 1500 / 1900, abs=1e-4)
     assert kv["under_reservation_rate"] == 0.0
+    assert "intervals_95" not in report  # both test calls share one prompt, so one run: no interval
 
 
 def test_split_keeps_workflows_whole():
@@ -453,6 +472,12 @@ def test_train_and_evaluate_commands(tmp_path, capsys):
     assert 0 <= result["kv"]["saving"] <= 1 and 0 <= result["kv"]["under_reservation_rate"] <= 1
     assert report["meta"]["split"] == "test" and report["by_source"]["synthetic"]["n"] == result["n"]
     assert 0 < result["kv"]["oracle_saving"] <= 1
+    intervals = result["intervals_95"]  # by run: six held-out workflows
+    assert intervals["runs"] == 6
+    for name, point in (("kv_saving", result["kv"]["saving"]), ("p90_coverage", result["length"]["p90_coverage"]),
+                        ("oracle_saving", result["kv"]["oracle_saving"])):
+        low, high = intervals[name]
+        assert low <= point <= high, (name, low, point, high)
 
     # --cv K: every record scored once by a model trained without its workflow
     assert evaluate.main(parser.parse_args(["--cv", "3", "--data", str(data)])) == 0
