@@ -25,7 +25,7 @@ from predictor import Prediction, Predictor
 from predictor.classifier import TextParams
 from predictor.evaluate import (baseline_predictions, coverage, evaluate_records, fit_baselines, kendall_tau,
                                 kv_saving, mae, role_metrics, run_bootstrap_intervals, under_reservation)
-from predictor.features import explicit_role_of, normalize_role, parse_request
+from predictor.features import explicit_role_of, max_tokens_of, normalize_role, parse_request
 from predictor.kv import KVModel, KVSpec, bytes_per_token
 from predictor.length_model import FlatForest, LengthParams, fit_quantile_estimators, mondrian_offsets
 from predictor.model_file import _FILE_MODE, ModelFileError, load_state, read_plain, save_state
@@ -157,6 +157,33 @@ def test_quantiles_are_ordered_and_capped(predictor, records):
     long_prompt = chat(AGENTS["coder"][0], "word " * 1900 + "Implement a todo app.")
     p = capped.predict(long_prompt)
     assert p.p90 <= 2048 - p.prompt_tokens and p.p50 <= p.p90
+
+
+_JSON_LEAF = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
+              | st.text(max_size=40))
+_JSON = st.recursive(_JSON_LEAF, lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
+_MESSAGE = st.fixed_dictionaries({}, optional={
+    "role": st.sampled_from(["system", "user", "assistant", "tool", "developer", "x"]) | _JSON,
+    "content": st.text(max_size=200) | _JSON, "tool_calls": _JSON, "name": _JSON})
+_BODY = st.fixed_dictionaries({}, optional={
+    "model": st.sampled_from(["model-a", "model-b", ""]) | _JSON, "messages": st.lists(_MESSAGE | _JSON, max_size=5)
+    | _JSON, "max_tokens": _JSON | st.integers(1, 5000), "max_completion_tokens": _JSON, "tools": _JSON,
+    "tool_choice": _JSON, "response_format": _JSON, "temperature": _JSON, "metadata": _JSON})
+_HEADERS = st.none() | st.dictionaries(st.sampled_from(["X-Agent-Role", "x-workflow-step", "X-Workflow-Id", "Other"]),
+                                       st.text(max_size=20), max_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(body=_BODY, headers=_HEADERS)
+def test_any_body_gets_ordered_capped_quantiles(predictor, body, headers):
+    """The gateway validates bodies before predicting, but other tools call predict() on whatever they hold:
+    malformed fields are ignored, never an exception, and the quantiles stay ordered and within max_tokens."""
+    p = predictor.predict(body, headers)
+    assert 1 <= p.p50 <= p.p90 and p.kv_bytes > 0
+    cap = max_tokens_of(body)
+    if cap is not None:
+        assert p.p90 <= cap
 
 
 def test_length_model_tracks_the_signal(predictor):
