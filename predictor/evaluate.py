@@ -277,8 +277,6 @@ def summarize(rows: Sequence[Mapping[str, Any]], default_max_tokens: int = DEFAU
 def _intervals(usable: Sequence[Mapping[str, Any]], actual: np.ndarray, p50: np.ndarray, p90: np.ndarray,
                prompt: np.ndarray, caps: np.ndarray, role_mean: np.ndarray | None) -> dict[str, Any]:
     """Run-level bootstrap intervals of the figures that have targets (see :func:`run_bootstrap_intervals`)."""
-    if any("run" not in r for r in usable):
-        return {}
     sums = {"reserved": prompt + p90, "worst": prompt + caps, "covered": (actual <= p90).astype(float),
             "under": (actual > p90).astype(float), "calls": np.ones(len(actual)),
             "exact": prompt + np.minimum(actual, caps)}
