@@ -195,7 +195,9 @@ def _fit_state(records: Sequence[dict[str, Any]], options: TrainOptions | None,
                                           options, models, model_slots)
     length_model = fit_length_model(X, log_y[index], weights[index], options.quantiles, options.length, offsets,
                                     model_slots)
-    role_offsets = length_model.offsets[[length_model.stratum(r, 0) for r in range(len(ROLES))], -1]
+    # (an uncalibrated model has one all-zero row of offsets, which every stratum reads, as in predict)
+    role_cells = [min(length_model.stratum(r, 0), len(length_model.offsets) - 1) for r in range(len(ROLES))]
+    role_offsets = length_model.offsets[role_cells, -1]
     p90_offsets = {role: round(float(offset), 1) for role, offset in zip(ROLES, role_offsets)}
     log(f"length model: {len(length_model.forest.roots)} trees, {len(length_model.offsets)} calibration cells, "
         f"p90 offsets in tokens by role (first model) {p90_offsets} ({time.perf_counter() - started:.1f}s)")

@@ -357,6 +357,17 @@ def test_offsets_are_calibrated_per_role_and_model():
         assert 0.85 <= np.mean(log_y[mask] <= p90[cell]) <= 0.97
 
 
+def test_too_few_runs_to_calibrate_still_trains(records):
+    """Under 3 runs (or 30 usable records) there is nothing to cross-calibrate on: the model is fitted without
+    offsets instead of failing (an online buffer can hold one long workflow)."""
+    two_runs = [record for record in records if record["workflow"]["id"] in ("wf-0-0", "wf-0-1")]
+    assert len(two_runs) == 12
+    predictor = Predictor.from_state(fit_state(two_runs, FAST))
+    assert predictor.length_model.offsets.shape == (1, 2) and not predictor.length_model.offsets.any()
+    prediction = predictor.predict(chat("You are a planner.", "Plan a blog."))
+    assert 1 <= prediction.p50 <= prediction.p90
+
+
 def test_predictor_uses_the_model_cell(state):
     cells = np.atleast_2d(state["length_model"]["offsets"])
     slots = state["length_model"]["model_slots"]
