@@ -338,7 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model file written by `maestro predictor train`")
     parser.add_argument("--cv", type=int, metavar="K",
                         help="instead of --model: group k-fold by workflow (train k models with default "
-                             "options, score each held-out fold, pool the metrics)")
+                             "options or --upper-fit-levels, score each held-out fold, pool the metrics)")
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="trace files")
     parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help="max_tokens of a request that sets none (default 4096)")
@@ -347,6 +347,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "training) or every record (data the model never saw)")
     parser.add_argument("--test-size", type=float, help="override the model's split size")
     parser.add_argument("--seed", type=int, help="override the model's split seed")
+    from predictor.train import fit_level
+
+    parser.add_argument("--upper-fit-levels", type=fit_level, nargs="+", metavar="Q",
+                        help="with --cv: train the fold models with these p90 fit levels (see `maestro predictor "
+                             "train --help`)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -354,10 +359,14 @@ def main(args: argparse.Namespace) -> int:
 
     from predictor.model_file import ModelFileError
     from predictor.predictor import Predictor
-    from predictor.train import DEFAULT_SEED, DEFAULT_TEST_SIZE, load_records, split_records
+    from predictor.train import DEFAULT_SEED, DEFAULT_TEST_SIZE, TrainOptions, load_records, split_records
 
     if (args.model is None) == (args.cv is None):
         print("maestro predictor evaluate: give either --model MODEL or --cv K", file=sys.stderr)
+        return 2
+    if args.upper_fit_levels and args.cv is None:
+        print("maestro predictor evaluate: --upper-fit-levels only applies to --cv (a model file keeps the "
+              "levels it was trained with)", file=sys.stderr)
         return 2
     records = load_records(args.data)
     if args.cv is not None:
@@ -365,9 +374,13 @@ def main(args: argparse.Namespace) -> int:
             print("maestro predictor evaluate: --cv needs K >= 2", file=sys.stderr)
             return 2
         started = time.perf_counter()
-        report = cross_validate(records, args.cv, args.default_max_tokens,
+        options = TrainOptions()
+        if args.upper_fit_levels:
+            options.upper_fit_levels = tuple(args.upper_fit_levels)
+        report = cross_validate(records, args.cv, args.default_max_tokens, options,
                                 log=lambda message: print(f"[evaluate] {message}", file=sys.stderr, flush=True))
         report["meta"] = {"cv_folds": args.cv, "data": [str(p) for p in args.data],
+                          "upper_fit_levels": list(options.upper_fit_levels),
                           "seconds": round(time.perf_counter() - started, 1)}
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0

@@ -7,7 +7,9 @@ offset per (role, model), measured on out-of-fold predictions (split by workflow
 in-sample 90%. The offsets are in tokens, not in log space: a reservation is paid in tokens, and at the same
 coverage a shift in tokens reserves less than a multiplicative one, because a log-space shift gives the
 longest predictions, which dominate the memory, the largest slack (ChatDev's KV saving +0.4 points on average
-over eight held-out splits, every other source unchanged; docs/benchmarks.md).
+over eight held-out splits, every other source unchanged; docs/benchmarks.md). Because the offsets set the
+level, p90's trees need not be fitted at 0.9: training can fit them at a lower level where that reserves less
+once calibrated (conformalized quantile regression; opt-in, see :func:`predictor.train.choose_upper_level`).
 
 Serving does not call scikit-learn: the fitted trees of all quantiles are compiled into flat numpy arrays
 (:class:`FlatForest`) and walked level by level for every tree at once, which on one row is several times
@@ -287,12 +289,22 @@ def mondrian_offsets(actual: np.ndarray, oof_pred: np.ndarray, quantiles: Sequen
 
 def fit_length_model(X: np.ndarray, log_y: np.ndarray, weights: np.ndarray | None,
                      quantiles: Sequence[float] = QUANTILES, params: LengthParams | None = None,
-                     offsets: np.ndarray | None = None, model_slots: int = 1) -> LengthModel:
+                     offsets: np.ndarray | None = None, model_slots: int = 1,
+                     fit_levels: Sequence[float] | None = None) -> LengthModel:
     """Fit one quantile GBM per quantile and compile them; ``offsets`` (strata × quantiles) default to zero.
-    Calibration (the offsets) is done by the caller through the whole serving path, see
+
+    ``fit_levels`` (default: ``quantiles``) are the levels the trees are fitted at, one per quantile; the
+    offsets then shift each to its target level in ``quantiles``. They may differ because the offsets were
+    measured on trees fitted at these levels (see :func:`predictor.train.cross_conformal_offsets`), and
+    without offsets they must not. Calibration is done by the caller through the whole serving path, see
     :func:`predictor.train.fit_state`."""
     params = params or LengthParams()
-    estimators = fit_quantile_estimators(X, log_y, weights, quantiles, params)
+    fit_levels = tuple(quantiles if fit_levels is None else fit_levels)
+    if len(fit_levels) != len(quantiles):
+        raise ValueError(f"{len(fit_levels)} fit levels for {len(quantiles)} quantiles")
+    if offsets is None and fit_levels != tuple(quantiles):
+        raise ValueError("trees fitted at other levels than their quantiles need conformal offsets")
+    estimators = fit_quantile_estimators(X, log_y, weights, fit_levels, params)
     if offsets is None:
         offsets, model_slots = np.zeros((1, len(quantiles))), 1
     return LengthModel(FlatForest.from_estimators(estimators), tuple(quantiles), np.atleast_2d(offsets),

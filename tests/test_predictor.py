@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import random
@@ -27,11 +28,12 @@ from predictor.evaluate import (baseline_predictions, coverage, evaluate_records
                                 kv_saving, mae, role_metrics, run_bootstrap_intervals, under_reservation)
 from predictor.features import explicit_role_of, max_tokens_of, normalize_role, parse_request
 from predictor.kv import KVModel, KVSpec, bytes_per_token
-from predictor.length_model import FlatForest, LengthParams, fit_quantile_estimators, mondrian_offsets
+from predictor.length_model import (FlatForest, LengthParams, fit_length_model, fit_quantile_estimators,
+                                    mondrian_offsets)
 from predictor.model_file import _FILE_MODE, ModelFileError, load_state, read_plain, save_state
 from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, make_record
 from predictor.trace import ROLES, write_records
-from predictor.train import TrainOptions, fit_state, group_of, split_records
+from predictor.train import TrainOptions, choose_upper_level, fit_state, group_of, split_records
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -368,6 +370,56 @@ def test_too_few_runs_to_calibrate_still_trains(records):
     assert 1 <= prediction.p50 <= prediction.p90
 
 
+def test_upper_fit_level_is_the_one_that_reserves_least():
+    """Each candidate is calibrated to the same 90 % per cell, then the one with the smallest weighted mean
+    reservation (capped at max_tokens) is kept. Hand-checkable: actual lengths 1..100 in one cell; candidate 0.7
+    predicts every length exactly, so its offset is 0 and it reserves the mean, 50.5; candidate 0.9 predicts a
+    constant 10, so its offset is the 90th percentile of (actual - 10) and it reserves that for everyone."""
+    actual = np.arange(1.0, 101.0)
+    n = len(actual)
+    strata, models = np.zeros(n, dtype=np.intp), np.zeros(n, dtype=np.intp)
+    weights, caps = np.ones(n), np.full(n, np.inf)
+    exact = np.column_stack([actual, actual])
+    constant = np.column_stack([actual, np.full(n, 10.0)])
+    level, offsets, reservation = choose_upper_level(actual, {0.7: exact, 0.9: constant}, (0.5, 0.9), strata,
+                                                     models, 1, weights, caps)
+    assert level == 0.7 and list(reservation) == [0.7, 0.9]
+    assert reservation[0.7] == pytest.approx(50.5) and offsets[0, 1] == pytest.approx(0.0)
+    expected_constant = 10.0 + np.quantile(actual - 10.0, 0.9)
+    assert reservation[0.9] == pytest.approx(expected_constant, abs=1.0)
+    # a cap (max_tokens) bounds what a candidate is charged; equal reservations keep the higher level
+    level, _, reservation = choose_upper_level(actual, {0.7: exact, 0.9: exact}, (0.5, 0.9), strata, models, 1,
+                                               weights, caps)
+    assert level == 0.9 and reservation[0.7] == reservation[0.9]
+    level, _, reservation = choose_upper_level(actual, {0.7: exact, 0.9: constant}, (0.5, 0.9), strata, models, 1,
+                                               weights, np.full(n, 5.0))
+    assert reservation == {0.7: pytest.approx((1 + 2 + 3 + 4 + 96 * 5) / 100), 0.9: 5.0} and level == 0.7
+
+
+def test_training_records_the_fit_level_and_keeps_target_levels(state, records):
+    assert state["training"]["fit_levels"] == [0.5, 0.9]  # the default fits p90's trees at 0.9
+    assert list(state["training"]["upper_reservation"]) == ["0.9"]
+    levels = (0.7, 0.8, 0.9)
+    chosen = fit_state(records[:240], dataclasses.replace(FAST, upper_fit_levels=levels))
+    training = chosen["training"]
+    assert training["quantiles"] == [0.5, 0.9]  # what p50 / p90 mean to every caller
+    assert training["fit_levels"][0] == 0.5 and training["fit_levels"][1] in levels
+    reservation = training["upper_reservation"]
+    assert set(reservation) == {str(level) for level in levels}
+    assert min(reservation.values()) == reservation[str(training["fit_levels"][1])]
+    assert chosen["length_model"]["quantiles"] == [0.5, 0.9]
+    p = Predictor.from_state(chosen)
+    prediction = p.predict(chat(AGENTS["coder"][0], "Implement a chess clock in Python with 3 functions."))
+    assert 1 <= prediction.p50 <= prediction.p90
+    # without calibration there are no offsets to lift a lower level to 0.9: the trees are fitted at 0.9
+    uncalibrated = fit_state(records[:120], dataclasses.replace(FAST, calibrate=False))
+    assert uncalibrated["training"]["fit_levels"] == [0.5, 0.9]
+    assert uncalibrated["training"]["upper_reservation"] is None
+    X, log_y = np.zeros((40, 2)), np.zeros(40)
+    with pytest.raises(ValueError, match="need conformal offsets"):
+        fit_length_model(X, log_y, None, (0.5, 0.9), LengthParams(max_iter=2), fit_levels=(0.5, 0.8))
+
+
 def test_predictor_uses_the_model_cell(state):
     cells = np.atleast_2d(state["length_model"]["offsets"])
     slots = state["length_model"]["model_slots"]
@@ -521,8 +573,28 @@ def test_train_and_evaluate_commands(tmp_path, capsys):
     assert evaluate.main(parser.parse_args(["--cv", "3", "--data", str(data)])) == 0
     cv = json.loads(capsys.readouterr().out)
     assert cv["all"]["n"] == 30 * 6 and cv["meta"]["cv_folds"] == 3
+    assert cv["meta"]["upper_fit_levels"] == [0.9]
+    assert evaluate.main(parser.parse_args(["--cv", "3", "--data", str(data), "--upper-fit-levels", "0.8", "0.9"])) == 0
+    assert json.loads(capsys.readouterr().out)["meta"]["upper_fit_levels"] == [0.8, 0.9]
+    # fit levels are a training option: a saved model keeps its own
+    assert evaluate.main(parser.parse_args(["--model", str(model), "--data", str(data),
+                                            "--upper-fit-levels", "0.8"])) == 2
+    assert "only applies to --cv" in capsys.readouterr().err
     # neither or both of --model / --cv is a usage error
     assert evaluate.main(parser.parse_args(["--data", str(data)])) == 2
+
+
+def test_train_refuses_a_fit_level_outside_zero_one(capsys):
+    from predictor import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    for bad in ("1.5", "0", "high"):
+        with pytest.raises(SystemExit) as exit_info:
+            parser.parse_args(["--data", "x", "--out", "y", "--upper-fit-levels", "0.8", bad])
+        assert exit_info.value.code == 2
+        assert "strictly between 0 and 1" in capsys.readouterr().err
+    assert parser.parse_args(["--data", "x", "--out", "y", "--upper-fit-levels", "0.75"]).upper_fit_levels == [0.75]
 
 
 def test_bench_runs(predictor, tmp_path):
