@@ -335,6 +335,8 @@ def cross_validate(records: Sequence[dict[str, Any]], folds: int = 5, default_ma
 
 # ------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from predictor.train import fit_level  # (train imports this module's baselines; keep the import lazy)
+
     parser.add_argument("--model", help="model file written by `maestro predictor train`")
     parser.add_argument("--cv", type=int, metavar="K",
                         help="instead of --model: group k-fold by workflow (train k models with default "
@@ -347,8 +349,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "training) or every record (data the model never saw)")
     parser.add_argument("--test-size", type=float, help="override the model's split size")
     parser.add_argument("--seed", type=int, help="override the model's split seed")
-    from predictor.train import fit_level
-
     parser.add_argument("--upper-fit-levels", type=fit_level, nargs="+", metavar="Q",
                         help="with --cv: train the fold models with these p90 fit levels (see `maestro predictor "
                              "train --help`)")
