@@ -274,6 +274,11 @@ def stratified_offsets(actual: np.ndarray, oof_pred: np.ndarray, quantiles: Sequ
     return offsets
 
 
+def strata_of(roles: np.ndarray, models: np.ndarray, model_slots: int) -> np.ndarray:
+    """The calibration cell of each row, numbered as :meth:`LengthModel.stratum` numbers one."""
+    return roles * model_slots + models if model_slots > 1 else np.asarray(roles)
+
+
 def mondrian_offsets(actual: np.ndarray, oof_pred: np.ndarray, quantiles: Sequence[float],
                      roles: np.ndarray, n_roles: int, models: np.ndarray, model_slots: int,
                      shrink: float = 50.0) -> np.ndarray:
@@ -282,7 +287,7 @@ def mondrian_offsets(actual: np.ndarray, oof_pred: np.ndarray, quantiles: Sequen
     by_role = stratified_offsets(actual, oof_pred, quantiles, roles, n_roles, shrink)
     if model_slots <= 1:
         return by_role
-    cells = roles * model_slots + models
+    cells = strata_of(roles, models, model_slots)
     parent = np.repeat(by_role, model_slots, axis=0)
     return stratified_offsets(actual, oof_pred, quantiles, cells, n_roles * model_slots, shrink, parent)
 

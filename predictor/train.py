@@ -333,9 +333,9 @@ def choose_upper_level(actual: np.ndarray, oof_by_level: Mapping[float, np.ndarr
     (role, model) cell, so coverage holds less well where the spread differs from the training data's (a
     ChatDev-only model's p90 covered 80.7 % of AlpacaEval's requests fitted at 0.7, 89.4 % at 0.9). That is
     why it is opt-in (``TrainOptions.upper_fit_levels``). Ties keep the higher (nearer the target) level."""
-    from predictor.length_model import mondrian_offsets
+    from predictor.length_model import mondrian_offsets, strata_of
 
-    cells = strata * model_slots + models
+    cells = strata_of(strata, models, model_slots)
     best: tuple[float, float, np.ndarray] | None = None
     reservation: dict[float, float] = {}
     for level in sorted(oof_by_level, reverse=True):
