@@ -320,9 +320,13 @@ def cross_validate(records: Sequence[dict[str, Any]], folds: int = 5, default_ma
     from sklearn.model_selection import GroupKFold
 
     from predictor.predictor import Predictor
-    from predictor.train import fit_state, group_of
+    from predictor.train import TrainingDataError, fit_state, group_of
 
     groups = [group_of(record, i) for i, record in enumerate(records)]
+    runs = len(set(groups))
+    if runs < folds:
+        raise TrainingDataError(f"{folds}-fold cross-validation needs at least {folds} runs (workflows); "
+                                f"the data holds {runs}")
     rows: list[dict[str, Any]] = []
     for fold, (train_idx, test_idx) in enumerate(GroupKFold(n_splits=folds).split(records, groups=groups)):
         state = fit_state([records[i] for i in train_idx], options)
@@ -359,7 +363,9 @@ def main(args: argparse.Namespace) -> int:
 
     from predictor.model_file import ModelFileError
     from predictor.predictor import Predictor
-    from predictor.train import DEFAULT_SEED, DEFAULT_TEST_SIZE, TrainOptions, load_records, split_records
+    from predictor.trace import TraceFormatError
+    from predictor.train import (DEFAULT_SEED, DEFAULT_TEST_SIZE, TrainingDataError, TrainOptions, load_records,
+                                 split_records)
 
     if (args.model is None) == (args.cv is None):
         print("maestro predictor evaluate: give either --model MODEL or --cv K", file=sys.stderr)
@@ -368,17 +374,25 @@ def main(args: argparse.Namespace) -> int:
         print("maestro predictor evaluate: --upper-fit-levels only applies to --cv (a model file keeps the "
               "levels it was trained with)", file=sys.stderr)
         return 2
-    records = load_records(args.data)
+    if args.cv is not None and args.cv < 2:
+        print("maestro predictor evaluate: --cv needs K >= 2", file=sys.stderr)
+        return 2
+    try:
+        records = load_records(args.data)
+    except (TraceFormatError, OSError) as exc:
+        print(f"maestro predictor evaluate: {exc}", file=sys.stderr)
+        return 2
     if args.cv is not None:
-        if args.cv < 2:
-            print("maestro predictor evaluate: --cv needs K >= 2", file=sys.stderr)
-            return 2
         started = time.perf_counter()
         options = TrainOptions()
         if args.upper_fit_levels:
             options.upper_fit_levels = tuple(args.upper_fit_levels)
-        report = cross_validate(records, args.cv, args.default_max_tokens, options,
-                                log=lambda message: print(f"[evaluate] {message}", file=sys.stderr, flush=True))
+        try:
+            report = cross_validate(records, args.cv, args.default_max_tokens, options,
+                                    log=lambda message: print(f"[evaluate] {message}", file=sys.stderr, flush=True))
+        except TrainingDataError as exc:
+            print(f"maestro predictor evaluate: {exc}", file=sys.stderr)
+            return 2
         report["meta"] = {"cv_folds": args.cv, "data": [str(p) for p in args.data],
                           "upper_fit_levels": list(options.upper_fit_levels),
                           "seconds": round(time.perf_counter() - started, 1)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -64,15 +65,19 @@ def read_records(path: str | Path, validate: bool = True) -> Iterator[dict[str, 
     """Yield the records of one ``.jsonl`` / ``.jsonl.gz`` file."""
     path = Path(path)
     with _open(path, "r") as handle:
-        for number, line in enumerate(io.BufferedReader(handle), start=1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
-                raise TraceFormatError(f"{path}:{number}: invalid JSON ({exc})") from None
-            yield validate_record(record, f"{path}:{number}") if validate else record
+        try:
+            for number, line in enumerate(io.BufferedReader(handle), start=1):
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    record = orjson.loads(line)
+                except orjson.JSONDecodeError as exc:
+                    raise TraceFormatError(f"{path}:{number}: invalid JSON ({exc})") from None
+                yield validate_record(record, f"{path}:{number}") if validate else record
+        # a truncated or corrupt .gz (a log copied while it was written) says so with its name, not a traceback
+        except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+            raise TraceFormatError(f"{path}: not a readable gzip file ({exc})") from None
 
 
 def write_records(path: str | Path, records: Iterable[dict[str, Any]]) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -24,7 +25,7 @@ from predictor.classifier import TextParams, fit_text_model
 from predictor.features import (WORKFLOW_ID_HEADER, WORKFLOW_STEP_HEADER, FeatureAssembler, content_text,
                                 parse_request)
 from predictor.length_model import QUANTILES, LengthParams, fit_length_model
-from predictor.trace import ROLES, read_records
+from predictor.trace import ROLES, TraceFormatError, read_records
 
 DEFAULT_TEST_SIZE = 0.2
 DEFAULT_SEED = 0
@@ -46,6 +47,10 @@ class TrainOptions:
     # Opt-in, e.g. (0.7, 0.8, 0.9): it reserves a little less on traffic like the training data's, but its p90
     # covers less of an unseen framework's requests (docs/benchmarks.md), and each level adds a fit per fold.
     upper_fit_levels: tuple[float, ...] = (0.9,)
+
+
+class TrainingDataError(ValueError):
+    """The records cannot train a model (none, or none with a usable output length)."""
 
 
 @dataclass
@@ -171,13 +176,13 @@ def _fit_state(records: Sequence[dict[str, Any]], options: TrainOptions | None,
     log = log or (lambda message: None)
     records, group_list = canonical_order(records)
     if not records:
-        raise ValueError("no training records")
+        raise TrainingDataError("no training records")
     started = time.perf_counter()
     views = [parse_request(*request_of(r)) for r in records]
     labels = [r.get("agent_role") for r in records]
     usable = np.array([length_usable(r) for r in records])
     if not usable.any():
-        raise ValueError("no training record has a usable output length")
+        raise TrainingDataError("no training record has a usable output length")
     y = np.array([r["usage"]["completion_tokens"] for r in records], dtype=np.float64)
     log_y = np.where(usable, np.log1p(y), np.nan)
     groups = np.array(group_list)
@@ -391,6 +396,20 @@ def fit_level(text: str) -> float:
     return level
 
 
+def output_problem(out: Path) -> str | None:
+    """Why the model cannot be written to ``out`` (a folder there, or a folder that cannot be made or written),
+    or None."""
+    if out.is_dir():
+        return f"--out {out} is a folder; give a file name such as {out / 'model.skops'}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create the folder for --out: {exc}"
+    if not os.access(out.parent, os.W_OK):
+        return f"cannot write to {out.parent}"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     from predictor.model_file import save_state
 
@@ -398,7 +417,15 @@ def main(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[train] {message}", file=sys.stderr, flush=True)
 
-    records = load_records(args.data)
+    problem = output_problem(Path(args.out))
+    if problem:  # said now, not after a minute of training
+        print(f"maestro predictor train: {problem}", file=sys.stderr)
+        return 2
+    try:
+        records = load_records(args.data)
+    except (TraceFormatError, OSError) as exc:
+        print(f"maestro predictor train: {exc}", file=sys.stderr)
+        return 2
     if args.split == "train":
         train, test = split_records(records, args.test_size, args.seed)
         log(f"{len(records)} records: {len(train)} train, {len(test)} held out (by workflow)")
@@ -411,8 +438,17 @@ def main(args: argparse.Namespace) -> int:
     meta = {"data": [str(p) for p in args.data],
             "split": {"method": "group_shuffle_by_source_workflow", "part": args.split,
                       "test_size": args.test_size, "seed": args.seed}}
-    state = fit_state(train, options, meta, log)
-    path = save_state(state, args.out)
+    try:
+        state = fit_state(train, options, meta, log)
+    except TrainingDataError as exc:
+        print(f"maestro predictor train: {exc} (of {len(records)} records read from {len(args.data)} file(s))",
+              file=sys.stderr)
+        return 2
+    try:
+        path = save_state(state, args.out)
+    except OSError as exc:
+        print(f"maestro predictor train: cannot write the model: {exc}", file=sys.stderr)
+        return 1
     log(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return 0
 

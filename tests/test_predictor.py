@@ -597,6 +597,46 @@ def test_train_refuses_a_fit_level_outside_zero_one(capsys):
     assert parser.parse_args(["--data", "x", "--out", "y", "--upper-fit-levels", "0.75"]).upper_fit_levels == [0.75]
 
 
+
+def test_train_and_evaluate_report_bad_input_in_one_line(tmp_path, capsys):
+    """Missing, malformed, truncated or empty trace files and an unwritable --out: exit 2 with a message that
+    names the problem, no traceback, and no model file written."""
+    import gzip
+
+    from predictor import evaluate, train
+
+    good = tmp_path / "good.jsonl"
+    write_records(good, synthetic_records(n_workflows=2, seed=3))
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(gzip.compress(good.read_bytes())[:200])
+    malformed = tmp_path / "bad.jsonl"
+    malformed.write_text('{"request": {}}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "model.skops"
+
+    def run(module, argv):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        code = module.main(parser.parse_args(argv))
+        return code, capsys.readouterr().err
+
+    cases = [
+        (train, ["--data", str(tmp_path / "missing.jsonl"), "--out", str(out)], "No such file"),
+        (train, ["--data", str(malformed), "--out", str(out)], "bad.jsonl:1: 'request.messages' must be a list"),
+        (train, ["--data", str(truncated), "--out", str(out)], "cut.jsonl.gz: not a readable gzip file"),
+        (train, ["--data", str(empty), "--out", str(out)], "no training records"),
+        (train, ["--data", str(good), "--out", str(tmp_path)], "is a folder"),
+        (evaluate, ["--cv", "3", "--data", str(good)], "needs at least 3 runs"),
+        (evaluate, ["--cv", "3", "--data", str(truncated)], "not a readable gzip file"),
+    ]
+    for module, argv, message in cases:
+        code, err = run(module, argv)
+        assert code == 2, (argv, err)
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert not out.exists()
+
+
 def test_bench_runs(predictor, tmp_path):
     from predictor.bench import run
 
