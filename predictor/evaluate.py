@@ -338,6 +338,34 @@ def cross_validate(records: Sequence[dict[str, Any]], folds: int = 5, default_ma
 
 
 # ------------------------------------------------------------------------------------------------- CLI
+TABLE_COLUMNS = ("source", "n", "role acc", "macro-F1", "p50 MAE", "per-role-mean MAE", "reduction", "p90 coverage",
+                 "Kendall tau", "KV saving", "under-reservation", "oracle saving")
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """The per-source report as a Markdown table, in docs/benchmarks.md's columns (a blank cell where the
+    figure does not exist, e.g. no labelled roles)."""
+
+    def pct(value: float | None) -> str:
+        return "" if value is None else f"{100 * value:.1f}%"
+
+    def num(value: float | None, digits: int) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+    for source, result in [("all", report["all"]), *report["by_source"].items()]:
+        role, length, kv = result.get("role", {}), result.get("length", {}), result.get("kv", {})
+        labelled = role.get("n", 0) > 0
+        role_mean_mae = length.get("baselines_mae", {}).get("role_mean")
+        cells = [source, str(result["n"]), num(role.get("accuracy") if labelled else None, 3),
+                 num(role.get("macro_f1") if labelled else None, 3), num(length.get("mae_p50"), 1),
+                 num(role_mean_mae, 1), pct(length.get("mae_reduction_vs_role_mean")),
+                 pct(length.get("p90_coverage")), num(length.get("kendall_tau"), 2), pct(kv.get("saving")),
+                 pct(kv.get("under_reservation_rate")), pct(kv.get("oracle_saving"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from predictor.train import fit_level  # (train imports this module's baselines; keep the import lazy)
 
@@ -353,14 +381,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "training) or every record (data the model never saw)")
     parser.add_argument("--test-size", type=float, help="override the model's split size")
     parser.add_argument("--seed", type=int, help="override the model's split seed")
+    parser.add_argument("--format", choices=("json", "markdown"), default="json",
+                        help="json (default: every figure, with bootstrap intervals and meta) or markdown (one "
+                             "table row per source, the columns of docs/benchmarks.md)")
     parser.add_argument("--upper-fit-levels", type=fit_level, nargs="+", metavar="Q",
                         help="with --cv: train the fold models with these p90 fit levels (see `maestro predictor "
                              "train --help`)")
 
 
-def main(args: argparse.Namespace) -> int:
+def write_report(report: Mapping[str, Any], form: str) -> None:
     import orjson
 
+    text = format_table(report) if form == "markdown" else orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
+    sys.stdout.write(text + "\n")
+
+
+def main(args: argparse.Namespace) -> int:
     from predictor.model_file import ModelFileError
     from predictor.predictor import Predictor
     from predictor.trace import TraceFormatError
@@ -396,7 +432,7 @@ def main(args: argparse.Namespace) -> int:
         report["meta"] = {"cv_folds": args.cv, "data": [str(p) for p in args.data],
                           "upper_fit_levels": list(options.upper_fit_levels),
                           "seconds": round(time.perf_counter() - started, 1)}
-        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+        write_report(report, args.format)
         return 0
 
     started = time.perf_counter()
@@ -418,7 +454,7 @@ def main(args: argparse.Namespace) -> int:
                       "seed": seed if args.split == "test" else None,
                       "load_s": round(load_s, 3), "evaluate_s": round(time.perf_counter() - started, 2),
                       "trained_on": (predictor.state or {}).get("training", {}).get("sources")}
-    sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    write_report(report, args.format)
     return 0
 
 

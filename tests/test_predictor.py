@@ -569,6 +569,15 @@ def test_train_and_evaluate_commands(tmp_path, capsys):
         low, high = intervals[name]
         assert low <= point <= high, (name, low, point, high)
 
+    # --format markdown: the same figures, one table row per source (docs/benchmarks.md's columns)
+    assert evaluate.main(parser.parse_args(["--model", str(model), "--data", str(data), "--format", "markdown"])) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("| source | n | role acc |") and table[0].count("|") == 13
+    cells = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in table[2:]}
+    assert set(cells) == {"all", "synthetic"}
+    assert cells["synthetic"][1] == str(result["n"])
+    assert cells["synthetic"][9] == f"{100 * result['kv']['saving']:.1f}%"
+
     # --cv K: every record scored once by a model trained without its workflow
     assert evaluate.main(parser.parse_args(["--cv", "3", "--data", str(data)])) == 0
     cv = json.loads(capsys.readouterr().out)
