@@ -390,6 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def write_report(report: Mapping[str, Any], form: str) -> None:
+    """Print ``report`` to stdout as JSON or as the Markdown table (``--format``)."""
     import orjson
 
     text = format_table(report) if form == "markdown" else orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()

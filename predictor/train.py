@@ -50,7 +50,8 @@ class TrainOptions:
 
 
 class TrainingDataError(ValueError):
-    """The records cannot train a model (none, or none with a usable output length)."""
+    """The records cannot train what was asked: no records, none with a usable output length, or fewer runs
+    than cross-validation folds. The CLIs report it in one line (exit 2); the online learner keeps its model."""
 
 
 @dataclass
