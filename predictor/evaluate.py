@@ -400,9 +400,8 @@ def write_report(report: Mapping[str, Any], form: str) -> None:
 def main(args: argparse.Namespace) -> int:
     from predictor.model_file import ModelFileError
     from predictor.predictor import Predictor
-    from predictor.trace import TraceFormatError
-    from predictor.train import (DEFAULT_SEED, DEFAULT_TEST_SIZE, TrainingDataError, TrainOptions, load_records,
-                                 split_records)
+    from predictor.train import (DEFAULT_SEED, DEFAULT_TEST_SIZE, TrainingDataError, TrainOptions,
+                                 load_records_or_say_why, split_records)
 
     if (args.model is None) == (args.cv is None):
         print("maestro predictor evaluate: give either --model MODEL or --cv K", file=sys.stderr)
@@ -414,10 +413,8 @@ def main(args: argparse.Namespace) -> int:
     if args.cv is not None and args.cv < 2:
         print("maestro predictor evaluate: --cv needs K >= 2", file=sys.stderr)
         return 2
-    try:
-        records = load_records(args.data)
-    except (TraceFormatError, OSError) as exc:
-        print(f"maestro predictor evaluate: {exc}", file=sys.stderr)
+    records = load_records_or_say_why(args.data, "evaluate")
+    if records is None:
         return 2
     if args.cv is not None:
         started = time.perf_counter()

@@ -71,6 +71,16 @@ def load_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     return records
 
 
+def load_records_or_say_why(paths: Iterable[str | Path], command: str) -> list[dict[str, Any]] | None:
+    """:func:`load_records` for a CLI: None, after one line on stderr naming the file and the problem (missing,
+    unreadable, not a trace record), where the data cannot be read."""
+    try:
+        return load_records(paths)
+    except (TraceFormatError, OSError) as exc:
+        print(f"maestro predictor {command}: {exc}", file=sys.stderr)
+        return None
+
+
 def group_of(record: Mapping[str, Any], index: int = 0) -> str:
     """The split group of a record: its workflow id; without one, its prompt text (so the same prompt
     answered by several models, or sent twice, never lands on both sides of a split)."""
@@ -422,10 +432,8 @@ def main(args: argparse.Namespace) -> int:
     if problem:  # said now, not after a minute of training
         print(f"maestro predictor train: {problem}", file=sys.stderr)
         return 2
-    try:
-        records = load_records(args.data)
-    except (TraceFormatError, OSError) as exc:
-        print(f"maestro predictor train: {exc}", file=sys.stderr)
+    records = load_records_or_say_why(args.data, "train")
+    if records is None:
         return 2
     if args.split == "train":
         train, test = split_records(records, args.test_size, args.seed)
