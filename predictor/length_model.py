@@ -229,13 +229,19 @@ class LengthModel:
     def stratum(self, role_index: int, model_slot: int) -> int:
         return role_index * self.model_slots + (model_slot if self.model_slots > 1 else 0)
 
+    def offsets_of(self, strata: int | np.ndarray) -> np.ndarray:
+        """The offsets (tokens, one per quantile) of a calibration cell, or of an array of cells. An uncalibrated
+        model has a single all-zero row, which every cell reads. (Python's min for one cell: predict's hot path.)"""
+        last = len(self.offsets) - 1
+        return self.offsets[min(strata, last) if isinstance(strata, int) else np.minimum(strata, last)]
+
     def predict_tokens(self, row: np.ndarray, stratum: int = 0) -> np.ndarray:
         """The quantiles (in output tokens, not yet capped or rounded) for one feature row."""
-        return np.expm1(self.forest.predict_row(row)) + self.offsets[min(stratum, len(self.offsets) - 1)]
+        return np.expm1(self.forest.predict_row(row)) + self.offsets_of(stratum)
 
     def predict_tokens_many(self, X: np.ndarray, strata: np.ndarray | None = None) -> np.ndarray:
-        strata = np.zeros(len(X), dtype=np.intp) if strata is None else np.minimum(strata, len(self.offsets) - 1)
-        return np.expm1(self.forest.predict(X)) + self.offsets[strata]
+        strata = np.zeros(len(X), dtype=np.intp) if strata is None else strata
+        return np.expm1(self.forest.predict(X)) + self.offsets_of(strata)
 
     def to_state(self) -> dict[str, Any]:
         return {"forest": self.forest.to_state(), "quantiles": [float(q) for q in self.quantiles],

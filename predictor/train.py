@@ -227,9 +227,7 @@ def _fit_state(records: Sequence[dict[str, Any]], options: TrainOptions | None,
     fit_levels = calibration.fit_levels if calibration else tuple(options.quantiles)
     length_model = fit_length_model(X, log_y[index], weights[index], options.quantiles, options.length,
                                     calibration.offsets if calibration else None, model_slots, fit_levels)
-    # (an uncalibrated model has one all-zero row of offsets, which every stratum reads, as in predict)
-    role_cells = [min(length_model.stratum(r, 0), len(length_model.offsets) - 1) for r in range(len(ROLES))]
-    role_offsets = length_model.offsets[role_cells, -1]
+    role_offsets = length_model.offsets_of(np.array([length_model.stratum(r, 0) for r in range(len(ROLES))]))[:, -1]
     p90_offsets = {role: round(float(offset), 1) for role, offset in zip(ROLES, role_offsets)}
     if calibration and len(calibration.upper_reservation) > 1:
         tried = ", ".join(f"{level:g}: {tokens:.1f}" for level, tokens in calibration.upper_reservation.items())
