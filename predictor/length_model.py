@@ -203,7 +203,7 @@ def weighted_quantile(values: np.ndarray, q: float, weights: np.ndarray | None =
     values = np.asarray(values, dtype=np.float64)
     if weights is None:
         return float(np.quantile(values, q))
-    order = np.argsort(values)
+    order = np.argsort(values, kind="stable")  # ties in a fixed order: the sums below do not depend on the CPU
     cumulative = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
     position = np.searchsorted(cumulative, q * cumulative[-1], side="left")
     return float(values[order][min(position, len(values) - 1)])

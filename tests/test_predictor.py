@@ -814,3 +814,31 @@ def test_training_does_not_depend_on_record_order(records):
     for key in ("value", "threshold", "feature"):
         assert np.array_equal(forward["length_model"]["forest"][key], backward["length_model"]["forest"][key])
     assert forward["priors"] == backward["priors"] and forward["baselines"] == backward["baselines"]
+
+
+def test_vocabulary_cut_takes_tied_terms_alphabetically():
+    """Terms tied in document frequency at the ``max_features`` cut are taken in alphabetical order.
+    scikit-learn's own cut leaves ties in whatever order numpy's default sort gives, and that depends on the
+    CPU's SIMD kernels: the same traces gave a different vocabulary, and model, on different machines."""
+    from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
+
+    from predictor.classifier import fit_vocabulary
+    from predictor.features import ANALYZERS
+
+    rng = random.Random(0)
+    texts: list[list[str]] = [["alpha", "beta"] for _ in range(12)]
+    for word in (f"w{i:04d}" for i in range(300)):  # in 2-4 texts: ~100 words tied at each frequency
+        for text in rng.sample(texts, rng.randint(2, 4)):
+            text.append(word)
+    texts = [" ".join(words) for words in texts]
+    params = TextParams(max_features=100, min_df=2)
+    terms, idf = fit_vocabulary(texts, "word", params)
+
+    counts = CountVectorizer(analyzer=ANALYZERS["word"], min_df=2, binary=True).fit(texts)
+    frequency = dict(zip(counts.get_feature_names_out(), counts.transform(texts).getnnz(axis=0)))
+    expected = sorted(sorted(frequency, key=lambda term: (-frequency[term], term))[:100])
+    assert terms == expected and {"alpha", "beta", "alpha beta"} <= set(terms)
+    same_terms = TfidfVectorizer(analyzer=ANALYZERS["word"], vocabulary=terms, binary=True).fit(texts)
+    np.testing.assert_allclose(idf, same_terms.idf_, rtol=0, atol=0)
+    scikit_cut = TfidfVectorizer(analyzer=ANALYZERS["word"], min_df=2, max_features=100, binary=True).fit(texts)
+    assert sorted(scikit_cut.idf_) == sorted(idf)  # the same frequencies kept; only the tied terms may differ
