@@ -168,8 +168,9 @@ def fit_state(records: Sequence[dict[str, Any]], options: TrainOptions | None = 
     the machine's core count, and those last-bit differences reach the trees through the text length score:
     the same data trained on 1 and 2 cores moved ChatDev's held-out KV saving by 0.7 points. One thread, with
     the ridge head solved exactly (``TextParams.ridge_tol``: at a loose tolerance its result also depended on
-    the CPU's BLAS kernels), makes a model depend only on its data, options and library versions (a refit also
-    never competes with serving for more than one core)."""
+    the CPU's BLAS kernels) and a vocabulary cut that does not depend on numpy's SIMD sort
+    (:func:`predictor.classifier.fit_vocabulary`), makes a model depend only on its data, options and library
+    versions (a refit also never competes with serving for more than one core)."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
