@@ -826,11 +826,11 @@ def test_vocabulary_cut_takes_tied_terms_alphabetically():
     from predictor.features import ANALYZERS
 
     rng = random.Random(0)
-    texts: list[list[str]] = [["alpha", "beta"] for _ in range(12)]
+    documents: list[list[str]] = [["alpha", "beta"] for _ in range(12)]
     for word in (f"w{i:04d}" for i in range(300)):  # in 2-4 texts: ~100 words tied at each frequency
-        for text in rng.sample(texts, rng.randint(2, 4)):
-            text.append(word)
-    texts = [" ".join(words) for words in texts]
+        for document in rng.sample(documents, rng.randint(2, 4)):
+            document.append(word)
+    texts = [" ".join(words) for words in documents]
     params = TextParams(max_features=100, min_df=2)
     terms, idf = fit_vocabulary(texts, "word", params)
 
