@@ -89,19 +89,41 @@ def _counts_the_plain_way(text: str) -> tuple[int, int]:
     return punct, len(text.encode("utf-8", "surrogatepass").split())
 
 
-@given(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(" \t\n\r\x0b\x0c\x1c\x85\xa0,.{}_"),
-               max_size=60))
-@settings(max_examples=300, deadline=None)
-def test_estimate_tokens_counts_match_their_definition(text):
+def _estimate_the_plain_way(text: str) -> int:
     from predictor.tokens import CHAR_WEIGHT, EXTRA_BYTE_WEIGHT, MIN_CHARS_PER_TOKEN, PUNCT_WEIGHT, WORD_WEIGHT
 
-    if not text:
-        return
     punct, words = _counts_the_plain_way(text)
     extra = len(text.encode("utf-8", "surrogatepass")) - len(text)
     expected = max(CHAR_WEIGHT * len(text) + PUNCT_WEIGHT * punct + WORD_WEIGHT * words + EXTRA_BYTE_WEIGHT * extra,
                    len(text) / MIN_CHARS_PER_TOKEN)
-    assert estimate_tokens(text) == max(1, int(expected + 0.5))
+    return max(1, int(expected + 0.5))
+
+
+_ESTIMATOR_TEXT = st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from(" \t\n\r\x0b\x0c\x1c\x85\xa0,.{}_"),
+                          max_size=60)
+
+
+@given(_ESTIMATOR_TEXT)
+@settings(max_examples=300, deadline=None)
+def test_estimate_tokens_counts_match_their_definition(text):
+    if not text:
+        return
+    assert estimate_tokens(text) == _estimate_the_plain_way(text)
+
+
+@given(st.lists(_ESTIMATOR_TEXT, min_size=1, max_size=6), st.booleans())
+@settings(max_examples=100, deadline=None)
+def test_estimate_tokens_counts_long_texts_the_same_way(pieces, leading_space):
+    """Long texts have their words counted by numpy: the same definition, at and above the switch-over."""
+    from predictor.tokens import NUMPY_WORD_COUNT_BYTES
+
+    piece = "".join(pieces) or "x"
+    copies = NUMPY_WORD_COUNT_BYTES // len(piece.encode("utf-8", "surrogatepass")) + 1
+    text = (" " if leading_space else "") + piece * copies
+    assert len(text.encode("utf-8", "surrogatepass")) >= NUMPY_WORD_COUNT_BYTES
+    assert estimate_tokens(text) == _estimate_the_plain_way(text)
+    exact = "ab " * (NUMPY_WORD_COUNT_BYTES // 3) + "c" * (NUMPY_WORD_COUNT_BYTES % 3)  # exactly at the switch-over
+    assert len(exact) == NUMPY_WORD_COUNT_BYTES and estimate_tokens(exact) == _estimate_the_plain_way(exact)
 
 
 def test_estimate_message_tokens_counts_parts_names_and_tool_calls():
