@@ -65,7 +65,8 @@ def fit_vocabulary(texts: Sequence[str], analyzer: str, params: TextParams) -> t
     if params.max_features is not None and len(keep) > params.max_features:
         document_frequency = counts.getnnz(axis=0)
         keep = np.sort(np.argsort(-document_frequency, kind="stable")[:params.max_features])
-    idf = TfidfTransformer().fit(counts[:, keep]).idf_
+        counts = counts[:, keep]
+    idf = TfidfTransformer().fit(counts).idf_
     names = counter.get_feature_names_out()
     return [str(names[i]) for i in keep], np.asarray(idf, dtype=np.float64)
 
