@@ -94,7 +94,7 @@ def estimate_tokens(text: str) -> int:
         words = classes.translate(_SPACE_OR_NOT).count(b" x") + (classes[0] != 32)
     else:
         space = np.frombuffer(classes, dtype=np.uint8) == 32
-        words = int(np.count_nonzero(space[:-1] > space[1:])) + (not space[0])
+        words = int(np.count_nonzero(space[:-1] > space[1:])) + (classes[0] != 32)
     estimate = CHAR_WEIGHT * chars + PUNCT_WEIGHT * punct + WORD_WEIGHT * words + EXTRA_BYTE_WEIGHT * extra
     estimate = max(estimate, chars / MIN_CHARS_PER_TOKEN)
     return max(1, int(estimate + 0.5))
