@@ -90,11 +90,12 @@ def estimate_tokens(text: str) -> int:
     extra = len(data) - chars
     classes = data.translate(_CLASSES)
     punct = classes.count(b"p")
+    words = classes[0] != 32  # a word start without a space before it
     if len(classes) < NUMPY_WORD_COUNT_BYTES:
-        words = classes.translate(_SPACE_OR_NOT).count(b" x") + (classes[0] != 32)
+        words += classes.translate(_SPACE_OR_NOT).count(b" x")
     else:
         space = np.frombuffer(classes, dtype=np.uint8) == 32
-        words = int(np.count_nonzero(space[:-1] > space[1:])) + (classes[0] != 32)
+        words += int(np.count_nonzero(space[:-1] > space[1:]))
     estimate = CHAR_WEIGHT * chars + PUNCT_WEIGHT * punct + WORD_WEIGHT * words + EXTRA_BYTE_WEIGHT * extra
     estimate = max(estimate, chars / MIN_CHARS_PER_TOKEN)
     return max(1, int(estimate + 0.5))

@@ -114,7 +114,7 @@ def test_estimate_tokens_counts_match_their_definition(text):
 @given(st.lists(_ESTIMATOR_TEXT, min_size=1, max_size=6), st.booleans())
 @settings(max_examples=100, deadline=None)
 def test_estimate_tokens_counts_long_texts_the_same_way(pieces, leading_space):
-    """Long texts have their words counted by numpy: the same definition, at and above the switch-over."""
+    """Long texts have their words counted by numpy: the same definition above the switch-over."""
     from predictor.tokens import NUMPY_WORD_COUNT_BYTES
 
     piece = "".join(pieces) or "x"
@@ -122,7 +122,12 @@ def test_estimate_tokens_counts_long_texts_the_same_way(pieces, leading_space):
     text = (" " if leading_space else "") + piece * copies
     assert len(text.encode("utf-8", "surrogatepass")) >= NUMPY_WORD_COUNT_BYTES
     assert estimate_tokens(text) == _estimate_the_plain_way(text)
-    exact = "ab " * (NUMPY_WORD_COUNT_BYTES // 3) + "c" * (NUMPY_WORD_COUNT_BYTES % 3)  # exactly at the switch-over
+
+
+def test_estimate_tokens_counts_a_text_exactly_at_the_switch_over():
+    from predictor.tokens import NUMPY_WORD_COUNT_BYTES
+
+    exact = "ab " * (NUMPY_WORD_COUNT_BYTES // 3) + "c" * (NUMPY_WORD_COUNT_BYTES % 3)
     assert len(exact) == NUMPY_WORD_COUNT_BYTES and estimate_tokens(exact) == _estimate_the_plain_way(exact)
 
 
