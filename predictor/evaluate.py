@@ -20,6 +20,10 @@ Metrics are pure functions over arrays (tested on hand-checkable sets):
 ``--cv K`` replaces ``--model``: group k-fold by workflow over the given files, one model per fold trained
 with the default options, every record scored once by a model that never saw its run.
 
+``--no-workflow-context`` scores every request as a client that sends no workflow context is served: without
+the ``X-Workflow-Id`` / ``X-Workflow-Step`` headers the trace's workflow would give (and without their
+``metadata`` forms), i.e. ``predict(body)`` from the plain OpenAI request. Roles are never given either way.
+
 Baselines get the true role of each test record (an advantage the model does not have).
 """
 
@@ -205,10 +209,22 @@ def _r(value: float | None, digits: int = 4) -> float | None:
     return None if value is None or value != value else round(float(value), digits)
 
 
-def collect(predictor, records: Sequence[Mapping[str, Any]],
-            default_max_tokens: int = DEFAULT_MAX_TOKENS) -> list[dict[str, Any]]:
+def without_workflow_context(body: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``body`` as a client without workflow context sends it: no ``metadata.workflow_id`` / ``workflow_step``."""
+    from predictor.features import WORKFLOW_ID_METADATA, WORKFLOW_STEP_METADATA
+
+    metadata = body.get("metadata")
+    if not isinstance(metadata, Mapping) or not ({WORKFLOW_ID_METADATA, WORKFLOW_STEP_METADATA} & set(metadata)):
+        return body
+    kept = {k: v for k, v in metadata.items() if k not in (WORKFLOW_ID_METADATA, WORKFLOW_STEP_METADATA)}
+    return {**body, "metadata": kept}
+
+
+def collect(predictor, records: Sequence[Mapping[str, Any]], default_max_tokens: int = DEFAULT_MAX_TOKENS,
+            workflow_context: bool = True) -> list[dict[str, Any]]:
     """One row per record: the prediction (the predictor sees the request as a gateway would, without its
-    role) and the baselines' predictions from the predictor's own training statistics."""
+    role; with ``workflow_context`` False also without the workflow's id and step) and the baselines'
+    predictions from the predictor's own training statistics."""
     from predictor.features import max_tokens_of
     from predictor.train import group_of, length_usable, request_of
 
@@ -216,6 +232,8 @@ def collect(predictor, records: Sequence[Mapping[str, Any]],
     rows = []
     for record in records:
         body, headers = request_of(record)
+        if not workflow_context:
+            body, headers = without_workflow_context(body), None
         prediction = predictor.predict(body, headers)
         cap = max_tokens_of(body) or default_max_tokens
         row = {"source": record.get("source", ""), "run": group_of(record), "role_true": record.get("agent_role"),
@@ -294,9 +312,9 @@ def _intervals(usable: Sequence[Mapping[str, Any]], actual: np.ndarray, p50: np.
 
 
 def evaluate_records(predictor, records: Sequence[Mapping[str, Any]],
-                     default_max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, Any]:
+                     default_max_tokens: int = DEFAULT_MAX_TOKENS, workflow_context: bool = True) -> dict[str, Any]:
     """All metrics for ``records``."""
-    return summarize(collect(predictor, records, default_max_tokens), default_max_tokens)
+    return summarize(collect(predictor, records, default_max_tokens, workflow_context), default_max_tokens)
 
 
 def summarize_by_source(rows: Sequence[Mapping[str, Any]],
@@ -309,12 +327,13 @@ def summarize_by_source(rows: Sequence[Mapping[str, Any]],
 
 
 def evaluate_by_source(predictor, records: Sequence[Mapping[str, Any]],
-                       default_max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, Any]:
-    return summarize_by_source(collect(predictor, records, default_max_tokens), default_max_tokens)
+                       default_max_tokens: int = DEFAULT_MAX_TOKENS, workflow_context: bool = True) -> dict[str, Any]:
+    return summarize_by_source(collect(predictor, records, default_max_tokens, workflow_context),
+                               default_max_tokens)
 
 
 def cross_validate(records: Sequence[dict[str, Any]], folds: int = 5, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                   options=None, log=None) -> dict[str, Any]:
+                   options=None, log=None, workflow_context: bool = True) -> dict[str, Any]:
     """Group k-fold by workflow over ``records``: train on k-1 folds (default options), predict the held-out
     fold, and report the pooled metrics (every record is scored once, by a model that never saw its run)."""
     from sklearn.model_selection import GroupKFold
@@ -331,7 +350,7 @@ def cross_validate(records: Sequence[dict[str, Any]], folds: int = 5, default_ma
     for fold, (train_idx, test_idx) in enumerate(GroupKFold(n_splits=folds).split(records, groups=groups)):
         state = fit_state([records[i] for i in train_idx], options)
         predictor = Predictor.from_state(state, default_max_tokens=default_max_tokens)
-        rows.extend(collect(predictor, [records[i] for i in test_idx], default_max_tokens))
+        rows.extend(collect(predictor, [records[i] for i in test_idx], default_max_tokens, workflow_context))
         if log:
             log(f"fold {fold + 1}/{folds}: trained on {len(train_idx)}, scored {len(test_idx)}")
     return summarize_by_source(rows, default_max_tokens)
@@ -387,6 +406,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upper-fit-levels", type=fit_level, nargs="+", metavar="Q",
                         help="with --cv: train the fold models with these p90 fit levels (see `maestro predictor "
                              "train --help`)")
+    parser.add_argument("--no-workflow-context", dest="workflow_context", action="store_false",
+                        help="score every request as a client without workflow context is served: no "
+                             "X-Workflow-Id / X-Workflow-Step headers (nor their metadata forms), the plain "
+                             "OpenAI body only")
 
 
 def write_report(report: Mapping[str, Any], form: str) -> None:
@@ -423,12 +446,14 @@ def main(args: argparse.Namespace) -> int:
             options.upper_fit_levels = tuple(args.upper_fit_levels)
         try:
             report = cross_validate(records, args.cv, args.default_max_tokens, options,
-                                    log=lambda message: print(f"[evaluate] {message}", file=sys.stderr, flush=True))
+                                    log=lambda message: print(f"[evaluate] {message}", file=sys.stderr, flush=True),
+                                    workflow_context=args.workflow_context)
         except TrainingDataError as exc:
             print(f"maestro predictor evaluate: {exc}", file=sys.stderr)
             return 2
         report["meta"] = {"cv_folds": args.cv, "data": [str(p) for p in args.data],
                           "upper_fit_levels": list(options.upper_fit_levels),
+                          "workflow_context": args.workflow_context,
                           "seconds": round(time.perf_counter() - started, 1)}
         write_report(report, args.format)
         return 0
@@ -446,8 +471,9 @@ def main(args: argparse.Namespace) -> int:
     if args.split == "test":
         _, records = split_records(records, test_size, seed)
     started = time.perf_counter()
-    report = evaluate_by_source(predictor, records, args.default_max_tokens)
+    report = evaluate_by_source(predictor, records, args.default_max_tokens, args.workflow_context)
     report["meta"] = {"model": str(args.model), "data": [str(p) for p in args.data], "split": args.split,
+                      "workflow_context": args.workflow_context,
                       "test_size": test_size if args.split == "test" else None,
                       "seed": seed if args.split == "test" else None,
                       "load_s": round(load_s, 3), "evaluate_s": round(time.perf_counter() - started, 2),

@@ -219,15 +219,28 @@ class LengthModel:
     cover about 90% for every kind of traffic rather than only on average: different frameworks use one role
     name for different work, and different models are differently verbose. A stratum is
     ``role_index * model_slots + model_slot`` (:meth:`stratum`); ``model_slots == 1`` is per role only.
+
+    With ``context_blocks == 2`` the offsets have a second block of as many rows, for requests that give no
+    workflow step (no ``X-Workflow-Step`` header or ``metadata.workflow_step``). The trees were trained on
+    multi-agent traces that all had one, and without it they route the request down other branches, so the
+    offsets measured with the step would not make p90 cover 90 % of such requests (Magentic-One's fell to 82 %
+    on the seed-0 split). Whether a client sends workflow context is known before the request runs, so it is
+    one more Mondrian dimension: the second block is calibrated on the same out-of-fold predictions made
+    without the step (:func:`predictor.train.cross_conformal_offsets`). Models saved before it have one block,
+    which every request reads.
     """
 
     forest: FlatForest
     quantiles: tuple[float, ...] = QUANTILES
     offsets: np.ndarray = field(default_factory=lambda: np.zeros((1, len(QUANTILES))))
     model_slots: int = 1
+    context_blocks: int = 1
 
-    def stratum(self, role_index: int, model_slot: int) -> int:
-        return role_index * self.model_slots + (model_slot if self.model_slots > 1 else 0)
+    def stratum(self, role_index: int, model_slot: int, has_step: bool = True) -> int:
+        cell = role_index * self.model_slots + (model_slot if self.model_slots > 1 else 0)
+        if has_step or self.context_blocks == 1:
+            return cell
+        return cell + len(self.offsets) // self.context_blocks
 
     def offsets_of(self, strata: int | np.ndarray) -> np.ndarray:
         """The offsets (tokens, one per quantile) of a calibration cell, or of an array of cells. An uncalibrated
@@ -245,13 +258,14 @@ class LengthModel:
 
     def to_state(self) -> dict[str, Any]:
         return {"forest": self.forest.to_state(), "quantiles": [float(q) for q in self.quantiles],
-                "offsets": np.asarray(self.offsets, dtype=np.float64), "model_slots": int(self.model_slots)}
+                "offsets": np.asarray(self.offsets, dtype=np.float64), "model_slots": int(self.model_slots),
+                "context_blocks": int(self.context_blocks)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "LengthModel":
         offsets = np.asarray(state["offsets"], dtype=np.float64)
         return cls(FlatForest.from_state(state["forest"]), tuple(state["quantiles"]), np.atleast_2d(offsets),
-                   int(state.get("model_slots", 1)))
+                   int(state.get("model_slots", 1)), int(state.get("context_blocks", 1)))
 
 
 def conformal_offsets(actual: np.ndarray, oof_pred: np.ndarray, quantiles: Sequence[float],
@@ -303,8 +317,9 @@ def mondrian_offsets(actual: np.ndarray, oof_pred: np.ndarray, quantiles: Sequen
 def fit_length_model(X: np.ndarray, log_y: np.ndarray, weights: np.ndarray | None,
                      quantiles: Sequence[float] = QUANTILES, params: LengthParams | None = None,
                      offsets: np.ndarray | None = None, model_slots: int = 1,
-                     fit_levels: Sequence[float] | None = None) -> LengthModel:
-    """Fit one quantile GBM per quantile and compile them; ``offsets`` (strata × quantiles) default to zero.
+                     fit_levels: Sequence[float] | None = None, context_blocks: int = 1) -> LengthModel:
+    """Fit one quantile GBM per quantile and compile them; ``offsets`` (strata × quantiles, ``context_blocks``
+    blocks of them, see :class:`LengthModel`) default to zero.
 
     ``fit_levels`` (default: ``quantiles``) are the levels the trees are fitted at, one per quantile; the
     offsets then shift each to its target level in ``quantiles``. They may differ because the offsets were
@@ -319,6 +334,6 @@ def fit_length_model(X: np.ndarray, log_y: np.ndarray, weights: np.ndarray | Non
         raise ValueError("trees fitted at other levels than their quantiles need conformal offsets")
     estimators = fit_quantile_estimators(X, log_y, weights, fit_levels, params)
     if offsets is None:
-        offsets, model_slots = np.zeros((1, len(quantiles))), 1
+        offsets, model_slots, context_blocks = np.zeros((1, len(quantiles))), 1, 1
     return LengthModel(FlatForest.from_estimators(estimators), tuple(quantiles), np.atleast_2d(offsets),
-                       model_slots)
+                       model_slots, context_blocks)

@@ -106,14 +106,17 @@ def check_state(state: Any, source: str = "model") -> dict[str, Any]:
 
 
 def _check_offsets(length_state: Any, model_slots: int, source: str) -> None:
-    """Calibration cells must be one per role (older files) or one per (role, model slot)."""
+    """Calibration cells must be one per role (older files) or one per (role, model slot), in one block, or in
+    two where requests without a workflow step have their own (``context_blocks``, see LengthModel)."""
     import numpy as np
 
     from predictor.trace import ROLES
 
     slots = length_state.get("model_slots", 1) if isinstance(length_state, dict) else None
+    blocks = length_state.get("context_blocks", 1) if isinstance(length_state, dict) else None
     offsets = np.atleast_2d(length_state.get("offsets")) if isinstance(length_state, dict) else None
-    if slots not in (1, model_slots) or offsets is None or offsets.shape[0] not in (1, len(ROLES) * slots):
+    if (slots not in (1, model_slots) or blocks not in (1, 2) or offsets is None
+            or offsets.shape[0] not in (1, blocks * len(ROLES) * slots)):
         raise ModelFileError(f"{source}: the length model's calibration cells do not match its roles and model "
                              "names; retrain with `maestro predictor train`")
 

@@ -145,7 +145,8 @@ class Predictor:
         if self.length_model is not None:
             row = self.assembler.row(view, role, length_score)
             stratum = self.length_model.stratum(self._role_index.get(role, self._other),
-                                                self.assembler.model_slot(view.model))
+                                                self.assembler.model_slot(view.model),
+                                                view.workflow_step is not None)
             quantiles = self.length_model.predict_tokens(row, stratum)
             p50, p90 = float(quantiles[0]), float(quantiles[-1])
         else:
@@ -176,7 +177,8 @@ class Predictor:
         if self.length_model is not None and views:
             X = np.vstack([self.assembler.row(view, r[0], r[3]) for view, r in zip(views, roles)])
             strata = np.array([self.length_model.stratum(self._role_index.get(r[0], self._other),
-                                                         self.assembler.model_slot(view.model))
+                                                         self.assembler.model_slot(view.model),
+                                                         view.workflow_step is not None)
                                for view, r in zip(views, roles)], dtype=np.intp)
             quantiles = self.length_model.predict_tokens_many(X, strata)[:, [0, -1]]
         else:

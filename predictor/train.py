@@ -58,9 +58,10 @@ class TrainingDataError(ValueError):
 class Calibration:
     """What cross-conformal calibration decided: the offsets, and the levels the final trees are fitted at."""
 
-    offsets: np.ndarray                     # strata × quantiles, tokens
+    offsets: np.ndarray                     # (context blocks × strata) × quantiles, tokens
     fit_levels: tuple[float, ...]           # one per quantile; the top one chosen from upper_fit_levels
     upper_reservation: dict[float, float]   # candidate top level -> weighted mean calibrated top quantile, OOF
+    context_blocks: int = 1                 # 2: a second block of offsets for requests without a workflow step
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -227,7 +228,8 @@ def _fit_state(records: Sequence[dict[str, Any]], options: TrainOptions | None,
     # Without calibration there are no offsets, so the trees must be fitted at the target levels themselves.
     fit_levels = calibration.fit_levels if calibration else tuple(options.quantiles)
     length_model = fit_length_model(X, log_y[index], weights[index], options.quantiles, options.length,
-                                    calibration.offsets if calibration else None, model_slots, fit_levels)
+                                    calibration.offsets if calibration else None, model_slots, fit_levels,
+                                    calibration.context_blocks if calibration else 1)
     role_offsets = length_model.offsets_of(np.array([length_model.stratum(r, 0) for r in range(len(ROLES))]))[:, -1]
     p90_offsets = {role: round(float(offset), 1) for role, offset in zip(ROLES, role_offsets)}
     if calibration and len(calibration.upper_reservation) > 1:
@@ -294,11 +296,15 @@ def cross_conformal_offsets(X_text, views, roles, assembler: FeatureAssembler, i
     The top quantile's trees are fitted at each level of ``options.upper_fit_levels`` (conformalized quantile
     regression only needs trees that rank requests well; the offsets set the level), and the level whose
     calibrated predictions reserve least is kept (:func:`choose_upper_level`).
+
+    Where some training rows give a workflow step, the held-out rows are also scored with the step removed, as
+    a client without workflow context is served, and those predictions get their own block of offsets (see
+    :class:`predictor.length_model.LengthModel`); the level is chosen on the predictions with the step.
     """
     from sklearn.model_selection import GroupKFold
 
     from predictor.classifier import fit_length_head, oof_length_scores
-    from predictor.length_model import FlatForest, fit_quantile_estimators
+    from predictor.length_model import FlatForest, fit_quantile_estimators, mondrian_offsets
 
     group_index = groups[index]
     n_groups = len(np.unique(group_index))
@@ -307,7 +313,10 @@ def cross_conformal_offsets(X_text, views, roles, assembler: FeatureAssembler, i
     lower = tuple(options.quantiles[:-1])
     candidates = tuple(dict.fromkeys(options.upper_fit_levels or options.quantiles[-1:]))
     levels = lower + candidates
+    step_column = assembler.names.index("workflow_step")
+    has_step = bool(np.any([views[i].workflow_step is not None for i in index]))
     predictions = np.zeros((len(index), len(levels)))
+    stepless = np.zeros((len(index), len(levels))) if has_step else None
     for train_pos, test_pos in GroupKFold(n_splits=min(options.calibration_folds, n_groups)).split(
             index, groups=group_index):
         train_idx, test_idx = index[train_pos], index[test_pos]
@@ -321,16 +330,27 @@ def cross_conformal_offsets(X_text, views, roles, assembler: FeatureAssembler, i
         test_scores = X_text[test_idx] @ coef + bias
         X_test = np.vstack([assembler.row(views[i], roles[i], score) for i, score in zip(test_idx, test_scores)])
         predictions[test_pos] = forest.predict(X_test)
+        if stepless is not None:
+            X_test[:, step_column] = np.nan
+            stepless[test_pos] = forest.predict(X_test)
     if models is None:
         models, model_slots = np.zeros(len(index), dtype=np.intp), 1
     caps = np.array([views[i].max_tokens or np.inf for i in index], dtype=np.float64)
-    # in tokens, the unit a reservation is paid in (see predictor.length_model)
-    oof_tokens = np.expm1(predictions)
-    by_level = {level: np.column_stack([oof_tokens[:, :len(lower)], oof_tokens[:, len(lower) + k]])
-                for k, level in enumerate(candidates)}
-    level, offsets, reservation = choose_upper_level(np.expm1(log_y[index]), by_level, options.quantiles, strata,
+
+    def at_level(log_predictions: np.ndarray, k: int) -> np.ndarray:
+        """The lower quantiles and the k-th top candidate, in tokens (the unit a reservation is paid in)."""
+        tokens = np.expm1(log_predictions)
+        return np.column_stack([tokens[:, :len(lower)], tokens[:, len(lower) + k]])
+
+    actual = np.expm1(log_y[index])
+    by_level = {level: at_level(predictions, k) for k, level in enumerate(candidates)}
+    level, offsets, reservation = choose_upper_level(actual, by_level, options.quantiles, strata,
                                                      models, model_slots, weights[index], caps)
-    return Calibration(offsets, lower + (level,), reservation)
+    if stepless is None:
+        return Calibration(offsets, lower + (level,), reservation)
+    stepless_offsets = mondrian_offsets(actual, at_level(stepless, candidates.index(level)), options.quantiles,
+                                        strata, len(ROLES), models, model_slots)
+    return Calibration(np.vstack([offsets, stepless_offsets]), lower + (level,), reservation, context_blocks=2)
 
 
 def choose_upper_level(actual: np.ndarray, oof_by_level: Mapping[float, np.ndarray], quantiles: Sequence[float],

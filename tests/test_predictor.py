@@ -420,19 +420,76 @@ def test_training_records_the_fit_level_and_keeps_target_levels(state, records):
         fit_length_model(X, log_y, None, (0.5, 0.9), LengthParams(max_iter=2), fit_levels=(0.5, 0.8))
 
 
+STEP = {"X-Workflow-Step": "2"}
+
+
 def test_predictor_uses_the_model_cell(state):
     cells = np.atleast_2d(state["length_model"]["offsets"])
     slots = state["length_model"]["model_slots"]
-    assert slots == len(state["model_vocab"]) + 1 and cells.shape[0] == len(ROLES) * slots
+    assert slots == len(state["model_vocab"]) + 1
+    # two blocks: requests with a workflow step, then requests without one
+    assert state["length_model"]["context_blocks"] == 2 and cells.shape[0] == 2 * len(ROLES) * slots
     p = Predictor.from_state(state)
     body = chat(AGENTS["coder"][0], "Implement a chess clock in Python with 3 functions.")
-    base = p.predict(body).p90
+    base = p.predict(body, STEP).p90
     shifted = np.array(cells)
     slot = p.assembler.model_slot("model-a")
     shifted[p.length_model.stratum(p._role_index["coder"], slot), 1] += 300.0
     p2 = Predictor.from_state(dict(state, length_model=dict(state["length_model"], offsets=shifted)))
-    assert abs(p2.predict(body).p90 - (base + 300)) <= 1  # offsets are in tokens
-    assert p2.predict(dict(body, model="model-b")).p90 == p.predict(dict(body, model="model-b")).p90
+    assert abs(p2.predict(body, STEP).p90 - (base + 300)) <= 1  # offsets are in tokens
+    assert p2.predict(dict(body, model="model-b"), STEP).p90 == p.predict(dict(body, model="model-b"), STEP).p90
+    assert p2.predict(body).p90 == p.predict(body).p90  # without a step: the other block
+
+
+def test_requests_without_a_workflow_step_read_their_own_offsets(state):
+    p = Predictor.from_state(state)
+    coder, slot = p._role_index["coder"], p.assembler.model_slot("model-a")
+    stepped, stepless = p.length_model.stratum(coder, slot), p.length_model.stratum(coder, slot, has_step=False)
+    assert stepless == stepped + len(ROLES) * p.length_model.model_slots
+    body = chat(AGENTS["coder"][0], "Implement a chess clock in Python with 3 functions.")
+    shifted = np.array(state["length_model"]["offsets"])
+    shifted[stepless, 1] += 300.0
+    p2 = Predictor.from_state(dict(state, length_model=dict(state["length_model"], offsets=shifted)))
+    assert abs(p2.predict(body).p90 - (p.predict(body).p90 + 300)) <= 1
+    assert p2.predict(body, STEP).p90 == p.predict(body, STEP).p90
+    # the metadata form of the step is workflow context too
+    with_metadata = dict(body, metadata={"workflow_step": "2"})
+    assert p2.predict(with_metadata).p90 == p.predict(with_metadata).p90 == p.predict(body, STEP).p90
+    # predict_many picks the same cells
+    many = p2.predict_many([body, body], [None, STEP])
+    assert [m.p90 for m in many] == [p2.predict(body).p90, p2.predict(body, STEP).p90]
+
+    # a model saved before the second block existed: one block, read by every request
+    rows = len(ROLES) * p.length_model.model_slots
+    old_length = {k: v for k, v in state["length_model"].items() if k != "context_blocks"}
+    old = Predictor.from_state(dict(state, length_model=dict(old_length, offsets=shifted[:rows])))
+    assert old.length_model.stratum(coder, slot, has_step=False) == stepped
+    assert old.predict(body, STEP).p90 == p.predict(body, STEP).p90
+    # a block count the file's offsets do not have is refused
+    for broken in (dict(old_length, offsets=shifted[:rows], context_blocks=2),
+                   dict(old_length, offsets=shifted, context_blocks=3)):
+        with pytest.raises(ModelFileError, match="calibration cells"):
+            Predictor.from_state(dict(state, length_model=broken))
+
+
+def test_without_workflow_context_drops_only_the_workflow_metadata():
+    from predictor.evaluate import without_workflow_context
+
+    body = {"model": "m", "messages": [], "metadata": {"workflow_id": "w", "workflow_step": "3", "tenant": "a"}}
+    bare = without_workflow_context(body)
+    assert bare["metadata"] == {"tenant": "a"} and body["metadata"]["workflow_step"] == "3"  # a copy
+    plain = {"model": "m", "messages": []}
+    assert without_workflow_context(plain) is plain
+
+
+def test_training_without_workflow_steps_keeps_one_block():
+    records = synthetic_records(n_workflows=12, seed=4)
+    for record in records:
+        record["workflow"] = None
+    state = fit_state(records, FAST)
+    length = state["length_model"]
+    assert length["context_blocks"] == 1
+    assert np.atleast_2d(length["offsets"]).shape[0] == len(ROLES) * length["model_slots"]
 
 
 def _load_error(path) -> str:
@@ -585,6 +642,14 @@ def test_train_and_evaluate_commands(tmp_path, capsys):
     assert cv["meta"]["upper_fit_levels"] == [0.9]
     assert evaluate.main(parser.parse_args(["--cv", "3", "--data", str(data), "--upper-fit-levels", "0.8", "0.9"])) == 0
     assert json.loads(capsys.readouterr().out)["meta"]["upper_fit_levels"] == [0.8, 0.9]
+    # --no-workflow-context: the plain OpenAI body, as a client without workflow headers is served
+    assert evaluate.main(parser.parse_args(["--model", str(model), "--data", str(data),
+                                            "--no-workflow-context"])) == 0
+    bare = json.loads(capsys.readouterr().out)
+    assert bare["meta"]["workflow_context"] is False and report["meta"]["workflow_context"] is True
+    assert bare["all"]["n"] == result["n"] and bare["all"]["role"] == result["role"]
+    assert bare["all"]["length"]["p90_coverage"] != result["length"]["p90_coverage"] or \
+        bare["all"]["kv"]["saving"] != result["kv"]["saving"]
     # fit levels are a training option: a saved model keeps its own
     assert evaluate.main(parser.parse_args(["--model", str(model), "--data", str(data),
                                             "--upper-fit-levels", "0.8"])) == 2
