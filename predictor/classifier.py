@@ -47,8 +47,8 @@ class TextParams:
 
 def fit_vocabulary(texts: Sequence[str], analyzer: str, params: TextParams) -> tuple[list[str], np.ndarray]:
     """One block's vocabulary (terms in alphabetical order) and idf weights, as binary ``TfidfVectorizer`` with
-    ``min_df`` and ``max_features`` would fit them, except that terms tied in document frequency at the
-    ``max_features`` cut are taken in alphabetical order.
+    ``min_df`` and ``max_features`` would fit them (the idf to the last bit, see :func:`smooth_idf`), except that
+    terms tied in document frequency at the ``max_features`` cut are taken in alphabetical order.
 
     Why not ``TfidfVectorizer(max_features=...)`` itself: it ranks terms with numpy's default (unstable) sort,
     whose order among equal counts depends on the SIMD instructions of the CPU (numpy sorts with AVX2 or
@@ -57,7 +57,7 @@ def fit_vocabulary(texts: Sequence[str], analyzer: str, params: TextParams) -> t
     numpy's AVX2 kernels, Magentic-One's held-out p90 coverage was 83.3 % and 89.5 % and ChatDev's KV saving
     58.9 % and 59.0 % (59.2 % on earlier VMs). Raises ``ValueError`` when no term is left (as scikit-learn
     does)."""
-    from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
+    from sklearn.feature_extraction.text import CountVectorizer
 
     counter = CountVectorizer(analyzer=ANALYZERS[analyzer], min_df=min(params.min_df, len(texts)), binary=True)
     counts = counter.fit_transform(texts)  # columns in alphabetical order of the terms
@@ -66,9 +66,19 @@ def fit_vocabulary(texts: Sequence[str], analyzer: str, params: TextParams) -> t
         document_frequency = counts.getnnz(axis=0)
         keep = np.sort(np.argsort(-document_frequency, kind="stable")[:params.max_features])
         counts = counts[:, keep]
-    idf = TfidfTransformer().fit(counts).idf_
     names = counter.get_feature_names_out()
-    return [str(names[i]) for i in keep], np.asarray(idf, dtype=np.float64)
+    return [str(names[i]) for i in keep], smooth_idf(counts.getnnz(axis=0), counts.shape[0])
+
+
+def smooth_idf(document_frequency: np.ndarray, n_documents: int) -> np.ndarray:
+    """``TfidfTransformer``'s smoothed idf, ln((1 + n) / (1 + df)) + 1, taken with Python's ``math.log``.
+
+    numpy's ``np.log``, which scikit-learn uses, has its own AVX-512 kernel, and it differs from the C library's
+    log in the last bit for some inputs; the same data then gave different idf weights, TF-IDF rows and trees
+    on CPUs with and without AVX-512 (five-fold CV moved by one ChatDev call). ``math.log`` is the C library's
+    on every x86-64 CPU, and equals ``np.log`` where numpy has no AVX-512 kernel."""
+    n = n_documents + 1
+    return np.array([math.log(n / (int(df) + 1)) + 1.0 for df in document_frequency], dtype=np.float64)
 
 
 class _Block:
@@ -123,7 +133,9 @@ class TextEncoder:
             if not idx.size:
                 continue
             values = block.idf[idx]
-            values /= math.sqrt(values @ values)
+            # numpy's pairwise sum, not ``values @ values``: BLAS's dot sums in an order that depends on the
+            # kernel OpenBLAS picks for the CPU, and its last bits moved the trees (see smooth_idf)
+            values /= math.sqrt(np.add.reduce(values * values))
             all_idx.append(idx + block.offset if block.offset else idx)
             all_val.append(values)
         return all_idx, all_val

@@ -18,6 +18,7 @@ faster than ``HistGradientBoostingRegressor.predict`` and gives the same numbers
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,6 +200,15 @@ def fit_quantile_estimators(X: np.ndarray, log_y: np.ndarray, weights: np.ndarra
         return [_estimator(q, params).fit(X, log_y, sample_weight=weights) for q in quantiles]
 
 
+def expm1(values: np.ndarray) -> np.ndarray:
+    """``np.expm1`` with the C library's ``math.expm1``: numpy's AVX-512 kernel rounds some inputs differently, so
+    the conformal offsets, and the quantiles served, would depend on whether the CPU has AVX-512 (see
+    :func:`predictor.classifier.smooth_idf`). Arrays here are small (two values per request; a few per training
+    row when calibrating)."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.array([math.expm1(v) for v in values.ravel().tolist()], dtype=np.float64).reshape(values.shape)
+
+
 def weighted_quantile(values: np.ndarray, q: float, weights: np.ndarray | None = None) -> float:
     values = np.asarray(values, dtype=np.float64)
     if weights is None:
@@ -250,11 +260,11 @@ class LengthModel:
 
     def predict_tokens(self, row: np.ndarray, stratum: int = 0) -> np.ndarray:
         """The quantiles (in output tokens, not yet capped or rounded) for one feature row."""
-        return np.expm1(self.forest.predict_row(row)) + self.offsets_of(stratum)
+        return expm1(self.forest.predict_row(row)) + self.offsets_of(stratum)
 
     def predict_tokens_many(self, X: np.ndarray, strata: np.ndarray | None = None) -> np.ndarray:
         strata = np.zeros(len(X), dtype=np.intp) if strata is None else strata
-        return np.expm1(self.forest.predict(X)) + self.offsets_of(strata)
+        return expm1(self.forest.predict(X)) + self.offsets_of(strata)
 
     def to_state(self) -> dict[str, Any]:
         return {"forest": self.forest.to_state(), "quantiles": [float(q) for q in self.quantiles],

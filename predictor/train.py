@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import os
 import sys
 import time
@@ -169,9 +170,14 @@ def fit_state(records: Sequence[dict[str, Any]], options: TrainOptions | None = 
     the machine's core count, and those last-bit differences reach the trees through the text length score:
     the same data trained on 1 and 2 cores moved ChatDev's held-out KV saving by 0.7 points. One thread, with
     the ridge head solved exactly (``TextParams.ridge_tol``: at a loose tolerance its result also depended on
-    the CPU's BLAS kernels) and a vocabulary cut that does not depend on numpy's SIMD sort
-    (:func:`predictor.classifier.fit_vocabulary`), makes a model depend only on its data, options and library
-    versions (a refit also never competes with serving for more than one core)."""
+    the CPU's BLAS kernels), a vocabulary cut that does not depend on numpy's SIMD sort
+    (:func:`predictor.classifier.fit_vocabulary`) and the C library's log and expm1 where numpy has AVX-512
+    kernels (:func:`predictor.classifier.smooth_idf`) make a model depend on its data, options and library
+    versions, and on one thing more: the kernels OpenBLAS picks for the CPU still set the last bits of the
+    linear heads' weights (scipy's L-BFGS and conjugate-gradient solvers take their dot products from BLAS).
+    With OpenBLAS's SkylakeX and Haswell kernels on one machine, that moved the trees of one of five CV folds
+    and ChatDev's pooled p50 MAE by 0.3 tokens; coverage and savings agreed to the digit. (A refit also never
+    competes with serving for more than one core.)"""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
@@ -197,7 +203,8 @@ def _fit_state(records: Sequence[dict[str, Any]], options: TrainOptions | None,
     if not usable.any():
         raise TrainingDataError("no training record has a usable output length")
     y = np.array([r["usage"]["completion_tokens"] for r in records], dtype=np.float64)
-    log_y = np.where(usable, np.log1p(y), np.nan)
+    # math.log1p, not np.log1p: numpy's AVX-512 kernel differs in the last bit (see classifier.smooth_idf)
+    log_y = np.array([math.log1p(tokens) if ok else math.nan for tokens, ok in zip(y.tolist(), usable)])
     groups = np.array(group_list)
     weights = source_weights(records, options.source_balance)
     log(f"parsed {len(records)} records ({int(usable.sum())} with a usable output length) "
@@ -304,7 +311,7 @@ def cross_conformal_offsets(X_text, views, roles, assembler: FeatureAssembler, i
     from sklearn.model_selection import GroupKFold
 
     from predictor.classifier import fit_length_head, oof_length_scores
-    from predictor.length_model import FlatForest, fit_quantile_estimators, mondrian_offsets
+    from predictor.length_model import FlatForest, expm1, fit_quantile_estimators, mondrian_offsets
 
     group_index = groups[index]
     n_groups = len(np.unique(group_index))
@@ -339,10 +346,10 @@ def cross_conformal_offsets(X_text, views, roles, assembler: FeatureAssembler, i
 
     def at_level(log_predictions: np.ndarray, k: int) -> np.ndarray:
         """The lower quantiles and the k-th top candidate, in tokens (the unit a reservation is paid in)."""
-        tokens = np.expm1(log_predictions)
+        tokens = expm1(log_predictions)
         return np.column_stack([tokens[:, :len(lower)], tokens[:, len(lower) + k]])
 
-    actual = np.expm1(log_y[index])
+    actual = expm1(log_y[index])
     by_level = {level: at_level(predictions, k) for k, level in enumerate(candidates)}
     level, offsets, reservation = choose_upper_level(actual, by_level, options.quantiles, strata,
                                                      models, model_slots, weights[index], caps)
