@@ -8,9 +8,10 @@ and its probability; below ``threshold`` the role is ``other``.
 The same TF-IDF features also feed a ridge regression of log output length (the *text length score*), which
 the length model takes as one feature: one sparse product serves both heads.
 
-Training fits scikit-learn's ``TfidfVectorizer`` (with our analyzers), ``LogisticRegression`` and ``Ridge``;
-serving only keeps their vocabularies, idf weights and coefficients and computes the same numbers with a few
-numpy operations (a test checks the equivalence), which is what keeps one prediction well under a millisecond.
+Training fits scikit-learn's ``TfidfVectorizer`` (with our analyzers) and ``LogisticRegression``, and solves
+scikit-learn's ``Ridge`` problem with its own conjugate gradients (:func:`solve_ridge`); serving only keeps
+their vocabularies, idf weights and coefficients and computes the same numbers with a few numpy operations (a
+test checks the equivalence), which is what keeps one prediction well under a millisecond.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class TextParams:
     # iterations differ in their last bits and stop at different points: the text length scores under two
     # kernel sets differed by up to 7e-4, enough to move the trees' splits (ChatDev's held-out MAE reduction
     # ranged 53.6-55.8 % over three OpenBLAS kernels on one machine). Solved to 1e-10 they agree to 1e-9 and
-    # the trees are the same; training takes about 10 s longer (52 s for the six sources).
+    # the trees are the same; training takes about 10 s longer (52 s for the six sources). The last 1e-9 came
+    # from BLAS's dot products in scipy's solver, and :func:`solve_ridge` now takes them without BLAS.
     ridge_tol: float = 1e-10
     threshold: float = DEFAULT_THRESHOLD
     folds: int = 5
@@ -279,12 +281,73 @@ def fit_role_head(X, labels: Sequence[str | None], params: TextParams,
 def fit_length_head(X, log_y: np.ndarray, weights: np.ndarray | None,
                     params: TextParams) -> tuple[np.ndarray, float]:
     """Ridge regression of log1p(output tokens) on the rows where ``log_y`` is finite."""
-    from sklearn.linear_model import Ridge
-
     rows = np.flatnonzero(np.isfinite(log_y))
-    ridge = Ridge(alpha=params.alpha, tol=params.ridge_tol)
-    ridge.fit(X[rows], log_y[rows], sample_weight=None if weights is None else weights[rows])
-    return np.asarray(ridge.coef_, dtype=np.float64), float(ridge.intercept_)
+    return solve_ridge(X[rows], log_y[rows], None if weights is None else weights[rows], params.alpha,
+                       params.ridge_tol)
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """A dot product summed by numpy's pairwise sum, the same bits on every CPU (BLAS's ``ddot`` is not)."""
+    return float(np.add.reduce(a * b))
+
+
+def solve_ridge(X, y: np.ndarray, weights: np.ndarray | None, alpha: float,
+                tol: float) -> tuple[np.ndarray, float]:
+    """(coef, intercept) minimising Σ w (y − X coef − intercept)² + alpha |coef|² on a sparse ``X``.
+
+    The same problem and method as scikit-learn's ``Ridge(alpha, tol)`` with its ``sparse_cg`` solver
+    (implicit centering, the dual system when there are more features than rows), written out so that every
+    dot product is numpy's pairwise sum and every matrix product scipy's sequential sparse one. scipy's
+    conjugate gradients take their dot products from BLAS, whose kernel OpenBLAS picks by CPU, so the solution
+    agreed with itself only to about 1e-9 from one CPU to another, and those last bits moved the trees' split
+    thresholds (one of five CV folds grew different trees). Here it is the same to the bit everywhere; it agrees
+    with scikit-learn's to the solver's tolerance (a test checks both)."""
+    import scipy.sparse as sp
+
+    X = sp.csr_matrix(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n_rows, n_features = X.shape
+    w = np.ones(n_rows) if weights is None else np.asarray(weights, dtype=np.float64)
+    w_sum = float(np.add.reduce(w))
+    x_offset = np.asarray(X.T @ w).ravel() / w_sum
+    y_offset = _dot(w, y) / w_sum
+    root_w = np.sqrt(w)
+    Xw = sp.csr_matrix(X.multiply(root_w[:, None]))   # rows scaled by √w
+    Xw_t = Xw.T.tocsr()
+
+    def centred(b: np.ndarray) -> np.ndarray:         # (√w-scaled X − √w x_offset) @ b
+        return Xw @ b - root_w * _dot(b, x_offset)
+
+    def centred_t(b: np.ndarray) -> np.ndarray:       # its transpose @ b
+        return Xw_t @ b - x_offset * _dot(b, root_w)
+
+    target = root_w * (y - y_offset)
+    if n_features > n_rows:    # kernel form: (Xc Xcᵀ + αI) z = y, coef = Xcᵀ z
+        z = _conjugate_gradients(lambda v: centred(centred_t(v)) + alpha * v, target, tol)
+        coef = centred_t(z)
+    else:                      # primal: (Xcᵀ Xc + αI) coef = Xcᵀ y
+        coef = _conjugate_gradients(lambda v: centred_t(centred(v)) + alpha * v, centred_t(target), tol)
+    return coef, y_offset - _dot(x_offset, coef)
+
+
+def _conjugate_gradients(apply, b: np.ndarray, tol: float) -> np.ndarray:
+    """Solve ``apply(x) = b`` for a symmetric positive definite operator, from x = 0, until the residual is at
+    most ``tol`` × |b| (scipy's ``cg`` with ``rtol=tol``; at most 10 × n iterations, as there)."""
+    x = np.zeros_like(b)
+    residual = b.copy()
+    direction = residual.copy()
+    rho = _dot(residual, residual)
+    stop = tol * tol * _dot(b, b)
+    for _ in range(10 * len(b)):
+        if rho <= stop:
+            break
+        q = apply(direction)
+        step = rho / _dot(direction, q)
+        x += step * direction
+        residual -= step * q
+        rho, previous = _dot(residual, residual), rho
+        direction = residual + (rho / previous) * direction
+    return x
 
 
 def oof_length_scores(X, log_y: np.ndarray, weights: np.ndarray | None, groups: np.ndarray,

@@ -168,16 +168,17 @@ def fit_state(records: Sequence[dict[str, Any]], options: TrainOptions | None = 
 
     BLAS runs on one thread here. With several, the order of floating-point sums in the linear heads depends on
     the machine's core count, and those last-bit differences reach the trees through the text length score:
-    the same data trained on 1 and 2 cores moved ChatDev's held-out KV saving by 0.7 points. One thread, with
-    the ridge head solved exactly (``TextParams.ridge_tol``: at a loose tolerance its result also depended on
-    the CPU's BLAS kernels), a vocabulary cut that does not depend on numpy's SIMD sort
+    the same data trained on 1 and 2 cores moved ChatDev's held-out KV saving by 0.7 points. One thread, the
+    ridge head solved exactly and without BLAS (``TextParams.ridge_tol`` and
+    :func:`predictor.classifier.solve_ridge`: scipy's solver depended on the CPU's BLAS kernels, by a lot at a
+    loose tolerance and in the last bits at any), a vocabulary cut that does not depend on numpy's SIMD sort
     (:func:`predictor.classifier.fit_vocabulary`) and the C library's log and expm1 where numpy has AVX-512
-    kernels (:func:`predictor.classifier.smooth_idf`) make a model depend on its data, options and library
-    versions, and on one thing more: the kernels OpenBLAS picks for the CPU still set the last bits of the
-    linear heads' weights (scipy's L-BFGS and conjugate-gradient solvers take their dot products from BLAS).
-    With OpenBLAS's SkylakeX and Haswell kernels on one machine, that moved the trees of one of five CV folds
-    and ChatDev's pooled p50 MAE by 0.3 tokens; coverage and savings agreed to the digit. (A refit also never
-    competes with serving for more than one core.)"""
+    kernels (:func:`predictor.classifier.smooth_idf`) make a model depend only on its data, options and
+    library versions, up to the last bits of the role head's weights: scipy's L-BFGS takes its dot products
+    from BLAS, whose kernels OpenBLAS picks by CPU. Those bits do not reach the length model (its role feature
+    is the label, or the classifier's most likely role): with OpenBLAS's SkylakeX and Haswell kernels, the five
+    CV folds' length models and length heads were identical to the bit. (A refit also never competes with
+    serving for more than one core.)"""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):

@@ -861,6 +861,25 @@ def test_length_head_is_solved_exactly(tol, solved):
     assert (relative < 1e-8) == solved, relative
 
 
+@pytest.mark.parametrize("rows, features, weighted", [(400, 300, True), (300, 800, True), (300, 800, False)])
+def test_ridge_solver_is_scikit_learns_ridge(rows, features, weighted):
+    """The length head's own conjugate gradients (pairwise-summed dot products, so the same bits on every CPU)
+    solve scikit-learn's Ridge problem: the primal form with fewer features than rows, the dual with more."""
+    import scipy.sparse as sp
+    from sklearn.linear_model import Ridge
+
+    from predictor.classifier import solve_ridge
+
+    rng = np.random.default_rng(rows + features)
+    X = sp.random(rows, features, density=0.05, random_state=2, format="csr")
+    y = X @ rng.normal(size=features) + rng.normal(scale=0.5, size=rows) + 4.0
+    weights = rng.uniform(0.5, 2.0, size=rows) if weighted else None
+    expected = Ridge(alpha=3.0, tol=1e-12).fit(X, y, sample_weight=weights)
+    coef, intercept = solve_ridge(X, y, weights, 3.0, 1e-12)
+    np.testing.assert_allclose(coef, expected.coef_, rtol=0, atol=1e-10)
+    assert intercept == pytest.approx(expected.intercept_, abs=1e-10)
+
+
 def _reorder_runs(records: list[dict]) -> list[dict]:
     """The same records with the runs (and the sources) in reverse order, each run's calls in their own order."""
     runs: dict[tuple, list[dict]] = {}
