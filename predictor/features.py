@@ -197,7 +197,15 @@ def _context_tokens(messages: list[Any], has_system: bool, n_tool: int, body: Ma
 
 
 def parse_request(body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> RequestView:
-    """Read one OpenAI chat-completion body (and headers) into a :class:`RequestView`."""
+    """Read one OpenAI chat-completion body (and headers) into a :class:`RequestView`.
+
+    Any field may be missing or of the wrong type (it then counts as absent); the body and headers themselves
+    must be mappings, and anything else is a caller's mistake, refused with a ``TypeError`` that says so."""
+    if not isinstance(body, dict) and not isinstance(body, Mapping):
+        raise TypeError("a chat-completion request body must be a JSON object (a dict), "
+                        f"not {type(body).__name__}")
+    if headers is not None and not isinstance(headers, dict) and not isinstance(headers, Mapping):
+        raise TypeError(f"request headers must be a mapping of names to values, not {type(headers).__name__}")
     messages = body.get("messages")
     if not isinstance(messages, list):
         messages = []

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import string
 import time
 import zipfile
@@ -186,6 +187,21 @@ def test_any_body_gets_ordered_capped_quantiles(predictor, body, headers):
     cap = max_tokens_of(body)
     if cap is not None:
         assert p.p90 <= cap
+
+
+@pytest.mark.parametrize("body, headers, says", [
+    (None, None, "body must be a JSON object (a dict), not NoneType"),
+    ([{"role": "user", "content": "hi"}], None, "not list"),
+    ('{"messages": []}', None, "not str"),
+    ({"messages": []}, "X-Agent-Role: coder", "headers must be a mapping of names to values, not str"),
+])
+def test_a_body_or_headers_that_are_not_mappings_are_refused_clearly(predictor, body, headers, says):
+    """Fields of the wrong type count as absent, but a body that is not an object at all is the caller's mistake:
+    a TypeError that names it, not an AttributeError from deep inside."""
+    with pytest.raises(TypeError, match=re.escape(says)):
+        predictor.predict(body, headers)
+    with pytest.raises(TypeError, match=re.escape(says)):
+        predictor.predict_many([body], [headers])
 
 
 def test_length_model_tracks_the_signal(predictor):
