@@ -181,7 +181,8 @@ def _context_tokens(messages: list[Any], has_system: bool, n_tool: int, body: Ma
         if isinstance(message, dict):
             name = message.get("name")
             if isinstance(name, str) and name:
-                prefix = _PREFIX.get(message.get("role"), "x_")
+                role = message.get("role")
+                prefix = _PREFIX.get(role, "x_") if isinstance(role, str) else "x_"
                 words.append(prefix + _NAME_CHARS.sub("_", name.lower()).strip("_")[:40])
     last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
     words.append(f"last_{last.get('role')}")

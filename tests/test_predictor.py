@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from predictor import Prediction, Predictor
@@ -179,6 +179,7 @@ _HEADERS = st.none() | st.dictionaries(st.sampled_from(["X-Agent-Role", "x-workf
 
 @settings(max_examples=200, deadline=None)
 @given(body=_BODY, headers=_HEADERS)
+@example(body={"messages": [{"role": [], "name": "0"}]}, headers=None)  # an unhashable role beside a name
 def test_any_body_gets_ordered_capped_quantiles(predictor, body, headers):
     """The gateway validates bodies before predicting, but other tools call predict() on whatever they hold:
     malformed fields are ignored, never an exception, and the quantiles stay ordered and within max_tokens."""
