@@ -135,9 +135,9 @@ class TextEncoder:
             if not idx.size:
                 continue
             values = block.idf[idx]
-            # numpy's pairwise sum, not ``values @ values``: BLAS's dot sums in an order that depends on the
-            # kernel OpenBLAS picks for the CPU, and its last bits moved the trees (see smooth_idf)
-            values /= math.sqrt(np.add.reduce(values * values))
+            # not ``values @ values``: BLAS's dot sums in an order that depends on the kernel OpenBLAS picks
+            # for the CPU, and its last bits moved the trees (see _dot)
+            values /= math.sqrt(_dot(values, values))
             all_idx.append(idx + block.offset if block.offset else idx)
             all_val.append(values)
         return all_idx, all_val
