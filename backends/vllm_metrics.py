@@ -49,7 +49,7 @@ def _label(line: str, prefix: str) -> int:
     start += len(prefix)
     end = line.find('"', start)
     value = line[start:end] if end > 0 else ""
-    return int(value) if value.isdigit() else 0
+    return int(value) if value.isascii() and value.isdigit() else 0  # isdigit alone admits "¹", which int() refuses
 
 
 def kv_capacity_of(line: str) -> int:

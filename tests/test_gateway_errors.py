@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import aiohttp
 import openai
@@ -171,3 +172,58 @@ async def test_stream_usage_chunk_stripped_unless_asked(gw, engine):
         chunks = [c async for c in stream]
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello world"
+
+
+def _count_of(metrics: str, route: str, status: int) -> float:
+    pattern = rf'maestro_requests_total{{model="[^"]*",route="{route}",status="{status}"}} ([0-9.]+)'
+    return sum(float(count) for count in re.findall(pattern, metrics))
+
+
+async def _metrics_text(gw) -> str:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw.base_url + "/metrics") as r:
+            return await r.text()
+
+
+async def test_a_bug_before_the_answer_starts_is_an_openai_500_and_the_gateway_goes_on(gw, engine, monkeypatch,
+                                                                                        caplog):
+    """An exception we did not foresee still reaches the SDK as OpenAI's shape (InternalServerError with a code
+    and the request id), is logged with its traceback, counts in the metrics, and leaves nothing held."""
+    import gateway.api.openai_routes as routes
+
+    def broken_validation(body, context_len):
+        raise RuntimeError("a bug in validation")
+
+    monkeypatch.setattr(routes, "validate_chat", broken_validation)
+    async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(**GOOD, extra_headers={"X-Request-Id": "req-bug-1"})
+        assert caught.value.status_code == 500
+        assert caught.value.body["code"] == "internal_error" and "req-bug-1" in caught.value.body["message"]
+        assert caught.value.response.headers["X-Request-Id"] == "req-bug-1"
+        assert any("req-bug-1" in r.getMessage() and r.exc_info for r in caplog.records)
+        assert engine.hits == 0 and gw.inflight == 0
+        monkeypatch.undo()
+        answer = await client.chat.completions.create(**GOOD)  # the next request is served as usual
+        assert answer.choices[0].message.content
+    assert _count_of(await _metrics_text(gw), "chat", 500) == 1
+
+
+async def test_a_bug_mid_stream_drops_the_connection_and_the_gateway_goes_on(gw, engine, monkeypatch):
+    """Once the stream's status line is out, an error can no longer become a 500: the connection is dropped (the
+    SDK raises), the engine's request is closed, and the gateway's count of requests in flight returns to 0."""
+    import gateway.proxy as proxy
+
+    def broken_feed(self, chunk):
+        raise RuntimeError("a bug in the SSE relay")
+
+    monkeypatch.setattr(proxy.SSEUsageFilter, "feed", broken_feed)
+    async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+        with pytest.raises(openai.APIError):
+            stream = await client.chat.completions.create(**GOOD, stream=True)
+            async for _ in stream:
+                pass
+        assert gw.inflight == 0 and _count_of(await _metrics_text(gw), "chat", 500) == 1
+        monkeypatch.undo()
+        chunks = [c async for c in await client.chat.completions.create(**GOOD, stream=True)]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello world"

@@ -166,4 +166,8 @@ async def test_images_through_gateway_to_simulated_dit():
             assert "/v1/images/generations" in caught.value.body["message"]
             with pytest.raises(openai.BadRequestError):
                 await client.images.generate(model="sim-dit", prompt="")
+            for size in ("¹x64", "٢٥٦x٢٥٦", "256x", "32x32"):  # str.isdigit's superscripts and other scripts' digits
+                with pytest.raises(openai.BadRequestError) as caught:
+                    await client.images.generate(model="sim-dit", prompt="x", size=size)  # type: ignore[arg-type]
+                assert caught.value.body["param"] == "size"
             assert sorted(m.id for m in (await client.models.list()).data) == ["sim-dit", MODEL]

@@ -126,3 +126,14 @@ async def wait_for_async(fetch, timeout_s: float = 3.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.05)
+
+
+def test_cache_config_labels_that_are_not_ascii_numbers_read_as_unknown():
+    """vLLM's ``vllm:cache_config_info`` carries its KV size as label strings; a label we cannot read as a plain
+    number means "capacity not known yet" (0), never an exception in the scrape loop."""
+    from backends.vllm_metrics import kv_capacity_of
+
+    line = 'vllm:cache_config_info{block_size="16",cpu_block_size="99",num_gpu_blocks="%s"} 1.0'
+    assert kv_capacity_of(line % "256") == 256 * 16
+    for label in ("¹", "٢", "", "-3", "2.5"):  # "¹" and "٢" pass str.isdigit
+        assert kv_capacity_of(line % label) == 0

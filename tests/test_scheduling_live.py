@@ -609,6 +609,8 @@ async def _steps(gw, workflow_id: str, steps: int) -> bool:
     ({"X-Workflow-Id": "wf-bad", "X-Workflow-Steps": "0"}, None, "X-Workflow-Steps"),
     ({}, {"workflow_id": "wf-bad", "workflow_step": 1.5}, "metadata.workflow_step"),
     ({}, {"workflow_id": "wf-bad", "workflow_step": True}, "metadata.workflow_step"),
+    ({}, {"workflow_id": "wf-bad", "workflow_step": "¹"}, "metadata.workflow_step"),  # str.isdigit says yes
+    ({}, {"workflow_id": "wf-bad", "workflow_step": "٣"}, "metadata.workflow_step"),  # int() takes it; we do not
     ({}, {"workflow_id": "wf-bad", "workflow_deadline_ms": [1]}, "metadata.workflow_deadline_ms"),
     ({"X-Workflow-Id": "wf-bad"}, {"slo_class": "platinum"}, "metadata.slo_class"),
     ({}, {"workflow_id": 12}, "metadata.workflow_id"),

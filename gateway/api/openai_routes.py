@@ -7,6 +7,7 @@ in :func:`openai_endpoint` so the handlers stay a few lines each.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -17,7 +18,7 @@ import orjson
 from aiohttp import web
 from multidict import istr
 
-from gateway.api.errors import AUTHENTICATION, RATE_LIMIT, APIError, model_not_found
+from gateway.api.errors import AUTHENTICATION, RATE_LIMIT, SERVER_ERROR, APIError, model_not_found
 from gateway.api.validation import parse_json_object, validate_chat, validate_completion, validate_image
 from gateway.api.workflow import HEADER_NAMES as _CONTEXT_HEADERS
 from gateway.api.workflow import parse_workflow_context
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 GATEWAY_KEY: web.AppKey["Gateway"] = web.AppKey("gateway")
+# Set on a request once its response's status line is on the wire (aiohttp's on_response_prepare): after that
+# an error can no longer become an error response, only a dropped connection.
+_RESPONSE_STARTED: web.RequestKey[bool] = web.RequestKey("response_started", bool)
+log = logging.getLogger(__name__)
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Headers the gateway consumes or must not leak upstream; other X-* headers (request id, workflow context,
 # the simulated engines' load-generator hints) are forwarded untouched.
@@ -98,6 +103,13 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
             response, model, job = await handler(request, gateway, request_id)
         except APIError as error:
             response = error.response(request_id)
+        except Exception:  # a bug of ours: the client still gets OpenAI's shape, and the traceback goes to the log
+            log.exception("%s request %s failed inside the gateway", route, request_id)
+            if request.get(_RESPONSE_STARTED):
+                gateway.metrics.request_done(route, model, 500, time.perf_counter() - started, -1.0)
+                raise  # mid-stream: aiohttp closes the connection, the only signal left
+            response = APIError(500, f"The gateway failed on this request (request id {request_id}); the error "
+                                     "is in its log.", SERVER_ERROR, code="internal_error").response(request_id)
         finally:
             if admitted:
                 gateway.inflight -= 1
@@ -198,7 +210,12 @@ async def list_models(request: web.Request, gateway: "Gateway", request_id: str)
     return response, "-", None
 
 
+async def _mark_response_started(request: web.Request, response: web.StreamResponse) -> None:
+    request[_RESPONSE_STARTED] = True
+
+
 def add_openai_routes(app: web.Application) -> None:
+    app.on_response_prepare.append(_mark_response_started)
     app.router.add_post("/v1/chat/completions", openai_endpoint("chat", chat_completions))
     app.router.add_post("/v1/completions", openai_endpoint("completions", completions))
     app.router.add_post("/v1/images/generations", openai_endpoint("images", image_generations))

@@ -7,6 +7,7 @@ token limits) and pass every other field through untouched, so vLLM extras (``pr
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -14,6 +15,7 @@ import orjson
 from gateway.api.errors import APIError, bad_request
 
 _NUMBER = (int, float)
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # "1024x1024"; ASCII digits (str.isdigit admits "¹")
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -125,8 +127,8 @@ def validate_image(body: dict[str, Any]) -> None:
         raise bad_request("'n' must be an integer between 1 and 10.", "n")
     size = body.get("size")
     if size is not None:
-        parts = size.split("x") if isinstance(size, str) else []
-        if len(parts) != 2 or not all(p.isdigit() and 64 <= int(p) <= 4096 for p in parts):
+        match = _SIZE.fullmatch(size) if isinstance(size, str) else None
+        if match is None or not all(64 <= int(side) <= 4096 for side in match.groups()):
             raise bad_request("'size' must look like '1024x1024' (each side 64..4096).", "size")
     steps = body.get("num_inference_steps")
     if steps is not None and (not _is_int(steps) or not 1 <= steps <= 1000):

@@ -66,7 +66,7 @@ def _integer(value: Any, where: str, minimum: int) -> int:
         number = value
     elif isinstance(value, float) and value.is_integer():
         number = int(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,18}\s*", value):
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,18}\s*", value):  # ASCII digits only
         number = int(value)
     else:
         raise bad_request(f"'{where}' must be an integer, got {str(value)[:40]!r}.", where,
