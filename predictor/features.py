@@ -108,19 +108,32 @@ def content_text(content: Any) -> str:
     return ""
 
 
+# Integers past 2**53 lose exactness as floats, and past ~1.8e308 float() raises: a feature this far out means
+# nothing to the trees, so such a value counts as absent (a step, a temperature) or as no cap (max_tokens).
+_FEATURE_INT_LIMIT = 2**53
+# An integer header as the gateway accepts it (gateway.api.workflow): ASCII digits only, so that str.isdigit's
+# superscripts ("¹") and a long digit string (int() refuses over 4,300 digits) are not numbers here either.
+_INTEGER_TEXT = re.compile(r"\s*[+-]?[0-9]{1,18}\s*")
+
+
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    if isinstance(value, int) and abs(value) > _FEATURE_INT_LIMIT:
         return math.nan
     return float(value)
 
 
-def _int_or_none(value: Any) -> int | None:
+def int_or_none(value: Any) -> int | None:
+    """A workflow step or similar integer from a header or JSON value, None when it is not one."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
+        return value if abs(value) <= _FEATURE_INT_LIMIT else None
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _FEATURE_INT_LIMIT:
+        return int(value)  # 3.0, as the gateway reads it too
+    if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value):
+        return int(value)
     return None
 
 
@@ -280,16 +293,16 @@ def parse_request(body: Mapping[str, Any], headers: Mapping[str, str] | None = N
 
     prompt_tokens = message_tokens + tools_tokens
     max_tokens = max_tokens_of(body)
-    step = _int_or_none(header(headers, WORKFLOW_STEP_HEADER))
+    step = int_or_none(header(headers, WORKFLOW_STEP_HEADER))
     if step is None:
-        step = _int_or_none(metadata.get(WORKFLOW_STEP_METADATA))
+        step = int_or_none(metadata.get(WORKFLOW_STEP_METADATA))
     workflow_id = header(headers, WORKFLOW_ID_HEADER) or metadata.get(WORKFLOW_ID_METADATA)
     model = body.get("model")
 
     numeric = [
         float(prompt_tokens), float(system_tokens), float(last_user_tokens),
         float(tools_tokens),
-        math.nan if max_tokens is None else float(max_tokens),
+        math.nan if max_tokens is None else float(min(max_tokens, _FEATURE_INT_LIMIT)),
         float(len(messages)), float(n_user), float(n_assistant), float(n_tool),
         math.nan if step is None else float(step),
         1.0 if n_tools else 0.0, float(n_tools), tool_choice_code, response_format_code,

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from predictor.features import WORKFLOW_ID_HEADER, WORKFLOW_STEP_HEADER, explicit_role_of, header
+from predictor.features import WORKFLOW_ID_HEADER, WORKFLOW_STEP_HEADER, explicit_role_of, header, int_or_none
 from predictor.predictor import Prediction, Predictor
 from predictor.trace import TraceFormatError, validate_record
 
@@ -41,10 +41,10 @@ def make_record(body: Mapping[str, Any], usage: Mapping[str, Any], headers: Mapp
         return None
     metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
     workflow_id = header(headers, WORKFLOW_ID_HEADER) or metadata.get("workflow_id")
-    step_text = header(headers, WORKFLOW_STEP_HEADER) or metadata.get("workflow_step")
-    try:
-        step = int(step_text) if step_text is not None else 0
-    except (TypeError, ValueError):
+    step = int_or_none(header(headers, WORKFLOW_STEP_HEADER))
+    if step is None:
+        step = int_or_none(metadata.get("workflow_step"))
+    if step is None:
         step = 0
     record = {
         "request": dict(body),

@@ -162,8 +162,9 @@ def test_quantiles_are_ordered_and_capped(predictor, records):
     assert p.p90 <= 2048 - p.prompt_tokens and p.p50 <= p.p90
 
 
-_JSON_LEAF = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True)
-              | st.text(max_size=40))
+_JSON_LEAF = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_from([10**400, -10**400])
+              | st.floats(allow_nan=True) | st.text(max_size=40))
+_NUMBERISH = st.sampled_from(["7", " 7 ", "+7", "-7", "--7", "¹", "٣", "7.5", "9" * 5000]) | st.text(max_size=20)
 _JSON = st.recursive(_JSON_LEAF, lambda inner: st.lists(inner, max_size=4)
                      | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=10)
 _MESSAGE = st.fixed_dictionaries({}, optional={
@@ -174,12 +175,17 @@ _BODY = st.fixed_dictionaries({}, optional={
     | _JSON, "max_tokens": _JSON | st.integers(1, 5000), "max_completion_tokens": _JSON, "tools": _JSON,
     "tool_choice": _JSON, "response_format": _JSON, "temperature": _JSON, "metadata": _JSON})
 _HEADERS = st.none() | st.dictionaries(st.sampled_from(["X-Agent-Role", "x-workflow-step", "X-Workflow-Id", "Other"]),
-                                       st.text(max_size=20), max_size=3)
+                                       _NUMBERISH, max_size=3)
 
 
 @settings(max_examples=200, deadline=None)
 @given(body=_BODY, headers=_HEADERS)
 @example(body={"messages": [{"role": [], "name": "0"}]}, headers=None)  # an unhashable role beside a name
+@example(body={}, headers={"x-workflow-step": "¹"})  # str.isdigit says yes, int() says no
+@example(body={}, headers={"x-workflow-step": "--7"})
+@example(body={}, headers={"x-workflow-step": "9" * 5000})  # int() refuses over 4,300 digits
+@example(body={"temperature": 10**400, "max_tokens": 10**400, "metadata": {"workflow_step": 10**400}},
+         headers=None)  # float() overflows
 def test_any_body_gets_ordered_capped_quantiles(predictor, body, headers):
     """The gateway validates bodies before predicting, but other tools call predict() on whatever they hold:
     malformed fields are ignored, never an exception, and the quantiles stay ordered and within max_tokens."""
@@ -748,6 +754,13 @@ def test_make_record_labels_only_explicit_roles():
     record = make_record(body, {"prompt_tokens": 10, "completion_tokens": 5}, {"X-Agent-Role": "coder"})
     assert record["agent_role"] == "coder"
     assert make_record(body, {"prompt_tokens": 10}) is None
+    usage = {"prompt_tokens": 10, "completion_tokens": 5}
+    # the step is read as predict() reads it: the header first, then metadata; anything not an integer is step 0
+    assert make_record(body, usage, {"X-Workflow-Step": " 4 "})["workflow"]["step"] == 4
+    assert make_record(body, usage, {"X-Workflow-Step": "¹"})["workflow"]["step"] == 3  # not a number: metadata's
+    for odd in (float("inf"), 10**400, "9" * 5000, "²", "3.5"):
+        odd_body = chat("sys", "hi", metadata={"workflow_id": "w1", "workflow_step": odd})
+        assert make_record(odd_body, usage)["workflow"] == {"id": "w1", "step": 0}
 
 
 async def test_refit_runs_off_the_event_loop_and_swaps_atomically():
