@@ -109,7 +109,8 @@ def content_text(content: Any) -> str:
 
 
 # Integers past 2**53 lose exactness as floats, and past ~1.8e308 float() raises: a feature this far out means
-# nothing to the trees, so such a value counts as absent (a step, a temperature) or as no cap (max_tokens).
+# nothing to the trees, so such a value counts as absent (a step, a temperature) or, for max_tokens, is clipped
+# to 2**53 (still a cap that caps nothing; the cap itself is applied to the prediction as an exact integer).
 _FEATURE_INT_LIMIT = 2**53
 # An integer header as the gateway accepts it (gateway.api.workflow): ASCII digits only, so that str.isdigit's
 # superscripts ("¹") and a long digit string (int() refuses over 4,300 digits) are not numbers here either.
