@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import re
 
 import aiohttp
 import openai
 import orjson
 import pytest
 from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import gateway_config, running_gateway
 from tests.fault_engine import FaultEngine
@@ -175,8 +175,10 @@ async def test_stream_usage_chunk_stripped_unless_asked(gw, engine):
 
 
 def _count_of(metrics: str, route: str, status: int) -> float:
-    pattern = rf'maestro_requests_total{{model="[^"]*",route="{route}",status="{status}"}} ([0-9.]+)'
-    return sum(float(count) for count in re.findall(pattern, metrics))
+    """Requests the gateway answered on ``route`` with ``status``, over all models."""
+    return sum(sample.value for family in text_string_to_metric_families(metrics)
+               for sample in family.samples if sample.name == "maestro_requests_total"
+               and sample.labels.get("route") == route and sample.labels.get("status") == str(status))
 
 
 async def _metrics_text(gw) -> str:
