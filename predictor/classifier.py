@@ -272,9 +272,15 @@ def fit_role_head(X, labels: Sequence[str | None], params: TextParams,
         y_role = np.array([label for label in labels if label is not None])
         clf = LogisticRegression(C=params.C, class_weight="balanced", max_iter=3000)
         clf.fit(X[labeled], y_role)
+        weights, intercepts = clf.coef_, clf.intercept_
+        if len(clf.classes_) == 2:
+            # Two classes: scikit-learn keeps one row, the log-odds z of classes_[1]. Logits (-z/2, +z/2) give
+            # the same probabilities under the softmax that scores() applies to every model.
+            weights = np.vstack([-weights[0] / 2, weights[0] / 2])
+            intercepts = np.array([-intercepts[0] / 2, intercepts[0] / 2])
         order = [list(clf.classes_).index(c) for c in classes]
-        coef[:] = clf.coef_[order].T
-        bias[:] = clf.intercept_[order]
+        coef[:] = weights[order].T
+        bias[:] = intercepts[order]
     return coef, bias
 
 

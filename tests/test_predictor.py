@@ -127,6 +127,17 @@ def test_explicit_role_wins_over_classifier(predictor):
     assert predictor.predict(with_metadata, {"X-Agent-Role": "tester"}).role == "tester"
 
 
+def test_two_labelled_roles_train_a_two_class_classifier():
+    """scikit-learn keeps one weight row for two classes; traffic labelled with two roles (an operator's own
+    logs, or an online refit) must still train, and classify as well as with more roles."""
+    two = [r for r in synthetic_records() if r["agent_role"] in ("coder", "planner")]
+    model = Predictor.from_state(fit_state(two, FAST))
+    held_out = [r for r in synthetic_records(n_workflows=5, seed=99) if r["agent_role"] in ("coder", "planner")]
+    predictions = [model.predict(r["request"]) for r in held_out]
+    assert all(p.role == r["agent_role"] for p, r in zip(predictions, held_out))
+    assert all(0.5 <= p.confidence <= 1.0 for p in predictions)
+
+
 def test_role_labels_are_normalised():
     assert normalize_role("Tool Caller") == "tool_caller"
     assert normalize_role("critic") == "reviewer"
