@@ -7,9 +7,12 @@
   shared by several gateways).
 - :class:`OnlineLearner` serves predictions from the current model and starts a refit every
   ``refit_every`` records or ``refit_interval_s`` seconds (whichever comes first, one refit at a time). The
-  fit runs in an executor, never on the event loop, and the new :class:`~predictor.predictor.Predictor`
-  replaces the old one by a single reference assignment, so a request sees either the old model or the new
-  one, never a mix. Until the first model exists, per-role priors (from config) answer.
+  fit runs in an executor or, as the gateway runs it, in a child process
+  (:mod:`predictor.refit_command`), never on the event loop, and the new
+  :class:`~predictor.predictor.Predictor` replaces the old one by a single reference assignment, so a
+  request sees either the old model or the new one, never a mix. Until the first model exists, per-role
+  priors (from config) answer. The request path calls :meth:`OnlineLearner.submit`, which never waits on the
+  buffer.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any, Protocol
@@ -100,13 +103,28 @@ class FileTraceBuffer(MemoryBuffer):
         self._lines_on_disk = 0
         self._lock = asyncio.Lock()
         if self.path.exists():
-            with open(self.path, "rb") as handle:
-                for line in handle:
-                    self._lines_on_disk += 1
-                    try:
-                        self.records.append(orjson.loads(line))
-                    except orjson.JSONDecodeError:
-                        continue
+            self._read_back()
+
+    def _read_back(self) -> None:
+        """Load the file's latest records. A last line without its newline is what a crash mid-write leaves:
+        it is cut off, so that the next batch starts on a line of its own and the file stays one that
+        ``maestro predictor train --data`` reads."""
+        skipped = 0
+        with open(self.path, "r+b") as handle:
+            complete = 0
+            for line in handle:
+                if not line.endswith(b"\n"):
+                    handle.truncate(complete)
+                    log.warning("trace buffer %s: cut off a torn last line (%d bytes)", self.path, len(line))
+                    break
+                complete += len(line)
+                self._lines_on_disk += 1
+                try:
+                    self.records.append(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    skipped += 1
+        if skipped:
+            log.warning("trace buffer %s: skipped %d lines that are not JSON", self.path, skipped)
 
     async def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -184,14 +202,26 @@ class RedisStreamBuffer:
 
 
 # ------------------------------------------------------------------------------------------------ learner
+Refit = Callable[[list[dict[str, Any]]], Awaitable[Predictor]]
+"""Fits a new model on the records and returns it, without blocking the event loop (see
+:class:`predictor.refit_command.TrainCommandRefit`, which the gateway uses)."""
+
+INBOX_LIMIT = 10_000  # completed requests waiting for the buffer; beyond this they are dropped and counted
+
+
 class OnlineLearner:
-    """Serves predictions and refits the model from recent traffic in the background."""
+    """Serves predictions and refits the model from recent traffic in the background.
+
+    Failures of the buffer (a Redis that went away, a full disk) or of a refit never reach a request: the
+    record is counted as failed, or the current model keeps serving, and ``last_error`` says why.
+    """
 
     def __init__(self, predictor: Predictor | None = None, buffer: TraceBuffer | None = None, *,
                  refit_every: int = 1000, refit_interval_s: float = 600.0, min_records: int = 200,
                  base_records: Iterable[dict[str, Any]] = (), fit: Callable[[list[dict[str, Any]]], Predictor]
-                 | None = None, executor: Executor | None = None, save_path: str | Path | None = None,
-                 priors: Mapping[str, Any] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 | None = None, refit: Refit | None = None, executor: Executor | None = None,
+                 save_path: str | Path | None = None, priors: Mapping[str, Any] | None = None,
+                 clock: Callable[[], float] = time.monotonic, inbox_limit: int = INBOX_LIMIT) -> None:
         self._predictor = predictor or Predictor.from_priors(priors)
         self.buffer = buffer if buffer is not None else MemoryBuffer()
         self.refit_every = refit_every
@@ -199,15 +229,23 @@ class OnlineLearner:
         self.min_records = min_records
         self.base_records = list(base_records)
         self._fit = fit or self._default_fit
+        self._refit_with = refit
         self.executor = executor
         self.save_path = Path(save_path) if save_path else None
         self.clock = clock
+        self.inbox_limit = inbox_limit
+        self._inbox: deque[dict[str, Any]] = deque()
+        self._drainer: asyncio.Task | None = None
         self._since_refit = 0
         self._last_refit = clock()
         self._task: asyncio.Task | None = None
         self._ticker: asyncio.Task | None = None
         self.refits = 0
+        self.refit_failures = 0
         self.last_error: BaseException | None = None
+        # completed requests by what became of them: buffered, unusable (no usage / not a chat body),
+        # dropped (the inbox was full), failed (the buffer raised)
+        self.records = {"buffered": 0, "unusable": 0, "dropped": 0, "failed": 0}
 
     @property
     def predictor(self) -> Predictor:
@@ -224,18 +262,48 @@ class OnlineLearner:
 
     async def observe(self, body: Mapping[str, Any], usage: Mapping[str, Any],
                       headers: Mapping[str, str] | None = None) -> bool:
-        """Record one completed request; returns True when it was usable."""
+        """Record one completed request and wait until it is buffered; True when it was usable and stored."""
         record = make_record(body, usage, headers)
         if record is None:
+            self.records["unusable"] += 1
             return False
-        await self.add(record)
-        return True
+        return await self.add(record)
 
-    async def add(self, record: dict[str, Any]) -> None:
-        await self.buffer.append(record)
+    def submit(self, body: Mapping[str, Any], usage: Mapping[str, Any],
+               headers: Mapping[str, str] | None = None) -> str:
+        """Record one completed request without waiting on the buffer (the request path's call): the record is
+        built now and written by a background task. Returns "queued", "unusable" or "dropped"."""
+        record = make_record(body, usage, headers)
+        if record is None:
+            self.records["unusable"] += 1
+            return "unusable"
+        if len(self._inbox) >= self.inbox_limit:  # the buffer is slower than traffic: keep serving, count it
+            self.records["dropped"] += 1
+            return "dropped"
+        self._inbox.append(record)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+        return "queued"
+
+    async def _drain(self) -> None:
+        while self._inbox:
+            await self.add(self._inbox.popleft())
+
+    async def add(self, record: dict[str, Any]) -> bool:
+        """Append a trace record to the buffer and start a refit when one is due; False if the buffer failed."""
+        try:
+            await self.buffer.append(record)
+        except Exception as exc:  # noqa: BLE001 - a lost training record must not fail anything else
+            self.records["failed"] += 1
+            if self.records["failed"] in (1, 10, 100) or self.records["failed"] % 1000 == 0:
+                log.warning("trace buffer failed (%d records lost so far): %s", self.records["failed"], exc)
+            self.last_error = exc
+            return False
+        self.records["buffered"] += 1
         self._since_refit += 1
         if self._since_refit >= self.refit_every or self.clock() - self._last_refit >= self.refit_interval_s:
             self.trigger()
+        return True
 
     @property
     def refitting(self) -> bool:
@@ -251,16 +319,20 @@ class OnlineLearner:
         return self._task
 
     async def _refit(self) -> None:
-        records = self.base_records + await self.buffer.snapshot()
-        if len(records) < self.min_records:
-            log.info("predictor refit skipped: %d records (< %d)", len(records), self.min_records)
-            return
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            new = await loop.run_in_executor(self.executor, self._fit_and_save, records)
-        except Exception as exc:  # keep serving the old model
+            records = self.base_records + await self.buffer.snapshot()
+            if len(records) < self.min_records:
+                log.info("predictor refit skipped: %d records (< %d)", len(records), self.min_records)
+                return
+            if self._refit_with is not None:
+                new = await self._refit_with(records)
+            else:
+                loop = asyncio.get_running_loop()
+                new = await loop.run_in_executor(self.executor, self._fit_and_save, records)
+        except Exception as exc:  # noqa: BLE001 - keep serving the old model
             self.last_error = exc
+            self.refit_failures += 1
             log.warning("predictor refit failed, keeping the current model: %s", exc)
             return
         self._predictor = new  # one reference assignment: the swap is atomic for readers
@@ -278,6 +350,11 @@ class OnlineLearner:
         if self._task is not None:
             await asyncio.shield(self._task)
 
+    async def wait_buffered(self) -> None:
+        """Wait until every submitted record has reached the buffer (tests, shutdown)."""
+        while self._drainer is not None and not self._drainer.done():
+            await asyncio.shield(self._drainer)
+
     def start(self) -> None:
         """Also refit on the clock when traffic is too light to reach ``refit_every``."""
         if self._ticker is None:
@@ -289,7 +366,9 @@ class OnlineLearner:
             if self._since_refit and self.clock() - self._last_refit >= self.refit_interval_s:
                 self.trigger()
 
-    async def stop(self) -> None:
+    async def stop(self, cancel_refit: bool = False) -> None:
+        """Stop the clock, store what was submitted, and wait for a running refit (or cancel it: a gateway
+        shutting down does not wait a minute for a model it will not serve); then close the buffer."""
         if self._ticker is not None:
             self._ticker.cancel()
             try:
@@ -297,6 +376,15 @@ class OnlineLearner:
             except asyncio.CancelledError:
                 pass
             self._ticker = None
+        await self.wait_buffered()
         if self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
-        await self.buffer.close()
+            if cancel_refit:
+                self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        try:
+            await self.buffer.close()
+        except Exception as exc:  # noqa: BLE001 - shutting down: say it, do not fail the shutdown
+            log.warning("trace buffer did not close cleanly: %s", exc)
