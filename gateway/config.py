@@ -165,9 +165,31 @@ class SchedulingConfig:
 
 
 @dataclass(frozen=True)
+class OnlineLearningConfig:
+    """Completed chat requests become trace records in a bounded buffer, and a child process refits the model
+    on them (plus ``base_data``) every ``refit_every`` records or ``refit_interval_s`` seconds."""
+    enabled: bool = False
+    buffer: str = "file"  # memory | file (JSONL, survives restarts) | redis (a stream shared by gateways)
+    path: str = "maestro-online/records.jsonl"  # the file buffer; a trace file `maestro predictor train` reads
+    redis_key: str = "maestro:predictor:traces"  # the redis buffer's stream (on state.redis_url)
+    max_records: int = 50_000  # the buffer keeps the latest this many
+    refit_every: int = 1000  # new records between refits
+    refit_interval_s: float = 600.0  # ...or this long, whichever comes first, if any record came
+    min_records: int = 200  # buffered records needed before a refit
+    base_data: tuple[str, ...] = ()  # trace files every refit also trains on (e.g. imported public traces)
+    work_dir: str = "maestro-online"  # the refit's input file and, unless save_path is set, its model
+    save_path: str = ""  # where each refit writes its model; point model_path here to start from it
+    refit_timeout_s: float = 3600.0  # a refit still running after this is killed (the old model serves on)
+
+
+ONLINE_BUFFERS = ("memory", "file", "redis")
+
+
+@dataclass(frozen=True)
 class PredictorConfig:
     model_path: str = ""  # a model file from ``maestro predictor train``; empty = per-role priors
     priors: tuple[tuple[str, int, int], ...] = ()  # (role, p50, p90) overrides of the built-in priors
+    online: OnlineLearningConfig = field(default_factory=OnlineLearningConfig)
 
 
 @dataclass(frozen=True)
@@ -258,9 +280,10 @@ def _parse_url(value: str, path: str) -> str:
     return value.rstrip("/")
 
 
-def _section(raw: dict[str, Any], cls: type, path: str, checks: dict[str, str]) -> Any:
-    """Build a flat dataclass section; ``checks`` maps field -> 'positive' | 'nonneg' | ''."""
-    section = _mapping(raw.get(path), path)
+def _section(raw: dict[str, Any], cls: type, path: str, checks: dict[str, str], key: str | None = None) -> Any:
+    """Build a flat dataclass section from ``raw[key or path]``; ``checks`` maps field -> 'positive' | 'nonneg'
+    | ''."""
+    section = _mapping(raw.get(key or path), path)
     defaults = cls()
     allowed = set(cls.__dataclass_fields__)
     _reject_unknown(section, allowed, path)
@@ -391,7 +414,7 @@ def _parse_scheduling(root: dict[str, Any], slo_classes: tuple[SLOClassConfig, .
 
 def _parse_predictor(raw: Any) -> PredictorConfig:
     section = _mapping(raw, "predictor")
-    _reject_unknown(section, {"model_path", "priors"}, "predictor")
+    _reject_unknown(section, {"model_path", "priors", "online"}, "predictor")
     model_path = _get(section, "model_path", str, "predictor", "")
     priors = []
     for role, value in _mapping(section.get("priors"), "predictor.priors").items():
@@ -414,7 +437,25 @@ def _parse_predictor(raw: Any) -> PredictorConfig:
                 normalize_priors({role: {"p50": p50, "p90": p90} for role, p50, p90 in priors})
             except ValueError as exc:
                 raise ConfigError("predictor.priors", str(exc)) from None
-    return PredictorConfig(model_path=model_path, priors=tuple(priors))
+    return PredictorConfig(model_path=model_path, priors=tuple(priors), online=_parse_online(section))
+
+
+def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
+    path = "predictor.online"
+    checks = {name: "positive" for name in ("max_records", "refit_every", "refit_interval_s", "min_records",
+                                            "refit_timeout_s")}
+    online = _section(predictor, OnlineLearningConfig, path, checks, key="online")
+    if online.buffer not in ONLINE_BUFFERS:
+        raise ConfigError(f"{path}.buffer", f"must be one of {', '.join(ONLINE_BUFFERS)}, got {online.buffer!r}")
+    for name in ("path", "work_dir"):
+        if not getattr(online, name):
+            raise ConfigError(f"{path}.{name}", "must not be empty")
+    for i, data in enumerate(online.base_data):
+        if not isinstance(data, str) or not data:
+            raise ConfigError(f"{path}.base_data[{i}]", "must be a trace file's path")
+        if online.enabled and not Path(data).is_file():  # said at load, not an hour later at the first refit
+            raise ConfigError(f"{path}.base_data[{i}]", f"no such file: {data}")
+    return online
 
 
 def parse_config(raw: Any) -> Config:

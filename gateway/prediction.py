@@ -5,6 +5,10 @@ objects); without one, per-role priors (built-in, overridden by ``predictor.prio
 ``predict()`` costs well under 0.5 ms (character-based token estimate plus, with a model, a small GBM), so it
 runs inline on the request path. If the predictor fails on a request, a plain estimate is used instead: a bad
 prediction must never fail a request.
+
+With ``predictor.online.enabled``, completed chat requests also become trace records (:meth:`record`, which
+never waits on the buffer) and a child process refits the model from them in the background
+(:mod:`predictor.online`, :mod:`predictor.refit_command`); predictions come from whichever model is current.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class RequestPredictor:
         self._estimate_tokens: Any = None
         self._failures = 0
         self._loading: asyncio.Task | None = None
+        self.learner: Any = None  # predictor.online.OnlineLearner when online learning is on
+        self._redis: Any = None  # the redis buffer's client
 
     def load_soon(self) -> None:
         """Load in the background (first use on a gateway that did not need a predictor at start-up): requests
@@ -74,9 +80,56 @@ class RequestPredictor:
             log.info("predictor model loaded from %s", path)
         else:
             self._predictor = Predictor.from_priors(priors or None, kv=kv)
+        if self.config.predictor.online.enabled:
+            await self._start_learning(kv, priors)
+
+    async def _start_learning(self, kv: Any, priors: dict[str, Any]) -> None:
+        from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, RedisStreamBuffer
+        from predictor.refit_command import TrainCommandRefit
+
+        online = self.config.predictor.online
+        buffer: Any
+        if online.buffer == "file":  # reads the file back: in an executor, it can hold 100,000 lines
+            buffer = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: FileTraceBuffer(online.path, maxlen=online.max_records))
+        elif online.buffer == "redis":
+            import redis.asyncio as aioredis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            timeout = max(5.0, self.config.state.redis_timeout_s)  # off the request path: a snapshot is large
+            self._redis = aioredis.Redis.from_url(self.config.state.redis_url, socket_timeout=timeout,
+                                                  socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
+            buffer = RedisStreamBuffer(self._redis, online.redis_key, maxlen=online.max_records)
+        else:
+            buffer = MemoryBuffer(online.max_records)
+        refit = TrainCommandRefit(online.work_dir, base_data=online.base_data, save_path=online.save_path or None,
+                                  kv=kv, default_max_tokens=self._predictor.default_max_tokens,
+                                  priors=priors or None, timeout_s=online.refit_timeout_s)
+        self.learner = OnlineLearner(self._predictor, buffer, refit_every=online.refit_every,
+                                     refit_interval_s=online.refit_interval_s, min_records=online.min_records,
+                                     refit=refit)
+        self.learner.start()
+        log.info("online learning on: %s buffer, refit every %d records or %.0f s", online.buffer,
+                 online.refit_every, online.refit_interval_s)
 
     async def close(self) -> None:
         await cancel_and_wait(self._loading)
+        if self.learner is not None:
+            await self.learner.stop(cancel_refit=True)
+            self.learner = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    def record(self, body: Mapping[str, Any], usage: Mapping[str, Any], headers: Mapping[str, str] | None) -> None:
+        """Hand a completed chat request (the client's body, the engine's usage) to online learning."""
+        learner = self.learner
+        if learner is not None:
+            try:
+                learner.submit(body, usage, headers)
+            except Exception:  # noqa: BLE001 - training data must never fail a request that succeeded
+                log.exception("could not record a completed request for online learning")
 
     @property
     def loaded(self) -> bool:
@@ -84,7 +137,7 @@ class RequestPredictor:
 
     def predict(self, body: Mapping[str, Any], headers: Mapping[str, str] | None, raw_size: int,
                 max_tokens: int | None, context_len: int | None) -> Estimate:
-        predictor = self._predictor
+        predictor = self.learner.predictor if self.learner is not None else self._predictor
         if predictor is not None:
             try:
                 prediction = predictor.predict(body, headers)

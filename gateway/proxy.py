@@ -51,6 +51,7 @@ class RelayJob:
     pool_engines: frozenset[str] | None = None  # first attempt only among these (the pool cluster routing chose)
     ticket: Any = None  # gateway.scheduling.Ticket while a KV reservation is held (grown while streaming)
     usage: dict[str, Any] | None = None  # the engine's usage once known
+    trace_body: dict[str, Any] | None = None  # the client's own body, for online learning (None: not recorded)
 
 
 class SSEUsageFilter:

@@ -786,7 +786,8 @@ class Scheduling:
                 self._by_model.setdefault(model, []).append(queue)
         self.direct_models = frozenset() if self.active else frozenset(
             m for m, pools in self._by_model.items() if len(pools) == 1)
-        if self.active or self.config.predictor.model_path or len(self.direct_models) < len(self._by_model):
+        if (self.active or self.config.predictor.model_path or self.config.predictor.online.enabled
+                or len(self.direct_models) < len(self._by_model)):
             await self.predictor.load()
         # else: nothing needs a prediction until a request carries workflow context (then: load_soon)
         self.ledger.on_free = self._kick_all

@@ -114,6 +114,8 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
             if admitted:
                 gateway.inflight -= 1
         duration = time.perf_counter() - started
+        if job is not None and job.trace_body is not None and job.usage and response.status == 200:
+            gateway.scheduling.predictor.record(job.trace_body, job.usage, request.headers)
         overhead = duration - job.upstream_s if job is not None and job.upstream_s >= 0 else -1.0
         gateway.metrics.request_done(route, model, response.status, duration, overhead)
         return response
@@ -145,6 +147,9 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
     context = None
     if "metadata" in body or _has_context_header(request.headers):
         context = parse_workflow_context(request.headers, body, scheduling.slo_names)
+    # online learning records the body as the client sent it: a shallow copy taken before the gateway adds
+    # stream_options here or an engine priority while scheduling (both replace top-level keys)
+    trace_body = dict(body) if route == "chat" and scheduling.predictor.learner is not None else None
     stream = bool(body.get("stream"))
     strip_usage = False
     if stream:
@@ -155,7 +160,8 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
             raw = orjson.dumps(body)
     job = RelayJob(route=route, path=path, kind="vllm", model=model, body=raw, stream=stream,
                    strip_usage=strip_usage, request_id=request_id,
-                   headers=forwarded_headers(request, request_id), started=time.perf_counter())
+                   headers=forwarded_headers(request, request_id), started=time.perf_counter(),
+                   trace_body=trace_body)
     if context is None and model in scheduling.direct_models:
         return await gateway.proxy.serve(request, job), model, job  # nothing to schedule: route as it comes
     return await scheduling.serve(request, job, body, context), model, job

@@ -1,0 +1,210 @@
+"""Online learning: the gateway turns completed chat requests into trace records, and a child process refits
+the predictor on them without stalling the event loop (predictor.online, predictor.refit_command)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+import orjson
+import pytest
+
+from gateway.config import ConfigError, parse_config
+from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, RedisStreamBuffer
+from predictor.predictor import Predictor
+from predictor.refit_command import RefitError, TrainCommandRefit
+from predictor.trace import read_records, write_records
+from tests.conftest import running_gateway
+from tests.test_predictor import chat, synthetic_records
+
+MODEL = "sim-model"
+
+
+def online_config(tmp_path, **online) -> dict:
+    return {
+        "models": [{"name": MODEL, "max_model_len": 4096}],
+        "clusters": [{"name": "local", "pools": [{"name": "sim", "kind": "vllm", "models": [MODEL],
+                                                   "simulated": {"count": 1, "time_scale": 50.0,
+                                                                 "scheduling_policy": "priority"}}]}],
+        "scheduling": {"queue_policy": "maestro"},  # sends engines a `priority` the client never wrote
+        "predictor": {"online": {"enabled": True, "path": str(tmp_path / "records.jsonl"),
+                                 "work_dir": str(tmp_path / "work"), **online}},
+    }
+
+
+async def test_gateway_records_what_the_client_sent_and_what_the_engine_produced(tmp_path):
+    sent = []
+    async with running_gateway(online_config(tmp_path, min_records=10_000)) as gateway:
+        learner = gateway.scheduling.predictor.learner
+        async with openai.AsyncOpenAI(base_url=gateway.base_url + "/v1", api_key="x", max_retries=0) as client:
+            messages = [{"role": "system", "content": "You write code."}, {"role": "user", "content": "a parser"}]
+            reply = await client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=7, extra_body={"ignore_eos": True},
+                extra_headers={"X-Agent-Role": "Coder", "X-Workflow-Id": "run-1", "X-Workflow-Step": "2"})
+            sent.append(({"model": MODEL, "messages": messages, "max_tokens": 7, "ignore_eos": True},
+                         reply.usage.completion_tokens, "coder", {"id": "run-1", "step": 2}))
+            # a stream without include_usage: the gateway asks the engine for usage and records it, but the
+            # stored body is the client's (no stream_options)
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True,
+                extra_body={"ignore_eos": True})
+            chunks = [c async for c in stream]
+            assert all(c.usage is None for c in chunks)
+            sent.append(({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                          "stream": True, "ignore_eos": True}, 5, None, None))
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "yo"}], max_tokens=4, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            assert [c async for c in stream][-1].usage.completion_tokens == 4
+            sent.append(({"model": MODEL, "messages": [{"role": "user", "content": "yo"}], "max_tokens": 4,
+                          "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True},
+                         4, None, None))
+            # not recorded: a legacy completion (not a chat body), a 400, and a 404
+            await client.completions.create(model=MODEL, prompt="once", max_tokens=3)
+            with pytest.raises(openai.BadRequestError):
+                await client.chat.completions.create(model=MODEL, messages=[], max_tokens=3)
+            with pytest.raises(openai.NotFoundError):
+                await client.chat.completions.create(model="nope", messages=messages, max_tokens=3)
+        await learner.wait_buffered()
+        assert learner.records == {"buffered": 3, "unusable": 0, "dropped": 0, "failed": 0}
+    records = list(read_records(tmp_path / "records.jsonl"))  # the file is a trace file `train --data` reads
+    assert len(records) == 3
+    for record, (body, completion, role, workflow) in zip(records, sent):
+        assert record["request"] == body
+        assert record["usage"]["completion_tokens"] == completion and record["usage"]["prompt_tokens"] > 0
+        assert (record["agent_role"], record["workflow"], record["source"]) == (role, workflow, "gateway")
+
+
+async def test_gateway_refits_in_a_child_process_and_serves_the_new_model(tmp_path):
+    """A real refit: `python -m predictor.train` on base data plus live records, in a child process; the event
+    loop keeps ticking, and the next request is predicted by the new model."""
+    base = tmp_path / "base.jsonl"
+    write_records(base, synthetic_records(n_workflows=30))
+    save = tmp_path / "online.skops"
+    config = online_config(tmp_path, buffer="memory", refit_every=4, min_records=4, base_data=[str(base)],
+                           save_path=str(save))
+    async with running_gateway(config) as gateway:
+        predictor = gateway.scheduling.predictor
+        learner = predictor.learner
+        assert not learner.predictor.trained  # priors until the first model
+        lags: list[float] = []
+
+        async def heartbeat():
+            while True:
+                started = time.perf_counter()
+                await asyncio.sleep(0.01)
+                lags.append(time.perf_counter() - started - 0.01)
+
+        beat = asyncio.create_task(heartbeat())
+        async with openai.AsyncOpenAI(base_url=gateway.base_url + "/v1", api_key="x", max_retries=0) as client:
+            for i in range(4):
+                await client.chat.completions.create(
+                    model=MODEL, max_tokens=20 + i, extra_body={"ignore_eos": True},
+                    messages=[{"role": "user", "content": f"Implement a chess clock in Python, part {i}."}],
+                    extra_headers={"X-Agent-Role": "coder"})
+            await learner.wait_buffered()
+            assert learner.refitting
+            await asyncio.wait_for(learner.wait_refit(), 120)
+            beat.cancel()
+            assert learner.last_error is None and learner.refits == 1
+            assert learner.predictor.trained and save.is_file()
+            assert max(lags) < 0.25, max(lags)  # the fit ran elsewhere: no long stall of the loop
+            # the gateway's KV model (its configured models) came with the swap
+            assert learner.predictor.kv is predictor._predictor.kv
+            estimate = predictor.predict(chat("You are a careful software engineer. Reply with complete, "
+                                              "runnable Python code in one block.", "Implement a quiz game."),
+                                         None, 200, None, 4096)
+            assert estimate.role == "coder" and estimate.p50 <= estimate.p90
+            # the refit read exactly the files a person would pass to `maestro predictor train`
+            live = list(read_records(tmp_path / "work" / "online-records.jsonl"))
+            assert [r["usage"]["completion_tokens"] for r in live] == [20, 21, 22, 23]
+
+
+async def test_refit_failure_keeps_the_model_and_says_why(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"not": "a trace record"}\n')
+    before = Predictor.from_priors({"coder": {"p50": 7, "p90": 9}})
+    learner = OnlineLearner(before, MemoryBuffer(), refit_every=10_000, min_records=1,
+                            refit=TrainCommandRefit(tmp_path / "work", base_data=[bad]))
+    assert await learner.observe(chat("s", "q"), {"prompt_tokens": 3, "completion_tokens": 2})
+    await learner.trigger()
+    assert learner.predictor is before and learner.refit_failures == 1
+    assert isinstance(learner.last_error, RefitError) and "exited with 2" in str(learner.last_error)
+    assert "bad.jsonl" in str(learner.last_error)  # the train command's own one-line reason
+    await learner.stop()
+
+
+async def test_a_refit_past_its_timeout_is_killed(tmp_path):
+    base = tmp_path / "base.jsonl"
+    write_records(base, synthetic_records(n_workflows=30))
+    refit = TrainCommandRefit(tmp_path / "work", base_data=[base], timeout_s=0.5)
+    learner = OnlineLearner(buffer=MemoryBuffer(), refit_every=10_000, min_records=0, refit=refit)
+    started = time.perf_counter()
+    await learner.trigger()
+    assert time.perf_counter() - started < 5
+    assert isinstance(learner.last_error, TimeoutError) and not learner.predictor.trained
+    assert not (tmp_path / "work" / "online-model.skops").exists()
+
+
+async def test_redis_outage_loses_records_not_requests():
+    """Nothing listens on port 1: appends and the refit's snapshot fail; the learner counts, keeps its
+    model, and stops cleanly."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1, socket_timeout=1)
+    learner = OnlineLearner(buffer=RedisStreamBuffer(client, "maestro-test:traces"), refit_every=2,
+                            min_records=1, fit=lambda records: pytest.fail("nothing to fit"))
+    before = learner.predictor
+    assert learner.submit(chat("s", "q"), {"prompt_tokens": 3, "completion_tokens": 2}) == "queued"
+    assert learner.submit(chat("s", "q"), {"prompt_tokens": 3}) == "unusable"
+    await learner.wait_buffered()
+    assert learner.records["failed"] == 1 and learner.records["buffered"] == 0
+    await learner.trigger()
+    assert learner.refit_failures == 1 and learner.predictor is before
+    assert "Connect" in type(learner.last_error).__name__ or "connect" in str(learner.last_error).lower()
+    await learner.stop()
+    await client.aclose()
+
+
+async def test_submit_drops_beyond_the_inbox_without_waiting():
+    class StuckBuffer(MemoryBuffer):
+        async def append(self, record):
+            await asyncio.sleep(3600)
+
+    learner = OnlineLearner(buffer=StuckBuffer(), inbox_limit=3)
+    outcomes = [learner.submit(chat("s", f"q{i}"), {"prompt_tokens": 3, "completion_tokens": 2})
+                for i in range(6)]
+    await asyncio.sleep(0)  # the writer takes the first record and waits on the stuck buffer
+    assert outcomes == ["queued"] * 3 + ["dropped"] * 3 and learner.records["dropped"] == 3
+    learner._drainer.cancel()
+
+
+async def test_file_buffer_cuts_a_torn_last_line(tmp_path):
+    """A crash mid-write leaves a line without its newline; the next start must not glue a record onto it."""
+    path = tmp_path / "records.jsonl"
+    buffer = FileTraceBuffer(path, maxlen=100, flush_every=1)
+    for i in range(3):
+        await buffer.append({"i": i})
+    with open(path, "ab") as handle:
+        handle.write(b'{"i": 3, "pad')  # torn
+    again = FileTraceBuffer(path, maxlen=100, flush_every=1)
+    for i in (4, 5):
+        await again.append({"i": i})
+    assert [orjson.loads(line)["i"] for line in path.read_bytes().splitlines()] == [0, 1, 2, 4, 5]
+    assert [r["i"] for r in await FileTraceBuffer(path).snapshot()] == [0, 1, 2, 4, 5]
+
+
+def test_online_config_is_validated(tmp_path):
+    base = {"clusters": [{"name": "c", "pools": [{"name": "p", "kind": "vllm", "models": ["m"],
+                                                  "engines": [{"url": "http://127.0.0.1:9"}]}]}]}
+    assert not parse_config(base).predictor.online.enabled  # off unless asked for
+    for online, where in (({"buffer": "disk"}, "predictor.online.buffer"),
+                          ({"refit_every": 0}, "predictor.online.refit_every"),
+                          ({"enabled": "yes"}, "predictor.online.enabled"),
+                          ({"refit_evry": 5}, "predictor.online"),
+                          ({"enabled": True, "base_data": [str(tmp_path / "missing.jsonl")]},
+                           "predictor.online.base_data[0]")):
+        with pytest.raises(ConfigError) as raised:
+            parse_config({**base, "predictor": {"online": online}})
+        assert where in str(raised.value), (online, str(raised.value))
