@@ -6,7 +6,11 @@ children in plain dicts keyed by the label tuple.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the /metrics route)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -95,5 +99,34 @@ class GatewayMetrics:
     def cluster_choice(self, cluster: str, pool: str) -> None:
         self._child(self._cluster_choice, cluster, pool).inc()
 
+    def watch_online_learning(self, status: Callable[[], dict[str, Any] | None]) -> None:
+        """Export online learning's counters, read from ``status()`` (the learner's own) at each scrape."""
+        self.registry.register(_OnlineLearningCollector(status))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _OnlineLearningCollector:
+    """Reads the learner's counters when scraped, so the request path never touches a metric for them."""
+
+    def __init__(self, status: Callable[[], dict[str, Any] | None]) -> None:
+        self.status = status
+
+    def collect(self):
+        status = self.status()
+        if status is None:
+            return
+        records = CounterMetricFamily("maestro_predictor_records", "Completed chat requests offered to online "
+                                      "learning, by outcome (buffered, unusable, dropped, failed)",
+                                      labels=("outcome",))
+        for outcome, count in status["records"].items():
+            records.add_metric((outcome,), count)
+        yield records
+        refits = CounterMetricFamily("maestro_predictor_refits", "Online refits of the predictor, by outcome",
+                                     labels=("outcome",))
+        refits.add_metric(("ok",), status["refits"])
+        refits.add_metric(("failed",), status["refit_failures"])
+        yield refits
+        yield GaugeMetricFamily("maestro_predictor_refit_running", "1 while an online refit runs",
+                                value=1 if status["refitting"] else 0)

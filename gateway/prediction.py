@@ -43,8 +43,10 @@ class Estimate:
 
 
 class RequestPredictor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, metrics: Any = None) -> None:
         self.config = config
+        if metrics is not None and config.predictor.online.enabled:  # gateway.metrics.GatewayMetrics
+            metrics.watch_online_learning(lambda: self.learner.status() if self.learner is not None else None)
         self._predictor: Any = None
         self._estimate_tokens: Any = None
         self._failures = 0
@@ -121,6 +123,19 @@ class RequestPredictor:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+
+    def status(self) -> dict[str, Any]:
+        predictor = self.learner.predictor if self.learner is not None else self._predictor
+        return {"loaded": predictor is not None, "model_path": self.config.predictor.model_path or None,
+                "trained": bool(predictor is not None and predictor.trained),
+                "online": self.learner.status() if self.learner is not None else None}
+
+    def refit_now(self) -> bool:
+        """Start a refit unless one runs (``POST /admin/predictor/refit``); False when online learning is off."""
+        if self.learner is None:
+            return False
+        self.learner.trigger()
+        return True
 
     def record(self, body: Mapping[str, Any], usage: Mapping[str, Any], headers: Mapping[str, str] | None) -> None:
         """Hand a completed chat request (the client's body, the engine's usage) to online learning."""

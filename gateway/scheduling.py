@@ -751,7 +751,7 @@ class Scheduling:
         self.active = cfg.queue_policy != "fcfs" or self.check_kv or cfg.max_outstanding_per_engine > 0
         self.ledger = SharedLedger(store, cfg.ledger_lease_s, metrics)
         self.workflows = WorkflowTracker(store, config)
-        self.predictor = RequestPredictor(config)
+        self.predictor = RequestPredictor(config, metrics)
         self.ctx = PolicyContext(service_time=self.service_time, workflows=self.workflows.cache,
                                  mean_step_s=cfg.mean_step_s, default_steps=cfg.default_steps)
         self.step_time = StepTimeMean(cfg.mean_step_s, cfg.step_time_window_s)

@@ -89,17 +89,21 @@ class MemoryBuffer:
 
 
 class FileTraceBuffer(MemoryBuffer):
-    """A bounded JSONL file: new records are appended in batches from an executor; when the file holds
-    twice ``maxlen`` lines it is rewritten with the latest ``maxlen`` (atomically, also in an executor).
-    The file's latest records are read back at construction (before serving starts)."""
+    """A bounded JSONL file: new records are appended in batches from an executor, every ``flush_every``
+    records or ``flush_after_s`` seconds after the first unwritten one (so light traffic is on disk within
+    seconds, not after hours); when the file holds twice ``maxlen`` lines it is rewritten with the latest
+    ``maxlen`` (atomically, also in an executor). The file's latest records are read back at construction
+    (before serving starts)."""
 
     def __init__(self, path: str | Path, maxlen: int = 50_000, flush_every: int = 64,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, flush_after_s: float = 1.0) -> None:
         super().__init__(maxlen)
         self.path = Path(path)
         self.flush_every = flush_every
+        self.flush_after_s = flush_after_s
         self.executor = executor
         self._pending: list[bytes] = []
+        self._timer: asyncio.Task | None = None
         self._lines_on_disk = 0
         self._lock = asyncio.Lock()
         if self.path.exists():
@@ -131,6 +135,15 @@ class FileTraceBuffer(MemoryBuffer):
         self._pending.append(orjson.dumps(record) + b"\n")
         if len(self._pending) >= self.flush_every:
             await self.flush()
+        elif self._timer is None or self._timer.done():
+            self._timer = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self.flush_after_s)
+        try:
+            await self.flush()
+        except Exception as exc:  # noqa: BLE001 - the lines stay pending; the next flush tries again
+            log.warning("trace buffer %s: write failed: %s", self.path, exc)
 
     async def flush(self) -> None:
         async with self._lock:
@@ -138,18 +151,28 @@ class FileTraceBuffer(MemoryBuffer):
                 return
             lines, self._pending = self._pending, []
             loop = asyncio.get_running_loop()
-            if self._lines_on_disk + len(lines) > 2 * self.records.maxlen:
-                snapshot = [orjson.dumps(r) + b"\n" for r in self.records]
-                await loop.run_in_executor(self.executor, self._rewrite, snapshot)
-                self._lines_on_disk = len(snapshot)
-            else:
-                await loop.run_in_executor(self.executor, self._append, lines)
-                self._lines_on_disk += len(lines)
+            try:
+                if self._lines_on_disk + len(lines) > 2 * self.records.maxlen:
+                    snapshot = [orjson.dumps(r) + b"\n" for r in self.records]
+                    await loop.run_in_executor(self.executor, self._rewrite, snapshot)
+                    self._lines_on_disk = len(snapshot)
+                else:
+                    await loop.run_in_executor(self.executor, self._append, lines)
+                    self._lines_on_disk += len(lines)
+            except BaseException:
+                self._pending[:0] = lines  # not written: keep them for the next flush
+                raise
 
     def _append(self, lines: list[bytes]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "ab") as handle:
-            handle.write(b"".join(lines))
+            end = handle.tell()
+            try:
+                handle.write(b"".join(lines))
+                handle.flush()
+            except OSError:  # e.g. a full disk: take back a partial write, so no torn line is left
+                handle.truncate(end)
+                raise
 
     def _rewrite(self, lines: list[bytes]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +186,8 @@ class FileTraceBuffer(MemoryBuffer):
         return list(self.records)
 
     async def close(self) -> None:
+        if self._timer is not None and not self._timer.done():
+            self._timer.cancel()
         await self.flush()
 
 
@@ -243,6 +268,7 @@ class OnlineLearner:
         self.refits = 0
         self.refit_failures = 0
         self.last_error: BaseException | None = None
+        self.last_refit: dict[str, Any] | None = None  # outcome (ok, failed, skipped), records, seconds, at
         # completed requests by what became of them: buffered, unusable (no usage / not a chat body),
         # dropped (the inbox was full), failed (the buffer raised)
         self.records = {"buffered": 0, "unusable": 0, "dropped": 0, "failed": 0}
@@ -305,6 +331,18 @@ class OnlineLearner:
             self.trigger()
         return True
 
+    def status(self) -> dict[str, Any]:
+        """What an operator asks of online learning (``GET /admin/predictor``)."""
+        return {"model": "trained" if self._predictor.trained else "priors", "refits": self.refits,
+                "refit_failures": self.refit_failures, "refitting": self.refitting,
+                "last_error": None if self.last_error is None else f"{type(self.last_error).__name__}: "
+                                                                     f"{self.last_error}",
+                "last_refit": self.last_refit, "records": dict(self.records),
+                "records_since_refit": self._since_refit,
+                "seconds_since_refit": round(self.clock() - self._last_refit, 1),
+                "refit_every": self.refit_every, "refit_interval_s": self.refit_interval_s,
+                "min_records": self.min_records}
+
     @property
     def refitting(self) -> bool:
         return self._task is not None and not self._task.done()
@@ -320,10 +358,17 @@ class OnlineLearner:
 
     async def _refit(self) -> None:
         started = time.perf_counter()
+        records: list[dict[str, Any]] = []
+
+        def finished(outcome: str) -> None:
+            self.last_refit = {"outcome": outcome, "records": len(records),
+                               "seconds": round(time.perf_counter() - started, 1), "at": time.time()}
+
         try:
             records = self.base_records + await self.buffer.snapshot()
             if len(records) < self.min_records:
                 log.info("predictor refit skipped: %d records (< %d)", len(records), self.min_records)
+                finished("skipped")
                 return
             if self._refit_with is not None:
                 new = await self._refit_with(records)
@@ -333,10 +378,12 @@ class OnlineLearner:
         except Exception as exc:  # noqa: BLE001 - keep serving the old model
             self.last_error = exc
             self.refit_failures += 1
+            finished("failed")
             log.warning("predictor refit failed, keeping the current model: %s", exc)
             return
         self._predictor = new  # one reference assignment: the swap is atomic for readers
         self.refits += 1
+        finished("ok")
         log.info("predictor refit on %d records in %.1fs", len(records), time.perf_counter() - started)
 
     def _fit_and_save(self, records: list[dict[str, Any]]) -> Predictor:

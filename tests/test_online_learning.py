@@ -208,3 +208,58 @@ def test_online_config_is_validated(tmp_path):
         with pytest.raises(ConfigError) as raised:
             parse_config({**base, "predictor": {"online": online}})
         assert where in str(raised.value), (online, str(raised.value))
+
+
+async def test_admin_routes_and_metrics_show_online_learning(tmp_path):
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with running_gateway(online_config(tmp_path, min_records=10_000)) as gateway:
+        async with openai.AsyncOpenAI(base_url=gateway.base_url + "/v1", api_key="x", max_retries=0) as client:
+            await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3)
+        await gateway.scheduling.predictor.learner.wait_buffered()
+        async with aiohttp.ClientSession(gateway.base_url) as http:
+            async with http.get("/admin/predictor") as response:
+                state = await response.json()
+            assert state["online"]["records"]["buffered"] == 1 and state["online"]["model"] == "priors"
+            async with http.post("/admin/predictor/refit") as response:
+                assert response.status == 202
+                assert (await response.json())["online"]["refitting"] is True
+            await gateway.scheduling.predictor.learner.wait_refit()
+            async with http.get("/admin/predictor") as response:
+                last = (await response.json())["online"]["last_refit"]
+            assert (last["outcome"], last["records"]) == ("skipped", 1)  # 1 record < min_records
+            async with http.get("/metrics") as response:
+                families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+            buffered = [s.value for s in families["maestro_predictor_records"].samples
+                        if s.labels.get("outcome") == "buffered" and s.name.endswith("_total")]
+            assert buffered == [1.0]
+            assert "maestro_predictor_refit_running" in families
+
+
+async def test_refit_route_says_when_online_learning_is_off():
+    import aiohttp
+
+    from tests.test_gateway_sim import sim_config
+
+    async with running_gateway(sim_config(count=1)) as gateway:
+        async with aiohttp.ClientSession(gateway.base_url) as http:
+            async with http.post("/admin/predictor/refit") as response:
+                assert response.status == 409
+                assert (await response.json())["error"]["code"] == "online_learning_off"
+            async with http.get("/admin/predictor") as response:
+                assert (await response.json())["online"] is None
+        async with aiohttp.ClientSession(gateway.base_url) as http:
+            async with http.get("/metrics") as response:
+                assert "maestro_predictor_records" not in await response.text()
+
+
+async def test_file_buffer_writes_light_traffic_within_a_second(tmp_path):
+    path = tmp_path / "records.jsonl"
+    buffer = FileTraceBuffer(path, flush_every=64, flush_after_s=0.05)
+    await buffer.append({"i": 0})
+    assert not path.exists()  # batched...
+    await asyncio.sleep(0.3)
+    assert path.read_bytes() == b'{"i":0}\n'  # ...but not kept for 63 more records
+    await buffer.close()

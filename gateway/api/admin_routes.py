@@ -1,4 +1,5 @@
-"""Operational routes: liveness, Prometheus metrics, engine view and engine sleep/wake.
+"""Operational routes: liveness, Prometheus metrics, engine view and engine sleep/wake, the predictor's state and
+an online refit on demand.
 
 ``/health`` and ``/metrics`` are open (probes and scrapers rarely carry keys); ``/admin/*`` needs an API key
 whenever keys are configured, because it can put engines to sleep.
@@ -55,6 +56,27 @@ async def scheduling_state(request: web.Request) -> web.Response:
     except APIError as error:
         return error.response()
     return web.Response(body=orjson.dumps(gateway.scheduling.snapshot()), content_type="application/json")
+
+
+async def predictor_state(request: web.Request) -> web.Response:
+    try:
+        gateway = _admin(request)
+    except APIError as error:
+        return error.response()
+    return web.Response(body=orjson.dumps(gateway.scheduling.predictor.status()), content_type="application/json")
+
+
+async def refit_predictor(request: web.Request) -> web.Response:
+    """Start a refit now (the model swaps when it is done; ``GET /admin/predictor`` says how it went)."""
+    try:
+        gateway = _admin(request)
+        if not gateway.scheduling.predictor.refit_now():
+            raise APIError(409, "Online learning is off; set predictor.online.enabled in the gateway's config.",
+                           code="online_learning_off")
+    except APIError as error:
+        return error.response()
+    return web.Response(status=202, body=orjson.dumps(gateway.scheduling.predictor.status()),
+                        content_type="application/json")
 
 
 async def get_workflow(request: web.Request) -> web.Response:
@@ -118,5 +140,7 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/admin/engines", list_engines)
     app.router.add_get("/admin/scheduling", scheduling_state)
     app.router.add_get("/admin/workflows/{workflow_id}", get_workflow)
+    app.router.add_get("/admin/predictor", predictor_state)
+    app.router.add_post("/admin/predictor/refit", refit_predictor)
     app.router.add_post("/admin/engines/{engine_id:.+}/sleep", sleep_engine)
     app.router.add_post("/admin/engines/{engine_id:.+}/wake_up", wake_engine)

@@ -281,6 +281,13 @@ class GatewayProcess:
             data = data.get("data", data.get("engines", []))
         return list(data)
 
+    def online_records(self) -> list[dict[str, Any]]:
+        """The trace records online learning has written so far (the config's file buffer)."""
+        import json
+
+        path = self.config_path.parent / "online-records.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
     def metrics(self) -> dict[str, float]:
         """The gateway's own ``maestro_*`` Prometheus series."""
         status, body = http_get(self.url + "/metrics", timeout=5.0)
@@ -298,8 +305,13 @@ class GatewayProcess:
             self.proc = None
 
 
-def gateway_config_yaml(model: str, engine_url: str) -> str:
+def gateway_config_yaml(model: str, engine_url: str, online_records: Path) -> str:
+    """Online learning is on (recording only: no refit within a test run), so every request of the suite also
+    goes through the recording path, and TestTinyLlama checks what it wrote."""
     return f"""\
+predictor:
+  online: {{enabled: true, buffer: file, path: "{online_records}", work_dir: "{online_records.parent}",
+           min_records: 1000000, refit_interval_s: 100000}}
 models:
   - name: {model}
     max_model_len: {MAX_MODEL_LEN}
@@ -397,7 +409,7 @@ def _stack(slot: _EngineSlot, model: str, max_num_seqs: int, args: list[str]) ->
         if not DIRECT:
             workdir = engine.log_path.parent
             config_path = workdir / "gateway.yaml"
-            config_path.write_text(gateway_config_yaml(model, engine.url))
+            config_path.write_text(gateway_config_yaml(model, engine.url, workdir / "online-records.jsonl"))
             gateway = GatewayProcess(port=free_port(), config_path=config_path, log_path=workdir / "gateway.log")
             gateway.start()
         yield Stack(model=model, engine=engine, gateway=gateway, max_num_seqs=max_num_seqs)

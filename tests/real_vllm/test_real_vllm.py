@@ -214,6 +214,30 @@ class TestTinyLlama:
             await client.close()
         tiny_stack.wait_engine_idle(timeout=5)
 
+    def test_online_learning_records_the_engines_usage(self, tiny_stack) -> None:
+        """A real vLLM's token counts reach the trace records, for a stream whose client did not ask for usage
+        too (the gateway asked the engine for it); the stored body is the client's."""
+        gateway = tiny_stack.require_gateway()
+        marker = f"online-{time.monotonic_ns()}"
+        messages = [{"role": "user", "content": f"Say something about {marker}."}]
+        client = tiny_stack.client()
+        reply = client.chat.completions.create(model=tiny_stack.model, messages=messages, max_tokens=12,
+                                               extra_body=EXACT, extra_headers={"X-Agent-Role": "writer"})
+        stream = client.chat.completions.create(model=tiny_stack.model, messages=messages, max_tokens=9,
+                                                stream=True, extra_body=EXACT)
+        assert all(chunk.usage is None for chunk in stream)
+
+        def ours():
+            found = [r for r in gateway.online_records() if marker in r["request"]["messages"][0]["content"]]
+            return found if len(found) == 2 else None
+
+        plain, streamed = _poll(ours, timeout=10.0, what="two online-learning records in the trace file")
+        assert plain["usage"] == {"prompt_tokens": reply.usage.prompt_tokens, "completion_tokens": 12}
+        assert plain["agent_role"] == "writer" and "stream" not in plain["request"]
+        assert streamed["usage"] == {"prompt_tokens": reply.usage.prompt_tokens, "completion_tokens": 9}
+        assert streamed["request"]["stream"] is True and "stream_options" not in streamed["request"]
+        assert streamed["agent_role"] is None and streamed["source"] == "gateway"
+
     def test_admin_engines_reports_scraped_metrics(self, tiny_stack) -> None:
         gateway = tiny_stack.require_gateway()
         tiny_stack.wait_engine_idle()
