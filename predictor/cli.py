@@ -48,6 +48,53 @@ def add_predictor_commands(subparsers: argparse._SubParsersAction) -> argparse.A
     return predictor
 
 
+# ---------------------------------------------------------------------------------------------- argparse types
+# Range checks of the numeric options, as argparse types: a value out of range is a usage error (exit 2, one
+# line naming the option) said before any data is read, not a scikit-learn traceback a minute later.
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (requests, boosting iterations, tree depth, tokens)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a count that may be 0 (warm-up calls, records to import)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, not {text!r}")
+    return value
+
+
+def split_seed(text: str) -> int:
+    """argparse type of a split seed: scikit-learn takes 0 .. 2**32 - 1."""
+    value = _int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {2**32 - 1}, not {text!r}")
+    return value
+
+
+def held_out_share(text: str) -> float:
+    """argparse type of a held-out share: strictly between 0 and 1 (0 would hold nothing out, 1 train on nothing,
+    and scikit-learn reads a number above 1 as a count of workflows)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a share strictly between 0 and 1, not {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+
+
 # ---------------------------------------------------------------------------------------------- import
 
 def _err(message: str) -> None:

@@ -386,6 +386,7 @@ def format_table(report: Mapping[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from predictor.cli import held_out_share, split_seed
     from predictor.train import fit_level  # (train imports this module's baselines; keep the import lazy)
 
     parser.add_argument("--model", help="model file written by `maestro predictor train`")
@@ -398,8 +399,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("test", "all"), default="test",
                         help="score the held-out part of the by-workflow split (default; same seed and size as "
                              "training) or every record (data the model never saw)")
-    parser.add_argument("--test-size", type=float, help="override the model's split size")
-    parser.add_argument("--seed", type=int, help="override the model's split seed")
+    parser.add_argument("--test-size", type=held_out_share,
+                        help="override the model's split size (strictly between 0 and 1)")
+    parser.add_argument("--seed", type=split_seed, help="override the model's split seed")
     parser.add_argument("--format", choices=("json", "markdown"), default="json",
                         help="json (default: every figure, with bootstrap intervals and meta) or markdown (one "
                              "table row per source, the columns of docs/benchmarks.md)")

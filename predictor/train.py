@@ -400,16 +400,19 @@ def fit_predictor(records: Sequence[dict[str, Any]], options: TrainOptions | Non
 
 # -------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from predictor.cli import held_out_share, positive_int, split_seed
+
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
                         help="trace files (.jsonl / .jsonl.gz), see predictor/trace.py")
     parser.add_argument("--out", required=True, metavar="MODEL", help="model file to write (skops)")
     parser.add_argument("--split", choices=("train", "all"), default="train",
                         help="train on the train part of a by-workflow split (default) or on all records")
-    parser.add_argument("--test-size", type=float, default=DEFAULT_TEST_SIZE,
-                        help="share of workflows held out per source (default 0.2)")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="split seed (default 0)")
-    parser.add_argument("--max-iter", type=int, default=LengthParams.max_iter, help="boosting iterations")
-    parser.add_argument("--max-depth", type=int, default=LengthParams.max_depth, help="tree depth")
+    parser.add_argument("--test-size", type=held_out_share, default=DEFAULT_TEST_SIZE,
+                        help="share of workflows held out per source, strictly between 0 and 1 (default 0.2)")
+    parser.add_argument("--seed", type=split_seed, default=DEFAULT_SEED, help="split seed (default 0)")
+    parser.add_argument("--max-iter", type=positive_int, default=LengthParams.max_iter,
+                        help="boosting iterations (>= 1)")
+    parser.add_argument("--max-depth", type=positive_int, default=LengthParams.max_depth, help="tree depth (>= 1)")
     parser.add_argument("--threads", type=int, default=LengthParams.threads,
                         help="OpenMP threads per boosting fit (default 1)")
     parser.add_argument("--source-balance", type=float, default=TrainOptions.source_balance,
