@@ -20,11 +20,13 @@ from typing import Any
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from predictor.cli import non_negative_int, positive_int
+
     parser.add_argument("--model", required=True, help="model file written by `maestro predictor train`")
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
                         help="trace files whose requests are replayed (.jsonl / .jsonl.gz)")
-    parser.add_argument("--requests", type=int, default=3000, help="requests to time (default 3000)")
-    parser.add_argument("--warmup", type=int, default=200, help="untimed calls first (default 200)")
+    parser.add_argument("--requests", type=positive_int, default=3000, help="requests to time (>= 1, default 3000)")
+    parser.add_argument("--warmup", type=non_negative_int, default=200, help="untimed calls first (default 200)")
     parser.add_argument("--no-cache", action="store_true", help="disable the system-prompt memo")
     parser.add_argument("--seed", type=int, default=0, help="request sampling seed")
 
@@ -50,6 +52,8 @@ def machine_reference_us(repeats: int = 200) -> float:
 
 def run(model: str, data: list[str], requests: int = 3000, warmup: int = 200, cache: bool = True,
         seed: int = 0) -> dict[str, Any]:
+    if requests < 1 or warmup < 0:  # no timings to take percentiles and a mean of
+        raise ValueError(f"need requests >= 1 and warmup >= 0, got requests={requests}, warmup={warmup}")
     started = time.perf_counter()
     from predictor.predictor import Predictor
 

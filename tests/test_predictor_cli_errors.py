@@ -64,3 +64,21 @@ def test_in_range_options_still_parse():
     evaluate.add_arguments(parser)
     args = parser.parse_args(["--data", "x", "--model", "m"])
     assert args.test_size is None and args.seed is None  # still "the model's own"
+
+
+@pytest.mark.parametrize("option, value", [("--requests", "0"), ("--requests", "-4"), ("--warmup", "-1")])
+def test_bench_predictor_refuses_no_requests(tmp_path, capsys, option, value):
+    from gateway.cli import main as maestro_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        maestro_main(["bench", "predictor", "--model", str(tmp_path / "m.skops"), "--data",
+                      str(tmp_path / "missing.jsonl"), option, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {option}" in err and "Traceback" not in err, err
+
+
+def test_bench_run_refuses_no_requests_before_loading(tmp_path):
+    from predictor.bench import run
+
+    with pytest.raises(ValueError, match="requests >= 1"):
+        run(str(tmp_path / "never-read.skops"), [str(tmp_path / "never-read.jsonl")], requests=0)
