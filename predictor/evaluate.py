@@ -386,7 +386,7 @@ def format_table(report: Mapping[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from predictor.cli import held_out_share, split_seed
+    from predictor.cli import held_out_share, positive_int, split_seed
     from predictor.train import fit_level  # (train imports this module's baselines; keep the import lazy)
 
     parser.add_argument("--model", help="model file written by `maestro predictor train`")
@@ -394,8 +394,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of --model: group k-fold by workflow (train k models with default "
                              "options or --upper-fit-levels, score each held-out fold, pool the metrics)")
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="trace files")
-    parser.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                        help="max_tokens of a request that sets none (default 4096)")
+    parser.add_argument("--default-max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,
+                        help="max_tokens of a request that sets none (>= 1, default 4096)")
     parser.add_argument("--split", choices=("test", "all"), default="test",
                         help="score the held-out part of the by-workflow split (default; same seed and size as "
                              "training) or every record (data the model never saw)")

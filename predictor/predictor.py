@@ -13,6 +13,7 @@ threads and to swap atomically (the online learner replaces the whole object).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,17 @@ def normalize_priors(priors: Mapping[str, Any] | None) -> dict[str, tuple[int, i
     return merged
 
 
+def check_default_max_tokens(value: Any) -> int | None:
+    """``default_max_tokens`` as given (None: no default), or ValueError: it caps every prediction of a request
+    without ``max_tokens``, so 0 or a negative number would make p50 and p90 (and the KV reservation) 0 or
+    negative instead of failing where it was configured."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"default_max_tokens must be a whole number >= 1 (or None), not {value!r}")
+    return int(value)
+
+
 class Predictor:
     """Role, output-length quantiles and KV bytes for one chat request."""
 
@@ -77,7 +89,7 @@ class Predictor:
         self.assembler = FeatureAssembler(model_vocab or [])
         self.priors = normalize_priors(priors)
         self.kv = kv or KVModel()
-        self.default_max_tokens = default_max_tokens
+        self.default_max_tokens = check_default_max_tokens(default_max_tokens)
         self._role_index = {role: i for i, role in enumerate(ROLES)}
         self._other = self._role_index["other"]
         self.state = state  # the saved form (model file contents), kept for save() and evaluation baselines
@@ -120,7 +132,7 @@ class Predictor:
         clone.__dict__.update(self.__dict__)
         clone.kv = kv
         if default_max_tokens is not None:
-            clone.default_max_tokens = default_max_tokens
+            clone.default_max_tokens = check_default_max_tokens(default_max_tokens)
         return clone
 
     @property

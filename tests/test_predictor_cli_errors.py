@@ -7,9 +7,14 @@ All inputs are small hand-written fixtures made in ``tmp_path``; no third-party 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from predictor import Predictor
 from predictor.cli import main as predictor_main
+from predictor.trace import write_records
+from tests.test_predictor import chat, synthetic_records
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -20,6 +25,23 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
         code = exit_info.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory) -> Path:
+    """A small synthetic trace file (twelve workflows of six calls)."""
+    path = tmp_path_factory.mktemp("traces") / "synthetic.jsonl"
+    write_records(path, synthetic_records(n_workflows=12, seed=5))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_all(traces, tmp_path_factory) -> Path:
+    """A model trained with ``train --split all`` on :func:`traces` (a model to deploy: it saw every record)."""
+    path = tmp_path_factory.mktemp("models") / "all.skops"
+    assert predictor_main(["train", "--data", str(traces), "--out", str(path), "--split", "all",
+                           "--max-iter", "10", "--quiet"]) == 0
+    return path
 
 
 def assert_usage_error(argv: list[str], capsys, says: str) -> str:
@@ -82,3 +104,32 @@ def test_bench_run_refuses_no_requests_before_loading(tmp_path):
 
     with pytest.raises(ValueError, match="requests >= 1"):
         run(str(tmp_path / "never-read.skops"), [str(tmp_path / "never-read.jsonl")], requests=0)
+
+
+# ------------------------------------------------------------------------------------------ default max_tokens
+@pytest.mark.parametrize("value", ["0", "-5", "many"])
+def test_evaluate_refuses_a_default_max_tokens_below_one(tmp_path, capsys, value):
+    assert_usage_error(["evaluate", "--model", str(tmp_path / "m.skops"), "--data", str(tmp_path / "x.jsonl"),
+                        "--default-max-tokens", value], capsys, "argument --default-max-tokens")
+
+
+@pytest.mark.parametrize("value", [0, -5, True, 2.5, "4096"])
+def test_predictor_refuses_a_default_max_tokens_below_one(model_all, value):
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        Predictor.from_priors(default_max_tokens=value)
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        Predictor(default_max_tokens=value)
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        Predictor.load(model_all, default_max_tokens=value)
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        Predictor.from_priors().with_kv(Predictor.from_priors().kv, default_max_tokens=value)
+
+
+def test_a_valid_default_max_tokens_caps_predictions(model_all):
+    import numpy as np
+
+    predictor = Predictor.load(model_all, default_max_tokens=np.int64(3))
+    assert predictor.default_max_tokens == 3
+    p = predictor.predict(chat("You are a careful software engineer.", "Implement a todo app."))
+    assert 1 <= p.p50 <= p.p90 <= 3
+    assert Predictor.from_priors(default_max_tokens=None).default_max_tokens is None
