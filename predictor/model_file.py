@@ -152,12 +152,18 @@ def read_plain(path: str | Path) -> Any:
     """Read a skops archive made only of dicts (str keys), lists, JSON scalars and numpy arrays.
 
     Raises ``_NotPlain`` for anything else (another protocol, other node types), so the caller can fall back
-    to ``skops.io.load``; raises ``zipfile.BadZipFile`` / ``KeyError`` for files that are not skops archives.
+    to ``skops.io.load``; raises ``zipfile.BadZipFile`` / ``KeyError`` / ``ValueError`` for files that are not
+    skops archives, including a ``schema.json`` that is JSON but not the shape skops writes (a list or a string
+    at the top, a dict node whose content is not an object): every node is a JSON object.
     """
     import numpy as np
 
     with zipfile.ZipFile(path) as archive:
         schema = json.loads(archive.read("schema.json"))
+        if not isinstance(schema, dict):
+            kind = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+                type(schema), "null")
+            raise ValueError(f"schema.json holds a JSON {kind}, not an object")
         if schema.get("protocol") != SKOPS_PROTOCOL:
             raise _NotPlain(f"skops protocol {schema.get('protocol')!r}")
 
@@ -176,7 +182,10 @@ def read_plain(path: str | Path) -> Any:
                 return np.load(io.BytesIO(archive.read(node["file"])), allow_pickle=False)
             raise _NotPlain(f"node {loader!r} ({node.get('__module__') if isinstance(node, dict) else node!r})")
 
-        return build(schema)
+        try:
+            return build(schema)
+        except (AttributeError, TypeError) as exc:  # a node field of the wrong JSON type
+            raise ValueError(f"schema.json has a malformed node ({exc})") from None
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

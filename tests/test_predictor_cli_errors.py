@@ -133,3 +133,26 @@ def test_a_valid_default_max_tokens_caps_predictions(model_all):
     p = predictor.predict(chat("You are a careful software engineer.", "Implement a todo app."))
     assert 1 <= p.p50 <= p.p90 <= 3
     assert Predictor.from_priors(default_max_tokens=None).default_max_tokens is None
+
+
+# ------------------------------------------------------------------------------------------------ model files
+@pytest.mark.parametrize("schema, says", [
+    ([1, 2], "JSON list, not an object"), ("x", "JSON string, not an object"), (7, "JSON number, not an object"),
+    (None, "JSON null, not an object"),
+    ({"protocol": 2, "__loader__": "DictNode", "__class__": "dict", "key_types": {"content": []}, "content": [1]},
+     "malformed node"),
+])
+def test_a_schema_that_is_not_skops_shaped_is_a_model_file_error(traces, tmp_path, capsys, schema, says):
+    import json
+    import zipfile
+
+    from predictor.model_file import ModelFileError
+
+    path = tmp_path / "odd.skops"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("schema.json", json.dumps(schema))
+    with pytest.raises(ModelFileError, match=says):
+        Predictor.load(path)
+    err = assert_usage_error(["evaluate", "--model", str(path), "--data", str(traces)], capsys,
+                             "not a skops model file")
+    assert len(err.strip().splitlines()) == 1, err
