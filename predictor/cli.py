@@ -2,7 +2,7 @@
 
 ``gateway/cli.py`` calls :func:`add_predictor_commands` with its subparsers; every subcommand sets ``func`` to a
 function of ``args`` that returns the exit code (0 success, 1 runtime failure, 2 usage error: unknown source,
-missing input, a module that is not there yet).
+missing or unreadable input, an option out of range, a module that is not there yet).
 
     maestro predictor import --source chatdev ../shared/data/chatdev-warehouse-llm-calls traces/chatdev.jsonl.gz
     maestro predictor train --data traces/*.jsonl.gz --out model.skops      (predictor.train)
@@ -102,7 +102,7 @@ def _err(message: str) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from predictor.importers import SOURCES, InputNotFoundError, UnknownSourceError, import_source
+    from predictor.importers import SOURCES, InputFormatError, InputNotFoundError, UnknownSourceError, import_source
     from predictor.trace import TraceFormatError
 
     if args.source not in SOURCES:
@@ -125,8 +125,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         summary = import_source(args.source, args.input, output, limit=args.limit,
                                 progress=None if args.quiet else progress)
-    except (UnknownSourceError, InputNotFoundError) as exc:
-        _err(str(exc))
+    except (UnknownSourceError, InputNotFoundError, InputFormatError) as exc:
+        _err(str(exc))  # nothing written: the output only appears once every record is
         return EXIT_USAGE
     except (ValueError, TraceFormatError, OSError) as exc:
         _err(f"import failed: {exc}")

@@ -24,19 +24,13 @@ from typing import Any
 
 from predictor import features
 from predictor.tokens import estimate_message_tokens, estimate_tokens
+from predictor.trace import PLAIN_FILE_MODE
 
 FORMAT = "maestro-predictor"
 FORMAT_VERSION = 2  # 2: conformal offsets in tokens (1: in log1p space; same arrays, other meaning)
 
 
-def _plain_file_mode() -> int:
-    """0666 less the process umask (read once at import: os.umask is process-wide and not thread-safe)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _plain_file_mode()
+_FILE_MODE = PLAIN_FILE_MODE  # (the name tests and older callers import)
 
 # Fixed probes of the token estimator: if it changes, prompt-token features change meaning.
 _TOKEN_PROBES = ("", "hello", "The quick brown fox jumps over the lazy dog. " * 7, "def f(x):\n    return x ** 2\n",

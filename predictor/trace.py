@@ -14,8 +14,11 @@ none), and ``"meta": {...}`` for source-specific provenance (never used as a fea
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
+import os
+import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,6 +27,18 @@ from typing import Any
 import orjson
 
 ROLES = ("planner", "coder", "reviewer", "tester", "tool_caller", "researcher", "writer", "assistant", "other")
+
+
+def _plain_file_mode() -> int:
+    """0666 less the process umask (read once at import: os.umask is process-wide and not thread-safe)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+# The mode open() gives a new file: what a file written through mkstemp (0600) is given before it is renamed into
+# place, since trace and model files are read by other users (a gateway container, CI).
+PLAIN_FILE_MODE = _plain_file_mode()
 
 
 class TraceFormatError(ValueError):
@@ -81,12 +96,27 @@ def read_records(path: str | Path, validate: bool = True) -> Iterator[dict[str, 
 
 
 def write_records(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
-    """Write records (validated) to ``path``; return how many were written."""
+    """Write records (validated) to ``path``; return how many were written.
+
+    Atomically: into a temporary file beside ``path``, renamed over it once the last record is written. The
+    records are often a stream from an importer reading a third-party file, and when that fails halfway (a
+    truncated .gz, an invalid record) no partial file is left at ``path`` to be trained on as if it were whole,
+    and a file already there stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     count = 0
-    with _open(path, "w") as handle:
-        for record in records:
-            handle.write(orjson.dumps(validate_record(record, f"record {count}")) + b"\n")
-            count += 1
+    try:
+        with open(handle, "wb") as raw:
+            os.fchmod(raw.fileno(), PLAIN_FILE_MODE)
+            # compressed by the target's name (the header keeps that name too, as gzip.open(path) writes it)
+            with (gzip.GzipFile(str(path), "wb", fileobj=raw) if path.suffix == ".gz"
+                  else contextlib.nullcontext(raw)) as out:
+                for record in records:
+                    out.write(orjson.dumps(validate_record(record, f"record {count}")) + b"\n")
+                    count += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return count

@@ -156,3 +156,91 @@ def test_a_schema_that_is_not_skops_shaped_is_a_model_file_error(traces, tmp_pat
     err = assert_usage_error(["evaluate", "--model", str(path), "--data", str(traces)], capsys,
                              "not a skops model file")
     assert len(err.strip().splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------------------------------ import: bad input
+def chatdev_row(index: int, **fields) -> dict:
+    """One ChatDev call row as the chatdev importer reads it (made up)."""
+    row = {"project": f"P{index // 10}", "call_index": index % 10, "phase": "Coding", "agent_role": "Programmer",
+           "model_type": "ModelType.GPT_4", "system_message": "You are a programmer.",
+           "input_message": f"Write function number {index} of the module.",
+           "output_text": f"def f{index}(x):\n    return x + {index}\n", "prompt_tokens": 30 + index,
+           "completion_tokens": 12, "max_completion_tokens": None}
+    row.update(fields)
+    return row
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    import gzip
+    import json
+
+    text = "".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows)
+    path.write_bytes(gzip.compress(text.encode()) if path.suffix == ".gz" else text.encode())
+    return path
+
+
+@pytest.mark.parametrize("out_name", ["out.jsonl", "out.jsonl.gz"])
+def test_import_of_a_truncated_gz_says_so_and_writes_nothing(tmp_path, capsys, out_name):
+    whole = write_jsonl(tmp_path / "whole.jsonl.gz", [chatdev_row(i) for i in range(300)])
+    cut = tmp_path / "in" / "chatdev_llm_calls.jsonl.gz"
+    cut.parent.mkdir()
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 4])  # the first rows still decode
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    err = assert_usage_error(["import", "--source", "chatdev", str(cut), str(out_dir / out_name)], capsys,
+                             "chatdev_llm_calls.jsonl.gz: not a readable gzip file")
+    assert err.count("maestro predictor:") == 1
+    assert list(out_dir.iterdir()) == []  # neither a partial output nor a temporary file
+
+
+def test_import_of_a_file_that_is_not_gzip_says_so(tmp_path, capsys):
+    bad = tmp_path / "chatdev_llm_calls.jsonl.gz"
+    bad.write_text("hello\n")
+    assert_usage_error(["import", "--source", "chatdev", str(bad), str(tmp_path / "o.jsonl")], capsys,
+                       "not a readable gzip file")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_import_of_a_tau_bench_file_that_is_not_json_says_so(tmp_path, capsys):
+    bad = tmp_path / "gpt-4o-airline.json"
+    bad.write_text('[{"task_id": 1, "traj": [')
+    assert_usage_error(["import", "--source", "tau-bench", str(bad), str(tmp_path / "o.jsonl")], capsys,
+                       "gpt-4o-airline.json: not valid JSON")
+    bad.write_text('{"task_id": 1}')
+    assert_usage_error(["import", "--source", "tau-bench", str(bad), str(tmp_path / "o.jsonl")], capsys,
+                       "expected a JSON list of trajectories")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_failed_import_leaves_an_existing_output_as_it_was(tmp_path, capsys):
+    out = tmp_path / "chatdev.jsonl"
+    out.write_text("the previous import\n")
+    whole = write_jsonl(tmp_path / "whole.jsonl.gz", [chatdev_row(i) for i in range(300)])
+    cut = tmp_path / "chatdev_llm_calls.jsonl.gz"
+    cut.write_bytes(whole.read_bytes()[:-40])
+    assert_usage_error(["import", "--source", "chatdev", str(cut), str(out)], capsys, "not a readable gzip file")
+    assert out.read_text() == "the previous import\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chatdev.jsonl", "chatdev_llm_calls.jsonl.gz",
+                                                           "whole.jsonl.gz"]
+
+
+@pytest.mark.parametrize("name", ["records.jsonl", "records.jsonl.gz"])
+def test_write_records_is_all_or_nothing(tmp_path, name):
+    from predictor.trace import PLAIN_FILE_MODE, TraceFormatError, read_records
+
+    good = synthetic_records(n_workflows=1)
+    path = tmp_path / name
+
+    def stream_that_fails():
+        yield from good
+        raise OSError("the input went away")
+
+    with pytest.raises(OSError, match="went away"):
+        write_records(path, stream_that_fails())
+    with pytest.raises(TraceFormatError):
+        write_records(path, [*good, {"request": {}}])
+    assert list(tmp_path.iterdir()) == []
+    assert write_records(path, good) == len(good)
+    assert list(read_records(path)) == good
+    assert path.stat().st_mode & 0o777 == PLAIN_FILE_MODE  # as open() makes a file, not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == [name]

@@ -31,6 +31,7 @@ import io
 import itertools
 import re
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -65,6 +66,16 @@ class UnknownSourceError(KeyError):
 
 class InputNotFoundError(FileNotFoundError):
     """The input file (or the expected file inside the given folder) does not exist."""
+
+
+class InputFormatError(ValueError):
+    """The input file cannot be read as what it claims to be: a truncated or corrupt ``.gz`` (a download cut short,
+    a log copied while it was written), or a JSON document that is not valid JSON. Unlike a malformed row, which
+    is skipped and counted, the rest of such a file cannot be trusted, so the import stops and writes nothing."""
+
+
+# what gzip raises for a file that ends early or is not gzip at all
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -123,27 +134,40 @@ def open_binary(path: Path):
 
 
 def iter_jsonl(path: Path, stats: ImportStats) -> Iterator[dict[str, Any]]:
-    """Objects of a ``.jsonl(.gz)`` file; a line that is not a JSON object is counted in ``malformed_json``."""
+    """Objects of a ``.jsonl(.gz)`` file; a line that is not a JSON object is counted in ``malformed_json``.
+
+    Raises :class:`InputFormatError` where a ``.gz`` file turns out truncated or corrupt."""
     with open_binary(path) as handle:
-        for line in io.BufferedReader(handle) if isinstance(handle, gzip.GzipFile) else handle:
-            line = line.strip()
-            if not line:
-                continue
-            stats.read += 1
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                stats.skip("malformed_json")
-                continue
-            if not isinstance(obj, dict):
-                stats.skip("malformed_json")
-                continue
-            yield obj
+        try:
+            for line in io.BufferedReader(handle) if isinstance(handle, gzip.GzipFile) else handle:
+                line = line.strip()
+                if not line:
+                    continue
+                stats.read += 1
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    stats.skip("malformed_json")
+                    continue
+                if not isinstance(obj, dict):
+                    stats.skip("malformed_json")
+                    continue
+                yield obj
+        except _GZIP_ERRORS as exc:
+            raise InputFormatError(f"{path}: not a readable gzip file ({exc})") from None
 
 
 def load_json(path: Path) -> Any:
+    """The JSON document in ``path`` (``.gz`` or not); :class:`InputFormatError` where it cannot be read."""
     with open_binary(path) as handle:
-        return orjson.loads(handle.read())
+        try:
+            data = handle.read()
+        except _GZIP_ERRORS as exc:
+            raise InputFormatError(f"{path}: not a readable gzip file ({exc})") from None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InputFormatError(f"{path}: not valid JSON ({exc})") from None
 
 
 def text_of(value: Any) -> str | None:
@@ -337,7 +361,8 @@ def import_source(name: str, in_path: str | Path, out_path: str | Path, limit: i
     """Import ``in_path`` as source ``name`` into ``out_path`` (``.jsonl`` or ``.jsonl.gz``); return the summary.
 
     Raises :class:`UnknownSourceError` for an unknown name and :class:`InputNotFoundError` for a missing input,
-    both before anything is written.
+    both before anything is written, and :class:`InputFormatError` for an input that turns out unreadable
+    (a truncated ``.gz``) however far in: ``out_path`` is written whole or not at all (see ``write_records``).
     """
     function, kwargs = _importer(name)
     stats = ImportStats(name)

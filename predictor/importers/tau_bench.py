@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from predictor.importers import ImportStats, load_json, load_role_map, make_record, resolve_input
+from predictor.importers import ImportStats, InputFormatError, load_json, load_role_map, make_record, resolve_input
 from predictor.tokens import REPLY_PRIMING, estimate_completion_tokens, estimate_single_message_tokens
 
 SOURCE = "tau-bench"
@@ -42,7 +42,7 @@ def iter_records(in_path: str | Path, stats: ImportStats) -> Iterator[dict[str, 
     role_map = load_role_map(SOURCE)
     data = load_json(path)
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of trajectories")
+        raise InputFormatError(f"{path}: expected a JSON list of trajectories")
     model, domain = _model_and_domain(path, role_map.model or "gpt-4o")
     stem = path.name.split(".json", 1)[0]
     for row_number, trajectory in enumerate(data):
