@@ -244,3 +244,127 @@ def test_write_records_is_all_or_nothing(tmp_path, name):
     assert list(read_records(path)) == good
     assert path.stat().st_mode & 0o777 == PLAIN_FILE_MODE  # as open() makes a file, not mkstemp's 0600
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+# ------------------------------------------------------------------------------------- import: malformed rows
+def import_rows(source: str, path: Path, tmp_path: Path) -> tuple[dict, list[dict]]:
+    """(summary, records) of importing ``path`` as ``source``."""
+    from predictor.importers import import_source
+    from predictor.trace import read_records
+
+    out = tmp_path / f"{source}-out.jsonl"
+    summary = import_source(source, path, out)
+    return summary, list(read_records(out))
+
+
+def tau_trajectory(assistant: dict, task_id: int = 1) -> dict:
+    return {"task_id": task_id, "trial": 0, "reward": 1,
+            "traj": [{"role": "system", "content": "You are an airline agent."},
+                     {"role": "user", "content": "Change my flight."}, assistant,
+                     {"role": "user", "content": "Thanks."},
+                     {"role": "assistant", "content": "You're welcome."}]}
+
+
+@pytest.mark.parametrize("bad", [
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "function": None}]},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "function": "get_reservation"}]},
+    {"role": "assistant", "content": None, "tool_calls": "get_reservation"},
+    {"role": "assistant", "content": None, "tool_calls": ["get_reservation"]},
+    {"role": "assistant", "content": 5},
+    {"role": "assistant", "content": {"text": "hi"}},
+])
+def test_tau_bench_skips_and_counts_a_malformed_assistant_message(tmp_path, bad):
+    import json
+
+    good = {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "c1", "type": "function",
+                            "function": {"name": "get_reservation", "arguments": "{}"}}]}
+    path = tmp_path / "gpt-4o-airline.json"
+    path.write_text(json.dumps([tau_trajectory(good, 1), tau_trajectory(bad, 2)]))
+    summary, records = import_rows("tau-bench", path, tmp_path)
+    assert summary["read"] == 2 and summary["skipped"]["malformed_message"] == 1
+    assert summary["written"] == len(records) == 3  # two calls of the good run, the later one of the other
+    assert records[0]["meta"]["tool_names"] == ["get_reservation"]
+    later = records[2]
+    assert later["workflow"] == {"id": "gpt-4o-airline/task-2/trial-0", "step": 0}
+    assert bad not in later["request"]["messages"]  # nor in the prompts after it
+
+
+@pytest.mark.parametrize("subset", [["Algorithm-Generated"], {"a": 1}, 3])
+def test_who_and_when_skips_and_counts_a_row_whose_subset_is_not_a_string(tmp_path, subset):
+    row = {"subset": "Algorithm-Generated", "source_file": "a.json", "system_prompt": {"Expert": "You are an expert."},
+           "history": [{"name": "Expert", "role": "assistant", "content": "The answer is 4."}]}
+    path = write_jsonl(tmp_path / "who_and_when_tasks.jsonl", [row, dict(row, subset=subset, source_file="b.json")])
+    summary, records = import_rows("who-and-when", path, tmp_path)
+    assert summary["read"] == 2 and summary["skipped"] == {"malformed_row": 1}
+    assert [r["workflow"]["id"] for r in records] == ["a"]
+
+
+@pytest.mark.parametrize("fields", [{"completion_tokens": 1e300}, {"prompt_tokens": 1e300},
+                                    {"completion_tokens": 2**53 + 1}, {"max_completion_tokens": 1e300},
+                                    {"completion_tokens": -3}, {"completion_tokens": 2.5},
+                                    {"completion_tokens": "12"}, {"call_index": 1e300}])
+def test_chatdev_skips_and_counts_a_row_whose_counts_are_no_counts(tmp_path, fields):
+    path = write_jsonl(tmp_path / "chatdev_llm_calls.jsonl",
+                       [chatdev_row(0), chatdev_row(1, **fields), chatdev_row(2, completion_tokens=None)])
+    summary, records = import_rows("chatdev", path, tmp_path)
+    assert summary["skipped"] == {"malformed_row": 1}
+    # a missing count is still estimated (the log has rows without usage), and an integral float still counts
+    assert [r["workflow"]["step"] for r in records] == [0, 2] and records[1]["estimated"] is True
+    summary, records = import_rows("chatdev", write_jsonl(tmp_path / "f.jsonl", [chatdev_row(3, completion_tokens=7.0)]),
+                                   tmp_path)
+    assert summary["skipped"] == {} and records[0]["usage"]["completion_tokens"] == 7
+
+
+def test_toolbench_skips_and_counts_a_call_index_past_two_to_the_53(tmp_path):
+    row = {"prompt_messages": [{"role": "system", "content": "You can call tools."},
+                               {"role": "user", "content": "Find a hotel."}],
+           "output_message": {"role": "assistant", "content": "Calling search."}, "call_index": 0,
+           "source_file": "run.json"}
+    path = write_jsonl(tmp_path / "toolbench_dfs_llm_calls.jsonl",
+                       [row, dict(row, call_index=1e300), dict(row, call_index=2**53 + 2), dict(row, call_index=1)])
+    summary, records = import_rows("toolbench", path, tmp_path)
+    assert summary["skipped"] == {"malformed_row": 2}
+    assert [r["workflow"]["step"] for r in records] == [0, 1]
+
+
+def test_nonneg_int_is_bounded():
+    from predictor.importers import COUNT_LIMIT, nonneg_int
+
+    assert COUNT_LIMIT == 2**53
+    assert [nonneg_int(v) for v in (0, 7, 7.0, 2**53, float(2**53))] == [0, 7, 7, 2**53, 2**53]
+    assert [nonneg_int(v) for v in (-1, 2**53 + 1, 1e300, 2.5, True, "3", None, float("inf"))] == [None] * 8
+
+
+@pytest.mark.parametrize("source, module, name, path_name, rows", [
+    ("chatdev", "predictor.importers.chatdev", "map_model", "chatdev_llm_calls.jsonl",
+     [chatdev_row(0), chatdev_row(1, model_type="BOOM"), chatdev_row(2)]),
+    ("toolbench", "predictor.importers.toolbench", "estimate_message_tokens", "toolbench_dfs_llm_calls.jsonl",
+     [{"prompt_messages": [{"role": "user", "content": text}], "output_message": {"role": "assistant", "content": "a"},
+       "call_index": i, "source_file": "run.json"} for i, text in enumerate(["q", "BOOM", "r"])]),
+])
+def test_a_row_whose_conversion_fails_is_skipped_and_counted(tmp_path, monkeypatch, source, module, name,
+                                                             path_name, rows):
+    """The general guard: whatever a row of an unexpected shape makes a conversion raise (TypeError, ValueError,
+    AttributeError), that row is counted as malformed and the import goes on."""
+    import importlib
+    import json
+
+    target = importlib.import_module(module)
+    original = getattr(target, name)
+
+    def fails_on_boom(value, *args):
+        if "BOOM" in json.dumps(value):
+            raise AttributeError("'int' object has no attribute 'get'")
+        return original(value, *args)
+
+    monkeypatch.setattr(target, name, fails_on_boom)
+    summary, records = import_rows(source, write_jsonl(tmp_path / path_name, rows), tmp_path)
+    assert summary["skipped"] == {"malformed_row": 1} and summary["written"] == len(records) == 2
+
+
+def test_cli_import_of_malformed_rows_exits_0_and_reports_the_skips(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "chatdev_llm_calls.jsonl", [chatdev_row(0), chatdev_row(1, completion_tokens=1e300)])
+    code, out, err = run_cli(["import", "--source", "chatdev", str(path), str(tmp_path / "o.jsonl")], capsys)
+    assert code == 0 and "Traceback" not in err
+    assert "chatdev: 1 records" in out and "malformed_row 1" in out

@@ -18,8 +18,9 @@ alpaca-eval     selected_models_outputs.jsonl.gz             (instruction, model
 
 Agent roles come from ``predictor/roles.yaml`` (:class:`RoleMap`), never from code. Where a source has no token
 counts they are estimated with :func:`predictor.tokens.estimate_tokens` and the record carries ``"estimated": true``.
-Malformed input rows are skipped and counted, never fatal. The third-party data is read in place; nothing of it
-is copied into the repository.
+Malformed input rows are skipped and counted, never fatal (an input file that cannot be read at all, such as a
+truncated ``.gz``, is: :class:`InputFormatError`). The third-party data is read in place; nothing of it is copied
+into the repository.
 """
 
 from __future__ import annotations
@@ -188,12 +189,25 @@ def openai_name(name: str) -> str:
     return _NAME_CHARS.sub("_", name).strip("_")[:64] or "agent"
 
 
+# The largest count or index an importer takes from a row, as predictor.features bounds integer features: past
+# 2**53 a number is no longer exact as a float, and a float such as 1e300 would otherwise become a 300-digit int
+# that no JSON writer (orjson: 64 bits) can write. Such a value is no count; the row is malformed.
+COUNT_LIMIT = 2**53
+
+# What converting a row of an unexpected shape raises (a field of the wrong JSON type somewhere the importer did
+# not check). Each importer catches these around its per-row (or per-message) conversion and counts the row as
+# malformed, so one odd row never ends an import of thousands.
+MALFORMED_ROW_ERRORS = (TypeError, ValueError, AttributeError)
+
+
 def nonneg_int(value: Any) -> int | None:
+    """A count or index from a JSON value: an integer (or integral float) from 0 to :data:`COUNT_LIMIT`, else
+    None."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and value.is_integer() and value >= 0:
+        return value if 0 <= value <= COUNT_LIMIT else None
+    if isinstance(value, float) and value.is_integer() and 0 <= value <= COUNT_LIMIT:
         return int(value)
     return None
 

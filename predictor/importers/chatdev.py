@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from predictor.importers import (ImportStats, RoleMap, load_role_map, make_record, nonneg_int, iter_jsonl,
-                                 resolve_input, text_of)
+from predictor.importers import (MALFORMED_ROW_ERRORS, ImportStats, RoleMap, load_role_map, make_record, nonneg_int,
+                                 iter_jsonl, resolve_input, text_of)
 from predictor.tokens import estimate_message_tokens, estimate_tokens
 
 SOURCE = "chatdev"
@@ -39,9 +39,16 @@ def iter_records(in_path: str | Path, stats: ImportStats) -> Iterator[dict[str, 
     path = resolve_input(in_path, FILES)
     role_map = load_role_map(SOURCE)
     for row in iter_jsonl(path, stats):
-        record = _record(row, role_map, stats)
+        try:
+            record = _record(row, role_map, stats)
+        except MALFORMED_ROW_ERRORS:
+            stats.skip("malformed_row")
+            continue
         if record is not None:
             yield stats.emit(record)
+
+
+_COUNTS = ("prompt_tokens", "completion_tokens", "max_completion_tokens")
 
 
 def _record(row: dict[str, Any], role_map: RoleMap, stats: ImportStats) -> dict[str, Any] | None:
@@ -49,6 +56,11 @@ def _record(row: dict[str, Any], role_map: RoleMap, stats: ImportStats) -> dict[
     call_index = nonneg_int(row.get("call_index"))
     persona = row.get("agent_role")
     if not isinstance(project, str) or not project or call_index is None or not isinstance(persona, str):
+        stats.skip("malformed_row")
+        return None
+    # A missing (null) count is estimated below; one that is there but no count (-3, 2.5, 1e300, "12") means the
+    # row is not what the log writes, and estimating would hide that.
+    if any(row.get(key) is not None and nonneg_int(row.get(key)) is None for key in _COUNTS):
         stats.skip("malformed_row")
         return None
     system_message = text_of(row.get("system_message"))

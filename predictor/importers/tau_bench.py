@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from predictor.importers import ImportStats, InputFormatError, load_json, load_role_map, make_record, resolve_input
+from predictor.importers import (MALFORMED_ROW_ERRORS, ImportStats, InputFormatError, load_json, load_role_map,
+                                 make_record, resolve_input)
 from predictor.tokens import REPLY_PRIMING, estimate_completion_tokens, estimate_single_message_tokens
 
 SOURCE = "tau-bench"
@@ -27,6 +28,18 @@ _DOMAINS = ("airline", "retail")
 def _clean(message: dict[str, Any]) -> dict[str, Any]:
     return {key: message[key] for key in _KEYS if key in message and message[key] is not None
             or (key == "content" and key in message)}
+
+
+def _well_formed(message: dict[str, Any]) -> bool:
+    """Whether a (cleaned) message has the OpenAI shape the records and token estimates rely on: ``content`` null,
+    a string or a list of parts; ``tool_calls`` a list of objects whose ``function``, where given, is an object."""
+    if not (message.get("content") is None or isinstance(message["content"], (str, list))):
+        return False
+    calls = message.get("tool_calls")
+    if calls is None:
+        return True
+    return isinstance(calls, list) and all(
+        isinstance(call, dict) and isinstance(call.get("function", {}), dict) for call in calls)
 
 
 def _model_and_domain(path: Path, default_model: str) -> tuple[str, str | None]:
@@ -61,25 +74,37 @@ def iter_records(in_path: str | Path, stats: ImportStats) -> Iterator[dict[str, 
                 stats.skip("malformed_message")
                 continue
             message = _clean(message)
-            if message["role"] == "assistant":
-                decision = role_map.resolve("assistant", None)
-                calls = message.get("tool_calls") or []
-                has_text = bool(message.get("content"))
-                kind = ("tool_call+text" if has_text else "tool_call") if calls else "text"
-                meta: dict[str, Any] = {
-                    "dataset": "tau-bench-historical-trajectories", "file": path.name, "domain": domain,
-                    "task_id": task_id, "trial": trial, "reward": trajectory.get("reward"),
-                    "traj_index": index, "n_traj": len(trajectory["traj"]), "output_kind": kind,
-                    "tool_names": [c.get("function", {}).get("name") for c in calls if isinstance(c, dict)],
-                    "output_chars": len(message.get("content") or ""),
-                    "role_rule": decision.rule,
-                }
-                yield stats.emit(make_record(
-                    source=SOURCE, model=model, messages=list(prompt), prompt_tokens=prompt_tokens,
-                    completion_tokens=estimate_completion_tokens(message), role=decision.role,
-                    workflow={"id": run_id, "step": step}, estimated=True, meta=meta))
+            # A malformed message is skipped, and left out of the prompts of the calls after it as well.
+            if not _well_formed(message):
+                stats.skip("malformed_message")
+                continue
+            record = None
+            try:
+                if message["role"] == "assistant":
+                    decision = role_map.resolve("assistant", None)
+                    calls = message.get("tool_calls") or []
+                    has_text = bool(message.get("content"))
+                    kind = ("tool_call+text" if has_text else "tool_call") if calls else "text"
+                    meta: dict[str, Any] = {
+                        "dataset": "tau-bench-historical-trajectories", "file": path.name, "domain": domain,
+                        "task_id": task_id, "trial": trial, "reward": trajectory.get("reward"),
+                        "traj_index": index, "n_traj": len(trajectory["traj"]), "output_kind": kind,
+                        "tool_names": [c.get("function", {}).get("name") for c in calls],
+                        "output_chars": len(message.get("content") or ""),
+                        "role_rule": decision.rule,
+                    }
+                    record = make_record(
+                        source=SOURCE, model=model, messages=list(prompt), prompt_tokens=prompt_tokens,
+                        completion_tokens=estimate_completion_tokens(message), role=decision.role,
+                        workflow={"id": run_id, "step": step}, estimated=True, meta=meta)
+                tokens = estimate_single_message_tokens(message)
+            except MALFORMED_ROW_ERRORS:
+                stats.skip("malformed_message")
+                continue
+            if record is not None:
+                yield stats.emit(record)
                 step += 1
             else:
                 stats.skip(f"not_a_call_{message['role']}")
             prompt.append(message)
-            prompt_tokens += estimate_single_message_tokens(message)
+            prompt_tokens += tokens

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from predictor.importers import ImportStats, iter_jsonl, load_role_map, make_record, nonneg_int, resolve_input
+from predictor.importers import (MALFORMED_ROW_ERRORS, ImportStats, RoleMap, iter_jsonl, load_role_map, make_record,
+                                 nonneg_int, resolve_input)
 from predictor.tokens import estimate_completion_tokens, estimate_message_tokens
 
 SOURCE = "toolbench"
@@ -32,31 +33,41 @@ def iter_records(in_path: str | Path, stats: ImportStats) -> Iterator[dict[str, 
     role_map = load_role_map(SOURCE)
     model = role_map.model or "gpt-3.5-turbo"
     for row in iter_jsonl(path, stats):
-        prompt = row.get("prompt_messages")
-        output = _clean(row.get("output_message"))
-        call_index = nonneg_int(row.get("call_index"))
-        source_file = row.get("source_file")
-        if not isinstance(prompt, list) or output is None or call_index is None or not isinstance(source_file, str):
+        try:
+            record = _record(row, role_map, model)
+        except MALFORMED_ROW_ERRORS:
+            record = None
+        if record is None:
             stats.skip("malformed_row")
             continue
-        messages = [_clean(m) for m in prompt]
-        if any(m is None for m in messages) or not messages:
-            stats.skip("malformed_row")
-            continue
-        decision = role_map.resolve(output["role"], None)
-        run_id = source_file[:-5] if source_file.endswith(".json") else source_file
-        function_call = output.get("function_call") if isinstance(output.get("function_call"), dict) else None
-        meta: dict[str, Any] = {
-            "dataset": "toolbench-data-example", "source_file": source_file, "group": row.get("group"),
-            "n_calls": row.get("n_calls"), "finish_type": row.get("finish_type"),
-            "episode_query_count": row.get("episode_query_count"),
-            "episode_total_tokens": row.get("episode_total_tokens"),
-            "output_kind": "tool_call" if function_call or output.get("tool_calls") else "text",
-            "tool_name": function_call.get("name") if function_call else None,
-            "invalid_messages": sum(1 for m in prompt if isinstance(m, dict) and m.get("valid") is False),
-            "role_rule": decision.rule,
-        }
-        yield stats.emit(make_record(
-            source=SOURCE, model=model, messages=messages, prompt_tokens=estimate_message_tokens(messages),
-            completion_tokens=estimate_completion_tokens(output), role=decision.role,
-            workflow={"id": run_id, "step": call_index}, estimated=True, meta=meta))
+        yield stats.emit(record)
+
+
+def _record(row: dict[str, Any], role_map: RoleMap, model: str) -> dict[str, Any] | None:
+    """The record of one logged call, or None for a malformed row."""
+    prompt = row.get("prompt_messages")
+    output = _clean(row.get("output_message"))
+    call_index = nonneg_int(row.get("call_index"))
+    source_file = row.get("source_file")
+    if not isinstance(prompt, list) or output is None or call_index is None or not isinstance(source_file, str):
+        return None
+    messages = [_clean(m) for m in prompt]
+    if any(m is None for m in messages) or not messages:
+        return None
+    decision = role_map.resolve(output["role"], None)
+    run_id = source_file[:-5] if source_file.endswith(".json") else source_file
+    function_call = output.get("function_call") if isinstance(output.get("function_call"), dict) else None
+    meta: dict[str, Any] = {
+        "dataset": "toolbench-data-example", "source_file": source_file, "group": row.get("group"),
+        "n_calls": row.get("n_calls"), "finish_type": row.get("finish_type"),
+        "episode_query_count": row.get("episode_query_count"),
+        "episode_total_tokens": row.get("episode_total_tokens"),
+        "output_kind": "tool_call" if function_call or output.get("tool_calls") else "text",
+        "tool_name": function_call.get("name") if function_call else None,
+        "invalid_messages": sum(1 for m in prompt if isinstance(m, dict) and m.get("valid") is False),
+        "role_rule": decision.rule,
+    }
+    return make_record(
+        source=SOURCE, model=model, messages=messages, prompt_tokens=estimate_message_tokens(messages),
+        completion_tokens=estimate_completion_tokens(output), role=decision.role,
+        workflow={"id": run_id, "step": call_index}, estimated=True, meta=meta)

@@ -40,11 +40,11 @@ def iter_records(in_path: str | Path, stats: ImportStats, subset: str | None = N
     path = resolve_input(in_path, FILES)
     role_maps: dict[str, RoleMap] = {}
     for row_number, row in enumerate(iter_jsonl(path, stats)):
-        history = row.get("history")
-        if not isinstance(history, list):
+        history, subset_name = row.get("history"), row.get("subset")
+        if not isinstance(history, list) or not (subset_name is None or isinstance(subset_name, str)):
             stats.skip("malformed_row")
             continue
-        source = SUBSETS.get(row.get("subset")) or _guess_source(history)
+        source = SUBSETS.get(subset_name) or _guess_source(history)
         if subset is not None and source != subset:
             stats.skip("other_subset")
             continue
