@@ -35,7 +35,7 @@ def add_predictor_commands(subparsers: argparse._SubParsersAction) -> argparse.A
     imp.add_argument("--source", required=True, metavar="NAME", help=f"one of: {', '.join(SOURCES)}")
     imp.add_argument("input", metavar="IN", help="the source file, or the folder that holds it")
     imp.add_argument("output", metavar="OUT", help="output file, .jsonl or .jsonl.gz")
-    imp.add_argument("--limit", type=int, default=None, help="stop after this many records")
+    imp.add_argument("--limit", type=non_negative_int, default=None, help="stop after this many records (>= 0)")
     imp.add_argument("--quiet", action="store_true", help="print only the summary")
     imp.add_argument("--json", action="store_true", help="print the summary as JSON")
     imp.set_defaults(func=cmd_import)
@@ -111,9 +111,6 @@ def cmd_import(args: argparse.Namespace) -> int:
     output = str(args.output)
     if not (output.endswith(".jsonl") or output.endswith(".jsonl.gz")):
         _err(f"OUT must end in .jsonl or .jsonl.gz: {output}")
-        return EXIT_USAGE
-    if args.limit is not None and args.limit < 0:
-        _err("--limit must be >= 0")
         return EXIT_USAGE
 
     def progress(stats) -> None:

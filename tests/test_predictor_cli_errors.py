@@ -368,3 +368,36 @@ def test_cli_import_of_malformed_rows_exits_0_and_reports_the_skips(tmp_path, ca
     code, out, err = run_cli(["import", "--source", "chatdev", str(path), str(tmp_path / "o.jsonl")], capsys)
     assert code == 0 and "Traceback" not in err
     assert "chatdev: 1 records" in out and "malformed_row 1" in out
+
+
+# ------------------------------------------------------------------------------------------------ import --limit
+def test_import_limit_zero_writes_and_counts_nothing(tmp_path, capsys):
+    import json
+
+    from predictor.importers import import_source
+    from predictor.trace import read_records
+
+    path = write_jsonl(tmp_path / "chatdev_llm_calls.jsonl", [chatdev_row(i) for i in range(5)])
+    out = tmp_path / "zero.jsonl"
+    code, printed, _ = run_cli(["import", "--source", "chatdev", "--json", "--limit", "0", str(path), str(out)],
+                               capsys)
+    summary = json.loads(printed)
+    assert code == 0 and summary["written"] == 0 and summary["roles"] == {} and summary["estimated"] == 0
+    assert list(read_records(out)) == []
+    assert import_source("chatdev", path, tmp_path / "two.jsonl", limit=2)["written"] == 2
+    assert len(list(read_records(tmp_path / "two.jsonl"))) == 2
+    # a missing input is still an error with a limit of 0
+    assert_usage_error(["import", "--source", "chatdev", "--limit", "0", str(tmp_path / "missing"),
+                        str(tmp_path / "m.jsonl")], capsys, "no such file or folder")
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_import_refuses_a_negative_limit(tmp_path, capsys):
+    from predictor.importers import import_source
+
+    path = write_jsonl(tmp_path / "chatdev_llm_calls.jsonl", [chatdev_row(0)])
+    assert_usage_error(["import", "--source", "chatdev", "--limit", "-1", str(path), str(tmp_path / "o.jsonl")],
+                       capsys, "argument --limit")
+    with pytest.raises(ValueError, match="limit must be >= 0"):
+        import_source("chatdev", path, tmp_path / "o.jsonl", limit=-1)
+    assert not (tmp_path / "o.jsonl").exists()

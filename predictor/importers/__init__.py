@@ -378,10 +378,22 @@ def import_source(name: str, in_path: str | Path, out_path: str | Path, limit: i
     both before anything is written, and :class:`InputFormatError` for an input that turns out unreadable
     (a truncated ``.gz``) however far in: ``out_path`` is written whole or not at all (see ``write_records``).
     """
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit}")
     function, kwargs = _importer(name)
     stats = ImportStats(name)
     started = time.perf_counter()
-    records = function(in_path, stats, **kwargs)
+    if limit == 0:
+        # The input is still opened (a missing or unreadable file is an error whatever the limit), by an importer
+        # that keeps its own counts: it makes, and counts, its first record to get there, and that record is not
+        # written, so the summary counts nothing (the stream below is primed with the first record, which is
+        # counted: with a limit of 0 it would be a written record that never reaches OUT).
+        probe = function(in_path, ImportStats(name), **kwargs)
+        next(probe, None)
+        probe.close()
+        records: Iterator[dict[str, Any]] = iter(())
+    else:
+        records = function(in_path, stats, **kwargs)
     first = next(records, None)  # opens the input: a missing file fails here, before OUT is created
     stream = itertools.chain([] if first is None else [first], records)
     if limit is not None:
