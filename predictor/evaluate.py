@@ -20,6 +20,10 @@ Metrics are pure functions over arrays (tested on hand-checkable sets):
 ``--cv K`` replaces ``--model``: group k-fold by workflow over the given files, one model per fold trained
 with the default options, every record scored once by a model that never saw its run.
 
+``--split all`` scores every record of the given files; where the model was trained on them (its file names
+them) the report is in-sample and ``meta.in_sample`` is true. A model trained with ``train --split all`` held
+nothing out, so the default ``--split test`` is refused for it.
+
 ``--no-workflow-context`` scores every request as a client that sends no workflow context is served: without
 the ``X-Workflow-Id`` / ``X-Workflow-Step`` headers the trace's workflow would give (and without their
 ``metadata`` forms), i.e. ``predict(body)`` from the plain OpenAI request. Roles are never given either way.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -382,6 +387,8 @@ def format_table(report: Mapping[str, Any]) -> str:
                  pct(length.get("p90_coverage")), num(length.get("kendall_tau"), 2), pct(kv.get("saving")),
                  pct(kv.get("under_reservation_rate")), pct(kv.get("oracle_saving"))]
         lines.append("| " + " | ".join(cells) + " |")
+    if report.get("meta", {}).get("in_sample"):  # so that a table copied elsewhere keeps the caveat
+        lines.append("\nIn-sample: the model was trained on (some of) these runs; these are not held-out figures.")
     return "\n".join(lines)
 
 
@@ -398,7 +405,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="max_tokens of a request that sets none (>= 1, default 4096)")
     parser.add_argument("--split", choices=("test", "all"), default="test",
                         help="score the held-out part of the by-workflow split (default; same seed and size as "
-                             "training) or every record (data the model never saw)")
+                             "training; refused for a model trained with --split all, which held nothing out) or "
+                             "every record (traces the model never saw; on its own training files the report is "
+                             "in-sample, and meta.in_sample says so)")
     parser.add_argument("--test-size", type=held_out_share,
                         help="override the model's split size (strictly between 0 and 1)")
     parser.add_argument("--seed", type=split_seed, help="override the model's split seed")
@@ -467,21 +476,45 @@ def main(args: argparse.Namespace) -> int:
         print(f"maestro predictor evaluate: {exc}", file=sys.stderr)
         return 2
     load_s = time.perf_counter() - started
-    split = (predictor.state or {}).get("training", {}).get("split") or {}
+    training = (predictor.state or {}).get("training", {})
+    split = training.get("split") or {}
+    if split.get("part") == "all" and args.split == "test":
+        # The held-out part is the one training left out; a model trained on every record left none out, and
+        # scoring "the test part" would report in-sample figures as held-out ones.
+        print(f"maestro predictor evaluate: {args.model} was trained with --split all, so it saw every record of "
+              "its training data and there is no held-out part to score; use --split all (an in-sample report on "
+              "its own training data, an out-of-sample one on other traces), or train with --split train to "
+              "score held-out runs", file=sys.stderr)
+        return 2
     test_size = args.test_size if args.test_size is not None else split.get("test_size", DEFAULT_TEST_SIZE)
     seed = args.seed if args.seed is not None else split.get("seed", DEFAULT_SEED)
     if args.split == "test":
         _, records = split_records(records, test_size, seed)
+    seen = trained_on_files(training, args.data) if args.split == "all" else []
+    in_sample = bool(seen)
+    if in_sample:
+        part = "every run in" if split.get("part") == "all" else "the train part of"
+        print(f"maestro predictor evaluate: note: {args.model} was trained on {part} {', '.join(seen)}; this is an "
+              "in-sample report, not a held-out one", file=sys.stderr)
     started = time.perf_counter()
     report = evaluate_by_source(predictor, records, args.default_max_tokens, args.workflow_context)
     report["meta"] = {"model": str(args.model), "data": [str(p) for p in args.data], "split": args.split,
+                      "model_split": split.get("part"), "in_sample": in_sample,
                       "workflow_context": args.workflow_context,
                       "test_size": test_size if args.split == "test" else None,
                       "seed": seed if args.split == "test" else None,
                       "load_s": round(load_s, 3), "evaluate_s": round(time.perf_counter() - started, 2),
-                      "trained_on": (predictor.state or {}).get("training", {}).get("sources")}
+                      "trained_on": training.get("sources")}
     write_report(report, args.format)
     return 0
+
+
+def trained_on_files(training: Mapping[str, Any], data: Sequence[str]) -> list[str]:
+    """The files of ``data`` that the model's training read (``training.data`` of the model file), compared as
+    real paths: the names are stored as given to ``train``, so a file given relative to another folder then
+    is not recognised."""
+    trained = {os.path.realpath(path) for path in training.get("data") or () if isinstance(path, str)}
+    return [str(path) for path in data if os.path.realpath(path) in trained]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -401,3 +401,53 @@ def test_import_refuses_a_negative_limit(tmp_path, capsys):
     with pytest.raises(ValueError, match="limit must be >= 0"):
         import_source("chatdev", path, tmp_path / "o.jsonl", limit=-1)
     assert not (tmp_path / "o.jsonl").exists()
+
+
+# --------------------------------------------------------------------------------- evaluate: in-sample reports
+def test_evaluate_refuses_the_held_out_part_of_a_model_trained_on_everything(model_all, traces, capsys):
+    code, out, err = run_cli(["evaluate", "--model", str(model_all), "--data", str(traces)], capsys)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert "trained with --split all" in err and "--split all" in err and "--split train" in err
+
+
+def test_evaluate_split_all_on_the_training_files_is_labelled_in_sample(model_all, traces, capsys, monkeypatch):
+    import json
+
+    code, out, err = run_cli(["evaluate", "--model", str(model_all), "--data", str(traces), "--split", "all"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["meta"]["in_sample"] is True and report["meta"]["model_split"] == "all"
+    assert report["all"]["n"] == 12 * 6 and "in-sample report" in err
+    code, out, _ = run_cli(["evaluate", "--model", str(model_all), "--data", str(traces), "--split", "all",
+                            "--format", "markdown"], capsys)
+    assert code == 0 and out.splitlines()[0].startswith("| source |") and "In-sample" in out
+    # the same file named another way (relative to the working folder) is still the training file
+    monkeypatch.chdir(traces.parent)
+    code, out, _ = run_cli(["evaluate", "--model", str(model_all), "--data", traces.name, "--split", "all"], capsys)
+    assert code == 0 and json.loads(out)["meta"]["in_sample"] is True
+
+
+def test_evaluate_split_all_on_other_traces_is_not_in_sample(model_all, tmp_path, capsys):
+    import json
+
+    other = tmp_path / "other.jsonl"
+    write_records(other, synthetic_records(n_workflows=3, seed=11))
+    code, out, err = run_cli(["evaluate", "--model", str(model_all), "--data", str(other), "--split", "all"], capsys)
+    report = json.loads(out)
+    assert code == 0 and report["meta"]["in_sample"] is False and "in-sample" not in err
+    code, out, _ = run_cli(["evaluate", "--model", str(model_all), "--data", str(other), "--split", "all",
+                            "--format", "markdown"], capsys)
+    assert "In-sample" not in out
+
+
+def test_evaluate_of_a_train_split_model_is_held_out_by_default(traces, tmp_path, capsys):
+    import json
+
+    model = tmp_path / "train.skops"
+    assert predictor_main(["train", "--data", str(traces), "--out", str(model), "--max-iter", "10", "--quiet"]) == 0
+    code, out, _ = run_cli(["evaluate", "--model", str(model), "--data", str(traces)], capsys)
+    meta = json.loads(out)["meta"]
+    assert code == 0 and (meta["split"], meta["model_split"], meta["in_sample"]) == ("test", "train", False)
+    # every record of the training files includes the train part: in-sample (partly), and labelled so
+    code, out, err = run_cli(["evaluate", "--model", str(model), "--data", str(traces), "--split", "all"], capsys)
+    assert code == 0 and json.loads(out)["meta"]["in_sample"] is True and "the train part of" in err
