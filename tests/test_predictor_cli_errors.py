@@ -311,8 +311,8 @@ def test_chatdev_skips_and_counts_a_row_whose_counts_are_no_counts(tmp_path, fie
     assert summary["skipped"] == {"malformed_row": 1}
     # a missing count is still estimated (the log has rows without usage), and an integral float still counts
     assert [r["workflow"]["step"] for r in records] == [0, 2] and records[1]["estimated"] is True
-    summary, records = import_rows("chatdev", write_jsonl(tmp_path / "f.jsonl", [chatdev_row(3, completion_tokens=7.0)]),
-                                   tmp_path)
+    integral = write_jsonl(tmp_path / "f.jsonl", [chatdev_row(3, completion_tokens=7.0)])
+    summary, records = import_rows("chatdev", integral, tmp_path)
     assert summary["skipped"] == {} and records[0]["usage"]["completion_tokens"] == 7
 
 
