@@ -413,9 +413,11 @@ class OnlineLearner:
             if self._since_refit and self.clock() - self._last_refit >= self.refit_interval_s:
                 self.trigger()
 
-    async def stop(self, cancel_refit: bool = False) -> None:
-        """Stop the clock, store what was submitted, and wait for a running refit (or cancel it: a gateway
-        shutting down does not wait a minute for a model it will not serve); then close the buffer."""
+    async def stop(self, cancel_refit: bool = False, drain_timeout_s: float = 10.0) -> None:
+        """Stop the clock, store what was submitted (for at most ``drain_timeout_s``: a buffer that went away
+        must not hold a shutdown; what is left is counted as dropped), and wait for a running refit (or cancel
+        it: a gateway shutting down does not wait a minute for a model it will not serve); then close the
+        buffer."""
         if self._ticker is not None:
             self._ticker.cancel()
             try:
@@ -423,7 +425,15 @@ class OnlineLearner:
             except asyncio.CancelledError:
                 pass
             self._ticker = None
-        await self.wait_buffered()
+        try:
+            await asyncio.wait_for(self.wait_buffered(), drain_timeout_s)
+        except TimeoutError:
+            lost = len(self._inbox) + 1  # the waiting ones and the one the writer was appending
+            if self._drainer is not None:
+                self._drainer.cancel()
+            self.records["dropped"] += lost
+            log.warning("trace buffer too slow at shutdown: %d records not stored", lost)
+            self._inbox.clear()
         if self._task is not None and not self._task.done():
             if cancel_refit:
                 self._task.cancel()

@@ -103,4 +103,4 @@ class TrainCommandRefit:
             raise
         if child.returncode != 0:
             said = stderr.decode("utf-8", "replace").strip()[-STDERR_TAIL:]
-            raise RefitError(f"`{' '.join(command[1:4])} ...` exited with {child.returncode}: {said}")
+            raise RefitError(f"`python -m predictor.train` exited with {child.returncode}: {said}")

@@ -263,3 +263,18 @@ async def test_file_buffer_writes_light_traffic_within_a_second(tmp_path):
     await asyncio.sleep(0.3)
     assert path.read_bytes() == b'{"i":0}\n'  # ...but not kept for 63 more records
     await buffer.close()
+
+
+async def test_stop_does_not_wait_forever_on_a_stuck_buffer():
+    class StuckBuffer(MemoryBuffer):
+        async def append(self, record):
+            await asyncio.sleep(3600)
+
+    learner = OnlineLearner(buffer=StuckBuffer())
+    for i in range(3):
+        learner.submit(chat("s", f"q{i}"), {"prompt_tokens": 3, "completion_tokens": 2})
+    await asyncio.sleep(0)
+    started = time.perf_counter()
+    await learner.stop(drain_timeout_s=0.2)
+    assert time.perf_counter() - started < 2
+    assert learner.records["dropped"] == 3  # two waiting, and the one the cancelled writer was appending
