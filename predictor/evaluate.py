@@ -488,6 +488,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
     test_size = args.test_size if args.test_size is not None else split.get("test_size", DEFAULT_TEST_SIZE)
     seed = args.seed if args.seed is not None else split.get("seed", DEFAULT_SEED)
+    if (args.split == "test" and split.get("part") == "train" and trained_on_files(training, args.data)
+            and (test_size, seed) != (split.get("test_size", test_size), split.get("seed", seed))):
+        # Another split of the model's own training files holds out runs it was trained on.
+        print(f"maestro predictor evaluate: {args.model} was trained on the train part of the split with "
+              f"--test-size {split.get('test_size')} --seed {split.get('seed')} of these files; another split's "
+              "held-out part would include runs it trained on. Leave --test-size and --seed out (the model's "
+              "split is used), or train with the split you want to score", file=sys.stderr)
+        return 2
     if args.split == "test":
         _, records = split_records(records, test_size, seed)
     seen = trained_on_files(training, args.data) if args.split == "all" else []

@@ -451,3 +451,20 @@ def test_evaluate_of_a_train_split_model_is_held_out_by_default(traces, tmp_path
     # every record of the training files includes the train part: in-sample (partly), and labelled so
     code, out, err = run_cli(["evaluate", "--model", str(model), "--data", str(traces), "--split", "all"], capsys)
     assert code == 0 and json.loads(out)["meta"]["in_sample"] is True and "the train part of" in err
+
+
+def test_evaluate_refuses_another_split_of_the_models_own_files(traces, tmp_path, capsys):
+    """A model trained on seed 0's train part, scored on seed 1's held-out part of the same files, would be
+    scored partly on runs it trained on."""
+    model = tmp_path / "train.skops"
+    assert predictor_main(["train", "--data", str(traces), "--out", str(model), "--max-iter", "10", "--quiet"]) == 0
+    for override in (["--seed", "1"], ["--test-size", "0.3"]):
+        err = assert_usage_error(["evaluate", "--model", str(model), "--data", str(traces), *override], capsys,
+                                 "would include runs it trained on")
+        assert len(err.strip().splitlines()) == 1
+    code, _, _ = run_cli(["evaluate", "--model", str(model), "--data", str(traces), "--seed", "0"], capsys)
+    assert code == 0  # the model's own split, said explicitly
+    other = tmp_path / "other.jsonl"  # files it never saw: any split of them is unseen
+    write_records(other, synthetic_records(n_workflows=6, seed=11))
+    code, _, _ = run_cli(["evaluate", "--model", str(model), "--data", str(other), "--seed", "3"], capsys)
+    assert code == 0
