@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,10 @@ class TrainCommandRefit:
         loop = asyncio.get_running_loop()
         live = self.work_dir / "online-records.jsonl"
         await loop.run_in_executor(None, write_jsonl, live, records)
+        started = time.perf_counter()
         await self._train(live)
+        log.info("predictor.train on %d live records and %d base data file(s): %.1f s", len(records),
+                 len(self.base_data), time.perf_counter() - started)
         predictor = await loop.run_in_executor(
             None, lambda: Predictor.load(self.model_path, kv=self.kv, default_max_tokens=self.default_max_tokens))
         if self.priors is not None:
