@@ -384,7 +384,7 @@ class OnlineLearner:
         self._predictor = new  # one reference assignment: the swap is atomic for readers
         self.refits += 1
         finished("ok")
-        log.info("predictor refit on %d buffered records in %.1fs: the new model serves", len(records),
+        log.info("predictor refit on %d records in %.1fs: the new model serves", len(records),
                  time.perf_counter() - started)
 
     def _fit_and_save(self, records: list[dict[str, Any]]) -> Predictor:
