@@ -157,6 +157,10 @@ async def test_images_through_gateway_to_simulated_dit():
 
             png = base64.b64decode(image.data[0].b64_json)
             assert png[:8] == b"\x89PNG\r\n\x1a\n"
+            # None is sent as null, which OpenAI reads as the default; the DiT engine's request model does not
+            image = await client.images.generate(model="sim-dit", prompt="a lighthouse", size="256x256", n=None,
+                                                 response_format=None)
+            assert len(image.data) == 1
             with pytest.raises(openai.NotFoundError) as caught:
                 await client.images.generate(model=MODEL, prompt="text models do not draw")
             assert "/v1/chat/completions" in caught.value.body["message"]  # where that model is served

@@ -191,10 +191,18 @@ async def image_generations(request: web.Request, gateway: "Gateway", request_id
     raw = await read_body(request, gateway.config.server.max_body_bytes)
     body = parse_json_object(raw)
     validate_image(body)
+    rewrite = False
+    if None in body.values():
+        # OpenAI reads a null field as its default (the SDK sends null for a parameter passed as None);
+        # vLLM-Omni's request model types `n` and others as plain values and would refuse it.
+        body = {key: value for key, value in body.items() if value is not None}
+        rewrite = True
     model = body.get("model")
     dit_models = gateway.registry.models("vllm-omni")
     if model is None and len(dit_models) == 1:
         model = body["model"] = dit_models[0]  # OpenAI's model field is optional; one DiT model is unambiguous
+        rewrite = True
+    if rewrite:
         raw = orjson.dumps(body)
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' is required (this gateway serves several image models: "
