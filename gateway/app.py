@@ -47,6 +47,7 @@ class Gateway:
         self._runner: web.AppRunner | None = None
         self._heartbeat_task: asyncio.Task | None = None
         self._stopping = False
+        self._stopped = False
         self.base_url = ""
 
     @property
@@ -78,7 +79,15 @@ class Gateway:
         return app
 
     async def start(self, host: str | None = None, port: int | None = None) -> str:
-        """Start engines, monitor and listener; return the base URL (``http://host:port``)."""
+        """Start engines, monitor and listener; return the base URL (``http://host:port``). If a step fails (a
+        model file that is not there, a port in use), what was started is stopped before the error is raised."""
+        try:
+            return await self._start(host, port)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, host: str | None, port: int | None) -> str:
         self.registry = EngineRegistry(self.config, await self._engine_specs())
         self.proxy = Proxy(self.config, self.registry, self.metrics)
         self.monitor = EngineMonitor(self.config, self.registry, self.store, self.metrics)
@@ -113,6 +122,10 @@ class Gateway:
             await asyncio.sleep(interval)
 
     async def stop(self) -> None:
+        """Stop everything; safe to call again (a failed start stops, and then so does its caller)."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stopping = True
         await cancel_and_wait(self._heartbeat_task)
         if self._runner is not None:

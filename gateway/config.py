@@ -450,6 +450,18 @@ def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
     for name in ("path", "work_dir"):
         if not getattr(online, name):
             raise ConfigError(f"{path}.{name}", "must not be empty")
+    if online.min_records > online.max_records:
+        raise ConfigError(f"{path}.min_records", f"must be <= max_records ({online.max_records}): the buffer never "
+                                                 f"holds more, so no refit would ever run")
+    if online.buffer == "file":
+        if online.path.endswith(".gz"):
+            raise ConfigError(f"{path}.path", "the file buffer writes plain JSONL; give a .jsonl path")
+        from predictor.refit_command import INPUT_NAME, MODEL_NAME  # local import: the names the refit writes
+
+        written = {Path(online.work_dir, INPUT_NAME).resolve(),
+                   Path(online.save_path or Path(online.work_dir, MODEL_NAME)).resolve()}
+        if Path(online.path).resolve() in written:
+            raise ConfigError(f"{path}.path", f"is a file each refit writes ({online.path}); choose another")
     for i, data in enumerate(online.base_data):
         if not isinstance(data, str) or not data:
             raise ConfigError(f"{path}.base_data[{i}]", "must be a trace file's path")

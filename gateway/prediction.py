@@ -17,11 +17,12 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from gateway.tasks import cancel_and_wait
 
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 
 log = logging.getLogger("maestro.prediction")
 
@@ -53,6 +54,8 @@ class RequestPredictor:
         self._loading: asyncio.Task | None = None
         self.learner: Any = None  # predictor.online.OnlineLearner when online learning is on
         self._redis: Any = None  # the redis buffer's client
+        self._refit: Any = None  # predictor.refit_command.TrainCommandRefit, holding its work_dir's lock
+        self._buffer_lock: Any = None  # the file buffer's lock file, held while this gateway writes it
 
     def load_soon(self) -> None:
         """Load in the background (first use on a gateway that did not need a predictor at start-up): requests
@@ -65,6 +68,7 @@ class RequestPredictor:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, _import_predictor)
         from predictor.kv import KVModel
+        from predictor.model_file import ModelFileError
         from predictor.predictor import Predictor
         from predictor.tokens import estimate_tokens
 
@@ -72,8 +76,16 @@ class RequestPredictor:
         kv = KVModel.from_models(self.config.models, block_size=self.config.scheduling.block_size)
         priors = {role: {"p50": p50, "p90": p90} for role, p50, p90 in self.config.predictor.priors}
         path = self.config.predictor.model_path
+        online = self.config.predictor.online
+        if path and online.enabled and not Path(path).exists() and Path(path).resolve() == self._refit_model_path():
+            log.info("predictor.model_path %s does not exist yet (online learning writes it): priors until the "
+                     "first refit", path)
+            path = ""
         if path:
-            model = await loop.run_in_executor(None, lambda: Predictor.load(path, kv=kv))
+            try:
+                model = await loop.run_in_executor(None, lambda: Predictor.load(path, kv=kv))
+            except ModelFileError as exc:
+                raise ConfigError("predictor.model_path", str(exc)) from None
             if priors:
                 from predictor.predictor import normalize_priors
 
@@ -85,13 +97,34 @@ class RequestPredictor:
         if self.config.predictor.online.enabled:
             await self._start_learning(kv, priors)
 
-    async def _start_learning(self, kv: Any, priors: dict[str, Any]) -> None:
-        from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, RedisStreamBuffer
-        from predictor.refit_command import TrainCommandRefit
+    def _refit_model_path(self) -> Path:
+        from predictor.refit_command import MODEL_NAME
 
         online = self.config.predictor.online
+        return Path(online.save_path or Path(online.work_dir, MODEL_NAME)).resolve()
+
+    async def _start_learning(self, kv: Any, priors: dict[str, Any]) -> None:
+        from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, RedisStreamBuffer
+        from predictor.refit_command import TrainCommandRefit, WorkDirInUse, claim
+
+        online = self.config.predictor.online
+        refit = TrainCommandRefit(online.work_dir, base_data=online.base_data, save_path=online.save_path or None,
+                                  kv=kv, default_max_tokens=self._predictor.default_max_tokens,
+                                  priors=priors or None, timeout_s=online.refit_timeout_s)
+        try:
+            refit.lock()
+        except WorkDirInUse as exc:
+            raise ConfigError("predictor.online.work_dir", str(exc)) from None
+        self._refit = refit
         buffer: Any
         if online.buffer == "file":  # reads the file back: in an executor, it can hold 100,000 lines
+            records = Path(online.path)
+            records.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._buffer_lock = claim(records.with_name(records.name + ".lock"), f"{records} "
+                                                                                     "(predictor.online.path)")
+            except WorkDirInUse as exc:
+                raise ConfigError("predictor.online.path", str(exc)) from None
             buffer = await asyncio.get_running_loop().run_in_executor(
                 None, lambda: FileTraceBuffer(online.path, maxlen=online.max_records))
         elif online.buffer == "redis":
@@ -105,9 +138,6 @@ class RequestPredictor:
             buffer = RedisStreamBuffer(self._redis, online.redis_key, maxlen=online.max_records)
         else:
             buffer = MemoryBuffer(online.max_records)
-        refit = TrainCommandRefit(online.work_dir, base_data=online.base_data, save_path=online.save_path or None,
-                                  kv=kv, default_max_tokens=self._predictor.default_max_tokens,
-                                  priors=priors or None, timeout_s=online.refit_timeout_s)
         self.learner = OnlineLearner(self._predictor, buffer, refit_every=online.refit_every,
                                      refit_interval_s=online.refit_interval_s, min_records=online.min_records,
                                      refit=refit)
@@ -120,6 +150,12 @@ class RequestPredictor:
         if self.learner is not None:
             await self.learner.stop(cancel_refit=True)
             self.learner = None
+        if self._refit is not None:
+            self._refit.unlock()
+            self._refit = None
+        if self._buffer_lock is not None:
+            self._buffer_lock.close()
+            self._buffer_lock = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None

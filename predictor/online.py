@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections import deque
+from functools import partial
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor
 from pathlib import Path
@@ -38,9 +39,12 @@ log = logging.getLogger(__name__)
 
 def make_record(body: Mapping[str, Any], usage: Mapping[str, Any], headers: Mapping[str, str] | None = None,
                 source: str = "gateway") -> dict[str, Any] | None:
-    """A trace record for one completed request, or None when ``usage`` lacks token counts."""
+    """A trace record for one completed request, or None when ``usage`` lacks token counts or the request asked
+    for several choices (``n`` > 1)."""
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (prompt, completion)):
+        return None
+    if body.get("n") not in (None, 1):  # usage sums every choice; the predictor learns one answer's length
         return None
     metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
     workflow_id = header(headers, WORKFLOW_ID_HEADER) or metadata.get("workflow_id")
@@ -104,6 +108,7 @@ class FileTraceBuffer(MemoryBuffer):
         self.executor = executor
         self._pending: list[bytes] = []
         self._timer: asyncio.Task | None = None
+        self._writing: asyncio.Future | None = None  # the executor write in progress
         self._lines_on_disk = 0
         self._lock = asyncio.Lock()
         if self.path.exists():
@@ -151,17 +156,32 @@ class FileTraceBuffer(MemoryBuffer):
                 return
             lines, self._pending = self._pending, []
             loop = asyncio.get_running_loop()
+            if self._lines_on_disk + len(lines) > 2 * self.records.maxlen:
+                # serialised in the executor too: 50,000 records are tens of milliseconds of the loop
+                write, after = partial(self._rewrite, list(self.records)), len(self.records)
+            else:
+                write, after = partial(self._append, lines), self._lines_on_disk + len(lines)
+            await self._wait_writing()
+            self._writing = loop.run_in_executor(self.executor, write)
             try:
-                if self._lines_on_disk + len(lines) > 2 * self.records.maxlen:
-                    snapshot = [orjson.dumps(r) + b"\n" for r in self.records]
-                    await loop.run_in_executor(self.executor, self._rewrite, snapshot)
-                    self._lines_on_disk = len(snapshot)
-                else:
-                    await loop.run_in_executor(self.executor, self._append, lines)
-                    self._lines_on_disk += len(lines)
-            except BaseException:
-                self._pending[:0] = lines  # not written: keep them for the next flush
+                # shielded: a write in its thread cannot be stopped, so a cancelled flush (shutdown) must not
+                # put its lines back to be written a second time; the next flush waits for it to end
+                await asyncio.shield(self._writing)
+            except asyncio.CancelledError:
+                self._lines_on_disk = after
                 raise
+            except Exception:
+                self._pending[:0] = lines  # not written (a partial append is taken back): try again next time
+                raise
+            self._lines_on_disk = after
+
+    async def _wait_writing(self) -> None:
+        """Wait for a write a cancelled flush left running in its thread (its outcome was logged or raised)."""
+        if self._writing is not None and not self._writing.done():
+            try:
+                await asyncio.shield(self._writing)
+            except Exception:  # noqa: BLE001 - that flush's own failure, already handled there
+                pass
 
     def _append(self, lines: list[bytes]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,11 +194,12 @@ class FileTraceBuffer(MemoryBuffer):
                 handle.truncate(end)
                 raise
 
-    def _rewrite(self, lines: list[bytes]) -> None:
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as handle:
-            handle.write(b"".join(lines))
+            for record in records:  # one short call per record: the loop's thread gets the GIL in between
+                handle.write(orjson.dumps(record) + b"\n")
         os.replace(tmp, self.path)
 
     async def snapshot(self) -> list[dict[str, Any]]:
@@ -189,6 +210,17 @@ class FileTraceBuffer(MemoryBuffer):
         if self._timer is not None and not self._timer.done():
             self._timer.cancel()
         await self.flush()
+        await self._wait_writing()
+
+
+def _parse_records(raws: list[bytes]) -> list[dict[str, Any]]:
+    records = []
+    for raw in raws:
+        try:
+            records.append(orjson.loads(raw))
+        except orjson.JSONDecodeError:
+            continue
+    return records
 
 
 class RedisStreamBuffer:
@@ -204,7 +236,7 @@ class RedisStreamBuffer:
         await self.client.xadd(self.key, {"r": orjson.dumps(record)}, maxlen=self.maxlen, approximate=True)
 
     async def snapshot(self) -> list[dict[str, Any]]:
-        records, start = [], "-"
+        raws, start = [], "-"
         while True:
             batch = await self.client.xrange(self.key, min=start, max="+", count=5000)
             if not batch:
@@ -212,15 +244,13 @@ class RedisStreamBuffer:
             for entry_id, fields in batch:
                 raw = fields.get(b"r", fields.get("r"))
                 if raw is not None:
-                    try:
-                        records.append(orjson.loads(raw))
-                    except orjson.JSONDecodeError:
-                        pass
+                    raws.append(raw)
             last = batch[-1][0]
             start = "(" + (last.decode() if isinstance(last, bytes) else last)
             if len(batch) < 5000:
                 break
-        return records[-self.maxlen:]
+        # parsed in an executor: 50,000 records are tens of milliseconds the event loop would not run
+        return await asyncio.get_running_loop().run_in_executor(None, _parse_records, raws[-self.maxlen:])
 
     async def close(self) -> None:
         return None
@@ -429,11 +459,11 @@ class OnlineLearner:
         try:
             await asyncio.wait_for(self.wait_buffered(), drain_timeout_s)
         except TimeoutError:
-            lost = len(self._inbox) + 1  # the waiting ones and the one the writer was appending
             if self._drainer is not None:
                 self._drainer.cancel()
-            self.records["dropped"] += lost
-            log.warning("trace buffer too slow at shutdown: %d records not stored", lost)
+            self.records["dropped"] += len(self._inbox)
+            log.warning("trace buffer too slow at shutdown: %d waiting records not stored, and the one being "
+                        "stored may be lost", len(self._inbox))
             self._inbox.clear()
         if self._task is not None and not self._task.done():
             if cancel_refit:

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -31,17 +31,39 @@ from predictor.predictor import Predictor, normalize_priors
 log = logging.getLogger(__name__)
 
 REFIT_NICENESS = 10  # the child's scheduling priority (Unix nice value; higher = yields to the gateway)
-STDERR_TAIL = 2000  # characters of the child's error output kept for the log and ``last_error``
+STDERR_TAIL = 2000
+INPUT_NAME = "refit-input.jsonl"  # in work_dir: the live records of the latest refit, as the child read them
+MODEL_NAME = "online-model.skops"  # in work_dir, unless save_path is given
+LOCK_NAME = "lock"  # in work_dir: held by the one gateway that uses it  # characters of the child's error output kept for the log and ``last_error``
 
 
 class RefitError(RuntimeError):
     """The train command failed; the message ends with what it printed."""
 
 
+class WorkDirInUse(RuntimeError):
+    """Another gateway holds the refit's work_dir or the file buffer."""
+
+
+def claim(lock_path: Path, what: str) -> IO[str]:
+    """An exclusive advisory lock on ``lock_path``, held until the returned file is closed, or
+    :class:`WorkDirInUse` naming ``what`` when another process (or another gateway in this one) holds it."""
+    import fcntl
+
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise WorkDirInUse(f"{what} is in use by another gateway; give each gateway its own work_dir and file "
+                           "buffer path") from None
+    return handle
+
+
 def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
     """Write records as JSONL, atomically (blocking: call it in an executor)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
         for record in records:  # one short call per record: the event loop's thread gets the GIL in between
             handle.write(orjson.dumps(record) + b"\n")
@@ -63,12 +85,25 @@ class TrainCommandRefit:
                  timeout_s: float = 3600.0, train_args: Sequence[str] = ()) -> None:
         self.work_dir = Path(work_dir)
         self.base_data = [Path(p) for p in base_data]
-        self.model_path = Path(save_path) if save_path else self.work_dir / "online-model.skops"
+        self.model_path = Path(save_path) if save_path else self.work_dir / MODEL_NAME
+        self.input_path = self.work_dir / INPUT_NAME
+        self._lock: Any = None
         self.kv = kv
         self.default_max_tokens = default_max_tokens
         self.priors = normalize_priors(priors) if priors else None
         self.timeout_s = timeout_s
         self.train_args = list(train_args)
+
+    def lock(self) -> None:
+        """Claim ``work_dir`` for this process, or raise :class:`WorkDirInUse`: two gateways refitting in one
+        folder would overwrite each other's input and model files."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = claim(self.work_dir / LOCK_NAME, f"{self.work_dir} (predictor.online.work_dir)")
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
 
     def command(self, live: Path) -> list[str]:
         data = [str(p) for p in self.base_data] + [str(live)]
@@ -77,7 +112,7 @@ class TrainCommandRefit:
 
     async def __call__(self, records: list[dict[str, Any]]) -> Predictor:
         loop = asyncio.get_running_loop()
-        live = self.work_dir / "online-records.jsonl"
+        live = self.input_path
         await loop.run_in_executor(None, write_jsonl, live, records)
         started = time.perf_counter()
         await self._train(live)
@@ -100,10 +135,13 @@ class TrainCommandRefit:
             pass
         try:
             _, stderr = await asyncio.wait_for(child.communicate(), self.timeout_s)
-        except BaseException:  # timeout, or the gateway is shutting down: do not leave a fit running
+        except BaseException as exc:  # timeout, or the gateway is shutting down: do not leave a fit running
             if child.returncode is None:
                 child.kill()
                 await child.wait()
+            if isinstance(exc, TimeoutError):
+                raise RefitError(f"`python -m predictor.train` ran longer than the refit timeout "
+                                 f"({self.timeout_s:g} s, predictor.online.refit_timeout_s) and was stopped") from None
             raise
         if child.returncode != 0:
             said = stderr.decode("utf-8", "replace").strip()[-STDERR_TAIL:]

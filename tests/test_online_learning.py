@@ -117,7 +117,7 @@ async def test_gateway_refits_in_a_child_process_and_serves_the_new_model(tmp_pa
                                          None, 200, None, 4096)
             assert estimate.role == "coder" and estimate.p50 <= estimate.p90
             # the refit read exactly the files a person would pass to `maestro predictor train`
-            live = list(read_records(tmp_path / "work" / "online-records.jsonl"))
+            live = list(read_records(tmp_path / "work" / "refit-input.jsonl"))
             assert [r["usage"]["completion_tokens"] for r in live] == [20, 21, 22, 23]
 
 
@@ -143,7 +143,8 @@ async def test_a_refit_past_its_timeout_is_killed(tmp_path):
     started = time.perf_counter()
     await learner.trigger()
     assert time.perf_counter() - started < 5
-    assert isinstance(learner.last_error, TimeoutError) and not learner.predictor.trained
+    assert isinstance(learner.last_error, RefitError) and not learner.predictor.trained
+    assert "refit_timeout_s" in str(learner.last_error)
     assert not (tmp_path / "work" / "online-model.skops").exists()
 
 
@@ -203,6 +204,12 @@ def test_online_config_is_validated(tmp_path):
                           ({"refit_every": 0}, "predictor.online.refit_every"),
                           ({"enabled": "yes"}, "predictor.online.enabled"),
                           ({"refit_evry": 5}, "predictor.online"),
+                          ({"max_records": 100, "min_records": 200}, "predictor.online.min_records"),
+                          ({"path": "records.jsonl.gz"}, "predictor.online.path"),
+                          ({"path": str(tmp_path / "w" / "refit-input.jsonl"), "work_dir": str(tmp_path / "w")},
+                           "predictor.online.path"),
+                          ({"path": str(tmp_path / "m.skops"), "save_path": str(tmp_path / "m.skops")},
+                           "predictor.online.path"),
                           ({"enabled": True, "base_data": [str(tmp_path / "missing.jsonl")]},
                            "predictor.online.base_data[0]")):
         with pytest.raises(ConfigError) as raised:
@@ -277,4 +284,63 @@ async def test_stop_does_not_wait_forever_on_a_stuck_buffer():
     started = time.perf_counter()
     await learner.stop(drain_timeout_s=0.2)
     assert time.perf_counter() - started < 2
-    assert learner.records["dropped"] == 3  # two waiting, and the one the cancelled writer was appending
+    assert learner.records["dropped"] == 2  # the two waiting (the one being appended may or may not be stored)
+
+
+async def test_a_flush_cancelled_mid_write_writes_each_record_once(tmp_path, monkeypatch):
+    """Shutdown cancels a flush whose write is running in its thread: the write finishes, and nothing is
+    written a second time."""
+    path = tmp_path / "records.jsonl"
+    buffer = FileTraceBuffer(path, flush_every=1000, flush_after_s=0.01)
+    slow_append = buffer._append
+
+    def append(lines):
+        time.sleep(0.2)
+        slow_append(lines)
+
+    monkeypatch.setattr(buffer, "_append", append)
+    for i in range(3):
+        await buffer.append({"i": i})
+    await asyncio.sleep(0.05)  # the timer's flush is now writing
+    buffer._timer.cancel()
+    await buffer.close()
+    await buffer.append({"i": 3})
+    await buffer.close()
+    assert [orjson.loads(line)["i"] for line in path.read_bytes().splitlines()] == [0, 1, 2, 3]
+
+
+async def test_requests_for_several_choices_are_not_recorded():
+    """usage sums every choice's tokens; the predictor learns the length of one answer."""
+    learner = OnlineLearner()
+    usage = {"prompt_tokens": 3, "completion_tokens": 15}
+    assert learner.submit(chat("s", "q", n=3), usage) == "unusable"
+    assert learner.submit(chat("s", "q", n=1), usage) == "queued"
+    await learner.stop()
+
+
+async def test_one_work_dir_and_one_buffer_file_per_gateway(tmp_path):
+    config = online_config(tmp_path)
+    async with running_gateway(config):
+        with pytest.raises(ConfigError, match="work_dir: .* in use by another gateway"):
+            async with running_gateway(config):
+                pass
+        other_dir = online_config(tmp_path, work_dir=str(tmp_path / "other"))
+        with pytest.raises(ConfigError, match="online.path: .* in use by another gateway"):
+            async with running_gateway(other_dir):
+                pass
+    async with running_gateway(config):  # released when the first one stopped
+        pass
+
+
+async def test_model_path_may_name_the_first_refit_to_come(tmp_path):
+    """The README's restart advice (model_path = save_path) must also start a gateway that has not refitted
+    yet; any other missing model file is a config error, not a traceback."""
+    save = str(tmp_path / "online.skops")
+    config = online_config(tmp_path, buffer="memory", save_path=save)
+    config["predictor"]["model_path"] = save
+    async with running_gateway(config) as gateway:
+        assert gateway.scheduling.predictor.status()["trained"] is False
+    config["predictor"]["model_path"] = str(tmp_path / "other.skops")
+    with pytest.raises(ConfigError, match="predictor.model_path"):
+        async with running_gateway(config):
+            pass
