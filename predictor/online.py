@@ -67,29 +67,53 @@ def make_record(body: Mapping[str, Any], usage: Mapping[str, Any], headers: Mapp
 
 
 # ------------------------------------------------------------------------------------------------ buffers
+# Buffers keep each record as its JSONL line (bytes), not as a dict: 50,000 records as dicts are millions of
+# objects that every full collection of Python's cyclic garbage collector walks, with the GIL held, tens of
+# milliseconds at a time, in the gateway's process while it serves; bytes are not tracked at all. A refit
+# hands the lines to the train command as they are; ``snapshot()`` parses them in an executor.
+
 class TraceBuffer(Protocol):
     async def append(self, record: dict[str, Any]) -> None: ...
     async def snapshot(self) -> list[dict[str, Any]]: ...
+    async def snapshot_lines(self) -> list[bytes]: ...
     async def close(self) -> None: ...
 
 
+def _parse_records(lines: list[bytes]) -> list[dict[str, Any]]:
+    records = []
+    for line in lines:
+        try:
+            records.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            continue
+    return records
+
+
+async def _parsed(lines: list[bytes]) -> list[dict[str, Any]]:
+    """The records of JSONL lines, parsed in an executor (50,000 of them take the loop tens of milliseconds)."""
+    return await asyncio.get_running_loop().run_in_executor(None, _parse_records, lines)
+
+
 class MemoryBuffer:
-    """The latest ``maxlen`` records, in memory."""
+    """The latest ``maxlen`` records, in memory (as JSONL lines)."""
 
     def __init__(self, maxlen: int = 50_000) -> None:
-        self.records: deque[dict[str, Any]] = deque(maxlen=maxlen)
+        self.lines: deque[bytes] = deque(maxlen=maxlen)
 
     async def append(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
+        self.lines.append(orjson.dumps(record) + b"\n")
+
+    async def snapshot_lines(self) -> list[bytes]:
+        return list(self.lines)
 
     async def snapshot(self) -> list[dict[str, Any]]:
-        return list(self.records)
+        return await _parsed(await self.snapshot_lines())
 
     async def close(self) -> None:
         return None
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.lines)
 
 
 class FileTraceBuffer(MemoryBuffer):
@@ -129,15 +153,18 @@ class FileTraceBuffer(MemoryBuffer):
                 complete += len(line)
                 self._lines_on_disk += 1
                 try:
-                    self.records.append(orjson.loads(line))
+                    orjson.loads(line)
                 except orjson.JSONDecodeError:
                     skipped += 1
+                    continue
+                self.lines.append(line)
         if skipped:
             log.warning("trace buffer %s: skipped %d lines that are not JSON", self.path, skipped)
 
     async def append(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        self._pending.append(orjson.dumps(record) + b"\n")
+        line = orjson.dumps(record) + b"\n"
+        self.lines.append(line)
+        self._pending.append(line)
         if len(self._pending) >= self.flush_every:
             await self.flush()
         elif self._timer is None or self._timer.done():
@@ -156,9 +183,8 @@ class FileTraceBuffer(MemoryBuffer):
                 return
             lines, self._pending = self._pending, []
             loop = asyncio.get_running_loop()
-            if self._lines_on_disk + len(lines) > 2 * self.records.maxlen:
-                # serialised in the executor too: 50,000 records are tens of milliseconds of the loop
-                write, after = partial(self._rewrite, list(self.records)), len(self.records)
+            if self._lines_on_disk + len(lines) > 2 * self.lines.maxlen:
+                write, after = partial(self._rewrite, list(self.lines)), len(self.lines)
             else:
                 write, after = partial(self._append, lines), self._lines_on_disk + len(lines)
             await self._wait_writing()
@@ -194,17 +220,16 @@ class FileTraceBuffer(MemoryBuffer):
                 handle.truncate(end)
                 raise
 
-    def _rewrite(self, records: list[dict[str, Any]]) -> None:
+    def _rewrite(self, lines: list[bytes]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as handle:
-            for record in records:  # one short call per record: the loop's thread gets the GIL in between
-                handle.write(orjson.dumps(record) + b"\n")
+            handle.writelines(lines)
         os.replace(tmp, self.path)
 
-    async def snapshot(self) -> list[dict[str, Any]]:
+    async def snapshot_lines(self) -> list[bytes]:
         await self.flush()
-        return list(self.records)
+        return list(self.lines)
 
     async def close(self) -> None:
         if self._timer is not None and not self._timer.done():
@@ -213,14 +238,7 @@ class FileTraceBuffer(MemoryBuffer):
         await self._wait_writing()
 
 
-def _parse_records(raws: list[bytes]) -> list[dict[str, Any]]:
-    records = []
-    for raw in raws:
-        try:
-            records.append(orjson.loads(raw))
-        except orjson.JSONDecodeError:
-            continue
-    return records
+SNAPSHOT_BATCH = 200  # stream entries per XRANGE: redis-py parses each reply on the event loop
 
 
 class RedisStreamBuffer:
@@ -235,30 +253,32 @@ class RedisStreamBuffer:
     async def append(self, record: dict[str, Any]) -> None:
         await self.client.xadd(self.key, {"r": orjson.dumps(record)}, maxlen=self.maxlen, approximate=True)
 
-    async def snapshot(self) -> list[dict[str, Any]]:
-        raws, start = [], "-"
+    async def snapshot_lines(self) -> list[bytes]:
+        lines, start = [], "-"
         while True:
-            batch = await self.client.xrange(self.key, min=start, max="+", count=5000)
+            batch = await self.client.xrange(self.key, min=start, max="+", count=SNAPSHOT_BATCH)
             if not batch:
                 break
             for entry_id, fields in batch:
                 raw = fields.get(b"r", fields.get("r"))
                 if raw is not None:
-                    raws.append(raw)
+                    lines.append((raw if isinstance(raw, bytes) else raw.encode()) + b"\n")
             last = batch[-1][0]
             start = "(" + (last.decode() if isinstance(last, bytes) else last)
-            if len(batch) < 5000:
+            if len(batch) < SNAPSHOT_BATCH:
                 break
-        # parsed in an executor: 50,000 records are tens of milliseconds the event loop would not run
-        return await asyncio.get_running_loop().run_in_executor(None, _parse_records, raws[-self.maxlen:])
+        return lines[-self.maxlen:]
+
+    async def snapshot(self) -> list[dict[str, Any]]:
+        return await _parsed(await self.snapshot_lines())
 
     async def close(self) -> None:
         return None
 
 
 # ------------------------------------------------------------------------------------------------ learner
-Refit = Callable[[list[dict[str, Any]]], Awaitable[Predictor]]
-"""Fits a new model on the records and returns it, without blocking the event loop (see
+Refit = Callable[[list[bytes]], Awaitable[Predictor]]
+"""Fits a new model on the records, given as JSONL lines, and returns it without blocking the event loop (see
 :class:`predictor.refit_command.TrainCommandRefit`, which the gateway uses)."""
 
 INBOX_LIMIT = 10_000  # completed requests waiting for the buffer; beyond this they are dropped and counted
@@ -388,14 +408,17 @@ class OnlineLearner:
 
     async def _refit(self) -> None:
         started = time.perf_counter()
-        records: list[dict[str, Any]] = []
+        records: list[Any] = []
 
         def finished(outcome: str) -> None:
             self.last_refit = {"outcome": outcome, "records": len(records),
                                "seconds": round(time.perf_counter() - started, 1), "at": time.time()}
 
         try:
-            records = self.base_records + await self.buffer.snapshot()
+            if self._refit_with is not None:  # the lines go to the fit as they are: nothing is parsed here
+                records = self._base_lines() + await self.buffer.snapshot_lines()
+            else:
+                records = self.base_records + await self.buffer.snapshot()
             if len(records) < self.min_records:
                 log.info("predictor refit skipped: %d records (< %d)", len(records), self.min_records)
                 finished("skipped")
@@ -416,6 +439,9 @@ class OnlineLearner:
         finished("ok")
         log.info("predictor refit on %d records in %.1fs: the new model serves", len(records),
                  time.perf_counter() - started)
+
+    def _base_lines(self) -> list[bytes]:
+        return [orjson.dumps(record) + b"\n" for record in self.base_records]
 
     def _fit_and_save(self, records: list[dict[str, Any]]) -> Predictor:
         new = self._fit(records)

@@ -6,10 +6,10 @@ the interpreter from the event loop for up to the switch interval at a time, on 
 minute. A child has its own interpreter and, on a machine with a spare core, costs the gateway nothing.
 
 Why files: the child is the same ``train`` command an operator runs by hand (``--split all``), so a refit is
-exactly reproducible offline from the files it read. The live records are written to a JSONL file in a
-thread, one record at a time, so the event loop runs between records (pickling tens of thousands of records
-to a child would be one long call holding the GIL); the base data (for example the imported public traces) is
-read by the child from its own files and never held by the gateway.
+exactly reproducible offline from the files it read. The live records, which the buffers keep as JSONL lines,
+are written to a file in a thread as they are (pickling tens of thousands of records to a child would be one
+long call holding the GIL); the base data (for example the imported public traces) is read by the child from
+its own files and never held by the gateway.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
-
-import orjson
 
 from predictor.kv import KVModel
 from predictor.predictor import Predictor, normalize_priors
@@ -60,13 +58,12 @@ def claim(lock_path: Path, what: str) -> IO[str]:
     return handle
 
 
-def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Write records as JSONL, atomically (blocking: call it in an executor)."""
+def write_lines(path: Path, lines: Sequence[bytes]) -> None:
+    """Write JSONL lines to ``path``, atomically (blocking: call it in an executor)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as handle:
-        for record in records:  # one short call per record: the event loop's thread gets the GIL in between
-            handle.write(orjson.dumps(record) + b"\n")
+        handle.writelines(lines)
     os.replace(tmp, path)
 
 
@@ -110,13 +107,14 @@ class TrainCommandRefit:
         return [sys.executable, "-m", "predictor.train", "--split", "all", "--quiet", "--data", *data,
                 "--out", str(self.model_path), *self.train_args]
 
-    async def __call__(self, records: list[dict[str, Any]]) -> Predictor:
+    async def __call__(self, lines: list[bytes]) -> Predictor:
+        """Fit on the base data and ``lines`` (the live records, JSONL), then load the model."""
         loop = asyncio.get_running_loop()
         live = self.input_path
-        await loop.run_in_executor(None, write_jsonl, live, records)
+        await loop.run_in_executor(None, write_lines, live, lines)
         started = time.perf_counter()
         await self._train(live)
-        log.info("predictor.train on %d live records and %d base data file(s): %.1f s", len(records),
+        log.info("predictor.train on %d live records and %d base data file(s): %.1f s", len(lines),
                  len(self.base_data), time.perf_counter() - started)
         predictor = await loop.run_in_executor(
             None, lambda: Predictor.load(self.model_path, kv=self.kv, default_max_tokens=self.default_max_tokens))
