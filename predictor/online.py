@@ -79,6 +79,38 @@ class TraceBuffer(Protocol):
     async def close(self) -> None: ...
 
 
+def write_lines_atomically(path: Path, lines: list[bytes]) -> None:
+    """Write JSONL lines to ``path`` through a temporary file renamed over it (blocking: call it in an
+    executor); a failed write (a full disk) leaves ``path`` as it was and no temporary file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.writelines(lines)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        validate_record(orjson.loads(line))
+    except (orjson.JSONDecodeError, TraceFormatError):
+        return False
+    return True
+
+
+def _valid_lines(lines: list[bytes], where: str) -> list[bytes]:
+    """The lines that are trace records: one that is not (a truncated entry, another writer's data) would fail
+    every refit until it aged out of the buffer. Parsed one at a time, so nothing accumulates."""
+    valid = [line for line in lines if _is_record(line)]
+    if len(valid) < len(lines):
+        log.warning("trace buffer %s: skipped %d entries that are not trace records", where,
+                    len(lines) - len(valid))
+    return valid
+
+
 def _parse_records(lines: list[bytes]) -> list[dict[str, Any]]:
     records = []
     for line in lines:
@@ -152,14 +184,12 @@ class FileTraceBuffer(MemoryBuffer):
                     break
                 complete += len(line)
                 self._lines_on_disk += 1
-                try:
-                    orjson.loads(line)
-                except orjson.JSONDecodeError:
+                if not _is_record(line):
                     skipped += 1
                     continue
                 self.lines.append(line)
         if skipped:
-            log.warning("trace buffer %s: skipped %d lines that are not JSON", self.path, skipped)
+            log.warning("trace buffer %s: skipped %d lines that are not trace records", self.path, skipped)
 
     async def append(self, record: dict[str, Any]) -> None:
         line = orjson.dumps(record) + b"\n"
@@ -179,6 +209,7 @@ class FileTraceBuffer(MemoryBuffer):
 
     async def flush(self) -> None:
         async with self._lock:
+            await self._wait_writing()  # before taking the pending lines: a cancel here leaves them pending
             if not self._pending:
                 return
             lines, self._pending = self._pending, []
@@ -187,18 +218,27 @@ class FileTraceBuffer(MemoryBuffer):
                 write, after = partial(self._rewrite, list(self.lines)), len(self.lines)
             else:
                 write, after = partial(self._append, lines), self._lines_on_disk + len(lines)
-            await self._wait_writing()
             self._writing = loop.run_in_executor(self.executor, write)
             try:
                 # shielded: a write in its thread cannot be stopped, so a cancelled flush (shutdown) must not
-                # put its lines back to be written a second time; the next flush waits for it to end
+                # put its lines back to be written a second time; its outcome is settled when it ends, and the
+                # next flush waits for that
                 await asyncio.shield(self._writing)
             except asyncio.CancelledError:
-                self._lines_on_disk = after
+                self._writing.add_done_callback(partial(self._settle, lines, after))
                 raise
             except Exception:
                 self._pending[:0] = lines  # not written (a partial append is taken back): try again next time
                 raise
+            self._lines_on_disk = after
+
+    def _settle(self, lines: list[bytes], after: int, write: asyncio.Future) -> None:
+        """The end of a write whose flush was cancelled: count it, or keep its lines for the next flush."""
+        if write.cancelled() or write.exception() is not None:
+            self._pending[:0] = lines
+            log.warning("trace buffer %s: write failed: %s", self.path,
+                        "cancelled" if write.cancelled() else write.exception())
+        else:
             self._lines_on_disk = after
 
     async def _wait_writing(self) -> None:
@@ -221,11 +261,7 @@ class FileTraceBuffer(MemoryBuffer):
                 raise
 
     def _rewrite(self, lines: list[bytes]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.writelines(lines)
-        os.replace(tmp, self.path)
+        write_lines_atomically(self.path, lines)
 
     async def snapshot_lines(self) -> list[bytes]:
         await self.flush()
@@ -267,7 +303,8 @@ class RedisStreamBuffer:
             start = "(" + (last.decode() if isinstance(last, bytes) else last)
             if len(batch) < SNAPSHOT_BATCH:
                 break
-        return lines[-self.maxlen:]
+        return await asyncio.get_running_loop().run_in_executor(None, _valid_lines, lines[-self.maxlen:],
+                                                                 self.key)
 
     async def snapshot(self) -> list[dict[str, Any]]:
         return await _parsed(await self.snapshot_lines())

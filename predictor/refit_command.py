@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from predictor.kv import KVModel
+from predictor.online import write_lines_atomically
 from predictor.predictor import Predictor, normalize_priors
 
 log = logging.getLogger(__name__)
@@ -56,15 +57,6 @@ def claim(lock_path: Path, what: str) -> IO[str]:
         raise WorkDirInUse(f"{what} is in use by another gateway; give each gateway its own work_dir and file "
                            "buffer path") from None
     return handle
-
-
-def write_lines(path: Path, lines: Sequence[bytes]) -> None:
-    """Write JSONL lines to ``path``, atomically (blocking: call it in an executor)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.writelines(lines)
-    os.replace(tmp, path)
 
 
 class TrainCommandRefit:
@@ -111,7 +103,7 @@ class TrainCommandRefit:
         """Fit on the base data and ``lines`` (the live records, JSONL), then load the model."""
         loop = asyncio.get_running_loop()
         live = self.input_path
-        await loop.run_in_executor(None, write_lines, live, lines)
+        await loop.run_in_executor(None, write_lines_atomically, live, lines)
         started = time.perf_counter()
         await self._train(live)
         log.info("predictor.train on %d live records and %d base data file(s): %.1f s", len(lines),

@@ -186,14 +186,22 @@ async def test_file_buffer_cuts_a_torn_last_line(tmp_path):
     path = tmp_path / "records.jsonl"
     buffer = FileTraceBuffer(path, maxlen=100, flush_every=1)
     for i in range(3):
-        await buffer.append({"i": i})
+        await buffer.append(trace(i))
     with open(path, "ab") as handle:
-        handle.write(b'{"i": 3, "pad')  # torn
+        handle.write(orjson.dumps(trace(3))[:40])  # torn
     again = FileTraceBuffer(path, maxlen=100, flush_every=1)
     for i in (4, 5):
-        await again.append({"i": i})
-    assert [orjson.loads(line)["i"] for line in path.read_bytes().splitlines()] == [0, 1, 2, 4, 5]
-    assert [r["i"] for r in await FileTraceBuffer(path).snapshot()] == [0, 1, 2, 4, 5]
+        await again.append(trace(i))
+    tokens = [orjson.loads(line)["usage"]["completion_tokens"] for line in path.read_bytes().splitlines()]
+    assert tokens == [0, 1, 2, 4, 5]
+    assert [r["usage"]["completion_tokens"] for r in await FileTraceBuffer(path).snapshot()] == [0, 1, 2, 4, 5]
+
+
+def trace(i: int) -> dict:
+    """A valid trace record whose completion_tokens is ``i``."""
+    from predictor.online import make_record
+
+    return make_record(chat("s", f"q{i}"), {"prompt_tokens": 3, "completion_tokens": i})
 
 
 def test_online_config_is_validated(tmp_path):
@@ -344,3 +352,103 @@ async def test_model_path_may_name_the_first_refit_to_come(tmp_path):
     with pytest.raises(ConfigError, match="predictor.model_path"):
         async with running_gateway(config):
             pass
+
+
+def test_the_real_vllm_stacks_gateway_config_is_valid(tmp_path):
+    """The real-vLLM stage's gateway records its traffic; its config must pass validation here, where CI would
+    otherwise find out only after building vLLM."""
+    import yaml
+
+    from tests.real_vllm.conftest import gateway_config_yaml
+
+    config = parse_config(yaml.safe_load(gateway_config_yaml("m", "http://127.0.0.1:9", tmp_path / "r.jsonl")))
+    assert config.predictor.online.enabled and config.predictor.online.buffer == "file"
+
+
+async def test_a_write_that_fails_after_its_flush_was_cancelled_keeps_its_lines(tmp_path, monkeypatch):
+    path = tmp_path / "records.jsonl"
+    buffer = FileTraceBuffer(path, flush_every=1000, flush_after_s=0.01)
+    failures = [OSError("disk full")]
+
+    def append(lines):
+        time.sleep(0.1)
+        if failures:
+            raise failures.pop()
+        with open(path, "ab") as handle:
+            handle.write(b"".join(lines))
+
+    monkeypatch.setattr(buffer, "_append", append)
+    for i in range(3):
+        await buffer.append({"i": i})
+    await asyncio.sleep(0.05)  # the timer's flush is writing, and will fail
+    flushing = buffer._timer
+    flushing.cancel()
+    await buffer.close()  # waits for that write, takes its lines back, writes them
+    assert [orjson.loads(line)["i"] for line in path.read_bytes().splitlines()] == [0, 1, 2]
+
+
+async def test_a_flush_cancelled_before_it_writes_keeps_its_lines(tmp_path, monkeypatch):
+    path = tmp_path / "records.jsonl"
+    buffer = FileTraceBuffer(path, flush_every=1000, flush_after_s=3600)
+    slow_append = buffer._append
+    monkeypatch.setattr(buffer, "_append", lambda lines: (time.sleep(0.2), slow_append(lines)))
+    await buffer.append({"i": 0})
+    first = asyncio.create_task(buffer.flush())
+    await asyncio.sleep(0.05)  # writing {"i": 0}
+    await buffer.append({"i": 1})
+    second = asyncio.create_task(buffer.flush())
+    await asyncio.sleep(0.01)  # waiting for the first write
+    second.cancel()
+    await asyncio.gather(first, second, return_exceptions=True)
+    await buffer.close()
+    assert [orjson.loads(line)["i"] for line in path.read_bytes().splitlines()] == [0, 1]
+
+
+def test_a_failed_rewrite_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from predictor.online import write_lines_atomically
+
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(b'{"old": 1}\n')
+
+    class Full:
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def writelines(self, lines):
+            raise OSError("disk full")
+
+    monkeypatch.setattr("builtins.open", Full)
+    with pytest.raises(OSError):
+        write_lines_atomically(path, [b'{"new": 1}\n'])
+    monkeypatch.undo()
+    assert path.read_bytes() == b'{"old": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl"]
+
+
+@pytest.mark.redis
+async def test_a_stream_entry_that_is_no_trace_record_does_not_fail_refits():
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from tests.test_state_store import REDIS_URL, _require_redis
+
+    _require_redis()
+    client = aioredis.Redis.from_url(REDIS_URL)
+    key = f"maestro-test-{uuid.uuid4().hex}:traces"
+    try:
+        buffer = RedisStreamBuffer(client, key)
+        learner = OnlineLearner(buffer=buffer)
+        assert await learner.observe(chat("s", "q"), {"prompt_tokens": 3, "completion_tokens": 2})
+        await client.xadd(key, {"r": b'{"trunc'})  # another writer, or a cut entry
+        await client.xadd(key, {"r": b'{"not": "a record"}'})
+        lines = await buffer.snapshot_lines()
+        assert len(lines) == 1 and orjson.loads(lines[0])["usage"]["completion_tokens"] == 2
+    finally:
+        await client.delete(key)
+        await client.aclose()

@@ -821,14 +821,15 @@ async def test_online_refit_trains_a_real_model(records):
 async def test_file_buffer_is_bounded_and_survives_restart(tmp_path):
     path = tmp_path / "traces.jsonl"
     buffer = FileTraceBuffer(path, maxlen=10, flush_every=3)
+    usage = {"prompt_tokens": 3}
     for i in range(35):
-        await buffer.append({"i": i})
+        await buffer.append(make_record(chat("s", "q"), dict(usage, completion_tokens=i)))
     snapshot = await buffer.snapshot()
-    assert [r["i"] for r in snapshot] == list(range(25, 35))
+    assert [r["usage"]["completion_tokens"] for r in snapshot] == list(range(25, 35))
     assert len(path.read_bytes().splitlines()) <= 20  # compacted to at most twice the bound
     await buffer.close()
     again = FileTraceBuffer(path, maxlen=10)
-    assert [r["i"] for r in await again.snapshot()] == list(range(25, 35))
+    assert [r["usage"]["completion_tokens"] for r in await again.snapshot()] == list(range(25, 35))
 
 
 # ------------------------------------------------------------------------------------------------ real data
@@ -865,8 +866,8 @@ async def test_redis_stream_buffer_is_bounded_and_shared():
     try:
         writer, reader = RedisStreamBuffer(client, key, maxlen=50), RedisStreamBuffer(client, key, maxlen=50)
         for i in range(300):
-            await writer.append({"i": i})
-        seen = [r["i"] for r in await reader.snapshot()]
+            await writer.append(make_record(chat("s", "q"), {"prompt_tokens": 3, "completion_tokens": i}))
+        seen = [r["usage"]["completion_tokens"] for r in await reader.snapshot()]
         assert seen == list(range(250, 300))  # the latest maxlen, in order, from another buffer object
         assert await client.xlen(key) < 300     # MAXLEN ~ trims the stream itself
     finally:

@@ -311,7 +311,7 @@ def gateway_config_yaml(model: str, engine_url: str, online_records: Path) -> st
     return f"""\
 predictor:
   online: {{enabled: true, buffer: file, path: "{online_records}", work_dir: "{online_records.parent}",
-           min_records: 1000000, refit_interval_s: 100000}}
+           max_records: 1000000, min_records: 1000000, refit_interval_s: 100000}}
 models:
   - name: {model}
     max_model_len: {MAX_MODEL_LEN}
