@@ -453,10 +453,11 @@ def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
     if online.min_records > online.max_records:
         raise ConfigError(f"{path}.min_records", f"must be <= max_records ({online.max_records}): the buffer never "
                                                  f"holds more, so no refit would ever run")
-    if online.buffer == "file":
-        if online.path.endswith(".gz"):
-            raise ConfigError(f"{path}.path", "the file buffer writes plain JSONL; give a .jsonl path")
-        from predictor.refit_command import INPUT_NAME, MODEL_NAME  # local import: the names the refit writes
+    if online.buffer == "file" and online.path.endswith(".gz"):
+        raise ConfigError(f"{path}.path", "the file buffer writes plain JSONL; give a .jsonl path")
+    if online.enabled and online.buffer == "file":
+        # local import, only when on: the predictor package brings numpy, which a gateway without it never loads
+        from predictor.refit_command import INPUT_NAME, MODEL_NAME
 
         written = {Path(online.work_dir, INPUT_NAME).resolve(),
                    Path(online.save_path or Path(online.work_dir, MODEL_NAME)).resolve()}

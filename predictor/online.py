@@ -22,9 +22,9 @@ import logging
 import os
 import time
 from collections import deque
-from functools import partial
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import Executor
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 

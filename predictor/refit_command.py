@@ -30,10 +30,10 @@ from predictor.predictor import Predictor, normalize_priors
 log = logging.getLogger(__name__)
 
 REFIT_NICENESS = 10  # the child's scheduling priority (Unix nice value; higher = yields to the gateway)
-STDERR_TAIL = 2000
+STDERR_TAIL = 2000  # characters of the child's error output kept for the log and ``last_error``
 INPUT_NAME = "refit-input.jsonl"  # in work_dir: the live records of the latest refit, as the child read them
 MODEL_NAME = "online-model.skops"  # in work_dir, unless save_path is given
-LOCK_NAME = "lock"  # in work_dir: held by the one gateway that uses it  # characters of the child's error output kept for the log and ``last_error``
+LOCK_NAME = "lock"  # in work_dir: held by the one gateway that uses it
 
 
 class RefitError(RuntimeError):

@@ -214,9 +214,9 @@ def test_online_config_is_validated(tmp_path):
                           ({"refit_evry": 5}, "predictor.online"),
                           ({"max_records": 100, "min_records": 200}, "predictor.online.min_records"),
                           ({"path": "records.jsonl.gz"}, "predictor.online.path"),
-                          ({"path": str(tmp_path / "w" / "refit-input.jsonl"), "work_dir": str(tmp_path / "w")},
-                           "predictor.online.path"),
-                          ({"path": str(tmp_path / "m.skops"), "save_path": str(tmp_path / "m.skops")},
+                          ({"enabled": True, "path": str(tmp_path / "w" / "refit-input.jsonl"),
+                            "work_dir": str(tmp_path / "w")}, "predictor.online.path"),
+                          ({"enabled": True, "path": str(tmp_path / "m.skops"), "save_path": str(tmp_path / "m.skops")},
                            "predictor.online.path"),
                           ({"enabled": True, "base_data": [str(tmp_path / "missing.jsonl")]},
                            "predictor.online.base_data[0]")):
@@ -452,3 +452,15 @@ async def test_a_stream_entry_that_is_no_trace_record_does_not_fail_refits():
     finally:
         await client.delete(key)
         await client.aclose()
+
+
+def test_a_config_without_online_learning_does_not_load_numpy():
+    """The predictor package (numpy, tens of milliseconds) is loaded only by a gateway that uses it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from gateway.config import parse_config; parse_config({'clusters': [{'name': 'c', "
+            "'pools': [{'name': 'p', 'kind': 'vllm', 'models': ['m'], 'engines': [{'url': 'http://127.0.0.1:9'}]}]}]})"
+            "; print('numpy' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
