@@ -180,6 +180,8 @@ class OnlineLearningConfig:
     work_dir: str = "maestro-online"  # the refit's input file and, unless save_path is set, its model
     save_path: str = ""  # where each refit writes its model; point model_path here to start from it
     refit_timeout_s: float = 3600.0  # a refit still running after this is killed (the old model serves on)
+    holdout_share: float = 0.1  # newest live records left out of a refit to check its model (0: no check)
+    min_coverage: float = 0.8  # a new model under this p90 coverage there, and under the serving one's, is refused
 
 
 ONLINE_BUFFERS = ("memory", "file", "redis")
@@ -450,6 +452,10 @@ def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
     for name in ("path", "work_dir"):
         if not getattr(online, name):
             raise ConfigError(f"{path}.{name}", "must not be empty")
+    if not 0.0 <= online.holdout_share < 1.0:
+        raise ConfigError(f"{path}.holdout_share", f"must be >= 0 and < 1, got {online.holdout_share}")
+    if not 0.0 <= online.min_coverage <= 1.0:
+        raise ConfigError(f"{path}.min_coverage", f"must be between 0 and 1, got {online.min_coverage}")
     if online.min_records > online.max_records:
         raise ConfigError(f"{path}.min_records", f"must be <= max_records ({online.max_records}): the buffer never "
                                                  f"holds more, so no refit would ever run")

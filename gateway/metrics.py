@@ -127,6 +127,7 @@ class _OnlineLearningCollector:
                                      labels=("outcome",))
         refits.add_metric(("ok",), status["refits"])
         refits.add_metric(("failed",), status["refit_failures"])
+        refits.add_metric(("rejected",), status["refit_rejections"])
         yield refits
         yield GaugeMetricFamily("maestro_predictor_refit_running", "1 while an online refit runs",
                                 value=1 if status["refitting"] else 0)

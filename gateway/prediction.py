@@ -95,7 +95,7 @@ class RequestPredictor:
         else:
             self._predictor = Predictor.from_priors(priors or None, kv=kv)
         if self.config.predictor.online.enabled:
-            await self._start_learning(kv, priors)
+            await self._start_learning(kv, priors, serving=path or None)
 
     def _refit_model_path(self) -> Path:
         from predictor.refit_command import MODEL_NAME
@@ -103,14 +103,16 @@ class RequestPredictor:
         online = self.config.predictor.online
         return Path(online.save_path or Path(online.work_dir, MODEL_NAME)).resolve()
 
-    async def _start_learning(self, kv: Any, priors: dict[str, Any]) -> None:
+    async def _start_learning(self, kv: Any, priors: dict[str, Any], serving: str | None) -> None:
         from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, RedisStreamBuffer
         from predictor.refit_command import TrainCommandRefit, WorkDirInUse, claim
 
         online = self.config.predictor.online
         refit = TrainCommandRefit(online.work_dir, base_data=online.base_data, save_path=online.save_path or None,
                                   kv=kv, default_max_tokens=self._predictor.default_max_tokens,
-                                  priors=priors or None, timeout_s=online.refit_timeout_s)
+                                  priors=priors or None, timeout_s=online.refit_timeout_s,
+                                  holdout_share=online.holdout_share, min_coverage=online.min_coverage,
+                                  current_path=serving)
         try:
             refit.lock()
         except WorkDirInUse as exc:
@@ -164,7 +166,8 @@ class RequestPredictor:
         predictor = self.learner.predictor if self.learner is not None else self._predictor
         return {"loaded": predictor is not None, "model_path": self.config.predictor.model_path or None,
                 "trained": bool(predictor is not None and predictor.trained),
-                "online": self.learner.status() if self.learner is not None else None}
+                "online": None if self.learner is None else dict(
+                    self.learner.status(), check=self._refit.last_check if self._refit is not None else None)}
 
     def refit_now(self) -> bool:
         """Start a refit unless one runs (``POST /admin/predictor/refit``); False when online learning is off."""

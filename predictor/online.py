@@ -318,6 +318,10 @@ Refit = Callable[[list[bytes]], Awaitable[Predictor]]
 """Fits a new model on the records, given as JSONL lines, and returns it without blocking the event loop (see
 :class:`predictor.refit_command.TrainCommandRefit`, which the gateway uses)."""
 
+class RefitRejected(Exception):
+    """A refit whose new model was not put into service (the message says why); the serving model stays."""
+
+
 INBOX_LIMIT = 10_000  # completed requests waiting for the buffer; beyond this they are dropped and counted
 
 
@@ -354,8 +358,9 @@ class OnlineLearner:
         self._ticker: asyncio.Task | None = None
         self.refits = 0
         self.refit_failures = 0
+        self.refit_rejections = 0  # new models that failed the refit's own check (RefitRejected)
         self.last_error: BaseException | None = None
-        self.last_refit: dict[str, Any] | None = None  # outcome (ok, failed, skipped), records, seconds, at
+        self.last_refit: dict[str, Any] | None = None  # outcome (ok, failed, rejected, skipped), records, ...
         # completed requests by what became of them: buffered, unusable (no usage / not a chat body),
         # dropped (the inbox was full), failed (the buffer raised)
         self.records = {"buffered": 0, "unusable": 0, "dropped": 0, "failed": 0}
@@ -421,7 +426,8 @@ class OnlineLearner:
     def status(self) -> dict[str, Any]:
         """What an operator asks of online learning (``GET /admin/predictor``)."""
         return {"model": "trained" if self._predictor.trained else "priors", "refits": self.refits,
-                "refit_failures": self.refit_failures, "refitting": self.refitting,
+                "refit_failures": self.refit_failures, "refit_rejections": self.refit_rejections,
+                "refitting": self.refitting,
                 "last_error": None if self.last_error is None else f"{type(self.last_error).__name__}: "
                                                                      f"{self.last_error}",
                 "last_refit": self.last_refit, "records": dict(self.records),
@@ -465,6 +471,12 @@ class OnlineLearner:
             else:
                 loop = asyncio.get_running_loop()
                 new = await loop.run_in_executor(self.executor, self._fit_and_save, records)
+        except RefitRejected as exc:
+            self.last_error = exc
+            self.refit_rejections += 1
+            finished("rejected")
+            log.warning("predictor refit rejected: %s", exc)
+            return
         except Exception as exc:  # noqa: BLE001 - keep serving the old model
             self.last_error = exc
             self.refit_failures += 1

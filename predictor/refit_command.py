@@ -23,8 +23,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+
 from predictor.kv import KVModel
-from predictor.online import write_lines_atomically
+from predictor.online import RefitRejected, write_lines_atomically
 from predictor.predictor import Predictor, normalize_priors
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,9 @@ STDERR_TAIL = 2000  # characters of the child's error output kept for the log an
 INPUT_NAME = "refit-input.jsonl"  # in work_dir: the live records of the latest refit, as the child read them
 MODEL_NAME = "online-model.skops"  # in work_dir, unless save_path is given
 LOCK_NAME = "lock"  # in work_dir: held by the one gateway that uses it
+HOLDOUT_NAME = "refit-holdout.jsonl"  # in work_dir: the newest live records, left out to check the new model
+CANDIDATE_NAME = "refit-candidate.skops"  # in work_dir: the new model until it passes the check
+MIN_HOLDOUT = 50  # fewer newest records than this say too little about coverage: no check
 
 
 class RefitError(RuntimeError):
@@ -61,27 +66,41 @@ def claim(lock_path: Path, what: str) -> IO[str]:
 
 class TrainCommandRefit:
     """Fits a model on ``base_data`` files plus the live records with ``python -m predictor.train`` in a child
-    process, then loads it (in an executor) with the gateway's KV model, output cap and priors.
+    process, checks it on the newest records, then loads it (in an executor) with the gateway's KV model, output
+    cap and priors.
 
-    ``work_dir`` holds the live records' file and, unless ``save_path`` is given, the model. ``timeout_s``
-    bounds one fit; on timeout or cancellation the child is killed. ``train_args`` are extra arguments for the
-    train command (for example ``["--max-iter", "100"]``).
+    The check: the newest ``holdout_share`` of the live records (when that is at least ``MIN_HOLDOUT``) are
+    left out of the fit, and ``python -m predictor.evaluate`` measures the new model's p90 coverage on them, and
+    the serving model's where it is a file (``current_path``). A new model below ``min_coverage`` that also
+    covers them worse than the serving one is not put into service (:class:`~predictor.online.RefitRejected`):
+    a refit on broken traffic must not replace a working model. Those records are trained on at the next refit.
+
+    ``work_dir`` holds the input files and, unless ``save_path`` is given, the model. ``timeout_s`` bounds each
+    child; on timeout or cancellation it is killed. ``train_args`` are extra arguments for the train command
+    (for example ``["--max-iter", "100"]``).
     """
 
     def __init__(self, work_dir: str | Path, *, base_data: Sequence[str | Path] = (),
                  save_path: str | Path | None = None, kv: KVModel | None = None,
                  default_max_tokens: int | None = None, priors: Mapping[str, Any] | None = None,
-                 timeout_s: float = 3600.0, train_args: Sequence[str] = ()) -> None:
+                 timeout_s: float = 3600.0, train_args: Sequence[str] = (), holdout_share: float = 0.1,
+                 min_coverage: float = 0.8, current_path: str | Path | None = None) -> None:
         self.work_dir = Path(work_dir)
         self.base_data = [Path(p) for p in base_data]
         self.model_path = Path(save_path) if save_path else self.work_dir / MODEL_NAME
         self.input_path = self.work_dir / INPUT_NAME
+        self.holdout_path = self.work_dir / HOLDOUT_NAME
+        self.candidate_path = self.work_dir / CANDIDATE_NAME
+        self.current_path = Path(current_path) if current_path else None  # the serving model's file, if any
         self._lock: Any = None
         self.kv = kv
         self.default_max_tokens = default_max_tokens
         self.priors = normalize_priors(priors) if priors else None
         self.timeout_s = timeout_s
         self.train_args = list(train_args)
+        self.holdout_share = holdout_share
+        self.min_coverage = min_coverage
+        self.last_check: dict[str, Any] | None = None  # the latest check's figures (GET /admin/predictor)
 
     def lock(self) -> None:
         """Claim ``work_dir`` for this process, or raise :class:`WorkDirInUse`: two gateways refitting in one
@@ -94,45 +113,79 @@ class TrainCommandRefit:
             self._lock.close()  # closing the file releases the lock
             self._lock = None
 
-    def command(self, live: Path) -> list[str]:
+    def command(self, live: Path, out: Path | None = None) -> list[str]:
         data = [str(p) for p in self.base_data] + [str(live)]
         return [sys.executable, "-m", "predictor.train", "--split", "all", "--quiet", "--data", *data,
-                "--out", str(self.model_path), *self.train_args]
+                "--out", str(out or self.model_path), *self.train_args]
+
+    def holdout_size(self, live: int) -> int:
+        held = int(live * self.holdout_share)
+        return held if held >= MIN_HOLDOUT else 0
 
     async def __call__(self, lines: list[bytes]) -> Predictor:
-        """Fit on the base data and ``lines`` (the live records, JSONL), then load the model."""
+        """Fit on the base data and ``lines`` (the live records, JSONL, oldest first), check, then load."""
         loop = asyncio.get_running_loop()
-        live = self.input_path
-        await loop.run_in_executor(None, write_lines_atomically, live, lines)
+        held = self.holdout_size(len(lines))
+        train, holdout = (lines[:-held], lines[-held:]) if held else (lines, [])
+        await loop.run_in_executor(None, write_lines_atomically, self.input_path, train)
         started = time.perf_counter()
-        await self._train(live)
-        log.info("predictor.train on %d live records and %d base data file(s): %.1f s", len(lines),
+        await self._run("predictor.train", self.command(self.input_path, self.candidate_path))
+        log.info("predictor.train on %d live records and %d base data file(s): %.1f s", len(train),
                  len(self.base_data), time.perf_counter() - started)
+        if holdout:
+            await loop.run_in_executor(None, write_lines_atomically, self.holdout_path, holdout)
+            await self._check(len(holdout))
+        os.replace(self.candidate_path, self.model_path)
+        self.current_path = self.model_path
         predictor = await loop.run_in_executor(
             None, lambda: Predictor.load(self.model_path, kv=self.kv, default_max_tokens=self.default_max_tokens))
         if self.priors is not None:
             predictor.priors = self.priors
         return predictor
 
-    async def _train(self, live: Path) -> None:
-        command = self.command(live)
+    async def _check(self, held: int) -> None:
+        new = await self._coverage(self.candidate_path)
+        old = None
+        if self.current_path is not None and self.current_path.is_file():
+            old = await self._coverage(self.current_path)
+        self.last_check = {"newest_records": held, "new_p90_coverage": new, "serving_p90_coverage": old,
+                           "min_coverage": self.min_coverage}
+        log.info("refit check on the newest %d records: p90 coverage %.1f%% (serving model: %s)", held, 100 * new,
+                 "-" if old is None else f"{100 * old:.1f}%")
+        if new < self.min_coverage and old is not None and new < old:
+            raise RefitRejected(f"the new model covers {new:.1%} of the newest {held} records at p90, below "
+                                f"predictor.online.min_coverage ({self.min_coverage:.0%}) and below the serving "
+                                f"model's {old:.1%}; the serving model stays")
+
+    async def _coverage(self, model: Path) -> float:
+        out = await self._run("predictor.evaluate", [
+            sys.executable, "-m", "predictor.evaluate", "--model", str(model), "--data", str(self.holdout_path),
+            "--split", "all", "--format", "json"])
+        try:
+            return float(orjson.loads(out)["all"]["length"]["p90_coverage"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise RefitError(f"`python -m predictor.evaluate` printed no p90 coverage: {exc}") from None
+
+    async def _run(self, module: str, command: list[str]) -> bytes:
+        """Run a child at a lower CPU priority and return its output; RefitError if it fails or runs too long."""
         child = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL,
-                                                     stdout=asyncio.subprocess.DEVNULL,
+                                                     stdout=asyncio.subprocess.PIPE,
                                                      stderr=asyncio.subprocess.PIPE)
         try:  # serving comes first: the fit gets the CPU the gateway leaves
             os.setpriority(os.PRIO_PROCESS, child.pid, REFIT_NICENESS)
         except (AttributeError, OSError):  # not on this platform, or the child is already gone
             pass
         try:
-            _, stderr = await asyncio.wait_for(child.communicate(), self.timeout_s)
+            stdout, stderr = await asyncio.wait_for(child.communicate(), self.timeout_s)
         except BaseException as exc:  # timeout, or the gateway is shutting down: do not leave a fit running
             if child.returncode is None:
                 child.kill()
                 await child.wait()
             if isinstance(exc, TimeoutError):
-                raise RefitError(f"`python -m predictor.train` ran longer than the refit timeout "
+                raise RefitError(f"`python -m {module}` ran longer than the refit timeout "
                                  f"({self.timeout_s:g} s, predictor.online.refit_timeout_s) and was stopped") from None
             raise
         if child.returncode != 0:
             said = stderr.decode("utf-8", "replace").strip()[-STDERR_TAIL:]
-            raise RefitError(f"`python -m predictor.train` exited with {child.returncode}: {said}")
+            raise RefitError(f"`python -m {module}` exited with {child.returncode}: {said}")
+        return stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import openai
 import orjson
@@ -213,6 +214,8 @@ def test_online_config_is_validated(tmp_path):
                           ({"enabled": "yes"}, "predictor.online.enabled"),
                           ({"refit_evry": 5}, "predictor.online"),
                           ({"max_records": 100, "min_records": 200}, "predictor.online.min_records"),
+                          ({"holdout_share": 1.0}, "predictor.online.holdout_share"),
+                          ({"min_coverage": 1.5}, "predictor.online.min_coverage"),
                           ({"path": "records.jsonl.gz"}, "predictor.online.path"),
                           ({"enabled": True, "path": str(tmp_path / "w" / "refit-input.jsonl"),
                             "work_dir": str(tmp_path / "w")}, "predictor.online.path"),
@@ -238,6 +241,7 @@ async def test_admin_routes_and_metrics_show_online_learning(tmp_path):
             async with http.get("/admin/predictor") as response:
                 state = await response.json()
             assert state["online"]["records"]["buffered"] == 1 and state["online"]["model"] == "priors"
+            assert state["online"]["check"] is None and state["online"]["refit_rejections"] == 0
             async with http.post("/admin/predictor/refit") as response:
                 assert response.status == 202
                 assert (await response.json())["online"]["refitting"] is True
@@ -464,3 +468,61 @@ def test_a_config_without_online_learning_does_not_load_numpy():
             "; print('numpy' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def _lines(records) -> list[bytes]:
+    return [orjson.dumps(record) + b"\n" for record in records]
+
+
+async def test_a_refit_is_checked_on_the_newest_records_before_it_serves(tmp_path):
+    """Real children: the newest tenth of the live records is left out of the fit, and `predictor.evaluate`
+    measures the new model's p90 coverage there (and, once there is one, the serving model's)."""
+    refit = TrainCommandRefit(tmp_path / "work", holdout_share=0.1)
+    live = _lines(synthetic_records(n_workflows=100, seed=3))  # 600 records: the newest 60 are held out
+    first = await refit(live)
+    assert first.trained and refit.model_path.is_file() and not refit.candidate_path.exists()
+    check = refit.last_check
+    assert check["newest_records"] == 60 and check["serving_p90_coverage"] is None
+    assert 0.5 <= check["new_p90_coverage"] <= 1.0
+    assert len(list(read_records(refit.input_path))) == 540 and len(list(read_records(refit.holdout_path))) == 60
+    await refit(live)  # now the first refit's model is the serving one, and is measured too
+    assert 0.5 <= refit.last_check["serving_p90_coverage"] <= 1.0
+
+
+@pytest.mark.parametrize("new, serving, kept", [
+    (0.50, 0.90, True),   # under the floor and worse than the serving model: refused
+    (0.50, 0.40, False),  # under the floor but better than the serving model (the traffic moved): served
+    (0.85, 0.95, False),  # worse, but above the floor: served
+    (0.50, None, False),  # no serving model file to compare with (priors): served
+])
+async def test_the_refit_check_refuses_only_a_model_worse_on_both_counts(tmp_path, monkeypatch, new, serving,
+                                                                         kept):
+    from tests.test_predictor import FAST
+
+    from predictor.train import fit_state
+
+    serving_file = tmp_path / "serving.skops"
+    serving_model = Predictor.from_state(fit_state(synthetic_records(n_workflows=10), FAST))
+    serving_model.save(serving_file)
+    refit = TrainCommandRefit(tmp_path / "work", save_path=serving_file,
+                              current_path=serving_file if serving is not None else None)
+
+    async def run(module, command):
+        if module == "predictor.train":  # a stand-in fit: the candidate is a copy of the serving model
+            refit.candidate_path.write_bytes(serving_file.read_bytes())
+            return b""
+        model = Path(command[command.index("--model") + 1])
+        coverage = new if model == refit.candidate_path else serving
+        return orjson.dumps({"all": {"length": {"p90_coverage": coverage}}})
+
+    monkeypatch.setattr(refit, "_run", run)
+    learner = OnlineLearner(serving_model, MemoryBuffer(), min_records=0, refit=refit)
+    for record in synthetic_records(n_workflows=100, seed=4):
+        await learner.add(record)
+    await learner.trigger()
+    assert learner.last_refit["outcome"] == ("rejected" if kept else "ok")
+    assert (learner.predictor is serving_model) == kept
+    assert learner.refit_rejections == (1 if kept else 0) and learner.refit_failures == 0
+    assert not refit.candidate_path.exists() or kept  # a refused candidate is left for an operator to inspect
+    if kept:
+        assert "min_coverage" in str(learner.last_error) and "serving model stays" in str(learner.last_error)
