@@ -463,10 +463,11 @@ def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
         raise ConfigError(f"{path}.path", "the file buffer writes plain JSONL; give a .jsonl path")
     if online.enabled and online.buffer == "file":
         # local import, only when on: the predictor package brings numpy, which a gateway without it never loads
-        from predictor.refit_command import INPUT_NAME, MODEL_NAME
+        from predictor.refit_command import HOLDOUT_NAME, INPUT_NAME, MODEL_NAME, candidate_path
 
-        written = {Path(online.work_dir, INPUT_NAME).resolve(),
-                   Path(online.save_path or Path(online.work_dir, MODEL_NAME)).resolve()}
+        model = Path(online.save_path or Path(online.work_dir, MODEL_NAME)).resolve()
+        written = {Path(online.work_dir, INPUT_NAME).resolve(), Path(online.work_dir, HOLDOUT_NAME).resolve(), model,
+                   candidate_path(model)}
         if Path(online.path).resolve() in written:
             raise ConfigError(f"{path}.path", f"is a file each refit writes ({online.path}); choose another")
     for i, data in enumerate(online.base_data):

@@ -37,8 +37,12 @@ INPUT_NAME = "refit-input.jsonl"  # in work_dir: the live records of the latest 
 MODEL_NAME = "online-model.skops"  # in work_dir, unless save_path is given
 LOCK_NAME = "lock"  # in work_dir: held by the one gateway that uses it
 HOLDOUT_NAME = "refit-holdout.jsonl"  # in work_dir: the newest live records, left out to check the new model
-CANDIDATE_NAME = "refit-candidate.skops"  # in work_dir: the new model until it passes the check
 MIN_HOLDOUT = 50  # fewer newest records than this say too little about coverage: no check
+
+
+def candidate_path(model_path: Path) -> Path:
+    """Where a refit writes its new model until the check passes: beside ``model_path``, as ``NAME.candidate``."""
+    return model_path.with_name(model_path.name + ".candidate")
 
 
 class RefitError(RuntimeError):
@@ -90,7 +94,8 @@ class TrainCommandRefit:
         self.model_path = Path(save_path) if save_path else self.work_dir / MODEL_NAME
         self.input_path = self.work_dir / INPUT_NAME
         self.holdout_path = self.work_dir / HOLDOUT_NAME
-        self.candidate_path = self.work_dir / CANDIDATE_NAME
+        # beside the model, so that putting it into service is a rename within one file system
+        self.candidate_path = candidate_path(self.model_path)
         self.current_path = Path(current_path) if current_path else None  # the serving model's file, if any
         self._lock: Any = None
         self.kv = kv
