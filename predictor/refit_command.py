@@ -1,4 +1,5 @@
-"""A refit that runs ``maestro predictor train`` in a child process and loads the model it writes.
+"""A refit that runs ``maestro predictor train`` in a child process, checks the model it writes on the newest
+records (``maestro predictor evaluate``, also a child) and loads it.
 
 Why a child process and not a thread: a fit is about a minute of CPU on the public traces, and much of it is
 Python that holds the GIL (text features, vocabulary, calibration). In a thread of the gateway it would take
@@ -46,7 +47,7 @@ def candidate_path(model_path: Path) -> Path:
 
 
 class RefitError(RuntimeError):
-    """The train command failed; the message ends with what it printed."""
+    """A refit's child (the train or the evaluate command) failed; the message ends with what it printed."""
 
 
 class WorkDirInUse(RuntimeError):
