@@ -76,16 +76,21 @@ def split_seed(text: str) -> int:
     return value
 
 
-def held_out_share(text: str) -> float:
-    """argparse type of a held-out share: strictly between 0 and 1 (0 would hold nothing out, 1 train on nothing,
-    and scikit-learn reads a number above 1 as a count of workflows)."""
+def strictly_between_0_and_1(text: str, what: str) -> float:
+    """A float strictly between 0 and 1, or an argparse error that begins with ``what``."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
     if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a share strictly between 0 and 1, not {text!r}")
+        raise argparse.ArgumentTypeError(f"{what} strictly between 0 and 1, not {text!r}")
     return value
+
+
+def held_out_share(text: str) -> float:
+    """argparse type of a held-out share: strictly between 0 and 1 (0 would hold nothing out, 1 train on nothing,
+    and scikit-learn reads a number above 1 as a count of workflows)."""
+    return strictly_between_0_and_1(text, "must be a share")
 
 
 def _int(text: str) -> int:

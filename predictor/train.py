@@ -428,13 +428,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def fit_level(text: str) -> float:
     """argparse type of a quantile level: a float strictly between 0 and 1."""
-    try:
-        level = float(text)
-    except ValueError:
-        level = float("nan")
-    if not 0.0 < level < 1.0:
-        raise argparse.ArgumentTypeError(f"a fit level is a quantile strictly between 0 and 1, not {text!r}")
-    return level
+    from predictor.cli import strictly_between_0_and_1
+
+    return strictly_between_0_and_1(text, "a fit level is a quantile")
 
 
 def output_problem(out: Path) -> str | None:
