@@ -463,9 +463,9 @@ def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
         raise ConfigError(f"{path}.path", "the file buffer writes plain JSONL; give a .jsonl path")
     if online.enabled and online.buffer == "file":
         # local import, only when on: the predictor package brings numpy, which a gateway without it never loads
-        from predictor.refit_command import HOLDOUT_NAME, INPUT_NAME, MODEL_NAME, candidate_path
+        from predictor.refit_command import HOLDOUT_NAME, INPUT_NAME, candidate_path, refit_model_path
 
-        model = Path(online.save_path or Path(online.work_dir, MODEL_NAME)).resolve()
+        model = refit_model_path(online.work_dir, online.save_path).resolve()
         written = {Path(online.work_dir, INPUT_NAME).resolve(), Path(online.work_dir, HOLDOUT_NAME).resolve(), model,
                    candidate_path(model)}
         if Path(online.path).resolve() in written:

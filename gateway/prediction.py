@@ -98,10 +98,10 @@ class RequestPredictor:
             await self._start_learning(kv, priors, serving=path or None)
 
     def _refit_model_path(self) -> Path:
-        from predictor.refit_command import MODEL_NAME
+        from predictor.refit_command import refit_model_path
 
         online = self.config.predictor.online
-        return Path(online.save_path or Path(online.work_dir, MODEL_NAME)).resolve()
+        return refit_model_path(online.work_dir, online.save_path).resolve()
 
     async def _start_learning(self, kv: Any, priors: dict[str, Any], serving: str | None) -> None:
         from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, RedisStreamBuffer

@@ -41,6 +41,11 @@ HOLDOUT_NAME = "refit-holdout.jsonl"  # in work_dir: the newest live records, le
 MIN_HOLDOUT = 50  # fewer newest records than this say too little about coverage: no check
 
 
+def refit_model_path(work_dir: str | Path, save_path: str | Path | None) -> Path:
+    """Where a refit writes its model: ``save_path``, or ``MODEL_NAME`` in ``work_dir``."""
+    return Path(save_path) if save_path else Path(work_dir, MODEL_NAME)
+
+
 def candidate_path(model_path: Path) -> Path:
     """Where a refit writes its new model until the check passes: beside ``model_path``, as ``NAME.candidate``."""
     return model_path.with_name(model_path.name + ".candidate")
@@ -92,7 +97,7 @@ class TrainCommandRefit:
                  min_coverage: float = 0.8, current_path: str | Path | None = None) -> None:
         self.work_dir = Path(work_dir)
         self.base_data = [Path(p) for p in base_data]
-        self.model_path = Path(save_path) if save_path else self.work_dir / MODEL_NAME
+        self.model_path = refit_model_path(self.work_dir, save_path)
         self.input_path = self.work_dir / INPUT_NAME
         self.holdout_path = self.work_dir / HOLDOUT_NAME
         # beside the model, so that putting it into service is a rename within one file system
