@@ -93,22 +93,30 @@ def write_lines_atomically(path: Path, lines: list[bytes]) -> None:
         raise
 
 
-def _is_record(line: bytes) -> bool:
+def _record_of(line: bytes) -> dict[str, Any] | None:
+    """The trace record on a JSONL line, or None for a line that is not one."""
     try:
-        validate_record(orjson.loads(line))
+        return validate_record(orjson.loads(line))
     except (orjson.JSONDecodeError, TraceFormatError):
-        return False
-    return True
+        return None
 
 
-def _valid_lines(lines: list[bytes], where: str) -> list[bytes]:
-    """The lines that are trace records: one that is not (a truncated entry, another writer's data) would fail
-    every refit until it aged out of the buffer. Parsed one at a time, so nothing accumulates."""
-    valid = [line for line in lines if _is_record(line)]
-    if len(valid) < len(lines):
-        log.warning("trace buffer %s: skipped %d entries that are not trace records", where,
-                    len(lines) - len(valid))
-    return valid
+def _is_record(line: bytes) -> bool:
+    return _record_of(line) is not None
+
+
+def _checked(lines: list[bytes], where: str, parse: bool) -> list[Any]:
+    """The records on ``lines`` (``parse``) or the lines themselves, without the ones that are not trace records:
+    one (a truncated entry, another writer's data) would fail every refit until it aged out of the buffer. Lines
+    are parsed one at a time, so when only the lines are kept nothing accumulates."""
+    kept: list[Any] = []
+    for line in lines:
+        record = _record_of(line)
+        if record is not None:
+            kept.append(record if parse else line)
+    if len(kept) < len(lines):
+        log.warning("trace buffer %s: skipped %d entries that are not trace records", where, len(lines) - len(kept))
+    return kept
 
 
 def _parse_records(lines: list[bytes]) -> list[dict[str, Any]]:
@@ -121,9 +129,9 @@ def _parse_records(lines: list[bytes]) -> list[dict[str, Any]]:
     return records
 
 
-async def _parsed(lines: list[bytes]) -> list[dict[str, Any]]:
-    """The records of JSONL lines, parsed in an executor (50,000 of them take the loop tens of milliseconds)."""
-    return await asyncio.get_running_loop().run_in_executor(None, _parse_records, lines)
+async def _in_executor(function: Callable[..., Any], *args: Any) -> Any:
+    """Parsing or checking 50,000 lines takes tens of milliseconds: not on the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, function, *args)
 
 
 class MemoryBuffer:
@@ -139,7 +147,7 @@ class MemoryBuffer:
         return list(self.lines)
 
     async def snapshot(self) -> list[dict[str, Any]]:
-        return await _parsed(await self.snapshot_lines())
+        return await _in_executor(_parse_records, await self.snapshot_lines())
 
     async def close(self) -> None:
         return None
@@ -290,6 +298,13 @@ class RedisStreamBuffer:
         await self.client.xadd(self.key, {"r": orjson.dumps(record)}, maxlen=self.maxlen, approximate=True)
 
     async def snapshot_lines(self) -> list[bytes]:
+        return await _in_executor(_checked, await self._fetch(), self.key, False)
+
+    async def snapshot(self) -> list[dict[str, Any]]:
+        return await _in_executor(_checked, await self._fetch(), self.key, True)  # checked and parsed in one pass
+
+    async def _fetch(self) -> list[bytes]:
+        """The stream's latest ``maxlen`` entries as JSONL lines, as stored."""
         lines, start = [], "-"
         while True:
             batch = await self.client.xrange(self.key, min=start, max="+", count=SNAPSHOT_BATCH)
@@ -303,11 +318,7 @@ class RedisStreamBuffer:
             start = "(" + (last.decode() if isinstance(last, bytes) else last)
             if len(batch) < SNAPSHOT_BATCH:
                 break
-        return await asyncio.get_running_loop().run_in_executor(None, _valid_lines, lines[-self.maxlen:],
-                                                                 self.key)
-
-    async def snapshot(self) -> list[dict[str, Any]]:
-        return await _parsed(await self.snapshot_lines())
+        return lines[-self.maxlen:]
 
     async def close(self) -> None:
         return None
