@@ -38,3 +38,22 @@ async def running_gateway(raw_config: dict):
 @pytest.fixture
 def make_gateway():
     return running_gateway
+
+
+@pytest.fixture
+async def redis_trace_stream():
+    """A real Redis client and a stream key of this test's own, deleted afterwards: (client, key)."""
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from tests.test_state_store import REDIS_URL, _require_redis
+
+    _require_redis()
+    client = aioredis.Redis.from_url(REDIS_URL)
+    key = f"maestro-test-{uuid.uuid4().hex}:traces"
+    try:
+        yield client, key
+    finally:
+        await client.delete(key)
+        await client.aclose()

@@ -435,27 +435,15 @@ def test_a_failed_rewrite_leaves_no_temporary_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.redis
-async def test_a_stream_entry_that_is_no_trace_record_does_not_fail_refits():
-    import uuid
-
-    import redis.asyncio as aioredis
-
-    from tests.test_state_store import REDIS_URL, _require_redis
-
-    _require_redis()
-    client = aioredis.Redis.from_url(REDIS_URL)
-    key = f"maestro-test-{uuid.uuid4().hex}:traces"
-    try:
-        buffer = RedisStreamBuffer(client, key)
-        learner = OnlineLearner(buffer=buffer)
-        assert await learner.observe(chat("s", "q"), {"prompt_tokens": 3, "completion_tokens": 2})
-        await client.xadd(key, {"r": b'{"trunc'})  # another writer, or a cut entry
-        await client.xadd(key, {"r": b'{"not": "a record"}'})
-        lines = await buffer.snapshot_lines()
-        assert len(lines) == 1 and orjson.loads(lines[0])["usage"]["completion_tokens"] == 2
-    finally:
-        await client.delete(key)
-        await client.aclose()
+async def test_a_stream_entry_that_is_no_trace_record_does_not_fail_refits(redis_trace_stream):
+    client, key = redis_trace_stream
+    buffer = RedisStreamBuffer(client, key)
+    learner = OnlineLearner(buffer=buffer)
+    assert await learner.observe(chat("s", "q"), {"prompt_tokens": 3, "completion_tokens": 2})
+    await client.xadd(key, {"r": b'{"trunc'})  # another writer, or a cut entry
+    await client.xadd(key, {"r": b'{"not": "a record"}'})
+    lines = await buffer.snapshot_lines()
+    assert len(lines) == 1 and orjson.loads(lines[0])["usage"]["completion_tokens"] == 2
 
 
 def test_a_config_without_online_learning_does_not_load_numpy():

@@ -851,28 +851,16 @@ def test_chatdev_held_out_by_run(tmp_path):
 
 
 @pytest.mark.redis
-async def test_redis_stream_buffer_is_bounded_and_shared():
-    from tests.test_state_store import REDIS_URL, _require_redis
-
-    _require_redis()
-    import uuid
-
-    import redis.asyncio as aioredis
-
+async def test_redis_stream_buffer_is_bounded_and_shared(redis_trace_stream):
     from predictor.online import RedisStreamBuffer
 
-    client = aioredis.Redis.from_url(REDIS_URL)
-    key = f"maestro-test-{uuid.uuid4().hex}:traces"
-    try:
-        writer, reader = RedisStreamBuffer(client, key, maxlen=50), RedisStreamBuffer(client, key, maxlen=50)
-        for i in range(300):
-            await writer.append(make_record(chat("s", "q"), {"prompt_tokens": 3, "completion_tokens": i}))
-        seen = [r["usage"]["completion_tokens"] for r in await reader.snapshot()]
-        assert seen == list(range(250, 300))  # the latest maxlen, in order, from another buffer object
-        assert await client.xlen(key) < 300     # MAXLEN ~ trims the stream itself
-    finally:
-        await client.delete(key)
-        await client.aclose()
+    client, key = redis_trace_stream
+    writer, reader = RedisStreamBuffer(client, key, maxlen=50), RedisStreamBuffer(client, key, maxlen=50)
+    for i in range(300):
+        await writer.append(make_record(chat("s", "q"), {"prompt_tokens": 3, "completion_tokens": i}))
+    seen = [r["usage"]["completion_tokens"] for r in await reader.snapshot()]
+    assert seen == list(range(250, 300))  # the latest maxlen, in order, from another buffer object
+    assert await client.xlen(key) < 300     # MAXLEN ~ trims the stream itself
 
 
 def test_predict_many_matches_predict(predictor, records):
