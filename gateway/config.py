@@ -182,6 +182,7 @@ class OnlineLearningConfig:
     refit_timeout_s: float = 3600.0  # a refit still running after this is killed (the old model serves on)
     holdout_share: float = 0.1  # newest live records left out of a refit to check its model (0: no check)
     min_coverage: float = 0.8  # a new model under this p90 coverage there, and under the serving one's, is refused
+    max_loss_increase: float = 0.5  # ...as is one whose p90 quantile loss there is this much above the serving one's
 
 
 ONLINE_BUFFERS = ("memory", "file", "redis")
@@ -456,6 +457,8 @@ def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
         raise ConfigError(f"{path}.holdout_share", f"must be >= 0 and < 1, got {online.holdout_share}")
     if not 0.0 <= online.min_coverage <= 1.0:
         raise ConfigError(f"{path}.min_coverage", f"must be between 0 and 1, got {online.min_coverage}")
+    if not online.max_loss_increase >= 0.0:  # NaN fails too
+        raise ConfigError(f"{path}.max_loss_increase", f"must be >= 0, got {online.max_loss_increase}")
     if online.min_records > online.max_records:
         raise ConfigError(f"{path}.min_records", f"must be <= max_records ({online.max_records}): the buffer never "
                                                  f"holds more, so no refit would ever run")

@@ -112,6 +112,7 @@ class RequestPredictor:
                                   kv=kv, default_max_tokens=self._predictor.default_max_tokens,
                                   priors=priors or None, timeout_s=online.refit_timeout_s,
                                   holdout_share=online.holdout_share, min_coverage=online.min_coverage,
+                                  max_loss_increase=online.max_loss_increase,
                                   current_path=serving)
         try:
             refit.lock()

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -49,6 +50,13 @@ def refit_model_path(work_dir: str | Path, save_path: str | Path | None) -> Path
 def candidate_path(model_path: Path) -> Path:
     """Where a refit writes its new model until the check passes: beside ``model_path``, as ``NAME.candidate``."""
     return model_path.with_name(model_path.name + ".candidate")
+
+
+@dataclass(frozen=True)
+class HoldoutScore:
+    """A model's figures on the newest records: p90 coverage (share) and p90 quantile loss (tokens per request)."""
+    coverage: float
+    loss: float
 
 
 class RefitError(RuntimeError):
@@ -80,10 +88,15 @@ class TrainCommandRefit:
     cap and priors.
 
     The check: the newest ``holdout_share`` of the live records (when that is at least ``MIN_HOLDOUT``) are
-    left out of the fit, and ``python -m predictor.evaluate`` measures the new model's p90 coverage on them, and
-    the serving model's where it is a file (``current_path``). A new model below ``min_coverage`` that also
-    covers them worse than the serving one is not put into service (:class:`~predictor.online.RefitRejected`):
-    a refit on broken traffic must not replace a working model. Those records are trained on at the next refit.
+    left out of the fit, and ``python -m predictor.evaluate`` measures the new model's p90 coverage and p90
+    quantile loss on them, and the serving model's where it is a file (``current_path``). The new model is not
+    put into service (:class:`~predictor.online.RefitRejected`) when it reserves too little: below
+    ``min_coverage`` and below the serving model's coverage; or when its quantile loss is more than
+    ``max_loss_increase`` above the serving model's. Coverage alone cannot see a model that reserves far too
+    much (one that reserves every ``max_tokens`` covers everything and saves nothing); the quantile loss, the
+    score a p90 minimises, charges each token reserved beyond the output and each token of output beyond the
+    reservation. A refit on broken traffic must not replace a working model. Held-out records are trained on at
+    the next refit.
 
     ``work_dir`` holds the input files and, unless ``save_path`` is given, the model. ``timeout_s`` bounds each
     child; on timeout or cancellation it is killed. ``train_args`` are extra arguments for the train command
@@ -94,7 +107,8 @@ class TrainCommandRefit:
                  save_path: str | Path | None = None, kv: KVModel | None = None,
                  default_max_tokens: int | None = None, priors: Mapping[str, Any] | None = None,
                  timeout_s: float = 3600.0, train_args: Sequence[str] = (), holdout_share: float = 0.1,
-                 min_coverage: float = 0.8, current_path: str | Path | None = None) -> None:
+                 min_coverage: float = 0.8, max_loss_increase: float = 0.5,
+                 current_path: str | Path | None = None) -> None:
         self.work_dir = Path(work_dir)
         self.base_data = [Path(p) for p in base_data]
         self.model_path = refit_model_path(self.work_dir, save_path)
@@ -111,6 +125,7 @@ class TrainCommandRefit:
         self.train_args = list(train_args)
         self.holdout_share = holdout_share
         self.min_coverage = min_coverage
+        self.max_loss_increase = max_loss_increase
         self.last_check: dict[str, Any] | None = None  # the latest check's figures (GET /admin/predictor)
 
     def lock(self) -> None:
@@ -155,27 +170,42 @@ class TrainCommandRefit:
         return predictor
 
     async def _check(self, held: int) -> None:
-        new = await self._coverage(self.candidate_path)
+        new = await self._score(self.candidate_path)
         old = None
         if self.current_path is not None and self.current_path.is_file():
-            old = await self._coverage(self.current_path)
-        self.last_check = {"newest_records": held, "new_p90_coverage": new, "serving_p90_coverage": old,
-                           "min_coverage": self.min_coverage}
-        log.info("refit check on the newest %d records: p90 coverage %.1f%% (serving model: %s)", held, 100 * new,
-                 "-" if old is None else f"{100 * old:.1f}%")
-        if new < self.min_coverage and old is not None and new < old:
-            raise RefitRejected(f"the new model covers {new:.1%} of the newest {held} records at p90, below "
+            old = await self._score(self.current_path)
+        self.last_check = {"newest_records": held, "new_p90_coverage": new.coverage,
+                           "serving_p90_coverage": None if old is None else old.coverage,
+                           "new_p90_quantile_loss": new.loss,
+                           "serving_p90_quantile_loss": None if old is None else old.loss,
+                           "min_coverage": self.min_coverage, "max_loss_increase": self.max_loss_increase}
+        log.info("refit check on the newest %d records: p90 coverage %.1f%%, quantile loss %.1f (serving model: %s)",
+                 held, 100 * new.coverage, new.loss,
+                 "-" if old is None else f"{100 * old.coverage:.1f}%, {old.loss:.1f}")
+        if old is None:
+            return
+        if new.coverage < self.min_coverage and new.coverage < old.coverage:
+            raise RefitRejected(f"the new model covers {new.coverage:.1%} of the newest {held} records at p90, below "
                                 f"predictor.online.min_coverage ({self.min_coverage:.0%}) and below the serving "
-                                f"model's {old:.1%}; the serving model stays")
+                                f"model's {old.coverage:.1%}; the serving model stays")
+        if new.loss > old.loss * (1.0 + self.max_loss_increase):
+            raise RefitRejected(f"the new model's p90 quantile loss on the newest {held} records is {new.loss:.1f} "
+                                f"tokens, more than predictor.online.max_loss_increase ({self.max_loss_increase:.0%}) "
+                                f"above the serving model's {old.loss:.1f} (p90 coverage {new.coverage:.1%} against "
+                                f"{old.coverage:.1%}); the serving model stays")
 
-    async def _coverage(self, model: Path) -> float:
-        out = await self._run("predictor.evaluate", [
-            sys.executable, "-m", "predictor.evaluate", "--model", str(model), "--data", str(self.holdout_path),
-            "--split", "all", "--format", "json"])
+    async def _score(self, model: Path) -> HoldoutScore:
+        command = [sys.executable, "-m", "predictor.evaluate", "--model", str(model), "--data",
+                   str(self.holdout_path), "--split", "all", "--format", "json"]
+        if self.default_max_tokens is not None:  # cap requests without max_tokens as the gateway's predictor does
+            command += ["--default-max-tokens", str(self.default_max_tokens)]
+        out = await self._run("predictor.evaluate", command)
         try:
-            return float(orjson.loads(out)["all"]["length"]["p90_coverage"])
+            length = orjson.loads(out)["all"]["length"]
+            return HoldoutScore(float(length["p90_coverage"]), float(length["p90_quantile_loss"]))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise RefitError(f"`python -m predictor.evaluate` printed no p90 coverage: {exc}") from None
+            raise RefitError(f"`python -m predictor.evaluate` printed no p90 coverage and quantile loss: {exc!r}") \
+                from None
 
     async def _run(self, module: str, command: list[str]) -> bytes:
         """Run a child at a lower CPU priority and return its output; RefitError if it fails or runs too long."""

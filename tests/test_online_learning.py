@@ -216,6 +216,7 @@ def test_online_config_is_validated(tmp_path):
                           ({"max_records": 100, "min_records": 200}, "predictor.online.min_records"),
                           ({"holdout_share": 1.0}, "predictor.online.holdout_share"),
                           ({"min_coverage": 1.5}, "predictor.online.min_coverage"),
+                          ({"max_loss_increase": -0.1}, "predictor.online.max_loss_increase"),
                           ({"path": "records.jsonl.gz"}, "predictor.online.path"),
                           ({"enabled": True, "path": str(tmp_path / "w" / "refit-input.jsonl"),
                             "work_dir": str(tmp_path / "w")}, "predictor.online.path"),
@@ -471,37 +472,44 @@ async def test_a_refit_is_checked_on_the_newest_records_before_it_serves(tmp_pat
     assert first.trained and refit.model_path.is_file() and not refit.candidate_path.exists()
     check = refit.last_check
     assert check["newest_records"] == 60 and check["serving_p90_coverage"] is None
-    assert 0.5 <= check["new_p90_coverage"] <= 1.0
+    assert 0.5 <= check["new_p90_coverage"] <= 1.0 and check["new_p90_quantile_loss"] >= 0.0
     assert len(list(read_records(refit.input_path))) == 540 and len(list(read_records(refit.holdout_path))) == 60
     await refit(live)  # now the first refit's model is the serving one, and is measured too
     assert 0.5 <= refit.last_check["serving_p90_coverage"] <= 1.0
+    assert refit.last_check["serving_p90_quantile_loss"] >= 0.0
 
 
-@pytest.mark.parametrize("new, serving, kept", [
-    (0.50, 0.90, True),   # under the floor and worse than the serving model: refused
-    (0.50, 0.40, False),  # under the floor but better than the serving model (the traffic moved): served
-    (0.85, 0.95, False),  # worse, but above the floor: served
-    (0.50, None, False),  # no serving model file to compare with (priors): served
+@pytest.mark.parametrize("new, serving, refused_for", [
+    # (p90 coverage, p90 quantile loss) on the newest records, for the new model and the serving one
+    ((0.50, 30.0), (0.90, 30.0), "min_coverage"),  # under the floor and worse than the serving model
+    ((0.50, 30.0), (0.40, 40.0), None),            # under the floor but better than serving (the traffic moved)
+    ((0.85, 30.0), (0.95, 30.0), None),            # worse, but above the floor
+    ((0.50, 30.0), None, None),                    # no serving model file to compare with (priors)
+    ((1.00, 400.0), (0.90, 30.0), "max_loss_increase"),  # covers all by reserving ~everything: saves nothing
+    ((0.95, 44.0), (0.90, 30.0), None),            # within max_loss_increase (0.5) of the serving model
+    ((0.95, 400.0), None, None),                   # nothing to compare with
 ])
-async def test_the_refit_check_refuses_only_a_model_worse_on_both_counts(tmp_path, monkeypatch, new, serving,
-                                                                         kept):
+async def test_the_refit_check_refuses_a_model_that_reserves_too_little_or_too_much(tmp_path, monkeypatch, new,
+                                                                                    serving, refused_for):
     from tests.test_predictor import FAST
 
     from predictor.train import fit_state
 
+    kept = refused_for is not None
     serving_file = tmp_path / "serving.skops"
     serving_model = Predictor.from_state(fit_state(synthetic_records(n_workflows=10), FAST))
     serving_model.save(serving_file)
-    refit = TrainCommandRefit(tmp_path / "work", save_path=serving_file,
+    refit = TrainCommandRefit(tmp_path / "work", save_path=serving_file, default_max_tokens=2048,
                               current_path=serving_file if serving is not None else None)
 
     async def run(module, command):
         if module == "predictor.train":  # a stand-in fit: the candidate is a copy of the serving model
             refit.candidate_path.write_bytes(serving_file.read_bytes())
             return b""
+        assert command[command.index("--default-max-tokens") + 1] == "2048"  # scored as the gateway caps
         model = Path(command[command.index("--model") + 1])
-        coverage = new if model == refit.candidate_path else serving
-        return orjson.dumps({"all": {"length": {"p90_coverage": coverage}}})
+        coverage, loss = new if model == refit.candidate_path else serving
+        return orjson.dumps({"all": {"length": {"p90_coverage": coverage, "p90_quantile_loss": loss}}})
 
     monkeypatch.setattr(refit, "_run", run)
     learner = OnlineLearner(serving_model, MemoryBuffer(), min_records=0, refit=refit)
@@ -512,5 +520,6 @@ async def test_the_refit_check_refuses_only_a_model_worse_on_both_counts(tmp_pat
     assert (learner.predictor is serving_model) == kept
     assert learner.refit_rejections == (1 if kept else 0) and learner.refit_failures == 0
     assert not refit.candidate_path.exists() or kept  # a refused candidate is left for an operator to inspect
+    assert refit.last_check["new_p90_quantile_loss"] == new[1]
     if kept:
-        assert "min_coverage" in str(learner.last_error) and "serving model stays" in str(learner.last_error)
+        assert refused_for in str(learner.last_error) and "serving model stays" in str(learner.last_error)

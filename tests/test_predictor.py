@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from predictor import Prediction, Predictor
 from predictor.classifier import TextParams
 from predictor.evaluate import (baseline_predictions, coverage, evaluate_records, fit_baselines, kendall_tau,
-                                kv_saving, mae, role_metrics, run_bootstrap_intervals, under_reservation)
+                                kv_saving, mae, quantile_loss, role_metrics, run_bootstrap_intervals,
+                                under_reservation)
 from predictor.features import explicit_role_of, max_tokens_of, normalize_role, parse_request
 from predictor.kv import KVModel, KVSpec, bytes_per_token
 from predictor.length_model import (FlatForest, LengthParams, fit_length_model, fit_quantile_estimators,
@@ -560,6 +561,11 @@ def test_metrics_on_a_hand_checkable_set():
     # prompts 100+100, reserved 50+150, max 400+400: 1 - 400/1000
     assert kv_saving([100, 100], [50, 150], [400, 400]) == pytest.approx(0.6)
     assert under_reservation([60, 100], [50, 150]) == pytest.approx(0.5)
+    # p90 of 100 against outputs 60 (40 over: 0.1 × 40) and 120 (20 under: 0.9 × 20): (4 + 18) / 2
+    assert quantile_loss([100, 100], [60, 120], 0.9) == pytest.approx(11.0)
+    assert quantile_loss([5, 7], [5, 7], 0.9) == 0.0
+    # reserving everything covers everything but scores worse than a tight p90 that misses one call
+    assert quantile_loss([4096] * 4, [90, 100, 110, 300], 0.9) > quantile_loss([120] * 4, [90, 100, 110, 300], 0.9)
 
 
 def test_bootstrap_intervals_resample_whole_runs():

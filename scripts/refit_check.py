@@ -1,0 +1,111 @@
+"""The online refit's model check, run for real (``predictor.evaluate`` children) on held-out ChatDev runs.
+
+The serving model is a ``train`` model (seed-0 split); the held-out runs of that split stand in for "the newest
+records". Three candidates are checked against it: the serving model itself, an alternative the team would
+accept (``--alternative``, for example the opt-in ``--upper-fit-levels`` model), and a model trained on the
+same ChatDev train runs with every output length multiplied by ``--inflate`` (traffic whose usage was wrong, or a
+burst of unusual requests): it covers everything and reserves far more. Then how far the p90 quantile loss of
+the serving and the alternative model differ on slices of ``--slice`` held-out records of each source (the
+smallest check a refit runs is 50 records), which is the noise ``max_loss_increase`` must let through.
+Run from the repository root:
+
+    python scripts/refit_check.py --serving MODEL --alternative MODEL --traces /tmp/maestro-traces
+
+Prints one line per candidate (coverage, quantile loss, outcome) and one per source (loss ratios).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from predictor.evaluate import collect, quantile_loss  # noqa: E402
+from predictor.online import RefitRejected  # noqa: E402
+from predictor.predictor import Predictor  # noqa: E402
+from predictor.refit_command import HOLDOUT_NAME, TrainCommandRefit  # noqa: E402
+from predictor.trace import read_records  # noqa: E402
+from predictor.train import DEFAULT_SEED, DEFAULT_TEST_SIZE, split_records  # noqa: E402
+
+SOURCES = ("chatdev", "ag2", "magentic-one", "tau-bench", "toolbench", "alpaca-eval")
+
+
+def write_jsonl(path: Path, records) -> None:
+    path.write_bytes(b"".join(orjson.dumps(record) + b"\n" for record in records))
+
+
+async def check(work: Path, serving: Path, candidates: dict[str, Path], held: int) -> None:
+    for name, candidate in candidates.items():
+        refit = TrainCommandRefit(work, save_path=work / "model.skops", current_path=serving)
+        shutil.copy(candidate, refit.candidate_path)
+        try:
+            await refit._check(held)
+            outcome = "served"
+        except RefitRejected as exc:
+            outcome = f"refused ({'max_loss_increase' if 'loss' in str(exc) else 'min_coverage'})"
+        c = refit.last_check
+        print(f"{name:24s} p90 coverage {c['new_p90_coverage']:.1%}, quantile loss {c['new_p90_quantile_loss']:6.1f}"
+              f"  | serving {c['serving_p90_coverage']:.1%}, {c['serving_p90_quantile_loss']:.1f}  -> {outcome}",
+              flush=True)
+
+
+def slice_ratios(serving: Path, alternative: Path, test, size: int) -> None:
+    rows = {}
+    for name, path in (("serving", serving), ("alternative", alternative)):
+        rows[name] = [r for r in collect(Predictor.load(path, default_max_tokens=4096), test) if r["usable"]]
+    for source in SOURCES:
+        idx = [i for i, r in enumerate(rows["serving"]) if r["source"] == source]
+        ratios = []
+        for start in range(0, len(idx) - size + 1, size):
+            chunk = idx[start:start + size]
+            loss = {name: quantile_loss([rows[name][i]["p90"] for i in chunk], [rows[name][i]["actual"] for i in chunk],
+                                        0.9) for name in rows}
+            ratios.append(loss["alternative"] / loss["serving"])
+        if ratios:
+            r = np.array(ratios)
+            print(f"{source:13s} {len(r):3d} slices of {size}: alternative / serving loss median {np.median(r):.2f}, "
+                  f"min {r.min():.2f}, max {r.max():.2f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serving", type=Path, required=True, help="a model from train (default seed-0 split)")
+    parser.add_argument("--alternative", type=Path, required=True, help="another acceptable model, same split")
+    parser.add_argument("--traces", type=Path, default=Path("/tmp/maestro-traces"))
+    parser.add_argument("--inflate", type=int, default=8)
+    parser.add_argument("--slice", type=int, default=50)
+    args = parser.parse_args()
+    records = [r for source in SOURCES for r in read_records(args.traces / f"{source}.jsonl.gz")]
+    train, test = split_records(records, DEFAULT_TEST_SIZE, DEFAULT_SEED)
+    chatdev_train = [r for r in train if r.get("source") == "chatdev"]
+    chatdev_test = [r for r in test if r.get("source") == "chatdev"]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp, "work")
+        work.mkdir()
+        write_jsonl(work / HOLDOUT_NAME, chatdev_test)
+        inflated = [{**r, "usage": {**r["usage"], "completion_tokens": r["usage"]["completion_tokens"] * args.inflate}}
+                    for r in chatdev_train]
+        write_jsonl(Path(tmp, "inflated.jsonl"), inflated)
+        print(f"training on {len(inflated)} ChatDev train calls with output lengths x{args.inflate} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "predictor.train", "--split", "all", "--quiet", "--data",
+                        str(Path(tmp, "inflated.jsonl")), "--out", str(Path(tmp, "inflated.skops"))], check=True)
+        print(f"check on ChatDev's {len(chatdev_test)} held-out calls (seed-0 split):")
+        asyncio.run(check(work, args.serving, {"the serving model": args.serving, "alternative": args.alternative,
+                                               f"outputs x{args.inflate}": Path(tmp, "inflated.skops")},
+                          len(chatdev_test)))
+    print("p90 quantile loss on slices of held-out records (seed-0 split):")
+    slice_ratios(args.serving, args.alternative, test, args.slice)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
