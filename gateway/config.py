@@ -182,7 +182,7 @@ class OnlineLearningConfig:
     refit_timeout_s: float = 3600.0  # a refit still running after this is killed (the old model serves on)
     holdout_share: float = 0.1  # newest live records left out of a refit to check its model (0: no check)
     min_coverage: float = 0.8  # a new model under this p90 coverage there, and under the serving one's, is refused
-    max_loss_increase: float = 0.5  # ...as is one whose p90 quantile loss there is this much above the serving one's
+    max_loss_increase: float = 0.5  # ...as is one whose p90 quantile loss there exceeds serving's × (1 + this)
 
 
 ONLINE_BUFFERS = ("memory", "file", "redis")

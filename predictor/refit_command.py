@@ -40,6 +40,9 @@ MODEL_NAME = "online-model.skops"  # in work_dir, unless save_path is given
 LOCK_NAME = "lock"  # in work_dir: held by the one gateway that uses it
 HOLDOUT_NAME = "refit-holdout.jsonl"  # in work_dir: the newest live records, left out to check the new model
 MIN_HOLDOUT = 50  # fewer newest records than this say too little about coverage: no check
+# added to the serving model's quantile loss before the max_loss_increase comparison: a serving model whose loss
+# is near zero (outputs that always end at max_tokens) would otherwise refuse every refit for a token's noise
+LOSS_ALLOWANCE_TOKENS = 1.0
 
 
 def refit_model_path(work_dir: str | Path, save_path: str | Path | None) -> Path:
@@ -92,7 +95,8 @@ class TrainCommandRefit:
     quantile loss on them, and the serving model's where it is a file (``current_path``). The new model is not
     put into service (:class:`~predictor.online.RefitRejected`) when it reserves too little: below
     ``min_coverage`` and below the serving model's coverage; or when its quantile loss is more than
-    ``max_loss_increase`` above the serving model's. Coverage alone cannot see a model that reserves far too
+    ``serving loss × (1 + max_loss_increase) + LOSS_ALLOWANCE_TOKENS`` (it reserves too much, or too little,
+    for the newest traffic). A model at least as good on both counts always serves. Coverage alone cannot see a model that reserves far too
     much (one that reserves every ``max_tokens`` covers everything and saves nothing); the quantile loss, the
     score a p90 minimises, charges each token reserved beyond the output and each token of output beyond the
     reservation. A refit on broken traffic must not replace a working model. Held-out records are trained on at
@@ -188,16 +192,20 @@ class TrainCommandRefit:
             raise RefitRejected(f"the new model covers {new.coverage:.1%} of the newest {held} records at p90, below "
                                 f"predictor.online.min_coverage ({self.min_coverage:.0%}) and below the serving "
                                 f"model's {old.coverage:.1%}; the serving model stays")
-        if new.loss > old.loss * (1.0 + self.max_loss_increase):
+        if new.loss > old.loss * (1.0 + self.max_loss_increase) + LOSS_ALLOWANCE_TOKENS:
             raise RefitRejected(f"the new model's p90 quantile loss on the newest {held} records is {new.loss:.1f} "
                                 f"tokens, more than predictor.online.max_loss_increase ({self.max_loss_increase:.0%}) "
-                                f"above the serving model's {old.loss:.1f} (p90 coverage {new.coverage:.1%} against "
+                                f"above the serving model's {old.loss:.1f} tokens (p90 coverage {new.coverage:.1%} against "
                                 f"{old.coverage:.1%}); the serving model stays")
 
     async def _score(self, model: Path) -> HoldoutScore:
         command = [sys.executable, "-m", "predictor.evaluate", "--model", str(model), "--data",
                    str(self.holdout_path), "--split", "all", "--format", "json"]
-        if self.default_max_tokens is not None:  # cap requests without max_tokens as the gateway's predictor does
+        # A request without max_tokens is capped at default_max_tokens where the caller set one; otherwise
+        # evaluate's own default (4096) caps both models' reservations alike. (The gateway sets none: it caps at
+        # the model's context, which the evaluate child does not know; a model that reserves far too much is
+        # still scored by what it reserves up to 4096.)
+        if self.default_max_tokens is not None:
             command += ["--default-max-tokens", str(self.default_max_tokens)]
         out = await self._run("predictor.evaluate", command)
         try:

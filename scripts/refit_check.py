@@ -51,7 +51,7 @@ async def check(work: Path, serving: Path, candidates: dict[str, Path], held: in
             await refit._check(held)
             outcome = "served"
         except RefitRejected as exc:
-            outcome = f"refused ({'max_loss_increase' if 'loss' in str(exc) else 'min_coverage'})"
+            outcome = f"refused ({'max_loss_increase' if 'max_loss_increase' in str(exc) else 'min_coverage'})"
         c = refit.last_check
         print(f"{name:24s} p90 coverage {c['new_p90_coverage']:.1%}, quantile loss {c['new_p90_quantile_loss']:6.1f}"
               f"  | serving {c['serving_p90_coverage']:.1%}, {c['serving_p90_quantile_loss']:.1f}  -> {outcome}",
@@ -69,11 +69,13 @@ def slice_ratios(serving: Path, alternative: Path, test, size: int) -> None:
             chunk = idx[start:start + size]
             loss = {name: quantile_loss([rows[name][i]["p90"] for i in chunk], [rows[name][i]["actual"] for i in chunk],
                                         0.9) for name in rows}
-            ratios.append(loss["alternative"] / loss["serving"])
+            if loss["serving"] > 0:  # a slice the serving model reserved exactly: no ratio
+                ratios.append(loss["alternative"] / loss["serving"])
         if ratios:
             r = np.array(ratios)
+            over = int(np.sum(r > 1.5))
             print(f"{source:13s} {len(r):3d} slices of {size}: alternative / serving loss median {np.median(r):.2f}, "
-                  f"min {r.min():.2f}, max {r.max():.2f}")
+                  f"min {r.min():.2f}, max {r.max():.2f}; above 1.5: {over}")
 
 
 def main() -> int:

@@ -217,6 +217,8 @@ def test_online_config_is_validated(tmp_path):
                           ({"holdout_share": 1.0}, "predictor.online.holdout_share"),
                           ({"min_coverage": 1.5}, "predictor.online.min_coverage"),
                           ({"max_loss_increase": -0.1}, "predictor.online.max_loss_increase"),
+                          ({"max_loss_increase": float("nan")}, "predictor.online.max_loss_increase"),
+                          ({"max_loss_increase": True}, "predictor.online.max_loss_increase"),
                           ({"path": "records.jsonl.gz"}, "predictor.online.path"),
                           ({"enabled": True, "path": str(tmp_path / "w" / "refit-input.jsonl"),
                             "work_dir": str(tmp_path / "w")}, "predictor.online.path"),
@@ -227,6 +229,7 @@ def test_online_config_is_validated(tmp_path):
         with pytest.raises(ConfigError) as raised:
             parse_config({**base, "predictor": {"online": online}})
         assert where in str(raised.value), (online, str(raised.value))
+    assert parse_config({**base, "predictor": {"online": {"max_loss_increase": float("inf")}}})  # the rule off
 
 
 async def test_admin_routes_and_metrics_show_online_learning(tmp_path):
@@ -488,6 +491,9 @@ async def test_a_refit_is_checked_on_the_newest_records_before_it_serves(tmp_pat
     ((1.00, 400.0), (0.90, 30.0), "max_loss_increase"),  # covers all by reserving ~everything: saves nothing
     ((0.95, 44.0), (0.90, 30.0), None),            # within max_loss_increase (0.5) of the serving model
     ((0.95, 400.0), None, None),                   # nothing to compare with
+    ((0.95, 1.0), (0.95, 0.0), None),              # within the one-token allowance of a serving loss of zero
+    ((0.95, 2.0), (0.95, 0.0), "max_loss_increase"),
+    ((0.78, 40.0), (1.00, 250.0), "min_coverage"),  # a far lower loss does not lift the coverage floor
 ])
 async def test_the_refit_check_refuses_a_model_that_reserves_too_little_or_too_much(tmp_path, monkeypatch, new,
                                                                                     serving, refused_for):
