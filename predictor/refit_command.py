@@ -96,11 +96,11 @@ class TrainCommandRefit:
     put into service (:class:`~predictor.online.RefitRejected`) when it reserves too little: below
     ``min_coverage`` and below the serving model's coverage; or when its quantile loss is more than
     ``serving loss × (1 + max_loss_increase) + LOSS_ALLOWANCE_TOKENS`` (it reserves too much, or too little,
-    for the newest traffic). A model at least as good on both counts always serves. Coverage alone cannot see a model that reserves far too
-    much (one that reserves every ``max_tokens`` covers everything and saves nothing); the quantile loss, the
-    score a p90 minimises, charges each token reserved beyond the output and each token of output beyond the
-    reservation. A refit on broken traffic must not replace a working model. Held-out records are trained on at
-    the next refit.
+    for the newest traffic). A model at least as good on both counts always serves. Coverage alone cannot see a
+    model that reserves far too much (one that reserves every ``max_tokens`` covers everything and saves
+    nothing); the quantile loss, the score a p90 minimises, charges each token reserved beyond the output and
+    each token of output beyond the reservation. A refit on broken traffic must not replace a working model.
+    Held-out records are trained on at the next refit.
 
     ``work_dir`` holds the input files and, unless ``save_path`` is given, the model. ``timeout_s`` bounds each
     child; on timeout or cancellation it is killed. ``train_args`` are extra arguments for the train command
@@ -195,8 +195,8 @@ class TrainCommandRefit:
         if new.loss > old.loss * (1.0 + self.max_loss_increase) + LOSS_ALLOWANCE_TOKENS:
             raise RefitRejected(f"the new model's p90 quantile loss on the newest {held} records is {new.loss:.1f} "
                                 f"tokens, more than predictor.online.max_loss_increase ({self.max_loss_increase:.0%}) "
-                                f"above the serving model's {old.loss:.1f} tokens (p90 coverage {new.coverage:.1%} against "
-                                f"{old.coverage:.1%}); the serving model stays")
+                                f"above the serving model's {old.loss:.1f} tokens (p90 coverage {new.coverage:.1%} "
+                                f"against {old.coverage:.1%}); the serving model stays")
 
     async def _score(self, model: Path) -> HoldoutScore:
         command = [sys.executable, "-m", "predictor.evaluate", "--model", str(model), "--data",

@@ -29,6 +29,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway.config import OnlineLearningConfig  # noqa: E402
 from predictor.evaluate import collect, quantile_loss  # noqa: E402
 from predictor.online import RefitRejected  # noqa: E402
 from predictor.predictor import Predictor  # noqa: E402
@@ -37,6 +38,7 @@ from predictor.trace import read_records  # noqa: E402
 from predictor.train import DEFAULT_SEED, DEFAULT_TEST_SIZE, split_records  # noqa: E402
 
 SOURCES = ("chatdev", "ag2", "magentic-one", "tau-bench", "toolbench", "alpaca-eval")
+REFUSED_ABOVE = 1.0 + OnlineLearningConfig.max_loss_increase  # the default's loss ratio (before the 1-token allowance)
 
 
 def write_jsonl(path: Path, records) -> None:
@@ -73,9 +75,9 @@ def slice_ratios(serving: Path, alternative: Path, test, size: int) -> None:
                 ratios.append(loss["alternative"] / loss["serving"])
         if ratios:
             r = np.array(ratios)
-            over = int(np.sum(r > 1.5))
+            over = int(np.sum(r > REFUSED_ABOVE))
             print(f"{source:13s} {len(r):3d} slices of {size}: alternative / serving loss median {np.median(r):.2f}, "
-                  f"min {r.min():.2f}, max {r.max():.2f}; above 1.5: {over}")
+                  f"min {r.min():.2f}, max {r.max():.2f}; above {REFUSED_ABOVE:g}: {over}")
 
 
 def main() -> int:
