@@ -466,11 +466,11 @@ def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
         raise ConfigError(f"{path}.path", "the file buffer writes plain JSONL; give a .jsonl path")
     if online.enabled and online.buffer == "file":
         # local import, only when on: the predictor package brings numpy, which a gateway without it never loads
-        from predictor.refit_command import HOLDOUT_NAME, INPUT_NAME, candidate_path, refit_model_path
+        from predictor.refit_command import HOLDOUT_NAME, INPUT_NAME, PRIORS_NAME, candidate_path, refit_model_path
 
         model = refit_model_path(online.work_dir, online.save_path).resolve()
-        written = {Path(online.work_dir, INPUT_NAME).resolve(), Path(online.work_dir, HOLDOUT_NAME).resolve(), model,
-                   candidate_path(model)}
+        written = {Path(online.work_dir, name).resolve() for name in (INPUT_NAME, HOLDOUT_NAME, PRIORS_NAME)}
+        written |= {model, candidate_path(model)}
         if Path(online.path).resolve() in written:
             raise ConfigError(f"{path}.path", f"is a file each refit writes ({online.path}); choose another")
     for i, data in enumerate(online.base_data):

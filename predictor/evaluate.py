@@ -23,6 +23,10 @@ Metrics are pure functions over arrays (tested on hand-checkable sets):
 ``--cv K`` replaces ``--model``: group k-fold by workflow over the given files, one model per fold trained
 with the default options, every record scored once by a model that never saw its run.
 
+``--priors [FILE]`` replaces ``--model``: scores the per-role priors a gateway serves until it has a model (the
+built-in ones, or those of FILE: a JSON object ``{role: {"p50": N, "p90": N}}`` like the config's
+``predictor.priors``), so a first trained model can be compared with what it would replace.
+
 ``--split all`` scores every record of the given files; where the model was trained on them (its file names
 them) the report is in-sample and ``meta.in_sample`` is true. A model trained with ``train --split all`` held
 nothing out, so the default ``--split test`` is refused for it.
@@ -416,6 +420,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cv", type=int, metavar="K",
                         help="instead of --model: group k-fold by workflow (train k models with default "
                              "options or --upper-fit-levels, score each held-out fold, pool the metrics)")
+    parser.add_argument("--priors", nargs="?", const="", metavar="FILE",
+                        help="instead of --model: score the per-role priors a gateway serves before it has a "
+                             "model (the built-in ones, or FILE's: a JSON object {role: {\"p50\": N, \"p90\": N}})")
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="trace files")
     parser.add_argument("--default-max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,
                         help="max_tokens of a request that sets none (>= 1, default 4096)")
@@ -453,9 +460,15 @@ def main(args: argparse.Namespace) -> int:
     from predictor.train import (DEFAULT_SEED, DEFAULT_TEST_SIZE, TrainingDataError, TrainOptions,
                                  load_records_or_say_why, split_records)
 
-    if (args.model is None) == (args.cv is None):
-        print("maestro predictor evaluate: give either --model MODEL or --cv K", file=sys.stderr)
+    if sum(given is not None for given in (args.model, args.cv, args.priors)) != 1:
+        print("maestro predictor evaluate: give one of --model MODEL, --cv K or --priors [FILE]", file=sys.stderr)
         return 2
+    priors = None
+    if args.priors is not None:
+        priors = read_priors(args.priors)
+        if isinstance(priors, str):
+            print(f"maestro predictor evaluate: {priors}", file=sys.stderr)
+            return 2
     if args.upper_fit_levels and args.cv is None:
         print("maestro predictor evaluate: --upper-fit-levels only applies to --cv (a model file keeps the "
               "levels it was trained with)", file=sys.stderr)
@@ -487,7 +500,10 @@ def main(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     try:
-        predictor = Predictor.load(args.model, default_max_tokens=args.default_max_tokens)
+        if priors is not None:
+            predictor = Predictor.from_priors(priors, default_max_tokens=args.default_max_tokens)
+        else:
+            predictor = Predictor.load(args.model, default_max_tokens=args.default_max_tokens)
     except ModelFileError as exc:
         print(f"maestro predictor evaluate: {exc}", file=sys.stderr)
         return 2
@@ -522,7 +538,9 @@ def main(args: argparse.Namespace) -> int:
               "in-sample report, not a held-out one", file=sys.stderr)
     started = time.perf_counter()
     report = evaluate_by_source(predictor, records, args.default_max_tokens, args.workflow_context)
-    report["meta"] = {"model": str(args.model), "data": [str(p) for p in args.data], "split": args.split,
+    report["meta"] = {"model": None if priors is not None else str(args.model),
+                      "priors": None if priors is None else (args.priors or "built-in"),
+                      "data": [str(p) for p in args.data], "split": args.split,
                       "model_split": split.get("part"), "in_sample": in_sample,
                       "workflow_context": args.workflow_context,
                       "test_size": test_size if args.split == "test" else None,
@@ -531,6 +549,29 @@ def main(args: argparse.Namespace) -> int:
                       "trained_on": training.get("sources")}
     write_report(report, args.format)
     return 0
+
+
+def read_priors(path: str) -> dict[str, tuple[int, int]] | str:
+    """The priors to score: the built-in ones (``path`` empty) with FILE's overrides, or why they cannot be read."""
+    import orjson
+
+    from predictor.predictor import normalize_priors
+
+    overrides: Any = {}
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                overrides = orjson.loads(handle.read())
+        except OSError as exc:
+            return f"cannot read --priors {path}: {exc.strerror or exc}"
+        except orjson.JSONDecodeError as exc:
+            return f"--priors {path} is not JSON: {exc}"
+        if not isinstance(overrides, dict):
+            return f"--priors {path} must hold a JSON object {{role: {{\"p50\": N, \"p90\": N}}}}"
+    try:
+        return normalize_priors(overrides)
+    except (ValueError, TypeError) as exc:
+        return f"--priors {path}: {exc}"
 
 
 def trained_on_files(training: Mapping[str, Any], data: Sequence[str]) -> list[str]:

@@ -43,6 +43,9 @@ MIN_HOLDOUT = 50  # fewer newest records than this say too little about coverage
 # added to the serving model's quantile loss before the max_loss_increase comparison: a serving model whose loss
 # is near zero (outputs that always end at max_tokens) would otherwise refuse every refit for a token's noise
 LOSS_ALLOWANCE_TOKENS = 1.0
+PRIORS_NAME = "serving-priors.json"  # in work_dir: the priors a gateway without a model serves, for the check
+SERVING_WORDS = {"model": ("the serving model's", "the serving model stays"),
+                 "priors": ("the serving priors'", "the priors keep serving")}
 
 
 def refit_model_path(work_dir: str | Path, save_path: str | Path | None) -> Path:
@@ -92,7 +95,9 @@ class TrainCommandRefit:
 
     The check: the newest ``holdout_share`` of the live records (when that is at least ``MIN_HOLDOUT``) are
     left out of the fit, and ``python -m predictor.evaluate`` measures the new model's p90 coverage and p90
-    quantile loss on them, and the serving model's where it is a file (``current_path``). The new model is not
+    quantile loss on them, and those of what serves now: the model file ``current_path``, or, where there is no
+    such file (a gateway that starts without a model), the per-role priors (``evaluate --priors``), so that even
+    the first model is checked against what it would replace. The new model is not
     put into service (:class:`~predictor.online.RefitRejected`) when it reserves too little: below
     ``min_coverage`` and below the serving model's coverage; or when its quantile loss is more than
     ``serving loss × (1 + max_loss_increase) + LOSS_ALLOWANCE_TOKENS`` (it reserves too much, or too little,
@@ -175,32 +180,39 @@ class TrainCommandRefit:
 
     async def _check(self, held: int) -> None:
         new = await self._score(self.candidate_path)
-        old = None
         if self.current_path is not None and self.current_path.is_file():
-            old = await self._score(self.current_path)
-        self.last_check = {"newest_records": held, "new_p90_coverage": new.coverage,
-                           "serving_p90_coverage": None if old is None else old.coverage,
-                           "new_p90_quantile_loss": new.loss,
-                           "serving_p90_quantile_loss": None if old is None else old.loss,
-                           "min_coverage": self.min_coverage, "max_loss_increase": self.max_loss_increase}
-        log.info("refit check on the newest %d records: p90 coverage %.1f%%, quantile loss %.1f (serving model: %s)",
-                 held, 100 * new.coverage, new.loss,
-                 "-" if old is None else f"{100 * old.coverage:.1f}%, {old.loss:.1f}")
-        if old is None:
-            return
+            serving, old = "model", await self._score(self.current_path)
+        else:
+            serving, old = "priors", await self._score(None)
+        self.last_check = {"newest_records": held, "serving": serving, "new_p90_coverage": new.coverage,
+                           "serving_p90_coverage": old.coverage, "new_p90_quantile_loss": new.loss,
+                           "serving_p90_quantile_loss": old.loss, "min_coverage": self.min_coverage,
+                           "max_loss_increase": self.max_loss_increase}
+        log.info("refit check on the newest %d records: p90 coverage %.1f%%, quantile loss %.1f (serving %s: "
+                 "%.1f%%, %.1f)", held, 100 * new.coverage, new.loss, serving, 100 * old.coverage, old.loss)
+        theirs, stays = SERVING_WORDS[serving]
         if new.coverage < self.min_coverage and new.coverage < old.coverage:
             raise RefitRejected(f"the new model covers {new.coverage:.1%} of the newest {held} records at p90, below "
-                                f"predictor.online.min_coverage ({self.min_coverage:.0%}) and below the serving "
-                                f"model's {old.coverage:.1%}; the serving model stays")
+                                f"predictor.online.min_coverage ({self.min_coverage:.0%}) and below {theirs} "
+                                f"{old.coverage:.1%}; {stays}")
         if new.loss > old.loss * (1.0 + self.max_loss_increase) + LOSS_ALLOWANCE_TOKENS:
             raise RefitRejected(f"the new model's p90 quantile loss on the newest {held} records is {new.loss:.1f} "
                                 f"tokens, more than predictor.online.max_loss_increase ({self.max_loss_increase:.0%}) "
-                                f"above the serving model's {old.loss:.1f} tokens (p90 coverage {new.coverage:.1%} "
-                                f"against {old.coverage:.1%}); the serving model stays")
+                                f"above {theirs} {old.loss:.1f} tokens (p90 coverage {new.coverage:.1%} against "
+                                f"{old.coverage:.1%}); {stays}")
 
-    async def _score(self, model: Path) -> HoldoutScore:
-        command = [sys.executable, "-m", "predictor.evaluate", "--model", str(model), "--data",
-                   str(self.holdout_path), "--split", "all", "--format", "json"]
+    async def _score(self, model: Path | None) -> HoldoutScore:
+        """``model``'s p90 coverage and quantile loss on the newest records; with None, the priors'."""
+        command = [sys.executable, "-m", "predictor.evaluate", "--data", str(self.holdout_path), "--split", "all",
+                   "--format", "json"]
+        if model is None:
+            priors = self.work_dir / PRIORS_NAME
+            serving = self.priors if self.priors is not None else normalize_priors(None)
+            await asyncio.get_running_loop().run_in_executor(
+                None, priors.write_bytes, orjson.dumps({role: list(pair) for role, pair in serving.items()}))
+            command += ["--priors", str(priors)]
+        else:
+            command += ["--model", str(model)]
         # A request without max_tokens is capped at default_max_tokens where the caller set one; otherwise
         # evaluate's own default (4096) caps both models' reservations alike. (The gateway sets none: it caps at
         # the model's context, which the evaluate child does not know; a model that reserves far too much is

@@ -1,9 +1,10 @@
 """The online refit's model check, run for real (``predictor.evaluate`` children) on held-out ChatDev runs.
 
 The serving model is a ``train`` model (seed-0 split); the held-out runs of that split stand in for "the newest
-records". Three candidates are checked against it: the serving model itself, an alternative the team would
-accept (``--alternative``, for example the opt-in ``--upper-fit-levels`` model), and a model trained on the
-same ChatDev train runs with every output length multiplied by ``--inflate`` (traffic whose usage was wrong, or a
+records". Three candidates are checked against it, and against the built-in per-role priors (what a gateway
+that started without a model serves): the serving model itself, an alternative the team would accept
+(``--alternative``, for example the opt-in ``--upper-fit-levels`` model), and a model trained on the same
+ChatDev train runs with every output length multiplied by ``--inflate`` (traffic whose usage was wrong, or a
 burst of unusual requests): it covers everything and reserves far more. Then how far the p90 quantile loss of
 the serving and the alternative model differ on slices of ``--slice`` held-out records of each source (the
 smallest check a refit runs is 50 records), which is the noise ``max_loss_increase`` must let through.
@@ -11,7 +12,8 @@ Run from the repository root:
 
     python scripts/refit_check.py --serving MODEL --alternative MODEL --traces /tmp/maestro-traces
 
-Prints one line per candidate (coverage, quantile loss, outcome) and one per source (loss ratios).
+Prints one line per candidate and what it is checked against (coverage, quantile loss, outcome) and one per
+source (loss ratios).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def write_jsonl(path: Path, records) -> None:
     path.write_bytes(b"".join(orjson.dumps(record) + b"\n" for record in records))
 
 
-async def check(work: Path, serving: Path, candidates: dict[str, Path], held: int) -> None:
+async def check(work: Path, serving: Path | None, candidates: dict[str, Path], held: int) -> None:
+    """Each candidate against ``serving`` (a model file; None: the built-in priors, as a gateway without one)."""
     for name, candidate in candidates.items():
         refit = TrainCommandRefit(work, save_path=work / "model.skops", current_path=serving)
         shutil.copy(candidate, refit.candidate_path)
@@ -56,8 +59,8 @@ async def check(work: Path, serving: Path, candidates: dict[str, Path], held: in
             outcome = f"refused ({'max_loss_increase' if 'max_loss_increase' in str(exc) else 'min_coverage'})"
         c = refit.last_check
         print(f"{name:24s} p90 coverage {c['new_p90_coverage']:.1%}, quantile loss {c['new_p90_quantile_loss']:6.1f}"
-              f"  | serving {c['serving_p90_coverage']:.1%}, {c['serving_p90_quantile_loss']:.1f}  -> {outcome}",
-              flush=True)
+              f"  | serving {c['serving']} {c['serving_p90_coverage']:.1%}, {c['serving_p90_quantile_loss']:.1f}"
+              f"  -> {outcome}", flush=True)
 
 
 def slice_ratios(serving: Path, alternative: Path, test, size: int) -> None:
@@ -102,10 +105,12 @@ def main() -> int:
         print(f"training on {len(inflated)} ChatDev train calls with output lengths x{args.inflate} ...", flush=True)
         subprocess.run([sys.executable, "-m", "predictor.train", "--split", "all", "--quiet", "--data",
                         str(Path(tmp, "inflated.jsonl")), "--out", str(Path(tmp, "inflated.skops"))], check=True)
-        print(f"check on ChatDev's {len(chatdev_test)} held-out calls (seed-0 split):")
-        asyncio.run(check(work, args.serving, {"the serving model": args.serving, "alternative": args.alternative,
-                                               f"outputs x{args.inflate}": Path(tmp, "inflated.skops")},
-                          len(chatdev_test)))
+        candidates = {"the serving model": args.serving, "alternative": args.alternative,
+                      f"outputs x{args.inflate}": Path(tmp, "inflated.skops")}
+        print(f"check on ChatDev's {len(chatdev_test)} held-out calls (seed-0 split), against --serving:")
+        asyncio.run(check(work, args.serving, candidates, len(chatdev_test)))
+        print("the same, against the built-in priors (a gateway that started without a model):")
+        asyncio.run(check(work, None, candidates, len(chatdev_test)))
     print("p90 quantile loss on slices of held-out records (seed-0 split):")
     slice_ratios(args.serving, args.alternative, test, args.slice)
     return 0

@@ -224,6 +224,8 @@ def test_online_config_is_validated(tmp_path):
                             "work_dir": str(tmp_path / "w")}, "predictor.online.path"),
                           ({"enabled": True, "path": str(tmp_path / "m.skops"), "save_path": str(tmp_path / "m.skops")},
                            "predictor.online.path"),
+                          ({"enabled": True, "path": str(tmp_path / "w" / "serving-priors.json"),
+                            "work_dir": str(tmp_path / "w")}, "predictor.online.path"),
                           ({"enabled": True, "base_data": [str(tmp_path / "missing.jsonl")]},
                            "predictor.online.base_data[0]")):
         with pytest.raises(ConfigError) as raised:
@@ -474,47 +476,58 @@ async def test_a_refit_is_checked_on_the_newest_records_before_it_serves(tmp_pat
     first = await refit(live)
     assert first.trained and refit.model_path.is_file() and not refit.candidate_path.exists()
     check = refit.last_check
-    assert check["newest_records"] == 60 and check["serving_p90_coverage"] is None
+    assert check["newest_records"] == 60 and check["serving"] == "priors"  # no model yet: checked against priors
     assert 0.5 <= check["new_p90_coverage"] <= 1.0 and check["new_p90_quantile_loss"] >= 0.0
+    assert 0.0 <= check["serving_p90_coverage"] <= 1.0
+    assert check["new_p90_quantile_loss"] < check["serving_p90_quantile_loss"]  # a model beats the priors
     assert len(list(read_records(refit.input_path))) == 540 and len(list(read_records(refit.holdout_path))) == 60
     await refit(live)  # now the first refit's model is the serving one, and is measured too
-    assert 0.5 <= refit.last_check["serving_p90_coverage"] <= 1.0
+    assert refit.last_check["serving"] == "model" and 0.5 <= refit.last_check["serving_p90_coverage"] <= 1.0
     assert refit.last_check["serving_p90_quantile_loss"] >= 0.0
 
 
-@pytest.mark.parametrize("new, serving, refused_for", [
-    # (p90 coverage, p90 quantile loss) on the newest records, for the new model and the serving one
-    ((0.50, 30.0), (0.90, 30.0), "min_coverage"),  # under the floor and worse than the serving model
-    ((0.50, 30.0), (0.40, 40.0), None),            # under the floor but better than serving (the traffic moved)
-    ((0.85, 30.0), (0.95, 30.0), None),            # worse, but above the floor
-    ((0.50, 30.0), None, None),                    # no serving model file to compare with (priors)
-    ((1.00, 400.0), (0.90, 30.0), "max_loss_increase"),  # covers all by reserving ~everything: saves nothing
-    ((0.95, 44.0), (0.90, 30.0), None),            # within max_loss_increase (0.5) of the serving model
-    ((0.95, 400.0), None, None),                   # nothing to compare with
-    ((0.95, 1.0), (0.95, 0.0), None),              # within the one-token allowance of a serving loss of zero
-    ((0.95, 2.0), (0.95, 0.0), "max_loss_increase"),
-    ((0.78, 40.0), (1.00, 250.0), "min_coverage"),  # a far lower loss does not lift the coverage floor
+@pytest.mark.parametrize("new, serving, serving_file, refused_for", [
+    # (p90 coverage, p90 quantile loss) on the newest records, for the new model and what serves: a model file,
+    # or (no file: a gateway started without a model) the per-role priors
+    ((0.50, 30.0), (0.90, 30.0), True, "min_coverage"),  # under the floor and worse than the serving model
+    ((0.50, 30.0), (0.40, 40.0), True, None),      # under the floor but better than serving (the traffic moved)
+    ((0.85, 30.0), (0.95, 30.0), True, None),      # worse, but above the floor
+    ((1.00, 400.0), (0.90, 30.0), True, "max_loss_increase"),  # covers all by reserving ~everything
+    ((0.95, 44.0), (0.90, 30.0), True, None),      # within max_loss_increase (0.5) of the serving model
+    ((0.95, 1.0), (0.95, 0.0), True, None),        # within the one-token allowance of a serving loss of zero
+    ((0.95, 2.0), (0.95, 0.0), True, "max_loss_increase"),
+    ((0.78, 40.0), (1.00, 250.0), True, "min_coverage"),  # a far lower loss does not lift the coverage floor
+    ((0.90, 40.0), (0.93, 120.0), False, None),    # a first model, better than the priors
+    ((0.50, 30.0), (0.93, 120.0), False, "min_coverage"),  # a first model that covers far less than the priors
+    ((1.00, 400.0), (0.93, 120.0), False, "max_loss_increase"),
 ])
 async def test_the_refit_check_refuses_a_model_that_reserves_too_little_or_too_much(tmp_path, monkeypatch, new,
-                                                                                    serving, refused_for):
+                                                                                    serving, serving_file,
+                                                                                    refused_for):
     from tests.test_predictor import FAST
 
     from predictor.train import fit_state
 
     kept = refused_for is not None
-    serving_file = tmp_path / "serving.skops"
+    model_file = tmp_path / "serving.skops"
     serving_model = Predictor.from_state(fit_state(synthetic_records(n_workflows=10), FAST))
-    serving_model.save(serving_file)
-    refit = TrainCommandRefit(tmp_path / "work", save_path=serving_file, default_max_tokens=2048,
-                              current_path=serving_file if serving is not None else None)
+    serving_model.save(model_file)
+    refit = TrainCommandRefit(tmp_path / "work", save_path=model_file, default_max_tokens=2048,
+                              priors={"coder": {"p50": 100, "p90": 300}},
+                              current_path=model_file if serving_file else None)
 
     async def run(module, command):
         if module == "predictor.train":  # a stand-in fit: the candidate is a copy of the serving model
-            refit.candidate_path.write_bytes(serving_file.read_bytes())
+            refit.candidate_path.write_bytes(model_file.read_bytes())
             return b""
         assert command[command.index("--default-max-tokens") + 1] == "2048"  # scored as the gateway caps
-        model = Path(command[command.index("--model") + 1])
-        coverage, loss = new if model == refit.candidate_path else serving
+        if "--priors" in command:  # the priors the gateway serves, configured overrides included
+            assert not serving_file
+            assert orjson.loads(Path(command[command.index("--priors") + 1]).read_bytes())["coder"] == [100, 300]
+            coverage, loss = serving
+        else:
+            model = Path(command[command.index("--model") + 1])
+            coverage, loss = new if model == refit.candidate_path else serving
         return orjson.dumps({"all": {"length": {"p90_coverage": coverage, "p90_quantile_loss": loss}}})
 
     monkeypatch.setattr(refit, "_run", run)
@@ -527,5 +540,7 @@ async def test_the_refit_check_refuses_a_model_that_reserves_too_little_or_too_m
     assert learner.refit_rejections == (1 if kept else 0) and learner.refit_failures == 0
     assert not refit.candidate_path.exists() or kept  # a refused candidate is left for an operator to inspect
     assert refit.last_check["new_p90_quantile_loss"] == new[1]
+    assert refit.last_check["serving"] == ("model" if serving_file else "priors")
     if kept:
-        assert refused_for in str(learner.last_error) and "serving model stays" in str(learner.last_error)
+        stays = "serving model stays" if serving_file else "priors keep serving"
+        assert refused_for in str(learner.last_error) and stays in str(learner.last_error)

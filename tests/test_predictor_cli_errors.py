@@ -468,3 +468,45 @@ def test_evaluate_refuses_another_split_of_the_models_own_files(traces, tmp_path
     write_records(other, synthetic_records(n_workflows=6, seed=11))
     code, _, _ = run_cli(["evaluate", "--model", str(model), "--data", str(other), "--seed", "3"], capsys)
     assert code == 0
+
+
+# ------------------------------------------------------------------------------------------ evaluate --priors
+def test_evaluate_scores_the_priors_a_gateway_serves_before_it_has_a_model(traces, tmp_path, capsys):
+    import orjson
+
+    code, out, err = run_cli(["evaluate", "--priors", "--data", str(traces), "--split", "all"], capsys)
+    assert code == 0, err
+    built_in = orjson.loads(out)
+    assert built_in["meta"]["priors"] == "built-in" and built_in["meta"]["model"] is None
+    assert 0.0 <= built_in["all"]["length"]["p90_coverage"] <= 1.0
+    overrides = tmp_path / "priors.json"  # every request answered with p90 = 1: almost nothing is covered
+    overrides.write_text('{"other": {"p50": 1, "p90": 1}, "coder": [1, 1], "planner": [1, 1], "reviewer": [1, 1]}')
+    code, out, err = run_cli(["evaluate", "--priors", str(overrides), "--data", str(traces), "--split", "all"],
+                             capsys)
+    assert code == 0, err
+    tiny = orjson.loads(out)
+    assert tiny["meta"]["priors"] == str(overrides)
+    assert tiny["all"]["length"]["p90_coverage"] < built_in["all"]["length"]["p90_coverage"]
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "cannot read --priors"),
+    ("{not json", "is not JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"coder": [5, 1]}', "need 0 < p50 <= p90"),
+    ('{"astronaut": [5, 10]}', "unknown role"),
+    ('{"coder": 5}', "--priors"),
+])
+def test_evaluate_refuses_priors_it_cannot_use_before_reading_data(tmp_path, capsys, content, says):
+    path = tmp_path / "priors.json"
+    if content is not None:
+        path.write_text(content)
+    err = assert_usage_error(["evaluate", "--priors", str(path), "--data", str(tmp_path / "never-read.jsonl")],
+                             capsys, says)
+    assert "never-read" not in err
+
+
+def test_evaluate_takes_exactly_one_of_model_cv_priors(tmp_path, capsys):
+    for extra in (["--priors", "--model", "m.skops"], ["--priors", "--cv", "3"], []):
+        assert_usage_error(["evaluate", *extra, "--data", str(tmp_path / "x.jsonl")], capsys,
+                           "give one of --model MODEL, --cv K or --priors [FILE]")
