@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,15 +35,11 @@ from predictor.evaluate import collect, quantile_loss  # noqa: E402
 from predictor.online import RefitRejected  # noqa: E402
 from predictor.predictor import Predictor  # noqa: E402
 from predictor.refit_command import HOLDOUT_NAME, TrainCommandRefit  # noqa: E402
-from predictor.trace import read_records  # noqa: E402
+from predictor.trace import read_records, write_records  # noqa: E402
 from predictor.train import DEFAULT_SEED, DEFAULT_TEST_SIZE, split_records  # noqa: E402
 
 SOURCES = ("chatdev", "ag2", "magentic-one", "tau-bench", "toolbench", "alpaca-eval")
 REFUSED_ABOVE = 1.0 + OnlineLearningConfig.max_loss_increase  # the default's loss ratio (before the 1-token allowance)
-
-
-def write_jsonl(path: Path, records) -> None:
-    path.write_bytes(b"".join(orjson.dumps(record) + b"\n" for record in records))
 
 
 async def check(work: Path, serving: Path | None, candidates: dict[str, Path], held: int) -> None:
@@ -98,10 +93,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp, "work")
         work.mkdir()
-        write_jsonl(work / HOLDOUT_NAME, chatdev_test)
+        write_records(work / HOLDOUT_NAME, chatdev_test)
         inflated = [{**r, "usage": {**r["usage"], "completion_tokens": r["usage"]["completion_tokens"] * args.inflate}}
                     for r in chatdev_train]
-        write_jsonl(Path(tmp, "inflated.jsonl"), inflated)
+        write_records(Path(tmp, "inflated.jsonl"), inflated)
         print(f"training on {len(inflated)} ChatDev train calls with output lengths x{args.inflate} ...", flush=True)
         subprocess.run([sys.executable, "-m", "predictor.train", "--split", "all", "--quiet", "--data",
                         str(Path(tmp, "inflated.jsonl")), "--out", str(Path(tmp, "inflated.skops"))], check=True)
