@@ -209,7 +209,7 @@ class TrainCommandRefit:
             priors = self.work_dir / PRIORS_NAME
             serving = self.priors if self.priors is not None else normalize_priors(None)
             await asyncio.get_running_loop().run_in_executor(
-                None, priors.write_bytes, orjson.dumps({role: list(pair) for role, pair in serving.items()}))
+                None, priors.write_bytes, orjson.dumps(serving))  # {role: [p50, p90]}: tuples are JSON arrays
             command += ["--priors", str(priors)]
         else:
             command += ["--model", str(model)]
