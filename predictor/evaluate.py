@@ -13,9 +13,10 @@ Metrics are pure functions over arrays (tested on hand-checkable sets):
   reservation (0.9 each), so it ranks two p90 predictors on the same requests where coverage alone would prefer
   the one that reserves most; Kendall's tau-b between p50 and the actual length;
 - KV reservation: saving = 1 − Σ(prompt + reserved output) / Σ(prompt + max_tokens), where reserved output is
-  p90 capped by max_tokens and a record without max_tokens takes ``--default-max-tokens``; the
-  under-reservation rate (share of requests whose actual output exceeded the reservation); and, as the
-  bound no predictor can beat, the saving of an oracle that reserves exactly each actual output;
+  p90 capped by max_tokens and a record without max_tokens takes ``--default-max-tokens`` (see
+  :func:`output_cap` for ``--max-model-len``); the under-reservation rate (share of requests whose actual
+  output exceeded the reservation); and, as the bound no predictor can beat, the saving of an oracle that
+  reserves exactly each actual output;
 - how far those figures could move with another sample of runs: 95% percentile-bootstrap intervals that
   resample whole runs (workflow ids; a record without one is its own run), because the calls of one run are
   alike and a held-out set of a few dozen runs is a small sample even when it holds hundreds of calls.
@@ -34,6 +35,11 @@ nothing out, so the default ``--split test`` is refused for it.
 ``--no-workflow-context`` scores every request as a client that sends no workflow context is served: without
 the ``X-Workflow-Id`` / ``X-Workflow-Step`` headers the trace's workflow would give (and without their
 ``metadata`` forms), i.e. ``predict(body)`` from the plain OpenAI request. Roles are never given either way.
+
+``--max-model-len MODEL=TOKENS`` (repeatable) gives served models' context lengths, so that a request is scored
+as the gateway and vLLM bound it: never more output than the context its prompt leaves, and without
+``max_tokens`` (and without ``--default-max-tokens``) all of that room, not 4096. The online refit passes the
+gateway's models this way, so that a model reserving far too much on a long-context model is charged for it.
 
 Baselines get the true role of each test record (an advantage the model does not have).
 """
@@ -243,22 +249,40 @@ def without_workflow_context(body: Mapping[str, Any]) -> Mapping[str, Any]:
     return {**body, "metadata": kept}
 
 
-def collect(predictor, records: Sequence[Mapping[str, Any]], default_max_tokens: int = DEFAULT_MAX_TOKENS,
-            workflow_context: bool = True) -> list[dict[str, Any]]:
+def output_cap(max_tokens: int | None, default_max_tokens: int | None, context: int | None,
+               prompt_tokens: int) -> int:
+    """The most output a request may have, as the gateway and vLLM bound it: its ``max_tokens``, else
+    ``default_max_tokens``, never more than the room its prompt leaves in the served model's ``context`` (where
+    that is known; vLLM gives a request without ``max_tokens`` all of that room); ``DEFAULT_MAX_TOKENS`` where
+    nothing bounds it. This is both the reservation's ceiling and the worst case the KV saving is measured
+    against."""
+    cap = max_tokens or default_max_tokens
+    if context:
+        room = max(1, context - max(0, int(prompt_tokens)))
+        cap = room if cap is None else min(cap, room)
+    return DEFAULT_MAX_TOKENS if cap is None else cap
+
+
+def collect(predictor, records: Sequence[Mapping[str, Any]], default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
+            workflow_context: bool = True, contexts: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
     """One row per record: the prediction (the predictor sees the request as a gateway would, without its
     role; with ``workflow_context`` False also without the workflow's id and step) and the baselines'
-    predictions from the predictor's own training statistics."""
+    predictions from the predictor's own training statistics. ``contexts`` maps served model names to their
+    context lengths (:func:`output_cap`)."""
     from predictor.features import max_tokens_of
     from predictor.train import group_of, length_usable, request_of
 
     baselines = (getattr(predictor, "state", None) or {}).get("baselines")
+    contexts = contexts or {}
     rows = []
     for record in records:
         body, headers = request_of(record)
         if not workflow_context:
             body, headers = without_workflow_context(body), None
         prediction = predictor.predict(body, headers)
-        cap = max_tokens_of(body) or default_max_tokens
+        model = body.get("model")
+        cap = output_cap(max_tokens_of(body), default_max_tokens,
+                         contexts.get(model) if isinstance(model, str) else None, record["usage"]["prompt_tokens"])
         row = {"source": record.get("source", ""), "run": group_of(record), "role_true": record.get("agent_role"),
                "role_pred": prediction.role, "usable": length_usable(record),
                "actual": record["usage"]["completion_tokens"], "prompt": record["usage"]["prompt_tokens"],
@@ -270,7 +294,7 @@ def collect(predictor, records: Sequence[Mapping[str, Any]], default_max_tokens:
     return rows
 
 
-def summarize(rows: Sequence[Mapping[str, Any]], default_max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, Any]:
+def summarize(rows: Sequence[Mapping[str, Any]], default_max_tokens: int | None = DEFAULT_MAX_TOKENS) -> dict[str, Any]:
     """All metrics over collected rows."""
     labeled = [r for r in rows if r["role_true"] is not None]
     roles = role_metrics([r["role_true"] for r in labeled], [r["role_pred"] for r in labeled])
@@ -337,13 +361,14 @@ def _intervals(usable: Sequence[Mapping[str, Any]], actual: np.ndarray, p50: np.
 
 
 def evaluate_records(predictor, records: Sequence[Mapping[str, Any]],
-                     default_max_tokens: int = DEFAULT_MAX_TOKENS, workflow_context: bool = True) -> dict[str, Any]:
+                     default_max_tokens: int | None = DEFAULT_MAX_TOKENS, workflow_context: bool = True,
+                     contexts: Mapping[str, int] | None = None) -> dict[str, Any]:
     """All metrics for ``records``."""
-    return summarize(collect(predictor, records, default_max_tokens, workflow_context), default_max_tokens)
+    return summarize(collect(predictor, records, default_max_tokens, workflow_context, contexts), default_max_tokens)
 
 
 def summarize_by_source(rows: Sequence[Mapping[str, Any]],
-                        default_max_tokens: int = DEFAULT_MAX_TOKENS) -> dict[str, Any]:
+                        default_max_tokens: int | None = DEFAULT_MAX_TOKENS) -> dict[str, Any]:
     by_source: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for row in rows:
         by_source[row["source"]].append(row)
@@ -352,13 +377,15 @@ def summarize_by_source(rows: Sequence[Mapping[str, Any]],
 
 
 def evaluate_by_source(predictor, records: Sequence[Mapping[str, Any]],
-                       default_max_tokens: int = DEFAULT_MAX_TOKENS, workflow_context: bool = True) -> dict[str, Any]:
-    return summarize_by_source(collect(predictor, records, default_max_tokens, workflow_context),
+                       default_max_tokens: int | None = DEFAULT_MAX_TOKENS, workflow_context: bool = True,
+                       contexts: Mapping[str, int] | None = None) -> dict[str, Any]:
+    return summarize_by_source(collect(predictor, records, default_max_tokens, workflow_context, contexts),
                                default_max_tokens)
 
 
-def cross_validate(records: Sequence[dict[str, Any]], folds: int = 5, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                   options=None, log=None, workflow_context: bool = True) -> dict[str, Any]:
+def cross_validate(records: Sequence[dict[str, Any]], folds: int = 5,
+                   default_max_tokens: int | None = DEFAULT_MAX_TOKENS, options=None, log=None,
+                   workflow_context: bool = True, contexts: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Group k-fold by workflow over ``records``: train on k-1 folds (default options), predict the held-out
     fold, and report the pooled metrics (every record is scored once, by a model that never saw its run)."""
     from sklearn.model_selection import GroupKFold
@@ -374,11 +401,20 @@ def cross_validate(records: Sequence[dict[str, Any]], folds: int = 5, default_ma
     rows: list[dict[str, Any]] = []
     for fold, (train_idx, test_idx) in enumerate(GroupKFold(n_splits=folds).split(records, groups=groups)):
         state = fit_state([records[i] for i in train_idx], options)
-        predictor = Predictor.from_state(state, default_max_tokens=default_max_tokens)
-        rows.extend(collect(predictor, [records[i] for i in test_idx], default_max_tokens, workflow_context))
+        predictor = Predictor.from_state(state, context_kv(contexts), default_max_tokens)
+        rows.extend(collect(predictor, [records[i] for i in test_idx], default_max_tokens, workflow_context,
+                            contexts))
         if log:
             log(f"fold {fold + 1}/{folds}: trained on {len(train_idx)}, scored {len(test_idx)}")
     return summarize_by_source(rows, default_max_tokens)
+
+
+def context_kv(contexts: Mapping[str, int] | None):
+    """A KV model that knows the served models' context lengths (so that the predictor caps by them as in the
+    gateway), or None (the predictor's default) without any."""
+    from predictor.kv import KVModel, KVSpec
+
+    return KVModel({name: KVSpec(max_model_len=tokens) for name, tokens in contexts.items()}) if contexts else None
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -424,8 +460,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of --model: score the per-role priors a gateway serves before it has a "
                              "model (the built-in ones, or FILE's: a JSON object {role: {\"p50\": N, \"p90\": N}})")
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="trace files")
-    parser.add_argument("--default-max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,
-                        help="max_tokens of a request that sets none (>= 1, default 4096)")
+    parser.add_argument("--default-max-tokens", type=positive_int,
+                        help="max_tokens of a request that sets none (>= 1; default 4096, or with --max-model-len "
+                             "the room the prompt leaves in that model's context)")
+    parser.add_argument("--max-model-len", type=model_context, action="append", metavar="MODEL=TOKENS",
+                        help="a served model's context length (repeatable): its requests never reserve more than "
+                             "the room their prompt leaves, as the gateway and vLLM cap them")
     parser.add_argument("--split", choices=("test", "all"), default="test",
                         help="score the held-out part of the by-workflow split (default; same seed and size as "
                              "training; refused for a model trained with --split all, which held nothing out) or "
@@ -444,6 +484,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score every request as a client without workflow context is served: no "
                              "X-Workflow-Id / X-Workflow-Step headers (nor their metadata forms), the plain "
                              "OpenAI body only")
+
+
+def model_context(text: str) -> tuple[str, int]:
+    """argparse type of ``--max-model-len``: ``MODEL=TOKENS``, split at the last ``=`` (a model name may hold
+    one)."""
+    from predictor.cli import positive_int
+
+    name, equals, tokens = text.rpartition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected MODEL=TOKENS (e.g. llama-3-8b=8192), not {text!r}")
+    try:
+        return name, positive_int(tokens)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: TOKENS {exc}") from None
 
 
 def write_report(report: Mapping[str, Any], form: str) -> None:
@@ -479,21 +533,26 @@ def main(args: argparse.Namespace) -> int:
     records = load_records_or_say_why(args.data, "evaluate")
     if records is None:
         return 2
+    contexts = dict(args.max_model_len or [])  # the last value given for a model wins
+    # Without the served models' contexts a request that sets no max_tokens is scored at 4096 (the issue's
+    # default); with them, at the room its prompt leaves, as the gateway and vLLM give it.
+    default_max_tokens = args.default_max_tokens or (None if contexts else DEFAULT_MAX_TOKENS)
+    kv = context_kv(contexts)
     if args.cv is not None:
         started = time.perf_counter()
         options = TrainOptions()
         if args.upper_fit_levels:
             options.upper_fit_levels = tuple(args.upper_fit_levels)
         try:
-            report = cross_validate(records, args.cv, args.default_max_tokens, options,
+            report = cross_validate(records, args.cv, default_max_tokens, options,
                                     log=lambda message: print(f"[evaluate] {message}", file=sys.stderr, flush=True),
-                                    workflow_context=args.workflow_context)
+                                    workflow_context=args.workflow_context, contexts=contexts)
         except TrainingDataError as exc:
             print(f"maestro predictor evaluate: {exc}", file=sys.stderr)
             return 2
         report["meta"] = {"cv_folds": args.cv, "data": [str(p) for p in args.data],
                           "upper_fit_levels": list(options.upper_fit_levels),
-                          "workflow_context": args.workflow_context,
+                          "workflow_context": args.workflow_context, "max_model_len": contexts,
                           "seconds": round(time.perf_counter() - started, 1)}
         write_report(report, args.format)
         return 0
@@ -501,9 +560,9 @@ def main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         if priors is not None:
-            predictor = Predictor.from_priors(priors, default_max_tokens=args.default_max_tokens)
+            predictor = Predictor.from_priors(priors, kv=kv, default_max_tokens=default_max_tokens)
         else:
-            predictor = Predictor.load(args.model, default_max_tokens=args.default_max_tokens)
+            predictor = Predictor.load(args.model, kv=kv, default_max_tokens=default_max_tokens)
     except ModelFileError as exc:
         print(f"maestro predictor evaluate: {exc}", file=sys.stderr)
         return 2
@@ -537,12 +596,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"maestro predictor evaluate: note: {args.model} was trained on {part} {', '.join(seen)}; this is an "
               "in-sample report, not a held-out one", file=sys.stderr)
     started = time.perf_counter()
-    report = evaluate_by_source(predictor, records, args.default_max_tokens, args.workflow_context)
+    report = evaluate_by_source(predictor, records, default_max_tokens, args.workflow_context, contexts)
     report["meta"] = {"model": None if priors is not None else str(args.model),
                       "priors": None if priors is None else (args.priors or "built-in"),
                       "data": [str(p) for p in args.data], "split": args.split,
                       "model_split": split.get("part"), "in_sample": in_sample,
-                      "workflow_context": args.workflow_context,
+                      "workflow_context": args.workflow_context, "max_model_len": contexts,
                       "test_size": test_size if args.split == "test" else None,
                       "seed": seed if args.split == "test" else None,
                       "load_s": round(load_s, 3), "evaluate_s": round(time.perf_counter() - started, 2),

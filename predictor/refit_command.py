@@ -213,19 +213,29 @@ class TrainCommandRefit:
             command += ["--priors", str(priors)]
         else:
             command += ["--model", str(model)]
-        # A request without max_tokens is capped at default_max_tokens where the caller set one; otherwise
-        # evaluate's own default (4096) caps both models' reservations alike. (The gateway sets none: it caps at
-        # the model's context, which the evaluate child does not know; a model that reserves far too much is
-        # still scored by what it reserves up to 4096.)
-        if self.default_max_tokens is not None:
-            command += ["--default-max-tokens", str(self.default_max_tokens)]
-        out = await self._run("predictor.evaluate", command)
+        out = await self._run("predictor.evaluate", command + self.cap_arguments())
         try:
             length = orjson.loads(out)["all"]["length"]
             return HoldoutScore(float(length["p90_coverage"]), float(length["p90_quantile_loss"]))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise RefitError(f"`python -m predictor.evaluate` printed no p90 coverage and quantile loss: {exc!r}") \
                 from None
+
+    def cap_arguments(self) -> list[str]:
+        """evaluate's arguments that bound each held-out request's reservation as the gateway bounds it: the
+        served models' contexts (a request never reserves more than the room its prompt leaves, and one without
+        max_tokens may reserve all of it) and ``default_max_tokens`` where the caller set one. Without them
+        evaluate would cap every request without max_tokens at 4096, and a model that reserves far too much on
+        a long-context model would be charged only up to 4096."""
+        arguments = []
+        if self.kv is not None:
+            for name, spec in sorted(self.kv.specs.items()):
+                if spec.max_model_len:
+                    # one word, so that a name starting with "-" is not read as an option
+                    arguments.append(f"--max-model-len={name}={spec.max_model_len}")
+        if self.default_max_tokens is not None:
+            arguments += ["--default-max-tokens", str(self.default_max_tokens)]
+        return arguments
 
     async def _run(self, module: str, command: list[str]) -> bytes:
         """Run a child at a lower CPU priority and return its output; RefitError if it fails or runs too long."""

@@ -12,6 +12,9 @@ Run from the repository root:
 
     python scripts/refit_check.py --serving MODEL --alternative MODEL --traces /tmp/maestro-traces
 
+``--max-model-len MODEL=TOKENS`` (repeatable) gives the check the served models' contexts, as a gateway's
+configured models give them; without it, a request without ``max_tokens`` is capped at 4096.
+
 Prints one line per candidate and what it is checked against (coverage, quantile loss, outcome) and one per
 source (loss ratios).
 """
@@ -31,7 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.config import OnlineLearningConfig  # noqa: E402
-from predictor.evaluate import collect, quantile_loss  # noqa: E402
+from predictor.evaluate import collect, model_context, quantile_loss  # noqa: E402
+from predictor.kv import KVModel  # noqa: E402
 from predictor.online import RefitRejected  # noqa: E402
 from predictor.predictor import Predictor  # noqa: E402
 from predictor.refit_command import HOLDOUT_NAME, TrainCommandRefit  # noqa: E402
@@ -42,10 +46,11 @@ SOURCES = ("chatdev", "ag2", "magentic-one", "tau-bench", "toolbench", "alpaca-e
 REFUSED_ABOVE = 1.0 + OnlineLearningConfig.max_loss_increase  # the default's loss ratio (before the 1-token allowance)
 
 
-async def check(work: Path, serving: Path | None, candidates: dict[str, Path], held: int) -> None:
+async def check(work: Path, serving: Path | None, candidates: dict[str, Path], held: int,
+                kv: KVModel | None = None) -> None:
     """Each candidate against ``serving`` (a model file; None: the built-in priors, as a gateway without one)."""
     for name, candidate in candidates.items():
-        refit = TrainCommandRefit(work, save_path=work / "model.skops", current_path=serving)
+        refit = TrainCommandRefit(work, save_path=work / "model.skops", current_path=serving, kv=kv)
         shutil.copy(candidate, refit.candidate_path)
         try:
             await refit._check(held)
@@ -85,7 +90,13 @@ def main() -> int:
     parser.add_argument("--traces", type=Path, default=Path("/tmp/maestro-traces"))
     parser.add_argument("--inflate", type=int, default=8)
     parser.add_argument("--slice", type=int, default=50)
+    parser.add_argument("--max-model-len", type=model_context, action="append", metavar="MODEL=TOKENS",
+                        help="a served model's context, as in the gateway's config (repeatable)")
     args = parser.parse_args()
+    contexts = [{"name": name, "max_model_len": tokens} for name, tokens in args.max_model_len or []]
+    kv = KVModel.from_models(contexts) if contexts else None
+    if contexts:
+        print("served contexts: " + ", ".join(f"{c['name']} {c['max_model_len']}" for c in contexts))
     records = [r for source in SOURCES for r in read_records(args.traces / f"{source}.jsonl.gz")]
     train, test = split_records(records, DEFAULT_TEST_SIZE, DEFAULT_SEED)
     chatdev_train = [r for r in train if r.get("source") == "chatdev"]
@@ -103,9 +114,9 @@ def main() -> int:
         candidates = {"the serving model": args.serving, "alternative": args.alternative,
                       f"outputs x{args.inflate}": Path(tmp, "inflated.skops")}
         print(f"check on ChatDev's {len(chatdev_test)} held-out calls (seed-0 split), against --serving:")
-        asyncio.run(check(work, args.serving, candidates, len(chatdev_test)))
+        asyncio.run(check(work, args.serving, candidates, len(chatdev_test), kv))
         print("the same, against the built-in priors (a gateway that started without a model):")
-        asyncio.run(check(work, None, candidates, len(chatdev_test)))
+        asyncio.run(check(work, None, candidates, len(chatdev_test), kv))
     print("p90 quantile loss on slices of held-out records (seed-0 split):")
     slice_ratios(args.serving, args.alternative, test, args.slice)
     return 0

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from gateway.config import ConfigError, parse_config
+from predictor.kv import KVModel
 from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, RedisStreamBuffer
 from predictor.predictor import Predictor
 from predictor.refit_command import RefitError, TrainCommandRefit
@@ -470,8 +471,10 @@ def _lines(records) -> list[bytes]:
 
 async def test_a_refit_is_checked_on_the_newest_records_before_it_serves(tmp_path):
     """Real children: the newest tenth of the live records is left out of the fit, and `predictor.evaluate`
-    measures the new model's p90 coverage there (and, once there is one, the serving model's)."""
-    refit = TrainCommandRefit(tmp_path / "work", holdout_share=0.1)
+    measures the new model's p90 coverage there (and, once there is one, the serving model's), capping each
+    request at its served model's context as the gateway does."""
+    kv = KVModel.from_models([{"name": "model-a", "max_model_len": 8192}, {"name": "model-b", "max_model_len": 8192}])
+    refit = TrainCommandRefit(tmp_path / "work", holdout_share=0.1, kv=kv)
     live = _lines(synthetic_records(n_workflows=100, seed=3))  # 600 records: the newest 60 are held out
     first = await refit(live)
     assert first.trained and refit.model_path.is_file() and not refit.candidate_path.exists()
@@ -512,7 +515,8 @@ async def test_the_refit_check_refuses_a_model_that_reserves_too_little_or_too_m
     model_file = tmp_path / "serving.skops"
     serving_model = Predictor.from_state(fit_state(synthetic_records(n_workflows=10), FAST))
     serving_model.save(model_file)
-    refit = TrainCommandRefit(tmp_path / "work", save_path=model_file, default_max_tokens=2048,
+    contexts = KVModel.from_models([{"name": "model-a", "max_model_len": 8192}, {"name": "-a=b", "max_model_len": 512}])
+    refit = TrainCommandRefit(tmp_path / "work", save_path=model_file, default_max_tokens=2048, kv=contexts,
                               priors={"coder": {"p50": 100, "p90": 300}},
                               current_path=model_file if serving_file else None)
 
@@ -520,7 +524,8 @@ async def test_the_refit_check_refuses_a_model_that_reserves_too_little_or_too_m
         if module == "predictor.train":  # a stand-in fit: the candidate is a copy of the serving model
             refit.candidate_path.write_bytes(model_file.read_bytes())
             return b""
-        assert command[command.index("--default-max-tokens") + 1] == "2048"  # scored as the gateway caps
+        assert command[command.index("--default-max-tokens") + 1] == "2048"  # scored as the gateway caps:
+        assert "--max-model-len=model-a=8192" in command and "--max-model-len=-a=b=512" in command  # by contexts
         if "--priors" in command:  # the priors the gateway serves, configured overrides included
             assert not serving_file
             assert orjson.loads(Path(command[command.index("--priors") + 1]).read_bytes())["coder"] == [100, 300]

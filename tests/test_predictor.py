@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from predictor import Prediction, Predictor
 from predictor.classifier import TextParams
 from predictor.evaluate import (baseline_predictions, coverage, evaluate_records, fit_baselines, kendall_tau,
-                                kv_saving, mae, quantile_loss, role_metrics, run_bootstrap_intervals,
+                                kv_saving, mae, output_cap, quantile_loss, role_metrics, run_bootstrap_intervals,
                                 under_reservation)
 from predictor.features import explicit_role_of, max_tokens_of, normalize_role, parse_request
 from predictor.kv import KVModel, KVSpec, bytes_per_token
@@ -625,6 +625,44 @@ def test_evaluation_report_by_hand():
     assert kv["saving"] == pytest.approx(1 - 1500 / 1900, abs=1e-4)
     assert kv["under_reservation_rate"] == 0.0
     assert "intervals_95" not in report  # both test calls share one prompt, so one run: no interval
+
+
+@pytest.mark.parametrize("max_tokens, default, context, prompt, cap", [
+    (None, 4096, None, 100, 4096),    # the rule: a request without max_tokens takes the default
+    (500, 4096, None, 100, 500),
+    (None, None, None, 100, 4096),    # nothing bounds it: evaluate still needs a worst case
+    (None, None, 8192, 100, 8092),    # vLLM's default: all the room the prompt leaves
+    (None, 4096, 8192, 100, 4096),
+    (None, 4096, 2048, 100, 1948),    # never more than the context allows
+    (3000, None, 2048, 100, 1948),
+    (None, None, 2048, 5000, 1),      # a prompt over the context (vLLM refuses it) reserves one token, not < 0
+])
+def test_output_cap(max_tokens, default, context, prompt, cap):
+    assert output_cap(max_tokens, default, context, prompt) == cap
+
+
+def test_served_contexts_cap_reservations_and_the_worst_case_by_hand():
+    def record(model, prompt, output, max_tokens=None):
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        if max_tokens:
+            body["max_tokens"] = max_tokens
+        return {"request": body, "usage": {"prompt_tokens": prompt, "completion_tokens": output},
+                "agent_role": "coder", "workflow": None, "source": "t"}
+
+    test = [record("long", 1000, 9000), record("short", 1000, 500), record("other", 1000, 500)]
+    always = FixedPredictor(5000, 20000, "coder", fit_baselines(test))
+    contexts = {"long": 32768, "short": 2048}
+    report = evaluate_records(always, test, default_max_tokens=None, contexts=contexts)
+    # caps: long 31768 (the room), short 1048 (the room), other 4096 (no context known: the default default)
+    assert report["kv"]["default_max_tokens"] is None
+    assert report["length"]["p90_quantile_loss"] == pytest.approx((0.1 * 11000 + 0.1 * 548 + 0.1 * 3596) / 3,
+                                                                   abs=0.01)
+    assert report["kv"]["saving"] == pytest.approx(1 - (21000 + 2048 + 5096) / (32768 + 2048 + 5096), abs=1e-4)
+    assert report["kv"]["oracle_saving"] == pytest.approx(1 - (10000 + 1500 + 1500) / (32768 + 2048 + 5096),
+                                                          abs=1e-4)
+    # without the contexts every request without max_tokens is capped at 4096: the long model's 20000 shrinks
+    plain = evaluate_records(always, test)
+    assert plain["length"]["p90_quantile_loss"] == pytest.approx((0.9 * 4904 + 0.1 * 3596 * 2) / 3, abs=0.01)
 
 
 def test_split_keeps_workflows_whole():

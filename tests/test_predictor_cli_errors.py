@@ -510,3 +510,33 @@ def test_evaluate_takes_exactly_one_of_model_cv_priors(tmp_path, capsys):
     for extra in (["--priors", "--model", "m.skops"], ["--priors", "--cv", "3"], []):
         assert_usage_error(["evaluate", *extra, "--data", str(tmp_path / "x.jsonl")], capsys,
                            "give one of --model MODEL, --cv K or --priors [FILE]")
+
+
+# ------------------------------------------------------------------------------------- evaluate --max-model-len
+def test_evaluate_caps_requests_at_the_served_models_contexts(traces, capsys):
+    import orjson
+
+    base = ["evaluate", "--priors", "--data", str(traces), "--split", "all"]
+    code, out, err = run_cli(base, capsys)
+    assert code == 0, err
+    plain = orjson.loads(out)
+    # short contexts: every reservation (and every worst case) is at most the room the prompt leaves
+    code, out, err = run_cli([*base, "--max-model-len", "model-a=120", "--max-model-len=model-b=120"], capsys)
+    assert code == 0, err
+    short = orjson.loads(out)
+    assert short["meta"]["max_model_len"] == {"model-a": 120, "model-b": 120}
+    assert plain["meta"]["max_model_len"] == {} and plain["all"]["kv"]["default_max_tokens"] == 4096
+    assert short["all"]["kv"]["default_max_tokens"] is None
+    assert short["all"]["length"]["p90_coverage"] < plain["all"]["length"]["p90_coverage"]
+    # an explicit --default-max-tokens still applies, within the context
+    code, out, err = run_cli([*base, "--max-model-len", "model-a=120", "--default-max-tokens", "50"], capsys)
+    assert code == 0, err
+    assert orjson.loads(out)["all"]["kv"]["default_max_tokens"] == 50
+
+
+@pytest.mark.parametrize("value", ["model-a", "=120", "model-a=", "model-a=0", "model-a=-5", "model-a=1.5",
+                                   "model-a=lots"])
+def test_evaluate_refuses_a_max_model_len_it_cannot_use_before_reading_data(tmp_path, capsys, value):
+    err = assert_usage_error(["evaluate", "--priors", "--data", str(tmp_path / "never-read.jsonl"),
+                              "--max-model-len", value], capsys, "argument --max-model-len")
+    assert "never-read" not in err
