@@ -288,7 +288,8 @@ def parse_request(body: Mapping[str, Any], headers: Mapping[str, str] | None = N
         tool_choice_code = 2.0
     response_format = body.get("response_format")
     if isinstance(response_format, dict):
-        response_format_code = _RESPONSE_FORMAT.get(response_format.get("type"), 3.0)
+        kind = response_format.get("type")  # any JSON: a list or an object cannot be a dict key
+        response_format_code = _RESPONSE_FORMAT.get(kind, 3.0) if isinstance(kind, str) else 3.0
     else:
         response_format_code = 0.0
 

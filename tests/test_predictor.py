@@ -193,6 +193,8 @@ _HEADERS = st.none() | st.dictionaries(st.sampled_from(["X-Agent-Role", "x-workf
 @settings(max_examples=200, deadline=None)
 @given(body=_BODY, headers=_HEADERS)
 @example(body={"messages": [{"role": [], "name": "0"}]}, headers=None)  # an unhashable role beside a name
+@example(body={"response_format": {"type": ["json_object"]}}, headers=None)  # an unhashable format type
+@example(body={"response_format": {"type": {"json_object": True}}}, headers=None)
 @example(body={}, headers={"x-workflow-step": "¹"})  # str.isdigit says yes, int() says no
 @example(body={}, headers={"x-workflow-step": "--7"})
 @example(body={}, headers={"x-workflow-step": "9" * 5000})  # int() refuses over 4,300 digits
