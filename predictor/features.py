@@ -199,7 +199,11 @@ def _context_tokens(messages: list[Any], has_system: bool, n_tool: int, body: Ma
                 prefix = _PREFIX.get(role, "x_") if isinstance(role, str) else "x_"
                 words.append(prefix + _NAME_CHARS.sub("_", name.lower()).strip("_")[:40])
     last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
-    words.append(f"last_{last.get('role')}")
+    last_role = last.get("role")
+    # Only the roles the chat format has (and None, a message without one) name themselves: a client's
+    # made-up role could be megabytes of text, read uncut into the TF-IDF words on the event loop.
+    known = last_role is None or (isinstance(last_role, str) and last_role in _LAST_ROLE)
+    words.append(f"last_{last_role if known else 'other'}")
     if not has_system:
         words.append("no_system")
     if n_tool:

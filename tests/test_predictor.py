@@ -210,6 +210,17 @@ def test_any_body_gets_ordered_capped_quantiles(predictor, body, headers):
         assert p.p90 <= cap
 
 
+@pytest.mark.parametrize("role, word", [
+    ("user", "last_user"), ("tool", "last_tool"), (None, "last_None"),
+    ("narrator " * 100_000, "last_other"),  # a made-up role is not read into the text features, however long
+    (["user"], "last_other"),
+])
+def test_the_last_role_word_names_only_the_chat_formats_roles(role, word):
+    message = {"content": "hi"} if role is None else {"role": role, "content": "hi"}
+    context = parse_request({"messages": [{"role": "system", "content": "s"}, message]}).context
+    assert word in context.split() and len(context) < 100
+
+
 @pytest.mark.parametrize("body, headers, says", [
     (None, None, "body must be a JSON object (a dict), not NoneType"),
     ([{"role": "user", "content": "hi"}], None, "not list"),
