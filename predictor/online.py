@@ -236,14 +236,21 @@ class FileTraceBuffer(MemoryBuffer):
                 self._writing.add_done_callback(partial(self._settle, lines, after))
                 raise
             except Exception:
-                self._pending[:0] = lines  # not written (a partial append is taken back): try again next time
+                self._put_back(lines)  # not written (a partial append is taken back): try again next time
                 raise
             self._lines_on_disk = after
+
+    def _put_back(self, lines: list[bytes]) -> None:
+        """Keep unwritten ``lines`` for the next flush, but never more than the buffer holds: while the disk
+        stays full or read-only every record would otherwise stay in memory, and the ones older than the
+        newest ``maxlen`` are no longer in the buffer anyway."""
+        self._pending[:0] = lines
+        del self._pending[:-self.lines.maxlen]
 
     def _settle(self, lines: list[bytes], after: int, write: asyncio.Future) -> None:
         """The end of a write whose flush was cancelled: count it, or keep its lines for the next flush."""
         if write.cancelled() or write.exception() is not None:
-            self._pending[:0] = lines
+            self._put_back(lines)
             log.warning("trace buffer %s: write failed: %s", self.path,
                         "cancelled" if write.cancelled() else write.exception())
         else:

@@ -415,6 +415,24 @@ async def test_a_flush_cancelled_before_it_writes_keeps_its_lines(tmp_path, monk
     assert [orjson.loads(line)["i"] for line in path.read_bytes().splitlines()] == [0, 1]
 
 
+async def test_a_lasting_write_failure_keeps_at_most_maxlen_lines_in_memory(tmp_path):
+    """A full disk or a path that cannot be written: the unwritten lines are kept for the next flush, but only
+    the newest maxlen of them (the buffer holds no more), and they are written once the path works again."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the buffer's folder should be")
+    buffer = FileTraceBuffer(blocker / "records.jsonl", maxlen=10, flush_every=4, flush_after_s=3600)
+    for i in range(200):
+        try:
+            await buffer.append({"i": i})
+        except OSError:  # each fourth append flushes, and the write fails
+            pass
+    assert [orjson.loads(line)["i"] for line in buffer._pending] == list(range(190, 200))
+    blocker.unlink()  # the path works again
+    await buffer.close()
+    assert [orjson.loads(line)["i"] for line in (blocker / "records.jsonl").read_bytes().splitlines()] == \
+        list(range(190, 200))
+
+
 def test_a_failed_rewrite_leaves_no_temporary_file(tmp_path, monkeypatch):
     from predictor.online import write_lines_atomically
 
