@@ -48,16 +48,19 @@ def make_record(body: Mapping[str, Any], usage: Mapping[str, Any], headers: Mapp
         return None
     metadata = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
     workflow_id = header(headers, WORKFLOW_ID_HEADER) or metadata.get("workflow_id")
+    if not (isinstance(workflow_id, str) and workflow_id):
+        workflow_id = None
     step = int_or_none(header(headers, WORKFLOW_STEP_HEADER))
     if step is None:
         step = int_or_none(metadata.get("workflow_step"))
-    if step is None:
-        step = 0
+    # Either may come without the other, and each is kept as predict() read it: a step the client did not
+    # give is not invented (the model would train on step 0 where it serves without one), and a step without
+    # an id is not lost (the model serves with it).
     record = {
         "request": dict(body),
         "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
         "agent_role": explicit_role_of(body, headers),
-        "workflow": {"id": workflow_id, "step": step} if isinstance(workflow_id, str) and workflow_id else None,
+        "workflow": None if workflow_id is None and step is None else {"id": workflow_id, "step": step},
         "source": source,
     }
     try:

@@ -10,6 +10,11 @@ One JSON object per line, ``.jsonl`` or ``.jsonl.gz``::
 
 Optional extra keys: ``"estimated": true`` when token counts were estimated from characters (the source had
 none), and ``"meta": {...}`` for source-specific provenance (never used as a feature).
+
+The gateway's records of live traffic may hold half a workflow: a client that sends ``X-Workflow-Id`` without
+``X-Workflow-Step`` is logged as ``{"id": str, "step": null}``, and one that sends only a step as
+``{"id": null, "step": int}`` (training then sees each request exactly as the gateway served it). Importers
+always write both.
 """
 
 from __future__ import annotations
@@ -62,12 +67,18 @@ def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
     if role is not None and role not in ROLES:
         raise TraceFormatError(f"{where}: 'agent_role' {role!r} is not one of {', '.join(ROLES)}")
     workflow = record.get("workflow")
-    if workflow is not None and (not isinstance(workflow, dict) or not isinstance(workflow.get("id"), str)
-                                 or not isinstance(workflow.get("step"), int)):
-        raise TraceFormatError(f"{where}: 'workflow' must be null or {{'id': str, 'step': int}}")
+    if workflow is not None and (not isinstance(workflow, dict) or not _workflow_part(workflow.get("id"), str)
+                                 or not _workflow_part(workflow.get("step"), int)
+                                 or workflow.get("id") is None and workflow.get("step") is None):
+        raise TraceFormatError(f"{where}: 'workflow' must be null or {{'id': str, 'step': int}} (one of them may "
+                               "be null)")
     if not isinstance(record.get("source"), str):
         raise TraceFormatError(f"{where}: 'source' must be a string")
     return record
+
+
+def _workflow_part(value: Any, kind: type) -> bool:
+    return value is None or (isinstance(value, kind) and not isinstance(value, bool))
 
 
 def _open(path: Path, mode: str):

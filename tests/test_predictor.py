@@ -34,8 +34,8 @@ from predictor.length_model import (FlatForest, LengthParams, fit_length_model, 
                                     mondrian_offsets)
 from predictor.model_file import _FILE_MODE, ModelFileError, load_state, read_plain, save_state
 from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, make_record
-from predictor.trace import ROLES, write_records
-from predictor.train import TrainOptions, choose_upper_level, fit_state, group_of, split_records
+from predictor.trace import ROLES, TraceFormatError, read_records, validate_record, write_records
+from predictor.train import TrainOptions, choose_upper_level, fit_state, group_of, request_of, split_records
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -823,12 +823,39 @@ def test_make_record_labels_only_explicit_roles():
     assert record["agent_role"] == "coder"
     assert make_record(body, {"prompt_tokens": 10}) is None
     usage = {"prompt_tokens": 10, "completion_tokens": 5}
-    # the step is read as predict() reads it: the header first, then metadata; anything not an integer is step 0
+    # the step is read as predict() reads it: the header first, then metadata; anything not an integer is none
     assert make_record(body, usage, {"X-Workflow-Step": " 4 "})["workflow"]["step"] == 4
     assert make_record(body, usage, {"X-Workflow-Step": "¹"})["workflow"]["step"] == 3  # not a number: metadata's
     for odd in (float("inf"), 10**400, "9" * 5000, "²", "3.5"):
         odd_body = chat("sys", "hi", metadata={"workflow_id": "w1", "workflow_step": odd})
-        assert make_record(odd_body, usage)["workflow"] == {"id": "w1", "step": 0}
+        assert make_record(odd_body, usage)["workflow"] == {"id": "w1", "step": None}
+
+
+@pytest.mark.parametrize("headers, metadata, workflow", [
+    (None, None, None),
+    ({"X-Workflow-Id": "run-1", "X-Workflow-Step": "4"}, None, {"id": "run-1", "step": 4}),
+    ({"X-Workflow-Id": "run-1"}, None, {"id": "run-1", "step": None}),  # no step is invented
+    ({"X-Workflow-Step": "4"}, None, {"id": None, "step": 4}),          # a step without an id is kept
+    (None, {"workflow_step": 2}, {"id": None, "step": 2}),
+    ({"X-Workflow-Id": ""}, {"workflow_id": 7}, None),                   # neither is usable
+])
+def test_a_recorded_request_trains_as_it_was_served(headers, metadata, workflow, tmp_path):
+    """Training reads a live record's workflow back into the view predict() had when it served the request."""
+    body = chat("sys", "hi", **({"metadata": metadata} if metadata else {}))
+    record = make_record(body, {"prompt_tokens": 10, "completion_tokens": 5}, headers)
+    assert record["workflow"] == workflow
+    write_records(tmp_path / "live.jsonl", [record])  # the trace format takes it, and reads it back
+    (read,) = read_records(tmp_path / "live.jsonl")
+    served, trained = parse_request(body, headers), parse_request(*request_of(read))
+    assert (trained.workflow_step, trained.workflow_id) == (served.workflow_step, served.workflow_id)
+
+
+@pytest.mark.parametrize("workflow", [{"id": None, "step": None}, {"id": 5, "step": 1}, {"id": "w", "step": "1"},
+                                      {"id": "w", "step": True}, ["w", 1]])
+def test_the_trace_format_refuses_a_workflow_it_cannot_use(workflow):
+    with pytest.raises(TraceFormatError, match="'workflow' must be null or"):
+        validate_record({"request": chat("s", "u"), "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+                         "agent_role": None, "workflow": workflow, "source": "t"})
 
 
 async def test_refit_runs_off_the_event_loop_and_swaps_atomically():
