@@ -534,6 +534,10 @@ def main(args: argparse.Namespace) -> int:
     if records is None:
         return 2
     contexts = dict(args.max_model_len or [])  # the last value given for a model wins
+    asked = {model for record in records if isinstance(model := record["request"].get("model"), str)}
+    for name in sorted(set(contexts) - asked):  # a typo would silently leave that model at 4096
+        print(f"maestro predictor evaluate: note: --max-model-len names {name!r}, which no record asks for",
+              file=sys.stderr)
     # Without the served models' contexts a request that sets no max_tokens is scored at 4096 (the issue's
     # default); with them, at the room its prompt leaves, as the gateway and vLLM give it.
     default_max_tokens = args.default_max_tokens or (None if contexts else DEFAULT_MAX_TOKENS)
@@ -552,7 +556,8 @@ def main(args: argparse.Namespace) -> int:
             return 2
         report["meta"] = {"cv_folds": args.cv, "data": [str(p) for p in args.data],
                           "upper_fit_levels": list(options.upper_fit_levels),
-                          "workflow_context": args.workflow_context, "max_model_len": contexts,
+                          "workflow_context": args.workflow_context,
+                          **({"max_model_len": contexts} if contexts else {}),
                           "seconds": round(time.perf_counter() - started, 1)}
         write_report(report, args.format)
         return 0
@@ -601,7 +606,8 @@ def main(args: argparse.Namespace) -> int:
                       "priors": None if priors is None else (args.priors or "built-in"),
                       "data": [str(p) for p in args.data], "split": args.split,
                       "model_split": split.get("part"), "in_sample": in_sample,
-                      "workflow_context": args.workflow_context, "max_model_len": contexts,
+                      "workflow_context": args.workflow_context,
+                      **({"max_model_len": contexts} if contexts else {}),
                       "test_size": test_size if args.split == "test" else None,
                       "seed": seed if args.split == "test" else None,
                       "load_s": round(load_s, 3), "evaluate_s": round(time.perf_counter() - started, 2),

@@ -184,6 +184,7 @@ def _fenced_chars(text: str) -> int:
 _NAME_CHARS = re.compile(r"\W+")
 _PREFIX = {"assistant": "a_", "user": "u_", "tool": "t_", "function": "t_", "system": "s_", "developer": "s_"}
 CONTEXT_MESSAGES = 8  # speaker names are read from this many latest messages
+NAME_CHARS_READ = 256  # of each name (the word keeps 40 characters of it)
 
 
 def _context_tokens(messages: list[Any], has_system: bool, n_tool: int, body: Mapping[str, Any]) -> str:
@@ -197,7 +198,8 @@ def _context_tokens(messages: list[Any], has_system: bool, n_tool: int, body: Ma
             if isinstance(name, str) and name:
                 role = message.get("role")
                 prefix = _PREFIX.get(role, "x_") if isinstance(role, str) else "x_"
-                words.append(prefix + _NAME_CHARS.sub("_", name.lower()).strip("_")[:40])
+                # cut first: the name is any string the client sent, and only its start becomes a word
+                words.append(prefix + _NAME_CHARS.sub("_", name[:NAME_CHARS_READ].lower()).strip("_")[:40])
     last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
     last_role = last.get("role")
     # Only the roles the chat format has (and None, a message without one) name themselves: a client's

@@ -230,8 +230,10 @@ class TrainCommandRefit:
         arguments = []
         if self.kv is not None:
             for name, spec in sorted(self.kv.specs.items()):
-                if spec.max_model_len:
-                    # one word, so that a name starting with "-" is not read as an option
+                # A name no command line can carry (empty, or with a NUL) is left out, so that its requests are
+                # capped at 4096 rather than every check failing; one word, so that a name starting with "-" is
+                # not read as an option.
+                if spec.max_model_len and name and "\x00" not in name:
                     arguments.append(f"--max-model-len={name}={spec.max_model_len}")
         if self.default_max_tokens is not None:
             arguments += ["--default-max-tokens", str(self.default_max_tokens)]

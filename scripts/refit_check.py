@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.config import OnlineLearningConfig  # noqa: E402
-from predictor.evaluate import collect, model_context, quantile_loss  # noqa: E402
+from predictor.evaluate import collect, context_kv, model_context, quantile_loss  # noqa: E402
 from predictor.kv import KVModel  # noqa: E402
 from predictor.online import RefitRejected  # noqa: E402
 from predictor.predictor import Predictor  # noqa: E402
@@ -63,10 +63,12 @@ async def check(work: Path, serving: Path | None, candidates: dict[str, Path], h
               f"  -> {outcome}", flush=True)
 
 
-def slice_ratios(serving: Path, alternative: Path, test, size: int) -> None:
+def slice_ratios(serving: Path, alternative: Path, test, size: int, contexts: dict[str, int]) -> None:
     rows = {}
+    default = None if contexts else 4096  # as evaluate --max-model-len scores them
     for name, path in (("serving", serving), ("alternative", alternative)):
-        rows[name] = [r for r in collect(Predictor.load(path, default_max_tokens=4096), test) if r["usable"]]
+        predictor = Predictor.load(path, kv=context_kv(contexts), default_max_tokens=default)
+        rows[name] = [r for r in collect(predictor, test, default, contexts=contexts) if r["usable"]]
     for source in SOURCES:
         idx = [i for i, r in enumerate(rows["serving"]) if r["source"] == source]
         ratios = []
@@ -118,7 +120,7 @@ def main() -> int:
         print("the same, against the built-in priors (a gateway that started without a model):")
         asyncio.run(check(work, None, candidates, len(chatdev_test), kv))
     print("p90 quantile loss on slices of held-out records (seed-0 split):")
-    slice_ratios(args.serving, args.alternative, test, args.slice)
+    slice_ratios(args.serving, args.alternative, test, args.slice, dict(args.max_model_len or []))
     return 0
 
 

@@ -221,6 +221,14 @@ def test_the_last_role_word_names_only_the_chat_formats_roles(role, word):
     assert word in context.split() and len(context) < 100
 
 
+def test_a_speaker_name_becomes_one_short_word_however_long():
+    for name in ("Chief Executive Officer", "Alice-" * 600_000):  # the second: 3.6 MB, read only 256 characters
+        messages = [{"role": "user", "name": name, "content": "hi"}]
+        words = parse_request({"messages": messages}).context.split()
+        expected = "u_" + re.sub(r"\W+", "_", name[:256].lower()).strip("_")[:40]
+        assert words[0] == expected and len(words[0]) <= 42
+
+
 @pytest.mark.parametrize("body, headers, says", [
     (None, None, "body must be a JSON object (a dict), not NoneType"),
     ([{"role": "user", "content": "hi"}], None, "not list"),

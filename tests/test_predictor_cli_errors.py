@@ -525,13 +525,18 @@ def test_evaluate_caps_requests_at_the_served_models_contexts(traces, capsys):
     assert code == 0, err
     short = orjson.loads(out)
     assert short["meta"]["max_model_len"] == {"model-a": 120, "model-b": 120}
-    assert plain["meta"]["max_model_len"] == {} and plain["all"]["kv"]["default_max_tokens"] == 4096
+    assert "max_model_len" not in plain["meta"] and plain["all"]["kv"]["default_max_tokens"] == 4096
     assert short["all"]["kv"]["default_max_tokens"] is None
     assert short["all"]["length"]["p90_coverage"] < plain["all"]["length"]["p90_coverage"]
     # an explicit --default-max-tokens still applies, within the context
     code, out, err = run_cli([*base, "--max-model-len", "model-a=120", "--default-max-tokens", "50"], capsys)
     assert code == 0, err
     assert orjson.loads(out)["all"]["kv"]["default_max_tokens"] == 50
+    # a name no record asks for (a typo would leave that model at 4096) is pointed out
+    code, out, err = run_cli([*base, "--max-model-len", "model-a =120"], capsys)
+    assert code == 0 and "--max-model-len names 'model-a ', which no record asks for" in err
+    typo = orjson.loads(out)["all"]
+    assert typo["length"] == plain["all"]["length"] and typo["kv"]["saving"] == plain["all"]["kv"]["saving"]
 
 
 @pytest.mark.parametrize("value", ["model-a", "=120", "model-a=", "model-a=0", "model-a=-5", "model-a=1.5",
