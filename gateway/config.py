@@ -497,6 +497,8 @@ def parse_config(raw: Any) -> Config:
             max_model_len=_get(model, "max_model_len", int, path, 4096),
             kv_bytes_per_token=_get(model, "kv_bytes_per_token", int, path, 131072),
         )
+        if not parsed.name.strip() or "\x00" in parsed.name:  # no client could ask for it by name
+            raise ConfigError(f"{path}.name", f"must be a model's name, not {parsed.name!r}")
         _positive(parsed.max_model_len, f"{path}.max_model_len")
         _positive(parsed.kv_bytes_per_token, f"{path}.kv_bytes_per_token")
         if any(m.name == parsed.name for m in models):

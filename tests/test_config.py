@@ -46,6 +46,8 @@ def test_defaults_fill_in():
      "clusters[0].pools[0].engines[0].url"),
     (lambda c: c["clusters"][0]["pools"][0].update(models=["unknown"]), "clusters[0].pools[0].models[0]"),
     (lambda c: c["clusters"][0]["pools"][0].update(engines=[]), "clusters[0].pools[0].engines"),
+    (lambda c: c["models"].append({"name": " "}), "models[1].name"),  # no client can ask for these by name
+    (lambda c: c["models"].append({"name": "a\x00b"}), "models[1].name"),
     (lambda c: c["models"][0].update(max_model_len=-5), "models[0].max_model_len"),
     (lambda c: c["models"][0].update(max_model_len="big"), "models[0].max_model_len"),
     (lambda c: c.update(server={"port": 70000}), "server.port"),
