@@ -164,7 +164,12 @@ class FileTraceBuffer(MemoryBuffer):
     records or ``flush_after_s`` seconds after the first unwritten one (so light traffic is on disk within
     seconds, not after hours); when the file holds twice ``maxlen`` lines it is rewritten with the latest
     ``maxlen`` (atomically, also in an executor). The file's latest records are read back at construction
-    (before serving starts)."""
+    (before serving starts).
+
+    A write that fails (a full or read-only disk) loses no record a refit would use: the records stay in memory,
+    refits get them, and their lines are written once the file can be written again (retried every
+    ``flush_after_s``; only lines older than the newest ``maxlen`` are given up). Such failures are logged, not
+    raised to the caller, which would count the records as lost."""
 
     def __init__(self, path: str | Path, maxlen: int = 50_000, flush_every: int = 64,
                  executor: Executor | None = None, flush_after_s: float = 1.0) -> None:
@@ -178,6 +183,7 @@ class FileTraceBuffer(MemoryBuffer):
         self._writing: asyncio.Future | None = None  # the executor write in progress
         self._lines_on_disk = 0
         self._lock = asyncio.Lock()
+        self.write_failures = 0  # failed writes in a row (0: the file is being written)
         if self.path.exists():
             self._read_back()
 
@@ -206,17 +212,29 @@ class FileTraceBuffer(MemoryBuffer):
         line = orjson.dumps(record) + b"\n"
         self.lines.append(line)
         self._pending.append(line)
-        if len(self._pending) >= self.flush_every:
-            await self.flush()
-        elif self._timer is None or self._timer.done():
+        if len(self._pending) > self.lines.maxlen:  # only while writes fail: the oldest has left memory too
+            del self._pending[0]
+        if len(self._pending) >= self.flush_every and not self.write_failures:
+            await self._flush_or_log()
+        elif self._timer is None or self._timer.done():  # while writes fail, the timer retries
             self._timer = asyncio.get_running_loop().create_task(self._flush_later())
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self.flush_after_s)
+        await self._flush_or_log()
+
+    async def _flush_or_log(self) -> bool:
+        """flush(); a failure is logged (the first, the 10th, 100th, every 1000th in a row) and the lines stay
+        pending for the next try. False if it failed."""
         try:
             await self.flush()
-        except Exception as exc:  # noqa: BLE001 - the lines stay pending; the next flush tries again
-            log.warning("trace buffer %s: write failed: %s", self.path, exc)
+        except Exception as exc:  # noqa: BLE001 - the records are still in memory for refits
+            if self.write_failures in (1, 10, 100) or self.write_failures % 1000 == 0:
+                log.warning("trace buffer %s: write failed (%d in a row; %d records in memory wait to be "
+                            "written, retried every %g s): %s", self.path, self.write_failures,
+                            len(self._pending), self.flush_after_s, exc)
+            return False
+        return True
 
     async def flush(self) -> None:
         async with self._lock:
@@ -240,8 +258,12 @@ class FileTraceBuffer(MemoryBuffer):
                 raise
             except Exception:
                 self._put_back(lines)  # not written (a partial append is taken back): try again next time
+                self.write_failures += 1
                 raise
             self._lines_on_disk = after
+            if self.write_failures:
+                log.warning("trace buffer %s: written again after %d failed writes", self.path, self.write_failures)
+                self.write_failures = 0
 
     def _put_back(self, lines: list[bytes]) -> None:
         """Keep unwritten ``lines`` for the next flush, but never more than the buffer holds: while the disk
@@ -282,7 +304,7 @@ class FileTraceBuffer(MemoryBuffer):
         write_lines_atomically(self.path, lines)
 
     async def snapshot_lines(self) -> list[bytes]:
-        await self.flush()
+        await self._flush_or_log()  # a refit needs the records, not the file: they are in memory either way
         return list(self.lines)
 
     async def close(self) -> None:

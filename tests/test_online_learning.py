@@ -420,17 +420,40 @@ async def test_a_lasting_write_failure_keeps_at_most_maxlen_lines_in_memory(tmp_
     the newest maxlen of them (the buffer holds no more), and they are written once the path works again."""
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the buffer's folder should be")
-    buffer = FileTraceBuffer(blocker / "records.jsonl", maxlen=10, flush_every=4, flush_after_s=3600)
+    buffer = FileTraceBuffer(blocker / "records.jsonl", maxlen=10, flush_every=4, flush_after_s=0.01)
     for i in range(200):
-        try:
-            await buffer.append({"i": i})
-        except OSError:  # each fourth append flushes, and the write fails
-            pass
+        await buffer.append({"i": i})  # the fourth tries a write, which fails; then the timer retries
+        if i % 50 == 0:
+            await asyncio.sleep(0.03)
+    assert buffer.write_failures >= 4
     assert [orjson.loads(line)["i"] for line in buffer._pending] == list(range(190, 200))
     blocker.unlink()  # the path works again
-    await buffer.close()
+    await asyncio.sleep(0.2)  # the timer's next try writes them
+    assert buffer.write_failures == 0 and not buffer._pending
     assert [orjson.loads(line)["i"] for line in (blocker / "records.jsonl").read_bytes().splitlines()] == \
         list(range(190, 200))
+    await buffer.close()
+
+
+async def test_a_buffer_file_that_cannot_be_written_loses_no_record_a_refit_needs(tmp_path):
+    """The records are in memory: they count as buffered (not lost), refits by count still start, and a refit
+    gets them although the file cannot be written."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the buffer's folder should be")
+    buffer = FileTraceBuffer(blocker / "records.jsonl", maxlen=100, flush_every=4, flush_after_s=3600)
+    fitted: list[int] = []
+
+    async def refit(lines):
+        fitted.append(len(lines))
+        return Predictor.from_priors()
+
+    learner = OnlineLearner(Predictor.from_priors(), buffer, refit_every=20, min_records=20, refit=refit)
+    for i in range(20):
+        assert await learner.add(trace(i + 1))
+    await learner.wait_refit()
+    assert learner.records["buffered"] == 20 and learner.records["failed"] == 0
+    assert fitted == [20] and learner.last_refit["outcome"] == "ok"
+    await learner.stop()
 
 
 def test_a_failed_rewrite_leaves_no_temporary_file(tmp_path, monkeypatch):
