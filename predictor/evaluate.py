@@ -34,7 +34,9 @@ nothing out, so the default ``--split test`` is refused for it.
 
 ``--no-workflow-context`` scores every request as a client that sends no workflow context is served: without
 the ``X-Workflow-Id`` / ``X-Workflow-Step`` headers the trace's workflow would give (and without their
-``metadata`` forms), i.e. ``predict(body)`` from the plain OpenAI request. Roles are never given either way.
+``metadata`` forms), i.e. ``predict(body)`` from the plain OpenAI request. Roles are not given either way (nor
+a ``metadata.agent_role``), unless ``--explicit-roles`` asks for the gateway's view of its own records, whose
+``agent_role`` is always one the client sent.
 
 ``--max-model-len MODEL=TOKENS`` (repeatable) gives served models' context lengths, so that a request is scored
 as the gateway and vLLM bound it: never more output than the context its prompt leaves, and without
@@ -238,15 +240,19 @@ def _r(value: float | None, digits: int = 4) -> float | None:
     return None if value is None or value != value else round(float(value), digits)
 
 
+def without_metadata(body: Mapping[str, Any], keys: Sequence[str]) -> Mapping[str, Any]:
+    """``body`` without those ``metadata`` keys (the same object when it has none of them)."""
+    metadata = body.get("metadata")
+    if not isinstance(metadata, Mapping) or not set(keys) & set(metadata):
+        return body
+    return {**body, "metadata": {k: v for k, v in metadata.items() if k not in keys}}
+
+
 def without_workflow_context(body: Mapping[str, Any]) -> Mapping[str, Any]:
     """``body`` as a client without workflow context sends it: no ``metadata.workflow_id`` / ``workflow_step``."""
     from predictor.features import WORKFLOW_ID_METADATA, WORKFLOW_STEP_METADATA
 
-    metadata = body.get("metadata")
-    if not isinstance(metadata, Mapping) or not ({WORKFLOW_ID_METADATA, WORKFLOW_STEP_METADATA} & set(metadata)):
-        return body
-    kept = {k: v for k, v in metadata.items() if k not in (WORKFLOW_ID_METADATA, WORKFLOW_STEP_METADATA)}
-    return {**body, "metadata": kept}
+    return without_metadata(body, (WORKFLOW_ID_METADATA, WORKFLOW_STEP_METADATA))
 
 
 def output_cap(max_tokens: int | None, default_max_tokens: int | None, context: int | None,
@@ -264,12 +270,15 @@ def output_cap(max_tokens: int | None, default_max_tokens: int | None, context: 
 
 
 def collect(predictor, records: Sequence[Mapping[str, Any]], default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
-            workflow_context: bool = True, contexts: Mapping[str, int] | None = None) -> list[dict[str, Any]]:
-    """One row per record: the prediction (the predictor sees the request as a gateway would, without its
-    role; with ``workflow_context`` False also without the workflow's id and step) and the baselines'
-    predictions from the predictor's own training statistics. ``contexts`` maps served model names to their
-    context lengths (:func:`output_cap`)."""
-    from predictor.features import max_tokens_of
+            workflow_context: bool = True, contexts: Mapping[str, int] | None = None,
+            explicit_roles: bool = False) -> list[dict[str, Any]]:
+    """One row per record: the prediction and the baselines' predictions from the predictor's own training
+    statistics. The predictor sees the request as a gateway would, without its role label (not even as
+    ``metadata.agent_role``), so that the role figures measure the classifier; with ``workflow_context`` False
+    also without the workflow's id and step. With ``explicit_roles`` each record's ``agent_role`` comes as the
+    client's ``X-Agent-Role`` instead: that is how the gateway served its own records, whose role is only ever
+    one a client sent. ``contexts`` maps served model names to their context lengths (:func:`output_cap`)."""
+    from predictor.features import ROLE_HEADER, ROLE_METADATA, max_tokens_of
     from predictor.train import group_of, length_usable, request_of
 
     baselines = (getattr(predictor, "state", None) or {}).get("baselines")
@@ -278,8 +287,13 @@ def collect(predictor, records: Sequence[Mapping[str, Any]], default_max_tokens:
     for record in records:
         body, headers = request_of(record)
         if not workflow_context:
-            body, headers = without_workflow_context(body), None
-        prediction = predictor.predict(body, headers)
+            body, headers = without_workflow_context(body), {}
+        role = record.get("agent_role")
+        if explicit_roles and role is not None:
+            headers = {**headers, ROLE_HEADER: role}
+        else:
+            body = without_metadata(body, (ROLE_METADATA,))
+        prediction = predictor.predict(body, headers or None)
         model = body.get("model")
         cap = output_cap(max_tokens_of(body), default_max_tokens,
                          contexts.get(model) if isinstance(model, str) else None, record["usage"]["prompt_tokens"])
@@ -362,9 +376,10 @@ def _intervals(usable: Sequence[Mapping[str, Any]], actual: np.ndarray, p50: np.
 
 def evaluate_records(predictor, records: Sequence[Mapping[str, Any]],
                      default_max_tokens: int | None = DEFAULT_MAX_TOKENS, workflow_context: bool = True,
-                     contexts: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """All metrics for ``records``."""
-    return summarize(collect(predictor, records, default_max_tokens, workflow_context, contexts), default_max_tokens)
+                     contexts: Mapping[str, int] | None = None, explicit_roles: bool = False) -> dict[str, Any]:
+    """All metrics for ``records`` (the options: :func:`collect`)."""
+    return summarize(collect(predictor, records, default_max_tokens, workflow_context, contexts, explicit_roles),
+                     default_max_tokens)
 
 
 def summarize_by_source(rows: Sequence[Mapping[str, Any]],
@@ -378,14 +393,15 @@ def summarize_by_source(rows: Sequence[Mapping[str, Any]],
 
 def evaluate_by_source(predictor, records: Sequence[Mapping[str, Any]],
                        default_max_tokens: int | None = DEFAULT_MAX_TOKENS, workflow_context: bool = True,
-                       contexts: Mapping[str, int] | None = None) -> dict[str, Any]:
-    return summarize_by_source(collect(predictor, records, default_max_tokens, workflow_context, contexts),
-                               default_max_tokens)
+                       contexts: Mapping[str, int] | None = None, explicit_roles: bool = False) -> dict[str, Any]:
+    return summarize_by_source(collect(predictor, records, default_max_tokens, workflow_context, contexts,
+                                       explicit_roles), default_max_tokens)
 
 
 def cross_validate(records: Sequence[dict[str, Any]], folds: int = 5,
                    default_max_tokens: int | None = DEFAULT_MAX_TOKENS, options=None, log=None,
-                   workflow_context: bool = True, contexts: Mapping[str, int] | None = None) -> dict[str, Any]:
+                   workflow_context: bool = True, contexts: Mapping[str, int] | None = None,
+                   explicit_roles: bool = False) -> dict[str, Any]:
     """Group k-fold by workflow over ``records``: train on k-1 folds (default options), predict the held-out
     fold, and report the pooled metrics (every record is scored once, by a model that never saw its run)."""
     from sklearn.model_selection import GroupKFold
@@ -403,7 +419,7 @@ def cross_validate(records: Sequence[dict[str, Any]], folds: int = 5,
         state = fit_state([records[i] for i in train_idx], options)
         predictor = Predictor.from_state(state, context_kv(contexts), default_max_tokens)
         rows.extend(collect(predictor, [records[i] for i in test_idx], default_max_tokens, workflow_context,
-                            contexts))
+                            contexts, explicit_roles))
         if log:
             log(f"fold {fold + 1}/{folds}: trained on {len(train_idx)}, scored {len(test_idx)}")
     return summarize_by_source(rows, default_max_tokens)
@@ -480,6 +496,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upper-fit-levels", type=fit_level, nargs="+", metavar="Q",
                         help="with --cv: train the fold models with these p90 fit levels (see `maestro predictor "
                              "train --help`)")
+    parser.add_argument("--explicit-roles", action="store_true",
+                        help="give each record's agent_role as its client's X-Agent-Role, as the gateway served "
+                             "its own records (a live record's role is always one its client sent; the online "
+                             "refit's check scores this way); by default the role is hidden, to score the "
+                             "classifier")
     parser.add_argument("--no-workflow-context", dest="workflow_context", action="store_false",
                         help="score every request as a client without workflow context is served: no "
                              "X-Workflow-Id / X-Workflow-Step headers (nor their metadata forms), the plain "
@@ -550,7 +571,8 @@ def main(args: argparse.Namespace) -> int:
         try:
             report = cross_validate(records, args.cv, default_max_tokens, options,
                                     log=lambda message: print(f"[evaluate] {message}", file=sys.stderr, flush=True),
-                                    workflow_context=args.workflow_context, contexts=contexts)
+                                    workflow_context=args.workflow_context, contexts=contexts,
+                                    explicit_roles=args.explicit_roles)
         except TrainingDataError as exc:
             print(f"maestro predictor evaluate: {exc}", file=sys.stderr)
             return 2
@@ -558,6 +580,7 @@ def main(args: argparse.Namespace) -> int:
                           "upper_fit_levels": list(options.upper_fit_levels),
                           "workflow_context": args.workflow_context,
                           **({"max_model_len": contexts} if contexts else {}),
+                          **({"explicit_roles": True} if args.explicit_roles else {}),
                           "seconds": round(time.perf_counter() - started, 1)}
         write_report(report, args.format)
         return 0
@@ -601,13 +624,15 @@ def main(args: argparse.Namespace) -> int:
         print(f"maestro predictor evaluate: note: {args.model} was trained on {part} {', '.join(seen)}; this is an "
               "in-sample report, not a held-out one", file=sys.stderr)
     started = time.perf_counter()
-    report = evaluate_by_source(predictor, records, default_max_tokens, args.workflow_context, contexts)
+    report = evaluate_by_source(predictor, records, default_max_tokens, args.workflow_context, contexts,
+                                args.explicit_roles)
     report["meta"] = {"model": None if priors is not None else str(args.model),
                       "priors": None if priors is None else (args.priors or "built-in"),
                       "data": [str(p) for p in args.data], "split": args.split,
                       "model_split": split.get("part"), "in_sample": in_sample,
                       "workflow_context": args.workflow_context,
                       **({"max_model_len": contexts} if contexts else {}),
+                      **({"explicit_roles": True} if args.explicit_roles else {}),
                       "test_size": test_size if args.split == "test" else None,
                       "seed": seed if args.split == "test" else None,
                       "load_s": round(load_s, 3), "evaluate_s": round(time.perf_counter() - started, 2),

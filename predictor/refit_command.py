@@ -203,8 +203,9 @@ class TrainCommandRefit:
 
     async def _score(self, model: Path | None) -> HoldoutScore:
         """``model``'s p90 coverage and quantile loss on the newest records; with None, the priors'."""
+        # --explicit-roles: a live record's role is one its client sent, and the gateway served it with that role
         command = [sys.executable, "-m", "predictor.evaluate", "--data", str(self.holdout_path), "--split", "all",
-                   "--format", "json"]
+                   "--format", "json", "--explicit-roles"]
         if model is None:
             priors = self.work_dir / PRIORS_NAME
             serving = self.priors if self.priors is not None else normalize_priors(None)

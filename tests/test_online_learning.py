@@ -530,6 +530,21 @@ async def test_a_refit_is_checked_on_the_newest_records_before_it_serves(tmp_pat
     assert refit.last_check["serving_p90_quantile_loss"] >= 0.0
 
 
+async def test_the_refit_check_scores_roles_as_the_gateway_served_them(tmp_path):
+    """A role the client sent as X-Agent-Role is stored as the record's agent_role, not in its body: the check
+    must give it back, or the priors (and a model) would be scored as if the gateway had not known it."""
+    from predictor.online import make_record
+
+    refit = TrainCommandRefit(tmp_path / "work")
+    refit.work_dir.mkdir(parents=True)
+    records = [make_record(chat("You write code.", f"Task {i}."), {"prompt_tokens": 20, "completion_tokens": tokens},
+                           {"X-Agent-Role": "coder"}) for i, tokens in enumerate(range(1100, 1500, 8))]
+    write_records(refit.holdout_path, records)
+    priors = await refit._score(None)  # the built-in coder prior: p90 1,600 tokens, above every output
+    assert priors.coverage == 1.0 and priors.loss == pytest.approx(
+        sum(0.1 * (1600 - r["usage"]["completion_tokens"]) for r in records) / len(records), abs=0.01)
+
+
 @pytest.mark.parametrize("new, serving, serving_file, refused_for", [
     # (p90 coverage, p90 quantile loss) on the newest records, for the new model and what serves: a model file,
     # or (no file: a gateway started without a model) the per-role priors

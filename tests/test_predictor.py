@@ -686,6 +686,19 @@ def test_served_contexts_cap_reservations_and_the_worst_case_by_hand():
     assert plain["length"]["p90_quantile_loss"] == pytest.approx((0.9 * 4904 + 0.1 * 3596 * 2) / 3, abs=0.01)
 
 
+def test_evaluation_hides_the_role_label_unless_roles_are_explicit():
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "metadata": {"agent_role": "coder"}}
+    records = [{"request": body, "usage": {"prompt_tokens": 10, "completion_tokens": 1200}, "agent_role": "coder",
+                "workflow": None, "source": "t"},
+               {"request": {**body, "metadata": {}}, "usage": {"prompt_tokens": 10, "completion_tokens": 1200},
+                "agent_role": "coder", "workflow": None, "source": "t"}]
+    priors = Predictor.from_priors()  # knows no classifier: a request without an explicit role is "other"
+    hidden = evaluate_records(priors, records)
+    assert hidden["role"]["accuracy"] == 0.0 and hidden["length"]["p90_coverage"] == 0.0  # other's p90: 1,000
+    explicit = evaluate_records(priors, records, explicit_roles=True)  # as the gateway served them: coder, 1,600
+    assert explicit["role"]["accuracy"] == 1.0 and explicit["length"]["p90_coverage"] == 1.0
+
+
 def test_split_keeps_workflows_whole():
     records = synthetic_records(n_workflows=30, seed=3)
     train, test = split_records(records, 0.2, seed=0)
