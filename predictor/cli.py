@@ -87,6 +87,17 @@ def strictly_between_0_and_1(text: str, what: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """argparse type of a weight or a confidence: a number from 0 to 1 (NaN and infinity are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, not {text!r}")
+    return value
+
+
 def held_out_share(text: str) -> float:
     """argparse type of a held-out share: strictly between 0 and 1 (0 would hold nothing out, 1 train on nothing,
     and scikit-learn reads a number above 1 as a count of workflows)."""

@@ -482,7 +482,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=model_context, action="append", metavar="MODEL=TOKENS",
                         help="a served model's context length (repeatable): its requests never reserve more than "
                              "the room their prompt leaves, as the gateway and vLLM cap them")
-    parser.add_argument("--split", choices=("test", "all"), default="test",
+    parser.add_argument("--split", choices=("test", "all"),
                         help="score the held-out part of the by-workflow split (default; same seed and size as "
                              "training; refused for a model trained with --split all, which held nothing out) or "
                              "every record (traces the model never saw; on its own training files the report is "
@@ -551,6 +551,11 @@ def main(args: argparse.Namespace) -> int:
     if args.cv is not None and args.cv < 2:
         print("maestro predictor evaluate: --cv needs K >= 2", file=sys.stderr)
         return 2
+    if args.cv is not None and (args.split, args.test_size, args.seed) != (None, None, None):
+        print("maestro predictor evaluate: --split, --test-size and --seed choose a held-out part; --cv scores "
+              "every run once, by a model that never saw it, so they do not apply", file=sys.stderr)
+        return 2
+    args.split = args.split or "test"
     records = load_records_or_say_why(args.data, "evaluate")
     if records is None:
         return 2

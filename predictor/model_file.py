@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,8 @@ def load_state(path: str | Path) -> dict[str, Any]:
         state = read_plain(path)
     except _NotPlain:
         state = _skops_load(path)
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, zlib.error, NotImplementedError) as exc:
+        # zlib / EOF: a damaged member; NotImplementedError: a compression method zipfile does not know
         raise ModelFileError(f"{path}: not a skops model file ({exc})") from None
     return check_state(state, str(path))
 

@@ -129,7 +129,11 @@ def split_records(records: Sequence[dict[str, Any]], test_size: float = DEFAULT_
         if len(set(groups)) < 2 or test_size <= 0:
             train_idx.extend(indices)
             continue
-        splitter = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
+        runs = len(set(groups))
+        # A share that would hold out every run (0.6 of 2 runs rounds up to both) holds out all but one instead:
+        # scikit-learn refuses an empty train part.
+        held = test_size if math.ceil(test_size * runs) < runs else runs - 1
+        splitter = GroupShuffleSplit(n_splits=1, test_size=held, random_state=seed)
         tr, te = next(splitter.split(indices, groups=groups))
         train_idx.extend(indices[i] for i in tr)
         test_idx.extend(indices[i] for i in te)
@@ -400,7 +404,7 @@ def fit_predictor(records: Sequence[dict[str, Any]], options: TrainOptions | Non
 
 # -------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from predictor.cli import held_out_share, positive_int, split_seed
+    from predictor.cli import held_out_share, positive_int, share, split_seed
 
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
                         help="trace files (.jsonl / .jsonl.gz), see predictor/trace.py")
@@ -415,10 +419,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-depth", type=positive_int, default=LengthParams.max_depth, help="tree depth (>= 1)")
     parser.add_argument("--threads", type=int, default=LengthParams.threads,
                         help="OpenMP threads per boosting fit (default 1)")
-    parser.add_argument("--source-balance", type=float, default=TrainOptions.source_balance,
+    parser.add_argument("--source-balance", type=share, default=TrainOptions.source_balance,
                         help="0 = weigh records equally, 1 = weigh sources equally (default 0.5)")
-    parser.add_argument("--threshold", type=float, default=TextParams.threshold,
-                        help="classifier confidence below which the role is 'other'")
+    parser.add_argument("--threshold", type=share, default=TextParams.threshold,
+                        help="classifier confidence (0 to 1) below which the role is 'other' (default "
+                             f"{TextParams.threshold:g})")
     parser.add_argument("--upper-fit-levels", type=fit_level, nargs="+", default=TrainOptions.upper_fit_levels,
                         metavar="Q", help="levels the p90 trees may be fitted at before calibration, e.g. "
                                           "0.7 0.8 0.9; the one that reserves least out of fold is kept "

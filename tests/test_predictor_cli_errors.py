@@ -13,7 +13,8 @@ import pytest
 
 from predictor import Predictor
 from predictor.cli import main as predictor_main
-from predictor.trace import write_records
+from predictor.train import split_records
+from predictor.trace import read_records, write_records
 from tests.test_predictor import chat, synthetic_records
 
 
@@ -55,6 +56,8 @@ def assert_usage_error(argv: list[str], capsys, says: str) -> str:
 @pytest.mark.parametrize("option, value", [
     ("--test-size", "0"), ("--test-size", "1"), ("--test-size", "1.5"), ("--test-size", "-0.2"),
     ("--test-size", "nan"), ("--max-iter", "0"), ("--max-iter", "-3"), ("--max-depth", "0"), ("--seed", "-1"),
+    ("--source-balance", "inf"), ("--source-balance", "nan"), ("--source-balance", "-0.1"),
+    ("--source-balance", "1.5"), ("--threshold", "nan"), ("--threshold", "2"), ("--threshold", "-1"),
 ])
 def test_train_refuses_out_of_range_options_before_reading_data(tmp_path, capsys, option, value):
     missing = tmp_path / "missing.jsonl"  # never opened: the option is refused first
@@ -156,6 +159,44 @@ def test_a_schema_that_is_not_skops_shaped_is_a_model_file_error(traces, tmp_pat
     err = assert_usage_error(["evaluate", "--model", str(path), "--data", str(traces)], capsys,
                              "not a skops model file")
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("damage", ["deflate", "method"])
+def test_a_damaged_archive_member_is_a_model_file_error(traces, tmp_path, capsys, damage):
+    """A damaged compressed member (zlib's error) or a compression method zipfile does not know: one line."""
+    import zipfile
+
+    path = tmp_path / "damaged.skops"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("schema.json", '{"protocol": 2, "content": "' + "x" * 4000 + '"}')
+    data = bytearray(path.read_bytes())
+    info = zipfile.ZipFile(path).getinfo("schema.json")
+    start = info.header_offset + 30 + len(info.filename.encode())  # the member's data (no extra field written)
+    if damage == "deflate":
+        data[start:start + 8] = b"\xff" * 8  # an invalid deflate block type
+    else:
+        data[info.header_offset + 8] = 99  # the local header's compression method
+        central = data.rindex(b"PK\x01\x02")
+        data[central + 10] = 99  # and the central directory's
+    path.write_bytes(bytes(data))
+    err = assert_usage_error(["evaluate", "--model", str(path), "--data", str(traces)], capsys,
+                             "not a skops model file")
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_held_out_share_that_would_take_every_run_of_a_source_keeps_one(tmp_path, capsys):
+    two_runs = tmp_path / "two.jsonl"  # 0.6 of 2 runs rounds up to both: scikit-learn refuses an empty train part
+    write_records(two_runs, synthetic_records(n_workflows=2, seed=1, source="small"))
+    train, test = split_records(list(read_records(two_runs)), 0.6, 0)
+    assert len({r["workflow"]["id"] for r in train}) == 1 and len({r["workflow"]["id"] for r in test}) == 1
+    code, _, err = run_cli(["evaluate", "--priors", "--data", str(two_runs), "--test-size", "0.6"], capsys)
+    assert code == 0, err
+
+
+def test_evaluate_cv_refuses_the_options_of_a_held_out_split(tmp_path, capsys):
+    for option, value in (("--split", "test"), ("--test-size", "0.3"), ("--seed", "4")):
+        assert_usage_error(["evaluate", "--cv", "3", "--data", str(tmp_path / "x.jsonl"), option, value], capsys,
+                           "--cv scores every run once")
 
 
 # ------------------------------------------------------------------------------------------ import: bad input
