@@ -30,7 +30,9 @@ built-in ones, or those of FILE: a JSON object ``{role: {"p50": N, "p90": N}}`` 
 
 ``--split all`` scores every record of the given files; where the model was trained on them (its file names
 them) the report is in-sample and ``meta.in_sample`` is true. A model trained with ``train --split all`` held
-nothing out, so the default ``--split test`` is refused for it.
+nothing out, so the default ``--split test`` is refused for it. ``--split test`` draws each source's held-out
+runs from all of its runs in the files given, so it is also refused where those files hold some of the model's
+training files but split a source otherwise (a subset of them, or another file added).
 
 ``--no-workflow-context`` scores every request as a client that sends no workflow context is served: without
 the ``X-Workflow-Id`` / ``X-Workflow-Step`` headers the trace's workflow would give (and without their
@@ -621,7 +623,17 @@ def main(args: argparse.Namespace) -> int:
               "split is used), or train with the split you want to score", file=sys.stderr)
         return 2
     if args.split == "test":
-        _, records = split_records(records, test_size, seed)
+        train_part, records = split_records(records, test_size, seed)
+        if (split.get("part") == "train" and trained_on_files(training, args.data)
+                and (moved := sources_split_otherwise(training, train_part, records))):
+            # The held-out part of a source is drawn from all of its runs in the files given: other files with
+            # some of its training files (a subset of them, or a new file added to them) draw another part,
+            # which can hold runs the model was trained on. (Files it never read: any part of them is unseen.)
+            print(f"maestro predictor evaluate: these files do not split {', '.join(moved)} as the files "
+                  f"{args.model} was trained on did (its train part held other records), so their held-out part "
+                  "could hold runs it was trained on. Give every file of those sources it was trained on, or use "
+                  "--split all on traces it never saw", file=sys.stderr)
+            return 2
     seen = trained_on_files(training, args.data) if args.split == "all" else []
     in_sample = bool(seen)
     if in_sample:
@@ -667,6 +679,18 @@ def read_priors(path: str) -> dict[str, tuple[int, int]] | str:
         return normalize_priors(overrides)
     except (ValueError, TypeError) as exc:
         return f"--priors {path}: {exc}"
+
+
+def sources_split_otherwise(training: Mapping[str, Any], train_part: Sequence[Mapping[str, Any]],
+                            test_part: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The sources of ``test_part`` the model was trained on whose train part here is not the one it was trained
+    on (told by the record counts its file keeps per source)."""
+    from collections import Counter
+
+    trained = training.get("sources") or {}
+    here = Counter(record.get("source", "") for record in train_part)
+    return sorted({source for source in (record.get("source", "") for record in test_part)
+                   if source in trained and here[source] != trained[source]})
 
 
 def trained_on_files(training: Mapping[str, Any], data: Sequence[str]) -> list[str]:

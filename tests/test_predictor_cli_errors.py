@@ -494,6 +494,24 @@ def test_evaluate_of_a_train_split_model_is_held_out_by_default(traces, tmp_path
     assert code == 0 and json.loads(out)["meta"]["in_sample"] is True and "the train part of" in err
 
 
+def test_evaluate_refuses_files_that_split_a_source_otherwise(tmp_path, capsys):
+    """A source's held-out part is drawn from all its runs in the files given: a subset of the files it was
+    trained on, or those files plus another, would draw another part, holding runs the model trained on."""
+    first, second, third = (tmp_path / f"runs{i}.jsonl" for i in (1, 2, 3))
+    for seed, path in enumerate((first, second, third), start=1):
+        write_records(path, synthetic_records(n_workflows=10, seed=seed))
+    model = tmp_path / "m.skops"
+    assert predictor_main(["train", "--data", str(first), str(second), "--out", str(model), "--max-iter", "5",
+                           "--quiet"]) == 0
+    for data in ([first], [first, second, third]):
+        assert_usage_error(["evaluate", "--model", str(model), "--data", *map(str, data)], capsys,
+                           "do not split synthetic as the files")
+    code, _, err = run_cli(["evaluate", "--model", str(model), "--data", str(second), str(first)], capsys)
+    assert code == 0, err  # the same files, in any order: the same held-out part
+    code, _, err = run_cli(["evaluate", "--model", str(model), "--data", str(third), "--split", "all"], capsys)
+    assert code == 0, err  # runs it never saw
+
+
 def test_evaluate_refuses_another_split_of_the_models_own_files(traces, tmp_path, capsys):
     """A model trained on seed 0's train part, scored on seed 1's held-out part of the same files, would be
     scored partly on runs it trained on."""
