@@ -106,7 +106,9 @@ def canonical_order(records: Iterable[dict[str, Any]]) -> tuple[list[dict[str, A
     Fitting sums over rows in order, and 600 boosted trees amplify last-bit differences in those sums into
     different splits: the same six trace files listed in another order gave a model whose ChatDev held-out
     p90 coverage differed by 1.4 points. In this order the model depends on which records it is given, not on
-    the order of the files (or of an online buffer) they came from."""
+    the order of the files (or of an online buffer) they came from, as long as each run's records are in one
+    file: the records of one group keep the order they come in, so a run split across two files (two days of
+    logs) trains a model that differs in its last bits with the order of those two files."""
     records = list(records)
     groups = [group_of(record, i) for i, record in enumerate(records)]
     order = sorted(range(len(records)), key=groups.__getitem__)
