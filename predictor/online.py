@@ -220,8 +220,11 @@ class FileTraceBuffer(MemoryBuffer):
             self._timer = asyncio.get_running_loop().create_task(self._flush_later())
 
     async def _flush_later(self) -> None:
+        """Write the pending lines ``flush_after_s`` from now; while writes fail, try again every
+        ``flush_after_s`` until one succeeds (``close()`` cancels this)."""
         await asyncio.sleep(self.flush_after_s)
-        await self._flush_or_log()
+        while not await self._flush_or_log():
+            await asyncio.sleep(self.flush_after_s)
 
     async def _flush_or_log(self) -> bool:
         """flush(); a failure is logged (the first, the 10th, 100th, every 1000th in a row) and the lines stay
