@@ -160,6 +160,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  estimated token counts: {summary['estimated']} records")
     if summary.get("tool_rendered"):
         lines.append(f"  tool-rendered outputs (meta.tool_rendered_output): {summary['tool_rendered']} records")
+    if summary.get("templated"):
+        lines.append(f"  templated outputs (meta.templated_output): {summary['templated']} records")
     return "\n".join(lines)
 
 

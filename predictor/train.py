@@ -155,9 +155,10 @@ def request_of(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str
 
 
 def length_usable(record: Mapping[str, Any]) -> bool:
-    """False for records whose logged output length is not the LLM's (e.g. a tool-rendered page dump)."""
+    """False for records whose logged output length is not the LLM's: a tool-rendered page dump, or a template
+    with copied text around what the model wrote (``meta.tool_rendered_output`` / ``meta.templated_output``)."""
     meta = record.get("meta")
-    return not (isinstance(meta, Mapping) and meta.get("tool_rendered_output"))
+    return not (isinstance(meta, Mapping) and (meta.get("tool_rendered_output") or meta.get("templated_output")))
 
 
 def source_weights(records: Sequence[Mapping[str, Any]], balance: float) -> np.ndarray:

@@ -22,6 +22,7 @@ from predictor.importers import (SOURCES, ImportStats, InputNotFoundError, RoleM
                                  import_source, iter_source, load_role_map)
 from predictor.importers.chatdev import map_model
 from predictor.trace import ROLES, read_records, validate_record
+from predictor.train import length_usable
 from predictor.tokens import (IMAGE_PART_TOKENS, MESSAGE_OVERHEAD, REPLY_PRIMING, estimate_completion_tokens,
                               estimate_message_tokens, estimate_tokens)
 
@@ -256,6 +257,11 @@ def test_ag2_and_magentic_one_name_mapping():
     assert mo.resolve("WebSurfer", "I clicked 'x'.").tool_rendered
     assert mo.resolve("Assistant", "Let's compute").role == "coder"
     assert mo.resolve("human", "a question").skip == "user_input"
+    # a plan is a planner call whose logged text is a template with the task copied in: not a length to learn
+    plan = mo.resolve("Orchestrator (thought)", "Initial plan:\n\nWe are working to address the following user request")
+    assert plan.role == "planner" and plan.templated and not plan.tool_rendered
+    assert mo.resolve("Orchestrator (thought)", "New plan:\n\nWe are working").templated
+    assert not mo.resolve("Orchestrator (thought)", "Updated Ledger:\n{}").templated
 
 
 # -------------------------------------------------------------------------------------- synthetic inputs
@@ -391,6 +397,7 @@ def test_magentic_one_real_records():
         assert not meta["label"].startswith("Orchestrator (->")
         if meta["agent"] == "Orchestrator":
             assert record["agent_role"] == "planner"
+            assert length_usable(record) == (meta.get("templated_output") is None)  # the plans are not
         if meta["agent"] == "WebSurfer":
             assert record["agent_role"] == "researcher" and meta["tool_rendered_output"] is True
         messages = record["request"]["messages"]
@@ -400,6 +407,7 @@ def test_magentic_one_real_records():
                            for m in messages)
         assert record["usage"]["prompt_tokens"] == estimate_message_tokens(messages)
     assert stats.skipped["templated"] >= 1 and stats.skipped["derived_from_ledger"] >= 1
+    assert stats.templated >= 1  # every run starts with an initial plan
     assert {r["agent_role"] for r in records} >= {"planner", "researcher"}
     assert_workflow_steps(records)
 

@@ -93,6 +93,7 @@ class ImportStats:
     roles: Counter = field(default_factory=Counter)
     estimated: int = 0
     tool_rendered: int = 0
+    templated: int = 0
 
     def skip(self, reason: str, count: int = 1) -> None:
         self.skipped[reason] += count
@@ -104,6 +105,8 @@ class ImportStats:
             self.estimated += 1
         if (record.get("meta") or {}).get("tool_rendered_output"):
             self.tool_rendered += 1
+        if (record.get("meta") or {}).get("templated_output"):
+            self.templated += 1
         return record
 
     def summary(self) -> dict[str, Any]:
@@ -111,7 +114,7 @@ class ImportStats:
             "source": self.source, "read": self.read, "messages": self.messages, "written": self.written,
             "skipped": dict(sorted(self.skipped.items())), "skipped_total": sum(self.skipped.values()),
             "roles": {str(role): count for role, count in self.roles.most_common()},
-            "estimated": self.estimated, "tool_rendered": self.tool_rendered,
+            "estimated": self.estimated, "tool_rendered": self.tool_rendered, "templated": self.templated,
         }
 
 
@@ -222,6 +225,7 @@ class RoleDecision:
     skip: str | None = None
     rule: str = "default"
     tool_rendered: bool = False
+    templated: bool = False  # the logged text wraps the model's output in a template and copied text
 
 
 @dataclass(frozen=True)
@@ -281,6 +285,7 @@ class RoleMap:
                 raise ValueError(f"{where}.rules[{index}]: give exactly one of role or skip")
             self.rules.append(_Rule(kind, pattern, matcher, content, role, skip))
         self.tool_rendered = [_selector(s, f"{where}.tool_rendered") for s in (spec.get("tool_rendered") or ())]
+        self.templated = [_selector(s, f"{where}.templated_output") for s in (spec.get("templated_output") or ())]
         self.private = frozenset(str(x) for x in (spec.get("private") or ()))
         self.model: str | None = spec.get("model")
 
@@ -293,16 +298,21 @@ class RoleMap:
     def resolve(self, name: str | None, text: str | None = None, phase: str | None = None) -> RoleDecision:
         """The role of a call by agent ``name`` (``text``: the message, for content rules; ``phase``: ChatDev)."""
         name = name or ""
-        rendered = any(m(name) and (c is None or (text is not None and c.search(text) is not None))
-                       for _, _, m, c in self.tool_rendered)
+        def marked(selectors) -> bool:
+            return any(m(name) and (c is None or (text is not None and c.search(text) is not None))
+                       for _, _, m, c in selectors)
+
+        rendered, templated = marked(self.tool_rendered), marked(self.templated)
         if phase is not None and phase in self.phases:
-            return RoleDecision(self.phases[phase], rule=f"phase:{phase}", tool_rendered=rendered)
+            return RoleDecision(self.phases[phase], rule=f"phase:{phase}", tool_rendered=rendered,
+                                templated=templated)
         for rule in self.rules:
             if rule.matches(name, text):
-                return RoleDecision(rule.role, rule.skip, rule.label(), rendered and rule.skip is None)
+                call = rule.skip is None
+                return RoleDecision(rule.role, rule.skip, rule.label(), rendered and call, templated and call)
         if name in self.names:
-            return RoleDecision(self.names[name], rule=f"name:{name}", tool_rendered=rendered)
-        return RoleDecision(self.default, rule="default", tool_rendered=rendered)
+            return RoleDecision(self.names[name], rule=f"name:{name}", tool_rendered=rendered, templated=templated)
+        return RoleDecision(self.default, rule="default", tool_rendered=rendered, templated=templated)
 
     def role_of(self, name: str | None, phase: str | None = None) -> str | None:
         """Just the role (skips resolve to None): for callers that only have a persona label."""

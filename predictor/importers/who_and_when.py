@@ -14,7 +14,10 @@ agent: its own earlier messages as ``assistant``, everyone else's as ``user`` wi
 ``user`` message; ``private`` labels (the Orchestrator's ledger thoughts) only in the same agent's prompts.
 There are no token counts: prompt and completion tokens are estimated (``"estimated": true``); the logs are
 GPT-4o outputs (per the paper). Messages whose text is mostly tool-rendered (browser page dumps) keep their role
-and get ``meta.tool_rendered_output = true``. Workflow = the task file, step = the call's index in the run.
+and get ``meta.tool_rendered_output = true``; the Orchestrator's plans, whose logged text wraps what the model
+wrote in a template with the whole task and the team description copied in, get ``meta.templated_output = true``.
+Neither length is the model's output, so training and evaluation leave them out of the length figures
+(:func:`predictor.train.length_usable`). Workflow = the task file, step = the call's index in the run.
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ def _task_records(row: dict[str, Any], row_number: int, source: str, role_map: R
                 meta["system_prompt_missing"] = True
             if decision.tool_rendered:
                 meta["tool_rendered_output"] = True
+            if decision.templated:
+                meta["templated_output"] = True
             yield stats.emit(make_record(
                 source=source, model=model, messages=messages, prompt_tokens=prompt_tokens,
                 completion_tokens=estimate_tokens(content), role=decision.role,
