@@ -13,7 +13,9 @@ Run from the repository root:
     python scripts/refit_check.py --serving MODEL --alternative MODEL --traces /tmp/maestro-traces
 
 ``--max-model-len MODEL=TOKENS`` (repeatable) gives the check the served models' contexts, as a gateway's
-configured models give them; without it, a request without ``max_tokens`` is capped at 4096.
+configured models give them; without it, a request without ``max_tokens`` is capped at 4096. The check scores the
+held-out records' role labels as roles their clients sent (``evaluate --explicit-roles``), as the gateway's own
+records are; the slice ratios score them as offline evaluation does, with the labels hidden.
 
 Prints one line per candidate and what it is checked against (coverage, quantile loss, outcome) and one per
 source (loss ratios).
