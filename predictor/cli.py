@@ -76,12 +76,17 @@ def split_seed(text: str) -> int:
     return value
 
 
+def _float_or_nan(text: str) -> float:
+    """``text`` as a float; NaN where it is none, so that every range check below refuses it."""
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
 def strictly_between_0_and_1(text: str, what: str) -> float:
     """A float strictly between 0 and 1, or an argparse error that begins with ``what``."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _float_or_nan(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"{what} strictly between 0 and 1, not {text!r}")
     return value
@@ -89,10 +94,7 @@ def strictly_between_0_and_1(text: str, what: str) -> float:
 
 def share(text: str) -> float:
     """argparse type of a weight or a confidence: a number from 0 to 1 (NaN and infinity are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
+    value = _float_or_nan(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, not {text!r}")
     return value

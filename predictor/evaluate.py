@@ -61,6 +61,8 @@ from typing import Any
 
 import numpy as np
 
+from predictor.kv import output_cap as kv_output_cap
+
 DEFAULT_MAX_TOKENS = 4096
 BOOTSTRAP_REPS = 2000     # resamples of the runs behind each interval
 BOOTSTRAP_SEED = 0        # fixed: the same rows always give the same intervals
@@ -259,16 +261,10 @@ def without_workflow_context(body: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def output_cap(max_tokens: int | None, default_max_tokens: int | None, context: int | None,
                prompt_tokens: int) -> int:
-    """The most output a request may have, as the gateway and vLLM bound it: its ``max_tokens``, else
-    ``default_max_tokens``, never more than the room its prompt leaves in the served model's ``context`` (where
-    that is known; vLLM gives a request without ``max_tokens`` all of that room); ``DEFAULT_MAX_TOKENS`` where
-    nothing bounds it. This is both the reservation's ceiling and the worst case the KV saving is measured
-    against."""
-    cap = max_tokens or default_max_tokens
-    if context:
-        room = max(1, context - max(0, int(prompt_tokens)))
-        cap = room if cap is None else min(cap, room)
-    return DEFAULT_MAX_TOKENS if cap is None else cap
+    """The most output a request may have, by the gateway's rule (:func:`predictor.kv.output_cap`), with
+    ``DEFAULT_MAX_TOKENS`` where nothing bounds it. This is both the reservation's ceiling and the worst case
+    the KV saving is measured against."""
+    return kv_output_cap(max_tokens, default_max_tokens, context, prompt_tokens, DEFAULT_MAX_TOKENS)
 
 
 def collect(predictor, records: Sequence[Mapping[str, Any]], default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
@@ -570,6 +566,9 @@ def main(args: argparse.Namespace) -> int:
     # default); with them, at the room its prompt leaves, as the gateway and vLLM give it.
     default_max_tokens = args.default_max_tokens or (None if contexts else DEFAULT_MAX_TOKENS)
     kv = context_kv(contexts)
+    # in meta only when given, so that a report without these options reads as it always did
+    scored_as = {**({"max_model_len": contexts} if contexts else {}),
+                 **({"explicit_roles": True} if args.explicit_roles else {})}
     if args.cv is not None:
         started = time.perf_counter()
         options = TrainOptions()
@@ -585,9 +584,7 @@ def main(args: argparse.Namespace) -> int:
             return 2
         report["meta"] = {"cv_folds": args.cv, "data": [str(p) for p in args.data],
                           "upper_fit_levels": list(options.upper_fit_levels),
-                          "workflow_context": args.workflow_context,
-                          **({"max_model_len": contexts} if contexts else {}),
-                          **({"explicit_roles": True} if args.explicit_roles else {}),
+                          "workflow_context": args.workflow_context, **scored_as,
                           "seconds": round(time.perf_counter() - started, 1)}
         write_report(report, args.format)
         return 0
@@ -647,9 +644,7 @@ def main(args: argparse.Namespace) -> int:
                       "priors": None if priors is None else (args.priors or "built-in"),
                       "data": [str(p) for p in args.data], "split": args.split,
                       "model_split": split.get("part"), "in_sample": in_sample,
-                      "workflow_context": args.workflow_context,
-                      **({"max_model_len": contexts} if contexts else {}),
-                      **({"explicit_roles": True} if args.explicit_roles else {}),
+                      "workflow_context": args.workflow_context, **scored_as,
                       "test_size": test_size if args.split == "test" else None,
                       "seed": seed if args.split == "test" else None,
                       "load_s": round(load_s, 3), "evaluate_s": round(time.perf_counter() - started, 2),

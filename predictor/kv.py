@@ -90,6 +90,19 @@ class KVSpec:
         return self.tokens(prompt_tokens, output_tokens) * self.bytes_per_token
 
 
+def output_cap(max_tokens: int | None, default_max_tokens: int | None, context: int | None, prompt_tokens: int,
+               unbounded: int) -> int:
+    """The most output tokens a request may reserve: its ``max_tokens``, else ``default_max_tokens``, never more
+    than the room its prompt leaves in the served model's ``context`` (where that is known; vLLM gives a request
+    without ``max_tokens`` all of that room); ``unbounded`` where nothing bounds it. The one rule for the
+    gateway's predictions (:meth:`predictor.Predictor.predict`) and for evaluation's worst case."""
+    cap = max_tokens or default_max_tokens
+    if context:
+        room = max(1, context - max(0, int(prompt_tokens)))
+        cap = room if cap is None else min(cap, room)
+    return unbounded if cap is None else cap
+
+
 def spec_for_name(model: str, dtype: str = "bfloat16", block_size: int = DEFAULT_BLOCK_SIZE) -> KVSpec | None:
     """A spec from :data:`KNOWN_ARCHITECTURES` when the model name matches one, else None."""
     name = model.lower()

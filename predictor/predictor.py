@@ -23,7 +23,7 @@ import numpy as np
 
 from predictor.classifier import TextModel
 from predictor.features import FeatureAssembler, RequestView, parse_request
-from predictor.kv import KVModel
+from predictor.kv import KVModel, output_cap
 from predictor.length_model import LengthModel
 from predictor.trace import ROLES
 
@@ -168,12 +168,8 @@ class Predictor:
     def _finish(self, view: RequestView, role: str, confidence: float, source: str, p50: float,
                 p90: float) -> Prediction:
         spec = self.kv.spec(view.model)
-        cap = view.max_tokens or self.default_max_tokens
-        if spec.max_model_len:
-            room = max(1, spec.max_model_len - view.prompt_tokens)
-            cap = room if cap is None else min(cap, room)
-        if cap is None:
-            cap = UNBOUNDED_CAP
+        cap = output_cap(view.max_tokens, self.default_max_tokens, spec.max_model_len, view.prompt_tokens,
+                         UNBOUNDED_CAP)
         low = min(max(1, int(round(p50))), cap)
         high = min(max(low, int(math.ceil(p90))), cap)
         tokens = spec.tokens(view.prompt_tokens, high)

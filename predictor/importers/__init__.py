@@ -238,15 +238,18 @@ class _Rule:
     skip: str | None
 
     def matches(self, name: str, text: str | None) -> bool:
-        if not self.matcher(name):
-            return False
-        return self.content is None or (text is not None and self.content.search(text) is not None)
+        return _selects(self.matcher, self.content, name, text)
 
     def label(self) -> str:
         parts = [f"{self.kind}:{self.pattern}"] if self.kind != "any" else []
         if self.content is not None:
             parts.append(f"content:{self.content.pattern}")
         return " ".join(parts)
+
+
+def _selects(matcher: Callable[[str], bool], content: re.Pattern | None, name: str, text: str | None) -> bool:
+    """Whether a selector (a name matcher, and a content pattern if it has one) picks the message."""
+    return matcher(name) and (content is None or (text is not None and content.search(text) is not None))
 
 
 def _selector(spec: dict[str, Any], where: str) -> tuple[str, str, Callable[[str], bool], re.Pattern | None]:
@@ -298,11 +301,8 @@ class RoleMap:
     def resolve(self, name: str | None, text: str | None = None, phase: str | None = None) -> RoleDecision:
         """The role of a call by agent ``name`` (``text``: the message, for content rules; ``phase``: ChatDev)."""
         name = name or ""
-        def marked(selectors) -> bool:
-            return any(m(name) and (c is None or (text is not None and c.search(text) is not None))
-                       for _, _, m, c in selectors)
-
-        rendered, templated = marked(self.tool_rendered), marked(self.templated)
+        rendered, templated = (any(_selects(m, c, name, text) for _, _, m, c in selectors)
+                               for selectors in (self.tool_rendered, self.templated))
         if phase is not None and phase in self.phases:
             return RoleDecision(self.phases[phase], rule=f"phase:{phase}", tool_rendered=rendered,
                                 templated=templated)
