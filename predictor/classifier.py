@@ -212,6 +212,9 @@ class TextEncoder:
             terms = item["terms"].split("\n") if item["n_terms"] else []
             if len(terms) != item["n_terms"]:
                 raise ValueError(f"text block {item['name']!r}: {len(terms)} terms, expected {item['n_terms']}")
+            if np.shape(item["idf"]) != (len(terms),):
+                raise ValueError(f"text block {item['name']!r}: idf of shape {np.shape(item['idf'])} for "
+                                 f"{len(terms)} terms")
             blocks.append(_Block(item["name"], item["field"], item["analyzer"], terms, item["idf"], offset))
             offset += len(terms)
         return cls(blocks)
@@ -222,6 +225,11 @@ class TextModel:
 
     def __init__(self, encoder: TextEncoder, classes: Sequence[str], weights: np.ndarray, bias: np.ndarray,
                  threshold: float = DEFAULT_THRESHOLD) -> None:
+        # a file's arrays that disagree would fail (or mislead) at the first request instead of at load
+        heads = len(classes) + 1  # the role logits and the length score
+        if np.shape(weights) != (encoder.width, heads) or np.shape(bias) != (heads,):
+            raise ValueError(f"text weights of shape {np.shape(weights)} and bias {np.shape(bias)} for "
+                             f"{encoder.width} terms and {heads} heads")
         self.encoder, rows = encoder.by_frequency()
         self.classes = list(classes)
         weights = np.asarray(weights, dtype=np.float64) if rows is None else np.asarray(weights)[rows]

@@ -53,6 +53,7 @@ class FlatForest:
                  right: np.ndarray, value: np.ndarray, roots: np.ndarray, tree_model: np.ndarray,
                  baselines: np.ndarray, depth: int) -> None:
         left, right, roots = (np.asarray(a, dtype=np.intp) for a in (left, right, roots))
+        _check_nodes(feature, threshold, missing_left, left, right, value, roots, tree_model, baselines)
         # Nodes are stored level by level (all roots, then every tree's depth-1 nodes, ...) rather than tree by
         # tree: the walk reads one node per tree per level, and this way each level's reads fall in one compact
         # block of memory. Measured on whole cold predict() calls (paired, alternating with the tree-by-tree
@@ -159,6 +160,24 @@ class FlatForest:
     def from_state(cls, state: dict[str, Any]) -> "FlatForest":
         return cls(state["feature"], state["threshold"], state["missing_left"], state["left"], state["right"],
                    state["value"], state["roots"], state["tree_model"], state["baselines"], state["depth"])
+
+
+def _check_nodes(feature, threshold, missing_left, left, right, value, roots, tree_model, baselines) -> None:
+    """Raise ValueError unless the node arrays describe trees this class can walk: one entry per node in each,
+    children and roots that are nodes, one model index per tree naming a model. (A damaged model file would
+    otherwise load and fail with an IndexError, or read another tree's node, at some later request.)"""
+    nodes = len(left)
+    shapes = {name: np.shape(array) for name, array in (("feature", feature), ("threshold", threshold),
+              ("missing_left", missing_left), ("right", right), ("value", value))}
+    if any(shape != (nodes,) for shape in shapes.values()) or np.ndim(left) != 1:
+        raise ValueError(f"tree node arrays of different shapes ({nodes} left children; {shapes})")
+    n_models = len(np.atleast_1d(baselines))
+    if np.shape(tree_model) != np.shape(roots) or np.ndim(roots) != 1:
+        raise ValueError(f"{np.shape(roots)} tree roots and {np.shape(tree_model)} tree model indices")
+    for name, index, bound in (("child", left, nodes), ("child", right, nodes), ("root", roots, nodes),
+                               ("tree model", np.asarray(tree_model), n_models)):
+        if index.size and (index.min() < 0 or index.max() >= bound):
+            raise ValueError(f"a {name} index out of range (0..{bound - 1})")
 
 
 def _level_major_order(left: np.ndarray, right: np.ndarray, roots: np.ndarray) -> np.ndarray:
@@ -273,8 +292,12 @@ class LengthModel:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "LengthModel":
-        offsets = np.asarray(state["offsets"], dtype=np.float64)
-        return cls(FlatForest.from_state(state["forest"]), tuple(state["quantiles"]), np.atleast_2d(offsets),
+        offsets = np.atleast_2d(np.asarray(state["offsets"], dtype=np.float64))
+        forest = FlatForest.from_state(state["forest"])
+        if not (len(state["quantiles"]) == forest.n_models == offsets.shape[1]) or offsets.ndim != 2:
+            raise ValueError(f"{len(state['quantiles'])} quantiles, {forest.n_models} boosted models and offsets "
+                             f"of shape {offsets.shape}")
+        return cls(forest, tuple(state["quantiles"]), offsets,
                    int(state.get("model_slots", 1)), int(state.get("context_blocks", 1)))
 
 

@@ -67,7 +67,7 @@ def _diff(expected: Any, found: Any, path: str = "") -> str | None:
         return None
     if isinstance(expected, (list, tuple)) and isinstance(found, (list, tuple)):
         if len(expected) != len(found):
-            return f"{path.rstrip('.')}: {len(found)} entries in the file, {len(expected)} in this code"
+            return f"{path.rstrip('.') or 'the list'}: {len(found)} entries in the file, {len(expected)} in this code"
         for index, (a, b) in enumerate(zip(expected, found)):
             difference = _diff(a, b, f"{path}{index}.")
             if difference:
@@ -90,13 +90,15 @@ def check_state(state: Any, source: str = "model") -> dict[str, Any]:
     if difference:
         raise ModelFileError(f"{source}: the model's features do not match this code ({difference}); "
                              "retrain with `maestro predictor train`")
+    for part in ("text_model", "length_model"):  # without one it would serve priors or "other" unannounced
+        if not isinstance(state.get(part), dict):
+            raise ModelFileError(f"{source}: the model file has no {part}; retrain with `maestro predictor train`")
     vocab = state.get("model_vocab") or []
-    if state.get("length_model") is not None:
-        expected = features.feature_names(vocab)
-        if state.get("features") != expected:
-            raise ModelFileError(f"{source}: the model's feature list does not match this code "
-                                 f"({_diff(expected, state.get('features'))}); retrain the model")
-        _check_offsets(state["length_model"], len(vocab) + 1, source)
+    expected = features.feature_names(vocab)
+    if state.get("features") != expected:
+        raise ModelFileError(f"{source}: the model's feature list does not match this code "
+                             f"({_diff(expected, state.get('features'))}); retrain the model")
+    _check_offsets(state["length_model"], len(vocab) + 1, source)
     return state
 
 
@@ -186,6 +188,8 @@ def read_plain(path: str | Path) -> Any:
 def load_state(path: str | Path) -> dict[str, Any]:
     """Read and check a model file; only plain types and numpy arrays are trusted."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path} is a folder, not a model file")
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     try:

@@ -102,14 +102,26 @@ class Predictor:
 
     @classmethod
     def from_state(cls, state: dict[str, Any], kv: KVModel | None = None,
-                   default_max_tokens: int | None = None) -> "Predictor":
-        from predictor.model_file import check_state
+                   default_max_tokens: int | None = None, source: str = "model") -> "Predictor":
+        """A predictor from a model file's contents (``source`` names it in errors): ModelFileError where they
+        are not a model this code can use, down to arrays that do not fit together (a damaged or edited file),
+        so that such a file is refused at load rather than failing at some request."""
+        from predictor.model_file import ModelFileError, check_state
 
-        check_state(state)
-        text = TextModel.from_state(state["text_model"]) if state.get("text_model") is not None else None
-        length = LengthModel.from_state(state["length_model"]) if state.get("length_model") is not None else None
-        return cls(text, length, list(state.get("model_vocab") or []), state.get("priors"), kv, default_max_tokens,
-                   state)
+        check_state(state, source)
+        try:
+            text = TextModel.from_state(state["text_model"])
+            length = LengthModel.from_state(state["length_model"])
+            predictor = cls(text, length, list(state.get("model_vocab") or []), state.get("priors"), kv,
+                            default_max_tokens, state)
+            internal = length.forest.left != np.arange(len(length.forest.left))
+            if internal.any() and length.forest.feature[internal].max() >= predictor.assembler.width:
+                raise ValueError(f"a tree splits on feature {length.forest.feature[internal].max()} of "
+                                 f"{predictor.assembler.width}")
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
+            raise ModelFileError(f"{source}: the model file's contents do not fit together ({exc}); retrain with "
+                                 "`maestro predictor train`") from None
+        return predictor
 
     @classmethod
     def load(cls, path: str | Path, kv: KVModel | None = None,
@@ -117,7 +129,7 @@ class Predictor:
         """Load a model file written by ``maestro predictor train`` (raises ModelFileError on a mismatch)."""
         from predictor.model_file import load_state
 
-        return cls.from_state(load_state(path), kv, default_max_tokens)
+        return cls.from_state(load_state(path), kv, default_max_tokens, str(path))
 
     def save(self, path: str | Path) -> Path:
         from predictor.model_file import save_state

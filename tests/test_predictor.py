@@ -392,6 +392,61 @@ def test_mismatched_model_file_is_refused(state, tmp_path):
     junk.write_bytes(b"\x80\x04 definitely not a model")
     assert "not a skops model file" in _load_error(junk)
     assert "no such model file" in _load_error(tmp_path / "missing.skops")
+    assert "is a folder, not a model file" in _load_error(tmp_path)
+
+
+def _with(state: dict, path: tuple, value) -> dict:
+    """A deep copy of ``state`` with the item at ``path`` (keys and indexes) replaced, or removed for None."""
+    import copy
+
+    bad = copy.deepcopy(state)
+    *parents, last = path
+    target = bad
+    for key in parents:
+        target = target[key]
+    if value is None:
+        del target[last]
+    else:
+        target[last] = value(target[last]) if callable(value) else value
+    return bad
+
+
+def _set_first(array, value):
+    array = np.array(array)
+    array[0] = value
+    return array
+
+
+@pytest.mark.parametrize("path, value, says", [
+    (("text_model", "weights"), np.zeros((3, 3), np.float32), "text weights of shape (3, 3)"),
+    (("text_model", "bias"), np.zeros(2), "bias (2,)"),
+    (("text_model", "encoder", 0, "idf"), np.zeros(2), "idf of shape (2,)"),
+    (("length_model", "forest", "left"), lambda a: _set_first(a, 10**6), "child index out of range"),
+    (("length_model", "forest", "roots"), lambda a: _set_first(a, -1), "root index out of range"),
+    (("length_model", "forest", "value"), lambda a: np.asarray(a)[:5], "tree node arrays of different shapes"),
+    (("length_model", "forest", "tree_model"), lambda a: _set_first(a, 9), "tree model index out of range"),
+    (("length_model", "quantiles"), [0.5], "1 quantiles, 2 boosted models"),
+    (("text_model",), None, "no text_model"),
+    (("length_model",), None, "no length_model"),
+])
+def test_a_model_file_whose_parts_do_not_fit_is_refused_at_load(state, tmp_path, path, value, says):
+    """A damaged or edited file is refused when it is loaded, with what does not fit, not at some request with
+    an IndexError (or worse, served: without its classifier every request would be "other")."""
+    file = save_state(_with(state, path, value), tmp_path / "bad.skops")
+    with pytest.raises(ModelFileError, match=re.escape(says)) as error:
+        Predictor.load(file)
+    assert str(file) in str(error.value)
+
+
+def test_a_tree_that_splits_on_a_feature_the_rows_lack_is_refused(state, tmp_path):
+    forest = state["length_model"]["forest"]
+    internal = int(np.flatnonzero(np.asarray(forest["left"]) != np.arange(len(forest["left"])))[0])
+    feature = np.array(forest["feature"])
+    feature[internal] = len(state["features"])
+    file = save_state(_with(state, ("length_model", "forest", "feature"), feature), tmp_path / "bad.skops")
+    with pytest.raises(ModelFileError, match=f"splits on feature {len(state['features'])} of "
+                                             f"{len(state['features'])}"):
+        Predictor.load(file)
 
 
 def test_offsets_are_calibrated_per_role_and_model():
