@@ -120,7 +120,8 @@ def _err(message: str) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from predictor.importers import SOURCES, InputFormatError, InputNotFoundError, UnknownSourceError, import_source
+    from predictor.importers import (SOURCES, InputFormatError, InputNotFoundError, OutputIsInputError,
+                                     UnknownSourceError, import_source)
     from predictor.trace import TraceFormatError
 
     if args.source not in SOURCES:
@@ -140,7 +141,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         summary = import_source(args.source, args.input, output, limit=args.limit,
                                 progress=None if args.quiet else progress)
-    except (UnknownSourceError, InputNotFoundError, InputFormatError) as exc:
+    except (UnknownSourceError, InputNotFoundError, OutputIsInputError, InputFormatError) as exc:
         _err(str(exc))  # nothing written: the output only appears once every record is
         return EXIT_USAGE
     except (ValueError, TraceFormatError, OSError) as exc:

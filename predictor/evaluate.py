@@ -557,6 +557,10 @@ def main(args: argparse.Namespace) -> int:
     records = load_records_or_say_why(args.data, "evaluate")
     if records is None:
         return 2
+    if not records:  # a report of empty tables would read as a result
+        print(f"maestro predictor evaluate: no trace records in {', '.join(map(str, args.data))}; nothing to score",
+              file=sys.stderr)
+        return 2
     contexts = dict(args.max_model_len or [])  # the last value given for a model wins
     asked = {model for record in records if isinstance(model := record["request"].get("model"), str)}
     for name in sorted(set(contexts) - asked):  # a typo would silently leave that model at 4096

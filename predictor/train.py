@@ -420,7 +420,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-iter", type=positive_int, default=LengthParams.max_iter,
                         help="boosting iterations (>= 1)")
     parser.add_argument("--max-depth", type=positive_int, default=LengthParams.max_depth, help="tree depth (>= 1)")
-    parser.add_argument("--threads", type=int, default=LengthParams.threads,
+    parser.add_argument("--threads", type=positive_int, default=LengthParams.threads,
                         help="OpenMP threads per boosting fit (default 1)")
     parser.add_argument("--source-balance", type=share, default=TrainOptions.source_balance,
                         help="0 = weigh records equally, 1 = weigh sources equally (default 0.5)")
@@ -441,11 +441,15 @@ def fit_level(text: str) -> float:
     return strictly_between_0_and_1(text, "a fit level is a quantile")
 
 
-def output_problem(out: Path) -> str | None:
-    """Why the model cannot be written to ``out`` (a folder there, or a folder that cannot be made or written),
-    or None."""
+def output_problem(out: Path, data: Sequence[str | Path] = ()) -> str | None:
+    """Why the model cannot be written to ``out`` (a folder there, one of the ``data`` files it would replace, or
+    a folder that cannot be made or written), or None."""
     if out.is_dir():
         return f"--out {out} is a folder; give a file name such as {out / 'model.skops'}"
+    if out.exists():
+        for path in data:
+            if Path(path).exists() and os.path.samefile(path, out):
+                return f"--out {out} is one of the --data files; give the model another name"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -462,7 +466,7 @@ def main(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[train] {message}", file=sys.stderr, flush=True)
 
-    problem = output_problem(Path(args.out))
+    problem = output_problem(Path(args.out), args.data)
     if problem:  # said now, not after a minute of training
         print(f"maestro predictor train: {problem}", file=sys.stderr)
         return 2

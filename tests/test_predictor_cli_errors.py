@@ -265,6 +265,60 @@ def test_a_failed_import_leaves_an_existing_output_as_it_was(tmp_path, capsys):
                                                            "whole.jsonl.gz"]
 
 
+@pytest.mark.parametrize("given", ["file", "folder", "link"])
+def test_import_refuses_to_write_over_the_file_it_reads(tmp_path, capsys, given):
+    source = write_jsonl(tmp_path / "chatdev_llm_calls.jsonl", [chatdev_row(i) for i in range(3)])
+    before = source.read_bytes()
+    out = source
+    if given == "link":
+        out = tmp_path / "link.jsonl"
+        out.symlink_to(source)
+    in_path = tmp_path if given == "folder" else source
+    assert_usage_error(["import", "--source", "chatdev", str(in_path), str(out)], capsys, "is the input file")
+    assert source.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({source.name, out.name})  # no temporary file
+    other = tmp_path / "chatdev.jsonl"  # another name in the same folder is fine
+    assert run_cli(["import", "--source", "chatdev", str(in_path), str(other)], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("source, rows", [
+    ("toolbench", [chatdev_row(i) for i in range(4)]),  # a ChatDev file imported as ToolBench
+    ("chatdev", ["not json", "{}"]),
+])
+def test_import_that_finds_no_record_of_its_source_says_so_and_writes_nothing(tmp_path, capsys, source, rows):
+    path = write_jsonl(tmp_path / "calls.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    out.write_text("the previous import\n")
+    err = assert_usage_error(["import", "--source", source, str(path), str(out)], capsys, f"no {source} records")
+    assert f"{len(rows)} rows read" in err and "malformed_row" in err and f"Is it a {source} trace?" in err
+    assert out.read_text() == "the previous import\n"
+
+
+def test_train_refuses_to_write_the_model_over_a_data_file(traces, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(traces.read_bytes())
+    assert_usage_error(["train", "--data", str(data), "--out", str(data)], capsys, "is one of the --data files")
+    assert data.read_bytes() == traces.read_bytes()
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_train_refuses_threads_below_one(tmp_path, capsys, value):
+    assert_usage_error(["train", "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "m.skops"),
+                        "--threads", value], capsys, "argument --threads")
+
+
+def test_evaluate_refuses_files_with_no_records(model_all, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for source in (["--model", str(model_all), "--split", "all"], ["--priors"], ["--cv", "2"]):
+        assert_usage_error(["evaluate", *source, "--data", str(empty)], capsys, "no trace records in")
+
+
+def test_evaluate_of_a_folder_as_model_says_so(traces, tmp_path, capsys):
+    assert_usage_error(["evaluate", "--model", str(tmp_path), "--data", str(traces)], capsys,
+                       "is a folder, not a model file")
+
+
 @pytest.mark.parametrize("name", ["records.jsonl", "records.jsonl.gz"])
 def test_write_records_is_all_or_nothing(tmp_path, name):
     from predictor.trace import PLAIN_FILE_MODE, TraceFormatError, read_records

@@ -30,6 +30,7 @@ import gzip
 import importlib
 import io
 import itertools
+import os
 import re
 import time
 import zlib
@@ -67,6 +68,11 @@ class UnknownSourceError(KeyError):
 
 class InputNotFoundError(FileNotFoundError):
     """The input file (or the expected file inside the given folder) does not exist."""
+
+
+class OutputIsInputError(ValueError):
+    """OUT names the very file the import would read: writing it would replace the trace with what was made of it
+    (nothing at all, where the source was wrong)."""
 
 
 class InputFormatError(ValueError):
@@ -384,13 +390,16 @@ def import_source(name: str, in_path: str | Path, out_path: str | Path, limit: i
                   progress_every: int = 1000) -> dict[str, Any]:
     """Import ``in_path`` as source ``name`` into ``out_path`` (``.jsonl`` or ``.jsonl.gz``); return the summary.
 
-    Raises :class:`UnknownSourceError` for an unknown name and :class:`InputNotFoundError` for a missing input,
-    both before anything is written, and :class:`InputFormatError` for an input that turns out unreadable
-    (a truncated ``.gz``) however far in: ``out_path`` is written whole or not at all (see ``write_records``).
+    Raises :class:`UnknownSourceError` for an unknown name, :class:`InputNotFoundError` for a missing input and
+    :class:`OutputIsInputError` where ``out_path`` is the input file, all before anything is written, and
+    :class:`InputFormatError` for an input that turns out unreadable (a truncated ``.gz``) however far in, or
+    that holds no record of this source at all (every row skipped): ``out_path`` is written whole or not at all
+    (see ``write_records``).
     """
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, not {limit}")
     function, kwargs = _importer(name)
+    refuse_output_over_input(name, in_path, out_path)
     stats = ImportStats(name)
     started = time.perf_counter()
     if limit == 0:
@@ -405,6 +414,8 @@ def import_source(name: str, in_path: str | Path, out_path: str | Path, limit: i
     else:
         records = function(in_path, stats, **kwargs)
     first = next(records, None)  # opens the input: a missing file fails here, before OUT is created
+    if first is None and limit != 0:
+        raise InputFormatError(no_records_message(name, in_path, stats))
     stream = itertools.chain([] if first is None else [first], records)
     if limit is not None:
         stream = itertools.islice(stream, limit)
@@ -414,6 +425,29 @@ def import_source(name: str, in_path: str | Path, out_path: str | Path, limit: i
     summary = stats.summary()
     summary.update(input=str(in_path), output=str(out_path), seconds=round(time.perf_counter() - started, 2))
     return summary
+
+
+def refuse_output_over_input(name: str, in_path: str | Path, out_path: str | Path) -> None:
+    """Raise :class:`OutputIsInputError` where ``out_path`` is the file source ``name`` would read from
+    ``in_path`` (the same file by any path or link). A missing input is left to the importer to report."""
+    out = Path(out_path)
+    if not out.exists():
+        return
+    module = importlib.import_module(_REGISTRY[name][0])
+    try:
+        source_file = resolve_input(in_path, getattr(module, "FILES", ()))
+    except InputNotFoundError:
+        return
+    if os.path.samefile(source_file, out):
+        raise OutputIsInputError(f"OUT {out} is the input file {source_file}; give another file name "
+                                 "(the import would replace the trace it reads)")
+
+
+def no_records_message(name: str, in_path: str | Path, stats: ImportStats) -> str:
+    """Why an import that made no record writes nothing: an input of another source, or one with no calls."""
+    skipped = ", ".join(f"{reason} {n}" for reason, n in sorted(stats.skipped.items())) or "none"
+    return (f"{in_path}: no {name} records in it ({stats.read} rows read; skipped: {skipped}); nothing written. "
+            f"Is it a {name} trace? Sources: {', '.join(SOURCES)}")
 
 
 def _with_progress(stream, stats: ImportStats, progress, every: int):
