@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import yaml
 
 from gateway.core.queue_policy import ORDERS
+from predictor.kv import known_bytes_per_token
 
 ENGINE_KINDS = ("vllm", "vllm-omni")
 STATE_BACKENDS = ("memory", "redis")
@@ -492,13 +493,16 @@ def parse_config(raw: Any) -> Config:
         path = f"models[{i}]"
         model = _mapping(model, path)
         _reject_unknown(model, {"name", "max_model_len", "kv_bytes_per_token"}, path)
+        name = _get(model, "name", str, path, _REQUIRED)
+        if not name.strip() or "\x00" in name:  # no client could ask for it by name
+            raise ConfigError(f"{path}.name", f"must be a model's name, not {name!r}")
+        kv_bytes = _get(model, "kv_bytes_per_token", int, path, None)
         parsed = ModelConfig(
-            name=_get(model, "name", str, path, _REQUIRED),
+            name=name,
             max_model_len=_get(model, "max_model_len", int, path, 4096),
-            kv_bytes_per_token=_get(model, "kv_bytes_per_token", int, path, 131072),
+            # unset: the architecture's figure where the name is a known model (Llama-3-70B: 327680), else 131072
+            kv_bytes_per_token=known_bytes_per_token(name) if kv_bytes is None else kv_bytes,
         )
-        if not parsed.name.strip() or "\x00" in parsed.name:  # no client could ask for it by name
-            raise ConfigError(f"{path}.name", f"must be a model's name, not {parsed.name!r}")
         _positive(parsed.max_model_len, f"{path}.max_model_len")
         _positive(parsed.kv_bytes_per_token, f"{path}.kv_bytes_per_token")
         if any(m.name == parsed.name for m in models):

@@ -112,6 +112,13 @@ def spec_for_name(model: str, dtype: str = "bfloat16", block_size: int = DEFAULT
     return None
 
 
+def known_bytes_per_token(model: str, dtype: str = "bfloat16") -> int:
+    """KV bytes per token of ``model`` from :data:`KNOWN_ARCHITECTURES` by its name, else
+    :data:`DEFAULT_BYTES_PER_TOKEN`: the figure for a served model whose configuration gives none."""
+    spec = spec_for_name(model, dtype)
+    return spec.bytes_per_token if spec is not None else DEFAULT_BYTES_PER_TOKEN
+
+
 class KVModel:
     """Per-model KV specs: configured figures first, then known architectures by name, then a default."""
 
@@ -123,12 +130,13 @@ class KVModel:
     @classmethod
     def from_models(cls, models: Any, block_size: int = DEFAULT_BLOCK_SIZE) -> "KVModel":
         """From objects or dicts with ``name``, ``kv_bytes_per_token`` and ``max_model_len`` (the gateway's
-        ``config.models``)."""
+        ``config.models``); a model without a figure takes its architecture's by name
+        (:func:`known_bytes_per_token`)."""
         specs = {}
         for model in models:
             get = model.get if isinstance(model, Mapping) else (lambda key, m=model: getattr(m, key, None))
-            specs[get("name")] = KVSpec(get("kv_bytes_per_token") or DEFAULT_BYTES_PER_TOKEN, block_size,
-                                        get("max_model_len"))
+            specs[get("name")] = KVSpec(get("kv_bytes_per_token") or known_bytes_per_token(str(get("name"))),
+                                        block_size, get("max_model_len"))
         return cls(specs, KVSpec(DEFAULT_BYTES_PER_TOKEN, block_size))
 
     def spec(self, model: str) -> KVSpec:

@@ -326,6 +326,26 @@ def test_kv_bytes_and_reservation():
     assert kv.spec("meta-llama/Llama-3.1-70B-Instruct").bytes_per_token == bytes_per_token(80, 8, 128)
 
 
+def test_a_served_model_without_a_configured_figure_takes_its_architectures():
+    """The gateway serves only configured models: one configured without kv_bytes_per_token must still get its
+    architecture's figure (a 70B model holds 2.5 times an 8B one's KV per token), in the config the ledger
+    reads and in the predictor's KV model alike."""
+    from gateway.config import parse_config
+
+    seventy = "meta-llama/Llama-3.1-70B-Instruct"
+    models = [{"name": seventy, "max_model_len": 8192}, {"name": "house-model"},
+              {"name": "Qwen/Qwen2.5-7B-Instruct", "kv_bytes_per_token": 1234}]
+    config = parse_config({"models": models, "clusters": [{"name": "c", "pools": [
+        {"name": "p", "models": [seventy], "engines": [{"url": "http://127.0.0.1:9"}]}]}]})
+    figures = {m.name: m.kv_bytes_per_token for m in config.models}
+    assert figures == {seventy: bytes_per_token(80, 8, 128), "house-model": 131072,
+                       "Qwen/Qwen2.5-7B-Instruct": 1234}  # a configured figure wins
+    for source in (config.models, [{"name": m["name"], "kv_bytes_per_token": m.get("kv_bytes_per_token")}
+                                   for m in models]):
+        kv = KVModel.from_models(source)
+        assert {name: kv.spec(name).bytes_per_token for name in figures} == figures
+
+
 def test_prediction_reserves_prompt_plus_p90(predictor):
     kv = KVModel({"model-a": KVSpec(1000, 16)})
     p = predictor.with_kv(kv).predict(chat(AGENTS["planner"][0], "Plan the next milestone for a quiz game."))
