@@ -66,16 +66,42 @@ BASE_FEATURES = (
 MODEL_OTHER = "<other>"
 
 
+# Words that name a role inside a longer label ("Code Reviewer", "Software Test Engineer", "Chief Executive
+# Officer"), checked in this order: the more specific job first, so that a test engineer is a tester and a code
+# reviewer a reviewer, not a coder.
+ROLE_WORDS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("tester", frozenset({"tester", "test", "tests", "testing", "qa"})),
+    ("reviewer", frozenset({"reviewer", "review", "critic", "verifier", "validator", "checker", "auditor"})),
+    ("writer", frozenset({"writer", "summarizer", "summariser", "documenter", "documentation", "doc", "docs"})),
+    ("planner", frozenset({"planner", "plan", "planning", "orchestrator", "manager", "coordinator", "chief",
+                           "ceo", "cto", "cpo", "counselor", "counsellor", "architect", "decider"})),
+    ("researcher", frozenset({"researcher", "research", "search", "searcher", "retriever", "surfer", "websurfer",
+                              "browser"})),
+    ("tool_caller", frozenset({"tool", "tools", "function", "toolcaller"})),
+    ("coder", frozenset({"coder", "programmer", "developer", "engineer", "code", "coding"})),
+    ("assistant", frozenset({"assistant", "chat", "chatbot"})),
+)
+_LABEL_WORD = re.compile(r"[a-z0-9]+")
+ROLE_LABEL_CHARS = 64  # longer labels are read up to here (the gateway's X-Agent-Role limit)
+
+
 def normalize_role(value: Any) -> str | None:
-    """An explicit role label as one of :data:`ROLES` (synonyms mapped, unknown → ``other``); None if empty."""
+    """An explicit role label as one of :data:`ROLES`: a role's name, a synonym (:data:`ROLE_SYNONYMS`), or a
+    label with a word that names one (:data:`ROLE_WORDS`). None for an empty label, and for one that names no
+    role ("Alice", "Python_Expert"): the client gave its own name for the agent, not one of these roles, so the
+    classifier decides, as it does for a request without a label (``other`` is the role only when it is said)."""
     if not isinstance(value, str):
         return None
-    key = value.strip().lower().replace(" ", "_")
+    key = value[:ROLE_LABEL_CHARS].strip().lower().replace(" ", "_")
     if not key:
         return None
     if key in ROLES:
         return key
-    return ROLE_SYNONYMS.get(key, ROLE_SYNONYMS.get(key.replace("_", ""), "other"))
+    role = ROLE_SYNONYMS.get(key) or ROLE_SYNONYMS.get(key.replace("_", ""))
+    if role is not None:
+        return role
+    words = set(_LABEL_WORD.findall(key.replace("_", " ")))
+    return next((role for role, names in ROLE_WORDS if words & names), None)
 
 
 def header(headers: Mapping[str, str] | None, name: str) -> str | None:

@@ -142,9 +142,29 @@ def test_two_labelled_roles_train_a_two_class_classifier():
 def test_role_labels_are_normalised():
     assert normalize_role("Tool Caller") == "tool_caller"
     assert normalize_role("critic") == "reviewer"
-    assert normalize_role("something-new") == "other"
+    assert normalize_role("other") == "other"
     assert normalize_role("  ") is None and normalize_role(None) is None
     assert explicit_role_of({"metadata": {"agent_role": "Coder"}}) == "coder"
+    # persona names with a word that names a role: the more specific job wins (a test engineer tests)
+    for label, role in (("Code Reviewer", "reviewer"), ("code_reviewer", "reviewer"), ("Counselor", "planner"),
+                        ("Software Test Engineer", "tester"), ("Chief Technology Officer", "planner"),
+                        ("Programmer", "coder"), ("Product Manager", "planner"), ("WebSurfer", "researcher")):
+        assert normalize_role(label) == role, label
+    # a label that names no role is the client's name for its agent, not a role: nothing explicit
+    assert normalize_role("something-new") is None and normalize_role("Python_Expert") is None
+    assert normalize_role("x" * 100_000 + " tester") is None  # read up to the gateway's 64 characters
+
+
+def test_a_label_that_names_no_role_leaves_the_role_to_the_classifier(predictor):
+    body = chat(AGENTS["coder"][0], "Implement a quiz game in Python with 2 functions.")
+    unlabelled = predictor.predict(body)
+    for headers in ({"X-Agent-Role": "Alice"}, {"x-agent-role": "Python_Expert"}):
+        named = predictor.predict(body, headers)
+        assert (named.role, named.role_source, named.confidence) == (unlabelled.role, "classifier",
+                                                                      unlabelled.confidence)
+    # the metadata label still counts when the header's names no role
+    assert predictor.predict(dict(body, metadata={"agent_role": "Code Reviewer"}),
+                             {"X-Agent-Role": "Alice"}).role == "reviewer"
 
 
 def test_low_confidence_gives_other(predictor):
