@@ -139,8 +139,9 @@ def content_text(content: Any) -> str:
 # to 2**53 (still a cap that caps nothing; the cap itself is applied to the prediction as an exact integer).
 _FEATURE_INT_LIMIT = 2**53
 # An integer header as the gateway accepts it (gateway.api.workflow): ASCII digits only, so that str.isdigit's
-# superscripts ("¹") and a long digit string (int() refuses over 4,300 digits) are not numbers here either.
-_INTEGER_TEXT = re.compile(r"\s*[+-]?[0-9]{1,18}\s*")
+# superscripts ("¹") and a long digit string (int() refuses over 4,300 digits) are not numbers here either; and
+# no minus sign, as a step is never negative (the gateway refuses one).
+_INTEGER_TEXT = re.compile(r"\s*\+?[0-9]{1,18}\s*")
 
 
 def _number(value: Any) -> float:
@@ -152,16 +153,25 @@ def _number(value: Any) -> float:
 
 
 def int_or_none(value: Any) -> int | None:
-    """A workflow step or similar integer from a header or JSON value, None when it is not one."""
+    """A workflow step (an integer >= 0) from a header or JSON value, None when it is not one."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value if abs(value) <= _FEATURE_INT_LIMIT else None
-    if isinstance(value, float) and value.is_integer() and abs(value) <= _FEATURE_INT_LIMIT:
+        return value if 0 <= value <= _FEATURE_INT_LIMIT else None
+    if isinstance(value, float) and value.is_integer() and 0 <= value <= _FEATURE_INT_LIMIT:
         return int(value)  # 3.0, as the gateway reads it too
     if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value):
         return int(value)
     return None
+
+
+MAX_CHOICES = 128  # OpenAI's (and the gateway's) limit on ``n``
+
+
+def choices_of(body: Mapping[str, Any]) -> int:
+    """``n``, the answers the request asks for (1 to :data:`MAX_CHOICES`; 1 where absent or not such a number)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_CHOICES else 1
 
 
 def max_tokens_of(body: Mapping[str, Any]) -> int | None:
@@ -187,6 +197,7 @@ class RequestView:
     max_tokens: int | None
     prompt_tokens: int       # estimated from the text (messages + tool definitions)
     numeric: list[float]     # BASE_FEATURES minus the role one-hot and the text score (filled in later)
+    choices: int = 1         # ``n``: answers generated, each holding its own output's KV
 
 
 def explicit_role_of(body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> str | None:
@@ -352,6 +363,7 @@ def parse_request(body: Mapping[str, Any], headers: Mapping[str, str] | None = N
         explicit_role=explicit_role_of(body, headers),
         workflow_id=workflow_id if isinstance(workflow_id, str) else None,
         workflow_step=step, max_tokens=max_tokens, prompt_tokens=prompt_tokens, numeric=numeric,
+        choices=choices_of(body),
     )
 
 

@@ -373,6 +373,26 @@ def test_prediction_reserves_prompt_plus_p90(predictor):
     assert p.kv_bytes == p.kv_tokens * 1000
 
 
+def test_a_request_for_n_answers_reserves_n_outputs(predictor):
+    kv = KVModel({"model-a": KVSpec(1000, 16)})
+    body = chat(AGENTS["planner"][0], "Plan the next milestone for a quiz game.")
+    one, three = (predictor.with_kv(kv).predict(dict(body, n=n)) for n in (1, 3))
+    assert (three.p50, three.p90) == (one.p50, one.p90)  # one answer's length either way
+    assert three.kv_tokens == -(-(three.prompt_tokens + 3 * three.p90) // 16) * 16
+    for odd in (0, -2, 129, "3", True, 2.0):  # not an n the gateway would pass: one answer
+        assert predictor.with_kv(kv).predict(dict(body, n=odd)).kv_tokens == one.kv_tokens
+
+
+def test_a_negative_workflow_step_is_no_step(predictor):
+    body = chat(AGENTS["coder"][0], "Implement a quiz game in Python with 2 functions.")
+    without = predictor.predict(body)
+    for headers, metadata in (({"X-Workflow-Step": "-1"}, None), (None, {"workflow_step": -2}),
+                              (None, {"workflow_step": -2.0}), ({"X-Workflow-Step": "abc"}, None)):
+        request = dict(body, metadata=metadata) if metadata else body
+        assert predictor.predict(request, headers) == without
+    assert predictor.predict(body, {"X-Workflow-Step": "+3"}) == predictor.predict(body, {"X-Workflow-Step": "3"})
+
+
 def test_priors_until_a_model_exists():
     predictor = Predictor.from_priors({"coder": {"p50": 100, "p90": 300}}, kv=KVModel(default=KVSpec(10, 16)))
     p = predictor.predict(chat("anything", "hello"), {"X-Agent-Role": "coder"})
