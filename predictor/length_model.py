@@ -178,6 +178,8 @@ def _check_nodes(feature, threshold, missing_left, left, right, value, roots, tr
                                ("tree model", np.asarray(tree_model), n_models)):
         if index.size and (index.min() < 0 or index.max() >= bound):
             raise ValueError(f"a {name} index out of range (0..{bound - 1})")
+    if nodes and np.min(feature) < 0:  # numpy would read a negative one from the row's end (the row's width is
+        raise ValueError("a negative feature index")  # checked where it is known, Predictor.from_state)
 
 
 def _level_major_order(left: np.ndarray, right: np.ndarray, roots: np.ndarray) -> np.ndarray:

@@ -485,6 +485,7 @@ def _set_first(array, value):
     (("length_model", "forest", "roots"), lambda a: _set_first(a, -1), "root index out of range"),
     (("length_model", "forest", "value"), lambda a: np.asarray(a)[:5], "tree node arrays of different shapes"),
     (("length_model", "forest", "tree_model"), lambda a: _set_first(a, 9), "tree model index out of range"),
+    (("length_model", "forest", "feature"), lambda a: _set_first(a, -1), "a negative feature index"),
     (("length_model", "quantiles"), [0.5], "1 quantiles, 2 boosted models"),
     (("text_model",), None, "no text_model"),
     (("length_model",), None, "no length_model"),
