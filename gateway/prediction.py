@@ -117,19 +117,27 @@ class RequestPredictor:
         try:
             refit.lock()
         except WorkDirInUse as exc:
-            raise ConfigError("predictor.online.work_dir", str(exc)) from None
+            raise ConfigError(exc.field, str(exc)) from None
+        except OSError as exc:  # a path through a file, a folder that cannot be made
+            where = "work_dir" if not Path(online.work_dir).is_dir() else "save_path"
+            raise ConfigError(f"predictor.online.{where}", f"cannot use it: {exc}") from None
         self._refit = refit
         buffer: Any
         if online.buffer == "file":  # reads the file back: in an executor, it can hold 100,000 lines
             records = Path(online.path)
-            records.parent.mkdir(parents=True, exist_ok=True)
             try:
-                self._buffer_lock = claim(records.with_name(records.name + ".lock"), f"{records} "
-                                                                                     "(predictor.online.path)")
+                if records.is_dir():
+                    raise IsADirectoryError(f"{records} is a folder; give a file name such as "
+                                            f"{records / 'records.jsonl'}")
+                records.parent.mkdir(parents=True, exist_ok=True)
+                self._buffer_lock = claim(records.with_name(records.name + ".lock"),
+                                          f"{records} (predictor.online.path)", "predictor.online.path")
+                buffer = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: FileTraceBuffer(online.path, maxlen=online.max_records))
             except WorkDirInUse as exc:
-                raise ConfigError("predictor.online.path", str(exc)) from None
-            buffer = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: FileTraceBuffer(online.path, maxlen=online.max_records))
+                raise ConfigError(exc.field, str(exc)) from None
+            except OSError as exc:
+                raise ConfigError("predictor.online.path", f"cannot use it: {exc}") from None
         elif online.buffer == "redis":
             import redis.asyncio as aioredis
             from redis.backoff import NoBackoff

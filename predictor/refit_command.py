@@ -70,10 +70,15 @@ class RefitError(RuntimeError):
 
 
 class WorkDirInUse(RuntimeError):
-    """Another gateway holds the refit's work_dir or the file buffer."""
+    """Another gateway holds the refit's work_dir, its save_path or the file buffer (``field`` says which
+    config key)."""
+
+    def __init__(self, message: str, field: str = "predictor.online.work_dir") -> None:
+        super().__init__(message)
+        self.field = field
 
 
-def claim(lock_path: Path, what: str) -> IO[str]:
+def claim(lock_path: Path, what: str, field: str = "predictor.online.work_dir") -> IO[str]:
     """An exclusive advisory lock on ``lock_path``, held until the returned file is closed, or
     :class:`WorkDirInUse` naming ``what`` when another process (or another gateway in this one) holds it."""
     import fcntl
@@ -83,8 +88,8 @@ def claim(lock_path: Path, what: str) -> IO[str]:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise WorkDirInUse(f"{what} is in use by another gateway; give each gateway its own work_dir and file "
-                           "buffer path") from None
+        raise WorkDirInUse(f"{what} is in use by another gateway; give each gateway its own work_dir, save_path "
+                           "and file buffer path", field) from None
     return handle
 
 
@@ -126,7 +131,7 @@ class TrainCommandRefit:
         # beside the model, so that putting it into service is a rename within one file system
         self.candidate_path = candidate_path(self.model_path)
         self.current_path = Path(current_path) if current_path else None  # the serving model's file, if any
-        self._lock: Any = None
+        self._locks: list[IO[str]] = []
         self.kv = kv
         self.default_max_tokens = default_max_tokens
         self.priors = normalize_priors(priors) if priors else None
@@ -138,15 +143,26 @@ class TrainCommandRefit:
         self.last_check: dict[str, Any] | None = None  # the latest check's figures (GET /admin/predictor)
 
     def lock(self) -> None:
-        """Claim ``work_dir`` for this process, or raise :class:`WorkDirInUse`: two gateways refitting in one
-        folder would overwrite each other's input and model files."""
+        """Claim ``work_dir``, and ``save_path`` where it lies elsewhere, for this process, or raise
+        :class:`WorkDirInUse`: two gateways refitting in one folder would overwrite each other's input and model
+        files, and two writing one ``save_path`` would each check its candidate against the other's model
+        (and rename each other's candidates). OSError where either folder cannot be made."""
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._lock = claim(self.work_dir / LOCK_NAME, f"{self.work_dir} (predictor.online.work_dir)")
+        self._locks.append(claim(self.work_dir / LOCK_NAME, f"{self.work_dir} (predictor.online.work_dir)"))
+        folder = self.model_path.parent
+        if folder.resolve() != self.work_dir.resolve():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                self._locks.append(claim(self.model_path.with_name(self.model_path.name + ".lock"),
+                                         f"{self.model_path} (predictor.online.save_path)",
+                                         "predictor.online.save_path"))
+            except BaseException:
+                self.unlock()
+                raise
 
     def unlock(self) -> None:
-        if self._lock is not None:
-            self._lock.close()  # closing the file releases the lock
-            self._lock = None
+        while self._locks:
+            self._locks.pop().close()  # closing the file releases the lock
 
     def command(self, live: Path, out: Path | None = None) -> list[str]:
         data = [str(p) for p in self.base_data] + [str(live)]

@@ -351,6 +351,34 @@ async def test_one_work_dir_and_one_buffer_file_per_gateway(tmp_path):
         pass
 
 
+async def test_one_save_path_per_gateway(tmp_path):
+    """Two gateways writing one save_path would each check its candidate against the other's model."""
+    shared = str(tmp_path / "models" / "online.skops")
+    first = online_config(tmp_path, buffer="memory", work_dir=str(tmp_path / "a"), save_path=shared)
+    second = online_config(tmp_path, buffer="memory", work_dir=str(tmp_path / "b"), save_path=shared)
+    async with running_gateway(first):
+        with pytest.raises(ConfigError, match="save_path: .* in use by another gateway"):
+            async with running_gateway(second):
+                pass
+    async with running_gateway(second):  # released when the first one stopped
+        pass
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("work_dir", "{file}/work", "work_dir: cannot use it: .*Not a directory"),
+    ("save_path", "{file}/online.skops", "save_path: cannot use it"),
+    ("path", "{file}/records.jsonl", "online.path: cannot use it"),
+    ("path", "{folder}", "online.path: cannot use it: .* is a folder"),
+])
+async def test_an_unusable_online_path_is_a_config_error(tmp_path, key, value, says):
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder").mkdir()
+    config = online_config(tmp_path, **{key: value.format(file=tmp_path / "a-file", folder=tmp_path / "a-folder")})
+    with pytest.raises(ConfigError, match=says):
+        async with running_gateway(config):
+            pass
+
+
 async def test_model_path_may_name_the_first_refit_to_come(tmp_path):
     """The README's restart advice (model_path = save_path) must also start a gateway that has not refitted
     yet; any other missing model file is a config error, not a traceback."""
