@@ -91,6 +91,9 @@ def write_lines_atomically(path: Path, lines: list[bytes]) -> None:
         with open(tmp, "wb") as handle:
             handle.writelines(lines)
         os.replace(tmp, path)
+    except OSError as exc:  # "No space left on device" alone does not say which file (the refit's status shows it)
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"{exc.strerror or exc} (writing {path})") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -189,8 +192,9 @@ class FileTraceBuffer(MemoryBuffer):
 
     def _read_back(self) -> None:
         """Load the file's latest records. A last line without its newline is what a crash mid-write leaves:
-        it is cut off, so that the next batch starts on a line of its own and the file stays one that
-        ``maestro predictor train --data`` reads."""
+        it is cut off, so that the next batch starts on a line of its own; and where some lines are not trace
+        records (an edit, another program's lines), the file is rewritten with the latest records: it stays one
+        that ``maestro predictor train --data`` reads."""
         skipped = 0
         with open(self.path, "r+b") as handle:
             complete = 0
@@ -207,6 +211,13 @@ class FileTraceBuffer(MemoryBuffer):
                 self.lines.append(line)
         if skipped:
             log.warning("trace buffer %s: skipped %d lines that are not trace records", self.path, skipped)
+            try:
+                self._rewrite(list(self.lines))
+            except OSError as exc:  # the records are in memory; the next rewrite drops those lines
+                log.warning("trace buffer %s: could not rewrite it without them: %s", self.path, exc)
+            else:
+                self._lines_on_disk = len(self.lines)
+                log.warning("trace buffer %s: rewritten with its %d latest records", self.path, len(self.lines))
 
     async def append(self, record: dict[str, Any]) -> None:
         line = orjson.dumps(record) + b"\n"
@@ -531,6 +542,7 @@ class OnlineLearner:
             return
         self._predictor = new  # one reference assignment: the swap is atomic for readers
         self.refits += 1
+        self.last_error = None  # an earlier failure is past: a refit read the records and its model serves
         finished("ok")
         log.info("predictor refit on %d records in %.1fs: the new model serves", len(records),
                  time.perf_counter() - started)

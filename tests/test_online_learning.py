@@ -199,6 +199,50 @@ async def test_file_buffer_cuts_a_torn_last_line(tmp_path):
     assert [r["usage"]["completion_tokens"] for r in await FileTraceBuffer(path).snapshot()] == [0, 1, 2, 4, 5]
 
 
+async def test_file_buffer_rewrites_a_file_with_lines_that_are_no_records(tmp_path):
+    """The buffer file is one `maestro predictor train --data` reads: lines that are no trace records (an edit,
+    another program) are dropped from it at start, not only from memory."""
+    from predictor.trace import read_records
+
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(trace(i)) + b"\n" for i in range(2)) + b'{"not": "a record"}\n'
+                     + b"garbage{{{\n" + orjson.dumps(trace(2)) + b"\n")
+    buffer = FileTraceBuffer(path, maxlen=100, flush_every=1)
+    await buffer.append(trace(3))
+    assert [r["usage"]["completion_tokens"] for r in read_records(path)] == [0, 1, 2, 3]
+    assert [r["usage"]["completion_tokens"] for r in await buffer.snapshot()] == [0, 1, 2, 3]
+
+
+async def test_a_successful_refit_clears_the_last_error():
+    calls = []
+
+    async def refit(lines):
+        calls.append(len(lines))
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device (writing /somewhere/refit-input.jsonl)")
+        return Predictor.from_priors()
+
+    learner = OnlineLearner(buffer=MemoryBuffer(), refit=refit, min_records=1, refit_every=10**6)
+    await learner.add(trace(0))
+    await learner.trigger()
+    assert learner.status()["last_error"].endswith("(writing /somewhere/refit-input.jsonl)")
+    await learner.trigger()
+    assert learner.status()["last_error"] is None and learner.last_refit["outcome"] == "ok"
+    await learner.stop()
+
+
+def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
+    from predictor.online import write_lines_atomically
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.replace", full)
+    with pytest.raises(OSError, match=r"No space left on device \(writing .*refit-input.jsonl\)") as error:
+        write_lines_atomically(tmp_path / "refit-input.jsonl", [b"{}\n"])
+    assert error.value.errno == 28 and list(tmp_path.iterdir()) == []
+
+
 def trace(i: int) -> dict:
     """A valid trace record whose completion_tokens is ``i``."""
     from predictor.online import make_record
