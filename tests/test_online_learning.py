@@ -421,6 +421,8 @@ async def test_an_unusable_online_path_is_a_config_error(tmp_path, key, value, s
     with pytest.raises(ConfigError, match=says):
         async with running_gateway(config):
             pass
+    async with running_gateway(online_config(tmp_path)):  # the failed start left no lock held on work_dir
+        pass
 
 
 async def test_model_path_may_name_the_first_refit_to_come(tmp_path):
