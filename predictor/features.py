@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from predictor.role_labels import label_rules
 from predictor.tokens import (REPLY_PRIMING, estimate_completion_tokens, estimate_single_message_tokens,
                               estimate_tokens)
 from predictor.trace import ROLES
@@ -38,16 +39,8 @@ USER_HEAD_CHARS = 1200
 USER_TAIL_CHARS = 800
 CHAR_NGRAM_CHARS = 240  # character n-grams only look at the start of each field
 
-# Common labels an operator may send for a role; anything else unknown maps to "other".
-ROLE_SYNONYMS = {
-    "orchestrator": "planner", "manager": "planner", "decider": "planner", "ceo": "planner", "cto": "planner",
-    "cpo": "planner", "programmer": "coder", "developer": "coder", "engineer": "coder", "code": "coder",
-    "critic": "reviewer", "verifier": "reviewer", "review": "reviewer", "validator": "reviewer",
-    "qa": "tester", "test": "tester", "tool": "tool_caller", "tools": "tool_caller", "function_caller": "tool_caller",
-    "tool-caller": "tool_caller", "toolcaller": "tool_caller", "retriever": "researcher", "search": "researcher",
-    "websurfer": "researcher", "web_surfer": "researcher", "summarizer": "writer", "documenter": "writer",
-    "doc": "writer", "chat": "assistant", "general": "assistant",
-}
+# Client role labels -> roles: data, in roles.yaml's ``labels`` (predictor/role_labels.py).
+ROLE_SYNONYMS, ROLE_WORDS = label_rules()
 
 _LAST_ROLE = {"user": 0.0, "assistant": 1.0, "tool": 2.0, "function": 2.0, "system": 3.0, "developer": 3.0}
 _RESPONSE_FORMAT = {"text": 0.0, "json_object": 1.0, "json_schema": 2.0}
@@ -65,22 +58,6 @@ BASE_FEATURES = (
 )
 MODEL_OTHER = "<other>"
 
-
-# Words that name a role inside a longer label ("Code Reviewer", "Software Test Engineer", "Chief Executive
-# Officer"), checked in this order: the more specific job first, so that a test engineer is a tester and a code
-# reviewer a reviewer, not a coder.
-ROLE_WORDS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("tester", frozenset({"tester", "test", "tests", "testing", "qa"})),
-    ("reviewer", frozenset({"reviewer", "review", "critic", "verifier", "validator", "checker", "auditor"})),
-    ("writer", frozenset({"writer", "summarizer", "summariser", "documenter", "documentation", "doc", "docs"})),
-    ("planner", frozenset({"planner", "plan", "planning", "orchestrator", "manager", "coordinator", "chief",
-                           "ceo", "cto", "cpo", "counselor", "counsellor", "architect", "decider"})),
-    ("researcher", frozenset({"researcher", "research", "search", "searcher", "retriever", "surfer", "websurfer",
-                              "browser"})),
-    ("tool_caller", frozenset({"tool", "tools", "function", "toolcaller"})),
-    ("coder", frozenset({"coder", "programmer", "developer", "engineer", "code", "coding"})),
-    ("assistant", frozenset({"assistant", "chat", "chatbot"})),
-)
 _LABEL_WORD = re.compile(r"[a-z0-9]+")
 ROLE_LABEL_CHARS = 64  # longer labels are read up to here (the gateway's X-Agent-Role limit)
 

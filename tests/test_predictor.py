@@ -155,6 +155,20 @@ def test_role_labels_are_normalised():
     assert normalize_role("x" * 100_000 + " tester") is None  # read up to the gateway's 64 characters
 
 
+def test_role_label_rules_are_data(tmp_path):
+    from predictor.role_labels import label_rules
+
+    path = tmp_path / "roles.yaml"
+    path.write_text("sources: {}\nlabels:\n  synonyms: {Alice: coder}\n"
+                    "  words:\n    - {role: tester, words: [Test]}\n    - {role: coder, words: [engineer]}\n")
+    assert label_rules(path) == ({"alice": "coder"}, (("tester", frozenset({"test"})),
+                                                      ("coder", frozenset({"engineer"}))))
+    wrong = tmp_path / "wrong-roles.yaml"  # (a file is read once)
+    wrong.write_text("sources: {}\nlabels:\n  synonyms: {Alice: wizard}\n")
+    with pytest.raises(ValueError, match="labels.synonyms.Alice: 'wizard' is not one of"):
+        label_rules(wrong)
+
+
 def test_a_label_that_names_no_role_leaves_the_role_to_the_classifier(predictor):
     body = chat(AGENTS["coder"][0], "Implement a quiz game in Python with 2 functions.")
     unlabelled = predictor.predict(body)

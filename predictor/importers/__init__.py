@@ -37,16 +37,14 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
+from predictor.role_labels import ROLES_YAML, read_roles_yaml
 from predictor.trace import ROLES, write_records
 
-ROLES_YAML = Path(__file__).resolve().parent.parent / "roles.yaml"
 
 # name -> (module, generator function, keyword arguments). Modules are imported on first use.
 _REGISTRY: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -325,18 +323,9 @@ class RoleMap:
         return self.resolve(name, None, phase).role
 
 
-@lru_cache(maxsize=8)
-def _load_roles_yaml(path: str) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as handle:
-        data = yaml.safe_load(handle) or {}
-    if not isinstance(data.get("sources"), dict):
-        raise ValueError(f"{path}: expected a top-level 'sources' mapping")
-    return data
-
-
 def load_role_map(source: str, path: str | Path | None = None) -> RoleMap:
     """The :class:`RoleMap` of ``source`` from ``roles.yaml`` (or ``path``)."""
-    data = _load_roles_yaml(str(path or ROLES_YAML))
+    data = read_roles_yaml(str(path or ROLES_YAML))
     spec = data["sources"].get(source)
     if spec is None:
         raise KeyError(f"roles.yaml has no entry for source {source!r}")
