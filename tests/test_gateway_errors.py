@@ -66,6 +66,12 @@ def assert_openai_error(body: dict, param: str | None = None) -> None:
     (orjson.dumps({**GOOD, "stream_options": {"include_usage": True}}), "stream_options"),
     (orjson.dumps({**GOOD, "temperature": 9}), "temperature"),
     (orjson.dumps({**GOOD, "n": 0}), "n"),
+    (orjson.dumps({**GOOD, "response_format": "json_object"}), "response_format"),
+    (orjson.dumps({**GOOD, "response_format": {"type": 5}}), "response_format.type"),
+    (orjson.dumps({**GOOD, "response_format": {"type": ["json_object"]}}), "response_format.type"),
+    (orjson.dumps({**GOOD, "response_format": {}}), "response_format.type"),
+    (orjson.dumps({**GOOD, "tools": {"type": "function"}}), "tools"),
+    (orjson.dumps({**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}, "f"]}), "tools[1]"),
 ])
 async def test_bad_chat_bodies_get_400_and_reach_no_engine(gw, engine, payload, param):
     status, body, headers = await post(gw.base_url + CHAT, payload)
@@ -160,6 +166,14 @@ async def test_unknown_fields_pass_through(gw, engine):
     status, _, _ = await post(gw.base_url + CHAT, orjson.dumps(body))
     assert status == 200
     assert engine.seen_bodies[-1] == body  # non-streaming bodies are forwarded byte for byte
+
+
+async def test_engine_specific_response_formats_and_tools_pass_through(gw, engine):
+    body = {**GOOD, "response_format": {"type": "structural_tag", "structures": [], "triggers": []},
+            "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]}
+    status, _, _ = await post(gw.base_url + CHAT, orjson.dumps(body))
+    assert status == 200
+    assert engine.seen_bodies[-1] == body  # the gateway checks shapes; the values are the engine's to judge
 
 
 async def test_stream_usage_chunk_stripped_unless_asked(gw, engine):

@@ -100,6 +100,29 @@ def validate_chat(body: dict[str, Any], max_model_len: int | None) -> None:
         if not isinstance(content, (str, list)):
             raise bad_request(f"'{param}.content' must be a string or a list of content parts.",
                               f"{param}.content")
+    _check_chat_options(body)
+
+
+def _check_chat_options(body: dict[str, Any]) -> None:
+    """Shapes of the chat options the predictor reads: a malformed one would otherwise be scheduled (and a KV
+    reservation sized from it) only for the engine to refuse it. Values are the engine's to judge, so that
+    engine-specific formats (vLLM's ``structural_tag``, others' ``regex``) keep working."""
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict):
+            raise bad_request("'response_format' must be an object such as {\"type\": \"json_object\"}.",
+                              "response_format")
+        if not isinstance(response_format.get("type"), str) or not response_format["type"]:
+            raise bad_request("'response_format.type' is required and must be a string such as 'text', "
+                              "'json_object' or 'json_schema'.", "response_format.type")
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise bad_request("'tools' must be a list of tool objects.", "tools")
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise bad_request(f"'tools[{i}]' must be an object such as {{\"type\": \"function\", "
+                                  "\"function\": {...}}.", f"tools[{i}]")
 
 
 def validate_completion(body: dict[str, Any], max_model_len: int | None) -> None:
