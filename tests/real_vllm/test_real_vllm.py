@@ -238,6 +238,37 @@ class TestTinyLlama:
         assert streamed["request"]["stream"] is True and "stream_options" not in streamed["request"]
         assert streamed["agent_role"] is None and streamed["source"] == "gateway"
 
+    def test_several_choices_come_through_and_are_not_recorded(self, tiny_stack) -> None:
+        """``n`` = 2 end to end: both answers and their summed usage reach the client, streamed and not, and
+        online learning records neither (their usage is two answers', the predictor learns one answer's)."""
+        gateway = tiny_stack.require_gateway()
+        marker = f"choices-{time.monotonic_ns()}"
+        messages = [{"role": "user", "content": f"Say something about {marker}."}]
+        client = tiny_stack.client()
+        reply = client.chat.completions.create(model=tiny_stack.model, messages=messages, max_tokens=10, n=2,
+                                               extra_body=EXACT)
+        assert sorted(choice.index for choice in reply.choices) == [0, 1]
+        assert all(choice.finish_reason == "length" for choice in reply.choices)
+        assert reply.usage is not None and reply.usage.completion_tokens == 20
+        stream = client.chat.completions.create(model=tiny_stack.model, messages=messages, max_tokens=7, n=2,
+                                                stream=True, stream_options={"include_usage": True},
+                                                extra_body=EXACT)
+        chunks = list(stream)
+        finished = {c.choices[0].index: c.choices[0].finish_reason
+                    for c in chunks if c.choices and c.choices[0].finish_reason}
+        assert finished == {0: "length", 1: "length"}
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 14
+        # One answer, sent last: once its record is written, the two above would have been written before it.
+        single = client.chat.completions.create(model=tiny_stack.model, messages=messages, max_tokens=5,
+                                                extra_body=EXACT)
+
+        def ours():
+            found = [r for r in gateway.online_records() if marker in r["request"]["messages"][0]["content"]]
+            return found if any(r["request"].get("n") is None for r in found) else None
+
+        records = _poll(ours, timeout=10.0, what="the single answer's online-learning record")
+        assert [r["usage"]["completion_tokens"] for r in records] == [single.usage.completion_tokens] == [5]
+
     def test_admin_engines_reports_scraped_metrics(self, tiny_stack) -> None:
         gateway = tiny_stack.require_gateway()
         tiny_stack.wait_engine_idle()
