@@ -105,7 +105,7 @@ class RequestPredictor:
 
     async def _start_learning(self, kv: Any, priors: dict[str, Any], serving: str | None) -> None:
         from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, RedisStreamBuffer
-        from predictor.refit_command import TrainCommandRefit, WorkDirInUse, claim
+        from predictor.refit_command import TrainCommandRefit, UnusablePath, WorkDirInUse, claim
 
         online = self.config.predictor.online
         refit = TrainCommandRefit(online.work_dir, base_data=online.base_data, save_path=online.save_path or None,
@@ -118,9 +118,8 @@ class RequestPredictor:
             refit.lock()
         except WorkDirInUse as exc:
             raise ConfigError(exc.field, str(exc)) from None
-        except OSError as exc:  # a path through a file, a folder that cannot be made
-            where = "work_dir" if not Path(online.work_dir).is_dir() else "save_path"
-            raise ConfigError(f"predictor.online.{where}", f"cannot use it: {exc}") from None
+        except UnusablePath as exc:  # a path through a file, a folder that cannot be made
+            raise ConfigError(exc.field, f"cannot use it: {exc}") from None
         self._refit = refit
         buffer: Any
         if online.buffer == "file":  # reads the file back: in an executor, it can hold 100,000 lines

@@ -78,6 +78,15 @@ class WorkDirInUse(RuntimeError):
         self.field = field
 
 
+class UnusablePath(OSError):
+    """The refit's work_dir or save_path cannot be made or locked (a path through a file, a folder where the
+    lock file goes); ``field`` says which config key, as only :meth:`TrainCommandRefit.lock` knows."""
+
+    def __init__(self, field: str, error: OSError) -> None:
+        super().__init__(error.errno, str(error))
+        self.field = field
+
+
 def claim(lock_path: Path, what: str, field: str = "predictor.online.work_dir") -> IO[str]:
     """An exclusive advisory lock on ``lock_path``, held until the returned file is closed, or
     :class:`WorkDirInUse` naming ``what`` when another process (or another gateway in this one) holds it."""
@@ -146,19 +155,23 @@ class TrainCommandRefit:
         """Claim ``work_dir``, and ``save_path`` where it lies elsewhere, for this process, or raise
         :class:`WorkDirInUse`: two gateways refitting in one folder would overwrite each other's input and model
         files, and two writing one ``save_path`` would each check its candidate against the other's model
-        (and rename each other's candidates). OSError where either folder cannot be made."""
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._locks.append(claim(self.work_dir / LOCK_NAME, f"{self.work_dir} (predictor.online.work_dir)"))
-        folder = self.model_path.parent
-        if folder.resolve() != self.work_dir.resolve():
-            try:
+        (and rename each other's candidates). :class:`UnusablePath` where either cannot be made or locked."""
+        field = "predictor.online.work_dir"
+        try:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            self._locks.append(claim(self.work_dir / LOCK_NAME, f"{self.work_dir} ({field})"))
+            folder = self.model_path.parent
+            if folder.resolve() != self.work_dir.resolve():
+                field = "predictor.online.save_path"
                 folder.mkdir(parents=True, exist_ok=True)
                 self._locks.append(claim(self.model_path.with_name(self.model_path.name + ".lock"),
-                                         f"{self.model_path} (predictor.online.save_path)",
-                                         "predictor.online.save_path"))
-            except BaseException:
-                self.unlock()
-                raise
+                                         f"{self.model_path} ({field})", field))
+        except OSError as exc:
+            self.unlock()
+            raise UnusablePath(field, exc) from exc
+        except BaseException:
+            self.unlock()
+            raise
 
     def unlock(self) -> None:
         while self._locks:

@@ -15,7 +15,7 @@ from gateway.config import ConfigError, parse_config
 from predictor.kv import KVModel
 from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, RedisStreamBuffer
 from predictor.predictor import Predictor
-from predictor.refit_command import RefitError, TrainCommandRefit
+from predictor.refit_command import LOCK_NAME, RefitError, TrainCommandRefit
 from predictor.trace import read_records, write_records
 from tests.conftest import running_gateway
 from tests.test_predictor import chat, synthetic_records
@@ -413,11 +413,14 @@ async def test_one_save_path_per_gateway(tmp_path):
     ("save_path", "{file}/online.skops", "save_path: cannot use it"),
     ("path", "{file}/records.jsonl", "online.path: cannot use it"),
     ("path", "{folder}", "online.path: cannot use it: .* is a folder"),
+    ("work_dir", "{locked}", "work_dir: cannot use it: .*Is a directory"),  # a folder where its lock file goes
 ])
 async def test_an_unusable_online_path_is_a_config_error(tmp_path, key, value, says):
     (tmp_path / "a-file").write_text("")
     (tmp_path / "a-folder").mkdir()
-    config = online_config(tmp_path, **{key: value.format(file=tmp_path / "a-file", folder=tmp_path / "a-folder")})
+    (tmp_path / "locked" / LOCK_NAME).mkdir(parents=True)
+    config = online_config(tmp_path, **{key: value.format(file=tmp_path / "a-file", folder=tmp_path / "a-folder",
+                                                          locked=tmp_path / "locked")})
     with pytest.raises(ConfigError, match=says):
         async with running_gateway(config):
             pass
