@@ -551,6 +551,35 @@ async def test_no_engine_up_answers_503_without_queueing():
 
 
 @bounded()
+async def test_request_that_waits_past_total_s_in_the_queue_gets_503_and_leaves_nothing():
+    """KV for two requests at a time, six sent at once, each held 0.8 s by the engine, ``total_s`` 1.2 s: the
+    second pair is admitted at 0.8 s, the third pair would be at 1.6 s and gives up at 1.2 s with a 503 that
+    says to retry, never reaches the engine, and holds no reservation."""
+    async with fault_engine(mode="stall", delay_s=0.8) as engine:
+        raw = sched_config([engine.url], queue_policy="maestro", admission="max_tokens", kv_capacity_tokens=1000)
+        raw["timeouts"] = {"total_s": 1.2}
+        async with live(raw) as (gw, session):
+            spy = LedgerSpy(gw)
+
+            async def send(i: int) -> tuple[int, str | None, dict]:
+                async with session.post(gw.base_url + "/v1/chat/completions",
+                                        json=chat(f"request {i}", max_tokens=400)) as response:
+                    return response.status, response.headers.get("Retry-After"), await response.json()
+
+            results = await asyncio.gather(*(send(i) for i in range(6)))
+            assert sorted(status for status, _, _ in results) == [200] * 4 + [503] * 2
+            for status, retry_after, body in results:
+                if status == 503:
+                    assert retry_after == "1" and body["error"]["code"] == "queue_timeout"
+                    assert "waited 1.2 s in the queue" in body["error"]["message"]
+            assert engine.hits == 4
+            assert not gw.scheduling.pools[0].scheduler.waiting
+            await wait_for(lambda: not gw.scheduling.ledger.held)
+            spy.assert_each_released_once()
+            assert len(spy.reserved) == 4
+
+
+@bounded()
 async def test_capacity_from_config_wins_and_unknown_is_unlimited():
     async with fault_engine() as engine:  # exports no vllm:cache_config_info
         async with running_gateway(sched_config([engine.url], admission="max_tokens")) as gw:
