@@ -24,7 +24,7 @@ VLLM_BUSY = {"error": {"message": "The engine is currently busy and cannot accep
 @dataclass
 class FaultEngine:
     model: str = "fault-model"
-    mode: str = "ok"  # ok | busy | drop_before | drop_after_first | stall | error_500 | slow
+    mode: str = "ok"  # ok | busy | drop_before | drop_after_first | drop_mid_body | stall | error_500 | slow
     delay_s: float = 0.0
     hits: int = 0
     seen_bodies: list = field(default_factory=list)
@@ -92,6 +92,13 @@ class FaultEngine:
             except asyncio.CancelledError:
                 self.aborted += 1
                 raise
+        if mode == "drop_mid_body":  # headers and part of a whole (non-streamed) answer, then the connection goes
+            response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "1000"})
+            await response.prepare(request)
+            await response.write(b'{"id": "chatcmpl-fault", ')
+            await asyncio.sleep(0.05)
+            request.transport.close()  # type: ignore[union-attr]
+            return response
         if not body.get("stream"):
             return web.Response(body=orjson.dumps(self._completion()), content_type="application/json")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

@@ -103,6 +103,58 @@ async def test_no_retry_after_first_byte(engines):
         assert broken.hits == 1 and other.hits == 0  # the stream was not replayed elsewhere
 
 
+async def test_every_engine_refusing_connections_gives_502(engines):
+    """Engines the monitor still counts as up but that refuse connections: each is tried once, then an OpenAI
+    502 that names the last one tried (the monitor has not yet marked them down, so not the 503 for none up)."""
+    from dataclasses import replace
+    raw = gateway_config(["http://127.0.0.1:9", "http://127.0.0.1:1"], monitor={"interval_s": 30})
+    async with running_gateway(raw) as gw:
+        for engine_id in list(gw.registry.states):
+            gw.registry.states[engine_id] = replace(gw.registry.states[engine_id], up=True)
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client_for(gw.base_url).chat.completions.create(
+                model="fault-model", messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 502
+        assert caught.value.code == "upstream_unreachable"
+        assert "could not be reached" in caught.value.message
+        assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
+
+
+async def test_whole_answer_dropped_midway_is_502_and_not_replayed(engines):
+    broken, other = engines
+    broken.mode = "drop_mid_body"
+    async with running_gateway(gateway_config([broken.url, other.url], routing={"policy": "least_loaded"})) as gw:
+        # least_loaded with equal load picks by id: local/p/0 == broken
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client_for(gw.base_url).chat.completions.create(
+                model="fault-model", messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 502
+        assert caught.value.code == "upstream_disconnected"
+        assert "dropped the connection mid-answer" in caught.value.message
+        assert broken.hits == 1 and other.hits == 0  # the engine had the request: it is not sent twice
+        assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
+
+
+async def test_admin_sleep_errors(engines):
+    """An engine without the sleep endpoints (vLLM started without ``VLLM_SERVER_DEV_MODE=1`` answers 404) is a
+    502 that says so; a bad level is a 400 and reaches no engine; an unknown engine id is a 404."""
+    async with running_gateway(gateway_config([e.url for e in engines])) as gw, aiohttp.ClientSession() as session:
+        async with session.post(gw.base_url + "/admin/engines/local/p/0/sleep") as r:
+            body = await r.json()
+            assert r.status == 502 and body["error"]["code"] == "engine_admin_failed"
+            assert "HTTP 404" in body["error"]["message"]
+        async with session.post(gw.base_url + "/admin/engines/local/p/0/wake_up") as r:
+            assert r.status == 502 and (await r.json())["error"]["code"] == "engine_admin_failed"
+        async with session.post(gw.base_url + "/admin/engines/local/p/0/sleep?level=3") as r:
+            body = await r.json()
+            assert r.status == 400 and body["error"]["param"] == "level"
+        async with session.post(gw.base_url + "/admin/engines/local/p/9/sleep") as r:
+            body = await r.json()
+            assert r.status == 404 and body["error"]["code"] == "engine_not_found"
+        assert not any(e.hits for e in engines)
+        assert all(state.up and not state.sleeping for state in gw.registry.states.values())
+
+
 async def test_engine_500_becomes_502(engines):
     for engine in engines:
         engine.mode = "error_500"
