@@ -470,6 +470,45 @@ async def test_reservation_released_once_on_success_error_and_cancel():
         assert spy.max_reserved["local/p/0"] <= 1000
 
 
+@pytest.mark.parametrize("backend", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@bounded()
+async def test_reservation_follows_a_request_retried_on_another_engine(backend):
+    """Admitted on the first engine, which answers 503 (busy): the proxy retries on the second, and the
+    reservation moves with it (the first engine's share is freed at once, not when the request ends), in the
+    in-process ledger and in Redis's; at the end both engines hold nothing."""
+    from tests.test_state_store import _delete_prefix
+
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+    async with fault_engine(mode="busy") as busy, fault_engine(mode="stall", delay_s=0.6) as slow:
+        raw = sched_config([busy.url, slow.url], queue_policy="maestro", admission="max_tokens",
+                           kv_capacity_tokens=1000)
+        if backend == "redis":
+            raw["state"] = {"backend": "redis", "redis_url": _redis_url_or_skip(), "key_prefix": prefix}
+        engines = ["local/p/0", "local/p/1"]
+        try:
+            async with live(raw) as (gw, session):
+                ledger = gw.scheduling.ledger
+                assert (ledger.sync is None) == (backend == "redis")
+                answer = asyncio.create_task(post(session, gw, chat(max_tokens=400)))
+                await wait_for(lambda: slow.hits == 1)
+                assert busy.hits == 1  # admitted there first, so the reservation had to move
+                [(engine_id, tokens)] = ledger.held.values()
+                assert engine_id == "local/p/1" and tokens >= 400
+                await wait_for_async(lambda: _usage_is(gw.store, engines, [0, tokens]))
+                status, body = await answer
+                assert status == 200 and body["choices"][0]["message"]["content"] == "hello world"
+                await wait_for(lambda: not ledger.held)
+                await wait_for_async(lambda: _usage_is(gw.store, engines, [0, 0]))
+        finally:
+            if backend == "redis":
+                _delete_prefix(prefix)
+
+
+async def _usage_is(store, engine_ids: list[str], reserved: list[int]) -> bool:
+    usage = await store.ledger_usage(engine_ids)
+    return [usage[engine_id][0] for engine_id in engine_ids] == reserved
+
+
 @settings(max_examples=8, deadline=None)
 @given(st.lists(st.sampled_from(["ok", "stream", "error", "cancel_stream", "cancel_queued"]), min_size=3,
                 max_size=10))
