@@ -566,6 +566,39 @@ async def test_streaming_reservation_grows_when_outgrown():
 
 
 @bounded()
+async def test_a_trained_model_file_sizes_the_gateways_reservations(tmp_path):
+    """``predictor.model_path``: the gateway loads a model trained and saved by the library, and a request's
+    reservation is exactly what ``Predictor.load(path).predict(body, headers)`` says for it (prompt + p90 in
+    blocks, capped by ``max_tokens`` and the configured context), not the priors."""
+    from predictor.kv import KVModel
+    from predictor.predictor import Predictor
+    from predictor.train import fit_state
+    from tests.test_predictor import AGENTS, FAST, synthetic_records
+
+    path = Predictor.from_state(fit_state(synthetic_records(), FAST)).save(tmp_path / "model.skops")
+    coder_prompt, coder_asks, _ = AGENTS["coder"]
+    body = {"model": MODEL, "max_tokens": 1500,
+            "messages": [{"role": "system", "content": coder_prompt},
+                         {"role": "user", "content": coder_asks[0].format(t="a chess clock", n=4)}]}
+    async with sim_engines(1, time_scale=200.0, max_model_len=2048, kv_blocks=256, block_size=16) as engines:
+        raw = sched_config([engines[0].url], admission="predicted")
+        raw["predictor"] = {"model_path": str(path)}
+        async with live(raw) as (gw, session):
+            async with session.get(gw.base_url + "/admin/predictor") as response:
+                assert await response.json() == {"loaded": True, "model_path": str(path), "trained": True,
+                                                 "online": None}
+            expected = Predictor.load(path, kv=KVModel.from_models(gw.config.models)).predict(body, {})
+            prior = Predictor.from_priors(kv=KVModel.from_models(gw.config.models)).predict(body, {})
+            assert expected.role == "coder" and expected.role_source == "classifier"
+            assert expected.kv_tokens != prior.kv_tokens  # the model, not the priors, decides
+            spy = LedgerSpy(gw)
+            status, _ = await post(session, gw, body, {"X-Sim-Output-Tokens": "20"})
+            assert status == 200
+            assert list(spy.reserved.values()) == [expected.kv_tokens]
+            spy.assert_each_released_once()
+
+
+@bounded()
 async def test_kv_admission_never_over_commits_under_load():
     async with sim_engines(2, time_scale=100.0, max_model_len=1024, kv_blocks=64, block_size=16) as engines:
         raw = sched_config([e.url for e in engines], queue_policy="maestro", admission="max_tokens")
