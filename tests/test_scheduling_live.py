@@ -599,6 +599,33 @@ async def test_a_trained_model_file_sizes_the_gateways_reservations(tmp_path):
 
 
 @bounded()
+async def test_a_predictor_that_raises_falls_back_to_a_plain_estimate(caplog):
+    """A bug in the predictor must not fail a request: it is served with the plain estimate (body bytes / 4 for
+    the prompt, ``max_tokens`` up to 256 for the output) and the traceback is logged for the first three only."""
+    from gateway.prediction import FALLBACK_OUTPUT
+
+    async with gateway_on_fault_engine(queue_policy="maestro", admission="predicted",
+                                       kv_capacity_tokens=100_000) as (engine, gw, session):
+        predictor = gw.scheduling.predictor
+        await predictor.load()  # what the first request would start in the background
+
+        def broken(body, headers=None):
+            raise RuntimeError("a bug in the predictor")
+
+        predictor._predictor.predict = broken
+        spy = LedgerSpy(gw)
+        for i in range(5):
+            body = chat(f"request {i}", max_tokens=100 + i * 100)
+            assert (await post(session, gw, body))[0] == 200
+        expected = [-(-(len(orjson.dumps(chat(f"request {i}", max_tokens=100 + i * 100))) // 4
+                        + min(100 + i * 100, FALLBACK_OUTPUT)) // 16) * 16 for i in range(5)]
+        assert list(spy.reserved.values()) == expected
+        spy.assert_each_released_once()
+        logged = [r for r in caplog.records if "predictor failed" in r.getMessage()]
+        assert len(logged) == 3 and all(r.exc_info for r in logged)
+
+
+@bounded()
 async def test_kv_admission_never_over_commits_under_load():
     async with sim_engines(2, time_scale=100.0, max_model_len=1024, kv_blocks=64, block_size=16) as engines:
         raw = sched_config([e.url for e in engines], queue_policy="maestro", admission="max_tokens")
