@@ -139,8 +139,8 @@ class RequestPredictor:
                 raise ConfigError("predictor.online.path", f"cannot use it: {exc}") from None
         elif online.buffer == "redis":
             import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry  # the asyncio one: redis-py warns about (and converts) the other
             from redis.backoff import NoBackoff
-            from redis.retry import Retry
 
             timeout = max(5.0, self.config.state.redis_timeout_s)  # off the request path: a snapshot is large
             self._redis = aioredis.Redis.from_url(self.config.state.redis_url, socket_timeout=timeout,

@@ -78,6 +78,35 @@ async def test_gateway_records_what_the_client_sent_and_what_the_engine_produced
         assert (record["agent_role"], record["workflow"], record["source"]) == (role, workflow, "gateway")
 
 
+@pytest.mark.redis
+@pytest.mark.filterwarnings("error::UserWarning")  # redis-py's warning about a synchronous Retry on this client
+async def test_two_gateways_record_into_one_redis_stream(tmp_path, redis_trace_stream):
+    """``buffer: redis``: every gateway appends its completed requests to the one stream on ``state.redis_url``
+    (what a refit then reads), and a gateway that stops closes its connection."""
+    from tests.test_state_store import REDIS_URL
+
+    client, key = redis_trace_stream
+    gateways = []
+    for name in ("a", "b"):
+        config = online_config(tmp_path / name, buffer="redis", redis_key=key, min_records=10_000)
+        config["state"] = {"redis_url": REDIS_URL}
+        gateways.append(running_gateway(config))
+    async with gateways[0] as a, gateways[1] as b:
+        for gateway, question in ((a, "from a"), (b, "from b"), (a, "again a")):
+            async with openai.AsyncOpenAI(base_url=gateway.base_url + "/v1", api_key="x", max_retries=0) as sdk:
+                await sdk.chat.completions.create(model=MODEL, max_tokens=3, extra_body={"ignore_eos": True},
+                                                  messages=[{"role": "user", "content": question}])
+        for gateway in (a, b):
+            await gateway.scheduling.predictor.learner.wait_buffered()
+        records = await RedisStreamBuffer(client, key).snapshot()
+        assert sorted(r["request"]["messages"][0]["content"] for r in records) == ["again a", "from a", "from b"]
+        assert all(r["usage"]["completion_tokens"] == 3 and r["source"] == "gateway" for r in records)
+        assert a.scheduling.predictor.status()["online"]["records"]["buffered"] == 2
+        redis_of_a = a.scheduling.predictor._redis
+    assert redis_of_a is not None and a.scheduling.predictor._redis is None
+    assert not (tmp_path / "a" / "records.jsonl").exists()  # the file buffer was not used
+
+
 async def test_gateway_refits_in_a_child_process_and_serves_the_new_model(tmp_path):
     """A real refit: `python -m predictor.train` on base data plus live records, in a child process; the event
     loop keeps ticking, and the next request is predicted by the new model."""
