@@ -260,6 +260,34 @@ async def test_a_successful_refit_clears_the_last_error():
     await learner.stop()
 
 
+async def test_a_refit_runs_every_t_seconds_when_records_came_but_not_when_none_did():
+    """The "or T minutes" half of the refit rule: light traffic that never reaches ``refit_every`` still gets
+    refitted once ``refit_interval_s`` has passed (the background tick checks), and a quiet gateway does not
+    refit the same records again and again."""
+    now = [0.0]
+    calls = []
+
+    async def refit(lines):
+        calls.append(len(lines))
+        return Predictor.from_priors()
+
+    learner = OnlineLearner(buffer=MemoryBuffer(), refit=refit, min_records=1, refit_every=10**6,
+                            refit_interval_s=5.0, clock=lambda: now[0])
+    learner.start()
+    await learner.add(trace(0))
+    now[0] = 4.9
+    await asyncio.sleep(1.3)  # one tick (every max(1 s, interval / 10)): not yet due
+    assert calls == []
+    now[0] = 5.1
+    await asyncio.sleep(1.3)
+    await learner.wait_refit()
+    assert calls == [1] and learner.last_refit["outcome"] == "ok"
+    now[0] = 200.0  # time passes without a record: nothing new to learn from
+    await asyncio.sleep(1.3)
+    assert calls == [1] and not learner.refitting
+    await learner.stop()
+
+
 def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
     from predictor.online import write_lines_atomically
 
