@@ -56,6 +56,12 @@ def assert_openai_error(body: dict, param: str | None = None) -> None:
     (orjson.dumps({"model": "fault-model", "messages": "hi"}), "messages"),
     (orjson.dumps({"model": "fault-model", "messages": [{"content": "x"}]}), "messages[0].role"),
     (orjson.dumps({"model": "fault-model", "messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
+    (orjson.dumps({"model": "fault-model", "messages": ["hi"]}), "messages[0]"),
+    (orjson.dumps({"model": "fault-model", "messages": [{"role": "user"}]}), "messages[0].content"),
+    (orjson.dumps({"model": "fault-model", "messages": [{"role": "user", "content": None}]}), "messages[0].content"),
+    (orjson.dumps({"model": "fault-model", "messages": [{"role": "user", "content": "x"},
+                                                        {"role": "assistant", "content": None}]}),
+     "messages[1].content"),  # null content only with the tool calls it stands in for
     (orjson.dumps({**GOOD, "max_tokens": -1}), "max_tokens"),
     (orjson.dumps({**GOOD, "max_tokens": 0}), "max_tokens"),
     (orjson.dumps({**GOOD, "max_tokens": "ten"}), "max_tokens"),
@@ -64,6 +70,8 @@ def assert_openai_error(body: dict, param: str | None = None) -> None:
     (orjson.dumps({**GOOD, "max_completion_tokens": True}), "max_completion_tokens"),
     (orjson.dumps({**GOOD, "stream": "yes"}), "stream"),
     (orjson.dumps({**GOOD, "stream_options": {"include_usage": True}}), "stream_options"),
+    (orjson.dumps({**GOOD, "stream": True, "stream_options": {"include_usage": "yes"}}),
+     "stream_options.include_usage"),
     (orjson.dumps({**GOOD, "temperature": 9}), "temperature"),
     (orjson.dumps({**GOOD, "n": 0}), "n"),
     (orjson.dumps({**GOOD, "response_format": "json_object"}), "response_format"),
@@ -166,6 +174,49 @@ async def test_unknown_fields_pass_through(gw, engine):
     status, _, _ = await post(gw.base_url + CHAT, orjson.dumps(body))
     assert status == 200
     assert engine.seen_bodies[-1] == body  # non-streaming bodies are forwarded byte for byte
+
+
+async def test_a_tool_calling_conversation_passes_as_sent(gw, engine):
+    """An agent's history as the OpenAI SDK sends it: the assistant turn that called a tool has ``content: null``
+    and ``tool_calls``, the tool's answer has role ``tool``; content may also be a list of parts."""
+    body = {**GOOD, "messages": [
+        {"role": "system", "content": "You can call functions."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Oslo?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "4 C, rain"},
+        {"role": "assistant", "content": None, "function_call": {"name": "weather", "arguments": "{}"}},
+        {"role": "function", "name": "weather", "content": "4 C"}],
+        "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]}
+    async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+        answer = await client.chat.completions.create(**body)
+    assert answer.choices[0].message.content == "hello world"
+    sent = engine.seen_bodies[-1]
+    assert sent["messages"] == body["messages"] and sent["tools"] == body["tools"]
+
+
+async def test_health_says_what_an_orchestrator_needs(gw, engine):
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw.base_url + "/health") as r:
+            assert r.status == 200
+            assert await r.json() == {"status": "ok", "gateway_id": gw.gateway_id, "engines_up": 1,
+                                      "engines_total": 1, "state_store": "ok"}
+
+
+async def test_a_chunked_body_over_the_limit_is_413(gw, engine):
+    """Without a Content-Length the limit is enforced while reading (max_body_bytes 4096 here)."""
+    async def chunks():
+        yield b'{"model": "fault-model", "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base_url + CHAT, data=chunks(),
+                                headers={"Content-Type": "application/json"}) as r:
+            body = await r.json()
+            assert r.status == 413 and body["error"]["code"] == "request_too_large"
+    assert engine.hits == 0 and gw.inflight == 0
 
 
 async def test_engine_specific_response_formats_and_tools_pass_through(gw, engine):
