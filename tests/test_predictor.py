@@ -380,6 +380,27 @@ def test_a_served_model_without_a_configured_figure_takes_its_architectures():
         assert {name: kv.spec(name).bytes_per_token for name in figures} == figures
 
 
+def test_content_parts_read_as_their_text(predictor):
+    """The SDK's list-of-parts content is read as its text: text parts predict exactly as the same string does,
+    and an image part adds its flat token estimate to the prompt without changing what the text says."""
+    from predictor.tokens import IMAGE_PART_TOKENS
+
+    system, user = AGENTS["coder"][0], "Implement a chess clock in Python with 3 functions."
+    as_string = predictor.predict(chat(system, user))
+    as_parts = chat(system, user)
+    as_parts["messages"][0]["content"] = [{"type": "text", "text": system}]
+    as_parts["messages"][1]["content"] = [{"type": "text", "text": user}]
+    assert predictor.predict(as_parts) == as_string
+    as_parts["messages"][1]["content"].append({"type": "image_url", "image_url": {"url": "data:image/png;base64,A"}})
+    with_image = predictor.predict(as_parts)
+    assert with_image.prompt_tokens == as_string.prompt_tokens + IMAGE_PART_TOKENS
+    assert with_image.role == as_string.role == "coder" and with_image.confidence == as_string.confidence
+    mixed = chat(system, user)
+    mixed["messages"][1]["content"] = [{"type": "text", "text": "Implement a chess clock"},
+                                       "in Python with 3 functions.", 7, None]
+    assert predictor.predict(mixed).role == "coder"
+
+
 def test_prediction_reserves_prompt_plus_p90(predictor):
     kv = KVModel({"model-a": KVSpec(1000, 16)})
     p = predictor.with_kv(kv).predict(chat(AGENTS["planner"][0], "Plan the next milestone for a quiz game."))
