@@ -348,6 +348,22 @@ async def test_redis_store_unreachable_raises_state_unavailable() -> None:
         await store.close()
 
 
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:s3cret@127.0.0.1:1/0", "redis://:***@127.0.0.1:1/0"),
+    ("redis://ops:s3cret@127.0.0.1:1/0", "redis://ops:***@127.0.0.1:1/0"),
+    ("rediss://ops:s3cret@127.0.0.1:1", "rediss://ops:***@127.0.0.1:1"),
+])
+async def test_an_unreachable_redis_is_named_without_its_password(url: str, shown: str) -> None:
+    """The error (which reaches logs, /health's callers and admin answers) names the store but not its secret."""
+    store = RedisStateStore(url, timeout_s=0.5)
+    try:
+        with pytest.raises(StateUnavailable) as caught:
+            await store.get_engines()
+        assert shown in str(caught.value) and "s3cret" not in str(caught.value)
+    finally:
+        await store.close()
+
+
 async def test_redis_store_unresponsive_server_bounded_by_timeout() -> None:
     """A server that accepts but never answers (hung Redis) must not hang callers past timeout_s."""
     accepted: list[asyncio.StreamWriter] = []
