@@ -59,6 +59,21 @@ def test_defaults_fill_in():
     (lambda c: c.update(routing={"policy": "magic"}), "routing.policy"),
     (lambda c: c.update(bogus=1), "bogus"),
     (lambda c: c["clusters"][0]["pools"].append(dict(c["clusters"][0]["pools"][0])), "clusters[0].pools[1].name"),
+    (lambda c: c["clusters"][0]["pools"].append({**c["clusters"][0]["pools"][0], "name": "q"}),
+     "clusters[0].pools[1].engines[0].url"),  # one engine in two pools would be scheduled twice over
+    (lambda c: c["models"].append({"name": "m"}), "models[1].name"),
+    (lambda c: c["clusters"][0].update(pools=[]), "clusters[0].pools"),
+    (lambda c: c["clusters"][0]["pools"][0].update(models=[]), "clusters[0].pools[0].models"),
+    (lambda c: c["clusters"][0]["pools"][0].update(models=[""]), "clusters[0].pools[0].models[0]"),
+    (lambda c: c["clusters"][0]["pools"][0].update(simulated={"count": 1, "scheduling_policy": "lifo"}),
+     "clusters[0].pools[0].simulated.scheduling_policy"),
+    (lambda c: (c["models"].append({"name": "m2"}), c["clusters"][0]["pools"][0].update(
+        models=["m", "m2"], simulated={"count": 1})), "clusters[0].pools[0].models"),
+    (lambda c: c.update(clusters="c"), "clusters"),
+    (lambda c: c.update(scheduling={"maestro_order": "random"}), "scheduling.maestro_order"),
+    (lambda c: c.update(server={"api_keys": ["k", ""]}), "server.api_keys[1]"),
+    (lambda c: c.update(predictor={"online": {"base_data": [""]}}), "predictor.online.base_data[0]"),
+    (lambda c: c.update(predictor={"online": {"path": ""}}), "predictor.online.path"),
 ])
 def test_invalid_configs_name_the_field(mutate, field):
     raw = base()
