@@ -841,6 +841,39 @@ async def test_two_gateways_share_one_engine_without_over_committing():
         _delete_prefix(prefix)
 
 
+@pytest.mark.redis
+@bounded()
+async def test_a_lapsed_reservation_of_a_running_request_is_taken_back():
+    """A reservation whose lease lapsed in Redis (an outage longer than the lease, a stalled loop) while its
+    request still runs is re-taken at the next lease refresh, so other gateways do not plan into memory the
+    engine still uses; once the request ends it is freed for good."""
+    from gateway.state.redis import RedisStateStore
+    from tests.test_state_store import _delete_prefix
+
+    redis_url = _redis_url_or_skip()
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+    reader = RedisStateStore(redis_url, key_prefix=prefix)
+    try:
+        async with fault_engine(mode="stall", delay_s=2.0) as engine:
+            raw = sched_config([engine.url], queue_policy="maestro", admission="max_tokens",
+                               kv_capacity_tokens=1000, ledger_lease_s=0.6)
+            raw["state"] = {"backend": "redis", "redis_url": redis_url, "key_prefix": prefix}
+            async with live(raw) as (gw, session):
+                answer = asyncio.create_task(post(session, gw, chat(max_tokens=400)))
+                await wait_for(lambda: engine.hits == 1)
+                [(request_id, (_, tokens))] = gw.scheduling.ledger.held.items()
+                assert await _reserved_is(reader, tokens)
+                assert await reader.ledger_release(request_id) == tokens  # as if its lease had lapsed
+                assert await _reserved_is(reader, 0)
+                await wait_for_async(lambda: _reserved_is(reader, tokens), timeout_s=1.5)
+                assert (await answer)[0] == 200
+                await wait_for_async(lambda: _reserved_is(reader, 0))
+                assert not gw.scheduling.ledger.held
+    finally:
+        await reader.close()
+        _delete_prefix(prefix)
+
+
 async def _reserved_is(store, value: int) -> bool:
     return (await store.ledger_usage(["local/p/0"]))["local/p/0"][0] == value
 
