@@ -176,6 +176,32 @@ async def test_chat_stream_usage_chunk_only_with_include_usage(start):
     assert len("".join(c.choices[0].delta.content or "" for c in chunks).split()) == 4
 
 
+async def test_chat_stream_continuous_usage_stats_as_vllm_sends_them(start):
+    """vLLM (serving_chat.py): with ``include_usage`` and ``continuous_usage_stats`` every chunk carries the running
+    usage (the role chunk 0 completion tokens, each content chunk the count so far), then the final usage chunk.
+    ``include_usage`` defaults to true once ``stream_options`` is given (vLLM's StreamOptions), unlike OpenAI."""
+    handle, client = await start()
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=_chat(), max_tokens=5, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True})
+    chunks = [chunk async for chunk in stream]
+    *content, final = chunks
+    assert final.choices == [] and final.usage.completion_tokens == 5
+    prompt = final.usage.prompt_tokens
+    running = [(c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens) for c in content]
+    assert running[0] == (prompt, 0, prompt)  # the role chunk
+    assert [r[1] for r in running[1:]] == list(range(1, 6)) and all(r[2] == r[0] + r[1] for r in running)
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=_chat(), max_tokens=5, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"continuous_usage_stats": True})
+    chunks = [chunk async for chunk in stream]
+    assert all(c.usage is not None for c in chunks) and chunks[-1].choices == []
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=_chat(), max_tokens=5, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": False, "continuous_usage_stats": True})
+    assert all(c.usage is None and c.choices for c in [chunk async for chunk in stream])
+
+
 async def test_completion_stream_and_raw_sse_framing(start):
     handle, client = await start()
     stream = await client.completions.create(model=MODEL, prompt="abc", max_tokens=6, stream=True,

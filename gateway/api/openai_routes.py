@@ -156,7 +156,12 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
         options = body.get("stream_options") or {}
         if not options.get("include_usage"):
             strip_usage = True
-            body["stream_options"] = {**options, "include_usage": True}
+            options = {**options, "include_usage": True}
+            if options.get("continuous_usage_stats"):
+                # vLLM's running usage on every chunk comes only with include_usage, which this client did not
+                # ask for: without this it would get usage on every chunk but no usage chunk
+                options["continuous_usage_stats"] = False
+            body["stream_options"] = options
             raw = orjson.dumps(body)
     job = RelayJob(route=route, path=path, kind="vllm", model=model, body=raw, stream=stream,
                    strip_usage=strip_usage, request_id=request_id,
