@@ -95,6 +95,20 @@ class TestTinyLlama:
             assert chunk.choices, f"usage-only (empty choices) chunk reached the client: {chunk}"
         assert chunks[-1].choices[0].finish_reason == "length"
 
+    def test_continuous_usage_stats_come_only_with_include_usage(self, tiny_stack) -> None:
+        client = tiny_stack.client()
+        chunks = list(client.chat.completions.create(
+            model=tiny_stack.model, messages=MESSAGES, max_tokens=12, stream=True, extra_body=EXACT,
+            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+        *content, final = chunks
+        assert final.choices == [] and final.usage.completion_tokens == 12
+        running = [c.usage.completion_tokens for c in content]
+        assert running[0] == 0 and running == sorted(running) and running[-1] == 12
+        chunks = list(client.chat.completions.create(
+            model=tiny_stack.model, messages=MESSAGES, max_tokens=12, stream=True, extra_body=EXACT,
+            stream_options={"continuous_usage_stats": True}))
+        assert chunks and all(c.usage is None and c.choices for c in chunks)
+
     async def test_async_concurrent_streams(self, tiny_stack) -> None:
         client = tiny_stack.async_client()
 
