@@ -702,6 +702,9 @@ async def test_workflow_context_from_headers_and_metadata():
         body = chat(metadata={"workflow_id": "wf-m", "workflow_step": 4, "agent_role": "coder",
                               "workflow_deadline_ms": str(deadline_ms), "slo_class": "batch"})
         assert (await post(session, gw, body))[0] == 200
+        # JSON numbers as well as strings (a whole float is a step)
+        body = chat(metadata={"workflow_id": "wf-n", "workflow_step": 2.0, "workflow_deadline_ms": deadline_ms + 0.5})
+        assert (await post(session, gw, body))[0] == 200
         # header wins over metadata, key by key
         body = chat(metadata={"workflow_id": "wf-m", "workflow_step": "9", "slo_class": "interactive"})
         assert (await post(session, gw, body, {"X-Workflow-Step": "5", "X-SLO-Class": "batch"}))[0] == 200
@@ -720,6 +723,8 @@ async def test_workflow_context_from_headers_and_metadata():
         assert meta_record["last_step"] == 5 and meta_record["slo_class"] == "batch"
         assert meta_record["tokens_used"] == 10
         assert gw.scheduling.workflows.cache["wf-m"].steps_done == 2
+        number_record = await record_of("wf-n", 1)
+        assert number_record["last_step"] == 2 and number_record["deadline"] == pytest.approx(deadline_ms / 1000)
 
 
 async def _steps(gw, workflow_id: str, steps: int) -> bool:
