@@ -171,7 +171,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- train / evaluate
 # The training and evaluation commands live in predictor/train.py and predictor/evaluate.py, each with
 # ``add_arguments(parser)`` and ``main(args: argparse.Namespace) -> int`` (the convention of loadgen.bench).
-# When a module is missing or fails to import, its subcommand still exists and exits 2 saying why.
+# When a module fails to import (a broken numpy or scikit-learn install), its subcommand still exists and exits 2
+# saying why, and every other maestro command (serve, loadgen) keeps working.
 
 def _attach(parser: argparse.ArgumentParser, module_name: str, fallback) -> None:
     try:
@@ -179,23 +180,32 @@ def _attach(parser: argparse.ArgumentParser, module_name: str, fallback) -> None
         module.add_arguments(parser)
         parser.set_defaults(func=module.main)
     except (ImportError, AttributeError) as exc:
-        parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        parser.set_defaults(func=fallback, unavailable=f"{type(exc).__name__}: {exc}")
+        reason = f"{type(exc).__name__}: {exc}"
+
+        def parse_anything(args=None, namespace=None):
+            # whatever options follow, the command can only say why it cannot run (a REMAINDER positional
+            # would not take them: argparse reads a leading --option as unrecognised)
+            namespace = namespace if namespace is not None else argparse.Namespace()
+            namespace.func, namespace.unavailable = fallback, reason
+            return namespace, []
+
+        parser.parse_known_args = parse_anything  # type: ignore[method-assign]
 
 
 def _unavailable(module_name: str, args: argparse.Namespace) -> int:
     reason = getattr(args, "unavailable", None) or "not loaded"
-    _err(f"'{module_name}' is not available yet ({reason})")
+    _err(f"'{module_name}' cannot be loaded ({reason}); reinstall maestro with its dependencies "
+         "(pip install -e .)")
     return EXIT_USAGE
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Stand-in for ``predictor.train.main`` while that module cannot be imported."""
+    """``maestro predictor train`` when ``predictor.train`` cannot be imported: says why."""
     return _unavailable("predictor.train", args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Stand-in for ``predictor.evaluate.main`` while that module cannot be imported."""
+    """``maestro predictor evaluate`` when ``predictor.evaluate`` cannot be imported: says why."""
     return _unavailable("predictor.evaluate", args)
 
 

@@ -658,3 +658,27 @@ def test_evaluate_refuses_a_max_model_len_it_cannot_use_before_reading_data(tmp_
     err = assert_usage_error(["evaluate", "--priors", "--data", str(tmp_path / "never-read.jsonl"),
                               "--max-model-len", value], capsys, "argument --max-model-len")
     assert "never-read" not in err
+
+
+def test_a_predictor_module_that_cannot_be_imported_is_named_and_the_rest_works(monkeypatch, capsys):
+    """A broken scientific stack must not take ``maestro serve`` down with it: the train command says what failed
+    (exit 2, no traceback), and the other commands' parsers still build."""
+    import importlib
+
+    import predictor.cli as cli
+    from gateway.cli import build_parser
+
+    real_import = importlib.import_module
+
+    def broken(name, *args, **kwargs):
+        if name == "predictor.train":
+            raise ImportError("numpy.core.multiarray failed to import")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(cli.importlib, "import_module", broken)
+    code, out, err = run_cli(["train", "--data", "x.jsonl", "--out", "m.skops"], capsys)
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert "'predictor.train' cannot be loaded (ImportError: numpy.core.multiarray failed to import)" in err
+    assert build_parser().parse_args(["serve"]).func is not None
+    code, _, err = run_cli(["evaluate", "--help"], capsys)
+    assert code == 0
