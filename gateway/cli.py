@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import signal
 import sys
@@ -14,6 +15,9 @@ import sys
 from gateway.config import Config, ConfigError, default_config, load_config
 
 EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+# bind failures an operator fixes by choosing another address or port: one line, not a traceback
+_LISTEN_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
 
 
 def _load(path: str | None) -> Config:
@@ -29,7 +33,21 @@ def _install_uvloop() -> None:
         pass
 
 
+def _run_server(main) -> int:
+    """``asyncio.run(main)`` on uvloop; an address that cannot be bound is one line on stderr and exit 1."""
+    _install_uvloop()
+    try:
+        asyncio.run(main)
+    except OSError as exc:
+        if exc.errno not in _LISTEN_ERRNOS:
+            raise
+        print(f"maestro: cannot listen: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
 async def _run_until_signal(start, stop) -> None:
+    """Start, serve until SIGINT or SIGTERM (what ``docker compose stop`` sends to PID 1), then stop cleanly."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,9 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               flush=True)
         print(f"Models: {', '.join(gateway.registry.models())}", flush=True)
 
-    _install_uvloop()
-    asyncio.run(_run_until_signal(start, gateway.stop))
-    return 0
+    return _run_server(_run_until_signal(start, gateway.stop))
 
 
 def cmd_sim_engines(args: argparse.Namespace) -> int:
@@ -67,13 +83,18 @@ def cmd_sim_engines(args: argparse.Namespace) -> int:
     options = SimEngineOptions(model=args.model, max_model_len=args.max_model_len, time_scale=args.time_scale,
                                scheduling_policy=args.scheduling_policy, max_num_seqs=args.max_num_seqs,
                                kv_blocks=args.kv_blocks, mean_output_tokens=args.mean_output_tokens)
-    _install_uvloop()
     try:
-        asyncio.run(serve_sim_engines_forever(args.count, options, args.host, args.base_port,
-                                              dit_count=args.dit_count))
-    except KeyboardInterrupt:
-        pass
-    return 0
+        options.validate()
+        for name in ("count", "dit_count", "base_port"):
+            if getattr(args, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+        if args.count + args.dit_count == 0:
+            raise ValueError("nothing to serve: --count and --dit-count are both 0")
+    except ValueError as exc:
+        print(f"maestro sim-engines: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return _run_server(serve_sim_engines_forever(args.count, options, args.host, args.base_port,
+                                                 dit_count=args.dit_count))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -1,9 +1,20 @@
-"""docker-compose.yml parses, and every command it runs is one our CLI accepts, with configs that load."""
+"""docker-compose.yml parses, every command it runs is one our CLI accepts, with configs that load, and the default
+stack's commands run as processes: they serve the SDK, stop cleanly on SIGTERM and fail in one line."""
 
 from __future__ import annotations
 
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
 from pathlib import Path
 
+import openai
+import pytest
 import yaml
 
 from gateway.cli import build_parser
@@ -38,3 +49,95 @@ def test_compose_gateway_points_at_the_sim_engines():
     config = load_config(REPO / "examples/compose-sim.yaml")
     urls = [e.url for _, pool in config.pools() for e in pool.engines]
     assert urls == [f"http://sim-engines:{base_port + i}" for i in range(count)]
+
+
+# ------------------------------------------------------------------------------------------- as processes
+# What `docker compose up` runs, without Docker (none runs here or in CI): the sim-engines service's command and
+# the gateway's, each as its own `maestro` process, stopped with SIGTERM as `docker compose stop` does.
+
+def _maestro(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gateway.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def _lines_until(process: subprocess.Popen, done, timeout_s: float = 30.0) -> list[str]:
+    """Lines of ``process``'s stdout until ``done(lines)`` holds (fails on exit or timeout, with its stderr).
+    Reads the pipe's bytes as they come: a buffered readline would sit on lines select() no longer reports."""
+    lines: list[str] = []
+    pending = b""
+    deadline = time.monotonic() + timeout_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while not done(lines):
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                pytest.fail(f"{process.args}: {lines} then {process.communicate()[1][-2000:]}")
+            if selector.select(timeout=0.2):
+                pending += os.read(process.stdout.fileno(), 65536)
+                *complete, pending = pending.split(b"\n")
+                lines.extend(line.decode() for line in complete)
+    return lines
+
+
+def _stop(process: subprocess.Popen) -> tuple[int, str]:
+    process.send_signal(signal.SIGTERM)
+    try:
+        _, err = process.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"{process.args} did not stop within 15 s of SIGTERM")
+    return process.returncode, err
+
+
+@pytest.mark.redis
+def test_the_compose_stack_runs_as_processes_and_stops_on_sigterm(tmp_path):
+    from tests.test_state_store import REDIS_URL, _require_redis
+
+    _require_redis()
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    command = list(compose["services"]["sim-engines"]["command"])
+    for flag, value in (("--count", "2"), ("--host", "127.0.0.1"), ("--base-port", "0")):
+        command[command.index(flag) + 1] = value
+    engines = _maestro(*command, "--time-scale", "20")
+    gateway = None
+    try:
+        lines = _lines_until(engines, lambda lines: len(lines) == 2)
+        urls = [line.split()[1] for line in lines]
+        assert all(line.split()[0] == "vllm" and line.endswith(" maestro-sim-llama-8b") for line in lines)
+        config = yaml.safe_load((REPO / "examples/compose-sim.yaml").read_text())
+        config["clusters"][0]["pools"][0]["engines"] = [{"url": url} for url in urls]
+        config["state"].update(redis_url=REDIS_URL, key_prefix=f"maestro-test-{uuid.uuid4().hex}")
+        (tmp_path / "stack.yaml").write_text(yaml.safe_dump(config))
+        gateway = _maestro("serve", "--config", str(tmp_path / "stack.yaml"), "--host", "127.0.0.1", "--port", "0")
+        first = _lines_until(gateway, lambda lines: len(lines) == 3)
+        assert "(2/2 engines up, state: redis)" in first[0] and first[2] == "Models: maestro-sim-llama-8b"
+        base_url = first[0].split()[4]
+        client = openai.OpenAI(base_url=base_url + "/v1", api_key="any", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == ["maestro-sim-llama-8b"]
+        reply = client.chat.completions.create(model="maestro-sim-llama-8b", max_tokens=5,
+                                               messages=[{"role": "user", "content": "review this patch"}],
+                                               extra_headers={"X-Agent-Role": "Code Reviewer"})
+        assert reply.choices[0].message.content and reply.usage.completion_tokens <= 5
+    finally:
+        codes = [_stop(process) for process in (gateway, engines) if process is not None]
+    for code, err in codes:
+        assert code == 0 and "Traceback" not in err, err
+
+
+def test_a_busy_port_or_a_bad_option_is_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for args in (("sim-engines", "--count", "1", "--base-port", str(port)),
+                     ("serve", "--host", "127.0.0.1", "--port", str(port))):
+            done = subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
+                                  cwd=REPO, timeout=60)
+            assert done.returncode == 1, done.stderr
+            assert "maestro: cannot listen:" in done.stderr and "Traceback" not in done.stderr
+            assert str(port) in done.stderr
+    for args, says in ((("--max-model-len", "-5"), "max_model_len must be a positive integer"),
+                       (("--count", "0"), "nothing to serve"), (("--count", "-1"), "--count must be >= 0")):
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", "sim-engines", *args], capture_output=True,
+                              text=True, cwd=REPO, timeout=60)
+        assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -136,10 +137,21 @@ async def start_sim_dit_engines(count: int, options: SimDiTOptions | None = None
 async def serve_sim_engines_forever(count: int, options: SimEngineOptions, host: str = "127.0.0.1",
                                     base_port: int = 0, dit_count: int = 0,
                                     dit_options: SimDiTOptions | None = None) -> None:
-    """Start the engines, print one line per engine (``<kind> <url> <model>``), run until cancelled.
+    """Start the engines, print one line per engine (``<kind> <url> <model>``), run until cancelled or until
+    SIGINT or SIGTERM (what ``docker compose stop`` sends to PID 1, which has no default action for it), then
+    stop them.
 
     DiT engines take the ports after the LLM engines when ``base_port`` is given.
     """
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    signals = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stopping.set)
+            signals.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            pass
     handles: list[SimHandle] = []
     try:
         handles.extend(await start_sim_engines(count, options, host, base_port))
@@ -150,7 +162,9 @@ async def serve_sim_engines_forever(count: int, options: SimEngineOptions, host:
         for handle in handles:
             print(f"{handle.kind} {handle.url} {handle.engine.options.model}", flush=True)
         sys.stdout.flush()
-        await asyncio.Event().wait()
+        await stopping.wait()
     finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
         for handle in handles:
             await handle.stop()
