@@ -132,9 +132,21 @@ async def test_api_keys(engine):
                 await bad.models.list()
         status, body, _ = await post(gw.base_url + CHAT, orjson.dumps(GOOD))  # no Authorization header
         assert status == 401 and body["error"]["code"] == "missing_api_key"
+        protected = [("GET", "/admin/engines"), ("GET", "/admin/scheduling"), ("GET", "/admin/predictor"),
+                     ("POST", "/admin/predictor/refit"), ("GET", "/admin/workflows/wf-1"),
+                     ("POST", "/admin/engines/local/p/0/sleep"), ("POST", "/admin/engines/local/p/0/wake_up"),
+                     ("POST", "/v1/completions"), ("POST", "/v1/images/generations")]
         async with aiohttp.ClientSession() as session:
-            async with session.get(gw.base_url + "/admin/engines") as r:
-                assert r.status == 401
+            for method, path in protected:
+                for headers, code in (({}, "missing_api_key"), ({"Authorization": "Bearer wrong"}, "invalid_api_key")):
+                    async with session.request(method, gw.base_url + path, headers=headers, json={}) as r:
+                        body = await r.json()
+                        assert (r.status, body["error"]["code"]) == (401, code), path
+            async with session.get(gw.base_url + "/admin/scheduling", headers={"Authorization": "Bearer sekret"}) as r:
+                assert r.status == 200
+            for path in ("/health", "/metrics"):  # probes and scrapers carry no key
+                async with session.get(gw.base_url + path) as r:
+                    assert r.status == 200, path
         async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="sekret", max_retries=0) as good:
             reply = await good.chat.completions.create(**GOOD)
             assert reply.choices[0].message.content == "hello world"
