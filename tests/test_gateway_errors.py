@@ -142,6 +142,7 @@ async def test_api_keys(engine):
                     async with session.request(method, gw.base_url + path, headers=headers, json={}) as r:
                         body = await r.json()
                         assert (r.status, body["error"]["code"]) == (401, code), path
+                        assert body["error"]["type"] == "invalid_request_error"  # as OpenAI answers a bad key
             async with session.get(gw.base_url + "/admin/scheduling", headers={"Authorization": "Bearer sekret"}) as r:
                 assert r.status == 200
             for path in ("/health", "/metrics"):  # probes and scrapers carry no key

@@ -11,7 +11,6 @@ import orjson
 from aiohttp import web
 
 INVALID_REQUEST = "invalid_request_error"
-AUTHENTICATION = "authentication_error"
 RATE_LIMIT = "rate_limit_error"
 SERVER_ERROR = "server_error"
 

@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 from multidict import istr
 
-from gateway.api.errors import AUTHENTICATION, RATE_LIMIT, SERVER_ERROR, APIError, model_not_found
+from gateway.api.errors import RATE_LIMIT, SERVER_ERROR, APIError, model_not_found
 from gateway.api.validation import parse_json_object, validate_chat, validate_completion, validate_image
 from gateway.api.workflow import HEADER_NAMES as _CONTEXT_HEADERS
 from gateway.api.workflow import parse_workflow_context
@@ -56,10 +56,10 @@ def check_api_key(request: web.Request, keys: frozenset[str]) -> None:
     header = request.headers.get("Authorization", "")
     if not header:
         raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
-                       AUTHENTICATION, code="missing_api_key")
+                       code="missing_api_key")  # OpenAI's type for both 401s: invalid_request_error
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or key.strip() not in keys:
-        raise APIError(401, "Incorrect API key provided.", AUTHENTICATION, code="invalid_api_key")
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
