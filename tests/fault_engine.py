@@ -9,6 +9,8 @@ simulated engines and a real vLLM.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -24,7 +26,8 @@ VLLM_BUSY = {"error": {"message": "The engine is currently busy and cannot accep
 @dataclass
 class FaultEngine:
     model: str = "fault-model"
-    mode: str = "ok"  # ok | busy | drop_before | drop_after_first | drop_mid_body | stall | error_500 | slow
+    mode: str = "ok"  # ok | busy | drop_before | drop_after_first | reset_after_first | drop_mid_body | stall
+    #                   | error_500 | slow
     delay_s: float = 0.0
     hits: int = 0
     seen_bodies: list = field(default_factory=list)
@@ -110,6 +113,12 @@ class FaultEngine:
         if mode == "drop_after_first":
             await asyncio.sleep(0.05)
             request.transport.close()  # type: ignore[union-attr]
+            return response
+        if mode == "reset_after_first":  # a TCP reset (an engine process that died), not an orderly close
+            await asyncio.sleep(0.05)
+            sock = request.transport.get_extra_info("socket")  # type: ignore[union-attr]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            request.transport.abort()  # type: ignore[union-attr]
             return response
         try:
             for word in ("hello", " world"):

@@ -87,9 +87,12 @@ async def test_connection_refused_is_retried(engines):
         assert ok.hits == 3
 
 
-async def test_no_retry_after_first_byte(engines):
+@pytest.mark.parametrize("mode", ["drop_after_first", "reset_after_first"])
+async def test_no_retry_after_first_byte(engines, mode, caplog):
+    """An engine that goes away mid-stream, by an orderly close or a TCP reset: the client gets an error event
+    and the end of the stream, not a replay elsewhere and not a dropped connection (a gateway bug's fate)."""
     broken, other = engines
-    broken.mode = "drop_after_first"
+    broken.mode = mode
     async with running_gateway(gateway_config([broken.url, other.url], routing={"policy": "least_loaded"})) as gw:
         # least_loaded with equal load picks by id: local/p/0 == broken
         client = client_for(gw.base_url)
@@ -101,6 +104,7 @@ async def test_no_retry_after_first_byte(engines):
                 events.append(chunk)
         assert "dropped the stream" in str(caught.value)
         assert broken.hits == 1 and other.hits == 0  # the stream was not replayed elsewhere
+    assert not [r for r in caplog.records if "failed inside the gateway" in r.getMessage()]
 
 
 async def test_every_engine_refusing_connections_gives_502(engines):
