@@ -879,6 +879,35 @@ async def test_a_lapsed_reservation_of_a_running_request_is_taken_back():
         _delete_prefix(prefix)
 
 
+@pytest.mark.redis
+@bounded()
+async def test_a_redis_that_restarted_empty_gets_the_capacities_again_on_the_next_reservation():
+    """Redis came back without the ledger (a restart without persistence): the next reservation finds no
+    capacity, sets it again and is admitted at once, rather than waiting for the periodic push."""
+    from gateway.state.redis import RedisStateStore
+    from tests.test_state_store import _delete_prefix
+
+    redis_url = _redis_url_or_skip()
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+    reader = RedisStateStore(redis_url, key_prefix=prefix)
+    try:
+        async with fault_engine() as engine:
+            raw = sched_config([engine.url], queue_policy="maestro", admission="max_tokens",
+                               kv_capacity_tokens=1000, ledger_lease_s=60)  # the periodic push: every 20 s
+            raw["state"] = {"backend": "redis", "redis_url": redis_url, "key_prefix": prefix}
+            async with live(raw) as (gw, session):
+                assert (await post(session, gw, chat(max_tokens=100)))[0] == 200
+                assert (await reader.ledger_usage(["local/p/0"]))["local/p/0"] == (0, 1000)
+                _delete_prefix(prefix)
+                assert (await reader.ledger_usage(["local/p/0"]))["local/p/0"] == (0, 0)
+                assert (await post(session, gw, chat(max_tokens=100), timeout=3))[0] == 200
+                assert (await reader.ledger_usage(["local/p/0"]))["local/p/0"] == (0, 1000)
+                assert not gw.scheduling.ledger.degraded
+    finally:
+        await reader.close()
+        _delete_prefix(prefix)
+
+
 async def _reserved_is(store, value: int) -> bool:
     return (await store.ledger_usage(["local/p/0"]))["local/p/0"][0] == value
 
