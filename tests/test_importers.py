@@ -278,6 +278,10 @@ def _synthetic_chatdev(path: Path) -> None:
          "prompt_tokens": None, "completion_tokens": None, "max_completion_tokens": None},
         {"project": "P1", "phase": "Coding"},                                   # no call_index / persona
         [1, 2, 3],                                                              # not an object
+        {"project": "P1", "call_index": 5, "phase": "Coding", "agent_role": "Programmer", "input_message": "",
+         "output_text": "x", "prompt_tokens": 3, "completion_tokens": 1},       # nothing was asked
+        {"project": "P1", "call_index": 6, "phase": "Coding", "agent_role": "Programmer", "input_message": "Go.",
+         "output_text": None, "prompt_tokens": 3, "completion_tokens": None},   # no length to learn from
         {"project": "P1", "call_index": 2, "phase": "Coding", "agent_role": "Programmer",
          "model_type": "ModelType.GPT_3_5_TURBO_NEW", "system_message": "You are a programmer.",
          "input_message": "Write code.", "output_text": "print('hi')", "prompt_tokens": 30,
@@ -293,8 +297,9 @@ def test_chatdev_importer_on_synthetic_rows_skips_malformed(tmp_path):
     _synthetic_chatdev(source)
     out = tmp_path / "out.jsonl.gz"
     summary = import_source("chatdev", source, out)
-    assert summary["read"] == 6 and summary["written"] == 3
-    assert summary["skipped"] == {"malformed_json": 2, "malformed_row": 1}
+    assert summary["read"] == 8 and summary["written"] == 3
+    assert summary["skipped"] == {"malformed_json": 2, "malformed_row": 1, "no_input_message": 1,
+                                  "no_usage_no_output": 1}
     records = list(read_records(out))
     ceo, manual, coder = records
     assert ceo["agent_role"] == "planner" and ceo["request"]["model"] == "gpt-4"
@@ -307,6 +312,35 @@ def test_chatdev_importer_on_synthetic_rows_skips_malformed(tmp_path):
     assert [m["role"] for m in manual["request"]["messages"]] == ["user"]
     assert coder["agent_role"] == "coder" and coder["request"]["model"] == "gpt-3.5-turbo-16k"
     assert [r["workflow"] for r in records] == [{"id": "P1", "step": i} for i in range(3)]
+
+
+def test_tau_bench_importer_on_synthetic_trajectories_skips_what_is_malformed(tmp_path):
+    """Bad trajectories are counted and skipped; a bad message is skipped and left out of the later prompts;
+    the good calls around them are imported with their prompt prefix."""
+    good = {"task_id": 7, "trial": 1, "reward": 1.0, "traj": [
+        {"role": "system", "content": "You are an airline agent."},
+        {"role": "user", "content": "Change my flight."},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_reservation", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "name": "get_reservation", "content": "{\"id\": 1}"},
+        {"content": "a message without a role"},
+        {"role": "user", "content": 42},                                       # content neither text nor parts
+        {"role": "assistant", "content": "Done: your flight is changed."}]}
+    data = [good, "not a trajectory", {"task_id": 8, "traj": "not a list"}]
+    path = tmp_path / "gpt-4o-airline.json.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        json.dump(data, handle)
+    out = tmp_path / "out.jsonl.gz"
+    summary = import_source("tau-bench", tmp_path, out)
+    assert summary["read"] == 3 and summary["written"] == 2
+    assert summary["skipped"]["malformed_row"] == 2 and summary["skipped"]["malformed_message"] == 2
+    call, reply = read_records(out)
+    assert [m["role"] for m in call["request"]["messages"]] == ["system", "user"]
+    assert [m["role"] for m in reply["request"]["messages"]] == ["system", "user", "assistant", "tool"]
+    assert call["meta"]["output_kind"] == "tool_call" and reply["meta"]["output_kind"] == "text"
+    assert [r["workflow"] for r in (call, reply)] == [{"id": "gpt-4o-airline/task-7/trial-1", "step": s}
+                                                      for s in (0, 1)]
+    assert call["agent_role"] == reply["agent_role"] == "tool_caller" and call["request"]["model"] == "gpt-4o"
 
 
 def test_missing_input_and_unknown_source(tmp_path):
