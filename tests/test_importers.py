@@ -343,6 +343,55 @@ def test_tau_bench_importer_on_synthetic_trajectories_skips_what_is_malformed(tm
     assert call["agent_role"] == reply["agent_role"] == "tool_caller" and call["request"]["model"] == "gpt-4o"
 
 
+def test_who_and_when_importer_on_synthetic_rows_skips_what_is_malformed(tmp_path):
+    """An AG2 run with a message that is no object and one without a speaker: both are counted and kept out of
+    the later prompts; the terminal's output is not a call but joins the history; rows that are no run skip."""
+    run = {"subset": "Algorithm-Generated", "source_file": "42.json", "question_ID": "q-42", "mistake_step": "2",
+           "system_prompt": {"Verification_Expert": "You check the answer."},
+           "history": [
+               {"name": "Python_Expert", "content": "print(6 * 7)"},
+               "not a message",
+               {"name": "Computer_terminal", "content": "42"},
+               {"content": "nobody said this"},
+               {"name": "Verification_Expert", "content": "The answer 42 is verified. TERMINATE"}]}
+    rows = [run, {"subset": "Algorithm-Generated", "history": "not a list"}, {"history": [], "subset": 5}]
+    path = tmp_path / "who_and_when_tasks.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + "not json\n")
+    out = tmp_path / "out.jsonl.gz"
+    summary = import_source("ag2", tmp_path, out)
+    assert summary["written"] == 2
+    assert summary["skipped"]["malformed_message"] == 2 and summary["skipped"]["malformed_row"] == 2
+    assert summary["skipped"]["tool_output"] == 1
+    first, verifier = read_records(out)
+    assert first["request"]["messages"] == []  # Python_Expert has no system prompt and nothing came before
+    assert verifier["agent_role"] == "reviewer"
+    assert [(m["role"], m.get("name"), m["content"]) for m in verifier["request"]["messages"]] == [
+        ("system", None, "You check the answer."), ("user", "Python_Expert", "print(6 * 7)"),
+        ("user", "Computer_terminal", "42")]
+    assert [r["workflow"] for r in (first, verifier)] == [{"id": "42", "step": 0}, {"id": "42", "step": 1}]
+    assert verifier["meta"]["is_mistake_step"] is False and verifier["meta"]["history_index"] == 4
+
+
+def test_alpaca_eval_importer_on_synthetic_rows_skips_what_is_malformed(tmp_path):
+    (tmp_path / "instructions.jsonl").write_text(
+        json.dumps({"instruction_idx": 0, "instruction": "Name a prime.", "dataset": "helpful_base"}) + "\n"
+        + json.dumps({"instruction_idx": "x", "instruction": "ignored"}) + "\n")
+    outputs = [{"instruction_idx": 0, "generator": "gpt-4", "output": "Seven."},
+               {"instruction_idx": 0, "generator": "", "output": "no generator"},
+               {"instruction_idx": 0, "generator": "gpt-4", "output": None},
+               {"instruction_idx": 3, "generator": "gpt-4", "output": "an unknown instruction"},
+               {"instruction_idx": 0, "generator": "claude-2", "output": "Two is the only even prime."}]
+    (tmp_path / "selected_models_outputs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in outputs))
+    out = tmp_path / "out.jsonl.gz"
+    summary = import_source("alpaca-eval", tmp_path, out)
+    assert summary["read"] == 5 and summary["written"] == 2
+    assert summary["skipped"] == {"malformed_row": 2, "unknown_instruction": 1}
+    records = list(read_records(out))
+    assert [r["request"]["model"] for r in records] == ["gpt-4", "claude-2"]
+    assert all(r["request"]["messages"] == [{"role": "user", "content": "Name a prime."}] for r in records)
+    assert all(r["agent_role"] == "assistant" and r["estimated"] and r["workflow"] is None for r in records)
+
+
 def test_missing_input_and_unknown_source(tmp_path):
     with pytest.raises(InputNotFoundError):
         import_source("chatdev", tmp_path / "nothing-here", tmp_path / "out.jsonl")
