@@ -20,6 +20,7 @@ from gateway.api.openai_routes import GATEWAY_KEY, add_openai_routes
 from gateway.config import Config
 from gateway.control.monitor import EngineMonitor
 from gateway.core.engines import EngineSpec
+from gateway.listen import start_site
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.registry import EngineRegistry
@@ -105,7 +106,7 @@ class Gateway:
         host = host or self.config.server.host
         port = self.config.server.port if port is None else port
         site = web.TCPSite(self._runner, host, port, backlog=4096, reuse_address=True)
-        await site.start()
+        await start_site(site, host, port)
         bound_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.base_url = f"http://{host}:{bound_port}"
         return self.base_url

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import logging
 import signal
 import sys
@@ -16,8 +15,8 @@ from gateway.config import Config, ConfigError, default_config, load_config
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
-# bind failures an operator fixes by choosing another address or port: one line, not a traceback
-_LISTEN_ERRNOS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES)
+EXIT_INTERRUPTED = 130  # a Ctrl-C before the signal handlers are in place (128 + SIGINT, as shells report it)
+MAX_PORT = 65535
 
 
 def _load(path: str | None) -> Config:
@@ -35,14 +34,16 @@ def _install_uvloop() -> None:
 
 def _run_server(main) -> int:
     """``asyncio.run(main)`` on uvloop; an address that cannot be bound is one line on stderr and exit 1."""
+    from gateway.listen import CannotListen
+
     _install_uvloop()
     try:
         asyncio.run(main)
-    except OSError as exc:
-        if exc.errno not in _LISTEN_ERRNOS:
-            raise
-        print(f"maestro: cannot listen: {exc}", file=sys.stderr)
+    except CannotListen as exc:
+        print(f"maestro: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -60,6 +61,9 @@ async def _run_until_signal(start, stop) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.port is not None and not 0 <= args.port <= MAX_PORT:
+        print(f"maestro serve: --port must be from 0 to {MAX_PORT}, got {args.port}", file=sys.stderr)
+        return EXIT_CONFIG
     config = _load(args.config)
     from gateway.app import Gateway
 
@@ -90,6 +94,9 @@ def cmd_sim_engines(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
         if args.count + args.dit_count == 0:
             raise ValueError("nothing to serve: --count and --dit-count are both 0")
+        if args.base_port and args.base_port + args.count + args.dit_count - 1 > MAX_PORT:
+            raise ValueError(f"--base-port {args.base_port} leaves no room for {args.count + args.dit_count} "
+                             f"engines below port {MAX_PORT + 1}")
     except ValueError as exc:
         print(f"maestro sim-engines: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -134,10 +134,19 @@ def test_a_busy_port_or_a_bad_option_is_one_line(tmp_path):
             done = subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
                                   cwd=REPO, timeout=60)
             assert done.returncode == 1, done.stderr
-            assert "maestro: cannot listen:" in done.stderr and "Traceback" not in done.stderr
-            assert str(port) in done.stderr
-    for args, says in ((("--max-model-len", "-5"), "max_model_len must be a positive integer"),
-                       (("--count", "0"), "nothing to serve"), (("--count", "-1"), "--count must be >= 0")):
-        done = subprocess.run([sys.executable, "-m", "gateway.cli", "sim-engines", *args], capture_output=True,
+            assert f"maestro: cannot listen on 127.0.0.1:{port}:" in done.stderr and "in use" in done.stderr
+            assert "Traceback" not in done.stderr
+    for args in (("sim-engines", "--count", "1", "--host", "no-such-host.invalid"),
+                 ("serve", "--host", "no-such-host.invalid", "--port", "0")):
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True,
+                              cwd=REPO, timeout=60)
+        assert done.returncode == 1 and "maestro: cannot listen on no-such-host.invalid:" in done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+    for args, says in ((("sim-engines", "--max-model-len", "-5"), "max_model_len must be a positive integer"),
+                       (("sim-engines", "--count", "0"), "nothing to serve"),
+                       (("sim-engines", "--count", "-1"), "--count must be >= 0"),
+                       (("sim-engines", "--count", "2", "--base-port", "65535"), "no room for 2 engines"),
+                       (("serve", "--port", "70000"), "--port must be from 0 to 65535")):
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True,
                               text=True, cwd=REPO, timeout=60)
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr

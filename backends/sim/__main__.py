@@ -11,6 +11,7 @@ import contextlib
 
 from backends.sim.options import SimDiTOptions, SimEngineOptions
 from backends.sim.runner import serve_sim_engines_forever
+from gateway.listen import CannotListen
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,8 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     with contextlib.suppress(KeyboardInterrupt):
-        runner(serve_sim_engines_forever(args.count, options, args.host, args.base_port, args.dit_count,
-                                         dit_options))
+        try:
+            runner(serve_sim_engines_forever(args.count, options, args.host, args.base_port, args.dit_count,
+                                             dit_options))
+        except CannotListen as exc:
+            parser.exit(1, f"{parser.prog}: {exc.strerror}\n")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from backends.sim.dit import SimDiTEngine, SimDiTServer
 from backends.sim.engine import SimEngine
 from backends.sim.options import SimDiTOptions, SimEngineOptions
 from backends.sim.server import SimServer
+from gateway.listen import start_site
 
 EngineT = TypeVar("EngineT", SimEngine, SimDiTEngine)
 HandleT = TypeVar("HandleT", bound="SimHandle")
@@ -68,7 +69,7 @@ async def _serve(app: web.Application, host: str, port: int) -> tuple[web.AppRun
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
-        await site.start()
+        await start_site(site, host, port)
     except BaseException:
         await runner.cleanup()
         raise
