@@ -64,21 +64,25 @@ async def test_async_sdk_streaming_with_and_without_usage(gw):
 
 async def test_streams_carry_the_usage_the_engine_would_have_sent_the_client(gw):
     """The gateway asks the engine for usage on every stream; that must not change what the client receives.
-    Usage follows OpenAI's rule (only with ``include_usage: true``; vLLM would also send it for stream_options
-    without include_usage), and vLLM's ``continuous_usage_stats`` comes with it: without include_usage the client
-    gets no usage at all, not usage on every chunk and no usage chunk."""
-    async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
-        stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True,
-            stream_options={"continuous_usage_stats": True}, extra_body={"ignore_eos": True})
-        chunks = [c async for c in stream]
-        assert chunks and all(c.usage is None and c.choices for c in chunks)
-        stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True,
-            stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True})
-        chunks = [c async for c in stream]
-        assert all(c.usage is not None for c in chunks)
-        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    The usage chunk follows OpenAI's rule (only for ``include_usage: true``), and vLLM's ``continuous_usage_stats``
+    vLLM's: without include_usage, usage on every chunk and the usage chunk; with include_usage false, no usage
+    at all (not usage on every chunk and no usage chunk)."""
+    async def chunks(**stream_options) -> list:
+        async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True,
+                stream_options=stream_options or None, extra_body={"ignore_eos": True})
+            return [c async for c in stream]
+
+    for options in ({}, {"include_usage": False}, {"include_usage": False, "continuous_usage_stats": True}):
+        got = await chunks(**options)
+        assert got and all(c.usage is None and c.choices for c in got), options
+    for options in ({"continuous_usage_stats": True}, {"include_usage": True, "continuous_usage_stats": True}):
+        got = await chunks(**options)
+        assert all(c.usage is not None for c in got), options
+        assert got[-1].choices == [] and got[-1].usage.completion_tokens == 4
+    got = await chunks(include_usage=True)
+    assert all(c.usage is None for c in got[:-1]) and got[-1].usage.completion_tokens == 4
 
 
 def test_sync_sdk_in_a_thread():

@@ -154,12 +154,15 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
     strip_usage = False
     if stream:
         options = body.get("stream_options") or {}
-        if not options.get("include_usage"):
+        # OpenAI sends the usage chunk only for include_usage: true. vLLM's own continuous_usage_stats, sent
+        # without include_usage, asks for vLLM's rule (include_usage defaults to true there): usage on every chunk
+        # and the usage chunk, which the options as sent already give.
+        asked = options.get("include_usage") or ("include_usage" not in options
+                                                 and options.get("continuous_usage_stats"))
+        if not asked:
             strip_usage = True
             options = {**options, "include_usage": True}
-            if options.get("continuous_usage_stats"):
-                # vLLM's running usage on every chunk comes only with include_usage, which this client did not
-                # ask for: without this it would get usage on every chunk but no usage chunk
+            if options.get("continuous_usage_stats"):  # include_usage: false, so vLLM would send no running usage
                 options["continuous_usage_stats"] = False
             body["stream_options"] = options
             raw = orjson.dumps(body)
