@@ -1,6 +1,7 @@
 """``maestro`` command line: serve, sim-engines, check-config, bench.
 
-Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error (one message naming the field).
+Exit codes: 0 success (also when stopped by SIGTERM or SIGINT), 1 runtime failure (an address that cannot be
+bound, in one line), 2 usage or configuration error (one message naming the field), 130 a Ctrl-C during start-up.
 """
 
 from __future__ import annotations
