@@ -302,7 +302,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
             errors.append(_err("model_type", "body.stream_options", "Input should be a valid dictionary or "
                                                                     "instance of StreamOptions", stream_options))
         else:
-            include = check_bool(stream_options, "include_usage", errors, optional=True, default=True,
+            # vLLM 0.32's StreamOptions: include_usage defaults to false (as OpenAI); older vLLM defaulted to true
+            include = check_bool(stream_options, "include_usage", errors, optional=True, default=False,
                                  loc_prefix="body.stream_options")
             cont = check_bool(stream_options, "continuous_usage_stats", errors, optional=True, default=False,
                               loc_prefix="body.stream_options")

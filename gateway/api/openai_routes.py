@@ -154,15 +154,12 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
     strip_usage = False
     if stream:
         options = body.get("stream_options") or {}
-        # OpenAI sends the usage chunk only for include_usage: true. vLLM's own continuous_usage_stats, sent
-        # without include_usage, asks for vLLM's rule (include_usage defaults to true there): usage on every chunk
-        # and the usage chunk, which the options as sent already give.
-        asked = options.get("include_usage") or ("include_usage" not in options
-                                                 and options.get("continuous_usage_stats"))
-        if not asked:
+        # OpenAI and vLLM (0.32: include_usage defaults to false) send usage only for include_usage: true, and
+        # vLLM its running usage on every chunk (continuous_usage_stats) only with it
+        if not options.get("include_usage"):
             strip_usage = True
             options = {**options, "include_usage": True}
-            if options.get("continuous_usage_stats"):  # include_usage: false, so vLLM would send no running usage
+            if options.get("continuous_usage_stats"):  # not asked for with include_usage off: keep it off
                 options["continuous_usage_stats"] = False
             body["stream_options"] = options
             raw = orjson.dumps(body)
