@@ -246,6 +246,11 @@ async def test_output_length_rules(start):
     r = await client.chat.completions.create(model=MODEL, messages=_chat(), extra_headers={
         "X-Sim-Output-Tokens": "100000"})
     assert r.usage.completion_tokens + r.usage.prompt_tokens == BASE["max_model_len"]
+    # legacy completions without max_tokens (or with null): 16, as vLLM 0.32's CompletionRequest
+    for extra in ({}, {"max_tokens": None}):
+        r = await client.completions.create(model=MODEL, prompt="once", extra_body=extra,
+                                            extra_headers={"X-Sim-Output-Tokens": "100000"})
+        assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
 
 
 def test_filler_text_word_count():

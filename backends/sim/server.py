@@ -67,6 +67,7 @@ from backends.sim.engine import EngineBusy, EngineSleeping, SimEngine, SimReques
 HINT_HEADER = "X-Sim-Output-Tokens"
 REQUEST_ID_HEADER = "X-Request-Id"
 SIM_VERSION = "0.32.0+maestro.sim"
+LEGACY_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (vLLM and OpenAI)
 
 BUSY_MESSAGE = ("The engine is currently busy and cannot accept new requests. Please try again later or on a "
                 "different instance.")
@@ -313,6 +314,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         errors.append(_err("value_error", "body", "Value error, Stream options can only be defined when "
                                                   "`stream=True`.", body))
     max_tokens = check_int(body, "max_tokens", errors, optional=True, default=None)
+    if max_tokens is None and not chat:
+        max_tokens = LEGACY_COMPLETION_MAX_TOKENS  # vLLM 0.32's CompletionRequest: 16, also for an explicit null
     p.max_tokens_param = "max_tokens"
     if chat:
         max_completion = check_int(body, "max_completion_tokens", errors, optional=True, default=None)
