@@ -309,8 +309,18 @@ async def test_error_shapes(start):
     assert status == 400 and "json_invalid" in body["error"]["message"]
     status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "max_tokens": 5, "min_tokens": 9})
     assert status == 400 and body["error"]["param"] == "min_tokens"
-    status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "stream_options": {}})
-    assert status == 400 and "Stream options can only be defined when `stream=True`." in body["error"]["message"]
+    # vLLM 0.32's VLLMValidationError: BadRequestError naming the parameter; an empty stream_options passes
+    status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "stream_options": {"include_usage": True},
+                                        "max_tokens": "x"})
+    assert status == 400 and body["error"] == {
+        "message": "Stream options can only be defined when `stream=True`. (parameter=stream_options)",
+        "type": "BadRequestError", "param": "stream_options", "code": 400}
+    status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "stream_options": {}, "max_tokens": 2})
+    assert status == 200
+    for prompt in ("", None):
+        status, body, _ = await _post(handle.url + "/v1/completions", {"model": MODEL, "prompt": prompt})
+        assert status == 400 and body["error"]["param"] == "prompt" and body["error"]["message"] == (
+            "Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)")
 
     # an integer priority under fcfs is accepted and ignored
     r = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=2,

@@ -274,6 +274,14 @@ class Parsed:
 def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     if not isinstance(body, dict):
         return not_an_object_response(body)
+    # vLLM 0.32's "before" model validators raise VLLMValidationError, which is no ValueError: it escapes
+    # pydantic and comes back as a BadRequestError naming the parameter, ahead of any field's type error
+    if body.get("stream_options") and not body.get("stream"):
+        return bad_request(validation_message("Stream options can only be defined when `stream=True`.",
+                                              "stream_options", None), "stream_options")
+    if not chat and body.get("prompt") in (None, "") and not body.get("prompt_embeds"):
+        return bad_request(validation_message("Either prompt or prompt_embeds must be provided and non-empty.",
+                                              "prompt", None), "prompt")
     errors: list[dict] = []
     p = Parsed()
     p.chat = chat
@@ -310,9 +318,6 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
                               loc_prefix="body.stream_options")
             p.include_usage = bool(include)
             p.continuous_usage = bool(include) and bool(cont)
-    if stream_options is not None and not p.stream and not errors:
-        errors.append(_err("value_error", "body", "Value error, Stream options can only be defined when "
-                                                  "`stream=True`.", body))
     max_tokens = check_int(body, "max_tokens", errors, optional=True, default=None)
     if max_tokens is None and not chat:
         max_tokens = LEGACY_COMPLETION_MAX_TOKENS  # vLLM 0.32's CompletionRequest: 16, also for an explicit null
@@ -333,8 +338,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         p.prompt_tokens = estimate_chat_prompt_tokens(body["messages"])
     else:
         prompt = body.get("prompt")
-        if prompt is None or prompt == "" or prompt == []:
-            return bad_request("Either prompt or prompt_embeds must be provided and non-empty.")
+        if prompt == []:
+            return bad_request("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
         if not isinstance(prompt, (str, list)):
             return pydantic_error_response([_err("string_type", "body.prompt", "Input should be a valid string",
                                                  prompt)])
