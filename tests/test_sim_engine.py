@@ -280,8 +280,8 @@ async def test_error_shapes(start):
     url = handle.url + "/v1/chat/completions"
     status, body, _ = await _post(url, {"model": "nope", "messages": _chat()})
     assert status == 404
-    assert body == {"error": {"message": "The model `nope` does not exist.", "type": "NotFoundError",
-                              "param": "model", "code": 404}}
+    assert body == {"error": {"message": f"The model `nope` does not exist. Valid aliases: {MODEL}.",
+                              "type": "NotFoundError", "param": "model", "code": 404}}
 
     status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "max_tokens": 4000})
     assert status == 400

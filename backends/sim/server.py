@@ -14,7 +14,8 @@ Request handling
   ``max_completion_tokens``, ``min_tokens``, ``priority``, ``n``), bools (``stream``, ``ignore_eos``,
   ``stream_options.*``), required ``messages`` / ``prompt``. ``priority`` must be an int; under the ``fcfs``
   policy it is accepted and ignored (as observed on a real server).
-* **Unknown model**: 404 ``The model `x` does not exist.`` (``NotFoundError``, ``param`` "model").
+* **Unknown model**: 404 ``The model `x` does not exist. Valid aliases: <served name>.`` (``NotFoundError``,
+  ``param`` "model"; vLLM 0.32's serve/engine/serving.py).
 * **Lengths**: ``max_tokens > max_model_len`` -> 400 ``max_tokens=N cannot be greater than max_model_len=L.
   Please request fewer output tokens. (parameter=max_tokens, value=N)``; prompt too long for the context ->
   400 ``This model's maximum context length is ...`` (``param`` "input_tokens").
@@ -434,7 +435,8 @@ class SimServer:
         if isinstance(parsed, web.Response):
             return parsed
         if parsed.model and parsed.model != self.model:
-            return error_response(f"The model `{parsed.model}` does not exist.", "NotFoundError", 404, "model")
+            return error_response(f"The model `{parsed.model}` does not exist. Valid aliases: {self.model}.",
+                                  "NotFoundError", 404, "model")
         if parsed.n != 1:
             return bad_request("n != 1 is not supported by the simulated engine.", "n")
         checked = self._check_lengths(parsed)

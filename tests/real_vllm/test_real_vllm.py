@@ -129,6 +129,41 @@ class TestTinyLlama:
         finally:
             await client.close()
 
+    async def test_the_sims_answers_to_bad_requests_are_this_engines(self, tiny_stack) -> None:
+        """A differential check of the simulated engine against this real vLLM, engine to engine (no gateway):
+        the same bad requests get the same status and the same error body, and legacy completions without
+        max_tokens the same length."""
+        import aiohttp
+
+        from backends.sim import SimEngineOptions, start_sim_engines
+
+        model, chat = tiny_stack.model, [{"role": "user", "content": "hi"}]
+        cases = [
+            ("/v1/chat/completions", {"model": "nope", "messages": chat}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "stream_options": {"include_usage": True}}),
+            ("/v1/completions", {"model": model, "prompt": ""}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": "ten"}),
+            ("/v1/chat/completions", {"model": model, "messages": chat,
+                                      "max_tokens": tiny_stack.max_model_len + 1}),
+        ]
+        [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len))
+        try:
+            async with aiohttp.ClientSession() as session:
+                async def answer(base: str, path: str, body: dict) -> tuple[int, dict]:
+                    async with session.post(base + path, json=body) as r:
+                        return r.status, await r.json()
+
+                for path, body in cases:
+                    real, simulated = await answer(tiny_stack.engine.url, path, body), await answer(sim.url, path,
+                                                                                                     body)
+                    assert simulated == real, (path, body)
+                body = {"model": model, "prompt": "once", "ignore_eos": True}
+                real, simulated = await answer(tiny_stack.engine.url, "/v1/completions", body), await answer(
+                    sim.url, "/v1/completions", body)
+                assert real[1]["usage"]["completion_tokens"] == simulated[1]["usage"]["completion_tokens"] == 16
+        finally:
+            await sim.stop()
+
     def test_completions_endpoint(self, tiny_stack) -> None:
         response = tiny_stack.client().completions.create(
             model=tiny_stack.model, prompt="def schedule(requests):", max_tokens=16, extra_body=EXACT)
