@@ -24,7 +24,7 @@ Request handling
   content list (other parts count 0), plus 2 for the generation prompt; completions = ``ceil(len(prompt)/4) + 1``
   (BOS), or the length of a token-id list. At least 1.
 * **Output length**: ``max_tokens`` (chat: ``max_completion_tokens`` first) caps it, default
-  ``max_model_len - prompt``; ``ignore_eos`` makes it exactly the cap; ``min_tokens`` is a lower bound;
+  ``max_model_len - prompt`` for chat and 16 for completions; ``ignore_eos`` makes it exactly the cap; ``min_tokens`` is a lower bound;
   otherwise it is the integer in the request header ``X-Sim-Output-Tokens`` -- the **load-generator hint**,
   which only the load generator sends and the gateway never reads or forwards on its own -- or a seeded
   lognormal draw with mean ``mean_output_tokens``. ``finish_reason`` is "length" when the cap cut it,
@@ -35,6 +35,9 @@ Request handling
   content, one event per engine iteration per request (several tokens in one event only when this client
   reads slower than the engine produces, as in vLLM), ``finish_reason`` on the last token's event, then with
   ``stream_options.include_usage`` a chunk with ``"choices": []`` and ``usage``, then ``data: [DONE]``.
+  ``system_fingerprint`` (``vllm-<version>-<hash8>``) rides on the last message: the usage chunk, else the last
+  token's. Every key vLLM 0.32 sends, null ones included, is there, in its order (``prompt_token_ids``,
+  ``token_ids``, ``routed_experts``...); a test of the real-vLLM stage compares the shapes engine to engine.
 * **Ids**: ``chatcmpl-<X-Request-Id>`` / ``cmpl-<X-Request-Id>`` when the header is given, else a random
   hex uuid; the header is echoed back.
 * **Disconnect**: the runner uses ``handler_cancellation=True``; a cancelled handler or a failed write aborts
@@ -53,6 +56,7 @@ Deviations from a real vLLM (on purpose)
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 import uuid
@@ -362,6 +366,10 @@ class SimServer:
         self.options = engine.options
         self.model = engine.options.model
         self.created = int(time.time())
+        # vLLM's default ``system_fingerprint``: vllm-<version>-<first 8 hex of its config hash>
+        digest = hashlib.sha256(repr(engine.options).encode()).hexdigest()[:8]
+        self.fingerprint = f"vllm-{SIM_VERSION.split('+')[0]}-{digest}"
+        self._fingerprint_json = orjson.dumps(self.fingerprint)
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_json_not_found])
@@ -505,7 +513,7 @@ class SimServer:
         created = int(time.time())
         text = filler_text(0, req.generated)
         usage = {"prompt_tokens": req.prompt_tokens, "total_tokens": req.prompt_tokens + req.generated,
-                 "completion_tokens": req.generated, "prompt_tokens_details": None}
+                 "completion_tokens": req.generated, "prompt_tokens_details": None, "completion_tokens_details": None}
         if p.chat:
             body = {
                 "id": response_id, "object": "chat.completion", "created": created, "model": self.model,
@@ -514,18 +522,20 @@ class SimServer:
                     "message": {"role": "assistant", "content": text, "refusal": None, "annotations": None,
                                 "audio": None, "function_call": None, "reasoning": None},
                     "logprobs": None, "finish_reason": req.finish_reason, "stop_reason": None,
-                    "token_ids": None,
+                    "token_ids": None, "routed_experts": None,
                 }],
-                "service_tier": None, "system_fingerprint": None, "usage": usage, "prompt_logprobs": None,
-                "prompt_token_ids": None, "kv_transfer_params": None,
+                "service_tier": None, "system_fingerprint": self.fingerprint, "usage": usage,
+                "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
+                "ec_transfer_params": None, "metrics": None,
             }
         else:
             body = {
                 "id": response_id, "object": "text_completion", "created": created, "model": self.model,
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason,
                              "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
-                             "prompt_token_ids": None}],
-                "service_tier": None, "system_fingerprint": None, "usage": usage, "kv_transfer_params": None,
+                             "prompt_token_ids": None, "routed_experts": None}],
+                "service_tier": None, "system_fingerprint": self.fingerprint, "usage": usage,
+                "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
             }
         return web.Response(body=orjson.dumps(body), content_type="application/json", headers=extra_headers)
 
@@ -549,6 +559,7 @@ class SimServer:
         prompt = req.prompt_tokens
         sent = 0
         role_choice = shape.role_choice
+        fingerprint = b',"system_fingerprint":' + self._fingerprint_json
         while True:
             count, finished = await req.next_tokens()
             parts: list[bytes] = []
@@ -556,22 +567,25 @@ class SimServer:
                 role = head + role_choice
                 role_choice = None
                 if p.continuous_usage:
-                    role += b',"usage":' + _usage(prompt, 0)
-                parts.append(b"data: " + role + b"}\n\n")
+                    role += b',"usage":' + _usage(prompt, 0, shape.usage_details)
+                parts.append(b"data: " + role + shape.role_tail + b"}\n\n")
             text = orjson.dumps(filler_text(sent, count))
             sent += count
             if finished:
-                close = shape.close_finished + orjson.dumps(req.finish_reason) + b',"stop_reason":null}]'
+                close = shape.close_finished + orjson.dumps(req.finish_reason) + shape.finished_tail
             else:
                 close = shape.close_running
             if count or finished:
                 chunk = head + shape.open_choice + text + close
                 if p.continuous_usage:
-                    chunk += b',"usage":' + _usage(prompt, sent)
+                    chunk += b',"usage":' + _usage(prompt, sent, shape.usage_details)
+                if finished and not p.include_usage:  # the fingerprint rides on the last message
+                    chunk += fingerprint
                 parts.append(b"data: " + chunk + b"}\n\n")
             if finished:
                 if p.include_usage:
-                    parts.append(b"data: " + head + b',"choices":[],"usage":' + _usage(prompt, sent) + b"}\n\n")
+                    parts.append(b"data: " + head + b',"choices":[],"usage":' + _usage(prompt, sent) + fingerprint
+                                 + b"}\n\n")
                 parts.append(b"data: [DONE]\n\n")
                 await resp.write(b"".join(parts))
                 break
@@ -592,29 +606,40 @@ class _SseShape:
     open_choice: bytes  # up to the JSON string of new text
     close_running: bytes  # after the text while more tokens follow
     close_finished: bytes  # after the text on the last chunk, up to the finish_reason value
+    finished_tail: bytes  # after the finish_reason value, closing the choices
     role_choice: bytes | None  # chat's first chunk (role, empty content); completions have none
+    role_tail: bytes  # the first chunk's top-level extras after choices (and its running usage)
+    usage_details: bool  # running usage carries "completion_tokens_details":null (chat sets it explicitly)
 
 
 _CHAT_SSE = _SseShape(
     object_field=b',"object":"chat.completion.chunk"',
     open_choice=b',"choices":[{"index":0,"delta":{"content":',
-    close_running=b'},"logprobs":null,"finish_reason":null}]',
+    close_running=b'},"logprobs":null,"finish_reason":null,"token_ids":null}]',
     close_finished=b'},"logprobs":null,"finish_reason":',
+    finished_tail=b',"stop_reason":null,"token_ids":null}]',
     role_choice=b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
                 b'"finish_reason":null}]',
+    role_tail=b',"prompt_token_ids":null,"prompt_text":null',
+    usage_details=True,
 )
 _COMPLETION_SSE = _SseShape(
     object_field=b',"object":"text_completion"',
     open_choice=b',"choices":[{"index":0,"text":',
-    close_running=b',"logprobs":null,"finish_reason":null,"stop_reason":null}]',
+    close_running=b',"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
+                  b'"token_ids":null}]',
     close_finished=b',"logprobs":null,"finish_reason":',
+    finished_tail=b',"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]',
     role_choice=None,
+    role_tail=b"",
+    usage_details=False,
 )
 
 
-def _usage(prompt: int, completion: int) -> bytes:
+def _usage(prompt: int, completion: int, details: bool = False) -> bytes:
     return (b'{"prompt_tokens":' + str(prompt).encode() + b',"total_tokens":' + str(prompt + completion).encode()
-            + b',"completion_tokens":' + str(completion).encode() + b"}")
+            + b',"completion_tokens":' + str(completion).encode()
+            + (b',"completion_tokens_details":null}' if details else b"}"))
 
 
 def _hint(request: web.Request) -> int | None:

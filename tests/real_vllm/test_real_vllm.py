@@ -164,6 +164,59 @@ class TestTinyLlama:
         finally:
             await sim.stop()
 
+    async def test_the_sims_answers_have_this_engines_shape(self, tiny_stack) -> None:
+        """Engine to engine: the same requests get answers of the same shape (every key, and the JSON type of
+        every value) from the simulated engine and from this real vLLM, whole and streamed, chat and legacy."""
+        import aiohttp
+        import orjson
+
+        from backends.sim import SimEngineOptions, start_sim_engines
+
+        def shape(value):
+            if isinstance(value, dict):
+                return {key: shape(item) for key, item in value.items()}
+            if isinstance(value, list):
+                return [shape(item) for item in value[:1]]  # the first element stands for the rest
+            return type(value).__name__
+
+        model, chat = tiny_stack.model, [{"role": "user", "content": "hi"}]
+        usage = {"include_usage": True}
+        cases = [
+            ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": 3, "ignore_eos": True}),
+            ("/v1/completions", {"model": model, "prompt": "once", "max_tokens": 3, "ignore_eos": True}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": 3, "ignore_eos": True,
+                                      "stream": True, "stream_options": usage}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": 3, "ignore_eos": True,
+                                      "stream": True}),
+            ("/v1/completions", {"model": model, "prompt": "once", "max_tokens": 3, "ignore_eos": True,
+                                 "stream": True, "stream_options": usage}),
+            ("/v1/completions", {"model": model, "prompt": "once", "max_tokens": 3, "ignore_eos": True,
+                                 "stream": True}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": 3, "ignore_eos": True,
+                                      "stream": True, "stream_options": {**usage, "continuous_usage_stats": True}}),
+            ("/v1/completions", {"model": model, "prompt": "once", "max_tokens": 3, "ignore_eos": True,
+                                 "stream": True, "stream_options": {**usage, "continuous_usage_stats": True}}),
+        ]
+        [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len))
+        try:
+            async with aiohttp.ClientSession() as session:
+                async def answer(base: str, path: str, body: dict):
+                    async with session.post(base + path, json=body) as r:
+                        raw = await r.read()
+                    if not body.get("stream"):
+                        return shape(orjson.loads(raw))
+                    events = [e[len(b"data: "):] for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
+                    shapes = [shape(orjson.loads(e)) if e != b"[DONE]" else "[DONE]" for e in events]
+                    # the engines may cut the same tokens into a different number of like chunks
+                    return [s for i, s in enumerate(shapes) if i == 0 or s != shapes[i - 1]]
+
+                for path, body in cases:
+                    real = await answer(tiny_stack.engine.url, path, body)
+                    simulated = await answer(sim.url, path, body)
+                    assert simulated == real, (path, body)
+        finally:
+            await sim.stop()
+
     def test_completions_endpoint(self, tiny_stack) -> None:
         response = tiny_stack.client().completions.create(
             model=tiny_stack.model, prompt="def schedule(requests):", max_tokens=16, extra_body=EXACT)
