@@ -217,6 +217,52 @@ class TestTinyLlama:
         finally:
             await sim.stop()
 
+    async def test_the_sims_metrics_and_models_are_this_engines(self, tiny_stack) -> None:
+        """Engine to engine: every metric family the simulated engine exports exists on this real vLLM with the
+        same type and label names (the gateway scrapes by those names), and /v1/models has the same shape."""
+        import aiohttp
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from backends.sim import SimEngineOptions, start_sim_engines
+
+        def families(text: str) -> dict[str, tuple[str, frozenset]]:
+            return {family.name: (family.type, frozenset(frozenset(sample.labels) for sample in family.samples))
+                    for family in text_string_to_metric_families(text) if family.name.startswith("vllm:")}
+
+        [sim] = await start_sim_engines(1, SimEngineOptions(model=tiny_stack.model,
+                                                            max_model_len=tiny_stack.max_model_len))
+        try:
+            async with aiohttp.ClientSession() as session:
+                async def get(base: str, path: str):
+                    async with session.get(base + path) as r:
+                        return r.status, await (r.text() if path == "/metrics" else r.json())
+
+                real_status, real_text = await get(tiny_stack.engine.url, "/metrics")
+                sim_status, sim_text = await get(sim.url, "/metrics")
+                real, simulated = families(real_text), families(sim_text)
+                assert real_status == sim_status == 200 and simulated
+                for name, (kind, label_sets) in simulated.items():
+                    assert name in real, name
+                    real_kind, real_label_sets = real[name]
+                    assert kind == real_kind, name
+                    # the same label names (values differ: engine index, model, and the cache config's fields)
+                    if name != "vllm:cache_config_info":
+                        assert {frozenset(ls) for ls in label_sets} <= {frozenset(ls) for ls in real_label_sets}, name
+                _, real_models = await get(tiny_stack.engine.url, "/v1/models")
+                _, sim_models = await get(sim.url, "/v1/models")
+
+                def shape(value):
+                    if isinstance(value, dict):
+                        return {key: shape(item) for key, item in value.items()}
+                    if isinstance(value, list):
+                        return [shape(item) for item in value[:1]]
+                    return type(value).__name__
+
+                assert shape(sim_models) == shape(real_models)
+                assert [m["id"] for m in sim_models["data"]] == [m["id"] for m in real_models["data"]]
+        finally:
+            await sim.stop()
+
     def test_completions_endpoint(self, tiny_stack) -> None:
         response = tiny_stack.client().completions.create(
             model=tiny_stack.model, prompt="def schedule(requests):", max_tokens=16, extra_body=EXACT)
