@@ -91,9 +91,10 @@ def _stop(process: subprocess.Popen) -> tuple[int, str]:
 
 @pytest.mark.redis
 def test_the_compose_stack_runs_as_processes_and_stops_on_sigterm(tmp_path):
-    from tests.test_state_store import REDIS_URL, _require_redis
+    from tests.test_state_store import REDIS_URL, _delete_prefix, _require_redis
 
     _require_redis()
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     command = list(compose["services"]["sim-engines"]["command"])
     for flag, value in (("--count", "2"), ("--host", "127.0.0.1"), ("--base-port", "0")):
@@ -106,7 +107,7 @@ def test_the_compose_stack_runs_as_processes_and_stops_on_sigterm(tmp_path):
         assert all(line.split()[0] == "vllm" and line.endswith(" maestro-sim-llama-8b") for line in lines)
         config = yaml.safe_load((REPO / "examples/compose-sim.yaml").read_text())
         config["clusters"][0]["pools"][0]["engines"] = [{"url": url} for url in urls]
-        config["state"].update(redis_url=REDIS_URL, key_prefix=f"maestro-test-{uuid.uuid4().hex}")
+        config["state"].update(redis_url=REDIS_URL, key_prefix=prefix)
         (tmp_path / "stack.yaml").write_text(yaml.safe_dump(config))
         gateway = _maestro("serve", "--config", str(tmp_path / "stack.yaml"), "--host", "127.0.0.1", "--port", "0")
         first = _lines_until(gateway, lambda lines: len(lines) == 3)
@@ -120,6 +121,7 @@ def test_the_compose_stack_runs_as_processes_and_stops_on_sigterm(tmp_path):
         assert reply.choices[0].message.content and reply.usage.completion_tokens <= 5
     finally:
         codes = [_stop(process) for process in (gateway, engines) if process is not None]
+        _delete_prefix(prefix)
     for code, err in codes:
         assert code == 0 and "Traceback" not in err, err
 
