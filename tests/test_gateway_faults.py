@@ -107,6 +107,15 @@ async def test_no_retry_after_first_byte(engines, mode, caplog):
     assert not [r for r in caplog.records if "failed inside the gateway" in r.getMessage()]
 
 
+async def _chat_fails_with_502(gw, code: str, says: str) -> None:
+    """One chat through the SDK ends in a 502 with this error code and these words."""
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client_for(gw.base_url).chat.completions.create(
+            model="fault-model", messages=[{"role": "user", "content": "hi"}])
+    assert (caught.value.status_code, caught.value.code) == (502, code)
+    assert says in caught.value.message
+
+
 async def test_every_engine_refusing_connections_gives_502(engines):
     """Engines the monitor still counts as up but that refuse connections: each is tried once, then an OpenAI
     502 that names the last one tried (the monitor has not yet marked them down, so not the 503 for none up)."""
@@ -115,12 +124,7 @@ async def test_every_engine_refusing_connections_gives_502(engines):
     async with running_gateway(raw) as gw:
         for engine_id in list(gw.registry.states):
             gw.registry.states[engine_id] = replace(gw.registry.states[engine_id], up=True)
-        with pytest.raises(openai.InternalServerError) as caught:
-            await client_for(gw.base_url).chat.completions.create(
-                model="fault-model", messages=[{"role": "user", "content": "hi"}])
-        assert caught.value.status_code == 502
-        assert caught.value.code == "upstream_unreachable"
-        assert "could not be reached" in caught.value.message
+        await _chat_fails_with_502(gw, "upstream_unreachable", "could not be reached")
         assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
 
 
@@ -129,12 +133,7 @@ async def test_whole_answer_dropped_midway_is_502_and_not_replayed(engines):
     broken.mode = "drop_mid_body"
     async with running_gateway(gateway_config([broken.url, other.url], routing={"policy": "least_loaded"})) as gw:
         # least_loaded with equal load picks by id: local/p/0 == broken
-        with pytest.raises(openai.InternalServerError) as caught:
-            await client_for(gw.base_url).chat.completions.create(
-                model="fault-model", messages=[{"role": "user", "content": "hi"}])
-        assert caught.value.status_code == 502
-        assert caught.value.code == "upstream_disconnected"
-        assert "dropped the connection mid-answer" in caught.value.message
+        await _chat_fails_with_502(gw, "upstream_disconnected", "dropped the connection mid-answer")
         assert broken.hits == 1 and other.hits == 0  # the engine had the request: it is not sent twice
         assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
 

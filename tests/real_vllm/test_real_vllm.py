@@ -42,6 +42,16 @@ async def _apoll(predicate, timeout: float, interval: float = 0.05, what: str = 
         await asyncio.sleep(interval)
 
 
+def _shape(value):
+    """Every key of a JSON value and the JSON type of every leaf (the first element of a list stands for the rest):
+    what two engines' answers to the same request must share, whatever the generated text."""
+    if isinstance(value, dict):
+        return {key: _shape(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shape(item) for item in value[:1]]
+    return type(value).__name__
+
+
 class TestTinyLlama:
     """tiny-llama: engine started with ``--scheduling-policy priority --max-num-seqs 4``."""
 
@@ -172,13 +182,6 @@ class TestTinyLlama:
 
         from backends.sim import SimEngineOptions, start_sim_engines
 
-        def shape(value):
-            if isinstance(value, dict):
-                return {key: shape(item) for key, item in value.items()}
-            if isinstance(value, list):
-                return [shape(item) for item in value[:1]]  # the first element stands for the rest
-            return type(value).__name__
-
         model, chat = tiny_stack.model, [{"role": "user", "content": "hi"}]
         usage = {"include_usage": True}
         cases = [
@@ -204,9 +207,9 @@ class TestTinyLlama:
                     async with session.post(base + path, json=body) as r:
                         raw = await r.read()
                     if not body.get("stream"):
-                        return shape(orjson.loads(raw))
+                        return _shape(orjson.loads(raw))
                     events = [e[len(b"data: "):] for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
-                    shapes = [shape(orjson.loads(e)) if e != b"[DONE]" else "[DONE]" for e in events]
+                    shapes = [_shape(orjson.loads(e)) if e != b"[DONE]" else "[DONE]" for e in events]
                     # the engines may cut the same tokens into a different number of like chunks
                     return [s for i, s in enumerate(shapes) if i == 0 or s != shapes[i - 1]]
 
@@ -251,14 +254,7 @@ class TestTinyLlama:
                 _, real_models = await get(tiny_stack.engine.url, "/v1/models")
                 _, sim_models = await get(sim.url, "/v1/models")
 
-                def shape(value):
-                    if isinstance(value, dict):
-                        return {key: shape(item) for key, item in value.items()}
-                    if isinstance(value, list):
-                        return [shape(item) for item in value[:1]]
-                    return type(value).__name__
-
-                assert shape(sim_models) == shape(real_models)
+                assert _shape(sim_models) == _shape(real_models)
                 assert [m["id"] for m in sim_models["data"]] == [m["id"] for m in real_models["data"]]
         finally:
             await sim.stop()
