@@ -27,8 +27,8 @@ Request handling
   ``max_model_len - prompt`` for chat and 16 for completions; ``ignore_eos`` makes it exactly the cap;
   ``min_tokens`` is a lower bound; otherwise it is the integer in the request header ``X-Sim-Output-Tokens``
   -- the **load-generator hint**, which only the load generator sends and the gateway never reads or forwards
-  on its own -- or a seeded lognormal draw with mean ``mean_output_tokens``. ``finish_reason`` is "length" when the cap cut it,
-  else "stop". ``stop`` strings and sampling parameters are accepted and ignored.
+  on its own -- or a seeded lognormal draw with mean ``mean_output_tokens``. ``finish_reason`` is "length"
+  when the cap cut it, else "stop". ``stop`` strings and sampling parameters are accepted and ignored.
 * **Text** is filler: one ASCII word with a leading space per token (" lorem", " ipsum", ...), so
   ``len(text.split()) == usage.completion_tokens`` and every delta is valid UTF-8.
 * **Streams** follow vLLM: ``data: {json}\\n\\n`` events, a first chat chunk with ``delta.role`` and empty
