@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 
 from gateway.config import Config, ConfigError, default_config, load_config
@@ -49,16 +48,15 @@ def _run_server(main) -> int:
 
 
 async def _run_until_signal(start, stop) -> None:
-    """Start, serve until SIGINT or SIGTERM (what ``docker compose stop`` sends to PID 1), then stop cleanly."""
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    try:
-        await start()
-        await stopping.wait()
-    finally:
-        await stop()
+    """Start, serve until SIGINT or SIGTERM (:func:`gateway.listen.stop_signals`), then stop cleanly."""
+    from gateway.listen import stop_signals
+
+    with stop_signals() as stopping:
+        try:
+            await start()
+            await stopping.wait()
+        finally:
+            await stop()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

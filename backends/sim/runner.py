@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -16,7 +14,7 @@ from backends.sim.dit import SimDiTEngine, SimDiTServer
 from backends.sim.engine import SimEngine
 from backends.sim.options import SimDiTOptions, SimEngineOptions
 from backends.sim.server import SimServer
-from gateway.listen import start_site
+from gateway.listen import start_site, stop_signals
 
 EngineT = TypeVar("EngineT", SimEngine, SimDiTEngine)
 HandleT = TypeVar("HandleT", bound="SimHandle")
@@ -139,33 +137,22 @@ async def serve_sim_engines_forever(count: int, options: SimEngineOptions, host:
                                     base_port: int = 0, dit_count: int = 0,
                                     dit_options: SimDiTOptions | None = None) -> None:
     """Start the engines, print one line per engine (``<kind> <url> <model>``), run until cancelled or until
-    SIGINT or SIGTERM (what ``docker compose stop`` sends to PID 1, which has no default action for it), then
-    stop them.
+    SIGINT or SIGTERM (:func:`gateway.listen.stop_signals`), then stop them.
 
     DiT engines take the ports after the LLM engines when ``base_port`` is given.
     """
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    signals = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stopping.set)
-            signals.append(sig)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
-            pass
     handles: list[SimHandle] = []
-    try:
-        handles.extend(await start_sim_engines(count, options, host, base_port))
-        dit_base = base_port + count if base_port else 0
-        dit_options = dit_options or SimDiTOptions(time_scale=options.time_scale, seed=options.seed,
-                                                   calibration_dir=options.calibration_dir)
-        handles.extend(await start_sim_dit_engines(dit_count, dit_options, host, dit_base))
-        for handle in handles:
-            print(f"{handle.kind} {handle.url} {handle.engine.options.model}", flush=True)
-        sys.stdout.flush()
-        await stopping.wait()
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
-        for handle in handles:
-            await handle.stop()
+    with stop_signals() as stopping:
+        try:
+            handles.extend(await start_sim_engines(count, options, host, base_port))
+            dit_base = base_port + count if base_port else 0
+            dit_options = dit_options or SimDiTOptions(time_scale=options.time_scale, seed=options.seed,
+                                                       calibration_dir=options.calibration_dir)
+            handles.extend(await start_sim_dit_engines(dit_count, dit_options, host, dit_base))
+            for handle in handles:
+                print(f"{handle.kind} {handle.url} {handle.engine.options.model}", flush=True)
+            sys.stdout.flush()
+            await stopping.wait()
+        finally:
+            for handle in handles:
+                await handle.stop()
