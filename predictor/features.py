@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from predictor.kv import MAX_CHOICES
 from predictor.role_labels import label_rules
 from predictor.tokens import (REPLY_PRIMING, estimate_completion_tokens, estimate_single_message_tokens,
                               estimate_tokens)
@@ -140,9 +141,6 @@ def int_or_none(value: Any) -> int | None:
     if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value):
         return int(value)
     return None
-
-
-MAX_CHOICES = 128  # OpenAI's (and the gateway's) limit on ``n``
 
 
 def choices_of(body: Mapping[str, Any]) -> int:

@@ -16,6 +16,9 @@ from typing import Any
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2, "auto": 2,
                "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "float8": 1, "int8": 1}
 DEFAULT_BLOCK_SIZE = 16
+# The most answers (``n``) one request may ask for: OpenAI's limit, which the gateway enforces; each answer holds
+# its own output's KV. Here, with no numpy, so that the gateway's validation and the predictor share it.
+MAX_CHOICES = 128
 DEFAULT_BYTES_PER_TOKEN = 131072  # Llama-3-8B in bf16: 2 × 32 layers × 8 KV heads × 128 × 2 bytes
 
 

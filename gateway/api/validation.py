@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from gateway.api.errors import APIError, bad_request
+from predictor.kv import MAX_CHOICES
 
 _NUMBER = (int, float)
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # "1024x1024"; ASCII digits (str.isdigit admits "¹")
@@ -66,8 +67,8 @@ def _check_common(body: dict[str, Any], max_model_len: int | None) -> None:
             raise bad_request(f"'{name}' is {value}, more than the model's context length of {max_model_len} "
                               "tokens.", name)
     n = body.get("n")
-    if n is not None and (not _is_int(n) or not 1 <= n <= 128):
-        raise bad_request("'n' must be an integer between 1 and 128.", "n")
+    if n is not None and (not _is_int(n) or not 1 <= n <= MAX_CHOICES):
+        raise bad_request(f"'n' must be an integer between 1 and {MAX_CHOICES}.", "n")
     for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0),
                             ("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0)):
         value = body.get(name)
