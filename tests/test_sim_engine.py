@@ -65,6 +65,12 @@ async def _get(url: str) -> tuple[int, bytes]:
             return r.status, await r.read()
 
 
+async def _post_raw(url: str, body: dict) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=body) as r:
+            return r.status, await r.read()
+
+
 def _chat(content: str = "hello there") -> list[dict]:
     return [{"role": "user", "content": content}]
 
@@ -328,6 +334,73 @@ async def test_error_shapes(start):
     assert r.usage.completion_tokens <= 2
     status, _ = await _get(handle.url + "/no/such/route")
     assert status == 404
+
+
+async def test_several_answers_as_vllm_gives_them(start):
+    """``n`` answers (vLLM's parallel sampling): listed whole with their summed usage; streamed, each answer's
+    chunks under its index with its own running usage, the usage chunk summing them, and without it the
+    fingerprint on every answer's last chunk. Each answer draws its own length."""
+    handle, client = await start()
+    reply = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=6, n=3,
+                                                 extra_body={"ignore_eos": True})
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(len(c.message.content.split()) == 6 and c.finish_reason == "length" for c in reply.choices)
+    assert reply.usage.completion_tokens == 18
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 18
+    legacy = await client.completions.create(model=MODEL, prompt="abc", max_tokens=4, n=2,
+                                             extra_body={"ignore_eos": True})
+    assert [c.index for c in legacy.choices] == [0, 1] and legacy.usage.completion_tokens == 8
+    drawn = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=1000, n=8)
+    assert len({len(c.message.content.split()) for c in drawn.choices}) > 1  # not one draw for all
+    assert drawn.usage.completion_tokens == sum(len(c.message.content.split()) for c in drawn.choices)
+
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=_chat(), max_tokens=5, n=2, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True})
+    *chunks, final = [chunk async for chunk in stream]
+    assert final.choices == [] and final.usage.completion_tokens == 10
+    assert [(c.choices[0].index, c.choices[0].delta.role) for c in chunks[:2]] == [(0, "assistant"), (1, "assistant")]
+    for index in (0, 1):
+        mine = [c for c in chunks[2:] if c.choices[0].index == index]
+        so_far = [len("".join(c.choices[0].delta.content for c in mine[:i + 1]).split()) for i in range(len(mine))]
+        assert so_far[-1] == 5 and [c.usage.completion_tokens for c in mine] == so_far  # this answer's tokens
+        assert [c.choices[0].finish_reason for c in mine] == [None] * (len(mine) - 1) + ["length"]
+    status, raw = await _post_raw(handle.url + "/v1/chat/completions", {
+        "model": MODEL, "messages": _chat(), "max_tokens": 3, "n": 2, "stream": True, "ignore_eos": True})
+    events = [json.loads(e[len("data: "):]) for e in raw.decode().split("\n\n") if e.startswith("data: {")]
+    stamped = [(e["choices"][0]["index"], e["choices"][0]["finish_reason"]) for e in events
+               if "system_fingerprint" in e]
+    assert status == 200 and sorted(stamped) == [(0, "length"), (1, "length")]
+    assert handle.engine.num_running == handle.engine.num_waiting == 0
+
+
+async def test_several_answers_refused_or_dropped_whole(start):
+    """vLLM's 400s for ``n``; a 503 when the engine has no room for every answer leaves none queued; a client
+    that leaves a stream of several answers aborts all of them."""
+    handle, client = await start(max_num_seqs=1, max_num_queued_reqs=3, time_scale=20.0)
+    engine = handle.engine
+    for body, message in (({"n": 0}, "n must be at least 1, got 0."),
+                          ({"n": 2, "temperature": 0}, "n must be 1 when using greedy sampling, got 2."),
+                          ({"n": 16385}, "n must be at most 16384, got 16385. To increase this limit, set the "
+                                         "VLLM_MAX_N_SEQUENCES environment variable.")):
+        status, answer, _ = await _post(handle.url + "/v1/chat/completions",
+                                        {"model": MODEL, "messages": _chat(), **body})
+        assert (status, answer["error"]["message"], answer["error"]["param"]) == (400, message, None), body
+    stream = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=900, n=2,
+                                                  stream=True, extra_body={"ignore_eos": True})
+    received = 0
+    async for _ in stream:
+        received += 1
+        if received == 4:
+            break
+    assert engine.num_running + engine.num_waiting == 2
+    status, answer, _ = await _post(handle.url + "/v1/chat/completions",
+                                    {"model": MODEL, "messages": _chat(), "n": 2})
+    assert status == 503 and answer["error"]["type"] == "Service Unavailable"
+    assert engine.num_running + engine.num_waiting == 2  # the one answer that fitted was taken back
+    await stream.close()
+    await _wait_for(lambda: engine.num_running + engine.num_waiting == 0, timeout=2.0)
+    assert engine.kv_usage() == 0.0 and engine.generation_tokens_total < 1800
 
 
 async def test_busy_503_beyond_max_num_queued_reqs(start):

@@ -40,6 +40,12 @@ Request handling
   ``token_ids``, ``routed_experts``...); a test of the real-vLLM stage compares the shapes engine to engine.
 * **Ids**: ``chatcmpl-<X-Request-Id>`` / ``cmpl-<X-Request-Id>`` when the header is given, else a random
   hex uuid; the header is echoed back.
+* **Several answers** (``n`` > 1, as vLLM 0.32's parallel sampling): each answer has its own length
+  (its own draw, or the same hint or ``ignore_eos`` cap); a whole answer lists them by ``index`` with
+  ``usage.completion_tokens`` their sum; a stream starts with one role chunk per answer (chat), then one chunk per
+  answer per engine iteration, each with its ``index``; ``continuous_usage_stats`` counts that answer's tokens,
+  the ``include_usage`` chunk all of them, and without it ``system_fingerprint`` rides on every answer's last
+  chunk. ``n`` < 1 and ``n`` > 1 with a ``temperature`` below 1e-5 (greedy) get vLLM's 400s.
 * **Disconnect**: the runner uses ``handler_cancellation=True``; a cancelled handler or a failed write aborts
   the request in the engine at once (its KV is freed and ``vllm:num_requests_running`` drops).
 * **Back-pressure**: beyond ``max_num_queued_reqs`` unfinished requests, 503 with vLLM's "busy" body.
@@ -50,12 +56,16 @@ Deviations from a real vLLM (on purpose)
   a real vLLM *holds* them until ``/wake_up`` (and does not count them as waiting).
 * Putting the engine to sleep aborts in-flight requests (vLLM's default ``mode=abort``); they end with
   ``finish_reason`` "abort". ``/sleep?mode=wait`` lets them finish first.
-* ``n > 1``, ``best_of``, beam search, logprobs and multi-prompt completions are not simulated (``n > 1`` and
-  multi-prompt answer 400; logprobs come back null).
+* ``best_of``, beam search, logprobs and multi-prompt completions are not simulated (multi-prompt answers 400;
+  logprobs come back null).
+* ``n`` answers are ``n`` engine requests (``<i>_<id>``, as vLLM's parallel sampling names its children), each
+  holding the prompt's KV of its own: vLLM's prefix cache shares the prompt's full blocks between them, and the
+  simulation has no prefix cache.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import time
@@ -73,6 +83,8 @@ HINT_HEADER = "X-Sim-Output-Tokens"
 REQUEST_ID_HEADER = "X-Request-Id"
 SIM_VERSION = "0.32.0+maestro.sim"
 LEGACY_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (vLLM and OpenAI)
+GREEDY_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: below it sampling is greedy, and n must be 1
+MAX_CHOICES = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default
 
 BUSY_MESSAGE = ("The engine is currently busy and cannot accept new requests. Please try again later or on a "
                 "different instance.")
@@ -273,7 +285,7 @@ def check_bool(body: dict, key: str, errors: list[dict], *, optional: bool, defa
 
 class Parsed:
     __slots__ = ("chat", "model", "stream", "include_usage", "continuous_usage", "max_tokens", "max_tokens_param",
-                 "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n")
+                 "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy")
 
 
 def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
@@ -337,6 +349,10 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     p.priority = check_int(body, "priority", errors, optional=False, default=0) or 0
     n = check_int(body, "n", errors, optional=True, default=1)
     p.n = 1 if n is None else n
+    # vLLM checks this on its SamplingParams; a temperature that is no number is accepted and ignored here
+    temperature = body.get("temperature")
+    p.greedy = (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+                and temperature < GREEDY_TEMPERATURE)
     if errors:
         return pydantic_error_response(errors)
     if chat:
@@ -445,33 +461,46 @@ class SimServer:
         if parsed.model and parsed.model != self.model:
             return error_response(f"The model `{parsed.model}` does not exist. Valid aliases: {self.model}.",
                                   "NotFoundError", 404, "model")
-        if parsed.n != 1:
-            return bad_request("n != 1 is not supported by the simulated engine.", "n")
         checked = self._check_lengths(parsed)
         if isinstance(checked, web.Response):
             return checked
-        cap = checked
-        hint = _hint(request)
-        engine = self.engine
-        target, reason = engine.output_length(cap, ignore_eos=parsed.ignore_eos, min_tokens=parsed.min_tokens,
-                                              hint=hint)
+        refused = _check_choices(parsed)
+        if refused is not None:
+            return refused
         header_id = request.headers.get(REQUEST_ID_HEADER)
         base_id = header_id if header_id is not None else uuid.uuid4().hex
         response_id = ("chatcmpl-" if chat else "cmpl-") + base_id
-        try:
-            req = engine.add_request(response_id, parsed.prompt_tokens, target, reason, parsed.priority)
-        except EngineSleeping:
-            return error_response(SLEEPING_MESSAGE, "Service Unavailable", 503)
-        except EngineBusy:
-            return error_response(BUSY_MESSAGE, "Service Unavailable", 503)
+        reqs = self._add_requests(parsed, checked, _hint(request), response_id)
+        if isinstance(reqs, web.Response):
+            return reqs
         extra_headers = {REQUEST_ID_HEADER: header_id} if header_id is not None else None
         try:
             if parsed.stream:
-                return await self._stream(request, req, parsed, response_id, extra_headers)
-            return await self._full(req, parsed, response_id, extra_headers)
+                return await self._stream(request, reqs, parsed, response_id, extra_headers)
+            return await self._full(reqs, parsed, response_id, extra_headers)
         finally:
-            if not req.finished:
-                engine.abort(req)  # client disconnected (handler cancelled) or the write failed
+            for req in reqs:
+                if not req.finished:
+                    self.engine.abort(req)  # client disconnected (handler cancelled) or the write failed
+
+    def _add_requests(self, p: Parsed, cap: int, hint: int | None,
+                      response_id: str) -> list[SimRequest] | web.Response:
+        """One engine request per answer, each with its own output length; all or none (a 503 when the engine
+        sleeps or is full, with the answers already queued taken back)."""
+        engine = self.engine
+        reqs: list[SimRequest] = []
+        try:
+            for index in range(p.n):
+                target, reason = engine.output_length(cap, ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
+                                                      hint=hint)
+                request_id = response_id if p.n == 1 else f"{index}_{response_id}"
+                reqs.append(engine.add_request(request_id, p.prompt_tokens, target, reason, p.priority))
+        except (EngineSleeping, EngineBusy) as exc:
+            for req in reqs:
+                engine.abort(req)
+            message = SLEEPING_MESSAGE if isinstance(exc, EngineSleeping) else BUSY_MESSAGE
+            return error_response(message, "Service Unavailable", 503)
+        return reqs
 
     def _check_lengths(self, p: Parsed) -> int | web.Response:
         """vLLM's TokenizeParams / SamplingParams checks; returns the output-token cap."""
@@ -506,24 +535,26 @@ class SimServer:
                 p.min_tokens), "min_tokens")
         return cap
 
-    async def _full(self, req: SimRequest, p: Parsed, response_id: str,
+    async def _full(self, reqs: list[SimRequest], p: Parsed, response_id: str,
                     extra_headers: dict[str, str] | None) -> web.Response:
-        while not req.finished:
-            await req.next_tokens()
+        for req in reqs:
+            while not req.finished:
+                await req.next_tokens()
         created = int(time.time())
-        text = filler_text(0, req.generated)
-        usage = {"prompt_tokens": req.prompt_tokens, "total_tokens": req.prompt_tokens + req.generated,
-                 "completion_tokens": req.generated, "prompt_tokens_details": None, "completion_tokens_details": None}
+        prompt = reqs[0].prompt_tokens
+        generated = sum(req.generated for req in reqs)
+        usage = {"prompt_tokens": prompt, "total_tokens": prompt + generated, "completion_tokens": generated,
+                 "prompt_tokens_details": None, "completion_tokens_details": None}
         if p.chat:
             body = {
                 "id": response_id, "object": "chat.completion", "created": created, "model": self.model,
                 "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text, "refusal": None, "annotations": None,
-                                "audio": None, "function_call": None, "reasoning": None},
+                    "index": index,
+                    "message": {"role": "assistant", "content": filler_text(0, req.generated), "refusal": None,
+                                "annotations": None, "audio": None, "function_call": None, "reasoning": None},
                     "logprobs": None, "finish_reason": req.finish_reason, "stop_reason": None,
                     "token_ids": None, "routed_experts": None,
-                }],
+                } for index, req in enumerate(reqs)],
                 "service_tier": None, "system_fingerprint": self.fingerprint, "usage": usage,
                 "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
                 "ec_transfer_params": None, "metrics": None,
@@ -531,15 +562,16 @@ class SimServer:
         else:
             body = {
                 "id": response_id, "object": "text_completion", "created": created, "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason,
-                             "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
-                             "prompt_token_ids": None, "routed_experts": None}],
+                "choices": [{"index": index, "text": filler_text(0, req.generated), "logprobs": None,
+                             "finish_reason": req.finish_reason, "stop_reason": None, "token_ids": None,
+                             "prompt_logprobs": None, "prompt_token_ids": None, "routed_experts": None}
+                            for index, req in enumerate(reqs)],
                 "service_tier": None, "system_fingerprint": self.fingerprint, "usage": usage,
                 "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
             }
         return web.Response(body=orjson.dumps(body), content_type="application/json", headers=extra_headers)
 
-    async def _stream(self, request: web.Request, req: SimRequest, p: Parsed, response_id: str,
+    async def _stream(self, request: web.Request, reqs: list[SimRequest], p: Parsed, response_id: str,
                       extra_headers: dict[str, str] | None) -> web.StreamResponse:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
                                                        **(extra_headers or {})})
@@ -548,7 +580,10 @@ class SimServer:
         head = (orjson.dumps({"id": response_id})[:-1] + shape.object_field + b',"created":'
                 + str(int(time.time())).encode() + b',"model":' + orjson.dumps(self.model))
         try:
-            await self._stream_events(resp, req, p, head, shape)
+            if len(reqs) == 1:
+                await self._stream_events(resp, reqs[0], p, head, shape)
+            else:
+                await self._stream_choices(resp, reqs, p, head, shape)
         except ConnectionResetError:
             pass  # the client went away; _generate's finally aborts the request
         return resp
@@ -591,6 +626,69 @@ class SimServer:
                 break
             await resp.write(b"".join(parts) if len(parts) > 1 else parts[0])
         await resp.write_eof()
+
+
+    async def _stream_choices(self, resp: web.StreamResponse, reqs: list[SimRequest], p: Parsed, head: bytes,
+                              shape: _SseShape) -> None:
+        """``n`` > 1: vLLM's stream of several answers. Each event carries one answer's new tokens under its
+        ``index``; an answer's events come as its engine request produces them, so answers interleave. Kept apart
+        from :meth:`_stream_events` so that the one-answer stream, nearly every request, pays nothing for it."""
+        prompt = reqs[0].prompt_tokens
+        fingerprint = b',"system_fingerprint":' + self._fingerprint_json
+        index = [b'"index":%d' % i for i in range(len(reqs))]
+        opens = [shape.open_choice.replace(b'"index":0', tag, 1) for tag in index]
+        sent = [0] * len(reqs)
+        parts: list[bytes] = []
+        if shape.role_choice is not None:  # one role chunk per answer, before any text (vLLM's first iteration)
+            for tag in index:
+                role = head + shape.role_choice.replace(b'"index":0', tag, 1)
+                if p.continuous_usage:
+                    role += b',"usage":' + _usage(prompt, 0, shape.usage_details)
+                parts.append(b"data: " + role + shape.role_tail + b"}\n\n")
+        waiting = {asyncio.ensure_future(req.next_tokens()): i for i, req in enumerate(reqs)}
+        try:
+            while waiting:
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done, key=waiting.__getitem__):
+                    i = waiting.pop(task)
+                    count, finished = task.result()  # next_tokens returns new tokens, the end, or both
+                    text = orjson.dumps(filler_text(sent[i], count))
+                    sent[i] += count
+                    if finished:
+                        close = shape.close_finished + orjson.dumps(reqs[i].finish_reason) + shape.finished_tail
+                    else:
+                        close = shape.close_running
+                        waiting[asyncio.ensure_future(reqs[i].next_tokens())] = i
+                    chunk = head + opens[i] + text + close
+                    if p.continuous_usage:
+                        chunk += b',"usage":' + _usage(prompt, sent[i], shape.usage_details)
+                    if finished and not p.include_usage:  # on every answer's last chunk, as vLLM does
+                        chunk += fingerprint
+                    parts.append(b"data: " + chunk + b"}\n\n")
+                if not waiting:
+                    if p.include_usage:
+                        parts.append(b"data: " + head + b',"choices":[],"usage":' + _usage(prompt, sum(sent))
+                                     + fingerprint + b"}\n\n")
+                    parts.append(b"data: [DONE]\n\n")
+                if parts:
+                    await resp.write(b"".join(parts))
+                    parts = []
+        finally:
+            for task in waiting:
+                task.cancel()
+        await resp.write_eof()
+
+
+def _check_choices(p: Parsed) -> web.Response | None:
+    """vLLM's SamplingParams checks of ``n``: at least 1, at most VLLM_MAX_N_SEQUENCES, and 1 when greedy."""
+    if p.n < 1:
+        return bad_request(f"n must be at least 1, got {p.n}.")
+    if p.n > MAX_CHOICES:
+        return bad_request(f"n must be at most {MAX_CHOICES}, got {p.n}. To increase this limit, set the "
+                           "VLLM_MAX_N_SEQUENCES environment variable.")
+    if p.n > 1 and p.greedy:
+        return bad_request(f"n must be 1 when using greedy sampling, got {p.n}.")
+    return None
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,9 @@ class TestTinyLlama:
             ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": "ten"}),
             ("/v1/chat/completions", {"model": model, "messages": chat,
                                       "max_tokens": tiny_stack.max_model_len + 1}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "n": 0}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "n": 2, "temperature": 0}),
+            ("/v1/completions", {"model": model, "prompt": "once", "n": 20000}),
         ]
         [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len))
         try:
@@ -199,6 +202,17 @@ class TestTinyLlama:
                                       "stream": True, "stream_options": {**usage, "continuous_usage_stats": True}}),
             ("/v1/completions", {"model": model, "prompt": "once", "max_tokens": 3, "ignore_eos": True,
                                  "stream": True, "stream_options": {**usage, "continuous_usage_stats": True}}),
+            # several answers (n): listed whole, interleaved in a stream, each with its index
+            ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": 3, "ignore_eos": True,
+                                      "n": 2}),
+            ("/v1/completions", {"model": model, "prompt": "once", "max_tokens": 3, "ignore_eos": True, "n": 2}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": 3, "ignore_eos": True,
+                                      "n": 2, "stream": True}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": 3, "ignore_eos": True,
+                                      "n": 2, "stream": True,
+                                      "stream_options": {**usage, "continuous_usage_stats": True}}),
+            ("/v1/completions", {"model": model, "prompt": "once", "max_tokens": 3, "ignore_eos": True, "n": 2,
+                                 "stream": True, "stream_options": usage}),
         ]
         [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len))
         try:
@@ -209,9 +223,19 @@ class TestTinyLlama:
                     if not body.get("stream"):
                         return _shape(orjson.loads(raw))
                     events = [e[len(b"data: "):] for e in raw.split(b"\n\n") if e.startswith(b"data: ")]
-                    shapes = [_shape(orjson.loads(e)) if e != b"[DONE]" else "[DONE]" for e in events]
-                    # the engines may cut the same tokens into a different number of like chunks
-                    return [s for i, s in enumerate(shapes) if i == 0 or s != shapes[i - 1]]
+                    assert events[-1] == b"[DONE]", (base, path, body)
+                    # Each answer's chunks apart (answers interleave as the engine happens to schedule them),
+                    # and the chunks of no answer (the usage chunk) apart; in each, a run of like chunks counts
+                    # once, since the engines may cut the same tokens into a different number of them.
+                    chunks = [orjson.loads(event) for event in events[:-1]]
+                    with_choices = [bool(chunk["choices"]) for chunk in chunks]
+                    assert with_choices == sorted(with_choices, reverse=True), (base, path, body)  # usage last
+                    by_answer: dict = {}
+                    for chunk in chunks:
+                        shapes = by_answer.setdefault(chunk["choices"][0]["index"] if chunk["choices"] else None, [])
+                        if not shapes or shapes[-1] != _shape(chunk):
+                            shapes.append(_shape(chunk))
+                    return by_answer
 
                 for path, body in cases:
                     real = await answer(tiny_stack.engine.url, path, body)
