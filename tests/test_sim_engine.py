@@ -71,6 +71,15 @@ async def _post_raw(url: str, body: dict) -> tuple[int, bytes]:
             return r.status, await r.read()
 
 
+async def _read_chunks(stream, count: int) -> None:
+    """Read ``count`` chunks of a stream and stop there, the stream left open (a client about to go away)."""
+    received = 0
+    async for _ in stream:
+        received += 1
+        if received == count:
+            return
+
+
 def _chat(content: str = "hello there") -> list[dict]:
     return [{"role": "user", "content": content}]
 
@@ -388,11 +397,7 @@ async def test_several_answers_refused_or_dropped_whole(start):
         assert (status, answer["error"]["message"], answer["error"]["param"]) == (400, message, None), body
     stream = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=900, n=2,
                                                   stream=True, extra_body={"ignore_eos": True})
-    received = 0
-    async for _ in stream:
-        received += 1
-        if received == 4:
-            break
+    await _read_chunks(stream, 4)
     assert engine.num_running + engine.num_waiting == 2
     status, answer, _ = await _post(handle.url + "/v1/chat/completions",
                                     {"model": MODEL, "messages": _chat(), "n": 2})
@@ -470,11 +475,7 @@ async def test_disconnect_mid_stream_aborts_request(start):
     engine = handle.engine
     stream = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=900, stream=True,
                                                   extra_body={"ignore_eos": True})
-    received = 0
-    async for _ in stream:
-        received += 1
-        if received == 5:
-            break
+    await _read_chunks(stream, 5)
     assert engine.num_running == 1
     await stream.close()
     await _wait_for(lambda: engine.num_running == 0, timeout=2.0)
