@@ -84,6 +84,43 @@ async def test_streams_carry_the_usage_the_engine_would_have_sent_the_client(gw)
     assert all(c.usage is None for c in got[:-1]) and got[-1].usage.completion_tokens == 4
 
 
+async def test_several_answers_through_the_gateway(gw):
+    """``n`` = 2 end to end on the simulated engines, as on a real vLLM: both answers and their summed usage reach
+    the client, whole and streamed (with and without the usage the gateway always asks the engine for), and a
+    client that leaves a stream of two answers frees both engine requests."""
+    messages = [{"role": "user", "content": "two drafts, please"}]
+    async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+        reply = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, n=2,
+                                                     extra_body={"ignore_eos": True})
+        assert [c.index for c in reply.choices] == [0, 1] and reply.usage.completion_tokens == 10
+        for options in (None, {"include_usage": True}, {"include_usage": True, "continuous_usage_stats": True}):
+            stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, n=2,
+                                                          stream=True, stream_options=options,
+                                                          extra_body={"ignore_eos": True})
+            chunks = [c async for c in stream]
+            texts = {0: "", 1: ""}
+            for chunk in chunks:
+                for choice in chunk.choices:
+                    texts[choice.index] += choice.delta.content or ""
+            assert [len(text.split()) for text in texts.values()] == [4, 4], options
+            if options is None:
+                assert all(c.usage is None for c in chunks)
+            else:
+                assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8, options
+        stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3000, n=2,
+                                                      stream=True, extra_body={"ignore_eos": True})
+        async for _ in stream:
+            break
+        await stream.close()
+    engines = [handle.engine for handle in gw._sim_handles]
+    for _ in range(100):
+        if gw.inflight == 0 and not any(e.num_running or e.num_waiting for e in engines):
+            break
+        await asyncio.sleep(0.01)
+    assert gw.inflight == 0 and not any(e.num_running or e.num_waiting for e in engines)
+    assert all(e.kv_usage() == 0.0 for e in engines)
+
+
 def test_sync_sdk_in_a_thread():
     """The sync client needs its own thread here because the gateway runs on this test's event loop."""
 
