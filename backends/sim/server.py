@@ -627,7 +627,6 @@ class SimServer:
             await resp.write(b"".join(parts) if len(parts) > 1 else parts[0])
         await resp.write_eof()
 
-
     async def _stream_choices(self, resp: web.StreamResponse, reqs: list[SimRequest], p: Parsed, head: bytes,
                               shape: _SseShape) -> None:
         """``n`` > 1: vLLM's stream of several answers. Each event carries one answer's new tokens under its
