@@ -84,7 +84,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 SIM_VERSION = "0.32.0+maestro.sim"
 LEGACY_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (vLLM and OpenAI)
 GREEDY_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: below it sampling is greedy, and n must be 1
-MAX_CHOICES = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default
+MAX_N_SEQUENCES = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default (the gateway allows 128, OpenAI's limit)
 
 BUSY_MESSAGE = ("The engine is currently busy and cannot accept new requests. Please try again later or on a "
                 "different instance.")
@@ -682,8 +682,8 @@ def _check_choices(p: Parsed) -> web.Response | None:
     """vLLM's SamplingParams checks of ``n``: at least 1, at most VLLM_MAX_N_SEQUENCES, and 1 when greedy."""
     if p.n < 1:
         return bad_request(f"n must be at least 1, got {p.n}.")
-    if p.n > MAX_CHOICES:
-        return bad_request(f"n must be at most {MAX_CHOICES}, got {p.n}. To increase this limit, set the "
+    if p.n > MAX_N_SEQUENCES:
+        return bad_request(f"n must be at most {MAX_N_SEQUENCES}, got {p.n}. To increase this limit, set the "
                            "VLLM_MAX_N_SEQUENCES environment variable.")
     if p.n > 1 and p.greedy:
         return bad_request(f"n must be 1 when using greedy sampling, got {p.n}.")
