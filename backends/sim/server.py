@@ -590,38 +590,22 @@ class SimServer:
 
     async def _stream_events(self, resp: web.StreamResponse, req: SimRequest, p: Parsed, head: bytes,
                              shape: _SseShape) -> None:
-        """The one SSE writer for both endpoints; ``shape`` carries the only bytes that differ between them."""
-        prompt = req.prompt_tokens
+        """The one SSE writer for both endpoints' one-answer streams (nearly every request); ``shape`` carries
+        the only bytes that differ between the endpoints."""
+        events = _SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json)
         sent = 0
-        role_choice = shape.role_choice
-        fingerprint = b',"system_fingerprint":' + self._fingerprint_json
+        role = shape.role_choice is not None
         while True:
             count, finished = await req.next_tokens()
             parts: list[bytes] = []
-            if role_choice is not None:
-                role = head + role_choice
-                role_choice = None
-                if p.continuous_usage:
-                    role += b',"usage":' + _usage(prompt, 0, shape.usage_details)
-                parts.append(b"data: " + role + shape.role_tail + b"}\n\n")
-            text = orjson.dumps(filler_text(sent, count))
+            if role:
+                parts.append(events.role(shape.role_choice))
+                role = False
+            if count or finished:
+                parts.append(events.tokens(shape.open_choice, sent, count, finished, req.finish_reason))
             sent += count
             if finished:
-                close = shape.close_finished + orjson.dumps(req.finish_reason) + shape.finished_tail
-            else:
-                close = shape.close_running
-            if count or finished:
-                chunk = head + shape.open_choice + text + close
-                if p.continuous_usage:
-                    chunk += b',"usage":' + _usage(prompt, sent, shape.usage_details)
-                if finished and not p.include_usage:  # the fingerprint rides on the last message
-                    chunk += fingerprint
-                parts.append(b"data: " + chunk + b"}\n\n")
-            if finished:
-                if p.include_usage:
-                    parts.append(b"data: " + head + b',"choices":[],"usage":' + _usage(prompt, sent) + fingerprint
-                                 + b"}\n\n")
-                parts.append(b"data: [DONE]\n\n")
+                parts.append(events.end(sent))
                 await resp.write(b"".join(parts))
                 break
             await resp.write(b"".join(parts) if len(parts) > 1 else parts[0])
@@ -631,19 +615,14 @@ class SimServer:
                               shape: _SseShape) -> None:
         """``n`` > 1: vLLM's stream of several answers. Each event carries one answer's new tokens under its
         ``index``; an answer's events come as its engine request produces them, so answers interleave. Kept apart
-        from :meth:`_stream_events` so that the one-answer stream, nearly every request, pays nothing for it."""
-        prompt = reqs[0].prompt_tokens
-        fingerprint = b',"system_fingerprint":' + self._fingerprint_json
+        from :meth:`_stream_events` so that the one-answer stream pays nothing for the waiting on several."""
+        events = _SseEvents(head, shape, p, reqs[0].prompt_tokens, self._fingerprint_json)
         index = [b'"index":%d' % i for i in range(len(reqs))]
         opens = [shape.open_choice.replace(b'"index":0', tag, 1) for tag in index]
         sent = [0] * len(reqs)
         parts: list[bytes] = []
         if shape.role_choice is not None:  # one role chunk per answer, before any text (vLLM's first iteration)
-            for tag in index:
-                role = head + shape.role_choice.replace(b'"index":0', tag, 1)
-                if p.continuous_usage:
-                    role += b',"usage":' + _usage(prompt, 0, shape.usage_details)
-                parts.append(b"data: " + role + shape.role_tail + b"}\n\n")
+            parts.extend(events.role(shape.role_choice.replace(b'"index":0', tag, 1)) for tag in index)
         waiting = {asyncio.ensure_future(req.next_tokens()): i for i, req in enumerate(reqs)}
         try:
             while waiting:
@@ -651,24 +630,12 @@ class SimServer:
                 for task in sorted(done, key=waiting.__getitem__):
                     i = waiting.pop(task)
                     count, finished = task.result()  # next_tokens returns new tokens, the end, or both
-                    text = orjson.dumps(filler_text(sent[i], count))
+                    parts.append(events.tokens(opens[i], sent[i], count, finished, reqs[i].finish_reason))
                     sent[i] += count
-                    if finished:
-                        close = shape.close_finished + orjson.dumps(reqs[i].finish_reason) + shape.finished_tail
-                    else:
-                        close = shape.close_running
+                    if not finished:
                         waiting[asyncio.ensure_future(reqs[i].next_tokens())] = i
-                    chunk = head + opens[i] + text + close
-                    if p.continuous_usage:
-                        chunk += b',"usage":' + _usage(prompt, sent[i], shape.usage_details)
-                    if finished and not p.include_usage:  # on every answer's last chunk, as vLLM does
-                        chunk += fingerprint
-                    parts.append(b"data: " + chunk + b"}\n\n")
                 if not waiting:
-                    if p.include_usage:
-                        parts.append(b"data: " + head + b',"choices":[],"usage":' + _usage(prompt, sum(sent))
-                                     + fingerprint + b"}\n\n")
-                    parts.append(b"data: [DONE]\n\n")
+                    parts.append(events.end(sum(sent)))
                 if parts:
                     await resp.write(b"".join(parts))
                     parts = []
@@ -676,6 +643,51 @@ class SimServer:
             for task in waiting:
                 task.cancel()
         await resp.write_eof()
+
+
+class _SseEvents:
+    """The events of one stream, as bytes: the role chunk, a chunk of new tokens, the end (usage chunk where
+    asked for, ``[DONE]``). One builder for the one-answer and the several-answer writers, which differ only in
+    which answers' chunks they send when."""
+
+    __slots__ = ("head", "shape", "prompt", "continuous_usage", "include_usage", "fingerprint")
+
+    def __init__(self, head: bytes, shape: _SseShape, p: Parsed, prompt: int, fingerprint_json: bytes) -> None:
+        self.head = head
+        self.shape = shape
+        self.prompt = prompt
+        self.continuous_usage = p.continuous_usage
+        self.include_usage = p.include_usage
+        self.fingerprint = b',"system_fingerprint":' + fingerprint_json
+
+    def role(self, role_choice: bytes) -> bytes:
+        """Chat's first chunk of an answer (its role, empty content)."""
+        role = self.head + role_choice
+        if self.continuous_usage:
+            role += b',"usage":' + _usage(self.prompt, 0, self.shape.usage_details)
+        return b"data: " + role + self.shape.role_tail + b"}\n\n"
+
+    def tokens(self, open_choice: bytes, sent: int, count: int, finished: bool, finish_reason: str | None) -> bytes:
+        """The chunk of an answer's ``count`` new tokens after its ``sent`` ones (the last one when ``finished``)."""
+        shape = self.shape
+        if finished:
+            close = shape.close_finished + orjson.dumps(finish_reason) + shape.finished_tail
+        else:
+            close = shape.close_running
+        chunk = self.head + open_choice + orjson.dumps(filler_text(sent, count)) + close
+        if self.continuous_usage:  # this answer's tokens so far
+            chunk += b',"usage":' + _usage(self.prompt, sent + count, shape.usage_details)
+        if finished and not self.include_usage:  # the fingerprint rides on (each answer's) last message
+            chunk += self.fingerprint
+        return b"data: " + chunk + b"}\n\n"
+
+    def end(self, completion: int) -> bytes:
+        """After the last answer's last chunk: the usage chunk (all answers' tokens) where asked for, then [DONE]."""
+        usage = b""
+        if self.include_usage:
+            usage = (b"data: " + self.head + b',"choices":[],"usage":' + _usage(self.prompt, completion)
+                     + self.fingerprint + b"}\n\n")
+        return usage + b"data: [DONE]\n\n"
 
 
 def _check_choices(p: Parsed) -> web.Response | None:
