@@ -16,7 +16,6 @@ from gateway.config import Config, ConfigError, default_config, load_config
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # a Ctrl-C before the signal handlers are in place (128 + SIGINT, as shells report it)
-MAX_PORT = 65535
 
 
 def _load(path: str | None) -> Config:
@@ -60,6 +59,8 @@ async def _run_until_signal(start, stop) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.listen import MAX_PORT
+
     if args.port is not None and not 0 <= args.port <= MAX_PORT:
         print(f"maestro serve: --port must be from 0 to {MAX_PORT}, got {args.port}", file=sys.stderr)
         return EXIT_CONFIG
@@ -82,20 +83,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_sim_engines(args: argparse.Namespace) -> int:
     from backends.sim import SimEngineOptions, serve_sim_engines_forever
+    from backends.sim.runner import check_serve_counts
 
     options = SimEngineOptions(model=args.model, max_model_len=args.max_model_len, time_scale=args.time_scale,
                                scheduling_policy=args.scheduling_policy, max_num_seqs=args.max_num_seqs,
                                kv_blocks=args.kv_blocks, mean_output_tokens=args.mean_output_tokens)
     try:
         options.validate()
-        for name in ("count", "dit_count", "base_port"):
-            if getattr(args, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-        if args.count + args.dit_count == 0:
-            raise ValueError("nothing to serve: --count and --dit-count are both 0")
-        if args.base_port and args.base_port + args.count + args.dit_count - 1 > MAX_PORT:
-            raise ValueError(f"--base-port {args.base_port} leaves no room for {args.count + args.dit_count} "
-                             f"engines below port {MAX_PORT + 1}")
+        check_serve_counts(args.count, args.dit_count, args.base_port)
     except ValueError as exc:
         print(f"maestro sim-engines: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 from aiohttp import web
 
+MAX_PORT = 65535
+
 
 class CannotListen(OSError):
     """The listener could not be opened on ``host:port``; ``strerror`` says where and why."""

@@ -152,3 +152,16 @@ def test_a_busy_port_or_a_bad_option_is_one_line(tmp_path):
         done = subprocess.run([sys.executable, "-m", "gateway.cli", *args], capture_output=True,
                               text=True, cwd=REPO, timeout=60)
         assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("argv, says", [(["--count", "0"], "nothing to serve"),
+                                        (["--dit-count", "-1"], "--dit-count must be >= 0"),
+                                        (["--count", "2", "--base-port", "65535"], "no room for 2 engines")])
+def test_the_sim_module_refuses_counts_and_ports_as_maestro_sim_engines(argv, says, capsys):
+    """``python -m backends.sim`` shares ``maestro sim-engines``' checks (it served nothing forever on a count
+    of 0, and wrapped ports past 65535)."""
+    from backends.sim.__main__ import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and says in capsys.readouterr().err

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 
 from backends.sim.options import SimDiTOptions, SimEngineOptions
-from backends.sim.runner import serve_sim_engines_forever
+from backends.sim.runner import check_serve_counts, serve_sim_engines_forever
 from gateway.listen import CannotListen
 
 
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         wake_delay_s=args.wake_delay_s, max_num_queued_reqs=args.max_num_queued_reqs, seed=args.seed)
     try:
         options.validate()
+        check_serve_counts(args.count, args.dit_count, args.base_port)
     except ValueError as exc:
         parser.error(str(exc))
     dit_options = SimDiTOptions(time_scale=args.time_scale, seed=args.seed)

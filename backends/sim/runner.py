@@ -14,7 +14,7 @@ from backends.sim.dit import SimDiTEngine, SimDiTServer
 from backends.sim.engine import SimEngine
 from backends.sim.options import SimDiTOptions, SimEngineOptions
 from backends.sim.server import SimServer
-from gateway.listen import start_site, stop_signals
+from gateway.listen import MAX_PORT, start_site, stop_signals
 
 EngineT = TypeVar("EngineT", SimEngine, SimDiTEngine)
 HandleT = TypeVar("HandleT", bound="SimHandle")
@@ -131,6 +131,20 @@ async def start_sim_dit_engines(count: int, options: SimDiTOptions | None = None
         return SimDiTHandle(url, engine, runner)
 
     return await _start_each(count, start_one)
+
+
+def check_serve_counts(count: int, dit_count: int, base_port: int) -> None:
+    """ValueError unless the engine counts and ports can be served: counts and port not negative, at least one
+    engine, and with a ``base_port`` every engine's port at most 65535 (uvloop would wrap a larger one). Both
+    command lines that serve simulated engines (``maestro sim-engines``, ``python -m backends.sim``) call it."""
+    for name, value in (("count", count), ("dit-count", dit_count), ("base-port", base_port)):
+        if value < 0:
+            raise ValueError(f"--{name} must be >= 0, got {value}")
+    if count + dit_count == 0:
+        raise ValueError("nothing to serve: --count and --dit-count are both 0")
+    if base_port and base_port + count + dit_count - 1 > MAX_PORT:
+        raise ValueError(f"--base-port {base_port} leaves no room for {count + dit_count} engines below port "
+                         f"{MAX_PORT + 1}")
 
 
 async def serve_sim_engines_forever(count: int, options: SimEngineOptions, host: str = "127.0.0.1",
