@@ -83,14 +83,15 @@ def normalize_role(value: Any) -> str | None:
 
 
 def header(headers: Mapping[str, str] | None, name: str) -> str | None:
-    """Case-insensitive header lookup that works for plain dicts and aiohttp's CIMultiDict alike."""
+    """Case-insensitive header lookup that works for plain dicts and aiohttp's CIMultiDict alike. A key that is
+    not a string (a dict built in code, not an HTTP request) names no header and is skipped."""
     if not headers:
         return None
     value = headers.get(name)
     if value is None:
         lower = name.lower()
         for key, item in headers.items():
-            if key.lower() == lower:
+            if isinstance(key, str) and key.lower() == lower:
                 return item
     return value
 

@@ -431,7 +431,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="Q", help="levels the p90 trees may be fitted at before calibration, e.g. "
                                           "0.7 0.8 0.9; the one that reserves least out of fold is kept "
                                           "(default 0.9; lower levels cover unseen frameworks less well)")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="print only errors (no progress lines, no summary)")
 
 
 def fit_level(text: str) -> float:

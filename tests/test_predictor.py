@@ -278,6 +278,15 @@ def test_a_body_or_headers_that_are_not_mappings_are_refused_clearly(predictor, 
         predictor.predict_many([body], [headers])
 
 
+def test_header_keys_that_are_not_strings_name_no_header(predictor):
+    """A headers dict built in code may hold keys of any type; they are skipped, not an AttributeError, and the
+    header named in any case beside them is still found."""
+    body = {"model": "model-a", "messages": [{"role": "user", "content": "hi"}]}
+    prediction = predictor.predict(body, {1: "x", b"x-agent-role": "planner", "x-agent-role": "Code Reviewer"})
+    assert prediction.role == "reviewer" and prediction.role_source == "explicit"
+    assert predictor.predict(body, {None: "coder"}).role_source != "explicit"
+
+
 def test_length_model_tracks_the_signal(predictor):
     planner = predictor.predict(chat(AGENTS["planner"][0], "Plan the next milestone for a chess clock."))
     coder = predictor.predict(chat(AGENTS["coder"][0], "Implement a chess clock in Python with 6 functions."))
