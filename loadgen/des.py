@@ -93,6 +93,8 @@ from gateway.core.request import DEFAULT_SLO_CLASSES, INTERACTIVE, SchedRequest,
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from loadgen.results import RequestResult, RunResult, WorkflowResult
 from loadgen.workload import Workload
+from predictor.features import explicit_role_of
+from predictor.predictor import DEFAULT_PRIORS
 
 INF = math.inf
 # Re-key the queues when the learned mean step time moved 5 % from the one in use (smaller moves reorder little
@@ -212,47 +214,20 @@ class SimplePrediction:
     kv_bytes: int = 0
 
 
-_FALLBACK_PRIORS = {"planner": (150, 700), "coder": (550, 1600), "reviewer": (300, 800), "tester": (250, 900),
-                    "tool_caller": (60, 300), "researcher": (250, 900), "writer": (450, 1300),
-                    "assistant": (350, 1000), "other": (250, 1000)}
-
-
-def _role_of(body: Mapping[str, Any], headers: Mapping[str, str] | None) -> str | None:
-    value = None
-    if headers:
-        for key, item in headers.items():
-            if key.lower() == "x-agent-role":
-                value = item
-                break
-    if value is None and isinstance(body.get("metadata"), dict):
-        value = body["metadata"].get("agent_role")
-    if not isinstance(value, str) or not value.strip():
-        return None
-    try:
-        from predictor.features import normalize_role
-    except ImportError:  # pragma: no cover - the predictor package is part of the repo
-        return value.strip().lower()
-    return normalize_role(value)
-
-
 class PriorPredictor:
     """Per-role priors (p50, p90) of output tokens: the predictor to use when no trained model is given.
 
-    The role is the caller's explicit label (``X-Agent-Role`` or ``metadata.agent_role``), else ``other``. Priors
-    default to the predictor package's ``DEFAULT_PRIORS``."""
+    The role is the caller's explicit label, read by the predictor's own rule
+    (:func:`predictor.features.explicit_role_of`: ``X-Agent-Role``, then ``metadata.agent_role``), else ``other``.
+    Priors default to the predictor package's ``DEFAULT_PRIORS``."""
 
     def __init__(self, priors: Mapping[str, tuple[int, int]] | None = None, kv_bytes_per_token: int = 131072) -> None:
-        if priors is None:
-            try:
-                from predictor.predictor import DEFAULT_PRIORS as priors  # type: ignore[no-redef]
-            except ImportError:  # pragma: no cover
-                priors = _FALLBACK_PRIORS
-        self.priors = {k: (int(v[0]), int(v[1])) for k, v in priors.items()}
-        self.priors.setdefault("other", _FALLBACK_PRIORS["other"])
+        self.priors = {k: (int(v[0]), int(v[1])) for k, v in (DEFAULT_PRIORS if priors is None else priors).items()}
+        self.priors.setdefault("other", DEFAULT_PRIORS["other"])
         self.kv_bytes_per_token = kv_bytes_per_token
 
     def predict(self, body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> SimplePrediction:
-        role = _role_of(body, headers) or "other"
+        role = explicit_role_of(body, headers) or "other"
         p50, p90 = self.priors.get(role, self.priors["other"])
         cap = body.get("max_tokens")
         if isinstance(cap, int) and cap > 0:
