@@ -93,7 +93,7 @@ from gateway.core.request import DEFAULT_SLO_CLASSES, INTERACTIVE, SchedRequest,
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from loadgen.results import RequestResult, RunResult, WorkflowResult
 from loadgen.workload import Workload
-from predictor.features import explicit_role_of
+from predictor.features import explicit_role_of, max_tokens_of
 from predictor.predictor import DEFAULT_PRIORS
 
 INF = math.inf
@@ -218,8 +218,9 @@ class PriorPredictor:
     """Per-role priors (p50, p90) of output tokens: the predictor to use when no trained model is given.
 
     The role is the caller's explicit label, read by the predictor's own rule
-    (:func:`predictor.features.explicit_role_of`: ``X-Agent-Role``, then ``metadata.agent_role``), else ``other``.
-    Priors default to the predictor package's ``DEFAULT_PRIORS``."""
+    (:func:`predictor.features.explicit_role_of`: ``X-Agent-Role``, then ``metadata.agent_role``), else ``other``;
+    the cap is the request's, by the same rule (:func:`predictor.features.max_tokens_of`). Priors default to the
+    predictor package's ``DEFAULT_PRIORS``."""
 
     def __init__(self, priors: Mapping[str, tuple[int, int]] | None = None, kv_bytes_per_token: int = 131072) -> None:
         self.priors = {k: (int(v[0]), int(v[1])) for k, v in (DEFAULT_PRIORS if priors is None else priors).items()}
@@ -229,8 +230,8 @@ class PriorPredictor:
     def predict(self, body: Mapping[str, Any], headers: Mapping[str, str] | None = None) -> SimplePrediction:
         role = explicit_role_of(body, headers) or "other"
         p50, p90 = self.priors.get(role, self.priors["other"])
-        cap = body.get("max_tokens")
-        if isinstance(cap, int) and cap > 0:
+        cap = max_tokens_of(body)
+        if cap is not None:
             p50, p90 = min(p50, cap), min(p90, cap)
         return SimplePrediction(role, 1.0 if role != "other" else 0.0, p50, max(p50, p90))
 

@@ -374,6 +374,7 @@ def test_prior_predictor_uses_the_explicit_role_and_caps_by_max_tokens():
     assert (p.predict({"max_tokens": 4096}, {"X-Agent-Role": "coder"}).p90) == 1500
     assert p.predict({"max_tokens": 1000}, {"x-agent-role": "programmer"}).p90 == 1000
     assert p.predict({}, None).role == "other"
+    assert p.predict({"max_completion_tokens": 700, "max_tokens": 900}, {"X-Agent-Role": "coder"}).p90 == 700
     # the predictor's own rule: a header that names no role leaves the metadata's label to decide
     assert p.predict({"metadata": {"agent_role": "Programmer"}}, {"X-Agent-Role": "Alice"}).role == "coder"
     assert PriorPredictor().priors == DEFAULT_PRIORS and PriorPredictor({}).priors == {"other": DEFAULT_PRIORS["other"]}
