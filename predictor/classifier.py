@@ -252,7 +252,9 @@ class TextModel:
     def classify(self, view: RequestView) -> tuple[str, float, float]:
         """(role, confidence, text length score); the role is ``other`` below the threshold."""
         probs, length_score = self.scores(view)
-        if not self._n_classes:
+        if self._n_classes < 2:
+            # one labelled role (one client that sends X-Agent-Role) is nothing to tell apart: its softmax is
+            # 1.0 for every text, which would give that role to every request
             return "other", 0.0, length_score
         best = int(probs.argmax())
         confidence = float(probs[best])

@@ -23,7 +23,7 @@ import orjson
 from predictor.kv import MAX_CHOICES
 from predictor.role_labels import label_rules
 from predictor.tokens import (REPLY_PRIMING, estimate_completion_tokens, estimate_single_message_tokens,
-                              estimate_tokens)
+                              estimate_tokens, text_of)
 from predictor.trace import ROLES
 
 # Explicit workflow context: headers first, then the OpenAI ``metadata`` object of the body.
@@ -297,7 +297,7 @@ def parse_request(body: Mapping[str, Any], headers: Mapping[str, str] | None = N
         try:
             tools_tokens = estimate_tokens(orjson.dumps(tools).decode())
         except TypeError:  # not JSON (only possible for bodies built in code)
-            tools_tokens = estimate_tokens(str(tools))
+            tools_tokens = estimate_tokens(text_of(tools))
     tool_choice = body.get("tool_choice")
     if tool_choice is None or tool_choice == "none":
         tool_choice_code = 0.0

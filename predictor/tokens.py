@@ -79,12 +79,45 @@ _SPACE_OR_NOT = bytes(32 if i == 32 else 120 for i in range(256))
 NUMPY_WORD_COUNT_BYTES = 2048
 
 
+# At most this many keys and scalars are read from a value too deeply nested for ``str()`` (see text_of).
+FLAT_TEXT_MAX_ITEMS = 100_000
+
+
+def text_of(value: Any) -> str:
+    """``str(value)``: the text a token estimate reads from a value that is not text where a request may carry
+    one (tool-call arguments as an object, a number as content). A body may nest up to 1024 levels (orjson's
+    limit, which the gateway's parser keeps), and ``str()`` recurses once a level, so past Python's recursion
+    limit it raises: such a value is read as its keys and scalars instead, gathered without recursion (at most
+    ``FLAT_TEXT_MAX_ITEMS``), so that a prediction never fails on a body the gateway accepted."""
+    try:
+        return str(value)
+    except RecursionError:
+        return _flat_text(value)
+
+
+def _flat_text(value: Any) -> str:
+    """The keys and scalars of a nested value, space-separated, read with a stack instead of recursion."""
+    parts: list[str] = []
+    stack = [value]
+    while stack and len(parts) < FLAT_TEXT_MAX_ITEMS:
+        item = stack.pop()
+        if isinstance(item, Mapping):
+            for key, child in item.items():
+                parts.append(key if isinstance(key, str) else repr(key))
+                stack.append(child)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+        else:
+            parts.append(item if isinstance(item, str) else repr(item))
+    return " ".join(parts)
+
+
 def estimate_tokens(text: str) -> int:
     """Estimated token count of ``text`` (0 for the empty string, at least 1 otherwise)."""
     if not text:
         return 0
     if not isinstance(text, str):
-        text = str(text)
+        text = text_of(text)
     chars = len(text)
     data = text.encode("utf-8", "surrogatepass")
     extra = len(data) - chars
@@ -121,7 +154,7 @@ def content_tokens(content: Any) -> int:
                 elif isinstance(part.get("content"), str):
                     total += estimate_tokens(part["content"])
         return total
-    return estimate_tokens(str(content))
+    return estimate_tokens(text_of(content))
 
 
 def _function_tokens(function: Any) -> int:
@@ -129,7 +162,7 @@ def _function_tokens(function: Any) -> int:
         return 0
     arguments = function.get("arguments")
     if arguments is not None and not isinstance(arguments, str):
-        arguments = str(arguments)
+        arguments = text_of(arguments)
     return TOOL_CALL_OVERHEAD + estimate_tokens(function.get("name") or "") + estimate_tokens(arguments or "")
 
 
@@ -150,7 +183,7 @@ def tool_call_tokens(message: Mapping[str, Any]) -> int:
 def estimate_single_message_tokens(message: Mapping[str, Any]) -> int:
     """One message inside a prompt: framing + content + name + tool calls (no reply priming)."""
     if not isinstance(message, dict) and not isinstance(message, Mapping):  # dict first: an ABC check is slower
-        return MESSAGE_OVERHEAD + estimate_tokens(str(message))
+        return MESSAGE_OVERHEAD + estimate_tokens(text_of(message))
     content = message.get("content")
     total = MESSAGE_OVERHEAD + (estimate_tokens(content) if type(content) is str else content_tokens(content))
     total += tool_call_tokens(message)

@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -242,6 +243,37 @@ def test_any_body_gets_ordered_capped_quantiles(predictor, body, headers):
     cap = max_tokens_of(body)
     if cap is not None:
         assert p.p90 <= cap
+
+
+def test_bodies_nested_as_deep_as_json_allows_are_predicted(predictor):
+    """orjson (the gateway's parser) reads up to 1024 levels; str() of such a value passes Python's recursion
+    limit, and a token estimate must not raise where the gateway accepted the body."""
+    deep = "[" * 1000 + "]" * 1000
+    bodies = [
+        '{"messages":[{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"f",'
+        '"parameters":' + '{"a":' * 1000 + '{}' + '}' * 1000 + '}}]}',
+        '{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":null,"tool_calls":'
+        '[{"id":"1","type":"function","function":{"name":"f","arguments":' + deep + '}}]}]}',
+        '{"messages":[{"role":"user","content":' + deep + '}]}',
+        '{"messages":[' + deep + ']}',
+    ]
+    for raw in bodies:
+        p = predictor.predict(orjson.loads(raw))
+        assert 1 <= p.p50 <= p.p90 and p.kv_bytes > 0
+
+
+def test_one_labelled_role_is_nothing_to_classify_by():
+    """Traffic where only one client sends X-Agent-Role trains one class, whose softmax is 1.0 for any text:
+    the classifier must not give that role to every other request."""
+    records = synthetic_records(20)
+    for record in records:
+        if record["agent_role"] != "coder":
+            record["agent_role"] = None
+    model = Predictor.from_state(fit_state(records, FAST))
+    assert model.text_model.classes == ["coder"]
+    p = model.predict(chat(AGENTS["planner"][0], "Plan the steps of a trip to Rome"))
+    assert (p.role, p.confidence, p.role_source) == ("other", 0.0, "classifier")
+    assert model.predict(chat("", "hi"), {"X-Agent-Role": "coder"}).role == "coder"
 
 
 @pytest.mark.parametrize("role, word", [
@@ -530,6 +562,10 @@ def _set_first(array, value):
     (("length_model", "forest", "value"), lambda a: np.asarray(a)[:5], "tree node arrays of different shapes"),
     (("length_model", "forest", "tree_model"), lambda a: _set_first(a, 9), "tree model index out of range"),
     (("length_model", "forest", "feature"), lambda a: _set_first(a, -1), "a negative feature index"),
+    (("length_model", "forest", "left"), lambda a: _set_first(a, 1), "a tree node reached twice"),  # a root
+    (("length_model", "forest", "left"), lambda a: _set_first(a, 0), "half a leaf"),
+    (("length_model", "forest", "depth"), 0, "but a walk of depth 0"),  # would stop inside the trees
+    (("length_model", "forest", "depth"), 2_000_000, "but a walk of depth 2000000"),  # seconds a request
     (("length_model", "quantiles"), [0.5], "1 quantiles, 2 boosted models"),
     (("text_model",), None, "no text_model"),
     (("length_model",), None, "no length_model"),
