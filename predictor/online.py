@@ -192,17 +192,22 @@ class FileTraceBuffer(MemoryBuffer):
 
     def _read_back(self) -> None:
         """Load the file's latest records. A last line without its newline is what a crash mid-write leaves:
-        it is cut off, so that the next batch starts on a line of its own; and where some lines are not trace
-        records (an edit, another program's lines), the file is rewritten with the latest records: it stays one
-        that ``maestro predictor train --data`` reads."""
+        it is cut off, so that the next batch starts on a line of its own (unless it is a whole record that only
+        lacked the newline, from a file another tool wrote: the newline is added); and where some lines are not
+        trace records (an edit, another program's lines), the file is rewritten with the latest records: it
+        stays one that ``maestro predictor train --data`` reads."""
         skipped = 0
         with open(self.path, "r+b") as handle:
             complete = 0
             for line in handle:
                 if not line.endswith(b"\n"):
-                    handle.truncate(complete)
-                    log.warning("trace buffer %s: cut off a torn last line (%d bytes)", self.path, len(line))
-                    break
+                    if _is_record(line):  # whole, only its newline missing (a file written by another tool)
+                        handle.write(b"\n")
+                        line += b"\n"
+                    else:
+                        handle.truncate(complete)
+                        log.warning("trace buffer %s: cut off a torn last line (%d bytes)", self.path, len(line))
+                        break
                 complete += len(line)
                 self._lines_on_disk += 1
                 if not _is_record(line):
@@ -232,9 +237,10 @@ class FileTraceBuffer(MemoryBuffer):
 
     async def _flush_later(self) -> None:
         """Write the pending lines ``flush_after_s`` from now; while writes fail, try again every
-        ``flush_after_s`` until one succeeds (``close()`` cancels this)."""
+        ``flush_after_s`` until one succeeds (``close()`` cancels this). Lines appended while this timer's write
+        was running found the timer still alive and started none of their own: they go ``flush_after_s`` later."""
         await asyncio.sleep(self.flush_after_s)
-        while not await self._flush_or_log():
+        while not await self._flush_or_log() or self._pending:
             await asyncio.sleep(self.flush_after_s)
 
     async def _flush_or_log(self) -> bool:

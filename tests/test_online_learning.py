@@ -228,6 +228,16 @@ async def test_file_buffer_cuts_a_torn_last_line(tmp_path):
     assert [r["usage"]["completion_tokens"] for r in await FileTraceBuffer(path).snapshot()] == [0, 1, 2, 4, 5]
 
 
+async def test_file_buffer_keeps_a_whole_last_record_that_lacks_its_newline(tmp_path):
+    """A seed file written by another tool may end without a newline: its last record is whole and is kept."""
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(orjson.dumps(trace(0)) + b"\n" + orjson.dumps(trace(1)))
+    buffer = FileTraceBuffer(path, maxlen=100, flush_every=1)
+    await buffer.append(trace(2))
+    tokens = [orjson.loads(line)["usage"]["completion_tokens"] for line in path.read_bytes().splitlines()]
+    assert tokens == [0, 1, 2]
+
+
 async def test_file_buffer_rewrites_a_file_with_lines_that_are_no_records(tmp_path):
     """The buffer file is one `maestro predictor train --data` reads: lines that are no trace records (an edit,
     another program) are dropped from it at start, not only from memory."""
@@ -389,6 +399,21 @@ async def test_file_buffer_writes_light_traffic_within_a_second(tmp_path):
     assert not path.exists()  # batched...
     await asyncio.sleep(0.3)
     assert path.read_bytes() == b'{"i":0}\n'  # ...but not kept for 63 more records
+    await buffer.close()
+
+
+async def test_a_record_appended_during_the_timers_write_is_written_by_the_timer(tmp_path, monkeypatch):
+    """The second record finds the timer alive (its write is running) and starts none: the timer must still
+    write it, not leave it in memory until the next append."""
+    path = tmp_path / "records.jsonl"
+    buffer = FileTraceBuffer(path, flush_every=64, flush_after_s=0.05)
+    slow_append = buffer._append
+    monkeypatch.setattr(buffer, "_append", lambda lines: (time.sleep(0.2), slow_append(lines)))
+    await buffer.append({"i": 0})
+    await asyncio.sleep(0.1)  # the timer's write of the first record is running
+    await buffer.append({"i": 1})
+    await asyncio.sleep(0.6)
+    assert path.read_bytes() == b'{"i":0}\n{"i":1}\n'
     await buffer.close()
 
 
