@@ -744,6 +744,8 @@ async def _steps(gw, workflow_id: str, steps: int) -> bool:
     ({}, {"workflow_id": "wf-bad", "workflow_step": True}, "metadata.workflow_step"),
     ({}, {"workflow_id": "wf-bad", "workflow_step": "¹"}, "metadata.workflow_step"),  # str.isdigit says yes
     ({}, {"workflow_id": "wf-bad", "workflow_step": "٣"}, "metadata.workflow_step"),  # int() takes it; we do not
+    ({}, {"workflow_id": "wf-bad", "workflow_step": 1e20}, "metadata.workflow_step"),  # past a record's int64
+    ({}, {"workflow_id": "wf-bad", "workflow_steps": 10**19}, "metadata.workflow_steps"),
     ({}, {"workflow_id": "wf-bad", "workflow_deadline_ms": [1]}, "metadata.workflow_deadline_ms"),
     ({"X-Workflow-Id": "wf-bad"}, {"slo_class": "platinum"}, "metadata.slo_class"),
     ({}, {"workflow_id": 12}, "metadata.workflow_id"),

@@ -59,6 +59,11 @@ class WorkflowContext:
                 and self.slo_class is None and self.expected_steps is None)
 
 
+# The largest step or step count: 18 digits, as a header may carry, and within the 64-bit integers that orjson
+# writes into a workflow's record (a JSON number past 2**64 is read as a float, and 1e20 is an integer float).
+MAX_INTEGER = 10**18 - 1
+
+
 def _integer(value: Any, where: str, minimum: int) -> int:
     if isinstance(value, bool):
         raise bad_request(f"'{where}' must be an integer, got a boolean.", where, "invalid_workflow_context")
@@ -73,6 +78,9 @@ def _integer(value: Any, where: str, minimum: int) -> int:
                           "invalid_workflow_context")
     if number < minimum:
         raise bad_request(f"'{where}' must be at least {minimum}, got {number}.", where, "invalid_workflow_context")
+    if number > MAX_INTEGER:
+        raise bad_request(f"'{where}' must be at most {MAX_INTEGER}, got {str(number)[:40]}.", where,
+                          "invalid_workflow_context")
     return number
 
 
