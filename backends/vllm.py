@@ -41,6 +41,9 @@ class EngineClient:
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout_s),
                 auto_decompress=False,  # relay bytes as the engine sent them
+                # ...so ask for them uncompressed: aiohttp would otherwise send "Accept-Encoding: gzip, deflate",
+                # and an engine behind a compressing proxy would send gzip bytes the client never asked for
+                headers={"Accept-Encoding": "identity"},
                 skip_auto_headers=("User-Agent",),
             )
         return self._session

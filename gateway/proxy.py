@@ -26,8 +26,10 @@ from gateway.config import Config
 from gateway.metrics import GatewayMetrics
 from gateway.registry import EngineRegistry
 
+# ConnectionTimeoutError (sock_connect passed) is a TimeoutError but no ClientConnectorError: named here, or it
+# would be taken for an engine that is too slow to answer (a 504) instead of one that could not be reached
 _RETRYABLE_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
-                             aiohttp.ClientOSError)
+                             aiohttp.ClientOSError, aiohttp.ConnectionTimeoutError)
 _STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
 
@@ -49,7 +51,8 @@ class RelayJob:
     upstream_s: float = -1.0  # time spent waiting on the engine (non-streaming), for the overhead metric
     engine_id: str | None = None  # the engine the scheduler admitted it to (first attempt), None: route here
     pool_engines: frozenset[str] | None = None  # first attempt only among these (the pool cluster routing chose)
-    ticket: Any = None  # gateway.scheduling.Ticket while a KV reservation is held (grown while streaming)
+    ticket: Any = None  # gateway.scheduling.Ticket once admitted (moved on a retry, its KV grown while streaming)
+    stream_failed: bool = False  # the stream began (HTTP 200) but did not end: the engine failed or the client left
     usage: dict[str, Any] | None = None  # the engine's usage once known
     trace_body: dict[str, Any] | None = None  # the client's own body, for online learning (None: not recorded)
 
@@ -254,6 +257,7 @@ class Proxy:
             if completed:
                 upstream.release()
             else:
+                job.stream_failed = True
                 upstream.close()  # client gone or engine failed: drop the connection so the engine aborts
         return response
 
@@ -276,10 +280,14 @@ class Proxy:
             if tail:
                 await response.write(tail)
             return True
-        except asyncio.TimeoutError:
+        except aiohttp.ServerTimeoutError:  # sock_read: nothing came for stream_idle_s
             self.metrics.upstream_error(engine_id, "stream_idle")
             await self._end_stream_with_error(response, f"Engine {engine_id} sent nothing for "
                                                         f"{self.stream_idle_s:g} s; the stream was cut.")
+        except asyncio.TimeoutError:  # the whole request's limit
+            self.metrics.upstream_error(engine_id, "timeout")
+            await self._end_stream_with_error(response, f"Engine {engine_id} did not finish within "
+                                                        f"{self.total_timeout_s:g} s; the stream was cut.")
         except aiohttp.ClientPayloadError:
             self.metrics.upstream_error(engine_id, "disconnect")
             await self._end_stream_with_error(response, f"Engine {engine_id} dropped the stream.")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Coroutine
@@ -380,6 +381,15 @@ class SharedLedger:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2.0)
+
+
+def scheduling_key(request_id: str) -> str:
+    """The id a request is queued, reserved and tracked under. The client's ``X-Request-Id`` may repeat (a
+    client that reuses one, two clients that pick the same), and two requests under one key would share one
+    queue entry, ticket, KV reservation and in-flight workflow step: one's end would release the other's (whose
+    queue entry is then dropped, so it waits until its timeout). A random suffix makes the key unique, here and
+    in a ledger shared through Redis, and keeps the client's id readable in it."""
+    return f"{request_id}~{secrets.token_hex(6)}"
 
 
 # ---------------------------------------------------------------------------------------------------- tickets
@@ -925,14 +935,15 @@ class Scheduling:
         p50 = min(estimate.p50, max_tokens)
         p90 = min(max(estimate.p90, p50), max_tokens)
         workflow_id = context.workflow_id if context is not None else None
+        key = scheduling_key(job.request_id)
         state: WorkflowState | None = None
         begin_task: asyncio.Task | None = None
         if workflow_id is not None:
             remaining = self._predicted_remaining(context, prompt, p50)  # type: ignore[arg-type]
             if self.policy.name == "fcfs":  # nothing waits on the record: write it in the background
-                begin_task = self.workflows.begin_soon(context, job.request_id, now, remaining)  # type: ignore
+                begin_task = self.workflows.begin_soon(context, key, now, remaining)  # type: ignore[arg-type]
             else:
-                state = await self.workflows.begin(context, job.request_id, now, remaining)  # type: ignore
+                state = await self.workflows.begin(context, key, now, remaining)  # type: ignore[arg-type]
         slo_name = context.slo_class if context is not None else None
         if slo_name is None:
             slo_name = state.slo_class if state is not None else (
@@ -942,7 +953,7 @@ class Scheduling:
             deadline = state.deadline
         client_priority = body.get("priority")
         sched_request = SchedRequest(
-            request_id=job.request_id, model=job.model, arrival=now, prompt_tokens=prompt,
+            request_id=key, model=job.model, arrival=now, prompt_tokens=prompt,
             max_tokens=max_tokens * n, pred_p50=p50 * n, pred_p90=p90 * n,
             role=(context.role if context is not None and context.role else estimate.role), slo_class=slo_name,
             workflow_id=workflow_id, step=(context.step or 0) if context is not None else 0, deadline=deadline,
@@ -964,8 +975,7 @@ class Scheduling:
                                    SERVER_ERROR, code="queue_timeout", headers={"Retry-After": "1"}) from None
                 if ticket.state == ADMITTED:
                     job.engine_id = ticket.engine_id
-                    if self.check_kv:
-                        job.ticket = ticket
+                    job.ticket = ticket  # a retry moves the per-engine count with it (and the KV, if reserved)
                     if client_priority is None:
                         priority = self.engine_priority(sched_request)
                         if priority is not None:
@@ -974,7 +984,7 @@ class Scheduling:
             elif pool is not None and len(pools) > 1:
                 job.pool_engines = pool.engine_set
             response = await self.proxy.serve(request, job)
-            completed = response.status == 200
+            completed = response.status == 200 and not job.stream_failed
             return response
         finally:
             if pool is not None and ticket.state != NEW:
@@ -982,7 +992,7 @@ class Scheduling:
             if workflow_id is not None:
                 usage = job.usage or {}
                 tokens = int(usage.get("total_tokens") or (prompt + ticket.generated))
-                self.workflows.end_soon(workflow_id, job.request_id, tokens, completed, begin_task)
+                self.workflows.end_soon(workflow_id, key, tokens, completed, begin_task)
                 if completed:
                     self.ctx.mean_step_s = self.step_time.add(self.service_time(sched_request), time.monotonic())
 

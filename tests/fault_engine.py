@@ -103,7 +103,10 @@ class FaultEngine:
             request.transport.close()  # type: ignore[union-attr]
             return response
         if not body.get("stream"):
-            return web.Response(body=orjson.dumps(self._completion()), content_type="application/json")
+            response = web.Response(body=orjson.dumps(self._completion()), content_type="application/json")
+            if mode == "compressing":  # behind a proxy that compresses what the client's Accept-Encoding allows
+                response.enable_compression()
+            return response
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         chunk = {"id": "chatcmpl-fault", "object": "chat.completion.chunk", "created": 1, "model": self.model,

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 
 import aiohttp
 import openai
+import orjson
 import pytest
 
 from tests.conftest import gateway_config, running_gateway
@@ -189,6 +193,106 @@ async def test_stream_idle_timeout_ends_stream_with_error_event(engines):
             async for _ in stream:
                 pass
         assert "sent nothing" in str(caught.value)
+
+
+async def test_a_stream_past_the_total_limit_says_so(engines):
+    """Events keep coming (never idle for stream_idle_s), but the request outlasts timeouts.total_s."""
+    for engine in engines:
+        engine.mode, engine.delay_s = "slow", 0.6
+    async with running_gateway(gateway_config([e.url for e in engines],
+                                              timeouts={"total_s": 1.0, "stream_idle_s": 10.0})) as gw:
+        stream = await client_for(gw.base_url).chat.completions.create(
+            model="fault-model", stream=True, messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.APIError) as caught:
+            async for _ in stream:
+                pass
+        assert "did not finish within 1 s" in str(caught.value)
+
+
+class _Unanswering:
+    """A listener that answers /metrics (so the monitor sees the engine up) until ``stop_accepting()``; then its
+    accept queue is filled, so that the kernel drops further SYNs and a connect hangs until its timeout."""
+
+    METRICS = b'vllm:num_requests_running{engine="0",model_name="fault-model"} 0.0\n'
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1)
+        self.sock.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepting, self.closed, self._fillers = True, False, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.closed:
+            if not self.accepting:
+                time.sleep(0.05)
+                continue
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                continue
+            with connection:
+                try:
+                    connection.settimeout(1)
+                    connection.recv(65536)
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                                       b"Content-Length: %d\r\n\r\n%s" % (len(self.METRICS), self.METRICS))
+                except OSError:
+                    pass
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        time.sleep(0.2)  # the serving loop has left accept()
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect(self.sock.getsockname())
+            except BlockingIOError:
+                pass
+            self._fillers.append(filler)
+
+    def close(self) -> None:
+        self.closed = True
+        for filler in self._fillers:
+            filler.close()
+        self.sock.close()
+
+
+async def test_a_connect_timeout_is_retried_on_another_engine(engines):
+    """A connect that times out (aiohttp's ConnectionTimeoutError, a TimeoutError but no ClientConnectorError)
+    is an engine that could not be reached, retried elsewhere: not a 504 for an engine slow to answer."""
+    unanswering = _Unanswering()
+    ok = engines[0]
+    config = gateway_config([unanswering.url, ok.url], timeouts={"connect_s": 0.5})
+    try:
+        async with running_gateway(config) as gw:
+            await asyncio.get_running_loop().run_in_executor(None, unanswering.stop_accepting)
+            client = client_for(gw.base_url)
+            for _ in range(2):  # round robin: one of the two tries the unanswering engine first
+                reply = await client.chat.completions.create(model="fault-model",
+                                                             messages=[{"role": "user", "content": "hi"}])
+                assert reply.choices[0].message.content == "hello world"
+            assert ok.hits == 2
+            assert 'reason="connect"' in gw.metrics.render().decode()
+    finally:
+        unanswering.close()
+
+
+async def test_an_engine_behind_a_compressing_proxy_answers_in_plain_json(engines):
+    """The gateway relays the engine's bytes as they are, so it must ask for them uncompressed."""
+    engine = engines[0]
+    engine.mode = "compressing"
+    async with running_gateway(gateway_config([engine.url])) as gw:
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            async with session.post(gw.base_url + "/v1/chat/completions",
+                                    json={"model": "fault-model", "messages": [{"role": "user", "content": "hi"}]},
+                                    headers={"Accept-Encoding": "identity"}) as response:
+                assert response.status == 200 and "Content-Encoding" not in response.headers
+                assert orjson.loads(await response.read())["choices"][0]["message"]["content"] == "hello world"
+    assert engine.seen_headers[-1]["Accept-Encoding"] == "identity"
 
 
 async def test_all_engines_down_gives_503(engines):

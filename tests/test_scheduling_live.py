@@ -688,6 +688,48 @@ async def test_capacity_from_config_wins_and_unknown_is_unlimited():
             assert gw.scheduling.ledger.capacity == {"local/p/0": 4096}
 
 
+@bounded()
+async def test_two_requests_under_one_client_request_id_are_two_requests():
+    """A client may reuse an X-Request-Id: the queue, tickets and ledger must still hold two requests, or one's
+    end releases the other's reservation and drops it from the queue, to wait until its timeout."""
+    async with gateway_on_fault_engine(mode="stall", delay_s=0.4, queue_policy="fcfs", admission="max_tokens",
+                                       kv_capacity_tokens=2100) as (engine, gw, session):
+        same = {"X-Request-Id": "dup-1"}
+        first = asyncio.create_task(post(session, gw, chat(max_tokens=2000), same))
+        await wait_for(lambda: engine.hits == 1)
+        second = asyncio.create_task(post(session, gw, chat(max_tokens=2000), same))  # waits: no KV left
+        assert [status for status, _ in await asyncio.gather(first, second)] == [200, 200]
+        assert engine.hits == 2 and all(h["X-Request-Id"] == "dup-1" for h in engine.seen_headers)
+        await wait_for(lambda: not gw.scheduling.ledger.held)
+    async with gateway_on_fault_engine(mode="stall", delay_s=0.4, queue_policy="fcfs", admission="max_tokens",
+                                       kv_capacity_tokens=5000) as (engine, gw, session):
+        both = [asyncio.create_task(post(session, gw, chat(max_tokens=2000), {"X-Request-Id": "dup-2"}))
+                for _ in range(2)]
+        await wait_for(lambda: engine.hits == 2)
+        held = gw.scheduling.ledger.held
+        assert len(held) == 2 and all(key.startswith("dup-2~") for key in held)  # both reserved, apart
+        assert [status for status, _ in await asyncio.gather(*both)] == [200, 200]
+        await wait_for(lambda: not gw.scheduling.ledger.held)
+
+
+@bounded()
+@pytest.mark.parametrize("admission", ["none", "max_tokens"])
+async def test_the_per_engine_cap_follows_a_retried_request(admission):
+    """A request refused (503) by its engine is retried on another: the per-engine count must move with it, with
+    or without KV admission, or the next request goes to the engine that already runs one."""
+    async with fault_engine(mode="busy") as refusing, fault_engine(mode="stall", delay_s=0.5) as running:
+        raw = sched_config([refusing.url, running.url], kv_capacity_tokens=100_000, queue_policy="fcfs",
+                           admission=admission, max_outstanding_per_engine=1)
+        async with live(raw) as (gw, session):
+            first = asyncio.create_task(post(session, gw, chat(max_tokens=10)))
+            await wait_for(lambda: running.hits == 1)  # refused on one engine, now running on the other
+            refusing.mode = "ok"
+            assert (await post(session, gw, chat("second", max_tokens=10)))[0] == 200
+            assert running.hits == 1 and refusing.seen_bodies[-1]["messages"][0]["content"] == "second"
+            assert (await first)[0] == 200
+            await wait_for(lambda: not any(gw.scheduling.pools[0].outstanding.values()))
+
+
 # ------------------------------------------------------------------------------------------- live: workflows
 
 @bounded()
@@ -725,6 +767,19 @@ async def test_workflow_context_from_headers_and_metadata():
         assert gw.scheduling.workflows.cache["wf-m"].steps_done == 2
         number_record = await record_of("wf-n", 1)
         assert number_record["last_step"] == 2 and number_record["deadline"] == pytest.approx(deadline_ms / 1000)
+
+
+@bounded()
+async def test_a_stream_the_engine_drops_is_no_completed_step():
+    async with gateway_on_fault_engine(queue_policy="edf") as (engine, gw, session):
+        for mode, workflow in (("drop_after_first", "wf-dropped"), ("ok", "wf-done")):
+            async with session.post(gw.base_url + "/v1/chat/completions", json=chat(stream=True),
+                                    headers={"X-Workflow-Id": workflow, "X-Fault-Mode": mode}) as response:
+                text = await response.text()
+            assert ("upstream_stream_error" in text) == (mode != "ok")
+        await wait_for_async(lambda: _steps(gw, "wf-done", 1))
+        dropped = await gw.store.get_workflow("wf-dropped")
+        assert dropped["steps_done"] == 0 and dropped["inflight"] == []
 
 
 async def _steps(gw, workflow_id: str, steps: int) -> bool:
