@@ -79,7 +79,8 @@ _SPACE_OR_NOT = bytes(32 if i == 32 else 120 for i in range(256))
 NUMPY_WORD_COUNT_BYTES = 2048
 
 
-# At most this many keys and scalars are read from a value too deeply nested for ``str()`` (see text_of).
+# At most this many values (containers and scalars) are read from a value too deeply nested for ``str()`` (see
+# text_of): a bound on the work, which also ends the walk of a cyclic value (only a body built in code has one).
 FLAT_TEXT_MAX_ITEMS = 100_000
 
 
@@ -87,8 +88,8 @@ def text_of(value: Any) -> str:
     """``str(value)``: the text a token estimate reads from a value that is not text where a request may carry
     one (tool-call arguments as an object, a number as content). A body may nest up to 1024 levels (orjson's
     limit, which the gateway's parser keeps), and ``str()`` recurses once a level, so past Python's recursion
-    limit it raises: such a value is read as its keys and scalars instead, gathered without recursion (at most
-    ``FLAT_TEXT_MAX_ITEMS``), so that a prediction never fails on a body the gateway accepted."""
+    limit it raises: such a value is read as its keys and scalars instead, gathered without recursion (from at
+    most ``FLAT_TEXT_MAX_ITEMS`` values), so that a prediction never fails on a body the gateway accepted."""
     try:
         return str(value)
     except RecursionError:
@@ -99,7 +100,9 @@ def _flat_text(value: Any) -> str:
     """The keys and scalars of a nested value, space-separated, read with a stack instead of recursion."""
     parts: list[str] = []
     stack = [value]
-    while stack and len(parts) < FLAT_TEXT_MAX_ITEMS:
+    for _ in range(FLAT_TEXT_MAX_ITEMS):
+        if not stack:
+            break
         item = stack.pop()
         if isinstance(item, Mapping):
             for key, child in item.items():

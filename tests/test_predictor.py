@@ -260,6 +260,15 @@ def test_bodies_nested_as_deep_as_json_allows_are_predicted(predictor):
     for raw in bodies:
         p = predictor.predict(orjson.loads(raw))
         assert 1 <= p.p50 <= p.p90 and p.kv_bytes > 0
+    chain: list = []  # built in code: 2,000 levels whose innermost list holds the outermost (str() recurses, then
+    inner = chain  # the walk that replaces it must end although no scalar is ever found)
+    for _ in range(2000):
+        inner.append([])
+        inner = inner[0]
+    inner.append(chain)
+    p = predictor.predict({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                                         "tool_calls": [{"function": {"name": "f", "arguments": chain}}]}]})
+    assert 1 <= p.p50 <= p.p90
 
 
 def test_one_labelled_role_is_nothing_to_classify_by():
