@@ -17,6 +17,9 @@ COUNTER_PREEMPTIONS = "vllm:num_preemptions"
 COUNTER_PROMPT_TOKENS = "vllm:prompt_tokens"
 COUNTER_GENERATION_TOKENS = "vllm:generation_tokens"
 COUNTER_REQUEST_SUCCESS = "vllm:request_success"  # label finished_reason = stop | length | abort | error | repetition
+# Requests the frontend refused with a 503 (back-pressure); labels model_name and reason (no engine label)
+COUNTER_ADMISSION_REJECTIONS = "vllm:admission_rejections"
+ADMISSION_REASONS = ("max_num_queued_reqs", "max_num_queued_tokens")
 HIST_TTFT = "vllm:time_to_first_token_seconds"
 HIST_INTER_TOKEN = "vllm:inter_token_latency_seconds"
 HIST_E2E = "vllm:e2e_request_latency_seconds"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import struct
 import time
 import zlib
@@ -323,7 +324,9 @@ async def test_error_shapes(start):
     status, body, _ = await _post(url, b"{not json")
     assert status == 400 and "json_invalid" in body["error"]["message"]
     status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "max_tokens": 5, "min_tokens": 9})
-    assert status == 400 and body["error"]["param"] == "min_tokens"
+    assert status == 400 and body["error"] == {  # vLLM's SamplingParams names no parameter here
+        "message": "min_tokens must be less than or equal to max_tokens=5, got 9.", "type": "BadRequestError",
+        "param": None, "code": 400}
     # vLLM 0.32's VLLMValidationError: BadRequestError naming the parameter; an empty stream_options passes
     status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "stream_options": {"include_usage": True},
                                         "max_tokens": "x"})
@@ -389,12 +392,14 @@ async def test_several_answers_refused_or_dropped_whole(start):
     handle, client = await start(max_num_seqs=1, max_num_queued_reqs=3, time_scale=20.0)
     engine = handle.engine
     for body, message in (({"n": 0}, "n must be at least 1, got 0."),
-                          ({"n": 2, "temperature": 0}, "n must be 1 when using greedy sampling, got 2."),
-                          ({"n": 16385}, "n must be at most 16384, got 16385. To increase this limit, set the "
-                                         "VLLM_MAX_N_SEQUENCES environment variable.")):
+                          ({"n": 2, "temperature": 0}, "n must be 1 when using greedy sampling, got 2.")):
         status, answer, _ = await _post(handle.url + "/v1/chat/completions",
                                         {"model": MODEL, "messages": _chat(), **body})
         assert (status, answer["error"]["message"], answer["error"]["param"]) == (400, message, None), body
+    # vLLM's back-pressure counts every answer and comes before the checks of n: 16,385 answers do not fit in 3
+    status, answer, _ = await _post(handle.url + "/v1/chat/completions",
+                                    {"model": MODEL, "messages": _chat(), "n": 16385})
+    assert status == 503 and answer["error"]["type"] == "Service Unavailable"
     stream = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=900, n=2,
                                                   stream=True, extra_body={"ignore_eos": True})
     await _read_chunks(stream, 4)
@@ -406,6 +411,108 @@ async def test_several_answers_refused_or_dropped_whole(start):
     await stream.close()
     await _wait_for(lambda: engine.num_running + engine.num_waiting == 0, timeout=2.0)
     assert engine.kv_usage() == 0.0 and engine.generation_tokens_total < 1800
+
+
+async def test_sampling_parameters_are_checked_as_vllm_checks_them(start):
+    """vLLM 0.32's answers (recorded from a real server, which the real-vLLM stage compares engine to engine):
+    field types as pydantic's lax mode takes them, then SamplingParams' ranges in its order, the first failure
+    answering; the chat request's tool and logprobs validators before anything else."""
+    handle, _ = await start(max_num_queued_reqs=0)
+    url = handle.url + "/v1/chat/completions"
+    cases = [
+        ({"temperature": -1}, "temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)",
+         "temperature"),
+        ({"temperature": 3}, "temperature must be in [0, 2], got 3.0. (parameter=temperature, value=3.0)",
+         "temperature"),
+        ({"temperature": "inf"}, "temperature must be a finite number, got inf. (parameter=temperature, value=inf)",
+         "temperature"),
+        ({"top_p": 0}, "top_p must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)", "top_p"),
+        ({"presence_penalty": 9, "temperature": -1}, "presence_penalty must be in [-2, 2], got 9.0.", None),
+        ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2], got -3.0.", None),
+        ({"repetition_penalty": 0}, "repetition_penalty must be greater than zero, got 0.0.", None),
+        ({"repetition_penalty": "nan"}, "repetition_penalty must be a finite number, got nan.", None),
+        ({"top_k": -5}, "top_k must be 0 (disable), or at least 1, got -5.", None),
+        ({"min_p": 2}, "min_p must be in [0, 1], got 2.0.", None),
+        ({"min_tokens": 9, "top_p": 0}, "top_p must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)", "top_p"),
+        ({"min_tokens": -1}, "min_tokens must be greater than or equal to 0, got -1.", None),
+        ({"stop": [""]}, "stop cannot contain an empty string.", None),
+        ({"tool_choice": "required", "stream_options": {"include_usage": True}},
+         "When using `tool_choice`, `tools` must be set. (parameter=tool_choice)", "tool_choice"),
+        ({"tools": [], "tool_choice": "x"}, "`tools` must not be an empty array. Either provide at least one tool or "
+                                           "omit the field entirely. (parameter=tools)", "tools"),
+        ({"tool_choice": "x", "tools": [{"type": "function", "function": {"name": "f"}}]},
+         'Invalid value for `tool_choice`: x! Only named tools, "none", "auto" or "required" are supported. '
+         "(parameter=tool_choice)", "tool_choice"),
+        ({"top_logprobs": 3, "stream_options": {"include_usage": True}},
+         "when using `top_logprobs`, `logprobs` must be set to true. (parameter=top_logprobs)", "top_logprobs"),
+        ({"top_logprobs": "a"}, "`top_logprobs` must be an integer. (parameter=top_logprobs, value=a)",
+         "top_logprobs"),
+    ]
+    for extra, message, param in cases:
+        status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "max_tokens": 5, **extra})
+        assert (status, body["error"]) == (400, {"message": message, "type": "BadRequestError", "param": param,
+                                                 "code": 400}), extra
+    for extra, kinds, param in (({"temperature": "hot"}, ["float_parsing"], "body.temperature"),
+                                ({"temperature": [1]}, ["float_type"], "body.temperature"),
+                                ({"seed": 1.5}, ["int_from_float"], "body.seed"),
+                                ({"seed": 2**70}, ["less_than_equal"], "body.seed"),
+                                ({"top_k": "x"}, ["int_parsing"], "body.top_k"),
+                                ({"stop": 5}, ["string_type", "list_type"], "body.stop"),
+                                ({"stop": ["a", 5]}, ["string_type", "string_type"], "body.stop"),
+                                ({"response_format": 5}, ["model_attributes_type"] * 3, "body.response_format"),
+                                ({"request_id": None}, ["string_type"], "body.request_id")):
+        status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "max_tokens": 5, **extra})
+        error = body["error"]
+        assert (status, error["type"], error["param"]) == (400, "Bad Request", param), extra
+        assert [line.split("'type': '")[1].split("'")[0] for line in error["message"].splitlines()[1:]] == kinds
+    for extra in ({"temperature": True}, {"temperature": "0.5"}, {"top_k": -1}, {"seed": True},
+                  {"presence_penalty": None}, {"tool_choice": "none"}, {"response_format": None}):
+        status, _, _ = await _post(url, {"model": MODEL, "messages": _chat(), "max_tokens": 2, **extra})
+        assert status == 200, extra
+    status, body, _ = await _post(handle.url + "/v1/completions", {"model": MODEL, "prompt": [3, -2, -4],
+                                                                   "max_tokens": 2})
+    assert (status, body["error"]["param"]) == (400, "body.prompt.1")
+    assert body["error"]["message"].startswith("9 validation errors:\n  {'type': 'greater_than_equal'")
+    status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "n": 16385})
+    assert body["error"]["message"].startswith("n must be at most 16384, got 16385.")
+
+
+async def test_ids_come_from_the_header_the_body_or_16_hex_digits(start):
+    handle, _ = await start()
+    for path, body, prefix in (("/v1/chat/completions", {"messages": _chat()}, "chatcmpl-"),
+                               ("/v1/completions", {"prompt": "once"}, "cmpl-")):
+        body = {"model": MODEL, "max_tokens": 2, **body}
+        status, answer, _ = await _post(handle.url + path, {**body, "request_id": "mine-1"})
+        assert (status, answer["id"]) == (200, prefix + "mine-1")
+        status, answer, _ = await _post(handle.url + path, {**body, "request_id": "mine-1"},
+                                        headers={"X-Request-Id": "hdr-2"})
+        assert answer["id"] == prefix + "hdr-2"
+        status, answer, _ = await _post(handle.url + path, body)
+        assert re.fullmatch(prefix + "[0-9a-f]{16}", answer["id"])
+    for method in ("GET", "POST"):  # vLLM's /ping, the SageMaker health check
+        async with aiohttp.ClientSession() as session:
+            async with session.request(method, handle.url + "/ping") as response:
+                assert (response.status, await response.read()) == (200, b"")
+
+
+async def test_back_pressure_comes_first_and_is_counted(start):
+    """vLLM's frontend refuses a request beyond max_num_queued_reqs before it checks the request's lengths and
+    sampling parameters, and counts it in vllm:admission_rejections_total (labels model_name and reason)."""
+    handle, client = await start(max_num_seqs=1, max_num_queued_reqs=1, time_scale=20.0)
+    long = asyncio.create_task(client.chat.completions.create(
+        model=MODEL, messages=_chat(), max_tokens=200, extra_body={"ignore_eos": True}))
+    await _wait_for(lambda: handle.engine.num_running + handle.engine.num_waiting == 1)
+    for extra in ({"temperature": -1}, {"max_tokens": 5000}, {}):
+        status, body, _ = await _post(handle.url + "/v1/chat/completions",
+                                      {"model": MODEL, "messages": _chat(), **extra})
+        assert status == 503 and body["error"]["type"] == "Service Unavailable", extra
+    status, body, _ = await _post(handle.url + "/v1/chat/completions",
+                                  {"model": MODEL, "messages": _chat(), "temperature": "hot"})
+    assert status == 400  # the request's own validation still comes before
+    _, text = await _get(handle.url + "/metrics")
+    assert ('vllm:admission_rejections_total{model_name="%s",reason="max_num_queued_reqs"} 3.0' % MODEL
+            ).encode() in text
+    long.cancel()
 
 
 async def test_busy_503_beyond_max_num_queued_reqs(start):

@@ -199,6 +199,18 @@ class SimEngine:
             return cap, "length"
         return natural, "stop"
 
+    def admit(self, count: int = 1) -> None:
+        """Raise :class:`EngineSleeping` while asleep or waking, or :class:`EngineBusy` (counted in
+        ``vllm:admission_rejections``) where ``count`` more requests would pass ``max_num_queued_reqs``. vLLM's
+        frontend refuses there before it checks a request's lengths and sampling parameters, so the server asks
+        this first, for all of a request's answers at once."""
+        if self.sleep_level or self._waking is not None or self._draining:
+            raise EngineSleeping()
+        limit = self.options.max_num_queued_reqs
+        if limit and len(self.running) + self.num_waiting + count > limit:
+            self.metrics.admission_rejections["max_num_queued_reqs"].inc()
+            raise EngineBusy()
+
     def add_request(self, request_id: str, prompt_tokens: int, target_tokens: int, finish_reason: str = "length",
                     priority: int = 0) -> SimRequest:
         """Queue a request that will generate ``target_tokens`` tokens and finish with ``finish_reason``.
@@ -206,11 +218,7 @@ class SimEngine:
         Raises :class:`EngineSleeping` while asleep or waking, :class:`EngineBusy` beyond
         ``max_num_queued_reqs`` unfinished requests.
         """
-        if self.sleep_level or self._waking is not None or self._draining:
-            raise EngineSleeping()
-        limit = self.options.max_num_queued_reqs
-        if limit and len(self.running) + self.num_waiting >= limit:
-            raise EngineBusy()
+        self.admit(1)
         loop = self._loop or asyncio.get_running_loop()
         req = SimRequest(request_id, max(1, prompt_tokens), max(1, target_tokens), finish_reason,
                          priority if self.priority_policy else 0, next(self._seq), loop.time())

@@ -1,7 +1,9 @@
 """Prometheus metrics of one simulated engine, with vLLM's names, labels and histogram buckets.
 
 Names come from :mod:`backends.vllm_names` (one place for names). Every series carries
-``engine="0"`` and ``model_name=<served name>`` like a real single-engine-core vLLM server. Each simulated engine
+``engine="0"`` and ``model_name=<served name>`` like a real single-engine-core vLLM server, except the two that
+vLLM does not give an engine label either: ``vllm:cache_config_info`` (no ``model_name``) and the frontend's
+``vllm:admission_rejections`` (``model_name`` and ``reason``). Each simulated engine
 has its own :class:`prometheus_client.CollectorRegistry`, so many engines can live in one process.
 
 Latency histograms are observed in **wall-clock seconds** (what a client of the simulated engine sees), i.e.
@@ -15,6 +17,8 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from backends.vllm_names import (
+    ADMISSION_REASONS,
+    COUNTER_ADMISSION_REJECTIONS,
     COUNTER_GENERATION_TOKENS,
     COUNTER_PREEMPTIONS,
     COUNTER_PROMPT_TOKENS,
@@ -100,6 +104,9 @@ class SimEngineMetrics:
         success = Counter(COUNTER_REQUEST_SUCCESS, "Count of successfully processed requests.",
                           names + ("finished_reason",), registry=reg)
         self.success = {reason: success.labels(*values, reason) for reason in FINISH_REASONS}
+        rejections = Counter(COUNTER_ADMISSION_REJECTIONS, "Number of admission attempts rejected by a queue limit, "
+                             "by reason.", (LABEL_MODEL, "reason"), registry=reg)  # the frontend's: no engine label
+        self.admission_rejections = {reason: rejections.labels(model_name, reason) for reason in ADMISSION_REASONS}
 
         def hist(name: str, doc: str, buckets) -> Histogram:
             return Histogram(name, doc, names, buckets=buckets, registry=reg).labels(*values)

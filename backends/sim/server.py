@@ -1,7 +1,7 @@
 """HTTP surface of a simulated vLLM engine (aiohttp), as close to ``vllm serve`` as the gateway can tell.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (stream and non-stream), ``GET /v1/models``,
-``GET /health``, ``GET /version``, ``GET /metrics``, and the dev-mode sleep endpoints ``POST /sleep?level=1|2``,
+``GET /health``, ``GET|POST /ping``, ``GET /version``, ``GET /metrics``, and the dev-mode sleep endpoints ``POST /sleep?level=1|2``,
 ``POST /wake_up``, ``GET /is_sleeping``. Shapes were copied from vLLM's source
 (``entrypoints/openai/engine/serving.py``, ``chat_completion/protocol.py`` and ``serving.py``,
 ``renderers/params.py``, ``exceptions.py``, ``serve/exception_handling/handlers/validation.py``,
@@ -11,9 +11,17 @@ Request handling
 ----------------
 * **Validation** (HTTP 400, pydantic style: ``"1 validation error:\\n  {'type': 'int_parsing', 'loc':
   'body.priority', ...}"``, ``type`` "Bad Request", ``param`` the dotted field): ints (``max_tokens``,
-  ``max_completion_tokens``, ``min_tokens``, ``priority``, ``n``), bools (``stream``, ``ignore_eos``,
-  ``stream_options.*``), required ``messages`` / ``prompt``. ``priority`` must be an int; under the ``fcfs``
-  policy it is accepted and ignored (as observed on a real server).
+  ``max_completion_tokens``, ``min_tokens``, ``priority``, ``n``, ``top_k``, ``seed`` within int64), floats
+  (``temperature``, ``top_p``, ``min_p``, the three penalties), bools (``stream``, ``ignore_eos``,
+  ``stream_options.*``), ``stop`` (a string or a list of strings), ``response_format`` (an object),
+  ``request_id`` (a string), token-id prompts (>= 0), required ``messages`` / ``prompt``. ``priority`` must be
+  an int; under the ``fcfs`` policy it is accepted and ignored (as observed on a real server). Before them, the
+  chat request's validators (vLLM runs them last-defined first): tool usage (``tool_choice`` needs ``tools``;
+  named-tool checks are not simulated), logprobs (``top_logprobs`` needs ``logprobs``), stream options.
+* **Order of answers**, as a real vLLM 0.32 gives them: the request's validation (400), the model (404),
+  back-pressure (503, counting every answer of ``n``), the lengths below, then SamplingParams' checks in its
+  order, the first failure answering (``n``, penalties, ``temperature`` finite and in [0, 2], ``top_p`` in
+  (0, 1], ``top_k``, ``min_p``, ``max_tokens`` >= 1, ``min_tokens``, empty ``stop`` strings, greedy ``n``).
 * **Unknown model**: 404 ``The model `x` does not exist. Valid aliases: <served name>.`` (``NotFoundError``,
   ``param`` "model"; vLLM 0.32's serve/engine/serving.py).
 * **Lengths**: ``max_tokens > max_model_len`` -> 400 ``max_tokens=N cannot be greater than max_model_len=L.
@@ -28,7 +36,7 @@ Request handling
   ``min_tokens`` is a lower bound; otherwise it is the integer in the request header ``X-Sim-Output-Tokens``
   -- the **load-generator hint**, which only the load generator sends and the gateway never reads or forwards
   on its own -- or a seeded lognormal draw with mean ``mean_output_tokens``. ``finish_reason`` is "length"
-  when the cap cut it, else "stop". ``stop`` strings and sampling parameters are accepted and ignored.
+  when the cap cut it, else "stop". ``stop`` strings and sampling parameters are checked (above) and otherwise ignored.
 * **Text** is filler: one ASCII word with a leading space per token (" lorem", " ipsum", ...), so
   ``len(text.split()) == usage.completion_tokens`` and every delta is valid UTF-8.
 * **Streams** follow vLLM: ``data: {json}\\n\\n`` events, a first chat chunk with ``delta.role`` and empty
@@ -38,8 +46,8 @@ Request handling
   ``system_fingerprint`` (``vllm-<version>-<hash8>``) rides on the last message: the usage chunk, else the last
   token's. Every key vLLM 0.32 sends, null ones included, is there, in its order (``prompt_token_ids``,
   ``token_ids``, ``routed_experts``...); a test of the real-vLLM stage compares the shapes engine to engine.
-* **Ids**: ``chatcmpl-<X-Request-Id>`` / ``cmpl-<X-Request-Id>`` when the header is given, else a random
-  hex uuid; the header is echoed back.
+* **Ids**: ``chatcmpl-<id>`` / ``cmpl-<id>`` with the ``X-Request-Id`` header, else the body's ``request_id``,
+  else 16 random hex digits (vLLM's ``random_uuid``); the header is echoed back.
 * **Several answers** (``n`` > 1, as vLLM 0.32's parallel sampling): each answer has its own length
   (its own draw, or the same hint or ``ignore_eos`` cap); a whole answer lists them by ``index`` with
   ``usage.completion_tokens`` their sum; a stream starts with one role chunk per answer (chat), then one chunk per
@@ -48,7 +56,8 @@ Request handling
   chunk. ``n`` < 1 and ``n`` > 1 with a ``temperature`` below 1e-5 (greedy) get vLLM's 400s.
 * **Disconnect**: the runner uses ``handler_cancellation=True``; a cancelled handler or a failed write aborts
   the request in the engine at once (its KV is freed and ``vllm:num_requests_running`` drops).
-* **Back-pressure**: beyond ``max_num_queued_reqs`` unfinished requests, 503 with vLLM's "busy" body.
+* **Back-pressure**: beyond ``max_num_queued_reqs`` unfinished requests, 503 with vLLM's "busy" body, counted
+  in ``vllm:admission_rejections_total{reason="max_num_queued_reqs"}``.
 
 Deviations from a real vLLM (on purpose)
 ----------------------------------------
@@ -58,6 +67,9 @@ Deviations from a real vLLM (on purpose)
   ``finish_reason`` "abort". ``/sleep?mode=wait`` lets them finish first.
 * ``best_of``, beam search, logprobs and multi-prompt completions are not simulated (multi-prompt answers 400;
   logprobs come back null).
+* A message's own fields are not validated beyond being an object (vLLM checks each against its message union,
+  e.g. a message without ``role`` gets eleven pydantic errors there); with several invalid fields at once, the
+  pydantic errors are listed in this checker's order, not always in the model's field order.
 * ``n`` answers are ``n`` engine requests (``<i>_<id>``, as vLLM's parallel sampling names its children), each
   holding the prompt's KV of its own: vLLM's prefix cache shares the prompt's full blocks between them, and the
   simulation has no prefix cache.
@@ -83,6 +95,7 @@ HINT_HEADER = "X-Sim-Output-Tokens"
 REQUEST_ID_HEADER = "X-Request-Id"
 SIM_VERSION = "0.32.0+maestro.sim"
 LEGACY_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (vLLM and OpenAI)
+_MASK_64 = 2**64 - 1
 GREEDY_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: below it sampling is greedy, and n must be 1
 MAX_N_SEQUENCES = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default (the gateway allows 128, OpenAI's limit)
 
@@ -280,19 +293,137 @@ def check_bool(body: dict, key: str, errors: list[dict], *, optional: bool, defa
     return default
 
 
+def check_float(body: dict, key: str, errors: list[dict], loc_prefix: str = "body") -> float | None:
+    """Pydantic-v2 lax optional float: numbers, bools and numeric strings ("0.5", "inf") pass; null is None."""
+    loc = f"{loc_prefix}.{key}"
+    settled, value = _absent_or_null(body, key, loc, errors, optional=True, default=None,
+                                     error_type="float_type", message="Input should be a valid number")
+    if settled:
+        return value
+    if isinstance(value, (int, float)):  # bool included
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            errors.append(_err("float_parsing", loc, "Input should be a valid number, unable to parse string as a "
+                                                     "number", value))
+            return None
+    errors.append(_err("float_type", loc, "Input should be a valid number", value))
+    return None
+
+
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1  # vLLM's bounds of ``seed``
+
+
+def check_seed(body: dict, errors: list[dict]) -> None:
+    seed = check_int(body, "seed", errors, optional=True, default=None)
+    if seed is not None and seed > INT64_MAX:
+        errors.append({**_err("less_than_equal", "body.seed", f"Input should be less than or equal to {INT64_MAX}",
+                              seed), "ctx": {"le": INT64_MAX}})
+    elif seed is not None and seed < INT64_MIN:
+        errors.append({**_err("greater_than_equal", "body.seed", f"Input should be greater than or equal to "
+                              f"{INT64_MIN}", seed), "ctx": {"ge": INT64_MIN}})
+
+
+def check_stop(body: dict, errors: list[dict]) -> list[str]:
+    """``stop``: a string, a list of strings or null (vLLM's StopParam); the strings."""
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not isinstance(stop, list):
+        errors.append(_err("string_type", "body.stop", "Input should be a valid string", stop))
+        errors.append(_err("list_type", "body.stop", "Input should be a valid list", stop))
+        return []
+    wrong = [i for i, item in enumerate(stop) if not isinstance(item, str)]
+    if wrong:
+        errors.append(_err("string_type", "body.stop", "Input should be a valid string", stop))
+        errors.extend(_err("string_type", f"body.stop.{i}", "Input should be a valid string", stop[i]) for i in wrong)
+        return []
+    return stop
+
+
+def token_id_errors(prompt: list) -> list[dict]:
+    """A completions prompt of integers with a negative one: the errors of each member of vLLM's prompt union
+    (token ids >= 0, a list of such lists, a string, a list of strings), in the order pydantic reports them."""
+    errors = [{**_err("greater_than_equal", f"body.prompt.{i}", "Input should be greater than or equal to 0", t),
+               "ctx": {"ge": 0}} for i, t in enumerate(prompt) if t < 0]
+    errors += [_err("list_type", f"body.prompt.{i}", "Input should be a valid list", t) for i, t in enumerate(prompt)]
+    errors.append(_err("string_type", "body.prompt", "Input should be a valid string", prompt))
+    errors += [_err("string_type", f"body.prompt.{i}", "Input should be a valid string", t)
+               for i, t in enumerate(prompt)]
+    return errors
+
+
+def check_tool_usage(body: dict) -> web.Response | None:
+    """vLLM 0.32's ChatCompletionRequest.check_tool_usage, up to the named-tool checks (not simulated)."""
+    if body.get("tools") == []:
+        return bad_request(validation_message("`tools` must not be an empty array. Either provide at least one tool "
+                                              "or omit the field entirely.", "tools", None), "tools")
+    choice = body.get("tool_choice")
+    if choice is None or choice == "none":
+        return None
+    if body.get("tools") is None:
+        return bad_request(validation_message("When using `tool_choice`, `tools` must be set.", "tool_choice",
+                                              None), "tool_choice")
+    if choice not in ("auto", "required") and not isinstance(choice, dict):
+        return bad_request(validation_message(f"Invalid value for `tool_choice`: {choice}! Only named tools, "
+                                              '"none", "auto" or "required" are supported.', "tool_choice", None),
+                           "tool_choice")
+    return None
+
+
+def check_logprobs(body: dict) -> web.Response | None:
+    """vLLM 0.32's ChatCompletionRequest.check_logprobs (without ``logprob_token_ids``)."""
+    for name in ("prompt_logprobs", "top_logprobs"):
+        value = body.get(name)
+        if value is not None and not isinstance(value, (int, float)):
+            return bad_request(validation_message(f"`{name}` must be an integer.", name, value), name)
+    prompt_logprobs = body.get("prompt_logprobs")
+    if prompt_logprobs is not None:
+        if body.get("stream") and (prompt_logprobs > 0 or prompt_logprobs == -1):
+            return bad_request(validation_message("`prompt_logprobs` are not available when `stream=True`.",
+                                                  "prompt_logprobs", None), "prompt_logprobs")
+        if prompt_logprobs < 0 and prompt_logprobs != -1:
+            return bad_request(validation_message("`prompt_logprobs` must be a positive value or -1.",
+                                                  "prompt_logprobs", prompt_logprobs), "prompt_logprobs")
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs is not None:
+        if top_logprobs < 0 and top_logprobs != -1:
+            return bad_request(validation_message("`top_logprobs` must be a positive value or -1.", "top_logprobs",
+                                                  top_logprobs), "top_logprobs")
+        if (top_logprobs == -1 or top_logprobs > 0) and not body.get("logprobs"):
+            return bad_request(validation_message("when using `top_logprobs`, `logprobs` must be set to true.",
+                                                  "top_logprobs", None), "top_logprobs")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- parsed request
 
 
 class Parsed:
     __slots__ = ("chat", "model", "stream", "include_usage", "continuous_usage", "max_tokens", "max_tokens_param",
-                 "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy")
+                 "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
+                 "stop")
+
+
+# SamplingParams' defaults where a request leaves a field out or null (temperature: the model's default, 1.0 here)
+SAMPLING_DEFAULTS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                     "temperature": 1.0, "top_p": 1.0, "min_p": 0.0}
 
 
 def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     if not isinstance(body, dict):
         return not_an_object_response(body)
     # vLLM 0.32's "before" model validators raise VLLMValidationError, which is no ValueError: it escapes
-    # pydantic and comes back as a BadRequestError naming the parameter, ahead of any field's type error
+    # pydantic and comes back as a BadRequestError naming the parameter, ahead of any field's type error. They
+    # run last-defined first: tool usage, then logprobs, then stream options.
+    if chat:
+        refused = check_tool_usage(body) or check_logprobs(body)
+        if refused is not None:
+            return refused
     if body.get("stream_options") and not body.get("stream"):
         return bad_request(validation_message("Stream options can only be defined when `stream=True`.",
                                               "stream_options", None), "stream_options")
@@ -349,10 +480,22 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     p.priority = check_int(body, "priority", errors, optional=False, default=0) or 0
     n = check_int(body, "n", errors, optional=True, default=1)
     p.n = 1 if n is None else n
-    # vLLM checks this on its SamplingParams; a temperature that is no number is accepted and ignored here
-    temperature = body.get("temperature")
-    p.greedy = (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
-                and temperature < GREEDY_TEMPERATURE)
+    p.sampling = {key: check_float(body, key, errors) for key in SAMPLING_DEFAULTS}
+    for key, value in p.sampling.items():
+        if value is None:
+            p.sampling[key] = SAMPLING_DEFAULTS[key]
+    top_k = check_int(body, "top_k", errors, optional=True, default=None)
+    p.sampling["top_k"] = 0 if top_k is None else top_k
+    p.greedy = p.sampling["temperature"] < GREEDY_TEMPERATURE
+    check_seed(body, errors)
+    p.stop = check_stop(body, errors)
+    response_format = body.get("response_format")
+    if response_format is not None and not isinstance(response_format, dict):
+        errors.extend([_err("model_attributes_type", "body.response_format", "Input should be a valid dictionary or "
+                            "object to extract fields from", response_format)] * 3)  # one per format model
+    p.request_id = body.get("request_id")
+    if "request_id" in body and not isinstance(p.request_id, str):
+        errors.append(_err("string_type", "body.request_id", "Input should be a valid string", p.request_id))
     if errors:
         return pydantic_error_response(errors)
     if chat:
@@ -364,6 +507,9 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         if not isinstance(prompt, (str, list)):
             return pydantic_error_response([_err("string_type", "body.prompt", "Input should be a valid string",
                                                  prompt)])
+        if isinstance(prompt, list) and any(type(t) is int and t < 0 for t in prompt) and all(
+                type(t) is int for t in prompt):
+            return pydantic_error_response(token_id_errors(prompt))
         if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt) and len(prompt) > 1:
             return bad_request("Multiple prompts in one request are not supported by the simulated engine.",
                                "prompt")
@@ -393,6 +539,8 @@ class SimServer:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/ping", self.health)  # vLLM's SageMaker health check, GET and POST
+        app.router.add_post("/ping", self.health)
         app.router.add_get("/version", self.version)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/sleep", self.sleep)
@@ -461,14 +609,20 @@ class SimServer:
         if parsed.model and parsed.model != self.model:
             return error_response(f"The model `{parsed.model}` does not exist. Valid aliases: {self.model}.",
                                   "NotFoundError", 404, "model")
+        try:
+            self.engine.admit(max(parsed.n, 1))  # vLLM's back-pressure comes before its length and sampling checks
+        except (EngineSleeping, EngineBusy) as exc:
+            return _unavailable(exc)
         checked = self._check_lengths(parsed)
         if isinstance(checked, web.Response):
             return checked
-        refused = _check_choices(parsed)
+        refused = verify_sampling(parsed, checked)
         if refused is not None:
             return refused
         header_id = request.headers.get(REQUEST_ID_HEADER)
-        base_id = header_id if header_id is not None else uuid.uuid4().hex
+        # vLLM's _base_request_id: the header, else the body's request_id, else random_uuid(): 16 hex digits
+        base_id = header_id if header_id is not None else (
+            parsed.request_id if parsed.request_id is not None else f"{uuid.uuid4().int & _MASK_64:016x}")
         response_id = ("chatcmpl-" if chat else "cmpl-") + base_id
         reqs = self._add_requests(parsed, checked, _hint(request), response_id)
         if isinstance(reqs, web.Response):
@@ -498,8 +652,7 @@ class SimServer:
         except (EngineSleeping, EngineBusy) as exc:
             for req in reqs:
                 engine.abort(req)
-            message = SLEEPING_MESSAGE if isinstance(exc, EngineSleeping) else BUSY_MESSAGE
-            return error_response(message, "Service Unavailable", 503)
+            return _unavailable(exc)
         return reqs
 
     def _check_lengths(self, p: Parsed) -> int | web.Response:
@@ -521,19 +674,7 @@ class SimServer:
                 f"output tokens and your prompt contains at least {shown} input tokens, for a total of at least "
                 f"{total} tokens. Please reduce the length of the input prompt or the number of requested "
                 "output tokens.", "input_tokens", shown), "input_tokens")
-        cap = max_tokens if max_tokens is not None else max_len - p.prompt_tokens
-        if cap < 1:
-            return bad_request(validation_message(f"max_tokens must be at least 1, got {cap}.", "max_tokens", cap),
-                               "max_tokens")
-        if p.min_tokens < 0:
-            return bad_request(validation_message(
-                f"min_tokens must be greater than or equal to 0, got {p.min_tokens}.", "min_tokens",
-                p.min_tokens), "min_tokens")
-        if p.min_tokens > cap:
-            return bad_request(validation_message(
-                f"min_tokens must be less than or equal to max_tokens={cap}, got {p.min_tokens}.", "min_tokens",
-                p.min_tokens), "min_tokens")
-        return cap
+        return max_tokens if max_tokens is not None else max_len - p.prompt_tokens
 
     async def _full(self, reqs: list[SimRequest], p: Parsed, response_id: str,
                     extra_headers: dict[str, str] | None) -> web.Response:
@@ -690,13 +831,51 @@ class _SseEvents:
         return usage + b"data: [DONE]\n\n"
 
 
-def _check_choices(p: Parsed) -> web.Response | None:
-    """vLLM's SamplingParams checks of ``n``: at least 1, at most VLLM_MAX_N_SEQUENCES, and 1 when greedy."""
+def _unavailable(exc: Exception) -> web.Response:
+    message = SLEEPING_MESSAGE if isinstance(exc, EngineSleeping) else BUSY_MESSAGE
+    return error_response(message, "Service Unavailable", 503)
+
+
+def verify_sampling(p: Parsed, cap: int) -> web.Response | None:
+    """vLLM 0.32's SamplingParams._verify_args in its order (the first failure answers), then the greedy check;
+    ``cap`` is the output-token limit. A message names its parameter only where vLLM's does."""
     if p.n < 1:
         return bad_request(f"n must be at least 1, got {p.n}.")
     if p.n > MAX_N_SEQUENCES:
         return bad_request(f"n must be at most {MAX_N_SEQUENCES}, got {p.n}. To increase this limit, set the "
                            "VLLM_MAX_N_SEQUENCES environment variable.")
+    sampling = p.sampling
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2.0 <= sampling[name] <= 2.0:
+            return bad_request(f"{name} must be in [-2, 2], got {sampling[name]}.")
+    repetition = sampling["repetition_penalty"]
+    if not math.isfinite(repetition):
+        return bad_request(f"repetition_penalty must be a finite number, got {repetition}.")
+    if repetition <= 0.0:
+        return bad_request(f"repetition_penalty must be greater than zero, got {repetition}.")
+    temperature = sampling["temperature"]
+    for broken, message in ((not math.isfinite(temperature), "temperature must be a finite number"),
+                            (temperature < 0.0, "temperature must be non-negative"),
+                            (temperature > 2.0, "temperature must be in [0, 2]")):
+        if broken:
+            return bad_request(validation_message(f"{message}, got {temperature}.", "temperature", temperature),
+                               "temperature")
+    top_p = sampling["top_p"]
+    if not 0.0 < top_p <= 1.0:
+        return bad_request(validation_message(f"top_p must be in (0, 1], got {top_p}.", "top_p", top_p), "top_p")
+    if sampling["top_k"] < -1:
+        return bad_request(f"top_k must be 0 (disable), or at least 1, got {sampling['top_k']}.")
+    if not 0.0 <= sampling["min_p"] <= 1.0:
+        return bad_request(f"min_p must be in [0, 1], got {sampling['min_p']}.")
+    if cap < 1:
+        return bad_request(validation_message(f"max_tokens must be at least 1, got {cap}.", "max_tokens", cap),
+                           "max_tokens")
+    if p.min_tokens < 0:
+        return bad_request(f"min_tokens must be greater than or equal to 0, got {p.min_tokens}.")
+    if p.min_tokens > cap:
+        return bad_request(f"min_tokens must be less than or equal to max_tokens={cap}, got {p.min_tokens}.")
+    if any(not stop for stop in p.stop):
+        return bad_request("stop cannot contain an empty string.")
     if p.n > 1 and p.greedy:
         return bad_request(f"n must be 1 when using greedy sampling, got {p.n}.")
     return None

@@ -158,6 +158,25 @@ class TestTinyLlama:
             ("/v1/chat/completions", {"model": model, "messages": chat, "n": 0}),
             ("/v1/chat/completions", {"model": model, "messages": chat, "n": 2, "temperature": 0}),
             ("/v1/completions", {"model": model, "prompt": "once", "n": 20000}),
+            # sampling parameters: pydantic's lax types, then SamplingParams' ranges in vLLM's order
+            ("/v1/chat/completions", {"model": model, "messages": chat, "temperature": "hot"}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "temperature": -1}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "temperature": 3, "top_p": 0}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "top_p": 0, "presence_penalty": 5}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "top_k": -5}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": 5, "min_tokens": 10}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "stop": 5}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "stop": [""]}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "seed": "abc"}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "response_format": 5}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "request_id": 5}),
+            # the chat request's validators, last-defined first
+            ("/v1/chat/completions", {"model": model, "messages": chat, "tool_choice": "required",
+                                      "top_logprobs": 3}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "top_logprobs": 3,
+                                      "stream_options": {"include_usage": True}}),
+            ("/v1/completions", {"model": model, "prompt": [3, -2, -4]}),
+            ("/v1/completions", {"model": model, "prompt": "once", "top_p": 1.5}),
         ]
         [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len))
         try:
@@ -174,6 +193,15 @@ class TestTinyLlama:
                 real, simulated = await answer(tiny_stack.engine.url, "/v1/completions", body), await answer(
                     sim.url, "/v1/completions", body)
                 assert real[1]["usage"]["completion_tokens"] == simulated[1]["usage"]["completion_tokens"] == 16
+                # ids: the body's request_id, else 16 hex digits (vLLM's random_uuid)
+                body = {"model": model, "messages": chat, "max_tokens": 1, "request_id": "mine-1"}
+                real, simulated = await answer(tiny_stack.engine.url, "/v1/chat/completions", body), await answer(
+                    sim.url, "/v1/chat/completions", body)
+                assert real[1]["id"] == simulated[1]["id"] == "chatcmpl-mine-1"
+                del body["request_id"]
+                real, simulated = await answer(tiny_stack.engine.url, "/v1/chat/completions", body), await answer(
+                    sim.url, "/v1/chat/completions", body)
+                assert len(real[1]["id"]) == len(simulated[1]["id"]) == len("chatcmpl-") + 16
         finally:
             await sim.stop()
 
