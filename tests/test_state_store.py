@@ -428,6 +428,17 @@ async def test_workflow_begin_creates_and_end_counts_once(harness: Harness) -> N
     assert await store.workflow_end("nope", "r1", now=1.0, ttl_s=LONG_TTL) is None
 
 
+async def test_workflow_ids_with_colons_are_workflows_apart(harness: Harness) -> None:
+    """A workflow id may hold a colon: workflow "job:inflight" must not share a key with workflow "job"'s
+    in-flight set (in Redis that was a WRONGTYPE error, taken for an outage of the whole store)."""
+    store = harness.store
+    await store.workflow_begin("job", "r1", now=1.0, ttl_s=LONG_TTL)
+    await store.workflow_begin("job:inflight", "r2", now=2.0, ttl_s=LONG_TTL)
+    job, other = await store.get_workflow("job"), await store.get_workflow("job:inflight")
+    assert (job["inflight"], other["inflight"]) == (["r1"], ["r2"])
+    assert (await store.workflow_end("job", "r1", now=3.0, ttl_s=LONG_TTL, tokens=5))["steps_done"] == 1
+
+
 async def test_workflow_records_expire_and_activity_refreshes(harness: Harness) -> None:
     store = harness.store
     await store.workflow_begin("wf", "r1", now=1.0, ttl_s=0.6)
@@ -531,7 +542,7 @@ async def test_redis_ledger_is_shared_and_keys_carry_ttls(redis_prefix: str) -> 
         for key in ("kv:cap:e1", "kv:res:e1", "kv:exp:e1", "kv:sum:e1", "kv:req:r2"):
             assert await raw.pttl(f"{redis_prefix}:{key}") > 0, key
         await a.workflow_begin("wf", "r", now=1.0, ttl_s=LONG_TTL)
-        for key in ("wf:wf", "wf:wf:inflight"):
+        for key in ("wf:wf", "wfi:wf"):
             assert 0 < await raw.pttl(f"{redis_prefix}:{key}") <= LONG_TTL * 1000
     finally:
         await raw.aclose()

@@ -5,8 +5,9 @@ Layout under ``key_prefix`` (default ``maestro``):
 * ``{prefix}:engine:{engine_id}``   orjson record, with a PX TTL (the authority on liveness)
 * ``{prefix}:engines``              sorted set of engine ids scored by expiry (epoch ms)
 * ``{prefix}:gateway:{gateway_id}`` / ``{prefix}:gateways``  the same for heartbeats
-* ``{prefix}:wf:{workflow_id}`` hash of a workflow's fields, ``{prefix}:wf:{workflow_id}:inflight`` set of its
-  request ids in flight; both carry the workflow TTL, refreshed by every step
+* ``{prefix}:wf:{workflow_id}`` hash of a workflow's fields, ``{prefix}:wfi:{workflow_id}`` set of its
+  request keys in flight; both carry the workflow TTL, refreshed by every step. (Not ``wf:{id}:inflight``: a
+  workflow id may hold a colon, and workflow ``x:inflight``'s hash would be workflow ``x``'s set.)
 * the shared KV ledger, per engine ``e`` and request ``r`` (all changed only by the Lua scripts below):
   ``{prefix}:kv:cap:{e}`` capacity in tokens (24 h TTL, re-set by every gateway's sync loop),
   ``{prefix}:kv:res:{e}`` hash r -> tokens, ``{prefix}:kv:exp:{e}`` sorted set r -> lease expiry (ms, Redis
@@ -401,8 +402,7 @@ class RedisStateStore(StateStore):
     # ------------------------------------------------------------------ workflows
 
     def _workflow_keys(self, workflow_id: str) -> list[str]:
-        key = f"{self._prefix}:wf:{workflow_id}"
-        return [key, key + ":inflight"]
+        return [f"{self._prefix}:wf:{workflow_id}", f"{self._prefix}:wfi:{workflow_id}"]
 
     async def workflow_begin(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float,
                              step: int | None = None, deadline: float | None = None, slo_class: str | None = None,
