@@ -16,6 +16,7 @@ from gateway.config import Config, ConfigError, default_config, load_config
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130  # a Ctrl-C before the signal handlers are in place (128 + SIGINT, as shells report it)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _load(path: str | None) -> Config:
@@ -109,7 +110,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maestro", description="Maestro: an OpenAI-compatible gateway that "
                                      "schedules multi-agent LLM and DiT workloads across engine pools.")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway (default: simulated engines, in-memory state)")
@@ -195,7 +197,7 @@ def _unavailable(exc: Exception) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -7,6 +7,7 @@ check names its dotted path explicitly (``clusters[0].pools[1].engines[0].url``)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,7 +260,14 @@ def _get(section: dict[str, Any], key: str, kind: type | tuple[type, ...], path:
         value = float(value)
     if not isinstance(value, kinds):
         raise ConfigError(where, f"expected {_kind_name(kinds)}, got {type(value).__name__}")
+    # YAML's .nan and .inf: NaN passes every comparison check (an interval of NaN seconds is a busy loop) and
+    # infinity overflows where a duration becomes an integer. A setting that means "off" with .inf says so itself.
+    if isinstance(value, float) and not math.isfinite(value) and where not in _INFINITY_ALLOWED:
+        raise ConfigError(where, f"must be a finite number, got {value}")
     return value
+
+
+_INFINITY_ALLOWED = frozenset({"predictor.online.max_loss_increase"})  # .inf: the loss check is off
 
 
 def _kind_name(kinds: tuple[type, ...]) -> str:
@@ -268,7 +276,7 @@ def _kind_name(kinds: tuple[type, ...]) -> str:
 
 
 def _positive(value: float, path: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if not (value >= 0) or (value == 0 and not allow_zero):  # written so that NaN fails
         raise ConfigError(path, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
@@ -276,12 +284,33 @@ _REQUIRED = object()
 
 
 def _parse_url(value: str, path: str) -> str:
-    parsed = urlparse(value)
+    """An engine's base URL: http(s), a host, a valid port if any, nothing after it (the gateway appends the
+    API paths to it)."""
+    try:
+        parsed = urlparse(value)
+        parsed.port  # noqa: B018 - raises ValueError on a port that is no number or out of range
+    except ValueError as exc:
+        raise ConfigError(path, f"is not a valid URL ({exc}): {value!r}") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(path, f"must be an http(s) URL with a host, got {value!r}")
     if parsed.path not in ("", "/"):
         raise ConfigError(path, f"give the engine's base URL without a path (no /v1), got {value!r}")
+    if parsed.query or parsed.fragment or parsed.username or parsed.password or value.rstrip("/").endswith(("?", "#")):
+        raise ConfigError(path, f"give the engine's base URL without a query, fragment or user, got {value!r}")
     return value.rstrip("/")
+
+
+def _check_redis_url(value: str, path: str) -> None:
+    """What redis-py's from_url would refuse at the first call (a bad port, an option that is no number), here,
+    so that it is a config error and not a traceback while the gateway starts."""
+    if urlparse(value).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(path, f"must be a redis:// URL, got {value!r}")
+    from redis.asyncio.connection import parse_url  # local: only parse_config needs it here
+
+    try:
+        parse_url(value)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(path, f"is not a valid Redis URL ({exc}): {value!r}") from None
 
 
 def _section(raw: dict[str, Any], cls: type, path: str, checks: dict[str, str], key: str | None = None) -> Any:
@@ -516,11 +545,16 @@ def parse_config(raw: Any) -> Config:
         raise ConfigError("clusters", "must hold at least one cluster")
     seen_pools: set[str] = set()
     seen_urls: set[str] = set()
+    seen_clusters: set[str] = set()
+    seen_engine_ids: dict[str, str] = {}  # effective engine id -> where it was given
     for i, cluster in enumerate(raw_clusters):
         path = f"clusters[{i}]"
         cluster = _mapping(cluster, path)
         _reject_unknown(cluster, {"name", "pools", "rtt_ms"}, path)
         name = _get(cluster, "name", str, path, _REQUIRED)
+        if name in seen_clusters:
+            raise ConfigError(f"{path}.name", f"cluster {name!r} appears twice")
+        seen_clusters.add(name)
         rtt_ms = _get(cluster, "rtt_ms", float, path, 0.0)
         _positive(rtt_ms, f"{path}.rtt_ms", allow_zero=True)
         raw_pools = _get(cluster, "pools", list, path, _REQUIRED)
@@ -538,6 +572,16 @@ def parse_config(raw: Any) -> Config:
                 if engine.url in seen_urls:
                     raise ConfigError(f"{ppath}.engines[{k}].url", f"engine {engine.url} is listed twice")
                 seen_urls.add(engine.url)
+            # the ids the gateway will know its engines by (gateway.app: the id given, else cluster/pool/index,
+            # simulated engines after the listed ones): two alike, and one engine would silently replace the other
+            simulated_count = parsed_pool.simulated.count if parsed_pool.simulated is not None else 0
+            for k in range(len(parsed_pool.engines) + simulated_count):
+                given = parsed_pool.engines[k].id if k < len(parsed_pool.engines) else ""
+                engine_id = given or f"{name}/{parsed_pool.name}/{k}"
+                where = f"{ppath}.engines[{k}].id" if given else f"{ppath} (engine {k})"
+                if engine_id in seen_engine_ids:
+                    raise ConfigError(where, f"engine id {engine_id!r} is already the id of {seen_engine_ids[engine_id]}")
+                seen_engine_ids[engine_id] = where
             pools.append(parsed_pool)
         clusters.append(ClusterConfig(name=name, pools=tuple(pools), rtt_ms=rtt_ms))
 
@@ -545,6 +589,8 @@ def parse_config(raw: Any) -> Config:
                                                      "max_inflight": "positive"})
     if server.port > 65535:
         raise ConfigError("server.port", f"must be <= 65535, got {server.port}")
+    if not server.host.strip():  # aiohttp would listen on every interface, at odd ports
+        raise ConfigError("server.host", "must not be empty (0.0.0.0 listens on every interface)")
     for i, key in enumerate(server.api_keys):
         if not isinstance(key, str) or not key:
             raise ConfigError(f"server.api_keys[{i}]", "must be a non-empty string")
@@ -552,8 +598,7 @@ def parse_config(raw: Any) -> Config:
                                                   "redis_timeout_s": "positive"})
     if state.backend not in STATE_BACKENDS:
         raise ConfigError("state.backend", f"must be one of {', '.join(STATE_BACKENDS)}, got {state.backend!r}")
-    if urlparse(state.redis_url).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError("state.redis_url", f"must be a redis:// URL, got {state.redis_url!r}")
+    _check_redis_url(state.redis_url, "state.redis_url")
     timeouts = _section(root, TimeoutConfig, "timeouts", {k: "positive" for k in TimeoutConfig.__dataclass_fields__})
     monitor = _section(root, MonitorConfig, "monitor", {k: "positive" for k in MonitorConfig.__dataclass_fields__})
     routing = _section(root, RoutingConfig, "routing", {"max_retries": "nonneg", "spill_margin_s": "nonneg"})
@@ -582,14 +627,36 @@ def parse_config(raw: Any) -> Config:
                   scheduling=scheduling, predictor=predictor)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML keeps the last one
+    silently, so a second ``server:`` block would replace the first without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: construct_mapping itself says so
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found the key {key!r} twice",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config file."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError("<file>", f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("<file>", f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "<file>"

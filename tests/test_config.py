@@ -74,6 +74,33 @@ def test_defaults_fill_in():
     (lambda c: c.update(server={"api_keys": ["k", ""]}), "server.api_keys[1]"),
     (lambda c: c.update(predictor={"online": {"base_data": [""]}}), "predictor.online.base_data[0]"),
     (lambda c: c.update(predictor={"online": {"path": ""}}), "predictor.online.path"),
+    # YAML's .nan and .inf: NaN passed every comparison (a monitor interval of NaN probed thousands of times a
+    # second), infinity overflowed where a duration becomes an integer
+    (lambda c: c.update(monitor={"interval_s": float("nan")}), "monitor.interval_s"),
+    (lambda c: c.update(scheduling={"ledger_lease_s": float("inf")}), "scheduling.ledger_lease_s"),
+    (lambda c: c.update(state={"engine_ttl_s": float("nan")}), "state.engine_ttl_s"),
+    (lambda c: c["clusters"][0].update(rtt_ms=float("nan")), "clusters[0].rtt_ms"),
+    (lambda c: c.update(timeouts={"total_s": float("-inf")}), "timeouts.total_s"),
+    # engine URLs the gateway could never reach, or would append its paths to wrongly
+    (lambda c: c["clusters"][0]["pools"][0]["engines"][0].update(url="http://[::1:8100"),
+     "clusters[0].pools[0].engines[0].url"),
+    (lambda c: c["clusters"][0]["pools"][0]["engines"][0].update(url="http://127.0.0.1:99999"),
+     "clusters[0].pools[0].engines[0].url"),
+    (lambda c: c["clusters"][0]["pools"][0]["engines"][0].update(url="http://h:80?x=1"),
+     "clusters[0].pools[0].engines[0].url"),
+    (lambda c: c.update(state={"redis_url": "redis://127.0.0.1:99999/0"}), "state.redis_url"),
+    (lambda c: c.update(state={"redis_url": "redis://h:6379/0?socket_timeout=abc"}), "state.redis_url"),
+    # two engines under one id: the registry would keep one and silently drop the other
+    (lambda c: c["clusters"][0]["pools"][0].update(engines=[{"url": "http://a:1", "id": "gpu"},
+                                                            {"url": "http://b:1", "id": "gpu"}]),
+     "clusters[0].pools[0].engines[1].id"),
+    (lambda c: c["clusters"][0]["pools"][0].update(engines=[{"url": "http://a:1"},
+                                                            {"url": "http://b:1", "id": "c/p/0"}]),
+     "clusters[0].pools[0].engines[1].id"),
+    (lambda c: c["clusters"].append({**c["clusters"][0], "pools": [{**c["clusters"][0]["pools"][0], "name": "q",
+                                                                     "engines": ["http://z:1"]}]}),
+     "clusters[1].name"),
+    (lambda c: c.update(server={"host": ""}), "server.host"),
 ])
 def test_invalid_configs_name_the_field(mutate, field):
     raw = base()
@@ -102,6 +129,23 @@ def test_cli_exits_2_with_one_message(tmp_path):
     done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", str(tmp_path / "missing.yaml")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "cannot read" in done.stderr
+    path.write_bytes("clusters: []\n# caf\xe9\n".encode("latin-1"))
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "not UTF-8" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    path.write_text("server:\n  port: 1\nserver:\n  port: 2\n")  # PyYAML would keep the second silently
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "'server' twice" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "--log-level", "verbose", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "invalid choice" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_infinite_loss_increase_still_turns_the_check_off():
+    raw = base()
+    raw["predictor"] = {"online": {"max_loss_increase": float("inf")}}
+    assert parse_config(raw).predictor.online.max_loss_increase == float("inf")
 
 
 def test_simulated_pool_options_are_checked_at_load():
