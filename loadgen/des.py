@@ -65,7 +65,10 @@ predictor sees a filler text of the step's prompt length, and its role and workf
 
 Results use :mod:`loadgen.results` (the schema the live runner writes), with series of reserved vs used KV tokens
 (``reserved_kv_tokens``, ``used_kv_tokens``: all engines, every ``sample_interval_s``) and ``meta["kv"]`` with
-the exact time average (over the arrival window and over the whole run) and peak of the reserved tokens.
+the exact time average (over the arrival window -- the whole run when every workflow arrives at t=0 -- and over
+the whole run) and peak of the reserved tokens; the used-KV figures come from the samples (None without them).
+``meta["load"]`` is the workload's offered load (:meth:`~loadgen.workload.Workload.offered_load`), as a live
+run records it.
 
 Speed: one simulated hour of 2 clusters x 16 engines at E1's high-contention load (134,000 requests, 700,000
 events) takes about 9 s of CPU (the plain PoolScheduler: about 140 s, same results). Not modelled: engine
@@ -183,8 +186,10 @@ class SimConfig:
             if not c.pools:
                 raise ValueError(f"cluster {c.name}: needs a pool")
             for p in c.pools:
-                if p.engines < 0:
-                    raise ValueError(f"cluster {c.name} pool {p.name}: engines must be >= 0")
+                # a pool without engines can never serve what is routed to it (the run would stall or end with
+                # requests nowhere); leave the cluster out instead
+                if isinstance(p.engines, bool) or not isinstance(p.engines, int) or p.engines < 1:
+                    raise ValueError(f"cluster {c.name} pool {p.name}: engines must be >= 1, got {p.engines!r}")
                 p.engine.validate()
         if self.admission not in ADMISSION_POLICIES:
             raise ValueError(f"unknown admission policy {self.admission!r}")
@@ -192,6 +197,9 @@ class SimConfig:
             raise ValueError("queue_per_engine must be >= 0")
         if not self.prompt_estimate_ratio > 0:
             raise ValueError("prompt_estimate_ratio must be > 0")
+        if not (self.sample_interval_s >= 0 and math.isfinite(self.sample_interval_s)):
+            raise ValueError(f"sample_interval_s must be a finite number >= 0 (0: no time series), "
+                             f"got {self.sample_interval_s!r}")
 
 
 def two_cluster_config(engines: int = 16, engine: EngineSpec | None = None, rtt_s: tuple[float, float] = (0.002, 0.002),
@@ -1504,28 +1512,37 @@ class Simulator(EngineHooks):
         cfg = self.cfg
         kv_bytes = self.pools[0].kv_bytes
         capacity = sum(self.ledger.capacity(e) for p in self.pools for e in p.ids)
-        window = self.window if self.window > 0 else end
+        run_mean = self._area / end if end > 0 else 0.0
+        # the arrival window is [0, last arrival]; when every workflow arrives at t=0 it is empty, and the whole
+        # run is the only span over which a time average means anything (the area was accumulated over it)
+        if self.window > 0:
+            window, reserved_mean = self.window, self._area_window / self.window
+        else:
+            window, reserved_mean = end, run_mean
         used = self.series["used_kv_tokens"]
-        used_window = [v for t, v in used if t <= window] or [0.0]
-        reserved_window = [v for t, v in self.series["reserved_kv_tokens"] if t <= window] or [0.0]
+        used_window = [v for t, v in used if t <= window]
+        reserved_window = [v for t, v in self.series["reserved_kv_tokens"] if t <= window]
         kv = {
             "kv_bytes_per_token": kv_bytes,
             "capacity_tokens": capacity,
-            "reserved_mean_tokens": self._area_window / window if window > 0 else 0.0,
-            "reserved_mean_tokens_run": self._area / end if end > 0 else 0.0,
+            "reserved_mean_tokens": reserved_mean,
+            "reserved_mean_tokens_run": run_mean,
             "reserved_peak_tokens": self._reserved_peak,
-            "used_mean_tokens": sum(used_window) / len(used_window),
-            "used_peak_tokens": max(v for _, v in used) if used else 0.0,
-            "reserved_sampled_mean_tokens": sum(reserved_window) / len(reserved_window),
+            # used KV is only known from the samples: without any (sample_interval_s 0) it is unknown (None), not 0
+            "used_mean_tokens": _mean(used_window),
+            "used_peak_tokens": max(v for _, v in used) if used else None,
+            "reserved_sampled_mean_tokens": _mean(reserved_window),
             "window_s": window,
             "growths": self.growths,
         }
         for name in ("reserved_mean", "reserved_peak", "used_mean"):
-            kv[f"{name}_bytes"] = kv[f"{name}_tokens"] * kv_bytes
+            value = kv[f"{name}_tokens"]
+            kv[f"{name}_bytes"] = None if value is None else value * kv_bytes
         engines = [e for p in self.pools for e in p.engines]
         self.requests.sort(key=lambda r: (r.arrival, r.request_id))
         self.wf_results.sort(key=lambda w: (w.arrival, w.workflow_id))
         meta = {
+            "load": self.workload.offered_load(),  # the same figure a live run of this workload records
             "simulated_s": end,
             "wall_s": wall,
             "predict_s": predict_s,
@@ -1551,6 +1568,10 @@ class Simulator(EngineHooks):
                          policy={"queue": cfg.queue_policy, "admission": cfg.admission,
                                  "routing": cfg.cluster_routing},
                          requests=self.requests, workflows=self.wf_results, series=self.series, meta=meta)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _config_json(cfg: SimConfig) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen.des import ClusterSpec, EngineSpec, PoolSpec, SimConfig, load_predictor, simulate
-from loadgen.results import RunResult
+from loadgen.results import RunResult, prepare_output
 from loadgen.workload import Step, Workflow, Workload, load_workload
 
 # --------------------------------------------------------------------------------------------------- setup
@@ -148,7 +148,10 @@ def cluster_specs(layout: str, profile: str = DEFAULT_PROFILE) -> list[ClusterSp
         fields = part.strip().split(":")
         if len(fields) != 3:
             raise ValueError(f"cluster {part!r}: expected name:engines:rtt_ms")
-        name, engines, rtt_ms = fields[0], int(fields[1]), float(fields[2])
+        try:
+            name, engines, rtt_ms = fields[0], int(fields[1]), float(fields[2])
+        except ValueError:
+            raise ValueError(f"cluster {part!r}: engines must be an integer and rtt_ms a number") from None
         clusters.append(ClusterSpec(name, rtt_s=rtt_ms / 1000.0, pools=(PoolSpec("llm", engines, engine),)))
     return clusters
 
@@ -187,7 +190,7 @@ def execute(spec: RunSpec) -> dict[str, Any]:
                        queue_options=dict(spec.queue_options), admission=spec.admission,
                        cluster_routing=spec.routing, sample_interval_s=spec.sample_interval_s)
     run = simulate(workload, config, _predictor(spec.predictor))
-    run.meta["load"] = spec.workload.rate
+    run.meta["rate"] = spec.workload.rate  # the nominal rate swept; meta["load"] is what was generated
     run.meta["label"] = spec.label
     run.policy["label"] = spec.label
     out = {"label": spec.label, "rate": spec.workload.rate, "queue": spec.queue, "admission": spec.admission,
@@ -353,6 +356,8 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 
 def simulate_main(args: argparse.Namespace) -> int:
     try:
+        if args.out:
+            prepare_output(args.out)
         if args.workload:
             workload = load_workload(args.workload)
         else:
@@ -366,7 +371,7 @@ def simulate_main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not args.workload:
-        run.meta["load"] = args.rate
+        run.meta["rate"] = args.rate  # the nominal rate asked for; meta["load"] is what was generated
     run.policy["label"] = f"{args.queue}/{args.admission}/{args.routing}"
     s = summarize(run)
     try:  # the same table as `maestro loadgen report` (live and simulated runs side by side)
@@ -374,7 +379,7 @@ def simulate_main(args: argparse.Namespace) -> int:
 
         print(markdown_table([report_row(run, Path(args.out).stem if args.out else "simulate")]))
     except ImportError:  # pragma: no cover - report.py ships with the repo
-        print(attainment_table([{"queue": args.queue, "rate": run.meta.get("load", float("nan")), "summary": s}]))
+        print(attainment_table([{"queue": args.queue, "rate": run.meta.get("load") or float("nan"), "summary": s}]))
     print()
     print(markdown(["reserved KV mean GiB", "reserved KV peak GiB", "used KV mean GiB", "capacity GiB",
                     "simulated s", "wall s", "events"],
@@ -383,8 +388,11 @@ def simulate_main(args: argparse.Namespace) -> int:
                      f"{s['events']:,}"]]))
     if args.out:
         target = Path(args.out)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(json.dumps(run.to_json(), default=str).encode())
+        try:
+            target.write_bytes(json.dumps(run.to_json(), default=str).encode())
+        except OSError as exc:
+            print(f"error: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"wrote {target}", file=sys.stderr)
     return 0
 
@@ -410,6 +418,8 @@ def experiment_main(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else f"results/{name}.json"
     started = time.perf_counter()
     try:
+        if out:
+            prepare_output(out)  # now, not after the sweep
         if name == "E1":
             data = experiment_e1(args)
         elif name == "E2":
@@ -503,8 +513,8 @@ def experiment_e2(args: argparse.Namespace) -> dict[str, Any]:
         saving = 1 - pr["reserved_mean_bytes"] / mt["reserved_mean_bytes"] if mt["reserved_mean_bytes"] else None
         peak_saving = 1 - pr["reserved_peak_bytes"] / mt["reserved_peak_bytes"] if mt["reserved_peak_bytes"] else None
         # "equal": within ATTAINMENT_TOLERANCE (a handful of requests out of tens of thousands)
-        equal_or_better = (pr["workflow_attainment"] >= mt["workflow_attainment"] - ATTAINMENT_TOLERANCE
-                           and pr["request_attainment"] >= mt["request_attainment"] - ATTAINMENT_TOLERANCE)
+        equal_or_better = (_not_worse(pr["workflow_attainment"], mt["workflow_attainment"])
+                           and _not_worse(pr["request_attainment"], mt["request_attainment"]))
         ok = saving is not None and saving >= 0.67 and equal_or_better and pr["preempted_share"] <= 0.01
         verdicts.append({"rate": rate, "saving": saving, "peak_saving": peak_saving,
                          "equal_or_better_attainment": equal_or_better, "preempted_share": pr["preempted_share"],
@@ -524,6 +534,14 @@ def experiment_e2(args: argparse.Namespace) -> dict[str, Any]:
             f"{100 * ATTAINMENT_TOLERANCE:g} points) or better attainment, preemptions on <= 1% of requests."]
     return {"experiment": "E2", "setup": _setup(args), "rates": rates, "queue": args.queue,
             "runs": [_strip(r) for r in results], "verdicts": verdicts, "markdown": "\n".join(text)}
+
+
+def _not_worse(value: float | None, baseline: float | None) -> bool:
+    """``value`` within ATTAINMENT_TOLERANCE of ``baseline`` or better. None is an attainment over nothing (no
+    workflows, e.g. ``--interactive-share 1``): both None compare equal, and one None alone cannot be judged."""
+    if value is None or baseline is None:
+        return value is None and baseline is None
+    return value >= baseline - ATTAINMENT_TOLERANCE
 
 
 def experiment_e3(args: argparse.Namespace) -> dict[str, Any]:

@@ -296,7 +296,7 @@ def run_simulated(setup: FidelitySetup, workload: Workload, prompt_ratio: float 
     """The DES side (per-role priors, as the gateway has without a trained model)."""
     run = simulate(workload, setup.sim_config(prompt_ratio), load_predictor(None))
     run.policy["label"] = setup.label()
-    run.meta["load"] = setup.rate
+    run.meta["rate"] = setup.rate  # nominal; meta["load"] is the offered load of the workload as generated
     return run
 
 
@@ -332,7 +332,7 @@ async def run_live(setup: FidelitySetup, workload: Workload, mean_step_s: float,
         await engines.stop()
         if own_cpus:
             _pin(os.getpid(), own_cpus)
-    run.meta["load"] = setup.rate
+    run.meta["rate"] = setup.rate  # nominal; meta["load"] is the offered load of the workload as generated
     engine_stats = dict(engines.final.get("stats") or {})
     gateway_stats = dict(gateway.final.get("stats") or {})
     start, end = run.meta["started_at_epoch"], run.meta["started_at_epoch"] + run.meta["wall_s"]

@@ -34,10 +34,14 @@ in 1.4 s, the SDK (openai 3.57, httpx2) 18.7 ms per request (93 us per token) an
 also already a core dependency; the SDK is only in the ``test`` extra.
 
 Bounded concurrency (``max_concurrency`` requests in flight; a step waits for a slot, and the wait is reported in
-``meta.client_wait_s``), a hard ``time_limit_s`` (requests still in flight then end as ``error:time_limit``;
+``meta.client_wait_s``), a hard ``time_limit_s`` (requests still in flight then end as ``error:time_limit``, and
+so do steps that were due but still waiting for a slot: never sent, they are counted in ``meta.not_sent`` too;
 workflows not yet arrived are left out and counted in ``meta.not_started``), and clean cancellation (``stop()``,
 SIGINT/SIGTERM in the CLI: in-flight requests are closed, so the engines abort them, and the partial result is
-still written).
+still written; the statuses are then ``error:stopped``). A stream that closes without a ``finish_reason`` or
+``[DONE]`` is an answer cut short, ``error:truncated``. ``meta.load`` is the workload's offered load
+(:meth:`~loadgen.workload.Workload.offered_load`: arrivals per second of workload time, whatever the time scale),
+the figure the simulator records for the same workload.
 
 Times in the result are seconds from the start of the run, wall clock (``time_base="wall"``; SLO targets and
 deadlines are divided by ``time_scale`` so attainment is judged on the compressed clock), or multiplied back by
@@ -50,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import math
 import random
 import re
 import signal
@@ -62,7 +67,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from loadgen.results import RequestResult, RunResult, WorkflowResult
+from loadgen.results import RequestResult, RunResult, WorkflowResult, prepare_output
 from loadgen.workload import Step, Workflow, Workload, WorkloadError, load_workload
 
 HINT_HEADER = "X-Sim-Output-Tokens"
@@ -135,6 +140,10 @@ class LiveOptions:
             raise ValueError("max_concurrency must be >= 1")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise ValueError("time_limit_s must be > 0")
+        # 0 would switch aiohttp's read timeout off (and a negative one is meaningless): a request must time out
+        if not (self.request_timeout_s > 0 and math.isfinite(self.request_timeout_s)):
+            raise ValueError("request_timeout_s must be a finite number of seconds > 0, "
+                             f"got {self.request_timeout_s!r}")
         for name, allowed in (("context", CONTEXTS), ("output_control", OUTPUT_CONTROLS), ("client", CLIENTS),
                               ("time_base", TIME_BASES)):
             if getattr(self, name) not in allowed:
@@ -204,6 +213,8 @@ class LiveRunner:
         self.peak_inflight = 0
         self.client_waits: list[float] = []
         self.not_started = 0
+        self.not_sent = 0  # steps recorded as failed because the run ended while they waited for a slot
+        self._cancel_reason = "cancelled"  # what ends in-flight and waiting requests: time_limit, stopped, ...
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._run_tag = hashlib.blake2b(f"{time.time_ns()}".encode(), digest_size=3).hexdigest()
@@ -264,7 +275,12 @@ class LiveRunner:
     async def _all_done(self, dispatcher: asyncio.Task) -> None:
         await dispatcher
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            outcomes = await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            for outcome in outcomes:
+                # failed requests are recorded, never raised: an exception here is a bug in the runner, and
+                # swallowing it would pass off a run with requests missing as "completed"
+                if isinstance(outcome, Exception):
+                    raise outcome
 
     async def _dispatch(self) -> None:
         workflows = self.workload.workflows
@@ -327,9 +343,19 @@ class LiveRunner:
             if step.think_time_s > 0:
                 await asyncio.sleep(step.think_time_s / self.scale)
             waited = time.perf_counter()
-            async with self._semaphore:
+            ready = self._now()
+            try:
+                await self._semaphore.acquire()
+            except asyncio.CancelledError:
+                # the run ended while the step waited for a concurrency slot: it was due, so it counts (as a
+                # failure, like the requests cut in flight) rather than vanishing from the result
+                self._record_not_sent(workflow, step, ready)
+                raise
+            try:
                 self.client_waits.append(time.perf_counter() - waited)
                 request = await self._send(workflow, index, step, deadline_epoch_ms)
+            finally:
+                self._semaphore.release()
             ok = request.status == "ok"
             if ok:
                 result.steps_ok += 1
@@ -343,7 +369,7 @@ class LiveRunner:
     def _request(self, workflow: Workflow, index: int, step: Step,
                  deadline_epoch_ms: int | None) -> tuple[str, dict[str, Any], dict[str, str]]:
         opts = self.options
-        request_id = _REQUEST_ID_BAD.sub("_", f"lg{self._run_tag}-{workflow.id}-{step.id}")[:128]
+        request_id = self._request_id(workflow, step)
         body: dict[str, Any] = {"model": self.model,
                                 "messages": build_messages(step, f"{self.workload.seed}/{workflow.id}/{step.id}"),
                                 "stream": True, "stream_options": {"include_usage": True}}
@@ -374,17 +400,30 @@ class LiveRunner:
             body["metadata"] = {names[k]: v for k, v in context.items()}
         return request_id, body, headers
 
-    async def _send(self, workflow: Workflow, index: int, step: Step,
-                    deadline_epoch_ms: int | None) -> RequestResult:
-        request_id, body, headers = self._request(workflow, index, step, deadline_epoch_ms)
+    def _request_id(self, workflow: Workflow, step: Step) -> str:
+        return _REQUEST_ID_BAD.sub("_", f"lg{self._run_tag}-{workflow.id}-{step.id}")[:128]
+
+    def _new_result(self, workflow: Workflow, step: Step, arrival: float) -> RequestResult:
         ttft_t, tpot_t, _ = self.targets.get(workflow.slo_class, (None, None, None))
         factor = self._target_factor
-        result = RequestResult(
-            request_id=request_id, workflow_id=None if workflow.interactive else workflow.id, step_id=step.id,
-            role=step.role, slo_class=workflow.slo_class, arrival=self._now(),
+        return RequestResult(
+            request_id=self._request_id(workflow, step), workflow_id=None if workflow.interactive else workflow.id,
+            step_id=step.id, role=step.role, slo_class=workflow.slo_class, arrival=arrival,
             prompt_tokens=step.prompt_token_count(), output_tokens=0,
             ttft_target_s=None if ttft_t is None else ttft_t * factor,
             tpot_target_s=None if tpot_t is None else tpot_t * factor)
+
+    def _record_not_sent(self, workflow: Workflow, step: Step, ready: float) -> None:
+        """A step that was due at ``ready`` but never got a concurrency slot before the run ended."""
+        result = self._new_result(workflow, step, ready)
+        result.status = f"error:{self._cancel_reason}"
+        self.not_sent += 1
+        self._record(result, step, in_flight=False)
+
+    async def _send(self, workflow: Workflow, index: int, step: Step,
+                    deadline_epoch_ms: int | None) -> RequestResult:
+        _, body, headers = self._request(workflow, index, step, deadline_epoch_ms)
+        result = self._new_result(workflow, step, self._now())
         self.inflight += 1
         self.peak_inflight = max(self.peak_inflight, self.inflight)
         try:
@@ -393,21 +432,22 @@ class LiveRunner:
             else:
                 await self._stream_aiohttp(body, headers, result)
         except asyncio.CancelledError:
-            result.status = f"error:{getattr(self, '_cancel_reason', 'cancelled')}"
+            result.status = f"error:{self._cancel_reason}"
             self._record(result, step)
             raise
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             result.status = "error:connection"
-            self._error(f"{request_id}: {type(exc).__name__}: {exc}")
+            self._error(f"{result.request_id}: {type(exc).__name__}: {exc}")
         except Exception as exc:  # the SDK's own errors (openai.APIError...), malformed streams
             status = getattr(exc, "status_code", None)
             result.status = f"error:http_{status}" if status else "error:client"
-            self._error(f"{request_id}: {type(exc).__name__}: {exc}")
+            self._error(f"{result.request_id}: {type(exc).__name__}: {exc}")
         self._record(result, step)
         return result
 
-    def _record(self, result: RequestResult, step: Step) -> None:
-        self.inflight -= 1
+    def _record(self, result: RequestResult, step: Step, in_flight: bool = True) -> None:
+        if in_flight:
+            self.inflight -= 1
         if result.status == "ok" and self.options.output_control != "none" \
                 and result.output_tokens != step.output_tokens:
             self.output_mismatches += 1
@@ -427,6 +467,7 @@ class LiveRunner:
         url = self.options.url.rstrip("/") + "/chat/completions"
         chunks = 0
         usage = None
+        complete = False  # a [DONE] or a finish_reason: the server ended the answer, not just the connection
         async with self._session.post(url, data=orjson.dumps(body), headers=headers) as response:
             if response.status != 200:
                 text = (await response.read())[:400].decode("utf-8", "replace")
@@ -438,6 +479,7 @@ class LiveRunner:
                     continue  # blank separators, ": keep-alive" comments, event: lines
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
+                    complete = True
                     break
                 try:
                     event = orjson.loads(payload)
@@ -455,9 +497,11 @@ class LiveRunner:
                         if result.first_token is None:
                             result.first_token = self._now()
                         chunks += 1
+                    if choice.get("finish_reason") is not None:
+                        complete = True
                 if event.get("usage"):
                     usage = event["usage"]
-        self._finish(result, usage, chunks)
+        self._finish(result, usage, chunks, complete)
 
     async def _stream_openai(self, body: dict[str, Any], headers: dict[str, str], result: RequestResult) -> None:
         extra = {k: body[k] for k in ("ignore_eos", "metadata") if k in body}
@@ -469,6 +513,7 @@ class LiveRunner:
             extra_headers=headers, extra_body=extra or None, **kwargs)
         chunks = 0
         usage = None
+        complete = False  # the SDK hides [DONE]: a finish_reason is the server's end of the answer
         async for chunk in stream:
             for choice in chunk.choices or ():
                 delta = choice.delta
@@ -477,12 +522,22 @@ class LiveRunner:
                     if result.first_token is None:
                         result.first_token = self._now()
                     chunks += 1
+                if choice.finish_reason is not None:
+                    complete = True
             if chunk.usage is not None:
                 usage = {"prompt_tokens": chunk.usage.prompt_tokens,
                          "completion_tokens": chunk.usage.completion_tokens}
-        self._finish(result, usage, chunks)
+        self._finish(result, usage, chunks, complete)
 
-    def _finish(self, result: RequestResult, usage: dict[str, Any] | None, chunks: int) -> None:
+    def _finish(self, result: RequestResult, usage: dict[str, Any] | None, chunks: int, complete: bool) -> None:
+        if not complete:
+            # the stream closed cleanly but the answer never ended (no finish_reason, no [DONE]): a server or
+            # proxy that gave up mid-answer; what arrived is kept, but it is not a success
+            result.output_tokens = chunks
+            result.status = "error:truncated"
+            self._error(f"{result.request_id}: stream ended without a finish_reason or [DONE] "
+                        f"after {chunks} content chunk(s)")
+            return
         result.finish = self._now()
         if usage and isinstance(usage.get("completion_tokens"), int):
             result.output_tokens = usage["completion_tokens"]
@@ -500,17 +555,16 @@ class LiveRunner:
 
     def _result(self, reason: str, wall: float) -> RunResult:
         waits = self.client_waits
-        spec = (self.workload.meta or {}).get("spec") or {}
-        duration = self.workload.duration_s()
-        offered = spec.get("rate") if isinstance(spec.get("rate"), (int, float)) and spec.get("rate") else (
-            len(self.workload.workflows) / duration if duration > 0 else None)
         meta = {
             "url": self.options.url, "client": self.options.client, "workload": self.workload.name,
             "workload_seed": self.workload.seed, "model": self.model, "time_scale": self.scale,
-            "time_base": self.options.time_base, "load": offered, "context": self.options.context,
+            "time_base": self.options.time_base,
+            # arrivals per second of workload time, as the simulator records it (not the spec's nominal rate:
+            # a replay adds calls, a file may have no spec); independent of time_scale and time_base
+            "load": self.workload.offered_load(), "context": self.options.context,
             "output_control": self.options.output_control, "max_concurrency": self.options.max_concurrency,
             "started_at_epoch": self._t0_epoch, "wall_s": round(wall, 3), "end": reason,
-            "not_started": self.not_started, "status_counts": dict(self.status),
+            "not_started": self.not_started, "not_sent": self.not_sent, "status_counts": dict(self.status),
             "output_mismatches": self.output_mismatches, "peak_inflight": self.peak_inflight,
             "client_wait_s": {"mean": sum(waits) / len(waits) if waits else 0.0, "max": max(waits, default=0.0)},
             "errors": self.errors,
@@ -556,7 +610,8 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-max-tokens", action="store_true", help="do not declare the step's max_tokens in the body")
     add("--steps-hint", action="store_true", help="also send X-Workflow-Steps (the workflow's step count)")
     add("--client", choices=CLIENTS, default="aiohttp", help="HTTP client: aiohttp (default) or the openai SDK")
-    add("--request-timeout", type=float, default=600.0, help="seconds without a byte before a request fails")
+    add("--request-timeout", type=float, default=600.0,
+        help="seconds without a byte before a request fails (> 0; default 600)")
     add("--policy", action="append", type=_key_value, metavar="KEY=VALUE",
         help="label the result with the gateway's policy (repeatable, e.g. queue=edf admission=predicted)")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -579,6 +634,7 @@ def live_main(args: argparse.Namespace) -> int:
         workload = load_workload(args.workload)
         options = options_from_args(args)
         options.validate()
+        prepare_output(args.out)  # before the run: a bad --out must not cost the whole run
     except (WorkloadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -594,8 +650,12 @@ def live_main(args: argparse.Namespace) -> int:
         return await runner.run()
 
     result = asyncio.run(main())
-    with open(args.out, "wb") as handle:
-        handle.write(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2))
+    try:
+        with open(args.out, "wb") as handle:
+            handle.write(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2))
+    except OSError as exc:  # the folder changed under the run
+        print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     summary = result.summary()
     print(f"wrote {args.out}: {summary['requests_ok']}/{summary['requests']} requests ok, "
           f"request SLO attainment {_pct(summary['request_slo_attainment'])}, workflow deadline attainment "

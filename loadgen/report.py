@@ -4,36 +4,39 @@
 
 - ``report.md``: one row per run (sorted by policy, then load): policy, load, requests, request SLO attainment,
   workflow deadline attainment, mean and p99 end-to-end latency, p99 TTFT, preemptions (total, and requests
-  preempted at least once), reserved KV tokens mean / peak (from the run's ``series``, when present);
+  preempted at least once), reserved KV tokens mean / peak (time-weighted over the run, see below);
 - ``slo_vs_load.png``: request SLO attainment and workflow deadline attainment against load, one line per policy;
 - ``latency_cdf.png``: CDFs of end-to-end latency and TTFT of the successful requests, one curve per run;
 - ``kv_<run>.png``: reserved vs used KV over time, for each run whose ``series`` has them.
 
 Conventions read from a RunResult: the policy label is ``policy["label"]`` when given, else ``key=value`` pairs of
-``policy`` (else the file name); the load is ``meta["load"]`` (offered arrivals per second; the live runner
-writes it from the workload spec's rate), else ``meta["rate"]``, else the arrivals of the run's workflow records
-over their time span; reserved KV mean / peak come from ``meta["kv"]["reserved_mean_tokens"]`` /
-``["reserved_peak_tokens"]`` when present (the simulator's figures), else from the series; a series whose name
-contains ``reserved`` is reserved KV and one whose name contains ``used`` is used KV (e.g. the simulator's
-``reserved_kv_tokens`` / ``used_kv_tokens``, or per engine ``used_kv_tokens/engine-0``), each a list of
-``[time_s, value]`` points.
+``policy`` (else the file name); the load is ``meta["load"]`` (offered arrivals per second of workload time: the
+live runner and the simulator both write :meth:`~loadgen.workload.Workload.offered_load`), else ``meta["rate"]``,
+else the arrivals of the run's workflow records over their time span (the same rule, on the result's clock); a
+series whose name contains ``reserved`` is reserved KV and one whose name contains ``used`` is used KV (e.g. the
+simulator's ``reserved_kv_tokens`` / ``used_kv_tokens``, or per engine ``used_kv_tokens/engine-0``), each a list
+of ``[time_s, value]`` points. Reserved KV mean / peak are defined alike for live and simulated runs
+(:func:`kv_figures`): the time-weighted mean and the peak of the reserved series over the run (several series are
+aligned by time and added, a total never to its parts: :func:`_sum_series`); only a run without such a series
+shows the simulator's exact whole-run figures from ``meta["kv"]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import re
 import sys
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from loadgen.results import RequestResult, RunResult, WorkflowResult
+from loadgen.workload import arrival_rate
 
-_REQUEST_FIELDS = {f.name for f in fields(RequestResult)}
-_WORKFLOW_FIELDS = {f.name for f in fields(WorkflowResult)}
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -42,17 +45,105 @@ class ReportError(ValueError):
 
 
 def run_from_json(data: dict[str, Any]) -> RunResult:
-    """Rebuild a :class:`RunResult` from its ``to_json()`` form (unknown keys are ignored)."""
-    try:
-        requests = [RequestResult(**{k: v for k, v in r.items() if k in _REQUEST_FIELDS})
-                    for r in data.get("requests") or ()]
-        workflows = [WorkflowResult(**{k: v for k, v in w.items() if k in _WORKFLOW_FIELDS})
-                     for w in data.get("workflows") or ()]
-    except TypeError as exc:
-        raise ReportError(f"malformed request or workflow record: {exc}") from None
-    series = {str(k): [(float(p[0]), float(p[1])) for p in v] for k, v in (data.get("series") or {}).items()}
-    return RunResult(mode=str(data.get("mode", "?")), policy=dict(data.get("policy") or {}), requests=requests,
-                     workflows=workflows, series=series, meta=dict(data.get("meta") or {}))
+    """Rebuild a :class:`RunResult` from its ``to_json()`` form (unknown keys are ignored).
+
+    Everything read is type-checked, so a malformed file is a :class:`ReportError` naming the element rather
+    than a TypeError somewhere in the tables."""
+    requests = [RequestResult(**_record(r, f"requests[{i}]", _REQUEST_TYPES))
+                for i, r in enumerate(_list(data.get("requests"), "requests"))]
+    workflows = [WorkflowResult(**_record(w, f"workflows[{i}]", _WORKFLOW_TYPES))
+                 for i, w in enumerate(_list(data.get("workflows"), "workflows"))]
+    series = {str(name): _points(points, f"series[{name!r}]")
+              for name, points in _object(data.get("series"), "series").items()}
+    meta = _object(data.get("meta"), "meta")
+    _check_meta(meta)
+    return RunResult(mode=str(data.get("mode", "?")), policy=_object(data.get("policy"), "policy"),
+                     requests=requests, workflows=workflows, series=series, meta=meta)
+
+
+def _check_meta(meta: dict[str, Any]) -> None:
+    """The meta figures the report reads: numbers or null."""
+    for key in ("load", "rate"):
+        if meta.get(key) is not None and not _is_number(meta[key]):
+            raise ReportError(f"meta.{key} must be a number or null, got {meta[key]!r:.60}")
+    kv = _object(meta.get("kv"), "meta.kv")
+    for key in ("reserved_mean_tokens_run", "reserved_peak_tokens"):
+        if kv.get(key) is not None and not _is_number(kv[key]):
+            raise ReportError(f"meta.kv.{key} must be a number or null, got {kv[key]!r:.60}")
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ReportError(f"'{where}' must be a list")
+    return value
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ReportError(f"'{where}' must be an object")
+    return dict(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class _Field:
+    nullable: bool
+    required: bool
+    check: Callable[[Any], bool]
+    label: str  # what a message calls the expected type
+
+
+def _field_types(cls: type) -> dict[str, _Field]:
+    """What each field of a record dataclass accepts, from its annotation (``str``, ``float | None``...)."""
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "str": (lambda v: isinstance(v, str), "a string"), "float": (_is_number, "a number"),
+        "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")}
+    out = {}
+    for f in fields(cls):
+        parts = [p.strip() for p in str(f.type).split("|")]
+        check, label = checks[next(p for p in parts if p != "None")]
+        out[f.name] = _Field("None" in parts, f.default is MISSING and f.default_factory is MISSING, check, label)
+    return out
+
+
+_REQUEST_TYPES = _field_types(RequestResult)
+_WORKFLOW_TYPES = _field_types(WorkflowResult)
+
+
+def _record(raw: Any, where: str, types: dict[str, _Field]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ReportError(f"{where} must be an object, got {raw!r:.60}")
+    out = {}
+    for key, value in raw.items():
+        spec = types.get(key)
+        if spec is None:
+            continue
+        if not ((value is None and spec.nullable) or spec.check(value)):
+            raise ReportError(f"{where}.{key} must be {spec.label}{' or null' if spec.nullable else ''}, "
+                              f"got {value!r:.60}")
+        out[key] = value
+    missing = [name for name, spec in types.items() if spec.required and name not in out]
+    if missing:
+        raise ReportError(f"{where} lacks {', '.join(missing)}")
+    return out
+
+
+def _points(raw: Any, where: str) -> list[tuple[float, float]]:
+    if not isinstance(raw, list):
+        raise ReportError(f"{where} must be a list of [time_s, value] points")
+    points = []
+    for i, point in enumerate(raw):
+        if not (isinstance(point, (list, tuple)) and len(point) == 2 and all(map(_is_number, point))):
+            raise ReportError(f"{where}[{i}] must be a [time_s, value] pair of numbers, got {point!r:.60}")
+        points.append((float(point[0]), float(point[1])))
+    return points
 
 
 def load_run(path: str | Path) -> RunResult:
@@ -82,12 +173,9 @@ def run_load(run: RunResult) -> float | None:
     """Offered load: ``meta["load"]`` / ``meta["rate"]``, else arrivals over their time span (all kinds)."""
     for key in ("load", "rate"):
         value = run.meta.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value is not None:
             return float(value)
-    arrivals = sorted(w.arrival for w in run.workflows)
-    if len(arrivals) >= 2 and arrivals[-1] > arrivals[0]:
-        return round((len(arrivals) - 1) / (arrivals[-1] - arrivals[0]), 4)
-    return None
+    return arrival_rate([w.arrival for w in run.workflows])
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -99,6 +187,29 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def _kv_series(run: RunResult, word: str) -> dict[str, list[tuple[float, float]]]:
     return {name: points for name, points in run.series.items() if word in name.lower() and points}
+
+
+def kv_figures(run: RunResult) -> tuple[float | None, float | None]:
+    """Reserved KV (mean, peak) in tokens, defined alike for live and simulated runs: the time-weighted mean and
+    the peak of the reserved series over the span it covers (the run), each sample holding until the next.
+
+    Only a run without a reserved series falls back to ``meta["kv"]``: the simulator's exact whole-run figures
+    (``reserved_mean_tokens_run``, ``reserved_peak_tokens``), the same definition without sampling. (The
+    simulator's ``reserved_mean_tokens`` is over the arrival window, a different span: not used here.)"""
+    if reserved := _kv_series(run, "reserved"):
+        points = _sum_series(reserved)
+        return _time_mean(points), max(v for _, v in points)
+    kv = run.meta.get("kv") or {}
+    mean, peak = kv.get("reserved_mean_tokens_run"), kv.get("reserved_peak_tokens")
+    return (None if mean is None else float(mean)), (None if peak is None else float(peak))
+
+
+def _time_mean(points: list[tuple[float, float]]) -> float:
+    """Mean of a step function over [first, last sample] (one sample: its value)."""
+    span = points[-1][0] - points[0][0]
+    if span <= 0:
+        return sum(v for _, v in points) / len(points)
+    return sum(v * (points[i + 1][0] - t) for i, (t, v) in enumerate(points[:-1])) / span
 
 
 @dataclass
@@ -126,14 +237,7 @@ def summarize(run: RunResult, name: str) -> RunRow:
     ok = [r for r in run.requests if r.status == "ok"]
     e2e = [r.e2e for r in ok if r.e2e is not None]
     ttft = [r.ttft for r in ok if r.ttft is not None]
-    reserved_mean = reserved_peak = None
-    kv = run.meta.get("kv") if isinstance(run.meta.get("kv"), dict) else {}
-    if isinstance(kv.get("reserved_mean_tokens"), (int, float)):  # the simulator's time-weighted figures
-        reserved_mean, reserved_peak = float(kv["reserved_mean_tokens"]), kv.get("reserved_peak_tokens")
-    elif reserved := _kv_series(run, "reserved"):
-        # several series (e.g. per engine) are added up when they share their sample times
-        values = [v for _, v in _sum_series(list(reserved.values()))]
-        reserved_mean, reserved_peak = sum(values) / len(values), max(values)
+    reserved_mean, reserved_peak = kv_figures(run)
     return RunRow(
         name=name, policy=policy_label(run, name), load=run_load(run), mode=run.mode,
         requests=summary["requests"], requests_ok=summary["requests_ok"],
@@ -144,13 +248,26 @@ def summarize(run: RunResult, name: str) -> RunRow:
         reserved_mean=reserved_mean, reserved_peak=reserved_peak)
 
 
-def _sum_series(series: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
-    if len(series) == 1:
-        return series[0]
-    times = [t for t, _ in series[0]]
-    if all([t for t, _ in s] == times for s in series[1:]):
-        return [(t, sum(s[i][1] for s in series)) for i, t in enumerate(times)]
-    return series[0]
+def _sum_series(series: dict[str, list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """One series from several of the same quantity.
+
+    ``<name>/<part>`` series are parts of ``<name>`` (e.g. ``used_kv_tokens/engine-0``): they are added up,
+    unless the total ``<name>`` is there too, which is then used alone (a total is never added to its parts).
+    Series with different names are added up. Series sampled at different times are aligned as step functions
+    (each value holds until the series' next sample) on the union of their sample times, from the latest first
+    sample on (before it some series has no value yet)."""
+    groups: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for name, points in series.items():
+        groups.setdefault(name.split("/", 1)[0], {})[name] = sorted(points)
+    chosen = []
+    for base, members in groups.items():
+        chosen += [members[base]] if base in members else list(members.values())
+    if len(chosen) == 1:
+        return chosen[0]
+    start = max(points[0][0] for points in chosen)
+    times = sorted({t for points in chosen for t, _ in points if t >= start})
+    columns = [([t for t, _ in points], [v for _, v in points]) for points in chosen]
+    return [(t, sum(values[bisect.bisect_right(ts, t) - 1] for ts, values in columns)) for t in times]
 
 
 def _fmt(value: float | None, kind: str = "s") -> str:

@@ -6,7 +6,9 @@ fidelity experiment compares like with like. Times are seconds from the start of
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -112,3 +114,20 @@ class RunResult:
         return {"mode": self.mode, "policy": self.policy, "summary": self.summary(), "meta": self.meta,
                 "series": self.series, "requests": [r.to_json() for r in self.requests],
                 "workflows": [w.to_json() for w in self.workflows]}
+
+
+def prepare_output(path: str | Path) -> Path:
+    """Make sure ``path`` can be written, creating its folder, *before* a run: a bad ``--out`` then costs an
+    error message (exit 2) instead of the run it would otherwise lose at the end. Raises ``ValueError``."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"cannot write {path}: it is a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"cannot write {path}: {target.parent} is not a folder") from None
+    except OSError as exc:
+        raise ValueError(f"cannot create the folder of {path}: {exc.strerror or exc}") from None
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"cannot write {path}: permission denied")
+    return target

@@ -30,6 +30,7 @@ dependency finishes, e.g. tool execution); ``max_tokens`` (what the client decla
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,13 @@ class Workload:
     def duration_s(self) -> float:
         return max((w.arrival_s for w in self.workflows), default=0.0)
 
+    def offered_load(self) -> float | None:
+        """Arrivals per second of workload time, from the workload's own arrivals (see :func:`arrival_rate`).
+
+        Live and simulated runs both record this as ``meta["load"]``: the spec's nominal rate is not what was
+        generated (a replay adds its own calls, a random process deviates from its mean, a file has no spec)."""
+        return arrival_rate([w.arrival_s for w in self.workflows])
+
     def to_json(self) -> dict[str, Any]:
         def step(s: Step) -> dict[str, Any]:
             out: dict[str, Any] = {"id": s.id, "role": s.role, "output_tokens": s.output_tokens}
@@ -116,6 +124,18 @@ class Workload:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_bytes(orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
+
+
+def arrival_rate(arrivals: Sequence[float]) -> float | None:
+    """Arrivals per second over their span: (n - 1) arrivals in (first, last]; None below two distinct times.
+
+    One rule for workloads (:meth:`Workload.offered_load`) and result files (``loadgen.report.run_load``), so a
+    figure recorded by a run and one recomputed from its records agree; an evenly spaced process gives its rate
+    exactly."""
+    times = sorted(arrivals)
+    if len(times) >= 2 and times[-1] > times[0]:
+        return round((len(times) - 1) / (times[-1] - times[0]), 4)
+    return None
 
 
 def _number(value: Any, where: str, minimum: float = 0.0) -> float:
@@ -165,10 +185,12 @@ def parse_workload(data: Any) -> Workload:
             if not isinstance(sid, str) or sid in step_ids:
                 raise WorkloadError(f"{sw}.id must be a unique string within the workflow")
             depends = rs.get("depends_on", [])
-            if not isinstance(depends, list) or any(d not in step_ids for d in depends):
+            if not isinstance(depends, list) or any(not isinstance(d, str) or d not in step_ids for d in depends):
                 raise WorkloadError(f"{sw}.depends_on must list ids of earlier steps")
             if rs.get("prompt_tokens") is None and not isinstance(rs.get("prompt_text"), str):
                 raise WorkloadError(f"{sw} needs prompt_tokens or prompt_text")
+            if rs.get("prompt_text") is not None and not isinstance(rs["prompt_text"], str):
+                raise WorkloadError(f"{sw}.prompt_text must be a string")
             role = rs.get("role", "other")
             if not isinstance(role, str):
                 raise WorkloadError(f"{sw}.role must be a string")
@@ -193,13 +215,23 @@ def parse_workload(data: Any) -> Workload:
             id=wf_id, kind=kind, steps=steps,
             arrival_s=_number(raw.get("arrival_s", 0.0), f"{where}.arrival_s"),
             deadline_s=None if deadline is None else _number(deadline, f"{where}.deadline_s"),
-            slo_class=str(raw.get("slo_class", "interactive" if kind == "interactive" else "batch")),
+            slo_class=_string(raw.get("slo_class", "interactive" if kind == "interactive" else "batch"),
+                              f"{where}.slo_class"),
             template=template,
         ))
     workflows.sort(key=lambda w: (w.arrival_s, w.id))
-    return Workload(workflows=workflows, name=str(data.get("name", "workload")),
-                    model=str(data.get("model", "maestro-sim-llama-8b")), seed=int(data.get("seed", 0)),
-                    meta=dict(data.get("meta") or {}))
+    meta = data.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise WorkloadError("'meta' must be an object")
+    return Workload(workflows=workflows, name=_string(data.get("name", "workload"), "name"),
+                    model=_string(data.get("model", "maestro-sim-llama-8b"), "model"),
+                    seed=_integer(data.get("seed", 0), "seed"), meta=dict(meta or {}))
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise WorkloadError(f"{where} must be a string")
+    return value
 
 
 def load_workload(path: str | Path) -> Workload:

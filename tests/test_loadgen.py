@@ -13,7 +13,7 @@ from loadgen.live import (LiveOptions, LiveRunner, add_live_arguments, build_mes
                           synth_prompt)
 from loadgen.report import add_report_arguments, load_run, report_main, write_report
 from loadgen.results import RequestResult, RunResult, WorkflowResult
-from loadgen.workload import Step, Workflow, Workload, WorkloadError, load_workload, parse_workload
+from loadgen.workload import Step, Workflow, Workload, WorkloadError, arrival_rate, load_workload, parse_workload
 from loadgen.workloads import (SpecError, WorkloadSpec, add_workload_arguments, build_workload, builtin_names,
                                reference_path_s, template_stats, workload_main)
 from loadgen.workloads.arrivals import (constant_arrivals, gamma_arrivals, generate_arrivals, poisson_arrivals,
@@ -313,7 +313,7 @@ def test_report_writes_a_table_and_plots(tmp_path, capsys):
     table = written["table"]
     assert table.count("\n") == 2 + 4 - 1
     assert "| request SLO |" in table and "admission=predicted queue=fcfs" in table
-    assert "1,095" in table  # reserved KV mean of 1000 + 10 t over t = 0..19
+    assert "1,090" in table  # time-weighted reserved KV mean of the step function 1000 + 10 t over [0, 19]
     names = {p.name for p in written["images"]}
     assert {"slo_vs_load.png", "latency_cdf.png"} <= names and sum(n.startswith("kv_") for n in names) == 4
     for image in written["images"]:
@@ -335,9 +335,9 @@ def test_report_without_series_or_load(tmp_path):
     # no meta load: arrivals over their span (10 workflows, 4 s apart); no KV figures
     assert "| plain | plain | 0.25 |" in written["table"] and written["table"].endswith("| - | - |")
     assert {p.name for p in written["images"]} == {"slo_vs_load.png", "latency_cdf.png"}
-    # the simulator's time-weighted KV figures win over the series
-    run = _fake_run("edf", 1.0, 2)
-    run.meta["kv"] = {"reserved_mean_tokens": 4321.0, "reserved_peak_tokens": 9876.0}
+    # without a reserved series: the simulator's exact whole-run figures (not its arrival-window mean)
+    run.meta["kv"] = {"reserved_mean_tokens": 1234.0, "reserved_mean_tokens_run": 4321.0,
+                      "reserved_peak_tokens": 9876.0}
     path.write_bytes(orjson.dumps(run.to_json()))
     assert write_report([path], tmp_path / "out")["table"].endswith("| 4,321 | 9,876 |")
 
@@ -539,5 +539,7 @@ def test_live_cli_runs_a_generated_workload(tmp_path, capsys):
     assert run.mode == "live" and run.policy == {"queue": "fcfs"}
     assert len(run.requests) == sum(len(w.steps) for w in workload.workflows)
     assert all(r.status == "ok" and r.output_tokens <= 40 for r in run.requests)
-    assert run.meta["load"] == 2.0 and run.meta["time_scale"] == 5.0
+    # the offered load of the workload as generated (arrivals per workload second), not rate x time scale
+    assert run.meta["load"] == workload.offered_load() == arrival_rate([w.arrival_s for w in workload.workflows])
+    assert run.meta["time_scale"] == 5.0
     assert "requests ok" in capsys.readouterr().err

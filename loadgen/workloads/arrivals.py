@@ -72,9 +72,14 @@ def gamma_arrivals(rate: float, duration_s: float, rng: np.random.Generator, cv:
 
 
 def constant_arrivals(rate: float, duration_s: float) -> np.ndarray:
+    """``i / rate`` for every i with ``i / rate < duration_s``: exactly ``ceil(rate * duration_s)`` arrivals.
+
+    Not ``np.arange(0, duration_s, 1 / rate)``: with a float step it can give one arrival too many, even one at
+    ``duration_s`` itself (rate 1.3 over 10 s gave 14, the last at 10.0)."""
     if rate <= 0 or duration_s <= 0:
         return np.empty(0)
-    return np.arange(0.0, duration_s, 1.0 / rate)
+    times = np.arange(math.ceil(rate * duration_s) + 1) / rate
+    return times[times < duration_s]
 
 
 # ---------------------------------------------------------------------------------------------- ServeGen
@@ -155,6 +160,8 @@ def servegen_arrivals(rate: float, duration_s: float, rng: np.random.Generator, 
                       model: str | None = None, window_start_s: float | None = None,
                       clients: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Superposed ServeGen clients, time-stretched to mean ``rate`` over ``duration_s``; returns (times, info)."""
+    if clients is not None and (isinstance(clients, bool) or not isinstance(clients, int) or clients < 1):
+        raise ValueError(f"servegen clients must be an integer >= 1 (or None for all), got {clients!r}")
     windows = servegen_windows(category, model)
     starts = list(windows)
     if window_start_s is None:
@@ -196,10 +203,10 @@ def generate_arrivals(kind: str, rate: float, duration_s: float, rng: np.random.
                       servegen_model: str | None = None, servegen_window_s: float | None = None,
                       servegen_clients: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Arrival times for ``kind`` (one of :data:`ARRIVALS`) and a dict describing the process used."""
-    if not rate > 0:
-        raise ValueError(f"rate must be > 0, got {rate!r}")
-    if not duration_s > 0:
-        raise ValueError(f"duration must be > 0, got {duration_s!r}")
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"rate must be a finite number > 0, got {rate!r}")
+    if not (duration_s > 0 and math.isfinite(duration_s)):
+        raise ValueError(f"duration must be a finite number > 0, got {duration_s!r}")
     if kind == "poisson":
         return poisson_arrivals(rate, duration_s, rng), {"process": "poisson", "rate": rate}
     if kind == "gamma":

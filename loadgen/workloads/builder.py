@@ -38,7 +38,7 @@ import numpy as np
 
 from loadgen.workload import Step, Workflow, Workload
 from loadgen.workloads.arrivals import ARRIVALS, generate_arrivals
-from loadgen.workloads.replay import REPLAYS, length_pairs, replay_requests
+from loadgen.workloads.replay import REPLAYS, length_pairs, replay_requests, trace_span_s
 from loadgen.workloads.templates import builtin_names, load_file_template
 from loadgen.workloads.traces import LENGTH_MODES, TRACE_SOURCES, ThinkTimes, load_trace_template
 
@@ -97,6 +97,9 @@ class WorkloadSpec:
         unknown = sorted(set(data) - known)
         if unknown:
             raise SpecError(f"unknown spec field(s): {', '.join(unknown)}")
+        for f in fields(cls):
+            if f.name in data:
+                _check_type(f.name, data[f.name], f.type)
         spec = cls(**data)
         spec.validate()
         return spec
@@ -105,6 +108,13 @@ class WorkloadSpec:
         return asdict(self)
 
     def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if "float" in str(f.type) and isinstance(value, float) and not math.isfinite(value):
+                # inf would ask for endless arrivals (numpy cannot size them); nan passes every comparison below
+                raise SpecError(f"{f.name} must be a finite number, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise SpecError("seed must be an integer >= 0")
         if not isinstance(self.templates, dict) or any(
                 not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
                 for k, v in self.templates.items()):
@@ -133,6 +143,14 @@ class WorkloadSpec:
             raise SpecError(f"replay must be one of {', '.join(REPLAYS)}")
         if not self.replay_time_scale > 0:
             raise SpecError("replay_time_scale must be > 0")
+        if self.replay_start_s < 0:
+            raise SpecError("replay_start_s must be >= 0 (trace seconds after its first call)")
+        if self.replay_max_requests is not None and (isinstance(self.replay_max_requests, bool) or not isinstance(
+                self.replay_max_requests, int) or self.replay_max_requests < 1):
+            raise SpecError("replay_max_requests must be an integer >= 1 (or null for all)")
+        if self.servegen_clients is not None and (isinstance(self.servegen_clients, bool) or not isinstance(
+                self.servegen_clients, int) or self.servegen_clients < 1):
+            raise SpecError("servegen_clients must be an integer >= 1 (or null for all)")
         for name in ("context_len", "max_output_tokens", "max_tokens", "interactive_prompt_tokens",
                      "interactive_output_tokens"):
             value = getattr(self, name)
@@ -146,6 +164,27 @@ class WorkloadSpec:
             raise SpecError("ref_prefill_tps and ref_tpot_s must be > 0")
         if self.tool_time_s < 0 or self.user_time_s < 0:
             raise SpecError("tool_time_s and user_time_s must be >= 0")
+
+
+# annotation word -> (accepted types, how a message names it)
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "float": ((int, float), "a number"), "int": ((int,), "an integer"), "str": ((str,), "a string"),
+    "None": ((type(None),), "null"), "dict": ((dict,), "an object")}
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    """A spec file's value against the field's annotation (``float``, ``int | None``, ``dict[str, float]``...).
+
+    The dataclass takes anything; checked here so that ``{"rate": "0.5"}`` is a :class:`SpecError` naming the
+    field, not a TypeError deep in the generator. Booleans are not numbers here."""
+    accepted: tuple[type, ...] = ()
+    names = []
+    for part in str(annotation).split("|"):
+        types, label = _TYPES.get(part.strip().split("[")[0], ((object,), "any value"))
+        accepted += types
+        names.append(label)
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise SpecError(f"{name} must be {' or '.join(names)}, got {value!r}")
 
 
 def template_names() -> list[str]:
@@ -264,6 +303,10 @@ def build_workload(spec: WorkloadSpec | dict[str, Any]) -> Workload:
         arrivals, prompts, outputs = replay_requests(spec.replay, time_scale=spec.replay_time_scale,
                                                      start_s=spec.replay_start_s, duration_s=spec.duration_s,
                                                      max_requests=spec.replay_max_requests)
+        if not len(arrivals):
+            raise SpecError(f"replay {spec.replay}: no calls from {spec.replay_start_s:g} trace seconds in over "
+                            f"{spec.duration_s:g} s at time scale {spec.replay_time_scale:g} (the trace spans "
+                            f"{trace_span_s(spec.replay):,.0f} s)")
         for index, (arrival, prompt, output) in enumerate(zip(arrivals, prompts, outputs)):
             prompt, output, max_tokens = limits.fit(int(prompt), int(output))
             workflows.append(Workflow(

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from loadgen.results import prepare_output
 from loadgen.workloads.arrivals import ARRIVALS
 from loadgen.workloads.builder import SpecError, WorkloadSpec, build_workload, template_names, template_stats
 from loadgen.workloads.data import DataUnavailable
@@ -86,7 +87,10 @@ def spec_from_args(args: argparse.Namespace) -> WorkloadSpec:
     data: dict[str, Any] = {}
     if getattr(args, "spec", None):
         with open(args.spec, "rb") as handle:
-            loaded = orjson.loads(handle.read())
+            try:
+                loaded = orjson.loads(handle.read())
+            except orjson.JSONDecodeError as exc:
+                raise SpecError(f"{args.spec} is not valid JSON: {exc}") from None
         if not isinstance(loaded, dict):
             raise SpecError(f"{args.spec}: a spec file is a JSON object of spec fields")
         data.update(loaded)
@@ -121,12 +125,16 @@ def workload_main(args: argparse.Namespace) -> int:
         if not args.out:
             print("error: --out FILE.json is required", file=sys.stderr)
             return 2
+        prepare_output(args.out)
         spec = spec_from_args(args)
         workload = build_workload(spec)
-    except (SpecError, DataUnavailable, ValueError, OSError) as exc:
+        workload.save(args.out)
+    except (SpecError, DataUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    workload.save(args.out)
+    except OSError as exc:
+        print(f"error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(workload.meta.get("counts", {}).items())) or "nothing"
     print(f"wrote {args.out}: {len(workload.workflows)} arrivals ({counts}), {workload.meta['requests']} requests "
           f"over {workload.duration_s():.1f} s", file=sys.stderr)

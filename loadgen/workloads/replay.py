@@ -96,6 +96,10 @@ def replay_requests(name: str, *, time_scale: float = 1.0, start_s: float = 0.0,
     """(arrival_s, prompt_tokens, output_tokens) of the replayed rows, arrival already divided by ``time_scale``."""
     if not time_scale > 0:
         raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
+    if not start_s >= 0:  # a negative start would replay an empty stretch before the trace's first call
+        raise ValueError(f"replay start must be >= 0 trace seconds, got {start_s!r}")
+    if max_requests is not None and max_requests < 1:  # a negative slice bound would drop the last calls
+        raise ValueError(f"replay max requests must be >= 1, got {max_requests!r}")
     rows = load_trace_rows(name)
     arrival = (rows.times_s - start_s) / time_scale
     keep = arrival >= 0
@@ -105,6 +109,11 @@ def replay_requests(name: str, *, time_scale: float = 1.0, start_s: float = 0.0,
     if max_requests is not None:
         index = index[:max_requests]
     return arrival[index], rows.prompt_tokens[index], rows.output_tokens[index]
+
+
+def trace_span_s(name: str) -> float:
+    """Seconds from the first to the last call of replay trace ``name``."""
+    return float(load_trace_rows(name).times_s[-1])
 
 
 def length_pairs(name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,402 @@
+"""Regression tests for loadgen's figures and its handling of bad input (one test per audited bug).
+
+Small fixtures and short runs; nothing here needs the third-party data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+
+import numpy as np
+import orjson
+import pytest
+from aiohttp import web
+
+from loadgen.des import ClusterSpec, EngineSpec, PoolSpec, SimConfig, simulate
+from loadgen.experiments import (add_experiment_arguments, add_simulate_arguments, experiment_main, simulate_main)
+from loadgen.live import LiveOptions, LiveRunner, add_live_arguments, live_main
+from loadgen.report import ReportError, _sum_series, add_report_arguments, kv_figures, load_run, report_main
+from loadgen.report import summarize as report_row
+from loadgen.results import RunResult
+from loadgen.workload import Step, Workflow, Workload, WorkloadError, arrival_rate, parse_workload
+from loadgen.workloads import SpecError, WorkloadSpec, add_workload_arguments, generate_arrivals, workload_main
+from loadgen.workloads.arrivals import constant_arrivals, servegen_arrivals
+from loadgen.workloads.replay import replay_requests
+
+ENGINE = EngineSpec(max_num_seqs=8, kv_blocks=2048, block_size=16, max_num_batched_tokens=2048, max_model_len=8192)
+
+
+def _parse(add, argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add(parser)
+    return parser.parse_args(argv)
+
+
+def _chain(wf_id: str, arrival: float) -> Workflow:
+    return Workflow(wf_id, arrival, [Step("a", "coder", 200, prompt_tokens=500),
+                                     Step("b", "reviewer", 100, prompt_tokens=800, depends_on=("a",))])
+
+
+def _config(sample_interval_s: float = 0.05, **options) -> SimConfig:
+    return SimConfig(clusters=[ClusterSpec("c0", 0.001, (PoolSpec("llm", 1, ENGINE),))],
+                     sample_interval_s=sample_interval_s, **options)
+
+
+# ------------------------------------------------------------------------------------------ simulator KV figures
+
+def test_reserved_kv_mean_when_every_workflow_arrives_at_t0():
+    """An empty arrival window ([0, 0]) must not turn the reserved-KV mean into 0: it is the whole run's."""
+    workload = Workload([_chain(f"w{i}", 0.0) for i in range(3)])
+    run = simulate(workload, _config(0.01, admission="max_tokens"))
+    kv = run.meta["kv"]
+    assert kv["reserved_mean_tokens"] > 0
+    assert kv["reserved_mean_tokens"] == kv["reserved_mean_tokens_run"]
+    assert kv["window_s"] == run.meta["simulated_s"]
+    # the exact time average agrees with the finely sampled reserved series
+    assert kv["reserved_mean_tokens"] == pytest.approx(kv["reserved_sampled_mean_tokens"], rel=0.05)
+
+
+def test_no_samples_means_unknown_used_kv_and_a_negative_interval_is_rejected(tmp_path, capsys):
+    workload = Workload([_chain("w0", 0.0), _chain("w1", 0.5)])
+    kv = simulate(workload, _config(0.0)).meta["kv"]
+    assert kv["used_mean_tokens"] is None and kv["used_mean_bytes"] is None and kv["used_peak_tokens"] is None
+    assert kv["reserved_sampled_mean_tokens"] is None and kv["reserved_mean_tokens"] > 0
+    path = tmp_path / "w.json"
+    workload.save(path)
+    assert simulate_main(_parse(add_simulate_arguments, ["--workload", str(path), "--clusters", "c0:1:1",
+                                                         "--sample-interval", "0"])) == 0
+    out = capsys.readouterr().out
+    used_kv_column = out.splitlines()[-1].split("|")[3].strip()  # | reserved mean | reserved peak | used mean |
+    assert used_kv_column == "-"
+    with pytest.raises(ValueError, match="sample_interval_s"):
+        _config(-1.0).validate()
+    assert simulate_main(_parse(add_simulate_arguments, ["--workload", str(path), "--clusters", "c0:1:1",
+                                                         "--sample-interval", "-1"])) == 2
+    assert "error: sample_interval_s must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["c0:0:2", "c0:0:2,c1:2:2"])
+def test_a_cluster_without_engines_is_rejected(layout, tmp_path, capsys):
+    with pytest.raises(ValueError, match="engines must be >= 1"):
+        SimConfig(clusters=[ClusterSpec("c0", 0.0, (PoolSpec("llm", 0, ENGINE),))]).validate()
+    path = tmp_path / "w.json"
+    Workload([_chain("w0", 0.0)]).save(path)
+    assert simulate_main(_parse(add_simulate_arguments, ["--workload", str(path), "--clusters", layout])) == 2
+    err = capsys.readouterr().err
+    assert "error: cluster c0 pool llm: engines must be >= 1" in err and "Traceback" not in err
+
+
+def test_e2_without_workflows(tmp_path, capsys):
+    """``--interactive-share 1``: no workflow attainment (None) on either side; E2 still compares the rest."""
+    out = tmp_path / "E2.json"
+    args = _parse(add_experiment_arguments, ["E2", "--rates", "1", "--duration", "10", "--interactive-share", "1",
+                                             "--out", str(out)])
+    assert experiment_main(args) == 0
+    data = json.loads(out.read_text())
+    assert all(r["summary"]["workflow_attainment"] is None for r in data["runs"])
+    assert data["verdicts"][0]["equal_or_better_attainment"] in (True, False)
+    assert "E2: KV reservation" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ offered load
+
+def test_simulated_and_live_runs_record_the_offered_load_of_the_workload(tmp_path, capsys):
+    workload = Workload([_chain(f"w{i}", 0.25 * i) for i in range(5)], meta={"spec": {"rate": 99.0}})
+    assert workload.offered_load() == 4.0 == arrival_rate([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert simulate(workload, _config()).meta["load"] == 4.0
+    path = tmp_path / "w.json"
+    workload.save(path)
+    # a workload file: simulate sets the load too (it used to leave it out)
+    assert simulate_main(_parse(add_simulate_arguments, ["--workload", str(path), "--clusters", "c0:1:1",
+                                                         "--out", str(tmp_path / "r.json")])) == 0
+    assert load_run(tmp_path / "r.json").meta["load"] == 4.0
+    # a generated one: what was generated, with the nominal rate beside it
+    assert simulate_main(_parse(add_simulate_arguments, ["--rate", "2", "--duration", "20", "--clusters", "c0:2:1",
+                                                         "--out", str(tmp_path / "g.json")])) == 0
+    generated = load_run(tmp_path / "g.json")
+    assert generated.meta["rate"] == 2.0
+    assert generated.meta["load"] == arrival_rate([w.arrival for w in generated.workflows])
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def _run_with_series(series: dict, meta: dict | None = None, mode: str = "simulate") -> RunResult:
+    return RunResult(mode=mode, policy={"label": mode}, series=series, meta=meta or {})
+
+
+def test_report_kv_figures_are_the_same_for_live_and_simulated_runs():
+    workload = Workload([_chain(f"w{i}", 0.2 * i) for i in range(4)])
+    sim = simulate(workload, _config(0.01))
+    kv = sim.meta["kv"]
+    # the arrival window (0.6 s) is much shorter than the run: its mean is a different figure
+    assert kv["window_s"] < 0.5 * sim.meta["simulated_s"]
+    live = _run_with_series({"reserved_kv_tokens": sim.series["reserved_kv_tokens"]}, mode="live")
+    sim_row, live_row = report_row(sim, "sim"), report_row(live, "live")
+    assert sim_row.reserved_mean == live_row.reserved_mean and sim_row.reserved_peak == live_row.reserved_peak
+    # ... and it is the time average over the whole run (the simulator's exact figure, up to sampling)
+    assert sim_row.reserved_mean == pytest.approx(kv["reserved_mean_tokens_run"], rel=0.05)
+    assert sim_row.reserved_mean != pytest.approx(kv["reserved_mean_tokens"], rel=0.05)
+    # without a series: the exact whole-run figures, not the arrival-window mean
+    bare = _run_with_series({}, meta={"kv": kv})
+    assert kv_figures(bare) == (kv["reserved_mean_tokens_run"], kv["reserved_peak_tokens"])
+
+
+def test_report_sums_series_aligned_by_time_and_never_adds_a_total_to_its_parts():
+    a = [(0.0, 10.0), (2.0, 20.0), (4.0, 30.0)]
+    b = [(1.0, 1.0), (3.0, 2.0)]
+    # step functions on the union of times, from the latest first sample (1.0) on
+    assert _sum_series({"reserved/e0": a, "reserved/e1": b}) == [(1.0, 11.0), (2.0, 21.0), (3.0, 22.0),
+                                                                 (4.0, 32.0)]
+    total = [(0.0, 100.0), (1.0, 200.0)]
+    parts = {"used_kv_tokens/engine-0": [(0.0, 40.0), (1.0, 90.0)],
+             "used_kv_tokens/engine-1": [(0.0, 60.0), (1.0, 110.0)]}
+    assert _sum_series({"used_kv_tokens": total, **parts}) == total
+    assert _sum_series(parts) == total
+    run = _run_with_series({"reserved_kv_tokens": total, "reserved_kv_tokens/engine-0": [(0.0, 5.0), (1.0, 5.0)]})
+    assert kv_figures(run) == (100.0, 200.0)
+
+
+@pytest.mark.parametrize("document, message", [
+    ({"requests": [1, 2]}, "requests[0] must be an object"),
+    ({"requests": "abc"}, "'requests' must be a list"),
+    ({"requests": [{"request_id": "r"}]}, "requests[0] lacks"),
+    ({"requests": [], "workflows": [{"workflow_id": "w", "kind": "workflow", "slo_class": "batch",
+                                     "arrival": "soon", "deadline_s": None}]}, "workflows[0].arrival must be"),
+    ({"requests": [], "series": {"reserved": [[1]]}}, "series['reserved'][0] must be a [time_s, value] pair"),
+    ({"requests": [], "series": {"reserved": 5}}, "series['reserved'] must be a list"),
+    ({"requests": [], "series": [1]}, "'series' must be an object"),
+    ({"requests": [], "meta": {"kv": {"reserved_peak_tokens": "x"}}}, "meta.kv.reserved_peak_tokens must be"),
+    ({"requests": [], "meta": {"load": "fast"}}, "meta.load must be"),
+    ({"requests": [], "policy": 5}, "'policy' must be an object"),
+])
+def test_malformed_result_files_are_report_errors(document, message, tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_bytes(orjson.dumps(document))
+    with pytest.raises(ReportError, match=f"^{path}: ") as caught:
+        load_run(path)
+    assert message in str(caught.value)
+    assert report_main(_parse(add_report_arguments, [str(path), "--out", str(tmp_path / "out")])) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+# ------------------------------------------------------------------------------------------ live runner
+
+async def _serve(handler) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    return runner, f"http://127.0.0.1:{port}/v1"
+
+
+def _chunk(content: str | None = None, finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish}
+    return b"data: " + orjson.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                                     "choices": [choice]}) + b"\n\n"
+
+
+def _streamer(complete: bool):
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(3):
+            await response.write(_chunk("tok "))
+        if complete:
+            await response.write(_chunk(finish="length") + b"data: [DONE]\n\n")
+        await response.write_eof()  # clean end of the HTTP response either way
+        return response
+    return chat
+
+
+def _calls(count: int, spacing: float = 0.0) -> Workload:
+    return Workload([Workflow(f"c{i}", spacing * i, [Step("call", "assistant", 3, prompt_tokens=40)],
+                              kind="interactive", slo_class="interactive") for i in range(count)],
+                    model="m", meta={"spec": {"rate": 99.0}})
+
+
+@pytest.mark.parametrize("client", ["aiohttp", "openai"])
+async def test_a_stream_cut_short_without_finish_is_truncated(client):
+    pytest.importorskip(client)
+    server, url = await _serve(_streamer(complete=False))
+    good_server, good_url = await _serve(_streamer(complete=True))
+    try:
+        cut = await LiveRunner(_calls(1), LiveOptions(url=url, client=client, progress=False)).run()
+        whole = await LiveRunner(_calls(1), LiveOptions(url=good_url, client=client, progress=False)).run()
+    finally:
+        await server.cleanup()
+        await good_server.cleanup()
+    request = cut.requests[0]
+    assert request.status == "error:truncated" and request.finish is None and request.first_token is not None
+    assert request.output_tokens == 3 and not request.slo_met()
+    assert cut.meta["status_counts"] == {"error:truncated": 1} and "finish_reason" in cut.meta["errors"][0]
+    assert whole.requests[0].status == "ok" and whole.requests[0].finish is not None
+
+
+@pytest.mark.parametrize("end", ["time_limit", "stopped"])
+async def test_requests_waiting_for_a_slot_are_recorded_when_the_run_ends(end):
+    released = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await released.wait()
+        return web.Response()
+
+    server, url = await _serve(hang)
+    try:
+        workload = _calls(3, 0.01)
+        runner = LiveRunner(workload, LiveOptions(url=url, max_concurrency=1, progress=False, time_scale=2.0,
+                                                  time_limit_s=0.4 if end == "time_limit" else None))
+        task = asyncio.create_task(runner.run())
+        if end == "stopped":
+            await asyncio.sleep(0.4)
+            runner.stop()
+        result = await asyncio.wait_for(task, 5.0)
+    finally:
+        released.set()
+        await server.cleanup()
+    assert result.meta["end"] == end
+    assert len(result.requests) == 3 and {r.status for r in result.requests} == {f"error:{end}"}
+    assert result.meta["not_sent"] == 2 and result.meta["status_counts"] == {f"error:{end}": 3}
+    assert sum(result.meta["status_counts"].values()) == len(result.requests)
+    assert result.summary()["request_slo_attainment"] == 0.0 and runner.inflight == 0
+    # the offered load is the workload's own (per workload second), not the spec's 99/s nor scaled by 2
+    assert result.meta["load"] == workload.offered_load() == 100.0
+
+
+async def test_a_runner_bug_is_raised_not_passed_off_as_a_completed_run(monkeypatch):
+    async def broken(*args, **kwargs):
+        raise NameError("a bug in the runner")
+
+    runner = LiveRunner(_calls(1), LiveOptions(url="http://127.0.0.1:1/v1", progress=False))
+    monkeypatch.setattr(runner, "_send", broken)
+    with pytest.raises(NameError, match="a bug in the runner"):
+        await asyncio.wait_for(runner.run(), 5.0)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_request_timeout_must_be_positive(value, tmp_path, capsys):
+    with pytest.raises(ValueError, match="request_timeout_s"):
+        LiveOptions(url="http://127.0.0.1:1/v1", request_timeout_s=float(value)).validate()
+    path = tmp_path / "w.json"
+    _calls(1).save(path)
+    args = _parse(add_live_arguments, ["--url", "http://127.0.0.1:1/v1", "--workload", str(path), "--out",
+                                       str(tmp_path / "r.json"), "--request-timeout", value, "--no-progress"])
+    assert live_main(args) == 2
+    assert "error: request_timeout_s must be" in capsys.readouterr().err
+
+
+def test_output_folders_are_checked_before_running(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    workload_path = tmp_path / "w.json"
+    _calls(1).save(workload_path)
+    # live: a bad --out fails before the run (the URL is never contacted), a missing folder is created
+    args = _parse(add_live_arguments, ["--url", "http://127.0.0.1:1/v1", "--workload", str(workload_path),
+                                       "--out", str(blocker / "r.json"), "--no-progress"])
+    assert live_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write") and "requests ok" not in err
+    nested = tmp_path / "new" / "dir" / "r.json"
+    args = _parse(add_live_arguments, ["--url", "http://127.0.0.1:1/v1", "--workload", str(workload_path),
+                                       "--out", str(nested), "--no-progress", "--request-timeout", "5"])
+    assert live_main(args) == 1 and nested.exists()  # connection refused: written, with the failure
+    capsys.readouterr()
+    # workload
+    assert workload_main(_parse(add_workload_arguments, ["--rate", "1", "--duration", "5",
+                                                         "--out", str(blocker / "w.json")])) == 2
+    assert capsys.readouterr().err.startswith("error: cannot write")
+    target = tmp_path / "a" / "b" / "w.json"
+    assert workload_main(_parse(add_workload_arguments, ["--rate", "1", "--duration", "5",
+                                                         "--out", str(target)])) == 0 and target.exists()
+
+
+# ------------------------------------------------------------------------------------------ workload generator
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rate", "inf"], "rate must be a finite number"),
+    (["--duration", "inf"], "duration_s must be a finite number"),
+    (["--rate", "nan"], "rate must be a finite number"),
+    (["--arrival", "servegen", "--servegen-clients", "0"], "servegen_clients must be an integer >= 1"),
+    (["--arrival", "servegen", "--servegen-clients", "-2"], "servegen_clients must be an integer >= 1"),
+    (["--replay", "azure-code", "--replay-max-requests", "-3"], "replay_max_requests must be an integer >= 1"),
+    (["--replay", "azure-code", "--replay-start", "-100"], "replay_start_s must be >= 0"),
+])
+def test_workload_cli_rejects_bad_numbers(argv, message, tmp_path, capsys):
+    out = tmp_path / "w.json"
+    assert workload_main(_parse(add_workload_arguments, [*argv, "--out", str(out)])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and "Traceback" not in err and not out.exists()
+
+
+def test_arrival_and_replay_functions_validate_their_arguments():
+    rng = np.random.default_rng(0)
+    for rate, duration in ((math.inf, 10.0), (1.0, math.inf), (math.nan, 10.0)):
+        with pytest.raises(ValueError, match="finite"):
+            generate_arrivals("poisson", rate, duration, rng)
+    with pytest.raises(ValueError, match="clients must be an integer >= 1"):
+        servegen_arrivals(1.0, 10.0, rng, clients=0)
+    with pytest.raises(ValueError, match="start"):
+        replay_requests("azure-code", start_s=-100.0)
+    with pytest.raises(ValueError, match="max requests"):
+        replay_requests("azure-code", max_requests=-3)
+
+
+@pytest.mark.parametrize("rate, duration, count", [(1.3, 10.0, 13), (1.3, 20.0, 26), (10.0, 0.3, 3), (3.0, 1.0, 3),
+                                                   (0.7, 10.0, 7), (2.0, 3.0, 6), (7.0, 2.1, 15), (0.1, 0.3, 1)])
+def test_constant_arrivals_are_exactly_those_in_the_window(rate, duration, count):
+    times = constant_arrivals(rate, duration)
+    expected = [i / rate for i in range(count)]
+    assert times.tolist() == pytest.approx(expected) and len(times) == len(expected)
+    assert times.max() < duration
+    spec_times = [w.arrival_s for w in _constant_workload(rate, duration).workflows]
+    assert len(spec_times) == len(expected) and max(spec_times) < duration
+
+
+def _constant_workload(rate: float, duration: float) -> Workload:
+    from loadgen.workloads import build_workload
+
+    return build_workload({"rate": rate, "duration_s": duration, "arrival": "constant", "templates": {"debate": 1}})
+
+
+# ------------------------------------------------------------------------------------------ malformed files
+
+@pytest.mark.parametrize("spec, message", [
+    ({"rate": "0.5"}, "rate must be a number, got '0.5'"),
+    ({"rate": True}, "rate must be a number"),
+    ({"duration_s": None}, "duration_s must be a number"),
+    ({"seed": 1.5}, "seed must be an integer"),
+    ({"templates": ["chatdev"]}, "templates must be an object"),
+    ({"replay_max_requests": "3"}, "replay_max_requests must be an integer or null"),
+])
+def test_spec_fields_are_type_checked(spec, message, tmp_path, capsys):
+    with pytest.raises(SpecError, match=message.replace("(", r"\(")):
+        WorkloadSpec.from_dict(spec)
+    path = tmp_path / "spec.json"
+    path.write_bytes(orjson.dumps(spec))
+    assert workload_main(_parse(add_workload_arguments, ["--spec", str(path), "--out", str(tmp_path / "w.json")])) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+_STEP = {"id": "s", "role": "x", "prompt_tokens": 10, "output_tokens": 5}
+
+
+@pytest.mark.parametrize("top, message", [
+    ({"seed": None}, "seed must be an integer"),
+    ({"seed": "x"}, "seed must be an integer"),
+    ({"meta": 5}, "'meta' must be an object"),
+    ({"meta": [1, 2]}, "'meta' must be an object"),
+    ({"name": ["a"]}, "name must be a string"),
+    ({"workflows": [{"id": "a", "steps": [{**_STEP, "depends_on": [["s"]]}]}]}, "depends_on must list ids"),
+    ({"workflows": [{"id": "a", "steps": [{**_STEP, "prompt_text": 5}]}]}, "prompt_text must be a string"),
+    ({"workflows": [{"id": "a", "slo_class": None, "steps": [_STEP]}]}, "slo_class must be a string"),
+])
+def test_malformed_workload_files_are_workload_errors(top, message):
+    document = {"format": "maestro-workload/1", "workflows": [{"id": "a", "steps": [_STEP]}], **top}
+    with pytest.raises(WorkloadError, match=message.replace("(", r"\(")):
+        parse_workload(document)
