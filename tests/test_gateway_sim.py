@@ -203,6 +203,13 @@ async def test_sleeping_engine_is_avoided_and_woken(gw):
             assert r.status == 404
 
 
+async def _image_error(gw, body: dict) -> str:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base_url + "/v1/images/generations", json=body) as response:
+            assert response.status == 400
+            return (await response.json())["error"]["message"]
+
+
 async def test_images_through_gateway_to_simulated_dit():
     raw = sim_config(count=1)
     raw["models"].append({"name": "sim-dit"})
@@ -233,4 +240,12 @@ async def test_images_through_gateway_to_simulated_dit():
                 with pytest.raises(openai.BadRequestError) as caught:
                     await client.images.generate(model="sim-dit", prompt="x", size=size)  # type: ignore[arg-type]
                 assert caught.value.body["param"] == "size"
+            # the gateway's own clear 400s, not an empty stream or the engine's validation dump
+            for extra, param in (({"stream": True}, "stream"), ({"response_format": "url"}, "response_format"),
+                                 ({"extra_body": {"num_inference_steps": 300}}, "num_inference_steps"),
+                                 ({"model": ""}, "model")):
+                with pytest.raises(openai.BadRequestError) as caught:
+                    await client.images.generate(**{"model": "sim-dit", "prompt": "x", **extra})
+                assert caught.value.body["param"] == param and caught.value.body["type"] == "invalid_request_error"
+            assert "must be a non-empty string" in (await _image_error(gw, {"prompt": "x", "model": 123}))
             assert sorted(m.id for m in (await client.models.list()).data) == ["sim-dit", MODEL]

@@ -209,9 +209,12 @@ async def image_generations(request: web.Request, gateway: "Gateway", request_id
         rewrite = True
     if rewrite:
         raw = orjson.dumps(body)
+    if model is None:
+        served = (f"this gateway serves several image models: {', '.join(dit_models)}" if dit_models
+                  else "this gateway serves no image model")
+        raise APIError(400, f"'model' is required ({served}).", param="model")
     if not isinstance(model, str) or not model:
-        raise APIError(400, "'model' is required (this gateway serves several image models: "
-                            f"{', '.join(dit_models) or 'none'}).", param="model")
+        raise APIError(400, "'model' must be a non-empty string.", param="model")
     if not gateway.registry.serves(model, "vllm-omni"):
         raise _not_served(gateway, model, "vllm-omni")
     job = RelayJob(route="images", path="/v1/images/generations", kind="vllm-omni", model=model, body=raw,

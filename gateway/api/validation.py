@@ -155,8 +155,22 @@ def validate_image(body: dict[str, Any]) -> None:
         if match is None or not all(64 <= int(side) <= 4096 for side in match.groups()):
             raise bad_request("'size' must look like '1024x1024' (each side 64..4096).", "size")
     steps = body.get("num_inference_steps")
-    if steps is not None and (not _is_int(steps) or not 1 <= steps <= 1000):
-        raise bad_request("'num_inference_steps' must be an integer between 1 and 1000.", "num_inference_steps")
+    if steps is not None and (not _is_int(steps) or not 1 <= steps <= MAX_INFERENCE_STEPS):
+        raise bad_request(f"'num_inference_steps' must be an integer between 1 and {MAX_INFERENCE_STEPS}.",
+                          "num_inference_steps")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format not in IMAGE_RESPONSE_FORMATS:
+        raise bad_request("'response_format' must be 'b64_json' (images come back inline; there are no URLs to "
+                          "fetch them from) or vLLM-Omni's 'file'.", "response_format")
+    stream = body.get("stream")
+    if stream is not None and stream is not False:  # the engines answer one JSON body: a stream would be empty
+        raise bad_request("Streaming is not supported for image generation; leave 'stream' out.", "stream")
+
+
+# vLLM-Omni's ImageGenerationRequest: num_inference_steps in 1..200; response_format b64_json, or file (the raw
+# image, a zip of them for n > 1), an extension of theirs passed on as it is
+MAX_INFERENCE_STEPS = 200
+IMAGE_RESPONSE_FORMATS = ("b64_json", "file")
 
 
 __all__ = ["APIError", "parse_json_object", "validate_chat", "validate_completion", "validate_image"]
