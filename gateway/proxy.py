@@ -222,9 +222,12 @@ class Proxy:
         if status == 200 and job.kind == "vllm":
             job.usage = self._count_usage(job.model, data)
         job.upstream_s = received_at - sent_at
-        return web.Response(body=data, status=status, headers={
-            "Content-Type": upstream.headers.get("Content-Type", "application/json"),
-            "X-Request-Id": job.request_id})
+        headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
+                   "X-Request-Id": job.request_id}
+        disposition = upstream.headers.get("Content-Disposition")
+        if disposition is not None:  # vLLM-Omni's response_format "file": the image (or a zip) as an attachment
+            headers["Content-Disposition"] = disposition
+        return web.Response(body=data, status=status, headers=headers)
 
     def _count_usage(self, model: str, data: bytes) -> dict[str, Any] | None:
         try:

@@ -249,3 +249,9 @@ async def test_images_through_gateway_to_simulated_dit():
                 assert caught.value.body["param"] == param and caught.value.body["type"] == "invalid_request_error"
             assert "must be a non-empty string" in (await _image_error(gw, {"prompt": "x", "model": 123}))
             assert sorted(m.id for m in (await client.models.list()).data) == ["sim-dit", MODEL]
+        async with aiohttp.ClientSession() as session:  # vLLM-Omni's "file": the zip relayed as an attachment
+            async with session.post(gw.base_url + "/v1/images/generations", json={
+                    "model": "sim-dit", "prompt": "x", "size": "64x64", "n": 2, "response_format": "file"}) as r:
+                assert r.status == 200 and r.content_type == "application/zip"
+                assert r.headers["Content-Disposition"].startswith('attachment; filename="images_')
+                assert (await r.read())[:2] == b"PK"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import re
 import struct
 import time
+import zipfile
 import zlib
 
 import aiohttp
@@ -797,6 +799,30 @@ async def test_dit_engine_returns_decodable_png():
         assert status == 400 and body["error"]["param"] == "body.size"
         status, body, _ = await _post(handle.url + "/v1/images/generations", {"size": "64x64"})
         assert status == 400 and body["error"]["param"] == "body.prompt"
+        for response_format in (None, "", "gif"):  # an enum, not optional
+            status, body, _ = await _post(handle.url + "/v1/images/generations",
+                                          {"prompt": "x", "size": "64x64", "response_format": response_format})
+            assert status == 400 and body["error"]["param"] == "body.response_format", response_format
+        # response_format "file": the PNG as an attachment, a zip of image_<i>.png for several
+        async with aiohttp.ClientSession() as session:
+            for n in (1, 3):
+                async with session.post(handle.url + "/v1/images/generations", json={
+                        "prompt": "x", "size": "64x48", "n": n, "response_format": "file"}) as response:
+                    data = await response.read()
+                    assert 'attachment; filename="image' in response.headers["Content-Disposition"]
+                    if n == 1:
+                        assert response.content_type == "image/png" and _read_png(data)[:2] == (64, 48)
+                    else:
+                        archive = zipfile.ZipFile(io.BytesIO(data))
+                        assert response.content_type == "application/zip"
+                        assert archive.namelist() == ["image_0.png", "image_1.png", "image_2.png"]
+                        assert _read_png(archive.read("image_2.png"))[:2] == (64, 48)
+            # another model is served with a warning, as vLLM-Omni's image route does
+            async with session.post(handle.url + "/v1/images/generations", json={
+                    "prompt": "x", "size": "64x64", "model": "other"}) as response:
+                assert response.status == 200
+            async with session.get(handle.url + "/health") as response:
+                assert await response.json() == {"status": "healthy"}
         status, raw = await _get(handle.url + "/metrics")
         assert status == 200 and names.GAUGE_REQUESTS_RUNNING in raw.decode()
         await client.close()

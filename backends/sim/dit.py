@@ -4,7 +4,14 @@ Request and response follow vLLM-Omni's ``entrypoints/openai/protocol/images.py`
 (required), ``model``, ``n`` (1..10), ``size`` ("WIDTHxHEIGHT"), ``response_format`` ("b64_json" or "file"),
 ``num_inference_steps`` (1..200), ``seed`` and further diffusion knobs (accepted, ignored). The answer is
 ``{"created", "data": [{"b64_json", "url": null, "revised_prompt": null}], "output_format": "png", "size"}``,
-or the PNG bytes for ``response_format="file"`` (one image).
+or for ``response_format="file"`` the PNG (a zip of ``image_<i>.png`` for n > 1) as an attachment. A ``model``
+other than the served one is served with a warning, as vLLM-Omni's image route does; ``/health`` answers
+``{"status": "healthy"}``.
+
+Deviations from vLLM-Omni: images are always PNG (``output_format`` is reported as "png" whatever was asked;
+vLLM-Omni also writes jpeg and webp); the diffusion knobs (``guidance_scale``, ``seed``, ``negative_prompt``,
+``layers``...) are not validated; sizes are limited to ``max_size`` per side (vLLM-Omni has an opt-in total-pixel
+cap instead), and a malformed size gets a pydantic-style error where vLLM-Omni answers its own 400.
 
 Requests run one at a time in arrival order (``n`` images as one batch). Each takes
 ``num_inference_steps * cost_model.dit_step_s(W, H, n, parallel_degree=..., profile=...) / time_scale``
@@ -17,8 +24,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import io
+import logging
 import struct
 import time
+import uuid
+import zipfile
 import zlib
 from typing import Any
 
@@ -33,7 +44,6 @@ from backends.sim.server import (
     _err,
     _json_not_found,
     check_int,
-    error_response,
     invalid_json_response,
     not_an_object_response,
     pydantic_error_response,
@@ -46,6 +56,8 @@ from backends.vllm_names import (
     LABEL_ENGINE,
     LABEL_MODEL,
 )
+
+log = logging.getLogger(__name__)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PALETTE = ((70, 130, 180), (205, 92, 92), (60, 179, 113), (238, 232, 170), (147, 112, 219), (244, 164, 96),
@@ -132,6 +144,21 @@ def _parse_size(size: Any, default: str, max_size: int) -> tuple[int, int] | Non
     return width, height
 
 
+def _file_response(png: bytes, n: int) -> web.Response:
+    """vLLM-Omni's ImageGenerationResponse.stream_response: one PNG, or a zip of ``image_<i>.png`` for n > 1, as
+    an attachment."""
+    if n == 1:
+        body, content_type, name = png, "image/png", f"image_{uuid.uuid4().hex[:8]}.png"
+    else:
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for index in range(n):
+                archive.writestr(f"image_{index}.png", png)
+        body, content_type, name = buffer.getvalue(), "application/zip", f"images_{uuid.uuid4().hex[:8]}.zip"
+    return web.Response(body=body, content_type=content_type,
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
 class SimDiTServer:
     def __init__(self, engine: SimDiTEngine) -> None:
         self.engine = engine
@@ -147,7 +174,7 @@ class SimDiTServer:
         return app
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200)
+        return web.Response(body=b'{"status":"healthy"}', content_type="application/json")  # vLLM-Omni's
 
     async def models(self, request: web.Request) -> web.Response:
         model = self.options.model
@@ -187,22 +214,26 @@ class SimDiTServer:
         if size is None:
             errors.append(_err("value_error", "body.size", "Value error, size must be in format 'WIDTHxHEIGHT' "
                                "(e.g., '1024x1024')", body.get("size")))
-        response_format = body.get("response_format") or "b64_json"
-        if response_format not in ("b64_json", "file"):
+        response_format = body.get("response_format", "b64_json")
+        if response_format not in ("b64_json", "url", "file"):  # the enum, null included, is a type error
+            errors.append(_err("enum", "body.response_format", "Input should be 'b64_json', 'url' or 'file'",
+                               response_format))
+        elif response_format == "url":
             errors.append(_err("value_error", "body.response_format", "Value error, Only 'b64_json' or 'file' "
                                f"response format is supported, got: {response_format}", response_format))
         if errors:
             return pydantic_error_response(errors)
         model = body.get("model")
-        if model and model != o.model:
-            return error_response(f"The model `{model}` does not exist.", "NotFoundError", 404, "model")
+        if model is not None and model != o.model:  # vLLM-Omni's image route warns and uses its own model
+            log.warning("Model mismatch: request specifies '%s' but server is running '%s'. Using server model.",
+                        model, o.model)
         width, height = size
         n = n or 1
         await self.engine.generate(width, height, n, steps or o.default_steps)
         rgb = _PALETTE[zlib.crc32(prompt.encode("utf-8", "replace")) % len(_PALETTE)]
         png = await asyncio.get_running_loop().run_in_executor(None, make_png, width, height, rgb)
         if response_format == "file":
-            return web.Response(body=png, content_type="image/png")
+            return _file_response(png, n)
         b64 = base64.b64encode(png).decode("ascii")
         payload = {"created": int(time.time()),
                    "data": [{"b64_json": b64, "url": None, "revised_prompt": None} for _ in range(n)],
