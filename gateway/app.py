@@ -39,6 +39,8 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.store = make_state_store(config.state)
         self.inflight = 0
+        self.handlers: set[asyncio.Task] = set()  # the OpenAI routes' requests in flight, for a graceful stop
+        self.draining = False  # stopping: new requests get 503, those in flight get server.shutdown_grace_s
         self.started_at = time.time()
         self.registry: EngineRegistry | None = None
         self.proxy: Proxy | None = None
@@ -100,8 +102,9 @@ class Gateway:
 
         # handler_cancellation: a client that disconnects cancels its handler, which closes the upstream
         # request, so the engine aborts generation within a scheduler step.
+        # shutdown_timeout: aiohttp's own wait for handlers, after _drain has ended every request it knows
         self._runner = web.AppRunner(self.build_app(), access_log=None, handler_cancellation=True,
-                                     shutdown_timeout=5.0)
+                                     shutdown_timeout=1.0)
         await self._runner.setup()
         host = host or self.config.server.host
         port = self.config.server.port if port is None else port
@@ -122,12 +125,38 @@ class Gateway:
                 pass  # the monitor logs store outages once; serving does not depend on the store
             await asyncio.sleep(interval)
 
+    async def _drain(self) -> None:
+        """Let the requests in flight finish for up to ``server.shutdown_grace_s`` (new ones get 503), then end
+        the rest, each with an answer: a stream with an error event and ``[DONE]``, a request not yet answered
+        with 503 and Retry-After. Bounded, so that the whole stop stays inside an orchestrator's grace period
+        (Docker's default is 10 s) instead of cutting connections without a word at its SIGKILL."""
+        self.draining = True
+        if not self.handlers:
+            return
+        loop = asyncio.get_running_loop()
+        grace = self.config.server.shutdown_grace_s
+        log.info("stopping: waiting up to %g s for %d requests in flight", grace, len(self.handlers))
+        deadline = loop.time() + grace
+        while self.handlers and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if not self.handlers:
+            return
+        log.warning("stopping: ending %d requests still in flight after %g s (streams with an error event, the "
+                    "others with 503)", len(self.handlers), grace)
+        if self.proxy is not None:
+            self.proxy.shutting_down = True
+        pending = list(self.handlers)
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=2.0)
+
     async def stop(self) -> None:
         """Stop everything; safe to call again (a failed start stops, and then so does its caller)."""
         if self._stopped:
             return
         self._stopped = True
         self._stopping = True
+        await self._drain()
         await cancel_and_wait(self._heartbeat_task)
         if self._runner is not None:
             await self._runner.cleanup()

@@ -84,6 +84,7 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_inflight: int = 4096
     gateway_id: str = ""
+    shutdown_grace_s: float = 5.0  # on SIGTERM: how long requests in flight may finish before they are ended
 
 
 @dataclass(frozen=True)
@@ -586,7 +587,7 @@ def parse_config(raw: Any) -> Config:
         clusters.append(ClusterConfig(name=name, pools=tuple(pools), rtt_ms=rtt_ms))
 
     server = _section(root, ServerConfig, "server", {"port": "nonneg", "max_body_bytes": "positive",
-                                                     "max_inflight": "positive"})
+                                                     "max_inflight": "positive", "shutdown_grace_s": "nonneg"})
     if server.port > 65535:
         raise ConfigError("server.port", f"must be <= 65535, got {server.port}")
     if not server.host.strip():  # aiohttp would listen on every interface, at odd ports

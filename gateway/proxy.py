@@ -121,6 +121,11 @@ def _engine_message(data: bytes) -> str:
     return data[:300].decode("utf-8", "replace") or "(empty body)"
 
 
+def _total_timeout_message(engine_id: str, total_s: float) -> str:
+    return (f"The request did not finish within timeouts.total_s ({total_s:g} s, time in the gateway's queue "
+            f"included); engine {engine_id} was still working on it.")
+
+
 class Proxy:
     def __init__(self, config: Config, registry: EngineRegistry, metrics: GatewayMetrics) -> None:
         timeouts = config.timeouts
@@ -129,9 +134,8 @@ class Proxy:
         self.max_retries = config.routing.max_retries
         self.total_timeout_s = timeouts.total_s
         self.stream_idle_s = timeouts.stream_idle_s
-        self._json_timeout = aiohttp.ClientTimeout(total=timeouts.total_s, sock_connect=timeouts.connect_s)
-        self._stream_timeout = aiohttp.ClientTimeout(total=timeouts.total_s, sock_connect=timeouts.connect_s,
-                                                     sock_read=timeouts.stream_idle_s)
+        self.connect_s = timeouts.connect_s
+        self.shutting_down = False  # set by the gateway's stop when it ends the requests still in flight
 
     async def serve(self, request: web.Request, job: RelayJob) -> web.StreamResponse:
         """Send ``job`` to an engine (retrying before the first byte) and relay its answer."""
@@ -139,7 +143,10 @@ class Proxy:
         tried: set[str] = set()
         busy_seen = False
         last_problem = ""
-        timeout = self._stream_timeout if job.stream else self._json_timeout
+        # timeouts.total_s bounds the whole request: the time it waited in the gateway's queue counts
+        remaining = self.total_timeout_s - (time.perf_counter() - job.started)
+        timeout = aiohttp.ClientTimeout(total=max(remaining, 0.001), sock_connect=self.connect_s,
+                                        sock_read=self.stream_idle_s if job.stream else None)
         for attempt in range(self.max_retries + 1):
             engine = None
             if attempt == 0 and (job.engine_id is not None or job.pool_engines is not None):
@@ -165,11 +172,14 @@ class Proxy:
                     self.metrics.upstream_error(engine_id, "connect")
                     last_problem = f"engine {engine_id} could not be reached ({exc.__class__.__name__})"
                     continue
+                except aiohttp.ServerTimeoutError:  # sock_read: a stream's first byte took stream_idle_s
+                    self.metrics.upstream_error(engine_id, "timeout")
+                    raise APIError(504, f"Engine {engine_id} did not answer model {job.model!r} within "
+                                        f"{self.stream_idle_s:g} s.", SERVER_ERROR, code="upstream_timeout") from None
                 except asyncio.TimeoutError:
                     self.metrics.upstream_error(engine_id, "timeout")
-                    limit = self.stream_idle_s if job.stream else self.total_timeout_s
-                    raise APIError(504, f"Engine {engine_id} did not answer model {job.model!r} within "
-                                        f"{limit:g} s.", SERVER_ERROR, code="upstream_timeout") from None
+                    raise APIError(504, _total_timeout_message(engine_id, self.total_timeout_s), SERVER_ERROR,
+                                   code="upstream_timeout") from None
                 if upstream.status == 503:
                     data = await self._read_small(upstream)
                     self.metrics.upstream_error(engine_id, "busy")
@@ -205,8 +215,8 @@ class Proxy:
             data = await upstream.read()
         except asyncio.TimeoutError:
             self.metrics.upstream_error(engine_id, "timeout")
-            raise APIError(504, f"Engine {engine_id} did not finish within {self.total_timeout_s:g} s.",
-                           SERVER_ERROR, code="upstream_timeout") from None
+            raise APIError(504, _total_timeout_message(engine_id, self.total_timeout_s), SERVER_ERROR,
+                           code="upstream_timeout") from None
         except aiohttp.ClientError as exc:
             self.metrics.upstream_error(engine_id, "disconnect")
             raise APIError(502, f"Engine {engine_id} dropped the connection mid-answer "
@@ -256,6 +266,18 @@ class Proxy:
             await response.write_eof()
         except ConnectionResetError:
             pass  # the client went away mid-stream; the finally below makes the engine abort
+        except asyncio.CancelledError:
+            if not (self.shutting_down and response.prepared):
+                raise  # the client left (handler cancellation)
+            # the gateway's stop ends it: say so and end the stream properly, rather than cut it mute
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            try:
+                async with asyncio.timeout(1.0):
+                    await self._end_stream_with_error(response, "The gateway is shutting down; the stream was cut. "
+                                                                "Retry the request.", "gateway_shutting_down")
+                    await response.write_eof()
+            except (TimeoutError, ConnectionError):
+                pass
         finally:
             if completed:
                 upstream.release()
@@ -289,13 +311,14 @@ class Proxy:
                                                         f"{self.stream_idle_s:g} s; the stream was cut.")
         except asyncio.TimeoutError:  # the whole request's limit
             self.metrics.upstream_error(engine_id, "timeout")
-            await self._end_stream_with_error(response, f"Engine {engine_id} did not finish within "
-                                                        f"{self.total_timeout_s:g} s; the stream was cut.")
+            await self._end_stream_with_error(response, _total_timeout_message(engine_id, self.total_timeout_s)
+                                              + " The stream was cut.")
         except aiohttp.ClientPayloadError:
             self.metrics.upstream_error(engine_id, "disconnect")
             await self._end_stream_with_error(response, f"Engine {engine_id} dropped the stream.")
         return False
 
-    async def _end_stream_with_error(self, response: web.StreamResponse, message: str) -> None:
-        event = b"data: " + error_body(message, SERVER_ERROR, None, "upstream_stream_error") + b"\n\n"
+    async def _end_stream_with_error(self, response: web.StreamResponse, message: str,
+                                     code: str = "upstream_stream_error") -> None:
+        event = b"data: " + error_body(message, SERVER_ERROR, None, code) + b"\n\n"
         await response.write(event + _DONE)

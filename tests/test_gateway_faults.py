@@ -206,7 +206,7 @@ async def test_a_stream_past_the_total_limit_says_so(engines):
         with pytest.raises(openai.APIError) as caught:
             async for _ in stream:
                 pass
-        assert "did not finish within 1 s" in str(caught.value)
+        assert "did not finish within timeouts.total_s (1 s" in str(caught.value)
 
 
 class _Unanswering:
@@ -293,6 +293,41 @@ async def test_an_engine_behind_a_compressing_proxy_answers_in_plain_json(engine
                 assert response.status == 200 and "Content-Encoding" not in response.headers
                 assert orjson.loads(await response.read())["choices"][0]["message"]["content"] == "hello world"
     assert engine.seen_headers[-1]["Accept-Encoding"] == "identity"
+
+
+async def test_a_stop_lets_requests_finish_then_ends_the_rest_with_an_answer(engines):
+    """SIGTERM (Gateway.stop): requests in flight get server.shutdown_grace_s to finish; after it a stream ends
+    with an error event and [DONE], a request not yet answered gets 503 with Retry-After, and a new request during
+    the grace gets 503 at once. The whole stop stays well inside Docker's 10 s."""
+    streaming, stalling = engines
+    streaming.mode, streaming.delay_s = "slow", 5.0  # one token, then a 5 s pause
+    stalling.mode, stalling.delay_s = "stall", 5.0
+    config = gateway_config([streaming.url, stalling.url], server={"shutdown_grace_s": 0.5})
+    config["clusters"][0]["pools"][0]["engines"] = [{"url": streaming.url}]
+    config["clusters"].append({"name": "other", "pools": [{"name": "q", "kind": "vllm", "models": ["stall-model"],
+                                                           "engines": [{"url": stalling.url}]}]})
+    config["models"].append({"name": "stall-model", "max_model_len": 2048})
+    stalling.model = "stall-model"
+    async with running_gateway(config) as gw, aiohttp.ClientSession() as session:
+        body = {"model": "fault-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        async with session.post(gw.base_url + "/v1/chat/completions", json=body) as stream:
+            await stream.content.readline()  # the stream is under way
+            whole = asyncio.create_task(session.post(gw.base_url + "/v1/chat/completions", json={
+                "model": "stall-model", "messages": [{"role": "user", "content": "hi"}]}))
+            while not stalling.hits:
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            stopping = asyncio.create_task(gw.stop())
+            await asyncio.sleep(0.1)
+            async with session.post(gw.base_url + "/v1/chat/completions", json=body) as late:
+                assert late.status == 503 and (await late.json())["error"]["code"] == "gateway_shutting_down"
+            rest = (await stream.read()).decode()
+            assert '"code":"gateway_shutting_down"' in rest and rest.rstrip().endswith("data: [DONE]")
+            answer = await whole
+            assert answer.status == 503 and answer.headers["Retry-After"] == "1"
+            assert (await answer.json())["error"]["code"] == "gateway_shutting_down"
+            await stopping
+            assert 0.5 <= time.monotonic() - started < 4.0
 
 
 async def test_all_engines_down_gives_503(engines):

@@ -651,31 +651,39 @@ async def test_no_engine_up_answers_503_without_queueing():
 
 @bounded()
 async def test_request_that_waits_past_total_s_in_the_queue_gets_503_and_leaves_nothing():
-    """KV for two requests at a time, six sent at once, each held 0.8 s by the engine, ``total_s`` 1.2 s: the
-    second pair is admitted at 0.8 s, the third pair would be at 1.6 s and gives up at 1.2 s with a 503 that
-    says to retry, never reaches the engine, and holds no reservation."""
-    async with fault_engine(mode="stall", delay_s=0.8) as engine:
-        raw = sched_config([engine.url], queue_policy="maestro", admission="max_tokens", kv_capacity_tokens=1000)
+    """KV for two requests at a time, eight sent at once, each held 0.5 s by the engine, ``total_s`` 1.2 s for the
+    whole request: the first pair is answered, the second pair admitted at 0.5 s is; the third, admitted at 1.0 s
+    with 0.2 s left, ends with a 504 at 1.2 s; the last pair is never admitted and gives up at 1.2 s with a 503
+    that says to retry. Nobody waits past total_s, and nothing stays queued or reserved."""
+    async with fault_engine(mode="stall", delay_s=0.5) as engine:
+        raw = sched_config([engine.url], queue_policy="fcfs", admission="max_tokens", kv_capacity_tokens=1000)
         raw["timeouts"] = {"total_s": 1.2}
         async with live(raw) as (gw, session):
             spy = LedgerSpy(gw)
 
-            async def send(i: int) -> tuple[int, str | None, dict]:
+            async def send(i: int) -> tuple[int, str | None, dict, float]:
+                started = time.monotonic()
                 async with session.post(gw.base_url + "/v1/chat/completions",
                                         json=chat(f"request {i}", max_tokens=400)) as response:
-                    return response.status, response.headers.get("Retry-After"), await response.json()
+                    return (response.status, response.headers.get("Retry-After"), await response.json(),
+                            time.monotonic() - started)
 
-            results = await asyncio.gather(*(send(i) for i in range(6)))
-            assert sorted(status for status, _, _ in results) == [200] * 4 + [503] * 2
-            for status, retry_after, body in results:
+            results = await asyncio.gather(*(send(i) for i in range(8)))
+            statuses = sorted(status for status, _, _, _ in results)
+            assert statuses.count(200) >= 2 and 503 in statuses, statuses
+            assert all(waited < 1.2 + 0.4 for _, _, _, waited in results)  # the whole request, queue included
+            for status, retry_after, body, _ in results:
                 if status == 503:
                     assert retry_after == "1" and body["error"]["code"] == "queue_timeout"
                     assert "waited 1.2 s in the queue" in body["error"]["message"]
-            assert engine.hits == 4
+                elif status == 504:
+                    assert "timeouts.total_s (1.2 s, time in the gateway's queue included)" in body["error"][
+                        "message"]
+            assert engine.hits == statuses.count(200) + statuses.count(504)  # a 503 never reached the engine
             assert not gw.scheduling.pools[0].scheduler.waiting
             await wait_for(lambda: not gw.scheduling.ledger.held)
             spy.assert_each_released_once()
-            assert len(spy.reserved) == 4
+            assert len(spy.reserved) == engine.hits
 
 
 @bounded()

@@ -7,6 +7,7 @@ in :func:`openai_endpoint` so the handlers stay a few lines each.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -31,6 +32,9 @@ GATEWAY_KEY: web.AppKey["Gateway"] = web.AppKey("gateway")
 # Set on a request once its response's status line is on the wire (aiohttp's on_response_prepare): after that
 # an error can no longer become an error response, only a dropped connection.
 _RESPONSE_STARTED: web.RequestKey[bool] = web.RequestKey("response_started", bool)
+# The request's model once the gateway knows it serves it: the label of the request's metrics, errors included.
+# (Not the name a client sent for a model that is not served: every such name would become a series of its own.)
+_MODEL_LABEL: web.RequestKey[str] = web.RequestKey("model_label", str)
 log = logging.getLogger(__name__)
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Headers the gateway consumes or must not leak upstream; other X-* headers (request id, workflow context,
@@ -93,18 +97,33 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
         model = "-"
         job: RelayJob | None = None
         admitted = False
+        task = asyncio.current_task()
         try:
             check_api_key(request, gateway.api_keys)
+            if gateway.draining:
+                raise APIError(503, "The gateway is shutting down; retry shortly.", SERVER_ERROR,
+                               code="gateway_shutting_down", headers={"Retry-After": "1"})
             if gateway.inflight >= gateway.config.server.max_inflight:
                 raise APIError(429, "The gateway's queue is full; retry shortly.", RATE_LIMIT,
                                code="queue_full", headers={"Retry-After": "1"})
             gateway.inflight += 1
+            gateway.handlers.add(task)  # type: ignore[arg-type]
             admitted = True
             response, model, job = await handler(request, gateway, request_id)
         except APIError as error:
+            model = request.get(_MODEL_LABEL, model)
             response = error.response(request_id)
+        except asyncio.CancelledError:
+            # a client that left, or a stream that already ended with the shutdown's error event: nothing to send
+            if not gateway.draining or request.get(_RESPONSE_STARTED):
+                raise
+            task.uncancel()  # type: ignore[union-attr]  # the gateway's stop cut it: the client is still there
+            model = request.get(_MODEL_LABEL, model)
+            response = APIError(503, "The gateway shut down before this request finished; retry it.", SERVER_ERROR,
+                                code="gateway_shutting_down", headers={"Retry-After": "1"}).response(request_id)
         except Exception:  # a bug of ours: the client still gets OpenAI's shape, and the traceback goes to the log
             log.exception("%s request %s failed inside the gateway", route, request_id)
+            model = request.get(_MODEL_LABEL, model)
             if request.get(_RESPONSE_STARTED):
                 gateway.metrics.request_done(route, model, 500, time.perf_counter() - started, -1.0)
                 raise  # mid-stream: aiohttp closes the connection, the only signal left
@@ -113,6 +132,7 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
         finally:
             if admitted:
                 gateway.inflight -= 1
+                gateway.handlers.discard(task)  # type: ignore[arg-type]
         duration = time.perf_counter() - started
         if job is not None and job.trace_body is not None and job.usage and response.status == 200:
             gateway.scheduling.predictor.record(job.trace_body, job.usage, request.headers)
@@ -140,8 +160,10 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
     raw = await read_body(request, gateway.config.server.max_body_bytes)
     body = parse_json_object(raw)
     model = body.get("model")
-    if isinstance(model, str) and model and not gateway.registry.serves(model, "vllm"):
-        raise _not_served(gateway, model, "vllm")
+    if isinstance(model, str) and model:
+        if not gateway.registry.serves(model, "vllm"):
+            raise _not_served(gateway, model, "vllm")
+        request[_MODEL_LABEL] = model
     validate(body, _model_config_len(gateway, model) if isinstance(model, str) else None)
     scheduling = gateway.scheduling
     context = None
@@ -217,6 +239,7 @@ async def image_generations(request: web.Request, gateway: "Gateway", request_id
         raise APIError(400, "'model' must be a non-empty string.", param="model")
     if not gateway.registry.serves(model, "vllm-omni"):
         raise _not_served(gateway, model, "vllm-omni")
+    request[_MODEL_LABEL] = model
     job = RelayJob(route="images", path="/v1/images/generations", kind="vllm-omni", model=model, body=raw,
                    stream=False, strip_usage=False, request_id=request_id,
                    headers=forwarded_headers(request, request_id), started=time.perf_counter())
