@@ -307,3 +307,15 @@ async def test_a_bug_mid_stream_drops_the_connection_and_the_gateway_goes_on(gw,
         monkeypatch.undo()
         chunks = [c async for c in await client.chat.completions.create(**GOOD, stream=True)]
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello world"
+
+
+async def test_failed_requests_are_counted_under_their_model(gw, engine):
+    """A 400 for a served model is that model's; an unknown model's name is the client's choice and must not
+    become a series of its own."""
+    await post(gw.base_url + CHAT, orjson.dumps({**GOOD, "max_tokens": -1}))
+    await post(gw.base_url + CHAT, orjson.dumps({**GOOD, "model": "made-up-1"}))
+    samples = {(s.labels["model"], s.labels["status"]) for family in text_string_to_metric_families(
+        gw.metrics.render().decode()) if family.name == "maestro_requests" for s in family.samples
+        if s.name == "maestro_requests_total"}
+    assert ("fault-model", "400") in samples and ("-", "404") in samples
+    assert not any(model == "made-up-1" for model, _ in samples)
