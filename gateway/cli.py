@@ -100,7 +100,10 @@ def cmd_sim_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.prediction import check_predictor_files
+
     config = load_config(args.config)
+    check_predictor_files(config)  # what serve would refuse at start-up, checked without side effects
     engines = sum(len(p.engines) + (p.simulated.count if p.simulated else 0) for _, p in config.pools())
     print(f"config OK: {len(config.clusters)} cluster(s), {len(config.pools())} pool(s), {engines} engine(s), "
           f"models: {', '.join(m.name for m in config.models)}")

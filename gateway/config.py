@@ -622,7 +622,7 @@ def parse_config(raw: Any) -> Config:
     if not models:
         # Models may be left implicit: every model a pool names gets defaults.
         names = sorted({m for c in clusters for p in c.pools for m in p.models})
-        models = [ModelConfig(name=n) for n in names]
+        models = [ModelConfig(name=n, kv_bytes_per_token=known_bytes_per_token(n)) for n in names]  # as declared
     return Config(clusters=tuple(clusters), models=tuple(models), server=server, state=state,
                   timeouts=timeouts, monitor=monitor, routing=routing, slo_classes=slo_classes,
                   scheduling=scheduling, predictor=predictor)

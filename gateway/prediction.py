@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,55 @@ from gateway.config import Config, ConfigError
 log = logging.getLogger("maestro.prediction")
 
 FALLBACK_OUTPUT = 256  # output tokens assumed when nothing better is known
+
+
+def model_path_to_load(config: Config) -> str:
+    """``predictor.model_path``, or "" where there is nothing to load yet: online learning writes that very file
+    at its first refit, and priors serve until then."""
+    path = config.predictor.model_path
+    online = config.predictor.online
+    if path and online.enabled and not Path(path).exists() and Path(path).resolve() == _refit_model_path(config):
+        return ""
+    return path
+
+
+def _refit_model_path(config: Config) -> Path:
+    from predictor.refit_command import refit_model_path
+
+    online = config.predictor.online
+    return refit_model_path(online.work_dir, online.save_path).resolve()
+
+
+def check_predictor_files(config: Config) -> None:
+    """Raise :class:`ConfigError` for what ``maestro serve`` would refuse about the predictor's files, without
+    creating, locking or writing anything (``maestro check-config``): the model file must load, and online
+    learning's folders must be folders this process can create or write into."""
+    path = model_path_to_load(config)
+    if path:
+        from predictor.kv import KVModel
+        from predictor.model_file import ModelFileError
+        from predictor.predictor import Predictor
+
+        try:
+            Predictor.load(path, kv=KVModel.from_models(config.models, block_size=config.scheduling.block_size))
+        except ModelFileError as exc:
+            raise ConfigError("predictor.model_path", str(exc)) from None
+    online = config.predictor.online
+    if online.enabled:
+        _check_folder(Path(online.work_dir), "predictor.online.work_dir")
+        if online.buffer == "file":
+            _check_folder(Path(online.path).parent, "predictor.online.path")
+
+
+def _check_folder(folder: Path, field: str) -> None:
+    """``folder`` is a writable folder, or the nearest part of it that exists is one (serve would create it)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(field, f"cannot use {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(field, f"cannot use {folder}: {existing} is not writable")
 
 
 def _import_predictor() -> None:
@@ -75,12 +125,10 @@ class RequestPredictor:
         self._estimate_tokens = estimate_tokens
         kv = KVModel.from_models(self.config.models, block_size=self.config.scheduling.block_size)
         priors = {role: {"p50": p50, "p90": p90} for role, p50, p90 in self.config.predictor.priors}
-        path = self.config.predictor.model_path
-        online = self.config.predictor.online
-        if path and online.enabled and not Path(path).exists() and Path(path).resolve() == self._refit_model_path():
+        path = model_path_to_load(self.config)
+        if self.config.predictor.model_path and not path:
             log.info("predictor.model_path %s does not exist yet (online learning writes it): priors until the "
-                     "first refit", path)
-            path = ""
+                     "first refit", self.config.predictor.model_path)
         if path:
             try:
                 model = await loop.run_in_executor(None, lambda: Predictor.load(path, kv=kv))
@@ -96,12 +144,6 @@ class RequestPredictor:
             self._predictor = Predictor.from_priors(priors or None, kv=kv)
         if self.config.predictor.online.enabled:
             await self._start_learning(kv, priors, serving=path or None)
-
-    def _refit_model_path(self) -> Path:
-        from predictor.refit_command import refit_model_path
-
-        online = self.config.predictor.online
-        return refit_model_path(online.work_dir, online.save_path).resolve()
 
     async def _start_learning(self, kv: Any, priors: dict[str, Any], serving: str | None) -> None:
         from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, RedisStreamBuffer

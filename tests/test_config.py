@@ -142,6 +142,13 @@ def test_cli_exits_2_with_one_message(tmp_path):
     assert done.returncode == 2 and "invalid choice" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_models_left_implicit_get_their_architectures_kv_figure():
+    raw = base()
+    del raw["models"]
+    raw["clusters"][0]["pools"][0]["models"] = ["meta-llama/Llama-3-70B-Instruct"]
+    assert parse_config(raw).model("meta-llama/Llama-3-70B-Instruct").kv_bytes_per_token == 327680
+
+
 def test_an_infinite_loss_increase_still_turns_the_check_off():
     raw = base()
     raw["predictor"] = {"online": {"max_loss_increase": float("inf")}}
@@ -157,3 +164,22 @@ def test_simulated_pool_options_are_checked_at_load():
         parse_config(raw)
     assert caught.value.field_path == "clusters[0].pools[0].simulated"
     assert "max_model_len" in str(caught.value)
+
+
+def test_check_config_refuses_what_serve_would_refuse_at_start(tmp_path):
+    """The predictor's files are checked too (without creating anything): a model file that does not load, and
+    online learning's folders through a file."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for predictor, field in (({"model_path": str(tmp_path / "missing.skops")}, "predictor.model_path"),
+                             ({"online": {"enabled": True, "work_dir": str(blocker / "work")}},
+                              "predictor.online.work_dir"),
+                             ({"online": {"enabled": True, "work_dir": str(tmp_path / "w"),
+                                          "path": str(blocker / "records.jsonl")}}, "predictor.online.path")):
+        raw = {**base(), "predictor": predictor}
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", str(path)], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2 and field in done.stderr, (predictor, done.stderr)
+    assert not (tmp_path / "w").exists()  # nothing created
