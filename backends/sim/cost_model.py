@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+log = logging.getLogger("maestro.sim")
 
 ENV_CALIBRATION_DIR = "MAESTRO_CALIBRATION_DIR"
 
@@ -68,6 +71,22 @@ _DEFAULT_KV_BYTES_PER_TOKEN = 131072
 
 DIT_PROFILES = ("dit_xl_2", "dit_3b")
 VIDEO_PROFILE = "video_dit_1p3b"
+
+
+_SOURCES_SAID: set[tuple[Path, bool]] = set()
+
+
+def _say_source_once(folder: Path, found: bool) -> None:
+    """Log where the simulated engines' timings come from, once per folder: a silent fallback to round numbers
+    would pass a simulation off as calibrated (e.g. in a container without the data)."""
+    if (folder, found) in _SOURCES_SAID:
+        return
+    _SOURCES_SAID.add((folder, found))
+    if found:
+        log.info("simulated engines: timings calibrated from %s", folder)
+    else:
+        log.warning("simulated engines: no calibration at %s (set %s to the calibration folder); their timings are "
+                    "round-number defaults, not measurements", folder, ENV_CALIBRATION_DIR)
 
 
 def default_calibration_dir() -> Path:
@@ -139,6 +158,7 @@ class EngineCostModel:
         self.source = "defaults (not from the data)"
 
         docs = self._load(folder)
+        _say_source_once(folder, bool(docs))
         if docs:
             self.source = f"calibration:{folder}"
             fitted = self._fit_decode(docs)
