@@ -143,10 +143,7 @@ class Proxy:
         tried: set[str] = set()
         busy_seen = False
         last_problem = ""
-        # timeouts.total_s bounds the whole request: the time it waited in the gateway's queue counts
-        remaining = self.total_timeout_s - (time.perf_counter() - job.started)
-        timeout = aiohttp.ClientTimeout(total=max(remaining, 0.001), sock_connect=self.connect_s,
-                                        sock_read=self.stream_idle_s if job.stream else None)
+        sock_read = self.stream_idle_s if job.stream else None
         for attempt in range(self.max_retries + 1):
             engine = None
             if attempt == 0 and (job.engine_id is not None or job.pool_engines is not None):
@@ -162,6 +159,10 @@ class Proxy:
             if job.ticket is not None and job.ticket.engine_id != engine_id:
                 await job.ticket.move(engine_id)  # the reservation follows the request to its engine
             client = registry.clients[engine_id]
+            # timeouts.total_s bounds the whole request: its time in the gateway's queue and earlier tries count
+            remaining = self.total_timeout_s - (time.perf_counter() - job.started)
+            timeout = aiohttp.ClientTimeout(total=max(remaining, 0.001), sock_connect=self.connect_s,
+                                            sock_read=sock_read)
             registry.inflight[engine_id] += 1
             try:
                 sent_at = time.perf_counter()
