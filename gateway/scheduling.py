@@ -156,6 +156,13 @@ class SharedLedger:
             self.held[request_id] = [engine_id, tokens]
         return ok
 
+    def grantable(self, engine_id: str) -> int:
+        """The most one request can reserve on ``engine_id``: its capacity, or while the shared ledger is down,
+        this gateway's share of it (the local ledger grants no more)."""
+        if self.local is not None and engine_id in self.capacity:
+            return self.local.capacity(engine_id)
+        return self.capacity.get(engine_id, UNLIMITED_KV)
+
     @property
     def synchronous(self) -> bool:
         return self.sync is not None or self.local is not None
@@ -273,14 +280,23 @@ class SharedLedger:
             if self.local is not None:
                 self._adopt.add(request_id)
         else:
-            try:
-                ok = (await self._reserve_remote(request_id, engine_id, tokens, force=True))[0]
-            except StateUnavailable as exc:
-                self._degrade(exc)
-                ok = self.local.reserve(request_id, engine_id, tokens, force=True)  # type: ignore[union-attr]
-                self._adopt.add(request_id)
+            # held before the call, and the call chained: a client that leaves meanwhile has its release chained
+            # behind the reservation instead of overtaking it (which left the reservation in the store)
+            self.held[request_id] = [engine_id, tokens]
+            self._chain(request_id, self._move_remote(request_id, engine_id, tokens))
+            await asyncio.wait([self._ops[request_id]])  # not cancelled with this caller
+            return
         if ok:
             self.held[request_id] = [engine_id, tokens]
+
+    async def _move_remote(self, request_id: str, engine_id: str, tokens: int) -> None:
+        try:
+            await self._reserve_remote(request_id, engine_id, tokens, force=True)
+        except StateUnavailable as exc:
+            self._degrade(exc)
+            if self.held.get(request_id) == [engine_id, tokens]:  # not released meanwhile
+                self.local.reserve(request_id, engine_id, tokens, force=True)  # type: ignore[union-attr]
+                self._adopt.add(request_id)
 
     # ---- outage and re-sync -----------------------------------------------------------------------------
     def _degrade(self, exc: BaseException) -> None:
@@ -427,10 +443,19 @@ class Ticket:
                 self.ledger.grow(request.request_id, new)
 
     async def move(self, engine_id: str) -> None:
+        """The request is retried on ``engine_id``: its per-engine count (and KV) follow it, into the pool that
+        owns that engine when it is another one (a retry picks from every engine serving the model)."""
         old = self.engine_id
-        if self.pool is not None and old is not None:
-            self.pool.outstanding[old] -= 1
-            self.pool.outstanding[engine_id] += 1
+        pool = self.pool
+        if pool is not None and old is not None:
+            pool.outstanding[old] -= 1
+            target = pool.sched.pool_of_engine.get(engine_id, pool)
+            if target is not pool:
+                rid = self.request.request_id
+                pool.tickets.pop(rid, None)
+                target.tickets[rid] = self
+                self.pool = target
+            target.outstanding[engine_id] += 1
         self.engine_id = engine_id
         if self.ledger is not None:
             await self.ledger.move(self.request.request_id, engine_id)
@@ -504,7 +529,7 @@ class PoolQueue:
             ticket.state = DONE
             return
         if self.check_kv:  # a request larger than any engine runs alone rather than never
-            largest = max(self.sched.ledger.capacity.get(e, UNLIMITED_KV) for e in live)
+            largest = max(self.sched.ledger.grantable(e) for e in live)
             if request.reserved_tokens > largest:
                 request.reserved_tokens = largest
         ticket.state = WAITING
@@ -542,14 +567,20 @@ class PoolQueue:
         ticket.state = RESERVING
         self.scheduler.waiting.pop(rid, None)
         ledger = self.sched.ledger
+        # the engine's slot is counted while the call is in flight: requests arriving meanwhile plan with it
+        # taken, or the per-engine cap would let all of them through one after another
+        self.outstanding[engine_id] += 1
         task = asyncio.ensure_future(ledger.reserve(rid, engine_id, tokens))
         try:
             ok = await asyncio.shield(task)
         except asyncio.CancelledError:
             ticket.cancelled = True
+            self.outstanding[engine_id] -= 1
             task.add_done_callback(
                 lambda t: ledger.release(rid) if not t.cancelled() and t.exception() is None and t.result() else None)
             raise
+        if ticket.cancelled or not ok:
+            self.outstanding[engine_id] -= 1
         if ticket.cancelled:
             if ok:
                 ledger.release(rid)
@@ -559,16 +590,17 @@ class PoolQueue:
             ticket.state = WAITING
             self.scheduler.waiting[rid] = request
             return False
-        self._admitted(ticket, engine_id, tokens, now)
+        self._admitted(ticket, engine_id, tokens, now, counted=True)
         return True
 
-    def _admitted(self, ticket: Ticket, engine_id: str, tokens: int, now: float) -> None:
+    def _admitted(self, ticket: Ticket, engine_id: str, tokens: int, now: float, counted: bool = False) -> None:
         self.scheduler.admitted(ticket.request, engine_id, now)
         ticket.state = ADMITTED
         ticket.engine_id = engine_id
         ticket.tokens = tokens
         ticket.admitted_mono = time.monotonic()
-        self.outstanding[engine_id] += 1
+        if not counted:  # counted already while its reservation was in flight
+            self.outstanding[engine_id] += 1
         if ticket.future is not None:
             self.sched.metrics.queue_wait(self.name, ticket.admitted_mono - ticket.enqueued)
             self.sched.metrics.queued(self.name, len(self.scheduler.waiting))
@@ -773,6 +805,7 @@ class Scheduling:
         self.registry: EngineRegistry | None = None
         self.proxy: Any = None
         self.pools: list[PoolQueue] = []
+        self.pool_of_engine: dict[str, PoolQueue] = {}  # a retry may take a request to another pool's engine
         self._by_model: dict[str, list[PoolQueue]] = {}
         self.direct_models: frozenset[str] = frozenset()  # models served exactly as before (no scheduling)
         self._task: asyncio.Task | None = None
@@ -792,6 +825,7 @@ class Scheduling:
                 continue
             queue = PoolQueue(self, cluster, pool, by_pool[(cluster.name, pool.name)])
             self.pools.append(queue)
+            self.pool_of_engine.update(dict.fromkeys(queue.engine_ids, queue))
             for model in pool.models:
                 self._by_model.setdefault(model, []).append(queue)
         self.direct_models = frozenset() if self.active else frozenset(
@@ -943,7 +977,12 @@ class Scheduling:
             if self.policy.name == "fcfs":  # nothing waits on the record: write it in the background
                 begin_task = self.workflows.begin_soon(context, key, now, remaining)  # type: ignore[arg-type]
             else:
-                state = await self.workflows.begin(context, key, now, remaining)  # type: ignore[arg-type]
+                begin_task = self.workflows.begin_soon(context, key, now, remaining)  # type: ignore[arg-type]
+                try:
+                    state = await asyncio.shield(begin_task)
+                except asyncio.CancelledError:  # the client left: the step, once recorded, ends as not done
+                    self.workflows.end_soon(workflow_id, key, 0, False, begin_task)
+                    raise
         slo_name = context.slo_class if context is not None else None
         if slo_name is None:
             slo_name = state.slo_class if state is not None else (
@@ -987,8 +1026,8 @@ class Scheduling:
             completed = response.status == 200 and not job.stream_failed
             return response
         finally:
-            if pool is not None and ticket.state != NEW:
-                pool.done(ticket)
+            if ticket.pool is not None and ticket.state != NEW:
+                ticket.pool.done(ticket)  # the pool that holds it now (a retry may have moved it)
             if workflow_id is not None:
                 usage = job.usage or {}
                 tokens = int(usage.get("total_tokens") or (prompt + ticket.generated))

@@ -1067,3 +1067,174 @@ async def test_admin_views_of_scheduling_and_workflows():
             assert response.status == 200 and (await response.json())["steps_done"] == 1
         async with session.get(gw.base_url + "/admin/workflows/nope") as response:
             assert response.status == 404 and (await response.json())["error"]["code"] == "workflow_not_found"
+
+
+# ------------------------------------------------------------------------------------------- retries and edges
+
+def _count_concurrent(engine: FaultEngine) -> dict[str, int]:
+    """Wrap ``engine`` so that ``stats["max"]`` is the most requests it ever ran at once."""
+    stats = {"now": 0, "max": 0}
+    answer = engine._answer
+
+    async def counted(request, body, mode):
+        stats["now"] += 1
+        stats["max"] = max(stats["max"], stats["now"])
+        try:
+            return await answer(request, body, mode)
+        finally:
+            stats["now"] -= 1
+
+    engine._answer = counted  # type: ignore[method-assign]
+    return stats
+
+
+@bounded()
+async def test_a_retry_into_another_cluster_is_counted_in_that_clusters_pool():
+    """A request refused in cluster near and retried on far's engine counts against far's per-engine cap: far
+    must not take a second request while it runs it (cap 1)."""
+    async with fault_engine(mode="busy") as near, fault_engine(mode="stall", delay_s=1.0) as far:
+        raw = gateway_config([], scheduling={"max_outstanding_per_engine": 1, "queue_policy": "fcfs"})
+        raw["clusters"] = [cluster("near", 1, near.url), cluster("far", 50, far.url)]
+        async with live(raw) as (gw, session):
+            pools = {p.cluster: p for p in gw.scheduling.pools}
+            first = asyncio.create_task(post(session, gw, chat("A")))
+            await wait_for(lambda: far.hits == 1)  # refused near, running on far
+            assert dict(pools["far"].outstanding) == {"far/p/0": 1} and not any(pools["near"].outstanding.values())
+            near.mode, near.delay_s = "stall", 1.0
+            second = asyncio.create_task(post(session, gw, chat("B")))  # near has room now
+            await wait_for(lambda: near.hits == 2)
+            third = asyncio.create_task(post(session, gw, chat("C")))  # both full: waits, not sent to far
+            await asyncio.sleep(0.3)
+            assert far.hits == 1
+            assert [status for status, _ in await asyncio.gather(first, second, third)] == [200, 200, 200]
+            await wait_for(lambda: not any(n for p in pools.values() for n in p.outstanding.values()))
+
+
+@pytest.mark.redis
+@bounded()
+async def test_the_per_engine_cap_holds_while_shared_reservations_are_in_flight():
+    """With the Redis ledger a reservation is a network call: requests arriving meanwhile must plan with that
+    engine's slot taken, or all of them pass a cap of 1."""
+    from tests.test_state_store import _delete_prefix
+
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+    try:
+        async with fault_engine(mode="stall", delay_s=0.3) as engine:
+            stats = _count_concurrent(engine)
+            raw = sched_config([engine.url], queue_policy="fcfs", admission="max_tokens",
+                               kv_capacity_tokens=1_000_000, max_outstanding_per_engine=1)
+            raw["state"] = {"backend": "redis", "redis_url": _redis_url_or_skip(), "key_prefix": prefix}
+            async with live(raw) as (gw, session):
+                results = await asyncio.gather(*(post(session, gw, chat(f"r{i}", max_tokens=10), timeout=20)
+                                                  for i in range(6)))
+                assert [status for status, _ in results] == [200] * 6
+                assert stats["max"] == 1
+                await wait_for(lambda: not gw.scheduling.ledger.held)
+    finally:
+        _delete_prefix(prefix)
+
+
+@pytest.mark.redis
+@bounded()
+async def test_a_client_that_leaves_while_its_step_is_recorded_leaves_no_step_in_flight():
+    from tests.test_state_store import _delete_prefix
+
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+    try:
+        async with fault_engine() as engine:
+            raw = sched_config([engine.url], queue_policy="maestro", admission="max_tokens", kv_capacity_tokens=10000)
+            raw["state"] = {"backend": "redis", "redis_url": _redis_url_or_skip(), "key_prefix": prefix}
+            async with live(raw) as (gw, session):
+                store = gw.store
+                begin = store.workflow_begin
+
+                async def slow_reply(*args, **kwargs):  # the script ran in Redis; its reply is slow to come back
+                    record = await begin(*args, **kwargs)
+                    await asyncio.sleep(0.3)
+                    return record
+
+                store.workflow_begin = slow_reply  # type: ignore[method-assign]
+                with pytest.raises(asyncio.TimeoutError):
+                    await post(session, gw, chat(), {"X-Workflow-Id": "wf-left"}, timeout=0.1)
+                store.workflow_begin = begin  # type: ignore[method-assign]
+                await wait_for_async(lambda: _inflight_is_empty(store, "wf-left"))
+                assert engine.hits == 0
+    finally:
+        _delete_prefix(prefix)
+
+
+async def _inflight_is_empty(store, workflow_id: str) -> bool:
+    record = await store.get_workflow(workflow_id)
+    return record is not None and record["inflight"] == []
+
+
+@pytest.mark.redis
+@bounded()
+async def test_a_client_that_leaves_while_its_retry_moves_the_reservation_leaks_none():
+    """The retry's reservation on the second engine lands in Redis after the client has left: it must still be
+    released (it used to stay until its lease ran out)."""
+    from gateway.state.redis import RedisStateStore
+    from tests.test_state_store import _delete_prefix
+
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+    url = _redis_url_or_skip()
+    reader = RedisStateStore(url, key_prefix=prefix)
+    try:
+        async with fault_engine(mode="busy") as busy, fault_engine(mode="stall", delay_s=0.5) as slow:
+            raw = sched_config([busy.url, slow.url], queue_policy="maestro", admission="max_tokens",
+                               kv_capacity_tokens=1000)
+            raw["state"] = {"backend": "redis", "redis_url": url, "key_prefix": prefix}
+            async with live(raw) as (gw, session):
+                store = gw.store
+                reserve = store.ledger_reserve_detail
+
+                async def slow_reply(request_id, engine_id, tokens, lease_s, force=False):
+                    out = await reserve(request_id, engine_id, tokens, lease_s, force)
+                    if force:  # the move's reservation: the Lua script ran, its reply is slow to come back
+                        await asyncio.sleep(0.3)
+                    return out
+
+                store.ledger_reserve_detail = slow_reply  # type: ignore[method-assign]
+                with pytest.raises(asyncio.TimeoutError):
+                    await post(session, gw, chat(max_tokens=400), timeout=0.15)
+
+                async def freed() -> bool:
+                    usage = await reader.ledger_usage(["local/p/0", "local/p/1"])
+                    return all(reserved == 0 for reserved, _ in usage.values())
+
+                await wait_for_async(freed, timeout_s=2.0)
+                assert not gw.scheduling.ledger.held
+    finally:
+        await reader.close()
+        _delete_prefix(prefix)
+
+
+@bounded(60.0)
+async def test_during_an_outage_a_request_larger_than_the_local_share_still_runs():
+    """Two gateways, Redis gone: each admits from a local ledger with half of each engine's capacity. A request
+    above that share but within the engine runs alone (capped at the share), rather than waiting until
+    timeouts.total_s and, aged, blocking the queue behind it."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    server = start_redis(port)
+    try:
+        async with fault_engine() as engine:
+            raw = gateway_config([engine.url], scheduling={"queue_policy": "maestro", "admission": "max_tokens",
+                                                          "ledger_lease_s": 1.5, "max_wait_s": 0.5})
+            raw["clusters"][0]["pools"][0]["kv_capacity_tokens"] = 1000
+            raw["state"] = {"backend": "redis", "redis_url": url, "redis_timeout_s": 0.3,
+                            "heartbeat_interval_s": 0.1}
+            raw["timeouts"] = {"total_s": 3}
+            async with running_gateway({**raw, "server": {"gateway_id": "ga"}}) as a, \
+                    running_gateway({**raw, "server": {"gateway_id": "gb"}}), aiohttp.ClientSession() as session:
+                await wait_for(lambda: a.scheduling.ledger.gateways_seen == 2, timeout_s=5)
+                server.kill()
+                server.wait(timeout=10)
+                assert (await post(session, a, chat(max_tokens=10)))[0] == 200
+                await wait_for(lambda: a.scheduling.ledger.degraded, timeout_s=5)
+                started = time.monotonic()
+                status, _ = await post(session, a, chat(max_tokens=700), timeout=10)
+                assert status == 200 and time.monotonic() - started < 1.5
+    finally:
+        server.kill()
+        server.wait(timeout=10)
