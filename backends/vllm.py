@@ -91,10 +91,10 @@ class EngineClient:
         body = await self._get("/v1/models", self._scrape_timeout)
         return [m["id"] for m in orjson.loads(body).get("data", [])]
 
-    async def sleep(self, level: int = 1) -> dict:
+    async def sleep(self, level: int = 1, mode: str = "abort") -> dict:
         if level not in (1, 2):
             raise ValueError("sleep level must be 1 or 2")
-        return await self._post(f"/sleep?level={level}")
+        return await self._post(f"/sleep?level={level}&mode={mode}")
 
     async def wake_up(self) -> dict:
         return await self._post("/wake_up")

@@ -2,8 +2,10 @@
 
 Retry rule (why it is safe): a request is tried on another engine only when nothing has reached the client
 yet and the engine either could not be reached (connect failure, connection dropped before any answer) or
-refused with 503 (vLLM's back-pressure: queue full or paused). Once a byte is relayed, a failure ends the
-stream with an OpenAI-style error event, never a silent retry that would duplicate text.
+refused with 503 (vLLM's back-pressure: queue full or paused; when vLLM refuses at add_request, the 503 comes
+as the first event of a 200 stream, so a stream's first event is read before the client's response starts). Once
+a byte is relayed, a failure ends the stream with an OpenAI-style error event, never a silent retry that would
+duplicate text.
 
 Streams: the gateway always asks the engine for ``stream_options.include_usage`` (it needs the actual token
 counts) and removes the usage-only chunk again when the client did not ask for it, so the client sees what
@@ -52,7 +54,9 @@ class RelayJob:
     engine_id: str | None = None  # the engine the scheduler admitted it to (first attempt), None: route here
     pool_engines: frozenset[str] | None = None  # first attempt only among these (the pool cluster routing chose)
     ticket: Any = None  # gateway.scheduling.Ticket once admitted (moved on a retry, its KV grown while streaming)
-    stream_failed: bool = False  # the stream began (HTTP 200) but did not end: the engine failed or the client left
+    # the answer did not end as a whole one: a stream that broke or carried an error event, the client gone, or the
+    # engine cut it (finish_reason "abort" when an engine is put to sleep, "error"): no finished step, no record
+    incomplete: bool = False
     usage: dict[str, Any] | None = None  # the engine's usage once known
     trace_body: dict[str, Any] | None = None  # the client's own body, for online learning (None: not recorded)
 
@@ -119,6 +123,30 @@ def _engine_message(data: bytes) -> str:
     except (orjson.JSONDecodeError, AttributeError):
         pass
     return data[:300].decode("utf-8", "replace") or "(empty body)"
+
+
+_CUT_REASONS = ("abort", "error")  # finish reasons of an answer the engine did not finish (e.g. put to sleep)
+_CUT_MARKERS = tuple(f'"finish_reason":{space}"{reason}"'.encode() for reason in _CUT_REASONS for space in ("", " "))
+
+
+def _cut_short(events: bytes) -> bool:
+    """Whether relayed events end an answer without finishing it: an error event, or a finish_reason of
+    "abort" / "error". A cheap byte test (called only on chunks holding one of the two words)."""
+    return b'{"error"' in events or any(marker in events for marker in _CUT_MARKERS)
+
+
+def _busy_refusal(head: bytes) -> str | None:
+    """The message of a first event that is vLLM's back-pressure refusal (an error with code 503), else None."""
+    event = head.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0].strip()
+    if not event.startswith(b"data:") or b'"error"' not in event:
+        return None
+    try:
+        error = orjson.loads(event[5:]).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(error, dict) and error.get("code") in (503, "503"):
+        return str(error.get("message") or "busy")[:200]
+    return None
 
 
 def _total_timeout_message(engine_id: str, total_s: float) -> str:
@@ -188,7 +216,12 @@ class Proxy:
                     last_problem = f"engine {engine_id} is busy: {_engine_message(data)}"
                     continue
                 if job.stream and upstream.status == 200:
-                    return await self._relay_stream(request, job, upstream, engine_id, sent_at)
+                    head, problem = await self._first_event(upstream, job, engine_id)
+                    if head is None:  # refused or dropped before anything reached the client: try another engine
+                        busy_seen = busy_seen or problem.startswith("is busy")
+                        last_problem = f"engine {engine_id} {problem}"
+                        continue
+                    return await self._relay_stream(request, job, upstream, engine_id, sent_at, head)
                 return await self._relay_whole(job, upstream, engine_id, sent_at)
             finally:
                 registry.inflight[engine_id] -= 1
@@ -231,7 +264,7 @@ class Proxy:
             raise APIError(502, f"Engine {engine_id} failed (HTTP {status}): {_engine_message(data)}",
                            SERVER_ERROR, code="upstream_error")
         if status == 200 and job.kind == "vllm":
-            job.usage = self._count_usage(job.model, data)
+            job.usage = self._count_usage(job, data)
         job.upstream_s = received_at - sent_at
         headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
                    "X-Request-Id": job.request_id}
@@ -240,18 +273,65 @@ class Proxy:
             headers["Content-Disposition"] = disposition
         return web.Response(body=data, status=status, headers=headers)
 
-    def _count_usage(self, model: str, data: bytes) -> dict[str, Any] | None:
+    def _count_usage(self, job: RelayJob, data: bytes) -> dict[str, Any] | None:
         try:
-            usage = orjson.loads(data).get("usage")
+            answer = orjson.loads(data)
+            usage = answer.get("usage")
         except (orjson.JSONDecodeError, AttributeError):
             return None
+        choices = answer.get("choices")
+        if isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") in _CUT_REASONS
+                                             for c in choices):
+            job.incomplete = True
+        model = job.model
         if isinstance(usage, dict):
             self.metrics.tokens(model, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
             return usage
         return None
 
+    async def _first_event(self, upstream: aiohttp.ClientResponse, job: RelayJob,
+                           engine_id: str) -> tuple[bytes | None, str]:
+        """The engine's bytes up to the end of its first SSE event, read before the client's response starts,
+        while a failure can still be retried or answered with a status. vLLM sends its 200 at once and refuses a
+        request it has no room for with an error event when the refusal comes late (at add_request: 503 in the
+        event, not the status), and an engine that queues a request sends nothing until it runs it.
+
+        (head, "") to relay; (None, why) where another engine should be tried (the upstream closed); raises
+        the 504s."""
+        head = b""
+        try:
+            while b"\n\n" not in head and b"\r\n\r\n" not in head:
+                chunk = await upstream.content.readany()
+                if not chunk:
+                    break
+                head += chunk
+        except aiohttp.ServerTimeoutError:  # sock_read: stream_idle_s without a first event
+            upstream.close()
+            self.metrics.upstream_error(engine_id, "timeout")
+            raise APIError(504, f"Engine {engine_id} did not answer model {job.model!r} within "
+                                f"{self.stream_idle_s:g} s.", SERVER_ERROR, code="upstream_timeout") from None
+        except asyncio.TimeoutError:
+            upstream.close()
+            self.metrics.upstream_error(engine_id, "timeout")
+            raise APIError(504, _total_timeout_message(engine_id, self.total_timeout_s), SERVER_ERROR,
+                           code="upstream_timeout") from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            upstream.close()
+            self.metrics.upstream_error(engine_id, "disconnect")
+            return None, f"dropped the stream before its first event ({exc.__class__.__name__})"
+        if not head:
+            upstream.close()
+            self.metrics.upstream_error(engine_id, "disconnect")
+            return None, "ended the stream before its first event"
+        refusal = _busy_refusal(head)
+        if refusal is not None:
+            upstream.close()
+            self.metrics.upstream_error(engine_id, "busy")
+            return None, f"is busy: {refusal}"
+        return head, ""
+
     async def _relay_stream(self, request: web.Request, job: RelayJob, upstream: aiohttp.ClientResponse,
-                            engine_id: str, sent_at: float) -> web.StreamResponse:
+                            engine_id: str, sent_at: float, head: bytes = b"") -> web.StreamResponse:
         """Relay SSE bytes as they come. The client's disconnect cancels this handler (handler_cancellation)
         or fails a write; either way the upstream connection is closed so the engine aborts the request."""
         response = web.StreamResponse(status=200, headers={**_STREAM_HEADERS, "X-Request-Id": job.request_id})
@@ -259,7 +339,7 @@ class Proxy:
         completed = False
         try:
             await response.prepare(request)
-            completed = await self._pump(job, upstream, engine_id, response, usage_filter)
+            completed = await self._pump(job, upstream, engine_id, response, usage_filter, head)
             job.usage = usage_filter.usage
             if usage_filter.usage:
                 self.metrics.tokens(job.model, usage_filter.usage.get("prompt_tokens") or 0,
@@ -283,27 +363,37 @@ class Proxy:
             if completed:
                 upstream.release()
             else:
-                job.stream_failed = True
+                job.incomplete = True
                 upstream.close()  # client gone or engine failed: drop the connection so the engine aborts
         return response
 
     async def _pump(self, job: RelayJob, upstream: aiohttp.ClientResponse, engine_id: str,
-                    response: web.StreamResponse, usage_filter: SSEUsageFilter) -> bool:
-        """Copy events until the engine ends the stream (True) or fails mid-stream (False, error event sent)."""
+                    response: web.StreamResponse, usage_filter: SSEUsageFilter, head: bytes = b"") -> bool:
+        """Copy events until the engine ends the stream (True) or fails mid-stream (False, error event sent).
+        ``head`` is what :meth:`_first_event` already read."""
         first = True
         ticket = job.ticket
         try:
-            async for chunk in upstream.content.iter_any():
-                out = usage_filter.feed(chunk)
+            chunk = head
+            chunks = upstream.content.iter_any()
+            while True:
+                out = usage_filter.feed(chunk) if chunk else b""
                 if out:
                     if ticket is not None:
                         ticket.on_stream(out)  # counts events; grows the KV reservation when outgrown
+                    if (b'"abort"' in out or b'"error"' in out) and _cut_short(out):
+                        job.incomplete = True  # relayed as the engine sent it, but no whole answer
                     await response.write(out)
                     if first:
                         first = False
                         self.metrics.first_byte(job.route, time.perf_counter() - job.started)
+                chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
             tail = usage_filter.flush()
             if tail:
+                if _cut_short(tail):
+                    job.incomplete = True
                 await response.write(tail)
             return True
         except aiohttp.ServerTimeoutError:  # sock_read: nothing came for stream_idle_s

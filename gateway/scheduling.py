@@ -1023,7 +1023,7 @@ class Scheduling:
             elif pool is not None and len(pools) > 1:
                 job.pool_engines = pool.engine_set
             response = await self.proxy.serve(request, job)
-            completed = response.status == 200 and not job.stream_failed
+            completed = response.status == 200 and not job.incomplete
             return response
         finally:
             if ticket.pool is not None and ticket.state != NEW:

@@ -103,12 +103,20 @@ class FaultEngine:
             request.transport.close()  # type: ignore[union-attr]
             return response
         if not body.get("stream"):
-            response = web.Response(body=orjson.dumps(self._completion()), content_type="application/json")
+            completion = self._completion()
+            if mode == "abort":
+                completion["choices"][0]["finish_reason"] = "abort"
+            response = web.Response(body=orjson.dumps(completion), content_type="application/json")
             if mode == "compressing":  # behind a proxy that compresses what the client's Accept-Encoding allows
                 response.enable_compression()
             return response
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if mode == "busy_in_stream":  # vLLM's late back-pressure: its 200 is sent, then the refusal as an event
+            await response.write(b"data: " + orjson.dumps({"error": VLLM_BUSY["error"]}) + b"\n\ndata: [DONE]\n\n")
+            return response
+        if mode == "slow_start":  # queued inside the engine: headers at once, the first event delay_s later
+            await asyncio.sleep(self.delay_s)
         chunk = {"id": "chatcmpl-fault", "object": "chat.completion.chunk", "created": 1, "model": self.model,
                  "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}]}
@@ -132,7 +140,7 @@ class FaultEngine:
             self.aborted += 1
             raise
         chunk["choices"][0]["delta"] = {}
-        chunk["choices"][0]["finish_reason"] = "stop"
+        chunk["choices"][0]["finish_reason"] = "abort" if mode == "abort" else "stop"  # abort: put to sleep
         await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {**chunk, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,

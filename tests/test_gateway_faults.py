@@ -330,6 +330,37 @@ async def test_a_stop_lets_requests_finish_then_ends_the_rest_with_an_answer(eng
             assert 0.5 <= time.monotonic() - started < 4.0
 
 
+async def test_a_refusal_inside_a_200_stream_is_retried_like_a_503(engines):
+    """vLLM refuses a request it has no room for with an error event (code 503) on a 200 stream when the refusal
+    comes at add_request: nothing has reached the client yet, so it is back-pressure, retried elsewhere."""
+    refusing, ok = engines
+    refusing.mode = "busy_in_stream"
+    async with running_gateway(gateway_config([refusing.url, ok.url])) as gw:
+        client = client_for(gw.base_url)
+        for _ in range(4):  # round robin: some first tries go to the refusing engine
+            stream = await client.chat.completions.create(model="fault-model", stream=True,
+                                                          messages=[{"role": "user", "content": "hi"}])
+            assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "hello world"
+        assert refusing.hits >= 1 and ok.hits == 4
+        assert 'reason="busy"' in gw.metrics.render().decode()
+        ok.mode = "busy_in_stream"
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(model="fault-model", stream=True,
+                                                 messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 503 and caught.value.body["code"] == "engines_busy"
+
+
+async def test_a_stream_whose_first_event_takes_stream_idle_s_is_a_504(engines):
+    """vLLM sends its 200 at once, then nothing while it queues the request: still a 504 before any byte."""
+    for engine in engines:
+        engine.mode, engine.delay_s = "slow_start", 2.0
+    async with running_gateway(gateway_config([e.url for e in engines], timeouts={"stream_idle_s": 0.3})) as gw:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client_for(gw.base_url).chat.completions.create(
+                model="fault-model", stream=True, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 504 and "within 0.3 s" in caught.value.body["message"]
+
+
 async def test_all_engines_down_gives_503(engines):
     async with running_gateway(gateway_config([e.url for e in engines])) as gw:
         for engine in engines:

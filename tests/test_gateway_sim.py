@@ -201,6 +201,11 @@ async def test_sleeping_engine_is_avoided_and_woken(gw):
         assert not gw.registry.states["local/sim/0"].sleeping
         async with session.post(gw.base_url + "/admin/engines/nope/sleep") as r:
             assert r.status == 404
+        async with session.post(gw.base_url + "/admin/engines/local/sim/0/sleep?mode=later") as r:
+            assert r.status == 400 and (await r.json())["error"]["param"] == "mode"
+        async with session.post(gw.base_url + "/admin/engines/local/sim/0/sleep?level=2&mode=wait") as r:
+            assert r.status == 200  # vLLM's mode=wait: in-flight requests finish first
+        assert gw._sim_handles[0].engine.is_sleeping
 
 
 async def _image_error(gw, body: dict) -> str:

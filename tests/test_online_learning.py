@@ -7,6 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import aiohttp
 import openai
 import orjson
 import pytest
@@ -767,3 +768,29 @@ async def test_the_refit_check_refuses_a_model_that_reserves_too_little_or_too_m
     if kept:
         stays = "serving model stays" if serving_file else "priors keep serving"
         assert refused_for in str(learner.last_error) and stays in str(learner.last_error)
+
+
+async def test_an_answer_the_engine_cut_short_is_not_recorded(tmp_path):
+    """finish_reason "abort" (an engine put to sleep mid-answer) or a stream that ended with an error event: the
+    engine's usage is real, but no output length to learn from."""
+    from tests.conftest import gateway_config
+    from tests.fault_engine import FaultEngine
+
+    engine = FaultEngine()
+    await engine.start()
+    raw = gateway_config([engine.url])
+    raw["predictor"] = {"online": {"enabled": True, "path": str(tmp_path / "records.jsonl"),
+                                   "work_dir": str(tmp_path / "work"), "min_records": 10_000}}
+    try:
+        async with running_gateway(raw) as gateway, aiohttp.ClientSession() as session:
+            for mode, stream in (("abort", False), ("abort", True), ("ok", False), ("ok", True)):
+                async with session.post(gateway.base_url + "/v1/chat/completions", headers={"X-Fault-Mode": mode},
+                                        json={"model": "fault-model", "stream": stream,
+                                              "messages": [{"role": "user", "content": "hi"}]}) as response:
+                    assert response.status == 200
+                    await response.read()
+            learner = gateway.scheduling.predictor.learner
+            await learner.wait_buffered()
+            assert learner.records["buffered"] == 2
+    finally:
+        await engine.stop()

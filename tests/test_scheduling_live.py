@@ -778,16 +778,20 @@ async def test_workflow_context_from_headers_and_metadata():
 
 
 @bounded()
-async def test_a_stream_the_engine_drops_is_no_completed_step():
+async def test_an_answer_the_engine_did_not_finish_is_no_completed_step():
+    """A dropped stream, and an answer the engine cut (finish_reason "abort": an engine put to sleep) whole or
+    streamed, are relayed as they came but are no finished workflow step."""
     async with gateway_on_fault_engine(queue_policy="edf") as (engine, gw, session):
-        for mode, workflow in (("drop_after_first", "wf-dropped"), ("ok", "wf-done")):
-            async with session.post(gw.base_url + "/v1/chat/completions", json=chat(stream=True),
+        for mode, stream, workflow in (("drop_after_first", True, "wf-dropped"), ("abort", True, "wf-aborted"),
+                                       ("abort", False, "wf-aborted-whole"), ("ok", True, "wf-done")):
+            async with session.post(gw.base_url + "/v1/chat/completions", json=chat(stream=stream),
                                     headers={"X-Workflow-Id": workflow, "X-Fault-Mode": mode}) as response:
                 text = await response.text()
-            assert ("upstream_stream_error" in text) == (mode != "ok")
+            assert response.status == 200 and ("upstream_stream_error" in text) == (mode == "drop_after_first")
         await wait_for_async(lambda: _steps(gw, "wf-done", 1))
-        dropped = await gw.store.get_workflow("wf-dropped")
-        assert dropped["steps_done"] == 0 and dropped["inflight"] == []
+        for workflow in ("wf-dropped", "wf-aborted", "wf-aborted-whole"):
+            record = await gw.store.get_workflow(workflow)
+            assert record["steps_done"] == 0 and record["inflight"] == [], workflow
 
 
 async def _steps(gw, workflow_id: str, steps: int) -> bool:

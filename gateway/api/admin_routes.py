@@ -98,6 +98,11 @@ async def get_workflow(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps(record), content_type="application/json")
 
 
+# vLLM's sleep modes: "abort" (its default) ends the requests in flight (finish_reason "abort"), "wait" lets them
+# finish first (the call returns when they have, within the engine client's admin timeout)
+SLEEP_MODES = ("abort", "wait")
+
+
 async def _engine_action(request: web.Request, action: str) -> web.Response:
     try:
         gateway = _admin(request)
@@ -109,7 +114,10 @@ async def _engine_action(request: web.Request, action: str) -> web.Response:
             level_text = request.query.get("level", "1")
             if level_text not in ("1", "2"):
                 raise APIError(400, "'level' must be 1 or 2.", param="level")
-            result = await client.sleep(int(level_text))
+            mode = request.query.get("mode", "abort")
+            if mode not in SLEEP_MODES:
+                raise APIError(400, f"'mode' must be one of {', '.join(SLEEP_MODES)}.", param="mode")
+            result = await client.sleep(int(level_text), mode)
         else:
             result = await client.wake_up()
     except APIError as error:

@@ -134,7 +134,8 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
                 gateway.inflight -= 1
                 gateway.handlers.discard(task)  # type: ignore[arg-type]
         duration = time.perf_counter() - started
-        if job is not None and job.trace_body is not None and job.usage and response.status == 200:
+        if job is not None and job.trace_body is not None and job.usage and response.status == 200 \
+                and not job.incomplete:  # an answer the engine cut short is no output length to learn
             gateway.scheduling.predictor.record(job.trace_body, job.usage, request.headers)
         overhead = duration - job.upstream_s if job is not None and job.upstream_s >= 0 else -1.0
         gateway.metrics.request_done(route, model, response.status, duration, overhead)
