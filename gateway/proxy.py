@@ -319,6 +319,9 @@ class Proxy:
             upstream.close()
             self.metrics.upstream_error(engine_id, "disconnect")
             return None, f"dropped the stream before its first event ({exc.__class__.__name__})"
+        except asyncio.CancelledError:  # the client left (or the gateway stops): the engine must abort it
+            upstream.close()
+            raise
         if not head:
             upstream.close()
             self.metrics.upstream_error(engine_id, "disconnect")

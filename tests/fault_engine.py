@@ -116,7 +116,11 @@ class FaultEngine:
             await response.write(b"data: " + orjson.dumps({"error": VLLM_BUSY["error"]}) + b"\n\ndata: [DONE]\n\n")
             return response
         if mode == "slow_start":  # queued inside the engine: headers at once, the first event delay_s later
-            await asyncio.sleep(self.delay_s)
+            try:
+                await asyncio.sleep(self.delay_s)
+            except asyncio.CancelledError:
+                self.aborted += 1
+                raise
         chunk = {"id": "chatcmpl-fault", "object": "chat.completion.chunk", "created": 1, "model": self.model,
                  "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}]}

@@ -374,6 +374,24 @@ async def test_all_engines_down_gives_503(engines):
         assert "No engine is available" in caught.value.message
 
 
+async def test_a_client_that_leaves_before_the_first_event_aborts_the_engines_work(engines):
+    for engine in engines:
+        engine.mode, engine.delay_s = "slow_start", 10
+    async with running_gateway(gateway_config([e.url for e in engines])) as gw:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(asyncio.TimeoutError):
+                async with session.post(gw.base_url + "/v1/chat/completions", timeout=aiohttp.ClientTimeout(total=0.3),
+                                        json={"model": "fault-model", "stream": True,
+                                              "messages": [{"role": "user", "content": "x"}]}) as response:
+                    await response.read()
+        for _ in range(40):
+            if sum(e.aborted for e in engines) == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert sum(e.aborted for e in engines) == 1
+        assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
+
+
 async def test_client_disconnect_cancels_upstream(engines):
     for engine in engines:
         engine.mode, engine.delay_s = "stall", 10
