@@ -581,7 +581,8 @@ def parse_config(raw: Any) -> Config:
                 engine_id = given or f"{name}/{parsed_pool.name}/{k}"
                 where = f"{ppath}.engines[{k}].id" if given else f"{ppath} (engine {k})"
                 if engine_id in seen_engine_ids:
-                    raise ConfigError(where, f"engine id {engine_id!r} is already the id of {seen_engine_ids[engine_id]}")
+                    raise ConfigError(where, f"engine id {engine_id!r} is already the id of "
+                                             f"{seen_engine_ids[engine_id]}")
                 seen_engine_ids[engine_id] = where
             pools.append(parsed_pool)
         clusters.append(ClusterConfig(name=name, pools=tuple(pools), rtt_ms=rtt_ms))

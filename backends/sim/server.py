@@ -1,8 +1,8 @@
 """HTTP surface of a simulated vLLM engine (aiohttp), as close to ``vllm serve`` as the gateway can tell.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (stream and non-stream), ``GET /v1/models``,
-``GET /health``, ``GET|POST /ping``, ``GET /version``, ``GET /metrics``, and the dev-mode sleep endpoints ``POST /sleep?level=1|2``,
-``POST /wake_up``, ``GET /is_sleeping``. Shapes were copied from vLLM's source
+``GET /health``, ``GET|POST /ping``, ``GET /version``, ``GET /metrics``, and the dev-mode sleep endpoints
+``POST /sleep?level=1|2``, ``POST /wake_up``, ``GET /is_sleeping``. Shapes were copied from vLLM's source
 (``entrypoints/openai/engine/serving.py``, ``chat_completion/protocol.py`` and ``serving.py``,
 ``renderers/params.py``, ``exceptions.py``, ``serve/exception_handling/handlers/validation.py``,
 ``serve/dev/sleep/api_router.py``) and from ``../shared/vllm-observed.md`` where they differ.
