@@ -679,11 +679,12 @@ async def test_request_that_waits_past_total_s_in_the_queue_gets_503_and_leaves_
                 elif status == 504:
                     assert "timeouts.total_s (1.2 s, time in the gateway's queue included)" in body["error"][
                         "message"]
-            assert engine.hits == statuses.count(200) + statuses.count(504)  # a 503 never reached the engine
+            # a 503 never reached the engine (a 504 admitted with no time left may not have either)
+            assert statuses.count(200) <= engine.hits <= statuses.count(200) + statuses.count(504)
             assert not gw.scheduling.pools[0].scheduler.waiting
             await wait_for(lambda: not gw.scheduling.ledger.held)
-            spy.assert_each_released_once()
-            assert len(spy.reserved) == engine.hits
+            spy.assert_each_released_once()  # including one admitted in the instant its queue wait timed out
+            assert engine.hits <= len(spy.reserved) <= len(results)
 
 
 @bounded()
