@@ -38,8 +38,7 @@ class Gateway:
         self.api_keys = frozenset(config.server.api_keys)
         self.metrics = GatewayMetrics()
         self.store = make_state_store(config.state)
-        self.inflight = 0
-        self.handlers: set[asyncio.Task] = set()  # the OpenAI routes' requests in flight, for a graceful stop
+        self.handlers: set[asyncio.Task] = set()  # the OpenAI routes' requests in flight (a graceful stop ends them)
         self.draining = False  # stopping: new requests get 503, those in flight get server.shutdown_grace_s
         self.started_at = time.time()
         self.registry: EngineRegistry | None = None
@@ -52,6 +51,11 @@ class Gateway:
         self._stopping = False
         self._stopped = False
         self.base_url = ""
+
+    @property
+    def inflight(self) -> int:
+        """Requests inside the gateway now (the OpenAI routes' handlers in flight)."""
+        return len(self.handlers)
 
     @property
     def store_status(self) -> str:

@@ -106,7 +106,6 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
             if gateway.inflight >= gateway.config.server.max_inflight:
                 raise APIError(429, "The gateway's queue is full; retry shortly.", RATE_LIMIT,
                                code="queue_full", headers={"Retry-After": "1"})
-            gateway.inflight += 1
             gateway.handlers.add(task)  # type: ignore[arg-type]
             admitted = True
             response, model, job = await handler(request, gateway, request_id)
@@ -131,7 +130,6 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
                                      "is in its log.", SERVER_ERROR, code="internal_error").response(request_id)
         finally:
             if admitted:
-                gateway.inflight -= 1
                 gateway.handlers.discard(task)  # type: ignore[arg-type]
         duration = time.perf_counter() - started
         if job is not None and job.trace_body is not None and job.usage and response.status == 200 \
