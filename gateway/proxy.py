@@ -201,14 +201,8 @@ class Proxy:
                     self.metrics.upstream_error(engine_id, "connect")
                     last_problem = f"engine {engine_id} could not be reached ({exc.__class__.__name__})"
                     continue
-                except aiohttp.ServerTimeoutError:  # sock_read: a stream's first byte took stream_idle_s
-                    self.metrics.upstream_error(engine_id, "timeout")
-                    raise APIError(504, f"Engine {engine_id} did not answer model {job.model!r} within "
-                                        f"{self.stream_idle_s:g} s.", SERVER_ERROR, code="upstream_timeout") from None
-                except asyncio.TimeoutError:
-                    self.metrics.upstream_error(engine_id, "timeout")
-                    raise APIError(504, _total_timeout_message(engine_id, self.total_timeout_s), SERVER_ERROR,
-                                   code="upstream_timeout") from None
+                except asyncio.TimeoutError as exc:
+                    raise self._timed_out(exc, engine_id, job) from None
                 if upstream.status == 503:
                     data = await self._read_small(upstream)
                     self.metrics.upstream_error(engine_id, "busy")
@@ -247,10 +241,8 @@ class Proxy:
         """Relay a complete (non-streamed) answer, or an engine error before any byte was sent."""
         try:
             data = await upstream.read()
-        except asyncio.TimeoutError:
-            self.metrics.upstream_error(engine_id, "timeout")
-            raise APIError(504, _total_timeout_message(engine_id, self.total_timeout_s), SERVER_ERROR,
-                           code="upstream_timeout") from None
+        except asyncio.TimeoutError as exc:
+            raise self._timed_out(exc, engine_id, job) from None
         except aiohttp.ClientError as exc:
             self.metrics.upstream_error(engine_id, "disconnect")
             raise APIError(502, f"Engine {engine_id} dropped the connection mid-answer "
@@ -289,6 +281,16 @@ class Proxy:
             return usage
         return None
 
+    def _timed_out(self, exc: BaseException, engine_id: str, job: RelayJob) -> APIError:
+        """The 504 for a timeout before any byte reached the client, counted: a socket read that waited
+        stream_idle_s (aiohttp's ServerTimeoutError; only streams set one), else the whole request's total_s."""
+        self.metrics.upstream_error(engine_id, "timeout")
+        if isinstance(exc, aiohttp.ServerTimeoutError):
+            message = f"Engine {engine_id} did not answer model {job.model!r} within {self.stream_idle_s:g} s."
+        else:
+            message = _total_timeout_message(engine_id, self.total_timeout_s)
+        return APIError(504, message, SERVER_ERROR, code="upstream_timeout")
+
     async def _first_event(self, upstream: aiohttp.ClientResponse, job: RelayJob,
                            engine_id: str) -> tuple[bytes | None, str]:
         """The engine's bytes up to the end of its first SSE event, read before the client's response starts,
@@ -305,16 +307,9 @@ class Proxy:
                 if not chunk:
                     break
                 head += chunk
-        except aiohttp.ServerTimeoutError:  # sock_read: stream_idle_s without a first event
+        except asyncio.TimeoutError as exc:
             upstream.close()
-            self.metrics.upstream_error(engine_id, "timeout")
-            raise APIError(504, f"Engine {engine_id} did not answer model {job.model!r} within "
-                                f"{self.stream_idle_s:g} s.", SERVER_ERROR, code="upstream_timeout") from None
-        except asyncio.TimeoutError:
-            upstream.close()
-            self.metrics.upstream_error(engine_id, "timeout")
-            raise APIError(504, _total_timeout_message(engine_id, self.total_timeout_s), SERVER_ERROR,
-                           code="upstream_timeout") from None
+            raise self._timed_out(exc, engine_id, job) from None
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
             upstream.close()
             self.metrics.upstream_error(engine_id, "disconnect")
