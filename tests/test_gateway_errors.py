@@ -319,3 +319,14 @@ async def test_failed_requests_are_counted_under_their_model(gw, engine):
         if s.name == "maestro_requests_total"}
     assert ("fault-model", "400") in samples and ("-", "404") in samples
     assert not any(model == "made-up-1" for model, _ in samples)
+
+
+async def test_the_inflight_gauge_counts_requests_inside_the_gateway(engine):
+    engine.mode, engine.delay_s = "stall", 0.5
+    async with running_gateway(gateway_config([engine.url])) as gateway:
+        waiting = asyncio.create_task(post(gateway.base_url + CHAT, orjson.dumps(GOOD)))
+        while not engine.hits:
+            await asyncio.sleep(0.01)
+        assert "maestro_inflight_requests 1.0" in gateway.metrics.render().decode()
+        await waiting
+        assert "maestro_inflight_requests 0.0" in gateway.metrics.render().decode()
