@@ -32,7 +32,10 @@ built-in ones, or those of FILE: a JSON object ``{role: {"p50": N, "p90": N}}`` 
 them) the report is in-sample and ``meta.in_sample`` is true. A model trained with ``train --split all`` held
 nothing out, so the default ``--split test`` is refused for it. ``--split test`` draws each source's held-out
 runs from all of its runs in the files given, so it is also refused where those files hold some of the model's
-training files but split a source otherwise (a subset of them, or another file added).
+training files but split a source otherwise (a subset of them, or another file added). A source with a single
+run in the files has no held-out part: a note names it (and ``meta.unscored_sources``), and where no source has
+two runs the command refuses rather than print empty tables. A model's own training files are recognised by
+path (``trained_on_files``); for files it does not name, a note says that ``--split all`` scores all of them.
 
 ``--no-workflow-context`` scores every request as a client that sends no workflow context is served: without
 the ``X-Workflow-Id`` / ``X-Workflow-Step`` headers the trace's workflow would give (and without their
@@ -553,6 +556,7 @@ def main(args: argparse.Namespace) -> int:
         print("maestro predictor evaluate: --split, --test-size and --seed choose a held-out part; --cv scores "
               "every run once, by a model that never saw it, so they do not apply", file=sys.stderr)
         return 2
+    split_given = args.split is not None
     args.split = args.split or "test"
     records = load_records_or_say_why(args.data, "evaluate")
     if records is None:
@@ -623,8 +627,18 @@ def main(args: argparse.Namespace) -> int:
               "held-out part would include runs it trained on. Leave --test-size and --seed out (the model's "
               "split is used), or train with the split you want to score", file=sys.stderr)
         return 2
+    unscored: list[str] = []
     if args.split == "test":
+        given_sources = sorted({record.get("source", "") for record in records})
         train_part, records = split_records(records, test_size, seed)
+        # A source with a single run (workflow id) has no held-out part: its records all fall on the train side.
+        unscored = sorted(set(given_sources) - {record.get("source", "") for record in records})
+        if not records:  # a report of empty tables would read as a result
+            print(f"maestro predictor evaluate: the held-out part of {', '.join(map(str, args.data))} is empty: "
+                  "runs (workflow ids; a record without one is its own run) are held out per source, and no "
+                  "source here has two. Use --split all to score every record (of traces the model never saw)",
+                  file=sys.stderr)
+            return 2
         if (split.get("part") == "train" and trained_on_files(training, args.data)
                 and (moved := sources_split_otherwise(training, train_part, records))):
             # The held-out part of a source is drawn from all of its runs in the files given: other files with
@@ -635,6 +649,14 @@ def main(args: argparse.Namespace) -> int:
                   "could hold runs it was trained on. Give every file of those sources it was trained on, or use "
                   "--split all on traces it never saw", file=sys.stderr)
             return 2
+    if unscored:
+        print(f"maestro predictor evaluate: note: not scored: {', '.join(unscored)} (a single run in these files, so "
+              "no held-out part; --split all scores every record)", file=sys.stderr)
+    if (not split_given and priors is None and split.get("part") == "train"
+            and not trained_on_files(training, args.data)):
+        print(f"maestro predictor evaluate: note: {args.model} does not name these files among its training data, "
+              f"so this scores the held-out {test_size:.0%} of their runs (the default --split test); for traces "
+              "it never saw, --split all scores every record", file=sys.stderr)
     seen = trained_on_files(training, args.data) if args.split == "all" else []
     in_sample = bool(seen)
     if in_sample:
@@ -652,7 +674,8 @@ def main(args: argparse.Namespace) -> int:
                       "test_size": test_size if args.split == "test" else None,
                       "seed": seed if args.split == "test" else None,
                       "load_s": round(load_s, 3), "evaluate_s": round(time.perf_counter() - started, 2),
-                      "trained_on": training.get("sources")}
+                      "trained_on": training.get("sources"),
+                      **({"unscored_sources": unscored} if unscored else {})}
     write_report(report, args.format)
     return 0
 

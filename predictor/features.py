@@ -97,7 +97,8 @@ def header(headers: Mapping[str, str] | None, name: str) -> str | None:
 
 
 def content_text(content: Any) -> str:
-    """The text of one message ``content`` (string, or a list of parts of which the text parts count)."""
+    """The text of one message ``content`` (string, or a list of parts of which the text and refusal parts
+    count, as in :func:`predictor.tokens.content_tokens`)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -105,6 +106,8 @@ def content_text(content: Any) -> str:
         for part in content:
             if isinstance(part, dict):
                 text = part.get("text")
+                if text is None and part.get("type") == "refusal":
+                    text = part.get("refusal")
                 if isinstance(text, str):
                     parts.append(text)
             elif isinstance(part, str):

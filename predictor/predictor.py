@@ -193,6 +193,8 @@ class Predictor:
                      headers: list[Mapping[str, str] | None] | None = None) -> list[Prediction]:
         """:meth:`predict` for many requests (the length model is run on all rows at once)."""
         headers = headers or [None] * len(bodies)
+        if len(headers) != len(bodies):  # zip would drop the requests past the shorter list without a word
+            raise ValueError(f"predict_many: {len(bodies)} bodies but {len(headers)} headers")
         views = [parse_request(body, head) for body, head in zip(bodies, headers)]
         roles = [self.role_of(view) for view in views]
         if self.length_model is not None and views:

@@ -138,7 +138,9 @@ def estimate_tokens(text: str) -> int:
 
 
 def content_tokens(content: Any) -> int:
-    """Tokens of a message ``content``: a string, or a list of parts (text parts counted, images flat)."""
+    """Tokens of a message ``content``: a string, or a list of parts: text parts (and ``refusal`` parts, whose
+    text vLLM's chat parser puts in the prompt like a text part's) counted, images flat. Audio, video and file
+    parts count nothing: their cost depends on the model's own encoder, and a text model refuses them."""
     if content is None:
         return 0
     if isinstance(content, str):
@@ -154,6 +156,8 @@ def content_tokens(content: Any) -> int:
                     total += IMAGE_PART_TOKENS
                 elif isinstance(part.get("text"), str):
                     total += estimate_tokens(part["text"])
+                elif kind == "refusal" and isinstance(part.get("refusal"), str):
+                    total += estimate_tokens(part["refusal"])
                 elif isinstance(part.get("content"), str):
                     total += estimate_tokens(part["content"])
         return total

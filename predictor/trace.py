@@ -11,6 +11,10 @@ One JSON object per line, ``.jsonl`` or ``.jsonl.gz``::
 Optional extra keys: ``"estimated": true`` when token counts were estimated from characters (the source had
 none), and ``"meta": {...}`` for source-specific provenance (never used as a feature).
 
+A request for several answers (``n`` > 1) is a valid record, but training and evaluation leave it out (and say
+how many): its ``usage.completion_tokens`` sums the n answers, so one answer's length is not known
+(:func:`predictor.train.single_answer`). The gateway does not log such requests.
+
 The gateway's records of live traffic may hold half a workflow: a client that sends ``X-Workflow-Id`` without
 ``X-Workflow-Step`` is logged as ``{"id": str, "step": null}``, and one that sends only a step as
 ``{"id": null, "step": int}`` (training then sees each request exactly as the gateway served it). Importers

@@ -66,21 +66,47 @@ class Calibration:
 
 
 # ------------------------------------------------------------------------------------------------ records
-def load_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+def load_records(paths: Iterable[str | Path], skipped: list[int] | None = None) -> list[dict[str, Any]]:
+    """The records of trace files, less those of requests for several answers (:func:`single_answer`), whose
+    number is added to ``skipped[0]`` when given. A file named twice (by any path) is refused: its records
+    would count twice in training and in every figure of an evaluation, and its runs would seem to be more."""
     records: list[dict[str, Any]] = []
+    seen: dict[str, str] = {}
     for path in paths:
-        records.extend(read_records(path))
+        real = os.path.realpath(path)
+        if real in seen:
+            same = "" if str(path) == seen[real] else f" (as {seen[real]})"
+            raise TraceFormatError(f"{path}: this file is given twice{same}; give each file once")
+        seen[real] = str(path)
+        for record in read_records(path):
+            if single_answer(record):
+                records.append(record)
+            elif skipped is not None:
+                skipped[0] += 1
     return records
+
+
+def single_answer(record: Mapping[str, Any]) -> bool:
+    """Whether a record's request asked for one answer: with ``n`` > 1, ``usage.completion_tokens`` sums the n
+    answers, so one answer's length (what the model learns and is scored on) is not known. The gateway's own
+    recorder never writes such a record (:func:`predictor.online.make_record`); in other traces it is left out."""
+    return record["request"].get("n") in (None, 1)
 
 
 def load_records_or_say_why(paths: Iterable[str | Path], command: str) -> list[dict[str, Any]] | None:
     """:func:`load_records` for a CLI: None, after one line on stderr naming the file and the problem (missing,
-    unreadable, not a trace record), where the data cannot be read."""
+    unreadable, not a trace record, named twice), where the data cannot be read; a note on stderr counts the
+    records left out as requests for several answers."""
+    skipped = [0]
     try:
-        return load_records(paths)
+        records = load_records(paths, skipped)
     except (TraceFormatError, OSError) as exc:
         print(f"maestro predictor {command}: {exc}", file=sys.stderr)
         return None
+    if skipped[0]:
+        print(f"maestro predictor {command}: note: left out {skipped[0]} record(s) of requests with n > 1 (their "
+              "usage sums the n answers, so one answer's length is not known)", file=sys.stderr)
+    return records
 
 
 def group_of(record: Mapping[str, Any], index: int = 0) -> str:
@@ -88,7 +114,7 @@ def group_of(record: Mapping[str, Any], index: int = 0) -> str:
     answered by several models, or sent twice, never lands on both sides of a split)."""
     workflow = record.get("workflow")
     source = record.get("source", "")
-    if isinstance(workflow, Mapping) and isinstance(workflow.get("id"), str):
+    if isinstance(workflow, Mapping) and isinstance(workflow.get("id"), str) and workflow["id"]:
         return f"{source}\x00{workflow['id']}"
     messages = record.get("request", {}).get("messages") or []
     digest = hashlib.blake2b(digest_size=12)

@@ -1277,3 +1277,28 @@ def test_idf_is_the_c_librarys_log():
     frequency = np.array([1, 2, 3, 7, 12, 12])
     want = [math.log(13 / (df + 1)) + 1.0 for df in frequency.tolist()]
     assert smooth_idf(frequency, 12).tolist() == want
+
+
+def test_a_refusal_part_counts_as_text_in_the_prompt():
+    """vLLM's chat parser puts a ``refusal`` part's text in the prompt like a text part's; counted as nothing,
+    a long refusal in the history made the prompt (and the KV reservation) too small."""
+    from predictor.features import content_text
+    from predictor.tokens import content_tokens, estimate_tokens
+
+    text = "I can't help with that request, because " * 40
+    assert content_tokens([{"type": "refusal", "refusal": text}]) == estimate_tokens(text)
+    assert content_text([{"type": "refusal", "refusal": text}]) == text
+    assert content_tokens([{"type": "input_audio", "input_audio": {"data": "AAAA" * 1000, "format": "wav"}}]) == 0
+    as_parts = Predictor.from_priors().predict(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": [{"type": "refusal", "refusal": text}]}]})
+    as_string = Predictor.from_priors().predict(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}]})
+    assert as_parts.prompt_tokens == as_string.prompt_tokens
+
+
+def test_predict_many_refuses_headers_that_do_not_match_the_bodies():
+    bodies = [{"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]} for i in range(3)]
+    with pytest.raises(ValueError, match="3 bodies but 1 headers"):
+        Predictor.from_priors().predict_many(bodies, [{"X-Agent-Role": "coder"}])
+    assert len(Predictor.from_priors().predict_many(bodies, [None, None, None])) == 3

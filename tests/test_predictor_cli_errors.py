@@ -682,3 +682,66 @@ def test_a_predictor_module_that_cannot_be_imported_is_named_and_the_rest_works(
     assert build_parser().parse_args(["serve"]).func is not None
     code, _, err = run_cli(["evaluate", "--help"], capsys)
     assert code == 0
+
+
+# ------------------------------------------------------------------------------ what evaluate and train score
+def test_evaluate_refuses_a_held_out_part_that_is_empty(tmp_path, capsys):
+    """Runs are held out per source, and a source of one run has none to hold out: where no source has two,
+    the default split scored nothing and printed a table of zeros with exit 0."""
+    import json
+
+    model = tmp_path / "m.skops"
+    many = tmp_path / "many.jsonl"
+    write_records(many, synthetic_records(n_workflows=10, seed=3))
+    assert predictor_main(["train", "--data", str(many), "--out", str(model), "--max-iter", "5", "--quiet"]) == 0
+    one_run = [dict(record, workflow={"id": "only", "step": i}, source="one-run")
+               for i, record in enumerate(synthetic_records(n_workflows=2, seed=4))]
+    single = write_records(tmp_path / "single.jsonl", one_run) and tmp_path / "single.jsonl"
+    assert_usage_error(["evaluate", "--model", str(model), "--data", str(single)], capsys, "--split all")
+    # an empty workflow id is no id: each such record is its own run, as the gateway's recorder logs it
+    blank = write_records(tmp_path / "blank.jsonl", [dict(r, workflow={"id": "", "step": r["workflow"]["step"]})
+                                                     for r in one_run]) and tmp_path / "blank.jsonl"
+    code, out, err = run_cli(["evaluate", "--model", str(model), "--data", str(blank)], capsys)
+    assert code == 0 and json.loads(out)["by_source"]["one-run"]["n"] > 0, err
+    # beside a source that has a held-out part, the one-run source is named as not scored
+    code, out, err = run_cli(["evaluate", "--model", str(model), "--data", str(many), str(single)], capsys)
+    report = json.loads(out)
+    assert code == 0 and "one-run" not in report["by_source"] and report["meta"]["unscored_sources"] == ["one-run"]
+    assert "not scored: one-run" in err
+    # traces the model's file does not name: a note says the default scores only their held-out part
+    code, out, err = run_cli(["evaluate", "--model", str(model), "--data", str(blank)], capsys)
+    assert code == 0 and "--split all scores every record" in err
+    code, out, err = run_cli(["evaluate", "--model", str(model), "--data", str(many)], capsys)
+    assert code == 0 and "note" not in err
+
+
+def test_records_of_requests_for_several_answers_are_left_out_and_counted(tmp_path, capsys):
+    """``usage.completion_tokens`` of a request with n > 1 sums its answers: trained on or scored as one answer's
+    length, it inflated the targets (and the MAE) n times."""
+    import json
+
+    from predictor.train import load_records
+
+    plain = synthetic_records(n_workflows=6, seed=7)
+    several = [dict(r, request=dict(r["request"], n=4),
+                    usage=dict(r["usage"], completion_tokens=4 * r["usage"]["completion_tokens"])) for r in plain]
+    mixed = write_records(tmp_path / "mixed.jsonl", plain + several) and tmp_path / "mixed.jsonl"
+    skipped = [0]
+    assert len(load_records([mixed], skipped)) == len(plain) and skipped == [len(several)]
+    model = tmp_path / "m.skops"
+    assert predictor_main(["train", "--data", str(mixed), "--out", str(model), "--split", "all", "--max-iter", "5",
+                           "--quiet"]) == 0
+    assert Predictor.load(model).state["training"]["n_records"] == len(plain)
+    code, out, err = run_cli(["evaluate", "--model", str(model), "--data", str(mixed), "--split", "all"], capsys)
+    assert code == 0 and json.loads(out)["all"]["n"] == len(plain) and f"left out {len(several)}" in err
+
+
+def test_a_file_given_twice_is_refused(traces, model_all, tmp_path, capsys):
+    """Its records would count twice: twice the n, and bootstrap intervals that look tighter than they are."""
+    alias = tmp_path / "alias.jsonl"
+    alias.symlink_to(traces)
+    for data in ([traces, traces], [traces, alias]):
+        assert_usage_error(["evaluate", "--model", str(model_all), "--split", "all", "--data", *map(str, data)],
+                           capsys, "given twice")
+    assert_usage_error(["train", "--data", str(traces), str(traces), "--out", str(tmp_path / "m.skops")], capsys,
+                       "given twice")
