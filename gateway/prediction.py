@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +50,8 @@ def _refit_model_path(config: Config) -> Path:
 
 def check_predictor_files(config: Config) -> None:
     """Raise :class:`ConfigError` for what ``maestro serve`` would refuse about the predictor's files, without
-    creating, locking or writing anything (``maestro check-config``): the model file must load, and online
-    learning's folders must be folders this process can create or write into."""
+    locking or leaving anything (``maestro check-config``): the model file must load, and online learning's folders
+    must be folders this process can create or write into (tried with a folder made and removed at once)."""
     path = model_path_to_load(config)
     if path:
         from predictor.kv import KVModel
@@ -69,14 +70,20 @@ def check_predictor_files(config: Config) -> None:
 
 
 def _check_folder(folder: Path, field: str) -> None:
-    """``folder`` is a writable folder, or the nearest part of it that exists is one (serve would create it)."""
+    """``folder`` is a writable folder, or the nearest part of it that exists is one (serve would create it).
+
+    Writable is tried, not asked: a folder made and removed at once in the nearest existing part. ``os.access``
+    says yes to root everywhere, /proc included, where serve then fails to make the folder."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(field, f"cannot use {folder}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(field, f"cannot use {folder}: {existing} is not writable")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".maestro-check-", dir=existing))
+    except OSError as exc:
+        raise ConfigError(field, f"cannot use {folder}: cannot make a folder in {existing} "
+                                 f"({exc.strerror or exc})") from None
 
 
 def _import_predictor() -> None:

@@ -748,6 +748,18 @@ class WorkflowTracker:
         if record is not None:
             self._remember(record)
 
+    async def get(self, workflow_id: str) -> dict[str, Any] | None:
+        """A workflow's record: the store's, else the local one (begun while the store was unreachable). Raises
+        StateUnavailable only where the store cannot answer and no local record exists."""
+        try:
+            record = await self.store.get_workflow(workflow_id)
+        except StateUnavailable:
+            record = await self.local.get_workflow(workflow_id)
+            if record is None:
+                raise
+            return record
+        return record if record is not None else await self.local.get_workflow(workflow_id)
+
     def _remember(self, record: dict[str, Any]) -> WorkflowState:
         slo = record.get("slo_class") or self.default_class
         deadline = record.get("deadline")

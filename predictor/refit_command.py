@@ -83,7 +83,10 @@ class UnusablePath(OSError):
     lock file goes); ``field`` says which config key, as only :meth:`TrainCommandRefit.lock` knows."""
 
     def __init__(self, field: str, error: OSError) -> None:
-        super().__init__(error.errno, str(error))
+        if error.strerror:  # the error's own parts, so that its text reads "[Errno 2] ...: 'path'" once
+            super().__init__(error.errno, error.strerror, *([error.filename] if error.filename else []))
+        else:
+            super().__init__(str(error))
         self.field = field
 
 

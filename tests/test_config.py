@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +184,23 @@ def test_check_config_refuses_what_serve_would_refuse_at_start(tmp_path):
                               text=True, timeout=60)
         assert done.returncode == 2 and field in done.stderr, (predictor, done.stderr)
     assert not (tmp_path / "w").exists()  # nothing created
+    assert not list(tmp_path.glob(".maestro-check-*"))  # the probe folder is removed
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a /proc file system")
+def test_check_config_tries_the_online_folders_rather_than_ask_os_access(tmp_path):
+    """``os.access`` says yes to root for /proc, where serve then cannot make the folder: check-config said
+    "config OK" to a config that serve refuses."""
+    raw = {**base(), "predictor": {"online": {"enabled": True, "work_dir": "/proc/maestro-no-such/work"}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "predictor.online.work_dir" in done.stderr, done.stderr
+
+
+def test_an_unusable_refit_path_names_its_error_once():
+    from predictor.refit_command import UnusablePath
+
+    error = UnusablePath("predictor.online.work_dir", FileNotFoundError(2, "No such file or directory", "/x/y"))
+    assert str(error) == "[Errno 2] No such file or directory: '/x/y'" and error.errno == 2

@@ -827,6 +827,7 @@ async def test_bad_workflow_context_is_a_400_and_leaves_nothing(headers, metadat
         status, answer = await post(session, gw, body, headers)
         assert status == 400
         assert answer["error"]["type"] == "invalid_request_error" and answer["error"]["param"] == param
+        assert answer["error"]["code"] == "invalid_workflow_context"  # the README's code, for every such 400
         assert engine.hits == 0 and not gw.scheduling.ledger.held and len(gw.store.ledger.ledger) == 0
         await asyncio.sleep(0.05)
         assert await gw.store.get_workflow("wf-bad") is None and not gw.scheduling.workflows.cache
@@ -1072,6 +1073,29 @@ async def test_admin_views_of_scheduling_and_workflows():
             assert response.status == 200 and (await response.json())["steps_done"] == 1
         async with session.get(gw.base_url + "/admin/workflows/nope") as response:
             assert response.status == 404 and (await response.json())["error"]["code"] == "workflow_not_found"
+
+
+@bounded()
+async def test_admin_workflow_view_answers_from_the_local_records_while_the_store_is_down():
+    """Workflow records go to a local store while the shared one is unreachable (docs/scheduling.md), and the
+    admin view read only the shared one: 503 for a workflow the gateway was serving."""
+    from tests.test_state_store import CLOSED_PORT_URL
+
+    async with fault_engine() as engine:
+        raw = sched_config([engine.url], queue_policy="maestro", admission="max_tokens", kv_capacity_tokens=1000)
+        raw["state"] = {"backend": "redis", "redis_url": CLOSED_PORT_URL, "redis_timeout_s": 0.2}
+        async with live(raw) as (gw, session):
+            assert (await post(session, gw, chat(), {"X-Workflow-Id": "wf-outage"}))[0] == 200
+            await wait_for_async(lambda: _local_steps(gw, "wf-outage", 1))
+            async with session.get(gw.base_url + "/admin/workflows/wf-outage") as response:
+                assert response.status == 200 and (await response.json())["steps_done"] == 1
+            async with session.get(gw.base_url + "/admin/workflows/nope") as response:  # the store may hold it
+                assert response.status == 503 and (await response.json())["error"]["code"] == "state_unavailable"
+
+
+async def _local_steps(gw, workflow_id: str, steps: int) -> bool:
+    record = await gw.scheduling.workflows.local.get_workflow(workflow_id)
+    return record is not None and record["steps_done"] >= steps
 
 
 # ------------------------------------------------------------------------------------------- retries and edges

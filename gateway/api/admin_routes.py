@@ -86,7 +86,7 @@ async def get_workflow(request: web.Request) -> web.Response:
         gateway = _admin(request)
         workflow_id = request.match_info["workflow_id"]
         try:
-            record = await gateway.store.get_workflow(workflow_id)
+            record = await gateway.scheduling.workflows.get(workflow_id)
         except StateUnavailable as exc:
             raise APIError(503, f"The state store is unavailable: {exc}", SERVER_ERROR,
                            code="state_unavailable") from None

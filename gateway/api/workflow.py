@@ -111,7 +111,7 @@ def parse_workflow_context(headers: Mapping[str, str], body: Mapping[str, Any],
     """The request's workflow context (None when it carries none). Raises a 400 :class:`APIError`."""
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
-        raise bad_request("'metadata' must be an object.", "metadata")
+        raise bad_request("'metadata' must be an object.", "metadata", "invalid_workflow_context")
     values: dict[str, Any] = {}
     for name, header, key in FIELDS:
         value = headers.get(header)
