@@ -95,8 +95,9 @@ class SharedLedger:
         self.on_free: Any = None  # callback: space was freed (kick the dispatchers)
         self._server_reserved: dict[str, int] = defaultdict(int)
         self._pending: dict[str, int] = defaultdict(int)
-        self._to_release: set[str] = set()
-        self._adopt: set[str] = set()
+        self._to_release: set[str] = set()  # released during an outage, and may be held in the store
+        self._adopt: set[str] = set()       # held during an outage: to reserve in the store when it is back
+        self._local_only: set[str] = set()  # reserved during an outage in the local ledger alone
         self._tasks: set[asyncio.Task] = set()
         self._ops: dict[str, asyncio.Future] = {}  # request id -> its last remote grow/release in flight
 
@@ -143,8 +144,9 @@ class SharedLedger:
         return 1.0 / max(1, self.gateways_seen)
 
     # ---- operations -------------------------------------------------------------------------------------
-    def reserve_now(self, request_id: str, engine_id: str, tokens: int) -> bool:
-        """Synchronous reserve (the in-process store, or the local ledger during an outage)."""
+    def reserve_now(self, request_id: str, engine_id: str, tokens: int, maybe_remote: bool = False) -> bool:
+        """Synchronous reserve (the in-process store, or the local ledger during an outage). ``maybe_remote``:
+        a remote reserve of this request failed without an answer, so the store may hold it too."""
         if self.sync is not None:
             ok = self.sync.reserve(request_id, engine_id, tokens, self.lease_s)
         else:
@@ -152,6 +154,10 @@ class SharedLedger:
             ok = self.local.reserve(request_id, engine_id, tokens)
             if ok:
                 self._adopt.add(request_id)
+                if maybe_remote:
+                    self._local_only.discard(request_id)
+                else:
+                    self._local_only.add(request_id)
         if ok:
             self.held[request_id] = [engine_id, tokens]
         return ok
@@ -185,10 +191,11 @@ class SharedLedger:
                 self.held[request_id] = [engine_id, tokens]
                 if self.local is not None:  # the store went away while this call was in flight
                     self.local.reserve(request_id, engine_id, tokens, force=True)
+                    self._adopt.add(request_id)  # a store that restarted empty lost it
             return ok
         finally:
             self._pending[engine_id] -= tokens
-        return self.reserve_now(request_id, engine_id, tokens)
+        return self.reserve_now(request_id, engine_id, tokens, maybe_remote=True)
 
     async def _reserve_remote(self, request_id: str, engine_id: str, tokens: int,
                               force: bool = False) -> tuple[bool, int, int]:
@@ -228,7 +235,10 @@ class SharedLedger:
             self.sync.release(request_id)
         elif self.local is not None:
             self.local.release(request_id)
-            self._to_release.add(request_id)  # it may also be held in the store from before the outage
+            if request_id in self._local_only:  # never in the store: nothing to replay there
+                self._local_only.discard(request_id)
+            else:  # held in the store from before the outage (or maybe, from a reserve that got no answer)
+                self._to_release.add(request_id)
         else:
             self._server_reserved[held[0]] -= held[1]
             self._chain(request_id, self._release_remote(request_id))
@@ -279,6 +289,7 @@ class SharedLedger:
                   else self.local.reserve(request_id, engine_id, tokens, force=True))  # type: ignore[union-attr]
             if self.local is not None:
                 self._adopt.add(request_id)
+                self._local_only.add(request_id)  # any copy in the store is in _to_release (by release above)
         else:
             # held before the call, and the call chained: a client that leaves meanwhile has its release chained
             # behind the reservation instead of overtaking it (which left the reservation in the store)
@@ -315,7 +326,12 @@ class SharedLedger:
         self.metrics.ledger_degraded.set(1)
 
     async def resync(self) -> bool:
-        """Try to return to the shared ledger; True when done."""
+        """Try to return to the shared ledger; True when done.
+
+        Replays the releases and re-adopts the reservations the outage left, as they were when this round
+        began: traffic goes on meanwhile (locally), and under load it adds to both faster than one store call
+        per request takes them away, so waiting for both to be empty never ended. What arrives during the round
+        is handed, at the switch back, to the remote path that serves normal traffic (ordered per request)."""
         if self.local is None:
             return True
         if not await self.store.ping():
@@ -323,27 +339,39 @@ class SharedLedger:
         try:
             for engine_id, tokens in list(self.capacity.items()):
                 await self.store.ledger_set_capacity(engine_id, tokens)
-            while self._to_release:
-                request_id = next(iter(self._to_release))
+            for request_id in list(self._to_release):
                 await self.store.ledger_release(request_id)
                 self._to_release.discard(request_id)
-            while self._adopt:
-                request_id = next(iter(self._adopt))
+            for request_id in list(self._adopt):
+                if request_id not in self._adopt:  # released meanwhile
+                    continue
                 held = self.held.get(request_id)
                 if held is not None:
+                    self._local_only.discard(request_id)  # from here its release must reach the store
                     await self.store.ledger_reserve(request_id, held[0], held[1], self.lease_s, force=True)
                     await self.store.ledger_grow(request_id, held[1], self.lease_s, force=True)
                 self._adopt.discard(request_id)
             usage = await self.store.ledger_usage(list(self.capacity))
         except StateUnavailable:
             return False
-        if self._to_release or self._adopt:  # more arrived during the last await: next round
-            return False
+        # No await from here to the switch: nothing can slip between the sets read below and local = None.
         for engine_id, (reserved, _) in usage.items():
             self._server_reserved[engine_id] = reserved
+        for request_id in self._to_release:
+            self._chain(request_id, self._release_remote(request_id))
+        for request_id in self._adopt:
+            held = self.held.get(request_id)
+            if held is not None:
+                self._server_reserved[held[0]] += held[1]  # counted until the next view of the store
+                self._chain(request_id, self._adopt_remote(request_id))
+        adopted_late = len(self._adopt)
+        self._to_release.clear()
+        self._adopt.clear()
+        self._local_only.clear()
         self.local = None
         self.metrics.ledger_degraded.set(0)
-        log.warning("shared KV ledger reachable again; %d reservations re-adopted", len(self.held))
+        log.warning("shared KV ledger reachable again; %d reservations re-adopted (%d of them after the replay)",
+                    len(self.held), adopted_late)
         if self.on_free is not None:
             self.on_free()
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import math
@@ -456,3 +457,19 @@ def test_simulate_cli_writes_a_run_result(tmp_path):
     run = load_run(out)
     assert run.mode == "simulate" and run.requests and run.series["reserved_kv_tokens"]
     assert not math.isnan(run.meta["load"])
+
+
+@pytest.mark.parametrize("policy_name", ["fcfs", "edf", "maestro", "lsf"])
+def test_the_simulators_policy_is_the_gateways_with_default_settings(policy_name):
+    """``loadgen simulate --queue NAME`` (and E1) build the policy with no options: it must order requests as a
+    gateway with ``queue_policy: NAME`` and default settings does (lsf aged at 120 s here and 600 s there)."""
+    from gateway.config import default_config
+    from gateway.metrics import GatewayMetrics
+    from gateway.scheduling import Scheduling
+    from gateway.state.memory import MemoryStateStore
+
+    base = default_config()
+    config = dataclasses.replace(base, scheduling=dataclasses.replace(base.scheduling, queue_policy=policy_name))
+    gateway_policy = Scheduling(config, MemoryStateStore(), GatewayMetrics()).policy
+    simulator_policy = make_queue_policy(policy_name)
+    assert type(simulator_policy) is type(gateway_policy) and vars(simulator_policy) == vars(gateway_policy)

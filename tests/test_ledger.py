@@ -280,3 +280,85 @@ async def test_memory_store_wraps_the_leased_ledger():
     await store.ledger_set_capacity("e", 50)
     assert await store.ledger_reserve("r", "e", 40, LEASE)
     assert store.ledger.ledger.reserved("e") == 40  # the same KVLedger the gateway's fast path reads
+
+
+# ----------------------------------------------------------------------- the shared ledger's return from an outage
+class _SlowStore:
+    """The in-process store's ledger behind an await of ``delay_s`` a call (a store across a network), which
+    fails every call while ``down``: not a MemoryStateStore, so the gateway's ledger takes its remote path."""
+
+    def __init__(self, delay_s: float = 0.002) -> None:
+        from gateway.state import StateUnavailable
+
+        self.inner = MemoryStateStore()
+        self.delay_s = delay_s
+        self.down = False
+        self.releases = 0
+        self._unavailable = StateUnavailable
+
+    def __getattr__(self, name: str):
+        call = getattr(self.inner, name)
+
+        async def slow(*args, **kwargs):
+            await asyncio.sleep(self.delay_s)
+            if self.down:
+                if name == "ping":
+                    return False
+                raise self._unavailable(f"{name}: down")
+            if name == "ledger_release":
+                self.releases += 1
+            return await call(*args, **kwargs)
+        return slow
+
+
+def test_the_shared_ledger_returns_from_an_outage_while_traffic_goes_on():
+    """Back from an outage, the resync replayed releases and re-adopted reservations until both sets were empty,
+    one store call each; traffic refilled them faster, so under load the gateway stayed on its local ledger (and
+    its release set grew) until the traffic stopped. A request reserved and released during the outage, never in
+    the store, was also replayed."""
+    from gateway.metrics import GatewayMetrics
+    from gateway.scheduling import SharedLedger
+
+    async def scenario() -> None:
+        store = _SlowStore()
+        ledger = SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics())
+        await ledger.set_capacities({"e": 10**9})
+        assert await ledger.reserve("before", "e", 100)  # in the store when the outage begins
+        store.down = True
+        await ledger.reserve("during-the-failure", "e", 10)  # the call that finds the store gone
+        assert ledger.degraded
+        for i in range(50):  # local-only: reserved and released inside the outage
+            assert await ledger.reserve(f"local-{i}", "e", 10)
+            ledger.release(f"local-{i}")
+        assert ledger._to_release == set()  # nothing of theirs to replay
+        ledger.release("before")
+        store.down = False
+        traffic_on = True
+
+        async def traffic() -> None:  # a request admitted and one finished every store round trip
+            i = 0
+            while traffic_on:
+                await ledger.reserve(f"t-{i}", "e", 10)
+                if i >= 3:
+                    ledger.release(f"t-{i - 3}")
+                i += 1
+                await asyncio.sleep(store.delay_s / 2)
+
+        load = asyncio.get_running_loop().create_task(traffic())
+        try:
+            for _ in range(5):
+                if await ledger.resync():
+                    break
+            assert not ledger.degraded, "still on the local ledger after five rounds under traffic"
+        finally:
+            traffic_on = False
+            await load
+        await ledger.close()
+        held = sum(tokens for _, tokens in ledger.held.values())
+        assert (await store.inner.ledger_usage(["e"]))["e"][0] == held  # the store holds exactly what is held
+        for request_id in list(ledger.held):
+            ledger.release(request_id)
+        await ledger.close()
+        assert (await store.inner.ledger_usage(["e"]))["e"][0] == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -204,7 +204,7 @@ class LeastSlackFirst(_SlackAware):
 
     name = "lsf"
 
-    def __init__(self, max_wait_s: float = 120.0, short_s: float = 2.0) -> None:
+    def __init__(self, max_wait_s: float = DEFAULT_MAX_WAIT_S, short_s: float = 2.0) -> None:
         self.max_wait_s = max_wait_s
         self.short_s = short_s
 
