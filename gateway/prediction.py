@@ -48,6 +48,12 @@ def _refit_model_path(config: Config) -> Path:
     return refit_model_path(online.work_dir, online.save_path).resolve()
 
 
+# At shutdown, how long the records waiting for the trace buffer may take to be stored (the rest are counted as
+# dropped): the whole stop has to fit Docker's 10 s after server.shutdown_grace_s (5 s), and a Redis buffer that
+# stopped answering takes its 5 s socket timeout per record, which made a stop take 15 s.
+SHUTDOWN_DRAIN_S = 1.0
+
+
 def check_predictor_files(config: Config) -> None:
     """Raise :class:`ConfigError` for what ``maestro serve`` would refuse about the predictor's files, without
     locking or leaving anything (``maestro check-config``): the model file must load, and online learning's folders
@@ -207,7 +213,7 @@ class RequestPredictor:
     async def close(self) -> None:
         await cancel_and_wait(self._loading)
         if self.learner is not None:
-            await self.learner.stop(cancel_refit=True)
+            await self.learner.stop(cancel_refit=True, drain_timeout_s=SHUTDOWN_DRAIN_S)
             self.learner = None
         if self._refit is not None:
             self._refit.unlock()

@@ -433,6 +433,25 @@ async def test_stop_does_not_wait_forever_on_a_stuck_buffer():
     assert learner.records["dropped"] == 2  # the two waiting (the one being appended may or may not be stored)
 
 
+async def test_the_gateway_gives_a_stuck_trace_buffer_a_second_at_shutdown():
+    """The learner's own drain allows 10 s, which the gateway's stop passed on: with a Redis buffer that stopped
+    answering, a stop took shutdown_grace_s plus 10 s, past Docker's 10 s."""
+    from gateway.config import default_config
+    from gateway.prediction import SHUTDOWN_DRAIN_S, RequestPredictor
+
+    class StuckBuffer(MemoryBuffer):
+        async def append(self, record):
+            await asyncio.sleep(3600)
+
+    hook = RequestPredictor(default_config())
+    hook.learner = OnlineLearner(buffer=StuckBuffer())
+    hook.learner.submit(chat("s", "q"), {"prompt_tokens": 3, "completion_tokens": 2})
+    await asyncio.sleep(0)
+    started = time.perf_counter()
+    await hook.close()
+    assert SHUTDOWN_DRAIN_S <= 1.0 and time.perf_counter() - started < SHUTDOWN_DRAIN_S + 1.0
+
+
 async def test_a_flush_cancelled_mid_write_writes_each_record_once(tmp_path, monkeypatch):
     """Shutdown cancels a flush whose write is running in its thread: the write finishes, and nothing is
     written a second time."""
