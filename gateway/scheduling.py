@@ -64,6 +64,7 @@ DEFAULT_ENGINE_SEQS = 256  # sequences an engine runs at once when its max_num_s
 PRIORITY_LIMIT = 1_000_000  # |vLLM priority| sent to engines
 LEGACY_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI's and vLLM's default)
 STORE_RETRY_S = 2.0  # workflow records: after a store failure, use the local store this long before retrying
+UNSENT_STEPS_LIMIT = 10_000  # workflow steps ended while the store was unreachable, kept to send it (oldest go)
 
 NEW, WAITING, RESERVING, ADMITTED, DONE = range(5)
 
@@ -727,6 +728,14 @@ class WorkflowTracker:
         self.cache: dict[str, WorkflowState] = {}
         self._tasks: set[asyncio.Task] = set()
         self._store_down_until = 0.0  # after a failure, go straight to the local store for a moment
+        # request id -> its begin's arguments, for a step not begun in the store (it was unreachable, or did not
+        # answer in time, which may have begun it anyway): its end sends the begin too, so that the store counts it
+        self._begun_locally: dict[str, dict[str, Any]] = {}
+        # request id -> (workflow id, begin arguments or None, end arguments): steps that ended while the store was
+        # unreachable, sent when it answers again (an end is idempotent by request id, a repeated begin too), so
+        # that its record neither misses them nor keeps their request ids in flight for good
+        self._unsent: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any]]] = {}
+        self.unsent_dropped = 0
 
     def _use_store(self) -> bool:
         return time.monotonic() >= self._store_down_until
@@ -746,6 +755,8 @@ class WorkflowTracker:
             except StateUnavailable:
                 self._store_failed()
         if record is None:
+            # predicted_remaining_s is left out of the begin sent later: by then the store has a newer one
+            self._begun_locally[request_id] = dict(kwargs, predicted_remaining_s=None)
             record = await self.local.workflow_begin(context.workflow_id, request_id, **kwargs)
         return self._remember(record)
 
@@ -765,16 +776,48 @@ class WorkflowTracker:
         if after is not None:
             await asyncio.wait([after])
         kwargs = dict(now=time.time(), ttl_s=self.ttl_s, tokens=tokens, completed=completed)
+        begin = self._begun_locally.pop(request_id, None)
         record = None
-        if self._use_store():
-            try:
-                record = await self.store.workflow_end(workflow_id, request_id, **kwargs)
-            except StateUnavailable:
-                self._store_failed()
-        if record is None:  # not in the store (begun locally during an outage) or store down
+        if begin is not None:
             record = await self.local.workflow_end(workflow_id, request_id, **kwargs)
+        stored = await self._send(workflow_id, request_id, begin, kwargs)
+        record = stored if stored is not None else record  # the store's record is the one shared
         if record is not None:
             self._remember(record)
+
+    async def _send(self, workflow_id: str, request_id: str, begin: dict[str, Any] | None,
+                    end: dict[str, Any]) -> dict[str, Any] | None:
+        """End a step in the store (beginning it first where it began locally): its record, or None where the
+        store cannot be reached now (the step is then kept to send later) or does not know the workflow."""
+        if self._use_store():
+            try:
+                if begin is not None:
+                    await self.store.workflow_begin(workflow_id, request_id, **begin)
+                return await self.store.workflow_end(workflow_id, request_id, **end)
+            except StateUnavailable:
+                self._store_failed()
+        self._unsent.pop(request_id, None)
+        self._unsent[request_id] = (workflow_id, begin, end)
+        if len(self._unsent) > UNSENT_STEPS_LIMIT:
+            del self._unsent[next(iter(self._unsent))]
+            self.unsent_dropped += 1
+        return None
+
+    @property
+    def has_unsent(self) -> bool:
+        return bool(self._unsent)
+
+    async def send_unsent(self) -> None:
+        """Send the steps that ended while the store was unreachable (the scheduling loop calls this each tick)."""
+        for request_id in list(self._unsent):
+            if not self._use_store():
+                return
+            item = self._unsent.pop(request_id, None)
+            if item is None:
+                continue
+            record = await self._send(request_id=request_id, workflow_id=item[0], begin=item[1], end=item[2])
+            if record is not None:
+                self._remember(record)
 
     async def get(self, workflow_id: str) -> dict[str, Any] | None:
         """A workflow's record: the store's, else the local one (begun while the store was unreachable). Raises
@@ -803,7 +846,9 @@ class WorkflowTracker:
         return state
 
     def prune(self, now: float) -> None:
-        stale = [w for w, s in self.cache.items() if not s.inflight and now - s.last_activity > self.ttl_s]
+        # by last activity alone, as the store's records expire: a step whose end never reached the record (a
+        # gateway that died) would otherwise keep its workflow here for good
+        stale = [w for w, s in self.cache.items() if now - s.last_activity > self.ttl_s]
         for workflow_id in stale:
             del self.cache[workflow_id]
 
@@ -942,6 +987,8 @@ class Scheduling:
                     await ledger.refresh_view(list(ledger.capacity))
                     ledger.publish()
                 self.workflows.prune(time.time())
+                if self.workflows.has_unsent:
+                    await self.workflows.send_unsent()
             except Exception:  # noqa: BLE001 - the loop must survive anything
                 log.exception("scheduling sync failed")
 

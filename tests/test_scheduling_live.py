@@ -1093,6 +1093,71 @@ async def test_admin_workflow_view_answers_from_the_local_records_while_the_stor
                 assert response.status == 503 and (await response.json())["error"]["code"] == "state_unavailable"
 
 
+class _FlakyWorkflowStore:
+    """The in-process store's workflow records, failing while ``down``; ``late`` makes a failing call take
+    effect anyway (a Redis call that timed out on the client after the server ran it)."""
+
+    def __init__(self) -> None:
+        from gateway.state.memory import MemoryStateStore
+
+        self.inner = MemoryStateStore()
+        self.down = False
+        self.late = False
+
+    async def _call(self, name: str, *args, **kwargs):
+        from gateway.state import StateUnavailable
+
+        if self.down:
+            if self.late:
+                await getattr(self.inner, name)(*args, **kwargs)
+            raise StateUnavailable(f"{name}: timed out")
+        return await getattr(self.inner, name)(*args, **kwargs)
+
+    async def workflow_begin(self, *args, **kwargs):
+        return await self._call("workflow_begin", *args, **kwargs)
+
+    async def workflow_end(self, *args, **kwargs):
+        return await self._call("workflow_end", *args, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["ends-in-outage", "begins-in-outage", "begin-timed-out-but-ran"])
+async def test_workflow_steps_that_meet_a_store_outage_are_counted_once_and_leave_nothing_in_flight(
+        case, monkeypatch):
+    """A step whose end found the store unreachable was dropped (its request id stayed in flight in the store's
+    record, refreshed by every later step, and the step was never counted); one begun locally during an outage
+    and ended after it was not counted either; a begin that timed out after Redis ran it left a phantom."""
+    import gateway.scheduling as scheduling_module
+    from gateway.api.workflow import WorkflowContext
+    from gateway.config import default_config
+    from gateway.scheduling import WorkflowTracker
+
+    monkeypatch.setattr(scheduling_module, "STORE_RETRY_S", 0.0)
+    store = _FlakyWorkflowStore()
+    tracker = WorkflowTracker(store, default_config())  # type: ignore[arg-type]
+    context = WorkflowContext(workflow_id="wf", step=0)
+    now = time.time()
+    await tracker.begin(context, "first", now, None)
+    await tracker._end("wf", "first", 10, True, None)
+    store.down = True
+    store.late = case == "begin-timed-out-but-ran"
+    if case == "ends-in-outage":
+        store.down = False
+        await tracker.begin(context, "second", now, None)
+        store.down = True
+        await tracker._end("wf", "second", 20, True, None)
+        store.down = False
+    else:
+        await tracker.begin(context, "second", now, None)
+        store.down = False
+        await tracker._end("wf", "second", 20, True, None)
+    await tracker.send_unsent()
+    record = await store.inner.get_workflow("wf")
+    assert (record["steps_done"], record["tokens_used"], record["inflight"]) == (2, 30, [])
+    assert not tracker.has_unsent and tracker.cache["wf"].steps_done == 2 and not tracker.cache["wf"].inflight
+    await tracker.send_unsent()  # sent once
+    assert (await store.inner.get_workflow("wf"))["steps_done"] == 2
+
+
 async def _local_steps(gw, workflow_id: str, steps: int) -> bool:
     record = await gw.scheduling.workflows.local.get_workflow(workflow_id)
     return record is not None and record["steps_done"] >= steps
