@@ -34,8 +34,10 @@ keep the queue sorted instead of re-sorting it (``loadgen.des.FastPool`` does).
 -------------------------------------------------------------------------------------
 Tiers: -1 aged (as above); 0 interactive calls predicted to take at most ``short_s``, by due time; 1 feasible
 work, least slack first, with an interactive call's slack counted against its whole service time; 2 hopeless
-work, least late first. Under sustained overload its aging turns into FCFS with head-of-line blocking and it
-falls below EDF (E1).
+work, least late first. Under sustained overload it meets more workflow deadlines than EDF and far fewer than
+``maestro``: least slack serves the work closest to missing, which then is work that misses anyway, and it
+puts interactive calls' first tokens late (E1). Aged at ``DEFAULT_MAX_WAIT_S`` by default, like ``maestro``
+and the gateway's ``scheduling.max_wait_s``; aged at 120 s it turned into FCFS with head-of-line blocking.
 """
 
 from __future__ import annotations
