@@ -8,7 +8,7 @@ check names its dotted path explicitly (``clusters[0].pools[1].engines[0].url``)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -174,7 +174,9 @@ class OnlineLearningConfig:
     enabled: bool = False
     buffer: str = "file"  # memory | file (JSONL, survives restarts) | redis (a stream shared by gateways)
     path: str = "maestro-online/records.jsonl"  # the file buffer; a trace file `maestro predictor train` reads
-    redis_key: str = "maestro:predictor:traces"  # the redis buffer's stream (on state.redis_url)
+    # the redis buffer's stream (on state.redis_url); unset: "{state.key_prefix}:predictor:traces", so that
+    # gateways kept apart by their key prefix (prod, staging) do not train on each other's traffic
+    redis_key: str = "maestro:predictor:traces"
     max_records: int = 50_000  # the buffer keeps the latest this many
     refit_every: int = 1000  # new records between refits
     refit_interval_s: float = 600.0  # ...or this long, whichever comes first, if any record came
@@ -481,7 +483,7 @@ def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
     online = _section(predictor, OnlineLearningConfig, path, checks, key="online")
     if online.buffer not in ONLINE_BUFFERS:
         raise ConfigError(f"{path}.buffer", f"must be one of {', '.join(ONLINE_BUFFERS)}, got {online.buffer!r}")
-    for name in ("path", "work_dir"):
+    for name in ("path", "work_dir", "redis_key"):
         if not getattr(online, name):
             raise ConfigError(f"{path}.{name}", "must not be empty")
     if not 0.0 <= online.holdout_share < 1.0:
@@ -615,6 +617,10 @@ def parse_config(raw: Any) -> Config:
     slo_classes = _parse_slo_classes(root.get("slo_classes"))
     scheduling = _parse_scheduling(root, slo_classes)
     predictor = _parse_predictor(root.get("predictor"))
+    online_raw = predictor_raw.get("online") if isinstance(predictor_raw := root.get("predictor"), dict) else None
+    if not (isinstance(online_raw, dict) and "redis_key" in online_raw):
+        predictor = replace(predictor, online=replace(predictor.online,
+                                                      redis_key=f"{state.key_prefix}:predictor:traces"))
 
     for i, cluster in enumerate(clusters):
         for j, pool in enumerate(cluster.pools):

@@ -204,3 +204,16 @@ def test_an_unusable_refit_path_names_its_error_once():
 
     error = UnusablePath("predictor.online.work_dir", FileNotFoundError(2, "No such file or directory", "/x/y"))
     assert str(error) == "[Errno 2] No such file or directory: '/x/y'" and error.errno == 2
+
+
+def test_the_trace_stream_follows_the_state_key_prefix_unless_named():
+    """Two gateways kept apart by their key prefix (prod, staging) shared one trace stream, and each trained on
+    the other's traffic."""
+    def online_key(state: dict, online: dict) -> str:
+        return parse_config({**base(), "state": state, "predictor": {"online": online}}).predictor.online.redis_key
+
+    assert online_key({}, {}) == "maestro:predictor:traces"
+    assert online_key({"key_prefix": "staging"}, {}) == "staging:predictor:traces"
+    assert online_key({"key_prefix": "staging"}, {"redis_key": "shared:traces"}) == "shared:traces"
+    with pytest.raises(ConfigError, match="redis_key"):
+        online_key({}, {"redis_key": ""})
