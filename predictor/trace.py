@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import logging
 import os
 import tempfile
 import zlib
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+log = logging.getLogger(__name__)
 
 ROLES = ("planner", "coder", "reviewer", "tester", "tool_caller", "researcher", "writer", "assistant", "other")
 
@@ -92,17 +95,25 @@ def _open(path: Path, mode: str):
 
 
 def read_records(path: str | Path, validate: bool = True) -> Iterator[dict[str, Any]]:
-    """Yield the records of one ``.jsonl`` / ``.jsonl.gz`` file."""
+    """Yield the records of one ``.jsonl`` / ``.jsonl.gz`` file.
+
+    A last line that is cut short (no newline, not whole JSON) is left out with a warning rather than refused:
+    it is a record being written, as in the gateway's online buffer file, which is a trace file to train on
+    while the gateway appends to it."""
     path = Path(path)
     with _open(path, "r") as handle:
         try:
-            for number, line in enumerate(io.BufferedReader(handle), start=1):
-                line = line.strip()
+            for number, raw in enumerate(io.BufferedReader(handle), start=1):
+                line = raw.strip()
                 if not line:
                     continue
                 try:
                     record = orjson.loads(line)
                 except orjson.JSONDecodeError as exc:
+                    if not raw.endswith(b"\n"):
+                        log.warning("%s:%d: the last line is cut short (a record being written?); left out",
+                                    path, number)
+                        return
                     raise TraceFormatError(f"{path}:{number}: invalid JSON ({exc})") from None
                 yield validate_record(record, f"{path}:{number}") if validate else record
         # a truncated or corrupt .gz (a log copied while it was written) says so with its name, not a traceback

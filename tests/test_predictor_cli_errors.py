@@ -745,3 +745,21 @@ def test_a_file_given_twice_is_refused(traces, model_all, tmp_path, capsys):
                            capsys, "given twice")
     assert_usage_error(["train", "--data", str(traces), str(traces), "--out", str(tmp_path / "m.skops")], capsys,
                        "given twice")
+
+
+def test_a_last_line_being_written_is_left_out_with_a_warning(tmp_path, caplog):
+    """The online buffer file is a trace file to train on while the gateway appends to it: a read that met a
+    record half written refused the whole file. A broken line that is not the last is still refused."""
+    import logging
+
+    records = synthetic_records(n_workflows=1, seed=2)
+    path = write_records(tmp_path / "live.jsonl", records) and tmp_path / "live.jsonl"
+    with path.open("ab") as handle:
+        handle.write(b'{"request": {"model": "m", "messages": [{"role": "us')
+    with caplog.at_level(logging.WARNING):
+        assert len(list(read_records(path))) == len(records)
+    assert "cut short" in caplog.text
+    with path.open("ab") as handle:
+        handle.write(b"\n")
+    with pytest.raises(ValueError, match=f"{path.name}:{len(records) + 1}: invalid JSON"):
+        list(read_records(path))
