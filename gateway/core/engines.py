@@ -22,6 +22,7 @@ class EngineMetrics:
     generation_tokens_total: float = 0.0
     sleeping: bool = False
     kv_capacity_tokens: int = 0  # num_gpu_blocks x block_size from ``vllm:cache_config_info`` (0: not exported)
+    kv_block_size: int = 0  # block_size from ``vllm:cache_config_info`` (the largest; 0: not exported)
 
 
 @dataclass(frozen=True)

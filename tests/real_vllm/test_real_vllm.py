@@ -296,6 +296,11 @@ class TestTinyLlama:
                 sim_status, sim_text = await get(sim.url, "/metrics")
                 real, simulated = families(real_text), families(sim_text)
                 assert real_status == sim_status == 200 and simulated
+                from backends.vllm_metrics import parse_vllm_metrics  # what the gateway reads of it
+
+                engine_metrics = parse_vllm_metrics(real_text)  # reservations round to the block size it exports
+                assert engine_metrics.kv_block_size > 0 and engine_metrics.kv_capacity_tokens > 0, engine_metrics
+                assert engine_metrics.kv_capacity_tokens % engine_metrics.kv_block_size == 0
                 for name, (kind, label_sets) in simulated.items():
                     assert name in real, name
                     real_kind, real_label_sets = real[name]
