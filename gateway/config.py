@@ -8,6 +8,7 @@ check names its dotted path explicitly (``clusters[0].pools[1].engines[0].url``)
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -506,9 +507,14 @@ def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
         written |= {model, candidate_path(model)}
         if Path(online.path).resolve() in written:
             raise ConfigError(f"{path}.path", f"is a file each refit writes ({online.path}); choose another")
+    named: dict[str, int] = {}
     for i, data in enumerate(online.base_data):
         if not isinstance(data, str) or not data:
             raise ConfigError(f"{path}.base_data[{i}]", "must be a trace file's path")
+        real = os.path.realpath(data)
+        if real in named:  # training refuses a file given twice: every refit would fail
+            raise ConfigError(f"{path}.base_data[{i}]", f"names the file of base_data[{named[real]}] again")
+        named[real] = i
         if online.enabled and not Path(data).is_file():  # said at load, not an hour later at the first refit
             raise ConfigError(f"{path}.base_data[{i}]", f"no such file: {data}")
     return online

@@ -217,6 +217,7 @@ class SharedLedger:
             self.sync.grow(request_id, tokens, self.lease_s, force=True)
         elif self.local is not None:
             self.local.grow(request_id, tokens, force=True)
+            self._adopt.add(request_id)  # a copy in the store (held before the outage, or adopted) is smaller
         else:
             self._chain(request_id, self._grow_remote(request_id, tokens))
 
@@ -344,14 +345,19 @@ class SharedLedger:
                 await self.store.ledger_release(request_id)
                 self._to_release.discard(request_id)
             for request_id in list(self._adopt):
-                if request_id not in self._adopt:  # released meanwhile
+                if request_id not in self._adopt or request_id in self._to_release:
+                    # released meanwhile; or moved meanwhile, with its old copy still in the store (a reserve is
+                    # idempotent by id, so it would do nothing there): the switch sends the release, then this
                     continue
                 held = self.held.get(request_id)
+                tokens = held[1] if held is not None else 0
                 if held is not None:
                     self._local_only.discard(request_id)  # from here its release must reach the store
-                    await self.store.ledger_reserve(request_id, held[0], held[1], self.lease_s, force=True)
-                    await self.store.ledger_grow(request_id, held[1], self.lease_s, force=True)
-                self._adopt.discard(request_id)
+                    await self.store.ledger_reserve(request_id, held[0], tokens, self.lease_s, force=True)
+                    await self.store.ledger_grow(request_id, tokens, self.lease_s, force=True)
+                current = self.held.get(request_id)
+                if current is held and (held is None or held[1] == tokens):  # not moved or grown meanwhile
+                    self._adopt.discard(request_id)
             usage = await self.store.ledger_usage(list(self.capacity))
         except StateUnavailable:
             return False
@@ -803,7 +809,13 @@ class WorkflowTracker:
         if self._use_store():
             try:
                 if begin is not None:
+                    current = await self.store.get_workflow(workflow_id)
+                    if current is not None and current["last_activity"] > begin["now"]:
+                        # a later step set the record's fields and activity: a begin from before keeps them
+                        begin = dict(begin, now=current["last_activity"], deadline=None, slo_class=None,
+                                     expected_steps=None)
                     await self.store.workflow_begin(workflow_id, request_id, **begin)
+                    begin = None  # begun: a retry after a failed end sends the end alone (a begin again recounts)
                 return await self.store.workflow_end(workflow_id, request_id, **end)
             except StateUnavailable:
                 self._store_failed()

@@ -217,3 +217,14 @@ def test_the_trace_stream_follows_the_state_key_prefix_unless_named():
     assert online_key({"key_prefix": "staging"}, {"redis_key": "shared:traces"}) == "shared:traces"
     with pytest.raises(ConfigError, match="redis_key"):
         online_key({}, {"redis_key": ""})
+
+
+def test_a_base_data_file_named_twice_is_refused(tmp_path):
+    """Training refuses a file given twice, so such a config passed check-config and failed every refit."""
+    data = tmp_path / "base.jsonl"
+    data.write_text("")
+    for second in (str(data), str(tmp_path / "." / "base.jsonl")):
+        raw = {**base(), "predictor": {"online": {"base_data": [str(data), second]}}}
+        with pytest.raises(ConfigError, match="base_data\\[0\\] again") as caught:
+            parse_config(raw)
+        assert caught.value.field_path == "predictor.online.base_data[1]"

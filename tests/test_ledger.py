@@ -294,6 +294,8 @@ class _SlowStore:
         self.delay_s = delay_s
         self.down = False
         self.releases = 0
+        self.hooks: dict = {}       # call name -> coroutine function run once, the next time it is called
+        self.failing: set = set()   # call names that fail while the rest answer
         self._unavailable = StateUnavailable
 
     def __getattr__(self, name: str):
@@ -301,7 +303,10 @@ class _SlowStore:
 
         async def slow(*args, **kwargs):
             await asyncio.sleep(self.delay_s)
-            if self.down:
+            hook = self.hooks.pop(name, None)
+            if hook is not None:
+                await hook()
+            if self.down or name in self.failing:
                 if name == "ping":
                     return False
                 raise self._unavailable(f"{name}: down")
@@ -360,5 +365,42 @@ def test_the_shared_ledger_returns_from_an_outage_while_traffic_goes_on():
             ledger.release(request_id)
         await ledger.close()
         assert (await store.inner.ledger_usage(["e"]))["e"][0] == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_request_moved_or_grown_around_the_resync_keeps_its_reservation_in_the_store():
+    """Moved while the resync replayed releases, a request was reserved on its new engine by a reserve the store
+    ignored (the id still held its old copy), then released there at the switch: the store held nothing for a
+    request that ran. Grown during an outage after its copy was adopted, its copy kept the old size."""
+    from gateway.metrics import GatewayMetrics
+    from gateway.scheduling import SharedLedger
+
+    async def scenario() -> None:
+        store = _SlowStore()
+        ledger = SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics())
+        await ledger.set_capacities({"A": 10**6, "B": 10**6})
+        for request_id in ("moved", "grown", "done"):
+            assert await ledger.reserve(request_id, "A", 100)
+        store.down = True
+        await ledger.reserve("trigger", "A", 10)  # the call that finds the store gone
+        assert ledger.degraded
+        store.down = False
+        store.failing = {"ledger_usage"}  # a first round that adopts, then fails
+        assert not await ledger.resync()
+        ledger.grow("grown", 300)  # its copy in the store was adopted at 100
+        ledger.release("done")  # a release for the next round to replay
+        store.failing = set()
+
+        async def move_now() -> None:
+            await ledger.move("moved", "B")
+
+        store.hooks["ledger_release"] = move_now  # while the second round replays the release
+        assert await ledger.resync()
+        await ledger.close()
+        for request_id, (engine_id, tokens) in ledger.held.items():
+            copy = store.inner.ledger.ledger.reservation(request_id)
+            assert copy is not None and (copy.engine_id, copy.tokens) == (engine_id, tokens), (request_id, copy)
+        assert ledger.held["moved"] == ["B", 100] and ledger.held["grown"] == ["A", 300]
 
     asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -1140,8 +1140,12 @@ class _FlakyWorkflowStore:
     async def workflow_end(self, *args, **kwargs):
         return await self._call("workflow_end", *args, **kwargs)
 
+    async def get_workflow(self, *args, **kwargs):
+        return await self._call("get_workflow", *args, **kwargs)
 
-@pytest.mark.parametrize("case", ["ends-in-outage", "begins-in-outage", "begin-timed-out-but-ran"])
+
+@pytest.mark.parametrize("case", ["ends-in-outage", "begins-in-outage", "begin-timed-out-but-ran",
+                                  "end-timed-out-but-ran"])
 async def test_workflow_steps_that_meet_a_store_outage_are_counted_once_and_leave_nothing_in_flight(
         case, monkeypatch):
     """A step whose end found the store unreachable was dropped (its request id stayed in flight in the store's
@@ -1167,6 +1171,20 @@ async def test_workflow_steps_that_meet_a_store_outage_are_counted_once_and_leav
         store.down = True
         await tracker._end("wf", "second", 20, True, None)
         store.down = False
+    elif case == "end-timed-out-but-ran":  # begun locally; at its end the begin lands, the end runs unanswered
+        store.late = False
+        await tracker.begin(context, "second", now, None)
+        store.down = False
+        real_end = store.workflow_end
+
+        async def end_without_answer(*args, **kwargs):
+            await real_end(*args, **kwargs)
+            from gateway.state import StateUnavailable
+            raise StateUnavailable("workflow_end: timed out")
+
+        store.workflow_end = end_without_answer
+        await tracker._end("wf", "second", 20, True, None)
+        store.workflow_end = real_end
     else:
         await tracker.begin(context, "second", now, None)
         store.down = False
@@ -1177,6 +1195,30 @@ async def test_workflow_steps_that_meet_a_store_outage_are_counted_once_and_leav
     assert not tracker.has_unsent and tracker.cache["wf"].steps_done == 2 and not tracker.cache["wf"].inflight
     await tracker.send_unsent()  # sent once
     assert (await store.inner.get_workflow("wf"))["steps_done"] == 2
+
+
+async def test_a_step_begun_in_an_outage_does_not_undo_what_later_steps_set(monkeypatch):
+    """Its begin reaches the store at its end: sent as it was, it set the workflow's deadline and expected steps
+    back to the values before a later step's, and its last activity back in time."""
+    import gateway.scheduling as scheduling_module
+    from gateway.api.workflow import WorkflowContext
+    from gateway.config import default_config
+    from gateway.scheduling import WorkflowTracker
+
+    monkeypatch.setattr(scheduling_module, "STORE_RETRY_S", 0.0)
+    store = _FlakyWorkflowStore()
+    tracker = WorkflowTracker(store, default_config())  # type: ignore[arg-type]
+    t0 = time.time()
+    store.down = True
+    await tracker.begin(WorkflowContext(workflow_id="wf", step=1, expected_steps=5, deadline=t0 + 100), "early",
+                        t0 - 100, None)
+    store.down = False
+    await tracker.begin(WorkflowContext(workflow_id="wf", step=2, expected_steps=9, deadline=t0 + 500), "later",
+                        t0 - 50, None)
+    await tracker._end("wf", "early", 10, True, None)
+    record = await store.inner.get_workflow("wf")
+    assert (record["expected_steps"], record["deadline"], record["steps_done"]) == (9, t0 + 500, 1)
+    assert record["inflight"] == ["later"] and tracker.cache["wf"].deadline == t0 + 500
 
 
 async def _local_steps(gw, workflow_id: str, steps: int) -> bool:
