@@ -65,6 +65,7 @@ PRIORITY_LIMIT = 1_000_000  # |vLLM priority| sent to engines
 LEGACY_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI's and vLLM's default)
 STORE_RETRY_S = 2.0  # workflow records: after a store failure, use the local store this long before retrying
 UNSENT_STEPS_LIMIT = 10_000  # workflow steps ended while the store was unreachable, kept to send it (oldest go)
+UNSENT_STEPS_PER_TICK = 200  # sent per tick of the scheduling loop, which also keeps the ledger's leases alive
 
 NEW, WAITING, RESERVING, ADMITTED, DONE = range(5)
 
@@ -830,9 +831,10 @@ class WorkflowTracker:
     def has_unsent(self) -> bool:
         return bool(self._unsent)
 
-    async def send_unsent(self) -> None:
-        """Send the steps that ended while the store was unreachable (the scheduling loop calls this each tick)."""
-        for request_id in list(self._unsent):
+    async def send_unsent(self, limit: int = UNSENT_STEPS_PER_TICK) -> None:
+        """Send up to ``limit`` of the steps that ended while the store was unreachable, oldest first (the
+        scheduling loop calls this each tick: a backlog of 10,000 at once would hold its lease refreshes)."""
+        for request_id in list(self._unsent)[:limit]:
             if not self._use_store():
                 return
             item = self._unsent.pop(request_id, None)
