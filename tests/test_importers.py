@@ -238,6 +238,19 @@ def test_chatdev_model_mapping():
     assert map_model("", role_map) == "gpt-3.5-turbo"
 
 
+def test_chatdev_persona_mapping_is_the_issues():
+    """The issue's rule for ChatDev, persona by persona: CEO, CPO, CTO, Counselor -> planner; Programmer ->
+    coder; Code Reviewer -> reviewer; Software Test Engineer -> tester; any call in Manual or EnvironmentDoc ->
+    writer, whoever speaks."""
+    role_map = load_role_map("chatdev")
+    expected = {"Chief Executive Officer": "planner", "Chief Product Officer": "planner",
+                "Chief Technology Officer": "planner", "Counselor": "planner", "Programmer": "coder",
+                "Code Reviewer": "reviewer", "Software Test Engineer": "tester"}
+    assert {name: role_map.role_of(name, "Coding") for name in expected} == expected
+    for phase in ("Manual", "EnvironmentDoc"):
+        assert {role_map.role_of(name, phase) for name in expected} == {"writer"}
+
+
 def test_ag2_and_magentic_one_name_mapping():
     ag2 = load_role_map("ag2")
     assert ag2.resolve("Computer_terminal", "exitcode: 0 (execution succeeded)").skip == "tool_output"
