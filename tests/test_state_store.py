@@ -569,3 +569,28 @@ async def test_redis_ledger_and_workflows_unreachable_raise_state_unavailable() 
                 await call()
     finally:
         await store.close()
+
+
+async def test_the_memory_store_lets_go_of_workflows_past_their_ttl() -> None:
+    """A finished workflow's id is never read again, and its record was only dropped when read: in the embedded
+    default every workflow ever served stayed in memory (4 KB each), and after a Redis outage so did every record
+    the gateway kept locally meanwhile."""
+    from gateway.state.memory import SWEEP_MIN_PUTS, MemoryStateStore
+
+    now = [0.0]
+    store = MemoryStateStore(clock=lambda: now[0])
+    for i in range(3 * SWEEP_MIN_PUTS):
+        await store.workflow_begin(f"done-{i}", "r", now=float(i), ttl_s=10.0)
+        await store.workflow_end(f"done-{i}", "r", now=float(i), ttl_s=10.0)
+    now[0] = 100.0  # all past their TTL
+    for _ in range(5):  # a sweep comes within as many puts as the map holds (4,096 here)
+        for i in range(SWEEP_MIN_PUTS):
+            await store.workflow_begin(f"live-{i}", f"r{_}", now=100.0, ttl_s=10.0)
+    assert len(store._workflows._items) == SWEEP_MIN_PUTS  # the live ones only
+    assert await store.get_workflow("live-0") is not None and await store.get_workflow("done-0") is None
+    blob, _ = store._workflows._items["live-0"]
+    import tracemalloc
+    tracemalloc.start()
+    copies = [bytes(blob) for _ in range(100)]  # what one kept record costs: its own size, not orjson's buffer
+    assert tracemalloc.get_traced_memory()[0] < 100 * (len(blob) + 200) and copies
+    tracemalloc.stop()
