@@ -472,7 +472,8 @@ class Ticket:
         self.generated += data.count(b"data:")
         request = self.request
         if request.prompt_tokens + self.generated > request.reserved_tokens and self.ledger is not None:
-            new = grown_reservation(request, self.generated, self.block_size, self.step_tokens)
+            block_size = self.pool.block_size if self.pool is not None else self.block_size  # moved: the new one's
+            new = grown_reservation(request, self.generated, block_size, self.step_tokens)
             if new is not None and new > request.reserved_tokens:
                 request.reserved_tokens = new
                 self.tokens = new
@@ -529,6 +530,8 @@ class PoolQueue:
         size = max((states[e].metrics.kv_block_size for e in self.engine_ids), default=0)
         if size and size != self.block_size:
             self.block_size = self.scheduler.block_size = size
+            for request in self.scheduler.waiting.values():  # queued under the old size: re-rounded
+                request.reserved_tokens = reservation_tokens(self.scheduler.admission, request, size)
 
     # ---- views ------------------------------------------------------------------------------------------
     def _live(self) -> list[str]:
@@ -812,9 +815,10 @@ class WorkflowTracker:
                 if begin is not None:
                     current = await self.store.get_workflow(workflow_id)
                     if current is not None and current["last_activity"] > begin["now"]:
-                        # a later step set the record's fields and activity: a begin from before keeps them
-                        begin = dict(begin, now=current["last_activity"], deadline=None, slo_class=None,
-                                     expected_steps=None)
+                        # the record has moved on since this step began: what it holds stays (a later step's);
+                        # what it lacks, this begin fills (last activity never moves back: see the stores)
+                        begin = dict(begin, **{key: None for key in ("deadline", "slo_class", "expected_steps")
+                                               if current.get(key) is not None})
                     await self.store.workflow_begin(workflow_id, request_id, **begin)
                     begin = None  # begun: a retry after a failed end sends the end alone (a begin again recounts)
                 return await self.store.workflow_end(workflow_id, request_id, **end)
@@ -871,6 +875,7 @@ class WorkflowTracker:
         return state
 
     def prune(self, now: float) -> None:
+        self.local.expire()  # the records kept through an outage: nothing writes to it once the store is back
         # by last activity alone, as the store's records expire: a step whose end never reached the record (a
         # gateway that died) would otherwise keep its workflow here for good
         stale = [w for w, s in self.cache.items() if now - s.last_activity > self.ttl_s]
@@ -946,6 +951,8 @@ class Scheduling:
         # else: nothing needs a prediction until a request carries workflow context (then: load_soon)
         self.ledger.on_free = self._kick_all
         if self.check_kv:
+            for queue in self.pools:  # the first probes are in: no request is rounded to the default first
+                queue.follow_block_size()
             await self.ledger.set_capacities(self._capacities(), push_all=True)
         self._task = asyncio.get_running_loop().create_task(self._sync_loop(), name="scheduling-sync")
 
@@ -1041,10 +1048,12 @@ class Scheduling:
     def choose_pool(self, pools: list[PoolQueue], request: SchedRequest) -> PoolQueue:
         if len(pools) == 1:
             return pools[0]
+        admission = self.cfg.admission
+        loads = [pool.load(ClusterRequest(prompt_tokens=request.prompt_tokens, pred_p50=request.pred_p50,
+                                          reservation_tokens=reservation_tokens(admission, request, pool.block_size)))
+                 for pool in pools]  # each pool's reservation in its engines' blocks
         creq = ClusterRequest(prompt_tokens=request.prompt_tokens, pred_p50=request.pred_p50,
-                              reservation_tokens=reservation_tokens(self.cfg.admission, request,
-                                                                    self.cfg.block_size))
-        loads = [pool.load(creq) for pool in pools]
+                              reservation_tokens=reservation_tokens(admission, request, pools[0].block_size))
         name = self.cluster_policy.choose(creq, loads)
         chosen = next((p for p in pools if p.name == name), pools[0])
         self.metrics.cluster_choice(chosen.cluster, chosen.pool.name)

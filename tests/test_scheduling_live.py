@@ -1395,3 +1395,33 @@ async def test_during_an_outage_a_request_larger_than_the_local_share_still_runs
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+async def test_replayed_steps_fill_what_the_record_lacks_and_never_move_it_back(monkeypatch):
+    """Two steps ended in an outage and a third began after it: the replays set the third's deadline and
+    expected steps back to theirs (an end moved the last activity back first), and a workflow whose hints came
+    only with a step begun in the outage lost them."""
+    import gateway.scheduling as scheduling_module
+    from gateway.api.workflow import WorkflowContext
+    from gateway.config import default_config
+    from gateway.scheduling import WorkflowTracker
+
+    monkeypatch.setattr(scheduling_module, "STORE_RETRY_S", 0.0)
+    store = _FlakyWorkflowStore()
+    tracker = WorkflowTracker(store, default_config())  # type: ignore[arg-type]
+    t0 = time.time()
+    store.down = True
+    await tracker.begin(WorkflowContext(workflow_id="wf", step=0, expected_steps=5, deadline=t0 + 100,
+                                        slo_class="batch"), "a", t0 - 300, None)
+    await tracker.begin(WorkflowContext(workflow_id="wf", step=1, expected_steps=6, deadline=t0 + 200), "b",
+                        t0 - 200, None)
+    await tracker._end("wf", "a", 10, True, None)
+    await tracker._end("wf", "b", 10, True, None)
+    store.down = False
+    await tracker.begin(WorkflowContext(workflow_id="wf", step=2, expected_steps=9, deadline=t0 + 500), "c",
+                        t0 - 100, None)
+    await tracker.send_unsent()
+    record = await store.inner.get_workflow("wf")
+    assert (record["expected_steps"], record["deadline"], record["steps_done"]) == (9, t0 + 500, 2)
+    assert record["slo_class"] == "batch"  # given only with a step of the outage: filled in
+    assert record["inflight"] == ["c"] and record["last_activity"] >= t0 - 100

@@ -428,6 +428,18 @@ async def test_workflow_begin_creates_and_end_counts_once(harness: Harness) -> N
     assert await store.workflow_end("nope", "r1", now=1.0, ttl_s=LONG_TTL) is None
 
 
+async def test_a_workflows_last_activity_never_moves_back(harness: Harness) -> None:
+    """A step ended during a store outage is sent later with the time it ended: it must not set the record's
+    activity back before what later steps did (its expiry and the next replays read it)."""
+    store = harness.store
+    await store.workflow_begin("wf", "early", now=100.0, ttl_s=LONG_TTL)
+    await store.workflow_begin("wf", "later", now=300.0, ttl_s=LONG_TTL)
+    record = await store.workflow_end("wf", "early", now=200.0, ttl_s=LONG_TTL, tokens=1)
+    assert record["last_activity"] == 300.0 and record["steps_done"] == 1
+    record = await store.workflow_begin("wf", "replayed", now=150.0, ttl_s=LONG_TTL)
+    assert record["last_activity"] == 300.0 and record["inflight"] == ["later", "replayed"]
+
+
 async def test_workflow_ids_with_colons_are_workflows_apart(harness: Harness) -> None:
     """A workflow id may hold a colon: workflow "job:inflight" must not share a key with workflow "job"'s
     in-flight set (in Redis that was a WRONGTYPE error, taken for an outage of the whole store)."""

@@ -51,9 +51,9 @@ class _TTLMap:
         self._items[key] = (_encode(record), self._clock() + ttl_s)
         self._puts_since_sweep += 1
         if self._puts_since_sweep >= max(SWEEP_MIN_PUTS, len(self._items)):
-            self._sweep()
+            self.sweep()
 
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
         now = self._clock()
         for key in [k for k, (_, expires_at) in self._items.items() if now >= expires_at]:
             del self._items[key]
@@ -70,7 +70,7 @@ class _TTLMap:
         return orjson.loads(blob)
 
     def all(self) -> dict[str, dict[str, Any]]:
-        self._sweep()
+        self.sweep()
         return {k: orjson.loads(blob) for k, (blob, _) in self._items.items()}
 
     def delete(self, key: str) -> None:
@@ -203,7 +203,7 @@ class MemoryStateStore(StateStore):
             if value is not None:
                 record[key] = value if key == "slo_class" else (int(value) if key == "expected_steps"
                                                                  else float(value))
-        record["last_activity"] = now
+        record["last_activity"] = max(now, record["last_activity"])  # a step's late replay never moves it back
         self._workflows.put(workflow_id, record, ttl_s)
         return record
 
@@ -218,12 +218,17 @@ class MemoryStateStore(StateStore):
             record["tokens_used"] += int(tokens)
             if completed:
                 record["steps_done"] += 1
-            record["last_activity"] = float(now)
+            record["last_activity"] = max(float(now), record["last_activity"])
             self._workflows.put(workflow_id, record, ttl_s)
         return record
 
     async def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
         return self._workflows.get(workflow_id)
+
+    def expire(self) -> None:
+        """Drop every expired record now (puts also do, every so many)."""
+        for records in (self._engines, self._gateways, self._workflows):
+            records.sweep()
 
     # ---- shared KV ledger (here: this process only) ------------------------------------------------------
     async def ledger_set_capacity(self, engine_id: str, tokens: int) -> None:

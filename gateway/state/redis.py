@@ -209,7 +209,8 @@ local names = {'deadline', 'slo_class', 'expected_steps', 'predicted_remaining_s
 for i, name in ipairs(names) do
   if ARGV[5 + i] ~= '' then redis.call('HSET', wf, name, ARGV[5 + i]) end
 end
-redis.call('HSET', wf, 'last_activity', now)
+local last = tonumber(redis.call('HGET', wf, 'last_activity') or '0')
+if tonumber(now) > last then redis.call('HSET', wf, 'last_activity', now) end  -- never back (a late replay)
 redis.call('SADD', wfi, ARGV[2])
 redis.call('PEXPIRE', wf, ttl)
 redis.call('PEXPIRE', wfi, ttl)
@@ -223,7 +224,9 @@ if redis.call('EXISTS', wf) == 0 then return false end
 if redis.call('SREM', wfi, ARGV[1]) == 1 then
   redis.call('HINCRBY', wf, 'tokens_used', ARGV[4])
   if ARGV[5] == '1' then redis.call('HINCRBY', wf, 'steps_done', 1) end
-  redis.call('HSET', wf, 'last_activity', ARGV[2])
+  if tonumber(ARGV[2]) > tonumber(redis.call('HGET', wf, 'last_activity') or '0') then
+    redis.call('HSET', wf, 'last_activity', ARGV[2])
+  end
   redis.call('PEXPIRE', wf, ARGV[3])
   redis.call('PEXPIRE', wfi, ARGV[3])
 end
