@@ -1048,12 +1048,11 @@ class Scheduling:
     def choose_pool(self, pools: list[PoolQueue], request: SchedRequest) -> PoolQueue:
         if len(pools) == 1:
             return pools[0]
-        admission = self.cfg.admission
-        loads = [pool.load(ClusterRequest(prompt_tokens=request.prompt_tokens, pred_p50=request.pred_p50,
-                                          reservation_tokens=reservation_tokens(admission, request, pool.block_size)))
-                 for pool in pools]  # each pool's reservation in its engines' blocks
+        # in the largest block size of the candidates: the request fits the free KV of any pool it is said to
+        block_size = max(pool.block_size for pool in pools)
         creq = ClusterRequest(prompt_tokens=request.prompt_tokens, pred_p50=request.pred_p50,
-                              reservation_tokens=reservation_tokens(admission, request, pools[0].block_size))
+                              reservation_tokens=reservation_tokens(self.cfg.admission, request, block_size))
+        loads = [pool.load(creq) for pool in pools]
         name = self.cluster_policy.choose(creq, loads)
         chosen = next((p for p in pools if p.name == name), pools[0])
         self.metrics.cluster_choice(chosen.cluster, chosen.pool.name)
