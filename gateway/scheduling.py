@@ -464,7 +464,7 @@ class Ticket:
         self.enqueued = time.monotonic()
         self.admitted_mono = 0.0
         self.ledger = ledger
-        self.block_size = block_size
+        self.block_size = block_size  # scheduling.block_size: a ticket without a pool; one with, the pool's
         self.step_tokens = step_tokens
 
     def on_stream(self, data: bytes) -> None:
@@ -472,7 +472,7 @@ class Ticket:
         self.generated += data.count(b"data:")
         request = self.request
         if request.prompt_tokens + self.generated > request.reserved_tokens and self.ledger is not None:
-            block_size = self.pool.block_size if self.pool is not None else self.block_size  # moved: the new one's
+            block_size = self.pool.block_size if self.pool is not None else self.block_size  # its pool now
             new = grown_reservation(request, self.generated, block_size, self.step_tokens)
             if new is not None and new > request.reserved_tokens:
                 request.reserved_tokens = new
@@ -510,7 +510,6 @@ class PoolQueue:
         self.pool = pool
         self.engine_ids = engine_ids
         self.engine_set = frozenset(engine_ids)
-        self.block_size = cfg.block_size  # until the engines export theirs (follow_block_size)
         self.scheduler = PoolScheduler(scheduling.policy, cfg.admission, cfg.block_size)
         self.check_kv = cfg.admission != "none"
         self.max_outstanding = cfg.max_outstanding_per_engine or (1 << 30)
@@ -521,6 +520,11 @@ class PoolQueue:
         self._wake = asyncio.Event()
         self._stopped = False
 
+    @property
+    def block_size(self) -> int:
+        """The KV block size reservations are rounded to: the scheduler's (see :meth:`follow_block_size`)."""
+        return self.scheduler.block_size
+
     def follow_block_size(self) -> None:
         """Round reservations to the KV block size the engines export (``vllm:cache_config_info``; the largest in
         the pool, which covers a request's blocks on any of them), as vLLM allocates whole blocks: 128 tokens on
@@ -529,7 +533,7 @@ class PoolQueue:
         states = self.sched.registry.states
         size = max((states[e].metrics.kv_block_size for e in self.engine_ids), default=0)
         if size and size != self.block_size:
-            self.block_size = self.scheduler.block_size = size
+            self.scheduler.block_size = size
             for request in self.scheduler.waiting.values():  # queued under the old size: re-rounded
                 request.reserved_tokens = reservation_tokens(self.scheduler.admission, request, size)
 
@@ -1122,8 +1126,8 @@ class Scheduling:
             client_priority=client_priority if isinstance(client_priority, int) else 0)
         pools = self._by_model.get(job.model) or []
         pool = self.choose_pool(pools, sched_request) if pools else None
-        ticket = Ticket(sched_request, pool, self.ledger if self.check_kv else None,
-                        pool.block_size if pool is not None else cfg.block_size, cfg.grow_step_tokens)
+        ticket = Ticket(sched_request, pool, self.ledger if self.check_kv else None, cfg.block_size,
+                        cfg.grow_step_tokens)
         completed = False
         try:
             if pool is not None and self.active:

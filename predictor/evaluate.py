@@ -652,7 +652,7 @@ def main(args: argparse.Namespace) -> int:
     if unscored:
         print(f"maestro predictor evaluate: note: not scored: {', '.join(unscored)} (a single run in these files, so "
               "no held-out part; --split all scores every record)", file=sys.stderr)
-    if (not split_given and priors is None and split.get("part") == "train"
+    if (not split_given and split.get("part") == "train"  # a model's split (the priors have none)
             and not trained_on_files(training, args.data)):
         print(f"maestro predictor evaluate: note: {args.model} does not name these files among its training data, "
               f"so this scores the held-out {test_size:.0%} of their runs (the default --split test); for traces "
