@@ -178,7 +178,8 @@ class OnlineLearningConfig:
     # the redis buffer's stream (on state.redis_url); unset: "{state.key_prefix}:predictor:traces", so that
     # gateways kept apart by their key prefix (prod, staging) do not train on each other's traffic
     redis_key: str = "maestro:predictor:traces"
-    max_records: int = 50_000  # the buffer keeps the latest this many
+    max_records: int = 50_000  # the buffer keeps the latest this many...
+    max_bytes: int = 256 * 1024 * 1024  # ...and no more than this in all (as JSONL); a larger record is not kept
     refit_every: int = 1000  # new records between refits
     refit_interval_s: float = 600.0  # ...or this long, whichever comes first, if any record came
     min_records: int = 200  # buffered records needed before a refit
@@ -479,8 +480,8 @@ def _parse_predictor(raw: Any) -> PredictorConfig:
 
 def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
     path = "predictor.online"
-    checks = {name: "positive" for name in ("max_records", "refit_every", "refit_interval_s", "min_records",
-                                            "refit_timeout_s")}
+    checks = {name: "positive" for name in ("max_records", "max_bytes", "refit_every", "refit_interval_s",
+                                            "min_records", "refit_timeout_s")}
     online = _section(predictor, OnlineLearningConfig, path, checks, key="online")
     if online.buffer not in ONLINE_BUFFERS:
         raise ConfigError(f"{path}.buffer", f"must be one of {', '.join(ONLINE_BUFFERS)}, got {online.buffer!r}")

@@ -187,7 +187,8 @@ class RequestPredictor:
                 self._buffer_lock = claim(records.with_name(records.name + ".lock"),
                                           f"{records} (predictor.online.path)", "predictor.online.path")
                 buffer = await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: FileTraceBuffer(online.path, maxlen=online.max_records))
+                    None, lambda: FileTraceBuffer(online.path, maxlen=online.max_records,
+                                            max_bytes=online.max_bytes))
             except WorkDirInUse as exc:
                 raise ConfigError(exc.field, str(exc)) from None
             except OSError as exc:
@@ -200,9 +201,10 @@ class RequestPredictor:
             timeout = max(5.0, self.config.state.redis_timeout_s)  # off the request path: a snapshot is large
             self._redis = aioredis.Redis.from_url(self.config.state.redis_url, socket_timeout=timeout,
                                                   socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0))
-            buffer = RedisStreamBuffer(self._redis, online.redis_key, maxlen=online.max_records)
+            buffer = RedisStreamBuffer(self._redis, online.redis_key, maxlen=online.max_records,
+                                       max_bytes=online.max_bytes)
         else:
-            buffer = MemoryBuffer(online.max_records)
+            buffer = MemoryBuffer(online.max_records, online.max_bytes)
         self.learner = OnlineLearner(self._predictor, buffer, refit_every=online.refit_every,
                                      refit_interval_s=online.refit_interval_s, min_records=online.min_records,
                                      refit=refit)

@@ -76,7 +76,7 @@ def make_record(body: Mapping[str, Any], usage: Mapping[str, Any], headers: Mapp
 # hands the lines to the train command as they are; ``snapshot()`` parses them in an executor.
 
 class TraceBuffer(Protocol):
-    async def append(self, record: dict[str, Any]) -> None: ...
+    async def append(self, record: dict[str, Any]) -> bool | None: ...  # False: too large to keep
     async def snapshot(self) -> list[dict[str, Any]]: ...
     async def snapshot_lines(self) -> list[bytes]: ...
     async def close(self) -> None: ...
@@ -140,14 +140,34 @@ async def _in_executor(function: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, function, *args)
 
 
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # a buffer's records, as JSONL, at most (multi-agent records run 5-50 kB)
+
+
 class MemoryBuffer:
-    """The latest ``maxlen`` records, in memory (as JSONL lines)."""
+    """The latest records, in memory (as JSONL lines): at most ``maxlen`` of them and ``max_bytes`` in all. A count
+    alone does not bound memory: 50,000 records of a multi-agent framework's long prompts (Magentic-One's average
+    47 kB) are over 2 GB, in the gateway's process. A record larger than ``max_bytes`` on its own is not kept."""
 
-    def __init__(self, maxlen: int = 50_000) -> None:
-        self.lines: deque[bytes] = deque(maxlen=maxlen)
+    def __init__(self, maxlen: int = 50_000, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.lines: deque[bytes] = deque()
+        self.maxlen = maxlen
+        self.max_bytes = max_bytes
+        self.bytes = 0  # the lines' total size
 
-    async def append(self, record: dict[str, Any]) -> None:
-        self.lines.append(orjson.dumps(record) + b"\n")
+    def _keep(self, line: bytes) -> bool:
+        """Add a line, dropping the oldest while the buffer holds more than its bounds; False (nothing kept, nothing
+        dropped) for a line larger than ``max_bytes`` itself."""
+        if len(line) > self.max_bytes:
+            return False
+        self.lines.append(line)
+        self.bytes += len(line)
+        while len(self.lines) > self.maxlen or self.bytes > self.max_bytes:
+            self.bytes -= len(self.lines.popleft())
+        return True
+
+    async def append(self, record: dict[str, Any]) -> bool:
+        """Keep the record; False when it is larger than the whole buffer may hold (it is not kept)."""
+        return self._keep(orjson.dumps(record) + b"\n")
 
     async def snapshot_lines(self) -> list[bytes]:
         return list(self.lines)
@@ -165,18 +185,19 @@ class MemoryBuffer:
 class FileTraceBuffer(MemoryBuffer):
     """A bounded JSONL file: new records are appended in batches from an executor, every ``flush_every``
     records or ``flush_after_s`` seconds after the first unwritten one (so light traffic is on disk within
-    seconds, not after hours); when the file holds twice ``maxlen`` lines it is rewritten with the latest
-    ``maxlen`` (atomically, also in an executor). The file's latest records are read back at construction
-    (before serving starts).
+    seconds, not after hours); when the file holds twice ``maxlen`` lines or twice ``max_bytes`` it is rewritten
+    with the records the buffer holds (atomically, also in an executor). The file's latest records are read back
+    at construction (before serving starts).
 
     A write that fails (a full or read-only disk) loses no record a refit would use: the records stay in memory,
     refits get them, and their lines are written once the file can be written again (retried every
-    ``flush_after_s``; only lines older than the newest ``maxlen`` are given up). Such failures are logged, not
+    ``flush_after_s``; only lines older than the ones the buffer holds are given up). Such failures are logged, not
     raised to the caller, which would count the records as lost."""
 
     def __init__(self, path: str | Path, maxlen: int = 50_000, flush_every: int = 64,
-                 executor: Executor | None = None, flush_after_s: float = 1.0) -> None:
-        super().__init__(maxlen)
+                 executor: Executor | None = None, flush_after_s: float = 1.0,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        super().__init__(maxlen, max_bytes)
         self.path = Path(path)
         self.flush_every = flush_every
         self.flush_after_s = flush_after_s
@@ -185,6 +206,7 @@ class FileTraceBuffer(MemoryBuffer):
         self._timer: asyncio.Task | None = None
         self._writing: asyncio.Future | None = None  # the executor write in progress
         self._lines_on_disk = 0
+        self._bytes_on_disk = 0
         self._lock = asyncio.Lock()
         self.write_failures = 0  # failed writes in a row (0: the file is being written)
         if self.path.exists():
@@ -213,7 +235,8 @@ class FileTraceBuffer(MemoryBuffer):
                 if not _is_record(line):
                     skipped += 1
                     continue
-                self.lines.append(line)
+                self._keep(line)
+        self._bytes_on_disk = complete
         if skipped:
             log.warning("trace buffer %s: skipped %d lines that are not trace records", self.path, skipped)
             try:
@@ -221,19 +244,27 @@ class FileTraceBuffer(MemoryBuffer):
             except OSError as exc:  # the records are in memory; the next rewrite drops those lines
                 log.warning("trace buffer %s: could not rewrite it without them: %s", self.path, exc)
             else:
-                self._lines_on_disk = len(self.lines)
+                self._lines_on_disk, self._bytes_on_disk = len(self.lines), self.bytes
                 log.warning("trace buffer %s: rewritten with its %d latest records", self.path, len(self.lines))
 
-    async def append(self, record: dict[str, Any]) -> None:
+    async def append(self, record: dict[str, Any]) -> bool:
         line = orjson.dumps(record) + b"\n"
-        self.lines.append(line)
+        if not self._keep(line):
+            return False
         self._pending.append(line)
-        if len(self._pending) > self.lines.maxlen:  # only while writes fail: the oldest has left memory too
-            del self._pending[0]
+        self._trim_pending()  # only while writes fail: the oldest has left memory too
         if len(self._pending) >= self.flush_every and not self.write_failures:
             await self._flush_or_log()
         elif self._timer is None or self._timer.done():  # while writes fail, the timer retries
             self._timer = asyncio.get_running_loop().create_task(self._flush_later())
+        return True
+
+    def _trim_pending(self) -> None:
+        """Keep no more unwritten lines than the buffer holds: they are its newest, so the ones beyond have left it
+        (the buffer's bounds), and while the disk stays full or read-only they would otherwise all stay in memory."""
+        excess = len(self._pending) - len(self.lines)
+        if excess > 0:
+            del self._pending[:excess]
 
     async def _flush_later(self) -> None:
         """Write the pending lines ``flush_after_s`` from now; while writes fail, try again every
@@ -263,10 +294,13 @@ class FileTraceBuffer(MemoryBuffer):
                 return
             lines, self._pending = self._pending, []
             loop = asyncio.get_running_loop()
-            if self._lines_on_disk + len(lines) > 2 * self.lines.maxlen:
-                write, after = partial(self._rewrite, list(self.lines)), len(self.lines)
+            added = sum(map(len, lines))
+            if (self._lines_on_disk + len(lines) > 2 * self.maxlen
+                    or self._bytes_on_disk + added > 2 * self.max_bytes):
+                write, after = partial(self._rewrite, list(self.lines)), (len(self.lines), self.bytes)
             else:
-                write, after = partial(self._append, lines), self._lines_on_disk + len(lines)
+                write, after = (partial(self._append, lines),
+                                (self._lines_on_disk + len(lines), self._bytes_on_disk + added))
             self._writing = loop.run_in_executor(self.executor, write)
             try:
                 # shielded: a write in its thread cannot be stopped, so a cancelled flush (shutdown) must not
@@ -280,26 +314,24 @@ class FileTraceBuffer(MemoryBuffer):
                 self._put_back(lines)  # not written (a partial append is taken back): try again next time
                 self.write_failures += 1
                 raise
-            self._lines_on_disk = after
+            self._lines_on_disk, self._bytes_on_disk = after
             if self.write_failures:
                 log.warning("trace buffer %s: written again after %d failed writes", self.path, self.write_failures)
                 self.write_failures = 0
 
     def _put_back(self, lines: list[bytes]) -> None:
-        """Keep unwritten ``lines`` for the next flush, but never more than the buffer holds: while the disk
-        stays full or read-only every record would otherwise stay in memory, and the ones older than the
-        newest ``maxlen`` are no longer in the buffer anyway."""
+        """Keep unwritten ``lines`` for the next flush, but never more than the buffer holds."""
         self._pending[:0] = lines
-        del self._pending[:-self.lines.maxlen]
+        self._trim_pending()
 
-    def _settle(self, lines: list[bytes], after: int, write: asyncio.Future) -> None:
+    def _settle(self, lines: list[bytes], after: tuple[int, int], write: asyncio.Future) -> None:
         """The end of a write whose flush was cancelled: count it, or keep its lines for the next flush."""
         if write.cancelled() or write.exception() is not None:
             self._put_back(lines)
             log.warning("trace buffer %s: write failed: %s", self.path,
                         "cancelled" if write.cancelled() else write.exception())
         else:
-            self._lines_on_disk = after
+            self._lines_on_disk, self._bytes_on_disk = after
 
     async def _wait_writing(self) -> None:
         """Wait for a write a cancelled flush left running in its thread (its outcome was logged or raised)."""
@@ -339,15 +371,23 @@ SNAPSHOT_BATCH = 200  # stream entries per XRANGE: redis-py parses each reply on
 
 class RedisStreamBuffer:
     """A Redis stream capped at about ``maxlen`` entries (``XADD MAXLEN ~``), shared by several gateways.
-    ``client`` is a ``redis.asyncio.Redis``."""
+    ``client`` is a ``redis.asyncio.Redis``. A stream has no cap in bytes: a record larger than ``max_bytes`` is
+    not added, and a snapshot reads the newest entries back to ``maxlen`` of them or ``max_bytes`` in all (Redis's
+    own memory is bounded by its ``maxmemory``)."""
 
-    def __init__(self, client: Any, key: str = "maestro:predictor:traces", maxlen: int = 50_000) -> None:
+    def __init__(self, client: Any, key: str = "maestro:predictor:traces", maxlen: int = 50_000,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.client = client
         self.key = key
         self.maxlen = maxlen
+        self.max_bytes = max_bytes
 
-    async def append(self, record: dict[str, Any]) -> None:
-        await self.client.xadd(self.key, {"r": orjson.dumps(record)}, maxlen=self.maxlen, approximate=True)
+    async def append(self, record: dict[str, Any]) -> bool:
+        data = orjson.dumps(record)
+        if len(data) + 1 > self.max_bytes:  # as a snapshot's line, with its newline
+            return False
+        await self.client.xadd(self.key, {"r": data}, maxlen=self.maxlen, approximate=True)
+        return True
 
     async def snapshot_lines(self) -> list[bytes]:
         return await _in_executor(_checked, await self._fetch(), self.key, False)
@@ -356,21 +396,30 @@ class RedisStreamBuffer:
         return await _in_executor(_checked, await self._fetch(), self.key, True)  # checked and parsed in one pass
 
     async def _fetch(self) -> list[bytes]:
-        """The stream's latest ``maxlen`` entries as JSONL lines, as stored."""
-        lines, start = [], "-"
-        while True:
-            batch = await self.client.xrange(self.key, min=start, max="+", count=SNAPSHOT_BATCH)
-            if not batch:
-                break
+        """The stream's newest entries as JSONL lines, as stored, oldest first: at most ``maxlen`` of them (``MAXLEN
+        ~`` leaves a few more in the stream) and ``max_bytes`` in all. Read newest first, so that no more than that
+        is ever held."""
+        lines: list[bytes] = []
+        size, end = 0, "+"
+        while len(lines) < self.maxlen:
+            wanted = min(SNAPSHOT_BATCH, self.maxlen - len(lines))
+            batch = await self.client.xrevrange(self.key, max=end, min="-", count=wanted)
             for entry_id, fields in batch:
                 raw = fields.get(b"r", fields.get("r"))
-                if raw is not None:
-                    lines.append((raw if isinstance(raw, bytes) else raw.encode()) + b"\n")
-            last = batch[-1][0]
-            start = "(" + (last.decode() if isinstance(last, bytes) else last)
-            if len(batch) < SNAPSHOT_BATCH:
+                if raw is None:
+                    continue
+                line = (raw if isinstance(raw, bytes) else raw.encode()) + b"\n"
+                size += len(line)
+                if size > self.max_bytes:
+                    lines.reverse()
+                    return lines
+                lines.append(line)
+            if len(batch) < wanted:  # the stream's oldest entry was read
                 break
-        return lines[-self.maxlen:]
+            last = batch[-1][0]
+            end = "(" + (last.decode() if isinstance(last, bytes) else last)
+        lines.reverse()
+        return lines
 
     async def close(self) -> None:
         return None
@@ -425,8 +474,8 @@ class OnlineLearner:
         self.last_error: BaseException | None = None
         self.last_refit: dict[str, Any] | None = None  # outcome (ok, failed, rejected, skipped), records, ...
         # completed requests by what became of them: buffered, unusable (no usage / not a chat body),
-        # dropped (the inbox was full), failed (the buffer raised)
-        self.records = {"buffered": 0, "unusable": 0, "dropped": 0, "failed": 0}
+        # dropped (the inbox was full), failed (the buffer raised), too_large (larger than the whole buffer)
+        self.records = {"buffered": 0, "unusable": 0, "dropped": 0, "failed": 0, "too_large": 0}
 
     @property
     def predictor(self) -> Predictor:
@@ -473,12 +522,18 @@ class OnlineLearner:
     async def add(self, record: dict[str, Any]) -> bool:
         """Append a trace record to the buffer and start a refit when one is due; False if the buffer failed."""
         try:
-            await self.buffer.append(record)
+            kept = await self.buffer.append(record)
         except Exception as exc:  # noqa: BLE001 - a lost training record must not fail anything else
             self.records["failed"] += 1
             if self.records["failed"] in (1, 10, 100) or self.records["failed"] % 1000 == 0:
                 log.warning("trace buffer failed (%d records lost so far): %s", self.records["failed"], exc)
             self.last_error = exc
+            return False
+        if kept is False:
+            self.records["too_large"] += 1
+            if self.records["too_large"] in (1, 10, 100) or self.records["too_large"] % 1000 == 0:
+                log.warning("trace buffer: %d records larger than the whole buffer (predictor.online.max_bytes) "
+                            "were not kept", self.records["too_large"])
             return False
         self.records["buffered"] += 1
         self._since_refit += 1

@@ -70,7 +70,7 @@ async def test_gateway_records_what_the_client_sent_and_what_the_engine_produced
             with pytest.raises(openai.NotFoundError):
                 await client.chat.completions.create(model="nope", messages=messages, max_tokens=3)
         await learner.wait_buffered()
-        assert learner.records == {"buffered": 3, "unusable": 0, "dropped": 0, "failed": 0}
+        assert learner.records == {"buffered": 3, "unusable": 0, "dropped": 0, "failed": 0, "too_large": 0}
     records = list(read_records(tmp_path / "records.jsonl"))  # the file is a trace file `train --data` reads
     assert len(records) == 3
     for record, (body, completion, role, workflow) in zip(records, sent):
@@ -324,6 +324,7 @@ def test_online_config_is_validated(tmp_path):
     assert not parse_config(base).predictor.online.enabled  # off unless asked for
     for online, where in (({"buffer": "disk"}, "predictor.online.buffer"),
                           ({"refit_every": 0}, "predictor.online.refit_every"),
+                          ({"max_bytes": 0}, "predictor.online.max_bytes"),
                           ({"enabled": "yes"}, "predictor.online.enabled"),
                           ({"refit_evry": 5}, "predictor.online"),
                           ({"max_records": 100, "min_records": 200}, "predictor.online.min_records"),
@@ -818,3 +819,108 @@ async def test_an_answer_the_engine_cut_short_is_not_recorded(tmp_path):
             assert learner.records["buffered"] == 2
     finally:
         await engine.stop()
+
+
+def sized(i: int, size: int) -> dict:
+    """A trace record whose completion_tokens is ``i`` and whose JSONL line is exactly ``size`` bytes."""
+    from predictor.online import make_record
+
+    def record(pad: str) -> dict:
+        return make_record(chat("s", "q" + pad), {"prompt_tokens": 3, "completion_tokens": i})
+
+    return record("x" * (size - len(orjson.dumps(record("")) + b"\n")))
+
+
+def outputs(lines) -> list[int]:
+    """The completion_tokens of each JSONL line."""
+    return [orjson.loads(line)["usage"]["completion_tokens"] for line in lines]
+
+
+async def test_a_memory_buffer_keeps_its_newest_records_within_max_bytes():
+    """A count alone does not bound memory (multi-agent records run to 50 kB): the oldest records leave once the
+    lines pass max_bytes, and a record larger than the whole buffer is refused without dropping any other."""
+    buffer = MemoryBuffer(maxlen=100, max_bytes=1000)
+    for i in range(10):
+        assert await buffer.append(sized(i, 300)) is True
+    assert outputs(await buffer.snapshot_lines()) == [7, 8, 9]
+    assert buffer.bytes == 900 == sum(map(len, buffer.lines))
+    assert await buffer.append(sized(10, 1001)) is False  # alone larger than the buffer: not kept
+    assert outputs(await buffer.snapshot_lines()) == [7, 8, 9]
+    assert await buffer.append(sized(11, 1000)) is True  # exactly the bound: it alone
+    assert outputs(await buffer.snapshot_lines()) == [11] and buffer.bytes == 1000
+    count_bound = MemoryBuffer(maxlen=2, max_bytes=10_000)
+    for i in range(5):
+        await count_bound.append(sized(i, 300))
+    assert outputs(count_bound.lines) == [3, 4]
+    assert count_bound.bytes == 600
+
+
+async def test_the_learner_counts_records_too_large_for_the_buffer():
+    learner = OnlineLearner(buffer=MemoryBuffer(max_bytes=400))
+    assert await learner.observe(chat("s", "q"), {"prompt_tokens": 3, "completion_tokens": 2})
+    assert not await learner.observe(chat("s", "q" * 500), {"prompt_tokens": 3, "completion_tokens": 2})
+    assert learner.records["too_large"] == 1 and learner.records["buffered"] == 1 and len(learner.buffer) == 1
+    assert learner.status()["records"]["too_large"] == 1
+
+
+async def test_a_file_buffer_is_bounded_in_bytes_on_disk_in_memory_and_at_read_back(tmp_path):
+    """The file is rewritten with the records the buffer holds once it passes twice max_bytes (as it is at twice
+    maxlen lines), and reading it back keeps the newest within max_bytes."""
+    path = tmp_path / "records.jsonl"
+    buffer = FileTraceBuffer(path, maxlen=1000, flush_every=1, max_bytes=1000)
+    for i in range(6):
+        await buffer.append(sized(i, 300))  # one write each
+    assert outputs(path.read_bytes().splitlines()) == [0, 1, 2, 3, 4, 5]
+    assert outputs(buffer.lines) == [3, 4, 5]  # memory: within max_bytes
+    await buffer.append(sized(6, 300))  # 2,100 bytes on disk would pass 2 × 1,000: rewritten with what it holds
+    assert outputs(path.read_bytes().splitlines()) == [4, 5, 6]
+    assert buffer._bytes_on_disk == path.stat().st_size == 900
+    await buffer.append(sized(7, 300))
+    assert buffer._bytes_on_disk == path.stat().st_size == 1200
+    assert await buffer.append(sized(8, 2000)) is False  # not kept, not written
+    await buffer.close()
+    assert path.stat().st_size == 1200
+    again = FileTraceBuffer(path, maxlen=1000, max_bytes=700)  # read back within a smaller bound
+    assert outputs(again.lines) == [6, 7] and again.bytes == 600
+    assert again._bytes_on_disk == 1200 and again._lines_on_disk == 4
+    await again.close()
+
+
+async def test_unwritten_lines_are_no_more_than_the_buffer_holds_in_bytes(tmp_path):
+    """While the file cannot be written, the lines waiting for it are bounded by what the buffer holds: the ones
+    older than that have left it (here by max_bytes, far below maxlen)."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the buffer's folder should be")
+    buffer = FileTraceBuffer(blocker / "records.jsonl", maxlen=1000, flush_every=4, flush_after_s=3600,
+                             max_bytes=1000)
+    for i in range(40):
+        await buffer.append(sized(i, 250))
+    async with buffer._lock:  # a write still in its thread ends (failing) and puts its lines back
+        pass
+    assert buffer.write_failures >= 1
+    assert outputs(buffer._pending) == [36, 37, 38, 39]
+    blocker.unlink()
+    await buffer.close()
+    assert outputs((blocker / "records.jsonl").read_bytes().splitlines()) == \
+        [36, 37, 38, 39]
+
+
+@pytest.mark.redis
+async def test_a_redis_snapshot_reads_the_newest_entries_within_both_bounds(redis_trace_stream):
+    """Read newest first in batches (several here), returned oldest first; a record larger than max_bytes is not
+    added to the stream."""
+    client, key = redis_trace_stream
+    buffer = RedisStreamBuffer(client, key, maxlen=100_000, max_bytes=10_000_000)
+    for i in range(450):
+        assert await buffer.append(trace(i + 1)) is True
+    lines = await buffer.snapshot_lines()
+    assert outputs(lines) == list(range(1, 451))
+    size = len(lines[-1])
+    by_count = RedisStreamBuffer(client, key, maxlen=205)
+    assert outputs(await by_count.snapshot_lines()) == \
+        list(range(246, 451))
+    by_bytes = RedisStreamBuffer(client, key, max_bytes=size * 3 + 2)
+    assert outputs(await by_bytes.snapshot_lines()) == \
+        [448, 449, 450]
+    small = RedisStreamBuffer(client, key, max_bytes=50)
+    assert await small.append(trace(1)) is False and await client.xlen(key) == 450
