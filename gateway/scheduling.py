@@ -519,6 +519,7 @@ class PoolQueue:
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._stopped = False
+        self._largest: int | None = None  # the most any live engine can grant, as the waiting requests were fitted
 
     @property
     def block_size(self) -> int:
@@ -534,8 +535,25 @@ class PoolQueue:
         size = max((states[e].metrics.kv_block_size for e in self.engine_ids), default=0)
         if size and size != self.block_size:
             self.scheduler.block_size = size
-            for request in self.scheduler.waiting.values():  # queued under the old size: re-rounded
-                request.reserved_tokens = reservation_tokens(self.scheduler.admission, request, size)
+            self._largest = None  # queued under the old size: re-rounded (and fitted again) at the next dispatch
+
+    def _fit_to_engines(self, live: list[str]) -> int:
+        """The most one request may reserve now: the largest grant of the live engines. A request larger than that
+        runs alone on the largest rather than never, so every waiting request's reservation is its own (in the
+        current block size) capped at it, again whenever it changes: an engine that went down, came up, or
+        changed its capacity or block size. Fitted once at arrival, a request sized for an engine that then went
+        down could never be admitted, and under ``maestro`` an aged one held the whole pool until its timeout."""
+        largest = max(self.sched.ledger.grantable(e) for e in live)
+        if largest != self._largest:
+            self._largest = largest
+            admission, size = self.scheduler.admission, self.block_size
+            for request in self.scheduler.waiting.values():
+                request.reserved_tokens = min(reservation_tokens(admission, request, size), largest)
+        return largest
+
+    def has_live_engine(self) -> bool:
+        states = self.sched.registry.states
+        return any(states[e].up and not states[e].sleeping for e in self.engine_ids)
 
     # ---- views ------------------------------------------------------------------------------------------
     def _live(self) -> list[str]:
@@ -583,9 +601,7 @@ class PoolQueue:
             ticket.state = DONE
             return
         if self.check_kv:  # a request larger than any engine runs alone rather than never
-            largest = max(self.sched.ledger.grantable(e) for e in live)
-            if request.reserved_tokens > largest:
-                request.reserved_tokens = largest
+            request.reserved_tokens = min(request.reserved_tokens, self._fit_to_engines(live))
         ticket.state = WAITING
         self.tickets[rid] = ticket
         if len(scheduler.waiting) == 1 and await self._try_now(ticket):
@@ -710,8 +726,30 @@ class PoolQueue:
             if self.scheduler.waiting and not self._stopped:
                 self.kick()
 
+    def _hand_back(self) -> None:
+        """No engine of the pool is up any more: the waiting requests leave the queue (state DONE), as one that
+        arrives now does, so that they go to another pool serving the model or fail at once (no engine
+        available), not wait for their timeout with nothing here to serve them."""
+        waiting = [self.tickets.get(rid) for rid in self.scheduler.waiting]
+        self.scheduler.waiting.clear()
+        for ticket in waiting:
+            if ticket is None or ticket.state != WAITING:
+                continue
+            ticket.state = DONE
+            self.tickets.pop(ticket.request.request_id, None)
+            if ticket.future is not None and not ticket.future.done():
+                ticket.future.set_result(None)
+        self.sched.metrics.queued(self.name, 0)
+        log.warning("pool %s: no engine up; %d waiting requests handed back", self.name, len(waiting))
+
     async def _dispatch_once(self) -> bool:
         now = time.time()
+        live = self._live()
+        if not live:
+            self._hand_back()
+            return False
+        if self.check_kv:
+            self._fit_to_engines(live)
         proposals = self.scheduler.plan(now, self.slots(), self.sched.ctx)
         ledger = self.sched.ledger
         progressed = False
@@ -1134,6 +1172,13 @@ class Scheduling:
                 try:
                     async with asyncio.timeout(self.config.timeouts.total_s):
                         await pool.admit(ticket)
+                        while ticket.state == DONE and len(pools) > 1:  # its pool has no engine up (any more)
+                            others = [p for p in pools if p is not pool and p.has_live_engine()]
+                            if not others:
+                                break
+                            ticket.pool = pool = self.choose_pool(others, sched_request)
+                            ticket.state, ticket.future = NEW, None
+                            await pool.admit(ticket)
                 except TimeoutError:
                     raise APIError(503, f"The request waited {self.config.timeouts.total_s:g} s in the queue of "
                                         f"pool {pool.name} without an engine becoming free; retry later.",

@@ -35,6 +35,8 @@ class FaultEngine:
     aborted: int = 0
     runner: web.AppRunner | None = None
     url: str = ""
+    kv_blocks: int = 0  # > 0: export vllm:cache_config_info with this many blocks of block_size tokens
+    block_size: int = 16
 
     async def start(self, port: int = 0) -> str:
         app = web.Application()
@@ -61,6 +63,9 @@ class FaultEngine:
         text = (f'vllm:num_requests_running{{engine="0",model_name="{self.model}"}} 0.0\n'
                 f'vllm:num_requests_waiting{{engine="0",model_name="{self.model}"}} 0.0\n'
                 f'vllm:kv_cache_usage_perc{{engine="0",model_name="{self.model}"}} 0.0\n')
+        if self.kv_blocks:
+            text += (f'vllm:cache_config_info{{block_size="{self.block_size}",engine="0",'
+                     f'num_gpu_blocks="{self.kv_blocks}"}} 1.0\n')
         return web.Response(text=text, content_type="text/plain")
 
     def _completion(self) -> dict:

@@ -1425,3 +1425,76 @@ async def test_replayed_steps_fill_what_the_record_lacks_and_never_move_it_back(
     assert (record["expected_steps"], record["deadline"], record["steps_done"]) == (9, t0 + 500, 2)
     assert record["slo_class"] == "batch"  # given only with a step of the outage: filled in
     assert record["inflight"] == ["c"] and record["last_activity"] >= t0 - 100
+
+
+@bounded()
+@pytest.mark.parametrize("clusters", [1, 2])
+async def test_requests_queued_in_a_pool_whose_engines_all_went_down_do_not_wait_for_their_timeout(clusters):
+    """A request that arrives while no engine of its pool is up is answered at once (another cluster's pool, or a
+    503 no_engine_available); one already queued there when the last engine went down waited until
+    ``timeouts.total_s`` (900 s by default) for a 503 saying no engine became free. It leaves the queue the same
+    way now: to the other cluster, which serves it, or with the 503 at once. Nothing stays queued or reserved."""
+    async with fault_engine(mode="stall", delay_s=1.0) as first, fault_engine(mode="stall", delay_s=1.0) as second:
+        engines = [first, second][:clusters]
+        raw = sched_config([first.url], queue_policy="fcfs", admission="max_tokens", kv_capacity_tokens=1000)
+        raw["timeouts"] = {"total_s": 30}
+        if clusters == 2:
+            raw["clusters"] = [cluster("near", 1, first.url), cluster("far", 50, second.url)]
+            for entry in raw["clusters"]:
+                entry["pools"][0]["kv_capacity_tokens"] = 1000
+        async with live(raw) as (gw, session):
+            blockers = []
+            for i, engine in enumerate(engines):  # each engine's KV full for a second
+                blockers.append(asyncio.create_task(post(session, gw, chat(f"blocker {i}", max_tokens=900),
+                                                         timeout=30)))
+                await wait_for(lambda: engine.hits == 1)
+            queued = asyncio.create_task(post(session, gw, chat("queued", max_tokens=900), timeout=30))
+            await wait_for(lambda: sum(len(p.scheduler.waiting) for p in gw.scheduling.pools) == 1)
+            where = next(i for i, p in enumerate(gw.scheduling.pools) if p.scheduler.waiting)
+            started = time.monotonic()
+            await engines[where].stop()  # the pool's only engine: marked down after two failed probes 0.1 s apart
+            status, body = await queued
+            assert time.monotonic() - started < 5.0
+            if clusters == 2:
+                assert status == 200 and engines[1 - where].hits == 2  # served by the other cluster
+            else:
+                assert status == 503 and body["error"]["code"] == "no_engine_available"
+            await asyncio.gather(*blockers)
+            for pool in gw.scheduling.pools:
+                assert not pool.scheduler.waiting and not pool.tickets
+            await wait_for(lambda: not gw.scheduling.ledger.held)
+
+
+@bounded()
+async def test_a_request_larger_than_any_engine_is_fitted_again_when_the_engines_change():
+    """A request larger than any engine runs alone on the largest rather than never: its reservation is capped at
+    that engine's capacity. The cap was set once, at arrival: when that engine went down, or the engines' block
+    size changed, while the request waited, it fitted no engine any more and waited until its timeout, and under
+    ``maestro``, once aged, it held every other request of the pool behind it meanwhile."""
+    async with fault_engine(mode="stall", delay_s=1.0, kv_blocks=128) as big, \
+            fault_engine(mode="stall", delay_s=1.0, kv_blocks=64) as small:  # 2,048 and 1,024 tokens
+        raw = gateway_config([big.url, small.url], scheduling={"queue_policy": "maestro", "admission": "max_tokens",
+                                                               "max_wait_s": 0.5})
+        raw["timeouts"] = {"total_s": 30}
+        raw["models"][0]["max_model_len"] = 4096
+        async with live(raw) as (gw, session):
+            pool = gw.scheduling.pools[0]
+            await wait_for(lambda: set(gw.scheduling.ledger.capacity.values()) == {2048, 1024})
+            blockers = [asyncio.create_task(post(session, gw, chat(f"blocker {i}", max_tokens=500), timeout=30))
+                        for i in range(2)]
+            await wait_for(lambda: big.hits + small.hits == 2)
+            large = asyncio.create_task(post(session, gw, chat("large", max_tokens=3000), timeout=30))
+            await wait_for(lambda: len(pool.scheduler.waiting) == 1)
+            (request,) = pool.scheduler.waiting.values()
+            assert request.reserved_tokens == 2048  # capped at the big engine
+            await big.stop()
+            await wait_for(lambda: request.reserved_tokens == 1024)  # fitted to the engine that is left
+            small.block_size, small.kv_blocks = 32, 32  # the same 1,024 tokens in larger blocks
+            await wait_for(lambda: pool.block_size == 32)
+            await asyncio.sleep(0.3)  # a dispatch tick or more under the new size
+            assert request.reserved_tokens == 1024
+            small.mode = "ok"
+            assert (await large)[0] == 200  # aged by now, and admitted once the small engine's blocker ended
+            assert (await post(session, gw, chat("after")))[0] == 200
+            await asyncio.gather(*blockers)
+            await wait_for(lambda: not gw.scheduling.ledger.held and not pool.scheduler.waiting)
