@@ -102,6 +102,7 @@ class SharedLedger:
         self._local_only: set[str] = set()  # reserved during an outage in the local ledger alone
         self._tasks: set[asyncio.Task] = set()
         self._ops: dict[str, asyncio.Future] = {}  # request id -> its last remote grow/release in flight
+        self._readopting: asyncio.Future | None = None  # re-taking what the store forgot (see _store_forgot)
 
     @property
     def degraded(self) -> bool:
@@ -182,8 +183,7 @@ class SharedLedger:
         try:
             ok, reserved, capacity = await self._reserve_remote(request_id, engine_id, tokens)
             if not ok and capacity == 0 and self.capacity.get(engine_id):
-                # the store forgot the capacity (e.g. Redis restarted empty): set it again and retry once
-                await self.store.ledger_set_capacity(engine_id, self.capacity[engine_id])
+                await self._store_forgot()  # e.g. Redis restarted empty: take back what it lost, then retry once
                 ok, reserved, capacity = await self._reserve_remote(request_id, engine_id, tokens)
         except StateUnavailable as exc:
             self._degrade(exc)
@@ -420,11 +420,37 @@ class SharedLedger:
             return
         try:
             usage = await self.store.ledger_usage(engine_ids)
+            if any(capacity == 0 and self.capacity.get(e) for e, (_, capacity) in usage.items()):
+                await self._store_forgot()
+                usage = await self.store.ledger_usage(engine_ids)
         except StateUnavailable as exc:
             self._degrade(exc)
             return
         for engine_id, (reserved, capacity) in usage.items():
             self._server_reserved[engine_id] = reserved
+
+    async def _store_forgot(self) -> None:
+        """The store has no capacity for an engine this gateway gave one: it lost the ledger (a Redis that
+        restarted empty between two calls, so that none failed and the outage path never ran). Its capacities are
+        set again and this gateway's reservations re-taken (in order with their grows and releases) before the
+        caller admits more: with the capacity alone set again, new requests were admitted into the room of the
+        running ones, past the engine's capacity, until the next lease refresh re-took them (up to lease/3
+        later). Every gateway notices within a tick of its sync loop, which reads the view. Concurrent callers
+        share one re-take. Raises StateUnavailable."""
+        if self._readopting is None or self._readopting.done():
+            self._readopting = asyncio.ensure_future(self._readopt())
+        await asyncio.shield(self._readopting)
+
+    async def _readopt(self) -> None:
+        log.warning("the shared KV ledger lost its state (a store restarted empty?): setting %d capacities and "
+                    "re-taking this gateway's %d reservations", len(self.capacity), len(self.held))
+        for engine_id, tokens in list(self.capacity.items()):
+            await self.store.ledger_set_capacity(engine_id, tokens)
+        for request_id in list(self.held):
+            self._chain(request_id, self._adopt_remote(request_id))
+        pending = [self._ops[r] for r in list(self.held) if r in self._ops]
+        if pending:
+            await asyncio.wait(pending)
 
     def publish(self) -> None:
         for engine_id, capacity in self.capacity.items():

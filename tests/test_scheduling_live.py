@@ -978,6 +978,42 @@ async def test_a_redis_that_restarted_empty_gets_the_capacities_again_on_the_nex
         _delete_prefix(prefix)
 
 
+@pytest.mark.redis
+@bounded()
+async def test_a_redis_that_restarted_empty_under_running_requests_admits_nothing_into_their_room():
+    """A restart quicker than any call's failure (redis-py reconnects) leaves the ledger empty without an outage:
+    the next reservation found no capacity and set it again, and was admitted into the room of the requests
+    still running (912 + 912 tokens on a 1,000-token engine) until the periodic lease refresh re-took theirs.
+    Now the gateway re-takes what it holds before it admits more."""
+    from gateway.state.redis import RedisStateStore
+    from tests.test_state_store import _delete_prefix
+
+    redis_url = _redis_url_or_skip()
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+    reader = RedisStateStore(redis_url, key_prefix=prefix)
+    try:
+        async with fault_engine(mode="stall", delay_s=1.5) as engine:
+            raw = sched_config([engine.url], queue_policy="fcfs", admission="max_tokens",
+                               kv_capacity_tokens=1000, ledger_lease_s=60)  # the lease refresh: every 20 s
+            raw["state"] = {"backend": "redis", "redis_url": redis_url, "key_prefix": prefix}
+            async with live(raw) as (gw, session):
+                first = asyncio.create_task(post(session, gw, chat("first", max_tokens=900), timeout=20))
+                await wait_for(lambda: engine.hits == 1)
+                (_, held), = gw.scheduling.ledger.held.values()
+                assert (await reader.ledger_usage(["local/p/0"]))["local/p/0"] == (held, 1000)
+                _delete_prefix(prefix)  # what a restart without persistence leaves
+                second = asyncio.create_task(post(session, gw, chat("second", max_tokens=900), timeout=20))
+                await asyncio.sleep(0.6)
+                assert engine.hits == 1 and not first.done()  # the second waits for the first's room
+                assert (await reader.ledger_usage(["local/p/0"]))["local/p/0"] == (held, 1000)
+                assert (await first)[0] == 200 and (await second)[0] == 200
+                assert not gw.scheduling.ledger.degraded
+                await wait_for_async(lambda: _reserved_is(reader, 0))
+    finally:
+        await reader.close()
+        _delete_prefix(prefix)
+
+
 async def _reserved_is(store, value: int) -> bool:
     return (await store.ledger_usage(["local/p/0"]))["local/p/0"][0] == value
 
