@@ -16,6 +16,7 @@ import time
 from aiohttp import web
 
 from gateway.api.admin_routes import add_admin_routes, not_found
+from gateway.api.cors import add_cors
 from gateway.api.openai_routes import GATEWAY_KEY, add_openai_routes
 from gateway.config import Config
 from gateway.control.monitor import EngineMonitor
@@ -83,6 +84,7 @@ class Gateway:
         app[GATEWAY_KEY] = self
         add_openai_routes(app)
         add_admin_routes(app)
+        add_cors(app, self.config.server.cors_allowed_origins)
         app.router.add_route("*", "/{tail:.*}", not_found)
         return app
 

@@ -86,6 +86,8 @@ class ServerConfig:
     max_inflight: int = 4096
     gateway_id: str = ""
     shutdown_grace_s: float = 5.0  # on SIGTERM: how long requests in flight may finish before they are ended
+    # browser origins allowed to call the API (CORS), as vLLM's --allowed-origins: "*" any, () none
+    cors_allowed_origins: tuple[str, ...] = ("*",)
 
 
 @dataclass(frozen=True)
@@ -605,6 +607,10 @@ def parse_config(raw: Any) -> Config:
     for i, key in enumerate(server.api_keys):
         if not isinstance(key, str) or not key:
             raise ConfigError(f"server.api_keys[{i}]", "must be a non-empty string")
+    for i, origin in enumerate(server.cors_allowed_origins):
+        if not isinstance(origin, str) or not origin or origin != origin.strip():
+            raise ConfigError(f"server.cors_allowed_origins[{i}]", "must be an origin such as https://app.example "
+                                                                   "or \"*\"")
     state = _section(root, StateConfig, "state", {"engine_ttl_s": "positive", "heartbeat_interval_s": "positive",
                                                   "redis_timeout_s": "positive"})
     if state.backend not in STATE_BACKENDS:

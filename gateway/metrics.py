@@ -21,7 +21,7 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
-        self._requests = Counter("maestro_requests", "Requests answered, by route, model and HTTP status",
+        self._requests = Counter("maestro_requests", "Requests handled, by route, model and HTTP status (499: the client left first)",
                                  ("route", "model", "status"), registry=r)
         self._latency = Histogram("maestro_request_duration_seconds",
                                   "End-to-end request time seen by the gateway", ("route",),

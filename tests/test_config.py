@@ -73,6 +73,8 @@ def test_defaults_fill_in():
     (lambda c: c.update(clusters="c"), "clusters"),
     (lambda c: c.update(scheduling={"maestro_order": "random"}), "scheduling.maestro_order"),
     (lambda c: c.update(server={"api_keys": ["k", ""]}), "server.api_keys[1]"),
+    (lambda c: c.update(server={"cors_allowed_origins": ["https://a.example", " "]}), "server.cors_allowed_origins[1]"),
+    (lambda c: c.update(server={"cors_allowed_origins": "*"}), "server.cors_allowed_origins"),
     (lambda c: c.update(predictor={"online": {"base_data": [""]}}), "predictor.online.base_data[0]"),
     (lambda c: c.update(predictor={"online": {"path": ""}}), "predictor.online.path"),
     # YAML's .nan and .inf: NaN passed every comparison (a monitor interval of NaN probed thousands of times a

@@ -330,3 +330,43 @@ async def test_the_inflight_gauge_counts_requests_inside_the_gateway(engine):
         assert "maestro_inflight_requests 1.0" in gateway.metrics.render().decode()
         await waiting
         assert "maestro_inflight_requests 0.0" in gateway.metrics.render().decode()
+
+
+async def test_browsers_get_cors_answers_as_from_vllm(engine):
+    """vLLM allows every origin by default (``--allowed-origins``): a browser app that works against it must work
+    through the gateway. A preflight is answered before authentication (browsers send no key on it); answers,
+    streamed ones too, carry the allowed origin; a configured list refuses other origins; an empty one is off."""
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-workflow-id"}
+    raw = gateway_config([engine.url], server={"api_keys": ["k"]})
+    async with running_gateway(raw) as gateway, aiohttp.ClientSession() as session:
+        async with session.options(gateway.base_url + CHAT, headers=preflight) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "*"
+            assert r.headers["Access-Control-Allow-Headers"] == preflight["Access-Control-Request-Headers"]
+            assert "POST" in r.headers["Access-Control-Allow-Methods"]
+        for stream in (False, True):
+            async with session.post(gateway.base_url + CHAT, json={**GOOD, "stream": stream},
+                                    headers={"Origin": "https://app.example", "Authorization": "Bearer k"}) as r:
+                assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+                await r.read()
+        async with session.post(gateway.base_url + CHAT, json=GOOD, headers={"Origin": "https://app.example"}) as r:
+            assert r.status == 401 and r.headers["Access-Control-Allow-Origin"] == "*"  # the page can read why
+        async with session.options(gateway.base_url + CHAT) as r:  # not a preflight: an unknown route, as before
+            assert r.status == 404
+        async with session.get(gateway.base_url + "/v1/models", headers={"Authorization": "Bearer k"}) as r:
+            assert "Access-Control-Allow-Origin" not in r.headers  # no Origin, no CORS headers
+    listed = gateway_config([engine.url], server={"cors_allowed_origins": ["https://app.example"]})
+    async with running_gateway(listed) as gateway, aiohttp.ClientSession() as session:
+        async with session.options(gateway.base_url + CHAT, headers=preflight) as r:
+            assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert r.headers["Vary"] == "Origin"
+        async with session.options(gateway.base_url + CHAT, headers={**preflight, "Origin": "https://evil.example"}) \
+                as r:
+            assert r.status == 400 and (await r.json())["error"]["code"] == "cors_origin_not_allowed"
+        async with session.post(gateway.base_url + CHAT, json=GOOD, headers={"Origin": "https://evil.example"}) as r:
+            assert r.status == 200 and "Access-Control-Allow-Origin" not in r.headers
+    off = gateway_config([engine.url], server={"cors_allowed_origins": []})
+    async with running_gateway(off) as gateway, aiohttp.ClientSession() as session:
+        async with session.options(gateway.base_url + CHAT, headers=preflight) as r:
+            assert r.status == 404 and "Access-Control-Allow-Origin" not in r.headers

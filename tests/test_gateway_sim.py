@@ -44,6 +44,17 @@ async def test_async_sdk_chat_completions_and_models(gw):
         assert completion.usage.completion_tokens == 5
 
 
+async def test_the_sdk_retrieves_a_served_model_and_gets_404_for_another(gw):
+    """``client.models.retrieve`` calls ``GET /v1/models/{model}``, which was an unknown route (404 for every model);
+    a name with slashes (``meta-llama/...``) is one model id, not a path."""
+    async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+        model = await client.models.retrieve(MODEL)
+        assert (model.id, model.object, model.owned_by) == (MODEL, "model", "maestro")
+        with pytest.raises(openai.NotFoundError) as raised:
+            await client.models.retrieve("meta-llama/not-served")
+        assert raised.value.code == "model_not_found" and "meta-llama/not-served" in raised.value.message
+
+
 async def test_async_sdk_streaming_with_and_without_usage(gw):
     async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
         stream = await client.chat.completions.create(
@@ -168,6 +179,8 @@ async def test_disconnect_mid_stream_aborts_engine_request():
             await asyncio.sleep(0.01)
         assert engine.num_running == 0
         assert gw.inflight == 0
+        # the abandoned request is counted (499, nginx's code for a client that closed the connection)
+        assert b'maestro_requests_total{model="sim-model",route="chat",status="499"} 1.0' in gw.metrics.render()
 
 
 async def test_engine_metrics_flow_into_admin_view(gw):

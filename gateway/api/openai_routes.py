@@ -43,6 +43,8 @@ _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _ENDPOINTS_OF_KIND = {"vllm": "/v1/chat/completions or /v1/completions", "vllm-omni": "/v1/images/generations"}
 _NOT_FORWARDED = frozenset({"x-api-key", "x-forwarded-for", "x-real-ip", "x-request-id"})  # id set below
 
+CLIENT_CLOSED = 499  # the request metrics' status for a client that left before its answer ended (nginx's code)
+
 Handler = Callable[[web.Request, "Gateway", str], Awaitable[tuple[web.StreamResponse, str, RelayJob | None]]]
 
 
@@ -115,6 +117,10 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
         except asyncio.CancelledError:
             # a client that left, or a stream that already ended with the shutdown's error event: nothing to send
             if not gateway.draining or request.get(_RESPONSE_STARTED):
+                # counted as nginx does (499: the client closed the connection), or abandoned traffic (a client's
+                # own timeout, a user who gave up) would be invisible in the request metrics
+                gateway.metrics.request_done(route, request.get(_MODEL_LABEL, model), CLIENT_CLOSED,
+                                             time.perf_counter() - started, -1.0)
                 raise
             task.uncancel()  # type: ignore[union-attr]  # the gateway's stop cut it: the client is still there
             model = request.get(_MODEL_LABEL, model)
@@ -245,13 +251,26 @@ async def image_generations(request: web.Request, gateway: "Gateway", request_id
     return await gateway.proxy.serve(request, job), model, job
 
 
+def _model_object(gateway: "Gateway", name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(gateway.started_at), "owned_by": "maestro"}
+
+
 async def list_models(request: web.Request, gateway: "Gateway", request_id: str):
-    created = int(gateway.started_at)
-    data = [{"id": name, "object": "model", "created": created, "owned_by": "maestro"}
-            for name in gateway.registry.models()]
+    data = [_model_object(gateway, name) for name in gateway.registry.models()]
     response = web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json",
                             headers={"X-Request-Id": request_id})
     return response, "-", None
+
+
+async def retrieve_model(request: web.Request, gateway: "Gateway", request_id: str):
+    """``GET /v1/models/{model}`` (the SDK's ``models.retrieve``): the model's object, or 404 model_not_found.
+    Model names may hold slashes (``meta-llama/Llama-3.1-8B``): the route takes the rest of the path."""
+    name = request.match_info["model"]
+    if name not in gateway.registry.models():
+        raise model_not_found(name)
+    response = web.Response(body=orjson.dumps(_model_object(gateway, name)), content_type="application/json",
+                            headers={"X-Request-Id": request_id})
+    return response, name, None
 
 
 async def _mark_response_started(request: web.Request, response: web.StreamResponse) -> None:
@@ -264,3 +283,4 @@ def add_openai_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", openai_endpoint("completions", completions))
     app.router.add_post("/v1/images/generations", openai_endpoint("images", image_generations))
     app.router.add_get("/v1/models", openai_endpoint("models", list_models))
+    app.router.add_get("/v1/models/{model:.+}", openai_endpoint("models", retrieve_model))
