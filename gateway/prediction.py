@@ -241,12 +241,14 @@ class RequestPredictor:
         self.learner.trigger()
         return True
 
-    def record(self, body: Mapping[str, Any], usage: Mapping[str, Any], headers: Mapping[str, str] | None) -> None:
-        """Hand a completed chat request (the client's body, the engine's usage) to online learning."""
+    def record(self, body: Mapping[str, Any], usage: Mapping[str, Any], headers: Mapping[str, str] | None,
+               size: int = 0) -> None:
+        """Hand a completed chat request (the client's body, of ``size`` bytes as sent, and the engine's usage) to
+        online learning."""
         learner = self.learner
         if learner is not None:
             try:
-                learner.submit(body, usage, headers)
+                learner.submit(body, usage, headers, size)
             except Exception:  # noqa: BLE001 - training data must never fail a request that succeeded
                 log.exception("could not record a completed request for online learning")
 

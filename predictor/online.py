@@ -435,6 +435,8 @@ class RefitRejected(Exception):
 
 
 INBOX_LIMIT = 10_000  # completed requests waiting for the buffer; beyond this they are dropped and counted
+INBOX_MAX_BYTES = 64 * 1024 * 1024  # ...and no more than this of their bodies (a hung Redis: 10,000 bodies of up
+#                                     to 4 MiB each, the largest a gateway takes, would be gigabytes)
 
 
 class OnlineLearner:
@@ -449,7 +451,8 @@ class OnlineLearner:
                  base_records: Iterable[dict[str, Any]] = (), fit: Callable[[list[dict[str, Any]]], Predictor]
                  | None = None, refit: Refit | None = None, executor: Executor | None = None,
                  save_path: str | Path | None = None, priors: Mapping[str, Any] | None = None,
-                 clock: Callable[[], float] = time.monotonic, inbox_limit: int = INBOX_LIMIT) -> None:
+                 clock: Callable[[], float] = time.monotonic, inbox_limit: int = INBOX_LIMIT,
+                 inbox_max_bytes: int = INBOX_MAX_BYTES) -> None:
         self._predictor = predictor or Predictor.from_priors(priors)
         self.buffer = buffer if buffer is not None else MemoryBuffer()
         self.refit_every = refit_every
@@ -462,7 +465,9 @@ class OnlineLearner:
         self.save_path = Path(save_path) if save_path else None
         self.clock = clock
         self.inbox_limit = inbox_limit
-        self._inbox: deque[dict[str, Any]] = deque()
+        self.inbox_max_bytes = inbox_max_bytes
+        self._inbox: deque[tuple[dict[str, Any], int]] = deque()  # (record, its body's size as the client sent it)
+        self._inbox_bytes = 0
         self._drainer: asyncio.Task | None = None
         self._since_refit = 0
         self._last_refit = clock()
@@ -500,24 +505,29 @@ class OnlineLearner:
         return await self.add(record)
 
     def submit(self, body: Mapping[str, Any], usage: Mapping[str, Any],
-               headers: Mapping[str, str] | None = None) -> str:
+               headers: Mapping[str, str] | None = None, size: int = 0) -> str:
         """Record one completed request without waiting on the buffer (the request path's call): the record is
-        built now and written by a background task. Returns "queued", "unusable" or "dropped"."""
+        built now and written by a background task. ``size``: the body's size in bytes, as it came (bounds the
+        memory the waiting records hold). Returns "queued", "unusable" or "dropped"."""
         record = make_record(body, usage, headers)
         if record is None:
             self.records["unusable"] += 1
             return "unusable"
-        if len(self._inbox) >= self.inbox_limit:  # the buffer is slower than traffic: keep serving, count it
-            self.records["dropped"] += 1
+        if len(self._inbox) >= self.inbox_limit or (
+                self._inbox and self._inbox_bytes + size > self.inbox_max_bytes):
+            self.records["dropped"] += 1  # the buffer is slower than traffic: keep serving, count it
             return "dropped"
-        self._inbox.append(record)
+        self._inbox.append((record, size))
+        self._inbox_bytes += size
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.get_running_loop().create_task(self._drain())
         return "queued"
 
     async def _drain(self) -> None:
         while self._inbox:
-            await self.add(self._inbox.popleft())
+            record, size = self._inbox.popleft()
+            self._inbox_bytes -= size
+            await self.add(record)
 
     async def add(self, record: dict[str, Any]) -> bool:
         """Append a trace record to the buffer and start a refit when one is due; False if the buffer failed."""
@@ -659,6 +669,7 @@ class OnlineLearner:
             log.warning("trace buffer too slow at shutdown: %d waiting records not stored, and the one being "
                         "stored may be lost", len(self._inbox))
             self._inbox.clear()
+            self._inbox_bytes = 0
         if self._task is not None and not self._task.done():
             if cancel_refit:
                 self._task.cancel()

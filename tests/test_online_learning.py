@@ -213,6 +213,24 @@ async def test_submit_drops_beyond_the_inbox_without_waiting():
     learner._drainer.cancel()
 
 
+async def test_the_inbox_holds_no_more_than_its_bytes_of_waiting_bodies():
+    """A hung buffer (Redis stopped, not down: each call waits out its timeout) lets records pile up in the inbox:
+    10,000 bodies of up to 4 MiB would be gigabytes. Beyond inbox_max_bytes they are dropped and counted; one
+    record always fits, however large, so a large body is not refused on an empty inbox."""
+    class StuckBuffer(MemoryBuffer):
+        async def append(self, record):
+            await asyncio.sleep(3600)
+
+    learner = OnlineLearner(buffer=StuckBuffer(), inbox_max_bytes=1000)
+    usage = {"prompt_tokens": 3, "completion_tokens": 2}
+    assert learner.submit(chat("s", "big"), usage, size=5000) == "queued"  # alone: kept
+    await asyncio.sleep(0)  # the writer takes it and waits on the stuck buffer: the inbox is empty again
+    outcomes = [learner.submit(chat("s", f"q{i}"), usage, size=400) for i in range(4)]
+    assert outcomes == ["queued", "queued", "dropped", "dropped"] and learner.records["dropped"] == 2
+    assert learner._inbox_bytes == 800
+    learner._drainer.cancel()
+
+
 async def test_file_buffer_cuts_a_torn_last_line(tmp_path):
     """A crash mid-write leaves a line without its newline; the next start must not glue a record onto it."""
     path = tmp_path / "records.jsonl"

@@ -140,7 +140,7 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
         duration = time.perf_counter() - started
         if job is not None and job.trace_body is not None and job.usage and response.status == 200 \
                 and not job.incomplete:  # an answer the engine cut short is no output length to learn
-            gateway.scheduling.predictor.record(job.trace_body, job.usage, request.headers)
+            gateway.scheduling.predictor.record(job.trace_body, job.usage, request.headers, len(job.body))
         overhead = duration - job.upstream_s if job is not None and job.upstream_s >= 0 else -1.0
         gateway.metrics.request_done(route, model, response.status, duration, overhead)
         return response
