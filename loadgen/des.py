@@ -95,6 +95,7 @@ from gateway.core.queue_policy import (EDF, FCFS, STEP_TIME_WINDOW_S, LeastSlack
 from gateway.core.request import DEFAULT_SLO_CLASSES, INTERACTIVE, SchedRequest, SLOClass, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from loadgen.results import RequestResult, RunResult, WorkflowResult
+from loadgen.slo import check_workload_slo_classes
 from loadgen.workload import Workload
 from predictor.features import explicit_role_of, max_tokens_of
 from predictor.predictor import DEFAULT_PRIORS
@@ -200,6 +201,16 @@ class SimConfig:
         if not (self.sample_interval_s >= 0 and math.isfinite(self.sample_interval_s)):
             raise ValueError(f"sample_interval_s must be a finite number >= 0 (0: no time series), "
                              f"got {self.sample_interval_s!r}")
+        # the options go to the policy's constructor as keywords: checked here so that a list or an unknown
+        # name (simulate --queue-options '[1]' / '{"bogus": 1}') is a ValueError, not a TypeError in _build
+        if not isinstance(self.queue_options, dict):
+            raise ValueError(f"queue_options must be an object of the {self.queue_policy} policy's options, "
+                             f"got {self.queue_options!r:.80}")
+        try:
+            make_queue_policy(self.queue_policy, **self.queue_options)
+        except TypeError as exc:
+            raise ValueError(f"queue_options {self.queue_options!r:.80} do not fit the {self.queue_policy} "
+                             f"policy: {exc}") from None
 
 
 def two_cluster_config(engines: int = 16, engine: EngineSpec | None = None, rtt_s: tuple[float, float] = (0.002, 0.002),
@@ -999,6 +1010,9 @@ class Simulator(EngineHooks):
     def __init__(self, workload: Workload, config: SimConfig, predictor: Any = None,
                  cost_model: EngineCostModel | None = None) -> None:
         config.validate()
+        # an unknown class would fall back to interactive with no targets (met by construction); the gateway
+        # answers such a request with 400
+        check_workload_slo_classes(workload, config.slo_classes)
         self.workload = workload
         self.cfg = config
         self.predictor = predictor if predictor is not None else PriorPredictor()

@@ -53,6 +53,7 @@ from typing import Any
 
 from loadgen.des import ClusterSpec, EngineSpec, PoolSpec, SimConfig, load_predictor, simulate
 from loadgen.results import RunResult, prepare_output
+from loadgen.slo import add_gateway_config_argument, check_workload_slo_classes, slo_classes_from_args
 from loadgen.workload import Step, Workflow, Workload, load_workload
 
 # --------------------------------------------------------------------------------------------------- setup
@@ -79,22 +80,33 @@ class WorkloadParams:
     duration_s: float = 3600.0
     seed: int = 7
     interactive_share: float = 0.5
-    deadline_scale: float = 12.0
+    deadline_scale: float | None = 12.0  # None or 0: no deadline per workflow, the SLO class default applies
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     context_len: int = 16384
     declared_max_tokens: int | None = None  # None: clients declare none (= the context left)
     arrival: str = "poisson"
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` for what the generator would misread: ``declared_max_tokens`` 0 used to mean
+        "none declared" without a word (a client cannot declare 0 tokens)."""
+        if self.declared_max_tokens is not None and not self.declared_max_tokens >= 1:
+            raise ValueError(f"declared max tokens must be >= 1 (leave it out for none declared), "
+                             f"got {self.declared_max_tokens!r}")
+        if self.deadline_scale is not None and not self.deadline_scale >= 0:
+            raise ValueError(f"deadline scale must be >= 0 (0: the SLO class default), got {self.deadline_scale!r}")
+
 
 def make_workload(params: WorkloadParams) -> Workload:
     """The experiment workload: :mod:`loadgen.workloads`' generator, or a small built-in one without it."""
+    params.validate()
     try:
         from loadgen.workloads.builder import WorkloadSpec, build_workload
     except ImportError:  # pragma: no cover - the generator ships with the repo
         return _fallback_workload(params)
     spec = WorkloadSpec(templates={name: 1.0 for name in params.templates}, interactive_share=params.interactive_share,
                         rate=params.rate, duration_s=params.duration_s, arrival=params.arrival, seed=params.seed,
-                        deadline_scale=params.deadline_scale, context_len=params.context_len,
+                        # 0 means the SLO class default, as in `loadgen workload` (the spec's None)
+                        deadline_scale=params.deadline_scale or None, context_len=params.context_len,
                         max_tokens=params.declared_max_tokens or (1 << 30))
     workload = build_workload(spec)
     workload.meta["params"] = asdict(params)
@@ -133,7 +145,8 @@ def _fallback_workload(params: WorkloadParams) -> Workload:
                 steps.append(Step(f"s{j}", role, output, prompt, depends_on=(f"s{j - 1}",) if j else (),
                                   max_tokens=max(output, cap)))
                 ref += prompt / 10000.0 + output * 0.01
-            workflows.append(Workflow(f"chain-{i:05d}", round(t, 6), steps, deadline_s=round(params.deadline_scale * ref, 3)))
+            deadline = round(params.deadline_scale * ref, 3) if params.deadline_scale else None
+            workflows.append(Workflow(f"chain-{i:05d}", round(t, 6), steps, deadline_s=deadline))
         i += 1
     return Workload(workflows, name="fallback-chain-mix", seed=params.seed, meta={"params": asdict(params)})
 
@@ -309,17 +322,20 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictor", help="trained predictor model file (default: per-role priors)")
     parser.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(ENGINE_PROFILES))
     parser.add_argument("--interactive-share", type=float, default=0.5)
-    parser.add_argument("--deadline-scale", type=float, default=12.0)
+    parser.add_argument("--deadline-scale", type=float, default=12.0,
+                        help="workflow deadline = this x the reference critical path (12); 0 = the SLO class default")
     parser.add_argument("--declared-max-tokens", type=int, default=None,
-                        help="max_tokens every client declares (default: none, i.e. the context left)")
+                        help="max_tokens every client declares, >= 1 (default: none, i.e. the context left)")
     parser.add_argument("--templates", default=",".join(DEFAULT_TEMPLATES), help="comma-separated template names")
-    parser.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
 
 
 def _workload_params(args: argparse.Namespace, rate: float) -> WorkloadParams:
-    return WorkloadParams(rate=rate, duration_s=args.duration, seed=args.seed, interactive_share=args.interactive_share,
-                          deadline_scale=args.deadline_scale, templates=tuple(t for t in args.templates.split(",") if t),
-                          declared_max_tokens=args.declared_max_tokens)
+    params = WorkloadParams(rate=rate, duration_s=args.duration, seed=args.seed,
+                            interactive_share=args.interactive_share, deadline_scale=args.deadline_scale,
+                            templates=tuple(t for t in args.templates.split(",") if t),
+                            declared_max_tokens=args.declared_max_tokens)
+    params.validate()  # here, in this process, before any simulation starts
+    return params
 
 
 def _rates(text: str) -> list[float]:
@@ -351,21 +367,24 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-interval", type=float, default=1.0, help="KV time-series period, seconds")
     parser.add_argument("--reference", action="store_true", help="plain PoolScheduler (slow; for checking)")
     parser.add_argument("--out", "-o", help="write the RunResult JSON here")
-    _add_common(parser)
+    add_gateway_config_argument(parser)
+    _add_common(parser)  # no --jobs: one simulation runs in one process
 
 
 def simulate_main(args: argparse.Namespace) -> int:
     try:
         if args.out:
             prepare_output(args.out)
+        slo_classes = slo_classes_from_args(args)
         if args.workload:
             workload = load_workload(args.workload)
         else:
             workload = make_workload(_workload_params(args, args.rate))
+        check_workload_slo_classes(workload, slo_classes)
         config = SimConfig(clusters=cluster_specs(args.clusters, args.profile), queue_policy=args.queue,
                            queue_options=json.loads(args.queue_options), admission=args.admission,
                            cluster_routing=args.routing, sample_interval_s=args.sample_interval,
-                           reference=args.reference)
+                           reference=args.reference, slo_classes=slo_classes)
         run = simulate(workload, config, load_predictor(args.predictor))
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -381,8 +400,9 @@ def simulate_main(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - report.py ships with the repo
         print(attainment_table([{"queue": args.queue, "rate": run.meta.get("load") or float("nan"), "summary": s}]))
     print()
-    print(markdown(["reserved KV mean GiB", "reserved KV peak GiB", "used KV mean GiB", "capacity GiB",
-                    "simulated s", "wall s", "events"],
+    # arrival-window figures (E2's), in GiB: not the whole-run token figures of the table above
+    print(markdown(["reserved KV mean GiB (arrival window)", "reserved KV peak GiB",
+                    "used KV mean GiB (arrival window)", "capacity GiB", "simulated s", "wall s", "events"],
                    [[_gib(s["reserved_mean_bytes"]), _gib(s["reserved_peak_bytes"]), _gib(s["used_mean_bytes"]),
                      _gib(s["capacity_bytes"]), _sec(s["simulated_s"]), f"{s['sim_wall_s']:.1f}",
                      f"{s['events']:,}"]]))
@@ -407,6 +427,7 @@ def add_experiment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", help="E1: queue policies (default fcfs,edf,lsf,maestro)")
     parser.add_argument("--queue", default="maestro", help="E2/E3: queue policy")
     parser.add_argument("--out", "-o", help="JSON result file (default: results/<experiment>.json)")
+    parser.add_argument("--jobs", type=int, default=1, help="E1-E3: simulations run in parallel processes")
     _add_common(parser)
     from loadgen.fidelity import add_e4_arguments  # E4 (simulator fidelity, live vs simulated) is loadgen.fidelity
 

@@ -2,7 +2,9 @@
 
 For every workflow the runner starts at its arrival time (divided by ``time_scale``), then sends each step as
 soon as all its dependencies finished plus its ``think_time_s`` (also divided by ``time_scale``). A step whose
-dependency failed is not sent and its workflow fails. Every request is a streamed
+dependency failed is not sent and its workflow fails; the step is still recorded, as a failed request with status
+``error:dependency`` (counted in ``meta.dependency_skipped``), so a completed run holds one request per step of
+the workload, as a simulation does, and request SLO attainment is over all of them. Every request is a streamed
 ``POST {url}/chat/completions`` with ``stream_options.include_usage``; per request it records the send time,
 the first content token (TTFT), the end of the stream and ``usage`` into :class:`~loadgen.results.RequestResult`,
 and per workflow its arrival, finish and deadline into :class:`~loadgen.results.WorkflowResult`.
@@ -43,6 +45,10 @@ still written; the statuses are then ``error:stopped``). A stream that closes wi
 (:meth:`~loadgen.workload.Workload.offered_load`: arrivals per second of workload time, whatever the time scale),
 the figure the simulator records for the same workload.
 
+SLO targets (TTFT, TPOT) and the default workflow deadlines are the gateway's built-in classes' unless
+``slo_targets`` gives others (the CLI's ``--gateway-config FILE``: the classes of that gateway config); a workload
+naming a class not among them is refused before the run (the gateway would answer its requests with 400).
+
 Times in the result are seconds from the start of the run, wall clock (``time_base="wall"``; SLO targets and
 deadlines are divided by ``time_scale`` so attainment is judged on the compressed clock), or multiplied back by
 ``time_scale`` (``time_base="workload"``: comparable with a simulator run of the uncompressed workload; use it
@@ -68,6 +74,7 @@ import aiohttp
 import orjson
 
 from loadgen.results import RequestResult, RunResult, WorkflowResult, prepare_output
+from loadgen.slo import add_gateway_config_argument, check_workload_slo_classes, slo_classes_from_args
 from loadgen.workload import Step, Workflow, Workload, WorkloadError, load_workload
 
 HINT_HEADER = "X-Sim-Output-Tokens"
@@ -129,13 +136,16 @@ class LiveOptions:
     time_base: str = "wall"
     progress: bool = True
     policy: dict[str, str] = field(default_factory=dict)
+    # (ttft_s, tpot_s, workflow deadline_s) per SLO class; None: the gateway's built-in classes
+    # (the CLI's --gateway-config gives a config's own, which is what that gateway schedules by)
     slo_targets: dict[str, tuple[float | None, float | None, float | None]] | None = None
 
     def validate(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
-        if not self.time_scale > 0:
-            raise ValueError("time_scale must be > 0")
+        # inf would put every arrival at t=0 and make every target and deadline 0 (nan: no comparison holds)
+        if not (self.time_scale > 0 and math.isfinite(self.time_scale)):
+            raise ValueError(f"time_scale must be a finite number > 0, got {self.time_scale!r}")
         if self.max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
@@ -201,6 +211,8 @@ class LiveRunner:
         self.options = options
         self.model = options.model or workload.model
         self.targets = options.slo_targets or _slo_targets()
+        # a class the gateway does not know is answered with 400; judged here it would have no targets (met)
+        check_workload_slo_classes(workload, self.targets)
         self.scale = options.time_scale
         self._time_factor = self.scale if options.time_base == "workload" else 1.0
         self._target_factor = 1.0 if options.time_base == "workload" else 1.0 / self.scale
@@ -214,6 +226,7 @@ class LiveRunner:
         self.client_waits: list[float] = []
         self.not_started = 0
         self.not_sent = 0  # steps recorded as failed because the run ended while they waited for a slot
+        self.dependency_skipped = 0  # steps recorded as failed (error:dependency) because a dependency failed
         self._cancel_reason = "cancelled"  # what ends in-flight and waiting requests: time_limit, stopped, ...
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -338,7 +351,10 @@ class LiveRunner:
         try:
             for dep in step.depends_on:
                 if await asyncio.shield(done[dep]) is None:  # shield: a cancelled waiter must not cancel it
-                    future.set_result(None)  # a dependency failed: not sent
+                    # a dependency failed: not sent, but recorded as a failed request, so the result holds every
+                    # step of the workload (the simulator's denominator) and attainment is not overstated
+                    self._record_skipped(workflow, step)
+                    future.set_result(None)
                     return
             if step.think_time_s > 0:
                 await asyncio.sleep(step.think_time_s / self.scale)
@@ -418,6 +434,14 @@ class LiveRunner:
         result = self._new_result(workflow, step, ready)
         result.status = f"error:{self._cancel_reason}"
         self.not_sent += 1
+        self._record(result, step, in_flight=False)
+
+    def _record_skipped(self, workflow: Workflow, step: Step) -> None:
+        """A step never sent because a step it depends on failed: a failed request (``error:dependency``) at the
+        time the failure became known, counted in ``meta.dependency_skipped``."""
+        result = self._new_result(workflow, step, self._now())
+        result.status = "error:dependency"
+        self.dependency_skipped += 1
         self._record(result, step, in_flight=False)
 
     async def _send(self, workflow: Workflow, index: int, step: Step,
@@ -564,7 +588,8 @@ class LiveRunner:
             "load": self.workload.offered_load(), "context": self.options.context,
             "output_control": self.options.output_control, "max_concurrency": self.options.max_concurrency,
             "started_at_epoch": self._t0_epoch, "wall_s": round(wall, 3), "end": reason,
-            "not_started": self.not_started, "not_sent": self.not_sent, "status_counts": dict(self.status),
+            "not_started": self.not_started, "not_sent": self.not_sent,
+            "dependency_skipped": self.dependency_skipped, "status_counts": dict(self.status),
             "output_mismatches": self.output_mismatches, "peak_inflight": self.peak_inflight,
             "client_wait_s": {"mean": sum(waits) / len(waits) if waits else 0.0, "max": max(waits, default=0.0)},
             "errors": self.errors,
@@ -615,17 +640,20 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
     add("--policy", action="append", type=_key_value, metavar="KEY=VALUE",
         help="label the result with the gateway's policy (repeatable, e.g. queue=edf admission=predicted)")
     add("--no-progress", action="store_true", help="no progress bar")
+    add_gateway_config_argument(parser)
 
 
 def options_from_args(args: argparse.Namespace) -> LiveOptions:
+    """The options the flags describe; ``--gateway-config`` is read here (``ValueError`` when it is bad)."""
     import os
 
+    targets = {name: (c.ttft_s, c.tpot_s, c.workflow_deadline_s) for name, c in slo_classes_from_args(args).items()}
     return LiveOptions(url=args.url, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"), model=args.model,
                        time_scale=args.time_scale, max_concurrency=args.max_concurrency,
                        time_limit_s=args.time_limit, context=args.context, output_control=args.output_control,
                        declare_max_tokens=not args.no_max_tokens, steps_hint=args.steps_hint, client=args.client,
                        request_timeout_s=args.request_timeout, time_base=args.time_base,
-                       progress=not args.no_progress, policy=dict(args.policy or ()))
+                       progress=not args.no_progress, policy=dict(args.policy or ()), slo_targets=targets)
 
 
 def live_main(args: argparse.Namespace) -> int:
@@ -634,6 +662,7 @@ def live_main(args: argparse.Namespace) -> int:
         workload = load_workload(args.workload)
         options = options_from_args(args)
         options.validate()
+        check_workload_slo_classes(workload, options.slo_targets or _slo_targets())
         prepare_output(args.out)  # before the run: a bad --out must not cost the whole run
     except (WorkloadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

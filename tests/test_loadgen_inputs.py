@@ -21,7 +21,7 @@ from loadgen.live import LiveOptions, LiveRunner, add_live_arguments, live_main
 from loadgen.report import ReportError, _sum_series, add_report_arguments, kv_figures, load_run, report_main
 from loadgen.report import summarize as report_row
 from loadgen.results import RunResult
-from loadgen.workload import Step, Workflow, Workload, WorkloadError, arrival_rate, parse_workload
+from loadgen.workload import Step, Workflow, Workload, WorkloadError, arrival_rate, load_workload, parse_workload
 from loadgen.workloads import SpecError, WorkloadSpec, add_workload_arguments, generate_arrivals, workload_main
 from loadgen.workloads.arrivals import constant_arrivals, servegen_arrivals
 from loadgen.workloads.replay import replay_requests
@@ -135,13 +135,29 @@ def test_report_kv_figures_are_the_same_for_live_and_simulated_runs():
     assert kv["window_s"] < 0.5 * sim.meta["simulated_s"]
     live = _run_with_series({"reserved_kv_tokens": sim.series["reserved_kv_tokens"]}, mode="live")
     sim_row, live_row = report_row(sim, "sim"), report_row(live, "live")
-    assert sim_row.reserved_mean == live_row.reserved_mean and sim_row.reserved_peak == live_row.reserved_peak
-    # ... and it is the time average over the whole run (the simulator's exact figure, up to sampling)
-    assert sim_row.reserved_mean == pytest.approx(kv["reserved_mean_tokens_run"], rel=0.05)
+    # the same figure: the time average over the whole run, exact for the simulator, sampled for a live run
+    assert (sim_row.reserved_mean, sim_row.reserved_peak) == (kv["reserved_mean_tokens_run"], kv["reserved_peak_tokens"])
+    assert live_row.reserved_mean == pytest.approx(sim_row.reserved_mean, rel=0.05)
     assert sim_row.reserved_mean != pytest.approx(kv["reserved_mean_tokens"], rel=0.05)
     # without a series: the exact whole-run figures, not the arrival-window mean
     bare = _run_with_series({}, meta={"kv": kv})
     assert kv_figures(bare) == (kv["reserved_mean_tokens_run"], kv["reserved_peak_tokens"])
+
+
+def test_simulate_prints_the_exact_kv_figures_and_labels_each_table(tmp_path, capsys):
+    """A 1 s series misses most of a short run's reservations: the report row must show the simulator's exact
+    whole-run figures, and the two tables of `simulate` must say which span and unit each mean is."""
+    path = tmp_path / "w.json"
+    Workload([_chain("w0", 0.0), _chain("w1", 0.3)]).save(path)
+    assert simulate_main(_parse(add_simulate_arguments, ["--workload", str(path), "--clusters", "c0:1:1",
+                                                         "--out", str(tmp_path / "r.json")])) == 0
+    out = capsys.readouterr().out
+    kv = load_run(tmp_path / "r.json").meta["kv"]
+    header, _, row = out.splitlines()[:3]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["reserved KV mean tokens (whole run)"] == f"{kv['reserved_mean_tokens_run']:,.0f}"
+    assert cells["reserved KV peak tokens"] == f"{kv['reserved_peak_tokens']:,.0f}"
+    assert "reserved KV mean GiB (arrival window)" in out
 
 
 def test_report_sums_series_aligned_by_time_and_never_adds_a_total_to_its_parts():
@@ -180,6 +196,143 @@ def test_malformed_result_files_are_report_errors(document, message, tmp_path, c
     assert message in str(caught.value)
     assert report_main(_parse(add_report_arguments, [str(path), "--out", str(tmp_path / "out")])) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+# ------------------------------------------------------------------------------------------ SLO classes
+
+_GATEWAY_YAML = """
+clusters:
+  - name: c
+    pools:
+      - name: p
+        models: [m]
+        simulated: {count: 1}
+slo_classes:
+  interactive: {ttft_s: 0.5}
+  urgent: {ttft_s: 1.0, tpot_s: 0.05, workflow_deadline_s: 120}
+"""
+
+
+def _urgent_workload() -> Workload:
+    return Workload([Workflow("u", 0.0, [Step("a", "coder", 3, prompt_tokens=40),
+                                         Step("b", "reviewer", 3, prompt_tokens=40, depends_on=("a",))],
+                              slo_class="urgent"), *_calls(1).workflows], model="m")
+
+
+def _check_targets(run: RunResult) -> None:
+    targets = {r.slo_class: (r.ttft_target_s, r.tpot_target_s) for r in run.requests}
+    assert targets == {"urgent": (1.0, 0.05), "interactive": (0.5, 0.1)}
+    assert next(w for w in run.workflows if w.workflow_id == "u").deadline_s == 120.0
+
+
+def test_live_and_simulate_judge_by_the_gateway_configs_slo_classes(tmp_path, capsys):
+    """A class the gateway config defines (``urgent``) gets its targets and deadline in both modes; without the
+    config it is unknown and refused (it used to get no targets at all: met by construction)."""
+    config, path = tmp_path / "gw.yaml", tmp_path / "w.json"
+    config.write_text(_GATEWAY_YAML)
+    _urgent_workload().save(path)
+
+    def live(*extra: str) -> int:
+        async def main() -> int:
+            server, url = await _serve(_streamer(complete=True))
+            try:
+                args = _parse(add_live_arguments, ["--url", url, "--workload", str(path), "--no-progress",
+                                                   "--out", str(tmp_path / "live.json"), *extra])
+                return await asyncio.to_thread(live_main, args)
+            finally:
+                await server.cleanup()
+        return asyncio.run(main())
+
+    assert live() == 2
+    assert "error: workflow u: unknown SLO class 'urgent'" in capsys.readouterr().err
+    assert live("--gateway-config", str(config)) == 0, capsys.readouterr().err
+    _check_targets(load_run(tmp_path / "live.json"))
+
+    def sim(*extra: str) -> int:
+        return simulate_main(_parse(add_simulate_arguments, ["--workload", str(path), "--clusters", "c0:1:1",
+                                                             "--out", str(tmp_path / "sim.json"), *extra]))
+
+    assert sim() == 2
+    assert "error: workflow u: unknown SLO class 'urgent'" in capsys.readouterr().err
+    assert sim("--gateway-config", str(config)) == 0
+    _check_targets(load_run(tmp_path / "sim.json"))
+    capsys.readouterr()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_GATEWAY_YAML.replace("ttft_s: 1.0", "ttft_s: -1"))
+    assert sim("--gateway-config", str(bad)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --gateway-config {bad}: config error at slo_classes.urgent.ttft_s")
+
+
+def test_unknown_slo_classes_are_refused(tmp_path, capsys):
+    workload = Workload([Workflow("c", 0.0, [Step("call", "assistant", 3, prompt_tokens=40)],
+                                  kind="interactive", slo_class="nosuch")])
+    with pytest.raises(WorkloadError, match="workflow c: unknown SLO class 'nosuch'"):
+        simulate(workload, _config())
+    with pytest.raises(WorkloadError, match="unknown SLO class 'nosuch'"):
+        LiveRunner(workload, LiveOptions(url="http://127.0.0.1:1/v1", progress=False))
+    out = tmp_path / "w.json"
+    assert workload_main(_parse(add_workload_arguments, ["--workflow-slo-class", "nosuch", "--out", str(out)])) == 2
+    assert capsys.readouterr().err.startswith("error: workflow_slo_class (--workflow-slo-class): unknown SLO class")
+    assert not out.exists()
+    config = tmp_path / "gw.yaml"
+    config.write_text(_GATEWAY_YAML)
+    assert workload_main(_parse(add_workload_arguments, ["--workflow-slo-class", "urgent", "--gateway-config",
+                                                         str(config), "--duration", "20", "--out", str(out)])) == 0
+    assert {w.slo_class for w in load_workload(out).workflows} == {"urgent"}
+
+
+# ------------------------------------------------------------------------------------------ bad arguments
+
+@pytest.mark.parametrize("command, argv, message", [
+    ("simulate", ["--queue-options", "[1]"], "queue_options must be an object"),
+    ("simulate", ["--queue-options", '{"bogus": 1}'], "do not fit the maestro policy"),
+    ("simulate", ["--declared-max-tokens", "0"], "declared max tokens must be >= 1"),
+    ("experiment", ["E1", "--rates", "1", "--policies", "fcfs", "--duration", "5", "--declared-max-tokens", "0"],
+     "declared max tokens must be >= 1"),
+    ("workload", ["--rate", "1e9", "--duration", "1"], "rate x duration asks for about 1,000,000,000 arrivals"),
+    ("live", ["--time-scale", "inf"], "time_scale must be a finite number > 0"),
+    ("report", [], "it is a file, not a folder"),
+])
+def test_bad_arguments_are_clear_errors(command, argv, message, tmp_path, capsys):
+    existing = tmp_path / "existing.txt"
+    existing.write_text("a file")
+    workload = tmp_path / "w.json"
+    Workload([_chain("w0", 0.0)]).save(workload)
+    if command == "simulate":
+        code = simulate_main(_parse(add_simulate_arguments, ["--duration", "5", "--rate", "1", *argv]))
+    elif command == "experiment":
+        code = experiment_main(_parse(add_experiment_arguments, [*argv, "--out", str(tmp_path / "e.json")]))
+    elif command == "workload":
+        code = workload_main(_parse(add_workload_arguments, [*argv, "--out", str(tmp_path / "out.json")]))
+    elif command == "live":
+        code = live_main(_parse(add_live_arguments, ["--url", "http://127.0.0.1:1/v1", "--workload", str(workload),
+                                                     "--out", str(tmp_path / "r.json"), "--no-progress", *argv]))
+    else:
+        run = tmp_path / "r.json"
+        run.write_bytes(orjson.dumps(simulate(Workload([_chain("w0", 0.0)]), _config()).to_json()))
+        code = report_main(_parse(add_report_arguments, [str(run), "--out", str(existing)]))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert any(line.startswith("error: ") and message in line for line in err.splitlines()), err
+    assert existing.read_text() == "a file"
+
+
+def test_simulate_has_no_jobs_flag_and_deadline_scale_0_is_the_class_default(tmp_path, capsys):
+    """``--jobs`` did nothing in simulate (one simulation, one process): it is only E1-E3's now. ``--deadline-scale
+    0`` means the SLO class default in simulate and experiment too, as in ``loadgen workload``."""
+    with pytest.raises(SystemExit):
+        _parse(add_simulate_arguments, ["--jobs", "2"])
+    capsys.readouterr()
+    assert _parse(add_experiment_arguments, ["E1", "--jobs", "2"]).jobs == 2
+    assert simulate_main(_parse(add_simulate_arguments, ["--rate", "1", "--duration", "10", "--clusters", "c0:1:1",
+                                                         "--deadline-scale", "0", "--interactive-share", "0",
+                                                         "--out", str(tmp_path / "r.json")])) == 0
+    workflows = load_run(tmp_path / "r.json").workflows
+    assert workflows and {w.deadline_s for w in workflows} == {600.0}  # batch's workflow_deadline_s
+    assert simulate_main(_parse(add_simulate_arguments, ["--rate", "1", "--duration", "10",
+                                                         "--deadline-scale", "-1"])) == 2
+    assert "deadline scale must be >= 0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ live runner
@@ -267,6 +420,33 @@ async def test_requests_waiting_for_a_slot_are_recorded_when_the_run_ends(end):
     assert result.summary()["request_slo_attainment"] == 0.0 and runner.inflight == 0
     # the offered load is the workload's own (per workload second), not the spec's 99/s nor scaled by 2
     assert result.meta["load"] == workload.offered_load() == 100.0
+
+
+async def test_steps_skipped_after_a_failed_dependency_are_failed_requests():
+    """A workflow whose first step gets HTTP 400: its three dependents are never sent, but they are requests of
+    the workload all the same (the simulator counts them), so attainment is 1 of 5, not 1 of 2."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("X-Workflow-Step") == "0":
+            return web.Response(status=400, text="bad request")
+        return await _streamer(complete=True)(request)
+
+    server, url = await _serve(chat)
+    steps = [Step("a", "planner", 3, prompt_tokens=40), Step("b", "coder", 3, prompt_tokens=40, depends_on=("a",)),
+             Step("c", "coder", 3, prompt_tokens=40, depends_on=("a",)),
+             Step("d", "reviewer", 3, prompt_tokens=40, depends_on=("b", "c"))]
+    workload = Workload([Workflow("wf", 0.0, steps), *_calls(1).workflows], model="m")
+    try:
+        result = await asyncio.wait_for(LiveRunner(workload, LiveOptions(url=url, progress=False)).run(), 5.0)
+    finally:
+        await server.cleanup()
+    status = {r.step_id: r.status for r in result.requests}
+    assert status == {"a": "error:http_400", "b": "error:dependency", "c": "error:dependency",
+                      "d": "error:dependency", "call": "ok"}
+    summary = result.summary()
+    assert summary["requests"] == 5 and summary["requests_ok"] == 1
+    assert summary["request_slo_attainment"] == pytest.approx(0.2)
+    assert result.meta["dependency_skipped"] == 3 and result.meta["end"] == "completed"
+    assert sum(result.meta["status_counts"].values()) == 5
 
 
 async def test_a_runner_bug_is_raised_not_passed_off_as_a_completed_run(monkeypatch):

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from loadgen.results import prepare_output
+from loadgen.slo import add_gateway_config_argument, check_slo_class_names, slo_classes_from_args
 from loadgen.workloads.arrivals import ARRIVALS
 from loadgen.workloads.builder import SpecError, WorkloadSpec, build_workload, template_names, template_stats
 from loadgen.workloads.data import DataUnavailable
@@ -81,6 +82,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-tokens", type=int, help="max_tokens a step declares, fitted to the context (4096)")
     add("--tool-time", type=float, help="trace templates: pause for a tool / code execution, seconds (1)")
     add("--user-time", type=float, help="trace templates: pause for a user's turn, seconds (3)")
+    add_gateway_config_argument(parser)  # which SLO class names the three --*-slo-class flags may give
 
 
 def spec_from_args(args: argparse.Namespace) -> WorkloadSpec:
@@ -127,6 +129,10 @@ def workload_main(args: argparse.Namespace) -> int:
             return 2
         prepare_output(args.out)
         spec = spec_from_args(args)
+        # a class the gateway does not know is answered with 400: refuse it here, not in the run
+        check_slo_class_names(((f"{name} (--{name.replace('_', '-')})", getattr(spec, name))
+                               for name in ("workflow_slo_class", "interactive_slo_class", "replay_slo_class")),
+                              slo_classes_from_args(args))
         workload = build_workload(spec)
         workload.save(args.out)
     except (SpecError, DataUnavailable, ValueError) as exc:
