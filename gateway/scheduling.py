@@ -103,6 +103,7 @@ class SharedLedger:
         self._tasks: set[asyncio.Task] = set()
         self._ops: dict[str, asyncio.Future] = {}  # request id -> its last remote grow/release in flight
         self._readopting: asyncio.Future | None = None  # re-taking what the store forgot (see _store_forgot)
+        self._epoch: str | None = None  # the store's ledger generation as this gateway last saw it (None: not yet)
 
     @property
     def degraded(self) -> bool:
@@ -360,6 +361,7 @@ class SharedLedger:
                 if current is held and (held is None or held[1] == tokens):  # not moved or grown meanwhile
                     self._adopt.discard(request_id)
             usage = await self.store.ledger_usage(list(self.capacity))
+            epoch = await self._current_epoch()  # the store may have restarted empty meanwhile: everything is re-taken
         except StateUnavailable:
             return False
         # No await from here to the switch: nothing can slip between the sets read below and local = None.
@@ -376,6 +378,7 @@ class SharedLedger:
         self._to_release.clear()
         self._adopt.clear()
         self._local_only.clear()
+        self._epoch = epoch
         self.local = None
         self.metrics.ledger_degraded.set(0)
         log.warning("shared KV ledger reachable again; %d reservations re-adopted (%d of them after the replay)",
@@ -419,24 +422,50 @@ class SharedLedger:
         if self.sync is not None or self.local is not None or not engine_ids:
             return
         try:
-            usage = await self.store.ledger_usage(engine_ids)
-            if any(capacity == 0 and self.capacity.get(e) for e, (_, capacity) in usage.items()):
+            usage, epoch = await self._usage(engine_ids)
+            if await self._lost(usage, epoch):
                 await self._store_forgot()
-                usage = await self.store.ledger_usage(engine_ids)
+                usage, epoch = await self._usage(engine_ids)
         except StateUnavailable as exc:
             self._degrade(exc)
             return
         for engine_id, (reserved, capacity) in usage.items():
             self._server_reserved[engine_id] = reserved
 
+    async def _usage(self, engine_ids: list[str]) -> tuple[dict[str, tuple[int, int]], str | None]:
+        """The store's view of the engines, and its ledger epoch (None: a store that has none)."""
+        with_epoch = getattr(self.store, "ledger_usage_epoch", None)
+        if with_epoch is None:
+            return await self.store.ledger_usage(engine_ids), None
+        return await with_epoch(engine_ids)
+
+    async def _lost(self, usage: dict[str, tuple[int, int]], epoch: str | None) -> bool:
+        """Whether the store lost the ledger since this gateway last looked: no capacity for an engine this gateway
+        gave one, or another epoch (a gateway that noticed first has set the capacities again and started a new
+        epoch: without it, the others saw the capacities back and never re-took their reservations)."""
+        if any(capacity == 0 and self.capacity.get(e) for e, (_, capacity) in usage.items()):
+            return True
+        if epoch is None or epoch == self._epoch:
+            return False
+        if self._epoch is None:  # this gateway's first look (at start, before it serves: it holds nothing)
+            self._epoch = epoch or await self._current_epoch()
+            return bool(self.held)  # it holds reservations from before: whether they were lost is unknown
+        return True
+
+    async def _current_epoch(self) -> str | None:
+        """The store's ledger epoch, started now if it has none (None: a store without epochs)."""
+        epoch = getattr(self.store, "ledger_epoch", None)
+        return await epoch() if epoch is not None else None
+
     async def _store_forgot(self) -> None:
-        """The store has no capacity for an engine this gateway gave one: it lost the ledger (a Redis that
-        restarted empty between two calls, so that none failed and the outage path never ran). Its capacities are
-        set again and this gateway's reservations re-taken (in order with their grows and releases) before the
-        caller admits more: with the capacity alone set again, new requests were admitted into the room of the
-        running ones, past the engine's capacity, until the next lease refresh re-took them (up to lease/3
-        later). Every gateway notices within a tick of its sync loop, which reads the view. Concurrent callers
-        share one re-take. Raises StateUnavailable."""
+        """The store lost the ledger: a Redis that restarted empty between two calls, so that none failed and the
+        outage path never ran. Its capacities are set again, a new epoch started (for the other gateways to see)
+        and this gateway's reservations re-taken (in order with their grows and releases) before the caller
+        admits more: with the capacity alone set again, new requests were admitted into the room of the running
+        ones, past the engine's capacity, until the next lease refresh re-took them (up to lease/3 later). Every
+        gateway notices within a tick of its sync loop, which reads the view (and the epoch); until the last has,
+        the others may admit into the room of its running requests. Concurrent callers share one re-take.
+        Raises StateUnavailable."""
         if self._readopting is None or self._readopting.done():
             self._readopting = asyncio.ensure_future(self._readopt())
         await asyncio.shield(self._readopting)
@@ -446,6 +475,7 @@ class SharedLedger:
                     "re-taking this gateway's %d reservations", len(self.capacity), len(self.held))
         for engine_id, tokens in list(self.capacity.items()):
             await self.store.ledger_set_capacity(engine_id, tokens)
+        self._epoch = await self._current_epoch()
         for request_id in list(self.held):
             self._chain(request_id, self._adopt_remote(request_id))
         pending = [self._ops[r] for r in list(self.held) if r in self._ops]
@@ -684,6 +714,9 @@ class PoolQueue:
             return False
         if not ok:
             ticket.state = WAITING
+            if self._largest is not None:  # out of the queue during the call: fitted to the engines as they are now
+                request.reserved_tokens = min(
+                    reservation_tokens(self.scheduler.admission, request, self.block_size), self._largest)
             self.scheduler.waiting[rid] = request
             return False
         self._admitted(ticket, engine_id, tokens, now, counted=True)
@@ -1022,6 +1055,7 @@ class Scheduling:
             for queue in self.pools:  # the first probes are in: no request is rounded to the default first
                 queue.follow_block_size()
             await self.ledger.set_capacities(self._capacities(), push_all=True)
+            await self.ledger.refresh_view(list(self.ledger.capacity))  # learns the ledger's epoch before serving
         self._task = asyncio.get_running_loop().create_task(self._sync_loop(), name="scheduling-sync")
 
     async def stop(self) -> None:

@@ -404,3 +404,54 @@ def test_a_request_moved_or_grown_around_the_resync_keeps_its_reservation_in_the
         assert ledger.held["moved"] == ["B", 100] and ledger.held["grown"] == ["A", 300]
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("first", ["view", "reserve"])
+def test_every_gateway_re_takes_its_reservations_when_redis_restarted_empty(first):
+    """A restart without persistence, quicker than any call's failure: the gateway that notices first (its sync
+    loop's view, or a reservation that finds no capacity) sets the capacities again. The others then saw the
+    capacities back and never re-took their running reservations until their lease refresh (10 s by default),
+    so new requests were admitted into that room: 600 + 600 tokens on a 1,000-token engine. The ledger's epoch
+    changes with the restart, and each gateway's next view re-takes what it holds."""
+    _redis_or_skip()
+    from gateway.metrics import GatewayMetrics
+    from gateway.scheduling import SharedLedger
+    from gateway.state.redis import RedisStateStore
+    from tests.test_state_store import _delete_prefix
+
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+
+    async def run() -> None:
+        stores = [RedisStateStore(REDIS_URL, key_prefix=prefix, timeout_s=5.0) for _ in range(2)]
+        a, b = (SharedLedger(store, 60.0, GatewayMetrics()) for store in stores)
+        try:
+            for ledger in (a, b):
+                await ledger.set_capacities({"e": 1000}, push_all=True)
+                await ledger.refresh_view(["e"])  # each learns the ledger's epoch
+            assert a._epoch == b._epoch and a._epoch
+            assert await b.reserve("b1", "e", 600)
+            _delete_prefix(prefix)  # what the restart leaves
+            held_by_a = 0
+            if first == "view":
+                await a.refresh_view(["e"])  # a's sync loop notices first: capacities back, a new epoch
+            else:  # finds no capacity, re-sets it and retries (until b's next tick, b1's room looks free)
+                assert await a.reserve("a0", "e", 100)
+                held_by_a = 100
+            await b.refresh_view(["e"])  # b's next tick: the epoch changed, b re-takes b1
+            assert await stores[0].ledger_usage(["e"]) == {"e": (600 + held_by_a, 1000)}
+            assert not await a.reserve("a1", "e", 600)  # no room: b1 runs there
+            assert a._epoch == b._epoch != ""
+            b.release("b1")
+            await asyncio.sleep(0.05)  # the release goes out in the background
+            assert await a.reserve("a1", "e", 600)
+        finally:
+            for ledger in (a, b):
+                await ledger.close()
+            for store in stores:
+                await store.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        _delete_prefix(prefix)

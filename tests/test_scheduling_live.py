@@ -1534,3 +1534,70 @@ async def test_a_request_larger_than_any_engine_is_fitted_again_when_the_engines
             assert (await post(session, gw, chat("after")))[0] == 200
             await asyncio.gather(*blockers)
             await wait_for(lambda: not gw.scheduling.ledger.held and not pool.scheduler.waiting)
+
+
+@bounded()
+async def test_a_request_whose_reservation_failed_is_fitted_to_the_engines_as_they_are_then():
+    """A shared-ledger reservation takes the request out of the queue while the call is in flight. If the
+    largest engine went down meanwhile and another request's arrival fitted the queue to what was left, a failed
+    call put the request back with its old size, larger than any engine up, and it waited until its timeout."""
+    from types import SimpleNamespace as NS
+
+    from gateway.core.queue_policy import make_queue_policy
+    from gateway.scheduling import ADMITTED, PoolQueue, Ticket
+
+    class OnceRefusedLedger:
+        synchronous = False
+
+        def __init__(self) -> None:
+            self.capacity = {"big": 2000, "small": 1000}
+            self.reserved: dict[str, int] = {"big": 0, "small": 0}
+            self.refuse = {"R": asyncio.Event()}  # R's first call waits, then fails (the store said no)
+
+        def grantable(self, engine_id: str) -> int:
+            return self.capacity[engine_id]
+
+        def free(self, engine_id: str) -> int:
+            return self.capacity[engine_id] - self.reserved[engine_id]
+
+        async def reserve(self, request_id: str, engine_id: str, tokens: int) -> bool:
+            if request_id in self.refuse:
+                await self.refuse.pop(request_id).wait()
+                return False
+            if self.free(engine_id) < tokens:
+                return False
+            self.reserved[engine_id] += tokens
+            return True
+
+        def release(self, request_id: str) -> None:
+            pass
+
+        async def refresh_view(self, engine_ids: list[str]) -> None:
+            pass
+
+    states = {e: NS(up=True, sleeping=False, metrics=NS(kv_block_size=16)) for e in ("big", "small")}
+    ledger = OnceRefusedLedger()
+    sched = NS(cfg=NS(admission="max_tokens", block_size=16, max_outstanding_per_engine=0, tick_s=0.02),
+               policy=make_queue_policy("fcfs"), registry=NS(states=states), ledger=ledger,
+               metrics=NS(queued=lambda *a: None, queue_wait=lambda *a: None),
+               ctx=PolicyContext(service_time=lambda r: 1.0), pool_of_engine={})
+    pool = PoolQueue(sched, NS(name="c", rtt_ms=0), NS(name="p", simulated=None), ["big", "small"])
+
+    def ticket(rid: str, max_tokens: int) -> Ticket:
+        return Ticket(SchedRequest(rid, MODEL, time.time(), 100, max_tokens, max_tokens, max_tokens), pool, None,
+                      16, 256)
+
+    refused = ledger.refuse["R"]
+    large = ticket("R", 3000)
+    admitting = asyncio.create_task(pool.admit(large))
+    await wait_for(lambda: "R" not in ledger.refuse)  # its call is in flight: R is out of the queue
+    assert large.request.reserved_tokens == 2000  # capped at the big engine
+    states["big"].up = False
+    small = ticket("S", 100)
+    await pool.admit(small)  # fits the queue to the small engine (R is not in it)
+    assert small.state == ADMITTED
+    ledger.reserved["small"] = 0  # S ended
+    refused.set()  # R's call fails: R goes back to the queue
+    await asyncio.wait_for(admitting, 5.0)
+    assert large.state == ADMITTED and large.engine_id == "small" and large.request.reserved_tokens == 1000
+    await pool.stop()

@@ -44,6 +44,7 @@ _ENDPOINTS_OF_KIND = {"vllm": "/v1/chat/completions or /v1/completions", "vllm-o
 _NOT_FORWARDED = frozenset({"x-api-key", "x-forwarded-for", "x-real-ip", "x-request-id"})  # id set below
 
 CLIENT_CLOSED = 499  # the request metrics' status for a client that left before its answer ended (nginx's code)
+SHUTDOWN_CUT = 503  # ...and for a stream the gateway's stop ended (with an error event: gateway_shutting_down)
 
 Handler = Callable[[web.Request, "Gateway", str], Awaitable[tuple[web.StreamResponse, str, RelayJob | None]]]
 
@@ -118,8 +119,10 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
             # a client that left, or a stream that already ended with the shutdown's error event: nothing to send
             if not gateway.draining or request.get(_RESPONSE_STARTED):
                 # counted as nginx does (499: the client closed the connection), or abandoned traffic (a client's
-                # own timeout, a user who gave up) would be invisible in the request metrics
-                gateway.metrics.request_done(route, request.get(_MODEL_LABEL, model), CLIENT_CLOSED,
+                # own timeout, a user who gave up) would be invisible in the request metrics; a stream the
+                # gateway's stop cut (it ended with the shutdown's error event) as the 503 the others get
+                status = SHUTDOWN_CUT if gateway.draining else CLIENT_CLOSED
+                gateway.metrics.request_done(route, request.get(_MODEL_LABEL, model), status,
                                              time.perf_counter() - started, -1.0)
                 raise
             task.uncancel()  # type: ignore[union-attr]  # the gateway's stop cut it: the client is still there

@@ -11,7 +11,9 @@ Layout under ``key_prefix`` (default ``maestro``):
 * the shared KV ledger, per engine ``e`` and request ``r`` (all changed only by the Lua scripts below):
   ``{prefix}:kv:cap:{e}`` capacity in tokens (24 h TTL, re-set by every gateway's sync loop),
   ``{prefix}:kv:res:{e}`` hash r -> tokens, ``{prefix}:kv:exp:{e}`` sorted set r -> lease expiry (ms, Redis
-  ``TIME``), ``{prefix}:kv:sum:{e}`` reserved total, ``{prefix}:kv:req:{r}`` -> e (PX lease)
+  ``TIME``), ``{prefix}:kv:sum:{e}`` reserved total, ``{prefix}:kv:req:{r}`` -> e (PX lease),
+  ``{prefix}:kv:epoch`` the ledger's generation (a random token; gone with the rest after a restart without
+  persistence, which is how a gateway whose calls never failed learns its reservations were lost)
 
 Why a sorted-set index: listing must not use KEYS/SCAN (O(keyspace), blocks a shared Redis). The key's own TTL
 decides liveness; the index only has to be a superset, so listing reads ids scored a little in the past (to
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -190,7 +193,19 @@ for i = 2, #ARGV do
   out[#out + 1] = tonumber(redis.call('GET', K('sum', e)) or '0')
   out[#out + 1] = tonumber(redis.call('GET', K('cap', e)) or '0')
 end
+out[#out + 1] = redis.call('GET', P .. ':kv:epoch') or ''
 return out
+"""
+
+# ARGV: prefix, a new token -> the ledger's epoch (the token, if it had none)
+_LEDGER_EPOCH = """
+local k = ARGV[1] .. ':kv:epoch'
+local v = redis.call('GET', k)
+if not v then
+  redis.call('SET', k, ARGV[2])
+  v = ARGV[2]
+end
+return v
 """
 
 # KEYS: record hash, in-flight set. ARGV: workflow id, request id, now, ttl ms, step, deadline, slo class,
@@ -486,8 +501,21 @@ class RedisStateStore(StateStore):
     async def ledger_usage(self, engine_ids: list[str]) -> dict[str, tuple[int, int]]:
         if not engine_ids:
             return {}
+        return (await self.ledger_usage_epoch(engine_ids))[0]
+
+    async def ledger_usage_epoch(self, engine_ids: list[str]) -> tuple[dict[str, tuple[int, int]], str]:
+        """:meth:`ledger_usage` and the ledger's epoch ("" when it has none) in one round trip."""
         flat = await self._run("ledger_usage", _LEDGER_USAGE, [], [self._prefix, *engine_ids])
-        return {e: (int(flat[2 * i]), int(flat[2 * i + 1])) for i, e in enumerate(engine_ids)}
+        epoch = flat[-1]
+        return ({e: (int(flat[2 * i]), int(flat[2 * i + 1])) for i, e in enumerate(engine_ids)},
+                epoch.decode() if isinstance(epoch, bytes) else str(epoch))
+
+    async def ledger_epoch(self) -> str:
+        """The shared ledger's generation: a random token, set by the first gateway that asks and gone with the
+        ledger (a Redis that restarted empty). A gateway that finds it changed knows the store lost its running
+        reservations although no call of its own failed, and takes them back (see SharedLedger)."""
+        epoch = await self._run("ledger_epoch", _LEDGER_EPOCH, [], [self._prefix, uuid.uuid4().hex])
+        return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
 
     # ------------------------------------------------------------------ lifecycle
 
