@@ -8,6 +8,7 @@ Sleep/wake endpoints exist only with ``VLLM_SERVER_DEV_MODE=1`` and are not prot
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import aiohttp
 import orjson
@@ -15,9 +16,15 @@ import orjson
 from backends.vllm_metrics import parse_vllm_metrics
 from gateway.core.engines import EngineMetrics
 
+SCRAPE_MAX_BYTES = 8 * 1024 * 1024  # a /metrics or /health answer larger than this is no engine's (vLLM's: ~100 kB)
+
 
 class EngineUnreachable(RuntimeError):
     """A probe or admin call failed: connection refused, timeout, or a non-2xx answer."""
+
+
+class EngineTimedOut(EngineUnreachable):
+    """An admin call the engine did not answer in time (it may still be doing what it was asked)."""
 
 
 class EngineClient:
@@ -30,7 +37,11 @@ class EngineClient:
         self._scrape_timeout = aiohttp.ClientTimeout(total=scrape_timeout_s, sock_connect=connect_timeout_s)
         self._admin_timeout = aiohttp.ClientTimeout(total=admin_timeout_s, sock_connect=connect_timeout_s)
         self._connect_timeout_s = connect_timeout_s
+        self._admin_timeout_s = admin_timeout_s
         self._session: aiohttp.ClientSession | None = None
+        # True from a sleep call's start: a draining engine takes no new requests (vLLM's /metrics says it sleeps
+        # only once it does), and vLLM-Omni's /health never says it (so for it this stays until a wake succeeds)
+        self.held_asleep = False
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -54,10 +65,9 @@ class EngineClient:
     async def _get(self, path: str, timeout: aiohttp.ClientTimeout) -> bytes:
         try:
             async with self.session.get(self.url(path), timeout=timeout) as response:
-                body = await response.read()
                 if response.status >= 400:
                     raise EngineUnreachable(f"GET {path} answered HTTP {response.status}")
-                return body
+                return await _read_capped(response, SCRAPE_MAX_BYTES, f"GET {path}")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise EngineUnreachable(f"GET {path} failed: {exc.__class__.__name__}: {exc}") from None
 
@@ -68,17 +78,30 @@ class EngineClient:
                 if response.status >= 400:
                     raise EngineUnreachable(f"POST {path} answered HTTP {response.status}: {body[:200]!r}")
                 return orjson.loads(body) if body else {}
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError) as exc:
+        except asyncio.TimeoutError:
+            raise EngineTimedOut(f"POST {path} got no answer within {self._admin_timeout_s:g} s "
+                                 "(timeouts.admin_s)") from None
+        except (aiohttp.ClientError, OSError, orjson.JSONDecodeError) as exc:
             raise EngineUnreachable(f"POST {path} failed: {exc.__class__.__name__}: {exc}") from None
 
     async def probe(self) -> EngineMetrics:
-        """One health probe. vLLM: scrape ``/metrics`` (an answer proves the server is alive and gives load).
-        vLLM-Omni: ``/health`` only."""
+        """One health probe. vLLM: scrape ``/metrics`` (an answer proves the server is alive and gives load); an
+        answer without a single ``vllm:`` series is some other server at that address (a proxy's error page, a
+        port reused), not an engine to send requests to. vLLM-Omni: ``/health`` only, so whether it sleeps is
+        what the gateway asked of it."""
         if self.kind == "vllm":
             text = await self._get("/metrics", self._scrape_timeout)
-            return parse_vllm_metrics(text.decode("utf-8", "replace"))
+            if b"vllm:" not in text:
+                raise EngineUnreachable(f"GET /metrics answered without any vllm: series ({len(text)} bytes): "
+                                        "not a vLLM server?")
+            metrics = parse_vllm_metrics(text.decode("utf-8", "replace"))
+            if self.held_asleep:
+                if not metrics.sleeping:  # draining for a sleep: no new requests
+                    return replace(metrics, sleeping=True)
+                self.held_asleep = False  # it says it sleeps (a sleep whose call timed out ended): it says from here
+            return metrics
         await self._get("/health", self._scrape_timeout)
-        return EngineMetrics()
+        return EngineMetrics(sleeping=self.held_asleep)
 
     async def health(self) -> bool:
         try:
@@ -92,12 +115,26 @@ class EngineClient:
         return [m["id"] for m in orjson.loads(body).get("data", [])]
 
     async def sleep(self, level: int = 1, mode: str = "abort") -> dict:
+        """Put the engine to sleep; from the call's start it counts as sleeping (see ``held_asleep``). A refusal
+        takes that back; a timeout does not (with ``mode=wait`` the engine may still be draining, then sleep)."""
         if level not in (1, 2):
             raise ValueError("sleep level must be 1 or 2")
-        return await self._post(f"/sleep?level={level}&mode={mode}")
+        self.held_asleep = True
+        try:
+            result = await self._post(f"/sleep?level={level}&mode={mode}")
+        except EngineTimedOut:
+            raise
+        except EngineUnreachable:
+            self.held_asleep = False
+            raise
+        if self.kind == "vllm":
+            self.held_asleep = False  # from here its /metrics says whether it sleeps
+        return result
 
     async def wake_up(self) -> dict:
-        return await self._post("/wake_up")
+        result = await self._post("/wake_up")
+        self.held_asleep = False
+        return result
 
     async def is_sleeping(self) -> bool:
         body = await self._get("/is_sleeping", self._admin_timeout)
@@ -106,3 +143,17 @@ class EngineClient:
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
             await self._session.close()
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The body, refused once it passes ``limit`` bytes: an unbounded read of whatever answers at an engine's
+    address (a misrouted download, a runaway exporter) would be held whole in the gateway's memory, every probe."""
+    if response.content_length is not None and response.content_length > limit:
+        raise EngineUnreachable(f"{what} answered {response.content_length} bytes (more than {limit})")
+    chunks, size = [], 0
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise EngineUnreachable(f"{what} answered more than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -35,6 +35,7 @@ _FIELD_BY_NAME = {
     COUNTER_GENERATION_TOKENS + "_total": "generation_tokens_total",
 }
 _PREFIXES = tuple(_FIELD_BY_NAME) + (GAUGE_SLEEP_STATE, INFO_CACHE_CONFIG)
+_INF = float("inf")
 _BLOCKS_LABEL = f'{LABEL_NUM_GPU_BLOCKS}="'
 _BLOCK_SIZE_LABEL = f'{LABEL_BLOCK_SIZE}="'
 
@@ -80,6 +81,8 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
             value = float(line[space + 1:])
         except ValueError:
             continue
+        if not (value >= 0.0 and value != _INF):  # NaN, inf or negative: no count or gauge here can be (NaN
+            continue                              # broke routing's min(): every request went to that engine)
         if name == GAUGE_SLEEP_STATE:
             if value >= 1.0 and 'sleep_state="awake"' not in line:
                 sleeping = True

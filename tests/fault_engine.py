@@ -37,6 +37,8 @@ class FaultEngine:
     url: str = ""
     kv_blocks: int = 0  # > 0: export vllm:cache_config_info with this many blocks of block_size tokens
     block_size: int = 16
+    sleep_routes: bool = False  # serve POST /sleep and /wake_up (vLLM with VLLM_SERVER_DEV_MODE=1)
+    sleep_delay_s: float = 0.0  # how long POST /sleep takes to answer (a mode=wait drain)
 
     async def start(self, port: int = 0) -> str:
         app = web.Application()
@@ -44,6 +46,9 @@ class FaultEngine:
         app.router.add_post("/v1/completions", self.chat)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/health", self.health)
+        if self.sleep_routes:
+            app.router.add_post("/sleep", self.sleep)  # vLLM answers both with an empty 200
+            app.router.add_post("/wake_up", self.health)
         self.runner = web.AppRunner(app, handler_cancellation=True)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", port, reuse_address=True)
@@ -57,6 +62,10 @@ class FaultEngine:
             self.runner = None
 
     async def health(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def sleep(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.sleep_delay_s)
         return web.Response()
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -137,3 +137,104 @@ def test_cache_config_labels_that_are_not_ascii_numbers_read_as_unknown():
     assert kv_capacity_of(line % "256") == 256 * 16
     for label in ("¹", "٢", "", "-3", "2.5"):  # "¹" and "٢" pass str.isdigit
         assert kv_capacity_of(line % label) == 0
+
+
+class _OddEngine(FaultEngine):
+    """A FaultEngine whose /metrics answers ``metrics_body`` (another server at the address, a runaway exporter)."""
+
+    metrics_body: bytes = b""
+
+    async def metrics(self, request):
+        from aiohttp import web
+
+        return web.Response(body=self.metrics_body, content_type="text/plain")
+
+
+@pytest.mark.parametrize("body", [b"<html><body>502 Bad Gateway</body></html>", b"", b"\x00\xff" * 100])
+async def test_a_metrics_answer_that_is_no_vllm_s_is_a_failed_probe(body):
+    """Any 200 counted as a live engine: a proxy's error page or a reused port got traffic."""
+    engine = _OddEngine()
+    engine.metrics_body = body
+    url = await engine.start()
+    try:
+        async with running_gateway(gateway_config([url])) as gw:
+            state = gw.registry.states["local/p/0"]
+            assert not state.up and "without any vllm: series" in state.last_error
+    finally:
+        await engine.stop()
+
+
+async def test_a_metrics_answer_past_the_size_bound_is_a_failed_probe(monkeypatch):
+    """The whole body was read into memory on every probe (400 MB took the gateway to 500 MB)."""
+    monkeypatch.setattr("backends.vllm.SCRAPE_MAX_BYTES", 4096)
+    engine = _OddEngine()
+    engine.metrics_body = b'vllm:num_requests_running{engine="0"} 0.0\n' * 200  # 8.6 kB
+    url = await engine.start()
+    try:
+        async with running_gateway(gateway_config([url])) as gw:
+            state = gw.registry.states["local/p/0"]
+            assert not state.up and "more than 4096" in state.last_error
+    finally:
+        await engine.stop()
+
+
+def test_values_no_count_or_gauge_can_take_are_left_out():
+    """A NaN waiting count broke the routing's min(): every request went to that engine."""
+    from backends.vllm_metrics import parse_vllm_metrics
+
+    text = "\n".join(['vllm:num_requests_waiting{engine="0"} NaN', 'vllm:num_requests_waiting{engine="1"} -5',
+                      'vllm:num_requests_waiting{engine="2"} +Inf', 'vllm:num_requests_waiting{engine="3"} 2.0',
+                      'vllm:num_requests_running{engine="0"} 1.0'])
+    metrics = parse_vllm_metrics(text)
+    assert (metrics.waiting, metrics.running) == (2.0, 1.0)
+
+
+async def test_an_engine_put_to_sleep_takes_no_new_request_while_it_drains_or_after():
+    """A sleep with mode=wait returns when the engine's requests have finished; meanwhile (and for vLLM-Omni,
+    whose /health never says it sleeps, afterwards too) it was still routed to. A sleep that outlasts
+    timeouts.admin_s is a 504 that says the engine may still be draining, not a "refused" 502."""
+    first, second = FaultEngine(sleep_routes=True), FaultEngine(sleep_routes=True)
+    urls = [await first.start(), await second.start()]
+    try:
+        raw = gateway_config(urls, timeouts={"admin_s": 0.5})
+        async with running_gateway(raw) as gw, openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x",
+                                                                    max_retries=0) as client:
+            import aiohttp
+
+            first.sleep_delay_s = 1.5  # draining: longer than admin_s
+            async with aiohttp.ClientSession() as session:
+                sleeping = asyncio.create_task(session.post(gw.base_url + "/admin/engines/local/p/0/sleep?mode=wait"))
+                await asyncio.sleep(0.1)
+                for _ in range(4):  # round robin would alternate: all go to the other engine
+                    await client.chat.completions.create(model="fault-model",
+                                                         messages=[{"role": "user", "content": "hi"}])
+                assert (first.hits, second.hits) == (0, 4)
+                answer = await sleeping
+                assert answer.status == 504
+                error = (await answer.json())["error"]
+                assert error["code"] == "engine_admin_timeout" and "may still go to sleep" in error["message"]
+                assert gw.registry.states["local/p/0"].sleeping  # still no new requests
+                async with session.post(gw.base_url + "/admin/engines/local/p/0/wake_up") as woken:
+                    assert woken.status == 200
+                assert not gw.registry.states["local/p/0"].sleeping
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+async def test_a_vllm_omni_engine_put_to_sleep_stays_asleep_for_the_probes_until_woken():
+    """vLLM-Omni is probed on /health, which never says it sleeps: every probe marked it awake again, and images
+    kept going to a DiT engine the operator had put to sleep."""
+    from backends.vllm import EngineClient
+
+    engine = FaultEngine(sleep_routes=True)
+    client = EngineClient(await engine.start(), kind="vllm-omni")
+    try:
+        assert not (await client.probe()).sleeping
+        await client.sleep()
+        assert (await client.probe()).sleeping and (await client.probe()).sleeping
+        await client.wake_up()
+        assert not (await client.probe()).sleeping
+    finally:
+        await client.close()
+        await engine.stop()

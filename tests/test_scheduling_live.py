@@ -1601,3 +1601,30 @@ async def test_a_request_whose_reservation_failed_is_fitted_to_the_engines_as_th
     await asyncio.wait_for(admitting, 5.0)
     assert large.state == ADMITTED and large.engine_id == "small" and large.request.reserved_tokens == 1000
     await pool.stop()
+
+
+@bounded()
+@pytest.mark.parametrize("mode", ["abort", "wait"])
+async def test_requests_queued_for_an_engine_put_to_sleep_leave_the_queue_at_once(mode):
+    """The engine takes no new request from the sleep call on: a request queued for it was sent there as soon as
+    a slot freed (abort) or after the drain (wait), and got the engine's 503; now it leaves the queue as one
+    arriving then would (503 no_engine_available: no other engine serves the model)."""
+    async with sim_engines(1, time_scale=1.0, max_model_len=2048, kv_blocks=256, block_size=16) as engines:
+        raw = gateway_config([engines[0].url], scheduling={"queue_policy": "fcfs", "admission": "none",
+                                                           "max_outstanding_per_engine": 1})
+        async with live(raw) as (gw, session):
+            pool = gw.scheduling.pools[0]
+            running = asyncio.create_task(post(session, gw, chat("long", max_tokens=60),
+                                               {"X-Sim-Output-Tokens": "60"}, timeout=30))
+            await wait_for(lambda: pool.outstanding["local/p/0"] == 1)
+            queued = asyncio.create_task(post(session, gw, chat("queued", max_tokens=5), timeout=30))
+            await wait_for(lambda: len(pool.scheduler.waiting) == 1)
+            started = time.monotonic()
+            sleeping = asyncio.create_task(session.post(gw.base_url + f"/admin/engines/local/p/0/sleep?mode={mode}"))
+            status, body = await queued
+            assert status == 503 and body["error"]["code"] == "no_engine_available", body
+            assert time.monotonic() - started < 1.0
+            async with await sleeping as answer:
+                assert answer.status == 200
+            await running
+            assert not pool.scheduler.waiting and not pool.tickets

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from backends.vllm import EngineUnreachable
+from dataclasses import replace
+
+from backends.vllm import EngineTimedOut, EngineUnreachable
 from gateway.api.errors import SERVER_ERROR, APIError, error_response
 from gateway.api.openai_routes import GATEWAY_KEY, check_api_key
 from gateway.metrics import CONTENT_TYPE_LATEST
@@ -117,12 +119,24 @@ async def _engine_action(request: web.Request, action: str) -> web.Response:
             mode = request.query.get("mode", "abort")
             if mode not in SLEEP_MODES:
                 raise APIError(400, f"'mode' must be one of {', '.join(SLEEP_MODES)}.", param="mode")
+            # from here it takes no new request: a draining engine (mode=wait) is not one to send work to, and
+            # vLLM-Omni's /health never says it sleeps (the client's held_asleep keeps the probes saying so)
+            state = gateway.registry.states[engine_id]
+            gateway.registry.states[engine_id] = replace(state, sleeping=True)
             result = await client.sleep(int(level_text), mode)
         else:
             result = await client.wake_up()
     except APIError as error:
         return error.response()
+    except EngineTimedOut as exc:
+        drain = (" With mode=wait it sleeps once its requests have finished, which took longer: it may still "
+                 "go to sleep (it takes no new requests meanwhile); GET /admin/engines shows its state."
+                 if action == "sleep" else "")
+        await gateway.monitor.probe_now(engine_id)
+        return error_response(504, f"Engine {engine_id}: {action} did not finish in time: {exc}.{drain}",
+                              SERVER_ERROR, code="engine_admin_timeout")
     except EngineUnreachable as exc:
+        await gateway.monitor.probe_now(engine_id)  # a refused sleep: it takes requests again
         return error_response(502, f"Engine {engine_id} refused {action}: {exc}", SERVER_ERROR,
                               code="engine_admin_failed")
     await gateway.monitor.probe_now(engine_id)
