@@ -78,6 +78,8 @@ class EngineClient:
                 if response.status >= 400:
                     raise EngineUnreachable(f"POST {path} answered HTTP {response.status}: {body[:200]!r}")
                 return orjson.loads(body) if body else {}
+        except aiohttp.ConnectionTimeoutError as exc:  # never reached it: nothing it could still be doing
+            raise EngineUnreachable(f"POST {path} failed: {exc.__class__.__name__}: {exc}") from None
         except asyncio.TimeoutError:
             raise EngineTimedOut(f"POST {path} got no answer within {self._admin_timeout_s:g} s "
                                  "(timeouts.admin_s)") from None
