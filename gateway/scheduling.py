@@ -61,7 +61,12 @@ log = logging.getLogger("maestro.scheduling")
 
 UNLIMITED_KV = 1 << 40  # capacity of an engine whose KV size is neither configured nor exported
 DEFAULT_ENGINE_SEQS = 256  # sequences an engine runs at once when its max_num_seqs is unknown
-PRIORITY_LIMIT = 1_000_000  # |vLLM priority| sent to engines
+PRIORITY_LIMIT = 1 << 62  # |vLLM priority| sent to engines (vLLM takes any int64)
+# EDF's vLLM priority is the due time in seconds from this fixed instant (2026-01-01 UTC), the same for every
+# request and every gateway: seconds *to* the due time, measured at each admission, ordered two requests by
+# when they were admitted as much as by when they were due (due at t+10 admitted at t: 10; due at t+15
+# admitted at t+8: 7, first)
+PRIORITY_ORIGIN_S = 1_767_225_600
 LEGACY_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI's and vLLM's default)
 STORE_RETRY_S = 2.0  # workflow records: after a store failure, use the local store this long before retrying
 UNSENT_STEPS_LIMIT = 10_000  # workflow steps ended while the store was unreachable, kept to send it (oldest go)
@@ -1161,8 +1166,8 @@ class Scheduling:
         return chosen
 
     def engine_priority(self, request: SchedRequest) -> int | None:
-        """The order to pass to vLLM (``priority``, lower first): EDF's seconds to the due time, or the tier of a
-        tiered policy (maestro, lsf: the first element of their sort key)."""
+        """The order to pass to vLLM (``priority``, lower first): EDF's due time (seconds from
+        ``PRIORITY_ORIGIN_S``), or the tier of a tiered policy (maestro, lsf: the first element of their key)."""
         if not self.cfg.engine_priority or self.policy.name == "fcfs":
             return None
         now = time.time()
@@ -1172,7 +1177,7 @@ class Scheduling:
         due = key[0]
         if due == float("inf"):
             return PRIORITY_LIMIT
-        return max(-PRIORITY_LIMIT, min(PRIORITY_LIMIT, int(due - now)))
+        return max(-PRIORITY_LIMIT, min(PRIORITY_LIMIT, int(due - PRIORITY_ORIGIN_S)))
 
     async def serve(self, request: web.Request, job: "RelayJob", body: dict[str, Any],
                     context: WorkflowContext | None) -> web.StreamResponse:

@@ -91,7 +91,7 @@ from gateway.core.admission import ADMISSION_POLICIES, grown_reservation, reserv
 from gateway.core.cluster_routing import ClusterLoad, ClusterRequest, make_cluster_routing
 from gateway.core.ledger import KVLedger
 from gateway.core.queue_policy import (EDF, FCFS, STEP_TIME_WINDOW_S, LeastSlackFirst, PolicyContext, StepTimeMean,
-                                      make_queue_policy)
+                                      make_queue_policy, slack_due)
 from gateway.core.request import DEFAULT_SLO_CLASSES, INTERACTIVE, SchedRequest, SLOClass, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from loadgen.results import RequestResult, RunResult, WorkflowResult
@@ -342,8 +342,8 @@ class FastPool:
         if tier == -1:
             return -1, (r.arrival, r.request_id), INF
         if tier == 0:
-            return 0, (_due(r), r.arrival, r.request_id), aging
-        x = _due(r) - policy.remaining_work(r, self.ctx)
+            return 0, (slack_due(r), r.arrival, r.request_id), aging
+        x = slack_due(r) - policy.remaining_work(r, self.ctx)
         if tier == 1:
             return 1, (x, r.arrival, r.request_id), min(aging, x)
         return 2, (-x, r.arrival, r.request_id), aging

@@ -28,7 +28,7 @@ from gateway.config import ConfigError, parse_config
 from gateway.core.queue_policy import EDF, FCFS, LeastSlackFirst, Maestro, PolicyContext
 from gateway.core.request import SchedRequest, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
-from gateway.scheduling import UNLIMITED_KV
+from gateway.scheduling import PRIORITY_ORIGIN_S, UNLIMITED_KV
 from tests.conftest import gateway_config, running_gateway
 from tests.fault_engine import FaultEngine
 from tests.test_monitor import free_port, start_redis, wait_for, wait_for_async
@@ -98,6 +98,44 @@ def test_maestro_tiers():
         "aged", "short-call", "feasible-tight", "feasible-loose", "hopeless"]
     # EDF spends the engine on the hopeless request first (the weakness maestro avoids) and lets the aged wait
     assert order(EDF(), requests, now=5.0) == ["hopeless", "short-call", "feasible-tight", "feasible-loose", "aged"]
+
+
+def test_the_tiers_measure_slack_against_the_right_due_time():
+    """A workflow step's slack is against its workflow's deadline: the gateway also gives each one a first-token
+    deadline, which made every step of a workflow without a deadline "hopeless" on arrival (its whole remaining
+    work against 2 s), behind a batch workflow due in two minutes. An interactive call is ordered by its first
+    token, whatever deadline it also carries (one far away had put it behind later calls, a past one in the
+    hopeless tier)."""
+    ctx = PolicyContext(service_time=lambda r: r.pred_p50 * 0.1)
+    requests = [
+        req("no-deadline", 0.0, ttft=2.0, p50=40, workflow="a"),  # 4 s of work, no workflow deadline
+        req("due-in-2-min", 0.0, deadline=120.0, ttft=30.0, p50=10, workflow="b"),
+        req("call", 0.0, ttft=2.0, deadline=3600.0, p50=1),  # a deadline header without a workflow id
+        req("later-call", 1.0, ttft=3.0, p50=1),
+        req("call-past-deadline", 0.0, ttft=4.0, deadline=-100.0, p50=1),
+    ]
+    for policy in (Maestro(max_wait_s=600.0), LeastSlackFirst(max_wait_s=600.0)):
+        keys = {r.request_id: policy.key(r, 1.0, ctx) for r in requests}
+        assert keys["no-deadline"][0] == 1 and keys["due-in-2-min"][0] == 1, (policy.name, keys)
+        assert order(policy, requests, now=1.0, ctx=ctx)[:3] == ["call", "later-call", "call-past-deadline"]
+    assert order(Maestro(max_wait_s=600.0), requests, now=1.0, ctx=ctx)[3:] == ["due-in-2-min", "no-deadline"]
+
+
+def test_a_dead_nearer_cluster_does_not_take_the_spill_margin_away():
+    """The margin keeps traffic in the nearest cluster unless a farther one is faster by more than it; measured
+    from a nearer cluster with no engine up, it was added to every live one and chose between them without it."""
+    from gateway.core.cluster_routing import ClusterLoad, ClusterRequest, LatencyAware
+
+    def load(name: str, rtt_s: float, slots: int, queued_work_s: float) -> ClusterLoad:
+        return ClusterLoad(name=name, rtt_s=rtt_s, slots=slots, outstanding=slots, queued=1,
+                           queued_work_s=queued_work_s, concurrency=slots, free_kv_tokens=None, tpot_s=0.02,
+                           prefill_tps=1e4)
+
+    policy = LatencyAware(spill_margin_s=1.0)
+    request = ClusterRequest(prompt_tokens=100, pred_p50=50, reservation_tokens=0)
+    live = [load("b", 0.01, 4, 2.0), load("c", 0.05, 4, 1.6)]  # c a little faster, by less than the margin
+    assert policy.choose(request, live) == "b"
+    assert policy.choose(request, [load("a", 0.001, 0, 0.0), *live]) == "b"
 
 
 def test_maestro_counts_remaining_workflow_steps():
@@ -402,8 +440,9 @@ async def test_queued_requests_dispatch_in_deadline_order_and_carry_priority():
         seen = [b["messages"][0]["content"] for b in engine.seen_bodies]
         assert seen == ["occupy", "soon", "mid", "late", "own"]
         priorities = [b.get("priority") for b in engine.seen_bodies]
-        assert priorities[0] is not None  # ours: seconds to the due time (EDF)
+        assert priorities[0] is not None  # ours (EDF): the due time, from a fixed instant
         assert priorities[1] < priorities[2] < priorities[3]
+        assert abs(priorities[1] - (now_ms / 1000 + 60 - PRIORITY_ORIGIN_S)) <= 1  # whenever it was admitted
         assert priorities[4] == 7  # the client's own priority is never overwritten
 
 

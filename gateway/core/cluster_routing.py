@@ -133,7 +133,9 @@ class LatencyAware:
         self.spill_margin_s = spill_margin_s
 
     def choose(self, request: ClusterRequest, clusters: Sequence[ClusterLoad]) -> str:
-        nearest_rtt = min(c.rtt_s for c in clusters)
+        # the nearest cluster that can serve: a nearer one with no engine up would put the margin on every
+        # live one, and the hysteresis between them would be gone
+        nearest_rtt = min((c.rtt_s for c in clusters if c.slots > 0), default=min(c.rtt_s for c in clusters))
         best: tuple | None = None
         best_name = clusters[0].name
         for c in clusters:

@@ -128,6 +128,18 @@ def _due(request: SchedRequest) -> float:
     return math.inf
 
 
+def slack_due(request: SchedRequest) -> float:
+    """The due time slack is measured against: a workflow step's is its workflow's deadline (none: it can always
+    make it), never its first-token deadline, which is no deadline for the whole workflow's remaining work (that
+    made every step of a workflow without a deadline "hopeless" on arrival); an interactive call's is its
+    first-token deadline (a deadline it also carries does not replace it: tier 0 is ordered by first tokens)."""
+    if request.workflow_id is not None:
+        return request.deadline if request.deadline is not None else math.inf
+    if request.ttft_deadline is not None:
+        return request.ttft_deadline
+    return request.deadline if request.deadline is not None else math.inf
+
+
 def remaining_work(request: SchedRequest, ctx: PolicyContext) -> float:
     """Predicted seconds of work left on the request's critical path: this step plus the workflow's remaining
     steps (``remaining_steps()`` excludes steps in flight, this one included: they are counted once)."""
@@ -163,7 +175,7 @@ class _SlackAware:
         return remaining_work(request, ctx)
 
     def slack(self, request: SchedRequest, now: float, ctx: PolicyContext) -> float:
-        return _due(request) - now - remaining_work(request, ctx)
+        return slack_due(request) - now - remaining_work(request, ctx)
 
 
 class Maestro(_SlackAware):
@@ -185,7 +197,7 @@ class Maestro(_SlackAware):
         aging = math.inf if self.max_wait_s is None else request.arrival + self.max_wait_s
         if now > aging:
             return (-1, request.arrival, request.request_id), math.inf
-        due = _due(request)
+        due = slack_due(request)
         if request.workflow_id is None:
             if now <= due:
                 return (0, due, request.arrival, request.request_id), min(aging, due)
@@ -214,7 +226,7 @@ class LeastSlackFirst(_SlackAware):
         if now - request.arrival > self.max_wait_s:
             return (-1, request.arrival, request.request_id)
         if request.interactive and ctx.service_time(request) <= self.short_s:
-            return (0, _due(request), request.arrival, request.request_id)
+            return (0, slack_due(request), request.arrival, request.request_id)
         slack = self.slack(request, now, ctx)
         if slack >= 0:
             return (1, slack, request.arrival, request.request_id)
