@@ -75,8 +75,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         up = gateway.registry.up_count()
         print(f"Maestro gateway listening on {base_url}  ({up}/{len(gateway.registry.states)} engines up, "
               f"state: {config.state.backend})", flush=True)
-        print(f"OpenAI SDK: OpenAI(base_url=\"{base_url}/v1\", api_key=\"{(config.server.api_keys or ('any',))[0]}\")",
-              flush=True)
+        key = "<one of server.api_keys>" if config.server.api_keys else "any"  # a key is no line for a log
+        print(f"OpenAI SDK: OpenAI(base_url=\"{base_url}/v1\", api_key=\"{key}\")", flush=True)
         print(f"Models: {', '.join(gateway.registry.models())}", flush=True)
 
     return _run_server(_run_until_signal(start, gateway.stop))

@@ -370,3 +370,42 @@ async def test_browsers_get_cors_answers_as_from_vllm(engine):
     async with running_gateway(off) as gateway, aiohttp.ClientSession() as session:
         async with session.options(gateway.base_url + CHAT, headers=preflight) as r:
             assert r.status == 404 and "Access-Control-Allow-Origin" not in r.headers
+
+
+async def test_a_body_that_does_not_arrive_is_a_408_and_frees_its_place(engine, monkeypatch):
+    """A client that sends its headers and goes quiet held one of max_inflight places for as long as it kept the
+    connection: a few thousand of them answered everyone else 429."""
+    monkeypatch.setattr("gateway.api.openai_routes.BODY_READ_TIMEOUT_S", 0.3)
+    async with running_gateway(gateway_config([engine.url], server={"max_inflight": 1})) as gateway:
+        host, port = gateway.base_url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(4096), 3.0)
+        assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
+        writer.close()
+        status, _, _ = await post(gateway.base_url + CHAT, orjson.dumps(GOOD))
+        assert status == 200 and gateway.inflight == 0
+
+
+async def test_an_unknown_models_name_is_echoed_cut_short(gw, engine):
+    status, body, _ = await post(gw.base_url + CHAT, orjson.dumps({**GOOD, "model": "m" * 3000}))
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    assert len(body["error"]["message"]) < 400
+
+
+async def test_admin_routes_answer_no_web_page_unless_its_origin_is_listed(engine):
+    """A keyless gateway's admin routes were open to any page a user opened: a text/plain POST needs no
+    preflight, so a page could put engines to sleep (and, with "*", read /admin/engines)."""
+    page = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+    async with running_gateway(gateway_config([engine.url])) as gateway, aiohttp.ClientSession() as session:
+        async with session.post(gateway.base_url + "/admin/engines/local/p/0/sleep", headers=page) as r:
+            assert r.status == 403 and (await r.json())["error"]["code"] == "cross_origin_admin"
+            assert "Access-Control-Allow-Origin" not in r.headers
+        async with session.get(gateway.base_url + "/admin/engines") as r:  # no Origin: a tool, not a page
+            assert r.status == 200
+    listed = gateway_config([engine.url], server={"cors_allowed_origins": ["https://ops.example"]})
+    async with running_gateway(listed) as gateway, aiohttp.ClientSession() as session:
+        async with session.get(gateway.base_url + "/admin/engines", headers={"Origin": "https://ops.example"}) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "https://ops.example"

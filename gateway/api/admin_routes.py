@@ -37,8 +37,16 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def _admin(request: web.Request) -> "Gateway":
+    """The gateway, for a caller allowed to administer it: the API key when keys are set, and no web page. A
+    browser sends a cross-site POST without asking first (a text/plain body needs no preflight), so any page a
+    user of a keyless gateway opened could put its engines to sleep; a page's origin must be listed by name in
+    ``server.cors_allowed_origins`` ("*" opens the API to pages, not the admin routes)."""
     gateway = request.app[GATEWAY_KEY]
     check_api_key(request, gateway.api_keys)
+    origin = request.headers.get("Origin")
+    if origin is not None and origin not in gateway.config.server.cors_allowed_origins:
+        raise APIError(403, f"Admin routes do not answer web pages (Origin {origin[:200]!r}); list the origin "
+                            "in server.cors_allowed_origins to allow one.", code="cross_origin_admin")
     return gateway
 
 

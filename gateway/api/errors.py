@@ -51,9 +51,14 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, INVALID_REQUEST, param, code)
 
 
+MODEL_ECHO_CHARS = 200  # of an unknown model's name, echoed in the 404
+
+
 def model_not_found(model: str, served_by: str | None = None) -> APIError:
     """404 for a model this endpoint cannot serve; ``served_by`` names the endpoint that does serve it, if any
     (an image model sent to chat, a text model sent to images), so the caller learns what to change."""
+    if len(model) > MODEL_ECHO_CHARS:  # the client's own string: an answer need not grow with it
+        model = model[:MODEL_ECHO_CHARS] + "..."
     if served_by:
         message = f"The model `{model}` is not served by this endpoint; use {served_by}."
     else:

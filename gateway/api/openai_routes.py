@@ -8,6 +8,7 @@ in :func:`openai_endpoint` so the handlers stay a few lines each.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import re
 import time
@@ -43,6 +44,7 @@ _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _ENDPOINTS_OF_KIND = {"vllm": "/v1/chat/completions or /v1/completions", "vllm-omni": "/v1/images/generations"}
 _NOT_FORWARDED = frozenset({"x-api-key", "x-forwarded-for", "x-real-ip", "x-request-id"})  # id set below
 
+BODY_READ_TIMEOUT_S = 30.0  # the longest a request's body may take to arrive
 CLIENT_CLOSED = 499  # the request metrics' status for a client that left before its answer ended (nginx's code)
 SHUTDOWN_CUT = 503  # ...and for a stream the gateway's stop ended (with an error event: gateway_shutting_down)
 
@@ -65,16 +67,25 @@ def check_api_key(request: web.Request, keys: frozenset[str]) -> None:
         raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                        code="missing_api_key")  # OpenAI's type for both 401s: invalid_request_error
     scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or key.strip() not in keys:
+    # compared in constant time, against every key: a set lookup's time depends on the key's hash and contents
+    given = key.strip().encode()
+    if scheme.lower() != "bearer" or not any([hmac.compare_digest(given, k.encode()) for k in keys]):
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
+    """The body, within ``limit`` bytes and ``BODY_READ_TIMEOUT_S``: the request holds one of the gateway's
+    ``max_inflight`` places while it is read, and a client that sends its headers and then goes quiet would
+    hold it for good (a few thousand such connections answered every other client 429)."""
     if request.content_length is not None and request.content_length > limit:
         raise APIError(413, f"The request body is {request.content_length} bytes; the limit is {limit}.",
                        code="request_too_large")
     try:
-        return await request.read()
+        async with asyncio.timeout(BODY_READ_TIMEOUT_S):
+            return await request.read()
+    except TimeoutError:
+        raise APIError(408, f"The request body did not arrive within {BODY_READ_TIMEOUT_S:g} s.",
+                       code="request_timeout") from None
     except web.HTTPRequestEntityTooLarge:
         raise APIError(413, f"The request body is larger than the limit of {limit} bytes.",
                        code="request_too_large") from None
