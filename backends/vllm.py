@@ -8,6 +8,8 @@ Sleep/wake endpoints exist only with ``VLLM_SERVER_DEV_MODE=1`` and are not prot
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from dataclasses import replace
 
 import aiohttp
@@ -39,9 +41,11 @@ class EngineClient:
         self._connect_timeout_s = connect_timeout_s
         self._admin_timeout_s = admin_timeout_s
         self._session: aiohttp.ClientSession | None = None
-        # True from a sleep call's start: a draining engine takes no new requests (vLLM's /metrics says it sleeps
-        # only once it does), and vLLM-Omni's /health never says it (so for it this stays until a wake succeeds)
-        self.held_asleep = False
+        # Until when it counts as asleep whatever its probe says (monotonic; 0: not held). From a sleep call's
+        # start: a draining engine takes no new requests (vLLM's /metrics says it sleeps only once it does), and
+        # vLLM-Omni's /health never says it (so for it this holds until a wake). After a vLLM sleep that timed
+        # out, for one more admin_s: the drain may still end in sleep, and its /metrics says so then.
+        self._held_until = 0.0
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -93,14 +97,14 @@ class EngineClient:
         what the gateway asked of it."""
         if self.kind == "vllm":
             text = await self._get("/metrics", self._scrape_timeout)
-            if b"vllm:" not in text:
-                raise EngineUnreachable(f"GET /metrics answered without any vllm: series ({len(text)} bytes): "
-                                        "not a vLLM server?")
+            if b"vllm:" not in text and b"# TYPE " not in text:  # (vLLM with --disable-log-stats: only
+                raise EngineUnreachable(                                # Python's own series, still Prometheus)
+                    f"GET /metrics answered no Prometheus metrics ({len(text)} bytes): not a vLLM server?")
             metrics = parse_vllm_metrics(text.decode("utf-8", "replace"))
             if self.held_asleep:
                 if not metrics.sleeping:  # draining for a sleep: no new requests
                     return replace(metrics, sleeping=True)
-                self.held_asleep = False  # it says it sleeps (a sleep whose call timed out ended): it says from here
+                self._held_until = 0.0  # it says it sleeps (a sleep whose call timed out ended): it says from here
             return metrics
         await self._get("/health", self._scrape_timeout)
         return EngineMetrics(sleeping=self.held_asleep)
@@ -116,26 +120,37 @@ class EngineClient:
         body = await self._get("/v1/models", self._scrape_timeout)
         return [m["id"] for m in orjson.loads(body).get("data", [])]
 
+    @property
+    def held_asleep(self) -> bool:
+        return time.monotonic() < self._held_until
+
     async def sleep(self, level: int = 1, mode: str = "abort") -> dict:
-        """Put the engine to sleep; from the call's start it counts as sleeping (see ``held_asleep``). A refusal
-        takes that back; a timeout does not (with ``mode=wait`` the engine may still be draining, then sleep)."""
+        """Put the engine to sleep; from the call's start it counts as sleeping (see ``_held_until``). A refusal
+        or a call cut short takes that back; a timeout does not at once (with ``mode=wait`` the engine may still
+        be draining, then sleep)."""
         if level not in (1, 2):
             raise ValueError("sleep level must be 1 or 2")
-        self.held_asleep = True
+        self._held_until = math.inf
         try:
             result = await self._post(f"/sleep?level={level}&mode={mode}")
         except EngineTimedOut:
+            if self.kind == "vllm":
+                self._held_until = time.monotonic() + self._admin_timeout_s
             raise
-        except EngineUnreachable:
-            self.held_asleep = False
+        except BaseException:  # refused, or the admin's call cancelled: its probes say what it is
+            self._held_until = 0.0
             raise
         if self.kind == "vllm":
-            self.held_asleep = False  # from here its /metrics says whether it sleeps
+            self._held_until = 0.0  # from here its /metrics says whether it sleeps
         return result
 
     async def wake_up(self) -> dict:
-        result = await self._post("/wake_up")
-        self.held_asleep = False
+        try:
+            result = await self._post("/wake_up")
+        except EngineTimedOut:
+            self._held_until = 0.0  # asked to wake, and maybe awake: its requests say if not
+            raise
+        self._held_until = 0.0
         return result
 
     async def is_sleeping(self) -> bool:

@@ -39,6 +39,7 @@ class FaultEngine:
     block_size: int = 16
     sleep_routes: bool = False  # serve POST /sleep and /wake_up (vLLM with VLLM_SERVER_DEV_MODE=1)
     sleep_delay_s: float = 0.0  # how long POST /sleep takes to answer (a mode=wait drain)
+    wake_delay_s: float = 0.0  # ...and POST /wake_up
 
     async def start(self, port: int = 0) -> str:
         app = web.Application()
@@ -48,7 +49,7 @@ class FaultEngine:
         app.router.add_get("/health", self.health)
         if self.sleep_routes:
             app.router.add_post("/sleep", self.sleep)  # vLLM answers both with an empty 200
-            app.router.add_post("/wake_up", self.health)
+            app.router.add_post("/wake_up", self.wake_up)
         self.runner = web.AppRunner(app, handler_cancellation=True)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", port, reuse_address=True)
@@ -66,6 +67,10 @@ class FaultEngine:
 
     async def sleep(self, request: web.Request) -> web.Response:
         await asyncio.sleep(self.sleep_delay_s)
+        return web.Response()
+
+    async def wake_up(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(self.wake_delay_s)
         return web.Response()
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -409,3 +409,24 @@ async def test_admin_routes_answer_no_web_page_unless_its_origin_is_listed(engin
     async with running_gateway(listed) as gateway, aiohttp.ClientSession() as session:
         async with session.get(gateway.base_url + "/admin/engines", headers={"Origin": "https://ops.example"}) as r:
             assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "https://ops.example"
+
+
+async def test_a_key_that_is_no_utf8_is_a_401_not_a_500(engine):
+    async with running_gateway(gateway_config([engine.url], server={"api_keys": ["k"]})) as gateway:
+        host, port = gateway.base_url.removeprefix("http://").split(":")
+        for path in (b"/v1/models", b"/admin/engines"):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(4096), 3.0)
+            assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+            writer.close()
+
+
+async def test_a_page_listed_by_name_reads_the_admin_routes_also_beside_a_wildcard(engine):
+    raw = gateway_config([engine.url], server={"cors_allowed_origins": ["*", "https://ops.example"]})
+    async with running_gateway(raw) as gateway, aiohttp.ClientSession() as session:
+        async with session.get(gateway.base_url + "/admin/engines", headers={"Origin": "https://ops.example"}) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "https://ops.example"
+        async with session.get(gateway.base_url + "/v1/models", headers={"Origin": "https://any.example"}) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"

@@ -159,7 +159,21 @@ async def test_a_metrics_answer_that_is_no_vllm_s_is_a_failed_probe(body):
     try:
         async with running_gateway(gateway_config([url])) as gw:
             state = gw.registry.states["local/p/0"]
-            assert not state.up and "without any vllm: series" in state.last_error
+            assert not state.up and "no Prometheus metrics" in state.last_error
+    finally:
+        await engine.stop()
+
+
+async def test_a_vllm_without_its_own_stats_is_up():
+    """vLLM started with --disable-log-stats answers /metrics with Python's own series only: still an engine."""
+    engine = _OddEngine()
+    engine.metrics_body = (b"# HELP python_gc_objects_collected_total Objects collected during gc\n"
+                           b"# TYPE python_gc_objects_collected_total counter\n"
+                           b'python_gc_objects_collected_total{generation="0"} 1234.0\n')
+    url = await engine.start()
+    try:
+        async with running_gateway(gateway_config([url])) as gw:
+            assert gw.registry.states["local/p/0"].up
     finally:
         await engine.stop()
 
@@ -237,4 +251,40 @@ async def test_a_vllm_omni_engine_put_to_sleep_stays_asleep_for_the_probes_until
         assert not (await client.probe()).sleeping
     finally:
         await client.close()
+        await engine.stop()
+
+
+async def test_a_sleep_that_never_happened_does_not_keep_an_engine_out_for_good():
+    """The hold on a sleeping engine ends: a vLLM sleep call that timed out holds it one more admin_s (its drain
+    may end in sleep, which its /metrics then says); a call cut short (the admin's client left) or refused at
+    once; a vLLM-Omni wake that timed out, at once."""
+    from backends.vllm import EngineClient, EngineTimedOut
+
+    engine = FaultEngine(sleep_routes=True)
+    url = await engine.start()
+    clients = [EngineClient(url, admin_timeout_s=0.2), EngineClient(url, kind="vllm-omni", admin_timeout_s=0.2)]
+    try:
+        engine.sleep_delay_s = 1.0
+        vllm, omni = clients
+        with pytest.raises(EngineTimedOut):
+            await vllm.sleep(mode="wait")
+        assert (await vllm.probe()).sleeping  # still draining, maybe
+        await asyncio.sleep(0.25)
+        assert not (await vllm.probe()).sleeping  # its /metrics never said it sleeps: taken back
+        call = asyncio.create_task(vllm.sleep())
+        await asyncio.sleep(0.05)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert not vllm.held_asleep
+        engine.sleep_delay_s = 0.0
+        await omni.sleep()
+        assert (await omni.probe()).sleeping
+        engine.wake_delay_s = 1.0  # the wake answers after admin_s
+        with pytest.raises(EngineTimedOut):
+            await omni.wake_up()
+        assert not omni.held_asleep
+    finally:
+        for client in clients:
+            await client.close()
         await engine.stop()

@@ -49,13 +49,17 @@ def add_cors(app: web.Application, allowed_origins: tuple[str, ...]) -> None:
         return web.Response(status=204, headers=headers)
 
     async def mark(request: web.BaseRequest, response: web.StreamResponse) -> None:
-        origin = allow_origin(request)
-        if origin == "*" and request.path.startswith("/admin/"):
-            return  # "*" opens the API to web pages, not the admin routes (see admin_routes._admin)
-        if origin is not None and request.method != "OPTIONS":
+        if request.method == "OPTIONS":
+            return
+        if request.path.startswith("/admin/"):  # only origins listed by name (see admin_routes._admin)
+            named = request.headers.get("Origin")
+            origin = named if named is not None and named in allowed else None
+        else:
+            origin = allow_origin(request)
+        if origin is not None:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = "X-Request-Id, Retry-After"
-            if not any_origin:
+            if origin != "*":
                 response.headers["Vary"] = "Origin"
 
     app.router.add_route("OPTIONS", "/{tail:.*}", preflight)

@@ -68,7 +68,7 @@ def check_api_key(request: web.Request, keys: frozenset[str]) -> None:
                        code="missing_api_key")  # OpenAI's type for both 401s: invalid_request_error
     scheme, _, key = header.partition(" ")
     # compared in constant time, against every key: a set lookup's time depends on the key's hash and contents
-    given = key.strip().encode()
+    given = key.strip().encode("utf-8", "surrogateescape")  # header bytes that are no UTF-8 come as surrogates
     if scheme.lower() != "bearer" or not any([hmac.compare_digest(given, k.encode()) for k in keys]):
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 

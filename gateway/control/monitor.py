@@ -72,7 +72,8 @@ class EngineMonitor:
         try:
             metrics = await client.probe()
         except EngineUnreachable as exc:
-            state = apply_probe_failure(before, str(exc), now, monitor.down_after_failures)
+            # the state as it is now: an admin's sleep mark set while this probe waited is kept
+            state = apply_probe_failure(self.registry.states[engine_id], str(exc), now, monitor.down_after_failures)
         else:
             state = apply_probe_success(before, metrics, now, monitor.up_after_successes)
         self.registry.states[engine_id] = state
