@@ -66,6 +66,7 @@ DEFAULT_ENGINE_SEQS = 256  # sequences an engine runs at once when its max_num_s
 # larger than this is predicted in a thread, which the loop preempts every few milliseconds; agent requests run
 # 5-50 kB (Magentic-One's largest, 330 kB) and stay inline, where a thread's hop would cost more than it saves.
 PREDICT_INLINE_MAX_BYTES = 256 * 1024
+MAX_CACHED_WORKFLOWS = 100_000  # workflow states cached (a new X-Workflow-Id per request grew it for 1 h)
 PRIORITY_LIMIT = 1 << 62  # |vLLM priority| sent to engines (vLLM takes any int64)
 # EDF's vLLM priority is the due time in seconds from this fixed instant (2026-01-01 UTC), the same for every
 # request and every gateway: seconds *to* the due time, measured at each admission, ordered two requests by
@@ -982,7 +983,10 @@ class WorkflowTracker:
                               slo_class=slo, steps_done=record["steps_done"], tokens_used=record["tokens_used"],
                               expected_steps=record.get("expected_steps"), inflight=set(record["inflight"]),
                               last_activity=record["last_activity"])
-        self.cache[state.workflow_id] = state
+        cache = self.cache
+        if state.workflow_id not in cache and len(cache) >= MAX_CACHED_WORKFLOWS:
+            del cache[next(iter(cache))]  # the oldest cached: read again from the store if it goes on
+        cache[state.workflow_id] = state
         return state
 
     def prune(self, now: float) -> None:

@@ -606,3 +606,31 @@ async def test_the_memory_store_lets_go_of_workflows_past_their_ttl() -> None:
     copies = [bytes(blob) for _ in range(100)]  # what one kept record costs: its own size, not orjson's buffer
     assert tracemalloc.get_traced_memory()[0] < 100 * (len(blob) + 200) and copies
     tracemalloc.stop()
+
+
+async def test_the_memory_store_keeps_at_most_max_workflow_records(monkeypatch) -> None:
+    """A client sending a new X-Workflow-Id with every request added a record per request for an hour (about
+    1 kB each); past the bound, the oldest recorded gives way, and a record updated in place takes no new room."""
+    from gateway.state import memory
+
+    monkeypatch.setattr(memory, "MAX_WORKFLOW_RECORDS", 3)
+    store = memory.MemoryStateStore()
+    for i in range(5):
+        await store.workflow_begin(f"w{i}", "r", now=float(i), ttl_s=3600.0)
+    await store.workflow_end("w4", "r", now=5.0, ttl_s=3600.0)  # an update: nothing dropped
+    assert [await store.get_workflow(f"w{i}") is not None for i in range(5)] == [False, False, True, True, True]
+    assert store._workflows.dropped == 2
+
+
+async def test_the_workflow_cache_keeps_at_most_max_cached_workflows(monkeypatch) -> None:
+    from gateway.config import parse_config
+    from gateway.scheduling import WorkflowTracker
+    from gateway.state.memory import MemoryStateStore
+
+    monkeypatch.setattr("gateway.scheduling.MAX_CACHED_WORKFLOWS", 2)
+    raw = {"clusters": [{"name": "c", "pools": [{"name": "p", "models": ["m"], "engines": ["http://127.0.0.1:9"]}]}]}
+    tracker = WorkflowTracker(MemoryStateStore(), parse_config(raw))
+    for i in range(4):
+        tracker._remember({"workflow_id": f"w{i}", "arrival": 0.0, "steps_done": 0, "tokens_used": 0,
+                           "inflight": [], "last_activity": 0.0})
+    assert list(tracker.cache) == ["w2", "w3"]

@@ -34,6 +34,10 @@ def _check_ttl(ttl_s: float) -> None:
 
 # A map sweeps out its expired entries once it has taken this many puts, or as many as it holds if more.
 SWEEP_MIN_PUTS = 1024
+# Workflow records kept at most (about 1-4 kB each): a client sending a new X-Workflow-Id with every request
+# added one per request for workflow_ttl_s (1 h), 100 MB per 100,000. Past this, the oldest recorded is dropped
+# for each new one (its workflow, if it goes on, starts a new record: scheduled as a new workflow).
+MAX_WORKFLOW_RECORDS = 100_000
 
 
 class _TTLMap:
@@ -41,13 +45,19 @@ class _TTLMap:
     them by a sweep every so many puts (as many as the map holds, so a sweep costs O(1) a put): a key never read
     again (a finished workflow) would otherwise stay for the life of the process."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, max_items: int | None = None) -> None:
         self._clock = clock
         self._items: dict[str, tuple[bytes, float]] = {}
         self._puts_since_sweep = 0
+        self.max_items = max_items  # None: no bound but the TTLs
+        self.dropped = 0  # live records dropped to stay within max_items
 
     def put(self, key: str, record: dict[str, Any], ttl_s: float) -> None:
         _check_ttl(ttl_s)
+        if self.max_items is not None and key not in self._items and len(self._items) >= self.max_items:
+            # the oldest recorded (often expired already; a sweep here would cost O(n) on every new key)
+            del self._items[next(iter(self._items))]
+            self.dropped += 1
         self._items[key] = (_encode(record), self._clock() + ttl_s)
         self._puts_since_sweep += 1
         if self._puts_since_sweep >= max(SWEEP_MIN_PUTS, len(self._items)):
@@ -165,7 +175,7 @@ class MemoryStateStore(StateStore):
         self._clock = clock
         self._engines = _TTLMap(clock)
         self._gateways = _TTLMap(clock)
-        self._workflows = _TTLMap(clock)
+        self._workflows = _TTLMap(clock, max_items=MAX_WORKFLOW_RECORDS)
         self.ledger = LeasedLedger(clock)  # public: the gateway's synchronous fast path uses it directly
 
     async def put_engine(self, engine_id: str, record: dict[str, Any], ttl_s: float) -> None:
