@@ -36,7 +36,7 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.gateway_id = config.server.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.api_keys = frozenset(config.server.api_keys)
+        self.api_keys = tuple(key.encode() for key in config.server.api_keys)  # as check_api_key compares them
         self.metrics = GatewayMetrics()
         self.store = make_state_store(config.state)
         self.handlers: set[asyncio.Task] = set()  # the OpenAI routes' requests in flight (a graceful stop ends them)

@@ -613,25 +613,29 @@ class PoolQueue:
         largest = max(self.sched.ledger.grantable(e) for e in live)
         if largest != self._largest:
             self._largest = largest
-            admission, size = self.scheduler.admission, self.block_size
             for request in self.scheduler.waiting.values():
-                request.reserved_tokens = min(reservation_tokens(admission, request, size), largest)
+                self._fit(request, largest)
         return largest
 
+    def _fit(self, request: SchedRequest, largest: int) -> None:
+        """``request``'s reservation in the current block size, capped at ``largest`` (see _fit_to_engines)."""
+        request.reserved_tokens = min(reservation_tokens(self.scheduler.admission, request, self.block_size),
+                                      largest)
+
     def has_live_engine(self) -> bool:
-        states = self.sched.registry.states
-        return any(states[e].up and not states[e].sleeping for e in self.engine_ids)
+        return bool(self._live())
 
     # ---- views ------------------------------------------------------------------------------------------
     def _live(self) -> list[str]:
         states = self.sched.registry.states
         return [e for e in self.engine_ids if states[e].up and not states[e].sleeping]
 
-    def slots(self) -> list[EngineSlot]:
+    def slots(self, live: list[str] | None = None) -> list[EngineSlot]:
+        """The live engines (``live``, when the caller has them already) as dispatch sees them."""
         ledger = self.sched.ledger
         check = self.check_kv
         return [EngineSlot(e, ledger.free(e) if check else 0, self.outstanding[e], self.max_outstanding)
-                for e in self._live()]
+                for e in (self._live() if live is None else live)]
 
     def load(self, request: ClusterRequest) -> ClusterLoad:
         """This pool as cluster routing sees it: local queue, engines' scraped load (all gateways), free KV."""
@@ -726,8 +730,7 @@ class PoolQueue:
         if not ok:
             ticket.state = WAITING
             if self._largest is not None:  # out of the queue during the call: fitted to the engines as they are now
-                request.reserved_tokens = min(
-                    reservation_tokens(self.scheduler.admission, request, self.block_size), self._largest)
+                self._fit(request, self._largest)
             self.scheduler.waiting[rid] = request
             return False
         self._admitted(ticket, engine_id, tokens, now, counted=True)
@@ -820,7 +823,7 @@ class PoolQueue:
             return False
         if self.check_kv:
             self._fit_to_engines(live)
-        proposals = self.scheduler.plan(now, self.slots(), self.sched.ctx)
+        proposals = self.scheduler.plan(now, self.slots(live), self.sched.ctx)
         ledger = self.sched.ledger
         progressed = False
         for request, engine_id, tokens in proposals:

@@ -91,7 +91,7 @@ from gateway.core.admission import ADMISSION_POLICIES, grown_reservation, reserv
 from gateway.core.cluster_routing import ClusterLoad, ClusterRequest, make_cluster_routing
 from gateway.core.ledger import KVLedger
 from gateway.core.queue_policy import (EDF, FCFS, STEP_TIME_WINDOW_S, LeastSlackFirst, PolicyContext, StepTimeMean,
-                                      make_queue_policy, slack_due)
+                                      edf_due, make_queue_policy, slack_due)
 from gateway.core.request import DEFAULT_SLO_CLASSES, INTERACTIVE, SchedRequest, SLOClass, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from loadgen.results import RequestResult, RunResult, WorkflowResult
@@ -267,14 +267,6 @@ def load_predictor(path: str | None) -> Any:
 # --------------------------------------------------------------------------------------------------- pool queues
 
 
-def _due(request: SchedRequest) -> float:
-    if request.deadline is not None:
-        return request.deadline
-    if request.ttft_deadline is not None:
-        return request.ttft_deadline
-    return INF
-
-
 def supports_fast(policy: Any) -> bool:
     """FastPool can order this policy: a built-in one, or one with ``order(request, now, ctx) -> (key,
     valid_until)`` whose key does not change before ``valid_until`` unless the workflow's state changes."""
@@ -332,7 +324,7 @@ class FastPool:
         if kind == "fcfs":
             return 0, (r.arrival, r.request_id), INF
         if kind == "edf":
-            return 0, (_due(r), r.arrival, r.request_id), INF
+            return 0, (edf_due(r), r.arrival, r.request_id), INF
         policy = self.policy
         if kind == "order":
             key, until = policy.order(r, now, self.ctx)

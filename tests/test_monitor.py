@@ -150,46 +150,38 @@ class _OddEngine(FaultEngine):
         return web.Response(body=self.metrics_body, content_type="text/plain")
 
 
-@pytest.mark.parametrize("body", [b"<html><body>502 Bad Gateway</body></html>", b"", b"\x00\xff" * 100])
-async def test_a_metrics_answer_that_is_no_vllm_s_is_a_failed_probe(body):
-    """Any 200 counted as a live engine: a proxy's error page or a reused port got traffic."""
+async def _state_behind(metrics_body: bytes):
+    """The engine's state once a gateway has probed an engine whose /metrics answers ``metrics_body``."""
     engine = _OddEngine()
-    engine.metrics_body = body
+    engine.metrics_body = metrics_body
     url = await engine.start()
     try:
         async with running_gateway(gateway_config([url])) as gw:
-            state = gw.registry.states["local/p/0"]
-            assert not state.up and "no Prometheus metrics" in state.last_error
+            return gw.registry.states["local/p/0"]
     finally:
         await engine.stop()
+
+
+@pytest.mark.parametrize("body", [b"<html><body>502 Bad Gateway</body></html>", b"", b"\x00\xff" * 100])
+async def test_a_metrics_answer_that_is_no_vllm_s_is_a_failed_probe(body):
+    """Any 200 counted as a live engine: a proxy's error page or a reused port got traffic."""
+    state = await _state_behind(body)
+    assert not state.up and "no Prometheus metrics" in state.last_error
 
 
 async def test_a_vllm_without_its_own_stats_is_up():
     """vLLM started with --disable-log-stats answers /metrics with Python's own series only: still an engine."""
-    engine = _OddEngine()
-    engine.metrics_body = (b"# HELP python_gc_objects_collected_total Objects collected during gc\n"
-                           b"# TYPE python_gc_objects_collected_total counter\n"
-                           b'python_gc_objects_collected_total{generation="0"} 1234.0\n')
-    url = await engine.start()
-    try:
-        async with running_gateway(gateway_config([url])) as gw:
-            assert gw.registry.states["local/p/0"].up
-    finally:
-        await engine.stop()
+    state = await _state_behind(b"# HELP python_gc_objects_collected_total Objects collected during gc\n"
+                                b"# TYPE python_gc_objects_collected_total counter\n"
+                                b'python_gc_objects_collected_total{generation="0"} 1234.0\n')
+    assert state.up
 
 
 async def test_a_metrics_answer_past_the_size_bound_is_a_failed_probe(monkeypatch):
     """The whole body was read into memory on every probe (400 MB took the gateway to 500 MB)."""
     monkeypatch.setattr("backends.vllm.SCRAPE_MAX_BYTES", 4096)
-    engine = _OddEngine()
-    engine.metrics_body = b'vllm:num_requests_running{engine="0"} 0.0\n' * 200  # 8.6 kB
-    url = await engine.start()
-    try:
-        async with running_gateway(gateway_config([url])) as gw:
-            state = gw.registry.states["local/p/0"]
-            assert not state.up and "more than 4096" in state.last_error
-    finally:
-        await engine.stop()
+    state = await _state_behind(b'vllm:num_requests_running{engine="0"} 0.0\n' * 200)  # 8.6 kB
+    assert not state.up and "more than 4096" in state.last_error
 
 
 def test_values_no_count_or_gauge_can_take_are_left_out():

@@ -59,7 +59,7 @@ def request_id_of(request: web.Request) -> str:
     return uuid.uuid4().hex
 
 
-def check_api_key(request: web.Request, keys: frozenset[str]) -> None:
+def check_api_key(request: web.Request, keys: tuple[bytes, ...]) -> None:
     if not keys:
         return
     header = request.headers.get("Authorization", "")
@@ -69,7 +69,7 @@ def check_api_key(request: web.Request, keys: frozenset[str]) -> None:
     scheme, _, key = header.partition(" ")
     # compared in constant time, against every key: a set lookup's time depends on the key's hash and contents
     given = key.strip().encode("utf-8", "surrogateescape")  # header bytes that are no UTF-8 come as surrogates
-    if scheme.lower() != "bearer" or not any([hmac.compare_digest(given, k.encode()) for k in keys]):
+    if scheme.lower() != "bearer" or not any([hmac.compare_digest(given, k) for k in keys]):
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 

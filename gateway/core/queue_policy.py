@@ -120,7 +120,8 @@ class QueuePolicy(Protocol):
     def key(self, request: SchedRequest, now: float, ctx: PolicyContext) -> tuple: ...
 
 
-def _due(request: SchedRequest) -> float:
+def edf_due(request: SchedRequest) -> float:
+    """EDF's due time: the request's deadline (a workflow's, or one a call carries), else its first-token one."""
     if request.deadline is not None:
         return request.deadline
     if request.ttft_deadline is not None:
@@ -164,7 +165,7 @@ class EDF:
     name = "edf"
 
     def key(self, request: SchedRequest, now: float, ctx: PolicyContext) -> tuple:
-        return (_due(request), request.arrival, request.request_id)
+        return (edf_due(request), request.arrival, request.request_id)
 
 
 class _SlackAware:

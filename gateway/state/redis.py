@@ -506,16 +506,13 @@ class RedisStateStore(StateStore):
     async def ledger_usage_epoch(self, engine_ids: list[str]) -> tuple[dict[str, tuple[int, int]], str]:
         """:meth:`ledger_usage` and the ledger's epoch ("" when it has none) in one round trip."""
         flat = await self._run("ledger_usage", _LEDGER_USAGE, [], [self._prefix, *engine_ids])
-        epoch = flat[-1]
-        return ({e: (int(flat[2 * i]), int(flat[2 * i + 1])) for i, e in enumerate(engine_ids)},
-                epoch.decode() if isinstance(epoch, bytes) else str(epoch))
+        return {e: (int(flat[2 * i]), int(flat[2 * i + 1])) for i, e in enumerate(engine_ids)}, _text(flat[-1])
 
     async def ledger_epoch(self) -> str:
         """The shared ledger's generation: a random token, set by the first gateway that asks and gone with the
         ledger (a Redis that restarted empty). A gateway that finds it changed knows the store lost its running
         reservations although no call of its own failed, and takes them back (see SharedLedger)."""
-        epoch = await self._run("ledger_epoch", _LEDGER_EPOCH, [], [self._prefix, uuid.uuid4().hex])
-        return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
+        return _text(await self._run("ledger_epoch", _LEDGER_EPOCH, [], [self._prefix, uuid.uuid4().hex]))
 
     # ------------------------------------------------------------------ lifecycle
 
