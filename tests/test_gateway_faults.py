@@ -91,6 +91,15 @@ async def test_connection_refused_is_retried(engines):
         assert ok.hits == 3
 
 
+async def _one_waiting(gw, engine_id: str) -> None:
+    """Show one request waiting at this engine, so that least_loaded (ties at random) picks another: the
+    monitor is stopped first (both engines were probed up at start), so that no probe takes the mark away."""
+    from dataclasses import replace
+    await gw.monitor.stop()
+    state = gw.registry.states[engine_id]
+    gw.registry.states[engine_id] = replace(state, metrics=replace(state.metrics, waiting=1))
+
+
 @pytest.mark.parametrize("mode", ["drop_after_first", "reset_after_first"])
 async def test_no_retry_after_first_byte(engines, mode, caplog):
     """An engine that goes away mid-stream, by an orderly close or a TCP reset: the client gets an error event
@@ -98,7 +107,7 @@ async def test_no_retry_after_first_byte(engines, mode, caplog):
     broken, other = engines
     broken.mode = mode
     async with running_gateway(gateway_config([broken.url, other.url], routing={"policy": "least_loaded"})) as gw:
-        # least_loaded with equal load picks by id: local/p/0 == broken
+        await _one_waiting(gw, "local/p/1")  # least_loaded then picks local/p/0 == broken
         client = client_for(gw.base_url)
         stream = await client.chat.completions.create(model="fault-model", stream=True,
                                                       messages=[{"role": "user", "content": "hi"}])
@@ -136,7 +145,7 @@ async def test_whole_answer_dropped_midway_is_502_and_not_replayed(engines):
     broken, other = engines
     broken.mode = "drop_mid_body"
     async with running_gateway(gateway_config([broken.url, other.url], routing={"policy": "least_loaded"})) as gw:
-        # least_loaded with equal load picks by id: local/p/0 == broken
+        await _one_waiting(gw, "local/p/1")  # least_loaded then picks local/p/0 == broken
         await _chat_fails_with_502(gw, "upstream_disconnected", "dropped the connection mid-answer")
         assert broken.hits == 1 and other.hits == 0  # the engine had the request: it is not sent twice
         assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())

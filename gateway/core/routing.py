@@ -7,6 +7,7 @@ Baselines are first-class plugins so every claim is a comparison with them.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -34,13 +35,25 @@ class RoundRobin:
 
 class LeastLoaded:
     """Fewest requests on the engine: the gateway's own in-flight count (exact, current) plus the engine's
-    last scraped waiting queue (covers load from other gateways); ties broken by KV usage, then by id."""
+    last scraped waiting queue (covers load from other gateways), then KV usage; ties broken at random.
+
+    Why at random and not by id: each gateway counts only its own requests, and a DiT engine (``/health``
+    only) or a vLLM engine between two scrapes shows none of the others'. With a fixed order, every gateway
+    sent its next request to the same first engine, and a burst through two gateways queued on one engine
+    while the other sat idle."""
 
     name = "least_loaded"
 
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+
     def choose(self, candidates: Sequence[EngineState], inflight: Mapping[str, int]) -> EngineState:
-        return min(candidates, key=lambda e: (inflight.get(e.engine_id, 0) + e.metrics.waiting,
-                                              e.metrics.kv_usage, e.engine_id))
+        if len(candidates) == 1:
+            return candidates[0]
+        loads = [(inflight.get(e.engine_id, 0) + e.metrics.waiting, e.metrics.kv_usage) for e in candidates]
+        lowest = min(loads)
+        tied = [e for e, load in zip(candidates, loads) if load == lowest]
+        return tied[0] if len(tied) == 1 else self._rng.choice(tied)
 
 
 ROUTING_POLICIES: dict[str, type] = {RoundRobin.name: RoundRobin, LeastLoaded.name: LeastLoaded}
