@@ -41,6 +41,7 @@ class Gateway:
         self.store = make_state_store(config.state)
         self.handlers: set[asyncio.Task] = set()  # the OpenAI routes' requests in flight (a graceful stop ends them)
         self.metrics.inflight.set_function(lambda: len(self.handlers))  # maestro_inflight_requests, read at scrape
+        self.images_inflight = 0  # image requests among them (server.max_inflight_images)
         self.draining = False  # stopping: new requests get 503, those in flight get server.shutdown_grace_s
         self.started_at = time.time()
         self.registry: EngineRegistry | None = None

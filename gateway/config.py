@@ -84,10 +84,18 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
     max_inflight: int = 4096
+    # image requests among those: each holds its place for a whole generation (seconds to minutes) at engines
+    # that work through one at a time, so without a smaller cap a backlog of images answered chat 429; 0: half
+    max_inflight_images: int = 0
     gateway_id: str = ""
     shutdown_grace_s: float = 5.0  # on SIGTERM: how long requests in flight may finish before they are ended
     # browser origins allowed to call the API (CORS), as vLLM's --allowed-origins: "*" any, () none
     cors_allowed_origins: tuple[str, ...] = ("*",)
+
+    @property
+    def image_inflight_limit(self) -> int:
+        """Image requests the gateway holds at once (``max_inflight_images``, or half of ``max_inflight``)."""
+        return self.max_inflight_images or max(1, self.max_inflight // 2)
 
 
 @dataclass(frozen=True)
@@ -599,7 +607,11 @@ def parse_config(raw: Any) -> Config:
         clusters.append(ClusterConfig(name=name, pools=tuple(pools), rtt_ms=rtt_ms))
 
     server = _section(root, ServerConfig, "server", {"port": "nonneg", "max_body_bytes": "positive",
-                                                     "max_inflight": "positive", "shutdown_grace_s": "nonneg"})
+                                                     "max_inflight": "positive", "max_inflight_images": "nonneg",
+                                                     "shutdown_grace_s": "nonneg"})
+    if server.max_inflight_images > server.max_inflight:
+        raise ConfigError("server.max_inflight_images", f"must be at most server.max_inflight "
+                                                        f"({server.max_inflight}), got {server.max_inflight_images}")
     if server.port > 65535:
         raise ConfigError("server.port", f"must be <= 65535, got {server.port}")
     if not server.host.strip():  # aiohttp would listen on every interface, at odd ports

@@ -104,6 +104,8 @@ def test_defaults_fill_in():
                                                                      "engines": ["http://z:1"]}]}),
      "clusters[1].name"),
     (lambda c: c.update(server={"host": ""}), "server.host"),
+    (lambda c: c.update(server={"max_inflight": 8, "max_inflight_images": 9}), "server.max_inflight_images"),
+    (lambda c: c.update(server={"max_inflight_images": -1}), "server.max_inflight_images"),
 ])
 def test_invalid_configs_name_the_field(mutate, field):
     raw = base()

@@ -273,3 +273,33 @@ async def test_images_through_gateway_to_simulated_dit():
                 assert r.status == 200 and r.content_type == "application/zip"
                 assert r.headers["Content-Disposition"].startswith('attachment; filename="images_')
                 assert (await r.read())[:2] == b"PK"
+
+
+async def test_a_backlog_of_images_leaves_chat_its_room():
+    """Images hold at most ``server.max_inflight_images`` places: 16 images waiting at one DiT engine had
+    filled a gateway of 16 places and every chat request got 429."""
+    raw = sim_config(count=1)
+    raw["server"] = {"max_inflight": 4, "max_inflight_images": 2}
+    raw["models"].append({"name": "sim-dit"})
+    raw["clusters"][0]["pools"].append({"name": "dit", "kind": "vllm-omni", "models": ["sim-dit"],
+                                         "simulated": {"count": 1, "time_scale": 1.0}})  # seconds per image
+    async with running_gateway(raw) as gw, \
+            openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+        images = [asyncio.create_task(client.images.generate(model="sim-dit", prompt="x", size="1024x1024"))
+                  for _ in range(2)]
+        while gw.images_inflight < 2:
+            await asyncio.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.images.generate(model="sim-dit", prompt="a third", size="64x64")
+        assert caught.value.code == "queue_full" and "image requests" in caught.value.message
+        replies = await asyncio.gather(*(client.chat.completions.create(
+            model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "room for me?"}]) for _ in range(2)))
+        assert all(reply.choices[0].message.content for reply in replies)
+        assert gw.images_inflight == 2  # the chats were answered while both images still held their places
+        for task in images:
+            task.cancel()
+        await asyncio.gather(*images, return_exceptions=True)
+        while gw.images_inflight:
+            await asyncio.sleep(0.01)
+        image = await client.images.generate(model="sim-dit", prompt="after", size="64x64")  # places given back
+        assert len(image.data) == 1

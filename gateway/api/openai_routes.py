@@ -234,6 +234,21 @@ async def completions(request: web.Request, gateway: "Gateway", request_id: str)
 
 
 async def image_generations(request: web.Request, gateway: "Gateway", request_id: str):
+    """Image requests hold at most ``server.max_inflight_images`` of the gateway's places: one holds its place
+    for a whole generation, at engines that work through one request at a time, and a backlog of them had
+    answered every chat request 429 (16 images waiting at one engine filled a gateway of 16 places)."""
+    limit = gateway.config.server.image_inflight_limit
+    if gateway.images_inflight >= limit:
+        raise APIError(429, f"The gateway holds as many image requests as it takes at once ({limit}); retry "
+                            "shortly.", RATE_LIMIT, code="queue_full", headers={"Retry-After": "1"})
+    gateway.images_inflight += 1
+    try:
+        return await _image_generation(request, gateway, request_id)
+    finally:
+        gateway.images_inflight -= 1
+
+
+async def _image_generation(request: web.Request, gateway: "Gateway", request_id: str):
     raw = await read_body(request, gateway.config.server.max_body_bytes)
     body = parse_json_object(raw)
     validate_image(body)
