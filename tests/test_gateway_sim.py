@@ -245,6 +245,9 @@ async def test_images_through_gateway_to_simulated_dit():
             image = await client.images.generate(model="sim-dit", prompt="a lighthouse", size="256x256", n=None,
                                                  response_format=None)
             assert len(image.data) == 1
+            # "auto" (the SDK's and gpt-image's default) is the engine's default size; vLLM-Omni parses WxH only
+            image = await client.images.generate(model="sim-dit", prompt="a lighthouse", size="auto")
+            assert len(image.data) == 1 and image.size == "1024x1024"
             with pytest.raises(openai.NotFoundError) as caught:
                 await client.images.generate(model=MODEL, prompt="text models do not draw")
             assert "/v1/chat/completions" in caught.value.body["message"]  # where that model is served

@@ -253,10 +253,12 @@ async def _image_generation(request: web.Request, gateway: "Gateway", request_id
     body = parse_json_object(raw)
     validate_image(body)
     rewrite = False
-    if None in body.values():
-        # OpenAI reads a null field as its default (the SDK sends null for a parameter passed as None);
-        # vLLM-Omni's request model types `n` and others as plain values and would refuse it.
-        body = {key: value for key, value in body.items() if value is not None}
+    if None in body.values() or body.get("size") == "auto":
+        # OpenAI reads a null field as its default (the SDK sends null for a parameter passed as None), and size
+        # "auto" as the model's choice; vLLM-Omni's request model types `n` and others as plain values and
+        # parses `size` as WIDTHxHEIGHT: both are left out, for the engine's defaults
+        body = {key: value for key, value in body.items()
+                if value is not None and not (key == "size" and value == "auto")}
         rewrite = True
     model = body.get("model")
     dit_models = gateway.registry.models("vllm-omni")

@@ -150,10 +150,10 @@ def validate_image(body: dict[str, Any]) -> None:
     if n is not None and (not _is_int(n) or not 1 <= n <= 10):
         raise bad_request("'n' must be an integer between 1 and 10.", "n")
     size = body.get("size")
-    if size is not None:
+    if size is not None and size != "auto":  # OpenAI's "auto" (the SDK lists it): the engine's own default
         match = _SIZE.fullmatch(size) if isinstance(size, str) else None
         if match is None or not all(64 <= int(side) <= 4096 for side in match.groups()):
-            raise bad_request("'size' must look like '1024x1024' (each side 64..4096).", "size")
+            raise bad_request("'size' must look like '1024x1024' (each side 64..4096), or be 'auto'.", "size")
     steps = body.get("num_inference_steps")
     if steps is not None and (not _is_int(steps) or not 1 <= steps <= MAX_INFERENCE_STEPS):
         raise bad_request(f"'num_inference_steps' must be an integer between 1 and {MAX_INFERENCE_STEPS}.",
