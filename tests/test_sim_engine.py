@@ -113,9 +113,26 @@ def test_cost_model_monotone_in_batch_and_context():
     dit = [cost.dit_step_s(px, px, 4) for px in (256, 512, 1024)]
     assert all(a <= b for a, b in zip(dit, dit[1:]))
     assert cost.dit_step_s(1024, 1024, 8) >= cost.dit_step_s(1024, 1024, 1)
-    assert cost.dit_step_s(1024, 1024, 1, parallel_degree=4) < cost.dit_step_s(1024, 1024, 1)
-    assert cost.dit_step_s(1024, 1024, 1, parallel_degree=4, scaling_efficiency=1.0) == pytest.approx(
-        cost.dit_step_s(1024, 1024, 1) / 4)
+    assert cost.dit_step_s(1024, 1024, 8, parallel_degree=4) < cost.dit_step_s(1024, 1024, 8)
+    assert cost.dit_step_s(1024, 1024, 8, parallel_degree=4, scaling_efficiency=1.0) == pytest.approx(
+        cost.dit_step_s(1024, 1024, 8) / 4)
+
+
+def test_dit_steps_never_go_under_the_smallest_step_measured():
+    """More GPUs share a step's compute, not its launch-bound floor (a 256px image on 8 GPUs cost 1.5 ms a
+    step, a sixth of the 8.5 ms measured at its smallest), and a video has a floor too (a 2-frame 64x64 video
+    cost 0.035 ms a step)."""
+    cost = EngineCostModel()
+    floor = cost.dit_step_s(256, 256, 1)
+    for degree in (1, 2, 4, 8):
+        assert cost.dit_step_s(256, 256, 1, parallel_degree=degree) == pytest.approx(floor)
+        assert cost.dit_step_s(64, 64, 1, frames=2, parallel_degree=degree) >= floor
+    assert cost.dit_step_s(1024, 1024, 1, parallel_degree=8) >= floor
+    assert cost.dit_step_s(832, 480, 1, frames=81) > cost.dit_step_s(832, 480, 1, frames=33) > floor
+    with pytest.raises(ValueError, match="unknown DiT profile"):
+        cost.dit_step_s(512, 512, profile="dit_xxl")
+    with pytest.raises(ValueError, match="dit_profile"):
+        SimDiTOptions(dit_profile="dit_xxl").validate()
 
 
 @pytest.mark.skipif(not HAS_CALIBRATION, reason="calibration data not present")

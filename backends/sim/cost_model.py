@@ -71,6 +71,7 @@ _DEFAULT_KV_BYTES_PER_TOKEN = 131072
 
 DIT_PROFILES = ("dit_xl_2", "dit_3b")
 VIDEO_PROFILE = "video_dit_1p3b"
+_VIDEO_81F_TOKENS = 32_760  # the calibration's 480p 81-frame video, in latent tokens (its README)
 
 
 _SOURCES_SAID: set[tuple[Path, bool]] = set()
@@ -133,8 +134,10 @@ class _DitFit:
     k1: float  # ms per (image x token)
     k2: float  # ms per (image x token^2)
 
-    def step_ms(self, batch: int, tokens: float) -> float:
-        return max(self.floor_ms, self.k1 * batch * tokens + self.k2 * batch * tokens * tokens)
+    def step_ms(self, batch: int, tokens: float, speedup: float = 1.0) -> float:
+        """One step's milliseconds: the compute, shared by ``speedup`` GPUs, but never under the floor (the
+        smallest step measured, bound by kernel launches, which more GPUs do not shorten)."""
+        return max(self.floor_ms, (self.k1 * batch * tokens + self.k2 * batch * tokens * tokens) / speedup)
 
 
 class EngineCostModel:
@@ -171,7 +174,7 @@ class EngineCostModel:
                 fit = self._fit_dit(docs, name)
                 if fit is not None:
                     self._dit[name] = fit
-            self._video = self._fit_video(docs)
+            self._video = self._fit_video(docs, self._dit["dit_xl_2"].floor_ms)
             for doc in docs.values():
                 kv = doc.get("llm", {}).get("kv_bytes_per_token")
                 if isinstance(kv, (int, float)) and kv > 0:
@@ -251,7 +254,11 @@ class EngineCostModel:
         return _DitFit(floor, float(k1), float(k2))
 
     @staticmethod
-    def _fit_video(docs: dict[str, dict]) -> _DitFit | None:
+    def _fit_video(docs: dict[str, dict], launch_floor_ms: float) -> _DitFit | None:
+        """The 1.3B video DiT: its two whole-video steps (480p, 33 and 81 frames) and its steps on 1/k of the
+        81-frame tokens (one shard's compute, a measurement of the model on that many tokens all the same).
+        Its floor is the launch-bound step of DiT-XL/2 (depth 28, the video model's 30): without a floor, a
+        2-frame 64x64 video cost 0.035 ms a step, a 250th of the same tokens as an image."""
         points: list[tuple[float, float]] = []
         for doc in docs.values():
             for key, ms in doc.get("video_dit_1p3b_step_ms", {}).items():
@@ -259,12 +266,14 @@ class EngineCostModel:
                 height = int(res.removesuffix("p"))
                 width = int(round(height * 16 / 9 / 16)) * 16  # 480p -> 848; close enough to 832
                 points.append((dit_tokens(width, height, int(frames.removesuffix("f"))), float(ms)))
+            for k, ms in doc.get("video_dit_480p_81f_tokens_div_k_ms", {}).items():
+                points.append((_VIDEO_81F_TOKENS / int(k), float(ms)))
         if len(points) < 2:
             return None
         x = np.array([[n, n * n] for n, _ in points])
         y = np.array([ms for _, ms in points])
         k1, k2 = nnls_small(x, y)
-        return _DitFit(0.0, float(k1), float(k2))
+        return _DitFit(min(launch_floor_ms, min(ms for _, ms in points)), float(k1), float(k2))
 
     # ------------------------------------------------------------------ pure cost functions (seconds)
 
@@ -323,20 +332,20 @@ class EngineCostModel:
     def dit_step_s(self, width: int, height: int, batch: int = 1, *, frames: int = 1, parallel_degree: int = 1,
                    scaling_efficiency: float = 0.9, profile: str = "dit_xl_2") -> float:
         """One denoising step of ``batch`` images (or videos of ``frames`` frames) of ``width`` x ``height``
-        on ``parallel_degree`` GPUs with ``scaling_efficiency`` per doubling (not from the data)."""
+        on ``parallel_degree`` GPUs with ``scaling_efficiency`` per doubling (not from the data).
+
+        The GPUs share the compute only: a step is never shorter than the profile's smallest measured step.
+        Videos (``frames`` > 1) use the one video model the calibration measured, whatever ``profile`` says."""
+        if profile not in self._dit:
+            raise ValueError(f"unknown DiT profile {profile!r}; known: {', '.join(DIT_PROFILES)}")
+        if parallel_degree < 1:
+            raise ValueError(f"parallel_degree must be >= 1, got {parallel_degree!r}")
         if batch <= 0:
             return 0.0
         tokens = dit_tokens(width, height, frames)
-        if frames > 1 and self._video is not None:
-            ms = self._video.step_ms(batch, tokens)
-        else:
-            fit = self._dit.get(profile) or self._dit["dit_xl_2"]
-            ms = fit.step_ms(batch, tokens)
-        seconds = ms * self.scale / 1000.0
-        if parallel_degree > 1:
-            speedup = parallel_degree * scaling_efficiency ** math.log2(parallel_degree)
-            seconds /= max(speedup, 1e-9)
-        return seconds
+        speedup = parallel_degree * scaling_efficiency ** math.log2(parallel_degree) if parallel_degree > 1 else 1.0
+        fit = self._video if frames > 1 and self._video is not None else self._dit[profile]
+        return fit.step_ms(batch, tokens, max(speedup, 1e-9)) * self.scale / 1000.0
 
 
 def dit_tokens(width: int, height: int, frames: int = 1) -> int:

@@ -81,6 +81,8 @@ class SimDiTOptions:
             raise ValueError(f"time_scale must be > 0, got {self.time_scale!r}")
         if self.parallel_degree < 1:
             raise ValueError(f"parallel_degree must be >= 1, got {self.parallel_degree!r}")
+        if self.dit_profile not in ("dit_xl_2", "dit_3b"):  # backends.sim.cost_model.DIT_PROFILES
+            raise ValueError(f"dit_profile must be 'dit_xl_2' or 'dit_3b', got {self.dit_profile!r}")
         if not 0 < self.scaling_efficiency <= 1:
             raise ValueError(f"scaling_efficiency must be in (0, 1], got {self.scaling_efficiency!r}")
         if self.default_steps < 1:
