@@ -351,6 +351,9 @@ def _section(raw: dict[str, Any], cls: type, path: str, checks: dict[str, str], 
     return cls(**values)
 
 
+_SIMULATED_DIT_KEYS = ("count", "time_scale")
+
+
 def _parse_simulated(raw: Any, path: str) -> SimulatedEngines:
     section = _mapping(raw, path)
     defaults = SimulatedEngines()
@@ -405,6 +408,11 @@ def _parse_pool(raw: Any, path: str, model_names: set[str]) -> PoolConfig:
     simulated = None
     if section.get("simulated") is not None:
         simulated = _parse_simulated(section["simulated"], f"{path}.simulated")
+        if kind == "vllm-omni":  # the simulated DiT engine takes these two; the others are an LLM engine's
+            for key in section["simulated"]:
+                if key not in _SIMULATED_DIT_KEYS:
+                    raise ConfigError(f"{path}.simulated.{key}", "a simulated vllm-omni (DiT) engine takes only "
+                                                                 f"{' and '.join(_SIMULATED_DIT_KEYS)}")
         if len(models) != 1:
             raise ConfigError(f"{path}.models", "a simulated pool serves exactly one model")
     if not engines and simulated is None:

@@ -106,6 +106,10 @@ def test_defaults_fill_in():
     (lambda c: c.update(server={"host": ""}), "server.host"),
     (lambda c: c.update(server={"max_inflight": 8, "max_inflight_images": 9}), "server.max_inflight_images"),
     (lambda c: c.update(server={"max_inflight_images": -1}), "server.max_inflight_images"),
+    # a DiT pool's simulated engine has no KV blocks or sequence limit: the keys were accepted and did nothing
+    (lambda c: c["clusters"][0]["pools"].append({"name": "d", "kind": "vllm-omni", "models": ["m"],
+                                                 "simulated": {"count": 1, "kv_blocks": 64}}),
+     "clusters[0].pools[1].simulated.kv_blocks"),
 ])
 def test_invalid_configs_name_the_field(mutate, field):
     raw = base()
