@@ -36,6 +36,8 @@ class GatewayMetrics:
                                         ("engine", "reason"), registry=r)
         self._retries = Counter("maestro_retries", "Requests retried on another engine before the first byte",
                                 registry=r)
+        self._stalled = Counter("maestro_client_stalled", "Streams cut because their client read nothing for "
+                                "timeouts.stream_idle_s", registry=r)
         self._tokens = Counter("maestro_tokens", "Tokens reported by engines' usage, by model and kind",
                                ("model", "kind"), registry=r)
         self.engines_up = Gauge("maestro_engines_up", "Engines currently marked up", registry=r)
@@ -76,6 +78,9 @@ class GatewayMetrics:
 
     def retried(self) -> None:
         self._retries.inc()
+
+    def client_stalled(self) -> None:
+        self._stalled.inc()
 
     def tokens(self, model: str, prompt: int, completion: int) -> None:
         if prompt:

@@ -3,8 +3,10 @@
 Retry rule (why it is safe): a request is tried on another engine only when nothing has reached the client
 yet and the engine either could not be reached (connect failure, connection dropped before any answer) or
 refused with 503 (vLLM's back-pressure: queue full or paused; when vLLM refuses at add_request, the 503 comes
-as the first event of a 200 stream, so a stream's first event is read before the client's response starts). Once
-a byte is relayed, a failure ends the stream with an OpenAI-style error event, never a silent retry that would
+as the first event of a 200 stream, so a stream's first event is read before the client's response starts), or
+failed in that first event (a 5xx error event: nothing was generated). A 4xx first event is answered with its
+status, as vLLM would have answered before streaming. An answer that is no valid HTTP is not retried: the engine
+had the request. Once a byte is relayed, a failure ends the stream with an OpenAI-style error event, never a silent retry that would
 duplicate text.
 
 Streams: the gateway always asks the engine for ``stream_options.include_usage`` (it needs the actual token
@@ -15,6 +17,7 @@ OpenAI would send. Events are relayed as the engine's bytes, never re-encoded.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,8 +35,16 @@ from gateway.registry import EngineRegistry
 # would be taken for an engine that is too slow to answer (a 504) instead of one that could not be reached
 _RETRYABLE_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
                              aiohttp.ClientOSError, aiohttp.ConnectionTimeoutError)
+log = logging.getLogger(__name__)
+
 _STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
+_WATCH_SLACK_S = 0.5  # a stream's watchdog is re-armed at most this often (a timer per event would cost more)
+_ERROR_EVENT_WRITE_S = 5.0  # the longest a stream's closing error event may wait for the client to read
+
+
+class ClientStalled(Exception):
+    """The client stopped reading a stream: its connection is dropped, and the engine's request with it."""
 
 
 @dataclass(slots=True)
@@ -77,16 +88,32 @@ class SSEUsageFilter:
         self._sep = b"\n\n"
 
     def feed(self, data: bytes) -> bytes:
-        buffer = self._buffer + data if self._buffer else data
-        end = buffer.rfind(self._sep)
-        if end < 0 and self._sep == b"\n\n" and b"\r\n\r\n" in buffer:
+        """The whole events completed by ``data`` (usage chunk removed when asked); keeps the partial rest.
+
+        A partial event grows in place and only the new bytes are searched (with the three before them, where
+        a separator may straddle two reads): re-joining and re-searching the whole buffer on every read cost
+        quadratic time, 13 s of the event loop for one 16 MB event arriving in 16 KB reads."""
+        buffer = self._buffer
+        if buffer:
+            start = len(buffer) - 3
+            buffer += data  # the bytearray, in place
+        else:
+            start = 0
+            buffer = data
+        end = buffer.rfind(self._sep, max(start, 0))
+        if end < 0 and self._sep == b"\n\n" and buffer.find(b"\r\n\r\n", max(start, 0)) >= 0:
             self._sep = b"\r\n\r\n"
-            end = buffer.rfind(self._sep)
+            end = buffer.rfind(self._sep, max(start, 0))
         if end < 0:
-            self._buffer = buffer
+            if buffer is data:
+                self._buffer = bytearray(data)
             return b""
         end += len(self._sep)
-        complete, self._buffer = buffer[:end], buffer[end:]
+        if buffer is data:
+            complete, rest = data[:end], data[end:]
+        else:
+            complete, rest = bytes(buffer[:end]), buffer[end:]
+        self._buffer = bytearray(rest) if rest else b""
         if b'"usage"' not in complete:
             return complete
         return self._filter_usage(complete)
@@ -107,7 +134,7 @@ class SSEUsageFilter:
         return b"".join(kept)
 
     def flush(self) -> bytes:
-        rest, self._buffer = self._buffer, b""
+        rest, self._buffer = bytes(self._buffer), b""
         return rest
 
 
@@ -135,8 +162,10 @@ def _cut_short(events: bytes) -> bool:
     return b'{"error"' in events or any(marker in events for marker in _CUT_MARKERS)
 
 
-def _busy_refusal(head: bytes) -> str | None:
-    """The message of a first event that is vLLM's back-pressure refusal (an error with code 503), else None."""
+def _first_event_error(head: bytes) -> tuple[int, str, bytes] | None:
+    """(status, message, error body) when the stream's first event is an engine's error, else None. vLLM sends
+    its 200 at once and reports what fails after it as an error event with the HTTP code it would have answered:
+    503 for its back-pressure refusal at add_request, 400 for a request it refuses late, 500 when it failed."""
     event = head.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0].strip()
     if not event.startswith(b"data:") or b'"error"' not in event:
         return None
@@ -144,9 +173,13 @@ def _busy_refusal(head: bytes) -> str | None:
         error = orjson.loads(event[5:]).get("error")
     except (orjson.JSONDecodeError, AttributeError):
         return None
-    if isinstance(error, dict) and error.get("code") in (503, "503"):
-        return str(error.get("message") or "busy")[:200]
-    return None
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code")
+    status = int(code) if isinstance(code, (int, str)) and str(code).isascii() and str(code).isdigit() else 0
+    if not 400 <= status <= 599:
+        return None
+    return status, str(error.get("message") or "error")[:300], event[5:].strip()
 
 
 def _total_timeout_message(engine_id: str, total_s: float) -> str:
@@ -170,6 +203,7 @@ class Proxy:
         registry = self.registry
         tried: set[str] = set()
         busy_seen = False
+        failed_seen = False
         last_problem = ""
         sock_read = self.stream_idle_s if job.stream else None
         for attempt in range(self.max_retries + 1):
@@ -203,6 +237,10 @@ class Proxy:
                     continue
                 except asyncio.TimeoutError as exc:
                     raise self._timed_out(exc, engine_id, job) from None
+                except aiohttp.ClientError as exc:  # an answer that is no valid HTTP (a bad header line): the
+                    self.metrics.upstream_error(engine_id, "malformed")  # engine had the request, so not sent
+                    raise APIError(502, f"Engine {engine_id} answered with malformed HTTP "  # again elsewhere
+                                        f"({exc.__class__.__name__}).", SERVER_ERROR, code="upstream_error") from None
                 if upstream.status == 503:
                     data = await self._read_small(upstream)
                     self.metrics.upstream_error(engine_id, "busy")
@@ -213,8 +251,11 @@ class Proxy:
                     head, problem = await self._first_event(upstream, job, engine_id)
                     if head is None:  # refused or dropped before anything reached the client: try another engine
                         busy_seen = busy_seen or problem.startswith("is busy")
+                        failed_seen = failed_seen or problem.startswith("failed")
                         last_problem = f"engine {engine_id} {problem}"
                         continue
+                    if isinstance(head, web.Response):  # the engine refused it (4xx) in its first event
+                        return head
                     return await self._relay_stream(request, job, upstream, engine_id, sent_at, head)
                 return await self._relay_whole(job, upstream, engine_id, sent_at)
             finally:
@@ -222,6 +263,9 @@ class Proxy:
         if busy_seen:
             raise APIError(503, f"All engines for model {job.model!r} are busy; retry shortly. Last: {last_problem}.",
                            SERVER_ERROR, code="engines_busy", headers={"Retry-After": "1"})
+        if failed_seen:
+            raise APIError(502, f"Every engine tried for model {job.model!r} failed. Last: {last_problem}.",
+                           SERVER_ERROR, code="upstream_error")
         if last_problem:
             raise APIError(502, f"No engine for model {job.model!r} could be reached: {last_problem}.",
                            SERVER_ERROR, code="upstream_unreachable")
@@ -292,25 +336,29 @@ class Proxy:
         return APIError(504, message, SERVER_ERROR, code="upstream_timeout")
 
     async def _first_event(self, upstream: aiohttp.ClientResponse, job: RelayJob,
-                           engine_id: str) -> tuple[bytes | None, str]:
+                           engine_id: str) -> tuple[bytes | web.Response | None, str]:
         """The engine's bytes up to the end of its first SSE event, read before the client's response starts,
         while a failure can still be retried or answered with a status. vLLM sends its 200 at once and refuses a
         request it has no room for with an error event when the refusal comes late (at add_request: 503 in the
         event, not the status), and an engine that queues a request sends nothing until it runs it.
 
-        (head, "") to relay; (None, why) where another engine should be tried (the upstream closed); raises
-        the 504s."""
-        head = b""
+        (head, "") to relay; (None, why) where another engine should be tried (the upstream closed, refused
+        as busy, or failed with a 5xx event); (response, "") for a 4xx event, answered with its status and
+        body as vLLM would have answered before streaming; raises the 504s."""
+        head = bytearray()
         try:
-            while b"\n\n" not in head and b"\r\n\r\n" not in head:
+            while True:
                 chunk = await upstream.content.readany()
                 if not chunk:
                     break
+                start = max(len(head) - 3, 0)  # only the new bytes are searched (a large first event)
                 head += chunk
+                if head.find(b"\n\n", start) >= 0 or head.find(b"\r\n\r\n", start) >= 0:
+                    break
         except asyncio.TimeoutError as exc:
             upstream.close()
             raise self._timed_out(exc, engine_id, job) from None
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        except aiohttp.ClientError as exc:  # dropped, or an answer that is no valid HTTP (a bad chunk size)
             upstream.close()
             self.metrics.upstream_error(engine_id, "disconnect")
             return None, f"dropped the stream before its first event ({exc.__class__.__name__})"
@@ -321,12 +369,19 @@ class Proxy:
             upstream.close()
             self.metrics.upstream_error(engine_id, "disconnect")
             return None, "ended the stream before its first event"
-        refusal = _busy_refusal(head)
-        if refusal is not None:
-            upstream.close()
+        failure = _first_event_error(head)
+        if failure is None:
+            return bytes(head), ""
+        status, message, body = failure
+        upstream.close()
+        if status == 503:
             self.metrics.upstream_error(engine_id, "busy")
-            return None, f"is busy: {refusal}"
-        return head, ""
+            return None, f"is busy: {message}"
+        if status >= 500:
+            self.metrics.upstream_error(engine_id, f"http_{status}")
+            return None, f"failed before its first token (HTTP {status}): {message}"
+        return web.Response(body=body, status=status, content_type="application/json",
+                            headers={"X-Request-Id": job.request_id}), ""
 
     async def _relay_stream(self, request: web.Request, job: RelayJob, upstream: aiohttp.ClientResponse,
                             engine_id: str, sent_at: float, head: bytes = b"") -> web.StreamResponse:
@@ -345,6 +400,12 @@ class Proxy:
             await response.write_eof()
         except ConnectionResetError:
             pass  # the client went away mid-stream; the finally below makes the engine abort
+        except ClientStalled as stalled:
+            log.warning("request %s: %s; its connection is closed and engine %s's request ended",
+                        job.request_id, stalled, engine_id)
+            self.metrics.client_stalled()
+            if request.transport is not None:
+                request.transport.abort()  # close() would wait to flush what the client does not read
         except asyncio.CancelledError:
             if not (self.shutting_down and response.prepared):
                 raise  # the client left (handler cancellation)
@@ -367,47 +428,85 @@ class Proxy:
 
     async def _pump(self, job: RelayJob, upstream: aiohttp.ClientResponse, engine_id: str,
                     response: web.StreamResponse, usage_filter: SSEUsageFilter, head: bytes = b"") -> bool:
-        """Copy events until the engine ends the stream (True) or fails mid-stream (False, error event sent).
-        ``head`` is what :meth:`_first_event` already read."""
+        """Copy events until the engine ends the stream with ``[DONE]`` (True) or fails mid-stream (False,
+        error event sent). ``head`` is what :meth:`_first_event` already read.
+
+        A watchdog bounds the stream by the gateway's own clock: ``stream_idle_s`` without progress either way
+        (re-armed at most every ``_WATCH_SLACK_S``, so the limit holds to within that) and ``total_s``.
+        aiohttp's read timeouts see neither a client that stopped reading (the write waits, and the request
+        held its place, its engine and its KV reservation until the client's TCP connection died) nor an answer
+        it could not parse (it stopped its read timer, and the client waited for ``total_s``)."""
         first = True
         ticket = job.ticket
+        loop = asyncio.get_running_loop()
+        idle = self.stream_idle_s + _WATCH_SLACK_S
+        total_at = loop.time() + self.total_timeout_s - (time.perf_counter() - job.started)
+        writing = False
+        last = b""
+        watchdog: asyncio.Timeout | None = None
         try:
-            chunk = head
-            chunks = upstream.content.iter_any()
-            while True:
-                out = usage_filter.feed(chunk) if chunk else b""
-                if out:
-                    if ticket is not None:
-                        ticket.on_stream(out)  # counts events; grows the KV reservation when outgrown
-                    if (b'"abort"' in out or b'"error"' in out) and _cut_short(out):
-                        job.incomplete = True  # relayed as the engine sent it, but no whole answer
-                    await response.write(out)
-                    if first:
-                        first = False
-                        self.metrics.first_byte(job.route, time.perf_counter() - job.started)
-                chunk = await anext(chunks, None)
-                if chunk is None:
-                    break
-            tail = usage_filter.flush()
-            if tail:
-                if _cut_short(tail):
-                    job.incomplete = True
-                await response.write(tail)
-            return True
-        except aiohttp.ServerTimeoutError:  # sock_read: nothing came for stream_idle_s
-            self.metrics.upstream_error(engine_id, "stream_idle")
-            await self._end_stream_with_error(response, f"Engine {engine_id} sent nothing for "
-                                                        f"{self.stream_idle_s:g} s; the stream was cut.")
-        except asyncio.TimeoutError:  # the whole request's limit
-            self.metrics.upstream_error(engine_id, "timeout")
-            await self._end_stream_with_error(response, _total_timeout_message(engine_id, self.total_timeout_s)
-                                              + " The stream was cut.")
-        except aiohttp.ClientPayloadError:
+            async with asyncio.timeout_at(min(loop.time() + idle, total_at)) as watchdog:
+                armed = loop.time()
+                chunk = head
+                chunks = upstream.content.iter_any()
+                while True:
+                    out = usage_filter.feed(chunk) if chunk else b""
+                    if out:
+                        if ticket is not None:
+                            ticket.on_stream(out)  # counts events; grows the KV reservation when outgrown
+                        if (b'"abort"' in out or b'"error"' in out) and _cut_short(out):
+                            job.incomplete = True  # relayed as the engine sent it, but no whole answer
+                        writing = True
+                        await response.write(out)
+                        writing = False
+                        last = out
+                        if first:
+                            first = False
+                            self.metrics.first_byte(job.route, time.perf_counter() - job.started)
+                    now = loop.time()
+                    if now - armed >= _WATCH_SLACK_S:
+                        armed = now
+                        watchdog.reschedule(min(now + idle, total_at))
+                    chunk = await anext(chunks, None)
+                    if chunk is None:
+                        break
+                tail = usage_filter.flush()
+                if tail:
+                    if _cut_short(tail):
+                        job.incomplete = True
+                    writing = True
+                    await response.write(tail)
+                    writing = False
+                    last = tail
+        except asyncio.TimeoutError as exc:
+            fired = watchdog is not None and watchdog.expired()
+            if fired and writing:
+                raise ClientStalled(f"the client read nothing for {self.stream_idle_s:g} s") from None
+            if isinstance(exc, aiohttp.ServerTimeoutError) or (fired and loop.time() < total_at):
+                self.metrics.upstream_error(engine_id, "stream_idle")  # nothing came for stream_idle_s
+                await self._end_stream_with_error(response, f"Engine {engine_id} sent nothing for "
+                                                            f"{self.stream_idle_s:g} s; the stream was cut.")
+            else:  # the whole request's limit
+                self.metrics.upstream_error(engine_id, "timeout")
+                await self._end_stream_with_error(response, _total_timeout_message(engine_id, self.total_timeout_s)
+                                                  + " The stream was cut.")
+            return False
+        except aiohttp.ClientError:  # dropped mid-stream, or bytes that are no valid HTTP (a bad chunk size)
             self.metrics.upstream_error(engine_id, "disconnect")
             await self._end_stream_with_error(response, f"Engine {engine_id} dropped the stream.")
-        return False
+            return False
+        if not last.rstrip().endswith(b"data: [DONE]"):  # closed without its end: no whole answer
+            self.metrics.upstream_error(engine_id, "disconnect")
+            await self._end_stream_with_error(response, f"Engine {engine_id} ended the stream before its end "
+                                                        "(no [DONE]).")
+            return False
+        return True
 
     async def _end_stream_with_error(self, response: web.StreamResponse, message: str,
                                      code: str = "upstream_stream_error") -> None:
         event = b"data: " + error_body(message, SERVER_ERROR, None, code) + b"\n\n"
-        await response.write(event + _DONE)
+        try:
+            async with asyncio.timeout(_ERROR_EVENT_WRITE_S):
+                await response.write(event + _DONE)
+        except TimeoutError:
+            raise ClientStalled("the client did not take the stream's error event") from None

@@ -27,7 +27,8 @@ VLLM_BUSY = {"error": {"message": "The engine is currently busy and cannot accep
 class FaultEngine:
     model: str = "fault-model"
     mode: str = "ok"  # ok | busy | drop_before | drop_after_first | reset_after_first | drop_mid_body | stall
-    #                   | error_500 | slow
+    #                   | error_500 | slow | firehose | error_event_400 | error_event_500 | no_done
+    #                   | bad_chunk_after_first | bad_header
     delay_s: float = 0.0
     hits: int = 0
     seen_bodies: list = field(default_factory=list)
@@ -114,6 +115,12 @@ class FaultEngine:
             except asyncio.CancelledError:
                 self.aborted += 1
                 raise
+        if mode == "bad_header":  # an answer that is no valid HTTP: a header line without a colon
+            request.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"  # type: ignore
+                                    b"this line is no header\r\n\r\n")
+            await asyncio.sleep(0.05)
+            request.transport.close()  # type: ignore[union-attr]
+            return web.Response()
         if mode == "drop_mid_body":  # headers and part of a whole (non-streamed) answer, then the connection goes
             response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "1000"})
             await response.prepare(request)
@@ -134,6 +141,12 @@ class FaultEngine:
         if mode == "busy_in_stream":  # vLLM's late back-pressure: its 200 is sent, then the refusal as an event
             await response.write(b"data: " + orjson.dumps({"error": VLLM_BUSY["error"]}) + b"\n\ndata: [DONE]\n\n")
             return response
+        for code in (400, 500):  # vLLM's error event as the stream's first: a late refusal, or a failure
+            if mode == f"error_event_{code}":
+                error = {"error": {"message": f"error {code} from the engine", "type": "BadRequestError"
+                                   if code == 400 else "InternalServerError", "param": None, "code": code}}
+                await response.write(b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n")
+                return response
         if mode == "slow_start":  # queued inside the engine: headers at once, the first event delay_s later
             try:
                 await asyncio.sleep(self.delay_s)
@@ -148,6 +161,23 @@ class FaultEngine:
             await asyncio.sleep(0.05)
             request.transport.close()  # type: ignore[union-attr]
             return response
+        if mode == "firehose":  # 64 KiB events as fast as the connection takes them, until the request ends
+            big = dict(chunk, choices=[{"index": 0, "delta": {"content": "x" * 65536}, "finish_reason": None}])
+            event = b"data: " + orjson.dumps(big) + b"\n\n"
+            try:
+                while True:
+                    await response.write(event)
+            except (asyncio.CancelledError, ConnectionError):
+                self.aborted += 1
+                raise
+        if mode == "bad_chunk_after_first":  # a chunk size that is no hex number, then silence
+            await asyncio.sleep(0.05)
+            request.transport.write(b"zz\r\nnot a chunk\r\n")  # type: ignore[union-attr]
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.aborted += 1
+                raise
         if mode == "reset_after_first":  # a TCP reset (an engine process that died), not an orderly close
             await asyncio.sleep(0.05)
             sock = request.transport.get_extra_info("socket")  # type: ignore[union-attr]
@@ -169,6 +199,7 @@ class FaultEngine:
             usage = {**chunk, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,
                                                       "total_tokens": 5}}
             await response.write(b"data: " + orjson.dumps(usage) + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
+        if mode != "no_done":  # no_done: the stream closes after its last chunk, without [DONE]
+            await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

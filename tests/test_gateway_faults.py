@@ -419,3 +419,103 @@ async def test_client_disconnect_cancels_upstream(engines):
             await asyncio.sleep(0.05)
         assert sum(e.aborted for e in engines) == 1
         assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
+
+
+async def _stream_error(gw, **create) -> str:
+    """The message of the error event that ends a streamed chat through the SDK."""
+    stream = await client_for(gw.base_url).chat.completions.create(
+        model="fault-model", stream=True, messages=[{"role": "user", "content": "hi"}], **create)
+    with pytest.raises(openai.APIError) as caught:
+        async for _ in stream:
+            pass
+    return str(caught.value)
+
+
+async def test_a_client_that_stops_reading_a_stream_is_cut_off(engines):
+    """A client that reads nothing more: the write to it waits, which no upstream read timeout sees. It held
+    its place in the gateway, its engine's request and its KV reservation until its TCP connection died (two
+    such clients answered everyone else 429). Now the stream is cut after stream_idle_s."""
+    engine = engines[0]
+    engine.mode = "firehose"
+    raw = gateway_config([engine.url], timeouts={"stream_idle_s": 0.5})
+    async with running_gateway(raw) as gw:
+        port = int(gw.base_url.rsplit(":", 1)[1])
+        body = orjson.dumps({"model": "fault-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # and then reads nothing
+        try:
+            deadline = time.monotonic() + 10
+            while (gw.inflight or engine.hits == 0) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert gw.inflight == 0, "the stalled stream still holds its place"
+            for _ in range(100):
+                if engine.aborted:
+                    break
+                await asyncio.sleep(0.05)
+            assert engine.aborted == 1  # the engine's request ended with it
+            assert all(v == 0 for v in gw.registry.inflight.values())
+            assert b"maestro_client_stalled_total 1.0" in gw.metrics.render()
+            reply = await client_for(gw.base_url).chat.completions.create(  # the gateway serves on
+                model="fault-model", messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"X-Fault-Mode": "ok"})
+            assert reply.choices[0].message.content == "hello world"
+        finally:
+            sock.close()
+
+
+async def test_an_error_as_the_first_event_is_answered_with_its_status_or_retried(engines):
+    """vLLM sends its 200 at once and reports a late refusal (400) or a failure (500) as the first event. The
+    gateway holds that event before the client's answer starts: a 400 becomes the HTTP 400 (the SDK's
+    BadRequestError), and a 500 is tried on another engine, as a 503 is."""
+    first, second = engines
+    first.mode = "error_event_400"
+    async with running_gateway(gateway_config([first.url, second.url], routing={"policy": "least_loaded"})) as gw:
+        await _one_waiting(gw, "local/p/1")
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client_for(gw.base_url).chat.completions.create(
+                model="fault-model", stream=True, messages=[{"role": "user", "content": "hi"}])
+        assert "error 400 from the engine" in caught.value.message
+        assert (first.hits, second.hits) == (1, 0)  # a refusal is not tried again elsewhere
+        first.mode = "error_event_500"
+        stream = await client_for(gw.base_url).chat.completions.create(
+            model="fault-model", stream=True, messages=[{"role": "user", "content": "hi"}])
+        assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "hello world"
+        assert (first.hits, second.hits) == (2, 1)
+        second.mode = "error_event_500"
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client_for(gw.base_url).chat.completions.create(
+                model="fault-model", stream=True, messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 502 and caught.value.code == "upstream_error"
+        assert "error 500 from the engine" in caught.value.message
+        assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
+
+
+async def test_a_stream_closed_without_done_is_no_whole_answer(engines):
+    """A stream whose connection ends after its last chunk but before ``[DONE]`` counted as a whole answer."""
+    for engine in engines:
+        engine.mode = "no_done"
+    async with running_gateway(gateway_config([e.url for e in engines])) as gw:
+        assert "before its end (no [DONE])" in await _stream_error(gw)
+
+
+async def test_malformed_http_from_an_engine_is_an_upstream_error_not_ours(engines, caplog):
+    """A bad header line was a 500 internal_error with a traceback, as if the gateway had failed; a bad chunk
+    after the first event made aiohttp stop its read timer, and the client waited for total_s (900 s)."""
+    for engine in engines:
+        engine.mode = "bad_header"
+    raw = gateway_config([e.url for e in engines], timeouts={"stream_idle_s": 0.5, "total_s": 60})
+    async with running_gateway(raw) as gw:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client_for(gw.base_url).chat.completions.create(
+                model="fault-model", messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 502 and "malformed HTTP" in caught.value.message
+        for engine in engines:
+            engine.mode = "bad_chunk_after_first"
+        started = time.monotonic()
+        message = await _stream_error(gw)
+        assert time.monotonic() - started < 5
+        assert "sent nothing for 0.5 s" in message or "dropped the stream" in message
+    assert not [r for r in caplog.records if "failed inside the gateway" in r.getMessage()]
