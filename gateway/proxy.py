@@ -325,11 +325,12 @@ class Proxy:
             return usage
         return None
 
-    def _timed_out(self, exc: BaseException, engine_id: str, job: RelayJob) -> APIError:
-        """The 504 for a timeout before any byte reached the client, counted: a socket read that waited
-        stream_idle_s (aiohttp's ServerTimeoutError; only streams set one), else the whole request's total_s."""
+    def _timed_out(self, exc: BaseException, engine_id: str, job: RelayJob, idle: bool = False) -> APIError:
+        """The 504 for a timeout before any byte reached the client, counted: a wait of stream_idle_s (aiohttp's
+        ServerTimeoutError, only streams set one; or ``idle``: the gateway's own watch of a stream's first event),
+        else the whole request's total_s."""
         self.metrics.upstream_error(engine_id, "timeout")
-        if isinstance(exc, aiohttp.ServerTimeoutError):
+        if idle or isinstance(exc, aiohttp.ServerTimeoutError):
             message = f"Engine {engine_id} did not answer model {job.model!r} within {self.stream_idle_s:g} s."
         else:
             message = _total_timeout_message(engine_id, self.total_timeout_s)
@@ -346,18 +347,25 @@ class Proxy:
         as busy, or failed with a 5xx event); (response, "") for a 4xx event, answered with its status and
         body as vLLM would have answered before streaming; raises the 504s."""
         head = bytearray()
+        loop = asyncio.get_running_loop()
+        total_at = loop.time() + self.total_timeout_s - (time.perf_counter() - job.started)
+        watchdog: asyncio.Timeout | None = None
         try:
-            while True:
-                chunk = await upstream.content.readany()
-                if not chunk:
-                    break
-                start = max(len(head) - 3, 0)  # only the new bytes are searched (a large first event)
-                head += chunk
-                if head.find(b"\n\n", start) >= 0 or head.find(b"\r\n\r\n", start) >= 0:
-                    break
+            # aiohttp's read timer stops at a chunk it cannot parse: the gateway's own clock bounds the wait too
+            async with asyncio.timeout_at(min(loop.time() + self.stream_idle_s + _WATCH_SLACK_S,
+                                              total_at)) as watchdog:
+                while True:
+                    chunk = await upstream.content.readany()
+                    if not chunk:
+                        break
+                    start = max(len(head) - 3, 0)  # only the new bytes are searched (a large first event)
+                    head += chunk
+                    if head.find(b"\n\n", start) >= 0 or head.find(b"\r\n\r\n", start) >= 0:
+                        break
         except asyncio.TimeoutError as exc:
             upstream.close()
-            raise self._timed_out(exc, engine_id, job) from None
+            idle = watchdog is not None and watchdog.expired() and loop.time() < total_at
+            raise self._timed_out(exc, engine_id, job, idle=idle) from None
         except aiohttp.ClientError as exc:  # dropped, or an answer that is no valid HTTP (a bad chunk size)
             upstream.close()
             self.metrics.upstream_error(engine_id, "disconnect")
@@ -397,7 +405,12 @@ class Proxy:
             if usage_filter.usage:
                 self.metrics.tokens(job.model, usage_filter.usage.get("prompt_tokens") or 0,
                                     usage_filter.usage.get("completion_tokens") or 0)
-            await response.write_eof()
+            try:  # write_eof waits for a client that reads nothing: the last events filled its socket
+                async with asyncio.timeout(self.stream_idle_s):
+                    await response.write_eof()
+            except TimeoutError:
+                raise ClientStalled(f"the client read nothing of the stream's end for {self.stream_idle_s:g} s") \
+                    from None
         except ConnectionResetError:
             pass  # the client went away mid-stream; the finally below makes the engine abort
         except ClientStalled as stalled:
@@ -416,7 +429,7 @@ class Proxy:
                     await self._end_stream_with_error(response, "The gateway is shutting down; the stream was cut. "
                                                                 "Retry the request.", "gateway_shutting_down")
                     await response.write_eof()
-            except (TimeoutError, ConnectionError):
+            except (TimeoutError, ConnectionError, ClientStalled):
                 pass
         finally:
             if completed:
@@ -470,14 +483,14 @@ class Proxy:
                     chunk = await anext(chunks, None)
                     if chunk is None:
                         break
-                tail = usage_filter.flush()
-                if tail:
-                    if _cut_short(tail):
-                        job.incomplete = True
+                tail = usage_filter.flush().strip()  # what came after the last whole event
+                if tail == b"data: [DONE]":  # the end, without its blank line
                     writing = True
-                    await response.write(tail)
+                    await response.write(_DONE)
                     writing = False
-                    last = tail
+                    last = _DONE
+                # any other tail is part of an event the engine cut: no use to a client, and the error event
+                # below written onto it would make a line no client can parse
         except asyncio.TimeoutError as exc:
             fired = watchdog is not None and watchdog.expired()
             if fired and writing:
@@ -491,6 +504,8 @@ class Proxy:
                 await self._end_stream_with_error(response, _total_timeout_message(engine_id, self.total_timeout_s)
                                                   + " The stream was cut.")
             return False
+        except ConnectionResetError:  # a write to the client, whose connection is closing (aiohttp's
+            raise                      # ClientConnectionResetError is also a ClientError): not the engine's doing
         except aiohttp.ClientError:  # dropped mid-stream, or bytes that are no valid HTTP (a bad chunk size)
             self.metrics.upstream_error(engine_id, "disconnect")
             await self._end_stream_with_error(response, f"Engine {engine_id} dropped the stream.")

@@ -28,7 +28,7 @@ class FaultEngine:
     model: str = "fault-model"
     mode: str = "ok"  # ok | busy | drop_before | drop_after_first | reset_after_first | drop_mid_body | stall
     #                   | error_500 | slow | firehose | error_event_400 | error_event_500 | no_done
-    #                   | bad_chunk_after_first | bad_header
+    #                   | bad_chunk_after_first | bad_header | bad_chunk_first | cut_mid_event
     delay_s: float = 0.0
     hits: int = 0
     seen_bodies: list = field(default_factory=list)
@@ -147,6 +147,15 @@ class FaultEngine:
                                    if code == 400 else "InternalServerError", "param": None, "code": code}}
                 await response.write(b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n")
                 return response
+        if mode == "bad_chunk_first":  # part of the first event, then a chunk size that is no hex number
+            await response.write(b'data: {"id": "chatcmpl-fault"')
+            await asyncio.sleep(0.05)
+            request.transport.write(b"zz\r\nnot a chunk\r\n")  # type: ignore[union-attr]
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                self.aborted += 1
+                raise
         if mode == "slow_start":  # queued inside the engine: headers at once, the first event delay_s later
             try:
                 await asyncio.sleep(self.delay_s)
@@ -178,6 +187,10 @@ class FaultEngine:
             except asyncio.CancelledError:
                 self.aborted += 1
                 raise
+        if mode == "cut_mid_event":  # an orderly end of the stream in the middle of its second event
+            await response.write(b'data: {"id": "chatcmpl-fault", "object": "chat.completion.chunk", "crea')
+            await response.write_eof()
+            return response
         if mode == "reset_after_first":  # a TCP reset (an engine process that died), not an orderly close
             await asyncio.sleep(0.05)
             sock = request.transport.get_extra_info("socket")  # type: ignore[union-attr]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -431,6 +432,21 @@ async def _stream_error(gw, **create) -> str:
     return str(caught.value)
 
 
+@contextlib.contextmanager
+def _silent_client(gw):
+    """A client that sends a streamed chat and then reads nothing, its connection open."""
+    body = orjson.dumps({"model": "fault-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(gw.base_url.rsplit(":", 1)[1])))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
 async def test_a_client_that_stops_reading_a_stream_is_cut_off(engines):
     """A client that reads nothing more: the write to it waits, which no upstream read timeout sees. It held
     its place in the gateway, its engine's request and its KV reservation until its TCP connection died (two
@@ -439,14 +455,7 @@ async def test_a_client_that_stops_reading_a_stream_is_cut_off(engines):
     engine.mode = "firehose"
     raw = gateway_config([engine.url], timeouts={"stream_idle_s": 0.5})
     async with running_gateway(raw) as gw:
-        port = int(gw.base_url.rsplit(":", 1)[1])
-        body = orjson.dumps({"model": "fault-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", port))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # and then reads nothing
-        try:
+        with _silent_client(gw):
             deadline = time.monotonic() + 10
             while (gw.inflight or engine.hits == 0) and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -462,8 +471,6 @@ async def test_a_client_that_stops_reading_a_stream_is_cut_off(engines):
                 model="fault-model", messages=[{"role": "user", "content": "hi"}],
                 extra_headers={"X-Fault-Mode": "ok"})
             assert reply.choices[0].message.content == "hello world"
-        finally:
-            sock.close()
 
 
 async def test_an_error_as_the_first_event_is_answered_with_its_status_or_retried(engines):
@@ -494,11 +501,38 @@ async def test_an_error_as_the_first_event_is_answered_with_its_status_or_retrie
 
 
 async def test_a_stream_closed_without_done_is_no_whole_answer(engines):
-    """A stream whose connection ends after its last chunk but before ``[DONE]`` counted as a whole answer."""
+    """A stream whose connection ends after its last chunk but before ``[DONE]`` counted as a whole answer; one
+    that ends inside an event had that part relayed, and the error event written onto it was no JSON."""
     for engine in engines:
         engine.mode = "no_done"
     async with running_gateway(gateway_config([e.url for e in engines])) as gw:
         assert "before its end (no [DONE])" in await _stream_error(gw)
+        for engine in engines:
+            engine.mode = "cut_mid_event"
+        assert "before its end (no [DONE])" in await _stream_error(gw)
+
+
+async def test_a_client_that_takes_not_the_streams_end_is_cut_off(engines, monkeypatch):
+    """The end of a stream (``write_eof``) waits for a client whose socket is full, as any write does: it
+    held the request's place, engine and reservation as long as the client's TCP connection lived."""
+    from aiohttp import web
+
+    write_eof = web.StreamResponse.write_eof
+
+    async def stuck_for_the_gateways_answers(self, data=b""):
+        if "X-Request-Id" in self.headers:  # the gateway's answers; the fault engines' own go on
+            await asyncio.sleep(3600)
+        return await write_eof(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write_eof", stuck_for_the_gateways_answers)
+    raw = gateway_config([e.url for e in engines], timeouts={"stream_idle_s": 0.5})
+    async with running_gateway(raw) as gw:
+        with _silent_client(gw):  # connected, reading nothing: every event fits its socket, only the end waits
+            deadline = time.monotonic() + 10
+            while (gw.inflight or not any(e.hits for e in engines)) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert gw.inflight == 0
+            assert b"maestro_client_stalled_total 1.0" in gw.metrics.render()
 
 
 async def test_malformed_http_from_an_engine_is_an_upstream_error_not_ours(engines, caplog):
@@ -518,4 +552,12 @@ async def test_malformed_http_from_an_engine_is_an_upstream_error_not_ours(engin
         message = await _stream_error(gw)
         assert time.monotonic() - started < 5
         assert "sent nothing for 0.5 s" in message or "dropped the stream" in message
+        for engine in engines:
+            engine.mode = "bad_chunk_first"  # before the first event: a 504 after stream_idle_s, not total_s
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client_for(gw.base_url).chat.completions.create(
+                model="fault-model", stream=True, messages=[{"role": "user", "content": "hi"}])
+        assert time.monotonic() - started < 5
+        assert caught.value.status_code == 504 and "within 0.5 s" in caught.value.message
     assert not [r for r in caplog.records if "failed inside the gateway" in r.getMessage()]
