@@ -36,8 +36,8 @@ class GatewayMetrics:
                                         ("engine", "reason"), registry=r)
         self._retries = Counter("maestro_retries", "Requests retried on another engine before the first byte",
                                 registry=r)
-        self._stalled = Counter("maestro_client_stalled", "Streams cut because their client read nothing for "
-                                "timeouts.stream_idle_s", registry=r)
+        self._stalled = Counter("maestro_client_stalled", "Streams cut because a write to their client waited "
+                                "timeouts.stream_idle_s (it stopped reading)", registry=r)
         self._tokens = Counter("maestro_tokens", "Tokens reported by engines' usage, by model and kind",
                                ("model", "kind"), registry=r)
         self.engines_up = Gauge("maestro_engines_up", "Engines currently marked up", registry=r)

@@ -6,8 +6,8 @@ refused with 503 (vLLM's back-pressure: queue full or paused; when vLLM refuses 
 as the first event of a 200 stream, so a stream's first event is read before the client's response starts), or
 failed in that first event (a 5xx error event: nothing was generated). A 4xx first event is answered with its
 status, as vLLM would have answered before streaming. An answer that is no valid HTTP is not retried: the engine
-had the request. Once a byte is relayed, a failure ends the stream with an OpenAI-style error event, never a silent retry that would
-duplicate text.
+had the request. Once a byte is relayed, a failure ends the stream with an OpenAI-style error event, never a
+silent retry that would duplicate text.
 
 Streams: the gateway always asks the engine for ``stream_options.include_usage`` (it needs the actual token
 counts) and removes the usage-only chunk again when the client did not ask for it, so the client sees what
@@ -92,7 +92,7 @@ class SSEUsageFilter:
 
         A partial event grows in place and only the new bytes are searched (with the three before them, where
         a separator may straddle two reads): re-joining and re-searching the whole buffer on every read cost
-        quadratic time, 13 s of the event loop for one 16 MB event arriving in 16 KB reads."""
+        quadratic time, 11 s of the event loop for one 16 MB event arriving in 16 KB reads."""
         buffer = self._buffer
         if buffer:
             start = len(buffer) - 3

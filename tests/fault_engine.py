@@ -98,6 +98,16 @@ class FaultEngine:
         mode = request.headers.get("X-Fault-Mode", self.mode)  # one request can fail differently
         return await self._answer(request, body, mode)
 
+    async def _bad_chunk_then_silence(self, request: web.Request) -> None:
+        """A chunk size that is no hex number (no valid HTTP), then nothing until the gateway gives up."""
+        await asyncio.sleep(0.05)
+        request.transport.write(b"zz\r\nnot a chunk\r\n")  # type: ignore[union-attr]
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.aborted += 1
+            raise
+
     async def _answer(self, request: web.Request, body: dict, mode: str) -> web.StreamResponse:
         if mode == "busy":
             return web.Response(status=503, body=orjson.dumps(VLLM_BUSY), content_type="application/json")
@@ -149,13 +159,7 @@ class FaultEngine:
                 return response
         if mode == "bad_chunk_first":  # part of the first event, then a chunk size that is no hex number
             await response.write(b'data: {"id": "chatcmpl-fault"')
-            await asyncio.sleep(0.05)
-            request.transport.write(b"zz\r\nnot a chunk\r\n")  # type: ignore[union-attr]
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                self.aborted += 1
-                raise
+            await self._bad_chunk_then_silence(request)
         if mode == "slow_start":  # queued inside the engine: headers at once, the first event delay_s later
             try:
                 await asyncio.sleep(self.delay_s)
@@ -179,14 +183,8 @@ class FaultEngine:
             except (asyncio.CancelledError, ConnectionError):
                 self.aborted += 1
                 raise
-        if mode == "bad_chunk_after_first":  # a chunk size that is no hex number, then silence
-            await asyncio.sleep(0.05)
-            request.transport.write(b"zz\r\nnot a chunk\r\n")  # type: ignore[union-attr]
-            try:
-                await asyncio.sleep(3600)
-            except asyncio.CancelledError:
-                self.aborted += 1
-                raise
+        if mode == "bad_chunk_after_first":
+            await self._bad_chunk_then_silence(request)
         if mode == "cut_mid_event":  # an orderly end of the stream in the middle of its second event
             await response.write(b'data: {"id": "chatcmpl-fault", "object": "chat.completion.chunk", "crea')
             await response.write_eof()
