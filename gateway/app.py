@@ -8,6 +8,7 @@ not answer 503 for its first quarter second, then the HTTP listener.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import socket
@@ -37,6 +38,8 @@ class Gateway:
         self.config = config
         self.gateway_id = config.server.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
         self.api_keys = tuple(key.encode() for key in config.server.api_keys)  # as check_api_key compares them
+        # each key's scope for workflow ids (its SHA-256's first 8 hex digits): tenants share no workflow state
+        self.api_key_scopes = tuple(hashlib.sha256(key).hexdigest()[:8] for key in self.api_keys)
         self.metrics = GatewayMetrics()
         self.store = make_state_store(config.state)
         self.handlers: set[asyncio.Task] = set()  # the OpenAI routes' requests in flight (a graceful stop ends them)

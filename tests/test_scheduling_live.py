@@ -1151,6 +1151,32 @@ async def test_admin_views_of_scheduling_and_workflows():
 
 
 @bounded()
+async def test_each_api_key_keeps_its_own_workflows():
+    """Two tenants (two API keys) that both name their run "wf-shared" shared one workflow record: one could
+    advance or expire the other's steps and deadline. Each key's ids are now kept apart, as <scope>~<id>."""
+    import hashlib
+
+    def scoped(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()[:8] + "~wf-shared"
+
+    async with fault_engine() as engine:
+        raw = sched_config([engine.url], queue_policy="maestro", admission="max_tokens", kv_capacity_tokens=1000)
+        raw["server"] = {"api_keys": ["key-a", "key-b"]}
+        async with live(raw) as (gw, session):
+            for key, steps in (("key-a", 1), ("key-b", 2)):
+                for _ in range(steps):
+                    status, _ = await post(session, gw, chat(), {"X-Workflow-Id": "wf-shared",
+                                                                 "Authorization": f"Bearer {key}"})
+                    assert status == 200
+            await wait_for_async(lambda: _steps(gw, scoped("key-b"), 2))
+            assert (await gw.store.get_workflow(scoped("key-a")))["steps_done"] == 1
+            assert await gw.store.get_workflow("wf-shared") is None
+            admin = {"Authorization": "Bearer key-a"}
+            async with session.get(gw.base_url + "/admin/workflows/" + scoped("key-a"), headers=admin) as response:
+                assert response.status == 200 and (await response.json())["steps_done"] == 1
+
+
+@bounded()
 async def test_admin_workflow_view_answers_from_the_local_records_while_the_store_is_down():
     """Workflow records go to a local store while the shared one is unreachable (docs/scheduling.md), and the
     admin view read only the shared one: 503 for a workflow the gateway was serving."""

@@ -14,6 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import orjson
@@ -36,6 +37,8 @@ _RESPONSE_STARTED: web.RequestKey[bool] = web.RequestKey("response_started", boo
 # The request's model once the gateway knows it serves it: the label of the request's metrics, errors included.
 # (Not the name a client sent for a model that is not served: every such name would become a series of its own.)
 _MODEL_LABEL: web.RequestKey[str] = web.RequestKey("model_label", str)
+# The scope of the API key the request came with (its workflow ids are kept apart from other keys').
+_KEY_SCOPE: web.RequestKey[str] = web.RequestKey("key_scope", str)
 log = logging.getLogger(__name__)
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 # Headers the gateway consumes or must not leak upstream; other X-* headers (request id, workflow context,
@@ -59,9 +62,10 @@ def request_id_of(request: web.Request) -> str:
     return uuid.uuid4().hex
 
 
-def check_api_key(request: web.Request, keys: tuple[bytes, ...]) -> None:
+def check_api_key(request: web.Request, keys: tuple[bytes, ...]) -> int | None:
+    """The index of the key the request carries (None when the gateway has no keys); 401 otherwise."""
     if not keys:
-        return
+        return None
     header = request.headers.get("Authorization", "")
     if not header:
         raise APIError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
@@ -69,8 +73,10 @@ def check_api_key(request: web.Request, keys: tuple[bytes, ...]) -> None:
     scheme, _, key = header.partition(" ")
     # compared in constant time, against every key: a set lookup's time depends on the key's hash and contents
     given = key.strip().encode("utf-8", "surrogateescape")  # header bytes that are no UTF-8 come as surrogates
-    if scheme.lower() != "bearer" or not any([hmac.compare_digest(given, k) for k in keys]):
+    matches = [hmac.compare_digest(given, k) for k in keys]
+    if scheme.lower() != "bearer" or not any(matches):
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return matches.index(True)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -113,7 +119,9 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
         admitted = False
         task = asyncio.current_task()
         try:
-            check_api_key(request, gateway.api_keys)
+            key_index = check_api_key(request, gateway.api_keys)
+            if key_index is not None:
+                request[_KEY_SCOPE] = gateway.api_key_scopes[key_index]
             if gateway.draining:
                 raise APIError(503, "The gateway is shutting down; retry shortly.", SERVER_ERROR,
                                code="gateway_shutting_down", headers={"Retry-After": "1"})
@@ -188,6 +196,10 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
     context = None
     if "metadata" in body or _has_context_header(request.headers):
         context = parse_workflow_context(request.headers, body, scheduling.slo_names)
+        scope = request.get(_KEY_SCOPE)
+        if scope is not None and context.workflow_id is not None:
+            # one key's "wf-1" is not another's: ids are kept per key, as <scope>~<id> ("~" is no id character)
+            context = replace(context, workflow_id=f"{scope}~{context.workflow_id}")
     # online learning records the body as the client sent it: a shallow copy taken before the gateway adds
     # stream_options here or an engine priority while scheduling (both replace top-level keys)
     trace_body = dict(body) if route == "chat" and scheduling.predictor.learner is not None else None
