@@ -1316,3 +1316,41 @@ def test_p90_is_never_below_p50_when_the_quantile_models_cross(state):
     assert (prediction.p50, prediction.p90) == (500, 500)
     bounded = predictor.predict(dict(chat("You are a programmer.", "write a parser"), max_tokens=400))
     assert (bounded.p50, bounded.p90) == (400, 400)
+
+
+def test_huge_lists_in_a_body_are_read_up_to_a_bound_and_scaled():
+    """A client may send 65,000 content parts, 87,000 tool calls or 130,000 messages within the body limit; each
+    cost a Python call in the token estimate (75 ms on the event loop at 256 KiB, 1.2-1.8 s at 4 MiB). Past
+    the bound the items read stand for the rest, which for identical items is the exact figure."""
+    from predictor.features import BASE_FEATURES, MESSAGES_READ, parse_request
+    from predictor.tokens import ITEMS_READ, content_tokens, estimate_single_message_tokens, tool_call_tokens
+
+    class Unread(dict):  # an item past the bound: reading it fails the test
+        def get(self, key, default=None):
+            if key == "role":  # the messages between the first and the last read are counted by role
+                return super().get(key, default)
+            raise AssertionError(f"read {key!r} of an item past the bound")
+
+    past = [Unread(type="text", text="x")] * ITEMS_READ
+    assert content_tokens(["ab"] * (ITEMS_READ * 5)) == 5 * content_tokens(["ab"] * ITEMS_READ)
+    assert content_tokens(["ab"] * ITEMS_READ + past) == 2 * content_tokens(["ab"] * ITEMS_READ)
+    assert tool_call_tokens({"tool_calls": [{"function": {"name": "f"}}] * ITEMS_READ + past}) > 0
+    middle = [Unread(role="user", content="x")] * MESSAGES_READ
+    ends = [{"role": "user", "content": "a"}] * (MESSAGES_READ // 2)
+    assert parse_request({"model": "m", "messages": ends + middle + ends}).user == "a"
+    assert content_tokens([{"type": "text", "text": "x"}] * (ITEMS_READ + 1)) == ITEMS_READ + 1
+    call = {"function": {"name": "f", "arguments": "{}"}}
+    one = tool_call_tokens({"tool_calls": [call]})
+    assert tool_call_tokens({"tool_calls": [call] * (ITEMS_READ * 3)}) == 3 * ITEMS_READ * one
+
+    turns = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"}]
+    messages = turns * (MESSAGES_READ * 2) + [{"role": "user", "content": "the last question"}]
+    view = parse_request({"model": "m", "messages": messages})
+    features = dict(zip(BASE_FEATURES[len(BASE_FEATURES) - len(view.numeric) - 1:], view.numeric))
+    assert features["n_messages"] == len(messages)
+    assert (features["n_user"], features["n_assistant"]) == (MESSAGES_READ * 2 + 1, MESSAGES_READ * 2)
+    assert view.user == "the last question"
+    exact = 3 + sum(estimate_single_message_tokens(m) for m in messages)  # reply priming + every message
+    assert abs(view.prompt_tokens - exact) <= 0.01 * exact
+    small = parse_request({"model": "m", "messages": turns * 8})  # within the bound: every message read
+    assert small.prompt_tokens == 3 + 8 * sum(estimate_single_message_tokens(m) for m in turns)
