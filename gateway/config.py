@@ -675,6 +675,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": SafeLoader flattens it (the merged
+                continue                                   # keys may be given again: that is what a merge is for)
             key = self.construct_object(key_node, deep=deep)
             try:
                 duplicate = key in seen

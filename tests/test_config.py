@@ -236,3 +236,22 @@ def test_a_base_data_file_named_twice_is_refused(tmp_path):
         with pytest.raises(ConfigError, match="base_data\\[0\\] again") as caught:
             parse_config(raw)
         assert caught.value.field_path == "predictor.online.base_data[1]"
+
+
+def test_yaml_merge_keys_work_and_a_key_given_twice_is_still_refused(tmp_path):
+    """``<<: *anchor`` (one pool's settings reused by another) was refused as "invalid YAML" by the loader
+    that refuses a key given twice."""
+    from gateway.config import load_config
+
+    path = tmp_path / "merge.yaml"
+    path.write_text("models: [{name: m}, {name: m2}]\n"
+                    "clusters:\n"
+                    "  - name: c\n"
+                    "    pools:\n"
+                    "      - {name: p, models: [m], simulated: &sim {count: 1, kv_blocks: 1024}}\n"
+                    "      - {name: q, models: [m2], simulated: {<<: *sim, count: 3}}\n")
+    pools = load_config(path).clusters[0].pools
+    assert (pools[1].simulated.count, pools[1].simulated.kv_blocks) == (3, 1024)
+    path.write_text("server: {port: 1, <<: {host: 0.0.0.0}, port: 2}\n")
+    with pytest.raises(ConfigError, match="'port' twice"):
+        load_config(path)
