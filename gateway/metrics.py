@@ -21,13 +21,15 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
-        self._requests = Counter("maestro_requests", "Requests handled, by route, model and HTTP status (499: the client left first)",
+        self._requests = Counter("maestro_requests", "Requests handled, by route, model and HTTP status (499: the "
+                                 "client left first; a stream cut after its 200: 502, 504 or 499)",
                                  ("route", "model", "status"), registry=r)
         self._latency = Histogram("maestro_request_duration_seconds",
                                   "End-to-end request time seen by the gateway", ("route",),
                                   buckets=_LATENCY_BUCKETS, registry=r)
         self._overhead = Histogram("maestro_gateway_overhead_seconds",
-                                   "Time the gateway itself added (request handling outside the upstream call)",
+                                   "Time the gateway itself added to a non-streamed request (from its body read to its "
+                                   "answer, less the engine's answer and the queue wait)",
                                    ("route",), buckets=_OVERHEAD_BUCKETS, registry=r)
         self._ttfb = Histogram("maestro_time_to_first_byte_seconds",
                                "Streaming: time from request arrival to the first byte relayed to the client",

@@ -60,8 +60,11 @@ class RelayJob:
     strip_usage: bool
     request_id: str
     headers: dict[str, str]
-    started: float  # perf_counter() when the request arrived
+    started: float  # perf_counter() once its body was read (timeouts.total_s and the overhead count from here)
     upstream_s: float = -1.0  # time spent waiting on the engine (non-streaming), for the overhead metric
+    arrived: float = 0.0  # perf_counter() when the request arrived, before its body (time to first byte)
+    queued_s: float = 0.0  # time in the scheduler's queue before admission (not the gateway's own overhead)
+    status: int = 0  # the request's outcome for the metrics when its stream was cut after its 200 (502, 504, 499)
     engine_id: str | None = None  # the engine the scheduler admitted it to (first attempt), None: route here
     pool_engines: frozenset[str] | None = None  # first attempt only among these (the pool cluster routing chose)
     ticket: Any = None  # gateway.scheduling.Ticket once admitted (moved on a retry, its KV grown while streaming)
@@ -417,6 +420,7 @@ class Proxy:
             log.warning("request %s: %s; its connection is closed and engine %s's request ended",
                         job.request_id, stalled, engine_id)
             self.metrics.client_stalled()
+            job.status = 499  # as a client that left: it took nothing more
             if request.transport is not None:
                 request.transport.abort()  # close() would wait to flush what the client does not read
         except asyncio.CancelledError:
@@ -475,7 +479,7 @@ class Proxy:
                         last = out
                         if first:
                             first = False
-                            self.metrics.first_byte(job.route, time.perf_counter() - job.started)
+                            self.metrics.first_byte(job.route, time.perf_counter() - (job.arrived or job.started))
                     now = loop.time()
                     if now - armed >= _WATCH_SLACK_S:
                         armed = now
@@ -495,6 +499,7 @@ class Proxy:
             fired = watchdog is not None and watchdog.expired()
             if fired and writing:
                 raise ClientStalled(f"the client read nothing for {self.stream_idle_s:g} s") from None
+            job.status = 504
             if isinstance(exc, aiohttp.ServerTimeoutError) or (fired and loop.time() < total_at):
                 self.metrics.upstream_error(engine_id, "stream_idle")  # nothing came for stream_idle_s
                 await self._end_stream_with_error(response, f"Engine {engine_id} sent nothing for "
@@ -507,10 +512,12 @@ class Proxy:
         except ConnectionResetError:  # a write to the client, whose connection is closing (aiohttp's
             raise                      # ClientConnectionResetError is also a ClientError): not the engine's doing
         except aiohttp.ClientError:  # dropped mid-stream, or bytes that are no valid HTTP (a bad chunk size)
+            job.status = 502
             self.metrics.upstream_error(engine_id, "disconnect")
             await self._end_stream_with_error(response, f"Engine {engine_id} dropped the stream.")
             return False
         if not last.rstrip().endswith(b"data: [DONE]"):  # closed without its end: no whole answer
+            job.status = 502
             self.metrics.upstream_error(engine_id, "disconnect")
             await self._end_stream_with_error(response, f"Engine {engine_id} ended the stream before its end "
                                                         "(no [DONE]).")

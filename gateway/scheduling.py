@@ -744,8 +744,9 @@ class PoolQueue:
         ticket.admitted_mono = time.monotonic()
         if not counted:  # counted already while its reservation was in flight
             self.outstanding[engine_id] += 1
+        # every admission, an immediate one too: counting only those that waited biased the percentiles up
+        self.sched.metrics.queue_wait(self.name, ticket.admitted_mono - ticket.enqueued)
         if ticket.future is not None:
-            self.sched.metrics.queue_wait(self.name, ticket.admitted_mono - ticket.enqueued)
             self.sched.metrics.queued(self.name, len(self.scheduler.waiting))
             if not ticket.future.done():
                 ticket.future.set_result(None)
@@ -1265,6 +1266,7 @@ class Scheduling:
                                         f"pool {pool.name} without an engine becoming free; retry later.",
                                    SERVER_ERROR, code="queue_timeout", headers={"Retry-After": "1"}) from None
                 if ticket.state == ADMITTED:
+                    job.queued_s = ticket.admitted_mono - ticket.enqueued  # not the gateway's own overhead
                     job.engine_id = ticket.engine_id
                     job.ticket = ticket  # a retry moves the per-engine count with it (and the KV, if reserved)
                     if client_priority is None:

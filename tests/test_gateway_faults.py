@@ -193,6 +193,17 @@ async def test_timeout_gives_504(engines):
         assert caught.value.status_code == 504
 
 
+def _requests_with_status(gw, status: int) -> float:
+    """``maestro_requests_total`` of chat requests counted with this status."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(gw.metrics.render().decode()):
+        if family.name == "maestro_requests":
+            return sum(sample.value for sample in family.samples if sample.name == "maestro_requests_total"
+                       and sample.labels["route"] == "chat" and sample.labels["status"] == str(status))
+    return 0.0
+
+
 async def test_stream_idle_timeout_ends_stream_with_error_event(engines):
     for engine in engines:
         engine.mode, engine.delay_s = "slow", 2
@@ -203,6 +214,8 @@ async def test_stream_idle_timeout_ends_stream_with_error_event(engines):
             async for _ in stream:
                 pass
         assert "sent nothing" in str(caught.value)
+        # counted as the 504 it would have been before the stream began, not as the 200 that went out
+        assert (_requests_with_status(gw, 504), _requests_with_status(gw, 200)) == (1, 0)
 
 
 async def test_a_stream_past_the_total_limit_says_so(engines):
@@ -467,6 +480,7 @@ async def test_a_client_that_stops_reading_a_stream_is_cut_off(engines):
             assert engine.aborted == 1  # the engine's request ended with it
             assert all(v == 0 for v in gw.registry.inflight.values())
             assert b"maestro_client_stalled_total 1.0" in gw.metrics.render()
+            assert (_requests_with_status(gw, 499), _requests_with_status(gw, 200)) == (1, 0)
             reply = await client_for(gw.base_url).chat.completions.create(  # the gateway serves on
                 model="fault-model", messages=[{"role": "user", "content": "hi"}],
                 extra_headers={"X-Fault-Mode": "ok"})
@@ -510,6 +524,7 @@ async def test_a_stream_closed_without_done_is_no_whole_answer(engines):
         for engine in engines:
             engine.mode = "cut_mid_event"
         assert "before its end (no [DONE])" in await _stream_error(gw)
+        assert (_requests_with_status(gw, 502), _requests_with_status(gw, 200)) == (2, 0)
 
 
 async def test_a_client_that_takes_not_the_streams_end_is_cut_off(engines, monkeypatch):

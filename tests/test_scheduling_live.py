@@ -1718,3 +1718,37 @@ async def test_a_large_body_is_predicted_off_the_event_loop(monkeypatch):
         assert (await post(session, gw, chat("large " * 1000, max_tokens=10)))[0] == 200
         assert threads == [True, False]
         assert not gw.scheduling.ledger.held
+
+
+def _metric_value(gw, name: str) -> float:
+    """The sum of a metric's samples named ``name`` (e.g. a histogram's ``..._count``) on the gateway."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(sample.value for family in text_string_to_metric_families(gw.metrics.render().decode())
+               for sample in family.samples if sample.name == name)
+
+
+@bounded()
+async def test_request_metrics_measure_what_they_say():
+    """The overhead figure counted the client's upload and the queue wait as the gateway's own time; the
+    time to first byte started after the body had arrived; the queue wait left out requests admitted at once."""
+    async with gateway_on_fault_engine(queue_policy="edf", admission="max_tokens",
+                                       kv_capacity_tokens=1000) as (_, gw, session):
+        for _ in range(3):  # admitted at once, each: three queue waits of about nothing
+            assert (await post(session, gw, chat(), {"X-Workflow-Id": "wf-metrics"}))[0] == 200
+        assert _metric_value(gw, "maestro_queue_wait_seconds_count") == 3
+        port = int(gw.base_url.rsplit(":", 1)[1])
+        for body in (chat(), chat(stream=True)):  # a client that sends its body a second after its headers
+            data = orjson.dumps(body)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(data))
+            await writer.drain()
+            await asyncio.sleep(1.0)
+            writer.write(data)
+            await writer.drain()
+            assert (await reader.read()).startswith(b"HTTP/1.1 200")
+            writer.close()
+        assert _metric_value(gw, "maestro_gateway_overhead_seconds_count") == 4
+        assert _metric_value(gw, "maestro_gateway_overhead_seconds_sum") < 0.5  # the upload is not ours
+        assert _metric_value(gw, "maestro_time_to_first_byte_seconds_sum") >= 1.0  # from the request's arrival

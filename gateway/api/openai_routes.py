@@ -37,6 +37,8 @@ _RESPONSE_STARTED: web.RequestKey[bool] = web.RequestKey("response_started", boo
 # The request's model once the gateway knows it serves it: the label of the request's metrics, errors included.
 # (Not the name a client sent for a model that is not served: every such name would become a series of its own.)
 _MODEL_LABEL: web.RequestKey[str] = web.RequestKey("model_label", str)
+# perf_counter() when the request arrived, before its body was read (a stream's time to first byte counts from it).
+_ARRIVED: web.RequestKey[float] = web.RequestKey("arrived", float)
 # The scope of the API key the request came with (its workflow ids are kept apart from other keys').
 _KEY_SCOPE: web.RequestKey[str] = web.RequestKey("key_scope", str)
 log = logging.getLogger(__name__)
@@ -130,6 +132,7 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
                                code="queue_full", headers={"Retry-After": "1"})
             gateway.handlers.add(task)  # type: ignore[arg-type]
             admitted = True
+            request[_ARRIVED] = started
             response, model, job = await handler(request, gateway, request_id)
         except APIError as error:
             model = request.get(_MODEL_LABEL, model)
@@ -159,12 +162,18 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
         finally:
             if admitted:
                 gateway.handlers.discard(task)  # type: ignore[arg-type]
-        duration = time.perf_counter() - started
+        ended = time.perf_counter()
+        duration = ended - started
         if job is not None and job.trace_body is not None and job.usage and response.status == 200 \
                 and not job.incomplete:  # an answer the engine cut short is no output length to learn
             gateway.scheduling.predictor.record(job.trace_body, job.usage, request.headers, len(job.body))
-        overhead = duration - job.upstream_s if job is not None and job.upstream_s >= 0 else -1.0
-        gateway.metrics.request_done(route, model, response.status, duration, overhead)
+        # the gateway's own time: from the body read (the client's upload is not ours) to the end, less the
+        # engine's answer and the wait in the scheduler's queue
+        overhead = ended - job.started - job.upstream_s - job.queued_s \
+            if job is not None and job.upstream_s >= 0 else -1.0
+        # a stream the gateway cut after its 200 counts as what it would have answered before it (502, 504, 499)
+        status = job.status if job is not None and job.status else response.status
+        gateway.metrics.request_done(route, model, status, duration, overhead)
         return response
 
     return endpoint
@@ -219,7 +228,7 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
     job = RelayJob(route=route, path=path, kind="vllm", model=model, body=raw, stream=stream,
                    strip_usage=strip_usage, request_id=request_id,
                    headers=forwarded_headers(request, request_id), started=time.perf_counter(),
-                   trace_body=trace_body)
+                   arrived=request.get(_ARRIVED, 0.0), trace_body=trace_body)
     if context is None and model in scheduling.direct_models:
         return await gateway.proxy.serve(request, job), model, job  # nothing to schedule: route as it comes
     return await scheduling.serve(request, job, body, context), model, job
@@ -290,7 +299,8 @@ async def _image_generation(request: web.Request, gateway: "Gateway", request_id
     request[_MODEL_LABEL] = model
     job = RelayJob(route="images", path="/v1/images/generations", kind="vllm-omni", model=model, body=raw,
                    stream=False, strip_usage=False, request_id=request_id,
-                   headers=forwarded_headers(request, request_id), started=time.perf_counter())
+                   headers=forwarded_headers(request, request_id), started=time.perf_counter(),
+                   arrived=request.get(_ARRIVED, 0.0))
     return await gateway.proxy.serve(request, job), model, job
 
 
