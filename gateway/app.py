@@ -122,7 +122,8 @@ class Gateway:
         site = web.TCPSite(self._runner, host, port, backlog=4096, reuse_address=True)
         await start_site(site, host, port)
         bound_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.base_url = f"http://{host}:{bound_port}"
+        # an IPv6 literal in a URL takes brackets ("http://::1:8000" is no URL the SDK can use)
+        self.base_url = f"http://[{host}]:{bound_port}" if ":" in host else f"http://{host}:{bound_port}"
         return self.base_url
 
     async def _heartbeat_loop(self) -> None:

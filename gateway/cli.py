@@ -102,7 +102,11 @@ def cmd_sim_engines(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.prediction import check_predictor_files
 
-    config = load_config(args.config)
+    path = args.config or args.config_option
+    if not path or (args.config and args.config_option and args.config != args.config_option):
+        print("maestro check-config: give one config file (as an argument or with --config)", file=sys.stderr)
+        return 2
+    config = load_config(path)
     check_predictor_files(config)  # what serve would refuse at start-up, checked without side effects
     engines = sum(len(p.engines) + (p.simulated.count if p.simulated else 0) for _, p in config.pools())
     print(f"config OK: {len(config.clusters)} cluster(s), {len(config.pools())} pool(s), {engines} engine(s), "
@@ -138,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_sim_engines)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
-    check.add_argument("config")
+    check.add_argument("config", nargs="?", help="YAML config file")
+    check.add_argument("--config", dest="config_option", metavar="CONFIG",
+                       help="the same, named as serve takes it")
     check.set_defaults(func=cmd_check_config)
 
     from predictor.cli import add_predictor_commands

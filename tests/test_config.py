@@ -255,3 +255,15 @@ def test_yaml_merge_keys_work_and_a_key_given_twice_is_still_refused(tmp_path):
     path.write_text("server: {port: 1, <<: {host: 0.0.0.0}, port: 2}\n")
     with pytest.raises(ConfigError, match="'port' twice"):
         load_config(path)
+
+
+def test_check_config_takes_the_file_as_serve_does_too():
+    """``maestro check-config --config x.yaml`` (as ``serve`` takes it) was "unrecognized arguments"."""
+    example = str(Path(__file__).resolve().parent.parent / "examples" / "local-sim.yaml")
+    for argv in ([example], ["--config", example]):
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", *argv], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.startswith("config OK"), done.stderr
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "give one config file" in done.stderr

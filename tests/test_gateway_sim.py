@@ -306,3 +306,25 @@ async def test_a_backlog_of_images_leaves_chat_its_room():
             await asyncio.sleep(0.01)
         image = await client.images.generate(model="sim-dit", prompt="after", size="64x64")  # places given back
         assert len(image.data) == 1
+
+
+async def test_an_ipv6_listen_address_gives_a_base_url_the_sdk_can_use():
+    """``--host ::1`` printed ``http://::1:PORT``, which the SDK refuses (``Invalid port``)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    from gateway.app import Gateway
+    from gateway.config import parse_config
+
+    gw = Gateway(parse_config(sim_config(count=1)))
+    await gw.start("::1", 0)
+    try:
+        assert gw.base_url.startswith("http://[::1]:")
+        async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
+            assert [m.id for m in (await client.models.list()).data] == [MODEL]
+    finally:
+        await gw.stop()
