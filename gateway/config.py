@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -274,7 +275,10 @@ def _get(section: dict[str, Any], key: str, kind: type | tuple[type, ...], path:
     if float in kinds and isinstance(value, int):
         value = float(value)
     if not isinstance(value, kinds):
-        raise ConfigError(where, f"expected {_kind_name(kinds)}, got {type(value).__name__}")
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        hint = " (YAML reads 8e6 as text: write 8000000)" if isinstance(value, str) and int in kinds \
+            and re.fullmatch(r"[+-]?[0-9.]+e[+-]?[0-9]+", value, re.IGNORECASE) else ""
+        raise ConfigError(where, f"expected {_kind_name(kinds)}, got {type(value).__name__} {shown}{hint}")
     # YAML's .nan and .inf: NaN passes every comparison check (an interval of NaN seconds is a busy loop) and
     # infinity overflows where a duration becomes an integer. A setting that means "off" with .inf says so itself.
     if isinstance(value, float) and not math.isfinite(value) and where not in _INFINITY_ALLOWED:

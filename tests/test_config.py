@@ -267,3 +267,14 @@ def test_check_config_takes_the_file_as_serve_does_too():
     done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config"], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2 and "give one config file" in done.stderr
+
+
+def test_a_value_of_the_wrong_type_is_shown_with_the_error(tmp_path):
+    """"expected an integer, got str" named no value; YAML reads 8e6 as text, which nobody guesses."""
+    from gateway.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("models: [{name: m}]\nclusters: [{name: c, pools: [{name: p, models: [m], simulated: {}}]}]\n"
+                    "server: {max_body_bytes: 8e6}\n")
+    with pytest.raises(ConfigError, match=r"got str '8e6' \(YAML reads 8e6 as text: write 8000000\)"):
+        load_config(path)
