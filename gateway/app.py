@@ -107,6 +107,7 @@ class Gateway:
         self.monitor = EngineMonitor(self.config, self.registry, self.store, self.metrics)
         await self.monitor.probe_all()
         self.metrics.engines_up.set(self.registry.up_count())
+        self.metrics.engines_sleeping.set_function(self.registry.sleeping_count)  # read at scrape
         await self.scheduling.start(self.registry, self.proxy)  # after the first probes: capacities are known
         self.monitor.start()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")

@@ -43,6 +43,8 @@ class GatewayMetrics:
         self._tokens = Counter("maestro_tokens", "Tokens reported by engines' usage, by model and kind",
                                ("model", "kind"), registry=r)
         self.engines_up = Gauge("maestro_engines_up", "Engines currently marked up", registry=r)
+        self.engines_sleeping = Gauge("maestro_engines_sleeping", "Engines up but asleep (or draining for a sleep): "
+                                      "they take no request", registry=r)
         self._engine_up = Gauge("maestro_engine_up", "1 when the engine is up", ("engine",), registry=r)
         self.inflight = Gauge("maestro_inflight_requests", "Requests inside the gateway now", registry=r)
         self._queue_wait = Histogram("maestro_queue_wait_seconds", "Time a request waited in its pool queue "

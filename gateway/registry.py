@@ -63,6 +63,10 @@ class EngineRegistry:
     def up_count(self) -> int:
         return sum(1 for s in self.states.values() if s.up)
 
+    def sleeping_count(self) -> int:
+        """Engines up but asleep (or held asleep while they drain): counted up, they take no request."""
+        return sum(1 for s in self.states.values() if s.up and s.sleeping)
+
     async def close(self) -> None:
         for client in self.clients.values():
             await client.close()

@@ -215,7 +215,7 @@ async def test_health_says_what_an_orchestrator_needs(gw, engine):
         async with session.get(gw.base_url + "/health") as r:
             assert r.status == 200
             assert await r.json() == {"status": "ok", "gateway_id": gw.gateway_id, "engines_up": 1,
-                                      "engines_total": 1, "state_store": "ok"}
+                                      "engines_sleeping": 0, "engines_total": 1, "state_store": "ok"}
 
 
 async def test_a_chunked_body_over_the_limit_is_413(gw, engine):

@@ -204,6 +204,9 @@ async def test_sleeping_engine_is_avoided_and_woken(gw):
         async with session.post(gw.base_url + "/admin/engines/local/sim/0/sleep?level=1") as r:
             assert r.status == 200, await r.text()
         assert gw.registry.states["local/sim/0"].sleeping
+        async with session.get(gw.base_url + "/health") as r:  # up, but taking no request: said apart
+            assert (await r.json())["engines_sleeping"] == 1
+        assert b"maestro_engines_sleeping 1.0" in gw.metrics.render()
         async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
             for _ in range(4):
                 await client.chat.completions.create(model=MODEL, max_tokens=2,
@@ -212,6 +215,7 @@ async def test_sleeping_engine_is_avoided_and_woken(gw):
         async with session.post(gw.base_url + "/admin/engines/local/sim/0/wake_up") as r:
             assert r.status == 200
         assert not gw.registry.states["local/sim/0"].sleeping
+        assert b"maestro_engines_sleeping 0.0" in gw.metrics.render()
         async with session.post(gw.base_url + "/admin/engines/nope/sleep") as r:
             assert r.status == 404
         async with session.post(gw.base_url + "/admin/engines/local/sim/0/sleep?mode=later") as r:

@@ -27,7 +27,8 @@ async def health(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY_KEY]
     registry = gateway.registry
     body = {"status": "ok", "gateway_id": gateway.gateway_id, "engines_up": registry.up_count(),
-            "engines_total": len(registry.states), "state_store": gateway.store_status}
+            "engines_sleeping": registry.sleeping_count(), "engines_total": len(registry.states),
+            "state_store": gateway.store_status}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 
