@@ -74,6 +74,10 @@ class GatewayMetrics:
         if overhead_s >= 0:
             self._child(self._overhead, route).observe(overhead_s)
 
+    def unknown_route(self) -> None:
+        """A request for no route of ours: counted as route "unknown", model "-", status 404."""
+        self._child(self._requests, "unknown", "-", "404").inc()
+
     def first_byte(self, route: str, seconds: float) -> None:
         self._child(self._ttfb, route).observe(seconds)
 

@@ -122,6 +122,10 @@ async def test_unknown_route_is_openai_404(gw):
     status, body, _ = await post(gw.base_url + "/v1/nothing-here", b"{}")
     assert status == 404
     assert_openai_error(body)
+    async with aiohttp.ClientSession() as session, session.get(gw.base_url + CHAT) as r:  # a wrong method
+        assert r.status == 404
+    # counted, under one label whatever the path (no series per path a scanner tries)
+    assert b'maestro_requests_total{model="-",route="unknown",status="404"} 2.0' in gw.metrics.render()
 
 
 async def test_api_keys(engine):

@@ -162,6 +162,9 @@ async def wake_engine(request: web.Request) -> web.Response:
 
 
 async def not_found(request: web.Request) -> web.Response:
+    # counted under one fixed route label (a label per path would be a series per scanner's guess): a client
+    # calling a wrong path or method shows in the request metrics, not only in its own errors
+    request.app[GATEWAY_KEY].metrics.unknown_route()
     return error_response(404, f"Unknown route {request.method} {request.path}.", code="unknown_route")
 
 
