@@ -121,8 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def log_level_here(command: argparse.ArgumentParser) -> None:
+        """``maestro serve --log-level DEBUG`` too, not only before the command (SUPPRESS: the top level's
+        value stands when it is not given here)."""
+        command.add_argument("--log-level", default=argparse.SUPPRESS, type=str.upper, choices=LOG_LEVELS,
+                             help="logging level (as maestro --log-level)")
+
     serve = sub.add_parser("serve", help="run the gateway (default: simulated engines, in-memory state)")
     serve.add_argument("--config", help="YAML config file (default: the embedded simulated setup)")
+    log_level_here(serve)
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port; 0 = any free port)")
     serve.set_defaults(func=cmd_serve)
@@ -139,12 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-num-seqs", type=int, default=128)
     sim.add_argument("--kv-blocks", type=int, default=8192)
     sim.add_argument("--mean-output-tokens", type=int, default=128)
+    log_level_here(sim)
     sim.set_defaults(func=cmd_sim_engines)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("config", nargs="?", help="YAML config file")
     check.add_argument("--config", dest="config_option", metavar="CONFIG",
                        help="the same, named as serve takes it")
+    log_level_here(check)
     check.set_defaults(func=cmd_check_config)
 
     from predictor.cli import add_predictor_commands

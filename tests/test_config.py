@@ -278,3 +278,15 @@ def test_a_value_of_the_wrong_type_is_shown_with_the_error(tmp_path):
                     "server: {max_body_bytes: 8e6}\n")
     with pytest.raises(ConfigError, match=r"got str '8e6' \(YAML reads 8e6 as text: write 8000000\)"):
         load_config(path)
+
+
+def test_the_log_level_may_follow_the_command():
+    """``maestro serve --log-level DEBUG`` was "unrecognized arguments": only ``maestro --log-level DEBUG serve``
+    was taken."""
+    from gateway.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--log-level", "debug"]).log_level == "DEBUG"
+    assert parser.parse_args(["--log-level", "warning", "serve"]).log_level == "WARNING"
+    assert parser.parse_args(["serve"]).log_level == "INFO"
+    assert parser.parse_args(["check-config", "x.yaml", "--log-level", "error"]).log_level == "ERROR"
