@@ -674,24 +674,34 @@ def parse_config(raw: Any) -> Config:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML keeps the last one
-    silently, so a second ``server:`` block would replace the first without a word."""
+    silently, so a second ``server:`` block would replace the first without a word.
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": SafeLoader flattens it (the merged
-                continue                                   # keys may be given again: that is what a merge is for)
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # an unhashable key: construct_mapping itself says so
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, f"found the key {key!r} twice",
-                    key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
+    The check runs where PyYAML flattens merge keys (``<<: *anchor``), once per mapping and before the
+    flattening rewrites it: the merged keys then come in front of the mapping's own, which may give them again
+    (that is what a merge is for), and a mapping merged into another is checked before it is rewritten."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: construct_mapping itself says so
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found the key {key!r} twice",
+                        key_node.start_mark)
+        super().flatten_mapping(node)
 
 
 def load_config(path: str | Path) -> Config:

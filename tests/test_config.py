@@ -255,6 +255,17 @@ def test_yaml_merge_keys_work_and_a_key_given_twice_is_still_refused(tmp_path):
     path.write_text("server: {port: 1, <<: {host: 0.0.0.0}, port: 2}\n")
     with pytest.raises(ConfigError, match="'port' twice"):
         load_config(path)
+    path.write_text("server: {<<: {port: 1, port: 2}}\n")  # inside a merged mapping too
+    with pytest.raises(ConfigError, match="'port' twice"):
+        load_config(path)
+    # a mapping merged into another before it is built itself: the merge rewrote it in place, and its own
+    # override of a merged key read as a key given twice
+    import yaml
+
+    from gateway.config import _UniqueKeyLoader
+
+    text = "base: &base {k: 1}\na: {x: {mid: &mid {<<: *base, k: 2}}}\nb: {<<: *mid}\n"
+    assert yaml.load(text, Loader=_UniqueKeyLoader) == yaml.safe_load(text)
 
 
 def test_check_config_takes_the_file_as_serve_does_too():
