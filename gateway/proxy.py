@@ -60,7 +60,7 @@ class RelayJob:
     strip_usage: bool
     request_id: str
     headers: dict[str, str]
-    started: float  # perf_counter() once its body was read (timeouts.total_s and the overhead count from here)
+    started: float  # perf_counter() once its body was read and checked (timeouts.total_s counts from here)
     upstream_s: float = -1.0  # time spent waiting on the engine (non-streaming), for the overhead metric
     arrived: float = 0.0  # perf_counter() when the request arrived, before its body (time to first byte)
     queued_s: float = 0.0  # time in the scheduler's queue before admission (not the gateway's own overhead)
@@ -415,7 +415,7 @@ class Proxy:
                 raise ClientStalled(f"the client read nothing of the stream's end for {self.stream_idle_s:g} s") \
                     from None
         except ConnectionResetError:
-            pass  # the client went away mid-stream; the finally below makes the engine abort
+            job.status = 499  # the client went away mid-stream; the finally below makes the engine abort
         except ClientStalled as stalled:
             log.warning("request %s: %s; its connection is closed and engine %s's request ended",
                         job.request_id, stalled, engine_id)
@@ -428,6 +428,7 @@ class Proxy:
                 raise  # the client left (handler cancellation)
             # the gateway's stop ends it: say so and end the stream properly, rather than cut it mute
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            job.status = 503  # counted as the requests the stop answered 503
             try:
                 async with asyncio.timeout(1.0):
                     await self._end_stream_with_error(response, "The gateway is shutting down; the stream was cut. "

@@ -23,7 +23,7 @@ import orjson
 from predictor.kv import MAX_CHOICES
 from predictor.role_labels import label_rules
 from predictor.tokens import (ITEMS_READ, REPLY_PRIMING, estimate_completion_tokens,
-                              estimate_single_message_tokens, estimate_tokens, text_of)
+                              estimate_single_message_tokens, estimate_tokens, text_of, unread_floor)
 from predictor.trace import ROLES
 
 # Explicit workflow context: headers first, then the OpenAI ``metadata`` object of the body.
@@ -292,17 +292,31 @@ def parse_request(body: Mapping[str, Any], headers: Mapping[str, str] | None = N
         elif role in ("tool", "function"):
             n_tool += 1
         last_role = _LAST_ROLE.get(role, math.nan) if isinstance(role, str) else math.nan
+    has_system = bool(system_parts)
     if skipped:  # the messages between the first and the last read: counted by role, their tokens the mean read
-        message_tokens += round((message_tokens - REPLY_PRIMING) * len(skipped) / len(read))
+        message_tokens += max(round((message_tokens - REPLY_PRIMING) * len(skipped) / len(read)),
+                              unread_floor(skipped))  # (not under their size: bulk may hide there)
+        middle_user = middle_assistant = None
         for message in skipped:
             role = message.get("role") if isinstance(message, dict) else None
             if role == "user":
                 n_user += 1
+                middle_user = message
             elif role == "assistant":
                 n_assistant += 1
+                middle_assistant = message
             elif role in ("tool", "function"):
                 n_tool += 1
-    context = _context_tokens(messages, bool(system_parts), n_tool, body)
+            elif role in ("system", "developer"):
+                has_system = True
+        # the latest user and assistant turns, when the last messages read hold none
+        tail_roles = {message.get("role") for message in read[len(read) // 2:] if isinstance(message, dict)}
+        if middle_user is not None and "user" not in tail_roles:
+            last_user = content_text(middle_user.get("content"))
+            last_user_tokens = estimate_single_message_tokens(middle_user)
+        if middle_assistant is not None and "assistant" not in tail_roles:
+            last_assistant = middle_assistant
+    context = _context_tokens(messages, has_system, n_tool, body)
     if last_assistant is None:
         prev_assistant_tokens = prev_assistant_tool_call = math.nan
     else:

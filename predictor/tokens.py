@@ -48,6 +48,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import orjson
 
 # Fitted coefficients (see the module docstring).
 CHAR_WEIGHT = 0.069
@@ -93,6 +94,24 @@ ITEMS_READ = 1024
 def _scaled(total: int, read: int, count: int) -> int:
     """``total`` over ``read`` of ``count`` items, scaled to all of them."""
     return total if read >= count else int(total * count / read + 0.5)
+
+
+def unread_floor(items: list) -> int:
+    """The fewest tokens the items not read may hold: their JSON bytes at the most characters a token takes
+    (the estimate's own floor). Without it, bulk hidden past the bound (one 3 MB part after 1,024 one-letter
+    ones) was read as the items read: 1,025 tokens for 550,000, a tiny reservation and a place in the queue's
+    front. Written by orjson, in C: a few milliseconds for megabytes."""
+    try:
+        return int(len(orjson.dumps(items)) / MIN_CHARS_PER_TOKEN)
+    except TypeError:  # not JSON (a body built in code): the scaled estimate alone
+        return 0
+
+
+def _bounded_sum(total: int, read: list, items: list) -> int:
+    """The estimate of ``items`` from the sum over the ``read`` ones: scaled, and at least the unread's floor."""
+    if len(read) >= len(items):
+        return total
+    return max(_scaled(total, len(read), len(items)), total + unread_floor(items[len(read):]))
 
 
 def text_of(value: Any) -> str:
@@ -172,7 +191,7 @@ def content_tokens(content: Any) -> int:
                     total += estimate_tokens(part["refusal"])
                 elif isinstance(part.get("content"), str):
                     total += estimate_tokens(part["content"])
-        return _scaled(total, len(parts), len(content))
+        return _bounded_sum(total, parts, content)
     return estimate_tokens(text_of(content))
 
 
@@ -194,7 +213,7 @@ def tool_call_tokens(message: Mapping[str, Any]) -> int:
         for call in read:
             if isinstance(call, Mapping):
                 total += _function_tokens(call.get("function"))
-        total = _scaled(total, len(read), len(calls))
+        total = _bounded_sum(total, read, calls)
     function_call = message.get("function_call")
     if function_call is not None:
         total += _function_tokens(function_call)

@@ -354,6 +354,8 @@ async def test_a_stop_lets_requests_finish_then_ends_the_rest_with_an_answer(eng
         # no request counted as one whose client left (499): the stop ended them, the clients were there
         metrics = gw.metrics.render().decode()
         assert 'status="503"} 1.0' in metrics and 'status="499"' not in metrics
+        # the stream the stop cut as well: it is no 200 (the client got the shutdown's error event)
+        assert 'route="chat",status="200"' not in metrics
 
 
 async def test_a_refusal_inside_a_200_stream_is_retried_like_a_503(engines):

@@ -39,6 +39,8 @@ _RESPONSE_STARTED: web.RequestKey[bool] = web.RequestKey("response_started", boo
 _MODEL_LABEL: web.RequestKey[str] = web.RequestKey("model_label", str)
 # perf_counter() when the request arrived, before its body was read (a stream's time to first byte counts from it).
 _ARRIVED: web.RequestKey[float] = web.RequestKey("arrived", float)
+# perf_counter() once the request's body was read: the start of the gateway's own time (its overhead figure).
+_BODY_READ: web.RequestKey[float] = web.RequestKey("body_read", float)
 # The scope of the API key the request came with (its workflow ids are kept apart from other keys').
 _KEY_SCOPE: web.RequestKey[str] = web.RequestKey("key_scope", str)
 log = logging.getLogger(__name__)
@@ -90,7 +92,9 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                        code="request_too_large")
     try:
         async with asyncio.timeout(BODY_READ_TIMEOUT_S):
-            return await request.read()
+            body = await request.read()
+        request[_BODY_READ] = time.perf_counter()  # the gateway's own time (its overhead figure) starts here
+        return body
     except TimeoutError:
         raise APIError(408, f"The request body did not arrive within {BODY_READ_TIMEOUT_S:g} s.",
                        code="request_timeout") from None
@@ -169,7 +173,7 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
             gateway.scheduling.predictor.record(job.trace_body, job.usage, request.headers, len(job.body))
         # the gateway's own time: from the body read (the client's upload is not ours) to the end, less the
         # engine's answer and the wait in the scheduler's queue
-        overhead = ended - job.started - job.upstream_s - job.queued_s \
+        overhead = ended - request.get(_BODY_READ, job.started) - job.upstream_s - job.queued_s \
             if job is not None and job.upstream_s >= 0 else -1.0
         # a stream the gateway cut after its 200 counts as what it would have answered before it (502, 504, 499)
         status = job.status if job is not None and job.status else response.status
