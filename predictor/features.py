@@ -309,8 +309,9 @@ def parse_request(body: Mapping[str, Any], headers: Mapping[str, str] | None = N
                 n_tool += 1
             elif role in ("system", "developer"):
                 has_system = True
-        # the latest user and assistant turns, when the last messages read hold none
-        tail_roles = {message.get("role") for message in read[len(read) // 2:] if isinstance(message, dict)}
+        # the latest user and assistant turns, when the last messages read hold none (a list of roles, not a set:
+        # a role may be any JSON, a list too, which no set holds)
+        tail_roles = [message.get("role") for message in read[len(read) // 2:] if isinstance(message, dict)]
         if middle_user is not None and "user" not in tail_roles:
             last_user = content_text(middle_user.get("content"))
             last_user_tokens = estimate_single_message_tokens(middle_user)

@@ -1370,3 +1370,5 @@ def test_huge_lists_in_a_body_are_read_up_to_a_bound_and_scaled():
     tail = [{"role": "assistant", "content": "b"}] * (MESSAGES_READ // 2)
     asked = [{"role": "user", "content": "the real question"}]
     assert parse_request({"model": "m", "messages": hidden + asked + tail}).user == "the real question"
+    odd = [{"role": ["not", "a", "role"], "content": "a"}] * (MESSAGES_READ + 1)  # any JSON as a role
+    assert parse_request({"model": "m", "messages": odd}).prompt_tokens > MESSAGES_READ
