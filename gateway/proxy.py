@@ -214,7 +214,7 @@ class Proxy:
             if attempt == 0 and (job.engine_id is not None or job.pool_engines is not None):
                 engine = registry.pick_first(job.model, job.kind, job.engine_id, job.pool_engines)
             if engine is None:
-                engine = registry.pick(job.model, job.kind, tried)
+                engine = registry.pick(job.model, job.kind, tried, job.ticket.fits if job.ticket is not None else None)
             if engine is None:
                 break
             if attempt:

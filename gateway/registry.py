@@ -8,6 +8,7 @@ serving never waits on Redis. Choosing among eligible engines is delegated to a 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 from backends.vllm import EngineClient
 from gateway.config import Config
@@ -38,11 +39,16 @@ class EngineRegistry:
     def models(self, kind: str | None = None) -> list[str]:
         return sorted({m for (k, m) in self._by_model if kind is None or k == kind})
 
-    def pick(self, model: str, kind: str, exclude: set[str]) -> EngineState | None:
-        """An engine for ``model`` that is up, awake and not in ``exclude``, or None."""
+    def pick(self, model: str, kind: str, exclude: set[str],
+             fits: Callable[[str], bool] | None = None) -> EngineState | None:
+        """An engine for ``model`` that is up, awake and not in ``exclude``, or None; among them those that
+        ``fits`` (a retried request's reservation has room there) when any does."""
         candidates = eligible([self.states[i] for i in self._by_model.get((kind, model), ())], model, exclude)
         if not candidates:
             return None
+        if fits is not None and len(candidates) > 1:
+            roomy = [c for c in candidates if fits(c.engine_id)]
+            candidates = roomy or candidates
         return self._policy.choose(candidates, self.inflight)
 
     def pick_first(self, model: str, kind: str, engine_id: str | None,

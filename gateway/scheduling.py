@@ -534,6 +534,11 @@ class Ticket:
         self.block_size = block_size  # scheduling.block_size: a ticket without a pool; one with, the pool's
         self.step_tokens = step_tokens
 
+    def fits(self, engine_id: str) -> bool:
+        """Whether ``engine_id`` has room for this request's reservation now. A retry prefers such an engine:
+        the reservation follows the request by force, and on an engine without room it overcommitted it."""
+        return self.ledger is None or self.tokens <= 0 or self.ledger.free(engine_id) >= self.tokens
+
     def on_stream(self, data: bytes) -> None:
         """Count SSE events relayed (about one token each) and grow the reservation once it is outgrown."""
         self.generated += data.count(b"data:")

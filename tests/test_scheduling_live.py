@@ -543,6 +543,31 @@ async def test_reservation_follows_a_request_retried_on_another_engine(backend):
                 _delete_prefix(prefix)
 
 
+@bounded()
+async def test_a_retry_goes_to_an_engine_with_room_for_its_reservation():
+    """The reservation follows a retried request by force. The retry picked by load alone, and on an engine
+    whose KV was taken it overcommitted that engine while another had room."""
+    from dataclasses import replace
+
+    async with fault_engine(mode="busy") as busy, fault_engine(mode="stall", delay_s=0.3) as full, \
+            fault_engine(mode="stall", delay_s=0.3) as roomy:
+        raw = sched_config([busy.url, full.url, roomy.url], queue_policy="maestro", admission="max_tokens",
+                           kv_capacity_tokens=1000)
+        raw["routing"]["policy"] = "least_loaded"  # the default: by load (the tests' configs cycle)
+        async with live(raw) as (gw, session):
+            await gw.monitor.stop()  # the marks below stay as set
+            ledger = gw.scheduling.ledger
+            assert ledger.reserve_now("other-full", "local/p/1", 900)  # room for 100 tokens
+            assert ledger.reserve_now("other-roomy", "local/p/2", 300)  # room for 700
+            state = gw.registry.states["local/p/2"]  # by load alone, the full engine is the one to pick
+            gw.registry.states["local/p/2"] = replace(state, metrics=replace(state.metrics, waiting=3))
+            status, _ = await post(session, gw, chat(max_tokens=400))
+            assert status == 200
+            assert (busy.hits, full.hits, roomy.hits) == (1, 0, 1)  # admitted on busy, retried where it fits
+            ledger.release("other-full")
+            ledger.release("other-roomy")
+
+
 async def _usage_is(store, engine_ids: list[str], reserved: list[int]) -> bool:
     usage = await store.ledger_usage(engine_ids)
     return [usage[engine_id][0] for engine_id in engine_ids] == reserved
