@@ -225,7 +225,7 @@ class Proxy:
                 await job.ticket.move(engine_id)  # the reservation follows the request to its engine
             client = registry.clients[engine_id]
             # timeouts.total_s bounds the whole request: its time in the gateway's queue and earlier tries count
-            remaining = self.total_timeout_s - (time.perf_counter() - job.started)
+            remaining = self._remaining_s(job)
             timeout = aiohttp.ClientTimeout(total=max(remaining, 0.001), sock_connect=self.connect_s,
                                             sock_read=sock_read)
             registry.inflight[engine_id] += 1
@@ -328,6 +328,10 @@ class Proxy:
             return usage
         return None
 
+    def _remaining_s(self, job: RelayJob) -> float:
+        """What is left of ``timeouts.total_s`` for ``job`` (its queue time and earlier tries count)."""
+        return self.total_timeout_s - (time.perf_counter() - job.started)
+
     def _timed_out(self, exc: BaseException, engine_id: str, job: RelayJob, idle: bool = False) -> APIError:
         """The 504 for a timeout before any byte reached the client, counted: a wait of stream_idle_s (aiohttp's
         ServerTimeoutError, only streams set one; or ``idle``: the gateway's own watch of a stream's first event),
@@ -351,7 +355,7 @@ class Proxy:
         body as vLLM would have answered before streaming; raises the 504s."""
         head = bytearray()
         loop = asyncio.get_running_loop()
-        total_at = loop.time() + self.total_timeout_s - (time.perf_counter() - job.started)
+        total_at = loop.time() + self._remaining_s(job)
         watchdog: asyncio.Timeout | None = None
         try:
             # aiohttp's read timer stops at a chunk it cannot parse: the gateway's own clock bounds the wait too
@@ -458,7 +462,7 @@ class Proxy:
         ticket = job.ticket
         loop = asyncio.get_running_loop()
         idle = self.stream_idle_s + _WATCH_SLACK_S
-        total_at = loop.time() + self.total_timeout_s - (time.perf_counter() - job.started)
+        total_at = loop.time() + self._remaining_s(job)
         writing = False
         last = b""
         watchdog: asyncio.Timeout | None = None

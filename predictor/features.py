@@ -22,8 +22,8 @@ import orjson
 
 from predictor.kv import MAX_CHOICES
 from predictor.role_labels import label_rules
-from predictor.tokens import (ITEMS_READ, REPLY_PRIMING, estimate_completion_tokens,
-                              estimate_single_message_tokens, estimate_tokens, text_of, unread_floor)
+from predictor.tokens import (ITEMS_READ, REPLY_PRIMING, bounded_sum, estimate_completion_tokens,
+                              estimate_single_message_tokens, estimate_tokens, text_of)
 from predictor.trace import ROLES
 
 # Explicit workflow context: headers first, then the OpenAI ``metadata`` object of the body.
@@ -294,8 +294,8 @@ def parse_request(body: Mapping[str, Any], headers: Mapping[str, str] | None = N
         last_role = _LAST_ROLE.get(role, math.nan) if isinstance(role, str) else math.nan
     has_system = bool(system_parts)
     if skipped:  # the messages between the first and the last read: counted by role, their tokens the mean read
-        message_tokens += max(round((message_tokens - REPLY_PRIMING) * len(skipped) / len(read)),
-                              unread_floor(skipped))  # (not under their size: bulk may hide there)
+        # (not under their size: bulk may hide there)
+        message_tokens = REPLY_PRIMING + bounded_sum(message_tokens - REPLY_PRIMING, len(read), skipped)
         middle_user = middle_assistant = None
         for message in skipped:
             role = message.get("role") if isinstance(message, dict) else None

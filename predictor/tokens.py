@@ -107,11 +107,12 @@ def unread_floor(items: list) -> int:
         return 0
 
 
-def _bounded_sum(total: int, read: list, items: list) -> int:
-    """The estimate of ``items`` from the sum over the ``read`` ones: scaled, and at least the unread's floor."""
-    if len(read) >= len(items):
+def bounded_sum(total: int, read: int, unread: list) -> int:
+    """The estimate of ``read`` items that sum to ``total`` and the ``unread`` ones: the sum scaled to all of
+    them, and at least ``total`` plus the unread's floor."""
+    if not unread:
         return total
-    return max(_scaled(total, len(read), len(items)), total + unread_floor(items[len(read):]))
+    return max(_scaled(total, read, read + len(unread)), total + unread_floor(unread))
 
 
 def text_of(value: Any) -> str:
@@ -191,7 +192,7 @@ def content_tokens(content: Any) -> int:
                     total += estimate_tokens(part["refusal"])
                 elif isinstance(part.get("content"), str):
                     total += estimate_tokens(part["content"])
-        return _bounded_sum(total, parts, content)
+        return total if parts is content else bounded_sum(total, len(parts), content[len(parts):])
     return estimate_tokens(text_of(content))
 
 
@@ -213,7 +214,8 @@ def tool_call_tokens(message: Mapping[str, Any]) -> int:
         for call in read:
             if isinstance(call, Mapping):
                 total += _function_tokens(call.get("function"))
-        total = _bounded_sum(total, read, calls)
+        if read is not calls:
+            total = bounded_sum(total, len(read), calls[len(read):])
     function_call = message.get("function_call")
     if function_call is not None:
         total += _function_tokens(function_call)
