@@ -17,6 +17,7 @@ test checks the equivalence), which is what keeps one prediction well under a mi
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -113,7 +114,7 @@ class TextEncoder:
                     self._fields.append(block.field)
                 self._by_field.setdefault(block.field, []).append(block)
         self.cache_size = cache_size
-        self._cache: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self._cache: OrderedDict[str, tuple[list[np.ndarray], list[np.ndarray]]] = OrderedDict()
 
     @classmethod
     def fit(cls, views: Sequence[RequestView], params: TextParams) -> "TextEncoder":
@@ -145,8 +146,10 @@ class TextEncoder:
     def encode(self, view: RequestView) -> tuple[np.ndarray, np.ndarray]:
         """Sparse TF-IDF row of one view: (column indices, values).
 
-        The system-prompt part is memoised by its text (agents resend the same system prompt on every call);
-        the memo is bounded and simply emptied when full.
+        The system-prompt part is memoised by its text (agents resend the same system prompt on every call).
+        The memo keeps the ``cache_size`` prompts used most recently: a busy gateway's many agents' prompts
+        stay while one-off prompts pass through. Large bodies are predicted on executor threads while the
+        event loop predicts small ones, so a key another thread evicted meanwhile is simply not there.
         """
         all_idx: list[np.ndarray] = []
         all_val: list[np.ndarray] = []
@@ -156,9 +159,17 @@ class TextEncoder:
                 cached = self._cache.get(text)
                 if cached is None:
                     cached = self._encode_field(field, text)
-                    if len(self._cache) >= self.cache_size:
-                        self._cache.clear()
                     self._cache[text] = cached
+                    while len(self._cache) > self.cache_size:
+                        try:
+                            self._cache.popitem(last=False)
+                        except KeyError:  # another thread emptied it
+                            break
+                else:
+                    try:
+                        self._cache.move_to_end(text)
+                    except KeyError:  # another thread evicted it meanwhile
+                        pass
                 all_idx.extend(cached[0])
                 all_val.extend(cached[1])
             else:

@@ -366,6 +366,29 @@ def test_text_encoder_matches_scikit_learn(predictor, records):
         np.testing.assert_allclose(matrix[:, block.offset:block.offset + len(block.terms)], expected, atol=1e-12)
 
 
+def test_the_system_prompt_memo_keeps_the_prompts_used_most_recently(predictor):
+    """A prompt in steady use stays memoised while one-off prompts pass through (the memo was emptied whole)."""
+    import copy
+
+    encoder = copy.copy(predictor.text_model.encoder)
+    encoder._cache = type(encoder._cache)()
+    encoder.cache_size = 4
+    hot = parse_request(chat("You are a Programmer. Write the code.", "go"))
+    want = encoder.encode(hot)
+    encoded: list[str] = []
+    encode_field = encoder._encode_field
+    encoder._encode_field = lambda field, text: (encoded.append(text) if field == "system" else None,
+                                                 encode_field(field, text))[1]
+    for i in range(20):
+        encoder.encode(parse_request(chat(f"one-off system prompt number {i}", "go")))
+        encoder.encode(hot)
+        assert len(encoder._cache) <= 4
+    assert hot.system not in encoded  # never evicted, never encoded again
+    got = encoder.encode(hot)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1])
+
+
 _NGRAM_TEXTS = ["Review the code below and fix the bug.", "def main():\n    print('hello, world')  # greet",
                 "Écris un résumé: naïve café, 東京タワー, Ünïcödé_words and snake_case_names", "a b c", "x",
                 "You are a Programmer. Write main.py with a GUI. Use ```python fences```!"]
