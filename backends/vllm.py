@@ -33,8 +33,10 @@ class EngineClient:
     """HTTP client for one engine. ``kind`` is ``vllm`` or ``vllm-omni``."""
 
     def __init__(self, base_url: str, kind: str = "vllm", *, connect_timeout_s: float = 3.0,
-                 scrape_timeout_s: float = 2.0, admin_timeout_s: float = 30.0) -> None:
+                 scrape_timeout_s: float = 2.0, admin_timeout_s: float = 30.0, api_key: str = "") -> None:
         self.base_url = base_url.rstrip("/")
+        # vLLM's --api-key guards its /v1 routes (not /metrics, /health or the sleep routes); sent on every call
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.kind = kind
         self._scrape_timeout = aiohttp.ClientTimeout(total=scrape_timeout_s, sock_connect=connect_timeout_s)
         self._admin_timeout = aiohttp.ClientTimeout(total=admin_timeout_s, sock_connect=connect_timeout_s)
@@ -58,7 +60,7 @@ class EngineClient:
                 auto_decompress=False,  # relay bytes as the engine sent them
                 # ...so ask for them uncompressed: aiohttp would otherwise send "Accept-Encoding: gzip, deflate",
                 # and an engine behind a compressing proxy would send gzip bytes the client never asked for
-                headers={"Accept-Encoding": "identity"},
+                headers={"Accept-Encoding": "identity", **self._auth},
                 skip_auto_headers=("User-Agent",),
             )
         return self._session

@@ -40,6 +40,8 @@ class Gateway:
         self.api_keys = tuple(key.encode() for key in config.server.api_keys)  # as check_api_key compares them
         # each key's scope for workflow ids (its SHA-256's first 8 hex digits): tenants share no workflow state
         self.api_key_scopes = tuple(hashlib.sha256(key).hexdigest()[:8] for key in self.api_keys)
+        # the client headers engines get, each once (a header named twice in the list would be sent twice)
+        self.forward_headers = tuple({name.lower(): name for name in config.server.forward_headers}.values())
         self.metrics = GatewayMetrics()
         self.store = make_state_store(config.state)
         self.handlers: set[asyncio.Task] = set()  # the OpenAI routes' requests in flight (a graceful stop ends them)

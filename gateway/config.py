@@ -57,6 +57,8 @@ class SimulatedEngines:
 class EngineConfig:
     url: str
     id: str = ""
+    # sent as "Authorization: Bearer <key>" on every call to the engine (vLLM's --api-key); kept out of reprs
+    api_key: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,9 @@ class ServerConfig:
     shutdown_grace_s: float = 5.0  # on SIGTERM: how long requests in flight may finish before they are ended
     # browser origins allowed to call the API (CORS), as vLLM's --allowed-origins: "*" any, () none
     cors_allowed_origins: tuple[str, ...] = ("*",)
+    # the client's request headers the engine gets (the rest stay at the gateway): W3C trace context for vLLM's
+    # tracing, and the simulated engines' load-generator hint (no vLLM reads it)
+    forward_headers: tuple[str, ...] = ("traceparent", "tracestate", "X-Sim-Output-Tokens")
 
     @property
     def image_inflight_limit(self) -> int:
@@ -319,6 +324,27 @@ def _parse_url(value: str, path: str) -> str:
     return value.rstrip("/")
 
 
+# Headers server.forward_headers may not name: the gateway sets them itself (the body's framing and type, the
+# engine's request id), they describe one hop only (RFC 9110 7.6.1), they carry the client's credentials, or
+# the engine would act on them for the client (vLLM's data-parallel rank; uvicorn's proxy headers).
+NEVER_FORWARDED = frozenset({
+    "host", "content-length", "content-type", "content-encoding", "transfer-encoding", "accept-encoding",
+    "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "expect",
+    "authorization", "proxy-authorization", "cookie", "x-api-key",
+    "x-request-id", "x-data-parallel-rank",
+    "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port", "x-real-ip", "via",
+})
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
+
+
+def _check_forwarded_header(name: object, path: str) -> None:
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        raise ConfigError(path, f"must be an HTTP header name such as traceparent, got {name!r}")
+    if name.lower() in NEVER_FORWARDED:
+        raise ConfigError(path, f"{name} is never forwarded: the gateway sets it, it belongs to one hop, it carries "
+                                "the client's credentials, or the engine would act on it for the client")
+
+
 def _check_redis_url(value: str, path: str) -> None:
     """What redis-py's from_url would refuse at the first call (a bad port, an option that is no number), here,
     so that it is a config error and not a traceback while the gateway starts."""
@@ -385,9 +411,29 @@ def _check_simulated(pool: PoolConfig, models: list[ModelConfig], path: str) -> 
         raise ConfigError(path, str(exc)) from None
 
 
+def _api_key(section: dict, path: str, default: str) -> str:
+    """An engine's API key: ``api_key`` as written, or ``api_key_env``, the environment variable that holds it
+    (read now: a key that is not set stops the start, not every request later); else ``default``."""
+    if "api_key" in section and "api_key_env" in section:
+        raise ConfigError(path, "give api_key or api_key_env, not both")
+    if "api_key_env" in section:
+        name = _get(section, "api_key_env", str, path, _REQUIRED)
+        value = os.environ.get(name, "").strip()  # a key read from a file often ends in a newline
+        if not value:
+            raise ConfigError(f"{path}.api_key_env", f"the environment variable {name!r} is not set or empty")
+        return value
+    if "api_key" in section:
+        value = _get(section, "api_key", str, path, _REQUIRED)
+        if not value or value != value.strip():
+            raise ConfigError(f"{path}.api_key", "must be a non-empty key without surrounding spaces")
+        return value
+    return default
+
+
 def _parse_pool(raw: Any, path: str, model_names: set[str]) -> PoolConfig:
     section = _mapping(raw, path)
-    _reject_unknown(section, {"name", "kind", "models", "engines", "simulated", "kv_capacity_tokens"}, path)
+    _reject_unknown(section, {"name", "kind", "models", "engines", "simulated", "kv_capacity_tokens", "api_key",
+                              "api_key_env"}, path)
     name = _get(section, "name", str, path, _REQUIRED)
     kind = _get(section, "kind", str, path, "vllm")
     if kind not in ENGINE_KINDS:
@@ -401,14 +447,16 @@ def _parse_pool(raw: Any, path: str, model_names: set[str]) -> PoolConfig:
         if model_names and model not in model_names:
             raise ConfigError(f"{path}.models[{i}]", f"model {model!r} is not declared under models")
     engines = []
+    pool_key = _api_key(section, path, "")
     for i, engine in enumerate(_get(section, "engines", list, path, [])):
         epath = f"{path}.engines[{i}]"
         if isinstance(engine, str):
             engine = {"url": engine}
         engine = _mapping(engine, epath)
-        _reject_unknown(engine, {"url", "id"}, epath)
+        _reject_unknown(engine, {"url", "id", "api_key", "api_key_env"}, epath)
         url = _parse_url(_get(engine, "url", str, epath, _REQUIRED), f"{epath}.url")
-        engines.append(EngineConfig(url=url, id=_get(engine, "id", str, epath, "")))
+        engines.append(EngineConfig(url=url, id=_get(engine, "id", str, epath, ""),
+                                    api_key=_api_key(engine, epath, pool_key)))
     simulated = None
     if section.get("simulated") is not None:
         simulated = _parse_simulated(section["simulated"], f"{path}.simulated")
@@ -635,6 +683,8 @@ def parse_config(raw: Any) -> Config:
         if not isinstance(origin, str) or not origin or origin != origin.strip():
             raise ConfigError(f"server.cors_allowed_origins[{i}]", "must be an origin such as https://app.example "
                                                                    "or \"*\"")
+    for i, name in enumerate(server.forward_headers):
+        _check_forwarded_header(name, f"server.forward_headers[{i}]")
     state = _section(root, StateConfig, "state", {"engine_ttl_s": "positive", "heartbeat_interval_s": "positive",
                                                   "redis_timeout_s": "positive"})
     if state.backend not in STATE_BACKENDS:

@@ -37,7 +37,8 @@ _RETRYABLE_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconn
                              aiohttp.ClientOSError, aiohttp.ConnectionTimeoutError)
 log = logging.getLogger(__name__)
 
-_STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+# X-Accel-Buffering: an nginx in front of the gateway would otherwise hold a stream's events back in its buffer
+_STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
 _WATCH_SLACK_S = 0.5  # a stream's watchdog is re-armed at most this often (a timer per event would cost more)
 _ERROR_EVENT_WRITE_S = 5.0  # the longest a stream's closing error event may wait for the client to read
@@ -185,6 +186,26 @@ def _first_event_error(head: bytes) -> tuple[int, str, bytes] | None:
     return status, str(error.get("message") or "error")[:300], event[5:].strip()
 
 
+def _unusable_answer(upstream: aiohttp.ClientResponse) -> tuple[str, str] | None:
+    """(metric reason, problem) when an engine's answer is none the gateway can relay, whatever its body says.
+
+    401 / 403: the engine wants credentials the gateway did not send (vLLM's ``--api-key``; the engine's
+    ``api_key`` in the config). Relayed, they would tell the client its own key is wrong. A redirect: vLLM sends
+    none, and following one would send the request and its headers wherever the answer points. A compressed
+    body: the gateway asks for ``identity`` and relays bytes as they come, so gzip from a proxy in front of an
+    engine would reach the client as a corrupt body, unlabelled."""
+    status = upstream.status
+    if status in (401, 403):
+        return "auth", (f"refused the gateway's credentials (HTTP {status}): set the engine's api_key in the "
+                        "config to its vLLM --api-key")
+    if 300 <= status < 400:
+        return "redirect", f"answered a redirect (HTTP {status}), which the gateway does not follow"
+    encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return "encoded", f"answered with Content-Encoding {encoding[:40]!r}; the gateway asks for identity"
+    return None
+
+
 def _total_timeout_message(engine_id: str, total_s: float) -> str:
     return (f"The request did not finish within timeouts.total_s ({total_s:g} s, time in the gateway's queue "
             f"included); engine {engine_id} was still working on it.")
@@ -233,7 +254,7 @@ class Proxy:
                 sent_at = time.perf_counter()
                 try:
                     upstream = await client.session.post(client.url(job.path), data=job.body, headers=job.headers,
-                                                         timeout=timeout)
+                                                         timeout=timeout, allow_redirects=False)
                 except _RETRYABLE_CONNECT_ERRORS as exc:
                     self.metrics.upstream_error(engine_id, "connect")
                     last_problem = f"engine {engine_id} could not be reached ({exc.__class__.__name__})"
@@ -249,6 +270,15 @@ class Proxy:
                     self.metrics.upstream_error(engine_id, "busy")
                     busy_seen = True
                     last_problem = f"engine {engine_id} is busy: {_engine_message(data)}"
+                    continue
+                refusal = _unusable_answer(upstream)
+                if refusal is not None:  # not the engine's answer to this request: another engine may give one
+                    reason, problem = refusal
+                    upstream.close()
+                    self.metrics.upstream_error(engine_id, reason)
+                    failed_seen = True
+                    last_problem = f"engine {engine_id} {problem}"
+                    log.warning("request %s: engine %s %s", job.request_id, engine_id, problem)
                     continue
                 if job.stream and upstream.status == 200:
                     head, problem = await self._first_event(upstream, job, engine_id)

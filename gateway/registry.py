@@ -25,11 +25,15 @@ class EngineRegistry:
         self._by_model: dict[tuple[str, str], list[str]] = defaultdict(list)  # (kind, model) -> engine ids
         self._policy: RoutingPolicy = make_routing_policy(config.routing.policy)
         timeouts = config.timeouts
+        # engines' API keys by URL (a URL is listed once): kept with the clients, not in the engine state that
+        # /admin/engines shows and Redis shares
+        api_keys = {engine.url: engine.api_key for _, pool in config.pools() for engine in pool.engines}
         for spec in specs:
             self.states[spec.engine_id] = EngineState.of(spec)
             self.clients[spec.engine_id] = EngineClient(spec.url, spec.kind, connect_timeout_s=timeouts.connect_s,
                                                         scrape_timeout_s=timeouts.scrape_s,
-                                                        admin_timeout_s=timeouts.admin_s)
+                                                        admin_timeout_s=timeouts.admin_s,
+                                                        api_key=api_keys.get(spec.url, ""))
             for model in spec.models:
                 self._by_model[(spec.kind, model)].append(spec.engine_id)
 

@@ -29,6 +29,7 @@ class FaultEngine:
     mode: str = "ok"  # ok | busy | drop_before | drop_after_first | reset_after_first | drop_mid_body | stall
     #                   | error_500 | slow | firehose | error_event_400 | error_event_500 | no_done
     #                   | bad_chunk_after_first | bad_header | bad_chunk_first | cut_mid_event
+    #                   | unauthorized | redirect | gzip
     delay_s: float = 0.0
     hits: int = 0
     seen_bodies: list = field(default_factory=list)
@@ -74,7 +75,10 @@ class FaultEngine:
         await asyncio.sleep(self.wake_delay_s)
         return web.Response()
 
+    seen_metrics_headers: list = field(default_factory=list)
+
     async def metrics(self, request: web.Request) -> web.Response:
+        self.seen_metrics_headers.append(CIMultiDict(request.headers))
         text = (f'vllm:num_requests_running{{engine="0",model_name="{self.model}"}} 0.0\n'
                 f'vllm:num_requests_waiting{{engine="0",model_name="{self.model}"}} 0.0\n'
                 f'vllm:kv_cache_usage_perc{{engine="0",model_name="{self.model}"}} 0.0\n')
@@ -111,6 +115,15 @@ class FaultEngine:
     async def _answer(self, request: web.Request, body: dict, mode: str) -> web.StreamResponse:
         if mode == "busy":
             return web.Response(status=503, body=orjson.dumps(VLLM_BUSY), content_type="application/json")
+        if mode == "unauthorized":  # vLLM's --api-key answer to a request without its key
+            return web.Response(status=401, body=orjson.dumps({"error": "Unauthorized"}),
+                                content_type="application/json")
+        if mode == "redirect":
+            return web.Response(status=307, headers={"Location": self.url + "/elsewhere"})
+        if mode == "gzip":  # an engine behind a compressing proxy that ignores Accept-Encoding: identity
+            import gzip
+            return web.Response(body=gzip.compress(orjson.dumps(self._completion())),
+                                headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
         if mode == "error_500":
             return web.Response(status=500, body=orjson.dumps({"error": {"message": "engine exploded",
                                 "type": "InternalServerError", "param": None, "code": 500}}),

@@ -110,6 +110,19 @@ def test_defaults_fill_in():
     (lambda c: c["clusters"][0]["pools"].append({"name": "d", "kind": "vllm-omni", "models": ["m"],
                                                  "simulated": {"count": 1, "kv_blocks": 64}}),
      "clusters[0].pools[1].simulated.kv_blocks"),
+    # headers the gateway sets, that belong to one hop, carry credentials, or that vLLM would act on for the client
+    (lambda c: c.update(server={"forward_headers": ["traceparent", "X-Data-Parallel-Rank"]}),
+     "server.forward_headers[1]"),
+    (lambda c: c.update(server={"forward_headers": ["authorization"]}), "server.forward_headers[0]"),
+    (lambda c: c.update(server={"forward_headers": ["X-Request-Id"]}), "server.forward_headers[0]"),
+    (lambda c: c.update(server={"forward_headers": ["X Bad"]}), "server.forward_headers[0]"),
+    (lambda c: c.update(server={"forward_headers": "traceparent"}), "server.forward_headers"),
+    (lambda c: c["clusters"][0]["pools"][0]["engines"][0].update(api_key=""),
+     "clusters[0].pools[0].engines[0].api_key"),
+    (lambda c: c["clusters"][0]["pools"][0]["engines"][0].update(api_key="k", api_key_env="K"),
+     "clusters[0].pools[0].engines[0]"),
+    (lambda c: c["clusters"][0]["pools"][0].update(api_key_env="MAESTRO_TEST_SURELY_NOT_SET"),
+     "clusters[0].pools[0].api_key_env"),
 ])
 def test_invalid_configs_name_the_field(mutate, field):
     raw = base()
@@ -301,3 +314,14 @@ def test_the_log_level_may_follow_the_command():
     assert parser.parse_args(["--log-level", "warning", "serve"]).log_level == "WARNING"
     assert parser.parse_args(["serve"]).log_level == "INFO"
     assert parser.parse_args(["check-config", "x.yaml", "--log-level", "error"]).log_level == "ERROR"
+
+
+def test_an_engines_api_key_comes_from_its_pool_unless_its_own_and_is_never_shown(monkeypatch):
+    monkeypatch.setenv("MAESTRO_TEST_POOL_KEY", "pool-secret")
+    raw = base()
+    pool = raw["clusters"][0]["pools"][0]
+    pool["api_key_env"] = "MAESTRO_TEST_POOL_KEY"
+    pool["engines"] = [{"url": "http://a:1"}, {"url": "http://b:1", "api_key": "own-secret"}]
+    engines = parse_config(raw).clusters[0].pools[0].engines
+    assert [e.api_key for e in engines] == ["pool-secret", "own-secret"]
+    assert "secret" not in repr(engines)

@@ -176,16 +176,50 @@ async def test_full_queue_is_429_with_retry_after(engine):
 
 
 async def test_request_id_is_taken_forwarded_and_returned(gw, engine):
-    status, _, headers = await post(gw.base_url + CHAT, orjson.dumps(GOOD),
-                                    {"Content-Type": "application/json", "X-Request-Id": "abc-123",
-                                     "X-Sim-Output-Tokens": "7"})
-    assert status == 200
-    assert headers["X-Request-Id"] == "abc-123"
-    assert engine.seen_headers[-1]["X-Request-Id"] == "abc-123"
-    assert engine.seen_headers[-1]["X-Sim-Output-Tokens"] == "7"  # load-generator hints pass through
+    """The client's id comes back as it sent it; the engine's is unique: vLLM takes the header as its request id,
+    and two requests under one id at once collide there (refused as "already running", or aborted together)."""
+    for _ in range(2):  # the same id twice
+        status, _, headers = await post(gw.base_url + CHAT, orjson.dumps(GOOD),
+                                        {"Content-Type": "application/json", "X-Request-Id": "abc-123",
+                                         "X-Sim-Output-Tokens": "7"})
+        assert status == 200
+        assert headers["X-Request-Id"] == "abc-123"
+        assert engine.seen_headers[-1]["X-Sim-Output-Tokens"] == "7"  # load-generator hints pass through
+    first, second = (h["X-Request-Id"] for h in engine.seen_headers[-2:])
+    assert first.startswith("abc-123~") and second.startswith("abc-123~") and first != second
     status, _, headers = await post(gw.base_url + CHAT, orjson.dumps(GOOD))
     assert len(headers["X-Request-Id"]) == 32
-    assert engine.seen_headers[-1]["X-Request-Id"] == headers["X-Request-Id"]
+    assert engine.seen_headers[-1]["X-Request-Id"] == headers["X-Request-Id"]  # the gateway's own: unique already
+
+
+async def test_only_the_forwarded_headers_reach_the_engine(engine):
+    """Only server.forward_headers are taken from the client's request. vLLM picks its data-parallel rank by
+    X-data-parallel-rank and trusts X-Forwarded-*; keys, tokens, cookies and an SDK's own headers are none of
+    the engine's; a header named in Connection is hop-by-hop. The gateway answers as "maestro"; a stream asks an
+    nginx in front not to buffer it."""
+    sent = {"Content-Type": "application/json", "X-Data-Parallel-Rank": "1", "X-Forwarded-For": "10.0.0.1",
+            "X-Forwarded-Proto": "https", "X-Goog-Api-Key": "k", "X-Auth-Token": "t", "Cookie": "a=b",
+            "X-Stainless-Lang": "python", "Connection": "keep-alive, X-Hop", "X-Hop": "1",
+            "X-Workflow-Id": "wf-1", "X-Agent-Role": "coder", "Authorization": "Bearer x",
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "a=1",
+            "X-Custom-Tenant": "t-1"}
+    async with running_gateway(gateway_config([engine.url])) as gw:
+        status, _, headers = await post(gw.base_url + CHAT, orjson.dumps(GOOD), sent)
+        assert status == 200 and headers["Server"] == "maestro"
+        seen = engine.seen_headers[-1]
+        assert not {name.lower() for name in seen if name.lower().startswith("x-")} - {"x-request-id"}
+        assert "Authorization" not in seen and "Cookie" not in seen
+        assert seen["traceparent"] == sent["traceparent"] and seen["tracestate"] == "a=1"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(gw.base_url + CHAT, json={**GOOD, "stream": True}) as r:
+                assert r.status == 200 and r.headers["X-Accel-Buffering"] == "no"
+                assert r.headers["Server"] == "maestro"
+                await r.read()
+    async with running_gateway(gateway_config([engine.url], server={"forward_headers": ["X-Custom-Tenant"]})) as gw:
+        status, _, _ = await post(gw.base_url + CHAT, orjson.dumps(GOOD), sent)
+        assert status == 200
+        seen = engine.seen_headers[-1]
+        assert seen["X-Custom-Tenant"] == "t-1" and "traceparent" not in seen and "X-Data-Parallel-Rank" not in seen
 
 
 async def test_unknown_fields_pass_through(gw, engine):

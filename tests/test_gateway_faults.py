@@ -578,3 +578,58 @@ async def test_malformed_http_from_an_engine_is_an_upstream_error_not_ours(engin
         assert time.monotonic() - started < 5
         assert caught.value.status_code == 504 and "within 0.5 s" in caught.value.message
     assert not [r for r in caplog.records if "failed inside the gateway" in r.getMessage()]
+
+
+@pytest.mark.parametrize("mode, says", [
+    ("unauthorized", "refused the gateway's credentials (HTTP 401)"),
+    ("redirect", "answered a redirect (HTTP 307)"),
+    ("gzip", "Content-Encoding 'gzip'"),
+])
+async def test_an_answer_the_gateway_cannot_relay_is_tried_elsewhere_then_a_502(engines, mode, says):
+    """An engine's 401 (its --api-key, unknown to the gateway) reached the client as if the client's own key were
+    wrong; a redirect was followed with the request's body and headers; gzip bytes reached the client as a
+    corrupt, unlabelled body. Each is the engine's fault: another engine is tried, and at the end it is a 502."""
+    bad, good = engines
+    bad.mode = mode
+    async with running_gateway(gateway_config([bad.url, good.url])) as gw:
+        client = client_for(gw.base_url)
+        for _ in range(2):  # round robin: one of the two goes to the bad engine first
+            reply = await client.chat.completions.create(model="fault-model",
+                                                         messages=[{"role": "user", "content": "hi"}])
+            assert reply.choices[0].message.content == "hello world"
+        assert bad.hits >= 1 and good.hits == 2
+        good.mode = mode
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(model="fault-model", messages=[{"role": "user", "content": "hi"}])
+        assert caught.value.status_code == 502 and says in caught.value.message
+        assert caught.value.body["code"] == "upstream_error"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(gw.base_url + "/metrics") as r:
+                text = await r.text()
+        reason = {"unauthorized": "auth", "redirect": "redirect", "gzip": "encoded"}[mode]
+        assert f'maestro_upstream_errors_total{{engine="local/p/0",reason="{reason}"}}' in text
+
+
+async def test_an_engines_api_key_goes_with_every_call_to_it(engines, monkeypatch):
+    """vLLM's --api-key: the engine's key from the config (as written, or from the environment) is sent on every
+    call to that engine, probes included, and never the client's key; it is not shown by /admin/engines."""
+    keyed, plain = engines
+    monkeypatch.setenv("MAESTRO_TEST_ENGINE_KEY", "engine-secret\n")
+    raw = gateway_config([keyed.url, plain.url], server={"api_keys": ["client-key"]})
+    raw["clusters"][0]["pools"][0]["engines"][0]["api_key_env"] = "MAESTRO_TEST_ENGINE_KEY"
+    async with running_gateway(raw) as gw:
+        client = openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="client-key", max_retries=0)
+        try:
+            for _ in range(2):
+                await client.chat.completions.create(model="fault-model", messages=[{"role": "user", "content": "x"}])
+        finally:
+            await client.close()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(gw.base_url + "/admin/engines",
+                                   headers={"Authorization": "Bearer client-key"}) as r:
+                assert r.status == 200 and "engine-secret" not in await r.text()
+    assert [h.get("Authorization") for h in keyed.seen_headers] == ["Bearer engine-secret"]
+    assert [h.get("Authorization") for h in plain.seen_headers] == [None]
+    assert keyed.seen_metrics_headers and all(h.get("Authorization") == "Bearer engine-secret"
+                                              for h in keyed.seen_metrics_headers)
+    assert all("Authorization" not in h for h in plain.seen_metrics_headers)

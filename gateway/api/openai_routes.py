@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import logging
 import re
+import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -45,11 +46,8 @@ _BODY_READ: web.RequestKey[float] = web.RequestKey("body_read", float)
 _KEY_SCOPE: web.RequestKey[str] = web.RequestKey("key_scope", str)
 log = logging.getLogger(__name__)
 _REQUEST_ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-# Headers the gateway consumes or must not leak upstream; other X-* headers (request id, workflow context,
-# the simulated engines' load-generator hints) are forwarded untouched.
 # The endpoints that serve each engine kind, named in a 404 for a model sent to the other kind's endpoint.
 _ENDPOINTS_OF_KIND = {"vllm": "/v1/chat/completions or /v1/completions", "vllm-omni": "/v1/images/generations"}
-_NOT_FORWARDED = frozenset({"x-api-key", "x-forwarded-for", "x-real-ip", "x-request-id"})  # id set below
 
 BODY_READ_TIMEOUT_S = 30.0  # the longest a request's body may take to arrive
 CLIENT_CLOSED = 499  # the request metrics' status for a client that left before its answer ended (nginx's code)
@@ -64,6 +62,18 @@ def request_id_of(request: web.Request) -> str:
     if given and _REQUEST_ID_OK.fullmatch(given):
         return given
     return uuid.uuid4().hex
+
+
+def engine_request_id(request: web.Request, request_id: str) -> str:
+    """The ``X-Request-Id`` the engine gets: unique to this request, with the client's id readable in it.
+
+    vLLM takes the header as its own request id (``chatcmpl-<id>``), and two requests under one id at once
+    collide there: one vLLM refuses the second as "already running", another aborts both by it. A client's id
+    may repeat (one client that reuses it, two clients, or two API keys, that pick the same), so it gets a random
+    suffix, as in :func:`gateway.scheduling.scheduling_key`; the gateway's own ids are fresh UUIDs already."""
+    if request_id == request.headers.get("X-Request-Id"):
+        return f"{request_id}~{secrets.token_hex(6)}"
+    return request_id
 
 
 def check_api_key(request: web.Request, keys: tuple[bytes, ...]) -> int | None:
@@ -103,13 +113,17 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                        code="request_too_large") from None
 
 
-def forwarded_headers(request: web.Request, request_id: str) -> dict[str, str]:
-    headers = {"Content-Type": "application/json"}
-    for name, value in request.headers.items():
-        lower = name.lower()
-        if lower.startswith("x-") and lower not in _NOT_FORWARDED:
+def forwarded_headers(request: web.Request, request_id: str, forward: tuple[str, ...]) -> dict[str, str]:
+    """The headers of the engine's request: built here, with only the ``forward`` ones (``server.forward_headers``)
+    taken from the client's. vLLM acts on headers a client must not set (``X-data-parallel-rank`` picks its
+    data-parallel rank, ``X-Request-Id`` its request id, ``X-Forwarded-*`` what uvicorn believes of the
+    connection), and a client's other headers (its SDK's, its own keys and tokens) are none of the engine's."""
+    headers = {"Content-Type": "application/json", "X-Request-Id": engine_request_id(request, request_id)}
+    client = request.headers
+    for name in forward:
+        value = client.get(name)
+        if value is not None:
             headers[name] = value
-    headers["X-Request-Id"] = request_id
     return headers
 
 
@@ -231,7 +245,7 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
             raw = orjson.dumps(body)
     job = RelayJob(route=route, path=path, kind="vllm", model=model, body=raw, stream=stream,
                    strip_usage=strip_usage, request_id=request_id,
-                   headers=forwarded_headers(request, request_id), started=time.perf_counter(),
+                   headers=forwarded_headers(request, request_id, gateway.forward_headers), started=time.perf_counter(),
                    arrived=request.get(_ARRIVED, 0.0), trace_body=trace_body)
     if context is None and model in scheduling.direct_models:
         return await gateway.proxy.serve(request, job), model, job  # nothing to schedule: route as it comes
@@ -303,7 +317,7 @@ async def _image_generation(request: web.Request, gateway: "Gateway", request_id
     request[_MODEL_LABEL] = model
     job = RelayJob(route="images", path="/v1/images/generations", kind="vllm-omni", model=model, body=raw,
                    stream=False, strip_usage=False, request_id=request_id,
-                   headers=forwarded_headers(request, request_id), started=time.perf_counter(),
+                   headers=forwarded_headers(request, request_id, gateway.forward_headers), started=time.perf_counter(),
                    arrived=request.get(_ARRIVED, 0.0))
     return await gateway.proxy.serve(request, job), model, job
 
@@ -332,6 +346,7 @@ async def retrieve_model(request: web.Request, gateway: "Gateway", request_id: s
 
 async def _mark_response_started(request: web.Request, response: web.StreamResponse) -> None:
     request[_RESPONSE_STARTED] = True
+    response.headers["Server"] = "maestro"  # not aiohttp's default, which names its and Python's versions
 
 
 def add_openai_routes(app: web.Application) -> None:
