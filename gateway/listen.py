@@ -13,12 +13,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 from collections.abc import Iterator
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 MAX_PORT = 65535
+
+
+class _OneLineForBadRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse (a header with a control byte, a request line that is no HTTP)
+    at ERROR with a whole traceback, after answering it 400: anyone who can reach the port could fill the log
+    with them. Such a request is the client's error: one line at INFO, as an access log would have it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BadHttpMessage):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            detail = " ".join(str(getattr(exc, "message", exc)).split())[:200]  # its lines, as one
+            record.msg, record.args = "%s (answered 400): %s", (record.getMessage(), detail)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_bad_request_filter = _OneLineForBadRequests()
+logging.getLogger("aiohttp.server").addFilter(_bad_request_filter)
 
 
 class CannotListen(OSError):

@@ -470,3 +470,19 @@ async def test_a_page_listed_by_name_reads_the_admin_routes_also_beside_a_wildca
             assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "https://ops.example"
         async with session.get(gateway.base_url + "/v1/models", headers={"Origin": "https://any.example"}) as r:
             assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_a_request_that_is_no_http_is_one_line_in_the_log_not_a_traceback(gw, caplog):
+    """aiohttp logged each unparsable request at ERROR with a whole traceback: anyone could fill the log."""
+    import logging
+
+    host, port = gw.base_url.removeprefix("http://").rsplit(":", 1)
+    caplog.set_level(logging.INFO, logger="aiohttp.server")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\n{}")
+    assert (await reader.read(100)).startswith(b"HTTP/1.0 400")
+    writer.close()
+    await asyncio.sleep(0.1)
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(records) == 1 and records[0].levelno == logging.INFO and records[0].exc_info is None
+    assert "answered 400" in records[0].getMessage() and "Invalid header value char" in records[0].getMessage()
