@@ -41,9 +41,12 @@ so do steps that were due but still waiting for a slot: never sent, they are cou
 workflows not yet arrived are left out and counted in ``meta.not_started``), and clean cancellation (``stop()``,
 SIGINT/SIGTERM in the CLI: in-flight requests are closed, so the engines abort them, and the partial result is
 still written; the statuses are then ``error:stopped``). A stream that closes without a ``finish_reason`` or
-``[DONE]`` is an answer cut short, ``error:truncated``. ``meta.load`` is the workload's offered load
-(:meth:`~loadgen.workload.Workload.offered_load`: arrivals per second of workload time, whatever the time scale),
-the figure the simulator records for the same workload.
+``[DONE]`` is an answer cut short, ``error:truncated``; one the engine ended with ``finish_reason`` ``"abort"``
+(e.g. the engine was put to sleep) or ``"error"`` is unfinished too, ``error:finish_abort`` / ``error:finish_error``
+(with ``n`` > 1, any answer so ended fails the request; the gateway relays such an answer but does not count it
+as finished either): a failure whose workflow dependents are not sent, its tokens received kept. ``meta.load``
+is the workload's offered load (:meth:`~loadgen.workload.Workload.offered_load`: arrivals per second of workload
+time, whatever the time scale), the figure the simulator records for the same workload.
 
 SLO targets (TTFT, TPOT) and the default workflow deadlines are the gateway's built-in classes' unless
 ``slo_targets`` gives others (the CLI's ``--gateway-config FILE``: the classes of that gateway config); a workload
@@ -83,6 +86,10 @@ OUTPUT_CONTROLS = ("hint", "ignore-eos", "both", "none")
 CLIENTS = ("aiohttp", "openai")
 TIME_BASES = ("wall", "workload")
 MAX_ERRORS_KEPT = 20
+# finish reasons of an answer the engine did not finish (vLLM's "abort": the request was aborted, e.g. the engine
+# was put to sleep; "error": it failed): the same as the gateway's (gateway/proxy.py _CUT_REASONS), which relays
+# such an answer but does not count it as finished
+CUT_FINISH_REASONS = ("abort", "error")
 
 # SLO targets when the gateway's defaults cannot be imported: (ttft_s, tpot_s, workflow deadline_s)
 _FALLBACK_SLO = {"interactive": (2.0, 0.1, None), "batch": (30.0, 0.2, 600.0)}
@@ -492,6 +499,7 @@ class LiveRunner:
         chunks = 0
         usage = None
         complete = False  # a [DONE] or a finish_reason: the server ended the answer, not just the connection
+        cut = None  # the first finish_reason of an answer the engine did not finish ("abort", "error")
         async with self._session.post(url, data=orjson.dumps(body), headers=headers) as response:
             if response.status != 200:
                 text = (await response.read())[:400].decode("utf-8", "replace")
@@ -521,11 +529,14 @@ class LiveRunner:
                         if result.first_token is None:
                             result.first_token = self._now()
                         chunks += 1
-                    if choice.get("finish_reason") is not None:
+                    reason = choice.get("finish_reason")
+                    if reason is not None:
                         complete = True
+                        if cut is None and reason in CUT_FINISH_REASONS:
+                            cut = reason
                 if event.get("usage"):
                     usage = event["usage"]
-        self._finish(result, usage, chunks, complete)
+        self._finish(result, usage, chunks, complete, cut)
 
     async def _stream_openai(self, body: dict[str, Any], headers: dict[str, str], result: RequestResult) -> None:
         extra = {k: body[k] for k in ("ignore_eos", "metadata") if k in body}
@@ -538,6 +549,7 @@ class LiveRunner:
         chunks = 0
         usage = None
         complete = False  # the SDK hides [DONE]: a finish_reason is the server's end of the answer
+        cut = None  # the first finish_reason of an answer the engine did not finish ("abort", "error")
         async for chunk in stream:
             for choice in chunk.choices or ():
                 delta = choice.delta
@@ -546,14 +558,26 @@ class LiveRunner:
                     if result.first_token is None:
                         result.first_token = self._now()
                     chunks += 1
-                if choice.finish_reason is not None:
+                reason = choice.finish_reason
+                if reason is not None:
                     complete = True
+                    if cut is None and reason in CUT_FINISH_REASONS:
+                        cut = reason
             if chunk.usage is not None:
                 usage = {"prompt_tokens": chunk.usage.prompt_tokens,
                          "completion_tokens": chunk.usage.completion_tokens}
-        self._finish(result, usage, chunks, complete)
+        self._finish(result, usage, chunks, complete, cut)
 
-    def _finish(self, result: RequestResult, usage: dict[str, Any] | None, chunks: int, complete: bool) -> None:
+    def _finish(self, result: RequestResult, usage: dict[str, Any] | None, chunks: int, complete: bool,
+                cut: str | None = None) -> None:
+        if cut is not None:
+            # the engine ended an answer without finishing it (with n > 1: any one of them): the bytes came, but
+            # the gateway does not count it as a finished answer either; what arrived is kept for diagnosis
+            self._count_tokens(result, usage, chunks)
+            result.status = f"error:finish_{cut}"
+            self._error(f"{result.request_id}: the engine ended the answer with finish_reason {cut!r} "
+                        f"after {result.output_tokens} token(s)")
+            return
         if not complete:
             # the stream closed cleanly but the answer never ended (no finish_reason, no [DONE]): a server or
             # proxy that gave up mid-answer; what arrived is kept, but it is not a success
@@ -563,17 +587,21 @@ class LiveRunner:
                         f"after {chunks} content chunk(s)")
             return
         result.finish = self._now()
+        self._count_tokens(result, usage, chunks)
+        if result.first_token is None:
+            if result.output_tokens > 0:
+                result.first_token = result.finish
+            else:
+                result.status = "error:no_output"
+
+    @staticmethod
+    def _count_tokens(result: RequestResult, usage: dict[str, Any] | None, chunks: int) -> None:
         if usage and isinstance(usage.get("completion_tokens"), int):
             result.output_tokens = usage["completion_tokens"]
             if isinstance(usage.get("prompt_tokens"), int):
                 result.prompt_tokens = usage["prompt_tokens"]
         else:
             result.output_tokens = chunks  # no usage chunk: content events (>= 1 token each) as a lower bound
-        if result.first_token is None:
-            if result.output_tokens > 0:
-                result.first_token = result.finish
-            else:
-                result.status = "error:no_output"
 
     # ------------------------------------------------------------------------------------------ result
 

@@ -368,6 +368,40 @@ def _streamer(complete: bool):
     return chat
 
 
+_DONE = b"data: [DONE]\n\n"
+
+
+def _usage(prompt: int, completion: int) -> bytes:
+    return b"data: " + orjson.dumps({"id": "x", "choices": [], "usage": {
+        "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}) + b"\n\n"
+
+
+def _event(*choices: dict) -> bytes:
+    """A chunk of several choices (n > 1), each ``{"index": ..., "delta": ..., "finish_reason": ...}``."""
+    return b"data: " + orjson.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                                     "choices": list(choices)}) + b"\n\n"
+
+
+def _sse(*events: bytes, pause_s: float = 0.0):
+    """A chat handler that streams these SSE bytes, ``pause_s`` apart, then ends the response cleanly."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+            if pause_s:
+                await asyncio.sleep(pause_s)
+        await response.write_eof()
+        return response
+    return chat
+
+
+def _chain_of_two() -> Workload:
+    return Workload([Workflow("wf", 0.0, [Step("a", "planner", 3, prompt_tokens=40),
+                                          Step("b", "coder", 3, prompt_tokens=40, depends_on=("a",))])], model="m")
+
+
 def _calls(count: int, spacing: float = 0.0) -> Workload:
     return Workload([Workflow(f"c{i}", spacing * i, [Step("call", "assistant", 3, prompt_tokens=40)],
                               kind="interactive", slo_class="interactive") for i in range(count)],
@@ -390,6 +424,41 @@ async def test_a_stream_cut_short_without_finish_is_truncated(client):
     assert request.output_tokens == 3 and not request.slo_met()
     assert cut.meta["status_counts"] == {"error:truncated": 1} and "finish_reason" in cut.meta["errors"][0]
     assert whole.requests[0].status == "ok" and whole.requests[0].finish is not None
+
+
+@pytest.mark.parametrize("client", ["aiohttp", "openai"])
+@pytest.mark.parametrize("reason", ["abort", "error"])
+@pytest.mark.parametrize("n", [1, 2])
+async def test_an_answer_the_engine_did_not_finish_is_a_failure(client, reason, n):
+    """finish_reason "abort" (vLLM aborted the request, e.g. the engine was put to sleep) or "error": the gateway
+    relays the bytes but does not count the answer as finished, and neither does the runner. The step fails (its
+    dependent is not sent), the tokens received are kept; with n = 2 one answer so ended is enough."""
+    pytest.importorskip(client)
+    if n == 1:
+        events = (_chunk("tok "), _chunk("tok ", finish=reason), _usage(40, 2), _DONE)
+    else:  # answer 0 finishes, answer 1 is aborted
+        events = (_event({"index": 0, "delta": {"content": "tok "}, "finish_reason": None},
+                         {"index": 1, "delta": {"content": "tok "}, "finish_reason": None}),
+                  _event({"index": 0, "delta": {}, "finish_reason": "length"}),
+                  _event({"index": 1, "delta": {}, "finish_reason": reason}), _usage(40, 2), _DONE)
+    server, url = await _serve(_sse(*events))
+    try:
+        result = await asyncio.wait_for(
+            LiveRunner(_chain_of_two(), LiveOptions(url=url, client=client, progress=False)).run(), 5.0)
+    finally:
+        await server.cleanup()
+    by_step = {r.step_id: r for r in result.requests}
+    assert {k: r.status for k, r in by_step.items()} == {"a": f"error:finish_{reason}", "b": "error:dependency"}
+    cut = by_step["a"]
+    assert cut.output_tokens == 2 and cut.first_token is not None and cut.finish is None and not cut.slo_met()
+    assert result.workflows[0].finish is None and result.workflows[0].steps_ok == 0
+    assert result.meta["dependency_skipped"] == 1 and f"finish_reason {reason!r}" in result.meta["errors"][0]
+    assert result.summary()["requests_ok"] == 0
+    from gateway.proxy import _CUT_REASONS
+
+    from loadgen.live import CUT_FINISH_REASONS
+
+    assert CUT_FINISH_REASONS == _CUT_REASONS  # the gateway's unfinished answers
 
 
 @pytest.mark.parametrize("end", ["time_limit", "stopped"])
