@@ -6,8 +6,9 @@ dependency failed is not sent and its workflow fails; the step is still recorded
 ``error:dependency`` (counted in ``meta.dependency_skipped``), so a completed run holds one request per step of
 the workload, as a simulation does, and request SLO attainment is over all of them. Every request is a streamed
 ``POST {url}/chat/completions`` with ``stream_options.include_usage``; per request it records the send time,
-the first content token (TTFT), the end of the stream and ``usage`` into :class:`~loadgen.results.RequestResult`,
-and per workflow its arrival, finish and deadline into :class:`~loadgen.results.WorkflowResult`.
+the first token (TTFT: the first delta with content, reasoning text, ``reasoning`` or ``reasoning_content``, or
+tool calls), the end of the stream and ``usage`` into :class:`~loadgen.results.RequestResult`, and per workflow
+its arrival, finish and deadline into :class:`~loadgen.results.WorkflowResult`.
 
 Workflow context (steps of ``kind: workflow`` only; an interactive call goes out as a plain application call):
 headers ``X-Workflow-Id``, ``X-Agent-Role``, ``X-Workflow-Step`` (0-based position of the step in the
@@ -525,7 +526,9 @@ class LiveRunner:
                     return
                 for choice in event.get("choices") or ():
                     delta = choice.get("delta") or {}
-                    if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+                    # reasoning text: "reasoning" (current vLLM) or "reasoning_content" (older)
+                    if delta.get("content") or delta.get("reasoning") or delta.get("reasoning_content") \
+                            or delta.get("tool_calls"):
                         if result.first_token is None:
                             result.first_token = self._now()
                         chunks += 1
@@ -553,7 +556,9 @@ class LiveRunner:
         async for chunk in stream:
             for choice in chunk.choices or ():
                 delta = choice.delta
+                # the SDK's delta keeps fields it does not declare (reasoning, reasoning_content) as attributes
                 if delta is not None and (delta.content or getattr(delta, "tool_calls", None)
+                                          or getattr(delta, "reasoning", None)
                                           or getattr(delta, "reasoning_content", None)):
                     if result.first_token is None:
                         result.first_token = self._now()

@@ -461,6 +461,25 @@ async def test_an_answer_the_engine_did_not_finish_is_a_failure(client, reason, 
     assert CUT_FINISH_REASONS == _CUT_REASONS  # the gateway's unfinished answers
 
 
+@pytest.mark.parametrize("client", ["aiohttp", "openai"])
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content"])
+async def test_a_reasoning_models_first_token_is_its_first_reasoning_token(client, field):
+    """vLLM streams a reasoning model's thinking as delta.reasoning (formerly delta.reasoning_content): TTFT is
+    the first of those, not the first token of the answer after the thinking (0.3 s later here)."""
+    pytest.importorskip(client)
+    thinking = [_event({"index": 0, "delta": {field: " think"}, "finish_reason": None}) for _ in range(4)]
+    server, url = await _serve(_sse(*thinking, _chunk("answer"), _chunk(finish="stop"), _usage(40, 5), _DONE,
+                                    pause_s=0.1))
+    try:
+        result = await asyncio.wait_for(
+            LiveRunner(_calls(1), LiveOptions(url=url, client=client, progress=False)).run(), 5.0)
+    finally:
+        await server.cleanup()
+    request = result.requests[0]
+    assert request.status == "ok" and request.output_tokens == 5
+    assert request.ttft < 0.2 and request.e2e >= 0.4, (request.ttft, request.e2e)
+
+
 @pytest.mark.parametrize("end", ["time_limit", "stopped"])
 async def test_requests_waiting_for_a_slot_are_recorded_when_the_run_ends(end):
     released = asyncio.Event()
