@@ -498,9 +498,9 @@ def request_key(request: RequestResult) -> tuple[str, str]:
 
 
 def fixed_offset(live: RunResult, simulated: RunResult, within_s: float = 0.05) -> dict[str, Any]:
-    """Median per-request difference (live - simulated) of TTFT and end-to-end latency over the requests sent
-    at the same time on both sides (within ``within_s``): the constant cost of the live software path (HTTP
-    hops, SSE relay, event-loop wake-ups) times the time scale, apart from the chaotic part."""
+    """Median per-request difference (live - simulated) of TTFT and end-to-end latency over the requests due
+    at the same time on both sides (``arrival`` within ``within_s``): the constant cost of the live software path
+    (HTTP hops, SSE relay, event-loop wake-ups) times the time scale, apart from the chaotic part."""
     simulated_by_key = {request_key(r): r for r in simulated.requests}
     ttft: list[float] = []
     e2e: list[float] = []

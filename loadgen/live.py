@@ -1,14 +1,16 @@
 """``live`` mode: send a workload through any OpenAI-compatible endpoint over real HTTP and measure it.
 
-For every workflow the runner starts at its arrival time (divided by ``time_scale``), then sends each step as
-soon as all its dependencies finished plus its ``think_time_s`` (also divided by ``time_scale``). A step whose
-dependency failed is not sent and its workflow fails; the step is still recorded, as a failed request with status
-``error:dependency`` (counted in ``meta.dependency_skipped``), so a completed run holds one request per step of
-the workload, as a simulation does, and request SLO attainment is over all of them. Every request is a streamed
-``POST {url}/chat/completions`` with ``stream_options.include_usage``; per request it records the send time,
-the first token (TTFT: the first delta with content, reasoning text, ``reasoning`` or ``reasoning_content``, or
-tool calls), the end of the stream and ``usage`` into :class:`~loadgen.results.RequestResult`, and per workflow
-its arrival, finish and deadline into :class:`~loadgen.results.WorkflowResult`.
+For every workflow the runner starts at its arrival time (divided by ``time_scale``), then sends each step as soon
+as all its dependencies finished plus its ``think_time_s`` (also divided by ``time_scale``). A step whose dependency
+failed is not sent and its workflow fails; the step is still recorded, as a failed request with status
+``error:dependency`` (counted in ``meta.dependency_skipped``), so a completed run holds one request per step of the
+workload, as a simulation does, and request SLO attainment is over all of them. Every request is a streamed
+``POST {url}/chat/completions`` with ``stream_options.include_usage``; per request it records its arrival (the time
+it was due: dependencies finished plus think time, as the simulator's release), how long it then waited for a client
+concurrency slot before it was sent (``client_wait_s``), the first token (TTFT: the first delta with content,
+reasoning text (``reasoning`` or ``reasoning_content``) or tool calls), the end of the stream and ``usage`` into
+:class:`~loadgen.results.RequestResult`, and per workflow its arrival, finish and deadline into
+:class:`~loadgen.results.WorkflowResult`.
 
 Workflow context (steps of ``kind: workflow`` only; an interactive call goes out as a plain application call):
 headers ``X-Workflow-Id``, ``X-Agent-Role``, ``X-Workflow-Step`` (0-based position of the step in the
@@ -36,18 +38,21 @@ requests of 200 tokens, 64 in flight), aiohttp used 1.9 ms of client CPU per req
 in 1.4 s, the SDK (openai 3.57, httpx2) 18.7 ms per request (93 us per token) and needed 8 s. aiohttp is
 also already a core dependency; the SDK is only in the ``test`` extra.
 
-Bounded concurrency (``max_concurrency`` requests in flight; a step waits for a slot, and the wait is reported in
-``meta.client_wait_s``), a hard ``time_limit_s`` (requests still in flight then end as ``error:time_limit``, and
-so do steps that were due but still waiting for a slot: never sent, they are counted in ``meta.not_sent`` too;
-workflows not yet arrived are left out and counted in ``meta.not_started``), and clean cancellation (``stop()``,
-SIGINT/SIGTERM in the CLI: in-flight requests are closed, so the engines abort them, and the partial result is
-still written; the statuses are then ``error:stopped``). A stream that closes without a ``finish_reason`` or
-``[DONE]`` is an answer cut short, ``error:truncated``; one the engine ended with ``finish_reason`` ``"abort"``
-(e.g. the engine was put to sleep) or ``"error"`` is unfinished too, ``error:finish_abort`` / ``error:finish_error``
-(with ``n`` > 1, any answer so ended fails the request; the gateway relays such an answer but does not count it
-as finished either): a failure whose workflow dependents are not sent, its tokens received kept. ``meta.load``
-is the workload's offered load (:meth:`~loadgen.workload.Workload.offered_load`: arrivals per second of workload
-time, whatever the time scale), the figure the simulator records for the same workload.
+Bounded concurrency (``max_concurrency`` requests in flight; a step waits for a slot, and the wait counts in its
+TTFT, end-to-end latency and SLO (the request is as late as it would be in a client that had to wait: no coordinated
+omission); it is also reported per request, ``client_wait_s`` in the result's time base, and over the run in
+``meta.client_wait_s``, mean and max in wall seconds), a hard ``time_limit_s`` (requests still in flight then end as
+``error:time_limit``, and so do steps that were due but still waiting for a slot: never sent, they are counted in
+``meta.not_sent`` too; workflows not yet arrived are left out and counted in ``meta.not_started``), and clean
+cancellation (``stop()``, SIGINT/SIGTERM in the CLI: in-flight requests are closed, so the engines abort them, and
+the partial result is still written; the statuses are then ``error:stopped``). A stream that closes without a
+``finish_reason`` or ``[DONE]`` is an answer cut short, ``error:truncated``; one the engine ended with
+``finish_reason`` ``"abort"`` (e.g. the engine was put to sleep) or ``"error"`` is unfinished too,
+``error:finish_abort`` / ``error:finish_error`` (with ``n`` > 1, any answer so ended fails the request; the gateway
+relays such an answer but does not count it as finished either): a failure whose workflow dependents are not sent,
+its tokens received kept. ``meta.load`` is the workload's offered load
+(:meth:`~loadgen.workload.Workload.offered_load`: arrivals per second of workload time, whatever the time scale),
+the figure the simulator records for the same workload.
 
 SLO targets (TTFT, TPOT) and the default workflow deadlines are the gateway's built-in classes' unless
 ``slo_targets`` gives others (the CLI's ``--gateway-config FILE``: the classes of that gateway config); a workload
@@ -366,6 +371,7 @@ class LiveRunner:
                     return
             if step.think_time_s > 0:
                 await asyncio.sleep(step.think_time_s / self.scale)
+            # the request's arrival: when the workload says it is due, not when a concurrency slot freed up
             waited = time.perf_counter()
             ready = self._now()
             try:
@@ -377,7 +383,7 @@ class LiveRunner:
                 raise
             try:
                 self.client_waits.append(time.perf_counter() - waited)
-                request = await self._send(workflow, index, step, deadline_epoch_ms)
+                request = await self._send(workflow, index, step, deadline_epoch_ms, ready)
             finally:
                 self._semaphore.release()
             ok = request.status == "ok"
@@ -440,6 +446,7 @@ class LiveRunner:
     def _record_not_sent(self, workflow: Workflow, step: Step, ready: float) -> None:
         """A step that was due at ``ready`` but never got a concurrency slot before the run ended."""
         result = self._new_result(workflow, step, ready)
+        result.client_wait_s = self._now() - ready
         result.status = f"error:{self._cancel_reason}"
         self.not_sent += 1
         self._record(result, step, in_flight=False)
@@ -452,10 +459,12 @@ class LiveRunner:
         self.dependency_skipped += 1
         self._record(result, step, in_flight=False)
 
-    async def _send(self, workflow: Workflow, index: int, step: Step,
-                    deadline_epoch_ms: int | None) -> RequestResult:
+    async def _send(self, workflow: Workflow, index: int, step: Step, deadline_epoch_ms: int | None,
+                    arrival: float) -> RequestResult:
+        """Send the step due at ``arrival`` (result time base) and record it."""
         _, body, headers = self._request(workflow, index, step, deadline_epoch_ms)
-        result = self._new_result(workflow, step, self._now())
+        result = self._new_result(workflow, step, arrival)
+        result.client_wait_s = self._now() - arrival
         self.inflight += 1
         self.peak_inflight = max(self.peak_inflight, self.inflight)
         try:

@@ -19,7 +19,10 @@ class RequestResult:
     step_id: str
     role: str
     slo_class: str
-    arrival: float  # when the client sent it
+    # when it was due: its workflow's arrival, or its dependencies' finish plus its think time (the simulator's
+    # release); a live client that then waits for a concurrency slot sends it client_wait_s later, and TTFT, e2e
+    # and the SLO count that wait (a client limit must not hide queueing: no coordinated omission)
+    arrival: float
     prompt_tokens: int
     output_tokens: int  # tokens actually received
     first_token: float | None = None  # None: failed before any token
@@ -29,6 +32,7 @@ class RequestResult:
     status: str = "ok"  # ok | error:<reason>
     preemptions: int = 0
     reserved_tokens: int = 0  # KV tokens the gateway reserved for it (0 under admission 'none')
+    client_wait_s: float = 0.0  # from arrival to the send (a live run's --max-concurrency; 0 in the simulator)
 
     @property
     def ttft(self) -> float | None:

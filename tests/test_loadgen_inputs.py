@@ -402,6 +402,13 @@ def _chain_of_two() -> Workload:
                                           Step("b", "coder", 3, prompt_tokens=40, depends_on=("a",))])], model="m")
 
 
+def load_run_json(result: RunResult) -> RunResult:
+    """``result`` written as a result file and read back as the report reads it."""
+    from loadgen.report import run_from_json
+
+    return run_from_json(orjson.loads(orjson.dumps(result.to_json())))
+
+
 def _calls(count: int, spacing: float = 0.0) -> Workload:
     return Workload([Workflow(f"c{i}", spacing * i, [Step("call", "assistant", 3, prompt_tokens=40)],
                               kind="interactive", slo_class="interactive") for i in range(count)],
@@ -478,6 +485,27 @@ async def test_a_reasoning_models_first_token_is_its_first_reasoning_token(clien
     request = result.requests[0]
     assert request.status == "ok" and request.output_tokens == 5
     assert request.ttft < 0.2 and request.e2e >= 0.4, (request.ttft, request.e2e)
+
+
+async def test_the_wait_for_a_client_slot_counts_in_ttft_latency_and_slo():
+    """No coordinated omission: with --max-concurrency 1, the second call (due at 0.01 s) waits 0.3 s for the
+    first to end. Its arrival is when it was due, so its TTFT and e2e hold the wait, and it misses a 0.2 s TTFT
+    target; the wait itself is recorded per request and in meta.client_wait_s."""
+    server, url = await _serve(_sse(_chunk("tok "), _chunk(finish="stop"), _usage(40, 1), _DONE, pause_s=0.1))
+    options = LiveOptions(url=url, max_concurrency=1, progress=False, slo_targets={"interactive": (0.2, None, None)})
+    try:
+        result = await asyncio.wait_for(LiveRunner(_calls(2, 0.01), options).run(), 5.0)
+    finally:
+        await server.cleanup()
+    first, second = result.requests
+    assert first.status == second.status == "ok" and first.slo_met()
+    assert second.arrival == pytest.approx(0.01, abs=0.05), second.arrival  # due, not sent, at 0.01 s
+    assert second.ttft >= 0.25 and second.e2e >= 0.5 and not second.slo_met()
+    assert result.summary()["request_slo_attainment"] == 0.5
+    assert first.client_wait_s < 0.05
+    assert second.client_wait_s >= 0.25 and second.arrival + second.client_wait_s >= first.finish - 0.01
+    assert result.meta["client_wait_s"]["max"] == pytest.approx(second.client_wait_s, abs=0.02)
+    assert load_run_json(result).requests[1].client_wait_s == second.client_wait_s  # the result file keeps it
 
 
 @pytest.mark.parametrize("end", ["time_limit", "stopped"])
