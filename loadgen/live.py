@@ -50,7 +50,9 @@ the partial result is still written; the statuses are then ``error:stopped``). A
 ``finish_reason`` ``"abort"`` (e.g. the engine was put to sleep) or ``"error"`` is unfinished too,
 ``error:finish_abort`` / ``error:finish_error`` (with ``n`` > 1, any answer so ended fails the request; the gateway
 relays such an answer but does not count it as finished either): a failure whose workflow dependents are not sent,
-its tokens received kept. ``meta.load`` is the workload's offered load
+its tokens received kept. Other failures, labelled alike by either client: ``error:http_<status>``,
+``error:timeout`` (``request_timeout_s``), ``error:connection`` (refused or reset), ``error:stream`` (an error event
+in the stream), ``error:bad_stream`` (unparseable data). ``meta.load`` is the workload's offered load
 (:meth:`~loadgen.workload.Workload.offered_load`: arrivals per second of workload time, whatever the time scale),
 the figure the simulator records for the same workload.
 
@@ -476,15 +478,35 @@ class LiveRunner:
             result.status = f"error:{self._cancel_reason}"
             self._record(result, step)
             raise
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except TimeoutError as exc:  # before OSError: aiohttp's read timeout is a ClientError and a TimeoutError
+            result.status = "error:timeout"
+            self._error(f"{result.request_id}: {type(exc).__name__}: {exc or 'no data'}")
+        except (aiohttp.ClientError, OSError) as exc:
             result.status = "error:connection"
             self._error(f"{result.request_id}: {type(exc).__name__}: {exc}")
         except Exception as exc:  # the SDK's own errors (openai.APIError...), malformed streams
-            status = getattr(exc, "status_code", None)
-            result.status = f"error:http_{status}" if status else "error:client"
+            result.status = self._sdk_status(exc)
             self._error(f"{result.request_id}: {type(exc).__name__}: {exc}")
         self._record(result, step)
         return result
+
+    def _sdk_status(self, exc: Exception) -> str:
+        """The status of a request the ``openai`` SDK failed with ``exc``, as the aiohttp client labels it."""
+        if self._openai is None:
+            return "error:client"
+        import openai
+
+        if isinstance(exc, openai.APITimeoutError):  # before APIConnectionError, its base class
+            return "error:timeout"
+        if isinstance(exc, openai.APIConnectionError):  # refused, reset before or during the stream
+            return "error:connection"
+        if isinstance(exc, openai.APIStatusError):
+            return f"error:http_{exc.status_code}"
+        if isinstance(exc, (openai.APIResponseValidationError, ValueError)):  # ValueError: unparseable SSE data
+            return "error:bad_stream"
+        if isinstance(exc, openai.APIError):  # what the SDK raises for an error event in the stream
+            return "error:stream"
+        return "error:client"
 
     def _record(self, result: RequestResult, step: Step, in_flight: bool = True) -> None:
         if in_flight:

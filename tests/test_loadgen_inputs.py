@@ -487,6 +487,49 @@ async def test_a_reasoning_models_first_token_is_its_first_reasoning_token(clien
     assert request.ttft < 0.2 and request.e2e >= 0.4, (request.ttft, request.e2e)
 
 
+def _failing(scenario: str):
+    """A chat handler that starts a stream and then fails it: stalls, sends an error event or bad data, resets."""
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        if scenario == "http_429":
+            return web.json_response({"error": {"message": "queue full", "code": "queue_full"}}, status=429)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_chunk("tok "))
+        if scenario == "timeout":
+            await asyncio.sleep(1.0)  # past the 0.3 s request timeout
+        elif scenario == "stream":
+            await response.write(b'data: {"error": {"message": "Engine e dropped the stream.", '
+                                 b'"type": "server_error", "code": "upstream_stream_error"}}\n\n' + _DONE)
+        elif scenario == "bad_stream":
+            await response.write(b"data: {not json\n\n")
+            await asyncio.sleep(0.05)
+        elif scenario == "connection":
+            await asyncio.sleep(0.05)
+            request.transport.abort()
+            return response
+        await response.write_eof()
+        return response
+    return chat
+
+
+@pytest.mark.parametrize("client", ["aiohttp", "openai"])
+@pytest.mark.parametrize("scenario", ["timeout", "stream", "connection", "bad_stream", "http_429"])
+async def test_failures_have_the_same_status_with_either_client(client, scenario):
+    """A read timeout is error:timeout (it was error:connection), and the SDK client labels its failures as the
+    aiohttp client does (it said error:client for all but HTTP errors)."""
+    pytest.importorskip(client)
+    server, url = await _serve(_failing(scenario))
+    options = LiveOptions(url=url, client=client, progress=False, request_timeout_s=0.3)
+    try:
+        result = await asyncio.wait_for(LiveRunner(_calls(1), options).run(), 10.0)
+    finally:
+        await server.cleanup()
+    request = result.requests[0]
+    assert request.status == f"error:{scenario}", result.meta["errors"]
+    assert request.finish is None and len(result.meta["errors"]) == 1
+
+
 async def test_the_wait_for_a_client_slot_counts_in_ttft_latency_and_slo():
     """No coordinated omission: with --max-concurrency 1, the second call (due at 0.01 s) waits 0.3 s for the
     first to end. Its arrival is when it was due, so its TTFT and e2e hold the wait, and it misses a 0.2 s TTFT
