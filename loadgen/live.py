@@ -51,10 +51,11 @@ the partial result is still written; the statuses are then ``error:stopped``). A
 ``error:finish_abort`` / ``error:finish_error`` (with ``n`` > 1, any answer so ended fails the request; the gateway
 relays such an answer but does not count it as finished either): a failure whose workflow dependents are not sent,
 its tokens received kept. Other failures, labelled alike by either client: ``error:http_<status>``,
-``error:timeout`` (``request_timeout_s``), ``error:connection`` (refused or reset), ``error:stream`` (an error event
-in the stream), ``error:bad_stream`` (unparseable data). ``meta.load`` is the workload's offered load
-(:meth:`~loadgen.workload.Workload.offered_load`: arrivals per second of workload time, whatever the time scale),
-the figure the simulator records for the same workload.
+``error:timeout`` (``request_timeout_s`` without an SSE data event; keep-alive comments do not count),
+``error:connection`` (refused or reset), ``error:stream`` (an error event in the stream), ``error:bad_stream``
+(unparseable data). ``meta.load`` is the workload's offered load (:meth:`~loadgen.workload.Workload.offered_load`:
+arrivals per second of workload time, whatever the time scale), the figure the simulator records for the same
+workload.
 
 SLO targets (TTFT, TPOT) and the default workflow deadlines are the gateway's built-in classes' unless
 ``slo_targets`` gives others (the CLI's ``--gateway-config FILE``: the classes of that gateway config); a workload
@@ -147,7 +148,7 @@ class LiveOptions:
     declare_max_tokens: bool = True
     steps_hint: bool = False
     client: str = "aiohttp"
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0  # a request fails (error:timeout) after this long without an SSE data event
     time_base: str = "wall"
     progress: bool = True
     policy: dict[str, str] = field(default_factory=dict)
@@ -173,6 +174,43 @@ class LiveOptions:
                               ("time_base", TIME_BASES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+
+
+class _DataTimeout:
+    """``async with _DataTimeout(seconds) as timer``: :class:`TimeoutError` when ``seconds`` pass without
+    ``timer.touch()``, counted from the start of the block, then from the latest touch.
+
+    The runner touches it on each SSE data event, so comments (``: keep-alive``), which reset a socket read
+    timeout, do not keep a request that sends no data alive for ever. A touch only notes the time (rescheduling an
+    :func:`asyncio.timeout` on every event would cost 2 us a token); the timer, when due, re-arms itself for the
+    latest touch and lets :func:`asyncio.timeout` cancel the block only when none came."""
+
+    __slots__ = ("_seconds", "_loop", "_timeout", "_handle", "last")
+
+    def __init__(self, seconds: float):
+        self._seconds = seconds
+
+    async def __aenter__(self) -> _DataTimeout:
+        self._loop = asyncio.get_running_loop()
+        self.last = self._loop.time()
+        self._timeout = asyncio.timeout(None)
+        await self._timeout.__aenter__()
+        self._handle = self._loop.call_at(self.last + self._seconds, self._check)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        self._handle.cancel()
+        return await self._timeout.__aexit__(*exc_info)
+
+    def touch(self) -> None:
+        self.last = self._loop.time()
+
+    def _check(self) -> None:
+        due = self.last + self._seconds
+        if due <= self._loop.time():
+            self._timeout.reschedule(due)  # in the past: cancels the block now, which then raises TimeoutError
+        else:
+            self._handle = self._loop.call_at(due, self._check)
 
 
 class _Progress:
@@ -480,7 +518,8 @@ class LiveRunner:
             raise
         except TimeoutError as exc:  # before OSError: aiohttp's read timeout is a ClientError and a TimeoutError
             result.status = "error:timeout"
-            self._error(f"{result.request_id}: {type(exc).__name__}: {exc or 'no data'}")
+            self._error(f"{result.request_id}: {type(exc).__name__}: "
+                        f"{exc or f'no SSE data event for {self.options.request_timeout_s:g} s'}")
         except (aiohttp.ClientError, OSError) as exc:
             result.status = "error:connection"
             self._error(f"{result.request_id}: {type(exc).__name__}: {exc}")
@@ -532,7 +571,8 @@ class LiveRunner:
         usage = None
         complete = False  # a [DONE] or a finish_reason: the server ended the answer, not just the connection
         cut = None  # the first finish_reason of an answer the engine did not finish ("abort", "error")
-        async with self._session.post(url, data=orjson.dumps(body), headers=headers) as response:
+        async with _DataTimeout(self.options.request_timeout_s) as timer, \
+                self._session.post(url, data=orjson.dumps(body), headers=headers) as response:
             if response.status != 200:
                 text = (await response.read())[:400].decode("utf-8", "replace")
                 result.status = f"error:http_{response.status}"
@@ -541,6 +581,7 @@ class LiveRunner:
             async for line in response.content:
                 if not line.startswith(b"data:"):
                     continue  # blank separators, ": keep-alive" comments, event: lines
+                timer.touch()
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
                     complete = True
@@ -577,31 +618,34 @@ class LiveRunner:
         kwargs: dict[str, Any] = {}
         if "max_tokens" in body:
             kwargs["max_tokens"] = body["max_tokens"]
-        stream = await self._openai.chat.completions.create(
-            model=body["model"], messages=body["messages"], stream=True, stream_options={"include_usage": True},
-            extra_headers=headers, extra_body=extra or None, **kwargs)
         chunks = 0
         usage = None
         complete = False  # the SDK hides [DONE]: a finish_reason is the server's end of the answer
         cut = None  # the first finish_reason of an answer the engine did not finish ("abort", "error")
-        async for chunk in stream:
-            for choice in chunk.choices or ():
-                delta = choice.delta
-                # the SDK's delta keeps fields it does not declare (reasoning, reasoning_content) as attributes
-                if delta is not None and (delta.content or getattr(delta, "tool_calls", None)
-                                          or getattr(delta, "reasoning", None)
-                                          or getattr(delta, "reasoning_content", None)):
-                    if result.first_token is None:
-                        result.first_token = self._now()
-                    chunks += 1
-                reason = choice.finish_reason
-                if reason is not None:
-                    complete = True
-                    if cut is None and reason in CUT_FINISH_REASONS:
-                        cut = reason
-            if chunk.usage is not None:
-                usage = {"prompt_tokens": chunk.usage.prompt_tokens,
-                         "completion_tokens": chunk.usage.completion_tokens}
+        async with _DataTimeout(self.options.request_timeout_s) as timer:
+            stream = await self._openai.chat.completions.create(
+                model=body["model"], messages=body["messages"], stream=True, stream_options={"include_usage": True},
+                extra_headers=headers, extra_body=extra or None, **kwargs)
+            async with stream:  # closes the response when the stream fails, times out or is cancelled
+                async for chunk in stream:  # data events only: the SDK skips comments
+                    timer.touch()
+                    for choice in chunk.choices or ():
+                        delta = choice.delta
+                        # fields the SDK does not declare (reasoning, reasoning_content) are attributes too
+                        if delta is not None and (delta.content or getattr(delta, "tool_calls", None)
+                                                  or getattr(delta, "reasoning", None)
+                                                  or getattr(delta, "reasoning_content", None)):
+                            if result.first_token is None:
+                                result.first_token = self._now()
+                            chunks += 1
+                        reason = choice.finish_reason
+                        if reason is not None:
+                            complete = True
+                            if cut is None and reason in CUT_FINISH_REASONS:
+                                cut = reason
+                    if chunk.usage is not None:
+                        usage = {"prompt_tokens": chunk.usage.prompt_tokens,
+                                 "completion_tokens": chunk.usage.completion_tokens}
         self._finish(result, usage, chunks, complete, cut)
 
     def _finish(self, result: RequestResult, usage: dict[str, Any] | None, chunks: int, complete: bool,
@@ -700,7 +744,8 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
     add("--steps-hint", action="store_true", help="also send X-Workflow-Steps (the workflow's step count)")
     add("--client", choices=CLIENTS, default="aiohttp", help="HTTP client: aiohttp (default) or the openai SDK")
     add("--request-timeout", type=float, default=600.0,
-        help="seconds without a byte before a request fails (> 0; default 600)")
+        help="seconds without an SSE data event (from the send, then from the latest event) before a request "
+             "fails as error:timeout; ': keep-alive' comments do not count (> 0; default 600)")
     add("--policy", action="append", type=_key_value, metavar="KEY=VALUE",
         help="label the result with the gateway's policy (repeatable, e.g. queue=edf admission=predicted)")
     add("--no-progress", action="store_true", help="no progress bar")

@@ -388,10 +388,10 @@ def _sse(*events: bytes, pause_s: float = 0.0):
         await request.read()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for event in events:
-            await response.write(event)
-            if pause_s:
+        for i, event in enumerate(events):
+            if i and pause_s:
                 await asyncio.sleep(pause_s)
+            await response.write(event)
         await response.write_eof()
         return response
     return chat
@@ -528,6 +528,47 @@ async def test_failures_have_the_same_status_with_either_client(client, scenario
     request = result.requests[0]
     assert request.status == f"error:{scenario}", result.meta["errors"]
     assert request.finish is None and len(result.meta["errors"]) == 1
+
+
+@pytest.mark.parametrize("client", ["aiohttp", "openai"])
+async def test_keep_alive_comments_do_not_keep_a_request_without_data_alive(client):
+    """--request-timeout counts from the latest SSE data event: ": keep-alive" comments every 50 ms used to reset
+    the socket read timer, so a server sending nothing else held the request for ever (here 3 s, the handler's
+    end). A slow stream whose data events come 0.2 s apart is not cut by a 0.3 s timeout."""
+    pytest.importorskip(client)
+
+    async def keep_alive(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(_chunk("tok "))
+        try:
+            for _ in range(60):
+                await asyncio.sleep(0.05)
+                await response.write(b": keep-alive\n\n")
+        except ConnectionError:  # the client gave up
+            return response
+        await response.write_eof()
+        return response
+
+    slow_events = [_chunk("tok ") for _ in range(5)] + [_chunk(finish="stop"), _usage(40, 5), _DONE]
+    stalled, stalled_url = await _serve(keep_alive)
+    slow, slow_url = await _serve(_sse(*slow_events, pause_s=0.2))
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        result = await asyncio.wait_for(LiveRunner(_calls(1), LiveOptions(
+            url=stalled_url, client=client, progress=False, request_timeout_s=0.3)).run(), 10.0)
+        took = loop.time() - started
+        steady = await asyncio.wait_for(LiveRunner(_calls(1), LiveOptions(
+            url=slow_url, client=client, progress=False, request_timeout_s=0.3)).run(), 10.0)
+    finally:
+        await stalled.cleanup()
+        await slow.cleanup()
+    request = result.requests[0]
+    assert request.status == "error:timeout", (request.status, result.meta["errors"])
+    assert took < 1.5 and request.first_token is not None
+    assert steady.requests[0].status == "ok" and steady.requests[0].e2e >= 1.0, steady.meta["errors"]
 
 
 async def test_the_wait_for_a_client_slot_counts_in_ttft_latency_and_slo():
