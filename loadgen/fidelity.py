@@ -627,7 +627,7 @@ def run_point(setup: FidelitySetup, out_dir: Path | None = None, progress: bool 
 
 def _live_meta(run: RunResult) -> dict[str, Any]:
     keep = ("wall_s", "end", "status_counts", "output_mismatches", "peak_inflight", "client_wait_s", "errors",
-            "engine_stats", "gateway_stats", "not_started")
+            "engine_stats", "gateway_stats", "not_started", "not_started_steps", "not_due")
     return {k: run.meta.get(k) for k in keep}
 
 

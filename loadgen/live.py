@@ -43,19 +43,23 @@ TTFT, end-to-end latency and SLO (the request is as late as it would be in a cli
 omission); it is also reported per request, ``client_wait_s`` in the result's time base, and over the run in
 ``meta.client_wait_s``, mean and max in wall seconds), a hard ``time_limit_s`` (requests still in flight then end as
 ``error:time_limit``, and so do steps that were due but still waiting for a slot: never sent, they are counted in
-``meta.not_sent`` too; workflows not yet arrived are left out and counted in ``meta.not_started``), and clean
-cancellation (``stop()``, SIGINT/SIGTERM in the CLI: in-flight requests are closed, so the engines abort them, and
-the partial result is still written; the statuses are then ``error:stopped``). A stream that closes without a
-``finish_reason`` or ``[DONE]`` is an answer cut short, ``error:truncated``; one the engine ended with
-``finish_reason`` ``"abort"`` (e.g. the engine was put to sleep) or ``"error"`` is unfinished too,
+``meta.not_sent`` too; steps of started workflows not yet due, waiting for a dependency or their think time, are
+left out and counted in ``meta.not_due``; workflows not yet arrived are left out and counted in
+``meta.not_started``, their steps in ``meta.not_started_steps``: requests + not_due + not_started_steps is every
+step), and clean cancellation (``stop()``, SIGINT/SIGTERM in the CLI: in-flight requests are closed, so the engines
+abort them, and the partial result is still written; the statuses are then ``error:stopped``).
+
+A stream that closes without a ``finish_reason`` or ``[DONE]`` is an answer cut short, ``error:truncated``; one the
+engine ended with ``finish_reason`` ``"abort"`` (e.g. the engine was put to sleep) or ``"error"`` is unfinished too,
 ``error:finish_abort`` / ``error:finish_error`` (with ``n`` > 1, any answer so ended fails the request; the gateway
 relays such an answer but does not count it as finished either): a failure whose workflow dependents are not sent,
 its tokens received kept. Other failures, labelled alike by either client: ``error:http_<status>``,
 ``error:timeout`` (``request_timeout_s`` without an SSE data event; keep-alive comments do not count),
 ``error:connection`` (refused or reset), ``error:stream`` (an error event in the stream), ``error:bad_stream``
-(unparseable data). ``meta.load`` is the workload's offered load (:meth:`~loadgen.workload.Workload.offered_load`:
-arrivals per second of workload time, whatever the time scale), the figure the simulator records for the same
-workload.
+(unparseable data).
+
+``meta.load`` is the workload's offered load (:meth:`~loadgen.workload.Workload.offered_load`: arrivals per second
+of workload time, whatever the time scale), the figure the simulator records for the same workload.
 
 SLO targets (TTFT, TPOT) and the default workflow deadlines are the gateway's built-in classes' unless
 ``slo_targets`` gives others (the CLI's ``--gateway-config FILE``: the classes of that gateway config); a workload
@@ -278,6 +282,8 @@ class LiveRunner:
         self.peak_inflight = 0
         self.client_waits: list[float] = []
         self.not_started = 0
+        self.not_started_steps = 0  # the steps of those workflows
+        self.not_due = 0  # steps of started workflows still waiting for a dependency or their think time at the end
         self.not_sent = 0  # steps recorded as failed because the run ended while they waited for a slot
         self.dependency_skipped = 0  # steps recorded as failed (error:dependency) because a dependency failed
         self._cancel_reason = "cancelled"  # what ends in-flight and waiting requests: time_limit, stopped, ...
@@ -360,6 +366,7 @@ class LiveRunner:
                 task.add_done_callback(self._tasks.discard)
         except asyncio.CancelledError:
             self.not_started = len(workflows) - index
+            self.not_started_steps = sum(len(w.steps) for w in workflows[index:])
             raise
 
     # ------------------------------------------------------------------------------------------ workflows
@@ -402,15 +409,21 @@ class LiveRunner:
                     deadline_epoch_ms: int | None, result: WorkflowResult) -> None:
         future = done[step.id]
         try:
-            for dep in step.depends_on:
-                if await asyncio.shield(done[dep]) is None:  # shield: a cancelled waiter must not cancel it
-                    # a dependency failed: not sent, but recorded as a failed request, so the result holds every
-                    # step of the workload (the simulator's denominator) and attainment is not overstated
-                    self._record_skipped(workflow, step)
-                    future.set_result(None)
-                    return
-            if step.think_time_s > 0:
-                await asyncio.sleep(step.think_time_s / self.scale)
+            try:
+                for dep in step.depends_on:
+                    if await asyncio.shield(done[dep]) is None:  # shield: a cancelled waiter must not cancel it
+                        # a dependency failed: not sent, but recorded as a failed request, so the result holds
+                        # every step of the workload (the simulator's denominator) and attainment is not overstated
+                        self._record_skipped(workflow, step)
+                        future.set_result(None)
+                        return
+                if step.think_time_s > 0:
+                    await asyncio.sleep(step.think_time_s / self.scale)
+            except asyncio.CancelledError:
+                # the run ended before the step was due (its dependencies or its think time not over): no request,
+                # but counted, so that requests + not_due + not_started_steps is every step of the workload
+                self.not_due += 1
+                raise
             # the request's arrival: when the workload says it is due, not when a concurrency slot freed up
             waited = time.perf_counter()
             ready = self._now()
@@ -696,7 +709,8 @@ class LiveRunner:
             "load": self.workload.offered_load(), "context": self.options.context,
             "output_control": self.options.output_control, "max_concurrency": self.options.max_concurrency,
             "started_at_epoch": self._t0_epoch, "wall_s": round(wall, 3), "end": reason,
-            "not_started": self.not_started, "not_sent": self.not_sent,
+            "not_started": self.not_started, "not_started_steps": self.not_started_steps, "not_due": self.not_due,
+            "not_sent": self.not_sent,
             "dependency_skipped": self.dependency_skipped, "status_counts": dict(self.status),
             "output_mismatches": self.output_mismatches, "peak_inflight": self.peak_inflight,
             "client_wait_s": {"mean": sum(waits) / len(waits) if waits else 0.0, "max": max(waits, default=0.0)},
@@ -795,9 +809,15 @@ def live_main(args: argparse.Namespace) -> int:
         print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     summary = result.summary()
+    meta = result.meta
+    not_run = ""
+    if meta["not_due"] or meta["not_started"]:  # the run ended early: say what is missing from the requests
+        steps = sum(len(w.steps) for w in workload.workflows)
+        not_run = (f"; not run: {meta['not_due']} step(s) of started workflows not yet due, {meta['not_started']} "
+                   f"workflow(s) not started ({meta['not_started_steps']} step(s)), of {steps} steps")
     print(f"wrote {args.out}: {summary['requests_ok']}/{summary['requests']} requests ok, "
           f"request SLO attainment {_pct(summary['request_slo_attainment'])}, workflow deadline attainment "
-          f"{_pct(summary['workflow_deadline_attainment'])} ({result.meta['end']}, {result.meta['wall_s']:.1f} s)",
+          f"{_pct(summary['workflow_deadline_attainment'])} ({meta['end']}, {meta['wall_s']:.1f} s){not_run}",
           file=sys.stderr)
     return 0 if summary["requests_ok"] == summary["requests"] and result.meta["end"] == "completed" else 1
 

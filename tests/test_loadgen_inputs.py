@@ -622,6 +622,49 @@ async def test_requests_waiting_for_a_slot_are_recorded_when_the_run_ends(end):
     assert result.meta["load"] == workload.offered_load() == 100.0
 
 
+@pytest.mark.parametrize("end", ["time_limit", "stopped"])
+async def test_steps_not_yet_due_when_the_run_ends_are_counted(end, tmp_path, capsys):
+    """The run ends while step a hangs: b (after a) and c (after b) were never due, d was in its think time; they
+    are no requests, but meta.not_due counts them, and the summary line says so, so that the result's requests
+    (1), the steps not due (3) and those of the workflow not started (2) add up to the workload's 6 steps."""
+    released = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await released.wait()
+        return web.Response()
+
+    steps = [Step("a", "planner", 3, prompt_tokens=40), Step("b", "coder", 3, prompt_tokens=40, depends_on=("a",)),
+             Step("c", "reviewer", 3, prompt_tokens=40, depends_on=("b",)),
+             Step("d", "tester", 3, prompt_tokens=40, think_time_s=60.0)]
+    workload = Workload([Workflow("wf", 0.0, steps), Workflow("later", 60.0, steps[:2])], model="m")
+    path, out = tmp_path / "w.json", tmp_path / "r.json"
+    workload.save(path)
+    server, url = await _serve(hang)
+    try:
+        argv = ["--url", url, "--workload", str(path), "--out", str(out), "--no-progress"]
+        args = _parse(add_live_arguments, argv + (["--time-limit", "0.3"] if end == "time_limit" else []))
+        if end == "stopped":  # SIGINT in the CLI: the runner's stop(); here the result directly
+            runner = LiveRunner(workload, LiveOptions(url=url, progress=False))
+            task = asyncio.create_task(runner.run())
+            await asyncio.sleep(0.3)
+            runner.stop()
+            result = await asyncio.wait_for(task, 5.0)
+        else:
+            assert await asyncio.wait_for(asyncio.to_thread(live_main, args), 10.0) == 1
+            result = load_run(out)
+    finally:
+        released.set()
+        await server.cleanup()
+    assert result.meta["end"] == end
+    assert [(r.step_id, r.status) for r in result.requests] == [("a", f"error:{end}")]
+    assert result.meta["not_due"] == 3 and result.meta["not_started"] == 1 and result.meta["not_started_steps"] == 2
+    assert len(result.requests) + result.meta["not_due"] + result.meta["not_started_steps"] == 6
+    if end == "time_limit":
+        err = capsys.readouterr().err
+        assert "0/1 requests ok" in err and "3 step(s) of started workflows not yet due" in err, err
+        assert "1 workflow(s) not started (2 step(s)), of 6 steps" in err, err
+
+
 async def test_steps_skipped_after_a_failed_dependency_are_failed_requests():
     """A workflow whose first step gets HTTP 400: its three dependents are never sent, but they are requests of
     the workload all the same (the simulator counts them), so attainment is 1 of 5, not 1 of 2."""
