@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gateway.app import Gateway
-from gateway.config import parse_config
+from gateway.config import ServerConfig, parse_config
 
 
 def gateway_config(engine_urls: list[str], model: str = "fault-model", **overrides: Any) -> dict:
@@ -19,6 +19,8 @@ def gateway_config(engine_urls: list[str], model: str = "fault-model", **overrid
                                                    "engines": [{"url": u} for u in engine_urls]}]}],
         "monitor": {"interval_s": 0.1, "down_after_failures": 2},
         "routing": {"policy": "round_robin", "max_retries": 2},
+        # the fault engine's per-request mode travels as a header, which the gateway forwards only when listed
+        "server": {"forward_headers": [*ServerConfig.forward_headers, "X-Fault-Mode"]},
     }
     for key, value in overrides.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
