@@ -870,6 +870,8 @@ class WorkflowTracker:
         self.cache: dict[str, WorkflowState] = {}
         self._tasks: set[asyncio.Task] = set()
         self._store_down_until = 0.0  # after a failure, go straight to the local store for a moment
+        self._store_down = False  # the last call failed: until one answers, one call at a time tries the store
+        self._probing = False  # a call is trying the store that was down (the others go on locally meanwhile)
         # request id -> its begin's arguments, for a step not begun in the store (it was unreachable, or did not
         # answer in time, which may have begun it anyway): its end sends the begin too, so that the store counts it
         self._begun_locally: dict[str, dict[str, Any]] = {}
@@ -879,11 +881,31 @@ class WorkflowTracker:
         self._unsent: dict[str, tuple[str, dict[str, Any] | None, dict[str, Any]]] = {}
         self.unsent_dropped = 0
 
+    def _store_refused(self) -> bool:
+        """Whether calls go to the local store now: the store failed less than STORE_RETRY_S ago, or a call is
+        already finding out whether it is back."""
+        return self._store_down and (self._probing or time.monotonic() < self._store_down_until)
+
     def _use_store(self) -> bool:
-        return time.monotonic() >= self._store_down_until
+        """Whether this call tries the store. While it is down, one call at a time does, every STORE_RETRY_S: a
+        hung Redis made every request in flight then wait its whole timeout, again and again (a workflow request
+        waits for its begin), where one waiting is enough to find out. The caller reports the outcome
+        (:meth:`_store_answered` / :meth:`_store_failed`) and ends its try with :meth:`_try_over`."""
+        if self._store_refused():
+            return False
+        if self._store_down:
+            self._probing = True
+        return True
+
+    def _store_answered(self) -> None:
+        self._store_down = False
 
     def _store_failed(self) -> None:
+        self._store_down = True
         self._store_down_until = time.monotonic() + STORE_RETRY_S
+
+    def _try_over(self) -> None:
+        self._probing = False  # also where the try was cancelled: the next call tries again
 
     async def begin(self, context: WorkflowContext, request_id: str, now: float,
                     predicted_remaining_s: float | None) -> WorkflowState:
@@ -896,6 +918,10 @@ class WorkflowTracker:
                 record = await self.store.workflow_begin(context.workflow_id, request_id, **kwargs)
             except StateUnavailable:
                 self._store_failed()
+            else:
+                self._store_answered()
+            finally:
+                self._try_over()
         if record is None:
             # predicted_remaining_s is left out of the begin sent later: by then the store has a newer one
             self._begun_locally[request_id] = dict(kwargs, predicted_remaining_s=None)
@@ -942,9 +968,14 @@ class WorkflowTracker:
                                                if current.get(key) is not None})
                     await self.store.workflow_begin(workflow_id, request_id, **begin)
                     begin = None  # begun: a retry after a failed end sends the end alone (a begin again recounts)
-                return await self.store.workflow_end(workflow_id, request_id, **end)
+                record = await self.store.workflow_end(workflow_id, request_id, **end)
             except StateUnavailable:
                 self._store_failed()
+            else:
+                self._store_answered()
+                return record
+            finally:
+                self._try_over()
         self._unsent.pop(request_id, None)
         self._unsent[request_id] = (workflow_id, begin, end)
         if len(self._unsent) > UNSENT_STEPS_LIMIT:
@@ -960,7 +991,7 @@ class WorkflowTracker:
         """Send up to ``limit`` of the steps that ended while the store was unreachable, oldest first (the
         scheduling loop calls this each tick: a backlog of 10,000 at once would hold its lease refreshes)."""
         for request_id in list(self._unsent)[:limit]:
-            if not self._use_store():
+            if self._store_refused():  # (_send tries the store, or keeps the step for later)
                 return
             item = self._unsent.pop(request_id, None)
             if item is None:

@@ -1324,6 +1324,45 @@ async def test_workflow_steps_that_meet_a_store_outage_are_counted_once_and_leav
     assert (await store.inner.get_workflow("wf"))["steps_done"] == 2
 
 
+async def test_while_the_store_hangs_one_workflow_call_at_a_time_waits_for_it(monkeypatch):
+    """A hung Redis (each call fails after its timeout): once the retry window passed, every request in flight
+    tried the store and waited the whole timeout (a workflow request waits for its begin), every window again:
+    throughput fell from ~115 to 3-35 requests a second. One call finds out; the others go on locally."""
+    import gateway.scheduling as scheduling_module
+    from gateway.api.workflow import WorkflowContext
+    from gateway.config import default_config
+    from gateway.scheduling import WorkflowTracker
+    from gateway.state import StateUnavailable
+
+    monkeypatch.setattr(scheduling_module, "STORE_RETRY_S", 0.0)
+    store = _FlakyWorkflowStore()
+    calls = []
+
+    async def hung_begin(*args, **kwargs):
+        calls.append(args[1])
+        await asyncio.sleep(0.3)
+        raise StateUnavailable("workflow_begin: timed out")
+
+    store.workflow_begin = hung_begin
+    tracker = WorkflowTracker(store, default_config())  # type: ignore[arg-type]
+    context = WorkflowContext(workflow_id="wf", step=0)
+    await tracker.begin(context, "first", time.time(), None)  # finds the store down
+    started = time.monotonic()
+    await asyncio.gather(*(tracker.begin(context, f"r{i}", time.time(), None) for i in range(20)))
+    assert len(calls) == 2 and time.monotonic() - started < 0.6  # one of the 20 tried; the rest did not wait
+    cancelled = asyncio.create_task(tracker.begin(context, "left", time.time(), None))
+    await asyncio.sleep(0.05)
+    cancelled.cancel()  # a try cut short still lets the next call try
+    await asyncio.gather(cancelled, return_exceptions=True)
+    await tracker.begin(context, "next", time.time(), None)
+    assert calls[-2:] == ["left", "next"]
+    del store.workflow_begin  # the store answers again: the next call finds out, and calls go to it
+    await tracker.begin(context, "back", time.time(), None)
+    assert "back" in (await store.inner.get_workflow("wf"))["inflight"]
+    await tracker.begin(context, "after", time.time(), None)
+    assert "after" in (await store.inner.get_workflow("wf"))["inflight"]
+
+
 async def test_a_step_begun_in_an_outage_does_not_undo_what_later_steps_set(monkeypatch):
     """Its begin reaches the store at its end: sent as it was, it set the workflow's deadline and expected steps
     back to the values before a later step's, and its last activity back in time."""
