@@ -112,6 +112,7 @@ class StateConfig:
     engine_ttl_s: float = 10.0
     heartbeat_interval_s: float = 2.0
     redis_timeout_s: float = 1.0
+    redis_max_connections: int = 64  # per gateway; more concurrent calls wait for one (within redis_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -686,7 +687,7 @@ def parse_config(raw: Any) -> Config:
     for i, name in enumerate(server.forward_headers):
         _check_forwarded_header(name, f"server.forward_headers[{i}]")
     state = _section(root, StateConfig, "state", {"engine_ttl_s": "positive", "heartbeat_interval_s": "positive",
-                                                  "redis_timeout_s": "positive"})
+                                                  "redis_timeout_s": "positive", "redis_max_connections": "positive"})
     if state.backend not in STATE_BACKENDS:
         raise ConfigError("state.backend", f"must be one of {', '.join(STATE_BACKENDS)}, got {state.backend!r}")
     _check_redis_url(state.redis_url, "state.redis_url")

@@ -298,6 +298,27 @@ async def test_redis_stores_sharing_a_prefix_share_state(redis_prefix: str) -> N
 
 
 @pytest.mark.redis
+async def test_a_burst_of_calls_waits_for_connections_instead_of_failing(redis_prefix: str) -> None:
+    """redis-py's default pool refused the 101st concurrent call at once (MaxConnectionsError): a gateway under
+    load read a healthy Redis as down about once a second. Calls wait for one of a bounded set of connections."""
+    store = RedisStateStore(REDIS_URL, key_prefix=redis_prefix, max_connections=8)
+    try:
+        await store.ledger_set_capacity("e1", 1_000_000)
+        results = await asyncio.gather(*(store.ledger_reserve(f"r{i}", "e1", 10, LONG_TTL) for i in range(300)),
+                                       return_exceptions=True)
+        assert results == [True] * 300
+        assert (await store.ledger_usage(["e1"]))["e1"] == (3000, 1_000_000)
+        default = RedisStateStore(REDIS_URL, key_prefix=redis_prefix)
+        try:
+            assert all(r == {"e1": (3000, 1_000_000)} for r in await asyncio.gather(
+                *(default.ledger_usage(["e1"]) for _ in range(300))))
+        finally:
+            await default.close()
+    finally:
+        await store.close()
+
+
+@pytest.mark.redis
 async def test_redis_keys_carry_ttls_and_index_is_pruned(redis_prefix: str) -> None:
     """Keys expire server-side and listing prunes long-dead index entries (no KEYS scan needed)."""
     import redis.asyncio as aioredis
@@ -393,8 +414,10 @@ async def test_redis_store_unresponsive_server_bounded_by_timeout() -> None:
 
 def test_make_state_store_picks_backend() -> None:
     assert isinstance(make_state_store(SimpleNamespace(backend="memory")), MemoryStateStore)
-    config = SimpleNamespace(backend="redis", redis_url=CLOSED_PORT_URL, key_prefix="p", redis_timeout_s=0.5)
-    assert isinstance(make_state_store(config), RedisStateStore)
+    config = SimpleNamespace(backend="redis", redis_url=CLOSED_PORT_URL, key_prefix="p", redis_timeout_s=0.5,
+                             redis_max_connections=16)
+    store = make_state_store(config)
+    assert isinstance(store, RedisStateStore) and store._max_connections == 16
 
 
 # ---------------------------------------------------------------------------------------------- workflows

@@ -10,7 +10,8 @@ def make_state_store(config) -> StateStore:  # config: gateway.config.StateConfi
     if config.backend == "redis":
         from gateway.state.redis import RedisStateStore
 
-        return RedisStateStore(config.redis_url, key_prefix=config.key_prefix, timeout_s=config.redis_timeout_s)
+        return RedisStateStore(config.redis_url, key_prefix=config.key_prefix, timeout_s=config.redis_timeout_s,
+                               max_connections=config.redis_max_connections)
     from gateway.state.memory import MemoryStateStore
 
     return MemoryStateStore()

@@ -297,13 +297,23 @@ def _redact(url: str) -> str:
         return "<unparseable redis url>"
 
 
+# Connections a gateway holds to Redis at most; more concurrent calls wait for one. A call takes well under a
+# millisecond, so a few dozen serve thousands of requests a second; the bound keeps a burst (re-adopting every
+# reservation after an outage) from opening thousands.
+DEFAULT_MAX_CONNECTIONS = 64
+
+
 class RedisStateStore(StateStore):
     """StateStore on Redis via redis-py asyncio. Constructing does no I/O; the client connects on first use."""
 
-    def __init__(self, url: str, key_prefix: str = "maestro", timeout_s: float = 1.0) -> None:
+    def __init__(self, url: str, key_prefix: str = "maestro", timeout_s: float = 1.0,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
         self._url = url
+        self._max_connections = max_connections
         self._prefix = key_prefix
         self._timeout_s = timeout_s
         self._client: aioredis.Redis | None = None
@@ -316,13 +326,20 @@ class RedisStateStore(StateStore):
     def _redis(self) -> aioredis.Redis:
         """Create the client lazily, so building the store (e.g. at config load) never touches the network."""
         if self._client is None:
-            self._client = aioredis.Redis.from_url(
+            # A pool whose calls wait for a free connection (each call's wait is inside its timeout): redis-py's
+            # default pool refuses the 101st concurrent call at once (MaxConnectionsError, a ConnectionError), and
+            # a gateway under load read a healthy Redis as down, fell back to half its engines' KV, re-adopted on
+            # return, and tipped over again, about once a second.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self._url,
+                max_connections=self._max_connections,
+                timeout=self._timeout_s,
                 socket_timeout=self._timeout_s,
                 socket_connect_timeout=self._timeout_s,
                 # redis-py retries 10 times by default, which would multiply the bound; fail fast instead.
                 retry=Retry(NoBackoff(), 0),
             )
+            self._client = aioredis.Redis.from_pool(pool)  # closing the client closes its pool
         return self._client
 
     def _script(self, source: str) -> Any:
