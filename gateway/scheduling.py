@@ -406,17 +406,19 @@ class SharedLedger:
         if self.sync is not None:
             self.sync.refresh(ids, self.lease_s)
             return
-        still = 0
+        lapsed: list[str] = []
         try:
             for start in range(0, len(ids), 500):
-                still += await self.store.ledger_refresh(ids[start:start + 500], self.lease_s)
+                lapsed += await self.store.ledger_refresh_lapsed(ids[start:start + 500], self.lease_s)
         except StateUnavailable as exc:
             self._degrade(exc)
             return
-        if still < len(ids):  # some lapsed (an outage longer than a lease, a stalled loop): take them back
-            for request_id in ids:
-                if request_id in self.held:
-                    self._chain(request_id, self._adopt_remote(request_id))
+        # those that lapsed (an outage longer than a lease, a stalled loop) and are still held: take them back. Not
+        # every reservation: one released while the batches were in flight is missing too, and re-taking
+        # thousands at once (two store calls each) had exhausted the connections and degraded the ledger
+        for request_id in lapsed:
+            if request_id in self.held:
+                self._chain(request_id, self._adopt_remote(request_id))
 
     async def _adopt_remote(self, request_id: str) -> None:
         """Re-take a reservation this gateway still holds (ordered with its grow/release by :meth:`_chain`)."""

@@ -455,3 +455,45 @@ def test_every_gateway_re_takes_its_reservations_when_redis_restarted_empty(firs
         asyncio.run(run())
     finally:
         _delete_prefix(prefix)
+
+
+@pytest.mark.redis
+def test_a_lease_refresh_re_takes_only_the_reservations_that_lapsed():
+    """One reservation missing from a refresh (released while the batches were in flight, or lapsed) made the
+    gateway re-take every one it held, two store calls each, all at once: thousands of calls that exhausted the
+    connections and degraded the ledger."""
+    _redis_or_skip()
+    from gateway.metrics import GatewayMetrics
+    from gateway.scheduling import SharedLedger
+    from gateway.state.redis import RedisStateStore
+    from tests.test_state_store import _delete_prefix
+
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+
+    async def scenario() -> None:
+        store = RedisStateStore(REDIS_URL, key_prefix=prefix, timeout_s=5.0)
+        ledger = SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics())
+        try:
+            await ledger.set_capacities({"A": 10**6})
+            for i in range(60):
+                assert await ledger.reserve(f"r{i}", "A", 10)
+            await store.ledger_release("r7")  # the store lost it (its lease lapsed) while the gateway holds it
+            re_taken: list[str] = []
+            reserve = store.ledger_reserve
+
+            async def counted(request_id, *args, **kwargs):
+                re_taken.append(request_id)
+                return await reserve(request_id, *args, **kwargs)
+
+            store.ledger_reserve = counted  # type: ignore[method-assign]
+            await ledger.refresh_leases()
+            while ledger._ops:
+                await asyncio.wait(list(ledger._ops.values()))
+            assert re_taken == ["r7"]
+            assert (await store.ledger_usage(["A"]))["A"] == (600, 10**6)
+            assert await store.ledger_refresh_lapsed(["r1", "gone"], 30.0) == ["gone"]
+        finally:
+            await store.close()
+            _delete_prefix(prefix)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -100,6 +100,12 @@ class StateStore(ABC):
     async def ledger_refresh(self, request_ids: list[str], lease_s: float) -> int:
         """Extend the leases of the reservations still held; return how many were."""
 
+    async def ledger_refresh_lapsed(self, request_ids: list[str], lease_s: float) -> list[str]:
+        """:meth:`ledger_refresh`, returning the ids no longer held (lapsed, or released meanwhile). A store that
+        only counts them answers all of them when any lapsed."""
+        held = await self.ledger_refresh(request_ids, lease_s)
+        return [] if held == len(request_ids) else list(request_ids)
+
     @abstractmethod
     async def ledger_usage(self, engine_ids: list[str]) -> dict[str, tuple[int, int]]:
         """``{engine: (reserved, capacity)}`` (capacity 0 when unknown), expired leases dropped first."""

@@ -165,11 +165,12 @@ return tonumber(held)
 # ARGV: prefix, lease ms, request ids... -> how many were still held
 _LEDGER_REFRESH = _LEDGER_PRELUDE + """
 local lease = tonumber(ARGV[2])
-local n = 0
+local lapsed = {}
 for i = 3, #ARGV do
   local rid = ARGV[i]
   local rk = K('req', rid)
   local e = redis.call('GET', rk)
+  local held = false
   if e then
     purge(e)
     local expk = K('exp', e)
@@ -177,11 +178,14 @@ for i = 3, #ARGV do
       redis.call('ZADD', expk, S(NOW + lease), rid)
       redis.call('PEXPIRE', rk, S(lease))
       touch(e, lease)
-      n = n + 1
+      held = true
     end
   end
+  if not held then
+    lapsed[#lapsed + 1] = rid
+  end
 end
-return n
+return lapsed
 """
 
 # ARGV: prefix, engines... -> {reserved, capacity, reserved, capacity, ...}
@@ -510,10 +514,14 @@ class RedisStateStore(StateStore):
         return int(await self._run("ledger_release", _LEDGER_RELEASE, [], [self._prefix, request_id]))
 
     async def ledger_refresh(self, request_ids: list[str], lease_s: float) -> int:
+        return len(request_ids) - len(await self.ledger_refresh_lapsed(request_ids, lease_s))
+
+    async def ledger_refresh_lapsed(self, request_ids: list[str], lease_s: float) -> list[str]:
         lease_ms = _check_ttl(lease_s)
         if not request_ids:
-            return 0
-        return int(await self._run("ledger_refresh", _LEDGER_REFRESH, [], [self._prefix, lease_ms, *request_ids]))
+            return []
+        lapsed = await self._run("ledger_refresh", _LEDGER_REFRESH, [], [self._prefix, lease_ms, *request_ids])
+        return [_text(rid) for rid in lapsed]
 
     async def ledger_usage(self, engine_ids: list[str]) -> dict[str, tuple[int, int]]:
         if not engine_ids:
