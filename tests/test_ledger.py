@@ -497,3 +497,33 @@ def test_a_lease_refresh_re_takes_only_the_reservations_that_lapsed():
             _delete_prefix(prefix)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+@pytest.mark.redis
+def test_a_reservation_in_flight_counts_against_free_space_at_once():
+    """The reserve task's body starts only at the loop's next turn: requests admitted in the same turn planned
+    against the space it was about to take, and the store refused them (15 % of reserve calls at saturation)."""
+    _redis_or_skip()
+    from gateway.metrics import GatewayMetrics
+    from gateway.scheduling import SharedLedger
+    from gateway.state.redis import RedisStateStore
+    from tests.test_state_store import _delete_prefix
+
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+
+    async def scenario() -> None:
+        store = RedisStateStore(REDIS_URL, key_prefix=prefix, timeout_s=5.0)
+        ledger = SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics())
+        try:
+            await ledger.set_capacities({"A": 100})
+            future = ledger.reserve_soon("r1", "A", 30)
+            assert ledger.free("A") == 70  # before the call has even started
+            assert await future and ledger.free("A") == 70 and ledger.held == {"r1": ["A", 30]}
+            refused = ledger.reserve_soon("r2", "A", 80)
+            assert ledger.free("A") == -10
+            assert not await refused and ledger.free("A") == 70
+        finally:
+            await store.close()
+            _delete_prefix(prefix)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

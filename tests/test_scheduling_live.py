@@ -1699,6 +1699,9 @@ async def test_a_request_whose_reservation_failed_is_fitted_to_the_engines_as_th
             self.reserved[engine_id] += tokens
             return True
 
+        def reserve_soon(self, request_id: str, engine_id: str, tokens: int) -> asyncio.Future:
+            return asyncio.ensure_future(self.reserve(request_id, engine_id, tokens))
+
         def release(self, request_id: str) -> None:
             pass
 
