@@ -280,3 +280,27 @@ async def test_a_sleep_that_never_happened_does_not_keep_an_engine_out_for_good(
         for client in clients:
             await client.close()
         await engine.stop()
+
+
+async def test_a_store_that_hangs_does_not_slow_the_probes():
+    """The probe loop awaited each engine's state write: while Redis hung, every write took its whole timeout
+    and probes ran 4 times slower, so an engine that died was seen down seconds late."""
+    engine = FaultEngine()
+    url = await engine.start()
+    try:
+        async with running_gateway(gateway_config([url], monitor={"interval_s": 0.05})) as gw:
+            writes = []
+            put_engine = gw.store.put_engine
+
+            async def hung_put_engine(*args, **kwargs):
+                writes.append(args[0])
+                await asyncio.sleep(0.5)
+                return await put_engine(*args, **kwargs)
+
+            gw.store.put_engine = hung_put_engine
+            before = gw.registry.states["local/p/0"].consecutive_successes
+            await asyncio.sleep(1.0)
+            assert gw.registry.states["local/p/0"].consecutive_successes - before >= 10  # hung: 2
+            assert 1 <= len(writes) <= 3  # one write at a time, of the latest state
+    finally:
+        await engine.stop()
