@@ -53,6 +53,7 @@ class Gateway:
         self.proxy: Proxy | None = None
         self.monitor: EngineMonitor | None = None
         self.scheduling = Scheduling(config, self.store, self.metrics)
+        self.scheduling.gateway_id = self.gateway_id
         self._sim_handles: list = []
         self._runner: web.AppRunner | None = None
         self._heartbeat_task: asyncio.Task | None = None

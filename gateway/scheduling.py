@@ -16,8 +16,9 @@ Fast paths, because most deployments start with the defaults:
 
 The KV ledger (:class:`SharedLedger`) is the state store's: in-process for the memory store, shared and atomic
 (Lua) in Redis, so two gateways never over-commit one engine. While Redis is unreachable a gateway keeps
-serving from a **local ledger holding a conservative share of each engine: capacity / (gateways alive at the
-last heartbeat listing)**, pre-loaded with its own reservations; when Redis answers again it re-sets
+serving from a **local ledger holding a conservative part of each engine: the room of its own running requests
+plus the engine's free room at its last view / (gateways alive at the last heartbeat listing)**, pre-loaded with
+its own reservations; when Redis answers again it re-sets
 capacities, replays the releases it could not send, re-adopts (force) the reservations it holds, and switches
 back. Reservations carry a lease (``scheduling.ledger_lease_s``, 30 s by default): each gateway refreshes the
 leases of its running requests every lease/3, so a long request keeps its reservation and a dead gateway's
@@ -144,9 +145,8 @@ class SharedLedger:
                 self.sync.set_capacity(engine_id, tokens)
             return
         if self.local is not None:
-            share = self._share()
             for engine_id, tokens in changed.items():
-                self.local.set_capacity(engine_id, int(tokens * share))
+                self.local.set_capacity(engine_id, self._local_capacity(engine_id, tokens))
             return
         for engine_id, tokens in (capacities if push_all else changed).items():
             try:
@@ -157,6 +157,15 @@ class SharedLedger:
 
     def _share(self) -> float:
         return 1.0 / max(1, self.gateways_seen)
+
+    def _local_capacity(self, engine_id: str, capacity: int) -> int:
+        """This gateway's part of an engine while the store is unreachable: the room of its own running requests
+        there, plus its share of what was free at its last view of the store (all of it, before any view). Every
+        gateway's running requests keep their room: ``capacity / gateways`` alone ignored them, and a gateway that
+        held 7,504 of 8,192 tokens and one that held none reserved 10,720 together."""
+        own = sum(tokens for held_on, tokens in self.held.values() if held_on == engine_id)
+        free = max(0, capacity - max(own, self._server_reserved[engine_id]))
+        return own + int(free * self._share())
 
     # ---- operations -------------------------------------------------------------------------------------
     def reserve_now(self, request_id: str, engine_id: str, tokens: int, maybe_remote: bool = False) -> bool:
@@ -343,12 +352,12 @@ class SharedLedger:
     def _degrade(self, exc: BaseException) -> None:
         if self.local is not None or self.sync is not None:
             return
-        share = self._share()
-        log.warning("shared KV ledger unavailable (%s); admitting from a local ledger with %.0f%% of each "
-                    "engine's capacity until it returns", exc, share * 100)
+        log.warning("shared KV ledger unavailable (%s); admitting from a local ledger until it returns, with "
+                    "the room of this gateway's running requests and 1/%d of the rest of each engine's "
+                    "capacity", exc, max(1, self.gateways_seen))
         local = KVLedger()
         for engine_id, tokens in self.capacity.items():
-            local.set_capacity(engine_id, int(tokens * share))
+            local.set_capacity(engine_id, self._local_capacity(engine_id, tokens))
         for request_id, (engine_id, tokens) in self.held.items():
             local.reserve(request_id, engine_id, tokens, force=True)
         self._adopt.update(self.held)
@@ -1089,6 +1098,7 @@ class Scheduling:
             **({"spill_margin_s": config.routing.spill_margin_s} if config.routing.cluster_policy == "latency_aware"
                else {}))
         self.store = store
+        self.gateway_id = ""  # this gateway's name in heartbeats (set by the Gateway)
         self.registry: EngineRegistry | None = None
         self.proxy: Any = None
         self.pools: list[PoolQueue] = []
@@ -1127,6 +1137,7 @@ class Scheduling:
                 queue.follow_block_size()
             await self.ledger.set_capacities(self._capacities(), push_all=True)
             await self.ledger.refresh_view(list(self.ledger.capacity))  # learns the ledger's epoch before serving
+            await self._count_gateways()
         self._task = asyncio.get_running_loop().create_task(self._sync_loop(), name="scheduling-sync")
 
     async def stop(self) -> None:
@@ -1165,6 +1176,19 @@ class Scheduling:
                 capacities[engine_id] = capacity
         return capacities
 
+    async def _count_gateways(self) -> None:
+        """How many gateways share the ledger (its part of each engine in an outage is 1 / that), read each tick
+        and at start: counted every lease / 3 only, and 1 until then, a gateway that met an outage in its first
+        10 s took every engine whole, as did each of the others. This gateway counts before its first heartbeat
+        is in the listing too."""
+        if self.ledger.sync is not None:
+            return
+        try:
+            listed = await self.store.gateways()
+        except StateUnavailable:
+            return
+        self.ledger.gateways_seen = max(1, len(listed) + (self.gateway_id not in listed))
+
     async def _sync_loop(self) -> None:
         """Capacities, lease refreshes, the shared view, gateway count, outage recovery, workflow cache."""
         refresh_every = self.cfg.ledger_lease_s / 3.0
@@ -1185,12 +1209,10 @@ class Scheduling:
                         last_refresh = time.monotonic()
                         await ledger.set_capacities(capacities, push_all=True)
                         await ledger.refresh_leases()
-                        try:
-                            ledger.gateways_seen = max(1, len(await self.store.gateways()))
-                        except StateUnavailable:
-                            pass
                     else:
                         await ledger.set_capacities(capacities)
+                    if not ledger.degraded:
+                        await self._count_gateways()
                     await ledger.refresh_view(list(ledger.capacity))
                     ledger.publish()
                 self.workflows.prune(time.time())

@@ -527,3 +527,31 @@ def test_a_reservation_in_flight_counts_against_free_space_at_once():
             _delete_prefix(prefix)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_in_an_outage_each_gateway_keeps_its_running_requests_room_and_shares_only_the_free_room():
+    """capacity / gateways alone ignored what each gateway was running: one that held 7,504 of 8,192 tokens kept
+    it and an idle one took 4,096 more, 10,720 together on an engine of 8,192."""
+    from gateway.metrics import GatewayMetrics
+    from gateway.scheduling import SharedLedger
+
+    async def scenario() -> None:
+        store = _SlowStore()
+        busy = SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics())
+        idle = SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics())
+        for ledger in (busy, idle):
+            ledger.gateways_seen = 2
+            await ledger.set_capacities({"A": 8192})
+        assert await busy.reserve("long", "A", 7504)
+        await idle.refresh_view(["A"])
+        store.down = True
+        for ledger in (busy, idle):
+            await ledger.reserve("trigger", "A", 1)  # finds the store gone
+            assert ledger.degraded
+        assert idle.grantable("A") == 344 and busy.grantable("A") == 7504 + 344  # (8,192 - 7,504) / 2 each
+        assert not await idle.reserve("big", "A", 500)
+        assert await idle.reserve("small", "A", 300)
+        busy.release("long")  # its own room stays its own
+        assert await busy.reserve("next", "A", 7000)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

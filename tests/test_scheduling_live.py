@@ -1532,6 +1532,28 @@ async def test_a_client_that_leaves_while_its_retry_moves_the_reservation_leaks_
         _delete_prefix(prefix)
 
 
+@bounded()
+async def test_gateways_count_each_other_from_their_start_not_a_lease_refresh_later():
+    """The count of gateways sharing the ledger (an outage gives each 1 / that of every engine's free room) was
+    read every lease / 3 and was 1 until then: an outage in a gateway's first 10 s let every gateway take every
+    engine whole. A gateway counts itself before its first heartbeat is listed."""
+    from tests.test_state_store import _delete_prefix
+
+    prefix = f"maestro-test-{uuid.uuid4().hex}"
+    url = _redis_url_or_skip()
+    try:
+        async with fault_engine() as engine:
+            raw = sched_config([engine.url], queue_policy="maestro", admission="max_tokens", kv_capacity_tokens=1000)
+            raw["state"] = {"backend": "redis", "redis_url": url, "key_prefix": prefix, "heartbeat_interval_s": 0.2}
+            async with running_gateway({**raw, "server": {"gateway_id": "ga"}}) as a:
+                assert a.scheduling.ledger.gateways_seen == 1
+                async with running_gateway({**raw, "server": {"gateway_id": "gb"}}) as b:
+                    assert b.scheduling.ledger.gateways_seen == 2  # ga listed, gb not yet: counted
+                    await wait_for(lambda: a.scheduling.ledger.gateways_seen == 2, timeout_s=3)  # lease / 3: 10 s
+    finally:
+        _delete_prefix(prefix)
+
+
 @bounded(60.0)
 async def test_during_an_outage_a_request_larger_than_the_local_share_still_runs():
     """Two gateways, Redis gone: each admits from a local ledger with half of each engine's capacity. A request
