@@ -76,6 +76,7 @@ PRIORITY_LIMIT = 1 << 62  # |vLLM priority| sent to engines (vLLM takes any int6
 PRIORITY_ORIGIN_S = 1_767_225_600
 LEGACY_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI's and vLLM's default)
 STORE_RETRY_S = 2.0  # workflow records: after a store failure, use the local store this long before retrying
+_TRY, _PROBE = 1, 2  # WorkflowTracker._use_store: try the store (up), or find out whether it is back
 UNSENT_STEPS_LIMIT = 10_000  # workflow steps ended while the store was unreachable, kept to send it (oldest go)
 UNSENT_STEPS_PER_TICK = 200  # sent per tick of the scheduling loop, which also keeps the ledger's leases alive
 
@@ -116,6 +117,9 @@ class SharedLedger:
         self._ops: dict[str, asyncio.Future] = {}  # request id -> its last remote grow/release in flight
         self._readopting: asyncio.Future | None = None  # re-taking what the store forgot (see _store_forgot)
         self._epoch: str | None = None  # the store's ledger generation as this gateway last saw it (None: not yet)
+        # engine -> (this gateway's tokens there, the store's reserved) when the outage began: what the local
+        # ledger's capacity is computed from for the whole outage (see _local_capacity)
+        self._outage_base: dict[str, tuple[int, int]] = {}
 
     @property
     def degraded(self) -> bool:
@@ -163,8 +167,14 @@ class SharedLedger:
         there, plus its share of what was free at its last view of the store (all of it, before any view). Every
         gateway's running requests keep their room: ``capacity / gateways`` alone ignored them, and a gateway that
         held 7,504 of 8,192 tokens and one that held none reserved 10,720 together."""
-        own = sum(tokens for held_on, tokens in self.held.values() if held_on == engine_id)
-        free = max(0, capacity - max(own, self._server_reserved[engine_id]))
+        base = self._outage_base.get(engine_id)
+        if base is None:  # an engine first seen in the outage: as it is now
+            own = sum(tokens for held_on, tokens in self.held.values() if held_on == engine_id)
+            base = self._outage_base[engine_id] = (own, self._server_reserved[engine_id])
+        # as when the outage began: what this gateway reserved since is inside its share already, and counting it
+        # again as its own (after a capacity change) let two gateways hold 12,288 tokens of an 8,208-token engine
+        own, reserved = base
+        free = max(0, capacity - max(own, reserved))
         return own + int(free * self._share())
 
     # ---- operations -------------------------------------------------------------------------------------
@@ -206,16 +216,25 @@ class SharedLedger:
             future.set_result(self.reserve_now(request_id, engine_id, tokens))
             return future
         self._pending[engine_id] += tokens
-        return asyncio.ensure_future(self._reserve_counted(request_id, engine_id, tokens))
+        task = asyncio.ensure_future(self._reserve_counted(request_id, engine_id, tokens))
+        # uncounted when the task is done, however: one cancelled before its first turn never runs a finally
+        task.add_done_callback(lambda _: self._uncount(engine_id, tokens))
+        return task
 
     async def reserve(self, request_id: str, engine_id: str, tokens: int) -> bool:
         if self.synchronous:
             return self.reserve_now(request_id, engine_id, tokens)
         self._pending[engine_id] += tokens
-        return await self._reserve_counted(request_id, engine_id, tokens)
+        try:
+            return await self._reserve_counted(request_id, engine_id, tokens)
+        finally:
+            self._uncount(engine_id, tokens)
+
+    def _uncount(self, engine_id: str, tokens: int) -> None:
+        self._pending[engine_id] -= tokens
 
     async def _reserve_counted(self, request_id: str, engine_id: str, tokens: int) -> bool:
-        """The remote reserve, its ``tokens`` already counted in ``_pending`` (uncounted here, whatever happens)."""
+        """The remote reserve, its ``tokens`` counted in ``_pending`` by the caller (which uncounts them)."""
         try:
             ok, reserved, capacity = await self._reserve_remote(request_id, engine_id, tokens)
             if not ok and capacity == 0 and self.capacity.get(engine_id):
@@ -231,8 +250,6 @@ class SharedLedger:
                     self.local.reserve(request_id, engine_id, tokens, force=True)
                     self._adopt.add(request_id)  # a store that restarted empty lost it
             return ok
-        finally:
-            self._pending[engine_id] -= tokens
         return self.reserve_now(request_id, engine_id, tokens, maybe_remote=True)
 
     async def _reserve_remote(self, request_id: str, engine_id: str, tokens: int,
@@ -356,6 +373,7 @@ class SharedLedger:
                     "the room of this gateway's running requests and 1/%d of the rest of each engine's "
                     "capacity", exc, max(1, self.gateways_seen))
         local = KVLedger()
+        self._outage_base.clear()
         for engine_id, tokens in self.capacity.items():
             local.set_capacity(engine_id, self._local_capacity(engine_id, tokens))
         for request_id, (engine_id, tokens) in self.held.items():
@@ -528,13 +546,15 @@ class SharedLedger:
             await asyncio.wait(list(self._tasks), timeout=2.0)
 
 
-def scheduling_key(request_id: str) -> str:
+def scheduling_key(request_id: str, engine_request_id: str | None = None) -> str:
     """The id a request is queued, reserved and tracked under. The client's ``X-Request-Id`` may repeat (a
     client that reuses one, two clients that pick the same), and two requests under one key would share one
     queue entry, ticket, KV reservation and in-flight workflow step: one's end would release the other's (whose
-    queue entry is then dropped, so it waits until its timeout). A random suffix makes the key unique, here and
-    in a ledger shared through Redis, and keeps the client's id readable in it."""
-    return f"{request_id}~{secrets.token_hex(6)}"
+    queue entry is then dropped, so it waits until its timeout). The id the engine gets is unique already (the
+    client's with a random suffix, or the gateway's own UUID: :func:`gateway.api.openai_routes.engine_request_id`)
+    and is the key, so that a request reads the same in the ledger and in the engine's log; without one, a random
+    suffix makes the key unique, here and in a ledger shared through Redis, and keeps the client's id readable."""
+    return engine_request_id or f"{request_id}~{secrets.token_hex(6)}"
 
 
 # ---------------------------------------------------------------------------------------------------- tickets
@@ -912,16 +932,18 @@ class WorkflowTracker:
         already finding out whether it is back."""
         return self._store_down and (self._probing or time.monotonic() < self._store_down_until)
 
-    def _use_store(self) -> bool:
-        """Whether this call tries the store. While it is down, one call at a time does, every STORE_RETRY_S: a
-        hung Redis made every request in flight then wait its whole timeout, again and again (a workflow request
-        waits for its begin), where one waiting is enough to find out. The caller reports the outcome
+    def _use_store(self) -> int:
+        """Whether this call tries the store (0: no; _TRY, or _PROBE for the one call that finds out whether a store
+        that was down is back). While it is down, one call at a time tries it, every STORE_RETRY_S: a hung Redis
+        made every request in flight then wait its whole timeout, again and again (a workflow request waits for
+        its begin), where one waiting is enough to find out. The caller reports the outcome
         (:meth:`_store_answered` / :meth:`_store_failed`) and ends its try with :meth:`_try_over`."""
         if self._store_refused():
-            return False
+            return 0
         if self._store_down:
             self._probing = True
-        return True
+            return _PROBE
+        return _TRY
 
     def _store_answered(self) -> None:
         self._store_down = False
@@ -930,8 +952,9 @@ class WorkflowTracker:
         self._store_down = True
         self._store_down_until = time.monotonic() + STORE_RETRY_S
 
-    def _try_over(self) -> None:
-        self._probing = False  # also where the try was cancelled: the next call tries again
+    def _try_over(self, tried: int) -> None:
+        if tried == _PROBE:
+            self._probing = False  # also where the probe was cancelled: the next call tries again
 
     async def begin(self, context: WorkflowContext, request_id: str, now: float,
                     predicted_remaining_s: float | None) -> WorkflowState:
@@ -939,7 +962,7 @@ class WorkflowTracker:
                       slo_class=context.slo_class, expected_steps=context.expected_steps,
                       predicted_remaining_s=predicted_remaining_s)
         record = None
-        if self._use_store():
+        if tried := self._use_store():
             try:
                 record = await self.store.workflow_begin(context.workflow_id, request_id, **kwargs)
             except StateUnavailable:
@@ -947,7 +970,7 @@ class WorkflowTracker:
             else:
                 self._store_answered()
             finally:
-                self._try_over()
+                self._try_over(tried)
         if record is None:
             # predicted_remaining_s is left out of the begin sent later: by then the store has a newer one
             self._begun_locally[request_id] = dict(kwargs, predicted_remaining_s=None)
@@ -983,7 +1006,7 @@ class WorkflowTracker:
                     end: dict[str, Any]) -> dict[str, Any] | None:
         """End a step in the store (beginning it first where it began locally): its record, or None where the
         store cannot be reached now (the step is then kept to send later) or does not know the workflow."""
-        if self._use_store():
+        if tried := self._use_store():
             try:
                 if begin is not None:
                     current = await self.store.get_workflow(workflow_id)
@@ -1001,7 +1024,7 @@ class WorkflowTracker:
                 self._store_answered()
                 return record
             finally:
-                self._try_over()
+                self._try_over(tried)
         self._unsent.pop(request_id, None)
         self._unsent[request_id] = (workflow_id, begin, end)
         if len(self._unsent) > UNSENT_STEPS_LIMIT:
@@ -1211,9 +1234,9 @@ class Scheduling:
                         await ledger.refresh_leases()
                     else:
                         await ledger.set_capacities(capacities)
-                    if not ledger.degraded:
-                        await self._count_gateways()
                     await ledger.refresh_view(list(ledger.capacity))
+                    if not ledger.degraded:  # (after the view: a hung store is found by the call that degrades)
+                        await self._count_gateways()
                     ledger.publish()
                 self.workflows.prune(time.time())
                 if self.workflows.has_unsent:
@@ -1290,7 +1313,7 @@ class Scheduling:
         p50 = min(estimate.p50, max_tokens)
         p90 = min(max(estimate.p90, p50), max_tokens)
         workflow_id = context.workflow_id if context is not None else None
-        key = scheduling_key(job.request_id)
+        key = scheduling_key(job.request_id, job.headers.get("X-Request-Id"))
         state: WorkflowState | None = None
         begin_task: asyncio.Task | None = None
         if workflow_id is not None:

@@ -555,3 +555,31 @@ def test_in_an_outage_each_gateway_keeps_its_running_requests_room_and_shares_on
         assert await busy.reserve("next", "A", 7000)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_capacity_change_in_an_outage_does_not_count_the_outages_reservations_twice():
+    """The local capacity was computed again from what the gateway held then, outage reservations included,
+    which were inside its share already: an engine that came back with 8,208 tokens (a vLLM restart) let two
+    gateways hold 12,288 on it."""
+    from gateway.metrics import GatewayMetrics
+    from gateway.scheduling import SharedLedger
+
+    async def scenario() -> None:
+        store = _SlowStore()
+        ledgers = [SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics()) for _ in range(2)]
+        for ledger in ledgers:
+            ledger.gateways_seen = 2
+            await ledger.set_capacities({"A": 8192})
+        store.down = True
+        for i, ledger in enumerate(ledgers):
+            await ledger.reserve(f"trigger-{i}", "A", 1)
+            assert ledger.degraded
+            assert await ledger.reserve(f"fill-{i}", "A", 4095)
+        for ledger in ledgers:
+            await ledger.set_capacities({"A": 8208})
+            assert ledger.grantable("A") == 4104
+        assert sum(tokens for ledger in ledgers for _, tokens in ledger.held.values()) == 8192
+        for i, ledger in enumerate(ledgers):
+            assert not await ledger.reserve(f"more-{i}", "A", 9) and await ledger.reserve(f"fits-{i}", "A", 8)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

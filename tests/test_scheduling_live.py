@@ -782,6 +782,7 @@ async def test_two_requests_under_one_client_request_id_are_two_requests():
         await wait_for(lambda: engine.hits == 2)
         held = gw.scheduling.ledger.held
         assert len(held) == 2 and all(key.startswith("dup-2~") for key in held)  # both reserved, apart
+        assert set(held) == {h["X-Request-Id"] for h in engine.seen_headers[-2:]}  # as the engine knows them
         assert [status for status, _ in await asyncio.gather(*both)] == [200, 200]
         await wait_for(lambda: not gw.scheduling.ledger.held)
 
