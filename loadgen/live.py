@@ -281,9 +281,6 @@ class LiveRunner:
         self.inflight = 0
         self.peak_inflight = 0
         self.client_waits: list[float] = []
-        self.not_started = 0
-        self.not_started_steps = 0  # the steps of those workflows
-        self.not_due = 0  # steps of started workflows still waiting for a dependency or their think time at the end
         self.not_sent = 0  # steps recorded as failed because the run ended while they waited for a slot
         self.dependency_skipped = 0  # steps recorded as failed (error:dependency) because a dependency failed
         self._cancel_reason = "cancelled"  # what ends in-flight and waiting requests: time_limit, stopped, ...
@@ -356,18 +353,13 @@ class LiveRunner:
 
     async def _dispatch(self) -> None:
         workflows = self.workload.workflows
-        try:
-            for index, workflow in enumerate(workflows):
-                delay = self._t0 + workflow.arrival_s / self.scale - time.perf_counter()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                task = asyncio.create_task(self._workflow(workflow))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        except asyncio.CancelledError:
-            self.not_started = len(workflows) - index
-            self.not_started_steps = sum(len(w.steps) for w in workflows[index:])
-            raise
+        for workflow in workflows:  # (cancelled at the run's end: the workflows not begun are counted by _result)
+            delay = self._t0 + workflow.arrival_s / self.scale - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(self._workflow(workflow))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------------------------------ workflows
 
@@ -409,21 +401,16 @@ class LiveRunner:
                     deadline_epoch_ms: int | None, result: WorkflowResult) -> None:
         future = done[step.id]
         try:
-            try:
-                for dep in step.depends_on:
-                    if await asyncio.shield(done[dep]) is None:  # shield: a cancelled waiter must not cancel it
-                        # a dependency failed: not sent, but recorded as a failed request, so the result holds
-                        # every step of the workload (the simulator's denominator) and attainment is not overstated
-                        self._record_skipped(workflow, step)
-                        future.set_result(None)
-                        return
-                if step.think_time_s > 0:
-                    await asyncio.sleep(step.think_time_s / self.scale)
-            except asyncio.CancelledError:
-                # the run ended before the step was due (its dependencies or its think time not over): no request,
-                # but counted, so that requests + not_due + not_started_steps is every step of the workload
-                self.not_due += 1
-                raise
+            # (the run may end here, before the step is due: no request; _result counts it in meta.not_due)
+            for dep in step.depends_on:
+                if await asyncio.shield(done[dep]) is None:  # shield: a cancelled waiter must not cancel it
+                    # a dependency failed: not sent, but recorded as a failed request, so the result holds
+                    # every step of the workload (the simulator's denominator) and attainment is not overstated
+                    self._record_skipped(workflow, step)
+                    future.set_result(None)
+                    return
+            if step.think_time_s > 0:
+                await asyncio.sleep(step.think_time_s / self.scale)
             # the request's arrival: when the workload says it is due, not when a concurrency slot freed up
             waited = time.perf_counter()
             ready = self._now()
@@ -698,8 +685,20 @@ class LiveRunner:
 
     # ------------------------------------------------------------------------------------------ result
 
+    def _not_run(self) -> tuple[int, int, int]:
+        """(workflows not begun, their steps, steps of begun workflows with no request): what a run ended early
+        (``--time-limit``, Ctrl-C) left out, derived from what it recorded, so that requests + not due + the steps
+        of workflows not begun is every step of the workload. (Counted where each task was cancelled, tasks
+        cancelled before their first turn were missed: a workflow task before it began, a step task before it
+        waited.)"""
+        begun = {w.workflow_id for w in self.workflows}
+        not_begun = [w for w in self.workload.workflows if w.id not in begun]
+        begun_steps = sum(len(w.steps) for w in self.workload.workflows if w.id in begun)
+        return len(not_begun), sum(len(w.steps) for w in not_begun), begun_steps - len(self.requests)
+
     def _result(self, reason: str, wall: float) -> RunResult:
         waits = self.client_waits
+        not_started, not_started_steps, not_due = self._not_run()
         meta = {
             "url": self.options.url, "client": self.options.client, "workload": self.workload.name,
             "workload_seed": self.workload.seed, "model": self.model, "time_scale": self.scale,
@@ -709,7 +708,7 @@ class LiveRunner:
             "load": self.workload.offered_load(), "context": self.options.context,
             "output_control": self.options.output_control, "max_concurrency": self.options.max_concurrency,
             "started_at_epoch": self._t0_epoch, "wall_s": round(wall, 3), "end": reason,
-            "not_started": self.not_started, "not_started_steps": self.not_started_steps, "not_due": self.not_due,
+            "not_started": not_started, "not_started_steps": not_started_steps, "not_due": not_due,
             "not_sent": self.not_sent,
             "dependency_skipped": self.dependency_skipped, "status_counts": dict(self.status),
             "output_mismatches": self.output_mismatches, "peak_inflight": self.peak_inflight,

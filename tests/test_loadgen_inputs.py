@@ -665,6 +665,30 @@ async def test_steps_not_yet_due_when_the_run_ends_are_counted(end, tmp_path, ca
         assert "1 workflow(s) not started (2 step(s)), of 6 steps" in err, err
 
 
+async def test_workflows_and_steps_cut_before_their_first_turn_are_counted_too():
+    """Counted where each task was cancelled, a workflow task cancelled before it began and a step task cancelled
+    before it waited were missed: runs whose workflows arrive around the time limit came up short."""
+    released = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        await released.wait()
+        return web.Response()
+
+    server, url = await _serve(hang)
+    try:
+        for _ in range(10):
+            steps = [Step("a", "planner", 3, prompt_tokens=10),
+                     Step("b", "coder", 3, prompt_tokens=10, depends_on=("a",))]
+            workload = Workload([Workflow(f"w{i}", 0.048 + i * 0.0001, steps) for i in range(40)], model="m")
+            result = await LiveRunner(workload, LiveOptions(url=url, progress=False, time_limit_s=0.05)).run()
+            meta = result.meta
+            assert len(result.requests) + meta["not_due"] + meta["not_started_steps"] == 80, meta
+            assert len(result.workflows) + meta["not_started"] == 40
+    finally:
+        released.set()
+        await server.cleanup()
+
+
 async def test_steps_skipped_after_a_failed_dependency_are_failed_requests():
     """A workflow whose first step gets HTTP 400: its three dependents are never sent, but they are requests of
     the workload all the same (the simulator counts them), so attainment is 1 of 5, not 1 of 2."""
