@@ -422,13 +422,20 @@ def _api_key(section: dict, path: str, default: str) -> str:
         value = os.environ.get(name, "").strip()  # a key read from a file often ends in a newline
         if not value:
             raise ConfigError(f"{path}.api_key_env", f"the environment variable {name!r} is not set or empty")
+        if not _API_KEY.fullmatch(value):
+            raise ConfigError(f"{path}.api_key_env", f"the key in {name!r} must be printable ASCII without spaces "
+                                                     "(it goes into an HTTP header)")
         return value
     if "api_key" in section:
         value = _get(section, "api_key", str, path, _REQUIRED)
-        if not value or value != value.strip():
-            raise ConfigError(f"{path}.api_key", "must be a non-empty key without surrounding spaces")
+        if not _API_KEY.fullmatch(value):
+            raise ConfigError(f"{path}.api_key", "must be a non-empty key of printable ASCII without spaces (it "
+                                                 "goes into an HTTP header)")
         return value
     return default
+
+
+_API_KEY = re.compile(r"[!-~]+")  # visible ASCII: what an Authorization header can carry as it is
 
 
 def _parse_pool(raw: Any, path: str, model_names: set[str]) -> PoolConfig:

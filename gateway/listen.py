@@ -35,6 +35,7 @@ class _OneLineForBadRequests(logging.Filter):
             detail = " ".join(str(getattr(exc, "message", exc)).split())[:200]  # its lines, as one
             record.msg, record.args = "%s (answered 400): %s", (record.getMessage(), detail)
             record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)  # (its level was checked as ERROR)
         return True
 
 

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # X-Accel-Buffering: an nginx in front of the gateway would otherwise hold a stream's events back in its buffer
 _STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
+UNUSABLE_WARN_EVERY_S = 60.0  # an engine's unusable answers (a wrong key...) are logged at most this often
 _WATCH_SLACK_S = 0.5  # a stream's watchdog is re-armed at most this often (a timer per event would cost more)
 _ERROR_EVENT_WRITE_S = 5.0  # the longest a stream's closing error event may wait for the client to read
 
@@ -216,6 +217,7 @@ class Proxy:
         timeouts = config.timeouts
         self.registry = registry
         self.metrics = metrics
+        self._warned_unusable: dict[tuple[str, str], float] = {}  # (engine, reason) -> when last logged
         self.max_retries = config.routing.max_retries
         self.total_timeout_s = timeouts.total_s
         self.stream_idle_s = timeouts.stream_idle_s
@@ -278,7 +280,7 @@ class Proxy:
                     self.metrics.upstream_error(engine_id, reason)
                     failed_seen = True
                     last_problem = f"engine {engine_id} {problem}"
-                    log.warning("request %s: engine %s %s", job.request_id, engine_id, problem)
+                    self._warn_unusable(engine_id, reason, problem)
                     continue
                 if job.stream and upstream.status == 200:
                     head, problem = await self._first_event(upstream, job, engine_id)
@@ -304,6 +306,15 @@ class Proxy:
                            SERVER_ERROR, code="upstream_unreachable")
         raise APIError(503, f"No engine is available for model {job.model!r} right now (all are down or asleep).",
                        SERVER_ERROR, code="no_engine_available", headers={"Retry-After": "1"})
+
+    def _warn_unusable(self, engine_id: str, reason: str, problem: str) -> None:
+        """Log an engine's unusable answer once a minute per engine and kind (a wrong key fails every request
+        sent to that engine; the metric counts each)."""
+        now = time.monotonic()
+        if now - self._warned_unusable.get((engine_id, reason), -UNUSABLE_WARN_EVERY_S) >= UNUSABLE_WARN_EVERY_S:
+            self._warned_unusable[(engine_id, reason)] = now
+            log.warning("engine %s %s (tried elsewhere; said once a minute, counted in "
+                        "maestro_upstream_errors_total{reason=%r})", engine_id, problem, reason)
 
     async def _read_small(self, upstream: aiohttp.ClientResponse) -> bytes:
         try:

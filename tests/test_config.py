@@ -119,6 +119,8 @@ def test_defaults_fill_in():
     (lambda c: c.update(server={"forward_headers": "traceparent"}), "server.forward_headers"),
     (lambda c: c["clusters"][0]["pools"][0]["engines"][0].update(api_key=""),
      "clusters[0].pools[0].engines[0].api_key"),
+    (lambda c: c["clusters"][0]["pools"][0]["engines"][0].update(api_key="a\nb"),  # no header can carry it
+     "clusters[0].pools[0].engines[0].api_key"),
     (lambda c: c["clusters"][0]["pools"][0]["engines"][0].update(api_key="k", api_key_env="K"),
      "clusters[0].pools[0].engines[0]"),
     (lambda c: c["clusters"][0]["pools"][0].update(api_key_env="MAESTRO_TEST_SURELY_NOT_SET"),

@@ -215,11 +215,16 @@ async def test_only_the_forwarded_headers_reach_the_engine(engine):
                 assert r.status == 200 and r.headers["X-Accel-Buffering"] == "no"
                 assert r.headers["Server"] == "maestro"
                 await r.read()
-    async with running_gateway(gateway_config([engine.url], server={"forward_headers": ["X-Custom-Tenant"]})) as gw:
+    listed = {"forward_headers": ["X-Custom-Tenant", "X-Hop", "tracestate"]}
+    async with running_gateway(gateway_config([engine.url], server=listed)) as gw:
         status, _, _ = await post(gw.base_url + CHAT, orjson.dumps(GOOD), sent)
         assert status == 200
         seen = engine.seen_headers[-1]
         assert seen["X-Custom-Tenant"] == "t-1" and "traceparent" not in seen and "X-Data-Parallel-Rank" not in seen
+        assert "X-Hop" not in seen  # listed, but the client named it hop-by-hop
+        twice = CIMultiDict([("Content-Type", "application/json"), ("tracestate", "a=1"), ("tracestate", "b=2")])
+        status, _, _ = await post(gw.base_url + CHAT, orjson.dumps(GOOD), twice)
+        assert status == 200 and engine.seen_headers[-1].getall("tracestate") == ["a=1, b=2"]
 
 
 async def test_unknown_fields_pass_through(gw, engine):
@@ -486,3 +491,13 @@ async def test_a_request_that_is_no_http_is_one_line_in_the_log_not_a_traceback(
     records = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert len(records) == 1 and records[0].levelno == logging.INFO and records[0].exc_info is None
     assert "answered 400" in records[0].getMessage() and "Invalid header value char" in records[0].getMessage()
+    caplog.clear()
+    server_log = logging.getLogger("aiohttp.server")
+    server_log.setLevel(logging.WARNING)  # --log-level WARNING (the handler takes INFO): not even that line
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\n{}")
+    assert (await reader.read(100)).startswith(b"HTTP/1.0 400")
+    writer.close()
+    await asyncio.sleep(0.1)
+    server_log.setLevel(logging.NOTSET)
+    assert not [r for r in caplog.records if r.name == "aiohttp.server"]

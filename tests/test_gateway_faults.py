@@ -585,7 +585,7 @@ async def test_malformed_http_from_an_engine_is_an_upstream_error_not_ours(engin
     ("redirect", "answered a redirect (HTTP 307)"),
     ("gzip", "Content-Encoding 'gzip'"),
 ])
-async def test_an_answer_the_gateway_cannot_relay_is_tried_elsewhere_then_a_502(engines, mode, says):
+async def test_an_answer_the_gateway_cannot_relay_is_tried_elsewhere_then_a_502(engines, mode, says, caplog):
     """An engine's 401 (its --api-key, unknown to the gateway) reached the client as if the client's own key were
     wrong; a redirect was followed with the request's body and headers; gzip bytes reached the client as a
     corrupt, unlabelled body. Each is the engine's fault: another engine is tried, and at the end it is a 502."""
@@ -608,6 +608,8 @@ async def test_an_answer_the_gateway_cannot_relay_is_tried_elsewhere_then_a_502(
                 text = await r.text()
         reason = {"unauthorized": "auth", "redirect": "redirect", "gzip": "encoded"}[mode]
         assert f'maestro_upstream_errors_total{{engine="local/p/0",reason="{reason}"}}' in text
+        warned = [r.getMessage() for r in caplog.records if "tried elsewhere" in r.getMessage()]
+        assert len(warned) == 2 and bad.hits >= 2  # once per engine, not once per request (a wrong key floods)
 
 
 async def test_an_engines_api_key_goes_with_every_call_to_it(engines, monkeypatch):

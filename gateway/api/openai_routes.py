@@ -120,10 +120,13 @@ def forwarded_headers(request: web.Request, request_id: str, forward: tuple[str,
     connection), and a client's other headers (its SDK's, its own keys and tokens) are none of the engine's."""
     headers = {"Content-Type": "application/json", "X-Request-Id": engine_request_id(request, request_id)}
     client = request.headers
+    connection = client.get("Connection")
+    hop_by_hop = {token.strip().lower() for token in connection.split(",")} if connection else ()
     for name in forward:
-        value = client.get(name)
-        if value is not None:
-            headers[name] = value
+        values = client.getall(name, None)
+        if values is not None and name.lower() not in hop_by_hop:
+            # several lines of a list-valued header (tracestate) are one list (RFC 9110 5.3)
+            headers[name] = values[0] if len(values) == 1 else ", ".join(values)
     return headers
 
 

@@ -58,7 +58,11 @@ class EngineMonitor:
         await self._probe(engine_id)
 
     async def probe_all(self) -> None:
+        """Probe every engine once, and write their states (at start: /health then says whether the store
+        answers from the first request on)."""
         await asyncio.gather(*(self._probe(engine_id) for engine_id in self.registry.states))
+        if self._publishing:
+            await asyncio.wait(list(self._publishing.values()))
 
     async def _run(self, engine_id: str) -> None:
         interval = self.config.monitor.interval_s
