@@ -11,6 +11,7 @@ its cleanup), and the ledger must count it once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 
@@ -457,23 +458,32 @@ def test_every_gateway_re_takes_its_reservations_when_redis_restarted_empty(firs
         _delete_prefix(prefix)
 
 
-@pytest.mark.redis
-def test_a_lease_refresh_re_takes_only_the_reservations_that_lapsed():
-    """One reservation missing from a refresh (released while the batches were in flight, or lapsed) made the
-    gateway re-take every one it held, two store calls each, all at once: thousands of calls that exhausted the
-    connections and degraded the ledger."""
-    _redis_or_skip()
+@contextlib.asynccontextmanager
+async def _redis_ledger():
+    """(store, SharedLedger) on the test Redis under a key prefix of their own, deleted afterwards."""
     from gateway.metrics import GatewayMetrics
     from gateway.scheduling import SharedLedger
     from gateway.state.redis import RedisStateStore
     from tests.test_state_store import _delete_prefix
 
     prefix = f"maestro-test-{uuid.uuid4().hex}"
+    store = RedisStateStore(REDIS_URL, key_prefix=prefix, timeout_s=5.0)
+    try:
+        yield store, SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics())
+    finally:
+        await store.close()
+        _delete_prefix(prefix)
+
+
+@pytest.mark.redis
+def test_a_lease_refresh_re_takes_only_the_reservations_that_lapsed():
+    """One reservation missing from a refresh (released while the batches were in flight, or lapsed) made the
+    gateway re-take every one it held, two store calls each, all at once: thousands of calls that exhausted the
+    connections and degraded the ledger."""
+    _redis_or_skip()
 
     async def scenario() -> None:
-        store = RedisStateStore(REDIS_URL, key_prefix=prefix, timeout_s=5.0)
-        ledger = SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics())
-        try:
+        async with _redis_ledger() as (store, ledger):
             await ledger.set_capacities({"A": 10**6})
             for i in range(60):
                 assert await ledger.reserve(f"r{i}", "A", 10)
@@ -492,9 +502,6 @@ def test_a_lease_refresh_re_takes_only_the_reservations_that_lapsed():
             assert re_taken == ["r7"]
             assert (await store.ledger_usage(["A"]))["A"] == (600, 10**6)
             assert await store.ledger_refresh_lapsed(["r1", "gone"], 30.0) == ["gone"]
-        finally:
-            await store.close()
-            _delete_prefix(prefix)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
@@ -504,17 +511,9 @@ def test_a_reservation_in_flight_counts_against_free_space_at_once():
     """The reserve task's body starts only at the loop's next turn: requests admitted in the same turn planned
     against the space it was about to take, and the store refused them (15 % of reserve calls at saturation)."""
     _redis_or_skip()
-    from gateway.metrics import GatewayMetrics
-    from gateway.scheduling import SharedLedger
-    from gateway.state.redis import RedisStateStore
-    from tests.test_state_store import _delete_prefix
-
-    prefix = f"maestro-test-{uuid.uuid4().hex}"
 
     async def scenario() -> None:
-        store = RedisStateStore(REDIS_URL, key_prefix=prefix, timeout_s=5.0)
-        ledger = SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics())
-        try:
+        async with _redis_ledger() as (_, ledger):
             await ledger.set_capacities({"A": 100})
             future = ledger.reserve_soon("r1", "A", 30)
             assert ledger.free("A") == 70  # before the call has even started
@@ -522,9 +521,6 @@ def test_a_reservation_in_flight_counts_against_free_space_at_once():
             refused = ledger.reserve_soon("r2", "A", 80)
             assert ledger.free("A") == -10
             assert not await refused and ledger.free("A") == 70
-        finally:
-            await store.close()
-            _delete_prefix(prefix)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 

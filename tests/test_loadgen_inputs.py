@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 
@@ -592,8 +593,9 @@ async def test_the_wait_for_a_client_slot_counts_in_ttft_latency_and_slo():
     assert load_run_json(result).requests[1].client_wait_s == second.client_wait_s  # the result file keeps it
 
 
-@pytest.mark.parametrize("end", ["time_limit", "stopped"])
-async def test_requests_waiting_for_a_slot_are_recorded_when_the_run_ends(end):
+@contextlib.asynccontextmanager
+async def _hanging_server():
+    """The URL of a server whose every request hangs until the block ends (a run ended while they wait)."""
     released = asyncio.Event()
 
     async def hang(request: web.Request) -> web.Response:
@@ -602,6 +604,15 @@ async def test_requests_waiting_for_a_slot_are_recorded_when_the_run_ends(end):
 
     server, url = await _serve(hang)
     try:
+        yield url
+    finally:
+        released.set()
+        await server.cleanup()
+
+
+@pytest.mark.parametrize("end", ["time_limit", "stopped"])
+async def test_requests_waiting_for_a_slot_are_recorded_when_the_run_ends(end):
+    async with _hanging_server() as url:
         workload = _calls(3, 0.01)
         runner = LiveRunner(workload, LiveOptions(url=url, max_concurrency=1, progress=False, time_scale=2.0,
                                                   time_limit_s=0.4 if end == "time_limit" else None))
@@ -610,9 +621,6 @@ async def test_requests_waiting_for_a_slot_are_recorded_when_the_run_ends(end):
             await asyncio.sleep(0.4)
             runner.stop()
         result = await asyncio.wait_for(task, 5.0)
-    finally:
-        released.set()
-        await server.cleanup()
     assert result.meta["end"] == end
     assert len(result.requests) == 3 and {r.status for r in result.requests} == {f"error:{end}"}
     assert result.meta["not_sent"] == 2 and result.meta["status_counts"] == {f"error:{end}": 3}
@@ -668,14 +676,7 @@ async def test_steps_not_yet_due_when_the_run_ends_are_counted(end, tmp_path, ca
 async def test_workflows_and_steps_cut_before_their_first_turn_are_counted_too():
     """Counted where each task was cancelled, a workflow task cancelled before it began and a step task cancelled
     before it waited were missed: runs whose workflows arrive around the time limit came up short."""
-    released = asyncio.Event()
-
-    async def hang(request: web.Request) -> web.Response:
-        await released.wait()
-        return web.Response()
-
-    server, url = await _serve(hang)
-    try:
+    async with _hanging_server() as url:
         for _ in range(10):
             steps = [Step("a", "planner", 3, prompt_tokens=10),
                      Step("b", "coder", 3, prompt_tokens=10, depends_on=("a",))]
@@ -684,9 +685,6 @@ async def test_workflows_and_steps_cut_before_their_first_turn_are_counted_too()
             meta = result.meta
             assert len(result.requests) + meta["not_due"] + meta["not_started_steps"] == 80, meta
             assert len(result.workflows) + meta["not_started"] == 40
-    finally:
-        released.set()
-        await server.cleanup()
 
 
 async def test_steps_skipped_after_a_failed_dependency_are_failed_requests():
