@@ -482,22 +482,22 @@ async def test_a_request_that_is_no_http_is_one_line_in_the_log_not_a_traceback(
     import logging
 
     host, port = gw.base_url.removeprefix("http://").rsplit(":", 1)
+
+    async def send_unparsable() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\n{}")
+        assert (await reader.read(100)).startswith(b"HTTP/1.0 400")
+        writer.close()
+        await asyncio.sleep(0.1)
+
     caplog.set_level(logging.INFO, logger="aiohttp.server")
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\n{}")
-    assert (await reader.read(100)).startswith(b"HTTP/1.0 400")
-    writer.close()
-    await asyncio.sleep(0.1)
+    await send_unparsable()
     records = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert len(records) == 1 and records[0].levelno == logging.INFO and records[0].exc_info is None
     assert "answered 400" in records[0].getMessage() and "Invalid header value char" in records[0].getMessage()
     caplog.clear()
     server_log = logging.getLogger("aiohttp.server")
     server_log.setLevel(logging.WARNING)  # --log-level WARNING (the handler takes INFO): not even that line
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\n{}")
-    assert (await reader.read(100)).startswith(b"HTTP/1.0 400")
-    writer.close()
-    await asyncio.sleep(0.1)
+    await send_unparsable()
     server_log.setLevel(logging.NOTSET)
     assert not [r for r in caplog.records if r.name == "aiohttp.server"]

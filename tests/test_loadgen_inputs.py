@@ -635,20 +635,13 @@ async def test_steps_not_yet_due_when_the_run_ends_are_counted(end, tmp_path, ca
     """The run ends while step a hangs: b (after a) and c (after b) were never due, d was in its think time; they
     are no requests, but meta.not_due counts them, and the summary line says so, so that the result's requests
     (1), the steps not due (3) and those of the workflow not started (2) add up to the workload's 6 steps."""
-    released = asyncio.Event()
-
-    async def hang(request: web.Request) -> web.Response:
-        await released.wait()
-        return web.Response()
-
     steps = [Step("a", "planner", 3, prompt_tokens=40), Step("b", "coder", 3, prompt_tokens=40, depends_on=("a",)),
              Step("c", "reviewer", 3, prompt_tokens=40, depends_on=("b",)),
              Step("d", "tester", 3, prompt_tokens=40, think_time_s=60.0)]
     workload = Workload([Workflow("wf", 0.0, steps), Workflow("later", 60.0, steps[:2])], model="m")
     path, out = tmp_path / "w.json", tmp_path / "r.json"
     workload.save(path)
-    server, url = await _serve(hang)
-    try:
+    async with _hanging_server() as url:
         argv = ["--url", url, "--workload", str(path), "--out", str(out), "--no-progress"]
         args = _parse(add_live_arguments, argv + (["--time-limit", "0.3"] if end == "time_limit" else []))
         if end == "stopped":  # SIGINT in the CLI: the runner's stop(); here the result directly
@@ -660,9 +653,6 @@ async def test_steps_not_yet_due_when_the_run_ends_are_counted(end, tmp_path, ca
         else:
             assert await asyncio.wait_for(asyncio.to_thread(live_main, args), 10.0) == 1
             result = load_run(out)
-    finally:
-        released.set()
-        await server.cleanup()
     assert result.meta["end"] == end
     assert [(r.step_id, r.status) for r in result.requests] == [("a", f"error:{end}")]
     assert result.meta["not_due"] == 3 and result.meta["not_started"] == 1 and result.meta["not_started_steps"] == 2
