@@ -79,6 +79,11 @@ STORE_RETRY_S = 2.0  # workflow records: after a store failure, use the local st
 _TRY, _PROBE = 1, 2  # WorkflowTracker._use_store: try the store (up), or find out whether it is back
 UNSENT_STEPS_LIMIT = 10_000  # workflow steps ended while the store was unreachable, kept to send it (oldest go)
 UNSENT_STEPS_PER_TICK = 200  # sent per tick of the scheduling loop, which also keeps the ledger's leases alive
+# A workflow record's request id in flight longer than this many times timeouts.total_s (which bounds every
+# request, its queue time included) is taken as abandoned: its end will never come (the gateway that ran it
+# died, or the end was among the unsent dropped). Twice, so that the end of a step that ran its whole total_s
+# and then waited out a store outage of as long still counts.
+INFLIGHT_TOTALS = 2.0
 
 NEW, WAITING, RESERVING, ADMITTED, DONE = range(5)
 
@@ -911,6 +916,7 @@ class WorkflowTracker:
         self.store = store
         self.local = MemoryStateStore()
         self.ttl_s = config.scheduling.workflow_ttl_s
+        self.inflight_s = INFLIGHT_TOTALS * config.timeouts.total_s  # see INFLIGHT_TOTALS
         self.classes = {c.name: c for c in config.slo_classes}
         self.default_class = config.scheduling.workflow_slo_class
         self.cache: dict[str, WorkflowState] = {}
@@ -960,7 +966,7 @@ class WorkflowTracker:
                     predicted_remaining_s: float | None) -> WorkflowState:
         kwargs = dict(now=now, ttl_s=self.ttl_s, step=context.step, deadline=context.deadline,
                       slo_class=context.slo_class, expected_steps=context.expected_steps,
-                      predicted_remaining_s=predicted_remaining_s)
+                      predicted_remaining_s=predicted_remaining_s, inflight_s=self.inflight_s)
         record = None
         if tried := self._use_store():
             try:
@@ -992,7 +998,8 @@ class WorkflowTracker:
                    after: asyncio.Task | None) -> None:
         if after is not None:
             await asyncio.wait([after])
-        kwargs = dict(now=time.time(), ttl_s=self.ttl_s, tokens=tokens, completed=completed)
+        kwargs = dict(now=time.time(), ttl_s=self.ttl_s, tokens=tokens, completed=completed,
+                      inflight_s=self.inflight_s)
         begin = self._begun_locally.pop(request_id, None)
         record = None
         if begin is not None:
@@ -1009,7 +1016,7 @@ class WorkflowTracker:
         if tried := self._use_store():
             try:
                 if begin is not None:
-                    current = await self.store.get_workflow(workflow_id)
+                    current = await self.store.get_workflow(workflow_id, self.inflight_s)
                     if current is not None and current["last_activity"] > begin["now"]:
                         # the record has moved on since this step began: what it holds stays (a later step's);
                         # what it lacks, this begin fills (last activity never moves back: see the stores)
@@ -1053,13 +1060,13 @@ class WorkflowTracker:
         """A workflow's record: the store's, else the local one (begun while the store was unreachable). Raises
         StateUnavailable only where the store cannot answer and no local record exists."""
         try:
-            record = await self.store.get_workflow(workflow_id)
+            record = await self.store.get_workflow(workflow_id, self.inflight_s)
         except StateUnavailable:
-            record = await self.local.get_workflow(workflow_id)
+            record = await self.local.get_workflow(workflow_id, self.inflight_s)
             if record is None:
                 raise
             return record
-        return record if record is not None else await self.local.get_workflow(workflow_id)
+        return record if record is not None else await self.local.get_workflow(workflow_id, self.inflight_s)
 
     def _remember(self, record: dict[str, Any]) -> WorkflowState:
         slo = record.get("slo_class") or self.default_class

@@ -1388,6 +1388,44 @@ async def test_a_step_begun_in_an_outage_does_not_undo_what_later_steps_set(monk
     assert record["inflight"] == ["later"] and tracker.cache["wf"].deadline == t0 + 500
 
 
+async def test_a_step_whose_gateway_died_stops_counting_as_in_flight():
+    """A gateway killed mid-request never ends its step: the id stayed in the shared record's in-flight set for
+    as long as the workflow went on (37 after a kill -9), and every other gateway counted it as a running step,
+    one fewer step still to come. It leaves after twice timeouts.total_s, which bounds every request."""
+    from dataclasses import replace
+
+    from gateway.api.workflow import WorkflowContext
+    from gateway.config import default_config
+    from gateway.scheduling import INFLIGHT_TOTALS, WorkflowTracker
+    from gateway.state.memory import MemoryStateStore
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    store = MemoryStateStore(clock=clock)
+    config = default_config()
+    config = replace(config, timeouts=replace(config.timeouts, total_s=60.0))
+    died, alive = WorkflowTracker(store, config), WorkflowTracker(store, config)
+    context = WorkflowContext(workflow_id="wf", step=0, expected_steps=10)
+    await died.begin(context, "killed-mid-request", time.time(), None)  # never ended
+    clock.now += 60.0
+    state = await alive.begin(context, "running", time.time(), None)
+    assert state.inflight == {"killed-mid-request", "running"} and state.remaining_steps(4) == 8
+    assert alive.inflight_s == INFLIGHT_TOTALS * 60.0
+    clock.now += INFLIGHT_TOTALS * 60.0 - 59.0  # the first begun just over inflight_s ago
+    state = await alive.begin(context, "next", time.time(), None)
+    assert state.inflight == {"running", "next"} and state.remaining_steps(4) == 8
+    assert (await alive.get("wf"))["inflight"] == ["next", "running"]
+    await alive._end("wf", "running", 10, True, None)
+    await died._end("wf", "killed-mid-request", 99, True, None)  # a late end (it cannot come) counts nothing
+    record = await store.get_workflow("wf")
+    assert (record["steps_done"], record["tokens_used"], record["inflight"]) == (1, 10, ["next"])
+
+
 async def _local_steps(gw, workflow_id: str, steps: int) -> bool:
     record = await gw.scheduling.workflows.local.get_workflow(workflow_id)
     return record is not None and record["steps_done"] >= steps

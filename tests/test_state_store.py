@@ -487,6 +487,43 @@ async def test_workflow_records_expire_and_activity_refreshes(harness: Harness) 
     assert record["arrival"] == 3.0 and record["steps_done"] == 0  # a new workflow under the old id
 
 
+async def test_a_request_in_flight_past_inflight_s_is_taken_as_abandoned(harness: Harness) -> None:
+    """A request whose end never comes (its gateway died) left its id in ``inflight`` for as long as the
+    workflow went on, every step renewing the record: the scheduler counted it as a step still running."""
+    store, inflight_s = harness.store, 0.5
+    await store.workflow_begin("wf", "lost", now=1.0, ttl_s=LONG_TTL, inflight_s=inflight_s)
+    await harness.elapse(0.3)
+    await store.workflow_begin("wf", "lost", now=1.5, ttl_s=LONG_TTL, inflight_s=inflight_s)  # keeps its begin
+    await store.workflow_begin("wf", "live", now=2.0, ttl_s=LONG_TTL, inflight_s=inflight_s)
+    await harness.elapse(0.3)
+    # read only: left out where inflight_s is given, kept where it is not
+    assert (await store.get_workflow("wf", inflight_s))["inflight"] == ["live"]
+    assert (await store.get_workflow("wf"))["inflight"] == ["live", "lost"]
+    record = await store.workflow_begin("wf", "next", now=3.0, ttl_s=LONG_TTL, inflight_s=inflight_s)
+    assert record["inflight"] == ["live", "next"]
+    assert (await store.get_workflow("wf"))["inflight"] == ["live", "next"]  # dropped from the record
+    # the end of an abandoned id counts nothing, as a repeated end; the others count as ever
+    late = await store.workflow_end("wf", "lost", now=4.0, ttl_s=LONG_TTL, tokens=50, inflight_s=inflight_s)
+    assert late["steps_done"] == 0 and late["tokens_used"] == 0 and late["last_activity"] == 3.0
+    done = await store.workflow_end("wf", "live", now=5.0, ttl_s=LONG_TTL, tokens=7, inflight_s=inflight_s)
+    assert done["steps_done"] == 1 and done["tokens_used"] == 7 and done["inflight"] == ["next"]
+    # an end drops abandoned ids too, its own among them
+    await harness.elapse(0.6)
+    gone = await store.workflow_end("wf", "next", now=6.0, ttl_s=LONG_TTL, tokens=9, inflight_s=inflight_s)
+    assert gone["inflight"] == [] and gone["steps_done"] == 1 and gone["tokens_used"] == 7
+    assert (await store.get_workflow("wf"))["inflight"] == []
+
+
+async def test_inflight_s_rejected_when_not_positive(harness: Harness) -> None:
+    store = harness.store
+    for call in (lambda: store.workflow_begin("wf", "r1", now=1.0, ttl_s=LONG_TTL, inflight_s=0),
+                 lambda: store.workflow_end("wf", "r1", now=1.0, ttl_s=LONG_TTL, inflight_s=-1.0),
+                 lambda: store.get_workflow("wf", 0.0)):
+        with pytest.raises(ValueError, match="inflight_s"):
+            await call()
+    assert await store.get_workflow("wf") is None
+
+
 async def test_workflow_ttl_rejected_when_not_positive(harness: Harness) -> None:
     with pytest.raises(ValueError):
         await harness.store.workflow_begin("wf", "r1", now=1.0, ttl_s=0)
@@ -577,7 +614,7 @@ async def test_redis_ledger_is_shared_and_keys_carry_ttls(redis_prefix: str) -> 
         for key in ("kv:cap:e1", "kv:res:e1", "kv:exp:e1", "kv:sum:e1", "kv:req:r2"):
             assert await raw.pttl(f"{redis_prefix}:{key}") > 0, key
         await a.workflow_begin("wf", "r", now=1.0, ttl_s=LONG_TTL)
-        for key in ("wf:wf", "wfi:wf"):
+        for key in ("wf:wf", "wfr:wf"):
             assert 0 < await raw.pttl(f"{redis_prefix}:{key}") <= LONG_TTL * 1000
     finally:
         await raw.aclose()

@@ -58,23 +58,31 @@ class StateStore(ABC):
         """All gateways whose heartbeat has not expired, by gateway id."""
 
     # ---- workflows --------------------------------------------------------------------------------------
+    #
+    # ``inflight_s`` (all three calls): a request id in flight longer than this, by the store's own clock since
+    # its begin, is taken as abandoned and leaves ``inflight`` (begin and end drop it from the record, get only
+    # leaves it out); None keeps every id until its end. Why: an id whose end never comes (its gateway died,
+    # or an outage's backlog of ends outgrew its bound) otherwise stays for as long as the workflow goes on,
+    # since every step renews the record's TTL, and the scheduler counts it as a step still running. The end
+    # of a dropped id counts nothing (as a repeated end), so ``inflight_s`` must exceed any request's life.
+
     @abstractmethod
     async def workflow_begin(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float,
                              step: int | None = None, deadline: float | None = None, slo_class: str | None = None,
-                             expected_steps: int | None = None,
-                             predicted_remaining_s: float | None = None) -> dict[str, Any]:
+                             expected_steps: int | None = None, predicted_remaining_s: float | None = None,
+                             inflight_s: float | None = None) -> dict[str, Any]:
         """A step of ``workflow_id`` starts: create the record on first sight (``arrival = now``), add
-        ``request_id`` to ``inflight`` (once), overwrite the fields given (not None; ``last_step`` only
-        rises), refresh the TTL; return the record."""
+        ``request_id`` to ``inflight`` (once: a repeated begin keeps its first begin time), overwrite the fields
+        given (not None; ``last_step`` only rises), refresh the TTL; return the record."""
 
     @abstractmethod
     async def workflow_end(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float, tokens: int = 0,
-                           completed: bool = True) -> dict[str, Any] | None:
+                           completed: bool = True, inflight_s: float | None = None) -> dict[str, Any] | None:
         """A step ends: if ``request_id`` is in flight, remove it, add ``tokens`` to ``tokens_used`` and, when
         ``completed``, count a step done (a repeated call changes nothing). None if the record is gone."""
 
     @abstractmethod
-    async def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
+    async def get_workflow(self, workflow_id: str, inflight_s: float | None = None) -> dict[str, Any] | None:
         """One workflow's record, or None if absent or expired."""
 
     # ---- shared KV ledger -------------------------------------------------------------------------------

@@ -63,6 +63,11 @@ class _TTLMap:
         if self._puts_since_sweep >= max(SWEEP_MIN_PUTS, len(self._items)):
             self.sweep()
 
+    def put_back(self, key: str, record: dict[str, Any]) -> None:
+        """Replace a live entry's record and keep its expiry (a change that is not activity)."""
+        _, expires_at = self._items[key]
+        self._items[key] = (_encode(record), expires_at)
+
     def sweep(self) -> None:
         now = self._clock()
         for key in [k for k, (_, expires_at) in self._items.items() if now >= expires_at]:
@@ -88,9 +93,29 @@ class _TTLMap:
 
 
 def new_workflow(workflow_id: str, now: float) -> dict[str, Any]:
+    """A workflow's stored record. ``inflight`` maps each request id to its begin on the store's clock (callers
+    get the ids alone, sorted: :func:`_public`)."""
     return {"workflow_id": workflow_id, "arrival": now, "deadline": None, "slo_class": None, "steps_done": 0,
             "tokens_used": 0, "expected_steps": None, "last_step": None, "predicted_remaining_s": None,
-            "inflight": [], "last_activity": now}
+            "inflight": {}, "last_activity": now}
+
+
+def _check_inflight_s(inflight_s: float | None) -> None:
+    if inflight_s is not None and not inflight_s > 0:
+        raise ValueError(f"inflight_s must be > 0, got {inflight_s!r}")
+
+
+def _abandoned(record: dict[str, Any], now: float, inflight_s: float | None) -> list[str]:
+    """The ids in flight for longer than ``inflight_s`` (none where it is None)."""
+    if inflight_s is None:
+        return []
+    return [request_id for request_id, begun in record["inflight"].items() if now - begun > inflight_s]
+
+
+def _public(record: dict[str, Any], now: float, inflight_s: float | None) -> dict[str, Any]:
+    """The record as callers get it: ``inflight`` the ids begun within ``inflight_s``, sorted."""
+    left_out = set(_abandoned(record, now, inflight_s))
+    return dict(record, inflight=sorted(r for r in record["inflight"] if r not in left_out))
 
 
 class LeasedLedger:
@@ -199,13 +224,16 @@ class MemoryStateStore(StateStore):
     # ---- workflows ---------------------------------------------------------------------------------------
     async def workflow_begin(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float,
                              step: int | None = None, deadline: float | None = None, slo_class: str | None = None,
-                             expected_steps: int | None = None,
-                             predicted_remaining_s: float | None = None) -> dict[str, Any]:
+                             expected_steps: int | None = None, predicted_remaining_s: float | None = None,
+                             inflight_s: float | None = None) -> dict[str, Any]:
         _check_ttl(ttl_s)
+        _check_inflight_s(inflight_s)
         now = float(now)
+        clock = self._clock()
         record = self._workflows.get(workflow_id) or new_workflow(workflow_id, now)
-        if request_id not in record["inflight"]:
-            record["inflight"] = sorted([*record["inflight"], request_id])
+        for abandoned in _abandoned(record, clock, inflight_s):
+            del record["inflight"][abandoned]
+        record["inflight"].setdefault(request_id, clock)
         if step is not None and (record["last_step"] is None or step > record["last_step"]):
             record["last_step"] = int(step)
         for key, value in (("deadline", deadline), ("slo_class", slo_class), ("expected_steps", expected_steps),
@@ -215,25 +243,33 @@ class MemoryStateStore(StateStore):
                                                                  else float(value))
         record["last_activity"] = max(now, record["last_activity"])  # a step's late replay never moves it back
         self._workflows.put(workflow_id, record, ttl_s)
-        return record
+        return _public(record, clock, None)
 
     async def workflow_end(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float, tokens: int = 0,
-                           completed: bool = True) -> dict[str, Any] | None:
+                           completed: bool = True, inflight_s: float | None = None) -> dict[str, Any] | None:
         _check_ttl(ttl_s)
+        _check_inflight_s(inflight_s)
         record = self._workflows.get(workflow_id)
         if record is None:
             return None
-        if request_id in record["inflight"]:
-            record["inflight"].remove(request_id)
+        clock = self._clock()
+        abandoned = _abandoned(record, clock, inflight_s)
+        for request in abandoned:
+            del record["inflight"][request]
+        if record["inflight"].pop(request_id, None) is not None:
             record["tokens_used"] += int(tokens)
             if completed:
                 record["steps_done"] += 1
             record["last_activity"] = max(float(now), record["last_activity"])
             self._workflows.put(workflow_id, record, ttl_s)
-        return record
+        elif abandoned:
+            self._workflows.put_back(workflow_id, record)
+        return _public(record, clock, None)
 
-    async def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
-        return self._workflows.get(workflow_id)
+    async def get_workflow(self, workflow_id: str, inflight_s: float | None = None) -> dict[str, Any] | None:
+        _check_inflight_s(inflight_s)
+        record = self._workflows.get(workflow_id)
+        return None if record is None else _public(record, self._clock(), inflight_s)
 
     def expire(self) -> None:
         """Drop every expired record now (puts also do, every so many)."""

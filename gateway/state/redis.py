@@ -5,9 +5,12 @@ Layout under ``key_prefix`` (default ``maestro``):
 * ``{prefix}:engine:{engine_id}``   orjson record, with a PX TTL (the authority on liveness)
 * ``{prefix}:engines``              sorted set of engine ids scored by expiry (epoch ms)
 * ``{prefix}:gateway:{gateway_id}`` / ``{prefix}:gateways``  the same for heartbeats
-* ``{prefix}:wf:{workflow_id}`` hash of a workflow's fields, ``{prefix}:wfi:{workflow_id}`` set of its
-  request keys in flight; both carry the workflow TTL, refreshed by every step. (Not ``wf:{id}:inflight``: a
-  workflow id may hold a colon, and workflow ``x:inflight``'s hash would be workflow ``x``'s set.)
+* ``{prefix}:wf:{workflow_id}`` hash of a workflow's fields, ``{prefix}:wfr:{workflow_id}`` sorted set of its
+  request ids in flight scored by their begin (ms, Redis ``TIME``, so that ids abandoned past ``inflight_s`` can
+  be dropped); both carry the workflow TTL, refreshed by every step. (Not ``wf:{id}:inflight``: a workflow id may
+  hold a colon, and workflow ``x:inflight``'s hash would be workflow ``x``'s set.) Gateways before the sorted
+  set kept a plain set under ``wfi:``: during a rolling upgrade each version keeps its own requests in flight,
+  and both count steps into the one hash (a request begins and ends on one gateway).
 * the shared KV ledger, per engine ``e`` and request ``r`` (all changed only by the Lua scripts below):
   ``{prefix}:kv:cap:{e}`` capacity in tokens (24 h TTL, re-set by every gateway's sync loop),
   ``{prefix}:kv:res:{e}`` hash r -> tokens, ``{prefix}:kv:exp:{e}`` sorted set r -> lease expiry (ms, Redis
@@ -212,10 +215,23 @@ end
 return v
 """
 
-# KEYS: record hash, in-flight set. ARGV: workflow id, request id, now, ttl ms, step, deadline, slo class,
-# expected steps, predicted remaining s ('' = not given) -> {hash fields, in-flight ids}
-_WORKFLOW_BEGIN = """
-local wf, wfi = KEYS[1], KEYS[2]
+# The store's clock in ms (TIME), and the ids in flight since before ARGV[n] ms ago dropped ('' = none dropped).
+# string.format: a Lua number as a string is written with 14 significant digits ("%.14g"), and epoch ms has 13.
+_WORKFLOW_CLOCK = """
+local t = redis.call('TIME')
+local clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function drop_abandoned(wfr, inflight_ms)
+  if inflight_ms ~= '' then
+    return redis.call('ZREMRANGEBYSCORE', wfr, '-inf', string.format('(%.0f', clock - tonumber(inflight_ms)))
+  end
+  return 0
+end
+"""
+
+# KEYS: record hash, in-flight sorted set. ARGV: workflow id, request id, now, ttl ms, step, deadline, slo class,
+# expected steps, predicted remaining s, in flight at most ms ('' = not given) -> {hash fields, in-flight ids}
+_WORKFLOW_BEGIN = _WORKFLOW_CLOCK + """
+local wf, wfr = KEYS[1], KEYS[2]
 local now, ttl = ARGV[3], ARGV[4]
 if redis.call('EXISTS', wf) == 0 then
   redis.call('HSET', wf, 'workflow_id', ARGV[1], 'arrival', now, 'steps_done', '0', 'tokens_used', '0')
@@ -230,26 +246,29 @@ for i, name in ipairs(names) do
 end
 local last = tonumber(redis.call('HGET', wf, 'last_activity') or '0')
 if tonumber(now) > last then redis.call('HSET', wf, 'last_activity', now) end  -- never back (a late replay)
-redis.call('SADD', wfi, ARGV[2])
+drop_abandoned(wfr, ARGV[10])
+redis.call('ZADD', wfr, 'NX', string.format('%.0f', clock), ARGV[2])  -- NX: a repeated begin keeps the first
 redis.call('PEXPIRE', wf, ttl)
-redis.call('PEXPIRE', wfi, ttl)
-return {redis.call('HGETALL', wf), redis.call('SMEMBERS', wfi)}
+redis.call('PEXPIRE', wfr, ttl)
+return {redis.call('HGETALL', wf), redis.call('ZRANGE', wfr, 0, -1)}
 """
 
-# KEYS: record hash, in-flight set. ARGV: request id, now, ttl ms, tokens, completed ('1'/'0')
-_WORKFLOW_END = """
-local wf, wfi = KEYS[1], KEYS[2]
+# KEYS: record hash, in-flight sorted set. ARGV: request id, now, ttl ms, tokens, completed ('1'/'0'), in flight at
+# most ms ('' = not given)
+_WORKFLOW_END = _WORKFLOW_CLOCK + """
+local wf, wfr = KEYS[1], KEYS[2]
 if redis.call('EXISTS', wf) == 0 then return false end
-if redis.call('SREM', wfi, ARGV[1]) == 1 then
+drop_abandoned(wfr, ARGV[6])
+if redis.call('ZREM', wfr, ARGV[1]) == 1 then
   redis.call('HINCRBY', wf, 'tokens_used', ARGV[4])
   if ARGV[5] == '1' then redis.call('HINCRBY', wf, 'steps_done', 1) end
   if tonumber(ARGV[2]) > tonumber(redis.call('HGET', wf, 'last_activity') or '0') then
     redis.call('HSET', wf, 'last_activity', ARGV[2])
   end
   redis.call('PEXPIRE', wf, ARGV[3])
-  redis.call('PEXPIRE', wfi, ARGV[3])
+  redis.call('PEXPIRE', wfr, ARGV[3])
 end
-return {redis.call('HGETALL', wf), redis.call('SMEMBERS', wfi)}
+return {redis.call('HGETALL', wf), redis.call('ZRANGE', wfr, 0, -1)}
 """
 
 _WF_FLOATS = ("arrival", "deadline", "predicted_remaining_s", "last_activity")
@@ -261,7 +280,7 @@ def _text(value: Any) -> str:
 
 
 def _workflow_record(reply: Any) -> dict[str, Any] | None:
-    """The Lua reply {HGETALL, SMEMBERS} as the same dict the memory store returns."""
+    """The reply {HGETALL, in-flight ids} as the same dict the memory store returns."""
     if not reply:
         return None
     flat, members = reply
@@ -284,6 +303,15 @@ def _arg(value: Any) -> str:
     if isinstance(value, float):
         return repr(value)
     return str(value)
+
+
+def _inflight_ms(inflight_s: float | None) -> str:
+    """``inflight_s`` as a Lua argument in ms ('' for None), refused where not positive as the memory store does."""
+    if inflight_s is None:
+        return ""
+    if not inflight_s > 0:
+        raise ValueError(f"inflight_s must be > 0, got {inflight_s!r}")
+    return str(max(1, round(inflight_s * 1000)))
 
 
 def _redact(url: str) -> str:
@@ -441,41 +469,48 @@ class RedisStateStore(StateStore):
     # ------------------------------------------------------------------ workflows
 
     def _workflow_keys(self, workflow_id: str) -> list[str]:
-        return [f"{self._prefix}:wf:{workflow_id}", f"{self._prefix}:wfi:{workflow_id}"]
+        return [f"{self._prefix}:wf:{workflow_id}", f"{self._prefix}:wfr:{workflow_id}"]
 
     async def workflow_begin(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float,
                              step: int | None = None, deadline: float | None = None, slo_class: str | None = None,
-                             expected_steps: int | None = None,
-                             predicted_remaining_s: float | None = None) -> dict[str, Any]:
+                             expected_steps: int | None = None, predicted_remaining_s: float | None = None,
+                             inflight_s: float | None = None) -> dict[str, Any]:
         ttl_ms = _check_ttl(ttl_s)
         args = [workflow_id, request_id, _arg(float(now)), ttl_ms, _arg(None if step is None else int(step)),
                 _arg(None if deadline is None else float(deadline)), _arg(slo_class),
                 _arg(None if expected_steps is None else int(expected_steps)),
-                _arg(None if predicted_remaining_s is None else float(predicted_remaining_s))]
+                _arg(None if predicted_remaining_s is None else float(predicted_remaining_s)),
+                _inflight_ms(inflight_s)]
         reply = await self._run("workflow_begin", _WORKFLOW_BEGIN, self._workflow_keys(workflow_id), args)
         return _workflow_record(reply)  # type: ignore[return-value]
 
     async def workflow_end(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float, tokens: int = 0,
-                           completed: bool = True) -> dict[str, Any] | None:
+                           completed: bool = True, inflight_s: float | None = None) -> dict[str, Any] | None:
         ttl_ms = _check_ttl(ttl_s)
-        args = [request_id, _arg(float(now)), ttl_ms, int(tokens), "1" if completed else "0"]
+        args = [request_id, _arg(float(now)), ttl_ms, int(tokens), "1" if completed else "0",
+                _inflight_ms(inflight_s)]
         reply = await self._run("workflow_end", _WORKFLOW_END, self._workflow_keys(workflow_id), args)
         return _workflow_record(reply)
 
-    async def get_workflow(self, workflow_id: str) -> dict[str, Any] | None:
+    async def get_workflow(self, workflow_id: str, inflight_s: float | None = None) -> dict[str, Any] | None:
+        inflight_ms = _inflight_ms(inflight_s)
         keys = self._workflow_keys(workflow_id)
         try:
             async with asyncio.timeout(self._timeout_s):
                 async with self._redis().pipeline(transaction=True) as pipe:
+                    pipe.time()
                     pipe.hgetall(keys[0])
-                    pipe.smembers(keys[1])
-                    fields, members = await pipe.execute()
+                    pipe.zrange(keys[1], 0, -1, withscores=True)
+                    (seconds, micros), fields, members = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise self._unavailable("get_workflow", exc) from exc
         if not fields:
             return None
+        if inflight_ms:  # read only: the ids abandoned are left out here, dropped by the next begin or end
+            cutoff = int(seconds) * 1000 + int(micros) // 1000 - int(inflight_ms)
+            members = [(member, score) for member, score in members if score >= cutoff]
         flat = [item for pair in fields.items() for item in pair]
-        return _workflow_record([flat, list(members)])
+        return _workflow_record([flat, [member for member, _ in members]])
 
     # ------------------------------------------------------------------ shared KV ledger
 
