@@ -36,7 +36,12 @@ async def test_engine_goes_down_and_comes_back():
         assert state.consecutive_failures >= 3 and "failed" in state.last_error
         await engine.start(port)
         await wait_for(lambda: gw.registry.states["local/p/0"].up)
-        stored = await gw.store.get_engine("local/p/0")
+        # the monitor writes engine state in the background (a hung store must not slow its probes)
+        for _ in range(150):
+            stored = await gw.store.get_engine("local/p/0")
+            if stored["up"]:
+                break
+            await asyncio.sleep(0.02)
         assert stored["up"] is True
         assert gw.metrics.engines_up._value.get() == 1
     await engine.stop()
