@@ -604,6 +604,7 @@ class LiveRunner:
                         if result.first_token is None:
                             result.first_token = self._now()
                         chunks += 1
+                        result.output_tokens = chunks  # so far: kept where the stream then fails
                     reason = choice.get("finish_reason")
                     if reason is not None:
                         complete = True
@@ -638,6 +639,7 @@ class LiveRunner:
                             if result.first_token is None:
                                 result.first_token = self._now()
                             chunks += 1
+                            result.output_tokens = chunks  # so far: kept where the stream then fails
                         reason = choice.finish_reason
                         if reason is not None:
                             complete = True

@@ -435,6 +435,21 @@ async def test_a_stream_cut_short_without_finish_is_truncated(client):
 
 
 @pytest.mark.parametrize("client", ["aiohttp", "openai"])
+async def test_a_stream_that_fails_mid_answer_keeps_the_tokens_that_came(client):
+    """An error event after two content chunks: the request counted 0 output tokens, as if nothing had come."""
+    pytest.importorskip(client)
+    error = b"data: " + orjson.dumps({"error": {"message": "engine died", "type": "server_error",
+                                                "code": 502}}) + b"\n\n"
+    server, url = await _serve(_sse(_chunk("tok "), _chunk("tok "), error))
+    try:
+        run = await LiveRunner(_calls(1), LiveOptions(url=url, client=client, progress=False)).run()
+    finally:
+        await server.cleanup()
+    request = run.requests[0]
+    assert request.status == "error:stream" and request.output_tokens == 2 and request.first_token is not None
+
+
+@pytest.mark.parametrize("client", ["aiohttp", "openai"])
 @pytest.mark.parametrize("reason", ["abort", "error"])
 @pytest.mark.parametrize("n", [1, 2])
 async def test_an_answer_the_engine_did_not_finish_is_a_failure(client, reason, n):
