@@ -203,7 +203,7 @@ class OnlineLearningConfig:
     base_data: tuple[str, ...] = ()  # trace files every refit also trains on (e.g. imported public traces)
     work_dir: str = "maestro-online"  # the refit's input file and, unless save_path is set, its model
     save_path: str = ""  # where each refit writes its model; point model_path here to start from it
-    refit_timeout_s: float = 3600.0  # a refit still running after this is killed (the old model serves on)
+    refit_timeout_s: float = 3600.0  # a refit (fit and check) running longer is killed (the old model serves on)
     holdout_share: float = 0.1  # newest live records left out of a refit to check its model (0: no check)
     min_coverage: float = 0.8  # a new model under this p90 coverage there, and under the serving one's, is refused
     max_loss_increase: float = 0.5  # ...as is one whose p90 quantile loss there exceeds serving's × (1 + this)
@@ -577,14 +577,16 @@ def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
                                                  f"holds more, so no refit would ever run")
     if online.buffer == "file" and online.path.endswith(".gz"):
         raise ConfigError(f"{path}.path", "the file buffer writes plain JSONL; give a .jsonl path")
-    if online.enabled and online.buffer == "file":
+    written: set[Path] = set()  # the files each refit writes
+    buffer_file = Path(online.path).resolve() if online.buffer == "file" else None
+    if online.enabled:
         # local import, only when on: the predictor package brings numpy, which a gateway without it never loads
         from predictor.refit_command import HOLDOUT_NAME, INPUT_NAME, PRIORS_NAME, candidate_path, refit_model_path
 
         model = refit_model_path(online.work_dir, online.save_path).resolve()
         written = {Path(online.work_dir, name).resolve() for name in (INPUT_NAME, HOLDOUT_NAME, PRIORS_NAME)}
         written |= {model, candidate_path(model)}
-        if Path(online.path).resolve() in written:
+        if buffer_file in written:
             raise ConfigError(f"{path}.path", f"is a file each refit writes ({online.path}); choose another")
     named: dict[str, int] = {}
     for i, data in enumerate(online.base_data):
@@ -594,6 +596,12 @@ def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
         if real in named:  # training refuses a file given twice: every refit would fail
             raise ConfigError(f"{path}.base_data[{i}]", f"names the file of base_data[{named[real]}] again")
         named[real] = i
+        if Path(real) in written:  # the first refit's model would replace an operator's traces
+            raise ConfigError(f"{path}.base_data[{i}]", f"is a file each refit writes ({data}); choose another")
+        if online.enabled and Path(real) == buffer_file:
+            raise ConfigError(f"{path}.base_data[{i}]", f"is the buffer's own file ({data}): every refit reads the "
+                                                         "live records from it already, and its check would be "
+                                                         "trained on the records it holds out")
         if online.enabled and not Path(data).is_file():  # said at load, not an hour later at the first refit
             raise ConfigError(f"{path}.base_data[{i}]", f"no such file: {data}")
     return online

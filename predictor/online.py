@@ -18,8 +18,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import glob
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -90,6 +93,8 @@ def write_lines_atomically(path: Path, lines: list[bytes]) -> None:
     try:
         with open(tmp, "wb") as handle:
             handle.writelines(lines)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename: a power cut must not leave an empty file
         os.replace(tmp, path)
     except OSError as exc:  # "No space left on device" alone does not say which file (the refit's status shows it)
         tmp.unlink(missing_ok=True)
@@ -140,7 +145,28 @@ async def _in_executor(function: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, function, *args)
 
 
+def _in_daemon_thread(function: Callable[..., Any], *args: Any) -> asyncio.Future:
+    """``function(*args)`` in a thread of its own that does not hold the process's exit. For file writes: one that
+    the file system never returns (a hung network mount) would otherwise keep the process from exiting, as the
+    threads of executors are joined at exit. A thread per write costs ~0.1 ms, at most one write a second."""
+    done: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        if not done.set_running_or_notify_cancel():
+            return
+        try:
+            done.set_result(function(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
+            done.set_exception(exc)
+
+    threading.Thread(target=run, name="trace-buffer-write", daemon=True).start()
+    return asyncio.wrap_future(done)
+
+
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # a buffer's records, as JSONL, at most (multi-agent records run 5-50 kB)
+# How long closing a file buffer waits for its last write: a write the file system never returns (a hung network
+# mount) must not hold a gateway's shutdown; the records it could not write are said in the log.
+CLOSE_WAIT_S = 5.0
 
 
 class MemoryBuffer:
@@ -197,6 +223,7 @@ class FileTraceBuffer(MemoryBuffer):
     def __init__(self, path: str | Path, maxlen: int = 50_000, flush_every: int = 64,
                  executor: Executor | None = None, flush_after_s: float = 1.0,
                  max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        """``executor``: where the writes run (default: a daemon thread each, see :func:`_in_daemon_thread`)."""
         super().__init__(maxlen, max_bytes)
         self.path = Path(path)
         self.flush_every = flush_every
@@ -209,8 +236,23 @@ class FileTraceBuffer(MemoryBuffer):
         self._bytes_on_disk = 0
         self._lock = asyncio.Lock()
         self.write_failures = 0  # failed writes in a row (0: the file is being written)
+        self._remove_leftover_rewrites()
         if self.path.exists():
             self._read_back()
+
+    def _remove_leftover_rewrites(self) -> None:
+        """Delete the temporary files of rewrites a process did not finish (it was killed mid-rewrite): each is
+        named after its process and no later one reuses it, so they stayed for good. The buffer's file is this
+        process's alone (the gateway locks it), so any such file is a dead process's."""
+        for leftover in self.path.parent.glob(f"{glob.escape(self.path.name)}.*.tmp"):
+            if leftover.name[len(self.path.name) + 1:-4].isdigit():
+                try:
+                    leftover.unlink()
+                except OSError as exc:
+                    log.warning("trace buffer %s: could not delete %s, left by an unfinished rewrite: %s",
+                                self.path, leftover, exc)
+                else:
+                    log.warning("trace buffer %s: deleted %s, left by an unfinished rewrite", self.path, leftover)
 
     def _read_back(self) -> None:
         """Load the file's latest records. A last line without its newline is what a crash mid-write leaves:
@@ -301,7 +343,8 @@ class FileTraceBuffer(MemoryBuffer):
             else:
                 write, after = (partial(self._append, lines),
                                 (self._lines_on_disk + len(lines), self._bytes_on_disk + added))
-            self._writing = loop.run_in_executor(self.executor, write)
+            self._writing = (_in_daemon_thread(write) if self.executor is None
+                             else loop.run_in_executor(self.executor, write))
             try:
                 # shielded: a write in its thread cannot be stopped, so a cancelled flush (shutdown) must not
                 # put its lines back to be written a second time; its outcome is settled when it ends, and the
@@ -342,26 +385,43 @@ class FileTraceBuffer(MemoryBuffer):
                 pass
 
     def _append(self, lines: list[bytes]) -> None:
+        """Append ``lines``, or nothing: a partial write (a full disk) is taken back, so that no torn line is left
+        for the next batch to follow. Unbuffered: a buffered file's truncate first flushes what it holds, which
+        fails again on the full disk, and the torn line stayed (then the file was no longer one that
+        ``maestro predictor train`` reads)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab") as handle:
-            end = handle.tell()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            data = memoryview(b"".join(lines))
             try:
-                handle.write(b"".join(lines))
-                handle.flush()
-            except OSError:  # e.g. a full disk: take back a partial write, so no torn line is left
-                handle.truncate(end)
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError:
+                os.ftruncate(fd, end)
                 raise
+        finally:
+            os.close(fd)
 
     def _rewrite(self, lines: list[bytes]) -> None:
         write_lines_atomically(self.path, lines)
 
     async def snapshot_lines(self) -> list[bytes]:
-        await self._flush_or_log()  # a refit needs the records, not the file: they are in memory either way
+        # a refit needs the records, not the file: they are in memory either way, and a refit that waited for a
+        # write the file system never returned waited for ever, and no refit ran after it
         return list(self.lines)
 
     async def close(self) -> None:
+        """Write what is pending, waiting at most ``CLOSE_WAIT_S`` (what a hung write keeps unwritten is logged)."""
         if self._timer is not None and not self._timer.done():
             self._timer.cancel()
+        try:
+            await asyncio.wait_for(self._write_all(), CLOSE_WAIT_S)
+        except TimeoutError:
+            log.warning("trace buffer %s: a write did not finish within %g s at close (a hung file system?); the "
+                        "records it holds and %d more are not on disk", self.path, CLOSE_WAIT_S, len(self._pending))
+
+    async def _write_all(self) -> None:
         await self.flush()
         await self._wait_writing()
 

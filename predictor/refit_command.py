@@ -124,9 +124,9 @@ class TrainCommandRefit:
     each token of output beyond the reservation. A refit on broken traffic must not replace a working model.
     Held-out records are trained on at the next refit.
 
-    ``work_dir`` holds the input files and, unless ``save_path`` is given, the model. ``timeout_s`` bounds each
-    child; on timeout or cancellation it is killed. ``train_args`` are extra arguments for the train command
-    (for example ``["--max-iter", "100"]``).
+    ``work_dir`` holds the input files and, unless ``save_path`` is given, the model. ``timeout_s`` bounds the
+    whole refit (each child gets what is left of it); on timeout or cancellation the child is killed.
+    ``train_args`` are extra arguments for the train command (for example ``["--max-iter", "100"]``).
     """
 
     def __init__(self, work_dir: str | Path, *, base_data: Sequence[str | Path] = (),
@@ -153,6 +153,7 @@ class TrainCommandRefit:
         self.min_coverage = min_coverage
         self.max_loss_increase = max_loss_increase
         self.last_check: dict[str, Any] | None = None  # the latest check's figures (GET /admin/predictor)
+        self._deadline: float | None = None  # the running refit's end (event loop time)
 
     def lock(self) -> None:
         """Claim ``work_dir``, and ``save_path`` where it lies elsewhere, for this process, or raise
@@ -190,8 +191,11 @@ class TrainCommandRefit:
         return held if held >= MIN_HOLDOUT else 0
 
     async def __call__(self, lines: list[bytes]) -> Predictor:
-        """Fit on the base data and ``lines`` (the live records, JSONL, oldest first), check, then load."""
+        """Fit on the base data and ``lines`` (the live records, JSONL, oldest first), check, load, and only then
+        put the model at ``model_path``. ``timeout_s`` bounds the whole refit, each child getting what is left."""
         loop = asyncio.get_running_loop()
+        self._deadline = loop.time() + self.timeout_s
+        self.last_check = None  # the figures shown are this refit's, or none
         held = self.holdout_size(len(lines))
         train, holdout = (lines[:-held], lines[-held:]) if held else (lines, [])
         await loop.run_in_executor(None, write_lines_atomically, self.input_path, train)
@@ -202,10 +206,12 @@ class TrainCommandRefit:
         if holdout:
             await loop.run_in_executor(None, write_lines_atomically, self.holdout_path, holdout)
             await self._check(len(holdout))
+        # loaded before it replaces the serving model's file: a candidate that does not load (or a shutdown
+        # meanwhile) leaves the file and the model the next check compares against the one that serves
+        predictor = await loop.run_in_executor(
+            None, lambda: Predictor.load(self.candidate_path, kv=self.kv, default_max_tokens=self.default_max_tokens))
         os.replace(self.candidate_path, self.model_path)
         self.current_path = self.model_path
-        predictor = await loop.run_in_executor(
-            None, lambda: Predictor.load(self.model_path, kv=self.kv, default_max_tokens=self.default_max_tokens))
         if self.priors is not None:
             predictor.priors = self.priors
         return predictor
@@ -281,15 +287,16 @@ class TrainCommandRefit:
             os.setpriority(os.PRIO_PROCESS, child.pid, REFIT_NICENESS)
         except (AttributeError, OSError):  # not on this platform, or the child is already gone
             pass
+        left = self._deadline - asyncio.get_running_loop().time() if self._deadline is not None else self.timeout_s
         try:
-            stdout, stderr = await asyncio.wait_for(child.communicate(), self.timeout_s)
+            stdout, stderr = await asyncio.wait_for(child.communicate(), max(left, 0.0))
         except BaseException as exc:  # timeout, or the gateway is shutting down: do not leave a fit running
             if child.returncode is None:
                 child.kill()
                 await child.wait()
             if isinstance(exc, TimeoutError):
-                raise RefitError(f"`python -m {module}` ran longer than the refit timeout "
-                                 f"({self.timeout_s:g} s, predictor.online.refit_timeout_s) and was stopped") from None
+                raise RefitError(f"the refit ran longer than predictor.online.refit_timeout_s ({self.timeout_s:g} s): "
+                                 f"`python -m {module}` was stopped") from None
             raise
         if child.returncode != 0:
             said = stderr.decode("utf-8", "replace").strip()[-STDERR_TAIL:]

@@ -253,6 +253,22 @@ def test_a_base_data_file_named_twice_is_refused(tmp_path):
         assert caught.value.field_path == "predictor.online.base_data[1]"
 
 
+def test_a_base_data_file_a_refit_writes_or_the_buffer_file_is_refused(tmp_path):
+    """``save_path`` naming a base_data file: the first refit renamed its model over the operator's traces, and
+    every later refit failed on them. The buffer's own file as base_data: the check's held-out records were in
+    the fit."""
+    data = tmp_path / "traces.jsonl"
+    data.write_text("")
+    online = {"enabled": True, "work_dir": str(tmp_path / "work"), "path": str(tmp_path / "records.jsonl")}
+    for given, said in (({"save_path": str(data)}, "each refit writes"),
+                        ({"path": str(data)}, "the buffer's own file")):
+        raw = {**base(), "predictor": {"online": {**online, **given, "base_data": [str(data)]}}}
+        with pytest.raises(ConfigError, match=said) as caught:
+            parse_config(raw)
+        assert caught.value.field_path == "predictor.online.base_data[0]"
+    parse_config({**base(), "predictor": {"online": {**online, "base_data": [str(data)]}}})  # apart: fine
+
+
 def test_yaml_merge_keys_work_and_a_key_given_twice_is_still_refused(tmp_path):
     """``<<: *anchor`` (one pool's settings reused by another) was refused as "invalid YAML" by the loader
     that refuses a key given twice."""

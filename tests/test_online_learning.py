@@ -180,6 +180,59 @@ async def test_a_refit_past_its_timeout_is_killed(tmp_path):
     assert not (tmp_path / "work" / "online-model.skops").exists()
 
 
+def _sleeping_child(seconds: float, then_write: Path | None = None) -> list[str]:
+    import sys
+
+    code = f"import time; time.sleep({seconds})"
+    if then_write is not None:
+        code += f"; open({str(then_write)!r}, 'wb').write(b'not a model')"
+    return [sys.executable, "-c", code]
+
+
+async def test_the_refit_timeout_bounds_the_whole_refit_not_each_child(tmp_path):
+    """The fit and the two evaluations of its check each had the whole refit_timeout_s: a refit ran up to three
+    times as long as the setting an operator reads as its bound."""
+    refit = TrainCommandRefit(tmp_path / "work", timeout_s=1.0, holdout_share=0.5)
+    refit.command = lambda live, out=None: _sleeping_child(0.6)
+
+    async def check(held):  # stands for the two evaluations of the check
+        await refit._run("predictor.evaluate", _sleeping_child(0.6))
+
+    refit._check = check
+    lines = [orjson.dumps(trace(i)) + b"\n" for i in range(200)]
+    started = time.perf_counter()
+    with pytest.raises(RefitError, match="refit_timeout_s"):
+        await refit(lines)
+    assert time.perf_counter() - started < 1.5
+
+
+async def test_a_candidate_that_does_not_load_leaves_the_serving_models_file(tmp_path):
+    """The candidate was renamed over the serving model's file before it was loaded: one that did not load (or a
+    shutdown meanwhile) left a file that is not the model serving, and the next check compared against it."""
+    serving = tmp_path / "work" / "online-model.skops"
+    serving.parent.mkdir()
+    serving.write_bytes(b"the serving model")
+    refit = TrainCommandRefit(tmp_path / "work", holdout_share=0.0, current_path=serving)
+    refit.command = lambda live, out=None: _sleeping_child(0.0, then_write=out)
+    refit.last_check = {"newest_records": 20}  # an earlier refit's
+    with pytest.raises(Exception):
+        await refit([orjson.dumps(trace(0)) + b"\n"])
+    assert serving.read_bytes() == b"the serving model" and refit.current_path == serving
+    assert refit.last_check is None  # the figures shown are this refit's, and it checked nothing
+
+
+def test_a_rewrite_a_killed_process_left_is_deleted(tmp_path):
+    """A rewrite's temporary file is named after its process: one a killed gateway left stayed for good."""
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(orjson.dumps(trace(0)) + b"\n")
+    left = tmp_path / "records.jsonl.4242.tmp"
+    left.write_bytes(b"half a rewrite")
+    other = tmp_path / "records.jsonl.notes.tmp"
+    other.write_bytes(b"someone's own file")
+    buffer = FileTraceBuffer(path, maxlen=10)
+    assert not left.exists() and other.exists() and len(buffer) == 1
+
+
 async def test_redis_outage_loses_records_not_requests():
     """Nothing listens on port 1: appends and the refit's snapshot fail; the learner counts, keeps its
     model, and stops cleanly."""
@@ -245,6 +298,86 @@ async def test_file_buffer_cuts_a_torn_last_line(tmp_path):
     tokens = [orjson.loads(line)["usage"]["completion_tokens"] for line in path.read_bytes().splitlines()]
     assert tokens == [0, 1, 2, 4, 5]
     assert [r["usage"]["completion_tokens"] for r in await FileTraceBuffer(path).snapshot()] == [0, 1, 2, 4, 5]
+
+
+_FULL_DISK_SCRIPT = """
+import asyncio, os, resource, signal, sys
+from predictor.online import FileTraceBuffer
+
+def trace(i):
+    return {"request": {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]},
+            "usage": {"prompt_tokens": 3, "completion_tokens": i}, "agent_role": None, "workflow": None,
+            "source": "test"}
+
+async def main(path):
+    buffer = FileTraceBuffer(path, maxlen=100, flush_every=4, flush_after_s=0.05)
+    for i in range(4):
+        await buffer.append(trace(i))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # the disk fills mid-batch: write() stores part of it, then fails (EFBIG here, ENOSPC on a full disk)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + 100, resource.RLIM_INFINITY))
+    for i in range(4, 8):
+        await buffer.append(trace(i))
+    assert buffer.write_failures == 1, buffer.write_failures
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))  # room again
+    await asyncio.sleep(0.3)  # the timer writes the batch again
+    await buffer.close()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_batch_the_full_disk_cut_short_leaves_no_torn_line(tmp_path):
+    """A small batch (within the file's 8 KiB write buffer) partly written when the disk filled: the truncate that
+    was to take it back first flushed the buffer, which failed again, so the partial line stayed; the batch
+    written again after it made the file one `maestro predictor train` refuses, and a restart dropped a record."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "records.jsonl"
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK_SCRIPT, str(path)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert [r["usage"]["completion_tokens"] for r in read_records(path)] == list(range(8))
+
+
+async def test_a_write_the_file_system_never_returns_holds_no_refit_and_no_shutdown(tmp_path, monkeypatch):
+    """A hung write (a network mount that stopped answering; here a FIFO nobody reads): a refit's snapshot waited
+    for it for ever (no refit ran after it, and `refitting` stayed true), and so did the gateway's stop."""
+    import os
+
+    import predictor.online as online
+
+    monkeypatch.setattr(online, "CLOSE_WAIT_S", 0.3, raising=False)
+    path = tmp_path / "records.jsonl"
+    buffer = FileTraceBuffer(path, maxlen=100, flush_every=100, flush_after_s=0.05)  # written by its timer
+    snapshots = []
+
+    async def refit(lines):
+        snapshots.append(len(lines))
+        return Predictor.from_priors()
+
+    learner = OnlineLearner(buffer=buffer, refit=refit, min_records=1, refit_every=10**6)
+    for i in range(2):
+        await learner.add(trace(i))
+    await asyncio.sleep(0.2)
+    assert len(list(read_records(path))) == 2
+    path.unlink()
+    os.mkfifo(path)  # the next write blocks in its thread
+    try:
+        for i in range(2, 4):
+            await learner.add(trace(i))
+        await asyncio.sleep(0.2)
+        assert buffer._writing is not None and not buffer._writing.done()  # hung
+        await asyncio.wait_for(learner.trigger(), 5.0)
+        assert snapshots == [4] and learner.last_refit["outcome"] == "ok"
+        started = time.monotonic()
+        await asyncio.wait_for(learner.stop(), 5.0)
+        assert time.monotonic() - started < 2.0
+    finally:
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # lets the hung write end
+        await asyncio.sleep(0.1)
+        os.close(reader)
 
 
 async def test_file_buffer_keeps_a_whole_last_record_that_lacks_its_newline(tmp_path):
