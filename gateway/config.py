@@ -578,8 +578,9 @@ def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
     if online.buffer == "file" and online.path.endswith(".gz"):
         raise ConfigError(f"{path}.path", "the file buffer writes plain JSONL; give a .jsonl path")
     written: set[Path] = set()  # the files each refit writes
-    buffer_file = Path(online.path).resolve() if online.buffer == "file" else None
+    buffer_file: Path | None = None
     if online.enabled:
+        buffer_file = Path(online.path).resolve() if online.buffer == "file" else None
         # local import, only when on: the predictor package brings numpy, which a gateway without it never loads
         from predictor.refit_command import HOLDOUT_NAME, INPUT_NAME, PRIORS_NAME, candidate_path, refit_model_path
 

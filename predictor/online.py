@@ -148,7 +148,8 @@ async def _in_executor(function: Callable[..., Any], *args: Any) -> Any:
 def _in_daemon_thread(function: Callable[..., Any], *args: Any) -> asyncio.Future:
     """``function(*args)`` in a thread of its own that does not hold the process's exit. For file writes: one that
     the file system never returns (a hung network mount) would otherwise keep the process from exiting, as the
-    threads of executors are joined at exit. A thread per write costs ~0.1 ms, at most one write a second."""
+    threads of executors are joined at exit. A thread per write costs ~0.1 ms, against the write's own cost (a
+    batch of ``flush_every`` records)."""
     done: concurrent.futures.Future = concurrent.futures.Future()
 
     def run() -> None:
@@ -166,7 +167,9 @@ def _in_daemon_thread(function: Callable[..., Any], *args: Any) -> asyncio.Futur
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # a buffer's records, as JSONL, at most (multi-agent records run 5-50 kB)
 # How long closing a file buffer waits for its last write: a write the file system never returns (a hung network
 # mount) must not hold a gateway's shutdown; the records it could not write are said in the log.
-CLOSE_WAIT_S = 5.0
+CLOSE_WAIT_S = 2.0
+# How long an append that filled a batch waits for its write: longer, and the write goes on in the background.
+APPEND_WAIT_S = 1.0
 
 
 class MemoryBuffer:
@@ -232,6 +235,7 @@ class FileTraceBuffer(MemoryBuffer):
         self._pending: list[bytes] = []
         self._timer: asyncio.Task | None = None
         self._writing: asyncio.Future | None = None  # the executor write in progress
+        self._flushing: asyncio.Future | None = None  # the flush a full batch started (kept: a task needs a holder)
         self._lines_on_disk = 0
         self._bytes_on_disk = 0
         self._lock = asyncio.Lock()
@@ -295,11 +299,23 @@ class FileTraceBuffer(MemoryBuffer):
             return False
         self._pending.append(line)
         self._trim_pending()  # only while writes fail: the oldest has left memory too
-        if len(self._pending) >= self.flush_every and not self.write_failures:
-            await self._flush_or_log()
+        if len(self._pending) >= self.flush_every and not self.write_failures and not self._write_running():
+            # a batch is full: write it now, and wait for that (so the inbox, not this list, takes the back-pressure
+            # of a slow disk), but not longer than APPEND_WAIT_S: see _write_running
+            self._flushing = asyncio.ensure_future(self._flush_or_log())
+            try:
+                await asyncio.wait_for(asyncio.shield(self._flushing), APPEND_WAIT_S)
+            except TimeoutError:
+                pass  # the write goes on in its thread; the lines are in memory for refits either way
         elif self._timer is None or self._timer.done():  # while writes fail, the timer retries
             self._timer = asyncio.get_running_loop().create_task(self._flush_later())
         return True
+
+    def _write_running(self) -> bool:
+        """Whether a write is still running in its thread. An append then leaves its lines to the timer rather
+        than wait: a write the file system never returns (a hung network mount) held the learner's one drainer
+        for good, and the records it had not yet put into the buffer never reached a refit."""
+        return self._writing is not None and not self._writing.done()
 
     def _trim_pending(self) -> None:
         """Keep no more unwritten lines than the buffer holds: they are its newest, so the ones beyond have left it
@@ -390,7 +406,7 @@ class FileTraceBuffer(MemoryBuffer):
         fails again on the full disk, and the torn line stayed (then the file was no longer one that
         ``maestro predictor train`` reads)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # less the umask, as open() does
         try:
             end = os.lseek(fd, 0, os.SEEK_END)
             data = memoryview(b"".join(lines))

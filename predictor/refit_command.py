@@ -193,9 +193,15 @@ class TrainCommandRefit:
     async def __call__(self, lines: list[bytes]) -> Predictor:
         """Fit on the base data and ``lines`` (the live records, JSONL, oldest first), check, load, and only then
         put the model at ``model_path``. ``timeout_s`` bounds the whole refit, each child getting what is left."""
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.time() + self.timeout_s
+        self._deadline = asyncio.get_running_loop().time() + self.timeout_s
         self.last_check = None  # the figures shown are this refit's, or none
+        try:
+            return await self._fit_check_load(lines)
+        finally:
+            self._deadline = None
+
+    async def _fit_check_load(self, lines: list[bytes]) -> Predictor:
+        loop = asyncio.get_running_loop()
         held = self.holdout_size(len(lines))
         train, holdout = (lines[:-held], lines[-held:]) if held else (lines, [])
         await loop.run_in_executor(None, write_lines_atomically, self.input_path, train)

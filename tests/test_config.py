@@ -269,6 +269,16 @@ def test_a_base_data_file_a_refit_writes_or_the_buffer_file_is_refused(tmp_path)
     parse_config({**base(), "predictor": {"online": {**online, "base_data": [str(data)]}}})  # apart: fine
 
 
+def test_online_learning_off_resolves_no_online_path(tmp_path, monkeypatch):
+    """The online checks resolved the buffer path even with online learning off (the default): from a working
+    folder since deleted, every config load failed with a bare FileNotFoundError."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert parse_config(base()).predictor.online.enabled is False
+
+
 def test_yaml_merge_keys_work_and_a_key_given_twice_is_still_refused(tmp_path):
     """``<<: *anchor`` (one pool's settings reused by another) was refused as "invalid YAML" by the loader
     that refuses a key given twice."""

@@ -349,8 +349,9 @@ async def test_a_write_the_file_system_never_returns_holds_no_refit_and_no_shutd
     import predictor.online as online
 
     monkeypatch.setattr(online, "CLOSE_WAIT_S", 0.3, raising=False)
+    monkeypatch.setattr(online, "APPEND_WAIT_S", 0.2, raising=False)
     path = tmp_path / "records.jsonl"
-    buffer = FileTraceBuffer(path, maxlen=100, flush_every=100, flush_after_s=0.05)  # written by its timer
+    buffer = FileTraceBuffer(path, maxlen=100, flush_every=2, flush_after_s=0.05)
     snapshots = []
 
     async def refit(lines):
@@ -360,17 +361,21 @@ async def test_a_write_the_file_system_never_returns_holds_no_refit_and_no_shutd
     learner = OnlineLearner(buffer=buffer, refit=refit, min_records=1, refit_every=10**6)
     for i in range(2):
         await learner.add(trace(i))
-    await asyncio.sleep(0.2)
     assert len(list(read_records(path))) == 2
     path.unlink()
     os.mkfifo(path)  # the next write blocks in its thread
     try:
-        for i in range(2, 4):
-            await learner.add(trace(i))
-        await asyncio.sleep(0.2)
+        # the append that fills a batch waits APPEND_WAIT_S for its write at most; the next ones not at all, and
+        # every record reaches the buffer (before, the learner's drainer waited for good and the rest were lost)
+        async def drain() -> None:  # as the learner's drainer adds them: one after another
+            for i in range(2, 10):
+                await learner.add(trace(i))
+
+        await asyncio.wait_for(drain(), 2.0)
         assert buffer._writing is not None and not buffer._writing.done()  # hung
+        assert len(buffer) == 10
         await asyncio.wait_for(learner.trigger(), 5.0)
-        assert snapshots == [4] and learner.last_refit["outcome"] == "ok"
+        assert snapshots == [10] and learner.last_refit["outcome"] == "ok"
         started = time.monotonic()
         await asyncio.wait_for(learner.stop(), 5.0)
         assert time.monotonic() - started < 2.0

@@ -518,7 +518,8 @@ async def test_inflight_s_rejected_when_not_positive(harness: Harness) -> None:
     store = harness.store
     for call in (lambda: store.workflow_begin("wf", "r1", now=1.0, ttl_s=LONG_TTL, inflight_s=0),
                  lambda: store.workflow_end("wf", "r1", now=1.0, ttl_s=LONG_TTL, inflight_s=-1.0),
-                 lambda: store.get_workflow("wf", 0.0)):
+                 lambda: store.get_workflow("wf", 0.0), lambda: store.get_workflow("wf", float("inf")),
+                 lambda: store.get_workflow("wf", float("nan"))):
         with pytest.raises(ValueError, match="inflight_s"):
             await call()
     assert await store.get_workflow("wf") is None

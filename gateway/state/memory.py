@@ -8,6 +8,7 @@ callers get fresh copies and can never mutate stored state or rely on object ide
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from typing import Any, Callable
 
@@ -101,8 +102,8 @@ def new_workflow(workflow_id: str, now: float) -> dict[str, Any]:
 
 
 def _check_inflight_s(inflight_s: float | None) -> None:
-    if inflight_s is not None and not inflight_s > 0:
-        raise ValueError(f"inflight_s must be > 0, got {inflight_s!r}")
+    if inflight_s is not None and not 0 < inflight_s < math.inf:
+        raise ValueError(f"inflight_s must be a finite number > 0, got {inflight_s!r}")
 
 
 def _abandoned(record: dict[str, Any], now: float, inflight_s: float | None) -> list[str]:

@@ -38,6 +38,7 @@ every call is bounded by ``timeout_s`` in total and failures surface at once as 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from typing import Any, Callable
@@ -309,8 +310,8 @@ def _inflight_ms(inflight_s: float | None) -> str:
     """``inflight_s`` as a Lua argument in ms ('' for None), refused where not positive as the memory store does."""
     if inflight_s is None:
         return ""
-    if not inflight_s > 0:
-        raise ValueError(f"inflight_s must be > 0, got {inflight_s!r}")
+    if not 0 < inflight_s < math.inf:
+        raise ValueError(f"inflight_s must be a finite number > 0, got {inflight_s!r}")
     return str(max(1, round(inflight_s * 1000)))
 
 
