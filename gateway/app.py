@@ -31,6 +31,8 @@ from gateway.state import StateUnavailable, make_state_store
 from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("maestro.gateway")
+# At stop, the removal of this gateway's heartbeat entry waits this long at most (else the entry expires by TTL).
+REMOVE_GATEWAY_S = 0.5
 
 
 class Gateway:
@@ -48,6 +50,8 @@ class Gateway:
         self.metrics.inflight.set_function(lambda: len(self.handlers))  # maestro_inflight_requests, read at scrape
         self.images_inflight = 0  # image requests among them (server.max_inflight_images)
         self.draining = False  # stopping: new requests get 503, those in flight get server.shutdown_grace_s
+        self.cutting = False  # the grace is over: the stop cancels the requests still in flight
+        self._hurry = asyncio.Event()  # a second stop signal: end the grace now
         self.started_at = time.time()
         self.registry: EngineRegistry | None = None
         self.proxy: Proxy | None = None
@@ -131,8 +135,10 @@ class Gateway:
         return self.base_url
 
     async def _heartbeat_loop(self) -> None:
+        """Announce this gateway until its stop has ended its requests and released their reservations (the
+        others share an engine by the gateways they see during an outage); the stop then removes the entry."""
         interval = self.config.state.heartbeat_interval_s
-        while not self._stopping:
+        while not self._stopping:  # a flag as well as the cancel: see gateway/tasks.py
             info = {"base_url": self.base_url, "started_at": self.started_at, "inflight": self.inflight,
                     "engines_up": self.registry.up_count() if self.registry else 0}
             try:
@@ -153,12 +159,13 @@ class Gateway:
         grace = self.config.server.shutdown_grace_s
         log.info("stopping: waiting up to %g s for %d requests in flight", grace, len(self.handlers))
         deadline = loop.time() + grace
-        while self.handlers and loop.time() < deadline:
+        while self.handlers and loop.time() < deadline and not self._hurry.is_set():
             await asyncio.sleep(0.05)
         if not self.handlers:
             return
-        log.warning("stopping: ending %d requests still in flight after %g s (streams with an error event, the "
-                    "others with 503)", len(self.handlers), grace)
+        log.warning("stopping: ending %d requests still in flight after %.3g s (streams with an error event, the "
+                    "others with 503)", len(self.handlers), grace - max(0.0, deadline - loop.time()))
+        self.cutting = True
         if self.proxy is not None:
             self.proxy.shutting_down = True
         pending = list(self.handlers)
@@ -166,17 +173,29 @@ class Gateway:
             task.cancel()
         await asyncio.wait(pending, timeout=2.0)
 
+    def hurry(self) -> None:
+        """A second stop signal: end the requests still in flight now, not at the end of the grace."""
+        if self.draining and not self._hurry.is_set():
+            log.warning("stopping: signalled again; ending the %d requests still in flight now", len(self.handlers))
+        self._hurry.set()
+
     async def stop(self) -> None:
         """Stop everything; safe to call again (a failed start stops, and then so does its caller)."""
         if self._stopped:
             return
         self._stopped = True
-        self._stopping = True
         await self._drain()
-        await cancel_and_wait(self._heartbeat_task)
         if self._runner is not None:
             await self._runner.cleanup()
         await self.scheduling.stop()
+        self._stopping = True
+        await cancel_and_wait(self._heartbeat_task)
+        if self._heartbeat_task is not None:
+            try:  # briefly: the stop must stay inside an orchestrator's grace period (see _drain)
+                async with asyncio.timeout(REMOVE_GATEWAY_S):
+                    await self.store.remove_gateway(self.gateway_id)
+            except (StateUnavailable, TimeoutError):
+                pass  # its entry expires with its heartbeat's TTL
         if self.monitor is not None:
             await self.monitor.stop()
         if self.registry is not None:

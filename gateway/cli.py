@@ -47,11 +47,12 @@ def _run_server(main) -> int:
     return 0
 
 
-async def _run_until_signal(start, stop) -> None:
-    """Start, serve until SIGINT or SIGTERM (:func:`gateway.listen.stop_signals`), then stop cleanly."""
+async def _run_until_signal(start, stop, on_repeat=None) -> None:
+    """Start, serve until SIGINT or SIGTERM (:func:`gateway.listen.stop_signals`), then stop cleanly; a signal
+    during the stop calls ``on_repeat``."""
     from gateway.listen import stop_signals
 
-    with stop_signals() as stopping:
+    with stop_signals(on_repeat) as stopping:
         try:
             await start()
             await stopping.wait()
@@ -79,7 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"OpenAI SDK: OpenAI(base_url=\"{base_url}/v1\", api_key=\"{key}\")", flush=True)
         print(f"Models: {', '.join(gateway.registry.models())}", flush=True)
 
-    return _run_server(_run_until_signal(start, gateway.stop))
+    return _run_server(_run_until_signal(start, gateway.stop, gateway.hurry))
 
 
 def cmd_sim_engines(args: argparse.Namespace) -> int:

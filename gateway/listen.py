@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
 MAX_PORT = 65535
+log = logging.getLogger("maestro.listen")
 
 
 class _OneLineForBadRequests(logging.Filter):
@@ -55,15 +56,25 @@ async def start_site(site: web.TCPSite, host: str, port: int) -> None:
 
 
 @contextlib.contextmanager
-def stop_signals() -> Iterator[asyncio.Event]:
+def stop_signals(on_repeat: Callable[[], None] | None = None) -> Iterator[asyncio.Event]:
     """An event set by SIGINT or SIGTERM while the block runs (inside the running loop; where signals cannot be
-    handled, off the main thread, it is only ever set by the caller)."""
+    handled, off the main thread, it is only ever set by the caller). A signal after the first calls
+    ``on_repeat`` (the gateway ends its grace: an operator's second Ctrl-C had gone unheard), or is logged."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     handled = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stopping.is_set():
+            stopping.set()
+        elif on_repeat is not None:
+            on_repeat()
+        else:
+            log.warning("%s again: already stopping", sig.name)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stopping.set)
+            loop.add_signal_handler(sig, on_signal, sig)
             handled.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
             pass

@@ -165,3 +165,32 @@ def test_the_sim_module_refuses_counts_and_ports_as_maestro_sim_engines(argv, sa
     with pytest.raises(SystemExit) as exited:
         main(argv)
     assert exited.value.code == 2 and says in capsys.readouterr().err
+
+
+_SIGNALS_SCRIPT = """
+import asyncio, os, signal
+from gateway.listen import stop_signals
+
+async def main():
+    repeats = []
+    with stop_signals(lambda: repeats.append(1)) as stopping:
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.wait_for(stopping.wait(), 5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100):
+            if len(repeats) == 2:
+                break
+            await asyncio.sleep(0.01)
+    print("repeats", len(repeats))
+
+asyncio.run(main())
+"""
+
+
+def test_a_second_stop_signal_is_heard():
+    """An operator's second Ctrl-C (or a second SIGTERM) during the stop did nothing: the gateway waited out its
+    whole grace, without a word. It now ends the grace (``Gateway.hurry``)."""
+    done = subprocess.run([sys.executable, "-c", _SIGNALS_SCRIPT], capture_output=True, text=True, timeout=60,
+                          cwd=REPO)
+    assert done.returncode == 0 and done.stdout.split() == ["repeats", "2"], done.stderr

@@ -358,6 +358,39 @@ async def test_a_stop_lets_requests_finish_then_ends_the_rest_with_an_answer(eng
         assert 'route="chat",status="200"' not in metrics
 
 
+async def test_during_the_stop_health_says_draining_a_second_signal_ends_the_grace_and_leavers_are_499(engines):
+    """From a shutdown audit: /health answered 200 "ok" through the whole grace, so a load balancer went on sending
+    traffic; an operator's second Ctrl-C was not heard (the full grace ran); a client that left during the grace
+    was counted as a 503 the stop answered, not a 499; and the stopped gateway stayed in the store's gateway
+    list until its heartbeat expired, counted by the others when they share engines in an outage."""
+    streaming, stalling = engines
+    streaming.mode, streaming.delay_s = "slow", 30.0  # one token, then a long pause
+    config = gateway_config([streaming.url], server={"shutdown_grace_s": 30.0})
+    async with running_gateway(config) as gw, aiohttp.ClientSession() as session:
+        assert gw.gateway_id in await gw.store.gateways()
+        body = {"model": "fault-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        leaving = await session.post(gw.base_url + "/v1/chat/completions", json=body)
+        await leaving.content.readline()
+        async with session.post(gw.base_url + "/v1/chat/completions", json=body) as stream:
+            await stream.content.readline()  # two streams under way
+            stopping = asyncio.create_task(gw.stop())
+            await asyncio.sleep(0.1)
+            async with session.get(gw.base_url + "/health") as health:
+                assert health.status == 503 and (await health.json())["status"] == "draining"
+            leaving.close()  # this client leaves during the grace
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            gw.hurry()  # the second signal
+            rest = (await stream.read()).decode()
+            assert '"code":"gateway_shutting_down"' in rest
+            await stopping
+            assert time.monotonic() - started < 4.0  # not the 30 s grace
+        metrics = gw.metrics.render().decode()
+        assert 'route="chat",status="499"} 1.0' in metrics  # the one that left
+        assert 'route="chat",status="503"} 1.0' in metrics  # the one the stop cut
+        assert await gw.store.gateways() == {}  # gone from the list at once
+
+
 async def test_a_refusal_inside_a_200_stream_is_retried_like_a_503(engines):
     """vLLM refuses a request it has no room for with an error event (code 503) on a 200 stream when the refusal
     comes at add_request: nothing has reached the client yet, so it is back-pressure, retried elsewhere."""

@@ -236,6 +236,16 @@ async def test_heartbeat_and_gateways(harness: Harness) -> None:
     }
 
 
+async def test_a_gateway_removed_is_gone_at_once(harness: Harness) -> None:
+    """A gateway that stopped stayed listed until its heartbeat expired (the others count the gateways they see
+    when they share engines during an outage)."""
+    await harness.store.heartbeat("stopped", {"host": "s"}, LONG_TTL)
+    await harness.store.heartbeat("alive", {"host": "a"}, LONG_TTL)
+    await harness.store.remove_gateway("stopped")
+    await harness.store.remove_gateway("never-there")  # nothing to do
+    assert await harness.store.gateways() == {"alive": {"host": "a"}}
+
+
 async def test_gateways_expire(harness: Harness) -> None:
     await harness.store.heartbeat("dead", {"host": "d"}, SHORT_TTL)
     await harness.store.heartbeat("alive", {"host": "a"}, LONG_TTL)

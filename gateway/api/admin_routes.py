@@ -24,12 +24,15 @@ if TYPE_CHECKING:
 
 
 async def health(request: web.Request) -> web.Response:
+    """200 ``ok``; 503 ``draining`` once the gateway is stopping (it answers new requests 503), so that a load
+    balancer or readiness probe stops sending it traffic during the stop's grace."""
     gateway = request.app[GATEWAY_KEY]
     registry = gateway.registry
-    body = {"status": "ok", "gateway_id": gateway.gateway_id, "engines_up": registry.up_count(),
-            "engines_sleeping": registry.sleeping_count(), "engines_total": len(registry.states),
-            "state_store": gateway.store_status}
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    body = {"status": "draining" if gateway.draining else "ok", "gateway_id": gateway.gateway_id,
+            "engines_up": registry.up_count(), "engines_sleeping": registry.sleeping_count(),
+            "engines_total": len(registry.states), "state_store": gateway.store_status}
+    return web.Response(body=orjson.dumps(body), status=503 if gateway.draining else 200,
+                        content_type="application/json")
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -160,11 +160,12 @@ def openai_endpoint(route: str, handler: Handler) -> Callable[[web.Request], Awa
             response = error.response(request_id)
         except asyncio.CancelledError:
             # a client that left, or a stream that already ended with the shutdown's error event: nothing to send
-            if not gateway.draining or request.get(_RESPONSE_STARTED):
+            # (during the stop's grace a cancel is still the client's: only its end cuts requests)
+            if not gateway.cutting or request.get(_RESPONSE_STARTED):
                 # counted as nginx does (499: the client closed the connection), or abandoned traffic (a client's
                 # own timeout, a user who gave up) would be invisible in the request metrics; a stream the
                 # gateway's stop cut (it ended with the shutdown's error event) as the 503 the others get
-                status = SHUTDOWN_CUT if gateway.draining else CLIENT_CLOSED
+                status = SHUTDOWN_CUT if gateway.cutting else CLIENT_CLOSED
                 gateway.metrics.request_done(route, request.get(_MODEL_LABEL, model), status,
                                              time.perf_counter() - started, -1.0)
                 raise

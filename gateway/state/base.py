@@ -57,6 +57,10 @@ class StateStore(ABC):
     async def gateways(self) -> dict[str, dict[str, Any]]:
         """All gateways whose heartbeat has not expired, by gateway id."""
 
+    @abstractmethod
+    async def remove_gateway(self, gateway_id: str) -> None:
+        """Forget a gateway now (it stopped): the others stop counting it at once, not when its heartbeat expires."""
+
     # ---- workflows --------------------------------------------------------------------------------------
     #
     # ``inflight_s`` (all three calls): a request id in flight longer than this, by the store's own clock since

@@ -222,6 +222,9 @@ class MemoryStateStore(StateStore):
     async def gateways(self) -> dict[str, dict[str, Any]]:
         return self._gateways.all()
 
+    async def remove_gateway(self, gateway_id: str) -> None:
+        self._gateways.delete(gateway_id)
+
     # ---- workflows ---------------------------------------------------------------------------------------
     async def workflow_begin(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float,
                              step: int | None = None, deadline: float | None = None, slo_class: str | None = None,

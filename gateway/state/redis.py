@@ -452,20 +452,26 @@ class RedisStateStore(StateStore):
         return await self._list("get_engines", self._engines_idx, self._engine_key)
 
     async def delete_engine(self, engine_id: str) -> None:
+        await self._delete("delete_engine", self._engine_key(engine_id), self._engines_idx, engine_id)
+
+    async def _delete(self, op: str, key: str, index: str, member: str) -> None:
         try:
             async with asyncio.timeout(self._timeout_s):
                 async with self._redis().pipeline(transaction=True) as pipe:
-                    pipe.delete(self._engine_key(engine_id))
-                    pipe.zrem(self._engines_idx, engine_id)
+                    pipe.delete(key)
+                    pipe.zrem(index, member)
                     await pipe.execute()
         except (RedisError, OSError) as exc:
-            raise self._unavailable("delete_engine", exc) from exc
+            raise self._unavailable(op, exc) from exc
 
     async def heartbeat(self, gateway_id: str, info: dict[str, Any], ttl_s: float) -> None:
         await self._put("heartbeat", self._gateway_key(gateway_id), self._gateways_idx, gateway_id, info, ttl_s)
 
     async def gateways(self) -> dict[str, dict[str, Any]]:
         return await self._list("gateways", self._gateways_idx, self._gateway_key)
+
+    async def remove_gateway(self, gateway_id: str) -> None:
+        await self._delete("remove_gateway", self._gateway_key(gateway_id), self._gateways_idx, gateway_id)
 
     # ------------------------------------------------------------------ workflows
 
