@@ -78,6 +78,7 @@ LEGACY_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI'
 STORE_RETRY_S = 2.0  # workflow records: after a store failure, use the local store this long before retrying
 _TRY, _PROBE = 1, 2  # WorkflowTracker._use_store: try the store (up), or find out whether it is back
 UNSENT_STEPS_LIMIT = 10_000  # workflow steps ended while the store was unreachable, kept to send it (oldest go)
+CLOSE_RELEASE_S = 1.0  # at stop, the releases an outage left get this long to reach the store
 UNSENT_STEPS_PER_TICK = 200  # sent per tick of the scheduling loop, which also keeps the ledger's leases alive
 # A workflow record's request id in flight longer than this many times timeouts.total_s (which bounds every
 # request, its queue time included) is taken as abandoned: its end will never come (the gateway that ran it
@@ -549,6 +550,22 @@ class SharedLedger:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2.0)
+        await self._release_left_at_close()
+
+    async def _release_left_at_close(self) -> None:
+        """Send, once and within CLOSE_RELEASE_S, the releases an outage left for the store: only the sync loop's
+        resync sent them, and a gateway stopped soon after the store came back left their reservations held in
+        the shared ledger for a whole lease, on engines the other gateways then saw as that much fuller."""
+        if self.local is None or not self._to_release:
+            return
+        try:
+            async with asyncio.timeout(CLOSE_RELEASE_S):
+                for request_id in list(self._to_release):
+                    await self.store.ledger_release(request_id)
+                    self._to_release.discard(request_id)
+        except (StateUnavailable, TimeoutError):
+            log.warning("stopping: %d reservations released during the store's outage could not be released in "
+                        "it now; they lapse with their lease (%g s)", len(self._to_release), self.lease_s)
 
 
 def scheduling_key(request_id: str, engine_request_id: str | None = None) -> str:

@@ -370,6 +370,30 @@ def test_the_shared_ledger_returns_from_an_outage_while_traffic_goes_on():
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
+def test_a_stop_soon_after_an_outage_sends_the_releases_it_left():
+    """Releases made during an outage are replayed by the sync loop's resync only: a gateway stopped before it
+    ran left their reservations in the shared ledger for a whole lease (30 s), the engines that much fuller for
+    every other gateway."""
+    from gateway.metrics import GatewayMetrics
+    from gateway.scheduling import SharedLedger
+
+    async def scenario() -> None:
+        store = _SlowStore()
+        ledger = SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics())
+        await ledger.set_capacities({"e": 10**6})
+        assert await ledger.reserve("r1", "e", 100) and await ledger.reserve("r2", "e", 50)
+        store.down = True
+        await ledger.reserve("trigger", "e", 10)  # the call that finds the store gone
+        assert ledger.degraded
+        for request_id in ("r1", "r2", "trigger"):
+            ledger.release(request_id)
+        store.down = False  # back, and the gateway stops before its sync loop's next round
+        await ledger.close()
+        assert (await store.inner.ledger_usage(["e"]))["e"][0] == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
 def test_a_request_moved_or_grown_around_the_resync_keeps_its_reservation_in_the_store():
     """Moved while the resync replayed releases, a request was reserved on its new engine by a reserve the store
     ignored (the id still held its old copy), then released there at the switch: the store held nothing for a
