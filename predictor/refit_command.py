@@ -16,11 +16,13 @@ its own files and never held by the gateway.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
+import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +37,26 @@ log = logging.getLogger(__name__)
 
 REFIT_NICENESS = 10  # the child's scheduling priority (Unix nice value; higher = yields to the gateway)
 STDERR_TAIL = 2000  # characters of the child's error output kept for the log and ``last_error``
+_PR_SET_PDEATHSIG = 1  # Linux prctl(2)
+try:
+    _LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:  # no C library to call
+    _LIBC = None
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel kill the child when the gateway dies (Linux): a gateway killed with
+    ``kill -9`` left its fit running for a minute, writing a candidate into the work_dir of the gateway started
+    after it. (A parent already gone by then: the child ends at once.)"""
+    if _LIBC is None:
+        return None
+
+    def arrange() -> None:  # in the child, between fork and exec
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arrange
 INPUT_NAME = "refit-input.jsonl"  # in work_dir: the live records of the latest refit, as the child read them
 MODEL_NAME = "online-model.skops"  # in work_dir, unless save_path is given
 LOCK_NAME = "lock"  # in work_dir: held by the one gateway that uses it
@@ -288,7 +310,8 @@ class TrainCommandRefit:
         """Run a child at a lower CPU priority and return its output; RefitError if it fails or runs too long."""
         child = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.DEVNULL,
                                                      stdout=asyncio.subprocess.PIPE,
-                                                     stderr=asyncio.subprocess.PIPE)
+                                                     stderr=asyncio.subprocess.PIPE,
+                                                     preexec_fn=_die_with_parent(os.getpid()))
         try:  # serving comes first: the fit gets the CPU the gateway leaves
             os.setpriority(os.PRIO_PROCESS, child.pid, REFIT_NICENESS)
         except (AttributeError, OSError):  # not on this platform, or the child is already gone

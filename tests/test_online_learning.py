@@ -4,6 +4,8 @@ the predictor on them without stalling the event loop (predictor.online, predict
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -231,6 +233,54 @@ def test_a_rewrite_a_killed_process_left_is_deleted(tmp_path):
     other.write_bytes(b"someone's own file")
     buffer = FileTraceBuffer(path, maxlen=10)
     assert not left.exists() and other.exists() and len(buffer) == 1
+
+
+_REFIT_CHILD_SCRIPT = """
+import asyncio, sys
+from predictor.refit_command import TrainCommandRefit
+
+async def main(work, pid_file):
+    refit = TrainCommandRefit(work, timeout_s=60)
+    code = f"import os, time; open({pid_file!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    await refit._run("predictor.train", [sys.executable, "-c", code])
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's (prctl)")
+def test_a_gateway_killed_with_kill_9_takes_its_refit_child_with_it(tmp_path):
+    """The fit went on for a minute after its gateway was killed, and wrote its candidate into the work_dir of
+    the gateway started after it."""
+    import signal
+    import subprocess
+
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, "-c", _REFIT_CHILD_SCRIPT, str(tmp_path / "work"), str(pid_file)],
+                              cwd=Path(__file__).resolve().parent.parent)
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline and parent.poll() is None, "the child never started"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+    def running() -> bool:  # a child killed but not reaped (its new parent may never reap it) is a zombie
+        try:
+            return Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 5
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = running()
+    if alive:
+        os.kill(child, signal.SIGKILL)
+    assert not alive, "the refit's child outlived its gateway"
 
 
 async def test_redis_outage_loses_records_not_requests():
