@@ -163,7 +163,7 @@ class Gateway:
             await asyncio.sleep(0.05)
         if not self.handlers:
             return
-        log.warning("stopping: ending %d requests still in flight after %.3g s (streams with an error event, the "
+        log.warning("stopping: ending %d requests still in flight after %.1f s (streams with an error event, the "
                     "others with 503)", len(self.handlers), grace - max(0.0, deadline - loop.time()))
         self.cutting = True
         if self.proxy is not None:
@@ -175,8 +175,12 @@ class Gateway:
 
     def hurry(self) -> None:
         """A second stop signal: end the requests still in flight now, not at the end of the grace."""
-        if self.draining and not self._hurry.is_set():
-            log.warning("stopping: signalled again; ending the %d requests still in flight now", len(self.handlers))
+        if not self._hurry.is_set():
+            if self.draining:
+                log.warning("stopping: signalled again; ending the %d requests still in flight now",
+                            len(self.handlers))
+            else:
+                log.warning("signalled again while starting: the stop will not wait for requests in flight")
         self._hurry.set()
 
     async def stop(self) -> None:
@@ -190,7 +194,7 @@ class Gateway:
         await self.scheduling.stop()
         self._stopping = True
         await cancel_and_wait(self._heartbeat_task)
-        if self._heartbeat_task is not None:
+        if self._heartbeat_task is not None and self.store_status == "ok":  # a store known down is not waited for
             try:  # briefly: the stop must stay inside an orchestrator's grace period (see _drain)
                 async with asyncio.timeout(REMOVE_GATEWAY_S):
                     await self.store.remove_gateway(self.gateway_id)

@@ -78,7 +78,8 @@ LEGACY_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (OpenAI'
 STORE_RETRY_S = 2.0  # workflow records: after a store failure, use the local store this long before retrying
 _TRY, _PROBE = 1, 2  # WorkflowTracker._use_store: try the store (up), or find out whether it is back
 UNSENT_STEPS_LIMIT = 10_000  # workflow steps ended while the store was unreachable, kept to send it (oldest go)
-CLOSE_RELEASE_S = 1.0  # at stop, the releases an outage left get this long to reach the store
+CLOSE_RELEASE_S = 1.0  # at stop, the releases an outage left get this long to reach the store...
+CLOSE_PING_S = 0.25  # ...once it answers a ping within this (a stop must stay inside Docker's 10 s)
 UNSENT_STEPS_PER_TICK = 200  # sent per tick of the scheduling loop, which also keeps the ledger's leases alive
 # A workflow record's request id in flight longer than this many times timeouts.total_s (which bounds every
 # request, its queue time included) is taken as abandoned: its end will never come (the gateway that ran it
@@ -559,6 +560,13 @@ class SharedLedger:
         if self.local is None or not self._to_release:
             return
         try:
+            async with asyncio.timeout(CLOSE_PING_S):  # a store still down costs the stop this much, no more
+                answered = await self.store.ping()
+        except TimeoutError:
+            answered = False
+        try:
+            if not answered:
+                raise StateUnavailable("ping: no answer")
             async with asyncio.timeout(CLOSE_RELEASE_S):
                 for request_id in list(self._to_release):
                     await self.store.ledger_release(request_id)

@@ -16,7 +16,6 @@ its own files and never held by the gateway.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import signal
@@ -29,6 +28,11 @@ from typing import IO, Any
 
 import orjson
 
+try:
+    import ctypes
+except ImportError:  # a Python built without it: refits run, without the parent-death signal
+    ctypes = None  # type: ignore[assignment]
+
 from predictor.kv import KVModel
 from predictor.online import RefitRejected, write_lines_atomically
 from predictor.predictor import Predictor, normalize_priors
@@ -38,21 +42,21 @@ log = logging.getLogger(__name__)
 REFIT_NICENESS = 10  # the child's scheduling priority (Unix nice value; higher = yields to the gateway)
 STDERR_TAIL = 2000  # characters of the child's error output kept for the log and ``last_error``
 _PR_SET_PDEATHSIG = 1  # Linux prctl(2)
-try:
-    _LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-except OSError:  # no C library to call
-    _LIBC = None
+try:  # looked up here, once: the child between fork and exec should do as little as it can
+    _PRCTL: Any = ctypes.CDLL(None, use_errno=True).prctl if ctypes and sys.platform.startswith("linux") else None
+except (OSError, AttributeError):  # no C library to call, or no prctl in it
+    _PRCTL = None
 
 
 def _die_with_parent(parent: int) -> Callable[[], None] | None:
     """A ``preexec_fn`` that has the kernel kill the child when the gateway dies (Linux): a gateway killed with
     ``kill -9`` left its fit running for a minute, writing a candidate into the work_dir of the gateway started
     after it. (A parent already gone by then: the child ends at once.)"""
-    if _LIBC is None:
+    if _PRCTL is None:
         return None
 
     def arrange() -> None:  # in the child, between fork and exec
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os._exit(1)
 
