@@ -475,6 +475,9 @@ def _parse_pool(raw: Any, path: str, model_names: set[str]) -> PoolConfig:
                                                                  f"{' and '.join(_SIMULATED_DIT_KEYS)}")
         if len(models) != 1:
             raise ConfigError(f"{path}.models", "a simulated pool serves exactly one model")
+    if kind == "vllm-omni" and len(models) != 1:  # every engine of a pool serves each of its models
+        raise ConfigError(f"{path}.models", "a vllm-omni pool serves exactly one model: a vLLM-Omni engine serves "
+                                            "one and answers 400 for any other (give each model its own pool)")
     if not engines and simulated is None:
         raise ConfigError(f"{path}.engines", "a pool needs at least one engine (or a 'simulated' block)")
     kv_capacity = _get(section, "kv_capacity_tokens", int, path, 0)

@@ -110,6 +110,11 @@ def test_defaults_fill_in():
     (lambda c: c["clusters"][0]["pools"].append({"name": "d", "kind": "vllm-omni", "models": ["m"],
                                                  "simulated": {"count": 1, "kv_blocks": 64}}),
      "clusters[0].pools[1].simulated.kv_blocks"),
+    # a vLLM-Omni engine serves one model and answers 400 for another: a pool of two could serve neither twice
+    (lambda c: (c.update(models=[{"name": "m"}, {"name": "n"}]),
+                c["clusters"][0]["pools"].append({"name": "d", "kind": "vllm-omni", "models": ["m", "n"],
+                                                  "engines": ["http://d:1"]})),
+     "clusters[0].pools[1].models"),
     # headers the gateway sets, that belong to one hop, carry credentials, or that vLLM would act on for the client
     (lambda c: c.update(server={"forward_headers": ["traceparent", "X-Data-Parallel-Rank"]}),
      "server.forward_headers[1]"),

@@ -834,9 +834,26 @@ async def test_dit_engine_returns_decodable_png():
                         assert response.content_type == "application/zip"
                         assert archive.namelist() == ["image_0.png", "image_1.png", "image_2.png"]
                         assert _read_png(archive.read("image_2.png"))[:2] == (64, 48)
-            # another model is served with a warning, as vLLM-Omni's image route does
+            # another model is a 400, as vLLM-Omni answers since its PR #2805
             async with session.post(handle.url + "/v1/images/generations", json={
                     "prompt": "x", "size": "64x64", "model": "other"}) as response:
+                assert response.status == 400 and await response.json() == {"error": {
+                    "message": "Model mismatch: request specifies 'other' but server is running 'maestro-sim-dit'.",
+                    "type": "Bad Request", "param": None, "code": 400}}
+            # the diffusion knobs as vLLM-Omni's request model declares them
+            for knobs, param in (({"guidance_scale": 25}, "body.guidance_scale"),
+                                 ({"true_cfg_scale": -1}, "body.true_cfg_scale"),
+                                 ({"guidance_scale": "strong"}, "body.guidance_scale"),
+                                 ({"seed": 1.5}, "body.seed"), ({"negative_prompt": 3}, "body.negative_prompt"),
+                                 ({"lora": "x"}, "body.lora"), ({"vae_use_tiling": "maybe"}, "body.vae_use_tiling"),
+                                 ({"use_system_prompt": "fancy"}, "body.use_system_prompt")):
+                async with session.post(handle.url + "/v1/images/generations",
+                                        json={"prompt": "x", "size": "64x64", **knobs}) as response:
+                    assert response.status == 400 and (await response.json())["error"]["param"] == param, knobs
+            async with session.post(handle.url + "/v1/images/generations", json={
+                    "prompt": "x", "size": "64x64", "guidance_scale": 7.5, "true_cfg_scale": 0, "seed": 3,
+                    "negative_prompt": "blur", "lora": {"name": "a"}, "vae_use_tiling": True,
+                    "use_system_prompt": "dynamic"}) as response:
                 assert response.status == 200
             async with session.get(handle.url + "/health") as response:
                 assert await response.json() == {"status": "healthy"}

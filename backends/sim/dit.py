@@ -5,13 +5,16 @@ Request and response follow vLLM-Omni's ``entrypoints/openai/protocol/images.py`
 ``num_inference_steps`` (1..200), ``seed`` and further diffusion knobs (accepted, ignored). The answer is
 ``{"created", "data": [{"b64_json", "url": null, "revised_prompt": null}], "output_format": "png", "size"}``,
 or for ``response_format="file"`` the PNG (a zip of ``image_<i>.png`` for n > 1) as an attachment. A ``model``
-other than the served one is served with a warning, as vLLM-Omni's image route does; ``/health`` answers
-``{"status": "healthy"}``.
+other than the served one is a 400 ("Model mismatch: ..."), as vLLM-Omni answers since its PR #2805 (2026-04; it
+had warned and served its own model before); ``/health`` answers ``{"status": "healthy"}``. The diffusion knobs
+are checked as its request model declares them (``guidance_scale`` and ``true_cfg_scale`` numbers in 0..20,
+``seed`` an integer, the text fields strings, ``vae_use_slicing``/``vae_use_tiling`` booleans, ``lora`` and
+``extra_params`` objects, ``use_system_prompt`` one of its names), and otherwise ignored.
 
 Deviations from vLLM-Omni: images are always PNG (``output_format`` is reported as "png" whatever was asked;
-vLLM-Omni also writes jpeg and webp); the diffusion knobs (``guidance_scale``, ``seed``, ``negative_prompt``,
-``layers``...) are not validated; sizes are limited to ``max_size`` per side (vLLM-Omni has an opt-in total-pixel
-cap instead), and a malformed size gets a pydantic-style error where vLLM-Omni answers its own 400.
+vLLM-Omni also writes jpeg and webp); ``layers`` is not checked (a layered model's range); sizes are limited to
+``max_size`` per side (vLLM-Omni has an opt-in total-pixel cap instead), and a malformed size gets a
+pydantic-style error where vLLM-Omni answers its own 400.
 
 Requests run one at a time in arrival order (``n`` images as one batch). Each takes
 ``num_inference_steps * cost_model.dit_step_s(W, H, n, parallel_degree=..., profile=...) / time_scale``
@@ -43,7 +46,10 @@ from backends.sim.options import SimDiTOptions
 from backends.sim.server import (
     _err,
     _json_not_found,
+    check_bool,
+    check_float,
     check_int,
+    error_response,
     invalid_json_response,
     not_an_object_response,
     pydantic_error_response,
@@ -128,6 +134,41 @@ class SimDiTEngine:
         self._success.inc()
         self._e2e.observe(time.monotonic() - start)
         return seconds
+
+
+_TEXT_FIELDS = ("bot_task", "user", "negative_prompt", "system_prompt", "generator_device", "output_format")
+_OBJECT_FIELDS = ("lora", "extra_params")
+_SYSTEM_PROMPT_TYPES = [None, "dynamic", "en_vanilla", "en_recaption", "en_think_recaption", "en_unified", "custom"]
+
+
+def _check_knobs(body: dict, errors: list[dict]) -> None:
+    """The diffusion knobs as vLLM-Omni's ``ImageGenerationRequest`` declares them (pydantic lax mode)."""
+    for key in ("guidance_scale", "true_cfg_scale"):
+        value = check_float(body, key, errors)
+        if value is not None and value < 0.0:
+            errors.append({**_err("greater_than_equal", f"body.{key}", "Input should be greater than or equal to 0",
+                                  body[key]), "ctx": {"ge": 0.0}})
+        elif value is not None and value > 20.0:
+            errors.append({**_err("less_than_equal", f"body.{key}", "Input should be less than or equal to 20",
+                                  body[key]), "ctx": {"le": 20.0}})
+    check_float(body, "flow_shift", errors)
+    check_int(body, "seed", errors, optional=True, default=None)
+    for key in ("vae_use_slicing", "vae_use_tiling", "infer_align_image_size"):
+        check_bool(body, key, errors, optional=True, default=None)
+    for key in _TEXT_FIELDS:
+        value = body.get(key)
+        if value is not None and not isinstance(value, str):
+            errors.append(_err("string_type", f"body.{key}", "Input should be a valid string", value))
+    for key in _OBJECT_FIELDS:
+        value = body.get(key)
+        if value is not None and not isinstance(value, dict):
+            errors.append(_err("dict_type", f"body.{key}", "Input should be a valid dictionary", value))
+    kind = body.get("use_system_prompt")
+    if not isinstance(kind, str) and kind is not None:
+        errors.append(_err("string_type", "body.use_system_prompt", "Input should be a valid string", kind))
+    elif kind not in _SYSTEM_PROMPT_TYPES:
+        errors.append(_err("value_error", "body.use_system_prompt", f"Value error, Invalid use_system_prompt type: "
+                           f"{kind}. Must be one of: {_SYSTEM_PROMPT_TYPES[1:] + [None]}", kind))
 
 
 def _parse_size(size: Any, default: str, max_size: int) -> tuple[int, int] | None:
@@ -221,12 +262,15 @@ class SimDiTServer:
         elif response_format == "url":
             errors.append(_err("value_error", "body.response_format", "Value error, Only 'b64_json' or 'file' "
                                f"response format is supported, got: {response_format}", response_format))
+        _check_knobs(body, errors)
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            errors.append(_err("string_type", "body.model", "Input should be a valid string", model))
         if errors:
             return pydantic_error_response(errors)
-        model = body.get("model")
-        if model is not None and model != o.model:  # vLLM-Omni's image route warns and uses its own model
-            log.warning("Model mismatch: request specifies '%s' but server is running '%s'. Using server model.",
-                        model, o.model)
+        if model is not None and model != o.model:  # vLLM's HTTPException handler: type is the status phrase
+            return error_response(f"Model mismatch: request specifies '{model}' but server is running '{o.model}'.",
+                                  "Bad Request", 400)
         width, height = size
         n = n or 1
         await self.engine.generate(width, height, n, steps or o.default_steps)
