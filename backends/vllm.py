@@ -119,8 +119,13 @@ class EngineClient:
             return False
 
     async def models(self) -> list[str]:
+        """The model names the engine serves (``GET /v1/models``); EngineUnreachable where it cannot say."""
         body = await self._get("/v1/models", self._scrape_timeout)
-        return [m["id"] for m in orjson.loads(body).get("data", [])]
+        try:
+            cards = orjson.loads(body).get("data")
+            return [card["id"] for card in cards if isinstance(card, dict) and isinstance(card.get("id"), str)]
+        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+            raise EngineUnreachable(f"GET /v1/models answered no model list ({exc})") from None
 
     @property
     def held_asleep(self) -> bool:

@@ -42,6 +42,12 @@ class FaultEngine:
     sleep_routes: bool = False  # serve POST /sleep and /wake_up (vLLM with VLLM_SERVER_DEV_MODE=1)
     sleep_delay_s: float = 0.0  # how long POST /sleep takes to answer (a mode=wait drain)
     wake_delay_s: float = 0.0  # ...and POST /wake_up
+    served_models: list[str] | None = None  # the names GET /v1/models lists (None: the one model)
+
+    async def models(self, request: web.Request) -> web.Response:
+        names = self.served_models if self.served_models is not None else [self.model]
+        return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "vllm"}
+                                                             for name in names]})
 
     async def start(self, port: int = 0) -> str:
         app = web.Application()
@@ -49,6 +55,7 @@ class FaultEngine:
         app.router.add_post("/v1/completions", self.chat)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
         if self.sleep_routes:
             app.router.add_post("/sleep", self.sleep)  # vLLM answers both with an empty 200
             app.router.add_post("/wake_up", self.wake_up)

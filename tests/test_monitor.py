@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 
+import aiohttp
 import openai
 import pytest
 
@@ -45,6 +46,27 @@ async def test_engine_goes_down_and_comes_back():
         assert stored["up"] is True
         assert gw.metrics.engines_up._value.get() == 1
     await engine.stop()
+
+
+async def test_an_engine_that_does_not_serve_its_pools_model_is_said_in_the_log(caplog):
+    """A pool's model name that differed from the engine's --served-model-name failed every request for it there
+    (vLLM answers 404, vLLM-Omni 400), and nothing said why."""
+    right, wrong = FaultEngine(), FaultEngine(served_models=["meta-llama/Llama-3.1-8B-Instruct"])
+    urls = [await right.start(), await wrong.start()]
+    try:
+        with caplog.at_level("WARNING", logger="maestro.monitor"):
+            async with running_gateway(gateway_config(urls)) as gw:
+                await wait_for(lambda: len(gw.monitor.models_missing) == 2)
+                assert gw.monitor.models_missing == {"local/p/0": [], "local/p/1": ["fault-model"]}
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(gw.base_url + "/admin/engines") as response:
+                        listed = {e["engine_id"]: e["models_not_served"] for e in (await response.json())["data"]}
+                assert listed == {"local/p/0": [], "local/p/1": ["fault-model"]}
+        said = [r.getMessage() for r in caplog.records if "does not serve" in r.getMessage()]
+        assert len(said) == 1 and "local/p/1" in said[0] and "'meta-llama/Llama-3.1-8B-Instruct'" in said[0]
+    finally:
+        await right.stop()
+        await wrong.stop()
 
 
 async def test_one_failed_probe_does_not_take_an_engine_down():

@@ -59,7 +59,9 @@ async def list_engines(request: web.Request) -> web.Response:
         gateway = _admin(request)
     except APIError as error:
         return error.response()
-    data = [dict(state.to_dict(), inflight=gateway.registry.inflight.get(engine_id, 0))
+    missing = gateway.monitor.models_missing if gateway.monitor is not None else {}
+    data = [dict(state.to_dict(), inflight=gateway.registry.inflight.get(engine_id, 0),
+                 models_not_served=missing.get(engine_id))
             for engine_id, state in sorted(gateway.registry.states.items())]
     return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
 

@@ -35,6 +35,8 @@ class EngineMonitor:
         # engine id -> its latest state not yet written to the store, and the task writing it (one per engine)
         self._unpublished: dict[str, dict] = {}
         self._publishing: dict[str, asyncio.Task] = {}
+        self._checking_models: dict[str, asyncio.Task] = {}
+        self.models_missing: dict[str, list[str]] = {}  # engine id -> its pool's models it did not list, when last up
 
     @property
     def store_ok(self) -> bool:
@@ -52,6 +54,7 @@ class EngineMonitor:
         await cancel_and_wait(list(self._publishing.values()))
         self._publishing.clear()
         self._unpublished.clear()
+        await cancel_and_wait(list(self._checking_models.values()))
 
     async def probe_now(self, engine_id: str) -> None:
         """Probe one engine at once (after an admin action), outside the periodic schedule."""
@@ -91,8 +94,35 @@ class EngineMonitor:
             log.log(logging.INFO if state.up else logging.WARNING, "engine %s is now %s%s", engine_id,
                     "UP" if state.up else "DOWN", f" ({state.last_error})" if state.last_error else "")
             self.metrics.engines_up.set(self.registry.up_count())
+            if state.up:
+                self._check_models_soon(engine_id)
         self.metrics.engine_up(engine_id, state.up)
         self._publish_soon(engine_id, state.to_dict())
+
+    def _check_models_soon(self, engine_id: str) -> None:
+        """Say in the log, once each time the engine comes up, which of its pool's models it does not serve (in
+        the background: probing goes on). A pool's model name that differs from the engine's
+        ``--served-model-name`` failed every request for it there (vLLM answers 404, vLLM-Omni 400), and
+        nothing said why."""
+        if engine_id not in self._checking_models:
+            task = asyncio.get_running_loop().create_task(self._check_models(engine_id),
+                                                          name=f"monitor-models:{engine_id}")
+            self._checking_models[engine_id] = task
+            task.add_done_callback(lambda _: self._checking_models.pop(engine_id, None))
+
+    async def _check_models(self, engine_id: str) -> None:
+        state = self.registry.states[engine_id]
+        try:
+            served = await self.registry.clients[engine_id].models()
+        except EngineUnreachable as exc:
+            log.info("engine %s: could not list the models it serves: %s", engine_id, exc)
+            return
+        missing = [model for model in state.models if model not in served]
+        if missing:
+            log.warning("engine %s does not serve %s, which its pool %s routes to it: those requests fail there. It "
+                        "serves %s; give the pool the engine's served model names (vLLM's --served-model-name)",
+                        engine_id, ", ".join(map(repr, missing)), state.pool, ", ".join(map(repr, served)) or "none")
+        self.models_missing[engine_id] = missing
 
     def _publish_soon(self, engine_id: str, record: dict) -> None:
         """Write the engine's latest state to the store in the background: the probe loop awaited the write, and
