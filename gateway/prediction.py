@@ -229,7 +229,10 @@ class RequestPredictor:
 
     def status(self) -> dict[str, Any]:
         predictor = self.learner.predictor if self.learner is not None else self._predictor
-        return {"loaded": predictor is not None, "model_path": self.config.predictor.model_path or None,
+        # the file of the model serving: after a refit, the refit's (predictor.online.save_path), not the configured
+        serving = self._refit.current_path if self._refit is not None else None
+        model_path = str(serving) if serving is not None else self.config.predictor.model_path or None
+        return {"loaded": predictor is not None, "model_path": model_path,
                 "trained": bool(predictor is not None and predictor.trained),
                 "online": None if self.learner is None else dict(
                     self.learner.status(), check=self._refit.last_check if self._refit is not None else None)}

@@ -318,10 +318,12 @@ def attainment_table(results: list[dict[str, Any]], key: str = "queue") -> str:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=3600.0, help="arrival window, simulated seconds")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=7, help="random seed of the generated workload")
     parser.add_argument("--predictor", help="trained predictor model file (default: per-role priors)")
-    parser.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(ENGINE_PROFILES))
-    parser.add_argument("--interactive-share", type=float, default=0.5)
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(ENGINE_PROFILES),
+                        help="the engines' cost model (llama70b-h200: a 70B-class model on H200)")
+    parser.add_argument("--interactive-share", type=float, default=0.5,
+                        help="share of the generated arrivals that are interactive calls")
     parser.add_argument("--deadline-scale", type=float, default=12.0,
                         help="workflow deadline = this x the reference critical path (12); 0 = the SLO class default")
     parser.add_argument("--declared-max-tokens", type=int, default=None,
@@ -354,13 +356,30 @@ def _write(path: str | None, data: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------------- simulate
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that ends with each option's default, unless it has none or already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     """``maestro loadgen simulate``: one discrete-event simulation of a workload file or a generated one."""
+    # the defaults are E1's setup, not the embedded gateway's: --help says so, and what each one is
+    parser.formatter_class = _DefaultsShown
+    parser.description = ("By default this simulates the experiments' setup (E1): 2 clusters x 16 engines of a "
+                          "70B-class model, queue 'maestro', admission 'predicted', routing 'latency_aware'. To "
+                          "mirror a gateway, give its settings, e.g. for `maestro serve` on its embedded default: "
+                          "--profile llama8b-h200 --queue fcfs --admission none --clusters local:4:0")
     parser.add_argument("--workload", help="workload file (maestro-workload/1); default: generate one (--rate)")
     parser.add_argument("--rate", type=float, default=8.0, help="arrivals per second of the generated workload")
     parser.add_argument("--queue", default="maestro", help="queue policy: fcfs | edf | maestro | lsf")
     parser.add_argument("--queue-options", default="{}", help="JSON options of the queue policy")
-    parser.add_argument("--admission", default="predicted", choices=("none", "max_tokens", "predicted"))
+    parser.add_argument("--admission", default="predicted", choices=("none", "max_tokens", "predicted"),
+                        help="KV admission: none | max_tokens (worst case) | predicted")
     parser.add_argument("--routing", default="latency_aware", help="round_robin | least_loaded | latency_aware")
     parser.add_argument("--clusters", default="e1",
                         help="name:engines:rtt_ms[,...] or e1 (2x16, 2 ms) / e3 (16 at 1 ms + 8 at 40 ms)")

@@ -820,6 +820,10 @@ def live_main(args: argparse.Namespace) -> int:
           f"request SLO attainment {_pct(summary['request_slo_attainment'])}, workflow deadline attainment "
           f"{_pct(summary['workflow_deadline_attainment'])} ({meta['end']}, {meta['wall_s']:.1f} s){not_run}",
           file=sys.stderr)
+    failed = {status: count for status, count in sorted(meta["status_counts"].items()) if status != "ok"}
+    if failed:  # the why, here: a run that failed every request said only "0/55 requests ok"
+        print(f"failed: {', '.join(f'{status} {count}' for status, count in failed.items())}"
+              + (f"; first error: {meta['errors'][0]}" if meta["errors"] else ""), file=sys.stderr)
     return 0 if summary["requests_ok"] == summary["requests"] and result.meta["end"] == "completed" else 1
 
 

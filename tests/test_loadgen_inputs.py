@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import contextlib
 import json
 import math
@@ -224,6 +225,21 @@ def _check_targets(run: RunResult) -> None:
     targets = {r.slo_class: (r.ttft_target_s, r.tpot_target_s) for r in run.requests}
     assert targets == {"urgent": (1.0, 0.05), "interactive": (0.5, 0.1)}
     assert next(w for w in run.workflows if w.workflow_id == "u").deadline_s == 120.0
+
+
+def test_a_live_run_whose_requests_fail_says_why(tmp_path, capsys):
+    """Nothing listening at --url: the run printed only "0/1 requests ok", the reason in the result file alone."""
+    path = tmp_path / "w.json"
+    _calls(1).save(path)
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = _parse(add_live_arguments, ["--url", f"http://127.0.0.1:{port}/v1", "--workload", str(path),
+                                       "--no-progress", "--out", str(tmp_path / "live.json")])
+    assert live_main(args) == 1
+    err = capsys.readouterr().err
+    assert "0/1 requests ok" in err and "failed: error:connection 1; first error: " in err
+    assert "Cannot connect" in err
 
 
 def test_live_and_simulate_judge_by_the_gateway_configs_slo_classes(tmp_path, capsys):

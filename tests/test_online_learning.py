@@ -143,6 +143,7 @@ async def test_gateway_refits_in_a_child_process_and_serves_the_new_model(tmp_pa
             beat.cancel()
             assert learner.last_error is None and learner.refits == 1
             assert learner.predictor.trained and save.is_file()
+            assert predictor.status()["model_path"] == str(save)  # the file of the model serving now
             assert max(lags) < 0.25, max(lags)  # the fit ran elsewhere: no long stall of the loop
             # the gateway's KV model (its configured models) came with the swap
             assert learner.predictor.kv is predictor._predictor.kv
