@@ -892,3 +892,12 @@ def test_lax_bool_check_follows_pydantic(value, optional, expected, error):
     errors: list[dict] = []
     assert check_bool({"s": value}, "s", errors, optional=optional, default=False) == expected
     assert [e["type"] for e in errors] == ([error] if error else [])
+
+
+def test_the_calibration_is_found_in_the_data_folder_named_by_maestro_data_dir(monkeypatch, tmp_path):
+    """MAESTRO_DATA_DIR alone (the shared data folder elsewhere) left the simulated engines uncalibrated."""
+    monkeypatch.delenv("MAESTRO_CALIBRATION_DIR", raising=False)
+    monkeypatch.setenv("MAESTRO_DATA_DIR", str(tmp_path))
+    assert default_calibration_dir() == tmp_path / "calibration"
+    monkeypatch.setenv("MAESTRO_CALIBRATION_DIR", str(tmp_path / "elsewhere"))  # the specific one wins
+    assert default_calibration_dir() == tmp_path / "elsewhere"
