@@ -287,6 +287,10 @@ def test_workload_cli_writes_a_file(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().err
     assert workload_main(_parse(add_workload_arguments, ["--rate", "-1", "--out", str(out)])) == 2
     assert workload_main(_parse(add_workload_arguments, ["--rate", "1"])) == 2  # no --out
+    capsys.readouterr()
+    # a rate x duration too small for one arrival: written, and said (it wrote "0 arrivals" without a word)
+    assert workload_main(_parse(add_workload_arguments, ["--rate", "0.01", "--duration", "10", "--out", str(out)])) == 0
+    assert "warning: the workload is empty" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- report

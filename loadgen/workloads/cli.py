@@ -144,4 +144,7 @@ def workload_main(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(workload.meta.get("counts", {}).items())) or "nothing"
     print(f"wrote {args.out}: {len(workload.workflows)} arrivals ({counts}), {workload.meta['requests']} requests "
           f"over {workload.duration_s():.1f} s", file=sys.stderr)
+    if not workload.workflows:  # a rate x duration too small for one arrival: a run of it would measure nothing
+        print("warning: the workload is empty (no arrival fell in the window); raise --rate or --duration",
+              file=sys.stderr)
     return 0
