@@ -56,7 +56,8 @@ async def test_an_engine_that_does_not_serve_its_pools_model_is_said_in_the_log(
     try:
         with caplog.at_level("WARNING", logger="maestro.monitor"):
             async with running_gateway(gateway_config(urls)) as gw:
-                await wait_for(lambda: len(gw.monitor.models_missing) == 2)
+                await wait_for(lambda: len(gw.monitor.models_missing) == 2
+                               and None not in gw.monitor.models_missing.values())
                 assert gw.monitor.models_missing == {"local/p/0": [], "local/p/1": ["fault-model"]}
                 async with aiohttp.ClientSession() as session:
                     async with session.get(gw.base_url + "/admin/engines") as response:
@@ -67,6 +68,30 @@ async def test_an_engine_that_does_not_serve_its_pools_model_is_said_in_the_log(
     finally:
         await right.stop()
         await wrong.stop()
+
+
+async def test_an_engine_back_up_while_its_models_were_being_checked_is_checked_again():
+    """Down and up again while the first check of its models still waited: the second came up unchecked, and the
+    first's answer (from before the restart) stayed in the log and in /admin/engines."""
+    engine = FaultEngine()
+    url = await engine.start()
+    async with running_gateway(gateway_config([url])) as gw:
+        await wait_for(lambda: gw.monitor.models_missing.get("local/p/0") == [])
+        client = gw.registry.clients["local/p/0"]
+        answers = [(0.5, ["old-name"]), (0.0, ["fault-model"])]  # before the restart (slow), after it
+
+        async def models():
+            delay, names = answers.pop(0)
+            await asyncio.sleep(delay)
+            return names
+
+        client.models = models
+        gw.monitor._check_models_soon("local/p/0")  # it came up...
+        await asyncio.sleep(0.05)
+        gw.monitor._check_models_soon("local/p/0")  # ...and up again, restarted, while the first still waits
+        await asyncio.sleep(0.8)
+        assert gw.monitor.models_missing["local/p/0"] == []
+    await engine.stop()
 
 
 async def test_one_failed_probe_does_not_take_an_engine_down():

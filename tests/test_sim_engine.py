@@ -898,6 +898,72 @@ def test_the_calibration_is_found_in_the_data_folder_named_by_maestro_data_dir(m
     """MAESTRO_DATA_DIR alone (the shared data folder elsewhere) left the simulated engines uncalibrated."""
     monkeypatch.delenv("MAESTRO_CALIBRATION_DIR", raising=False)
     monkeypatch.setenv("MAESTRO_DATA_DIR", str(tmp_path))
+    assert default_calibration_dir() != tmp_path / "calibration"  # a data folder of one's own, without one
+    (tmp_path / "calibration").mkdir()
     assert default_calibration_dir() == tmp_path / "calibration"
     monkeypatch.setenv("MAESTRO_CALIBRATION_DIR", str(tmp_path / "elsewhere"))  # the specific one wins
     assert default_calibration_dir() == tmp_path / "elsewhere"
+
+
+def _omni_request_model():
+    """vLLM-Omni's ImageGenerationRequest as its protocol/images.py declares the fields the simulated engine checks
+    (same names, types, bounds and order), built with the pydantic the SDK brings, to hold the simulation to it."""
+    pydantic = pytest.importorskip("pydantic")
+    from enum import Enum
+    from typing import Any
+
+    class ResponseFormat(str, Enum):
+        B64_JSON = "b64_json"
+        URL = "url"
+        FILE = "file"
+
+    class Request(pydantic.BaseModel):
+        prompt: str
+        bot_task: str | None = None
+        model: str | None = None
+        n: int = pydantic.Field(default=1, ge=1, le=10)
+        size: str | None = None
+        response_format: ResponseFormat = ResponseFormat.B64_JSON
+        user: str | None = None
+        negative_prompt: str | None = None
+        system_prompt: str | None = None
+        use_system_prompt: str | None = None
+        num_inference_steps: int | None = pydantic.Field(default=None, ge=1, le=200)
+        guidance_scale: float | None = pydantic.Field(default=None, ge=0.0, le=20.0)
+        true_cfg_scale: float | None = pydantic.Field(default=None, ge=0.0, le=20.0)
+        flow_shift: float | None = None
+        extra_params: dict[str, Any] | None = None
+        infer_align_image_size: bool | None = None
+        seed: int | None = None
+        generator_device: str | None = None
+        lora: dict[str, Any] | None = None
+        vae_use_slicing: bool | None = False
+        vae_use_tiling: bool | None = False
+        output_format: str | None = None
+
+    return Request, pydantic.ValidationError
+
+
+@pytest.mark.parametrize("extra", [
+    {}, {"n": 0}, {"n": "5.0"}, {"n": "5.5"}, {"n": 11}, {"num_inference_steps": 0}, {"seed": "5"}, {"seed": 1.5},
+    {"guidance_scale": True}, {"guidance_scale": "7.5"}, {"guidance_scale": "nan"}, {"guidance_scale": -0.5},
+    {"true_cfg_scale": 21}, {"flow_shift": "x"}, {"vae_use_tiling": 1.0}, {"vae_use_tiling": 0.5},
+    {"vae_use_slicing": 2}, {"vae_use_slicing": "yes"}, {"infer_align_image_size": "maybe"}, {"lora": "x"},
+    {"extra_params": []}, {"negative_prompt": 3}, {"user": 1}, {"generator_device": None}, {"bot_task": 1},
+    {"model": 5, "n": 0}, {"num_inference_steps": 0, "bot_task": 1}, {"prompt": 3, "seed": "x", "lora": 1},
+])
+def test_the_simulated_dit_engine_checks_a_request_as_vllm_omni_does(extra):
+    """The (type, loc) of every error, in order (vLLM's 400 names the first one's loc as its param), as pydantic
+    gives them for vLLM-Omni's request model; the fields it checks otherwise (size, response_format,
+    use_system_prompt) have their own tests above."""
+    from backends.sim.dit import validate_request
+
+    Request, ValidationError = _omni_request_model()
+    body = {"prompt": "x", "size": "64x64", **extra}
+    try:
+        Request(**body)
+        expected = []
+    except ValidationError as exc:
+        expected = [(e["type"], "body." + ".".join(map(str, e["loc"]))) for e in exc.errors()]
+    errors, _ = validate_request(body, "64x64", 2048)
+    assert [(e["type"], e["loc"]) for e in errors] == expected

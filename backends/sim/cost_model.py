@@ -91,14 +91,15 @@ def _say_source_once(folder: Path, found: bool) -> None:
 
 
 def default_calibration_dir() -> Path:
-    """``$MAESTRO_CALIBRATION_DIR`` if set, else ``$MAESTRO_DATA_DIR/calibration`` (the shared data folder holds
-    it: a user who pointed that variable at the data got uncalibrated engines, said by one log line), else
+    """``$MAESTRO_CALIBRATION_DIR`` if set, else ``$MAESTRO_DATA_DIR/calibration`` where that folder exists (the
+    shared data folder holds it: a user who pointed that variable at the data got uncalibrated engines, said by one
+    log line), else
     ``<repo root>/../shared/data/calibration``."""
     env = os.environ.get(ENV_CALIBRATION_DIR)
     if env:
         return Path(env)
     data = os.environ.get("MAESTRO_DATA_DIR")
-    if data:
+    if data and (Path(data) / "calibration").is_dir():  # a data folder of one's own may hold none
         return Path(data) / "calibration"
     repo_root = Path(__file__).resolve().parents[2]
     return repo_root.parent / "shared" / "data" / "calibration"

@@ -136,39 +136,83 @@ class SimDiTEngine:
         return seconds
 
 
-_TEXT_FIELDS = ("bot_task", "user", "negative_prompt", "system_prompt", "generator_device", "output_format")
-_OBJECT_FIELDS = ("lora", "extra_params")
+def _ranged(errors: list[dict], key: str, value: float | None, raw: Any, low: float, high: float) -> None:
+    """pydantic's ge/le on a parsed number (NaN fails le, as in pydantic); bounds shown as pydantic shows them."""
+    if value is None:
+        return
+    if value < low:
+        errors.append({**_err("greater_than_equal", f"body.{key}", f"Input should be greater than or equal to "
+                              f"{low:g}", raw), "ctx": {"ge": low}})
+    elif not value <= high:
+        errors.append({**_err("less_than_equal", f"body.{key}", f"Input should be less than or equal to {high:g}",
+                              raw), "ctx": {"le": high}})
+
+
+def _text(body: dict, key: str, errors: list[dict]) -> None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        errors.append(_err("string_type", f"body.{key}", "Input should be a valid string", value))
+
+
+def _object(body: dict, key: str, errors: list[dict]) -> None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, dict):
+        errors.append(_err("dict_type", f"body.{key}", "Input should be a valid dictionary", value))
+
+
 _SYSTEM_PROMPT_TYPES = [None, "dynamic", "en_vanilla", "en_recaption", "en_think_recaption", "en_unified", "custom"]
 
 
-def _check_knobs(body: dict, errors: list[dict]) -> None:
-    """The diffusion knobs as vLLM-Omni's ``ImageGenerationRequest`` declares them (pydantic lax mode)."""
-    for key in ("guidance_scale", "true_cfg_scale"):
-        value = check_float(body, key, errors)
-        if value is not None and value < 0.0:
-            errors.append({**_err("greater_than_equal", f"body.{key}", "Input should be greater than or equal to 0",
-                                  body[key]), "ctx": {"ge": 0.0}})
-        elif value is not None and value > 20.0:
-            errors.append({**_err("less_than_equal", f"body.{key}", "Input should be less than or equal to 20",
-                                  body[key]), "ctx": {"le": 20.0}})
-    check_float(body, "flow_shift", errors)
-    check_int(body, "seed", errors, optional=True, default=None)
-    for key in ("vae_use_slicing", "vae_use_tiling", "infer_align_image_size"):
-        check_bool(body, key, errors, optional=True, default=None)
-    for key in _TEXT_FIELDS:
-        value = body.get(key)
-        if value is not None and not isinstance(value, str):
-            errors.append(_err("string_type", f"body.{key}", "Input should be a valid string", value))
-    for key in _OBJECT_FIELDS:
-        value = body.get(key)
-        if value is not None and not isinstance(value, dict):
-            errors.append(_err("dict_type", f"body.{key}", "Input should be a valid dictionary", value))
+def _system_prompt_type(body: dict, errors: list[dict]) -> None:
     kind = body.get("use_system_prompt")
     if not isinstance(kind, str) and kind is not None:
         errors.append(_err("string_type", "body.use_system_prompt", "Input should be a valid string", kind))
     elif kind not in _SYSTEM_PROMPT_TYPES:
         errors.append(_err("value_error", "body.use_system_prompt", f"Value error, Invalid use_system_prompt type: "
                            f"{kind}. Must be one of: {_SYSTEM_PROMPT_TYPES[1:] + [None]}", kind))
+
+
+def validate_request(body: dict, default_size: str, max_size: int) -> tuple[list[dict], dict[str, Any]]:
+    """vLLM-Omni's ``ImageGenerationRequest`` checks in pydantic lax mode, its errors in the order it declares
+    the fields (vLLM's 400 names the first one's ``loc`` as ``param``); and the values the engine uses."""
+    errors: list[dict] = []
+    if "prompt" not in body:
+        errors.append(_err("missing", "body.prompt", "Field required", body))
+    elif not isinstance(body["prompt"], str):
+        errors.append(_err("string_type", "body.prompt", "Input should be a valid string", body["prompt"]))
+    _text(body, "bot_task", errors)
+    _text(body, "model", errors)
+    n = check_int(body, "n", errors, optional=False, default=1)
+    _ranged(errors, "n", n, body.get("n"), 1, 10)
+    size = _parse_size(body.get("size"), default_size, max_size)
+    if size is None:
+        errors.append(_err("value_error", "body.size", "Value error, size must be in format 'WIDTHxHEIGHT' "
+                           "(e.g., '1024x1024')", body.get("size")))
+    response_format = body.get("response_format", "b64_json")
+    if response_format not in ("b64_json", "url", "file"):  # the enum, null included, is a type error
+        errors.append(_err("enum", "body.response_format", "Input should be 'b64_json', 'url' or 'file'",
+                           response_format))
+    elif response_format == "url":
+        errors.append(_err("value_error", "body.response_format", "Value error, Only 'b64_json' or 'file' "
+                           f"response format is supported, got: {response_format}", response_format))
+    _text(body, "user", errors)
+    for key in ("negative_prompt", "system_prompt"):
+        _text(body, key, errors)
+    _system_prompt_type(body, errors)
+    steps = check_int(body, "num_inference_steps", errors, optional=True, default=None)
+    _ranged(errors, "num_inference_steps", steps, body.get("num_inference_steps"), 1, 200)
+    for key in ("guidance_scale", "true_cfg_scale"):
+        _ranged(errors, key, check_float(body, key, errors), body.get(key), 0.0, 20.0)
+    check_float(body, "flow_shift", errors)
+    _object(body, "extra_params", errors)
+    check_bool(body, "infer_align_image_size", errors, optional=True, default=None)
+    check_int(body, "seed", errors, optional=True, default=None)
+    _text(body, "generator_device", errors)
+    _object(body, "lora", errors)
+    for key in ("vae_use_slicing", "vae_use_tiling"):
+        check_bool(body, key, errors, optional=True, default=None)
+    _text(body, "output_format", errors)
+    return errors, {"n": n or 1, "size": size, "steps": steps, "response_format": response_format}
 
 
 def _parse_size(size: Any, default: str, max_size: int) -> tuple[int, int] | None:
@@ -234,45 +278,16 @@ class SimDiTServer:
         if not isinstance(body, dict):
             return not_an_object_response(body)
         o = self.options
-        errors: list[dict] = []
-        prompt = body.get("prompt")
-        if "prompt" not in body:
-            errors.append(_err("missing", "body.prompt", "Field required", body))
-        elif not isinstance(prompt, str):
-            errors.append(_err("string_type", "body.prompt", "Input should be a valid string", prompt))
-        n = check_int(body, "n", errors, optional=False, default=1)
-        steps = check_int(body, "num_inference_steps", errors, optional=True, default=None)
-        for key, value, low, high in (("n", n, 1, 10), ("num_inference_steps", steps, 1, 200)):
-            if value is not None and value < low:
-                errors.append({"type": "greater_than_equal", "loc": f"body.{key}",
-                               "msg": f"Input should be greater than or equal to {low}", "input": value,
-                               "ctx": {"ge": low}})
-            elif value is not None and value > high:
-                errors.append({"type": "less_than_equal", "loc": f"body.{key}",
-                               "msg": f"Input should be less than or equal to {high}", "input": value,
-                               "ctx": {"le": high}})
-        size = _parse_size(body.get("size"), o.default_size, o.max_size)
-        if size is None:
-            errors.append(_err("value_error", "body.size", "Value error, size must be in format 'WIDTHxHEIGHT' "
-                               "(e.g., '1024x1024')", body.get("size")))
-        response_format = body.get("response_format", "b64_json")
-        if response_format not in ("b64_json", "url", "file"):  # the enum, null included, is a type error
-            errors.append(_err("enum", "body.response_format", "Input should be 'b64_json', 'url' or 'file'",
-                               response_format))
-        elif response_format == "url":
-            errors.append(_err("value_error", "body.response_format", "Value error, Only 'b64_json' or 'file' "
-                               f"response format is supported, got: {response_format}", response_format))
-        _check_knobs(body, errors)
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            errors.append(_err("string_type", "body.model", "Input should be a valid string", model))
+        errors, values = validate_request(body, o.default_size, o.max_size)
         if errors:
             return pydantic_error_response(errors)
+        model = body.get("model")
         if model is not None and model != o.model:  # vLLM's HTTPException handler: type is the status phrase
             return error_response(f"Model mismatch: request specifies '{model}' but server is running '{o.model}'.",
                                   "Bad Request", 400)
+        prompt, size, n, steps = body["prompt"], values["size"], values["n"], values["steps"]
+        response_format = values["response_format"]
         width, height = size
-        n = n or 1
         await self.engine.generate(width, height, n, steps or o.default_steps)
         rgb = _PALETTE[zlib.crc32(prompt.encode("utf-8", "replace")) % len(_PALETTE)]
         png = await asyncio.get_running_loop().run_in_executor(None, make_png, width, height, rgb)

@@ -80,6 +80,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -258,14 +259,19 @@ def check_int(body: dict, key: str, errors: list[dict], *, optional: bool, defau
                                                   "fractional part", value))
         return default
     if isinstance(value, str):
+        text = value.strip()
+        whole = _WHOLE_DECIMAL.fullmatch(text)  # "5.0" and "-5.00" are integers to pydantic, "5." and "5.5" not
         try:
-            return int(value.strip())
+            return int(whole.group(1) if whole else text)
         except ValueError:
             errors.append(_err("int_parsing", loc, "Input should be a valid integer, unable to parse string as "
                                                    "an integer", value))
             return default
     errors.append(_err("int_type", loc, "Input should be a valid integer", value))
     return default
+
+
+_WHOLE_DECIMAL = re.compile(r"([+-]?[0-9]+)\.0+")
 
 
 _TRUE = {"1", "on", "t", "true", "y", "yes"}
@@ -282,11 +288,13 @@ def check_bool(body: dict, key: str, errors: list[dict], *, optional: bool, defa
         return value
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, (int, float)) and value in (0, 1):  # 1.0 and 0.0 too
         return bool(value)
     if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
         return value.lower() in _TRUE
-    kind = "bool_parsing" if isinstance(value, (str, int, float)) else "bool_type"
+    # a whole number other than 0 and 1 cannot be interpreted; a fraction is no boolean at all (pydantic 2)
+    whole = isinstance(value, (str, int)) or (isinstance(value, float) and value.is_integer())
+    kind = "bool_parsing" if whole else "bool_type"
     msg = ("Input should be a valid boolean, unable to interpret input" if kind == "bool_parsing"
            else "Input should be a valid boolean")
     errors.append(_err(kind, loc, msg, value))

@@ -36,7 +36,8 @@ class EngineMonitor:
         self._unpublished: dict[str, dict] = {}
         self._publishing: dict[str, asyncio.Task] = {}
         self._checking_models: dict[str, asyncio.Task] = {}
-        self.models_missing: dict[str, list[str]] = {}  # engine id -> its pool's models it did not list, when last up
+        # engine id -> its pool's models it did not list when it last came up (None: not known, the check failed)
+        self.models_missing: dict[str, list[str] | None] = {}
 
     @property
     def store_ok(self) -> bool:
@@ -104,24 +105,30 @@ class EngineMonitor:
         the background: probing goes on). A pool's model name that differs from the engine's
         ``--served-model-name`` failed every request for it there (vLLM answers 404, vLLM-Omni 400), and
         nothing said why."""
-        if engine_id not in self._checking_models:
-            task = asyncio.get_running_loop().create_task(self._check_models(engine_id),
-                                                          name=f"monitor-models:{engine_id}")
-            self._checking_models[engine_id] = task
-            task.add_done_callback(lambda _: self._checking_models.pop(engine_id, None))
+        running = self._checking_models.get(engine_id)
+        if running is not None:
+            running.cancel()  # an engine that went down and came up again (maybe restarted with other names)
+        task = asyncio.get_running_loop().create_task(self._check_models(engine_id), name=f"monitor-models:{engine_id}")
+        self._checking_models[engine_id] = task
+        task.add_done_callback(lambda done: self._checking_models.pop(engine_id, None)
+                               if self._checking_models.get(engine_id) is done else None)
 
     async def _check_models(self, engine_id: str) -> None:
         state = self.registry.states[engine_id]
+        self.models_missing[engine_id] = None  # not known until this check answers
         try:
             served = await self.registry.clients[engine_id].models()
         except EngineUnreachable as exc:
             log.info("engine %s: could not list the models it serves: %s", engine_id, exc)
             return
+        if state.kind == "vllm-omni":  # it compares a request's model with its first served name alone
+            served = served[:1]
         missing = [model for model in state.models if model not in served]
         if missing:
-            log.warning("engine %s does not serve %s, which its pool %s routes to it: those requests fail there. It "
-                        "serves %s; give the pool the engine's served model names (vLLM's --served-model-name)",
-                        engine_id, ", ".join(map(repr, missing)), state.pool, ", ".join(map(repr, served)) or "none")
+            log.warning("engine %s does not serve %s, which its pool %s routes to it: those requests fail there "
+                        "(unless it loads such a LoRA adapter later). It serves %s; give the pool the engine's "
+                        "served model names (vLLM's --served-model-name)", engine_id,
+                        ", ".join(map(repr, missing)), state.pool, ", ".join(map(repr, served)) or "none")
         self.models_missing[engine_id] = missing
 
     def _publish_soon(self, engine_id: str, record: dict) -> None:
