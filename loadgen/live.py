@@ -83,6 +83,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -578,12 +579,9 @@ class LiveRunner:
                 result.status = f"error:http_{response.status}"
                 self._error(f"{result.request_id}: HTTP {response.status}: {text}")
                 return
-            async for line in response.content:
-                if not line.startswith(b"data:"):
-                    continue  # blank separators, ": keep-alive" comments, event: lines
+            async for payload in _sse_data(response.content):
                 timer.touch()
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
+                if payload.strip() == b"[DONE]":
                     complete = True
                     break
                 try:
@@ -825,6 +823,27 @@ def live_main(args: argparse.Namespace) -> int:
         print(f"failed: {', '.join(f'{status} {count}' for status, count in failed.items())}"
               + (f"; first error: {meta['errors'][0]}" if meta["errors"] else ""), file=sys.stderr)
     return 0 if summary["requests_ok"] == summary["requests"] and result.meta["end"] == "completed" else 1
+
+
+async def _sse_data(lines: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The data of each server-sent event, as the SSE standard assembles it: its ``data:`` lines (one leading space
+    dropped) joined by newlines, given when the blank line that ends the event arrives (or the stream ends).
+    Comments (``: keep-alive``), ``event:``, ``id:`` and ``retry:`` lines carry none. vLLM and the gateway send one
+    line an event; a server that splits an event's JSON over several ``data:`` lines is valid SSE too, and its
+    every line had been taken for an event of its own (unparseable)."""
+    data: list[bytes] = []
+    async for raw in lines:
+        line = raw.rstrip(b"\r\n")
+        if line:
+            if line.startswith(b"data:"):
+                value = line[5:]
+                data.append(value[1:] if value.startswith(b" ") else value)
+            continue
+        if data:
+            yield b"\n".join(data)
+            data = []
+    if data:  # a stream that ended without the blank line after its last event
+        yield b"\n".join(data)
 
 
 def _pct(value: float | None) -> str:

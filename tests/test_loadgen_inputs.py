@@ -227,6 +227,26 @@ def _check_targets(run: RunResult) -> None:
     assert next(w for w in run.workflows if w.workflow_id == "u").deadline_s == 120.0
 
 
+def test_an_event_split_over_several_data_lines_is_one_event():
+    """Valid SSE that neither vLLM nor the gateway sends: an event's JSON over two ``data:`` lines, CRLF line ends,
+    comments and ``event:`` lines. Each line had been taken for an event of its own: error:bad_stream."""
+    async def main() -> RunResult:
+        chunk = orjson.dumps({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                              "choices": [{"index": 0, "delta": {"content": "tok "}, "finish_reason": None}]})
+        cut = chunk.index(b",") + 1  # between two members, where the newline joining the lines is whitespace
+        head, tail = chunk[:cut], chunk[cut:]
+        split = b"event: message\r\ndata: " + head + b"\r\ndata:" + tail + b"\r\n\r\n"
+        events = (b": keep-alive\n\n", split, _chunk("tok "), _chunk(finish="stop"), _usage(40, 2), _DONE)
+        server, url = await _serve(_sse(*events))
+        try:
+            return await LiveRunner(_calls(1), LiveOptions(url=url, client="aiohttp", progress=False)).run()
+        finally:
+            await server.cleanup()
+
+    request = asyncio.run(main()).requests[0]
+    assert request.status == "ok" and request.output_tokens == 2
+
+
 def test_a_live_run_whose_requests_fail_says_why(tmp_path, capsys):
     """Nothing listening at --url: the run printed only "0/1 requests ok", the reason in the result file alone."""
     path = tmp_path / "w.json"
