@@ -85,19 +85,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_sim_engines(args: argparse.Namespace) -> int:
     from backends.sim import SimEngineOptions, serve_sim_engines_forever
+    from backends.sim.options import SimDiTOptions
     from backends.sim.runner import check_serve_counts
 
     options = SimEngineOptions(model=args.model, max_model_len=args.max_model_len, time_scale=args.time_scale,
                                scheduling_policy=args.scheduling_policy, max_num_seqs=args.max_num_seqs,
                                kv_blocks=args.kv_blocks, mean_output_tokens=args.mean_output_tokens)
+    dit_options = SimDiTOptions(model=args.dit_model, time_scale=args.time_scale, seed=options.seed,
+                                calibration_dir=options.calibration_dir)
     try:
         options.validate()
+        dit_options.validate()
         check_serve_counts(args.count, args.dit_count, args.base_port)
     except ValueError as exc:
         print(f"maestro sim-engines: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     return _run_server(serve_sim_engines_forever(args.count, options, args.host, args.base_port,
-                                                 dit_count=args.dit_count))
+                                                 dit_count=args.dit_count, dit_options=dit_options))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -140,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--dit-count", type=int, default=0, help="number of simulated DiT (vLLM-Omni) engines")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--base-port", type=int, default=8100, help="first port; engine i listens on base+i")
-    sim.add_argument("--model", default="maestro-sim-llama-8b", help="served model name")
+    sim.add_argument("--model", default="maestro-sim-llama-8b", help="served model name of the LLM engines")
+    sim.add_argument("--dit-model", default="maestro-sim-dit",
+                     help="served model name of the DiT engines (like vLLM-Omni, they answer 400 for another)")
     sim.add_argument("--max-model-len", type=int, default=8192)
     sim.add_argument("--time-scale", type=float, default=1.0, help="run this many times faster than real time")
     sim.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs")

@@ -194,3 +194,16 @@ def test_a_second_stop_signal_is_heard():
     done = subprocess.run([sys.executable, "-c", _SIGNALS_SCRIPT], capture_output=True, text=True, timeout=60,
                           cwd=REPO)
     assert done.returncode == 0 and done.stdout.split() == ["repeats", "2"], done.stderr
+
+
+def test_sim_engines_serve_the_dit_model_named():
+    """`maestro sim-engines --dit-count` served only maestro-sim-dit, which now answers 400 for another model: a
+    pool of another name pointed at it could not be served."""
+    process = _maestro("sim-engines", "--count", "1", "--dit-count", "1", "--dit-model", "my-flux",
+                       "--host", "127.0.0.1", "--base-port", "0")
+    try:
+        lines = _lines_until(process, lambda lines: len(lines) >= 2)
+    finally:
+        code, err = _stop(process)
+    assert lines[1].startswith("vllm-omni http://127.0.0.1:") and lines[1].endswith(" my-flux"), lines
+    assert code == 0, err
