@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import math
 import random
@@ -573,13 +574,14 @@ class LiveRunner:
         complete = False  # a [DONE] or a finish_reason: the server ended the answer, not just the connection
         cut = None  # the first finish_reason of an answer the engine did not finish ("abort", "error")
         async with _DataTimeout(self.options.request_timeout_s) as timer, \
-                self._session.post(url, data=orjson.dumps(body), headers=headers) as response:
+                self._session.post(url, data=orjson.dumps(body), headers=headers) as response, \
+                contextlib.aclosing(_sse_data(response.content)) as events:  # closed here when the loop breaks
             if response.status != 200:
                 text = (await response.read())[:400].decode("utf-8", "replace")
                 result.status = f"error:http_{response.status}"
                 self._error(f"{result.request_id}: HTTP {response.status}: {text}")
                 return
-            async for payload in _sse_data(response.content):
+            async for payload in events:
                 timer.touch()
                 if payload.strip() == b"[DONE]":
                     complete = True
