@@ -49,6 +49,8 @@ from backends.sim.server import (
     check_bool,
     check_float,
     check_int,
+    check_range,
+    check_str,
     error_response,
     invalid_json_response,
     not_an_object_response,
@@ -136,24 +138,6 @@ class SimDiTEngine:
         return seconds
 
 
-def _ranged(errors: list[dict], key: str, value: float | None, raw: Any, low: float, high: float) -> None:
-    """pydantic's ge/le on a parsed number (NaN fails le, as in pydantic); bounds shown as pydantic shows them."""
-    if value is None:
-        return
-    if value < low:
-        errors.append({**_err("greater_than_equal", f"body.{key}", f"Input should be greater than or equal to "
-                              f"{low:g}", raw), "ctx": {"ge": low}})
-    elif not value <= high:
-        errors.append({**_err("less_than_equal", f"body.{key}", f"Input should be less than or equal to {high:g}",
-                              raw), "ctx": {"le": high}})
-
-
-def _text(body: dict, key: str, errors: list[dict]) -> None:
-    value = body.get(key)
-    if value is not None and not isinstance(value, str):
-        errors.append(_err("string_type", f"body.{key}", "Input should be a valid string", value))
-
-
 def _object(body: dict, key: str, errors: list[dict]) -> None:
     value = body.get(key)
     if value is not None and not isinstance(value, dict):
@@ -164,10 +148,8 @@ _SYSTEM_PROMPT_TYPES = [None, "dynamic", "en_vanilla", "en_recaption", "en_think
 
 
 def _system_prompt_type(body: dict, errors: list[dict]) -> None:
-    kind = body.get("use_system_prompt")
-    if not isinstance(kind, str) and kind is not None:
-        errors.append(_err("string_type", "body.use_system_prompt", "Input should be a valid string", kind))
-    elif kind not in _SYSTEM_PROMPT_TYPES:
+    kind = check_str(body, "use_system_prompt", errors)
+    if kind not in _SYSTEM_PROMPT_TYPES:
         errors.append(_err("value_error", "body.use_system_prompt", f"Value error, Invalid use_system_prompt type: "
                            f"{kind}. Must be one of: {_SYSTEM_PROMPT_TYPES[1:] + [None]}", kind))
 
@@ -180,10 +162,10 @@ def validate_request(body: dict, default_size: str, max_size: int) -> tuple[list
         errors.append(_err("missing", "body.prompt", "Field required", body))
     elif not isinstance(body["prompt"], str):
         errors.append(_err("string_type", "body.prompt", "Input should be a valid string", body["prompt"]))
-    _text(body, "bot_task", errors)
-    _text(body, "model", errors)
+    check_str(body, "bot_task", errors)
+    check_str(body, "model", errors)
     n = check_int(body, "n", errors, optional=False, default=1)
-    _ranged(errors, "n", n, body.get("n"), 1, 10)
+    check_range(errors, "n", n, body.get("n"), 1, 10)
     size = _parse_size(body.get("size"), default_size, max_size)
     if size is None:
         errors.append(_err("value_error", "body.size", "Value error, size must be in format 'WIDTHxHEIGHT' "
@@ -195,23 +177,22 @@ def validate_request(body: dict, default_size: str, max_size: int) -> tuple[list
     elif response_format == "url":
         errors.append(_err("value_error", "body.response_format", "Value error, Only 'b64_json' or 'file' "
                            f"response format is supported, got: {response_format}", response_format))
-    _text(body, "user", errors)
-    for key in ("negative_prompt", "system_prompt"):
-        _text(body, key, errors)
+    for key in ("user", "negative_prompt", "system_prompt"):
+        check_str(body, key, errors)
     _system_prompt_type(body, errors)
     steps = check_int(body, "num_inference_steps", errors, optional=True, default=None)
-    _ranged(errors, "num_inference_steps", steps, body.get("num_inference_steps"), 1, 200)
+    check_range(errors, "num_inference_steps", steps, body.get("num_inference_steps"), 1, 200)
     for key in ("guidance_scale", "true_cfg_scale"):
-        _ranged(errors, key, check_float(body, key, errors), body.get(key), 0.0, 20.0)
+        check_range(errors, key, check_float(body, key, errors), body.get(key), 0.0, 20.0)
     check_float(body, "flow_shift", errors)
     _object(body, "extra_params", errors)
     check_bool(body, "infer_align_image_size", errors, optional=True, default=None)
     check_int(body, "seed", errors, optional=True, default=None)
-    _text(body, "generator_device", errors)
+    check_str(body, "generator_device", errors)
     _object(body, "lora", errors)
     for key in ("vae_use_slicing", "vae_use_tiling"):
         check_bool(body, key, errors, optional=True, default=None)
-    _text(body, "output_format", errors)
+    check_str(body, "output_format", errors)
     return errors, {"n": n or 1, "size": size, "steps": steps, "response_format": response_format}
 
 

@@ -326,12 +326,34 @@ INT64_MIN, INT64_MAX = -2**63, 2**63 - 1  # vLLM's bounds of ``seed``
 
 def check_seed(body: dict, errors: list[dict]) -> None:
     seed = check_int(body, "seed", errors, optional=True, default=None)
-    if seed is not None and seed > INT64_MAX:
-        errors.append({**_err("less_than_equal", "body.seed", f"Input should be less than or equal to {INT64_MAX}",
-                              seed), "ctx": {"le": INT64_MAX}})
-    elif seed is not None and seed < INT64_MIN:
-        errors.append({**_err("greater_than_equal", "body.seed", f"Input should be greater than or equal to "
-                              f"{INT64_MIN}", seed), "ctx": {"ge": INT64_MIN}})
+    check_range(errors, "seed", seed, seed, INT64_MIN, INT64_MAX)
+
+
+def _bound(value: float) -> str:
+    """A bound as pydantic writes it in a message: 20.0 as "20", 9223372036854775807 in full."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def check_range(errors: list[dict], key: str, value: float | None, shown: Any, low: float, high: float) -> None:
+    """Pydantic's ``ge``/``le`` on a field's parsed ``value`` (None: nothing to check; NaN fails ``le``, as in
+    pydantic); ``shown`` is the input the error quotes."""
+    if value is None:
+        return
+    if value < low:
+        errors.append({**_err("greater_than_equal", f"body.{key}", f"Input should be greater than or equal to "
+                              f"{_bound(low)}", shown), "ctx": {"ge": low}})
+    elif not value <= high:
+        errors.append({**_err("less_than_equal", f"body.{key}", f"Input should be less than or equal to "
+                              f"{_bound(high)}", shown), "ctx": {"le": high}})
+
+
+def check_str(body: dict, key: str, errors: list[dict]) -> str | None:
+    """An optional string field: its value, or None where it is absent, null or (an error) no string."""
+    value = body.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    errors.append(_err("string_type", f"body.{key}", "Input should be a valid string", value))
+    return None
 
 
 def check_stop(body: dict, errors: list[dict]) -> list[str]:
@@ -441,11 +463,7 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     errors: list[dict] = []
     p = Parsed()
     p.chat = chat
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        errors.append(_err("string_type", "body.model", "Input should be a valid string", model))
-        model = None
-    p.model = model
+    p.model = check_str(body, "model", errors)
     if chat:
         messages = body.get("messages", _MISSING)
         if messages is _MISSING:
