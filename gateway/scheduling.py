@@ -562,16 +562,14 @@ class SharedLedger:
         try:
             async with asyncio.timeout(CLOSE_PING_S):  # a store still down costs the stop this much, no more
                 answered = await self.store.ping()
-        except TimeoutError:
-            answered = False
-        try:
-            if not answered:
-                raise StateUnavailable("ping: no answer")
-            async with asyncio.timeout(CLOSE_RELEASE_S):
-                for request_id in list(self._to_release):
-                    await self.store.ledger_release(request_id)
-                    self._to_release.discard(request_id)
+            if answered:
+                async with asyncio.timeout(CLOSE_RELEASE_S):
+                    for request_id in list(self._to_release):
+                        await self.store.ledger_release(request_id)
+                        self._to_release.discard(request_id)
         except (StateUnavailable, TimeoutError):
+            pass
+        if self._to_release:
             log.warning("stopping: %d reservations released during the store's outage could not be released in "
                         "it now; they lapse with their lease (%g s)", len(self._to_release), self.lease_s)
 
