@@ -7,12 +7,19 @@ Every method may raise :class:`StateUnavailable` (Redis down or slow); callers k
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any
 
 
 class StateUnavailable(RuntimeError):
     """The store could not be reached in time. Serving must go on from local state."""
+
+
+def check_inflight_s(inflight_s: float | None) -> None:
+    """Both stores refuse an ``inflight_s`` (see the workflow calls below) that is not a finite number > 0."""
+    if inflight_s is not None and not 0 < inflight_s < math.inf:
+        raise ValueError(f"inflight_s must be a finite number > 0, got {inflight_s!r}")
 
 
 class StateStore(ABC):

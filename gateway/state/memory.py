@@ -8,14 +8,13 @@ callers get fresh copies and can never mutate stored state or rely on object ide
 from __future__ import annotations
 
 import heapq
-import math
 import time
 from typing import Any, Callable
 
 import orjson
 
 from gateway.core.ledger import KVLedger
-from gateway.state.base import StateStore
+from gateway.state.base import StateStore, check_inflight_s
 
 Clock = Callable[[], float]
 
@@ -99,11 +98,6 @@ def new_workflow(workflow_id: str, now: float) -> dict[str, Any]:
     return {"workflow_id": workflow_id, "arrival": now, "deadline": None, "slo_class": None, "steps_done": 0,
             "tokens_used": 0, "expected_steps": None, "last_step": None, "predicted_remaining_s": None,
             "inflight": {}, "last_activity": now}
-
-
-def _check_inflight_s(inflight_s: float | None) -> None:
-    if inflight_s is not None and not 0 < inflight_s < math.inf:
-        raise ValueError(f"inflight_s must be a finite number > 0, got {inflight_s!r}")
 
 
 def _abandoned(record: dict[str, Any], now: float, inflight_s: float | None) -> list[str]:
@@ -231,7 +225,7 @@ class MemoryStateStore(StateStore):
                              expected_steps: int | None = None, predicted_remaining_s: float | None = None,
                              inflight_s: float | None = None) -> dict[str, Any]:
         _check_ttl(ttl_s)
-        _check_inflight_s(inflight_s)
+        check_inflight_s(inflight_s)
         now = float(now)
         clock = self._clock()
         record = self._workflows.get(workflow_id) or new_workflow(workflow_id, now)
@@ -252,7 +246,7 @@ class MemoryStateStore(StateStore):
     async def workflow_end(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float, tokens: int = 0,
                            completed: bool = True, inflight_s: float | None = None) -> dict[str, Any] | None:
         _check_ttl(ttl_s)
-        _check_inflight_s(inflight_s)
+        check_inflight_s(inflight_s)
         record = self._workflows.get(workflow_id)
         if record is None:
             return None
@@ -271,7 +265,7 @@ class MemoryStateStore(StateStore):
         return _public(record, clock, None)
 
     async def get_workflow(self, workflow_id: str, inflight_s: float | None = None) -> dict[str, Any] | None:
-        _check_inflight_s(inflight_s)
+        check_inflight_s(inflight_s)
         record = self._workflows.get(workflow_id)
         return None if record is None else _public(record, self._clock(), inflight_s)
 

@@ -38,7 +38,6 @@ every call is bounded by ``timeout_s`` in total and failures surface at once as 
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 import uuid
 from typing import Any, Callable
@@ -50,7 +49,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.state.base import StateStore, StateUnavailable
+from gateway.state.base import StateStore, StateUnavailable, check_inflight_s
 
 # How far behind "now" listing still reads the index. Covers clock skew between gateways: an index entry is
 # only pruned once it is this much past its expiry, and the key TTL filters anything already dead.
@@ -307,12 +306,9 @@ def _arg(value: Any) -> str:
 
 
 def _inflight_ms(inflight_s: float | None) -> str:
-    """``inflight_s`` as a Lua argument in ms ('' for None), refused where not positive as the memory store does."""
-    if inflight_s is None:
-        return ""
-    if not 0 < inflight_s < math.inf:
-        raise ValueError(f"inflight_s must be a finite number > 0, got {inflight_s!r}")
-    return str(max(1, round(inflight_s * 1000)))
+    """``inflight_s`` as a Lua argument in ms ('' for None), refused as the memory store refuses it."""
+    check_inflight_s(inflight_s)
+    return "" if inflight_s is None else str(max(1, round(inflight_s * 1000)))
 
 
 def _redact(url: str) -> str:
