@@ -85,14 +85,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_sim_engines(args: argparse.Namespace) -> int:
     from backends.sim import SimEngineOptions, serve_sim_engines_forever
-    from backends.sim.options import SimDiTOptions
-    from backends.sim.runner import check_serve_counts
+    from backends.sim.runner import check_serve_counts, dit_options_like
 
     options = SimEngineOptions(model=args.model, max_model_len=args.max_model_len, time_scale=args.time_scale,
                                scheduling_policy=args.scheduling_policy, max_num_seqs=args.max_num_seqs,
                                kv_blocks=args.kv_blocks, mean_output_tokens=args.mean_output_tokens)
-    dit_options = SimDiTOptions(model=args.dit_model, time_scale=args.time_scale, seed=options.seed,
-                                calibration_dir=options.calibration_dir)
+    dit_options = dit_options_like(options, args.dit_model)
     try:
         options.validate()
         dit_options.validate()

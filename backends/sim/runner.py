@@ -12,7 +12,7 @@ from aiohttp import web
 from backends.sim.cost_model import EngineCostModel
 from backends.sim.dit import SimDiTEngine, SimDiTServer
 from backends.sim.engine import SimEngine
-from backends.sim.options import SimDiTOptions, SimEngineOptions
+from backends.sim.options import DEFAULT_SIM_DIT_MODEL, SimDiTOptions, SimEngineOptions
 from backends.sim.server import SimServer
 from gateway.listen import MAX_PORT, start_site, stop_signals
 
@@ -147,6 +147,12 @@ def check_serve_counts(count: int, dit_count: int, base_port: int) -> None:
                          f"{MAX_PORT + 1}")
 
 
+def dit_options_like(options: SimEngineOptions, model: str = DEFAULT_SIM_DIT_MODEL) -> SimDiTOptions:
+    """The DiT engines served beside LLM engines run on their clock, seed and calibration."""
+    return SimDiTOptions(model=model, time_scale=options.time_scale, seed=options.seed,
+                         calibration_dir=options.calibration_dir)
+
+
 async def serve_sim_engines_forever(count: int, options: SimEngineOptions, host: str = "127.0.0.1",
                                     base_port: int = 0, dit_count: int = 0,
                                     dit_options: SimDiTOptions | None = None) -> None:
@@ -160,8 +166,7 @@ async def serve_sim_engines_forever(count: int, options: SimEngineOptions, host:
         try:
             handles.extend(await start_sim_engines(count, options, host, base_port))
             dit_base = base_port + count if base_port else 0
-            dit_options = dit_options or SimDiTOptions(time_scale=options.time_scale, seed=options.seed,
-                                                       calibration_dir=options.calibration_dir)
+            dit_options = dit_options or dit_options_like(options)
             handles.extend(await start_sim_dit_engines(dit_count, dit_options, host, dit_base))
             for handle in handles:
                 print(f"{handle.kind} {handle.url} {handle.engine.options.model}", flush=True)
