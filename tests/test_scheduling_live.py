@@ -1398,25 +1398,20 @@ async def test_a_step_whose_gateway_died_stops_counting_as_in_flight():
     from gateway.config import default_config
     from gateway.scheduling import INFLIGHT_TOTALS, WorkflowTracker
     from gateway.state.memory import MemoryStateStore
+    from tests.test_state_store import FakeClock
 
-    class Clock:
-        now = 1000.0
-
-        def __call__(self) -> float:
-            return self.now
-
-    clock = Clock()
+    clock = FakeClock()
     store = MemoryStateStore(clock=clock)
     config = default_config()
     config = replace(config, timeouts=replace(config.timeouts, total_s=60.0))
     died, alive = WorkflowTracker(store, config), WorkflowTracker(store, config)
     context = WorkflowContext(workflow_id="wf", step=0, expected_steps=10)
     await died.begin(context, "killed-mid-request", time.time(), None)  # never ended
-    clock.now += 60.0
+    clock.advance(60.0)
     state = await alive.begin(context, "running", time.time(), None)
     assert state.inflight == {"killed-mid-request", "running"} and state.remaining_steps(4) == 8
     assert alive.inflight_s == INFLIGHT_TOTALS * 60.0
-    clock.now += INFLIGHT_TOTALS * 60.0 - 59.0  # the first begun just over inflight_s ago
+    clock.advance(INFLIGHT_TOTALS * 60.0 - 59.0)  # the first begun just over inflight_s ago
     state = await alive.begin(context, "next", time.time(), None)
     assert state.inflight == {"running", "next"} and state.remaining_steps(4) == 8
     assert (await alive.get("wf"))["inflight"] == ["next", "running"]
