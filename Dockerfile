@@ -8,7 +8,10 @@ COPY predictor ./predictor
 COPY backends ./backends
 COPY loadgen ./loadgen
 COPY examples ./examples
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir . \
+ && useradd --system --uid 10001 --home-dir /app maestro && chown maestro /app
+# not root; /app stays writable for what the gateway writes in its working folder (online learning's maestro-online/)
+USER maestro
 EXPOSE 8000
 ENTRYPOINT ["maestro"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]

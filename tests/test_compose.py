@@ -51,6 +51,39 @@ def test_compose_gateway_points_at_the_sim_engines():
     assert urls == [f"http://sim-engines:{base_port + i}" for i in range(count)]
 
 
+
+def test_compose_vllm_engines_can_sleep_and_fit_the_gateways_context():
+    """The gateway's admin sleep needs vLLM's routes (VLLM_SERVER_DEV_MODE) and ``--enable-sleep-mode`` (without it a
+    sleep frees nothing); the engines' context is the one the gateway's config reserves for."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    config = load_config(REPO / "examples/compose-gpu.yaml")
+    max_model_len = {model.name: model.max_model_len for model in config.models}
+    engines = [s for s in compose["services"].values() if str(s.get("image", "")).startswith("vllm/")]
+    assert engines
+    for service in engines:
+        command = service["command"]
+        assert service["environment"]["VLLM_SERVER_DEV_MODE"] == "1"
+        assert "--enable-sleep-mode" in command
+        model = command[command.index("--model") + 1]
+        assert int(command[command.index("--max-model-len") + 1]) == max_model_len[model]
+
+
+def test_compose_gateways_on_one_redis_keep_their_states_apart():
+    """Both gateways of ``--profile gpu`` share the Redis service; one key prefix would make each count the other
+    among its peers and share workflow records with it."""
+    sim = load_config(REPO / "examples/compose-sim.yaml").state
+    gpu = load_config(REPO / "examples/compose-gpu.yaml").state
+    assert sim.redis_url == gpu.redis_url
+    assert sim.key_prefix != gpu.key_prefix
+
+
+def test_docker_build_context_leaves_out_data_and_environments():
+    """Traces imported from third-party data and models trained on them must never reach an image."""
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for path in (".git", ".venv", "traces", "models", "maestro-online", "**/results"):
+        assert path in ignored, path
+
+
 # ------------------------------------------------------------------------------------------- as processes
 # What `docker compose up` runs, without Docker (none runs here or in CI): the sim-engines service's command and
 # the gateway's, each as its own `maestro` process, stopped with SIGTERM as `docker compose stop` does.
