@@ -1337,8 +1337,11 @@ class Scheduling:
             estimate = await asyncio.get_running_loop().run_in_executor(
                 None, self.predictor.predict, body, request.headers, len(job.body), max_tokens, context_len)
         prompt = estimate.prompt_tokens
-        if not max_tokens:  # chat: vLLM lets the answer run to the end of the context
-            max_tokens = max(1, context_len - prompt) if context_len else 4096
+        if context_len:  # chat without max_tokens runs to the end of the context, and vLLM lowers a larger
+            room = max(1, context_len - prompt)  # max_tokens to that room: no answer outgrows it
+            max_tokens = min(max_tokens, room) if max_tokens else room
+        elif not max_tokens:
+            max_tokens = 4096
         n = body.get("n") or 1
         p50 = min(estimate.p50, max_tokens)
         p90 = min(max(estimate.p90, p50), max_tokens)

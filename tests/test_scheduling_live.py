@@ -1242,6 +1242,19 @@ async def test_reservations_round_to_the_block_size_the_engines_export():
             assert (await stream)[0] == 200
 
 
+
+async def test_a_worst_case_reservation_never_outgrows_the_models_context():
+    """vLLM lowers a ``max_tokens`` that the context cannot hold after the prompt to the room left, so no answer
+    holds more than ``max_model_len`` tokens: a worst-case reservation of prompt + max_tokens overstated it."""
+    async with gateway_on_fault_engine(queue_policy="maestro", admission="max_tokens",
+                                       kv_capacity_tokens=8000) as (engine, gw, session):
+        spy = LedgerSpy(gw)
+        assert (await post(session, gw, chat("word " * 400, max_tokens=2000)))[0] == 200
+        assert (await post(session, gw, chat("word " * 400)))[0] == 200  # no max_tokens: the rest of the context
+        assert sorted(spy.reserved.values()) == [2048, 2048]  # the test config's max_model_len
+        spy.assert_each_released_once()
+
+
 class _FlakyWorkflowStore:
     """The in-process store's workflow records, failing while ``down``; ``late`` makes a failing call take
     effect anyway (a Redis call that timed out on the client after the server ran it)."""

@@ -310,6 +310,31 @@ async def test_request_id_header_becomes_response_id(start):
 # ---------------------------------------------------------------------------------------------- HTTP: errors
 
 
+async def test_the_context_bounds_the_prompt_alone_and_lowers_max_tokens_to_the_room_left(start):
+    """vLLM 0.32 checks a prompt alone against the context (renderers/params.py) and lowers a larger
+    ``max_tokens`` to the room the prompt leaves (get_max_tokens): such a request is served, cut at the context."""
+    handle, _ = await start()
+    chat_url, completions_url = handle.url + "/v1/chat/completions", handle.url + "/v1/completions"
+    status, body, _ = await _post(chat_url, {"model": MODEL, "messages": _chat("word " * 400), "max_tokens": 1000,
+                                             "ignore_eos": True})
+    assert status == 200, body
+    assert body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"] == 1024
+    assert body["choices"][0]["finish_reason"] == "length"
+    # a prompt that fills the context leaves max_tokens 0, which SamplingParams refuses
+    status, body, _ = await _post(completions_url, {"model": MODEL, "prompt": [5] * 1024})
+    assert status == 400 and body["error"]["message"].startswith("max_tokens must be at least 1, got 0.")
+    # a text prompt is tokenized up to context + 1 tokens, so that is the count quoted; token ids count whole
+    status, body, _ = await _post(chat_url, {"model": MODEL, "messages": _chat("word " * 4000), "max_tokens": 10})
+    assert status == 400 and body["error"] == {
+        "message": "This model's maximum context length is 1024 tokens. However, your prompt contains at least "
+                   "1025 input tokens, which exceeds this limit even without any output tokens. Please reduce the "
+                   "length of the input prompt. (parameter=input_tokens, value=1025)",
+        "type": "BadRequestError", "param": "input_tokens", "code": 400}
+    status, body, _ = await _post(completions_url, {"model": MODEL, "prompt": [[5] * 1030]})
+    assert status == 400 and body["error"]["message"].startswith(
+        "This model's maximum context length is 1024 tokens. However, your prompt contains 1030 input tokens,")
+
+
 async def test_error_shapes(start):
     handle, client = await start()
     url = handle.url + "/v1/chat/completions"

@@ -25,13 +25,15 @@ Request handling
 * **Unknown model**: 404 ``The model `x` does not exist. Valid aliases: <served name>.`` (``NotFoundError``,
   ``param`` "model"; vLLM 0.32's serve/engine/serving.py).
 * **Lengths**: ``max_tokens > max_model_len`` -> 400 ``max_tokens=N cannot be greater than max_model_len=L.
-  Please request fewer output tokens. (parameter=max_tokens, value=N)``; prompt too long for the context ->
-  400 ``This model's maximum context length is ...`` (``param`` "input_tokens").
+  Please request fewer output tokens. (parameter=max_tokens, value=N)``; a prompt longer than the context ->
+  400 ``This model's maximum context length is L tokens. However, your prompt contains at least L+1 input
+  tokens, ...`` (``param`` "input_tokens"); a prompt that fits with a ``max_tokens`` that does not is served,
+  its output cut at the context (``finish_reason`` "length"), as vLLM 0.32 lowers ``max_tokens`` to the room left.
 * **Prompt tokens** are a deterministic estimate, no tokenizer: chat = for every message 4 tokens of template
   plus ``ceil(len(text) / 4)`` where text is the string content or the concatenated ``text`` parts of a
   content list (other parts count 0), plus 2 for the generation prompt; completions = ``ceil(len(prompt)/4) + 1``
   (BOS), or the length of a token-id list. At least 1.
-* **Output length**: ``max_tokens`` (chat: ``max_completion_tokens`` first) caps it, default
+* **Output length**: ``max_tokens`` (chat: ``max_completion_tokens`` first) caps it, within the context left; default
   ``max_model_len - prompt`` for chat and 16 for completions; ``ignore_eos`` makes it exactly the cap;
   ``min_tokens`` is a lower bound; otherwise it is the integer in the request header ``X-Sim-Output-Tokens``
   -- the **load-generator hint**, which only the load generator sends and the gateway never reads or forwards
@@ -436,7 +438,7 @@ def check_logprobs(body: dict) -> web.Response | None:
 class Parsed:
     __slots__ = ("chat", "model", "stream", "include_usage", "continuous_usage", "max_tokens", "max_tokens_param",
                  "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
-                 "stop")
+                 "stop", "prompt_is_token_ids")
 
 
 # SamplingParams' defaults where a request leaves a field out or null (temperature: the model's default, 1.0 here)
@@ -524,6 +526,7 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         errors.append(_err("string_type", "body.request_id", "Input should be a valid string", p.request_id))
     if errors:
         return pydantic_error_response(errors)
+    p.prompt_is_token_ids = False
     if chat:
         p.prompt_tokens = estimate_chat_prompt_tokens(body["messages"])
     else:
@@ -540,7 +543,16 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
             return bad_request("Multiple prompts in one request are not supported by the simulated engine.",
                                "prompt")
         p.prompt_tokens = estimate_completion_prompt_tokens(prompt)
+        p.prompt_is_token_ids = _is_token_ids(prompt)
     return p
+
+
+def _is_token_ids(prompt: Any) -> bool:
+    """A completions prompt given as token ids (a list of ints, or a one-element list holding one): vLLM counts
+    it whole, where it tokenizes text only up to the context plus one."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], list):
+        prompt = prompt[0]
+    return isinstance(prompt, list) and all(type(t) is int for t in prompt)
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -690,17 +702,19 @@ class SimServer:
             return bad_request(validation_message(
                 f"{param}={max_tokens} cannot be greater than max_model_len={max_len}. "
                 "Please request fewer output tokens.", param, max_tokens), param)
-        requested = max_tokens or 0
-        max_input = max_len - requested
-        if p.prompt_tokens > max_input:
-            shown = max_input + 1  # vLLM truncates at max_input + 1 while tokenizing
-            total = shown + requested
+        if p.prompt_tokens > max_len:
+            # vLLM 0.32 (renderers/params.py, _token_len_check) checks the prompt alone against the context; a
+            # text prompt is tokenized only up to max_len + 1 tokens, so that is the count it quotes
+            count = p.prompt_tokens if p.prompt_is_token_ids else max_len + 1
+            qualifier = "at least " if count == max_len + 1 else ""
             return bad_request(validation_message(
-                f"This model's maximum context length is {max_len} tokens. However, you requested {requested} "
-                f"output tokens and your prompt contains at least {shown} input tokens, for a total of at least "
-                f"{total} tokens. Please reduce the length of the input prompt or the number of requested "
-                "output tokens.", "input_tokens", shown), "input_tokens")
-        return max_tokens if max_tokens is not None else max_len - p.prompt_tokens
+                f"This model's maximum context length is {max_len} tokens. However, your prompt contains "
+                f"{qualifier}{count} input tokens, which exceeds this limit even without any output tokens. "
+                "Please reduce the length of the input prompt.", "input_tokens", count), "input_tokens")
+        # a prompt that fits leaves the rest of the context as the cap: vLLM 0.32's get_max_tokens lowers a
+        # larger max_tokens to it without a word (the answer ends with finish_reason "length")
+        room = max_len - p.prompt_tokens
+        return min(max_tokens, room) if max_tokens is not None else room
 
     async def _full(self, reqs: list[SimRequest], p: Parsed, response_id: str,
                     extra_headers: dict[str, str] | None) -> web.Response:

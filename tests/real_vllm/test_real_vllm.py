@@ -177,6 +177,9 @@ class TestTinyLlama:
                                       "stream_options": {"include_usage": True}}),
             ("/v1/completions", {"model": model, "prompt": [3, -2, -4]}),
             ("/v1/completions", {"model": model, "prompt": "once", "top_p": 1.5}),
+            # the context: a prompt alone longer (token ids are counted whole), a prompt that fills it
+            ("/v1/completions", {"model": model, "prompt": [5] * (tiny_stack.max_model_len + 4)}),
+            ("/v1/completions", {"model": model, "prompt": [5] * tiny_stack.max_model_len}),
         ]
         [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len))
         try:
@@ -193,6 +196,15 @@ class TestTinyLlama:
                 real, simulated = await answer(tiny_stack.engine.url, "/v1/completions", body), await answer(
                     sim.url, "/v1/completions", body)
                 assert real[1]["usage"]["completion_tokens"] == simulated[1]["usage"]["completion_tokens"] == 16
+                # a max_tokens the context cannot hold after the prompt is lowered to the room left, not refused
+                body = {"model": model, "prompt": [5] * (tiny_stack.max_model_len - 6), "max_tokens": 50,
+                        "ignore_eos": True}
+                real, simulated = await answer(tiny_stack.engine.url, "/v1/completions", body), await answer(
+                    sim.url, "/v1/completions", body)
+                assert real[0] == simulated[0] == 200, (real, simulated)
+                for _, answered in (real, simulated):
+                    assert answered["usage"]["completion_tokens"] == 6
+                    assert answered["choices"][0]["finish_reason"] == "length"
                 # ids: the body's request_id, else 16 hex digits (vLLM's random_uuid)
                 body = {"model": model, "messages": chat, "max_tokens": 1, "request_id": "mine-1"}
                 real, simulated = await answer(tiny_stack.engine.url, "/v1/chat/completions", body), await answer(
