@@ -80,7 +80,7 @@ class EngineClient:
     async def _post(self, path: str) -> dict:
         try:
             async with self.session.post(self.url(path), timeout=self._admin_timeout) as response:
-                body = await response.read()
+                body = await _read_capped(response, SCRAPE_MAX_BYTES, f"POST {path}")
                 if response.status >= 400:
                     raise EngineUnreachable(f"POST {path} answered HTTP {response.status}: {body[:200]!r}")
                 return orjson.loads(body) if body else {}
@@ -162,7 +162,10 @@ class EngineClient:
 
     async def is_sleeping(self) -> bool:
         body = await self._get("/is_sleeping", self._admin_timeout)
-        return bool(orjson.loads(body).get("is_sleeping"))
+        try:
+            return bool(orjson.loads(body)["is_sleeping"])
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise EngineUnreachable(f"GET /is_sleeping answered no sleep state ({exc!r})") from None
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:

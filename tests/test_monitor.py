@@ -247,6 +247,30 @@ def test_values_no_count_or_gauge_can_take_are_left_out():
     assert (metrics.waiting, metrics.running) == (2.0, 1.0)
 
 
+
+def test_sleep_state_and_kv_usage_read_as_vllm_032_exports_them():
+    """vLLM 0.32's record_sleep_state: a level-0 pause sets only ``awake`` to 0 (the engine holds new requests);
+    its aggregate logger averages KV usage over engine cores, where a sum read two cores at 0.6 as 1.2."""
+    from backends.vllm_metrics import parse_vllm_metrics
+
+    def sleep_state(awake: int, offloaded: int, discarded: int) -> list[str]:
+        series = 'vllm:engine_sleep_state{engine="0",model_name="m",sleep_state="%s"} %d.0'
+        return [series % ("awake", awake), series % ("weights_offloaded", offloaded),
+                series % ("discard_all", discarded)]
+
+    assert not parse_vllm_metrics("\n".join(sleep_state(1, 0, 0))).sleeping
+    assert parse_vllm_metrics("\n".join(sleep_state(0, 0, 0))).sleeping  # sleep?level=0
+    assert parse_vllm_metrics("\n".join(sleep_state(0, 1, 0))).sleeping
+    assert parse_vllm_metrics("\n".join(sleep_state(0, 0, 1))).sleeping
+    usage = ['vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.6',
+             'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.4',
+             'vllm:num_requests_running{engine="0",model_name="m"} 3.0',
+             'vllm:num_requests_running{engine="1",model_name="m"} 2.0']
+    metrics = parse_vllm_metrics("\n".join(usage))
+    assert (metrics.kv_usage, metrics.running) == (pytest.approx(0.5), 5.0)
+    assert parse_vllm_metrics(usage[0]).kv_usage == pytest.approx(0.6)
+
+
 async def test_an_engine_put_to_sleep_takes_no_new_request_while_it_drains_or_after():
     """A sleep with mode=wait returns when the engine's requests have finished; meanwhile (and for vLLM-Omni,
     whose /health never says it sleeps, afterwards too) it was still routed to. A sleep that outlasts
