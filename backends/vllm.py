@@ -46,8 +46,13 @@ class EngineClient:
         # Until when it counts as asleep whatever its probe says (monotonic; 0: not held). From a sleep call's
         # start: a draining engine takes no new requests (vLLM's /metrics says it sleeps only once it does), and
         # vLLM-Omni's /health never says it (so for it this holds until a wake). After a vLLM sleep that timed
-        # out, for one more admin_s: the drain may still end in sleep, and its /metrics says so then.
+        # out, while its /is_sleeping says it pauses (else for one more admin_s): the drain may still end in
+        # sleep, and its /metrics says so then.
         self._held_until = 0.0
+        # A vLLM sleep whose call timed out and whose /metrics does not say it sleeps yet: vLLM's /metrics says so
+        # only once the drain ends, but its /is_sleeping is true from the pause on (and new requests are held, not
+        # refused), so the probes ask that until one of the two settles it (a sleep, or no pause any more).
+        self._sleep_unsettled = False
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -103,10 +108,20 @@ class EngineClient:
                 raise EngineUnreachable(                                # Python's own series, still Prometheus)
                     f"GET /metrics answered no Prometheus metrics ({len(text)} bytes): not a vLLM server?")
             metrics = parse_vllm_metrics(text.decode("utf-8", "replace"))
-            if self.held_asleep:
-                if not metrics.sleeping:  # draining for a sleep: no new requests
-                    return replace(metrics, sleeping=True)
-                self._held_until = 0.0  # it says it sleeps (a sleep whose call timed out ended): it says from here
+            if metrics.sleeping:
+                self._sleep_unsettled = False
+                if self.held_asleep:
+                    self._held_until = 0.0  # it says it sleeps (a sleep whose call timed out ended): it says from here
+                return metrics
+            if self._sleep_unsettled:
+                paused = await self._paused()
+                if paused is None:  # it cannot say (no such route): the admin_s hold decides, as before
+                    self._sleep_unsettled = False
+                else:  # it says: hold while it pauses, let go once it does not
+                    self._held_until = math.inf if paused else 0.0
+                    self._sleep_unsettled = paused
+            if self.held_asleep:  # draining for a sleep: no new requests
+                return replace(metrics, sleeping=True)
             return metrics
         await self._get("/health", self._scrape_timeout)
         return EngineMetrics(sleeping=self.held_asleep)
@@ -142,16 +157,28 @@ class EngineClient:
             result = await self._post(f"/sleep?level={level}&mode={mode}")
         except EngineTimedOut:
             if self.kind == "vllm":
-                self._held_until = time.monotonic() + self._admin_timeout_s
+                self._held_until = time.monotonic() + self._admin_timeout_s  # where /is_sleeping cannot say
+                self._sleep_unsettled = True
             raise
         except BaseException:  # refused, or the admin's call cancelled: its probes say what it is
             self._held_until = 0.0
+            self._sleep_unsettled = False
             raise
         if self.kind == "vllm":
             self._held_until = 0.0  # from here its /metrics says whether it sleeps
+        self._sleep_unsettled = False
         return result
 
+    async def _paused(self) -> bool | None:
+        """vLLM's ``GET /is_sleeping`` (true from a sleep's pause on, through its drain); None where it cannot say
+        (no such route, or no answer in time)."""
+        try:
+            return await self.is_sleeping(self._scrape_timeout)
+        except EngineUnreachable:
+            return None
+
     async def wake_up(self) -> dict:
+        self._sleep_unsettled = False
         try:
             result = await self._post("/wake_up")
         except EngineTimedOut:
@@ -160,8 +187,8 @@ class EngineClient:
         self._held_until = 0.0
         return result
 
-    async def is_sleeping(self) -> bool:
-        body = await self._get("/is_sleeping", self._admin_timeout)
+    async def is_sleeping(self, timeout: aiohttp.ClientTimeout | None = None) -> bool:
+        body = await self._get("/is_sleeping", timeout or self._admin_timeout)
         try:
             return bool(orjson.loads(body)["is_sleeping"])
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:

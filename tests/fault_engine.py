@@ -41,6 +41,8 @@ class FaultEngine:
     block_size: int = 16
     sleep_routes: bool = False  # serve POST /sleep and /wake_up (vLLM with VLLM_SERVER_DEV_MODE=1)
     sleep_delay_s: float = 0.0  # how long POST /sleep takes to answer (a mode=wait drain)
+    is_sleeping_route: bool = False  # also GET /is_sleeping: true from a sleep call's start to a wake-up (vLLM)
+    paused: bool = False
     wake_delay_s: float = 0.0  # ...and POST /wake_up
     served_models: list[str] | None = None  # the names GET /v1/models lists (None: the one model)
 
@@ -59,6 +61,8 @@ class FaultEngine:
         if self.sleep_routes:
             app.router.add_post("/sleep", self.sleep)  # vLLM answers both with an empty 200
             app.router.add_post("/wake_up", self.wake_up)
+            if self.is_sleeping_route:
+                app.router.add_get("/is_sleeping", self.is_sleeping)
         self.runner = web.AppRunner(app, handler_cancellation=True)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", port, reuse_address=True)
@@ -75,12 +79,17 @@ class FaultEngine:
         return web.Response()
 
     async def sleep(self, request: web.Request) -> web.Response:
+        self.paused = True
         await asyncio.sleep(self.sleep_delay_s)
         return web.Response()
 
     async def wake_up(self, request: web.Request) -> web.Response:
         await asyncio.sleep(self.wake_delay_s)
+        self.paused = False
         return web.Response()
+
+    async def is_sleeping(self, request: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": self.paused})
 
     seen_metrics_headers: list = field(default_factory=list)
 

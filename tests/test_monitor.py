@@ -322,6 +322,28 @@ async def test_a_vllm_omni_engine_put_to_sleep_stays_asleep_for_the_probes_until
         await engine.stop()
 
 
+async def test_a_sleep_whose_drain_outlasts_its_call_holds_the_engine_while_vllm_says_it_pauses():
+    """vLLM's /metrics says it sleeps only once a mode=wait drain ends, while new requests are held from the pause
+    on: after admin_s more the probes took it for awake and sent requests into the pause. /is_sleeping is true
+    from the pause on, so the probes ask it until a sleep or the end of the pause settles it."""
+    from backends.vllm import EngineClient, EngineTimedOut
+
+    engine = FaultEngine(sleep_routes=True, is_sleeping_route=True)
+    client = EngineClient(await engine.start(), admin_timeout_s=0.2)
+    try:
+        engine.sleep_delay_s = 1.0
+        with pytest.raises(EngineTimedOut):
+            await client.sleep(mode="wait")
+        await asyncio.sleep(0.3)  # past the admin_s hold
+        assert (await client.probe()).sleeping  # still pausing, says /is_sleeping
+        engine.paused = False  # the pause ended without a sleep
+        assert not (await client.probe()).sleeping
+        assert not (await client.probe()).sleeping
+    finally:
+        await client.close()
+        await engine.stop()
+
+
 async def test_a_sleep_that_never_happened_does_not_keep_an_engine_out_for_good():
     """The hold on a sleeping engine ends: a vLLM sleep call that timed out holds it one more admin_s (its drain
     may end in sleep, which its /metrics then says); a call cut short (the admin's client left) or refused at

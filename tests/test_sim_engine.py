@@ -645,29 +645,31 @@ async def test_non_stream_client_timeout_aborts_request(start):
     await _wait_for(lambda: handle.engine.num_running == 0, timeout=2.0)
 
 
-async def test_sleep_503_wake_up_serves_again(start):
+async def test_a_request_sent_while_asleep_is_held_until_the_wake_up(start):
+    """As observed on a real vLLM (../shared/vllm-observed.md): a request sent to a sleeping engine is held, not
+    counted in num_requests_waiting, and completes after POST /wake_up (the simulator answered 503, which a real
+    engine never does, so a gateway's failover looked better against it than it is)."""
     handle, client = await start(wake_delay_s=2.0, time_scale=20.0)  # wake-up takes 0.1 s of wall time
     status, body, _ = await _post(handle.url + "/sleep?level=1", b"")
     assert status == 200 and body == {"status": "sleeping", "level": 1}
     status, raw = await _get(handle.url + "/is_sleeping")
     assert json.loads(raw) == {"is_sleeping": True}
     _, metrics = await _get(handle.url + "/metrics")
-    assert f'{names.GAUGE_SLEEP_STATE}{{engine="0",model_name="{MODEL}",sleep_state="weights_offloaded"}} 1.0' \
-        in metrics.decode()
-    with pytest.raises(openai.APIStatusError) as info:
-        await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=3)
-    assert info.value.status_code == 503
-    error = info.value.response.json()["error"]
-    assert error["type"] == "Service Unavailable" and error["code"] == 503 and error["param"] is None
+    text = metrics.decode()
+    for state, value in (("awake", 0.0), ("weights_offloaded", 1.0), ("discard_all", 0.0)):
+        assert f'{names.GAUGE_SLEEP_STATE}{{engine="0",model_name="{MODEL}",sleep_state="{state}"}} {value}' in text
+    held = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=3,
+                                                              extra_body={"ignore_eos": True}))
+    await _wait_for(lambda: handle.engine.num_held == 1)
+    await asyncio.sleep(0.1)
+    assert not held.done() and handle.engine.num_waiting == 0 and handle.engine.num_running == 0
     t0 = time.monotonic()
     status, body, _ = await _post(handle.url + "/wake_up", b"")
     assert time.monotonic() - t0 >= 0.09
     assert status == 200 and body == {"status": "awake", "tags": None}
+    assert (await held).usage.completion_tokens == 3
     status, raw = await _get(handle.url + "/is_sleeping")
     assert json.loads(raw) == {"is_sleeping": False}
-    r = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=3,
-                                             extra_body={"ignore_eos": True})
-    assert r.usage.completion_tokens == 3
     # level 2, with a request in flight: it is aborted and the KV is freed
     task = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=900,
                                                               extra_body={"ignore_eos": True}))
@@ -677,6 +679,56 @@ async def test_sleep_503_wake_up_serves_again(start):
     result = await task
     assert result.choices[0].finish_reason == "abort"
     assert handle.engine.kv_usage() == 0.0 and handle.engine.num_running == 0
+    # a held request whose client leaves is dropped
+    client_short = AsyncOpenAI(base_url=handle.url + "/v1", api_key="x", max_retries=0, timeout=0.2)
+    with pytest.raises(openai.APITimeoutError):
+        await client_short.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=3)
+    await client_short.close()
+    await _wait_for(lambda: handle.engine.num_held == 0)
+
+
+async def test_sleep_levels_modes_and_tags_as_vllm_032_takes_them(start):
+    """vLLM 0.32's /sleep (level 0..2, mode abort|wait|keep, FastAPI's 400 otherwise) and /wake_up?tags=."""
+    handle, client = await start(wake_delay_s=0.0, time_scale=20.0)
+    engine = handle.engine
+    for query, loc in (("level=3", "query.level"), ("level=-1", "query.level"), ("level=abc", "query.level"),
+                       ("mode=bogus", "query.mode")):
+        status, body, _ = await _post(handle.url + "/sleep?" + query, b"")
+        assert status == 400 and body["error"]["param"] == loc and body["error"]["type"] == "Bad Request", query
+        assert body["error"]["message"].startswith("1 validation error:\n"), body
+    status, body, _ = await _post(handle.url + "/sleep?level=9&mode=nap", b"")
+    assert status == 400 and body["error"]["message"].startswith("2 validation errors:\n")
+    assert not engine.is_sleeping
+    # level 0 with mode=keep: a pause that frees nothing; the request in flight keeps its KV and goes on after
+    task = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=200,
+                                                              extra_body={"ignore_eos": True}))
+    await _wait_for(lambda: engine.num_running == 1)
+    status, body, _ = await _post(handle.url + "/sleep?level=0&mode=keep", b"")
+    assert status == 200 and body == {"status": "sleeping", "level": 0}
+    assert engine.is_sleeping and engine.num_running == 1 and engine.kv_usage() > 0
+    _, metrics = await _get(handle.url + "/metrics")
+    from backends.vllm_metrics import parse_vllm_metrics
+    assert parse_vllm_metrics(metrics.decode()).sleeping  # awake 0, neither other state set
+    generated = engine.running[0].generated
+    await asyncio.sleep(0.1)
+    assert engine.running[0].generated == generated  # paused
+    status, body, _ = await _post(handle.url + "/wake_up?tags=scheduling", b"")
+    assert body == {"status": "awake", "tags": ["scheduling"]}
+    result = await task
+    assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 200
+    # level 1 with mode=keep: the KV is freed, the request prefills again after the wake-up and completes
+    task = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=200,
+                                                              extra_body={"ignore_eos": True}))
+    await _wait_for(lambda: engine.num_running == 1)
+    await _post(handle.url + "/sleep?level=1&mode=keep", b"")
+    assert engine.kv_usage() == 0.0 and engine.num_running == 0 and engine.num_waiting == 1
+    # waking the weights only leaves it asleep; the KV cache's tag completes the wake-up
+    status, body, _ = await _post(handle.url + "/wake_up?tags=weights", b"")
+    assert body == {"status": "sleeping", "tags": ["weights"]} and engine.is_sleeping
+    status, body, _ = await _post(handle.url + "/wake_up?tags=kv_cache", b"")
+    assert body == {"status": "awake", "tags": ["kv_cache"]} and not engine.is_sleeping
+    result = await task
+    assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 200
 
 
 async def test_sleep_mode_wait_lets_in_flight_requests_finish(start):

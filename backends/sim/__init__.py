@@ -12,7 +12,7 @@
 
 from backends.sim.cost_model import EngineCostModel, default_calibration_dir
 from backends.sim.dit import SimDiTEngine, make_png
-from backends.sim.engine import EngineBusy, EngineSleeping, SimEngine, SimRequest
+from backends.sim.engine import EngineBusy, SimEngine, SimRequest
 from backends.sim.options import SimDiTOptions, SimEngineOptions
 from backends.sim.runner import (
     SimDiTHandle,
@@ -27,7 +27,6 @@ from backends.sim.server import HINT_HEADER, filler_text
 __all__ = [
     "EngineBusy",
     "EngineCostModel",
-    "EngineSleeping",
     "HINT_HEADER",
     "SimDiTEngine",
     "SimDiTHandle",

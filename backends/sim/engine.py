@@ -19,9 +19,13 @@ Modelled on vLLM V1's scheduler:
   arrival. Running requests are never preempted because of priority, only by KV pressure.
 * **Abort** (client disconnect) frees the request's KV at once and is not counted in
   ``vllm:request_success_total`` (as observed on a real server).
-* **Sleep.** ``sleep(level)`` aborts everything in flight (vLLM's default ``mode=abort``; ``mode=wait``
-  first lets in-flight requests finish), frees the whole KV cache and refuses new requests
-  (:class:`EngineSleeping`) until :meth:`wake_up` returns, ``wake_delay_s / time_scale`` seconds later.
+* **Sleep** (vLLM 0.32's ``EngineCore.sleep`` / ``pause_scheduler``). ``sleep(level, mode)`` pauses the
+  scheduler: requests in flight are aborted (``mode=abort``, the default), run to their end first
+  (``mode=wait``), or kept, to be recomputed after the wake-up (``mode=keep``); level 1 and 2 then free the
+  whole KV cache, level 0 frees nothing. New requests are *held* from the pause on, not refused and not counted
+  in ``num_requests_waiting`` (as observed on a real server), and run once the engine is fully awake:
+  :meth:`wake_up` returns ``wake_delay_s / time_scale`` seconds later (at once where nothing was offloaded),
+  and a wake-up of only some ``tags`` leaves it paused.
 
 Token delivery is lean: a request keeps a count of tokens not yet taken by its consumer and one future to wake
 it; a slow consumer therefore gets several tokens at once, exactly like vLLM's per-request output collector
@@ -44,12 +48,12 @@ from backends.sim.options import SimEngineOptions
 WAITING = 0
 RUNNING = 1
 DONE = 2
+HELD = 3  # added while the scheduler is paused (asleep): waits for the wake-up outside the waiting queue
+
+PAUSE_MODES = ("abort", "wait", "keep")  # vLLM 0.32's PauseMode
+SLEEP_TAGS = frozenset({"weights", "kv_cache"})  # what a level 1 or 2 sleep offloads, woken by tag
 
 _DEADLINE_SLACK_S = 0.02  # how far behind schedule the loop may fall before it stops catching up
-
-
-class EngineSleeping(Exception):
-    """The engine is asleep (or waking up) and refuses new requests."""
 
 
 class EngineBusy(Exception):
@@ -125,9 +129,12 @@ class SimEngine:
         self._fcfs: deque[SimRequest] = deque()
         self._heap: list[tuple[int, int, SimRequest]] = []
         self.num_waiting = 0
-        self.sleep_level = 0  # 0 awake, 1 weights offloaded, 2 discard all
+        self.sleep_level = 0  # while paused: 0 (nothing freed), 1 weights offloaded, 2 discard all
+        self._paused = False  # the scheduler is paused: new requests are held (vLLM's PAUSED_NEW / PAUSED_ALL)
+        self._draining = False  # paused with mode=wait: the requests in flight still run to their end
+        self._asleep_tags: set[str] = set()  # what a wake-up has to bring back before the scheduler resumes
+        self._held: deque[SimRequest] = deque()
         self._waking: asyncio.Task | None = None
-        self._draining = False
         self._seq = itertools.count()
         self._work = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -165,6 +172,9 @@ class SimEngine:
         if self._waking is not None:
             self._waking.cancel()
         self._abort_all("abort", count=False)
+        now = self._now() if self._loop is not None else 0.0
+        for req in list(self._held):
+            self._finish(req, "abort", now, count=False)
 
     # ------------------------------------------------------------------ state read by the HTTP layer and tests
 
@@ -178,7 +188,14 @@ class SimEngine:
 
     @property
     def is_sleeping(self) -> bool:
-        return self.sleep_level > 0
+        """vLLM's ``is_sleeping``: the scheduler is paused (from the sleep call's start, through a drain, until a
+        full wake-up) or memory is offloaded."""
+        return self._paused
+
+    @property
+    def num_held(self) -> int:
+        """Requests that arrived while asleep and wait for the wake-up (not in ``num_requests_waiting``)."""
+        return len(self._held)
 
     # ------------------------------------------------------------------ requests
 
@@ -200,28 +217,29 @@ class SimEngine:
         return natural, "stop"
 
     def admit(self, count: int = 1) -> None:
-        """Raise :class:`EngineSleeping` while asleep or waking, or :class:`EngineBusy` (counted in
-        ``vllm:admission_rejections``) where ``count`` more requests would pass ``max_num_queued_reqs``. vLLM's
-        frontend refuses there before it checks a request's lengths and sampling parameters, so the server asks
-        this first, for all of a request's answers at once."""
-        if self.sleep_level or self._waking is not None or self._draining:
-            raise EngineSleeping()
+        """Raise :class:`EngineBusy` (counted in ``vllm:admission_rejections``) where ``count`` more requests
+        would pass ``max_num_queued_reqs`` unfinished ones (held ones count). vLLM's frontend refuses there before
+        it checks a request's lengths and sampling parameters, so the server asks this first, for all of a
+        request's answers at once. An engine asleep takes requests: it holds them (see :meth:`add_request`)."""
         limit = self.options.max_num_queued_reqs
-        if limit and len(self.running) + self.num_waiting + count > limit:
+        if limit and len(self.running) + self.num_waiting + len(self._held) + count > limit:
             self.metrics.admission_rejections["max_num_queued_reqs"].inc()
             raise EngineBusy()
 
     def add_request(self, request_id: str, prompt_tokens: int, target_tokens: int, finish_reason: str = "length",
                     priority: int = 0) -> SimRequest:
-        """Queue a request that will generate ``target_tokens`` tokens and finish with ``finish_reason``.
-
-        Raises :class:`EngineSleeping` while asleep or waking, :class:`EngineBusy` beyond
+        """Queue a request that will generate ``target_tokens`` tokens and finish with ``finish_reason``; while
+        the engine is asleep it is held until the wake-up. Raises :class:`EngineBusy` beyond
         ``max_num_queued_reqs`` unfinished requests.
         """
         self.admit(1)
         loop = self._loop or asyncio.get_running_loop()
         req = SimRequest(request_id, max(1, prompt_tokens), max(1, target_tokens), finish_reason,
                          priority if self.priority_policy else 0, next(self._seq), loop.time())
+        if self._paused:
+            req.state = HELD
+            self._held.append(req)
+            return req
         self._push_waiting(req, front=False)
         self._work.set()
         return req
@@ -234,46 +252,80 @@ class SimEngine:
     # ------------------------------------------------------------------ sleep / wake
 
     async def sleep(self, level: int = 1, mode: str = "abort") -> None:
-        """Sleep at ``level`` 1 (weights offloaded) or 2 (discard all); frees all KV."""
+        """Pause the scheduler and sleep at ``level`` 0 (pause only), 1 (weights offloaded) or 2 (discard all);
+        ``mode`` says what happens to the requests in flight (module docstring). Returns once asleep."""
+        if level not in (0, 1, 2) or mode not in PAUSE_MODES:
+            raise ValueError(f"sleep level must be 0, 1 or 2 and mode one of {PAUSE_MODES}")
         if self._waking is not None:
             self._waking.cancel()
             self._waking = None
+        self._paused = True
         if mode == "wait" and (self.running or self.num_waiting):
             self._draining = True
+            self._work.set()
             try:
                 while self.running or self.num_waiting:
                     await asyncio.sleep(0.005)
             finally:
                 self._draining = False
-        self._abort_all("abort", count=True)
-        self.free_blocks = self.total_blocks
-        self.sleep_level = 2 if level >= 2 else 1
-        self.metrics.set_sleep_level(self.sleep_level)
+        elif mode == "abort":
+            self._abort_all("abort", count=True)
+        if level >= 1:
+            self._recompute_all()  # mode=keep: the KV they held is gone; they prefill again after the wake-up
+            self.free_blocks = self.total_blocks
+            self._asleep_tags = set(SLEEP_TAGS)
+        self.sleep_level = level
+        self.metrics.set_sleep_level(level)
 
-    async def wake_up(self) -> None:
-        """Wake after ``wake_delay_s / time_scale`` seconds; concurrent callers share the same wake-up."""
-        if not self.sleep_level:
-            return
-        if self._waking is None:
-            self._waking = asyncio.get_running_loop().create_task(self._do_wake())
-        task = self._waking
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and (current is None or not current.cancelling()):
-                return  # a new sleep() superseded this wake-up
-            raise
+    async def wake_up(self, tags: list[str] | None = None) -> bool:
+        """Bring back what ``tags`` names (all where None; vLLM's "scheduling" tag names nothing to reload) after
+        ``wake_delay_s / time_scale`` seconds; concurrent callers share that wait. Once nothing is left asleep
+        the scheduler resumes and the held requests queue in their order. Returns whether it is fully awake."""
+        if tags is not None:
+            tags = [tag for tag in tags if tag != "scheduling"]
+        waking = set(self._asleep_tags) if tags is None else self._asleep_tags & set(tags)
+        if waking:
+            if self._waking is None:
+                self._waking = asyncio.get_running_loop().create_task(self._reload())
+            task = self._waking
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if task.cancelled() and (current is None or not current.cancelling()):
+                    return False  # a new sleep() superseded this wake-up
+                raise
+            self._asleep_tags -= waking
+        if self._paused and not self._asleep_tags:
+            self._resume()
+        return not self._paused
 
-    async def _do_wake(self) -> None:
+    async def _reload(self) -> None:
         try:
             await asyncio.sleep(self.options.wake_delay_s / self.time_scale)
-            self.sleep_level = 0
-            self.metrics.set_sleep_level(0)
-            self._work.set()
         finally:
             if self._waking is asyncio.current_task():
                 self._waking = None
+
+    def _resume(self) -> None:
+        self._paused = False
+        self.sleep_level = 0
+        self.metrics.set_sleep_level(None)
+        held, self._held = self._held, deque()
+        for req in held:
+            if req.state == HELD:
+                self._push_waiting(req, front=False)
+        self._work.set()
+
+    def _recompute_all(self) -> None:
+        """Requests kept through a sleep that frees the KV cache lose it: back to the waiting queue's front, in
+        their order, to prefill again (as a preemption does)."""
+        for req in reversed(self.running):
+            self.free_blocks += req.blocks
+            req.blocks = 0
+            req.computed = 0
+            self._push_waiting(req, front=True)
+        self.running.clear()
 
     # ------------------------------------------------------------------ internals
 
@@ -312,6 +364,8 @@ class SimEngine:
     def _finish(self, req: SimRequest, reason: str, now: float, count: bool = True) -> None:
         if req.state == WAITING:
             self.num_waiting -= 1
+        elif req.state == HELD:
+            self._held.remove(req)
         elif req.state == RUNNING:
             try:
                 self.running.remove(req)
@@ -462,7 +516,7 @@ class SimEngine:
         loop = asyncio.get_running_loop()
         deadline = loop.time()
         while True:
-            if self.sleep_level or (not self.running and self.num_waiting == 0):
+            if (self._paused and not self._draining) or (not self.running and self.num_waiting == 0):
                 self._work.clear()
                 await self._work.wait()
                 deadline = loop.time()

@@ -93,7 +93,7 @@ class SimEngineMetrics:
                       "awake = 1 means engine is awake; weights_offloaded = 1 means sleep level 1; "
                       "discard_all = 1 means sleep level 2.", names + ("sleep_state",), registry=reg)
         self._sleep = [sleep.labels(*values, state) for state in SLEEP_STATES]
-        self.set_sleep_level(0)
+        self.set_sleep_level(None)
 
         self.preemptions = Counter(COUNTER_PREEMPTIONS, "Cumulative number of preemption from the engine.",
                                    names, registry=reg).labels(*values)
@@ -126,9 +126,14 @@ class SimEngineMetrics:
         self.request_generation_tokens = hist(HIST_GENERATION_TOKENS, "Number of generation tokens processed.",
                                               token_buckets)
 
-    def set_sleep_level(self, level: int) -> None:
-        for index, child in enumerate(self._sleep):
-            child.set(1.0 if index == level else 0.0)
+    def set_sleep_level(self, level: int | None) -> None:
+        """``None``: awake. 0, 1, 2: asleep at that level, as vLLM 0.32's ``record_sleep_state`` sets them:
+        ``awake`` 0, and ``weights_offloaded`` (level 1) or ``discard_all`` (level 2) 1; level 0 (a pause that
+        frees nothing) sets neither."""
+        awake, offloaded, discarded = self._sleep
+        awake.set(1.0 if level is None else 0.0)
+        offloaded.set(1.0 if level == 1 else 0.0)
+        discarded.set(1.0 if level == 2 else 0.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,7 +2,8 @@
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions`` (stream and non-stream), ``GET /v1/models``,
 ``GET /health``, ``GET|POST /ping``, ``GET /version``, ``GET /metrics``, and the dev-mode sleep endpoints
-``POST /sleep?level=1|2``, ``POST /wake_up``, ``GET /is_sleeping``. Shapes were copied from vLLM's source
+``POST /sleep?level=0|1|2&mode=abort|wait|keep``, ``POST /wake_up[?tags=...]``, ``GET /is_sleeping`` (a request
+sent while asleep is held until the wake-up, as on a real server). Shapes were copied from vLLM's source
 (``entrypoints/openai/engine/serving.py``, ``chat_completion/protocol.py`` and ``serving.py``,
 ``renderers/params.py``, ``exceptions.py``, ``serve/exception_handling/handlers/validation.py``,
 ``serve/dev/sleep/api_router.py``) and from ``../shared/vllm-observed.md`` where they differ.
@@ -92,7 +93,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from backends.sim.engine import EngineBusy, EngineSleeping, SimEngine, SimRequest
+from backends.sim.engine import PAUSE_MODES, EngineBusy, SimEngine, SimRequest
 
 HINT_HEADER = "X-Sim-Output-Tokens"
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -104,8 +105,6 @@ MAX_N_SEQUENCES = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default (the gateway allo
 
 BUSY_MESSAGE = ("The engine is currently busy and cannot accept new requests. Please try again later or on a "
                 "different instance.")
-SLEEPING_MESSAGE = ("The engine is sleeping and cannot accept new requests. Please try again after "
-                    "POST /wake_up or on a different instance.")
 
 # ---------------------------------------------------------------------------------------------- filler text
 
@@ -611,18 +610,34 @@ class SimServer:
         return web.Response(body=self.engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def sleep(self, request: web.Request) -> web.Response:
-        try:
-            level = int(request.query.get("level", "1"))
-        except ValueError:
-            return bad_request("level must be an integer", "level")
+        """vLLM 0.32's ``POST /sleep``: ``level`` an integer 0..2 (default 1), ``mode`` abort|wait|keep (default
+        abort), checked as FastAPI checks its query parameters (every error, in their order)."""
+        errors: list[dict] = []
+        raw_level = request.query.get("level")
+        level = check_int({"level": raw_level} if raw_level is not None else {}, "level", errors, optional=False,
+                          default=1, loc_prefix="query")
+        if not errors:
+            if level < 0:
+                errors.append({**_err("greater_than_equal", "query.level", "Input should be greater than or "
+                                      "equal to 0", raw_level), "ctx": {"ge": 0}})
+            elif level > 2:
+                errors.append({**_err("less_than_equal", "query.level", "Input should be less than or equal to 2",
+                                      raw_level), "ctx": {"le": 2}})
         mode = request.query.get("mode", "abort")
+        if mode not in PAUSE_MODES:
+            expected = "'abort', 'wait' or 'keep'"
+            errors.append({**_err("literal_error", "query.mode", f"Input should be {expected}", mode),
+                           "ctx": {"expected": expected}})
+        if errors:
+            return pydantic_error_response(errors)
         await self.engine.sleep(level, mode)
         return web.json_response({"status": "sleeping", "level": level}, dumps=_dumps)
 
     async def wake_up(self, request: web.Request) -> web.Response:
+        """vLLM 0.32's ``POST /wake_up``: ``tags`` (repeatable) wakes only those; "sleeping" until all are."""
         tags = request.query.getall("tags", []) or None
-        await self.engine.wake_up()
-        return web.json_response({"status": "awake", "tags": tags}, dumps=_dumps)
+        fully_awake = await self.engine.wake_up(tags)
+        return web.json_response({"status": "awake" if fully_awake else "sleeping", "tags": tags}, dumps=_dumps)
 
     async def is_sleeping(self, request: web.Request) -> web.Response:
         return web.json_response({"is_sleeping": self.engine.is_sleeping}, dumps=_dumps)
@@ -649,8 +664,8 @@ class SimServer:
                                   "NotFoundError", 404, "model")
         try:
             self.engine.admit(max(parsed.n, 1))  # vLLM's back-pressure comes before its length and sampling checks
-        except (EngineSleeping, EngineBusy) as exc:
-            return _unavailable(exc)
+        except EngineBusy:
+            return _busy()
         checked = self._check_lengths(parsed)
         if isinstance(checked, web.Response):
             return checked
@@ -678,7 +693,7 @@ class SimServer:
     def _add_requests(self, p: Parsed, cap: int, hint: int | None,
                       response_id: str) -> list[SimRequest] | web.Response:
         """One engine request per answer, each with its own output length; all or none (a 503 when the engine
-        sleeps or is full, with the answers already queued taken back)."""
+        is full, with the answers already queued taken back)."""
         engine = self.engine
         reqs: list[SimRequest] = []
         try:
@@ -687,10 +702,10 @@ class SimServer:
                                                       hint=hint)
                 request_id = response_id if p.n == 1 else f"{index}_{response_id}"
                 reqs.append(engine.add_request(request_id, p.prompt_tokens, target, reason, p.priority))
-        except (EngineSleeping, EngineBusy) as exc:
+        except EngineBusy:
             for req in reqs:
                 engine.abort(req)
-            return _unavailable(exc)
+            return _busy()
         return reqs
 
     def _check_lengths(self, p: Parsed) -> int | web.Response:
@@ -871,9 +886,8 @@ class _SseEvents:
         return usage + b"data: [DONE]\n\n"
 
 
-def _unavailable(exc: Exception) -> web.Response:
-    message = SLEEPING_MESSAGE if isinstance(exc, EngineSleeping) else BUSY_MESSAGE
-    return error_response(message, "Service Unavailable", 503)
+def _busy() -> web.Response:
+    return error_response(BUSY_MESSAGE, "Service Unavailable", 503)
 
 
 def verify_sampling(p: Parsed, cap: int) -> web.Response | None:

@@ -284,6 +284,49 @@ class TestTinyLlama:
         finally:
             await sim.stop()
 
+    async def test_the_sims_sleep_is_this_engines(self, tiny_stack) -> None:
+        """Engine to engine, vLLM's dev-mode sleep routes: the same 400s for bad query parameters; asleep, both
+        say so on /is_sleeping and in vllm:engine_sleep_state, hold a request (not counted as waiting, not
+        refused) and serve it after /wake_up."""
+        import aiohttp
+
+        from backends.sim import SimEngineOptions, start_sim_engines
+        from backends.vllm_metrics import parse_vllm_metrics
+
+        [sim] = await start_sim_engines(1, SimEngineOptions(model=tiny_stack.model,
+                                                            max_model_len=tiny_stack.max_model_len))
+        bases = (tiny_stack.engine.url, sim.url)
+        try:
+            async with aiohttp.ClientSession() as session:
+                async def call(method: str, url: str):
+                    async with session.request(method, url) as r:
+                        return r.status, await (r.text() if url.endswith("/metrics") else r.json())
+
+                async def complete(base: str):
+                    body = {"model": tiny_stack.model, "prompt": "once", "max_tokens": 2, "ignore_eos": True}
+                    async with session.post(base + "/v1/completions", json=body) as r:
+                        return r.status, await r.json()
+
+                for query in ("level=3", "level=-1", "level=abc", "mode=bogus", "level=9&mode=nap"):
+                    real, simulated = [await call("POST", f"{base}/sleep?{query}") for base in bases]
+                    assert simulated == real, query
+                for base in bases:
+                    try:
+                        assert await call("POST", base + "/sleep?level=1") == (200, {"status": "sleeping", "level": 1})
+                        assert await call("GET", base + "/is_sleeping") == (200, {"is_sleeping": True})
+                        held = asyncio.create_task(complete(base))
+                        await asyncio.sleep(1.0)
+                        assert not held.done(), base  # held, not refused
+                        metrics = parse_vllm_metrics((await call("GET", base + "/metrics"))[1])
+                        assert metrics.sleeping and metrics.waiting == 0, (base, metrics)
+                    finally:
+                        woken = await call("POST", base + "/wake_up")
+                    assert woken == (200, {"status": "awake", "tags": None}), base
+                    status, answer = await asyncio.wait_for(held, timeout=60)
+                    assert status == 200 and answer["usage"]["completion_tokens"] == 2, (base, answer)
+        finally:
+            await sim.stop()
+
     async def test_the_sims_metrics_and_models_are_this_engines(self, tiny_stack) -> None:
         """Engine to engine: every metric family the simulated engine exports exists on this real vLLM with the
         same type and label names (the gateway scrapes by those names), and /v1/models has the same shape."""
