@@ -106,9 +106,12 @@ class Predictor:
                    default_max_tokens: int | None = None, source: str = "model") -> "Predictor":
         """A predictor from a model file's contents (``source`` names it in errors): ModelFileError where they
         are not a model this code can use, down to arrays that do not fit together (a damaged or edited file),
-        so that such a file is refused at load rather than failing at some request."""
+        so that such a file is refused at load rather than failing at some request. A bad ``default_max_tokens``
+        is the caller's mistake, not the file's: it raises a plain ValueError before the contents are looked at
+        (inside the ``try`` below it would be reported as a damaged model file to retrain)."""
         from predictor.model_file import ModelFileError, check_state
 
+        default_max_tokens = check_default_max_tokens(default_max_tokens)
         check_state(state, source)
         try:
             text = TextModel.from_state(state["text_model"])
@@ -127,9 +130,11 @@ class Predictor:
     @classmethod
     def load(cls, path: str | Path, kv: KVModel | None = None,
              default_max_tokens: int | None = None) -> "Predictor":
-        """Load a model file written by ``maestro predictor train`` (raises ModelFileError on a mismatch)."""
+        """Load a model file written by ``maestro predictor train`` (raises ModelFileError on a mismatch, and
+        ValueError for a bad ``default_max_tokens`` before the file is read)."""
         from predictor.model_file import load_state
 
+        default_max_tokens = check_default_max_tokens(default_max_tokens)
         return cls.from_state(load_state(path), kv, default_max_tokens, str(path))
 
     def save(self, path: str | Path) -> Path:

@@ -128,6 +128,17 @@ def test_predictor_refuses_a_default_max_tokens_below_one(model_all, value):
         Predictor.from_priors().with_kv(Predictor.from_priors().kv, default_max_tokens=value)
 
 
+@pytest.mark.parametrize("value", [0, -1, True, 1.5, "10"])
+def test_a_bad_default_max_tokens_is_blamed_on_the_argument_not_the_model_file(model_all, value):
+    from predictor.model_file import ModelFileError
+
+    with pytest.raises(ValueError) as raised:
+        Predictor.load(model_all, default_max_tokens=value)
+    assert not isinstance(raised.value, ModelFileError)
+    assert "default_max_tokens" in str(raised.value) and "retrain" not in str(raised.value)
+    assert str(model_all) not in str(raised.value)
+
+
 def test_a_valid_default_max_tokens_caps_predictions(model_all):
     import numpy as np
 
