@@ -292,6 +292,42 @@ def test_import_refuses_to_write_over_the_file_it_reads(tmp_path, capsys, given)
     assert run_cli(["import", "--source", "chatdev", str(in_path), str(other)], capsys)[0] == 0
 
 
+@pytest.mark.parametrize("given", ["file", "folder", "link"])
+def test_import_refuses_to_write_over_any_file_it_reads(tmp_path, capsys, given):
+    """AlpacaEval reads two files (the model outputs and the instructions beside them); OUT may be neither."""
+    instructions = write_jsonl(tmp_path / "instructions.jsonl",
+                               [{"instruction_idx": 0, "instruction": "Name a prime.", "dataset": "x"}])
+    outputs = write_jsonl(tmp_path / "selected_models_outputs.jsonl",
+                          [{"instruction_idx": 0, "generator": "gpt-4", "output": "Seven."}])
+    before = instructions.read_bytes()
+    out = instructions
+    if given == "link":
+        out = tmp_path / "link.jsonl"
+        out.symlink_to(instructions)
+    in_path = tmp_path if given == "folder" else outputs
+    err = assert_usage_error(["import", "--source", "alpaca-eval", str(in_path), str(out)], capsys,
+                             "is the input file")
+    assert str(instructions) in err.strip().splitlines()[-1]
+    assert instructions.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({instructions.name, outputs.name, out.name})
+    assert run_cli(["import", "--source", "alpaca-eval", str(in_path), str(tmp_path / "alpaca.jsonl")],
+                   capsys)[0] == 0
+
+
+def test_every_importer_declares_the_files_it_reads(tmp_path):
+    """What refuse_output_over_input checks OUT against: every source's module says which files it reads."""
+    from predictor.importers import SOURCES, input_files
+
+    (tmp_path / "instructions.jsonl").write_text("")
+    for name in ("chatdev_llm_calls.jsonl", "who_and_when_tasks.jsonl", "gpt-4o-airline.json",
+                 "toolbench_dfs_llm_calls.jsonl", "selected_models_outputs.jsonl"):
+        (tmp_path / name).write_text("")
+    read = {source: sorted(path.name for path in input_files(source, tmp_path)) for source in SOURCES}
+    assert read["alpaca-eval"] == ["instructions.jsonl", "selected_models_outputs.jsonl"]
+    assert read["chatdev"] == ["chatdev_llm_calls.jsonl"] and read["tau-bench"] == ["gpt-4o-airline.json"]
+    assert all(len(files) >= 1 for files in read.values())
+
+
 @pytest.mark.parametrize("source, rows", [
     ("toolbench", [chatdev_row(i) for i in range(4)]),  # a ChatDev file imported as ToolBench
     ("chatdev", ["not json", "{}"]),

@@ -416,20 +416,30 @@ def import_source(name: str, in_path: str | Path, out_path: str | Path, limit: i
     return summary
 
 
+def input_files(name: str, in_path: str | Path) -> list[Path]:
+    """Every file source ``name`` reads from ``in_path``, as its module declares them (``input_files(in_path)``
+    in each importer, which its ``iter_records`` reads through too: AlpacaEval reads the instructions beside
+    the model outputs, not only the file IN names). Raises :class:`InputNotFoundError` where one is missing."""
+    if name not in _REGISTRY:
+        raise UnknownSourceError(f"unknown source {name!r}; known sources: {', '.join(SOURCES)}")
+    return list(importlib.import_module(_REGISTRY[name][0]).input_files(in_path))
+
+
 def refuse_output_over_input(name: str, in_path: str | Path, out_path: str | Path) -> None:
-    """Raise :class:`OutputIsInputError` where ``out_path`` is the file source ``name`` would read from
-    ``in_path`` (the same file by any path or link). A missing input is left to the importer to report."""
+    """Raise :class:`OutputIsInputError` where ``out_path`` is any file source ``name`` would read from
+    ``in_path`` (:func:`input_files`; the same file by any path or link). A missing input is left to the
+    importer to report (it fails before OUT is written)."""
     out = Path(out_path)
     if not out.exists():
         return
-    module = importlib.import_module(_REGISTRY[name][0])
     try:
-        source_file = resolve_input(in_path, getattr(module, "FILES", ()))
+        read = input_files(name, in_path)
     except InputNotFoundError:
         return
-    if os.path.samefile(source_file, out):
-        raise OutputIsInputError(f"OUT {out} is the input file {source_file}; give another file name "
-                                 "(the import would replace the trace it reads)")
+    for source_file in read:
+        if os.path.samefile(source_file, out):
+            raise OutputIsInputError(f"OUT {out} is the input file {source_file}; give another file name "
+                                     "(the import would replace the file it reads)")
 
 
 def no_records_message(name: str, in_path: str | Path, stats: ImportStats) -> str:

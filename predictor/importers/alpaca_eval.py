@@ -22,23 +22,30 @@ FILES = ("selected_models_outputs.jsonl.gz", "selected_models_outputs.jsonl")
 INSTRUCTIONS = ("instructions.jsonl.gz", "instructions.jsonl")
 
 
-def _instructions(folder: Path) -> dict[int, dict[str, Any]]:
+def input_files(in_path: str | Path) -> list[Path]:
+    """The two files this importer reads: the model outputs, and the instructions file beside them (the first of
+    :data:`INSTRUCTIONS` there). ``refuse_output_over_input`` keeps OUT off both, and :func:`iter_records` reads
+    exactly these, so the check cannot miss a file the import reads."""
+    outputs = resolve_input(in_path, FILES)
     for name in INSTRUCTIONS:
-        path = folder / name
-        if path.is_file():
-            scratch = ImportStats(SOURCE)
-            out: dict[int, dict[str, Any]] = {}
-            for row in iter_jsonl(path, scratch):
-                index = nonneg_int(row.get("instruction_idx"))
-                if index is not None and isinstance(row.get("instruction"), str):
-                    out[index] = row
-            return out
-    raise InputNotFoundError(f"{folder}: none of {', '.join(INSTRUCTIONS)} beside the model outputs")
+        if (outputs.parent / name).is_file():
+            return [outputs, outputs.parent / name]
+    raise InputNotFoundError(f"{outputs.parent}: none of {', '.join(INSTRUCTIONS)} beside the model outputs")
+
+
+def _instructions(path: Path) -> dict[int, dict[str, Any]]:
+    scratch = ImportStats(SOURCE)
+    out: dict[int, dict[str, Any]] = {}
+    for row in iter_jsonl(path, scratch):
+        index = nonneg_int(row.get("instruction_idx"))
+        if index is not None and isinstance(row.get("instruction"), str):
+            out[index] = row
+    return out
 
 
 def iter_records(in_path: str | Path, stats: ImportStats) -> Iterator[dict[str, Any]]:
-    path = resolve_input(in_path, FILES)
-    instructions = _instructions(path.parent)
+    path, instructions_path = input_files(in_path)
+    instructions = _instructions(instructions_path)
     role = load_role_map(SOURCE).resolve("assistant", None)
     prompt_cache: dict[int, tuple[list[dict[str, Any]], int]] = {}
     for row in iter_jsonl(path, stats):

@@ -35,8 +35,13 @@ def map_model(model_type: Any, role_map: RoleMap) -> str:
     return key.lower().replace("_", "-")  # an unknown enum name, kept recognisable
 
 
+def input_files(in_path: str | Path) -> list[Path]:
+    """The one file this importer reads from ``in_path`` (``refuse_output_over_input`` keeps OUT off it)."""
+    return [resolve_input(in_path, FILES)]
+
+
 def iter_records(in_path: str | Path, stats: ImportStats) -> Iterator[dict[str, Any]]:
-    path = resolve_input(in_path, FILES)
+    [path] = input_files(in_path)
     role_map = load_role_map(SOURCE)
     for row in iter_jsonl(path, stats):
         try:

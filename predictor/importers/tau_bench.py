@@ -50,8 +50,13 @@ def _model_and_domain(path: Path, default_model: str) -> tuple[str, str | None]:
     return default_model, None
 
 
+def input_files(in_path: str | Path) -> list[Path]:
+    """The one file this importer reads from ``in_path`` (``refuse_output_over_input`` keeps OUT off it)."""
+    return [resolve_input(in_path, FILES)]
+
+
 def iter_records(in_path: str | Path, stats: ImportStats) -> Iterator[dict[str, Any]]:
-    path = resolve_input(in_path, FILES)
+    [path] = input_files(in_path)
     role_map = load_role_map(SOURCE)
     data = load_json(path)
     if not isinstance(data, list):

@@ -28,8 +28,13 @@ def _clean(message: Any) -> dict[str, Any] | None:
     return {key: message[key] for key in _KEYS if key in message}
 
 
+def input_files(in_path: str | Path) -> list[Path]:
+    """The one file this importer reads from ``in_path`` (``refuse_output_over_input`` keeps OUT off it)."""
+    return [resolve_input(in_path, FILES)]
+
+
 def iter_records(in_path: str | Path, stats: ImportStats) -> Iterator[dict[str, Any]]:
-    path = resolve_input(in_path, FILES)
+    [path] = input_files(in_path)
     role_map = load_role_map(SOURCE)
     model = role_map.model or "gpt-3.5-turbo"
     for row in iter_jsonl(path, stats):

@@ -36,11 +36,16 @@ SUBSETS = {"Algorithm-Generated": "ag2", "Hand-Crafted": "magentic-one"}
 _USER_SKIPS = frozenset({"task_prompt", "user_input"})  # skipped messages that enter prompts as the task
 
 
+def input_files(in_path: str | Path) -> list[Path]:
+    """The one file this importer reads from ``in_path`` (``refuse_output_over_input`` keeps OUT off it)."""
+    return [resolve_input(in_path, FILES)]
+
+
 def iter_records(in_path: str | Path, stats: ImportStats, subset: str | None = None) -> Iterator[dict[str, Any]]:
     """Records of both subsets, or only ``subset`` (``"ag2"`` / ``"magentic-one"``)."""
     if subset is not None and subset not in SUBSETS.values():
         raise ValueError(f"unknown Who&When subset {subset!r}; use one of {', '.join(SUBSETS.values())}")
-    path = resolve_input(in_path, FILES)
+    [path] = input_files(in_path)
     role_maps: dict[str, RoleMap] = {}
     for row_number, row in enumerate(iter_jsonl(path, stats)):
         history, subset_name = row.get("history"), row.get("subset")
