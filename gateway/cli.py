@@ -221,9 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from predictor.role_labels import RolesFileError
+
     try:
         return args.func(args)
     except ConfigError as exc:
+        print(f"maestro: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except RolesFileError as exc:  # predictor/roles.yaml, read when a command first maps a role
         print(f"maestro: {exc}", file=sys.stderr)
         return EXIT_CONFIG
 

@@ -122,6 +122,7 @@ def _err(message: str) -> None:
 def cmd_import(args: argparse.Namespace) -> int:
     from predictor.importers import (SOURCES, InputFormatError, InputNotFoundError, OutputIsInputError,
                                      UnknownSourceError, import_source)
+    from predictor.role_labels import RolesFileError
     from predictor.trace import TraceFormatError
 
     if args.source not in SOURCES:
@@ -141,7 +142,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         summary = import_source(args.source, args.input, output, limit=args.limit,
                                 progress=None if args.quiet else progress)
-    except (UnknownSourceError, InputNotFoundError, OutputIsInputError, InputFormatError) as exc:
+    except (UnknownSourceError, InputNotFoundError, OutputIsInputError, InputFormatError, RolesFileError) as exc:
         _err(str(exc))  # nothing written: the output only appears once every record is
         return EXIT_USAGE
     except (ValueError, TraceFormatError, OSError) as exc:
@@ -214,7 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="maestro")
     add_predictor_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["predictor", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``args.func(args)``, with a roles.yaml that cannot be used (read when a command first maps a role) said
+    in one line, exit 2, as ``maestro`` says it."""
+    from predictor.role_labels import RolesFileError
+
+    try:
+        return args.func(args)
+    except RolesFileError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

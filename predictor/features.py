@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -40,8 +41,27 @@ USER_HEAD_CHARS = 1200
 USER_TAIL_CHARS = 800
 CHAR_NGRAM_CHARS = 240  # character n-grams only look at the start of each field
 
-# Client role labels -> roles: data, in roles.yaml's ``labels`` (predictor/role_labels.py).
-ROLE_SYNONYMS, ROLE_WORDS = label_rules()
+
+@cache
+def role_label_rules() -> tuple[dict[str, str], tuple[tuple[str, frozenset[str]], ...]]:
+    """Client role labels -> roles: (synonyms, words), data in roles.yaml's ``labels`` (predictor/role_labels.py).
+
+    Read on first use and kept, not at import: read at import, a missing or broken roles.yaml failed every
+    ``maestro`` command (``--help`` too) with a traceback; read per call, it would cost each request a file
+    read. A :class:`~predictor.predictor.Predictor` calls this when it is made, so a bad file fails the load (one
+    line: :class:`~predictor.role_labels.RolesFileError`), not a request. An error is not kept: the next call
+    reads the file again."""
+    return label_rules()
+
+
+def __getattr__(name: str) -> Any:
+    """``ROLE_SYNONYMS`` and ``ROLE_WORDS``, the module constants these once were, read on first use."""
+    if name == "ROLE_SYNONYMS":
+        return role_label_rules()[0]
+    if name == "ROLE_WORDS":
+        return role_label_rules()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _LAST_ROLE = {"user": 0.0, "assistant": 1.0, "tool": 2.0, "function": 2.0, "system": 3.0, "developer": 3.0}
 _RESPONSE_FORMAT = {"text": 0.0, "json_object": 1.0, "json_schema": 2.0}
@@ -64,8 +84,8 @@ ROLE_LABEL_CHARS = 64  # longer labels are read up to here (the gateway's X-Agen
 
 
 def normalize_role(value: Any) -> str | None:
-    """An explicit role label as one of :data:`ROLES`: a role's name, a synonym (:data:`ROLE_SYNONYMS`), or a
-    label with a word that names one (:data:`ROLE_WORDS`). None for an empty label, and for one that names no
+    """An explicit role label as one of :data:`ROLES`: a role's name, a synonym, or a label with a word that
+    names one (:func:`role_label_rules`, from roles.yaml). None for an empty label, and for one that names no
     role ("Alice", "Python_Expert"): the client gave its own name for the agent, not one of these roles, so the
     classifier decides, as it does for a request without a label (``other`` is the role only when it is said)."""
     if not isinstance(value, str):
@@ -75,11 +95,12 @@ def normalize_role(value: Any) -> str | None:
         return None
     if key in ROLES:
         return key
-    role = ROLE_SYNONYMS.get(key) or ROLE_SYNONYMS.get(key.replace("_", ""))
+    synonyms, role_words = role_label_rules()
+    role = synonyms.get(key) or synonyms.get(key.replace("_", ""))
     if role is not None:
         return role
     words = set(_LABEL_WORD.findall(key.replace("_", " ")))
-    return next((role for role, names in ROLE_WORDS if words & names), None)
+    return next((role for role, names in role_words if words & names), None)
 
 
 def header(headers: Mapping[str, str] | None, name: str) -> str | None:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from predictor.classifier import TextModel
-from predictor.features import FeatureAssembler, RequestView, parse_request
+from predictor.features import FeatureAssembler, RequestView, parse_request, role_label_rules
 from predictor.kv import KVModel, output_cap
 from predictor.length_model import LengthModel
 from predictor.trace import ROLES
@@ -85,6 +85,7 @@ class Predictor:
                  model_vocab: list[str] | None = None, priors: Mapping[str, Any] | None = None,
                  kv: KVModel | None = None, default_max_tokens: int | None = None,
                  state: dict[str, Any] | None = None) -> None:
+        role_label_rules()  # roles.yaml's labels, read once now: a bad file fails here (RolesFileError), not a request
         self.text_model = text_model
         self.length_model = length_model
         self.assembler = FeatureAssembler(model_vocab or [])
@@ -112,6 +113,7 @@ class Predictor:
         from predictor.model_file import ModelFileError, check_state
 
         default_max_tokens = check_default_max_tokens(default_max_tokens)
+        role_label_rules()  # before the try: a bad roles.yaml is not a bad model file
         check_state(state, source)
         try:
             text = TextModel.from_state(state["text_model"])

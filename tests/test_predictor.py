@@ -171,6 +171,39 @@ def test_role_label_rules_are_data(tmp_path):
         label_rules(wrong)
 
 
+def test_role_labels_are_read_once_not_per_request(monkeypatch):
+    """roles.yaml's labels are read on first use (not at import) and kept: a request never reads the file."""
+    from predictor import features
+
+    features.role_label_rules()  # the first use (a Predictor makes it when it is built)
+
+    def read_again(*args, **kwargs):
+        raise AssertionError("roles.yaml read again")
+
+    monkeypatch.setattr(features, "label_rules", read_again)
+    assert features.normalize_role("Software Test Engineer") == "tester"
+    assert features.ROLE_SYNONYMS is features.role_label_rules()[0]  # the old module constants still read
+
+
+def test_a_bad_roles_yaml_is_a_roles_file_error_when_first_used(tmp_path, monkeypatch):
+    from predictor import features, role_labels
+    from predictor.role_labels import RolesFileError
+
+    broken = tmp_path / "roles.yaml"
+    broken.write_text("sources: {}\nlabels:\n  synonyms: {a: coder\n")
+    monkeypatch.setattr(role_labels, "ROLES_YAML", broken)
+    features.role_label_rules.cache_clear()
+    try:
+        with pytest.raises(RolesFileError, match=rf"{broken}, line \d+: the role map is not valid YAML"):
+            features.normalize_role("Alice")
+        with pytest.raises(RolesFileError):
+            Predictor.from_priors()
+    finally:
+        monkeypatch.undo()
+        features.role_label_rules.cache_clear()
+    assert features.normalize_role("Software Test Engineer") == "tester"
+
+
 def test_a_label_that_names_no_role_leaves_the_role_to_the_classifier(predictor):
     body = chat(AGENTS["coder"][0], "Implement a quiz game in Python with 2 functions.")
     unlabelled = predictor.predict(body)

@@ -545,6 +545,60 @@ def test_import_refuses_a_negative_limit(tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+# ------------------------------------------------------------------------------------------ a bad roles.yaml
+def run_maestro_with_roles_yaml(roles_yaml: Path, argv: list[str]):
+    """``maestro ARGV`` in a fresh interpreter whose role map is ``roles_yaml``: set before any other module is
+    imported, so that a module reading the file at import time would read this one."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys; from pathlib import Path; import predictor.role_labels as labels; "
+            "labels.ROLES_YAML = Path(sys.argv[1]); from gateway.cli import main; sys.exit(main(sys.argv[2:]))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-c", code, str(roles_yaml), *argv], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+BAD_ROLES_YAML = {
+    "missing": (None, "cannot read"),
+    "not yaml": ("sources:\n  chatdev: {names: {a: coder}\nlabels: [\n", "line "),
+    "no sources": ("labels: {}\n", "'sources'"),
+    "bad label role": ("sources: {chatdev: {default: other}}\nlabels:\n  synonyms: {Alice: wizard}\n",
+                       "labels.synonyms.Alice"),
+    "labels not a mapping": ("sources: {chatdev: {default: other}}\nlabels: [1, 2]\n", "labels"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ROLES_YAML)
+def test_a_bad_roles_yaml_is_one_line_naming_the_file_not_a_traceback(tmp_path, case):
+    content, says = BAD_ROLES_YAML[case]
+    roles = tmp_path / "roles.yaml"
+    if content is not None:
+        roles.write_text(content)
+    # every command that does not map roles works regardless, --help included
+    done = run_maestro_with_roles_yaml(roles, ["--help"])
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    # the import maps roles by the file's sources (labels are the gateway's): one line naming the file, exit 2,
+    # nothing written
+    data = write_jsonl(tmp_path / "chatdev_llm_calls.jsonl", [chatdev_row(i) for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    done = run_maestro_with_roles_yaml(roles, ["predictor", "import", "--source", "chatdev", "--quiet", str(data),
+                                               str(out)])
+    if not case.startswith(("bad label", "labels")):
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and str(roles) in done.stderr and says in done.stderr
+        assert not out.exists()
+    # a predictor (here: the priors a gateway serves first) reads the role labels when it is made
+    traces = tmp_path / "traces.jsonl"
+    write_records(traces, synthetic_records(n_workflows=2, seed=3))
+    done = run_maestro_with_roles_yaml(roles, ["predictor", "evaluate", "--priors", "--data", str(traces),
+                                               "--split", "all"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and str(roles) in done.stderr and says in done.stderr
+
+
 # --------------------------------------------------------------------------------- evaluate: in-sample reports
 def test_evaluate_refuses_the_held_out_part_of_a_model_trained_on_everything(model_all, traces, capsys):
     code, out, err = run_cli(["evaluate", "--model", str(model_all), "--data", str(traces)], capsys)
