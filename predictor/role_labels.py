@@ -55,8 +55,9 @@ def _role(value: Any, where: str) -> str:
     return value
 
 
-def _mapping(value: Any, where: str) -> dict[Any, Any]:
-    """``value`` where it is a mapping (None: an empty one), else :class:`RolesFileError` naming ``where``."""
+def expect_mapping(value: Any, where: str) -> dict[Any, Any]:
+    """``value`` where it is a mapping (None: an empty one), else :class:`RolesFileError` naming ``where`` (an
+    entry of roles.yaml written as a string or a list would otherwise fail later, as an AttributeError)."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -70,15 +71,15 @@ def label_rules(path: str | Path | None = None) -> tuple[dict[str, str], tuple[t
     Raises :class:`RolesFileError` (naming the file and the entry) where the file or its ``labels`` cannot be
     used. :func:`predictor.features.role_label_rules` keeps the result of the first call."""
     where = str(path or ROLES_YAML)
-    labels = _mapping(read_roles_yaml(where).get("labels"), f"{where}: labels")
+    labels = expect_mapping(read_roles_yaml(where).get("labels"), f"{where}: labels")
     synonyms = {str(label).lower(): _role(role, f"{where}: labels.synonyms.{label}")
-                for label, role in _mapping(labels.get("synonyms"), f"{where}: labels.synonyms").items()}
+                for label, role in expect_mapping(labels.get("synonyms"), f"{where}: labels.synonyms").items()}
     rules = labels.get("words") or ()
     if not isinstance(rules, list):
         raise RolesFileError(f"{where}: labels.words: expected a list of {{role, words}}, not {rules!r}")
     words = []
     for index, rule in enumerate(rules):
-        rule = _mapping(rule, f"{where}: labels.words[{index}]")
+        rule = expect_mapping(rule, f"{where}: labels.words[{index}]")
         names = rule.get("words") or ()
         if not isinstance(names, list):
             raise RolesFileError(f"{where}: labels.words[{index}].words: expected a list, not {names!r}")

@@ -228,6 +228,53 @@ def test_role_map_order_phase_rules_names_default():
         RoleMap("bad", {"rules": [{"glob": "*", "role": "coder", "skip": "x"}]})
 
 
+@pytest.mark.parametrize("spec, says", [
+    ({"rules": [{"regex": "(", "role": "coder"}]}, r"sources\.bad\.rules\[0\]: invalid regex '\('"),
+    ({"rules": [{"glob": "*", "content": "[a-", "role": "coder"}]}, r"sources\.bad\.rules\[0\]: invalid content"),
+    ({"tool_rendered": [{"regex": "*x"}]}, r"sources\.bad\.tool_rendered\[0\]: invalid regex"),
+    ({"rules": ["coder"]}, r"sources\.bad\.rules\[0\]: a rule is a mapping"),
+    ({"rules": [{"name": "x", "role": "coder"}, None]}, r"sources\.bad\.rules\[1\]: a rule is a mapping"),
+    ({"templated_output": ["Orchestrator"]}, r"sources\.bad\.templated_output\[0\]: a rule is a mapping"),
+    ({"rules": {"name": "x", "role": "coder"}}, r"sources\.bad\.rules: expected a list"),
+    ({"names": ["Programmer"]}, r"sources\.bad\.names: expected a mapping"),
+    ({"phases": "Coding"}, r"sources\.bad\.phases: expected a mapping"),
+    ("coder", r"sources\.bad: expected a mapping"),
+])
+def test_a_role_map_mistake_is_a_value_error_naming_the_entry(spec, says):
+    with pytest.raises(ValueError, match=says):
+        RoleMap("bad", spec)
+
+
+def test_a_roles_yaml_without_the_source_is_a_value_error_naming_it(tmp_path):
+    path = tmp_path / "roles.yaml"
+    path.write_text("sources:\n  toolbench: {default: tool_caller}\n")
+    with pytest.raises(ValueError, match=rf"{path}: no entry sources\.chatdev"):
+        load_role_map("chatdev", path)
+
+
+def test_import_with_a_role_map_mistake_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    import predictor.importers as importers
+    from predictor.cli import main as predictor_main
+
+    roles = tmp_path / "roles.yaml"
+    data = tmp_path / "chatdev_llm_calls.jsonl"
+    data.write_text(json.dumps({"project": "P", "call_index": 0, "phase": "Coding", "agent_role": "Programmer",
+                                "model_type": "ModelType.GPT_4", "system_message": "s", "input_message": "i",
+                                "output_text": "o", "prompt_tokens": 3, "completion_tokens": 1}) + "\n")
+    monkeypatch.setattr(importers, "ROLES_YAML", roles)
+    for content, says in (("sources: {toolbench: {default: other}}\n", "no entry sources.chatdev"),
+                          ("sources: {chatdev: {rules: [{regex: '(', role: coder}]}}\n", "invalid regex"),
+                          ("sources: {chatdev: {rules: [Programmer]}}\n", "a rule is a mapping")):
+        roles = roles.with_name(f"roles{len(says)}.yaml")  # (a file is read once)
+        roles.write_text(content)
+        monkeypatch.setattr(importers, "ROLES_YAML", roles)
+        out = tmp_path / "out.jsonl"
+        assert predictor_main(["import", "--source", "chatdev", "--quiet", str(data), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
 def test_chatdev_model_mapping():
     role_map = load_role_map("chatdev")
     assert map_model("ModelType.GPT_3_5_TURBO", role_map) == "gpt-3.5-turbo"

@@ -42,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from predictor.role_labels import ROLES_YAML, read_roles_yaml
+from predictor.role_labels import ROLES_YAML, RolesFileError, expect_mapping, read_roles_yaml
 from predictor.trace import ROLES, write_records
 
 
@@ -256,9 +256,35 @@ def _selects(matcher: Callable[[str], bool], content: re.Pattern | None, name: s
     return matcher(name) and (content is None or (text is not None and content.search(text) is not None))
 
 
-def _selector(spec: dict[str, Any], where: str) -> tuple[str, str, Callable[[str], bool], re.Pattern | None]:
+def _compile(pattern: str, where: str, what: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise RolesFileError(f"{where}: invalid {what} {pattern!r} ({exc})") from None
+
+
+def _rule_list(value: Any, where: str) -> list[Any]:
+    """A list of rules from roles.yaml (None: none), else :class:`RolesFileError` naming ``where``."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RolesFileError(f"{where}: expected a list of rules, not {value!r}")
+    return value
+
+
+# (kind, pattern, name matcher, content pattern) of one rule
+_Selector = tuple[str, str, Callable[[str], bool], re.Pattern | None]
+
+
+def _selector(spec: Any, where: str) -> _Selector:
+    """(kind, pattern, name matcher, content pattern) of one rule of roles.yaml; :class:`RolesFileError` (a
+    ValueError, which the import reports in one line) naming the rule where it is not one: a plain string, an
+    invalid regular expression."""
+    if not isinstance(spec, dict):
+        raise RolesFileError(f"{where}: a rule is a mapping with one of name, glob, regex or content "
+                             f"(and role or skip), not {spec!r}")
     content = spec.get("content")
-    content_re = re.compile(content) if isinstance(content, str) else None
+    content_re = _compile(content, where, "content regex") if isinstance(content, str) else None
     if "name" in spec:
         exact = str(spec["name"])
         return "name", exact, (lambda n, e=exact: n == e), content_re
@@ -266,40 +292,49 @@ def _selector(spec: dict[str, Any], where: str) -> tuple[str, str, Callable[[str
         pattern = str(spec["glob"]).lower()
         return "glob", pattern, (lambda n, p=pattern: fnmatch.fnmatchcase(n.lower(), p)), content_re
     if "regex" in spec:
-        compiled = re.compile(str(spec["regex"]))
+        compiled = _compile(str(spec["regex"]), where, "regex")
         return "regex", compiled.pattern, (lambda n, c=compiled: c.search(n) is not None), content_re
     if content_re is not None:
         return "any", "", (lambda n: True), content_re
-    raise ValueError(f"{where}: a rule needs one of name, glob, regex or content")
+    raise RolesFileError(f"{where}: a rule needs one of name, glob, regex or content")
 
 
 class RoleMap:
-    """The persona -> role mapping of one source, as written in ``roles.yaml``."""
+    """The persona -> role mapping of one source, as written in ``roles.yaml``. A mistake there (an entry of the
+    wrong shape, an invalid regex, a word that is no role) is a :class:`RolesFileError` naming the entry."""
 
     def __init__(self, source: str, spec: dict[str, Any]):
         self.source = source
-        self.spec = spec
         where = f"roles.yaml sources.{source}"
-        self.phases: dict[str, str] = {str(k): self._role(v, where) for k, v in (spec.get("phases") or {}).items()}
-        self.names: dict[str, str] = {str(k): self._role(v, where) for k, v in (spec.get("names") or {}).items()}
+        spec = expect_mapping(spec, where)
+        self.spec = spec
+        self.phases: dict[str, str] = {str(k): self._role(v, where)
+                                       for k, v in expect_mapping(spec.get("phases"), f"{where}.phases").items()}
+        self.names: dict[str, str] = {str(k): self._role(v, where)
+                                      for k, v in expect_mapping(spec.get("names"), f"{where}.names").items()}
         self.default: str | None = self._role(spec.get("default", "other"), where) if spec.get("default") else None
         self.rules: list[_Rule] = []
-        for index, rule in enumerate(spec.get("rules") or ()):
+        for index, rule in enumerate(_rule_list(spec.get("rules"), f"{where}.rules")):
             kind, pattern, matcher, content = _selector(rule, f"{where}.rules[{index}]")
             role = self._role(rule["role"], where) if "role" in rule else None
             skip = str(rule["skip"]) if "skip" in rule else None
             if (role is None) == (skip is None):
-                raise ValueError(f"{where}.rules[{index}]: give exactly one of role or skip")
+                raise RolesFileError(f"{where}.rules[{index}]: give exactly one of role or skip")
             self.rules.append(_Rule(kind, pattern, matcher, content, role, skip))
-        self.tool_rendered = [_selector(s, f"{where}.tool_rendered") for s in (spec.get("tool_rendered") or ())]
-        self.templated = [_selector(s, f"{where}.templated_output") for s in (spec.get("templated_output") or ())]
+        self.tool_rendered = self._selectors(spec, "tool_rendered", where)
+        self.templated = self._selectors(spec, "templated_output", where)
         self.private = frozenset(str(x) for x in (spec.get("private") or ()))
         self.model: str | None = spec.get("model")
 
     @staticmethod
+    def _selectors(spec: dict[str, Any], key: str, where: str) -> list[_Selector]:
+        return [_selector(rule, f"{where}.{key}[{index}]")
+                for index, rule in enumerate(_rule_list(spec.get(key), f"{where}.{key}"))]
+
+    @staticmethod
     def _role(value: Any, where: str) -> str:
         if value not in ROLES:
-            raise ValueError(f"{where}: {value!r} is not a role ({', '.join(ROLES)})")
+            raise RolesFileError(f"{where}: {value!r} is not a role ({', '.join(ROLES)})")
         return value
 
     def resolve(self, name: str | None, text: str | None = None, phase: str | None = None) -> RoleDecision:
@@ -324,11 +359,12 @@ class RoleMap:
 
 
 def load_role_map(source: str, path: str | Path | None = None) -> RoleMap:
-    """The :class:`RoleMap` of ``source`` from ``roles.yaml`` (or ``path``)."""
-    data = read_roles_yaml(str(path or ROLES_YAML))
-    spec = data["sources"].get(source)
+    """The :class:`RoleMap` of ``source`` from ``roles.yaml`` (or ``path``); :class:`RolesFileError` (a
+    ValueError: the import reports it in one line and writes nothing) where the file has no entry for it."""
+    where = str(path or ROLES_YAML)
+    spec = read_roles_yaml(where)["sources"].get(source)
     if spec is None:
-        raise KeyError(f"roles.yaml has no entry for source {source!r}")
+        raise RolesFileError(f"{where}: no entry sources.{source} (the roles of the {source} importer)")
     return RoleMap(source, spec)
 
 
