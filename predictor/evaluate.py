@@ -35,7 +35,9 @@ runs from all of its runs in the files given, so it is also refused where those 
 training files but split a source otherwise (a subset of them, or another file added). A source with a single
 run in the files has no held-out part: a note names it (and ``meta.unscored_sources``), and where no source has
 two runs the command refuses rather than print empty tables. A model's own training files are recognised by
-path (``trained_on_files``); for files it does not name, a note says that ``--split all`` scores all of them.
+real path, from any folder, or by size and SHA-256 where they were copied or moved (``trained_on_files``); in a
+model file from before those were kept, a relative name matches any file of that name (with a note); for files
+it does not name, a note says that ``--split all`` scores all of them.
 
 ``--no-workflow-context`` scores every request as a client that sends no workflow context is served: without
 the ``X-Workflow-Id`` / ``X-Workflow-Step`` headers the trace's workflow would give (and without their
@@ -59,7 +61,8 @@ import os
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -619,7 +622,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     test_size = args.test_size if args.test_size is not None else split.get("test_size", DEFAULT_TEST_SIZE)
     seed = args.seed if args.seed is not None else split.get("seed", DEFAULT_SEED)
-    if (args.split == "test" and split.get("part") == "train" and trained_on_files(training, args.data)
+    trained_files = trained_on_files(training, args.data, lambda message: print(
+        f"maestro predictor evaluate: note: {message}", file=sys.stderr))
+    if (args.split == "test" and split.get("part") == "train" and trained_files
             and (test_size, seed) != (split.get("test_size", test_size), split.get("seed", seed))):
         # Another split of the model's own training files holds out runs it was trained on.
         print(f"maestro predictor evaluate: {args.model} was trained on the train part of the split with "
@@ -639,7 +644,7 @@ def main(args: argparse.Namespace) -> int:
                   "source here has two. Use --split all to score every record (of traces the model never saw)",
                   file=sys.stderr)
             return 2
-        if (split.get("part") == "train" and trained_on_files(training, args.data)
+        if (split.get("part") == "train" and trained_files
                 and (moved := sources_split_otherwise(training, train_part, records))):
             # The held-out part of a source is drawn from all of its runs in the files given: other files with
             # some of its training files (a subset of them, or a new file added to them) draw another part,
@@ -653,11 +658,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"maestro predictor evaluate: note: not scored: {', '.join(unscored)} (a single run in these files, so "
               "no held-out part; --split all scores every record)", file=sys.stderr)
     if (not split_given and split.get("part") == "train"  # a model's split (the priors have none)
-            and not trained_on_files(training, args.data)):
+            and not trained_files):
         print(f"maestro predictor evaluate: note: {args.model} does not name these files among its training data, "
               f"so this scores the held-out {test_size:.0%} of their runs (the default --split test); for traces "
               "it never saw, --split all scores every record", file=sys.stderr)
-    seen = trained_on_files(training, args.data) if args.split == "all" else []
+    seen = trained_files if args.split == "all" else []
     in_sample = bool(seen)
     if in_sample:
         part = "every run in" if split.get("part") == "all" else "the train part of"
@@ -715,12 +720,50 @@ def sources_split_otherwise(training: Mapping[str, Any], train_part: Sequence[Ma
                    if source in trained and here[source] != trained[source]})
 
 
-def trained_on_files(training: Mapping[str, Any], data: Sequence[str]) -> list[str]:
-    """The files of ``data`` that the model's training read (``training.data`` of the model file), compared as
-    real paths: the names are stored as given to ``train``, so a file given relative to another folder then
-    is not recognised."""
-    trained = {os.path.realpath(path) for path in training.get("data") or () if isinstance(path, str)}
-    return [str(path) for path in data if os.path.realpath(path) in trained]
+def trained_on_files(training: Mapping[str, Any], data: Sequence[str | Path],
+                     note: Callable[[str], None] | None = None) -> list[str]:
+    """The files of ``data`` that the model's training read.
+
+    A model file keeps each training file's real path, size and SHA-256 (``training.data_files``,
+    :func:`predictor.train.data_files`): a file is one of them at the same real path, from whatever folder
+    evaluate runs, or with the same size and bytes, where it was copied or moved (only files of a training
+    file's size are hashed). Model files written before keep only ``training.data``, the paths as typed: an
+    absolute one is compared as a real path; a relative one was relative to a folder nothing recorded, so any
+    file of that name counts as a training file, and ``note`` is told. Counting another file of the same name
+    can only label a report in-sample or refuse a split; missing a training file would score training runs as
+    held-out, the error this check exists to prevent."""
+    from predictor.train import file_sha256
+
+    files = training.get("data_files")
+    if isinstance(files, list):
+        kept = [file for file in files if isinstance(file, Mapping)]
+        paths = {file.get("path") for file in kept}
+        contents = {(file.get("bytes"), file.get("sha256")) for file in kept}
+        sizes = {size for size, _ in contents}
+        seen = []
+        for path in data:
+            try:
+                if os.path.realpath(path) in paths or (
+                        (size := os.path.getsize(path)) in sizes and (size, file_sha256(path)) in contents):
+                    seen.append(str(path))
+            except OSError:  # unreadable here: load_records has said so already
+                continue
+        return seen
+    named = [path for path in training.get("data") or () if isinstance(path, str)]
+    absolute = {os.path.realpath(path) for path in named if os.path.isabs(path)}
+    relative = {os.path.basename(path) for path in named if not os.path.isabs(path)}
+    seen, by_name = [], []
+    for path in data:
+        if os.path.realpath(path) in absolute:
+            seen.append(str(path))
+        elif os.path.basename(path) in relative:
+            seen.append(str(path))
+            by_name.append(str(path))
+    if by_name and note is not None:
+        note(f"the model file names its training files relative to the folder it was trained in, which it does "
+             f"not record (it predates real paths): {', '.join(by_name)} counted as training files by file name; "
+             "retrain to record them exactly")
+    return seen
 
 
 if __name__ == "__main__":  # pragma: no cover

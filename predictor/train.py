@@ -86,6 +86,25 @@ def load_records(paths: Iterable[str | Path], skipped: list[int] | None = None) 
     return records
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (as stored: a ``.gz`` file's compressed bytes), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_files(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """What a model file keeps of its training files (``training.data_files``): each one's real path, size and
+    SHA-256, so that ``evaluate`` knows its own training data whatever folder it runs in and however the files
+    are named there (the paths as typed, relative to a folder nothing recorded, made training runs read as
+    held-out ones when evaluated from another folder), and also where a file was copied or moved. Each file is
+    read once more to hash it, which costs far less than the training it belongs to."""
+    return [{"path": os.path.realpath(path), "bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+            for path in paths]
+
+
 def single_answer(record: Mapping[str, Any]) -> bool:
     """Whether a record's request asked for one answer: with ``n`` > 1, ``usage.completion_tokens`` sums the n
     answers, so one answer's length (what the model learns and is scored on) is not known. The gateway's own
@@ -508,7 +527,12 @@ def main(args: argparse.Namespace) -> int:
                                                threads=args.threads),
                            text=TextParams(threshold=args.threshold), source_balance=args.source_balance,
                            upper_fit_levels=tuple(args.upper_fit_levels))
-    meta = {"data": [str(p) for p in args.data],
+    try:
+        files = data_files(args.data)
+    except OSError as exc:
+        print(f"maestro predictor train: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    meta = {"data": [file["path"] for file in files], "data_files": files,
             "split": {"method": "group_shuffle_by_source_workflow", "part": args.split,
                       "test_size": args.test_size, "seed": args.seed}}
     try:

@@ -623,6 +623,63 @@ def test_evaluate_split_all_on_the_training_files_is_labelled_in_sample(model_al
     assert code == 0 and json.loads(out)["meta"]["in_sample"] is True
 
 
+def test_training_files_are_recognised_from_any_folder_and_by_content(traces, tmp_path, capsys, monkeypatch):
+    """train keeps its files' real paths and fingerprints: evaluating from another folder, or a copy of a training
+    file, is in-sample; another file that happens to have the name a training file was typed as is not."""
+    import hashlib
+    import json
+    import shutil
+
+    from predictor.model_file import load_state
+
+    model = tmp_path / "m.skops"
+    monkeypatch.chdir(traces.parent)
+    assert predictor_main(["train", "--data", traces.name, "--out", str(model), "--split", "all", "--max-iter", "5",
+                           "--quiet"]) == 0
+    training = load_state(model)["training"]
+    assert training["data"] == [str(traces.resolve())]
+    assert training["data_files"] == [{"path": str(traces.resolve()), "bytes": traces.stat().st_size,
+                                       "sha256": hashlib.sha256(traces.read_bytes()).hexdigest()}]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    def in_sample(path: Path | str) -> bool:
+        code, out, err = run_cli(["evaluate", "--model", str(model), "--data", str(path), "--split", "all"], capsys)
+        assert code == 0, err
+        return json.loads(out)["meta"]["in_sample"]
+
+    assert in_sample(traces)  # the training file, from another folder
+    assert in_sample(shutil.copy(traces, elsewhere / "copied.jsonl"))  # the same bytes under another name
+    write_records(elsewhere / traces.name, synthetic_records(n_workflows=3, seed=11))
+    assert not in_sample(traces.name)  # the name it was typed as, here another file
+
+
+def test_a_model_file_naming_its_training_files_relatively_matches_them_by_name(traces, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """Model files from before real paths were kept name their files as typed, relative to a folder they do not
+    record: such a name counts its file as training data, with a note, rather than scoring it as held-out."""
+    import json
+
+    from predictor.model_file import load_state, save_state
+
+    model = tmp_path / "m.skops"
+    assert predictor_main(["train", "--data", str(traces), "--out", str(model), "--split", "all", "--max-iter", "5",
+                           "--quiet"]) == 0
+    state = load_state(model)
+    state["training"]["data"] = [f"traces/{traces.name}"]
+    state["training"].pop("data_files", None)
+    old = save_state(state, tmp_path / "old.skops")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["evaluate", "--model", str(old), "--data", str(traces), "--split", "all"], capsys)
+    assert code == 0 and json.loads(out)["meta"]["in_sample"] is True, err
+    assert "by file name" in err and "Traceback" not in err
+    other = tmp_path / "other.jsonl"
+    write_records(other, synthetic_records(n_workflows=3, seed=11))
+    code, out, err = run_cli(["evaluate", "--model", str(old), "--data", str(other), "--split", "all"], capsys)
+    assert code == 0 and json.loads(out)["meta"]["in_sample"] is False and "by file name" not in err
+
+
 def test_evaluate_split_all_on_other_traces_is_not_in_sample(model_all, tmp_path, capsys):
     import json
 
