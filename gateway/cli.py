@@ -1,7 +1,9 @@
 """``maestro`` command line: serve, sim-engines, check-config, bench.
 
 Exit codes: 0 success (also when stopped by SIGTERM or SIGINT), 1 runtime failure (an address that cannot be
-bound, in one line), 2 usage or configuration error (one message naming the field), 130 a Ctrl-C during start-up.
+bound, in one line), 2 usage or configuration error (one message naming the field), 130 a Ctrl-C during start-up,
+or during any other command (``maestro: interrupted``, no traceback; import and train write their output
+atomically, so nothing half-written is left).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from gateway.config import Config, ConfigError, default_config, load_config
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
-EXIT_INTERRUPTED = 130  # a Ctrl-C before the signal handlers are in place (128 + SIGINT, as shells report it)
+EXIT_INTERRUPTED = 130  # a Ctrl-C before the signal handlers are in place, or in a command that is no server
+                        # (128 + SIGINT, as shells report it)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -231,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except RolesFileError as exc:  # predictor/roles.yaml, read when a command first maps a role
         print(f"maestro: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except KeyboardInterrupt:  # Ctrl-C in predictor import/train, loadgen, ...; the servers map it themselves
+        print("maestro: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -545,6 +545,60 @@ def test_import_refuses_a_negative_limit(tmp_path, capsys):
     assert not (tmp_path / "o.jsonl").exists()
 
 
+# ------------------------------------------------------------------------------------------------ Ctrl-C
+def run_maestro(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``maestro ARGV`` through the real entry point (gateway.cli.main): (exit code, stdout, stderr)."""
+    from gateway.cli import main as maestro_main
+
+    code = maestro_main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_ctrl_c_during_an_import_is_one_line_exit_130_and_leaves_out_as_it_was(tmp_path, capsys, monkeypatch):
+    import predictor.importers.chatdev as chatdev
+
+    real = chatdev.iter_records
+
+    def interrupted(in_path, stats, **kwargs):
+        for number, record in enumerate(real(in_path, stats, **kwargs)):
+            if number == 5:
+                raise KeyboardInterrupt
+            yield record
+
+    monkeypatch.setattr(chatdev, "iter_records", interrupted)
+    data = write_jsonl(tmp_path / "chatdev_llm_calls.jsonl", [chatdev_row(i) for i in range(20)])
+    out = tmp_path / "chatdev.jsonl"
+    out.write_text("the previous import\n")
+    code, _, err = run_maestro(["predictor", "import", "--source", "chatdev", "--quiet", str(data), str(out)],
+                               capsys)
+    assert code == 130 and err == "maestro: interrupted\n"
+    assert out.read_text() == "the previous import\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, data.name]  # no temporary file
+
+
+@pytest.mark.parametrize("where", ["fitting", "writing"])
+def test_ctrl_c_during_training_is_one_line_exit_130_and_writes_no_model(traces, tmp_path, capsys, monkeypatch,
+                                                                         where):
+    import skops.io
+
+    import predictor.train as train
+
+    def interrupt(*args, **kwargs):
+        if where == "writing":  # part of the archive is written, then Ctrl-C
+            with open(args[1], "wb") as handle:
+                handle.write(b"PK half an archive")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit_state", interrupt) if where == "fitting" else monkeypatch.setattr(
+        skops.io, "dump", interrupt)
+    out = tmp_path / "models" / "m.skops"
+    code, _, err = run_maestro(["predictor", "train", "--data", str(traces), "--out", str(out), "--max-iter", "5",
+                                "--quiet"], capsys)
+    assert code == 130 and err == "maestro: interrupted\n"
+    assert not out.exists() and (not out.parent.exists() or not any(out.parent.iterdir()))
+
+
 # ------------------------------------------------------------------------------------------ a bad roles.yaml
 def run_maestro_with_roles_yaml(roles_yaml: Path, argv: list[str]):
     """``maestro ARGV`` in a fresh interpreter whose role map is ``roles_yaml``: set before any other module is
