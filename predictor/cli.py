@@ -123,7 +123,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from predictor.importers import (SOURCES, InputFormatError, InputNotFoundError, OutputIsInputError,
                                      UnknownSourceError, import_source)
     from predictor.role_labels import RolesFileError
-    from predictor.trace import TraceFormatError
+    from predictor.trace import OutputNotWritableError, TraceFormatError
 
     if args.source not in SOURCES:
         _err(f"unknown source {args.source!r}; known sources: {', '.join(SOURCES)}")
@@ -142,7 +142,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         summary = import_source(args.source, args.input, output, limit=args.limit,
                                 progress=None if args.quiet else progress)
-    except (UnknownSourceError, InputNotFoundError, OutputIsInputError, InputFormatError, RolesFileError) as exc:
+    except (UnknownSourceError, InputNotFoundError, OutputIsInputError, InputFormatError, RolesFileError,
+            OutputNotWritableError) as exc:
         _err(str(exc))  # nothing written: the output only appears once every record is
         return EXIT_USAGE
     except (ValueError, TraceFormatError, OSError) as exc:

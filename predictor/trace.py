@@ -57,6 +57,29 @@ class TraceFormatError(ValueError):
     """A line is not a valid trace record; the message names the file and line."""
 
 
+class OutputNotWritableError(OSError):
+    """No file can be written at the path asked for. The message names that path (and why), not the temporary
+    file beside it that the write goes through, which the user never typed; the CLIs report it as a usage error
+    (exit 2)."""
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """Why no file can be created at ``path`` (it is a folder, the nearest existing folder above it is a file, or
+    cannot be written), or None. It makes no folder: a command checks this before its work and creates the
+    folder only when it writes."""
+    path = Path(path)
+    if path.is_dir():
+        return "it is a folder"
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"no permission to write in {folder}"
+    return None
+
+
 def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
     if not isinstance(record, dict):
         raise TraceFormatError(f"{where}: not a JSON object")
@@ -127,10 +150,17 @@ def write_records(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     Atomically: into a temporary file beside ``path``, renamed over it once the last record is written. The
     records are often a stream from an importer reading a third-party file, and when that fails halfway (a
     truncated .gz, an invalid record) no partial file is left at ``path`` to be trained on as if it were whole,
-    and a file already there stays as it was."""
+    and a file already there stays as it was. Where ``path`` cannot be written, :class:`OutputNotWritableError`
+    names it (not the temporary file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    problem = folder_problem(path)
+    if problem:
+        raise OutputNotWritableError(f"cannot write {path}: {problem}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # what the check cannot see: a read-only file system, a folder root may not write
+        raise OutputNotWritableError(f"cannot write {path}: {exc.strerror or exc}") from None
     count = 0
     try:
         with open(handle, "wb") as raw:

@@ -488,20 +488,18 @@ def fit_level(text: str) -> float:
 
 def output_problem(out: Path, data: Sequence[str | Path] = ()) -> str | None:
     """Why the model cannot be written to ``out`` (a folder there, one of the ``data`` files it would replace, or
-    a folder that cannot be made or written), or None."""
+    a folder that cannot be made or written), or None. It creates nothing: the folder of a new ``--out`` is made
+    when the model is written (``save_state``), so a run that fails before (missing data) leaves none behind."""
+    from predictor.trace import folder_problem
+
     if out.is_dir():
         return f"--out {out} is a folder; give a file name such as {out / 'model.skops'}"
     if out.exists():
         for path in data:
             if Path(path).exists() and os.path.samefile(path, out):
                 return f"--out {out} is one of the --data files; give the model another name"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"cannot create the folder for --out: {exc}"
-    if not os.access(out.parent, os.W_OK):
-        return f"cannot write to {out.parent}"
-    return None
+    problem = folder_problem(out)
+    return f"cannot write --out {out}: {problem}" if problem else None
 
 
 def main(args: argparse.Namespace) -> int:

@@ -388,6 +388,43 @@ def test_write_records_is_all_or_nothing(tmp_path, name):
     assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
+@pytest.mark.parametrize("case", ["parent is a file", "out is a folder", "folder not writable"])
+def test_import_to_an_out_that_cannot_be_written_names_out(tmp_path, capsys, monkeypatch, case):
+    """Not the temporary file the write goes through (nor a folder): OUT, as the user typed it."""
+    import tempfile
+
+    data = write_jsonl(tmp_path / "chatdev_llm_calls.jsonl", [chatdev_row(i) for i in range(3)])
+    out = tmp_path / "out" / "chatdev.jsonl"
+    if case == "parent is a file":
+        out.parent.write_text("a file, not a folder")
+        says = f"{out.parent} is not a folder"
+    elif case == "out is a folder":
+        out.mkdir(parents=True)
+        says = "it is a folder"
+    else:  # as root, a read-only folder can still be written: the failure is simulated where it happens
+        def refused(prefix: str = "", suffix: str = "", dir: str | None = None):
+            raise PermissionError(13, "Permission denied", f"{dir}/{prefix}k2j3h4{suffix}")
+
+        monkeypatch.setattr(tempfile, "mkstemp", refused)
+        says = "Permission denied"
+    err = assert_usage_error(["import", "--source", "chatdev", "--quiet", str(data), str(out)], capsys,
+                             f"cannot write {out}: {says}")
+    assert ".tmp" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_to_a_new_folder_makes_it_only_when_it_writes_the_model(traces, tmp_path, capsys):
+    out = tmp_path / "new" / "deeper" / "m.skops"
+    assert_usage_error(["train", "--data", str(tmp_path / "missing.jsonl"), "--out", str(out)], capsys,
+                       "missing.jsonl")
+    assert not (tmp_path / "new").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    assert_usage_error(["train", "--data", str(traces), "--out", str(blocker / "m.skops")], capsys,
+                       f"{blocker} is not a folder")
+    assert predictor_main(["train", "--data", str(traces), "--out", str(out), "--max-iter", "5", "--quiet"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.skops"]
+
+
 # ------------------------------------------------------------------------------------- import: malformed rows
 def import_rows(source: str, path: Path, tmp_path: Path) -> tuple[dict, list[dict]]:
     """(summary, records) of importing ``path`` as ``source``."""
