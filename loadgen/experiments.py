@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen.des import ClusterSpec, EngineSpec, PoolSpec, SimConfig, load_predictor, simulate
-from loadgen.results import RunResult, prepare_output
+from loadgen.results import RunResult, prepare_output, quantile
 from loadgen.slo import add_gateway_config_argument, check_workload_slo_classes, slo_classes_from_args
 from loadgen.workload import Step, Workflow, Workload, load_workload
 
@@ -220,11 +220,8 @@ def summarize(run: RunResult) -> dict[str, Any]:
     requests = run.requests
     interactive = [r for r in requests if r.workflow_id is None]
     steps = [r for r in requests if r.workflow_id is not None]
-    ttft = sorted(r.ttft for r in requests if r.ttft is not None)
-    ittft = sorted(r.ttft for r in interactive if r.ttft is not None)
-
-    def pct(values: list[float], q: float) -> float | None:
-        return values[min(len(values) - 1, int(q * len(values)))] if values else None
+    ttft = [r.ttft for r in requests if r.ttft is not None]
+    ittft = [r.ttft for r in interactive if r.ttft is not None]
 
     kv = run.meta.get("kv", {})
     workflows = [w for w in run.workflows if w.kind == "workflow"]
@@ -240,9 +237,9 @@ def summarize(run: RunResult) -> dict[str, Any]:
         "interactive_ttft_attainment": (sum(1 for r in interactive if r.ttft is not None and r.ttft_target_s is not None
                                             and r.ttft <= r.ttft_target_s) / len(interactive)) if interactive else None,
         "step_attainment": (sum(r.slo_met() for r in steps) / len(steps)) if steps else None,
-        "p50_ttft_s": pct(ttft, 0.5),
-        "p99_ttft_s": pct(ttft, 0.99),
-        "interactive_p99_ttft_s": pct(ittft, 0.99),
+        "p50_ttft_s": quantile(ttft, 0.5),
+        "p99_ttft_s": quantile(ttft, 0.99),
+        "interactive_p99_ttft_s": quantile(ittft, 0.99),
         "mean_e2e_s": base["mean_e2e_s"],
         "preempted_requests": base["preempted_requests"],
         "preempted_share": base["preempted_requests"] / len(requests) if requests else 0.0,

@@ -70,7 +70,7 @@ import orjson
 from loadgen.des import ClusterSpec, EngineSpec, PoolSpec, SimConfig, load_predictor, simulate
 from loadgen.experiments import (DEFAULT_PROFILE, DEFAULT_TEMPLATES, ENGINE_PROFILES, WorkloadParams, make_workload,
                                  markdown)
-from loadgen.results import RequestResult, RunResult
+from loadgen.results import RequestResult, RunResult, quantile
 from loadgen.workload import Workload
 
 TARGET_POINTS = 5.0  # attainment: |live - simulated| in percentage points
@@ -374,7 +374,7 @@ def figures(run: RunResult) -> dict[str, Any]:
     summary = run.summary()
     ok = [r for r in run.requests if r.status == "ok"]
     ttft = [r.ttft for r in ok if r.ttft is not None]
-    e2e = sorted(r.e2e for r in ok if r.e2e is not None)
+    e2e = [r.e2e for r in ok if r.e2e is not None]
     interactive = [r for r in run.requests if r.workflow_id is None]
     finishes = [r.finish for r in ok if r.finish is not None]
     return {
@@ -385,7 +385,7 @@ def figures(run: RunResult) -> dict[str, Any]:
         "request_attainment": summary["request_slo_attainment"],
         "interactive_attainment": (sum(r.slo_met() for r in interactive) / len(interactive)) if interactive else None,
         "mean_e2e_s": summary["mean_e2e_s"],
-        "p90_e2e_s": e2e[min(len(e2e) - 1, int(0.9 * len(e2e)))] if e2e else None,
+        "p90_e2e_s": quantile(e2e, 0.9),
         "mean_ttft_s": (sum(ttft) / len(ttft)) if ttft else None,
         "p50_ttft_s": summary["p50_ttft_s"],
         "makespan_s": max(finishes) if finishes else None,
@@ -819,7 +819,7 @@ class LagProbe:
         lags = sorted(self.lags) or [0.0]
         wall = time.perf_counter() - self._wall0
         return {"loop_lag_mean_ms": 1000 * sum(lags) / len(lags),
-                "loop_lag_p99_ms": 1000 * lags[int(0.99 * (len(lags) - 1))], "loop_lag_max_ms": 1000 * lags[-1],
+                "loop_lag_p99_ms": 1000 * quantile(lags, 0.99), "loop_lag_max_ms": 1000 * lags[-1],
                 "cpu_s": time.process_time() - self._cpu0, "wall_s": wall}
 
 

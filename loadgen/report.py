@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from loadgen.results import RequestResult, RunResult, WorkflowResult
+from loadgen.results import RequestResult, RunResult, WorkflowResult, quantile
 from loadgen.workload import arrival_rate
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -179,13 +179,6 @@ def run_load(run: RunResult) -> float | None:
     return arrival_rate([w.arrival for w in run.workflows])
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]  # the same rule as RunResult.summary
-
-
 def _kv_series(run: RunResult, word: str) -> dict[str, list[tuple[float, float]]]:
     return {name: points for name, points in run.series.items() if word in name.lower() and points}
 
@@ -247,7 +240,7 @@ def summarize(run: RunResult, name: str) -> RunRow:
         requests=summary["requests"], requests_ok=summary["requests_ok"],
         request_slo=summary["request_slo_attainment"], workflows=summary["workflows"],
         workflow_deadline=summary["workflow_deadline_attainment"], mean_e2e=summary["mean_e2e_s"],
-        p99_e2e=_pct(e2e, 0.99), p99_ttft=_pct(ttft, 0.99),
+        p99_e2e=quantile(e2e, 0.99), p99_ttft=quantile(ttft, 0.99),
         preemptions=sum(r.preemptions for r in run.requests), preempted_requests=summary["preempted_requests"],
         reserved_mean=reserved_mean, reserved_peak=reserved_peak)
 

@@ -22,7 +22,7 @@ from loadgen.experiments import (add_experiment_arguments, add_simulate_argument
 from loadgen.live import LiveOptions, LiveRunner, add_live_arguments, live_main
 from loadgen.report import ReportError, _sum_series, add_report_arguments, kv_figures, load_run, report_main
 from loadgen.report import summarize as report_row
-from loadgen.results import RunResult
+from loadgen.results import RequestResult, RunResult, quantile
 from loadgen.workload import Step, Workflow, Workload, WorkloadError, arrival_rate, load_workload, parse_workload
 from loadgen.workloads import SpecError, WorkloadSpec, add_workload_arguments, generate_arrivals, workload_main
 from loadgen.workloads.arrivals import constant_arrivals, servegen_arrivals
@@ -886,3 +886,33 @@ def test_malformed_workload_files_are_workload_errors(top, message):
     document = {"format": "maestro-workload/1", "workflows": [{"id": "a", "steps": [_STEP]}], **top}
     with pytest.raises(WorkloadError, match=message.replace("(", r"\(")):
         parse_workload(document)
+
+
+# ------------------------------------------------------------------------------------------ percentiles
+
+def _timed_requests(ttfts: list[float], status: str = "ok") -> list[RequestResult]:
+    return [RequestResult(request_id=f"r{i}", workflow_id=None, step_id="call", role="assistant",
+                          slo_class="interactive", arrival=0.0, prompt_tokens=10, output_tokens=1,
+                          first_token=t, finish=t, status=status) for i, t in enumerate(ttfts)]
+
+
+def test_percentiles_are_nearest_rank_everywhere():
+    """p99 of 1..100 is 99 and p50 is 50 (nearest rank); the summary, the report and the experiments tables
+    had read one rank too high (100 and 51)."""
+    from loadgen.experiments import summarize as experiment_figures
+    from loadgen.fidelity import figures as e4_figures
+
+    values = [float(v) for v in range(1, 101)]
+    assert (quantile(values, 0.5), quantile(values, 0.99), quantile(values, 0.9)) == (50.0, 99.0, 90.0)
+    assert quantile(reversed(values), 0.99) == 99.0 and quantile([7.0], 0.99) == 7.0 and quantile([], 0.5) is None
+    assert (quantile(values, 0.0), quantile(values, 1.0)) == (1.0, 100.0)
+    with pytest.raises(ValueError):
+        quantile(values, 99)
+    run = RunResult(mode="simulate", policy={}, requests=_timed_requests(values))
+    summary = run.summary()
+    assert (summary["p50_ttft_s"], summary["p99_ttft_s"]) == (50.0, 99.0)
+    row = report_row(run, "r")
+    assert (row.p99_ttft, row.p99_e2e) == (99.0, 99.0)
+    figures = experiment_figures(run)
+    assert (figures["p50_ttft_s"], figures["p99_ttft_s"], figures["interactive_p99_ttft_s"]) == (50.0, 99.0, 99.0)
+    assert e4_figures(run)["p90_e2e_s"] == 90.0
