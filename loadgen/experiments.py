@@ -220,8 +220,11 @@ def summarize(run: RunResult) -> dict[str, Any]:
     requests = run.requests
     interactive = [r for r in requests if r.workflow_id is None]
     steps = [r for r in requests if r.workflow_id is not None]
-    ttft = [r.ttft for r in requests if r.ttft is not None]
-    ittft = [r.ttft for r in interactive if r.ttft is not None]
+    # TTFT of the successful requests only, as RunResult.summary and the report take it: a request that failed
+    # after its first token is a failure, not a latency sample (the simulator's requests all succeed; a live run
+    # read here would otherwise mix the two rules in one table)
+    ttft = [r.ttft for r in requests if r.status == "ok" and r.ttft is not None]
+    ittft = [r.ttft for r in interactive if r.status == "ok" and r.ttft is not None]
 
     kv = run.meta.get("kv", {})
     workflows = [w for w in run.workflows if w.kind == "workflow"]

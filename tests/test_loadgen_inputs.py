@@ -916,3 +916,16 @@ def test_percentiles_are_nearest_rank_everywhere():
     figures = experiment_figures(run)
     assert (figures["p50_ttft_s"], figures["p99_ttft_s"], figures["interactive_p99_ttft_s"]) == (50.0, 99.0, 99.0)
     assert e4_figures(run)["p90_e2e_s"] == 90.0
+
+
+def test_experiment_ttft_percentiles_are_over_successful_requests_like_the_summary():
+    """The experiments' p50/p99 TTFT had taken failed requests with a first token too; the summary and the
+    report take only the successful ones, so one run gave two p99s."""
+    from loadgen.experiments import summarize as experiment_figures
+
+    run = RunResult(mode="live", policy={}, requests=_timed_requests([float(v) for v in range(1, 101)])
+                    + _timed_requests([1000.0] * 5, status="error:truncated"))
+    figures, summary = experiment_figures(run), run.summary()
+    assert (figures["p50_ttft_s"], figures["p99_ttft_s"]) == (summary["p50_ttft_s"], summary["p99_ttft_s"]) \
+        == (50.0, 99.0)
+    assert figures["interactive_p99_ttft_s"] == 99.0
