@@ -47,7 +47,11 @@ omission); it is also reported per request, ``client_wait_s`` in the result's ti
 left out and counted in ``meta.not_due``; workflows not yet arrived are left out and counted in
 ``meta.not_started``, their steps in ``meta.not_started_steps``: requests + not_due + not_started_steps is every
 step), and clean cancellation (``stop()``, SIGINT/SIGTERM in the CLI: in-flight requests are closed, so the engines
-abort them, and the partial result is still written; the statuses are then ``error:stopped``).
+abort them, and the partial result is still written; the statuses are then ``error:stopped``). The attainments
+of such a partial run (:meth:`~loadgen.results.RunResult.summary`, and ``maestro loadgen report``, which marks it
+``(partial)`` and keeps it off the load plot) leave out the requests and workflows the stop cut off before their
+TTFT target or deadline had passed (``summary.requests_cut``, ``summary.workflows_cut``): their outcome is unknown;
+those that had already missed stay in as misses.
 
 A stream that closes without a ``finish_reason`` or ``[DONE]`` is an answer cut short, ``error:truncated``; one the
 engine ended with ``finish_reason`` ``"abort"`` (e.g. the engine was put to sleep) or ``"error"`` is unfinished too,
@@ -816,6 +820,9 @@ def live_main(args: argparse.Namespace) -> int:
         steps = sum(len(w.steps) for w in workload.workflows)
         not_run = (f"; not run: {meta['not_due']} step(s) of started workflows not yet due, {meta['not_started']} "
                    f"workflow(s) not started ({meta['not_started_steps']} step(s)), of {steps} steps")
+    if summary["requests_cut"] or summary["workflows_cut"]:  # undecided at the stop: not the policy's misses
+        not_run += (f"; left out of the attainments: {summary['requests_cut']} request(s) and "
+                    f"{summary['workflows_cut']} workflow(s) cut off by the stop before their target passed")
     print(f"wrote {args.out}: {summary['requests_ok']}/{summary['requests']} requests ok, "
           f"request SLO attainment {_pct(summary['request_slo_attainment'])}, workflow deadline attainment "
           f"{_pct(summary['workflow_deadline_attainment'])} ({meta['end']}, {meta['wall_s']:.1f} s){not_run}",

@@ -5,7 +5,8 @@
 - ``report.md``: one row per run (sorted by policy, then load): policy, load, requests, request SLO attainment,
   workflow deadline attainment, mean and p99 end-to-end latency, p99 TTFT, preemptions (total, and requests
   preempted at least once), reserved KV tokens mean / peak over the whole run (see below);
-- ``slo_vs_load.png``: request SLO attainment and workflow deadline attainment against load, one line per policy;
+- ``slo_vs_load.png``: request SLO attainment and workflow deadline attainment against load, one line per policy
+  (complete runs only: see partial runs below);
 - ``latency_cdf.png``: CDFs of end-to-end latency and TTFT of the successful requests, one curve per run;
 - ``kv_<run>.png``: reserved vs used KV over time, for each run whose ``series`` has them.
 
@@ -20,6 +21,13 @@ of ``[time_s, value]`` points. Reserved KV mean / peak are defined alike for liv
 simulated run has them exactly in ``meta["kv"]`` (``reserved_mean_tokens_run``, ``reserved_peak_tokens``), which
 are used; otherwise (a live run) they come from the reserved series (several series are aligned by time and
 added, a total never to its parts: :func:`_sum_series`), an approximation at its sampling period.
+
+Partial runs: a live run that ended before its workload (``meta["end"]`` ``time_limit`` or ``stopped``) is marked
+``(partial)`` in the table, explained in a note under it, labelled so in the CDF legend, and left off the load
+plot. Its attainments are over what was decided when it stopped (:meth:`~loadgen.results.RunResult.summary`):
+requests and workflows the stop cut off (``error:stopped`` / ``error:time_limit``) before their TTFT target or
+deadline had passed are left out of the denominators and counted in the note; those that had already missed stay
+in, as misses. Steps never reached (``meta.not_due``, ``meta.not_started_steps``) are in no denominator.
 """
 
 from __future__ import annotations
@@ -227,6 +235,11 @@ class RunRow:
     preempted_requests: int
     reserved_mean: float | None
     reserved_peak: float | None
+    partial: str | None = None  # why a run ended early (meta.end: time_limit, stopped); None: complete
+    requests_cut: int = 0  # requests the stop cut off undecided: out of request_slo
+    workflows_cut: int = 0  # workflows the stop left undecided: out of workflow_deadline
+    not_run_steps: int = 0  # steps a partial run never reached (meta.not_due + meta.not_started_steps)
+    wall_s: float | None = None
 
 
 def summarize(run: RunResult, name: str) -> RunRow:
@@ -242,7 +255,14 @@ def summarize(run: RunResult, name: str) -> RunRow:
         workflow_deadline=summary["workflow_deadline_attainment"], mean_e2e=summary["mean_e2e_s"],
         p99_e2e=quantile(e2e, 0.99), p99_ttft=quantile(ttft, 0.99),
         preemptions=sum(r.preemptions for r in run.requests), preempted_requests=summary["preempted_requests"],
-        reserved_mean=reserved_mean, reserved_peak=reserved_peak)
+        reserved_mean=reserved_mean, reserved_peak=reserved_peak, partial=run.partial,
+        requests_cut=summary["requests_cut"], workflows_cut=summary["workflows_cut"],
+        not_run_steps=_count(run.meta.get("not_due")) + _count(run.meta.get("not_started_steps")),
+        wall_s=run.meta.get("wall_s") if _is_number(run.meta.get("wall_s")) else None)
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _sum_series(series: dict[str, list[tuple[float, float]]]) -> list[tuple[float, float]]:
@@ -289,11 +309,28 @@ def markdown_table(rows: list[RunRow]) -> str:
     lines = [TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"]
     for row in rows:
         lines.append(
-            f"| {row.name} | {row.policy} | {_fmt(row.load, 'load')} | {row.requests} ({row.requests_ok}) | "
+            f"| {row.name}{' (partial)' if row.partial else ''} | {row.policy} | {_fmt(row.load, 'load')} | {row.requests} ({row.requests_ok}) | "
             f"{_fmt(row.request_slo, '%')} | {_fmt(row.workflow_deadline, '%')} | {_fmt(row.mean_e2e)} | "
             f"{_fmt(row.p99_e2e)} | {_fmt(row.p99_ttft)} | {row.preemptions} ({row.preempted_requests}) | "
             f"{_fmt(row.reserved_mean, 'n')} | {_fmt(row.reserved_peak, 'n')} |")
     return "\n".join(lines)
+
+
+def partial_notes(rows: list[RunRow]) -> list[str]:
+    """One line per partial run (a live run ended by ``--time-limit`` or a stop): what it left out and why."""
+    notes = []
+    for row in rows:
+        if not row.partial:
+            continue
+        ended = row.partial + ("" if row.wall_s is None else f" after {row.wall_s:.1f} s")
+        notes.append(f"- {row.name} (partial: {ended}): {row.requests_cut} request(s) and {row.workflows_cut} "
+                     f"workflow(s) cut off by the stop before their SLO / deadline was decided are left out of its "
+                     f"attainments (those that had already missed stay in as misses); {row.not_run_steps} step(s) "
+                     "never reached; not on the load plot")
+    if notes:
+        notes.insert(0, "Partial runs (ended before their workload; the rows marked (partial) are over what was "
+                        "decided by the stop):")
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -308,7 +345,10 @@ def _pyplot():
 
 
 def plot_slo_vs_load(rows: list[RunRow], path: Path) -> Path | None:
-    points = [r for r in rows if r.load is not None]
+    """Attainment against load, one line per policy. Partial runs are left off: a run stopped early did not
+    carry its load through to the end, so its point is not on the policy's curve (the table and its note list
+    it)."""
+    points = [r for r in rows if r.load is not None and not r.partial]
     if not points:
         return None
     plt = _pyplot()
@@ -348,7 +388,7 @@ def plot_latency_cdfs(runs: list[tuple[str, RunResult]], path: Path) -> Path | N
     for name, run in runs:
         ok = [r for r in run.requests if r.status == "ok"]
         policy, load = policy_label(run, name), run_load(run)
-        label = policy if load is None else f"{policy} @ {_fmt(load, 'load')}"
+        label = (policy if load is None else f"{policy} @ {_fmt(load, 'load')}") + (" (partial)" if run.partial else "")
         color = colors[policies.index(policy) % len(colors)]
         style = styles[loads.index(load) % len(styles)] if load is not None else "-"
         for ax, values in zip(axes, (sorted(r.e2e for r in ok if r.e2e is not None),
@@ -430,10 +470,11 @@ def write_report(paths: list[str | Path], out_dir: str | Path, title: str = "Mae
         image = plot_kv(run, name, out / f"kv_{_SAFE.sub('_', name)}.png")
         if image is not None:
             images.append(image)
-    body = [f"# {title}", "", table, ""]
+    notes = partial_notes(rows)
+    body = [f"# {title}", "", table, ""] + (notes + [""] if notes else [])
     body += [f"![{p.stem}]({p.name})" for p in images]
     (out / "report.md").write_text("\n".join(body) + "\n", encoding="utf-8")
-    return {"markdown": out / "report.md", "table": table, "images": images, "rows": rows}
+    return {"markdown": out / "report.md", "table": table, "notes": notes, "images": images, "rows": rows}
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -452,5 +493,7 @@ def report_main(args: argparse.Namespace) -> int:
         print(f"error: cannot write the report into {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(written["table"])
+    if written["notes"]:
+        print("\n" + "\n".join(written["notes"]))
     print(f"wrote {written['markdown']} and {len(written['images'])} plot(s) in {args.out}", file=sys.stderr)
     return 0

@@ -100,6 +100,11 @@ class WorkflowResult:
         return asdict(self)
 
 
+# statuses of requests the client cut off when it ended the run early (a live run's --time-limit, Ctrl-C / stop()):
+# the stop's doing, not the engine's or the scheduler's
+STOP_STATUSES = ("error:stopped", "error:time_limit", "error:cancelled")
+
+
 @dataclass
 class RunResult:
     """Everything one run produced; ``series`` holds time series such as reserved vs used KV tokens."""
@@ -111,23 +116,84 @@ class RunResult:
     series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def partial(self) -> str | None:
+        """Why the run ended before its workload did (a live run's ``meta.end``: ``time_limit``, ``stopped``...),
+        or None for a complete run (a simulation, or a live run that ``completed``)."""
+        end = self.meta.get("end")
+        return None if end in (None, "completed") else str(end)
+
+    def stop_time(self) -> float | None:
+        """When a partial run was stopped, in the result's time base (None: complete, or not recorded)."""
+        if self.partial is None or not isinstance(self.meta.get("wall_s"), (int, float)):
+            return None
+        scale = self.meta.get("time_scale", 1.0) if self.meta.get("time_base") == "workload" else 1.0
+        return float(self.meta["wall_s"]) * float(scale if isinstance(scale, (int, float)) else 1.0)
+
+    def cut_requests(self) -> set[int]:
+        """Indexes of the requests the stop cut off before their SLO was decided.
+
+        A request cut by the stop (:data:`STOP_STATUSES`) had not failed: whether it would have met its SLO is
+        unknown, and counting it as a miss would charge the stop to the policy (under a time limit the requests
+        then in flight are the slowest ones, so leaving them all out would flatter it instead). So one whose
+        outcome was already known at the stop stays in, as a miss: its first token came after its TTFT target,
+        or none had come when the target passed. The others are left out of the request SLO denominator. A
+        complete run (:attr:`partial` None) has none."""
+        if self.partial is None:
+            return set()
+        stop = self.stop_time()
+        cut = set()
+        for i, r in enumerate(self.requests):
+            if r.status not in STOP_STATUSES:
+                continue
+            target = r.ttft_target_s
+            if target is not None and r.first_token is not None and r.first_token - r.arrival > target:
+                continue  # its first token was late: missed before the stop
+            if target is not None and r.first_token is None and stop is not None and stop - r.arrival > target:
+                continue  # no first token by its target, which passed before the stop: missed
+            cut.add(i)
+        return cut
+
+    def cut_workflows(self) -> set[str]:
+        """Ids of the workflows (``kind == "workflow"``) the stop left undecided: not finished, no step failed
+        but by the stop, and the deadline (if any) not yet passed at the stop. They are left out of the workflow
+        deadline denominator; a workflow that had already failed or missed its deadline stays in, as a miss."""
+        if self.partial is None:
+            return set()
+        stop = self.stop_time()
+        failed = {r.workflow_id for r in self.requests if r.status != "ok" and r.status not in STOP_STATUSES}
+        return {w.workflow_id for w in self.workflows
+                if w.kind == "workflow" and w.finish is None and w.workflow_id not in failed
+                and not (w.deadline_s is not None and stop is not None and stop - w.arrival > w.deadline_s)}
+
     def summary(self) -> dict[str, Any]:
+        """Counts, attainments and latencies. In a partial run (:attr:`partial`) the requests and workflows the
+        stop left undecided (:meth:`cut_requests`, :meth:`cut_workflows`) are counted (``requests_cut``,
+        ``workflows_cut``) but left out of the attainments: the stop is not the policy's miss."""
         requests = self.requests
         workflows = [w for w in self.workflows if w.kind == "workflow"]
         ok = [r for r in requests if r.status == "ok"]
         e2e = [r.e2e for r in ok if r.e2e is not None]
         ttft = [r.ttft for r in ok if r.ttft is not None]
+        cut = self.cut_requests()
+        judged = [r for i, r in enumerate(requests) if i not in cut]
+        cut_workflows = self.cut_workflows()
+        judged_workflows = [w for w in workflows if w.workflow_id not in cut_workflows]
 
         return {
             "requests": len(requests),
             "requests_ok": len(ok),
-            "request_slo_attainment": (sum(r.slo_met() for r in requests) / len(requests)) if requests else None,
+            "requests_cut": len(cut),
+            "request_slo_attainment": (sum(r.slo_met() for r in judged) / len(judged)) if judged else None,
             "workflows": len(workflows),
-            "workflow_deadline_attainment": (sum(w.met() for w in workflows) / len(workflows)) if workflows else None,
+            "workflows_cut": len(workflows) - len(judged_workflows),
+            "workflow_deadline_attainment": ((sum(w.met() for w in judged_workflows) / len(judged_workflows))
+                                             if judged_workflows else None),
             "mean_e2e_s": (sum(e2e) / len(e2e)) if e2e else None,
             "p50_ttft_s": quantile(ttft, 0.5),
             "p99_ttft_s": quantile(ttft, 0.99),
             "preempted_requests": sum(1 for r in requests if r.preemptions > 0),
+            "partial": self.partial,
         }
 
     def to_json(self) -> dict[str, Any]:

@@ -20,9 +20,10 @@ from aiohttp import web
 from loadgen.des import ClusterSpec, EngineSpec, PoolSpec, SimConfig, simulate
 from loadgen.experiments import (add_experiment_arguments, add_simulate_arguments, experiment_main, simulate_main)
 from loadgen.live import LiveOptions, LiveRunner, add_live_arguments, live_main
-from loadgen.report import ReportError, _sum_series, add_report_arguments, kv_figures, load_run, report_main
+from loadgen.report import (ReportError, _sum_series, add_report_arguments, kv_figures, load_run, report_main,
+                            write_report)
 from loadgen.report import summarize as report_row
-from loadgen.results import RequestResult, RunResult, quantile
+from loadgen.results import RequestResult, RunResult, WorkflowResult, quantile
 from loadgen.workload import Step, Workflow, Workload, WorkloadError, arrival_rate, load_workload, parse_workload
 from loadgen.workloads import SpecError, WorkloadSpec, add_workload_arguments, generate_arrivals, workload_main
 from loadgen.workloads.arrivals import constant_arrivals, servegen_arrivals
@@ -676,7 +677,10 @@ async def test_requests_waiting_for_a_slot_are_recorded_when_the_run_ends(end):
     assert len(result.requests) == 3 and {r.status for r in result.requests} == {f"error:{end}"}
     assert result.meta["not_sent"] == 2 and result.meta["status_counts"] == {f"error:{end}": 3}
     assert sum(result.meta["status_counts"].values()) == len(result.requests)
-    assert result.summary()["request_slo_attainment"] == 0.0 and runner.inflight == 0
+    # cut by the stop before their 1 s TTFT target passed: undecided, left out of the attainment, counted apart
+    summary = result.summary()
+    assert summary["request_slo_attainment"] is None and summary["requests_cut"] == 3 and runner.inflight == 0
+    assert summary["partial"] == end
     # the offered load is the workload's own (per workload second), not the spec's 99/s nor scaled by 2
     assert result.meta["load"] == workload.offered_load() == 100.0
 
@@ -929,3 +933,71 @@ def test_experiment_ttft_percentiles_are_over_successful_requests_like_the_summa
     assert (figures["p50_ttft_s"], figures["p99_ttft_s"]) == (summary["p50_ttft_s"], summary["p99_ttft_s"]) \
         == (50.0, 99.0)
     assert figures["interactive_p99_ttft_s"] == 99.0
+
+
+# ------------------------------------------------------------------------------------------ partial runs
+
+def _partial_live_run(end: str = "time_limit") -> RunResult:
+    """A live run stopped at 10 s: 8 on-time requests, 2 cut after they had missed their 2 s TTFT target (one
+    with a late first token, one with none 9 s after it was due) and 2 cut 0.5 s after they were due (undecided);
+    workflows: one met, one failed by its engine, one cut after its deadline passed, one cut in time (undecided)."""
+    def request(i: int, arrival: float, first: float | None, status: str, wf: str | None = None) -> RequestResult:
+        return RequestResult(request_id=f"r{i}", workflow_id=wf, step_id="s", role="coder", slo_class="interactive",
+                             arrival=arrival, prompt_tokens=10, output_tokens=1, first_token=first,
+                             finish=first if status == "ok" else None, ttft_target_s=2.0, status=status)
+
+    cut = f"error:{end}"
+    requests = [request(i, 0.5 * i, 0.5 * i + 0.1, "ok") for i in range(8)]
+    requests += [request(8, 1.0, 4.0, cut), request(9, 1.0, None, cut),
+                 request(10, 9.5, None, cut, "w-cut"), request(11, 9.5, None, cut, "w-late"),
+                 request(12, 0.0, None, "error:http_500", "w-failed")]
+    workflows = [WorkflowResult("w-ok", "workflow", "batch", 0.0, 100.0, finish=5.0, steps=1, steps_ok=1),
+                 WorkflowResult("w-failed", "workflow", "batch", 0.0, 100.0, steps=1),
+                 WorkflowResult("w-late", "workflow", "batch", 1.0, 2.0, steps=1),
+                 WorkflowResult("w-cut", "workflow", "batch", 9.0, 100.0, steps=1)]
+    return RunResult(mode="live", policy={"label": "edf"}, requests=requests, workflows=workflows,
+                     meta={"end": end, "wall_s": 10.0, "time_base": "wall", "time_scale": 1.0, "load": 3.0,
+                           "not_due": 2, "not_started": 1, "not_started_steps": 3})
+
+
+def test_a_partial_run_leaves_out_what_the_stop_left_undecided():
+    """Requests cut off by --time-limit / a stop had counted as SLO misses: the stop charged to the policy. Those
+    whose target had not passed at the stop are now left out (and counted); those that had missed stay in."""
+    run = _partial_live_run()
+    summary = run.summary()
+    assert summary["partial"] == "time_limit" and run.stop_time() == 10.0
+    assert summary["requests"] == 13 and summary["requests_cut"] == 2
+    assert summary["request_slo_attainment"] == pytest.approx(8 / 11)  # not 8 / 13
+    assert summary["workflows_cut"] == 1 and summary["workflow_deadline_attainment"] == pytest.approx(1 / 3)
+    # time base "workload": the stop is wall_s x time_scale on the result's clock
+    run.meta.update(time_base="workload", time_scale=10.0)
+    assert run.stop_time() == 100.0
+    # a complete run leaves nothing out, whatever its statuses
+    complete = _partial_live_run()
+    complete.meta["end"] = "completed"
+    assert complete.summary()["requests_cut"] == complete.summary()["workflows_cut"] == 0
+    assert complete.summary()["request_slo_attainment"] == pytest.approx(8 / 13) and complete.partial is None
+
+
+def test_the_report_marks_partial_runs_and_keeps_them_off_the_load_plot(tmp_path, capsys):
+    from loadgen.report import plot_slo_vs_load
+
+    partial = tmp_path / "stopped.json"
+    partial.write_bytes(orjson.dumps(_partial_live_run("stopped").to_json()))
+    complete_run = _partial_live_run()
+    complete_run.meta["end"] = "completed"
+    complete = tmp_path / "complete.json"
+    complete.write_bytes(orjson.dumps(complete_run.to_json()))
+    written = write_report([partial, complete], tmp_path / "report")
+    rows = {row.name: row for row in written["rows"]}
+    assert rows["stopped"].partial == "stopped" and rows["complete"].partial is None
+    assert "| stopped (partial) | edf |" in written["table"] and "| complete | edf |" in written["table"]
+    assert rows["stopped"].request_slo == pytest.approx(8 / 11)
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "- stopped (partial: stopped after 10.0 s): 2 request(s) and 1 workflow(s) cut off" in markdown
+    assert "5 step(s) never reached" in markdown and "complete (partial" not in markdown
+    # the load plot: the partial run is no point on it (alone, there is nothing to plot)
+    assert plot_slo_vs_load([rows["stopped"]], tmp_path / "p.png") is None
+    assert plot_slo_vs_load([rows["complete"]], tmp_path / "p.png") is not None
+    assert report_main(_parse(add_report_arguments, [str(partial), "--out", str(tmp_path / "r2")])) == 0
+    assert "Partial runs" in capsys.readouterr().out
