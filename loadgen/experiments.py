@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen.des import ClusterSpec, EngineSpec, PoolSpec, SimConfig, load_predictor, simulate
-from loadgen.results import RunResult, prepare_output, quantile
+from loadgen.results import RunResult, json_bytes, prepare_output, quantile
 from loadgen.slo import add_gateway_config_argument, check_workload_slo_classes, slo_classes_from_args
 from loadgen.workload import Step, Workflow, Workload, load_workload
 
@@ -340,6 +340,37 @@ def _workload_params(args: argparse.Namespace, rate: float) -> WorkloadParams:
     return params
 
 
+def queue_options(text: str) -> dict[str, Any]:
+    """``--queue-options``: a JSON object whose numbers are all finite (an ``argparse`` type: a bad value is a
+    usage error before anything runs).
+
+    ``Infinity``, ``NaN`` (which Python's JSON reader accepts) and ``1e400`` (read as infinity) are refused: the
+    policies take ``null`` for "no bound" (e.g. ``max_wait_s``: no aging), and an infinite value in the run's
+    metadata could not be written as JSON."""
+    def refuse(token: str) -> Any:
+        raise ValueError(f"{token} is not a JSON number (use null for none)")
+
+    try:
+        options = json.loads(text, parse_constant=refuse)
+    except ValueError as exc:  # JSONDecodeError is a ValueError too
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r:.60}")
+
+    def check(value: Any, where: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{where} must be a finite number (null for none), got {value!r}")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                check(item, f"{where}.{key}" if where else key)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                check(item, f"{where}[{i}]")
+
+    check(options, "")
+    return options
+
+
 def _rates(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -349,7 +380,7 @@ def _write(path: str | None, data: dict[str, Any]) -> None:
         return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    target.write_bytes(json_bytes(data))
     print(f"wrote {target}", file=sys.stderr)
 
 
@@ -378,7 +409,9 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", help="workload file (maestro-workload/1); default: generate one (--rate)")
     parser.add_argument("--rate", type=float, default=8.0, help="arrivals per second of the generated workload")
     parser.add_argument("--queue", default="maestro", help="queue policy: fcfs | edf | maestro | lsf")
-    parser.add_argument("--queue-options", default="{}", help="JSON options of the queue policy")
+    parser.add_argument("--queue-options", default={}, type=queue_options,
+                        help="JSON object of the queue policy's options, e.g. '{\"max_wait_s\": 900}' "
+                             "(finite numbers; null for none)")
     parser.add_argument("--admission", default="predicted", choices=("none", "max_tokens", "predicted"),
                         help="KV admission: none | max_tokens (worst case) | predicted")
     parser.add_argument("--routing", default="latency_aware", help="round_robin | least_loaded | latency_aware")
@@ -402,7 +435,7 @@ def simulate_main(args: argparse.Namespace) -> int:
             workload = make_workload(_workload_params(args, args.rate))
         check_workload_slo_classes(workload, slo_classes)
         config = SimConfig(clusters=cluster_specs(args.clusters, args.profile), queue_policy=args.queue,
-                           queue_options=json.loads(args.queue_options), admission=args.admission,
+                           queue_options=dict(args.queue_options), admission=args.admission,
                            cluster_routing=args.routing, sample_interval_s=args.sample_interval,
                            reference=args.reference, slo_classes=slo_classes)
         run = simulate(workload, config, load_predictor(args.predictor))
@@ -429,7 +462,7 @@ def simulate_main(args: argparse.Namespace) -> int:
     if args.out:
         target = Path(args.out)
         try:
-            target.write_bytes(json.dumps(run.to_json(), default=str).encode())
+            target.write_bytes(json_bytes(run.to_json()))
         except OSError as exc:
             print(f"error: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
             return 2

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 
 def quantile(values: Iterable[float], q: float) -> float | None:
@@ -200,6 +201,17 @@ class RunResult:
         return {"mode": self.mode, "policy": self.policy, "summary": self.summary(), "meta": self.meta,
                 "series": self.series, "requests": [r.to_json() for r in self.requests],
                 "workflows": [w.to_json() for w in self.workflows]}
+
+
+def json_bytes(data: Any, indent: bool = True) -> bytes:
+    """``data`` as strict JSON (RFC 8259), the way every loadgen result file is written.
+
+    orjson writes a non-finite float as ``null`` (the report's "unknown") where :func:`json.dumps` wrote
+    ``Infinity`` / ``NaN``, which no strict JSON reader (orjson, the report's) accepts: a simulation with an
+    infinite option wrote a file nothing could read back. numpy scalars and arrays are written as numbers, keys
+    that are not strings as strings, anything else orjson does not know as its ``str()``."""
+    option = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS | (orjson.OPT_INDENT_2 if indent else 0)
+    return orjson.dumps(data, default=str, option=option)
 
 
 def prepare_output(path: str | Path) -> Path:

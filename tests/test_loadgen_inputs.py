@@ -323,7 +323,6 @@ def test_unknown_slo_classes_are_refused(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ bad arguments
 
 @pytest.mark.parametrize("command, argv, message", [
-    ("simulate", ["--queue-options", "[1]"], "queue_options must be an object"),
     ("simulate", ["--queue-options", '{"bogus": 1}'], "do not fit the maestro policy"),
     ("simulate", ["--declared-max-tokens", "0"], "declared max tokens must be >= 1"),
     ("experiment", ["E1", "--rates", "1", "--policies", "fcfs", "--duration", "5", "--declared-max-tokens", "0"],
@@ -1001,3 +1000,51 @@ def test_the_report_marks_partial_runs_and_keeps_them_off_the_load_plot(tmp_path
     assert plot_slo_vs_load([rows["complete"]], tmp_path / "p.png") is not None
     assert report_main(_parse(add_report_arguments, [str(partial), "--out", str(tmp_path / "r2")])) == 0
     assert "Partial runs" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ simulate output
+
+@pytest.mark.parametrize("options, message", [
+    ('{"max_wait_s": Infinity}', "Infinity is not a JSON number"),
+    ('{"max_wait_s": 1e400}', "max_wait_s must be a finite number"),
+    ('{"weights": [1, NaN]}', "NaN is not a JSON number"),
+    ('{"a": {"b": -1e999}}', "a.b must be a finite number"),
+    ("[1]", "must be a JSON object"),
+    ("{max_wait_s: 1}", "not valid JSON"),
+])
+def test_queue_options_must_be_a_json_object_of_finite_numbers(options, message, tmp_path, capsys):
+    """Infinity / 1e400 in --queue-options went into the run's meta, and simulate --out wrote it as Infinity:
+    a file no strict JSON reader (the report's) could read back. Refused at parse time now."""
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(add_simulate_arguments, ["--queue-options", options, "--out", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_result_files_are_strict_json(tmp_path, capsys, monkeypatch):
+    """A non-finite figure in a result (here planted in the run's meta) is written as null, never as NaN or
+    Infinity; simulate --out and the experiments' JSON both read back with a strict parser."""
+    import loadgen.experiments as experiments
+    from loadgen.results import json_bytes
+
+    assert orjson.loads(json_bytes({"a": float("inf"), "b": float("nan"), 1.5: np.float64(2.0)})) \
+        == {"a": None, "b": None, "1.5": 2.0}
+    real = experiments.simulate
+
+    def planted(*args, **kwargs):
+        run = real(*args, **kwargs)
+        run.meta["planted"] = float("inf")
+        return run
+
+    monkeypatch.setattr(experiments, "simulate", planted)
+    path = tmp_path / "w.json"
+    Workload([_chain("w0", 0.0)]).save(path)
+    args = _parse(add_simulate_arguments, ["--workload", str(path), "--clusters", "c0:1:1", "--queue", "maestro",
+                                           "--queue-options", '{"max_wait_s": null}', "--out", str(tmp_path / "r.json")])
+    assert simulate_main(args) == 0
+    data = orjson.loads((tmp_path / "r.json").read_bytes())  # strict: NaN / Infinity would raise
+    assert data["meta"]["planted"] is None and data["meta"]["config"]["queue_options"] == {"max_wait_s": None}
+    assert load_run(tmp_path / "r.json").requests
+    experiments._write(str(tmp_path / "e.json"), {"saving": float("nan")})
+    assert orjson.loads((tmp_path / "e.json").read_bytes()) == {"saving": None}
