@@ -68,7 +68,7 @@ Results use :mod:`loadgen.results` (the schema the live runner writes), with ser
 the exact time average (over the arrival window -- the whole run when every workflow arrives at t=0 -- and over
 the whole run) and peak of the reserved tokens; the used-KV figures come from the samples (None without them).
 ``meta["load"]`` is the workload's offered load (:meth:`~loadgen.workload.Workload.offered_load`), as a live
-run records it.
+run records it in ``meta["workload_load"]`` (and in ``meta["load"]`` on the workload clock).
 
 Speed: one simulated hour of 2 clusters x 16 engines at E1's high-contention load (134,000 requests, 700,000
 events) takes about 9 s of CPU (the plain PoolScheduler: about 140 s, same results). Not modelled: engine

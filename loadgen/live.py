@@ -62,8 +62,12 @@ its tokens received kept. Other failures, labelled alike by either client: ``err
 ``error:connection`` (refused or reset), ``error:stream`` (an error event in the stream), ``error:bad_stream``
 (unparseable data).
 
-``meta.load`` is the workload's offered load (:meth:`~loadgen.workload.Workload.offered_load`: arrivals per second
-of workload time, whatever the time scale), the figure the simulator records for the same workload.
+``meta.load`` is the offered load on the result's clock, the one its latencies are measured on: arrivals per
+second of the result's time base (:func:`~loadgen.workload.arrival_rate` of the arrivals as sent), i.e. ``time_scale``
+times the workload's with ``time_base="wall"`` (a run compressed 10x sends its arrivals 10x as fast), and the
+workload's own with ``time_base="workload"``. ``meta.workload_load`` is always the workload's
+(:meth:`~loadgen.workload.Workload.offered_load`: arrivals per second of workload time), the figure the simulator
+records as its ``meta.load`` for the same workload.
 
 SLO targets (TTFT, TPOT) and the default workflow deadlines are the gateway's built-in classes' unless
 ``slo_targets`` gives others (the CLI's ``--gateway-config FILE``: the classes of that gateway config); a workload
@@ -97,7 +101,7 @@ import orjson
 
 from loadgen.results import RequestResult, RunResult, WorkflowResult, prepare_output
 from loadgen.slo import add_gateway_config_argument, check_workload_slo_classes, slo_classes_from_args
-from loadgen.workload import Step, Workflow, Workload, WorkloadError, load_workload
+from loadgen.workload import Step, Workflow, Workload, WorkloadError, arrival_rate, load_workload
 
 HINT_HEADER = "X-Sim-Output-Tokens"
 CONTEXTS = ("headers", "metadata", "both", "none")
@@ -702,6 +706,12 @@ class LiveRunner:
         begun_steps = sum(len(w.steps) for w in self.workload.workflows if w.id in begun)
         return len(not_begun), sum(len(w.steps) for w in not_begun), begun_steps - len(self.requests)
 
+    def _result_load(self) -> float | None:
+        """The workload's arrivals per second of the result's time base (see the module docstring)."""
+        if self.options.time_base == "workload" or self.scale == 1.0:  # the result's clock is the workload's
+            return self.workload.offered_load()
+        return arrival_rate([w.arrival_s / self.scale for w in self.workload.workflows])
+
     def _result(self, reason: str, wall: float) -> RunResult:
         waits = self.client_waits
         not_started, not_started_steps, not_due = self._not_run()
@@ -709,9 +719,12 @@ class LiveRunner:
             "url": self.options.url, "client": self.options.client, "workload": self.workload.name,
             "workload_seed": self.workload.seed, "model": self.model, "time_scale": self.scale,
             "time_base": self.options.time_base,
-            # arrivals per second of workload time, as the simulator records it (not the spec's nominal rate:
-            # a replay adds calls, a file may have no spec); independent of time_scale and time_base
-            "load": self.workload.offered_load(), "context": self.options.context,
+            # arrivals per second of the result's clock, where its latencies are (x time_scale on the wall clock:
+            # the report's load axis must be in the latencies' time base); workload_load: per second of workload
+            # time, as the simulator records it (not the spec's nominal rate: a replay adds calls, a file may
+            # have no spec)
+            "load": self._result_load(), "workload_load": self.workload.offered_load(),
+            "context": self.options.context,
             "output_control": self.options.output_control, "max_concurrency": self.options.max_concurrency,
             "started_at_epoch": self._t0_epoch, "wall_s": round(wall, 3), "end": reason,
             "not_started": not_started, "not_started_steps": not_started_steps, "not_due": not_due,

@@ -11,9 +11,11 @@
 - ``kv_<run>.png``: reserved vs used KV over time, for each run whose ``series`` has them.
 
 Conventions read from a RunResult: the policy label is ``policy["label"]`` when given, else ``key=value`` pairs of
-``policy`` (else the file name); the load is ``meta["load"]`` (offered arrivals per second of workload time: the
-live runner and the simulator both write :meth:`~loadgen.workload.Workload.offered_load`), else ``meta["rate"]``,
-else the arrivals of the run's workflow records over their time span (the same rule, on the result's clock); a
+``policy`` (else the file name); the load is ``meta["load"]`` (offered arrivals per second of the result's clock,
+the time base its latencies are in: the simulator writes :meth:`~loadgen.workload.Workload.offered_load`, a live
+run the same on its time base, i.e. ``time_scale`` times it on the wall clock; a live file from before
+``meta["workload_load"]`` was recorded held the workload-time figure there, which is scaled here), else
+``meta["rate"]``, else the arrivals of the run's workflow records over their time span (the same rule); a
 series whose name contains ``reserved`` is reserved KV and one whose name contains ``used`` is used KV (e.g. the
 simulator's ``reserved_kv_tokens`` / ``used_kv_tokens``, or per engine ``used_kv_tokens/engine-0``), each a list
 of ``[time_s, value]`` points. Reserved KV mean / peak are defined alike for live and simulated runs
@@ -179,10 +181,20 @@ def policy_label(run: RunResult, fallback: str = "run") -> str:
 
 
 def run_load(run: RunResult) -> float | None:
-    """Offered load: ``meta["load"]`` / ``meta["rate"]``, else arrivals over their time span (all kinds)."""
+    """Offered load on the result's clock: ``meta["load"]`` / ``meta["rate"]``, else arrivals over their time span
+    (all kinds).
+
+    A live file written before ``meta["workload_load"]`` existed recorded the workload-time load as ``load`` even
+    on the wall clock (``time_base`` wall, ``time_scale`` K: arrivals went out K times as fast), which put it on
+    the load axis K times too low; its load is multiplied by K here."""
+    meta = run.meta
     for key in ("load", "rate"):
-        value = run.meta.get(key)
+        value = meta.get(key)
         if value is not None:
+            scale = meta.get("time_scale")
+            if (key == "load" and run.mode == "live" and "workload_load" not in meta
+                    and meta.get("time_base", "wall") == "wall" and _is_number(scale) and scale > 0):
+                return float(value) * float(scale)
             return float(value)
     return arrival_rate([w.arrival for w in run.workflows])
 

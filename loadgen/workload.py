@@ -93,8 +93,10 @@ class Workload:
     def offered_load(self) -> float | None:
         """Arrivals per second of workload time, from the workload's own arrivals (see :func:`arrival_rate`).
 
-        Live and simulated runs both record this as ``meta["load"]``: the spec's nominal rate is not what was
-        generated (a replay adds its own calls, a random process deviates from its mean, a file has no spec)."""
+        A simulation records this as ``meta["load"]``, a live run as ``meta["workload_load"]`` (its ``meta["load"]``
+        is on the result's clock: ``time_scale`` times this on the wall clock): the spec's nominal rate is not what
+        was generated (a replay adds its own calls, a random process deviates from its mean, a file has no
+        spec)."""
         return arrival_rate([w.arrival_s for w in self.workflows])
 
     def to_json(self) -> dict[str, Any]:

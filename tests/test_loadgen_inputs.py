@@ -680,8 +680,9 @@ async def test_requests_waiting_for_a_slot_are_recorded_when_the_run_ends(end):
     summary = result.summary()
     assert summary["request_slo_attainment"] is None and summary["requests_cut"] == 3 and runner.inflight == 0
     assert summary["partial"] == end
-    # the offered load is the workload's own (per workload second), not the spec's 99/s nor scaled by 2
-    assert result.meta["load"] == workload.offered_load() == 100.0
+    # the offered load on the result's (wall) clock: the workload's 100/s sent twice as fast (not the spec's
+    # 99/s); the workload's own beside it
+    assert result.meta["load"] == 200.0 and result.meta["workload_load"] == workload.offered_load() == 100.0
 
 
 @pytest.mark.parametrize("end", ["time_limit", "stopped"])
@@ -1048,3 +1049,22 @@ def test_result_files_are_strict_json(tmp_path, capsys, monkeypatch):
     assert load_run(tmp_path / "r.json").requests
     experiments._write(str(tmp_path / "e.json"), {"saving": float("nan")})
     assert orjson.loads((tmp_path / "e.json").read_bytes()) == {"saving": None}
+
+
+# ------------------------------------------------------------------------------------------ load and time base
+
+@pytest.mark.parametrize("time_base, load", [("wall", 40.0), ("workload", 10.0)])
+async def test_a_live_runs_load_is_on_the_clock_of_its_latencies(time_base, load):
+    """--time-scale 4 on the wall clock sends the workload's 10 arrivals/s 4 times as fast and measures latencies
+    in wall seconds: its load is 40/s on that clock (it was recorded as 10, a quarter of the load its figures
+    belong to); on the workload clock it is the workload's 10/s. The report takes it as recorded."""
+    workload = _calls(5, 0.1)
+    async with _hanging_server() as url:
+        result = await LiveRunner(workload, LiveOptions(url=url, progress=False, time_scale=4.0, time_base=time_base,
+                                                        time_limit_s=0.05)).run()
+    assert workload.offered_load() == 10.0 == result.meta["workload_load"]
+    assert result.meta["load"] == load and report_row(result, "r").load == load
+    # an older wall-clock file (no workload_load) recorded the workload's load: the report scales it
+    result.meta.pop("workload_load")
+    result.meta["load"] = 10.0
+    assert report_row(result, "r").load == (40.0 if time_base == "wall" else 10.0)
