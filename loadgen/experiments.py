@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen.des import ClusterSpec, EngineSpec, PoolSpec, SimConfig, load_predictor, simulate
-from loadgen.results import RunResult, json_bytes, prepare_output, quantile
+from loadgen.results import RunResult, announce_replacing, json_bytes, prepare_output, quantile, write_atomically
 from loadgen.slo import add_gateway_config_argument, check_workload_slo_classes, slo_classes_from_args
 from loadgen.workload import Step, Workflow, Workload, load_workload
 
@@ -380,7 +380,7 @@ def _write(path: str | None, data: dict[str, Any]) -> None:
         return
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(json_bytes(data))
+    write_atomically(target, json_bytes(data))
     print(f"wrote {target}", file=sys.stderr)
 
 
@@ -427,7 +427,7 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
 def simulate_main(args: argparse.Namespace) -> int:
     try:
         if args.out:
-            prepare_output(args.out)
+            prepare_output(args.out, inputs=(args.workload, args.gateway_config, args.predictor))
         slo_classes = slo_classes_from_args(args)
         if args.workload:
             workload = load_workload(args.workload)
@@ -438,6 +438,7 @@ def simulate_main(args: argparse.Namespace) -> int:
                            queue_options=dict(args.queue_options), admission=args.admission,
                            cluster_routing=args.routing, sample_interval_s=args.sample_interval,
                            reference=args.reference, slo_classes=slo_classes)
+        announce_replacing(args.out)
         run = simulate(workload, config, load_predictor(args.predictor))
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -462,7 +463,7 @@ def simulate_main(args: argparse.Namespace) -> int:
     if args.out:
         target = Path(args.out)
         try:
-            target.write_bytes(json_bytes(run.to_json()))
+            write_atomically(target, json_bytes(run.to_json()))
         except OSError as exc:
             print(f"error: cannot write {target}: {exc.strerror or exc}", file=sys.stderr)
             return 2
@@ -493,7 +494,8 @@ def experiment_main(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         if out:
-            prepare_output(out)  # now, not after the sweep
+            prepare_output(out, inputs=(args.predictor,))  # now, not after the sweep
+            announce_replacing(out)
         if name == "E1":
             data = experiment_e1(args)
         elif name == "E2":

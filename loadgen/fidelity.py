@@ -70,7 +70,7 @@ import orjson
 from loadgen.des import ClusterSpec, EngineSpec, PoolSpec, SimConfig, load_predictor, simulate
 from loadgen.experiments import (DEFAULT_PROFILE, DEFAULT_TEMPLATES, ENGINE_PROFILES, WorkloadParams, make_workload,
                                  markdown)
-from loadgen.results import RequestResult, RunResult, quantile
+from loadgen.results import RequestResult, RunResult, quantile, write_atomically
 from loadgen.workload import Workload
 
 TARGET_POINTS = 5.0  # attainment: |live - simulated| in percentage points
@@ -614,7 +614,7 @@ def run_point(setup: FidelitySetup, out_dir: Path | None = None, progress: bool 
         out_dir.mkdir(parents=True, exist_ok=True)
         for mode, run in (("live", live), ("simulated", simulated)):
             path = out_dir / f"E4-{mode}-{setup.rate:g}.json"
-            path.write_bytes(orjson.dumps(run.to_json(), option=orjson.OPT_SERIALIZE_NUMPY))
+            write_atomically(path, orjson.dumps(run.to_json(), option=orjson.OPT_SERIALIZE_NUMPY))
             files[mode] = str(path)
     live_fig = figures(live)
     comparison = compare(live_fig, sim_fig, spread)

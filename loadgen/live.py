@@ -99,7 +99,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from loadgen.results import RequestResult, RunResult, WorkflowResult, prepare_output
+from loadgen.results import (RequestResult, RunResult, WorkflowResult, announce_replacing, prepare_output,
+                             write_atomically)
 from loadgen.slo import add_gateway_config_argument, check_workload_slo_classes, slo_classes_from_args
 from loadgen.workload import Step, Workflow, Workload, WorkloadError, arrival_rate, load_workload
 
@@ -804,10 +805,12 @@ def live_main(args: argparse.Namespace) -> int:
         options = options_from_args(args)
         options.validate()
         check_workload_slo_classes(workload, options.slo_targets or _slo_targets())
-        prepare_output(args.out)  # before the run: a bad --out must not cost the whole run
+        # before the run: a bad --out must not cost the whole run, nor replace an input
+        prepare_output(args.out, inputs=(args.workload, getattr(args, "gateway_config", None)))
     except (WorkloadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    announce_replacing(args.out)
 
     async def main() -> RunResult:
         runner = LiveRunner(workload, options)
@@ -821,8 +824,7 @@ def live_main(args: argparse.Namespace) -> int:
 
     result = asyncio.run(main())
     try:
-        with open(args.out, "wb") as handle:
-            handle.write(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2))
+        write_atomically(args.out, orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2))
     except OSError as exc:  # the folder changed under the run
         print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 2

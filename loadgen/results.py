@@ -7,6 +7,8 @@ fidelity experiment compares like with like. Times are seconds from the start of
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import orjson
+
+from predictor.trace import PLAIN_FILE_MODE
 
 
 def quantile(values: Iterable[float], q: float) -> float | None:
@@ -214,12 +218,20 @@ def json_bytes(data: Any, indent: bool = True) -> bytes:
     return orjson.dumps(data, default=str, option=option)
 
 
-def prepare_output(path: str | Path) -> Path:
+def prepare_output(path: str | Path, inputs: Iterable[str | Path | None] = ()) -> Path:
     """Make sure ``path`` can be written, creating its folder, *before* a run: a bad ``--out`` then costs an
-    error message (exit 2) instead of the run it would otherwise lose at the end. Raises ``ValueError``."""
+    error message (exit 2) instead of the run it would otherwise lose at the end. Raises ``ValueError``.
+
+    ``inputs`` are the files the command reads (``--workload``, ``--gateway-config``...): ``--out`` naming one of
+    them is refused, since the result would replace it (``live --workload wl.json --out wl.json`` lost the
+    workload). Any other existing ``path`` will be replaced, as before: :func:`announce_replacing` says so once
+    the command's input is checked."""
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"cannot write {path}: it is a folder")
+    for source in inputs:
+        if source is not None and same_file(target, Path(source)):
+            raise ValueError(f"cannot write {path}: it is the input file {source}, which the result would replace")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
@@ -229,3 +241,42 @@ def prepare_output(path: str | Path) -> Path:
     if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise ValueError(f"cannot write {path}: permission denied")
     return target
+
+
+def announce_replacing(path: str | Path | None) -> None:
+    """Say "replacing PATH" on stderr when ``path`` exists: called when a command's input has been checked and
+    its run starts, so a mistyped ``--out`` that names an earlier result is noticed while the run can still be
+    stopped. The CLI has no ``--force`` convention to refuse it by, and refusing would break scripts that rerun
+    into the same file."""
+    if path and Path(path).exists():
+        print(f"replacing {path}", file=sys.stderr)
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same inode when both exist (hard links, symlinks, ``./x``),
+    else the same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+def write_atomically(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in its folder renamed over it.
+
+    A run's result is written once, at its end: written in place, a full disk, a crash or a second Ctrl-C in the
+    middle left a truncated file where the previous result (or nothing) had been. Now ``path`` holds either its
+    old content or all of the new; a failed write leaves no temporary file behind. The file gets the mode a
+    plain ``open()`` would give it (mkstemp creates 0600)."""
+    target = Path(path)
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with open(handle, "wb") as out:
+            os.fchmod(out.fileno(), PLAIN_FILE_MODE)
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename: a power cut must not leave an empty file
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

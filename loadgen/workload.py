@@ -37,6 +37,8 @@ from typing import Any
 
 import orjson
 
+from loadgen.results import write_atomically
+
 FORMAT = "maestro-workload/1"
 DEFAULT_MAX_TOKENS = 4096
 
@@ -125,7 +127,8 @@ class Workload:
                 "workflows": [workflow(w) for w in self.workflows]}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_bytes(orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
+        """Write the workload file (atomically: a failed write leaves what was there)."""
+        write_atomically(path, orjson.dumps(self.to_json(), option=orjson.OPT_INDENT_2))
 
 
 def arrival_rate(arrivals: Sequence[float]) -> float | None:

@@ -11,6 +11,7 @@ import socket
 import contextlib
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -1068,3 +1069,71 @@ async def test_a_live_runs_load_is_on_the_clock_of_its_latencies(time_base, load
     result.meta.pop("workload_load")
     result.meta["load"] = 10.0
     assert report_row(result, "r").load == (40.0 if time_base == "wall" else 10.0)
+
+
+# ------------------------------------------------------------------------------------------ output files
+
+def test_out_may_not_name_an_input_file(tmp_path, capsys):
+    """`live --workload wl.json --out wl.json` replaced the workload with the result; so did simulate, and
+    `workload --spec s.json --out s.json` the spec. Refused before anything runs, however the path is spelled."""
+    workload_path = tmp_path / "wl.json"
+    _calls(1).save(workload_path)
+    before = workload_path.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.json").symlink_to(workload_path)
+    for out in (workload_path, tmp_path / "sub" / ".." / "wl.json", tmp_path / "link.json"):
+        args = _parse(add_live_arguments, ["--url", "http://127.0.0.1:1/v1", "--workload", str(workload_path),
+                                           "--out", str(out), "--no-progress"])
+        assert live_main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot write {out}: it is the input file {workload_path}"), err
+        assert simulate_main(_parse(add_simulate_arguments, ["--workload", str(workload_path), "--clusters",
+                                                             "c0:1:1", "--out", str(out)])) == 2
+        assert "it is the input file" in capsys.readouterr().err
+    config = tmp_path / "gw.yaml"
+    config.write_text(_GATEWAY_YAML)
+    assert simulate_main(_parse(add_simulate_arguments, ["--workload", str(workload_path), "--clusters", "c0:1:1",
+                                                         "--gateway-config", str(config), "--out", str(config)])) == 2
+    assert "it is the input file" in capsys.readouterr().err and config.read_text() == _GATEWAY_YAML
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"rate": 1, "duration_s": 5}')
+    assert workload_main(_parse(add_workload_arguments, ["--spec", str(spec), "--out", str(spec)])) == 2
+    assert "it is the input file" in capsys.readouterr().err and spec.read_text() == '{"rate": 1, "duration_s": 5}'
+    assert workload_path.read_bytes() == before
+
+
+def test_results_are_written_atomically_and_replacing_one_is_said(tmp_path, capsys, monkeypatch):
+    """A result was written in place ("wb"): a failure in the middle left a truncated file where the previous
+    one had been. Now a temporary file is renamed over it; an existing --out is replaced with a notice."""
+    import loadgen.experiments as experiments
+    from loadgen.results import write_atomically
+    from predictor.trace import PLAIN_FILE_MODE
+
+    target = tmp_path / "r.json"
+    target.write_bytes(b"previous")
+    with pytest.raises(TypeError):
+        write_atomically(target, "not bytes")  # fails after the temporary file was created
+    assert target.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    write_atomically(tmp_path / "new.json", b"{}")
+    assert (tmp_path / "new.json").stat().st_mode & 0o777 == PLAIN_FILE_MODE
+    # simulate: the write goes through it, an earlier result is announced as replaced
+    workload_path = tmp_path / "w.json"
+    Workload([_chain("w0", 0.0)]).save(workload_path)
+    written = []
+    monkeypatch.setattr(experiments, "write_atomically", lambda path, data: written.append(Path(path)))
+    assert simulate_main(_parse(add_simulate_arguments, ["--workload", str(workload_path), "--clusters", "c0:1:1",
+                                                         "--out", str(target)])) == 0
+    assert written == [target] and f"replacing {target}" in capsys.readouterr().err
+    # live too (a failed write: exit 2, the previous file as it was)
+    import loadgen.live as live
+
+    def failing(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(live, "write_atomically", failing)
+    args = _parse(add_live_arguments, ["--url", "http://127.0.0.1:1/v1", "--workload", str(workload_path),
+                                       "--out", str(target), "--no-progress", "--request-timeout", "5"])
+    assert live_main(args) == 2
+    err = capsys.readouterr().err
+    assert f"replacing {target}" in err and "No space left on device" in err and target.read_bytes() == b"previous"
+

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from loadgen.results import prepare_output
+from loadgen.results import announce_replacing, prepare_output
 from loadgen.slo import add_gateway_config_argument, check_slo_class_names, slo_classes_from_args
 from loadgen.workloads.arrivals import ARRIVALS
 from loadgen.workloads.builder import SpecError, WorkloadSpec, build_workload, template_names, template_stats
@@ -127,13 +127,14 @@ def workload_main(args: argparse.Namespace) -> int:
         if not args.out:
             print("error: --out FILE.json is required", file=sys.stderr)
             return 2
-        prepare_output(args.out)
+        prepare_output(args.out, inputs=(getattr(args, "spec", None), getattr(args, "gateway_config", None)))
         spec = spec_from_args(args)
         # a class the gateway does not know is answered with 400: refuse it here, not in the run
         check_slo_class_names(((f"{name} (--{name.replace('_', '-')})", getattr(spec, name))
                                for name in ("workflow_slo_class", "interactive_slo_class", "replay_slo_class")),
                               slo_classes_from_args(args))
         workload = build_workload(spec)
+        announce_replacing(args.out)
         workload.save(args.out)
     except (SpecError, DataUnavailable, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
