@@ -45,7 +45,7 @@ from typing import Any
 
 import orjson
 
-from loadgen.results import RequestResult, RunResult, WorkflowResult, quantile
+from loadgen.results import RequestResult, RunResult, WorkflowResult, quantile, same_file, write_atomically
 from loadgen.workload import arrival_rate
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -453,10 +453,17 @@ def write_report(paths: list[str | Path], out_dir: str | Path, title: str = "Mae
     """Read the RunResult files, write ``report.md`` and the PNGs into ``out_dir``; return what was written.
 
     ``out_dir`` is a folder (created when missing); an existing file there, or one that cannot be created, is a
-    :class:`ReportError` before any result is read."""
+    :class:`ReportError` before any result is read, and so is a result file that is one of the files the report
+    writes. A folder that holds an earlier report is reused: the plots that report wrote (the images its
+    ``report.md`` shows, of the names this function gives) and this one does not are removed, so no stale plot
+    of a run no longer reported lingers beside the new ones; nothing else in the folder is touched."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ReportError(f"cannot write the report into {out_dir}: it is a file, not a folder")
+    for path in paths:
+        for written in ("report.md", "slo_vs_load.png", "latency_cdf.png"):
+            if same_file(Path(path), out / written):
+                raise ReportError(f"cannot write the report into {out_dir}: {path} is its {written}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a parent that is a file, no permission...
@@ -485,8 +492,24 @@ def write_report(paths: list[str | Path], out_dir: str | Path, title: str = "Mae
     notes = partial_notes(rows)
     body = [f"# {title}", "", table, ""] + (notes + [""] if notes else [])
     body += [f"![{p.stem}]({p.name})" for p in images]
-    (out / "report.md").write_text("\n".join(body) + "\n", encoding="utf-8")
+    stale = _report_images(out / "report.md") - {p.name for p in images}
+    write_atomically(out / "report.md", ("\n".join(body) + "\n").encode("utf-8"))
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
     return {"markdown": out / "report.md", "table": table, "notes": notes, "images": images, "rows": rows}
+
+
+_OWN_IMAGE = re.compile(r"!\[[^\]]*\]\(((?:slo_vs_load|latency_cdf|kv_[A-Za-z0-9._-]+)\.png)\)")
+
+
+def _report_images(markdown: Path) -> set[str]:
+    """The plots an earlier ``report.md`` in the folder shows, of the names :func:`write_report` gives (an image
+    the user added by hand, or any other file, is not the report's)."""
+    try:
+        text = markdown.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    return {m.group(1) for m in _OWN_IMAGE.finditer(text) if (markdown.parent / m.group(1)).is_file()}
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1137,3 +1137,25 @@ def test_results_are_written_atomically_and_replacing_one_is_said(tmp_path, caps
     err = capsys.readouterr().err
     assert f"replacing {target}" in err and "No space left on device" in err and target.read_bytes() == b"previous"
 
+
+
+def test_a_reused_report_folder_loses_only_the_stale_plots_of_its_earlier_report(tmp_path):
+    def result(name: str) -> Path:
+        path = tmp_path / f"{name}.json"
+        path.write_bytes(orjson.dumps(_run_with_series({"reserved_kv_tokens": [(0.0, 1.0), (1.0, 2.0)]}).to_json()))
+        return path
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "kv_mine.png").write_bytes(b"a plot of the user's")  # not shown by a report: not the report's
+    (out / "notes.txt").write_text("keep")
+    first = write_report([result("a"), result("b")], out)
+    assert {"kv_a.png", "kv_b.png"} <= {p.name for p in first["images"]}
+    second = write_report([result("a")], out)
+    names = {p.name for p in out.iterdir()}
+    assert "kv_b.png" not in names and "kv_a.png" in names and {p.name for p in second["images"]} <= names
+    assert (out / "kv_mine.png").read_bytes() == b"a plot of the user's" and (out / "notes.txt").exists()
+    # a result file that is one of the report's own files is refused before anything is written
+    (out / "report.md").write_bytes((tmp_path / "a.json").read_bytes())
+    with pytest.raises(ReportError, match="is its report.md"):
+        write_report([out / "report.md"], out)
