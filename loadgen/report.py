@@ -449,6 +449,26 @@ def plot_kv(run: RunResult, name: str, path: Path) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------- entry points
 
+def run_names(paths: list[str | Path]) -> list[str]:
+    """One distinct name per result file: its file name without the extension, characters other than letters,
+    digits, ``.``, ``_`` and ``-`` made ``_`` (the name is a table cell and part of a plot's file name), and a
+    repeated name given ``-1``, ``-2``... skipping every name taken, or that another file has.
+
+    Names were made unique before they were made safe, and a repeat's suffix was not checked against the other
+    files' names: ``d1/run.json d2/run.json run-1.json`` gave two rows named ``run-1``, and ``a b.json`` and
+    ``a_b.json`` one ``kv_a_b.png`` (one run's plot lost)."""
+    bases = [_SAFE.sub("_", Path(path).stem) or "run" for path in paths]
+    reserved, used, names = set(bases), set(), []
+    for base in bases:
+        name, k = base, 0
+        while name in used or (k and name in reserved):  # a suffixed name may not be another file's own
+            k += 1
+            name = f"{base}-{k}"
+        used.add(name)
+        names.append(name)
+    return names
+
+
 def write_report(paths: list[str | Path], out_dir: str | Path, title: str = "Maestro load report") -> dict[str, Any]:
     """Read the RunResult files, write ``report.md`` and the PNGs into ``out_dir``; return what was written.
 
@@ -468,16 +488,7 @@ def write_report(paths: list[str | Path], out_dir: str | Path, title: str = "Mae
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a parent that is a file, no permission...
         raise ReportError(f"cannot create the folder {out_dir}: {exc.strerror or exc}") from None
-    runs: list[tuple[str, RunResult]] = []
-    seen: dict[str, int] = {}
-    for path in paths:
-        name = Path(path).stem
-        if name in seen:
-            seen[name] += 1
-            name = f"{name}-{seen[name]}"
-        else:
-            seen[name] = 0
-        runs.append((name, load_run(path)))
+    runs = [(name, load_run(path)) for name, path in zip(run_names(paths), paths)]
     rows = sorted((summarize(run, name) for name, run in runs),
                   key=lambda r: (r.policy, r.load if r.load is not None else -1.0, r.name))
     table = markdown_table(rows)
@@ -486,7 +497,7 @@ def write_report(paths: list[str | Path], out_dir: str | Path, title: str = "Mae
         if image is not None:
             images.append(image)
     for name, run in runs:
-        image = plot_kv(run, name, out / f"kv_{_SAFE.sub('_', name)}.png")
+        image = plot_kv(run, name, out / f"kv_{name}.png")
         if image is not None:
             images.append(image)
     notes = partial_notes(rows)

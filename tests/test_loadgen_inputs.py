@@ -1159,3 +1159,21 @@ def test_a_reused_report_folder_loses_only_the_stale_plots_of_its_earlier_report
     (out / "report.md").write_bytes((tmp_path / "a.json").read_bytes())
     with pytest.raises(ReportError, match="is its report.md"):
         write_report([out / "report.md"], out)
+
+
+def test_report_run_names_are_distinct_after_they_are_made_safe(tmp_path):
+    """`report d1/run.json d2/run.json run-1.json` gave two rows named run-1 (a repeat's suffix was not checked
+    against the other files' names), and `a b.json` / `a_b.json` shared one kv plot (made safe after)."""
+    from loadgen.report import run_names
+
+    paths = []
+    for rel in ("d1/run.json", "d2/run.json", "run-1.json", "a b.json", "a_b.json"):
+        path = tmp_path / rel
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(orjson.dumps(_run_with_series({"reserved_kv_tokens": [(0.0, 1.0), (1.0, 2.0)]}).to_json()))
+        paths.append(path)
+    assert run_names(paths) == ["run", "run-2", "run-1", "a_b", "a_b-1"]
+    written = write_report(paths, tmp_path / "report")
+    assert sorted(row.name for row in written["rows"]) == ["a_b", "a_b-1", "run", "run-1", "run-2"]
+    assert sorted(p.name for p in written["images"] if p.name.startswith("kv_")) \
+        == ["kv_a_b-1.png", "kv_a_b.png", "kv_run-1.png", "kv_run-2.png", "kv_run.png"]
