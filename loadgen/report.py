@@ -4,7 +4,8 @@
 
 - ``report.md``: one row per run (sorted by policy, then load): policy, load, requests, request SLO attainment,
   workflow deadline attainment, mean and p99 end-to-end latency, p99 TTFT, preemptions (total, and requests
-  preempted at least once), reserved KV tokens mean / peak over the whole run (see below);
+  preempted at least once; ``-`` for a live run, which cannot see them), reserved KV tokens mean / peak over the
+  whole run (see below);
 - ``slo_vs_load.png``: request SLO attainment and workflow deadline attainment against load, one line per policy
   (complete runs only: see partial runs below);
 - ``latency_cdf.png``: CDFs of end-to-end latency and TTFT of the successful requests, one curve per run;
@@ -243,8 +244,8 @@ class RunRow:
     mean_e2e: float | None
     p99_e2e: float | None
     p99_ttft: float | None
-    preemptions: int
-    preempted_requests: int
+    preemptions: int | None  # None: not measured (a live run: the client cannot see the engines' preemptions)
+    preempted_requests: int | None
     reserved_mean: float | None
     reserved_peak: float | None
     partial: str | None = None  # why a run ended early (meta.end: time_limit, stopped); None: complete
@@ -266,7 +267,9 @@ def summarize(run: RunResult, name: str) -> RunRow:
         request_slo=summary["request_slo_attainment"], workflows=summary["workflows"],
         workflow_deadline=summary["workflow_deadline_attainment"], mean_e2e=summary["mean_e2e_s"],
         p99_e2e=quantile(e2e, 0.99), p99_ttft=quantile(ttft, 0.99),
-        preemptions=sum(r.preemptions for r in run.requests), preempted_requests=summary["preempted_requests"],
+        # a live run never measures preemptions (its records' 0 means unknown): "-", as the KV columns say it
+        preemptions=None if run.mode == "live" else sum(r.preemptions for r in run.requests),
+        preempted_requests=None if run.mode == "live" else summary["preempted_requests"],
         reserved_mean=reserved_mean, reserved_peak=reserved_peak, partial=run.partial,
         requests_cut=summary["requests_cut"], workflows_cut=summary["workflows_cut"],
         not_run_steps=_count(run.meta.get("not_due")) + _count(run.meta.get("not_started_steps")),
@@ -323,9 +326,15 @@ def markdown_table(rows: list[RunRow]) -> str:
         lines.append(
             f"| {row.name}{' (partial)' if row.partial else ''} | {row.policy} | {_fmt(row.load, 'load')} | {row.requests} ({row.requests_ok}) | "
             f"{_fmt(row.request_slo, '%')} | {_fmt(row.workflow_deadline, '%')} | {_fmt(row.mean_e2e)} | "
-            f"{_fmt(row.p99_e2e)} | {_fmt(row.p99_ttft)} | {row.preemptions} ({row.preempted_requests}) | "
+            f"{_fmt(row.p99_e2e)} | {_fmt(row.p99_ttft)} | {_preemptions(row)} | "
             f"{_fmt(row.reserved_mean, 'n')} | {_fmt(row.reserved_peak, 'n')} |")
     return "\n".join(lines)
+
+
+def _preemptions(row: RunRow) -> str:
+    if row.preemptions is None or row.preempted_requests is None:
+        return "-"
+    return f"{row.preemptions} ({row.preempted_requests})"
 
 
 def partial_notes(rows: list[RunRow]) -> list[str]:

@@ -1177,3 +1177,17 @@ def test_report_run_names_are_distinct_after_they_are_made_safe(tmp_path):
     assert sorted(row.name for row in written["rows"]) == ["a_b", "a_b-1", "run", "run-1", "run-2"]
     assert sorted(p.name for p in written["images"] if p.name.startswith("kv_")) \
         == ["kv_a_b-1.png", "kv_a_b.png", "kv_run-1.png", "kv_run-2.png", "kv_run.png"]
+
+
+def test_a_live_runs_preemptions_are_unknown_in_the_report():
+    """Live mode never measures preemptions (its records' 0 means unknown): the table said "0 (0)"."""
+    from loadgen.report import markdown_table
+
+    live = _partial_live_run()
+    live.meta["end"] = "completed"
+    simulated = RunResult(mode="simulate", policy={"label": "edf"}, requests=_timed_requests([1.0, 2.0]))
+    simulated.requests[0].preemptions = 2
+    cells = {row.mode: [c.strip() for c in markdown_table([row]).splitlines()[2].split("|")]
+             for row in (report_row(live, "live"), report_row(simulated, "sim"))}
+    column = [c.strip() for c in markdown_table([]).splitlines()[0].split("|")].index("preemptions (requests)")
+    assert cells["live"][column] == "-" and cells["simulate"][column] == "2 (1)"
