@@ -11,6 +11,9 @@
 - ``latency_cdf.png``: CDFs of end-to-end latency and TTFT of the successful requests, one curve per run;
 - ``kv_<run>.png``: reserved vs used KV over time, for each run whose ``series`` has them.
 
+Without a working matplotlib the plots are left out (one warning on stderr, a line in ``report.md``) and the
+tables are written all the same.
+
 Conventions read from a RunResult: the policy label is ``policy["label"]`` when given, else ``key=value`` pairs of
 ``policy`` (else the file name); the load is ``meta["load"]`` (offered arrivals per second of the result's clock,
 the time base its latencies are in: the simulator writes :meth:`~loadgen.workload.Workload.offered_load`, a live
@@ -323,8 +326,9 @@ TABLE_HEADER = ("| run | policy | load | requests (ok) | request SLO | workflow 
 def markdown_table(rows: list[RunRow]) -> str:
     lines = [TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"]
     for row in rows:
+        name = f"{row.name} (partial)" if row.partial else row.name
         lines.append(
-            f"| {row.name}{' (partial)' if row.partial else ''} | {row.policy} | {_fmt(row.load, 'load')} | {row.requests} ({row.requests_ok}) | "
+            f"| {name} | {row.policy} | {_fmt(row.load, 'load')} | {row.requests} ({row.requests_ok}) | "
             f"{_fmt(row.request_slo, '%')} | {_fmt(row.workflow_deadline, '%')} | {_fmt(row.mean_e2e)} | "
             f"{_fmt(row.p99_e2e)} | {_fmt(row.p99_ttft)} | {_preemptions(row)} | "
             f"{_fmt(row.reserved_mean, 'n')} | {_fmt(row.reserved_peak, 'n')} |")
@@ -502,15 +506,22 @@ def write_report(paths: list[str | Path], out_dir: str | Path, title: str = "Mae
                   key=lambda r: (r.policy, r.load if r.load is not None else -1.0, r.name))
     table = markdown_table(rows)
     images: list[Path] = []
-    for image in (plot_slo_vs_load(rows, out / "slo_vs_load.png"), plot_latency_cdfs(runs, out / "latency_cdf.png")):
-        if image is not None:
-            images.append(image)
-    for name, run in runs:
-        image = plot_kv(run, name, out / f"kv_{name}.png")
-        if image is not None:
-            images.append(image)
+    no_plots = None
+    try:
+        for image in (plot_slo_vs_load(rows, out / "slo_vs_load.png"),
+                      plot_latency_cdfs(runs, out / "latency_cdf.png")):
+            if image is not None:
+                images.append(image)
+        for name, run in runs:
+            image = plot_kv(run, name, out / f"kv_{name}.png")
+            if image is not None:
+                images.append(image)
+    except ImportError as exc:  # matplotlib missing or broken: the tables are the report; they must not be lost
+        no_plots = f"no plots: matplotlib cannot be imported ({exc})"
+        print(f"warning: {no_plots}; writing report.md with the tables only", file=sys.stderr)
     notes = partial_notes(rows)
     body = [f"# {title}", "", table, ""] + (notes + [""] if notes else [])
+    body += [f"({no_plots})", ""] if no_plots else []
     body += [f"![{p.stem}]({p.name})" for p in images]
     stale = _report_images(out / "report.md") - {p.name for p in images}
     write_atomically(out / "report.md", ("\n".join(body) + "\n").encode("utf-8"))

@@ -558,7 +558,8 @@ def test_live_cli_runs_a_generated_workload(tmp_path, capsys):
     assert all(r.status == "ok" and r.output_tokens <= 40 for r in run.requests)
     # the offered load of the workload as generated (not the spec's rate), on the result's wall clock: arrivals
     # went out 5 times as fast; per workload second beside it
-    assert run.meta["workload_load"] == workload.offered_load() == arrival_rate([w.arrival_s for w in workload.workflows])
+    assert run.meta["workload_load"] == workload.offered_load() \
+        == arrival_rate([w.arrival_s for w in workload.workflows])
     assert run.meta["load"] == arrival_rate([w.arrival_s / 5 for w in workload.workflows])
     assert run.meta["load"] == pytest.approx(5 * run.meta["workload_load"], rel=1e-3)
     assert run.meta["time_scale"] == 5.0

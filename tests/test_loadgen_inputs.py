@@ -1043,7 +1043,8 @@ def test_result_files_are_strict_json(tmp_path, capsys, monkeypatch):
     path = tmp_path / "w.json"
     Workload([_chain("w0", 0.0)]).save(path)
     args = _parse(add_simulate_arguments, ["--workload", str(path), "--clusters", "c0:1:1", "--queue", "maestro",
-                                           "--queue-options", '{"max_wait_s": null}', "--out", str(tmp_path / "r.json")])
+                                           "--queue-options", '{"max_wait_s": null}',
+                                           "--out", str(tmp_path / "r.json")])
     assert simulate_main(args) == 0
     data = orjson.loads((tmp_path / "r.json").read_bytes())  # strict: NaN / Infinity would raise
     assert data["meta"]["planted"] is None and data["meta"]["config"]["queue_options"] == {"max_wait_s": None}
@@ -1191,3 +1192,20 @@ def test_a_live_runs_preemptions_are_unknown_in_the_report():
              for row in (report_row(live, "live"), report_row(simulated, "sim"))}
     column = [c.strip() for c in markdown_table([]).splitlines()[0].split("|")].index("preemptions (requests)")
     assert cells["live"][column] == "-" and cells["simulate"][column] == "2 (1)"
+
+
+def test_the_report_keeps_its_tables_without_matplotlib(tmp_path, capsys, monkeypatch):
+    """An ImportError from matplotlib lost the whole report; now report.md has the tables and says why there
+    are no plots, with one warning."""
+    import sys
+
+    path = tmp_path / "r.json"
+    path.write_bytes(orjson.dumps(_run_with_series({"reserved_kv_tokens": [(0.0, 1.0), (1.0, 2.0)]},
+                                                   meta={"load": 1.0}).to_json()))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert report_main(_parse(add_report_arguments, [str(path), str(path), "--out", str(tmp_path / "report")])) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: no plots: matplotlib cannot be imported") == 1
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| r |" in markdown and "(no plots: matplotlib cannot be imported" in markdown and "![" not in markdown
+    assert not list((tmp_path / "report").glob("*.png"))
