@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from predictor.trace import PLAIN_FILE_MODE
+from predictor.trace import write_bytes_atomically
 
 
 def quantile(values: Iterable[float], q: float) -> float | None:
@@ -262,21 +261,7 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def write_atomically(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in its folder renamed over it.
-
-    A run's result is written once, at its end: written in place, a full disk, a crash or a second Ctrl-C in the
-    middle left a truncated file where the previous result (or nothing) had been. Now ``path`` holds either its
-    old content or all of the new; a failed write leaves no temporary file behind. The file gets the mode a
-    plain ``open()`` would give it (mkstemp creates 0600)."""
-    target = Path(path)
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with open(handle, "wb") as out:
-            os.fchmod(out.fileno(), PLAIN_FILE_MODE)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())  # on disk before the rename: a power cut must not leave an empty file
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a result to ``path`` atomically (:func:`~predictor.trace.write_bytes_atomically`). A run's result is
+    written once, at its end: written in place, a full disk, a crash or a second Ctrl-C in the middle left a
+    truncated file where the previous result (or nothing) had been."""
+    write_bytes_atomically(path, (data,))

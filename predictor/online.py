@@ -35,7 +35,7 @@ import orjson
 
 from predictor.features import WORKFLOW_ID_HEADER, WORKFLOW_STEP_HEADER, explicit_role_of, header, int_or_none
 from predictor.predictor import Prediction, Predictor
-from predictor.trace import TraceFormatError, validate_record
+from predictor.trace import TraceFormatError, validate_record, write_bytes_atomically
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +86,13 @@ class TraceBuffer(Protocol):
 
 
 def write_lines_atomically(path: Path, lines: list[bytes]) -> None:
-    """Write JSONL lines to ``path`` through a temporary file renamed over it (blocking: call it in an
-    executor); a failed write (a full disk) leaves ``path`` as it was and no temporary file behind."""
+    """Write JSONL lines to ``path`` atomically (:func:`~predictor.trace.write_bytes_atomically`; blocking: call
+    it in an executor); a failed write (a full disk) leaves ``path`` as it was, and its error names ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as handle:
-            handle.writelines(lines)
-            handle.flush()
-            os.fsync(handle.fileno())  # on disk before the rename: a power cut must not leave an empty file
-        os.replace(tmp, path)
+        write_bytes_atomically(path, lines)
     except OSError as exc:  # "No space left on device" alone does not say which file (the refit's status shows it)
-        tmp.unlink(missing_ok=True)
         raise OSError(exc.errno, f"{exc.strerror or exc} (writing {path})") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _record_of(line: bytes) -> dict[str, Any] | None:

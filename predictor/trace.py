@@ -53,6 +53,25 @@ def _plain_file_mode() -> int:
 PLAIN_FILE_MODE = _plain_file_mode()
 
 
+def write_bytes_atomically(path: str | Path, chunks: Iterable[bytes]) -> None:
+    """Write ``chunks`` to ``path`` through a temporary file beside it (``NAME.*.tmp``), flushed to disk and then
+    renamed over it: ``path`` holds its old content or all of the new, never a torn file (a full disk, a crash,
+    a second Ctrl-C, a power cut), and a failed write leaves no temporary file behind. The file gets the mode a
+    plain ``open()`` would give it (:data:`PLAIN_FILE_MODE`). Blocking: call it off the event loop."""
+    target = Path(path)
+    handle, tmp = tempfile.mkstemp(prefix=f"{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with open(handle, "wb") as out:
+            os.fchmod(out.fileno(), PLAIN_FILE_MODE)
+            out.writelines(chunks)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename: a power cut must not leave an empty file
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class TraceFormatError(ValueError):
     """A line is not a valid trace record; the message names the file and line."""
 

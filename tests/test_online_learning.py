@@ -849,28 +849,21 @@ async def test_a_buffer_file_that_cannot_be_written_loses_no_record_a_refit_need
 
 
 def test_a_failed_rewrite_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
     from predictor.online import write_lines_atomically
 
     path = tmp_path / "records.jsonl"
     path.write_bytes(b'{"old": 1}\n')
 
-    class Full:
-        def __init__(self, *args):
-            pass
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def writelines(self, lines):
-            raise OSError("disk full")
-
-    monkeypatch.setattr("builtins.open", Full)
-    with pytest.raises(OSError):
+    monkeypatch.setattr("os.fsync", full)
+    with pytest.raises(OSError) as info:
         write_lines_atomically(path, [b'{"new": 1}\n'])
     monkeypatch.undo()
+    assert str(path) in str(info.value)  # the error names the file
     assert path.read_bytes() == b'{"old": 1}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl"]
 
 
