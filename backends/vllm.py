@@ -115,8 +115,9 @@ class EngineClient:
                 return metrics
             if self._sleep_unsettled:
                 paused = await self._paused()
-                if paused is None:  # it cannot say (no such route): the admin_s hold decides, as before
+                if paused is None:  # it cannot say (no such route, no answer): an admin_s hold from now decides
                     self._sleep_unsettled = False
+                    self._held_until = min(self._held_until, time.monotonic() + self._admin_timeout_s)
                 else:  # it says: hold while it pauses, let go once it does not
                     self._held_until = math.inf if paused else 0.0
                     self._sleep_unsettled = paused

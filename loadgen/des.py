@@ -1548,7 +1548,7 @@ class Simulator(EngineHooks):
         self.requests.sort(key=lambda r: (r.arrival, r.request_id))
         self.wf_results.sort(key=lambda w: (w.arrival, w.workflow_id))
         meta = {
-            "load": self.workload.offered_load(),  # the same figure a live run of this workload records
+            "load": self.workload.offered_load(),  # a live run of this workload records it as meta.workload_load
             "simulated_s": end,
             "wall_s": wall,
             "predict_s": predict_s,

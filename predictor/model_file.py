@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -119,22 +117,18 @@ def _check_offsets(length_state: Any, model_slots: int, source: str) -> None:
 
 
 def save_state(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` with skops, atomically (a temporary file renamed over the target)."""
+    """Write ``state`` with skops, atomically (:func:`~predictor.trace.write_bytes_atomically`: the archive is
+    built in memory, about a megabyte, then written beside ``path`` and renamed over it, readable by other users
+    such as a gateway container or CI)."""
     import skops.io as sio
+
+    from predictor.trace import write_bytes_atomically
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        # mkstemp creates the file 0600; a model file is read by other users (a gateway container, CI), so give
-        # it the mode a plain open() would have
-        os.chmod(tmp, _FILE_MODE)
-        sio.dump(state, tmp, compression=zipfile.ZIP_DEFLATED, compresslevel=6)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    archive = io.BytesIO()
+    sio.dump(state, archive, compression=zipfile.ZIP_DEFLATED, compresslevel=6)
+    write_bytes_atomically(path, (archive.getvalue(),))
     return path
 
 

@@ -190,6 +190,8 @@ def write_records(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
                 for record in records:
                     out.write(orjson.dumps(validate_record(record, f"record {count}")) + b"\n")
                     count += 1
+            raw.flush()
+            os.fsync(raw.fileno())  # on disk before the rename, as write_bytes_atomically does
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

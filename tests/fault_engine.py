@@ -89,6 +89,8 @@ class FaultEngine:
         return web.Response()
 
     async def is_sleeping(self, request: web.Request) -> web.Response:
+        if self.mode == "error_500":
+            return web.Response(status=500)
         return web.json_response({"is_sleeping": self.paused})
 
     seen_metrics_headers: list = field(default_factory=list)

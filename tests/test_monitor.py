@@ -339,6 +339,15 @@ async def test_a_sleep_whose_drain_outlasts_its_call_holds_the_engine_while_vllm
         engine.paused = False  # the pause ended without a sleep
         assert not (await client.probe()).sleeping
         assert not (await client.probe()).sleeping
+        # /is_sleeping stops answering while it said "paused": the hold ends admin_s later, not never
+        with pytest.raises(EngineTimedOut):
+            await client.sleep(mode="wait")
+        engine.paused = True
+        assert (await client.probe()).sleeping
+        engine.mode = "error_500"
+        assert (await client.probe()).sleeping  # for admin_s more
+        await asyncio.sleep(0.3)
+        assert not (await client.probe()).sleeping
     finally:
         await client.close()
         await engine.stop()

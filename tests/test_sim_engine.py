@@ -731,6 +731,64 @@ async def test_sleep_levels_modes_and_tags_as_vllm_032_takes_them(start):
     assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 200
 
 
+
+async def test_sleep_and_wake_up_that_overlap_leave_one_consistent_state(start):
+    """A second reader's cases: a wake-up during a mode=wait drain left the engine serving while its metrics said
+    it slept (the gateway never used it again); a sleep whose caller left mid-drain froze the drained requests;
+    a sleep landing as a wake-up's wait ended was undone; a second sleep drained kept requests while offloaded."""
+    from backends.vllm_metrics import parse_vllm_metrics
+
+    handle, client = await start(wake_delay_s=1.0, time_scale=20.0)
+    engine = handle.engine
+
+    def reads_asleep() -> bool:
+        return parse_vllm_metrics(engine.metrics.render().decode()).sleeping
+
+    async def long_request() -> asyncio.Task:
+        task = asyncio.create_task(client.chat.completions.create(
+            model=MODEL, messages=_chat(), max_tokens=300, extra_body={"ignore_eos": True}))
+        await _wait_for(lambda: engine.num_running == 1)
+        return task
+
+    # a wake-up while a mode=wait sleep drains: the sleep is superseded, the engine stays awake
+    task = await long_request()
+    sleeping = asyncio.create_task(engine.sleep(1, "wait"))
+    await _wait_for(lambda: engine.is_sleeping)
+    assert await engine.wake_up()
+    await sleeping
+    assert (await task).usage.completion_tokens == 300
+    assert not engine.is_sleeping and not reads_asleep() and engine.sleep_level == 0
+    # a mode=wait sleep whose caller leaves: the drain goes on, then the engine sleeps
+    task = await long_request()
+    sleeping = asyncio.create_task(engine.sleep(1, "wait"))
+    await _wait_for(lambda: engine.is_sleeping)
+    sleeping.cancel()
+    assert (await task).usage.completion_tokens == 300
+    await _wait_for(lambda: reads_asleep())
+    assert engine.sleep_level == 1
+    # a sleep that comes as a wake-up's wait ends is not undone by that wake-up
+    waking = asyncio.create_task(engine.wake_up())
+    await _wait_for(lambda: engine._waking is not None)
+    reload = engine._waking
+    while not reload.done():
+        await asyncio.sleep(0)
+    await engine.sleep(1)
+    await waking
+    assert engine.is_sleeping and reads_asleep()
+    assert await engine.wake_up()
+    # a second sleep while offloaded drains nothing and never lowers the level
+    task = await long_request()
+    await engine.sleep(1, "keep")
+    generated = sum(req.generated for req in engine._fcfs)
+    await asyncio.wait_for(engine.sleep(0, "wait"), timeout=1.0)
+    await asyncio.sleep(0.1)
+    assert sum(req.generated for req in engine._fcfs) == generated and engine.num_waiting == 1
+    assert engine.sleep_level == 1 and reads_asleep()
+    assert await engine.wake_up()
+    assert (await task).usage.completion_tokens == 300
+    assert engine.free_blocks == engine.total_blocks
+
+
 async def test_sleep_mode_wait_lets_in_flight_requests_finish(start):
     handle, client = await start(time_scale=20.0)
     task = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=40,

@@ -134,6 +134,7 @@ class SimEngine:
         self._draining = False  # paused with mode=wait: the requests in flight still run to their end
         self._asleep_tags: set[str] = set()  # what a wake-up has to bring back before the scheduler resumes
         self._held: deque[SimRequest] = deque()
+        self._epoch = 0  # counts sleeps and wake-ups: a drain that ends finds out whether one came meanwhile
         self._waking: asyncio.Task | None = None
         self._seq = itertools.count()
         self._work = asyncio.Event()
@@ -253,40 +254,56 @@ class SimEngine:
 
     async def sleep(self, level: int = 1, mode: str = "abort") -> None:
         """Pause the scheduler and sleep at ``level`` 0 (pause only), 1 (weights offloaded) or 2 (discard all);
-        ``mode`` says what happens to the requests in flight (module docstring). Returns once asleep."""
+        ``mode`` says what happens to the requests in flight (module docstring). Returns once asleep.
+
+        The sleep goes on when its caller leaves (a ``mode=wait`` drain outlasting the caller's timeout), as
+        vLLM's does: a task, awaited shielded. A wake-up or another sleep while it drains supersedes it: it then
+        changes nothing more."""
         if level not in (0, 1, 2) or mode not in PAUSE_MODES:
             raise ValueError(f"sleep level must be 0, 1 or 2 and mode one of {PAUSE_MODES}")
+        await asyncio.shield(asyncio.get_running_loop().create_task(self._sleep(level, mode)))
+
+    async def _sleep(self, level: int, mode: str) -> None:
         if self._waking is not None:
             self._waking.cancel()
             self._waking = None
+        self._epoch += 1
+        epoch = self._epoch
+        offloaded = bool(self._asleep_tags)  # asleep already: nothing runs, so there is nothing to drain
         self._paused = True
-        if mode == "wait" and (self.running or self.num_waiting):
+        if mode == "wait" and not offloaded and (self.running or self.num_waiting):
             self._draining = True
             self._work.set()
             try:
-                while self.running or self.num_waiting:
+                while (self.running or self.num_waiting) and self._epoch == epoch:
                     await asyncio.sleep(0.005)
             finally:
-                self._draining = False
+                if self._epoch == epoch:
+                    self._draining = False
+            if self._epoch != epoch:
+                return  # a wake-up or another sleep came while it drained
         elif mode == "abort":
             self._abort_all("abort", count=True)
         if level >= 1:
             self._recompute_all()  # mode=keep: the KV they held is gone; they prefill again after the wake-up
             self.free_blocks = self.total_blocks
             self._asleep_tags = set(SLEEP_TAGS)
+        if offloaded:  # a second sleep never brings back what the first offloaded
+            level = max(level, self.sleep_level)
         self.sleep_level = level
         self.metrics.set_sleep_level(level)
 
     async def wake_up(self, tags: list[str] | None = None) -> bool:
         """Bring back what ``tags`` names (all where None; vLLM's "scheduling" tag names nothing to reload) after
-        ``wake_delay_s / time_scale`` seconds; concurrent callers share that wait. Once nothing is left asleep
-        the scheduler resumes and the held requests queue in their order. Returns whether it is fully awake."""
+        ``wake_delay_s / time_scale`` seconds; concurrent callers share that wait (tags that one did not name stay
+        asleep). Once nothing is left asleep the scheduler resumes and the held requests queue in their order.
+        Returns whether it is fully awake."""
         if tags is not None:
             tags = [tag for tag in tags if tag != "scheduling"]
         waking = set(self._asleep_tags) if tags is None else self._asleep_tags & set(tags)
         if waking:
             if self._waking is None:
-                self._waking = asyncio.get_running_loop().create_task(self._reload())
+                self._waking = asyncio.get_running_loop().create_task(self._reload(waking))
             task = self._waking
             try:
                 await asyncio.shield(task)
@@ -295,20 +312,26 @@ class SimEngine:
                 if task.cancelled() and (current is None or not current.cancelling()):
                     return False  # a new sleep() superseded this wake-up
                 raise
-            self._asleep_tags -= waking
-        if self._paused and not self._asleep_tags:
-            self._resume()
+        elif self._paused and not self._asleep_tags:
+            self._resume()  # paused with nothing offloaded (level 0, or a wake-up during a drain)
         return not self._paused
 
-    async def _reload(self) -> None:
+    async def _reload(self, waking: set[str]) -> None:
+        """The wake-up's wait, then its effect, in one task: a sleep that comes once the wait is over finds the
+        engine awake and puts it to sleep again (where the caller applied the effect, it could undo that sleep)."""
         try:
             await asyncio.sleep(self.options.wake_delay_s / self.time_scale)
+            self._asleep_tags -= waking
+            if self._paused and not self._asleep_tags:
+                self._resume()
         finally:
             if self._waking is asyncio.current_task():
                 self._waking = None
 
     def _resume(self) -> None:
+        self._epoch += 1  # supersedes a sleep still draining
         self._paused = False
+        self._draining = False
         self.sleep_level = 0
         self.metrics.set_sleep_level(None)
         held, self._held = self._held, deque()
