@@ -33,7 +33,7 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -586,14 +586,38 @@ def scheduling_key(request_id: str, engine_request_id: str | None = None) -> str
 
 
 # ---------------------------------------------------------------------------------------------------- tickets
+def prompt_count(body: Mapping[str, Any]) -> int:
+    """How many prompts a legacy completion batches: a list of strings or of token-id lists is that many (vLLM
+    answers each, ``n`` times), a string or one list of token ids is one. The reservation is for all answers:
+    sized for one prompt, a batch of eight held eight times the KV the ledger knew of."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return len(prompt)
+    return 1
+
+
+MAX_TOKENS_PER_EVENT = 4096  # a stream_interval beyond this is taken as this (the count only has to err high)
+
+
+def tokens_per_event(body: Mapping[str, Any]) -> int:
+    """The most tokens one streamed event of this request carries: vLLM's ``stream_interval`` (a request field)
+    sends one event per that many tokens, so counting events as tokens kept a reservation from ever growing
+    (1,800 tokens came as 32 events). An engine started with ``--stream-interval`` does the same for every
+    request; the gateway cannot see that one (keep it at vLLM's default, 1, behind a gateway with admission)."""
+    value = body.get("stream_interval")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+        return 1
+    return int(min(value, MAX_TOKENS_PER_EVENT))
+
+
 class Ticket:
     """One request inside the scheduler, from submission to release."""
 
     __slots__ = ("request", "pool", "state", "future", "engine_id", "tokens", "cancelled", "generated",
-                 "enqueued", "admitted_mono", "ledger", "block_size", "step_tokens")
+                 "enqueued", "admitted_mono", "ledger", "block_size", "step_tokens", "tokens_per_event")
 
     def __init__(self, request: SchedRequest, pool: "PoolQueue | None", ledger: SharedLedger | None,
-                 block_size: int, step_tokens: int) -> None:
+                 block_size: int, step_tokens: int, tokens_per_event: int = 1) -> None:
         self.request = request
         self.pool = pool
         self.state = NEW
@@ -607,6 +631,7 @@ class Ticket:
         self.ledger = ledger
         self.block_size = block_size  # scheduling.block_size: a ticket without a pool; one with, the pool's
         self.step_tokens = step_tokens
+        self.tokens_per_event = tokens_per_event  # see tokens_per_event()
 
     def fits(self, engine_id: str) -> bool:
         """Whether ``engine_id`` has room for this request's reservation now. A retry prefers such an engine:
@@ -614,8 +639,9 @@ class Ticket:
         return self.ledger is None or self.tokens <= 0 or self.ledger.free(engine_id) >= self.tokens
 
     def on_stream(self, data: bytes) -> None:
-        """Count SSE events relayed (about one token each) and grow the reservation once it is outgrown."""
-        self.generated += data.count(b"data:")
+        """Count SSE events relayed (one token each, or ``tokens_per_event``: at most that many) and grow the
+        reservation once it is outgrown."""
+        self.generated += data.count(b"data:") * self.tokens_per_event
         request = self.request
         if request.prompt_tokens + self.generated > request.reserved_tokens and self.ledger is not None:
             block_size = self.pool.block_size if self.pool is not None else self.block_size  # its pool now
@@ -1337,12 +1363,13 @@ class Scheduling:
             estimate = await asyncio.get_running_loop().run_in_executor(
                 None, self.predictor.predict, body, request.headers, len(job.body), max_tokens, context_len)
         prompt = estimate.prompt_tokens
+        prompts = prompt_count(body) if job.route == "completions" else 1  # a batch: each prompt is answered
         if context_len:  # chat without max_tokens runs to the end of the context, and vLLM lowers a larger
-            room = max(1, context_len - prompt)  # max_tokens to that room: no answer outgrows it
+            room = max(1, context_len - prompt // prompts)  # max_tokens to that room: no answer outgrows it
             max_tokens = min(max_tokens, room) if max_tokens else room
         elif not max_tokens:
             max_tokens = 4096
-        n = body.get("n") or 1
+        n = (body.get("n") or 1) * prompts  # answers: n for each prompt
         p50 = min(estimate.p50, max_tokens)
         p90 = min(max(estimate.p90, p50), max_tokens)
         workflow_id = context.workflow_id if context is not None else None
@@ -1378,7 +1405,7 @@ class Scheduling:
         pools = self._by_model.get(job.model) or []
         pool = self.choose_pool(pools, sched_request) if pools else None
         ticket = Ticket(sched_request, pool, self.ledger if self.check_kv else None, cfg.block_size,
-                        cfg.grow_step_tokens)
+                        cfg.grow_step_tokens, tokens_per_event(body))
         completed = False
         try:
             if pool is not None and self.active:

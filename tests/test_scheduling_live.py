@@ -1255,6 +1255,50 @@ async def test_a_worst_case_reservation_never_outgrows_the_models_context():
         spy.assert_each_released_once()
 
 
+
+async def test_a_batch_of_prompts_reserves_for_every_answer():
+    """vLLM answers each prompt of a legacy completion's list (``n`` times): reserved for one prompt, a batch of
+    eight held eight times what the ledger knew of, under the admission meant to reserve the worst case."""
+    async with gateway_on_fault_engine(queue_policy="maestro", admission="max_tokens",
+                                       kv_capacity_tokens=100_000) as (engine, gw, session):
+        spy = LedgerSpy(gw)
+        for prompt in (["once upon a time"] * 4, [[5, 6, 7]] * 4, "once upon a time", [5, 6, 7]):
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 100, "n": 2}
+            async with session.post(gw.base_url + "/v1/completions", json=body) as response:
+                assert response.status == 200, await response.text()
+        batched, token_batched, single, token_single = spy.reserved.values()
+        assert batched >= 800 and token_batched >= 800  # 4 prompts x n=2 x 100 tokens
+        assert 200 <= single < 400 and 200 <= token_single < 400
+        spy.assert_each_released_once()
+
+
+def test_a_streams_events_count_as_many_tokens_as_its_stream_interval_lets_one_carry():
+    """vLLM's ``stream_interval`` sends one event per that many tokens: counted one token an event, an
+    1,800-token answer came as 32 events and its reservation never grew."""
+    from gateway.core.request import SchedRequest
+    from gateway.scheduling import Ticket, prompt_count, tokens_per_event
+
+    assert [tokens_per_event(body) for body in ({}, {"stream_interval": 64}, {"stream_interval": "64"},
+                                                {"stream_interval": 0}, {"stream_interval": True},
+                                                {"stream_interval": 10**9})] == [1, 64, 1, 1, 1, 4096]
+    assert [prompt_count(body) for body in ({"prompt": "a"}, {"prompt": [1, 2]}, {"prompt": ["a", "b"]},
+                                            {"prompt": [[1], [2], [3]]}, {})] == [1, 1, 2, 3, 1]
+
+    class Ledger:
+        grown: list[int] = []
+
+        def grow(self, request_id: str, tokens: int) -> None:
+            self.grown.append(tokens)
+
+    request = SchedRequest(request_id="r", model=MODEL, arrival=0.0, prompt_tokens=100, max_tokens=2000,
+                           pred_p50=100, pred_p90=200)
+    request.reserved_tokens = 300
+    ticket = Ticket(request, None, Ledger(), 16, 256, tokens_per_event({"stream_interval": 64}))
+    for _ in range(4):
+        ticket.on_stream(b"data: {}\n\n")
+    assert ticket.generated == 256 and Ledger.grown and request.reserved_tokens > 300
+
+
 class _FlakyWorkflowStore:
     """The in-process store's workflow records, failing while ``down``; ``late`` makes a failing call take
     effect anyway (a Redis call that timed out on the client after the server ran it)."""
