@@ -596,18 +596,17 @@ def prompt_count(body: Mapping[str, Any]) -> int:
     return 1
 
 
-MAX_TOKENS_PER_EVENT = 4096  # a stream_interval beyond this is taken as this (the count only has to err high)
-
-
 def tokens_per_event(body: Mapping[str, Any]) -> int:
-    """The most tokens one streamed event of this request carries: vLLM's ``stream_interval`` (a request field)
-    sends one event per that many tokens, so counting events as tokens kept a reservation from ever growing
-    (1,800 tokens came as 32 events). An engine started with ``--stream-interval`` does the same for every
-    request; the gateway cannot see that one (keep it at vLLM's default, 1, behind a gateway with admission)."""
+    """How many tokens to count for each streamed event of this request: vLLM's ``stream_interval`` (a request
+    field) sends an event once that many tokens are ready, so counting events as tokens kept a reservation from
+    ever growing (1,800 tokens came as 32 events). An estimate, as it is at 1: a step that yields several tokens,
+    or a reader that lags, puts more in one event. An engine started with ``--stream-interval`` does the same for
+    every request, which the gateway cannot see (keep vLLM's default, 1, behind a gateway with admission). The
+    growth this feeds is capped at prompt + max_tokens, so a large value costs nothing more."""
     value = body.get("stream_interval")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 1 <= value < 2**31:
         return 1
-    return int(min(value, MAX_TOKENS_PER_EVENT))
+    return int(value)
 
 
 class Ticket:

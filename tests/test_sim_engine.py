@@ -787,6 +787,25 @@ async def test_sleep_and_wake_up_that_overlap_leave_one_consistent_state(start):
     assert await engine.wake_up()
     assert (await task).usage.completion_tokens == 300
     assert engine.free_blocks == engine.total_blocks
+    # a sleep that supersedes a drain: the engine stops running (the drain's flag had kept it scheduling)
+    task = await long_request()
+    draining = asyncio.create_task(engine.sleep(1, "wait"))
+    await _wait_for(lambda: engine.is_sleeping)
+    await engine.sleep(1, "keep")
+    await draining
+    kept = next(iter(engine._fcfs))
+    generated = kept.generated
+    await asyncio.sleep(0.1)
+    assert kept.generated == generated and engine.num_running == 0
+    # two wake-ups at once, each naming one tag: both tags come back
+    assert await asyncio.gather(engine.wake_up(["weights"]), engine.wake_up(["kv_cache"])) in ([False, True],
+                                                                                                [True, True])
+    assert not engine.is_sleeping and not reads_asleep()
+    assert (await task).usage.completion_tokens == 300
+    # a sleep and a wake-up called in that order take effect in that order
+    sleep_then_wake = [asyncio.create_task(engine.sleep(1)), asyncio.create_task(engine.wake_up())]
+    await asyncio.gather(*sleep_then_wake)
+    assert not engine.is_sleeping and not reads_asleep()
 
 
 async def test_sleep_mode_wait_lets_in_flight_requests_finish(start):

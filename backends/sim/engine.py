@@ -136,6 +136,7 @@ class SimEngine:
         self._held: deque[SimRequest] = deque()
         self._epoch = 0  # counts sleeps and wake-ups: a drain that ends finds out whether one came meanwhile
         self._waking: asyncio.Task | None = None
+        self._waking_tags: set[str] = set()  # what the wake-up under way brings back (every caller's tags)
         self._seq = itertools.count()
         self._work = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -256,34 +257,40 @@ class SimEngine:
         """Pause the scheduler and sleep at ``level`` 0 (pause only), 1 (weights offloaded) or 2 (discard all);
         ``mode`` says what happens to the requests in flight (module docstring). Returns once asleep.
 
-        The sleep goes on when its caller leaves (a ``mode=wait`` drain outlasting the caller's timeout), as
-        vLLM's does: a task, awaited shielded. A wake-up or another sleep while it drains supersedes it: it then
-        changes nothing more."""
+        Everything but a ``mode=wait`` drain happens before the first await, so sleeps and wake-ups take effect
+        in the order they are called. The drain goes on when its caller leaves (its timeout), as vLLM's does: a
+        task, awaited shielded; a wake-up or another sleep while it drains supersedes it."""
         if level not in (0, 1, 2) or mode not in PAUSE_MODES:
             raise ValueError(f"sleep level must be 0, 1 or 2 and mode one of {PAUSE_MODES}")
-        await asyncio.shield(asyncio.get_running_loop().create_task(self._sleep(level, mode)))
-
-    async def _sleep(self, level: int, mode: str) -> None:
         if self._waking is not None:
             self._waking.cancel()
             self._waking = None
+            self._waking_tags = set()
         self._epoch += 1
-        epoch = self._epoch
+        self._draining = False  # a drain this sleep supersedes
         offloaded = bool(self._asleep_tags)  # asleep already: nothing runs, so there is nothing to drain
         self._paused = True
         if mode == "wait" and not offloaded and (self.running or self.num_waiting):
             self._draining = True
             self._work.set()
-            try:
-                while (self.running or self.num_waiting) and self._epoch == epoch:
-                    await asyncio.sleep(0.005)
-            finally:
-                if self._epoch == epoch:
-                    self._draining = False
-            if self._epoch != epoch:
-                return  # a wake-up or another sleep came while it drained
-        elif mode == "abort":
+            drain = asyncio.get_running_loop().create_task(self._drain_then_sleep(level, self._epoch))
+            await asyncio.shield(drain)
+            return
+        if mode == "abort":
             self._abort_all("abort", count=True)
+        self._enter_sleep(level, offloaded)
+
+    async def _drain_then_sleep(self, level: int, epoch: int) -> None:
+        try:
+            while (self.running or self.num_waiting) and self._epoch == epoch:
+                await asyncio.sleep(0.005)
+        finally:
+            if self._epoch == epoch:
+                self._draining = False
+        if self._epoch == epoch:  # else a wake-up or another sleep came while it drained
+            self._enter_sleep(level, offloaded=False)
+
+    def _enter_sleep(self, level: int, offloaded: bool) -> None:
         if level >= 1:
             self._recompute_all()  # mode=keep: the KV they held is gone; they prefill again after the wake-up
             self.free_blocks = self.total_blocks
@@ -295,15 +302,16 @@ class SimEngine:
 
     async def wake_up(self, tags: list[str] | None = None) -> bool:
         """Bring back what ``tags`` names (all where None; vLLM's "scheduling" tag names nothing to reload) after
-        ``wake_delay_s / time_scale`` seconds; concurrent callers share that wait (tags that one did not name stay
-        asleep). Once nothing is left asleep the scheduler resumes and the held requests queue in their order.
-        Returns whether it is fully awake."""
+        ``wake_delay_s / time_scale`` seconds; concurrent callers share that wait, each one's tags brought back.
+        Once nothing is left asleep the scheduler resumes and the held requests queue in their order. Returns
+        whether it is fully awake."""
         if tags is not None:
             tags = [tag for tag in tags if tag != "scheduling"]
         waking = set(self._asleep_tags) if tags is None else self._asleep_tags & set(tags)
         if waking:
+            self._waking_tags |= waking
             if self._waking is None:
-                self._waking = asyncio.get_running_loop().create_task(self._reload(waking))
+                self._waking = asyncio.get_running_loop().create_task(self._reload())
             task = self._waking
             try:
                 await asyncio.shield(task)
@@ -316,17 +324,18 @@ class SimEngine:
             self._resume()  # paused with nothing offloaded (level 0, or a wake-up during a drain)
         return not self._paused
 
-    async def _reload(self, waking: set[str]) -> None:
+    async def _reload(self) -> None:
         """The wake-up's wait, then its effect, in one task: a sleep that comes once the wait is over finds the
         engine awake and puts it to sleep again (where the caller applied the effect, it could undo that sleep)."""
         try:
             await asyncio.sleep(self.options.wake_delay_s / self.time_scale)
-            self._asleep_tags -= waking
+            self._asleep_tags -= self._waking_tags
             if self._paused and not self._asleep_tags:
                 self._resume()
         finally:
             if self._waking is asyncio.current_task():
                 self._waking = None
+                self._waking_tags = set()
 
     def _resume(self) -> None:
         self._epoch += 1  # supersedes a sleep still draining
