@@ -49,8 +49,9 @@ from typing import Any
 
 import orjson
 
-from loadgen.results import RequestResult, RunResult, WorkflowResult, quantile, same_file, write_atomically
+from loadgen.results import RequestResult, RunResult, WorkflowResult, quantile, write_atomically
 from loadgen.workload import arrival_rate
+from predictor.trace import same_file
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

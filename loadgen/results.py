@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from predictor.trace import write_bytes_atomically
+from predictor.trace import folder_problem, same_file, write_bytes_atomically
 
 
 def quantile(values: Iterable[float], q: float) -> float | None:
@@ -226,19 +226,18 @@ def prepare_output(path: str | Path, inputs: Iterable[str | Path | None] = ()) -
     workload). Any other existing ``path`` will be replaced, as before: :func:`announce_replacing` says so once
     the command's input is checked."""
     target = Path(path)
-    if target.is_dir():
-        raise ValueError(f"cannot write {path}: it is a folder")
+    problem = folder_problem(target)
+    if problem:
+        raise ValueError(f"cannot write {path}: {problem}")
     for source in inputs:
         if source is not None and same_file(target, Path(source)):
             raise ValueError(f"cannot write {path}: it is the input file {source}, which the result would replace")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise ValueError(f"cannot write {path}: permission denied")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"cannot write {path}: {target.parent} is not a folder") from None
     except OSError as exc:
         raise ValueError(f"cannot create the folder of {path}: {exc.strerror or exc}") from None
-    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise ValueError(f"cannot write {path}: permission denied")
     return target
 
 
@@ -249,15 +248,6 @@ def announce_replacing(path: str | Path | None) -> None:
     into the same file."""
     if path and Path(path).exists():
         print(f"replacing {path}", file=sys.stderr)
-
-
-def same_file(a: Path, b: Path) -> bool:
-    """Whether ``a`` and ``b`` are one file: the same inode when both exist (hard links, symlinks, ``./x``),
-    else the same resolved path."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return a.resolve() == b.resolve()
 
 
 def write_atomically(path: str | Path, data: bytes) -> None:

@@ -99,6 +99,15 @@ def folder_problem(path: str | Path) -> str | None:
     return None
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same inode when both exist (hard links, symlinks, ``./x``),
+    else the same resolved path. What every command asks before it writes over a path it may also read."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
 def validate_record(record: Any, where: str = "record") -> dict[str, Any]:
     if not isinstance(record, dict):
         raise TraceFormatError(f"{where}: not a JSON object")

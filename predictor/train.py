@@ -490,13 +490,13 @@ def output_problem(out: Path, data: Sequence[str | Path] = ()) -> str | None:
     """Why the model cannot be written to ``out`` (a folder there, one of the ``data`` files it would replace, or
     a folder that cannot be made or written), or None. It creates nothing: the folder of a new ``--out`` is made
     when the model is written (``save_state``), so a run that fails before (missing data) leaves none behind."""
-    from predictor.trace import folder_problem
+    from predictor.trace import folder_problem, same_file
 
     if out.is_dir():
         return f"--out {out} is a folder; give a file name such as {out / 'model.skops'}"
     if out.exists():
         for path in data:
-            if Path(path).exists() and os.path.samefile(path, out):
+            if same_file(path, out):
                 return f"--out {out} is one of the --data files; give the model another name"
     problem = folder_problem(out)
     return f"cannot write --out {out}: {problem}" if problem else None

@@ -30,7 +30,6 @@ import gzip
 import importlib
 import io
 import itertools
-import os
 import re
 import time
 import zlib
@@ -43,7 +42,7 @@ from typing import Any
 import orjson
 
 from predictor.role_labels import ROLES_YAML, RolesFileError, expect_mapping, read_roles_yaml
-from predictor.trace import ROLES, write_records
+from predictor.trace import ROLES, same_file, write_records
 
 
 # name -> (module, generator function, keyword arguments). Modules are imported on first use.
@@ -473,7 +472,7 @@ def refuse_output_over_input(name: str, in_path: str | Path, out_path: str | Pat
     except InputNotFoundError:
         return
     for source_file in read:
-        if os.path.samefile(source_file, out):
+        if same_file(source_file, out):
             raise OutputIsInputError(f"OUT {out} is the input file {source_file}; give another file name "
                                      "(the import would replace the file it reads)")
 
