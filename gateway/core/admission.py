@@ -4,18 +4,18 @@
 ``max_tokens``  worst case: prompt + max_tokens (what engines assume; the baseline the paper compares with).
 ``predicted``   prompt + predicted p90 output; the reservation grows while tokens stream if the request
                 outlives it, and is settled on the actual count when it ends.
-Reservations are rounded up to whole KV blocks, as the engine allocates them.
+Reservations are rounded up to whole KV blocks, as the engine allocates them, and count what vLLM holds for a
+request with several answers (``n``, or a legacy completion's batch of prompts): see :func:`kv_footprint`.
 """
 
 from __future__ import annotations
 
 from gateway.core.request import SchedRequest
+from predictor.kv import kv_footprint, round_to_blocks
+
+__all__ = ["ADMISSION_POLICIES", "grown_reservation", "kv_footprint", "reservation_tokens", "round_to_blocks"]
 
 ADMISSION_POLICIES = ("none", "max_tokens", "predicted")
-
-
-def round_to_blocks(tokens: int, block_size: int) -> int:
-    return -(-tokens // block_size) * block_size if tokens > 0 else 0
 
 
 def reservation_tokens(policy: str, request: SchedRequest, block_size: int = 16) -> int:
@@ -28,7 +28,8 @@ def reservation_tokens(policy: str, request: SchedRequest, block_size: int = 16)
         output = min(request.pred_p90, request.max_tokens)
     else:
         raise ValueError(f"unknown admission policy {policy!r}; known: {', '.join(ADMISSION_POLICIES)}")
-    return round_to_blocks(request.prompt_tokens + max(1, output), block_size)
+    return kv_footprint(request.prompt_tokens, max(request.sequences, output), block_size, request.prompts,
+                        request.sequences)
 
 
 def grown_reservation(request: SchedRequest, generated_tokens: int, block_size: int = 16,
@@ -36,9 +37,16 @@ def grown_reservation(request: SchedRequest, generated_tokens: int, block_size: 
     """The new reservation once a streaming request has outgrown its own (None while it still fits).
 
     Grows in chunks of ``step_tokens`` (not per token) so a long overrun costs a few ledger calls, not
-    thousands; never beyond prompt + max_tokens."""
-    needed = request.prompt_tokens + generated_tokens
-    if needed <= request.reserved_tokens:
+    thousands; never beyond prompt + max_tokens (for several answers, their :func:`kv_footprint`, with the
+    tokens generated so far taken as spread evenly over them)."""
+    prompt, prompts, sequences = request.prompt_tokens, request.prompts, request.sequences
+    if sequences <= 1:  # the hot path: one answer
+        needed = prompt + generated_tokens
+        if needed <= request.reserved_tokens:
+            return None
+        cap = round_to_blocks(prompt + request.max_tokens, block_size)
+        return min(cap, round_to_blocks(needed + step_tokens, block_size))
+    if kv_footprint(prompt, generated_tokens, block_size, prompts, sequences) <= request.reserved_tokens:
         return None
-    cap = round_to_blocks(request.prompt_tokens + request.max_tokens, block_size)
-    return min(cap, round_to_blocks(needed + step_tokens, block_size))
+    cap = kv_footprint(prompt, request.max_tokens, block_size, prompts, sequences)
+    return min(cap, kv_footprint(prompt, generated_tokens + step_tokens, block_size, prompts, sequences))

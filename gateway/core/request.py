@@ -36,8 +36,8 @@ class SchedRequest:
     model: str
     arrival: float
     prompt_tokens: int
-    max_tokens: int  # hard cap on output (explicit, or the model's context minus the prompt)
-    pred_p50: int  # predicted output tokens, median
+    max_tokens: int  # hard cap on output (explicit, or the model's context minus the prompt), over all answers
+    pred_p50: int  # predicted output tokens, median (over all answers)
     pred_p90: int  # predicted output tokens, 90th percentile (what the `predicted` admission reserves)
     role: str = "other"
     slo_class: str = INTERACTIVE
@@ -46,6 +46,8 @@ class SchedRequest:
     deadline: float | None = None  # absolute; for a workflow step, the workflow's deadline
     ttft_deadline: float | None = None  # absolute time the first token is due (arrival + class TTFT target)
     client_priority: int = 0  # the body's vLLM ``priority`` (lower first), used only to break ties
+    prompts: int = 1  # distinct prompts (a legacy completion's batch), prompt_tokens being their sum
+    sequences: int = 1  # answers the engine runs: n for each prompt (see admission.kv_footprint)
     # set by the scheduler
     engine_id: str | None = None
     admitted_at: float | None = None

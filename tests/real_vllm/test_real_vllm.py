@@ -371,6 +371,27 @@ class TestTinyLlama:
         finally:
             await sim.stop()
 
+    def test_several_answers_share_only_the_prompts_full_blocks(self, tiny_stack) -> None:
+        """What the ledger reserves for ``n`` answers (predictor.kv.kv_footprint) rests on this engine sharing a
+        prompt's full blocks among them through its prefix cache, and nothing more: three more answers to a fresh
+        prompt hit the cache for exactly three times the prompt's full blocks short of its last token."""
+        import secrets
+        import urllib.request
+
+        from backends.vllm_metrics import parse_vllm_metrics
+
+        with urllib.request.urlopen(tiny_stack.engine.url + "/metrics", timeout=5.0) as metrics:
+            block = parse_vllm_metrics(metrics.read().decode()).kv_block_size
+        before = tiny_stack.wait_engine_idle()
+        fresh = " ".join(secrets.token_hex(4) for _ in range(70))  # in no earlier prompt: nothing cached yet
+        response = tiny_stack.client().chat.completions.create(
+            model=tiny_stack.model, messages=[{"role": "user", "content": fresh}], max_tokens=4, n=4,
+            extra_body=EXACT)
+        prompt = response.usage.prompt_tokens
+        assert len(response.choices) == 4 and prompt > 2 * block, (prompt, block)
+        hits = tiny_stack.engine.metrics()["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"]
+        assert hits == 3 * ((prompt - 1) // block * block), (hits, prompt, block)
+
     def test_completions_endpoint(self, tiny_stack) -> None:
         response = tiny_stack.client().completions.create(
             model=tiny_stack.model, prompt="def schedule(requests):", max_tokens=16, extra_body=EXACT)
