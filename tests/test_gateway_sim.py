@@ -50,6 +50,10 @@ async def test_the_sdk_retrieves_a_served_model_and_gets_404_for_another(gw):
     async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
         model = await client.models.retrieve(MODEL)
         assert (model.id, model.object, model.owned_by) == (MODEL, "model", "maestro")
+        # vLLM's card field for the context, which clients written for vLLM read: the config's figure
+        assert model.model_extra["max_model_len"] == gw.config.model(MODEL).max_model_len
+        listed = {card.id: card for card in (await client.models.list()).data}
+        assert listed[MODEL].model_extra["max_model_len"] == model.model_extra["max_model_len"]
         with pytest.raises(openai.NotFoundError) as raised:
             await client.models.retrieve("meta-llama/not-served")
         assert raised.value.code == "model_not_found" and "meta-llama/not-served" in raised.value.message

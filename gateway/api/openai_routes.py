@@ -327,7 +327,13 @@ async def _image_generation(request: web.Request, gateway: "Gateway", request_id
 
 
 def _model_object(gateway: "Gateway", name: str) -> dict:
-    return {"id": name, "object": "model", "created": int(gateway.started_at), "owned_by": "maestro"}
+    """OpenAI's model object, with vLLM's ``max_model_len`` where the config declares the model's context (clients
+    written for vLLM read it to size their prompts; the SDK keeps it as an extra field)."""
+    card: dict = {"id": name, "object": "model", "created": int(gateway.started_at), "owned_by": "maestro"}
+    context = _model_config_len(gateway, name)
+    if context:
+        card["max_model_len"] = context
+    return card
 
 
 async def list_models(request: web.Request, gateway: "Gateway", request_id: str):
