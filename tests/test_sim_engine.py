@@ -521,6 +521,173 @@ async def test_sampling_parameters_are_checked_as_vllm_checks_them(start):
     assert body["error"]["message"].startswith("n must be at most 16384, got 16385.")
 
 
+def _bad(message: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}}
+
+
+_TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+
+
+async def test_tool_choices_are_refused_as_by_vllm_without_a_tool_parser(start):
+    """The default vLLM 0.32 server (no --enable-auto-tool-choice/--tool-call-parser) refuses every tool choice but
+    "none" in OnlineRenderer.render_chat: after the model and back-pressure, before the lengths (recorded from a
+    real server; the real-vLLM stage compares them engine to engine)."""
+    handle, _ = await start()
+    url = handle.url + "/v1/chat/completions"
+    auto = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+    named = {"type": "function", "function": {"name": "f"}}
+    usage = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+    cases = [
+        ({"tool_choice": "auto"}, _bad(auto)),
+        ({}, _bad(auto)),  # tools without a tool_choice: vLLM takes "auto"
+        ({"tool_choice": "auto", "max_tokens": 5000, "temperature": 9}, _bad(auto)),
+        ({"tool_choice": "required"}, _bad('tool_choice="required" requires --tool-call-parser to be set')),
+        ({"tool_choice": named}, _bad('tool_choice=function "f" requires --tool-call-parser to be set')),
+        ({"tool_choice": {"type": "function", "function": {"name": "g"}}},
+         _bad("The tool specified in `tool_choice` does not match any of the specified `tools` "
+              "(parameter=tool_choice)", "tool_choice")),
+        ({"tool_choice": {"type": "function"}}, _bad(f"Invalid value for `function`: `None` in `tool_choice`! {usage}"
+                                                     " (parameter=tool_choice.function)", "tool_choice.function")),
+        ({"tool_choice": {"type": "function", "function": {}}},
+         _bad(f"Expected field `name` in `function` in `tool_choice`! {usage} (parameter=tool_choice.function.name)",
+              "tool_choice.function.name")),
+        ({"tool_choice": {"type": "function", "function": {"name": ""}}},
+         _bad(f"Invalid `name` in `function`: `` in `tool_choice`! {usage} (parameter=tool_choice.function.name)",
+              "tool_choice.function.name")),
+    ]
+    for extra, error in cases:
+        for stream in (False, True):  # refused before any engine work: a stream too gets a plain 400
+            status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "tools": _TOOLS,
+                                                "stream": stream, **extra})
+            assert (status, body) == (400, error), (extra, stream)
+    status, body, _ = await _post(url, {"model": "nope", "messages": _chat(), "tools": _TOOLS})
+    assert status == 404
+    for choice in ("none", None):
+        status, _, _ = await _post(url, {"model": MODEL, "messages": _chat(), "tools": _TOOLS, "tool_choice": choice,
+                                         "max_tokens": 2})
+        assert status == 200, choice
+
+
+async def test_logprobs_beyond_max_logprobs_are_refused_as_by_vllm(start):
+    """vLLM 0.32's SamplingParams._validate_logprobs (max_logprobs 20 by default, -1 asking for the vocabulary):
+    after SamplingParams' own checks; in the engine, so a stream answers 200 with the error as its one event."""
+    handle, _ = await start(vocab_size=4096)
+    chat, legacy = handle.url + "/v1/chat/completions", handle.url + "/v1/completions"
+
+    def sample(count: int) -> dict:
+        return _bad(f"Requested sample logprobs of {count}, which is greater than max allowed: 20 "
+                    f"(parameter=logprobs, value={count})", "logprobs")
+
+    prompt_21 = _bad("Requested prompt logprobs of 21, which is greater than max allowed: 20 "
+                     "(parameter=prompt_logprobs, value=21)", "prompt_logprobs")
+    cases = [
+        (chat, {"logprobs": True, "top_logprobs": 21}, sample(21)),
+        (chat, {"logprobs": True, "top_logprobs": 21.0}, sample(21)),
+        (chat, {"logprobs": True, "top_logprobs": -1}, sample(4096)),
+        (chat, {"prompt_logprobs": 21}, prompt_21),
+        (chat, {"logprobs": True, "top_logprobs": 21, "top_p": 0},
+         _bad("top_p must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)", "top_p")),
+        (legacy, {"logprobs": 21}, sample(21)),
+        (legacy, {"logprobs": -1}, sample(4096)),
+        (legacy, {"prompt_logprobs": 21, "logprobs": 21}, sample(21)),
+        (legacy, {"prompt_logprobs": 21}, prompt_21),
+        (legacy, {"logprobs": -2}, _bad("`logprobs` must be a positive value or -1. (parameter=logprobs, value=-2)",
+                                        "logprobs")),
+        (legacy, {"logprobs": "x"}, _bad("`logprobs` must be an integer. (parameter=logprobs, value=x)",
+                                         "logprobs")),
+        (legacy, {"prompt": "", "logprobs": -2, "stream_options": {}},
+         _bad("Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)", "prompt")),
+        (legacy, {"logprobs": -2, "stream_options": {"include_usage": True}},
+         _bad("Stream options can only be defined when `stream=True`. (parameter=stream_options)",
+              "stream_options")),
+    ]
+    for url, extra, error in cases:
+        body = {"model": MODEL, **({"messages": _chat()} if url == chat else {"prompt": "once"}), **extra}
+        status, answer, _ = await _post(url, body)
+        assert (status, answer) == (400, error), extra
+    for url, extra in ((chat, {"logprobs": True, "top_logprobs": 20}), (chat, {"logprobs": False, "top_logprobs": 0}),
+                       (chat, {"logprobs": "yes"}), (legacy, {"logprobs": 20}), (legacy, {"logprobs": 0})):
+        body = {"model": MODEL, **({"messages": _chat()} if url == chat else {"prompt": "once"}), "max_tokens": 2}
+        status, _, _ = await _post(url, {**body, **extra})
+        assert status == 200, extra
+    status, answer, _ = await _post(chat, {"model": MODEL, "messages": _chat(), "logprobs": True,
+                                           "top_logprobs": 21.5})
+    assert (status, answer["error"]["param"]) == (400, "body.top_logprobs")
+    assert "'int_from_float'" in answer["error"]["message"]
+    for url, extra in ((chat, {"logprobs": True, "top_logprobs": 21}), (legacy, {"logprobs": 21})):
+        body = {"model": MODEL, **({"messages": _chat()} if url == chat else {"prompt": "once"}), "stream": True,
+                "n": 2, "stream_options": {"include_usage": True}, **extra}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, json=body, headers={"X-Request-Id": "r-1"}) as r:
+                assert r.status == 200 and r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+                assert r.headers["X-Request-Id"] == "r-1"
+                text = await r.text()
+        assert text == f"data: {json.dumps(sample(21))}\n\ndata: [DONE]\n\n", extra
+    handle, _ = await start(max_logprobs=-1, vocab_size=4096)
+    status, _, _ = await _post(handle.url + "/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": -1,
+                                                                "max_tokens": 1})
+    assert status == 200
+
+
+async def test_token_ids_outside_the_vocabulary_are_refused_as_by_vllm(start):
+    """vLLM 0.32's checks of the token ids a request names against the model's vocabulary: logit_bias,
+    stop_token_ids, allowed_token_ids (SamplingParams.verify, in that order), then a token-id prompt."""
+    handle, _ = await start(vocab_size=4096)
+    chat, legacy = handle.url + "/v1/chat/completions", handle.url + "/v1/completions"
+    cases = [
+        ({"logit_bias": {"4096": 1}}, _bad("token_id(s) [4096] in logit_bias contain out-of-vocab token ids. "
+                                           "Vocabulary size: 4096 (parameter=logit_bias, value=[4096])",
+                                           "logit_bias")),
+        ({"logit_bias": {"5": 1, "05": 2, "4096": 1, " 4097 ": 1, "-1": 1, "٣": 1}},
+         _bad("token_id(s) [4096, 4097, -1] in logit_bias contain out-of-vocab token ids. Vocabulary size: 4096 "
+              "(parameter=logit_bias, value=[4096, 4097, -1])", "logit_bias")),
+        ({"logit_bias": {"abc": 1, "1.5": 2, "5": 1}, "top_p": 0},  # converted before SamplingParams' checks
+         _bad("logit_bias contains key(s) that cannot be converted to integer token IDs: ['abc', '1.5'] "
+              "(parameter=logit_bias, value=['abc', '1.5'])", "logit_bias")),
+        ({"logit_bias": {"4096": 1}, "top_p": 0},
+         _bad("top_p must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)", "top_p")),
+        ({"logit_bias": {"4096": 1}, "prompt_logprobs": 21},
+         _bad("Requested prompt logprobs of 21, which is greater than max allowed: 20 (parameter=prompt_logprobs, "
+              "value=21)", "prompt_logprobs")),
+        ({"stop_token_ids": [-1, 5000, 4096], "allowed_token_ids": [9999]},
+         _bad("token_id(s) [-1, 5000, 4096] in stop_token_ids contain out-of-vocab token ids. Vocabulary size: "
+              "4096 (parameter=stop_token_ids, value=[-1, 5000, 4096])", "stop_token_ids")),
+        ({"allowed_token_ids": []}, _bad("allowed_token_ids is not None and empty! (parameter=allowed_token_ids, "
+                                         "value=[])", "allowed_token_ids")),
+        ({"allowed_token_ids": [1, 4096, 5000]},
+         _bad("allowed_token_ids contains out-of-vocab token id! (parameter=allowed_token_ids, value=[4096, 5000])",
+              "allowed_token_ids")),
+    ]
+    for extra, error in cases:
+        for url, body in ((chat, {"messages": _chat()}), (legacy, {"prompt": "once"})):
+            status, answer, _ = await _post(url, {"model": MODEL, **body, **extra})
+            assert (status, answer) == (400, error), (url, extra)
+    oov = _bad("Token id 99999 is out of vocabulary")
+    for prompt in ([1, 99999, 4096], [[1, 99999]]):
+        status, answer, _ = await _post(legacy, {"model": MODEL, "prompt": prompt})
+        assert (status, answer) == (400, oov), prompt
+    status, answer, _ = await _post(legacy, {"model": MODEL, "prompt": [4096] * 2000})  # the context comes first
+    assert answer["error"]["param"] == "input_tokens"
+    status, raw = await _post_raw(legacy, {"model": MODEL, "prompt": [1, 99999], "stream": True})
+    assert (status, raw) == (200, f"data: {json.dumps(oov)}\n\ndata: [DONE]\n\n".encode())
+    for extra, kinds, param in (({"logit_bias": 5}, ["dict_type"], "body.logit_bias"),
+                                ({"logit_bias": {"5": None, "6": "x"}}, ["float_type", "float_parsing"],
+                                 "body.logit_bias.5"),
+                                ({"stop_token_ids": "x"}, ["list_type"], "body.stop_token_ids"),
+                                ({"allowed_token_ids": [1.5, None, "a"]}, ["int_from_float", "int_type",
+                                                                           "int_parsing"], "body.allowed_token_ids.0")):
+        status, answer, _ = await _post(chat, {"model": MODEL, "messages": _chat(), **extra})
+        error = answer["error"]
+        assert (status, error["type"], error["param"]) == (400, "Bad Request", param), extra
+        assert [line.split("'type': '")[1].split("'")[0] for line in error["message"].splitlines()[1:]] == kinds
+    for extra in ({"logit_bias": {"4095": 1, "+0": -1}}, {"stop_token_ids": [2], "allowed_token_ids": ["7"]},
+                  {"logit_bias": None, "stop_token_ids": None, "allowed_token_ids": None}, {"logit_bias": {}}):
+        status, _, _ = await _post(chat, {"model": MODEL, "messages": _chat(), "max_tokens": 2, **extra})
+        assert status == 200, extra
+    status, _, _ = await _post(legacy, {"model": MODEL, "prompt": [0, 4095], "max_tokens": 2})
+    assert status == 200
+
+
 async def test_ids_come_from_the_header_the_body_or_16_hex_digits(start):
     handle, _ = await start()
     for path, body, prefix in (("/v1/chat/completions", {"messages": _chat()}, "chatcmpl-"),

@@ -31,11 +31,16 @@ class SimEngineOptions:
     max_num_queued_reqs: int = 0  # >0: answer 503 "busy" beyond this many unfinished requests (vLLM's flag)
     cost_scale: float = 1.0  # multiply every cost-model time (e.g. 2.0 = a GPU half as fast)
     calibration_dir: str | None = None  # None: $MAESTRO_CALIBRATION_DIR or ../shared/data/calibration
+    # The model's vocabulary (config.json's vocab_size), against which vLLM checks the token ids a request names
+    # (logit_bias, stop_token_ids, allowed_token_ids, a token-id prompt); 128256 is Llama 3 8B's, as the
+    # default model's name says. vLLM's --max-logprobs (default 20; -1: the vocabulary size) bounds logprobs.
+    vocab_size: int = 128256
+    max_logprobs: int = 20
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
         for name in ("max_model_len", "max_num_seqs", "kv_blocks", "block_size", "mean_output_tokens",
-                     "max_num_batched_tokens"):
+                     "max_num_batched_tokens", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -47,6 +52,8 @@ class SimEngineOptions:
             raise ValueError(f"wake_delay_s must be >= 0, got {self.wake_delay_s!r}")
         if self.output_tokens_sigma < 0:
             raise ValueError(f"output_tokens_sigma must be >= 0, got {self.output_tokens_sigma!r}")
+        if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs must be an integer >= -1, got {self.max_logprobs!r}")
         if self.max_num_queued_reqs < 0:
             raise ValueError(f"max_num_queued_reqs must be >= 0, got {self.max_num_queued_reqs!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:

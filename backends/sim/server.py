@@ -16,13 +16,27 @@ Request handling
   (``temperature``, ``top_p``, ``min_p``, the three penalties), bools (``stream``, ``ignore_eos``,
   ``stream_options.*``), ``stop`` (a string or a list of strings), ``response_format`` (an object),
   ``request_id`` (a string), token-id prompts (>= 0), required ``messages`` / ``prompt``. ``priority`` must be
-  an int; under the ``fcfs`` policy it is accepted and ignored (as observed on a real server). Before them, the
-  chat request's validators (vLLM runs them last-defined first): tool usage (``tool_choice`` needs ``tools``;
-  named-tool checks are not simulated), logprobs (``top_logprobs`` needs ``logprobs``), stream options.
+  an int; under the ``fcfs`` policy it is accepted and ignored (as observed on a real server). Also
+  ``logprobs`` (chat: a bool; completions: an int), ``top_logprobs``, ``prompt_logprobs``, ``logit_bias`` (an
+  object of numbers), ``stop_token_ids`` and ``allowed_token_ids`` (lists of ints). Before them, the request's
+  validators (vLLM runs them last-defined first): chat's tool usage (``tool_choice`` needs ``tools``, a named
+  tool must be one of them), logprobs (``top_logprobs`` needs ``logprobs``), stream options; a legacy
+  completion's prompt, stream options, logprobs (an integer, >= 0 or -1).
 * **Order of answers**, as a real vLLM 0.32 gives them: the request's validation (400), the model (404),
-  back-pressure (503, counting every answer of ``n``), the lengths below, then SamplingParams' checks in its
-  order, the first failure answering (``n``, penalties, ``temperature`` finite and in [0, 2], ``top_p`` in
-  (0, 1], ``top_k``, ``min_p``, ``max_tokens`` >= 1, ``min_tokens``, empty ``stop`` strings, greedy ``n``).
+  back-pressure (503, counting every answer of ``n``), the tool choice (chat, below), the lengths below,
+  ``logit_bias`` keys that are no integer, then SamplingParams' checks in its order, the first failure answering
+  (``n``, penalties, ``temperature`` finite and in [0, 2], ``top_p`` in (0, 1], ``top_k``, ``min_p``,
+  ``max_tokens`` >= 1, ``min_tokens``, empty ``stop`` strings, greedy ``n``), then the engine's checks below.
+* **Tools**: the sim is the default ``vllm serve``, without ``--enable-auto-tool-choice --tool-call-parser``, so
+  every tool choice but "none" gets 400: ``"auto" tool choice requires --enable-auto-tool-choice and
+  --tool-call-parser to be set`` (also for ``tools`` without ``tool_choice``, which vLLM takes as "auto"), else
+  ``tool_choice="required"`` / ``tool_choice=function "f"`` ``requires --tool-call-parser to be set``.
+* **Engine checks** (vLLM's SamplingParams.verify, then the prompt's token ids), after all the above:
+  ``logprobs`` (chat: ``top_logprobs`` where ``logprobs`` is true) or ``prompt_logprobs`` above ``max_logprobs``
+  (-1 asks for the vocabulary) -> ``Requested sample logprobs of 21, which is greater than max allowed: 20``;
+  token ids outside ``vocab_size`` in ``logit_bias``, ``stop_token_ids``, ``allowed_token_ids`` (also refused
+  empty) or a token-id prompt (``Token id N is out of vocabulary``). These fail inside vLLM's engine, after its
+  stream has answered 200: a stream gets its one event ``data: {"error": {...}}`` and ``data: [DONE]``.
 * **Unknown model**: 404 ``The model `x` does not exist. Valid aliases: <served name>.`` (``NotFoundError``,
   ``param`` "model"; vLLM 0.32's serve/engine/serving.py).
 * **Lengths**: ``max_tokens > max_model_len`` -> 400 ``max_tokens=N cannot be greater than max_model_len=L.
@@ -69,7 +83,8 @@ Deviations from a real vLLM (on purpose)
 * Putting the engine to sleep aborts in-flight requests (vLLM's default ``mode=abort``); they end with
   ``finish_reason`` "abort". ``/sleep?mode=wait`` lets them finish first.
 * ``best_of``, beam search, logprobs and multi-prompt completions are not simulated (multi-prompt answers 400;
-  logprobs come back null).
+  logprobs come back null, though their counts are checked as above). ``bad_words`` are not checked (vLLM
+  tokenizes them), nor ``logprob_token_ids``, ``echo`` or a tool's own fields (vLLM's pydantic model of a tool).
 * A message's own fields are not validated beyond being an object (vLLM checks each against its message union,
   e.g. a message without ``role`` gets eleven pydantic errors there); with several invalid fields at once, the
   pydantic errors are listed in this checker's order, not always in the model's field order.
@@ -82,6 +97,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import re
 import time
@@ -94,6 +110,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from backends.sim.engine import PAUSE_MODES, EngineBusy, SimEngine, SimRequest
+from backends.sim.options import SimEngineOptions
 
 HINT_HEADER = "X-Sim-Output-Tokens"
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -388,8 +405,12 @@ def token_id_errors(prompt: list) -> list[dict]:
     return errors
 
 
+_NAMED_TOOL_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+
+
 def check_tool_usage(body: dict) -> web.Response | None:
-    """vLLM 0.32's ChatCompletionRequest.check_tool_usage, up to the named-tool checks (not simulated)."""
+    """vLLM 0.32's ChatCompletionRequest.check_tool_usage (chat_completion/protocol.py); a named tool is looked up
+    in ``tools`` only where every tool has a ``function`` object (vLLM's lookup assumes it)."""
     if body.get("tools") == []:
         return bad_request(validation_message("`tools` must not be an empty array. Either provide at least one tool "
                                               "or omit the field entirely.", "tools", None), "tools")
@@ -403,11 +424,51 @@ def check_tool_usage(body: dict) -> web.Response | None:
         return bad_request(validation_message(f"Invalid value for `tool_choice`: {choice}! Only named tools, "
                                               '"none", "auto" or "required" are supported.', "tool_choice", None),
                            "tool_choice")
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        if not isinstance(function, dict):
+            return bad_request(validation_message(f"Invalid value for `function`: `{function}` in `tool_choice`! "
+                                                  f"{_NAMED_TOOL_USAGE}", "tool_choice.function", None),
+                               "tool_choice.function")
+        if "name" not in function:
+            return bad_request(validation_message(f"Expected field `name` in `function` in `tool_choice`! "
+                                                  f"{_NAMED_TOOL_USAGE}", "tool_choice.function.name", None),
+                               "tool_choice.function.name")
+        name = function["name"]
+        if not isinstance(name, str) or not name:
+            return bad_request(validation_message(f"Invalid `name` in `function`: `{name}` in `tool_choice`! "
+                                                  f"{_NAMED_TOOL_USAGE}", "tool_choice.function.name", None),
+                               "tool_choice.function.name")
+        tools = body["tools"]
+        if isinstance(tools, list) and all(isinstance(t, dict) and isinstance(t.get("function"), dict)
+                                           for t in tools):
+            if not any(t["function"].get("name") == name for t in tools):
+                return bad_request(validation_message("The tool specified in `tool_choice` does not match any of "
+                                                      "the specified `tools`", "tool_choice", None), "tool_choice")
     return None
 
 
-def check_logprobs(body: dict) -> web.Response | None:
-    """vLLM 0.32's ChatCompletionRequest.check_logprobs (without ``logprob_token_ids``)."""
+def effective_tool_choice(body: dict) -> Any:
+    """The tool choice vLLM 0.32 acts on: the request's, else "auto" where it lists tools (check_tool_usage sets
+    that default); None where no tool may be called."""
+    choice = body.get("tool_choice", "auto" if body.get("tools") else None)
+    return None if choice == "none" else choice
+
+
+def tool_parser_refusal(choice: Any) -> web.Response:
+    """The default ``vllm serve`` has no tool parser (no ``--enable-auto-tool-choice --tool-call-parser``), so its
+    OnlineRenderer.render_chat (renderers/online_renderer.py) refuses every tool choice but "none"."""
+    if choice == "auto":
+        return bad_request('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set')
+    described = f'function "{choice["function"]["name"]}"' if isinstance(choice, dict) else f'"{choice}"'
+    return bad_request(f"tool_choice={described} requires --tool-call-parser to be set")
+
+
+def check_logprobs(body: dict, chat: bool = True) -> web.Response | None:
+    """vLLM 0.32's ChatCompletionRequest.check_logprobs (``top_logprobs`` needs ``logprobs``) or, for legacy
+    completions, CompletionRequest.check_logprobs (an integer ``logprobs``); without ``logprob_token_ids``."""
+    if not chat:
+        return _check_completion_logprobs(body)
     for name in ("prompt_logprobs", "top_logprobs"):
         value = body.get(name)
         if value is not None and not isinstance(value, (int, float)):
@@ -431,13 +492,91 @@ def check_logprobs(body: dict) -> web.Response | None:
     return None
 
 
+def _check_completion_logprobs(body: dict) -> web.Response | None:
+    for name in ("prompt_logprobs", "logprobs"):
+        value = body.get(name)
+        if value is not None and not isinstance(value, (int, float)):
+            return bad_request(validation_message(f"`{name}` must be an integer.", name, value), name)
+    prompt_logprobs = body.get("prompt_logprobs")
+    if prompt_logprobs is not None:
+        if body.get("stream") and (prompt_logprobs > 0 or prompt_logprobs == -1):
+            return bad_request(validation_message("`prompt_logprobs` are not available when `stream=True`.",
+                                                  "prompt_logprobs", None), "prompt_logprobs")
+        if prompt_logprobs < 0 and prompt_logprobs != -1:
+            return bad_request(validation_message("`prompt_logprobs` must be a positive value or -1.",
+                                                  "prompt_logprobs", prompt_logprobs), "prompt_logprobs")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and logprobs < 0 and logprobs != -1:
+        return bad_request(validation_message("`logprobs` must be a positive value or -1.", "logprobs", logprobs),
+                           "logprobs")
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- parsed request
 
 
 class Parsed:
     __slots__ = ("chat", "model", "stream", "include_usage", "continuous_usage", "max_tokens", "max_tokens_param",
                  "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
-                 "stop", "prompt_is_token_ids")
+                 "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id")
+
+
+class EngineInputs:
+    """The fields vLLM 0.32 checks only in its engine (SamplingParams.verify, called from the input processor), kept
+    apart so that a request without any of them (nearly every one) parses and passes none of these checks."""
+
+    __slots__ = ("sample_logprobs", "prompt_logprobs", "logit_bias", "stop_token_ids", "allowed_token_ids")
+
+
+# the request fields EngineInputs holds; a body with none of them skips their parsing and checks
+_ENGINE_CHECKED = frozenset(("logprobs", "top_logprobs", "prompt_logprobs", "logit_bias", "stop_token_ids",
+                             "allowed_token_ids"))
+
+
+def parse_engine_inputs(body: dict, chat: bool, errors: list[dict]) -> EngineInputs:
+    """Pydantic's lax types of the fields in :data:`_ENGINE_CHECKED` (errors appended), and what the engine will
+    check: chat asks for ``top_logprobs`` sample logprobs where ``logprobs`` is true, a legacy completion for
+    ``logprobs`` of them; ``logit_bias`` keeps its raw keys (converted later, in vLLM's order)."""
+    inputs = EngineInputs()
+    if chat:
+        wanted = check_bool(body, "logprobs", errors, optional=True, default=False)
+        top = check_int(body, "top_logprobs", errors, optional=True, default=0)  # null is 0 (TopLogprobsParam)
+        inputs.sample_logprobs = top if wanted else None
+    else:
+        inputs.sample_logprobs = check_int(body, "logprobs", errors, optional=True, default=None)
+    inputs.prompt_logprobs = check_int(body, "prompt_logprobs", errors, optional=True, default=None)
+    inputs.logit_bias = None
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            errors.append(_err("dict_type", "body.logit_bias", "Input should be a valid dictionary", bias))
+        else:
+            before = len(errors)
+            for key, value in bias.items():
+                if value is None:  # dict[str, float]: a null bias is no float
+                    errors.append(_err("float_type", f"body.logit_bias.{key}", "Input should be a valid number",
+                                       value))
+                else:
+                    check_float(bias, key, errors, loc_prefix="body.logit_bias")
+            if len(errors) == before:
+                inputs.logit_bias = bias
+    inputs.stop_token_ids = _check_int_list(body, "stop_token_ids", errors)
+    inputs.allowed_token_ids = _check_int_list(body, "allowed_token_ids", errors)
+    return inputs
+
+
+def _check_int_list(body: dict, key: str, errors: list[dict]) -> list[int] | None:
+    """An optional ``list[int]`` field: its lax ints, or None where it is absent, null or wrong (an error)."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        errors.append(_err("list_type", f"body.{key}", "Input should be a valid list", value))
+        return None
+    before = len(errors)
+    items = dict(enumerate(value))
+    ids = [check_int(items, i, errors, optional=False, default=None, loc_prefix=f"body.{key}") for i in items]
+    return ids if len(errors) == before else None
 
 
 # SamplingParams' defaults where a request leaves a field out or null (temperature: the model's default, 1.0 here)
@@ -451,16 +590,21 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     # vLLM 0.32's "before" model validators raise VLLMValidationError, which is no ValueError: it escapes
     # pydantic and comes back as a BadRequestError naming the parameter, ahead of any field's type error. They
     # run last-defined first: tool usage, then logprobs, then stream options.
+    # A legacy completion's run: the prompt, stream options, then logprobs.
     if chat:
         refused = check_tool_usage(body) or check_logprobs(body)
         if refused is not None:
             return refused
+    elif body.get("prompt") in (None, "") and not body.get("prompt_embeds"):
+        return bad_request(validation_message("Either prompt or prompt_embeds must be provided and non-empty.",
+                                              "prompt", None), "prompt")
     if body.get("stream_options") and not body.get("stream"):
         return bad_request(validation_message("Stream options can only be defined when `stream=True`.",
                                               "stream_options", None), "stream_options")
-    if not chat and body.get("prompt") in (None, "") and not body.get("prompt_embeds"):
-        return bad_request(validation_message("Either prompt or prompt_embeds must be provided and non-empty.",
-                                              "prompt", None), "prompt")
+    if not chat:
+        refused = check_logprobs(body, chat=False)
+        if refused is not None:
+            return refused
     errors: list[dict] = []
     p = Parsed()
     p.chat = chat
@@ -523,9 +667,12 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     p.request_id = body.get("request_id")
     if "request_id" in body and not isinstance(p.request_id, str):
         errors.append(_err("string_type", "body.request_id", "Input should be a valid string", p.request_id))
+    p.engine_inputs = None if _ENGINE_CHECKED.isdisjoint(body) else parse_engine_inputs(body, chat, errors)
     if errors:
         return pydantic_error_response(errors)
+    p.tool_choice = effective_tool_choice(body) if chat else None
     p.prompt_is_token_ids = False
+    p.max_prompt_id = None
     if chat:
         p.prompt_tokens = estimate_chat_prompt_tokens(body["messages"])
     else:
@@ -543,6 +690,9 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
                                "prompt")
         p.prompt_tokens = estimate_completion_prompt_tokens(prompt)
         p.prompt_is_token_ids = _is_token_ids(prompt)
+        if p.prompt_is_token_ids:
+            ids = prompt[0] if len(prompt) == 1 and isinstance(prompt[0], list) else prompt
+            p.max_prompt_id = max(ids) if ids else None
     return p
 
 
@@ -666,13 +816,25 @@ class SimServer:
             self.engine.admit(max(parsed.n, 1))  # vLLM's back-pressure comes before its length and sampling checks
         except EngineBusy:
             return _busy()
+        if parsed.tool_choice is not None:
+            return tool_parser_refusal(parsed.tool_choice)
         checked = self._check_lengths(parsed)
         if isinstance(checked, web.Response):
             return checked
+        inputs = parsed.engine_inputs
+        bias_ids = None
+        if inputs is not None and inputs.logit_bias is not None:
+            bias_ids = logit_bias_token_ids(inputs.logit_bias)  # SamplingParams.from_optional, before its checks
+            if isinstance(bias_ids, web.Response):
+                return bias_ids
         refused = verify_sampling(parsed, checked)
         if refused is not None:
             return refused
         header_id = request.headers.get(REQUEST_ID_HEADER)
+        if inputs is not None or parsed.max_prompt_id is not None:
+            failure = verify_engine_inputs(inputs, bias_ids, parsed.max_prompt_id, self.options)
+            if failure is not None:
+                return _engine_refusal(*failure, stream=parsed.stream, header_id=header_id)
         # vLLM's _base_request_id: the header, else the body's request_id, else random_uuid(): 16 hex digits
         base_id = header_id if header_id is not None else (
             parsed.request_id if parsed.request_id is not None else f"{uuid.uuid4().int & _MASK_64:016x}")
@@ -888,6 +1050,69 @@ class _SseEvents:
 
 def _busy() -> web.Response:
     return error_response(BUSY_MESSAGE, "Service Unavailable", 503)
+
+
+def logit_bias_token_ids(bias: dict) -> list[int] | web.Response:
+    """vLLM 0.32's SamplingParams.from_optional: every key as Python's ``int()`` reads it (" 5", "+5", "1_0" and
+    "٣" are token ids), duplicates merged in first-seen order; keys that are no integer answer 400."""
+    ids: dict[int, None] = {}
+    invalid = []
+    for token in bias:
+        try:
+            ids[int(token)] = None
+        except ValueError:
+            invalid.append(token)
+    if invalid:
+        return bad_request(validation_message(f"logit_bias contains key(s) that cannot be converted to integer "
+                                              f"token IDs: {invalid!r}", "logit_bias", invalid), "logit_bias")
+    return list(ids)
+
+
+def verify_engine_inputs(inputs: EngineInputs | None, bias_ids: list[int] | None, max_prompt_id: int | None,
+                         options: SimEngineOptions) -> tuple[str, str | None] | None:
+    """vLLM 0.32's checks in its engine, in their order: SamplingParams.verify (sampling_params.py:
+    _validate_logprobs, _validate_logit_bias, _validate_stop_token_ids, _validate_allowed_token_ids), then the
+    prompt's token ids (renderers/base.py validate_token_ids). Returns the first failure's (message, param)."""
+    vocab = options.vocab_size
+    if inputs is not None:
+        limit = vocab if options.max_logprobs == -1 else options.max_logprobs
+        for kind, name, count in (("sample", "logprobs", inputs.sample_logprobs),
+                                  ("prompt", "prompt_logprobs", inputs.prompt_logprobs)):
+            if count:  # None and 0 ask for nothing to check
+                count = vocab if count == -1 else count
+                if count > limit:
+                    return validation_message(f"Requested {kind} logprobs of {count}, which is greater than max "
+                                              f"allowed: {limit}", name, count), name
+        for name, ids in (("logit_bias", bias_ids), ("stop_token_ids", inputs.stop_token_ids)):
+            invalid = [t for t in ids or () if t < 0 or t >= vocab]
+            if invalid:
+                return validation_message(f"token_id(s) {invalid} in {name} contain out-of-vocab token ids. "
+                                          f"Vocabulary size: {vocab}", name, invalid), name
+        allowed = inputs.allowed_token_ids
+        if allowed is not None:
+            if not allowed:
+                return validation_message("allowed_token_ids is not None and empty!", "allowed_token_ids",
+                                          allowed), "allowed_token_ids"
+            invalid = [t for t in allowed if t < 0 or t >= vocab]
+            if invalid:
+                return validation_message("allowed_token_ids contains out-of-vocab token id!", "allowed_token_ids",
+                                          invalid), "allowed_token_ids"
+    if max_prompt_id is not None and max_prompt_id >= vocab:
+        return f"Token id {max_prompt_id} is out of vocabulary", None
+    return None
+
+
+def _engine_refusal(message: str, param: str | None, *, stream: bool, header_id: str | None) -> web.Response:
+    """A failure in vLLM's engine surfaces where the serving layer first reads the engine's output: a whole
+    answer is a 400, a stream has already answered 200 and carries the error as its one event, then [DONE]
+    (``create_streaming_error_response``: ``json.dumps``, hence the spaces)."""
+    if not stream:
+        return bad_request(message, param)
+    event = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}})
+    headers = {"Content-Type": "text/event-stream; charset=utf-8"}
+    if header_id is not None:
+        headers[REQUEST_ID_HEADER] = header_id
+    return web.Response(body=f"data: {event}\n\ndata: [DONE]\n\n".encode(), headers=headers)
 
 
 def verify_sampling(p: Parsed, cap: int) -> web.Response | None:
