@@ -342,6 +342,13 @@ class Stack:
     def base_url(self) -> str:
         return (self.gateway.url if self.gateway else self.engine.url) + "/v1"
 
+    @property
+    def vocab_size(self) -> int:
+        """The model's vocabulary as vLLM reads it (config.json), for a simulated engine that mirrors this one."""
+        import json
+
+        return int(json.loads((MODEL_DIR / self.model / "config.json").read_text())["vocab_size"])
+
     def client(self, timeout: float = 60.0):
         import openai
 

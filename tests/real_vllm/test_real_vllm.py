@@ -141,13 +141,16 @@ class TestTinyLlama:
 
     async def test_the_sims_answers_to_bad_requests_are_this_engines(self, tiny_stack) -> None:
         """A differential check of the simulated engine against this real vLLM, engine to engine (no gateway):
-        the same bad requests get the same status and the same error body, and legacy completions without
-        max_tokens the same length."""
+        the same bad requests get the same status and the same error body (a stream refused in the engine: the
+        same events), and legacy completions without max_tokens the same length."""
         import aiohttp
 
         from backends.sim import SimEngineOptions, start_sim_engines
 
         model, chat = tiny_stack.model, [{"role": "user", "content": "hi"}]
+        vocab = tiny_stack.vocab_size
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+        named = {"type": "function", "function": {"name": "f"}}
         cases = [
             ("/v1/chat/completions", {"model": "nope", "messages": chat}),
             ("/v1/chat/completions", {"model": model, "messages": chat, "stream_options": {"include_usage": True}}),
@@ -180,12 +183,53 @@ class TestTinyLlama:
             # the context: a prompt alone longer (token ids are counted whole), a prompt that fills it
             ("/v1/completions", {"model": model, "prompt": [5] * (tiny_stack.max_model_len + 4)}),
             ("/v1/completions", {"model": model, "prompt": [5] * tiny_stack.max_model_len}),
+            # the default server has no tool parser: every tool choice but "none" is refused, "auto" by default
+            ("/v1/chat/completions", {"model": model, "messages": chat, "tools": tools}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "tools": tools, "tool_choice": "auto",
+                                      "max_tokens": tiny_stack.max_model_len + 1}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "tools": tools, "tool_choice": "required"}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "tools": tools, "tool_choice": named}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "tools": tools,
+                                      "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "tools": tools,
+                                      "tool_choice": {"type": "function", "function": {}}}),
+            # logprobs beyond max_logprobs (20; -1 is the vocabulary), after SamplingParams' own checks
+            ("/v1/chat/completions", {"model": model, "messages": chat, "logprobs": True, "top_logprobs": 21}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "logprobs": True, "top_logprobs": -1}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "logprobs": True, "top_logprobs": 21.5}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "prompt_logprobs": 21,
+                                      "logit_bias": {str(vocab): 1}}),
+            ("/v1/completions", {"model": model, "prompt": "once", "logprobs": 21}),
+            ("/v1/completions", {"model": model, "prompt": "once", "logprobs": -1, "prompt_logprobs": 3}),
+            ("/v1/completions", {"model": model, "prompt": "once", "logprobs": -2}),
+            ("/v1/completions", {"model": model, "prompt": "once", "logprobs": "x"}),
+            ("/v1/completions", {"model": model, "prompt": "", "stream_options": {"include_usage": True}}),
+            # token ids outside the vocabulary
+            ("/v1/chat/completions", {"model": model, "messages": chat, "logit_bias": {str(vocab): 1, "05": 1,
+                                                                                     " -1 ": 2}}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "logit_bias": {"abc": 1}, "top_p": 0}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "logit_bias": {"5": None}}),
+            ("/v1/completions", {"model": model, "prompt": "once", "stop_token_ids": [vocab, -1],
+                                 "allowed_token_ids": []}),
+            ("/v1/completions", {"model": model, "prompt": "once", "allowed_token_ids": []}),
+            ("/v1/completions", {"model": model, "prompt": "once", "allowed_token_ids": [1, vocab + 5]}),
+            ("/v1/completions", {"model": model, "prompt": "once", "allowed_token_ids": [1.5]}),
+            ("/v1/completions", {"model": model, "prompt": [1, vocab + 7, vocab]}),
+            ("/v1/completions", {"model": model, "prompt": [[1, vocab]], "logit_bias": {"-3": 1}}),
+            # ... which a stream learns from its one event, after its 200
+            ("/v1/chat/completions", {"model": model, "messages": chat, "logprobs": True, "top_logprobs": 21,
+                                      "stream": True, "n": 2}),
+            ("/v1/completions", {"model": model, "prompt": [1, vocab], "stream": True,
+                                 "stream_options": {"include_usage": True}}),
         ]
-        [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len))
+        [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len,
+                                                            vocab_size=vocab))
         try:
             async with aiohttp.ClientSession() as session:
-                async def answer(base: str, path: str, body: dict) -> tuple[int, dict]:
+                async def answer(base: str, path: str, body: dict) -> tuple[int, dict | str]:
                     async with session.post(base + path, json=body) as r:
+                        if r.content_type == "text/event-stream":
+                            return r.status, await r.text()
                         return r.status, await r.json()
 
                 for path, body in cases:
