@@ -51,6 +51,7 @@ class SimulatedEngines:
     scheduling_policy: str = "fcfs"
     mean_output_tokens: int = 128
     wake_delay_s: float = 2.0
+    tool_calling: bool = True  # accept tool choices (SimEngineOptions.tool_calling)
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,7 @@ def _parse_simulated(raw: Any, path: str) -> SimulatedEngines:
     for name in SimulatedEngines.__dataclass_fields__:
         default = getattr(defaults, name)
         values[name] = _get(section, name, type(default), path, default)
-        if isinstance(default, (int, float)) and name != "wake_delay_s":
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and name != "wake_delay_s":
             _positive(values[name], f"{path}.{name}")
     if values["scheduling_policy"] not in ("fcfs", "priority"):
         raise ConfigError(f"{path}.scheduling_policy", "must be 'fcfs' or 'priority'")

@@ -27,6 +27,7 @@ def sim_options_for(pool: PoolConfig, max_model_len: int):
         scheduling_policy=sim.scheduling_policy,
         mean_output_tokens=sim.mean_output_tokens,
         wake_delay_s=sim.wake_delay_s,
+        tool_calling=sim.tool_calling,
     )
 
 

@@ -27,6 +27,7 @@ def test_examples_and_default_load():
         assert config.clusters, path
     config = default_config()
     assert config.pools()[0][1].simulated is not None
+    assert config.pools()[0][1].simulated.tool_calling  # agent clients' tools are accepted
     assert config.state.backend == "memory"
 
 
@@ -68,6 +69,8 @@ def test_defaults_fill_in():
     (lambda c: c["clusters"][0]["pools"][0].update(models=[""]), "clusters[0].pools[0].models[0]"),
     (lambda c: c["clusters"][0]["pools"][0].update(simulated={"count": 1, "scheduling_policy": "lifo"}),
      "clusters[0].pools[0].simulated.scheduling_policy"),
+    (lambda c: c["clusters"][0]["pools"][0].update(simulated={"count": 1, "tool_calling": "no"}),
+     "clusters[0].pools[0].simulated.tool_calling"),
     (lambda c: (c["models"].append({"name": "m2"}), c["clusters"][0]["pools"][0].update(
         models=["m", "m2"], simulated={"count": 1})), "clusters[0].pools[0].models"),
     (lambda c: c.update(clusters="c"), "clusters"),
@@ -183,6 +186,16 @@ def test_an_infinite_loss_increase_still_turns_the_check_off():
     raw = base()
     raw["predictor"] = {"online": {"max_loss_increase": float("inf")}}
     assert parse_config(raw).predictor.online.max_loss_increase == float("inf")
+
+
+def test_a_simulated_pool_can_refuse_tool_choices_as_a_plain_vllm_serve():
+    from gateway.simulated import sim_options_for
+
+    raw = base()
+    raw["clusters"][0]["pools"][0] = {"name": "p", "kind": "vllm", "models": ["m"],
+                                      "simulated": {"count": 1, "tool_calling": False}}
+    pool = parse_config(raw).pools()[0][1]
+    assert pool.simulated.tool_calling is False and sim_options_for(pool, 4096).tool_calling is False
 
 
 def test_simulated_pool_options_are_checked_at_load():

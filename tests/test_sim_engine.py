@@ -531,8 +531,9 @@ _TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": 
 async def test_tool_choices_are_refused_as_by_vllm_without_a_tool_parser(start):
     """The default vLLM 0.32 server (no --enable-auto-tool-choice/--tool-call-parser) refuses every tool choice but
     "none" in OnlineRenderer.render_chat: after the model and back-pressure, before the lengths (recorded from a
-    real server; the real-vLLM stage compares them engine to engine)."""
-    handle, _ = await start()
+    real server; the real-vLLM stage compares them engine to engine). That is ``tool_calling=False``; by default
+    the sim is a vLLM with a tool parser, which accepts them (and answers with text)."""
+    handle, _ = await start(tool_calling=False)
     url = handle.url + "/v1/chat/completions"
     auto = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
     named = {"type": "function", "function": {"name": "f"}}
@@ -566,6 +567,14 @@ async def test_tool_choices_are_refused_as_by_vllm_without_a_tool_parser(start):
         status, _, _ = await _post(url, {"model": MODEL, "messages": _chat(), "tools": _TOOLS, "tool_choice": choice,
                                          "max_tokens": 2})
         assert status == 200, choice
+    parsing, _ = await start()  # the default: as started with --enable-auto-tool-choice --tool-call-parser
+    for extra, error in cases:
+        status, body, _ = await _post(parsing.url + "/v1/chat/completions",
+                                      {"model": MODEL, "messages": _chat(), "tools": _TOOLS, "max_tokens": 2, **extra})
+        if "requires --" in error["error"]["message"]:
+            assert status == (400 if "max_tokens" in extra else 200), (extra, status, body)  # its lengths: 400
+        else:  # the request's own validators still answer
+            assert (status, body) == (400, error), extra
 
 
 async def test_logprobs_beyond_max_logprobs_are_refused_as_by_vllm(start):

@@ -35,13 +35,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size,
                         help="the model's vocabulary, which bounds the token ids a request names")
     parser.add_argument("--max-logprobs", type=int, default=defaults.max_logprobs, help="vLLM's --max-logprobs")
+    parser.add_argument("--no-tool-calling", dest="tool_calling", action="store_false",
+                        help="refuse tool choices as a vLLM without --enable-auto-tool-choice --tool-call-parser does")
     args = parser.parse_args(argv)
     options = SimEngineOptions(
         model=args.model, max_model_len=args.max_model_len, time_scale=args.time_scale,
         max_num_seqs=args.max_num_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
         scheduling_policy=args.scheduling_policy, mean_output_tokens=args.mean_output_tokens,
         wake_delay_s=args.wake_delay_s, max_num_queued_reqs=args.max_num_queued_reqs, seed=args.seed,
-        vocab_size=args.vocab_size, max_logprobs=args.max_logprobs)
+        vocab_size=args.vocab_size, max_logprobs=args.max_logprobs, tool_calling=args.tool_calling)
     try:
         options.validate()
         check_serve_counts(args.count, args.dit_count, args.base_port)

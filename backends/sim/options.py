@@ -36,6 +36,10 @@ class SimEngineOptions:
     # default model's name says. vLLM's --max-logprobs (default 20; -1: the vocabulary size) bounds logprobs.
     vocab_size: int = 128256
     max_logprobs: int = 20
+    # Tool choices accepted, as a vLLM started with --enable-auto-tool-choice --tool-call-parser accepts them (the
+    # deployment multi-agent clients need; the answer is still text: tool calls are not simulated). False answers
+    # every tool choice but "none" with the 400 of a plain `vllm serve` (which the real-vLLM stage runs).
+    tool_calling: bool = True
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""

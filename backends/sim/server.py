@@ -27,10 +27,12 @@ Request handling
   ``logit_bias`` keys that are no integer, then SamplingParams' checks in its order, the first failure answering
   (``n``, penalties, ``temperature`` finite and in [0, 2], ``top_p`` in (0, 1], ``top_k``, ``min_p``,
   ``max_tokens`` >= 1, ``min_tokens``, empty ``stop`` strings, greedy ``n``), then the engine's checks below.
-* **Tools**: the sim is the default ``vllm serve``, without ``--enable-auto-tool-choice --tool-call-parser``, so
-  every tool choice but "none" gets 400: ``"auto" tool choice requires --enable-auto-tool-choice and
-  --tool-call-parser to be set`` (also for ``tools`` without ``tool_choice``, which vLLM takes as "auto"), else
-  ``tool_choice="required"`` / ``tool_choice=function "f"`` ``requires --tool-call-parser to be set``.
+* **Tools**: by default the sim is a vLLM started with ``--enable-auto-tool-choice --tool-call-parser`` (what
+  multi-agent clients need): every tool choice is accepted, and answered with text (tool calls are not
+  simulated). With ``tool_calling=False`` it is a plain ``vllm serve``, and every tool choice but "none" gets 400:
+  ``"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set`` (also for ``tools``
+  without ``tool_choice``, which vLLM takes as "auto"), else ``tool_choice="required"`` /
+  ``tool_choice=function "f"`` ``requires --tool-call-parser to be set``.
 * **Engine checks** (vLLM's SamplingParams.verify, then the prompt's token ids), after all the above:
   ``logprobs`` (chat: ``top_logprobs`` where ``logprobs`` is true) or ``prompt_logprobs`` above ``max_logprobs``
   (-1 asks for the vocabulary) -> ``Requested sample logprobs of 21, which is greater than max allowed: 20``;
@@ -816,7 +818,7 @@ class SimServer:
             self.engine.admit(max(parsed.n, 1))  # vLLM's back-pressure comes before its length and sampling checks
         except EngineBusy:
             return _busy()
-        if parsed.tool_choice is not None:
+        if parsed.tool_choice is not None and not self.options.tool_calling:
             return tool_parser_refusal(parsed.tool_choice)
         checked = self._check_lengths(parsed)
         if isinstance(checked, web.Response):

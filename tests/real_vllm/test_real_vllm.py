@@ -223,7 +223,7 @@ class TestTinyLlama:
                                  "stream_options": {"include_usage": True}}),
         ]
         [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len,
-                                                            vocab_size=vocab))
+                                                            vocab_size=vocab, tool_calling=False))
         try:
             async with aiohttp.ClientSession() as session:
                 async def answer(base: str, path: str, body: dict) -> tuple[int, dict | str]:
