@@ -64,6 +64,8 @@ def test_compose_vllm_engines_can_sleep_and_fit_the_gateways_context():
         command = service["command"]
         assert service["environment"]["VLLM_SERVER_DEV_MODE"] == "1"
         assert "--enable-sleep-mode" in command
+        # agents send tools: a vLLM without a tool parser refuses them all (the simulated engines accept them)
+        assert "--enable-auto-tool-choice" in command and command[command.index("--tool-call-parser") + 1]
         model = command[command.index("--model") + 1]
         assert int(command[command.index("--max-model-len") + 1]) == max_model_len[model]
 
