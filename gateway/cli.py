@@ -93,7 +93,8 @@ def cmd_sim_engines(args: argparse.Namespace) -> int:
     options = SimEngineOptions(model=args.model, max_model_len=args.max_model_len, time_scale=args.time_scale,
                                scheduling_policy=args.scheduling_policy, max_num_seqs=args.max_num_seqs,
                                kv_blocks=args.kv_blocks, mean_output_tokens=args.mean_output_tokens,
-                               tool_calling=args.tool_calling)
+                               tool_calling=args.tool_calling, vocab_size=args.vocab_size,
+                               max_logprobs=args.max_logprobs)
     dit_options = dit_options_like(options, args.dit_model)
     try:
         options.validate()
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-num-seqs", type=int, default=128)
     sim.add_argument("--kv-blocks", type=int, default=8192)
     sim.add_argument("--mean-output-tokens", type=int, default=128)
+    sim.add_argument("--vocab-size", type=int, default=128256,
+                     help="the model's vocabulary, which bounds the token ids a request names (default Llama 3's)")
+    sim.add_argument("--max-logprobs", type=int, default=20, help="vLLM's --max-logprobs (-1: the vocabulary)")
     sim.add_argument("--no-tool-calling", dest="tool_calling", action="store_false",
                      help="refuse tool choices as a vLLM without --enable-auto-tool-choice --tool-call-parser does")
     log_level_here(sim)

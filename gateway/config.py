@@ -52,6 +52,8 @@ class SimulatedEngines:
     mean_output_tokens: int = 128
     wake_delay_s: float = 2.0
     tool_calling: bool = True  # accept tool choices (SimEngineOptions.tool_calling)
+    vocab_size: int = 128256  # the model's vocabulary, bounding the token ids a request names (SimEngineOptions)
+    max_logprobs: int = 20  # vLLM's --max-logprobs (-1: the vocabulary)
 
 
 @dataclass(frozen=True)
@@ -395,11 +397,14 @@ def _parse_simulated(raw: Any, path: str) -> SimulatedEngines:
     for name in SimulatedEngines.__dataclass_fields__:
         default = getattr(defaults, name)
         values[name] = _get(section, name, type(default), path, default)
-        if isinstance(default, (int, float)) and not isinstance(default, bool) and name != "wake_delay_s":
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and name not in ("wake_delay_s",
+                                                                                                "max_logprobs"):
             _positive(values[name], f"{path}.{name}")
     if values["scheduling_policy"] not in ("fcfs", "priority"):
         raise ConfigError(f"{path}.scheduling_policy", "must be 'fcfs' or 'priority'")
     _positive(values["wake_delay_s"], f"{path}.wake_delay_s", allow_zero=True)
+    if values["max_logprobs"] < -1:
+        raise ConfigError(f"{path}.max_logprobs", "must be -1 (the vocabulary) or a number >= 0")
     return SimulatedEngines(**values)
 
 

@@ -28,6 +28,8 @@ def sim_options_for(pool: PoolConfig, max_model_len: int):
         mean_output_tokens=sim.mean_output_tokens,
         wake_delay_s=sim.wake_delay_s,
         tool_calling=sim.tool_calling,
+        vocab_size=sim.vocab_size,
+        max_logprobs=sim.max_logprobs,
     )
 
 

@@ -188,14 +188,21 @@ def test_an_infinite_loss_increase_still_turns_the_check_off():
     assert parse_config(raw).predictor.online.max_loss_increase == float("inf")
 
 
-def test_a_simulated_pool_can_refuse_tool_choices_as_a_plain_vllm_serve():
+def test_a_simulated_pool_takes_its_models_vocabulary_and_can_refuse_tool_choices():
+    """A pool named after a model with another vocabulary (Qwen's 151,936) must not refuse its token ids; a plain
+    ``vllm serve`` (no tool parser) refuses tool choices."""
     from gateway.simulated import sim_options_for
 
     raw = base()
-    raw["clusters"][0]["pools"][0] = {"name": "p", "kind": "vllm", "models": ["m"],
-                                      "simulated": {"count": 1, "tool_calling": False}}
-    pool = parse_config(raw).pools()[0][1]
-    assert pool.simulated.tool_calling is False and sim_options_for(pool, 4096).tool_calling is False
+    raw["clusters"][0]["pools"][0] = {"name": "p", "kind": "vllm", "models": ["m"], "simulated": {
+        "count": 1, "tool_calling": False, "vocab_size": 151936, "max_logprobs": -1}}
+    options = sim_options_for(parse_config(raw).pools()[0][1], 4096)
+    assert (options.tool_calling, options.vocab_size, options.max_logprobs) == (False, 151936, -1)
+    for bad in ({"vocab_size": 0}, {"max_logprobs": -2}, {"vocab_size": True}):
+        raw["clusters"][0]["pools"][0]["simulated"] = {"count": 1, **bad}
+        with pytest.raises(ConfigError) as caught:
+            parse_config(raw)
+        assert caught.value.field_path == "clusters[0].pools[0].simulated." + next(iter(bad))
 
 
 def test_simulated_pool_options_are_checked_at_load():

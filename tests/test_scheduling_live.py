@@ -1289,6 +1289,52 @@ async def test_several_answers_reserve_a_block_of_their_own_each():
             spy.assert_each_released_once()
 
 
+def test_a_stream_of_several_answers_grows_its_reservation_answer_by_answer():
+    """Streamed, ``n`` answers' tokens arrive interleaved: their reservation grows so that each answer's own blocks
+    (its copy of the prompt's last block and its output, kv_footprint) stay covered, never beyond the cap."""
+    from gateway.core.admission import kv_footprint, reservation_tokens
+    from gateway.core.request import SchedRequest
+    from gateway.scheduling import Ticket
+
+    class Ledger:
+        def __init__(self) -> None:
+            self.grown: list[int] = []
+
+        def grow(self, request_id: str, tokens: int) -> None:
+            self.grown.append(tokens)
+
+    request = SchedRequest(request_id="r", model=MODEL, arrival=0.0, prompt_tokens=100, max_tokens=4 * 300,
+                           pred_p50=4 * 10, pred_p90=4 * 20, prompts=1, sequences=4)
+    request.reserved_tokens = reservation_tokens("predicted", request, 16)
+    assert request.reserved_tokens == 96 + 4 * 32  # the prompt's 6 full blocks, then 4 + 20 tokens an answer
+    ledger = Ledger()
+    ticket = Ticket(request, None, ledger, 16, 64)
+    cap = reservation_tokens("max_tokens", request, 16)
+    for generated in range(1, 4 * 250 + 1):
+        ticket.on_stream(b"data: {}\n\n")
+        assert kv_footprint(100, generated, 16, 1, 4) <= request.reserved_tokens <= cap, generated
+    assert ledger.grown == sorted(set(ledger.grown)) and len(ledger.grown) < 20  # in steps, not token by token
+
+
+@bounded()
+async def test_a_streamed_request_for_several_answers_grows_and_is_released_once():
+    """The same through the gateway: a stream of four answers outgrowing its prediction grows, then is released
+    once."""
+    async with sim_engines(1, time_scale=200.0, max_model_len=2048, kv_blocks=1024, block_size=16) as engines:
+        raw = sched_config([engines[0].url], admission="predicted", grow_step_tokens=64)
+        raw["predictor"] = {"priors": {"other": {"p50": 10, "p90": 20}, "coder": {"p50": 10, "p90": 20}}}
+        async with live(raw) as (gw, session):
+            spy = LedgerSpy(gw)
+            status, data = await post(session, gw, chat(max_tokens=300, stream=True, n=4),
+                                      {"X-Sim-Output-Tokens": "250"})
+            assert status == 200 and data.rstrip().endswith(b"data: [DONE]")
+            (rid, reserved), = spy.reserved.items()
+            grown = [tokens for request_id, tokens in spy.grown if request_id == rid]
+            # (grown from the events counted: a fast engine merges tokens into fewer events, as vLLM's does)
+            assert grown and grown == sorted(grown) and grown[0] > reserved
+            spy.assert_each_released_once()
+
+
 def test_a_streams_events_count_as_many_tokens_as_its_stream_interval_lets_one_carry():
     """vLLM's ``stream_interval`` sends one event per that many tokens: counted one token an event, an
     1,800-token answer came as 32 events and its reservation never grew."""
