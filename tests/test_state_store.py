@@ -433,6 +433,18 @@ def test_make_state_store_picks_backend() -> None:
 # ---------------------------------------------------------------------------------------------- workflows
 
 
+async def test_a_workflows_arrival_is_its_earliest_steps_even_when_that_begin_comes_late(harness: Harness) -> None:
+    """After a store outage, gateways replay the steps they began meanwhile in any order: a later step's begin
+    that reached the store first made its time the workflow's arrival, and the default deadline (arrival + the
+    class's workflow_deadline_s) moved later by the gap (seen with two gateways on one Redis)."""
+    store = harness.store
+    await store.workflow_begin("wf", "step-1", now=103.0, ttl_s=LONG_TTL, step=1)
+    record = await store.workflow_begin("wf", "step-0", now=100.0, ttl_s=LONG_TTL, step=0)
+    assert record["arrival"] == 100.0 and record["last_activity"] == 103.0
+    record = await store.workflow_begin("wf", "step-2", now=105.0, ttl_s=LONG_TTL, step=2)
+    assert record["arrival"] == 100.0 and record["last_activity"] == 105.0
+
+
 async def test_workflow_begin_creates_and_end_counts_once(harness: Harness) -> None:
     store = harness.store
     assert await store.get_workflow("wf") is None

@@ -239,6 +239,7 @@ class MemoryStateStore(StateStore):
             if value is not None:
                 record[key] = value if key == "slo_class" else (int(value) if key == "expected_steps"
                                                                  else float(value))
+        record["arrival"] = min(now, record["arrival"])  # an earlier step's begin that came late (a replay)
         record["last_activity"] = max(now, record["last_activity"])  # a step's late replay never moves it back
         self._workflows.put(workflow_id, record, ttl_s)
         return _public(record, clock, None)

@@ -235,6 +235,8 @@ local wf, wfr = KEYS[1], KEYS[2]
 local now, ttl = ARGV[3], ARGV[4]
 if redis.call('EXISTS', wf) == 0 then
   redis.call('HSET', wf, 'workflow_id', ARGV[1], 'arrival', now, 'steps_done', '0', 'tokens_used', '0')
+elseif tonumber(now) < tonumber(redis.call('HGET', wf, 'arrival') or now) then
+  redis.call('HSET', wf, 'arrival', now)  -- an earlier step's begin that arrived late (replayed after an outage)
 end
 if ARGV[5] ~= '' then
   local last = redis.call('HGET', wf, 'last_step')
