@@ -116,6 +116,9 @@ class StateConfig:
     heartbeat_interval_s: float = 2.0
     redis_timeout_s: float = 1.0
     redis_max_connections: int = 64  # per gateway; more concurrent calls wait for one (within redis_timeout_s)
+    # how many gateways share the store: the least each assumes when it divides an engine's free KV in an outage
+    # (a gateway that starts while Redis is down has counted none, and took every engine whole)
+    expected_gateways: int = 1
 
 
 @dataclass(frozen=True)
@@ -713,7 +716,8 @@ def parse_config(raw: Any) -> Config:
     for i, name in enumerate(server.forward_headers):
         _check_forwarded_header(name, f"server.forward_headers[{i}]")
     state = _section(root, StateConfig, "state", {"engine_ttl_s": "positive", "heartbeat_interval_s": "positive",
-                                                  "redis_timeout_s": "positive", "redis_max_connections": "positive"})
+                                                  "redis_timeout_s": "positive", "redis_max_connections": "positive",
+                                                  "expected_gateways": "positive"})
     if state.backend not in STATE_BACKENDS:
         raise ConfigError("state.backend", f"must be one of {', '.join(STATE_BACKENDS)}, got {state.backend!r}")
     _check_redis_url(state.redis_url, "state.redis_url")

@@ -105,7 +105,7 @@ class SharedLedger:
     planning (the store's answer is the authority: a proposal that loses a race simply stays queued).
     """
 
-    def __init__(self, store: StateStore, lease_s: float, metrics: GatewayMetrics) -> None:
+    def __init__(self, store: StateStore, lease_s: float, metrics: GatewayMetrics, expected_gateways: int = 1) -> None:
         self.store = store
         self.lease_s = lease_s
         self.metrics = metrics
@@ -114,6 +114,7 @@ class SharedLedger:
         self.held: dict[str, list] = {}
         self.local: KVLedger | None = None  # set while the store is unreachable
         self.gateways_seen = 1
+        self.expected_gateways = expected_gateways  # state.expected_gateways: the least gateways_seen counts for
         self.on_free: Any = None  # callback: space was freed (kick the dispatchers)
         self._server_reserved: dict[str, int] = defaultdict(int)
         self._pending: dict[str, int] = defaultdict(int)
@@ -167,7 +168,9 @@ class SharedLedger:
                 return
 
     def _share(self) -> float:
-        return 1.0 / max(1, self.gateways_seen)
+        """This gateway's part of an engine's free room in an outage: 1 / the gateways counted at the last listing,
+        or ``state.expected_gateways`` if more (one that never listed, or listed while the others were down)."""
+        return 1.0 / max(1, self.expected_gateways, self.gateways_seen)
 
     def _local_capacity(self, engine_id: str, capacity: int) -> int:
         """This gateway's part of an engine while the store is unreachable: the room of its own running requests
@@ -1166,7 +1169,7 @@ class Scheduling:
         self.check_kv = cfg.admission != "none"
         # scheduling is active when it can change anything: order, admission or a cap (else: plain routing)
         self.active = cfg.queue_policy != "fcfs" or self.check_kv or cfg.max_outstanding_per_engine > 0
-        self.ledger = SharedLedger(store, cfg.ledger_lease_s, metrics)
+        self.ledger = SharedLedger(store, cfg.ledger_lease_s, metrics, config.state.expected_gateways)
         self.workflows = WorkflowTracker(store, config)
         self.predictor = RequestPredictor(config, metrics)
         self.ctx = PolicyContext(service_time=self.service_time, workflows=self.workflows.cache,

@@ -71,6 +71,7 @@ def test_defaults_fill_in():
      "clusters[0].pools[0].simulated.scheduling_policy"),
     (lambda c: c["clusters"][0]["pools"][0].update(simulated={"count": 1, "tool_calling": "no"}),
      "clusters[0].pools[0].simulated.tool_calling"),
+    (lambda c: c.update(state={"expected_gateways": 0}), "state.expected_gateways"),
     (lambda c: (c["models"].append({"name": "m2"}), c["clusters"][0]["pools"][0].update(
         models=["m", "m2"], simulated={"count": 1})), "clusters[0].pools[0].models"),
     (lambda c: c.update(clusters="c"), "clusters"),

@@ -599,6 +599,34 @@ def test_in_an_outage_each_gateway_keeps_its_running_requests_room_and_shares_on
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
+def test_a_gateway_that_starts_in_an_outage_takes_the_expected_share_not_every_engine():
+    """A gateway (re)started while Redis is down has counted no other gateway: alone by its count, it took every
+    engine whole, and with one that had counted two, 2,736 tokens were reserved on an engine of 2,048.
+    ``state.expected_gateways`` is the least it assumes; after a listing, the larger of the two."""
+    from gateway.metrics import GatewayMetrics
+    from gateway.scheduling import SharedLedger
+
+    async def scenario() -> None:
+        store = _SlowStore()
+        store.down = True
+        started = SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics(), expected_gateways=3)
+        await started.set_capacities({"A": 9000})
+        await started.reserve("first", "A", 1)
+        assert started.degraded and started.grantable("A") == 3000
+        assert not await started.reserve("big", "A", 3000) and await started.reserve("fits", "A", 2999)
+        alone = SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics())  # the default: one gateway
+        await alone.set_capacities({"A": 9000})
+        await alone.reserve("first", "A", 1)
+        assert alone.degraded and alone.grantable("A") == 9000
+        counted = SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics(), expected_gateways=2)
+        counted.gateways_seen = 4  # more than expected: the count wins
+        await counted.set_capacities({"A": 9000})
+        await counted.reserve("first", "A", 1)
+        assert counted.grantable("A") == 2250
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
 def test_a_capacity_change_in_an_outage_does_not_count_the_outages_reservations_twice():
     """The local capacity was computed again from what the gateway held then, outage reservations included,
     which were inside its share already: an engine that came back with 8,208 tokens (a vLLM restart) let two
