@@ -15,13 +15,15 @@ Request handling
   ``max_completion_tokens``, ``min_tokens``, ``priority``, ``n``, ``top_k``, ``seed`` within int64), floats
   (``temperature``, ``top_p``, ``min_p``, the three penalties), bools (``stream``, ``ignore_eos``,
   ``stream_options.*``), ``stop`` (a string or a list of strings), ``response_format`` (an object),
-  ``request_id`` (a string), token-id prompts (>= 0), required ``messages`` / ``prompt``. ``priority`` must be
+  ``request_id`` (a string), a legacy completion's ``prompt`` against vLLM's union (token ids >= 0, a list of
+  such lists, a string, a list of strings: every member's errors where none takes it, e.g. ``[[1, -5]]``),
+  required ``messages`` / ``prompt``. ``priority`` must be
   an int; under the ``fcfs`` policy it is accepted and ignored (as observed on a real server). Also
   ``logprobs`` (chat: a bool; completions: an int), ``top_logprobs``, ``prompt_logprobs``, ``logit_bias`` (an
   object of numbers), ``stop_token_ids`` and ``allowed_token_ids`` (lists of ints). Before them, the request's
   validators (vLLM runs them last-defined first): chat's tool usage (``tool_choice`` needs ``tools``, a named
   tool must be one of them), logprobs (``top_logprobs`` needs ``logprobs``), stream options; a legacy
-  completion's prompt, stream options, logprobs (an integer, >= 0 or -1).
+  completion's batch size (at most 1024 prompts), prompt, stream options, logprobs (an integer, >= 0 or -1).
 * **Order of answers**, as a real vLLM 0.32 gives them: the request's validation (400), the model (404),
   back-pressure (503, counting every answer of ``n``), the tool choice (chat, below), the lengths below,
   ``logit_bias`` keys that are no integer, then SamplingParams' checks in its order, the first failure answering
@@ -49,7 +51,7 @@ Request handling
 * **Prompt tokens** are a deterministic estimate, no tokenizer: chat = for every message 4 tokens of template
   plus ``ceil(len(text) / 4)`` where text is the string content or the concatenated ``text`` parts of a
   content list (other parts count 0), plus 2 for the generation prompt; completions = ``ceil(len(prompt)/4) + 1``
-  (BOS), or the length of a token-id list. At least 1.
+  (BOS), or the length of a token-id list, for each prompt of a batch. At least 1.
 * **Output length**: ``max_tokens`` (chat: ``max_completion_tokens`` first) caps it, within the context left; default
   ``max_model_len - prompt`` for chat and 16 for completions; ``ignore_eos`` makes it exactly the cap;
   ``min_tokens`` is a lower bound; otherwise it is the integer in the request header ``X-Sim-Output-Tokens``
@@ -65,6 +67,17 @@ Request handling
   ``system_fingerprint`` (``vllm-<version>-<hash8>``) rides on the last message: the usage chunk, else the last
   token's. Every key vLLM 0.32 sends, null ones included, is there, in its order (``prompt_token_ids``,
   ``token_ids``, ``routed_experts``...); a test of the real-vLLM stage compares the shapes engine to engine.
+* **Batched prompts** (a legacy completion's ``prompt`` a list of strings or of token-id lists, vLLM 0.32's
+  completion/serving.py): every prompt is its own engine request (``cmpl-<id>-<i>``; with ``n`` its answers
+  ``<j>_cmpl-<id>-<i>``), with its own prompt tokens and output cap. The choices run prompt by prompt, ``index``
+  ``i * n + j``, whole and streamed (chunks interleave as the answers' engine requests produce them);
+  ``usage.prompt_tokens`` counts every prompt once however large ``n`` is, ``continuous_usage_stats`` an
+  answer's own prompt and tokens. The lengths, the output cap, SamplingParams' cap checks and the token ids are
+  checked prompt by prompt, the first prompt that fails answering (a stream whose token ids fail in more than
+  one prompt gets any one's error from vLLM, in the order of a set of tasks; the sim's is the first's).
+  Back-pressure first counts ``n`` (vLLM's preflight), then every answer of every prompt as it is added: a whole
+  answer that then finds the engine full is a 503, a stream has answered 200 and carries vLLM's busy error
+  (``"type": "Service Unavailable"``, ``"code": 503``) as its one event.
 * **Ids**: ``chatcmpl-<id>`` / ``cmpl-<id>`` with the ``X-Request-Id`` header, else the body's ``request_id``,
   else 16 random hex digits (vLLM's ``random_uuid``); the header is echoed back.
 * **Several answers** (``n`` > 1, as vLLM 0.32's parallel sampling): each answer has its own length
@@ -84,8 +97,8 @@ Deviations from a real vLLM (on purpose)
   a real vLLM *holds* them until ``/wake_up`` (and does not count them as waiting).
 * Putting the engine to sleep aborts in-flight requests (vLLM's default ``mode=abort``); they end with
   ``finish_reason`` "abort". ``/sleep?mode=wait`` lets them finish first.
-* ``best_of``, beam search, logprobs and multi-prompt completions are not simulated (multi-prompt answers 400;
-  logprobs come back null, though their counts are checked as above). ``bad_words`` are not checked (vLLM
+* ``best_of``, beam search and logprobs are not simulated (logprobs come back null, though their counts are
+  checked as above). ``bad_words`` are not checked (vLLM
   tokenizes them), nor ``logprob_token_ids``, ``echo`` or a tool's own fields (vLLM's pydantic model of a tool).
 * A message's own fields are not validated beyond being an object (vLLM checks each against its message union,
   e.g. a message without ``role`` gets eleven pydantic errors there); with several invalid fields at once, the
@@ -395,16 +408,61 @@ def check_stop(body: dict, errors: list[dict]) -> list[str]:
     return stop
 
 
-def token_id_errors(prompt: list) -> list[dict]:
-    """A completions prompt of integers with a negative one: the errors of each member of vLLM's prompt union
-    (token ids >= 0, a list of such lists, a string, a list of strings), in the order pydantic reports them."""
-    errors = [{**_err("greater_than_equal", f"body.prompt.{i}", "Input should be greater than or equal to 0", t),
-               "ctx": {"ge": 0}} for i, t in enumerate(prompt) if t < 0]
-    errors += [_err("list_type", f"body.prompt.{i}", "Input should be a valid list", t) for i, t in enumerate(prompt)]
+def _token_ids_errors(items: list, loc: str) -> tuple[list[int], list[dict]]:
+    """Pydantic's lax ``list[Annotated[int, Field(ge=0)]]`` on ``items`` at ``loc``: the ids and the errors."""
+    errors: list[dict] = []
+    ids = []
+    for i, item in enumerate(items):
+        before = len(errors)
+        value = check_int({i: item}, i, errors, optional=False, default=None, loc_prefix=loc)
+        if len(errors) == before and value is not None:
+            if value < 0:
+                errors.append({**_err("greater_than_equal", f"{loc}.{i}", "Input should be greater than or equal "
+                                      "to 0", item), "ctx": {"ge": 0}})
+            ids.append(value)
+    return ids, errors
+
+
+def resolve_prompt_list(prompt: list) -> list[str | list[int]] | web.Response:
+    """vLLM 0.32's CompletionRequest.prompt union (``list[int>=0] | list[list[int>=0]] | str | list[str]``) on a
+    non-empty list, then prompt_to_seq: the prompts it holds (one for token ids, each member of a batch), or
+    pydantic's 400 where no member takes it, every member's errors in the union's order. Pydantic's smart union
+    tries the members strictly first, so a list of strings stays strings even where they read as integers."""
+    if all(isinstance(t, str) for t in prompt):
+        return list(prompt)
+    ids, flat_errors = _token_ids_errors(prompt, "body.prompt")
+    if not flat_errors:
+        return [ids]
+    nested: list[list[int]] = []
+    nested_errors: list[dict] = []
+    for i, item in enumerate(prompt):
+        if isinstance(item, list):
+            item_ids, errors = _token_ids_errors(item, f"body.prompt.{i}")
+            nested.append(item_ids)
+            nested_errors += errors
+        else:
+            nested_errors.append(_err("list_type", f"body.prompt.{i}", "Input should be a valid list", item))
+    if not nested_errors:
+        return nested
+    errors = flat_errors + nested_errors
     errors.append(_err("string_type", "body.prompt", "Input should be a valid string", prompt))
     errors += [_err("string_type", f"body.prompt.{i}", "Input should be a valid string", t)
-               for i, t in enumerate(prompt)]
-    return errors
+               for i, t in enumerate(prompt) if not isinstance(t, str)]
+    return pydantic_error_response(errors)
+
+
+MAX_COMPLETION_PROMPTS = 1024  # vLLM's VLLM_MAX_COMPLETION_PROMPTS default
+
+
+class BatchPrompt:
+    """One prompt of a batched legacy completion: what the checks and the engine request need of it."""
+
+    __slots__ = ("tokens", "token_ids", "max_id")
+
+    def __init__(self, prompt: str | list[int]) -> None:
+        self.tokens = estimate_completion_prompt_tokens(prompt)
+        self.token_ids = isinstance(prompt, list)
+        self.max_id = max(prompt) if self.token_ids and prompt else None
 
 
 _NAMED_TOOL_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
@@ -520,7 +578,7 @@ def _check_completion_logprobs(body: dict) -> web.Response | None:
 class Parsed:
     __slots__ = ("chat", "model", "stream", "include_usage", "continuous_usage", "max_tokens", "max_tokens_param",
                  "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
-                 "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id")
+                 "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts")
 
 
 class EngineInputs:
@@ -597,6 +655,12 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         refused = check_tool_usage(body) or check_logprobs(body)
         if refused is not None:
             return refused
+    elif (isinstance(body.get("prompt"), list) and len(body["prompt"]) > MAX_COMPLETION_PROMPTS
+          and not isinstance(body["prompt"][0], int)):
+        return bad_request(validation_message(
+            f"prompt list length {len(body['prompt'])} exceeds the maximum allowed count of "
+            f"{MAX_COMPLETION_PROMPTS}. To increase this limit, set the VLLM_MAX_COMPLETION_PROMPTS environment "
+            "variable.", "prompt", None), "prompt")
     elif body.get("prompt") in (None, "") and not body.get("prompt_embeds"):
         return bad_request(validation_message("Either prompt or prompt_embeds must be provided and non-empty.",
                                               "prompt", None), "prompt")
@@ -675,6 +739,7 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     p.tool_choice = effective_tool_choice(body) if chat else None
     p.prompt_is_token_ids = False
     p.max_prompt_id = None
+    p.prompts = None
     if chat:
         p.prompt_tokens = estimate_chat_prompt_tokens(body["messages"])
     else:
@@ -684,12 +749,18 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         if not isinstance(prompt, (str, list)):
             return pydantic_error_response([_err("string_type", "body.prompt", "Input should be a valid string",
                                                  prompt)])
-        if isinstance(prompt, list) and any(type(t) is int and t < 0 for t in prompt) and all(
-                type(t) is int for t in prompt):
-            return pydantic_error_response(token_id_errors(prompt))
-        if isinstance(prompt, list) and prompt and not all(isinstance(t, int) for t in prompt) and len(prompt) > 1:
-            return bad_request("Multiple prompts in one request are not supported by the simulated engine.",
-                               "prompt")
+        if isinstance(prompt, list) and not (all(type(t) is int and t >= 0 for t in prompt) or (
+                len(prompt) == 1 and isinstance(prompt[0], str))):
+            # token ids with a negative one, nested token ids, a batch, or a list the prompt union refuses
+            prompts = resolve_prompt_list(prompt)
+            if isinstance(prompts, web.Response):
+                return prompts
+            if len(prompts) > 1:  # a batch: each prompt its own engine request(s), checked on its own
+                p.prompts = [BatchPrompt(one) for one in prompts]
+                p.prompt_tokens = p.prompts[0].tokens
+                p.prompt_is_token_ids = p.prompts[0].token_ids
+                return p
+            prompt = prompts[0]
         p.prompt_tokens = estimate_completion_prompt_tokens(prompt)
         p.prompt_is_token_ids = _is_token_ids(prompt)
         if p.prompt_is_token_ids:
@@ -820,7 +891,11 @@ class SimServer:
             return _busy()
         if parsed.tool_choice is not None and not self.options.tool_calling:
             return tool_parser_refusal(parsed.tool_choice)
-        checked = self._check_lengths(parsed)
+        if parsed.prompts is None:
+            checked = self._check_lengths(parsed, parsed.prompt_tokens, parsed.prompt_is_token_ids)
+            caps = None
+        else:
+            checked = caps = self._check_batch_lengths(parsed)
         if isinstance(checked, web.Response):
             return checked
         inputs = parsed.engine_inputs
@@ -829,19 +904,30 @@ class SimServer:
             bias_ids = logit_bias_token_ids(inputs.logit_bias)  # SamplingParams.from_optional, before its checks
             if isinstance(bias_ids, web.Response):
                 return bias_ids
-        refused = verify_sampling(parsed, checked)
+        if caps is None:
+            refused = verify_sampling(parsed, checked)
+        else:  # vLLM builds each prompt's SamplingParams in turn: the first prompt whose cap fails answers
+            refused = next(filter(None, (verify_sampling(parsed, cap) for cap in caps)), None)
         if refused is not None:
             return refused
         header_id = request.headers.get(REQUEST_ID_HEADER)
-        if inputs is not None or parsed.max_prompt_id is not None:
-            failure = verify_engine_inputs(inputs, bias_ids, parsed.max_prompt_id, self.options)
+        max_prompt_id = parsed.max_prompt_id
+        if parsed.prompts is not None:  # each prompt's ids are checked as its engine request is added, in order
+            max_prompt_id = next((b.max_id for b in parsed.prompts
+                                  if b.max_id is not None and b.max_id >= self.options.vocab_size), None)
+        if inputs is not None or max_prompt_id is not None:
+            failure = verify_engine_inputs(inputs, bias_ids, max_prompt_id, self.options)
             if failure is not None:
                 return _engine_refusal(*failure, stream=parsed.stream, header_id=header_id)
         # vLLM's _base_request_id: the header, else the body's request_id, else random_uuid(): 16 hex digits
         base_id = header_id if header_id is not None else (
             parsed.request_id if parsed.request_id is not None else f"{uuid.uuid4().int & _MASK_64:016x}")
         response_id = ("chatcmpl-" if chat else "cmpl-") + base_id
-        reqs = self._add_requests(parsed, checked, _hint(request), response_id)
+        if caps is None:
+            plan = [(response_id, parsed.prompt_tokens, checked)]
+        else:  # vLLM's request_id_item: f"{request_id}-{i}" per prompt (its n children prefixed as for one)
+            plan = [(f"{response_id}-{i}", one.tokens, cap) for i, (one, cap) in enumerate(zip(parsed.prompts, caps))]
+        reqs = self._add_requests(parsed, plan, _hint(request), header_id)
         if isinstance(reqs, web.Response):
             return reqs
         extra_headers = {REQUEST_ID_HEADER: header_id} if header_id is not None else None
@@ -854,26 +940,44 @@ class SimServer:
                 if not req.finished:
                     self.engine.abort(req)  # client disconnected (handler cancelled) or the write failed
 
-    def _add_requests(self, p: Parsed, cap: int, hint: int | None,
-                      response_id: str) -> list[SimRequest] | web.Response:
-        """One engine request per answer, each with its own output length; all or none (a 503 when the engine
-        is full, with the answers already queued taken back)."""
+    def _add_requests(self, p: Parsed, plan: list[tuple[str, int, int]], hint: int | None,
+                      header_id: str | None) -> list[SimRequest] | web.Response:
+        """One engine request per answer of each prompt (``plan``: its request id, prompt tokens and output cap),
+        in the choices' order (prompt by prompt, vLLM's ``index = prompt * n + answer``), each with its own output
+        length; all or none. A full engine answers 503 with the answers already queued taken back; a batch only
+        finds it full here, in vLLM inside its stream (the preflight counted one prompt's ``n``), so a batched
+        stream has already answered 200 and carries vLLM's busy error as its one event."""
         engine = self.engine
         reqs: list[SimRequest] = []
         try:
-            for index in range(p.n):
-                target, reason = engine.output_length(cap, ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
-                                                      hint=hint)
-                request_id = response_id if p.n == 1 else f"{index}_{response_id}"
-                reqs.append(engine.add_request(request_id, p.prompt_tokens, target, reason, p.priority))
+            for base_id, prompt_tokens, cap in plan:
+                for index in range(p.n):
+                    target, reason = engine.output_length(cap, ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
+                                                          hint=hint)
+                    request_id = base_id if p.n == 1 else f"{index}_{base_id}"
+                    reqs.append(engine.add_request(request_id, prompt_tokens, target, reason, p.priority))
         except EngineBusy:
             for req in reqs:
                 engine.abort(req)
+            if p.stream and p.prompts is not None:
+                return _stream_error(BUSY_MESSAGE, "Service Unavailable", 503, None, header_id)
             return _busy()
         return reqs
 
-    def _check_lengths(self, p: Parsed) -> int | web.Response:
-        """vLLM's TokenizeParams / SamplingParams checks; returns the output-token cap."""
+    def _check_batch_lengths(self, p: Parsed) -> list[int] | web.Response:
+        """Each prompt of a batch checked on its own, in order (vLLM tokenizes them in one ``asyncio.gather``,
+        whose first failure is the first prompt's that fails); their output caps."""
+        caps = []
+        for one in p.prompts:
+            cap = self._check_lengths(p, one.tokens, one.token_ids)
+            if isinstance(cap, web.Response):
+                return cap
+            caps.append(cap)
+        return caps
+
+    def _check_lengths(self, p: Parsed, prompt_tokens: int, token_ids: bool) -> int | web.Response:
+        """vLLM's TokenizeParams / SamplingParams checks of one prompt of ``prompt_tokens`` (given as token ids or
+        as text); returns the output-token cap."""
         max_len = self.options.max_model_len
         max_tokens = p.max_tokens
         param = p.max_tokens_param
@@ -881,10 +985,10 @@ class SimServer:
             return bad_request(validation_message(
                 f"{param}={max_tokens} cannot be greater than max_model_len={max_len}. "
                 "Please request fewer output tokens.", param, max_tokens), param)
-        if p.prompt_tokens > max_len:
+        if prompt_tokens > max_len:
             # vLLM 0.32 (renderers/params.py, _token_len_check) checks the prompt alone against the context; a
             # text prompt is tokenized only up to max_len + 1 tokens, so that is the count it quotes
-            count = p.prompt_tokens if p.prompt_is_token_ids else max_len + 1
+            count = prompt_tokens if token_ids else max_len + 1
             qualifier = "at least " if count == max_len + 1 else ""
             return bad_request(validation_message(
                 f"This model's maximum context length is {max_len} tokens. However, your prompt contains "
@@ -892,7 +996,7 @@ class SimServer:
                 "Please reduce the length of the input prompt.", "input_tokens", count), "input_tokens")
         # a prompt that fits leaves the rest of the context as the cap: vLLM 0.32's get_max_tokens lowers a
         # larger max_tokens to it without a word (the answer ends with finish_reason "length")
-        room = max_len - p.prompt_tokens
+        room = max_len - prompt_tokens
         return min(max_tokens, room) if max_tokens is not None else room
 
     async def _full(self, reqs: list[SimRequest], p: Parsed, response_id: str,
@@ -901,7 +1005,7 @@ class SimServer:
             while not req.finished:
                 await req.next_tokens()
         created = int(time.time())
-        prompt = reqs[0].prompt_tokens
+        prompt = reqs[0].prompt_tokens if p.prompts is None else _batch_prompt_tokens(p)
         generated = sum(req.generated for req in reqs)
         usage = {"prompt_tokens": prompt, "total_tokens": prompt + generated, "completion_tokens": generated,
                  "prompt_tokens_details": None, "completion_tokens_details": None}
@@ -973,10 +1077,15 @@ class SimServer:
 
     async def _stream_choices(self, resp: web.StreamResponse, reqs: list[SimRequest], p: Parsed, head: bytes,
                               shape: _SseShape) -> None:
-        """``n`` > 1: vLLM's stream of several answers. Each event carries one answer's new tokens under its
-        ``index``; an answer's events come as its engine request produces them, so answers interleave. Kept apart
-        from :meth:`_stream_events` so that the one-answer stream pays nothing for the waiting on several."""
-        events = _SseEvents(head, shape, p, reqs[0].prompt_tokens, self._fingerprint_json)
+        """``n`` > 1 or a batch of prompts: vLLM's stream of several answers. Each event carries one answer's new
+        tokens under its ``index``; an answer's events come as its engine request produces them, so answers
+        interleave. Kept apart from :meth:`_stream_events` so that the one-answer stream pays nothing for the
+        waiting on several."""
+        total = reqs[0].prompt_tokens if p.prompts is None else _batch_prompt_tokens(p)
+        events = _SseEvents(head, shape, p, reqs[0].prompt_tokens, self._fingerprint_json, total)
+        # a batch's answers count their own prompt's tokens in continuous usage (vLLM's num_prompt_tokens[prompt])
+        each = [events if req.prompt_tokens == events.prompt else
+                _SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, total) for req in reqs]
         index = [b'"index":%d' % i for i in range(len(reqs))]
         opens = [shape.open_choice.replace(b'"index":0', tag, 1) for tag in index]
         sent = [0] * len(reqs)
@@ -990,7 +1099,7 @@ class SimServer:
                 for task in sorted(done, key=waiting.__getitem__):
                     i = waiting.pop(task)
                     count, finished = task.result()  # next_tokens returns new tokens, the end, or both
-                    parts.append(events.tokens(opens[i], sent[i], count, finished, reqs[i].finish_reason))
+                    parts.append(each[i].tokens(opens[i], sent[i], count, finished, reqs[i].finish_reason))
                     sent[i] += count
                     if not finished:
                         waiting[asyncio.ensure_future(reqs[i].next_tokens())] = i
@@ -1010,12 +1119,14 @@ class _SseEvents:
     asked for, ``[DONE]``). One builder for the one-answer and the several-answer writers, which differ only in
     which answers' chunks they send when."""
 
-    __slots__ = ("head", "shape", "prompt", "continuous_usage", "include_usage", "fingerprint")
+    __slots__ = ("head", "shape", "prompt", "total_prompt", "continuous_usage", "include_usage", "fingerprint")
 
-    def __init__(self, head: bytes, shape: _SseShape, p: Parsed, prompt: int, fingerprint_json: bytes) -> None:
+    def __init__(self, head: bytes, shape: _SseShape, p: Parsed, prompt: int, fingerprint_json: bytes,
+                 total_prompt: int | None = None) -> None:
         self.head = head
         self.shape = shape
-        self.prompt = prompt
+        self.prompt = prompt  # this answer's prompt (continuous usage)
+        self.total_prompt = prompt if total_prompt is None else total_prompt  # every prompt once (the usage chunk)
         self.continuous_usage = p.continuous_usage
         self.include_usage = p.include_usage
         self.fingerprint = b',"system_fingerprint":' + fingerprint_json
@@ -1045,9 +1156,15 @@ class _SseEvents:
         """After the last answer's last chunk: the usage chunk (all answers' tokens) where asked for, then [DONE]."""
         usage = b""
         if self.include_usage:
-            usage = (b"data: " + self.head + b',"choices":[],"usage":' + _usage(self.prompt, completion)
+            usage = (b"data: " + self.head + b',"choices":[],"usage":' + _usage(self.total_prompt, completion)
                      + self.fingerprint + b"}\n\n")
         return usage + b"data: [DONE]\n\n"
+
+
+def _batch_prompt_tokens(p: Parsed) -> int:
+    """A batch's ``usage.prompt_tokens``: every prompt once, however many answers each has (vLLM sums
+    ``len(prompt_token_ids)`` per prompt's output, whole and streamed)."""
+    return sum(one.tokens for one in p.prompts)
 
 
 def _busy() -> web.Response:
@@ -1110,7 +1227,12 @@ def _engine_refusal(message: str, param: str | None, *, stream: bool, header_id:
     (``create_streaming_error_response``: ``json.dumps``, hence the spaces)."""
     if not stream:
         return bad_request(message, param)
-    event = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}})
+    return _stream_error(message, "BadRequestError", 400, param, header_id)
+
+
+def _stream_error(message: str, err_type: str, code: int, param: str | None, header_id: str | None) -> web.Response:
+    """A stream that has answered 200 and then fails: the error as its one event, then [DONE]."""
+    event = json.dumps({"error": {"message": message, "type": err_type, "param": param, "code": code}})
     headers = {"Content-Type": "text/event-stream; charset=utf-8"}
     if header_id is not None:
         headers[REQUEST_ID_HEADER] = header_id
