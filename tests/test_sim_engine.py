@@ -457,6 +457,159 @@ async def test_several_answers_refused_or_dropped_whole(start):
     assert engine.kv_usage() == 0.0 and engine.generation_tokens_total < 1800
 
 
+async def test_a_batch_of_prompts_is_served_as_vllm_serves_it(start):
+    """A legacy completion's batch (vLLM 0.32's completion/serving.py): an engine request per prompt and answer
+    (``cmpl-<id>-<i>``, its answers ``<j>_cmpl-<id>-<i>``), choices prompt by prompt (``index = i * n + j``),
+    ``usage.prompt_tokens`` every prompt once even with ``n`` > 1, each prompt its own output cap."""
+    handle, client = await start()
+    engine = handle.engine
+    added: list[tuple[str, int]] = []
+    add_request = engine.add_request
+
+    def record(request_id: str, prompt_tokens: int, *args, **kwargs):
+        added.append((request_id, prompt_tokens))
+        return add_request(request_id, prompt_tokens, *args, **kwargs)
+
+    engine.add_request = record
+    url = handle.url + "/v1/completions"
+    status, body, _ = await _post(url, {"model": MODEL, "prompt": ["a", "bbbbbbb"], "max_tokens": 3,
+                                        "ignore_eos": True, "request_id": "r1"})
+    assert status == 200 and body["id"] == "cmpl-r1"
+    assert [(c["index"], len(c["text"].split()), c["finish_reason"]) for c in body["choices"]] == [
+        (0, 3, "length"), (1, 3, "length")]
+    assert body["usage"] == {"prompt_tokens": 2 + 3, "total_tokens": 11, "completion_tokens": 6,
+                             "prompt_tokens_details": None, "completion_tokens_details": None}
+    assert added == [("cmpl-r1-0", 2), ("cmpl-r1-1", 3)]
+    added.clear()
+    # with n: each prompt's answers together, the prompt counted once
+    reply = await client.completions.create(model=MODEL, prompt=[[1, 2, 3], [4]], max_tokens=2, n=2,
+                                            extra_body={"ignore_eos": True, "request_id": "r2"})
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (4, 8)
+    assert added == [("0_cmpl-r2-0", 3), ("1_cmpl-r2-0", 3), ("0_cmpl-r2-1", 1), ("1_cmpl-r2-1", 1)]
+    # each prompt's cap is the context its own prompt leaves (1024 here)
+    reply = await client.completions.create(model=MODEL, prompt=[[5] * 1020, [5]], max_tokens=10,
+                                            extra_body={"ignore_eos": True})
+    assert [(c.index, len(c.text.split()), c.finish_reason) for c in reply.choices] == [
+        (0, 4, "length"), (1, 10, "length")]
+    assert reply.usage.prompt_tokens == 1021
+    assert engine.num_running == engine.num_waiting == 0 and engine.kv_usage() == 0.0
+
+
+async def test_a_batch_of_prompts_streams_as_vllm_streams_it(start):
+    """Streamed, every answer's chunks carry its batch index, continuous usage counts its own prompt and tokens,
+    the usage chunk every prompt once and every answer's tokens; without usage the fingerprint rides on every
+    answer's last chunk."""
+    handle, client = await start()
+    stream = await client.completions.create(
+        model=MODEL, prompt=[[1, 2, 3], [7, 8]], max_tokens=3, n=2, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True})
+    *chunks, final = [chunk async for chunk in stream]
+    assert final.choices == []
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (3 + 2, 12)
+    assert sorted({c.choices[0].index for c in chunks}) == [0, 1, 2, 3]
+    for index, prompt in ((0, 3), (1, 3), (2, 2), (3, 2)):
+        mine = [c for c in chunks if c.choices[0].index == index]
+        so_far = [len("".join(c.choices[0].text for c in mine[:i + 1]).split()) for i in range(len(mine))]
+        assert so_far[-1] == 3 and [c.usage.completion_tokens for c in mine] == so_far
+        assert {c.usage.prompt_tokens for c in mine} == {prompt}
+        assert [c.choices[0].finish_reason for c in mine] == [None] * (len(mine) - 1) + ["length"]
+    status, raw = await _post_raw(handle.url + "/v1/completions", {
+        "model": MODEL, "prompt": ["a", "b"], "max_tokens": 2, "stream": True, "ignore_eos": True})
+    events = [json.loads(e[len("data: "):]) for e in raw.decode().split("\n\n") if e.startswith("data: {")]
+    stamped = [(e["choices"][0]["index"], e["choices"][0]["finish_reason"]) for e in events
+               if "system_fingerprint" in e]
+    assert status == 200 and sorted(stamped) == [(0, "length"), (1, "length")]
+    assert all("usage" not in e for e in events) and raw.endswith(b"data: [DONE]\n\n")
+
+
+async def test_a_batch_is_checked_prompt_by_prompt_as_vllm_checks_it(start):
+    """The first prompt that fails answers: the context (token ids counted whole, text up to the context plus
+    one), SamplingParams' checks of its own cap, the engine's token ids (a stream learns them after its 200)."""
+    handle, _ = await start(vocab_size=4096)
+    url = handle.url + "/v1/completions"
+
+    async def error(prompt: list, **extra) -> dict:
+        status, body, _ = await _post(url, {"model": MODEL, "prompt": prompt, **extra})
+        assert status == 400, body
+        return body["error"]
+
+    too_long = "This model's maximum context length is 1024 tokens. However, your prompt contains {} input tokens"
+    assert (await error([[5] * 1030, [1], [5] * 1025]))["message"].startswith(too_long.format(1030))
+    assert (await error([[1], [5] * 1027, [5] * 1030]))["message"].startswith(too_long.format(1027))
+    assert (await error(["a", "a" * 9000, "b" * 5000]))["message"].startswith(too_long.format("at least 1025"))
+    assert (await error([[5], [5] * 1024]))["message"] == (
+        "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)")
+    assert (await error([[5], [5] * 1020], min_tokens=5, max_tokens=10))["message"] == (
+        "min_tokens must be less than or equal to max_tokens=4, got 5.")
+    assert (await error(["a", "b"], max_tokens=1025))["param"] == "max_tokens"
+    assert (await error([[1, 2], [1, 4099], [4105]]))["message"] == "Token id 4099 is out of vocabulary"
+    status, raw = await _post_raw(url, {"model": MODEL, "prompt": [[1, 2], [4105]], "stream": True})
+    assert status == 200 and raw == (b'data: {"error": {"message": "Token id 4105 is out of vocabulary", "type": '
+                                     b'"BadRequestError", "param": null, "code": 400}}\n\ndata: [DONE]\n\n')
+    status, body, _ = await _post(url, {"model": MODEL, "prompt": ["x"] * 1025})
+    assert status == 400 and body["error"] == {
+        "message": "prompt list length 1025 exceeds the maximum allowed count of 1024. To increase this limit, set "
+                   "the VLLM_MAX_COMPLETION_PROMPTS environment variable. (parameter=prompt)",
+        "type": "BadRequestError", "param": "prompt", "code": 400}
+    assert handle.engine.num_running == handle.engine.num_waiting == 0
+
+
+async def test_a_batch_counts_every_answer_against_the_queue(start):
+    """vLLM's preflight counts one prompt's ``n``, then every answer of every prompt as it is added: a batch the
+    queue cannot hold is a 503 whole, a stream's 200 carries the busy error; nothing of it stays queued."""
+    handle, _ = await start(max_num_seqs=1, max_num_queued_reqs=3, time_scale=20.0)
+    engine = handle.engine
+    url = handle.url + "/v1/completions"
+    status, body, _ = await _post(url, {"model": MODEL, "prompt": ["a", "b", "c", "d"], "max_tokens": 2})
+    assert status == 503 and body["error"]["type"] == "Service Unavailable"
+    status, body, _ = await _post(url, {"model": MODEL, "prompt": ["a", "b"], "n": 2, "max_tokens": 2})
+    assert status == 503 and body["error"]["type"] == "Service Unavailable"
+    status, raw = await _post_raw(url, {"model": MODEL, "prompt": [[1], [2]], "n": 2, "stream": True})
+    assert status == 200 and raw == (
+        b'data: {"error": {"message": "The engine is currently busy and cannot accept new requests. Please try '
+        b'again later or on a different instance.", "type": "Service Unavailable", "param": null, "code": 503}}'
+        b"\n\ndata: [DONE]\n\n")
+    assert engine.num_running + engine.num_waiting == 0
+    _, text = await _get(handle.url + "/metrics")
+    assert ('vllm:admission_rejections_total{model_name="%s",reason="max_num_queued_reqs"} 3.0' % MODEL
+            ).encode() in text
+    status, body, _ = await _post(url, {"model": MODEL, "prompt": ["a", "b", "c"], "max_tokens": 2})
+    assert status == 200 and len(body["choices"]) == 3
+
+
+_UNION_ERRORS_1_MINUS_5 = (
+    "4 validation errors:\n"
+    "  {'type': 'int_type', 'loc': 'body.prompt.0', 'msg': 'Input should be a valid integer', "
+    "'input': '<list of 2 items>'}\n"
+    "  {'type': 'greater_than_equal', 'loc': 'body.prompt.0.1', 'msg': 'Input should be greater than or equal to 0', "
+    "'input': '-5', 'ctx': {'ge': 0}}\n"
+    "  {'type': 'string_type', 'loc': 'body.prompt', 'msg': 'Input should be a valid string', "
+    "'input': '<list of 1 items>'}\n"
+    "  {'type': 'string_type', 'loc': 'body.prompt.0', 'msg': 'Input should be a valid string', "
+    "'input': '<list of 2 items>'}")
+
+
+async def test_nested_token_ids_with_a_negative_one_get_the_prompt_unions_errors(start):
+    """vLLM 0.32's prompt union (``list[int>=0] | list[list[int>=0]] | str | list[str]``) refuses a nested
+    negative id with every member's errors, in the union's order (as a real vLLM 0.32 answered)."""
+    handle, _ = await start()
+    url = handle.url + "/v1/completions"
+    status, body, _ = await _post(url, {"model": MODEL, "prompt": [[1, -5]]})
+    assert status == 400 and body == {"error": {"message": _UNION_ERRORS_1_MINUS_5, "type": "Bad Request",
+                                                "param": "body.prompt.0", "code": 400}}
+    status, body, _ = await _post(url, {"model": MODEL, "prompt": [[1, 5], [2, -1]]})
+    assert status == 400 and body["error"]["param"] == "body.prompt.0"
+    lines = body["error"]["message"].split("\n")
+    assert lines[0] == "6 validation errors:"
+    assert [re.search(r"'type': '(\w+)', 'loc': '([\w.]+)'", line).groups() for line in lines[1:]] == [
+        ("int_type", "body.prompt.0"), ("int_type", "body.prompt.1"), ("greater_than_equal", "body.prompt.1.1"),
+        ("string_type", "body.prompt"), ("string_type", "body.prompt.0"), ("string_type", "body.prompt.1")]
+    status, body, _ = await _post(url, {"model": MODEL, "prompt": ["a", [1]]})  # no member takes a mixed list
+    assert status == 400 and body["error"]["message"].startswith("5 validation errors:")
+    assert handle.engine.num_running == handle.engine.num_waiting == 0
+
+
 async def test_sampling_parameters_are_checked_as_vllm_checks_them(start):
     """vLLM 0.32's answers (recorded from a real server, which the real-vLLM stage compares engine to engine):
     field types as pydantic's lax mode takes them, then SamplingParams' ranges in its order, the first failure
