@@ -221,6 +221,25 @@ class TestTinyLlama:
                                       "stream": True, "n": 2}),
             ("/v1/completions", {"model": model, "prompt": [1, vocab], "stream": True,
                                  "stream_options": {"include_usage": True}}),
+            # the prompt union: nested token ids with a negative one, lists no member takes
+            ("/v1/completions", {"model": model, "prompt": [[1, -5]]}),
+            ("/v1/completions", {"model": model, "prompt": [[1, 5], [2, -1]]}),
+            ("/v1/completions", {"model": model, "prompt": [[1, -5], 3]}),
+            ("/v1/completions", {"model": model, "prompt": ["a", [1]]}),
+            ("/v1/completions", {"model": model, "prompt": [[1, "x"], [2.5]]}),
+            ("/v1/completions", {"model": model, "prompt": ["x"] * 1025}),
+            # a batch is checked prompt by prompt, the first that fails answering (a stream whose ids fail in
+            # more than one prompt gets any one's error from vLLM, so the streamed case has one)
+            ("/v1/completions", {"model": model, "prompt": [[5] * (tiny_stack.max_model_len + 3), [1],
+                                                            [5] * (tiny_stack.max_model_len + 5)]}),
+            ("/v1/completions", {"model": model, "prompt": ["a", "b" * 9000, "c" * 12000]}),
+            ("/v1/completions", {"model": model, "prompt": ["a", "b"], "max_tokens": tiny_stack.max_model_len + 1}),
+            ("/v1/completions", {"model": model, "prompt": [[1, 2], [5] * tiny_stack.max_model_len]}),
+            ("/v1/completions", {"model": model, "prompt": [[1, 2], [5] * (tiny_stack.max_model_len - 2)],
+                                 "min_tokens": 5, "max_tokens": 10}),
+            ("/v1/completions", {"model": model, "prompt": [[1, 2], [1, vocab + 3], [vocab + 9]]}),
+            ("/v1/completions", {"model": model, "prompt": [[1, 2], [1, vocab + 3]], "stream": True, "n": 2}),
+            ("/v1/completions", {"model": model, "prompt": ["a", "b"], "logprobs": 21}),
         ]
         [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len,
                                                             vocab_size=vocab, tool_calling=False))
@@ -297,6 +316,20 @@ class TestTinyLlama:
                                       "stream_options": {**usage, "continuous_usage_stats": True}}),
             ("/v1/completions", {"model": model, "prompt": "once", "max_tokens": 3, "ignore_eos": True, "n": 2,
                                  "stream": True, "stream_options": usage}),
+            # a batch of prompts: strings and token ids, n 1 and 2, whole and streamed (index prompt * n + answer)
+            ("/v1/completions", {"model": model, "prompt": ["once", "upon a time"], "max_tokens": 3,
+                                 "ignore_eos": True}),
+            ("/v1/completions", {"model": model, "prompt": [[1, 2, 3], [4]], "max_tokens": 3, "ignore_eos": True,
+                                 "n": 2}),
+            ("/v1/completions", {"model": model, "prompt": ["once", "upon a time"], "max_tokens": 3,
+                                 "ignore_eos": True, "stream": True}),
+            ("/v1/completions", {"model": model, "prompt": [[1, 2, 3], [4]], "max_tokens": 3, "ignore_eos": True,
+                                 "stream": True, "stream_options": usage}),
+            ("/v1/completions", {"model": model, "prompt": ["once", "upon a time"], "max_tokens": 3,
+                                 "ignore_eos": True, "n": 2, "stream": True,
+                                 "stream_options": {**usage, "continuous_usage_stats": True}}),
+            ("/v1/completions", {"model": model, "prompt": [[1, 2, 3], [4]], "max_tokens": 3, "ignore_eos": True,
+                                 "n": 2, "stream": True}),
         ]
         [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len))
         try:
@@ -325,6 +358,24 @@ class TestTinyLlama:
                     real = await answer(tiny_stack.engine.url, path, body)
                     simulated = await answer(sim.url, path, body)
                     assert simulated == real, (path, body)
+                # a batch of token ids: the same indexes in the same order and the same usage (each prompt once)
+                body = {"model": model, "prompt": [[1, 2, 3], [4]], "max_tokens": 3, "ignore_eos": True, "n": 2}
+                for stream in (False, True):
+                    seen = []
+                    for base in (tiny_stack.engine.url, sim.url):
+                        async with session.post(base + "/v1/completions", json={
+                                **body, "stream": stream, **({"stream_options": usage} if stream else {})}) as r:
+                            raw = await r.read()
+                        if stream:
+                            chunks = [orjson.loads(e[len(b"data: "):]) for e in raw.split(b"\n\n")
+                                      if e.startswith(b"data: {")]
+                            seen.append((sorted({c["choices"][0]["index"] for c in chunks if c["choices"]}),
+                                         chunks[-1]["usage"]))
+                        else:
+                            whole = orjson.loads(raw)
+                            seen.append(([c["index"] for c in whole["choices"]], whole["usage"]))
+                    assert seen[0] == seen[1] == ([0, 1, 2, 3], {**seen[0][1], "prompt_tokens": 4,
+                                                                 "completion_tokens": 12, "total_tokens": 16})
         finally:
             await sim.stop()
 
