@@ -73,8 +73,8 @@ Request handling
   ``i * n + j``, whole and streamed (chunks interleave as the answers' engine requests produce them);
   ``usage.prompt_tokens`` counts every prompt once however large ``n`` is, ``continuous_usage_stats`` an
   answer's own prompt and tokens. The lengths, the output cap, SamplingParams' cap checks and the token ids are
-  checked prompt by prompt, the first prompt that fails answering (a stream whose token ids fail in more than
-  one prompt gets any one's error from vLLM, in the order of a set of tasks; the sim's is the first's).
+  checked prompt by prompt, the first prompt that fails answering (where token ids fail in more than one
+  prompt, vLLM answers any one's error, in the order of a set of finished tasks; the sim the first's).
   Back-pressure first counts ``n`` (vLLM's preflight), then every answer of every prompt as it is added: a whole
   answer that then finds the engine full is a 503, a stream has answered 200 and carries vLLM's busy error
   (``"type": "Service Unavailable"``, ``"code": 503``) as its one event.
@@ -912,7 +912,8 @@ class SimServer:
             return refused
         header_id = request.headers.get(REQUEST_ID_HEADER)
         max_prompt_id = parsed.max_prompt_id
-        if parsed.prompts is not None:  # each prompt's ids are checked as its engine request is added, in order
+        if parsed.prompts is not None:  # each prompt's ids are checked as its engine request is added (the first's
+            # error here; vLLM's merge of the prompts' streams raises whichever its set of finished tasks gives)
             max_prompt_id = next((b.max_id for b in parsed.prompts
                                   if b.max_id is not None and b.max_id >= self.options.vocab_size), None)
         if inputs is not None or max_prompt_id is not None:

@@ -228,8 +228,8 @@ class TestTinyLlama:
             ("/v1/completions", {"model": model, "prompt": ["a", [1]]}),
             ("/v1/completions", {"model": model, "prompt": [[1, "x"], [2.5]]}),
             ("/v1/completions", {"model": model, "prompt": ["x"] * 1025}),
-            # a batch is checked prompt by prompt, the first that fails answering (a stream whose ids fail in
-            # more than one prompt gets any one's error from vLLM, so the streamed case has one)
+            # a batch is checked prompt by prompt, the first that fails answering (where token ids fail in more
+            # than one prompt, vLLM answers any one's error, so these cases have one)
             ("/v1/completions", {"model": model, "prompt": [[5] * (tiny_stack.max_model_len + 3), [1],
                                                             [5] * (tiny_stack.max_model_len + 5)]}),
             ("/v1/completions", {"model": model, "prompt": ["a", "b" * 9000, "c" * 12000]}),
@@ -237,7 +237,7 @@ class TestTinyLlama:
             ("/v1/completions", {"model": model, "prompt": [[1, 2], [5] * tiny_stack.max_model_len]}),
             ("/v1/completions", {"model": model, "prompt": [[1, 2], [5] * (tiny_stack.max_model_len - 2)],
                                  "min_tokens": 5, "max_tokens": 10}),
-            ("/v1/completions", {"model": model, "prompt": [[1, 2], [1, vocab + 3], [vocab + 9]]}),
+            ("/v1/completions", {"model": model, "prompt": [[1, 2], [1, vocab + 3], [7]]}),
             ("/v1/completions", {"model": model, "prompt": [[1, 2], [1, vocab + 3]], "stream": True, "n": 2}),
             ("/v1/completions", {"model": model, "prompt": ["a", "b"], "logprobs": 21}),
         ]
