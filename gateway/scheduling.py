@@ -17,7 +17,8 @@ Fast paths, because most deployments start with the defaults:
 The KV ledger (:class:`SharedLedger`) is the state store's: in-process for the memory store, shared and atomic
 (Lua) in Redis, so two gateways never over-commit one engine. While Redis is unreachable a gateway keeps
 serving from a **local ledger holding a conservative part of each engine: the room of its own running requests
-plus the engine's free room at its last view / (gateways alive at the last heartbeat listing)**, pre-loaded with
+plus the engine's free room at its last view / (gateways alive at the last heartbeat listing, or
+``state.expected_gateways`` where that is more)**, pre-loaded with
 its own reservations; when Redis answers again it re-sets
 capacities, replays the releases it could not send, re-adopts (force) the reservations it holds, and switches
 back. Reservations carry a lease (``scheduling.ledger_lease_s``, 30 s by default): each gateway refreshes the
@@ -381,7 +382,7 @@ class SharedLedger:
             return
         log.warning("shared KV ledger unavailable (%s); admitting from a local ledger until it returns, with "
                     "the room of this gateway's running requests and 1/%d of the rest of each engine's "
-                    "capacity", exc, max(1, self.gateways_seen))
+                    "capacity", exc, round(1 / self._share()))
         local = KVLedger()
         self._outage_base.clear()
         for engine_id, tokens in self.capacity.items():

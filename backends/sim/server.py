@@ -39,7 +39,8 @@ Request handling
   ``logprobs`` (chat: ``top_logprobs`` where ``logprobs`` is true) or ``prompt_logprobs`` above ``max_logprobs``
   (-1 asks for the vocabulary) -> ``Requested sample logprobs of 21, which is greater than max allowed: 20``;
   token ids outside ``vocab_size`` in ``logit_bias``, ``stop_token_ids``, ``allowed_token_ids`` (also refused
-  empty) or a token-id prompt (``Token id N is out of vocabulary``). These fail inside vLLM's engine, after its
+  empty) or a token-id prompt (``Token id N is out of vocabulary``; an empty one, ``[[]]`` or in a batch, ``The
+  decoder prompt cannot be empty``). These fail inside vLLM's engine, after its
   stream has answered 200: a stream gets its one event ``data: {"error": {...}}`` and ``data: [DONE]``.
 * **Unknown model**: 404 ``The model `x` does not exist. Valid aliases: <served name>.`` (``NotFoundError``,
   ``param`` "model"; vLLM 0.32's serve/engine/serving.py).
@@ -454,6 +455,15 @@ def resolve_prompt_list(prompt: list) -> list[str | list[int]] | web.Response:
 MAX_COMPLETION_PROMPTS = 1024  # vLLM's VLLM_MAX_COMPLETION_PROMPTS default
 
 
+# The largest id of a token-id prompt that has none: vLLM's engine refuses an empty decoder prompt
+# (input_processor._validate_prompt_len) where it would check the ids against the vocabulary
+EMPTY_PROMPT = -1
+
+
+def _largest_id(ids: list[int]) -> int:
+    return max(ids) if ids else EMPTY_PROMPT
+
+
 class BatchPrompt:
     """One prompt of a batched legacy completion: what the checks and the engine request need of it."""
 
@@ -462,7 +472,7 @@ class BatchPrompt:
     def __init__(self, prompt: str | list[int]) -> None:
         self.tokens = estimate_completion_prompt_tokens(prompt)
         self.token_ids = isinstance(prompt, list)
-        self.max_id = max(prompt) if self.token_ids and prompt else None
+        self.max_id = _largest_id(prompt) if self.token_ids else None  # type: ignore[arg-type]
 
 
 _NAMED_TOOL_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
@@ -765,7 +775,7 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         p.prompt_is_token_ids = _is_token_ids(prompt)
         if p.prompt_is_token_ids:
             ids = prompt[0] if len(prompt) == 1 and isinstance(prompt[0], list) else prompt
-            p.max_prompt_id = max(ids) if ids else None
+            p.max_prompt_id = _largest_id(ids)
     return p
 
 
@@ -907,15 +917,15 @@ class SimServer:
         if caps is None:
             refused = verify_sampling(parsed, checked)
         else:  # vLLM builds each prompt's SamplingParams in turn: the first prompt whose cap fails answers
-            refused = next(filter(None, (verify_sampling(parsed, cap) for cap in caps)), None)
+            refused = next((r for r in (verify_sampling(parsed, cap) for cap in caps) if r is not None), None)
         if refused is not None:
             return refused
         header_id = request.headers.get(REQUEST_ID_HEADER)
         max_prompt_id = parsed.max_prompt_id
         if parsed.prompts is not None:  # each prompt's ids are checked as its engine request is added (the first's
             # error here; vLLM's merge of the prompts' streams raises whichever its set of finished tasks gives)
-            max_prompt_id = next((b.max_id for b in parsed.prompts
-                                  if b.max_id is not None and b.max_id >= self.options.vocab_size), None)
+            max_prompt_id = next((b.max_id for b in parsed.prompts if b.max_id is not None and (
+                b.max_id == EMPTY_PROMPT or b.max_id >= self.options.vocab_size)), None)
         if inputs is not None or max_prompt_id is not None:
             failure = verify_engine_inputs(inputs, bias_ids, max_prompt_id, self.options)
             if failure is not None:
@@ -1192,7 +1202,8 @@ def verify_engine_inputs(inputs: EngineInputs | None, bias_ids: list[int] | None
                          options: SimEngineOptions) -> tuple[str, str | None] | None:
     """vLLM 0.32's checks in its engine, in their order: SamplingParams.verify (sampling_params.py:
     _validate_logprobs, _validate_logit_bias, _validate_stop_token_ids, _validate_allowed_token_ids), then the
-    prompt's token ids (renderers/base.py validate_token_ids). Returns the first failure's (message, param)."""
+    prompt (an empty one refused, input_processor._validate_prompt_len; then its token ids, renderers/base.py
+    validate_token_ids). Returns the first failure's (message, param)."""
     vocab = options.vocab_size
     if inputs is not None:
         limit = vocab if options.max_logprobs == -1 else options.max_logprobs
@@ -1217,6 +1228,8 @@ def verify_engine_inputs(inputs: EngineInputs | None, bias_ids: list[int] | None
             if invalid:
                 return validation_message("allowed_token_ids contains out-of-vocab token id!", "allowed_token_ids",
                                           invalid), "allowed_token_ids"
+    if max_prompt_id == EMPTY_PROMPT:  # input_processor._validate_prompt_len, before the ids
+        return "The decoder prompt cannot be empty", None
     if max_prompt_id is not None and max_prompt_id >= vocab:
         return f"Token id {max_prompt_id} is out of vocabulary", None
     return None

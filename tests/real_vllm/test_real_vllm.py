@@ -216,11 +216,14 @@ class TestTinyLlama:
             ("/v1/completions", {"model": model, "prompt": "once", "allowed_token_ids": [1.5]}),
             ("/v1/completions", {"model": model, "prompt": [1, vocab + 7, vocab]}),
             ("/v1/completions", {"model": model, "prompt": [[1, vocab]], "logit_bias": {"-3": 1}}),
+            ("/v1/completions", {"model": model, "prompt": [[]]}),  # an empty prompt, before the ids
+            ("/v1/completions", {"model": model, "prompt": [[1], []]}),
             # ... which a stream learns from its one event, after its 200
             ("/v1/chat/completions", {"model": model, "messages": chat, "logprobs": True, "top_logprobs": 21,
                                       "stream": True, "n": 2}),
             ("/v1/completions", {"model": model, "prompt": [1, vocab], "stream": True,
                                  "stream_options": {"include_usage": True}}),
+            ("/v1/completions", {"model": model, "prompt": [[]], "stream": True}),
             # the prompt union: nested token ids with a negative one, lists no member takes
             ("/v1/completions", {"model": model, "prompt": [[1, -5]]}),
             ("/v1/completions", {"model": model, "prompt": [[1, 5], [2, -1]]}),
