@@ -537,33 +537,20 @@ def tool_parser_refusal(choice: Any) -> web.Response:
 def check_logprobs(body: dict, chat: bool = True) -> web.Response | None:
     """vLLM 0.32's ChatCompletionRequest.check_logprobs (``top_logprobs`` needs ``logprobs``) or, for legacy
     completions, CompletionRequest.check_logprobs (an integer ``logprobs``); without ``logprob_token_ids``."""
-    if not chat:
-        return _check_completion_logprobs(body)
-    for name in ("prompt_logprobs", "top_logprobs"):
-        value = body.get(name)
-        if value is not None and not isinstance(value, (int, float)):
-            return bad_request(validation_message(f"`{name}` must be an integer.", name, value), name)
-    prompt_logprobs = body.get("prompt_logprobs")
-    if prompt_logprobs is not None:
-        if body.get("stream") and (prompt_logprobs > 0 or prompt_logprobs == -1):
-            return bad_request(validation_message("`prompt_logprobs` are not available when `stream=True`.",
-                                                  "prompt_logprobs", None), "prompt_logprobs")
-        if prompt_logprobs < 0 and prompt_logprobs != -1:
-            return bad_request(validation_message("`prompt_logprobs` must be a positive value or -1.",
-                                                  "prompt_logprobs", prompt_logprobs), "prompt_logprobs")
+    refused = _check_logprob_counts(body, "top_logprobs" if chat else "logprobs")
+    if refused is not None or not chat:
+        return refused
     top_logprobs = body.get("top_logprobs")
-    if top_logprobs is not None:
-        if top_logprobs < 0 and top_logprobs != -1:
-            return bad_request(validation_message("`top_logprobs` must be a positive value or -1.", "top_logprobs",
-                                                  top_logprobs), "top_logprobs")
-        if (top_logprobs == -1 or top_logprobs > 0) and not body.get("logprobs"):
-            return bad_request(validation_message("when using `top_logprobs`, `logprobs` must be set to true.",
-                                                  "top_logprobs", None), "top_logprobs")
+    if top_logprobs is not None and (top_logprobs == -1 or top_logprobs > 0) and not body.get("logprobs"):
+        return bad_request(validation_message("when using `top_logprobs`, `logprobs` must be set to true.",
+                                              "top_logprobs", None), "top_logprobs")
     return None
 
 
-def _check_completion_logprobs(body: dict) -> web.Response | None:
-    for name in ("prompt_logprobs", "logprobs"):
+def _check_logprob_counts(body: dict, sample_name: str) -> web.Response | None:
+    """The checks both request models share: ``prompt_logprobs`` and the sample count (chat's ``top_logprobs``, a
+    legacy completion's ``logprobs``) are numbers, >= 0 or -1; no prompt logprobs on a stream."""
+    for name in ("prompt_logprobs", sample_name):
         value = body.get(name)
         if value is not None and not isinstance(value, (int, float)):
             return bad_request(validation_message(f"`{name}` must be an integer.", name, value), name)
@@ -575,10 +562,10 @@ def _check_completion_logprobs(body: dict) -> web.Response | None:
         if prompt_logprobs < 0 and prompt_logprobs != -1:
             return bad_request(validation_message("`prompt_logprobs` must be a positive value or -1.",
                                                   "prompt_logprobs", prompt_logprobs), "prompt_logprobs")
-    logprobs = body.get("logprobs")
-    if logprobs is not None and logprobs < 0 and logprobs != -1:
-        return bad_request(validation_message("`logprobs` must be a positive value or -1.", "logprobs", logprobs),
-                           "logprobs")
+    sample = body.get(sample_name)
+    if sample is not None and sample < 0 and sample != -1:
+        return bad_request(validation_message(f"`{sample_name}` must be a positive value or -1.", sample_name,
+                                              sample), sample_name)
     return None
 
 
