@@ -19,10 +19,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.core.admission import grown_reservation, kv_footprint, reservation_tokens, round_to_blocks
+from gateway.core.admission import grown_reservation, reservation_tokens
 from gateway.core.ledger import KVLedger
 from gateway.core.request import SchedRequest
 from gateway.state.memory import LeasedLedger, MemoryStateStore
+from predictor.kv import kv_footprint, round_to_blocks
 
 ENGINES = ("e0", "e1", "e2")
 LEASE = 60.0

@@ -1322,7 +1322,8 @@ async def test_several_answers_reserve_a_block_of_their_own_each():
 def test_a_stream_of_several_answers_grows_its_reservation_answer_by_answer():
     """Streamed, ``n`` answers' tokens arrive interleaved: their reservation grows so that each answer's own blocks
     (its copy of the prompt's last block and its output, kv_footprint) stay covered, never beyond the cap."""
-    from gateway.core.admission import kv_footprint, reservation_tokens
+    from gateway.core.admission import reservation_tokens
+    from predictor.kv import kv_footprint
     from gateway.core.request import SchedRequest
     from gateway.scheduling import Ticket
 

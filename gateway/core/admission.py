@@ -11,9 +11,7 @@ request with several answers (``n``, or a legacy completion's batch of prompts):
 from __future__ import annotations
 
 from gateway.core.request import SchedRequest
-from predictor.kv import kv_footprint, round_to_blocks
-
-__all__ = ["ADMISSION_POLICIES", "grown_reservation", "kv_footprint", "reservation_tokens", "round_to_blocks"]
+from predictor.kv import kv_footprint
 
 ADMISSION_POLICIES = ("none", "max_tokens", "predicted")
 
@@ -40,13 +38,11 @@ def grown_reservation(request: SchedRequest, generated_tokens: int, block_size: 
     thousands; never beyond prompt + max_tokens (for several answers, their :func:`kv_footprint`, with the
     tokens generated so far taken as spread evenly over them)."""
     prompt, prompts, sequences = request.prompt_tokens, request.prompts, request.sequences
-    if sequences <= 1:  # the hot path: one answer
-        needed = prompt + generated_tokens
-        if needed <= request.reserved_tokens:
-            return None
-        cap = round_to_blocks(prompt + request.max_tokens, block_size)
-        return min(cap, round_to_blocks(needed + step_tokens, block_size))
-    if kv_footprint(prompt, generated_tokens, block_size, prompts, sequences) <= request.reserved_tokens:
+    # one answer outgrows its reservation by its tokens themselves (a reservation capped at an engine's grant may
+    # be no whole number of blocks); several, by their blocks
+    needed = (prompt + generated_tokens if sequences <= 1
+              else kv_footprint(prompt, generated_tokens, block_size, prompts, sequences))
+    if needed <= request.reserved_tokens:
         return None
     cap = kv_footprint(prompt, request.max_tokens, block_size, prompts, sequences)
     return min(cap, kv_footprint(prompt, generated_tokens + step_tokens, block_size, prompts, sequences))
