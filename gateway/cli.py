@@ -86,6 +86,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _run_server(_run_until_signal(start, gateway.stop, gateway.hurry))
 
 
+def add_vllm_flag_arguments(parser: argparse.ArgumentParser) -> None:
+    """The simulated engine's stand-ins for the vLLM server flags that decide what it refuses (its model's
+    vocabulary, ``--max-logprobs``, a tool parser): one definition for ``maestro sim-engines`` and ``python -m
+    backends.sim``. Left out, they are None and SimEngineOptions' defaults apply (:func:`vllm_flag_options`)."""
+    parser.add_argument("--vocab-size", type=int,
+                        help="the model's vocabulary, which bounds the token ids a request names (default 128256, "
+                             "Llama 3's)")
+    parser.add_argument("--max-logprobs", type=int, help="vLLM's --max-logprobs (default 20; -1: the vocabulary)")
+    parser.add_argument("--no-tool-calling", dest="tool_calling", action="store_false", default=None,
+                        help="refuse tool choices as a vLLM without --enable-auto-tool-choice --tool-call-parser does")
+
+
+def vllm_flag_options(args: argparse.Namespace) -> dict:
+    """The SimEngineOptions fields :func:`add_vllm_flag_arguments`' arguments set (those given)."""
+    return {name: value for name in ("vocab_size", "max_logprobs", "tool_calling")
+            if (value := getattr(args, name)) is not None}
+
+
 def cmd_sim_engines(args: argparse.Namespace) -> int:
     from backends.sim import SimEngineOptions, serve_sim_engines_forever
     from backends.sim.runner import check_serve_counts, dit_options_like
@@ -93,8 +111,7 @@ def cmd_sim_engines(args: argparse.Namespace) -> int:
     options = SimEngineOptions(model=args.model, max_model_len=args.max_model_len, time_scale=args.time_scale,
                                scheduling_policy=args.scheduling_policy, max_num_seqs=args.max_num_seqs,
                                kv_blocks=args.kv_blocks, mean_output_tokens=args.mean_output_tokens,
-                               tool_calling=args.tool_calling, vocab_size=args.vocab_size,
-                               max_logprobs=args.max_logprobs)
+                               **vllm_flag_options(args))
     dit_options = dit_options_like(options, args.dit_model)
     try:
         options.validate()
@@ -156,11 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-num-seqs", type=int, default=128)
     sim.add_argument("--kv-blocks", type=int, default=8192)
     sim.add_argument("--mean-output-tokens", type=int, default=128)
-    sim.add_argument("--vocab-size", type=int, default=128256,
-                     help="the model's vocabulary, which bounds the token ids a request names (default Llama 3's)")
-    sim.add_argument("--max-logprobs", type=int, default=20, help="vLLM's --max-logprobs (-1: the vocabulary)")
-    sim.add_argument("--no-tool-calling", dest="tool_calling", action="store_false",
-                     help="refuse tool choices as a vLLM without --enable-auto-tool-choice --tool-call-parser does")
+    add_vllm_flag_arguments(sim)
     log_level_here(sim)
     sim.set_defaults(func=cmd_sim_engines)
 

@@ -1454,3 +1454,15 @@ def test_the_simulated_dit_engine_checks_a_request_as_vllm_omni_does(extra):
         expected = [(e["type"], "body." + ".".join(map(str, e["loc"]))) for e in exc.errors()]
     errors, _ = validate_request(body, "64x64", 2048)
     assert [(e["type"], e["loc"]) for e in errors] == expected
+
+
+def test_the_sim_command_lines_pass_the_vllm_flags_through():
+    """``maestro sim-engines`` and ``python -m backends.sim`` share one definition of the flags; given ones reach
+    SimEngineOptions, left-out ones keep its defaults."""
+    from gateway.cli import build_parser, vllm_flag_options
+
+    args = build_parser().parse_args(["sim-engines", "--vocab-size", "151936", "--max-logprobs", "-1",
+                                      "--no-tool-calling"])
+    assert vllm_flag_options(args) == {"vocab_size": 151936, "max_logprobs": -1, "tool_calling": False}
+    defaults = SimEngineOptions(**vllm_flag_options(build_parser().parse_args(["sim-engines"])))
+    assert (defaults.vocab_size, defaults.max_logprobs, defaults.tool_calling) == (128256, 20, True)

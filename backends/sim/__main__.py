@@ -11,6 +11,7 @@ import contextlib
 
 from backends.sim.options import SimDiTOptions, SimEngineOptions
 from backends.sim.runner import check_serve_counts, serve_sim_engines_forever
+from gateway.cli import add_vllm_flag_arguments, vllm_flag_options
 from gateway.listen import CannotListen
 
 
@@ -32,18 +33,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wake-delay-s", type=float, default=defaults.wake_delay_s)
     parser.add_argument("--max-num-queued-reqs", type=int, default=defaults.max_num_queued_reqs)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size,
-                        help="the model's vocabulary, which bounds the token ids a request names")
-    parser.add_argument("--max-logprobs", type=int, default=defaults.max_logprobs, help="vLLM's --max-logprobs")
-    parser.add_argument("--no-tool-calling", dest="tool_calling", action="store_false",
-                        help="refuse tool choices as a vLLM without --enable-auto-tool-choice --tool-call-parser does")
+    add_vllm_flag_arguments(parser)
     args = parser.parse_args(argv)
     options = SimEngineOptions(
         model=args.model, max_model_len=args.max_model_len, time_scale=args.time_scale,
         max_num_seqs=args.max_num_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
         scheduling_policy=args.scheduling_policy, mean_output_tokens=args.mean_output_tokens,
         wake_delay_s=args.wake_delay_s, max_num_queued_reqs=args.max_num_queued_reqs, seed=args.seed,
-        vocab_size=args.vocab_size, max_logprobs=args.max_logprobs, tool_calling=args.tool_calling)
+        **vllm_flag_options(args))
     try:
         options.validate()
         check_serve_counts(args.count, args.dit_count, args.base_port)
