@@ -276,14 +276,20 @@ def test_a_failed_import_leaves_an_existing_output_as_it_was(tmp_path, capsys):
                                                            "whole.jsonl.gz"]
 
 
+def _out_naming(target: Path, given: str, tmp_path: Path) -> Path:
+    """The OUT a test gives for ``target``: the path itself, or (``given`` "link") a symlink to it."""
+    if given != "link":
+        return target
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    return link
+
+
 @pytest.mark.parametrize("given", ["file", "folder", "link"])
 def test_import_refuses_to_write_over_the_file_it_reads(tmp_path, capsys, given):
     source = write_jsonl(tmp_path / "chatdev_llm_calls.jsonl", [chatdev_row(i) for i in range(3)])
     before = source.read_bytes()
-    out = source
-    if given == "link":
-        out = tmp_path / "link.jsonl"
-        out.symlink_to(source)
+    out = _out_naming(source, given, tmp_path)
     in_path = tmp_path if given == "folder" else source
     assert_usage_error(["import", "--source", "chatdev", str(in_path), str(out)], capsys, "is the input file")
     assert source.read_bytes() == before
@@ -300,10 +306,7 @@ def test_import_refuses_to_write_over_any_file_it_reads(tmp_path, capsys, given)
     outputs = write_jsonl(tmp_path / "selected_models_outputs.jsonl",
                           [{"instruction_idx": 0, "generator": "gpt-4", "output": "Seven."}])
     before = instructions.read_bytes()
-    out = instructions
-    if given == "link":
-        out = tmp_path / "link.jsonl"
-        out.symlink_to(instructions)
+    out = _out_naming(instructions, given, tmp_path)
     in_path = tmp_path if given == "folder" else outputs
     err = assert_usage_error(["import", "--source", "alpaca-eval", str(in_path), str(out)], capsys,
                              "is the input file")
