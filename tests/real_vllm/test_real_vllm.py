@@ -214,6 +214,10 @@ class TestTinyLlama:
             ("/v1/completions", {"model": model, "prompt": "once", "allowed_token_ids": []}),
             ("/v1/completions", {"model": model, "prompt": "once", "allowed_token_ids": [1, vocab + 5]}),
             ("/v1/completions", {"model": model, "prompt": "once", "allowed_token_ids": [1.5]}),
+            # a whole float past an int64 is pydantic's int_parsing_size, not an id outside the vocabulary
+            ("/v1/completions", {"model": model, "prompt": "once", "stop_token_ids": [1e20], "seed": 1e19}),
+            ("/v1/completions", {"model": model, "prompt": [1, 1e20]}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": -1e20}),
             ("/v1/completions", {"model": model, "prompt": [1, vocab + 7, vocab]}),
             ("/v1/completions", {"model": model, "prompt": [[1, vocab]], "logit_bias": {"-3": 1}}),
             ("/v1/completions", {"model": model, "prompt": [[]]}),  # an empty prompt, before the ids
