@@ -53,6 +53,7 @@ from backends.sim.server import (
     check_str,
     error_response,
     invalid_json_response,
+    load_request_json,
     not_an_object_response,
     pydantic_error_response,
 )
@@ -253,7 +254,7 @@ class SimDiTServer:
 
     async def images_generations(self, request: web.Request) -> web.Response:
         try:
-            body = orjson.loads(await request.read())
+            body = load_request_json(await request.read())
         except orjson.JSONDecodeError as exc:
             return invalid_json_response(exc)
         if not isinstance(body, dict):

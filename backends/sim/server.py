@@ -247,6 +247,19 @@ def _err(kind: str, loc: str, msg: str, value: Any) -> dict:
     return err
 
 
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")  # orjson reads an integer literal past [-2**63, 2**64) as a float
+
+
+def load_request_json(raw: bytes) -> Any:
+    """The body as vLLM's FastAPI reads it: orjson for speed, but where the text may hold an integer orjson
+    cannot keep (19 digits or more in a row), the standard library's parse, which keeps it a Python int as vLLM's
+    does (``"seed": 2**70`` is pydantic's less_than_equal there, ``1e20`` a float's int_parsing_size)."""
+    body = orjson.loads(raw)
+    if _LONG_NUMBER.search(raw) is not None:
+        body = json.loads(raw)
+    return body
+
+
 def invalid_json_response(exc: orjson.JSONDecodeError) -> web.Response:
     """FastAPI's 400 for a body that is not JSON; one builder because the LLM and DiT servers both mimic it."""
     return pydantic_error_response([{"type": "json_invalid", "loc": "body." + str(exc.pos), "msg": "JSON decode error",
@@ -881,7 +894,7 @@ class SimServer:
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         raw = await request.read()
         try:
-            body = orjson.loads(raw)
+            body = load_request_json(raw)
         except orjson.JSONDecodeError as exc:
             return invalid_json_response(exc)
         parsed = parse_body(body, chat)

@@ -218,6 +218,10 @@ class TestTinyLlama:
             ("/v1/completions", {"model": model, "prompt": "once", "stop_token_ids": [1e20], "seed": 1e19}),
             ("/v1/completions", {"model": model, "prompt": [1, 1e20]}),
             ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": -1e20}),
+            # ... and an integer literal past it stays an integer (its own range checks, the vocabulary)
+            ("/v1/completions", {"model": model, "prompt": "once", "stop_token_ids": [10 ** 20], "seed": 2 ** 70}),
+            ("/v1/completions", {"model": model, "prompt": "once", "stop_token_ids": [-(10 ** 20)]}),
+            ("/v1/completions", {"model": model, "prompt": [[1, 10 ** 20]]}),
             ("/v1/completions", {"model": model, "prompt": [1, vocab + 7, vocab]}),
             ("/v1/completions", {"model": model, "prompt": [[1, vocab]], "logit_bias": {"-3": 1}}),
             ("/v1/completions", {"model": model, "prompt": [[]]}),  # an empty prompt, before the ids
