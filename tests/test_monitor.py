@@ -368,7 +368,7 @@ async def test_a_sleep_that_never_happened_does_not_keep_an_engine_out_for_good(
         with pytest.raises(EngineTimedOut):
             await vllm.sleep(mode="wait")
         assert (await vllm.probe()).sleeping  # still draining, maybe
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.4)  # the hold ends admin_s (0.2 s) after the timeout; the drain, 1 s after the call
         assert not (await vllm.probe()).sleeping  # its /metrics never said it sleeps: taken back
         call = asyncio.create_task(vllm.sleep())
         await asyncio.sleep(0.05)
