@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 # X-Accel-Buffering: an nginx in front of the gateway would otherwise hold a stream's events back in its buffer
 _STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
+
+
+def _ends_stream(out: bytes) -> bool:
+    """Whether relayed bytes end with the stream's last event, ``data: [DONE]`` (its last bytes only: a chunk may
+    be large)."""
+    return out[-32:].rstrip().endswith(b"data: [DONE]")
+
 UNUSABLE_WARN_EVERY_S = 60.0  # an engine's unusable answers (a wrong key...) are logged at most this often
 _WATCH_SLACK_S = 0.5  # a stream's watchdog is re-armed at most this often (a timer per event would cost more)
 _ERROR_EVENT_WRITE_S = 5.0  # the longest a stream's closing error event may wait for the client to read
@@ -73,6 +80,9 @@ class RelayJob:
     # the answer did not end as a whole one: a stream that broke or carried an error event, the client gone, or the
     # engine cut it (finish_reason "abort" when an engine is put to sleep, "error"): no finished step, no record
     incomplete: bool = False
+    # a stream's end ([DONE]) went to the client: it has the whole answer, so a client that closes at once, before
+    # the engine's connection ends (loadgen's and many SDKs' habit), is served (200, usage counted), not a 499
+    answered: bool = False
     usage: dict[str, Any] | None = None  # the engine's usage once known
     trace_body: dict[str, Any] | None = None  # the client's own body, for online learning (None: not recorded)
 
@@ -449,10 +459,7 @@ class Proxy:
         try:
             await response.prepare(request)
             completed = await self._pump(job, upstream, engine_id, response, usage_filter, head)
-            job.usage = usage_filter.usage
-            if usage_filter.usage:
-                self.metrics.tokens(job.model, usage_filter.usage.get("prompt_tokens") or 0,
-                                    usage_filter.usage.get("completion_tokens") or 0)
+            self._count_stream_usage(job, usage_filter)
             try:  # write_eof waits for a client that reads nothing: the last events filled its socket
                 async with asyncio.timeout(self.stream_idle_s):
                     await response.write_eof()
@@ -460,7 +467,9 @@ class Proxy:
                 raise ClientStalled(f"the client read nothing of the stream's end for {self.stream_idle_s:g} s") \
                     from None
         except ConnectionResetError:
-            job.status = 499  # the client went away mid-stream; the finally below makes the engine abort
+            if not job.answered:
+                job.status = 499  # the client went away mid-stream; the finally below makes the engine abort
+            self._count_stream_usage(job, usage_filter)
         except ClientStalled as stalled:
             log.warning("request %s: %s; its connection is closed and engine %s's request ended",
                         job.request_id, stalled, engine_id)
@@ -469,6 +478,10 @@ class Proxy:
             if request.transport is not None:
                 request.transport.abort()  # close() would wait to flush what the client does not read
         except asyncio.CancelledError:
+            if job.answered:  # the client (or the stop) left after the end, as the engine closed: served
+                asyncio.current_task().uncancel()  # type: ignore[union-attr]
+                self._count_stream_usage(job, usage_filter)
+                return response
             if not (self.shutting_down and response.prepared):
                 raise  # the client left (handler cancellation)
             # the gateway's stop ends it: say so and end the stream properly, rather than cut it mute
@@ -485,9 +498,18 @@ class Proxy:
             if completed:
                 upstream.release()
             else:
-                job.incomplete = True
+                if not job.answered:
+                    job.incomplete = True
                 upstream.close()  # client gone or engine failed: drop the connection so the engine aborts
         return response
+
+    def _count_stream_usage(self, job: RelayJob, usage_filter: "SSEUsageFilter") -> None:
+        """The engine's usage of a stream that ended (or was answered), once: for the request, the metrics and
+        online learning."""
+        if job.usage is None and usage_filter.usage:
+            job.usage = usage_filter.usage
+            self.metrics.tokens(job.model, usage_filter.usage.get("prompt_tokens") or 0,
+                                usage_filter.usage.get("completion_tokens") or 0)
 
     async def _pump(self, job: RelayJob, upstream: aiohttp.ClientResponse, engine_id: str,
                     response: web.StreamResponse, usage_filter: SSEUsageFilter, head: bytes = b"") -> bool:
@@ -523,6 +545,8 @@ class Proxy:
                         await response.write(out)
                         writing = False
                         last = out
+                        if _ends_stream(out):
+                            job.answered = True
                         if first:
                             first = False
                             self.metrics.first_byte(job.route, time.perf_counter() - (job.arrived or job.started))
@@ -539,12 +563,15 @@ class Proxy:
                     await response.write(_DONE)
                     writing = False
                     last = _DONE
+                    job.answered = True
                 # any other tail is part of an event the engine cut: no use to a client, and the error event
                 # below written onto it would make a line no client can parse
         except asyncio.TimeoutError as exc:
             fired = watchdog is not None and watchdog.expired()
             if fired and writing:
                 raise ClientStalled(f"the client read nothing for {self.stream_idle_s:g} s") from None
+            if job.answered:
+                return False  # the engine kept its connection open after the end: the answer is whole
             job.status = 504
             if isinstance(exc, aiohttp.ServerTimeoutError) or (fired and loop.time() < total_at):
                 self.metrics.upstream_error(engine_id, "stream_idle")  # nothing came for stream_idle_s
@@ -558,11 +585,13 @@ class Proxy:
         except ConnectionResetError:  # a write to the client, whose connection is closing (aiohttp's
             raise                      # ClientConnectionResetError is also a ClientError): not the engine's doing
         except aiohttp.ClientError:  # dropped mid-stream, or bytes that are no valid HTTP (a bad chunk size)
+            if job.answered:
+                return False  # dropped after the end: the answer is whole
             job.status = 502
             self.metrics.upstream_error(engine_id, "disconnect")
             await self._end_stream_with_error(response, f"Engine {engine_id} dropped the stream.")
             return False
-        if not last.rstrip().endswith(b"data: [DONE]"):  # closed without its end: no whole answer
+        if not _ends_stream(last):  # closed without its end: no whole answer
             job.status = 502
             self.metrics.upstream_error(engine_id, "disconnect")
             await self._end_stream_with_error(response, f"Engine {engine_id} ended the stream before its end "

@@ -29,7 +29,7 @@ class FaultEngine:
     mode: str = "ok"  # ok | busy | drop_before | drop_after_first | reset_after_first | drop_mid_body | stall
     #                   | error_500 | slow | firehose | error_event_400 | error_event_500 | no_done
     #                   | bad_chunk_after_first | bad_header | bad_chunk_first | cut_mid_event
-    #                   | unauthorized | redirect | gzip
+    #                   | unauthorized | redirect | gzip | linger_after_done
     delay_s: float = 0.0
     hits: int = 0
     seen_bodies: list = field(default_factory=list)
@@ -243,5 +243,7 @@ class FaultEngine:
             await response.write(b"data: " + orjson.dumps(usage) + b"\n\n")
         if mode != "no_done":  # no_done: the stream closes after its last chunk, without [DONE]
             await response.write(b"data: [DONE]\n\n")
+        if mode == "linger_after_done":  # the body's end comes delay_s after [DONE] (a busy engine's event loop)
+            await asyncio.sleep(self.delay_s)
         await response.write_eof()
         return response

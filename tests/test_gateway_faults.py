@@ -668,3 +668,34 @@ async def test_an_engines_api_key_goes_with_every_call_to_it(engines, monkeypatc
     assert keyed.seen_metrics_headers and all(h.get("Authorization") == "Bearer engine-secret"
                                               for h in keyed.seen_metrics_headers)
     assert all("Authorization" not in h for h in plain.seen_metrics_headers)
+
+
+async def test_a_client_that_closes_right_after_done_was_served(engines):
+    """A client that closes its connection as soon as it reads ``[DONE]`` (loadgen's aiohttp client, many SDKs'
+    iterators) has the whole answer. The gateway still waited for the engine's body to end and was cancelled
+    there: the request counted as a 499, its tokens were lost, its workflow step was not finished and online
+    learning kept no record. It is served: a 200, the usage counted, the step finished."""
+    engine = engines[0]
+    engine.mode = "linger_after_done"
+    engine.delay_s = 1.0
+    async with running_gateway(gateway_config([engine.url])) as gw:
+        body = {"model": "fault-model", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        events = []
+        async with aiohttp.ClientSession() as session:
+            async with session.post(gw.base_url + "/v1/chat/completions", json=body,
+                                    headers={"X-Workflow-Id": "wf-done", "X-Agent-Role": "coder"}) as response:
+                assert response.status == 200
+                async for line in response.content:
+                    events.append(line.strip())
+                    if line.strip() == b"data: [DONE]":
+                        break  # and close, before the engine's body (and so the gateway's) has ended
+        assert events[-1] == b"data: [DONE]"
+        assert not any(b'"usage"' in event for event in events)  # the gateway's own usage request: stripped
+        deadline = time.monotonic() + 5
+        while gw.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)  # the workflow step's end is written by a task of its own
+        assert (_requests_with_status(gw, 499), _requests_with_status(gw, 200)) == (0, 1)
+        rendered = gw.metrics.render().decode()
+        assert 'maestro_tokens_total{kind="completion",model="fault-model"} 2.0' in rendered
+        assert gw.scheduling.workflows.cache["wf-done"].steps_done == 1
