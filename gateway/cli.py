@@ -244,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        # the openai SDK's HTTP client logs a line a request at INFO: `loadgen live --client openai` drowned its
+        # progress in them (DEBUG keeps them)
+        for name in ("httpx", "httpx2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     from predictor.role_labels import RolesFileError
 
     try:

@@ -798,6 +798,42 @@ def options_from_args(args: argparse.Namespace) -> LiveOptions:
                        progress=not args.no_progress, policy=dict(args.policy or ()), slo_targets=targets)
 
 
+PREFLIGHT_TIMEOUT_S = 5.0
+
+
+async def check_endpoint(url: str, model: str, api_key: str | None) -> tuple[bool, str | None]:
+    """What would make every request of a run fail, looked for before the run by one ``GET {url}/models``:
+    ``(True, message)`` where the server lists its models and ``model`` is not one of them (a run that can only
+    collect 404s); ``(False, message)`` for a doubt worth a warning (no server there, a URL that is not the API's
+    base, a key refused: the run goes on and records what fails); ``(False, None)`` where nothing looks wrong."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    models_url = url.rstrip("/") + "/models"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PREFLIGHT_TIMEOUT_S)) as session:
+            async with session.get(models_url, headers=headers) as response:
+                status = response.status
+                raw = await response.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:  # ValueError: a URL aiohttp refuses
+        return False, f"cannot reach {models_url}: {str(exc) or exc.__class__.__name__}"
+    if status == 404:
+        return False, (f"GET {models_url} answered 404; --url should be the API's base URL, the one an OpenAI "
+                       "client takes (it ends in /v1 on the gateway and on vLLM)")
+    if status in (401, 403):
+        return False, (f"GET {models_url} answered {status}: the server refused the key; pass --api-key or set "
+                       "$OPENAI_API_KEY")
+    if status != 200:
+        return False, None
+    try:
+        served = [card["id"] for card in orjson.loads(raw)["data"]]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return False, None  # not OpenAI's list: the run will tell
+    if model not in served:
+        shown = ", ".join(map(str, served[:10])) + (", ..." if len(served) > 10 else "")
+        return True, (f"model {model!r} is not served at {url} (it serves: {shown or 'nothing'}); pass --model "
+                      "NAME, or write the workload with maestro loadgen workload --model NAME")
+    return False, None
+
+
 def live_main(args: argparse.Namespace) -> int:
     """``maestro loadgen live``: 0 when every request succeeded, 1 when some failed, 2 on bad input."""
     try:
@@ -810,6 +846,11 @@ def live_main(args: argparse.Namespace) -> int:
     except (WorkloadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    fatal, problem = asyncio.run(check_endpoint(options.url, options.model or workload.model, options.api_key))
+    if problem is not None:
+        print(f"{'error' if fatal else 'warning'}: {problem}", file=sys.stderr)
+        if fatal:
+            return 2
     announce_replacing(args.out)
 
     async def main() -> RunResult:
@@ -842,6 +883,11 @@ def live_main(args: argparse.Namespace) -> int:
           f"request SLO attainment {_pct(summary['request_slo_attainment'])}, workflow deadline attainment "
           f"{_pct(summary['workflow_deadline_attainment'])} ({meta['end']}, {meta['wall_s']:.1f} s){not_run}",
           file=sys.stderr)
+    if meta["output_mismatches"]:
+        hint = (" The X-Sim-Output-Tokens hint steers only the simulated engines: against a real vLLM use "
+                "--output-control ignore-eos." if options.output_control == "hint" else "")
+        print(f"warning: {meta['output_mismatches']} of {summary['requests_ok']} requests that succeeded generated "
+              f"another length than the workload's.{hint}", file=sys.stderr)
     failed = {status: count for status, count in sorted(meta["status_counts"].items()) if status != "ok"}
     if failed:  # the why, here: a run that failed every request said only "0/55 requests ok"
         print(f"failed: {', '.join(f'{status} {count}' for status, count in failed.items())}"

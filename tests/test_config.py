@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -380,3 +381,16 @@ def test_an_engines_api_key_comes_from_its_pool_unless_its_own_and_is_never_show
     engines = parse_config(raw).clusters[0].pools[0].engines
     assert [e.api_key for e in engines] == ["pool-secret", "own-secret"]
     assert "secret" not in repr(engines)
+
+
+def test_the_openai_sdks_request_log_lines_are_kept_out_below_debug(tmp_path):
+    """``maestro loadgen live --client openai`` printed one httpx INFO line a request over its progress."""
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(base()))
+    script = ("import logging, sys; from gateway.cli import main; code = main(sys.argv[1:]); "
+              "print(code, logging.getLogger('httpx2').getEffectiveLevel(), logging.getLogger('httpx').level)")
+    for level, expected in (("INFO", logging.WARNING), ("DEBUG", logging.DEBUG)):
+        done = subprocess.run([sys.executable, "-c", script, "--log-level", level, "check-config", str(path)],
+                              capture_output=True, text=True, timeout=60)
+        code, effective, _ = done.stdout.splitlines()[-1].split()  # after check-config's own line
+        assert (int(code), int(effective)) == (0, expected), done.stderr

@@ -1209,3 +1209,61 @@ def test_the_report_keeps_its_tables_without_matplotlib(tmp_path, capsys, monkey
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| r |" in markdown and "(no plots: matplotlib cannot be imported" in markdown and "![" not in markdown
     assert not list((tmp_path / "report").glob("*.png"))
+
+
+def _live_against(tmp_path, workload: Workload, served: list[str] | None, *extra: str) -> int:
+    """``live_main`` against a streaming server whose ``GET /v1/models`` lists ``served`` (None: no such route)."""
+    path = tmp_path / "w.json"
+    workload.save(path)
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": name, "object": "model"} for name in served]})
+
+    async def main() -> int:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", _streamer(complete=True))
+        if served is not None:
+            app.router.add_get("/v1/models", models)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"
+        try:
+            args = _parse(add_live_arguments, ["--url", url, "--workload", str(path), "--no-progress",
+                                               "--out", str(tmp_path / "live.json"), *extra])
+            return await asyncio.to_thread(live_main, args)
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(main())
+
+
+def test_live_refuses_a_model_the_server_does_not_serve_before_the_run(tmp_path, capsys):
+    """A workload written for the simulated engines' model, run against a real engine's: every request was a 404
+    and the run went on to the end, the fix (--model) named nowhere. The server's model list is asked first."""
+    assert _live_against(tmp_path, _calls(2), ["tiny-llama"]) == 2
+    err = capsys.readouterr().err
+    assert "error: model 'm' is not served at http://127.0.0.1:" in err and "(it serves: tiny-llama)" in err
+    assert "--model NAME" in err and not (tmp_path / "live.json").exists()
+    assert _live_against(tmp_path, _calls(2), ["tiny-llama"], "--model", "tiny-llama") == 0
+    assert load_run(tmp_path / "live.json").meta["model"] == "tiny-llama"
+    assert "warning" not in capsys.readouterr().err
+    # a server without the list (a URL that is not the API's base, say) is a doubt: a warning, and the run goes on
+    assert _live_against(tmp_path, _calls(1), None) == 0
+    assert "warning: GET http://127.0.0.1:" in capsys.readouterr().err
+
+
+def test_live_warns_when_the_engine_ignored_the_workloads_output_lengths(tmp_path, capsys):
+    """The default output control is a hint only the simulated engines read: against a real vLLM every answer ran
+    to max_tokens, and only the result file's meta.output_mismatches said so."""
+    workload = Workload([Workflow("c", 0.0, [Step("call", "assistant", 5, prompt_tokens=40)], kind="interactive",
+                                  slo_class="interactive")], model="m", meta={"spec": {"rate": 99.0}})
+    assert _live_against(tmp_path, workload, ["m"]) == 0  # the server streams 3 tokens, not 5
+    err = capsys.readouterr().err
+    assert ("warning: 1 of 1 requests that succeeded generated another length than the workload's. The "
+            "X-Sim-Output-Tokens hint steers only the simulated engines: against a real vLLM use --output-control "
+            "ignore-eos.") in err
+    assert _live_against(tmp_path, workload, ["m"], "--output-control", "ignore-eos") == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 of 1" in err and "hint steers" not in err
