@@ -245,7 +245,8 @@ def summarize(run: RunResult) -> dict[str, Any]:
         "interactive_p99_ttft_s": quantile(ittft, 0.99),
         "mean_e2e_s": base["mean_e2e_s"],
         "preempted_requests": base["preempted_requests"],
-        "preempted_share": base["preempted_requests"] / len(requests) if requests else 0.0,
+        "preempted_share": (base["preempted_requests"] / len(requests) if requests else 0.0)
+        if base["preempted_requests"] is not None else None,  # None: a live run, which cannot see them
         "preemptions": sum(r.preemptions for r in requests),
         "reserved_mean_bytes": kv.get("reserved_mean_bytes"),
         "reserved_peak_bytes": kv.get("reserved_peak_tokens", 0) * kv.get("kv_bytes_per_token", 0),

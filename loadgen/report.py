@@ -273,7 +273,7 @@ def summarize(run: RunResult, name: str) -> RunRow:
         p99_e2e=quantile(e2e, 0.99), p99_ttft=quantile(ttft, 0.99),
         # a live run never measures preemptions (its records' 0 means unknown): "-", as the KV columns say it
         preemptions=None if run.mode == "live" else sum(r.preemptions for r in run.requests),
-        preempted_requests=None if run.mode == "live" else summary["preempted_requests"],
+        preempted_requests=summary["preempted_requests"],  # None for a live run
         reserved_mean=reserved_mean, reserved_peak=reserved_peak, partial=run.partial,
         requests_cut=summary["requests_cut"], workflows_cut=summary["workflows_cut"],
         not_run_steps=_count(run.meta.get("not_due")) + _count(run.meta.get("not_started_steps")),

@@ -196,7 +196,8 @@ class RunResult:
             "mean_e2e_s": (sum(e2e) / len(e2e)) if e2e else None,
             "p50_ttft_s": quantile(ttft, 0.5),
             "p99_ttft_s": quantile(ttft, 0.99),
-            "preempted_requests": sum(1 for r in requests if r.preemptions > 0),
+            # a live client cannot see the engines' preemptions (its records' 0 means unknown): None, not 0
+            "preempted_requests": None if self.mode == "live" else sum(1 for r in requests if r.preemptions > 0),
             "partial": self.partial,
         }
 

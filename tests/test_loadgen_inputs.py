@@ -934,6 +934,10 @@ def test_experiment_ttft_percentiles_are_over_successful_requests_like_the_summa
     assert (figures["p50_ttft_s"], figures["p99_ttft_s"]) == (summary["p50_ttft_s"], summary["p99_ttft_s"]) \
         == (50.0, 99.0)
     assert figures["interactive_p99_ttft_s"] == 99.0
+    # a live client cannot see preemptions: unknown (None), not 0, in the summary and the experiments' figures
+    assert summary["preempted_requests"] is None and figures["preempted_share"] is None
+    simulated = RunResult(mode="simulate", policy={}, requests=_timed_requests([1.0, 2.0]))
+    assert simulated.summary()["preempted_requests"] == 0 and experiment_figures(simulated)["preempted_share"] == 0
 
 
 # ------------------------------------------------------------------------------------------ partial runs
