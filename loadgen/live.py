@@ -170,6 +170,10 @@ class LiveOptions:
     # (ttft_s, tpot_s, workflow deadline_s) per SLO class; None: the gateway's built-in classes
     # (the CLI's --gateway-config gives a config's own, which is what that gateway schedules by)
     slo_targets: dict[str, tuple[float | None, float | None, float | None]] | None = None
+    # a Maestro gateway's Prometheus page, sampled every sample_s wall seconds into the result's series
+    # reserved_kv_tokens and queued_requests (the report's reserved-KV columns); None: no sampling
+    metrics_url: str | None = None
+    sample_s: float = 1.0
 
     def validate(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -185,6 +189,10 @@ class LiveOptions:
         if not (self.request_timeout_s > 0 and math.isfinite(self.request_timeout_s)):
             raise ValueError("request_timeout_s must be a finite number of seconds > 0, "
                              f"got {self.request_timeout_s!r}")
+        if not (self.sample_s > 0 and math.isfinite(self.sample_s)):
+            raise ValueError(f"sample_s must be a finite number of seconds > 0, got {self.sample_s!r}")
+        if self.metrics_url is not None and not self.metrics_url.startswith(("http://", "https://")):
+            raise ValueError(f"metrics_url must start with http:// or https://, got {self.metrics_url!r}")
         for name, allowed in (("context", CONTEXTS), ("output_control", OUTPUT_CONTROLS), ("client", CLIENTS),
                               ("time_base", TIME_BASES)):
             if getattr(self, name) not in allowed:
@@ -301,6 +309,8 @@ class LiveRunner:
         self._t0 = 0.0
         self._t0_epoch = 0.0
         self._progress: _Progress | None = None
+        self.series: dict[str, list[tuple[float, float]]] = {}
+        self.metrics_note: str | None = None  # why the gateway's metrics were not (or no longer) sampled
 
     # ------------------------------------------------------------------------------------------ clock
 
@@ -333,6 +343,7 @@ class LiveRunner:
         dispatcher = asyncio.create_task(self._dispatch())
         finished = asyncio.create_task(self._all_done(dispatcher))
         stopper = asyncio.create_task(self._stop.wait())
+        sampler = asyncio.create_task(self._sample_gateway()) if opts.metrics_url else None
         try:
             done, _ = await asyncio.wait({finished, stopper}, timeout=opts.time_limit_s,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -346,11 +357,53 @@ class LiveRunner:
             for task in (dispatcher, finished, stopper, *self._tasks):
                 task.cancel()
             await asyncio.gather(dispatcher, finished, stopper, *self._tasks, return_exceptions=True)
+            if sampler is not None:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
             await self._session.close()
             if self._openai is not None:
                 await self._openai.close()
             self._progress.close()
         return self._result(reason, wall)
+
+    async def _sample_gateway(self) -> None:
+        """Sample the gateway's reserved KV and queue (each summed over its engines and pools) every ``sample_s``
+        wall seconds, on a connection of its own (the run's may all be taken). A page without Maestro's gauges
+        (a plain engine at the URL) ends the sampling, noted in ``meta.metrics_note``; a failed sample is skipped."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        opts = self.options
+        headers = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
+        reserved = self.series.setdefault("reserved_kv_tokens", [])
+        queued = self.series.setdefault("queued_requests", [])
+        failures = 0
+        timeout = aiohttp.ClientTimeout(total=max(opts.sample_s, PREFLIGHT_TIMEOUT_S))
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                at = self._now()
+                try:
+                    async with session.get(opts.metrics_url, headers=headers) as response:
+                        text = (await response.read()).decode("utf-8", "replace") if response.status == 200 else None
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    text = None
+                if text is None:
+                    failures += 1
+                    self.metrics_note = f"{failures} sample(s) of {opts.metrics_url} failed"
+                else:
+                    sums: dict[str, float] = {}
+                    try:
+                        for family in text_string_to_metric_families(text):
+                            if family.name in ("maestro_kv_reserved_tokens", "maestro_queued_requests"):
+                                sums[family.name] = sum(sample.value for sample in family.samples)
+                    except ValueError:
+                        pass  # not Prometheus' text format: as a page without the gauges
+                    if "maestro_kv_reserved_tokens" not in sums:
+                        self.metrics_note = (f"{opts.metrics_url} has no maestro_kv_reserved_tokens (not a Maestro "
+                                             "gateway's metrics): no KV series")
+                        return
+                    reserved.append((at, sums["maestro_kv_reserved_tokens"]))
+                    queued.append((at, sums.get("maestro_queued_requests", 0.0)))
+                await asyncio.sleep(opts.sample_s)
 
     async def _all_done(self, dispatcher: asyncio.Task) -> None:
         await dispatcher
@@ -737,8 +790,11 @@ class LiveRunner:
         }
         self.requests.sort(key=lambda r: r.arrival)
         self.workflows.sort(key=lambda w: w.arrival)
+        meta["metrics_url"] = self.options.metrics_url
+        meta["metrics_note"] = self.metrics_note
         return RunResult(mode="live", policy=dict(self.options.policy), requests=self.requests,
-                         workflows=self.workflows, meta=meta)
+                         workflows=self.workflows, meta=meta,
+                         series={name: points for name, points in self.series.items() if points})
 
 
 async def run_live(workload: Workload, options: LiveOptions) -> RunResult:
@@ -781,6 +837,11 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
              "fails as error:timeout; ': keep-alive' comments do not count (> 0; default 600)")
     add("--policy", action="append", type=_key_value, metavar="KEY=VALUE",
         help="label the result with the gateway's policy (repeatable, e.g. queue=edf admission=predicted)")
+    add("--metrics-url", help="a Maestro gateway's Prometheus page, sampled into the result's reserved_kv_tokens "
+                              "and queued_requests series (the report's reserved-KV columns); default: the /metrics "
+                              "beside --url where it ends in /v1")
+    add("--no-metrics", action="store_true", help="do not sample the gateway's metrics")
+    add("--sample-interval", type=float, default=1.0, help="seconds between samples of --metrics-url (default 1)")
     add("--no-progress", action="store_true", help="no progress bar")
     add_gateway_config_argument(parser)
 
@@ -790,12 +851,16 @@ def options_from_args(args: argparse.Namespace) -> LiveOptions:
     import os
 
     targets = {name: (c.ttft_s, c.tpot_s, c.workflow_deadline_s) for name, c in slo_classes_from_args(args).items()}
+    metrics_url = args.metrics_url
+    if metrics_url is None and args.url.rstrip("/").endswith("/v1"):
+        metrics_url = args.url.rstrip("/")[:-len("/v1")] + "/metrics"
     return LiveOptions(url=args.url, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"), model=args.model,
                        time_scale=args.time_scale, max_concurrency=args.max_concurrency,
                        time_limit_s=args.time_limit, context=args.context, output_control=args.output_control,
                        declare_max_tokens=not args.no_max_tokens, steps_hint=args.steps_hint, client=args.client,
                        request_timeout_s=args.request_timeout, time_base=args.time_base,
-                       progress=not args.no_progress, policy=dict(args.policy or ()), slo_targets=targets)
+                       progress=not args.no_progress, policy=dict(args.policy or ()), slo_targets=targets,
+                       metrics_url=None if args.no_metrics else metrics_url, sample_s=args.sample_interval)
 
 
 PREFLIGHT_TIMEOUT_S = 5.0

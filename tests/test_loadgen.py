@@ -9,7 +9,8 @@ import numpy as np
 import orjson
 import pytest
 
-from loadgen.live import (LiveOptions, LiveRunner, add_live_arguments, build_messages, live_main, run_live,
+from loadgen.live import (LiveOptions, LiveRunner, add_live_arguments, build_messages, live_main, options_from_args,
+                          run_live,
                           synth_prompt)
 from loadgen.report import add_report_arguments, load_run, report_main, write_report
 from loadgen.results import RequestResult, RunResult, WorkflowResult
@@ -405,6 +406,45 @@ async def sim_gateway():
     finally:
         for engine in engines:
             await engine.stop()
+
+
+async def test_a_live_run_samples_the_gateways_reserved_kv_for_the_report(tmp_path):
+    """A live run's report had no KV figures: nothing sampled the gateway. The CLI samples its /metrics beside
+    --url (reserved KV and queue, summed over engines and pools) into the series the report reads. (The gateway
+    publishes its reserved-KV gauge at most once a second, every ledger_lease_s / 3: 0.2 s here, on a real-time
+    engine.)"""
+    from backends.sim import SimEngineOptions, start_sim_engines
+    from loadgen.report import summarize as report_row
+    from tests.conftest import gateway_config, running_gateway
+
+    engines = await start_sim_engines(1, SimEngineOptions(model=MODEL, time_scale=1.0, max_model_len=8192))
+    try:
+        config = gateway_config([engines[0].url], model=MODEL, models=[{"name": MODEL, "max_model_len": 8192}],
+                                scheduling={"admission": "max_tokens", "ledger_lease_s": 0.6})  # gauge: 5 Hz
+        async with running_gateway(config) as gateway:
+            args = _parse(add_live_arguments, ["--url", gateway.base_url + "/v1/", "--workload", "w.json",
+                                               "--out", "r.json", "--sample-interval", "0.05"])
+            options = options_from_args(args)
+            assert options.metrics_url == gateway.base_url + "/metrics"
+            result = await run_live(_tiny_workload(), options.__class__(**{**options.__dict__, "progress": False,
+                                                                          "time_scale": 1.0}))
+            plain = await run_live(_tiny_workload(), LiveOptions(url=gateway.base_url + "/v1", time_scale=10.0,
+                                                                 progress=False,
+                                                                 metrics_url=engines[0].url + "/metrics"))
+    finally:
+        await engines[0].stop()
+    assert all(r.status == "ok" for r in result.requests), result.meta["errors"]
+    reserved = result.series["reserved_kv_tokens"]
+    assert len(reserved) >= 5 and max(value for _, value in reserved) > 0 and "queued_requests" in result.series
+    assert all(0 <= at <= result.meta["wall_s"] + 0.5 for at, _ in reserved)
+    row = report_row(result, "live")
+    assert row.reserved_mean is not None and row.reserved_peak == max(v for _, v in reserved)
+    assert result.meta["metrics_url"] == gateway.base_url + "/metrics" and result.meta["metrics_note"] is None
+    # an engine's own page has no gateway gauges: no series, and the result says why
+    assert plain.series == {} and "has no maestro_kv_reserved_tokens" in plain.meta["metrics_note"]
+    assert _parse(add_live_arguments, ["--url", "http://h/v1", "--workload", "w", "--out", "r", "--no-metrics"]) \
+        and options_from_args(_parse(add_live_arguments, ["--url", "http://h/v1", "--workload", "w", "--out", "r",
+                                                          "--no-metrics"])).metrics_url is None
 
 
 async def test_live_run_through_the_gateway_end_to_end(sim_gateway, tmp_path):
