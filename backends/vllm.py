@@ -136,10 +136,21 @@ class EngineClient:
 
     async def models(self) -> list[str]:
         """The model names the engine serves (``GET /v1/models``); EngineUnreachable where it cannot say."""
+        return list(await self.model_contexts())
+
+    async def model_contexts(self) -> dict[str, int | None]:
+        """The model names the engine serves (``GET /v1/models``), each with its context length (vLLM's card's
+        ``max_model_len``; None where the card has none); EngineUnreachable where it cannot say."""
         body = await self._get("/v1/models", self._scrape_timeout)
         try:
             cards = orjson.loads(body).get("data")
-            return [card["id"] for card in cards if isinstance(card, dict) and isinstance(card.get("id"), str)]
+            contexts: dict[str, int | None] = {}
+            for card in cards:
+                if isinstance(card, dict) and isinstance(card.get("id"), str):
+                    context = card.get("max_model_len")
+                    ok = isinstance(context, int) and not isinstance(context, bool) and context > 0
+                    contexts[card["id"]] = context if ok else None
+            return contexts
         except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
             raise EngineUnreachable(f"GET /v1/models answered no model list ({exc})") from None
 

@@ -45,11 +45,13 @@ class FaultEngine:
     paused: bool = False
     wake_delay_s: float = 0.0  # ...and POST /wake_up
     served_models: list[str] | None = None  # the names GET /v1/models lists (None: the one model)
+    max_model_len: int | None = None  # the context its model cards say (vLLM's max_model_len; None: no field)
 
     async def models(self, request: web.Request) -> web.Response:
         names = self.served_models if self.served_models is not None else [self.model]
-        return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "vllm"}
-                                                             for name in names]})
+        extra = {"max_model_len": self.max_model_len} if self.max_model_len is not None else {}
+        return web.json_response({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "vllm",
+                                                              **extra} for name in names]})
 
     async def start(self, port: int = 0) -> str:
         app = web.Application()

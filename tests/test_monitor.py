@@ -70,6 +70,24 @@ async def test_an_engine_that_does_not_serve_its_pools_model_is_said_in_the_log(
         await wrong.stop()
 
 
+async def test_a_config_context_longer_than_the_engines_is_said_in_the_log(caplog):
+    """The config's max_model_len (4096 where a models entry leaves it out) above the engine's: the gateway let
+    through requests the engine refused, and its model card told clients a context they could not use."""
+    short, long_enough = FaultEngine(max_model_len=1024), FaultEngine(max_model_len=2048)
+    urls = [await short.start(), await long_enough.start()]
+    try:
+        with caplog.at_level("WARNING", logger="maestro.monitor"):
+            async with running_gateway(gateway_config(urls)) as gw:  # the config says 2048
+                await wait_for(lambda: gw.monitor.models_missing == {"local/p/0": [], "local/p/1": []})
+        said = [r.getMessage() for r in caplog.records if "context" in r.getMessage()]
+        assert len(said) == 1 and said[0].startswith("engine local/p/0 serves 'fault-model' with a context of "
+                                                     "1024 tokens, but the config's models entry says max_model_len "
+                                                     "2048") and said[0].endswith("set max_model_len: 1024")
+    finally:
+        await short.stop()
+        await long_enough.stop()
+
+
 async def test_an_engine_back_up_while_its_models_were_being_checked_is_checked_again():
     """Down and up again while the first check of its models still waited: the second came up unchecked, and the
     first's answer (from before the restart) stayed in the log and in /admin/engines."""

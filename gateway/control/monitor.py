@@ -117,10 +117,11 @@ class EngineMonitor:
         state = self.registry.states[engine_id]
         self.models_missing[engine_id] = None  # not known until this check answers
         try:
-            served = await self.registry.clients[engine_id].models()
+            contexts = await self.registry.clients[engine_id].model_contexts()
         except EngineUnreachable as exc:
             log.info("engine %s: could not list the models it serves: %s", engine_id, exc)
             return
+        served = list(contexts)
         if state.kind == "vllm-omni":  # it compares a request's model with its first served name alone
             served = served[:1]
         missing = [model for model in state.models if model not in served]
@@ -130,6 +131,19 @@ class EngineMonitor:
                         "served model names (vLLM's --served-model-name)", engine_id,
                         ", ".join(map(repr, missing)), state.pool, ", ".join(map(repr, served)) or "none")
         self.models_missing[engine_id] = missing
+        self._check_contexts(engine_id, {model: contexts.get(model) for model in state.models if model in served})
+
+    def _check_contexts(self, engine_id: str, contexts: dict[str, int | None]) -> None:
+        """Say in the log where the config gives a model a longer context than the engine serves it with: the
+        gateway lets through (and its predictions and KV reservations allow for) requests the engine refuses
+        (400), and its model card tells clients a context they cannot use."""
+        declared = {model.name: model.max_model_len for model in self.config.models}
+        for model, context in contexts.items():
+            if context is not None and model in declared and declared[model] > context:
+                log.warning("engine %s serves %r with a context of %d tokens, but the config's models entry says "
+                            "max_model_len %d (4096 where it is not given): requests that need more are refused "
+                            "by the engine, and /v1/models tells clients %d; set max_model_len: %d", engine_id,
+                            model, context, declared[model], declared[model], context)
 
     def _publish_soon(self, engine_id: str, record: dict) -> None:
         """Write the engine's latest state to the store in the background: the probe loop awaited the write, and
