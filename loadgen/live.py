@@ -297,6 +297,8 @@ class LiveRunner:
         self.errors: list[str] = []
         self.status = Counter()
         self.output_mismatches = 0
+        self.prompt_tokens_planned = 0  # over the requests that succeeded
+        self.prompt_tokens_counted = 0
         self.inflight = 0
         self.peak_inflight = 0
         self.client_waits: list[float] = []
@@ -617,6 +619,9 @@ class LiveRunner:
         if result.status == "ok" and self.options.output_control != "none" \
                 and result.output_tokens != step.output_tokens:
             self.output_mismatches += 1
+        if result.status == "ok":  # the engine's count (its usage) against the workload's plan
+            self.prompt_tokens_planned += step.prompt_token_count()
+            self.prompt_tokens_counted += result.prompt_tokens
         self.requests.append(result)
         self.status[result.status] += 1
         if self._progress is not None:
@@ -784,7 +789,8 @@ class LiveRunner:
             "not_started": not_started, "not_started_steps": not_started_steps, "not_due": not_due,
             "not_sent": self.not_sent,
             "dependency_skipped": self.dependency_skipped, "status_counts": dict(self.status),
-            "output_mismatches": self.output_mismatches, "peak_inflight": self.peak_inflight,
+            "output_mismatches": self.output_mismatches, "prompt_tokens_planned": self.prompt_tokens_planned,
+            "prompt_tokens_counted": self.prompt_tokens_counted, "peak_inflight": self.peak_inflight,
             "client_wait_s": {"mean": sum(waits) / len(waits) if waits else 0.0, "max": max(waits, default=0.0)},
             "errors": self.errors,
         }
@@ -864,6 +870,7 @@ def options_from_args(args: argparse.Namespace) -> LiveOptions:
 
 
 PREFLIGHT_TIMEOUT_S = 5.0
+PROMPT_RATIO_OK = (0.8, 1.25)  # the engine's prompt token count against the plan's, beyond which the run warns
 
 
 async def check_endpoint(url: str, model: str, api_key: str | None) -> tuple[bool, str | None]:
@@ -953,6 +960,12 @@ def live_main(args: argparse.Namespace) -> int:
                 "--output-control ignore-eos." if options.output_control == "hint" else "")
         print(f"warning: {meta['output_mismatches']} of {summary['requests_ok']} requests that succeeded generated "
               f"another length than the workload's.{hint}", file=sys.stderr)
+    planned, counted = meta["prompt_tokens_planned"], meta["prompt_tokens_counted"]
+    if planned and not PROMPT_RATIO_OK[0] <= counted / planned <= PROMPT_RATIO_OK[1]:
+        print(f"warning: the engine counted {counted / planned:.2f} times the prompt tokens the workload planned "
+              f"({counted:,} against {planned:,}): its tokenizer reads loadgen's prompts otherwise than the "
+              "workload assumed, so the load differs from the plan (and prompts sized near the context may be "
+              "refused; loadgen workload --max-prompt-tokens bounds them)", file=sys.stderr)
     failed = {status: count for status, count in sorted(meta["status_counts"].items()) if status != "ok"}
     if failed:  # the why, here: a run that failed every request said only "0/55 requests ok"
         print(f"failed: {', '.join(f'{status} {count}' for status, count in failed.items())}"

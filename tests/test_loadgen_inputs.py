@@ -1215,8 +1215,9 @@ def test_the_report_keeps_its_tables_without_matplotlib(tmp_path, capsys, monkey
     assert not list((tmp_path / "report").glob("*.png"))
 
 
-def _live_against(tmp_path, workload: Workload, served: list[str] | None, *extra: str) -> int:
-    """``live_main`` against a streaming server whose ``GET /v1/models`` lists ``served`` (None: no such route)."""
+def _live_against(tmp_path, workload: Workload, served: list[str] | None, *extra: str, chat=None) -> int:
+    """``live_main`` against a streaming server (``chat``, else three tokens and no usage) whose ``GET /v1/models``
+    lists ``served`` (None: no such route)."""
     path = tmp_path / "w.json"
     workload.save(path)
 
@@ -1225,7 +1226,7 @@ def _live_against(tmp_path, workload: Workload, served: list[str] | None, *extra
 
     async def main() -> int:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", _streamer(complete=True))
+        app.router.add_post("/v1/chat/completions", chat or _streamer(complete=True))
         if served is not None:
             app.router.add_get("/v1/models", models)
         runner = web.AppRunner(app)
@@ -1271,3 +1272,27 @@ def test_live_warns_when_the_engine_ignored_the_workloads_output_lengths(tmp_pat
     assert _live_against(tmp_path, workload, ["m"], "--output-control", "ignore-eos") == 0
     err = capsys.readouterr().err
     assert "warning: 1 of 1" in err and "hint steers" not in err
+
+
+def test_live_warns_when_the_engine_counts_other_prompt_lengths_than_planned(tmp_path, capsys):
+    """loadgen's prompts are words of one token in BPE vocabularies like Llama 3's; a tokenizer that splits them
+    (a small vocabulary) made every prompt 1.65 times longer, the load other than planned, and prompts sized near
+    the context were refused, with nothing said."""
+    def counted_as(prompt_tokens: int):
+        async def chat(request: web.Request) -> web.StreamResponse:
+            await request.read()
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            await response.write(_chunk("a ") + _chunk("b ") + _chunk("c", finish="length")
+                                 + _usage(prompt_tokens, 3) + _DONE)
+            await response.write_eof()
+            return response
+        return chat
+
+    assert _live_against(tmp_path, _calls(2), ["m"], chat=counted_as(66)) == 0  # 40 planned a request
+    err = capsys.readouterr().err
+    assert ("warning: the engine counted 1.65 times the prompt tokens the workload planned (132 against 80)"
+            in err), err
+    assert load_run(tmp_path / "live.json").meta["prompt_tokens_counted"] == 132
+    assert _live_against(tmp_path, _calls(2), ["m"], chat=counted_as(44)) == 0
+    assert "prompt tokens" not in capsys.readouterr().err
