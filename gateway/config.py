@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import yaml
 
 from gateway.core.queue_policy import ORDERS
+from gateway.state.base import MAX_WORKFLOW_RECORDS
 from predictor.kv import known_bytes_per_token
 
 ENGINE_KINDS = ("vllm", "vllm-omni")
@@ -119,6 +120,9 @@ class StateConfig:
     # how many gateways share the store: the least each assumes when it divides an engine's free KV in an outage
     # (a gateway that starts while Redis is down has counted none, and took every engine whole)
     expected_gateways: int = 1
+    # workflow records kept at most (about 1 kB each), the least recently active dropped for a new one: a client
+    # sending a new X-Workflow-Id with every request filled memory or Redis for workflow_ttl_s
+    max_workflows: int = MAX_WORKFLOW_RECORDS
 
 
 @dataclass(frozen=True)
@@ -717,7 +721,7 @@ def parse_config(raw: Any) -> Config:
         _check_forwarded_header(name, f"server.forward_headers[{i}]")
     state = _section(root, StateConfig, "state", {"engine_ttl_s": "positive", "heartbeat_interval_s": "positive",
                                                   "redis_timeout_s": "positive", "redis_max_connections": "positive",
-                                                  "expected_gateways": "positive"})
+                                                  "expected_gateways": "positive", "max_workflows": "positive"})
     if state.backend not in STATE_BACKENDS:
         raise ConfigError("state.backend", f"must be one of {', '.join(STATE_BACKENDS)}, got {state.backend!r}")
     _check_redis_url(state.redis_url, "state.redis_url")

@@ -33,7 +33,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +68,6 @@ DEFAULT_ENGINE_SEQS = 256  # sequences an engine runs at once when its max_num_s
 # larger than this is predicted in a thread, which the loop preempts every few milliseconds; agent requests run
 # 5-50 kB (Magentic-One's largest, 330 kB) and stay inline, where a thread's hop would cost more than it saves.
 PREDICT_INLINE_MAX_BYTES = 256 * 1024
-MAX_CACHED_WORKFLOWS = 100_000  # workflow states cached (a new X-Workflow-Id per request grew it for 1 h)
 PRIORITY_LIMIT = 1 << 62  # |vLLM priority| sent to engines (vLLM takes any int64)
 # EDF's vLLM priority is the due time in seconds from this fixed instant (2026-01-01 UTC), the same for every
 # request and every gateway: seconds *to* the due time, measured at each admission, ordered two requests by
@@ -972,7 +971,11 @@ class WorkflowTracker:
         self.inflight_s = INFLIGHT_TOTALS * config.timeouts.total_s  # see INFLIGHT_TOTALS
         self.classes = {c.name: c for c in config.slo_classes}
         self.default_class = config.scheduling.workflow_slo_class
-        self.cache: dict[str, WorkflowState] = {}
+        # least recently remembered first: the eviction at the cap and the prune of stale ones take from the front
+        # in O(1) (a dict's "first key" steps over the slots of every key deleted before it: 31 us a new workflow
+        # at the cap, and the prune scanned all 100,000 every second)
+        self.cache: OrderedDict[str, WorkflowState] = OrderedDict()
+        self.max_cached = config.state.max_workflows  # (a new X-Workflow-Id per request grew it for 1 h)
         self._tasks: set[asyncio.Task] = set()
         self._store_down_until = 0.0  # after a failure, go straight to the local store for a moment
         self._store_down = False  # the last call failed: until one answers, one call at a time tries the store
@@ -1133,18 +1136,25 @@ class WorkflowTracker:
                               expected_steps=record.get("expected_steps"), inflight=set(record["inflight"]),
                               last_activity=record["last_activity"])
         cache = self.cache
-        if state.workflow_id not in cache and len(cache) >= MAX_CACHED_WORKFLOWS:
-            del cache[next(iter(cache))]  # the oldest cached: read again from the store if it goes on
+        if state.workflow_id in cache:
+            cache.move_to_end(state.workflow_id)
+        elif len(cache) >= self.max_cached:
+            cache.popitem(last=False)  # the least recently remembered: read again from the store if it goes on
         cache[state.workflow_id] = state
         return state
 
     def prune(self, now: float) -> None:
         self.local.expire()  # the records kept through an outage: nothing writes to it once the store is back
         # by last activity alone, as the store's records expire: a step whose end never reached the record (a
-        # gateway that died) would otherwise keep its workflow here for good
-        stale = [w for w, s in self.cache.items() if now - s.last_activity > self.ttl_s]
-        for workflow_id in stale:
-            del self.cache[workflow_id]
+        # gateway that died) would otherwise keep its workflow here for good. From the least recently remembered
+        # on, to the first that is not stale (a record is remembered when it changes, so that order follows last
+        # activity but for clock skew between gateways: a straggler goes at its turn, or at the cap)
+        cache = self.cache
+        while cache:
+            workflow_id, state = next(iter(cache.items()))
+            if now - state.last_activity <= self.ttl_s:
+                break
+            del cache[workflow_id]
 
     async def close(self) -> None:
         if self._tasks:

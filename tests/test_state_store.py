@@ -423,11 +423,12 @@ async def test_redis_store_unresponsive_server_bounded_by_timeout() -> None:
 
 
 def test_make_state_store_picks_backend() -> None:
-    assert isinstance(make_state_store(SimpleNamespace(backend="memory")), MemoryStateStore)
+    memory_store = make_state_store(SimpleNamespace(backend="memory", max_workflows=7))
+    assert isinstance(memory_store, MemoryStateStore) and memory_store._workflows.max_items == 7
     config = SimpleNamespace(backend="redis", redis_url=CLOSED_PORT_URL, key_prefix="p", redis_timeout_s=0.5,
-                             redis_max_connections=16)
+                             redis_max_connections=16, max_workflows=9)
     store = make_state_store(config)
-    assert isinstance(store, RedisStateStore) and store._max_connections == 16
+    assert isinstance(store, RedisStateStore) and store._max_connections == 16 and store.max_workflows == 9
 
 
 # ---------------------------------------------------------------------------------------------- workflows
@@ -703,6 +704,10 @@ async def test_the_memory_store_keeps_at_most_max_workflow_records(monkeypatch) 
     await store.workflow_end("w4", "r", now=5.0, ttl_s=3600.0)  # an update: nothing dropped
     assert [await store.get_workflow(f"w{i}") is not None for i in range(5)] == [False, False, True, True, True]
     assert store._workflows.dropped == 2
+    # the least recently active gives way, not the first recorded: w2 goes on, so w3 is dropped for w5
+    await store.workflow_end("w2", "r", now=6.0, ttl_s=3600.0)
+    await store.workflow_begin("w5", "r", now=7.0, ttl_s=3600.0)
+    assert [await store.get_workflow(f"w{i}") is not None for i in range(2, 6)] == [True, False, True, True]
 
 
 async def test_the_workflow_cache_keeps_at_most_max_cached_workflows(monkeypatch) -> None:
@@ -710,10 +715,81 @@ async def test_the_workflow_cache_keeps_at_most_max_cached_workflows(monkeypatch
     from gateway.scheduling import WorkflowTracker
     from gateway.state.memory import MemoryStateStore
 
-    monkeypatch.setattr("gateway.scheduling.MAX_CACHED_WORKFLOWS", 2)
-    raw = {"clusters": [{"name": "c", "pools": [{"name": "p", "models": ["m"], "engines": ["http://127.0.0.1:9"]}]}]}
+    raw = {"clusters": [{"name": "c", "pools": [{"name": "p", "models": ["m"], "engines": ["http://127.0.0.1:9"]}]}],
+           "state": {"max_workflows": 2}}
     tracker = WorkflowTracker(MemoryStateStore(), parse_config(raw))
+    def remember(workflow_id: str, at: float) -> None:
+        tracker._remember({"workflow_id": workflow_id, "arrival": 0.0, "steps_done": 0, "tokens_used": 0,
+                           "inflight": [], "last_activity": at})
+
     for i in range(4):
-        tracker._remember({"workflow_id": f"w{i}", "arrival": 0.0, "steps_done": 0, "tokens_used": 0,
-                           "inflight": [], "last_activity": 0.0})
+        remember(f"w{i}", 0.0)
     assert list(tracker.cache) == ["w2", "w3"]
+    remember("w2", 5.0)  # a step of w2: the least recently remembered is w3 now
+    remember("w4", 6.0)
+    assert list(tracker.cache) == ["w2", "w4"]
+    # the prune drops what has been idle past workflow_ttl_s, from the least recently remembered on
+    tracker.prune(tracker.ttl_s + 5.5)
+    assert list(tracker.cache) == ["w4"]
+
+
+@pytest.mark.parametrize("kind", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_a_store_keeps_at_most_max_workflows_dropping_the_least_recently_active(kind, request) -> None:
+    """A client sending a new X-Workflow-Id with every request added a ~1 kB record per request for an hour: the
+    Redis store had no bound (110 MB in 5 minutes of a soak, until a noeviction Redis would refuse writes). Both
+    stores keep max_workflows, the least recently active giving way, and Redis keeps none of a dropped one's keys."""
+    if kind == "memory":
+        store: StateStore = MemoryStateStore(max_workflows=3)
+    else:
+        prefix = request.getfixturevalue("redis_prefix")
+        store = RedisStateStore(REDIS_URL, key_prefix=prefix, timeout_s=2.0, max_workflows=3)
+
+    async def begin(workflow_id: str, now: float) -> None:
+        await store.workflow_begin(workflow_id, "r", now=now, ttl_s=LONG_TTL)
+        await asyncio.sleep(0.003)  # Redis orders by its own clock in ms
+
+    async def kept() -> list[str]:
+        return [w for w in ("w0", "w1", "w2", "w3", "w4", "w5") if await store.get_workflow(w) is not None]
+
+    try:
+        for i in range(5):
+            await begin(f"w{i}", float(i))
+        assert await kept() == ["w2", "w3", "w4"]
+        await store.workflow_end("w2", "r", now=5.0, ttl_s=LONG_TTL)  # activity: w3 is the least recent now
+        await asyncio.sleep(0.003)
+        await begin("w5", 6.0)
+        assert await kept() == ["w2", "w4", "w5"]
+        await begin("w4", 7.0)  # a step of a kept workflow takes no room
+        assert await kept() == ["w2", "w4", "w5"]
+        if kind == "redis":
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url(REDIS_URL)
+            try:
+                assert not await client.exists(f"{prefix}:wf:w3", f"{prefix}:wfr:w3", f"{prefix}:wf:w0")
+                assert await client.zcard(f"{prefix}:wfx") == 3 and await client.pttl(f"{prefix}:wfx") > 0
+            finally:
+                await client.aclose()
+    finally:
+        await store.close()
+
+
+@pytest.mark.redis
+async def test_a_dead_gateways_index_entry_goes_without_a_listing(redis_prefix, monkeypatch) -> None:
+    """Only a listing pruned the gateway index, and a gateway lists only with admission on: every gateway that
+    ever died uncleanly stayed in it. A heartbeat prunes it too."""
+    import redis.asyncio as aioredis
+
+    from gateway.state import redis as redis_store
+
+    monkeypatch.setattr(redis_store, "_SKEW_GRACE_MS", 0)
+    store = RedisStateStore(REDIS_URL, key_prefix=redis_prefix, timeout_s=2.0)
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await store.heartbeat("dead", {"n": 1}, ttl_s=0.05)
+        await asyncio.sleep(0.1)
+        await store.heartbeat("alive", {"n": 2}, ttl_s=LONG_TTL)
+        assert [m.decode() for m in await client.zrange(f"{redis_prefix}:gateways", 0, -1)] == ["alive"]
+    finally:
+        await client.aclose()
+        await store.close()

@@ -11,7 +11,7 @@ def make_state_store(config) -> StateStore:  # config: gateway.config.StateConfi
         from gateway.state.redis import RedisStateStore
 
         return RedisStateStore(config.redis_url, key_prefix=config.key_prefix, timeout_s=config.redis_timeout_s,
-                               max_connections=config.redis_max_connections)
+                               max_connections=config.redis_max_connections, max_workflows=config.max_workflows)
     from gateway.state.memory import MemoryStateStore
 
-    return MemoryStateStore()
+    return MemoryStateStore(max_workflows=config.max_workflows)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import heapq
 import time
+from collections import OrderedDict
 from typing import Any, Callable
 
 import orjson
 
 from gateway.core.ledger import KVLedger
-from gateway.state.base import StateStore, check_inflight_s
+from gateway.state.base import MAX_WORKFLOW_RECORDS, StateStore, check_inflight_s
 
 Clock = Callable[[], float]
 
@@ -34,10 +35,6 @@ def _check_ttl(ttl_s: float) -> None:
 
 # A map sweeps out its expired entries once it has taken this many puts, or as many as it holds if more.
 SWEEP_MIN_PUTS = 1024
-# Workflow records kept at most (about 1-4 kB each): a client sending a new X-Workflow-Id with every request
-# added one per request for workflow_ttl_s (1 h), 100 MB per 100,000. Past this, the oldest recorded is dropped
-# for each new one (its workflow, if it goes on, starts a new record: scheduled as a new workflow).
-MAX_WORKFLOW_RECORDS = 100_000
 
 
 class _TTLMap:
@@ -47,16 +44,20 @@ class _TTLMap:
 
     def __init__(self, clock: Clock, max_items: int | None = None) -> None:
         self._clock = clock
-        self._items: dict[str, tuple[bytes, float]] = {}
+        # in the order of their last put, so of their expiry (one TTL a map): the front is dropped first, in O(1)
+        # (a dict's "first key" steps over the slots of every key deleted before it: 31 us a new key at the cap)
+        self._items: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._puts_since_sweep = 0
         self.max_items = max_items  # None: no bound but the TTLs
         self.dropped = 0  # live records dropped to stay within max_items
 
     def put(self, key: str, record: dict[str, Any], ttl_s: float) -> None:
         _check_ttl(ttl_s)
-        if self.max_items is not None and key not in self._items and len(self._items) >= self.max_items:
-            # the oldest recorded (often expired already; a sweep here would cost O(n) on every new key)
-            del self._items[next(iter(self._items))]
+        if key in self._items:
+            self._items.move_to_end(key)
+        elif self.max_items is not None and len(self._items) >= self.max_items:
+            # the least recently put (often expired already; a sweep here would cost O(n) on every new key)
+            self._items.popitem(last=False)
             self.dropped += 1
         self._items[key] = (_encode(record), self._clock() + ttl_s)
         self._puts_since_sweep += 1
@@ -191,11 +192,11 @@ class LeasedLedger:
 class MemoryStateStore(StateStore):
     """Single-process store. ``clock`` is injectable so tests can expire entries without sleeping."""
 
-    def __init__(self, clock: Clock = time.monotonic) -> None:
+    def __init__(self, clock: Clock = time.monotonic, max_workflows: int | None = None) -> None:
         self._clock = clock
         self._engines = _TTLMap(clock)
         self._gateways = _TTLMap(clock)
-        self._workflows = _TTLMap(clock, max_items=MAX_WORKFLOW_RECORDS)
+        self._workflows = _TTLMap(clock, max_items=max_workflows or MAX_WORKFLOW_RECORDS)
         self.ledger = LeasedLedger(clock)  # public: the gateway's synchronous fast path uses it directly
 
     async def put_engine(self, engine_id: str, record: dict[str, Any], ttl_s: float) -> None:

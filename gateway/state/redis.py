@@ -7,7 +7,10 @@ Layout under ``key_prefix`` (default ``maestro``):
 * ``{prefix}:gateway:{gateway_id}`` / ``{prefix}:gateways``  the same for heartbeats
 * ``{prefix}:wf:{workflow_id}`` hash of a workflow's fields, ``{prefix}:wfr:{workflow_id}`` sorted set of its
   request ids in flight scored by their begin (ms, Redis ``TIME``, so that ids abandoned past ``inflight_s`` can
-  be dropped); both carry the workflow TTL, refreshed by every step. (Not ``wf:{id}:inflight``: a workflow id may
+  be dropped); both carry the workflow TTL, refreshed by every step. ``{prefix}:wfx`` sorted set of workflow ids
+  by last step (ms, Redis ``TIME``): at most ``max_workflows`` records are kept, the least recently active dropped
+  for a new one (a client sending a new workflow id with every request added a ~1 kB record per request for an
+  hour, 110 MB in 5 minutes at 360 requests/s, until Redis refused writes). (Not ``wf:{id}:inflight``: a workflow id may
   hold a colon, and workflow ``x:inflight``'s hash would be workflow ``x``'s set.) Gateways before the sorted
   set kept a plain set under ``wfi:``: during a rolling upgrade each version keeps its own requests in flight,
   and both count steps into the one hash (a request begins and ends on one gateway).
@@ -49,7 +52,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.state.base import StateStore, StateUnavailable, check_inflight_s
+from gateway.state.base import MAX_WORKFLOW_RECORDS, StateStore, StateUnavailable, check_inflight_s
 
 # How far behind "now" listing still reads the index. Covers clock skew between gateways: an index entry is
 # only pruned once it is this much past its expiry, and the key TTL filters anything already dead.
@@ -228,12 +231,26 @@ local function drop_abandoned(wfr, inflight_ms)
 end
 """
 
-# KEYS: record hash, in-flight sorted set. ARGV: workflow id, request id, now, ttl ms, step, deadline, slo class,
-# expected steps, predicted remaining s, in flight at most ms ('' = not given) -> {hash fields, in-flight ids}
+# KEYS: record hash, in-flight sorted set, index. ARGV: workflow id, request id, now, ttl ms, step, deadline,
+# slo class, expected steps, predicted remaining s, in flight at most ms ('' = not given), key prefix, records kept
+# at most -> {hash fields, in-flight ids}
 _WORKFLOW_BEGIN = _WORKFLOW_CLOCK + """
-local wf, wfr = KEYS[1], KEYS[2]
+local wf, wfr, idx = KEYS[1], KEYS[2], KEYS[3]
 local now, ttl = ARGV[3], ARGV[4]
+redis.call('ZADD', idx, string.format('%.0f', clock), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', idx, '-inf', string.format('(%.0f', clock - tonumber(ttl)))  -- expired by now
+redis.call('PEXPIRE', idx, ttl)
 if redis.call('EXISTS', wf) == 0 then
+  local over = redis.call('ZCARD', idx) - tonumber(ARGV[12])
+  if over > 0 then  -- the least recently active give way (this one, just added, is the most recent)
+    for _, id in ipairs(redis.call('ZRANGE', idx, 0, over)) do
+      if over > 0 and id ~= ARGV[1] then
+        redis.call('ZREM', idx, id)
+        redis.call('DEL', ARGV[11] .. ':wf:' .. id, ARGV[11] .. ':wfr:' .. id)
+        over = over - 1
+      end
+    end
+  end
   redis.call('HSET', wf, 'workflow_id', ARGV[1], 'arrival', now, 'steps_done', '0', 'tokens_used', '0')
 elseif tonumber(now) < tonumber(redis.call('HGET', wf, 'arrival') or now) then
   redis.call('HSET', wf, 'arrival', now)  -- an earlier step's begin that arrived late (replayed after an outage)
@@ -255,13 +272,14 @@ redis.call('PEXPIRE', wfr, ttl)
 return {redis.call('HGETALL', wf), redis.call('ZRANGE', wfr, 0, -1)}
 """
 
-# KEYS: record hash, in-flight sorted set. ARGV: request id, now, ttl ms, tokens, completed ('1'/'0'), in flight at
-# most ms ('' = not given)
+# KEYS: record hash, in-flight sorted set, index. ARGV: request id, now, ttl ms, tokens, completed ('1'/'0'), in
+# flight at most ms ('' = not given), workflow id
 _WORKFLOW_END = _WORKFLOW_CLOCK + """
-local wf, wfr = KEYS[1], KEYS[2]
+local wf, wfr, idx = KEYS[1], KEYS[2], KEYS[3]
 if redis.call('EXISTS', wf) == 0 then return false end
 drop_abandoned(wfr, ARGV[6])
 if redis.call('ZREM', wfr, ARGV[1]) == 1 then
+  redis.call('ZADD', idx, 'XX', string.format('%.0f', clock), ARGV[7])  -- activity: last to give way
   redis.call('HINCRBY', wf, 'tokens_used', ARGV[4])
   if ARGV[5] == '1' then redis.call('HINCRBY', wf, 'steps_done', 1) end
   if tonumber(ARGV[2]) > tonumber(redis.call('HGET', wf, 'last_activity') or '0') then
@@ -338,11 +356,14 @@ class RedisStateStore(StateStore):
     """StateStore on Redis via redis-py asyncio. Constructing does no I/O; the client connects on first use."""
 
     def __init__(self, url: str, key_prefix: str = "maestro", timeout_s: float = 1.0,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, max_workflows: int = MAX_WORKFLOW_RECORDS) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
+        if max_workflows < 1:
+            raise ValueError(f"max_workflows must be >= 1, got {max_workflows!r}")
+        self.max_workflows = max_workflows
         self._url = url
         self._max_connections = max_connections
         self._prefix = key_prefix
@@ -350,6 +371,7 @@ class RedisStateStore(StateStore):
         self._client: aioredis.Redis | None = None
         self._engines_idx = f"{key_prefix}:engines"
         self._gateways_idx = f"{key_prefix}:gateways"
+        self._workflows_idx = f"{key_prefix}:wfx"
         self._scripts: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -411,6 +433,9 @@ class RedisStateStore(StateStore):
                 async with self._redis().pipeline(transaction=True) as pipe:
                     pipe.set(key, blob, px=ttl_ms)
                     pipe.zadd(index, {member: expires_ms})
+                    # long-dead entries go here too, not only when listed: a store whose gateways are never listed
+                    # (admission off) kept every gateway that ever died uncleanly
+                    pipe.zremrangebyscore(index, "-inf", f"({expires_ms - ttl_ms - _SKEW_GRACE_MS}")
                     await pipe.execute()
         except (RedisError, OSError) as exc:  # builtin TimeoutError is an OSError
             raise self._unavailable(op, exc) from exc
@@ -474,7 +499,7 @@ class RedisStateStore(StateStore):
     # ------------------------------------------------------------------ workflows
 
     def _workflow_keys(self, workflow_id: str) -> list[str]:
-        return [f"{self._prefix}:wf:{workflow_id}", f"{self._prefix}:wfr:{workflow_id}"]
+        return [f"{self._prefix}:wf:{workflow_id}", f"{self._prefix}:wfr:{workflow_id}", self._workflows_idx]
 
     async def workflow_begin(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float,
                              step: int | None = None, deadline: float | None = None, slo_class: str | None = None,
@@ -485,7 +510,7 @@ class RedisStateStore(StateStore):
                 _arg(None if deadline is None else float(deadline)), _arg(slo_class),
                 _arg(None if expected_steps is None else int(expected_steps)),
                 _arg(None if predicted_remaining_s is None else float(predicted_remaining_s)),
-                _inflight_ms(inflight_s)]
+                _inflight_ms(inflight_s), self._prefix, self.max_workflows]
         reply = await self._run("workflow_begin", _WORKFLOW_BEGIN, self._workflow_keys(workflow_id), args)
         return _workflow_record(reply)  # type: ignore[return-value]
 
@@ -493,7 +518,7 @@ class RedisStateStore(StateStore):
                            completed: bool = True, inflight_s: float | None = None) -> dict[str, Any] | None:
         ttl_ms = _check_ttl(ttl_s)
         args = [request_id, _arg(float(now)), ttl_ms, int(tokens), "1" if completed else "0",
-                _inflight_ms(inflight_s)]
+                _inflight_ms(inflight_s), workflow_id]
         reply = await self._run("workflow_end", _WORKFLOW_END, self._workflow_keys(workflow_id), args)
         return _workflow_record(reply)
 
