@@ -457,6 +457,33 @@ async def test_several_answers_refused_or_dropped_whole(start):
     assert engine.kv_usage() == 0.0 and engine.generation_tokens_total < 1800
 
 
+async def test_a_prefill_backlog_past_max_num_queued_tokens_is_refused_as_vllm_refuses_it(start):
+    """vLLM 0.32's --max-num-queued-tokens: while the prompts without a first token yet (their whole prompts)
+    reach the limit, a new request gets its 503 "prefill token backlog" body, counted under that reason; the
+    backlog clears as first tokens come (an aborted request's prompt leaves it too)."""
+    handle, client = await start(max_num_seqs=1, max_num_queued_tokens=40, time_scale=20.0)
+    engine = handle.engine
+    running = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=900, stream=True,
+                                                   extra_body={"ignore_eos": True})
+    await _read_chunks(running, 2)  # its first token: its prompt is no backlog any more
+    assert engine.prefilling_tokens == 0
+    waiting = await client.completions.create(model=MODEL, prompt=[5] * 50, max_tokens=5, stream=True)
+    await _wait_for(lambda: engine.num_waiting == 1, timeout=2.0)  # behind the one sequence: 50 tokens waiting
+    assert engine.prefilling_tokens == 50
+    status, answer, _ = await _post(handle.url + "/v1/completions", {"model": MODEL, "prompt": "x"})
+    assert (status, answer["error"]) == (503, {
+        "message": "The engine has reached its prefill token backlog limit. Please try again later or on a "
+                   "different instance.", "type": "Service Unavailable", "param": None, "code": 503})
+    _, text = await _get(handle.url + "/metrics")
+    assert ('vllm:admission_rejections_total{model_name="%s",reason="max_num_queued_tokens"} 1.0' % MODEL
+            ).encode() in text
+    await waiting.close()  # aborted before its first token: its prompt leaves the backlog
+    await _wait_for(lambda: engine.prefilling_tokens == 0, timeout=2.0)
+    status, _, _ = await _post(handle.url + "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
+    assert status == 200
+    await running.close()
+
+
 async def test_a_batch_of_prompts_is_served_as_vllm_serves_it(start):
     """A legacy completion's batch (vLLM 0.32's completion/serving.py): an engine request per prompt and answer
     (``cmpl-<id>-<i>``, its answers ``<j>_cmpl-<id>-<i>``), choices prompt by prompt (``index = i * n + j``),

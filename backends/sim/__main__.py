@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mean-output-tokens", type=int, default=defaults.mean_output_tokens)
     parser.add_argument("--wake-delay-s", type=float, default=defaults.wake_delay_s)
     parser.add_argument("--max-num-queued-reqs", type=int, default=defaults.max_num_queued_reqs)
+    parser.add_argument("--max-num-queued-tokens", type=int, default=defaults.max_num_queued_tokens)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     add_vllm_flag_arguments(parser)
     args = parser.parse_args(argv)
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
         model=args.model, max_model_len=args.max_model_len, time_scale=args.time_scale,
         max_num_seqs=args.max_num_seqs, kv_blocks=args.kv_blocks, block_size=args.block_size,
         scheduling_policy=args.scheduling_policy, mean_output_tokens=args.mean_output_tokens,
-        wake_delay_s=args.wake_delay_s, max_num_queued_reqs=args.max_num_queued_reqs, seed=args.seed,
+        wake_delay_s=args.wake_delay_s, max_num_queued_reqs=args.max_num_queued_reqs,
+        max_num_queued_tokens=args.max_num_queued_tokens, seed=args.seed,
         **vllm_flag_options(args))
     try:
         options.validate()

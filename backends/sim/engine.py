@@ -57,7 +57,12 @@ _DEADLINE_SLACK_S = 0.02  # how far behind schedule the loop may fall before it 
 
 
 class EngineBusy(Exception):
-    """``max_num_queued_reqs`` unfinished requests already: back-pressure (HTTP 503)."""
+    """Back-pressure (HTTP 503): ``max_num_queued_reqs`` unfinished requests already, or ``max_num_queued_tokens``
+    prompt tokens still in prefill. Its one argument is the limit reached (vLLM's rejection reason)."""
+
+    @property
+    def reason(self) -> str:
+        return self.args[0]
 
 
 class SimRequest:
@@ -129,6 +134,7 @@ class SimEngine:
         self._fcfs: deque[SimRequest] = deque()
         self._heap: list[tuple[int, int, SimRequest]] = []
         self.num_waiting = 0
+        self.prefilling_tokens = 0  # prompt tokens of the unfinished requests without a first token yet
         self.sleep_level = 0  # while paused: 0 (nothing freed), 1 weights offloaded, 2 discard all
         self._paused = False  # the scheduler is paused: new requests are held (vLLM's PAUSED_NEW / PAUSED_ALL)
         self._draining = False  # paused with mode=wait: the requests in flight still run to their end
@@ -220,13 +226,19 @@ class SimEngine:
 
     def admit(self, count: int = 1) -> None:
         """Raise :class:`EngineBusy` (counted in ``vllm:admission_rejections``) where ``count`` more requests
-        would pass ``max_num_queued_reqs`` unfinished ones (held ones count). vLLM's frontend refuses there before
-        it checks a request's lengths and sampling parameters, so the server asks this first, for all of a
-        request's answers at once. An engine asleep takes requests: it holds them (see :meth:`add_request`)."""
+        would pass ``max_num_queued_reqs`` unfinished ones (held ones count), or where the prompts still in prefill
+        already reach ``max_num_queued_tokens`` tokens (vLLM 0.32's ``check_admission``: their whole prompts, held
+        ones too, until each one's first token). vLLM's frontend refuses there before it checks a request's
+        lengths and sampling parameters, so the server asks this first, for all of a request's answers at once.
+        An engine asleep takes requests: it holds them (see :meth:`add_request`)."""
         limit = self.options.max_num_queued_reqs
         if limit and len(self.running) + self.num_waiting + len(self._held) + count > limit:
             self.metrics.admission_rejections["max_num_queued_reqs"].inc()
-            raise EngineBusy()
+            raise EngineBusy("max_num_queued_reqs")
+        tokens = self.options.max_num_queued_tokens
+        if tokens and self.prefilling_tokens >= tokens:
+            self.metrics.admission_rejections["max_num_queued_tokens"].inc()
+            raise EngineBusy("max_num_queued_tokens")
 
     def add_request(self, request_id: str, prompt_tokens: int, target_tokens: int, finish_reason: str = "length",
                     priority: int = 0) -> SimRequest:
@@ -238,6 +250,7 @@ class SimEngine:
         loop = self._loop or asyncio.get_running_loop()
         req = SimRequest(request_id, max(1, prompt_tokens), max(1, target_tokens), finish_reason,
                          priority if self.priority_policy else 0, next(self._seq), loop.time())
+        self.prefilling_tokens += req.prompt_tokens
         if self._paused:
             req.state = HELD
             self._held.append(req)
@@ -405,6 +418,8 @@ class SimEngine:
                 pass
         self.free_blocks += req.blocks
         req.blocks = 0
+        if req.first_token_at is None:
+            self.prefilling_tokens -= req.prompt_tokens
         req.state = DONE
         req.finish_reason = reason
         req.finished_at = now
@@ -526,6 +541,7 @@ class SimEngine:
             new_tokens += 1
             if req.first_token_at is None:
                 req.first_token_at = now
+                self.prefilling_tokens -= req.prompt_tokens
                 self.prompt_tokens_total += req.prompt_tokens
                 m.prompt_tokens.inc(req.prompt_tokens)
                 m.ttft.observe(now - req.arrival)

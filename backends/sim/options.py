@@ -29,6 +29,7 @@ class SimEngineOptions:
     seed: int = 0
     max_num_batched_tokens: int = 8192  # token budget per iteration (chunked prefill), vLLM's flag
     max_num_queued_reqs: int = 0  # >0: answer 503 "busy" beyond this many unfinished requests (vLLM's flag)
+    max_num_queued_tokens: int = 0  # >0: answer 503 while this many prompt tokens await their first token (ditto)
     cost_scale: float = 1.0  # multiply every cost-model time (e.g. 2.0 = a GPU half as fast)
     calibration_dir: str | None = None  # None: $MAESTRO_CALIBRATION_DIR or ../shared/data/calibration
     # The model's vocabulary (config.json's vocab_size), against which vLLM checks the token ids a request names
@@ -58,8 +59,10 @@ class SimEngineOptions:
             raise ValueError(f"output_tokens_sigma must be >= 0, got {self.output_tokens_sigma!r}")
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < -1:
             raise ValueError(f"max_logprobs must be an integer >= -1, got {self.max_logprobs!r}")
-        if self.max_num_queued_reqs < 0:
-            raise ValueError(f"max_num_queued_reqs must be >= 0, got {self.max_num_queued_reqs!r}")
+        for name in ("max_num_queued_reqs", "max_num_queued_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, "
                              f"got {self.scheduling_policy!r}")

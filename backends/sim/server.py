@@ -90,7 +90,8 @@ Request handling
 * **Disconnect**: the runner uses ``handler_cancellation=True``; a cancelled handler or a failed write aborts
   the request in the engine at once (its KV is freed and ``vllm:num_requests_running`` drops).
 * **Back-pressure**: beyond ``max_num_queued_reqs`` unfinished requests, 503 with vLLM's "busy" body, counted
-  in ``vllm:admission_rejections_total{reason="max_num_queued_reqs"}``.
+  in ``vllm:admission_rejections_total{reason="max_num_queued_reqs"}``; while ``max_num_queued_tokens`` prompt
+  tokens await their first token, 503 with vLLM's "prefill token backlog" body (``reason="max_num_queued_tokens"``).
 
 Deviations from a real vLLM (on purpose)
 ----------------------------------------
@@ -139,6 +140,9 @@ MAX_N_SEQUENCES = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default (the gateway allo
 
 BUSY_MESSAGE = ("The engine is currently busy and cannot accept new requests. Please try again later or on a "
                 "different instance.")
+BUSY_MESSAGES = {"max_num_queued_reqs": BUSY_MESSAGE,  # vLLM 0.32's QueueOverflowError, MaxQueuedTokensError
+                 "max_num_queued_tokens": "The engine has reached its prefill token backlog limit. Please try again "
+                                          "later or on a different instance."}
 
 # ---------------------------------------------------------------------------------------------- filler text
 
@@ -905,8 +909,8 @@ class SimServer:
                                   "NotFoundError", 404, "model")
         try:
             self.engine.admit(max(parsed.n, 1))  # vLLM's back-pressure comes before its length and sampling checks
-        except EngineBusy:
-            return _busy()
+        except EngineBusy as busy:
+            return _busy(busy.reason)
         if parsed.tool_choice is not None and not self.options.tool_calling:
             return tool_parser_refusal(parsed.tool_choice)
         if parsed.prompts is None:
@@ -981,15 +985,15 @@ class SimServer:
                                                           hint=hint)
                     request_id = base_id if p.n == 1 else f"{index}_{base_id}"
                     reqs.append(engine.add_request(request_id, prompt_tokens, target, reason, p.priority))
-        except EngineBusy:
+        except EngineBusy as busy:
             for _ in range(len(plan) - asked):
                 with contextlib.suppress(EngineBusy):
                     engine.admit(p.n)
             for req in reqs:
                 engine.abort(req)
             if p.stream and p.prompts is not None:
-                return _stream_error(BUSY_MESSAGE, "Service Unavailable", 503, None, header_id)
-            return _busy()
+                return _stream_error(BUSY_MESSAGES[busy.reason], "Service Unavailable", 503, None, header_id)
+            return _busy(busy.reason)
         return reqs
 
     def _check_batch_lengths(self, p: Parsed) -> list[int] | web.Response:
@@ -1195,8 +1199,8 @@ def _batch_prompt_tokens(p: Parsed) -> int:
     return sum(one.tokens for one in p.prompts)
 
 
-def _busy() -> web.Response:
-    return error_response(BUSY_MESSAGE, "Service Unavailable", 503)
+def _busy(reason: str = "max_num_queued_reqs") -> web.Response:
+    return error_response(BUSY_MESSAGES[reason], "Service Unavailable", 503)
 
 
 def logit_bias_token_ids(bias: dict) -> list[int] | web.Response:
