@@ -40,16 +40,15 @@ log = logging.getLogger(__name__)
 # X-Accel-Buffering: an nginx in front of the gateway would otherwise hold a stream's events back in its buffer
 _STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
+UNUSABLE_WARN_EVERY_S = 60.0  # an engine's unusable answers (a wrong key...) are logged at most this often
+_WATCH_SLACK_S = 0.5  # a stream's watchdog is re-armed at most this often (a timer per event would cost more)
+_ERROR_EVENT_WRITE_S = 5.0  # the longest a stream's closing error event may wait for the client to read
 
 
 def _ends_stream(out: bytes) -> bool:
     """Whether relayed bytes end with the stream's last event, ``data: [DONE]`` (its last bytes only: a chunk may
     be large)."""
     return out[-32:].rstrip().endswith(b"data: [DONE]")
-
-UNUSABLE_WARN_EVERY_S = 60.0  # an engine's unusable answers (a wrong key...) are logged at most this often
-_WATCH_SLACK_S = 0.5  # a stream's watchdog is re-armed at most this often (a timer per event would cost more)
-_ERROR_EVENT_WRITE_S = 5.0  # the longest a stream's closing error event may wait for the client to read
 
 
 class ClientStalled(Exception):

@@ -110,6 +110,8 @@ OUTPUT_CONTROLS = ("hint", "ignore-eos", "both", "none")
 CLIENTS = ("aiohttp", "openai")
 TIME_BASES = ("wall", "workload")
 MAX_ERRORS_KEPT = 20
+PREFLIGHT_TIMEOUT_S = 5.0  # the GET {url}/models before a run, and the longest wait for one sample of the metrics
+PROMPT_RATIO_OK = (0.8, 1.25)  # the engine's prompt token count against the plan's, beyond which the run warns
 # finish reasons of an answer the engine did not finish (vLLM's "abort": the request was aborted, e.g. the engine
 # was put to sleep; "error": it failed): the same as the gateway's (gateway/proxy.py _CUT_REASONS), which relays
 # such an answer but does not count it as finished
@@ -867,10 +869,6 @@ def options_from_args(args: argparse.Namespace) -> LiveOptions:
                        request_timeout_s=args.request_timeout, time_base=args.time_base,
                        progress=not args.no_progress, policy=dict(args.policy or ()), slo_targets=targets,
                        metrics_url=None if args.no_metrics else metrics_url, sample_s=args.sample_interval)
-
-
-PREFLIGHT_TIMEOUT_S = 5.0
-PROMPT_RATIO_OK = (0.8, 1.25)  # the engine's prompt token count against the plan's, beyond which the run warns
 
 
 async def check_endpoint(url: str, model: str, api_key: str | None) -> tuple[bool, str | None]:
