@@ -176,6 +176,33 @@ def _cut_short(events: bytes) -> bool:
     return b'{"error"' in events or any(marker in events for marker in _CUT_MARKERS)
 
 
+_FINISH_ERROR_MARKERS = tuple(f'"finish_reason":{space}"error"'.encode() for space in ("", " "))
+
+
+def _engine_failure(events: bytes) -> tuple[int, str] | None:
+    """(status to count, upstream-error reason) for relayed events in which the engine failed the answer: an error
+    event (vLLM's EngineCore dying mid-stream sends one with code 500, then ``[DONE]``) counts as the 502 a
+    failure before the stream would have been answered, or as the event's own 4xx; a finish_reason "error" as a
+    502. None where nothing failed ("abort": put to sleep, or aborted by whoever asked)."""
+    for event in events.split(b"\n\n"):
+        event = event.strip()
+        if event.startswith(b"data:") and b'{"error"' in event:
+            try:
+                error = orjson.loads(event[5:]).get("error")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            if not isinstance(error, dict):
+                continue
+            code = error.get("code")
+            code = int(code) if isinstance(code, (int, str)) and str(code).isascii() and str(code).isdigit() else 0
+            if 400 <= code <= 499:
+                return code, f"http_{code}"
+            return 502, f"http_{code}" if 500 <= code <= 599 else "stream_error"
+    if any(marker in events for marker in _FINISH_ERROR_MARKERS):
+        return 502, "finish_error"
+    return None
+
+
 def _first_event_error(head: bytes) -> tuple[int, str, bytes] | None:
     """(status, message, error body) when the stream's first event is an engine's error, else None. vLLM sends
     its 200 at once and reports what fails after it as an error event with the HTTP code it would have answered:
@@ -540,6 +567,10 @@ class Proxy:
                             ticket.on_stream(out)  # counts events; grows the KV reservation when outgrown
                         if (b'"abort"' in out or b'"error"' in out) and _cut_short(out):
                             job.incomplete = True  # relayed as the engine sent it, but no whole answer
+                            failure = _engine_failure(out)
+                            if failure is not None and not job.status:  # counted as failed, not as a 200
+                                job.status = failure[0]
+                                self.metrics.upstream_error(engine_id, failure[1])
                         writing = True
                         await response.write(out)
                         writing = False

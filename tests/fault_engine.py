@@ -29,7 +29,7 @@ class FaultEngine:
     mode: str = "ok"  # ok | busy | drop_before | drop_after_first | reset_after_first | drop_mid_body | stall
     #                   | error_500 | slow | firehose | error_event_400 | error_event_500 | no_done
     #                   | bad_chunk_after_first | bad_header | bad_chunk_first | cut_mid_event
-    #                   | unauthorized | redirect | gzip | linger_after_done
+    #                   | unauthorized | redirect | gzip | linger_after_done | error_mid_stream
     delay_s: float = 0.0
     hits: int = 0
     seen_bodies: list = field(default_factory=list)
@@ -206,6 +206,12 @@ class FaultEngine:
         if mode == "drop_after_first":
             await asyncio.sleep(0.05)
             request.transport.close()  # type: ignore[union-attr]
+            return response
+        if mode == "error_mid_stream":  # vLLM 0.32 when its EngineCore dies: an error event for the streams in flight
+            error = {"error": {"message": "EngineCore encountered an issue. See stack trace (above) for the root "
+                                          "cause.", "type": "InternalServerError", "param": None, "code": 500}}
+            await response.write(b"data: " + orjson.dumps(error) + b"\n\ndata: [DONE]\n\n")
+            await response.write_eof()
             return response
         if mode == "firehose":  # 64 KiB events as fast as the connection takes them, until the request ends
             big = dict(chunk, choices=[{"index": 0, "delta": {"content": "x" * 65536}, "finish_reason": None}])

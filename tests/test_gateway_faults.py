@@ -699,3 +699,33 @@ async def test_a_client_that_closes_right_after_done_was_served(engines):
         rendered = gw.metrics.render().decode()
         assert 'maestro_tokens_total{kind="completion",model="fault-model"} 2.0' in rendered
         assert gw.scheduling.workflows.cache["wf-done"].steps_done == 1
+
+
+async def test_a_stream_the_engine_ends_with_an_error_event_counts_as_failed(engines):
+    """vLLM's API server answers the streams in flight with an error event (code 500) and [DONE] when its
+    EngineCore dies: the gateway relayed it, and counted the request a 200 with no upstream error, where the same
+    failure of a whole answer counted 502. It counts 502 and http_500 now; an answer the engine aborted (an
+    engine put to sleep) stays a 200, relayed as it came."""
+    engine = engines[0]
+    engine.mode = "error_mid_stream"
+    async with running_gateway(gateway_config([engine.url])) as gw:
+        client = client_for(gw.base_url)
+        stream = await client.chat.completions.create(model="fault-model", messages=[{"role": "user", "content": "hi"}],
+                                                      stream=True, extra_headers={"X-Workflow-Id": "wf-err"})
+        with pytest.raises(openai.APIError, match="EngineCore encountered an issue"):
+            async for _ in stream:
+                pass
+        deadline = time.monotonic() + 5
+        while gw.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        assert (_requests_with_status(gw, 502), _requests_with_status(gw, 200)) == (1, 0)
+        rendered = gw.metrics.render().decode()
+        assert 'maestro_upstream_errors_total{engine="local/p/0",reason="http_500"} 1.0' in rendered
+        assert gw.scheduling.workflows.cache["wf-err"].steps_done == 0
+        engine.mode = "abort"
+        stream = await client.chat.completions.create(model="fault-model", messages=[{"role": "user", "content": "hi"}],
+                                                      stream=True)
+        assert [chunk.choices[0].finish_reason async for chunk in stream if chunk.choices][-1] == "abort"
+        await asyncio.sleep(0.1)
+        assert _requests_with_status(gw, 200) == 1
