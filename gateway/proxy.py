@@ -288,48 +288,68 @@ class Proxy:
             timeout = aiohttp.ClientTimeout(total=max(remaining, 0.001), sock_connect=self.connect_s,
                                             sock_read=sock_read)
             registry.inflight[engine_id] += 1
+            # until something is relayed, the engine's going down (the monitor) ends this wait: tried elsewhere
+            waiting = asyncio.timeout(None)
+            upstream = None
             try:
                 sent_at = time.perf_counter()
                 try:
-                    upstream = await client.session.post(client.url(job.path), data=job.body, headers=job.headers,
-                                                         timeout=timeout, allow_redirects=False)
-                except _RETRYABLE_CONNECT_ERRORS as exc:
-                    self.metrics.upstream_error(engine_id, "connect")
-                    last_problem = f"engine {engine_id} could not be reached ({exc.__class__.__name__})"
+                    async with waiting:
+                        registry.waiting[engine_id].add(waiting)
+                        try:
+                            upstream = await client.session.post(client.url(job.path), data=job.body,
+                                                                 headers=job.headers, timeout=timeout,
+                                                                 allow_redirects=False)
+                        except _RETRYABLE_CONNECT_ERRORS as exc:
+                            self.metrics.upstream_error(engine_id, "connect")
+                            last_problem = f"engine {engine_id} could not be reached ({exc.__class__.__name__})"
+                            continue
+                        except asyncio.TimeoutError as exc:
+                            raise self._timed_out(exc, engine_id, job) from None
+                        except aiohttp.ClientError as exc:  # an answer that is no valid HTTP (a bad header line):
+                            self.metrics.upstream_error(engine_id, "malformed")  # the engine had the request, so
+                            raise APIError(502, f"Engine {engine_id} answered with malformed HTTP "  # not sent again
+                                                f"({exc.__class__.__name__}).", SERVER_ERROR,
+                                           code="upstream_error") from None
+                        if upstream.status == 503:
+                            data = await self._read_small(upstream)
+                            self.metrics.upstream_error(engine_id, "busy")
+                            busy_seen = True
+                            last_problem = f"engine {engine_id} is busy: {_engine_message(data)}"
+                            continue
+                        refusal = _unusable_answer(upstream)
+                        if refusal is not None:  # not the engine's answer to this request: another may give one
+                            reason, problem = refusal
+                            upstream.close()
+                            self.metrics.upstream_error(engine_id, reason)
+                            failed_seen = True
+                            last_problem = f"engine {engine_id} {problem}"
+                            self._warn_unusable(engine_id, reason, problem)
+                            continue
+                        head = b""
+                        if job.stream and upstream.status == 200:
+                            head, problem = await self._first_event(upstream, job, engine_id)
+                            if head is None:  # refused or dropped before anything reached the client: try another
+                                busy_seen = busy_seen or problem.startswith("is busy")
+                                failed_seen = failed_seen or problem.startswith("failed")
+                                last_problem = f"engine {engine_id} {problem}"
+                                continue
+                            if isinstance(head, web.Response):  # the engine refused it (4xx) in its first event
+                                return head
+                except TimeoutError:
+                    if not waiting.expired():
+                        raise
+                    if upstream is not None:
+                        upstream.close()
+                    self.metrics.upstream_error(engine_id, "down")
+                    last_problem = f"engine {engine_id} went down before it answered"
                     continue
-                except asyncio.TimeoutError as exc:
-                    raise self._timed_out(exc, engine_id, job) from None
-                except aiohttp.ClientError as exc:  # an answer that is no valid HTTP (a bad header line): the
-                    self.metrics.upstream_error(engine_id, "malformed")  # engine had the request, so not sent
-                    raise APIError(502, f"Engine {engine_id} answered with malformed HTTP "  # again elsewhere
-                                        f"({exc.__class__.__name__}).", SERVER_ERROR, code="upstream_error") from None
-                if upstream.status == 503:
-                    data = await self._read_small(upstream)
-                    self.metrics.upstream_error(engine_id, "busy")
-                    busy_seen = True
-                    last_problem = f"engine {engine_id} is busy: {_engine_message(data)}"
-                    continue
-                refusal = _unusable_answer(upstream)
-                if refusal is not None:  # not the engine's answer to this request: another engine may give one
-                    reason, problem = refusal
-                    upstream.close()
-                    self.metrics.upstream_error(engine_id, reason)
-                    failed_seen = True
-                    last_problem = f"engine {engine_id} {problem}"
-                    self._warn_unusable(engine_id, reason, problem)
-                    continue
+                registry.waiting[engine_id].discard(waiting)
                 if job.stream and upstream.status == 200:
-                    head, problem = await self._first_event(upstream, job, engine_id)
-                    if head is None:  # refused or dropped before anything reached the client: try another engine
-                        busy_seen = busy_seen or problem.startswith("is busy")
-                        failed_seen = failed_seen or problem.startswith("failed")
-                        last_problem = f"engine {engine_id} {problem}"
-                        continue
-                    if isinstance(head, web.Response):  # the engine refused it (4xx) in its first event
-                        return head
                     return await self._relay_stream(request, job, upstream, engine_id, sent_at, head)
                 return await self._relay_whole(job, upstream, engine_id, sent_at)
             finally:
+                registry.waiting[engine_id].discard(waiting)
                 registry.inflight[engine_id] -= 1
         if busy_seen:
             raise APIError(503, f"All engines for model {job.model!r} are busy; retry shortly. Last: {last_problem}.",

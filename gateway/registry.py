@@ -7,6 +7,8 @@ serving never waits on Redis. Choosing among eligible engines is delegated to a 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -22,6 +24,9 @@ class EngineRegistry:
         self.states: dict[str, EngineState] = {}
         self.clients: dict[str, EngineClient] = {}
         self.inflight: dict[str, int] = defaultdict(int)
+        # engine id -> the waits of the requests sent to it that have relayed nothing yet (the proxy's; each an
+        # asyncio.timeout without a deadline, which abandon_waiting makes fire)
+        self.waiting: dict[str, set[asyncio.Timeout]] = defaultdict(set)
         self._by_model: dict[tuple[str, str], list[str]] = defaultdict(list)  # (kind, model) -> engine ids
         self._policy: RoutingPolicy = make_routing_policy(config.routing.policy)
         timeouts = config.timeouts
@@ -69,6 +74,19 @@ class EngineRegistry:
             if candidates:
                 return self._policy.choose(candidates, self.inflight)
         return None
+
+    def abandon_waiting(self, engine_id: str) -> int:
+        """The engine was marked down: end at once the waits of the requests sent to it that have relayed nothing
+        to their clients yet, so that the proxy tries them on another engine. A hung engine (its probes time out)
+        held a non-streamed request for the whole of timeouts.total_s (15 min by default), and a stream waiting
+        for its first event for stream_idle_s, while other engines were free. Returns how many."""
+        waits = self.waiting.pop(engine_id, set())
+        if waits:
+            now = asyncio.get_running_loop().time()
+            for wait in waits:
+                with contextlib.suppress(RuntimeError):  # (one already left: nothing to end)
+                    wait.reschedule(now)
+        return len(waits)
 
     def up_count(self) -> int:
         return sum(1 for s in self.states.values() if s.up)

@@ -45,6 +45,7 @@ class FaultEngine:
     paused: bool = False
     wake_delay_s: float = 0.0  # ...and POST /wake_up
     served_models: list[str] | None = None  # the names GET /v1/models lists (None: the one model)
+    metrics_hang: bool = False  # GET /metrics never answers
     max_model_len: int | None = None  # the context its model cards say (vLLM's max_model_len; None: no field)
 
     async def models(self, request: web.Request) -> web.Response:
@@ -99,6 +100,8 @@ class FaultEngine:
 
     async def metrics(self, request: web.Request) -> web.Response:
         self.seen_metrics_headers.append(CIMultiDict(request.headers))
+        if self.metrics_hang:  # a hung engine (SIGSTOP, a stuck GPU): its probes time out
+            await asyncio.Event().wait()
         text = (f'vllm:num_requests_running{{engine="0",model_name="{self.model}"}} 0.0\n'
                 f'vllm:num_requests_waiting{{engine="0",model_name="{self.model}"}} 0.0\n'
                 f'vllm:kv_cache_usage_perc{{engine="0",model_name="{self.model}"}} 0.0\n')

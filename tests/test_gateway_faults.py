@@ -729,3 +729,44 @@ async def test_a_stream_the_engine_ends_with_an_error_event_counts_as_failed(eng
         assert [chunk.choices[0].finish_reason async for chunk in stream if chunk.choices][-1] == "abort"
         await asyncio.sleep(0.1)
         assert _requests_with_status(gw, 200) == 1
+
+
+async def test_requests_waiting_on_an_engine_that_hangs_go_to_another_once_it_is_marked_down(engines):
+    """A hung engine (SIGSTOP on a real vLLM): its probes time out and the monitor marks it down in seconds, but a
+    non-streamed request sent to it waited the whole timeouts.total_s (15 min by default), and a stream waiting
+    for its first event stream_idle_s, while another engine was free. Those that have relayed nothing are tried on
+    another engine as soon as it is marked down."""
+    hung, healthy = engines
+    hung.mode, hung.delay_s = "stall", 30.0
+    config = gateway_config([hung.url, healthy.url], monitor={"interval_s": 0.05, "down_after_failures": 2},
+                            timeouts={"scrape_s": 0.2})
+    async with running_gateway(config) as gw:
+        client = client_for(gw.base_url)
+        messages = [{"role": "user", "content": "hi"}]
+
+        async def whole() -> str:
+            reply = await client.chat.completions.create(model="fault-model", messages=messages)
+            return reply.choices[0].message.content
+
+        async def streamed() -> str:
+            stream = await client.chat.completions.create(model="fault-model", messages=messages, stream=True)
+            return "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+
+        started = time.monotonic()
+        calls = [asyncio.create_task(call()) for call in (whole, whole, streamed, streamed)]
+        deadline = time.monotonic() + 5
+        while hung.hits < 2 and time.monotonic() < deadline:  # round robin: half of them wait on the hung one
+            await asyncio.sleep(0.01)
+        assert hung.hits == 2
+        hung.metrics_hang = True
+        assert await asyncio.wait_for(asyncio.gather(*calls), 10.0) == ["hello world"] * 4
+        assert time.monotonic() - started < 5.0  # not the hung engine's 30 s
+        assert not gw.registry.states["local/p/0"].up
+        rendered = gw.metrics.render().decode()
+        assert 'maestro_upstream_errors_total{engine="local/p/0",reason="down"} 2.0' in rendered
+        assert _requests_with_status(gw, 200) == 4
+        for _ in range(100):  # the hung engine's requests were dropped (their connections closed)
+            if hung.aborted == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert hung.aborted == 2

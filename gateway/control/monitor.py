@@ -92,8 +92,10 @@ class EngineMonitor:
             state = apply_probe_success(before, metrics, now, monitor.up_after_successes)
         self.registry.states[engine_id] = state
         if state.up != before.up:
-            log.log(logging.INFO if state.up else logging.WARNING, "engine %s is now %s%s", engine_id,
-                    "UP" if state.up else "DOWN", f" ({state.last_error})" if state.last_error else "")
+            moved = 0 if state.up else self.registry.abandon_waiting(engine_id)
+            log.log(logging.INFO if state.up else logging.WARNING, "engine %s is now %s%s%s", engine_id,
+                    "UP" if state.up else "DOWN", f" ({state.last_error})" if state.last_error else "",
+                    f"; {moved} request(s) waiting for its answer go to another engine" if moved else "")
             self.metrics.engines_up.set(self.registry.up_count())
             if state.up:
                 self._check_models_soon(engine_id)
