@@ -463,6 +463,11 @@ async def test_a_prefill_backlog_past_max_num_queued_tokens_is_refused_as_vllm_r
     backlog clears as first tokens come (an aborted request's prompt leaves it too)."""
     handle, client = await start(max_num_seqs=1, max_num_queued_tokens=40, time_scale=20.0)
     engine = handle.engine
+    # the check is made once for a request's answers, before the first is added: n=2 of a prompt past the limit
+    # on an idle engine is served (its second answer does not find the first's prompt in the backlog)
+    status, answer, _ = await _post(handle.url + "/v1/completions", {"model": MODEL, "prompt": [5] * 60, "n": 2,
+                                                                     "max_tokens": 1})
+    assert status == 200 and len(answer["choices"]) == 2
     running = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=900, stream=True,
                                                    extra_body={"ignore_eos": True})
     await _read_chunks(running, 2)  # its first token: its prompt is no backlog any more

@@ -224,19 +224,21 @@ class SimEngine:
             return cap, "length"
         return natural, "stop"
 
-    def admit(self, count: int = 1) -> None:
+    def admit(self, count: int = 1, backlog: bool = True) -> None:
         """Raise :class:`EngineBusy` (counted in ``vllm:admission_rejections``) where ``count`` more requests
         would pass ``max_num_queued_reqs`` unfinished ones (held ones count), or where the prompts still in prefill
         already reach ``max_num_queued_tokens`` tokens (vLLM 0.32's ``check_admission``: their whole prompts, held
         ones too, until each one's first token). vLLM's frontend refuses there before it checks a request's
         lengths and sampling parameters, so the server asks this first, for all of a request's answers at once.
-        An engine asleep takes requests: it holds them (see :meth:`add_request`)."""
+        An engine asleep takes requests: it holds them (see :meth:`add_request`). ``backlog=False`` leaves out the
+        prefill-backlog check: vLLM makes it once for a request's (or a batched prompt's) answers together, before
+        the first is added, so the answers after it must not find their own siblings' prompts in the backlog."""
         limit = self.options.max_num_queued_reqs
         if limit and len(self.running) + self.num_waiting + len(self._held) + count > limit:
             self.metrics.admission_rejections["max_num_queued_reqs"].inc()
             raise EngineBusy("max_num_queued_reqs")
         tokens = self.options.max_num_queued_tokens
-        if tokens and self.prefilling_tokens >= tokens:
+        if backlog and tokens and self.prefilling_tokens >= tokens:
             self.metrics.admission_rejections["max_num_queued_tokens"].inc()
             raise EngineBusy("max_num_queued_tokens")
 
@@ -244,9 +246,9 @@ class SimEngine:
                     priority: int = 0) -> SimRequest:
         """Queue a request that will generate ``target_tokens`` tokens and finish with ``finish_reason``; while
         the engine is asleep it is held until the wake-up. Raises :class:`EngineBusy` beyond
-        ``max_num_queued_reqs`` unfinished requests.
+        ``max_num_queued_reqs`` unfinished requests (the caller checks the prefill backlog: :meth:`admit`).
         """
-        self.admit(1)
+        self.admit(1, backlog=False)
         loop = self._loop or asyncio.get_running_loop()
         req = SimRequest(request_id, max(1, prompt_tokens), max(1, target_tokens), finish_reason,
                          priority if self.priority_policy else 0, next(self._seq), loop.time())
