@@ -513,14 +513,16 @@ class Proxy:
                 raise ClientStalled(f"the client read nothing of the stream's end for {self.stream_idle_s:g} s") \
                     from None
         except ConnectionResetError:
-            if not job.answered:
+            if job.answered:
+                self._count_stream_usage(job, usage_filter)
+            else:
                 job.status = 499  # the client went away mid-stream; the finally below makes the engine abort
-            self._count_stream_usage(job, usage_filter)
         except ClientStalled as stalled:
             log.warning("request %s: %s; its connection is closed and engine %s's request ended",
                         job.request_id, stalled, engine_id)
             self.metrics.client_stalled()
             job.status = 499  # as a client that left: it took nothing more
+            job.incomplete = True  # (it may not have read the end): no finished step, no record
             if request.transport is not None:
                 request.transport.abort()  # close() would wait to flush what the client does not read
         except asyncio.CancelledError:

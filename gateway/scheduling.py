@@ -966,7 +966,7 @@ class WorkflowTracker:
 
     def __init__(self, store: StateStore, config: Config) -> None:
         self.store = store
-        self.local = MemoryStateStore()
+        self.local = MemoryStateStore(max_workflows=config.state.max_workflows)
         self.ttl_s = config.scheduling.workflow_ttl_s
         self.inflight_s = INFLIGHT_TOTALS * config.timeouts.total_s  # see INFLIGHT_TOTALS
         self.classes = {c.name: c for c in config.slo_classes}

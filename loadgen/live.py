@@ -95,6 +95,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -112,6 +113,8 @@ TIME_BASES = ("wall", "workload")
 MAX_ERRORS_KEPT = 20
 PREFLIGHT_TIMEOUT_S = 5.0  # the GET {url}/models before a run, and the longest wait for one sample of the metrics
 PROMPT_RATIO_OK = (0.8, 1.25)  # the engine's prompt token count against the plan's, beyond which the run warns
+_SAMPLED = ("maestro_kv_reserved_tokens", "maestro_queued_requests")  # the gateway's gauges a live run samples
+_SAMPLED_PREFIXES = tuple(p + name for name in _SAMPLED for p in ("", "# HELP ", "# TYPE "))
 # finish reasons of an answer the engine did not finish (vLLM's "abort": the request was aborted, e.g. the engine
 # was put to sleep; "error": it failed): the same as the gateway's (gateway/proxy.py _CUT_REASONS), which relays
 # such an answer but does not count it as finished
@@ -377,7 +380,9 @@ class LiveRunner:
         from prometheus_client.parser import text_string_to_metric_families
 
         opts = self.options
-        headers = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key else {}
+        # the key goes only where the requests go: a --metrics-url elsewhere gets none
+        same_origin = urlsplit(opts.metrics_url)[:2] == urlsplit(opts.url)[:2]
+        headers = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key and same_origin else {}
         reserved = self.series.setdefault("reserved_kv_tokens", [])
         queued = self.series.setdefault("queued_requests", [])
         failures = 0
@@ -395,9 +400,12 @@ class LiveRunner:
                     self.metrics_note = f"{failures} sample(s) of {opts.metrics_url} failed"
                 else:
                     sums: dict[str, float] = {}
+                    # only the two families' lines are parsed: a whole page of a gateway with dozens of engines
+                    # took 6 ms to parse, on the event loop that times the requests
+                    text = "\n".join(line for line in text.splitlines() if line.startswith(_SAMPLED_PREFIXES))
                     try:
                         for family in text_string_to_metric_families(text):
-                            if family.name in ("maestro_kv_reserved_tokens", "maestro_queued_requests"):
+                            if family.name in _SAMPLED:
                                 sums[family.name] = sum(sample.value for sample in family.samples)
                     except ValueError:
                         pass  # not Prometheus' text format: as a page without the gauges

@@ -1296,3 +1296,46 @@ def test_live_warns_when_the_engine_counts_other_prompt_lengths_than_planned(tmp
     assert load_run(tmp_path / "live.json").meta["prompt_tokens_counted"] == 132
     assert _live_against(tmp_path, _calls(2), ["m"], chat=counted_as(44)) == 0
     assert "prompt tokens" not in capsys.readouterr().err
+
+
+def test_the_api_key_goes_to_the_metrics_page_only_on_the_requests_origin(tmp_path):
+    """--metrics-url may name another host: the run's key went there too."""
+    seen: dict[str, list[str | None]] = {"api": [], "elsewhere": []}
+    page = "# TYPE maestro_kv_reserved_tokens gauge\nmaestro_kv_reserved_tokens{engine=\"e\"} 7.0\n"
+
+    def metrics_of(name: str):
+        async def metrics(request: web.Request) -> web.Response:
+            seen[name].append(request.headers.get("Authorization"))
+            return web.Response(text=page)
+        return metrics
+
+    async def main(*extra: str) -> int:
+        apps = []
+        for name in ("api", "elsewhere"):
+            app = web.Application()
+            app.router.add_get("/metrics", metrics_of(name))
+            if name == "api":
+                app.router.add_post("/v1/chat/completions", _streamer(complete=True))
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            apps.append((runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"))
+        (_, api), (_, elsewhere) = apps
+        path = tmp_path / "w.json"
+        _calls(1).save(path)
+        try:
+            args = _parse(add_live_arguments, ["--url", api + "/v1", "--workload", str(path), "--no-progress",
+                                               "--api-key", "k", "--out", str(tmp_path / "r.json"),
+                                               *[a.replace("ELSEWHERE", elsewhere) for a in extra]])
+            return await asyncio.to_thread(live_main, args)
+        finally:
+            for runner, _ in apps:
+                await runner.cleanup()
+
+    assert asyncio.run(main()) == 0
+    assert seen["api"] and set(seen["api"]) == {"Bearer k"} and not seen["elsewhere"]
+    seen["api"].clear()
+    assert asyncio.run(main("--metrics-url", "ELSEWHERE/metrics")) == 0
+    assert seen["elsewhere"] and set(seen["elsewhere"]) == {None} and not seen["api"]
+    assert load_run(tmp_path / "r.json").series["reserved_kv_tokens"][0][1] == 7.0
