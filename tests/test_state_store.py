@@ -704,10 +704,11 @@ async def test_the_memory_store_keeps_at_most_max_workflow_records(monkeypatch) 
     await store.workflow_end("w4", "r", now=5.0, ttl_s=3600.0)  # an update: nothing dropped
     assert [await store.get_workflow(f"w{i}") is not None for i in range(5)] == [False, False, True, True, True]
     assert store._workflows.dropped == 2
-    # the least recently active gives way, not the first recorded: w2 goes on, so w3 is dropped for w5
+    # the least recently active without a step in flight gives way, not the first recorded: w2's step ends after
+    # w4's, and w3's runs on, so w4 is dropped for w5
     await store.workflow_end("w2", "r", now=6.0, ttl_s=3600.0)
     await store.workflow_begin("w5", "r", now=7.0, ttl_s=3600.0)
-    assert [await store.get_workflow(f"w{i}") is not None for i in range(2, 6)] == [True, False, True, True]
+    assert [await store.get_workflow(f"w{i}") is not None for i in range(2, 6)] == [True, True, False, True]
 
 
 async def test_the_workflow_cache_keeps_at_most_max_cached_workflows(monkeypatch) -> None:
@@ -737,39 +738,59 @@ async def test_the_workflow_cache_keeps_at_most_max_cached_workflows(monkeypatch
 async def test_a_store_keeps_at_most_max_workflows_dropping_the_least_recently_active(kind, request) -> None:
     """A client sending a new X-Workflow-Id with every request added a ~1 kB record per request for an hour: the
     Redis store had no bound (110 MB in 5 minutes of a soak, until a noeviction Redis would refuse writes). Both
-    stores keep max_workflows, the least recently active giving way, and Redis keeps none of a dropped one's keys."""
-    if kind == "memory":
-        store: StateStore = MemoryStateStore(max_workflows=3)
-    else:
-        prefix = request.getfixturevalue("redis_prefix")
-        store = RedisStateStore(REDIS_URL, key_prefix=prefix, timeout_s=2.0, max_workflows=3)
+    stores keep max_workflows: the least recently active gives way, but not one with a step in flight while one
+    without can (its step's end would find no record); Redis keeps none of a dropped one's keys."""
+    def store_of(cap: int) -> StateStore:
+        if kind == "memory":
+            return MemoryStateStore(max_workflows=cap)
+        return RedisStateStore(REDIS_URL, key_prefix=prefix, timeout_s=2.0, max_workflows=cap)
 
-    async def begin(workflow_id: str, now: float) -> None:
-        await store.workflow_begin(workflow_id, "r", now=now, ttl_s=LONG_TTL)
+    prefix = request.getfixturevalue("redis_prefix") if kind == "redis" else ""
+    store = store_of(3)
+    clock = iter(range(100))
+
+    async def step(workflow_id: str, ends: bool = True) -> None:
+        await store.workflow_begin(workflow_id, "r", now=float(next(clock)), ttl_s=LONG_TTL)
         await asyncio.sleep(0.003)  # Redis orders by its own clock in ms
+        if ends:
+            await store.workflow_end(workflow_id, "r", now=float(next(clock)), ttl_s=LONG_TTL)
+            await asyncio.sleep(0.003)
 
-    async def kept() -> list[str]:
-        return [w for w in ("w0", "w1", "w2", "w3", "w4", "w5") if await store.get_workflow(w) is not None]
+    async def kept(*ids: str) -> list[str]:
+        return [w for w in ids if await store.get_workflow(w) is not None]
 
+    names = ("w0", "busy", "w1", "w2", "w3", "w4")
     try:
-        for i in range(5):
-            await begin(f"w{i}", float(i))
-        assert await kept() == ["w2", "w3", "w4"]
-        await store.workflow_end("w2", "r", now=5.0, ttl_s=LONG_TTL)  # activity: w3 is the least recent now
+        await step("w0")
+        await step("busy", ends=False)  # its step runs on
+        await step("w1")
+        await step("w2")  # the fourth: the least recently active, w0, goes
+        assert await kept(*names) == ["busy", "w1", "w2"]
+        await step("w3")  # busy is the least recently active, but its step is in flight: w1 goes
+        assert await kept(*names) == ["busy", "w2", "w3"]
+        await store.workflow_end("busy", "r", now=50.0, ttl_s=LONG_TTL)  # its step ends: it is found and counted
+        assert (await store.get_workflow("busy"))["steps_done"] == 1
         await asyncio.sleep(0.003)
-        await begin("w5", 6.0)
-        assert await kept() == ["w2", "w4", "w5"]
-        await begin("w4", 7.0)  # a step of a kept workflow takes no room
-        assert await kept() == ["w2", "w4", "w5"]
+        await step("w4")
+        assert await kept(*names) == ["busy", "w3", "w4"]
+        await step("w3")  # a step of a kept workflow takes no room
+        assert await kept(*names) == ["busy", "w3", "w4"]
         if kind == "redis":
             import redis.asyncio as aioredis
 
             client = aioredis.Redis.from_url(REDIS_URL)
             try:
-                assert not await client.exists(f"{prefix}:wf:w3", f"{prefix}:wfr:w3", f"{prefix}:wf:w0")
+                assert not await client.exists(f"{prefix}:wf:w1", f"{prefix}:wfr:w1", f"{prefix}:wf:w0")
                 assert await client.zcard(f"{prefix}:wfx") == 3 and await client.pttl(f"{prefix}:wfx") > 0
+                await client.delete(*[key async for key in client.scan_iter(match=f"{prefix}:*")])
             finally:
                 await client.aclose()
+        await store.close()
+        # where every record has a step in flight, the least recently active goes all the same
+        store = store_of(2)
+        for workflow_id in ("a", "b", "c"):
+            await step(workflow_id, ends=False)
+        assert await kept("a", "b", "c") == ["b", "c"]
     finally:
         await store.close()
 

@@ -17,6 +17,9 @@ from typing import Any
 # this, the least recently active is dropped for each new one (its workflow, if it goes on, starts a new record:
 # scheduled as a new workflow).
 MAX_WORKFLOW_RECORDS = 100_000
+# Records looked at, least recently active first, for one without a step in flight to drop (a workflow whose step
+# is running keeps its record, unless all of these have one); Redis drops at most this many in one begin.
+EVICT_LOOKAHEAD = 100
 
 
 class StateUnavailable(RuntimeError):

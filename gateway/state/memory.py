@@ -8,6 +8,7 @@ callers get fresh copies and can never mutate stored state or rely on object ide
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from collections import OrderedDict
 from typing import Any, Callable
@@ -15,7 +16,7 @@ from typing import Any, Callable
 import orjson
 
 from gateway.core.ledger import KVLedger
-from gateway.state.base import MAX_WORKFLOW_RECORDS, StateStore, check_inflight_s
+from gateway.state.base import EVICT_LOOKAHEAD, MAX_WORKFLOW_RECORDS, StateStore, check_inflight_s
 
 Clock = Callable[[], float]
 
@@ -51,13 +52,20 @@ class _TTLMap:
         self.max_items = max_items  # None: no bound but the TTLs
         self.dropped = 0  # live records dropped to stay within max_items
 
-    def put(self, key: str, record: dict[str, Any], ttl_s: float) -> None:
+    def put(self, key: str, record: dict[str, Any], ttl_s: float,
+            keep: Callable[[bytes], bool] | None = None) -> None:
+        """Store ``record`` for ``ttl_s``. At ``max_items``, a new key drops the least recently put (often expired
+        already; a sweep here would cost O(n) on every new key), but one whose encoded record ``keep`` says to
+        keep only where none of the next EVICT_LOOKAHEAD may go."""
         _check_ttl(ttl_s)
         if key in self._items:
             self._items.move_to_end(key)
         elif self.max_items is not None and len(self._items) >= self.max_items:
-            # the least recently put (often expired already; a sweep here would cost O(n) on every new key)
-            self._items.popitem(last=False)
+            victim = next(iter(self._items))
+            if keep is not None:
+                victim = next((k for k, (blob, _) in itertools.islice(self._items.items(), EVICT_LOOKAHEAD)
+                               if not keep(blob)), victim)
+            del self._items[victim]
             self.dropped += 1
         self._items[key] = (_encode(record), self._clock() + ttl_s)
         self._puts_since_sweep += 1
@@ -91,6 +99,11 @@ class _TTLMap:
 
     def delete(self, key: str) -> None:
         self._items.pop(key, None)
+
+
+def _has_steps_in_flight(blob: bytes) -> bool:
+    """Whether an encoded workflow record has a request in flight (orjson writes an empty map as ``{}``)."""
+    return b'"inflight":{}' not in blob
 
 
 def new_workflow(workflow_id: str, now: float) -> dict[str, Any]:
@@ -242,7 +255,7 @@ class MemoryStateStore(StateStore):
                                                                  else float(value))
         record["arrival"] = min(now, record["arrival"])  # an earlier step's begin that came late (a replay)
         record["last_activity"] = max(now, record["last_activity"])  # a step's late replay never moves it back
-        self._workflows.put(workflow_id, record, ttl_s)
+        self._workflows.put(workflow_id, record, ttl_s, keep=_has_steps_in_flight)
         return _public(record, clock, None)
 
     async def workflow_end(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float, tokens: int = 0,

@@ -9,7 +9,7 @@ Layout under ``key_prefix`` (default ``maestro``):
   request ids in flight scored by their begin (ms, Redis ``TIME``, so that ids abandoned past ``inflight_s`` can
   be dropped); both carry the workflow TTL, refreshed by every step. ``{prefix}:wfx`` sorted set of workflow ids
   by last step (ms, Redis ``TIME``): at most ``max_workflows`` records are kept, the least recently active dropped
-  for a new one (a client sending a new workflow id with every request added a ~1 kB record per request for an
+  for a new one (one with a step in flight only where none of the next 100 is free) (a client sending a new workflow id with every request added a ~1 kB record per request for an
   hour, 110 MB in 5 minutes at 360 requests/s, until Redis refused writes). (Not ``wf:{id}:inflight``: a workflow id may
   hold a colon, and workflow ``x:inflight``'s hash would be workflow ``x``'s set.) Gateways before the sorted
   set kept a plain set under ``wfi:``: during a rolling upgrade each version keeps its own requests in flight,
@@ -52,7 +52,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.state.base import MAX_WORKFLOW_RECORDS, StateStore, StateUnavailable, check_inflight_s
+from gateway.state.base import EVICT_LOOKAHEAD, MAX_WORKFLOW_RECORDS, StateStore, StateUnavailable, check_inflight_s
 
 # How far behind "now" listing still reads the index. Covers clock skew between gateways: an index entry is
 # only pruned once it is this much past its expiry, and the key TTL filters anything already dead.
@@ -234,20 +234,27 @@ end
 # KEYS: record hash, in-flight sorted set, index. ARGV: workflow id, request id, now, ttl ms, step, deadline,
 # slo class, expected steps, predicted remaining s, in flight at most ms ('' = not given), key prefix, records kept
 # at most -> {hash fields, in-flight ids}
-_WORKFLOW_BEGIN = _WORKFLOW_CLOCK + """
+_WORKFLOW_BEGIN = _WORKFLOW_CLOCK + f"local EVICT_LOOKAHEAD = {EVICT_LOOKAHEAD}" + """
 local wf, wfr, idx = KEYS[1], KEYS[2], KEYS[3]
 local now, ttl = ARGV[3], ARGV[4]
 redis.call('ZADD', idx, string.format('%.0f', clock), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', idx, '-inf', string.format('(%.0f', clock - tonumber(ttl)))  -- expired by now
 redis.call('PEXPIRE', idx, ttl)
 if redis.call('EXISTS', wf) == 0 then
-  local over = redis.call('ZCARD', idx) - tonumber(ARGV[12])
-  if over > 0 then  -- the least recently active give way (this one, just added, is the most recent)
-    for _, id in ipairs(redis.call('ZRANGE', idx, 0, over)) do
-      if over > 0 and id ~= ARGV[1] then
-        redis.call('ZREM', idx, id)
-        redis.call('DEL', ARGV[11] .. ':wf:' .. id, ARGV[11] .. ':wfr:' .. id)
-        over = over - 1
+  -- the least recently active give way (this one, just added, is the most recent), those with no step in flight
+  -- first among the next EVICT_LOOKAHEAD; at most EVICT_LOOKAHEAD a begin (a lowered max_workflows is reached
+  -- over several begins, not in one long script)
+  local over = math.min(redis.call('ZCARD', idx) - tonumber(ARGV[12]), EVICT_LOOKAHEAD)
+  if over > 0 then
+    local candidates = redis.call('ZRANGE', idx, 0, over + EVICT_LOOKAHEAD)
+    for pass = 1, 2 do
+      for _, id in ipairs(candidates) do
+        if over > 0 and id ~= ARGV[1]
+            and (pass == 2 or redis.call('ZCARD', ARGV[11] .. ':wfr:' .. id) == 0)
+            and redis.call('ZREM', idx, id) == 1 then
+          redis.call('DEL', ARGV[11] .. ':wf:' .. id, ARGV[11] .. ':wfr:' .. id)
+          over = over - 1
+        end
       end
     end
   end
