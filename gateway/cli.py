@@ -13,7 +13,7 @@ import asyncio
 import logging
 import sys
 
-from gateway.config import Config, ConfigError, default_config, load_config
+from gateway.config import Config, ConfigError, config_warnings, default_config, load_config
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
@@ -70,6 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"maestro serve: --port must be from 0 to {MAX_PORT}, got {args.port}", file=sys.stderr)
         return EXIT_CONFIG
     config = _load(args.config)
+    for warning in config_warnings(config):
+        logging.getLogger("maestro.config").warning("%s", warning)
     from gateway.app import Gateway
 
     gateway = Gateway(config)
@@ -133,6 +135,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return 2
     config = load_config(path)
     check_predictor_files(config)  # what serve would refuse at start-up, checked without side effects
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
     engines = sum(len(p.engines) + (p.simulated.count if p.simulated else 0) for _, p in config.pools())
     print(f"config OK: {len(config.clusters)} cluster(s), {len(config.pools())} pool(s), {engines} engine(s), "
           f"models: {', '.join(m.name for m in config.models)}")

@@ -789,6 +789,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         super().flatten_mapping(node)
 
 
+def config_warnings(config: Config) -> list[str]:
+    """Settings that are valid but work against each other: said by ``check-config`` and at ``serve``'s start."""
+    warnings = []
+    scheduling, total_s = config.scheduling, config.timeouts.total_s
+    if scheduling.queue_policy in ("maestro", "lsf") and scheduling.max_wait_s >= total_s:
+        warnings.append(f"scheduling.max_wait_s ({scheduling.max_wait_s:g} s) is not below timeouts.total_s "
+                        f"({total_s:g} s): a request leaves the queue with a 503 queue_timeout before it has waited "
+                        f"long enough to be served first, so {scheduling.queue_policy}'s aging never keeps a "
+                        "request from starving; set max_wait_s below total_s")
+    return warnings
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a YAML config file."""
     try:

@@ -394,3 +394,23 @@ def test_the_openai_sdks_request_log_lines_are_kept_out_below_debug(tmp_path):
                               capture_output=True, text=True, timeout=60)
         code, effective, _ = done.stdout.splitlines()[-1].split()  # after check-config's own line
         assert (int(code), int(effective)) == (0, expected), done.stderr
+
+
+def test_check_config_warns_where_aging_can_never_happen(tmp_path):
+    """Under maestro (or lsf) a request ages after scheduling.max_wait_s, but one that waits timeouts.total_s
+    leaves with a 503 first: with max_wait_s 600 and total_s 60 two workflow requests starved for their whole
+    60 s under load in an audit, and nothing said the settings defeat each other."""
+    raw = base()
+    raw["scheduling"] = {"queue_policy": "maestro"}
+    raw["timeouts"] = {"total_s": 60}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "config OK" in done.stdout
+    assert "warning: scheduling.max_wait_s (600 s) is not below timeouts.total_s (60 s)" in done.stderr
+    raw["scheduling"]["max_wait_s"] = 30
+    path.write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "warning" not in done.stderr
