@@ -80,7 +80,10 @@ class EngineClient:
                     raise EngineUnreachable(f"GET {path} answered HTTP {response.status}")
                 return await _read_capped(response, SCRAPE_MAX_BYTES, f"GET {path}")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise EngineUnreachable(f"GET {path} failed: {exc.__class__.__name__}: {exc}") from None
+            # the whole call's timeout has no text of its own: "failed: TimeoutError: " said nothing
+            detail = str(exc) or (f"no answer within {timeout.total:g} s" if isinstance(exc, asyncio.TimeoutError)
+                                  and timeout.total is not None else "")
+            raise EngineUnreachable(f"GET {path} failed: {exc.__class__.__name__}: {detail}") from None
 
     async def _post(self, path: str) -> dict:
         try:

@@ -761,7 +761,8 @@ async def test_requests_waiting_on_an_engine_that_hangs_go_to_another_once_it_is
         hung.metrics_hang = True
         assert await asyncio.wait_for(asyncio.gather(*calls), 10.0) == ["hello world"] * 4
         assert time.monotonic() - started < 5.0  # not the hung engine's 30 s
-        assert not gw.registry.states["local/p/0"].up
+        state = gw.registry.states["local/p/0"]
+        assert not state.up and state.last_error == "GET /metrics failed: TimeoutError: no answer within 0.2 s"
         rendered = gw.metrics.render().decode()
         assert 'maestro_upstream_errors_total{engine="local/p/0",reason="down"} 2.0' in rendered
         assert _requests_with_status(gw, 200) == 4
