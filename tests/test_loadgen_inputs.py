@@ -272,15 +272,7 @@ def test_live_and_simulate_judge_by_the_gateway_configs_slo_classes(tmp_path, ca
     _urgent_workload().save(path)
 
     def live(*extra: str) -> int:
-        async def main() -> int:
-            server, url = await _serve(_streamer(complete=True))
-            try:
-                args = _parse(add_live_arguments, ["--url", url, "--workload", str(path), "--no-progress",
-                                                   "--out", str(tmp_path / "live.json"), *extra])
-                return await asyncio.to_thread(live_main, args)
-            finally:
-                await server.cleanup()
-        return asyncio.run(main())
+        return _live_against(tmp_path, _urgent_workload(), None, *extra)
 
     assert live() == 2
     assert "error: workflow u: unknown SLO class 'urgent'" in capsys.readouterr().err
