@@ -179,6 +179,19 @@ def _cut_short(events: bytes) -> bool:
 _FINISH_ERROR_MARKERS = tuple(f'"finish_reason":{space}"error"'.encode() for space in ("", " "))
 
 
+def _error_event(event: bytes) -> tuple[int, dict] | None:
+    """(its code, the error object) for one SSE event that is an engine's error event (``data: {"error": {...}}``),
+    else None; the code is 0 where the event gives none that is a number."""
+    try:
+        error = orjson.loads(event[5:]).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(error, dict):
+        return None
+    code = error.get("code")
+    return int(code) if isinstance(code, (int, str)) and str(code).isascii() and str(code).isdigit() else 0, error
+
+
 def _engine_failure(events: bytes) -> tuple[int, str] | None:
     """(status to count, upstream-error reason) for relayed events in which the engine failed the answer: an error
     event (vLLM's EngineCore dying mid-stream sends one with code 500, then ``[DONE]``) counts as the 502 a
@@ -186,15 +199,8 @@ def _engine_failure(events: bytes) -> tuple[int, str] | None:
     502. None where nothing failed ("abort": put to sleep, or aborted by whoever asked)."""
     for event in events.split(b"\n\n"):
         event = event.strip()
-        if event.startswith(b"data:") and b'{"error"' in event:
-            try:
-                error = orjson.loads(event[5:]).get("error")
-            except (orjson.JSONDecodeError, AttributeError):
-                continue
-            if not isinstance(error, dict):
-                continue
-            code = error.get("code")
-            code = int(code) if isinstance(code, (int, str)) and str(code).isascii() and str(code).isdigit() else 0
+        if event.startswith(b"data:") and b'{"error"' in event and (failed := _error_event(event)) is not None:
+            code = failed[0]
             if 400 <= code <= 499:
                 return code, f"http_{code}"
             return 502, f"http_{code}" if 500 <= code <= 599 else "stream_error"
@@ -210,16 +216,10 @@ def _first_event_error(head: bytes) -> tuple[int, str, bytes] | None:
     event = head.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0].strip()
     if not event.startswith(b"data:") or b'"error"' not in event:
         return None
-    try:
-        error = orjson.loads(event[5:]).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
+    failed = _error_event(event)
+    if failed is None or not 400 <= failed[0] <= 599:
         return None
-    if not isinstance(error, dict):
-        return None
-    code = error.get("code")
-    status = int(code) if isinstance(code, (int, str)) and str(code).isascii() and str(code).isdigit() else 0
-    if not 400 <= status <= 599:
-        return None
+    status, error = failed
     return status, str(error.get("message") or "error")[:300], event[5:].strip()
 
 
