@@ -9,11 +9,12 @@ Layout under ``key_prefix`` (default ``maestro``):
   request ids in flight scored by their begin (ms, Redis ``TIME``, so that ids abandoned past ``inflight_s`` can
   be dropped); both carry the workflow TTL, refreshed by every step. ``{prefix}:wfx`` sorted set of workflow ids
   by last step (ms, Redis ``TIME``): at most ``max_workflows`` records are kept, the least recently active dropped
-  for a new one (one with a step in flight only where none of the next 100 is free) (a client sending a new workflow id with every request added a ~1 kB record per request for an
-  hour, 110 MB in 5 minutes at 360 requests/s, until Redis refused writes). (Not ``wf:{id}:inflight``: a workflow id may
-  hold a colon, and workflow ``x:inflight``'s hash would be workflow ``x``'s set.) Gateways before the sorted
-  set kept a plain set under ``wfi:``: during a rolling upgrade each version keeps its own requests in flight,
-  and both count steps into the one hash (a request begins and ends on one gateway).
+  for a new one, one with a step in flight only where none of the next ``EVICT_LOOKAHEAD`` is free (a client
+  sending a new workflow id with every request added a ~1 kB record per request for an hour, 110 MB in 5 minutes
+  at 360 requests/s, until Redis refused writes). (Not ``wf:{id}:inflight``: a workflow id may hold a colon, and
+  workflow ``x:inflight``'s hash would be workflow ``x``'s set.) Gateways before the sorted set kept a plain set
+  under ``wfi:``: during a rolling upgrade each version keeps its own requests in flight, and both count steps
+  into the one hash (a request begins and ends on one gateway).
 * the shared KV ledger, per engine ``e`` and request ``r`` (all changed only by the Lua scripts below):
   ``{prefix}:kv:cap:{e}`` capacity in tokens (24 h TTL, re-set by every gateway's sync loop),
   ``{prefix}:kv:res:{e}`` hash r -> tokens, ``{prefix}:kv:exp:{e}`` sorted set r -> lease expiry (ms, Redis
@@ -434,15 +435,15 @@ class RedisStateStore(StateStore):
         """SET key PX ttl + ZADD index, in one MULTI so the index never misses a live key."""
         ttl_ms = _check_ttl(ttl_s)
         blob = orjson.dumps(record)  # TypeError for non-JSON values, before any I/O
-        expires_ms = int(time.time() * 1000) + ttl_ms
+        now_ms = int(time.time() * 1000)
         try:
             async with asyncio.timeout(self._timeout_s):
                 async with self._redis().pipeline(transaction=True) as pipe:
                     pipe.set(key, blob, px=ttl_ms)
-                    pipe.zadd(index, {member: expires_ms})
-                    # long-dead entries go here too, not only when listed: a store whose gateways are never listed
-                    # (admission off) kept every gateway that ever died uncleanly
-                    pipe.zremrangebyscore(index, "-inf", f"({expires_ms - ttl_ms - _SKEW_GRACE_MS}")
+                    pipe.zadd(index, {member: now_ms + ttl_ms})
+                    # long-dead entries go here too, as a listing prunes them: a store whose gateways are never
+                    # listed (admission off) kept every gateway that ever died uncleanly
+                    pipe.zremrangebyscore(index, "-inf", f"({now_ms - _SKEW_GRACE_MS}")
                     await pipe.execute()
         except (RedisError, OSError) as exc:  # builtin TimeoutError is an OSError
             raise self._unavailable(op, exc) from exc
