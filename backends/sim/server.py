@@ -138,9 +138,9 @@ _MASK_64 = 2**64 - 1
 GREEDY_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: below it sampling is greedy, and n must be 1
 MAX_N_SEQUENCES = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default (the gateway allows 128, OpenAI's limit)
 
-BUSY_MESSAGE = ("The engine is currently busy and cannot accept new requests. Please try again later or on a "
-                "different instance.")
-BUSY_MESSAGES = {"max_num_queued_reqs": BUSY_MESSAGE,  # vLLM 0.32's QueueOverflowError, MaxQueuedTokensError
+# vLLM 0.32's QueueOverflowError and MaxQueuedTokensError, by the rejection reason (EngineBusy.reason)
+BUSY_MESSAGES = {"max_num_queued_reqs": "The engine is currently busy and cannot accept new requests. Please try "
+                                        "again later or on a different instance.",
                  "max_num_queued_tokens": "The engine has reached its prefill token backlog limit. Please try again "
                                           "later or on a different instance."}
 
@@ -1199,7 +1199,7 @@ def _batch_prompt_tokens(p: Parsed) -> int:
     return sum(one.tokens for one in p.prompts)
 
 
-def _busy(reason: str = "max_num_queued_reqs") -> web.Response:
+def _busy(reason: str) -> web.Response:
     return error_response(BUSY_MESSAGES[reason], "Service Unavailable", 503)
 
 
