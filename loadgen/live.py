@@ -382,7 +382,7 @@ class LiveRunner:
         opts = self.options
         # the key goes only where the requests go: a --metrics-url elsewhere gets none
         same_origin = urlsplit(opts.metrics_url)[:2] == urlsplit(opts.url)[:2]
-        headers = {"Authorization": f"Bearer {opts.api_key}"} if opts.api_key and same_origin else {}
+        headers = bearer_headers(opts.api_key if same_origin else None)
         reserved = self.series.setdefault("reserved_kv_tokens", [])
         queued = self.series.setdefault("queued_requests", [])
         failures = 0
@@ -642,9 +642,8 @@ class LiveRunner:
             self.errors.append(message[:500])
 
     async def _stream_aiohttp(self, body: dict[str, Any], headers: dict[str, str], result: RequestResult) -> None:
-        headers = {**headers, "Content-Type": "application/json", "Accept": "text/event-stream"}
-        if self.options.api_key:
-            headers["Authorization"] = f"Bearer {self.options.api_key}"
+        headers = {**headers, "Content-Type": "application/json", "Accept": "text/event-stream",
+                   **bearer_headers(self.options.api_key)}
         url = self.options.url.rstrip("/") + "/chat/completions"
         chunks = 0
         usage = None
@@ -879,12 +878,17 @@ def options_from_args(args: argparse.Namespace) -> LiveOptions:
                        metrics_url=None if args.no_metrics else metrics_url, sample_s=args.sample_interval)
 
 
+def bearer_headers(api_key: str | None) -> dict[str, str]:
+    """The ``Authorization`` header an OpenAI-compatible server reads the key from; none without a key."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 async def check_endpoint(url: str, model: str, api_key: str | None) -> tuple[bool, str | None]:
     """What would make every request of a run fail, looked for before the run by one ``GET {url}/models``:
     ``(True, message)`` where the server lists its models and ``model`` is not one of them (a run that can only
     collect 404s); ``(False, message)`` for a doubt worth a warning (no server there, a URL that is not the API's
     base, a key refused: the run goes on and records what fails); ``(False, None)`` where nothing looks wrong."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = bearer_headers(api_key)
     models_url = url.rstrip("/") + "/models"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PREFLIGHT_TIMEOUT_S)) as session:
