@@ -357,9 +357,9 @@ class Proxy:
         if failed_seen:
             raise APIError(502, f"Every engine tried for model {job.model!r} failed. Last: {last_problem}.",
                            SERVER_ERROR, code="upstream_error")
-        if last_problem:
+        if last_problem:  # no engine got the request, so a retry is safe: by then the monitor may have moved on
             raise APIError(502, f"No engine for model {job.model!r} could be reached: {last_problem}.",
-                           SERVER_ERROR, code="upstream_unreachable")
+                           SERVER_ERROR, code="upstream_unreachable", headers={"Retry-After": "1"})
         raise APIError(503, f"No engine is available for model {job.model!r} right now (all are down or asleep).",
                        SERVER_ERROR, code="no_engine_available", headers={"Retry-After": "1"})
 

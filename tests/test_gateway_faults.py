@@ -121,13 +121,14 @@ async def test_no_retry_after_first_byte(engines, mode, caplog):
     assert not [r for r in caplog.records if "failed inside the gateway" in r.getMessage()]
 
 
-async def _chat_fails_with_502(gw, code: str, says: str) -> None:
+async def _chat_fails_with_502(gw, code: str, says: str) -> openai.InternalServerError:
     """One chat through the SDK ends in a 502 with this error code and these words."""
     with pytest.raises(openai.InternalServerError) as caught:
         await client_for(gw.base_url).chat.completions.create(
             model="fault-model", messages=[{"role": "user", "content": "hi"}])
     assert (caught.value.status_code, caught.value.code) == (502, code)
     assert says in caught.value.message
+    return caught.value
 
 
 async def test_every_engine_refusing_connections_gives_502(engines):
@@ -138,7 +139,8 @@ async def test_every_engine_refusing_connections_gives_502(engines):
     async with running_gateway(raw) as gw:
         for engine_id in list(gw.registry.states):
             gw.registry.states[engine_id] = replace(gw.registry.states[engine_id], up=True)
-        await _chat_fails_with_502(gw, "upstream_unreachable", "could not be reached")
+        refused = await _chat_fails_with_502(gw, "upstream_unreachable", "could not be reached")
+        assert refused.response.headers.get("Retry-After") == "1"  # no engine got it: safe to send again
         assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
 
 
@@ -147,7 +149,8 @@ async def test_whole_answer_dropped_midway_is_502_and_not_replayed(engines):
     broken.mode = "drop_mid_body"
     async with running_gateway(gateway_config([broken.url, other.url], routing={"policy": "least_loaded"})) as gw:
         await _one_waiting(gw, "local/p/1")  # least_loaded then picks local/p/0 == broken
-        await _chat_fails_with_502(gw, "upstream_disconnected", "dropped the connection mid-answer")
+        dropped = await _chat_fails_with_502(gw, "upstream_disconnected", "dropped the connection mid-answer")
+        assert "Retry-After" not in dropped.response.headers  # the engine had it: a retry may run it twice
         assert broken.hits == 1 and other.hits == 0  # the engine had the request: it is not sent twice
         assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
 
