@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 from collections.abc import Callable, Iterator
 
@@ -24,17 +25,30 @@ MAX_PORT = 65535
 log = logging.getLogger("maestro.listen")
 
 
+# A bytes repr inside a parser's message: the raw request bytes it stopped at
+_RAW_BYTES = re.compile(r"b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*"')
+
+
+def _parser_detail(exc: BaseException) -> str:
+    """A parser error's message as one line, without the raw bytes it quotes: those are the client's header
+    lines (``Authorization: Bearer <key>`` among them) or its body, which have no place in a log."""
+    message = _RAW_BYTES.sub("<bytes left out>", str(getattr(exc, "message", exc)))
+    return " ".join(word for word in message.split() if word.strip("^~"))[:200]  # its lines as one, no pointer
+
+
 class _OneLineForBadRequests(logging.Filter):
     """aiohttp logs every request it cannot parse (a header with a control byte, a request line that is no HTTP)
     at ERROR with a whole traceback, after answering it 400: anyone who can reach the port could fill the log
-    with them. Such a request is the client's error: one line at INFO, as an access log would have it."""
+    with them. Such a request is the client's error: one line at INFO, as an access log would have it. So is a
+    body aiohttp cannot decode (a ``Content-Encoding`` it is not in), which the gateway has answered 400 and
+    aiohttp then reads again to drain the connection."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, BadHttpMessage):
+        if isinstance(exc, (BadHttpMessage, web.RequestPayloadError)):
             record.levelno, record.levelname = logging.INFO, "INFO"
-            detail = " ".join(str(getattr(exc, "message", exc)).split())[:200]  # its lines, as one
-            record.msg, record.args = "%s (answered 400): %s", (record.getMessage(), detail)
+            answered = "answered 400" if isinstance(exc, BadHttpMessage) else "its body could not be read"
+            record.msg, record.args = "%s (%s): %s", (record.getMessage(), answered, _parser_detail(exc))
             record.exc_info = record.exc_text = None
             return logging.getLogger(record.name).isEnabledFor(logging.INFO)  # (its level was checked as ERROR)
         return True

@@ -429,6 +429,9 @@ async def test_a_body_that_does_not_arrive_is_a_408_and_frees_its_place(engine, 
         await writer.drain()
         answer = await asyncio.wait_for(reader.read(4096), 3.0)
         assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
+        # what is left of the body on the connection is no next request: the answer says the connection ends
+        # (RFC 9110 15.5.9), where a pooled client reusing it had got its next request's head read as that body
+        assert b"Connection: close" in answer
         writer.close()
         status, _, _ = await post(gateway.base_url + CHAT, orjson.dumps(GOOD))
         assert status == 200 and gateway.inflight == 0
@@ -501,3 +504,83 @@ async def test_a_request_that_is_no_http_is_one_line_in_the_log_not_a_traceback(
     await send_unparsable()
     server_log.setLevel(logging.NOTSET)
     assert not [r for r in caplog.records if r.name == "aiohttp.server"]
+
+
+async def _raw_exchange(gw, raw: bytes) -> bytes:
+    """Send raw bytes, read until the gateway closes the connection (or 3 s pass)."""
+    host, port = gw.base_url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(raw)
+    await writer.drain()
+    answer = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), 3.0):
+            answer += chunk
+    except TimeoutError:
+        answer += b"<still open>"
+    writer.close()
+    return answer
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/completions", "/v1/images/generations"])
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/vnd.x+json"])
+async def test_a_body_not_declared_json_is_refused_as_vllm_refuses_it(gw, engine, path, content_type):
+    """vLLM answers 400 to a body not declared application/json; the gateway ran it. That also let any web page
+    run generations past the CORS origin list: a page's text/plain or form POST is sent without a preflight."""
+    headers = {"Origin": "https://evil.example"} | ({"Content-Type": content_type} if content_type else {})
+    async with aiohttp.ClientSession(skip_auto_headers=("Content-Type",)) as session:
+        async with session.post(gw.base_url + path, data=orjson.dumps(GOOD), headers=headers) as r:
+            status, body = r.status, await r.json(content_type=None)
+    assert status == 400 and body["error"]["code"] == "unsupported_media_type"
+    assert_openai_error(body)
+    assert "application/json" in body["error"]["message"] and engine.hits == 0
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "Application/JSON", "application/json;"])
+async def test_json_with_parameters_or_in_capitals_is_json(gw, engine, content_type):
+    status, _, _ = await post(gw.base_url + CHAT, orjson.dumps(GOOD), {"Content-Type": content_type})
+    assert status == 200
+
+
+async def test_a_body_in_no_content_encoding_it_names_is_a_400_not_a_500(gw, engine, caplog):
+    """A body labelled gzip (or deflate) that is not: aiohttp's payload error fell to the gateway's catch-all (500,
+    a traceback) and aiohttp logged a second one while draining the connection, which it then dropped."""
+    import gzip
+    import logging
+
+    caplog.set_level(logging.INFO)
+    for encoding in (b"gzip", b"deflate"):
+        body = orjson.dumps(GOOD)
+        answer = await _raw_exchange(gw, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                         b"Content-Type: application/json\r\nContent-Encoding: " + encoding +
+                                     b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"Connection: close" in head, answer[:300]
+        assert orjson.loads(payload)["error"]["code"] == "invalid_request_body"
+    assert engine.hits == 0 and gw.inflight == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    status, _, _ = await post(gw.base_url + CHAT, gzip.compress(orjson.dumps(GOOD)),
+                              {"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert status == 200  # a body that is in the encoding it names is read as before
+
+
+async def test_a_header_the_parser_refuses_is_logged_without_its_bytes(gw, caplog):
+    """The one log line of an unparsable request quoted the raw header line it stopped at: a client's
+    ``Authorization: Bearer <key>`` with one stray byte went to the log whole."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="aiohttp.server")
+    answer = await _raw_exchange(gw, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                     b"Authorization: Bearer sk-secret-key\x01\r\nContent-Length: 2\r\n\r\n{}")
+    assert answer.startswith(b"HTTP/1.0 400")
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.server"]
+    assert len(lines) == 1 and "Invalid header value char" in lines[0]
+    assert "sk-secret-key" not in lines[0] and "Bearer" not in lines[0]
+
+
+async def test_an_unknown_route_is_named_as_sent(gw, engine):
+    """The router matches the path as sent: the 404 for "/v1/chat%2Fcompletions" named "/v1/chat/completions",
+    a route the gateway serves."""
+    status, body, _ = await post(gw.base_url + "/v1/chat%2Fcompletions", orjson.dumps(GOOD))
+    assert status == 404 and "/v1/chat%2Fcompletions" in body["error"]["message"]

@@ -170,7 +170,10 @@ async def not_found(request: web.Request) -> web.Response:
     # counted under one fixed route label (a label per path would be a series per scanner's guess): a client
     # calling a wrong path or method shows in the request metrics, not only in its own errors
     request.app[GATEWAY_KEY].metrics.unknown_route()
-    return error_response(404, f"Unknown route {request.method} {request.path}.", code="unknown_route")
+    # the path as sent (still quoted), as the router matched it: "/v1/chat%2Fcompletions" is not a route served,
+    # though its decoded form would name one
+    return error_response(404, f"Unknown route {request.method} {request.rel_url.raw_path[:200]}.",
+                          code="unknown_route")
 
 
 def add_admin_routes(app: web.Application) -> None:

@@ -19,7 +19,8 @@ class APIError(Exception):
     """Raised anywhere in request handling; the middleware turns it into an OpenAI-shaped response."""
 
     def __init__(self, status: int, message: str, error_type: str = INVALID_REQUEST, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None,
+                 close_connection: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -27,10 +28,16 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        # where the request's body was not read to its end (it stalled, or could not be decoded), what is left of
+        # it on the connection is no next request: the answer says "Connection: close" and the connection ends
+        self.close_connection = close_connection
 
     def response(self, request_id: str | None = None) -> web.Response:
-        return error_response(self.status, self.message, self.error_type, self.param, self.code,
-                              headers=self.headers, request_id=request_id)
+        response = error_response(self.status, self.message, self.error_type, self.param, self.code,
+                                  headers=self.headers, request_id=request_id)
+        if self.close_connection:
+            response.force_close()
+        return response
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> bytes:

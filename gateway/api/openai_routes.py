@@ -93,10 +93,22 @@ def check_api_key(request: web.Request, keys: tuple[bytes, ...]) -> int | None:
     return matches.index(True)
 
 
+def check_json_media_type(request: web.Request) -> None:
+    """Refuse a body that is not declared ``application/json``, as vLLM does (``validate_json_request``, 400)
+    before it reads the body. Beyond vLLM's answer it keeps the CORS origin list whole: a browser sends a page's
+    ``text/plain`` or form POST to any origin without asking first, and the gateway would have run it."""
+    declared = request.headers.get("Content-Type", "")
+    if declared.split(";", 1)[0].strip().lower() != "application/json":
+        got = f"Content-Type {declared[:100]!r}" if declared else "no Content-Type"
+        raise APIError(400, f"Unsupported Media Type: only 'application/json' is allowed (the request has {got}).",
+                       code="unsupported_media_type")
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The body, within ``limit`` bytes and ``BODY_READ_TIMEOUT_S``: the request holds one of the gateway's
     ``max_inflight`` places while it is read, and a client that sends its headers and then goes quiet would
     hold it for good (a few thousand such connections answered every other client 429)."""
+    check_json_media_type(request)
     if request.content_length is not None and request.content_length > limit:
         raise APIError(413, f"The request body is {request.content_length} bytes; the limit is {limit}.",
                        code="request_too_large")
@@ -107,10 +119,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         return body
     except TimeoutError:
         raise APIError(408, f"The request body did not arrive within {BODY_READ_TIMEOUT_S:g} s.",
-                       code="request_timeout") from None
+                       code="request_timeout", close_connection=True) from None
     except web.HTTPRequestEntityTooLarge:
         raise APIError(413, f"The request body is larger than the limit of {limit} bytes.",
                        code="request_too_large") from None
+    except web.RequestPayloadError as exc:  # a Content-Encoding the body is not in, or a broken chunked body
+        raise APIError(400, f"The request body could not be read: {exc}.", code="invalid_request_body",
+                       close_connection=True) from None
 
 
 def forwarded_headers(request: web.Request, request_id: str, forward: tuple[str, ...]) -> dict[str, str]:
