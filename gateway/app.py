@@ -28,6 +28,7 @@ from gateway.proxy import Proxy
 from gateway.registry import EngineRegistry
 from gateway.scheduling import Scheduling
 from gateway.state import StateUnavailable, make_state_store
+from gateway.state.base import MAX_TTL_S
 from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("maestro.gateway")
@@ -142,7 +143,7 @@ class Gateway:
             info = {"base_url": self.base_url, "started_at": self.started_at, "inflight": self.inflight,
                     "engines_up": self.registry.up_count() if self.registry else 0}
             try:
-                await self.store.heartbeat(self.gateway_id, info, ttl_s=interval * 3)
+                await self.store.heartbeat(self.gateway_id, info, ttl_s=min(interval * 3, MAX_TTL_S))
             except StateUnavailable:
                 pass  # the monitor logs store outages once; serving does not depend on the store
             await asyncio.sleep(interval)

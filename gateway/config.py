@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import yaml
 
 from gateway.core.queue_policy import ORDERS
-from gateway.state.base import MAX_WORKFLOW_RECORDS
+from gateway.state.base import MAX_TTL_S, MAX_WORKFLOW_RECORDS
 from predictor.kv import known_bytes_per_token
 
 ENGINE_KINDS = ("vllm", "vllm-omni")
@@ -372,7 +372,7 @@ def _check_redis_url(value: str, path: str) -> None:
 
 def _section(raw: dict[str, Any], cls: type, path: str, checks: dict[str, str], key: str | None = None) -> Any:
     """Build a flat dataclass section from ``raw[key or path]``; ``checks`` maps field -> 'positive' | 'nonneg'
-    | ''."""
+    | 'ttl' (a positive TTL the state stores take: at most ``MAX_TTL_S``) | ''."""
     section = _mapping(raw.get(key or path), path)
     defaults = cls()
     allowed = set(cls.__dataclass_fields__)
@@ -389,6 +389,8 @@ def _section(raw: dict[str, Any], cls: type, path: str, checks: dict[str, str], 
         rule = checks.get(name, "")
         if rule:
             _positive(value, f"{path}.{name}", allow_zero=(rule == "nonneg"))
+        if rule == "ttl" and value > MAX_TTL_S:
+            raise ConfigError(f"{path}.{name}", f"must be at most {MAX_TTL_S:.0f} (ten years), got {value}")
         values[name] = value
     return cls(**values)
 
@@ -526,6 +528,7 @@ def _parse_scheduling(root: dict[str, Any], slo_classes: tuple[SLOClassConfig, .
     checks = {name: "positive" for name in ("max_wait_s", "short_s", "mean_step_s", "step_time_window_s",
                                             "token_time_s", "block_size", "grow_step_tokens", "tick_s",
                                             "ledger_lease_s", "workflow_ttl_s")}
+    checks.update(ledger_lease_s="ttl", workflow_ttl_s="ttl")  # kept in the state store
     checks.update(max_outstanding_per_engine="nonneg", default_steps="nonneg", prefill_token_time_s="nonneg")
     scheduling = _section(root, SchedulingConfig, "scheduling", checks)
     if scheduling.queue_policy not in QUEUE_POLICY_NAMES:
@@ -719,7 +722,7 @@ def parse_config(raw: Any) -> Config:
                                                                    "or \"*\"")
     for i, name in enumerate(server.forward_headers):
         _check_forwarded_header(name, f"server.forward_headers[{i}]")
-    state = _section(root, StateConfig, "state", {"engine_ttl_s": "positive", "heartbeat_interval_s": "positive",
+    state = _section(root, StateConfig, "state", {"engine_ttl_s": "ttl", "heartbeat_interval_s": "positive",
                                                   "redis_timeout_s": "positive", "redis_max_connections": "positive",
                                                   "expected_gateways": "positive", "max_workflows": "positive"})
     if state.backend not in STATE_BACKENDS:

@@ -136,6 +136,10 @@ def test_defaults_fill_in():
      "clusters[0].pools[0].engines[0]"),
     (lambda c: c["clusters"][0]["pools"][0].update(api_key_env="MAESTRO_TEST_SURELY_NOT_SET"),
      "clusters[0].pools[0].api_key_env"),
+    # TTLs the state store keeps: past ten years Redis failed each call as if it were down
+    (lambda c: c.update(scheduling={"workflow_ttl_s": 1e20}), "scheduling.workflow_ttl_s"),
+    (lambda c: c.update(scheduling={"ledger_lease_s": 4e8}), "scheduling.ledger_lease_s"),
+    (lambda c: c.update(state={"engine_ttl_s": 1e12}), "state.engine_ttl_s"),
 ])
 def test_invalid_configs_name_the_field(mutate, field):
     raw = base()

@@ -185,8 +185,10 @@ async def test_non_json_record_rejected(harness: Harness) -> None:
     assert await harness.store.get_engine("e1") is None
 
 
-@pytest.mark.parametrize("ttl", [0, -1.0])
+@pytest.mark.parametrize("ttl", [0, -1.0, float("nan"), float("inf"), 1e20])
 async def test_non_positive_ttl_rejected(harness: Harness, ttl: float) -> None:
+    """Also past MAX_TTL_S: Redis keeps expiries in 64-bit milliseconds, and a 1e20 s TTL there was an error that
+    read as Redis being down (StateUnavailable), where the memory store took it."""
     with pytest.raises(ValueError):
         await harness.store.put_engine("e1", {}, ttl)
     with pytest.raises(ValueError):
@@ -549,9 +551,27 @@ async def test_inflight_s_rejected_when_not_positive(harness: Harness) -> None:
 
 
 async def test_workflow_ttl_rejected_when_not_positive(harness: Harness) -> None:
-    with pytest.raises(ValueError):
-        await harness.store.workflow_begin("wf", "r1", now=1.0, ttl_s=0)
+    from gateway.state.base import MAX_TTL_S
+
+    for ttl in (0, float("inf"), MAX_TTL_S * 2):
+        with pytest.raises(ValueError):
+            await harness.store.workflow_begin("wf", "r1", now=1.0, ttl_s=ttl)
+        with pytest.raises(ValueError):
+            await harness.store.ledger_reserve("r1", "e1", 1, ttl, force=True)
     assert await harness.store.get_workflow("wf") is None
+    assert await harness.store.ledger_usage(["e1"]) == {"e1": (0, 0)}
+    await harness.store.workflow_begin("wf", "r1", now=1.0, ttl_s=MAX_TTL_S)  # the longest is taken
+    assert (await harness.store.get_workflow("wf"))["inflight"] == ["r1"]
+
+
+async def test_a_workflows_last_activity_is_set_whatever_its_clock_reads(harness: Harness) -> None:
+    """Times are whatever clock the caller passes: the Redis store compared a first ``now`` of 0 (or below) with a
+    missing field read as 0 and never set ``last_activity`` (None, where the scheduler compares it)."""
+    begun = await harness.store.workflow_begin("wf", "r1", now=0.0, ttl_s=LONG_TTL)
+    assert begun["last_activity"] == 0.0
+    await harness.store.workflow_begin("wf2", "r1", now=-5.0, ttl_s=LONG_TTL)
+    ended = await harness.store.workflow_end("wf2", "r1", now=-7.0, ttl_s=LONG_TTL)
+    assert ended["last_activity"] == -5.0 and ended["arrival"] == -5.0
 
 
 # ---------------------------------------------------------------------------------------------- KV ledger
@@ -793,6 +813,113 @@ async def test_a_store_keeps_at_most_max_workflows_dropping_the_least_recently_a
         assert await kept("a", "b", "c") == ["b", "c"]
     finally:
         await store.close()
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def capped(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[int], Harness]]:
+    """Stores with a bound on their workflow records: ``capped(n)`` one that keeps ``n`` (the memory store on a
+    fake clock, Redis on real time)."""
+    made: list[StateStore] = []
+    prefix = request.getfixturevalue("redis_prefix") if request.param == "redis" else ""
+
+    def make(cap: int) -> Harness:
+        if request.param == "memory":
+            clock = FakeClock()
+
+            async def advance(seconds: float) -> None:
+                clock.advance(seconds)
+
+            store: StateStore = MemoryStateStore(clock=clock, max_workflows=cap)
+            made.append(store)
+            return Harness(store, advance, "memory")
+        store = RedisStateStore(REDIS_URL, key_prefix=f"{prefix}:{len(made)}", timeout_s=2.0, max_workflows=cap)
+        made.append(store)
+        return Harness(store, asyncio.sleep, "redis")
+
+    yield make
+    for store in made:
+        await store.close()
+
+
+async def _kept(store: StateStore, *ids: str) -> list[str]:
+    return [w for w in ids if await store.get_workflow(w) is not None]
+
+
+async def test_a_record_whose_steps_only_end_still_counts_against_the_bound(capped) -> None:
+    """The Redis index of records took its TTL from begins alone: with steps only ending for a TTL (one long
+    answer, nothing new), the index expired while its records lived on, and those were never counted again."""
+    h = capped(1)
+    await h.store.workflow_begin("A", "r", now=1.0, ttl_s=SHORT_TTL * 2)
+    await h.elapse(SHORT_TTL * 1.2)
+    await h.store.workflow_end("A", "r", now=2.0, ttl_s=SHORT_TTL * 2)  # activity: A lives another TTL
+    await h.elapse(SHORT_TTL * 1.2)  # past the begin's TTL, within the end's
+    await h.store.workflow_begin("B", "r", now=3.0, ttl_s=SHORT_TTL * 2)
+    assert await _kept(h.store, "A", "B") == ["B"]
+
+
+async def test_an_expired_record_makes_room_before_a_live_one_gives_way(capped) -> None:
+    """The memory store counted expired records at its bound, and a step in flight kept an expired one: a live
+    record was dropped for a new one while the dead one stayed."""
+    h = capped(2)
+    await h.store.workflow_begin("A", "r", now=1.0, ttl_s=SHORT_TTL * 2)  # its step never ends
+    await h.elapse(SHORT_TTL * 1.2)
+    await h.store.workflow_begin("B", "r", now=2.0, ttl_s=SHORT_TTL * 2)
+    await h.store.workflow_end("B", "r", now=2.0, ttl_s=SHORT_TTL * 2)
+    await h.elapse(SHORT_TTL * 1.2)  # A has expired, B has not
+    await h.store.workflow_begin("C", "r", now=3.0, ttl_s=SHORT_TTL * 2)
+    assert await _kept(h.store, "A", "B", "C") == ["B", "C"]
+
+
+async def test_records_touched_within_one_millisecond_keep_their_order(capped) -> None:
+    """Redis scored its index in whole milliseconds and orders equal scores by name: of two workflows active in
+    one millisecond, it dropped the later one about half the time ("a" sorts before "b")."""
+    h = capped(2)
+    for i in range(6):
+        for workflow_id in (f"b{i}", f"a{i}"):  # b first, then a: a is the more recent
+            await h.store.workflow_begin(workflow_id, "r", now=float(i), ttl_s=LONG_TTL)
+            await h.store.workflow_end(workflow_id, "r", now=float(i), ttl_s=LONG_TTL)
+        await h.elapse(0.003)
+        await h.store.workflow_begin(f"c{i}", "r", now=float(i), ttl_s=LONG_TTL)
+        assert await _kept(h.store, f"a{i}", f"b{i}", f"c{i}") == [f"a{i}", f"c{i}"], i
+        await h.store.workflow_end(f"c{i}", "r", now=float(i), ttl_s=LONG_TTL)  # free, as the others
+
+
+async def test_the_lookahead_for_a_record_without_a_step_in_flight_is_exact(capped) -> None:
+    """EVICT_LOOKAHEAD records are looked at, least recently active first: Redis looked at one or two more."""
+    from gateway.state.base import EVICT_LOOKAHEAD
+
+    h = capped(EVICT_LOOKAHEAD + 1)
+    ids = [f"w{i:03d}" for i in range(EVICT_LOOKAHEAD + 1)]
+    for workflow_id in ids:  # every step runs on
+        await h.store.workflow_begin(workflow_id, "r", now=1.0, ttl_s=LONG_TTL)
+    await h.store.workflow_end(ids[-1], "r", now=2.0, ttl_s=LONG_TTL)  # but the last's: the most recent, and free
+    await h.store.workflow_begin("new", "r", now=3.0, ttl_s=LONG_TTL)
+    # none of the first EVICT_LOOKAHEAD is free (the free one is the next): the least recently active goes
+    assert await _kept(h.store, ids[0], ids[-1], "new") == [ids[-1], "new"]
+
+
+@pytest.mark.redis
+async def test_a_shorter_ttl_from_another_gateway_takes_no_record_out_of_the_bound(redis_prefix) -> None:
+    """Gateways with different workflow TTLs share one Redis: a begin pruned the index by its own TTL, and took
+    a longer-lived record out of it, never to be counted or dropped again."""
+    store = RedisStateStore(REDIS_URL, key_prefix=redis_prefix, timeout_s=2.0, max_workflows=1)
+    try:
+        await store.workflow_begin("A", "r", now=1.0, ttl_s=LONG_TTL)
+        await store.workflow_end("A", "r", now=1.0, ttl_s=LONG_TTL)
+        await asyncio.sleep(SHORT_TTL * 1.2)
+        await store.workflow_begin("B", "r", now=2.0, ttl_s=SHORT_TTL)
+        assert await _kept(store, "A", "B") == ["B"]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("cap", [0, -1])
+def test_a_workflow_bound_below_one_is_refused(cap: int) -> None:
+    """The memory store read 0 as the default and failed its first begin on -1 (Redis refused both)."""
+    for make in (lambda: MemoryStateStore(max_workflows=cap),
+                 lambda: RedisStateStore(REDIS_URL, max_workflows=cap)):
+        with pytest.raises(ValueError, match="max_workflows"):
+            make()
 
 
 @pytest.mark.redis

@@ -26,6 +26,17 @@ class StateUnavailable(RuntimeError):
     """The store could not be reached in time. Serving must go on from local state."""
 
 
+# The longest TTL or lease a store takes (ten years): Redis keeps expiries as 64-bit milliseconds and its scripts'
+# numbers as doubles, and a 1e20 s TTL there was an error that read as Redis being down.
+MAX_TTL_S = 10 * 365 * 86400.0
+
+
+def check_ttl(ttl_s: float) -> None:
+    """Both stores refuse a TTL or lease that is not a number of seconds in (0, ``MAX_TTL_S``]."""
+    if not 0 < ttl_s <= MAX_TTL_S:  # written so that NaN fails
+        raise ValueError(f"ttl_s must be > 0 and at most {MAX_TTL_S:g} s, got {ttl_s!r}")
+
+
 def check_inflight_s(inflight_s: float | None) -> None:
     """Both stores refuse an ``inflight_s`` (see the workflow calls below) that is not a finite number > 0."""
     if inflight_s is not None and not 0 < inflight_s < math.inf:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import orjson
 
 from gateway.core.ledger import KVLedger
-from gateway.state.base import EVICT_LOOKAHEAD, MAX_WORKFLOW_RECORDS, StateStore, check_inflight_s
+from gateway.state.base import EVICT_LOOKAHEAD, MAX_WORKFLOW_RECORDS, StateStore, check_inflight_s, check_ttl
 
 Clock = Callable[[], float]
 
@@ -26,12 +26,6 @@ def _encode(record: dict[str, Any]) -> bytes:
     copy: the bytes ``orjson.dumps`` returns hold its whole 4 KB write buffer (3.13), 15 times a workflow
     record's ~270 bytes, for as long as the record is kept."""
     return bytes(memoryview(orjson.dumps(record)))
-
-
-def _check_ttl(ttl_s: float) -> None:
-    """Both stores reject non-positive TTLs (Redis PX would refuse them anyway)."""
-    if not ttl_s > 0:
-        raise ValueError(f"ttl_s must be > 0, got {ttl_s!r}")
 
 
 # A map sweeps out its expired entries once it has taken this many puts, or as many as it holds if more.
@@ -54,23 +48,31 @@ class _TTLMap:
 
     def put(self, key: str, record: dict[str, Any], ttl_s: float,
             keep: Callable[[bytes], bool] | None = None) -> None:
-        """Store ``record`` for ``ttl_s``. At ``max_items``, a new key drops the least recently put (often expired
-        already; a sweep here would cost O(n) on every new key), but one whose encoded record ``keep`` says to
-        keep only where none of the next EVICT_LOOKAHEAD may go."""
-        _check_ttl(ttl_s)
+        """Store ``record`` for ``ttl_s``. At ``max_items``, a new key first drops the expired entries at the front
+        (one TTL a map: those are all the expired ones; a whole sweep here would cost O(n) on every new key), then,
+        if still at the bound, the least recently put live one, but one whose encoded record ``keep`` says to keep
+        only where none of the next EVICT_LOOKAHEAD may go."""
+        check_ttl(ttl_s)
         if key in self._items:
             self._items.move_to_end(key)
         elif self.max_items is not None and len(self._items) >= self.max_items:
+            self._make_room(keep)
+        self._items[key] = (_encode(record), self._clock() + ttl_s)
+        self._puts_since_sweep += 1
+        if self._puts_since_sweep >= max(SWEEP_MIN_PUTS, len(self._items)):
+            self.sweep()
+
+    def _make_room(self, keep: Callable[[bytes], bool] | None) -> None:
+        now = self._clock()
+        while self._items and now >= next(iter(self._items.values()))[1]:
+            self._items.popitem(last=False)  # expired: gone anyway, and no step in flight keeps it
+        if len(self._items) >= self.max_items:  # type: ignore[operator]
             victim = next(iter(self._items))
             if keep is not None:
                 victim = next((k for k, (blob, _) in itertools.islice(self._items.items(), EVICT_LOOKAHEAD)
                                if not keep(blob)), victim)
             del self._items[victim]
             self.dropped += 1
-        self._items[key] = (_encode(record), self._clock() + ttl_s)
-        self._puts_since_sweep += 1
-        if self._puts_since_sweep >= max(SWEEP_MIN_PUTS, len(self._items)):
-            self.sweep()
 
     def put_back(self, key: str, record: dict[str, Any]) -> None:
         """Replace a live entry's record and keep its expiry (a change that is not activity)."""
@@ -153,7 +155,7 @@ class LeasedLedger:
                 self.ledger.release(request_id)
 
     def _lease(self, request_id: str, lease_s: float) -> None:
-        _check_ttl(lease_s)
+        check_ttl(lease_s)
         expiry = self._clock() + lease_s
         self._expiry[request_id] = expiry
         heapq.heappush(self._heap, (expiry, request_id))
@@ -162,7 +164,7 @@ class LeasedLedger:
         self.ledger.set_capacity(engine_id, tokens)
 
     def reserve(self, request_id: str, engine_id: str, tokens: int, lease_s: float, force: bool = False) -> bool:
-        _check_ttl(lease_s)
+        check_ttl(lease_s)
         self._purge()
         held = self.ledger.reservation(request_id) is not None
         if not self.ledger.reserve(request_id, engine_id, tokens, force=force):
@@ -172,7 +174,7 @@ class LeasedLedger:
         return True
 
     def grow(self, request_id: str, tokens: int, lease_s: float, force: bool = False) -> bool:
-        _check_ttl(lease_s)
+        check_ttl(lease_s)
         self._purge()
         if not self.ledger.grow(request_id, tokens, force=force):
             return False
@@ -185,7 +187,7 @@ class LeasedLedger:
         return self.ledger.release(request_id)
 
     def refresh(self, request_ids: list[str], lease_s: float) -> int:
-        _check_ttl(lease_s)
+        check_ttl(lease_s)
         self._purge()
         held = 0
         for request_id in request_ids:
@@ -206,10 +208,12 @@ class MemoryStateStore(StateStore):
     """Single-process store. ``clock`` is injectable so tests can expire entries without sleeping."""
 
     def __init__(self, clock: Clock = time.monotonic, max_workflows: int | None = None) -> None:
+        if max_workflows is not None and max_workflows < 1:
+            raise ValueError(f"max_workflows must be >= 1, got {max_workflows!r}")
         self._clock = clock
         self._engines = _TTLMap(clock)
         self._gateways = _TTLMap(clock)
-        self._workflows = _TTLMap(clock, max_items=max_workflows or MAX_WORKFLOW_RECORDS)
+        self._workflows = _TTLMap(clock, max_items=MAX_WORKFLOW_RECORDS if max_workflows is None else max_workflows)
         self.ledger = LeasedLedger(clock)  # public: the gateway's synchronous fast path uses it directly
 
     async def put_engine(self, engine_id: str, record: dict[str, Any], ttl_s: float) -> None:
@@ -238,7 +242,7 @@ class MemoryStateStore(StateStore):
                              step: int | None = None, deadline: float | None = None, slo_class: str | None = None,
                              expected_steps: int | None = None, predicted_remaining_s: float | None = None,
                              inflight_s: float | None = None) -> dict[str, Any]:
-        _check_ttl(ttl_s)
+        check_ttl(ttl_s)
         check_inflight_s(inflight_s)
         now = float(now)
         clock = self._clock()
@@ -260,7 +264,7 @@ class MemoryStateStore(StateStore):
 
     async def workflow_end(self, workflow_id: str, request_id: str, *, now: float, ttl_s: float, tokens: int = 0,
                            completed: bool = True, inflight_s: float | None = None) -> dict[str, Any] | None:
-        _check_ttl(ttl_s)
+        check_ttl(ttl_s)
         check_inflight_s(inflight_s)
         record = self._workflows.get(workflow_id)
         if record is None:

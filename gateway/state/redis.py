@@ -8,7 +8,8 @@ Layout under ``key_prefix`` (default ``maestro``):
 * ``{prefix}:wf:{workflow_id}`` hash of a workflow's fields, ``{prefix}:wfr:{workflow_id}`` sorted set of its
   request ids in flight scored by their begin (ms, Redis ``TIME``, so that ids abandoned past ``inflight_s`` can
   be dropped); both carry the workflow TTL, refreshed by every step. ``{prefix}:wfx`` sorted set of workflow ids
-  by last step (ms, Redis ``TIME``): at most ``max_workflows`` records are kept, the least recently active dropped
+  by their record's expiry (ms to the microsecond, Redis ``TIME``; with one TTL, the order of last activity): at
+  most ``max_workflows`` records are kept, the least recently active dropped
   for a new one, one with a step in flight only where none of the next ``EVICT_LOOKAHEAD`` is free (a client
   sending a new workflow id with every request added a ~1 kB record per request for an hour, 110 MB in 5 minutes
   at 360 requests/s, until Redis refused writes). (Not ``wf:{id}:inflight``: a workflow id may hold a colon, and
@@ -53,7 +54,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.state.base import EVICT_LOOKAHEAD, MAX_WORKFLOW_RECORDS, StateStore, StateUnavailable, check_inflight_s
+from gateway.state.base import (EVICT_LOOKAHEAD, MAX_WORKFLOW_RECORDS, StateStore, StateUnavailable, check_inflight_s,
+                                check_ttl)
 
 # How far behind "now" listing still reads the index. Covers clock skew between gateways: an index entry is
 # only pruned once it is this much past its expiry, and the key TTL filters anything already dead.
@@ -61,9 +63,8 @@ _SKEW_GRACE_MS = 30_000
 
 
 def _check_ttl(ttl_s: float) -> int:
-    """TTL in ms for PX; non-positive TTLs are a caller bug in both stores."""
-    if not ttl_s > 0:
-        raise ValueError(f"ttl_s must be > 0, got {ttl_s!r}")
+    """TTL in ms for PX, refused as the memory store refuses it."""
+    check_ttl(ttl_s)
     return max(1, round(ttl_s * 1000))
 
 
@@ -221,9 +222,25 @@ return v
 
 # The store's clock in ms (TIME), and the ids in flight since before ARGV[n] ms ago dropped ('' = none dropped).
 # string.format: a Lua number as a string is written with 14 significant digits ("%.14g"), and epoch ms has 13.
+# ``keep_index``: a record's entry in the index, scored by when the record expires (to the microsecond, so that
+# two records touched in one millisecond keep their order: Redis orders equal scores by name), and the index's
+# own TTL made at least the record's (never shortened: the last write may carry a shorter TTL than others).
 _WORKFLOW_CLOCK = """
 local t = redis.call('TIME')
 local clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local clock_us = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local function keep_index(idx, id, ttl, flag)
+  if flag then
+    redis.call('ZADD', idx, flag, string.format('%.3f', clock_us + tonumber(ttl)), id)
+  else
+    redis.call('ZADD', idx, string.format('%.3f', clock_us + tonumber(ttl)), id)
+  end
+  if redis.call('PTTL', idx) < tonumber(ttl) then redis.call('PEXPIRE', idx, ttl) end
+end
+local function raise_last_activity(wf, now)  -- never back (a late replay); set where it is missing, whatever now
+  local last = redis.call('HGET', wf, 'last_activity')
+  if not last or tonumber(now) > tonumber(last) then redis.call('HSET', wf, 'last_activity', now) end
+end
 local function drop_abandoned(wfr, inflight_ms)
   if inflight_ms ~= '' then
     return redis.call('ZREMRANGEBYSCORE', wfr, '-inf', string.format('(%.0f', clock - tonumber(inflight_ms)))
@@ -238,20 +255,18 @@ end
 _WORKFLOW_BEGIN = _WORKFLOW_CLOCK + f"local EVICT_LOOKAHEAD = {EVICT_LOOKAHEAD}" + """
 local wf, wfr, idx = KEYS[1], KEYS[2], KEYS[3]
 local now, ttl = ARGV[3], ARGV[4]
-redis.call('ZADD', idx, string.format('%.0f', clock), ARGV[1])
-redis.call('ZREMRANGEBYSCORE', idx, '-inf', string.format('(%.0f', clock - tonumber(ttl)))  -- expired by now
-redis.call('PEXPIRE', idx, ttl)
+redis.call('ZREMRANGEBYSCORE', idx, '-inf', string.format('(%.3f', clock_us))  -- expired by now
 if redis.call('EXISTS', wf) == 0 then
-  -- the least recently active give way (this one, just added, is the most recent), those with no step in flight
-  -- first among the next EVICT_LOOKAHEAD; at most EVICT_LOOKAHEAD a begin (a lowered max_workflows is reached
-  -- over several begins, not in one long script)
-  local over = math.min(redis.call('ZCARD', idx) - tonumber(ARGV[12]), EVICT_LOOKAHEAD)
+  redis.call('ZREM', idx, ARGV[1])  -- its own record's entry, if that record has just expired
+  -- the least recently active give way for this one, those with no step in flight first among the first
+  -- EVICT_LOOKAHEAD (one more a record over); at most EVICT_LOOKAHEAD a begin (a lowered max_workflows is
+  -- reached over several begins, not in one long script)
+  local over = math.min(redis.call('ZCARD', idx) + 1 - tonumber(ARGV[12]), EVICT_LOOKAHEAD)
   if over > 0 then
-    local candidates = redis.call('ZRANGE', idx, 0, over + EVICT_LOOKAHEAD)
+    local candidates = redis.call('ZRANGE', idx, 0, over + EVICT_LOOKAHEAD - 2)
     for pass = 1, 2 do
       for _, id in ipairs(candidates) do
-        if over > 0 and id ~= ARGV[1]
-            and (pass == 2 or redis.call('ZCARD', ARGV[11] .. ':wfr:' .. id) == 0)
+        if over > 0 and (pass == 2 or redis.call('ZCARD', ARGV[11] .. ':wfr:' .. id) == 0)
             and redis.call('ZREM', idx, id) == 1 then
           redis.call('DEL', ARGV[11] .. ':wf:' .. id, ARGV[11] .. ':wfr:' .. id)
           over = over - 1
@@ -271,8 +286,8 @@ local names = {'deadline', 'slo_class', 'expected_steps', 'predicted_remaining_s
 for i, name in ipairs(names) do
   if ARGV[5 + i] ~= '' then redis.call('HSET', wf, name, ARGV[5 + i]) end
 end
-local last = tonumber(redis.call('HGET', wf, 'last_activity') or '0')
-if tonumber(now) > last then redis.call('HSET', wf, 'last_activity', now) end  -- never back (a late replay)
+raise_last_activity(wf, now)
+keep_index(idx, ARGV[1], ttl)
 drop_abandoned(wfr, ARGV[10])
 redis.call('ZADD', wfr, 'NX', string.format('%.0f', clock), ARGV[2])  -- NX: a repeated begin keeps the first
 redis.call('PEXPIRE', wf, ttl)
@@ -287,12 +302,10 @@ local wf, wfr, idx = KEYS[1], KEYS[2], KEYS[3]
 if redis.call('EXISTS', wf) == 0 then return false end
 drop_abandoned(wfr, ARGV[6])
 if redis.call('ZREM', wfr, ARGV[1]) == 1 then
-  redis.call('ZADD', idx, 'XX', string.format('%.0f', clock), ARGV[7])  -- activity: last to give way
+  keep_index(idx, ARGV[7], ARGV[3], 'XX')  -- activity: its record lives on, and is the last to give way
   redis.call('HINCRBY', wf, 'tokens_used', ARGV[4])
   if ARGV[5] == '1' then redis.call('HINCRBY', wf, 'steps_done', 1) end
-  if tonumber(ARGV[2]) > tonumber(redis.call('HGET', wf, 'last_activity') or '0') then
-    redis.call('HSET', wf, 'last_activity', ARGV[2])
-  end
+  raise_last_activity(wf, ARGV[2])
   redis.call('PEXPIRE', wf, ARGV[3])
   redis.call('PEXPIRE', wfr, ARGV[3])
 end
