@@ -880,6 +880,8 @@ async def _steps(gw, workflow_id: str, steps: int) -> bool:
     ({}, {"workflow_id": "wf-bad", "workflow_step": "٣"}, "metadata.workflow_step"),  # int() takes it; we do not
     ({}, {"workflow_id": "wf-bad", "workflow_step": 1e20}, "metadata.workflow_step"),  # past a record's int64
     ({}, {"workflow_id": "wf-bad", "workflow_steps": 10**19}, "metadata.workflow_steps"),
+    ({"X-Workflow-Id": "wf-bad", "X-Workflow-Step": str(2**53)}, None, "X-Workflow-Step"),  # past a double's
+    ({}, {"workflow_id": "wf-bad", "workflow_step": 2**53 + 1}, "metadata.workflow_step"),  # exact integers
     ({}, {"workflow_id": "wf-bad", "workflow_deadline_ms": [1]}, "metadata.workflow_deadline_ms"),
     ({"X-Workflow-Id": "wf-bad"}, {"slo_class": "platinum"}, "metadata.slo_class"),
     ({}, {"workflow_id": 12}, "metadata.workflow_id"),

@@ -59,9 +59,10 @@ class WorkflowContext:
                 and self.slo_class is None and self.expected_steps is None)
 
 
-# The largest step or step count: 18 digits, as a header may carry, and within the 64-bit integers that orjson
+# The largest step or step count: the integers a double holds exactly (the Redis store's scripts compare steps
+# as Lua numbers: 2**53 + 1 read as 2**53, and a higher step as not higher), within the 64-bit integers orjson
 # writes into a workflow's record (a JSON number past 2**64 is read as a float, and 1e20 is an integer float).
-MAX_INTEGER = 10**18 - 1
+MAX_INTEGER = 2**53 - 1
 
 
 def _integer(value: Any, where: str, minimum: int) -> int:
