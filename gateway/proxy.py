@@ -140,7 +140,8 @@ class SSEUsageFilter:
                     payload = orjson.loads(event[5:])
                 except orjson.JSONDecodeError:
                     payload = None
-                if isinstance(payload, dict) and payload.get("usage") and not payload.get("choices"):
+                if isinstance(payload, dict) and isinstance(payload.get("usage"), dict) and payload["usage"] \
+                        and not payload.get("choices"):
                     self.usage = payload["usage"]
                     if self.strip:
                         continue
@@ -150,6 +151,19 @@ class SSEUsageFilter:
     def flush(self) -> bytes:
         rest, self._buffer = bytes(self._buffer), b""
         return rest
+
+
+MAX_TOKEN_COUNT = 2**53 - 1  # past this no engine counted tokens: a value the stores keep exactly (doubles in Lua)
+
+
+def usage_tokens(usage: Any, key: str) -> int:
+    """``usage[key]`` where it is a count of tokens (an int from 0 to ``MAX_TOKEN_COUNT``), else 0. The usage is
+    the engine's: text, a negative number or a list there failed the request after its answer had come (a 500 for
+    an answer the engine gave, or the step's end lost in the store), and a vast number went into the counters."""
+    value = usage.get(key) if isinstance(usage, dict) else None
+    if type(value) is int and 0 <= value <= MAX_TOKEN_COUNT:  # noqa: E721 - not bool, which is an int
+        return value
+    return 0
 
 
 def _engine_message(data: bytes) -> str:
@@ -419,9 +433,9 @@ class Proxy:
         if isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") in _CUT_REASONS
                                              for c in choices):
             job.incomplete = True
-        model = job.model
         if isinstance(usage, dict):
-            self.metrics.tokens(model, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+            self.metrics.tokens(job.model, usage_tokens(usage, "prompt_tokens"),
+                                usage_tokens(usage, "completion_tokens"))
             return usage
         return None
 
@@ -556,8 +570,8 @@ class Proxy:
         online learning."""
         if job.usage is None and usage_filter.usage:
             job.usage = usage_filter.usage
-            self.metrics.tokens(job.model, usage_filter.usage.get("prompt_tokens") or 0,
-                                usage_filter.usage.get("completion_tokens") or 0)
+            self.metrics.tokens(job.model, usage_tokens(job.usage, "prompt_tokens"),
+                                usage_tokens(job.usage, "completion_tokens"))
 
     async def _pump(self, job: RelayJob, upstream: aiohttp.ClientResponse, engine_id: str,
                     response: web.StreamResponse, usage_filter: SSEUsageFilter, head: bytes = b"") -> bool:

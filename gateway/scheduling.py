@@ -51,6 +51,7 @@ from gateway.core.request import SchedRequest, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from gateway.metrics import GatewayMetrics
 from gateway.prediction import RequestPredictor
+from gateway.proxy import usage_tokens
 from gateway.state import StateStore, StateUnavailable
 from gateway.state.memory import MemoryStateStore
 from gateway.tasks import cancel_and_wait
@@ -1456,8 +1457,7 @@ class Scheduling:
             if ticket.pool is not None and ticket.state != NEW:
                 ticket.pool.done(ticket)  # the pool that holds it now (a retry may have moved it)
             if workflow_id is not None:
-                usage = job.usage or {}
-                tokens = int(usage.get("total_tokens") or (prompt + ticket.generated))
+                tokens = usage_tokens(job.usage, "total_tokens") or (prompt + ticket.generated)
                 self.workflows.end_soon(workflow_id, key, tokens, completed, begin_task)
                 if completed:
                     self.ctx.mean_step_s = self.step_time.add(self.service_time(sched_request), time.monotonic())

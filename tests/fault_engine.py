@@ -47,6 +47,7 @@ class FaultEngine:
     served_models: list[str] | None = None  # the names GET /v1/models lists (None: the one model)
     metrics_hang: bool = False  # GET /metrics never answers
     max_model_len: int | None = None  # the context its model cards say (vLLM's max_model_len; None: no field)
+    usage: dict = field(default_factory=lambda: {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
 
     async def models(self, request: web.Request) -> web.Response:
         names = self.served_models if self.served_models is not None else [self.model]
@@ -115,7 +116,7 @@ class FaultEngine:
                 "model": self.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello world"},
                              "logprobs": None, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+                "usage": self.usage}
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
@@ -249,8 +250,7 @@ class FaultEngine:
         chunk["choices"][0]["finish_reason"] = "abort" if mode == "abort" else "stop"  # abort: put to sleep
         await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {**chunk, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2,
-                                                      "total_tokens": 5}}
+            usage = {**chunk, "choices": [], "usage": self.usage}
             await response.write(b"data: " + orjson.dumps(usage) + b"\n\n")
         if mode != "no_done":  # no_done: the stream closes after its last chunk, without [DONE]
             await response.write(b"data: [DONE]\n\n")

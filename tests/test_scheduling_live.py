@@ -866,6 +866,37 @@ async def _steps(gw, workflow_id: str, steps: int) -> bool:
     return record is not None and record["steps_done"] >= steps
 
 
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": "3", "completion_tokens": -2, "total_tokens": "five"},
+    {"prompt_tokens": 1e300, "completion_tokens": [2], "total_tokens": 2**60},
+    {"prompt_tokens": True, "completion_tokens": None, "total_tokens": -1},
+])
+@pytest.mark.parametrize("stream", [False, True])
+@bounded()
+async def test_an_engines_usage_that_is_no_count_of_tokens_loses_no_answer(usage, stream):
+    """The usage is the engine's: counts that are no token counts (text, negative, a list, past what a count can
+    be) are not counted, and the answer, the workflow's step and the gauges are as for any other answer."""
+    async with gateway_on_fault_engine(queue_policy="maestro", admission="predicted",
+                                       kv_capacity_tokens=100_000) as (engine, gw, session):
+        engine.usage = usage
+        headers = {"X-Workflow-Id": "wf-usage", "X-Workflow-Step": "0"}
+        async with session.post(gw.base_url + "/v1/chat/completions", json=chat(stream=stream),
+                                headers=headers) as r:
+            assert r.status == 200 and b"hello" in await r.read()
+        await wait_for(lambda: gw.inflight == 0 and not gw.scheduling.ledger.held)
+        record = None
+        for _ in range(100):
+            record = await gw.store.get_workflow("wf-usage")
+            if record is not None and record["steps_done"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert record is not None and record["steps_done"] == 1 and record["inflight"] == []
+        assert 0 <= record["tokens_used"] < 2**53
+        assert b'maestro_tokens_total{kind="prompt"' not in gw.metrics.render()
+        status = b'maestro_requests_total{model="fault-model",route="chat",status="200"} 1.0'
+        assert status in gw.metrics.render()
+
+
 @pytest.mark.parametrize("headers, metadata, param", [
     ({"X-Workflow-Id": "wf-bad", "X-Workflow-Step": "two"}, None, "X-Workflow-Step"),
     ({"X-Workflow-Id": "wf-bad", "X-Workflow-Step": "-1"}, None, "X-Workflow-Step"),
