@@ -229,12 +229,8 @@ _WORKFLOW_CLOCK = """
 local t = redis.call('TIME')
 local clock = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local clock_us = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local function keep_index(idx, id, ttl, flag)
-  if flag then
-    redis.call('ZADD', idx, flag, string.format('%.3f', clock_us + tonumber(ttl)), id)
-  else
-    redis.call('ZADD', idx, string.format('%.3f', clock_us + tonumber(ttl)), id)
-  end
+local function keep_index(idx, id, ttl)
+  redis.call('ZADD', idx, string.format('%.3f', clock_us + tonumber(ttl)), id)
   if redis.call('PTTL', idx) < tonumber(ttl) then redis.call('PEXPIRE', idx, ttl) end
 end
 local function raise_last_activity(wf, now)  -- never back (a late replay); set where it is missing, whatever now
@@ -258,9 +254,9 @@ local now, ttl = ARGV[3], ARGV[4]
 redis.call('ZREMRANGEBYSCORE', idx, '-inf', string.format('(%.3f', clock_us))  -- expired by now
 if redis.call('EXISTS', wf) == 0 then
   redis.call('ZREM', idx, ARGV[1])  -- its own record's entry, if that record has just expired
-  -- the least recently active give way for this one, those with no step in flight first among the first
-  -- EVICT_LOOKAHEAD (one more a record over); at most EVICT_LOOKAHEAD a begin (a lowered max_workflows is
-  -- reached over several begins, not in one long script)
+  -- the least recently active give way for this one: of the first EVICT_LOOKAHEAD (and one more for each record
+  -- over but the first), those with no step in flight first; at most EVICT_LOOKAHEAD a begin (a lowered
+  -- max_workflows is reached over several begins, not in one long script)
   local over = math.min(redis.call('ZCARD', idx) + 1 - tonumber(ARGV[12]), EVICT_LOOKAHEAD)
   if over > 0 then
     local candidates = redis.call('ZRANGE', idx, 0, over + EVICT_LOOKAHEAD - 2)
@@ -302,7 +298,7 @@ local wf, wfr, idx = KEYS[1], KEYS[2], KEYS[3]
 if redis.call('EXISTS', wf) == 0 then return false end
 drop_abandoned(wfr, ARGV[6])
 if redis.call('ZREM', wfr, ARGV[1]) == 1 then
-  keep_index(idx, ARGV[7], ARGV[3], 'XX')  -- activity: its record lives on, and is the last to give way
+  keep_index(idx, ARGV[7], ARGV[3])  -- activity: its record lives on, and is the last to give way
   redis.call('HINCRBY', wf, 'tokens_used', ARGV[4])
   if ARGV[5] == '1' then redis.call('HINCRBY', wf, 'steps_done', 1) end
   raise_last_activity(wf, ARGV[2])
