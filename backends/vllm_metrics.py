@@ -36,7 +36,11 @@ _FIELD_BY_NAME = {
     COUNTER_GENERATION_TOKENS + "_total": "generation_tokens_total",
 }
 _PREFIXES = tuple(_FIELD_BY_NAME) + (GAUGE_SLEEP_STATE, INFO_CACHE_CONFIG)
-_INF = float("inf")
+# The largest value read from a page: past it no count or gauge of an engine can be (2**53, the integers a
+# double holds exactly). A page that says 1e308 requests running made the sum of two such gauges infinite, and
+# every request for that model a 500 where the gateway turned a pool's load into an integer; a KV capacity past
+# 2**64 failed every write of the engine's state to the store.
+MAX_VALUE = 2**53
 _BLOCKS_LABEL = f'{LABEL_NUM_GPU_BLOCKS}="'
 _BLOCK_SIZE_LABEL = f'{LABEL_BLOCK_SIZE}="'
 
@@ -51,12 +55,17 @@ def _label(line: str, prefix: str) -> int:
     start += len(prefix)
     end = line.find('"', start)
     value = line[start:end] if end > 0 else ""
-    return int(value) if value.isascii() and value.isdigit() else 0  # isdigit alone admits "¹", which int() refuses
+    if not (value.isascii() and value.isdigit()):  # isdigit alone admits "¹", which int() refuses
+        return 0
+    number = int(value[:20])  # (a longer one is past MAX_VALUE anyway: int() of a vast string costs time)
+    return number if number <= MAX_VALUE else 0
 
 
 def kv_capacity_of(line: str) -> int:
-    """KV capacity in tokens from one ``vllm:cache_config_info`` sample (0 when not known yet)."""
-    return _label(line, _BLOCKS_LABEL) * _label(line, _BLOCK_SIZE_LABEL)
+    """KV capacity in tokens from one ``vllm:cache_config_info`` sample (0 when not known yet, or past
+    ``MAX_VALUE``)."""
+    capacity = _label(line, _BLOCKS_LABEL) * _label(line, _BLOCK_SIZE_LABEL)
+    return capacity if capacity <= MAX_VALUE else 0
 
 
 def parse_vllm_metrics(text: str) -> EngineMetrics:
@@ -86,8 +95,8 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
             value = float(line[space + 1:])
         except ValueError:
             continue
-        if not (value >= 0.0 and value != _INF):  # NaN, inf or negative: no count or gauge here can be (NaN
-            continue                              # broke routing's min(): every request went to that engine)
+        if not 0.0 <= value <= MAX_VALUE:  # NaN, inf, negative or vast: no count or gauge here can be (NaN
+            continue                         # broke routing's min(): every request went to that engine)
         if name == GAUGE_SLEEP_STATE:
             if (value < 1.0) if 'sleep_state="awake"' in line else (value >= 1.0):
                 sleeping = True
@@ -103,4 +112,6 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
                 kv_usage_series += 1
     if kv_usage_series > 1:
         sums["kv_usage"] /= kv_usage_series
+    if kv_capacity > MAX_VALUE:  # many series, each within the bound
+        kv_capacity = 0
     return EngineMetrics(sleeping=sleeping, kv_capacity_tokens=kv_capacity, kv_block_size=block_size, **sums)

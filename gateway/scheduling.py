@@ -1402,26 +1402,31 @@ class Scheduling:
                 except asyncio.CancelledError:  # the client left: the step, once recorded, ends as not done
                     self.workflows.end_soon(workflow_id, key, 0, False, begin_task)
                     raise
-        slo_name = context.slo_class if context is not None else None
-        if slo_name is None:
-            slo_name = state.slo_class if state is not None else (
-                cfg.workflow_slo_class if workflow_id is not None else cfg.default_slo_class)
-        deadline = context.deadline if context is not None else None
-        if deadline is None and state is not None:
-            deadline = state.deadline
-        client_priority = body.get("priority")
-        sched_request = SchedRequest(
-            request_id=key, model=job.model, arrival=now, prompt_tokens=prompt,
-            max_tokens=max_tokens * n, pred_p50=p50 * n, pred_p90=p90 * n,
-            role=(context.role if context is not None and context.role else estimate.role), slo_class=slo_name,
-            workflow_id=workflow_id, step=(context.step or 0) if context is not None else 0, deadline=deadline,
-            ttft_deadline=now + self._ttft.get(slo_name, 2.0),
-            client_priority=client_priority if isinstance(client_priority, int) else 0,
-            prompts=prompts, sequences=n)
-        pools = self._by_model.get(job.model) or []
-        pool = self.choose_pool(pools, sched_request) if pools else None
-        ticket = Ticket(sched_request, pool, self.ledger if self.check_kv else None, cfg.block_size,
-                        cfg.grow_step_tokens, tokens_per_event(body))
+        try:  # from here the step is in the record: whatever fails before the request is served ends it
+            slo_name = context.slo_class if context is not None else None
+            if slo_name is None:
+                slo_name = state.slo_class if state is not None else (
+                    cfg.workflow_slo_class if workflow_id is not None else cfg.default_slo_class)
+            deadline = context.deadline if context is not None else None
+            if deadline is None and state is not None:
+                deadline = state.deadline
+            client_priority = body.get("priority")
+            sched_request = SchedRequest(
+                request_id=key, model=job.model, arrival=now, prompt_tokens=prompt,
+                max_tokens=max_tokens * n, pred_p50=p50 * n, pred_p90=p90 * n,
+                role=(context.role if context is not None and context.role else estimate.role), slo_class=slo_name,
+                workflow_id=workflow_id, step=(context.step or 0) if context is not None else 0, deadline=deadline,
+                ttft_deadline=now + self._ttft.get(slo_name, 2.0),
+                client_priority=client_priority if isinstance(client_priority, int) else 0,
+                prompts=prompts, sequences=n)
+            pools = self._by_model.get(job.model) or []
+            pool = self.choose_pool(pools, sched_request) if pools else None
+            ticket = Ticket(sched_request, pool, self.ledger if self.check_kv else None, cfg.block_size,
+                            cfg.grow_step_tokens, tokens_per_event(body))
+        except BaseException:
+            if workflow_id is not None:
+                self.workflows.end_soon(workflow_id, key, 0, False, begin_task)
+            raise
         completed = False
         try:
             if pool is not None and self.active:

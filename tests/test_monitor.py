@@ -265,6 +265,25 @@ def test_values_no_count_or_gauge_can_take_are_left_out():
     assert (metrics.waiting, metrics.running) == (2.0, 1.0)
 
 
+def test_values_past_what_an_engine_can_count_are_left_out():
+    """1e308 requests running and waiting summed to infinity, and every request for the model was a 500 where
+    the gateway made a pool's load an integer; a KV capacity past 2**64 failed every write of the engine's state
+    to the store. Past 2**53 (what a double holds exactly) a value is no engine's."""
+    from backends.vllm_metrics import MAX_VALUE, parse_vllm_metrics
+
+    text = "\n".join(['vllm:num_requests_waiting{engine="0"} 1e308', 'vllm:num_requests_running{engine="0"} 1e308',
+                      'vllm:num_requests_running{engine="1"} 3.0',
+                      f'vllm:num_requests_waiting{{engine="1"}} {MAX_VALUE}'])
+    metrics = parse_vllm_metrics(text)
+    assert (metrics.waiting, metrics.running) == (MAX_VALUE, 3.0)
+    info = 'vllm:cache_config_info{block_size="%s",engine="0",num_gpu_blocks="%s"} 1.0'
+    assert parse_vllm_metrics(info % (16, 2**62)).kv_capacity_tokens == 0
+    assert parse_vllm_metrics(info % (16, "9" * 5000)).kv_capacity_tokens == 0
+    assert parse_vllm_metrics(info % (2**60, 4)).kv_block_size == 0
+    assert parse_vllm_metrics("\n".join([info % (16, 2**48)] * 64)).kv_capacity_tokens == 0  # summed past it
+    assert parse_vllm_metrics(info % (16, 1000)).kv_capacity_tokens == 16_000
+
+
 
 def test_sleep_state_and_kv_usage_read_as_vllm_032_exports_them():
     """vLLM 0.32's record_sleep_state: a level-0 pause sets only ``awake`` to 0 (the engine holds new requests);

@@ -897,6 +897,28 @@ async def test_an_engines_usage_that_is_no_count_of_tokens_loses_no_answer(usage
         assert status in gw.metrics.render()
 
 
+@bounded()
+async def test_a_failure_while_planning_a_request_leaves_no_step_in_flight(monkeypatch):
+    """Between the workflow's begin and the request's service, a failure (a bug, or an engine's load no number
+    can hold) left the step in the record's in-flight list for 2 x total_s: the workflow looked busy."""
+    async with gateway_on_fault_engine(queue_policy="maestro", admission="predicted",
+                                       kv_capacity_tokens=100_000) as (engine, gw, session):
+        def broken(*_args, **_kwargs):
+            raise OverflowError("cannot convert float infinity to integer")
+
+        monkeypatch.setattr(gw.scheduling, "choose_pool", broken)
+        status, answer = await post(session, gw, chat(), {"X-Workflow-Id": "wf-plan", "X-Workflow-Step": "0"})
+        assert status == 500 and answer["error"]["code"] == "internal_error"
+        record = None
+        for _ in range(100):
+            record = await gw.store.get_workflow("wf-plan")
+            if record is not None and not record["inflight"]:
+                break
+            await asyncio.sleep(0.02)
+        assert record is not None and record["inflight"] == [] and record["steps_done"] == 0
+        assert gw.inflight == 0 and not gw.scheduling.ledger.held and engine.hits == 0
+
+
 @pytest.mark.parametrize("headers, metadata, param", [
     ({"X-Workflow-Id": "wf-bad", "X-Workflow-Step": "two"}, None, "X-Workflow-Step"),
     ({"X-Workflow-Id": "wf-bad", "X-Workflow-Step": "-1"}, None, "X-Workflow-Step"),
