@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -246,6 +247,8 @@ def _unusable_answer(upstream: aiohttp.ClientResponse) -> tuple[str, str] | None
     body: the gateway asks for ``identity`` and relays bytes as they come, so gzip from a proxy in front of an
     engine would reach the client as a corrupt body, unlabelled."""
     status = upstream.status
+    if not 200 <= status <= 599:  # 1xx as a final answer, or no HTTP status at all ("042", 999)
+        return "status", f"answered HTTP {status}, which is no final answer to a request"
     if status in (401, 403):
         return "auth", (f"refused the gateway's credentials (HTTP {status}): set the engine's api_key in the "
                         "config to its vLLM --api-key")
@@ -255,6 +258,18 @@ def _unusable_answer(upstream: aiohttp.ClientResponse) -> tuple[str, str] | None
     if encoding not in ("", "identity"):
         return "encoded", f"answered with Content-Encoding {encoding[:40]!r}; the gateway asks for identity"
     return None
+
+
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _header_value(value: str | None) -> str | None:
+    """An engine's header value the gateway can copy into its own answer, else None: one with a control character
+    (which aiohttp refuses to write, as a header injection) failed the answer after it was counted 200, with a
+    traceback and the client's connection dropped."""
+    if value is None or _CONTROL_CHARACTERS.search(value):
+        return None
+    return value
 
 
 def _total_timeout_message(engine_id: str, total_s: float) -> str:
@@ -416,9 +431,9 @@ class Proxy:
         if status == 200 and job.kind == "vllm":
             job.usage = self._count_usage(job, data)
         job.upstream_s = received_at - sent_at
-        headers = {"Content-Type": upstream.headers.get("Content-Type", "application/json"),
+        headers = {"Content-Type": _header_value(upstream.headers.get("Content-Type")) or "application/json",
                    "X-Request-Id": job.request_id}
-        disposition = upstream.headers.get("Content-Disposition")
+        disposition = _header_value(upstream.headers.get("Content-Disposition"))
         if disposition is not None:  # vLLM-Omni's response_format "file": the image (or a zip) as an attachment
             headers["Content-Disposition"] = disposition
         return web.Response(body=data, status=status, headers=headers)

@@ -258,3 +258,56 @@ class FaultEngine:
             await asyncio.sleep(self.delay_s)
         await response.write_eof()
         return response
+
+
+class RawEngine:
+    """An engine that writes whatever bytes it is given: answers aiohttp's own server would refuse to write (a
+    status line "042", a header with a control character, an SSE body with its own separators). ``answer(head,
+    body)`` returns the bytes of the answer to a POST (``head`` the request's line and headers, lower-cased
+    names); GET /metrics answers an idle engine, other GETs 404. Each connection is closed after its answer."""
+
+    METRICS = b'vllm:num_requests_running{engine="0",model_name="fault-model"} 0.0\n'
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.posts = 0
+        self.server: asyncio.base_events.Server | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> "RawEngine":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            headers = {}
+            while (header := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = header.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(headers.get("content-length", 0)))
+            if line.startswith(b"GET"):
+                page = self.METRICS if line.startswith(b"GET /metrics") else b""
+                writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                             % (200 if page else 404, len(page)) + page)
+            else:
+                self.posts += 1
+                for part in await self.answer(headers, body):
+                    writer.write(part)
+                    await writer.drain()
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+def raw_answer(status: bytes, headers: bytes, body: bytes) -> bytes:
+    """An HTTP/1.1 answer with this status line's code, these header lines and a Content-Length body."""
+    return (b"HTTP/1.1 " + status + b" X\r\n" + headers + b"Content-Length: %d\r\nConnection: close\r\n\r\n"
+            % len(body) + body)

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from tests.conftest import gateway_config, running_gateway
-from tests.fault_engine import FaultEngine
+from tests.fault_engine import FaultEngine, RawEngine, raw_answer
 
 
 @pytest.fixture
@@ -774,3 +774,51 @@ async def test_requests_waiting_on_an_engine_that_hangs_go_to_another_once_it_is
                 break
             await asyncio.sleep(0.02)
         assert hung.aborted == 2
+
+
+_WHOLE = b'{"choices":[{"index":0,"message":{"content":"hi"},"finish_reason":"stop"}],"usage":{"total_tokens":5}}'
+_CHAT_BODY = {"model": "fault-model", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _requests_counted(gw) -> dict[str, float]:
+    """maestro_requests_total's chat samples by status."""
+    counted = {}
+    for line in gw.metrics.render().decode().splitlines():
+        if line.startswith("maestro_requests_total{") and 'route="chat"' in line:
+            counted[line.split('status="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return counted
+
+
+@pytest.mark.parametrize("status", [b"042", b"101", b"999"])
+async def test_an_engine_status_that_is_no_final_answer_is_a_502(status):
+    """An engine's status line outside 200-599 was relayed: "HTTP/1.1 42 " no client can parse, or a bare 101
+    without a body, each counted under its code."""
+    async def answer(headers, body):
+        return [raw_answer(status, b"Content-Type: application/json\r\n", _WHOLE)]
+
+    async with RawEngine(answer) as engine, running_gateway(gateway_config([engine.url])) as gw, \
+            aiohttp.ClientSession() as session:
+        async with session.post(gw.base_url + "/v1/chat/completions", json=_CHAT_BODY) as r:
+            assert r.status == 502 and (await r.json())["error"]["code"] == "upstream_error"
+            assert f"HTTP {int(status)}" in (await r.json())["error"]["message"]
+        assert _requests_counted(gw) == {"502": 1.0} and gw.inflight == 0
+
+
+@pytest.mark.parametrize("header", [b"Content-Type: application/json\x7f\r\n",
+                                    b"Content-Type: application/json\r\nContent-Disposition: a\x01b\r\n"])
+async def test_an_engine_header_with_a_control_character_is_not_copied(header, caplog):
+    """aiohttp refuses to write a header value with a control character (header injection): an engine's
+    Content-Type or Content-Disposition holding one dropped the client's connection after the answer was counted
+    200, with a traceback."""
+    import logging
+
+    async def answer(headers, body):
+        return [raw_answer(b"200", header, _WHOLE)]
+
+    caplog.set_level(logging.INFO)
+    async with RawEngine(answer) as engine, running_gateway(gateway_config([engine.url])) as gw, \
+            aiohttp.ClientSession() as session:
+        async with session.post(gw.base_url + "/v1/chat/completions", json=_CHAT_BODY) as r:
+            assert r.status == 200 and await r.read() == _WHOLE
+            assert r.headers["Content-Type"] == "application/json" and "Content-Disposition" not in r.headers
+    assert not [record for record in caplog.records if record.exc_info]
