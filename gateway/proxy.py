@@ -52,6 +52,10 @@ def _ends_stream(out: bytes) -> bool:
     return out[-32:].rstrip().endswith(b"data: [DONE]")
 
 
+class _BodyStalled(Exception):
+    """A whole answer's body stopped coming for ``stream_idle_s`` after its headers."""
+
+
 class ClientStalled(Exception):
     """The client stopped reading a stream: its connection is dropped, and the engine's request with it."""
 
@@ -413,7 +417,11 @@ class Proxy:
                            sent_at: float) -> web.Response:
         """Relay a complete (non-streamed) answer, or an engine error before any byte was sent."""
         try:
-            data = await upstream.read()
+            data = await self._read_body(upstream, job)
+        except _BodyStalled:
+            self.metrics.upstream_error(engine_id, "stream_idle")
+            raise APIError(504, f"Engine {engine_id} sent nothing of its answer's body for {self.stream_idle_s:g} s "
+                                "after its headers.", SERVER_ERROR, code="upstream_timeout") from None
         except asyncio.TimeoutError as exc:
             raise self._timed_out(exc, engine_id, job) from None
         except aiohttp.ClientError as exc:
@@ -437,6 +445,26 @@ class Proxy:
         if disposition is not None:  # vLLM-Omni's response_format "file": the image (or a zip) as an attachment
             headers["Content-Disposition"] = disposition
         return web.Response(body=data, status=status, headers=headers)
+
+    async def _read_body(self, upstream: aiohttp.ClientResponse, job: RelayJob) -> bytes:
+        """A whole answer's body, each wait for more of it bounded by ``stream_idle_s``: an engine writes a whole
+        answer at once after its headers, and aiohttp stops its read timer on an answer it cannot parse (a chunk
+        size that is no number), where the request waited out ``total_s`` (15 min by default) holding its engine
+        and its KV reservation."""
+        loop = asyncio.get_running_loop()
+        total_at = loop.time() + self._remaining_s(job)
+        parts = []
+        watch = asyncio.timeout_at(min(loop.time() + self.stream_idle_s, total_at))
+        try:
+            async with watch:
+                async for chunk in upstream.content.iter_any():
+                    parts.append(chunk)
+                    watch.reschedule(min(loop.time() + self.stream_idle_s, total_at))
+        except asyncio.TimeoutError:
+            if watch.expired() and loop.time() < total_at:
+                raise _BodyStalled from None
+            raise  # the whole request's limit (the watch's, or aiohttp's own)
+        return b"".join(parts)
 
     def _count_usage(self, job: RelayJob, data: bytes) -> dict[str, Any] | None:
         try:

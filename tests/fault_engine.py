@@ -264,7 +264,8 @@ class RawEngine:
     """An engine that writes whatever bytes it is given: answers aiohttp's own server would refuse to write (a
     status line "042", a header with a control character, an SSE body with its own separators). ``answer(head,
     body)`` returns the bytes of the answer to a POST (``head`` the request's line and headers, lower-cased
-    names); GET /metrics answers an idle engine, other GETs 404. Each connection is closed after its answer."""
+    names; a float among the parts is a pause between writes); GET /metrics answers an idle engine, other GETs
+    404. Each connection is closed after its answer."""
 
     METRICS = b'vllm:num_requests_running{engine="0",model_name="fault-model"} 0.0\n'
 
@@ -298,6 +299,9 @@ class RawEngine:
             else:
                 self.posts += 1
                 for part in await self.answer(headers, body):
+                    if isinstance(part, float):  # a pause between writes
+                        await asyncio.sleep(part)
+                        continue
                     writer.write(part)
                     await writer.drain()
             await writer.drain()

@@ -822,3 +822,23 @@ async def test_an_engine_header_with_a_control_character_is_not_copied(header, c
             assert r.status == 200 and await r.read() == _WHOLE
             assert r.headers["Content-Type"] == "application/json" and "Content-Disposition" not in r.headers
     assert not [record for record in caplog.records if record.exc_info]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_whole_answer_whose_body_stops_coming_is_cut_after_stream_idle_s(stream):
+    """aiohttp stops its read timer on a body it cannot parse (a chunk size that is no number), even once the
+    engine has closed: a whole answer's request (or a stream's answered with an error status) waited out
+    total_s, 15 minutes by default, holding its engine and its KV reservation."""
+    async def answer(headers, body):
+        return [b"HTTP/1.1 %s X\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                % (b"400" if stream else b"200") + b'5\r\n{"cho\r\n', 0.1, b"zz\r\nnot a chunk\r\n", 0.1]
+
+    raw = gateway_config([], timeouts={"total_s": 30, "stream_idle_s": 0.5})
+    async with RawEngine(answer) as engine:
+        raw["clusters"][0]["pools"][0]["engines"] = [{"url": engine.url}]
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            started = time.monotonic()
+            async with session.post(gw.base_url + "/v1/chat/completions", json={**_CHAT_BODY, "stream": stream}) as r:
+                assert r.status == 504 and (await r.json())["error"]["code"] == "upstream_timeout"
+            assert time.monotonic() - started < 5
+            assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
