@@ -46,10 +46,13 @@ _WATCH_SLACK_S = 0.5  # a stream's watchdog is re-armed at most this often (a ti
 _ERROR_EVENT_WRITE_S = 5.0  # the longest a stream's closing error event may wait for the client to read
 
 
+_DONE_LINES = (b"data: [DONE]", b"data:[DONE]")  # SSE takes the space after the colon as optional
+
+
 def _ends_stream(out: bytes) -> bool:
     """Whether relayed bytes end with the stream's last event, ``data: [DONE]`` (its last bytes only: a chunk may
     be large)."""
-    return out[-32:].rstrip().endswith(b"data: [DONE]")
+    return out[-32:].rstrip().endswith(_DONE_LINES)
 
 
 class _BodyStalled(Exception):
@@ -91,6 +94,16 @@ class RelayJob:
     trace_body: dict[str, Any] | None = None  # the client's own body, for online learning (None: not recorded)
 
 
+# The largest SSE event the gateway holds while it waits for the event's end: an engine's runaway event (or one
+# framed in no way the gateway knows) grew the gateway by twice its size, 650 MB for a 300 MB event. vLLM's largest
+# is a first chunk with a long prompt's prompt_logprobs, tens of MB.
+MAX_SSE_EVENT_BYTES = 128 * 2**20
+
+
+class EventTooLarge(Exception):
+    """An engine's SSE event passed ``MAX_SSE_EVENT_BYTES`` before its end."""
+
+
 class SSEUsageFilter:
     """Split an SSE byte stream into whole events; capture the final usage and optionally drop its chunk.
 
@@ -120,10 +133,15 @@ class SSEUsageFilter:
             start = 0
             buffer = data
         end = buffer.rfind(self._sep, max(start, 0))
-        if end < 0 and self._sep == b"\n\n" and buffer.find(b"\r\n\r\n", max(start, 0)) >= 0:
-            self._sep = b"\r\n\r\n"
-            end = buffer.rfind(self._sep, max(start, 0))
+        if end < 0 and self._sep == b"\n\n":  # the other framings SSE allows, told by their first event's end
+            for sep in (b"\r\n\r\n", b"\r\r"):
+                if buffer.find(sep, max(start, 0)) >= 0:
+                    self._sep = sep
+                    end = buffer.rfind(sep, max(start, 0))
+                    break
         if end < 0:
+            if len(buffer) > MAX_SSE_EVENT_BYTES:
+                raise EventTooLarge(f"an event larger than {MAX_SSE_EVENT_BYTES // 2**20} MiB")
             if buffer is data:
                 self._buffer = bytearray(data)
             return b""
@@ -198,11 +216,27 @@ def _cut_short(events: bytes) -> bool:
 _FINISH_ERROR_MARKERS = tuple(f'"finish_reason":{space}"error"'.encode() for space in ("", " "))
 
 
+def _sse_events(events: bytes) -> list[bytes]:
+    """Whole SSE events as SSE defines them: lines end with CRLF, LF or CR, and a blank line ends an event (vLLM
+    writes LF; an engine that wrote CRLF, or an ``event:`` line before its data, had its error event missed)."""
+    return events.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n\n")
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The data of one SSE event (its ``data:`` lines, one leading space each taken off, joined by newlines), or
+    None where it has none (a comment, or ``event:`` / ``id:`` / ``retry:`` alone)."""
+    data = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(data) if data else None
+
+
 def _error_event(event: bytes) -> tuple[int, dict] | None:
-    """(its code, the error object) for one SSE event that is an engine's error event (``data: {"error": {...}}``),
-    else None; the code is 0 where the event gives none that is a number."""
+    """(its code, the error object) for one SSE event (as :func:`_sse_events` gives it) that is an engine's error
+    event (``data: {"error": {...}}``), else None; the code is 0 where the event gives none that is a number."""
+    data = _event_data(event)
+    if data is None or b'"error"' not in data:
+        return None
     try:
-        error = orjson.loads(event[5:]).get("error")
+        error = orjson.loads(data).get("error")
     except (orjson.JSONDecodeError, AttributeError):
         return None
     if not isinstance(error, dict):
@@ -216,9 +250,8 @@ def _engine_failure(events: bytes) -> tuple[int, str] | None:
     event (vLLM's EngineCore dying mid-stream sends one with code 500, then ``[DONE]``) counts as the 502 a
     failure before the stream would have been answered, or as the event's own 4xx; a finish_reason "error" as a
     502. None where nothing failed ("abort": put to sleep, or aborted by whoever asked)."""
-    for event in events.split(b"\n\n"):
-        event = event.strip()
-        if event.startswith(b"data:") and b'{"error"' in event and (failed := _error_event(event)) is not None:
+    for event in _sse_events(events):
+        if (failed := _error_event(event)) is not None:
             code = failed[0]
             if 400 <= code <= 499:
                 return code, f"http_{code}"
@@ -232,14 +265,15 @@ def _first_event_error(head: bytes) -> tuple[int, str, bytes] | None:
     """(status, message, error body) when the stream's first event is an engine's error, else None. vLLM sends
     its 200 at once and reports what fails after it as an error event with the HTTP code it would have answered:
     503 for its back-pressure refusal at add_request, 400 for a request it refuses late, 500 when it failed."""
-    event = head.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0].strip()
-    if not event.startswith(b"data:") or b'"error"' not in event:
+    if b'"error"' not in head:
         return None
+    # the first event with data (comments and field lines alone before it are no answer yet)
+    event = next((e for e in _sse_events(head) if _event_data(e) is not None), b"")
     failed = _error_event(event)
     if failed is None or not 400 <= failed[0] <= 599:
         return None
     status, error = failed
-    return status, str(error.get("message") or "error")[:300], event[5:].strip()
+    return status, str(error.get("message") or "error")[:300], _event_data(event).strip()  # type: ignore[union-attr]
 
 
 def _unusable_answer(upstream: aiohttp.ClientResponse) -> tuple[str, str] | None:
@@ -521,8 +555,14 @@ class Proxy:
                         break
                     start = max(len(head) - 3, 0)  # only the new bytes are searched (a large first event)
                     head += chunk
-                    if head.find(b"\n\n", start) >= 0 or head.find(b"\r\n\r\n", start) >= 0:
+                    if head.find(b"\n\n", start) >= 0 or head.find(b"\r\n\r\n", start) >= 0 \
+                            or head.find(b"\r\r", start) >= 0:
                         break
+                    if len(head) > MAX_SSE_EVENT_BYTES:
+                        upstream.close()
+                        self.metrics.upstream_error(engine_id, "event_too_large")
+                        return None, (f"failed: its first event passed {MAX_SSE_EVENT_BYTES // 2**20} MiB before "
+                                      "its end")
         except asyncio.TimeoutError as exc:
             upstream.close()
             idle = watchdog is not None and watchdog.expired() and loop.time() < total_at
@@ -667,7 +707,7 @@ class Proxy:
                     if chunk is None:
                         break
                 tail = usage_filter.flush().strip()  # what came after the last whole event
-                if tail == b"data: [DONE]":  # the end, without its blank line
+                if tail in _DONE_LINES:  # the end, without its blank line
                     writing = True
                     await response.write(_DONE)
                     writing = False
@@ -690,6 +730,11 @@ class Proxy:
                 self.metrics.upstream_error(engine_id, "timeout")
                 await self._end_stream_with_error(response, _total_timeout_message(engine_id, self.total_timeout_s)
                                                   + " The stream was cut.")
+            return False
+        except EventTooLarge as exc:
+            job.status = 502
+            self.metrics.upstream_error(engine_id, "event_too_large")
+            await self._end_stream_with_error(response, f"Engine {engine_id} sent {exc}; the stream was cut.")
             return False
         except ConnectionResetError:  # a write to the client, whose connection is closing (aiohttp's
             raise                      # ClientConnectionResetError is also a ClientError): not the engine's doing

@@ -842,3 +842,70 @@ async def test_a_whole_answer_whose_body_stops_coming_is_cut_after_stream_idle_s
                 assert r.status == 504 and (await r.json())["error"]["code"] == "upstream_timeout"
             assert time.monotonic() - started < 5
             assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
+
+
+_SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+_CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}'
+_ENGINE_DIED = b'{"error": {"message": "EngineCore encountered an issue.", "type": "InternalServerError", "code": 500}}'
+
+
+async def _stream_through(events: list, engines: int = 1, **overrides) -> tuple[int, bytes, dict, list[RawEngine]]:
+    """One streamed chat through a gateway over ``engines`` raw engines that each answer ``events`` (bytes, or
+    pauses) after a 200 event-stream head: (status, body, requests counted by status, the engines)."""
+    async def answer(headers, body):
+        return [_SSE_HEAD, *events]
+
+    async with contextlib.AsyncExitStack() as stack:
+        raws = [await stack.enter_async_context(RawEngine(answer)) for _ in range(engines)]
+        gw = await stack.enter_async_context(running_gateway(gateway_config([e.url for e in raws], **overrides)))
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        async with session.post(gw.base_url + "/v1/chat/completions", json={**_CHAT_BODY, "stream": True}) as r:
+            status, body = r.status, await r.read()
+        await asyncio.sleep(0.05)
+        assert gw.inflight == 0
+        return status, body, _requests_counted(gw), raws
+
+
+@pytest.mark.parametrize("framing", ["crlf", "cr", "event-field"])
+async def test_an_engines_error_event_is_read_in_any_framing_sse_allows(framing):
+    """A mid-stream error event (vLLM's EngineCore dying) counted as a failure only with LF framing and the event
+    starting with its data line: with CRLF, or an ``event: error`` line first, the request was counted 200."""
+    events = [_CHUNK + b"\n\n", b"data: " + _ENGINE_DIED + b"\n\ndata: [DONE]\n\n"]
+    if framing == "event-field":
+        events[1] = b"event: error\n" + events[1]
+    elif framing == "crlf":
+        events = [e.replace(b"\n", b"\r\n") for e in events]
+    else:
+        events = [e.replace(b"\n", b"\r") for e in events]
+    status, body, counted, _ = await _stream_through(events)
+    assert status == 200 and b"EngineCore" in body and counted == {"502": 1.0}
+
+
+async def test_a_first_error_event_after_an_event_line_is_tried_elsewhere():
+    """vLLM's back-pressure refusal as the first event (503 in the event) is retried on another engine; with an
+    ``event:`` line before its data it was relayed to the client as a 200 stream."""
+    busy = b'event: error\ndata: {"error": {"message": "busy", "type": "ServiceUnavailable", "code": 503}}\n\n'
+    status, body, counted, engines = await _stream_through([busy], engines=2)
+    assert sum(e.posts for e in engines) == 2 and status == 503 and counted == {"503": 1.0}
+
+
+@pytest.mark.parametrize("done", [b"data: [DONE]\n\n", b"data:[DONE]\n\n", b"data:[DONE]"])
+async def test_a_stream_ends_with_done_however_sse_writes_it(done):
+    """SSE takes the space after ``data:`` as optional: a stream ending ``data:[DONE]`` was taken as cut before
+    its end, an error event and a second [DONE] appended, and counted 502."""
+    status, body, counted, _ = await _stream_through([_CHUNK + b"\n\n", done])
+    assert status == 200 and counted == {"200": 1.0}
+    assert b"upstream_stream_error" not in body and body.count(b"[DONE]") == 1
+
+
+async def test_an_event_past_the_bound_cuts_the_stream(monkeypatch):
+    """An event was held whole however large until its end came: 300 MB without a blank line grew the gateway
+    by 600 MB. Past MAX_SSE_EVENT_BYTES the stream is cut (502), and a first event that large is an engine's
+    failure (tried elsewhere)."""
+    monkeypatch.setattr("gateway.proxy.MAX_SSE_EVENT_BYTES", 64 * 1024)
+    runaway = b"data: " + b"x" * 200_000
+    status, body, counted, _ = await _stream_through([_CHUNK + b"\n\n", runaway, 0.2, b"\n\ndata: [DONE]\n\n"])
+    assert status == 200 and b"larger than" in body and counted == {"502": 1.0}
+    assert len(body) < 64 * 1024
+    status, body, counted, engines = await _stream_through([runaway], engines=2)
+    assert status == 502 and sum(e.posts for e in engines) == 2 and b"passed" in body
