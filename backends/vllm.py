@@ -75,8 +75,10 @@ class EngineClient:
 
     async def _get(self, path: str, timeout: aiohttp.ClientTimeout) -> bytes:
         try:
-            async with self.session.get(self.url(path), timeout=timeout) as response:
-                if response.status >= 400:
+            # no redirect is followed, as the proxy follows none: a /metrics sent elsewhere marked the engine up
+            # on another server's figures
+            async with self.session.get(self.url(path), timeout=timeout, allow_redirects=False) as response:
+                if response.status >= 300:
                     raise EngineUnreachable(f"GET {path} answered HTTP {response.status}")
                 return await _read_capped(response, SCRAPE_MAX_BYTES, f"GET {path}")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -87,9 +89,10 @@ class EngineClient:
 
     async def _post(self, path: str) -> dict:
         try:
-            async with self.session.post(self.url(path), timeout=self._admin_timeout) as response:
+            async with self.session.post(self.url(path), timeout=self._admin_timeout,
+                                         allow_redirects=False) as response:
                 body = await _read_capped(response, SCRAPE_MAX_BYTES, f"POST {path}")
-                if response.status >= 400:
+                if response.status >= 300:
                     raise EngineUnreachable(f"POST {path} answered HTTP {response.status}: {body[:200]!r}")
                 return orjson.loads(body) if body else {}
         except aiohttp.ConnectionTimeoutError as exc:  # never reached it: nothing it could still be doing

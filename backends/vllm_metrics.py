@@ -61,10 +61,21 @@ def _label(line: str, prefix: str) -> int:
     return number if number <= MAX_VALUE else 0
 
 
+# The largest block size read (tokens a KV block holds): vLLM's run from 1 to a few thousand (hybrid models pad
+# theirs to their state's page). A reservation rounds up to the block size, and a label of 10**9 made every one
+# take the whole engine.
+MAX_BLOCK_SIZE = 2**16
+
+
+def _block_size(line: str) -> int:
+    size = _label(line, _BLOCK_SIZE_LABEL)
+    return size if size <= MAX_BLOCK_SIZE else 0
+
+
 def kv_capacity_of(line: str) -> int:
     """KV capacity in tokens from one ``vllm:cache_config_info`` sample (0 when not known yet, or past
-    ``MAX_VALUE``)."""
-    capacity = _label(line, _BLOCKS_LABEL) * _label(line, _BLOCK_SIZE_LABEL)
+    ``MAX_VALUE``, or its block size past ``MAX_BLOCK_SIZE``)."""
+    capacity = _label(line, _BLOCKS_LABEL) * _block_size(line)
     return capacity if capacity <= MAX_VALUE else 0
 
 
@@ -103,7 +114,7 @@ def parse_vllm_metrics(text: str) -> EngineMetrics:
             continue
         if name == INFO_CACHE_CONFIG:
             kv_capacity += kv_capacity_of(line)
-            block_size = max(block_size, _label(line, _BLOCK_SIZE_LABEL))
+            block_size = max(block_size, _block_size(line))
             continue
         field_name = _FIELD_BY_NAME.get(name)
         if field_name is not None:

@@ -269,8 +269,9 @@ class RawEngine:
 
     METRICS = b'vllm:num_requests_running{engine="0",model_name="fault-model"} 0.0\n'
 
-    def __init__(self, answer) -> None:
+    def __init__(self, answer=None, metrics_answer: bytes | None = None) -> None:
         self.answer = answer
+        self.metrics_answer = metrics_answer  # the whole answer to GET /metrics (None: an idle engine's page)
         self.posts = 0
         self.server: asyncio.base_events.Server | None = None
         self.url = ""
@@ -292,7 +293,9 @@ class RawEngine:
                 name, _, value = header.decode("latin-1").partition(":")
                 headers[name.strip().lower()] = value.strip()
             body = await reader.readexactly(int(headers.get("content-length", 0)))
-            if line.startswith(b"GET"):
+            if line.startswith(b"GET /metrics") and self.metrics_answer is not None:
+                writer.write(self.metrics_answer)
+            elif line.startswith(b"GET"):
                 page = self.METRICS if line.startswith(b"GET /metrics") else b""
                 writer.write(b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
                              % (200 if page else 404, len(page)) + page)

@@ -280,6 +280,9 @@ def test_values_past_what_an_engine_can_count_are_left_out():
     assert parse_vllm_metrics(info % (16, 2**62)).kv_capacity_tokens == 0
     assert parse_vllm_metrics(info % (16, "9" * 5000)).kv_capacity_tokens == 0
     assert parse_vllm_metrics(info % (2**60, 4)).kv_block_size == 0
+    huge_blocks = parse_vllm_metrics(info % (10**9, 4))  # a reservation would round up to the whole engine
+    assert huge_blocks.kv_block_size == huge_blocks.kv_capacity_tokens == 0
+    assert parse_vllm_metrics(info % (2048, 4)).kv_block_size == 2048  # a hybrid model's padded block
     assert parse_vllm_metrics("\n".join([info % (16, 2**48)] * 64)).kv_capacity_tokens == 0  # summed past it
     assert parse_vllm_metrics(info % (16, 1000)).kv_capacity_tokens == 16_000
 
@@ -448,3 +451,16 @@ async def test_a_store_that_hangs_does_not_slow_the_probes():
             assert 1 <= len(writes) <= 3  # one write at a time, of the latest state
     finally:
         await engine.stop()
+
+
+async def test_a_probe_follows_no_redirect():
+    """The monitor's probes followed redirects (the proxy follows none): an engine whose /metrics pointed at
+    another server was marked up on that server's figures."""
+    from tests.fault_engine import RawEngine
+
+    async with RawEngine() as elsewhere:
+        moved = (b"HTTP/1.1 302 Found\r\nLocation: " + elsewhere.url.encode() + b"/metrics\r\n"
+                 b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+        async with RawEngine(metrics_answer=moved) as engine, running_gateway(gateway_config([engine.url])) as gw:
+            await asyncio.sleep(0.5)  # several probes
+            assert not any(state.up for state in gw.registry.states.values())
