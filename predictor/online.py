@@ -40,12 +40,20 @@ from predictor.trace import TraceFormatError, validate_record, write_bytes_atomi
 log = logging.getLogger(__name__)
 
 
+MAX_TOKEN_COUNT = 2**53 - 1  # past this a usage count is no engine's (as the gateway reads usage)
+
+
 def make_record(body: Mapping[str, Any], usage: Mapping[str, Any], headers: Mapping[str, str] | None = None,
                 source: str = "gateway") -> dict[str, Any] | None:
-    """A trace record for one completed request, or None when ``usage`` lacks token counts or the request asked
-    for several choices (``n`` > 1)."""
+    """A trace record for one completed request, or None when ``usage`` lacks token counts, holds counts no
+    answer to this request could have (past ``MAX_TOKEN_COUNT``, or more output than its ``max_tokens``: an
+    engine's error, which would be a label of the next refit), or the request asked for several choices
+    (``n`` > 1)."""
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (prompt, completion)):
+    if not all(type(v) is int and 0 <= v <= MAX_TOKEN_COUNT for v in (prompt, completion)):  # noqa: E721 (bool)
+        return None
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    if type(limit) is int and completion > limit:  # noqa: E721
         return None
     if body.get("n") not in (None, 1):  # usage sums every choice; the predictor learns one answer's length
         return None

@@ -691,6 +691,22 @@ async def test_requests_for_several_choices_are_not_recorded():
     await learner.stop()
 
 
+async def test_token_counts_no_answer_could_have_are_not_learned():
+    """An engine's usage became the next refit's label as it came: 2**62 output tokens for a request of
+    max_tokens 16 was buffered like any other record."""
+    learner = OnlineLearner()
+    assert learner.submit(chat("s", "q", max_tokens=16), {"prompt_tokens": 3, "completion_tokens": 2**62}) \
+        == "unusable"
+    assert learner.submit(chat("s", "q", max_tokens=16), {"prompt_tokens": 3, "completion_tokens": 17}) \
+        == "unusable"
+    assert learner.submit(chat("s", "q", max_completion_tokens=8, max_tokens=64),
+                          {"prompt_tokens": 3, "completion_tokens": 9}) == "unusable"
+    assert learner.submit(chat("s", "q"), {"prompt_tokens": 2**60, "completion_tokens": 5}) == "unusable"
+    assert learner.submit(chat("s", "q", max_tokens=16), {"prompt_tokens": 3, "completion_tokens": 16}) == "queued"
+    assert learner.submit(chat("s", "q"), {"prompt_tokens": 3, "completion_tokens": 5000}) == "queued"
+    await learner.stop()
+
+
 async def test_one_work_dir_and_one_buffer_file_per_gateway(tmp_path):
     config = online_config(tmp_path)
     async with running_gateway(config):
