@@ -681,7 +681,7 @@ class Proxy:
                 chunks = upstream.content.iter_any()
                 while True:
                     out = usage_filter.feed(chunk) if chunk else b""
-                    if out:
+                    if out and not job.answered:  # (what an engine writes after its [DONE] is no part of it)
                         if ticket is not None:
                             ticket.on_stream(out)  # counts events; grows the KV reservation when outgrown
                         if (b'"abort"' in out or b'"error"' in out) and _cut_short(out):
@@ -707,7 +707,7 @@ class Proxy:
                     if chunk is None:
                         break
                 tail = usage_filter.flush().strip()  # what came after the last whole event
-                if tail in _DONE_LINES:  # the end, without its blank line
+                if tail in _DONE_LINES and not job.answered:  # the end, without its blank line
                     writing = True
                     await response.write(_DONE)
                     writing = False

@@ -909,3 +909,11 @@ async def test_an_event_past_the_bound_cuts_the_stream(monkeypatch):
     assert len(body) < 64 * 1024
     status, body, counted, engines = await _stream_through([runaway], engines=2)
     assert status == 502 and sum(e.posts for e in engines) == 2 and b"passed" in body
+
+
+async def test_what_an_engine_writes_after_its_done_is_not_relayed():
+    """Events after [DONE] were relayed, and the stream then counted 502 for an answer the client had whole."""
+    status, body, counted, _ = await _stream_through([_CHUNK + b"\n\n", b"data: [DONE]\n\n", 0.05,
+                                                      _CHUNK + b"\n\n", b"data: {\"half"])
+    assert status == 200 and counted == {"200": 1.0}
+    assert body.endswith(b"data: [DONE]\n\n") and body.count(b"[DONE]") == 1 and body.count(b'"hi"') == 1
