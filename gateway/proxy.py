@@ -49,6 +49,21 @@ _ERROR_EVENT_WRITE_S = 5.0  # the longest a stream's closing error event may wai
 _DONE_LINES = (b"data: [DONE]", b"data:[DONE]")  # SSE takes the space after the colon as optional
 
 
+def _through_done(out: bytes) -> bytes | None:
+    """``out`` up to the end of its ``data: [DONE]`` line and the blank line after it, where such a line starts
+    a line in it (not the words inside an event's JSON, whose line breaks are escaped), else None."""
+    for line in _DONE_LINES:
+        at = out.find(line)
+        while at >= 0 and at > 0 and out[at - 1] not in b"\r\n":
+            at = out.find(line, at + 1)
+        if at >= 0:
+            end = at + len(line)
+            while end < len(out) and out[end] in b"\r\n":
+                end += 1
+            return out[:end]
+    return None
+
+
 def _ends_stream(out: bytes) -> bool:
     """Whether relayed bytes end with the stream's last event, ``data: [DONE]`` (its last bytes only: a chunk may
     be large)."""
@@ -158,9 +173,10 @@ class SSEUsageFilter:
     def _filter_usage(self, complete: bytes) -> bytes:
         kept = []
         for event in complete.split(self._sep)[:-1]:
-            if b'"usage"' in event and event.startswith(b"data:"):
+            data = _event_data(event.replace(b"\r\n", b"\n").replace(b"\r", b"\n")) if b'"usage"' in event else None
+            if data is not None:
                 try:
-                    payload = orjson.loads(event[5:])
+                    payload = orjson.loads(data)
                 except orjson.JSONDecodeError:
                     payload = None
                 if isinstance(payload, dict) and isinstance(payload.get("usage"), dict) and payload["usage"] \
@@ -229,10 +245,20 @@ def _event_data(event: bytes) -> bytes | None:
     return b"\n".join(data) if data else None
 
 
+def _first_data(events: bytes) -> bytes | None:
+    """The data of the first whole event of ``events`` that has any (comments and field lines alone are no answer
+    yet; a part of an event after the last blank line is not read)."""
+    return next((data for event in _sse_events(events)[:-1] if (data := _event_data(event)) is not None), None)
+
+
 def _error_event(event: bytes) -> tuple[int, dict] | None:
     """(its code, the error object) for one SSE event (as :func:`_sse_events` gives it) that is an engine's error
     event (``data: {"error": {...}}``), else None; the code is 0 where the event gives none that is a number."""
-    data = _event_data(event)
+    return _error_of(_event_data(event))
+
+
+def _error_of(data: bytes | None) -> tuple[int, dict] | None:
+    """:func:`_error_event` from an event's data."""
     if data is None or b'"error"' not in data:
         return None
     try:
@@ -267,13 +293,12 @@ def _first_event_error(head: bytes) -> tuple[int, str, bytes] | None:
     503 for its back-pressure refusal at add_request, 400 for a request it refuses late, 500 when it failed."""
     if b'"error"' not in head:
         return None
-    # the first event with data (comments and field lines alone before it are no answer yet)
-    event = next((e for e in _sse_events(head) if _event_data(e) is not None), b"")
-    failed = _error_event(event)
+    data = _first_data(head)
+    failed = _error_of(data)
     if failed is None or not 400 <= failed[0] <= 599:
         return None
     status, error = failed
-    return status, str(error.get("message") or "error")[:300], _event_data(event).strip()  # type: ignore[union-attr]
+    return status, str(error.get("message") or "error")[:300], data.strip()  # type: ignore[union-attr]
 
 
 def _unusable_answer(upstream: aiohttp.ClientResponse) -> tuple[str, str] | None:
@@ -379,7 +404,7 @@ class Proxy:
                                                 f"({exc.__class__.__name__}).", SERVER_ERROR,
                                            code="upstream_error") from None
                         if upstream.status == 503:
-                            data = await self._read_small(upstream)
+                            data = await self._read_small(upstream, job)
                             self.metrics.upstream_error(engine_id, "busy")
                             busy_seen = True
                             last_problem = f"engine {engine_id} is busy: {_engine_message(data)}"
@@ -439,10 +464,11 @@ class Proxy:
             log.warning("engine %s %s (tried elsewhere; said once a minute, counted in "
                         "maestro_upstream_errors_total{reason=%r})", engine_id, problem, reason)
 
-    async def _read_small(self, upstream: aiohttp.ClientResponse) -> bytes:
+    async def _read_small(self, upstream: aiohttp.ClientResponse, job: RelayJob) -> bytes:
+        """A refusal's body (a busy engine's 503), for its message: b"" where it does not come."""
         try:
-            return await upstream.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return await self._read_body(upstream, job)
+        except (aiohttp.ClientError, asyncio.TimeoutError, _BodyStalled):
             return b""
         finally:
             upstream.release()
@@ -481,19 +507,28 @@ class Proxy:
         return web.Response(body=data, status=status, headers=headers)
 
     async def _read_body(self, upstream: aiohttp.ClientResponse, job: RelayJob) -> bytes:
-        """A whole answer's body, each wait for more of it bounded by ``stream_idle_s``: an engine writes a whole
-        answer at once after its headers, and aiohttp stops its read timer on an answer it cannot parse (a chunk
-        size that is no number), where the request waited out ``total_s`` (15 min by default) holding its engine
-        and its KV reservation."""
+        """A whole answer's body, each wait for more of it bounded by ``stream_idle_s`` (to within
+        ``_WATCH_SLACK_S``): an engine writes a whole answer at once after its headers, the gateway's calls set no
+        read timeout (a non-streamed generation may take minutes before its headers), and a body aiohttp could not
+        parse (a chunk size that is no number) never ended: the request waited out ``total_s`` (15 min by
+        default) holding its engine and its KV reservation. A body already here (the common small answer) is
+        taken as it is."""
+        if upstream.content.is_eof():
+            return await upstream.read()
         loop = asyncio.get_running_loop()
         total_at = loop.time() + self._remaining_s(job)
+        idle = self.stream_idle_s + _WATCH_SLACK_S
         parts = []
-        watch = asyncio.timeout_at(min(loop.time() + self.stream_idle_s, total_at))
+        watch = asyncio.timeout_at(min(loop.time() + idle, total_at))
         try:
             async with watch:
+                armed = loop.time()
                 async for chunk in upstream.content.iter_any():
                     parts.append(chunk)
-                    watch.reschedule(min(loop.time() + self.stream_idle_s, total_at))
+                    now = loop.time()
+                    if now - armed >= _WATCH_SLACK_S:
+                        armed = now
+                        watch.reschedule(min(now + idle, total_at))
         except asyncio.TimeoutError:
             if watch.expired() and loop.time() < total_at:
                 raise _BodyStalled from None
@@ -555,9 +590,9 @@ class Proxy:
                         break
                     start = max(len(head) - 3, 0)  # only the new bytes are searched (a large first event)
                     head += chunk
-                    if head.find(b"\n\n", start) >= 0 or head.find(b"\r\n\r\n", start) >= 0 \
-                            or head.find(b"\r\r", start) >= 0:
-                        break
+                    if (head.find(b"\n\n", start) >= 0 or head.find(b"\r\n\r\n", start) >= 0
+                            or head.find(b"\r\r", start) >= 0) and (head[:1] == b"d" or _first_data(head)):
+                        break  # a whole first event with data (a comment or an event: line may come first)
                     if len(head) > MAX_SSE_EVENT_BYTES:
                         upstream.close()
                         self.metrics.upstream_error(engine_id, "event_too_large")
@@ -680,8 +715,12 @@ class Proxy:
                 chunk = head
                 chunks = upstream.content.iter_any()
                 while True:
-                    out = usage_filter.feed(chunk) if chunk else b""
-                    if out and not job.answered:  # (what an engine writes after its [DONE] is no part of it)
+                    # what an engine writes after its [DONE] is no part of the answer: not read into events
+                    out = usage_filter.feed(chunk) if chunk and not job.answered else b""
+                    if out:
+                        done = b"[DONE]" in out and _through_done(out)
+                        if done:  # [DONE] and more after it in one read: the answer ends at it
+                            out = done
                         if ticket is not None:
                             ticket.on_stream(out)  # counts events; grows the KV reservation when outgrown
                         if (b'"abort"' in out or b'"error"' in out) and _cut_short(out):
@@ -694,7 +733,7 @@ class Proxy:
                         await response.write(out)
                         writing = False
                         last = out
-                        if _ends_stream(out):
+                        if done or _ends_stream(out):
                             job.answered = True
                         if first:
                             first = False
@@ -732,6 +771,8 @@ class Proxy:
                                                   + " The stream was cut.")
             return False
         except EventTooLarge as exc:
+            if job.answered:
+                return False
             job.status = 502
             self.metrics.upstream_error(engine_id, "event_too_large")
             await self._end_stream_with_error(response, f"Engine {engine_id} sent {exc}; the stream was cut.")

@@ -911,9 +911,46 @@ async def test_an_event_past_the_bound_cuts_the_stream(monkeypatch):
     assert status == 502 and sum(e.posts for e in engines) == 2 and b"passed" in body
 
 
-async def test_what_an_engine_writes_after_its_done_is_not_relayed():
-    """Events after [DONE] were relayed, and the stream then counted 502 for an answer the client had whole."""
-    status, body, counted, _ = await _stream_through([_CHUNK + b"\n\n", b"data: [DONE]\n\n", 0.05,
-                                                      _CHUNK + b"\n\n", b"data: {\"half"])
+@pytest.mark.parametrize("one_read", [False, True])
+async def test_what_an_engine_writes_after_its_done_is_not_relayed(one_read, monkeypatch):
+    """Events after [DONE] were relayed, and the stream then counted 502 for an answer the client had whole; in
+    the same read as [DONE] too, and an event after it past the bound cut the finished stream."""
+    monkeypatch.setattr("gateway.proxy.MAX_SSE_EVENT_BYTES", 64 * 1024)
+    after = [_CHUNK + b"\n\n", b"data: {\"half" + b"x" * 100_000]
+    done = b"data: [DONE]\n\n"
+    events = [_CHUNK + b"\n\n" + done + b"".join(after)] if one_read else [_CHUNK + b"\n\n", done, 0.05, *after]
+    status, body, counted, _ = await _stream_through(events)
     assert status == 200 and counted == {"200": 1.0}
     assert body.endswith(b"data: [DONE]\n\n") and body.count(b"[DONE]") == 1 and body.count(b'"hi"') == 1
+
+
+async def test_a_busy_refusal_after_a_comment_is_still_the_first_event():
+    """The first event was read to its first blank line: a comment there (": ping") made the refusal that came
+    after it part of a 200 stream, not tried on another engine."""
+    busy = b'data: {"error": {"message": "busy", "type": "ServiceUnavailable", "code": 503}}\n\n'
+    status, body, counted, engines = await _stream_through([b": ping\n\n", 0.05, busy], engines=2)
+    assert sum(e.posts for e in engines) == 2 and status == 503 and counted == {"503": 1.0}
+
+
+async def test_the_usage_event_is_read_after_an_event_line():
+    """The usage event was read only where its data line came first: with an ``event:`` line before it, its
+    tokens were not counted and the chunk a client had not asked for was not taken out."""
+    usage = b'event: usage\ndata: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}'
+    status, body, counted, _ = await _stream_through([_CHUNK + b"\n\n", usage + b"\n\n", b"data: [DONE]\n\n"])
+    assert status == 200 and b'"usage"' not in body and counted == {"200": 1.0}
+
+
+async def test_a_busy_answer_whose_body_stops_coming_is_not_waited_for():
+    """A busy engine's 503 body was read without a bound: one that stopped coming held the request until
+    total_s before the next engine was tried."""
+    async def answer(headers, body):
+        return [b"HTTP/1.1 503 X\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{", 3.0]
+
+    raw = gateway_config([], timeouts={"total_s": 30, "stream_idle_s": 0.3})
+    async with RawEngine(answer) as engine:
+        raw["clusters"][0]["pools"][0]["engines"] = [{"url": engine.url}]
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            started = time.monotonic()
+            async with session.post(gw.base_url + "/v1/chat/completions", json=_CHAT_BODY) as r:
+                assert r.status == 503 and (await r.json())["error"]["code"] == "engines_busy"
+            assert time.monotonic() - started < 2.5
