@@ -863,11 +863,25 @@ async def test_an_expired_record_makes_room_before_a_live_one_gives_way(capped) 
     h = capped(2)
     await h.store.workflow_begin("A", "r", now=1.0, ttl_s=SHORT_TTL * 2)  # its step never ends
     await h.elapse(SHORT_TTL * 1.2)
-    await h.store.workflow_begin("B", "r", now=2.0, ttl_s=SHORT_TTL * 2)
-    await h.store.workflow_end("B", "r", now=2.0, ttl_s=SHORT_TTL * 2)
-    await h.elapse(SHORT_TTL * 1.2)  # A has expired, B has not
-    await h.store.workflow_begin("C", "r", now=3.0, ttl_s=SHORT_TTL * 2)
+    await h.store.workflow_begin("B", "r", now=2.0, ttl_s=SHORT_TTL * 4)
+    await h.store.workflow_end("B", "r", now=2.0, ttl_s=SHORT_TTL * 4)
+    await h.elapse(SHORT_TTL * 1.2)  # A has expired, B has not (0.84 s of its TTL left on Redis's clock)
+    await h.store.workflow_begin("C", "r", now=3.0, ttl_s=SHORT_TTL * 4)
     assert await _kept(h.store, "A", "B", "C") == ["B", "C"]
+
+
+def test_a_memory_map_of_several_ttls_lets_an_expired_record_go_before_a_live_one():
+    """With one TTL a map's expired entries are its front; with several, an expired one may sit behind a live
+    one, which was dropped for a new record while the dead one stayed."""
+    from gateway.state.memory import _TTLMap
+
+    clock = FakeClock()
+    records = _TTLMap(clock, max_items=2)
+    records.put("long", {}, 100.0)
+    records.put("short", {}, 1.0)
+    clock.advance(5.0)
+    records.put("new", {}, 1.0)
+    assert records.get("long") is not None and records.get("short") is None and records.dropped == 0
 
 
 async def test_records_touched_within_one_millisecond_keep_their_order(capped) -> None:

@@ -45,6 +45,8 @@ class _TTLMap:
         self._puts_since_sweep = 0
         self.max_items = max_items  # None: no bound but the TTLs
         self.dropped = 0  # live records dropped to stay within max_items
+        self._ttl: float | None = None  # the TTL of the map's first put; _mixed once another comes
+        self._mixed = False
 
     def put(self, key: str, record: dict[str, Any], ttl_s: float,
             keep: Callable[[bytes], bool] | None = None) -> None:
@@ -53,6 +55,10 @@ class _TTLMap:
         if still at the bound, the least recently put live one, but one whose encoded record ``keep`` says to keep
         only where none of the next EVICT_LOOKAHEAD may go."""
         check_ttl(ttl_s)
+        if self._ttl is None:
+            self._ttl = ttl_s
+        elif ttl_s != self._ttl:
+            self._mixed = True
         if key in self._items:
             self._items.move_to_end(key)
         elif self.max_items is not None and len(self._items) >= self.max_items:
@@ -63,6 +69,8 @@ class _TTLMap:
             self.sweep()
 
     def _make_room(self, keep: Callable[[bytes], bool] | None) -> None:
+        if self._mixed:  # expired entries may sit behind live ones: all of them go first (O(n), a rare map)
+            self.sweep()
         now = self._clock()
         while self._items and now >= next(iter(self._items.values()))[1]:
             self._items.popitem(last=False)  # expired: gone anyway, and no step in flight keeps it
