@@ -57,6 +57,7 @@ def _label(line: str, prefix: str) -> int:
     value = line[start:end] if end > 0 else ""
     if not (value.isascii() and value.isdigit()):  # isdigit alone admits "¹", which int() refuses
         return 0
+    value = value.lstrip("0") or "0"
     number = int(value[:20])  # (a longer one is past MAX_VALUE anyway: int() of a vast string costs time)
     return number if number <= MAX_VALUE else 0
 

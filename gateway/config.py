@@ -128,7 +128,7 @@ class StateConfig:
 @dataclass(frozen=True)
 class TimeoutConfig:
     connect_s: float = 3.0  # TCP connect to an engine; a failure here is retried on another engine
-    stream_idle_s: float = 120.0  # longest silence allowed inside a stream before it is cut (504 if no byte yet)
+    stream_idle_s: float = 120.0  # longest silence inside a stream, or a whole answer's body (504 if no byte yet)
     total_s: float = 900.0  # whole request, non-streaming generation included
     scrape_s: float = 2.0  # one /metrics scrape of an engine
     admin_s: float = 30.0  # sleep / wake_up and other admin calls to engines

@@ -19,7 +19,7 @@ import signal
 from collections.abc import Callable, Iterator
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine
 
 MAX_PORT = 65535
 log = logging.getLogger("maestro.listen")
@@ -31,7 +31,10 @@ _RAW_BYTES = re.compile(r"b'(?:[^'\\]|\\.)*'" + r'|b"(?:[^"\\]|\\.)*"')
 
 def _parser_detail(exc: BaseException) -> str:
     """A parser error's message as one line, without the raw bytes it quotes: those are the client's header
-    lines (``Authorization: Bearer <key>`` among them) or its body, which have no place in a log."""
+    lines (``Authorization: Bearer <key>`` among them) or its body, which have no place in a log. A request line
+    (quoted as text by aiohttp's pure-Python parser) is left out whole: its query may carry a token."""
+    if isinstance(exc, BadStatusLine):
+        return f"{type(exc).__name__}: a request line that is no HTTP (left out)"
     message = _RAW_BYTES.sub("<bytes left out>", str(getattr(exc, "message", exc)))
     return " ".join(word for word in message.split() if word.strip("^~"))[:200]  # its lines as one, no pointer
 
@@ -47,8 +50,10 @@ class _OneLineForBadRequests(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, (BadHttpMessage, web.RequestPayloadError)):
             record.levelno, record.levelname = logging.INFO, "INFO"
-            answered = "answered 400" if isinstance(exc, BadHttpMessage) else "its body could not be read"
-            record.msg, record.args = "%s (%s): %s", (record.getMessage(), answered, _parser_detail(exc))
+            if isinstance(exc, BadHttpMessage):
+                record.msg, record.args = "%s (answered 400): %s", (record.getMessage(), _parser_detail(exc))
+            else:  # aiohttp's "Unhandled exception" while it drained a body the gateway had answered 400
+                record.msg, record.args = "a request's body could not be read: %s", (_parser_detail(exc),)
             record.exc_info = record.exc_text = None
             return logging.getLogger(record.name).isEnabledFor(logging.INFO)  # (its level was checked as ERROR)
         return True

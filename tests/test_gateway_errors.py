@@ -577,6 +577,10 @@ async def test_a_header_the_parser_refuses_is_logged_without_its_bytes(gw, caplo
     lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.server"]
     assert len(lines) == 1 and "Invalid header value char" in lines[0]
     assert "sk-secret-key" not in lines[0] and "Bearer" not in lines[0]
+    caplog.clear()
+    await _raw_exchange(gw, b"G\x01T /v1/models?key=sk-secret-key HTTP/1.1\r\nHost: x\r\n\r\n")  # no method
+    lines = [r.getMessage() for r in caplog.records if r.name == "aiohttp.server"]
+    assert not [line for line in lines if "sk-secret-key" in line]
 
 
 async def test_an_unknown_route_is_named_as_sent(gw, engine):

@@ -285,6 +285,7 @@ def test_values_past_what_an_engine_can_count_are_left_out():
     assert parse_vllm_metrics(info % (2048, 4)).kv_block_size == 2048  # a hybrid model's padded block
     assert parse_vllm_metrics("\n".join([info % (16, 2**48)] * 64)).kv_capacity_tokens == 0  # summed past it
     assert parse_vllm_metrics(info % (16, 1000)).kv_capacity_tokens == 16_000
+    assert parse_vllm_metrics(info % (16, "0" * 30 + "1000")).kv_capacity_tokens == 16_000  # zero-padded
 
 
 

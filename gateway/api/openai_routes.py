@@ -95,8 +95,9 @@ def check_api_key(request: web.Request, keys: tuple[bytes, ...]) -> int | None:
 
 def check_json_media_type(request: web.Request) -> None:
     """Refuse a body that is not declared ``application/json``, as vLLM does (``validate_json_request``, 400)
-    before it reads the body. Beyond vLLM's answer it keeps the CORS origin list whole: a browser sends a page's
-    ``text/plain`` or form POST to any origin without asking first, and the gateway would have run it."""
+    before it reads the body (a space before the parameters, which vLLM refuses, is let through: the engine gets
+    the gateway's own Content-Type). Beyond vLLM's answer it keeps the CORS origin list whole: a browser sends a
+    page's ``text/plain`` or form POST to any origin without asking first, and the gateway would have run it."""
     declared = request.headers.get("Content-Type", "")
     if declared.split(";", 1)[0].strip().lower() != "application/json":
         got = f"Content-Type {declared[:100]!r}" if declared else "no Content-Type"
