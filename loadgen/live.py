@@ -85,6 +85,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import importlib.util
 import math
 import random
 import re
@@ -183,6 +184,11 @@ class LiveOptions:
     def validate(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+        # the SDK is not among the package's own dependencies (the tests' extra has it): a run without it ended
+        # in a traceback after the preflight
+        if self.client == "openai" and importlib.util.find_spec("openai") is None:
+            raise ValueError("--client openai needs the openai package: pip install openai (or the aiohttp client, "
+                             "the default)")
         # inf would put every arrival at t=0 and make every target and deadline 0 (nan: no comparison holds)
         if not (self.time_scale > 0 and math.isfinite(self.time_scale)):
             raise ValueError(f"time_scale must be a finite number > 0, got {self.time_scale!r}")

@@ -1331,3 +1331,15 @@ def test_the_api_key_goes_to_the_metrics_page_only_on_the_requests_origin(tmp_pa
     assert asyncio.run(main("--metrics-url", "ELSEWHERE/metrics")) == 0
     assert seen["elsewhere"] and set(seen["elsewhere"]) == {None} and not seen["api"]
     assert load_run(tmp_path / "r.json").series["reserved_kv_tokens"][0][1] == 7.0
+
+
+def test_the_openai_client_without_the_sdk_is_refused_before_the_run(monkeypatch):
+    """The SDK is not a dependency of the package itself: --client openai without it ended in a traceback (and an
+    unclosed session) after the preflight, where any other bad option is one line and exit 2."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openai" else real(name, *a))
+    with pytest.raises(ValueError, match="pip install openai"):
+        LiveOptions(url="http://127.0.0.1:1/v1", client="openai").validate()
+    LiveOptions(url="http://127.0.0.1:1/v1", client="aiohttp").validate()
