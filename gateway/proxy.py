@@ -590,9 +590,11 @@ class Proxy:
                         break
                     start = max(len(head) - 3, 0)  # only the new bytes are searched (a large first event)
                     head += chunk
-                    if (head.find(b"\n\n", start) >= 0 or head.find(b"\r\n\r\n", start) >= 0
-                            or head.find(b"\r\r", start) >= 0) and (head[:1] == b"d" or _first_data(head)):
-                        break  # a whole first event with data (a comment or an event: line may come first)
+                    # a whole first event, a comment too: an engine that sends comments while it queues a request
+                    # keeps its client's stream alive (a refusal in the same read after it is still read as first)
+                    if head.find(b"\n\n", start) >= 0 or head.find(b"\r\n\r\n", start) >= 0 \
+                            or head.find(b"\r\r", start) >= 0:
+                        break
                     if len(head) > MAX_SSE_EVENT_BYTES:
                         upstream.close()
                         self.metrics.upstream_error(engine_id, "event_too_large")
