@@ -526,8 +526,7 @@ def _parse_slo_classes(raw: Any) -> tuple[SLOClassConfig, ...]:
 
 def _parse_scheduling(root: dict[str, Any], slo_classes: tuple[SLOClassConfig, ...]) -> SchedulingConfig:
     checks = {name: "positive" for name in ("max_wait_s", "short_s", "mean_step_s", "step_time_window_s",
-                                            "token_time_s", "block_size", "grow_step_tokens", "tick_s",
-                                            "ledger_lease_s", "workflow_ttl_s")}
+                                            "token_time_s", "block_size", "grow_step_tokens", "tick_s")}
     checks.update(ledger_lease_s="ttl", workflow_ttl_s="ttl")  # kept in the state store
     checks.update(max_outstanding_per_engine="nonneg", default_steps="nonneg", prefill_token_time_s="nonneg")
     scheduling = _section(root, SchedulingConfig, "scheduling", checks)
