@@ -31,6 +31,7 @@ from gateway.api.errors import SERVER_ERROR, APIError, error_body
 from gateway.config import Config
 from gateway.metrics import GatewayMetrics
 from gateway.registry import EngineRegistry
+from gateway.state.base import MAX_EXACT_INTEGER
 
 # ConnectionTimeoutError (sock_connect passed) is a TimeoutError but no ClientConnectorError: named here, or it
 # would be taken for an engine that is too slow to answer (a 504) instead of one that could not be reached
@@ -173,7 +174,7 @@ class SSEUsageFilter:
     def _filter_usage(self, complete: bytes) -> bytes:
         kept = []
         for event in complete.split(self._sep)[:-1]:
-            data = _event_data(event.replace(b"\r\n", b"\n").replace(b"\r", b"\n")) if b'"usage"' in event else None
+            data = _event_data(_lf_lines(event)) if b'"usage"' in event else None
             if data is not None:
                 try:
                     payload = orjson.loads(data)
@@ -192,15 +193,12 @@ class SSEUsageFilter:
         return rest
 
 
-MAX_TOKEN_COUNT = 2**53 - 1  # past this no engine counted tokens: a value the stores keep exactly (doubles in Lua)
-
-
 def usage_tokens(usage: Any, key: str) -> int:
-    """``usage[key]`` where it is a count of tokens (an int from 0 to ``MAX_TOKEN_COUNT``), else 0. The usage is
+    """``usage[key]`` where it is a count of tokens (an int from 0 to ``MAX_EXACT_INTEGER``), else 0. The usage is
     the engine's: text, a negative number or a list there failed the request after its answer had come (a 500 for
     an answer the engine gave, or the step's end lost in the store), and a vast number went into the counters."""
     value = usage.get(key) if isinstance(usage, dict) else None
-    if type(value) is int and 0 <= value <= MAX_TOKEN_COUNT:  # noqa: E721 - not bool, which is an int
+    if type(value) is int and 0 <= value <= MAX_EXACT_INTEGER:  # noqa: E721 - not bool, which is an int
         return value
     return 0
 
@@ -235,7 +233,12 @@ _FINISH_ERROR_MARKERS = tuple(f'"finish_reason":{space}"error"'.encode() for spa
 def _sse_events(events: bytes) -> list[bytes]:
     """Whole SSE events as SSE defines them: lines end with CRLF, LF or CR, and a blank line ends an event (vLLM
     writes LF; an engine that wrote CRLF, or an ``event:`` line before its data, had its error event missed)."""
-    return events.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n\n")
+    return _lf_lines(events).split(b"\n\n")
+
+
+def _lf_lines(events: bytes) -> bytes:
+    """``events`` with every line ending (CRLF, LF or CR, as SSE allows) written as LF."""
+    return events.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
 def _event_data(event: bytes) -> bytes | None:

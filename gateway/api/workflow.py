@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.api.errors import bad_request
+from gateway.state.base import MAX_EXACT_INTEGER
 
 _ID_OK = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -59,10 +60,10 @@ class WorkflowContext:
                 and self.slo_class is None and self.expected_steps is None)
 
 
-# The largest step or step count: the integers a double holds exactly (the Redis store's scripts compare steps
-# as Lua numbers: 2**53 + 1 read as 2**53, and a higher step as not higher), within the 64-bit integers orjson
-# writes into a workflow's record (a JSON number past 2**64 is read as a float, and 1e20 is an integer float).
-MAX_INTEGER = 2**53 - 1
+# The largest step or step count: the stores' (the Redis store's scripts compare steps as Lua numbers: 2**53 + 1
+# read as 2**53, and a higher step as not higher), within the 64-bit integers orjson writes into a workflow's
+# record (a JSON number past 2**64 is read as a float, and 1e20 is an integer float).
+MAX_INTEGER = MAX_EXACT_INTEGER
 
 
 def _integer(value: Any, where: str, minimum: int) -> int:

@@ -26,6 +26,10 @@ class StateUnavailable(RuntimeError):
     """The store could not be reached in time. Serving must go on from local state."""
 
 
+# The largest integer the stores keep exactly: Redis's scripts hold numbers as Lua doubles (a workflow's steps and
+# tokens, the ledger's sums), where 2**53 + 1 reads as 2**53.
+MAX_EXACT_INTEGER = 2**53 - 1
+
 # The longest TTL or lease a store takes (ten years): Redis keeps expiries as 64-bit milliseconds and its scripts'
 # numbers as doubles, and a 1e20 s TTL there was an error that read as Redis being down.
 MAX_TTL_S = 10 * 365 * 86400.0
