@@ -247,6 +247,10 @@ class TextModel:
         self.weights = np.ascontiguousarray(weights, dtype=np.float64)  # (n_features, n_classes + 1)
         self.bias = np.asarray(bias, dtype=np.float64)                  # (n_classes + 1,)
         self.threshold = float(threshold)
+        # not finite, a weight would make every confidence NaN (and a threshold outside [0, 1] every role one)
+        if not (np.isfinite(self.weights).all() and np.isfinite(self.bias).all() and 0.0 <= self.threshold <= 1.0
+                and all(np.isfinite(block.idf).all() for block in self.encoder.blocks)):
+            raise ValueError("text weights, bias or idf that are not finite, or a threshold outside [0, 1]")
         self._n_classes = len(self.classes)
 
     def scores(self, view: RequestView) -> tuple[np.ndarray, float]:

@@ -182,6 +182,9 @@ def _check_nodes(feature, threshold, missing_left, left, right, value, roots, tr
             raise ValueError(f"a {name} index out of range (0..{bound - 1})")
     if nodes and np.min(feature) < 0:  # numpy would read a negative one from the row's end (the row's width is
         raise ValueError("a negative feature index")  # checked where it is known, Predictor.from_state)
+    # a leaf's threshold is infinite; a NaN one, or a value that is not finite, would make every quantile NaN
+    if np.isnan(threshold).any() or not (np.isfinite(value).all() and np.isfinite(baselines).all()):
+        raise ValueError("tree thresholds that are NaN, or leaf values or baselines that are not finite")
 
 
 def _level_major_order(left: np.ndarray, right: np.ndarray, roots: np.ndarray) -> tuple[np.ndarray, int]:
@@ -232,13 +235,19 @@ def fit_quantile_estimators(X: np.ndarray, log_y: np.ndarray, weights: np.ndarra
         return [_estimator(q, params).fit(X, log_y, sample_weight=weights) for q in quantiles]
 
 
+_EXPM1_MAX = 700.0  # e**700 is about 1e304: a finite float, where 710 overflows
+
+
 def expm1(values: np.ndarray) -> np.ndarray:
     """``np.expm1`` with the C library's ``math.expm1``: numpy's AVX-512 kernel rounds some inputs differently, so
     the conformal offsets, and the quantiles served, would depend on whether the CPU has AVX-512 (see
     :func:`predictor.classifier.smooth_idf`). Arrays here are small (two values per request; a few per training
     row when calibrating)."""
     values = np.asarray(values, dtype=np.float64)
-    return np.array([math.expm1(v) for v in values.ravel().tolist()], dtype=np.float64).reshape(values.shape)
+    # past _EXPM1_MAX math.expm1 raises OverflowError where numpy gives inf: a forest's sum of leaves that far out
+    # (only an edited model file) reads as a length far past any cap, which the caller's cap then bounds
+    return np.array([math.expm1(min(v, _EXPM1_MAX)) for v in values.ravel().tolist()],
+                    dtype=np.float64).reshape(values.shape)
 
 
 def weighted_quantile(values: np.ndarray, q: float, weights: np.ndarray | None = None) -> float:
@@ -310,6 +319,8 @@ class LengthModel:
         if not (len(state["quantiles"]) == forest.n_models == offsets.shape[1]) or offsets.ndim != 2:
             raise ValueError(f"{len(state['quantiles'])} quantiles, {forest.n_models} boosted models and offsets "
                              f"of shape {offsets.shape}")
+        if not np.isfinite(offsets).all():
+            raise ValueError("calibration offsets that are not finite")
         return cls(forest, tuple(state["quantiles"]), offsets,
                    int(state.get("model_slots", 1)), int(state.get("context_blocks", 1)))
 

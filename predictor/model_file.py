@@ -133,6 +133,7 @@ def save_state(state: dict[str, Any], path: str | Path) -> Path:
 
 
 SKOPS_PROTOCOL = 2  # the skops archive protocol read_plain understands
+MAX_UNPACKED_BYTES = 256 * 2**20  # a model file's members unpacked (ours: a few MB; the issue caps files at 20 MB)
 
 
 class _NotPlain(Exception):
@@ -150,6 +151,12 @@ def read_plain(path: str | Path) -> Any:
     import numpy as np
 
     with zipfile.ZipFile(path) as archive:
+        # zipfile reads no member past the size its entry declares, so this bounds what a small file (a zip
+        # bomb) can make us hold; the largest models written are a few MB
+        unpacked = sum(member.file_size for member in archive.infolist())
+        if unpacked > MAX_UNPACKED_BYTES:
+            raise ValueError(f"its members unpack to {unpacked:,} bytes, more than any model "
+                             f"({MAX_UNPACKED_BYTES:,})")
         schema = json.loads(archive.read("schema.json"))
         if not isinstance(schema, dict):
             kind = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
@@ -190,8 +197,10 @@ def load_state(path: str | Path) -> dict[str, Any]:
         state = read_plain(path)
     except _NotPlain:
         state = _skops_load(path)
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, zlib.error, NotImplementedError) as exc:
-        # zlib / EOF: a damaged member; NotImplementedError: a compression method zipfile does not know
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, zlib.error, NotImplementedError,
+            RecursionError) as exc:
+        # zlib / EOF: a damaged member; NotImplementedError: a compression method zipfile does not know;
+        # RecursionError: a schema.json nested deeper than json (or build) can follow
         raise ModelFileError(f"{path}: not a skops model file ({exc})") from None
     return check_state(state, str(path))
 

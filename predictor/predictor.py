@@ -190,8 +190,8 @@ class Predictor:
         spec = self.kv.spec(view.model)
         cap = output_cap(view.max_tokens, self.default_max_tokens, spec.max_model_len, view.prompt_tokens,
                          UNBOUNDED_CAP)
-        low = min(max(1, int(round(p50))), cap)
-        high = min(max(low, int(math.ceil(p90))), cap)
+        low = min(max(1, int(round(min(p50, cap)))), cap)  # min first: an infinite quantile reads as the cap
+        high = min(max(low, int(math.ceil(min(p90, cap)))), cap)
         tokens = spec.tokens(view.prompt_tokens, high * view.choices, view.choices)
         return Prediction(role, confidence, low, high, tokens * spec.bytes_per_token, view.prompt_tokens, tokens,
                           source)

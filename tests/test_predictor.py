@@ -637,6 +637,15 @@ def _set_first(array, value):
     (("length_model", "quantiles"), [0.5], "1 quantiles, 2 boosted models"),
     (("text_model",), None, "no text_model"),
     (("length_model",), None, "no length_model"),
+    # numbers that are not finite: every request's quantiles, or every confidence, would be NaN (a 500 each)
+    (("length_model", "offsets"), lambda a: np.full(np.shape(a), np.nan), "offsets that are not finite"),
+    (("length_model", "forest", "value"), lambda a: _set_first(a, np.inf), "leaf values or baselines"),
+    (("length_model", "forest", "baselines"), lambda a: _set_first(a, np.nan), "leaf values or baselines"),
+    (("length_model", "forest", "threshold"), lambda a: _set_first(a, np.nan), "thresholds that are NaN"),
+    (("text_model", "weights"), lambda a: _set_first(a, np.nan), "not finite, or a threshold outside"),
+    (("text_model", "bias"), lambda a: _set_first(a, -np.inf), "not finite, or a threshold outside"),
+    (("text_model", "encoder", 0, "idf"), lambda a: _set_first(a, np.nan), "not finite, or a threshold outside"),
+    (("text_model", "threshold"), 1.5, "not finite, or a threshold outside [0, 1]"),
 ])
 def test_a_model_file_whose_parts_do_not_fit_is_refused_at_load(state, tmp_path, path, value, says):
     """A damaged or edited file is refused when it is loaded, with what does not fit, not at some request with
@@ -656,6 +665,16 @@ def test_a_tree_that_splits_on_a_feature_the_rows_lack_is_refused(state, tmp_pat
     with pytest.raises(ModelFileError, match=f"splits on feature {len(state['features'])} of "
                                              f"{len(state['features'])}"):
         Predictor.load(file)
+
+
+def test_leaves_summing_past_a_float_give_the_cap_not_an_overflow(state, tmp_path):
+    """Finite leaf values whose sum is a length past any float (only an edited file): the quantiles are
+    capped like any long prediction (math.expm1 raised OverflowError on every request)."""
+    file = save_state(_with(state, ("length_model", "forest", "value"), lambda a: np.full(np.shape(a), 1e6)),
+                      tmp_path / "huge.skops")
+    prediction = Predictor.load(file).predict({"model": "m", "max_tokens": 77,
+                                               "messages": [{"role": "user", "content": "hi"}]})
+    assert prediction.p50 == prediction.p90 == 77
 
 
 def test_offsets_are_calibrated_per_role_and_model():

@@ -172,6 +172,36 @@ def test_a_schema_that_is_not_skops_shaped_is_a_model_file_error(traces, tmp_pat
     assert len(err.strip().splitlines()) == 1, err
 
 
+def test_a_schema_nested_past_the_recursion_limit_is_a_model_file_error(traces, tmp_path, capsys):
+    import zipfile
+
+    path = tmp_path / "deep.skops"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("schema.json", "[" * 100_000 + "]" * 100_000)
+    err = assert_usage_error(["evaluate", "--model", str(path), "--data", str(traces)], capsys,
+                             "not a skops model file")
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_model_file_that_unpacks_past_any_model_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """A small file whose members unpack to far more than any model (a zip bomb) is refused from the sizes its
+    entries declare (zipfile reads no member past its declared size), before a byte of it is unpacked."""
+    import zipfile
+
+    from predictor import model_file
+    from predictor.model_file import ModelFileError
+
+    path = tmp_path / "bomb.skops"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("schema.json", '{"protocol": 2}')
+        archive.writestr("a.npy", b"\0" * 3_000_000)
+    assert path.stat().st_size < 10_000
+    monkeypatch.setattr(model_file, "MAX_UNPACKED_BYTES", 2_000_000)
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda *a, **k: pytest.fail("a member was read"))
+    with pytest.raises(ModelFileError, match="unpack to 3,000,015 bytes, more than any model"):
+        Predictor.load(path)
+
+
 @pytest.mark.parametrize("damage", ["deflate", "method"])
 def test_a_damaged_archive_member_is_a_model_file_error(traces, tmp_path, capsys, damage):
     """A damaged compressed member (zlib's error) or a compression method zipfile does not know: one line."""
