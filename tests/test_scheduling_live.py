@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import heapq
+import logging
 import math
 import random
 import time
@@ -1256,6 +1257,24 @@ async def test_each_api_key_keeps_its_own_workflows():
             admin = {"Authorization": "Bearer key-a"}
             async with session.get(gw.base_url + "/admin/workflows/" + scoped("key-a"), headers=admin) as response:
                 assert response.status == 200 and (await response.json())["steps_done"] == 1
+
+
+@bounded()
+@pytest.mark.parametrize("metadata", [{}, {"user": "alice"}])
+async def test_a_keyed_request_whose_metadata_names_no_workflow_is_served(metadata, caplog):
+    """With API keys configured, OpenAI's ``metadata`` without workflow keys (the SDK's
+    ``metadata={"user": ...}``) was a 500 and a traceback per request: the per-key scoping read the workflow
+    id of a context that was None."""
+    async with fault_engine() as engine:
+        raw = sched_config([engine.url], queue_policy="maestro", admission="max_tokens", kv_capacity_tokens=1000)
+        raw["server"] = {"api_keys": ["key-a"]}
+        async with live(raw) as (gw, session):
+            status, answer = await post(session, gw, chat(metadata=metadata), {"Authorization": "Bearer key-a"})
+            assert status == 200, answer
+            async with session.post(gw.base_url + "/v1/completions", headers={"Authorization": "Bearer key-a"},
+                                    json={"model": MODEL, "prompt": "hi", "metadata": metadata}) as response:
+                assert response.status == 200, await response.text()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @bounded()

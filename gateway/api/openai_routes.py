@@ -244,7 +244,7 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
     if "metadata" in body or _has_context_header(request.headers):
         context = parse_workflow_context(request.headers, body, scheduling.slo_names)
         scope = request.get(_KEY_SCOPE)
-        if scope is not None and context.workflow_id is not None:
+        if scope is not None and context is not None and context.workflow_id is not None:
             # one key's "wf-1" is not another's: ids are kept per key, as <scope>~<id> ("~" is no id character)
             context = replace(context, workflow_id=f"{scope}~{context.workflow_id}")
     # online learning records the body as the client sent it: a shallow copy taken before the gateway adds
