@@ -48,6 +48,23 @@ async def test_engine_goes_down_and_comes_back():
     await engine.stop()
 
 
+async def test_an_engine_not_up_at_start_is_named_in_the_log_with_why(caplog):
+    """The log named an engine only when it went up or down; one down from the start (a mistyped URL) was
+    only "0/1 engines up" in the banner, and every request for it a 503 with nothing saying which or why."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with caplog.at_level("WARNING", logger="maestro.monitor"):
+            async with running_gateway(gateway_config([url], monitor={"interval_s": 60})) as gw:
+                assert not gw.registry.states["local/p/0"].up
+        said = [r.getMessage() for r in caplog.records if "is not up" in r.getMessage()]
+        assert len(said) == 1 and "local/p/0" in said[0] and url in said[0], said
+        assert gw.registry.states["local/p/0"].last_error in said[0]
+    finally:
+        listener.close()
+
+
 async def test_an_engine_that_does_not_serve_its_pools_model_is_said_in_the_log(caplog):
     """A pool's model name that differed from the engine's --served-model-name failed every request for it there
     (vLLM answers 404, vLLM-Omni 400), and nothing said why."""
