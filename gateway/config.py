@@ -360,14 +360,16 @@ def _check_forwarded_header(name: object, path: str) -> None:
 def _check_redis_url(value: str, path: str) -> None:
     """What redis-py's from_url would refuse at the first call (a bad port, an option that is no number), here,
     so that it is a config error and not a traceback while the gateway starts."""
-    if urlparse(value).scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(path, f"must be a redis:// URL, got {value!r}")
-    from redis.asyncio.connection import parse_url  # local: only parse_config needs it here
+    from redis.asyncio.connection import parse_url  # local: only parse_config needs them here
 
+    from gateway.state.redis import redact_url
+
+    if urlparse(value).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(path, f"must be a redis:// URL, got {redact_url(value)!r}")
     try:
         parse_url(value)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(path, f"is not a valid Redis URL ({exc}): {value!r}") from None
+        raise ConfigError(path, f"is not a valid Redis URL ({exc}): {redact_url(value)!r}") from None
 
 
 def _section(raw: dict[str, Any], cls: type, path: str, checks: dict[str, str], key: str | None = None) -> Any:

@@ -150,6 +150,17 @@ def test_invalid_configs_name_the_field(mutate, field):
     assert field in str(caught.value)
 
 
+@pytest.mark.parametrize("url", ["redis://:s3cret@h:99999/0", "redis://h:6379/0?password=s3cret&socket_timeout=abc",
+                                 "http://h/0?password=s3cret"])
+def test_a_refused_redis_url_is_named_without_its_password(url):
+    raw = base()
+    raw["state"] = {"redis_url": url}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    assert caught.value.field_path == "state.redis_url" and "s3cret" not in str(caught.value)
+    assert "***" in str(caught.value)
+
+
 def test_cli_exits_2_with_one_message(tmp_path):
     raw = base()
     raw["clusters"][0]["pools"][0]["kind"] = "tgi"

@@ -385,6 +385,9 @@ async def test_redis_store_unreachable_raises_state_unavailable() -> None:
     ("redis://:s3cret@127.0.0.1:1/0", "redis://:***@127.0.0.1:1/0"),
     ("redis://ops:s3cret@127.0.0.1:1/0", "redis://ops:***@127.0.0.1:1/0"),
     ("rediss://ops:s3cret@127.0.0.1:1", "rediss://ops:***@127.0.0.1:1"),
+    # redis-py's password query option (the URL's query was shown as written)
+    ("redis://127.0.0.1:1/0?password=s3cret", "redis://127.0.0.1:1/0?password=***"),
+    ("redis://127.0.0.1:1/0?db=2&password=s3cret&socket_timeout=1", "redis://127.0.0.1:1/0?db=2&password=***&"),
 ])
 async def test_an_unreachable_redis_is_named_without_its_password(url: str, shown: str) -> None:
     """The error (which reaches logs, /health's callers and admin answers) names the store but not its secret."""

@@ -46,7 +46,7 @@ import asyncio
 import time
 import uuid
 from typing import Any, Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -348,19 +348,24 @@ def _inflight_ms(inflight_s: float | None) -> str:
     return "" if inflight_s is None else str(max(1, round(inflight_s * 1000)))
 
 
-def _redact(url: str) -> str:
-    """The URL for error messages, without any password."""
+def redact_url(url: str) -> str:
+    """The Redis URL for logs and error messages, without any password: redis-py takes one in the user part
+    (``redis://:secret@host``) or as a query option (``redis://host/0?password=secret``, which it unquotes as
+    it parses). The rest is left as written."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        user = f"{parts.username}:***@" if parts.username else ":***@"
-        return urlunsplit(parts._replace(netloc=user + host))
     except ValueError:
         return "<unparseable redis url>"
+    userinfo, at, host = parts.netloc.rpartition("@")  # by hand: parts.port raises on a bad port (a config error)
+    if at and ":" in userinfo:
+        url = urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}"))
+    head, mark, query = url.partition("?")
+    options = query.split("&")
+    for index, option in enumerate(options):
+        name, equals, _ = option.partition("=")
+        if equals and unquote_plus(name).lower() == "password":
+            options[index] = f"{name}=***"
+    return head + mark + "&".join(options)
 
 
 # Connections a gateway holds to Redis at most; more concurrent calls wait for one. A call takes well under a
@@ -430,7 +435,7 @@ class RedisStateStore(StateStore):
     def _unavailable(self, op: str, exc: BaseException) -> StateUnavailable:
         detail = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
         return StateUnavailable(
-            f"Redis state store at {_redact(self._url)} unavailable during {op} "
+            f"Redis state store at {redact_url(self._url)} unavailable during {op} "
             f"(timeout {self._timeout_s:g}s): {detail}"
         )
 
