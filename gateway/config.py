@@ -717,6 +717,10 @@ def parse_config(raw: Any) -> Config:
     for i, key in enumerate(server.api_keys):
         if not isinstance(key, str) or not key:
             raise ConfigError(f"server.api_keys[{i}]", "must be a non-empty string")
+        if key != key.strip() or not key.isprintable():  # a padded key was accepted, then every request a 401
+            raise ConfigError(f"server.api_keys[{i}]", "must not start or end with a space or hold a control "
+                                                       "character: a client's key is read without the spaces "
+                                                       "around it, so none would match")
     for i, origin in enumerate(server.cors_allowed_origins):
         if not isinstance(origin, str) or not origin or origin != origin.strip():
             raise ConfigError(f"server.cors_allowed_origins[{i}]", "must be an origin such as https://app.example "

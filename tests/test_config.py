@@ -150,6 +150,16 @@ def test_invalid_configs_name_the_field(mutate, field):
     assert field in str(caught.value)
 
 
+@pytest.mark.parametrize("key", ["my-key ", " my-key", "my-key\n", "my\tkey"])
+def test_a_gateway_key_no_client_could_send_is_refused(key):
+    """A padded key (a YAML value copied with its space) was accepted, then every request got a 401."""
+    raw = base()
+    raw["server"] = {"api_keys": ["good", key]}
+    with pytest.raises(ConfigError, match="so none would match") as caught:
+        parse_config(raw)
+    assert caught.value.field_path == "server.api_keys[1]"
+
+
 @pytest.mark.parametrize("url", ["redis://:s3cret@h:99999/0", "redis://h:6379/0?password=s3cret&socket_timeout=abc",
                                  "http://h/0?password=s3cret"])
 def test_a_refused_redis_url_is_named_without_its_password(url):
