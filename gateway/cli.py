@@ -1,6 +1,6 @@
 """``maestro`` command line: serve, sim-engines, check-config, bench.
 
-Exit codes: 0 success (also when stopped by SIGTERM or SIGINT), 1 runtime failure (an address that cannot be
+Exit codes: 0 success (also when stopped by SIGTERM, SIGINT or SIGHUP), 1 runtime failure (an address that cannot be
 bound, in one line), 2 usage or configuration error (one message naming the field), 130 a Ctrl-C during start-up,
 or during any other command (``maestro: interrupted``, no traceback; import and train write their output
 atomically, so nothing half-written is left).
@@ -51,7 +51,7 @@ def _run_server(main) -> int:
 
 
 async def _run_until_signal(start, stop, on_repeat=None) -> None:
-    """Start, serve until SIGINT or SIGTERM (:func:`gateway.listen.stop_signals`), then stop cleanly; a signal
+    """Start, serve until SIGINT, SIGTERM or SIGHUP (:func:`gateway.listen.stop_signals`), then stop cleanly; a signal
     during the stop calls ``on_repeat``."""
     from gateway.listen import stop_signals
 

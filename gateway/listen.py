@@ -6,7 +6,9 @@ CLI prints it in one line. Other start-up errors keep their own types.
 
 A server stops cleanly on SIGINT or SIGTERM (:func:`stop_signals`). SIGTERM is what ``docker compose stop``
 sends to PID 1, for which the kernel has no default action: without a handler it would be ignored and the
-container killed after its grace period.
+container killed after its grace period. SIGHUP (its terminal closed) stops it cleanly too, where it would
+otherwise end the process at once, streams cut without their end; under ``nohup``, which ignores SIGHUP, it
+is left ignored.
 """
 
 from __future__ import annotations
@@ -76,9 +78,10 @@ async def start_site(site: web.TCPSite, host: str, port: int) -> None:
 
 @contextlib.contextmanager
 def stop_signals(on_repeat: Callable[[], None] | None = None) -> Iterator[asyncio.Event]:
-    """An event set by SIGINT or SIGTERM while the block runs (inside the running loop; where signals cannot be
-    handled, off the main thread, it is only ever set by the caller). A signal after the first calls
-    ``on_repeat`` (the gateway ends its grace: an operator's second Ctrl-C had gone unheard), or is logged."""
+    """An event set by SIGINT, SIGTERM or SIGHUP (unless ignored, as ``nohup`` does) while the block runs
+    (inside the running loop; where signals cannot be handled, off the main thread, it is only ever set by the
+    caller). A signal after the first calls ``on_repeat`` (the gateway ends its grace: an operator's second
+    Ctrl-C had gone unheard), or is logged."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     handled = []
@@ -91,7 +94,11 @@ def stop_signals(on_repeat: Callable[[], None] | None = None) -> Iterator[asynci
         else:
             log.warning("%s again: already stopping", sig.name)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = [signal.SIGINT, signal.SIGTERM]
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        signals.append(hangup)
+    for sig in signals:
         try:
             loop.add_signal_handler(sig, on_signal, sig)
             handled.append(sig)

@@ -231,6 +231,35 @@ def test_a_second_stop_signal_is_heard():
     assert done.returncode == 0 and done.stdout.split() == ["repeats", "2"], done.stderr
 
 
+_HANGUP_SCRIPT = """
+import asyncio, os, signal, sys
+from gateway.listen import stop_signals
+
+async def main():
+    with stop_signals() as stopping:
+        os.kill(os.getpid(), signal.SIGHUP)
+        try:
+            await asyncio.wait_for(stopping.wait(), 0.5)
+        except TimeoutError:
+            print("not stopping")
+        else:
+            print("stopping")
+
+if sys.argv[1] == "ignored":
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("disposition, says", [("default", "stopping"), ("ignored", "not stopping")])
+def test_a_hangup_stops_cleanly_unless_nohup_ignores_it(disposition, says):
+    """SIGHUP (the terminal closed) ended the gateway at once: streams cut without their end, nothing drained
+    or logged, exit 129. It now stops as SIGTERM does; ``nohup``'s ignored SIGHUP stays ignored."""
+    done = subprocess.run([sys.executable, "-c", _HANGUP_SCRIPT, disposition], capture_output=True, text=True,
+                          timeout=60, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == says, (done.returncode, done.stdout, done.stderr)
+
+
 def test_sim_engines_serve_the_dit_model_named():
     """`maestro sim-engines --dit-count` served only maestro-sim-dit, which now answers 400 for another model: a
     pool of another name pointed at it could not be served."""
