@@ -209,3 +209,4 @@ class Gateway:
             await handle.stop()
         self._sim_handles.clear()
         await self.store.close()
+        log.info("stopped")  # the last line of a clean stop: without it a log could not tell one from a crash

@@ -22,7 +22,8 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self._requests = Counter("maestro_requests", "Requests handled, by route, model and HTTP status (499: the "
-                                 "client left first; a stream cut after its 200: 502, 504 or 499)",
+                                 "client left first; a stream cut after its 200: 502, 504 or 499, or 503 where "
+                                 "the gateway's stop cut it)",
                                  ("route", "model", "status"), registry=r)
         self._latency = Histogram("maestro_request_duration_seconds",
                                   "End-to-end request time seen by the gateway", ("route",),

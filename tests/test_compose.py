@@ -159,6 +159,8 @@ def test_the_compose_stack_runs_as_processes_and_stops_on_sigterm(tmp_path):
         _delete_prefix(prefix)
     for code, err in codes:
         assert code == 0 and "Traceback" not in err, err
+    # a clean stop's last line (a log that ended without one could not be told from a crash)
+    assert codes[0][1].rstrip().endswith("maestro.gateway: stopped"), codes[0][1][-500:]
 
 
 def test_a_busy_port_or_a_bad_option_is_one_line(tmp_path):

@@ -12,8 +12,9 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 
-# Workflow records a store keeps at most (state.max_workflows; about 1 kB each): a client sending a new
-# X-Workflow-Id with every request added one per request for workflow_ttl_s (1 h), 100 MB per 100,000. Past
+# Workflow records a store keeps at most (state.max_workflows; about 1 kB each, 1.25 kB with ids of the longest
+# length): a client sending a new X-Workflow-Id with every request added one per request for workflow_ttl_s
+# (1 h), 100 to 125 MB per 100,000. Past
 # this, the least recently active is dropped for each new one (its workflow, if it goes on, starts a new record:
 # scheduled as a new workflow).
 MAX_WORKFLOW_RECORDS = 100_000
