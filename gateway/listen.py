@@ -18,12 +18,15 @@ import contextlib
 import logging
 import re
 import signal
+import time
 from collections.abc import Callable, Iterator
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine
 
 MAX_PORT = 65535
+BAD_REQUEST_LINES_BURST = 20  # lines for requests aiohttp cannot parse, at once (see _OneLineForBadRequests)
+BAD_REQUEST_LINE_EVERY_S = 1.0  # and then at most one a second
 log = logging.getLogger("maestro.listen")
 
 
@@ -46,18 +49,49 @@ class _OneLineForBadRequests(logging.Filter):
     at ERROR with a whole traceback, after answering it 400: anyone who can reach the port could fill the log
     with them. Such a request is the client's error: one line at INFO, as an access log would have it. So is a
     body aiohttp cannot decode (a ``Content-Encoding`` it is not in), which the gateway has answered 400 and
-    aiohttp then reads again to drain the connection."""
+    aiohttp then reads again to drain the connection.
+
+    Even one line each let a client write thousands of lines a second, so they are rate-limited: a burst of
+    ``BAD_REQUEST_LINES_BURST``, then one line per ``BAD_REQUEST_LINE_EVERY_S``, the next line saying how many
+    were left out."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        self._allowance = float(BAD_REQUEST_LINES_BURST)
+        self._checked = self._clock()
+        self._left_out = 0
+
+    def _take_line(self) -> bool:
+        now = self._clock()
+        self._allowance = min(float(BAD_REQUEST_LINES_BURST),
+                              self._allowance + (now - self._checked) / BAD_REQUEST_LINE_EVERY_S)
+        self._checked = now
+        if self._allowance < 1.0:
+            self._left_out += 1
+            return False
+        self._allowance -= 1.0
+        return True
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, (BadHttpMessage, web.RequestPayloadError)):
+            # (its level was checked as ERROR)
+            if not logging.getLogger(record.name).isEnabledFor(logging.INFO) or not self._take_line():
+                return False
             record.levelno, record.levelname = logging.INFO, "INFO"
             if isinstance(exc, BadHttpMessage):
                 record.msg, record.args = "%s (answered 400): %s", (record.getMessage(), _parser_detail(exc))
             else:  # aiohttp's "Unhandled exception" while it drained a body the gateway had answered 400
                 record.msg, record.args = "a request's body could not be read: %s", (_parser_detail(exc),)
+            if self._left_out:
+                record.msg += " (%d lines like it left out since the last)"
+                record.args = (*record.args, self._left_out)
+                self._left_out = 0
             record.exc_info = record.exc_text = None
-            return logging.getLogger(record.name).isEnabledFor(logging.INFO)  # (its level was checked as ERROR)
         return True
 
 

@@ -506,6 +506,40 @@ async def test_a_request_that_is_no_http_is_one_line_in_the_log_not_a_traceback(
     assert not [r for r in caplog.records if r.name == "aiohttp.server"]
 
 
+def test_lines_for_unparsable_requests_are_rate_limited_and_count_what_they_left_out(monkeypatch):
+    """One INFO line per unparsable request let any client write thousands of lines a second (3,000 in 2.4 s):
+    after a burst, one a second, the next saying how many were left out."""
+    import logging
+
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from gateway import listen
+
+    now = [100.0]
+    monkeypatch.setattr(listen, "BAD_REQUEST_LINES_BURST", 3)
+    lines = listen._OneLineForBadRequests(clock=lambda: now[0])
+    monkeypatch.setattr(logging.getLogger("aiohttp.server"), "level", logging.INFO)
+
+    def logged() -> str | None:
+        error = BadHttpMessage("Invalid header value char")
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s",
+                                   ("127.0.0.1",), (type(error), error, None))
+        return record.getMessage() if lines.filter(record) else None
+
+    assert all(logged() for _ in range(3))
+    assert [logged() for _ in range(50)] == [None] * 50
+    now[0] += 1.0
+    message = logged()
+    assert message.startswith("Error handling request from 127.0.0.1 (answered 400): Invalid header value char")
+    assert message.endswith("(50 lines like it left out since the last)") and logged() is None
+    now[0] += 10.0  # the burst refills, up to its size
+    refilled = [logged() for _ in range(4)]
+    assert refilled[0].endswith("(1 lines like it left out since the last)")
+    assert all(refilled[:3]) and refilled[3] is None and "left out" not in refilled[1]
+    other = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "another error", (), None)
+    assert lines.filter(other) and other.levelno == logging.ERROR  # other records pass as they are
+
+
 async def _raw_exchange(gw, raw: bytes) -> bytes:
     """Send raw bytes, read until the gateway closes the connection (or 3 s pass)."""
     host, port = gw.base_url.removeprefix("http://").rsplit(":", 1)
