@@ -37,10 +37,10 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from aiohttp import web
 
 from gateway.api.errors import SERVER_ERROR, APIError
+from gateway.api.validation import rewrite_json
 from gateway.api.workflow import WorkflowContext
 from gateway.config import ClusterConfig, Config, PoolConfig
 from gateway.core.admission import grown_reservation, reservation_tokens
@@ -1452,7 +1452,7 @@ class Scheduling:
                         priority = self.engine_priority(sched_request)
                         if priority is not None:
                             body["priority"] = priority
-                            job.body = orjson.dumps(body)
+                            job.body = rewrite_json(job.body, body)
             elif pool is not None and len(pools) > 1:
                 job.pool_engines = pool.engine_set
             response = await self.proxy.serve(request, job)

@@ -33,6 +33,7 @@ class FaultEngine:
     delay_s: float = 0.0
     hits: int = 0
     seen_bodies: list = field(default_factory=list)
+    seen_raw: list = field(default_factory=list)  # the bytes as they came (orjson reads a long integer as a float)
     seen_headers: list = field(default_factory=list)
     aborted: int = 0
     runner: web.AppRunner | None = None
@@ -120,7 +121,9 @@ class FaultEngine:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.hits += 1
-        body = orjson.loads(await request.read())
+        raw = await request.read()
+        self.seen_raw.append(raw)
+        body = orjson.loads(raw)
         self.seen_bodies.append(body)
         self.seen_headers.append(CIMultiDict(request.headers))
         mode = request.headers.get("X-Fault-Mode", self.mode)  # one request can fail differently

@@ -234,6 +234,27 @@ async def test_unknown_fields_pass_through(gw, engine):
     assert engine.seen_bodies[-1] == body  # non-streaming bodies are forwarded byte for byte
 
 
+def test_a_rewritten_body_keeps_the_integers_orjson_cannot_and_the_gateways_changes():
+    """rewrite_json: the keys the gateway set, replaced or dropped (as the image route drops nulls and a size of
+    "auto", and names the model) are its; every other key is the client's, with integers past 64 bits exact."""
+    import json
+
+    from gateway.api.validation import parse_json_object, rewrite_json
+
+    raw = json.dumps({"prompt": "a cat", "seed": 2**70, "size": "auto", "n": None,
+                      "extra": {"ids": [-2**63 - 1, 12345678901234567890123]}}).encode()
+    body = parse_json_object(raw)
+    assert body["seed"] == float(2**70)  # (what orjson makes of it)
+    body = {key: value for key, value in body.items() if value is not None and value != "auto"}
+    body["model"] = "dit"
+    assert json.loads(rewrite_json(raw, body)) == {"prompt": "a cat", "seed": 2**70, "model": "dit",
+                                                   "extra": {"ids": [-2**63 - 1, 12345678901234567890123]}}
+    plain = orjson.dumps({"prompt": "é", "seed": 2**63 - 1, "ok": [1.5, True, None]})
+    body = parse_json_object(plain)
+    body["priority"] = 3
+    assert rewrite_json(plain, body) == orjson.dumps(body)  # no long number: orjson writes it, as before
+
+
 async def test_a_tool_calling_conversation_passes_as_sent(gw, engine):
     """An agent's history as the OpenAI SDK sends it: the assistant turn that called a tool has ``content: null``
     and ``tool_calls``, the tool's answer has role ``tool``; content may also be a list of parts."""

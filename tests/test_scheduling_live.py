@@ -1260,6 +1260,30 @@ async def test_each_api_key_keeps_its_own_workflows():
 
 
 @bounded()
+@pytest.mark.parametrize("policy", ["fcfs", "edf"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_integers_past_64_bits_reach_the_engine_exact_whatever_the_gateway_rewrites(policy, stream):
+    """orjson reads an integer outside [-2**63, 2**64) as a float: where the gateway re-wrote a body (an engine
+    priority under edf, stream_options for a stream), a JSON schema's enum or a seed past 2**64 reached the
+    engine as 1.2345678901234568e+29. vLLM reads the exact integer, and so should what it is sent."""
+    import json
+
+    exact = {"seed": 2**70, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "n", "schema": {"enum": [123456789012345678901234567890, -2**63 - 1, 2**64 - 1]}}}}
+    body = chat("hi", stream=stream, **exact)
+    async with fault_engine() as engine:
+        raw = sched_config([engine.url], queue_policy=policy)
+        async with live(raw) as (gw, session):
+            async with session.post(gw.base_url + "/v1/chat/completions", data=json.dumps(body),
+                                    headers={"Content-Type": "application/json"}) as response:
+                assert response.status == 200, await response.text()
+                await response.read()
+        sent = json.loads(engine.seen_raw[-1])
+    assert {key: sent[key] for key in exact} == exact
+    assert ("priority" in sent) == (policy == "edf") and ("stream_options" in sent) == stream
+
+
+@bounded()
 @pytest.mark.parametrize("metadata", [{}, {"user": "alice"}])
 async def test_a_keyed_request_whose_metadata_names_no_workflow_is_served(metadata, caplog):
     """With API keys configured, OpenAI's ``metadata`` without workflow keys (the SDK's

@@ -23,7 +23,7 @@ from aiohttp import web
 from multidict import istr
 
 from gateway.api.errors import RATE_LIMIT, SERVER_ERROR, APIError, model_not_found
-from gateway.api.validation import parse_json_object, validate_chat, validate_completion, validate_image
+from gateway.api.validation import parse_json_object, rewrite_json, validate_chat, validate_completion, validate_image
 from gateway.api.workflow import HEADER_NAMES as _CONTEXT_HEADERS
 from gateway.api.workflow import parse_workflow_context
 from gateway.proxy import RelayJob
@@ -262,7 +262,7 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
             if options.get("continuous_usage_stats"):  # not asked for with include_usage off: keep it off
                 options["continuous_usage_stats"] = False
             body["stream_options"] = options
-            raw = orjson.dumps(body)
+            raw = rewrite_json(raw, body)
     job = RelayJob(route=route, path=path, kind="vllm", model=model, body=raw, stream=stream,
                    strip_usage=strip_usage, request_id=request_id,
                    headers=forwarded_headers(request, request_id, gateway.forward_headers), started=time.perf_counter(),
@@ -325,7 +325,7 @@ async def _image_generation(request: web.Request, gateway: "Gateway", request_id
         model = body["model"] = dit_models[0]  # OpenAI's model field is optional; one DiT model is unambiguous
         rewrite = True
     if rewrite:
-        raw = orjson.dumps(body)
+        raw = rewrite_json(raw, body)
     if model is None:
         served = (f"this gateway serves several image models: {', '.join(dit_models)}" if dit_models
                   else "this gateway serves no image model")

@@ -7,6 +7,7 @@ token limits) and pass every other field through untouched, so vLLM extras (``pr
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -37,6 +38,25 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except orjson.JSONEncodeError:
         raise bad_request(f"The request body nests deeper than {MAX_NESTING} levels.") from None
     return obj
+
+
+# orjson reads an integer literal outside [-2**63, 2**64) as a float: 19 digits in a row may be one (or lie in a
+# string, which only costs the exact path below its time)
+LONG_NUMBER = re.compile(rb"[0-9]{19}")
+_ABSENT = object()
+
+
+def rewrite_json(raw: bytes, body: dict[str, Any]) -> bytes:
+    """``body`` (the gateway's parse of ``raw``, with top-level keys it set, replaced or dropped) as the bytes to
+    send an engine. orjson writes it, except where ``raw`` may hold an integer orjson read as a float: a JSON
+    schema's ``"enum": [123456789012345678901234567890]`` or a seed past 2**64 reached the engine as
+    ``1.2345678901234568e+29``, where vLLM reads the exact integer. There every key the gateway left as it was
+    is taken from the standard library's exact parse of ``raw``, and the standard library writes the body."""
+    if LONG_NUMBER.search(raw) is None:
+        return orjson.dumps(body)
+    as_read, exact = orjson.loads(raw), json.loads(raw)
+    merged = {key: exact[key] if as_read.get(key, _ABSENT) == value else value for key, value in body.items()}
+    return json.dumps(merged, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _is_int(value: Any) -> bool:
