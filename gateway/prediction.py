@@ -112,6 +112,7 @@ class RequestPredictor:
         if metrics is not None and config.predictor.online.enabled:  # gateway.metrics.GatewayMetrics
             metrics.watch_online_learning(lambda: self.learner.status() if self.learner is not None else None)
         self._predictor: Any = None
+        self._loaded_path: str | None = None  # the model file loaded at start (None: priors serve)
         self._estimate_tokens: Any = None
         self._failures = 0
         self._loading: asyncio.Task | None = None
@@ -151,7 +152,7 @@ class RequestPredictor:
                 from predictor.predictor import normalize_priors
 
                 model.priors = normalize_priors(priors)
-            self._predictor = model
+            self._predictor, self._loaded_path = model, path
             log.info("predictor model loaded from %s", path)
         else:
             self._predictor = Predictor.from_priors(priors or None, kv=kv)
@@ -229,9 +230,10 @@ class RequestPredictor:
 
     def status(self) -> dict[str, Any]:
         predictor = self.learner.predictor if self.learner is not None else self._predictor
-        # the file of the model serving: after a refit, the refit's (predictor.online.save_path), not the configured
+        # the file of the model serving: after a refit, the refit's (predictor.online.save_path), not the configured;
+        # none while priors serve (a configured path online learning has not written yet)
         serving = self._refit.current_path if self._refit is not None else None
-        model_path = str(serving) if serving is not None else self.config.predictor.model_path or None
+        model_path = str(serving) if serving is not None else self._loaded_path
         return {"loaded": predictor is not None, "model_path": model_path,
                 "trained": bool(predictor is not None and predictor.trained),
                 "online": None if self.learner is None else dict(

@@ -761,7 +761,9 @@ async def test_model_path_may_name_the_first_refit_to_come(tmp_path):
     config = online_config(tmp_path, buffer="memory", save_path=save)
     config["predictor"]["model_path"] = save
     async with running_gateway(config) as gateway:
-        assert gateway.scheduling.predictor.status()["trained"] is False
+        status = gateway.scheduling.predictor.status()
+        assert status["trained"] is False
+        assert status["model_path"] is None  # priors serve: /admin/predictor named the file not yet written
     config["predictor"]["model_path"] = str(tmp_path / "other.skops")
     with pytest.raises(ConfigError, match="predictor.model_path"):
         async with running_gateway(config):
