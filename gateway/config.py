@@ -806,6 +806,10 @@ def config_warnings(config: Config) -> list[str]:
                         f"({total_s:g} s): a request leaves the queue with a 503 queue_timeout before it has waited "
                         f"long enough to be served first, so {scheduling.queue_policy}'s aging never keeps a "
                         "request from starving; set max_wait_s below total_s")
+    for i, key in enumerate(config.server.api_keys):
+        if not key.isascii():  # the gateway compares its UTF-8 bytes, which a raw HTTP client can send
+            warnings.append(f"server.api_keys[{i}] is not ASCII: the OpenAI SDK's HTTP client refuses to send such "
+                            "a key in a header, so SDK clients cannot use it")
     return warnings
 
 

@@ -421,6 +421,16 @@ def test_the_openai_sdks_request_log_lines_are_kept_out_below_debug(tmp_path):
         assert (int(code), int(effective)) == (0, expected), done.stderr
 
 
+def test_a_gateway_key_the_sdk_cannot_send_is_warned_of():
+    from gateway.config import config_warnings
+
+    raw = base()
+    raw["server"] = {"api_keys": ["plain", "clé"]}
+    warnings = config_warnings(parse_config(raw))
+    assert len(warnings) == 1 and warnings[0].startswith("server.api_keys[1] is not ASCII")
+    assert "clé" not in warnings[0]  # (a key is no line for a log)
+
+
 def test_check_config_warns_where_aging_can_never_happen(tmp_path):
     """Under maestro (or lsf) a request ages after scheduling.max_wait_s, but one that waits timeouts.total_s
     leaves with a 503 first: with max_wait_s 600 and total_s 60 two workflow requests starved for their whole
