@@ -158,6 +158,47 @@ def test_cost_model_reproduces_calibration_points():
     assert cost.kv_bytes_per_token == dit["llm"]["kv_bytes_per_token"]
 
 
+def test_the_small_nnls_is_exact_keeps_to_non_negative_and_skips_dependent_columns():
+    import numpy as np
+
+    from backends.sim.cost_model import nnls_small
+
+    x = np.array([[1.0, b, b * b] for b in (1, 2, 4, 8, 16)])
+    assert nnls_small(x, x @ np.array([0.5, 0.25, 0.125])).tolist() == [0.5, 0.25, 0.125]  # exact, to the bit
+    # the unconstrained fit of a falling line has a negative slope: the best non-negative one is its mean
+    falling = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
+    assert nnls_small(falling, np.array([3.0, 2.0, 1.0])).tolist() == [2.0, 0.0]
+    twice = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])  # the same column twice: one carries it
+    assert nnls_small(twice, np.array([2.0, 4.0, 6.0])).tolist() == [2.0, 0.0]
+
+
+_FITTED = """
+from backends.sim.cost_model import EngineCostModel
+cost = EngineCostModel()
+print(cost.source.startswith("calibration:"), [c.hex() for c in (*cost.decode_coef, *cost.prefill_coef)],
+      sorted((name, fit.k1.hex(), fit.k2.hex()) for name, fit in cost._dit.items()))
+"""
+
+
+@pytest.mark.skipif(not HAS_CALIBRATION, reason="calibration data not present")
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="OpenBLAS x86 kernels")
+def test_the_fitted_cost_model_is_the_same_to_the_bit_whatever_blas_kernels_run():
+    """np.linalg.lstsq's last bits followed the BLAS kernels the CPU runs (AVX-512 or AVX2), and a contended
+    simulated schedule follows them: E1's recorded table moved by up to half a point between two machines.
+    Here two kernel sets OpenBLAS runs on any x86-64 (OPENBLAS_CORETYPE) stand in for two machines."""
+    import os
+    import subprocess
+    import sys
+
+    fits = set()
+    for core in ("Prescott", "Haswell"):
+        done = subprocess.run([sys.executable, "-c", _FITTED], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "OPENBLAS_CORETYPE": core})
+        assert done.returncode == 0 and done.stdout.startswith("True "), done.stderr
+        fits.add(done.stdout)
+    assert len(fits) == 1, fits
+
+
 def test_cost_model_defaults_without_data(tmp_path):
     cost = EngineCostModel(tmp_path / "absent")
     assert cost.source.startswith("defaults")

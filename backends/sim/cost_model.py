@@ -54,6 +54,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -105,26 +106,52 @@ def default_calibration_dir() -> Path:
     return repo_root.parent / "shared" / "data" / "calibration"
 
 
+def _solve_exact(matrix: list[list[Fraction]], vector: list[Fraction]) -> list[Fraction] | None:
+    """``matrix @ x = vector`` by Gaussian elimination in rationals; None where ``matrix`` is singular."""
+    size = len(vector)
+    rows = [row[:] + [value] for row, value in zip(matrix, vector)]
+    for col in range(size):
+        pivot = next((r for r in range(col, size) if rows[r][col] != 0), None)
+        if pivot is None:
+            return None
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        for r in range(size):
+            if r != col and rows[r][col] != 0:
+                factor = rows[r][col] / rows[col][col]
+                rows[r] = [a - factor * b for a, b in zip(rows[r], rows[col])]
+    return [rows[r][size] / rows[r][r] for r in range(size)]
+
+
 def nnls_small(features: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Exact non-negative least squares for a handful of columns (tries every support set).
 
-    Good for k <= 5 columns: 2**k small lstsq solves. Returns the coefficients with the smallest residual
-    among all non-negative solutions on a subset of the columns.
+    Good for k <= 5 columns: 2**k small solves. Returns the coefficients with the smallest residual among all
+    non-negative solutions on a subset of the columns.
+
+    The arithmetic is exact (rationals: every float is one), and the coefficients are the exact solutions
+    rounded once. ``np.linalg.lstsq`` gave coefficients whose last bits depended on the BLAS kernels the CPU
+    runs (AVX-512 or AVX2), and under contention a simulated schedule follows those bits: the recorded E1
+    table moved by up to half a point from one machine to another. A subset whose columns are dependent is
+    skipped; a smaller one reaches its residual.
     """
-    n_cols = features.shape[1]
+    rows = [[Fraction(float(v)) for v in row] for row in np.asarray(features, dtype=np.float64)]
+    values = [Fraction(float(v)) for v in np.asarray(target, dtype=np.float64)]
+    n_cols = len(rows[0]) if rows else 0
     best = np.zeros(n_cols)
-    best_err = float(np.sum(target ** 2))
+    best_err = sum(v * v for v in values)
     for size in range(1, n_cols + 1):
         for cols in itertools.combinations(range(n_cols), size):
-            sub = features[:, cols]
-            coef, *_ = np.linalg.lstsq(sub, target, rcond=None)
-            if np.any(coef < 0):
+            sub = [[row[c] for c in cols] for row in rows]
+            normal = [[sum(row[i] * row[j] for row in sub) for j in range(size)] for i in range(size)]
+            moment = [sum(row[i] * v for row, v in zip(sub, values)) for i in range(size)]
+            coef = _solve_exact(normal, moment)
+            if coef is None or any(c < 0 for c in coef):
                 continue
-            err = float(np.sum((sub @ coef - target) ** 2))
+            err = sum((sum(a * c for a, c in zip(row, coef)) - v) ** 2 for row, v in zip(sub, values))
             if err < best_err:
                 best_err = err
                 best = np.zeros(n_cols)
-                best[list(cols)] = coef
+                best[list(cols)] = [float(c) for c in coef]
     return best
 
 
