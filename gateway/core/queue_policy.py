@@ -51,7 +51,7 @@ from gateway.core.request import SchedRequest, WorkflowState
 
 # maestro's aging bound. Below the gateway's default 900 s request timeout, so aging acts before a queued request
 # would time out. A bound on every wait costs some attainment under sustained overload (E1 at high contention:
-# 79.3 % of workflow deadlines with 600 s, 81.9 % with 900 s, 85.8 % without aging; EDF 47.6 %).
+# 79.5 % of workflow deadlines with 600 s, 82.4 % with 900 s, 85.9 % without aging; EDF 47.6 %).
 DEFAULT_MAX_WAIT_S = 600.0
 ORDERS = ("work", "slack", "due")
 STEP_TIME_WINDOW_S = 60.0  # the mean step time is over about the last minute of completed workflow steps
@@ -67,7 +67,7 @@ class StepTimeMean:
     completed lately. Measured admission-to-end times would mix in the batch slowdown of the moment, and actual
     lengths a predictor's bias, that the current step's estimate does not have: under load either made maestro
     count workflows as further from done and give up on them earlier (E1 at load 7: 74.8 % and 76.4 % of
-    workflow deadlines met, against 79.3 % with predicted service).
+    workflow deadlines met, against 79.3 % with predicted service, before the exact cost-model fit).
 
     The mean is over time rather than over a count of steps: step lengths spread widely (a coefficient of
     variation of about 0.9 in E2's workload) and traffic rates differ by orders of magnitude, so every step of
