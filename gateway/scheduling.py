@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from gateway.api.errors import SERVER_ERROR, APIError
-from gateway.api.validation import rewrite_json
+from gateway.api.validation import json_with
 from gateway.api.workflow import WorkflowContext
 from gateway.config import ClusterConfig, Config, PoolConfig
 from gateway.core.admission import grown_reservation, reservation_tokens
@@ -1451,8 +1451,7 @@ class Scheduling:
                     if client_priority is None:
                         priority = self.engine_priority(sched_request)
                         if priority is not None:
-                            body["priority"] = priority
-                            job.body = rewrite_json(job.body, body)
+                            job.body = json_with(job.body, body, "priority", priority)
             elif pool is not None and len(pools) > 1:
                 job.pool_engines = pool.engine_set
             response = await self.proxy.serve(request, job)

@@ -255,6 +255,24 @@ def test_a_rewritten_body_keeps_the_integers_orjson_cannot_and_the_gateways_chan
     assert rewrite_json(plain, body) == orjson.dumps(body)  # no long number: orjson writes it, as before
 
 
+def test_a_member_the_client_did_not_send_is_appended_to_its_bytes_as_they_came():
+    """json_with: the common re-write (an engine priority, stream_options for a stream) sends the client's bytes
+    with one member appended, nothing of them re-encoded; a key the client sent takes rewrite_json's path."""
+    import json
+
+    from gateway.api.validation import json_with, parse_json_object
+
+    raw = b'{"model": "m", "seed": 123456789012345678901234567890, "x": "\\u00e9\\n"}\r\n '
+    body = parse_json_object(raw)
+    sent = json_with(raw, body, "priority", -3)
+    assert sent == b'{"model": "m", "seed": 123456789012345678901234567890, "x": "\\u00e9\\n","priority":-3}'
+    assert json.loads(sent)["seed"] == 123456789012345678901234567890 and body["priority"] == -3
+    assert json_with(b"{ }", parse_json_object(b"{ }"), "k", {"a": [1]}) == b'{ "k":{"a":[1]}}'
+    present = parse_json_object(b'{"model":"m","priority":null,"seed":12345678901234567890123}')
+    sent = json_with(b'{"model":"m","priority":null,"seed":12345678901234567890123}', present, "priority", 2)
+    assert json.loads(sent) == {"model": "m", "priority": 2, "seed": 12345678901234567890123}  # one key, exact
+
+
 async def test_a_tool_calling_conversation_passes_as_sent(gw, engine):
     """An agent's history as the OpenAI SDK sends it: the assistant turn that called a tool has ``content: null``
     and ``tool_calls``, the tool's answer has role ``tool``; content may also be a list of parts."""
@@ -552,10 +570,10 @@ def test_lines_for_unparsable_requests_are_rate_limited_and_count_what_they_left
     now[0] += 1.0
     message = logged()
     assert message.startswith("Error handling request from 127.0.0.1 (answered 400): Invalid header value char")
-    assert message.endswith("(50 lines like it left out since the last)") and logged() is None
+    assert message.endswith("(and 50 like it since the last such line, left out)") and logged() is None
     now[0] += 10.0  # the burst refills, up to its size
     refilled = [logged() for _ in range(4)]
-    assert refilled[0].endswith("(1 lines like it left out since the last)")
+    assert refilled[0].endswith("(and 1 like it since the last such line, left out)")
     assert all(refilled[:3]) and refilled[3] is None and "left out" not in refilled[1]
     other = logging.LogRecord("aiohttp.server", logging.ERROR, __file__, 1, "another error", (), None)
     assert lines.filter(other) and other.levelno == logging.ERROR  # other records pass as they are

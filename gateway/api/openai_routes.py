@@ -23,7 +23,8 @@ from aiohttp import web
 from multidict import istr
 
 from gateway.api.errors import RATE_LIMIT, SERVER_ERROR, APIError, model_not_found
-from gateway.api.validation import parse_json_object, rewrite_json, validate_chat, validate_completion, validate_image
+from gateway.api.validation import (json_with, parse_json_object, rewrite_json, validate_chat, validate_completion,
+                                    validate_image)
 from gateway.api.workflow import HEADER_NAMES as _CONTEXT_HEADERS
 from gateway.api.workflow import parse_workflow_context
 from gateway.proxy import RelayJob
@@ -261,8 +262,7 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
             options = {**options, "include_usage": True}
             if options.get("continuous_usage_stats"):  # not asked for with include_usage off: keep it off
                 options["continuous_usage_stats"] = False
-            body["stream_options"] = options
-            raw = rewrite_json(raw, body)
+            raw = json_with(raw, body, "stream_options", options)
     job = RelayJob(route=route, path=path, kind="vllm", model=model, body=raw, stream=stream,
                    strip_usage=strip_usage, request_id=request_id,
                    headers=forwarded_headers(request, request_id, gateway.forward_headers), started=time.perf_counter(),

@@ -40,10 +40,29 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return obj
 
 
-# orjson reads an integer literal outside [-2**63, 2**64) as a float: 19 digits in a row may be one (or lie in a
-# string, which only costs the exact path below its time)
-LONG_NUMBER = re.compile(rb"[0-9]{19}")
+# orjson reads an integer literal outside [-2**63, 2**64) as a float. Such a literal has 19 digits in a row at
+# least; found by mapping every digit to "1" and looking for 19 of them (C speed: a regex took 11 ns a byte)
+_DIGITS_AS_ONES = bytes(0x31 if 0x30 <= byte <= 0x39 else 0x30 for byte in range(256))
+_NINETEEN_DIGITS = b"1" * 19
 _ABSENT = object()
+
+
+def may_hold_long_integer(raw: bytes) -> bool:
+    """Whether ``raw`` has 19 digits in a row, where an integer orjson reads as a float may be (or in a string)."""
+    return _NINETEEN_DIGITS in raw.translate(_DIGITS_AS_ONES)
+
+
+def json_with(raw: bytes, body: dict[str, Any], key: str, value: Any) -> bytes:
+    """Set ``body[key] = value`` and return ``raw`` with it, for an engine. Where the client sent no such key the
+    member is appended to the client's bytes, which are otherwise sent as they came (the common case: an
+    engine priority, ``stream_options`` for a stream); else :func:`rewrite_json`."""
+    absent = key not in body
+    body[key] = value
+    if absent:
+        end = raw.rstrip()  # JSON's whitespace after the object; orjson has checked it ends with "}"
+        return b"".join((end[:-1], b"," if len(body) > 1 else b"", orjson.dumps(key), b":", orjson.dumps(value),
+                         b"}"))
+    return rewrite_json(raw, body)
 
 
 def rewrite_json(raw: bytes, body: dict[str, Any]) -> bytes:
@@ -52,7 +71,7 @@ def rewrite_json(raw: bytes, body: dict[str, Any]) -> bytes:
     schema's ``"enum": [123456789012345678901234567890]`` or a seed past 2**64 reached the engine as
     ``1.2345678901234568e+29``, where vLLM reads the exact integer. There every key the gateway left as it was
     is taken from the standard library's exact parse of ``raw``, and the standard library writes the body."""
-    if LONG_NUMBER.search(raw) is None:
+    if not may_hold_long_integer(raw):
         return orjson.dumps(body)
     as_read, exact = orjson.loads(raw), json.loads(raw)
     merged = {key: exact[key] if as_read.get(key, _ABSENT) == value else value for key, value in body.items()}
