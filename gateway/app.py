@@ -209,4 +209,5 @@ class Gateway:
             await handle.stop()
         self._sim_handles.clear()
         await self.store.close()
-        log.info("stopped")  # the last line of a clean stop: without it a log could not tell one from a crash
+        if self.base_url:  # a start that failed (a port in use) is said by its error, not as a clean stop
+            log.info("stopped")  # the last line of a clean stop: without it a log could not tell one from a crash

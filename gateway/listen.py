@@ -7,8 +7,8 @@ CLI prints it in one line. Other start-up errors keep their own types.
 A server stops cleanly on SIGINT or SIGTERM (:func:`stop_signals`). SIGTERM is what ``docker compose stop``
 sends to PID 1, for which the kernel has no default action: without a handler it would be ignored and the
 container killed after its grace period. SIGHUP (its terminal closed) stops it cleanly too, where it would
-otherwise end the process at once, streams cut without their end; under ``nohup``, which ignores SIGHUP, it
-is left ignored.
+otherwise end the process at once, streams cut without their end (or, as a container's PID 1, be ignored: the
+servers have no configuration to reload); under ``nohup``, which ignores SIGHUP, it is left ignored.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class _OneLineForBadRequests(logging.Filter):
             else:  # aiohttp's "Unhandled exception" while it drained a body the gateway had answered 400
                 record.msg, record.args = "a request's body could not be read: %s", (_parser_detail(exc),)
             if self._left_out:
-                record.msg += " (%d lines like it left out since the last)"
+                record.msg += " (and %d like it since the last such line, left out)"
                 record.args = (*record.args, self._left_out)
                 self._left_out = 0
             record.exc_info = record.exc_text = None

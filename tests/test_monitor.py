@@ -54,15 +54,18 @@ async def test_an_engine_not_up_at_start_is_named_in_the_log_with_why(caplog):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
     url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    healthy = FaultEngine()  # answers, but needs a second success to be up: on its way, not said
     try:
+        config = gateway_config([url, await healthy.start()], monitor={"interval_s": 60, "up_after_successes": 2})
         with caplog.at_level("WARNING", logger="maestro.monitor"):
-            async with running_gateway(gateway_config([url], monitor={"interval_s": 60})) as gw:
-                assert not gw.registry.states["local/p/0"].up
+            async with running_gateway(config) as gw:
+                assert not gw.registry.states["local/p/0"].up and not gw.registry.states["local/p/1"].up
         said = [r.getMessage() for r in caplog.records if "is not up" in r.getMessage()]
         assert len(said) == 1 and "local/p/0" in said[0] and url in said[0], said
         assert gw.registry.states["local/p/0"].last_error in said[0]
     finally:
         listener.close()
+        await healthy.stop()
 
 
 async def test_an_engine_that_does_not_serve_its_pools_model_is_said_in_the_log(caplog):

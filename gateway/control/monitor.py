@@ -69,10 +69,10 @@ class EngineMonitor:
             await asyncio.wait(list(self._publishing.values()))
         # the log names an engine only when it goes up or down: one that never answers (a mistyped URL) would
         # otherwise be no more than "0/1 engines up" in the banner, and every request for its pool a 503
+        # (one that answered but needs more successes, monitor.up_after_successes, is on its way up: not said)
         for engine_id, state in self.registry.states.items():
-            if not state.up:
-                log.warning("engine %s (%s) is not up: %s", engine_id, state.url,
-                            state.last_error or "it has not yet answered monitor.up_after_successes probes")
+            if not state.up and state.consecutive_failures:
+                log.warning("engine %s (%s) is not up: %s", engine_id, state.url, state.last_error)
 
     async def _run(self, engine_id: str) -> None:
         interval = self.config.monitor.interval_s
