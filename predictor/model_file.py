@@ -151,13 +151,22 @@ def read_plain(path: str | Path) -> Any:
     import numpy as np
 
     with zipfile.ZipFile(path) as archive:
-        # zipfile reads no member past the size its entry declares, so this bounds what a small file (a zip
-        # bomb) can make us hold; the largest models written are a few MB
+        # zipfile reads no member past the size its entry declares, so counting declared sizes bounds what a
+        # small file (a zip bomb) can make us hold, the members named more than once in its schema counted each
+        # time they are read; the largest models written are a few MB
         unpacked = sum(member.file_size for member in archive.infolist())
         if unpacked > MAX_UNPACKED_BYTES:
-            raise ValueError(f"its members unpack to {unpacked:,} bytes, more than any model "
-                             f"({MAX_UNPACKED_BYTES:,})")
-        schema = json.loads(archive.read("schema.json"))
+            raise ValueError(f"its members unpack to more than any model's {MAX_UNPACKED_BYTES:,} bytes")
+        unpacked = 0
+
+        def read(name: str) -> bytes:
+            nonlocal unpacked
+            unpacked += archive.getinfo(name).file_size
+            if unpacked > MAX_UNPACKED_BYTES:
+                raise ValueError(f"its members unpack to more than any model's {MAX_UNPACKED_BYTES:,} bytes")
+            return archive.read(name)
+
+        schema = json.loads(read("schema.json"))
         if not isinstance(schema, dict):
             kind = {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(
                 type(schema), "null")
@@ -177,7 +186,7 @@ def read_plain(path: str | Path) -> Any:
                     raise _NotPlain("dict with non-string keys")
                 return {key: build(child) for key, child in node["content"].items()}
             if loader == "NdArrayNode" and node.get("type") == "numpy":
-                return np.load(io.BytesIO(archive.read(node["file"])), allow_pickle=False)
+                return np.load(io.BytesIO(read(node["file"])), allow_pickle=False)
             raise _NotPlain(f"node {loader!r} ({node.get('__module__') if isinstance(node, dict) else node!r})")
 
         try:
