@@ -369,7 +369,11 @@ def _check_redis_url(value: str, path: str) -> None:
     try:
         parse_url(value)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(path, f"is not a valid Redis URL ({exc}): {redact_url(value)!r}") from None
+        shown = redact_url(value)
+        # redis-py's message may quote a piece of a password it misread as the port ("Port could not be cast to
+        # integer value as 'Xy7'" for a password with a "/" in it): with a password in the URL, only a hint
+        why = exc if shown == value else "a port that is no number, or a password with / ? # not percent-encoded"
+        raise ConfigError(path, f"is not a valid Redis URL ({why}): {shown!r}") from None
 
 
 def _section(raw: dict[str, Any], cls: type, path: str, checks: dict[str, str], key: str | None = None) -> Any:

@@ -161,7 +161,8 @@ def test_a_gateway_key_no_client_could_send_is_refused(key):
 
 
 @pytest.mark.parametrize("url", ["redis://:s3cret@h:99999/0", "redis://h:6379/0?password=s3cret&socket_timeout=abc",
-                                 "http://h/0?password=s3cret"])
+                                 "http://h/0?password=s3cret", "redis://:s3cr/et@h:6379/0",
+                                 "redis://ops:s3c?ret@h:6379/0"])
 def test_a_refused_redis_url_is_named_without_its_password(url):
     raw = base()
     raw["state"] = {"redis_url": url}

@@ -382,6 +382,19 @@ async def test_redis_store_unreachable_raises_state_unavailable() -> None:
 
 
 @pytest.mark.parametrize("url, shown", [
+    # a "/", "?" or "#" in the password (base64) ends a URL parser's host part early: it was shown whole
+    ("redis://:s3/cret@h:6379/0", "redis://:***@h:6379/0"), ("redis://ops:a?b#c@h/0", "redis://ops:***@h/0"),
+    ("redis://:p@ss@h/0", "redis://:***@h/0"),
+    ("unix:///tmp/r.sock?db=0&password=p", "unix:///tmp/r.sock?db=0&password=***"),
+    ("redis://ops@h/0", "redis://ops@h/0"), ("redis://[::1]:6379/0?db=1", "redis://[::1]:6379/0?db=1"),
+])
+def test_a_redis_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    from gateway.state.redis import redact_url
+
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize("url, shown", [
     ("redis://:s3cret@127.0.0.1:1/0", "redis://:***@127.0.0.1:1/0"),
     ("redis://ops:s3cret@127.0.0.1:1/0", "redis://ops:***@127.0.0.1:1/0"),
     ("rediss://ops:s3cret@127.0.0.1:1", "rediss://ops:***@127.0.0.1:1"),

@@ -46,7 +46,7 @@ import asyncio
 import time
 import uuid
 from typing import Any, Callable
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import unquote_plus
 
 import orjson
 import redis.asyncio as aioredis
@@ -351,14 +351,13 @@ def _inflight_ms(inflight_s: float | None) -> str:
 def redact_url(url: str) -> str:
     """The Redis URL for logs and error messages, without any password: redis-py takes one in the user part
     (``redis://:secret@host``) or as a query option (``redis://host/0?password=secret``, which it unquotes as
-    it parses). The rest is left as written."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable redis url>"
-    userinfo, at, host = parts.netloc.rpartition("@")  # by hand: parts.port raises on a bad port (a config error)
-    if at and ":" in userinfo:
-        url = urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}"))
+    it parses). The user part is found by hand, as everything up to the URL's last "@": a password with a "/",
+    "?" or "#" it does not percent-encode ends a URL parser's host part early, and was shown whole (a "@" in a
+    query only masks more). The rest is left as written."""
+    scheme, separator, rest = url.partition("://")
+    userinfo, at, after = rest.rpartition("@")
+    if separator and at and ":" in userinfo:
+        url = f"{scheme}://{userinfo.partition(':')[0]}:***@{after}"
     head, mark, query = url.partition("?")
     options = query.split("&")
     for index, option in enumerate(options):
