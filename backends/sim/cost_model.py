@@ -136,7 +136,7 @@ def nnls_small(features: np.ndarray, target: np.ndarray) -> np.ndarray:
     """
     rows = [[Fraction(float(v)) for v in row] for row in np.asarray(features, dtype=np.float64)]
     values = [Fraction(float(v)) for v in np.asarray(target, dtype=np.float64)]
-    n_cols = len(rows[0]) if rows else 0
+    n_cols = np.shape(features)[1]
     best = np.zeros(n_cols)
     best_err = sum(v * v for v in values)
     for size in range(1, n_cols + 1):
