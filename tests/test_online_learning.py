@@ -144,7 +144,11 @@ async def test_gateway_refits_in_a_child_process_and_serves_the_new_model(tmp_pa
             assert learner.last_error is None and learner.refits == 1
             assert learner.predictor.trained and save.is_file()
             assert predictor.status()["model_path"] == str(save)  # the file of the model serving now
-            assert max(lags) < 0.25, max(lags)  # the fit ran elsewhere: no long stall of the loop
+            # the fit ran elsewhere: no long stall of the loop. A fit on the loop would stall it for about the
+            # fit's time (seconds); other load on a 2-core CI VM has stalled it for 0.27-0.29 s while the fit ran
+            # in its child, so the bound is a quarter of the refit's time, from 0.25 s up to 1 s
+            took = learner.last_refit["seconds"]
+            assert max(lags) < max(0.25, min(1.0, took / 4)), (max(lags), took)
             # the gateway's KV model (its configured models) came with the swap
             assert learner.predictor.kv is predictor._predictor.kv
             estimate = predictor.predict(chat("You are a careful software engineer. Reply with complete, "
