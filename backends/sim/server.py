@@ -127,6 +127,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from backends.exact_json import may_hold_long_integer
 from backends.sim.engine import PAUSE_MODES, EngineBusy, SimEngine, SimRequest
 from backends.sim.options import SimEngineOptions
 
@@ -251,15 +252,12 @@ def _err(kind: str, loc: str, msg: str, value: Any) -> dict:
     return err
 
 
-_LONG_NUMBER = re.compile(rb"[0-9]{19}")  # orjson reads an integer literal past [-2**63, 2**64) as a float
-
-
 def load_request_json(raw: bytes) -> Any:
     """The body as vLLM's FastAPI reads it: orjson for speed, but where the text may hold an integer orjson
     cannot keep (19 digits or more in a row), the standard library's parse, which keeps it a Python int as vLLM's
     does (``"seed": 2**70`` is pydantic's less_than_equal there, ``1e20`` a float's int_parsing_size)."""
     body = orjson.loads(raw)
-    if _LONG_NUMBER.search(raw) is not None:
+    if may_hold_long_integer(raw):
         body = json.loads(raw)
     return body
 

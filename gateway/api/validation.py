@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from backends.exact_json import may_hold_long_integer
 from gateway.api.errors import APIError, bad_request
 from predictor.kv import MAX_CHOICES
 
@@ -40,16 +41,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return obj
 
 
-# orjson reads an integer literal outside [-2**63, 2**64) as a float. Such a literal has 19 digits in a row at
-# least; found by mapping every digit to "1" and looking for 19 of them (C speed: a regex took 11 ns a byte)
-_DIGITS_AS_ONES = bytes(0x31 if 0x30 <= byte <= 0x39 else 0x30 for byte in range(256))
-_NINETEEN_DIGITS = b"1" * 19
 _ABSENT = object()
-
-
-def may_hold_long_integer(raw: bytes) -> bool:
-    """Whether ``raw`` has 19 digits in a row, where an integer orjson reads as a float may be (or in a string)."""
-    return _NINETEEN_DIGITS in raw.translate(_DIGITS_AS_ONES)
 
 
 def json_with(raw: bytes, body: dict[str, Any], key: str, value: Any) -> bytes:
