@@ -48,6 +48,7 @@ _ERROR_EVENT_WRITE_S = 5.0  # the longest a stream's closing error event may wai
 
 
 _DONE_LINES = (b"data: [DONE]", b"data:[DONE]")  # SSE takes the space after the colon as optional
+_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")  # a blank line, in each line ending SSE allows (vLLM writes LF)
 
 
 def _through_done(out: bytes) -> bytes | None:
@@ -55,7 +56,7 @@ def _through_done(out: bytes) -> bytes | None:
     a line in it (not the words inside an event's JSON, whose line breaks are escaped), else None."""
     for line in _DONE_LINES:
         at = out.find(line)
-        while at >= 0 and at > 0 and out[at - 1] not in b"\r\n":
+        while at > 0 and out[at - 1] not in b"\r\n":
             at = out.find(line, at + 1)
         if at >= 0:
             end = at + len(line)
@@ -133,7 +134,7 @@ class SSEUsageFilter:
         self.strip = strip
         self.usage: dict[str, Any] | None = None
         self._buffer = b""
-        self._sep = b"\n\n"
+        self._sep = _EVENT_ENDS[0]
 
     def feed(self, data: bytes) -> bytes:
         """The whole events completed by ``data`` (usage chunk removed when asked); keeps the partial rest.
@@ -149,8 +150,8 @@ class SSEUsageFilter:
             start = 0
             buffer = data
         end = buffer.rfind(self._sep, max(start, 0))
-        if end < 0 and self._sep == b"\n\n":  # the other framings SSE allows, told by their first event's end
-            for sep in (b"\r\n\r\n", b"\r\r"):
+        if end < 0 and self._sep == _EVENT_ENDS[0]:  # the other framings SSE allows, told by their first event's end
+            for sep in _EVENT_ENDS[1:]:
                 if buffer.find(sep, max(start, 0)) >= 0:
                     self._sep = sep
                     end = buffer.rfind(sep, max(start, 0))
@@ -595,8 +596,7 @@ class Proxy:
                     head += chunk
                     # a whole first event, a comment too: an engine that sends comments while it queues a request
                     # keeps its client's stream alive (a refusal in the same read after it is still read as first)
-                    if head.find(b"\n\n", start) >= 0 or head.find(b"\r\n\r\n", start) >= 0 \
-                            or head.find(b"\r\r", start) >= 0:
+                    if any(head.find(end, start) >= 0 for end in _EVENT_ENDS):
                         break
                     if len(head) > MAX_SSE_EVENT_BYTES:
                         upstream.close()
