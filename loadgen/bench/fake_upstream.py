@@ -25,6 +25,7 @@ import sys
 
 import orjson
 
+from loadgen.bench.http1 import header_value
 from loadgen.bench.sockets import disable_nagle
 
 MODEL = "bench"
@@ -153,16 +154,6 @@ _GET_ROUTES = {
 _POST_ROUTES = (b"/v1/chat/completions", b"/v1/completions")
 
 
-def _header_value(head_lower: bytes, name: bytes) -> bytes | None:
-    """Value of header ``name`` (lower-case, with trailing colon) in a lower-cased header block, or None."""
-    i = head_lower.find(b"\r\n" + name)
-    if i < 0:
-        return None
-    i += 2 + len(name)
-    j = head_lower.find(b"\r\n", i)
-    return head_lower[i: j if j >= 0 else len(head_lower)].strip()
-
-
 def _dechunk(buf: bytearray, pos: int) -> tuple[bytes, int] | None:
     """Decode a chunked body starting at ``pos``; return (body, end) or None when incomplete."""
     parts = []
@@ -227,13 +218,13 @@ class UpstreamProtocol(asyncio.Protocol):
                 path = path[:q]
             lower = head.lower()
             body_start = hend + 4
-            cl = _header_value(lower, b"content-length:")
+            cl = header_value(lower, b"content-length:")
             if cl is not None:
                 end = body_start + int(cl)
                 if len(buf) < end:
                     break
                 body = bytes(buf[body_start:end])
-            elif _header_value(lower, b"transfer-encoding:") == b"chunked":
+            elif header_value(lower, b"transfer-encoding:") == b"chunked":
                 got = _dechunk(buf, body_start)
                 if got is None:
                     break
@@ -241,7 +232,7 @@ class UpstreamProtocol(asyncio.Protocol):
             else:
                 body, end = b"", body_start
             del buf[:end]
-            conn = _header_value(lower, b"connection:")
+            conn = header_value(lower, b"connection:")
             if conn == b"close" or (head[sp2 + 1:sp2 + 9] == b"HTTP/1.0" and conn != b"keep-alive"):
                 close = True
             UpstreamProtocol.requests_served += 1

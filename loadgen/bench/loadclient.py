@@ -24,6 +24,7 @@ from typing import Callable
 
 import orjson
 
+from loadgen.bench.http1 import header_value
 from loadgen.bench.sockets import disable_nagle
 
 ProgressFn = Callable[[str], None]
@@ -52,15 +53,6 @@ def build_request(host: str, port: int, *, method: str = "POST", path: str = CHA
     for k, v in (headers or {}).items():
         lines.append(f"{k}: {v}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
-
-
-def _header_value(head_lower: bytes, name: bytes) -> bytes | None:
-    i = head_lower.find(b"\r\n" + name)
-    if i < 0:
-        return None
-    i += 2 + len(name)
-    j = head_lower.find(b"\r\n", i)
-    return head_lower[i: j if j >= 0 else len(head_lower)].strip()
 
 
 # on_done(conn, status, t_send, t_first_byte, t_first_data, t_done, body) ; status 0 = transport error
@@ -167,16 +159,16 @@ class ClientConn(asyncio.Protocol):
                 self.status = int(head[9:12])
             except ValueError:
                 self.status = 0
-            cl = _header_value(head, b"content-length:")
+            cl = header_value(head, b"content-length:")
             if cl is not None:
                 self.clen = int(cl)
-            elif _header_value(head, b"transfer-encoding:") == b"chunked":
+            elif header_value(head, b"transfer-encoding:") == b"chunked":
                 self.chunked = True
             elif self.status in (204, 304) or 100 <= self.status < 200:
                 self.clen = 0
             else:
                 self.until_close = True
-            self.conn_close = _header_value(head, b"connection:") == b"close"
+            self.conn_close = header_value(head, b"connection:") == b"close"
             self.hend = self.pos = i + 4
         if self.clen >= 0:
             end = self.hend + self.clen
