@@ -80,6 +80,7 @@ SHORT_S = 2.0  # lsf's protected interactive service time, workload seconds, bot
 NOMINAL_CONTEXT = 2048  # the DES's nominal context per sequence for service-time estimates (SimConfig default)
 DEFAULT_RATES = "0.25,0.5"
 READY_TIMEOUT_S = 120.0  # a helper process must be serving by then (imports plus start-up on a busy machine)
+WARM_UP_TIMEOUT_S = 60.0  # each warm-up request is one token from a local simulated engine
 
 
 # --------------------------------------------------------------------------------------------------- the setup
@@ -354,7 +355,7 @@ async def warm_up(base_url: str, model: str, engines: int) -> None:
 
     body = orjson.dumps({"model": model, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 1})
     headers = {"Content-Type": "application/json", "X-Sim-Output-Tokens": "1"}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WARM_UP_TIMEOUT_S)) as session:
         async def one(i: int) -> None:
             async with session.post(f"{base_url}/v1/chat/completions", data=body,
                                     headers={**headers, "X-Request-Id": f"e4-warm-up-{i}"}) as response:
