@@ -117,17 +117,17 @@ import contextlib
 import hashlib
 import json
 import math
-import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from backends.exact_json import may_hold_long_integer
+from backends.lax import LaxError, lax_bool, lax_float, lax_int
 from backends.sim.engine import PAUSE_MODES, EngineBusy, SimEngine, SimRequest
 from backends.sim.options import SimEngineOptions
 
@@ -305,90 +305,36 @@ def _absent_or_null(body: dict, key: str, loc: str, errors: list[dict], *, optio
 
 def check_int(body: dict, key: str, errors: list[dict], *, optional: bool, default: int | None,
               loc_prefix: str = "body") -> int | None:
-    """Pydantic-v2 lax int: ints, bools, integral floats and numeric strings pass; the rest is an error."""
-    loc = f"{loc_prefix}.{key}"
-    settled, value = _absent_or_null(body, key, loc, errors, optional=optional, default=default,
-                                     error_type="int_type", message="Input should be a valid integer")
-    if settled:
-        return value
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):  # pydantic-core's float_as_int: finite, whole, and within an i64
-        if not math.isfinite(value):
-            errors.append(_err("finite_number", loc, "Input should be a finite number", value))
-        elif not value.is_integer():
-            errors.append(_err("int_from_float", loc, "Input should be a valid integer, got a number with a "
-                                                      "fractional part", value))
-        elif not -_I64_LIMIT < value < _I64_LIMIT:
-            errors.append(_err("int_parsing_size", loc, "Unable to parse input string as an integer, exceeded "
-                                                        "maximum size", value))
-        else:
-            return int(value)
-        return default
-    if isinstance(value, str):
-        text = value.strip()
-        whole = _WHOLE_DECIMAL.fullmatch(text)  # "5.0" and "-5.00" are integers to pydantic, "5." and "5.5" not
-        try:
-            return int(whole.group(1) if whole else text)
-        except ValueError:
-            errors.append(_err("int_parsing", loc, "Input should be a valid integer, unable to parse string as "
-                                                   "an integer", value))
-            return default
-    errors.append(_err("int_type", loc, "Input should be a valid integer", value))
-    return default
-
-
-_WHOLE_DECIMAL = re.compile(r"([+-]?[0-9]+)\.0+")
-_I64_LIMIT = 2.0 ** 63  # a float pydantic turns into an int must lie strictly inside (-2**63, 2**63)
-
-
-_TRUE = {"1", "on", "t", "true", "y", "yes"}
-_FALSE = {"0", "off", "f", "false", "n", "no"}
+    """Pydantic-v2 lax int: ints, bools, whole floats and numeric strings pass; the rest is an error."""
+    return _check_lax(lax_int, body, key, errors, optional=optional, default=default, loc_prefix=loc_prefix,
+                      error_type="int_type", message="Input should be a valid integer")
 
 
 def check_bool(body: dict, key: str, errors: list[dict], *, optional: bool, default: bool | None,
                loc_prefix: str = "body") -> bool | None:
     """Pydantic-v2 lax bool: bools, 0/1 and the usual yes/no strings pass; the rest is an error."""
-    loc = f"{loc_prefix}.{key}"
-    settled, value = _absent_or_null(body, key, loc, errors, optional=optional, default=default,
-                                     error_type="bool_type", message="Input should be a valid boolean")
-    if settled:
-        return value
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):  # 1.0 and 0.0 too
-        return bool(value)
-    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
-        return value.lower() in _TRUE
-    # a whole number other than 0 and 1 cannot be interpreted; a fraction is no boolean at all (pydantic 2)
-    whole = isinstance(value, (str, int)) or (isinstance(value, float) and value.is_integer())
-    kind = "bool_parsing" if whole else "bool_type"
-    msg = ("Input should be a valid boolean, unable to interpret input" if kind == "bool_parsing"
-           else "Input should be a valid boolean")
-    errors.append(_err(kind, loc, msg, value))
-    return default
+    return _check_lax(lax_bool, body, key, errors, optional=optional, default=default, loc_prefix=loc_prefix,
+                      error_type="bool_type", message="Input should be a valid boolean")
 
 
 def check_float(body: dict, key: str, errors: list[dict], loc_prefix: str = "body") -> float | None:
     """Pydantic-v2 lax optional float: numbers, bools and numeric strings ("0.5", "inf") pass; null is None."""
+    return _check_lax(lax_float, body, key, errors, optional=True, default=None, loc_prefix=loc_prefix,
+                      error_type="float_type", message="Input should be a valid number")
+
+
+def _check_lax(coerce: Callable[[Any], Any], body: dict, key: str, errors: list[dict], *, optional: bool,
+               default: Any, loc_prefix: str, error_type: str, message: str) -> Any:
     loc = f"{loc_prefix}.{key}"
-    settled, value = _absent_or_null(body, key, loc, errors, optional=True, default=None,
-                                     error_type="float_type", message="Input should be a valid number")
+    settled, value = _absent_or_null(body, key, loc, errors, optional=optional, default=default,
+                                     error_type=error_type, message=message)
     if settled:
         return value
-    if isinstance(value, (int, float)):  # bool included
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            errors.append(_err("float_parsing", loc, "Input should be a valid number, unable to parse string as a "
-                                                     "number", value))
-            return None
-    errors.append(_err("float_type", loc, "Input should be a valid number", value))
-    return None
+    try:
+        return coerce(value)
+    except LaxError as exc:
+        errors.append(_err(exc.type, loc, exc.message, value))
+        return default
 
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1  # vLLM's bounds of ``seed``

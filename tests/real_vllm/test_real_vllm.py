@@ -164,6 +164,12 @@ class TestTinyLlama:
             ("/v1/completions", {"model": model, "prompt": "once", "n": 20000}),
             # sampling parameters: pydantic's lax types, then SamplingParams' ranges in vLLM's order
             ("/v1/chat/completions", {"model": model, "messages": chat, "temperature": "hot"}),
+            # pydantic's lax mode refuses digits that are not ASCII, fractions, words and big whole floats
+            ("/v1/chat/completions", {"model": model, "messages": chat, "max_tokens": "\u0664"}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "temperature": "\uff11"}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "n": "2.5"}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "stream": "maybe"}),
+            ("/v1/chat/completions", {"model": model, "messages": chat, "ignore_eos": 1e19}),
             ("/v1/chat/completions", {"model": model, "messages": chat, "temperature": -1}),
             ("/v1/chat/completions", {"model": model, "messages": chat, "temperature": 3, "top_p": 0}),
             ("/v1/chat/completions", {"model": model, "messages": chat, "top_p": 0, "presence_penalty": 5}),
@@ -511,6 +517,35 @@ class TestTinyLlama:
         assert len(response.choices) == 4 and prompt > 2 * block, (prompt, block)
         hits = tiny_stack.engine.metrics()["vllm:prefix_cache_hits_total"] - before["vllm:prefix_cache_hits_total"]
         assert hits == 3 * ((prompt - 1) // block * block), (hits, prompt, block)
+
+    async def test_fields_in_lax_forms_are_served_through_the_gateway(self, tiny_stack) -> None:
+        """vLLM reads its request fields in pydantic's lax mode: ``"max_tokens": "5"``, ``"n": 2.0``, ``"stream":
+        "true"`` are served. Through the gateway too, scheduled or not, with the answers and usage they ask for;
+        and what this engine refuses in those forms the gateway refuses as well."""
+        import aiohttp
+        import orjson
+
+        body = {"model": tiny_stack.model, "messages": MESSAGES, "max_tokens": "5", "n": 2.0, "stream": "true",
+                "stream_options": {"include_usage": 1}, "ignore_eos": "yes", "temperature": "0.5"}
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer test-key"}) as session:
+            for headers in ({}, {"X-Workflow-Id": f"lax-{time.monotonic_ns()}"}):
+                async with session.post(tiny_stack.base_url + "/chat/completions", json=body,
+                                        headers=headers) as r:
+                    assert r.status == 200 and r.content_type == "text/event-stream", await r.text()
+                    events = [orjson.loads(line[6:]) for line in (await r.text()).splitlines()
+                              if line.startswith("data: {")]
+                assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 10, events[-1]
+            whole = {"model": tiny_stack.model, "messages": MESSAGES, "max_tokens": 4.0, "stream": 0,
+                     "ignore_eos": 1}
+            async with session.post(tiny_stack.base_url + "/chat/completions", json=whole) as r:
+                answer = await r.json()
+                assert r.status == 200 and answer["usage"]["completion_tokens"] == 4, answer
+            for bad in ({"max_tokens": "\u0664"}, {"max_tokens": 4.5}, {"stream": "maybe"}, {"n": "two"}):
+                refused = {"model": tiny_stack.model, "messages": MESSAGES, **bad}
+                async with session.post(tiny_stack.engine.url + "/v1/chat/completions", json=refused) as r:
+                    assert r.status == 400, (bad, await r.text())
+                async with session.post(tiny_stack.base_url + "/chat/completions", json=refused) as r:
+                    assert r.status == 400 and (await r.json())["error"]["param"] == next(iter(bad)), bad
 
     def test_completions_endpoint(self, tiny_stack) -> None:
         response = tiny_stack.client().completions.create(
