@@ -67,13 +67,20 @@ def assert_openai_error(body: dict, param: str | None = None) -> None:
     (orjson.dumps({**GOOD, "max_tokens": "ten"}), "max_tokens"),
     (orjson.dumps({**GOOD, "max_tokens": 10**12}), "max_tokens"),
     (orjson.dumps({**GOOD, "max_tokens": 2049}), "max_tokens"),  # beyond max_model_len 2048
-    (orjson.dumps({**GOOD, "max_completion_tokens": True}), "max_completion_tokens"),
-    (orjson.dumps({**GOOD, "stream": "yes"}), "stream"),
+    # what pydantic's lax mode refuses, as vLLM does (a fraction, a digit that is not ASCII, a word)
+    (orjson.dumps({**GOOD, "max_completion_tokens": 4.5}), "max_completion_tokens"),
+    (orjson.dumps({**GOOD, "max_tokens": "\u0664"}), "max_tokens"),
+    (orjson.dumps({**GOOD, "stream": "maybe"}), "stream"),
+    (orjson.dumps({**GOOD, "stream": 2}), "stream"),
     (orjson.dumps({**GOOD, "stream_options": {"include_usage": True}}), "stream_options"),
-    (orjson.dumps({**GOOD, "stream": True, "stream_options": {"include_usage": "yes"}}),
+    (orjson.dumps({**GOOD, "stream": "false", "stream_options": {"include_usage": True}}), "stream_options"),
+    (orjson.dumps({**GOOD, "stream": True, "stream_options": {"include_usage": "maybe"}}),
      "stream_options.include_usage"),
     (orjson.dumps({**GOOD, "temperature": 9}), "temperature"),
+    (orjson.dumps({**GOOD, "temperature": "hot"}), "temperature"),
+    (orjson.dumps({**GOOD, "temperature": "nan"}), "temperature"),
     (orjson.dumps({**GOOD, "n": 0}), "n"),
+    (orjson.dumps({**GOOD, "n": 1.5}), "n"),
     (orjson.dumps({**GOOD, "response_format": "json_object"}), "response_format"),
     (orjson.dumps({**GOOD, "response_format": {"type": 5}}), "response_format.type"),
     (orjson.dumps({**GOOD, "response_format": {"type": ["json_object"]}}), "response_format.type"),
@@ -91,6 +98,49 @@ async def test_bad_chat_bodies_get_400_and_reach_no_engine(gw, engine, payload, 
     assert headers.get("X-Request-Id")
     assert engine.hits == 0
     assert gw.inflight == 0
+
+
+async def test_fields_in_vllms_lax_forms_are_served_and_read_as_vllm_reads_them(gw, engine):
+    """vLLM reads its request fields in pydantic's lax mode (``"max_tokens": "4"`` or ``4.0``, ``"stream":
+    "true"``...) and serves them; so does the gateway, reading them the same way where it acts on them (a
+    stream is relayed as one, scheduled or not), and the engine gets the client's bytes with only what the
+    gateway adds."""
+    lax = {"max_tokens": "4", "max_completion_tokens": 4.0, "n": "1", "temperature": "0.5", "top_p": True,
+           "presence_penalty": "-1", "frequency_penalty": 0}
+    sent = orjson.dumps({**GOOD, **lax})
+    status, body, _ = await post(gw.base_url + CHAT, sent)
+    assert status == 200, body
+    assert engine.seen_raw[-1] == sent
+    for headers in ({}, {"X-Workflow-Id": "lax-1"}):  # straight to the engine, and through the scheduler
+        sent = orjson.dumps({**GOOD, **lax, "stream": "true", "stream_options": {"include_usage": "yes"}})
+        async with aiohttp.ClientSession() as session:
+            async with session.post(gw.base_url + CHAT, data=sent,
+                                    headers={"Content-Type": "application/json", **headers}) as r:
+                assert r.status == 200 and r.content_type == "text/event-stream", await r.text()
+                text = await r.text()
+        assert text.rstrip().endswith("data: [DONE]"), text
+        assert orjson.loads(engine.seen_raw[-1])["stream"] == "true"
+    sent = orjson.dumps({**GOOD, "stream": 0, "stream_options": None})
+    status, body, _ = await post(gw.base_url + CHAT, sent)
+    assert status == 200 and body["object"] == "chat.completion", body
+    assert gw.inflight == 0
+
+
+def test_validation_keeps_the_value_it_read_for_the_scheduler():
+    """The parsed body holds what vLLM would read (the scheduler and the predictor compute with it); types the
+    client already sent right are left as they are, an int temperature included."""
+    from gateway.api.validation import validate_chat, validate_image
+
+    body = {**GOOD, "max_tokens": " 7 ", "max_completion_tokens": "7.0", "n": 2.0, "stream": "yes",
+            "stream_options": {"include_usage": 0}, "temperature": 1, "top_p": "0.5", "presence_penalty": True}
+    validate_chat(body, 2048)
+    assert body == {**GOOD, "max_tokens": 7, "max_completion_tokens": 7, "n": 2, "stream": True,
+                    "stream_options": {"include_usage": False}, "temperature": 1, "top_p": 0.5,
+                    "presence_penalty": 1.0}
+    assert type(body["temperature"]) is int
+    image = {"prompt": "a fox", "n": "2", "num_inference_steps": 20.0, "stream": "false"}
+    validate_image(image)
+    assert image == {"prompt": "a fox", "n": 2, "num_inference_steps": 20, "stream": False}
 
 
 async def test_bad_completion_prompt(gw, engine):

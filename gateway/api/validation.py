@@ -3,21 +3,26 @@
 We check what would otherwise reach an engine as garbage or make the gateway misbehave (types, emptiness,
 token limits) and pass every other field through untouched, so vLLM extras (``priority``, ``ignore_eos``,
 ``min_tokens``…) keep working. Messages name the offending parameter, as OpenAI's do.
+
+The fields the gateway reads to schedule (``stream``, ``max_tokens``, ``n``, the sampling knobs) are read as
+vLLM reads them, in pydantic's lax mode (:mod:`backends.lax`): ``"max_tokens": 4.0`` or ``"4"`` and
+``"stream": "true"`` are served, as vLLM serves them, and the parsed body holds the value read (``4``,
+``True``) for the scheduler and the predictor; the bytes an engine gets keep what the client sent.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
 from backends.exact_json import may_hold_long_integer
+from backends.lax import LaxError, lax_bool, lax_float, lax_int
 from gateway.api.errors import APIError, bad_request
 from predictor.kv import MAX_CHOICES
 
-_NUMBER = (int, float)
 MAX_NESTING = 254  # levels of arrays and objects a body may nest (the most orjson writes)
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # "1024x1024"; ASCII digits (str.isdigit admits "¹")
 
@@ -74,47 +79,53 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, _NUMBER) and not isinstance(value, bool)
+def _lax(holder: dict[str, Any], key: str, coerce: Callable[[Any], Any], message: str, param: str) -> Any:
+    """``holder[key]`` read as vLLM reads it (None where absent or null), kept in ``holder`` where the client
+    sent another type (``"4"`` becomes ``4``); a value vLLM refuses is a 400 with ``message``."""
+    value = holder.get(key)
+    if value is None:
+        return None
+    try:
+        read = coerce(value)
+    except LaxError:
+        raise bad_request(message, param) from None
+    if type(read) is not type(value) and not (type(read) is float and type(value) is int):
+        holder[key] = read
+    return read
 
 
 def _check_common(body: dict[str, Any], max_model_len: int | None) -> None:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a non-empty string.", "model")
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise bad_request("'stream' must be a boolean.", "stream")
+    stream = _lax(body, "stream", lax_bool, "'stream' must be a boolean.", "stream")
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
             raise bad_request("'stream_options' must be an object.", "stream_options")
         if not stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true.", "stream_options")
-        include = options.get("include_usage")
-        if include is not None and not isinstance(include, bool):
-            raise bad_request("'stream_options.include_usage' must be a boolean.", "stream_options.include_usage")
+        _lax(options, "include_usage", lax_bool, "'stream_options.include_usage' must be a boolean.",
+             "stream_options.include_usage")
     for name in ("max_tokens", "max_completion_tokens"):
-        value = body.get(name)
+        value = _lax(body, name, lax_int, f"'{name}' must be an integer.", name)
         if value is None:
             continue
-        if not _is_int(value):
-            raise bad_request(f"'{name}' must be an integer.", name)
         if value < 1:
             raise bad_request(f"'{name}' must be at least 1, got {value}.", name)
         if max_model_len is not None and value > max_model_len:
             raise bad_request(f"'{name}' is {value}, more than the model's context length of {max_model_len} "
                               "tokens.", name)
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or not 1 <= n <= MAX_CHOICES):
-        raise bad_request(f"'n' must be an integer between 1 and {MAX_CHOICES}.", "n")
+    n_message = f"'n' must be an integer between 1 and {MAX_CHOICES}."
+    n = _lax(body, "n", lax_int, n_message, "n")
+    if n is not None and not 1 <= n <= MAX_CHOICES:
+        raise bad_request(n_message, "n")
     for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0),
                             ("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0)):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not _is_number(value) or not low <= value <= high:
-            raise bad_request(f"'{name}' must be a number between {low:g} and {high:g}.", name)
+        message = f"'{name}' must be a number between {low:g} and {high:g}."
+        value = _lax(body, name, lax_float, message, name)
+        if value is not None and not low <= value <= high:
+            raise bad_request(message, name)
 
 
 def validate_chat(body: dict[str, Any], max_model_len: int | None) -> None:
@@ -185,25 +196,25 @@ def validate_image(body: dict[str, Any]) -> None:
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise bad_request("'prompt' is required and must be a non-empty string.", "prompt")
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or not 1 <= n <= 10):
+    n = _lax(body, "n", lax_int, "'n' must be an integer between 1 and 10.", "n")
+    if n is not None and not 1 <= n <= 10:
         raise bad_request("'n' must be an integer between 1 and 10.", "n")
     size = body.get("size")
     if size is not None and size != "auto":  # OpenAI's "auto" (the SDK lists it): the engine's own default
         match = _SIZE.fullmatch(size) if isinstance(size, str) else None
         if match is None or not all(64 <= int(side) <= 4096 for side in match.groups()):
             raise bad_request("'size' must look like '1024x1024' (each side 64..4096), or be 'auto'.", "size")
-    steps = body.get("num_inference_steps")
-    if steps is not None and (not _is_int(steps) or not 1 <= steps <= MAX_INFERENCE_STEPS):
-        raise bad_request(f"'num_inference_steps' must be an integer between 1 and {MAX_INFERENCE_STEPS}.",
-                          "num_inference_steps")
+    steps_message = f"'num_inference_steps' must be an integer between 1 and {MAX_INFERENCE_STEPS}."
+    steps = _lax(body, "num_inference_steps", lax_int, steps_message, "num_inference_steps")
+    if steps is not None and not 1 <= steps <= MAX_INFERENCE_STEPS:
+        raise bad_request(steps_message, "num_inference_steps")
     response_format = body.get("response_format")
     if response_format is not None and response_format not in IMAGE_RESPONSE_FORMATS:
         raise bad_request("'response_format' must be 'b64_json' (images come back inline; there are no URLs to "
                           "fetch them from) or vLLM-Omni's 'file'.", "response_format")
-    stream = body.get("stream")
-    if stream is not None and stream is not False:  # the engines answer one JSON body: a stream would be empty
-        raise bad_request("Streaming is not supported for image generation; leave 'stream' out.", "stream")
+    stream_message = "Streaming is not supported for image generation; leave 'stream' out."
+    if _lax(body, "stream", lax_bool, stream_message, "stream"):  # the engines answer one JSON body
+        raise bad_request(stream_message, "stream")
 
 
 # vLLM-Omni's ImageGenerationRequest: num_inference_steps in 1..200; response_format b64_json, or file (the raw
