@@ -376,6 +376,36 @@ async def test_the_context_bounds_the_prompt_alone_and_lowers_max_tokens_to_the_
         "This model's maximum context length is 1024 tokens. However, your prompt contains 1030 input tokens,")
 
 
+async def test_bodies_are_read_as_fastapi_reads_them(start):
+    """vLLM's FastAPI parses a body with ``json.loads``: a BOM, UTF-16, NaN and lone surrogates are served; what
+    no UTF decodes is FastAPI's own ``{"detail": ...}``; a body declared JSON is parsed before the media type is
+    checked; an empty or null body is a missing one (all seen on vLLM 0.32; the real-vLLM stage compares them)."""
+    handle, _ = await start()
+    url = handle.url + "/v1/chat/completions"
+    good = json.dumps({"model": MODEL, "messages": _chat(), "max_tokens": 1}).encode()
+    for data in (b"\xef\xbb\xbf" + good, good.decode().encode("utf-16"), good[:-1] + b', "x": [NaN, -Infinity]}',
+                 good[:-1] + b', "user": "\\udfff"}'):
+        status, body, _ = await _post(url, data)
+        assert status == 200, (data[:20], body)
+    status, body, _ = await _post(url, good[:-1] + b', "user": "\xff"}')
+    assert (status, body) == (400, {"detail": "There was an error parsing the body"})
+    for data in (b"", b"null"):
+        status, body, _ = await _post(url, data)
+        assert status == 400 and body["error"]["param"] == "body" and "'missing'" in body["error"]["message"], data
+    status, body, _ = await _post(url, b'{"model": tru', {"Content-Type": "application/vnd.api+json"})
+    assert status == 400 and "'json_invalid'" in body["error"]["message"]
+    assert "Expecting value" in body["error"]["message"]  # Python's words, as vLLM's
+    status, body, _ = await _post(url, b'{"model": tru', {"Content-Type": "text/plain"})
+    assert status == 400 and "Unsupported Media Type" in body["error"]["message"]
+    (dit,) = await start_sim_dit_engines(1, SimDiTOptions(time_scale=100.0))
+    try:  # vLLM-Omni's image route has vLLM's validate_json_request too
+        status, body, _ = await _post(dit.url + "/v1/images/generations", b'{"prompt": "x"}',
+                                      {"Content-Type": "text/plain"})
+        assert status == 400 and "Unsupported Media Type" in body["error"]["message"]
+    finally:
+        await dit.stop()
+
+
 async def test_error_shapes(start):
     handle, client = await start()
     url = handle.url + "/v1/chat/completions"

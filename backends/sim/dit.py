@@ -52,8 +52,7 @@ from backends.sim.server import (
     check_range,
     check_str,
     error_response,
-    invalid_json_response,
-    load_request_json,
+    read_json_body,
     not_an_object_response,
     pydantic_error_response,
 )
@@ -253,10 +252,9 @@ class SimDiTServer:
         return web.Response(body=generate_latest(self.engine.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def images_generations(self, request: web.Request) -> web.Response:
-        try:
-            body = load_request_json(await request.read())
-        except orjson.JSONDecodeError as exc:
-            return invalid_json_response(exc)
+        body = await read_json_body(request)  # vLLM-Omni's route has vLLM's validate_json_request, as vLLM's
+        if isinstance(body, web.Response):
+            return body
         if not isinstance(body, dict):
             return not_an_object_response(body)
         o = self.options

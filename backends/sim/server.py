@@ -10,6 +10,11 @@ sent while asleep is held until the wake-up, as on a real server). Shapes were c
 
 Request handling
 ----------------
+* **The body** is read as FastAPI reads it (``json.loads`` of the bytes, :func:`read_json_body`): a UTF-8 BOM,
+  UTF-16/32, ``NaN``/``Infinity`` and lone surrogates are taken, bytes no UTF decodes get FastAPI's own
+  ``{"detail": "There was an error parsing the body"}``, a body declared JSON is parsed before its media type is
+  checked, an empty or ``null`` body is pydantic's ``missing``; fields are read in pydantic's lax mode, by
+  pydantic (:mod:`backends.lax`).
 * **Validation** (HTTP 400, pydantic style: ``"1 validation error:\\n  {'type': 'int_parsing', 'loc':
   'body.priority', ...}"``, ``type`` "Bad Request", ``param`` the dotted field): ints (``max_tokens``,
   ``max_completion_tokens``, ``min_tokens``, ``priority``, ``n``, ``top_k``, ``seed`` within int64), floats
@@ -99,6 +104,8 @@ Deviations from a real vLLM (on purpose)
   a real vLLM *holds* them until ``/wake_up`` (and does not count them as waiting).
 * Putting the engine to sleep aborts in-flight requests (vLLM's default ``mode=abort``); they end with
   ``finish_reason`` "abort". ``/sleep?mode=wait`` lets them finish first.
+* Structured outputs (``response_format`` beyond being an object, ``structured_outputs``) are not checked: a JSON
+  schema vLLM's grammar backend refuses (invalid, or nested past its 64 levels) is served here.
 * ``best_of``, beam search and logprobs are not simulated (logprobs come back null, though their counts are
   checked as above). ``bad_words`` are not checked (vLLM
   tokenizes them), nor ``logprob_token_ids``, ``echo`` or a tool's own fields (vLLM's pydantic model of a tool).
@@ -253,24 +260,54 @@ def _err(kind: str, loc: str, msg: str, value: Any) -> dict:
 
 
 def load_request_json(raw: bytes) -> Any:
-    """The body as vLLM's FastAPI reads it: orjson for speed, but where the text may hold an integer orjson
-    cannot keep (19 digits or more in a row), the standard library's parse, which keeps it a Python int as vLLM's
-    does (``"seed": 2**70`` is pydantic's less_than_equal there, ``1e20`` a float's int_parsing_size)."""
-    body = orjson.loads(raw)
+    """The body as vLLM's FastAPI reads it (Starlette's ``json.loads`` of the bytes): orjson for speed, but the
+    standard library's parse where the text may hold an integer orjson cannot keep (19 digits or more in a row),
+    which keeps it a Python int as vLLM's does (``"seed": 2**70`` is pydantic's less_than_equal there, ``1e20`` a
+    float's int_parsing_size), and where orjson refuses the text: ``json.loads`` takes a UTF-8 BOM, UTF-16 and
+    UTF-32, ``NaN`` and ``Infinity`` and lone surrogates, as vLLM does, and words its errors as vLLM does."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
     if may_hold_long_integer(raw):
         body = json.loads(raw)
     return body
 
 
-def invalid_json_response(exc: orjson.JSONDecodeError) -> web.Response:
+async def read_json_body(request: web.Request) -> Any:
+    """The body of a vLLM (FastAPI) generation route, or the 400 it answers instead, in FastAPI's order: the
+    body is parsed first where it is declared JSON (``application/json`` or ``application/*+json``: a broken one
+    answers ``json_invalid`` before the route's media-type check, ``validate_json_request``), bytes it cannot
+    decode answer ``{"detail": "There was an error parsing the body"}``, then the media type is checked, then an empty body (or
+    ``null``) is a missing one (pydantic's ``Field required``)."""
+    raw = await request.read()
+    media = request.headers.get("Content-Type", "").lower().split(";", 1)[0].strip()
+    body = None
+    if raw and (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+        try:
+            body = load_request_json(raw)
+        except json.JSONDecodeError as exc:  # orjson's error is one too, but orjson's are re-read by json
+            return invalid_json_response(exc)
+        except (ValueError, RecursionError):  # bytes no UTF is, or nesting past the interpreter's recursion:
+            # FastAPI's own HTTPException, which reaches the client in FastAPI's shape, not vLLM's (observed)
+            return web.Response(body=b'{"detail":"There was an error parsing the body"}', status=400,
+                                content_type="application/json")
+    if not is_json_request(request):
+        return unsupported_media_type_response()
+    if body is None:
+        return pydantic_error_response([_err("missing", "body", "Field required", None)])
+    return body
+
+
+def invalid_json_response(exc: json.JSONDecodeError) -> web.Response:
     """FastAPI's 400 for a body that is not JSON; one builder because the LLM and DiT servers both mimic it."""
     return pydantic_error_response([{"type": "json_invalid", "loc": "body." + str(exc.pos), "msg": "JSON decode error",
                                      "input": {}, "ctx": {"error": exc.msg}}])
 
 
 def is_json_request(request: web.Request) -> bool:
-    """vLLM's ``validate_json_request`` (a dependency of its generation routes, run before the body is read):
-    the media type, lower-cased and without parameters, must be application/json."""
+    """vLLM's ``validate_json_request`` (a dependency of its generation routes, which FastAPI runs once it has
+    read the body): the media type, lower-cased and without parameters, must be application/json."""
     return request.headers.get("Content-Type", "").lower().split(";", 1)[0] == "application/json"
 
 
@@ -853,13 +890,9 @@ class SimServer:
         return await self._generate(request, chat=False)
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        if not is_json_request(request):
-            return unsupported_media_type_response()
-        raw = await request.read()
-        try:
-            body = load_request_json(raw)
-        except orjson.JSONDecodeError as exc:
-            return invalid_json_response(exc)
+        body = await read_json_body(request)
+        if isinstance(body, web.Response):
+            return body
         parsed = parse_body(body, chat)
         if isinstance(parsed, web.Response):
             return parsed
