@@ -126,6 +126,14 @@ async def test_fields_in_vllms_lax_forms_are_served_and_read_as_vllm_reads_them(
     assert gw.inflight == 0
 
 
+async def test_a_utf8_byte_order_mark_is_ignored(gw, engine):
+    """JSON's RFC lets a reader ignore a BOM (some .NET and PowerShell clients send one) and vLLM does; the
+    engine gets the body without it."""
+    status, body, _ = await post(gw.base_url + CHAT, b"\xef\xbb\xbf" + orjson.dumps(GOOD))
+    assert status == 200, body
+    assert engine.seen_raw[-1] == orjson.dumps(GOOD)
+
+
 def test_validation_keeps_the_value_it_read_for_the_scheduler():
     """The parsed body holds what vLLM would read (the scheduler and the predictor compute with it); types the
     client already sent right are left as they are, an int temperature included."""

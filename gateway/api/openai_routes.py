@@ -106,6 +106,9 @@ def check_json_media_type(request: web.Request) -> None:
                        code="unsupported_media_type")
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The body, within ``limit`` bytes and ``BODY_READ_TIMEOUT_S``: the request holds one of the gateway's
     ``max_inflight`` places while it is read, and a client that sends its headers and then goes quiet would
@@ -118,6 +121,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         async with asyncio.timeout(BODY_READ_TIMEOUT_S):
             body = await request.read()
         request[_BODY_READ] = time.perf_counter()  # the gateway's own time (its overhead figure) starts here
+        if body.startswith(_UTF8_BOM):  # JSON's RFC lets a reader ignore one, as vLLM's does; orjson refuses it
+            body = body[len(_UTF8_BOM):]
         return body
     except TimeoutError:
         raise APIError(408, f"The request body did not arrive within {BODY_READ_TIMEOUT_S:g} s.",
