@@ -1417,7 +1417,6 @@ class Scheduling:
                 role=(context.role if context is not None and context.role else estimate.role), slo_class=slo_name,
                 workflow_id=workflow_id, step=(context.step or 0) if context is not None else 0, deadline=deadline,
                 ttft_deadline=now + self._ttft.get(slo_name, 2.0),
-                client_priority=client_priority if isinstance(client_priority, int) else 0,
                 prompts=prompts, sequences=n)
             pools = self._by_model.get(job.model) or []
             pool = self.choose_pool(pools, sched_request) if pools else None

@@ -45,7 +45,6 @@ class SchedRequest:
     step: int = 0
     deadline: float | None = None  # absolute; for a workflow step, the workflow's deadline
     ttft_deadline: float | None = None  # absolute time the first token is due (arrival + class TTFT target)
-    client_priority: int = 0  # the body's vLLM ``priority`` (lower first), used only to break ties
     prompts: int = 1  # distinct prompts (a legacy completion's batch), prompt_tokens being their sum
     sequences: int = 1  # answers the engine runs: n for each prompt (see admission.kv_footprint)
     # set by the scheduler
