@@ -107,8 +107,8 @@ def _check_common(body: dict[str, Any], max_model_len: int | None) -> None:
             raise bad_request("'stream_options' is only allowed when 'stream' is true.", "stream_options")
         _lax(options, "include_usage", lax_bool, "'stream_options.include_usage' must be a boolean.",
              "stream_options.include_usage")
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = _lax(body, name, lax_int, f"'{name}' must be an integer.", name)
+    for name, message in _TOKEN_LIMITS:
+        value = _lax(body, name, lax_int, message, name)
         if value is None:
             continue
         if value < 1:
@@ -116,16 +116,20 @@ def _check_common(body: dict[str, Any], max_model_len: int | None) -> None:
         if max_model_len is not None and value > max_model_len:
             raise bad_request(f"'{name}' is {value}, more than the model's context length of {max_model_len} "
                               "tokens.", name)
-    n_message = f"'n' must be an integer between 1 and {MAX_CHOICES}."
-    n = _lax(body, "n", lax_int, n_message, "n")
+    n = _lax(body, "n", lax_int, _N_MESSAGE, "n")
     if n is not None and not 1 <= n <= MAX_CHOICES:
-        raise bad_request(n_message, "n")
-    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0),
-                            ("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0)):
-        message = f"'{name}' must be a number between {low:g} and {high:g}."
+        raise bad_request(_N_MESSAGE, "n")
+    for name, low, high, message in _SAMPLING_RANGES:
         value = _lax(body, name, lax_float, message, name)
         if value is not None and not low <= value <= high:
             raise bad_request(message, name)
+
+
+_TOKEN_LIMITS = tuple((name, f"'{name}' must be an integer.") for name in ("max_tokens", "max_completion_tokens"))
+_N_MESSAGE = f"'n' must be an integer between 1 and {MAX_CHOICES}."
+_SAMPLING_RANGES = tuple((name, low, high, f"'{name}' must be a number between {low:g} and {high:g}.")
+                         for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0),
+                                                 ("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0)))
 
 
 def validate_chat(body: dict[str, Any], max_model_len: int | None) -> None:
