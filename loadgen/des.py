@@ -82,7 +82,7 @@ import heapq
 import math
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -104,6 +104,7 @@ INF = math.inf
 # Re-key the queues when the learned mean step time moved 5 % from the one in use (smaller moves reorder little
 # and would cost a re-sort of every queue each time).
 STEP_TIME_REKEY_DRIFT = 0.05
+PROGRESS_EVERY_S = 2.0  # wall seconds between two progress reports of a run that asked for them
 
 # --------------------------------------------------------------------------------------------------- configuration
 
@@ -222,6 +223,19 @@ def two_cluster_config(engines: int = 16, engine: EngineSpec | None = None, rtt_
 
 
 # --------------------------------------------------------------------------------------------------- predictors
+
+
+@dataclass(frozen=True, slots=True)
+class SimProgress:
+    """Where a simulation has got to, for a progress line: simulated time against the arrival window, workflows
+    finished, requests queued at the gateway's pools, events processed, wall time."""
+    simulated_s: float
+    window_s: float
+    workflows_done: int
+    workflows: int
+    queued: int
+    events: int
+    wall_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -1180,8 +1194,12 @@ class Simulator(EngineHooks):
             self._reserved_peak = self._reserved_total
 
     # -- run ----------------------------------------------------------------------------------------------------
-    def run(self) -> RunResult:
+    def run(self, progress: Callable[[SimProgress], None] | None = None) -> RunResult:
+        """Simulate the workload. ``progress``, if given, is called about every ``PROGRESS_EVERY_S`` seconds of
+        wall time with where the run has got to (from the sample events: nothing is added to the event loop)."""
         started = time.perf_counter()
+        self._progress = progress
+        self._progress_due = started + PROGRESS_EVERY_S
         wl = self.workload
         cfg = self.cfg
         preds = self._predict_all()
@@ -1246,6 +1264,8 @@ class Simulator(EngineHooks):
                 self._arrival(a, t)
             else:
                 self._sample(t)
+                if self._progress is not None:
+                    self._report_progress(t, count, started)
                 if self._pending > 0:
                     if not events:
                         raise RuntimeError(f"simulation stalled at t={t:.3f}s with {self._pending} workflows "
@@ -1503,6 +1523,15 @@ class Simulator(EngineHooks):
             self._pending -= 1
 
     # -- sampling and results ---------------------------------------------------------------------------------
+    def _report_progress(self, t: float, events: int, started: float) -> None:
+        now = time.perf_counter()
+        if now < self._progress_due:
+            return
+        self._progress_due = now + PROGRESS_EVERY_S
+        queued = int(self.series["queued_requests"][-1][1])
+        self._progress(SimProgress(t, self.window, len(self.runs) - self._pending, len(self.runs), queued, events,
+                                   now - started))
+
     def _sample(self, t: float) -> None:
         used = 0
         for pool in self.pools:
@@ -1587,6 +1616,8 @@ def _config_json(cfg: SimConfig) -> dict[str, Any]:
 
 
 def simulate(workload: Workload, config: SimConfig, predictor: Any = None,
-             cost_model: EngineCostModel | None = None) -> RunResult:
-    """Run ``workload`` on ``config`` and return the results (deterministic: same inputs, same result)."""
-    return Simulator(workload, config, predictor, cost_model).run()
+             cost_model: EngineCostModel | None = None,
+             progress: Callable[[SimProgress], None] | None = None) -> RunResult:
+    """Run ``workload`` on ``config`` and return the results (deterministic: same inputs, same result; a
+    ``progress`` callback, see :meth:`Simulator.run`, changes nothing of them)."""
+    return Simulator(workload, config, predictor, cost_model).run(progress)

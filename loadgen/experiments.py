@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadgen.des import ClusterSpec, EngineSpec, PoolSpec, SimConfig, load_predictor, simulate
+from loadgen.des import ClusterSpec, EngineSpec, PoolSpec, SimConfig, SimProgress, load_predictor, simulate
 from loadgen.results import RunResult, announce_replacing, json_bytes, prepare_output, quantile, write_atomically
 from loadgen.slo import add_gateway_config_argument, check_workload_slo_classes, slo_classes_from_args
 from loadgen.workload import Step, Workflow, Workload, load_workload
@@ -421,11 +421,37 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-interval", type=float, default=1.0, help="KV time-series period, seconds")
     parser.add_argument("--reference", action="store_true", help="plain PoolScheduler (slow; for checking)")
     parser.add_argument("--out", "-o", help="write the RunResult JSON here")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress line on stderr (one every 2 s of a long run otherwise)")
     add_gateway_config_argument(parser)
     _add_common(parser)  # no --jobs: one simulation runs in one process
 
 
+class _SimulateProgress:
+    """The progress line of ``maestro loadgen simulate`` on stderr: rewritten in place on a terminal, one line
+    a report otherwise (a log file)."""
+
+    def __init__(self) -> None:
+        self.last: SimProgress | None = None
+        self._tty = sys.stderr.isatty()
+
+    def __call__(self, report: SimProgress) -> None:
+        self.last = report
+        if report.simulated_s <= report.window_s:
+            when = f"{report.simulated_s:,.0f} of {report.window_s:,.0f} s simulated"
+        else:  # the arrivals are over: what is left runs down
+            when = f"{report.simulated_s:,.0f} s simulated (arrivals ended at {report.window_s:,.0f} s)"
+        line = (f"[simulate] {when}, {report.workflows_done:,}/{report.workflows:,} workflows done, "
+                f"{report.queued:,} queued, {report.events:,} events, {report.wall_s:.0f} s wall")
+        print("\r" + line if self._tty else line, end="" if self._tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._tty and self.last is not None:
+            print(file=sys.stderr)
+
+
 def simulate_main(args: argparse.Namespace) -> int:
+    progress: _SimulateProgress | None = None
     try:
         if args.out:
             prepare_output(args.out, inputs=(args.workload, args.gateway_config, args.predictor))
@@ -440,10 +466,20 @@ def simulate_main(args: argparse.Namespace) -> int:
                            cluster_routing=args.routing, sample_interval_s=args.sample_interval,
                            reference=args.reference, slo_classes=slo_classes)
         announce_replacing(args.out)
-        run = simulate(workload, config, load_predictor(args.predictor))
+        progress = None if args.no_progress else _SimulateProgress()
+        try:
+            run = simulate(workload, config, load_predictor(args.predictor), progress=progress)
+        finally:
+            if progress is not None:
+                progress.close()
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = f" at {progress.last.simulated_s:,.0f} s of simulated time" if progress and progress.last else ""
+        kept = f"; {args.out} is left as it was" if args.out and Path(args.out).exists() else ""
+        print(f"maestro: simulation interrupted{where}; nothing written{kept}", file=sys.stderr)
+        return 130
     if not args.workload:
         run.meta["rate"] = args.rate  # the nominal rate asked for; meta["load"] is what was generated
     run.policy["label"] = f"{args.queue}/{args.admission}/{args.routing}"

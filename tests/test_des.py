@@ -459,6 +459,43 @@ def test_simulate_cli_writes_a_run_result(tmp_path):
     assert not math.isnan(run.meta["load"])
 
 
+def test_simulate_reports_progress_without_changing_the_run_and_says_where_an_interrupt_stopped_it(
+        tmp_path, monkeypatch, capsys):
+    """A long ``loadgen simulate`` prints where it has got to (every 2 s of wall time; every sample here), the
+    same run comes out with or without it, and Ctrl-C says how far it got and that nothing was written."""
+    import argparse
+
+    import loadgen.des as des
+    from loadgen.experiments import add_simulate_arguments, simulate_main
+
+    parser = argparse.ArgumentParser()
+    add_simulate_arguments(parser)
+    argv = ["--rate", "1", "--duration", "30", "--clusters", "c0:2:2"]
+    monkeypatch.setattr(des, "PROGRESS_EVERY_S", 0.0)
+    assert simulate_main(parser.parse_args([*argv, "--out", str(tmp_path / "with.json")])) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[simulate]")]
+    assert len(lines) > 10 and "of 30 s simulated" in lines[0] and "workflows done" in lines[0]
+    assert "arrivals ended at 30 s" in lines[-1]
+    assert simulate_main(parser.parse_args([*argv, "--no-progress", "--out", str(tmp_path / "without.json")])) == 0
+    assert "[simulate]" not in capsys.readouterr().err
+    with_progress, without = (json.loads((tmp_path / name).read_text()) for name in ("with.json", "without.json"))
+    for run in (with_progress, without):
+        run["meta"].pop("wall_s", None), run["meta"].pop("predict_s", None)
+    assert with_progress["requests"] == without["requests"] and with_progress["series"] == without["series"]
+
+    calls = []
+
+    def interrupt(report):
+        calls.append(report)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(des.Simulator, "_report_progress", lambda self, t, events, started: interrupt(t))
+    out = tmp_path / "interrupted.json"
+    assert simulate_main(parser.parse_args([*argv, "--out", str(out)])) == 130
+    assert "maestro: simulation interrupted" in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize("policy_name", ["fcfs", "edf", "maestro", "lsf"])
 def test_the_simulators_policy_is_the_gateways_with_default_settings(policy_name):
     """``loadgen simulate --queue NAME`` (and E1) build the policy with no options: it must order requests as a
