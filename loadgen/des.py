@@ -104,6 +104,7 @@ INF = math.inf
 # Re-key the queues when the learned mean step time moved 5 % from the one in use (smaller moves reorder little
 # and would cost a re-sort of every queue each time).
 STEP_TIME_REKEY_DRIFT = 0.05
+TIMER_HEAP_SLACK = 1024  # stale queue timers allowed beyond twice the queued requests before the heap is rebuilt
 PROGRESS_EVERY_S = 2.0  # wall seconds between two progress reports of a run that asked for them
 
 # --------------------------------------------------------------------------------------------------- configuration
@@ -369,6 +370,18 @@ class FastPool:
             self.version[r.request_id] = v
             self._seq += 1
             heapq.heappush(self.timers, (max(nxt, math.nextafter(now, INF)), self._seq, r.request_id, v))
+            if len(self.timers) > 2 * len(self.waiting) + TIMER_HEAP_SLACK:
+                self._drop_stale_timers()
+
+    def _drop_stale_timers(self) -> None:
+        """Keep only the timers that can still fire: each re-key leaves its request's earlier timer in the heap
+        until it is due, and under deep overload (queues of thousands, re-keyed as the mean step time drifts) the
+        stale ones outnumbered the live ones a hundred to one (half a GB in a 3-hour run). The heap order is
+        (time, sequence), so the timers that fire, and their order, are the same."""
+        version, waiting = self.version, self.waiting
+        timers = self.timers  # in place: _fire_timers holds this list while it re-keys
+        timers[:] = [timer for timer in timers if version.get(timer[2]) == timer[3] and timer[2] in waiting]
+        heapq.heapify(timers)
 
     def _remove(self, r: SchedRequest) -> None:
         tier, key = self.where.pop(r.request_id)
@@ -1493,6 +1506,7 @@ class Simulator(EngineHooks):
             output_tokens=req.target, first_token=req.first_token + half, finish=t + half,
             ttft_target_s=cls.ttft_s if cls else None, tpot_target_s=cls.tpot_s if cls else None,
             preemptions=req.preemptions, reserved_tokens=req.max_reserved))
+        self.service.pop(req.rid, None)  # the queues' service estimate, no longer asked for once it has run
         state = run.state
         if state is not None:
             state.inflight.discard(req.rid)

@@ -281,6 +281,29 @@ def test_mean_step_time_is_learned_online_like_the_gateway():
     assert [r.to_json() for r in fixed.requests] != [r.to_json() for r in fast.requests]
 
 
+def test_dropping_stale_queue_timers_changes_no_schedule(monkeypatch):
+    """Re-keys leave each queued request's earlier timer in the heap; the heap is rebuilt with only the live ones
+    once stale ones pile up (always, here), and the schedule is the reference scheduler's all the same."""
+    import loadgen.des as des
+
+    monkeypatch.setattr(des, "TIMER_HEAP_SLACK", 0)
+    rebuilt = []
+    real = des.FastPool._drop_stale_timers
+
+    def counted(self):
+        real(self)
+        rebuilt.append(len(self.timers))
+        assert len(self.timers) <= len(self.waiting)
+
+    monkeypatch.setattr(des.FastPool, "_drop_stale_timers", counted)
+    workload = _small_workload(3, n=150, rate=12.0)
+    options = {"max_wait_s": 20.0}
+    fast = simulate(workload, _config(queue_policy="maestro", queue_options=options, mean_step_s=20.0))
+    slow = simulate(workload, _config(queue_policy="maestro", queue_options=options, mean_step_s=20.0,
+                                      reference=True))
+    assert rebuilt and [r.to_json() for r in fast.requests] == [r.to_json() for r in slow.requests]
+
+
 @pytest.mark.parametrize("admission", ["none", "max_tokens", "predicted"])
 def test_conservation(admission):
     workload = _small_workload(3, n=80, rate=4.0)
