@@ -450,3 +450,85 @@ def test_check_config_warns_where_aging_can_never_happen(tmp_path):
     done = subprocess.run([sys.executable, "-m", "gateway.cli", "check-config", str(path)], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0 and "warning" not in done.stderr
+
+
+# ----------------------------------------------------------------------------------- the README's config table
+
+_SECTIONS = ("server", "state", "timeouts", "monitor", "routing", "scheduling", "predictor")
+# defaults the table words rather than writes as a value, with the value they stand for
+_WORDED = {"4 MiB": 4 * 2**20, "host-pid": "", "none": (), "0 (half of `max_inflight`)": 0,
+           "`{state.key_prefix}:predictor:traces`": "maestro:predictor:traces", "268435456 (256 MiB)": 268435456,
+           "[traceparent, tracestate, X-Sim-Output-Tokens]": ("traceparent", "tracestate", "X-Sim-Output-Tokens"),
+           '["*"]': ("*",), "[]": ()}
+
+
+def _split_outside_brackets(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "[{" and 1 or ch in "]}" and -1 or 0
+        if ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return parts
+
+
+def _readme_defaults() -> dict[str, str]:
+    """``{dotted key: default as written}`` for every key of the README's config table in a top-level section."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Config reference", 1)[1].split("\n### ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = line.split(" | ")
+        if not line.startswith("| `") or len(cells) < 3:
+            continue
+        keys = [k.strip("`| ") for k in cells[0].replace(" / ", ", ").split(", ")]
+        if keys[0].split(".")[0] not in _SECTIONS:
+            continue
+        parent = keys[0].rsplit(".", 1)[0]
+        keys = [parent + k if k.startswith(".") else k for k in keys]
+        keys = [k.removesuffix(".<role>") for k in keys]  # predictor.priors.<role>: the priors table
+        defaults = _split_outside_brackets(cells[1]) if len(keys) > 1 else [cells[1].strip()]
+        assert len(keys) == len(defaults), (line[:120], keys, defaults)
+        rows.update(zip(keys, defaults))
+    return rows
+
+
+def _as_written(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def test_the_readmes_config_table_names_every_setting_with_its_default():
+    """Every setting of the top-level sections is in the README's table with the default the code has, and the
+    table names no setting the code lacks: the table is what operators configure from."""
+    import dataclasses
+
+    config = default_config()
+    documented = _readme_defaults()
+    fields = {}
+    for section in _SECTIONS:
+        stack = [(section, getattr(config, section))]
+        while stack:
+            prefix, obj = stack.pop()
+            for field in dataclasses.fields(obj):
+                value = getattr(obj, field.name)
+                if dataclasses.is_dataclass(value):
+                    stack.append((f"{prefix}.{field.name}", value))
+                else:
+                    fields[f"{prefix}.{field.name}"] = value
+    assert sorted(set(fields) - set(documented)) == [], "settings the README's table does not name"
+    assert sorted(set(documented) - set(fields)) == [], "README rows naming no setting"
+    wrong = {}
+    for key, written in documented.items():
+        value = fields[key]
+        if key == "predictor.priors":
+            assert written == "built-in" and not value  # none configured: predictor.predictor.DEFAULT_PRIORS
+            continue
+        literal = _as_written(value) == written.strip('"`') or (written == '""' and value == "")
+        if not (literal or (written in _WORDED and value == _WORDED[written])):
+            wrong[key] = (written, value)
+    assert wrong == {}, "README defaults that differ from the code's"
