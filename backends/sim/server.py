@@ -278,8 +278,8 @@ async def read_json_body(request: web.Request) -> Any:
     """The body of a vLLM (FastAPI) generation route, or the 400 it answers instead, in FastAPI's order: the
     body is parsed first where it is declared JSON (``application/json`` or ``application/*+json``: a broken one
     answers ``json_invalid`` before the route's media-type check, ``validate_json_request``), bytes it cannot
-    decode answer ``{"detail": "There was an error parsing the body"}``, then the media type is checked, then an empty body (or
-    ``null``) is a missing one (pydantic's ``Field required``)."""
+    decode answer ``{"detail": "There was an error parsing the body"}``, then the media type is checked, then an
+    empty body (or ``null``) is a missing one (pydantic's ``Field required``)."""
     raw = await request.read()
     media = request.headers.get("Content-Type", "").lower().split(";", 1)[0].strip()
     body = None

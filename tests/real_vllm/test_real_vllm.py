@@ -313,7 +313,8 @@ class TestTinyLlama:
                 good = orjson.dumps({"model": model, "messages": chat, "max_tokens": 1})
                 for data, content_type in (
                         (b"", "application/json"), (b"null", "application/json"), (b"  \n ", "application/json"),
-                        (b"\xef\xbb\xbf" + good, "application/json"), (good.decode().encode("utf-16"), "application/json"),
+                        (b"\xef\xbb\xbf" + good, "application/json"),
+                        (good.decode().encode("utf-16"), "application/json"),
                         (good[:-1] + b', "x": [NaN, Infinity, -Infinity]}', "application/json"),
                         (good[:-1] + b', "user": "\\ud800"}', "application/json"),
                         (good[:-1] + b', "user": "\xff\xfe"}', "application/json"),
