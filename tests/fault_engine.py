@@ -145,6 +145,8 @@ class FaultEngine:
         if mode == "unauthorized":  # vLLM's --api-key answer to a request without its key
             return web.Response(status=401, body=orjson.dumps({"error": "Unauthorized"}),
                                 content_type="application/json")
+        if mode == "forbidden":  # a proxy in front of the engine that refuses the gateway's credentials
+            return web.Response(status=403, body=b'{"error": "Forbidden"}', content_type="application/json")
         if mode == "redirect":
             return web.Response(status=307, headers={"Location": self.url + "/elsewhere"})
         if mode == "gzip":  # an engine behind a compressing proxy that ignores Accept-Encoding: identity

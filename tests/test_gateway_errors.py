@@ -80,6 +80,7 @@ def assert_openai_error(body: dict, param: str | None = None) -> None:
     (orjson.dumps({**GOOD, "temperature": "hot"}), "temperature"),
     (orjson.dumps({**GOOD, "temperature": "nan"}), "temperature"),
     (orjson.dumps({**GOOD, "n": 0}), "n"),
+    (orjson.dumps({**GOOD, "n": 129}), "n"),  # OpenAI's limit, 128
     (orjson.dumps({**GOOD, "n": 1.5}), "n"),
     (orjson.dumps({**GOOD, "response_format": "json_object"}), "response_format"),
     (orjson.dumps({**GOOD, "response_format": {"type": 5}}), "response_format.type"),
@@ -120,6 +121,9 @@ async def test_fields_in_vllms_lax_forms_are_served_and_read_as_vllm_reads_them(
                 text = await r.text()
         assert text.rstrip().endswith("data: [DONE]"), text
         assert orjson.loads(engine.seen_raw[-1])["stream"] == "true"
+    sent = orjson.dumps({**GOOD, "max_tokens": 2048, "n": 128})  # the context exactly, OpenAI's most answers
+    status, body, _ = await post(gw.base_url + CHAT, sent)
+    assert status == 200, body
     sent = orjson.dumps({**GOOD, "stream": 0, "stream_options": None})
     status, body, _ = await post(gw.base_url + CHAT, sent)
     assert status == 200 and body["object"] == "chat.completion", body

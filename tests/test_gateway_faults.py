@@ -618,6 +618,7 @@ async def test_malformed_http_from_an_engine_is_an_upstream_error_not_ours(engin
 
 @pytest.mark.parametrize("mode, says", [
     ("unauthorized", "refused the gateway's credentials (HTTP 401)"),
+    ("forbidden", "refused the gateway's credentials (HTTP 403)"),
     ("redirect", "answered a redirect (HTTP 307)"),
     ("gzip", "Content-Encoding 'gzip'"),
 ])
@@ -642,7 +643,7 @@ async def test_an_answer_the_gateway_cannot_relay_is_tried_elsewhere_then_a_502(
         async with aiohttp.ClientSession() as session:
             async with session.get(gw.base_url + "/metrics") as r:
                 text = await r.text()
-        reason = {"unauthorized": "auth", "redirect": "redirect", "gzip": "encoded"}[mode]
+        reason = {"unauthorized": "auth", "forbidden": "auth", "redirect": "redirect", "gzip": "encoded"}[mode]
         assert f'maestro_upstream_errors_total{{engine="local/p/0",reason="{reason}"}}' in text
         warned = [r.getMessage() for r in caplog.records if "tried elsewhere" in r.getMessage()]
         assert len(warned) == 2 and bad.hits >= 2  # once per engine, not once per request (a wrong key floods)

@@ -862,6 +862,8 @@ def test_metrics_on_a_hand_checkable_set():
     assert mae([1, 2, 3], [2, 2, 5]) == pytest.approx(1.0)
     assert coverage([10, 10, 10, 10], [5, 10, 11, 30]) == pytest.approx(0.5)
     assert kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    # with ties, tau-b: 4 concordant, 0 discordant, one tie on each side: 4 / sqrt(5 * 5) (tau-c would be 0.75)
+    assert kendall_tau([1, 1, 2, 3], [1, 2, 2, 3]) == pytest.approx(0.8)
     # prompts 100+100, reserved 50+150, max 400+400: 1 - 400/1000
     assert kv_saving([100, 100], [50, 150], [400, 400]) == pytest.approx(0.6)
     assert under_reservation([60, 100], [50, 150]) == pytest.approx(0.5)
@@ -965,9 +967,26 @@ def test_served_contexts_cap_reservations_and_the_worst_case_by_hand():
     assert report["kv"]["saving"] == pytest.approx(1 - (21000 + 2048 + 5096) / (32768 + 2048 + 5096), abs=1e-4)
     assert report["kv"]["oracle_saving"] == pytest.approx(1 - (10000 + 1500 + 1500) / (32768 + 2048 + 5096),
                                                           abs=1e-4)
+    # the p50 is capped as the p90 is: 5000, 1048, 4096 against 9000, 500, 500
+    assert report["length"]["mae_p50"] == pytest.approx((4000 + 548 + 3596) / 3, abs=0.01)
     # without the contexts every request without max_tokens is capped at 4096: the long model's 20000 shrinks
     plain = evaluate_records(always, test)
     assert plain["length"]["p90_quantile_loss"] == pytest.approx((0.9 * 4904 + 0.1 * 3596 * 2) / 3, abs=0.01)
+    # ... and the oracle reserves at most the cap too: 4096 of the long model's 9000
+    assert plain["kv"]["oracle_saving"] == pytest.approx(1 - (5096 + 1500 + 1500) / (3 * 5096), abs=1e-4)
+
+
+def test_an_output_of_exactly_the_reservation_is_no_under_reservation_in_the_intervals_either():
+    def record(run, output):
+        return {"request": {"model": "m", "messages": [{"role": "user", "content": run}]},
+                "usage": {"prompt_tokens": 10, "completion_tokens": output}, "agent_role": "coder",
+                "workflow": {"id": run, "step": 0}, "source": "t"}
+
+    test = [record("r1", 150), record("r2", 150), record("r3", 100)]
+    report = evaluate_records(FixedPredictor(100, 150, "coder", fit_baselines(test)), test)
+    assert report["kv"]["under_reservation_rate"] == 0.0
+    assert report["intervals_95"]["under_reservation_rate"] == [0.0, 0.0]
+    assert report["intervals_95"]["p90_coverage"] == [1.0, 1.0]
 
 
 def test_evaluation_hides_the_role_label_unless_roles_are_explicit():
