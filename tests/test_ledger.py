@@ -195,6 +195,7 @@ def test_several_answers_reserve_their_own_tail_and_output_blocks():
     assert kv_footprint(500, 4 * 300, 128, 1, 4) == 3 * 128 + 4 * round_to_blocks(116 + 300, 128)
     assert kv_footprint(2 * 200, 4 * 10, 128, 2, 4) == 2 * 128 + 4 * 128  # two prompts of 200, n=2
     assert kv_footprint(100, 40, 128, 1, 4) == 4 * 128  # a prompt under one block: nothing shared
+    assert kv_footprint(100, 113, 128, 1, 4) == 4 * 256  # 113 over four answers: 29 each (100 + 29 > 128), not 28
     assert kv_footprint(256, 4, 128, 1, 4) == 128 + 4 * 256  # the last prompt block is each answer's own
     request = SchedRequest("r", "m", 0.0, prompt_tokens=463, max_tokens=4 * 500, pred_p50=4 * 50,
                            pred_p90=4 * 100, prompts=1, sequences=4)
