@@ -427,6 +427,14 @@ def test_cluster_routing_plugins():
     assert la.choose(req, [_load("near", 0.001, outstanding=9, free=1000), _load("far", 0.04, free=10**6)]) == "far"
     # a small queue on the near cluster costs less than the round trip plus nothing: stays near
     assert estimated_completion_s(req, _load("near", 0.001)) < estimated_completion_s(req, _load("far", 0.04))
+    # a request queued ahead means no room, even with slots free: it would wait behind it
+    assert la.choose(req, [_load("near", 0.001, queued=1, work=30.0), _load("far", 0.04)]) == "far"
+    # the service estimate counts the prefill: 1000 prompt tokens at 10,000/s and 199 tokens at 0.05 s
+    assert estimated_completion_s(req, _load("a", 0.0)) == pytest.approx(0.1 + 199 * 0.05)
+    # round robin passes over a cluster with no engine up (no slots), unless none has one
+    rr = make_cluster_routing("round_robin")
+    assert {rr.choose(req, [_load("up", 0), _load("down", 0, slots=0)]) for _ in range(4)} == {"up"}
+    assert rr.choose(req, [_load("down", 0, slots=0)]) == "down"
     with pytest.raises(ValueError):
         make_cluster_routing("nope")
 
