@@ -15,7 +15,7 @@ from backends.sim.engine import SimEngine
 from backends.sim.options import SimEngineOptions
 from gateway.core.cluster_routing import (ClusterLoad, ClusterRequest, estimated_completion_s,
                                           make_cluster_routing)
-from gateway.core.queue_policy import Maestro, PolicyContext, make_queue_policy
+from gateway.core.queue_policy import LeastSlackFirst, Maestro, PolicyContext, make_queue_policy
 from gateway.core.request import SchedRequest, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
 from loadgen.des import (ClusterSpec, DESEngine, EngineHooks, EngineSpec, FastPool, PoolSpec, PriorPredictor,
@@ -391,6 +391,19 @@ def test_maestro_key_tiers():
     assert policy.order(step, 10.0, ctx) == ((1, 25.0, 0.0, "s"), 75.0)
     assert policy.key(step, 76.0, ctx)[0] == 2
     assert Maestro(max_wait_s=30.0).key(step, 31.0, ctx)[0] == -1
+    # hopeless work goes least late first: a step 6 s past its feasibility before one 26 s past it
+    later = SchedRequest("t", "m", 0.0, 10, 100, 50, 80, workflow_id="w", deadline=80.0)  # feasible until 55
+    assert sorted([step, later], key=lambda r: policy.key(r, 81.0, ctx)) == [step, later]
+
+
+def test_lsf_protects_short_interactive_calls_only():
+    """lsf: an interactive call of at most ``short_s`` of service is tier 0; a longer one competes on slack."""
+    short = SchedRequest("short", "m", 0.0, 10, 100, 50, 80, ttft_deadline=2.0)
+    long = SchedRequest("long", "m", 0.0, 10, 100, 50, 80, ttft_deadline=2.0)
+    ctx = PolicyContext(service_time=lambda r: 1.0 if r.request_id == "short" else 30.0, workflows={},
+                        mean_step_s=5.0)
+    policy = LeastSlackFirst(max_wait_s=600.0, short_s=2.0)
+    assert policy.key(short, 0.5, ctx)[0] == 0 and policy.key(long, 0.5, ctx)[0] != 0
 
 
 def test_prior_predictor_uses_the_explicit_role_and_caps_by_max_tokens():
