@@ -182,8 +182,8 @@ class FaultEngine:
             return response
         if not body.get("stream"):
             completion = self._completion()
-            if mode == "abort":
-                completion["choices"][0]["finish_reason"] = "abort"
+            if mode in ("abort", "finish_error"):  # finish_error: vLLM's "error" (the engine failed the answer)
+                completion["choices"][0]["finish_reason"] = "abort" if mode == "abort" else "error"
             response = web.Response(body=orjson.dumps(completion), content_type="application/json")
             if mode == "compressing":  # behind a proxy that compresses what the client's Accept-Encoding allows
                 response.enable_compression()
@@ -252,7 +252,7 @@ class FaultEngine:
             self.aborted += 1
             raise
         chunk["choices"][0]["delta"] = {}
-        chunk["choices"][0]["finish_reason"] = "abort" if mode == "abort" else "stop"  # abort: put to sleep
+        chunk["choices"][0]["finish_reason"] = {"abort": "abort", "finish_error": "error"}.get(mode, "stop")
         await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {**chunk, "choices": [], "usage": self.usage}

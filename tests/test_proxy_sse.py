@@ -89,3 +89,26 @@ def test_an_events_data_is_read_as_the_sse_spec_says():
     assert _event_data(b": keep-alive") is None and _event_data(b"id: 7") is None
     assert _first_data(b": ping\n\nid: 1\n\ndata:{\"b\":2}\n\ndata: later\n\n") == b'{"b":2}'
     assert _first_data(b"data: not whole yet") is None
+
+
+def test_a_streams_usage_is_counted_once_however_often_its_end_is_seen():
+    """A stream's end can be seen twice (its [DONE] relayed, then the client leaving as the engine closes): its
+    tokens go into the metrics and the request once."""
+    from types import SimpleNamespace
+
+    from gateway.config import default_config
+    from gateway.metrics import GatewayMetrics
+    from gateway.proxy import Proxy
+    from gateway.registry import EngineRegistry
+
+    metrics = GatewayMetrics()
+    config = default_config()
+    proxy = Proxy(config, EngineRegistry(config, []), metrics)
+    job = SimpleNamespace(usage=None, model="m")
+    seen = SimpleNamespace(usage={"prompt_tokens": 3, "completion_tokens": 5})
+    proxy._count_stream_usage(job, seen)
+    proxy._count_stream_usage(job, seen)
+    assert job.usage == seen.usage
+    text = metrics.render().decode()
+    assert 'maestro_tokens_total{kind="completion",model="m"} 5.0' in text
+    assert 'maestro_tokens_total{kind="prompt",model="m"} 3.0' in text

@@ -847,17 +847,18 @@ async def test_workflow_context_from_headers_and_metadata():
 
 @bounded()
 async def test_an_answer_the_engine_did_not_finish_is_no_completed_step():
-    """A dropped stream, and an answer the engine cut (finish_reason "abort": an engine put to sleep) whole or
-    streamed, are relayed as they came but are no finished workflow step."""
+    """A dropped stream, and an answer the engine cut (finish_reason "abort": an engine put to sleep; "error": it
+    failed the answer) whole or streamed, are relayed as they came but are no finished workflow step."""
     async with gateway_on_fault_engine(queue_policy="edf") as (engine, gw, session):
         for mode, stream, workflow in (("drop_after_first", True, "wf-dropped"), ("abort", True, "wf-aborted"),
-                                       ("abort", False, "wf-aborted-whole"), ("ok", True, "wf-done")):
+                                       ("abort", False, "wf-aborted-whole"), ("finish_error", True, "wf-failed"),
+                                       ("finish_error", False, "wf-failed-whole"), ("ok", True, "wf-done")):
             async with session.post(gw.base_url + "/v1/chat/completions", json=chat(stream=stream),
                                     headers={"X-Workflow-Id": workflow, "X-Fault-Mode": mode}) as response:
                 text = await response.text()
             assert response.status == 200 and ("upstream_stream_error" in text) == (mode == "drop_after_first")
         await wait_for_async(lambda: _steps(gw, "wf-done", 1))
-        for workflow in ("wf-dropped", "wf-aborted", "wf-aborted-whole"):
+        for workflow in ("wf-dropped", "wf-aborted", "wf-aborted-whole", "wf-failed", "wf-failed-whole"):
             record = await gw.store.get_workflow(workflow)
             assert record["steps_done"] == 0 and record["inflight"] == [], workflow
 
