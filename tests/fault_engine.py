@@ -211,7 +211,13 @@ class FaultEngine:
         chunk = {"id": "chatcmpl-fault", "object": "chat.completion.chunk", "created": 1, "model": self.model,
                  "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}]}
-        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        if mode == "split_first_event":  # the first event's ending blank line comes in a later packet, then a pause
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n")
+            await asyncio.sleep(0.05)
+            await response.write(b"\n")
+            await asyncio.sleep(self.delay_s)
+        else:
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if mode == "drop_after_first":
             await asyncio.sleep(0.05)
             request.transport.close()  # type: ignore[union-attr]

@@ -425,6 +425,20 @@ async def test_a_stream_whose_first_event_takes_stream_idle_s_is_a_504(engines):
         assert caught.value.status_code == 504 and "within 0.3 s" in caught.value.body["message"]
 
 
+async def test_a_first_event_whose_end_comes_in_a_later_packet_is_relayed_at_once(engines):
+    """The blank line that ends the first event can arrive alone: the event is whole then, and the client gets it
+    before the engine's next words (2 s later here), not with them."""
+    for engine in engines:
+        engine.mode, engine.delay_s = "split_first_event", 2.0
+    async with running_gateway(gateway_config([e.url for e in engines])) as gw:
+        started = time.monotonic()
+        stream = await client_for(gw.base_url).chat.completions.create(
+            model="fault-model", stream=True, messages=[{"role": "user", "content": "hi"}])
+        first = await stream.__anext__()
+        assert first.choices[0].delta.role == "assistant" and time.monotonic() - started < 1.5
+        assert [chunk async for chunk in stream]  # and the rest follows
+
+
 async def test_all_engines_down_gives_503(engines):
     async with running_gateway(gateway_config([e.url for e in engines])) as gw:
         for engine in engines:
