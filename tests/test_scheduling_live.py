@@ -2045,6 +2045,73 @@ async def test_a_request_whose_reservation_failed_is_fitted_to_the_engines_as_th
 
 
 @bounded()
+@pytest.mark.parametrize("how", ["handler_cancelled", "ticket_cancelled"])
+async def test_a_reservation_that_lands_after_its_request_left_is_released(how):
+    """A shared-ledger reservation is in flight when its request goes: the client left while its own handler
+    made the call (the handler is cancelled), or while the dispatcher made it for the queued request (the
+    request's end marks the ticket cancelled). Once the store grants it, it is released, or the engine's KV
+    stays promised to nobody until the lease runs out."""
+    from types import SimpleNamespace as NS
+
+    from gateway.core.queue_policy import make_queue_policy
+    from gateway.scheduling import DONE, PoolQueue, Ticket
+
+    class SlowLedger:
+        synchronous = False
+
+        def __init__(self) -> None:
+            self.granted: set[str] = set()
+            self.released: list[str] = []
+            self.go = asyncio.Event()
+
+        def grantable(self, engine_id: str) -> int:
+            return 10_000
+
+        def free(self, engine_id: str) -> int:
+            return 10_000
+
+        async def reserve(self, request_id: str, engine_id: str, tokens: int) -> bool:
+            await self.go.wait()
+            self.granted.add(request_id)
+            return True
+
+        def reserve_soon(self, request_id: str, engine_id: str, tokens: int) -> asyncio.Future:
+            return asyncio.ensure_future(self.reserve(request_id, engine_id, tokens))
+
+        def release(self, request_id: str) -> None:
+            self.released.append(request_id)
+
+        async def refresh_view(self, engine_ids: list[str]) -> None:
+            pass
+
+    states = {"e": NS(up=True, sleeping=False, metrics=NS(kv_block_size=16))}
+    ledger = SlowLedger()
+    sched = NS(cfg=NS(admission="max_tokens", block_size=16, max_outstanding_per_engine=0, tick_s=0.02),
+               policy=make_queue_policy("fcfs"), registry=NS(states=states), ledger=ledger,
+               metrics=NS(queued=lambda *a: None, queue_wait=lambda *a: None),
+               ctx=PolicyContext(service_time=lambda r: 1.0), pool_of_engine={})
+    pool = PoolQueue(sched, NS(name="c", rtt_ms=0), NS(name="p", simulated=None), ["e"])
+    ticket = Ticket(SchedRequest("R", MODEL, time.time(), 100, 200, 200, 200), pool, None, 16, 256)
+    if how == "handler_cancelled":
+        calling = asyncio.create_task(pool.admit(ticket))
+    else:  # the dispatcher's call for a queued request
+        ticket.request.reserved_tokens = 200
+        calling = asyncio.create_task(pool._reserve_remote(ticket, "e", 200, time.time()))
+    await wait_for(lambda: pool.outstanding["e"] == 1)  # the call is in flight
+    if how == "handler_cancelled":
+        calling.cancel()
+    else:
+        pool.done(ticket)  # the client left: the request ends while the call is in flight
+    ledger.go.set()
+    outcome = (await asyncio.gather(calling, return_exceptions=True))[0]
+    await wait_for(lambda: ledger.released == ["R"])
+    assert ledger.granted == {"R"} and pool.outstanding["e"] == 0
+    if how == "ticket_cancelled":
+        assert outcome is False and ticket.state == DONE
+    await pool.stop()
+
+
+@bounded()
 @pytest.mark.parametrize("mode", ["abort", "wait"])
 async def test_requests_queued_for_an_engine_put_to_sleep_leave_the_queue_at_once(mode):
     """The engine takes no new request from the sleep call on: a request queued for it was sent there as soon as
