@@ -52,9 +52,9 @@ from backends.sim.server import (
     check_range,
     check_str,
     error_response,
-    read_json_body,
     not_an_object_response,
     pydantic_error_response,
+    read_json_body,
 )
 from backends.vllm_names import (
     COUNTER_REQUEST_SUCCESS,
