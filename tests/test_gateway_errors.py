@@ -311,6 +311,11 @@ def test_a_rewritten_body_keeps_the_integers_orjson_cannot_and_the_gateways_chan
     body["model"] = "dit"
     assert json.loads(rewrite_json(raw, body)) == {"prompt": "a cat", "seed": 2**70, "model": "dit",
                                                    "extra": {"ids": [-2**63 - 1, 12345678901234567890123]}}
+    # alone, an integer just below int64 (19 digits) is exact too
+    raw = b'{"model": "m", "seed": -9223372036854775809}'
+    body = parse_json_object(raw)
+    body["priority"] = 1
+    assert json.loads(rewrite_json(raw, body)) == {"model": "m", "seed": -2**63 - 1, "priority": 1}
     plain = orjson.dumps({"prompt": "é", "seed": 2**63 - 1, "ok": [1.5, True, None]})
     body = parse_json_object(plain)
     body["priority"] = 3
