@@ -56,6 +56,8 @@ def assert_openai_error(body: dict, param: str | None = None) -> None:
     (orjson.dumps({"model": "fault-model", "messages": "hi"}), "messages"),
     (orjson.dumps({"model": "fault-model", "messages": [{"content": "x"}]}), "messages[0].role"),
     (orjson.dumps({"model": "fault-model", "messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
+    (orjson.dumps({"model": "fault-model", "messages": [{"role": "user", "content": {"type": "text", "text": "x"}}]}),
+     "messages[0].content"),  # a content part not in its list: vLLM refuses it
     (orjson.dumps({"model": "fault-model", "messages": ["hi"]}), "messages[0]"),
     (orjson.dumps({"model": "fault-model", "messages": [{"role": "user"}]}), "messages[0].content"),
     (orjson.dumps({"model": "fault-model", "messages": [{"role": "user", "content": None}]}), "messages[0].content"),
@@ -161,6 +163,10 @@ async def test_bad_completion_prompt(gw, engine):
     assert status == 400 and body["error"]["param"] == "prompt"
     status, body, _ = await post(gw.base_url + "/v1/completions", orjson.dumps({"model": "fault-model"}))
     assert status == 400 and body["error"]["param"] == "prompt"
+    for prompt in ([], [[]], [[1], []], [[1], ["a"]], [[1], 2]):  # an empty prompt in a batch: vLLM refuses it
+        status, body, _ = await post(gw.base_url + "/v1/completions", orjson.dumps({"model": "fault-model",
+                                                                                    "prompt": prompt}))
+        assert status == 400 and body["error"]["param"] == "prompt", (prompt, body)
     assert engine.hits == 0
 
 

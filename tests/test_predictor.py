@@ -1412,6 +1412,11 @@ def test_p90_is_never_below_p50_when_the_quantile_models_cross(state):
     assert (prediction.p50, prediction.p90) == (500, 500)
     bounded = predictor.predict(dict(chat("You are a programmer.", "write a parser"), max_tokens=400))
     assert (bounded.p50, bounded.p90) == (400, 400)
+    # a quantile between two token counts: the p50 is the nearer count, the p90 is rounded up (a reservation a
+    # token short of its quantile covers less than nine requests in ten)
+    predictor.length_model.predict_tokens = lambda row, stratum=0: np.array([120.4, 300.2])
+    prediction = predictor.predict(chat("You are a programmer.", "write a parser"))
+    assert (prediction.p50, prediction.p90) == (120, 301)
 
 
 def test_huge_lists_in_a_body_are_read_up_to_a_bound_and_scaled():
