@@ -896,6 +896,18 @@ async def test_an_engines_error_event_is_read_in_any_framing_sse_allows(framing)
     assert status == 200 and b"EngineCore" in body and counted == {"502": 1.0}
 
 
+async def test_a_mid_stream_error_event_counts_as_its_own_4xx_and_the_first_failure_stands():
+    """vLLM reports a request it refuses late (a ValueError in its stream generator) as an error event with code
+    400 on the 200 stream: the request counts as that 400, the client's fault, not as an engine failure (502).
+    A second error event after it (the engine then dying) does not re-count it."""
+    late = b'data: {"error": {"message": "bad", "type": "BadRequestError", "code": 400}}\n\n'
+    status, body, counted, _ = await _stream_through([_CHUNK + b"\n\n", late + b"data: [DONE]\n\n"])
+    assert status == 200 and b"BadRequestError" in body and counted == {"400": 1.0}
+    died = b"data: " + _ENGINE_DIED + b"\n\ndata: [DONE]\n\n"
+    status, body, counted, _ = await _stream_through([_CHUNK + b"\n\n", late, 0.05, died])
+    assert status == 200 and b"EngineCore" in body and counted == {"400": 1.0}
+
+
 async def test_a_first_error_event_after_an_event_line_is_tried_elsewhere():
     """vLLM's back-pressure refusal as the first event (503 in the event) is retried on another engine; with an
     ``event:`` line before its data it was relayed to the client as a 200 stream."""
