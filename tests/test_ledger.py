@@ -655,3 +655,38 @@ def test_a_capacity_change_in_an_outage_does_not_count_the_outages_reservations_
             assert not await ledger.reserve(f"more-{i}", "A", 9) and await ledger.reserve(f"fits-{i}", "A", 8)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_the_ledgers_cached_view_follows_its_own_grows_and_releases_in_and_out_of_an_outage():
+    """What the gateway plans against between two views of the store, and what it holds in an outage: a release
+    frees its room at once (the dispatchers it wakes would otherwise see the engine as full until the next
+    view); a grow in an outage is recorded even past this gateway's share (the engine already holds that
+    memory); and a gateway holding more than the store last recorded (a lease that lapsed while its request ran)
+    keeps its own requests' room, not the store's count, when the outage begins."""
+    from gateway.metrics import GatewayMetrics
+    from gateway.scheduling import SharedLedger
+
+    async def scenario() -> None:
+        store = _SlowStore()
+        ledger = SharedLedger(store, lease_s=30.0, metrics=GatewayMetrics())
+        await ledger.set_capacities({"A": 1000})
+        assert await ledger.reserve("a", "A", 600) and ledger.free("A") == 400
+        ledger.release("a")
+        assert ledger.free("A") == 1000  # before the store has answered the release
+        while ledger._ops:
+            await asyncio.wait(list(ledger._ops.values()))
+
+        assert await ledger.reserve("lapsed", "A", 500)
+        await store.inner.ledger_release("lapsed")  # its lease lapsed in the store; the request still runs
+        await ledger.refresh_view(["A"])
+        assert ledger.reserved("A") == 0
+        ledger.gateways_seen = 2
+        store.down = True
+        assert await ledger.reserve("trigger", "A", 1) and ledger.degraded
+        assert ledger.grantable("A") == 500 + 250  # its 500 running, and half of the 500 free
+
+        ledger.grow("lapsed", 800)  # past the share: recorded anyway
+        assert ledger.reserved("A") == 801
+        assert not await ledger.reserve("more", "A", 1)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
