@@ -92,6 +92,8 @@ def assert_openai_error(body: dict, param: str | None = None) -> None:
     (orjson.dumps({**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}, "f"]}), "tools[1]"),
     # 300 levels: orjson reads it, but writes at most 254 (a 500 where the gateway re-wrote such a body)
     (orjson.dumps(GOOD)[:-1] + b', "x": ' + b"[" * 299 + b"]" * 299 + b"}", None),
+    # an integer past a double's range (documented: vLLM's parser takes it, up to 4,300 digits)
+    (orjson.dumps(GOOD)[:-1] + b', "seed": ' + b"9" * 400 + b"}", None),
 ])
 async def test_bad_chat_bodies_get_400_and_reach_no_engine(gw, engine, payload, param):
     status, body, headers = await post(gw.base_url + CHAT, payload)

@@ -485,6 +485,10 @@ class TestTinyLlama:
             return {family.name: (family.type, frozenset(frozenset(sample.labels) for sample in family.samples))
                     for family in text_string_to_metric_families(text) if family.name.startswith("vllm:")}
 
+        def buckets(text: str, name: str) -> list[float]:
+            [family] = [f for f in text_string_to_metric_families(text) if f.name == name]
+            return sorted({float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")})
+
         [sim] = await start_sim_engines(1, SimEngineOptions(model=tiny_stack.model,
                                                             max_model_len=tiny_stack.max_model_len))
         try:
@@ -509,6 +513,9 @@ class TestTinyLlama:
                     # the same label names (values differ: engine index, model, and the cache config's fields)
                     if name != "vllm:cache_config_info":
                         assert {frozenset(ls) for ls in label_sets} <= {frozenset(ls) for ls in real_label_sets}, name
+                # a histogram's buckets too: a dashboard's quantiles over both must mean the same
+                for name in (name for name, (kind, _) in simulated.items() if kind == "histogram"):
+                    assert buckets(sim_text, name) == buckets(real_text, name), name
                 _, real_models = await get(tiny_stack.engine.url, "/v1/models")
                 _, sim_models = await get(sim.url, "/v1/models")
 
