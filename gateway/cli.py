@@ -9,11 +9,12 @@ atomically, so nothing half-written is left).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING
 
-from gateway.config import Config, ConfigError, config_warnings, default_config, load_config
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
@@ -23,10 +24,14 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _load(path: str | None) -> Config:
+    from gateway.config import default_config, load_config
+
     return load_config(path) if path else default_config()
 
 
 def _install_uvloop() -> None:
+    import asyncio
+
     try:
         import uvloop
 
@@ -37,6 +42,8 @@ def _install_uvloop() -> None:
 
 def _run_server(main) -> int:
     """``asyncio.run(main)`` on uvloop; an address that cannot be bound is one line on stderr and exit 1."""
+    import asyncio
+
     from gateway.listen import CannotListen
 
     _install_uvloop()
@@ -69,6 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None and not 0 <= args.port <= MAX_PORT:
         print(f"maestro serve: --port must be from 0 to {MAX_PORT}, got {args.port}", file=sys.stderr)
         return EXIT_CONFIG
+    from gateway.config import config_warnings
+
     config = _load(args.config)
     for warning in config_warnings(config):
         logging.getLogger("maestro.config").warning("%s", warning)
@@ -127,6 +136,7 @@ def cmd_sim_engines(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from gateway.config import config_warnings, load_config
     from gateway.prediction import check_predictor_files
 
     path = args.config or args.config_option
@@ -245,6 +255,17 @@ def _unavailable(exc: Exception) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``maestro`` command. A Ctrl-C is one line and exit 130 wherever it lands: in predictor import or
+    train, loadgen, or while :func:`build_parser` imports the commands' modules (a second or two, when it printed
+    a traceback). The servers map their own."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("maestro: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -253,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         # progress in them (DEBUG keeps them)
         for name in ("httpx", "httpx2"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    from gateway.config import ConfigError
     from predictor.role_labels import RolesFileError
 
     try:
@@ -263,9 +285,6 @@ def main(argv: list[str] | None = None) -> int:
     except RolesFileError as exc:  # predictor/roles.yaml, read when a command first maps a role
         print(f"maestro: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except KeyboardInterrupt:  # Ctrl-C in predictor import/train, loadgen, ...; the servers map it themselves
-        print("maestro: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

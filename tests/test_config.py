@@ -532,3 +532,23 @@ def test_the_readmes_config_table_names_every_setting_with_its_default():
         if not (literal or (written in _WORDED and value == _WORDED[written])):
             wrong[key] = (written, value)
     assert wrong == {}, "README defaults that differ from the code's"
+
+
+def test_ctrl_c_while_the_commands_load_is_one_line_and_exit_130(monkeypatch, capsys):
+    """``maestro`` imports every command's module before it reads its arguments (a second or two): a Ctrl-C then
+    printed a traceback, where one during a command is one line and exit 130."""
+    import gateway.cli as cli
+
+    def loading():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", loading)
+    try:
+        assert cli.main(["check-config", "x.yaml"]) == cli.EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # escaped: a traceback (and here, the end of the test run)
+        pytest.fail("the Ctrl-C escaped maestro's main()")
+    assert capsys.readouterr().err == "maestro: interrupted\n"
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", "import gateway.cli"], capture_output=True,
+                          text=True, timeout=60)
+    loaded = {line.split("|")[-1].strip() for line in done.stderr.splitlines()}
+    assert "gateway.cli" in loaded and not {"asyncio", "gateway.config", "numpy"} & loaded  # imported in main
