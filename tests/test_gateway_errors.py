@@ -165,11 +165,30 @@ async def test_bad_completion_prompt(gw, engine):
     assert status == 400 and body["error"]["param"] == "prompt"
     status, body, _ = await post(gw.base_url + "/v1/completions", orjson.dumps({"model": "fault-model"}))
     assert status == 400 and body["error"]["param"] == "prompt"
-    for prompt in ([], [[]], [[1], []], [[1], ["a"]], [[1], 2]):  # an empty prompt in a batch: vLLM refuses it
+    # an empty prompt in a batch, a negative or fractional token id: vLLM refuses them
+    for prompt in ([], [[]], [[1], []], [[1], ["a"]], [[1], 2], [-1], [[1, -2]], [1.5], [1, "a"]):
         status, body, _ = await post(gw.base_url + "/v1/completions", orjson.dumps({"model": "fault-model",
                                                                                     "prompt": prompt}))
         assert status == 400 and body["error"]["param"] == "prompt", (prompt, body)
     assert engine.hits == 0
+
+
+async def test_token_id_prompts_in_vllms_lax_forms_are_served(gw, engine):
+    """vLLM reads a prompt of token ids in pydantic's lax mode (``[1.0, "2", true]`` is ``[1, 2, 1]``) and serves
+    it; so does the gateway, which counts the prompt's ids from what it read. A list of strings stays strings,
+    numeric or not."""
+    from gateway.api.validation import validate_completion
+
+    for prompt in ([1.0, "2", True], [[1.0], ["2", 3]], ["1", "2"]):
+        sent = orjson.dumps({"model": "fault-model", "prompt": prompt})
+        status, body, _ = await post(gw.base_url + "/v1/completions", sent)
+        assert status == 200, (prompt, body)
+        assert engine.seen_raw[-1] == sent
+    for prompt, read in (([1.0, "2", True], [1, 2, 1]), ([[1.0], ["2", 3]], [[1], [2, 3]]), (["1", "2"], ["1", "2"])):
+        body = {"model": "m", "prompt": prompt}
+        validate_completion(body, None)
+        assert orjson.dumps(body["prompt"]) == orjson.dumps(read)  # ints, not 1.0 or true
+    assert gw.inflight == 0
 
 
 async def test_unknown_model_is_404_via_sdk(gw, engine):
