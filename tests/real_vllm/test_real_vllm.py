@@ -573,6 +573,18 @@ class TestTinyLlama:
                     assert r.status == 400, (bad, await r.text())
                 async with session.post(tiny_stack.base_url + "/chat/completions", json=refused) as r:
                     assert r.status == 400 and (await r.json())["error"]["param"] == next(iter(bad)), bad
+            # a prompt's token ids too; strings stay strings (two prompts), an empty one in a batch is refused
+            for prompt, answers in (([1.0, "2", True], 1), ([[1.0], ["2", 3]], 2), (["1", "2"], 2)):
+                ids = {"model": tiny_stack.model, "prompt": prompt, "max_tokens": 2}
+                async with session.post(tiny_stack.base_url + "/completions", json=ids) as r:
+                    answer = await r.json()
+                    assert r.status == 200 and len(answer["choices"]) == answers, (prompt, answer)
+            for prompt in ([-1], [1.5], [[1], []]):
+                refused = {"model": tiny_stack.model, "prompt": prompt, "max_tokens": 2}
+                async with session.post(tiny_stack.engine.url + "/v1/completions", json=refused) as r:
+                    assert r.status == 400, (prompt, await r.text())
+                async with session.post(tiny_stack.base_url + "/completions", json=refused) as r:
+                    assert r.status == 400 and (await r.json())["error"]["param"] == "prompt", prompt
 
     def test_completions_endpoint(self, tiny_stack) -> None:
         response = tiny_stack.client().completions.create(
