@@ -93,9 +93,14 @@ def _check_folder(folder: Path, field: str) -> None:
 
 
 def _import_predictor() -> None:
+    """The predictor's modules, and roles.yaml read and parsed (kept; 30 ms of YAML on the event loop at the
+    first workflow request, where the predictor was built), in an executor."""
     import predictor.kv  # noqa: F401
     import predictor.predictor  # noqa: F401
     import predictor.tokens  # noqa: F401
+    from predictor.features import role_label_rules
+
+    role_label_rules()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1146,3 +1146,36 @@ async def test_a_redis_snapshot_reads_the_newest_entries_within_both_bounds(redi
         [448, 449, 450]
     small = RedisStreamBuffer(client, key, max_bytes=50)
     assert await small.append(trace(1)) is False and await client.xlen(key) == 450
+
+
+async def test_the_gateway_reads_the_role_map_off_the_event_loop(monkeypatch):
+    """Building the gateway's predictor read and parsed roles.yaml on the event loop (30 ms of YAML, at the first
+    workflow request with the embedded config); it is read in the executor with the imports now."""
+    import threading
+
+    import yaml
+
+    import predictor.features
+    import predictor.role_labels
+    from gateway.config import default_config
+    from gateway.prediction import RequestPredictor
+
+    loop_thread = threading.get_ident()
+    parsed_on: list[int] = []
+    real_load = yaml.safe_load
+
+    def safe_load(stream):
+        parsed_on.append(threading.get_ident())
+        return real_load(stream)
+
+    monkeypatch.setattr(predictor.role_labels.yaml, "safe_load", safe_load)
+    predictor.features.role_label_rules.cache_clear()
+    predictor.role_labels.read_roles_yaml.cache_clear()
+    try:
+        hook = RequestPredictor(default_config())
+        await hook.load()
+        assert hook.loaded and parsed_on and loop_thread not in parsed_on
+    finally:
+        predictor.features.role_label_rules.cache_clear()
+        predictor.role_labels.read_roles_yaml.cache_clear()
+        await hook.close()
