@@ -187,8 +187,8 @@ class LiveOptions:
         # the SDK is not among the package's own dependencies (the tests' extra has it): a run without it ended
         # in a traceback after the preflight
         if self.client == "openai" and importlib.util.find_spec("openai") is None:
-            raise ValueError("--client openai needs the openai package: pip install openai (or the aiohttp client, "
-                             "the default)")
+            raise ValueError("--client openai needs the openai package: pip install 'openai>=3.16.1' (or the "
+                             "aiohttp client, the default)")
         # inf would put every arrival at t=0 and make every target and deadline 0 (nan: no comparison holds)
         if not (self.time_scale > 0 and math.isfinite(self.time_scale)):
             raise ValueError(f"time_scale must be a finite number > 0, got {self.time_scale!r}")
