@@ -87,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def start() -> None:
         base_url = await gateway.start(args.host, args.port)
+        _freeze_startup_objects()
         up = gateway.registry.up_count()
         print(f"Maestro gateway listening on {base_url}  ({up}/{len(gateway.registry.states)} engines up, "
               f"state: {config.state.backend})", flush=True)
@@ -95,6 +96,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"Models: {', '.join(gateway.registry.models())}", flush=True)
 
     return _run_server(_run_until_signal(start, gateway.stop, gateway.hurry))
+
+
+def _freeze_startup_objects() -> None:
+    """Take what start-up made (modules, the config, the predictor: about 70,000 objects) out of the cyclic
+    collector's sight. Each full collection walked them all again: under load one came every 8-15 s and held the
+    event loop 40-115 ms. Frozen objects are still freed when their last reference goes; only a cycle among them
+    would be kept, and start-up leaves none behind (collected first)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def add_vllm_flag_arguments(parser: argparse.ArgumentParser) -> None:
