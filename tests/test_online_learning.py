@@ -1171,8 +1171,8 @@ async def test_the_gateway_reads_the_role_map_off_the_event_loop(monkeypatch):
     monkeypatch.setattr(predictor.role_labels.yaml, "safe_load", safe_load)
     predictor.features.role_label_rules.cache_clear()
     predictor.role_labels.read_roles_yaml.cache_clear()
+    hook = RequestPredictor(default_config())
     try:
-        hook = RequestPredictor(default_config())
         await hook.load()
         assert hook.loaded and parsed_on and loop_thread not in parsed_on
     finally:
