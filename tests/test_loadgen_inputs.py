@@ -1340,6 +1340,6 @@ def test_the_openai_client_without_the_sdk_is_refused_before_the_run(monkeypatch
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openai" else real(name, *a))
-    with pytest.raises(ValueError, match="pip install openai"):
+    with pytest.raises(ValueError, match=r"pip install 'openai>=3\.16\.1'"):
         LiveOptions(url="http://127.0.0.1:1/v1", client="openai").validate()
     LiveOptions(url="http://127.0.0.1:1/v1", client="aiohttp").validate()
