@@ -101,8 +101,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _freeze_startup_objects() -> None:
     """Take what start-up made (modules, the config, the predictor: about 70,000 objects) out of the cyclic
     collector's sight. Each full collection walked them all again: under load one came every 8-15 s and held the
-    event loop 40-115 ms. Frozen objects are still freed when their last reference goes; only a cycle among them
-    would be kept, and start-up leaves none behind (collected first)."""
+    event loop 40-115 ms. Frozen objects are still freed when their last reference goes (a predictor that a refit
+    replaces holds no cycle: it goes); only a cycle among them would be kept, and start-up leaves none behind
+    (collected first)."""
     import gc
 
     gc.collect()
