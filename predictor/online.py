@@ -22,6 +22,7 @@ import concurrent.futures
 import glob
 import logging
 import os
+import queue
 import threading
 import time
 from collections import deque
@@ -144,23 +145,46 @@ async def _in_executor(function: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, function, *args)
 
 
-def _in_daemon_thread(function: Callable[..., Any], *args: Any) -> asyncio.Future:
-    """``function(*args)`` in a thread of its own that does not hold the process's exit. For file writes: one that
-    the file system never returns (a hung network mount) would otherwise keep the process from exiting, as the
-    threads of executors are joined at exit. A thread per write costs ~0.1 ms, against the write's own cost (a
-    batch of ``flush_every`` records)."""
-    done: concurrent.futures.Future = concurrent.futures.Future()
+class _DaemonWriter:
+    """One daemon thread that runs a buffer's file writes, one after another (a buffer never runs two at once).
 
-    def run() -> None:
-        if not done.set_running_or_notify_cancel():
-            return
-        try:
-            done.set_result(function(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
-            done.set_exception(exc)
+    A daemon thread, not an executor's: a write the file system never returns (a hung network mount) would
+    otherwise keep the process from exiting, as the threads of executors are joined at exit. One thread for the
+    buffer's life, not one per write: ``Thread.start()`` waits on the event loop until the new thread runs, and
+    with other threads holding the GIL (a refit's parse, an executor's predict) that wait was 19 ms at the median
+    and up to 48 ms, once per batch; handing a write to a running thread is a queue put (microseconds). The thread
+    starts at the first write and ends at :meth:`stop` (after the writes handed to it before)."""
 
-    threading.Thread(target=run, name="trace-buffer-write", daemon=True).start()
-    return asyncio.wrap_future(done)
+    _STOP = object()
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue | None = None  # the running thread's own (a stopped one may still be busy)
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> asyncio.Future:
+        """``function(*args)`` in the writer thread; its outcome as a future of the running loop."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        if self._jobs is None:
+            self._jobs = queue.SimpleQueue()
+            threading.Thread(target=self._run, args=(self._jobs,), name="trace-buffer-write", daemon=True).start()
+        self._jobs.put((done, function, args))
+        return asyncio.wrap_future(done)
+
+    def stop(self) -> None:
+        """End the thread once the writes handed to it are done (at once, if it is idle)."""
+        if self._jobs is not None:
+            self._jobs.put(self._STOP)
+            self._jobs = None
+
+    @classmethod
+    def _run(cls, jobs: queue.SimpleQueue) -> None:
+        while (job := jobs.get()) is not cls._STOP:
+            done, function, args = job
+            if not done.set_running_or_notify_cancel():
+                continue
+            try:
+                done.set_result(function(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting side
+                done.set_exception(exc)
 
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # a buffer's records, as JSONL, at most (multi-agent records run 5-50 kB)
@@ -225,7 +249,8 @@ class FileTraceBuffer(MemoryBuffer):
     def __init__(self, path: str | Path, maxlen: int = 50_000, flush_every: int = 64,
                  executor: Executor | None = None, flush_after_s: float = 1.0,
                  max_bytes: int = DEFAULT_MAX_BYTES) -> None:
-        """``executor``: where the writes run (default: a daemon thread each, see :func:`_in_daemon_thread`)."""
+        """``executor``: where the writes run (default: a daemon thread of the buffer's own, see
+        :class:`_DaemonWriter`)."""
         super().__init__(maxlen, max_bytes)
         self.path = Path(path)
         self.flush_every = flush_every
@@ -239,6 +264,7 @@ class FileTraceBuffer(MemoryBuffer):
         self._bytes_on_disk = 0
         self._lock = asyncio.Lock()
         self.write_failures = 0  # failed writes in a row (0: the file is being written)
+        self._writer = _DaemonWriter()
         self._remove_leftover_rewrites()
         if self.path.exists():
             self._read_back()
@@ -358,7 +384,7 @@ class FileTraceBuffer(MemoryBuffer):
             else:
                 write, after = (partial(self._append, lines),
                                 (self._lines_on_disk + len(lines), self._bytes_on_disk + added))
-            self._writing = (_in_daemon_thread(write) if self.executor is None
+            self._writing = (self._writer.submit(write) if self.executor is None
                              else loop.run_in_executor(self.executor, write))
             try:
                 # shielded: a write in its thread cannot be stopped, so a cancelled flush (shutdown) must not
@@ -435,6 +461,8 @@ class FileTraceBuffer(MemoryBuffer):
         except TimeoutError:
             log.warning("trace buffer %s: a write did not finish within %g s at close (a hung file system?); the "
                         "records it holds and %d more are not on disk", self.path, CLOSE_WAIT_S, len(self._pending))
+        finally:
+            self._writer.stop()  # after the writes handed to it; a later write (none is expected) starts another
 
     async def _write_all(self) -> None:
         await self.flush()
