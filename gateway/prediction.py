@@ -271,6 +271,9 @@ class RequestPredictor:
         predictor = self.learner.predictor if self.learner is not None else self._predictor
         if predictor is not None:
             try:
+                if "messages" not in body and "max_completion_tokens" in body:
+                    # legacy completions: vLLM ignores this chat field, and so must the predictor's output cap
+                    body = {key: value for key, value in body.items() if key != "max_completion_tokens"}
                 prediction = predictor.predict(body, headers)
                 prompt = prediction.prompt_tokens
                 if "messages" not in body:  # legacy completions: the predictor reads chat messages only

@@ -88,6 +88,20 @@ UNSENT_STEPS_PER_TICK = 200  # sent per tick of the scheduling loop, which also 
 # and then waited out a store outage of as long still counts.
 INFLIGHT_TOTALS = 2.0
 
+
+def requested_output_cap(route: str, body: dict[str, Any]) -> int | None:
+    """The output tokens a validated body asks for at most, as vLLM reads it; None for a chat that names none (it
+    may run to the end of the context). Chat: ``max_completion_tokens``, else ``max_tokens``. Legacy completions
+    read ``max_tokens`` alone (``max_completion_tokens`` is no field of theirs: vLLM ignores it), 16 where it is
+    absent or null, and ``max_tokens: 0`` (only valid with ``echo``: the prompt alone is sent back) is the one
+    token vLLM's engine still computes."""
+    if route != "completions":
+        return body.get("max_completion_tokens") or body.get("max_tokens")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        return LEGACY_COMPLETION_MAX_TOKENS
+    return max(max_tokens, 1)
+
 NEW, WAITING, RESERVING, ADMITTED, DONE = range(5)
 
 
@@ -1369,9 +1383,7 @@ class Scheduling:
             self.predictor.load_soon()
         model_config = self.config.model(job.model)
         context_len = model_config.max_model_len if model_config else None
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        if not max_tokens and job.route == "completions":
-            max_tokens = LEGACY_COMPLETION_MAX_TOKENS
+        max_tokens = requested_output_cap(job.route, body)
         if len(job.body) <= PREDICT_INLINE_MAX_BYTES:
             estimate = self.predictor.predict(body, request.headers, len(job.body), max_tokens, context_len)
         else:  # see PREDICT_INLINE_MAX_BYTES

@@ -18,6 +18,8 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from backends.lax import lax_bool
+
 VLLM_BUSY = {"error": {"message": "The engine is currently busy and cannot accept new requests. Please try again "
                                   "later or on a different instance.", "type": "Service Unavailable",
                        "param": None, "code": 503}}
@@ -180,7 +182,7 @@ class FaultEngine:
             await asyncio.sleep(0.05)
             request.transport.close()  # type: ignore[union-attr]
             return response
-        if not body.get("stream"):
+        if not lax_bool(body.get("stream") or False):  # as vLLM reads it: "false" is no stream
             completion = self._completion()
             if mode in ("abort", "finish_error"):  # finish_error: vLLM's "error" (the engine failed the answer)
                 completion["choices"][0]["finish_reason"] = "abort" if mode == "abort" else "error"

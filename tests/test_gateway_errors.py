@@ -59,11 +59,12 @@ def assert_openai_error(body: dict, param: str | None = None) -> None:
     (orjson.dumps({"model": "fault-model", "messages": [{"role": "user", "content": {"type": "text", "text": "x"}}]}),
      "messages[0].content"),  # a content part not in its list: vLLM refuses it
     (orjson.dumps({"model": "fault-model", "messages": ["hi"]}), "messages[0]"),
-    (orjson.dumps({"model": "fault-model", "messages": [{"role": "user"}]}), "messages[0].content"),
+    (orjson.dumps({"model": "fault-model", "messages": [{"role": 5, "content": "x"}]}), "messages[0].role"),
+    # null content only where OpenAI's message types take it (assistant, function); vLLM refuses the others
     (orjson.dumps({"model": "fault-model", "messages": [{"role": "user", "content": None}]}), "messages[0].content"),
     (orjson.dumps({"model": "fault-model", "messages": [{"role": "user", "content": "x"},
-                                                        {"role": "assistant", "content": None}]}),
-     "messages[1].content"),  # null content only with the tool calls it stands in for
+                                                        {"role": "tool", "content": None, "tool_call_id": "c"}]}),
+     "messages[1].content"),
     (orjson.dumps({**GOOD, "max_tokens": -1}), "max_tokens"),
     (orjson.dumps({**GOOD, "max_tokens": 0}), "max_tokens"),
     (orjson.dumps({**GOOD, "max_tokens": "ten"}), "max_tokens"),
@@ -75,7 +76,8 @@ def assert_openai_error(body: dict, param: str | None = None) -> None:
     (orjson.dumps({**GOOD, "stream": "maybe"}), "stream"),
     (orjson.dumps({**GOOD, "stream": 2}), "stream"),
     (orjson.dumps({**GOOD, "stream_options": {"include_usage": True}}), "stream_options"),
-    (orjson.dumps({**GOOD, "stream": "false", "stream_options": {"include_usage": True}}), "stream_options"),
+    (orjson.dumps({**GOOD, "stream": False, "stream_options": {"include_usage": False}}), "stream_options"),
+    (orjson.dumps({**GOOD, "stream": True, "stream_options": "yes"}), "stream_options"),
     (orjson.dumps({**GOOD, "stream": True, "stream_options": {"include_usage": "maybe"}}),
      "stream_options.include_usage"),
     (orjson.dumps({**GOOD, "temperature": 9}), "temperature"),
@@ -157,6 +159,58 @@ def test_validation_keeps_the_value_it_read_for_the_scheduler():
     image = {"prompt": "a fox", "n": "2", "num_inference_steps": 20.0, "stream": "false"}
     validate_image(image)
     assert image == {"prompt": "a fox", "n": 2, "num_inference_steps": 20, "stream": False}
+
+
+async def test_bodies_vllm_serves_are_served(gw, engine):
+    """A differential audit against vLLM 0.32 found bodies it serves that the gateway refused (the real-vLLM
+    stage checks them against the engine): a message without content (vLLM reads it as empty), an assistant's
+    null content without tool calls, a role of "", empty stream options without a stream and options with a
+    stream of "false" (vLLM tests the values as sent: a non-empty string is true), and on legacy completions
+    ``max_completion_tokens`` (no field of theirs: ignored) and ``max_tokens: 0`` with ``echo`` (the prompt back)."""
+    chats = [
+        {"messages": [{"role": "user"}]},
+        {"messages": [{"role": "system"}, {"role": "developer"}, {"role": "user", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": []}]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "function", "name": "f", "content": None}]},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c"}]},
+        {"messages": [{"role": "", "content": "x"}]},
+        {"stream_options": {}},
+        {"stream": False, "stream_options": {}},
+        {"stream": "false", "stream_options": {"include_usage": True}},
+    ]
+    for headers in ({}, {"X-Workflow-Id": "served-1"}):  # straight to the engine, and through the scheduler
+        for fields in chats:
+            sent = orjson.dumps({**GOOD, **fields})
+            status, body, _ = await post(gw.base_url + CHAT, sent, {"Content-Type": "application/json", **headers})
+            assert status == 200 and body["object"] == "chat.completion", (fields, body)
+            assert engine.seen_raw[-1] == sent
+        for fields in ({"max_completion_tokens": 0}, {"max_completion_tokens": "abc"}, {"max_completion_tokens": 10**6},
+                       {"max_tokens": 0, "echo": True}, {"max_tokens": "0", "echo": "yes"}):
+            sent = orjson.dumps({"model": "fault-model", "prompt": "once", **fields})
+            status, body, _ = await post(gw.base_url + "/v1/completions", sent,
+                                         {"Content-Type": "application/json", **headers})
+            assert status == 200, (fields, body)
+    for fields, param in (({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 0, "echo": False}, "max_tokens"),
+                          ({"max_tokens": 0, "echo": "maybe"}, "echo"), ({"max_tokens": -1, "echo": True}, "max_tokens")):
+        status, body, _ = await post(gw.base_url + "/v1/completions",
+                                     orjson.dumps({"model": "fault-model", "prompt": "once", **fields}))
+        assert status == 400 and body["error"]["param"] == param, (fields, body)
+    assert gw.inflight == 0
+
+
+def test_the_output_cap_is_read_as_vllm_reads_it():
+    """What the scheduler reserves for: chat's max_completion_tokens first; a legacy completion's max_tokens alone
+    (16 where absent or null), and one token for ``max_tokens: 0`` with echo, which vLLM's engine computes."""
+    from gateway.scheduling import requested_output_cap
+
+    assert requested_output_cap("chat", {"max_completion_tokens": 5, "max_tokens": 9}) == 5
+    assert requested_output_cap("chat", {"max_tokens": 9}) == 9
+    assert requested_output_cap("chat", {}) is None
+    assert requested_output_cap("completions", {"max_completion_tokens": 5, "max_tokens": 9}) == 9
+    assert requested_output_cap("completions", {"max_completion_tokens": 5}) == 16
+    assert requested_output_cap("completions", {"max_tokens": None}) == 16
+    assert requested_output_cap("completions", {"max_tokens": 0, "echo": True}) == 1
 
 
 async def test_bad_completion_prompt(gw, engine):

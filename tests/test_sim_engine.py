@@ -376,6 +376,21 @@ async def test_the_context_bounds_the_prompt_alone_and_lowers_max_tokens_to_the_
         "This model's maximum context length is 1024 tokens. However, your prompt contains 1030 input tokens,")
 
 
+async def test_echo_without_generation_is_one_token_as_in_vllm(start):
+    """vLLM's legacy completions serve ``max_tokens: 0`` with ``echo`` (the prompt back, scoring it): its engine
+    computes one token. ``echo`` is read in pydantic's lax mode, and without it 0 is refused as before."""
+    handle, _ = await start()
+    url = handle.url + "/v1/completions"
+    for echo in (True, "yes", 1):
+        status, body, _ = await _post(url, {"model": MODEL, "prompt": "once", "max_tokens": 0, "echo": echo})
+        assert status == 200 and body["usage"]["completion_tokens"] == 1, body
+        assert body["choices"][0]["finish_reason"] == "length"
+    status, body, _ = await _post(url, {"model": MODEL, "prompt": "once", "max_tokens": 0, "echo": False})
+    assert status == 400 and body["error"]["message"].startswith("max_tokens must be at least 1, got 0.")
+    status, body, _ = await _post(url, {"model": MODEL, "prompt": "once", "echo": "maybe"})
+    assert status == 400 and "body.echo" in body["error"]["message"], body
+
+
 async def test_bodies_are_read_as_fastapi_reads_them(start):
     """vLLM's FastAPI parses a body with ``json.loads``: a BOM, UTF-16, NaN and lone surrogates are served; what
     no UTF decodes is FastAPI's own ``{"detail": ...}``; a body declared JSON is parsed before the media type is

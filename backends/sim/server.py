@@ -107,8 +107,9 @@ Deviations from a real vLLM (on purpose)
 * Structured outputs (``response_format`` beyond being an object, ``structured_outputs``) are not checked: a JSON
   schema vLLM's grammar backend refuses (invalid, or nested past its 64 levels) is served here.
 * ``best_of``, beam search and logprobs are not simulated (logprobs come back null, though their counts are
-  checked as above). ``bad_words`` are not checked (vLLM
-  tokenizes them), nor ``logprob_token_ids``, ``echo`` or a tool's own fields (vLLM's pydantic model of a tool).
+  checked as above). ``bad_words`` are not checked (vLLM tokenizes them), nor ``logprob_token_ids`` or a tool's own
+  fields (vLLM's pydantic model of a tool). ``echo`` is read (with ``max_tokens: 0`` the engine computes one token,
+  as vLLM's does) but the prompt is not sent back.
 * A message's own fields are not validated beyond being an object (vLLM checks each against its message union,
   e.g. a message without ``role`` gets eleven pydantic errors there); with several invalid fields at once, the
   pydantic errors are listed in this checker's order, not always in the model's field order.
@@ -728,6 +729,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         if max_completion is not None:
             max_tokens = max_completion
             p.max_tokens_param = "max_completion_tokens"
+    elif check_bool(body, "echo", errors, optional=True, default=False) and max_tokens == 0:
+        max_tokens = 1  # vLLM 0.32's echo without generation: its engine computes one token (the prompt is sent)
     p.max_tokens = max_tokens
     p.min_tokens = check_int(body, "min_tokens", errors, optional=False, default=0) or 0
     p.priority = check_int(body, "priority", errors, optional=False, default=0) or 0

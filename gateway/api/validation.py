@@ -90,24 +90,31 @@ def _lax(holder: dict[str, Any], key: str, coerce: Callable[[Any], Any], message
     return read
 
 
-def _check_common(body: dict[str, Any], max_model_len: int | None) -> None:
+def _check_common(body: dict[str, Any], max_model_len: int | None,
+                  token_limits: tuple[tuple[str, str], ...] = (), echo_only_allowed: bool = False) -> None:
+    """The fields both routes share. ``token_limits``: the output caps the route has (vLLM's completions have no
+    ``max_completion_tokens``: it is an unknown field there, passed on and not read); ``echo_only_allowed``:
+    ``max_tokens: 0`` with ``echo`` is served (the prompt alone, as vLLM's completions answer it)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad_request("'model' is required and must be a non-empty string.", "model")
-    stream = _lax(body, "stream", lax_bool, "'stream' must be a boolean.", "stream")
+    raw_stream = body.get("stream")
+    _lax(body, "stream", lax_bool, "'stream' must be a boolean.", "stream")
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
             raise bad_request("'stream_options' must be an object.", "stream_options")
-        if not stream:
+        # vLLM's own test, on the values as sent: `{}` goes with any stream, and so does a stream of "false" (a
+        # non-empty string); vLLM then reads "false" as no stream, and the options are not used
+        if options and not raw_stream:
             raise bad_request("'stream_options' is only allowed when 'stream' is true.", "stream_options")
         _lax(options, "include_usage", lax_bool, "'stream_options.include_usage' must be a boolean.",
              "stream_options.include_usage")
-    for name, message in _TOKEN_LIMITS:
+    for name, message in token_limits:
         value = _lax(body, name, lax_int, message, name)
         if value is None:
             continue
-        if value < 1:
+        if value < 1 and not (value == 0 and name == "max_tokens" and echo_only_allowed and _echoes(body)):
             raise bad_request(f"'{name}' must be at least 1, got {value}.", name)
         if max_model_len is not None and value > max_model_len:
             raise bad_request(f"'{name}' is {value}, more than the model's context length of {max_model_len} "
@@ -121,7 +128,14 @@ def _check_common(body: dict[str, Any], max_model_len: int | None) -> None:
             raise bad_request(message, name)
 
 
-_TOKEN_LIMITS = tuple((name, f"'{name}' must be an integer.") for name in ("max_tokens", "max_completion_tokens"))
+_CHAT_TOKEN_LIMITS = tuple((name, f"'{name}' must be an integer.")
+                           for name in ("max_tokens", "max_completion_tokens"))
+_COMPLETION_TOKEN_LIMITS = _CHAT_TOKEN_LIMITS[:1]
+
+
+def _echoes(body: dict[str, Any]) -> bool:
+    """Whether a completion asks for its prompt back (``echo``, read as vLLM reads it; a refused value is a 400)."""
+    return bool(_lax(body, "echo", lax_bool, "'echo' must be a boolean.", "echo"))
 _N_MESSAGE = f"'n' must be an integer between 1 and {MAX_CHOICES}."
 _SAMPLING_RANGES = tuple((name, low, high, f"'{name}' must be a number between {low:g} and {high:g}.")
                          for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0),
@@ -130,7 +144,7 @@ _SAMPLING_RANGES = tuple((name, low, high, f"'{name}' must be a number between {
 
 def validate_chat(body: dict[str, Any], max_model_len: int | None) -> None:
     """Raise :class:`APIError` (400) when a chat-completion body is malformed."""
-    _check_common(body, max_model_len)
+    _check_common(body, max_model_len, _CHAT_TOKEN_LIMITS)
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise bad_request("'messages' is required and must be a list of messages.", "messages")
@@ -141,17 +155,24 @@ def validate_chat(body: dict[str, Any], max_model_len: int | None) -> None:
         if not isinstance(message, dict):
             raise bad_request(f"'{param}' must be an object with 'role' and 'content'.", param)
         role = message.get("role")
-        if not isinstance(role, str) or not role:
+        if not isinstance(role, str):  # vLLM serves any string, "" too (its custom-role message type)
             raise bad_request(f"'{param}.role' is required and must be a string.", f"{param}.role")
-        content = message.get("content")
+        # vLLM serves a message without content (as empty), and a null one from the roles whose types allow it
+        content = message.get("content", _ABSENT)
+        if content is _ABSENT:
+            continue
         if content is None:
-            if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+            if role in _NULL_CONTENT_ROLES:
                 continue
-            raise bad_request(f"'{param}.content' is required.", f"{param}.content")
+            raise bad_request(f"'{param}.content' must be a string or a list of content parts; only "
+                              f"{' and '.join(_NULL_CONTENT_ROLES)} messages may have a null one.", f"{param}.content")
         if not isinstance(content, (str, list)):
             raise bad_request(f"'{param}.content' must be a string or a list of content parts.",
                               f"{param}.content")
     _check_chat_options(body)
+
+
+_NULL_CONTENT_ROLES = ("assistant", "function")  # OpenAI's (and vLLM's) types of these take content: null
 
 
 def _check_chat_options(body: dict[str, Any]) -> None:
@@ -182,7 +203,7 @@ _PROMPT_MESSAGE = ("'prompt' must be a string, a list of strings, or a list of t
 
 def validate_completion(body: dict[str, Any], max_model_len: int | None) -> None:
     """Raise :class:`APIError` (400) when a legacy completion body is malformed."""
-    _check_common(body, max_model_len)
+    _check_common(body, max_model_len, _COMPLETION_TOKEN_LIMITS, echo_only_allowed=True)
     prompt = body.get("prompt")
     if prompt is None:
         raise bad_request("'prompt' is required.", "prompt")

@@ -258,6 +258,9 @@ class TestTinyLlama:
             ("/v1/completions", {"model": model, "prompt": [[1, 2], [1, vocab + 3], [7]]}),
             ("/v1/completions", {"model": model, "prompt": [[1, 2], [1, vocab + 3]], "stream": True, "n": 2}),
             ("/v1/completions", {"model": model, "prompt": ["a", "b"], "logprobs": 21}),
+            # echo is read (max_tokens 0 with it is served: the prompt back), and without it 0 is refused
+            ("/v1/completions", {"model": model, "prompt": "once", "echo": "maybe"}),
+            ("/v1/completions", {"model": model, "prompt": "once", "max_tokens": 0, "echo": False}),
         ]
         [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len,
                                                             vocab_size=vocab, tool_calling=False))
@@ -277,6 +280,10 @@ class TestTinyLlama:
                 real, simulated = await answer(tiny_stack.engine.url, "/v1/completions", body), await answer(
                     sim.url, "/v1/completions", body)
                 assert real[1]["usage"]["completion_tokens"] == simulated[1]["usage"]["completion_tokens"] == 16
+                body = {"model": model, "prompt": "once", "max_tokens": 0, "echo": True}
+                real, simulated = await answer(tiny_stack.engine.url, "/v1/completions", body), await answer(
+                    sim.url, "/v1/completions", body)
+                assert real[1]["usage"]["completion_tokens"] == simulated[1]["usage"]["completion_tokens"] == 1
                 # a max_tokens the context cannot hold after the prompt is lowered to the room left, not refused
                 body = {"model": model, "prompt": [5] * (tiny_stack.max_model_len - 6), "max_tokens": 50,
                         "ignore_eos": True}
@@ -585,6 +592,59 @@ class TestTinyLlama:
                     assert r.status == 400, (prompt, await r.text())
                 async with session.post(tiny_stack.base_url + "/completions", json=refused) as r:
                     assert r.status == 400 and (await r.json())["error"]["param"] == "prompt", prompt
+
+    async def test_bodies_this_engine_serves_are_served_through_the_gateway(self, tiny_stack) -> None:
+        """A differential audit found bodies vLLM serves that the gateway refused: messages without content, an
+        assistant's null content, a role of "", stream options a stream of "false" or none comes with (vLLM tests
+        the values as sent), and on legacy completions ``max_completion_tokens`` (no field of theirs) and
+        ``max_tokens: 0`` with ``echo``. Each is served by the engine and through the gateway, with the same
+        usage; what this engine refuses in their neighbourhood the gateway refuses too."""
+        import aiohttp
+
+        model, hi = tiny_stack.model, {"role": "user", "content": "hi"}
+        served = [
+            ("/chat/completions", {"messages": [{"role": "user"}]}),
+            ("/chat/completions", {"messages": [{"role": "system"}, {"role": "developer"}, hi]}),
+            ("/chat/completions", {"messages": [hi, {"role": "assistant", "content": None}]}),
+            ("/chat/completions", {"messages": [hi, {"role": "assistant", "content": None, "tool_calls": []}]}),
+            ("/chat/completions", {"messages": [hi, {"role": "tool", "tool_call_id": "c"}]}),
+            ("/chat/completions", {"messages": [{"role": "", "content": "hi"}]}),
+            ("/chat/completions", {"messages": [hi], "stream_options": {}}),
+            ("/chat/completions", {"messages": [hi], "stream": "false", "stream_options": {"include_usage": True}}),
+            ("/completions", {"prompt": "once", "max_completion_tokens": 0}),
+            ("/completions", {"prompt": "once", "max_tokens": 0, "echo": True}),
+            ("/completions", {"prompt": "once", "max_tokens": "0", "echo": "yes", "stream": True,
+                              "stream_options": {"include_usage": True}}),
+        ]
+        refused = [
+            ("/chat/completions", {"messages": [{"role": "user", "content": None}]}),
+            ("/chat/completions", {"messages": [hi, {"role": "tool", "content": None, "tool_call_id": "c"}]}),
+            ("/chat/completions", {"messages": [hi], "stream": False, "stream_options": {"include_usage": False}}),
+            ("/completions", {"prompt": "once", "max_tokens": 0}),
+            ("/completions", {"prompt": "once", "max_tokens": 0, "echo": "maybe"}),
+        ]
+
+        def usage_of(text: str) -> dict:
+            import orjson
+
+            if text.startswith("data: "):  # a stream: its usage chunk
+                return next(orjson.loads(line[6:])["usage"] for line in text.splitlines()
+                            if line.startswith("data: {") and orjson.loads(line[6:]).get("usage"))
+            return orjson.loads(text)["usage"]
+
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer test-key"}) as session:
+            for path, fields in served + refused:
+                body = {"model": model, "max_tokens": 3, "ignore_eos": True, **fields}
+                answers = []
+                for base in (tiny_stack.engine.url + "/v1", tiny_stack.base_url):
+                    async with session.post(base + path, json=body) as r:
+                        answers.append((r.status, await r.text()))
+                (direct, direct_text), (through, through_text) = answers
+                if (path, fields) in refused:
+                    assert direct == through == 400, (fields, answers)
+                    continue
+                assert direct == through == 200, (fields, answers)
+                assert usage_of(direct_text) == usage_of(through_text), (fields, answers)
 
     def test_completions_endpoint(self, tiny_stack) -> None:
         response = tiny_stack.client().completions.create(
