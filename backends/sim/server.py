@@ -19,18 +19,26 @@ Request handling
   'body.priority', ...}"``, ``type`` "Bad Request", ``param`` the dotted field): ints (``max_tokens``,
   ``max_completion_tokens``, ``min_tokens``, ``priority``, ``n``, ``top_k``, ``seed`` within int64), floats
   (``temperature``, ``top_p``, ``min_p``, the three penalties), bools (``stream``, ``ignore_eos``,
-  ``stream_options.*``), ``stop`` (a string or a list of strings), ``response_format`` (an object),
-  ``request_id`` (a string), a legacy completion's ``prompt`` against vLLM's union (token ids >= 0, a list of
+  ``stream_options.*``, ``skip_special_tokens``, ``add_special_tokens``; chat's ``echo``, ``parallel_tool_calls``,
+  ``add_generation_prompt``, ``continue_final_message``; a legacy completion's ``echo``), strings (``user``,
+  ``suffix``, ``request_id``), ``stop`` (a string or a list of at most 4 strings), ``chat_template_kwargs`` (an
+  object), ``tools`` and ``response_format`` by pydantic against copies of vLLM's models
+  (:mod:`backends.sim.request_models`; a structural tag's format is not checked), a legacy completion's ``prompt`` against vLLM's union (token ids >= 0, a list of
   such lists, a string, a list of strings: every member's errors where none takes it, e.g. ``[[1, -5]]``),
   required ``messages`` / ``prompt``. ``priority`` must be
   an int; under the ``fcfs`` policy it is accepted and ignored (as observed on a real server). Also
   ``logprobs`` (chat: a bool; completions: an int), ``top_logprobs``, ``prompt_logprobs``, ``logit_bias`` (an
   object of numbers), ``stop_token_ids`` and ``allowed_token_ids`` (lists of ints). Before them, the request's
-  validators (vLLM runs them last-defined first): chat's tool usage (``tool_choice`` needs ``tools``, a named
-  tool must be one of them), logprobs (``top_logprobs`` needs ``logprobs``), stream options; a legacy
-  completion's batch size (at most 1024 prompts), prompt, stream options, logprobs (an integer, >= 0 or -1).
+  validators (vLLM runs them last-defined first): chat's generation prompt (not both it and
+  ``continue_final_message``), tool usage (``tool_choice`` needs ``tools``, a named tool must be one of them),
+  logprobs (``top_logprobs`` needs ``logprobs``), stream options; a legacy completion's batch size (at most 1024
+  prompts), prompt, stream options, logprobs (an integer, >= 0 or -1); then both routes' ``json_schema`` format
+  without its ``json_schema``.
 * **Order of answers**, as a real vLLM 0.32 gives them: the request's validation (400), the model (404),
-  back-pressure (503, counting every answer of ``n``), the tool choice (chat, below), the lengths below,
+  back-pressure (503, counting every answer of ``n``), the tool choice (chat, below), the renderer's refusals (a
+  chat template asked to continue the final message while it adds a generation prompt, the default; a legacy
+  completion's ``suffix``: no simulated model renders fill-in-the-middle; an empty list of prompts), the lengths
+  below,
   ``logit_bias`` keys that are no integer, then SamplingParams' checks in its order, the first failure answering
   (``n``, penalties, ``temperature`` finite and in [0, 2], ``top_p`` in (0, 1], ``top_k``, ``min_p``,
   ``max_tokens`` >= 1, ``min_tokens``, empty ``stop`` strings, greedy ``n``), then the engine's checks below.
@@ -104,11 +112,12 @@ Deviations from a real vLLM (on purpose)
   a real vLLM *holds* them until ``/wake_up`` (and does not count them as waiting).
 * Putting the engine to sleep aborts in-flight requests (vLLM's default ``mode=abort``); they end with
   ``finish_reason`` "abort". ``/sleep?mode=wait`` lets them finish first.
-* Structured outputs (``response_format`` beyond being an object, ``structured_outputs``) are not checked: a JSON
-  schema vLLM's grammar backend refuses (invalid, or nested past its 64 levels) is served here.
+* Structured outputs (``response_format`` beyond its model's shape, a structural tag, ``structured_outputs``) are
+  not checked: a JSON schema vLLM's grammar backend refuses (invalid, without a ``schema``, or nested past its 64
+  levels) is served here.
 * ``best_of``, beam search and logprobs are not simulated (logprobs come back null, though their counts are
-  checked as above). ``bad_words`` are not checked (vLLM tokenizes them), nor ``logprob_token_ids`` or a tool's own
-  fields (vLLM's pydantic model of a tool). ``echo`` is read (with ``max_tokens: 0`` the engine computes one token,
+  checked as above). ``bad_words`` are not checked (vLLM tokenizes them), nor ``logprob_token_ids``. ``echo`` is
+  read (with ``max_tokens: 0`` the engine computes one token,
   as vLLM's does) but the prompt is not sent back.
 * A message's own fields are not validated beyond being an object (vLLM checks each against its message union,
   e.g. a message without ``role`` gets eleven pydantic errors there); with several invalid fields at once, the
@@ -138,6 +147,7 @@ from backends.exact_json import may_hold_long_integer
 from backends.lax import LaxError, lax_bool, lax_float, lax_int
 from backends.sim.engine import PAUSE_MODES, EngineBusy, SimEngine, SimRequest
 from backends.sim.options import SimEngineOptions
+from backends.sim.request_models import RESPONSE_FORMAT, TOOLS, errors_of
 
 HINT_HEADER = "X-Sim-Output-Tokens"
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -426,7 +436,16 @@ def check_stop(body: dict, errors: list[dict]) -> list[str]:
         errors.append(_err("string_type", "body.stop", "Input should be a valid string", stop))
         errors.extend(_err("string_type", f"body.stop.{i}", "Input should be a valid string", stop[i]) for i in wrong)
         return []
+    if len(stop) > MAX_STOP_STRINGS:  # a list's length is checked after its items
+        errors.append(_err("string_type", "body.stop", "Input should be a valid string", stop))
+        errors.append({**_err("too_long", "body.stop", f"List should have at most {MAX_STOP_STRINGS} items after "
+                              f"validation, not {len(stop)}", stop),
+                       "ctx": {"field_type": "List", "max_length": MAX_STOP_STRINGS, "actual_length": len(stop)}})
+        return []
     return stop
+
+
+MAX_STOP_STRINGS = 4  # vLLM 0.32's VLLM_MAX_STOP_STRINGS default (StopParam's max_length)
 
 
 def _token_ids_errors(items: list, loc: str) -> tuple[list[int], list[dict]]:
@@ -595,7 +614,8 @@ def _check_logprob_counts(body: dict, sample_name: str) -> web.Response | None:
 class Parsed:
     __slots__ = ("chat", "model", "stream", "include_usage", "continuous_usage", "max_tokens", "max_tokens_param",
                  "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
-                 "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts")
+                 "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts", "suffix",
+                 "echo", "template_conflict")
 
 
 class EngineInputs:
@@ -669,6 +689,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     # run last-defined first: tool usage, then logprobs, then stream options.
     # A legacy completion's run: the prompt, stream options, then logprobs.
     if chat:
+        if body.get("continue_final_message") and body.get("add_generation_prompt"):  # check_generation_prompt
+            return bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
         refused = check_tool_usage(body) or check_logprobs(body)
         if refused is not None:
             return refused
@@ -688,6 +710,11 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         refused = check_logprobs(body, chat=False)
         if refused is not None:
             return refused
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema" and (
+            response_format.get("json_schema") is None):  # validate_response_format
+        return bad_request(validation_message("When response_format type is 'json_schema', the 'json_schema' field "
+                                              "must be provided.", "response_format", None), "response_format")
     errors: list[dict] = []
     p = Parsed()
     p.chat = chat
@@ -710,8 +737,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     stream_options = body.get("stream_options")
     if stream_options is not None:
         if not isinstance(stream_options, dict):
-            errors.append(_err("model_type", "body.stream_options", "Input should be a valid dictionary or "
-                                                                    "instance of StreamOptions", stream_options))
+            errors.append(_err("model_attributes_type", "body.stream_options", "Input should be a valid dictionary "
+                               "or object to extract fields from", stream_options))
         else:
             # vLLM 0.32's StreamOptions: include_usage defaults to false (as OpenAI); older vLLM defaulted to true
             include = check_bool(stream_options, "include_usage", errors, optional=True, default=False,
@@ -729,7 +756,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         if max_completion is not None:
             max_tokens = max_completion
             p.max_tokens_param = "max_completion_tokens"
-    elif check_bool(body, "echo", errors, optional=True, default=False) and max_tokens == 0:
+    p.echo = not chat and bool(check_bool(body, "echo", errors, optional=True, default=False))
+    if p.echo and max_tokens == 0:
         max_tokens = 1  # vLLM 0.32's echo without generation: its engine computes one token (the prompt is sent)
     p.max_tokens = max_tokens
     p.min_tokens = check_int(body, "min_tokens", errors, optional=False, default=0) or 0
@@ -745,10 +773,26 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     p.greedy = p.sampling["temperature"] < GREEDY_TEMPERATURE
     check_seed(body, errors)
     p.stop = check_stop(body, errors)
-    response_format = body.get("response_format")
-    if response_format is not None and not isinstance(response_format, dict):
-        errors.extend([_err("model_attributes_type", "body.response_format", "Input should be a valid dictionary or "
-                            "object to extract fields from", response_format)] * 3)  # one per format model
+    if not (isinstance(response_format, dict) and response_format.get("type") == "structural_tag"):
+        errors += errors_of(RESPONSE_FORMAT, response_format, "response_format")  # a structural tag: not checked
+    check_str(body, "user", errors)
+    for key in ("skip_special_tokens", "add_special_tokens"):
+        check_bool(body, key, errors, optional=False, default=True)
+    p.suffix = None
+    p.template_conflict = False
+    if chat:
+        if "tools" in body:
+            errors += errors_of(TOOLS, body["tools"], "tools")
+        check_bool(body, "parallel_tool_calls", errors, optional=True, default=True)
+        check_bool(body, "echo", errors, optional=False, default=False)
+        add_generation_prompt = check_bool(body, "add_generation_prompt", errors, optional=False, default=True)
+        continue_final = check_bool(body, "continue_final_message", errors, optional=False, default=False)
+        p.template_conflict = bool(continue_final) and bool(add_generation_prompt)  # the chat template refuses
+        kwargs = body.get("chat_template_kwargs")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            errors.append(_err("dict_type", "body.chat_template_kwargs", "Input should be a valid dictionary", kwargs))
+    else:
+        p.suffix = check_str(body, "suffix", errors)
     p.request_id = body.get("request_id")
     if "request_id" in body and not isinstance(p.request_id, str):
         errors.append(_err("string_type", "body.request_id", "Input should be a valid string", p.request_id))
@@ -763,8 +807,10 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         p.prompt_tokens = estimate_chat_prompt_tokens(body["messages"])
     else:
         prompt = body.get("prompt")
-        if prompt == []:
-            return bad_request("Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+        if prompt == []:  # no prompt to render: refused as vLLM's renderer refuses it (render_refusal)
+            p.prompts = []
+            p.prompt_tokens = 0
+            return p
         if not isinstance(prompt, (str, list)):
             return pydantic_error_response([_err("string_type", "body.prompt", "Input should be a valid string",
                                                  prompt)])
@@ -908,6 +954,9 @@ class SimServer:
             return _busy(busy.reason)
         if parsed.tool_choice is not None and not self.options.tool_calling:
             return tool_parser_refusal(parsed.tool_choice)
+        refused = render_refusal(parsed)
+        if refused is not None:
+            return refused
         if parsed.prompts is None:
             checked = self._check_lengths(parsed, parsed.prompt_tokens, parsed.prompt_is_token_ids)
             caps = None
@@ -1267,6 +1316,31 @@ def _stream_error(message: str, err_type: str, code: int, param: str | None, hea
     if header_id is not None:
         headers[REQUEST_ID_HEADER] = header_id
     return web.Response(body=f"data: {event}\n\ndata: [DONE]\n\n".encode(), headers=headers)
+
+
+# transformers' apply_chat_template, which vLLM's renderer calls (its ValueError is vLLM's 400)
+TEMPLATE_CONFLICT = ("continue_final_message and add_generation_prompt are not compatible. Use continue_final_message "
+                     "when you want the model to continue the final message, and add_generation_prompt when you want "
+                     "to add a header that will prompt it to start a new assistant message instead.")
+
+
+def render_refusal(p: Parsed) -> web.Response | None:
+    """vLLM 0.32's renderer (renderers/online_renderer.py), before it tokenizes: a chat template asked both to add
+    a generation prompt and to continue the final message; a legacy completion's ``suffix``, which no simulated
+    model can render (none has fill-in-the-middle tokens), and an empty list of prompts."""
+    if p.template_conflict:
+        return bad_request(TEMPLATE_CONFLICT)
+    if p.suffix is not None:
+        if p.echo:
+            return bad_request("Echo is unsupported with suffix.", "suffix")
+        if p.prompts != []:  # an empty list of prompts has none to render with it
+            token_ids = p.prompt_is_token_ids if p.prompts is None else any(one.token_ids for one in p.prompts)
+            if token_ids:
+                return bad_request("suffix requires text prompt input for FIM completion rendering", "suffix")
+            return bad_request("suffix is only supported for models with FIM completion rendering", "suffix")
+    if p.prompts == []:
+        return bad_request("You must pass at least one prompt")
+    return None
 
 
 def verify_sampling(p: Parsed, cap: int) -> web.Response | None:

@@ -261,6 +261,22 @@ class TestTinyLlama:
             # echo is read (max_tokens 0 with it is served: the prompt back), and without it 0 is refused
             ("/v1/completions", {"model": model, "prompt": "once", "echo": "maybe"}),
             ("/v1/completions", {"model": model, "prompt": "once", "max_tokens": 0, "echo": False}),
+            # fields the sim did not read (a differential audit): their types, vLLM's models of tools and
+            # response formats (pydantic's errors, in its order), stop's length, the renderer's refusals
+            *[("/v1/chat/completions", {"model": model, "messages": chat, **fields}) for fields in (
+                {"user": 5}, {"skip_special_tokens": "x"}, {"parallel_tool_calls": "x"}, {"echo": "x"},
+                {"add_generation_prompt": "x"}, {"chat_template_kwargs": "x"}, {"continue_final_message": True},
+                {"continue_final_message": True, "add_generation_prompt": True}, {"stop": ["a", "b", "c", "d", "e"]},
+                {"response_format": {"type": "foo"}}, {"response_format": {}}, {"response_format": {"type": 5}},
+                {"response_format": {"type": "json_schema"}}, {"response_format": {"type": "json_schema",
+                                                                                   "json_schema": "x"}},
+                {"tools": {}}, {"tools": [5]}, {"tools": [{"type": "function"}]},
+                {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
+                {"stream": True, "stream_options": "x"})],
+            *[("/v1/completions", {"model": model, "prompt": "once", **fields}) for fields in (
+                {"suffix": "x"}, {"suffix": 5}, {"suffix": "x", "echo": True}, {"suffix": "x", "prompt": [1, 2]},
+                {"suffix": "x", "prompt": []}, {"prompt": []}, {"user": 5}, {"add_special_tokens": "x"},
+                {"response_format": {}})],
         ]
         [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len,
                                                             vocab_size=vocab, tool_calling=False))
