@@ -102,6 +102,7 @@ def requested_output_cap(route: str, body: dict[str, Any]) -> int | None:
         return LEGACY_COMPLETION_MAX_TOKENS
     return max(max_tokens, 1)
 
+
 NEW, WAITING, RESERVING, ADMITTED, DONE = range(5)
 
 

@@ -151,8 +151,9 @@ class _DaemonWriter:
     A daemon thread, not an executor's: a write the file system never returns (a hung network mount) would
     otherwise keep the process from exiting, as the threads of executors are joined at exit. One thread for the
     buffer's life, not one per write: ``Thread.start()`` waits on the event loop until the new thread runs, and
-    with other threads holding the GIL (a refit's parse, an executor's predict) that wait was 19 ms at the median
-    and up to 48 ms, once per batch; handing a write to a running thread is a queue put (microseconds). The thread
+    with other threads holding the GIL (a refit's parse, an executor's predict; timed with two busy threads on a
+    2-core VM) that wait was 19 ms at the median and up to 48 ms, once per batch; handing a write to a running
+    thread is a queue put (microseconds). The thread
     starts at the first write and ends at :meth:`stop` (after the writes handed to it before)."""
 
     _STOP = object()

@@ -136,6 +136,8 @@ _COMPLETION_TOKEN_LIMITS = _CHAT_TOKEN_LIMITS[:1]
 def _echoes(body: dict[str, Any]) -> bool:
     """Whether a completion asks for its prompt back (``echo``, read as vLLM reads it; a refused value is a 400)."""
     return bool(_lax(body, "echo", lax_bool, "'echo' must be a boolean.", "echo"))
+
+
 _N_MESSAGE = f"'n' must be an integer between 1 and {MAX_CHOICES}."
 _SAMPLING_RANGES = tuple((name, low, high, f"'{name}' must be a number between {low:g} and {high:g}.")
                          for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0),
