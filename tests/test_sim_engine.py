@@ -740,6 +740,11 @@ async def test_nested_token_ids_with_a_negative_one_get_the_prompt_unions_errors
         ("string_type", "body.prompt"), ("string_type", "body.prompt.0"), ("string_type", "body.prompt.1")]
     status, body, _ = await _post(url, {"model": MODEL, "prompt": ["a", [1]]})  # no member takes a mixed list
     assert status == 400 and body["error"]["message"].startswith("5 validation errors:")
+    # a prompt that is no list and no string: every member's error too (the sim gave the string member's alone)
+    status, body, _ = await _post(url, {"model": MODEL, "prompt": 5})
+    assert status == 400 and [re.search(r"'type': '(\w+)'", line).group(1)
+                              for line in body["error"]["message"].split("\n")[1:]] == [
+        "list_type", "list_type", "string_type", "list_type"]
     assert handle.engine.num_running == handle.engine.num_waiting == 0
 
 

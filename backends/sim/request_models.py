@@ -1,19 +1,22 @@
 """vLLM 0.32's request models for the nested fields the simulated engine checks with pydantic itself.
 
-The scalar fields are read one by one (:mod:`backends.lax`); a nested field whose model has several members
-and several errors (a tool's ``function``, ``response_format``'s union of three formats) is validated here by
-pydantic against a copy of vLLM's model (``entrypoints/generate/base/protocol.py``,
-``chat_completion/protocol.py``), so that a malformed one gets the errors vLLM gives, in its order. The copies
-keep only what validation sees: the field names, types and defaults.
+The scalar fields are read one by one (:mod:`backends.lax`); a field whose type has several members or
+nested models, and so several errors (a tool's ``function``, ``response_format``'s union of three formats, a
+legacy completion's ``prompt`` union), is validated here by pydantic against a copy of vLLM 0.32's type
+(``entrypoints/generate/base/protocol.py``, ``chat_completion/protocol.py``, ``completion/protocol.py``), so that
+a malformed one gets the errors vLLM gives, in its order, and a valid one is read as vLLM reads it. The copies
+keep only what validation sees: the field names, types and defaults. Each was compared with vLLM's own models
+on malformed values (the real-vLLM stage compares the answers of both engines).
 
-vLLM's models wrap each member in a validator (``__log_extra_fields__``) whose name stands in the error's
-``loc`` where pydantic would put the member's class name, and its error handler then drops such names
-(``clean_loc_for_param``): a union member's class name is dropped here instead (:func:`errors_of`).
+vLLM's error handler drops pydantic's own segments from an error's ``loc`` (``clean_loc_for_param``: a union
+member's tag such as ``list[constrained-int]``, a wrapper's name), and its models wrap each member in a
+validator (``__log_extra_fields__``) whose name stands where pydantic would put a model member's class name:
+:func:`validated` drops both.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -65,27 +68,49 @@ class ResponseFormat(_Model):
     json_schema: JsonSchemaResponseFormat | None = None
 
 
+TokenId = Annotated[int, Field(ge=0)]
+
 TOOLS = TypeAdapter(list[ChatCompletionToolsParam] | None)
+# CompletionRequest.prompt: token ids, a batch of them, a string, a batch of strings (pydantic's smart union: a list
+# of numeric strings stays strings, [1.0, "2"] is token ids)
+PROMPT = TypeAdapter(list[TokenId] | list[list[TokenId]] | str | list[str] | None)
 RESPONSE_FORMAT = TypeAdapter(ResponseFormat | StructuralTagResponseFormat | LegacyStructuralTagResponseFormat | None)
 _MEMBER_NAMES = frozenset(model.__name__ for model in (ResponseFormat, StructuralTagResponseFormat,
                                                         LegacyStructuralTagResponseFormat))
+# vLLM's clean_loc_for_param (serve/exception_handling/handlers/validation.py) drops pydantic's own segments of a
+# loc: a union member's tag ("list[constrained-int]", "str") or a wrapper's; these are the ones its list names
+_INTERNAL_SEGMENTS = frozenset({
+    "function-wrap", "function-after", "function-before", "function-plain", "json-or-python", "lax-or-strict",
+    "chain", "default", "nullable", "tagged-union", "union", "call", "arguments", "is-instance", "is-subclass",
+    "callable", "str", "int", "float", "bool", "bytes", "bytearray", "list", "tuple", "dict", "set", "frozenset",
+    "complex", "none", "nonetype"})
+_BRACKETS = frozenset("[]{}()")
 
 
-def errors_of(adapter: TypeAdapter, value: Any, field: str) -> list[dict]:
-    """Pydantic's errors for ``value`` as body field ``field``, as vLLM reports them (``loc`` a dotted string
-    from ``body``); none where it validates."""
+def _is_internal(part: Any) -> bool:
+    return isinstance(part, str) and (part in _MEMBER_NAMES or not _BRACKETS.isdisjoint(part)
+                                      or part.lower() in _INTERNAL_SEGMENTS)
+
+
+def validated(adapter: TypeAdapter, value: Any, field: str) -> tuple[Any, list[dict]]:
+    """``value`` as body field ``field`` read by pydantic, and its errors as vLLM reports them (``loc`` a dotted
+    string from ``body``): (the value read, []) where it validates, else (None, the errors)."""
     try:
-        adapter.validate_python(value, from_attributes=True)  # as FastAPI validates a body
+        return adapter.validate_python(value, from_attributes=True), []  # as FastAPI validates a body
     except ValidationError as exc:
         errors = []
         for error in exc.errors(include_url=False):
-            loc = ".".join(str(part) for part in ("body", field, *error["loc"]) if part not in _MEMBER_NAMES)
+            loc = ".".join(str(part) for part in ("body", field, *error["loc"]) if not _is_internal(part))
             shown = {"type": error["type"], "loc": loc, "msg": error["msg"], "input": error["input"]}
             if "ctx" in error:
                 shown["ctx"] = error["ctx"]
             errors.append(shown)
-        return errors
-    return []
+        return None, errors
 
 
-__all__ = ["RESPONSE_FORMAT", "TOOLS", "errors_of"]
+def errors_of(adapter: TypeAdapter, value: Any, field: str) -> list[dict]:
+    """The errors of :func:`validated` alone."""
+    return validated(adapter, value, field)[1]
+
+
+__all__ = ["PROMPT", "RESPONSE_FORMAT", "TOOLS", "errors_of", "validated"]

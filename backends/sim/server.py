@@ -22,11 +22,11 @@ Request handling
   ``stream_options.*``, ``skip_special_tokens``, ``add_special_tokens``; chat's ``echo``, ``parallel_tool_calls``,
   ``add_generation_prompt``, ``continue_final_message``; a legacy completion's ``echo``), strings (``user``,
   ``suffix``, ``request_id``), ``stop`` (a string or a list of at most 4 strings), ``chat_template_kwargs`` (an
-  object), ``tools`` and ``response_format`` by pydantic against copies of vLLM's models
-  (:mod:`backends.sim.request_models`; a structural tag's format is not checked), a legacy completion's ``prompt`` against vLLM's union (token ids >= 0, a list of
-  such lists, a string, a list of strings: every member's errors where none takes it, e.g. ``[[1, -5]]``),
-  required ``messages`` / ``prompt``. ``priority`` must be
-  an int; under the ``fcfs`` policy it is accepted and ignored (as observed on a real server). Also
+  object); by pydantic against copies of vLLM's models (:mod:`backends.sim.request_models`): ``tools``,
+  ``response_format`` (a structural tag's format is not checked) and a legacy completion's ``prompt`` (vLLM's
+  union of token ids >= 0, a list of such lists, a string, a list of strings: every member's errors where none
+  takes it, e.g. ``[[1, -5]]``); required ``messages`` / ``prompt``. ``priority`` must be an int; under the
+  ``fcfs`` policy it is accepted and ignored (as observed on a real server). Also
   ``logprobs`` (chat: a bool; completions: an int), ``top_logprobs``, ``prompt_logprobs``, ``logit_bias`` (an
   object of numbers), ``stop_token_ids`` and ``allowed_token_ids`` (lists of ints). Before them, the request's
   validators (vLLM runs them last-defined first): chat's generation prompt (not both it and
@@ -147,7 +147,7 @@ from backends.exact_json import may_hold_long_integer
 from backends.lax import LaxError, lax_bool, lax_float, lax_int
 from backends.sim.engine import PAUSE_MODES, EngineBusy, SimEngine, SimRequest
 from backends.sim.options import SimEngineOptions
-from backends.sim.request_models import RESPONSE_FORMAT, TOOLS, errors_of
+from backends.sim.request_models import PROMPT, RESPONSE_FORMAT, TOOLS, errors_of, validated
 
 HINT_HEADER = "X-Sim-Output-Tokens"
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -448,47 +448,18 @@ def check_stop(body: dict, errors: list[dict]) -> list[str]:
 MAX_STOP_STRINGS = 4  # vLLM 0.32's VLLM_MAX_STOP_STRINGS default (StopParam's max_length)
 
 
-def _token_ids_errors(items: list, loc: str) -> tuple[list[int], list[dict]]:
-    """Pydantic's lax ``list[Annotated[int, Field(ge=0)]]`` on ``items`` at ``loc``: the ids and the errors."""
-    errors: list[dict] = []
-    ids = []
-    for i, item in enumerate(items):
-        before = len(errors)
-        value = check_int({i: item}, i, errors, optional=False, default=None, loc_prefix=loc)
-        if len(errors) == before and value is not None:
-            if value < 0:
-                errors.append({**_err("greater_than_equal", f"{loc}.{i}", "Input should be greater than or equal "
-                                      "to 0", item), "ctx": {"ge": 0}})
-            ids.append(value)
-    return ids, errors
-
-
-def resolve_prompt_list(prompt: list) -> list[str | list[int]] | web.Response:
-    """vLLM 0.32's CompletionRequest.prompt union (``list[int>=0] | list[list[int>=0]] | str | list[str]``) on a
-    non-empty list, then prompt_to_seq: the prompts it holds (one for token ids, each member of a batch), or
-    pydantic's 400 where no member takes it, every member's errors in the union's order. Pydantic's smart union
-    tries the members strictly first, so a list of strings stays strings even where they read as integers."""
-    if all(isinstance(t, str) for t in prompt):
-        return list(prompt)
-    ids, flat_errors = _token_ids_errors(prompt, "body.prompt")
-    if not flat_errors:
-        return [ids]
-    nested: list[list[int]] = []
-    nested_errors: list[dict] = []
-    for i, item in enumerate(prompt):
-        if isinstance(item, list):
-            item_ids, errors = _token_ids_errors(item, f"body.prompt.{i}")
-            nested.append(item_ids)
-            nested_errors += errors
-        else:
-            nested_errors.append(_err("list_type", f"body.prompt.{i}", "Input should be a valid list", item))
-    if not nested_errors:
-        return nested
-    errors = flat_errors + nested_errors
-    errors.append(_err("string_type", "body.prompt", "Input should be a valid string", prompt))
-    errors += [_err("string_type", f"body.prompt.{i}", "Input should be a valid string", t)
-               for i, t in enumerate(prompt) if not isinstance(t, str)]
-    return pydantic_error_response(errors)
+def resolve_prompt(prompt: Any) -> list[str | list[int]] | web.Response:
+    """vLLM 0.32's CompletionRequest.prompt union (``list[int>=0] | list[list[int>=0]] | str | list[str]``), read by
+    pydantic (:data:`backends.sim.request_models.PROMPT`), then prompt_to_seq: the prompts it holds (one for token
+    ids or a string, each member of a batch), or pydantic's 400 where no member takes it, every member's errors in
+    the union's order (``[[1, -5]]``: four). Pydantic's smart union tries the members strictly first, so a list of
+    strings stays strings even where they read as integers, and ``[1.0, "2"]`` is the ids ``[1, 2]``."""
+    value, errors = validated(PROMPT, prompt, "prompt")
+    if errors:
+        return pydantic_error_response(errors)
+    if type(value) is str or all(type(item) is int for item in value):
+        return [value]
+    return list(value)
 
 
 MAX_COMPLETION_PROMPTS = 1024  # vLLM's VLLM_MAX_COMPLETION_PROMPTS default
@@ -811,13 +782,10 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
             p.prompts = []
             p.prompt_tokens = 0
             return p
-        if not isinstance(prompt, (str, list)):
-            return pydantic_error_response([_err("string_type", "body.prompt", "Input should be a valid string",
-                                                 prompt)])
-        if isinstance(prompt, list) and not (all(type(t) is int and t >= 0 for t in prompt) or (
-                len(prompt) == 1 and isinstance(prompt[0], str))):
-            # token ids with a negative one, nested token ids, a batch, or a list the prompt union refuses
-            prompts = resolve_prompt_list(prompt)
+        if not (type(prompt) is str or type(prompt) is list and (all(type(t) is int and t >= 0 for t in prompt) or (
+                len(prompt) == 1 and type(prompt[0]) is str))):
+            # token ids in lax forms or with a negative one, nested token ids, a batch, or what the union refuses
+            prompts = resolve_prompt(prompt)
             if isinstance(prompts, web.Response):
                 return prompts
             if len(prompts) > 1:  # a batch: each prompt its own engine request(s), checked on its own

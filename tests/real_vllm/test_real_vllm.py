@@ -285,7 +285,8 @@ class TestTinyLlama:
             *[("/v1/completions", {"model": model, "prompt": "once", **fields}) for fields in (
                 {"suffix": "x"}, {"suffix": 5}, {"suffix": "x", "echo": True}, {"suffix": "x", "prompt": [1, 2]},
                 {"suffix": "x", "prompt": []}, {"prompt": []}, {"user": 5}, {"add_special_tokens": "x"},
-                {"response_format": {}})],
+                {"response_format": {}}, {"prompt": 5}, {"prompt": {"a": 1}}, {"prompt": [1, [2]]},
+                {"prompt": [[1.5, "x"]]}, {"prompt": [None]})],
         ]
         [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len,
                                                             vocab_size=vocab, tool_calling=False))
