@@ -454,6 +454,8 @@ def resolve_prompt(prompt: Any) -> list[str | list[int]] | web.Response:
     ids or a string, each member of a batch), or pydantic's 400 where no member takes it, every member's errors in
     the union's order (``[[1, -5]]``: four). Pydantic's smart union tries the members strictly first, so a list of
     strings stays strings even where they read as integers, and ``[1.0, "2"]`` is the ids ``[1, 2]``."""
+    if type(prompt) is list and all(type(item) is str for item in prompt):
+        return list(prompt)  # what pydantic reads it as (its strict pass takes it as strings), at a tenth of the cost
     value, errors = validated(PROMPT, prompt, "prompt")
     if errors:
         return pydantic_error_response(errors)
