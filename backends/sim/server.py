@@ -117,8 +117,7 @@ Deviations from a real vLLM (on purpose)
   levels) is served here.
 * ``best_of``, beam search and logprobs are not simulated (logprobs come back null, though their counts are
   checked as above). ``bad_words`` are not checked (vLLM tokenizes them), nor ``logprob_token_ids``. ``echo`` is
-  read (with ``max_tokens: 0`` the engine computes one token,
-  as vLLM's does) but the prompt is not sent back.
+  read (with ``max_tokens: 0`` the engine computes one token, as vLLM's does) but the prompt is not sent back.
 * A message's own fields are not validated beyond being an object (vLLM checks each against its message union,
   e.g. a message without ``role`` gets eleven pydantic errors there); with several invalid fields at once, the
   pydantic errors are listed in this checker's order, not always in the model's field order.
