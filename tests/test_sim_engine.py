@@ -391,6 +391,54 @@ async def test_echo_without_generation_is_one_token_as_in_vllm(start):
     assert status == 400 and "body.echo" in body["error"]["message"], body
 
 
+async def test_fields_vllm_validates_that_the_sim_did_not_read_are_refused_as_vllm_refuses_them(start):
+    """A differential audit found bodies vLLM 0.32 refuses that the sim served (the real-vLLM stage compares each
+    answer with the engine's, byte for byte); here their status, error type and param."""
+    handle, _ = await start(tool_calling=False)
+    chat, completions = handle.url + "/v1/chat/completions", handle.url + "/v1/completions"
+    pydantic, vllm = "Bad Request", "BadRequestError"
+    cases = [
+        (chat, {"user": 5}, pydantic, "body.user"), (chat, {"skip_special_tokens": "x"}, pydantic,
+                                                      "body.skip_special_tokens"),
+        (chat, {"parallel_tool_calls": "x"}, pydantic, "body.parallel_tool_calls"),
+        (chat, {"echo": "x"}, pydantic, "body.echo"), (chat, {"add_generation_prompt": "x"}, pydantic,
+                                                        "body.add_generation_prompt"),
+        (chat, {"chat_template_kwargs": "x"}, pydantic, "body.chat_template_kwargs"),
+        (chat, {"stop": ["a", "b", "c", "d", "e"]}, pydantic, "body.stop"),
+        (chat, {"response_format": {"type": "foo"}}, pydantic, "body.response_format.type"),
+        (chat, {"response_format": {"type": "json_schema", "json_schema": "x"}}, pydantic,
+         "body.response_format.json_schema"),
+        (chat, {"response_format": {"type": "json_schema"}}, vllm, "response_format"),
+        (chat, {"tools": {}}, pydantic, "body.tools"), (chat, {"tools": [5]}, pydantic, "body.tools.0"),
+        (chat, {"tools": [{"type": "function", "function": {}}]}, pydantic, "body.tools.0.function.name"),
+        (chat, {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]}, pydantic,
+         "body.tools.0.function.parameters"),
+        (chat, {"stream": True, "stream_options": "x"}, pydantic, "body.stream_options"),
+        (chat, {"continue_final_message": True}, vllm, None),
+        (chat, {"continue_final_message": True, "add_generation_prompt": True}, vllm, None),
+        (completions, {"suffix": "x"}, vllm, "suffix"), (completions, {"suffix": 5}, pydantic, "body.suffix"),
+        (completions, {"suffix": "x", "echo": True}, vllm, "suffix"),
+        (completions, {"suffix": "x", "prompt": [1, 2]}, vllm, "suffix"),
+        (completions, {"prompt": []}, vllm, None), (completions, {"add_special_tokens": "x"}, pydantic,
+                                                    "body.add_special_tokens"),
+    ]
+    for url, fields, error_type, param in cases:
+        body = {"model": MODEL, "max_tokens": 2, **fields}
+        body.update({"messages": _chat()} if url == chat else {"prompt": fields.get("prompt", "once")})
+        status, answer, _ = await _post(url, body)
+        assert (status, answer["error"]["type"], answer["error"]["param"]) == (400, error_type, param), fields
+    # and what vLLM serves of the same fields
+    for url, fields in ((chat, {"stop": ["a", "b", "c", "d"]}), (chat, {"user": "u", "parallel_tool_calls": "no"}),
+                        (chat, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+                        (chat, {"response_format": {"type": "structural_tag", "format": {}}}),
+                        (chat, {"continue_final_message": True, "add_generation_prompt": False})):
+        body = {"model": MODEL, "max_tokens": 2, **fields}
+        body.update({"messages": _chat()} if url == chat else {"prompt": "once"})
+        status, answer, _ = await _post(url, body)
+        assert status == 200, (fields, answer)
+    assert handle.engine.num_running == handle.engine.num_waiting == 0
+
+
 async def test_bodies_are_read_as_fastapi_reads_them(start):
     """vLLM's FastAPI parses a body with ``json.loads``: a BOM, UTF-16, NaN and lone surrogates are served; what
     no UTF decodes is FastAPI's own ``{"detail": ...}``; a body declared JSON is parsed before the media type is
