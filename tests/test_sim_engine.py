@@ -421,10 +421,13 @@ async def test_fields_vllm_validates_that_the_sim_did_not_read_are_refused_as_vl
         (completions, {"suffix": "x", "prompt": [1, 2]}, vllm, "suffix"),
         (completions, {"prompt": []}, vllm, None), (completions, {"add_special_tokens": "x"}, pydantic,
                                                     "body.add_special_tokens"),
+        (chat, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, vllm,
+         None),  # media sent to a text model
     ]
     for url, fields, error_type, param in cases:
         body = {"model": MODEL, "max_tokens": 2, **fields}
-        body.update({"messages": _chat()} if url == chat else {"prompt": fields.get("prompt", "once")})
+        body.update({"messages": fields.get("messages", _chat())} if url == chat else {
+            "prompt": fields.get("prompt", "once")})
         status, answer, _ = await _post(url, body)
         assert (status, answer["error"]["type"], answer["error"]["param"]) == (400, error_type, param), fields
     # and what vLLM serves of the same fields

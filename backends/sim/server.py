@@ -35,10 +35,10 @@ Request handling
   prompts), prompt, stream options, logprobs (an integer, >= 0 or -1); then both routes' ``json_schema`` format
   without its ``json_schema``.
 * **Order of answers**, as a real vLLM 0.32 gives them: the request's validation (400), the model (404),
-  back-pressure (503, counting every answer of ``n``), the tool choice (chat, below), the renderer's refusals (a
-  chat template asked to continue the final message while it adds a generation prompt, the default; a legacy
-  completion's ``suffix``: no simulated model renders fill-in-the-middle; an empty list of prompts), the lengths
-  below,
+  back-pressure (503, counting every answer of ``n``), the tool choice (chat, below), the renderer's refusals (an
+  image, audio or video part sent to a text model, as every simulated model is; a chat template asked to continue
+  the final message while it adds a generation prompt, the default; a legacy completion's ``suffix``: no
+  simulated model renders fill-in-the-middle; an empty list of prompts), the lengths below,
   ``logit_bias`` keys that are no integer, then SamplingParams' checks in its order, the first failure answering
   (``n``, penalties, ``temperature`` finite and in [0, 2], ``top_p`` in (0, 1], ``top_k``, ``min_p``,
   ``max_tokens`` >= 1, ``min_tokens``, empty ``stop`` strings, greedy ``n``), then the engine's checks below.
@@ -587,7 +587,7 @@ class Parsed:
     __slots__ = ("chat", "model", "stream", "include_usage", "continuous_usage", "max_tokens", "max_tokens_param",
                  "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
                  "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts", "suffix",
-                 "echo", "template_conflict")
+                 "echo", "template_conflict", "media")
 
 
 class EngineInputs:
@@ -775,8 +775,10 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     p.prompt_is_token_ids = False
     p.max_prompt_id = None
     p.prompts = None
+    p.media = False
     if chat:
         p.prompt_tokens = estimate_chat_prompt_tokens(body["messages"])
+        p.media = has_media_parts(body["messages"])
     else:
         prompt = body.get("prompt")
         if prompt == []:  # no prompt to render: refused as vLLM's renderer refuses it (render_refusal)
@@ -923,7 +925,7 @@ class SimServer:
             return _busy(busy.reason)
         if parsed.tool_choice is not None and not self.options.tool_calling:
             return tool_parser_refusal(parsed.tool_choice)
-        refused = render_refusal(parsed)
+        refused = render_refusal(parsed, self.model)
         if refused is not None:
             return refused
         if parsed.prompts is None:
@@ -1293,10 +1295,25 @@ TEMPLATE_CONFLICT = ("continue_final_message and add_generation_prompt are not c
                      "to add a header that will prompt it to start a new assistant message instead.")
 
 
-def render_refusal(p: Parsed) -> web.Response | None:
-    """vLLM 0.32's renderer (renderers/online_renderer.py), before it tokenizes: a chat template asked both to add
-    a generation prompt and to continue the final message; a legacy completion's ``suffix``, which no simulated
-    model can render (none has fill-in-the-middle tokens), and an empty list of prompts."""
+# Content parts of media, which vLLM's message parser hands to the model's multimodal processor: a text model has
+# none (renderers/chat_utils.py, MULTIMODAL_REGISTRY.create_processor). Every simulated model is a text model.
+MEDIA_PART_TYPES = frozenset(("image_url", "input_audio", "audio_url", "video_url"))
+
+
+def has_media_parts(messages: list) -> bool:
+    """Whether a message's content holds a media part (an image, audio, video)."""
+    return any(isinstance(message, dict) and type(content := message.get("content")) is list
+               and any(isinstance(part, dict) and part.get("type") in MEDIA_PART_TYPES for part in content)
+               for message in messages)
+
+
+def render_refusal(p: Parsed, model: str) -> web.Response | None:
+    """vLLM 0.32's renderer (renderers/online_renderer.py), before it tokenizes: media sent to a text model (as
+    the messages are parsed); a chat template asked both to add a generation prompt and to continue the final
+    message; a legacy completion's ``suffix``, which no simulated model can render (none has fill-in-the-middle
+    tokens), and an empty list of prompts."""
+    if p.media:
+        return bad_request(f"{model} is not a multimodal model")
     if p.template_conflict:
         return bad_request(TEMPLATE_CONFLICT)
     if p.suffix is not None:

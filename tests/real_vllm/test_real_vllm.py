@@ -282,6 +282,13 @@ class TestTinyLlama:
                 {"tools": {}}, {"tools": [5]}, {"tools": [{"type": "function"}]},
                 {"tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}]},
                 {"stream": True, "stream_options": "x"})],
+            # media sent to this text model (well-formed parts; the address is never fetched)
+            *[("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "what is this?"}, part]}]}) for part in (
+                {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/x.png"}},
+                {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                {"type": "audio_url", "audio_url": {"url": "http://127.0.0.1:1/x.wav"}},
+                {"type": "video_url", "video_url": {"url": "http://127.0.0.1:1/x.mp4"}})],
             *[("/v1/completions", {"model": model, "prompt": "once", **fields}) for fields in (
                 {"suffix": "x"}, {"suffix": 5}, {"suffix": "x", "echo": True}, {"suffix": "x", "prompt": [1, 2]},
                 {"suffix": "x", "prompt": []}, {"prompt": []}, {"user": 5}, {"add_special_tokens": "x"},
