@@ -1303,7 +1303,8 @@ MEDIA_PART_TYPES = frozenset(("image_url", "input_audio", "audio_url", "video_ur
 def has_media_parts(messages: list) -> bool:
     """Whether a message's content holds a media part (an image, audio, video)."""
     return any(isinstance(message, dict) and type(content := message.get("content")) is list
-               and any(isinstance(part, dict) and part.get("type") in MEDIA_PART_TYPES for part in content)
+               and any(isinstance(part, dict) and type(kind := part.get("type")) is str and kind in MEDIA_PART_TYPES
+                       for part in content)
                for message in messages)
 
 
