@@ -213,6 +213,20 @@ def test_the_output_cap_is_read_as_vllm_reads_it():
     assert requested_output_cap("completions", {"max_tokens": 0, "echo": True}) == 1
 
 
+def test_the_predictor_does_not_cap_a_completion_at_its_max_completion_tokens():
+    """The predictor caps its estimate at ``max_completion_tokens`` before ``max_tokens``, as chat reads them; a
+    legacy completion's ``max_completion_tokens`` is ignored by vLLM, and so by the estimate (it under-reserved)."""
+    from gateway.config import default_config
+    from gateway.prediction import RequestPredictor
+    from predictor.predictor import Predictor
+
+    hook = RequestPredictor(default_config())
+    hook._predictor = Predictor.from_priors()
+    body = {"model": "maestro-sim-llama-8b", "prompt": "hello", "max_tokens": 500, "max_completion_tokens": 1}
+    estimate = hook.predict(body, None, 100, 500, None)
+    assert estimate.p90 > 1 and body["max_completion_tokens"] == 1  # the client's body is left as it came
+
+
 async def test_bad_completion_prompt(gw, engine):
     status, body, _ = await post(gw.base_url + "/v1/completions", orjson.dumps({"model": "fault-model",
                                                                                 "prompt": [1, "a"]}))
