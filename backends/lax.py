@@ -17,7 +17,8 @@ from pydantic import Field, TypeAdapter, ValidationError
 _INT = TypeAdapter(int)
 _BOOL = TypeAdapter(bool)
 _FLOAT = TypeAdapter(float)
-_TOKEN_IDS = TypeAdapter(list[Annotated[int, Field(ge=0)]])  # vLLM's CompletionRequest.prompt, as token ids
+TOKEN_ID = Annotated[int, Field(ge=0)]  # a token id in vLLM's CompletionRequest.prompt
+_TOKEN_IDS = TypeAdapter(list[TOKEN_ID])
 
 
 class LaxError(ValueError):
@@ -68,4 +69,4 @@ def lax_token_ids(value: list, types: set[type] | None = None) -> list[int]:
     return _validate(_TOKEN_IDS, value)
 
 
-__all__ = ["LaxError", "lax_bool", "lax_float", "lax_int", "lax_token_ids"]
+__all__ = ["TOKEN_ID", "LaxError", "lax_bool", "lax_float", "lax_int", "lax_token_ids"]

@@ -16,9 +16,11 @@ validator (``__log_extra_fields__``) whose name stands where pydantic would put 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from backends.lax import TOKEN_ID
 
 
 class _Model(BaseModel):
@@ -68,12 +70,10 @@ class ResponseFormat(_Model):
     json_schema: JsonSchemaResponseFormat | None = None
 
 
-TokenId = Annotated[int, Field(ge=0)]
-
 TOOLS = TypeAdapter(list[ChatCompletionToolsParam] | None)
 # CompletionRequest.prompt: token ids, a batch of them, a string, a batch of strings (pydantic's smart union: a list
 # of numeric strings stays strings, [1.0, "2"] is token ids)
-PROMPT = TypeAdapter(list[TokenId] | list[list[TokenId]] | str | list[str] | None)
+PROMPT = TypeAdapter(list[TOKEN_ID] | list[list[TOKEN_ID]] | str | list[str] | None)
 RESPONSE_FORMAT = TypeAdapter(ResponseFormat | StructuralTagResponseFormat | LegacyStructuralTagResponseFormat | None)
 _MEMBER_NAMES = frozenset(model.__name__ for model in (ResponseFormat, StructuralTagResponseFormat,
                                                         LegacyStructuralTagResponseFormat))
