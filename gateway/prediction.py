@@ -271,13 +271,12 @@ class RequestPredictor:
         predictor = self.learner.predictor if self.learner is not None else self._predictor
         if predictor is not None:
             try:
-                if "messages" not in body and "max_completion_tokens" in body:
-                    # legacy completions: vLLM ignores this chat field, and so must the predictor's output cap
+                legacy = "messages" not in body  # a legacy completion: the predictor reads chat bodies
+                if legacy and "max_completion_tokens" in body:
+                    # vLLM ignores this chat field on completions, and so must the predictor's output cap
                     body = {key: value for key, value in body.items() if key != "max_completion_tokens"}
                 prediction = predictor.predict(body, headers)
-                prompt = prediction.prompt_tokens
-                if "messages" not in body:  # legacy completions: the predictor reads chat messages only
-                    prompt = self._prompt_of_completion(body, raw_size)
+                prompt = self._prompt_of_completion(body, raw_size) if legacy else prediction.prompt_tokens
                 return Estimate(prediction.role, max(1, prompt), max(1, prediction.p50),
                                 max(1, prediction.p90))
             except Exception:  # noqa: BLE001 - a predictor bug must not fail the request

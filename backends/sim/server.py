@@ -728,7 +728,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         if max_completion is not None:
             max_tokens = max_completion
             p.max_tokens_param = "max_completion_tokens"
-    p.echo = not chat and bool(check_bool(body, "echo", errors, optional=True, default=False))
+    # echo: chat's a bool (null refused), a legacy completion's optional; only the latter's changes the answer here
+    p.echo = bool(check_bool(body, "echo", errors, optional=not chat, default=False)) and not chat
     if p.echo and max_tokens == 0:
         max_tokens = 1  # vLLM 0.32's echo without generation: its engine computes one token (the prompt is sent)
     p.max_tokens = max_tokens
@@ -756,7 +757,6 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         if "tools" in body:
             errors += errors_of(TOOLS, body["tools"], "tools")
         check_bool(body, "parallel_tool_calls", errors, optional=True, default=True)
-        check_bool(body, "echo", errors, optional=False, default=False)
         add_generation_prompt = check_bool(body, "add_generation_prompt", errors, optional=False, default=True)
         continue_final = check_bool(body, "continue_final_message", errors, optional=False, default=False)
         p.template_conflict = bool(continue_final) and bool(add_generation_prompt)  # the chat template refuses
