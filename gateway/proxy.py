@@ -11,7 +11,8 @@ silent retry that would duplicate text.
 
 Streams: the gateway always asks the engine for ``stream_options.include_usage`` (it needs the actual token
 counts) and removes the usage-only chunk again when the client did not ask for it, so the client sees what
-OpenAI would send. Events are relayed as the engine's bytes, never re-encoded.
+OpenAI would send (with the usage chunk's ``system_fingerprint`` moved to the answers' last chunks, where vLLM
+puts it then). Events are relayed as the engine's bytes, never re-encoded.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ _RETRYABLE_CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconn
                              aiohttp.ClientOSError, aiohttp.ConnectionTimeoutError)
 log = logging.getLogger(__name__)
 
-# X-Accel-Buffering: an nginx in front of the gateway would otherwise hold a stream's events back in its buffer
-_STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# X-Accel-Buffering: an nginx in front of the gateway would otherwise hold a stream's events back in its buffer.
+# The media type is vLLM's (and OpenAI's), charset included.
+_STREAM_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                   "X-Accel-Buffering": "no"}
 _DONE = b"data: [DONE]\n\n"
 UNUSABLE_WARN_EVERY_S = 60.0  # an engine's unusable answers (a wrong key...) are logged at most this often
 _WATCH_SLACK_S = 0.5  # a stream's watchdog is re-armed at most this often (a timer per event would cost more)
@@ -121,20 +124,31 @@ class EventTooLarge(Exception):
     """An engine's SSE event passed ``MAX_SSE_EVENT_BYTES`` before its end."""
 
 
+_FINISH_MARKERS = (b'"finish_reason":"', b'"finish_reason": "')  # a chunk that ends an answer (else null)
+
+
 class SSEUsageFilter:
     """Split an SSE byte stream into whole events; capture the final usage and optionally drop its chunk.
 
     Only complete events are passed on (a partial event is useless to a client anyway), so a usage chunk split
     across TCP reads is still recognised. The common chunk carries no ``"usage"`` and costs one ``in`` test.
+
+    Where the usage chunk is dropped (``strip``), its ``system_fingerprint`` is put back where vLLM puts it for a
+    client that did not ask for usage: on each answer's last chunk (vLLM stamps the usage chunk instead when usage
+    is asked for, and the gateway always asks). A chunk that ends an answer is held until the next event: the
+    usage chunk, which follows the answers that end in the engine's last step at once, gives them its
+    fingerprint; any other event (another answer's chunk: it ended earlier, and its text is not held back for
+    the rest of the stream) lets them go as they came.
     """
 
-    __slots__ = ("strip", "usage", "_buffer", "_sep")
+    __slots__ = ("strip", "usage", "_buffer", "_sep", "_held")
 
     def __init__(self, strip: bool) -> None:
         self.strip = strip
         self.usage: dict[str, Any] | None = None
         self._buffer = b""
         self._sep = _EVENT_ENDS[0]
+        self._held: list[bytes] = []  # whole events (separator included) that end an answer, waiting (strip only)
 
     def feed(self, data: bytes) -> bytes:
         """The whole events completed by ``data`` (usage chunk removed when asked); keeps the partial rest.
@@ -168,30 +182,72 @@ class SSEUsageFilter:
         else:
             complete, rest = bytes(buffer[:end]), buffer[end:]
         self._buffer = bytearray(rest) if rest else b""
+        if self.strip and (self._held or _FINISH_MARKERS[0] in complete or _FINISH_MARKERS[1] in complete):
+            return self._filter_events(complete)
         if b'"usage"' not in complete:
             return complete
-        return self._filter_usage(complete)
+        return self._filter_events(complete)
 
-    def _filter_usage(self, complete: bytes) -> bytes:
+    def _filter_events(self, complete: bytes) -> bytes:
         kept = []
-        for event in complete.split(self._sep)[:-1]:
-            data = _event_data(_lf_lines(event)) if b'"usage"' in event else None
-            if data is not None:
+        sep = self._sep
+        for event in complete.split(sep)[:-1]:
+            whole = event + sep
+            payload = None
+            if b'"usage"' in event or (self.strip and (_FINISH_MARKERS[0] in event or _FINISH_MARKERS[1] in event)):
+                data = _event_data(_lf_lines(event))
                 try:
-                    payload = orjson.loads(data)
+                    payload = orjson.loads(data) if data is not None else None
                 except orjson.JSONDecodeError:
-                    payload = None
-                if isinstance(payload, dict) and isinstance(payload.get("usage"), dict) and payload["usage"] \
-                        and not payload.get("choices"):
-                    self.usage = payload["usage"]
-                    if self.strip:
-                        continue
-            kept.append(event + self._sep)
+                    pass
+            if not isinstance(payload, dict):
+                payload = None
+            if payload is not None and isinstance(payload.get("usage"), dict) and payload["usage"] \
+                    and not payload.get("choices"):
+                self.usage = payload["usage"]
+                if self.strip:
+                    fingerprint = payload.get("system_fingerprint")
+                    kept.extend(_with_fingerprint(held, fingerprint) for held in self._held)
+                    self._held.clear()
+                    continue
+            elif self.strip and payload is not None and _ends_an_answer(payload):
+                self._held.append(whole)
+                continue
+            if self._held:  # the stream went on without the usage chunk: the held chunks go as they came
+                kept.extend(self._held)
+                self._held.clear()
+            kept.append(whole)
         return b"".join(kept)
+
+    def release(self) -> bytes:
+        """The held chunks that end answers, as they came: the stream ends without its usage chunk (the engine
+        failed, or the gateway cuts it), and they are the client's answer."""
+        held = b"".join(self._held)
+        self._held.clear()
+        return held
 
     def flush(self) -> bytes:
         rest, self._buffer = bytes(self._buffer), b""
         return rest
+
+
+def _ends_an_answer(payload: dict[str, Any]) -> bool:
+    """Whether a chunk ends an answer and carries no ``system_fingerprint`` of its own (so one may be put on it)."""
+    choices = payload.get("choices")
+    return isinstance(choices, list) and "system_fingerprint" not in payload and any(
+        isinstance(choice, dict) and choice.get("finish_reason") is not None for choice in choices)
+
+
+def _with_fingerprint(event: bytes, fingerprint: Any) -> bytes:
+    """``event`` (one ``data: {...}`` line and its separator) with ``"system_fingerprint"`` added as its JSON
+    object's last member, where vLLM writes it on a chunk that ends an answer (its model's fields after
+    ``choices`` are unset there). An event of another form, or no fingerprint, is left as it came."""
+    if not isinstance(fingerprint, str):
+        return event
+    body = event.rstrip(b"\r\n")
+    if not body.endswith(b"}") or b"\n" in body or b"\r" in body:  # one data line, as vLLM writes an event
+        return event
+    return body[:-1] + b',"system_fingerprint":' + orjson.dumps(fingerprint) + b"}" + event[len(body):]
 
 
 def usage_tokens(usage: Any, key: str) -> int:
@@ -675,7 +731,8 @@ class Proxy:
             try:
                 async with asyncio.timeout(1.0):
                     await self._end_stream_with_error(response, "The gateway is shutting down; the stream was cut. "
-                                                                "Retry the request.", "gateway_shutting_down")
+                                                                "Retry the request.", "gateway_shutting_down",
+                                                      before=usage_filter.release())
                     await response.write_eof()
             except (TimeoutError, ConnectionError, ClientStalled):
                 pass
@@ -751,6 +808,12 @@ class Proxy:
                     if chunk is None:
                         break
                 tail = usage_filter.flush().strip()  # what came after the last whole event
+                held = usage_filter.release()  # answers' last chunks that waited for a usage chunk not sent
+                if held:
+                    writing = True
+                    await response.write(held)
+                    writing = False
+                    last = held
                 if tail in _DONE_LINES and not job.answered:  # the end, without its blank line
                     writing = True
                     await response.write(_DONE)
@@ -769,18 +832,20 @@ class Proxy:
             if isinstance(exc, aiohttp.ServerTimeoutError) or (fired and loop.time() < total_at):
                 self.metrics.upstream_error(engine_id, "stream_idle")  # nothing came for stream_idle_s
                 await self._end_stream_with_error(response, f"Engine {engine_id} sent nothing for "
-                                                            f"{self.stream_idle_s:g} s; the stream was cut.")
+                                                            f"{self.stream_idle_s:g} s; the stream was cut.",
+                                                  before=usage_filter.release())
             else:  # the whole request's limit
                 self.metrics.upstream_error(engine_id, "timeout")
                 await self._end_stream_with_error(response, _total_timeout_message(engine_id, self.total_timeout_s)
-                                                  + " The stream was cut.")
+                                                  + " The stream was cut.", before=usage_filter.release())
             return False
         except EventTooLarge as exc:
             if job.answered:
                 return False
             job.status = 502
             self.metrics.upstream_error(engine_id, "event_too_large")
-            await self._end_stream_with_error(response, f"Engine {engine_id} sent {exc}; the stream was cut.")
+            await self._end_stream_with_error(response, f"Engine {engine_id} sent {exc}; the stream was cut.",
+                                              before=usage_filter.release())
             return False
         except ConnectionResetError:  # a write to the client, whose connection is closing (aiohttp's
             raise                      # ClientConnectionResetError is also a ClientError): not the engine's doing
@@ -789,7 +854,8 @@ class Proxy:
                 return False  # dropped after the end: the answer is whole
             job.status = 502
             self.metrics.upstream_error(engine_id, "disconnect")
-            await self._end_stream_with_error(response, f"Engine {engine_id} dropped the stream.")
+            await self._end_stream_with_error(response, f"Engine {engine_id} dropped the stream.",
+                                              before=usage_filter.release())
             return False
         if not _ends_stream(last):  # closed without its end: no whole answer
             job.status = 502
@@ -800,10 +866,12 @@ class Proxy:
         return True
 
     async def _end_stream_with_error(self, response: web.StreamResponse, message: str,
-                                     code: str = "upstream_stream_error") -> None:
+                                     code: str = "upstream_stream_error", before: bytes = b"") -> None:
+        """End a stream with an OpenAI-style error event and ``[DONE]``, after ``before`` (events of the answer
+        the gateway still held)."""
         event = b"data: " + error_body(message, SERVER_ERROR, None, code) + b"\n\n"
         try:
             async with asyncio.timeout(_ERROR_EVENT_WRITE_S):
-                await response.write(event + _DONE)
+                await response.write(before + event + _DONE)
         except TimeoutError:
             raise ClientStalled("the client did not take the stream's error event") from None

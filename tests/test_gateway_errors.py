@@ -124,6 +124,7 @@ async def test_fields_in_vllms_lax_forms_are_served_and_read_as_vllm_reads_them(
             async with session.post(gw.base_url + CHAT, data=sent,
                                     headers={"Content-Type": "application/json", **headers}) as r:
                 assert r.status == 200 and r.content_type == "text/event-stream", await r.text()
+                assert r.headers["Content-Type"] == "text/event-stream; charset=utf-8"  # as vLLM's and OpenAI's
                 text = await r.text()
         assert text.rstrip().endswith("data: [DONE]"), text
         assert orjson.loads(engine.seen_raw[-1])["stream"] == "true"

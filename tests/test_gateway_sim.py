@@ -88,15 +88,21 @@ async def test_streams_carry_the_usage_the_engine_would_have_sent_the_client(gw)
                 stream_options=stream_options or None, extra_body={"ignore_eos": True})
             return [c async for c in stream]
 
+    got = await chunks(include_usage=True)
+    assert all(c.usage is None for c in got[:-1]) and got[-1].usage.completion_tokens == 4
+    # on the usage chunk alone, as vLLM writes it for include_usage (each engine has its own: vllm-<version>-<hash>)
+    assert got[-1].system_fingerprint.startswith("vllm-") and all(c.system_fingerprint is None for c in got[:-1])
     for options in ({}, {"include_usage": False}, {"include_usage": False, "continuous_usage_stats": True},
                     {"continuous_usage_stats": True}):
         got = await chunks(**options)
         assert got and all(c.usage is None and c.choices for c in got), options
+        # the usage chunk the gateway asked for is gone, and its fingerprint is on the answer's last chunk, as
+        # vLLM puts it for a client that did not ask for usage
+        assert got[-1].choices[0].finish_reason and got[-1].system_fingerprint.startswith("vllm-"), options
+        assert all(c.system_fingerprint is None for c in got[:-1]), options
     got = await chunks(include_usage=True, continuous_usage_stats=True)
     assert all(c.usage is not None for c in got)
     assert got[-1].choices == [] and got[-1].usage.completion_tokens == 4
-    got = await chunks(include_usage=True)
-    assert all(c.usage is None for c in got[:-1]) and got[-1].usage.completion_tokens == 4
 
 
 async def test_several_answers_through_the_gateway(gw):
@@ -120,6 +126,8 @@ async def test_several_answers_through_the_gateway(gw):
             assert [len(text.split()) for text in texts.values()] == [4, 4], options
             if options is None:
                 assert all(c.usage is None for c in chunks)
+                # both answers end in the engine's last step: each last chunk gets the fingerprint
+                assert sorted(c.choices[0].index for c in chunks if c.system_fingerprint) == [0, 1]
             else:
                 assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8, options
         stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3000, n=2,

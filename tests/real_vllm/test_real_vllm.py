@@ -113,6 +113,11 @@ class TestTinyLlama:
             assert chunk.usage is None, f"usage leaked to a client that did not ask for it: {chunk}"
             assert chunk.choices, f"usage-only (empty choices) chunk reached the client: {chunk}"
         assert chunks[-1].choices[0].finish_reason == "length"
+        # vLLM stamps its fingerprint on the answer's last chunk for a client that did not ask for usage (on the
+        # usage chunk, which the gateway asked for and dropped, otherwise): the client gets it where vLLM puts it
+        whole = tiny_stack.client().chat.completions.create(model=tiny_stack.model, messages=MESSAGES, max_tokens=1)
+        assert whole.system_fingerprint and chunks[-1].system_fingerprint == whole.system_fingerprint
+        assert all(chunk.system_fingerprint is None for chunk in chunks[:-1])
 
     def test_continuous_usage_stats_come_only_with_include_usage(self, tiny_stack) -> None:
         client = tiny_stack.client()
