@@ -31,7 +31,8 @@ class FaultEngine:
     mode: str = "ok"  # ok | busy | drop_before | drop_after_first | reset_after_first | drop_mid_body | stall
     #                   | error_500 | slow | firehose | error_event_400 | error_event_500 | no_done
     #                   | bad_chunk_after_first | bad_header | bad_chunk_first | cut_mid_event
-    #                   | unauthorized | redirect | gzip | linger_after_done | error_mid_stream
+    #                   | unauthorized | redirect | gzip | linger_after_done | error_mid_stream | cut_after_finish
+    #                   | reset_after_finish
     delay_s: float = 0.0
     hits: int = 0
     seen_bodies: list = field(default_factory=list)
@@ -262,6 +263,15 @@ class FaultEngine:
         chunk["choices"][0]["delta"] = {}
         chunk["choices"][0]["finish_reason"] = {"abort": "abort", "finish_error": "error"}.get(mode, "stop")
         await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        if mode == "cut_after_finish":  # the answer's last chunk, then an orderly close: no usage chunk, no [DONE]
+            await response.write_eof()
+            return response
+        if mode == "reset_after_finish":  # the answer's last chunk, then a TCP reset (the engine process died)
+            await asyncio.sleep(0.05)
+            sock = request.transport.get_extra_info("socket")  # type: ignore[union-attr]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            request.transport.abort()  # type: ignore[union-attr]
+            return response
         if (body.get("stream_options") or {}).get("include_usage"):
             usage = {**chunk, "choices": [], "usage": self.usage}
             await response.write(b"data: " + orjson.dumps(usage) + b"\n\n")

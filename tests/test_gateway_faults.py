@@ -577,6 +577,20 @@ async def test_a_stream_closed_without_done_is_no_whole_answer(engines):
             engine.mode = "cut_mid_event"
         assert "before its end (no [DONE])" in await _stream_error(gw)
         assert (_requests_with_status(gw, 502), _requests_with_status(gw, 200)) == (2, 0)
+        # the answer's last chunk, held for the usage chunk's fingerprint, still reaches the client before the
+        # error event when the engine closes (or drops) without a usage chunk
+        for mode, error in (("cut_after_finish", r"before its end \(no \[DONE\]\)"),
+                            ("reset_after_finish", "dropped the stream")):
+            for engine in engines:
+                engine.mode = mode
+            got = []
+            stream = await client_for(gw.base_url).chat.completions.create(
+                model="fault-model", stream=True, messages=[{"role": "user", "content": "hi"}])
+            with pytest.raises(openai.APIError, match=error):
+                async for chunk in stream:
+                    got.append(chunk.choices[0].finish_reason)
+            assert got == [None, None, None, "stop"], mode
+        assert _requests_with_status(gw, 502) == 4
 
 
 async def test_a_client_that_takes_not_the_streams_end_is_cut_off(engines, monkeypatch):
