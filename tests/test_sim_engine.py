@@ -1658,3 +1658,36 @@ def test_the_sim_command_lines_pass_the_vllm_flags_through():
     assert vllm_flag_options(args) == {"vocab_size": 151936, "max_logprobs": -1, "tool_calling": False}
     defaults = SimEngineOptions(**vllm_flag_options(build_parser().parse_args(["sim-engines"])))
     assert (defaults.vocab_size, defaults.max_logprobs, defaults.tool_calling) == (128256, 20, True)
+
+
+async def test_truncate_prompt_tokens_keeps_the_last_tokens_of_each_prompt(start):
+    """vLLM's ``truncate_prompt_tokens`` (its renderer keeps that many tokens of each prompt, the last ones unless
+    ``truncation_side`` is "right"; -1 the context, less one for the output) comes before the prompt's length
+    check: a prompt longer than the context is served with the truncated count, not refused. The same cases are
+    compared with a real vLLM in the real-vLLM stage."""
+    handle, _ = await start(max_model_len=256, vocab_size=100)
+    completions, chat = handle.url + "/v1/completions", handle.url + "/v1/chat/completions"
+    for url, fields, prompt_tokens in (
+            (completions, {"prompt": [5] * 300, "truncate_prompt_tokens": 100}, 100),
+            (completions, {"prompt": [5] * 300, "truncate_prompt_tokens": -1}, 255),
+            (completions, {"prompt": [5] * 300, "truncate_prompt_tokens": "7"}, 7),
+            (completions, {"prompt": [[5] * 300, [6] * 5], "truncate_prompt_tokens": 10}, 15),
+            (completions, {"prompt": [1] * 20 + [500], "truncate_prompt_tokens": 10, "truncation_side": "right"}, 10),
+            (completions, {"prompt": "word " * 400, "truncate_prompt_tokens": 50}, 50),
+            (chat, {"messages": _chat("word " * 400), "truncate_prompt_tokens": 50}, 50),
+            (completions, {"prompt": [5] * 30, "truncate_prompt_tokens": None}, 30)):
+        status, answer, _ = await _post(url, {"model": MODEL, "max_tokens": 3, "ignore_eos": True, **fields})
+        assert status == 200 and answer["usage"]["prompt_tokens"] == prompt_tokens, (fields, answer)
+    for fields, param, message in (
+            ({"truncate_prompt_tokens": 257}, "truncate_prompt_tokens",
+             "truncate_prompt_tokens=257 cannot be greater than max_model_len = 256. Please request a smaller "
+             "truncation size. (parameter=truncate_prompt_tokens, value=257)"),
+            ({"truncate_prompt_tokens": -2}, "body.truncate_prompt_tokens", "greater_than_equal"),
+            ({"truncate_prompt_tokens": 1.5}, "body.truncate_prompt_tokens", "int_from_float"),
+            ({"truncation_side": "middle"}, "body.truncation_side", "literal_error"),
+            ({"truncate_prompt_tokens": 0}, None, "The decoder prompt cannot be empty"),
+            ({"truncate_prompt_tokens": 10}, None, "Token id 500 is out of vocabulary")):  # the last ten kept
+        status, answer, _ = await _post(completions, {"model": MODEL, "prompt": [1] * 20 + [500], **fields})
+        assert status == 400 and answer["error"]["param"] == param and message in answer["error"]["message"], \
+            (fields, answer)
+    assert handle.engine.num_running == handle.engine.num_waiting == 0

@@ -62,6 +62,10 @@ Request handling
   400 ``This model's maximum context length is L tokens. However, your prompt contains at least L+1 input
   tokens, ...`` (``param`` "input_tokens"); a prompt that fits with a ``max_tokens`` that does not is served,
   its output cut at the context (``finish_reason`` "length"), as vLLM 0.32 lowers ``max_tokens`` to the room left.
+  ``truncate_prompt_tokens`` (an int >= -1) keeps that many of each prompt's tokens, the last ones unless
+  ``truncation_side`` is "right", before its length is checked (-1: the context, less one where output is asked
+  for), as vLLM's renderer does; more than the context -> 400 ``truncate_prompt_tokens=N cannot be greater than
+  max_model_len = L. ...``.
 * **Prompt tokens** are a deterministic estimate, no tokenizer: chat = for every message 4 tokens of template
   plus ``ceil(len(text) / 4)`` where text is the string content or the concatenated ``text`` parts of a
   content list (other parts count 0), plus 2 for the generation prompt; completions = ``ceil(len(prompt)/4) + 1``
@@ -478,11 +482,12 @@ def _largest_id(ids: list[int]) -> int:
 class BatchPrompt:
     """One prompt of a batched legacy completion: what the checks and the engine request need of it."""
 
-    __slots__ = ("tokens", "token_ids", "max_id")
+    __slots__ = ("tokens", "token_ids", "max_id", "ids")
 
     def __init__(self, prompt: str | list[int]) -> None:
         self.tokens = estimate_completion_prompt_tokens(prompt)
         self.token_ids = isinstance(prompt, list)
+        self.ids = prompt if self.token_ids else None  # (read again only where truncate_prompt_tokens cuts it)
         self.max_id = _largest_id(prompt) if self.token_ids else None  # type: ignore[arg-type]
 
 
@@ -587,7 +592,7 @@ class Parsed:
     __slots__ = ("chat", "model", "stream", "include_usage", "continuous_usage", "max_tokens", "max_tokens_param",
                  "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
                  "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts", "suffix",
-                 "echo", "template_conflict", "media")
+                 "echo", "template_conflict", "media", "truncate", "truncation_side", "output_budget", "prompt_ids")
 
 
 class EngineInputs:
@@ -730,6 +735,7 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
             p.max_tokens_param = "max_completion_tokens"
     # echo: chat's a bool (null refused), a legacy completion's optional; only the latter's changes the answer here
     p.echo = bool(check_bool(body, "echo", errors, optional=not chat, default=False)) and not chat
+    p.output_budget = bool(max_tokens)  # TokenizeParams.max_output_tokens (``max_tokens or 0``) is not 0
     if p.echo and max_tokens == 0:
         max_tokens = 1  # vLLM 0.32's echo without generation: its engine computes one token (the prompt is sent)
     p.max_tokens = max_tokens
@@ -751,6 +757,12 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     check_str(body, "user", errors)
     for key in ("skip_special_tokens", "add_special_tokens"):
         check_bool(body, key, errors, optional=False, default=True)
+    p.truncate = check_int(body, "truncate_prompt_tokens", errors, optional=True, default=None)
+    check_range(errors, "truncate_prompt_tokens", p.truncate, p.truncate, -1, INT64_MAX)
+    p.truncation_side = body.get("truncation_side")
+    if p.truncation_side is not None and p.truncation_side not in ("left", "right"):
+        errors.append({**_err("literal_error", "body.truncation_side", "Input should be 'left' or 'right'",
+                              p.truncation_side), "ctx": {"expected": "'left' or 'right'"}})
     p.suffix = None
     p.template_conflict = False
     if chat:
@@ -774,6 +786,7 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     p.tool_choice = effective_tool_choice(body) if chat else None
     p.prompt_is_token_ids = False
     p.max_prompt_id = None
+    p.prompt_ids = None
     p.prompts = None
     p.media = False
     if chat:
@@ -802,6 +815,7 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         if p.prompt_is_token_ids:
             ids = prompt[0] if len(prompt) == 1 and isinstance(prompt[0], list) else prompt
             p.max_prompt_id = _largest_id(ids)
+            p.prompt_ids = ids
     return p
 
 
@@ -928,6 +942,10 @@ class SimServer:
         refused = render_refusal(parsed, self.model)
         if refused is not None:
             return refused
+        refused = self._check_token_params(parsed)
+        if refused is not None:
+            return refused
+        self._truncate(parsed)
         if parsed.prompts is None:
             checked = self._check_lengths(parsed, parsed.prompt_tokens, parsed.prompt_is_token_ids)
             caps = None
@@ -1022,9 +1040,8 @@ class SimServer:
             caps.append(cap)
         return caps
 
-    def _check_lengths(self, p: Parsed, prompt_tokens: int, token_ids: bool) -> int | web.Response:
-        """vLLM's TokenizeParams / SamplingParams checks of one prompt of ``prompt_tokens`` (given as token ids or
-        as text); returns the output-token cap."""
+    def _check_token_params(self, p: Parsed) -> web.Response | None:
+        """vLLM 0.32's TokenizeParams checks, before any prompt is read (renderers/params.py, __post_init__)."""
         max_len = self.options.max_model_len
         max_tokens = p.max_tokens
         param = p.max_tokens_param
@@ -1032,6 +1049,49 @@ class SimServer:
             return bad_request(validation_message(
                 f"{param}={max_tokens} cannot be greater than max_model_len={max_len}. "
                 "Please request fewer output tokens.", param, max_tokens), param)
+        if p.truncate is not None and p.truncate > max_len:
+            return bad_request(validation_message(
+                f"truncate_prompt_tokens={p.truncate} cannot be greater than max_model_len = {max_len}. "
+                "Please request a smaller truncation size.", "truncate_prompt_tokens", p.truncate),
+                "truncate_prompt_tokens")
+        return None
+
+    def _truncate(self, p: Parsed) -> None:
+        """``truncate_prompt_tokens``: each prompt keeps that many tokens (-1: the context, less one where output
+        is asked for; TokenizeParams.max_truncation_tokens), before its length is checked. Token ids keep the last
+        ones, or the first with ``truncation_side: "right"`` (vLLM loads a generating model's tokenizer with
+        ``truncation_side="left"``, tokenizers/registry.py); one truncated to none is an empty prompt, which the
+        engine refuses."""
+        if p.truncate is None:
+            return
+        max_len = self.options.max_model_len
+        keep = p.truncate if p.truncate >= 0 else (max_len - 1 if p.output_budget else max_len)
+
+        def kept(ids: list[int]) -> list[int]:
+            if keep >= len(ids):
+                return ids
+            return ids[:keep] if p.truncation_side == "right" else ids[len(ids) - keep:]
+
+        if p.prompts is None:
+            if p.prompt_tokens > keep:
+                p.prompt_tokens = keep
+                if p.prompt_ids is not None:
+                    p.max_prompt_id = _largest_id(kept(p.prompt_ids))
+                elif keep == 0:
+                    p.max_prompt_id = EMPTY_PROMPT
+        else:
+            for one in p.prompts:
+                if one.tokens > keep:
+                    one.tokens = keep
+                    one.max_id = _largest_id(kept(one.ids)) if one.ids is not None else (
+                        EMPTY_PROMPT if keep == 0 else None)
+            p.prompt_tokens = p.prompts[0].tokens
+
+    def _check_lengths(self, p: Parsed, prompt_tokens: int, token_ids: bool) -> int | web.Response:
+        """vLLM's length checks of one prompt of ``prompt_tokens`` (given as token ids or as text, truncated where
+        asked), after :meth:`_check_token_params`; returns the output-token cap."""
+        max_len = self.options.max_model_len
+        max_tokens = p.max_tokens
         if prompt_tokens > max_len:
             # vLLM 0.32 (renderers/params.py, _token_len_check) checks the prompt alone against the context; a
             # text prompt is tokenized only up to max_len + 1 tokens, so that is the count it quotes

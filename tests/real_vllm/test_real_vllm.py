@@ -299,6 +299,15 @@ class TestTinyLlama:
                 {"suffix": "x", "prompt": []}, {"prompt": []}, {"user": 5}, {"add_special_tokens": "x"},
                 {"response_format": {}}, {"prompt": 5}, {"prompt": {"a": 1}}, {"prompt": [1, [2]]},
                 {"prompt": [[1.5, "x"]]}, {"prompt": [None]})],
+            # truncate_prompt_tokens: its type and range, more than the context, a prompt truncated to nothing,
+            # the ids kept (the last ten, vLLM's default side, hold one out of the vocabulary, the first ten not)
+            *[("/v1/completions", {"model": model, "prompt": [1] * 20 + [vocab + 3], "max_tokens": 3, **fields})
+              for fields in ({"truncate_prompt_tokens": -2}, {"truncate_prompt_tokens": "x"},
+                             {"truncate_prompt_tokens": tiny_stack.max_model_len + 1}, {"truncation_side": "middle"},
+                             {"truncate_prompt_tokens": 0}, {"truncate_prompt_tokens": 0, "stream": True},
+                             {"truncate_prompt_tokens": 10}, {"truncate_prompt_tokens": 10, "truncation_side": "left"})],
+            ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "word " * 3000}],
+                                      "truncate_prompt_tokens": -1}),
         ]
         [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len,
                                                             vocab_size=vocab, tool_calling=False))
@@ -331,6 +340,22 @@ class TestTinyLlama:
                 for _, answered in (real, simulated):
                     assert answered["usage"]["completion_tokens"] == 6
                     assert answered["choices"][0]["finish_reason"] == "length"
+                # truncate_prompt_tokens keeps that many of each prompt's tokens (-1: the context, less one for
+                # the output) before the prompt's length is checked: a prompt longer than the context is served
+                long_chat = [{"role": "user", "content": "word " * 3000}]
+                for path, fields, prompt_tokens in (
+                        ("/v1/completions", {"prompt": [5] * 3000, "truncate_prompt_tokens": 100}, 100),
+                        ("/v1/completions", {"prompt": [5] * 3000, "truncate_prompt_tokens": -1},
+                         tiny_stack.max_model_len - 1),
+                        ("/v1/completions", {"prompt": [[5] * 3000, [6] * 5], "truncate_prompt_tokens": 10}, 15),
+                        ("/v1/completions", {"prompt": [1] * 20 + [vocab + 3], "truncate_prompt_tokens": 10,
+                                             "truncation_side": "right"}, 10),
+                        ("/v1/chat/completions", {"messages": long_chat, "truncate_prompt_tokens": 100}, 100)):
+                    body = {"model": model, "max_tokens": 3, "ignore_eos": True, **fields}
+                    real, simulated = await answer(tiny_stack.engine.url, path, body), await answer(sim.url, path,
+                                                                                                     body)
+                    assert real[0] == simulated[0] == 200, (fields, real, simulated)
+                    assert real[1]["usage"]["prompt_tokens"] == simulated[1]["usage"]["prompt_tokens"] == prompt_tokens
                 # ids: the body's request_id, else 16 hex digits (vLLM's random_uuid)
                 body = {"model": model, "messages": chat, "max_tokens": 1, "request_id": "mine-1"}
                 real, simulated = await answer(tiny_stack.engine.url, "/v1/chat/completions", body), await answer(
