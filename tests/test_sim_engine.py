@@ -1691,3 +1691,20 @@ async def test_truncate_prompt_tokens_keeps_the_last_tokens_of_each_prompt(start
         assert status == 400 and answer["error"]["param"] == param and message in answer["error"]["message"], \
             (fields, answer)
     assert handle.engine.num_running == handle.engine.num_waiting == 0
+
+
+async def test_an_answer_without_a_generation_prompt_continues_the_last_messages_role(start):
+    """vLLM's get_chat_request_role: with ``add_generation_prompt: false`` the answer's role (whole, and the
+    stream's first delta) is the last message's, not "assistant"."""
+    handle, client = await start()
+    body = {"model": MODEL, "max_tokens": 2, "add_generation_prompt": "false"}
+    for messages, role in ((_chat(), "user"), ([*_chat(), {"role": "assistant", "content": "Hi"}], "assistant"),
+                           ([{"role": "narrator", "content": "x"}], "narrator")):
+        status, answer, _ = await _post(handle.url + "/v1/chat/completions", {**body, "messages": messages})
+        assert status == 200 and answer["choices"][0]["message"]["role"] == role, answer
+        status, raw = await _post_raw(handle.url + "/v1/chat/completions",
+                                      {**body, "messages": messages, "stream": True, "n": 2, "temperature": 1})
+        deltas = [json.loads(e[len("data: "):])["choices"][0]["delta"] for e in raw.decode().split("\n\n")[:2]]
+        assert status == 200 and [d["role"] for d in deltas] == [role, role], raw
+    reply = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=2)
+    assert reply.choices[0].message.role == "assistant"

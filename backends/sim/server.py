@@ -79,7 +79,8 @@ Request handling
 * **Text** is filler: one ASCII word with a leading space per token (" lorem", " ipsum", ...), so
   ``len(text.split()) == usage.completion_tokens`` and every delta is valid UTF-8.
 * **Streams** follow vLLM: ``data: {json}\\n\\n`` events, a first chat chunk with ``delta.role`` and empty
-  content, one event per engine iteration per request (several tokens in one event only when this client
+  content (the role, whole or streamed, is "assistant", or the last message's with ``add_generation_prompt:
+  false``), one event per engine iteration per request (several tokens in one event only when this client
   reads slower than the engine produces, as in vLLM), ``finish_reason`` on the last token's event, then with
   ``stream_options.include_usage`` a chunk with ``"choices": []`` and ``usage``, then ``data: [DONE]``.
   ``system_fingerprint`` (``vllm-<version>-<hash8>``) rides on the last message: the usage chunk, else the last
@@ -139,7 +140,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import orjson
@@ -592,7 +593,8 @@ class Parsed:
     __slots__ = ("chat", "model", "stream", "include_usage", "continuous_usage", "max_tokens", "max_tokens_param",
                  "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
                  "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts", "suffix",
-                 "echo", "template_conflict", "media", "truncate", "truncation_side", "output_budget", "prompt_ids")
+                 "echo", "template_conflict", "media", "truncate", "truncation_side", "output_budget", "prompt_ids",
+                 "role")
 
 
 class EngineInputs:
@@ -765,6 +767,7 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
                               p.truncation_side), "ctx": {"expected": "'left' or 'right'"}})
     p.suffix = None
     p.template_conflict = False
+    p.role = ANSWER_ROLE
     if chat:
         if "tools" in body:
             errors += errors_of(TOOLS, body["tools"], "tools")
@@ -772,6 +775,7 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         add_generation_prompt = check_bool(body, "add_generation_prompt", errors, optional=False, default=True)
         continue_final = check_bool(body, "continue_final_message", errors, optional=False, default=False)
         p.template_conflict = bool(continue_final) and bool(add_generation_prompt)  # the chat template refuses
+        p.role = answer_role(body.get("messages"), add_generation_prompt)
         kwargs = body.get("chat_template_kwargs")
         if kwargs is not None and not isinstance(kwargs, dict):
             errors.append(_err("dict_type", "body.chat_template_kwargs", "Input should be a valid dictionary", kwargs))
@@ -817,6 +821,19 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
             p.max_prompt_id = _largest_id(ids)
             p.prompt_ids = ids
     return p
+
+
+ANSWER_ROLE = "assistant"  # vLLM's response_role (--response-role)
+
+
+def answer_role(messages: Any, add_generation_prompt: bool | None) -> str:
+    """The role of a chat answer: vLLM's get_chat_request_role, its response role where a generation prompt is
+    added (the default), else the last message's role (the answer continues that message's turn)."""
+    if add_generation_prompt is not False:
+        return ANSWER_ROLE
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    role = last.get("role") if isinstance(last, dict) else None
+    return role if isinstance(role, str) else ANSWER_ROLE
 
 
 def _is_token_ids(prompt: Any) -> bool:
@@ -1121,7 +1138,7 @@ class SimServer:
                 "id": response_id, "object": "chat.completion", "created": created, "model": self.model,
                 "choices": [{
                     "index": index,
-                    "message": {"role": "assistant", "content": filler_text(0, req.generated), "refusal": None,
+                    "message": {"role": p.role, "content": filler_text(0, req.generated), "refusal": None,
                                 "annotations": None, "audio": None, "function_call": None, "reasoning": None},
                     "logprobs": None, "finish_reason": req.finish_reason, "stop_reason": None,
                     "token_ids": None, "routed_experts": None,
@@ -1148,6 +1165,9 @@ class SimServer:
                                                        **(extra_headers or {})})
         await resp.prepare(request)
         shape = _CHAT_SSE if p.chat else _COMPLETION_SSE
+        if p.role != ANSWER_ROLE:  # add_generation_prompt false: the answer continues the last message's role
+            shape = replace(shape, role_choice=shape.role_choice.replace(  # type: ignore[union-attr]
+                b'"role":"assistant"', b'"role":' + orjson.dumps(p.role), 1))
         head = (orjson.dumps({"id": response_id})[:-1] + shape.object_field + b',"created":'
                 + str(int(time.time())).encode() + b',"model":' + orjson.dumps(self.model))
         try:

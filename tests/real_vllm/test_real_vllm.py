@@ -356,6 +356,17 @@ class TestTinyLlama:
                                                                                                      body)
                     assert real[0] == simulated[0] == 200, (fields, real, simulated)
                     assert real[1]["usage"]["prompt_tokens"] == simulated[1]["usage"]["prompt_tokens"] == prompt_tokens
+                # without a generation prompt the answer continues the last message: its role is that message's
+                for stream in (False, True):
+                    body = {"model": model, "messages": chat, "max_tokens": 2, "add_generation_prompt": False,
+                            "stream": stream}
+                    roles = []
+                    for base in (tiny_stack.engine.url, sim.url):
+                        status, answered = await answer(base, "/v1/chat/completions", body)
+                        assert status == 200, answered
+                        roles.append(orjson.loads(answered.split("\n\n")[0][len("data: "):])["choices"][0]["delta"]
+                                     ["role"] if stream else answered["choices"][0]["message"]["role"])
+                    assert roles == ["user", "user"], stream
                 # ids: the body's request_id, else 16 hex digits (vLLM's random_uuid)
                 body = {"model": model, "messages": chat, "max_tokens": 1, "request_id": "mine-1"}
                 real, simulated = await answer(tiny_stack.engine.url, "/v1/chat/completions", body), await answer(
