@@ -98,7 +98,8 @@ Request handling
   answer that then finds the engine full is a 503, a stream has answered 200 and carries vLLM's busy error
   (``"type": "Service Unavailable"``, ``"code": 503``) as its one event.
 * **Ids**: ``chatcmpl-<id>`` / ``cmpl-<id>`` with the ``X-Request-Id`` header, else the body's ``request_id``,
-  else 16 random hex digits (vLLM's ``random_uuid``); the header is echoed back.
+  else 16 random hex digits (vLLM's ``random_uuid``); no ``X-Request-Id`` comes back (vLLM sends one only when
+  started with ``--enable-request-id-headers``).
 * **Several answers** (``n`` > 1, as vLLM 0.32's parallel sampling): each answer has its own length
   (its own draw, or the same hint or ``ignore_eos`` cap); a whole answer lists them by ``index`` with
   ``usage.completion_tokens`` their sum; a stream starts with one role chunk per answer (chat), then one chunk per
@@ -991,7 +992,7 @@ class SimServer:
         if inputs is not None or max_prompt_id is not None:
             failure = verify_engine_inputs(inputs, bias_ids, max_prompt_id, self.options)
             if failure is not None:
-                return _engine_refusal(*failure, stream=parsed.stream, header_id=header_id)
+                return _engine_refusal(*failure, stream=parsed.stream)
         # vLLM's _base_request_id: the header, else the body's request_id, else random_uuid(): 16 hex digits
         base_id = header_id if header_id is not None else (
             parsed.request_id if parsed.request_id is not None else f"{uuid.uuid4().int & _MASK_64:016x}")
@@ -1000,21 +1001,20 @@ class SimServer:
             plan = [(response_id, parsed.prompt_tokens, checked)]
         else:  # vLLM's request_id_item: f"{request_id}-{i}" per prompt (its n children prefixed as for one)
             plan = [(f"{response_id}-{i}", one.tokens, cap) for i, (one, cap) in enumerate(zip(parsed.prompts, caps))]
-        reqs = self._add_requests(parsed, plan, _hint(request), header_id)
+        reqs = self._add_requests(parsed, plan, _hint(request))
         if isinstance(reqs, web.Response):
             return reqs
-        extra_headers = {REQUEST_ID_HEADER: header_id} if header_id is not None else None
         try:
             if parsed.stream:
-                return await self._stream(request, reqs, parsed, response_id, extra_headers)
-            return await self._full(reqs, parsed, response_id, extra_headers)
+                return await self._stream(request, reqs, parsed, response_id)
+            return await self._full(reqs, parsed, response_id)
         finally:
             for req in reqs:
                 if not req.finished:
                     self.engine.abort(req)  # client disconnected (handler cancelled) or the write failed
 
-    def _add_requests(self, p: Parsed, plan: list[tuple[str, int, int]], hint: int | None,
-                      header_id: str | None) -> list[SimRequest] | web.Response:
+    def _add_requests(self, p: Parsed, plan: list[tuple[str, int, int]],
+                      hint: int | None) -> list[SimRequest] | web.Response:
         """One engine request per answer of each prompt (``plan``: its request id, prompt tokens and output cap),
         in the choices' order (prompt by prompt, vLLM's ``index = prompt * n + answer``), each with its own output
         length; all or none. A full engine answers 503 with the answers already queued taken back; a batch only
@@ -1042,7 +1042,7 @@ class SimServer:
             for req in reqs:
                 engine.abort(req)
             if p.stream and p.prompts is not None:
-                return _stream_error(BUSY_MESSAGES[busy.reason], "Service Unavailable", 503, None, header_id)
+                return _stream_error(BUSY_MESSAGES[busy.reason], "Service Unavailable", 503, None)
             return _busy(busy.reason)
         return reqs
 
@@ -1123,8 +1123,7 @@ class SimServer:
         room = max_len - prompt_tokens
         return min(max_tokens, room) if max_tokens is not None else room
 
-    async def _full(self, reqs: list[SimRequest], p: Parsed, response_id: str,
-                    extra_headers: dict[str, str] | None) -> web.Response:
+    async def _full(self, reqs: list[SimRequest], p: Parsed, response_id: str) -> web.Response:
         for req in reqs:
             while not req.finished:
                 await req.next_tokens()
@@ -1157,12 +1156,11 @@ class SimServer:
                 "service_tier": None, "system_fingerprint": self.fingerprint, "usage": usage,
                 "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
             }
-        return web.Response(body=orjson.dumps(body), content_type="application/json", headers=extra_headers)
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-    async def _stream(self, request: web.Request, reqs: list[SimRequest], p: Parsed, response_id: str,
-                      extra_headers: dict[str, str] | None) -> web.StreamResponse:
-        resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8",
-                                                       **(extra_headers or {})})
+    async def _stream(self, request: web.Request, reqs: list[SimRequest], p: Parsed,
+                      response_id: str) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
         shape = _CHAT_SSE if p.chat else _COMPLETION_SSE
         if p.role != ANSWER_ROLE:  # add_generation_prompt false: the answer continues the last message's role
@@ -1351,22 +1349,20 @@ def verify_engine_inputs(inputs: EngineInputs | None, bias_ids: list[int] | None
     return None
 
 
-def _engine_refusal(message: str, param: str | None, *, stream: bool, header_id: str | None) -> web.Response:
+def _engine_refusal(message: str, param: str | None, *, stream: bool) -> web.Response:
     """A failure in vLLM's engine surfaces where the serving layer first reads the engine's output: a whole
     answer is a 400, a stream has already answered 200 and carries the error as its one event, then [DONE]
     (``create_streaming_error_response``: ``json.dumps``, hence the spaces)."""
     if not stream:
         return bad_request(message, param)
-    return _stream_error(message, "BadRequestError", 400, param, header_id)
+    return _stream_error(message, "BadRequestError", 400, param)
 
 
-def _stream_error(message: str, err_type: str, code: int, param: str | None, header_id: str | None) -> web.Response:
+def _stream_error(message: str, err_type: str, code: int, param: str | None) -> web.Response:
     """A stream that has answered 200 and then fails: the error as its one event, then [DONE]."""
     event = json.dumps({"error": {"message": message, "type": err_type, "param": param, "code": code}})
-    headers = {"Content-Type": "text/event-stream; charset=utf-8"}
-    if header_id is not None:
-        headers[REQUEST_ID_HEADER] = header_id
-    return web.Response(body=f"data: {event}\n\ndata: [DONE]\n\n".encode(), headers=headers)
+    return web.Response(body=f"data: {event}\n\ndata: [DONE]\n\n".encode(),
+                        headers={"Content-Type": "text/event-stream; charset=utf-8"})
 
 
 # transformers' apply_chat_template, which vLLM's renderer calls (its ValueError is vLLM's 400)
