@@ -1708,3 +1708,106 @@ async def test_an_answer_without_a_generation_prompt_continues_the_last_messages
         assert status == 200 and [d["role"] for d in deltas] == [role, role], raw
     reply = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=2)
     assert reply.choices[0].message.role == "assistant"
+
+
+_WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1},
+                                     "unit": {"enum": ["C", "F"]}}, "required": ["city", "days", "unit"]}}}
+_TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+
+
+async def test_forced_tool_calls_are_answered_with_a_tool_call(start):
+    """A vLLM with a tool parser (the sim's default) answers ``tool_choice`` "required" and a named function with
+    a tool call its structured output forces: ``content`` "", ``tool_calls`` with arguments its schema allows,
+    ``finish_reason`` "tool_calls" ("required") or "stop" (named); streamed, ``delta.tool_calls`` pieces the SDK
+    joins into the same call. "auto" is answered with text, as a model that chooses no tool."""
+    handle, client = await start()
+    chat = _chat("what is the weather?")
+    for choice, name, finish in (("required", "get_weather", "tool_calls"),
+                                 ({"type": "function", "function": {"name": "get_time"}}, "get_time", "stop"),
+                                 ({"type": "function", "function": {"name": "get_weather"}}, "get_weather", "stop")):
+        reply = await client.chat.completions.create(model=MODEL, messages=chat, tools=[_WEATHER, _TIME],
+                                                     tool_choice=choice)
+        [call] = reply.choices[0].message.tool_calls
+        assert reply.choices[0].message.content == "" and reply.choices[0].finish_reason == finish
+        assert call.type == "function" and call.function.name == name and call.id.startswith("chatcmpl-tool-")
+        arguments = json.loads(call.function.arguments)
+        assert arguments == ({"city": "lorem ipsum", "days": 1, "unit": "C"} if name == "get_weather" else {})
+        written = (f'[{{"name": "{name}", "parameters": {call.function.arguments}}}]' if choice == "required"
+                   else call.function.arguments)  # what the model wrote: 4 characters a token, and its end
+        assert reply.usage.completion_tokens == -(-len(written) // 4) + 1
+        streamed, ids, finishes = "", set(), []
+        async for chunk in await client.chat.completions.create(model=MODEL, messages=chat, tools=[_WEATHER, _TIME],
+                                                                tool_choice=choice, stream=True):
+            delta = chunk.choices[0].delta
+            finishes.append(chunk.choices[0].finish_reason)
+            for piece in delta.tool_calls or ():
+                assert piece.index == 0
+                ids.add(piece.id) if piece.id else None
+                if piece.function.name:
+                    assert piece.function.name == name and not streamed  # the first piece names the function
+                streamed += piece.function.arguments or ""
+            assert not delta.content  # no text besides the role chunk's empty one
+        assert json.loads(streamed) == arguments and len(ids) == 1 and finishes[-1] == finish
+        assert finishes.count(None) == len(finishes) - 1
+    reply = await client.chat.completions.create(model=MODEL, messages=chat, tools=[_WEATHER], tool_choice="auto",
+                                                 max_tokens=5, extra_body={"ignore_eos": True})
+    assert reply.choices[0].message.tool_calls is None and len(reply.choices[0].message.content.split()) == 5
+
+
+async def test_a_forced_tool_call_cut_short_is_vllms_unparsed_call(start):
+    """Cut by ``max_tokens``: a "required" call's JSON list does not parse (no tool_calls, ``content`` "", "length");
+    a named one carries the arguments written so far, streamed as whole; several answers each carry their own call."""
+    handle, client = await start()
+    chat = _chat()
+    reply = await client.chat.completions.create(model=MODEL, messages=chat, tools=[_WEATHER], tool_choice="required",
+                                                 max_tokens=3)
+    choice = reply.choices[0]
+    assert (choice.message.tool_calls, choice.message.content, choice.finish_reason) == (None, "", "length")
+    assert reply.usage.completion_tokens == 3
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = await client.chat.completions.create(model=MODEL, messages=chat, tools=[_WEATHER], tool_choice=named,
+                                                 max_tokens=4)
+    assert reply.choices[0].message.tool_calls[0].function.arguments == '{"city": "lorem '
+    assert reply.choices[0].finish_reason == "length"
+    pieces = []
+    async for chunk in await client.chat.completions.create(model=MODEL, messages=chat, tools=[_WEATHER],
+                                                            tool_choice=named, max_tokens=4, stream=True):
+        pieces += [p.function.arguments for p in chunk.choices[0].delta.tool_calls or ()]
+    assert "".join(pieces) == '{"city": "lorem '
+    reply = await client.chat.completions.create(model=MODEL, messages=chat, tools=[_WEATHER, _TIME],
+                                                 tool_choice="required", n=2)
+    calls = [c.message.tool_calls[0] for c in reply.choices]
+    assert [c.function.name for c in calls] == ["get_weather"] * 2 and calls[0].id != calls[1].id
+    status, raw = await _post_raw(handle.url + "/v1/chat/completions", {
+        "model": MODEL, "messages": chat, "tools": [_WEATHER], "tool_choice": "required", "n": 2, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    events = [json.loads(e[len("data: "):]) for e in raw.decode().split("\n\n") if e.startswith("data: {")]
+    joined = {0: "", 1: ""}
+    for event in events[:-1]:
+        for piece in event["choices"][0]["delta"].get("tool_calls", ()):
+            joined[event["choices"][0]["index"]] += piece["function"]["arguments"]
+        assert event["usage"]["completion_tokens"] <= events[-1]["usage"]["completion_tokens"]
+    assert status == 200 and [json.loads(text) for text in joined.values()] == [
+        {"city": "lorem ipsum", "days": 1, "unit": "C"}] * 2
+    assert sorted(e["choices"][0]["finish_reason"] for e in events[:-1] if e["choices"][0]["finish_reason"]) == [
+        "tool_calls", "tool_calls"]
+    assert handle.engine.num_running == handle.engine.num_waiting == 0
+
+
+def test_the_example_arguments_a_schema_allows():
+    from backends.sim.tool_calls import example_value
+
+    assert example_value({"type": "object", "properties": {"a": {"type": "string"}}}) == {}
+    assert example_value({"type": "object", "properties": {"a": {"type": ["null", "number"], "minimum": 2.5},
+                                                           "b": {"type": "array", "minItems": 2,
+                                                                 "items": {"type": "boolean"}},
+                                                           "c": {"anyOf": [{"const": "x"}, {"type": "integer"}]},
+                                                           "d": {"type": "integer", "exclusiveMinimum": 0},
+                                                           "e": {"$ref": "#/$defs/E"}},
+                          "required": ["a", "b", "c", "d", "e", "missing"]}) == {
+        "a": 2.5, "b": [False, False], "c": "x", "d": 1, "e": {}, "missing": {}}
+    nested = {"type": "object", "required": ["x"], "properties": {}}
+    nested["properties"]["x"] = nested  # a schema that refers to itself ends
+    assert json.dumps(example_value(nested)).count("{") <= 10
+    assert example_value("not a schema") == {} and example_value({"type": "null"}) is None

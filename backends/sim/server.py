@@ -43,8 +43,9 @@ Request handling
   (``n``, penalties, ``temperature`` finite and in [0, 2], ``top_p`` in (0, 1], ``top_k``, ``min_p``,
   ``max_tokens`` >= 1, ``min_tokens``, empty ``stop`` strings, greedy ``n``), then the engine's checks below.
 * **Tools**: by default the sim is a vLLM started with ``--enable-auto-tool-choice --tool-call-parser`` (what
-  multi-agent clients need): every tool choice is accepted, and answered with text (tool calls are not
-  simulated). With ``tool_calling=False`` it is a plain ``vllm serve``, and every tool choice but "none" gets 400:
+  multi-agent clients need): every tool choice is accepted; a forced one ("required", a named function) is
+  answered with a tool call whose arguments its schema allows, in vLLM's shape whole and streamed
+  (:mod:`backends.sim.tool_calls`), and "auto" with text (a model that chooses no tool). With ``tool_calling=False`` it is a plain ``vllm serve``, and every tool choice but "none" gets 400:
   ``"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set`` (also for ``tools``
   without ``tool_choice``, which vLLM takes as "auto"), else ``tool_choice="required"`` /
   ``tool_choice=function "f"`` ``requires --tool-call-parser to be set``.
@@ -153,6 +154,7 @@ from backends.lax import LaxError, lax_bool, lax_float, lax_int
 from backends.sim.engine import PAUSE_MODES, EngineBusy, SimEngine, SimRequest
 from backends.sim.options import SimEngineOptions
 from backends.sim.request_models import PROMPT, RESPONSE_FORMAT, TOOLS, errors_of, validated
+from backends.sim.tool_calls import ToolCallPlan, new_tool_call_id, plan_tool_call
 
 HINT_HEADER = "X-Sim-Output-Tokens"
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -595,7 +597,7 @@ class Parsed:
                  "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
                  "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts", "suffix",
                  "echo", "template_conflict", "media", "truncate", "truncation_side", "output_budget", "prompt_ids",
-                 "role")
+                 "role", "tool_plan")
 
 
 class EngineInputs:
@@ -789,6 +791,9 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     if errors:
         return pydantic_error_response(errors)
     p.tool_choice = effective_tool_choice(body) if chat else None
+    # a forced call ("required", a named function) is written as one (where the engine has a tool parser)
+    p.tool_plan = plan_tool_call(body.get("tools"), p.tool_choice) if chat and p.tool_choice not in (
+        None, "auto") else None
     p.prompt_is_token_ids = False
     p.max_prompt_id = None
     p.prompt_ids = None
@@ -1031,8 +1036,11 @@ class SimServer:
                 asked += 1
                 engine.admit(p.n)
                 for index in range(p.n):
-                    target, reason = engine.output_length(cap, ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
-                                                          hint=hint)
+                    if p.tool_plan is not None:  # as long as its JSON, and its end-of-sequence token
+                        target, reason = (p.tool_plan.tokens, "stop") if p.tool_plan.tokens <= cap else (cap, "length")
+                    else:
+                        target, reason = engine.output_length(cap, ignore_eos=p.ignore_eos,
+                                                              min_tokens=p.min_tokens, hint=hint)
                     request_id = base_id if p.n == 1 else f"{index}_{base_id}"
                     reqs.append(engine.add_request(request_id, prompt_tokens, target, reason, p.priority))
         except EngineBusy as busy:
@@ -1136,10 +1144,8 @@ class SimServer:
             body = {
                 "id": response_id, "object": "chat.completion", "created": created, "model": self.model,
                 "choices": [{
-                    "index": index,
-                    "message": {"role": p.role, "content": filler_text(0, req.generated), "refusal": None,
-                                "annotations": None, "audio": None, "function_call": None, "reasoning": None},
-                    "logprobs": None, "finish_reason": req.finish_reason, "stop_reason": None,
+                    "index": index, "message": _message(p, req), "logprobs": None,
+                    "finish_reason": _finish_reason(p.tool_plan, req.finish_reason), "stop_reason": None,
                     "token_ids": None, "routed_experts": None,
                 } for index, req in enumerate(reqs)],
                 "service_tier": None, "system_fingerprint": self.fingerprint, "usage": usage,
@@ -1181,7 +1187,8 @@ class SimServer:
                              shape: _SseShape) -> None:
         """The one SSE writer for both endpoints' one-answer streams (nearly every request); ``shape`` carries
         the only bytes that differ between the endpoints."""
-        events = _SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json)
+        events = (_SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json) if p.tool_plan is None else
+                  _ToolCallEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, None, 0))
         sent = 0
         role = shape.role_choice is not None
         while True:
@@ -1197,7 +1204,9 @@ class SimServer:
                 parts.append(events.end(sent))
                 await resp.write(b"".join(parts))
                 break
-            await resp.write(b"".join(parts) if len(parts) > 1 else parts[0])
+            data = b"".join(parts) if len(parts) > 1 else parts[0]
+            if data:  # (a forced tool call's tokens around its arguments send nothing)
+                await resp.write(data)
         await resp.write_eof()
 
     async def _stream_choices(self, resp: web.StreamResponse, reqs: list[SimRequest], p: Parsed, head: bytes,
@@ -1209,8 +1218,12 @@ class SimServer:
         total = reqs[0].prompt_tokens if p.prompts is None else _batch_prompt_tokens(p)
         events = _SseEvents(head, shape, p, reqs[0].prompt_tokens, self._fingerprint_json, total)
         # a batch's answers count their own prompt's tokens in continuous usage (vLLM's num_prompt_tokens[prompt])
-        each = [events if req.prompt_tokens == events.prompt else
-                _SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, total) for req in reqs]
+        if p.tool_plan is not None:
+            each: list[_SseEvents] = [_ToolCallEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, total,
+                                                      i) for i, req in enumerate(reqs)]
+        else:
+            each = [events if req.prompt_tokens == events.prompt else
+                    _SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, total) for req in reqs]
         index = [b'"index":%d' % i for i in range(len(reqs))]
         opens = [shape.open_choice.replace(b'"index":0', tag, 1) for tag in index]
         sent = [0] * len(reqs)
@@ -1230,9 +1243,10 @@ class SimServer:
                         waiting[asyncio.ensure_future(reqs[i].next_tokens())] = i
                 if not waiting:
                     parts.append(events.end(sum(sent)))
-                if parts:
-                    await resp.write(b"".join(parts))
-                    parts = []
+                data = b"".join(parts)
+                if data:
+                    await resp.write(data)
+                parts = []
         finally:
             for task in waiting:
                 task.cancel()
@@ -1284,6 +1298,74 @@ class _SseEvents:
             usage = (b"data: " + self.head + b',"choices":[],"usage":' + _usage(self.total_prompt, completion)
                      + self.fingerprint + b"}\n\n")
         return usage + b"data: [DONE]\n\n"
+
+
+def _message(p: Parsed, req: SimRequest) -> dict:
+    """A whole chat answer's message: filler text, or a forced tool call (vLLM's shape: ``content`` "" and
+    ``tool_calls`` after ``function_call``, absent where the call did not parse)."""
+    if p.tool_plan is None:
+        return {"role": p.role, "content": filler_text(0, req.generated), "refusal": None, "annotations": None,
+                "audio": None, "function_call": None, "reasoning": None}
+    message = {"role": p.role, "content": "", "refusal": None, "annotations": None, "audio": None,
+               "function_call": None}
+    calls = p.tool_plan.whole_calls(req.generated, cut=req.finish_reason != "stop")
+    if calls is not None:
+        message["tool_calls"] = calls
+    message["reasoning"] = None
+    return message
+
+
+def _finish_reason(plan: ToolCallPlan | None, engine_reason: str | None) -> str | None:
+    """An answer's finish_reason: the engine's, or for a forced tool call that ended by itself vLLM's "tool_calls"
+    ("required") or "stop" (a named function)."""
+    return plan.finish_reason(cut=False) if plan is not None and engine_reason == "stop" else engine_reason
+
+
+class _ToolCallEvents(_SseEvents):
+    """The chunks of a streamed answer that is a forced tool call, as vLLM streams one: the arguments in
+    ``delta.tool_calls`` pieces (the first with the call's id, type and name; after it a "required" call's
+    pieces name ``null``), no chunk for tokens that write no arguments, and a last chunk without text (a named
+    call's with an empty ``arguments``)."""
+
+    __slots__ = ("plan", "open", "started")
+
+    def __init__(self, head: bytes, shape: _SseShape, p: Parsed, prompt: int, fingerprint_json: bytes,
+                 total_prompt: int | None, index: int) -> None:
+        super().__init__(head, shape, p, prompt, fingerprint_json, total_prompt)
+        self.plan: ToolCallPlan = p.tool_plan  # type: ignore[assignment]
+        self.open = b',"choices":[{"index":%d,"delta":' % index
+        self.started = False
+
+    def tokens(self, open_choice: bytes, sent: int, count: int, finished: bool, finish_reason: str | None) -> bytes:
+        plan = self.plan
+        text = plan.arguments_after(sent, count)
+        if text:
+            if not self.started:
+                self.started = True
+                call: dict = {"id": new_tool_call_id(), "type": "function", "index": 0,
+                              "function": {"name": plan.name, "arguments": text}}
+            elif plan.required:
+                call = {"index": 0, "function": {"name": None, "arguments": text}}
+            else:
+                call = {"index": 0, "function": {"arguments": text}}
+            delta = orjson.dumps({"tool_calls": [call]})
+        elif not finished:
+            return b""  # (the JSON around a "required" call's arguments: vLLM's parser sends nothing for it)
+        elif finish_reason == "stop" and not plan.required:
+            delta = b'{"tool_calls":[{"index":0,"function":{"arguments":""}}]}'
+        else:
+            delta = b"{}"
+        if finished:
+            close = (b',"logprobs":null,"finish_reason":' + orjson.dumps(_finish_reason(plan, finish_reason))
+                     + b',"stop_reason":null,"token_ids":null}]')
+        else:
+            close = b',"logprobs":null,"finish_reason":null,"token_ids":null}]'
+        chunk = self.head + self.open + delta + close
+        if self.continuous_usage:
+            chunk += b',"usage":' + _usage(self.prompt, sent + count, self.shape.usage_details)
+        if finished and not self.include_usage:
+            chunk += self.fingerprint
+        return b"data: " + chunk + b"}\n\n"
 
 
 def _batch_prompt_tokens(p: Parsed) -> int:

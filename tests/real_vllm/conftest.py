@@ -434,5 +434,9 @@ def tiny_stack(_engine_slot: _EngineSlot) -> Iterator[Stack]:
 
 @pytest.fixture(scope="class")
 def smol_stack(_engine_slot: _EngineSlot) -> Iterator[Stack]:
-    """SmolLM2-135M-Instruct (a real model: answers simple questions correctly)."""
-    yield from _stack(_engine_slot, SMOL, 4, [])
+    """SmolLM2-135M-Instruct (a real model: answers simple questions correctly), with a tool parser, as the
+    simulated engines are by default (forced tool calls are written by structured outputs, JSON without optional
+    whitespace so that a small model cannot fill its budget with it)."""
+    yield from _stack(_engine_slot, SMOL, 4, [
+        "--enable-auto-tool-choice", "--tool-call-parser", "pythonic",
+        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}'])

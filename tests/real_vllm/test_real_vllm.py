@@ -938,6 +938,65 @@ class TestSmolLM2:
         assert choice.finish_reason == "stop"
         assert response.usage is not None and response.usage.completion_tokens < 64
 
+    async def test_the_sims_forced_tool_calls_have_this_engines_shape(self, smol_stack) -> None:
+        """``tool_choice`` "required" and a named function, whole and streamed, engine to engine: the simulated
+        engine's tool call has this vLLM's shape (every key and the JSON type of every value; a stream's chunks per
+        answer, a run of like chunks counted once), finish_reason and function, and arguments that are a JSON
+        object with the keys the schema requires."""
+        import aiohttp
+        import orjson
+
+        from backends.sim import SimEngineOptions, start_sim_engines
+
+        model = smol_stack.model
+        weather = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                                    "parameters": {"type": "object", "required": ["city"],
+                                                                   "properties": {"city": {"type": "string"}},
+                                                                   "additionalProperties": False}}}
+        clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+                                                                                    "properties": {}}}}
+        messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+        [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=2048))
+        try:
+            async with aiohttp.ClientSession() as session:
+                async def answer(base: str, body: dict):
+                    async with session.post(base + "/v1/chat/completions", json=body) as r:
+                        assert r.status == 200, await r.text()
+                        raw = await r.read()
+                    if not body["stream"]:
+                        whole = orjson.loads(raw)
+                        [choice] = whole["choices"]
+                        [call] = choice["message"]["tool_calls"]
+                        return _shape(whole), choice["finish_reason"], call["function"]["name"], \
+                            sorted(orjson.loads(call["function"]["arguments"]))
+                    chunks = [orjson.loads(e[len(b"data: "):]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+                    shapes, arguments, name = [], "", None
+                    for chunk in chunks:
+                        if not shapes or shapes[-1] != _shape(chunk):
+                            shapes.append(_shape(chunk))
+                        for piece in chunk["choices"][0]["delta"].get("tool_calls", ()):
+                            name = name or piece["function"].get("name")
+                            arguments += piece["function"]["arguments"]
+                    return shapes, chunks[-1]["choices"][0]["finish_reason"], name, sorted(orjson.loads(arguments))
+
+                # ("required" with one tool: a model may choose any of several, the sim the first; get_time's "{}"
+                # not streamed: this model writes it in two tokens, the sim in one, one chunk fewer)
+                for choice, tools, name, streams in (
+                        ("required", [weather], "get_weather", (False, True)),
+                        ({"type": "function", "function": {"name": "get_weather"}}, [weather, clock], "get_weather",
+                         (False, True)),
+                        ({"type": "function", "function": {"name": "get_time"}}, [weather, clock], "get_time",
+                         (False,))):
+                    for stream in streams:
+                        body = {"model": model, "messages": messages, "tools": tools, "tool_choice": choice,
+                                "max_tokens": 100, "temperature": 0, "stream": stream}
+                        real, simulated = await answer(smol_stack.engine.url, body), await answer(sim.url, body)
+                        assert simulated == real, (choice, stream, real, simulated)
+                        assert real[1:] == ("tool_calls" if choice == "required" else "stop", name,
+                                            ["city"] if name == "get_weather" else [])
+        finally:
+            await sim.stop()
+
     def test_capital_of_france_streamed(self, smol_stack) -> None:
         stream = smol_stack.client().chat.completions.create(
             model=smol_stack.model, messages=[{"role": "user", "content": "What is the capital of France?"}],
