@@ -1811,3 +1811,61 @@ def test_the_example_arguments_a_schema_allows():
     nested["properties"]["x"] = nested  # a schema that refers to itself ends
     assert json.dumps(example_value(nested)).count("{") <= 10
     assert example_value("not a schema") == {} and example_value({"type": "null"}) is None
+
+
+async def test_json_mode_answers_parse_as_json(start):
+    """``response_format`` json_object / json_schema: vLLM's structured outputs force text that parses, ending with
+    an end-of-sequence token (whose chunk has no text where it comes alone). The sim writes ``{"text": "<words>"}`` of the length it draws
+    (here the load generator's hint; ``max_tokens`` cuts it, unparsed, as it cuts vLLM's) or the smallest value
+    of the schema, on both routes, whole and streamed, for each of several answers."""
+    handle, client = await start()
+    schema = {"type": "json_schema", "json_schema": {"name": "plan", "schema": {
+        "type": "object", "properties": {"steps": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+                                         "done": {"type": "boolean"}}, "required": ["steps", "done"]}}}
+    hint = {"X-Sim-Output-Tokens": "9"}
+    for fmt, expected, tokens in (({"type": "json_object"}, {"text": " lorem ipsum dolor sit amet consectetur"}, 9),
+                                  (schema, {"steps": ["lorem ipsum"] * 2, "done": False}, 15)):  # 55 characters
+        reply = await client.chat.completions.create(model=MODEL, messages=_chat(), response_format=fmt,
+                                                     extra_headers=hint)
+        assert json.loads(reply.choices[0].message.content) == expected and reply.choices[0].finish_reason == "stop"
+        assert reply.usage.completion_tokens == tokens
+        legacy = await client.completions.create(model=MODEL, prompt="x", max_tokens=50, extra_headers=hint,
+                                                 extra_body={"response_format": fmt})
+        assert json.loads(legacy.choices[0].text) == expected and legacy.usage.completion_tokens == tokens
+        chunks = [c async for c in await client.chat.completions.create(
+            model=MODEL, messages=_chat(), response_format=fmt, extra_headers=hint, stream=True, n=2,
+            temperature=1)]
+        for index in (0, 1):
+            mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+            assert json.loads("".join(c.delta.content or "" for c in mine)) == expected
+            assert mine[-1].finish_reason == "stop"
+    cut = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=4,
+                                               response_format={"type": "json_object"}, extra_body={"ignore_eos": True})
+    assert cut.choices[0].message.content == '{"text": " lorem ipsum dolor'
+    assert cut.choices[0].finish_reason == "length"
+    tiny = await client.chat.completions.create(model=MODEL, messages=_chat(), response_format={"type": "json_object"},
+                                                extra_headers={"X-Sim-Output-Tokens": "1"})
+    assert tiny.choices[0].message.content == "{}"
+
+
+async def test_a_json_answers_end_of_sequence_chunk_is_vllms(start):
+    """The last chunk of a JSON answer carries only its end-of-sequence token: a vLLM with a tool parser (the sim's
+    default) streams its delta as ``{}``, a plain one as ``{"content": ""}``; a legacy completion's ``text`` is
+    "". (Where the client reads slower than the engine writes, the end shares a chunk with text, as in vLLM.)"""
+    for tool_calling, expected in ((True, {}), (False, {"content": ""})):
+        handle, _ = await start(time_scale=20.0, tool_calling=tool_calling)
+        ends = []
+        for _ in range(3):
+            status, raw = await _post_raw(handle.url + "/v1/chat/completions", {
+                "model": MODEL, "messages": _chat(), "stream": True, "response_format": {"type": "json_object"}})
+            last = [json.loads(e[len("data: "):]) for e in raw.decode().split("\n\n") if e.startswith("data: {")][-1]
+            assert status == 200 and last["choices"][0]["finish_reason"] == "stop"
+            if not last["choices"][0]["delta"].get("content"):
+                ends.append(last["choices"][0]["delta"])
+        assert ends and all(delta == expected for delta in ends), (tool_calling, ends)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(handle.url + "/v1/completions", headers={"X-Sim-Output-Tokens": "5"}, json={
+                "model": MODEL, "prompt": "x", "stream": True, "response_format": {"type": "json_object"}}) as r:
+            raw = await r.read()
+    last = [json.loads(e[len("data: "):]) for e in raw.decode().split("\n\n") if e.startswith("data: {")][-1]
+    assert last["choices"][0]["finish_reason"] == "stop" and last["choices"][0]["text"] in ("", '"}')

@@ -78,7 +78,10 @@ Request handling
   on its own -- or a seeded lognormal draw with mean ``mean_output_tokens``. ``finish_reason`` is "length"
   when the cap cut it, else "stop". ``stop`` strings and sampling parameters are checked (above) and otherwise ignored.
 * **Text** is filler: one ASCII word with a leading space per token (" lorem", " ipsum", ...), so
-  ``len(text.split()) == usage.completion_tokens`` and every delta is valid UTF-8.
+  ``len(text.split()) == usage.completion_tokens`` and every delta is valid UTF-8. A ``response_format`` of
+  ``json_object`` or ``json_schema`` is answered with JSON that parses (``{"text": "<words>"}`` of the drawn
+  length, or the smallest value the schema allows; :mod:`backends.sim.json_answers`), ending as vLLM's structured
+  outputs end it, with an end-of-sequence token whose chunk has no text.
 * **Streams** follow vLLM: ``data: {json}\\n\\n`` events, a first chat chunk with ``delta.role`` and empty
   content (the role, whole or streamed, is "assistant", or the last message's with ``add_generation_prompt:
   false``), one event per engine iteration per request (several tokens in one event only when this client
@@ -121,7 +124,8 @@ Deviations from a real vLLM (on purpose)
   ``finish_reason`` "abort". ``/sleep?mode=wait`` lets them finish first.
 * Structured outputs (``response_format`` beyond its model's shape, a structural tag, ``structured_outputs``) are
   not checked: a JSON schema vLLM's grammar backend refuses (invalid, without a ``schema``, or nested past its 64
-  levels) is served here.
+  levels) is served here. A JSON answer is the smallest the schema allows (a model writes what the prompt asks),
+  and a structural tag or ``structured_outputs`` is answered with text.
 * ``best_of``, beam search and logprobs are not simulated (logprobs come back null, though their counts are
   checked as above). ``bad_words`` are not checked (vLLM tokenizes them), nor ``logprob_token_ids``. ``echo`` is
   read (with ``max_tokens: 0`` the engine computes one token, as vLLM's does) but the prompt is not sent back.
@@ -152,6 +156,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from backends.exact_json import may_hold_long_integer
 from backends.lax import LaxError, lax_bool, lax_float, lax_int
 from backends.sim.engine import PAUSE_MODES, EngineBusy, SimEngine, SimRequest
+from backends.sim.json_answers import JsonObjectText, JsonSchemaText, plan_json_text
 from backends.sim.options import SimEngineOptions
 from backends.sim.request_models import PROMPT, RESPONSE_FORMAT, TOOLS, errors_of, validated
 from backends.sim.tool_calls import ToolCallPlan, new_tool_call_id, plan_tool_call
@@ -597,7 +602,7 @@ class Parsed:
                  "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
                  "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts", "suffix",
                  "echo", "template_conflict", "media", "truncate", "truncation_side", "output_budget", "prompt_ids",
-                 "role", "tool_plan")
+                 "role", "tool_plan", "json_text")
 
 
 class EngineInputs:
@@ -794,6 +799,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     # a forced call ("required", a named function) is written as one (where the engine has a tool parser)
     p.tool_plan = plan_tool_call(body.get("tools"), p.tool_choice) if chat and p.tool_choice not in (
         None, "auto") else None
+    # an answer in JSON mode is written as JSON (structured outputs force it)
+    p.json_text = plan_json_text(body.get("response_format"), filler_text) if p.tool_plan is None else None
     p.prompt_is_token_ids = False
     p.max_prompt_id = None
     p.prompt_ids = None
@@ -1036,8 +1043,10 @@ class SimServer:
                 asked += 1
                 engine.admit(p.n)
                 for index in range(p.n):
-                    if p.tool_plan is not None:  # as long as its JSON, and its end-of-sequence token
-                        target, reason = (p.tool_plan.tokens, "stop") if p.tool_plan.tokens <= cap else (cap, "length")
+                    fixed = p.tool_plan.tokens if p.tool_plan is not None else (
+                        p.json_text.fixed_tokens if p.json_text is not None else None)
+                    if fixed is not None:  # as long as its JSON, and its end-of-sequence token
+                        target, reason = (fixed, "stop") if fixed <= cap else (cap, "length")
                     else:
                         target, reason = engine.output_length(cap, ignore_eos=p.ignore_eos,
                                                               min_tokens=p.min_tokens, hint=hint)
@@ -1155,7 +1164,7 @@ class SimServer:
         else:
             body = {
                 "id": response_id, "object": "text_completion", "created": created, "model": self.model,
-                "choices": [{"index": index, "text": filler_text(0, req.generated), "logprobs": None,
+                "choices": [{"index": index, "text": answer_text(p, req, 0, req.generated), "logprobs": None,
                              "finish_reason": req.finish_reason, "stop_reason": None, "token_ids": None,
                              "prompt_logprobs": None, "prompt_token_ids": None, "routed_experts": None}
                             for index, req in enumerate(reqs)],
@@ -1187,8 +1196,12 @@ class SimServer:
                              shape: _SseShape) -> None:
         """The one SSE writer for both endpoints' one-answer streams (nearly every request); ``shape`` carries
         the only bytes that differ between the endpoints."""
-        events = (_SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json) if p.tool_plan is None else
-                  _ToolCallEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, None, 0))
+        if p.tool_plan is not None:
+            events: _SseEvents = _ToolCallEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, None, 0)
+        elif p.json_text is not None:
+            events = _JsonEvents(head, shape, p, req, self._fingerprint_json, tool_parser=self.options.tool_calling)
+        else:
+            events = _SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json)
         sent = 0
         role = shape.role_choice is not None
         while True:
@@ -1221,6 +1234,9 @@ class SimServer:
         if p.tool_plan is not None:
             each: list[_SseEvents] = [_ToolCallEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, total,
                                                       i) for i, req in enumerate(reqs)]
+        elif p.json_text is not None:
+            each = [_JsonEvents(head, shape, p, req, self._fingerprint_json, total,
+                                tool_parser=self.options.tool_calling) for req in reqs]
         else:
             each = [events if req.prompt_tokens == events.prompt else
                     _SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, total) for req in reqs]
@@ -1284,12 +1300,20 @@ class _SseEvents:
             close = shape.close_finished + orjson.dumps(finish_reason) + shape.finished_tail
         else:
             close = shape.close_running
-        chunk = self.head + open_choice + orjson.dumps(filler_text(sent, count)) + close
+        return self._event(self.head + open_choice + orjson.dumps(self.text(sent, count)) + close, sent + count,
+                           finished)
+
+    def _event(self, chunk: bytes, so_far: int, finished: bool) -> bytes:
+        """A chunk's event: its JSON (up to its choices) with what rides on it, the answer's ``so_far`` tokens."""
         if self.continuous_usage:  # this answer's tokens so far
-            chunk += b',"usage":' + _usage(self.prompt, sent + count, shape.usage_details)
+            chunk += b',"usage":' + _usage(self.prompt, so_far, self.shape.usage_details)
         if finished and not self.include_usage:  # the fingerprint rides on (each answer's) last message
             chunk += self.fingerprint
         return b"data: " + chunk + b"}\n\n"
+
+    def text(self, sent: int, count: int) -> str:
+        """The text of an answer's tokens ``sent .. sent+count-1`` (filler words; :class:`_JsonEvents`' JSON)."""
+        return filler_text(sent, count)
 
     def end(self, completion: int) -> bytes:
         """After the last answer's last chunk: the usage chunk (all answers' tokens) where asked for, then [DONE]."""
@@ -1300,12 +1324,19 @@ class _SseEvents:
         return usage + b"data: [DONE]\n\n"
 
 
+def answer_text(p: Parsed, req: SimRequest, start: int, count: int) -> str:
+    """Tokens ``start .. start+count-1`` of an answer's text: filler words, or JSON in JSON mode."""
+    if p.json_text is None:
+        return filler_text(start, count)
+    return p.json_text.text(req.target_tokens, req.natural_reason == "stop", start, count)
+
+
 def _message(p: Parsed, req: SimRequest) -> dict:
-    """A whole chat answer's message: filler text, or a forced tool call (vLLM's shape: ``content`` "" and
+    """A whole chat answer's message: its text, or a forced tool call (vLLM's shape: ``content`` "" and
     ``tool_calls`` after ``function_call``, absent where the call did not parse)."""
     if p.tool_plan is None:
-        return {"role": p.role, "content": filler_text(0, req.generated), "refusal": None, "annotations": None,
-                "audio": None, "function_call": None, "reasoning": None}
+        return {"role": p.role, "content": answer_text(p, req, 0, req.generated), "refusal": None,
+                "annotations": None, "audio": None, "function_call": None, "reasoning": None}
     message = {"role": p.role, "content": "", "refusal": None, "annotations": None, "audio": None,
                "function_call": None}
     calls = p.tool_plan.whole_calls(req.generated, cut=req.finish_reason != "stop")
@@ -1319,6 +1350,32 @@ def _finish_reason(plan: ToolCallPlan | None, engine_reason: str | None) -> str 
     """An answer's finish_reason: the engine's, or for a forced tool call that ended by itself vLLM's "tool_calls"
     ("required") or "stop" (a named function)."""
     return plan.finish_reason(cut=False) if plan is not None and engine_reason == "stop" else engine_reason
+
+
+class _JsonEvents(_SseEvents):
+    """The chunks of one answer written as JSON (``response_format``: :mod:`backends.sim.json_answers`). Its
+    end-of-sequence token writes no text: alone in the last chunk, that chunk's delta is ``{"content": ""}``, or
+    ``{}`` from a chat engine with a tool parser (whose streaming drops the empty content)."""
+
+    __slots__ = ("json_text", "req", "parser_end")
+
+    def __init__(self, head: bytes, shape: _SseShape, p: Parsed, req: SimRequest, fingerprint_json: bytes,
+                 total_prompt: int | None = None, *, tool_parser: bool) -> None:
+        super().__init__(head, shape, p, req.prompt_tokens, fingerprint_json, total_prompt)
+        self.json_text: JsonObjectText | JsonSchemaText = p.json_text  # type: ignore[assignment]
+        self.req = req
+        self.parser_end = tool_parser and p.chat
+
+    def text(self, sent: int, count: int) -> str:
+        return self.json_text.text(self.req.target_tokens, self.req.natural_reason == "stop", sent, count)
+
+    def tokens(self, open_choice: bytes, sent: int, count: int, finished: bool, finish_reason: str | None) -> bytes:
+        if not (finished and self.parser_end) or self.text(sent, count):
+            return super().tokens(open_choice, sent, count, finished, finish_reason)
+        shape = self.shape  # open_choice ends in the delta's '{"content":', close_finished starts with its '}'
+        chunk = (self.head + open_choice[:open_choice.rindex(b"{")] + b"{}" + shape.close_finished[1:]
+                 + orjson.dumps(finish_reason) + shape.finished_tail)
+        return self._event(chunk, sent + count, finished)
 
 
 class _ToolCallEvents(_SseEvents):
@@ -1360,12 +1417,7 @@ class _ToolCallEvents(_SseEvents):
                      + b',"stop_reason":null,"token_ids":null}]')
         else:
             close = b',"logprobs":null,"finish_reason":null,"token_ids":null}]'
-        chunk = self.head + self.open + delta + close
-        if self.continuous_usage:
-            chunk += b',"usage":' + _usage(self.prompt, sent + count, self.shape.usage_details)
-        if finished and not self.include_usage:
-            chunk += self.fingerprint
-        return b"data: " + chunk + b"}\n\n"
+        return self._event(self.head + self.open + delta + close, sent + count, finished)
 
 
 def _batch_prompt_tokens(p: Parsed) -> int:

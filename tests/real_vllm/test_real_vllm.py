@@ -997,6 +997,53 @@ class TestSmolLM2:
         finally:
             await sim.stop()
 
+    async def test_the_sims_json_mode_answers_have_this_engines_shape(self, smol_stack) -> None:
+        """``response_format`` json_object and json_schema, whole and streamed, engine to engine: the same shape
+        (keys and JSON types; a stream's chunks, a run of like chunks counted once), finish_reason "stop", and
+        text that parses as a JSON object (with the keys the schema requires)."""
+        import aiohttp
+        import orjson
+
+        from backends.sim import SimEngineOptions, start_sim_engines
+
+        model = smol_stack.model
+        messages = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+        schema = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
+            "type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"],
+            "additionalProperties": False}}}
+        [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=2048))
+        try:
+            async with aiohttp.ClientSession() as session:
+                async def answer(base: str, body: dict):
+                    async with session.post(base + "/v1/chat/completions", json=body) as r:
+                        assert r.status == 200, await r.text()
+                        raw = await r.read()
+                    if not body["stream"]:
+                        whole = orjson.loads(raw)
+                        [choice] = whole["choices"]
+                        return _shape(whole), choice["finish_reason"], orjson.loads(choice["message"]["content"])
+                    chunks = [orjson.loads(e[len(b"data: "):]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+                    shapes = []
+                    for chunk in chunks:
+                        if not shapes or shapes[-1] != _shape(chunk):
+                            shapes.append(_shape(chunk))
+                    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
+                    return shapes, chunks[-1]["choices"][0]["finish_reason"], orjson.loads(text)
+
+                for fmt in ({"type": "json_object"}, schema):
+                    for stream in (False, True):
+                        body = {"model": model, "messages": messages, "response_format": fmt, "max_tokens": 100,
+                                "temperature": 0, "stream": stream}
+                        (real_shape, real_finish, real_json), (sim_shape, sim_finish, sim_json) = (
+                            await answer(smol_stack.engine.url, body), await answer(sim.url, body))
+                        assert sim_shape == real_shape, (fmt, stream, real_shape, sim_shape)
+                        assert real_finish == sim_finish == "stop", (fmt, stream)
+                        assert isinstance(real_json, dict) and isinstance(sim_json, dict), (real_json, sim_json)
+                        if fmt is schema:
+                            assert list(real_json) == list(sim_json) == ["capital"], (real_json, sim_json)
+        finally:
+            await sim.stop()
+
     def test_capital_of_france_streamed(self, smol_stack) -> None:
         stream = smol_stack.client().chat.completions.create(
             model=smol_stack.model, messages=[{"role": "user", "content": "What is the capital of France?"}],
