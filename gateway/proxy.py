@@ -191,26 +191,24 @@ class SSEUsageFilter:
     def _filter_events(self, complete: bytes) -> bytes:
         kept = []
         sep = self._sep
+        strip = self.strip
         for event in complete.split(sep)[:-1]:
             whole = event + sep
-            payload = None
-            if b'"usage"' in event or (self.strip and (_FINISH_MARKERS[0] in event or _FINISH_MARKERS[1] in event)):
+            if b'"usage"' in event:
                 data = _event_data(_lf_lines(event))
                 try:
                     payload = orjson.loads(data) if data is not None else None
                 except orjson.JSONDecodeError:
-                    pass
-            if not isinstance(payload, dict):
-                payload = None
-            if payload is not None and isinstance(payload.get("usage"), dict) and payload["usage"] \
-                    and not payload.get("choices"):
-                self.usage = payload["usage"]
-                if self.strip:
-                    fingerprint = payload.get("system_fingerprint")
-                    kept.extend(_with_fingerprint(held, fingerprint) for held in self._held)
-                    self._held.clear()
-                    continue
-            elif self.strip and payload is not None and _ends_an_answer(payload):
+                    payload = None
+                if isinstance(payload, dict) and isinstance(payload.get("usage"), dict) and payload["usage"] \
+                        and not payload.get("choices"):
+                    self.usage = payload["usage"]
+                    if strip:
+                        fingerprint = payload.get("system_fingerprint")
+                        kept.extend(_with_fingerprint(held, fingerprint) for held in self._held)
+                        self._held.clear()
+                        continue
+            elif strip and _ends_an_answer(event):
                 self._held.append(whole)
                 continue
             if self._held:  # the stream went on without the usage chunk: the held chunks go as they came
@@ -231,11 +229,11 @@ class SSEUsageFilter:
         return rest
 
 
-def _ends_an_answer(payload: dict[str, Any]) -> bool:
-    """Whether a chunk ends an answer and carries no ``system_fingerprint`` of its own (so one may be put on it)."""
-    choices = payload.get("choices")
-    return isinstance(choices, list) and "system_fingerprint" not in payload and any(
-        isinstance(choice, dict) and choice.get("finish_reason") is not None for choice in choices)
+def _ends_an_answer(event: bytes) -> bool:
+    """Whether an event is a chunk that ends an answer (a ``finish_reason`` that is a string: in JSON these bytes
+    are a key and its value, never text inside a string, whose quotes are escaped) and carries no
+    ``system_fingerprint`` of its own, so that one may be put on it. Bytes only: no parse on the relay's path."""
+    return (_FINISH_MARKERS[0] in event or _FINISH_MARKERS[1] in event) and b'"system_fingerprint"' not in event
 
 
 def _with_fingerprint(event: bytes, fingerprint: Any) -> bytes:
