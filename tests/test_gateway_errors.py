@@ -348,6 +348,15 @@ async def test_request_id_is_taken_forwarded_and_returned(gw, engine):
     status, _, headers = await post(gw.base_url + CHAT, orjson.dumps(GOOD))
     assert len(headers["X-Request-Id"]) == 32
     assert engine.seen_headers[-1]["X-Request-Id"] == headers["X-Request-Id"]  # the gateway's own: unique already
+    # vLLM's body field request_id (the engine's id where no header names one): sent the way a header's is
+    for body_id, sent in (("mine-1", "mine-1~"), ("not a sane id!", None), (5, None)):
+        status, _, headers = await post(gw.base_url + CHAT, orjson.dumps({**GOOD, "request_id": body_id}))
+        assert status == 200 and len(headers["X-Request-Id"]) == 32
+        engine_id = engine.seen_headers[-1]["X-Request-Id"]
+        assert engine_id.startswith(sent) if sent else engine_id == headers["X-Request-Id"], (body_id, engine_id)
+    status, _, headers = await post(gw.base_url + CHAT, orjson.dumps({**GOOD, "request_id": "mine-1"}),
+                                    {"Content-Type": "application/json", "X-Request-Id": "hdr-1"})
+    assert engine.seen_headers[-1]["X-Request-Id"].startswith("hdr-1~")  # the header first, as in vLLM
 
 
 async def test_only_the_forwarded_headers_reach_the_engine(engine):

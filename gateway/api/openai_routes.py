@@ -65,15 +65,19 @@ def request_id_of(request: web.Request) -> str:
     return uuid.uuid4().hex
 
 
-def engine_request_id(request: web.Request, request_id: str) -> str:
+def engine_request_id(request: web.Request, request_id: str, body_request_id: object = None) -> str:
     """The ``X-Request-Id`` the engine gets: unique to this request, with the client's id readable in it.
 
     vLLM takes the header as its own request id (``chatcmpl-<id>``), and two requests under one id at once
     collide there: one vLLM refuses the second as "already running", another aborts both by it. A client's id
     may repeat (one client that reuses it, two clients, or two API keys, that pick the same), so it gets a random
-    suffix, as in :func:`gateway.scheduling.scheduling_key`; the gateway's own ids are fresh UUIDs already."""
+    suffix, as in :func:`gateway.scheduling.scheduling_key`; the gateway's own ids are fresh UUIDs already.
+    Without the header, vLLM takes the body's ``request_id`` (its own field), which the engine would no longer
+    see behind the gateway's header: a sane one is sent the same way, so that the answer's id still holds it."""
     if request_id == request.headers.get("X-Request-Id"):
         return f"{request_id}~{secrets.token_hex(6)}"
+    if isinstance(body_request_id, str) and _REQUEST_ID_OK.fullmatch(body_request_id):
+        return f"{body_request_id}~{secrets.token_hex(6)}"
     return request_id
 
 
@@ -135,12 +139,14 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                        close_connection=True) from None
 
 
-def forwarded_headers(request: web.Request, request_id: str, forward: tuple[str, ...]) -> dict[str, str]:
+def forwarded_headers(request: web.Request, request_id: str, forward: tuple[str, ...],
+                      body_request_id: object = None) -> dict[str, str]:
     """The headers of the engine's request: built here, with only the ``forward`` ones (``server.forward_headers``)
     taken from the client's. vLLM acts on headers a client must not set (``X-data-parallel-rank`` picks its
     data-parallel rank, ``X-Request-Id`` its request id, ``X-Forwarded-*`` what uvicorn believes of the
     connection), and a client's other headers (its SDK's, its own keys and tokens) are none of the engine's."""
-    headers = {"Content-Type": "application/json", "X-Request-Id": engine_request_id(request, request_id)}
+    headers = {"Content-Type": "application/json",
+               "X-Request-Id": engine_request_id(request, request_id, body_request_id)}
     client = request.headers
     connection = client.get("Connection")
     hop_by_hop = {token.strip().lower() for token in connection.split(",")} if connection else ()
@@ -270,8 +276,8 @@ async def _text_generation(request: web.Request, gateway: "Gateway", request_id:
             raw = json_with(raw, body, "stream_options", options)
     job = RelayJob(route=route, path=path, kind="vllm", model=model, body=raw, stream=stream,
                    strip_usage=strip_usage, request_id=request_id,
-                   headers=forwarded_headers(request, request_id, gateway.forward_headers), started=time.perf_counter(),
-                   arrived=request.get(_ARRIVED, 0.0), trace_body=trace_body)
+                   headers=forwarded_headers(request, request_id, gateway.forward_headers, body.get("request_id")),
+                   started=time.perf_counter(), arrived=request.get(_ARRIVED, 0.0), trace_body=trace_body)
     if context is None and model in scheduling.direct_models:
         return await gateway.proxy.serve(request, job), model, job  # nothing to schedule: route as it comes
     return await scheduling.serve(request, job, body, context), model, job

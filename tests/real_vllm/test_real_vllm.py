@@ -82,6 +82,14 @@ class TestTinyLlama:
         assert usage.prompt_tokens > 0
         assert usage.total_tokens == usage.prompt_tokens + 32
 
+    def test_a_body_request_id_names_the_answer(self, tiny_stack) -> None:
+        """vLLM names its answer by the body's ``request_id`` where no X-Request-Id header names it; the gateway,
+        which always sends the engine a header, sends that id in it (with its random suffix, as a header's)."""
+        tiny_stack.require_gateway()
+        response = tiny_stack.client().chat.completions.create(
+            model=tiny_stack.model, messages=MESSAGES, max_tokens=1, extra_body={"request_id": "mine-2"})
+        assert response.id.startswith("chatcmpl-mine-2~"), response.id
+
     def test_min_tokens_respected(self, tiny_stack) -> None:
         # min_tokens makes vLLM ignore EOS and stop strings until that many tokens exist.
         response = tiny_stack.client().chat.completions.create(
