@@ -227,6 +227,16 @@ async def test_chat_and_completion_non_stream(start):
     assert [m.id for m in models.data] == [MODEL]
     status, _ = await _get(handle.url + "/health")
     assert status == 200
+    # vLLM's (FastAPI's) JSON answers: application/json without a charset; ids of 16 hex digits (random_uuid)
+    async with aiohttp.ClientSession() as session:
+        for path in ("/v1/models", "/version", "/is_sleeping"):
+            async with session.get(handle.url + path) as r:
+                assert r.headers["Content-Type"] == "application/json", path
+                body = await r.json()
+    async with aiohttp.ClientSession() as session, session.get(handle.url + "/v1/models") as r:
+        permission = (await r.json())["data"][0]["permission"][0]["id"]
+    assert permission.startswith("modelperm-") and len(permission) == len("modelperm-") + 16
+    assert body == {"is_sleeping": False}
 
 
 async def test_chat_stream_usage_chunk_only_with_include_usage(start):

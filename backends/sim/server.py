@@ -894,20 +894,21 @@ class SimServer:
         return web.Response(status=200)
 
     async def version(self, request: web.Request) -> web.Response:
-        return web.json_response({"version": SIM_VERSION}, dumps=_dumps)
+        return json_answer({"version": SIM_VERSION})
 
     async def models(self, request: web.Request) -> web.Response:
         card = {
             "id": self.model, "object": "model", "created": self.created, "owned_by": "vllm", "root": self.model,
             "parent": None, "max_model_len": self.options.max_model_len,
             "permission": [{
-                "id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": self.created,
+                "id": f"modelperm-{uuid.uuid4().int & _MASK_64:016x}", "object": "model_permission",
+                "created": self.created,
                 "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
                 "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
                 "organization": "*", "group": None, "is_blocking": False,
             }],
         }
-        return web.json_response({"object": "list", "data": [card]}, dumps=_dumps)
+        return json_answer({"object": "list", "data": [card]})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -934,16 +935,16 @@ class SimServer:
         if errors:
             return pydantic_error_response(errors)
         await self.engine.sleep(level, mode)
-        return web.json_response({"status": "sleeping", "level": level}, dumps=_dumps)
+        return json_answer({"status": "sleeping", "level": level})
 
     async def wake_up(self, request: web.Request) -> web.Response:
         """vLLM 0.32's ``POST /wake_up``: ``tags`` (repeatable) wakes only those; "sleeping" until all are."""
         tags = request.query.getall("tags", []) or None
         fully_awake = await self.engine.wake_up(tags)
-        return web.json_response({"status": "awake" if fully_awake else "sleeping", "tags": tags}, dumps=_dumps)
+        return json_answer({"status": "awake" if fully_awake else "sleeping", "tags": tags})
 
     async def is_sleeping(self, request: web.Request) -> web.Response:
-        return web.json_response({"is_sleeping": self.engine.is_sleeping}, dumps=_dumps)
+        return json_answer({"is_sleeping": self.engine.is_sleeping})
 
     # ------------------------------------------------------------------ generation
 
@@ -1645,8 +1646,10 @@ def _hint(request: web.Request) -> int | None:
     return value if value >= 0 else None
 
 
-def _dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode()
+def json_answer(obj: Any) -> web.Response:
+    """A 200 JSON answer as FastAPI's JSONResponse writes it: compact, ``Content-Type: application/json`` (no
+    charset parameter, which aiohttp's json_response adds)."""
+    return web.Response(body=orjson.dumps(obj), content_type="application/json")
 
 
 @web.middleware
