@@ -324,7 +324,7 @@ async def test_output_length_rules(start):
     r = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=100,
                                              extra_headers={"X-Sim-Output-Tokens": "23"})
     assert r.usage.completion_tokens == 23 and r.choices[0].finish_reason == "stop"
-    assert len(r.choices[0].message.content.split()) == 23
+    assert len(r.choices[0].message.content.split()) == 22  # the 23rd, its end-of-sequence token, writes no text
     r = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=40,
                                              extra_headers={"X-Sim-Output-Tokens": "500"})
     assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
@@ -569,7 +569,8 @@ async def test_several_answers_as_vllm_gives_them(start):
     assert [c.index for c in legacy.choices] == [0, 1] and legacy.usage.completion_tokens == 8
     drawn = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=1000, n=8)
     assert len({len(c.message.content.split()) for c in drawn.choices}) > 1  # not one draw for all
-    assert drawn.usage.completion_tokens == sum(len(c.message.content.split()) for c in drawn.choices)
+    assert drawn.usage.completion_tokens == sum(len(c.message.content.split()) + (c.finish_reason == "stop")
+                                                for c in drawn.choices)  # (an end-of-sequence token: no text)
 
     stream = await client.chat.completions.create(
         model=MODEL, messages=_chat(), max_tokens=5, n=2, stream=True, extra_body={"ignore_eos": True},
@@ -1855,27 +1856,36 @@ async def test_json_mode_answers_parse_as_json(start):
     assert cut.choices[0].finish_reason == "length"
     tiny = await client.chat.completions.create(model=MODEL, messages=_chat(), response_format={"type": "json_object"},
                                                 extra_headers={"X-Sim-Output-Tokens": "1"})
-    assert tiny.choices[0].message.content == "{}"
+    assert tiny.choices[0].message.content == "{}" and tiny.usage.completion_tokens == 2  # "{}" and its end
 
 
-async def test_a_json_answers_end_of_sequence_chunk_is_vllms(start):
-    """The last chunk of a JSON answer carries only its end-of-sequence token: a vLLM with a tool parser (the sim's
-    default) streams its delta as ``{}``, a plain one as ``{"content": ""}``; a legacy completion's ``text`` is
-    "". (Where the client reads slower than the engine writes, the end shares a chunk with text, as in vLLM.)"""
+async def test_an_answers_end_of_sequence_chunk_is_vllms(start):
+    """An answer that ends by itself ("stop") ends with its end-of-sequence token, counted in its usage and
+    writing no text: alone in the last chunk, a vLLM with a tool parser (the sim's default) streams its delta as
+    ``{}``, a plain one as ``{"content": ""}``; a legacy completion's ``text`` is "". An answer cut by
+    ``max_tokens`` ends with a word. (Where the client reads slower than the engine writes, the end shares a chunk
+    with text, as in vLLM.)"""
+    async def last_chunk(url: str, body: dict, tokens: str) -> dict:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url, json={"model": MODEL, "stream": True, **body},
+                                    headers={"X-Sim-Output-Tokens": tokens}) as r:
+                raw = await r.read()
+        return [json.loads(e[len("data: "):]) for e in raw.decode().split("\n\n") if e.startswith("data: {")][-1]
+
     for tool_calling, expected in ((True, {}), (False, {"content": ""})):
-        handle, _ = await start(time_scale=20.0, tool_calling=tool_calling)
+        handle, client = await start(time_scale=20.0, tool_calling=tool_calling)
+        chat = handle.url + "/v1/chat/completions"
         ends = []
-        for _ in range(3):
-            status, raw = await _post_raw(handle.url + "/v1/chat/completions", {
-                "model": MODEL, "messages": _chat(), "stream": True, "response_format": {"type": "json_object"}})
-            last = [json.loads(e[len("data: "):]) for e in raw.decode().split("\n\n") if e.startswith("data: {")][-1]
-            assert status == 200 and last["choices"][0]["finish_reason"] == "stop"
+        for body in ({"messages": _chat()}, {"messages": _chat(), "response_format": {"type": "json_object"}}) * 2:
+            last = await last_chunk(chat, body, "5")
+            assert last["choices"][0]["finish_reason"] == "stop"
             if not last["choices"][0]["delta"].get("content"):
                 ends.append(last["choices"][0]["delta"])
         assert ends and all(delta == expected for delta in ends), (tool_calling, ends)
-    async with aiohttp.ClientSession() as session:
-        async with session.post(handle.url + "/v1/completions", headers={"X-Sim-Output-Tokens": "5"}, json={
-                "model": MODEL, "prompt": "x", "stream": True, "response_format": {"type": "json_object"}}) as r:
-            raw = await r.read()
-    last = [json.loads(e[len("data: "):]) for e in raw.decode().split("\n\n") if e.startswith("data: {")][-1]
-    assert last["choices"][0]["finish_reason"] == "stop" and last["choices"][0]["text"] in ("", '"}')
+        cut = await last_chunk(chat, {"messages": _chat(), "max_tokens": 3}, "5")
+        assert cut["choices"][0]["finish_reason"] == "length" and cut["choices"][0]["delta"]["content"].strip()
+        reply = await client.chat.completions.create(model=MODEL, messages=_chat(),
+                                                     extra_headers={"X-Sim-Output-Tokens": "1"})
+        assert (reply.choices[0].message.content, reply.usage.completion_tokens) == ("", 1)  # its end alone
+    last = await last_chunk(handle.url + "/v1/completions", {"prompt": "x"}, "5")
+    assert last["choices"][0]["finish_reason"] == "stop" and last["choices"][0]["text"] in ("", " sit")

@@ -5,7 +5,8 @@ answer ends with the end-of-sequence token, whose chunk carries no text. The sim
 
 * ``json_object``: ``{"text": "<filler words>"}``, one token for each of ``{"text": "`` and ``"}``, one a word,
   one for the end: an answer keeps the length the engine drew for it (its load-generator hint, ``max_tokens``,
-  ``ignore_eos``), so a JSON-mode agent costs what a text one does; two tokens or fewer are ``{}`` and the end.
+  ``ignore_eos``), so a JSON-mode agent costs what a text one does; two tokens or fewer (at least two) are ``{}``
+  and the end.
 * ``json_schema``: the smallest value its schema allows (:func:`backends.sim.tool_calls.example_value`), four
   characters a token, and the end: as long as the JSON is.
 
@@ -26,6 +27,7 @@ class JsonObjectText:
     """``{"text": "..."}`` around an answer's words, sized by the answer's length (one plan for all answers)."""
 
     fixed_tokens: int | None = None  # the engine's drawn length decides
+    min_tokens = 2  # "{}" and the end-of-sequence token
 
     def __init__(self, filler_text) -> None:
         self._filler = filler_text
@@ -33,7 +35,7 @@ class JsonObjectText:
     def text(self, target: int, natural_end: bool, start: int, count: int) -> str:
         """Tokens ``start .. start+count-1`` of an answer that generates ``target`` tokens, the last its end where
         ``natural_end`` (else ``max_tokens`` cut it, and the words go on past it)."""
-        if natural_end and target <= 2:
+        if natural_end and target <= self.min_tokens:
             return "{}" if start == 0 and count > 0 else ""
         words = target - 3 if natural_end else target  # (cut: more words than tokens, never the close)
         end = start + count
@@ -50,6 +52,8 @@ class JsonObjectText:
 
 class JsonSchemaText:
     """The smallest value of a JSON schema, written once; every answer of the request writes the same."""
+
+    min_tokens = 0  # (its length is fixed)
 
     def __init__(self, schema: Any) -> None:
         self._text = json.dumps(example_value(schema), ensure_ascii=False)

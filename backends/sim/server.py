@@ -78,7 +78,10 @@ Request handling
   on its own -- or a seeded lognormal draw with mean ``mean_output_tokens``. ``finish_reason`` is "length"
   when the cap cut it, else "stop". ``stop`` strings and sampling parameters are checked (above) and otherwise ignored.
 * **Text** is filler: one ASCII word with a leading space per token (" lorem", " ipsum", ...), so
-  ``len(text.split()) == usage.completion_tokens`` and every delta is valid UTF-8. A ``response_format`` of
+  ``len(text.split()) == usage.completion_tokens`` and every delta is valid UTF-8, less one where the answer
+  ended by itself ("stop"): its last token is the end-of-sequence token, counted and writing no text, as vLLM's
+  (a stream's last chunk then has an empty ``content``, or an empty delta ``{}`` behind a tool parser, the sim's
+  default, as vLLM's tool-parser streaming drops empty content). A ``response_format`` of
   ``json_object`` or ``json_schema`` is answered with JSON that parses (``{"text": "<words>"}`` of the drawn
   length, or the smallest value the schema allows; :mod:`backends.sim.json_answers`), ending as vLLM's structured
   outputs end it, with an end-of-sequence token whose chunk has no text.
@@ -1049,8 +1052,9 @@ class SimServer:
                     if fixed is not None:  # as long as its JSON, and its end-of-sequence token
                         target, reason = (fixed, "stop") if fixed <= cap else (cap, "length")
                     else:
-                        target, reason = engine.output_length(cap, ignore_eos=p.ignore_eos,
-                                                              min_tokens=p.min_tokens, hint=hint)
+                        least = max(p.min_tokens, p.json_text.min_tokens) if p.json_text is not None else p.min_tokens
+                        target, reason = engine.output_length(cap, ignore_eos=p.ignore_eos, min_tokens=least,
+                                                              hint=hint)
                     request_id = base_id if p.n == 1 else f"{index}_{base_id}"
                     reqs.append(engine.add_request(request_id, prompt_tokens, target, reason, p.priority))
         except EngineBusy as busy:
@@ -1165,7 +1169,7 @@ class SimServer:
         else:
             body = {
                 "id": response_id, "object": "text_completion", "created": created, "model": self.model,
-                "choices": [{"index": index, "text": answer_text(p, req, 0, req.generated), "logprobs": None,
+                "choices": [{"index": index, "text": whole_text(p, req), "logprobs": None,
                              "finish_reason": req.finish_reason, "stop_reason": None, "token_ids": None,
                              "prompt_logprobs": None, "prompt_token_ids": None, "routed_experts": None}
                             for index, req in enumerate(reqs)],
@@ -1178,7 +1182,7 @@ class SimServer:
                       response_id: str) -> web.StreamResponse:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
-        shape = _CHAT_SSE if p.chat else _COMPLETION_SSE
+        shape = (_CHAT_SSE_TOOL_PARSER if self.options.tool_calling else _CHAT_SSE) if p.chat else _COMPLETION_SSE
         if p.role != ANSWER_ROLE:  # add_generation_prompt false: the answer continues the last message's role
             shape = replace(shape, role_choice=shape.role_choice.replace(  # type: ignore[union-attr]
                 b'"role":"assistant"', b'"role":' + orjson.dumps(p.role), 1))
@@ -1200,7 +1204,7 @@ class SimServer:
         if p.tool_plan is not None:
             events: _SseEvents = _ToolCallEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, None, 0)
         elif p.json_text is not None:
-            events = _JsonEvents(head, shape, p, req, self._fingerprint_json, tool_parser=self.options.tool_calling)
+            events = _JsonEvents(head, shape, p, req, self._fingerprint_json)
         else:
             events = _SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json)
         sent = 0
@@ -1236,8 +1240,7 @@ class SimServer:
             each: list[_SseEvents] = [_ToolCallEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, total,
                                                       i) for i, req in enumerate(reqs)]
         elif p.json_text is not None:
-            each = [_JsonEvents(head, shape, p, req, self._fingerprint_json, total,
-                                tool_parser=self.options.tool_calling) for req in reqs]
+            each = [_JsonEvents(head, shape, p, req, self._fingerprint_json, total) for req in reqs]
         else:
             each = [events if req.prompt_tokens == events.prompt else
                     _SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, total) for req in reqs]
@@ -1295,14 +1298,20 @@ class _SseEvents:
         return b"data: " + role + self.shape.role_tail + b"}\n\n"
 
     def tokens(self, open_choice: bytes, sent: int, count: int, finished: bool, finish_reason: str | None) -> bytes:
-        """The chunk of an answer's ``count`` new tokens after its ``sent`` ones (the last one when ``finished``)."""
+        """The chunk of an answer's ``count`` new tokens after its ``sent`` ones (the last one when ``finished``).
+        An answer that ends by itself ("stop") ends with its end-of-sequence token, which writes no text: a last
+        chunk with no other token has an empty text, or (chat behind a tool parser) an empty delta."""
         shape = self.shape
-        if finished:
-            close = shape.close_finished + orjson.dumps(finish_reason) + shape.finished_tail
-        else:
-            close = shape.close_running
-        return self._event(self.head + open_choice + orjson.dumps(self.text(sent, count)) + close, sent + count,
-                           finished)
+        if not finished:
+            return self._event(self.head + open_choice + orjson.dumps(self.text(sent, count)) + shape.close_running,
+                               sent + count, False)
+        text = self.text(sent, count - 1) if finish_reason == "stop" else self.text(sent, count)
+        close = shape.close_finished + orjson.dumps(finish_reason) + shape.finished_tail
+        if text or shape.empty_end is None:
+            chunk = self.head + open_choice + orjson.dumps(text) + close
+        else:  # open_choice ends in the delta's '{"content":', close_finished starts with its '}'
+            chunk = self.head + open_choice[:open_choice.rindex(b"{")] + shape.empty_end + close[1:]
+        return self._event(chunk, sent + count, True)
 
     def _event(self, chunk: bytes, so_far: int, finished: bool) -> bytes:
         """A chunk's event: its JSON (up to its choices) with what rides on it, the answer's ``so_far`` tokens."""
@@ -1332,11 +1341,16 @@ def answer_text(p: Parsed, req: SimRequest, start: int, count: int) -> str:
     return p.json_text.text(req.target_tokens, req.natural_reason == "stop", start, count)
 
 
+def whole_text(p: Parsed, req: SimRequest) -> str:
+    """A whole answer's text: its tokens', less its end-of-sequence token's where it ended by itself."""
+    return answer_text(p, req, 0, req.generated - 1 if req.finish_reason == "stop" else req.generated)
+
+
 def _message(p: Parsed, req: SimRequest) -> dict:
     """A whole chat answer's message: its text, or a forced tool call (vLLM's shape: ``content`` "" and
     ``tool_calls`` after ``function_call``, absent where the call did not parse)."""
     if p.tool_plan is None:
-        return {"role": p.role, "content": answer_text(p, req, 0, req.generated), "refusal": None,
+        return {"role": p.role, "content": whole_text(p, req), "refusal": None,
                 "annotations": None, "audio": None, "function_call": None, "reasoning": None}
     message = {"role": p.role, "content": "", "refusal": None, "annotations": None, "audio": None,
                "function_call": None}
@@ -1354,29 +1368,18 @@ def _finish_reason(plan: ToolCallPlan | None, engine_reason: str | None) -> str 
 
 
 class _JsonEvents(_SseEvents):
-    """The chunks of one answer written as JSON (``response_format``: :mod:`backends.sim.json_answers`). Its
-    end-of-sequence token writes no text: alone in the last chunk, that chunk's delta is ``{"content": ""}``, or
-    ``{}`` from a chat engine with a tool parser (whose streaming drops the empty content)."""
+    """The chunks of one answer written as JSON (``response_format``: :mod:`backends.sim.json_answers`)."""
 
-    __slots__ = ("json_text", "req", "parser_end")
+    __slots__ = ("json_text", "req")
 
     def __init__(self, head: bytes, shape: _SseShape, p: Parsed, req: SimRequest, fingerprint_json: bytes,
-                 total_prompt: int | None = None, *, tool_parser: bool) -> None:
+                 total_prompt: int | None = None) -> None:
         super().__init__(head, shape, p, req.prompt_tokens, fingerprint_json, total_prompt)
         self.json_text: JsonObjectText | JsonSchemaText = p.json_text  # type: ignore[assignment]
         self.req = req
-        self.parser_end = tool_parser and p.chat
 
     def text(self, sent: int, count: int) -> str:
         return self.json_text.text(self.req.target_tokens, self.req.natural_reason == "stop", sent, count)
-
-    def tokens(self, open_choice: bytes, sent: int, count: int, finished: bool, finish_reason: str | None) -> bytes:
-        if not (finished and self.parser_end) or self.text(sent, count):
-            return super().tokens(open_choice, sent, count, finished, finish_reason)
-        shape = self.shape  # open_choice ends in the delta's '{"content":', close_finished starts with its '}'
-        chunk = (self.head + open_choice[:open_choice.rindex(b"{")] + b"{}" + shape.close_finished[1:]
-                 + orjson.dumps(finish_reason) + shape.finished_tail)
-        return self._event(chunk, sent + count, finished)
 
 
 class _ToolCallEvents(_SseEvents):
@@ -1603,6 +1606,9 @@ class _SseShape:
     role_choice: bytes | None  # chat's first chunk (role, empty content); completions have none
     role_tail: bytes  # the first chunk's top-level extras after choices (and its running usage)
     usage_details: bool  # running usage carries "completion_tokens_details":null (chat sets it explicitly)
+    # a last chunk without text: its delta (chat behind a tool parser, which drops empty content: b"{}"), or None
+    # for the text field as usual ("content": "" / "text": "")
+    empty_end: bytes | None = None
 
 
 _CHAT_SSE = _SseShape(
@@ -1616,6 +1622,7 @@ _CHAT_SSE = _SseShape(
     role_tail=b',"prompt_token_ids":null,"prompt_text":null',
     usage_details=True,
 )
+_CHAT_SSE_TOOL_PARSER = replace(_CHAT_SSE, empty_end=b"{}")  # a vLLM with --tool-call-parser
 _COMPLETION_SSE = _SseShape(
     object_field=b',"object":"text_completion"',
     open_choice=b',"choices":[{"index":0,"text":',
