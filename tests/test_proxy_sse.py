@@ -90,7 +90,8 @@ def test_the_fingerprint_goes_on_every_answer_that_ends_with_the_stream():
     sep = b"\n\n"
     early_end, later, last_a, last_b = (chunk("x", "length", 0), chunk("y", None, 1), chunk("z", "length", 1),
                                         chunk("w", "stop", 2))
-    data = b"".join(b"data: " + c + sep for c in (early_end, later, last_a, last_b)) + usage_event() + b"data: [DONE]\n\n"
+    data = (b"".join(b"data: " + c + sep for c in (early_end, later, last_a, last_b)) + usage_event()
+            + b"data: [DONE]\n\n")
     out, sse = relay(data, [], strip=True)
     stamped = [chunk("z", "length", 1, FINGERPRINT), chunk("w", "stop", 2, FINGERPRINT)]
     assert out == b"".join(b"data: " + c + sep for c in (early_end, later, *stamped)) + b"data: [DONE]\n\n"

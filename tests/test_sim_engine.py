@@ -1826,9 +1826,10 @@ def test_the_example_arguments_a_schema_allows():
 
 async def test_json_mode_answers_parse_as_json(start):
     """``response_format`` json_object / json_schema: vLLM's structured outputs force text that parses, ending with
-    an end-of-sequence token (whose chunk has no text where it comes alone). The sim writes ``{"text": "<words>"}`` of the length it draws
-    (here the load generator's hint; ``max_tokens`` cuts it, unparsed, as it cuts vLLM's) or the smallest value
-    of the schema, on both routes, whole and streamed, for each of several answers."""
+    an end-of-sequence token (whose chunk has no text where it comes alone). The sim writes
+    ``{"text": "<words>"}`` of the length it draws (here the load generator's hint; ``max_tokens`` cuts it,
+    unparsed, as it cuts vLLM's) or the smallest value of the schema, on both routes, whole and streamed, for each
+    of several answers."""
     handle, client = await start()
     schema = {"type": "json_schema", "json_schema": {"name": "plan", "schema": {
         "type": "object", "properties": {"steps": {"type": "array", "items": {"type": "string"}, "minItems": 2},

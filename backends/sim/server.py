@@ -45,7 +45,8 @@ Request handling
 * **Tools**: by default the sim is a vLLM started with ``--enable-auto-tool-choice --tool-call-parser`` (what
   multi-agent clients need): every tool choice is accepted; a forced one ("required", a named function) is
   answered with a tool call whose arguments its schema allows, in vLLM's shape whole and streamed
-  (:mod:`backends.sim.tool_calls`), and "auto" with text (a model that chooses no tool). With ``tool_calling=False`` it is a plain ``vllm serve``, and every tool choice but "none" gets 400:
+  (:mod:`backends.sim.tool_calls`), and "auto" with text (a model that chooses no tool). With
+  ``tool_calling=False`` it is a plain ``vllm serve``, and every tool choice but "none" gets 400:
   ``"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set`` (also for ``tools``
   without ``tool_choice``, which vLLM takes as "auto"), else ``tool_choice="required"`` /
   ``tool_choice=function "f"`` ``requires --tool-call-parser to be set``.

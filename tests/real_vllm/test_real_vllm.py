@@ -313,7 +313,8 @@ class TestTinyLlama:
               for fields in ({"truncate_prompt_tokens": -2}, {"truncate_prompt_tokens": "x"},
                              {"truncate_prompt_tokens": tiny_stack.max_model_len + 1}, {"truncation_side": "middle"},
                              {"truncate_prompt_tokens": 0}, {"truncate_prompt_tokens": 0, "stream": True},
-                             {"truncate_prompt_tokens": 10}, {"truncate_prompt_tokens": 10, "truncation_side": "left"})],
+                             {"truncate_prompt_tokens": 10},
+                             {"truncate_prompt_tokens": 10, "truncation_side": "left"})],
             ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "word " * 3000}],
                                       "truncate_prompt_tokens": -1}),
         ]
