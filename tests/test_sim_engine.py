@@ -1890,3 +1890,55 @@ async def test_an_answers_end_of_sequence_chunk_is_vllms(start):
         assert (reply.choices[0].message.content, reply.usage.completion_tokens) == ("", 1)  # its end alone
     last = await last_chunk(handle.url + "/v1/completions", {"prompt": "x"}, "5")
     assert last["choices"][0]["finish_reason"] == "stop" and last["choices"][0]["text"] in ("", " sit")
+
+
+async def test_logprobs_come_in_vllms_shapes(start):
+    """``logprobs`` are made up (a simulated token has no model) but come as vLLM 0.32 sends them: chat's
+    ``content`` entries with ``top_logprobs`` alternatives (the sampled token first), a legacy completion's
+    ``text_offset`` / ``token_logprobs`` / ``tokens`` / ``top_logprobs``, one entry a token (the end-of-sequence
+    token's too), whole and streamed (offsets going on from chunk to chunk), for each of several answers;
+    ``return_tokens_as_token_ids`` writes tokens as ``token_id:<id>``."""
+    handle, client = await start(vocab_size=4096)
+    hint = {"X-Sim-Output-Tokens": "4"}
+    reply = await client.chat.completions.create(model=MODEL, messages=_chat(), logprobs=True, top_logprobs=3,
+                                                 extra_headers=hint)
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == reply.usage.completion_tokens == 4
+    assert "".join(e.token for e in entries[:-1]) == reply.choices[0].message.content
+    assert entries[-1].token == "<|eot_id|>"  # the end-of-sequence token ends an answer that ended by itself
+    for entry in entries:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.bytes == list(entry.token.encode()) and entry.logprob < 0
+        assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+    plain = await client.chat.completions.create(model=MODEL, messages=_chat(), logprobs=True, max_tokens=2,
+                                                 extra_body={"ignore_eos": True})
+    assert [len(e.top_logprobs) for e in plain.choices[0].logprobs.content] == [0, 0]
+    none = await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=2)
+    assert none.choices[0].logprobs is None
+    streamed = [c async for c in await client.chat.completions.create(
+        model=MODEL, messages=_chat(), logprobs=True, top_logprobs=1, n=2, temperature=1, stream=True,
+        max_tokens=3, extra_body={"ignore_eos": True})]
+    for index in (0, 1):
+        mine = [c.choices[0] for c in streamed if c.choices[0].index == index]
+        assert mine[0].logprobs is None  # the role chunk
+        tokens = [e.token for c in mine[1:] for e in c.logprobs.content]
+        assert "".join(tokens) == "".join(c.delta.content for c in mine[1:]) and len(tokens) == 3
+    legacy = await client.completions.create(model=MODEL, prompt="x", max_tokens=3, logprobs=2,
+                                             extra_body={"ignore_eos": True})
+    block = legacy.choices[0].logprobs
+    assert "".join(block.tokens) == legacy.choices[0].text and len(block.token_logprobs) == 3
+    assert block.text_offset == [0, len(block.tokens[0]), len(block.tokens[0]) + len(block.tokens[1])]
+    assert [len(top) for top in block.top_logprobs] == [2, 2, 2]
+    assert [list(top)[0] for top in block.top_logprobs] == block.tokens
+    status, raw = await _post_raw(handle.url + "/v1/completions", {
+        "model": MODEL, "prompt": "x", "max_tokens": 3, "logprobs": 0, "ignore_eos": True, "stream": True,
+        "return_tokens_as_token_ids": True})
+    chunks = [json.loads(e[len("data: "):]) for e in raw.decode().split("\n\n") if e.startswith("data: {")]
+    offsets = [o for c in chunks for o in c["choices"][0]["logprobs"]["text_offset"]]
+    tokens = [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert status == 200 and all(t.startswith("token_id:") and int(t[9:]) < 4096 for t in tokens)
+    assert offsets == [0, len(tokens[0]), len(tokens[0]) + len(tokens[1])]  # placeholders' characters, as vLLM's
+    assert all(len(c["choices"][0]["logprobs"]["top_logprobs"][0]) == 1 for c in chunks)
+    status, answer, _ = await _post(handle.url + "/v1/chat/completions", {
+        "model": MODEL, "messages": _chat(), "logprobs": True, "return_tokens_as_token_ids": "maybe"})
+    assert status == 400 and answer["error"]["param"] == "body.return_tokens_as_token_ids"

@@ -130,7 +130,9 @@ Deviations from a real vLLM (on purpose)
   not checked: a JSON schema vLLM's grammar backend refuses (invalid, without a ``schema``, or nested past its 64
   levels) is served here. A JSON answer is the smallest the schema allows (a model writes what the prompt asks),
   and a structural tag or ``structured_outputs`` is answered with text.
-* ``best_of``, beam search and logprobs are not simulated (logprobs come back null, though their counts are
+* ``best_of`` and beam search are not simulated. Logprobs are made up, in vLLM's shapes
+  (:mod:`backends.sim.logprobs`): a token's value is no model's, its alternatives are other filler words, and a
+  forced tool call's, ``prompt_logprobs`` and an ``echo``'s prompt entries come back null (their counts are still
   checked as above). ``bad_words`` are not checked (vLLM tokenizes them), nor ``logprob_token_ids``. ``echo`` is
   read (with ``max_tokens: 0`` the engine computes one token, as vLLM's does) but the prompt is not sent back.
 * A message's own fields are not validated beyond being an object (vLLM checks each against its message union,
@@ -161,6 +163,7 @@ from backends.exact_json import may_hold_long_integer
 from backends.lax import LaxError, lax_bool, lax_float, lax_int
 from backends.sim.engine import PAUSE_MODES, EngineBusy, SimEngine, SimRequest
 from backends.sim.json_answers import JsonObjectText, JsonSchemaText, plan_json_text
+from backends.sim.logprobs import EOS_TOKEN, LogprobsPlan
 from backends.sim.options import SimEngineOptions
 from backends.sim.request_models import PROMPT, RESPONSE_FORMAT, TOOLS, errors_of, validated
 from backends.sim.tool_calls import ToolCallPlan, new_tool_call_id, plan_tool_call
@@ -606,7 +609,7 @@ class Parsed:
                  "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
                  "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts", "suffix",
                  "echo", "template_conflict", "media", "truncate", "truncation_side", "output_budget", "prompt_ids",
-                 "role", "tool_plan", "json_text")
+                 "role", "tool_plan", "json_text", "as_token_ids", "logprobs")
 
 
 class EngineInputs:
@@ -793,6 +796,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
             errors.append(_err("dict_type", "body.chat_template_kwargs", "Input should be a valid dictionary", kwargs))
     else:
         p.suffix = check_str(body, "suffix", errors)
+    p.as_token_ids = bool(check_bool(body, "return_tokens_as_token_ids", errors, optional=True, default=False))
+    p.logprobs = None  # (the engine's vocabulary decides its token ids: set by the server)
     p.request_id = body.get("request_id")
     if "request_id" in body and not isinstance(p.request_id, str):
         errors.append(_err("string_type", "body.request_id", "Input should be a valid string", p.request_id))
@@ -989,6 +994,9 @@ class SimServer:
         if isinstance(checked, web.Response):
             return checked
         inputs = parsed.engine_inputs
+        if inputs is not None and inputs.sample_logprobs is not None and parsed.tool_plan is None:
+            parsed.logprobs = LogprobsPlan(parsed.chat, inputs.sample_logprobs, parsed.as_token_ids,
+                                           self.options.vocab_size, WORDS)
         bias_ids = None
         if inputs is not None and inputs.logit_bias is not None:
             bias_ids = logit_bias_token_ids(inputs.logit_bias)  # SamplingParams.from_optional, before its checks
@@ -1159,7 +1167,7 @@ class SimServer:
             body = {
                 "id": response_id, "object": "chat.completion", "created": created, "model": self.model,
                 "choices": [{
-                    "index": index, "message": _message(p, req), "logprobs": None,
+                    "index": index, "message": _message(p, req), "logprobs": whole_logprobs(p, req),
                     "finish_reason": _finish_reason(p.tool_plan, req.finish_reason), "stop_reason": None,
                     "token_ids": None, "routed_experts": None,
                 } for index, req in enumerate(reqs)],
@@ -1170,7 +1178,7 @@ class SimServer:
         else:
             body = {
                 "id": response_id, "object": "text_completion", "created": created, "model": self.model,
-                "choices": [{"index": index, "text": whole_text(p, req), "logprobs": None,
+                "choices": [{"index": index, "text": whole_text(p, req), "logprobs": whole_logprobs(p, req),
                              "finish_reason": req.finish_reason, "stop_reason": None, "token_ids": None,
                              "prompt_logprobs": None, "prompt_token_ids": None, "routed_experts": None}
                             for index, req in enumerate(reqs)],
@@ -1242,6 +1250,8 @@ class SimServer:
                                                       i) for i, req in enumerate(reqs)]
         elif p.json_text is not None:
             each = [_JsonEvents(head, shape, p, req, self._fingerprint_json, total) for req in reqs]
+        elif p.logprobs is not None:  # each answer its own text offsets
+            each = [_SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, total) for req in reqs]
         else:
             each = [events if req.prompt_tokens == events.prompt else
                     _SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, total) for req in reqs]
@@ -1279,7 +1289,8 @@ class _SseEvents:
     asked for, ``[DONE]``). One builder for the one-answer and the several-answer writers, which differ only in
     which answers' chunks they send when."""
 
-    __slots__ = ("head", "shape", "prompt", "total_prompt", "continuous_usage", "include_usage", "fingerprint")
+    __slots__ = ("head", "shape", "prompt", "total_prompt", "continuous_usage", "include_usage", "fingerprint",
+                 "logprobs", "text_offset")
 
     def __init__(self, head: bytes, shape: _SseShape, p: Parsed, prompt: int, fingerprint_json: bytes,
                  total_prompt: int | None = None) -> None:
@@ -1290,6 +1301,8 @@ class _SseEvents:
         self.continuous_usage = p.continuous_usage
         self.include_usage = p.include_usage
         self.fingerprint = b',"system_fingerprint":' + fingerprint_json
+        self.logprobs: LogprobsPlan | None = p.logprobs  # (an answer's own events where set: text_offset goes on)
+        self.text_offset = 0
 
     def role(self, role_choice: bytes) -> bytes:
         """Chat's first chunk of an answer (its role, empty content)."""
@@ -1304,15 +1317,32 @@ class _SseEvents:
         chunk with no other token has an empty text, or (chat behind a tool parser) an empty delta."""
         shape = self.shape
         if not finished:
-            return self._event(self.head + open_choice + orjson.dumps(self.text(sent, count)) + shape.close_running,
+            close = shape.close_running
+            if self.logprobs is not None:
+                close = self._with_logprobs(close, sent, count, False)
+            return self._event(self.head + open_choice + orjson.dumps(self.text(sent, count)) + close,
                                sent + count, False)
         text = self.text(sent, count - 1) if finish_reason == "stop" else self.text(sent, count)
         close = shape.close_finished + orjson.dumps(finish_reason) + shape.finished_tail
+        if self.logprobs is not None:
+            close = self._with_logprobs(close, sent, count, finish_reason == "stop")
         if text or shape.empty_end is None:
             chunk = self.head + open_choice + orjson.dumps(text) + close
         else:  # open_choice ends in the delta's '{"content":', close_finished starts with its '}'
             chunk = self.head + open_choice[:open_choice.rindex(b"{")] + shape.empty_end + close[1:]
         return self._event(chunk, sent + count, True)
+
+    def _with_logprobs(self, close: bytes, sent: int, count: int, ends: bool) -> bytes:
+        """``close`` (a chunk's bytes after its text) with the logprobs of its tokens in place of ``null``."""
+        plan: LogprobsPlan = self.logprobs  # type: ignore[assignment]
+        tokens = [self.text(position, 1) for position in range(sent, sent + count)]
+        if ends and tokens:
+            tokens[-1] = EOS_TOKEN
+        if plan.chat:
+            logprobs: dict = {"content": plan.chat_entries(tokens, sent)}
+        else:
+            logprobs, self.text_offset = plan.completion_block(tokens, sent, self.text_offset)
+        return close.replace(b'"logprobs":null', b'"logprobs":' + orjson.dumps(logprobs), 1)
 
     def _event(self, chunk: bytes, so_far: int, finished: bool) -> bytes:
         """A chunk's event: its JSON (up to its choices) with what rides on it, the answer's ``so_far`` tokens."""
@@ -1345,6 +1375,26 @@ def answer_text(p: Parsed, req: SimRequest, start: int, count: int) -> str:
 def whole_text(p: Parsed, req: SimRequest) -> str:
     """A whole answer's text: its tokens', less its end-of-sequence token's where it ended by itself."""
     return answer_text(p, req, 0, req.generated - 1 if req.finish_reason == "stop" else req.generated)
+
+
+def answer_tokens(p: Parsed, req: SimRequest, start: int, count: int, ends: bool) -> list[str]:
+    """The texts of an answer's tokens ``start .. start+count-1`` (what its logprobs name), the last its
+    end-of-sequence token where ``ends`` (it ended by itself with them)."""
+    tokens = [answer_text(p, req, position, 1) for position in range(start, start + count)]
+    if ends and tokens:
+        tokens[-1] = EOS_TOKEN
+    return tokens
+
+
+def whole_logprobs(p: Parsed, req: SimRequest) -> dict | None:
+    """A whole answer's ``logprobs`` (None where not asked for)."""
+    plan = p.logprobs
+    if plan is None:
+        return None
+    tokens = answer_tokens(p, req, 0, req.generated, req.finish_reason == "stop")
+    if plan.chat:
+        return {"content": plan.chat_entries(tokens, 0)}
+    return plan.completion_block(tokens, 0, 0)[0]
 
 
 def _message(p: Parsed, req: SimRequest) -> dict:

@@ -520,6 +520,75 @@ class TestTinyLlama:
         finally:
             await sim.stop()
 
+    async def test_the_sims_logprobs_have_this_engines_shape(self, tiny_stack) -> None:
+        """``logprobs`` engine to engine, whole and streamed, chat and legacy: the same shape (a legacy
+        completion's ``top_logprobs`` maps tokens, which differ, so its keys are compared by count), one entry a
+        token, as many alternatives, and ``return_tokens_as_token_ids``' placeholders."""
+        import aiohttp
+        import orjson
+
+        from backends.sim import SimEngineOptions, start_sim_engines
+
+        model, chat = tiny_stack.model, [{"role": "user", "content": "hi"}]
+
+        def normal(value):  # a legacy completion's top_logprobs: {token: logprob} -> how many, and their type
+            if isinstance(value, dict) and "top_logprobs" in value and "text_offset" in value:
+                value = {**value, "top_logprobs": [len(top) for top in value["top_logprobs"]]}
+            if isinstance(value, dict):
+                return {key: normal(item) for key, item in value.items()}
+            if isinstance(value, list):
+                return [normal(item) for item in value]
+            return value
+
+        cases = [("/v1/chat/completions", {"messages": chat, "logprobs": True, "top_logprobs": 2}),
+                 ("/v1/chat/completions", {"messages": chat, "logprobs": True}),
+                 ("/v1/chat/completions", {"messages": chat, "logprobs": True, "top_logprobs": 1,
+                                           "return_tokens_as_token_ids": True}),
+                 ("/v1/completions", {"prompt": "once", "logprobs": 2}),
+                 ("/v1/completions", {"prompt": "once", "logprobs": 0}),
+                 ("/v1/completions", {"prompt": "once", "logprobs": 1, "return_tokens_as_token_ids": True})]
+        [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len,
+                                                            vocab_size=tiny_stack.vocab_size, tool_calling=False))
+        try:
+            async with aiohttp.ClientSession() as session:
+                async def answer(base: str, path: str, body: dict):
+                    async with session.post(base + path, json=body) as r:
+                        assert r.status == 200, await r.text()
+                        raw = await r.read()
+                    if not body["stream"]:
+                        whole = orjson.loads(raw)
+                        [choice] = whole["choices"]
+                        return _shape(normal(whole)), choice["logprobs"]
+                    chunks = [orjson.loads(e[len(b"data: "):]) for e in raw.split(b"\n\n")
+                              if e.startswith(b"data: {")]
+                    return [_shape(normal(chunk)) for chunk in chunks], [c["choices"][0]["logprobs"] for c in chunks]
+
+                for path, fields in cases:
+                    for stream in (False, True):
+                        body = {"model": model, "max_tokens": 3, "ignore_eos": True, "temperature": 0,
+                                "stream": stream, **fields}
+                        (real_shape, real), (sim_shape, simulated) = (
+                            await answer(tiny_stack.engine.url, path, body), await answer(sim.url, path, body))
+                        if stream:  # the engines may cut the same tokens into a different number of chunks
+                            real_shape, sim_shape = real_shape[:2] + real_shape[-1:], sim_shape[:2] + sim_shape[-1:]
+                        assert sim_shape == real_shape, (path, fields, stream, real_shape, sim_shape)
+                        blocks = [b for b in (real if stream else [real]) if b is not None]
+                        sim_blocks = [b for b in (simulated if stream else [simulated]) if b is not None]
+                        if path == "/v1/chat/completions":
+                            count = [len([e for b in bs for e in b["content"]]) for bs in (blocks, sim_blocks)]
+                            tops = [{len(e["top_logprobs"]) for b in bs for e in b["content"]}
+                                    for bs in (blocks, sim_blocks)]
+                            tokens = [e["token"] for b in sim_blocks for e in b["content"]]
+                        else:
+                            count = [len([t for b in bs for t in b["tokens"]]) for bs in (blocks, sim_blocks)]
+                            tops = [{len(top) for b in bs for top in b["top_logprobs"]} for bs in (blocks, sim_blocks)]
+                            tokens = [t for b in sim_blocks for t in b["tokens"]]
+                        assert count == [3, 3] and tops[0] == tops[1], (path, fields, stream, count, tops)
+                        if fields.get("return_tokens_as_token_ids"):
+                            assert all(token.startswith("token_id:") for token in tokens)
+        finally:
+            await sim.stop()
+
     async def test_the_sims_sleep_is_this_engines(self, tiny_stack) -> None:
         """Engine to engine, vLLM's dev-mode sleep routes: the same 400s for bad query parameters; asleep, both
         say so on /is_sleeping and in vllm:engine_sleep_state, hold a request (not counted as waiting, not
