@@ -1335,9 +1335,7 @@ class _SseEvents:
     def _with_logprobs(self, close: bytes, sent: int, count: int, ends: bool) -> bytes:
         """``close`` (a chunk's bytes after its text) with the logprobs of its tokens in place of ``null``."""
         plan: LogprobsPlan = self.logprobs  # type: ignore[assignment]
-        tokens = [self.text(position, 1) for position in range(sent, sent + count)]
-        if ends and tokens:
-            tokens[-1] = EOS_TOKEN
+        tokens = ending([self.text(position, 1) for position in range(sent, sent + count)], ends)
         if plan.chat:
             logprobs: dict = {"content": plan.chat_entries(tokens, sent)}
         else:
@@ -1377,10 +1375,9 @@ def whole_text(p: Parsed, req: SimRequest) -> str:
     return answer_text(p, req, 0, req.generated - 1 if req.finish_reason == "stop" else req.generated)
 
 
-def answer_tokens(p: Parsed, req: SimRequest, start: int, count: int, ends: bool) -> list[str]:
-    """The texts of an answer's tokens ``start .. start+count-1`` (what its logprobs name), the last its
-    end-of-sequence token where ``ends`` (it ended by itself with them)."""
-    tokens = [answer_text(p, req, position, 1) for position in range(start, start + count)]
+def ending(tokens: list[str], ends: bool) -> list[str]:
+    """The texts of an answer's tokens (what its logprobs name), the last its end-of-sequence token where
+    ``ends`` (the answer ended by itself with them)."""
     if ends and tokens:
         tokens[-1] = EOS_TOKEN
     return tokens
@@ -1391,7 +1388,8 @@ def whole_logprobs(p: Parsed, req: SimRequest) -> dict | None:
     plan = p.logprobs
     if plan is None:
         return None
-    tokens = answer_tokens(p, req, 0, req.generated, req.finish_reason == "stop")
+    tokens = ending([answer_text(p, req, position, 1) for position in range(req.generated)],
+                    req.finish_reason == "stop")
     if plan.chat:
         return {"content": plan.chat_entries(tokens, 0)}
     return plan.completion_block(tokens, 0, 0)[0]
