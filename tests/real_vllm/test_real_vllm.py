@@ -51,6 +51,28 @@ async def _apoll(predicate, timeout: float, interval: float = 0.05, what: str = 
         await asyncio.sleep(interval)
 
 
+async def _chat_answer(session, url: str, body: dict):
+    """POST a chat body (200 expected): its JSON, or a stream's chunks (its data events but [DONE])."""
+    import orjson
+
+    async with session.post(url + "/v1/chat/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        raw = await r.read()
+    if not body.get("stream"):
+        return orjson.loads(raw)
+    return [orjson.loads(e[len(b"data: "):]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+
+
+def _shape_runs(chunks: list) -> list:
+    """The shapes of a stream's chunks, a run of like chunks counted once (engines may cut the same tokens into a
+    different number of chunks)."""
+    shapes: list = []
+    for chunk in chunks:
+        if not shapes or shapes[-1] != _shape(chunk):
+            shapes.append(_shape(chunk))
+    return shapes
+
+
 def _shape(value):
     """Every key of a JSON value and the JSON type of every leaf (the first element of a list stands for the rest):
     what two engines' answers to the same request must share, whatever the generated text."""
@@ -1038,24 +1060,19 @@ class TestSmolLM2:
         try:
             async with aiohttp.ClientSession() as session:
                 async def answer(base: str, body: dict):
-                    async with session.post(base + "/v1/chat/completions", json=body) as r:
-                        assert r.status == 200, await r.text()
-                        raw = await r.read()
+                    got = await _chat_answer(session, base, body)
                     if not body["stream"]:
-                        whole = orjson.loads(raw)
-                        [choice] = whole["choices"]
+                        [choice] = got["choices"]
                         [call] = choice["message"]["tool_calls"]
-                        return _shape(whole), choice["finish_reason"], call["function"]["name"], \
+                        return _shape(got), choice["finish_reason"], call["function"]["name"], \
                             sorted(orjson.loads(call["function"]["arguments"]))
-                    chunks = [orjson.loads(e[len(b"data: "):]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
-                    shapes, arguments, name = [], "", None
-                    for chunk in chunks:
-                        if not shapes or shapes[-1] != _shape(chunk):
-                            shapes.append(_shape(chunk))
+                    arguments, name = "", None
+                    for chunk in got:
                         for piece in chunk["choices"][0]["delta"].get("tool_calls", ()):
                             name = name or piece["function"].get("name")
                             arguments += piece["function"]["arguments"]
-                    return shapes, chunks[-1]["choices"][0]["finish_reason"], name, sorted(orjson.loads(arguments))
+                    return _shape_runs(got), got[-1]["choices"][0]["finish_reason"], name, \
+                        sorted(orjson.loads(arguments))
 
                 # ("required" with one tool: a model may choose any of several, the sim the first; get_time's "{}"
                 # not streamed: this model writes it in two tokens, the sim in one, one chunk fewer)
@@ -1093,20 +1110,12 @@ class TestSmolLM2:
         try:
             async with aiohttp.ClientSession() as session:
                 async def answer(base: str, body: dict):
-                    async with session.post(base + "/v1/chat/completions", json=body) as r:
-                        assert r.status == 200, await r.text()
-                        raw = await r.read()
+                    got = await _chat_answer(session, base, body)
                     if not body["stream"]:
-                        whole = orjson.loads(raw)
-                        [choice] = whole["choices"]
-                        return _shape(whole), choice["finish_reason"], orjson.loads(choice["message"]["content"])
-                    chunks = [orjson.loads(e[len(b"data: "):]) for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
-                    shapes = []
-                    for chunk in chunks:
-                        if not shapes or shapes[-1] != _shape(chunk):
-                            shapes.append(_shape(chunk))
-                    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks)
-                    return shapes, chunks[-1]["choices"][0]["finish_reason"], orjson.loads(text)
+                        [choice] = got["choices"]
+                        return _shape(got), choice["finish_reason"], orjson.loads(choice["message"]["content"])
+                    text = "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in got)
+                    return _shape_runs(got), got[-1]["choices"][0]["finish_reason"], orjson.loads(text)
 
                 for fmt in ({"type": "json_object"}, schema):
                     for stream in (False, True):
