@@ -1822,6 +1822,9 @@ def test_the_example_arguments_a_schema_allows():
     nested["properties"]["x"] = nested  # a schema that refers to itself ends
     assert json.dumps(example_value(nested)).count("{") <= 10
     assert example_value("not a schema") == {} and example_value({"type": "null"}) is None
+    assert example_value({"type": "integer", "minimum": 1.5}) == 2
+    assert len(example_value({"type": "string", "minLength": 30})) == 30
+    assert example_value({"type": "string", "maxLength": 3}) == "lor"
 
 
 async def test_json_mode_answers_parse_as_json(start):

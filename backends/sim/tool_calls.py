@@ -17,6 +17,7 @@ vLLM gives them.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +30,9 @@ _PLACEHOLDER_TEXT = "lorem ipsum"
 def example_value(schema: Any, depth: int = 0) -> Any:
     """The smallest value of a JSON schema the simulated model writes: a ``const`` or the first ``enum`` member,
     else by ``type`` (the first that is not "null"): an object with its required properties, a list of its
-    ``minItems`` examples, a number at its ``minimum``, ``false``, a few words; the first ``anyOf`` / ``oneOf``
-    member; an empty object for what it cannot read (a ``$ref``)."""
+    ``minItems`` examples, a number at its ``minimum``, ``false``, a few words (within ``minLength`` /
+    ``maxLength``; a ``format`` or ``pattern`` is not followed); the first ``anyOf`` / ``oneOf`` member; an empty
+    object for what it cannot read (a ``$ref``)."""
     if not isinstance(schema, dict) or depth > _MAX_DEPTH:
         return {}
     if "const" in schema:
@@ -60,13 +62,18 @@ def example_value(schema: Any, depth: int = 0) -> Any:
         value = low if isinstance(low, (int, float)) and not isinstance(low, bool) else 0
         if "exclusiveMinimum" in schema and value == schema.get("exclusiveMinimum"):
             value += 1
-        return int(value) if kind == "integer" else value
+        return math.ceil(value) if kind == "integer" else value
     if kind == "boolean":
         return False
     if kind == "null":
         return None
-    if kind == "string":
-        return _PLACEHOLDER_TEXT
+    if kind == "string":  # within minLength / maxLength (a format or pattern is not followed)
+        shortest, longest = schema.get("minLength"), schema.get("maxLength")
+        text = _PLACEHOLDER_TEXT
+        if isinstance(shortest, int) and 0 < shortest <= 4096:
+            text = (text + " ") * (shortest // (len(text) + 1) + 1)
+            text = text[:max(shortest, len(_PLACEHOLDER_TEXT))]
+        return text[:longest] if isinstance(longest, int) and longest >= 0 else text
     return {}
 
 
