@@ -1823,6 +1823,7 @@ def test_the_example_arguments_a_schema_allows():
     assert json.dumps(example_value(nested)).count("{") <= 10
     assert example_value("not a schema") == {} and example_value({"type": "null"}) is None
     assert example_value({"type": "integer", "minimum": 1.5}) == 2
+    assert example_value({"type": "integer", "minimum": float("inf")}) == 0  # (the sim reads Infinity, as vLLM)
     assert len(example_value({"type": "string", "minLength": 30})) == 30
     assert example_value({"type": "string", "maxLength": 3}) == "lor"
 

@@ -59,7 +59,7 @@ def example_value(schema: Any, depth: int = 0) -> Any:
         return [example_value(schema.get("items"), depth + 1) for _ in range(count)]
     if kind in ("integer", "number"):
         low = schema.get("minimum", schema.get("exclusiveMinimum"))
-        value = low if isinstance(low, (int, float)) and not isinstance(low, bool) else 0
+        value = low if isinstance(low, (int, float)) and not isinstance(low, bool) and math.isfinite(low) else 0
         if "exclusiveMinimum" in schema and value == schema.get("exclusiveMinimum"):
             value += 1
         return math.ceil(value) if kind == "integer" else value
