@@ -1824,6 +1824,10 @@ def test_the_example_arguments_a_schema_allows():
     assert example_value("not a schema") == {} and example_value({"type": "null"}) is None
     assert example_value({"type": "integer", "minimum": 1.5}) == 2
     assert example_value({"type": "integer", "minimum": float("inf")}) == 0  # (the sim reads Infinity, as vLLM)
+    deep: dict = {"type": "string"}
+    for _ in range(8):  # 16 per level would be 16**8 values
+        deep = {"type": "array", "minItems": 16, "items": deep}
+    assert json.dumps(example_value(deep)).count('"') <= 2 * 256
     assert len(example_value({"type": "string", "minLength": 30})) == 30
     assert example_value({"type": "string", "maxLength": 3}) == "lor"
 

@@ -24,16 +24,20 @@ from typing import Any
 
 CHARS_PER_TOKEN = 4  # the simulated tokenizer of a tool call's JSON text
 _MAX_DEPTH = 8  # schemas nest no deeper than this in an example (a recursive $ref would not end)
+_MAX_VALUES = 256  # nor grow past this many values (nested minItems multiply: 16 per level was 16**8 values)
 _PLACEHOLDER_TEXT = "lorem ipsum"
 
 
-def example_value(schema: Any, depth: int = 0) -> Any:
+def example_value(schema: Any, depth: int = 0, budget: list[int] | None = None) -> Any:
     """The smallest value of a JSON schema the simulated model writes: a ``const`` or the first ``enum`` member,
     else by ``type`` (the first that is not "null"): an object with its required properties, a list of its
     ``minItems`` examples, a number at its ``minimum``, ``false``, a few words (within ``minLength`` /
     ``maxLength``; a ``format`` or ``pattern`` is not followed); the first ``anyOf`` / ``oneOf`` member; an empty
-    object for what it cannot read (a ``$ref``)."""
-    if not isinstance(schema, dict) or depth > _MAX_DEPTH:
+    object for what it cannot read (a ``$ref``); past :data:`_MAX_DEPTH` levels or :data:`_MAX_VALUES` values, an
+    empty object or list stands for the rest."""
+    budget = [_MAX_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if not isinstance(schema, dict) or depth > _MAX_DEPTH or budget[0] < 0:
         return {}
     if "const" in schema:
         return schema["const"]
@@ -43,7 +47,7 @@ def example_value(schema: Any, depth: int = 0) -> Any:
     for key in ("anyOf", "oneOf", "allOf"):
         members = schema.get(key)
         if isinstance(members, list) and members:
-            return example_value(members[0], depth + 1)
+            return example_value(members[0], depth + 1, budget)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
@@ -52,11 +56,12 @@ def example_value(schema: Any, depth: int = 0) -> Any:
     if kind == "object":
         properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
         required = schema.get("required") if isinstance(schema.get("required"), list) else []
-        return {name: example_value(properties.get(name), depth + 1) for name in required if isinstance(name, str)}
+        return {name: example_value(properties.get(name), depth + 1, budget) for name in required
+                if isinstance(name, str)}
     if kind == "array":
         count = schema.get("minItems")
         count = count if isinstance(count, int) and 0 < count <= 16 else 0
-        return [example_value(schema.get("items"), depth + 1) for _ in range(count)]
+        return [example_value(schema.get("items"), depth + 1, budget) for _ in range(min(count, max(budget[0], 0)))]
     if kind in ("integer", "number"):
         low = schema.get("minimum", schema.get("exclusiveMinimum"))
         value = low if isinstance(low, (int, float)) and not isinstance(low, bool) and math.isfinite(low) else 0
