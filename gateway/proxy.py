@@ -127,6 +127,12 @@ class EventTooLarge(Exception):
 _FINISH_MARKERS = (b'"finish_reason":"', b'"finish_reason": "')  # a chunk that ends an answer (else null)
 
 
+def _names_a_finish(data: bytes) -> bool:
+    """Whether ``data`` holds a string ``finish_reason`` (in JSON these bytes are a key and its value, never text
+    inside a string, whose quotes are escaped)."""
+    return _FINISH_MARKERS[0] in data or _FINISH_MARKERS[1] in data
+
+
 class SSEUsageFilter:
     """Split an SSE byte stream into whole events; capture the final usage and optionally drop its chunk.
 
@@ -182,7 +188,7 @@ class SSEUsageFilter:
         else:
             complete, rest = bytes(buffer[:end]), buffer[end:]
         self._buffer = bytearray(rest) if rest else b""
-        if self.strip and (self._held or _FINISH_MARKERS[0] in complete or _FINISH_MARKERS[1] in complete):
+        if self.strip and (self._held or _names_a_finish(complete)):
             return self._filter_events(complete)
         if b'"usage"' not in complete:
             return complete
@@ -230,10 +236,9 @@ class SSEUsageFilter:
 
 
 def _ends_an_answer(event: bytes) -> bool:
-    """Whether an event is a chunk that ends an answer (a ``finish_reason`` that is a string: in JSON these bytes
-    are a key and its value, never text inside a string, whose quotes are escaped) and carries no
+    """Whether an event is a chunk that ends an answer (a string ``finish_reason``) and carries no
     ``system_fingerprint`` of its own, so that one may be put on it. Bytes only: no parse on the relay's path."""
-    return (_FINISH_MARKERS[0] in event or _FINISH_MARKERS[1] in event) and b'"system_fingerprint"' not in event
+    return _names_a_finish(event) and b'"system_fingerprint"' not in event
 
 
 def _with_fingerprint(event: bytes, fingerprint: Any) -> bytes:

@@ -162,7 +162,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from backends.exact_json import may_hold_long_integer
 from backends.lax import LaxError, lax_bool, lax_float, lax_int
 from backends.sim.engine import PAUSE_MODES, EngineBusy, SimEngine, SimRequest
-from backends.sim.json_answers import JsonObjectText, JsonSchemaText, plan_json_text
+from backends.sim.json_answers import plan_json_text
 from backends.sim.logprobs import EOS_TOKEN, LogprobsPlan
 from backends.sim.options import SimEngineOptions
 from backends.sim.request_models import PROMPT, RESPONSE_FORMAT, TOOLS, errors_of, validated
@@ -1051,17 +1051,18 @@ class SimServer:
         engine = self.engine
         reqs: list[SimRequest] = []
         asked = 0  # prompts that asked for their places
+        # a forced tool call or a schema's JSON is as long as its text and its end-of-sequence token
+        fixed = p.tool_plan.tokens if p.tool_plan is not None else (
+            p.json_text.fixed_tokens if p.json_text is not None else None)
+        least = max(p.min_tokens, p.json_text.min_tokens) if p.json_text is not None else p.min_tokens
         try:
             for base_id, prompt_tokens, cap in plan:
                 asked += 1
                 engine.admit(p.n)
                 for index in range(p.n):
-                    fixed = p.tool_plan.tokens if p.tool_plan is not None else (
-                        p.json_text.fixed_tokens if p.json_text is not None else None)
-                    if fixed is not None:  # as long as its JSON, and its end-of-sequence token
+                    if fixed is not None:
                         target, reason = (fixed, "stop") if fixed <= cap else (cap, "length")
                     else:
-                        least = max(p.min_tokens, p.json_text.min_tokens) if p.json_text is not None else p.min_tokens
                         target, reason = engine.output_length(cap, ignore_eos=p.ignore_eos, min_tokens=least,
                                                               hint=hint)
                     request_id = base_id if p.n == 1 else f"{index}_{base_id}"
@@ -1413,22 +1414,22 @@ def _message(p: Parsed, req: SimRequest) -> dict:
 def _finish_reason(plan: ToolCallPlan | None, engine_reason: str | None) -> str | None:
     """An answer's finish_reason: the engine's, or for a forced tool call that ended by itself vLLM's "tool_calls"
     ("required") or "stop" (a named function)."""
-    return plan.finish_reason(cut=False) if plan is not None and engine_reason == "stop" else engine_reason
+    return plan.finish_reason if plan is not None and engine_reason == "stop" else engine_reason
 
 
 class _JsonEvents(_SseEvents):
     """The chunks of one answer written as JSON (``response_format``: :mod:`backends.sim.json_answers`)."""
 
-    __slots__ = ("json_text", "req")
+    __slots__ = ("parsed", "req")
 
     def __init__(self, head: bytes, shape: _SseShape, p: Parsed, req: SimRequest, fingerprint_json: bytes,
                  total_prompt: int | None = None) -> None:
         super().__init__(head, shape, p, req.prompt_tokens, fingerprint_json, total_prompt)
-        self.json_text: JsonObjectText | JsonSchemaText = p.json_text  # type: ignore[assignment]
+        self.parsed = p
         self.req = req
 
     def text(self, sent: int, count: int) -> str:
-        return self.json_text.text(self.req.target_tokens, self.req.natural_reason == "stop", sent, count)
+        return answer_text(self.parsed, self.req, sent, count)
 
 
 class _ToolCallEvents(_SseEvents):

@@ -103,18 +103,16 @@ class ToolCallPlan:
         end = min((sent + count) * CHARS_PER_TOKEN, self.args_end)
         return self.text[begin:end] if end > begin else ""
 
-    def finish_reason(self, cut: bool) -> str:
-        """vLLM's: "tool_calls" for a whole "required" call, "stop" for a named one, "length" when cut."""
-        if cut:
-            return "length"
+    @property
+    def finish_reason(self) -> str:
+        """vLLM's for a call that ended by itself: "tool_calls" for a "required" one, "stop" for a named one (one
+        cut short keeps the engine's "length")."""
         return "tool_calls" if self.required else "stop"
 
     def whole_calls(self, generated: int, cut: bool) -> list[dict] | None:
         """The answer's ``message.tool_calls`` (None: the message has none), from the ``generated`` tokens."""
-        if not cut:
+        if not cut:  # (json.dumps wrote them, as vLLM re-writes a "required" call's parsed parameters)
             arguments = self.text[self.args_start:self.args_end]
-            if self.required:  # vLLM re-writes the parameters it parsed (json.dumps, ensure_ascii=False)
-                arguments = json.dumps(json.loads(arguments), ensure_ascii=False)
         elif self.required:
             return None  # its JSON list does not parse: no call
         else:
