@@ -14,15 +14,25 @@ A simulated token has no model behind it, so its log probability is made up, det
 
 An answer's end-of-sequence token (where it ends by itself) has an entry too, as in vLLM, whose token is the sim
 model's ``<|eot_id|>`` (the default model is a Llama 3). The alternatives are other filler words (at most as many
-as there are). Not simulated (null): ``prompt_logprobs`` and the prompt's entries of an ``echo``.
+as there are).
+
+A prompt's tokens (:mod:`backends.sim.prompt_tokens`) have entries where a request asks for them, as vLLM's:
+
+* ``prompt_logprobs: k`` (and ``echo`` with a legacy completion's ``logprobs: k`` or chat's ``top_logprobs``): a
+  whole answer's ``prompt_logprobs``, ``null`` for the first token and for every other ``{"<id>": {"logprob",
+  "rank", "decoded_token"}}``, the prompt's token (a made-up rank below the alternatives') and ``k`` alternatives
+  ranked 1..k (``completion/serving.py``, the choice's; ``chat_completion/serving.py``, the answer's);
+* a legacy completion's ``echo`` with ``logprobs``: the prompt's tokens come first in ``logprobs``, the first with
+  ``null`` log probability and alternatives, the others with the prompt token and its alternatives.
 """
 
 from __future__ import annotations
 
-import zlib
 from typing import Sequence
 
-EOS_TOKEN = "<|eot_id|>"
+from backends.sim.prompt_tokens import EOS_TOKEN, PromptTokens, token_id
+
+PROMPT_RANK_BELOW = 3  # a prompt token's made-up rank: this far below its k alternatives, varying with position
 
 
 def token_logprob(position: int) -> float:
@@ -30,9 +40,14 @@ def token_logprob(position: int) -> float:
     return -0.01 - ((position * 2654435761) % 2990) / 1000.0
 
 
-def token_id(token: str, vocab_size: int) -> int:
-    """A stable id for a simulated token, within the vocabulary (what ``return_tokens_as_token_ids`` shows)."""
-    return zlib.crc32(token.encode()) % vocab_size
+def prompt_token_logprob(position: int) -> float:
+    """A prompt token's made-up log probability: below every alternative's (which are ranked above it)."""
+    return token_logprob(position) - 3.0
+
+
+def alternative_logprob(rank: int) -> float:
+    """The made-up log probability of a prompt position's alternative of ``rank`` (1 the likeliest)."""
+    return -0.05 * rank
 
 
 class LogprobsPlan:
@@ -91,5 +106,55 @@ class LogprobsPlan:
             offset += len(shown)
         return block, offset
 
+    def _prompt_alternatives(self, token: str, count: int) -> list[str]:
+        """``count`` filler words other than a prompt's ``token`` (its alternatives, likeliest first)."""
+        return [word for word in self.words if word != token][:count]
 
-__all__ = ["EOS_TOKEN", "LogprobsPlan", "token_id", "token_logprob"]
+    def prompt_block(self, prompt: PromptTokens, count: int, offset: int) -> tuple[dict, int]:
+        """The entries of an echoed prompt in a legacy completion's ``logprobs`` (``count`` alternatives each,
+        vLLM's ``prompt_logprobs`` of an echo), its first ``text_offset`` at ``offset``; and the offset after
+        them."""
+        block: dict = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+        count = len(self.words) if count < 0 else count
+        for position, token in enumerate(prompt.texts):
+            shown = f"token_id:{prompt.ids[position]}" if self.as_ids else token  # (a token-id prompt's own ids)
+            block["text_offset"].append(offset)
+            block["tokens"].append(shown)
+            if position == 0:  # the first token has no log probability (nothing before it)
+                block["token_logprobs"].append(None)
+                block["top_logprobs"].append(None)
+            else:
+                logprob = prompt_token_logprob(position)
+                block["token_logprobs"].append(logprob)
+                top = {shown: logprob}
+                for rank, word in enumerate(self._prompt_alternatives(token, count), start=1):
+                    top[self._shown(word)] = alternative_logprob(rank)
+                block["top_logprobs"].append(top)
+            offset += len(shown)
+        return block, offset
+
+
+def prompt_logprobs(prompt: PromptTokens, count: int, vocab_size: int, words: Sequence[str]) -> list[dict | None]:
+    """A whole answer's ``prompt_logprobs``: ``None`` for the first token, then per token its id's entry and
+    ``count`` alternatives' (-1: the vocabulary, as many words as there are), keyed by token id."""
+    count = len(words) if count < 0 else count
+    entries: list[dict | None] = [None]
+    for position in range(1, len(prompt.texts)):
+        token = prompt.texts[position]
+        entry = {str(prompt.ids[position]): {"logprob": prompt_token_logprob(position),
+                                             "rank": count + PROMPT_RANK_BELOW + position % 7,
+                                             "decoded_token": token}}
+        alternatives = [word for word in words if word != token][:count]
+        for rank, word in enumerate(alternatives, start=1):
+            entry.setdefault(str(token_id(word, vocab_size)),
+                             {"logprob": alternative_logprob(rank), "rank": rank, "decoded_token": word})
+        entries.append(entry)
+    return entries
+
+
+def merge_blocks(first: dict, second: dict) -> dict:
+    """Two legacy-completion ``logprobs`` blocks as one (an echoed prompt's entries, then the answer's)."""
+    return {key: first[key] + second[key] for key in first}
+
+
+__all__ = ["EOS_TOKEN", "LogprobsPlan", "merge_blocks", "prompt_logprobs", "token_id", "token_logprob"]

@@ -105,6 +105,16 @@ Request handling
   Back-pressure first counts ``n`` (vLLM's preflight), then every answer of every prompt as it is added: a whole
   answer that then finds the engine full is a 503, a stream has answered 200 and carries vLLM's busy error
   (``"type": "Service Unavailable"``, ``"code": 503``) as its one event.
+* **What an answer sends back of its prompt**, as vLLM 0.32's serving layers send it: a legacy completion's
+  ``echo`` starts each answer's text with its prompt (the prompt alone with ``max_tokens: 0``; no text with
+  ``return_token_ids``), whole and on a stream's first chunk, which also names the prompt's ids; with ``logprobs``
+  the prompt's tokens lead them (the first with null values). Chat's ``echo`` starts the answer with the last
+  message where it is the answer's role (its text parts joined by new lines), streamed as a chunk of its own after
+  every answer's role chunk. ``prompt_logprobs`` (a whole answer's; with ``echo``, what ``logprobs`` or chat's
+  ``top_logprobs`` ask for) lists null, then each prompt token's id with ``logprob``, ``rank`` and
+  ``decoded_token`` and its alternatives'. ``return_token_ids`` adds the prompt's ids (a stream's first chunk) and
+  each answer's (every chunk); chat's ``return_prompt_text`` the rendered prompt. ``truncate_prompt_tokens`` cuts
+  the tokens, not an echo's text.
 * **Ids**: ``chatcmpl-<id>`` / ``cmpl-<id>`` with the ``X-Request-Id`` header, else the body's ``request_id``,
   else 16 random hex digits (vLLM's ``random_uuid``); no ``X-Request-Id`` comes back (vLLM sends one only when
   started with ``--enable-request-id-headers``).
@@ -132,9 +142,12 @@ Deviations from a real vLLM (on purpose)
   and a structural tag or ``structured_outputs`` is answered with text.
 * ``best_of`` and beam search are not simulated. Logprobs are made up, in vLLM's shapes
   (:mod:`backends.sim.logprobs`): a token's value is no model's, its alternatives are other filler words, and a
-  forced tool call's, ``prompt_logprobs`` and an ``echo``'s prompt entries come back null (their counts are still
-  checked as above). ``bad_words`` are not checked (vLLM tokenizes them), nor ``logprob_token_ids``. ``echo`` is
-  read (with ``max_tokens: 0`` the engine computes one token, as vLLM's does) but the prompt is not sent back.
+  forced tool call's come back null (their counts are still checked as above). ``bad_words`` are not checked
+  (vLLM tokenizes them), nor ``logprob_token_ids``.
+* A prompt's tokens, where an answer sends them back, are made up (:mod:`backends.sim.prompt_tokens`: the text in
+  pieces of four characters, as many as the prompt-token estimate counts; a token-id prompt's ids written as filler
+  words), and so are their ids, their ``prompt_logprobs`` and the chat prompt ``return_prompt_text`` renders. A
+  forced tool call's ``token_ids`` in a stream come back null.
 * A message's own fields are not validated beyond being an object (vLLM checks each against its message union,
   e.g. a message without ``role`` gets eleven pydantic errors there); with several invalid fields at once, the
   pydantic errors are listed in this checker's order, not always in the model's field order.
@@ -163,7 +176,9 @@ from backends.exact_json import may_hold_long_integer
 from backends.lax import LaxError, lax_bool, lax_float, lax_int
 from backends.sim.engine import PAUSE_MODES, EngineBusy, SimEngine, SimRequest
 from backends.sim.json_answers import plan_json_text
-from backends.sim.logprobs import EOS_TOKEN, LogprobsPlan
+from backends.sim.logprobs import EOS_TOKEN, LogprobsPlan, merge_blocks, prompt_logprobs
+from backends.sim.prompt_tokens import (PromptReturn, chat_prompt_tokens, completion_prompt_tokens, echo_prefix,
+                                        token_id)
 from backends.sim.options import SimEngineOptions
 from backends.sim.request_models import PROMPT, RESPONSE_FORMAT, TOOLS, errors_of, validated
 from backends.sim.tool_calls import ToolCallPlan, new_tool_call_id, plan_tool_call
@@ -609,14 +624,16 @@ class Parsed:
                  "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
                  "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts", "suffix",
                  "echo", "template_conflict", "media", "truncate", "truncation_side", "output_budget", "prompt_ids",
-                 "role", "tool_plan", "json_text", "as_token_ids", "logprobs")
+                 "role", "tool_plan", "json_text", "as_token_ids", "logprobs", "echo_asked", "return_ids",
+                 "return_text", "returned")
 
 
 class EngineInputs:
     """The fields vLLM 0.32 checks only in its engine (SamplingParams.verify, called from the input processor), kept
     apart so that a request without any of them (nearly every one) parses and passes none of these checks."""
 
-    __slots__ = ("sample_logprobs", "prompt_logprobs", "logit_bias", "stop_token_ids", "allowed_token_ids")
+    __slots__ = ("sample_logprobs", "top_logprobs", "prompt_logprobs", "logit_bias", "stop_token_ids",
+                 "allowed_token_ids")
 
 
 # the request fields EngineInputs holds; a body with none of them skips their parsing and checks
@@ -633,8 +650,10 @@ def parse_engine_inputs(body: dict, chat: bool, errors: list[dict]) -> EngineInp
         wanted = check_bool(body, "logprobs", errors, optional=True, default=False)
         top = check_int(body, "top_logprobs", errors, optional=True, default=0)  # null is 0 (TopLogprobsParam)
         inputs.sample_logprobs = top if wanted else None
+        inputs.top_logprobs = top  # (what chat's echo asks of the prompt, whether or not logprobs is true)
     else:
-        inputs.sample_logprobs = check_int(body, "logprobs", errors, optional=True, default=None)
+        inputs.sample_logprobs = inputs.top_logprobs = check_int(body, "logprobs", errors, optional=True,
+                                                                 default=None)
     inputs.prompt_logprobs = check_int(body, "prompt_logprobs", errors, optional=True, default=None)
     inputs.logit_bias = None
     bias = body.get("logit_bias")
@@ -750,8 +769,9 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         if max_completion is not None:
             max_tokens = max_completion
             p.max_tokens_param = "max_completion_tokens"
-    # echo: chat's a bool (null refused), a legacy completion's optional; only the latter's changes the answer here
-    p.echo = bool(check_bool(body, "echo", errors, optional=not chat, default=False)) and not chat
+    # echo: chat's a bool (null refused), a legacy completion's optional; only the latter's changes the length
+    p.echo_asked = bool(check_bool(body, "echo", errors, optional=not chat, default=False))
+    p.echo = p.echo_asked and not chat
     p.output_budget = bool(max_tokens)  # TokenizeParams.max_output_tokens (``max_tokens or 0``) is not 0
     if p.echo and max_tokens == 0:
         max_tokens = 1  # vLLM 0.32's echo without generation: its engine computes one token (the prompt is sent)
@@ -797,6 +817,9 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     else:
         p.suffix = check_str(body, "suffix", errors)
     p.as_token_ids = bool(check_bool(body, "return_tokens_as_token_ids", errors, optional=True, default=False))
+    p.return_ids = bool(check_bool(body, "return_token_ids", errors, optional=True, default=False))
+    p.return_text = chat and bool(check_bool(body, "return_prompt_text", errors, optional=True, default=False))
+    p.returned = None  # (set by the server where an answer sends back any of its prompt)
     p.logprobs = None  # (the engine's vocabulary decides its token ids: set by the server)
     p.request_id = body.get("request_id")
     if "request_id" in body and not isinstance(p.request_id, str):
@@ -1018,6 +1041,7 @@ class SimServer:
             failure = verify_engine_inputs(inputs, bias_ids, max_prompt_id, self.options)
             if failure is not None:
                 return _engine_refusal(*failure, stream=parsed.stream)
+        parsed.returned = self._prompt_return(body, parsed)
         # vLLM's _base_request_id: the header, else the body's request_id, else random_uuid(): 16 hex digits
         base_id = header_id if header_id is not None else (
             parsed.request_id if parsed.request_id is not None else f"{uuid.uuid4().int & _MASK_64:016x}")
@@ -1111,10 +1135,9 @@ class SimServer:
         ones, or the first with ``truncation_side: "right"`` (vLLM loads a generating model's tokenizer with
         ``truncation_side="left"``, tokenizers/registry.py); one truncated to none is an empty prompt, which the
         engine refuses."""
-        if p.truncate is None:
+        keep = self._truncation_keep(p)
+        if keep is None:
             return
-        max_len = self.options.max_model_len
-        keep = p.truncate if p.truncate >= 0 else (max_len - 1 if p.output_budget else max_len)
 
         def kept(ids: list[int]) -> list[int]:
             if keep >= len(ids):
@@ -1135,6 +1158,44 @@ class SimServer:
                     one.max_id = _largest_id(kept(one.ids)) if one.ids is not None else (
                         EMPTY_PROMPT if keep == 0 else None)
             p.prompt_tokens = p.prompts[0].tokens
+
+    def _truncation_keep(self, p: Parsed) -> int | None:
+        """The tokens ``truncate_prompt_tokens`` keeps of each prompt (-1: the context, less one where output is
+        asked for), or None where it is not set."""
+        if p.truncate is None:
+            return None
+        max_len = self.options.max_model_len
+        return p.truncate if p.truncate >= 0 else (max_len - 1 if p.output_budget else max_len)
+
+    def _prompt_return(self, body: dict, p: Parsed) -> PromptReturn | None:
+        """What the answers send back of their prompt (``echo``, ``prompt_logprobs``, ``return_token_ids``,
+        ``return_prompt_text``), or None where the request asks for none of it (nearly every one). vLLM asks its
+        engine for prompt logprobs where ``prompt_logprobs`` is set, else, with ``echo``, for as many as
+        ``logprobs`` (chat: ``top_logprobs``, 0 by default) names."""
+        inputs = p.engine_inputs
+        count = inputs.prompt_logprobs if inputs is not None else None
+        if count is None and p.echo_asked:
+            count = inputs.top_logprobs if inputs is not None else (0 if p.chat else None)
+        if not (p.echo_asked or p.return_ids or p.return_text or count is not None):
+            return None
+        vocab = self.options.vocab_size
+        if p.chat:
+            messages = body["messages"]
+            prompt = chat_prompt_tokens(messages, vocab)
+            returned = PromptReturn([prompt], [echo_prefix(messages, p.role) if p.echo_asked else ""], vocab,
+                                    prompt_logprobs=count, token_ids=p.return_ids, stream_prompt_ids=p.return_ids,
+                                    prompt_text="".join(prompt.texts) if p.return_text else None)
+        else:
+            prompts = [completion_prompt_tokens(one, vocab, WORDS) for one in resolve_prompt(body["prompt"])]
+            sample = p.logprobs.top if p.logprobs is not None else None
+            returned = PromptReturn(
+                prompts, [one.echo_text if p.echo and not p.return_ids else "" for one in prompts], vocab,
+                echo_only=p.echo and not p.output_budget, echo_logprobs=p.echo and sample is not None,
+                prompt_logprobs=count, token_ids=p.return_ids, stream_prompt_ids=p.echo or p.return_ids)
+        keep = self._truncation_keep(p)
+        if keep is not None:
+            returned.kept(keep, p.truncation_side)
+        return returned
 
     def _check_lengths(self, p: Parsed, prompt_tokens: int, token_ids: bool) -> int | web.Response:
         """vLLM's length checks of one prompt of ``prompt_tokens`` (given as token ids or as text, truncated where
@@ -1176,6 +1237,8 @@ class SimServer:
                 "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None,
                 "ec_transfer_params": None, "metrics": None,
             }
+            if p.returned is not None:
+                self._chat_prompt_return(body, reqs, p)
         else:
             body = {
                 "id": response_id, "object": "text_completion", "created": created, "model": self.model,
@@ -1186,7 +1249,56 @@ class SimServer:
                 "service_tier": None, "system_fingerprint": self.fingerprint, "usage": usage,
                 "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
             }
+            if p.returned is not None:
+                self._completion_prompt_return(body, reqs, p)
         return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+    def _chat_prompt_return(self, body: dict, reqs: list[SimRequest], p: Parsed) -> None:
+        """A whole chat answer with what it sends back of its prompt (vLLM's chat serving): the echo before each
+        message's content, the prompt's logprobs, ids and rendered text at the top, each answer's token ids."""
+        returned: PromptReturn = p.returned  # type: ignore[assignment]
+        prompt = returned.prompts[0]
+        echo = returned.echo_texts[0]
+        for choice, req in zip(body["choices"], reqs):
+            if echo:
+                choice["message"]["content"] = echo + choice["message"]["content"]
+            if returned.token_ids:
+                choice["token_ids"] = answer_token_ids(p, req, 0, req.generated, req.finish_reason == "stop",
+                                                       self.options.vocab_size)
+        if returned.prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs(prompt, returned.prompt_logprobs, self.options.vocab_size,
+                                                      WORDS)
+        if returned.token_ids:
+            body["prompt_token_ids"] = prompt.ids
+        body["prompt_text"] = returned.prompt_text
+
+    def _completion_prompt_return(self, body: dict, reqs: list[SimRequest], p: Parsed) -> None:
+        """A whole legacy completion with what it sends back of its prompts (vLLM's completion serving): each
+        answer's text after its prompt's echo (the prompt alone without generation), its logprobs after the
+        prompt's, and the prompt's logprobs and ids, and its own token ids."""
+        returned: PromptReturn = p.returned  # type: ignore[assignment]
+        vocab = self.options.vocab_size
+        for index, (choice, req) in enumerate(zip(body["choices"], reqs)):
+            prompt = returned.prompts[index // p.n]
+            echo = returned.echo_texts[index // p.n]
+            if returned.echo_only:
+                choice["text"] = echo
+            elif echo:
+                choice["text"] = echo + choice["text"]
+            if returned.echo_logprobs:
+                plan: LogprobsPlan = p.logprobs  # type: ignore[assignment]
+                block, offset = plan.prompt_block(prompt, echo_alternatives(returned, plan), 0)
+                if not returned.echo_only:
+                    tokens = ending([answer_text(p, req, position, 1) for position in range(req.generated)],
+                                    req.finish_reason == "stop")
+                    block = merge_blocks(block, plan.completion_block(tokens, 0, offset)[0])
+                choice["logprobs"] = block
+            if returned.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs(prompt, returned.prompt_logprobs, vocab, WORDS)
+            if returned.token_ids:
+                choice["prompt_token_ids"] = prompt.ids
+                choice["token_ids"] = answer_token_ids(p, req, 0, req.generated, req.finish_reason == "stop",
+                                                       vocab)
 
     async def _stream(self, request: web.Request, reqs: list[SimRequest], p: Parsed,
                       response_id: str) -> web.StreamResponse:
@@ -1217,6 +1329,7 @@ class SimServer:
             events = _JsonEvents(head, shape, p, req, self._fingerprint_json)
         else:
             events = _SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json)
+        events.req = req
         sent = 0
         role = shape.role_choice is not None
         while True:
@@ -1224,6 +1337,8 @@ class SimServer:
             parts: list[bytes] = []
             if role:
                 parts.append(events.role(shape.role_choice))
+                if p.returned is not None:
+                    parts.append(events.echo(0))
                 role = False
             if count or finished:
                 parts.append(events.tokens(shape.open_choice, sent, count, finished, req.finish_reason))
@@ -1251,17 +1366,22 @@ class SimServer:
                                                       i) for i, req in enumerate(reqs)]
         elif p.json_text is not None:
             each = [_JsonEvents(head, shape, p, req, self._fingerprint_json, total) for req in reqs]
-        elif p.logprobs is not None:  # each answer its own text offsets
+        elif p.logprobs is not None or p.returned is not None:  # each answer its own text offsets and prompt
             each = [_SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, total) for req in reqs]
         else:
             each = [events if req.prompt_tokens == events.prompt else
                     _SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json, total) for req in reqs]
+        for i, (one, req) in enumerate(zip(each, reqs)):
+            one.req = req
+            one.prompt_index = i // p.n
         index = [b'"index":%d' % i for i in range(len(reqs))]
         opens = [shape.open_choice.replace(b'"index":0', tag, 1) for tag in index]
         sent = [0] * len(reqs)
         parts: list[bytes] = []
         if shape.role_choice is not None:  # one role chunk per answer, before any text (vLLM's first iteration)
             parts.extend(events.role(shape.role_choice.replace(b'"index":0', tag, 1)) for tag in index)
+            if p.returned is not None:  # then each answer's echo, as vLLM's first iteration sends them
+                parts.extend(one.echo(i) for i, one in enumerate(each))
         waiting = {asyncio.ensure_future(req.next_tokens()): i for i, req in enumerate(reqs)}
         try:
             while waiting:
@@ -1291,7 +1411,7 @@ class _SseEvents:
     which answers' chunks they send when."""
 
     __slots__ = ("head", "shape", "prompt", "total_prompt", "continuous_usage", "include_usage", "fingerprint",
-                 "logprobs", "text_offset")
+                 "logprobs", "text_offset", "returned", "prompt_index", "parsed", "req")
 
     def __init__(self, head: bytes, shape: _SseShape, p: Parsed, prompt: int, fingerprint_json: bytes,
                  total_prompt: int | None = None) -> None:
@@ -1304,13 +1424,36 @@ class _SseEvents:
         self.fingerprint = b',"system_fingerprint":' + fingerprint_json
         self.logprobs: LogprobsPlan | None = p.logprobs  # (an answer's own events where set: text_offset goes on)
         self.text_offset = 0
+        # what the answer sends back of its prompt (an answer's own events where set), its prompt and request
+        self.returned: PromptReturn | None = p.returned
+        self.prompt_index = 0
+        self.parsed = p
+        self.req: SimRequest | None = None
 
     def role(self, role_choice: bytes) -> bytes:
         """Chat's first chunk of an answer (its role, empty content)."""
         role = self.head + role_choice
-        if self.continuous_usage:
-            role += b',"usage":' + _usage(self.prompt, 0, self.shape.usage_details)
-        return b"data: " + role + self.shape.role_tail + b"}\n\n"
+        usage = b',"usage":' + _usage(self.prompt, 0, self.shape.usage_details) if self.continuous_usage else b""
+        tail = self.shape.role_tail
+        returned = self.returned
+        if returned is None:
+            return b"data: " + role + usage + tail + b"}\n\n"
+        if returned.token_ids:
+            tail = tail.replace(b'"prompt_token_ids":null', b'"prompt_token_ids":'
+                                + orjson.dumps(returned.prompts[0].ids), 1)
+        if returned.prompt_text is not None:
+            tail = tail.replace(b'"prompt_text":null', b'"prompt_text":' + orjson.dumps(returned.prompt_text), 1)
+        return b"data: " + role + usage + tail + b"}\n\n"
+
+    def echo(self, index: int) -> bytes:
+        """Chat's chunk of an answer's echo (the last message, where it is the answer's role), after every answer's
+        role chunk; nothing where there is none."""
+        echo = self.returned.echo_texts[0] if self.returned is not None else ""
+        if not echo:
+            return b""
+        usage = b',"usage":' + _usage(self.prompt, 0, self.shape.usage_details) if self.continuous_usage else b""
+        return (b"data: " + self.head + b',"choices":[{"index":%d,"delta":{"content":' % index + orjson.dumps(echo)
+                + b'},"logprobs":null,"finish_reason":null}]' + usage + b"}\n\n")
 
     def tokens(self, open_choice: bytes, sent: int, count: int, finished: bool, finish_reason: str | None) -> bytes:
         """The chunk of an answer's ``count`` new tokens after its ``sent`` ones (the last one when ``finished``).
@@ -1319,14 +1462,18 @@ class _SseEvents:
         shape = self.shape
         if not finished:
             close = shape.close_running
+            text = self.text(sent, count)
             if self.logprobs is not None:
                 close = self._with_logprobs(close, sent, count, False)
-            return self._event(self.head + open_choice + orjson.dumps(self.text(sent, count)) + close,
-                               sent + count, False)
+            if self.returned is not None:
+                text, close = self._with_prompt(text, close, sent, count, False)
+            return self._event(self.head + open_choice + orjson.dumps(text) + close, sent + count, False)
         text = self.text(sent, count - 1) if finish_reason == "stop" else self.text(sent, count)
         close = shape.close_finished + orjson.dumps(finish_reason) + shape.finished_tail
         if self.logprobs is not None:
             close = self._with_logprobs(close, sent, count, finish_reason == "stop")
+        if self.returned is not None:
+            text, close = self._with_prompt(text, close, sent, count, finish_reason == "stop")
         if text or shape.empty_end is None:
             chunk = self.head + open_choice + orjson.dumps(text) + close
         else:  # open_choice ends in the delta's '{"content":', close_finished starts with its '}'
@@ -1339,9 +1486,33 @@ class _SseEvents:
         tokens = ending([self.text(position, 1) for position in range(sent, sent + count)], ends)
         if plan.chat:
             logprobs: dict = {"content": plan.chat_entries(tokens, sent)}
+        elif sent == 0 and self.returned is not None and self.returned.echo_logprobs:
+            # an echo's first chunk: the prompt's tokens lead (alone, without generation)
+            returned = self.returned
+            logprobs, self.text_offset = plan.prompt_block(returned.prompts[self.prompt_index],
+                                                           echo_alternatives(returned, plan), self.text_offset)
+            if not returned.echo_only:
+                block, self.text_offset = plan.completion_block(tokens, sent, self.text_offset)
+                logprobs = merge_blocks(logprobs, block)
         else:
             logprobs, self.text_offset = plan.completion_block(tokens, sent, self.text_offset)
         return close.replace(b'"logprobs":null', b'"logprobs":' + orjson.dumps(logprobs), 1)
+
+    def _with_prompt(self, text: str, close: bytes, sent: int, count: int, ends: bool) -> tuple[str, bytes]:
+        """A chunk's ``text`` and ``close`` with what it sends back of the prompt: the chunk's token ids
+        (``return_token_ids``); a legacy completion's first chunk starts with the prompt's echo (alone without
+        generation) and names the prompt's ids (vLLM's stream does so for ``echo`` too)."""
+        returned: PromptReturn = self.returned  # type: ignore[assignment]
+        if returned.token_ids:
+            ids = answer_token_ids(self.parsed, self.req, sent, count, ends, returned.vocab_size)
+            close = close.replace(b'"token_ids":null', b'"token_ids":' + orjson.dumps(ids), 1)
+        if sent == 0 and self.shape.role_choice is None:
+            echo = returned.echo_texts[self.prompt_index]
+            text = echo if returned.echo_only else echo + text
+            if returned.stream_prompt_ids:
+                close = close.replace(b'"prompt_token_ids":null', b'"prompt_token_ids":'
+                                      + orjson.dumps(returned.prompts[self.prompt_index].ids), 1)
+        return text, close
 
     def _event(self, chunk: bytes, so_far: int, finished: bool) -> bytes:
         """A chunk's event: its JSON (up to its choices) with what rides on it, the answer's ``so_far`` tokens."""
@@ -1384,6 +1555,20 @@ def ending(tokens: list[str], ends: bool) -> list[str]:
     return tokens
 
 
+def answer_token_ids(p: Parsed, req: SimRequest, start: int, count: int, ends: bool, vocab_size: int) -> list[int]:
+    """The ids of an answer's tokens ``start .. start+count-1`` (``return_token_ids``), the last its
+    end-of-sequence token's where ``ends`` (the answer ended by itself with them)."""
+    tokens = ending([answer_text(p, req, position, 1) for position in range(start, start + count)], ends)
+    return [token_id(token, vocab_size) for token in tokens]
+
+
+def echo_alternatives(returned: PromptReturn, plan: LogprobsPlan) -> int:
+    """The alternatives an echoed prompt token lists in a legacy completion's ``logprobs``: as many as the prompt's
+    logprobs hold, no more than ``logprobs`` asks for (vLLM keeps the first ``logprobs + 1`` of each entry)."""
+    asked = returned.prompt_logprobs
+    return plan.top if asked is None or asked < 0 else min(asked, plan.top)
+
+
 def whole_logprobs(p: Parsed, req: SimRequest) -> dict | None:
     """A whole answer's ``logprobs`` (None where not asked for)."""
     plan = p.logprobs
@@ -1420,12 +1605,11 @@ def _finish_reason(plan: ToolCallPlan | None, engine_reason: str | None) -> str 
 class _JsonEvents(_SseEvents):
     """The chunks of one answer written as JSON (``response_format``: :mod:`backends.sim.json_answers`)."""
 
-    __slots__ = ("parsed", "req")
+    __slots__ = ()
 
     def __init__(self, head: bytes, shape: _SseShape, p: Parsed, req: SimRequest, fingerprint_json: bytes,
                  total_prompt: int | None = None) -> None:
         super().__init__(head, shape, p, req.prompt_tokens, fingerprint_json, total_prompt)
-        self.parsed = p
         self.req = req
 
     def text(self, sent: int, count: int) -> str:
