@@ -49,6 +49,7 @@ class Gateway:
         self.store = make_state_store(config.state)
         self.handlers: set[asyncio.Task] = set()  # the OpenAI routes' requests in flight (a graceful stop ends them)
         self.metrics.inflight.set_function(lambda: len(self.handlers))  # maestro_inflight_requests, read at scrape
+        self.admin_calls: set[asyncio.Task] = set()  # engine sleeps and wake-ups in flight (the stop ends them too)
         self.images_inflight = 0  # image requests among them (server.max_inflight_images)
         self.draining = False  # stopping: new requests get 503, those in flight get server.shutdown_grace_s
         self.cutting = False  # the grace is over: the stop cancels the requests still in flight
@@ -154,22 +155,24 @@ class Gateway:
         with 503 and Retry-After. Bounded, so that the whole stop stays inside an orchestrator's grace period
         (Docker's default is 10 s) instead of cutting connections without a word at its SIGKILL."""
         self.draining = True
-        if not self.handlers:
+        if not self.handlers and not self.admin_calls:
             return
         loop = asyncio.get_running_loop()
         grace = self.config.server.shutdown_grace_s
-        log.info("stopping: waiting up to %g s for %d requests in flight", grace, len(self.handlers))
+        log.info("stopping: waiting up to %g s for %d requests in flight", grace,
+                 len(self.handlers) + len(self.admin_calls))
         deadline = loop.time() + grace
-        while self.handlers and loop.time() < deadline and not self._hurry.is_set():
+        while (self.handlers or self.admin_calls) and loop.time() < deadline and not self._hurry.is_set():
             await asyncio.sleep(0.05)
-        if not self.handlers:
+        if not self.handlers and not self.admin_calls:
             return
         log.warning("stopping: ending %d requests still in flight after %.1f s (streams with an error event, the "
-                    "others with 503)", len(self.handlers), grace - max(0.0, deadline - loop.time()))
+                    "others with 503)", len(self.handlers) + len(self.admin_calls),
+                    grace - max(0.0, deadline - loop.time()))
         self.cutting = True
         if self.proxy is not None:
             self.proxy.shutting_down = True
-        pending = list(self.handlers)
+        pending = list(self.handlers) + list(self.admin_calls)
         for task in pending:
             task.cancel()
         await asyncio.wait(pending, timeout=2.0)

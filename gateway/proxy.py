@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -403,6 +404,27 @@ def _total_timeout_message(engine_id: str, total_s: float) -> str:
             f"included); engine {engine_id} was still working on it.")
 
 
+class _Deadline:
+    """A wait's deadline on the loop's clock: an idle limit from now, or what is left of the request's ``total_s``,
+    whichever comes first. ``idle`` says which one is armed, so that a wait that fires is named by the limit it
+    met (uvloop's timers fire up to a millisecond early: comparing the clock to the total's deadline afterwards
+    named some ``total_s`` timeouts idle ones, with the wrong message and metric)."""
+
+    __slots__ = ("at", "idle", "total_at")
+
+    def __init__(self, idle_s: float, remaining_s: float) -> None:
+        now = asyncio.get_running_loop().time()
+        self.total_at = now + remaining_s
+        self.at = self.arm(now, idle_s)
+
+    def arm(self, now: float, idle_s: float) -> float:
+        """The deadline ``idle_s`` after ``now``, or the total's where that comes first."""
+        idle_at = now + idle_s
+        self.idle = idle_at < self.total_at
+        self.at = idle_at if self.idle else self.total_at
+        return self.at
+
+
 class Proxy:
     def __init__(self, config: Config, registry: EngineRegistry, metrics: GatewayMetrics) -> None:
         timeouts = config.timeouts
@@ -439,28 +461,35 @@ class Proxy:
                 await job.ticket.move(engine_id)  # the reservation follows the request to its engine
             client = registry.clients[engine_id]
             # timeouts.total_s bounds the whole request: its time in the gateway's queue and earlier tries count
+            # (ceil_threshold: aiohttp otherwise rounds a deadline of 5 s or more up to the next whole second)
             remaining = self._remaining_s(job)
             timeout = aiohttp.ClientTimeout(total=max(remaining, 0.001), sock_connect=self.connect_s,
-                                            sock_read=sock_read)
+                                            sock_read=sock_read, ceil_threshold=math.inf)
             registry.inflight[engine_id] += 1
             # until something is relayed, the engine's going down (the monitor) ends this wait: tried elsewhere
             waiting = asyncio.timeout(None)
             upstream = None
             try:
                 sent_at = time.perf_counter()
+                # a stream's headers and first event come within stream_idle_s of the send, on the gateway's own
+                # clock (aiohttp's read timer restarts at every byte: headers written a byte a second held the
+                # client for total_s)
+                first_by = _Deadline(self.stream_idle_s + _WATCH_SLACK_S, remaining) if job.stream else None
                 try:
                     async with waiting:
                         registry.waiting[engine_id].add(waiting)
                         try:
-                            upstream = await client.session.post(client.url(job.path), data=job.body,
-                                                                 headers=job.headers, timeout=timeout,
-                                                                 allow_redirects=False)
+                            async with asyncio.timeout_at(first_by.at if first_by is not None else None) as watch:
+                                upstream = await client.session.post(client.url(job.path), data=job.body,
+                                                                     headers=job.headers, timeout=timeout,
+                                                                     allow_redirects=False)
                         except _RETRYABLE_CONNECT_ERRORS as exc:
                             self.metrics.upstream_error(engine_id, "connect")
                             last_problem = f"engine {engine_id} could not be reached ({exc.__class__.__name__})"
                             continue
                         except asyncio.TimeoutError as exc:
-                            raise self._timed_out(exc, engine_id, job) from None
+                            idle = first_by is not None and first_by.idle and watch.expired()
+                            raise self._timed_out(exc, engine_id, job, idle=idle) from None
                         except aiohttp.ClientError as exc:  # an answer that is no valid HTTP (a bad header line):
                             self.metrics.upstream_error(engine_id, "malformed")  # the engine had the request, so
                             raise APIError(502, f"Engine {engine_id} answered with malformed HTTP "  # not sent again
@@ -483,7 +512,8 @@ class Proxy:
                             continue
                         head = b""
                         if job.stream and upstream.status == 200:
-                            head, problem = await self._first_event(upstream, job, engine_id)
+                            head, problem = await self._first_event(upstream, job, engine_id,
+                                                                    first_by)  # type: ignore[arg-type]
                             if head is None:  # refused or dropped before anything reached the client: try another
                                 busy_seen = busy_seen or problem.startswith("is busy")
                                 failed_seen = failed_seen or problem.startswith("failed")
@@ -579,10 +609,10 @@ class Proxy:
         if upstream.content.is_eof():
             return await upstream.read()
         loop = asyncio.get_running_loop()
-        total_at = loop.time() + self._remaining_s(job)
         idle = self.stream_idle_s + _WATCH_SLACK_S
+        deadline = _Deadline(idle, self._remaining_s(job))
         parts = []
-        watch = asyncio.timeout_at(min(loop.time() + idle, total_at))
+        watch = asyncio.timeout_at(deadline.at)
         try:
             async with watch:
                 armed = loop.time()
@@ -591,9 +621,9 @@ class Proxy:
                     now = loop.time()
                     if now - armed >= _WATCH_SLACK_S:
                         armed = now
-                        watch.reschedule(min(now + idle, total_at))
+                        watch.reschedule(deadline.arm(now, idle))
         except asyncio.TimeoutError:
-            if watch.expired() and loop.time() < total_at:
+            if watch.expired() and deadline.idle:
                 raise _BodyStalled from None
             raise  # the whole request's limit (the watch's, or aiohttp's own)
         return b"".join(parts)
@@ -629,8 +659,8 @@ class Proxy:
             message = _total_timeout_message(engine_id, self.total_timeout_s)
         return APIError(504, message, SERVER_ERROR, code="upstream_timeout")
 
-    async def _first_event(self, upstream: aiohttp.ClientResponse, job: RelayJob,
-                           engine_id: str) -> tuple[bytes | web.Response | None, str]:
+    async def _first_event(self, upstream: aiohttp.ClientResponse, job: RelayJob, engine_id: str,
+                           first_by: _Deadline) -> tuple[bytes | web.Response | None, str]:
         """The engine's bytes up to the end of its first SSE event, read before the client's response starts,
         while a failure can still be retried or answered with a status. vLLM sends its 200 at once and refuses a
         request it has no room for with an error event when the refusal comes late (at add_request: 503 in the
@@ -638,15 +668,13 @@ class Proxy:
 
         (head, "") to relay; (None, why) where another engine should be tried (the upstream closed, refused
         as busy, or failed with a 5xx event); (response, "") for a 4xx event, answered with its status and
-        body as vLLM would have answered before streaming; raises the 504s."""
+        body as vLLM would have answered before streaming; raises the 504s. ``first_by`` is the deadline set at the
+        send, which the headers' wait shared."""
         head = bytearray()
-        loop = asyncio.get_running_loop()
-        total_at = loop.time() + self._remaining_s(job)
         watchdog: asyncio.Timeout | None = None
         try:
             # aiohttp's read timer stops at a chunk it cannot parse: the gateway's own clock bounds the wait too
-            async with asyncio.timeout_at(min(loop.time() + self.stream_idle_s + _WATCH_SLACK_S,
-                                              total_at)) as watchdog:
+            async with asyncio.timeout_at(first_by.at) as watchdog:
                 while True:
                     chunk = await upstream.content.readany()
                     if not chunk:
@@ -664,7 +692,7 @@ class Proxy:
                                       "its end")
         except asyncio.TimeoutError as exc:
             upstream.close()
-            idle = watchdog is not None and watchdog.expired() and loop.time() < total_at
+            idle = watchdog is not None and watchdog.expired() and first_by.idle
             raise self._timed_out(exc, engine_id, job, idle=idle) from None
         except aiohttp.ClientError as exc:  # dropped, or an answer that is no valid HTTP (a bad chunk size)
             upstream.close()
@@ -770,12 +798,12 @@ class Proxy:
         ticket = job.ticket
         loop = asyncio.get_running_loop()
         idle = self.stream_idle_s + _WATCH_SLACK_S
-        total_at = loop.time() + self._remaining_s(job)
+        deadline = _Deadline(idle, self._remaining_s(job))
         writing = False
         last = b""
         watchdog: asyncio.Timeout | None = None
         try:
-            async with asyncio.timeout_at(min(loop.time() + idle, total_at)) as watchdog:
+            async with asyncio.timeout_at(deadline.at) as watchdog:
                 armed = loop.time()
                 chunk = head
                 chunks = upstream.content.iter_any()
@@ -803,10 +831,12 @@ class Proxy:
                         if first:
                             first = False
                             self.metrics.first_byte(job.route, time.perf_counter() - (job.arrived or job.started))
-                    now = loop.time()
-                    if now - armed >= _WATCH_SLACK_S:
-                        armed = now
-                        watchdog.reschedule(min(now + idle, total_at))
+                        # progress is an event relayed: bytes that complete none (an engine trickling a byte a
+                        # second) do not keep the stream alive past stream_idle_s
+                        now = loop.time()
+                        if now - armed >= _WATCH_SLACK_S:
+                            armed = now
+                            watchdog.reschedule(deadline.arm(now, idle))
                     chunk = await anext(chunks, None)
                     if chunk is None:
                         break
@@ -832,7 +862,7 @@ class Proxy:
             if job.answered:
                 return False  # the engine kept its connection open after the end: the answer is whole
             job.status = 504
-            if isinstance(exc, aiohttp.ServerTimeoutError) or (fired and loop.time() < total_at):
+            if isinstance(exc, aiohttp.ServerTimeoutError) or (fired and deadline.idle):
                 self.metrics.upstream_error(engine_id, "stream_idle")  # nothing came for stream_idle_s
                 await self._end_stream_with_error(response, f"Engine {engine_id} sent nothing for "
                                                             f"{self.stream_idle_s:g} s; the stream was cut.",

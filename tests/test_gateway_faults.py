@@ -996,3 +996,85 @@ async def test_a_busy_answer_whose_body_stops_coming_is_not_waited_for():
             async with session.post(gw.base_url + "/v1/chat/completions", json=_CHAT_BODY) as r:
                 assert r.status == 503 and (await r.json())["error"]["code"] == "engines_busy"
             assert time.monotonic() - started < 2.5
+
+
+def _trickle(piece: bytes, every_s: float, for_s: float) -> list:
+    """An engine's bytes a piece at a time, ``every_s`` apart, for ``for_s`` seconds."""
+    return [part for _ in range(int(for_s / every_s)) for part in (piece, every_s)]
+
+
+async def test_a_stream_whose_headers_trickle_is_a_504_after_stream_idle_s():
+    """aiohttp's read timer restarts at every byte: an engine writing its headers a byte every 0.1 s held a
+    stream's client for total_s (15 minutes by default). The headers and the first event now come within
+    stream_idle_s of the send, on the gateway's own clock."""
+    async def answer(headers, body):
+        return [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nX-Slow: ", *_trickle(b"a", 0.1, 20.0)]
+
+    raw = gateway_config([], timeouts={"total_s": 20, "stream_idle_s": 0.5})
+    async with RawEngine(answer) as engine:
+        raw["clusters"][0]["pools"][0]["engines"] = [{"url": engine.url}]
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            started = time.monotonic()
+            async with session.post(gw.base_url + "/v1/chat/completions", json={**_CHAT_BODY, "stream": True}) as r:
+                error = (await r.json())["error"]
+            assert r.status == 504 and error["code"] == "upstream_timeout" and "within 0.5 s" in error["message"]
+            assert time.monotonic() - started < 5
+            assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
+
+
+async def test_a_stream_whose_bytes_complete_no_event_is_cut_after_stream_idle_s():
+    """After the first event, an engine sending a byte every 0.1 s that never ends an event relays nothing: it
+    kept the stream alive until total_s. Only an event relayed is progress now."""
+    status, body, counted, _ = await _stream_through([_CHUNK + b"\n\n", *_trickle(b"x", 0.1, 20.0)],
+                                                     timeouts={"total_s": 20, "stream_idle_s": 0.5})
+    text = body.decode()
+    assert status == 200 and text.startswith(_CHUNK.decode()) and text.rstrip().endswith("data: [DONE]")
+    assert "sent nothing for 0.5 s" in text and counted == {"504": 1.0}, (text, counted)
+
+
+async def test_a_total_timeout_is_named_as_one_while_bytes_keep_coming():
+    """A whole answer trickled until total_s: its 504 names total_s, counted as a timeout, never as the idle
+    limit it did not meet (uvloop's timers fire up to a millisecond early, and the test of the clock against the
+    total's deadline after the fact named some total timeouts idle ones)."""
+    async def answer(headers, body):
+        return [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n",
+                *_trickle(b" ", 0.05, 10.0)]
+
+    raw = gateway_config([], timeouts={"total_s": 1.0, "stream_idle_s": 0.5})
+    async with RawEngine(answer) as engine:
+        raw["clusters"][0]["pools"][0]["engines"] = [{"url": engine.url}]
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            for _ in range(6):
+                async with session.post(gw.base_url + "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    error = (await r.json())["error"]
+                assert r.status == 504 and "timeouts.total_s" in error["message"], error
+            metrics = gw.metrics.render().decode()
+            assert 'reason="stream_idle"' not in metrics and 'reason="timeout"} 6.0' in metrics, metrics
+    # the deadline names the limit it armed, whatever the clock reads when it fires
+    from gateway.proxy import _Deadline
+
+    deadline = _Deadline(0.5, 1.0)
+    assert deadline.idle and deadline.at == pytest.approx(deadline.total_at - 0.5)
+    assert deadline.arm(deadline.total_at - 0.2, 0.5) == deadline.total_at and not deadline.idle
+    assert deadline.arm(deadline.total_at - 0.6, 0.5) == pytest.approx(deadline.total_at - 0.1) and deadline.idle
+
+
+async def test_an_engine_sleep_cut_by_the_stop_is_answered_503():
+    """An admin sleep waits on its engine (up to timeouts.admin_s); the gateway's stop cut it without a word (the
+    caller saw the connection drop). It is waited for during the grace, then answered 503 like a request."""
+    engine = FaultEngine(sleep_routes=True, sleep_delay_s=30.0)
+    await engine.start()
+    try:
+        config = gateway_config([engine.url], server={"shutdown_grace_s": 0.3})
+        async with running_gateway(config) as gw, aiohttp.ClientSession() as session:
+            [engine_id] = list(gw.registry.clients)
+            call = asyncio.create_task(session.post(gw.base_url + f"/admin/engines/{engine_id}/sleep"))
+            while not engine.paused:
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            await gw.stop()
+            answer = await call
+            assert answer.status == 503 and (await answer.json())["error"]["code"] == "gateway_shutting_down"
+            assert 0.3 <= time.monotonic() - started < 4.0
+    finally:
+        await engine.stop()

@@ -7,6 +7,7 @@ whenever keys are configured, because it can put engines to sleep.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import orjson
@@ -158,12 +159,32 @@ async def _engine_action(request: web.Request, action: str) -> web.Response:
                         content_type="application/json")
 
 
+async def _stop_answers(request: web.Request, action: str) -> web.Response:
+    """An engine action, which waits on its engine (up to ``timeouts.admin_s``, 30 s by default), as the gateway's
+    stop treats a request in flight: waited for during its grace, then ended with a 503 its caller reads, not a
+    connection cut without a word when the server closes."""
+    gateway = request.app[GATEWAY_KEY]
+    task = asyncio.current_task()
+    gateway.admin_calls.add(task)
+    try:
+        return await _engine_action(request, action)
+    except asyncio.CancelledError:
+        if not gateway.cutting:
+            raise  # the caller left
+        task.uncancel()  # type: ignore[union-attr]
+        return error_response(503, f"The gateway shut down before {action} finished; GET /admin/engines on a "
+                                   "running gateway shows the engine's state.", SERVER_ERROR,
+                              code="gateway_shutting_down", headers={"Retry-After": "1"})
+    finally:
+        gateway.admin_calls.discard(task)
+
+
 async def sleep_engine(request: web.Request) -> web.Response:
-    return await _engine_action(request, "sleep")
+    return await _stop_answers(request, "sleep")
 
 
 async def wake_engine(request: web.Request) -> web.Response:
-    return await _engine_action(request, "wake_up")
+    return await _stop_answers(request, "wake_up")
 
 
 async def not_found(request: web.Request) -> web.Response:
