@@ -864,7 +864,7 @@ class Proxy:
             job.status = 504
             if isinstance(exc, aiohttp.ServerTimeoutError) or (fired and deadline.idle):
                 self.metrics.upstream_error(engine_id, "stream_idle")  # nothing came for stream_idle_s
-                await self._end_stream_with_error(response, f"Engine {engine_id} sent nothing for "
+                await self._end_stream_with_error(response, f"Engine {engine_id} sent no event for "
                                                             f"{self.stream_idle_s:g} s; the stream was cut.",
                                                   before=usage_filter.release())
             else:  # the whole request's limit

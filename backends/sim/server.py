@@ -1253,32 +1253,32 @@ class SimServer:
                 self._completion_prompt_return(body, reqs, p)
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
-    def _chat_prompt_return(self, body: dict, reqs: list[SimRequest], p: Parsed) -> None:
+    def _chat_prompt_return(self, answer: dict, reqs: list[SimRequest], p: Parsed) -> None:
         """A whole chat answer with what it sends back of its prompt (vLLM's chat serving): the echo before each
         message's content, the prompt's logprobs, ids and rendered text at the top, each answer's token ids."""
         returned: PromptReturn = p.returned  # type: ignore[assignment]
         prompt = returned.prompts[0]
         echo = returned.echo_texts[0]
-        for choice, req in zip(body["choices"], reqs):
+        for choice, req in zip(answer["choices"], reqs):
             if echo:
                 choice["message"]["content"] = echo + choice["message"]["content"]
             if returned.token_ids:
                 choice["token_ids"] = answer_token_ids(p, req, 0, req.generated, req.finish_reason == "stop",
                                                        self.options.vocab_size)
         if returned.prompt_logprobs is not None:
-            body["prompt_logprobs"] = prompt_logprobs(prompt, returned.prompt_logprobs, self.options.vocab_size,
-                                                      WORDS)
+            answer["prompt_logprobs"] = prompt_logprobs(prompt, returned.prompt_logprobs, self.options.vocab_size,
+                                                        WORDS)
         if returned.token_ids:
-            body["prompt_token_ids"] = prompt.ids
-        body["prompt_text"] = returned.prompt_text
+            answer["prompt_token_ids"] = prompt.ids
+        answer["prompt_text"] = returned.prompt_text
 
-    def _completion_prompt_return(self, body: dict, reqs: list[SimRequest], p: Parsed) -> None:
+    def _completion_prompt_return(self, answer: dict, reqs: list[SimRequest], p: Parsed) -> None:
         """A whole legacy completion with what it sends back of its prompts (vLLM's completion serving): each
         answer's text after its prompt's echo (the prompt alone without generation), its logprobs after the
         prompt's, and the prompt's logprobs and ids, and its own token ids."""
         returned: PromptReturn = p.returned  # type: ignore[assignment]
         vocab = self.options.vocab_size
-        for index, (choice, req) in enumerate(zip(body["choices"], reqs)):
+        for index, (choice, req) in enumerate(zip(answer["choices"], reqs)):
             prompt = returned.prompts[index // p.n]
             echo = returned.echo_texts[index // p.n]
             if returned.echo_only:
