@@ -853,6 +853,16 @@ async def test_an_engine_header_with_a_control_character_is_not_copied(header, c
     assert not [record for record in caplog.records if record.exc_info]
 
 
+@contextlib.asynccontextmanager
+async def _gateway_over(answer, **timeouts):
+    """A gateway (with these ``timeouts``) over one raw engine that gives ``answer``, and a client session."""
+    raw = gateway_config([], timeouts=timeouts)
+    async with RawEngine(answer) as engine:
+        raw["clusters"][0]["pools"][0]["engines"] = [{"url": engine.url}]
+        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
+            yield gw, session
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_whole_answer_whose_body_stops_coming_is_cut_after_stream_idle_s(stream):
     """aiohttp stops its read timer on a body it cannot parse (a chunk size that is no number), even once the
@@ -862,15 +872,12 @@ async def test_a_whole_answer_whose_body_stops_coming_is_cut_after_stream_idle_s
         return [b"HTTP/1.1 %s X\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
                 % (b"400" if stream else b"200") + b'5\r\n{"cho\r\n', 0.1, b"zz\r\nnot a chunk\r\n", 0.1]
 
-    raw = gateway_config([], timeouts={"total_s": 30, "stream_idle_s": 0.5})
-    async with RawEngine(answer) as engine:
-        raw["clusters"][0]["pools"][0]["engines"] = [{"url": engine.url}]
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
-            started = time.monotonic()
-            async with session.post(gw.base_url + "/v1/chat/completions", json={**_CHAT_BODY, "stream": stream}) as r:
-                assert r.status == 504 and (await r.json())["error"]["code"] == "upstream_timeout"
-            assert time.monotonic() - started < 5
-            assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
+    async with _gateway_over(answer, total_s=30, stream_idle_s=0.5) as (gw, session):
+        started = time.monotonic()
+        async with session.post(gw.base_url + "/v1/chat/completions", json={**_CHAT_BODY, "stream": stream}) as r:
+            assert r.status == 504 and (await r.json())["error"]["code"] == "upstream_timeout"
+        assert time.monotonic() - started < 5
+        assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
 
 
 _SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
@@ -1010,16 +1017,13 @@ async def test_a_stream_whose_headers_trickle_is_a_504_after_stream_idle_s():
     async def answer(headers, body):
         return [b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nX-Slow: ", *_trickle(b"a", 0.1, 20.0)]
 
-    raw = gateway_config([], timeouts={"total_s": 20, "stream_idle_s": 0.5})
-    async with RawEngine(answer) as engine:
-        raw["clusters"][0]["pools"][0]["engines"] = [{"url": engine.url}]
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
-            started = time.monotonic()
-            async with session.post(gw.base_url + "/v1/chat/completions", json={**_CHAT_BODY, "stream": True}) as r:
-                error = (await r.json())["error"]
-            assert r.status == 504 and error["code"] == "upstream_timeout" and "within 0.5 s" in error["message"]
-            assert time.monotonic() - started < 5
-            assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
+    async with _gateway_over(answer, total_s=20, stream_idle_s=0.5) as (gw, session):
+        started = time.monotonic()
+        async with session.post(gw.base_url + "/v1/chat/completions", json={**_CHAT_BODY, "stream": True}) as r:
+            error = (await r.json())["error"]
+        assert r.status == 504 and error["code"] == "upstream_timeout" and "within 0.5 s" in error["message"]
+        assert time.monotonic() - started < 5
+        assert gw.inflight == 0 and all(v == 0 for v in gw.registry.inflight.values())
 
 
 async def test_a_stream_whose_bytes_complete_no_event_is_cut_after_stream_idle_s():
@@ -1040,16 +1044,13 @@ async def test_a_total_timeout_is_named_as_one_while_bytes_keep_coming():
         return [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n",
                 *_trickle(b" ", 0.05, 10.0)]
 
-    raw = gateway_config([], timeouts={"total_s": 1.0, "stream_idle_s": 0.5})
-    async with RawEngine(answer) as engine:
-        raw["clusters"][0]["pools"][0]["engines"] = [{"url": engine.url}]
-        async with running_gateway(raw) as gw, aiohttp.ClientSession() as session:
-            for _ in range(6):
-                async with session.post(gw.base_url + "/v1/chat/completions", json=_CHAT_BODY) as r:
-                    error = (await r.json())["error"]
-                assert r.status == 504 and "timeouts.total_s" in error["message"], error
-            metrics = gw.metrics.render().decode()
-            assert 'reason="stream_idle"' not in metrics and 'reason="timeout"} 6.0' in metrics, metrics
+    async with _gateway_over(answer, total_s=1.0, stream_idle_s=0.5) as (gw, session):
+        for _ in range(6):
+            async with session.post(gw.base_url + "/v1/chat/completions", json=_CHAT_BODY) as r:
+                error = (await r.json())["error"]
+            assert r.status == 504 and "timeouts.total_s" in error["message"], error
+        metrics = gw.metrics.render().decode()
+        assert 'reason="stream_idle"' not in metrics and 'reason="timeout"} 6.0' in metrics, metrics
     # the deadline names the limit it armed, whatever the clock reads when it fires
     from gateway.proxy import _Deadline
 

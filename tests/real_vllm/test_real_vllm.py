@@ -73,6 +73,25 @@ def _shape_runs(chunks: list) -> list:
     return shapes
 
 
+def _token_maps_counted(value):
+    """An answer with its maps keyed by tokens or token ids (which differ from engine to engine) made comparable: a
+    legacy completion's ``top_logprobs`` ({token: logprob} per token) by their sizes, ``prompt_logprobs`` by its first
+    entry and the keys of its second's values."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if key == "prompt_logprobs" and isinstance(item, list):
+                out[key] = [item[0], sorted(next(iter(item[1].values())))]
+            elif key == "top_logprobs" and "text_offset" in value:
+                out[key] = [None if top is None else len(top) for top in item]
+            else:
+                out[key] = _token_maps_counted(item)
+        return out
+    if isinstance(value, list):
+        return [_token_maps_counted(item) for item in value]
+    return value
+
+
 def _shape(value):
     """Every key of a JSON value and the JSON type of every leaf (the first element of a list stands for the rest):
     what two engines' answers to the same request must share, whatever the generated text."""
@@ -553,15 +572,6 @@ class TestTinyLlama:
 
         model, chat = tiny_stack.model, [{"role": "user", "content": "hi"}]
 
-        def normal(value):  # a legacy completion's top_logprobs: {token: logprob} -> how many, and their type
-            if isinstance(value, dict) and "top_logprobs" in value and "text_offset" in value:
-                value = {**value, "top_logprobs": [len(top) for top in value["top_logprobs"]]}
-            if isinstance(value, dict):
-                return {key: normal(item) for key, item in value.items()}
-            if isinstance(value, list):
-                return [normal(item) for item in value]
-            return value
-
         cases = [("/v1/chat/completions", {"messages": chat, "logprobs": True, "top_logprobs": 2}),
                  ("/v1/chat/completions", {"messages": chat, "logprobs": True}),
                  ("/v1/chat/completions", {"messages": chat, "logprobs": True, "top_logprobs": 1,
@@ -580,10 +590,10 @@ class TestTinyLlama:
                     if not body["stream"]:
                         whole = orjson.loads(raw)
                         [choice] = whole["choices"]
-                        return _shape(normal(whole)), choice["logprobs"]
+                        return _shape(_token_maps_counted(whole)), choice["logprobs"]
                     chunks = [orjson.loads(e[len(b"data: "):]) for e in raw.split(b"\n\n")
                               if e.startswith(b"data: {")]
-                    return [_shape(normal(chunk)) for chunk in chunks], [c["choices"][0]["logprobs"] for c in chunks]
+                    return [_shape(_token_maps_counted(chunk)) for chunk in chunks], [c["choices"][0]["logprobs"] for c in chunks]
 
                 for path, fields in cases:
                     for stream in (False, True):
@@ -625,21 +635,6 @@ class TestTinyLlama:
         model = tiny_stack.model
         chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Well,"}]
 
-        def normal(value):  # maps keyed by tokens or token ids, which differ: their count, their values' keys
-            if isinstance(value, dict):
-                out = {}
-                for key, item in value.items():
-                    if key == "prompt_logprobs" and isinstance(item, list):
-                        out[key] = [item[0], sorted(next(iter(item[1].values())))]
-                    elif key == "top_logprobs" and "text_offset" in value:
-                        out[key] = [None if top is None else len(top) for top in item]
-                    else:
-                        out[key] = normal(item)
-                return out
-            if isinstance(value, list):
-                return [normal(item) for item in value]
-            return value
-
         cases = [("/v1/completions", {"prompt": "once upon", "echo": True}),
                  ("/v1/completions", {"prompt": "once upon", "echo": True, "logprobs": 1}),
                  ("/v1/completions", {"prompt": "once upon", "echo": True, "logprobs": 2, "max_tokens": 0}),
@@ -668,14 +663,14 @@ class TestTinyLlama:
                             ids = choice.get("prompt_token_ids", whole.get("prompt_token_ids"))
                             assert entries is None or len(entries) == prompt_tokens, (base, body)
                             assert ids is None or len(ids) == prompt_tokens, (base, body)
-                        return _shape(normal(whole))
+                        return _shape(_token_maps_counted(whole))
                     chunks = [orjson.loads(e[len(b"data: "):]) for e in raw.split(b"\n\n")
                               if e.startswith(b"data: {")]
                     by_answer: dict = {}  # each answer's run of chunk shapes (see the answers' shape test)
                     for chunk in chunks:
                         shapes = by_answer.setdefault(chunk["choices"][0]["index"] if chunk["choices"] else None, [])
-                        if not shapes or shapes[-1] != _shape(normal(chunk)):
-                            shapes.append(_shape(normal(chunk)))
+                        if not shapes or shapes[-1] != _shape(_token_maps_counted(chunk)):
+                            shapes.append(_shape(_token_maps_counted(chunk)))
                     return by_answer
 
                 for path, fields in cases:
