@@ -182,7 +182,7 @@ class Gateway:
         if not self._hurry.is_set():
             if self.draining:
                 log.warning("stopping: signalled again; ending the %d requests still in flight now",
-                            len(self.handlers))
+                            len(self.handlers) + len(self.admin_calls))
             else:
                 log.warning("signalled again while starting: the stop will not wait for requests in flight")
         self._hurry.set()

@@ -1073,7 +1073,12 @@ async def test_an_engine_sleep_cut_by_the_stop_is_answered_503():
             while not engine.paused:
                 await asyncio.sleep(0.01)
             started = time.monotonic()
-            await gw.stop()
+            stopping = asyncio.create_task(gw.stop())
+            await asyncio.sleep(0.1)
+            # a new one during the grace is refused, as a new request is (a sleep would end those being drained)
+            async with session.post(gw.base_url + f"/admin/engines/{engine_id}/wake_up") as late:
+                assert late.status == 503 and (await late.json())["error"]["code"] == "gateway_shutting_down"
+            await stopping
             answer = await call
             assert answer.status == 503 and (await answer.json())["error"]["code"] == "gateway_shutting_down"
             assert 0.3 <= time.monotonic() - started < 4.0

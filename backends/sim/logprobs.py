@@ -108,7 +108,7 @@ class LogprobsPlan:
 
     def _prompt_alternatives(self, token: str, count: int) -> list[str]:
         """``count`` filler words other than a prompt's ``token`` (its alternatives, likeliest first)."""
-        return [word for word in self.words if word != token][:count]
+        return prompt_alternatives(self.words, token, count)
 
     def prompt_block(self, prompt: PromptTokens, count: int, offset: int) -> tuple[dict, int]:
         """The entries of an echoed prompt in a legacy completion's ``logprobs`` (``count`` alternatives each,
@@ -144,12 +144,18 @@ def prompt_logprobs(prompt: PromptTokens, count: int, vocab_size: int, words: Se
         entry = {str(prompt.ids[position]): {"logprob": prompt_token_logprob(position),
                                              "rank": count + PROMPT_RANK_BELOW + position % 7,
                                              "decoded_token": token}}
-        alternatives = [word for word in words if word != token][:count]
+        alternatives = prompt_alternatives(words, token, count)
         for rank, word in enumerate(alternatives, start=1):
             entry.setdefault(str(token_id(word, vocab_size)),
                              {"logprob": alternative_logprob(rank), "rank": rank, "decoded_token": word})
         entries.append(entry)
     return entries
+
+
+def prompt_alternatives(words: Sequence[str], token: str, count: int) -> list[str]:
+    """``count`` filler words other than a prompt's ``token``, likeliest first (a few words looked at, not all:
+    a long prompt asks this once a token)."""
+    return [word for word in words[:count + 1] if word != token][:count]
 
 
 def merge_blocks(first: dict, second: dict) -> dict:

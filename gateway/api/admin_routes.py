@@ -164,6 +164,13 @@ async def _stop_answers(request: web.Request, action: str) -> web.Response:
     stop treats a request in flight: waited for during its grace, then ended with a 503 its caller reads, not a
     connection cut without a word when the server closes."""
     gateway = request.app[GATEWAY_KEY]
+    if gateway.draining:  # as a new request gets: a sleep (mode=abort) would also end the requests being drained
+        try:
+            _admin(request)
+        except APIError as error:
+            return error.response()
+        return error_response(503, "The gateway is shutting down; retry on a running one.", SERVER_ERROR,
+                              code="gateway_shutting_down", headers={"Retry-After": "1"})
     task = asyncio.current_task()
     gateway.admin_calls.add(task)
     try:
@@ -172,8 +179,8 @@ async def _stop_answers(request: web.Request, action: str) -> web.Response:
         if not gateway.cutting:
             raise  # the caller left
         task.uncancel()  # type: ignore[union-attr]
-        return error_response(503, f"The gateway shut down before {action} finished; GET /admin/engines on a "
-                                   "running gateway shows the engine's state.", SERVER_ERROR,
+        return error_response(503, f"The gateway shut down before it could answer this {action} call; GET "
+                                   "/admin/engines on a running gateway shows the engine's state.", SERVER_ERROR,
                               code="gateway_shutting_down", headers={"Retry-After": "1"})
     finally:
         gateway.admin_calls.discard(task)
