@@ -1288,10 +1288,10 @@ class SimServer:
             if returned.echo_logprobs:
                 plan: LogprobsPlan = p.logprobs  # type: ignore[assignment]
                 block, offset = plan.prompt_block(prompt, echo_alternatives(returned, plan), 0)
-                if not returned.echo_only:
-                    tokens = ending([answer_text(p, req, position, 1) for position in range(req.generated)],
-                                    req.finish_reason == "stop")
-                    block = merge_blocks(block, plan.completion_block(tokens, 0, offset)[0])
+                if not returned.echo_only:  # the answer's own entries (whole_logprobs'), their offsets after it
+                    answer = choice["logprobs"]
+                    answer["text_offset"] = [at + offset for at in answer["text_offset"]]
+                    block = merge_blocks(block, answer)
                 choice["logprobs"] = block
             if returned.prompt_logprobs is not None:
                 choice["prompt_logprobs"] = prompt_logprobs(prompt, returned.prompt_logprobs, vocab, WORDS)
@@ -1555,11 +1555,15 @@ def ending(tokens: list[str], ends: bool) -> list[str]:
     return tokens
 
 
+def answer_tokens(p: Parsed, req: SimRequest, start: int, count: int, ends: bool) -> list[str]:
+    """The texts of an answer's tokens ``start .. start+count-1``, the last its end-of-sequence token where
+    ``ends`` (the answer ended by itself with them)."""
+    return ending([answer_text(p, req, position, 1) for position in range(start, start + count)], ends)
+
+
 def answer_token_ids(p: Parsed, req: SimRequest, start: int, count: int, ends: bool, vocab_size: int) -> list[int]:
-    """The ids of an answer's tokens ``start .. start+count-1`` (``return_token_ids``), the last its
-    end-of-sequence token's where ``ends`` (the answer ended by itself with them)."""
-    tokens = ending([answer_text(p, req, position, 1) for position in range(start, start + count)], ends)
-    return [token_id(token, vocab_size) for token in tokens]
+    """The ids of an answer's tokens ``start .. start+count-1`` (``return_token_ids``)."""
+    return [token_id(token, vocab_size) for token in answer_tokens(p, req, start, count, ends)]
 
 
 def echo_alternatives(returned: PromptReturn, plan: LogprobsPlan) -> int:
@@ -1574,8 +1578,7 @@ def whole_logprobs(p: Parsed, req: SimRequest) -> dict | None:
     plan = p.logprobs
     if plan is None:
         return None
-    tokens = ending([answer_text(p, req, position, 1) for position in range(req.generated)],
-                    req.finish_reason == "stop")
+    tokens = answer_tokens(p, req, 0, req.generated, req.finish_reason == "stop")
     if plan.chat:
         return {"content": plan.chat_entries(tokens, 0)}
     return plan.completion_block(tokens, 0, 0)[0]
