@@ -450,10 +450,10 @@ async def test_fields_vllm_validates_that_the_sim_did_not_read_are_refused_as_vl
         status, answer, _ = await _post(url, body)
         assert status == 200, (fields, answer)
     # a part whose type is no string is no media part, and no crash (a list is no key of a set): vLLM refuses such
-    # parts with pydantic's errors, where the sim does not check their shape (a documented deviation)
+    # parts with pydantic's errors (tests/test_sim_messages.py)
     status, answer, _ = await _post(chat, {"model": MODEL, "max_tokens": 2, "messages": [
         {"role": "user", "content": [{"type": ["image_url"]}, {"type": {"a": 1}}, "text"]}]})
-    assert status < 500, answer
+    assert status == 400 and "validation errors" in answer["error"]["message"], answer
     assert handle.engine.num_running == handle.engine.num_waiting == 0
 
 

@@ -98,14 +98,20 @@ def validated(adapter: TypeAdapter, value: Any, field: str) -> tuple[Any, list[d
     try:
         return adapter.validate_python(value, from_attributes=True), []  # as FastAPI validates a body
     except ValidationError as exc:
-        errors = []
-        for error in exc.errors(include_url=False):
-            loc = ".".join(str(part) for part in ("body", field, *error["loc"]) if not _is_internal(part))
-            shown = {"type": error["type"], "loc": loc, "msg": error["msg"], "input": error["input"]}
-            if "ctx" in error:
-                shown["ctx"] = error["ctx"]
-            errors.append(shown)
-        return None, errors
+        return None, reported_errors(exc, ("body", field))
+
+
+def reported_errors(exc: ValidationError, prefix: tuple[str, ...]) -> list[dict]:
+    """``exc``'s errors as vLLM reports them: each ``loc`` a dotted string after ``prefix``, without pydantic's own
+    segments."""
+    errors = []
+    for error in exc.errors(include_url=False):
+        loc = ".".join(str(part) for part in (*prefix, *error["loc"]) if not _is_internal(part))
+        shown = {"type": error["type"], "loc": loc, "msg": error["msg"], "input": error["input"]}
+        if "ctx" in error:
+            shown["ctx"] = error["ctx"]
+        errors.append(shown)
+    return errors
 
 
 def errors_of(adapter: TypeAdapter, value: Any, field: str) -> list[dict]:
@@ -113,4 +119,4 @@ def errors_of(adapter: TypeAdapter, value: Any, field: str) -> list[dict]:
     return validated(adapter, value, field)[1]
 
 
-__all__ = ["PROMPT", "RESPONSE_FORMAT", "TOOLS", "errors_of", "validated"]
+__all__ = ["PROMPT", "RESPONSE_FORMAT", "TOOLS", "errors_of", "reported_errors", "validated"]

@@ -25,18 +25,24 @@ Request handling
   object); by pydantic against copies of vLLM's models (:mod:`backends.sim.request_models`): ``tools``,
   ``response_format`` (a structural tag's format is not checked) and a legacy completion's ``prompt`` (vLLM's
   union of token ids >= 0, a list of such lists, a string, a list of strings: every member's errors where none
-  takes it, e.g. ``[[1, -5]]``); required ``messages`` / ``prompt``. ``priority`` must be an int; under the
-  ``fcfs`` policy it is accepted and ignored (as observed on a real server). Also
+  takes it, e.g. ``[[1, -5]]``); chat's ``messages`` (:mod:`backends.sim.chat_messages`: copies of the OpenAI
+  SDK's message types, vLLM's custom message and openai-harmony's, with every member's errors where none takes a
+  message, e.g. eleven for a message without ``role``); required ``messages`` / ``prompt``. ``priority`` must be
+  an int; under the ``fcfs`` policy it is accepted and ignored (as observed on a real server). Also
   ``logprobs`` (chat: a bool; completions: an int), ``top_logprobs``, ``prompt_logprobs``, ``logit_bias`` (an
   object of numbers), ``stop_token_ids`` and ``allowed_token_ids`` (lists of ints). Before them, the request's
-  validators (vLLM runs them last-defined first): chat's generation prompt (not both it and
+  validators (vLLM runs them last-defined first): chat's ``messages`` looped over (a number or null is
+  Python's TypeError, ``'int' object is not iterable``), chat's generation prompt (not both it and
   ``continue_final_message``), tool usage (``tool_choice`` needs ``tools``, a named tool must be one of them),
   logprobs (``top_logprobs`` needs ``logprobs``), stream options; a legacy completion's batch size (at most 1024
   prompts), prompt, stream options, logprobs (an integer, >= 0 or -1); then both routes' ``json_schema`` format
-  without its ``json_schema``.
+  without its ``json_schema``; then a message's ``tool_calls`` made a list (a number: the TypeError). After the
+  fields, an assistant message's tool calls, which pydantic reads only then (``body.0...`` errors).
 * **Order of answers**, as a real vLLM 0.32 gives them: the request's validation (400), the model (404),
-  back-pressure (503, counting every answer of ``n``), the tool choice (chat, below), the renderer's refusals (an
-  image, audio or video part sent to a text model, as every simulated model is; a chat template asked to continue
+  back-pressure (503, counting every answer of ``n``), the tool choice (chat, below), the renderer's refusals (its
+  message parser's, message by message and part by part: a content part no type takes, an image, audio or video
+  part sent to a text model, as every simulated model is, a part of an unknown type, a text that is no string, an
+  assistant tool call that is no function; an empty conversation; a chat template asked to continue
   the final message while it adds a generation prompt, the default; a legacy completion's ``suffix``: no
   simulated model renders fill-in-the-middle; an empty list of prompts), the lengths below,
   ``logit_bias`` keys that are no integer, then SamplingParams' checks in its order, the first failure answering
@@ -148,9 +154,8 @@ Deviations from a real vLLM (on purpose)
   pieces of four characters, as many as the prompt-token estimate counts; a token-id prompt's ids written as filler
   words), and so are their ids, their ``prompt_logprobs`` and the chat prompt ``return_prompt_text`` renders. A
   forced tool call's ``token_ids`` in a stream come back null.
-* A message's own fields are not validated beyond being an object (vLLM checks each against its message union,
-  e.g. a message without ``role`` gets eleven pydantic errors there); with several invalid fields at once, the
-  pydantic errors are listed in this checker's order, not always in the model's field order.
+* With several invalid fields at once, the pydantic errors are listed in this checker's order, not always in the
+  model's field order (``messages``' come first, as in vLLM's model).
 * ``n`` answers are ``n`` engine requests (``<i>_<id>``, as vLLM's parallel sampling names its children), each
   holding the prompt's KV of its own: vLLM's prefix cache shares the prompt's full blocks between them, and the
   simulation has no prefix cache.
@@ -174,6 +179,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from backends.exact_json import may_hold_long_integer
 from backends.lax import LaxError, lax_bool, lax_float, lax_int
+from backends.sim.chat_messages import (MessageRefusal, check_parsed_messages, messages_type_error,
+                                        normalized_messages, plain_messages, tool_call_errors, validated_messages)
 from backends.sim.engine import PAUSE_MODES, EngineBusy, SimEngine, SimRequest
 from backends.sim.json_answers import plan_json_text
 from backends.sim.logprobs import EOS_TOKEN, LogprobsPlan, merge_blocks, prompt_logprobs
@@ -623,7 +630,7 @@ class Parsed:
     __slots__ = ("chat", "model", "stream", "include_usage", "continuous_usage", "max_tokens", "max_tokens_param",
                  "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
                  "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts", "suffix",
-                 "echo", "template_conflict", "media", "truncate", "truncation_side", "output_budget", "prompt_ids",
+                 "echo", "template_conflict", "messages", "truncate", "truncation_side", "output_budget", "prompt_ids",
                  "role", "tool_plan", "json_text", "as_token_ids", "logprobs", "echo_asked", "return_ids",
                  "return_text", "returned")
 
@@ -702,6 +709,9 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     # run last-defined first: tool usage, then logprobs, then stream options.
     # A legacy completion's run: the prompt, stream options, then logprobs.
     if chat:
+        refused = messages_type_error(body)  # check_system_message_content_type
+        if refused is not None:
+            return bad_request(refused)
         if body.get("continue_final_message") and body.get("add_generation_prompt"):  # check_generation_prompt
             return bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
         refused = check_tool_usage(body) or check_logprobs(body)
@@ -731,18 +741,17 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     errors: list[dict] = []
     p = Parsed()
     p.chat = chat
-    p.model = check_str(body, "model", errors)
-    if chat:
-        messages = body.get("messages", _MISSING)
-        if messages is _MISSING:
+    p.messages = None  # read only where they are not plain (nearly every request's are)
+    if chat:  # the request model's first field
+        if "messages" not in body:
             errors.append(_err("missing", "body.messages", "Field required", body))
-        elif not isinstance(messages, list):
-            errors.append(_err("list_type", "body.messages", "Input should be a valid list", messages))
-        else:
-            for i, message in enumerate(messages):
-                if not isinstance(message, dict):
-                    errors.append(_err("dict_type", f"body.messages.{i}", "Input should be a valid dictionary",
-                                       message))
+        elif not plain_messages(body["messages"]):
+            try:
+                p.messages, message_errors = validated_messages(normalized_messages(body["messages"]))
+            except MessageRefusal as refusal:  # _normalize_messages_before
+                return bad_request(refusal.message)
+            errors += message_errors
+    p.model = check_str(body, "model", errors)
     p.stream = bool(check_bool(body, "stream", errors, optional=True, default=False))
     p.ignore_eos = bool(check_bool(body, "ignore_eos", errors, optional=False, default=False))
     p.include_usage = False
@@ -827,6 +836,10 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     p.engine_inputs = None if _ENGINE_CHECKED.isdisjoint(body) else parse_engine_inputs(body, chat, errors)
     if errors:
         return pydantic_error_response(errors)
+    if p.messages is not None:
+        errors = tool_call_errors(p.messages)  # the request model's "after" validator
+        if errors:
+            return pydantic_error_response(errors)
     p.tool_choice = effective_tool_choice(body) if chat else None
     # a forced call ("required", a named function) is written as one (where the engine has a tool parser)
     p.tool_plan = plan_tool_call(body.get("tools"), p.tool_choice) if chat and p.tool_choice not in (
@@ -837,10 +850,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     p.max_prompt_id = None
     p.prompt_ids = None
     p.prompts = None
-    p.media = False
     if chat:
         p.prompt_tokens = estimate_chat_prompt_tokens(body["messages"])
-        p.media = has_media_parts(body["messages"])
     else:
         prompt = body.get("prompt")
         if prompt == []:  # no prompt to render: refused as vLLM's renderer refuses it (render_refusal)
@@ -1746,26 +1757,22 @@ TEMPLATE_CONFLICT = ("continue_final_message and add_generation_prompt are not c
                      "to add a header that will prompt it to start a new assistant message instead.")
 
 
-# Content parts of media, which vLLM's message parser hands to the model's multimodal processor: a text model has
-# none (renderers/chat_utils.py, MULTIMODAL_REGISTRY.create_processor). Every simulated model is a text model.
-MEDIA_PART_TYPES = frozenset(("image_url", "input_audio", "audio_url", "video_url"))
-
-
-def has_media_parts(messages: list) -> bool:
-    """Whether a message's content holds a media part (an image, audio, video)."""
-    return any(isinstance(message, dict) and type(content := message.get("content")) is list
-               and any(isinstance(part, dict) and type(kind := part.get("type")) is str and kind in MEDIA_PART_TYPES
-                       for part in content)
-               for message in messages)
+EMPTY_CONVERSATION = "Cannot apply chat template to an empty conversation. Provide at least one message."
 
 
 def render_refusal(p: Parsed, model: str) -> web.Response | None:
-    """vLLM 0.32's renderer (renderers/online_renderer.py), before it tokenizes: media sent to a text model (as
-    the messages are parsed); a chat template asked both to add a generation prompt and to continue the final
-    message; a legacy completion's ``suffix``, which no simulated model can render (none has fill-in-the-middle
-    tokens), and an empty list of prompts."""
-    if p.media:
-        return bad_request(f"{model} is not a multimodal model")
+    """vLLM 0.32's renderer (renderers/online_renderer.py), before it tokenizes: what its message parser refuses
+    (:mod:`backends.sim.chat_messages`: content parts, media sent to a text model, an assistant's tool calls that
+    are not functions); the chat template's refusals (an empty conversation, a template asked both to add a
+    generation prompt and to continue the final message); a legacy completion's ``suffix``, which no simulated
+    model can render (none has fill-in-the-middle tokens), and an empty list of prompts."""
+    if p.messages is not None:
+        try:
+            check_parsed_messages(p.messages, model)
+        except MessageRefusal as refusal:
+            return bad_request(validation_message(refusal.message, refusal.param, refusal.value), refusal.param)
+        if not p.messages:
+            return bad_request(EMPTY_CONVERSATION)
     if p.template_conflict:
         return bad_request(TEMPLATE_CONFLICT)
     if p.suffix is not None:

@@ -102,6 +102,92 @@ def _shape(value):
     return type(value).__name__
 
 
+_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+_IMAGE = {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/x.png"}}
+# chat messages, the malformed and the unusual, that a differential audit sent to vLLM 0.32 and the simulated
+# engine: each kind of error its request model, validators, message parser and chat template give, and their order
+MESSAGE_CASES = [
+    # not a list of messages; messages that are not objects; an empty conversation
+    5, None, True, 2.5, "x", {"role": "user", "content": "hi"}, [], [5], [None], [[{"role": "user", "content": "hi"}]],
+    # the union of message types: every member's errors, in order (more than ten: "...and N more errors")
+    [{"content": "hi"}], [{"role": 5, "content": "hi"}], [{"role": "user", "content": 5}],
+    [{"role": "user", "content": None}], [{"role": "user", "content": "hi", "name": 5}],
+    [{"role": "nobody", "content": 5}], [{"role": "x" * 300, "content": 5}],
+    [{"role": "user", "content": "a"}, {"role": "user", "content": 5}, {"content": "b"}],
+    [{"role": "assistant", "content": None, "function_call": {"name": "f"}}],
+    [{"role": "assistant", "content": None, "audio": {"id": 5}}], [{"role": "tool", "content": "x", "tool_call_id": 5}],
+    [{"author": {"role": "nobody"}}], [{"author": {"role": "nobody"}, "content": []}],
+    [{"author": {"role": "user"}, "content": []}], [{"author": {"role": "user"}, "content": [5]}],
+    # what vLLM's custom message takes (any role, no content, no tool_call_id)
+    [{"role": "user"}], [{"role": "function", "content": "x"}], [{"role": "tool", "content": "x"}],
+    [{"role": "nobody", "content": "hi"}], [{"role": "user", "content": "hi", "name": "bob"}],
+    [{"role": "user", "content": []}], [{"role": "system", "content": []}],
+    [{"role": "nobody", "content": "x", "reasoning_content": 5}],
+    [{"role": "nobody", "content": "x", "reasoning": "r", "reasoning_content": 5}],
+    [{"role": "user", "content": "hi", "reasoning_content": 5}], [{"role": "developer", "content": "x", "tools": 5}],
+    [{"role": "developer", "content": [{"type": "text", "text": "x"}], "tools": [5]}],
+    # tool calls: made a list before validation, read lazily after it, functions only
+    [{"role": "assistant", "tool_calls": 5}], [{"role": "assistant", "tool_calls": True}],
+    [{"role": "assistant", "tool_calls": 1.5}], [{"role": "assistant", "tool_calls": "ab"}],
+    [{"role": "assistant", "tool_calls": {"id": "a"}}], [{"role": "assistant", "tool_calls": [5]}],
+    [{"role": "assistant", "tool_calls": [{"id": "a"}]}], [{"role": "assistant", "tool_calls": [_CALL, {"id": "b"}]}],
+    [{"role": "assistant", "content": [{"type": "text", "text": "a"}], "tool_calls": [{"id": "a"}]}],
+    [{"role": "assistant", "tool_calls": [{"id": "a", "type": "custom", "custom": {"input": "x", "name": "f"}}]}],
+    [{"role": "assistant", "tool_calls": [{**_CALL, "function": {"name": "f", "arguments": "{"}}]}],
+    [{"role": "assistant", "content": None, "tool_calls": [{**_CALL, "function": {"name": "f", "arguments": 5}}]}],
+    [{"role": "assistant", "tool_calls": []}, {"role": "user", "content": "hi"}],
+    [{"role": "assistant", "content": "x", "tool_calls": None}],
+    [{"role": "assistant", "content": "x", "tool_calls": [_CALL]},
+     {"role": "tool", "content": "r", "tool_call_id": "c1"}],
+    [{"role": "nobody", "content": "x", "tool_calls": [_CALL]}],
+    [{"role": "nobody", "content": "x", "tool_calls": [{"id": "a", "type": "custom", "custom": {"name": "f",
+                                                                                             "input": "{}"}}]}],
+    # content parts: validated as they are read (the SDK types' Iterable), then read by their type
+    [{"role": "user", "content": [{"type": "text"}]}], [{"role": "user", "content": [5]}],
+    [{"role": "user", "content": {"type": "text", "text": "a"}}], [{"role": "user", "content": [{"text": "y"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": 5}]}], [{"role": "user", "content": [{"type": "foo",
+                                                                                             "text": "a"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "foo"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "a"}, "b"]}],
+    [{"role": "user", "content": [{"type": "text", "text": "a", "uuid": "x"}]}],
+    [{"role": "system", "content": [{"type": "text", "text": "x"}]}, {"role": "user", "content": [{"text": "y"}]}],
+    [{"role": "system", "content": [{"type": "text", "text": "x-anthropic-billing-header: cch=1\nhello"}]}],
+    [{"role": "tool", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]}],
+    [{"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}]}],
+    [{"role": "nobody", "content": [{"type": "text"}]}], [{"role": "nobody", "content": [{"type": "foo"}]}],
+    [{"role": "nobody", "content": [{"type": 5}]}], [{"role": "nobody", "content": [{"name": "x"}]}],
+    [{"role": "nobody", "content": [{"uuid": "u"}]}], [{"role": "nobody", "content": [{"type": "text", "text": 5}]}],
+    [{"role": "nobody", "content": [{"type": "thinking", "thinking": 5}]}],
+    [{"role": "nobody", "content": ["a", {"type": "thinking", "thinking": "x"}]}],
+    [{"role": "nobody", "content": [{"type": "input_text", "text": "a"}, {"type": "output_text", "text": "b"}]}],
+    [{"role": "nobody", "content": [{"type": "refusal", "refusal": "no"}]}], [{"role": "nobody", "content": [
+        {"type": "refusal"}]}],
+    [{"role": "nobody", "content": [{"type": "tool_reference", "name": "x"}]}],
+    [{"role": "nobody", "content": [{"type": "tool_reference"}]}], [{"role": "nobody", "content": [
+        {"tool_reference": "x"}]}],
+    [{"role": "nobody", "content": [{"type": "prompt_embeds", "data": "x"}]}],
+    [{"role": "nobody", "content": [{"type": "prompt_embeds", "data": ""}]}],
+    # media, which a text model refuses as the parser meets them (after the parts before them)
+    [{"role": "user", "content": [_IMAGE, {"type": "text"}]}], [{"role": "user", "content": [{"type": "text"}]},
+                                                              {"role": "user", "content": [_IMAGE]}],
+    [{"role": "system", "content": [_IMAGE, {"type": "text"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": "a"}] * 3 + [{"type": "input_audio"}]}],
+    [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}],
+    [{"role": "nobody", "content": [{"type": "image_url", "image_url": "http://127.0.0.1:1/x.png"}]}],
+    [{"role": "nobody", "content": [{"image_url": "http://127.0.0.1:1/x.png"}]}],
+    [{"role": "nobody", "content": [{"uuid": "u", "image_url": {"url": "x"}}]}],
+    [{"role": "nobody", "content": [{"type": "input_image", "image_url": "x"}]}],
+    [{"role": "nobody", "content": [{"type": "input_image", "detail": "auto", "image_url": "x"}]}],
+    [{"role": "nobody", "content": [{"type": "image_pil", "image_pil": {"image_pil": "x"}}]}],
+    [{"role": "nobody", "content": [{"type": "image_pil"}]}],
+    [{"role": "nobody", "content": [{"type": "audio_url", "audio_url": {"url": "x"}}]}],
+    [{"role": "nobody", "content": [{"type": "video_url", "video_url": {"url": "x"}}]}],
+    [{"role": "nobody", "content": [{"type": "video_url", "video_url": "x"}]}],
+    [{"role": "nobody", "content": [{"type": "image_embeds", "image_embeds": "x"}]}],
+    [{"role": "nobody", "content": [{"type": "image_embeds", "image_embeds": "x", "uuid": "u"}]}],
+]
+
+
 class TestTinyLlama:
     """tiny-llama: engine started with ``--scheduling-policy priority --max-num-seqs 4``."""
 
@@ -459,6 +545,39 @@ class TestTinyLlama:
                             answered = await r.json()
                             answers.append((r.status, answered if r.status != 200 else None))
                     assert answers[0] == answers[1], (data[:40], content_type, answers)
+        finally:
+            await sim.stop()
+
+    async def test_the_sims_answers_to_chat_messages_are_this_engines(self, tiny_stack) -> None:
+        """Engine to engine, whole and streamed: the messages this real vLLM refuses the simulated engine refuses
+        with the same status and error body, and what it serves the sim serves (:data:`MESSAGE_CASES`: the
+        request model's union of message types, its validators, the message parser's reading of content parts,
+        media and tool calls, the chat template's empty conversation)."""
+        import re
+
+        import aiohttp
+
+        from backends.sim import SimEngineOptions, start_sim_engines
+
+        def answered(status: int, text: str, stream: bool) -> tuple[int, str]:
+            if status == 200:  # served: the answers differ, but both end as a stream or an answer ends
+                return status, "served" if not stream or text.rstrip().endswith("data: [DONE]") else text
+            # pydantic's own errors name its version's documentation (each engine's pydantic)
+            return status, re.sub(r"errors\.pydantic\.dev/[0-9.]+/", "errors.pydantic.dev/V/", text)
+
+        [sim] = await start_sim_engines(1, SimEngineOptions(
+            model=tiny_stack.model, max_model_len=tiny_stack.max_model_len, vocab_size=tiny_stack.vocab_size,
+            tool_calling=False))
+        try:
+            async with aiohttp.ClientSession() as session:
+                for messages in MESSAGE_CASES:
+                    for stream in (False, True):
+                        body = {"model": tiny_stack.model, "messages": messages, "max_tokens": 2, "stream": stream}
+                        answers = []
+                        for base in (tiny_stack.engine.url, sim.url):
+                            async with session.post(base + "/v1/chat/completions", json=body) as r:
+                                answers.append(answered(r.status, await r.text(), stream))
+                        assert answers[0] == answers[1], (messages, stream, answers)
         finally:
             await sim.stop()
 
