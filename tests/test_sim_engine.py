@@ -457,6 +457,16 @@ async def test_fields_vllm_validates_that_the_sim_did_not_read_are_refused_as_vl
     assert handle.engine.num_running == handle.engine.num_waiting == 0
 
 
+async def test_each_validation_error_is_cut_at_a_thousand_characters_as_vllm_cuts_it(start):
+    """vLLM's handler cuts each error's text at 1000 characters: a loc can hold an object's key of any length."""
+    handle, _ = await start()
+    status, answer, _ = await _post(handle.url + "/v1/chat/completions", {
+        "model": MODEL, "messages": _chat(), "logit_bias": {"k" * 1200: "x"}})
+    assert status == 400 and answer["error"]["param"] == "body.logit_bias." + "k" * 1200
+    [line] = answer["error"]["message"].split("\n")[1:]
+    assert len(line) == 2 + 1000 + len("...[truncated]") and line.endswith("...[truncated]")
+
+
 async def test_bodies_are_read_as_fastapi_reads_them(start):
     """vLLM's FastAPI parses a body with ``json.loads``: a BOM, UTF-16, NaN and lone surrogates are served; what
     no UTF decodes is FastAPI's own ``{"detail": ...}``; a body declared JSON is parsed before the media type is

@@ -295,7 +295,8 @@ def pydantic_error_response(errors: list[dict]) -> web.Response:
         shown = dict(err)
         if "input" in shown:
             shown["input"] = _summarize_input(shown["input"])
-        lines.append(f"  {shown}")
+        text = str(shown)  # each error at most 1000 characters (a loc can hold an object's key)
+        lines.append(f"  {text[:1000]}...[truncated]" if len(text) > 1000 else f"  {text}")
     if count > 10:
         lines.append(f"  ...and {count - 10} more {label}")
     return error_response("\n".join(lines), "Bad Request", 400, errors[0]["loc"] if errors else None)

@@ -117,6 +117,9 @@ MESSAGE_CASES = [
     [{"role": "assistant", "content": None, "function_call": {"name": "f"}}],
     [{"role": "assistant", "content": None, "audio": {"id": 5}}], [{"role": "tool", "content": "x", "tool_call_id": 5}],
     [{"author": {"role": "nobody"}}], [{"author": {"role": "nobody"}, "content": []}],
+    [{"role": {"k" * 1200: 1}, "content": "x"}],
+    [{"role": "nobody", "content": [{"type": "image_embeds", "image_url": 5, "image_pil": 5, "audio_url": 5,
+                                     "video_url": 5, "image_embeds": {"k" * 1200: 5}}]}],
     [{"author": {"role": "user"}, "content": []}], [{"author": {"role": "user"}, "content": [5]}],
     # what vLLM's custom message takes (any role, no content, no tool_call_id)
     [{"role": "user"}], [{"role": "function", "content": "x"}], [{"role": "tool", "content": "x"}],
@@ -365,6 +368,8 @@ class TestTinyLlama:
                                                                                      " -1 ": 2}}),
             ("/v1/chat/completions", {"model": model, "messages": chat, "logit_bias": {"abc": 1}, "top_p": 0}),
             ("/v1/chat/completions", {"model": model, "messages": chat, "logit_bias": {"5": None}}),
+            # an error's text is cut at 1000 characters (its loc holds the object's key)
+            ("/v1/chat/completions", {"model": model, "messages": chat, "logit_bias": {"k" * 1200: "x"}}),
             ("/v1/completions", {"model": model, "prompt": "once", "stop_token_ids": [vocab, -1],
                                  "allowed_token_ids": []}),
             ("/v1/completions", {"model": model, "prompt": "once", "allowed_token_ids": []}),
