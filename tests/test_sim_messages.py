@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from backends.sim import SimEngineOptions, start_sim_engines
 from backends.sim.chat_messages import (check_parsed_messages, normalized_messages, plain_messages, tool_call_errors,
                                         validated_messages)
+from backends.sim.server import sanitized
 
 MODEL = "sim-test"
 CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
@@ -75,6 +76,19 @@ REFUSED = [
     ([{"role": "nobody", "content": [{"type": "text", "text": 5}]}], "sequence item 0: expected str instance, int "
      "found", "BadRequestError", None),
     ([{"author": {"role": "user"}, "content": []}], "'Message' object is not subscriptable", "BadRequestError", None),
+    # a system part's type is logged through a cache, which cannot hold a list (the first validator to run)
+    ([{"role": "system", "content": [{"type": ["a"]}]}], "unhashable type: 'list'", "BadRequestError", None),
+    # what the tokenizer cannot take: a lone surrogate in a role or a text
+    ([{"role": "user", "content": "a\ud800"}], "TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, "
+     "InputSequence]]", "BadRequestError", None),
+    ([{"role": "nobody", "content": [{"type": "text", "text": "\ud800"}]}], "TextEncodeInput", "BadRequestError",
+     None),
+    # paths and addresses are taken out of every error message (vLLM's sanitize_message)
+    ([{"role": "nobody", "content": [{"type": "/home/me/x"}]}], "Unsupported chat content part type: '<path>'.",
+     "BadRequestError", "type"),
+    # the parts vLLM's chat serving reads after rendering (for a default LoRA): a string part holding "type"
+    ([{"role": "nobody", "content": ["my type"]}], "string indices must be integers, not 'str'", "BadRequestError",
+     None),
 ]
 
 # messages vLLM 0.32 serves though they are not the OpenAI API's (its custom message takes any role)
@@ -90,6 +104,9 @@ SERVED = [
     [{"role": "assistant", "tool_calls": []}, {"role": "user", "content": "hi"}],
     [{"role": "user", "content": "hi", "reasoning_content": 5}], [{"role": "developer", "content": "x", "tools": 5}],
     [{"role": "system", "content": [{"type": "text", "text": "x-anthropic-billing-header: cch=1\nhello"}]}],
+    # Claude Code's billing header is dropped from a system message's text (a part that holds only it, uuid and all)
+    [{"role": "system", "content": [{"type": "text", "text": "x-anthropic-billing-header", "uuid": "u"}]}],
+    [{"role": "user", "content": "x", "name": "\ud800"}],  # a name is not rendered
 ]
 
 
@@ -111,6 +128,54 @@ async def test_messages_vllm_serves_are_served(engine):
         assert answer["usage"]["prompt_tokens"] > 0
     status, answer = await _post(engine.url, SERVED[7], stream=True)
     assert status == 200 and answer.endswith("data: [DONE]\n\n")
+
+
+async def test_where_vllms_own_code_fails_on_a_value_the_answer_is_its_500(engine):
+    for messages, message in (
+            ([{"role": "nobody", "content": [{"input_audio": 5}]}], "'int' object has no attribute 'get'"),
+            ([{"role": "nobody", "content": [{"type": None, "tool_reference": "x"}]}],
+             "'NoneType' object has no attribute 'split'")):
+        status, answer = await _post(engine.url, messages)
+        assert status == 500 and answer["error"] == {"message": message, "type": "InternalServerError",
+                                                     "param": None, "code": 500}, answer
+    assert engine.engine.num_running == engine.engine.num_waiting == 0
+
+
+async def test_of_two_refusals_the_one_vllm_gives_first_is_given(engine):
+    async with aiohttp.ClientSession() as session:
+        async def error(path: str, body: dict) -> str:
+            async with session.post(engine.url + path, json={"model": MODEL, **body}) as r:
+                assert r.status == 400
+                return (await r.json())["error"]["message"]
+
+        # the chat renderer reads its TokenizeParams (max_tokens within the context) before the messages
+        image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+        for messages in (image, []):
+            assert (await error("/v1/chat/completions", {"messages": messages, "max_tokens": 99999})).startswith(
+                "max_tokens=99999 cannot be greater than max_model_len=1024.")
+        # the template refuses before the tokenizer; the parts read for a LoRA, after the length, before sampling
+        assert (await error("/v1/chat/completions", {"messages": [{"role": "user", "content": "\ud800"}],
+                                                     "continue_final_message": True})).startswith(
+            "continue_final_message and add_generation_prompt are not compatible.")
+        assert "maximum context length" in await error("/v1/chat/completions", {
+            "messages": [{"role": "nobody", "content": ["my type " * 1500]}]})
+        assert (await error("/v1/chat/completions", {"messages": [{"role": "nobody", "content": ["my type"]}],
+                                                     "n": 0})).startswith("string indices")
+        # a legacy completion: suffix, then TokenizeParams, then no prompt or one the tokenizer cannot take
+        assert (await error("/v1/completions", {"prompt": "once", "suffix": "x", "max_tokens": 99999})).startswith(
+            "suffix is only supported")
+        assert (await error("/v1/completions", {"prompt": [], "max_tokens": 99999})).startswith("max_tokens=99999")
+        for prompt in ("\ud800", ["a", "b\ud800"]):
+            assert (await error("/v1/completions", {"prompt": prompt})).startswith("TextEncodeInput"), prompt
+
+
+def test_error_messages_lose_paths_addresses_and_traceback_lines_as_vllms_do():
+    assert sanitized("see /tmp/a/b and /usr/lib/x.so") == "see <path> and <path>"
+    assert sanitized("a/b/c.png and ./d/e.txt") == "a<path> and .<path>"
+    assert sanitized("<object at 0xdeadbeef> x") == "<object> x"
+    assert sanitized('oops\n  File "a.py", line 3, in f\n    raise X\nend') == "oops\nend"
+    assert sanitized("  plain text, https://errors.pydantic.dev/2.14/v/missing  ") == (
+        "plain text, https://errors.pydantic.dev/2.14/v/missing")
 
 
 def test_the_request_stays_as_sent():

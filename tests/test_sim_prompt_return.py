@@ -44,9 +44,13 @@ def test_a_prompt_splits_into_as_many_tokens_as_its_estimate():
     ids = completion_prompt_tokens([5, 6, 7], VOCAB, WORDS)
     assert ids.ids == [5, 6, 7] and ids.echo_text == "".join(ids.texts)
     for messages in (CHAT, [{"role": "user", "content": [{"type": "text", "text": "abc"}, {"type": "image_url"}]}],
-                     [{"role": "assistant", "content": None, "tool_calls": []}], ["not a message"]):
+                     [{"role": "assistant", "content": None, "tool_calls": []}], ["not a message"],
+                     [{"role": "nobody", "content": ["abcd" * 10, {"type": "thinking", "thinking": "x" * 8}]}]):
         tokens = chat_prompt_tokens(messages, VOCAB)
         assert len(tokens.texts) == len(tokens.ids) == estimate_chat_prompt_tokens(messages), messages
+    # a part that is a string and a thinking part hold text too (a fuzz found them counted as none)
+    assert estimate_chat_prompt_tokens([{"role": "nobody", "content": ["abcd" * 10, {"type": "thinking",
+                                                                                      "thinking": "x" * 8}]}]) == 18
     assert token_id(EOS_TOKEN, VOCAB) == 128009 and token_id(EOS_TOKEN, 1000) < 1000  # a small vocabulary's own
 
 

@@ -5,7 +5,8 @@ vLLM reads messages in three steps, each mirrored here:
 
 1. **Its request model's validators** (``chat_completion/protocol.py``). Before the fields are read,
    ``check_system_message_content_type`` loops over ``messages`` (a number or null there is Python's TypeError,
-   ``'int' object is not iterable``, vLLM's 400) and ``_normalize_messages_before`` turns a message's
+   ``'int' object is not iterable``, vLLM's 400; so is a system part whose ``type`` is a list or an object, which
+   it logs through a cache) and ``_normalize_messages_before`` turns a message's
    ``tool_calls`` into a list (the same TypeError for a number) and renames ``reasoning_content`` to
    ``reasoning``. Then pydantic reads ``messages`` as ``list[ChatCompletionMessageParam]``: a union of the
    OpenAI SDK's six message types, vLLM's custom message (any role) and openai-harmony's ``Message``. The copies
@@ -19,12 +20,17 @@ vLLM reads messages in three steps, each mirrored here:
    part: content the SDK types declare ``Iterable`` is validated as it is read (pydantic's "validation errors for
    ValidatorIterator", vLLM's 400 ``BadRequestError``); each part is then read by its ``type``
    (``_parse_chat_message_content_mm_part``): image, audio and video parts are validated again, media are refused
-   by a text model (every simulated model is one) as they are met, and a part of no known type is refused. A
-   message's texts are joined by new lines, as for a chat template that takes text (vLLM's "string" content
-   format, Llama 3's and the test models'): a text that is no string is Python's TypeError there. A harmony
-   ``Message`` is not subscriptable, vLLM's 400 too. Then an assistant's tool calls must be functions
-   (``_postprocess_messages``).
-3. **The chat template** (transformers' ``apply_chat_template``): an empty conversation is refused.
+   by a text model (every simulated model is one) as they are met (audio that is no object fails in vLLM's own
+   code first, its 500), and a part of no known type is refused. A system message first loses Claude Code's
+   billing header. A message's texts are joined by new lines, as for a chat template that takes text (vLLM's
+   "string" content format, Llama 3's and the test models'): a text that is no string is Python's TypeError
+   there. A harmony ``Message`` is not subscriptable, vLLM's 400 too. Then an assistant's tool calls must be
+   functions (``_postprocess_messages``).
+3. **The chat template** (transformers' ``apply_chat_template``): an empty conversation is refused; then the
+   tokenizer, which cannot take a lone surrogate in a role or a text.
+4. **The chat serving**, after the prompt's length is checked, reads the content lists of messages read as vLLM's
+   custom message for a default LoRA per modality (``_get_message_types``): a string part holding "type", or a
+   part whose type is no string, fails there.
 """
 
 from __future__ import annotations
@@ -340,13 +346,15 @@ _PART_ADAPTERS = {"image_url": TypeAdapter(ChatCompletionContentPartImageParam),
 
 class MessageRefusal(Exception):
     """What vLLM refuses as it reads the messages: its 400 ``BadRequestError``, with the message, and the
-    parameter and value a ``VLLMValidationError`` names."""
+    parameter and value a ``VLLMValidationError`` names; or its 500, where vLLM's own code fails on a value
+    (``status`` 500, an ``InternalServerError``)."""
 
-    def __init__(self, message: str, param: str | None = None, value: Any = None) -> None:
+    def __init__(self, message: str, param: str | None = None, value: Any = None, status: int = 400) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.value = value
+        self.status = status
 
 
 def _not_iterable(value: Any) -> str | None:
@@ -358,8 +366,21 @@ def _not_iterable(value: Any) -> str | None:
 
 def messages_type_error(body: dict) -> str | None:
     """``check_system_message_content_type``, the first "before" validator to read ``messages``, loops over
-    them: Python's TypeError where they are a number or null (a string or an object it loops over)."""
-    return _not_iterable(body.get("messages", []))
+    them: Python's TypeError where they are a number or null (a string or an object it loops over); and it logs
+    the type of a system message's part other than text once per type, through a cache that cannot hold a list
+    or an object: Python's TypeError for a part whose ``type`` is a non-empty one."""
+    messages = body.get("messages", [])
+    refused = _not_iterable(messages)
+    if refused is not None or not isinstance(messages, list):
+        return refused
+    for message in messages:
+        if isinstance(message, dict) and message.get("role") == "system" and isinstance(message.get("content"),
+                                                                                         list):
+            for part in message["content"]:
+                part_type = part.get("type") if isinstance(part, dict) else None
+                if isinstance(part_type, (list, dict)) and part_type:
+                    return f"unhashable type: '{type(part_type).__name__}'"
+    return None
 
 
 def normalized_messages(messages: Any) -> Any:
@@ -391,8 +412,8 @@ _PLAIN_KEYS = frozenset(("role", "content", "name"))
 
 def plain_messages(messages: Any) -> bool:
     """Whether ``messages`` is a list of one or more messages that each hold only a role, a text and perhaps a name,
-    all strings: messages vLLM reads as they are and serves, whatever the role (its custom message takes any),
-    which the simulated engine need not read with pydantic (a third of a plain request's cost)."""
+    all strings: messages vLLM's request model and parser take as they are, whatever the role (its custom message
+    takes any), which the simulated engine need not read with pydantic (about 10 µs a message)."""
     return type(messages) is list and bool(messages) and all(
         type(message) is dict and type(message.get("role")) is str and type(message.get("content")) is str
         and _PLAIN_KEYS.issuperset(message) and type(message.get("name", "")) is str for message in messages)
@@ -426,6 +447,25 @@ _PART_CONTENT = {"text": "text", "thinking": "thinking", "input_text": "text", "
                  "audio_embeds": "audio_embeds", "video_embeds": "video_embeds", "prompt_embeds": "data",
                  "image_pil": "image_pil", "audio_url": "audio_url", "input_audio": "input_audio",
                  "refusal": "refusal", "video_url": "video_url", "tool_reference": "name"}
+_BILLING_HEADER = "x-anthropic-billing-header"
+
+
+def _without_billing_header(parts: Iterable[Any]) -> list[Any]:
+    """``_strip_claude_code_billing_header``, for a system message's parts: a text that starts with Claude Code's
+    attribution header loses its first line (and the part with it where nothing follows)."""
+    kept = []
+    for part in parts:
+        text = part if isinstance(part, str) else part.get("text") if isinstance(part, dict) and part.get(
+            "type") == "text" else None
+        if not (isinstance(text, str) and text.startswith(_BILLING_HEADER)):
+            kept.append(part)
+            continue
+        rest = text.partition("\n")[2]
+        if rest:
+            kept.append(rest if isinstance(part, str) else {**part, "text": rest})
+    return kept
+
+
 # a part without a type (or with a uuid) is read by the first of these fields it holds
 _TYPELESS_KEYS = ("image_url", "image_pil", "image_embeds", "audio_embeds", "video_embeds", "prompt_embeds",
                   "audio_url", "input_audio", "video_url", "tool_reference")
@@ -469,6 +509,8 @@ def _part_text(part: Any, model: str) -> Any:
     part_type, content = _part_type_and_content(part)
     if part_type in _SKIPPED_WHEN_EMPTY and content is None or part_type in _TEXT_TYPES:
         return content
+    if part_type == "input_audio" and content and not isinstance(content, dict):  # parse_input_audio's .get
+        raise MessageRefusal(f"'{type(content).__name__}' object has no attribute 'get'", status=500)
     if part_type in _MEDIA_TYPES:  # the multimodal registry has no processor for a text model
         raise MessageRefusal(f"{model} is not a multimodal model")
     if part_type in _EMBEDS_TYPES:
@@ -484,9 +526,11 @@ def _part_text(part: Any, model: str) -> Any:
                          "type", part_type)
 
 
-def check_parsed_messages(messages: list, model: str) -> None:
+def check_parsed_messages(messages: list, model: str) -> list[str]:
     """vLLM's message parser over the messages read (:func:`validated_messages`), for a text model ``model``:
-    raises :class:`MessageRefusal` with its first refusal."""
+    raises :class:`MessageRefusal` with its first refusal; else the texts the chat template renders (each
+    message's role and text)."""
+    rendered = []
     try:
         for message in messages:
             if not isinstance(message, dict):  # a harmony Message: _parse_chat_message_content's message["role"]
@@ -494,11 +538,12 @@ def check_parsed_messages(messages: list, model: str) -> None:
             content = message.get("content")
             parts = [] if content is None else [content] if isinstance(content, str) else content
             if message["role"] == "system":
-                parts = list(parts)  # _strip_claude_code_billing_header reads them all first
+                parts = _without_billing_header(parts)
             texts = [text for text in (_part_text(part, model) for part in parts) if text]
             for i, text in enumerate(texts):  # the parts' texts are joined by new lines
                 if not isinstance(text, str):
                     raise MessageRefusal(f"sequence item {i}: expected str instance, {type(text).__name__} found")
+            rendered += [message["role"], *texts]
     except ValidationError as exc:  # content or a media part read lazily (vLLM's ValueError handler: its text)
         raise MessageRefusal(str(exc)) from None
     for message in messages:  # _postprocess_messages
@@ -508,3 +553,37 @@ def check_parsed_messages(messages: list, model: str) -> None:
             if call.get("type", "function") != "function" or not isinstance(call.get("function"), dict):
                 raise MessageRefusal("chat completions only support assistant tool_calls of type 'function'.",
                                      "tool_calls")
+    return rendered
+
+
+def has_lone_surrogate(texts: Iterable[str]) -> bool:
+    """Whether a text holds a lone surrogate (JSON's ``"\\ud800"``), which the model's tokenizer cannot take
+    (vLLM's 400 :data:`TOKENIZER_REFUSAL`)."""
+    for text in texts:
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
+TOKENIZER_REFUSAL = "TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]"
+
+
+def message_types_refusal(messages: list) -> MessageRefusal | None:
+    """``_get_message_types``, which vLLM's chat serving runs after the prompt is rendered and its length checked
+    (to pick a default LoRA per modality): over the content lists of messages read as vLLM's custom message (the
+    SDK types' content is read lazily, no list), a string part holding "type" is indexed by a string (Python's
+    TypeError, a 400) and a part whose ``type`` is no string has no ``split`` (its 500)."""
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), list):
+            continue
+        for part in message["content"]:
+            if "type" not in part:
+                continue
+            if isinstance(part, str):
+                return MessageRefusal("string indices must be integers, not 'str'")
+            if not isinstance(part["type"], str):
+                return MessageRefusal(f"'{type(part['type']).__name__}' object has no attribute 'split'", status=500)
+    return None

@@ -74,12 +74,25 @@ def completion_prompt_tokens(prompt: str | list[int], vocab_size: int, words: Se
     return PromptTokens(texts, list(prompt), "".join(texts))
 
 
+# the fields that hold a content part's text (text, input_text and output_text parts; refusal; thinking)
+_TEXT_FIELDS = ("text", "refusal", "thinking")
+
+
 def message_text(content: Any) -> str:
-    """The text a message's content holds: the string, or its text parts (other parts hold none)."""
+    """The text a message's content holds: the string, or its parts' texts (a part that is a string, a text,
+    refusal or thinking part's; other parts hold none)."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+        return "".join(part if isinstance(part, str) else _part_text(part) for part in content)
+    return ""
+
+
+def _part_text(part: Any) -> str:
+    if isinstance(part, dict):
+        for field in _TEXT_FIELDS:
+            if isinstance(text := part.get(field), str):
+                return text
     return ""
 
 

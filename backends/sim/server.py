@@ -39,15 +39,18 @@ Request handling
   without its ``json_schema``; then a message's ``tool_calls`` made a list (a number: the TypeError). After the
   fields, an assistant message's tool calls, which pydantic reads only then (``body.0...`` errors).
 * **Order of answers**, as a real vLLM 0.32 gives them: the request's validation (400), the model (404),
-  back-pressure (503, counting every answer of ``n``), the tool choice (chat, below), the renderer's refusals (its
-  message parser's, message by message and part by part: a content part no type takes, an image, audio or video
-  part sent to a text model, as every simulated model is, a part of an unknown type, a text that is no string, an
-  assistant tool call that is no function; an empty conversation; a chat template asked to continue
-  the final message while it adds a generation prompt, the default; a legacy completion's ``suffix``: no
-  simulated model renders fill-in-the-middle; an empty list of prompts), the lengths below,
-  ``logit_bias`` keys that are no integer, then SamplingParams' checks in its order, the first failure answering
-  (``n``, penalties, ``temperature`` finite and in [0, 2], ``top_p`` in (0, 1], ``top_k``, ``min_p``,
-  ``max_tokens`` >= 1, ``min_tokens``, empty ``stop`` strings, greedy ``n``), then the engine's checks below.
+  back-pressure (503, counting every answer of ``n``), the tool choice (chat, below), then the renderer's:
+  for chat, its TokenizeParams (``max_tokens`` within the context, below), its message parser's refusals,
+  message by message and part by part (a content part no type takes, an image, audio or video part sent to a
+  text model, as every simulated model is, a part of an unknown type, a text that is no string, an assistant tool
+  call that is no function), the chat template's (an empty conversation; a template asked to continue the final
+  message while it adds a generation prompt, the default), the tokenizer's (below); for a legacy completion, its
+  ``suffix`` (no simulated model renders fill-in-the-middle), its TokenizeParams, an empty list of prompts, the
+  tokenizer's. Then the lengths below, chat's content-list parts read for a default LoRA (a string part holding
+  "type": 400; a part whose type is no string: vLLM's 500), ``logit_bias`` keys that are no integer, then
+  SamplingParams' checks in its order, the first failure answering (``n``, penalties, ``temperature`` finite and
+  in [0, 2], ``top_p`` in (0, 1], ``top_k``, ``min_p``, ``max_tokens`` >= 1, ``min_tokens``, empty ``stop``
+  strings, greedy ``n``), then the engine's checks below.
 * **Tools**: by default the sim is a vLLM started with ``--enable-auto-tool-choice --tool-call-parser`` (what
   multi-agent clients need): every tool choice is accepted; a forced one ("required", a named function) is
   answered with a tool call whose arguments its schema allows, in vLLM's shape whole and streamed
@@ -65,6 +68,11 @@ Request handling
   stream has answered 200: a stream gets its one event ``data: {"error": {...}}`` and ``data: [DONE]``.
 * **Unknown model**: 404 ``The model `x` does not exist. Valid aliases: <served name>.`` (``NotFoundError``,
   ``param`` "model"; vLLM 0.32's serve/engine/serving.py).
+* **Error messages** go through vLLM's ``sanitize_message``, as every one vLLM sends does: file paths (a request's
+  own text among them) become ``<path>``, memory addresses and traceback lines are taken out.
+* **A prompt's text** the tokenizer cannot take (a lone surrogate, JSON's ``"\\ud800"``, in a chat message's role
+  or text, or in a legacy completion's prompt) -> 400 ``TextEncodeInput must be Union[...]``, after the renderer's
+  other refusals (a completion's, after TokenizeParams).
 * **Lengths**: ``max_tokens > max_model_len`` -> 400 ``max_tokens=N cannot be greater than max_model_len=L.
   Please request fewer output tokens. (parameter=max_tokens, value=N)``; a prompt longer than the context ->
   400 ``This model's maximum context length is L tokens. However, your prompt contains at least L+1 input
@@ -75,8 +83,9 @@ Request handling
   for), as vLLM's renderer does; more than the context -> 400 ``truncate_prompt_tokens=N cannot be greater than
   max_model_len = L. ...``.
 * **Prompt tokens** are a deterministic estimate, no tokenizer: chat = for every message 4 tokens of template
-  plus ``ceil(len(text) / 4)`` where text is the string content or the concatenated ``text`` parts of a
-  content list (other parts count 0), plus 2 for the generation prompt; completions = ``ceil(len(prompt)/4) + 1``
+  plus ``ceil(len(text) / 4)`` where text is the string content or the concatenated texts of a content list
+  (parts that are strings, and text, refusal and thinking parts; other parts count 0), plus 2 for the generation
+  prompt; completions = ``ceil(len(prompt)/4) + 1``
   (BOS), or the length of a token-id list, for each prompt of a batch. At least 1.
 * **Output length**: ``max_tokens`` (chat: ``max_completion_tokens`` first) caps it, within the context left; default
   ``max_model_len - prompt`` for chat and 16 for completions; ``ignore_eos`` makes it exactly the cap;
@@ -168,6 +177,7 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -179,12 +189,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from backends.exact_json import may_hold_long_integer
 from backends.lax import LaxError, lax_bool, lax_float, lax_int
-from backends.sim.chat_messages import (MessageRefusal, check_parsed_messages, messages_type_error,
-                                        normalized_messages, plain_messages, tool_call_errors, validated_messages)
+from backends.sim.chat_messages import (TOKENIZER_REFUSAL, MessageRefusal, check_parsed_messages, has_lone_surrogate,
+                                        message_types_refusal, messages_type_error, normalized_messages,
+                                        plain_messages, tool_call_errors, validated_messages)
 from backends.sim.engine import PAUSE_MODES, EngineBusy, SimEngine, SimRequest
 from backends.sim.json_answers import plan_json_text
 from backends.sim.logprobs import EOS_TOKEN, LogprobsPlan, merge_blocks, prompt_logprobs
 from backends.sim.prompt_tokens import (PromptReturn, chat_prompt_tokens, completion_prompt_tokens, echo_prefix,
+                                       message_text,
                                         token_id)
 from backends.sim.options import SimEngineOptions
 from backends.sim.request_models import PROMPT, RESPONSE_FORMAT, TOOLS, errors_of, validated
@@ -229,15 +241,7 @@ def filler_text(start: int, count: int) -> str:
 
 
 def _text_len(content: Any) -> int:
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        total = 0
-        for part in content:
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                total += len(part["text"])
-        return total
-    return 0
+    return len(content) if isinstance(content, str) else len(message_text(content))
 
 
 def estimate_chat_prompt_tokens(messages: list) -> int:
@@ -260,8 +264,24 @@ def estimate_completion_prompt_tokens(prompt: Any) -> int:
 # ---------------------------------------------------------------------------------------------- errors
 
 
+# vLLM's sanitize_message (serve/exception_handling/utils.py), which every error message it sends goes through:
+# memory addresses, traceback lines and file paths are taken out (a request's own text among them)
+_SANITIZERS = ((re.compile(r" at 0x[0-9a-fA-F]+>"), ">"),
+               (re.compile(r'\n?\s*File "[^"]+", line \d+, in \S+(\n\s+.*)?'), ""),
+               (re.compile(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+"), "<path>"),
+               (re.compile(r"(?:/[\w\-]+)+/[\w\-]+\.\w+"), "<path>"))
+
+
+def sanitized(message: str) -> str:
+    """An error message as vLLM sends it (its ``sanitize_message``)."""
+    if "/" in message or " at 0x" in message or "File " in message:
+        for pattern, replacement in _SANITIZERS:
+            message = pattern.sub(replacement, message)
+    return message.strip()
+
+
 def error_response(message: str, err_type: str, status: int, param: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+    body = {"error": {"message": sanitized(message), "type": err_type, "param": param, "code": status}}
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
@@ -631,9 +651,9 @@ class Parsed:
     __slots__ = ("chat", "model", "stream", "include_usage", "continuous_usage", "max_tokens", "max_tokens_param",
                  "min_tokens", "ignore_eos", "priority", "prompt_tokens", "n", "greedy", "request_id", "sampling",
                  "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts", "suffix",
-                 "echo", "template_conflict", "messages", "truncate", "truncation_side", "output_budget", "prompt_ids",
-                 "role", "tool_plan", "json_text", "as_token_ids", "logprobs", "echo_asked", "return_ids",
-                 "return_text", "returned")
+                 "echo", "template_conflict", "messages", "plain", "unencodable", "truncate", "truncation_side",
+                 "output_budget", "prompt_ids", "role", "tool_plan", "json_text", "as_token_ids", "logprobs",
+                 "echo_asked", "return_ids", "return_text", "returned")
 
 
 class EngineInputs:
@@ -742,11 +762,14 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     errors: list[dict] = []
     p = Parsed()
     p.chat = chat
-    p.messages = None  # read only where they are not plain (nearly every request's are)
+    p.messages = None
+    p.plain = False
     if chat:  # the request model's first field
         if "messages" not in body:
             errors.append(_err("missing", "body.messages", "Field required", body))
-        elif not plain_messages(body["messages"]):
+        elif plain_messages(body["messages"]):  # nearly every request's: taken as they are
+            p.messages, p.plain = body["messages"], True
+        else:
             try:
                 p.messages, message_errors = validated_messages(normalized_messages(body["messages"]))
             except MessageRefusal as refusal:  # _normalize_messages_before
@@ -826,6 +849,9 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
             errors.append(_err("dict_type", "body.chat_template_kwargs", "Input should be a valid dictionary", kwargs))
     else:
         p.suffix = check_str(body, "suffix", errors)
+        prompt = body.get("prompt")
+        p.unencodable = has_lone_surrogate((prompt,) if isinstance(prompt, str) else (
+            text for text in prompt if isinstance(text, str)) if isinstance(prompt, list) else ())
     p.as_token_ids = bool(check_bool(body, "return_tokens_as_token_ids", errors, optional=True, default=False))
     p.return_ids = bool(check_bool(body, "return_token_ids", errors, optional=True, default=False))
     p.return_text = chat and bool(check_bool(body, "return_prompt_text", errors, optional=True, default=False))
@@ -837,7 +863,7 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     p.engine_inputs = None if _ENGINE_CHECKED.isdisjoint(body) else parse_engine_inputs(body, chat, errors)
     if errors:
         return pydantic_error_response(errors)
-    if p.messages is not None:
+    if p.messages is not None and not p.plain:
         errors = tool_call_errors(p.messages)  # the request model's "after" validator
         if errors:
             return pydantic_error_response(errors)
@@ -1014,10 +1040,10 @@ class SimServer:
             return _busy(busy.reason)
         if parsed.tool_choice is not None and not self.options.tool_calling:
             return tool_parser_refusal(parsed.tool_choice)
-        refused = render_refusal(parsed, self.model)
-        if refused is not None:
-            return refused
-        refused = self._check_token_params(parsed)
+        if chat:  # the chat renderer reads its TokenizeParams before the messages
+            refused = self._check_token_params(parsed) or render_refusal(parsed, self.model)
+        else:
+            refused = render_refusal(parsed, self.model) or self._check_token_params(parsed) or prompt_refusal(parsed)
         if refused is not None:
             return refused
         self._truncate(parsed)
@@ -1028,6 +1054,10 @@ class SimServer:
             checked = caps = self._check_batch_lengths(parsed)
         if isinstance(checked, web.Response):
             return checked
+        if chat and not parsed.plain:
+            refusal = message_types_refusal(parsed.messages)  # the chat serving's, after the prompt's length
+            if refusal is not None:
+                return message_refusal_response(refusal)
         inputs = parsed.engine_inputs
         if inputs is not None and inputs.sample_logprobs is not None and parsed.tool_plan is None:
             parsed.logprobs = LogprobsPlan(parsed.chat, inputs.sample_logprobs, parsed.as_token_ids,
@@ -1747,7 +1777,7 @@ def _engine_refusal(message: str, param: str | None, *, stream: bool) -> web.Res
 
 def _stream_error(message: str, err_type: str, code: int, param: str | None) -> web.Response:
     """A stream that has answered 200 and then fails: the error as its one event, then [DONE]."""
-    event = json.dumps({"error": {"message": message, "type": err_type, "param": param, "code": code}})
+    event = json.dumps({"error": {"message": sanitized(message), "type": err_type, "param": param, "code": code}})
     return web.Response(body=f"data: {event}\n\ndata: [DONE]\n\n".encode(),
                         headers={"Content-Type": "text/event-stream; charset=utf-8"})
 
@@ -1761,21 +1791,34 @@ TEMPLATE_CONFLICT = ("continue_final_message and add_generation_prompt are not c
 EMPTY_CONVERSATION = "Cannot apply chat template to an empty conversation. Provide at least one message."
 
 
+def message_refusal_response(refusal: MessageRefusal) -> web.Response:
+    """vLLM's answer to what it refuses as it reads the messages: a 400, or the 500 of its own code's failure."""
+    if refusal.status == 500:
+        return error_response(refusal.message, "InternalServerError", 500)
+    return bad_request(validation_message(refusal.message, refusal.param, refusal.value), refusal.param)
+
+
 def render_refusal(p: Parsed, model: str) -> web.Response | None:
     """vLLM 0.32's renderer (renderers/online_renderer.py), before it tokenizes: what its message parser refuses
     (:mod:`backends.sim.chat_messages`: content parts, media sent to a text model, an assistant's tool calls that
     are not functions); the chat template's refusals (an empty conversation, a template asked both to add a
     generation prompt and to continue the final message); a legacy completion's ``suffix``, which no simulated
-    model can render (none has fill-in-the-middle tokens), and an empty list of prompts."""
-    if p.messages is not None:
-        try:
-            check_parsed_messages(p.messages, model)
-        except MessageRefusal as refusal:
-            return bad_request(validation_message(refusal.message, refusal.param, refusal.value), refusal.param)
+    model can render (none has fill-in-the-middle tokens). A chat prompt's text its tokenizer cannot take (a lone
+    surrogate) is refused last."""
+    if p.chat:
+        if p.plain:
+            rendered = [text for message in p.messages for text in (message["role"], message["content"])]
+        else:
+            try:
+                rendered = check_parsed_messages(p.messages, model)
+            except MessageRefusal as refusal:
+                return message_refusal_response(refusal)
         if not p.messages:
             return bad_request(EMPTY_CONVERSATION)
-    if p.template_conflict:
-        return bad_request(TEMPLATE_CONFLICT)
+        if p.template_conflict:
+            return bad_request(TEMPLATE_CONFLICT)
+        if has_lone_surrogate(rendered):  # the prompt's tokenizer
+            return bad_request(TOKENIZER_REFUSAL)
     if p.suffix is not None:
         if p.echo:
             return bad_request("Echo is unsupported with suffix.", "suffix")
@@ -1784,8 +1827,16 @@ def render_refusal(p: Parsed, model: str) -> web.Response | None:
             if token_ids:
                 return bad_request("suffix requires text prompt input for FIM completion rendering", "suffix")
             return bad_request("suffix is only supported for models with FIM completion rendering", "suffix")
+    return None
+
+
+def prompt_refusal(p: Parsed) -> web.Response | None:
+    """A legacy completion's prompts as vLLM's renderer reads them, after its TokenizeParams: none to render, or a
+    text its tokenizer cannot take (a lone surrogate)."""
     if p.prompts == []:
         return bad_request("You must pass at least one prompt")
+    if p.unencodable:
+        return bad_request(TOKENIZER_REFUSAL)
     return None
 
 
