@@ -107,6 +107,9 @@ SERVED = [
     # Claude Code's billing header is dropped from a system message's text (a part that holds only it, uuid and all)
     [{"role": "system", "content": [{"type": "text", "text": "x-anthropic-billing-header", "uuid": "u"}]}],
     [{"role": "user", "content": "x", "name": "\ud800"}],  # a name is not rendered
+    # ... and so is a line of it that holds what the tokenizer cannot take, in a message taken as it is
+    [{"role": "system", "content": "x-anthropic-billing-header: cch=\ud800\nYou help"}, {"role": "user",
+                                                                                         "content": "hi"}],
 ]
 
 
@@ -138,6 +141,21 @@ async def test_where_vllms_own_code_fails_on_a_value_the_answer_is_its_500(engin
         status, answer = await _post(engine.url, messages)
         assert status == 500 and answer["error"] == {"message": message, "type": "InternalServerError",
                                                      "param": None, "code": 500}, answer
+    assert engine.engine.num_running == engine.engine.num_waiting == 0
+
+
+async def test_an_error_message_no_utf8_holds_is_answered_as_vllms_server_answers_it(engine):
+    """A lone surrogate from the request in an error message: vLLM's route-returned errors fail to encode in the
+    route (its ValueError handler's 400); its exception handlers' fail past them (Starlette's plain 500)."""
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "\ud800", "messages": [{"role": "user", "content": "hi"}]}
+        async with session.post(engine.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["message"] == ("'utf-8' codec can't encode character '\\ud800' in "
+                                                            "position 32: surrogates not allowed")
+        body = {"model": MODEL, "messages": [{"role": "nobody", "content": [{"type": "\ud800"}]}]}
+        async with session.post(engine.url + "/v1/chat/completions", json=body) as r:
+            assert (r.status, await r.text()) == (500, "Internal Server Error")
     assert engine.engine.num_running == engine.engine.num_waiting == 0
 
 

@@ -48,9 +48,10 @@ def test_a_prompt_splits_into_as_many_tokens_as_its_estimate():
                      [{"role": "nobody", "content": ["abcd" * 10, {"type": "thinking", "thinking": "x" * 8}]}]):
         tokens = chat_prompt_tokens(messages, VOCAB)
         assert len(tokens.texts) == len(tokens.ids) == estimate_chat_prompt_tokens(messages), messages
-    # a part that is a string and a thinking part hold text too (a fuzz found them counted as none)
+    # a part that is a string and a thinking part hold text too (a fuzz found them counted as none), the texts
+    # joined by new lines
     assert estimate_chat_prompt_tokens([{"role": "nobody", "content": ["abcd" * 10, {"type": "thinking",
-                                                                                      "thinking": "x" * 8}]}]) == 18
+                                                                                      "thinking": "x" * 8}]}]) == 19
     assert token_id(EOS_TOKEN, VOCAB) == 128009 and token_id(EOS_TOKEN, 1000) < 1000  # a small vocabulary's own
 
 
@@ -137,6 +138,11 @@ async def test_a_chat_echo_starts_with_the_last_message_of_the_answers_role(url)
              {"role": "assistant", "content": [{"type": "text", "text": "Well,"}, {"type": "text", "text": "so"}]}]
     whole = await _answer(url, "/v1/chat/completions", {"messages": parts, "max_tokens": 2, "echo": True})
     assert whole["choices"][0]["message"]["content"].startswith("Well,\nso ")
+    # the message's texts as vLLM's parser reads them: string, text and refusal parts, the empty ones left out
+    parts[-1]["content"] = ["abc", {"type": "text", "text": ""}, {"type": "refusal", "refusal": "R"},
+                            {"type": "text", "text": "d"}]
+    whole = await _answer(url, "/v1/chat/completions", {"messages": parts, "max_tokens": 2, "echo": True})
+    assert whole["choices"][0]["message"]["content"].startswith("abc\nR\nd ")
     # the last message is the user's: nothing to echo
     whole = await _answer(url, "/v1/chat/completions", {"messages": CHAT[:1], "max_tokens": 2, "echo": True})
     assert len(whole["choices"][0]["message"]["content"].split()) == 2

@@ -1,7 +1,7 @@
 """A chat request's ``messages`` as vLLM 0.32 reads them, so that the simulated engine refuses the messages vLLM
 refuses, with vLLM's errors, and serves the ones it serves.
 
-vLLM reads messages in three steps, each mirrored here:
+vLLM reads messages in four steps, each mirrored here:
 
 1. **Its request model's validators** (``chat_completion/protocol.py``). Before the fields are read,
    ``check_system_message_content_type`` loops over ``messages`` (a number or null there is Python's TypeError,
@@ -408,15 +408,19 @@ def normalized_messages(messages: Any) -> Any:
 
 
 _PLAIN_KEYS = frozenset(("role", "content", "name"))
+_BILLING_HEADER = "x-anthropic-billing-header"
 
 
 def plain_messages(messages: Any) -> bool:
     """Whether ``messages`` is a list of one or more messages that each hold only a role, a text and perhaps a name,
     all strings: messages vLLM's request model and parser take as they are, whatever the role (its custom message
-    takes any), which the simulated engine need not read with pydantic (about 10 µs a message)."""
+    takes any), which the simulated engine need not read with pydantic (about 10 µs a message). A system text
+    that starts with Claude Code's billing header is not taken as it is (the parser drops that line)."""
     return type(messages) is list and bool(messages) and all(
         type(message) is dict and type(message.get("role")) is str and type(message.get("content")) is str
-        and _PLAIN_KEYS.issuperset(message) and type(message.get("name", "")) is str for message in messages)
+        and _PLAIN_KEYS.issuperset(message) and type(message.get("name", "")) is str
+        and not (message["role"] == "system" and message["content"].startswith(_BILLING_HEADER))
+        for message in messages)
 
 
 def validated_messages(messages: Any) -> tuple[list | None, list[dict]]:
@@ -447,9 +451,6 @@ _PART_CONTENT = {"text": "text", "thinking": "thinking", "input_text": "text", "
                  "audio_embeds": "audio_embeds", "video_embeds": "video_embeds", "prompt_embeds": "data",
                  "image_pil": "image_pil", "audio_url": "audio_url", "input_audio": "input_audio",
                  "refusal": "refusal", "video_url": "video_url", "tool_reference": "name"}
-_BILLING_HEADER = "x-anthropic-billing-header"
-
-
 def _without_billing_header(parts: Iterable[Any]) -> list[Any]:
     """``_strip_claude_code_billing_header``, for a system message's parts: a text that starts with Claude Code's
     attribution header loses its first line (and the part with it where nothing follows)."""
@@ -469,7 +470,6 @@ def _without_billing_header(parts: Iterable[Any]) -> list[Any]:
 # a part without a type (or with a uuid) is read by the first of these fields it holds
 _TYPELESS_KEYS = ("image_url", "image_pil", "image_embeds", "audio_embeds", "video_embeds", "prompt_embeds",
                   "audio_url", "input_audio", "video_url", "tool_reference")
-_SKIPPED_WHEN_EMPTY = frozenset(("text", "refusal"))
 _TEXT_TYPES = frozenset(("text", "input_text", "output_text", "refusal", "thinking"))
 _MEDIA_TYPES = frozenset(("image_pil", "image_url", "input_image", "audio_url", "input_audio", "video_url"))
 _EMBEDS_TYPES = frozenset(("image_embeds", "audio_embeds", "video_embeds"))
@@ -500,14 +500,14 @@ def _part_type_and_content(part: dict) -> tuple[str, Any]:
     return part_type, "unknown part_type content"
 
 
-def _part_text(part: Any, model: str) -> Any:
+def _parsed_text(part: Any, model: str) -> Any:
     """``_parse_chat_message_content_part`` for a text model whose chat template takes text (vLLM's "string"
     content format, as Llama 3's does): a text part's content (whatever its JSON type), else None; media are
     refused."""
     if isinstance(part, str):
         return part
     part_type, content = _part_type_and_content(part)
-    if part_type in _SKIPPED_WHEN_EMPTY and content is None or part_type in _TEXT_TYPES:
+    if part_type in _TEXT_TYPES:  # (text and refusal parts without content are skipped: None, as here)
         return content
     if part_type == "input_audio" and content and not isinstance(content, dict):  # parse_input_audio's .get
         raise MessageRefusal(f"'{type(content).__name__}' object has no attribute 'get'", status=500)
@@ -539,7 +539,7 @@ def check_parsed_messages(messages: list, model: str) -> list[str]:
             parts = [] if content is None else [content] if isinstance(content, str) else content
             if message["role"] == "system":
                 parts = _without_billing_header(parts)
-            texts = [text for text in (_part_text(part, model) for part in parts) if text]
+            texts = [text for text in (_parsed_text(part, model) for part in parts) if text]
             for i, text in enumerate(texts):  # the parts' texts are joined by new lines
                 if not isinstance(text, str):
                     raise MessageRefusal(f"sequence item {i}: expected str instance, {type(text).__name__} found")

@@ -74,25 +74,33 @@ def completion_prompt_tokens(prompt: str | list[int], vocab_size: int, words: Se
     return PromptTokens(texts, list(prompt), "".join(texts))
 
 
-# the fields that hold a content part's text (text, input_text and output_text parts; refusal; thinking)
-_TEXT_FIELDS = ("text", "refusal", "thinking")
+# the field that holds the text of a content part of each type vLLM's parser reads as text (a chat template that
+# takes text, vLLM's "string" content format: a tool reference is its name)
+_TEXT_FIELDS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal",
+                "thinking": "thinking", "tool_reference": "name"}
+
+
+def part_text(part: Any) -> str:
+    """A content part's text as vLLM's message parser reads it: a string part, or a text part's field (a part
+    without a type but with a ``tool_reference``: its name); "" for other parts and for a text that is no string."""
+    if isinstance(part, str):
+        return part
+    if not isinstance(part, dict):
+        return ""
+    kind = part.get("type")
+    field = _TEXT_FIELDS.get(kind) if isinstance(kind, str) else "name" if kind is None and "tool_reference" in part \
+        else None
+    text = part.get(field) if field is not None else None
+    return text if isinstance(text, str) else ""
 
 
 def message_text(content: Any) -> str:
-    """The text a message's content holds: the string, or its parts' texts (a part that is a string, a text,
-    refusal or thinking part's; other parts hold none)."""
+    """A message's text as vLLM renders it: the string, or its parts' texts (:func:`part_text`, those not empty)
+    joined by new lines."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(part if isinstance(part, str) else _part_text(part) for part in content)
-    return ""
-
-
-def _part_text(part: Any) -> str:
-    if isinstance(part, dict):
-        for field in _TEXT_FIELDS:
-            if isinstance(text := part.get(field), str):
-                return text
+        return "\n".join(text for text in map(part_text, content) if text)
     return ""
 
 
@@ -110,16 +118,12 @@ def chat_prompt_tokens(messages: list, vocab_size: int) -> PromptTokens:
 
 
 def echo_prefix(messages: Any, role: str) -> str:
-    """What a chat ``echo`` writes before the answer: the last message's content where that message is the
-    answer's role (vLLM's chat serving: the answer continues it), its text parts joined by new lines."""
+    """What a chat ``echo`` writes before the answer: the last message's text (:func:`message_text`) where that
+    message is the answer's role (vLLM's chat serving: the answer continues it)."""
     last = messages[-1] if isinstance(messages, list) and messages else None
     if not isinstance(last, dict) or last.get("role") != role:
         return ""
-    content = last.get("content")
-    if isinstance(content, list):
-        return "\n".join(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"),
-                                                                                                   str))
-    return content if isinstance(content, str) else ""
+    return message_text(last.get("content"))
 
 
 class PromptReturn:
@@ -161,4 +165,4 @@ class PromptReturn:
 
 
 __all__ = ["BOS_TOKEN", "EOS_TOKEN", "PromptReturn", "PromptTokens", "chat_prompt_tokens", "completion_prompt_tokens",
-           "echo_prefix", "message_text", "text_pieces", "token_id"]
+           "echo_prefix", "message_text", "part_text", "text_pieces", "token_id"]

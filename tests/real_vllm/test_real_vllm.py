@@ -227,6 +227,13 @@ MESSAGE_BODIES = [
     {"messages": [{"role": "system", "content": [{"type": ["a"]}]}], "continue_final_message": True,
      "add_generation_prompt": True},
     {"messages": [{"role": "user", "content": "hi"}], "model": "/tmp/m"},
+    # an error message that no UTF-8 holds (a lone surrogate from the request): a route's, an exception handler's
+    {"messages": [{"role": "user", "content": "hi"}], "model": "\ud800"},
+    {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "\ud800"}}],
+     "tool_choice": {"type": "function", "function": {"name": "\ud800"}}},
+    {"messages": [{"role": "nobody", "content": [{"type": "\ud800"}]}]},
+    {"messages": [{"role": "system", "content": "x-anthropic-billing-header: cch=\ud800\nYou help"},
+                  {"role": "user", "content": "hi"}]},
 ]
 
 
