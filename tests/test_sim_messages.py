@@ -145,17 +145,19 @@ async def test_where_vllms_own_code_fails_on_a_value_the_answer_is_its_500(engin
 
 
 async def test_an_error_message_no_utf8_holds_is_answered_as_vllms_server_answers_it(engine):
-    """A lone surrogate from the request in an error message: vLLM's route-returned errors fail to encode in the
-    route (its ValueError handler's 400); its exception handlers' fail past them (Starlette's plain 500)."""
+    """A lone surrogate from the request in an error message: Starlette's encoding of the error fails, and vLLM's
+    ValueError handler answers 400 with that failure (pydantic's errors show a value's repr, which escapes it)."""
+    chat = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f"}}]
     async with aiohttp.ClientSession() as session:
-        body = {"model": "\ud800", "messages": [{"role": "user", "content": "hi"}]}
-        async with session.post(engine.url + "/v1/chat/completions", json=body) as r:
-            assert r.status == 400
-            assert (await r.json())["error"]["message"] == ("'utf-8' codec can't encode character '\\ud800' in "
-                                                            "position 32: surrogates not allowed")
-        body = {"model": MODEL, "messages": [{"role": "nobody", "content": [{"type": "\ud800"}]}]}
-        async with session.post(engine.url + "/v1/chat/completions", json=body) as r:
-            assert (r.status, await r.text()) == (500, "Internal Server Error")
+        for body, position in (({"model": "\ud800", "messages": chat}, 32),  # the route's 404
+                               ({"model": MODEL, "messages": chat, "tools": tools, "tool_choice": "\ud800"}, 54),
+                               ({"model": MODEL, "messages": [{"role": "nobody", "content": [{"type": "\ud800"}]}]},
+                                301)):  # a validator's, the renderer's
+            async with session.post(engine.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 400
+                assert (await r.json())["error"]["message"] == (
+                    f"'utf-8' codec can't encode character '\\ud800' in position {position}: surrogates not allowed")
     assert engine.engine.num_running == engine.engine.num_waiting == 0
 
 

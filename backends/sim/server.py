@@ -70,8 +70,8 @@ Request handling
   ``param`` "model"; vLLM 0.32's serve/engine/serving.py).
 * **Error messages** go through vLLM's ``sanitize_message``, as every one vLLM sends does: file paths (a request's
   own text among them) become ``<path>``, memory addresses and traceback lines are taken out. One that holds a
-  lone surrogate from the request cannot be written: a 400 naming the encoding failure where vLLM's route returns
-  the error (the unknown model, the tool parser's refusal), else Starlette's plain-text 500.
+  lone surrogate from the request cannot be written: a 400 naming the encoding failure (pydantic's errors show a
+  value's repr, which escapes it).
 * **A prompt's text** the tokenizer cannot take (a lone surrogate, JSON's ``"\\ud800"``, in a chat message's role
   or text, or in a legacy completion's prompt) -> 400 ``TextEncodeInput must be Union[...]``, after the renderer's
   other refusals (a completion's, after TokenizeParams).
@@ -281,18 +281,13 @@ def sanitized(message: str) -> str:
     return message.strip()
 
 
-def error_response(message: str, err_type: str, status: int, param: str | None = None,
-                   returned: bool = False) -> web.Response:
+def error_response(message: str, err_type: str, status: int, param: str | None = None) -> web.Response:
     """vLLM's error answer. One whose message holds a lone surrogate (from the request) cannot be written as
-    UTF-8: where vLLM's route returns the error (``returned``), Starlette's encoding fails in the route, and
-    vLLM's ValueError handler answers 400 with that failure; where an exception handler writes it, the failure
-    escapes to Starlette's last resort, a plain-text 500."""
+    UTF-8: Starlette's encoding of it fails, and vLLM's ValueError handler answers 400 with that failure."""
     body = {"error": {"message": sanitized(message), "type": err_type, "param": param, "code": status}}
     try:
         return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
     except TypeError:  # orjson: str is not valid UTF-8
-        if not returned:
-            return web.Response(text="Internal Server Error", status=500)
         try:  # Starlette's JSONResponse.render, for the failure's words
             json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -621,8 +616,7 @@ def tool_parser_refusal(choice: Any) -> web.Response:
     if choice == "auto":
         return bad_request('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set')
     described = f'function "{choice["function"]["name"]}"' if isinstance(choice, dict) else f'"{choice}"'
-    return error_response(f"tool_choice={described} requires --tool-call-parser to be set", "BadRequestError", 400,
-                          returned=True)
+    return bad_request(f"tool_choice={described} requires --tool-call-parser to be set")
 
 
 def check_logprobs(body: dict, chat: bool = True) -> web.Response | None:
@@ -1049,7 +1043,7 @@ class SimServer:
             return parsed
         if parsed.model and parsed.model != self.model:
             return error_response(f"The model `{parsed.model}` does not exist. Valid aliases: {self.model}.",
-                                  "NotFoundError", 404, "model", returned=True)
+                                  "NotFoundError", 404, "model")
         try:
             self.engine.admit(max(parsed.n, 1))  # vLLM's back-pressure comes before its length and sampling checks
         except EngineBusy as busy:

@@ -227,11 +227,19 @@ MESSAGE_BODIES = [
     {"messages": [{"role": "system", "content": [{"type": ["a"]}]}], "continue_final_message": True,
      "add_generation_prompt": True},
     {"messages": [{"role": "user", "content": "hi"}], "model": "/tmp/m"},
-    # an error message that no UTF-8 holds (a lone surrogate from the request): a route's, an exception handler's
+    # an error message that no UTF-8 holds (a lone surrogate from the request), from the route, a validator, the
+    # renderer, pydantic (whose errors show a value's repr)
     {"messages": [{"role": "user", "content": "hi"}], "model": "\ud800"},
     {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "\ud800"}}],
      "tool_choice": {"type": "function", "function": {"name": "\ud800"}}},
     {"messages": [{"role": "nobody", "content": [{"type": "\ud800"}]}]},
+    {"messages": [{"role": "\ud800x", "content": 5}]}, {"messages": [{"role": "user", "content": "hi"}], "n": "\ud800"},
+    {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+     "tool_choice": {"type": "function", "function": {"name": "\ud800"}}},
+    {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+     "tool_choice": "\ud800"},
+    {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+     "tool_choice": {"type": "function", "function": "\ud800"}},
     {"messages": [{"role": "system", "content": "x-anthropic-billing-header: cch=\ud800\nYou help"},
                   {"role": "user", "content": "hi"}]},
 ]
