@@ -192,3 +192,23 @@ async def test_truncation_cuts_the_prompts_tokens_not_its_echo(url):
     kept = completion_prompt_tokens("once upon a time", VOCAB, WORDS).texts[-2:]
     assert choice["text"].startswith("once upon a time") and choice["logprobs"]["tokens"][:2] == kept
     assert len(choice["prompt_logprobs"]) == whole["usage"]["prompt_tokens"] == 2
+
+
+async def test_a_forced_tool_calls_stream_names_every_tokens_id(url):
+    """vLLM sends a chunk for every token of a forced tool call where ``return_token_ids`` asks for them (those that
+    write no arguments with an empty delta); without it, none for them."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        body = {"messages": CHAT[:1], "tools": [weather], "tool_choice": choice, "max_tokens": 100}
+        whole = await _answer(url, "/v1/chat/completions", {**body, "return_token_ids": True})
+        ids = whole["choices"][0]["token_ids"]
+        assert len(ids) == whole["usage"]["completion_tokens"] and ids[-1] == 128009
+        chunks = await _answer(url, "/v1/chat/completions", {**body, "return_token_ids": True, "stream": True})
+        assert [i for c in chunks[1:] for i in c["choices"][0]["token_ids"]] == ids, choice
+        assert all(len(c["choices"][0]["token_ids"]) >= 1 for c in chunks[1:])
+        plain = await _answer(url, "/v1/chat/completions", {**body, "stream": True})
+        assert all(c["choices"][0].get("token_ids") is None for c in plain)
+        if choice == "required":  # the JSON around the arguments: empty deltas with ids, no chunks without
+            assert any(c["choices"][0]["delta"] == {} for c in chunks[1:-1])
+            assert len(plain) < len(chunks)

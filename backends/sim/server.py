@@ -163,8 +163,9 @@ Deviations from a real vLLM (on purpose)
   (vLLM tokenizes them), nor ``logprob_token_ids``.
 * A prompt's tokens, where an answer sends them back, are made up (:mod:`backends.sim.prompt_tokens`: the text in
   pieces of four characters, as many as the prompt-token estimate counts; a token-id prompt's ids written as filler
-  words), and so are their ids, their ``prompt_logprobs`` and the chat prompt ``return_prompt_text`` renders. A
-  forced tool call's ``token_ids`` in a stream come back null.
+  words), and so are their ids, their ``prompt_logprobs`` and the chat prompt ``return_prompt_text`` renders (a
+  forced tool call's stream with ``return_token_ids`` has a chunk for every token, as vLLM's, the tokens that
+  write no arguments with an empty delta).
 * With several invalid fields at once, the pydantic errors are listed in this checker's order, not always in the
   model's field order (``messages``' come first, as in vLLM's model).
 * ``n`` answers are ``n`` engine requests (``<i>_<id>``, as vLLM's parallel sampling names its children), each
@@ -1689,6 +1690,7 @@ class _ToolCallEvents(_SseEvents):
     def tokens(self, open_choice: bytes, sent: int, count: int, finished: bool, finish_reason: str | None) -> bytes:
         plan = self.plan
         text = plan.arguments_after(sent, count)
+        ids = self.returned is not None and self.returned.token_ids
         if text:
             if not self.started:
                 self.started = True
@@ -1700,7 +1702,9 @@ class _ToolCallEvents(_SseEvents):
                 call = {"index": 0, "function": {"arguments": text}}
             delta = orjson.dumps({"tool_calls": [call]})
         elif not finished:
-            return b""  # (the JSON around a "required" call's arguments: vLLM's parser sends nothing for it)
+            if not ids:  # (the JSON around a "required" call's arguments: vLLM's parser sends nothing for it, but
+                return b""  # a chunk without a delta where the tokens' ids are asked for)
+            delta = b"{}"
         elif finish_reason == "stop" and not plan.required:
             delta = b'{"tool_calls":[{"index":0,"function":{"arguments":""}}]}'
         else:
@@ -1710,6 +1714,10 @@ class _ToolCallEvents(_SseEvents):
                      + b',"stop_reason":null,"token_ids":null}]')
         else:
             close = b',"logprobs":null,"finish_reason":null,"token_ids":null}]'
+        if ids:
+            token_ids = answer_token_ids(self.parsed, self.req, sent, count, finished and finish_reason == "stop",
+                                         self.returned.vocab_size)
+            close = close.replace(b'"token_ids":null', b'"token_ids":' + orjson.dumps(token_ids), 1)
         return self._event(self.head + self.open + delta + close, sent + count, finished)
 
 

@@ -1324,8 +1324,14 @@ class TestSmolLM2:
                         for piece in chunk["choices"][0]["delta"].get("tool_calls", ()):
                             name = name or piece["function"].get("name")
                             arguments += piece["function"]["arguments"]
-                    return _shape_runs(got), got[-1]["choices"][0]["finish_reason"], name, \
-                        sorted(orjson.loads(arguments))
+                    # with the tokens' ids, every token has a chunk: the kinds of chunks (the JSON around a
+                    # "required" call's arguments is cut into tokens differently), and every token's id
+                    shapes = sorted({orjson.dumps(_shape(chunk)) for chunk in got}) if body.get(
+                        "return_token_ids") else _shape_runs(got)
+                    if body.get("return_token_ids"):
+                        assert sum(len(chunk["choices"][0].get("token_ids") or ()) for chunk in got) == \
+                            (await _chat_answer(session, base, {**body, "stream": False}))["usage"]["completion_tokens"]
+                    return shapes, got[-1]["choices"][0]["finish_reason"], name, sorted(orjson.loads(arguments))
 
                 # ("required" with one tool: a model may choose any of several, the sim the first; get_time's "{}"
                 # not streamed: this model writes it in two tokens, the sim in one, one chunk fewer)
@@ -1335,11 +1341,14 @@ class TestSmolLM2:
                          (False, True)),
                         ({"type": "function", "function": {"name": "get_time"}}, [weather, clock], "get_time",
                          (False,))):
-                    for stream in streams:
+                    # (and with the tokens' ids: a stream then has a chunk for the tokens that write no arguments)
+                    for stream, extra in [(stream, {}) for stream in streams] + [(True, {"return_token_ids": True})]:
                         body = {"model": model, "messages": messages, "tools": tools, "tool_choice": choice,
-                                "max_tokens": 100, "temperature": 0, "stream": stream}
+                                "max_tokens": 100, "temperature": 0, "stream": stream, **extra}
+                        if stream not in streams:
+                            continue
                         real, simulated = await answer(smol_stack.engine.url, body), await answer(sim.url, body)
-                        assert simulated == real, (choice, stream, real, simulated)
+                        assert simulated == real, (choice, stream, extra, real, simulated)
                         assert real[1:] == ("tool_calls" if choice == "required" else "stop", name,
                                             ["city"] if name == "get_weather" else [])
         finally:
