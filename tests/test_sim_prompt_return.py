@@ -212,3 +212,13 @@ async def test_a_forced_tool_calls_stream_names_every_tokens_id(url):
         if choice == "required":  # the JSON around the arguments: empty deltas with ids, no chunks without
             assert any(c["choices"][0]["delta"] == {} for c in chunks[1:-1])
             assert len(plain) < len(chunks)
+        # logprobs too, as vLLM gives them for a forced call: an entry per token, four characters of its JSON each
+        whole = await _answer(url, "/v1/chat/completions", {**body, "logprobs": True, "top_logprobs": 1})
+        entries = whole["choices"][0]["logprobs"]["content"]
+        assert len(entries) == whole["usage"]["completion_tokens"] and all(len(e["top_logprobs"]) == 1
+                                                                          for e in entries)
+        written = json.loads("".join(e["token"] for e in entries[:-1]))  # (the last: the end-of-sequence token)
+        arguments = json.loads(whole["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
+        assert (written[0]["parameters"] if choice == "required" else written) == arguments
+        chunks = await _answer(url, "/v1/chat/completions", {**body, "logprobs": True, "stream": True})
+        assert sum(len((c["choices"][0]["logprobs"] or {}).get("content") or ()) for c in chunks[1:]) == len(entries)

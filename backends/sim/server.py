@@ -158,8 +158,8 @@ Deviations from a real vLLM (on purpose)
   levels) is served here. A JSON answer is the smallest the schema allows (a model writes what the prompt asks),
   and a structural tag or ``structured_outputs`` is answered with text.
 * ``best_of`` and beam search are not simulated. Logprobs are made up, in vLLM's shapes
-  (:mod:`backends.sim.logprobs`): a token's value is no model's, its alternatives are other filler words, and a
-  forced tool call's come back null (their counts are still checked as above). ``bad_words`` are not checked
+  (:mod:`backends.sim.logprobs`): a token's value is no model's, its alternatives are other filler words (a
+  forced tool call's tokens are four characters of its JSON each). ``bad_words`` are not checked
   (vLLM tokenizes them), nor ``logprob_token_ids``.
 * A prompt's tokens, where an answer sends them back, are made up (:mod:`backends.sim.prompt_tokens`: the text in
   pieces of four characters, as many as the prompt-token estimate counts; a token-id prompt's ids written as filler
@@ -1070,7 +1070,7 @@ class SimServer:
             if refusal is not None:
                 return message_refusal_response(refusal)
         inputs = parsed.engine_inputs
-        if inputs is not None and inputs.sample_logprobs is not None and parsed.tool_plan is None:
+        if inputs is not None and inputs.sample_logprobs is not None:
             parsed.logprobs = LogprobsPlan(parsed.chat, inputs.sample_logprobs, parsed.as_token_ids,
                                            self.options.vocab_size, WORDS)
         bias_ids = None
@@ -1589,7 +1589,10 @@ class _SseEvents:
 
 
 def answer_text(p: Parsed, req: SimRequest, start: int, count: int) -> str:
-    """Tokens ``start .. start+count-1`` of an answer's text: filler words, or JSON in JSON mode."""
+    """Tokens ``start .. start+count-1`` of an answer's text: filler words, JSON in JSON mode, or a forced tool
+    call's JSON."""
+    if p.tool_plan is not None:
+        return p.tool_plan.text_after(start, count)
     if p.json_text is None:
         return filler_text(start, count)
     return p.json_text.text(req.target_tokens, req.natural_reason == "stop", start, count)
@@ -1687,6 +1690,10 @@ class _ToolCallEvents(_SseEvents):
         self.open = b',"choices":[{"index":%d,"delta":' % index
         self.started = False
 
+    def text(self, sent: int, count: int) -> str:
+        """The call's JSON written by tokens ``sent .. sent+count-1`` (what their logprobs name)."""
+        return self.plan.text_after(sent, count)
+
     def tokens(self, open_choice: bytes, sent: int, count: int, finished: bool, finish_reason: str | None) -> bytes:
         plan = self.plan
         text = plan.arguments_after(sent, count)
@@ -1702,8 +1709,8 @@ class _ToolCallEvents(_SseEvents):
                 call = {"index": 0, "function": {"arguments": text}}
             delta = orjson.dumps({"tool_calls": [call]})
         elif not finished:
-            if not ids:  # (the JSON around a "required" call's arguments: vLLM's parser sends nothing for it, but
-                return b""  # a chunk without a delta where the tokens' ids are asked for)
+            if not ids and self.logprobs is None:  # (the JSON around a "required" call's arguments: vLLM's parser
+                return b""  # sends nothing for it, but a chunk without a delta where ids or logprobs are asked for)
             delta = b"{}"
         elif finish_reason == "stop" and not plan.required:
             delta = b'{"tool_calls":[{"index":0,"function":{"arguments":""}}]}'
@@ -1714,6 +1721,8 @@ class _ToolCallEvents(_SseEvents):
                      + b',"stop_reason":null,"token_ids":null}]')
         else:
             close = b',"logprobs":null,"finish_reason":null,"token_ids":null}]'
+        if self.logprobs is not None:
+            close = self._with_logprobs(close, sent, count, finished and finish_reason == "stop")
         if ids:
             token_ids = answer_token_ids(self.parsed, self.req, sent, count, finished and finish_reason == "stop",
                                          self.returned.vocab_size)

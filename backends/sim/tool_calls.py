@@ -97,6 +97,10 @@ class ToolCallPlan:
         """The answer's tokens when it is not cut short: its text's, and the end-of-sequence token."""
         return -(-len(self.text) // CHARS_PER_TOKEN) + 1
 
+    def text_after(self, sent: int, count: int) -> str:
+        """The text written by tokens ``sent .. sent+count-1`` (a token is four characters of it)."""
+        return self.text[sent * CHARS_PER_TOKEN:(sent + count) * CHARS_PER_TOKEN]
+
     def arguments_after(self, sent: int, count: int) -> str:
         """The arguments' text written by tokens ``sent .. sent+count-1`` (what a stream's chunk carries)."""
         begin = max(sent * CHARS_PER_TOKEN, self.args_start)

@@ -1324,10 +1324,10 @@ class TestSmolLM2:
                         for piece in chunk["choices"][0]["delta"].get("tool_calls", ()):
                             name = name or piece["function"].get("name")
                             arguments += piece["function"]["arguments"]
-                    # with the tokens' ids, every token has a chunk: the kinds of chunks (the JSON around a
-                    # "required" call's arguments is cut into tokens differently), and every token's id
+                    # with the tokens' ids or logprobs, every token has a chunk: the kinds of chunks (the JSON around
+                    # a "required" call's arguments is cut into tokens differently), and every token's id
                     shapes = sorted({orjson.dumps(_shape(chunk)) for chunk in got}) if body.get(
-                        "return_token_ids") else _shape_runs(got)
+                        "return_token_ids") or body.get("logprobs") else _shape_runs(got)
                     if body.get("return_token_ids"):
                         assert sum(len(chunk["choices"][0].get("token_ids") or ()) for chunk in got) == \
                             (await _chat_answer(session, base, {**body, "stream": False}))["usage"]["completion_tokens"]
@@ -1341,8 +1341,11 @@ class TestSmolLM2:
                          (False, True)),
                         ({"type": "function", "function": {"name": "get_time"}}, [weather, clock], "get_time",
                          (False,))):
-                    # (and with the tokens' ids: a stream then has a chunk for the tokens that write no arguments)
-                    for stream, extra in [(stream, {}) for stream in streams] + [(True, {"return_token_ids": True})]:
+                    # (and with the tokens' ids or logprobs: a stream then has a chunk for the tokens that write no
+                    # arguments)
+                    logprobs = {"logprobs": True, "top_logprobs": 2}
+                    for stream, extra in [(stream, {}) for stream in streams] + [
+                            (True, {"return_token_ids": True}), (False, logprobs), (True, logprobs)]:
                         body = {"model": model, "messages": messages, "tools": tools, "tool_choice": choice,
                                 "max_tokens": 100, "temperature": 0, "stream": stream, **extra}
                         if stream not in streams:
