@@ -8,8 +8,10 @@ One engine per model per test run: the tests of a model live in one class and sh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import openai
 import pytest
@@ -100,6 +102,20 @@ def _shape(value):
     if isinstance(value, list):
         return [_shape(item) for item in value[:1]]
     return type(value).__name__
+
+
+@contextlib.asynccontextmanager
+async def _sim_beside(stack, **options) -> AsyncIterator:
+    """A simulated engine beside ``stack``'s real one (its model and context, and ``options``), for the
+    engine-to-engine comparisons; stopped after."""
+    from backends.sim import SimEngineOptions, start_sim_engines
+
+    [sim] = await start_sim_engines(1, SimEngineOptions(model=stack.model, max_model_len=stack.max_model_len,
+                                                        **options))
+    try:
+        yield sim
+    finally:
+        await sim.stop()
 
 
 _CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
@@ -352,8 +368,6 @@ class TestTinyLlama:
         import aiohttp
         import orjson
 
-        from backends.sim import SimEngineOptions, start_sim_engines
-
         model, chat = tiny_stack.model, [{"role": "user", "content": "hi"}]
         vocab = tiny_stack.vocab_size
         tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
@@ -504,9 +518,7 @@ class TestTinyLlama:
             ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "word " * 3000}],
                                       "truncate_prompt_tokens": -1}),
         ]
-        [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len,
-                                                            vocab_size=vocab, tool_calling=False))
-        try:
+        async with _sim_beside(tiny_stack, vocab_size=vocab, tool_calling=False) as sim:
             async with aiohttp.ClientSession() as session:
                 async def answer(base: str, path: str, body: dict) -> tuple[int, dict | str]:
                     async with session.post(base + path, json=body) as r:
@@ -604,8 +616,6 @@ class TestTinyLlama:
                             answered = await r.json()
                             answers.append((r.status, answered if r.status != 200 else None))
                     assert answers[0] == answers[1], (data[:40], content_type, answers)
-        finally:
-            await sim.stop()
 
     async def test_the_sims_answers_to_chat_messages_are_this_engines(self, tiny_stack) -> None:
         """Engine to engine, whole and streamed: the messages this real vLLM refuses the simulated engine refuses
@@ -616,18 +626,13 @@ class TestTinyLlama:
 
         import aiohttp
 
-        from backends.sim import SimEngineOptions, start_sim_engines
-
         def answered(status: int, text: str, stream: bool) -> tuple[int, str]:
             if status == 200:  # served: the answers differ, but both end as a stream or an answer ends
                 return status, "served" if not stream or text.rstrip().endswith("data: [DONE]") else text
             # pydantic's own errors name its version's documentation (each engine's pydantic)
             return status, re.sub(r"errors\.pydantic\.dev/[0-9.]+/", "errors.pydantic.dev/V/", text)
 
-        [sim] = await start_sim_engines(1, SimEngineOptions(
-            model=tiny_stack.model, max_model_len=tiny_stack.max_model_len, vocab_size=tiny_stack.vocab_size,
-            tool_calling=False))
-        try:
+        async with _sim_beside(tiny_stack, vocab_size=tiny_stack.vocab_size, tool_calling=False) as sim:
             # a connection each: after a 500 (its exception handler's) vLLM's server closes the connection
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
                 for fields in [{"messages": messages} for messages in MESSAGE_CASES] + MESSAGE_BODIES:
@@ -638,16 +643,12 @@ class TestTinyLlama:
                             async with session.post(base + "/v1/chat/completions", json=body) as r:
                                 answers.append(answered(r.status, await r.text(), stream))
                         assert answers[0] == answers[1], (fields, stream, answers)
-        finally:
-            await sim.stop()
 
     async def test_the_sims_answers_have_this_engines_shape(self, tiny_stack) -> None:
         """Engine to engine: the same requests get answers of the same shape (every key, and the JSON type of
         every value) from the simulated engine and from this real vLLM, whole and streamed, chat and legacy."""
         import aiohttp
         import orjson
-
-        from backends.sim import SimEngineOptions, start_sim_engines
 
         model, chat = tiny_stack.model, [{"role": "user", "content": "hi"}]
         usage = {"include_usage": True}
@@ -692,8 +693,7 @@ class TestTinyLlama:
             ("/v1/completions", {"model": model, "prompt": [[1, 2, 3], [4]], "max_tokens": 3, "ignore_eos": True,
                                  "n": 2, "stream": True}),
         ]
-        [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len))
-        try:
+        async with _sim_beside(tiny_stack) as sim:
             async with aiohttp.ClientSession() as session:
                 async def answer(base: str, path: str, body: dict):
                     async with session.post(base + path, json=body) as r:
@@ -737,8 +737,6 @@ class TestTinyLlama:
                             seen.append(([c["index"] for c in whole["choices"]], whole["usage"]))
                     assert seen[0] == seen[1] == ([0, 1, 2, 3], {**seen[0][1], "prompt_tokens": 4,
                                                                  "completion_tokens": 12, "total_tokens": 16})
-        finally:
-            await sim.stop()
 
     async def test_the_sims_logprobs_have_this_engines_shape(self, tiny_stack) -> None:
         """``logprobs`` engine to engine, whole and streamed, chat and legacy: the same shape (a legacy
@@ -746,8 +744,6 @@ class TestTinyLlama:
         token, as many alternatives, and ``return_tokens_as_token_ids``' placeholders."""
         import aiohttp
         import orjson
-
-        from backends.sim import SimEngineOptions, start_sim_engines
 
         model, chat = tiny_stack.model, [{"role": "user", "content": "hi"}]
 
@@ -758,9 +754,7 @@ class TestTinyLlama:
                  ("/v1/completions", {"prompt": "once", "logprobs": 2}),
                  ("/v1/completions", {"prompt": "once", "logprobs": 0}),
                  ("/v1/completions", {"prompt": "once", "logprobs": 1, "return_tokens_as_token_ids": True})]
-        [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len,
-                                                            vocab_size=tiny_stack.vocab_size, tool_calling=False))
-        try:
+        async with _sim_beside(tiny_stack, vocab_size=tiny_stack.vocab_size, tool_calling=False) as sim:
             async with aiohttp.ClientSession() as session:
                 async def answer(base: str, path: str, body: dict):
                     async with session.post(base + path, json=body) as r:
@@ -797,8 +791,6 @@ class TestTinyLlama:
                         assert count == [3, 3] and tops[0] == tops[1], (path, fields, stream, count, tops)
                         if fields.get("return_tokens_as_token_ids"):
                             assert all(token.startswith("token_id:") for token in tokens)
-        finally:
-            await sim.stop()
 
     async def test_the_sims_prompt_returns_have_this_engines_shape(self, tiny_stack) -> None:
         """What an answer sends back of its prompt, engine to engine, whole and streamed: ``echo`` (a legacy
@@ -808,8 +800,6 @@ class TestTinyLlama:
         their values' keys), and in both engines as many prompt entries and ids as ``usage.prompt_tokens``."""
         import aiohttp
         import orjson
-
-        from backends.sim import SimEngineOptions, start_sim_engines
 
         model = tiny_stack.model
         chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Well,"}]
@@ -826,9 +816,7 @@ class TestTinyLlama:
                  ("/v1/chat/completions", {"messages": chat, "echo": True, "n": 2, "temperature": 1}),
                  ("/v1/chat/completions", {"messages": chat, "return_token_ids": True, "return_prompt_text": True}),
                  ("/v1/chat/completions", {"messages": chat, "prompt_logprobs": 2})]
-        [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=tiny_stack.max_model_len,
-                                                            vocab_size=tiny_stack.vocab_size, tool_calling=False))
-        try:
+        async with _sim_beside(tiny_stack, vocab_size=tiny_stack.vocab_size, tool_calling=False) as sim:
             async with aiohttp.ClientSession() as session:
                 async def answer(base: str, path: str, body: dict):
                     async with session.post(base + path, json=body) as r:
@@ -861,8 +849,6 @@ class TestTinyLlama:
                         real = await answer(tiny_stack.engine.url, path, body)
                         simulated = await answer(sim.url, path, body)
                         assert simulated == real, (path, fields, stream, real, simulated)
-        finally:
-            await sim.stop()
 
     async def test_the_sims_sleep_is_this_engines(self, tiny_stack) -> None:
         """Engine to engine, vLLM's dev-mode sleep routes: the same 400s for bad query parameters; asleep, both
@@ -870,13 +856,10 @@ class TestTinyLlama:
         refused) and serve it after /wake_up."""
         import aiohttp
 
-        from backends.sim import SimEngineOptions, start_sim_engines
         from backends.vllm_metrics import parse_vllm_metrics
 
-        [sim] = await start_sim_engines(1, SimEngineOptions(model=tiny_stack.model,
-                                                            max_model_len=tiny_stack.max_model_len))
-        bases = (tiny_stack.engine.url, sim.url)
-        try:
+        async with _sim_beside(tiny_stack) as sim:
+            bases = (tiny_stack.engine.url, sim.url)
             async with aiohttp.ClientSession() as session:
                 async def call(method: str, url: str):
                     async with session.request(method, url) as r:
@@ -904,16 +887,12 @@ class TestTinyLlama:
                     assert woken == (200, {"status": "awake", "tags": None}), base
                     status, answer = await asyncio.wait_for(held, timeout=60)
                     assert status == 200 and answer["usage"]["completion_tokens"] == 2, (base, answer)
-        finally:
-            await sim.stop()
 
     async def test_the_sims_metrics_and_models_are_this_engines(self, tiny_stack) -> None:
         """Engine to engine: every metric family the simulated engine exports exists on this real vLLM with the
         same type and label names (the gateway scrapes by those names), and /v1/models has the same shape."""
         import aiohttp
         from prometheus_client.parser import text_string_to_metric_families
-
-        from backends.sim import SimEngineOptions, start_sim_engines
 
         def families(text: str) -> dict[str, tuple[str, frozenset]]:
             return {family.name: (family.type, frozenset(frozenset(sample.labels) for sample in family.samples))
@@ -923,9 +902,7 @@ class TestTinyLlama:
             [family] = [f for f in text_string_to_metric_families(text) if f.name == name]
             return sorted({float(s.labels["le"]) for s in family.samples if s.name.endswith("_bucket")})
 
-        [sim] = await start_sim_engines(1, SimEngineOptions(model=tiny_stack.model,
-                                                            max_model_len=tiny_stack.max_model_len))
-        try:
+        async with _sim_beside(tiny_stack) as sim:
             async with aiohttp.ClientSession() as session:
                 async def get(base: str, path: str):
                     async with session.get(base + path) as r:
@@ -955,8 +932,6 @@ class TestTinyLlama:
 
                 assert _shape(sim_models) == _shape(real_models)
                 assert [m["id"] for m in sim_models["data"]] == [m["id"] for m in real_models["data"]]
-        finally:
-            await sim.stop()
 
     def test_several_answers_share_only_the_prompts_full_blocks(self, tiny_stack) -> None:
         """What the ledger reserves for ``n`` answers (predictor.kv.kv_footprint) rests on this engine sharing a
@@ -1299,8 +1274,6 @@ class TestSmolLM2:
         import aiohttp
         import orjson
 
-        from backends.sim import SimEngineOptions, start_sim_engines
-
         model = smol_stack.model
         weather = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
                                                     "parameters": {"type": "object", "required": ["city"],
@@ -1309,8 +1282,7 @@ class TestSmolLM2:
         clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
                                                                                     "properties": {}}}}
         messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-        [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=2048))
-        try:
+        async with _sim_beside(smol_stack) as sim:
             async with aiohttp.ClientSession() as session:
                 async def answer(base: str, body: dict):
                     got = await _chat_answer(session, base, body)
@@ -1354,8 +1326,6 @@ class TestSmolLM2:
                         assert simulated == real, (choice, stream, extra, real, simulated)
                         assert real[1:] == ("tool_calls" if choice == "required" else "stop", name,
                                             ["city"] if name == "get_weather" else [])
-        finally:
-            await sim.stop()
 
     async def test_the_sims_json_mode_answers_have_this_engines_shape(self, smol_stack) -> None:
         """``response_format`` json_object and json_schema, whole and streamed, engine to engine: the same shape
@@ -1364,15 +1334,12 @@ class TestSmolLM2:
         import aiohttp
         import orjson
 
-        from backends.sim import SimEngineOptions, start_sim_engines
-
         model = smol_stack.model
         messages = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
         schema = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {
             "type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"],
             "additionalProperties": False}}}
-        [sim] = await start_sim_engines(1, SimEngineOptions(model=model, max_model_len=2048))
-        try:
+        async with _sim_beside(smol_stack) as sim:
             async with aiohttp.ClientSession() as session:
                 async def answer(base: str, body: dict):
                     got = await _chat_answer(session, base, body)
@@ -1393,8 +1360,6 @@ class TestSmolLM2:
                         assert isinstance(real_json, dict) and isinstance(sim_json, dict), (real_json, sim_json)
                         if fmt is schema:
                             assert list(real_json) == list(sim_json) == ["capital"], (real_json, sim_json)
-        finally:
-            await sim.stop()
 
     def test_capital_of_france_streamed(self, smol_stack) -> None:
         stream = smol_stack.client().chat.completions.create(
