@@ -1834,7 +1834,7 @@ def render_refusal(p: Parsed, model: str) -> web.Response | None:
     surrogate) is refused last."""
     if p.chat:
         if p.plain:
-            rendered = [text for message in p.messages for text in (message["role"], message["content"])]
+            rendered = (text for message in p.messages for text in (message["role"], message["content"]))
         else:
             try:
                 rendered = check_parsed_messages(p.messages, model)
