@@ -41,6 +41,7 @@ from typing import Any, Dict, Iterable, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from typing_extensions import Required, TypedDict
 
+from backends.sim.request_fields import Refusal
 from backends.sim.request_models import reported_errors
 
 # ---------------------------------------------------------------------------------------- the OpenAI SDK's types
@@ -344,17 +345,8 @@ _PART_ADAPTERS = {"image_url": TypeAdapter(ChatCompletionContentPartImageParam),
                   "input_image": TypeAdapter(ResponseInputImageParam)}
 
 
-class MessageRefusal(Exception):
-    """What vLLM refuses as it reads the messages: its 400 ``BadRequestError``, with the message, and the
-    parameter and value a ``VLLMValidationError`` names; or its 500, where vLLM's own code fails on a value
-    (``status`` 500, an ``InternalServerError``)."""
-
-    def __init__(self, message: str, param: str | None = None, value: Any = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.value = value
-        self.status = status
+class MessageRefusal(Refusal):
+    """What vLLM refuses as it reads the messages: its 400, or the 500 of its own code's failure on a value."""
 
 
 def _not_iterable(value: Any) -> str | None:

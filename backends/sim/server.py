@@ -30,27 +30,40 @@ Request handling
   message, e.g. eleven for a message without ``role``); required ``messages`` / ``prompt``. ``priority`` must be
   an int; under the ``fcfs`` policy it is accepted and ignored (as observed on a real server). Also
   ``logprobs`` (chat: a bool; completions: an int), ``top_logprobs``, ``prompt_logprobs``, ``logit_bias`` (an
-  object of numbers), ``stop_token_ids`` and ``allowed_token_ids`` (lists of ints). Before them, the request's
+  object of numbers), ``stop_token_ids`` and ``allowed_token_ids`` (lists of ints). The rarer fields (beam search,
+  reasoning, structured outputs, multimodal and transfer parameters, ``bad_words``, ``cache_salt``,
+  ``vllm_xargs``, ``stream_interval``...; :mod:`backends.sim.request_fields`) by pydantic against copies of vLLM's
+  types, with their validators: ``thinking_token_budget``'s and the dataclasses of ``structured_outputs`` (one
+  kind of constraint) and ``repetition_detection`` raise vLLM's own error, which escapes pydantic and answers
+  alone, ahead of every type error. Several fields' errors come in vLLM's field order. Before them, the request's
   validators (vLLM runs them last-defined first): chat's ``messages`` looped over (a number or null is
   Python's TypeError, ``'int' object is not iterable``), chat's generation prompt (not both it and
   ``continue_final_message``), tool usage (``tool_choice`` needs ``tools``, a named tool must be one of them),
-  logprobs (``top_logprobs`` needs ``logprobs``), stream options; a legacy completion's batch size (at most 1024
-  prompts), prompt, stream options, logprobs (an integer, >= 0 or -1); then both routes' ``json_schema`` format
-  without its ``json_schema``; then a message's ``tool_calls`` made a list (a number: the TypeError). After the
-  fields, an assistant message's tool calls, which pydantic reads only then (``body.0...`` errors).
+  structured outputs (at most one of ``json``, ``regex``, ``choice``, not with a named tool; a value that is no
+  object is vLLM's 500), logprobs (``logprob_token_ids`` need ``logprobs`` and no beam search, ``top_logprobs``
+  need ``logprobs``), stream options; a legacy completion's batch size (at most 1024 prompts), prompt, stream
+  options, logprobs (an integer, >= 0 or -1; ``logprob_token_ids``), structured outputs; then both routes'
+  ``json_schema`` format without its ``json_schema``; then a message's ``tool_calls`` made a list (a number: the
+  TypeError); then ``cache_salt`` (a non-empty string of at most 128 characters, without ``@ / \\`` or NUL). After
+  the fields, an assistant message's tool calls, which pydantic reads only then (``body.0...`` errors).
 * **Order of answers**, as a real vLLM 0.32 gives them: the request's validation (400), the model (404),
   back-pressure (503, counting every answer of ``n``), the tool choice (chat, below), then the renderer's:
-  for chat, its TokenizeParams (``max_tokens`` within the context, below), its message parser's refusals,
+  for chat, a chat template of the request's own (no ``--trust-request-chat-template``), multimodal kwargs (no
+  ``--trust-request-mm-kwargs``), its TokenizeParams (``max_tokens`` within the context, below), its message
+  parser's refusals,
   message by message and part by part (a content part no type takes, an image, audio or video part sent to a
   text model, as every simulated model is, a part of an unknown type, a text that is no string, an assistant tool
   call that is no function), the chat template's (an empty conversation; a template asked to continue the final
-  message while it adds a generation prompt, the default), the tokenizer's (below); for a legacy completion, its
-  ``suffix`` (no simulated model renders fill-in-the-middle), its TokenizeParams, an empty list of prompts, the
+  message while it adds a generation prompt, the default), the tokenizer's (below); for a legacy completion, a
+  stream with beam search, its ``suffix`` (not with ``echo``, ``prompt_embeds`` or ``truncate_prompt_tokens``; no
+  simulated model renders fill-in-the-middle), ``prompt_embeds`` with ``echo`` or ``prompt_logprobs``, multimodal
+  kwargs, its TokenizeParams, ``prompt_embeds`` (no simulated engine takes them), an empty list of prompts, the
   tokenizer's. Then the lengths below, chat's content-list parts read for a default LoRA (a string part holding
   "type": 400; a part whose type is no string: vLLM's 500), ``logit_bias`` keys that are no integer, then
-  SamplingParams' checks in its order, the first failure answering (``n``, penalties, ``temperature`` finite and
-  in [0, 2], ``top_p`` in (0, 1], ``top_k``, ``min_p``, ``max_tokens`` >= 1, ``min_tokens``, empty ``stop``
-  strings, greedy ``n``), then the engine's checks below.
+  SamplingParams' checks in its order, the first failure answering (``n``, the extra args' integers within 64
+  bits, penalties, ``temperature`` finite and in [0, 2], ``top_p`` in (0, 1], ``top_k``, ``min_p``, ``max_tokens``
+  >= 1, ``min_tokens``, empty ``stop`` strings, empty ``bad_words``, greedy ``n``), then the engine's checks
+  below.
 * **Tools**: by default the sim is a vLLM started with ``--enable-auto-tool-choice --tool-call-parser`` (what
   multi-agent clients need): every tool choice is accepted; a forced one ("required", a named function) is
   answered with a tool call whose arguments its schema allows, in vLLM's shape whole and streamed
@@ -63,15 +76,19 @@ Request handling
   ``logprobs`` (chat: ``top_logprobs`` where ``logprobs`` is true) or ``prompt_logprobs`` above ``max_logprobs``
   (-1 asks for the vocabulary) -> ``Requested sample logprobs of 21, which is greater than max allowed: 20``;
   token ids outside ``vocab_size`` in ``logit_bias``, ``stop_token_ids``, ``allowed_token_ids`` (also refused
-  empty) or a token-id prompt (``Token id N is out of vocabulary``; an empty one, ``[[]]`` or in a batch, ``The
-  decoder prompt cannot be empty``). These fail inside vLLM's engine, after its
-  stream has answered 200: a stream gets its one event ``data: {"error": {...}}`` and ``data: [DONE]``.
+  empty), a ``thinking_token_budget`` (no simulated engine has a reasoning parser), or a token-id prompt (``Token
+  id N is out of vocabulary``; an empty one, ``[[]]`` or in a batch, ``The decoder prompt cannot be empty``).
+  These fail inside vLLM's engine, after its stream has answered 200: a stream gets its one event ``data:
+  {"error": {...}}`` and ``data: [DONE]``. Last, what vLLM's engine client cannot encode (a lone surrogate in
+  ``bad_words``, which it tokenizes, or in the request id, ``stop``, ``session_id`` or the extra args, which it
+  sends as MessagePack): its 500 without a message, or a stream's one event.
 * **Unknown model**: 404 ``The model `x` does not exist. Valid aliases: <served name>.`` (``NotFoundError``,
   ``param`` "model"; vLLM 0.32's serve/engine/serving.py).
 * **Error messages** go through vLLM's ``sanitize_message``, as every one vLLM sends does: file paths (a request's
   own text among them) become ``<path>``, memory addresses and traceback lines are taken out. One that holds a
   lone surrogate from the request cannot be written: a 400 naming the encoding failure (pydantic's errors show a
-  value's repr, which escapes it).
+  value's repr, which escapes it). So with an answer (a forced tool call named with one): a whole answer is that
+  400, naming where in its JSON; a stream's chunk fails after the role chunk, its error event pydantic's words.
 * **A prompt's text** the tokenizer cannot take (a lone surrogate, JSON's ``"\\ud800"``, in a chat message's role
   or text, or in a legacy completion's prompt) -> 400 ``TextEncodeInput must be Union[...]``, after the renderer's
   other refusals (a completion's, after TokenizeParams).
@@ -153,21 +170,20 @@ Deviations from a real vLLM (on purpose)
   a real vLLM *holds* them until ``/wake_up`` (and does not count them as waiting).
 * Putting the engine to sleep aborts in-flight requests (vLLM's default ``mode=abort``); they end with
   ``finish_reason`` "abort". ``/sleep?mode=wait`` lets them finish first.
-* Structured outputs (``response_format`` beyond its model's shape, a structural tag, ``structured_outputs``) are
-  not checked: a JSON schema vLLM's grammar backend refuses (invalid, without a ``schema``, or nested past its 64
-  levels) is served here. A JSON answer is the smallest the schema allows (a model writes what the prompt asks),
-  and a structural tag or ``structured_outputs`` is answered with text.
-* ``best_of`` and beam search are not simulated. Logprobs are made up, in vLLM's shapes
-  (:mod:`backends.sim.logprobs`): a token's value is no model's, its alternatives are other filler words (a
-  forced tool call's tokens are four characters of its JSON each). ``bad_words`` are not checked
-  (vLLM tokenizes them), nor ``logprob_token_ids``.
+* Structured outputs are read as vLLM's request models read them but not compiled: a JSON schema, regex,
+  grammar or structural tag vLLM's grammar backend refuses (invalid, without a ``schema``, nested past its 64
+  levels, holding a lone surrogate) is served here. A JSON answer is the smallest the schema allows (a model
+  writes what the prompt asks), and a structural tag or ``structured_outputs`` is answered with text.
+* ``best_of`` and beam search are not simulated (``use_beam_search`` answers as sampling). Logprobs are made up,
+  in vLLM's shapes (:mod:`backends.sim.logprobs`): a token's value is no model's, its alternatives are other
+  filler words (a forced tool call's tokens are four characters of its JSON each); ``logprob_token_ids`` are
+  checked but not answered. ``bad_words``, ``stop`` strings and the other fields that steer a model's text are
+  checked and then ignored.
 * A prompt's tokens, where an answer sends them back, are made up (:mod:`backends.sim.prompt_tokens`: the text in
   pieces of four characters, as many as the prompt-token estimate counts; a token-id prompt's ids written as filler
   words), and so are their ids, their ``prompt_logprobs`` and the chat prompt ``return_prompt_text`` renders (a
   forced tool call's stream with ``return_token_ids`` has a chunk for every token, as vLLM's, the tokens that
   write no arguments with an empty delta).
-* With several invalid fields at once, the pydantic errors are listed in this checker's order, not always in the
-  model's field order (``messages``' come first, as in vLLM's model).
 * ``n`` answers are ``n`` engine requests (``<i>_<id>``, as vLLM's parallel sampling names its children), each
   holding the prompt's KV of its own: vLLM's prefix cache shares the prompt's full blocks between them, and the
   simulation has no prefix cache.
@@ -184,7 +200,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import orjson
 from aiohttp import web
@@ -201,6 +217,9 @@ from backends.sim.logprobs import EOS_TOKEN, LogprobsPlan, merge_blocks, prompt_
 from backends.sim.prompt_tokens import (PromptReturn, chat_prompt_tokens, completion_prompt_tokens, echo_prefix,
                                         message_text, token_id)
 from backends.sim.options import SimEngineOptions
+from backends.sim.request_fields import (Refusal, check_cache_salt, check_logprob_token_ids, check_mm_kwargs,
+                                         check_request_template, check_structured_outputs_count, extra_args,
+                                         in_field_order, read_extras)
 from backends.sim.request_models import PROMPT, RESPONSE_FORMAT, TOOLS, errors_of, validated
 from backends.sim.tool_calls import ToolCallPlan, new_tool_call_id, plan_tool_call
 
@@ -282,18 +301,32 @@ def sanitized(message: str) -> str:
     return message.strip()
 
 
-def error_response(message: str, err_type: str, status: int, param: str | None = None) -> web.Response:
-    """vLLM's error answer. One whose message holds a lone surrogate (from the request) cannot be written as
-    UTF-8: Starlette's encoding of it fails, and vLLM's ValueError handler answers 400 with that failure."""
-    body = {"error": {"message": sanitized(message), "type": err_type, "param": param, "code": status}}
+def utf8_failure(text: str) -> str | None:
+    """Python's words for a text no UTF-8 can hold (a lone surrogate, JSON's ``"\\ud800"``), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return str(exc)
+    return None
+
+
+def answer_response(body: dict, status: int = 200) -> web.Response:
+    """vLLM's JSON answer. One that holds a lone surrogate from the request (a forced tool call's name, an error
+    message quoting the request) cannot be written as UTF-8: Starlette's encoding of it fails, and vLLM's
+    ValueError handler answers 400 with that failure."""
     try:
         return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-    except TypeError:  # orjson: str is not valid UTF-8
-        try:  # Starlette's JSONResponse.render, for the failure's words
-            json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return bad_request(str(exc))
-        raise
+    except orjson.JSONEncodeError:  # str is not valid UTF-8; Starlette's JSONResponse.render, for the failure's words
+        failure = utf8_failure(json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")))
+        if failure is None:
+            raise
+        return bad_request(failure)
+
+
+def error_response(message: str, err_type: str, status: int, param: str | None = None) -> web.Response:
+    """vLLM's error answer (:func:`answer_response`)."""
+    return answer_response({"error": {"message": sanitized(message), "type": err_type, "param": param,
+                                       "code": status}}, status)
 
 
 def bad_request(message: str, param: str | None = None) -> web.Response:
@@ -622,7 +655,11 @@ def tool_parser_refusal(choice: Any) -> web.Response:
 
 def check_logprobs(body: dict, chat: bool = True) -> web.Response | None:
     """vLLM 0.32's ChatCompletionRequest.check_logprobs (``top_logprobs`` needs ``logprobs``) or, for legacy
-    completions, CompletionRequest.check_logprobs (an integer ``logprobs``); without ``logprob_token_ids``."""
+    completions, CompletionRequest.check_logprobs (an integer ``logprobs``); ``logprob_token_ids`` first."""
+    try:
+        check_logprob_token_ids(body, chat)
+    except Refusal as refusal:
+        return refusal_response(refusal)
     refused = _check_logprob_counts(body, "top_logprobs" if chat else "logprobs")
     if refused is not None or not chat:
         return refused
@@ -664,7 +701,7 @@ class Parsed:
                  "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts", "suffix",
                  "echo", "template_conflict", "messages", "plain", "unencodable", "truncate", "truncation_side",
                  "output_budget", "prompt_ids", "role", "tool_plan", "json_text", "as_token_ids", "logprobs",
-                 "echo_asked", "return_ids", "return_text", "returned")
+                 "echo_asked", "return_ids", "return_text", "returned", "extras")
 
 
 class EngineInputs:
@@ -746,7 +783,14 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
             return bad_request(refused)
         if body.get("continue_final_message") and body.get("add_generation_prompt"):  # check_generation_prompt
             return bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
-        refused = check_tool_usage(body) or check_logprobs(body)
+        refused = check_tool_usage(body)
+        if refused is not None:
+            return refused
+        try:
+            check_structured_outputs_count(body, chat)
+        except Refusal as refusal:
+            return refusal_response(refusal)
+        refused = check_logprobs(body)
         if refused is not None:
             return refused
     elif (isinstance(body.get("prompt"), list) and len(body["prompt"]) > MAX_COMPLETION_PROMPTS
@@ -765,6 +809,10 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         refused = check_logprobs(body, chat=False)
         if refused is not None:
             return refused
+        try:
+            check_structured_outputs_count(body, chat)
+        except Refusal as refusal:
+            return refusal_response(refusal)
     response_format = body.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") == "json_schema" and (
             response_format.get("json_schema") is None):  # validate_response_format
@@ -786,6 +834,10 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
             except MessageRefusal as refusal:  # _normalize_messages_before
                 return bad_request(refusal.message)
             errors += message_errors
+    try:  # the request model's first "before" validator, after the messages' normalization
+        check_cache_salt(body)
+    except Refusal as refusal:
+        return refusal_response(refusal)
     p.model = check_str(body, "model", errors)
     p.stream = bool(check_bool(body, "stream", errors, optional=True, default=False))
     p.ignore_eos = bool(check_bool(body, "ignore_eos", errors, optional=False, default=False))
@@ -872,8 +924,12 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     if "request_id" in body and not isinstance(p.request_id, str):
         errors.append(_err("string_type", "body.request_id", "Input should be a valid string", p.request_id))
     p.engine_inputs = None if _ENGINE_CHECKED.isdisjoint(body) else parse_engine_inputs(body, chat, errors)
+    try:
+        p.extras = read_extras(body, chat, errors)
+    except Refusal as refusal:  # a field's validator: it escapes pydantic, ahead of every type error
+        return refusal_response(refusal)
     if errors:
-        return pydantic_error_response(errors)
+        return pydantic_error_response(in_field_order(errors, chat))
     if p.messages is not None and not p.plain:
         errors = tool_call_errors(p.messages)  # the request model's "after" validator
         if errors:
@@ -1051,10 +1107,12 @@ class SimServer:
             return _busy(busy.reason)
         if parsed.tool_choice is not None and not self.options.tool_calling:
             return tool_parser_refusal(parsed.tool_choice)
-        if chat:  # the chat renderer reads its TokenizeParams before the messages
-            refused = self._check_token_params(parsed) or render_refusal(parsed, self.model)
-        else:
-            refused = render_refusal(parsed, self.model) or self._check_token_params(parsed) or prompt_refusal(parsed)
+        if chat:  # the chat renderer: a request's own template, then the multimodal kwargs, TokenizeParams, messages
+            refused = (request_refusal(body, chat) or self._check_token_params(parsed)
+                       or render_refusal(parsed, self.model))
+        else:  # the suffix, then the multimodal kwargs, TokenizeParams, the prompts
+            refused = (render_refusal(parsed, self.model) or request_refusal(body, chat)
+                       or self._check_token_params(parsed) or prompt_refusal(parsed))
         if refused is not None:
             return refused
         self._truncate(parsed)
@@ -1068,7 +1126,7 @@ class SimServer:
         if chat and not parsed.plain:
             refusal = message_types_refusal(parsed.messages)  # the chat serving's, after the prompt's length
             if refusal is not None:
-                return message_refusal_response(refusal)
+                return refusal_response(refusal)
         inputs = parsed.engine_inputs
         if inputs is not None and inputs.sample_logprobs is not None:
             parsed.logprobs = LogprobsPlan(parsed.chat, inputs.sample_logprobs, parsed.as_token_ids,
@@ -1090,14 +1148,18 @@ class SimServer:
             # error here; vLLM's merge of the prompts' streams raises whichever its set of finished tasks gives)
             max_prompt_id = next((b.max_id for b in parsed.prompts if b.max_id is not None and (
                 b.max_id == EMPTY_PROMPT or b.max_id >= self.options.vocab_size)), None)
-        if inputs is not None or max_prompt_id is not None:
-            failure = verify_engine_inputs(inputs, bias_ids, max_prompt_id, self.options)
+        budget = parsed.extras.thinking_token_budget if parsed.extras is not None else None
+        if inputs is not None or max_prompt_id is not None or budget is not None:
+            failure = verify_engine_inputs(inputs, bias_ids, budget, max_prompt_id, self.options)
             if failure is not None:
                 return _engine_refusal(*failure, stream=parsed.stream)
         parsed.returned = self._prompt_return(body, parsed)
         # vLLM's _base_request_id: the header, else the body's request_id, else random_uuid(): 16 hex digits
         base_id = header_id if header_id is not None else (
             parsed.request_id if parsed.request_id is not None else f"{uuid.uuid4().int & _MASK_64:016x}")
+        if (parsed.stop or parsed.extras is not None or parsed.request_id is not None) and unencodable_engine_input(
+                parsed, base_id):
+            return _engine_failure(stream=parsed.stream)
         response_id = ("chatcmpl-" if chat else "cmpl-") + base_id
         if caps is None:
             plan = [(response_id, parsed.prompt_tokens, checked)]
@@ -1304,7 +1366,7 @@ class SimServer:
             }
             if p.returned is not None:
                 self._completion_prompt_return(body, reqs, p)
-        return web.Response(body=orjson.dumps(body), content_type="application/json")
+        return answer_response(body)
 
     def _chat_prompt_return(self, answer: dict, reqs: list[SimRequest], p: Parsed) -> None:
         """A whole chat answer with what it sends back of its prompt (vLLM's chat serving): the echo before each
@@ -1394,7 +1456,11 @@ class SimServer:
                     parts.append(events.echo(0))
                 role = False
             if count or finished:
-                parts.append(events.tokens(shape.open_choice, sent, count, finished, req.finish_reason))
+                try:
+                    parts.append(events.tokens(shape.open_choice, sent, count, finished, req.finish_reason))
+                except orjson.JSONEncodeError:  # (_generate's finally aborts the request)
+                    await resp.write(b"".join(parts) + events.unencodable(sent, count))
+                    break
             sent += count
             if finished:
                 parts.append(events.end(sent))
@@ -1436,17 +1502,23 @@ class SimServer:
             if p.returned is not None:  # then each answer's echo, as vLLM's first iteration sends them
                 parts.extend(one.echo(i) for i, one in enumerate(each))
         waiting = {asyncio.ensure_future(req.next_tokens()): i for i, req in enumerate(reqs)}
+        failed = False
         try:
-            while waiting:
+            while waiting and not failed:
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 for task in sorted(done, key=waiting.__getitem__):
                     i = waiting.pop(task)
                     count, finished = task.result()  # next_tokens returns new tokens, the end, or both
-                    parts.append(each[i].tokens(opens[i], sent[i], count, finished, reqs[i].finish_reason))
+                    try:
+                        parts.append(each[i].tokens(opens[i], sent[i], count, finished, reqs[i].finish_reason))
+                    except orjson.JSONEncodeError:  # the stream ends (_generate's finally aborts the requests)
+                        parts.append(each[i].unencodable(sent[i], count))
+                        failed = True
+                        break
                     sent[i] += count
                     if not finished:
                         waiting[asyncio.ensure_future(reqs[i].next_tokens())] = i
-                if not waiting:
+                if not waiting and not failed:
                     parts.append(events.end(sum(sent)))
                 data = b"".join(parts)
                 if data:
@@ -1578,6 +1650,16 @@ class _SseEvents:
     def text(self, sent: int, count: int) -> str:
         """The text of an answer's tokens ``sent .. sent+count-1`` (filler words; :class:`_JsonEvents`' JSON)."""
         return filler_text(sent, count)
+
+    def unencodable(self, sent: int, count: int) -> bytes:
+        """The event of vLLM's stream where a chunk cannot be serialized (pydantic's UTF-8 encoding fails on a lone
+        surrogate from the request: a forced tool call's name, a JSON answer's key), then [DONE]."""
+        plan = self.parsed.tool_plan
+        texts = (plan.name, plan.arguments_after(sent, count)) if plan is not None else (self.text(sent, count),)
+        message = next((f"Error serializing to JSON: UnicodeEncodeError: {failure}"
+                        for failure in map(utf8_failure, texts) if failure is not None), "Error serializing to JSON")
+        event = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}})
+        return f"data: {event}\n\ndata: [DONE]\n\n".encode()
 
     def end(self, completion: int) -> bytes:
         """After the last answer's last chunk: the usage chunk (all answers' tokens) where asked for, then [DONE]."""
@@ -1756,12 +1838,13 @@ def logit_bias_token_ids(bias: dict) -> list[int] | web.Response:
     return list(ids)
 
 
-def verify_engine_inputs(inputs: EngineInputs | None, bias_ids: list[int] | None, max_prompt_id: int | None,
-                         options: SimEngineOptions) -> tuple[str, str | None] | None:
+def verify_engine_inputs(inputs: EngineInputs | None, bias_ids: list[int] | None, thinking_budget: int | None,
+                         max_prompt_id: int | None, options: SimEngineOptions) -> tuple[str, str | None] | None:
     """vLLM 0.32's checks in its engine, in their order: SamplingParams.verify (sampling_params.py:
-    _validate_logprobs, _validate_logit_bias, _validate_stop_token_ids, _validate_allowed_token_ids), then the
-    prompt (an empty one refused, input_processor._validate_prompt_len; then its token ids, renderers/base.py
-    validate_token_ids). Returns the first failure's (message, param)."""
+    _validate_logprobs, _validate_logit_bias, _validate_stop_token_ids, _validate_allowed_token_ids), a thinking
+    budget without a reasoning parser (input_processor._validate_params), then the prompt (an empty one refused,
+    input_processor._validate_prompt_len; then its token ids, renderers/base.py validate_token_ids). Returns the
+    first failure's (message, param)."""
     vocab = options.vocab_size
     if inputs is not None:
         limit = vocab if options.max_logprobs == -1 else options.max_logprobs
@@ -1786,11 +1869,36 @@ def verify_engine_inputs(inputs: EngineInputs | None, bias_ids: list[int] | None
             if invalid:
                 return validation_message("allowed_token_ids contains out-of-vocab token id!", "allowed_token_ids",
                                           invalid), "allowed_token_ids"
+    if thinking_budget is not None:  # (a simulated engine has no reasoning parser)
+        return ("thinking_token_budget is set but reasoning_config is not configured. Please set --reasoning-parser "
+                "and/or --reasoning-config to use thinking_token_budget."), None
     if max_prompt_id == EMPTY_PROMPT:  # input_processor._validate_prompt_len, before the ids
         return "The decoder prompt cannot be empty", None
     if max_prompt_id is not None and max_prompt_id >= vocab:
         return f"Token id {max_prompt_id} is out of vocabulary", None
     return None
+
+
+def unencodable_engine_input(p: Parsed, request_id: str) -> bool:
+    """A lone surrogate (JSON's ``"\\ud800"``) where vLLM's engine client must encode it, after its checks: the
+    tokenizer's ``bad_words`` (SamplingParams.update_from_tokenizer), then the engine request's MessagePack (the
+    request id, ``stop``, the session id, the extra args: ``vllm_xargs`` and the transfer parameters)."""
+    extras = p.extras
+    texts: list[str] = [request_id, *p.stop]
+    if extras is not None:
+        texts += extras.bad_words
+        if extras.session_id is not None:
+            texts.append(extras.session_id)
+        texts += (value for value in _json_leaves(extra_args(extras)) if isinstance(value, str))
+    return has_lone_surrogate(texts)
+
+
+def _engine_failure(*, stream: bool) -> web.Response:
+    """vLLM's EngineGenerateError (its engine client failed on the request, which has no message of its own): a
+    500; a stream has already answered 200 and carries it as its one event."""
+    if not stream:
+        return error_response("", "InternalServerError", 500)
+    return _stream_error("", "InternalServerError", 500, None)
 
 
 def _engine_refusal(message: str, param: str | None, *, stream: bool) -> web.Response:
@@ -1818,20 +1926,35 @@ TEMPLATE_CONFLICT = ("continue_final_message and add_generation_prompt are not c
 EMPTY_CONVERSATION = "Cannot apply chat template to an empty conversation. Provide at least one message."
 
 
-def message_refusal_response(refusal: MessageRefusal) -> web.Response:
-    """vLLM's answer to what it refuses as it reads the messages: a 400, or the 500 of its own code's failure."""
+def refusal_response(refusal: Refusal) -> web.Response:
+    """vLLM's answer to a :class:`Refusal` (what it refuses outside pydantic's field errors): a 400, or the 500 of
+    its own code's failure."""
     if refusal.status == 500:
         return error_response(refusal.message, "InternalServerError", 500)
     return bad_request(validation_message(refusal.message, refusal.param, refusal.value), refusal.param)
+
+
+def request_refusal(body: dict, chat: bool) -> web.Response | None:
+    """What vLLM 0.32's renderer refuses of the request itself before it reads a prompt: (chat) a chat template of
+    its own, without ``--trust-request-chat-template``; then multimodal kwargs, without
+    ``--trust-request-mm-kwargs``."""
+    try:
+        if chat:
+            check_request_template(body)
+        check_mm_kwargs(body)
+    except Refusal as refusal:
+        return refusal_response(refusal)
+    return None
 
 
 def render_refusal(p: Parsed, model: str) -> web.Response | None:
     """vLLM 0.32's renderer (renderers/online_renderer.py), before it tokenizes: what its message parser refuses
     (:mod:`backends.sim.chat_messages`: content parts, media sent to a text model, an assistant's tool calls that
     are not functions); the chat template's refusals (an empty conversation, a template asked both to add a
-    generation prompt and to continue the final message); a legacy completion's ``suffix``, which no simulated
-    model can render (none has fill-in-the-middle tokens). A chat prompt's text its tokenizer cannot take (a lone
-    surrogate) is refused last."""
+    generation prompt and to continue the final message); a legacy completion's stream with beam search, its
+    ``suffix``, which no simulated model can render (none has fill-in-the-middle tokens), and ``prompt_embeds``
+    with ``echo`` or ``prompt_logprobs``. A chat prompt's text its tokenizer cannot take (a lone surrogate) is
+    refused last."""
     if p.chat:
         if p.plain:
             rendered = (text for message in p.messages for text in (message["role"], message["content"]))
@@ -1839,32 +1962,62 @@ def render_refusal(p: Parsed, model: str) -> web.Response | None:
             try:
                 rendered = check_parsed_messages(p.messages, model)
             except MessageRefusal as refusal:
-                return message_refusal_response(refusal)
+                return refusal_response(refusal)
         if not p.messages:
             return bad_request(EMPTY_CONVERSATION)
         if p.template_conflict:
             return bad_request(TEMPLATE_CONFLICT)
         if has_lone_surrogate(rendered):  # the prompt's tokenizer
             return bad_request(TOKENIZER_REFUSAL)
+    embeds = None if p.chat or p.extras is None else p.extras.prompt_embeds
+    if not p.chat and p.stream and p.extras is not None and p.extras.use_beam_search:
+        return bad_request("Streaming is not currently supported with beam search")
     if p.suffix is not None:
         if p.echo:
             return bad_request("Echo is unsupported with suffix.", "suffix")
+        if embeds is not None:
+            return bad_request("suffix is not supported with prompt_embeds", "suffix")
+        if p.truncate is not None:
+            return bad_request("suffix is not supported with truncate_prompt_tokens", "suffix")
         if p.prompts != []:  # an empty list of prompts has none to render with it
             token_ids = p.prompt_is_token_ids if p.prompts is None else any(one.token_ids for one in p.prompts)
             if token_ids:
                 return bad_request("suffix requires text prompt input for FIM completion rendering", "suffix")
             return bad_request("suffix is only supported for models with FIM completion rendering", "suffix")
+    if embeds is not None:
+        if p.echo:
+            return bad_request("Echo is unsupported with prompt embeds.")
+        if p.engine_inputs is not None and p.engine_inputs.prompt_logprobs is not None:
+            return bad_request("prompt_logprobs is not compatible with prompt embeds.")
     return None
 
 
 def prompt_refusal(p: Parsed) -> web.Response | None:
-    """A legacy completion's prompts as vLLM's renderer reads them, after its TokenizeParams: none to render, or a
-    text its tokenizer cannot take (a lone surrogate)."""
+    """A legacy completion's prompts as vLLM's renderer reads them, after its TokenizeParams: embeds (first among
+    them; no simulated engine is started with ``--enable-prompt-embeds``), none to render, or a text its tokenizer
+    cannot take (a lone surrogate)."""
+    embeds = p.extras.prompt_embeds if p.extras is not None else None
+    if embeds is not None and embeds != []:  # the embeds come first among the prompts (no simulated model takes them)
+        return bad_request(validation_message("You must set `--enable-prompt-embeds` to input `prompt_embeds`.",
+                                              "prompt_embeds", None), "prompt_embeds")
     if p.prompts == []:
         return bad_request("You must pass at least one prompt")
     if p.unencodable:
         return bad_request(TOKENIZER_REFUSAL)
     return None
+
+
+def _json_leaves(value: Any) -> Iterator[Any]:
+    """Every scalar in a JSON value, its objects' keys included."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _json_leaves(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _json_leaves(item)
+    else:
+        yield value
 
 
 def verify_sampling(p: Parsed, cap: int) -> web.Response | None:
@@ -1875,6 +2028,10 @@ def verify_sampling(p: Parsed, cap: int) -> web.Response | None:
     if p.n > MAX_N_SEQUENCES:
         return bad_request(f"n must be at most {MAX_N_SEQUENCES}, got {p.n}. To increase this limit, set the "
                            "VLLM_MAX_N_SEQUENCES environment variable.")
+    args = extra_args(p.extras)
+    if args and not all(-2**63 <= value < 2**64 for value in _json_leaves(args) if isinstance(value, int)):
+        return bad_request(validation_message("extra_args integers must be between -2**63 and 2**64 - 1.",
+                                              "extra_args", None), "extra_args")
     sampling = p.sampling
     for name in ("presence_penalty", "frequency_penalty"):
         if not -2.0 <= sampling[name] <= 2.0:
@@ -1907,6 +2064,9 @@ def verify_sampling(p: Parsed, cap: int) -> web.Response | None:
         return bad_request(f"min_tokens must be less than or equal to max_tokens={cap}, got {p.min_tokens}.")
     if any(not stop for stop in p.stop):
         return bad_request("stop cannot contain an empty string.")
+    if p.extras is not None and not all(p.extras.bad_words):
+        return bad_request(f"bad_words cannot contain an empty string. Got bad_words="
+                           f"{list(dict.fromkeys(p.extras.bad_words))}")
     if p.n > 1 and p.greedy:
         return bad_request(f"n must be 1 when using greedy sampling, got {p.n}.")
     return None

@@ -349,6 +349,11 @@ class Stack:
 
         return int(json.loads((MODEL_DIR / self.model / "config.json").read_text())["vocab_size"])
 
+    @property
+    def python(self) -> Path:
+        """The python of the vLLM venv that serves this stack, to read the installed vLLM's own definitions."""
+        return VLLM_VENV / "bin" / "python"
+
     def client(self, timeout: float = 60.0):
         import openai
 

@@ -104,6 +104,22 @@ def _shape(value):
     return type(value).__name__
 
 
+def _answered(status: int, text: str, stream: bool) -> tuple[int, str]:
+    """An answer as the engine-to-engine comparisons see it: served (the texts differ, but a stream ends), or the
+    error exactly: the body, or a stream's error event after any chunks (pydantic's own errors name its version's
+    documentation, each engine's pydantic: normalised)."""
+    import re
+
+    if status == 200:
+        if not stream:
+            return status, "served"
+        errors = [event for event in text.split("\n\n") if event.startswith('data: {"error"')]
+        if errors:
+            return status, errors[0]
+        return status, "served" if text.rstrip().endswith("data: [DONE]") else text
+    return status, re.sub(r"errors\.pydantic\.dev/[0-9.]+/", "errors.pydantic.dev/V/", text)
+
+
 @contextlib.asynccontextmanager
 async def _sim_beside(stack, **options) -> AsyncIterator:
     """A simulated engine beside ``stack``'s real one (its model and context, and ``options``), for the
@@ -258,6 +274,69 @@ MESSAGE_BODIES = [
      "tool_choice": {"type": "function", "function": "\ud800"}},
     {"messages": [{"role": "system", "content": "x-anthropic-billing-header: cch=\ud800\nYou help"},
                   {"role": "user", "content": "hi"}]},
+]
+
+
+_S = "\ud800"  # a lone surrogate: no UTF-8 holds it
+# the rarer request fields, engine to engine: a valid and a malformed value of each (both endpoints where both
+# have it): their types, their validators (some escape pydantic and answer alone), the request models' "before"
+# validators, the serving's and the engine's checks, and what its engine client cannot encode
+_CHAT_ONLY = {"reasoning_effort": ["low", "x"], "include_reasoning": [False, None],
+              "documents": [[{"a": "b"}], [{"a": 1}]], "chat_template": [None, 5, "{{ messages }}"],
+              "media_io_kwargs": [None, {"image": 5}, {"image": {}}], "mm_processor_kwargs": [{}, "x", {"a": 1}]}
+_BOTH = {"bad_words": [["x"], "x", [1], [""], ["a", "", ""], ["a" + _S]],
+         "cache_salt": ["abc", "", "a" * 129, "a/b", 5, "a" * 1025, "c" + _S],
+         "include_stop_str_in_output": [True, "x"], "length_penalty": [2.0, None],
+         "logprob_token_ids": [[1, 2], "x"], "mm_payload": ["none", None],
+         "repetition_detection": [{"max_pattern_size": 2, "min_count": 2}, {"max_pattern_size": 5}, "x",
+                                  {"max_pattern_size": -1}],
+         "return_mm_kwargs": [False, "x"], "return_token_offsets": [True, "x"],
+         "routed_experts_prompt_start": [0, -1], "session_id": ["s", 5, "s" + _S],
+         "spaces_between_special_tokens": [False, None], "stream_interval": [3, 0, "x"],
+         "structured_outputs": [{"regex": "a+"}, {}, "x", [1], {"regex": "a", "choice": ["b"]},
+                                {"regex": "a", "grammar": "b"}, {"regex": 5}],
+         "thinking_token_budget": [-1, 5, "x", -2, True], "use_beam_search": [False, None],
+         "vllm_xargs": [{"a": [1, "x"]}, {"a": {"b": 1}}, "x", {"a": 2**70}, {"a": "b" + _S}, {_S: 1}],
+         "watermarking": [True, "x"], "kv_transfer_params": [{"a": 1}, "x", {"a": 2**70}, {"a": _S}],
+         "ec_transfer_params": [{"a": 1}, "x", {_S: 1}],
+         "stop": ["x" + _S], "request_id": ["r" + _S]}
+_NAMED = {"type": "function", "function": {"name": "f"}}
+_TOOLS = [{"type": "function", "function": {"name": "f"}}]
+FIELD_CASES = [(path, {name: value})
+               for path, table in (("chat", _CHAT_ONLY), ("chat", _BOTH), ("completion", _BOTH))
+               for name, values in table.items() for value in values] + [
+    # one before-validator or check against another, and pydantic's order of several fields' errors
+    ("chat", {"structured_outputs": {"regex": "a"}, "tools": _TOOLS, "tool_choice": _NAMED}),
+    ("chat", {"structured_outputs": {"regex": "a"}, "tool_choice": None}),
+    ("chat", {"logprob_token_ids": [1], "use_beam_search": True}),
+    ("chat", {"logprob_token_ids": [1], "logprobs": True}),
+    ("completion", {"logprob_token_ids": [1], "logprobs": 0}),
+    ("completion", {"use_beam_search": True, "echo": True, "logprobs": 1}),
+    ("completion", {"logprob_token_ids": [1], "echo": True, "max_tokens": 0, "logprobs": 1}),
+    ("chat", {"thinking_token_budget": "x", "max_tokens": "y", "bad_words": "z"}),
+    ("chat", {"thinking_token_budget": "x", "structured_outputs": {}}),
+    ("completion", {"thinking_token_budget": "x", "structured_outputs": {}}),
+    ("chat", {"cache_salt": "", "max_tokens": "x"}), ("chat", {"cache_salt": "", "top_logprobs": "x"}),
+    ("completion", {"cache_salt": "", "response_format": {"type": "json_schema"}}),
+    ("chat", {"chat_template": "x", "max_tokens": 99999}),
+    ("chat", {"mm_processor_kwargs": {"a": 1}, "chat_template": "x"}),
+    ("chat", {"media_io_kwargs": {"b": {}}, "max_tokens": 99999}),
+    ("chat", {"chat_template_kwargs": {"chat_template": "x"}}),
+    ("completion", {"mm_processor_kwargs": {"a": 1}, "max_tokens": 99999}),
+    ("completion", {"mm_processor_kwargs": "x", "suffix": "s"}),
+    ("completion", {"suffix": "s", "truncate_prompt_tokens": 5}),
+    ("completion", {"suffix": "s", "prompt_embeds": "abc"}),
+    ("completion", {"prompt_embeds": "abc"}), ("completion", {"prompt_embeds": 5}),
+    ("completion", {"echo": True, "prompt_embeds": "abc"}),
+    ("completion", {"prompt_logprobs": 1, "prompt_embeds": "abc"}),
+    ("completion", {"use_beam_search": True, "n": 2}),
+    ("chat", {"thinking_token_budget": 5, "logprobs": True, "top_logprobs": 50}),
+    ("chat", {"bad_words": [""], "stop": [""]}), ("chat", {"stop": "x" + _S, "n": 2}),
+    ("completion", {"stop": "x" + _S, "prompt": ["a", "b"]}),
+    ("chat", {"ignore_eos": "x", "max_tokens": "y", "user": 5, "top_k": "k", "watermarking": "w"}),
+    ("completion", {"logit_bias": "b", "top_k": "k", "prompt_logprobs": None, "session_id": 5, "echo": "e"}),
+    ("chat", {"truncation_side": "m", "add_special_tokens": "a", "stream_interval": 0, "n": "n"}),
+    ("completion", {"seed": "s", "suffix": 5, "priority": "p", "stop_token_ids": "s", "request_id": 5}),
 ]
 
 
@@ -622,15 +701,7 @@ class TestTinyLlama:
         with the same status and error body, and what it serves the sim serves (:data:`MESSAGE_CASES`: the
         request model's union of message types, its validators, the message parser's reading of content parts,
         media and tool calls, the chat template's empty conversation)."""
-        import re
-
         import aiohttp
-
-        def answered(status: int, text: str, stream: bool) -> tuple[int, str]:
-            if status == 200:  # served: the answers differ, but both end as a stream or an answer ends
-                return status, "served" if not stream or text.rstrip().endswith("data: [DONE]") else text
-            # pydantic's own errors name its version's documentation (each engine's pydantic)
-            return status, re.sub(r"errors\.pydantic\.dev/[0-9.]+/", "errors.pydantic.dev/V/", text)
 
         async with _sim_beside(tiny_stack, vocab_size=tiny_stack.vocab_size, tool_calling=False) as sim:
             # a connection each: after a 500 (its exception handler's) vLLM's server closes the connection
@@ -641,8 +712,48 @@ class TestTinyLlama:
                         answers = []
                         for base in (tiny_stack.engine.url, sim.url):
                             async with session.post(base + "/v1/chat/completions", json=body) as r:
-                                answers.append(answered(r.status, await r.text(), stream))
+                                answers.append(_answered(r.status, await r.text(), stream))
                         assert answers[0] == answers[1], (fields, stream, answers)
+
+    async def test_the_sims_answers_to_request_fields_are_this_engines(self, tiny_stack) -> None:
+        """Engine to engine, both endpoints, whole and streamed: the rarer request fields (:data:`FIELD_CASES`),
+        valid and malformed, are served or refused by the simulated engine as by this real vLLM, with the same
+        status and error body (a stream's error event), and several fields' errors come in this vLLM's order."""
+        import json
+
+        import aiohttp
+
+        paths = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+        async with _sim_beside(tiny_stack, vocab_size=tiny_stack.vocab_size, tool_calling=False) as sim:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+                for kind, fields in FIELD_CASES:
+                    prompt = {"messages": [{"role": "user", "content": "hi"}]} if kind == "chat" else {"prompt": "hi"}
+                    for stream in (False, True):
+                        body = {"model": tiny_stack.model, "max_tokens": 2, **prompt, **fields, "stream": stream}
+                        answers = []
+                        for base in (tiny_stack.engine.url, sim.url):
+                            async with session.post(base + paths[kind], data=json.dumps(body).encode(),
+                                                    headers={"Content-Type": "application/json"}) as r:
+                                answers.append(_answered(r.status, await r.text(), stream))
+                        assert answers[0] == answers[1], (kind, fields, stream, answers)
+
+    def test_the_sims_request_fields_are_in_this_vllms_order(self, tiny_stack) -> None:
+        """The request models' fields as the installed vLLM defines them, in its order (the simulated engine reports
+        several fields' errors in that order, and copies the types of those in its EXTRA_FIELDS)."""
+        import json
+        import subprocess
+
+        from backends.sim.request_fields import CHAT_FIELDS, COMPLETION_FIELDS, EXTRA_FIELDS
+
+        script = ("import json\n"
+                  "from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest\n"
+                  "from vllm.entrypoints.openai.completion.protocol import CompletionRequest\n"
+                  "print(json.dumps([list(ChatCompletionRequest.model_fields), list(CompletionRequest.model_fields)]))")
+        done = subprocess.run([str(tiny_stack.python), "-c", script], capture_output=True, text=True, timeout=300,
+                              check=True)
+        chat, completion = json.loads(done.stdout.strip().splitlines()[-1])
+        assert (tuple(chat), tuple(completion)) == (CHAT_FIELDS, COMPLETION_FIELDS)
+        assert set(EXTRA_FIELDS) <= set(chat) | set(completion)
 
     async def test_the_sims_answers_have_this_engines_shape(self, tiny_stack) -> None:
         """Engine to engine: the same requests get answers of the same shape (every key, and the JSON type of
@@ -1326,6 +1437,31 @@ class TestSmolLM2:
                         assert simulated == real, (choice, stream, extra, real, simulated)
                         assert real[1:] == ("tool_calls" if choice == "required" else "stop", name,
                                             ["city"] if name == "get_weather" else [])
+
+    async def test_the_sims_unwritable_tool_call_is_this_engines(self, smol_stack) -> None:
+        """A forced tool call whose name no UTF-8 can hold (a lone surrogate), whole and streamed, one answer or two,
+        engine to engine: neither engine can serialize its answer (a 400 naming where the name's surrogate lies in
+        it, or a stream's error event after the role chunk), and neither crashes."""
+        import json
+
+        import aiohttp
+
+        name = "f" + _S
+        tool = {"type": "function", "function": {"name": name, "parameters": {
+            "type": "object", "properties": {"a": {"type": "string"}}}}}
+        async with _sim_beside(smol_stack) as sim:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+                for stream, n in ((False, 1), (True, 1), (False, 2), (True, 2)):
+                    body = {"model": smol_stack.model, "messages": [{"role": "user", "content": "hi"}],
+                            "tools": [tool], "tool_choice": {"type": "function", "function": {"name": name}},
+                            "max_tokens": 20, "temperature": 1.0, "n": n, "stream": stream}
+                    answers = []
+                    for base in (smol_stack.engine.url, sim.url):
+                        async with session.post(base + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                                headers={"Content-Type": "application/json"}) as r:
+                            answers.append(_answered(r.status, await r.text(), stream))
+                    assert answers[0] == answers[1], (stream, n, answers)
+                    assert "surrogates not allowed" in answers[0][1], answers
 
     async def test_the_sims_json_mode_answers_have_this_engines_shape(self, smol_stack) -> None:
         """``response_format`` json_object and json_schema, whole and streamed, engine to engine: the same shape
