@@ -1,6 +1,6 @@
 """The simulated engine reads vLLM 0.32's rarer request fields as vLLM does (:mod:`backends.sim.request_fields`):
 their types, their validators, the serving's and the engine's checks, several fields' errors in vLLM's order, what
-vLLM's engine client cannot encode and an answer it cannot write (the real-vLLM stage
+vLLM's engine client cannot encode, an answer it cannot write, and ``stream_interval`` (the real-vLLM stage
 compares both engines' answers to the same bodies, byte for byte). Each expected answer was observed on a real
 vLLM 0.32."""
 
@@ -220,3 +220,15 @@ async def test_an_answer_no_utf8_can_hold_is_a_400_or_a_streams_error_event_afte
                        "'\\ud800' in position 1: surrogates not allowed",
             "type": "BadRequestError", "param": None, "code": 400}}
     assert await _holds_nothing(engine)
+
+
+async def test_a_stream_interval_sends_a_chunk_every_so_many_tokens(engine):
+    usage = {"include_usage": True, "continuous_usage_stats": True}
+    for chat, fields, counts in (
+            (True, {"max_tokens": 7, "stream_interval": 3}, [0, 1, 4, 7]),  # (chat's role chunk first)
+            (False, {"max_tokens": 8, "stream_interval": 2}, [1, 3, 5, 7, 8]),
+            (False, {"max_tokens": 5, "stream_interval": 9}, [1, 5])):
+        status, text = await _post(engine.url, {**fields, "ignore_eos": True, "stream_options": usage}, chat,
+                                   stream=True)
+        assert status == 200, text
+        assert [event["usage"]["completion_tokens"] for event in _events(text) if event["choices"]] == counts

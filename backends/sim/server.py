@@ -123,7 +123,8 @@ Request handling
 * **Streams** follow vLLM: ``data: {json}\\n\\n`` events, a first chat chunk with ``delta.role`` and empty
   content (the role, whole or streamed, is "assistant", or the last message's with ``add_generation_prompt:
   false``), one event per engine iteration per request (several tokens in one event only when this client
-  reads slower than the engine produces, as in vLLM), ``finish_reason`` on the last token's event, then with
+  reads slower than the engine produces, as in vLLM; with ``stream_interval`` N, the first token's event, then one
+  every N tokens), ``finish_reason`` on the last token's event, then with
   ``stream_options.include_usage`` a chunk with ``"choices": []`` and ``usage``, then ``data: [DONE]``.
   ``system_fingerprint`` (``vllm-<version>-<hash8>``) rides on the last message: the usage chunk, else the last
   token's. Every key vLLM 0.32 sends, null ones included, is there, in its order (``prompt_token_ids``,
@@ -1445,10 +1446,15 @@ class SimServer:
         else:
             events = _SseEvents(head, shape, p, req.prompt_tokens, self._fingerprint_json)
         events.req = req
-        sent = 0
+        sent = held = 0
+        interval = _stream_interval(p)
         role = shape.role_choice is not None
         while True:
             count, finished = await req.next_tokens()
+            held += count
+            if not finished and sent and held < interval:  # vLLM's stream_interval: a chunk every so many tokens
+                continue
+            count, held = held, 0
             parts: list[bytes] = []
             if role:
                 parts.append(events.role(shape.role_choice))
@@ -1496,6 +1502,8 @@ class SimServer:
         index = [b'"index":%d' % i for i in range(len(reqs))]
         opens = [shape.open_choice.replace(b'"index":0', tag, 1) for tag in index]
         sent = [0] * len(reqs)
+        held = [0] * len(reqs)
+        interval = _stream_interval(p)
         parts: list[bytes] = []
         if shape.role_choice is not None:  # one role chunk per answer, before any text (vLLM's first iteration)
             parts.extend(events.role(shape.role_choice.replace(b'"index":0', tag, 1)) for tag in index)
@@ -1509,6 +1517,11 @@ class SimServer:
                 for task in sorted(done, key=waiting.__getitem__):
                     i = waiting.pop(task)
                     count, finished = task.result()  # next_tokens returns new tokens, the end, or both
+                    held[i] += count
+                    if not finished and sent[i] and held[i] < interval:  # (stream_interval)
+                        waiting[asyncio.ensure_future(reqs[i].next_tokens())] = i
+                        continue
+                    count, held[i] = held[i], 0
                     try:
                         parts.append(each[i].tokens(opens[i], sent[i], count, finished, reqs[i].finish_reason))
                     except orjson.JSONEncodeError:  # the stream ends (_generate's finally aborts the requests)
@@ -1528,6 +1541,12 @@ class SimServer:
             for task in waiting:
                 task.cancel()
         await resp.write_eof()
+
+
+def _stream_interval(p: Parsed) -> int:
+    """How many new tokens a stream's chunk waits for after the first (vLLM's ``stream_interval``: the request's,
+    at least the engine's, 1)."""
+    return (p.extras.stream_interval or 1) if p.extras is not None else 1
 
 
 class _SseEvents:

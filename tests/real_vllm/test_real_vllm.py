@@ -755,6 +755,35 @@ class TestTinyLlama:
         assert (tuple(chat), tuple(completion)) == (CHAT_FIELDS, COMPLETION_FIELDS)
         assert set(EXTRA_FIELDS) <= set(chat) | set(completion)
 
+    async def test_the_sims_stream_interval_is_this_engines(self, tiny_stack) -> None:
+        """``stream_interval``: a stream's chunks, engine to engine (the first token's at once, then one every so
+        many tokens, the last with what is left), counted by their continuous usage."""
+        import json
+
+        import aiohttp
+
+        async def chunks(session, base: str, path: str, body: dict) -> list:
+            async with session.post(base + path, json=body) as r:
+                assert r.status == 200, await r.text()
+                events = [json.loads(line[len("data: "):]) for line in (await r.text()).split("\n\n")
+                          if line.startswith("data: {")]
+            return [(tuple((choice["index"], choice["finish_reason"]) for choice in event["choices"]),
+                     event["usage"]["completion_tokens"]) for event in events]
+
+        usage = {"include_usage": True, "continuous_usage_stats": True}
+        async with _sim_beside(tiny_stack, vocab_size=tiny_stack.vocab_size, tool_calling=False) as sim:
+            async with aiohttp.ClientSession() as session:
+                for path, fields in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                               "max_tokens": 7, "stream_interval": 3}),
+                                     ("/v1/completions", {"prompt": "hi", "max_tokens": 8, "stream_interval": 2}),
+                                     ("/v1/completions", {"prompt": "hi", "max_tokens": 7, "stream_interval": 3,
+                                                          "n": 2})):
+                    body = {"model": tiny_stack.model, "stream": True, "ignore_eos": True, "stream_options": usage,
+                            **fields}
+                    real, simulated = await chunks(session, tiny_stack.engine.url, path, body), await chunks(
+                        session, sim.url, path, body)
+                    assert real == simulated, (fields, real, simulated)
+
     async def test_the_sims_answers_have_this_engines_shape(self, tiny_stack) -> None:
         """Engine to engine: the same requests get answers of the same shape (every key, and the JSON type of
         every value) from the simulated engine and from this real vLLM, whole and streamed, chat and legacy."""
