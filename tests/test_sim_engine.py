@@ -1387,6 +1387,30 @@ async def test_priority_scheduling_orders_waiting_requests(start):
     assert engine.num_preemptions == 0  # priority never preempts a running request
 
 
+async def test_an_integer_priority_header_overrides_the_bodys_priority(start):
+    # vLLM 0.32's X-Vllm-Priority; a header that is no integer is ignored
+    handle, client = await start(max_num_seqs=1, scheduling_policy="priority", time_scale=4.0)
+    engine = handle.engine
+    order: list[str] = []
+    blocker = asyncio.create_task(client.chat.completions.create(
+        model=MODEL, messages=_chat(), max_tokens=250, extra_body={"ignore_eos": True}))
+    await _wait_for(lambda: engine.num_running == 1)
+
+    async def one(name: str, priority: int, header: str | None) -> None:
+        await client.chat.completions.create(model=MODEL, messages=_chat(), max_tokens=2,
+                                             extra_body={"ignore_eos": True, "priority": priority},
+                                             extra_headers={"X-Vllm-Priority": header} if header else None)
+        order.append(name)
+
+    tasks = []
+    for name, priority, header in (("a", 0, "9"), ("b", 5, None), ("c", 7, "x"), ("d", 9, "-3")):
+        tasks.append(asyncio.create_task(one(name, priority, header)))
+        await _wait_for(lambda n=len(tasks): engine.num_waiting == n)
+    assert not blocker.done(), "the blocker finished before all requests queued; lower time_scale"
+    await asyncio.gather(blocker, *tasks)
+    assert order == ["d", "b", "c", "a"]
+
+
 async def test_fcfs_ignores_priority(start):
     handle, client = await start(max_num_seqs=1, time_scale=4.0)
     engine = handle.engine

@@ -188,6 +188,19 @@ async def test_an_engine_refusal_is_a_400_or_a_streams_one_event(engine):
     assert await _holds_nothing(engine)
 
 
+async def test_a_data_parallel_rank_other_than_the_one_engines_is_refused_in_the_engine(engine):
+    async with aiohttp.ClientSession() as session:
+        for rank, refused in (("0", False), ("x", False), ("1", True), ("-1", True)):
+            for stream in (False, True):
+                async with session.post(engine.url + "/v1/completions", headers={"X-data-parallel-rank": rank},
+                                        json={"model": MODEL, "prompt": "hi", "max_tokens": 2,
+                                              "stream": stream}) as r:
+                    text = await r.text()
+                message = f"data_parallel_rank {rank} is out of range [0, 1)."
+                assert (message in text) == refused and r.status == (400 if refused and not stream else 200), text
+    assert await _holds_nothing(engine)
+
+
 async def test_what_vllms_engine_client_cannot_encode_is_its_500_without_a_message(engine):
     failure = {"error": {"message": "", "type": "InternalServerError", "param": None, "code": 500}}
     event = 'data: {"error": {"message": "", "type": "InternalServerError", "param": null, "code": 500}}\n\n'

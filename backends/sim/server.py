@@ -28,7 +28,8 @@ Request handling
   takes it, e.g. ``[[1, -5]]``); chat's ``messages`` (:mod:`backends.sim.chat_messages`: copies of the OpenAI
   SDK's message types, vLLM's custom message and openai-harmony's, with every member's errors where none takes a
   message, e.g. eleven for a message without ``role``); required ``messages`` / ``prompt``. ``priority`` must be
-  an int; under the ``fcfs`` policy it is accepted and ignored (as observed on a real server). Also
+  an int; under the ``fcfs`` policy it is accepted and ignored (as observed on a real server); an
+  ``X-Vllm-Priority`` header that is an integer overrides it, as vLLM 0.32's does. Also
   ``logprobs`` (chat: a bool; completions: an int), ``top_logprobs``, ``prompt_logprobs``, ``logit_bias`` (an
   object of numbers), ``stop_token_ids`` and ``allowed_token_ids`` (lists of ints). The rarer fields (beam search,
   reasoning, structured outputs, multimodal and transfer parameters, ``bad_words``, ``cache_salt``,
@@ -76,7 +77,8 @@ Request handling
   ``logprobs`` (chat: ``top_logprobs`` where ``logprobs`` is true) or ``prompt_logprobs`` above ``max_logprobs``
   (-1 asks for the vocabulary) -> ``Requested sample logprobs of 21, which is greater than max allowed: 20``;
   token ids outside ``vocab_size`` in ``logit_bias``, ``stop_token_ids``, ``allowed_token_ids`` (also refused
-  empty), a ``thinking_token_budget`` (no simulated engine has a reasoning parser), or a token-id prompt (``Token
+  empty), a ``thinking_token_budget`` (no simulated engine has a reasoning parser), an ``X-data-parallel-rank``
+  header naming a rank other than 0 (a simulated engine is one), or a token-id prompt (``Token
   id N is out of vocabulary``; an empty one, ``[[]]`` or in a batch, ``The decoder prompt cannot be empty``).
   These fail inside vLLM's engine, after its stream has answered 200: a stream gets its one event ``data:
   {"error": {...}}`` and ``data: [DONE]``. Last, what vLLM's engine client cannot encode (a lone surrogate in
@@ -226,6 +228,8 @@ from backends.sim.tool_calls import ToolCallPlan, new_tool_call_id, plan_tool_ca
 
 HINT_HEADER = "X-Sim-Output-Tokens"
 REQUEST_ID_HEADER = "X-Request-Id"
+PRIORITY_HEADER = "X-Vllm-Priority"  # vLLM 0.32's: overrides the body's priority
+DATA_PARALLEL_RANK_HEADER = "X-data-parallel-rank"  # vLLM's: the engine of its data-parallel group (here one)
 SIM_VERSION = "0.32.0+maestro.sim"
 LEGACY_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (vLLM and OpenAI)
 _MASK_64 = 2**64 - 1
@@ -1150,8 +1154,9 @@ class SimServer:
             max_prompt_id = next((b.max_id for b in parsed.prompts if b.max_id is not None and (
                 b.max_id == EMPTY_PROMPT or b.max_id >= self.options.vocab_size)), None)
         budget = parsed.extras.thinking_token_budget if parsed.extras is not None else None
-        if inputs is not None or max_prompt_id is not None or budget is not None:
-            failure = verify_engine_inputs(inputs, bias_ids, budget, max_prompt_id, self.options)
+        rank = header_int(request.headers.get(DATA_PARALLEL_RANK_HEADER))
+        if inputs is not None or max_prompt_id is not None or budget is not None or rank is not None:
+            failure = verify_engine_inputs(inputs, bias_ids, budget, rank, max_prompt_id, self.options)
             if failure is not None:
                 return _engine_refusal(*failure, stream=parsed.stream)
         parsed.returned = self._prompt_return(body, parsed)
@@ -1161,6 +1166,9 @@ class SimServer:
         if (parsed.stop or parsed.extras is not None or parsed.request_id is not None) and unencodable_engine_input(
                 parsed, base_id):
             return _engine_failure(stream=parsed.stream)
+        priority = header_int(request.headers.get(PRIORITY_HEADER))
+        if priority is not None:
+            parsed.priority = priority
         response_id = ("chatcmpl-" if chat else "cmpl-") + base_id
         if caps is None:
             plan = [(response_id, parsed.prompt_tokens, checked)]
@@ -1858,12 +1866,13 @@ def logit_bias_token_ids(bias: dict) -> list[int] | web.Response:
 
 
 def verify_engine_inputs(inputs: EngineInputs | None, bias_ids: list[int] | None, thinking_budget: int | None,
-                         max_prompt_id: int | None, options: SimEngineOptions) -> tuple[str, str | None] | None:
+                         data_parallel_rank: int | None, max_prompt_id: int | None,
+                         options: SimEngineOptions) -> tuple[str, str | None] | None:
     """vLLM 0.32's checks in its engine, in their order: SamplingParams.verify (sampling_params.py:
     _validate_logprobs, _validate_logit_bias, _validate_stop_token_ids, _validate_allowed_token_ids), a thinking
-    budget without a reasoning parser (input_processor._validate_params), then the prompt (an empty one refused,
-    input_processor._validate_prompt_len; then its token ids, renderers/base.py validate_token_ids). Returns the
-    first failure's (message, param)."""
+    budget without a reasoning parser (input_processor._validate_params), the data-parallel rank a header asks for,
+    then the prompt (an empty one refused, input_processor._validate_prompt_len; then its token ids,
+    renderers/base.py validate_token_ids). Returns the first failure's (message, param)."""
     vocab = options.vocab_size
     if inputs is not None:
         limit = vocab if options.max_logprobs == -1 else options.max_logprobs
@@ -1891,6 +1900,8 @@ def verify_engine_inputs(inputs: EngineInputs | None, bias_ids: list[int] | None
     if thinking_budget is not None:  # (a simulated engine has no reasoning parser)
         return ("thinking_token_budget is set but reasoning_config is not configured. Please set --reasoning-parser "
                 "and/or --reasoning-config to use thinking_token_budget."), None
+    if data_parallel_rank is not None and not 0 <= data_parallel_rank < 1:  # (a simulated engine is one rank)
+        return f"data_parallel_rank {data_parallel_rank} is out of range [0, 1).", None
     if max_prompt_id == EMPTY_PROMPT:  # input_processor._validate_prompt_len, before the ids
         return "The decoder prompt cannot be empty", None
     if max_prompt_id is not None and max_prompt_id >= vocab:
@@ -2024,6 +2035,17 @@ def prompt_refusal(p: Parsed) -> web.Response | None:
     if p.unencodable:
         return bad_request(TOKENIZER_REFUSAL)
     return None
+
+
+def header_int(value: str | None) -> int | None:
+    """A header's integer as vLLM reads one (Python's ``int`` of Starlette's latin-1 text), None where there is
+    none (vLLM ignores a header that is no integer)."""
+    if value is None:
+        return None
+    try:
+        return int(value.encode("utf-8", "surrogateescape").decode("latin-1"))
+    except ValueError:
+        return None
 
 
 def _json_leaves(value: Any) -> Iterator[Any]:

@@ -736,6 +736,16 @@ class TestTinyLlama:
                                                     headers={"Content-Type": "application/json"}) as r:
                                 answers.append(_answered(r.status, await r.text(), stream))
                         assert answers[0] == answers[1], (kind, fields, stream, answers)
+                # the headers vLLM reads for the engine: a data-parallel rank (one engine here: 0), a priority
+                for headers in ({"X-data-parallel-rank": "1"}, {"X-data-parallel-rank": "x"},
+                                {"X-data-parallel-rank": "-1", "X-Vllm-Priority": "x"}, {"X-Vllm-Priority": "3"}):
+                    for stream in (False, True):
+                        body = {"model": tiny_stack.model, "max_tokens": 2, "prompt": "hi", "stream": stream}
+                        answers = []
+                        for base in (tiny_stack.engine.url, sim.url):
+                            async with session.post(base + paths["completion"], json=body, headers=headers) as r:
+                                answers.append(_answered(r.status, await r.text(), stream))
+                        assert answers[0] == answers[1], (headers, stream, answers)
 
     def test_the_sims_request_fields_are_in_this_vllms_order(self, tiny_stack) -> None:
         """The request models' fields as the installed vLLM defines them, in its order (the simulated engine reports
