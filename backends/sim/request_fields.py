@@ -272,10 +272,11 @@ def check_mm_kwargs(body: dict) -> None:
 
 
 def extra_args(extras: Any) -> dict | None:
-    """SamplingParams.extra_args as the request builds it: ``vllm_xargs``, with the transfer parameters added."""
+    """SamplingParams.extra_args as the request builds it: ``vllm_xargs``, with the transfer parameters added (a
+    copy: the request's own stays as sent)."""
     if extras is None:
         return None
-    args = extras.vllm_xargs if extras.vllm_xargs else {}
+    args = dict(extras.vllm_xargs or {})
     if extras.kv_transfer_params:
         args["kv_transfer_params"] = extras.kv_transfer_params
     if extras.ec_transfer_params:
@@ -284,5 +285,5 @@ def extra_args(extras: Any) -> dict | None:
 
 
 __all__ = ["CHAT_FIELDS", "COMPLETION_FIELDS", "EXTRA_FIELDS", "Refusal", "check_cache_salt",
-           "check_logprob_token_ids", "check_mm_kwargs", "check_structured_outputs_count", "extra_args",
-           "in_field_order", "read_extras", "check_request_template"]
+           "check_logprob_token_ids", "check_mm_kwargs", "check_request_template", "check_structured_outputs_count",
+           "extra_args", "in_field_order", "read_extras"]

@@ -661,11 +661,8 @@ def tool_parser_refusal(choice: Any) -> web.Response:
 def check_logprobs(body: dict, chat: bool = True) -> web.Response | None:
     """vLLM 0.32's ChatCompletionRequest.check_logprobs (``top_logprobs`` needs ``logprobs``) or, for legacy
     completions, CompletionRequest.check_logprobs (an integer ``logprobs``); ``logprob_token_ids`` first."""
-    try:
-        check_logprob_token_ids(body, chat)
-    except Refusal as refusal:
-        return refusal_response(refusal)
-    refused = _check_logprob_counts(body, "top_logprobs" if chat else "logprobs")
+    refused = (refused_by(check_logprob_token_ids, body, chat)
+               or _check_logprob_counts(body, "top_logprobs" if chat else "logprobs"))
     if refused is not None or not chat:
         return refused
     top_logprobs = body.get("top_logprobs")
@@ -780,22 +777,17 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         return not_an_object_response(body)
     # vLLM 0.32's "before" model validators raise VLLMValidationError, which is no ValueError: it escapes
     # pydantic and comes back as a BadRequestError naming the parameter, ahead of any field's type error. They
-    # run last-defined first: tool usage, then logprobs, then stream options.
-    # A legacy completion's run: the prompt, stream options, then logprobs.
+    # run last-defined first: tool usage, structured outputs, logprobs, stream options, the response format, the
+    # messages' normalization, the cache salt. A legacy completion's run: the prompt, stream options, logprobs,
+    # structured outputs, the response format, the cache salt.
     if chat:
         refused = messages_type_error(body)  # check_system_message_content_type
         if refused is not None:
             return bad_request(refused)
         if body.get("continue_final_message") and body.get("add_generation_prompt"):  # check_generation_prompt
             return bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
-        refused = check_tool_usage(body)
-        if refused is not None:
-            return refused
-        try:
-            check_structured_outputs_count(body, chat)
-        except Refusal as refusal:
-            return refusal_response(refusal)
-        refused = check_logprobs(body)
+        refused = (check_tool_usage(body) or refused_by(check_structured_outputs_count, body, chat)
+                   or check_logprobs(body))
         if refused is not None:
             return refused
     elif (isinstance(body.get("prompt"), list) and len(body["prompt"]) > MAX_COMPLETION_PROMPTS
@@ -811,13 +803,9 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         return bad_request(validation_message("Stream options can only be defined when `stream=True`.",
                                               "stream_options", None), "stream_options")
     if not chat:
-        refused = check_logprobs(body, chat=False)
+        refused = check_logprobs(body, chat=False) or refused_by(check_structured_outputs_count, body, chat)
         if refused is not None:
             return refused
-        try:
-            check_structured_outputs_count(body, chat)
-        except Refusal as refusal:
-            return refusal_response(refusal)
     response_format = body.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") == "json_schema" and (
             response_format.get("json_schema") is None):  # validate_response_format
@@ -839,10 +827,9 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
             except MessageRefusal as refusal:  # _normalize_messages_before
                 return bad_request(refusal.message)
             errors += message_errors
-    try:  # the request model's first "before" validator, after the messages' normalization
-        check_cache_salt(body)
-    except Refusal as refusal:
-        return refusal_response(refusal)
+    refused = refused_by(check_cache_salt, body)  # the request model's first "before" validator
+    if refused is not None:
+        return refused
     p.model = check_str(body, "model", errors)
     p.stream = bool(check_bool(body, "stream", errors, optional=True, default=False))
     p.ignore_eos = bool(check_bool(body, "ignore_eos", errors, optional=False, default=False))
@@ -1956,6 +1943,15 @@ TEMPLATE_CONFLICT = ("continue_final_message and add_generation_prompt are not c
 EMPTY_CONVERSATION = "Cannot apply chat template to an empty conversation. Provide at least one message."
 
 
+def refused_by(check: Callable[..., None], *args: Any) -> web.Response | None:
+    """vLLM's answer to what ``check`` refuses (:class:`Refusal`), None where it passes."""
+    try:
+        check(*args)
+    except Refusal as refusal:
+        return refusal_response(refusal)
+    return None
+
+
 def refusal_response(refusal: Refusal) -> web.Response:
     """vLLM's answer to a :class:`Refusal` (what it refuses outside pydantic's field errors): a 400, or the 500 of
     its own code's failure."""
@@ -1968,13 +1964,8 @@ def request_refusal(body: dict, chat: bool) -> web.Response | None:
     """What vLLM 0.32's renderer refuses of the request itself before it reads a prompt: (chat) a chat template of
     its own, without ``--trust-request-chat-template``; then multimodal kwargs, without
     ``--trust-request-mm-kwargs``."""
-    try:
-        if chat:
-            check_request_template(body)
-        check_mm_kwargs(body)
-    except Refusal as refusal:
-        return refusal_response(refusal)
-    return None
+    refused = refused_by(check_request_template, body) if chat else None
+    return refused or refused_by(check_mm_kwargs, body)
 
 
 def render_refusal(p: Parsed, model: str) -> web.Response | None:
