@@ -134,6 +134,19 @@ REFUSED = [
      "You must set `--enable-prompt-embeds` to input `prompt_embeds`."),
     ({"suffix": "s", "truncate_prompt_tokens": 5}, False, 400, "BadRequestError", "suffix",
      "suffix is not supported with truncate_prompt_tokens"),
+    ({"n": None}, False, 400, "Bad Request", "body.n", "1 validation error:\n  {'type': 'int_type', 'loc': 'body.n'"),
+    ({"priority": 2**70}, True, 400, "Bad Request", "body.priority", "1 validation error:\n  {'type': "
+     "'less_than_equal', 'loc': 'body.priority'"),
+    ({"use_beam_search": True, "n": 0}, True, 400, "BadRequestError", None, "beam_width must be at least 1, got 0."),
+    # a named tool looked up in malformed tools as vLLM's loop looks: Python's KeyError is its 500, a TypeError its 400
+    ({"tools": [{"type": "x"}], "tool_choice": {"type": "function", "function": {"name": "f"}}}, True, 500,
+     "InternalServerError", None, "'function'"),
+    ({"tools": "ab", "tool_choice": {"type": "function", "function": {"name": "f"}}}, True, 400, "BadRequestError",
+     None, "string indices must be integers"),
+    ({"structured_outputs": {"structural_tag": "not json"}}, True, 400, "BadRequestError", "structured_outputs",
+     "Invalid structured_outputs structural_tag specification. (parameter=structured_outputs)"),
+    ({"response_format": {"type": "structural_tag"}, "max_tokens": "x"}, False, 400, "BadRequestError",
+     "response_format", "Invalid response_format structural_tag specification."),
 ]
 
 
@@ -201,15 +214,57 @@ async def test_a_data_parallel_rank_other_than_the_one_engines_is_refused_in_the
     assert await _holds_nothing(engine)
 
 
+# engine refusals (a 400, a stream's one event): (fields, chat?, the start of the message)
+ENGINE_REFUSED = [
+    ({"routed_experts_prompt_start": 2**70}, True, "routed_experts_prompt_start must be between 0 and the prompt "
+     "length ("),
+    ({"logprobs": 1, "logprob_token_ids": [10**6]}, False, "token_id(s) [1000000] in logprob_token_ids contain "
+     "out-of-vocab token ids."),
+    ({"logprobs": True, "logprob_token_ids": list(range(129))}, True, "Requested logprob_token_ids of length 129, "
+     "which is greater than max allowed: 128"),
+    ({"structured_outputs": {"choice": []}}, True, "Choice '[]' cannot be an empty list"),
+    ({"structured_outputs": {"json_object": False}}, False, "structured_outputs.json_object must be True if set"),
+    ({"structured_outputs": {"regex": "a\u0000"}}, True, "structured_outputs.regex must not contain a NUL"),
+    # beam search: the search's own sampling (2n logprobs, the temperature), not the request's SamplingParams
+    ({"use_beam_search": True, "n": 11}, True, "Requested sample logprobs of 22, which is greater than max "
+     "allowed: 20"),
+    ({"use_beam_search": True, "temperature": 5}, True, "temperature must be in [0, 2], got 5.0."),
+]
+
+
+async def test_engine_refusals_of_the_rarer_fields_are_vllms(engine):
+    for fields, chat, start in ENGINE_REFUSED:
+        status, answer = await _post(engine.url, fields, chat)
+        assert status == 400 and answer["error"]["message"].startswith(start), (fields, answer)
+        status, text = await _post(engine.url, fields, chat, stream=True)
+        assert status == 200 and _events(text)[-1]["error"]["message"].startswith(start), (fields, text)
+    assert await _holds_nothing(engine)
+
+
+async def test_logprob_token_ids_ask_for_no_sample_logprobs_and_beam_search_skips_sampling_checks(engine):
+    for fields, chat in (({"logprobs": 21, "logprob_token_ids": [1, 2]}, False),
+                         ({"use_beam_search": True, "top_p": 0, "min_tokens": 5, "stop": [""], "bad_words": [""],
+                           "n": 2, "temperature": 0, "thinking_token_budget": 5}, True),
+                         ({"use_beam_search": True, "max_tokens": 0}, True)):
+        status, answer = await _post(engine.url, fields, chat)
+        assert status == 200, (fields, answer)
+
+
 async def test_what_vllms_engine_client_cannot_encode_is_its_500_without_a_message(engine):
     failure = {"error": {"message": "", "type": "InternalServerError", "param": None, "code": 500}}
     event = 'data: {"error": {"message": "", "type": "InternalServerError", "param": null, "code": 500}}\n\n'
     for fields in ({"stop": ["ok", "a" + S]}, {"request_id": "r" + S}, {"bad_words": ["a" + S]},
                    {"vllm_xargs": {S: 1}}, {"kv_transfer_params": {"x": S}}, {"session_id": "s" + S},
-                   {"stop": "x" + S, "n": 2}):
+                   {"stop": "x" + S, "n": 2}, {"top_k": 2**64}, {"stream_interval": 2**64},
+                   {"repetition_detection": {"max_pattern_size": 2**64, "min_pattern_size": 1, "min_count": 2}}):
         for chat in (True, False):
             assert await _post(engine.url, fields, chat) == (500, failure), fields
             assert await _post(engine.url, fields, chat, stream=True) == (200, event + "data: [DONE]\n\n"), fields
+    # a beam search's requests carry only the request id and the session id of the request's own (a legacy completion
+    # streams none)
+    beam = {"use_beam_search": True, "session_id": "s" + S, "stop": ["x" + S], "top_k": 2**64}
+    assert await _post(engine.url, beam) == (500, failure)
+    assert (await _post(engine.url, {**beam, "session_id": "s"}))[0] == 200
     assert await _holds_nothing(engine)
 
 

@@ -21,13 +21,14 @@ is no ``ValueError``, the error escapes pydantic and answers alone, ahead of eve
 
 from __future__ import annotations
 
+import json
 from dataclasses import field
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError, create_model
 from pydantic.dataclasses import dataclass
 
-from backends.sim.request_models import reported_errors
+from backends.sim.request_models import STRUCTURAL_TAG_FORMAT, reported_errors
 
 
 class Refusal(Exception):
@@ -193,13 +194,40 @@ def read_extras(body: dict, chat: bool, errors: list[dict]) -> Any:
         return None
 
 
+MAX_JSON_NESTING = 64  # vLLM's MAX_STRUCTURED_OUTPUT_JSON_NESTING
+STRUCTURAL_TAG_NESTING = 16  # and the structural tag's wrapper levels beyond it
+NESTING_REFUSAL = (f"The JSON schema is nested too deeply: objects and arrays may nest at most {MAX_JSON_NESTING} "
+                   "levels")
+
+
+def exceeds_json_nesting(spec: Any, limit: int) -> bool:
+    """vLLM's _exceeds_json_nesting: whether a JSON document (a text is parsed; one that does not parse is left to
+    the grammar backend) nests objects and arrays deeper than ``limit``."""
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except RecursionError:
+            return True
+        except ValueError:
+            return False
+    level = [spec]
+    for _ in range(limit):
+        level = [child for node in level if isinstance(node, (dict, list))
+                 for child in (node.values() if isinstance(node, dict) else node) if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
 # -------------------------------------------------------------------- the request models' "before" validators
 
 
 def check_structured_outputs_count(body: dict, chat: bool) -> None:
     """vLLM 0.32's ``check_structured_outputs_count``: one kind of constraint at most, and (chat) not with a named
-    tool. It reads the raw value as a dict, so any other value is its own 500. (A structural tag's payload, which
-    vLLM compiles with xgrammar, is not checked.)"""
+    tool. It reads the raw value as a dict, so any other value is its own 500. Then the structural tag's payload
+    (:func:`check_structural_tag_payload`)."""
     outputs = body.get("structured_outputs")
     if outputs is None:
         return
@@ -211,6 +239,36 @@ def check_structured_outputs_count(body: dict, chat: bool) -> None:
                       "'choice').", None if chat else "structured_outputs")
     if chat and count > 0 and body.get("tool_choice", "none") not in ("none", "auto", "required"):
         raise Refusal("You can only either use constraints for structured outputs or tools, not both.")
+    if outputs.get("structural_tag") is not None:
+        check_structural_tag_payload(outputs["structural_tag"], "structured_outputs")
+
+
+def check_structural_tag_payload(payload: Any, parameter: str) -> None:
+    """vLLM 0.32's validate_structural_tag_payload where no grammar backend is needed to refuse: an empty text, one
+    nested too deeply, no text (vLLM's StructuredOutputsParams takes only text) or no JSON (which xgrammar cannot
+    read). A JSON text is served: whether xgrammar takes it is not checked."""
+    invalid = Refusal(f"Invalid {parameter} structural_tag specification.", parameter)
+    if not isinstance(payload, str) or not payload:
+        raise invalid
+    try:
+        parsed = json.loads(payload)
+    except RecursionError:
+        raise Refusal(NESTING_REFUSAL) from None
+    except ValueError:
+        raise invalid from None
+    if exceeds_json_nesting(parsed, MAX_JSON_NESTING + STRUCTURAL_TAG_NESTING):
+        raise Refusal(NESTING_REFUSAL)
+
+
+def check_structural_tag_format(body: dict) -> None:
+    """vLLM 0.32's validate_structural_tag_response_format (in ``validate_response_format``): a structural tag's
+    ``response_format`` is one of its two forms. (Its payload goes to xgrammar, which is not checked.)"""
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "structural_tag":
+        try:
+            STRUCTURAL_TAG_FORMAT.validate_python(response_format)
+        except ValidationError:
+            raise Refusal("Invalid response_format structural_tag specification.", "response_format") from None
 
 
 def check_logprob_token_ids(body: dict, chat: bool) -> None:
@@ -284,6 +342,7 @@ def extra_args(extras: Any) -> dict | None:
     return args or None
 
 
-__all__ = ["CHAT_FIELDS", "COMPLETION_FIELDS", "EXTRA_FIELDS", "Refusal", "check_cache_salt",
-           "check_logprob_token_ids", "check_mm_kwargs", "check_request_template", "check_structured_outputs_count",
-           "extra_args", "in_field_order", "read_extras"]
+__all__ = ["CHAT_FIELDS", "COMPLETION_FIELDS", "EXTRA_FIELDS", "MAX_JSON_NESTING", "NESTING_REFUSAL", "Refusal",
+           "STRUCTURAL_TAG_NESTING", "check_cache_salt", "check_logprob_token_ids", "check_mm_kwargs",
+           "check_request_template", "check_structural_tag_format", "check_structural_tag_payload",
+           "check_structured_outputs_count", "exceeds_json_nesting", "extra_args", "in_field_order", "read_extras"]

@@ -75,6 +75,7 @@ TOOLS = TypeAdapter(list[ChatCompletionToolsParam] | None)
 # of numeric strings stays strings, [1.0, "2"] is token ids)
 PROMPT = TypeAdapter(list[TOKEN_ID] | list[list[TOKEN_ID]] | str | list[str] | None)
 RESPONSE_FORMAT = TypeAdapter(ResponseFormat | StructuralTagResponseFormat | LegacyStructuralTagResponseFormat | None)
+STRUCTURAL_TAG_FORMAT = TypeAdapter(LegacyStructuralTagResponseFormat | StructuralTagResponseFormat)
 _MEMBER_NAMES = frozenset(model.__name__ for model in (ResponseFormat, StructuralTagResponseFormat,
                                                         LegacyStructuralTagResponseFormat))
 # vLLM's clean_loc_for_param (serve/exception_handling/handlers/validation.py) drops pydantic's own segments of a
@@ -119,4 +120,4 @@ def errors_of(adapter: TypeAdapter, value: Any, field: str) -> list[dict]:
     return validated(adapter, value, field)[1]
 
 
-__all__ = ["PROMPT", "RESPONSE_FORMAT", "TOOLS", "errors_of", "reported_errors", "validated"]
+__all__ = ["PROMPT", "RESPONSE_FORMAT", "STRUCTURAL_TAG_FORMAT", "TOOLS", "errors_of", "reported_errors", "validated"]

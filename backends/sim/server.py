@@ -39,14 +39,17 @@ Request handling
   alone, ahead of every type error. Several fields' errors come in vLLM's field order. Before them, the request's
   validators (vLLM runs them last-defined first): chat's ``messages`` looped over (a number or null is
   Python's TypeError, ``'int' object is not iterable``), chat's generation prompt (not both it and
-  ``continue_final_message``), tool usage (``tool_choice`` needs ``tools``, a named tool must be one of them),
+  ``continue_final_message``), tool usage (``tool_choice`` needs ``tools``, a named tool must be one of them:
+  looked up in the raw tools as vLLM looks, where a malformed one is Python's error, a KeyError vLLM's 500),
   structured outputs (at most one of ``json``, ``regex``, ``choice``, not with a named tool; a value that is no
-  object is vLLM's 500), logprobs (``logprob_token_ids`` need ``logprobs`` and no beam search, ``top_logprobs``
-  need ``logprobs``), stream options; a legacy completion's batch size (at most 1024 prompts), prompt, stream
-  options, logprobs (an integer, >= 0 or -1; ``logprob_token_ids``), structured outputs; then both routes'
-  ``json_schema`` format without its ``json_schema``; then a message's ``tool_calls`` made a list (a number: the
-  TypeError); then ``cache_salt`` (a non-empty string of at most 128 characters, without ``@ / \\`` or NUL). After
-  the fields, an assistant message's tool calls, which pydantic reads only then (``body.0...`` errors).
+  object is vLLM's 500; a structural tag that is no JSON text), logprobs (``logprob_token_ids`` need
+  ``logprobs`` and no beam search, ``top_logprobs`` need ``logprobs``), stream options; a legacy completion's
+  batch size (at most 1024 prompts), prompt, stream options, logprobs (an integer, >= 0 or -1;
+  ``logprob_token_ids``), structured outputs; then both routes' ``json_schema`` format without its
+  ``json_schema`` or a structural tag's of neither of its forms; then a message's ``tool_calls`` made a list (a
+  number: the TypeError); then ``cache_salt`` (a non-empty string of at most 128 characters, without ``@ / \\``
+  or NUL). After the fields, an assistant message's tool calls, which pydantic reads only then (``body.0...``
+  errors).
 * **Order of answers**, as a real vLLM 0.32 gives them: the request's validation (400), the model (404),
   back-pressure (503, counting every answer of ``n``), the tool choice (chat, below), then the renderer's:
   for chat, a chat template of the request's own (no ``--trust-request-chat-template``), multimodal kwargs (no
@@ -61,7 +64,8 @@ Request handling
   kwargs, its TokenizeParams, ``prompt_embeds`` (no simulated engine takes them), an empty list of prompts, the
   tokenizer's. Then the lengths below, chat's content-list parts read for a default LoRA (a string part holding
   "type": 400; a part whose type is no string: vLLM's 500), ``logit_bias`` keys that are no integer, then
-  SamplingParams' checks in its order, the first failure answering (``n``, the extra args' integers within 64
+  SamplingParams' checks in its order (a beam search skips them, below), the first failure answering (``n``, the
+  extra args' integers within 64
   bits, penalties, ``temperature`` finite and in [0, 2], ``top_p`` in (0, 1], ``top_k``, ``min_p``, ``max_tokens``
   >= 1, ``min_tokens``, empty ``stop`` strings, empty ``bad_words``, greedy ``n``), then the engine's checks
   below.
@@ -77,13 +81,22 @@ Request handling
   ``logprobs`` (chat: ``top_logprobs`` where ``logprobs`` is true) or ``prompt_logprobs`` above ``max_logprobs``
   (-1 asks for the vocabulary) -> ``Requested sample logprobs of 21, which is greater than max allowed: 20``;
   token ids outside ``vocab_size`` in ``logit_bias``, ``stop_token_ids``, ``allowed_token_ids`` (also refused
-  empty), a ``thinking_token_budget`` (no simulated engine has a reasoning parser), an ``X-data-parallel-rank``
-  header naming a rank other than 0 (a simulated engine is one), or a token-id prompt (``Token
-  id N is out of vocabulary``; an empty one, ``[[]]`` or in a batch, ``The decoder prompt cannot be empty``).
+  empty), ``logprob_token_ids`` (at most 128, in the vocabulary; they replace the sample logprobs), structured
+  outputs' content (an empty choice list, grammar or schema, ``json_object: false``, a NUL in a regex, a schema
+  nested past 64 levels), a ``thinking_token_budget`` (no simulated engine has a reasoning parser), an
+  ``X-data-parallel-rank`` header naming a rank other than 0 (a simulated engine is one), a token-id prompt
+  (``Token id N is out of vocabulary``; an empty one, ``[[]]`` or in a batch, ``The decoder prompt cannot be
+  empty``), ``routed_experts_prompt_start`` past the prompt (its estimated length, below).
   These fail inside vLLM's engine, after its stream has answered 200: a stream gets its one event ``data:
   {"error": {...}}`` and ``data: [DONE]``. Last, what vLLM's engine client cannot encode (a lone surrogate in
   ``bad_words``, which it tokenizes, or in the request id, ``stop``, ``session_id`` or the extra args, which it
-  sends as MessagePack): its 500 without a message, or a stream's one event.
+  sends as MessagePack, where an integer past 64 bits fails too: ``top_k``, ``stream_interval``, repetition
+  detection's, a priority header's): its 500 without a message, or a stream's one event.
+* **Beam search** (``use_beam_search``) skips SamplingParams' checks of the request, as vLLM's does: ``n`` is the
+  beam width (at least 1); the search's own sampling (one token with ``2n`` logprobs at the request's
+  temperature) is checked in its generator (a 400, or a stream's one event), then the engine's checks of its
+  logprobs and of the prompt (none with ``max_tokens`` 0), then the request and session ids' encoding. A legacy
+  completion's beam search cannot stream.
 * **Unknown model**: 404 ``The model `x` does not exist. Valid aliases: <served name>.`` (``NotFoundError``,
   ``param`` "model"; vLLM 0.32's serve/engine/serving.py).
 * **Error messages** go through vLLM's ``sanitize_message``, as every one vLLM sends does: file paths (a request's
@@ -173,10 +186,11 @@ Deviations from a real vLLM (on purpose)
   a real vLLM *holds* them until ``/wake_up`` (and does not count them as waiting).
 * Putting the engine to sleep aborts in-flight requests (vLLM's default ``mode=abort``); they end with
   ``finish_reason`` "abort". ``/sleep?mode=wait`` lets them finish first.
-* Structured outputs are read as vLLM's request models read them but not compiled: a JSON schema, regex,
-  grammar or structural tag vLLM's grammar backend refuses (invalid, without a ``schema``, nested past its 64
-  levels, holding a lone surrogate) is served here. A JSON answer is the smallest the schema allows (a model
-  writes what the prompt asks), and a structural tag or ``structured_outputs`` is answered with text.
+* Structured outputs are read as vLLM's request models and SamplingParams read them but not compiled: a JSON
+  schema, regex, grammar or structural tag (a JSON text) vLLM's grammar backend refuses (invalid, without a
+  ``schema``, a ``response_format`` schema nested past its 64 levels, holding a lone surrogate) is served here.
+  A JSON answer is the smallest the schema allows (a model writes what the prompt asks), and a structural tag or
+  ``structured_outputs`` is answered with text.
 * ``best_of`` and beam search are not simulated (``use_beam_search`` answers as sampling). Logprobs are made up,
   in vLLM's shapes (:mod:`backends.sim.logprobs`): a token's value is no model's, its alternatives are other
   filler words (a forced tool call's tokens are four characters of its JSON each); ``logprob_token_ids`` are
@@ -220,8 +234,10 @@ from backends.sim.logprobs import EOS_TOKEN, LogprobsPlan, merge_blocks, prompt_
 from backends.sim.prompt_tokens import (PromptReturn, chat_prompt_tokens, completion_prompt_tokens, echo_prefix,
                                         message_text, token_id)
 from backends.sim.options import SimEngineOptions
-from backends.sim.request_fields import (Refusal, check_cache_salt, check_logprob_token_ids, check_mm_kwargs,
-                                         check_request_template, check_structured_outputs_count, extra_args,
+from backends.sim.request_fields import (MAX_JSON_NESTING, NESTING_REFUSAL, STRUCTURAL_TAG_NESTING, Refusal,
+                                         check_cache_salt, check_logprob_token_ids, check_mm_kwargs,
+                                         check_request_template, check_structural_tag_format,
+                                         check_structured_outputs_count, exceeds_json_nesting, extra_args,
                                          in_field_order, read_extras)
 from backends.sim.request_models import PROMPT, RESPONSE_FORMAT, TOOLS, errors_of, validated
 from backends.sim.tool_calls import ToolCallPlan, new_tool_call_id, plan_tool_call
@@ -234,6 +250,7 @@ SIM_VERSION = "0.32.0+maestro.sim"
 LEGACY_COMPLETION_MAX_TOKENS = 16  # /v1/completions without max_tokens (vLLM and OpenAI)
 _MASK_64 = 2**64 - 1
 GREEDY_TEMPERATURE = 1e-5  # vLLM's _SAMPLING_EPS: below it sampling is greedy, and n must be 1
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's
 MAX_N_SEQUENCES = 16384  # vLLM's VLLM_MAX_N_SEQUENCES default (the gateway allows 128, OpenAI's limit)
 
 # vLLM 0.32's QueueOverflowError and MaxQueuedTokensError, by the rejection reason (EngineBusy.reason)
@@ -603,8 +620,8 @@ _NAMED_TOOL_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "
 
 
 def check_tool_usage(body: dict) -> web.Response | None:
-    """vLLM 0.32's ChatCompletionRequest.check_tool_usage (chat_completion/protocol.py); a named tool is looked up
-    in ``tools`` only where every tool has a ``function`` object (vLLM's lookup assumes it)."""
+    """vLLM 0.32's ChatCompletionRequest.check_tool_usage (chat_completion/protocol.py), before pydantic reads
+    ``tools``: a named tool is looked up in the raw tools as vLLM looks it up, so a malformed one fails as there."""
     if body.get("tools") == []:
         return bad_request(validation_message("`tools` must not be an empty array. Either provide at least one tool "
                                               "or omit the field entirely.", "tools", None), "tools")
@@ -633,12 +650,15 @@ def check_tool_usage(body: dict) -> web.Response | None:
             return bad_request(validation_message(f"Invalid `name` in `function`: `{name}` in `tool_choice`! "
                                                   f"{_NAMED_TOOL_USAGE}", "tool_choice.function.name", None),
                                "tool_choice.function.name")
-        tools = body["tools"]
-        if isinstance(tools, list) and all(isinstance(t, dict) and isinstance(t.get("function"), dict)
-                                           for t in tools):
-            if not any(t["function"].get("name") == name for t in tools):
-                return bad_request(validation_message("The tool specified in `tool_choice` does not match any of "
-                                                      "the specified `tools`", "tool_choice", None), "tool_choice")
+        try:  # vLLM's loop over the raw tools, to the first match: Python's own errors where a tool is malformed
+            found = any(tool["function"]["name"] == name for tool in body["tools"])
+        except KeyError as exc:  # vLLM's 500
+            return error_response(str(exc), "InternalServerError", 500)
+        except TypeError as exc:  # (not iterable, not subscriptable...): vLLM's 400
+            return bad_request(str(exc))
+        if not found:
+            return bad_request(validation_message("The tool specified in `tool_choice` does not match any of the "
+                                                  "specified `tools`", "tool_choice", None), "tool_choice")
     return None
 
 
@@ -811,6 +831,9 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
             response_format.get("json_schema") is None):  # validate_response_format
         return bad_request(validation_message("When response_format type is 'json_schema', the 'json_schema' field "
                                               "must be provided.", "response_format", None), "response_format")
+    refused = refused_by(check_structural_tag_format, body)
+    if refused is not None:
+        return refused
     errors: list[dict] = []
     p = Parsed()
     p.chat = chat
@@ -866,7 +889,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     p.max_tokens = max_tokens
     p.min_tokens = check_int(body, "min_tokens", errors, optional=False, default=0) or 0
     p.priority = check_int(body, "priority", errors, optional=False, default=0) or 0
-    n = check_int(body, "n", errors, optional=True, default=1)
+    check_range(errors, "priority", p.priority, body.get("priority"), INT64_MIN, INT64_MAX)
+    n = check_int(body, "n", errors, optional=chat, default=1)  # (a legacy completion's is no Optional)
     p.n = 1 if n is None else n
     p.sampling = {key: check_float(body, key, errors) for key in SAMPLING_DEFAULTS}
     for key, value in p.sampling.items():
@@ -920,6 +944,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
         p.extras = read_extras(body, chat, errors)
     except Refusal as refusal:  # a field's validator: it escapes pydantic, ahead of every type error
         return refusal_response(refusal)
+    if p.extras is not None and p.extras.logprob_token_ids and p.engine_inputs is not None:
+        p.engine_inputs.sample_logprobs = None  # the ids' logprobs are asked for instead
     if errors:
         return pydantic_error_response(in_field_order(errors, chat))
     if p.messages is not None and not p.plain:
@@ -1123,39 +1149,17 @@ class SimServer:
         if inputs is not None and inputs.sample_logprobs is not None:
             parsed.logprobs = LogprobsPlan(parsed.chat, inputs.sample_logprobs, parsed.as_token_ids,
                                            self.options.vocab_size, WORDS)
-        bias_ids = None
-        if inputs is not None and inputs.logit_bias is not None:
-            bias_ids = logit_bias_token_ids(inputs.logit_bias)  # SamplingParams.from_optional, before its checks
-            if isinstance(bias_ids, web.Response):
-                return bias_ids
-        if caps is None:
-            refused = verify_sampling(parsed, checked)
-        else:  # vLLM builds each prompt's SamplingParams in turn: the first prompt whose cap fails answers
-            refused = next((r for r in (verify_sampling(parsed, cap) for cap in caps) if r is not None), None)
-        if refused is not None:
-            return refused
-        header_id = request.headers.get(REQUEST_ID_HEADER)
-        max_prompt_id = parsed.max_prompt_id
-        if parsed.prompts is not None:  # each prompt's ids are checked as its engine request is added (the first's
-            # error here; vLLM's merge of the prompts' streams raises whichever its set of finished tasks gives)
-            max_prompt_id = next((b.max_id for b in parsed.prompts if b.max_id is not None and (
-                b.max_id == EMPTY_PROMPT or b.max_id >= self.options.vocab_size)), None)
-        budget = parsed.extras.thinking_token_budget if parsed.extras is not None else None
-        rank = header_int(request.headers.get(DATA_PARALLEL_RANK_HEADER))
-        if inputs is not None or max_prompt_id is not None or budget is not None or rank is not None:
-            failure = verify_engine_inputs(inputs, bias_ids, budget, rank, max_prompt_id, self.options)
-            if failure is not None:
-                return _engine_refusal(*failure, stream=parsed.stream)
-        parsed.returned = self._prompt_return(body, parsed)
         # vLLM's _base_request_id: the header, else the body's request_id, else random_uuid(): 16 hex digits
+        header_id = request.headers.get(REQUEST_ID_HEADER)
         base_id = header_id if header_id is not None else (
             parsed.request_id if parsed.request_id is not None else f"{uuid.uuid4().int & _MASK_64:016x}")
-        if (parsed.stop or parsed.extras is not None or parsed.request_id is not None) and unencodable_engine_input(
-                parsed, base_id):
-            return _engine_failure(stream=parsed.stream)
-        priority = header_int(request.headers.get(PRIORITY_HEADER))
-        if priority is not None:
-            parsed.priority = priority
+        if parsed.extras is not None and parsed.extras.use_beam_search:
+            refused = beam_search_refusal(parsed, checked if caps is None else min(caps), base_id, self.options)
+        else:
+            refused = self._sampling_refusal(request, parsed, checked, caps, base_id)
+        if refused is not None:
+            return refused
+        parsed.returned = self._prompt_return(body, parsed)
         response_id = ("chatcmpl-" if chat else "cmpl-") + base_id
         if caps is None:
             plan = [(response_id, parsed.prompt_tokens, checked)]
@@ -1172,6 +1176,34 @@ class SimServer:
             for req in reqs:
                 if not req.finished:
                     self.engine.abort(req)  # client disconnected (handler cancelled) or the write failed
+
+    def _sampling_refusal(self, request: web.Request, p: Parsed, checked: int, caps: list[int] | None,
+                          request_id: str) -> web.Response | None:
+        """What vLLM 0.32 refuses of a sampled request after its renderer: SamplingParams' checks (each prompt's in
+        turn), then its engine's (a 400, or a stream's one event), then what its engine client cannot encode (its
+        500). An integer ``X-Vllm-Priority`` header becomes the request's priority."""
+        inputs = p.engine_inputs
+        bias_ids = None
+        if inputs is not None and inputs.logit_bias is not None:
+            bias_ids = logit_bias_token_ids(inputs.logit_bias)  # SamplingParams.from_optional, before its checks
+            if isinstance(bias_ids, web.Response):
+                return bias_ids
+        if caps is None:
+            refused = verify_sampling(p, checked)
+        else:  # vLLM builds each prompt's SamplingParams in turn: the first prompt whose cap fails answers
+            refused = next((r for r in (verify_sampling(p, cap) for cap in caps) if r is not None), None)
+        if refused is not None:
+            return refused
+        failure = verify_engine_inputs(p, bias_ids, header_int(request.headers.get(DATA_PARALLEL_RANK_HEADER)),
+                                       self.options)
+        if failure is not None:
+            return _engine_refusal(*failure, stream=p.stream)
+        priority = header_int(request.headers.get(PRIORITY_HEADER))
+        if engine_client_failure(p, request_id, priority):
+            return _engine_failure(stream=p.stream)
+        if priority is not None:
+            p.priority = priority
+        return None
 
     def _add_requests(self, p: Parsed, plan: list[tuple[str, int, int]],
                       hint: int | None) -> list[SimRequest] | web.Response:
@@ -1852,24 +1884,45 @@ def logit_bias_token_ids(bias: dict) -> list[int] | web.Response:
     return list(ids)
 
 
-def verify_engine_inputs(inputs: EngineInputs | None, bias_ids: list[int] | None, thinking_budget: int | None,
-                         data_parallel_rank: int | None, max_prompt_id: int | None,
+def verify_engine_inputs(p: Parsed, bias_ids: list[int] | None, data_parallel_rank: int | None,
                          options: SimEngineOptions) -> tuple[str, str | None] | None:
     """vLLM 0.32's checks in its engine, in their order: SamplingParams.verify (sampling_params.py:
-    _validate_logprobs, _validate_logit_bias, _validate_stop_token_ids, _validate_allowed_token_ids), a thinking
-    budget without a reasoning parser (input_processor._validate_params), the data-parallel rank a header asks for,
-    then the prompt (an empty one refused, input_processor._validate_prompt_len; then its token ids,
-    renderers/base.py validate_token_ids). Returns the first failure's (message, param)."""
+    _validate_logprobs, _validate_logit_bias, _validate_stop_token_ids, _validate_allowed_token_ids,
+    _validate_structured_outputs' checks of the request's content), a thinking budget without a reasoning parser
+    (input_processor._validate_params), the data-parallel rank a header asks for, then each prompt (an empty one
+    refused, input_processor._validate_prompt_len; then its token ids, renderers/base.py validate_token_ids; then
+    ``routed_experts_prompt_start`` within it). Returns the first failure's (message, param)."""
+    inputs, extras = p.engine_inputs, p.extras
+    if inputs is None and extras is None and data_parallel_rank is None and p.max_prompt_id is None and (
+            p.prompts is None):
+        return None  # (nearly every request)
     vocab = options.vocab_size
-    if inputs is not None:
+    token_ids = extras.logprob_token_ids if extras is not None else None
+    if inputs is not None or token_ids:
         limit = vocab if options.max_logprobs == -1 else options.max_logprobs
-        for kind, name, count in (("sample", "logprobs", inputs.sample_logprobs),
-                                  ("prompt", "prompt_logprobs", inputs.prompt_logprobs)):
-            if count:  # None and 0 ask for nothing to check
-                count = vocab if count == -1 else count
-                if count > limit:
-                    return validation_message(f"Requested {kind} logprobs of {count}, which is greater than max "
-                                              f"allowed: {limit}", name, count), name
+        sample = inputs.sample_logprobs if inputs is not None else None
+        if sample:  # None and 0 ask for nothing to check
+            sample = vocab if sample == -1 else sample
+            if sample > limit:
+                return validation_message(f"Requested sample logprobs of {sample}, which is greater than max "
+                                          f"allowed: {limit}", "logprobs", sample), "logprobs"
+        if token_ids:  # (the request asks for no sample logprobs with them)
+            if len(token_ids) > MAX_LOGPROB_TOKEN_IDS:
+                return validation_message(f"Requested logprob_token_ids of length {len(token_ids)}, which is greater "
+                                          f"than max allowed: {MAX_LOGPROB_TOKEN_IDS}", "logprob_token_ids",
+                                          len(token_ids)), "logprob_token_ids"
+            invalid = [t for t in token_ids if t < 0 or t >= vocab]
+            if invalid:
+                return validation_message(f"token_id(s) {invalid} in logprob_token_ids contain out-of-vocab token "
+                                          f"ids. Vocabulary size: {vocab}", "logprob_token_ids",
+                                          invalid), "logprob_token_ids"
+    if inputs is not None:
+        prompt = inputs.prompt_logprobs
+        if prompt:
+            prompt = vocab if prompt == -1 else prompt
+            if prompt > limit:
+                return validation_message(f"Requested prompt logprobs of {prompt}, which is greater than max "
+                                          f"allowed: {limit}", "prompt_logprobs", prompt), "prompt_logprobs"
         for name, ids in (("logit_bias", bias_ids), ("stop_token_ids", inputs.stop_token_ids)):
             invalid = [t for t in ids or () if t < 0 or t >= vocab]
             if invalid:
@@ -1884,30 +1937,116 @@ def verify_engine_inputs(inputs: EngineInputs | None, bias_ids: list[int] | None
             if invalid:
                 return validation_message("allowed_token_ids contains out-of-vocab token id!", "allowed_token_ids",
                                           invalid), "allowed_token_ids"
-    if thinking_budget is not None:  # (a simulated engine has no reasoning parser)
-        return ("thinking_token_budget is set but reasoning_config is not configured. Please set --reasoning-parser "
-                "and/or --reasoning-config to use thinking_token_budget."), None
+    if extras is not None:
+        refused = structured_outputs_refusal(extras.structured_outputs)
+        if refused is not None:
+            return refused, None
+        if extras.thinking_token_budget is not None:  # (a simulated engine has no reasoning parser)
+            return ("thinking_token_budget is set but reasoning_config is not configured. Please set "
+                    "--reasoning-parser and/or --reasoning-config to use thinking_token_budget."), None
     if data_parallel_rank is not None and not 0 <= data_parallel_rank < 1:  # (a simulated engine is one rank)
         return f"data_parallel_rank {data_parallel_rank} is out of range [0, 1).", None
-    if max_prompt_id == EMPTY_PROMPT:  # input_processor._validate_prompt_len, before the ids
-        return "The decoder prompt cannot be empty", None
-    if max_prompt_id is not None and max_prompt_id >= vocab:
-        return f"Token id {max_prompt_id} is out of vocabulary", None
+    return prompt_refused_in_engine(p, vocab)
+
+
+def prompt_refused_in_engine(p: Parsed, vocab: int) -> tuple[str, str | None] | None:
+    """Each prompt as vLLM's input processor reads it: an empty one refused, then its token ids, then
+    ``routed_experts_prompt_start`` within its length (vLLM adds a batch's prompts to its engine in turn, and
+    answers with whichever failure its merge of their streams meets first; the sim with the first prompt's)."""
+    prompts = [(p.max_prompt_id, p.prompt_tokens)] if p.prompts is None else [
+        (one.max_id, one.tokens) for one in p.prompts]
+    start = p.extras.routed_experts_prompt_start if p.extras is not None else 0
+    for max_id, length in prompts:
+        if max_id == EMPTY_PROMPT:  # input_processor._validate_prompt_len, before the ids
+            return "The decoder prompt cannot be empty", None
+        if max_id is not None and max_id >= vocab:
+            return f"Token id {max_id} is out of vocabulary", None
+        if start > length:
+            return validation_message(f"routed_experts_prompt_start must be between 0 and the prompt length "
+                                      f"({length}), inclusive.", "routed_experts_prompt_start", start), \
+                "routed_experts_prompt_start"
     return None
 
 
-def unencodable_engine_input(p: Parsed, request_id: str) -> bool:
-    """A lone surrogate (JSON's ``"\\ud800"``) where vLLM's engine client must encode it, after its checks: the
-    tokenizer's ``bad_words`` (SamplingParams.update_from_tokenizer), then the engine request's MessagePack (the
-    request id, ``stop``, the session id, the extra args: ``vllm_xargs`` and the transfer parameters)."""
+def structured_outputs_refusal(outputs: Any) -> str | None:
+    """The checks of a request's structured outputs in vLLM 0.32's SamplingParams._validate_structured_outputs
+    that need no grammar backend (which the sim has not), in their order."""
+    if outputs is None:
+        return None
+    if isinstance(outputs.choice, list) and not outputs.choice:
+        return f"Choice '{outputs.choice}' cannot be an empty list"
+    if isinstance(outputs.grammar, str) and not outputs.grammar.strip():
+        return "structured_outputs.grammar cannot be an empty string"
+    if isinstance(outputs.json, str) and not outputs.json.strip():
+        return "structured_outputs.json cannot be an empty string"
+    if exceeds_json_nesting(outputs.json, MAX_JSON_NESTING) or exceeds_json_nesting(
+            outputs.structural_tag, MAX_JSON_NESTING + STRUCTURAL_TAG_NESTING):
+        return NESTING_REFUSAL
+    if outputs.json_object is False:
+        return ("structured_outputs.json_object must be True if set; omit structured_outputs to disable structured "
+                "outputs")
+    if outputs.regex and "\x00" in outputs.regex:
+        return "structured_outputs.regex must not contain a NUL character ('\\x00')"
+    if isinstance(outputs.structural_tag, str) and not outputs.structural_tag.strip():
+        return "structured_outputs.structural_tag cannot be an empty string"
+    return None
+
+
+def beam_search_refusal(p: Parsed, cap: int, request_id: str, options: SimEngineOptions) -> web.Response | None:
+    """What vLLM 0.32 refuses of a beam search (``use_beam_search``), which skips SamplingParams' checks of the
+    request: its BeamSearchParams (``n`` is the beam width), then, in the search's generator (a stream has
+    answered 200), its own SamplingParams of one token with ``2n`` logprobs at the request's temperature, then the
+    engine's checks of those and of the prompt (none where ``max_tokens`` is 0: the search adds no request), then
+    what its engine client cannot encode (the request id, the session id)."""
+    n = p.n
+    if n < 1:
+        return bad_request(f"beam_width must be at least 1, got {n}.")
+    if n > MAX_N_SEQUENCES:
+        return bad_request(f"beam_width must be at most {MAX_N_SEQUENCES}, got {n}. To increase this limit, set the "
+                           "VLLM_MAX_N_SEQUENCES environment variable.")
+    refused = temperature_refusal(p.sampling["temperature"])
+    if refused is not None:
+        return _engine_refusal(refused, "temperature", stream=p.stream)
+    if cap < 1:
+        return None
+    vocab = options.vocab_size
+    limit = vocab if options.max_logprobs == -1 else options.max_logprobs
+    if 2 * n > limit:
+        return _engine_refusal(validation_message(f"Requested sample logprobs of {2 * n}, which is greater than max "
+                                                  f"allowed: {limit}", "logprobs", 2 * n), "logprobs", stream=p.stream)
+    failure = prompt_refused_in_engine(p, vocab)
+    if failure is not None:
+        return _engine_refusal(*failure, stream=p.stream)
+    session_id = p.extras.session_id if p.extras is not None else None
+    if has_lone_surrogate((request_id,) if session_id is None else (request_id, session_id)):
+        return _engine_failure(stream=p.stream)
+    return None
+
+
+_MSGPACK_INTS = (-2**63, 2**64)  # the integers MessagePack holds
+
+
+def engine_client_failure(p: Parsed, request_id: str, priority: int | None) -> bool:
+    """Whether vLLM's engine client fails on the request after its checks (its own 500): a lone surrogate (JSON's
+    ``"\\ud800"``) in ``bad_words``, which it tokenizes (SamplingParams.update_from_tokenizer), or in the engine
+    request's MessagePack (the request id, ``stop``, the session id, the extra args: ``vllm_xargs`` and the transfer
+    parameters), or an integer there beyond MessagePack's (``top_k``, ``stream_interval``, repetition detection's,
+    a priority header's)."""
+    low, high = _MSGPACK_INTS
     extras = p.extras
+    ints = [p.sampling["top_k"]] if priority is None else [p.sampling["top_k"], priority]
     texts: list[str] = [request_id, *p.stop]
     if extras is not None:
         texts += extras.bad_words
         if extras.session_id is not None:
             texts.append(extras.session_id)
         texts += (value for value in _json_leaves(extra_args(extras)) if isinstance(value, str))
-    return has_lone_surrogate(texts)
+        if extras.stream_interval is not None:
+            ints.append(extras.stream_interval)
+        repetition = extras.repetition_detection
+        if repetition is not None:
+            ints += (repetition.max_pattern_size, repetition.min_pattern_size, repetition.min_count)
+    return has_lone_surrogate(texts) or not all(low <= value < high for value in ints)
 
 
 def _engine_failure(*, stream: bool) -> web.Response:
@@ -2052,6 +2191,16 @@ def _json_leaves(value: Any) -> Iterator[Any]:
         yield value
 
 
+def temperature_refusal(temperature: float) -> str | None:
+    """SamplingParams._verify_args on a temperature: finite, in [0, 2]."""
+    for broken, message in ((not math.isfinite(temperature), "temperature must be a finite number"),
+                            (temperature < 0.0, "temperature must be non-negative"),
+                            (temperature > 2.0, "temperature must be in [0, 2]")):
+        if broken:
+            return validation_message(f"{message}, got {temperature}.", "temperature", temperature)
+    return None
+
+
 def verify_sampling(p: Parsed, cap: int) -> web.Response | None:
     """vLLM 0.32's SamplingParams._verify_args in its order (the first failure answers), then the greedy check;
     ``cap`` is the output-token limit. A message names its parameter only where vLLM's does."""
@@ -2073,13 +2222,9 @@ def verify_sampling(p: Parsed, cap: int) -> web.Response | None:
         return bad_request(f"repetition_penalty must be a finite number, got {repetition}.")
     if repetition <= 0.0:
         return bad_request(f"repetition_penalty must be greater than zero, got {repetition}.")
-    temperature = sampling["temperature"]
-    for broken, message in ((not math.isfinite(temperature), "temperature must be a finite number"),
-                            (temperature < 0.0, "temperature must be non-negative"),
-                            (temperature > 2.0, "temperature must be in [0, 2]")):
-        if broken:
-            return bad_request(validation_message(f"{message}, got {temperature}.", "temperature", temperature),
-                               "temperature")
+    refused = temperature_refusal(sampling["temperature"])
+    if refused is not None:
+        return bad_request(refused, "temperature")
     top_p = sampling["top_p"]
     if not 0.0 < top_p <= 1.0:
         return bad_request(validation_message(f"top_p must be in (0, 1], got {top_p}.", "top_p", top_p), "top_p")

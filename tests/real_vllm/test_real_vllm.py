@@ -337,6 +337,29 @@ FIELD_CASES = [(path, {name: value})
     ("completion", {"logit_bias": "b", "top_k": "k", "prompt_logprobs": None, "session_id": 5, "echo": "e"}),
     ("chat", {"truncation_side": "m", "add_special_tokens": "a", "stream_interval": 0, "n": "n"}),
     ("completion", {"seed": "s", "suffix": 5, "priority": "p", "stop_token_ids": "s", "request_id": 5}),
+    ("completion", {"n": None}), ("chat", {"priority": 2**70}), ("completion", {"priority": -2**63 - 1}),
+    # beam search: SamplingParams' checks skipped, the search's own (2n logprobs, the temperature) in its generator
+    ("chat", {"use_beam_search": True, "top_p": 0, "min_tokens": 5, "stop": [""]}),
+    ("chat", {"use_beam_search": True, "n": 2, "temperature": 0}), ("completion", {"use_beam_search": True, "n": 11}),
+    ("chat", {"use_beam_search": True, "temperature": 5}), ("completion", {"use_beam_search": True, "n": 0}),
+    ("chat", {"use_beam_search": True, "stop": ["a" + _S], "thinking_token_budget": 5}),
+    ("chat", {"use_beam_search": True, "request_id": "r" + _S}), ("chat", {"use_beam_search": True, "max_tokens": 0}),
+    # the engine's checks of logprob_token_ids (which ask for no sample logprobs), MessagePack's integers
+    ("completion", {"logprobs": 1, "logprob_token_ids": [10**6]}),
+    ("chat", {"logprobs": True, "logprob_token_ids": list(range(129))}),
+    ("completion", {"logprobs": 21, "logprob_token_ids": [1, 2]}), ("chat", {"top_k": 2**64}),
+    ("completion", {"stream_interval": 2**64}),
+    ("chat", {"repetition_detection": {"max_pattern_size": 3, "min_pattern_size": 1, "min_count": 2**64}}),
+    # a named tool looked up in malformed tools, as vLLM's loop looks
+    ("chat", {"tools": [{"type": "x"}], "tool_choice": _NAMED}), ("chat", {"tools": True, "tool_choice": _NAMED}),
+    ("chat", {"tools": "ab", "tool_choice": _NAMED}),
+    ("chat", {"tools": [{"type": "function", "function": {}}], "tool_choice": _NAMED}),
+    # structural tags that need no grammar backend to refuse, and structured outputs' content checks
+    ("chat", {"structured_outputs": {"structural_tag": "x"}}),
+    ("completion", {"structured_outputs": {"structural_tag": ""}, "stop": 2}),
+    ("chat", {"response_format": {"type": "structural_tag"}}), ("chat", {"structured_outputs": {"choice": []}}),
+    ("completion", {"structured_outputs": {"json_object": False}}),
+    ("chat", {"structured_outputs": {"regex": "a\u0000"}}), ("chat", {"structured_outputs": {"grammar": " "}}),
 ]
 
 
@@ -738,7 +761,8 @@ class TestTinyLlama:
                         assert answers[0] == answers[1], (kind, fields, stream, answers)
                 # the headers vLLM reads for the engine: a data-parallel rank (one engine here: 0), a priority
                 for headers in ({"X-data-parallel-rank": "1"}, {"X-data-parallel-rank": "x"},
-                                {"X-data-parallel-rank": "-1", "X-Vllm-Priority": "x"}, {"X-Vllm-Priority": "3"}):
+                                {"X-data-parallel-rank": "-1", "X-Vllm-Priority": "x"}, {"X-Vllm-Priority": "3"},
+                                {"X-Vllm-Priority": str(2**64)}):
                     for stream in (False, True):
                         body = {"model": tiny_stack.model, "max_tokens": 2, "prompt": "hi", "stream": stream}
                         answers = []
