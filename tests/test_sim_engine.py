@@ -442,13 +442,17 @@ async def test_fields_vllm_validates_that_the_sim_did_not_read_are_refused_as_vl
         assert (status, answer["error"]["type"], answer["error"]["param"]) == (400, error_type, param), fields
     # and what vLLM serves of the same fields
     for url, fields in ((chat, {"stop": ["a", "b", "c", "d"]}), (chat, {"user": "u", "parallel_tool_calls": "no"}),
-                        (chat, {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
                         (chat, {"response_format": {"type": "structural_tag", "format": {}}}),
                         (chat, {"continue_final_message": True, "add_generation_prompt": False})):
         body = {"model": MODEL, "max_tokens": 2, **fields}
         body.update({"messages": _chat()} if url == chat else {"prompt": "once"})
         status, answer, _ = await _post(url, body)
         assert status == 200, (fields, answer)
+    # a JSON schema format without its schema leaves vLLM's structured outputs without a constraint
+    status, answer, _ = await _post(chat, {"model": MODEL, "max_tokens": 2, "messages": _chat(), "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x"}}})
+    assert (status, answer["error"]["param"]) == (400, None)
+    assert answer["error"]["message"].startswith("You must use one kind of structured outputs constraint but none")
     # a part whose type is no string is no media part, and no crash (a list is no key of a set): vLLM refuses such
     # parts with pydantic's errors (tests/test_sim_messages.py)
     status, answer, _ = await _post(chat, {"model": MODEL, "max_tokens": 2, "messages": [

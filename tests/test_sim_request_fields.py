@@ -147,6 +147,20 @@ REFUSED = [
      "Invalid structured_outputs structural_tag specification. (parameter=structured_outputs)"),
     ({"response_format": {"type": "structural_tag"}, "max_tokens": "x"}, False, 400, "BadRequestError",
      "response_format", "Invalid response_format structural_tag specification."),
+    # a named tool choice's own type, among the other fields' errors; a legacy prompt's errors among the others'
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "user": 1,
+      "tool_choice": {"type": "x", "function": {"name": "f"}}}, True, 400, "Bad Request", "body.tool_choice",
+     "5 validation errors:\n  {'type': 'literal_error', 'loc': 'body.tool_choice'"),
+    ({"prompt": 1, "user": 1}, False, 400, "Bad Request", "body.prompt", "5 validation errors:"),
+    # response_format merged into structured_outputs, their dataclass built again
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}, True, 400, "BadRequestError", None,
+     "You must use one kind of structured outputs constraint but none are specified"),
+    ({"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}, False, 400,
+     "BadRequestError", None, "You can only use one kind of structured outputs constraint but multiple are"),
+    # a "required" tool choice's one schema of every tool (the sim's default has a tool parser)
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$defs": None}}}],
+      "tool_choice": "required"}, True, 400, "BadRequestError", "tools",
+     "`$defs` in the parameters of tool 'f' must be an object, got NoneType. (parameter=tools)"),
 ]
 
 
@@ -245,7 +259,13 @@ async def test_logprob_token_ids_ask_for_no_sample_logprobs_and_beam_search_skip
     for fields, chat in (({"logprobs": 21, "logprob_token_ids": [1, 2]}, False),
                          ({"use_beam_search": True, "top_p": 0, "min_tokens": 5, "stop": [""], "bad_words": [""],
                            "n": 2, "temperature": 0, "thinking_token_budget": 5}, True),
-                         ({"use_beam_search": True, "max_tokens": 0}, True)):
+                         ({"use_beam_search": True, "max_tokens": 0}, True),
+                         # json_object overridden by the response format; a forced call's schema replaces the
+                         # request's own structured outputs
+                         ({"structured_outputs": {"json_object": False}, "response_format": {"type": "json_object"}},
+                          True),
+                         ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required",
+                           "structured_outputs": {"choice": []}, "max_tokens": 60}, True)):
         status, answer = await _post(engine.url, fields, chat)
         assert status == 200, (fields, answer)
 

@@ -22,7 +22,7 @@ is no ``ValueError``, the error escapes pydantic and answers alone, ahead of eve
 from __future__ import annotations
 
 import json
-from dataclasses import field
+from dataclasses import field, replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError, create_model
@@ -329,6 +329,42 @@ def check_mm_kwargs(body: dict) -> None:
                           name)
 
 
+def merged_structured_outputs(outputs: StructuredOutputsParams | None,
+                              response_format: Any) -> StructuredOutputsParams | None:
+    """vLLM 0.32's structured_outputs_from_response_format, as its SamplingParams are built: a ``response_format``
+    (validated) overrides ``structured_outputs``, whose dataclass is built again with its checks (one kind of
+    constraint: a :class:`Refusal`)."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind in (None, "text"):
+        return outputs
+    if kind == "json_object":
+        overrides: dict[str, Any] = {"json_object": True}
+    elif kind == "json_schema":
+        overrides = {"json": (response_format.get("json_schema") or {}).get("schema")}
+    else:  # a structural tag: its format as JSON text
+        overrides = {"structural_tag": json.dumps(response_format)}
+    return StructuredOutputsParams(**overrides) if outputs is None else replace(outputs, **overrides)
+
+
+def check_required_tool_defs(tools: list[dict]) -> None:
+    """vLLM 0.32's _get_tool_schema_defs, as a tool parser forces a "required" tool choice with one JSON schema
+    of every tool: each tool's ``$defs`` an object, one schema to a name across them (``tools`` validated)."""
+    definitions: dict[str, Any] = {}
+    for tool in tools:
+        function = tool["function"]
+        parameters = function.get("parameters")
+        if parameters is None:
+            continue
+        defs = parameters.get("$defs", {})
+        if not isinstance(defs, dict):
+            raise Refusal(f"`$defs` in the parameters of tool '{function['name']}' must be an object, got "
+                          f"{type(defs).__name__}.", "tools")
+        for name, schema in defs.items():
+            if name in definitions and definitions[name] != schema:
+                raise Refusal(f"Tool definition '{name}' has multiple schemas, which is not supported.", "tools")
+            definitions[name] = schema
+
+
 def extra_args(extras: Any) -> dict | None:
     """SamplingParams.extra_args as the request builds it: ``vllm_xargs``, with the transfer parameters added (a
     copy: the request's own stays as sent)."""
@@ -344,5 +380,6 @@ def extra_args(extras: Any) -> dict | None:
 
 __all__ = ["CHAT_FIELDS", "COMPLETION_FIELDS", "EXTRA_FIELDS", "MAX_JSON_NESTING", "NESTING_REFUSAL", "Refusal",
            "STRUCTURAL_TAG_NESTING", "check_cache_salt", "check_logprob_token_ids", "check_mm_kwargs",
-           "check_request_template", "check_structural_tag_format", "check_structural_tag_payload",
-           "check_structured_outputs_count", "exceeds_json_nesting", "extra_args", "in_field_order", "read_extras"]
+           "check_request_template", "check_required_tool_defs", "check_structural_tag_format",
+           "check_structural_tag_payload", "check_structured_outputs_count", "exceeds_json_nesting", "extra_args",
+           "in_field_order", "merged_structured_outputs", "read_extras"]

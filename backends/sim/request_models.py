@@ -70,14 +70,26 @@ class ResponseFormat(_Model):
     json_schema: JsonSchemaResponseFormat | None = None
 
 
+class ChatCompletionNamedFunction(_Model):
+    name: str
+
+
+class ChatCompletionNamedToolChoiceParam(_Model):
+    function: ChatCompletionNamedFunction
+    type: Literal["function"] = "function"
+
+
 TOOLS = TypeAdapter(list[ChatCompletionToolsParam] | None)
+TOOL_CHOICE = TypeAdapter(Literal["none"] | Literal["auto"] | Literal["required"] | ChatCompletionNamedToolChoiceParam
+                          | None)
 # CompletionRequest.prompt: token ids, a batch of them, a string, a batch of strings (pydantic's smart union: a list
 # of numeric strings stays strings, [1.0, "2"] is token ids)
 PROMPT = TypeAdapter(list[TOKEN_ID] | list[list[TOKEN_ID]] | str | list[str] | None)
 RESPONSE_FORMAT = TypeAdapter(ResponseFormat | StructuralTagResponseFormat | LegacyStructuralTagResponseFormat | None)
 STRUCTURAL_TAG_FORMAT = TypeAdapter(LegacyStructuralTagResponseFormat | StructuralTagResponseFormat)
 _MEMBER_NAMES = frozenset(model.__name__ for model in (ResponseFormat, StructuralTagResponseFormat,
-                                                        LegacyStructuralTagResponseFormat))
+                                                        LegacyStructuralTagResponseFormat,
+                                                        ChatCompletionNamedToolChoiceParam))
 # vLLM's clean_loc_for_param (serve/exception_handling/handlers/validation.py) drops pydantic's own segments of a
 # loc: a union member's tag ("list[constrained-int]", "str") or a wrapper's; these are the ones its list names
 _INTERNAL_SEGMENTS = frozenset({
@@ -120,4 +132,4 @@ def errors_of(adapter: TypeAdapter, value: Any, field: str) -> list[dict]:
     return validated(adapter, value, field)[1]
 
 
-__all__ = ["PROMPT", "RESPONSE_FORMAT", "STRUCTURAL_TAG_FORMAT", "TOOLS", "errors_of", "reported_errors", "validated"]
+__all__ = ["PROMPT", "RESPONSE_FORMAT", "STRUCTURAL_TAG_FORMAT", "TOOLS", "TOOL_CHOICE", "errors_of", "reported_errors", "validated"]

@@ -23,7 +23,8 @@ Request handling
   ``add_generation_prompt``, ``continue_final_message``; a legacy completion's ``echo``), strings (``user``,
   ``suffix``, ``request_id``), ``stop`` (a string or a list of at most 4 strings), ``chat_template_kwargs`` (an
   object); by pydantic against copies of vLLM's models (:mod:`backends.sim.request_models`): ``tools``,
-  ``response_format`` (a structural tag's format is not checked) and a legacy completion's ``prompt`` (vLLM's
+  ``tool_choice`` (a named tool's type), ``response_format`` (a structural tag's format is not checked) and a
+  legacy completion's ``prompt`` (vLLM's
   union of token ids >= 0, a list of such lists, a string, a list of strings: every member's errors where none
   takes it, e.g. ``[[1, -5]]``); chat's ``messages`` (:mod:`backends.sim.chat_messages`: copies of the OpenAI
   SDK's message types, vLLM's custom message and openai-harmony's, with every member's errors where none takes a
@@ -63,12 +64,14 @@ Request handling
   simulated model renders fill-in-the-middle), ``prompt_embeds`` with ``echo`` or ``prompt_logprobs``, multimodal
   kwargs, its TokenizeParams, ``prompt_embeds`` (no simulated engine takes them), an empty list of prompts, the
   tokenizer's. Then the lengths below, chat's content-list parts read for a default LoRA (a string part holding
-  "type": 400; a part whose type is no string: vLLM's 500), ``logit_bias`` keys that are no integer, then
-  SamplingParams' checks in its order (a beam search skips them, below), the first failure answering (``n``, the
-  extra args' integers within 64
-  bits, penalties, ``temperature`` finite and in [0, 2], ``top_p`` in (0, 1], ``top_k``, ``min_p``, ``max_tokens``
-  >= 1, ``min_tokens``, empty ``stop`` strings, empty ``bad_words``, greedy ``n``), then the engine's checks
-  below.
+  "type": 400; a part whose type is no string: vLLM's 500), ``response_format`` merged into the structured
+  outputs (their dataclass built again: a schema format without its schema, or a second kind of constraint, is
+  refused), a "required" tool choice's one JSON schema of every tool behind a tool parser (each tool's ``$defs``
+  an object, one schema to a name; a forced tool call's schema replaces the request's structured outputs),
+  ``logit_bias`` keys that are no integer, then SamplingParams' checks in its order (a beam search skips them,
+  below), the first failure answering (``n``, the extra args' integers within 64 bits, penalties, ``temperature``
+  finite and in [0, 2], ``top_p`` in (0, 1], ``top_k``, ``min_p``, ``max_tokens`` >= 1, ``min_tokens``, empty
+  ``stop`` strings, empty ``bad_words``, greedy ``n``), then the engine's checks below.
 * **Tools**: by default the sim is a vLLM started with ``--enable-auto-tool-choice --tool-call-parser`` (what
   multi-agent clients need): every tool choice is accepted; a forced one ("required", a named function) is
   answered with a tool call whose arguments its schema allows, in vLLM's shape whole and streamed
@@ -187,8 +190,9 @@ Deviations from a real vLLM (on purpose)
 * Putting the engine to sleep aborts in-flight requests (vLLM's default ``mode=abort``); they end with
   ``finish_reason`` "abort". ``/sleep?mode=wait`` lets them finish first.
 * Structured outputs are read as vLLM's request models and SamplingParams read them but not compiled: a JSON
-  schema, regex, grammar or structural tag (a JSON text) vLLM's grammar backend refuses (invalid, without a
-  ``schema``, a ``response_format`` schema nested past its 64 levels, holding a lone surrogate) is served here.
+  schema, regex, grammar or structural tag (a JSON text) vLLM's grammar backend refuses (invalid, a
+  ``response_format`` or tool schema nested past its 64 levels, holding a lone surrogate) is served here; so is a
+  forced tool call with ``allowed_token_ids`` or ``bad_words`` its grammar cannot meet (vLLM's 500).
   A JSON answer is the smallest the schema allows (a model writes what the prompt asks), and a structural tag or
   ``structured_outputs`` is answered with text.
 * ``best_of`` and beam search are not simulated (``use_beam_search`` answers as sampling). Logprobs are made up,
@@ -236,10 +240,11 @@ from backends.sim.prompt_tokens import (PromptReturn, chat_prompt_tokens, comple
 from backends.sim.options import SimEngineOptions
 from backends.sim.request_fields import (MAX_JSON_NESTING, NESTING_REFUSAL, STRUCTURAL_TAG_NESTING, Refusal,
                                          check_cache_salt, check_logprob_token_ids, check_mm_kwargs,
-                                         check_request_template, check_structural_tag_format,
-                                         check_structured_outputs_count, exceeds_json_nesting, extra_args,
-                                         in_field_order, read_extras)
-from backends.sim.request_models import PROMPT, RESPONSE_FORMAT, TOOLS, errors_of, validated
+                                         check_request_template, check_required_tool_defs,
+                                         check_structural_tag_format, check_structured_outputs_count,
+                                         exceeds_json_nesting, extra_args, in_field_order, merged_structured_outputs,
+                                         read_extras)
+from backends.sim.request_models import PROMPT, RESPONSE_FORMAT, TOOL_CHOICE, TOOLS, errors_of, validated
 from backends.sim.tool_calls import ToolCallPlan, new_tool_call_id, plan_tool_call
 
 HINT_HEADER = "X-Sim-Output-Tokens"
@@ -576,17 +581,28 @@ def check_stop(body: dict, errors: list[dict]) -> list[str]:
 MAX_STOP_STRINGS = 4  # vLLM 0.32's VLLM_MAX_STOP_STRINGS default (StopParam's max_length)
 
 
-def resolve_prompt(prompt: Any) -> list[str | list[int]] | web.Response:
+def prompt_taken_as_is(prompt: Any) -> bool:
+    """Whether a legacy completion's prompt is read as it is sent (a string, token ids >= 0, one string in a list:
+    nearly every prompt), without pydantic."""
+    return type(prompt) is str or type(prompt) is list and (all(type(t) is int and t >= 0 for t in prompt) or (
+        len(prompt) == 1 and type(prompt[0]) is str))
+
+
+def resolve_prompt(prompt: Any, errors: list[dict]) -> list[str | list[int]] | None:
     """vLLM 0.32's CompletionRequest.prompt union (``list[int>=0] | list[list[int>=0]] | str | list[str]``), read by
     pydantic (:data:`backends.sim.request_models.PROMPT`), then prompt_to_seq: the prompts it holds (one for token
     ids or a string, each member of a batch), or pydantic's 400 where no member takes it, every member's errors in
-    the union's order (``[[1, -5]]``: four). Pydantic's smart union tries the members strictly first, so a list of
-    strings stays strings even where they read as integers, and ``[1.0, "2"]`` is the ids ``[1, 2]``."""
+    the union's order (``[[1, -5]]``: four; appended to ``errors``, None returned). Pydantic's smart union tries the
+    members strictly first, so a list of strings stays strings even where they read as integers, and ``[1.0, "2"]``
+    is the ids ``[1, 2]``. None (beside ``prompt_embeds``) holds none."""
     if type(prompt) is list and all(type(item) is str for item in prompt):
         return list(prompt)  # what pydantic reads it as (its strict pass takes it as strings), at a tenth of the cost
-    value, errors = validated(PROMPT, prompt, "prompt")
-    if errors:
-        return pydantic_error_response(errors)
+    value, prompt_errors = validated(PROMPT, prompt, "prompt")
+    if prompt_errors:
+        errors += prompt_errors
+        return None
+    if value is None:
+        return []
     if type(value) is str or all(type(item) is int for item in value):
         return [value]
     return list(value)
@@ -723,7 +739,7 @@ class Parsed:
                  "stop", "prompt_is_token_ids", "tool_choice", "engine_inputs", "max_prompt_id", "prompts", "suffix",
                  "echo", "template_conflict", "messages", "plain", "unencodable", "truncate", "truncation_side",
                  "output_budget", "prompt_ids", "role", "tool_plan", "json_text", "as_token_ids", "logprobs",
-                 "echo_asked", "return_ids", "return_text", "returned", "extras")
+                 "echo_asked", "return_ids", "return_text", "returned", "extras", "structured")
 
 
 class EngineInputs:
@@ -918,6 +934,8 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     if chat:
         if "tools" in body:
             errors += errors_of(TOOLS, body["tools"], "tools")
+        if body.get("tool_choice") not in (None, "none", "auto", "required"):  # (the plain choices pass)
+            errors += errors_of(TOOL_CHOICE, body["tool_choice"], "tool_choice")
         check_bool(body, "parallel_tool_calls", errors, optional=True, default=True)
         add_generation_prompt = check_bool(body, "add_generation_prompt", errors, optional=False, default=True)
         continue_final = check_bool(body, "continue_final_message", errors, optional=False, default=False)
@@ -929,6 +947,9 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     else:
         p.suffix = check_str(body, "suffix", errors)
         prompt = body.get("prompt")
+        # the request model's second field: its errors among the others' (token ids in lax forms or with a negative
+        # one, nested token ids, a batch, or what the union refuses)
+        resolved = None if prompt == [] or prompt_taken_as_is(prompt) else resolve_prompt(prompt, errors)
         p.unencodable = has_lone_surrogate((prompt,) if isinstance(prompt, str) else (
             text for text in prompt if isinstance(text, str)) if isinstance(prompt, list) else ())
     p.as_token_ids = bool(check_bool(body, "return_tokens_as_token_ids", errors, optional=True, default=False))
@@ -940,6 +961,7 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
     if "request_id" in body and not isinstance(p.request_id, str):
         errors.append(_err("string_type", "body.request_id", "Input should be a valid string", p.request_id))
     p.engine_inputs = None if _ENGINE_CHECKED.isdisjoint(body) else parse_engine_inputs(body, chat, errors)
+    p.structured = None  # (the engine's structured outputs: set where SamplingParams are built)
     try:
         p.extras = read_extras(body, chat, errors)
     except Refusal as refusal:  # a field's validator: it escapes pydantic, ahead of every type error
@@ -970,12 +992,12 @@ def parse_body(body: Any, chat: bool) -> Parsed | web.Response:
             p.prompts = []
             p.prompt_tokens = 0
             return p
-        if not (type(prompt) is str or type(prompt) is list and (all(type(t) is int and t >= 0 for t in prompt) or (
-                len(prompt) == 1 and type(prompt[0]) is str))):
-            # token ids in lax forms or with a negative one, nested token ids, a batch, or what the union refuses
-            prompts = resolve_prompt(prompt)
-            if isinstance(prompts, web.Response):
-                return prompts
+        if not prompt_taken_as_is(prompt):
+            prompts: list = resolved  # type: ignore[assignment]  # (read with the fields)
+            if not prompts:  # (no prompt beside prompt_embeds: refused with them)
+                p.prompts = []
+                p.prompt_tokens = 0
+                return p
             if len(prompts) > 1:  # a batch: each prompt its own engine request(s), checked on its own
                 p.prompts = [BatchPrompt(one) for one in prompts]
                 p.prompt_tokens = p.prompts[0].tokens
@@ -1153,10 +1175,16 @@ class SimServer:
         header_id = request.headers.get(REQUEST_ID_HEADER)
         base_id = header_id if header_id is not None else (
             parsed.request_id if parsed.request_id is not None else f"{uuid.uuid4().int & _MASK_64:016x}")
-        if parsed.extras is not None and parsed.extras.use_beam_search:
-            refused = beam_search_refusal(parsed, checked if caps is None else min(caps), base_id, self.options)
-        else:
-            refused = self._sampling_refusal(request, parsed, checked, caps, base_id)
+        beam = parsed.extras is not None and parsed.extras.use_beam_search
+        refused = None
+        if not beam:  # response_format merged into structured_outputs (a beam search reads neither)
+            refused = refused_by(self._merge_structured_outputs, parsed, body.get("response_format"))
+        if refused is None and parsed.tool_choice == "required" and self.options.tool_calling and not (
+                parsed.structured is not None and parsed.structured.structural_tag is not None):
+            refused = refused_by(check_required_tool_defs, body["tools"])  # the tool parser's one schema of them
+        if refused is None:
+            refused = (beam_search_refusal(parsed, checked if caps is None else min(caps), base_id, self.options)
+                       if beam else self._sampling_refusal(request, parsed, checked, caps, base_id))
         if refused is not None:
             return refused
         parsed.returned = self._prompt_return(body, parsed)
@@ -1176,6 +1204,19 @@ class SimServer:
             for req in reqs:
                 if not req.finished:
                     self.engine.abort(req)  # client disconnected (handler cancelled) or the write failed
+
+    @staticmethod
+    def _merge_structured_outputs(p: Parsed, response_format: Any) -> None:
+        """The request's structured outputs as its engine reads them: ``response_format`` merged in (a Refusal
+        where they conflict); none of the request's own where a tool parser forces a tool call (its JSON schema
+        replaces them, unless they name a structural tag)."""
+        own = p.extras.structured_outputs if p.extras is not None else None
+        if own is None and (not isinstance(response_format, dict) or response_format.get("type") in (None, "text")):
+            p.structured = None  # (nearly every request)
+            return
+        p.structured = merged_structured_outputs(own, response_format)
+        if p.tool_plan is not None and p.structured.structural_tag is None:
+            p.structured = None
 
     def _sampling_refusal(self, request: web.Request, p: Parsed, checked: int, caps: list[int] | None,
                           request_id: str) -> web.Response | None:
@@ -1329,7 +1370,7 @@ class SimServer:
                                     prompt_logprobs=count, token_ids=p.return_ids, stream_prompt_ids=p.return_ids,
                                     prompt_text="".join(prompt.texts) if p.return_text else None)
         else:
-            prompts = [completion_prompt_tokens(one, vocab, WORDS) for one in resolve_prompt(body["prompt"])]
+            prompts = [completion_prompt_tokens(one, vocab, WORDS) for one in resolve_prompt(body["prompt"], [])]
             sample = p.logprobs.top if p.logprobs is not None else None
             returned = PromptReturn(
                 prompts, [one.echo_text if p.echo and not p.return_ids else "" for one in prompts], vocab,
@@ -1894,7 +1935,7 @@ def verify_engine_inputs(p: Parsed, bias_ids: list[int] | None, data_parallel_ra
     ``routed_experts_prompt_start`` within it). Returns the first failure's (message, param)."""
     inputs, extras = p.engine_inputs, p.extras
     if inputs is None and extras is None and data_parallel_rank is None and p.max_prompt_id is None and (
-            p.prompts is None):
+            p.prompts is None and p.structured is None):
         return None  # (nearly every request)
     vocab = options.vocab_size
     token_ids = extras.logprob_token_ids if extras is not None else None
@@ -1937,10 +1978,10 @@ def verify_engine_inputs(p: Parsed, bias_ids: list[int] | None, data_parallel_ra
             if invalid:
                 return validation_message("allowed_token_ids contains out-of-vocab token id!", "allowed_token_ids",
                                           invalid), "allowed_token_ids"
+    refused = structured_outputs_refusal(p.structured)
+    if refused is not None:
+        return refused, None
     if extras is not None:
-        refused = structured_outputs_refusal(extras.structured_outputs)
-        if refused is not None:
-            return refused, None
         if extras.thinking_token_budget is not None:  # (a simulated engine has no reasoning parser)
             return ("thinking_token_budget is set but reasoning_config is not configured. Please set "
                     "--reasoning-parser and/or --reasoning-config to use thinking_token_budget."), None

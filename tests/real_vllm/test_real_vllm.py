@@ -360,6 +360,14 @@ FIELD_CASES = [(path, {name: value})
     ("chat", {"response_format": {"type": "structural_tag"}}), ("chat", {"structured_outputs": {"choice": []}}),
     ("completion", {"structured_outputs": {"json_object": False}}),
     ("chat", {"structured_outputs": {"regex": "a\u0000"}}), ("chat", {"structured_outputs": {"grammar": " "}}),
+    # a named tool choice's own type (pydantic's union, among the fields' errors); response_format merged into the
+    # structured outputs (a schema format without its schema, two kinds of constraint, json_object overridden);
+    # a legacy completion's prompt errors among the other fields'
+    ("chat", {"tools": _TOOLS, "tool_choice": {"type": "x", "function": {"name": "f"}}, "n": "x", "user": 1}),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}),
+    ("completion", {"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}}),
+    ("chat", {"structured_outputs": {"json_object": False}, "response_format": {"type": "json_object"}}),
+    ("completion", {"prompt": 1, "user": 1}), ("completion", {"prompt": [[1, -5]], "max_tokens": "x", "n": None}),
 ]
 
 
@@ -1525,6 +1533,39 @@ class TestSmolLM2:
                             answers.append(_answered(r.status, await r.text(), stream))
                     assert answers[0] == answers[1], (stream, n, answers)
                     assert "surrogates not allowed" in answers[0][1], answers
+
+    async def test_the_sims_refusals_around_forced_tool_calls_are_this_engines(self, smol_stack) -> None:
+        """Behind this tool parser, engine to engine: a "required" tool choice's one JSON schema of every tool (its
+        ``$defs`` an object, one schema to a name) refused as this vLLM refuses it, and a forced call's schema in
+        place of the request's own structured outputs (whose content checks then do not apply)."""
+        import aiohttp
+
+        def tool(name: str, parameters: dict) -> dict:
+            return {"type": "function", "function": {"name": name, "parameters": parameters}}
+
+        named = {"type": "function", "function": {"name": "f"}}
+        string, integer = {"A": {"type": "string"}}, {"A": {"type": "integer"}}
+        cases = [
+            {"tools": [tool("f", {"$defs": 1})], "tool_choice": "required"},
+            {"tools": [tool("f", {"type": "object", "$defs": string}), tool("g", {"type": "object", "$defs": integer})],
+             "tool_choice": "required"},
+            {"tools": [tool("f", {"$defs": 1})], "tool_choice": named},
+            {"tools": [tool("f", {"$defs": 1})], "tool_choice": "required", "max_tokens": 3000},
+            {"tools": [tool("f", {"type": "object"})], "tool_choice": "required", "structured_outputs": {"choice": []}},
+            {"tools": [tool("f", {"type": "object"})], "tool_choice": named, "structured_outputs": {"json": ""}},
+            {"tools": [tool("f", {"type": "object"})], "tool_choice": "auto", "structured_outputs": {"choice": []}},
+        ]
+        async with _sim_beside(smol_stack, vocab_size=smol_stack.vocab_size) as sim:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+                for fields in cases:
+                    for stream in (False, True):
+                        body = {"model": smol_stack.model, "messages": [{"role": "user", "content": "hi"}],
+                                "max_tokens": 60, **fields, "stream": stream}
+                        answers = []
+                        for base in (smol_stack.engine.url, sim.url):
+                            async with session.post(base + "/v1/chat/completions", json=body) as r:
+                                answers.append(_answered(r.status, await r.text(), stream))
+                        assert answers[0] == answers[1], (fields, stream, answers)
 
     async def test_the_sims_json_mode_answers_have_this_engines_shape(self, smol_stack) -> None:
         """``response_format`` json_object and json_schema, whole and streamed, engine to engine: the same shape
