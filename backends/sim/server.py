@@ -1175,16 +1175,7 @@ class SimServer:
         header_id = request.headers.get(REQUEST_ID_HEADER)
         base_id = header_id if header_id is not None else (
             parsed.request_id if parsed.request_id is not None else f"{uuid.uuid4().int & _MASK_64:016x}")
-        beam = parsed.extras is not None and parsed.extras.use_beam_search
-        refused = None
-        if not beam:  # response_format merged into structured_outputs (a beam search reads neither)
-            refused = refused_by(self._merge_structured_outputs, parsed, body.get("response_format"))
-        if refused is None and parsed.tool_choice == "required" and self.options.tool_calling and not (
-                parsed.structured is not None and parsed.structured.structural_tag is not None):
-            refused = refused_by(check_required_tool_defs, body["tools"])  # the tool parser's one schema of them
-        if refused is None:
-            refused = (beam_search_refusal(parsed, checked if caps is None else min(caps), base_id, self.options)
-                       if beam else self._sampling_refusal(request, parsed, checked, caps, base_id))
+        refused = self._parameters_refusal(request, body, parsed, checked, caps, base_id)
         if refused is not None:
             return refused
         parsed.returned = self._prompt_return(body, parsed)
@@ -1204,6 +1195,23 @@ class SimServer:
             for req in reqs:
                 if not req.finished:
                     self.engine.abort(req)  # client disconnected (handler cancelled) or the write failed
+
+    def _parameters_refusal(self, request: web.Request, body: dict, p: Parsed, checked: int, caps: list[int] | None,
+                            request_id: str) -> web.Response | None:
+        """What vLLM 0.32 refuses as it builds the engine's parameters, after rendering: ``response_format`` merged
+        into the structured outputs (not for a beam search, which reads neither), a "required" tool choice's one
+        JSON schema of every tool (behind a tool parser, unless a structural tag is asked for), then a beam
+        search's checks or a sampled request's."""
+        beam = p.extras is not None and p.extras.use_beam_search
+        refused = None if beam else refused_by(self._merge_structured_outputs, p, body.get("response_format"))
+        if refused is None and p.tool_choice == "required" and self.options.tool_calling and not (
+                p.structured is not None and p.structured.structural_tag is not None):
+            refused = refused_by(check_required_tool_defs, body["tools"])
+        if refused is not None:
+            return refused
+        if beam:
+            return beam_search_refusal(p, checked if caps is None else min(caps), request_id, self.options)
+        return self._sampling_refusal(request, p, checked, caps, request_id)
 
     @staticmethod
     def _merge_structured_outputs(p: Parsed, response_format: Any) -> None:
