@@ -7,16 +7,20 @@ its fields in its own order, so :func:`in_field_order` sorts their errors by vLL
 stage compares them with the installed vLLM's).
 
 **The rarer fields** (:data:`EXTRA_FIELDS`: beam search, structured outputs, reasoning, multimodal and transfer
-parameters, ``bad_words``, ``cache_salt``, ``vllm_xargs`` ...) change nothing in a simulated answer, but vLLM
-refuses malformed ones, so the sim must too. They are validated by pydantic against copies of vLLM's types
-(``chat_completion/protocol.py``, ``completion/protocol.py``, ``sampling_params.py``), only where a body holds one
-of them (nearly none does). Their validators are copied too: where vLLM's raise its ``VLLMValidationError``, which
-is no ``ValueError``, the error escapes pydantic and answers alone, ahead of every field's type error
-(:class:`Refusal`).
+parameters, ``bad_words``, ``cache_salt``, ``vllm_xargs`` ...) change little in a simulated answer (only
+``stream_interval`` and a beam search's checks do), but vLLM refuses malformed ones, so the sim must too. They
+are validated by pydantic against copies of vLLM's types (``chat_completion/protocol.py``,
+``completion/protocol.py``, ``sampling_params.py``), only where a body holds one of them (nearly none does).
+Their validators are copied too: where vLLM's raise its ``VLLMValidationError``, which is no ``ValueError``, the
+error escapes pydantic and answers alone, ahead of every field's type error (:class:`Refusal`).
 
 **The "before" validators** vLLM's request models run on the raw body for these fields
-(:func:`check_structured_outputs_count`, :func:`check_logprob_token_ids`, :func:`check_cache_salt`) raise a
-:class:`Refusal` too; the server calls them in vLLM's order among the others.
+(:func:`check_structured_outputs_count`, :func:`check_logprob_token_ids`, :func:`check_cache_salt`,
+:func:`check_structural_tag_format`) raise a :class:`Refusal` too; the server calls them in vLLM's order among the
+others. So do the serving's checks kept here: a request's own chat template and multimodal kwargs
+(:func:`check_request_template`, :func:`check_mm_kwargs`), ``response_format`` merged into the structured outputs
+as SamplingParams are built (:func:`merged_structured_outputs`), and a "required" tool choice's one schema of
+every tool (:func:`check_required_tool_defs`). None of them needs a grammar backend, which the sim has not.
 """
 
 from __future__ import annotations
