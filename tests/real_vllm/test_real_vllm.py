@@ -120,6 +120,21 @@ def _answered(status: int, text: str, stream: bool) -> tuple[int, str]:
     return status, re.sub(r"errors\.pydantic\.dev/[0-9.]+/", "errors.pydantic.dev/V/", text)
 
 
+async def _both_answers(session, stack, sim, path: str, body: dict,
+                        headers: dict | None = None) -> list[tuple[int, str]]:
+    """One body sent to ``stack``'s real vLLM and to the simulated engine beside it, each answer as
+    :func:`_answered` sees it. Sent as ``json.dumps`` writes it, so that lone surrogates and integers past 64 bits
+    go as they are."""
+    import json
+
+    answers = []
+    for base in (stack.engine.url, sim.url):
+        async with session.post(base + path, data=json.dumps(body).encode(),
+                                headers={"Content-Type": "application/json", **(headers or {})}) as r:
+            answers.append(_answered(r.status, await r.text(), bool(body.get("stream"))))
+    return answers
+
+
 @contextlib.asynccontextmanager
 async def _sim_beside(stack, **options) -> AsyncIterator:
     """A simulated engine beside ``stack``'s real one (its model and context, and ``options``), for the
@@ -740,18 +755,13 @@ class TestTinyLlama:
                 for fields in [{"messages": messages} for messages in MESSAGE_CASES] + MESSAGE_BODIES:
                     for stream in (False, True):
                         body = {"model": tiny_stack.model, "max_tokens": 2, **fields, "stream": stream}
-                        answers = []
-                        for base in (tiny_stack.engine.url, sim.url):
-                            async with session.post(base + "/v1/chat/completions", json=body) as r:
-                                answers.append(_answered(r.status, await r.text(), stream))
+                        answers = await _both_answers(session, tiny_stack, sim, "/v1/chat/completions", body)
                         assert answers[0] == answers[1], (fields, stream, answers)
 
     async def test_the_sims_answers_to_request_fields_are_this_engines(self, tiny_stack) -> None:
         """Engine to engine, both endpoints, whole and streamed: the rarer request fields (:data:`FIELD_CASES`),
         valid and malformed, are served or refused by the simulated engine as by this real vLLM, with the same
         status and error body (a stream's error event), and several fields' errors come in this vLLM's order."""
-        import json
-
         import aiohttp
 
         paths = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
@@ -761,11 +771,7 @@ class TestTinyLlama:
                     prompt = {"messages": [{"role": "user", "content": "hi"}]} if kind == "chat" else {"prompt": "hi"}
                     for stream in (False, True):
                         body = {"model": tiny_stack.model, "max_tokens": 2, **prompt, **fields, "stream": stream}
-                        answers = []
-                        for base in (tiny_stack.engine.url, sim.url):
-                            async with session.post(base + paths[kind], data=json.dumps(body).encode(),
-                                                    headers={"Content-Type": "application/json"}) as r:
-                                answers.append(_answered(r.status, await r.text(), stream))
+                        answers = await _both_answers(session, tiny_stack, sim, paths[kind], body)
                         assert answers[0] == answers[1], (kind, fields, stream, answers)
                 # the headers vLLM reads for the engine: a data-parallel rank (one engine here: 0), a priority
                 for headers in ({"X-data-parallel-rank": "1"}, {"X-data-parallel-rank": "x"},
@@ -773,10 +779,7 @@ class TestTinyLlama:
                                 {"X-Vllm-Priority": str(2**64)}):
                     for stream in (False, True):
                         body = {"model": tiny_stack.model, "max_tokens": 2, "prompt": "hi", "stream": stream}
-                        answers = []
-                        for base in (tiny_stack.engine.url, sim.url):
-                            async with session.post(base + paths["completion"], json=body, headers=headers) as r:
-                                answers.append(_answered(r.status, await r.text(), stream))
+                        answers = await _both_answers(session, tiny_stack, sim, paths["completion"], body, headers)
                         assert answers[0] == answers[1], (headers, stream, answers)
 
     def test_the_sims_request_fields_are_in_this_vllms_order(self, tiny_stack) -> None:
@@ -1513,8 +1516,6 @@ class TestSmolLM2:
         """A forced tool call whose name no UTF-8 can hold (a lone surrogate), whole and streamed, one answer or two,
         engine to engine: neither engine can serialize its answer (a 400 naming where the name's surrogate lies in
         it, or a stream's error event after the role chunk), and neither crashes."""
-        import json
-
         import aiohttp
 
         name = "f" + _S
@@ -1526,11 +1527,7 @@ class TestSmolLM2:
                     body = {"model": smol_stack.model, "messages": [{"role": "user", "content": "hi"}],
                             "tools": [tool], "tool_choice": {"type": "function", "function": {"name": name}},
                             "max_tokens": 20, "temperature": 1.0, "n": n, "stream": stream}
-                    answers = []
-                    for base in (smol_stack.engine.url, sim.url):
-                        async with session.post(base + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                                headers={"Content-Type": "application/json"}) as r:
-                            answers.append(_answered(r.status, await r.text(), stream))
+                    answers = await _both_answers(session, smol_stack, sim, "/v1/chat/completions", body)
                     assert answers[0] == answers[1], (stream, n, answers)
                     assert "surrogates not allowed" in answers[0][1], answers
 
@@ -1561,10 +1558,7 @@ class TestSmolLM2:
                     for stream in (False, True):
                         body = {"model": smol_stack.model, "messages": [{"role": "user", "content": "hi"}],
                                 "max_tokens": 60, **fields, "stream": stream}
-                        answers = []
-                        for base in (smol_stack.engine.url, sim.url):
-                            async with session.post(base + "/v1/chat/completions", json=body) as r:
-                                answers.append(_answered(r.status, await r.text(), stream))
+                        answers = await _both_answers(session, smol_stack, sim, "/v1/chat/completions", body)
                         assert answers[0] == answers[1], (fields, stream, answers)
 
     async def test_the_sims_json_mode_answers_have_this_engines_shape(self, smol_stack) -> None:
