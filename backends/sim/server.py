@@ -1947,36 +1947,23 @@ def verify_engine_inputs(p: Parsed, bias_ids: list[int] | None, data_parallel_ra
         return None  # (nearly every request)
     vocab = options.vocab_size
     token_ids = extras.logprob_token_ids if extras is not None else None
-    if inputs is not None or token_ids:
-        limit = vocab if options.max_logprobs == -1 else options.max_logprobs
-        sample = inputs.sample_logprobs if inputs is not None else None
-        if sample:  # None and 0 ask for nothing to check
-            sample = vocab if sample == -1 else sample
-            if sample > limit:
-                return validation_message(f"Requested sample logprobs of {sample}, which is greater than max "
-                                          f"allowed: {limit}", "logprobs", sample), "logprobs"
-        if token_ids:  # (the request asks for no sample logprobs with them)
-            if len(token_ids) > MAX_LOGPROB_TOKEN_IDS:
-                return validation_message(f"Requested logprob_token_ids of length {len(token_ids)}, which is greater "
-                                          f"than max allowed: {MAX_LOGPROB_TOKEN_IDS}", "logprob_token_ids",
-                                          len(token_ids)), "logprob_token_ids"
-            invalid = [t for t in token_ids if t < 0 or t >= vocab]
-            if invalid:
-                return validation_message(f"token_id(s) {invalid} in logprob_token_ids contain out-of-vocab token "
-                                          f"ids. Vocabulary size: {vocab}", "logprob_token_ids",
-                                          invalid), "logprob_token_ids"
+    failure = logprobs_refusal("sample", "logprobs", inputs.sample_logprobs if inputs is not None else None, options)
+    if failure is not None:
+        return failure
+    if token_ids:  # (the request asks for no sample logprobs with them)
+        if len(token_ids) > MAX_LOGPROB_TOKEN_IDS:
+            return validation_message(f"Requested logprob_token_ids of length {len(token_ids)}, which is greater "
+                                      f"than max allowed: {MAX_LOGPROB_TOKEN_IDS}", "logprob_token_ids",
+                                      len(token_ids)), "logprob_token_ids"
+        failure = out_of_vocabulary("logprob_token_ids", token_ids, vocab)
+        if failure is not None:
+            return failure
     if inputs is not None:
-        prompt = inputs.prompt_logprobs
-        if prompt:
-            prompt = vocab if prompt == -1 else prompt
-            if prompt > limit:
-                return validation_message(f"Requested prompt logprobs of {prompt}, which is greater than max "
-                                          f"allowed: {limit}", "prompt_logprobs", prompt), "prompt_logprobs"
-        for name, ids in (("logit_bias", bias_ids), ("stop_token_ids", inputs.stop_token_ids)):
-            invalid = [t for t in ids or () if t < 0 or t >= vocab]
-            if invalid:
-                return validation_message(f"token_id(s) {invalid} in {name} contain out-of-vocab token ids. "
-                                          f"Vocabulary size: {vocab}", name, invalid), name
+        failure = (logprobs_refusal("prompt", "prompt_logprobs", inputs.prompt_logprobs, options)
+                   or out_of_vocabulary("logit_bias", bias_ids, vocab)
+                   or out_of_vocabulary("stop_token_ids", inputs.stop_token_ids, vocab))
+        if failure is not None:
+            return failure
         allowed = inputs.allowed_token_ids
         if allowed is not None:
             if not allowed:
@@ -1996,6 +1983,30 @@ def verify_engine_inputs(p: Parsed, bias_ids: list[int] | None, data_parallel_ra
     if data_parallel_rank is not None and not 0 <= data_parallel_rank < 1:  # (a simulated engine is one rank)
         return f"data_parallel_rank {data_parallel_rank} is out of range [0, 1).", None
     return prompt_refused_in_engine(p, vocab)
+
+
+def logprobs_refusal(kind: str, param: str, count: int | None,
+                     options: SimEngineOptions) -> tuple[str, str | None] | None:
+    """SamplingParams._validate_logprobs on a count of ``kind`` ("sample", "prompt") logprobs: at most the engine's
+    ``max_logprobs`` (-1, on either side: the vocabulary; None and 0 ask for nothing to check)."""
+    if not count:
+        return None
+    vocab = options.vocab_size
+    limit = vocab if options.max_logprobs == -1 else options.max_logprobs
+    count = vocab if count == -1 else count
+    if count <= limit:
+        return None
+    return validation_message(f"Requested {kind} logprobs of {count}, which is greater than max allowed: {limit}",
+                              param, count), param
+
+
+def out_of_vocabulary(name: str, ids: list[int] | None, vocab: int) -> tuple[str, str | None] | None:
+    """SamplingParams' check of a field's token ids (``logit_bias``, ``stop_token_ids``, ``logprob_token_ids``)."""
+    invalid = [t for t in ids or () if t < 0 or t >= vocab]
+    if not invalid:
+        return None
+    return validation_message(f"token_id(s) {invalid} in {name} contain out-of-vocab token ids. Vocabulary size: "
+                              f"{vocab}", name, invalid), name
 
 
 def prompt_refused_in_engine(p: Parsed, vocab: int) -> tuple[str, str | None] | None:
@@ -2058,12 +2069,7 @@ def beam_search_refusal(p: Parsed, cap: int, request_id: str, options: SimEngine
         return _engine_refusal(refused, "temperature", stream=p.stream)
     if cap < 1:
         return None
-    vocab = options.vocab_size
-    limit = vocab if options.max_logprobs == -1 else options.max_logprobs
-    if 2 * n > limit:
-        return _engine_refusal(validation_message(f"Requested sample logprobs of {2 * n}, which is greater than max "
-                                                  f"allowed: {limit}", "logprobs", 2 * n), "logprobs", stream=p.stream)
-    failure = prompt_refused_in_engine(p, vocab)
+    failure = logprobs_refusal("sample", "logprobs", 2 * n, options) or prompt_refused_in_engine(p, options.vocab_size)
     if failure is not None:
         return _engine_refusal(*failure, stream=p.stream)
     session_id = p.extras.session_id if p.extras is not None else None
