@@ -347,7 +347,7 @@ def test_the_shared_ledger_returns_from_an_outage_while_traffic_goes_on():
     its release set grew) until the traffic stopped. A request reserved and released during the outage, never in
     the store, was also replayed."""
     from gateway.metrics import GatewayMetrics
-    from gateway.scheduling import SharedLedger
+    from gateway.shared_ledger import SharedLedger
 
     async def scenario() -> None:
         store = _SlowStore()
@@ -399,7 +399,7 @@ def test_a_stop_soon_after_an_outage_sends_the_releases_it_left():
     ran left their reservations in the shared ledger for a whole lease (30 s), the engines that much fuller for
     every other gateway."""
     from gateway.metrics import GatewayMetrics
-    from gateway.scheduling import SharedLedger
+    from gateway.shared_ledger import SharedLedger
 
     async def scenario() -> None:
         store = _SlowStore()
@@ -423,7 +423,7 @@ def test_a_request_moved_or_grown_around_the_resync_keeps_its_reservation_in_the
     ignored (the id still held its old copy), then released there at the switch: the store held nothing for a
     request that ran. Grown during an outage after its copy was adopted, its copy kept the old size."""
     from gateway.metrics import GatewayMetrics
-    from gateway.scheduling import SharedLedger
+    from gateway.shared_ledger import SharedLedger
 
     async def scenario() -> None:
         store = _SlowStore()
@@ -465,7 +465,7 @@ def test_every_gateway_re_takes_its_reservations_when_redis_restarted_empty(firs
     changes with the restart, and each gateway's next view re-takes what it holds."""
     _redis_or_skip()
     from gateway.metrics import GatewayMetrics
-    from gateway.scheduling import SharedLedger
+    from gateway.shared_ledger import SharedLedger
     from gateway.state.redis import RedisStateStore
     from tests.test_state_store import _delete_prefix
 
@@ -510,7 +510,7 @@ def test_every_gateway_re_takes_its_reservations_when_redis_restarted_empty(firs
 async def _redis_ledger():
     """(store, SharedLedger) on the test Redis under a key prefix of their own, deleted afterwards."""
     from gateway.metrics import GatewayMetrics
-    from gateway.scheduling import SharedLedger
+    from gateway.shared_ledger import SharedLedger
     from gateway.state.redis import RedisStateStore
     from tests.test_state_store import _delete_prefix
 
@@ -577,7 +577,7 @@ def test_in_an_outage_each_gateway_keeps_its_running_requests_room_and_shares_on
     """capacity / gateways alone ignored what each gateway was running: one that held 7,504 of 8,192 tokens kept
     it and an idle one took 4,096 more, 10,720 together on an engine of 8,192."""
     from gateway.metrics import GatewayMetrics
-    from gateway.scheduling import SharedLedger
+    from gateway.shared_ledger import SharedLedger
 
     async def scenario() -> None:
         store = _SlowStore()
@@ -606,7 +606,7 @@ def test_a_gateway_that_starts_in_an_outage_takes_the_expected_share_not_every_e
     engine whole, and with one that had counted two, 2,736 tokens were reserved on an engine of 2,048.
     ``state.expected_gateways`` is the least it assumes; after a listing, the larger of the two."""
     from gateway.metrics import GatewayMetrics
-    from gateway.scheduling import SharedLedger
+    from gateway.shared_ledger import SharedLedger
 
     async def scenario() -> None:
         store = _SlowStore()
@@ -634,7 +634,7 @@ def test_a_capacity_change_in_an_outage_does_not_count_the_outages_reservations_
     which were inside its share already: an engine that came back with 8,208 tokens (a vLLM restart) let two
     gateways hold 12,288 on it."""
     from gateway.metrics import GatewayMetrics
-    from gateway.scheduling import SharedLedger
+    from gateway.shared_ledger import SharedLedger
 
     async def scenario() -> None:
         store = _SlowStore()
@@ -664,7 +664,7 @@ def test_the_ledgers_cached_view_follows_its_own_grows_and_releases_in_and_out_o
     memory); and a gateway holding more than the store last recorded (a lease that lapsed while its request ran)
     keeps its own requests' room, not the store's count, when the outage begins."""
     from gateway.metrics import GatewayMetrics
-    from gateway.scheduling import SharedLedger
+    from gateway.shared_ledger import SharedLedger
 
     async def scenario() -> None:
         store = _SlowStore()

@@ -29,7 +29,8 @@ from gateway.config import ConfigError, parse_config
 from gateway.core.queue_policy import EDF, FCFS, LeastSlackFirst, Maestro, PolicyContext
 from gateway.core.request import SchedRequest, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
-from gateway.scheduling import PRIORITY_ORIGIN_S, UNLIMITED_KV
+from gateway.scheduling import PRIORITY_ORIGIN_S
+from gateway.shared_ledger import UNLIMITED_KV
 from tests.conftest import gateway_config, running_gateway
 from tests.fault_engine import FaultEngine
 from tests.test_monitor import free_port, start_redis, wait_for, wait_for_async
@@ -1529,12 +1530,12 @@ async def test_workflow_steps_that_meet_a_store_outage_are_counted_once_and_leav
     """A step whose end found the store unreachable was dropped (its request id stayed in flight in the store's
     record, refreshed by every later step, and the step was never counted); one begun locally during an outage
     and ended after it was not counted either; a begin that timed out after Redis ran it left a phantom."""
-    import gateway.scheduling as scheduling_module
+    import gateway.workflow_tracker as tracker_module
     from gateway.api.workflow import WorkflowContext
     from gateway.config import default_config
-    from gateway.scheduling import WorkflowTracker
+    from gateway.workflow_tracker import WorkflowTracker
 
-    monkeypatch.setattr(scheduling_module, "STORE_RETRY_S", 0.0)
+    monkeypatch.setattr(tracker_module, "STORE_RETRY_S", 0.0)
     store = _FlakyWorkflowStore()
     tracker = WorkflowTracker(store, default_config())  # type: ignore[arg-type]
     context = WorkflowContext(workflow_id="wf", step=0)
@@ -1579,13 +1580,13 @@ async def test_while_the_store_hangs_one_workflow_call_at_a_time_waits_for_it(mo
     """A hung Redis (each call fails after its timeout): once the retry window passed, every request in flight
     tried the store and waited the whole timeout (a workflow request waits for its begin), every window again:
     throughput fell from ~115 to 3-35 requests a second. One call finds out; the others go on locally."""
-    import gateway.scheduling as scheduling_module
+    import gateway.workflow_tracker as tracker_module
     from gateway.api.workflow import WorkflowContext
     from gateway.config import default_config
-    from gateway.scheduling import WorkflowTracker
+    from gateway.workflow_tracker import WorkflowTracker
     from gateway.state import StateUnavailable
 
-    monkeypatch.setattr(scheduling_module, "STORE_RETRY_S", 0.0)
+    monkeypatch.setattr(tracker_module, "STORE_RETRY_S", 0.0)
     store = _FlakyWorkflowStore()
     calls = []
 
@@ -1617,12 +1618,12 @@ async def test_while_the_store_hangs_one_workflow_call_at_a_time_waits_for_it(mo
 async def test_a_step_begun_in_an_outage_does_not_undo_what_later_steps_set(monkeypatch):
     """Its begin reaches the store at its end: sent as it was, it set the workflow's deadline and expected steps
     back to the values before a later step's, and its last activity back in time."""
-    import gateway.scheduling as scheduling_module
+    import gateway.workflow_tracker as tracker_module
     from gateway.api.workflow import WorkflowContext
     from gateway.config import default_config
-    from gateway.scheduling import WorkflowTracker
+    from gateway.workflow_tracker import WorkflowTracker
 
-    monkeypatch.setattr(scheduling_module, "STORE_RETRY_S", 0.0)
+    monkeypatch.setattr(tracker_module, "STORE_RETRY_S", 0.0)
     store = _FlakyWorkflowStore()
     tracker = WorkflowTracker(store, default_config())  # type: ignore[arg-type]
     t0 = time.time()
@@ -1646,7 +1647,7 @@ async def test_a_step_whose_gateway_died_stops_counting_as_in_flight():
 
     from gateway.api.workflow import WorkflowContext
     from gateway.config import default_config
-    from gateway.scheduling import INFLIGHT_TOTALS, WorkflowTracker
+    from gateway.workflow_tracker import INFLIGHT_TOTALS, WorkflowTracker
     from gateway.state.memory import MemoryStateStore
     from tests.test_state_store import FakeClock
 
@@ -1873,12 +1874,12 @@ async def test_replayed_steps_fill_what_the_record_lacks_and_never_move_it_back(
     """Two steps ended in an outage and a third began after it: the replays set the third's deadline and
     expected steps back to theirs (an end moved the last activity back first), and a workflow whose hints came
     only with a step begun in the outage lost them."""
-    import gateway.scheduling as scheduling_module
+    import gateway.workflow_tracker as tracker_module
     from gateway.api.workflow import WorkflowContext
     from gateway.config import default_config
-    from gateway.scheduling import WorkflowTracker
+    from gateway.workflow_tracker import WorkflowTracker
 
-    monkeypatch.setattr(scheduling_module, "STORE_RETRY_S", 0.0)
+    monkeypatch.setattr(tracker_module, "STORE_RETRY_S", 0.0)
     store = _FlakyWorkflowStore()
     tracker = WorkflowTracker(store, default_config())  # type: ignore[arg-type]
     t0 = time.time()

@@ -749,7 +749,7 @@ async def test_the_memory_store_keeps_at_most_max_workflow_records(monkeypatch) 
 
 async def test_the_workflow_cache_keeps_at_most_max_cached_workflows(monkeypatch) -> None:
     from gateway.config import parse_config
-    from gateway.scheduling import WorkflowTracker
+    from gateway.workflow_tracker import WorkflowTracker
     from gateway.state.memory import MemoryStateStore
 
     raw = {"clusters": [{"name": "c", "pools": [{"name": "p", "models": ["m"], "engines": ["http://127.0.0.1:9"]}]}],
