@@ -279,7 +279,7 @@ def prompt_estimate_ratio(workload: Workload) -> float:
     counts about 0.9 token per such word, so the live gateway reserves that much less for the prompt. The
     simulator is given the same ratio (``SimConfig.prompt_estimate_ratio``), measured here with the gateway's
     own predictor on the runner's own messages."""
-    from backends.sim.server import estimate_chat_prompt_tokens
+    from backends.sim.prompt_tokens import estimate_chat_prompt_tokens
     from loadgen.live import build_messages
     from predictor.predictor import Predictor
 

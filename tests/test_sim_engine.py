@@ -1600,7 +1600,7 @@ async def test_dit_engine_returns_decodable_png():
 ])
 def test_lax_int_check_follows_pydantic(value, optional, expected, error):
     """The simulated server's field checks give vLLM's (pydantic-v2 lax mode) results and error types."""
-    from backends.sim.server import check_int
+    from backends.sim.request_parsing import check_int
 
     errors: list[dict] = []
     assert check_int({"n": value}, "n", errors, optional=optional, default=7) == expected
@@ -1615,7 +1615,7 @@ def test_lax_int_check_follows_pydantic(value, optional, expected, error):
     (2, False, False, "bool_parsing"), ([True], False, False, "bool_type"),
 ])
 def test_lax_bool_check_follows_pydantic(value, optional, expected, error):
-    from backends.sim.server import check_bool
+    from backends.sim.request_parsing import check_bool
 
     errors: list[dict] = []
     assert check_bool({"s": value}, "s", errors, optional=optional, default=False) == expected

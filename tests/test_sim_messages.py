@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from backends.sim import SimEngineOptions, start_sim_engines
 from backends.sim.chat_messages import (check_parsed_messages, normalized_messages, plain_messages, tool_call_errors,
                                         validated_messages)
-from backends.sim.server import sanitized
+from backends.sim.responses import sanitized
 
 MODEL = "sim-test"
 CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}

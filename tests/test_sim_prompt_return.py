@@ -10,7 +10,8 @@ import pytest
 
 from backends.sim import SimEngineOptions, start_sim_engines
 from backends.sim.prompt_tokens import BOS_TOKEN, EOS_TOKEN, chat_prompt_tokens, completion_prompt_tokens, token_id
-from backends.sim.server import WORDS, estimate_chat_prompt_tokens, estimate_completion_prompt_tokens
+from backends.sim.filler import WORDS
+from backends.sim.prompt_tokens import estimate_chat_prompt_tokens, estimate_completion_prompt_tokens
 
 MODEL = "sim-test"
 VOCAB = 128256

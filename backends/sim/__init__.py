@@ -3,9 +3,11 @@
 * :mod:`backends.sim.cost_model` -- :class:`EngineCostModel`, pure functions fitted on
   ``../shared/data/calibration`` at construction (shared with the discrete-event simulator).
 * :mod:`backends.sim.engine` -- the continuous-batching scheduler (KV blocks, fcfs/priority, preemption, sleep).
-* :mod:`backends.sim.server` -- the aiohttp app (routes, SSE, error JSON, metrics, sleep endpoints); its module
-  docstring lists the behaviours and the documented deviations, including the load-generator hint header
-  ``X-Sim-Output-Tokens``.
+* :mod:`backends.sim.server` -- the aiohttp app (routes, metrics, sleep endpoints); its module docstring lists
+  the behaviours and the documented deviations, including the load-generator hint header ``X-Sim-Output-Tokens``.
+  The request's fields are read in :mod:`backends.sim.request_parsing` and checked in
+  :mod:`backends.sim.request_checks`; answers and their SSE bytes are built in :mod:`backends.sim.answers`, error
+  bodies in :mod:`backends.sim.responses`.
 * :mod:`backends.sim.dit` -- a simulated vLLM-Omni image engine (``/v1/images/generations``).
 * :mod:`backends.sim.runner` -- start many engines in one process.
 """
@@ -22,7 +24,8 @@ from backends.sim.runner import (
     start_sim_dit_engines,
     start_sim_engines,
 )
-from backends.sim.server import HINT_HEADER, filler_text
+from backends.sim.filler import filler_text
+from backends.sim.server import HINT_HEADER
 
 __all__ = [
     "EngineBusy",

@@ -43,19 +43,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from backends.sim.cost_model import EngineCostModel
 from backends.sim.metrics import ENGINE_INDEX, REQUEST_LATENCY_BUCKETS
 from backends.sim.options import SimDiTOptions
-from backends.sim.server import (
-    _err,
-    _json_not_found,
-    check_bool,
-    check_float,
-    check_int,
-    check_range,
-    check_str,
-    error_response,
-    not_an_object_response,
-    pydantic_error_response,
-    read_json_body,
-)
+from backends.sim.request_parsing import check_bool, check_float, check_int, check_range, check_str, read_json_body
+from backends.sim.responses import (error_response, field_error, json_not_found, not_an_object_response,
+                                    pydantic_error_response)
 from backends.vllm_names import (
     COUNTER_REQUEST_SUCCESS,
     GAUGE_REQUESTS_RUNNING,
@@ -141,7 +131,7 @@ class SimDiTEngine:
 def _object(body: dict, key: str, errors: list[dict]) -> None:
     value = body.get(key)
     if value is not None and not isinstance(value, dict):
-        errors.append(_err("dict_type", f"body.{key}", "Input should be a valid dictionary", value))
+        errors.append(field_error("dict_type", f"body.{key}", "Input should be a valid dictionary", value))
 
 
 _SYSTEM_PROMPT_TYPES = [None, "dynamic", "en_vanilla", "en_recaption", "en_think_recaption", "en_unified", "custom"]
@@ -150,8 +140,8 @@ _SYSTEM_PROMPT_TYPES = [None, "dynamic", "en_vanilla", "en_recaption", "en_think
 def _system_prompt_type(body: dict, errors: list[dict]) -> None:
     kind = check_str(body, "use_system_prompt", errors)
     if kind not in _SYSTEM_PROMPT_TYPES:
-        errors.append(_err("value_error", "body.use_system_prompt", f"Value error, Invalid use_system_prompt type: "
-                           f"{kind}. Must be one of: {_SYSTEM_PROMPT_TYPES[1:] + [None]}", kind))
+        errors.append(field_error("value_error", "body.use_system_prompt", f"Value error, Invalid use_system_prompt "
+                                  f"type: {kind}. Must be one of: {_SYSTEM_PROMPT_TYPES[1:] + [None]}", kind))
 
 
 def validate_request(body: dict, default_size: str, max_size: int) -> tuple[list[dict], dict[str, Any]]:
@@ -159,24 +149,24 @@ def validate_request(body: dict, default_size: str, max_size: int) -> tuple[list
     the fields (vLLM's 400 names the first one's ``loc`` as ``param``); and the values the engine uses."""
     errors: list[dict] = []
     if "prompt" not in body:
-        errors.append(_err("missing", "body.prompt", "Field required", body))
+        errors.append(field_error("missing", "body.prompt", "Field required", body))
     elif not isinstance(body["prompt"], str):
-        errors.append(_err("string_type", "body.prompt", "Input should be a valid string", body["prompt"]))
+        errors.append(field_error("string_type", "body.prompt", "Input should be a valid string", body["prompt"]))
     check_str(body, "bot_task", errors)
     check_str(body, "model", errors)
     n = check_int(body, "n", errors, optional=False, default=1)
     check_range(errors, "n", n, body.get("n"), 1, 10)
     size = _parse_size(body.get("size"), default_size, max_size)
     if size is None:
-        errors.append(_err("value_error", "body.size", "Value error, size must be in format 'WIDTHxHEIGHT' "
-                           "(e.g., '1024x1024')", body.get("size")))
+        errors.append(field_error("value_error", "body.size", "Value error, size must be in format 'WIDTHxHEIGHT' "
+                                  "(e.g., '1024x1024')", body.get("size")))
     response_format = body.get("response_format", "b64_json")
     if response_format not in ("b64_json", "url", "file"):  # the enum, null included, is a type error
-        errors.append(_err("enum", "body.response_format", "Input should be 'b64_json', 'url' or 'file'",
-                           response_format))
+        errors.append(field_error("enum", "body.response_format", "Input should be 'b64_json', 'url' or 'file'",
+                                  response_format))
     elif response_format == "url":
-        errors.append(_err("value_error", "body.response_format", "Value error, Only 'b64_json' or 'file' "
-                           f"response format is supported, got: {response_format}", response_format))
+        errors.append(field_error("value_error", "body.response_format", "Value error, Only 'b64_json' or 'file' "
+                                  f"response format is supported, got: {response_format}", response_format))
     for key in ("user", "negative_prompt", "system_prompt"):
         check_str(body, key, errors)
     _system_prompt_type(body, errors)
@@ -232,7 +222,7 @@ class SimDiTServer:
         self.created = int(time.time())
 
     def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[_json_not_found])
+        app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[json_not_found])
         app.router.add_post("/v1/images/generations", self.images_generations)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)

@@ -3,8 +3,8 @@
 vLLM returns a prompt's tokens where a request asks for them: ``echo`` (a legacy completion's text starts with its
 prompt, a stream's first chunk carries the prompt's token ids), ``prompt_logprobs`` (one entry a prompt token),
 ``return_token_ids``. The simulated engine has no tokenizer; it counts a prompt's tokens by a deterministic
-estimate (see :mod:`backends.sim.server`), and this module splits the prompt into exactly that many tokens, so
-that what it sends back agrees with its ``usage.prompt_tokens``:
+estimate (:func:`estimate_chat_prompt_tokens`, :func:`estimate_completion_prompt_tokens`), and this module splits
+the prompt into exactly that many tokens, so that what it sends back agrees with its ``usage.prompt_tokens``:
 
 * a legacy completion's text prompt: the model's begin-of-text token, then the text in pieces of four characters
   (``ceil(len / 4) + 1`` tokens); its token ids: the ids as given, each written as a filler word (what the sim's
@@ -18,6 +18,7 @@ Only requests that ask for a prompt's tokens pay for the split; every other requ
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any, Sequence
 
@@ -164,5 +165,28 @@ class PromptReturn:
         self.prompts = [prompt.kept(keep, side) for prompt in self.prompts]
 
 
+def _text_len(content: Any) -> int:
+    return len(message_text(content))
+
+
+def estimate_chat_prompt_tokens(messages: list) -> int:
+    """4 per message + ceil(chars/4) of its text + 2 for the generation prompt (the rule in
+    :mod:`backends.sim.server`'s docstring)."""
+    total = 2
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        total += 4 + math.ceil(_text_len(content) / 4)
+    return max(1, total)
+
+
+def estimate_completion_prompt_tokens(prompt: Any) -> int:
+    if isinstance(prompt, list):
+        if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            return estimate_completion_prompt_tokens(prompt[0])
+        return max(1, len(prompt))  # token ids
+    return max(1, math.ceil(len(prompt) / 4) + 1)
+
+
 __all__ = ["BOS_TOKEN", "EOS_TOKEN", "PromptReturn", "PromptTokens", "chat_prompt_tokens", "completion_prompt_tokens",
-           "echo_prefix", "message_text", "part_text", "text_pieces", "token_id"]
+           "echo_prefix", "estimate_chat_prompt_tokens",
+           "estimate_completion_prompt_tokens", "message_text", "part_text", "text_pieces", "token_id"]
