@@ -7,31 +7,12 @@ What is real and what is modelled
 (:mod:`gateway.core.admission`), the KV ledger (:mod:`gateway.core.ledger`), the cluster choice
 (:mod:`gateway.core.cluster_routing`), the request model (:mod:`gateway.core.request`) and the predictor
 (anything with ``predict(body, headers)``; :class:`PriorPredictor` when no trained model is given).
-*Modelled*: the network (a fixed round trip per cluster) and the engines, with the engine cost model shared with
-the simulated HTTP engines (:class:`backends.sim.cost_model.EngineCostModel`) and the scheduling rules of
-:mod:`backends.sim.engine` (vLLM V1's): continuous batching up to ``max_num_seqs`` sequences and
-``max_num_batched_tokens`` tokens per iteration, a paged KV cache of ``kv_blocks`` blocks, head-of-line admission,
-and preemption by recompute of the last admitted request when a running request cannot get its next block.
-
-The analytic engine
--------------------
-Between two events the batch of an engine does not change, so the engine is not stepped one decode iteration at a
-time. After each scheduling decision it is in one of three modes:
-
-* ``MIXED``: the iteration computes prompt chunks (new or re-admitted requests) besides decodes: one event at its
-  end, whose length is :meth:`EngineCostModel.step_s` of exactly what the iteration holds.
-* ``DECODE``: B sequences decode one token per iteration over a context that grows by B tokens per iteration, so
-  iteration j costs ``A + d2*B*j`` and n iterations cost ``n*A + d2*B*n(n-1)/2``. The engine jumps straight to
-  the first iteration boundary where something happens: the earliest completion (a heap keyed by the iteration
-  at which each request reaches its length), the earliest reservation overrun (same), the KV cache running out
-  (each sequence needs a new block every ``block_size`` tokens at a fixed residue of the iteration counter, so
-  the count of new blocks per iteration is a table of ``block_size`` entries and the exhausting iteration is
-  found in O(block_size)), or the boundary at which a newly arrived request can be admitted.
-* ``IDLE``.
-
-At such a boundary the engine does exactly what :meth:`backends.sim.engine.SimEngine._schedule` does (the rare
-preemption and token-budget cases run a literal per-request replica of it); ``tests/test_des.py`` checks the
-analytic engine against that class stepped one iteration at a time.
+*Modelled*: the network (a fixed round trip per cluster) and the engines (:mod:`loadgen.des_engine`, advanced
+analytically between events), with the engine cost model shared with the simulated HTTP engines
+(:class:`backends.sim.cost_model.EngineCostModel`) and the scheduling rules of :mod:`backends.sim.engine` (vLLM
+V1's): continuous batching up to ``max_num_seqs`` sequences and ``max_num_batched_tokens`` tokens per iteration, a
+paged KV cache of ``kv_blocks`` blocks, head-of-line admission, and preemption by recompute of the last admitted
+request when a running request cannot get its next block.
 
 The gateway side
 ----------------
@@ -45,11 +26,8 @@ taken in the ledger; the engine gets the request at once (gateway and engines sh
 outlives its reservation grows it with :func:`~gateway.core.admission.grown_reservation` (``force=True``: the
 engine already uses that memory); the reservation is released exactly once when the request finishes.
 
-By default the pool queue is :class:`FastPool`, which keeps :class:`~gateway.core.scheduler.PoolScheduler`'s
-semantics (same proposals, same order; checked against it on random cases) but does not re-sort the whole queue at
-every dispatch: the fcfs and edf keys never change, and the maestro and lsf orders within a tier do not either;
-tiers change at times it computes (and re-checks with the policy's own ``key``). ``reference=True``
-uses the plain :class:`PoolScheduler` instead (slower; for tests and for policies FastPool does not know).
+The pool queue is :class:`loadgen.des_pools.FastPool` by default (``reference=True``: the gateway's own
+:class:`~gateway.core.scheduler.PoolScheduler`; see :mod:`loadgen.des_pools`).
 
 Cluster choice (``latency_aware``) gets, per cluster, the queued work its queue policy would serve before this
 request (:meth:`FastPool.work_ahead`) and the time per output token at the pool's current batch, so it sees that
@@ -75,155 +53,39 @@ events) takes about 9 s of CPU (the plain PoolScheduler: about 140 s, same resul
 sleep/wake, DiT engines, engine failures, network jitter.
 """
 
+
 from __future__ import annotations
 
-import bisect
 import heapq
 import math
 import time
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from backends.sim.cost_model import EngineCostModel
-from gateway.core.admission import ADMISSION_POLICIES, grown_reservation, reservation_tokens
+from gateway.core.admission import grown_reservation, reservation_tokens
 from gateway.core.cluster_routing import ClusterLoad, ClusterRequest, make_cluster_routing
 from gateway.core.ledger import KVLedger
-from gateway.core.queue_policy import (EDF, FCFS, STEP_TIME_WINDOW_S, LeastSlackFirst, PolicyContext, StepTimeMean,
-                                      edf_due, make_queue_policy, slack_due)
-from gateway.core.request import DEFAULT_SLO_CLASSES, INTERACTIVE, SchedRequest, SLOClass, WorkflowState
-from gateway.core.scheduler import EngineSlot, PoolScheduler
+from gateway.core.queue_policy import PolicyContext, StepTimeMean, make_queue_policy
+from gateway.core.request import INTERACTIVE, SchedRequest, WorkflowState
+from loadgen.des_config import ClusterSpec, EngineSpec, PoolSpec, SimConfig
+from loadgen.des_engine import IDLE, DESEngine, EngineHooks, SimReq
+from loadgen.des_pools import FastPool, ReferencePool, supports_fast
 from loadgen.results import RequestResult, RunResult, WorkflowResult
 from loadgen.slo import check_workload_slo_classes
 from loadgen.workload import Workload
 from predictor.features import explicit_role_of, max_tokens_of
 from predictor.predictor import DEFAULT_PRIORS
 
+
 INF = math.inf
+
 # Re-key the queues when the learned mean step time moved 5 % from the one in use (smaller moves reorder little
 # and would cost a re-sort of every queue each time).
 STEP_TIME_REKEY_DRIFT = 0.05
-TIMER_HEAP_SLACK = 1024  # stale queue timers allowed beyond twice the queued requests before the heap is rebuilt
+
 PROGRESS_EVERY_S = 2.0  # wall seconds between two progress reports of a run that asked for them
-
-# --------------------------------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class EngineSpec:
-    """One simulated engine (the knobs of :class:`backends.sim.options.SimEngineOptions` that matter here)."""
-
-    max_num_seqs: int = 128
-    kv_blocks: int = 16384
-    block_size: int = 16
-    max_num_batched_tokens: int = 8192
-    max_model_len: int = 8192
-    cost_scale: float = 1.0  # multiplies every cost-model time (EngineCostModel's ``scale``)
-    kv_bytes_per_token: int | None = None  # None: the cost model's (from the calibration)
-
-    def validate(self) -> None:
-        for name in ("max_num_seqs", "kv_blocks", "block_size", "max_num_batched_tokens", "max_model_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"engine.{name} must be a positive integer, got {value!r}")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError("engine.max_num_batched_tokens must be >= max_num_seqs (as vLLM requires)")
-        if self.kv_blocks * self.block_size < self.max_model_len:
-            raise ValueError("engine.kv_blocks * block_size must hold one max_model_len sequence")
-        if not self.cost_scale > 0:
-            raise ValueError("engine.cost_scale must be > 0")
-
-
-@dataclass(frozen=True)
-class PoolSpec:
-    name: str = "llm"
-    engines: int = 16
-    engine: EngineSpec = field(default_factory=EngineSpec)
-    models: tuple[str, ...] = ()  # models it serves; empty: any
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    name: str
-    rtt_s: float = 0.0  # client/gateway <-> cluster round trip
-    pools: tuple[PoolSpec, ...] = (PoolSpec(),)
-
-
-@dataclass
-class SimConfig:
-    clusters: list[ClusterSpec] = field(default_factory=lambda: [ClusterSpec("c0"), ClusterSpec("c1")])
-    queue_policy: str = "maestro"
-    queue_options: dict[str, Any] = field(default_factory=dict)
-    admission: str = "predicted"
-    cluster_routing: str = "latency_aware"
-    routing_options: dict[str, Any] = field(default_factory=dict)
-    queue_per_engine: int = 8  # dispatch slots beyond max_num_seqs (a small engine-side queue)
-    growth_step_tokens: int = 256  # grown_reservation's chunk
-    sample_interval_s: float = 1.0  # time-series sampling period (0: no series)
-    slo_classes: dict[str, SLOClass] = field(default_factory=lambda: dict(DEFAULT_SLO_CLASSES))
-    step_hint: bool = True  # the client tells the gateway how many steps a workflow has (X-Workflow-Steps)
-    mean_step_s: float | None = None  # maestro's mean step time; None: mean predicted step service of the workload
-    # learn the mean step time online from the predicted service of completed workflow steps, as the live gateway
-    # does (queue_policy.StepTimeMean over step_time_window_s); queues are re-keyed once it drifted 5 %
-    learn_step_time: bool = True
-    step_time_window_s: float = STEP_TIME_WINDOW_S
-    nominal_batch: int | None = None  # batch at which service times are predicted (None: max_num_seqs // 2)
-    nominal_context: int = 2048  # context per sequence at which service times are predicted
-    # the gateway's estimate of a prompt is round(ratio x the engine's count): its character-based estimator
-    # (predictor.tokens) is not the engine's tokenizer. 1.0: exact. E4 measures it on the live runner's prompts.
-    prompt_estimate_ratio: float = 1.0
-    reference: bool = False  # use the plain PoolScheduler (slow) instead of FastPool
-    calibration_dir: str | None = None
-    max_events: int | None = None  # safety valve for tests
-
-    def validate(self) -> None:
-        if not self.clusters:
-            raise ValueError("at least one cluster is needed")
-        names = [c.name for c in self.clusters]
-        if len(set(names)) != len(names):
-            raise ValueError("cluster names must be unique")
-        for c in self.clusters:
-            if c.rtt_s < 0:
-                raise ValueError(f"cluster {c.name}: rtt_s must be >= 0")
-            if not c.pools:
-                raise ValueError(f"cluster {c.name}: needs a pool")
-            for p in c.pools:
-                # a pool without engines can never serve what is routed to it (the run would stall or end with
-                # requests nowhere); leave the cluster out instead
-                if isinstance(p.engines, bool) or not isinstance(p.engines, int) or p.engines < 1:
-                    raise ValueError(f"cluster {c.name} pool {p.name}: engines must be >= 1, got {p.engines!r}")
-                p.engine.validate()
-        if self.admission not in ADMISSION_POLICIES:
-            raise ValueError(f"unknown admission policy {self.admission!r}")
-        if self.queue_per_engine < 0:
-            raise ValueError("queue_per_engine must be >= 0")
-        if not self.prompt_estimate_ratio > 0:
-            raise ValueError("prompt_estimate_ratio must be > 0")
-        if not (self.sample_interval_s >= 0 and math.isfinite(self.sample_interval_s)):
-            raise ValueError(f"sample_interval_s must be a finite number >= 0 (0: no time series), "
-                             f"got {self.sample_interval_s!r}")
-        # the options go to the policy's constructor as keywords: checked here so that a list or an unknown
-        # name (simulate --queue-options '[1]' / '{"bogus": 1}') is a ValueError, not a TypeError in _build
-        if not isinstance(self.queue_options, dict):
-            raise ValueError(f"queue_options must be an object of the {self.queue_policy} policy's options, "
-                             f"got {self.queue_options!r:.80}")
-        try:
-            make_queue_policy(self.queue_policy, **self.queue_options)
-        except TypeError as exc:
-            raise ValueError(f"queue_options {self.queue_options!r:.80} do not fit the {self.queue_policy} "
-                             f"policy: {exc}") from None
-
-
-def two_cluster_config(engines: int = 16, engine: EngineSpec | None = None, rtt_s: tuple[float, float] = (0.002, 0.002),
-                       **options: Any) -> SimConfig:
-    """The usual setup: two clusters of ``engines`` identical engines each."""
-    engine = engine or EngineSpec()
-    clusters = [ClusterSpec(f"c{i}", rtt_s=rtt, pools=(PoolSpec("llm", engines, engine),)) for i, rtt in enumerate(rtt_s)]
-    return SimConfig(clusters=clusters, **options)
-
-
-# --------------------------------------------------------------------------------------------------- predictors
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,734 +141,7 @@ def load_predictor(path: str | None) -> Any:
     return Predictor.load(path)
 
 
-# --------------------------------------------------------------------------------------------------- pool queues
-
-
-def supports_fast(policy: Any) -> bool:
-    """FastPool can order this policy: a built-in one, or one with ``order(request, now, ctx) -> (key,
-    valid_until)`` whose key does not change before ``valid_until`` unless the workflow's state changes."""
-    return type(policy) in (FCFS, EDF, LeastSlackFirst) or callable(getattr(policy, "order", None))
-
-
-class FastPool:
-    """:class:`PoolScheduler`'s ``plan``/``admitted`` semantics for ``fcfs``, ``edf``, ``lsf`` and any policy with
-    an ``order`` method (``maestro``), with incrementally ordered queues instead of a full sort per dispatch.
-
-    Order: a sorted list per tier of static keys. fcfs ``(arrival, id)`` and edf ``(due, arrival, id)`` never
-    change. ``order`` policies give their key and the time it stays valid. lsf: tier -1 ``(arrival, id)``; tier 0 ``(due, arrival, id)``; tier 1 by slack
-    ``due - now - work``, i.e. by ``due - work`` (``now`` is common to all); tier 2 by ``-slack``, i.e. by
-    ``-(due - work)``. A request changes tier only at computable times (aging at ``arrival + max_wait_s``,
-    infeasibility at ``due - work``): a timer re-classifies it with the policy's own ``key`` then. A workflow's
-    remaining work changes when it releases a step: :meth:`rekey_workflow` re-classifies its queued steps.
-    The dispatch walk is the same as ``plan``'s; it stops as soon as nothing more can be placed (every engine
-    full, or no queued reservation fits the largest free space).
-    """
-
-    def __init__(self, policy: Any, admission: str, block_size: int, ctx: PolicyContext) -> None:
-        if not supports_fast(policy):
-            raise TypeError(f"FastPool does not know policy {getattr(policy, 'name', policy)!r}")
-        self.policy = policy
-        self.kind = policy.name if type(policy) in (FCFS, EDF, LeastSlackFirst) else "order"
-        self.admission = admission
-        self.block_size = block_size
-        self.ctx = ctx
-        self.check_kv = admission != "none"
-        self.tiers: dict[int, list[tuple]] = {}
-        self._tier_order: list[int] = []
-        self.where: dict[str, tuple[int, tuple]] = {}
-        self.waiting: dict[str, SchedRequest] = {}
-        self.tokens: list[int] = []  # sorted multiset of the queued requests' reservations
-        self.timers: list[tuple[float, int, str, int]] = []
-        self.version: dict[str, int] = {}
-        self.by_workflow: dict[str, set[str]] = {}
-        self.tier_work: dict[int, float] = {}  # predicted service seconds queued per tier
-        self._seq = 0
-
-    def work_ahead(self, r: SchedRequest, now: float) -> float:
-        """Predicted service seconds queued in ``r``'s tier and the better ones (what it would wait behind)."""
-        if self.kind in ("fcfs", "edf"):
-            return sum(self.tier_work.values())
-        self._fire_timers(now)  # queued requests whose tier changed by now count in their new tier
-        tier = self._classify(r, now)[0]
-        return sum(w for t, w in self.tier_work.items() if t <= tier)
-
-    def __len__(self) -> int:
-        return len(self.waiting)
-
-    # -- ordering ---------------------------------------------------------------------------------------------
-    def _classify(self, r: SchedRequest, now: float) -> tuple[int, tuple, float]:
-        kind = self.kind
-        if kind == "fcfs":
-            return 0, (r.arrival, r.request_id), INF
-        if kind == "edf":
-            return 0, (edf_due(r), r.arrival, r.request_id), INF
-        policy = self.policy
-        if kind == "order":
-            key, until = policy.order(r, now, self.ctx)
-            return key[0], key[1:], until
-        tier = policy.key(r, now, self.ctx)[0]
-        aging = r.arrival + policy.max_wait_s
-        if tier == -1:
-            return -1, (r.arrival, r.request_id), INF
-        if tier == 0:
-            return 0, (slack_due(r), r.arrival, r.request_id), aging
-        x = slack_due(r) - policy.remaining_work(r, self.ctx)
-        if tier == 1:
-            return 1, (x, r.arrival, r.request_id), min(aging, x)
-        return 2, (-x, r.arrival, r.request_id), aging
-
-    def _insert(self, r: SchedRequest, now: float) -> None:
-        tier, key, nxt = self._classify(r, now)
-        item = (key, r)
-        lst = self.tiers.get(tier)
-        if lst is None:
-            lst = self.tiers[tier] = []
-            self._tier_order = sorted(self.tiers)
-        bisect.insort(lst, item)
-        self.where[r.request_id] = (tier, key)
-        self.tier_work[tier] = self.tier_work.get(tier, 0.0) + self.ctx.service_time(r)
-        if nxt < INF:
-            v = self.version.get(r.request_id, 0) + 1
-            self.version[r.request_id] = v
-            self._seq += 1
-            heapq.heappush(self.timers, (max(nxt, math.nextafter(now, INF)), self._seq, r.request_id, v))
-            if len(self.timers) > 2 * len(self.waiting) + TIMER_HEAP_SLACK:
-                self._drop_stale_timers()
-
-    def _drop_stale_timers(self) -> None:
-        """Keep only the timers that can still fire: each re-key leaves its request's earlier timer in the heap
-        until it is due, and under deep overload (queues of thousands, re-keyed as the mean step time drifts) the
-        stale ones piled up (the scale audit put them at about a third of a 3-hour overloaded run's 1.4 GB). The
-        heap order is (time, sequence), so the timers that fire, and their order, are the same."""
-        version, waiting = self.version, self.waiting
-        timers = self.timers  # in place: _fire_timers holds this list while it re-keys
-        timers[:] = [timer for timer in timers if version.get(timer[2]) == timer[3] and timer[2] in waiting]
-        heapq.heapify(timers)
-
-    def _remove(self, r: SchedRequest) -> None:
-        tier, key = self.where.pop(r.request_id)
-        self.tier_work[tier] -= self.ctx.service_time(r)
-        lst = self.tiers[tier]
-        i = bisect.bisect_left(lst, (key,))
-        del lst[i]
-
-    def _fire_timers(self, now: float) -> None:
-        timers = self.timers
-        while timers and timers[0][0] <= now:
-            _, _, rid, v = heapq.heappop(timers)
-            if self.version.get(rid) != v or rid not in self.waiting:
-                continue
-            r = self.waiting[rid]
-            old = self.where[rid]
-            tier, key, nxt = self._classify(r, now)
-            if tier == old[0] and key == old[1]:  # floating-point edge: not yet; look again just after now
-                self._seq += 1
-                heapq.heappush(timers, (max(nxt, math.nextafter(now, INF)), self._seq, rid, v))
-                continue
-            self._remove(r)
-            self._insert(r, now)
-
-    # -- PoolScheduler interface ------------------------------------------------------------------------------
-    def submit(self, r: SchedRequest, now: float) -> None:
-        r.reserved_tokens = reservation_tokens(self.admission, r, self.block_size)
-        self.waiting[r.request_id] = r
-        bisect.insort(self.tokens, r.reserved_tokens)
-        if r.workflow_id is not None:
-            self.by_workflow.setdefault(r.workflow_id, set()).add(r.request_id)
-        self._insert(r, now)
-
-    def rekey_workflow(self, workflow_id: str, now: float) -> None:
-        """The workflow's state changed (a step released or finished): re-classify its queued steps."""
-        if self.kind in ("fcfs", "edf"):
-            return
-        for rid in self.by_workflow.get(workflow_id, ()):
-            r = self.waiting[rid]
-            self._remove(r)
-            self._insert(r, now)
-
-    def rekey_all(self, now: float) -> None:
-        """The mean step time changed: re-classify the queued workflow steps whose key depends on it (not aged
-        ones: aging is for good). The learned mean moves slowly, so this is rare (under 200 times in an hour of
-        E1 at load 9) and a removal and an insertion per request is fast enough."""
-        if self.kind in ("fcfs", "edf"):
-            return
-        for rid in [rid for ids in self.by_workflow.values() for rid in ids if self.where[rid][0] != -1]:
-            r = self.waiting[rid]
-            self._remove(r)
-            self._insert(r, now)
-
-    def admitted(self, r: SchedRequest, engine_id: str, now: float) -> None:
-        self.waiting.pop(r.request_id)
-        self._remove(r)
-        self.version.pop(r.request_id, None)
-        del self.tokens[bisect.bisect_left(self.tokens, r.reserved_tokens)]
-        if r.workflow_id is not None:
-            ids = self.by_workflow.get(r.workflow_id)
-            if ids is not None:
-                ids.discard(r.request_id)
-                if not ids:
-                    del self.by_workflow[r.workflow_id]
-        r.engine_id = engine_id
-        r.admitted_at = now
-
-    def plan_arrays(self, now: float, ids: Sequence[str], free: Sequence[int], outstanding: Sequence[int],
-                    caps: Sequence[int]) -> list[tuple[SchedRequest, str, int]]:
-        """``PoolScheduler.plan`` over engines given as parallel lists (ids, free tokens, outstanding, caps)."""
-        if not self.waiting:
-            return []
-        open_ = [i for i in range(len(ids)) if outstanding[i] < caps[i]]
-        if not open_:
-            return []
-        if self.timers:
-            self._fire_timers(now)
-        free = list(free)
-        out = list(outstanding)
-        check_kv = self.check_kv
-        placed: list[int] = []
-        proposals: list[tuple[SchedRequest, str, int]] = []
-        tokens_sorted = self.tokens
-        if check_kv:
-            maxfree = max(free[i] for i in open_)
-            # queued requests not visited yet that fit in maxfree (those skipped are all larger than it)
-            fit_left = bisect.bisect_right(tokens_sorted, maxfree)
-            if fit_left == 0:
-                return proposals
-        else:
-            maxfree = fit_left = 0
-        for tier in self._tier_order:
-            lst = self.tiers[tier]
-            if not lst:
-                continue
-            aged = tier == -1
-            for _, r in lst:
-                tokens = r.reserved_tokens
-                if check_kv and tokens > maxfree:
-                    if aged:
-                        return proposals
-                    continue
-                best = -1
-                for i in open_:
-                    fi = free[i]
-                    if check_kv and fi < tokens:
-                        continue
-                    if best < 0 or out[i] < out[best] or (out[i] == out[best] and fi > free[best]):
-                        best = i
-                free[best] -= tokens
-                out[best] += 1
-                placed.append(tokens)
-                proposals.append((r, ids[best], tokens))
-                if out[best] >= caps[best]:
-                    open_.remove(best)
-                    if not open_:
-                        return proposals
-                if check_kv:
-                    maxfree = max(free[i] for i in open_)
-                    fit_left = bisect.bisect_right(tokens_sorted, maxfree) - sum(1 for t in placed if t <= maxfree)
-                    if fit_left <= 0:
-                        return proposals
-        return proposals
-
-    def plan(self, now: float, engines: Sequence[EngineSlot], ctx: PolicyContext | None = None
-             ) -> list[tuple[SchedRequest, str, int]]:
-        return self.plan_arrays(now, [e.engine_id for e in engines], [e.free_tokens for e in engines],
-                                [e.outstanding for e in engines], [e.max_outstanding for e in engines])
-
-
-class ReferencePool:
-    """The plain :class:`PoolScheduler` behind :class:`FastPool`'s interface."""
-
-    def __init__(self, policy: Any, admission: str, block_size: int, ctx: PolicyContext) -> None:
-        self.scheduler = PoolScheduler(policy, admission, block_size)
-        self.ctx = ctx
-        self.waiting = self.scheduler.waiting
-
-    def __len__(self) -> int:
-        return len(self.scheduler)
-
-    def submit(self, r: SchedRequest, now: float) -> None:
-        self.scheduler.submit(r)
-
-    def rekey_workflow(self, workflow_id: str, now: float) -> None:
-        pass  # the plain scheduler computes every key when it plans
-
-    def rekey_all(self, now: float) -> None:
-        pass
-
-    def work_ahead(self, r: SchedRequest, now: float) -> float:
-        """:meth:`FastPool.work_ahead` the plain way: the work of the queued requests in ``r``'s tier or better."""
-        service, policy, waiting = self.ctx.service_time, self.scheduler.policy, self.scheduler.waiting.values()
-        if isinstance(policy, (FCFS, EDF)):
-            return sum(service(q) for q in waiting)
-        tier = policy.key(r, now, self.ctx)[0]
-        return sum(service(q) for q in waiting if policy.key(q, now, self.ctx)[0] <= tier)
-
-    def admitted(self, r: SchedRequest, engine_id: str, now: float) -> None:
-        self.scheduler.admitted(r, engine_id, now)
-
-    def plan_arrays(self, now: float, ids: Sequence[str], free: Sequence[int], outstanding: Sequence[int],
-                    caps: Sequence[int]) -> list[tuple[SchedRequest, str, int]]:
-        slots = [EngineSlot(i, f, o, c) for i, f, o, c in zip(ids, free, outstanding, caps)]
-        return self.scheduler.plan(now, slots, self.ctx)
-
-
-# --------------------------------------------------------------------------------------------------- engines
-
-IDLE, MIXED, DECODE = 0, 1, 2
-R_WAITING, R_PREFILL, R_DECODE, R_DONE = 0, 1, 2, 3
-
-
-class SimReq:
-    """One request inside the simulator (engine-side state plus the gateway's bookkeeping)."""
-
-    __slots__ = ("rid", "prompt", "target", "g", "k0", "base", "res", "computed", "blocks", "state", "kdone",
-                 "kgrow", "preemptions", "first_token", "finish", "seq", "sched", "reserved", "max_reserved",
-                 "engine", "pool", "run", "step_index", "release", "service", "gw_prompt")
-
-    def __init__(self, rid: str, prompt: int, target: int, seq: int) -> None:
-        self.rid = rid
-        self.prompt = max(1, prompt)
-        self.gw_prompt = self.prompt  # the gateway's estimate of the prompt (its reservation grows against it)
-        self.target = max(1, target)
-        self.g = 0  # generated tokens (for a decoding request: at iteration k0)
-        self.k0 = 0
-        self.base = 0  # prompt + g - k0: tokens held at iteration K are base + K
-        self.res = 0  # iteration residue at which it needs a new KV block
-        self.computed = 0  # tokens in KV (prefill/waiting states only)
-        self.blocks = 0  # blocks held (prefill/waiting states only)
-        self.state = R_WAITING
-        self.kdone = 0
-        self.kgrow = 0
-        self.preemptions = 0
-        self.first_token: float | None = None  # engine time
-        self.finish: float | None = None  # engine time
-        self.seq = seq
-        self.sched: SchedRequest | None = None
-        self.reserved = 0  # tokens the ledger holds for it
-        self.max_reserved = 0
-        self.engine: DESEngine | None = None
-        self.pool: _Pool | None = None
-        self.run: _WorkflowRun | None = None
-        self.step_index = 0
-        self.release = 0.0
-        self.service = 0.0
-
-
-class EngineHooks:
-    """What an engine tells its owner. The simulator implements these; tests may use this no-op default."""
-
-    def on_first_token(self, req: SimReq, t: float) -> None: ...
-
-    def on_finish(self, reqs: list[SimReq], t: float) -> None: ...
-
-    def on_grow(self, req: SimReq, generated: int, t: float) -> int:  # -> new reserved tokens
-        return req.reserved
-
-    def schedule_engine(self, engine: DESEngine, t: float) -> None: ...
-
-
-class DESEngine:
-    """A continuous-batching engine advanced analytically between events (see the module docstring)."""
-
-    def __init__(self, engine_id: str, spec: EngineSpec, cost: EngineCostModel, hooks: EngineHooks,
-                 grow: bool = False) -> None:
-        self.engine_id = engine_id
-        self.spec = spec
-        self.cost = cost
-        self.hooks = hooks
-        self.grow = grow
-        self.bs = spec.block_size
-        self.total_blocks = spec.kv_blocks
-        self.free = spec.kv_blocks  # free blocks after the allocations of iteration ks
-        self.max_seqs = spec.max_num_seqs
-        self.budget = spec.max_num_batched_tokens
-        self.d0, self.d1, self.d2 = cost.decode_coef
-        self.K = 0  # iterations completed at the last processed boundary
-        self.t = 0.0
-        self.running: dict[SimReq, None] = {}  # admission order
-        self.waiting: deque[SimReq] = deque()
-        self.prefill: list[SimReq] = []  # running requests still computing their prompt (running order)
-        self.nd = 0  # decoding requests
-        self.base_sum = 0
-        self.cnt = [0] * self.bs
-        self.done_heap: list[tuple[int, int, SimReq]] = []
-        self.grow_heap: list[tuple[int, int, SimReq]] = []
-        self.mode = IDLE
-        self.ks = 0  # iteration scheduled at the start of the current stretch
-        self.ts = 0.0
-        self.A = 0.0  # time of iteration ks (decode stretch)
-        self.inc = 0.0  # increase of the iteration time per iteration
-        self.kend = 0  # boundary of the pending event
-        self.event_t = INF
-        self.version = 0
-        self.chunks: list[tuple[SimReq, int]] = []  # prefill chunks of the current mixed iteration
-        self.iterations = 0
-        self.preemptions = 0
-        self.busy_s = 0.0
-
-    # -- stretch arithmetic -----------------------------------------------------------------------------------
-    def _T(self, n: int) -> float:
-        return n * self.A + self.inc * (n * (n - 1) * 0.5)
-
-    def _crossings(self, k_from: int, k_to: int) -> int:
-        """New blocks the decoding requests need over iterations k_from+1 .. k_to."""
-        m = k_to - k_from
-        if m <= 0 or self.nd == 0:
-            return 0
-        bs = self.bs
-        full, rem = divmod(m, bs)
-        total = full * self.nd
-        cnt = self.cnt
-        for j in range(1, rem + 1):
-            total += cnt[(k_from + j) % bs]
-        return total
-
-    def _exhaust_k(self, k: int, free: int) -> int:
-        """First iteration after k whose block needs exceed ``free`` (INF when nothing decodes)."""
-        nd = self.nd
-        if nd == 0:
-            return 1 << 62
-        bs = self.bs
-        full, left = divmod(free, nd)
-        cnt = self.cnt
-        acc = 0
-        for j in range(1, bs + 1):
-            acc += cnt[(k + j) % bs]
-            if acc > left:
-                return k + full * bs + j
-        raise AssertionError("unreachable: every sequence needs a block each block_size iterations")
-
-    def boundary_at_or_after(self, now: float) -> tuple[int, float]:
-        """(iteration index, time) of the first boundary of the current decode stretch at or after ``now``."""
-        dt = now - self.ts
-        A, inc = self.A, self.inc
-        if inc > 0:
-            b = A - inc * 0.5
-            n = int(math.ceil((-b + math.sqrt(b * b + 2.0 * inc * max(dt, 0.0))) / inc))
-        else:
-            n = int(math.ceil(dt / A)) if A > 0 else 1
-        n = max(n, 1)
-        while n > 1 and self.ts + self._T(n - 1) >= now:
-            n -= 1
-        while self.ts + self._T(n) < now:
-            n += 1
-        return self.ks + n, self.ts + self._T(n)
-
-    def iterations_done(self, now: float) -> int:
-        """Iterations of the current stretch completed by ``now`` (for sampling)."""
-        if self.mode != DECODE:
-            return 0
-        k, t = self.boundary_at_or_after(now)
-        return k - self.ks - (1 if t > now else 0)
-
-    # -- requests in and out ----------------------------------------------------------------------------------
-    def add(self, req: SimReq, now: float) -> None:
-        """A request arrives from the gateway at ``now``; it is admitted at the next iteration boundary."""
-        req.engine = self
-        req.state = R_WAITING
-        was_empty = not self.waiting
-        self.waiting.append(req)
-        if not was_empty or len(self.running) >= self.max_seqs:
-            return  # the head of the queue is blocked (or already has a wake-up): head-of-line, like vLLM
-        if self.mode == IDLE:
-            if self.event_t > now:
-                self._set_event(self.K, now)
-        elif self.mode == DECODE:
-            k, t = self.boundary_at_or_after(now)
-            if k < self.kend:
-                self._set_event(k, t)
-
-    def _set_event(self, k: int, t: float) -> None:
-        self.kend = k
-        self.event_t = t
-        self.version += 1
-        self.hooks.schedule_engine(self, t)
-
-    def _to_decode(self, req: SimReq, k: int) -> None:
-        req.state = R_DECODE
-        req.k0 = k
-        base = req.prompt + req.g - k
-        req.base = base
-        r = (1 - base) % self.bs
-        req.res = r
-        self.cnt[r] += 1
-        self.nd += 1
-        self.base_sum += base
-        req.kdone = k + req.target - req.g
-        heapq.heappush(self.done_heap, (req.kdone, req.seq, req))
-        self._push_grow(req, k)
-
-    def _push_grow(self, req: SimReq, k: int) -> None:
-        # the gateway grows a reservation once its own prompt estimate plus the tokens streamed outgrow it
-        if not self.grow or req.reserved >= req.gw_prompt + req.target:
-            req.kgrow = -1
-            return
-        kg = max(k, req.reserved - req.gw_prompt - req.g + req.k0 + 1)
-        if kg >= req.kdone:
-            req.kgrow = -1
-            return
-        req.kgrow = kg
-        heapq.heappush(self.grow_heap, (kg, req.seq, req))
-
-    def _drop_decode(self, req: SimReq, k: int) -> None:
-        """Take a decoding request out of the counters at boundary k (before iteration k is scheduled)."""
-        self.nd -= 1
-        self.base_sum -= req.base
-        self.cnt[req.res] -= 1
-        held = req.base + k - 1  # tokens whose blocks it holds
-        self.free += -(-held // self.bs)
-        req.g = req.g + k - req.k0
-        req.k0 = k
-
-    # -- one boundary -----------------------------------------------------------------------------------------
-    def on_event(self, t: float) -> None:
-        k = self.kend
-        mode = self.mode
-        if mode == DECODE and k - 1 > self.ks:
-            self.free -= self._crossings(self.ks, k - 1)
-        if mode != IDLE:
-            self.iterations += k - self.ks
-            self.busy_s += t - self.ts
-        self.K = k
-        self.t = t
-        first: list[SimReq] = []
-        if mode == MIXED:
-            for req, n in self.chunks:
-                req.computed += n
-                if req.computed >= req.prompt + req.g:
-                    req.g += 1
-                    self.prefill.remove(req)
-                    self._to_decode(req, k)
-                    if req.first_token is None:
-                        req.first_token = t
-                        first.append(req)
-            self.chunks = []
-        finished: list[SimReq] = []
-        heap = self.done_heap
-        while heap and heap[0][0] <= k:
-            kd, _, req = heapq.heappop(heap)
-            if req.state != R_DECODE or req.kdone != kd:
-                continue
-            self._drop_decode(req, k)
-            del self.running[req]
-            req.state = R_DONE
-            req.finish = t
-            finished.append(req)
-        gheap = self.grow_heap
-        while gheap and gheap[0][0] <= k:
-            kg, _, req = heapq.heappop(gheap)
-            if req.state != R_DECODE or req.kgrow != kg:
-                continue
-            req.reserved = self.hooks.on_grow(req, req.g + k - req.k0, t)
-            self._push_grow(req, k)
-        self._schedule(k, t)
-        for req in first:
-            self.hooks.on_first_token(req, t)
-        if finished:
-            self.hooks.on_finish(finished, t)
-
-    def _schedule(self, k: int, t: float) -> None:
-        """Schedule iteration k (vLLM V1 / backends.sim.engine rules) and plan the next event."""
-        bs = self.bs
-        need = self.cnt[k % bs] if self.nd else 0
-        budget = self.budget - self.nd
-        chunks: list[tuple[SimReq, int]] = []
-        slow = need > self.free or budget < 0
-        if not slow and self.prefill:
-            extra = 0
-            for req in self.prefill:
-                n = req.prompt + req.g - req.computed
-                budget -= n
-                extra += -(-(req.computed + n) // bs) - req.blocks
-            slow = budget < 0 or need + extra > self.free
-            if not slow:
-                for req in self.prefill:
-                    n = req.prompt + req.g - req.computed
-                    nb = -(-(req.computed + n) // bs) - req.blocks
-                    req.blocks += nb
-                    self.free -= nb
-                    chunks.append((req, n))
-        if slow:
-            self._schedule_slow(k, t)
-            return
-        self.free -= need
-        # admission (no preemption happened)
-        if self.waiting and len(self.running) < self.max_seqs:
-            running = self.running
-            waiting = self.waiting
-            max_seqs = self.max_seqs
-            while budget > 0 and len(running) < max_seqs and waiting:
-                req = waiting[0]
-                n = min(req.prompt + req.g - req.computed, budget)
-                nb = -(-(req.computed + n) // bs) - req.blocks
-                if nb > self.free:
-                    break
-                waiting.popleft()
-                req.state = R_PREFILL
-                running[req] = None
-                self.prefill.append(req)
-                req.blocks += nb
-                self.free -= nb
-                chunks.append((req, n))
-                budget -= n
-        self._plan_next(k, t, chunks, None)
-
-    def _plan_next(self, k: int, t: float, chunks: list[tuple[SimReq, int]], decode_set: list[SimReq] | None,
-                   retry_admission: bool = False) -> None:
-        self.ks = k
-        self.ts = t
-        if not self.running:
-            self.mode = IDLE
-            self.event_t = INF
-            self.version += 1
-            if self.waiting:
-                raise RuntimeError(f"engine {self.engine_id}: a request does not fit in an empty KV cache")
-            return
-        if chunks:
-            self.mode = MIXED
-            self.chunks = chunks
-            if decode_set is None:
-                num_decode, context = self.nd, self.base_sum + self.nd * k
-            else:
-                num_decode = len(decode_set)
-                context = sum(r.base + k for r in decode_set)
-            prefill = attn = 0
-            for req, n in chunks:
-                if n == 1 and req.g > 0 and req.computed >= req.prompt:  # counted as a decode by the engine
-                    num_decode += 1
-                    context += req.computed + 1
-                else:
-                    prefill += n
-                    attn += n * (req.computed + n)
-            self._set_event(k + 1, t + self.cost.step_s(num_decode, context, prefill, attn))
-            return
-        self.mode = DECODE
-        nd = self.nd
-        self.A = self.d0 + self.d1 * nd + self.d2 * (self.base_sum + nd * k)
-        self.inc = self.d2 * nd
-        kend = self._exhaust_k(k, self.free)
-        heap = self.done_heap
-        while heap and (heap[0][2].state != R_DECODE or heap[0][2].kdone != heap[0][0]):
-            heapq.heappop(heap)
-        if heap and heap[0][0] < kend:
-            kend = heap[0][0]
-        gheap = self.grow_heap
-        while gheap and (gheap[0][2].state != R_DECODE or gheap[0][2].kgrow != gheap[0][0]):
-            heapq.heappop(gheap)
-        if gheap and gheap[0][0] < kend:
-            kend = gheap[0][0]
-        if kend <= k or (retry_admission and self.waiting and len(self.running) < self.max_seqs):
-            # an overrun noticed while scheduling k is handled at the next boundary; after a preemption the
-            # engine admits nothing in that iteration and tries again at the next one
-            kend = k + 1
-        self._set_event(kend, t + self._T(kend - k))
-
-    def _schedule_slow(self, k: int, t: float) -> None:
-        """Literal replica of SimEngine._schedule for preemption and token-budget cases (rare)."""
-        bs = self.bs
-        # materialize every running request into (g, computed, blocks)
-        running = list(self.running)
-        for req in running:
-            if req.state == R_DECODE:
-                g = req.g + k - req.k0
-                req.g = g
-                req.computed = req.prompt + g - 1
-                req.blocks = -(-req.computed // bs)
-        # allocations of the decodes at iteration k are done below, explicitly
-        budget = self.budget
-        scheduled: dict[SimReq, int] = {}
-        preempted = False
-        i = 0
-        while i < len(running) and budget > 0:
-            req = running[i]
-            n = min(req.prompt + req.g - req.computed, budget)
-            need = -(-(req.computed + n) // bs) - req.blocks
-            while need > self.free:
-                victim = running.pop()
-                self.free += victim.blocks
-                victim.blocks = 0
-                victim.computed = 0
-                victim.preemptions += 1
-                victim.state = R_WAITING
-                self.waiting.appendleft(victim)
-                self.preemptions += 1
-                preempted = True
-                if victim in scheduled:
-                    budget += scheduled.pop(victim)
-                if victim is req:
-                    break
-            if req.state == R_WAITING:
-                break
-            req.blocks += need
-            self.free -= need
-            scheduled[req] = n
-            budget -= n
-            i += 1
-        if not preempted:
-            max_seqs = self.max_seqs
-            while budget > 0 and len(running) < max_seqs and self.waiting:
-                req = self.waiting[0]
-                n = min(req.prompt + req.g - req.computed, budget)
-                need = -(-(req.computed + n) // bs) - req.blocks
-                if need > self.free:
-                    break
-                self.waiting.popleft()
-                req.state = R_PREFILL
-                running.append(req)
-                req.blocks += need
-                self.free -= need
-                scheduled[req] = n
-                budget -= n
-        # rebuild the analytic state
-        self.running = dict.fromkeys(running)
-        self.prefill = []
-        self.nd = 0
-        self.base_sum = 0
-        self.cnt = [0] * bs
-        self.done_heap = []
-        self.grow_heap = []
-        chunks: list[tuple[SimReq, int]] = []
-        decodes: list[SimReq] = []
-        skipped = False
-        for req in running:
-            in_decode = req.g > 0 and req.computed >= req.prompt + req.g - 1 and req.state != R_PREFILL
-            if req.state == R_PREFILL or not in_decode:
-                req.state = R_PREFILL
-                self.prefill.append(req)
-                n = scheduled.get(req)
-                if n is not None:
-                    chunks.append((req, n))
-                continue
-            # a decoding request; its block for iteration k is allocated when scheduled
-            if req in scheduled:
-                self._to_decode(req, k)
-                decodes.append(req)
-            else:  # left out by the token budget: it does not advance in iteration k
-                self._to_decode(req, k + 1)
-                skipped = True
-        # a decoding request's blocks are implicit: ceil((base + K - 1)/bs) at boundary K; check consistency
-        # (held blocks = ceil(computed_after_alloc / bs) with computed+n for scheduled ones)
-        if chunks or skipped:
-            self._plan_next(k, t, chunks, decodes, preempted)
-        else:
-            self._plan_next(k, t, [], None, preempted)
-
-    # -- observation ------------------------------------------------------------------------------------------
-    def used_blocks(self, now: float) -> int:
-        used = self.total_blocks - self.free
-        if self.mode == DECODE:
-            done = self.iterations_done(now)
-            if done > 0:
-                used += self._crossings(self.ks, self.ks + min(done, self.kend - self.ks - 1))
-        return used
-
-    def outstanding(self) -> int:
-        return len(self.running) + len(self.waiting)
-
-
-# --------------------------------------------------------------------------------------------------- the simulator
-
-
-class _Pool:
+class PoolRun:
     __slots__ = ("name", "cluster", "spec", "engines", "ids", "caps", "out", "open_count", "queue", "ctx",
                  "queued", "queued_work", "tpot", "prefill_tps", "concurrency", "slots", "rtt", "models",
                  "kv_bytes", "outstanding", "free", "routed", "cost", "transit_work")
@@ -1015,7 +150,7 @@ class _Pool:
         pass
 
 
-class _WorkflowRun:
+class WorkflowRun:
     __slots__ = ("wf", "state", "deps_left", "succ", "dep_finish", "done", "finish", "deadline", "index",
                  "result", "failed")
 
@@ -1044,8 +179,8 @@ class Simulator(EngineHooks):
         self.grow = config.admission == "predicted"
         self._costs: dict[float, EngineCostModel] = {}
         self._base_cost = cost_model
-        self.pools: list[_Pool] = []
-        self.cluster_pools: list[tuple[ClusterSpec, list[_Pool]]] = []
+        self.pools: list[PoolRun] = []
+        self.cluster_pools: list[tuple[ClusterSpec, list[PoolRun]]] = []
         self.service: dict[str, float] = {}
         self._reserved_total = 0
         self._reserved_peak = 0
@@ -1085,7 +220,7 @@ class Simulator(EngineHooks):
             for pspec in cspec.pools:
                 espec = pspec.engine
                 cost = self._cost(espec.cost_scale)
-                pool = _Pool()
+                pool = PoolRun()
                 pool.name = f"{cspec.name}/{pspec.name}"
                 pool.cluster = cspec.name
                 pool.rtt = cspec.rtt_s
@@ -1133,7 +268,7 @@ class Simulator(EngineHooks):
     def _service_of(self, request: SchedRequest) -> float:
         return self.service[request.request_id]
 
-    def service_estimate(self, pool: _Pool, prompt: int, p50: int) -> float:
+    def service_estimate(self, pool: PoolRun, prompt: int, p50: int) -> float:
         return prompt / pool.prefill_tps + max(0, p50 - 1) * pool.tpot
 
     # -- predictions (made once per step, before the run: they depend on the request only) ------------------
@@ -1231,9 +366,9 @@ class Simulator(EngineHooks):
         self.mean_step_s = mean_step  # the starting value (reported)
         self._step_time = StepTimeMean(mean_step, cfg.step_time_window_s)
         self._step_applied = mean_step
-        self.runs: list[_WorkflowRun] = []
+        self.runs: list[WorkflowRun] = []
         for wi, wf in enumerate(wl.workflows):
-            run = _WorkflowRun()
+            run = WorkflowRun()
             run.wf = wf
             run.index = wi
             run.deps_left = [len(s.depends_on) for s in wf.steps]
@@ -1301,7 +436,7 @@ class Simulator(EngineHooks):
         return self._result(end, wall, predict_s)
 
     # -- workflow side --------------------------------------------------------------------------------------------
-    def _arrival(self, run: _WorkflowRun, t: float) -> None:
+    def _arrival(self, run: WorkflowRun, t: float) -> None:
         wf = run.wf
         if not wf.interactive:
             state = WorkflowState(wf.id, wf.arrival_s, run.deadline, wf.slo_class,
@@ -1316,7 +451,7 @@ class Simulator(EngineHooks):
                 else:
                     self._release(run, i, t)
 
-    def _release(self, run: _WorkflowRun, si: int, t: float) -> None:
+    def _release(self, run: WorkflowRun, si: int, t: float) -> None:
         wf = run.wf
         step = wf.steps[si]
         role, p50, p90 = self.preds[(run.index, si)]
@@ -1381,9 +516,9 @@ class Simulator(EngineHooks):
             pool.ctx.mean_step_s = self._step_applied
             pool.queue.rekey_all(t)
 
-    def _choose_pool(self, sched: SchedRequest) -> _Pool:
+    def _choose_pool(self, sched: SchedRequest) -> PoolRun:
         model = sched.model
-        candidates: list[_Pool] = []
+        candidates: list[PoolRun] = []
         for _, pools in self.cluster_pools:
             for p in pools:
                 if (not p.models or model in p.models) and p.engines:
@@ -1426,7 +561,7 @@ class Simulator(EngineHooks):
         pool.queue.submit(req.sched, t)
         self._dispatch(pool, t)
 
-    def _dispatch(self, pool: _Pool, t: float) -> None:
+    def _dispatch(self, pool: PoolRun, t: float) -> None:
         if pool.open_count == 0 or not pool.queue.waiting:
             return
         self.dispatches += 1
@@ -1476,7 +611,7 @@ class Simulator(EngineHooks):
         return after
 
     def on_finish(self, reqs: list[SimReq], t: float) -> None:
-        pools: list[_Pool] = []
+        pools: list[PoolRun] = []
         for req in reqs:
             pool = req.pool
             freed = self.ledger.release(req.rid)
@@ -1600,7 +735,8 @@ class Simulator(EngineHooks):
             "engines": len(engines),
             "iterations": sum(e.iterations for e in engines),
             "engine_preemptions": sum(e.preemptions for e in engines),
-            "engine_busy_share": (sum(e.busy_s for e in engines) / (len(engines) * end)) if engines and end > 0 else 0.0,
+            "engine_busy_share": ((sum(e.busy_s for e in engines) / (len(engines) * end)) if engines and end > 0
+                                  else 0.0),
             "mean_step_s": self.mean_step_s,
             "mean_step_s_learned": self._step_time.mean_s,
             "kv": kv,
@@ -1635,3 +771,9 @@ def simulate(workload: Workload, config: SimConfig, predictor: Any = None,
     """Run ``workload`` on ``config`` and return the results (deterministic: same inputs, same result; a
     ``progress`` callback, see :meth:`Simulator.run`, changes nothing of them)."""
     return Simulator(workload, config, predictor, cost_model).run(progress)
+
+
+
+# what a user of the simulator imports from here (the configuration's types live in loadgen.des_config)
+__all__ = ["ClusterSpec", "EngineSpec", "PoolSpec", "PriorPredictor", "SimConfig", "SimProgress", "Simulator",
+           "load_predictor", "simulate"]

@@ -18,8 +18,9 @@ from gateway.core.cluster_routing import (ClusterLoad, ClusterRequest, estimated
 from gateway.core.queue_policy import LeastSlackFirst, Maestro, PolicyContext, make_queue_policy
 from gateway.core.request import SchedRequest, WorkflowState
 from gateway.core.scheduler import EngineSlot, PoolScheduler
-from loadgen.des import (ClusterSpec, DESEngine, EngineHooks, EngineSpec, FastPool, PoolSpec, PriorPredictor,
-                         SimConfig, SimReq, simulate)
+from loadgen.des import ClusterSpec, EngineSpec, PoolSpec, PriorPredictor, SimConfig, simulate
+from loadgen.des_engine import DESEngine, EngineHooks, SimReq
+from loadgen.des_pools import FastPool
 from loadgen.workload import Step, Workflow, Workload
 from predictor.predictor import DEFAULT_PRIORS
 
@@ -284,18 +285,18 @@ def test_mean_step_time_is_learned_online_like_the_gateway():
 def test_dropping_stale_queue_timers_changes_no_schedule(monkeypatch):
     """Re-keys leave each queued request's earlier timer in the heap; the heap is rebuilt with only the live ones
     once stale ones pile up (always, here), and the schedule is the reference scheduler's all the same."""
-    import loadgen.des as des
+    import loadgen.des_pools as des_pools
 
-    monkeypatch.setattr(des, "TIMER_HEAP_SLACK", 0)
+    monkeypatch.setattr(des_pools, "TIMER_HEAP_SLACK", 0)
     rebuilt = []
-    real = des.FastPool._drop_stale_timers
+    real = des_pools.FastPool._drop_stale_timers
 
     def counted(self):
         real(self)
         rebuilt.append(len(self.timers))
         assert len(self.timers) <= len(self.waiting)
 
-    monkeypatch.setattr(des.FastPool, "_drop_stale_timers", counted)
+    monkeypatch.setattr(des_pools.FastPool, "_drop_stale_timers", counted)
     workload = _small_workload(3, n=150, rate=12.0)
     options = {"max_wait_s": 20.0}
     fast = simulate(workload, _config(queue_policy="maestro", queue_options=options, mean_step_s=20.0))
