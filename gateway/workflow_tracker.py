@@ -31,10 +31,12 @@ UNSENT_STEPS_PER_TICK = 200  # sent per tick of the scheduling loop, which also 
 INFLIGHT_TOTALS = 2.0
 
 
-def _spawn(tasks: set[asyncio.Task], coro: Coroutine) -> None:
+def _spawn(tasks: set[asyncio.Task], coro: Coroutine) -> asyncio.Task:
+    """Run ``coro`` in the background, held in ``tasks`` until it is done (the loop keeps only weak references)."""
     task = asyncio.get_running_loop().create_task(coro)
     tasks.add(task)
     task.add_done_callback(tasks.discard)
+    return task
 
 
 class WorkflowTracker:
@@ -118,10 +120,7 @@ class WorkflowTracker:
 
     def begin_soon(self, context: WorkflowContext, request_id: str, now: float,
                    predicted_remaining_s: float | None) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(self.begin(context, request_id, now, predicted_remaining_s))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return _spawn(self._tasks, self.begin(context, request_id, now, predicted_remaining_s))
 
     def end_soon(self, workflow_id: str, request_id: str, tokens: int, completed: bool,
                  after: asyncio.Task | None) -> None:
