@@ -533,73 +533,70 @@ def write_report(report: Mapping[str, Any], form: str) -> None:
     sys.stdout.write(text + "\n")
 
 
+class _Refused(Exception):
+    """Why ``evaluate`` will not score what it was given (its exit status is 2)."""
+
+
+def _note(message: str) -> None:
+    print(f"maestro predictor evaluate: note: {message}", file=sys.stderr)
+
+
 def main(args: argparse.Namespace) -> int:
+    """``maestro predictor evaluate``: a model's report on held-out (or all) records, a cross-validation, or the
+    priors' report; 2 with the reason where it refuses."""
+    try:
+        return _evaluate(args)
+    except _Refused as exc:
+        print(f"maestro predictor evaluate: {exc}", file=sys.stderr)
+        return 2
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """The option combinations argparse cannot refuse by itself."""
+    if sum(given is not None for given in (args.model, args.cv, args.priors)) != 1:
+        raise _Refused("give one of --model MODEL, --cv K or --priors [FILE]")
+    if args.upper_fit_levels and args.cv is None:
+        raise _Refused("--upper-fit-levels only applies to --cv (a model file keeps the levels it was trained with)")
+    if args.cv is not None and args.cv < 2:
+        raise _Refused("--cv needs K >= 2")
+    if args.cv is not None and (args.split, args.test_size, args.seed) != (None, None, None):
+        raise _Refused("--split, --test-size and --seed choose a held-out part; --cv scores every run once, by a "
+                       "model that never saw it, so they do not apply")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from predictor.model_file import ModelFileError
     from predictor.predictor import Predictor
-    from predictor.train import (DEFAULT_SEED, DEFAULT_TEST_SIZE, TrainingDataError, TrainOptions,
-                                 load_records_or_say_why, split_records)
+    from predictor.train import load_records_or_say_why
 
-    if sum(given is not None for given in (args.model, args.cv, args.priors)) != 1:
-        print("maestro predictor evaluate: give one of --model MODEL, --cv K or --priors [FILE]", file=sys.stderr)
-        return 2
+    _check_arguments(args)
     priors = None
     if args.priors is not None:
         priors = read_priors(args.priors)
         if isinstance(priors, str):
-            print(f"maestro predictor evaluate: {priors}", file=sys.stderr)
-            return 2
-    if args.upper_fit_levels and args.cv is None:
-        print("maestro predictor evaluate: --upper-fit-levels only applies to --cv (a model file keeps the "
-              "levels it was trained with)", file=sys.stderr)
-        return 2
-    if args.cv is not None and args.cv < 2:
-        print("maestro predictor evaluate: --cv needs K >= 2", file=sys.stderr)
-        return 2
-    if args.cv is not None and (args.split, args.test_size, args.seed) != (None, None, None):
-        print("maestro predictor evaluate: --split, --test-size and --seed choose a held-out part; --cv scores "
-              "every run once, by a model that never saw it, so they do not apply", file=sys.stderr)
-        return 2
+            raise _Refused(priors)
     split_given = args.split is not None
     args.split = args.split or "test"
     records = load_records_or_say_why(args.data, "evaluate")
     if records is None:
         return 2
     if not records:  # a report of empty tables would read as a result
-        print(f"maestro predictor evaluate: no trace records in {', '.join(map(str, args.data))}; nothing to score",
-              file=sys.stderr)
-        return 2
+        raise _Refused(f"no trace records in {', '.join(map(str, args.data))}; nothing to score")
     contexts = dict(args.max_model_len or [])  # the last value given for a model wins
     asked = {model for record in records if isinstance(model := record["request"].get("model"), str)}
     for name in sorted(set(contexts) - asked):  # a typo would silently leave that model at 4096
-        print(f"maestro predictor evaluate: note: --max-model-len names {name!r}, which no record asks for",
-              file=sys.stderr)
+        _note(f"--max-model-len names {name!r}, which no record asks for")
     # Without the served models' contexts a request that sets no max_tokens is scored at 4096 (the issue's
     # default); with them, at the room its prompt leaves, as the gateway and vLLM give it.
     default_max_tokens = args.default_max_tokens or (None if contexts else DEFAULT_MAX_TOKENS)
-    kv = context_kv(contexts)
     # in meta only when given, so that a report without these options reads as it always did
     scored_as = {**({"max_model_len": contexts} if contexts else {}),
                  **({"explicit_roles": True} if args.explicit_roles else {})}
     if args.cv is not None:
-        started = time.perf_counter()
-        options = TrainOptions()
-        if args.upper_fit_levels:
-            options.upper_fit_levels = tuple(args.upper_fit_levels)
-        try:
-            report = cross_validate(records, args.cv, default_max_tokens, options,
-                                    log=lambda message: print(f"[evaluate] {message}", file=sys.stderr, flush=True),
-                                    workflow_context=args.workflow_context, contexts=contexts,
-                                    explicit_roles=args.explicit_roles)
-        except TrainingDataError as exc:
-            print(f"maestro predictor evaluate: {exc}", file=sys.stderr)
-            return 2
-        report["meta"] = {"cv_folds": args.cv, "data": [str(p) for p in args.data],
-                          "upper_fit_levels": list(options.upper_fit_levels),
-                          "workflow_context": args.workflow_context, **scored_as,
-                          "seconds": round(time.perf_counter() - started, 1)}
-        write_report(report, args.format)
+        write_report(_cross_validation_report(args, records, default_max_tokens, contexts, scored_as), args.format)
         return 0
 
+    kv = context_kv(contexts)
     started = time.perf_counter()
     try:
         if priors is not None:
@@ -607,31 +604,77 @@ def main(args: argparse.Namespace) -> int:
         else:
             predictor = Predictor.load(args.model, kv=kv, default_max_tokens=default_max_tokens)
     except ModelFileError as exc:
-        print(f"maestro predictor evaluate: {exc}", file=sys.stderr)
-        return 2
+        raise _Refused(str(exc)) from None
     load_s = time.perf_counter() - started
     training = (predictor.state or {}).get("training", {})
+    split = training.get("split") or {}
+    records, scoring = _scored_records(args, records, training, split_given)
+    started = time.perf_counter()
+    report = evaluate_by_source(predictor, records, default_max_tokens, args.workflow_context, contexts,
+                                args.explicit_roles)
+    unscored = scoring["unscored"]
+    report["meta"] = {"model": None if priors is not None else str(args.model),
+                      "priors": None if priors is None else (args.priors or "built-in"),
+                      "data": [str(p) for p in args.data], "split": args.split,
+                      "model_split": split.get("part"), "in_sample": scoring["in_sample"],
+                      "workflow_context": args.workflow_context, **scored_as,
+                      "test_size": scoring["test_size"] if args.split == "test" else None,
+                      "seed": scoring["seed"] if args.split == "test" else None,
+                      "load_s": round(load_s, 3), "evaluate_s": round(time.perf_counter() - started, 2),
+                      "trained_on": training.get("sources"),
+                      **({"unscored_sources": unscored} if unscored else {})}
+    write_report(report, args.format)
+    return 0
+
+
+def _cross_validation_report(args: argparse.Namespace, records: list[dict[str, Any]], default_max_tokens: int | None,
+                             contexts: Mapping[str, int], scored_as: Mapping[str, Any]) -> dict[str, Any]:
+    """``--cv K``: every run scored once, by one of K models trained without it."""
+    from predictor.train import TrainingDataError, TrainOptions
+
+    started = time.perf_counter()
+    options = TrainOptions()
+    if args.upper_fit_levels:
+        options.upper_fit_levels = tuple(args.upper_fit_levels)
+    try:
+        report = cross_validate(records, args.cv, default_max_tokens, options,
+                                log=lambda message: print(f"[evaluate] {message}", file=sys.stderr, flush=True),
+                                workflow_context=args.workflow_context, contexts=contexts,
+                                explicit_roles=args.explicit_roles)
+    except TrainingDataError as exc:
+        raise _Refused(str(exc)) from None
+    report["meta"] = {"cv_folds": args.cv, "data": [str(p) for p in args.data],
+                      "upper_fit_levels": list(options.upper_fit_levels),
+                      "workflow_context": args.workflow_context, **scored_as,
+                      "seconds": round(time.perf_counter() - started, 1)}
+    return report
+
+
+def _scored_records(args: argparse.Namespace, records: list[dict[str, Any]], training: Mapping[str, Any],
+                    split_given: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The records a model (or the priors) is scored on: the held-out part of the split its training drew
+    (``--split test``) or every record (``--split all``), refusing a part that could hold runs it was trained on;
+    and how they were chosen (``test_size``, ``seed``, ``unscored`` sources, ``in_sample``)."""
+    from predictor.train import DEFAULT_SEED, DEFAULT_TEST_SIZE, split_records
+
     split = training.get("split") or {}
     if split.get("part") == "all" and args.split == "test":
         # The held-out part is the one training left out; a model trained on every record left none out, and
         # scoring "the test part" would report in-sample figures as held-out ones.
-        print(f"maestro predictor evaluate: {args.model} was trained with --split all, so it saw every record of "
-              "its training data and there is no held-out part to score; use --split all (an in-sample report on "
-              "its own training data, an out-of-sample one on other traces), or train with --split train to "
-              "score held-out runs", file=sys.stderr)
-        return 2
+        raise _Refused(f"{args.model} was trained with --split all, so it saw every record of its training data "
+                       "and there is no held-out part to score; use --split all (an in-sample report on its own "
+                       "training data, an out-of-sample one on other traces), or train with --split train to score "
+                       "held-out runs")
     test_size = args.test_size if args.test_size is not None else split.get("test_size", DEFAULT_TEST_SIZE)
     seed = args.seed if args.seed is not None else split.get("seed", DEFAULT_SEED)
-    trained_files = trained_on_files(training, args.data, lambda message: print(
-        f"maestro predictor evaluate: note: {message}", file=sys.stderr))
+    trained_files = trained_on_files(training, args.data, _note)
     if (args.split == "test" and split.get("part") == "train" and trained_files
             and (test_size, seed) != (split.get("test_size", test_size), split.get("seed", seed))):
         # Another split of the model's own training files holds out runs it was trained on.
-        print(f"maestro predictor evaluate: {args.model} was trained on the train part of the split with "
-              f"--test-size {split.get('test_size')} --seed {split.get('seed')} of these files; another split's "
-              "held-out part would include runs it trained on. Leave --test-size and --seed out (the model's "
-              "split is used), or train with the split you want to score", file=sys.stderr)
-        return 2
+        raise _Refused(f"{args.model} was trained on the train part of the split with --test-size "
+                       f"{split.get('test_size')} --seed {split.get('seed')} of these files; another split's "
+                       "held-out part would include runs it trained on. Leave --test-size and --seed out (the "
+                       "model's split is used), or train with the split you want to score")
     unscored: list[str] = []
     if args.split == "test":
         given_sources = sorted({record.get("source", "") for record in records})
@@ -639,50 +682,32 @@ def main(args: argparse.Namespace) -> int:
         # A source with a single run (workflow id) has no held-out part: its records all fall on the train side.
         unscored = sorted(set(given_sources) - {record.get("source", "") for record in records})
         if not records:  # a report of empty tables would read as a result
-            print(f"maestro predictor evaluate: the held-out part of {', '.join(map(str, args.data))} is empty: "
-                  "runs (workflow ids; a record without one is its own run) are held out per source, and no "
-                  "source here has two. Use --split all to score every record (of traces the model never saw)",
-                  file=sys.stderr)
-            return 2
+            raise _Refused(f"the held-out part of {', '.join(map(str, args.data))} is empty: runs (workflow ids; a "
+                           "record without one is its own run) are held out per source, and no source here has "
+                           "two. Use --split all to score every record (of traces the model never saw)")
         if (split.get("part") == "train" and trained_files
                 and (moved := sources_split_otherwise(training, train_part, records))):
             # The held-out part of a source is drawn from all of its runs in the files given: other files with
             # some of its training files (a subset of them, or a new file added to them) draw another part,
             # which can hold runs the model was trained on. (Files it never read: any part of them is unseen.)
-            print(f"maestro predictor evaluate: these files do not split {', '.join(moved)} as the files "
-                  f"{args.model} was trained on did (its train part held other records), so their held-out part "
-                  "could hold runs it was trained on. Give every file of those sources it was trained on, or use "
-                  "--split all on traces it never saw", file=sys.stderr)
-            return 2
+            raise _Refused(f"these files do not split {', '.join(moved)} as the files {args.model} was trained on "
+                           "did (its train part held other records), so their held-out part could hold runs it was "
+                           "trained on. Give every file of those sources it was trained on, or use --split all on "
+                           "traces it never saw")
     if unscored:
-        print(f"maestro predictor evaluate: note: not scored: {', '.join(unscored)} (a single run in these files, so "
-              "no held-out part; --split all scores every record)", file=sys.stderr)
+        _note(f"not scored: {', '.join(unscored)} (a single run in these files, so no held-out part; --split all "
+              "scores every record)")
     if (not split_given and split.get("part") == "train"  # a model's split (the priors have none)
             and not trained_files):
-        print(f"maestro predictor evaluate: note: {args.model} does not name these files among its training data, "
-              f"so this scores the held-out {test_size:.0%} of their runs (the default --split test); for traces "
-              "it never saw, --split all scores every record", file=sys.stderr)
+        _note(f"{args.model} does not name these files among its training data, so this scores the held-out "
+              f"{test_size:.0%} of their runs (the default --split test); for traces it never saw, --split all "
+              "scores every record")
     seen = trained_files if args.split == "all" else []
-    in_sample = bool(seen)
-    if in_sample:
+    if seen:
         part = "every run in" if split.get("part") == "all" else "the train part of"
-        print(f"maestro predictor evaluate: note: {args.model} was trained on {part} {', '.join(seen)}; this is an "
-              "in-sample report, not a held-out one", file=sys.stderr)
-    started = time.perf_counter()
-    report = evaluate_by_source(predictor, records, default_max_tokens, args.workflow_context, contexts,
-                                args.explicit_roles)
-    report["meta"] = {"model": None if priors is not None else str(args.model),
-                      "priors": None if priors is None else (args.priors or "built-in"),
-                      "data": [str(p) for p in args.data], "split": args.split,
-                      "model_split": split.get("part"), "in_sample": in_sample,
-                      "workflow_context": args.workflow_context, **scored_as,
-                      "test_size": test_size if args.split == "test" else None,
-                      "seed": seed if args.split == "test" else None,
-                      "load_s": round(load_s, 3), "evaluate_s": round(time.perf_counter() - started, 2),
-                      "trained_on": training.get("sources"),
-                      **({"unscored_sources": unscored} if unscored else {})}
-    write_report(report, args.format)
-    return 0
+        _note(f"{args.model} was trained on {part} {', '.join(seen)}; this is an in-sample report, not a held-out "
+              "one")
+    return records, {"test_size": test_size, "seed": seed, "unscored": unscored, "in_sample": bool(seen)}
 
 
 def read_priors(path: str) -> dict[str, tuple[int, int]] | str:
