@@ -626,19 +626,15 @@ def _parse_online(predictor: dict[str, Any]) -> OnlineLearningConfig:
             raise ConfigError(f"{path}.base_data[{i}]", f"is a file each refit writes ({data}); choose another")
         if online.enabled and Path(real) == buffer_file:
             raise ConfigError(f"{path}.base_data[{i}]", f"is the buffer's own file ({data}): every refit reads the "
-                                                         "live records from it already, and its check would be "
-                                                         "trained on the records it holds out")
+                                                        "live records from it already, and its check would be "
+                                                        "trained on the records it holds out")
         if online.enabled and not Path(data).is_file():  # said at load, not an hour later at the first refit
             raise ConfigError(f"{path}.base_data[{i}]", f"no such file: {data}")
     return online
 
 
-def parse_config(raw: Any) -> Config:
-    """Validate a parsed YAML document and build a :class:`Config`; raise :class:`ConfigError`."""
-    root = _mapping(raw, "<root>")
-    _reject_unknown(root, {"clusters", "models", "server", "state", "timeouts", "monitor", "routing", "slo_classes",
-                           "scheduling", "predictor"}, "")
-
+def _parse_models(root: dict[str, Any]) -> list[ModelConfig]:
+    """``models``: each served model's name, context and KV bytes per token (none declared: an empty list)."""
     models = []
     for i, model in enumerate(_get(root, "models", list, "", [])):
         path = f"models[{i}]"
@@ -659,8 +655,11 @@ def parse_config(raw: Any) -> Config:
         if any(m.name == parsed.name for m in models):
             raise ConfigError(f"{path}.name", f"model {parsed.name!r} is declared twice")
         models.append(parsed)
-    model_names = {m.name for m in models}
+    return models
 
+
+def _parse_clusters(root: dict[str, Any], model_names: set[str]) -> list[ClusterConfig]:
+    """``clusters``, their pools and engines; every cluster, pool, engine URL and engine id named once."""
     clusters = []
     raw_clusters = _get(root, "clusters", list, "", _REQUIRED)
     if not raw_clusters:
@@ -707,7 +706,11 @@ def parse_config(raw: Any) -> Config:
                 seen_engine_ids[engine_id] = where
             pools.append(parsed_pool)
         clusters.append(ClusterConfig(name=name, pools=tuple(pools), rtt_ms=rtt_ms))
+    return clusters
 
+
+def _parse_server(root: dict[str, Any]) -> ServerConfig:
+    """``server``: where it listens, its limits, API keys, CORS origins and forwarded headers."""
     server = _section(root, ServerConfig, "server", {"port": "nonneg", "max_body_bytes": "positive",
                                                      "max_inflight": "positive", "max_inflight_images": "nonneg",
                                                      "shutdown_grace_s": "nonneg"})
@@ -731,23 +734,46 @@ def parse_config(raw: Any) -> Config:
                                                                    "or \"*\"")
     for i, name in enumerate(server.forward_headers):
         _check_forwarded_header(name, f"server.forward_headers[{i}]")
+    return server
+
+
+def _parse_state(root: dict[str, Any]) -> StateConfig:
+    """``state``: the store's backend (memory or Redis) and its timings."""
     state = _section(root, StateConfig, "state", {"engine_ttl_s": "ttl", "heartbeat_interval_s": "positive",
                                                   "redis_timeout_s": "positive", "redis_max_connections": "positive",
                                                   "expected_gateways": "positive", "max_workflows": "positive"})
     if state.backend not in STATE_BACKENDS:
         raise ConfigError("state.backend", f"must be one of {', '.join(STATE_BACKENDS)}, got {state.backend!r}")
     _check_redis_url(state.redis_url, "state.redis_url")
-    timeouts = _section(root, TimeoutConfig, "timeouts", {k: "positive" for k in TimeoutConfig.__dataclass_fields__})
-    monitor = _section(root, MonitorConfig, "monitor", {k: "positive" for k in MonitorConfig.__dataclass_fields__})
-    routing = _section(root, RoutingConfig, "routing", {"max_retries": "nonneg", "spill_margin_s": "nonneg"})
+    return state
+
+
+def _parse_routing(root: dict[str, Any]) -> RoutingConfig:
+    """``routing``: the engine and cluster routing policies (names the core knows) and retries."""
     from gateway.core.cluster_routing import CLUSTER_ROUTING_POLICIES  # local imports: config must not pull
     from gateway.core.routing import ROUTING_POLICIES  # the core at import
 
+    routing = _section(root, RoutingConfig, "routing", {"max_retries": "nonneg", "spill_margin_s": "nonneg"})
     if routing.policy not in ROUTING_POLICIES:
         raise ConfigError("routing.policy", f"must be one of {', '.join(sorted(ROUTING_POLICIES))}")
     if routing.cluster_policy not in CLUSTER_ROUTING_POLICIES:
         raise ConfigError("routing.cluster_policy",
                           f"must be one of {', '.join(sorted(CLUSTER_ROUTING_POLICIES))}")
+    return routing
+
+
+def parse_config(raw: Any) -> Config:
+    """Validate a parsed YAML document and build a :class:`Config`; raise :class:`ConfigError`."""
+    root = _mapping(raw, "<root>")
+    _reject_unknown(root, {"clusters", "models", "server", "state", "timeouts", "monitor", "routing", "slo_classes",
+                           "scheduling", "predictor"}, "")
+    models = _parse_models(root)
+    clusters = _parse_clusters(root, {m.name for m in models})
+    server = _parse_server(root)
+    state = _parse_state(root)
+    timeouts = _section(root, TimeoutConfig, "timeouts", {k: "positive" for k in TimeoutConfig.__dataclass_fields__})
+    monitor = _section(root, MonitorConfig, "monitor", {k: "positive" for k in MonitorConfig.__dataclass_fields__})
+    routing = _parse_routing(root)
     slo_classes = _parse_slo_classes(root.get("slo_classes"))
     scheduling = _parse_scheduling(root, slo_classes)
     predictor = _parse_predictor(root.get("predictor"))
