@@ -29,6 +29,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway import sse
 from gateway.api.errors import SERVER_ERROR, APIError, error_body
 from gateway.config import Config
 from gateway.metrics import GatewayMetrics
@@ -49,31 +50,6 @@ _DONE = b"data: [DONE]\n\n"
 UNUSABLE_WARN_EVERY_S = 60.0  # an engine's unusable answers (a wrong key...) are logged at most this often
 _WATCH_SLACK_S = 0.5  # a stream's watchdog is re-armed at most this often (a timer per event would cost more)
 _ERROR_EVENT_WRITE_S = 5.0  # the longest a stream's closing error event may wait for the client to read
-
-
-_DONE_LINES = (b"data: [DONE]", b"data:[DONE]")  # SSE takes the space after the colon as optional
-_EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")  # a blank line, in each line ending SSE allows (vLLM writes LF)
-
-
-def _through_done(out: bytes) -> bytes | None:
-    """``out`` up to the end of its ``data: [DONE]`` line and the blank line after it, where such a line starts
-    a line in it (not the words inside an event's JSON, whose line breaks are escaped), else None."""
-    for line in _DONE_LINES:
-        at = out.find(line)
-        while at > 0 and out[at - 1] not in b"\r\n":
-            at = out.find(line, at + 1)
-        if at >= 0:
-            end = at + len(line)
-            while end < len(out) and out[end] in b"\r\n":
-                end += 1
-            return out[:end]
-    return None
-
-
-def _ends_stream(out: bytes) -> bool:
-    """Whether relayed bytes end with the stream's last event, ``data: [DONE]`` (its last bytes only: a chunk may
-    be large)."""
-    return out[-32:].rstrip().endswith(_DONE_LINES)
 
 
 class _BodyStalled(Exception):
@@ -115,145 +91,6 @@ class RelayJob:
     trace_body: dict[str, Any] | None = None  # the client's own body, for online learning (None: not recorded)
 
 
-# The largest SSE event the gateway holds while it waits for the event's end: an engine's runaway event (or one
-# framed in no way the gateway knows) grew the gateway by twice its size, 650 MB for a 300 MB event. vLLM's largest
-# is a first chunk with a long prompt's prompt_logprobs, tens of MB.
-MAX_SSE_EVENT_BYTES = 128 * 2**20
-
-
-class EventTooLarge(Exception):
-    """An engine's SSE event passed ``MAX_SSE_EVENT_BYTES`` before its end."""
-
-
-_FINISH_MARKERS = (b'"finish_reason":"', b'"finish_reason": "')  # a chunk that ends an answer (else null)
-
-
-def _names_a_finish(data: bytes) -> bool:
-    """Whether ``data`` holds a string ``finish_reason`` (in JSON these bytes are a key and its value, never text
-    inside a string, whose quotes are escaped)."""
-    return _FINISH_MARKERS[0] in data or _FINISH_MARKERS[1] in data
-
-
-class SSEUsageFilter:
-    """Split an SSE byte stream into whole events; capture the final usage and optionally drop its chunk.
-
-    Only complete events are passed on (a partial event is useless to a client anyway), so a usage chunk split
-    across TCP reads is still recognised. The common chunk carries no ``"usage"`` and costs one ``in`` test.
-
-    Where the usage chunk is dropped (``strip``), its ``system_fingerprint`` is put back where vLLM puts it for a
-    client that did not ask for usage: on each answer's last chunk (vLLM stamps the usage chunk instead when usage
-    is asked for, and the gateway always asks). A chunk that ends an answer is held until the next event: the
-    usage chunk, which follows the answers that end in the engine's last step at once, gives them its
-    fingerprint; any other event (another answer's chunk: it ended earlier, and its text is not held back for
-    the rest of the stream) lets them go as they came.
-    """
-
-    __slots__ = ("strip", "usage", "_buffer", "_sep", "_held")
-
-    def __init__(self, strip: bool) -> None:
-        self.strip = strip
-        self.usage: dict[str, Any] | None = None
-        self._buffer = b""
-        self._sep = _EVENT_ENDS[0]
-        self._held: list[bytes] = []  # whole events (separator included) that end an answer, waiting (strip only)
-
-    def feed(self, data: bytes) -> bytes:
-        """The whole events completed by ``data`` (usage chunk removed when asked); keeps the partial rest.
-
-        A partial event grows in place and only the new bytes are searched (with the three before them, where
-        a separator may straddle two reads): re-joining and re-searching the whole buffer on every read cost
-        quadratic time, 11 s of the event loop for one 16 MB event arriving in 16 KB reads."""
-        buffer = self._buffer
-        if buffer:
-            start = len(buffer) - 3
-            buffer += data  # the bytearray, in place
-        else:
-            start = 0
-            buffer = data
-        end = buffer.rfind(self._sep, max(start, 0))
-        if end < 0 and self._sep == _EVENT_ENDS[0]:  # the other framings SSE allows, told by their first event's end
-            for sep in _EVENT_ENDS[1:]:
-                if buffer.find(sep, max(start, 0)) >= 0:
-                    self._sep = sep
-                    end = buffer.rfind(sep, max(start, 0))
-                    break
-        if end < 0:
-            if len(buffer) > MAX_SSE_EVENT_BYTES:
-                raise EventTooLarge(f"an event larger than {MAX_SSE_EVENT_BYTES // 2**20} MiB")
-            if buffer is data:
-                self._buffer = bytearray(data)
-            return b""
-        end += len(self._sep)
-        if buffer is data:
-            complete, rest = data[:end], data[end:]
-        else:
-            complete, rest = bytes(buffer[:end]), buffer[end:]
-        self._buffer = bytearray(rest) if rest else b""
-        if self.strip and (self._held or _names_a_finish(complete)):
-            return self._filter_events(complete)
-        if b'"usage"' not in complete:
-            return complete
-        return self._filter_events(complete)
-
-    def _filter_events(self, complete: bytes) -> bytes:
-        kept = []
-        sep = self._sep
-        strip = self.strip
-        for event in complete.split(sep)[:-1]:
-            whole = event + sep
-            if b'"usage"' in event:
-                data = _event_data(_lf_lines(event))
-                try:
-                    payload = orjson.loads(data) if data is not None else None
-                except orjson.JSONDecodeError:
-                    payload = None
-                if isinstance(payload, dict) and isinstance(payload.get("usage"), dict) and payload["usage"] \
-                        and not payload.get("choices"):
-                    self.usage = payload["usage"]
-                    if strip:
-                        fingerprint = payload.get("system_fingerprint")
-                        kept.extend(_with_fingerprint(held, fingerprint) for held in self._held)
-                        self._held.clear()
-                        continue
-            elif strip and _ends_an_answer(event):
-                self._held.append(whole)
-                continue
-            if self._held:  # the stream went on without the usage chunk: the held chunks go as they came
-                kept.extend(self._held)
-                self._held.clear()
-            kept.append(whole)
-        return b"".join(kept)
-
-    def release(self) -> bytes:
-        """The held chunks that end answers, as they came: the stream ends without its usage chunk (the engine
-        failed, or the gateway cuts it), and they are the client's answer."""
-        held = b"".join(self._held)
-        self._held.clear()
-        return held
-
-    def flush(self) -> bytes:
-        rest, self._buffer = bytes(self._buffer), b""
-        return rest
-
-
-def _ends_an_answer(event: bytes) -> bool:
-    """Whether an event is a chunk that ends an answer (a string ``finish_reason``) and carries no
-    ``system_fingerprint`` of its own, so that one may be put on it. Bytes only: no parse on the relay's path."""
-    return _names_a_finish(event) and b'"system_fingerprint"' not in event
-
-
-def _with_fingerprint(event: bytes, fingerprint: Any) -> bytes:
-    """``event`` (one ``data: {...}`` line and its separator) with ``"system_fingerprint"`` added as its JSON
-    object's last member, where vLLM writes it on a chunk that ends an answer (its model's fields after
-    ``choices`` are unset there). An event of another form, or no fingerprint, is left as it came."""
-    if not isinstance(fingerprint, str):
-        return event
-    body = event.rstrip(b"\r\n")
-    if not body.endswith(b"}") or b"\n" in body or b"\r" in body:  # one data line, as vLLM writes an event
-        return event
-    return body[:-1] + b',"system_fingerprint":' + orjson.dumps(fingerprint) + b"}" + event[len(body):]
-
-
 def usage_tokens(usage: Any, key: str) -> int:
     """``usage[key]`` where it is a count of tokens (an int from 0 to ``MAX_EXACT_INTEGER``), else 0. The usage is
     the engine's: text, a negative number or a list there failed the request after its answer had come (a 500 for
@@ -276,93 +113,6 @@ def _engine_message(data: bytes) -> str:
     except (orjson.JSONDecodeError, AttributeError):
         pass
     return data[:300].decode("utf-8", "replace") or "(empty body)"
-
-
-_CUT_REASONS = ("abort", "error")  # finish reasons of an answer the engine did not finish (e.g. put to sleep)
-_CUT_MARKERS = tuple(f'"finish_reason":{space}"{reason}"'.encode() for reason in _CUT_REASONS for space in ("", " "))
-
-
-def _cut_short(events: bytes) -> bool:
-    """Whether relayed events end an answer without finishing it: an error event, or a finish_reason of
-    "abort" / "error". A cheap byte test (called only on chunks holding one of the two words)."""
-    return b'{"error"' in events or any(marker in events for marker in _CUT_MARKERS)
-
-
-_FINISH_ERROR_MARKERS = tuple(f'"finish_reason":{space}"error"'.encode() for space in ("", " "))
-
-
-def _sse_events(events: bytes) -> list[bytes]:
-    """Whole SSE events as SSE defines them: lines end with CRLF, LF or CR, and a blank line ends an event (vLLM
-    writes LF; an engine that wrote CRLF, or an ``event:`` line before its data, had its error event missed)."""
-    return _lf_lines(events).split(b"\n\n")
-
-
-def _lf_lines(events: bytes) -> bytes:
-    """``events`` with every line ending (CRLF, LF or CR, as SSE allows) written as LF."""
-    return events.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-
-
-def _event_data(event: bytes) -> bytes | None:
-    """The data of one SSE event (its ``data:`` lines, one leading space each taken off, joined by newlines), or
-    None where it has none (a comment, or ``event:`` / ``id:`` / ``retry:`` alone)."""
-    data = [line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-    return b"\n".join(data) if data else None
-
-
-def _first_data(events: bytes) -> bytes | None:
-    """The data of the first whole event of ``events`` that has any (comments and field lines alone are no answer
-    yet; a part of an event after the last blank line is not read)."""
-    return next((data for event in _sse_events(events)[:-1] if (data := _event_data(event)) is not None), None)
-
-
-def _error_event(event: bytes) -> tuple[int, dict] | None:
-    """(its code, the error object) for one SSE event (as :func:`_sse_events` gives it) that is an engine's error
-    event (``data: {"error": {...}}``), else None; the code is 0 where the event gives none that is a number."""
-    return _error_of(_event_data(event))
-
-
-def _error_of(data: bytes | None) -> tuple[int, dict] | None:
-    """:func:`_error_event` from an event's data."""
-    if data is None or b'"error"' not in data:
-        return None
-    try:
-        error = orjson.loads(data).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    if not isinstance(error, dict):
-        return None
-    code = error.get("code")
-    return int(code) if isinstance(code, (int, str)) and str(code).isascii() and str(code).isdigit() else 0, error
-
-
-def _engine_failure(events: bytes) -> tuple[int, str] | None:
-    """(status to count, upstream-error reason) for relayed events in which the engine failed the answer: an error
-    event (vLLM's EngineCore dying mid-stream sends one with code 500, then ``[DONE]``) counts as the 502 a
-    failure before the stream would have been answered, or as the event's own 4xx; a finish_reason "error" as a
-    502. None where nothing failed ("abort": put to sleep, or aborted by whoever asked)."""
-    for event in _sse_events(events):
-        if (failed := _error_event(event)) is not None:
-            code = failed[0]
-            if 400 <= code <= 499:
-                return code, f"http_{code}"
-            return 502, f"http_{code}" if 500 <= code <= 599 else "stream_error"
-    if any(marker in events for marker in _FINISH_ERROR_MARKERS):
-        return 502, "finish_error"
-    return None
-
-
-def _first_event_error(head: bytes) -> tuple[int, str, bytes] | None:
-    """(status, message, error body) when the stream's first event is an engine's error, else None. vLLM sends
-    its 200 at once and reports what fails after it as an error event with the HTTP code it would have answered:
-    503 for its back-pressure refusal at add_request, 400 for a request it refuses late, 500 when it failed."""
-    if b'"error"' not in head:
-        return None
-    data = _first_data(head)
-    failed = _error_of(data)
-    if failed is None or not 400 <= failed[0] <= 599:
-        return None
-    status, error = failed
-    return status, str(error.get("message") or "error")[:300], data.strip()  # type: ignore[union-attr]
 
 
 def _unusable_answer(upstream: aiohttp.ClientResponse) -> tuple[str, str] | None:
@@ -635,7 +385,7 @@ class Proxy:
         except (orjson.JSONDecodeError, AttributeError):
             return None
         choices = answer.get("choices")
-        if isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") in _CUT_REASONS
+        if isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") in sse.CUT_REASONS
                                              for c in choices):
             job.incomplete = True
         if isinstance(usage, dict):
@@ -683,12 +433,12 @@ class Proxy:
                     head += chunk
                     # a whole first event, a comment too: an engine that sends comments while it queues a request
                     # keeps its client's stream alive (a refusal in the same read after it is still read as first)
-                    if any(head.find(end, start) >= 0 for end in _EVENT_ENDS):
+                    if any(head.find(end, start) >= 0 for end in sse.EVENT_ENDS):
                         break
-                    if len(head) > MAX_SSE_EVENT_BYTES:
+                    if len(head) > sse.MAX_SSE_EVENT_BYTES:
                         upstream.close()
                         self.metrics.upstream_error(engine_id, "event_too_large")
-                        return None, (f"failed: its first event passed {MAX_SSE_EVENT_BYTES // 2**20} MiB before "
+                        return None, (f"failed: its first event passed {sse.MAX_SSE_EVENT_BYTES // 2**20} MiB before "
                                       "its end")
         except asyncio.TimeoutError as exc:
             upstream.close()
@@ -705,7 +455,7 @@ class Proxy:
             upstream.close()
             self.metrics.upstream_error(engine_id, "disconnect")
             return None, "ended the stream before its first event"
-        failure = _first_event_error(head)
+        failure = sse.first_event_error(head)
         if failure is None:
             return bytes(head), ""
         status, message, body = failure
@@ -724,7 +474,7 @@ class Proxy:
         """Relay SSE bytes as they come. The client's disconnect cancels this handler (handler_cancellation)
         or fails a write; either way the upstream connection is closed so the engine aborts the request."""
         response = web.StreamResponse(status=200, headers={**_STREAM_HEADERS, "X-Request-Id": job.request_id})
-        usage_filter = SSEUsageFilter(strip=job.strip_usage)
+        usage_filter = sse.SSEUsageFilter(strip=job.strip_usage)
         completed = False
         try:
             await response.prepare(request)
@@ -776,7 +526,7 @@ class Proxy:
                 upstream.close()  # client gone or engine failed: drop the connection so the engine aborts
         return response
 
-    def _count_stream_usage(self, job: RelayJob, usage_filter: "SSEUsageFilter") -> None:
+    def _count_stream_usage(self, job: RelayJob, usage_filter: "sse.SSEUsageFilter") -> None:
         """The engine's usage of a stream that ended (or was answered), once: for the request, the metrics and
         online learning."""
         if job.usage is None and usage_filter.usage:
@@ -785,7 +535,7 @@ class Proxy:
                                 usage_tokens(job.usage, "completion_tokens"))
 
     async def _pump(self, job: RelayJob, upstream: aiohttp.ClientResponse, engine_id: str,
-                    response: web.StreamResponse, usage_filter: SSEUsageFilter, head: bytes = b"") -> bool:
+                    response: web.StreamResponse, usage_filter: sse.SSEUsageFilter, head: bytes = b"") -> bool:
         """Copy events until the engine ends the stream with ``[DONE]`` (True) or fails mid-stream (False,
         error event sent). ``head`` is what :meth:`_first_event` already read.
 
@@ -811,14 +561,14 @@ class Proxy:
                     # what an engine writes after its [DONE] is no part of the answer: not read into events
                     out = usage_filter.feed(chunk) if chunk and not job.answered else b""
                     if out:
-                        done = b"[DONE]" in out and _through_done(out)
+                        done = b"[DONE]" in out and sse.through_done(out)
                         if done:  # [DONE] and more after it in one read: the answer ends at it
                             out = done
                         if ticket is not None:
                             ticket.on_stream(out)  # counts events; grows the KV reservation when outgrown
-                        if (b'"abort"' in out or b'"error"' in out) and _cut_short(out):
+                        if (b'"abort"' in out or b'"error"' in out) and sse.cut_short(out):
                             job.incomplete = True  # relayed as the engine sent it, but no whole answer
-                            failure = _engine_failure(out)
+                            failure = sse.stream_failure(out)
                             if failure is not None and not job.status:  # counted as failed, not as a 200
                                 job.status = failure[0]
                                 self.metrics.upstream_error(engine_id, failure[1])
@@ -826,7 +576,7 @@ class Proxy:
                         await response.write(out)
                         writing = False
                         last = out
-                        if done or _ends_stream(out):
+                        if done or sse.ends_stream(out):
                             job.answered = True
                         if first:
                             first = False
@@ -847,7 +597,7 @@ class Proxy:
                     await response.write(held)
                     writing = False
                     last = held
-                if tail in _DONE_LINES and not job.answered:  # the end, without its blank line
+                if tail in sse.DONE_LINES and not job.answered:  # the end, without its blank line
                     writing = True
                     await response.write(_DONE)
                     writing = False
@@ -872,7 +622,7 @@ class Proxy:
                 await self._end_stream_with_error(response, _total_timeout_message(engine_id, self.total_timeout_s)
                                                   + " The stream was cut.", before=usage_filter.release())
             return False
-        except EventTooLarge as exc:
+        except sse.EventTooLarge as exc:
             if job.answered:
                 return False
             job.status = 502
@@ -890,7 +640,7 @@ class Proxy:
             await self._end_stream_with_error(response, f"Engine {engine_id} dropped the stream.",
                                               before=usage_filter.release())
             return False
-        if not _ends_stream(last):  # closed without its end: no whole answer
+        if not sse.ends_stream(last):  # closed without its end: no whole answer
             job.status = 502
             self.metrics.upstream_error(engine_id, "disconnect")
             await self._end_stream_with_error(response, f"Engine {engine_id} ended the stream before its end "

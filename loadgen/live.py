@@ -117,7 +117,7 @@ PROMPT_RATIO_OK = (0.8, 1.25)  # the engine's prompt token count against the pla
 _SAMPLED = ("maestro_kv_reserved_tokens", "maestro_queued_requests")  # the gateway's gauges a live run samples
 _SAMPLED_PREFIXES = tuple(p + name for name in _SAMPLED for p in ("", "# HELP ", "# TYPE "))
 # finish reasons of an answer the engine did not finish (vLLM's "abort": the request was aborted, e.g. the engine
-# was put to sleep; "error": it failed): the same as the gateway's (gateway/proxy.py _CUT_REASONS), which relays
+# was put to sleep; "error": it failed): the same as the gateway's (gateway/sse.py CUT_REASONS), which relays
 # such an answer but does not count it as finished
 CUT_FINISH_REASONS = ("abort", "error")
 

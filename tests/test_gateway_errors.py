@@ -548,12 +548,12 @@ async def test_a_bug_before_the_answer_starts_is_an_openai_500_and_the_gateway_g
 async def test_a_bug_mid_stream_drops_the_connection_and_the_gateway_goes_on(gw, engine, monkeypatch):
     """Once the stream's status line is out, an error can no longer become a 500: the connection is dropped (the
     SDK raises), the engine's request is closed, and the gateway's count of requests in flight returns to 0."""
-    import gateway.proxy as proxy
+    import gateway.sse as sse
 
     def broken_feed(self, chunk):
         raise RuntimeError("a bug in the SSE relay")
 
-    monkeypatch.setattr(proxy.SSEUsageFilter, "feed", broken_feed)
+    monkeypatch.setattr(sse.SSEUsageFilter, "feed", broken_feed)
     async with openai.AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="x", max_retries=0) as client:
         with pytest.raises(openai.APIError):
             stream = await client.chat.completions.create(**GOOD, stream=True)

@@ -950,7 +950,7 @@ async def test_an_event_past_the_bound_cuts_the_stream(monkeypatch):
     """An event was held whole however large until its end came: 300 MB without a blank line grew the gateway
     by 600 MB. Past MAX_SSE_EVENT_BYTES the stream is cut (502), and a first event that large is an engine's
     failure (tried elsewhere)."""
-    monkeypatch.setattr("gateway.proxy.MAX_SSE_EVENT_BYTES", 64 * 1024)
+    monkeypatch.setattr("gateway.sse.MAX_SSE_EVENT_BYTES", 64 * 1024)
     runaway = b"data: " + b"x" * 200_000
     status, body, counted, _ = await _stream_through([_CHUNK + b"\n\n", runaway, 0.2, b"\n\ndata: [DONE]\n\n"])
     assert status == 200 and b"larger than" in body and counted == {"502": 1.0}
@@ -963,7 +963,7 @@ async def test_an_event_past_the_bound_cuts_the_stream(monkeypatch):
 async def test_what_an_engine_writes_after_its_done_is_not_relayed(one_read, monkeypatch):
     """Events after [DONE] were relayed, and the stream then counted 502 for an answer the client had whole; in
     the same read as [DONE] too, and an event after it past the bound cut the finished stream."""
-    monkeypatch.setattr("gateway.proxy.MAX_SSE_EVENT_BYTES", 64 * 1024)
+    monkeypatch.setattr("gateway.sse.MAX_SSE_EVENT_BYTES", 64 * 1024)
     after = [_CHUNK + b"\n\n", b"data: {\"half" + b"x" * 100_000]
     done = b"data: [DONE]\n\n"
     events = [_CHUNK + b"\n\n" + done + b"".join(after)] if one_read else [_CHUNK + b"\n\n", done, 0.05, *after]

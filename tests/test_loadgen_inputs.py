@@ -506,11 +506,11 @@ async def test_an_answer_the_engine_did_not_finish_is_a_failure(client, reason, 
     assert result.workflows[0].finish is None and result.workflows[0].steps_ok == 0
     assert result.meta["dependency_skipped"] == 1 and f"finish_reason {reason!r}" in result.meta["errors"][0]
     assert result.summary()["requests_ok"] == 0
-    from gateway.proxy import _CUT_REASONS
+    from gateway.sse import CUT_REASONS
 
     from loadgen.live import CUT_FINISH_REASONS
 
-    assert CUT_FINISH_REASONS == _CUT_REASONS  # the gateway's unfinished answers
+    assert CUT_FINISH_REASONS == CUT_REASONS  # the gateway's unfinished answers
 
 
 @pytest.mark.parametrize("client", ["aiohttp", "openai"])

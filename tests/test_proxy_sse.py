@@ -10,7 +10,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.proxy import SSEUsageFilter
+from gateway.sse import SSEUsageFilter
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
 FINGERPRINT = "vllm-0.32.0-e40258e8"
@@ -151,13 +151,13 @@ def test_an_events_data_is_read_as_the_sse_spec_says():
     """The space after ``data:`` is optional (one is taken off, no more), several data lines join with newlines,
     and an event with no data line (a comment, ``id:`` alone) has none: vLLM writes ``data: ``, but an engine
     behind another server may not, and its first event decides a 503-as-event retry and its usage the ledger."""
-    from gateway.proxy import _event_data, _first_data
+    from gateway.sse import event_data, first_data
 
-    assert _event_data(b'data:{"a":1}') == b'{"a":1}'
-    assert _event_data(b"data: x\ndata:y\ndata:  z") == b"x\ny\n z"
-    assert _event_data(b": keep-alive") is None and _event_data(b"id: 7") is None
-    assert _first_data(b": ping\n\nid: 1\n\ndata:{\"b\":2}\n\ndata: later\n\n") == b'{"b":2}'
-    assert _first_data(b"data: not whole yet") is None
+    assert event_data(b'data:{"a":1}') == b'{"a":1}'
+    assert event_data(b"data: x\ndata:y\ndata:  z") == b"x\ny\n z"
+    assert event_data(b": keep-alive") is None and event_data(b"id: 7") is None
+    assert first_data(b": ping\n\nid: 1\n\ndata:{\"b\":2}\n\ndata: later\n\n") == b'{"b":2}'
+    assert first_data(b"data: not whole yet") is None
 
 
 def test_a_streams_usage_is_counted_once_however_often_its_end_is_seen():
