@@ -165,7 +165,8 @@ class RequestPredictor:
             await self._start_learning(kv, priors, serving=path or None)
 
     async def _start_learning(self, kv: Any, priors: dict[str, Any], serving: str | None) -> None:
-        from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, RedisStreamBuffer
+        from predictor.online import OnlineLearner
+        from predictor.trace_buffers import FileTraceBuffer, MemoryBuffer, RedisStreamBuffer
         from predictor.refit_command import TrainCommandRefit, UnusablePath, WorkDirInUse, claim
 
         online = self.config.predictor.online

@@ -34,7 +34,8 @@ except ImportError:  # a Python built without it: refits run, without the parent
     ctypes = None  # type: ignore[assignment]
 
 from predictor.kv import KVModel
-from predictor.online import RefitRejected, write_lines_atomically
+from predictor.online import RefitRejected
+from predictor.trace_buffers import write_lines_atomically
 from predictor.predictor import Predictor, normalize_priors
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from predictor.online import MemoryBuffer, OnlineLearner  # noqa: E402
+from predictor.online import OnlineLearner  # noqa: E402
+from predictor.trace_buffers import MemoryBuffer  # noqa: E402
 from predictor.refit_command import TrainCommandRefit  # noqa: E402
 from predictor.trace import read_records  # noqa: E402
 

@@ -16,7 +16,8 @@ import pytest
 
 from gateway.config import ConfigError, parse_config
 from predictor.kv import KVModel
-from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, RedisStreamBuffer
+from predictor.online import OnlineLearner
+from predictor.trace_buffers import FileTraceBuffer, MemoryBuffer, RedisStreamBuffer
 from predictor.predictor import Predictor
 from predictor.refit_command import LOCK_NAME, RefitError, TrainCommandRefit
 from predictor.trace import read_records, write_records
@@ -357,7 +358,7 @@ async def test_file_buffer_cuts_a_torn_last_line(tmp_path):
 
 _FULL_DISK_SCRIPT = """
 import asyncio, os, resource, signal, sys
-from predictor.online import FileTraceBuffer
+from predictor.trace_buffers import FileTraceBuffer
 
 def trace(i):
     return {"request": {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]},
@@ -401,10 +402,10 @@ async def test_a_write_the_file_system_never_returns_holds_no_refit_and_no_shutd
     for it for ever (no refit ran after it, and `refitting` stayed true), and so did the gateway's stop."""
     import os
 
-    import predictor.online as online
+    import predictor.trace_buffers as trace_buffers
 
-    monkeypatch.setattr(online, "CLOSE_WAIT_S", 0.3, raising=False)
-    monkeypatch.setattr(online, "APPEND_WAIT_S", 0.2, raising=False)
+    monkeypatch.setattr(trace_buffers, "CLOSE_WAIT_S", 0.3)
+    monkeypatch.setattr(trace_buffers, "APPEND_WAIT_S", 0.2)
     path = tmp_path / "records.jsonl"
     buffer = FileTraceBuffer(path, maxlen=100, flush_every=2, flush_after_s=0.05)
     snapshots = []
@@ -445,7 +446,7 @@ async def test_file_buffer_writes_from_one_thread_for_its_life(tmp_path, monkeyp
     the GIL, 19 ms at the median, once per batch. The buffer's writes now go to one thread, which close() ends."""
     import threading
 
-    import predictor.online as online
+    import predictor.trace_buffers as trace_buffers
 
     started: list[threading.Thread] = []
 
@@ -454,7 +455,7 @@ async def test_file_buffer_writes_from_one_thread_for_its_life(tmp_path, monkeyp
             started.append(self)
             super().start()
 
-    monkeypatch.setattr(online.threading, "Thread", CountedThread)
+    monkeypatch.setattr(trace_buffers.threading, "Thread", CountedThread)
     path = tmp_path / "records.jsonl"
     buffer = FileTraceBuffer(path, maxlen=100, flush_every=1)
     for i in range(5):
@@ -537,7 +538,7 @@ async def test_a_refit_runs_every_t_seconds_when_records_came_but_not_when_none_
 
 
 def test_a_failed_atomic_write_names_its_file(tmp_path, monkeypatch):
-    from predictor.online import write_lines_atomically
+    from predictor.trace_buffers import write_lines_atomically
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -899,7 +900,7 @@ async def test_a_buffer_file_that_cannot_be_written_loses_no_record_a_refit_need
 def test_a_failed_rewrite_leaves_no_temporary_file(tmp_path, monkeypatch):
     import errno
 
-    from predictor.online import write_lines_atomically
+    from predictor.trace_buffers import write_lines_atomically
 
     path = tmp_path / "records.jsonl"
     path.write_bytes(b'{"old": 1}\n')

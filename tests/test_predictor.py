@@ -35,8 +35,9 @@ from predictor.kv import KVModel, KVSpec, bytes_per_token
 from predictor.length_model import (FlatForest, LengthParams, fit_length_model, fit_quantile_estimators,
                                     mondrian_offsets)
 from predictor.model_file import _FILE_MODE, ModelFileError, load_state, read_plain, save_state
-from predictor.online import FileTraceBuffer, MemoryBuffer, OnlineLearner, make_record
+from predictor.online import OnlineLearner, make_record
 from predictor.trace import ROLES, TraceFormatError, read_records, validate_record, write_records
+from predictor.trace_buffers import FileTraceBuffer, MemoryBuffer
 from predictor.train import TrainOptions, choose_upper_level, fit_state, group_of, request_of, split_records
 
 SHARED_DATA = Path(os.environ.get("MAESTRO_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -1260,7 +1261,7 @@ def test_chatdev_held_out_by_run(tmp_path):
 
 @pytest.mark.redis
 async def test_redis_stream_buffer_is_bounded_and_shared(redis_trace_stream):
-    from predictor.online import RedisStreamBuffer
+    from predictor.trace_buffers import RedisStreamBuffer
 
     client, key = redis_trace_stream
     writer, reader = RedisStreamBuffer(client, key, maxlen=50), RedisStreamBuffer(client, key, maxlen=50)
