@@ -3,8 +3,10 @@
 The renderer's checks (a chat template or multimodal kwargs of the request's own, ``suffix``, ``prompt_embeds``),
 SamplingParams' (``n``, penalties, ``temperature``, ``top_p``...), beam search's own, the engine's (logprobs counts,
 token ids within the vocabulary, structured outputs' content, a token-id prompt) and what its engine client
-cannot encode (a lone surrogate, an integer past 64 bits). Each returns vLLM's answer (a 400 or 500; a stream's
-one error event where vLLM's stream has already answered 200), or None where the request passes.
+cannot encode (a lone surrogate, an integer past 64 bits). A check returns vLLM's answer (a 400 or 500; a
+stream's one error event where vLLM's stream has already answered 200), or, for the engine's, what it says (a
+message and the field it names, or that its client fails) for the server to answer whole or as a stream's event;
+None where the request passes.
 """
 
 from __future__ import annotations

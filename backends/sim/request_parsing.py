@@ -1,8 +1,9 @@
 """A generation request's body read as vLLM 0.32's request models read it (chat and legacy completions).
 
 :func:`read_json_body` reads the bytes as FastAPI does; :func:`parse_body` checks the fields in pydantic's lax
-mode, runs the request models' validators in vLLM's order, and returns a :class:`Parsed` request or vLLM's 400 (the
-rules: :mod:`backends.sim.server`'s docstring, "Request handling"). What vLLM refuses later, in its renderer,
+mode, runs the request models' validators in vLLM's order, and returns a :class:`Parsed` request or vLLM's answer
+instead (a 400; a 500 where vLLM's own code fails on the request), by the rules in :mod:`backends.sim.server`'s
+docstring ("Request handling"). What vLLM refuses later, in its renderer,
 SamplingParams and engine, is :mod:`backends.sim.request_checks`'.
 """
 

@@ -1,10 +1,10 @@
 """What a simulated engine answers that is no generation, in vLLM 0.32's shapes (shared by the LLM and DiT servers).
 
 JSON answers as FastAPI writes them; error bodies through vLLM's ``sanitize_message``; pydantic's
-RequestValidationError (``"N validation errors:"`` and the errors' dicts, ``param`` the first one's ``loc``);
-FastAPI's own bodies for a body that is no JSON and for unknown routes; a :class:`Refusal` (what vLLM refuses
-outside pydantic's field errors) as its 400 or 500; and a failure inside the engine, which a stream has already
-answered 200 to, as the stream's one error event.
+RequestValidationError (``"N validation errors:"`` and the errors' dicts, ``param`` the first one's ``loc``), also
+for a body that is no JSON or no object; vLLM's 400 for a body not declared JSON; FastAPI's own bodies for unknown
+routes and wrong methods; a :class:`Refusal` (what vLLM refuses outside pydantic's field errors) as its 400 or 500;
+and a failure inside the engine, which a stream has already answered 200 to, as the stream's one error event.
 """
 
 from __future__ import annotations
